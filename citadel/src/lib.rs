@@ -1,0 +1,1 @@
+//! Citadel: the certificate authority that issues SPIFFE X.509 identities.

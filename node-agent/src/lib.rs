@@ -1,0 +1,1 @@
+//! The node agent: SDS and SPIFFE Workload API server, CA client and rotation.

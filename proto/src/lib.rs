@@ -1,0 +1,1 @@
+//! Wire definitions: Istio CA, Envoy SDS, SPIFFE Workload API.

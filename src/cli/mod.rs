@@ -1,0 +1,90 @@
+//! Command-line wiring. Each subcommand lives in its own module and owns its arguments.
+
+mod agent;
+mod authz;
+mod ca;
+mod certs;
+mod secrets;
+mod token;
+mod validate;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+/// Rampart: Istio's security half (CA, SDS node agent, authn/authz, mTLS proxy) in Rust.
+#[derive(Debug, Parser)]
+#[command(name = "rampart", version, about, propagate_version = true)]
+pub(crate) struct Cli {
+    /// Log more (repeat for more detail). `RUST_LOG` overrides.
+    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    pub(crate) verbose: u8,
+    #[command(subcommand)]
+    pub(crate) command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+pub(crate) enum Command {
+    /// Root and intermediate CA material and test leaves (like Istio's tools/certs).
+    #[command(subcommand)]
+    Certs(certs::CertsCommand),
+    /// Workload tokens (JWT) for standalone CA callers, and their JWKS.
+    #[command(subcommand)]
+    Token(token::TokenCommand),
+    /// Run the CA (Istio's CreateCertificate API).
+    Ca(ca::CaArgs),
+    /// Run the node agent (SDS and SPIFFE Workload API).
+    Agent(agent::AgentArgs),
+    /// Show what a node agent serves over SDS (like `istioctl proxy-config secret`).
+    Secrets(secrets::SecretsArgs),
+    /// Validate Istio security policy YAML files or folders.
+    Validate(validate::ValidateArgs),
+    /// Explain authorization decisions for a hypothetical request.
+    #[command(subcommand)]
+    Authz(authz::AuthzCommand),
+}
+
+impl Command {
+    pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
+        match self {
+            Command::Certs(cmd) => cmd.run(),
+            Command::Token(cmd) => cmd.run(),
+            Command::Ca(cmd) => cmd.run(),
+            Command::Agent(cmd) => cmd.run(),
+            Command::Secrets(cmd) => cmd.run(),
+            Command::Validate(cmd) => cmd.run(),
+            Command::Authz(cmd) => cmd.run(),
+        }
+    }
+}
+
+/// An error caused by what the user gave us (bad flag value, bad file): exit code 2.
+#[derive(Debug)]
+pub(crate) struct BadInput(pub(crate) String);
+
+impl std::fmt::Display for BadInput {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl std::error::Error for BadInput {}
+
+/// Build a [`BadInput`] error (exit code 2) from a one-line reason.
+pub(crate) fn bad_input(msg: impl Into<String>) -> anyhow::Error {
+    anyhow::Error::new(BadInput(msg.into()))
+}
+
+pub(crate) fn init_tracing(verbose: u8) {
+    let default = match verbose {
+        0 => "info",
+        1 => "debug",
+        _ => "trace",
+    };
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .try_init();
+}
