@@ -17,4 +17,6 @@ pub use model::{
     RequestAuthenticationSpec, Resource, Rule, RuleFrom, RuleTo, Source, WorkloadSelector,
     parse_duration,
 };
-pub use validate::{Finding, ValidationReport, validate};
+pub use validate::{
+    DRY_RUN_ANNOTATION, Finding, ValidationReport, is_path_template, parse_go_bool, validate,
+};

@@ -534,7 +534,9 @@ fn explain_serde_error(mut path: String, msg: &str) -> (String, String) {
         );
     }
     if let Some(rest) = msg.strip_prefix("invalid type: null, expected ") {
-        return (path, format!("must not be null (expected {rest})"));
+        let reason = null_reason(&path)
+            .unwrap_or_else(|| format!("must not be null (expected {})", plain_expected(rest)));
+        return (path, reason);
     }
     if let Some(rest) = msg.strip_prefix("invalid type: ") {
         return (path, format!("wrong type: {rest}"));
@@ -544,6 +546,50 @@ fn explain_serde_error(mut path: String, msg: &str) -> (String, String) {
         return (path, format!("field {field:?} is given twice"));
     }
     (path, msg.to_string())
+}
+
+/// Istio's own words for a `null` list item where it has them.
+fn null_reason(path: &str) -> Option<String> {
+    let (head, last) = path.rsplit_once('[')?;
+    let index: usize = last.strip_suffix(']')?.parse().ok()?;
+    let rule_index = || -> Option<usize> {
+        let (_, after) = head.split_once("spec.rules[")?;
+        after.split_once(']')?.0.parse().ok()
+    };
+    if head == "spec.rules" {
+        return Some(format!("`rule` must not be nil, found at rule {index}"));
+    }
+    if head.ends_with(".from") {
+        return Some(format!(
+            "`from` must not be nil, found at rule {}",
+            rule_index()?
+        ));
+    }
+    if head.ends_with(".to") {
+        return Some(format!(
+            "`to` must not be nil, found at rule {}",
+            rule_index()?
+        ));
+    }
+    if head.ends_with(".when") {
+        return Some("when field cannot be nil".to_string());
+    }
+    if head.ends_with(".fromHeaders") {
+        return Some("location header name must be non-null".to_string());
+    }
+    if head.ends_with(".outputClaimToHeaders") {
+        return Some("outputClaimToHeaders must not be null (must be of type object)".to_string());
+    }
+    None
+}
+
+/// serde's "struct JwtRule" -> "an object".
+fn plain_expected(expected: &str) -> String {
+    if expected.starts_with("struct ") {
+        "an object".to_string()
+    } else {
+        expected.to_string()
+    }
 }
 
 fn yaml_error_reason(e: &serde_saphyr::Error, first_line: usize) -> String {
