@@ -8,6 +8,7 @@
 //! - [`verify_workload_chain`]: webpki path building against a [`TrustBundle`], then the
 //!   X.509-SVID checks, returning the peer's [`SpiffeId`].
 //! - [`refresh_at`]: rotation arithmetic on an injected clock.
+//! - [`jwt`]: JWK sets, JWT verification for the algorithms Istio accepts, and token minting.
 //!
 //! One crypto backend: `ring` (through rcgen, rustls-webpki and directly).
 #![warn(missing_docs)]
@@ -18,6 +19,7 @@ mod csr;
 mod der;
 mod error;
 mod info;
+pub mod jwt;
 mod key;
 mod pem;
 mod rotation;
