@@ -118,7 +118,11 @@ pub enum JwtError {
         found: String,
     },
     /// None of the token's audiences is an accepted audience.
-    #[error("JWT audiences {found:?} do not include any accepted audience {expected:?}")]
+    #[error(
+        "JWT audiences [{}] do not include any accepted audience [{}]",
+        found.join(", "),
+        expected.iter().map(|a| format!("{a:?}")).collect::<Vec<_>>().join(", ")
+    )]
     AudienceMismatch {
         /// The audiences the policy accepts.
         expected: Vec<String>,

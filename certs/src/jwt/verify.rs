@@ -452,7 +452,9 @@ pub struct ServiceAccount {
 }
 
 impl ServiceAccount {
-    fn new(namespace: &str, name: &str) -> Result<ServiceAccount, JwtError> {
+    /// A service account from its namespace (an RFC 1123 label) and name (an RFC 1123
+    /// subdomain), the rules Kubernetes applies; anything else is refused.
+    pub fn new(namespace: &str, name: &str) -> Result<ServiceAccount, JwtError> {
         if !is_dns_label(namespace) {
             return Err(JwtError::MissingServiceAccount {
                 reason: "namespace is not a Kubernetes namespace name",
