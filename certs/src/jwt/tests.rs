@@ -1068,3 +1068,68 @@ fn private_key_api_round_trips_every_key_algorithm() {
         );
     }
 }
+
+// === robustness ===
+
+fn shared_ec() -> &'static (Signer, Jwks) {
+    static KEY: OnceLock<(Signer, Jwks)> = OnceLock::new();
+    KEY.get_or_init(|| {
+        let s = signer(SignerKind::EcdsaP256);
+        let jwks = s.jwks("k").unwrap();
+        (s, jwks)
+    })
+}
+
+proptest::proptest! {
+    #[test]
+    fn arbitrary_text_never_verifies_or_panics(text in "[A-Za-z0-9_.=+/-]{0,300}") {
+        let (_, jwks) = shared_ec();
+        proptest::prop_assert!(verify(&text, jwks, now(), DEFAULT_LEEWAY).is_err());
+    }
+
+    #[test]
+    fn arbitrary_segments_never_verify_or_panic(
+        alg in proptest::sample::select(vec!["ES256", "ES384", "RS256", "PS512", "EdDSA", "none", "HS256", "x"]),
+        kid in proptest::option::of("[a-z]{0,3}"),
+        extra in proptest::collection::vec(0u8..=255, 0..40),
+        payload in proptest::collection::vec(0u8..=255, 0..80),
+        sig in proptest::collection::vec(0u8..=255, 0..100),
+    ) {
+        let (_, jwks) = shared_ec();
+        let mut header = json!({"alg": alg});
+        if let Some(kid) = kid {
+            header["kid"] = kid.into();
+        }
+        // Header as JSON, or as raw bytes; payload as raw bytes or a JSON object.
+        for h in [header.to_string().into_bytes(), extra.clone()] {
+            for p in [payload.clone(), claims().to_string().into_bytes()] {
+                let token = format!("{}.{}.{}", B64.encode(&h), B64.encode(&p), B64.encode(&sig));
+                let result = verify(&token, jwks, now(), DEFAULT_LEEWAY);
+                proptest::prop_assert!(result.is_err());
+                let err = result.unwrap_err();
+                for segment in token.split('.').filter(|s| s.len() > 8) {
+                    proptest::prop_assert!(!err.to_string().contains(segment));
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_flipped_bit_anywhere_in_a_signed_token_is_refused(index in 0usize..1000, bit in 0u8..8) {
+        let (s, jwks) = shared_ec();
+        let token = s.sign(&claims(), "k").unwrap();
+        let mut bytes = token.clone().into_bytes();
+        let i = index % bytes.len();
+        bytes[i] ^= 1 << bit;
+        // base64url has no two spellings of the same bytes (strict decoding), so any change
+        // either breaks the encoding or changes what was signed.
+        if let Some(mutated) = String::from_utf8(bytes).ok().filter(|m| *m != token) {
+            proptest::prop_assert!(verify(&mutated, jwks, now(), DEFAULT_LEEWAY).is_err());
+        }
+    }
+
+    #[test]
+    fn arbitrary_key_sets_never_panic(text in "\\PC{0,200}") {
+        let _ = Jwks::parse(&text);
+    }
+}
