@@ -42,6 +42,6 @@ pub use self::error::{JwtError, TokenPart};
 pub use self::jwk::{Algorithm, Jwk, Jwks, KeyType, SkippedKey};
 pub use self::sign::{JwtSigner, jwks_for, key_thumbprint, public_jwk, sign, signing_algorithm};
 pub use self::verify::{
-    DEFAULT_LEEWAY, Header, MAX_TOKEN_LEN, ServiceAccount, UnverifiedJwt, Validation, VerifiedJwt,
-    verify,
+    DEFAULT_LEEWAY, Header, IssuerSet, MAX_TOKEN_LEN, ServiceAccount, UnverifiedJwt, Validation,
+    VerifiedJwt, verify,
 };

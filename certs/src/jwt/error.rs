@@ -117,6 +117,13 @@ pub enum JwtError {
         /// The token's issuer (escaped), or `(none)`.
         found: String,
     },
+    /// The token's (unverified) issuer is not one of the configured issuers, so there is no
+    /// key set to verify it with.
+    #[error("JWT issuer {issuer} is not a configured issuer")]
+    UnknownIssuer {
+        /// The token's issuer (escaped), or `(none)`.
+        issuer: String,
+    },
     /// None of the token's audiences is an accepted audience.
     #[error(
         "JWT audiences [{}] do not include any accepted audience [{}]",

@@ -1133,3 +1133,75 @@ proptest::proptest! {
         let _ = Jwks::parse(&text);
     }
 }
+
+#[test]
+fn issuer_set_picks_the_key_set_by_issuer_and_refuses_unknown_issuers() {
+    let a = signer(SignerKind::EcdsaP256);
+    let b = signer(SignerKind::Ed25519);
+    let mut set = IssuerSet::new();
+    assert!(set.is_empty());
+    let ca_policy = Validation {
+        audiences: vec!["istio-ca".into()],
+        require_expiration: true,
+        ..Validation::default()
+    };
+    set.insert("https://a.example", a.jwks("a").unwrap(), ca_policy.clone());
+    set.insert("https://b.example", b.jwks("b").unwrap(), ca_policy);
+    assert_eq!(
+        set.issuers().collect::<Vec<_>>(),
+        ["https://a.example", "https://b.example"]
+    );
+    let with_iss = |iss: Option<&str>| {
+        let mut c = claims();
+        match iss {
+            Some(iss) => c["iss"] = iss.into(),
+            None => {
+                c.as_object_mut().unwrap().remove("iss");
+            }
+        }
+        c
+    };
+    let token = a.sign(&with_iss(Some("https://a.example")), "a").unwrap();
+    assert_eq!(
+        set.verify(&token, now()).unwrap().issuer(),
+        Some("https://a.example")
+    );
+    let token = b.sign(&with_iss(Some("https://b.example")), "b").unwrap();
+    assert!(set.verify(&token, now()).is_ok());
+
+    // A's key claiming to be issuer B: B's keys are used, so the signature fails.
+    let token = a.sign(&with_iss(Some("https://b.example")), "b").unwrap();
+    assert!(matches!(
+        set.verify(&token, now()),
+        Err(JwtError::NoMatchingKey { .. } | JwtError::BadSignature)
+    ));
+    let token = a
+        .sign(&with_iss(Some("https://evil.example")), "a")
+        .unwrap();
+    assert_eq!(
+        set.verify(&token, now()).unwrap_err(),
+        JwtError::UnknownIssuer {
+            issuer: "\"https://evil.example\"".into()
+        }
+    );
+    let token = a.sign(&with_iss(None), "a").unwrap();
+    assert_eq!(
+        set.verify(&token, now()).unwrap_err(),
+        JwtError::UnknownIssuer {
+            issuer: "(none)".into()
+        }
+    );
+    // The per-issuer policy applies: wrong audience, missing exp.
+    let mut c = with_iss(Some("https://a.example"));
+    c["aud"] = "other".into();
+    assert!(matches!(
+        set.verify(&a.sign(&c, "a").unwrap(), now()),
+        Err(JwtError::AudienceMismatch { .. })
+    ));
+    let mut c = with_iss(Some("https://a.example"));
+    c.as_object_mut().unwrap().remove("exp");
+    assert_eq!(
+        set.verify(&a.sign(&c, "a").unwrap(), now()).unwrap_err(),
+        JwtError::MissingExpiration
+    );
+}

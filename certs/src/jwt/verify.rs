@@ -552,3 +552,56 @@ impl Validation {
         Ok(())
     }
 }
+
+// === impl IssuerSet ===
+
+/// The issuers whose tokens are accepted, each with its key set and policy, as the CA's
+/// `--jwt-issuer`/`--jwks` pairs or Envoy's providers: a token is verified against the entry
+/// its (unverified) `iss` names, and refused when no entry matches.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct IssuerSet {
+    issuers: std::collections::BTreeMap<String, (Jwks, Validation)>,
+}
+
+impl IssuerSet {
+    /// An empty set (refuses every token).
+    pub fn new() -> IssuerSet {
+        IssuerSet::default()
+    }
+
+    /// Accept tokens from `issuer`, verified with `jwks` and checked with `validation`
+    /// (whose `issuer` is set to `issuer`). Replaces an earlier entry for the same issuer.
+    pub fn insert(&mut self, issuer: impl Into<String>, jwks: Jwks, mut validation: Validation) {
+        let issuer = issuer.into();
+        validation.issuer = Some(issuer.clone());
+        self.issuers.insert(issuer, (jwks, validation));
+    }
+
+    /// The configured issuers, sorted.
+    pub fn issuers(&self) -> impl Iterator<Item = &str> {
+        self.issuers.keys().map(String::as_str)
+    }
+
+    /// Whether no issuer is configured.
+    pub fn is_empty(&self) -> bool {
+        self.issuers.is_empty()
+    }
+
+    /// Verify `token` with the key set and policy of the issuer it names.
+    pub fn verify(&self, token: &str, now: SystemTime) -> Result<VerifiedJwt, JwtError> {
+        let parsed = UnverifiedJwt::parse(token)?;
+        let Some((jwks, validation)) = parsed
+            .unverified_issuer()
+            .and_then(|iss| self.issuers.get(iss))
+        else {
+            return Err(JwtError::UnknownIssuer {
+                issuer: parsed
+                    .unverified_issuer()
+                    .map_or_else(|| "(none)".into(), untrusted),
+            });
+        };
+        let jwt = parsed.verify(jwks, now, validation.leeway)?;
+        validation.check(&jwt)?;
+        Ok(jwt)
+    }
+}
