@@ -40,7 +40,10 @@ pub use self::{
     pem::{certs_to_pem, parse_certs_pem},
     rotation::{refresh_at, refresh_in},
     spiffe::{MAX_SPIFFE_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, TrustDomain},
-    verify::{ChainError, TrustBundle, TrustDomainPolicy, Usage, verify_workload_chain},
+    verify::{
+        ChainError, TrustBundle, TrustDomainPolicy, Usage, verify_workload_cert,
+        verify_workload_chain,
+    },
 };
 
 /// DER certificate type used throughout (re-exported from `rustls-pki-types`).

@@ -20,6 +20,17 @@ fn leaf_from_root_and_from_intermediate_verify() {
         for usage in [Usage::ClientAuth, Usage::ServerAuth] {
             let got = verify_workload_chain(&chain, &bundle(&root), &policy, now, usage).unwrap();
             assert_eq!(got, id(SLEEP));
+            // The same through the split form rustls verifiers use.
+            let got = rampart_certs::verify_workload_cert(
+                &chain[0],
+                &chain[1..],
+                &bundle(&root),
+                &policy,
+                now,
+                usage,
+            )
+            .unwrap();
+            assert_eq!(got, id(SLEEP));
         }
     }
 }
