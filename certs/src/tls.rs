@@ -13,6 +13,8 @@
 //! - [`peer_spiffe_id`] reads the verified peer's SPIFFE ID from a connection.
 //!
 //! ALPN is the caller's: set `alpn_protocols` on the returned configuration (`h2` for gRPC).
+//! Session resumption and 0-RTT are off, so every connection re-verifies its peer; a new
+//! trust bundle takes effect by building new configurations from it.
 
 use std::fmt;
 use std::sync::Arc;
@@ -30,7 +32,7 @@ use rustls::{
 
 use crate::{
     CertInfo, ChainError, PrivateKey, SpiffeId, TrustBundle, TrustDomainPolicy, Usage,
-    verify_workload_chain,
+    verify_workload_cert,
 };
 
 /// The only protocol version: TLS 1.3.
@@ -151,10 +153,15 @@ fn verify_peer(
     now: UnixTime,
     usage: Usage,
 ) -> Result<SpiffeId, rustls::Error> {
-    let mut chain = Vec::with_capacity(1 + intermediates.len());
-    chain.push(end_entity.clone());
-    chain.extend(intermediates.iter().cloned());
-    verify_workload_chain(&chain, bundle, trust_domains, to_system(now), usage).map_err(refusal)
+    verify_workload_cert(
+        end_entity,
+        intermediates,
+        bundle,
+        trust_domains,
+        to_system(now),
+        usage,
+    )
+    .map_err(refusal)
 }
 
 /// Never reached (TLS 1.2 is not enabled); refuses rather than trusts if it ever were.
@@ -443,7 +450,17 @@ pub fn server_config(
             trust_domains,
         ))),
     };
-    Ok(builder.with_single_cert(chain, key_der(key))?)
+    let mut config = builder.with_single_cert(chain, key_der(key))?;
+    no_server_resumption(&mut config);
+    Ok(config)
+}
+
+/// Session resumption would restore a peer's identity without re-running the verifier, so
+/// a session could outlive its certificate or a root removed from the bundle. Off: every
+/// connection verifies the peer's chain.
+fn no_server_resumption(config: &mut ServerConfig) {
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
 }
 
 /// A client configuration verifying the server as `server_auth` says and, when `identity`
@@ -472,11 +489,14 @@ pub fn client_config_with_verifier(
         .with_protocol_versions(PROTOCOL_VERSIONS)?
         .dangerous()
         .with_custom_certificate_verifier(verifier);
-    Ok(match identity {
+    let mut config = match identity {
         None => builder.with_no_client_auth(),
         Some((chain, _)) if chain.is_empty() => return Err(TlsError::EmptyChain),
         Some((chain, key)) => builder.with_client_auth_cert(chain, key_der(key))?,
-    })
+    };
+    // See `no_server_resumption`.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
 }
 
 // === peer identity ===

@@ -241,6 +241,55 @@ fn mutual_spiffe_handshake_returns_both_identities() {
 }
 
 #[test]
+fn sessions_are_never_resumed() {
+    let ca = Ca::root("A");
+    let server = ca.workload(SERVER);
+    let client = ca.workload(CLIENT);
+    let server_cfg = Arc::new(
+        tls::server_config(
+            server.chain.clone(),
+            &server.key,
+            ClientAuth::Required {
+                bundle: ca.bundle(),
+                trust_domains: local(),
+            },
+        )
+        .unwrap(),
+    );
+    let client_cfg =
+        Arc::new(tls::client_config(spiffe_client(ca.bundle(), &[]), client.pair()).unwrap());
+    for _ in 0..2 {
+        let (c, _) = handshake(
+            Arc::unwrap_or_clone(client_cfg.clone()),
+            Arc::unwrap_or_clone(server_cfg.clone()),
+            "x",
+        )
+        .unwrap();
+        assert_eq!(c.handshake_kind(), Some(rustls::HandshakeKind::Full));
+    }
+    // Negative twin: the same configurations with rustls's default resumption settings do
+    // resume, so the check above can see resumption.
+    let mut server_cfg = Arc::unwrap_or_clone(server_cfg);
+    server_cfg.session_storage = rustls::server::ServerSessionMemoryCache::new(16);
+    server_cfg.send_tls13_tickets = 2;
+    let mut client_cfg = Arc::unwrap_or_clone(client_cfg);
+    client_cfg.resumption = rustls::client::Resumption::in_memory_sessions(16);
+    let kinds: Vec<_> = (0..2)
+        .map(|_| {
+            let (c, _) = handshake(client_cfg.clone(), server_cfg.clone(), "x").unwrap();
+            c.handshake_kind()
+        })
+        .collect();
+    assert_eq!(
+        kinds,
+        [
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed)
+        ]
+    );
+}
+
+#[test]
 fn intermediates_are_followed_to_the_root() {
     let root = Ca::root("A");
     let inter = root.intermediate();

@@ -1205,3 +1205,24 @@ fn issuer_set_picks_the_key_set_by_issuer_and_refuses_unknown_issuers() {
         JwtError::MissingExpiration
     );
 }
+
+#[test]
+fn rfc_example_public_keys_parse() {
+    // RFC 7515 A.3 (P-256), RFC 8037 A.2 (Ed25519): the fixed keys of the jwt fuzz target.
+    let set = Jwks::from_json(
+        r#"{"keys":[
+        {"kty":"EC","crv":"P-256","kid":"ec",
+         "x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU",
+         "y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"},
+        {"kty":"OKP","crv":"Ed25519","kid":"ed",
+         "x":"11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo"}]}"#,
+    )
+    .unwrap();
+    assert_eq!(set.keys().len(), 2, "{:?}", set.skipped());
+    assert_eq!(set.keys()[0].key_type(), KeyType::EcP256);
+    // RFC 8037 A.3 gives this key's thumbprint.
+    assert_eq!(
+        set.keys()[1].thumbprint(),
+        "kPrK_qmxVWaYVA9wwBF6Iuo3vVzz7TxHCTwXBygrS4k"
+    );
+}
