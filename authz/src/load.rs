@@ -78,6 +78,8 @@ pub struct LoadResult {
     pub skipped: Vec<Skipped>,
     /// Warnings about accepted resources (e.g. a selector without labels).
     pub warnings: Vec<Problem>,
+    /// How many files (or strings given to [`load_str`]) were read.
+    pub files: usize,
 }
 
 impl LoadResult {
@@ -95,6 +97,7 @@ impl LoadResult {
         self.problems.extend(other.problems);
         self.skipped.extend(other.skipped);
         self.warnings.extend(other.warnings);
+        self.files += other.files;
     }
 
     /// Turns the result into the resources, or [`Error::InvalidConfig`] listing every problem.
@@ -136,7 +139,10 @@ impl LoadResult {
 /// problems. Never fails as a whole: refused documents are listed in
 /// [`LoadResult::problems`].
 pub fn load_str(source_name: &str, text: &str) -> LoadResult {
-    let mut result = LoadResult::default();
+    let mut result = LoadResult {
+        files: 1,
+        ..LoadResult::default()
+    };
     for doc in split_documents(text) {
         load_document(source_name, &doc, &mut result);
     }
