@@ -22,8 +22,9 @@ pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 /// answers "is this compact token signed by one of these keys with an algorithm Istio accepts
 /// (RS256/384/512, PS256/384/512, ES256/384, EdDSA)?" and must refuse `alg: none` and HMAC.
 pub trait SignatureVerifier {
-    /// `Ok(())` when `token`'s signature verifies with a key of `jwks` (JWKS JSON text).
-    fn verify_signature(&self, token: &str, jwks: &str) -> Result<(), String>;
+    /// `Ok(())` when `token`'s signature verifies with a key of `jwks` (JWKS JSON text) and
+    /// its `exp`/`nbf` hold at `now` with [`CLOCK_SKEW`].
+    fn verify_signature(&self, token: &str, jwks: &str, now: SystemTime) -> Result<(), String>;
 }
 
 /// Where JWKS documents come from at request time (`jwksUri` rules; inline `jwks` needs no
@@ -610,7 +611,7 @@ fn verify_one(
             Err(e) => return Err(reject(401, format!("Jwks remote fetch is failed: {e}"), p)),
         },
     };
-    if let Err(e) = verifier.verify_signature(token, &jwks) {
+    if let Err(e) = verifier.verify_signature(token, &jwks, now) {
         return Err(reject(401, format!("Jwt verification fails: {e}"), p));
     }
     for name in &rule.space_delimited {
