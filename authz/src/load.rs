@@ -78,6 +78,8 @@ pub struct LoadResult {
     pub skipped: Vec<Skipped>,
     /// Warnings about accepted resources (e.g. a selector without labels).
     pub warnings: Vec<Problem>,
+    /// How many files (or strings given to [`load_str`]) were read.
+    pub files: usize,
 }
 
 impl LoadResult {
@@ -95,6 +97,7 @@ impl LoadResult {
         self.problems.extend(other.problems);
         self.skipped.extend(other.skipped);
         self.warnings.extend(other.warnings);
+        self.files += other.files;
     }
 
     /// Turns the result into the resources, or [`Error::InvalidConfig`] listing every problem.
@@ -136,7 +139,10 @@ impl LoadResult {
 /// problems. Never fails as a whole: refused documents are listed in
 /// [`LoadResult::problems`].
 pub fn load_str(source_name: &str, text: &str) -> LoadResult {
-    let mut result = LoadResult::default();
+    let mut result = LoadResult {
+        files: 1,
+        ..LoadResult::default()
+    };
     for doc in split_documents(text) {
         load_document(source_name, &doc, &mut result);
     }
@@ -341,8 +347,8 @@ fn load_document(file: &str, doc: &Chunk<'_>, result: &mut LoadResult) {
         field_path: field_path.to_string(),
         reason,
     };
-    let value: serde_json::Value = match serde_saphyr::from_str(doc.text) {
-        Ok(v) => v,
+    let value: serde_json::Value = match serde_saphyr::from_str::<Tree>(doc.text) {
+        Ok(v) => v.0,
         Err(e) => {
             result
                 .problems
@@ -468,6 +474,121 @@ fn load_document(file: &str, doc: &Chunk<'_>, result: &mut LoadResult) {
     }
 }
 
+/// A YAML document as a JSON-like tree. Map keys become strings (YAML `80:` and `"80":` are
+/// the same key, as Kubernetes sees them); a key given twice, in any spelling, is an error
+/// rather than silently keeping one of the values.
+struct Tree(serde_json::Value);
+
+impl<'de> Deserialize<'de> for Tree {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(TreeVisitor).map(Tree)
+    }
+}
+
+struct TreeVisitor;
+
+impl<'de> serde::de::Visitor<'de> for TreeVisitor {
+    type Value = serde_json::Value;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("a YAML value")
+    }
+
+    fn visit_bool<E>(self, v: bool) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Bool(v))
+    }
+
+    fn visit_i64<E>(self, v: i64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_u64<E>(self, v: u64) -> Result<Self::Value, E> {
+        Ok(v.into())
+    }
+
+    fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<Self::Value, E> {
+        serde_json::Number::from_f64(v)
+            .map(serde_json::Value::Number)
+            .ok_or_else(|| E::custom(format!("number {v} is not finite")))
+    }
+
+    fn visit_str<E>(self, v: &str) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::String(v.to_string()))
+    }
+
+    fn visit_string<E>(self, v: String) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::String(v))
+    }
+
+    fn visit_none<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_unit<E>(self) -> Result<Self::Value, E> {
+        Ok(serde_json::Value::Null)
+    }
+
+    fn visit_some<D: serde::Deserializer<'de>>(self, d: D) -> Result<Self::Value, D::Error> {
+        Tree::deserialize(d).map(|t| t.0)
+    }
+
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(self, mut seq: A) -> Result<Self::Value, A::Error> {
+        let mut items = Vec::new();
+        while let Some(Tree(item)) = seq.next_element()? {
+            items.push(item);
+        }
+        Ok(serde_json::Value::Array(items))
+    }
+
+    fn visit_map<A: serde::de::MapAccess<'de>>(self, mut map: A) -> Result<Self::Value, A::Error> {
+        let mut out = serde_json::Map::new();
+        while let Some(TreeKey(key)) = map.next_key()? {
+            let Tree(value) = map.next_value()?;
+            if out.contains_key(&key) {
+                return Err(serde::de::Error::custom(format!(
+                    "duplicate mapping key {key:?}"
+                )));
+            }
+            out.insert(key, value);
+        }
+        Ok(serde_json::Value::Object(out))
+    }
+}
+
+/// A mapping key as a string: scalars of any type are accepted (`80:` is the key "80").
+struct TreeKey(String);
+
+impl<'de> Deserialize<'de> for TreeKey {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct KeyVisitor;
+        impl serde::de::Visitor<'_> for KeyVisitor {
+            type Value = String;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a scalar mapping key")
+            }
+            fn visit_str<E>(self, v: &str) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+            fn visit_string<E>(self, v: String) -> Result<String, E> {
+                Ok(v)
+            }
+            fn visit_bool<E>(self, v: bool) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+            fn visit_i64<E>(self, v: i64) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+            fn visit_u64<E>(self, v: u64) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+            fn visit_f64<E>(self, v: f64) -> Result<String, E> {
+                Ok(v.to_string())
+            }
+        }
+        deserializer.deserialize_str(KeyVisitor).map(TreeKey)
+    }
+}
+
 /// The top-level object as written (kind and apiVersion already checked).
 #[derive(Deserialize)]
 #[serde(rename_all = "camelCase", deny_unknown_fields)]
@@ -509,10 +630,12 @@ fn explain_serde_error(mut path: String, msg: &str) -> (String, String) {
     if let Some(rest) = msg.strip_prefix("unknown field `")
         && let Some((field, expected)) = rest.split_once('`')
     {
-        if !path.is_empty() {
-            path.push('.');
+        if path.rsplit('.').next() != Some(field) {
+            if !path.is_empty() {
+                path.push('.');
+            }
+            path.push_str(field);
         }
-        path.push_str(field);
         let expected = expected
             .trim_start_matches(", ")
             .replace("expected one of ", "known fields: ")
