@@ -118,16 +118,16 @@ impl TokenAuthenticator {
         let key = token_key(token);
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
-            if let Some(hit) = cache.get(&key) {
-                if now < hit.cached_at + TOKEN_CACHE_TTL {
-                    if hit.exp.is_some_and(|exp| now > exp + TOKEN_LEEWAY) {
-                        return Err(Refusal::TokenExpired);
-                    }
-                    if hit.nbf.is_some_and(|nbf| now + TOKEN_LEEWAY < nbf) {
-                        return Err(Refusal::TokenNotYetValid);
-                    }
-                    return Ok(hit.id.clone());
+            if let Some(hit) = cache.get(&key)
+                && now < hit.cached_at + TOKEN_CACHE_TTL
+            {
+                if hit.exp.is_some_and(|exp| now > exp + TOKEN_LEEWAY) {
+                    return Err(Refusal::TokenExpired);
                 }
+                if hit.nbf.is_some_and(|nbf| now + TOKEN_LEEWAY < nbf) {
+                    return Err(Refusal::TokenNotYetValid);
+                }
+                return Ok(hit.id.clone());
             }
         }
         let (id, exp, nbf) = self.verify(token, now)?;
@@ -164,7 +164,7 @@ impl TokenAuthenticator {
         if verified.expires_at().is_none() {
             return Err(Refusal::InvalidToken("token has no exp claim".into()));
         }
-        if !verified.audiences().iter().any(|a| *a == self.audience) {
+        if !verified.audiences().contains(&self.audience) {
             return Err(Refusal::WrongAudience(self.audience.clone()));
         }
         let sa = verified

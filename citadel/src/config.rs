@@ -107,6 +107,13 @@ impl CaConfig {
                 self.max_ttl, self.default_ttl
             ));
         }
+        if self.max_ttl > rampart_certs::MAX_WORKLOAD_CERT_TTL {
+            return bad(format!(
+                "max TTL {:?} is above the longest workload lifetime this CA issues ({:?})",
+                self.max_ttl,
+                rampart_certs::MAX_WORKLOAD_CERT_TTL
+            ));
+        }
         if self.max_concurrency == 0 {
             return bad("max concurrency must be at least 1".into());
         }

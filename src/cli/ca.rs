@@ -16,7 +16,7 @@ pub(crate) struct CaArgs {
     #[command(subcommand)]
     command: Option<CaCommand>,
     #[command(flatten)]
-    run: RunArgs,
+    run: Box<RunArgs>,
 }
 
 #[derive(Debug, clap::Subcommand)]
