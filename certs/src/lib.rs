@@ -24,6 +24,9 @@ mod rotation;
 mod spiffe;
 mod verify;
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
+
 pub use self::{
     authority::{
         CLOCK_SKEW_BACKDATE, CertificateAuthority, DEFAULT_WORKLOAD_CERT_TTL, IntermediateParams,
