@@ -327,6 +327,27 @@ fn leaf_that_can_sign_certificates_is_refused() {
 }
 
 #[test]
+fn leaf_without_digital_signature_is_refused() {
+    let now = SystemTime::now();
+    for usages in [vec![], vec![rcgen::KeyUsagePurpose::KeyEncipherment]] {
+        let (root, leaf) = rcgen_leaf(vec![uri(SLEEP)], |p| p.key_usages = usages.clone());
+        let b = TrustBundle::from_der(vec![root]).unwrap();
+        let err = verify_workload_chain(&[leaf], &b, &local_policy(), now, Usage::ClientAuth)
+            .unwrap_err();
+        assert_eq!(err, ChainError::LeafLacksDigitalSignature, "{usages:?}");
+    }
+    // twin: digitalSignature + keyEncipherment (an RSA-style leaf) is fine.
+    let (root, leaf) = rcgen_leaf(vec![uri(SLEEP)], |p| {
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::KeyEncipherment,
+        ]
+    });
+    let b = TrustBundle::from_der(vec![root]).unwrap();
+    verify_workload_chain(&[leaf], &b, &local_policy(), now, Usage::ClientAuth).unwrap();
+}
+
+#[test]
 fn wrong_extended_key_usage_is_refused() {
     let now = SystemTime::now();
     let (root, leaf) = rcgen_leaf(vec![uri(SLEEP)], |p| {
