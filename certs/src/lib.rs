@@ -8,6 +8,8 @@
 //! - [`verify_workload_chain`]: webpki path building against a [`TrustBundle`], then the
 //!   X.509-SVID checks, returning the peer's [`SpiffeId`].
 //! - [`refresh_at`]: rotation arithmetic on an injected clock.
+//! - [`tls`]: the one crypto policy (rustls on ring, TLS 1.3 only) and SPIFFE verifiers.
+//! - [`jwt`]: JWK sets, JWT verification for the algorithms Istio accepts, and token minting.
 //!
 //! One crypto backend: `ring` (through rcgen, rustls-webpki and directly).
 //!
@@ -56,10 +58,12 @@ mod csr;
 mod der;
 mod error;
 mod info;
+pub mod jwt;
 mod key;
 mod pem;
 mod rotation;
 mod spiffe;
+pub mod tls;
 mod verify;
 
 #[cfg(any(test, feature = "test-util"))]
