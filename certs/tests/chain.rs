@@ -481,3 +481,23 @@ fn merged_bundle_accepts_both_roots_during_rotation() {
         "{shown}"
     );
 }
+
+/// A second subjectAltName extension cannot smuggle in a second identity.
+#[test]
+fn second_san_extension_is_refused() {
+    let now = SystemTime::now();
+    let admin = b"spiffe://cluster.local/ns/kube-system/sa/admin";
+    let mut names = vec![0x86, admin.len() as u8];
+    names.extend_from_slice(admin);
+    let mut content = vec![0x30, names.len() as u8];
+    content.extend(names);
+    let (root, leaf) = rcgen_leaf(vec![uri(SLEEP)], |p| {
+        p.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+            &[2, 5, 29, 17],
+            content,
+        )];
+    });
+    let b = TrustBundle::from_der(vec![root]).unwrap();
+    let got = verify_workload_chain(&[leaf], &b, &local_policy(), now, Usage::ClientAuth);
+    assert!(got.is_err(), "accepted as {got:?}");
+}
