@@ -16,7 +16,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use criterion::{Criterion, criterion_group, criterion_main};
 use rampart_certs::jwt::JwtSigner;
-use rampart_certs::{CertificateAuthority, KeyAlgorithm, PrivateKey, RootParams, SpiffeId, TrustDomain};
+use rampart_certs::{
+    CertificateAuthority, KeyAlgorithm, PrivateKey, RootParams, SpiffeId, TrustDomain,
+};
 use rampart_citadel::{Authority, IssuePolicy, MaterialSource, TokenAuthenticator, issue};
 use ring::rand::SystemRandom;
 use ring::signature::{self, EcdsaKeyPair, KeyPair};
@@ -27,14 +29,22 @@ fn bench(c: &mut Criterion) {
 
     // Raw crypto: what any CA must do per certificate.
     let rng = SystemRandom::new();
-    let pkcs8 = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
-    let ca_key =
-        EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8.as_ref(), &rng)
-            .unwrap();
-    let pkcs8b = EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
-    let csr_key =
-        EcdsaKeyPair::from_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, pkcs8b.as_ref(), &rng)
-            .unwrap();
+    let pkcs8 =
+        EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+    let ca_key = EcdsaKeyPair::from_pkcs8(
+        &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        pkcs8.as_ref(),
+        &rng,
+    )
+    .unwrap();
+    let pkcs8b =
+        EcdsaKeyPair::generate_pkcs8(&signature::ECDSA_P256_SHA256_ASN1_SIGNING, &rng).unwrap();
+    let csr_key = EcdsaKeyPair::from_pkcs8(
+        &signature::ECDSA_P256_SHA256_ASN1_SIGNING,
+        pkcs8b.as_ref(),
+        &rng,
+    )
+    .unwrap();
     let csr_info = vec![0x5a_u8; 180]; // about the size of a CertificationRequestInfo
     let tbs = vec![0xa5_u8; 420]; // about the size of a workload TBSCertificate
     let csr_sig = csr_key.sign(&rng, &csr_info).unwrap();
@@ -72,18 +82,23 @@ fn bench(c: &mut Criterion) {
     let tokens = TokenAuthenticator::new(issuers, "istio-ca", &td);
     let secs = now.duration_since(UNIX_EPOCH).unwrap().as_secs();
     let token = signer
-        .sign(&serde_json::json!({"iss": "iss", "sub": "system:serviceaccount:default:web",
-            "aud": "istio-ca", "exp": secs + 3600}))
+        .sign(
+            &serde_json::json!({"iss": "iss", "sub": "system:serviceaccount:default:web",
+            "aud": "istio-ca", "exp": secs + 3600}),
+        )
         .unwrap();
     let id = SpiffeId::istio(&td, "default", "web").unwrap();
-    let csr = rampart_certs::build_csr(&PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &id)
-        .unwrap();
+    let csr =
+        rampart_certs::build_csr(&PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), &id)
+            .unwrap();
     tokens.authenticate(&token, now).unwrap();
 
     let mut g = c.benchmark_group("issuance");
     g.bench_function("raw_ring/verify_csr_sig+sign_cert", |b| {
         b.iter(|| {
-            csr_pub.verify(black_box(&csr_info), csr_sig.as_ref()).unwrap();
+            csr_pub
+                .verify(black_box(&csr_info), csr_sig.as_ref())
+                .unwrap();
             black_box(ca_key.sign(&rng, black_box(&tbs)).unwrap());
         })
     });
@@ -98,7 +113,9 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let now = SystemTime::now();
             let fresh = TokenAuthenticator::new(
-                [("iss".to_owned(), signer.jwks().unwrap())].into_iter().collect(),
+                [("iss".to_owned(), signer.jwks().unwrap())]
+                    .into_iter()
+                    .collect(),
                 "istio-ca",
                 &td,
             );
