@@ -1,0 +1,107 @@
+//! Read-only facts about a certificate, for display, metrics and checks.
+
+use std::net::IpAddr;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls_pki_types::CertificateDer;
+use x509_parser::certificate::X509Certificate;
+use x509_parser::extensions::GeneralName;
+use x509_parser::prelude::FromDer;
+
+use crate::error::Error;
+
+/// What a certificate says, parsed once.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct CertInfo {
+    /// Serial number, lowercase hex of its big-endian bytes.
+    pub serial_hex: String,
+    /// Subject distinguished name (RFC 4514-style string).
+    pub subject: String,
+    /// Issuer distinguished name.
+    pub issuer: String,
+    /// Start of validity.
+    pub not_before: SystemTime,
+    /// End of validity.
+    pub not_after: SystemTime,
+    /// basicConstraints cA=true.
+    pub is_ca: bool,
+    /// URI subject alternative names, in order.
+    pub uri_sans: Vec<String>,
+    /// DNS subject alternative names, in order.
+    pub dns_sans: Vec<String>,
+    /// IP address subject alternative names, in order.
+    pub ip_sans: Vec<IpAddr>,
+    /// SHA-256 of the DER, lowercase hex.
+    pub sha256_fingerprint: String,
+}
+
+impl CertInfo {
+    /// Parses a DER certificate.
+    pub fn parse(cert: &CertificateDer<'_>) -> Result<CertInfo, Error> {
+        let x509 = parse_x509(cert)?;
+        let mut uri_sans = Vec::new();
+        let mut dns_sans = Vec::new();
+        let mut ip_sans = Vec::new();
+        if let Some(san) = x509
+            .subject_alternative_name()
+            .map_err(|e| Error::InvalidCertificate(format!("subjectAltName: {e}")))?
+        {
+            for name in &san.value.general_names {
+                match name {
+                    GeneralName::URI(u) => uri_sans.push((*u).to_owned()),
+                    GeneralName::DNSName(d) => dns_sans.push((*d).to_owned()),
+                    GeneralName::IPAddress(b) => {
+                        if let Some(ip) = ip_from_bytes(b) {
+                            ip_sans.push(ip);
+                        }
+                    }
+                    _ => {}
+                }
+            }
+        }
+        Ok(CertInfo {
+            serial_hex: hex::encode(x509.raw_serial()),
+            subject: x509.subject().to_string(),
+            issuer: x509.issuer().to_string(),
+            not_before: system_time(x509.validity().not_before.timestamp()),
+            not_after: system_time(x509.validity().not_after.timestamp()),
+            is_ca: x509.is_ca(),
+            uri_sans,
+            dns_sans,
+            ip_sans,
+            sha256_fingerprint: sha256_hex(cert.as_ref()),
+        })
+    }
+}
+
+pub(crate) fn parse_x509<'a>(cert: &'a CertificateDer<'_>) -> Result<X509Certificate<'a>, Error> {
+    let (rest, x509) = X509Certificate::from_der(cert.as_ref())
+        .map_err(|e| Error::InvalidCertificate(e.to_string()))?;
+    if !rest.is_empty() {
+        return Err(Error::InvalidCertificate(
+            "trailing bytes after the certificate".into(),
+        ));
+    }
+    Ok(x509)
+}
+
+pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
+    hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
+}
+
+fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
+    match b.len() {
+        4 => <[u8; 4]>::try_from(b).ok().map(IpAddr::from),
+        16 => <[u8; 16]>::try_from(b).ok().map(IpAddr::from),
+        _ => None,
+    }
+}
+
+/// Seconds since the Unix epoch (possibly negative) as a `SystemTime`.
+pub(crate) fn system_time(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
