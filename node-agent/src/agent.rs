@@ -6,9 +6,11 @@ use std::sync::Arc;
 
 use rampart_certs::SpiffeId;
 use tokio::task::JoinSet;
+use tokio_stream::StreamExt as _;
 use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
+use crate::Error;
 use crate::caclient::{CertificateSigner, IstioCaClient};
 use crate::config::AgentConfig;
 use crate::manager::{Clock, Manager};
@@ -17,7 +19,6 @@ use crate::sds::SdsService;
 use crate::state::SecretStore;
 use crate::uds::{SocketGuard, bind_unix};
 use crate::workload_api::WorkloadApiService;
-use crate::Error;
 
 /// The node agent, configured but not started.
 pub struct Agent {
@@ -29,7 +30,9 @@ pub struct Agent {
 
 impl std::fmt::Debug for Agent {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Agent").field("config", &self.config).finish()
+        f.debug_struct("Agent")
+            .field("config", &self.config)
+            .finish()
     }
 }
 
@@ -85,13 +88,17 @@ impl Agent {
             let store = SecretStore::new();
             if let Some(p) = &w.sds_socket {
                 let l = bind_unix(p, config.socket_mode).await?;
-                let svc = SdsService::new(store.clone(), metrics.clone()).into_server();
+                let svc = SdsService::new(store.clone(), metrics.clone())
+                    .with_shutdown(shutdown.clone())
+                    .into_server();
                 let router = tonic::transport::Server::builder().add_service(svc);
                 servers.push((p.clone(), l, router, "SDS"));
             }
             if let Some(p) = &w.workload_api_socket {
                 let l = bind_unix(p, config.socket_mode).await?;
-                let svc = WorkloadApiService::new(store.clone(), metrics.clone()).into_server();
+                let svc = WorkloadApiService::new(store.clone(), metrics.clone())
+                    .with_shutdown(shutdown.clone())
+                    .into_server();
                 let router = tonic::transport::Server::builder().add_service(svc);
                 servers.push((p.clone(), l, router, "SPIFFE Workload API"));
             }
@@ -139,16 +146,23 @@ async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let _guard = SocketGuard(path.clone());
-    router
-        .serve_with_incoming_shutdown(
-            UnixListenerStream::new(listener),
-            shutdown.cancelled_owned(),
-        )
-        .await
-        .map_err(|e| Error::Socket {
-            path,
-            reason: e.to_string(),
-        })
+    // gRPC C-core clients send an authority h2 rejects on Unix sockets: see h2fix.
+    let incoming =
+        UnixListenerStream::new(listener).map(|r| r.map(crate::h2fix::AuthorityFix::new));
+    let server = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
+    tokio::pin!(server);
+    // Graceful: streams are told to end at shutdown; give them a moment, then force.
+    let result = tokio::select! {
+        r = &mut server => r,
+        _ = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(std::time::Duration::from_secs(2)).await;
+        } => Ok(()),
+    };
+    result.map_err(|e| Error::Socket {
+        path,
+        reason: e.to_string(),
+    })
 }
 
 // === impl RunningAgent ===

@@ -115,12 +115,13 @@ impl IstioCaClient {
             validity_duration: i64::try_from(req.ttl.as_secs()).unwrap_or(i64::MAX),
             metadata: None,
         });
-        let bearer: MetadataValue<_> = format!("Bearer {token}")
-            .parse()
-            .map_err(|_| Error::BadToken {
-                path: req.token_path.to_owned(),
-                reason: "not a valid header value".into(),
-            })?;
+        let bearer: MetadataValue<_> =
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Error::BadToken {
+                    path: req.token_path.to_owned(),
+                    reason: "not a valid header value".into(),
+                })?;
         request.metadata_mut().insert("authorization", bearer);
         if let Some(cluster) = &self.cfg.cluster_id {
             let v = cluster.parse().map_err(|_| Error::InvalidConfig {

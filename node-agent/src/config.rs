@@ -138,11 +138,13 @@ impl AgentConfig {
         }
         let mut seen = std::collections::HashSet::new();
         for w in &self.workloads {
-            if w.sds_socket.is_none() && w.workload_api_socket.is_none() && w.output_dir.is_none()
-            {
+            if w.sds_socket.is_none() && w.workload_api_socket.is_none() && w.output_dir.is_none() {
                 return Err(Error::InvalidConfig {
                     field: "workload",
-                    reason: format!("{} has no SDS socket, Workload API socket or output dir", w.spiffe_id),
+                    reason: format!(
+                        "{} has no SDS socket, Workload API socket or output dir",
+                        w.spiffe_id
+                    ),
                 });
             }
             for p in [&w.sds_socket, &w.workload_api_socket, &w.output_dir]
@@ -160,7 +162,10 @@ impl AgentConfig {
         if self.socket_mode & !0o777 != 0 || self.socket_mode & 0o600 != 0o600 {
             return Err(Error::InvalidConfig {
                 field: "socket-mode",
-                reason: format!("{:o} must be permission bits including owner rw", self.socket_mode),
+                reason: format!(
+                    "{:o} must be permission bits including owner rw",
+                    self.socket_mode
+                ),
             });
         }
         Ok(())
@@ -212,10 +217,11 @@ pub fn identity_from_token(token: &str) -> Result<(String, String), String> {
     }
     if let Some(sub) = claims.get("sub").and_then(|v| v.as_str()) {
         let f: Vec<&str> = sub.split(':').collect();
-        if let ["system", "serviceaccount", ns, sa] = f.as_slice() {
-            if !ns.is_empty() && !sa.is_empty() {
-                return Ok(((*ns).to_owned(), (*sa).to_owned()));
-            }
+        if let ["system", "serviceaccount", ns, sa] = f.as_slice()
+            && !ns.is_empty()
+            && !sa.is_empty()
+        {
+            return Ok(((*ns).to_owned(), (*sa).to_owned()));
         }
         return Err(format!(
             "claim sub {sub:?} is not system:serviceaccount:<namespace>:<service-account>"
@@ -287,20 +293,26 @@ mod tests {
 
     fn jwt(claims: &str) -> String {
         let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        format!("{}.{}.sig", e.encode(r#"{"alg":"ES256"}"#), e.encode(claims))
+        format!(
+            "{}.{}.sig",
+            e.encode(r#"{"alg":"ES256"}"#),
+            e.encode(claims)
+        )
     }
 
     #[test]
     fn token_sub_claim() {
         let t = jwt(r#"{"sub":"system:serviceaccount:shop:cart"}"#);
-        assert_eq!(identity_from_token(&t).unwrap(), ("shop".into(), "cart".into()));
+        assert_eq!(
+            identity_from_token(&t).unwrap(),
+            ("shop".into(), "cart".into())
+        );
     }
 
     #[test]
     fn token_kubernetes_claim_wins() {
-        let t = jwt(
-            r#"{"sub":"x","kubernetes.io":{"namespace":"a","serviceaccount":{"name":"b"}}}"#,
-        );
+        let t =
+            jwt(r#"{"sub":"x","kubernetes.io":{"namespace":"a","serviceaccount":{"name":"b"}}}"#);
         assert_eq!(identity_from_token(&t).unwrap(), ("a".into(), "b".into()));
     }
 
@@ -325,8 +337,7 @@ mod tests {
         let err = resolve_identity(&td, Some("shop"), Some("other"), &p).unwrap_err();
         assert!(err.to_string().contains("shop/cart"), "{err}");
         // no token file yet, both flags: fine
-        let id =
-            resolve_identity(&td, Some("a"), Some("b"), &dir.path().join("missing")).unwrap();
+        let id = resolve_identity(&td, Some("a"), Some("b"), &dir.path().join("missing")).unwrap();
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/a/sa/b");
         // no token file, flags incomplete: error naming the file
         let err = resolve_identity(&td, Some("a"), None, &dir.path().join("missing")).unwrap_err();

@@ -13,6 +13,7 @@ mod client;
 mod config;
 mod error;
 mod files;
+mod h2fix;
 mod manager;
 mod metrics;
 mod rotation;

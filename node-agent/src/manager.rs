@@ -137,10 +137,10 @@ impl Manager {
         self.store.install(svid, Some(bundle));
         if let Some(dir) = &self.output_dir {
             let snap = self.store.current();
-            if let Some(svid) = &snap.svid {
-                if let Err(e) = files::write_outputs(dir, svid, snap.bundle.as_deref()) {
-                    tracing::error!(spiffe_id = %self.id, "file output: {e}");
-                }
+            if let Some(svid) = &snap.svid
+                && let Err(e) = files::write_outputs(dir, svid, snap.bundle.as_deref())
+            {
+                tracing::error!(spiffe_id = %self.id, "file output: {e}");
             }
         }
         delay
@@ -193,9 +193,9 @@ impl Manager {
                 Err(e) => {
                     self.metrics.ca_error(&self.id.to_string(), &e);
                     let delay = backoff.next_delay(random_unit());
-                    let serving = self.current_not_after().map(|t| {
-                        humantime::format_rfc3339_seconds(t).to_string()
-                    });
+                    let serving = self
+                        .current_not_after()
+                        .map(|t| humantime::format_rfc3339_seconds(t).to_string());
                     tracing::warn!(
                         spiffe_id = %self.id,
                         retry_in = ?delay,
@@ -254,7 +254,10 @@ mod tests {
                     .ca
                     .issue_workload(csr.public_key_spki_der(), &id, req.ttl, now)
                     .unwrap();
-                Ok(vec![certs_to_pem(&[leaf]), certs_to_pem(&[self.ca.cert().clone()])])
+                Ok(vec![
+                    certs_to_pem(&[leaf]),
+                    certs_to_pem(&[self.ca.cert().clone()]),
+                ])
             })
         }
     }
@@ -315,7 +318,10 @@ mod tests {
         assert!((12..=16).contains(&calls.len()), "{} CA calls", calls.len());
         for w in calls.windows(2) {
             let gap = w[1].duration_since(w[0]).unwrap();
-            assert!(gap >= Duration::from_millis(3900) && gap <= Duration::from_millis(5100), "{gap:?}");
+            assert!(
+                gap >= Duration::from_millis(3900) && gap <= Duration::from_millis(5100),
+                "{gap:?}"
+            );
         }
         assert!(store.current().svid.is_some());
     }
@@ -339,11 +345,17 @@ mod tests {
             .collect();
         // Exponential (jitter takes at most half off), capped at 8 s.
         assert!(gaps.len() >= 3, "{gaps:?}");
-        assert!(gaps.iter().all(|g| *g <= Duration::from_secs(8)), "{gaps:?}");
+        assert!(
+            gaps.iter().all(|g| *g <= Duration::from_secs(8)),
+            "{gaps:?}"
+        );
         assert!(gaps.last().unwrap() >= &Duration::from_secs(4), "{gaps:?}");
         // Past not-after: withdrawn.
         tokio::time::sleep(Duration::from_secs(6)).await;
-        assert!(store.current().svid.is_none(), "expired certificate still served (not_after {na:?})");
+        assert!(
+            store.current().svid.is_none(),
+            "expired certificate still served (not_after {na:?})"
+        );
         // CA back: a new certificate within the backoff cap.
         *signer.mode.lock().unwrap() = Mode::Ok;
         tokio::time::sleep(Duration::from_secs(9)).await;

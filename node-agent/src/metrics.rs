@@ -184,24 +184,25 @@ impl Metrics {
             };
             let me = self.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req: hyper::Request<hyper::body::Incoming>| {
-                    let me = me.clone();
-                    async move {
-                        let resp = if req.uri().path() == "/metrics" {
-                            hyper::Response::builder()
+                let svc = hyper::service::service_fn(
+                    move |req: hyper::Request<hyper::body::Incoming>| {
+                        let me = me.clone();
+                        async move {
+                            if req.uri().path() == "/metrics" {
+                                hyper::Response::builder()
                                 .header(
                                     "content-type",
                                     "application/openmetrics-text; version=1.0.0; charset=utf-8",
                                 )
                                 .body(Full::new(Bytes::from(me.render())))
-                        } else {
-                            hyper::Response::builder()
-                                .status(404)
-                                .body(Full::new(Bytes::from_static(b"not found\n")))
-                        };
-                        resp
-                    }
-                });
+                            } else {
+                                hyper::Response::builder()
+                                    .status(404)
+                                    .body(Full::new(Bytes::from_static(b"not found\n")))
+                            }
+                        }
+                    },
+                );
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(tcp), svc)
                     .await;

@@ -27,7 +27,9 @@ pub fn refresh_delay(
 ) -> Duration {
     let start = not_before.max(received_at).min(not_after);
     let at = rampart_certs::refresh_at(start, not_after, grace_ratio, jitter);
-    at.duration_since(now).unwrap_or(Duration::ZERO).max(min_interval)
+    at.duration_since(now)
+        .unwrap_or(Duration::ZERO)
+        .max(min_interval)
 }
 
 /// Capped exponential backoff for CA errors. Reset after a success.
@@ -98,7 +100,15 @@ mod tests {
         let nb = t(0);
         let received = t(300);
         let na = t(310);
-        let d = refresh_delay(nb, na, received, received, 0.5, 0.0, Duration::from_millis(500));
+        let d = refresh_delay(
+            nb,
+            na,
+            received,
+            received,
+            0.5,
+            0.0,
+            Duration::from_millis(500),
+        );
         assert_eq!(d, Duration::from_secs(5));
     }
 
@@ -124,7 +134,9 @@ mod tests {
         let seq: Vec<_> = (0..5).map(|_| b.next_delay(0.0)).collect();
         assert_eq!(
             seq,
-            [100, 200, 400, 700, 700].map(Duration::from_millis).to_vec()
+            [100, 200, 400, 700, 700]
+                .map(Duration::from_millis)
+                .to_vec()
         );
         b.reset();
         assert_eq!(b.next_delay(0.0), Duration::from_millis(100));

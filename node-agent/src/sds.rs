@@ -44,6 +44,7 @@ use rampart_proto::envoy::service::secret::v3::secret_discovery_service_server::
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
 use zeroize::Zeroizing;
 
@@ -79,13 +80,12 @@ pub(crate) fn encode_tls_certificate(chain_pem: &[u8], key_pem: &[u8]) -> Zeroiz
     };
     let out = Zeroizing::new(s.encode_to_vec());
     // Scrub the temporary message's copy of the key too.
-    if let Some(secret::Type::TlsCertificate(t)) = &mut s.r#type {
-        if let Some(DataSource {
+    if let Some(secret::Type::TlsCertificate(t)) = &mut s.r#type
+        && let Some(DataSource {
             specifier: Some(Specifier::InlineBytes(b)),
         }) = &mut t.private_key
-        {
-            zeroize::Zeroize::zeroize(b);
-        }
+    {
+        zeroize::Zeroize::zeroize(b);
     }
     out
 }
@@ -157,6 +157,7 @@ pub struct SdsService {
     store: SecretStore,
     metrics: Arc<Metrics>,
     fetch_timeout: Duration,
+    shutdown: CancellationToken,
 }
 
 // === impl SdsService ===
@@ -168,7 +169,15 @@ impl SdsService {
             store,
             metrics,
             fetch_timeout: Duration::from_secs(5),
+            shutdown: CancellationToken::new(),
         }
+    }
+
+    /// End open streams (with `UNAVAILABLE`) when `token` is cancelled, so a graceful
+    /// server shutdown does not wait for clients that never hang up.
+    pub fn with_shutdown(mut self, token: CancellationToken) -> Self {
+        self.shutdown = token;
+        self
     }
 
     /// The tonic service.
@@ -241,7 +250,7 @@ impl SotwStream {
         }
         self.subscribed = names;
         self.sent.clear();
-        Ok(self.maybe_push(snap, true)?)
+        self.maybe_push(snap, true)
     }
 
     /// A response with every subscribed resource, if all exist and (unless `force`) one of
@@ -379,6 +388,7 @@ async fn run_sotw(
     mut rx: watch::Receiver<Snapshot>,
     out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
     metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
 ) {
     let _gauge = StreamGauge::new(metrics.clone());
     let mut st = SotwStream {
@@ -406,6 +416,7 @@ async fn run_sotw(
                 st.maybe_push(&snap, false)
             }
             _ = out.closed() => return,
+            _ = shutdown.cancelled() => Err(Status::unavailable("node agent shutting down")),
         };
         match step {
             Ok(Step::Continue) => {}
@@ -428,6 +439,7 @@ async fn run_delta(
     mut rx: watch::Receiver<Snapshot>,
     out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
     metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
 ) {
     let _gauge = StreamGauge::new(metrics.clone());
     let mut st = DeltaStream {
@@ -457,6 +469,10 @@ async fn run_delta(
                 rx.borrow_and_update().clone()
             }
             _ = out.closed() => return,
+            _ = shutdown.cancelled() => {
+                let _ = out.send(Err(Status::unavailable("node agent shutting down"))).await;
+                return;
+            }
         };
         if let Some(resp) = st.maybe_push(&snap) {
             metrics.sds_pushes.inc();
@@ -482,6 +498,7 @@ impl SecretDiscoveryService for SdsService {
             self.store.subscribe(),
             tx,
             self.metrics.clone(),
+            self.shutdown.clone(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -496,6 +513,7 @@ impl SecretDiscoveryService for SdsService {
             self.store.subscribe(),
             tx,
             self.metrics.clone(),
+            self.shutdown.clone(),
         ));
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }

@@ -37,7 +37,12 @@ pub async fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, Error> {
                 .map_err(|e| sock_err(path, format!("cannot remove stale socket: {e}")))?;
             tracing::info!(path = %path.display(), "removed stale socket");
         }
-        Ok(_) => return Err(sock_err(path, "exists and is not a socket; not removing it")),
+        Ok(_) => {
+            return Err(sock_err(
+                path,
+                "exists and is not a socket; not removing it",
+            ));
+        }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
         Err(e) => return Err(sock_err(path, e.to_string())),
     }

@@ -24,6 +24,7 @@ use rampart_proto::spiffe::workload::{
 };
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status};
 
 use crate::metrics::Metrics;
@@ -36,6 +37,7 @@ type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
 pub struct WorkloadApiService {
     store: SecretStore,
     metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
 }
 
 fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
@@ -47,7 +49,9 @@ fn check_header<T>(req: &Request<T>) -> Result<(), Status> {
     }
 }
 
-fn concat_der<'a>(certs: impl IntoIterator<Item = &'a rustls_pki_types::CertificateDer<'a>>) -> Vec<u8> {
+fn concat_der<'a>(
+    certs: impl IntoIterator<Item = &'a rustls_pki_types::CertificateDer<'a>>,
+) -> Vec<u8> {
     let mut out = Vec::new();
     for c in certs {
         out.extend_from_slice(c.as_ref());
@@ -66,6 +70,7 @@ fn svid_response(svid: &Svid, bundle: &Bundle) -> X509svidResponse {
             x509_svid: concat_der(&svid.chain),
             x509_svid_key: svid.key.secret_pkcs8_der().to_vec(),
             bundle: bundle_der(bundle),
+            hint: String::new(),
         }],
         ..Default::default()
     }
@@ -73,7 +78,11 @@ fn svid_response(svid: &Svid, bundle: &Bundle) -> X509svidResponse {
 
 fn bundles_response(bundle: &Bundle) -> X509BundlesResponse {
     let mut bundles = HashMap::new();
-    bundles.insert(bundle.trust_domain.to_string(), bundle_der(bundle));
+    // Keyed by the trust domain's SPIFFE ID (`spiffe://<td>`), as SPIRE does.
+    bundles.insert(
+        format!("spiffe://{}", bundle.trust_domain),
+        bundle_der(bundle),
+    );
     X509BundlesResponse {
         bundles,
         ..Default::default()
@@ -84,6 +93,7 @@ fn bundles_response(bundle: &Bundle) -> X509BundlesResponse {
 fn watch_stream<T: Send + 'static>(
     mut rx: watch::Receiver<Snapshot>,
     metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
     key: fn(&Snapshot) -> Option<String>,
     make: fn(&Snapshot) -> Option<T>,
 ) -> BoxStream<T> {
@@ -94,17 +104,22 @@ fn watch_stream<T: Send + 'static>(
         loop {
             let snap = rx.borrow_and_update().clone();
             let k = key(&snap);
-            if k.is_some() && k != last {
-                if let Some(msg) = make(&snap) {
-                    if tx.send(Ok(msg)).await.is_err() {
-                        break;
-                    }
-                    last = k;
+            if k.is_some()
+                && k != last
+                && let Some(msg) = make(&snap)
+            {
+                if tx.send(Ok(msg)).await.is_err() {
+                    break;
                 }
+                last = k;
             }
             tokio::select! {
                 r = rx.changed() => if r.is_err() { break },
                 _ = tx.closed() => break,
+                _ = shutdown.cancelled() => {
+                    let _ = tx.send(Err(Status::unavailable("node agent shutting down"))).await;
+                    break;
+                }
             }
         }
         metrics.workload_api_streams.dec();
@@ -117,7 +132,17 @@ fn watch_stream<T: Send + 'static>(
 impl WorkloadApiService {
     /// Serve what `store` holds.
     pub fn new(store: SecretStore, metrics: Arc<Metrics>) -> Self {
-        WorkloadApiService { store, metrics }
+        WorkloadApiService {
+            store,
+            metrics,
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// End open streams (with `UNAVAILABLE`) when `token` is cancelled.
+    pub fn with_shutdown(mut self, token: CancellationToken) -> Self {
+        self.shutdown = token;
+        self
     }
 
     /// The tonic service.
@@ -167,6 +192,7 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         Ok(Response::new(watch_stream(
             self.store.subscribe(),
             self.metrics.clone(),
+            self.shutdown.clone(),
             |s| match (&s.svid, &s.bundle) {
                 (Some(v), Some(b)) => Some(format!("{}/{}", v.version, b.version)),
                 _ => None,
@@ -186,6 +212,7 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         Ok(Response::new(watch_stream(
             self.store.subscribe(),
             self.metrics.clone(),
+            self.shutdown.clone(),
             |s| s.bundle.as_ref().map(|b| b.version.clone()),
             |s| s.bundle.as_deref().map(bundles_response),
         )))

@@ -99,9 +99,9 @@ fn workload_spec(spec: &str, td: &TrustDomain) -> anyhow::Result<WorkloadConfig>
     let mut ns = None;
     let mut sa = None;
     for kv in spec.split(',').filter(|s| !s.is_empty()) {
-        let (k, v) = kv
-            .split_once('=')
-            .ok_or_else(|| super::bad_input(format!("--workload {spec:?}: {kv:?} is not key=value")))?;
+        let (k, v) = kv.split_once('=').ok_or_else(|| {
+            super::bad_input(format!("--workload {spec:?}: {kv:?} is not key=value"))
+        })?;
         match k {
             "token" => token = Some(PathBuf::from(v)),
             "sds" => sds = Some(PathBuf::from(v)),
@@ -131,10 +131,9 @@ fn workload_spec(spec: &str, td: &TrustDomain) -> anyhow::Result<WorkloadConfig>
 
 impl AgentArgs {
     fn config(self) -> anyhow::Result<AgentConfig> {
-        let td: TrustDomain = self
-            .trust_domain
-            .parse()
-            .map_err(|e| super::bad_input(format!("--trust-domain {:?}: {e}", self.trust_domain)))?;
+        let td: TrustDomain = self.trust_domain.parse().map_err(|e| {
+            super::bad_input(format!("--trust-domain {:?}: {e}", self.trust_domain))
+        })?;
         if !self.ca_root.is_file() {
             return Err(super::bad_input(format!(
                 "--ca-root {}: no such file",
@@ -206,7 +205,10 @@ impl AgentArgs {
                 }
                 eprintln!("rampart agent: {} -> {}", w.spiffe_id, where_.join(", "));
             }
-            eprintln!("rampart agent: CA {} ({})", config.ca.addr, config.ca.server_name);
+            eprintln!(
+                "rampart agent: CA {} ({})",
+                config.ca.addr, config.ca.server_name
+            );
             let shutdown = CancellationToken::new();
             let mut running = Agent::new(config)?.start(shutdown.clone()).await?;
             let sd = shutdown.clone();

@@ -77,7 +77,11 @@ impl SecretsArgs {
                 SecretKind::Ca => &s.certs,
             };
             for c in shown {
-                let who = c.uri_sans.first().cloned().unwrap_or_else(|| c.subject.clone());
+                let who = c
+                    .uri_sans
+                    .first()
+                    .cloned()
+                    .unwrap_or_else(|| c.subject.clone());
                 println!(
                     "{:<9} {:<11} {:<7} {:<50} {:<34} {:<21} {:<21} {}",
                     s.name,

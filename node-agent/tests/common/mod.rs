@@ -14,8 +14,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use rampart_certs::{
-    CertificateAuthority, CertificateDer, IntermediateParams, KeyAlgorithm, PrivateKey,
-    RootParams, SpiffeId, VerifiedCsr, certs_to_pem,
+    CertificateAuthority, CertificateDer, IntermediateParams, KeyAlgorithm, PrivateKey, RootParams,
+    SpiffeId, VerifiedCsr, certs_to_pem,
 };
 use rampart_node_agent::{AgentConfig, CaConfig, RotationConfig, WorkloadConfig};
 use rampart_proto::istio::v1::auth::istio_certificate_service_server::{
@@ -41,7 +41,9 @@ pub fn token_for(ns: &str, sa: &str) -> String {
     format!(
         "{}.{}.c2ln",
         e.encode(r#"{"alg":"ES256","typ":"JWT"}"#),
-        e.encode(format!(r#"{{"iss":"test","aud":"istio-ca","sub":"system:serviceaccount:{ns}:{sa}"}}"#))
+        e.encode(format!(
+            r#"{{"iss":"test","aud":"istio-ca","sub":"system:serviceaccount:{ns}:{sa}"}}"#
+        ))
     )
 }
 
@@ -107,7 +109,9 @@ impl IstioCertificateService for Svc {
             s.observed.tokens.push(t.to_str().unwrap_or("").to_owned());
         }
         if let Some(t) = req.metadata().get("clusterid") {
-            s.observed.cluster_ids.push(t.to_str().unwrap_or("").to_owned());
+            s.observed
+                .cluster_ids
+                .push(t.to_str().unwrap_or("").to_owned());
         }
         if s.refuse {
             return Err(Status::permission_denied("fake CA told to refuse"));
@@ -131,7 +135,9 @@ impl IstioCertificateService for Svc {
         let mut chain = vec![certs_to_pem(&[leaf])];
         chain.push(certs_to_pem(&[s.signing.ca.cert().clone()]));
         chain.push(certs_to_pem(&s.signing.roots));
-        Ok(Response::new(IstioCertificateResponse { cert_chain: chain }))
+        Ok(Response::new(IstioCertificateResponse {
+            cert_chain: chain,
+        }))
     }
 }
 
@@ -203,7 +209,7 @@ impl FakeCa {
             .unwrap();
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let root_file = dir.join("ca-root.pem");
-        std::fs::write(&root_file, certs_to_pem(&[root.clone()])).unwrap();
+        std::fs::write(&root_file, certs_to_pem(std::slice::from_ref(&root))).unwrap();
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let mut ca = FakeCa {
@@ -316,9 +322,21 @@ impl FakeCa {
     }
 }
 
+/// Log to the test output (RUST_LOG=debug for details).
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_test_writer()
+        .try_init();
+}
+
 /// An agent config for one workload `ns/sa` in `dir`, talking to `ca_addr` with root file
 /// `ca_root`.
 pub fn agent_config(dir: &Path, ca_addr: &str, ca_root: &Path, ttl: Duration) -> AgentConfig {
+    init_tracing();
     let token = dir.join("token");
     std::fs::write(&token, token_for("shop", "cart")).unwrap();
     AgentConfig {
@@ -365,7 +383,9 @@ pub fn python() -> PathBuf {
 
 /// Run a Python script from tests/py with a hard timeout; return its JSON lines.
 pub async fn run_py(script: &str, args: &[&str], timeout: Duration) -> Vec<serde_json::Value> {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/py").join(script);
+    let path = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/py")
+        .join(script);
     let child = tokio::process::Command::new(python())
         .arg(&path)
         .args(args)
@@ -400,7 +420,10 @@ pub fn event<'a>(lines: &'a [serde_json::Value], name: &str) -> &'a serde_json::
 pub async fn wait_for<F: FnMut() -> bool>(what: &str, timeout: Duration, mut f: F) {
     let deadline = tokio::time::Instant::now() + timeout;
     while !f() {
-        assert!(tokio::time::Instant::now() < deadline, "timed out waiting for {what}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "timed out waiting for {what}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
