@@ -1,3 +1,22 @@
 //! Istio PeerAuthentication, RequestAuthentication and AuthorizationPolicy: loading,
 //! validation, resolution and explainable decisions. Pure: no sockets, no async runtime.
 #![warn(missing_docs)]
+
+mod error;
+mod load;
+mod model;
+mod validate;
+
+pub use error::Error;
+pub use load::{LoadResult, Problem, SECURITY_GROUP, Skipped, load_path, load_paths, load_str};
+pub use model::{
+    Action, ApiVersion, AuthorizationPolicy, AuthorizationPolicySpec, ClaimToHeader, Condition,
+    DEFAULT_JWKS_TIMEOUT, DEFAULT_NAMESPACE, ExtensionProvider, IGNORED_METADATA_FIELDS, JwtHeader,
+    JwtPresence, JwtRule, Kind, MtlsMode, MutualTls, Object, ObjectMeta, Operation, Origin,
+    PeerAuthentication, PeerAuthenticationSpec, PolicyTargetReference, RequestAuthentication,
+    RequestAuthenticationSpec, Resource, Rule, RuleFrom, RuleTo, Source, WorkloadSelector,
+    parse_duration,
+};
+pub use validate::{
+    DRY_RUN_ANNOTATION, Finding, ValidationReport, is_path_template, parse_go_bool, validate,
+};

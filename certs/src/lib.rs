@@ -8,6 +8,8 @@
 //! - [`verify_workload_chain`]: webpki path building against a [`TrustBundle`], then the
 //!   X.509-SVID checks, returning the peer's [`SpiffeId`].
 //! - [`refresh_at`]: rotation arithmetic on an injected clock.
+//! - [`tls`]: the one crypto policy (rustls on ring, TLS 1.3 only) and SPIFFE verifiers.
+//! - [`jwt`]: JWK sets, JWT verification for the algorithms Istio accepts, and token minting.
 //!
 //! One crypto backend: `ring` (through rcgen, rustls-webpki and directly).
 #![warn(missing_docs)]
@@ -18,10 +20,12 @@ mod csr;
 mod der;
 mod error;
 mod info;
+pub mod jwt;
 mod key;
 mod pem;
 mod rotation;
 mod spiffe;
+pub mod tls;
 mod verify;
 
 pub use self::{
@@ -36,7 +40,10 @@ pub use self::{
     pem::{certs_to_pem, parse_certs_pem},
     rotation::{refresh_at, refresh_in},
     spiffe::{MAX_SPIFFE_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, TrustDomain},
-    verify::{ChainError, TrustBundle, TrustDomainPolicy, Usage, verify_workload_chain},
+    verify::{
+        ChainError, TrustBundle, TrustDomainPolicy, Usage, verify_workload_cert,
+        verify_workload_chain,
+    },
 };
 
 /// DER certificate type used throughout (re-exported from `rustls-pki-types`).

@@ -280,6 +280,19 @@ pub fn verify_workload_chain(
     usage: Usage,
 ) -> Result<SpiffeId, ChainError> {
     let (leaf, intermediates) = chain.split_first().ok_or(ChainError::EmptyChain)?;
+    verify_workload_cert(leaf, intermediates, bundle, policy, now, usage)
+}
+
+/// [`verify_workload_chain`] with the leaf and the intermediates given separately, as
+/// rustls hands them to a certificate verifier.
+pub fn verify_workload_cert(
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    policy: &TrustDomainPolicy,
+    now: SystemTime,
+    usage: Usage,
+) -> Result<SpiffeId, ChainError> {
     let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| map_webpki(e, usage))?;
     let since_epoch = now
         .duration_since(UNIX_EPOCH)

@@ -241,3 +241,45 @@ fn alias_rewrite_and_serde() {
     assert_eq!(back, id);
     assert!(serde_json::from_str::<SpiffeId>("\"spiffe://a/\"").is_err());
 }
+
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn segment() -> impl Strategy<Value = String> {
+        "[a-zA-Z0-9._-]{1,12}".prop_filter("not . or ..", |s| s != "." && s != "..")
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        /// Anything accepted prints back to exactly the input (the fuzz target's property).
+        #[test]
+        fn accepted_input_round_trips(s in "spiffe://[a-zA-Z0-9.:@%_/?#-]{0,40}") {
+            if let Ok(id) = SpiffeId::parse(&s) {
+                prop_assert_eq!(id.to_string(), s.clone());
+                prop_assert_eq!(SpiffeId::parse(&id.to_string()).unwrap(), id);
+            }
+        }
+
+        /// IDs built from valid parts always parse, to the same parts.
+        #[test]
+        fn valid_parts_always_parse(
+            td in "[a-z0-9._-]{1,20}",
+            segs in proptest::collection::vec(segment(), 0..6),
+        ) {
+            let path: String = segs.iter().map(|s| format!("/{s}")).collect();
+            let s = format!("spiffe://{td}{path}");
+            let id = SpiffeId::parse(&s).unwrap();
+            prop_assert_eq!(id.trust_domain().as_str(), td.as_str());
+            prop_assert_eq!(id.path(), path.as_str());
+        }
+
+        /// Arbitrary text never panics the parser.
+        #[test]
+        fn never_panics(s in any::<String>()) {
+            let _ = SpiffeId::parse(&s);
+            let _ = TrustDomain::new(&s);
+        }
+    }
+}

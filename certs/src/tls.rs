@@ -1,0 +1,529 @@
+//! The one crypto-policy module: every rustls configuration in Rampart is built here.
+//!
+//! - **Provider**: rustls over ring, TLS 1.3 only, cipher suites `TLS13_AES_128_GCM_SHA256`,
+//!   `TLS13_AES_256_GCM_SHA384`, `TLS13_CHACHA20_POLY1305_SHA256`, key exchange X25519,
+//!   secp256r1, secp384r1. TLS 1.2 is never offered nor accepted.
+//! - **SPIFFE verifiers**: [`SpiffeServerVerifier`] and [`SpiffeClientVerifier`] accept a
+//!   peer whose chain passes [`verify_workload_chain`] against a [`TrustBundle`] and a
+//!   [`TrustDomainPolicy`] (the SAN is the identity; the TLS server name is not used), and
+//!   keep rustls's own handshake-signature checks with this provider's algorithms.
+//! - **DNS verifier**: [`dns_server_verifier`] for dialing a server by name or IP (node
+//!   agents dialing the CA at `istiod.istio-system.svc` or `127.0.0.1`): webpki's verifier
+//!   with this provider, rooted in a bundle.
+//! - [`peer_spiffe_id`] reads the verified peer's SPIFFE ID from a connection.
+//!
+//! ALPN is the caller's: set `alpn_protocols` on the returned configuration (`h2` for gRPC).
+//! Session resumption and 0-RTT are off, so every connection re-verifies its peer; a new
+//! trust bundle takes effect by building new configurations from it.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rustls::client::WebPkiServerVerifier;
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms, ring};
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::{
+    CertificateError, ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName,
+    OtherError, RootCertStore, ServerConfig, SignatureScheme, SupportedProtocolVersion,
+};
+
+use crate::{
+    CertInfo, ChainError, PrivateKey, SpiffeId, TrustBundle, TrustDomainPolicy, Usage,
+    verify_workload_cert,
+};
+
+/// The only protocol version: TLS 1.3.
+pub static PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
+
+/// The rustls crypto provider every Rampart configuration uses: ring, the three TLS 1.3
+/// cipher suites and the X25519, secp256r1 and secp384r1 groups, in that preference order.
+pub fn provider() -> Arc<CryptoProvider> {
+    Arc::new(CryptoProvider {
+        cipher_suites: vec![
+            ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
+            ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
+            ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
+        ],
+        kx_groups: vec![
+            ring::kx_group::X25519,
+            ring::kx_group::SECP256R1,
+            ring::kx_group::SECP384R1,
+        ],
+        ..ring::default_provider()
+    })
+}
+
+fn algorithms() -> WebPkiSupportedAlgorithms {
+    ring::default_provider().signature_verification_algorithms
+}
+
+// === errors ===
+
+/// Why a TLS configuration could not be built.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TlsError {
+    /// No certificate was given for our own identity.
+    #[error("no certificate chain given")]
+    EmptyChain,
+    /// rustls refused the configuration (for example the key does not match the leaf).
+    #[error("TLS configuration refused: {0}")]
+    Config(#[from] rustls::Error),
+    /// The trust bundle cannot be used as a set of roots for name verification.
+    #[error("trust bundle unusable for server name verification: {0}")]
+    UnusableBundle(String),
+}
+
+/// Why a peer's certificate was refused during a handshake, when rustls has no error of
+/// its own for the condition. Carried inside `rustls::Error::InvalidCertificate(
+/// CertificateError::Other(..))`; read it back with [`peer_error`].
+///
+/// Expiry, unknown issuer, bad signature, bad encoding and wrong EKU are reported with
+/// rustls's own `CertificateError` variants instead, so the peer gets the matching alert.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum PeerError {
+    /// The chain failed a SPIFFE check (no or several URI SANs, foreign trust domain, a CA
+    /// or certificate-signing leaf, ...).
+    #[error("peer certificate refused: {0}")]
+    Chain(ChainError),
+    /// The peer proved an identity, but not one we were told to expect.
+    #[error("peer identity {found} is not the expected {}", list(expected))]
+    UnexpectedIdentity {
+        /// The identities that would have been accepted.
+        expected: Vec<SpiffeId>,
+        /// The identity the peer proved.
+        found: SpiffeId,
+    },
+}
+
+fn list(ids: &[SpiffeId]) -> String {
+    ids.iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join(" or ")
+}
+
+/// The [`PeerError`] inside a rustls handshake error, if that is what refused the peer.
+pub fn peer_error(err: &rustls::Error) -> Option<&PeerError> {
+    match err {
+        rustls::Error::InvalidCertificate(CertificateError::Other(OtherError(inner))) => {
+            inner.downcast_ref::<PeerError>()
+        }
+        _ => None,
+    }
+}
+
+fn to_system(now: UnixTime) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(now.as_secs())
+}
+
+fn to_unix(t: SystemTime) -> UnixTime {
+    UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap_or_default())
+}
+
+/// Map a chain refusal onto rustls's error, keeping rustls's variants where they exist.
+fn refusal(err: ChainError) -> rustls::Error {
+    let cert_err = match err {
+        ChainError::UnknownIssuer => CertificateError::UnknownIssuer,
+        ChainError::BadSignature => CertificateError::BadSignature,
+        ChainError::BadEncoding(_) => CertificateError::BadEncoding,
+        ChainError::Expired { not_after, now } => CertificateError::ExpiredContext {
+            time: to_unix(now),
+            not_after: to_unix(not_after),
+        },
+        ChainError::NotYetValid { not_before, now } => CertificateError::NotValidYetContext {
+            time: to_unix(now),
+            not_before: to_unix(not_before),
+        },
+        ChainError::WrongUsage(_) => CertificateError::InvalidPurpose,
+        other => CertificateError::Other(OtherError(Arc::new(PeerError::Chain(other)))),
+    };
+    rustls::Error::InvalidCertificate(cert_err)
+}
+
+fn verify_peer(
+    end_entity: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    trust_domains: &TrustDomainPolicy,
+    now: UnixTime,
+    usage: Usage,
+) -> Result<SpiffeId, rustls::Error> {
+    verify_workload_cert(
+        end_entity,
+        intermediates,
+        bundle,
+        trust_domains,
+        to_system(now),
+        usage,
+    )
+    .map_err(refusal)
+}
+
+/// Never reached (TLS 1.2 is not enabled); refuses rather than trusts if it ever were.
+fn tls12_refused() -> rustls::Error {
+    rustls::Error::General("TLS 1.2 is not supported".into())
+}
+
+// === impl SpiffeServerVerifier ===
+
+/// Verifies a TLS server as a SPIFFE workload: its chain must pass
+/// [`verify_workload_chain`] (EKU serverAuth) and, when `expected` is not empty, its SPIFFE
+/// ID must be one of them. The TLS server name (SNI) plays no part: Istio's SNI is a
+/// routing key (`outbound_.<port>_._.<host>`), the identity is the URI SAN.
+pub struct SpiffeServerVerifier {
+    bundle: TrustBundle,
+    trust_domains: TrustDomainPolicy,
+    expected: Vec<SpiffeId>,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl fmt::Debug for SpiffeServerVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeServerVerifier")
+            .field("bundle", &self.bundle)
+            .field("trust_domains", &self.trust_domains)
+            .field("expected", &self.expected)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpiffeServerVerifier {
+    /// A verifier accepting servers that chain to `bundle`, from a trust domain
+    /// `trust_domains` accepts, and (if `expected` is not empty) whose ID is in `expected`.
+    pub fn new(
+        bundle: TrustBundle,
+        trust_domains: TrustDomainPolicy,
+        expected: Vec<SpiffeId>,
+    ) -> SpiffeServerVerifier {
+        SpiffeServerVerifier {
+            bundle,
+            trust_domains,
+            expected,
+            algorithms: algorithms(),
+        }
+    }
+}
+
+impl ServerCertVerifier for SpiffeServerVerifier {
+    fn verify_server_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp_response: &[u8],
+        now: UnixTime,
+    ) -> Result<ServerCertVerified, rustls::Error> {
+        let id = verify_peer(
+            end_entity,
+            intermediates,
+            &self.bundle,
+            &self.trust_domains,
+            now,
+            Usage::ServerAuth,
+        )?;
+        if !self.expected.is_empty() && !self.expected.contains(&id) {
+            return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
+                OtherError(Arc::new(PeerError::UnexpectedIdentity {
+                    expected: self.expected.clone(),
+                    found: id,
+                })),
+            )));
+        }
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(tls12_refused())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+// === impl SpiffeClientVerifier ===
+
+/// Verifies TLS clients as SPIFFE workloads (EKU clientAuth). Mandatory for mesh mTLS;
+/// optional for the CA, where callers with a bearer token have no certificate yet, but a
+/// certificate that is sent must verify.
+pub struct SpiffeClientVerifier {
+    bundle: TrustBundle,
+    trust_domains: TrustDomainPolicy,
+    mandatory: bool,
+    algorithms: WebPkiSupportedAlgorithms,
+}
+
+impl fmt::Debug for SpiffeClientVerifier {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("SpiffeClientVerifier")
+            .field("bundle", &self.bundle)
+            .field("trust_domains", &self.trust_domains)
+            .field("mandatory", &self.mandatory)
+            .finish_non_exhaustive()
+    }
+}
+
+impl SpiffeClientVerifier {
+    /// A verifier that requires a client certificate.
+    pub fn required(bundle: TrustBundle, trust_domains: TrustDomainPolicy) -> Self {
+        SpiffeClientVerifier {
+            bundle,
+            trust_domains,
+            mandatory: true,
+            algorithms: algorithms(),
+        }
+    }
+
+    /// A verifier that asks for a client certificate, accepts its absence, and refuses a
+    /// certificate that does not verify.
+    pub fn optional(bundle: TrustBundle, trust_domains: TrustDomainPolicy) -> Self {
+        SpiffeClientVerifier {
+            mandatory: false,
+            ..SpiffeClientVerifier::required(bundle, trust_domains)
+        }
+    }
+}
+
+impl ClientCertVerifier for SpiffeClientVerifier {
+    fn offer_client_auth(&self) -> bool {
+        true
+    }
+
+    fn client_auth_mandatory(&self) -> bool {
+        self.mandatory
+    }
+
+    fn root_hint_subjects(&self) -> &[DistinguishedName] {
+        // No hints: workloads hold exactly one identity, and hints would list our roots.
+        &[]
+    }
+
+    fn verify_client_cert(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+    ) -> Result<ClientCertVerified, rustls::Error> {
+        verify_peer(
+            end_entity,
+            intermediates,
+            &self.bundle,
+            &self.trust_domains,
+            now,
+            Usage::ClientAuth,
+        )?;
+        Ok(ClientCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        _message: &[u8],
+        _cert: &CertificateDer<'_>,
+        _dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        Err(tls12_refused())
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(message, cert, dss, &self.algorithms)
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.algorithms.supported_schemes()
+    }
+}
+
+// === DNS verification ===
+
+/// A server verifier that checks the server's DNS name or IP address against its
+/// certificate's SANs (webpki, this provider), rooted in `bundle`. For clients that dial a
+/// server by name, such as a node agent dialing the CA.
+pub fn dns_server_verifier(bundle: &TrustBundle) -> Result<Arc<dyn ServerCertVerifier>, TlsError> {
+    let roots = RootCertStore {
+        roots: bundle.anchors().to_vec(),
+    };
+    let verifier = WebPkiServerVerifier::builder_with_provider(Arc::new(roots), provider())
+        .build()
+        .map_err(|e| TlsError::UnusableBundle(e.to_string()))?;
+    Ok(verifier)
+}
+
+// === configurations ===
+
+/// Whether and how a server asks for client certificates.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum ClientAuth {
+    /// No client certificate is asked for.
+    None,
+    /// A client certificate is asked for but not required; one that is sent must be a
+    /// SPIFFE workload chaining to the bundle (the CA: token callers and renewals).
+    Optional {
+        /// Roots client certificates must chain to.
+        bundle: TrustBundle,
+        /// Trust domains accepted.
+        trust_domains: TrustDomainPolicy,
+    },
+    /// A SPIFFE client certificate chaining to the bundle is required (mesh mTLS).
+    Required {
+        /// Roots client certificates must chain to.
+        bundle: TrustBundle,
+        /// Trust domains accepted.
+        trust_domains: TrustDomainPolicy,
+    },
+}
+
+/// How a client verifies the server.
+#[derive(Clone, Debug)]
+#[non_exhaustive]
+pub enum ServerAuth {
+    /// The server is a SPIFFE workload; see [`SpiffeServerVerifier`].
+    Spiffe {
+        /// Roots the server must chain to.
+        bundle: TrustBundle,
+        /// Trust domains accepted.
+        trust_domains: TrustDomainPolicy,
+        /// Accepted server identities; empty accepts any identity the rest allows.
+        expected: Vec<SpiffeId>,
+    },
+    /// The server is checked by DNS name or IP; see [`dns_server_verifier`].
+    Dns {
+        /// Roots the server must chain to.
+        bundle: TrustBundle,
+    },
+}
+
+fn key_der(key: &PrivateKey) -> PrivateKeyDer<'static> {
+    PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.secret_pkcs8_der().to_vec()))
+}
+
+/// A server configuration presenting `chain` (leaf first) with `key`, TLS 1.3 only.
+/// rustls checks that `key` matches the leaf.
+pub fn server_config(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKey,
+    client_auth: ClientAuth,
+) -> Result<ServerConfig, TlsError> {
+    if chain.is_empty() {
+        return Err(TlsError::EmptyChain);
+    }
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)?;
+    let builder = match client_auth {
+        ClientAuth::None => builder.with_no_client_auth(),
+        ClientAuth::Optional {
+            bundle,
+            trust_domains,
+        } => builder.with_client_cert_verifier(Arc::new(SpiffeClientVerifier::optional(
+            bundle,
+            trust_domains,
+        ))),
+        ClientAuth::Required {
+            bundle,
+            trust_domains,
+        } => builder.with_client_cert_verifier(Arc::new(SpiffeClientVerifier::required(
+            bundle,
+            trust_domains,
+        ))),
+    };
+    let mut config = builder.with_single_cert(chain, key_der(key))?;
+    no_server_resumption(&mut config);
+    Ok(config)
+}
+
+/// Session resumption would restore a peer's identity without re-running the verifier, so
+/// a session could outlive its certificate or a root removed from the bundle. Off: every
+/// connection verifies the peer's chain.
+fn no_server_resumption(config: &mut ServerConfig) {
+    config.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    config.send_tls13_tickets = 0;
+}
+
+/// A client configuration verifying the server as `server_auth` says and, when `identity`
+/// is given, presenting that chain (leaf first) and key. TLS 1.3 only.
+pub fn client_config(
+    server_auth: ServerAuth,
+    identity: Option<(Vec<CertificateDer<'static>>, &PrivateKey)>,
+) -> Result<ClientConfig, TlsError> {
+    let verifier: Arc<dyn ServerCertVerifier> = match server_auth {
+        ServerAuth::Spiffe {
+            bundle,
+            trust_domains,
+            expected,
+        } => Arc::new(SpiffeServerVerifier::new(bundle, trust_domains, expected)),
+        ServerAuth::Dns { bundle } => dns_server_verifier(&bundle)?,
+    };
+    client_config_with_verifier(verifier, identity)
+}
+
+/// [`client_config`] with any server verifier (one of this module's, normally).
+pub fn client_config_with_verifier(
+    verifier: Arc<dyn ServerCertVerifier>,
+    identity: Option<(Vec<CertificateDer<'static>>, &PrivateKey)>,
+) -> Result<ClientConfig, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((chain, _)) if chain.is_empty() => return Err(TlsError::EmptyChain),
+        Some((chain, key)) => builder.with_client_auth_cert(chain, key_der(key))?,
+    };
+    // See `no_server_resumption`.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+// === peer identity ===
+
+/// The SPIFFE ID in a certificate's single URI SAN. Does **not** verify the certificate:
+/// use it on certificates a verifier of this module already accepted.
+pub fn leaf_spiffe_id(leaf: &CertificateDer<'_>) -> Result<SpiffeId, ChainError> {
+    let info = CertInfo::parse(leaf).map_err(|e| ChainError::BadEncoding(e.to_string()))?;
+    match info.uri_sans.as_slice() {
+        [] => Err(ChainError::NoSpiffeId),
+        [uri] => SpiffeId::parse(uri).map_err(|e| ChainError::InvalidSpiffeId {
+            uri: uri.chars().take(256).collect(),
+            reason: e.to_string(),
+        }),
+        more => Err(ChainError::MultipleUriSans { count: more.len() }),
+    }
+}
+
+/// The verified peer's SPIFFE ID after a handshake on a connection built from this
+/// module's configurations; `None` when the peer sent no certificate (plaintext-equivalent
+/// identity, e.g. a CA caller authenticating with a token).
+///
+/// Works on `rustls::ServerConnection`/`ClientConnection` (they deref to `CommonState`),
+/// and on tokio-rustls streams through `get_ref().1`.
+pub fn peer_spiffe_id(conn: &CommonState) -> Result<Option<SpiffeId>, ChainError> {
+    match conn.peer_certificates() {
+        None | Some([]) => Ok(None),
+        Some([leaf, ..]) => leaf_spiffe_id(leaf).map(Some),
+    }
+}

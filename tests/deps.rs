@@ -1,0 +1,315 @@
+//! Dependency direction, checked against `cargo metadata` (see STYLE.md §2):
+//!
+//! ```text
+//! layer 0   certs      proto                (no workspace deps)
+//! layer 1   authz ───► certs  (+ proto via an optional feature)
+//! layer 2   citadel, node-agent, proxy      (no arrows between them)
+//! ```
+//! plus: certs and authz pull in no async runtime or networking (tokio, tonic, hyper, mio,
+//! socket2, h2) through their normal dependencies, and the whole graph has one crypto
+//! backend (no aws-lc-rs, no OpenSSL bindings) and none of the crates we ban.
+
+use std::collections::{BTreeSet, HashMap};
+use std::process::Command;
+
+use serde_json::Value;
+
+const NETWORKING: &[&str] = &["tokio", "tonic", "hyper", "mio", "socket2", "h2"];
+const BANNED_ANYWHERE: &[&str] = &[
+    "aws-lc-rs",
+    "aws-lc-sys",
+    "aws-lc-fips-sys",
+    "openssl",
+    "openssl-sys",
+    "rustls-pemfile",
+    "serde_yaml",
+    "serde_yml",
+    "rsa",
+];
+const LAYER2: &[&str] = &["rampart-citadel", "rampart-node-agent", "rampart-proxy"];
+
+struct Graph<'a> {
+    /// package id -> crate name
+    names: HashMap<&'a str, &'a str>,
+    /// package id -> (dependency id, has a normal (non-dev, non-build) edge)
+    edges: HashMap<&'a str, Vec<(&'a str, bool)>>,
+    /// crate name -> package id, for workspace members
+    members: HashMap<&'a str, &'a str>,
+    /// (workspace crate, dependency name) -> optional?
+    optional: HashMap<(&'a str, &'a str), bool>,
+}
+
+impl<'a> Graph<'a> {
+    fn new(meta: &'a Value) -> Self {
+        let mut names = HashMap::new();
+        let mut optional = HashMap::new();
+        for p in meta["packages"].as_array().expect("packages") {
+            let name = p["name"].as_str().expect("name");
+            names.insert(p["id"].as_str().expect("id"), name);
+            for d in p["dependencies"].as_array().into_iter().flatten() {
+                let dep = d["name"].as_str().unwrap_or_default();
+                let opt = d["optional"].as_bool().unwrap_or(false);
+                optional.insert((name, dep), opt);
+            }
+        }
+        let members = meta["workspace_members"]
+            .as_array()
+            .expect("workspace_members")
+            .iter()
+            .filter_map(Value::as_str)
+            .map(|id| (names[id], id))
+            .collect();
+        let mut edges = HashMap::new();
+        for n in meta["resolve"]["nodes"].as_array().expect("resolve.nodes") {
+            let id = n["id"].as_str().expect("node id");
+            let deps = n["deps"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .map(|d| {
+                    let normal = d["dep_kinds"]
+                        .as_array()
+                        .into_iter()
+                        .flatten()
+                        .any(|k| k["kind"].is_null());
+                    (d["pkg"].as_str().expect("dep pkg"), normal)
+                })
+                .collect();
+            edges.insert(id, deps);
+        }
+        Graph {
+            names,
+            edges,
+            members,
+            optional,
+        }
+    }
+
+    /// Names of everything reachable from `root` through normal edges, not entering
+    /// the crates named in `stop`.
+    fn normal_closure(&self, root: &str, stop: &[&str]) -> BTreeSet<&'a str> {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![self.members[root]];
+        let mut visited = BTreeSet::new();
+        while let Some(id) = todo.pop() {
+            if !visited.insert(id) {
+                continue;
+            }
+            for (dep, normal) in self.edges.get(id).into_iter().flatten() {
+                let name = self.names[dep];
+                if *normal && !stop.contains(&name) {
+                    seen.insert(name);
+                    todo.push(dep);
+                }
+            }
+        }
+        seen
+    }
+
+    /// Workspace crates `member` depends on directly, by any kind of edge.
+    fn workspace_deps(&self, member: &str) -> BTreeSet<&'a str> {
+        self.edges
+            .get(self.members[member])
+            .into_iter()
+            .flatten()
+            .map(|(dep, _)| self.names[dep])
+            .filter(|n| self.members.contains_key(n))
+            .collect()
+    }
+
+    /// Workspace crates reachable from `member` through workspace crates, any edge kind.
+    fn workspace_closure(&self, member: &str) -> BTreeSet<&'a str> {
+        let mut seen = BTreeSet::new();
+        let mut todo = vec![member];
+        while let Some(m) = todo.pop() {
+            for dep in self.workspace_deps(m) {
+                if seen.insert(dep) {
+                    todo.push(dep);
+                }
+            }
+        }
+        seen
+    }
+}
+
+/// Every rule broken by the graph in `meta`, one line each.
+fn violations(meta: &Value) -> Vec<String> {
+    let g = Graph::new(meta);
+    let mut out = Vec::new();
+
+    for krate in ["rampart-certs", "rampart-authz"] {
+        if !g.members.contains_key(krate) {
+            out.push(format!("{krate} is not a workspace member"));
+            continue;
+        }
+        // authz may reach proto (and whatever proto needs) only through its optional
+        // feature; everything else it depends on must stay off the network.
+        let stop: &[&str] = if krate == "rampart-authz" {
+            &["rampart-proto"]
+        } else {
+            &[]
+        };
+        for bad in g.normal_closure(krate, stop) {
+            if NETWORKING.contains(&bad) {
+                out.push(format!("{krate} depends (normally, transitively) on {bad}"));
+            }
+        }
+    }
+
+    for a in LAYER2 {
+        if !g.members.contains_key(a) {
+            continue;
+        }
+        for b in g.workspace_closure(a) {
+            if LAYER2.contains(&b) {
+                out.push(format!(
+                    "{a} depends on {b} (no arrows between layer-2 crates)"
+                ));
+            }
+        }
+    }
+
+    for leaf in ["rampart-certs", "rampart-proto"] {
+        if g.members.contains_key(leaf) {
+            for dep in g.workspace_deps(leaf) {
+                out.push(format!("{leaf} depends on workspace crate {dep}"));
+            }
+        }
+    }
+
+    if g.members.contains_key("rampart-authz") {
+        for dep in g.workspace_deps("rampart-authz") {
+            match dep {
+                "rampart-certs" => {}
+                "rampart-proto" => {
+                    if !g
+                        .optional
+                        .get(&("rampart-authz", dep))
+                        .copied()
+                        .unwrap_or(false)
+                    {
+                        out.push(
+                            "rampart-authz depends on rampart-proto, which must be optional".into(),
+                        );
+                    }
+                }
+                other => out.push(format!(
+                    "rampart-authz depends on {other} (only certs, + optional proto)"
+                )),
+            }
+        }
+    }
+
+    let everything: BTreeSet<&str> = g.names.values().copied().collect();
+    for bad in BANNED_ANYWHERE {
+        if everything.contains(bad) {
+            out.push(format!("{bad} is in the dependency graph"));
+        }
+    }
+    if !everything.contains("ring") {
+        out.push("ring (our one crypto backend) is missing".into());
+    }
+    out
+}
+
+fn cargo_metadata() -> Value {
+    let manifest = concat!(env!("CARGO_MANIFEST_DIR"), "/Cargo.toml");
+    let out = Command::new(env!("CARGO"))
+        .args([
+            "metadata",
+            "--format-version",
+            "1",
+            "--manifest-path",
+            manifest,
+        ])
+        .output()
+        .expect("run cargo metadata");
+    assert!(
+        out.status.success(),
+        "cargo metadata failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    serde_json::from_slice(&out.stdout).expect("cargo metadata JSON")
+}
+
+#[test]
+fn workspace_dependency_direction_holds() {
+    let meta = cargo_metadata();
+    let found = violations(&meta);
+    assert!(
+        found.is_empty(),
+        "dependency rules broken:\n{}",
+        found.join("\n")
+    );
+}
+
+/// The checker itself catches each kind of violation (the negative twin of the test
+/// above): a synthetic graph breaking every rule once.
+#[test]
+fn checker_reports_each_violation() {
+    fn pkg(name: &str, deps: &[(&str, bool)]) -> Value {
+        serde_json::json!({
+            "id": format!("{name}-id"),
+            "name": name,
+            "dependencies": deps.iter().map(|(d, opt)| serde_json::json!({"name": d, "optional": opt})).collect::<Vec<_>>(),
+        })
+    }
+    fn node(name: &str, deps: &[(&str, Option<&str>)]) -> Value {
+        serde_json::json!({
+            "id": format!("{name}-id"),
+            "deps": deps.iter().map(|(d, kind)| serde_json::json!({
+                "name": d, "pkg": format!("{d}-id"), "dep_kinds": [{"kind": kind, "target": null}],
+            })).collect::<Vec<_>>(),
+        })
+    }
+    let meta = serde_json::json!({
+        "packages": [
+            pkg("rampart-certs", &[("mio", false), ("rampart-proto", false)]),
+            pkg("rampart-proto", &[]),
+            pkg("rampart-authz", &[("rampart-certs", false), ("rampart-proto", false), ("regex", false)]),
+            pkg("rampart-citadel", &[("rampart-node-agent", false)]),
+            pkg("rampart-node-agent", &[]),
+            pkg("rampart-proxy", &[("rampart-citadel", false)]),
+            pkg("mio", &[]),
+            pkg("regex", &[("tokio", false)]),
+            pkg("tokio", &[]),
+            pkg("aws-lc-rs", &[]),
+            pkg("criterion", &[("hyper", false)]),
+            pkg("hyper", &[]),
+        ],
+        "workspace_members": [
+            "rampart-certs-id", "rampart-proto-id", "rampart-authz-id",
+            "rampart-citadel-id", "rampart-node-agent-id", "rampart-proxy-id",
+        ],
+        "resolve": { "nodes": [
+            node("rampart-certs", &[("mio", None), ("rampart-proto", None), ("criterion", Some("dev"))]),
+            node("rampart-proto", &[]),
+            node("rampart-authz", &[("rampart-certs", None), ("rampart-proto", None), ("regex", None)]),
+            node("rampart-citadel", &[("rampart-node-agent", Some("dev"))]),
+            node("rampart-node-agent", &[]),
+            node("rampart-proxy", &[("rampart-citadel", None)]),
+            node("mio", &[]),
+            node("regex", &[("tokio", None)]),
+            node("tokio", &[]),
+            node("aws-lc-rs", &[]),
+            node("criterion", &[("hyper", None)]),
+            node("hyper", &[]),
+        ]},
+    });
+    let found = violations(&meta).join("\n");
+    for want in [
+        "rampart-certs depends (normally, transitively) on mio",
+        "rampart-authz depends (normally, transitively) on tokio",
+        "rampart-citadel depends on rampart-node-agent",
+        "rampart-proxy depends on rampart-citadel",
+        "rampart-proxy depends on rampart-node-agent",
+        "rampart-certs depends on workspace crate rampart-proto",
+        "rampart-proto, which must be optional",
+        "aws-lc-rs is in the dependency graph",
+        "ring (our one crypto backend) is missing",
+    ] {
+        assert!(found.contains(want), "missing {want:?} in:\n{found}");
+    }
+    // A dev-only path (certs -> criterion -> hyper) is not a normal dependency.
+    assert!(!found.contains("on hyper"), "{found}");
+}
