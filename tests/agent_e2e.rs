@@ -98,21 +98,23 @@ impl Drop for Proc {
 
 /// Start `rampart ca` on `listen`; returns it and the address it prints.
 fn start_ca(dir: &Path, listen: &str) -> (Proc, String) {
-    let mut child = rampart()
-        .args(["ca", "--listen", listen])
-        .arg("--cacerts")
-        .arg(dir.join("cacerts"))
-        .arg("--state")
-        .arg(dir.join("state"))
-        .args(["--jwt-issuer", ISS, "--jwks"])
-        .arg(dir.join("jwks.json"))
-        .arg("--bundle-out")
-        .arg(dir.join("bundle.pem"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("start rampart ca");
-    let stdout = child.stdout.take().unwrap();
+    let mut ca = Proc(
+        rampart()
+            .args(["ca", "--listen", listen])
+            .arg("--cacerts")
+            .arg(dir.join("cacerts"))
+            .arg("--state")
+            .arg(dir.join("state"))
+            .args(["--jwt-issuer", ISS, "--jwks"])
+            .arg(dir.join("jwks.json"))
+            .arg("--bundle-out")
+            .arg(dir.join("bundle.pem"))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("start rampart ca"),
+    );
+    let stdout = ca.0.stdout.take().unwrap();
     let (tx, rx) = mpsc::channel();
     std::thread::spawn(move || {
         for line in BufReader::new(stdout).lines().map_while(Result::ok) {
@@ -126,7 +128,7 @@ fn start_ca(dir: &Path, listen: &str) -> (Proc, String) {
             .expect("rampart ca prints where it listens");
         if let Some(rest) = line.strip_prefix("rampart ca: listening on ") {
             let addr = rest.split_whitespace().next().unwrap().to_owned();
-            return (Proc(child), addr);
+            return (ca, addr);
         }
     }
 }
