@@ -55,25 +55,17 @@ impl IstioCaClient {
         IstioCaClient { cfg: Arc::new(cfg) }
     }
 
+    /// TLS 1.3 per Rampart's crypto policy (`rampart_certs::tls`), server checked by name
+    /// against the roots in the CA root file (read now, so a changed file takes effect).
     fn tls_config(&self) -> Result<rustls::ClientConfig, Error> {
         let pem = read_nonempty(&self.cfg.root_path)?;
-        let roots = rampart_certs::parse_certs_pem(&pem)?;
-        let mut store = rustls::RootCertStore::empty();
-        for r in roots {
-            store.add(r).map_err(|e| Error::InvalidConfig {
-                field: "ca-root",
-                reason: format!("{}: {e}", self.cfg.root_path.display()),
-            })?;
-        }
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
-            .with_protocol_versions(&[&rustls::version::TLS13])
-            .map_err(|e| Error::InvalidConfig {
-                field: "tls",
-                reason: e.to_string(),
-            })?
-            .with_root_certificates(store)
-            .with_no_client_auth();
+        let bundle = rampart_certs::TrustBundle::from_pem(&pem)?;
+        let mut cfg =
+            rampart_certs::tls::client_config(rampart_certs::tls::ServerAuth::Dns { bundle }, None)
+                .map_err(|e| Error::InvalidConfig {
+                    field: "ca-root",
+                    reason: format!("{}: {e}", self.cfg.root_path.display()),
+                })?;
         cfg.alpn_protocols = vec![b"h2".to_vec()];
         Ok(cfg)
     }

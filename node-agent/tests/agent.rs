@@ -519,3 +519,60 @@ async fn rotated_token_file_is_used_for_the_next_request() {
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_with_unknown_root_or_wrong_name_gets_no_csr_and_nothing_is_served() {
+    tokio::time::timeout(T, async {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = FakeCa::start(dir.path()).await;
+        // Another CA's root: the TLS handshake must fail, the CSR is never sent.
+        let other = tempfile::tempdir().unwrap();
+        let impostor = FakeCa::start(other.path()).await;
+        for (root, name) in [
+            (impostor.root_file.clone(), "istiod.istio-system.svc"),
+            (ca.root_file.clone(), "not-the-ca.example"),
+        ] {
+            let mut cfg = agent_config(
+                dir.path(),
+                &ca.addr.to_string(),
+                &root,
+                Duration::from_secs(3600),
+            );
+            cfg.ca.server_name = name.into();
+            let running = Agent::new(cfg)
+                .unwrap()
+                .start(CancellationToken::new())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(1500)).await;
+            assert_eq!(
+                ca.calls(),
+                0,
+                "no CSR reaches a CA we cannot verify ({name})"
+            );
+            assert!(running.stores()[0].1.current().svid.is_none());
+            let m = running.metrics().render();
+            assert!(m.contains("reason=\"unreachable\""), "{m}");
+            running.shutdown().await;
+        }
+        // Positive twin: the right root and name work.
+        let cfg = agent_config(
+            dir.path(),
+            &ca.addr.to_string(),
+            &ca.root_file,
+            Duration::from_secs(3600),
+        );
+        let running = Agent::new(cfg)
+            .unwrap()
+            .start(CancellationToken::new())
+            .await
+            .unwrap();
+        wait_for("a certificate", Duration::from_secs(10), || {
+            running.stores()[0].1.current().svid.is_some()
+        })
+        .await;
+        running.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
