@@ -139,6 +139,23 @@ impl Agent {
     }
 }
 
+/// Serve SDS for `store` on a Unix socket at `path` (0600) until `shutdown`: the SDS server
+/// of the agent without the CA side, for tests, benchmarks and tools that bring their own
+/// certificates.
+pub async fn serve_sds(
+    path: &std::path::Path,
+    store: SecretStore,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let listener = bind_unix(path, 0o600).await?;
+    let svc = SdsService::new(store, metrics)
+        .with_shutdown(shutdown.clone())
+        .into_server();
+    let router = tonic::transport::Server::builder().add_service(svc);
+    serve(path.to_owned(), listener, router, shutdown).await
+}
+
 async fn serve(
     path: PathBuf,
     listener: tokio::net::UnixListener,

@@ -24,7 +24,7 @@ mod verify;
 mod workload_api;
 
 pub use self::{
-    agent::{Agent, RunningAgent},
+    agent::{Agent, RunningAgent, serve_sds},
     caclient::{BoxFuture, CertificateSigner, IstioCaClient, SignRequest},
     client::{SecretKind, ServedSecret, connect_unix, decode_secret, fetch_secrets},
     config::{
