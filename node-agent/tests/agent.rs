@@ -576,3 +576,160 @@ async fn ca_with_unknown_root_or_wrong_name_gets_no_csr_and_nothing_is_served() 
     .await
     .unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delta_and_fetch_secrets() {
+    use rampart_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
+    tokio::time::timeout(T, async {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = FakeCa::start(dir.path()).await;
+        let cfg = agent_config(
+            dir.path(),
+            &ca.addr.to_string(),
+            &ca.root_file,
+            Duration::from_secs(4),
+        );
+        let sock = cfg.workloads[0].sds_socket.clone().unwrap();
+        let running = Agent::new(cfg)
+            .unwrap()
+            .start(CancellationToken::new())
+            .await
+            .unwrap();
+        let ch = rampart_node_agent::connect_unix(&sock).await.unwrap();
+        let mut client = SecretDiscoveryServiceClient::new(ch);
+
+        // FetchSecrets: both resources in one response; unknown names NOT_FOUND.
+        let r = client
+            .fetch_secrets(DiscoveryRequest {
+                resource_names: vec!["default".into(), "ROOTCA".into()],
+                type_url: SECRET_TYPE_URL.into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        let got = decode(&r);
+        assert_eq!(
+            default_of(&got).certs[0].uri_sans,
+            ["spiffe://cluster.local/ns/shop/sa/cart"]
+        );
+        assert!(default_of(&got).has_key);
+        assert_eq!(rootca_of(&got).certs.len(), 1);
+        assert!(!r.nonce.is_empty() && r.version_info.contains("default="));
+        let e = client
+            .fetch_secrets(DiscoveryRequest {
+                resource_names: vec!["nope".into()],
+                ..Default::default()
+            })
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+
+        // DeltaSecrets: subscribe, get both with per-resource versions; ACK; a rotation sends
+        // only what changed (the leaf), not the unchanged ROOTCA.
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        tx.send(DeltaDiscoveryRequest {
+            type_url: SECRET_TYPE_URL.into(),
+            resource_names_subscribe: vec!["default".into(), "ROOTCA".into()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let mut stream = client
+            .delta_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let first = stream.message().await.unwrap().unwrap();
+        let mut names: Vec<_> = first.resources.iter().map(|r| r.name.clone()).collect();
+        names.sort();
+        assert_eq!(names, ["ROOTCA", "default"]);
+        assert!(first.resources.iter().all(|r| !r.version.is_empty()));
+        tx.send(DeltaDiscoveryRequest {
+            type_url: SECRET_TYPE_URL.into(),
+            response_nonce: first.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let next = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .expect("rotation pushed on the delta stream")
+            .unwrap()
+            .unwrap();
+        let names: Vec<_> = next.resources.iter().map(|r| r.name.clone()).collect();
+        assert_eq!(names, ["default"], "unchanged ROOTCA is not re-sent");
+        assert_ne!(next.nonce, first.nonce);
+        // Unknown name on a delta stream: NOT_FOUND.
+        tx.send(DeltaDiscoveryRequest {
+            type_url: SECRET_TYPE_URL.into(),
+            resource_names_subscribe: vec!["nope".into()],
+            response_nonce: next.nonce.clone(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let end = loop {
+            match stream.message().await {
+                Ok(Some(_)) => continue,
+                Ok(None) => panic!("stream ended without status"),
+                Err(s) => break s,
+            }
+        };
+        assert_eq!(end.code(), tonic::Code::NotFound);
+
+        running.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_workloads_on_one_agent_get_their_own_identity_on_their_own_socket() {
+    tokio::time::timeout(T, async {
+        let dir = tempfile::tempdir().unwrap();
+        let ca = FakeCa::start(dir.path()).await;
+        let mut cfg = agent_config(
+            dir.path(),
+            &ca.addr.to_string(),
+            &ca.root_file,
+            Duration::from_secs(3600),
+        );
+        let tok2 = dir.path().join("token2");
+        std::fs::write(&tok2, token_for("billing", "api")).unwrap();
+        cfg.workloads.push(rampart_node_agent::WorkloadConfig {
+            spiffe_id: id("billing", "api"),
+            token_path: tok2,
+            sds_socket: Some(dir.path().join("billing/sds.sock")),
+            workload_api_socket: None,
+            output_dir: None,
+        });
+        let s1 = cfg.workloads[0].sds_socket.clone().unwrap();
+        let s2 = cfg.workloads[1].sds_socket.clone().unwrap();
+        let running = Agent::new(cfg)
+            .unwrap()
+            .start(CancellationToken::new())
+            .await
+            .unwrap();
+        let a = fetch_secrets(&s1, Duration::from_secs(10)).await.unwrap();
+        let b = fetch_secrets(&s2, Duration::from_secs(10)).await.unwrap();
+        assert_eq!(
+            default_of(&a).certs[0].uri_sans,
+            ["spiffe://cluster.local/ns/shop/sa/cart"]
+        );
+        assert_eq!(
+            default_of(&b).certs[0].uri_sans,
+            ["spiffe://cluster.local/ns/billing/sa/api"]
+        );
+        // Each identity presented its own token.
+        let toks = ca.tokens();
+        assert!(toks.iter().any(|t| t.ends_with(&token_for("shop", "cart"))));
+        assert!(
+            toks.iter()
+                .any(|t| t.ends_with(&token_for("billing", "api")))
+        );
+        running.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
