@@ -327,3 +327,83 @@ fn agent_with_real_ca_serves_sds_and_workload_api_and_survives_faults() {
     drop(agent);
     drop(ca);
 }
+
+#[test]
+fn agent_and_secrets_bad_input_exit_2_with_the_reason() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let root = dir.join("root.pem");
+    std::fs::write(&root, "not used").unwrap();
+    let token = dir.join("token");
+    std::fs::write(&token, "a.eyJzdWIiOiJhbGljZSJ9.c").unwrap(); // sub: alice
+    let cases: Vec<(Vec<String>, &str)> = vec![
+        (
+            vec![
+                "agent".into(),
+                "--ca-root".into(),
+                root.display().to_string(),
+            ],
+            "--token",
+        ),
+        (
+            vec![
+                "agent".into(),
+                "--ca-root".into(),
+                dir.join("missing.pem").display().to_string(),
+                "--token".into(),
+                token.display().to_string(),
+            ],
+            "--ca-root",
+        ),
+        (
+            vec![
+                "agent".into(),
+                "--ca-root".into(),
+                root.display().to_string(),
+                "--token".into(),
+                token.display().to_string(),
+            ],
+            "system:serviceaccount",
+        ),
+        (
+            vec![
+                "agent".into(),
+                "--ca-root".into(),
+                root.display().to_string(),
+                "--token".into(),
+                token.display().to_string(),
+                "--namespace".into(),
+                "a".into(),
+                "--service-account".into(),
+                "b".into(),
+                "--grace-ratio".into(),
+                "1.5".into(),
+            ],
+            "grace-ratio",
+        ),
+        (
+            vec![
+                "agent".into(),
+                "--ca-root".into(),
+                root.display().to_string(),
+                "--workload".into(),
+                "sds=/x".into(),
+            ],
+            "token=FILE",
+        ),
+        (
+            vec![
+                "secrets".into(),
+                "--sds-socket".into(),
+                dir.join("nope.sock").display().to_string(),
+            ],
+            "no such socket",
+        ),
+    ];
+    for (args, reason) in cases {
+        let out = rampart().args(&args).output().unwrap();
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains(reason), "{args:?}: {stderr}");
+    }
+}

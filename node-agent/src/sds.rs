@@ -403,7 +403,9 @@ async fn run_sotw(
                     if req.error_detail.is_some() {
                         metrics.sds_nacks.inc();
                     }
-                    let snap = rx.borrow_and_update().clone();
+                    // `borrow`, not `borrow_and_update`: a change that raced with this request
+                    // (e.g. an ACK of the previous version) must still wake the push branch.
+                    let snap = rx.borrow().clone();
                     st.on_request(&req, &snap)
                 }
                 Ok(None) | Err(_) => return,
