@@ -558,3 +558,150 @@ impl SecretDiscoveryService for SdsService {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use rampart_certs::{
+        CertificateAuthority, KeyAlgorithm, PrivateKey, RootParams, SpiffeId, TrustBundle,
+    };
+
+    use super::*;
+    use crate::state::{Bundle, Svid};
+
+    fn snapshot(ca: &CertificateAuthority) -> Snapshot {
+        let id = SpiffeId::istio(&"cluster.local".parse().unwrap(), "a", "b").unwrap();
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let leaf = ca
+            .issue_workload(
+                &key.public_key_spki_der(),
+                &id,
+                Duration::from_secs(60),
+                SystemTime::now(),
+            )
+            .unwrap();
+        Snapshot {
+            svid: Some(Arc::new(
+                Svid::new(id.clone(), vec![leaf], key, SystemTime::now()).unwrap(),
+            )),
+            bundle: Some(Arc::new(Bundle::new(
+                id.trust_domain().clone(),
+                TrustBundle::from_der(vec![ca.cert().clone()]).unwrap(),
+            ))),
+        }
+    }
+
+    fn req(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            type_url: SECRET_TYPE_URL.into(),
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    fn sent(step: Step) -> DiscoveryResponse {
+        match step {
+            Step::Send(r) => r,
+            Step::Continue => panic!("expected a response"),
+        }
+    }
+
+    fn quiet(step: Step) {
+        assert!(matches!(step, Step::Continue), "expected no response");
+    }
+
+    #[test]
+    fn sotw_ack_nack_stale_and_changes() {
+        let ca = CertificateAuthority::self_signed_root(
+            &RootParams::default(),
+            PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        let snap1 = snapshot(&ca);
+        let mut st = SotwStream {
+            subscribed: BTreeSet::new(),
+            last_nonce: None,
+            sent: BTreeMap::new(),
+        };
+        let names = ["default", "ROOTCA"];
+        // Initial request: both resources.
+        let r1 = sent(st.on_request(&req(&names, "", ""), &snap1).unwrap());
+        assert_eq!(r1.resources.len(), 2);
+        assert!(r1.version_info.starts_with("ROOTCA=") && r1.version_info.contains(",default="));
+        // ACK: nothing.
+        quiet(
+            st.on_request(&req(&names, &r1.version_info, &r1.nonce), &snap1)
+                .unwrap(),
+        );
+        // Same state pushed again: nothing (versions unchanged).
+        quiet(st.maybe_push(&snap1, false).unwrap());
+        // NACK: logged, nothing re-sent.
+        let mut nack = req(&names, "", &r1.nonce);
+        nack.error_detail = Some(rampart_proto::google::rpc::Status {
+            code: 3,
+            message: "bad".into(),
+            details: vec![],
+        });
+        quiet(st.on_request(&nack, &snap1).unwrap());
+        // Stale nonce, even with a different name set: ignored.
+        quiet(st.on_request(&req(&["ROOTCA"], "", "old"), &snap1).unwrap());
+        // Rotation: pushed with a new version and nonce.
+        let mut snap2 = snapshot(&ca);
+        snap2.bundle = snap1.bundle.clone();
+        let r2 = sent(st.maybe_push(&snap2, false).unwrap());
+        assert_ne!(r2.version_info, r1.version_info);
+        assert_ne!(r2.nonce, r1.nonce);
+        // Name change with the current nonce: answered with the new set only.
+        let r3 = sent(
+            st.on_request(&req(&["ROOTCA"], &r2.version_info, &r2.nonce), &snap2)
+                .unwrap(),
+        );
+        assert_eq!(r3.resources.len(), 1);
+        assert!(r3.version_info.starts_with("ROOTCA="));
+        // Leaf rotation does not disturb a ROOTCA-only stream (same roots, same version).
+        quiet(st.maybe_push(&snapshot(&ca), false).unwrap());
+        // Unknown name: NOT_FOUND; wrong type: INVALID_ARGUMENT.
+        let e = st.on_request(&req(&["x"], "", ""), &snap2).err().unwrap();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        let mut bad = req(&names, "", "");
+        bad.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
+        assert_eq!(
+            st.on_request(&bad, &snap2).err().unwrap().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn sotw_waits_for_missing_resources_and_fails_closed_on_expiry() {
+        let ca = CertificateAuthority::self_signed_root(
+            &RootParams::default(),
+            PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        let mut st = SotwStream {
+            subscribed: BTreeSet::new(),
+            last_nonce: None,
+            sent: BTreeMap::new(),
+        };
+        // Nothing issued yet: the request waits.
+        quiet(
+            st.on_request(&req(&["default"], "", ""), &Snapshot::default())
+                .unwrap(),
+        );
+        let snap = snapshot(&ca);
+        let r = sent(st.maybe_push(&snap, false).unwrap());
+        assert_eq!(r.resources.len(), 1);
+        // The certificate was withdrawn (expired): the stream ends UNAVAILABLE.
+        let gone = Snapshot {
+            svid: None,
+            bundle: snap.bundle.clone(),
+        };
+        let e = st.maybe_push(&gone, false).err().unwrap();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+    }
+}
