@@ -4,8 +4,11 @@ mod agent;
 mod authz;
 mod ca;
 mod certs;
+mod echo;
+mod mtls_report;
 mod secrets;
 mod token;
+mod up;
 mod validate;
 
 use std::process::ExitCode;
@@ -42,6 +45,13 @@ pub(crate) enum Command {
     /// Explain authorization decisions for a hypothetical request.
     #[command(subcommand)]
     Authz(authz::AuthzCommand),
+    /// Run the whole mesh of a folder locally: CA, node agents, proxies and apps.
+    Up(up::UpArgs),
+    /// A tiny HTTP/1.1 + h2c + TCP echo app that answers with the request it saw.
+    Echo(echo::EchoArgs),
+    /// Per workload and port: plaintext vs mTLS traffic, and whether STRICT is safe.
+    #[command(after_help = mtls_report::AFTER_HELP)]
+    MtlsReport(mtls_report::MtlsReportArgs),
 }
 
 impl Command {
@@ -54,6 +64,9 @@ impl Command {
             Command::Secrets(cmd) => cmd.run(),
             Command::Validate(cmd) => cmd.run(),
             Command::Authz(cmd) => cmd.run(),
+            Command::Up(cmd) => cmd.run(),
+            Command::Echo(cmd) => cmd.run(),
+            Command::MtlsReport(cmd) => cmd.run(),
         }
     }
 }
