@@ -1,10 +1,12 @@
 //! Command-line wiring. Each subcommand lives in its own module and owns its arguments.
 
+mod admin_http;
 mod agent;
 mod authz;
 mod ca;
 mod certs;
 mod echo;
+mod meshdir;
 mod mtls_report;
 mod secrets;
 mod token;
