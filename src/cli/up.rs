@@ -368,6 +368,8 @@ impl Up {
             .stderr(Stdio::piped())
             .process_group(0)
             .kill_on_drop(true);
+        // Plain log lines in the log files.
+        cmd.env("NO_COLOR", "1");
         for (k, v) in env {
             cmd.env(k, v);
         }
