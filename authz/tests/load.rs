@@ -471,3 +471,43 @@ fn folders_load_recursively_in_order_and_skip_other_files() {
     assert!(p.reason.contains("cannot read"), "{p}");
     assert!(missing.into_resources().is_err());
 }
+
+#[test]
+fn dry_run_annotation_and_typed_accessors() {
+    let text = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: shadow, namespace: foo, annotations: {istio.io/dry-run: \"True\"}}
+spec: {action: DENY, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: not-dry, namespace: foo, annotations: {istio.io/dry-run: \"0\"}}
+spec: {rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: plain, namespace: foo}
+spec: {rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: pa, namespace: foo}
+spec: {}
+";
+    let result = load_str("t.yaml", text);
+    assert!(result.problems.is_empty(), "{:?}", result.problems);
+    let dry: Vec<(&str, bool)> = result
+        .authorization_policies()
+        .map(|p| (p.name(), p.is_dry_run()))
+        .collect();
+    assert_eq!(dry, [("shadow", true), ("not-dry", false), ("plain", false)]);
+    assert_eq!(result.peer_authentications().count(), 1);
+    assert_eq!(result.request_authentications().count(), 0);
+    assert_eq!(
+        result
+            .authorization_policies()
+            .next()
+            .map(|p| p.spec.action()),
+        Some(Action::Deny)
+    );
+}
