@@ -500,7 +500,10 @@ spec: {}
         .authorization_policies()
         .map(|p| (p.name(), p.is_dry_run()))
         .collect();
-    assert_eq!(dry, [("shadow", true), ("not-dry", false), ("plain", false)]);
+    assert_eq!(
+        dry,
+        [("shadow", true), ("not-dry", false), ("plain", false)]
+    );
     assert_eq!(result.peer_authentications().count(), 1);
     assert_eq!(result.request_authentications().count(), 0);
     assert_eq!(

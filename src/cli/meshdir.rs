@@ -15,8 +15,6 @@ use serde::Deserialize;
 
 /// Default CA listen address (DESIGN §2).
 pub(crate) const DEFAULT_CA_LISTEN: &str = "127.0.0.1:15012";
-/// Default trust domain (DESIGN §1).
-pub(crate) const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// What `up` and `mtls-report` need from a mesh folder.
 #[derive(Debug, Clone)]
@@ -74,7 +72,6 @@ pub(crate) struct Upstream {
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase", default)]
 struct RawMesh {
-    trust_domain: Option<String>,
     rampart: RawRampart,
 }
 
@@ -163,12 +160,20 @@ impl MeshFolder {
             return Err(format!("{}: not a folder", dir.display()));
         }
         let mesh_path = dir.join("mesh.yaml");
-        let mesh: RawMesh = match std::fs::read_to_string(&mesh_path) {
-            Ok(t) if t.trim().is_empty() => RawMesh::default(),
-            Ok(t) => serde_saphyr::from_str(&t)
-                .map_err(|e| format!("{}: {}", mesh_path.display(), one_line(&e.to_string())))?,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => RawMesh::default(),
+        let mesh_text = match std::fs::read_to_string(&mesh_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
             Err(e) => return Err(format!("{}: {e}", mesh_path.display())),
+        };
+        // The policy part (trust domain, root namespace, normalization, providers) is the
+        // authz crate's to read; refuse here what it would refuse.
+        let policy_mesh = rampart_authz::MeshConfig::from_yaml(&mesh_text)
+            .map_err(|e| format!("{}: {}", mesh_path.display(), one_line(&e.to_string())))?;
+        let mesh: RawMesh = if mesh_text.trim().is_empty() {
+            RawMesh::default()
+        } else {
+            serde_saphyr::from_str(&mesh_text)
+                .map_err(|e| format!("{}: {}", mesh_path.display(), one_line(&e.to_string())))?
         };
         let reg_path = dir.join("workloads.yaml");
         let text = std::fs::read_to_string(&reg_path)
@@ -180,10 +185,7 @@ impl MeshFolder {
                 .map_err(|e| format!("{}: {}", reg_path.display(), one_line(&e.to_string())))?
         };
         let mf = "mesh.yaml";
-        let trust_domain = mesh
-            .trust_domain
-            .filter(|s| !s.is_empty())
-            .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string());
+        let trust_domain = policy_mesh.trust_domain;
         let ca_listen = addr(
             mf,
             "rampart.ca.listen",
@@ -355,6 +357,15 @@ mod tests {
             MeshFolder::read(ttl.path())
                 .unwrap_err()
                 .contains("rampart.ca.certTTL")
+        );
+        let norm = folder(
+            "pathNormalization: {normalization: SOMETIMES}",
+            "workloads: []\n",
+        );
+        assert!(
+            MeshFolder::read(norm.path())
+                .unwrap_err()
+                .contains("mesh.yaml")
         );
         let none = tempfile::tempdir().unwrap();
         assert!(
