@@ -193,3 +193,122 @@ fn quickstart_policy_validates_and_its_demo_keys_match() {
     let inline: serde_json::Value = serde_json::from_str(inline).unwrap();
     assert_eq!(inline, file);
 }
+
+/// `rampart <sub> --help` shows `flag` (the real command, not a placeholder).
+fn built(sub: &str, flag: &str) -> bool {
+    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args([sub, "--help"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(flag)
+}
+
+#[test]
+fn sigint_during_start_up_stops_app_agents_and_ca_in_order_and_exits_0() {
+    if !(built("ca", "--jwt-issuer") && built("agent", "--ca-root")) {
+        eprintln!(
+            "NOT RUN: `rampart ca` and `rampart agent` are not both built in this binary yet"
+        );
+        return;
+    }
+    let free = || {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (ca, app, inbound, admin) = (free(), free(), free(), free());
+    // The app never opens its port, so `up` stays in the "apps" stage with the CA and the
+    // agent running (the agent got its certificate from the CA with the token `up` minted).
+    let d = folder(
+        &format!("rampart: {{ca: {{listen: 127.0.0.1:{ca}}}}}\n"),
+        &format!(
+            "workloads:
+- name: a
+  namespace: n
+  ports: [{{port: 80, protocol: http, app: 127.0.0.1:{app}, inbound: 127.0.0.1:{inbound}}}]
+  command: [sleep, '312.25']
+  proxy: {{admin: 127.0.0.1:{admin}}}
+"
+        ),
+        None,
+    );
+    let state = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .arg("up")
+        .arg(d.path())
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["--ready-timeout", "120s", "--drain-timeout", "5s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the app runs (its log exists) and the agent has a certificate.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let agent_log = state.path().join("logs/agent-n-a.log");
+    loop {
+        let agent = std::fs::read_to_string(&agent_log).unwrap_or_default();
+        if state.path().join("logs/app-n-a.log").exists()
+            && agent.contains("installed workload certificate")
+        {
+            break;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "up exited early ({st}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "agent/app not started within 60s: {}\nagent log: {agent}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let needle = state.path().display().to_string();
+    assert!(!processes_mentioning(&needle).is_empty());
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "up did not stop within 60s of SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let order: Vec<usize> = [
+        "SIGINT received during start-up",
+        "stopping the apps and proxies",
+        "stopping the node agents",
+        "stopping the CA",
+        "rampart up: stopped",
+    ]
+    .iter()
+    .map(|m| err.find(m).unwrap_or_else(|| panic!("no {m:?} in {err}")))
+    .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{err}");
+    assert!(!err.contains("did not stop within"), "{err}");
+    std::thread::sleep(Duration::from_millis(200));
+    let left = processes_mentioning(&needle);
+    assert!(left.is_empty(), "left running: {left:?}");
+    // The app (`sleep 312.25`, which does not mention the state dir) was stopped too: its
+    // process group got SIGTERM.
+    let sleepers: Vec<String> = processes_mentioning("sleep 312.25");
+    assert!(sleepers.is_empty(), "app left running: {sleepers:?}");
+    assert!(
+        TcpListener::bind(("127.0.0.1", ca)).is_ok(),
+        "CA port still held"
+    );
+}
