@@ -35,6 +35,8 @@ const CA_AUDIENCE: &str = "istio-ca";
 /// Lifetime of agent tokens; they are re-minted well before expiry.
 const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 const TOKEN_REFRESH: Duration = Duration::from_secs(3600);
+/// What `rampart ca` prints once its listener is bound.
+const CA_READY_MARKER: &str = "rampart ca: listening on";
 /// Log lines kept per child for the crash report.
 const TAIL_LINES: usize = 20;
 /// Longest Unix socket path (sockaddr_un.sun_path less the NUL).
@@ -208,6 +210,8 @@ struct Child {
     pid: i32,
     log: PathBuf,
     tail: Arc<Mutex<VecDeque<String>>>,
+    /// Set once the child printed its `ready_marker` line.
+    said_ready: Arc<std::sync::atomic::AtomicBool>,
     exited: Option<ExitStatus>,
 }
 
@@ -352,6 +356,7 @@ impl Up {
         program: &Path,
         args: &[String],
         env: &[(&str, String)],
+        ready_marker: Option<&'static str>,
     ) -> anyhow::Result<()> {
         let file = name.replace(['/', ' '], "-");
         let log = self.logs.join(format!("{file}.log"));
@@ -379,11 +384,19 @@ impl Up {
         let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
         let echo = self.args.logs.then(|| name.clone());
+        let said_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let marker = ready_marker.map(|m| (m, said_ready.clone()));
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(pump(out, log_file.clone(), tail.clone(), echo.clone()));
+            tokio::spawn(pump(
+                out,
+                log_file.clone(),
+                tail.clone(),
+                echo.clone(),
+                marker.clone(),
+            ));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(pump(err, log_file, tail.clone(), echo));
+            tokio::spawn(pump(err, log_file, tail.clone(), echo, marker));
         }
         let idx = self.children.len();
         let tx = self.tx.clone();
@@ -397,6 +410,7 @@ impl Up {
             pid,
             log,
             tail,
+            said_ready,
             exited: None,
         });
         Ok(())
@@ -557,12 +571,25 @@ impl Up {
             ]);
         }
         let exe = self.exe.clone();
-        self.spawn("ca".into(), Role::Ca, &exe, &ca_args, &[])
-            .map_err(|e| Stop::Failed(format!("{e:#}")))?;
+        self.spawn(
+            "ca".into(),
+            Role::Ca,
+            &exe,
+            &ca_args,
+            &[],
+            Some(CA_READY_MARKER),
+        )
+        .map_err(|e| Stop::Failed(format!("{e:#}")))?;
+        // Ready = it said it listens (a connect alone could reach someone else on the port),
+        // its trust bundle is written, and the port accepts.
         let (bundle, ca) = (self.bundle.clone(), self.mesh.ca_listen);
+        let said = self.children[self.children.len() - 1].said_ready.clone();
         self.wait_ready("the CA", || {
-            let bundle = bundle.clone();
+            let (bundle, said) = (bundle.clone(), said.clone());
             async move {
+                if !said.load(std::sync::atomic::Ordering::Acquire) {
+                    return Err(format!("no {CA_READY_MARKER:?} line in its log yet"));
+                }
                 if !bundle.exists() {
                     return Err(format!("no trust bundle at {} yet", bundle.display()));
                 }
@@ -592,8 +619,15 @@ impl Up {
             if let Some(t) = self.mesh.cert_ttl {
                 a.extend(["--ttl".into(), humantime::format_duration(t).to_string()]);
             }
-            self.spawn(format!("agent {}", w.key()), Role::Agent, &exe, &a, &[])
-                .map_err(|e| Stop::Failed(format!("{e:#}")))?;
+            self.spawn(
+                format!("agent {}", w.key()),
+                Role::Agent,
+                &exe,
+                &a,
+                &[],
+                None,
+            )
+            .map_err(|e| Stop::Failed(format!("{e:#}")))?;
         }
         let socks: Vec<PathBuf> = workloads.iter().map(|w| self.sds_path(w)).collect();
         self.wait_ready("the node agents", || {
@@ -636,6 +670,7 @@ impl Up {
                 &program,
                 &cmd[1..],
                 &env,
+                None,
             )
             .map_err(|e| Stop::Failed(format!("{e:#}")))?;
         }
@@ -666,8 +701,15 @@ impl Up {
                 "--sds-socket".into(),
                 self.sds_path(w).display().to_string(),
             ];
-            self.spawn(format!("proxy {}", w.key()), Role::Proxy, &exe, &a, &[])
-                .map_err(|e| Stop::Failed(format!("{e:#}")))?;
+            self.spawn(
+                format!("proxy {}", w.key()),
+                Role::Proxy,
+                &exe,
+                &a,
+                &[],
+                None,
+            )
+            .map_err(|e| Stop::Failed(format!("{e:#}")))?;
         }
         self.wait_ready("the proxies", || {
             let workloads = workloads.clone();
@@ -915,9 +957,15 @@ async fn pump<R: tokio::io::AsyncRead + Unpin>(
     file: Arc<Mutex<std::fs::File>>,
     tail: Arc<Mutex<VecDeque<String>>>,
     echo: Option<String>,
+    marker: Option<(&'static str, Arc<std::sync::atomic::AtomicBool>)>,
 ) {
     let mut lines = BufReader::new(r).lines();
     while let Ok(Some(line)) = lines.next_line().await {
+        if let Some((m, flag)) = &marker
+            && line.contains(m)
+        {
+            flag.store(true, std::sync::atomic::Ordering::Release);
+        }
         if let Ok(mut f) = file.lock() {
             let _ = writeln!(f, "{line}");
         }
