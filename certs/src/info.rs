@@ -13,7 +13,9 @@ use crate::error::Error;
 /// What a certificate says, parsed once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertInfo {
-    /// Serial number, lowercase hex of its value (no sign byte; at least one byte).
+    /// Serial number: lowercase hex of the DER INTEGER's content bytes, exactly as encoded
+    /// (so a `00` sign byte leads when the top bit of the value is set). Other components
+    /// (the CA's audit log) print serials the same way.
     pub serial_hex: String,
     /// Subject distinguished name (RFC 4514-style string).
     pub subject: String,
@@ -60,7 +62,7 @@ impl CertInfo {
             }
         }
         Ok(CertInfo {
-            serial_hex: serial_hex(x509.raw_serial()),
+            serial_hex: hex::encode(x509.raw_serial()),
             subject: x509.subject().to_string(),
             issuer: x509.issuer().to_string(),
             not_before: system_time(x509.validity().not_before.timestamp()),
@@ -83,15 +85,6 @@ pub(crate) fn parse_x509<'a>(cert: &'a CertificateDer<'_>) -> Result<X509Certifi
         ));
     }
     Ok(x509)
-}
-
-fn serial_hex(raw: &[u8]) -> String {
-    let skip = raw
-        .iter()
-        .take_while(|b| **b == 0)
-        .count()
-        .min(raw.len().saturating_sub(1));
-    hex::encode(&raw[skip..])
 }
 
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {

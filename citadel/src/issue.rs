@@ -97,3 +97,25 @@ fn csr_refusal(e: rampart_certs::Error) -> Refusal {
         other => Refusal::BadCsrPem(other.to_string()),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ttl_rules() {
+        let p = IssuePolicy {
+            default_ttl: Duration::from_secs(3600),
+            max_ttl: Duration::from_secs(7200),
+            max_csr_bytes: 1024,
+        };
+        assert_eq!(resolve_ttl(&p, 0).unwrap(), Duration::from_secs(3600));
+        assert_eq!(resolve_ttl(&p, 5).unwrap(), Duration::from_secs(5));
+        assert_eq!(resolve_ttl(&p, 7200).unwrap(), Duration::from_secs(7200));
+        assert!(matches!(
+            resolve_ttl(&p, 7201),
+            Err(Refusal::TtlTooLong { .. })
+        ));
+        assert!(matches!(resolve_ttl(&p, -1), Err(Refusal::NegativeTtl(-1))));
+    }
+}

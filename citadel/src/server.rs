@@ -120,7 +120,10 @@ impl CaState {
         )?;
         let serving_renew_at = renew_time(&chain[0], now);
         let serving = Arc::new(ServingCert::new(certified_key(chain, &key)?));
-        let verifier = Arc::new(DynamicClientVerifier::new(authority.bundle())?);
+        let verifier = Arc::new(DynamicClientVerifier::new(
+            authority.bundle(),
+            TrustDomainPolicy::local(config.trust_domain.clone()),
+        ));
         metrics.set_expiry(
             authority.signing_root().not_after,
             authority.chain_not_after(),
@@ -243,7 +246,7 @@ impl CaState {
         let ck = certified_key(chain, &key)?;
         // Build everything first, then switch: nothing can fail after the first store.
         let verifier_bundle = new.bundle().clone();
-        self.verifier.set_bundle(&verifier_bundle)?;
+        self.verifier.set_bundle(&verifier_bundle);
         self.serving.set(ck);
         *self
             .serving_renew_at

@@ -186,3 +186,90 @@ pub(crate) fn to_system_time(unix: i64) -> SystemTime {
         SystemTime::UNIX_EPOCH - Duration::from_secs(unix.unsigned_abs())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rampart_certs::{KeyAlgorithm, PrivateKey, RootParams};
+
+    fn ca() -> CertificateAuthority {
+        CertificateAuthority::self_signed_root(
+            &RootParams::default(),
+            PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap()
+    }
+
+    #[test]
+    fn validator_accepts_what_matches_the_template_and_nothing_else() {
+        let ca = ca();
+        let facts = SigningCertFacts::of(ca.cert()).unwrap();
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let spki = key.public_key_spki_der();
+        let id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/b").unwrap();
+        let now = SystemTime::now();
+        let t = WorkloadTemplate {
+            spki_der: &spki,
+            id: &id,
+            ttl: Duration::from_secs(3600),
+            now,
+        };
+        let der = ca.sign_workload(&t).unwrap();
+        let ok = validate_issued(&der, &t, &facts).unwrap();
+        assert_eq!(ok.serial_hex.len() % 2, 0);
+
+        // Another key.
+        let other_spki = PrivateKey::generate(KeyAlgorithm::EcdsaP256)
+            .unwrap()
+            .public_key_spki_der();
+        let t2 = WorkloadTemplate {
+            spki_der: &other_spki,
+            ..t
+        };
+        assert!(
+            validate_issued(&der, &t2, &facts)
+                .unwrap_err()
+                .contains("public key")
+        );
+        // Another identity.
+        let other_id = SpiffeId::parse("spiffe://cluster.local/ns/a/sa/c").unwrap();
+        let t3 = WorkloadTemplate { id: &other_id, ..t };
+        assert!(
+            validate_issued(&der, &t3, &facts)
+                .unwrap_err()
+                .contains("SAN")
+        );
+        // Longer than the template allows.
+        let t4 = WorkloadTemplate {
+            ttl: Duration::from_secs(60),
+            ..t
+        };
+        assert!(
+            validate_issued(&der, &t4, &facts)
+                .unwrap_err()
+                .contains("lifetime")
+        );
+        // Signed by someone else.
+        let other_facts = SigningCertFacts::of(ca_other().cert()).unwrap();
+        assert!(
+            validate_issued(&der, &t, &other_facts)
+                .unwrap_err()
+                .contains("issuer")
+        );
+        // A CA certificate is never a valid workload certificate.
+        assert!(validate_issued(ca.cert(), &t, &facts).is_err());
+    }
+
+    fn ca_other() -> CertificateAuthority {
+        CertificateAuthority::self_signed_root(
+            &RootParams {
+                common_name: "Other".into(),
+                ..RootParams::default()
+            },
+            PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap()
+    }
+}

@@ -1,47 +1,28 @@
-//! TLS for the CA: TLS 1.3 only with the ring provider, ALPN `h2`; the serving certificate
-//! and the client-certificate trust bundle both follow the active authority (swapped
-//! atomically on reload). A client certificate is optional (bearer-token callers have none),
-//! but when one is presented it must chain to the trust bundle or the handshake fails.
-//!
-//! Until the shared crypto-policy module (`rampart_certs::tls`) lands, the policy is spelled
-//! out here: the three TLS 1.3 suites, X25519 and P-256.
+//! TLS for the CA, built on the shared crypto policy (`rampart_certs::tls`: ring, TLS 1.3
+//! only, explicit suites and groups, no session resumption) with ALPN `h2`. The serving
+//! certificate and the client-certificate trust bundle both follow the active authority
+//! (swapped atomically on reload). A client certificate is optional (bearer-token callers
+//! have none), but one that is presented must be a SPIFFE workload certificate of our trust
+//! domain chaining to the bundle, or the handshake fails.
 
 use std::sync::Arc;
 
 use arc_swap::ArcSwap;
-use rampart_certs::{PrivateKey, TrustBundle};
+use rampart_certs::tls::{PROTOCOL_VERSIONS, ServerAuth, SpiffeClientVerifier};
+use rampart_certs::{PrivateKey, TrustBundle, TrustDomainPolicy};
 use rustls::client::danger::HandshakeSignatureValid;
-use rustls::crypto::{CryptoProvider, ring as ring_provider};
+use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ResolvesServerCert, WebPkiClientVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, DistinguishedName, RootCertStore, SignatureScheme};
+use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
 use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
 
 use crate::error::CitadelError;
 
-/// The crypto provider: ring, TLS 1.3 suites only, X25519 and P-256 key exchange.
+/// The crypto provider (the shared policy's).
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(CryptoProvider {
-        cipher_suites: vec![
-            ring_provider::cipher_suite::TLS13_AES_128_GCM_SHA256,
-            ring_provider::cipher_suite::TLS13_AES_256_GCM_SHA384,
-            ring_provider::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
-        ],
-        kx_groups: vec![
-            ring_provider::kx_group::X25519,
-            ring_provider::kx_group::SECP256R1,
-        ],
-        ..ring_provider::default_provider()
-    })
-}
-
-fn root_store(bundle: &TrustBundle) -> Result<RootCertStore, CitadelError> {
-    let mut store = RootCertStore::empty();
-    for root in bundle.roots() {
-        store.add(root.clone())?;
-    }
-    Ok(store)
+    rampart_certs::tls::provider()
 }
 
 /// Builds a rustls signing key from our key type.
@@ -85,43 +66,40 @@ impl ResolvesServerCert for ServingCert {
     }
 }
 
-struct VerifierHolder(Arc<dyn ClientCertVerifier>);
-
-/// Verifies optional client certificates against the current trust bundle.
+/// Verifies optional client certificates (SPIFFE, our trust domain) against the current
+/// trust bundle.
 pub struct DynamicClientVerifier {
-    current: ArcSwap<VerifierHolder>,
+    current: ArcSwap<SpiffeClientVerifier>,
+    trust_domains: TrustDomainPolicy,
     schemes: Vec<SignatureScheme>,
 }
 
 impl std::fmt::Debug for DynamicClientVerifier {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str("DynamicClientVerifier")
+        f.debug_struct("DynamicClientVerifier")
+            .field("current", &self.current.load())
+            .finish()
     }
 }
 
 impl DynamicClientVerifier {
-    /// Verifies against `bundle`.
-    pub fn new(bundle: &TrustBundle) -> Result<Self, CitadelError> {
-        let v = Self::build(bundle)?;
+    /// Verifies against `bundle`, accepting peers of `trust_domains`.
+    pub fn new(bundle: &TrustBundle, trust_domains: TrustDomainPolicy) -> Self {
+        let v = SpiffeClientVerifier::optional(bundle.clone(), trust_domains.clone());
         let schemes = v.supported_verify_schemes();
-        Ok(DynamicClientVerifier {
-            current: ArcSwap::from_pointee(VerifierHolder(v)),
+        DynamicClientVerifier {
+            current: ArcSwap::from_pointee(v),
+            trust_domains,
             schemes,
-        })
+        }
     }
 
     /// Switches to `bundle` for new handshakes.
-    pub fn set_bundle(&self, bundle: &TrustBundle) -> Result<(), CitadelError> {
-        let v = Self::build(bundle)?;
-        self.current.store(Arc::new(VerifierHolder(v)));
-        Ok(())
-    }
-
-    fn build(bundle: &TrustBundle) -> Result<Arc<dyn ClientCertVerifier>, CitadelError> {
-        WebPkiClientVerifier::builder_with_provider(Arc::new(root_store(bundle)?), provider())
-            .allow_unauthenticated()
-            .build()
-            .map_err(|e| CitadelError::Tls(rustls::Error::General(e.to_string())))
+    pub fn set_bundle(&self, bundle: &TrustBundle) {
+        self.current.store(Arc::new(SpiffeClientVerifier::optional(
+            bundle.clone(),
+            self.trust_domains.clone(),
+        )));
     }
 }
 
@@ -146,7 +124,6 @@ impl ClientCertVerifier for DynamicClientVerifier {
     ) -> Result<ClientCertVerified, rustls::Error> {
         self.current
             .load()
-            .0
             .verify_client_cert(end_entity, intermediates, now)
     }
 
@@ -169,7 +146,6 @@ impl ClientCertVerifier for DynamicClientVerifier {
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
         self.current
             .load()
-            .0
             .verify_tls13_signature(message, cert, dss)
     }
 
@@ -178,36 +154,37 @@ impl ClientCertVerifier for DynamicClientVerifier {
     }
 }
 
-/// The server configuration: TLS 1.3, ALPN h2, dynamic certificate and client verifier.
+/// The server configuration: the shared policy, ALPN h2, dynamic certificate and client
+/// verifier, no session resumption (every connection re-verifies its client certificate, so a
+/// root removed from the bundle cannot be bypassed by resuming a session).
 pub fn server_config(
     serving: Arc<ServingCert>,
     verifier: Arc<DynamicClientVerifier>,
 ) -> Result<rustls::ServerConfig, CitadelError> {
     let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_protocol_versions(PROTOCOL_VERSIONS)?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(serving);
+    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
+    cfg.send_tls13_tickets = 0;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }
 
-/// A client configuration for talking to the CA (tests, load generator, tools): TLS 1.3,
-/// ALPN h2, the CA verified against `bundle`, optionally a client certificate.
+/// A client configuration for talking to the CA (tests, load generator, tools): the shared
+/// policy, the CA verified by name or IP against `bundle`, ALPN h2, optionally a client
+/// certificate.
 pub fn client_config(
     bundle: &TrustBundle,
     client_cert: Option<(Vec<CertificateDer<'static>>, &PrivateKey)>,
 ) -> Result<rustls::ClientConfig, CitadelError> {
-    let builder = rustls::ClientConfig::builder_with_provider(provider())
-        .with_protocol_versions(&[&rustls::version::TLS13])?
-        .with_root_certificates(root_store(bundle)?);
-    let mut cfg = match client_cert {
-        Some((chain, key)) => {
-            let der =
-                PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.secret_pkcs8_der().to_vec()));
-            builder.with_client_auth_cert(chain, der)?
-        }
-        None => builder.with_no_client_auth(),
-    };
+    let mut cfg = rampart_certs::tls::client_config(
+        ServerAuth::Dns {
+            bundle: bundle.clone(),
+        },
+        client_cert,
+    )
+    .map_err(|e| CitadelError::Config(format!("TLS client configuration: {e}")))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }
