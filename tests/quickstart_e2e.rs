@@ -2,7 +2,8 @@
 //! as the quickstart README does: the documented request succeeds, the denied one gets 403,
 //! JWT rules give 401/403/200, TCP policy closes the frontend's database connection, a
 //! plaintext hit on an inbound port in PERMISSIVE shows up in `rampart mtls-report`, an
-//! invalid edit is reported while the mesh keeps serving, and SIGINT stops everything.
+//! invalid edit is reported while the mesh keeps serving, a live switch to STRICT refuses
+//! plaintext while mTLS keeps working, and SIGINT stops everything.
 //!
 //! This needs the CA, the node agent and the proxy in this binary. Until all three are built
 //! (their `--help` shows their real flags), the test says which is missing and returns.
@@ -345,6 +346,38 @@ fn quickstart_end_to_end() {
     let (code, _) = curl(&["-x", &outbound, "http://backend.api:8080/api/hello"]);
     assert_eq!(code, 200);
     std::fs::remove_file(dir.join("policy/broken.yaml")).unwrap();
+
+    // The runbook's switch: mesh-wide STRICT, applied live. The mesh keeps working, plaintext
+    // is refused, and the report says so.
+    let pa = dir.join("policy/mesh-peer-authentication.yaml");
+    let text = std::fs::read_to_string(&pa).unwrap();
+    assert!(text.contains("mode: PERMISSIVE"));
+    std::fs::write(&pa, text.replace("mode: PERMISSIVE", "mode: STRICT")).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let out = rampart()
+            .args(["mtls-report", "--mesh"])
+            .arg(&dir)
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        if text.matches("already STRICT on every port").count() == 3 {
+            assert_eq!(out.status.code(), Some(0), "{text}");
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "STRICT not applied by every proxy within 30s:\n{text}"
+        );
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let (code, _) = curl(&["-x", &outbound, "http://backend.api:8080/api/hello"]);
+    assert_eq!(code, 200, "mTLS through the mesh still works under STRICT");
+    let (code, body) = curl(&[&format!("http://127.0.0.1:{}/api/hello", p(15180))]);
+    assert_eq!(
+        code, 0,
+        "plaintext must get no HTTP answer under STRICT: {body}"
+    );
 
     // SIGINT: everything stops, exit 0, nothing left behind.
     let needle = state.display().to_string();
