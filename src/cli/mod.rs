@@ -8,6 +8,7 @@ mod certs;
 mod echo;
 mod meshdir;
 mod mtls_report;
+mod proxy;
 mod secrets;
 mod token;
 mod up;
@@ -40,6 +41,8 @@ pub(crate) enum Command {
     Ca(ca::CaArgs),
     /// Run the node agent (SDS and SPIFFE Workload API).
     Agent(Box<agent::AgentArgs>),
+    /// Run the mTLS proxy for one workload of a mesh folder.
+    Proxy(proxy::ProxyArgs),
     /// Show what a node agent serves over SDS (like `istioctl proxy-config secret`).
     Secrets(secrets::SecretsArgs),
     /// Validate Istio security policy YAML files or folders.
@@ -63,6 +66,7 @@ impl Command {
             Command::Token(cmd) => cmd.run(),
             Command::Ca(cmd) => cmd.run(),
             Command::Agent(cmd) => (*cmd).run(),
+            Command::Proxy(cmd) => cmd.run(),
             Command::Secrets(cmd) => cmd.run(),
             Command::Validate(cmd) => cmd.run(),
             Command::Authz(cmd) => cmd.run(),
