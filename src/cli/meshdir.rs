@@ -305,7 +305,7 @@ mod tests {
     fn reads_the_contract_example() {
         let d = folder(
             "trustDomain: example.org\nrampart: {ca: {listen: 127.0.0.1:25012, certTTL: 1h}, stateDir: var/x}\n",
-            "workloads:\n- name: backend\n  namespace: api\n  labels: {app: backend}\n  ports:\n  - {port: 8080, protocol: http, app: 127.0.0.1:18080, inbound: 127.0.0.1:15081}\n  command: [rampart, echo, --listen, 127.0.0.1:18080]\n  proxy: {outbound: 127.0.0.1:15001, admin: 127.0.0.1:15000}\n  upstreams:\n  - {service: frontend.web, port: 8080, listen: 127.0.0.1:16001}\n",
+            "workloads:\n- name: backend\n  namespace: api\n  labels: {app: backend}\n  ports:\n  - {port: 8080, protocol: http, app: 127.0.0.1:18080, inbound: 127.0.0.1:15081}\n  command: [rampart, echo, --listen, 127.0.0.1:18080]\n  proxy: {outbound: 127.0.0.1:15001, admin: 127.0.0.1:15000}\n  upstreams:\n  - {service: backend.api, port: 8080, listen: 127.0.0.1:16001}\n",
         );
         let m = MeshFolder::read(d.path()).unwrap();
         assert_eq!(m.trust_domain, "example.org");
@@ -328,16 +328,16 @@ mod tests {
     fn refuses_bad_fields_naming_them() {
         let bad_addr = folder(
             "",
-            "workloads:\n- {name: a, namespace: n, proxy: {admin: localhost}}\n",
+            "workloads:\n- {name: a, namespace: ns1, proxy: {admin: localhost}}\n",
         );
         let e = MeshFolder::read(bad_addr.path()).unwrap_err();
         assert!(e.contains("workloads[0].proxy.admin"), "{e}");
         let dup = folder(
             "",
-            "workloads:\n- {name: a, namespace: n}\n- {name: a, namespace: n}\n",
+            "workloads:\n- {name: a, namespace: ns1}\n- {name: a, namespace: ns1}\n",
         );
         assert!(MeshFolder::read(dup.path()).unwrap_err().contains("twice"));
-        let name = folder("", "workloads:\n- {name: A_b, namespace: n}\n");
+        let name = folder("", "workloads:\n- {name: A_b, namespace: ns1}\n");
         assert!(
             MeshFolder::read(name.path())
                 .unwrap_err()
@@ -345,7 +345,7 @@ mod tests {
         );
         let port = folder(
             "",
-            "workloads:\n- {name: a, namespace: n, ports: [{port: 70000}]}\n",
+            "workloads:\n- {name: a, namespace: ns1, ports: [{port: 70000}]}\n",
         );
         assert!(
             MeshFolder::read(port.path())

@@ -1052,15 +1052,15 @@ mod tests {
     #[test]
     fn duplicate_listen_addresses_are_refused() {
         let d = folder(
-            "workloads:\n- name: a\n  namespace: n\n  ports: [{port: 80, app: 127.0.0.1:9000, inbound: 127.0.0.1:9001}]\n  proxy: {admin: 127.0.0.1:9000}\n",
+            "workloads:\n- name: a\n  namespace: ns1\n  ports: [{port: 80, app: 127.0.0.1:9000, inbound: 127.0.0.1:9001}]\n  proxy: {admin: 127.0.0.1:9000}\n",
             None,
         );
         let m = MeshFolder::read(d.path()).unwrap();
         let e = check_addresses(&m).unwrap_err();
         assert!(e.contains("127.0.0.1:9000"), "{e}");
-        assert!(e.contains("n/a proxy.admin"), "{e}");
+        assert!(e.contains("ns1/a proxy.admin"), "{e}");
         let ca = folder(
-            "workloads:\n- {name: a, namespace: n, proxy: {admin: 127.0.0.1:15012}}\n",
+            "workloads:\n- {name: a, namespace: ns1, proxy: {admin: 127.0.0.1:15012}}\n",
             None,
         );
         let e = check_addresses(&MeshFolder::read(ca.path()).unwrap()).unwrap_err();
@@ -1081,7 +1081,7 @@ mod tests {
         let bad = folder(
             "workloads: []\n",
             Some(
-                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: n}\nspec: {action: DENY}\n",
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: ns1}\nspec: {action: DENY}\n",
             ),
         );
         let r = check_policy(bad.path());
