@@ -133,7 +133,8 @@ pub enum HeaderMutation {
 pub struct Decision {
     /// Allow or deny.
     pub decision: Verdict,
-    /// HTTP status the proxy answers with: 200 (forward), 401, 403 or 400.
+    /// HTTP status the proxy answers with: 200 (forward), 401, 403 or 400. On a TCP port a
+    /// denial (403) means the connection is closed.
     pub status: u16,
     /// The policy that decided, if a policy did.
     #[serde(skip_serializing_if = "Option::is_none")]

@@ -76,7 +76,7 @@ pub use self::{
     },
     csr::{VerifiedCsr, build_csr, build_csr_der},
     error::Error,
-    info::CertInfo,
+    info::{CertInfo, serial_hex},
     key::{KeyAlgorithm, PrivateKey, write_file_atomic},
     pem::{certs_to_pem, parse_certs_pem},
     rotation::{refresh_at, refresh_in},

@@ -172,9 +172,7 @@ pub fn validate_issued(
         return Err("zero serial".into());
     }
     Ok(IssuedFacts {
-        // The DER INTEGER carries a 0x00 pad byte when the top bit is set; report the
-        // number itself, as `CertInfo::serial_hex` and `openssl x509 -serial` do.
-        serial_hex: hex::encode(&serial[serial.iter().take_while(|b| **b == 0).count()..]),
+        serial_hex: rampart_certs::serial_hex(serial),
         not_after,
     })
 }
