@@ -309,6 +309,17 @@ fn quickstart_end_to_end() {
     let mut good = post.to_vec();
     good.extend(["-H", header.as_str()]);
     assert_eq!(curl(&good).0, 200);
+    // The token `up` minted from mesh.yaml rampart.demoToken works the same.
+    assert!(
+        up.stdout.lock().unwrap().contains("demo end-user token"),
+        "{}",
+        up.stdout.lock().unwrap()
+    );
+    let minted = std::fs::read_to_string(state.join("demo-token.jwt")).unwrap();
+    let header = format!("authorization: Bearer {}", minted.trim());
+    let mut good = post.to_vec();
+    good.extend(["-H", header.as_str()]);
+    assert_eq!(curl(&good).0, 200);
 
     // TCP: backend -> db allowed (echoed), frontend -> db closed.
     assert_eq!(tcp_echo(p(16532), b"hello db\n"), b"hello db\n");

@@ -123,10 +123,18 @@ fn a_child_that_dies_is_named_with_its_status_and_log_and_the_rest_is_stopped() 
     let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
     let port = squatter.local_addr().unwrap().port();
     let d = folder(
-        &format!("rampart: {{ca: {{listen: 127.0.0.1:{port}}}}}\n"),
+        &format!(
+            "rampart:\n  ca: {{listen: 127.0.0.1:{port}}}\n  demoToken: {{key: demo.pem, kid: k1, issuer: https://demo.example, audience: demo, namespace: people, serviceAccount: alice}}\n"
+        ),
         ONE_WORKLOAD,
         None,
     );
+    let keygen = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["token", "keygen", "--out"])
+        .arg(d.path().join("demo.pem"))
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "{keygen:?}");
     let state = tempfile::tempdir().unwrap();
     let out = rampart_up(d.path(), state.path());
     let err = String::from_utf8_lossy(&out.stderr);
@@ -152,6 +160,27 @@ fn a_child_that_dies_is_named_with_its_status_and_log_and_the_rest_is_stopped() 
         .permissions()
         .mode();
     assert_eq!(token_mode & 0o077, 0, "token mode {token_mode:o}");
+    // The demo end-user token (mesh.yaml rampart.demoToken) was minted, 0600, and verifies
+    // against the demo key's JWKS with the configured issuer and audience.
+    let demo = state.path().join("demo-token.jwt");
+    let demo_mode = std::fs::metadata(&demo).unwrap().permissions().mode();
+    assert_eq!(demo_mode & 0o077, 0, "demo token mode {demo_mode:o}");
+    let jwks = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["token", "jwks", "--kid", "k1", "--key"])
+        .arg(d.path().join("demo.pem"))
+        .output()
+        .unwrap();
+    std::fs::write(d.path().join("demo-jwks.json"), &jwks.stdout).unwrap();
+    let verify = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["token", "verify", "--jwks"])
+        .arg(d.path().join("demo-jwks.json"))
+        .arg("--token")
+        .arg(&demo)
+        .args(["--issuer", "https://demo.example", "--aud", "demo"])
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{verify:?}");
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("system:serviceaccount:people:alice"));
     // No child is left behind.
     let left = processes_mentioning(&state.path().display().to_string());
     assert!(left.is_empty(), "left running: {left:?}");

@@ -194,6 +194,44 @@ fn check_addresses(mesh: &MeshFolder) -> Result<(), String> {
     Ok(())
 }
 
+/// mesh.yaml `rampart.demoToken`: an end-user token `up` mints for demos.
+#[derive(Debug, serde::Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+struct DemoToken {
+    /// Signing key file, relative to DIR (a published demo key, never a real one).
+    key: PathBuf,
+    kid: Option<String>,
+    issuer: String,
+    audience: String,
+    namespace: String,
+    service_account: String,
+}
+
+/// The `rampart.demoToken` section of DIR/mesh.yaml, if any.
+fn read_demo_token(dir: &Path) -> Result<Option<DemoToken>, String> {
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default, rename_all = "camelCase")]
+    struct Mesh {
+        rampart: Rampart,
+    }
+    #[derive(serde::Deserialize, Default)]
+    #[serde(default, rename_all = "camelCase")]
+    struct Rampart {
+        demo_token: Option<DemoToken>,
+    }
+    let text = match std::fs::read_to_string(dir.join("mesh.yaml")) {
+        Ok(t) => t,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(format!("mesh.yaml: {e}")),
+    };
+    if text.trim().is_empty() {
+        return Ok(None);
+    }
+    let m: Mesh =
+        serde_saphyr::from_str(&text).map_err(|e| format!("mesh.yaml: rampart.demoToken: {e}"))?;
+    Ok(m.rampart.demo_token)
+}
+
 // ---------------------------------------------------------------- children
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -239,6 +277,7 @@ struct Up {
     rx: mpsc::UnboundedReceiver<Event>,
     signer: JwtSigner,
     bundle: PathBuf,
+    demo_token: Option<(PathBuf, String)>,
 }
 
 fn describe_status(s: &std::io::Result<ExitStatus>) -> String {
@@ -317,7 +356,42 @@ impl Up {
             tx,
             rx,
             signer,
+            demo_token: None,
         })
+    }
+
+    /// Mint the demo end-user token mesh.yaml `rampart.demoToken` asks for (a published demo
+    /// key; for trying RequestAuthentication out), written 0600 to `<stateDir>/demo-token.jwt`.
+    fn mint_demo_token(&self) -> anyhow::Result<Option<(PathBuf, String)>> {
+        let Some(demo) = read_demo_token(&self.dir).map_err(super::bad_input)? else {
+            return Ok(None);
+        };
+        let key_path = self.dir.join(&demo.key);
+        let key = PrivateKey::read_pem_file(&key_path).map_err(|e| {
+            super::bad_input(format!(
+                "mesh.yaml: rampart.demoToken.key: {}: {e}",
+                key_path.display()
+            ))
+        })?;
+        let signer = match &demo.kid {
+            Some(kid) => JwtSigner::new(&key, kid.clone()),
+            None => JwtSigner::with_thumbprint_kid(&key),
+        }
+        .map_err(|e| super::bad_input(format!("mesh.yaml: rampart.demoToken: {e}")))?;
+        let account = ServiceAccount::new(&demo.namespace, &demo.service_account)
+            .map_err(|e| super::bad_input(format!("mesh.yaml: rampart.demoToken: {e}")))?;
+        let claims = super::token::workload_claims(
+            &demo.issuer,
+            &account,
+            std::slice::from_ref(&demo.audience),
+            SystemTime::now(),
+            TOKEN_TTL,
+        );
+        let token = signer.sign(&claims).context("signing the demo token")?;
+        let path = self.state.join("demo-token.jwt");
+        rampart_certs::write_file_atomic(&path, token.as_bytes(), 0o600)
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(Some((path, demo.issuer)))
     }
 
     fn mint_tokens(&self) -> anyhow::Result<()> {
@@ -483,6 +557,13 @@ impl Up {
         let (code, reason) = match result {
             Ok(()) => {
                 print!("{}", self.table());
+                if let Some((path, issuer)) = &self.demo_token {
+                    println!(
+                        "\ndemo end-user token (issuer {issuer}, valid {}): {}",
+                        humantime::format_duration(TOKEN_TTL),
+                        path.display()
+                    );
+                }
                 let _ = std::io::stdout().flush();
                 eprintln!("rampart up: ready; Ctrl-C stops everything");
                 self.supervise().await
@@ -533,6 +614,9 @@ impl Up {
 
     async fn start(&mut self) -> Result<(), Stop> {
         self.mint_tokens()
+            .map_err(|e| Stop::Failed(format!("{e:#}")))?;
+        self.demo_token = self
+            .mint_demo_token()
             .map_err(|e| Stop::Failed(format!("{e:#}")))?;
         // 1. The CA, trusting our issuer.
         let _ = std::fs::remove_file(&self.bundle);
