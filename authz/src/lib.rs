@@ -7,6 +7,16 @@ mod load;
 mod model;
 mod validate;
 
+mod eval;
+mod eval_compile;
+mod eval_match;
+mod eval_mesh;
+mod eval_request;
+mod explain;
+mod jwt;
+mod normalize;
+mod resolve;
+
 pub use error::Error;
 pub use load::{LoadResult, Problem, SECURITY_GROUP, Skipped, load_path, load_paths, load_str};
 pub use model::{
@@ -19,4 +29,19 @@ pub use model::{
 };
 pub use validate::{
     DRY_RUN_ANNOTATION, Finding, ValidationReport, is_path_template, parse_go_bool, validate,
+};
+
+pub use self::{
+    eval::{Engine, ExtAuthz, NoExtAuthz},
+    eval_mesh::{DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, MeshConfig, MeshConfigError},
+    eval_request::{HttpRequest, JwtClaims, Peer, Protocol, RequestContext, Workload},
+    explain::{
+        Decision, DryRun, HeaderMutation, PolicyRef, ReasonCode, RuleMatch, ShadowAllow, Verdict,
+    },
+    jwt::{
+        AuthnOutcome, CLOCK_SKEW, FileJwksFetcher, JwksCache, JwksFetch, JwksFetcher, JwksSource,
+        NoRemoteJwks, SignatureVerifier,
+    },
+    normalize::{NormalizedPath, PathNormalization, PathRejected, normalize_path},
+    resolve::{EffectiveMtls, MtlsLevel},
 };

@@ -1,0 +1,480 @@
+//! The decision engine: compiled, indexed policies evaluated in Istio's order
+//! (CUSTOM, DENY, ALLOW; AUDIT on the side; dry-run policies reported, never enforced).
+
+use std::borrow::Cow;
+
+use crate::eval_compile::{CRule, CompiledPolicy, Cond, Key, Val, compile_policy};
+use crate::eval_match::claim_matches;
+use crate::eval_mesh::MeshConfig;
+use crate::eval_request::{HttpRequest, RequestContext, Workload};
+use crate::explain::{Decision, DryRun, PolicyRef, ReasonCode, RuleMatch, ShadowAllow, Verdict};
+use crate::jwt::{AuthnOutcome, JwksSource, ReqAuthnSet, SignatureVerifier};
+use crate::model::{Action, Resource};
+use crate::normalize::normalize_path;
+use crate::resolve::{EffectiveMtls, PeerAuthnSet, SelectorIndex, applies};
+use std::time::SystemTime;
+
+/// The extension-provider hook for CUSTOM policies (Istio's ext_authz). The proxy implements it
+/// over the network; the engine stays pure.
+pub trait ExtAuthz {
+    /// Ask provider `provider` about this request; `true` allows it.
+    fn check(&self, provider: &str, workload: &Workload, ctx: &RequestContext) -> bool;
+}
+
+/// No extension provider is reachable: every CUSTOM check denies (fail closed).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoExtAuthz;
+
+impl ExtAuthz for NoExtAuthz {
+    fn check(&self, _: &str, _: &Workload, _: &RequestContext) -> bool {
+        false
+    }
+}
+
+/// Compiled security policies of a mesh: answers which mTLS mode a port has, how a request
+/// authenticates, and whether it is authorized, with an explanation.
+#[derive(Debug)]
+pub struct Engine {
+    mesh: MeshConfig,
+    authz: Vec<CompiledPolicy>,
+    authz_index: SelectorIndex,
+    peer: PeerAuthnSet,
+    pub(crate) reqauthn: ReqAuthnSet,
+    warnings: Vec<String>,
+}
+
+/// The per-request view of attributes, computed once.
+struct Attrs<'a> {
+    ctx: &'a RequestContext,
+    path: Option<String>,
+}
+
+impl Engine {
+    /// Compile validated resources (as the loader hands them out) under `mesh`.
+    pub fn new(resources: impl IntoIterator<Item = Resource>, mesh: MeshConfig) -> Engine {
+        let tds = mesh.trust_domains();
+        let mut aps = Vec::new();
+        let mut pas = Vec::new();
+        let mut ras = Vec::new();
+        for r in resources {
+            match r {
+                Resource::AuthorizationPolicy(p) => aps.push(p),
+                Resource::PeerAuthentication(p) => pas.push(p),
+                Resource::RequestAuthentication(p) => ras.push(p),
+            }
+        }
+        // Deterministic order: by namespace, then name.
+        aps.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
+        let mut warnings = Vec::new();
+        let mut authz = Vec::with_capacity(aps.len());
+        let mut authz_index = SelectorIndex::default();
+        for p in &aps {
+            let c = compile_policy(p, &tds);
+            warnings.extend(c.warnings.iter().cloned());
+            if c.has_target_refs {
+                continue;
+            }
+            authz_index.insert(authz.len(), &c.policy.namespace, &c.selector);
+            authz.push(c);
+        }
+        let reqauthn = ReqAuthnSet::new(ras, &mut warnings);
+        Engine {
+            mesh,
+            authz,
+            authz_index,
+            peer: PeerAuthnSet::new(pas),
+            reqauthn,
+            warnings,
+        }
+    }
+
+    /// The mesh settings in use.
+    pub fn mesh(&self) -> &MeshConfig {
+        &self.mesh
+    }
+
+    /// Translation warnings (values dropped the way Istio drops them).
+    pub fn warnings(&self) -> &[String] {
+        &self.warnings
+    }
+
+    /// The effective PeerAuthentication mode for `port` of `workload` (workload > namespace >
+    /// mesh, port-level modes, UNSET inherits, default PERMISSIVE).
+    pub fn peer_authentication(&self, workload: &Workload, port: u16) -> EffectiveMtls {
+        self.peer
+            .effective(&self.mesh.root_namespace, workload, port)
+    }
+
+    /// Authenticate `request` with the RequestAuthentications that apply to `workload`:
+    /// no token → [`AuthnOutcome::NoToken`]; invalid token → rejected with 401; audience not
+    /// allowed → 403. `now` is the clock for `exp`/`nbf` (60 s skew); `keys` supplies
+    /// `jwksUri` key sets; `verifier` checks signatures.
+    pub fn authenticate_request_with(
+        &self,
+        workload: &Workload,
+        request: &HttpRequest,
+        now: SystemTime,
+        keys: &dyn JwksSource,
+        verifier: &dyn SignatureVerifier,
+    ) -> AuthnOutcome {
+        crate::jwt::authenticate(
+            &self.reqauthn,
+            &self.mesh.root_namespace,
+            workload,
+            request,
+            now,
+            keys,
+            verifier,
+        )
+    }
+
+    /// Authentication then authorization for one request, as the proxy runs them: a rejected
+    /// token answers 401/403 before any AuthorizationPolicy; otherwise the verified claims (if
+    /// any) feed `requestPrincipals`/`request.auth.*`, and on allow the decision carries the
+    /// JWT header mutations. `ctx.jwt` is overwritten.
+    pub fn check_with(
+        &self,
+        workload: &Workload,
+        ctx: &RequestContext,
+        now: SystemTime,
+        keys: &dyn JwksSource,
+        verifier: &dyn SignatureVerifier,
+        ext: &dyn ExtAuthz,
+    ) -> Decision {
+        let Some(http) = &ctx.http else {
+            let mut c = ctx.clone();
+            c.jwt = None;
+            return self.authorize_with(workload, &c, ext);
+        };
+        let mut c = ctx.clone();
+        c.jwt = None;
+        let mut headers = Vec::new();
+        match self.authenticate_request_with(workload, http, now, keys, verifier) {
+            AuthnOutcome::NoToken => {}
+            AuthnOutcome::Authenticated {
+                claims, headers: h, ..
+            } => {
+                c.jwt = Some(claims);
+                headers = h;
+            }
+            AuthnOutcome::Rejected {
+                status,
+                reason,
+                policy,
+            } => {
+                let code = if status == 403 {
+                    ReasonCode::JwtAudienceMismatch
+                } else {
+                    ReasonCode::JwtInvalid
+                };
+                let mut d = Decision::new(Verdict::Deny, status, code, reason);
+                d.policy = policy;
+                return d;
+            }
+        }
+        let mut d = self.authorize_with(workload, &c, ext);
+        if d.is_allowed() {
+            d.headers = headers;
+        }
+        d
+    }
+
+    /// The AuthorizationPolicies that apply to `workload` (namespace/name), in evaluation order.
+    pub fn policies_for(&self, workload: &Workload) -> Vec<PolicyRef> {
+        self.applicable(workload)
+            .into_iter()
+            .map(|p| p.policy.clone())
+            .collect()
+    }
+
+    fn applicable(&self, w: &Workload) -> Vec<&CompiledPolicy> {
+        let mut ids = Vec::new();
+        self.authz_index
+            .candidates(&self.mesh.root_namespace, w, &mut ids);
+        ids.into_iter()
+            .map(|i| &self.authz[i])
+            .filter(|p| {
+                applies(
+                    &p.policy.namespace,
+                    &p.selector,
+                    p.has_target_refs,
+                    &self.mesh.root_namespace,
+                    w,
+                )
+            })
+            .collect()
+    }
+
+    /// Authorize a connection (TCP) or request (HTTP) to `workload`. CUSTOM policies that match
+    /// are denied (no extension provider is wired: fail closed); see [`Engine::authorize_with`].
+    pub fn authorize(&self, workload: &Workload, ctx: &RequestContext) -> Decision {
+        self.authorize_with(workload, ctx, &NoExtAuthz)
+    }
+
+    /// Authorize with an extension-provider hook for CUSTOM policies.
+    pub fn authorize_with(
+        &self,
+        workload: &Workload,
+        ctx: &RequestContext,
+        ext: &dyn ExtAuthz,
+    ) -> Decision {
+        let mut attrs = Attrs { ctx, path: None };
+        if let Some(h) = &ctx.http {
+            match normalize_path(&h.path, self.mesh.path_normalization) {
+                Ok(n) => attrs.path = Some(n.path),
+                Err(e) => {
+                    return Decision::new(
+                        Verdict::Deny,
+                        400,
+                        ReasonCode::BadPath,
+                        format!("bad request path: {}", e.reason),
+                    );
+                }
+            }
+        }
+        let policies = self.applicable(workload);
+        let http = ctx.http.is_some();
+        let first_match = |p: &CompiledPolicy| -> Option<RuleMatch> {
+            let rules = if http { &p.http } else { &p.tcp };
+            rules
+                .iter()
+                .find(|r| rule_matches(r, &attrs))
+                .map(|r| RuleMatch {
+                    policy: p.policy.clone(),
+                    action: p.action,
+                    rule: r.index,
+                })
+        };
+
+        let considered: Vec<PolicyRef> = policies
+            .iter()
+            .filter(|p| p.action != Action::Audit && !p.dry_run)
+            .map(|p| p.policy.clone())
+            .collect();
+        let mut dry_run = DryRun::default();
+        let mut audit = None;
+        for p in &policies {
+            match (p.action, p.dry_run) {
+                (Action::Audit, _) if audit.is_none() => audit = first_match(p),
+                (Action::Deny, true) if dry_run.deny.is_none() => dry_run.deny = first_match(p),
+                (Action::Allow, true) => {
+                    let m = first_match(p);
+                    match &mut dry_run.allow {
+                        Some(s) if s.matched.is_some() => {}
+                        slot => {
+                            *slot = Some(ShadowAllow {
+                                verdict: if m.is_some() {
+                                    Verdict::Allow
+                                } else {
+                                    Verdict::Deny
+                                },
+                                matched: m,
+                            })
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        let finish = |mut d: Decision| -> Decision {
+            d.audit = audit.clone();
+            d.dry_run = dry_run.clone();
+            d.considered = considered.clone();
+            d.normalized_path = attrs.path.clone();
+            d
+        };
+
+        // 1. CUSTOM.
+        let customs: Vec<&&CompiledPolicy> = policies
+            .iter()
+            .filter(|p| p.action == Action::Custom && !p.dry_run)
+            .collect();
+        if !customs.is_empty() {
+            let mut providers: Vec<&str> = customs
+                .iter()
+                .map(|p| p.provider.as_deref().unwrap_or(""))
+                .collect();
+            providers.sort_unstable();
+            providers.dedup();
+            for p in &customs {
+                if let Some(m) = first_match(p) {
+                    let prov = p.provider.as_deref().unwrap_or("");
+                    let known = self.mesh.extension_providers.iter().any(|x| x == prov);
+                    if !known || providers.len() > 1 {
+                        let why = if !known {
+                            format!(
+                                "CUSTOM provider {prov:?} is not defined in the mesh config extensionProviders; matching requests are denied (fail closed)"
+                            )
+                        } else {
+                            format!(
+                                "several CUSTOM providers ({}) select this workload; matching requests are denied (fail closed)",
+                                providers.join(", ")
+                            )
+                        };
+                        return finish(
+                            Decision::new(
+                                Verdict::Deny,
+                                403,
+                                ReasonCode::CustomProviderInvalid,
+                                why,
+                            )
+                            .with_match(&m),
+                        );
+                    }
+                    if !ext.check(prov, workload, ctx) {
+                        return finish(
+                            Decision::new(
+                                Verdict::Deny,
+                                403,
+                                ReasonCode::CustomDenied,
+                                format!("extension provider {prov:?} denied the request"),
+                            )
+                            .with_match(&m),
+                        );
+                    }
+                    // Allowed by the provider: DENY and ALLOW still apply.
+                    break;
+                }
+            }
+        }
+
+        // 2. DENY: any match denies.
+        for p in policies
+            .iter()
+            .filter(|p| p.action == Action::Deny && !p.dry_run)
+        {
+            if let Some(m) = first_match(p) {
+                return finish(
+                    Decision::new(
+                        Verdict::Deny,
+                        403,
+                        ReasonCode::DenyMatched,
+                        format!("DENY policy {} rule {} matched", m.policy, m.rule),
+                    )
+                    .with_match(&m),
+                );
+            }
+        }
+
+        // 3-5. ALLOW.
+        let allows: Vec<&&CompiledPolicy> = policies
+            .iter()
+            .filter(|p| p.action == Action::Allow && !p.dry_run)
+            .collect();
+        if allows.is_empty() {
+            return finish(Decision::new(
+                Verdict::Allow,
+                200,
+                ReasonCode::NoAllowPolicy,
+                "no ALLOW policy applies to the workload".to_string(),
+            ));
+        }
+        for p in &allows {
+            if let Some(m) = first_match(p) {
+                return finish(
+                    Decision::new(
+                        Verdict::Allow,
+                        200,
+                        ReasonCode::AllowMatched,
+                        format!("ALLOW policy {} rule {} matched", m.policy, m.rule),
+                    )
+                    .with_match(&m),
+                );
+            }
+        }
+        let names: Vec<String> = allows.iter().map(|p| p.policy.to_string()).collect();
+        let mut why = format!(
+            "ALLOW policies apply to the workload but none matched ({})",
+            names.join(", ")
+        );
+        if !http && allows.iter().any(|p| p.tcp.len() < p.http.len()) {
+            why.push_str("; rules with HTTP-only attributes never match on a TCP port");
+        }
+        finish(Decision::new(
+            Verdict::Deny,
+            403,
+            ReasonCode::NoAllowMatched,
+            why,
+        ))
+    }
+}
+
+fn rule_matches(r: &CRule, a: &Attrs<'_>) -> bool {
+    (r.from.is_empty()
+        || r.from
+            .iter()
+            .any(|cs| cs.iter().all(|c| cond_matches(c, a))))
+        && (r.to.is_empty() || r.to.iter().any(|cs| cs.iter().all(|c| cond_matches(c, a))))
+        && r.when.iter().all(|c| cond_matches(c, a))
+}
+
+fn cond_matches(c: &Cond, a: &Attrs<'_>) -> bool {
+    (c.pos.is_empty() || c.pos.iter().any(|v| val_matches(&c.key, v, a)))
+        && !c.neg.iter().any(|v| val_matches(&c.key, v, a))
+}
+
+/// Does attribute `key` of the request match `v`? An absent attribute never matches.
+fn val_matches(key: &Key, v: &Val, a: &Attrs<'_>) -> bool {
+    let ctx = a.ctx;
+    match key {
+        Key::PeerPrincipal => ctx
+            .source
+            .principal
+            .as_deref()
+            .is_some_and(|p| str_val(v, p)),
+        Key::SourceIp => ctx.source.ip.is_some_and(|ip| cidr_val(v, ip)),
+        Key::RemoteIp => ctx.remote_ip().is_some_and(|ip| cidr_val(v, ip)),
+        Key::DestIp => ctx.destination_ip.is_some_and(|ip| cidr_val(v, ip)),
+        Key::DestPort => matches!(v, Val::Port(p) if *p == ctx.destination_port),
+        Key::Sni => ctx.sni.as_deref().is_some_and(|s| str_val(v, s)),
+        Key::Host => ctx.http.as_ref().is_some_and(|h| str_val(v, &h.host)),
+        Key::Method => ctx.http.as_ref().is_some_and(|h| str_val(v, &h.method)),
+        Key::Path => match (v, a.path.as_deref()) {
+            (Val::Path(m), Some(p)) => m.matches(p),
+            _ => false,
+        },
+        Key::Header(name) => ctx
+            .http
+            .as_ref()
+            .and_then(|h| header_value(h, name, a))
+            .is_some_and(|hv| str_val(v, &hv)),
+        Key::RequestPrincipal => match (v, &ctx.jwt) {
+            (Val::ReqPrincipal(m), Some(j)) => m.matches(j.str_claim("iss"), j.str_claim("sub")),
+            _ => false,
+        },
+        Key::Claim(path) => match (v, &ctx.jwt) {
+            (Val::Str(m), Some(j)) => j.path(path).is_some_and(|c| claim_matches(c, m)),
+            _ => false,
+        },
+        Key::Metadata => false,
+    }
+}
+
+fn header_value<'a>(
+    h: &'a crate::eval_request::HttpRequest,
+    name: &str,
+    a: &Attrs<'_>,
+) -> Option<Cow<'a, str>> {
+    match name {
+        ":method" => Some(Cow::Borrowed(h.method.as_str())),
+        ":authority" => Some(Cow::Borrowed(h.host.as_str())),
+        ":path" => Some(Cow::Owned(match (&a.path, h.path.find('?')) {
+            (Some(p), Some(q)) => format!("{p}{}", &h.path[q..]),
+            (Some(p), None) => p.clone(),
+            (None, _) => h.path.clone(),
+        })),
+        _ => h.header(name),
+    }
+}
+
+fn str_val(v: &Val, s: &str) -> bool {
+    match v {
+        Val::Str(m) => m.matches(s),
+        Val::StrI(m) => m.matches_ignore_case(s),
+        _ => false,
+    }
+}
+
+fn cidr_val(v: &Val, ip: std::net::IpAddr) -> bool {
+    matches!(v, Val::Cidr(n) if n.contains(&ip))
+}

@@ -1,0 +1,713 @@
+//! RequestAuthentication at request time: token extraction, verification against JWKS,
+//! issuer/audience/time checks, and the header outputs, with Istio's (Envoy's) outcomes:
+//! no token → no request principal; invalid token → 401; audience not allowed → 403.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use serde::Serialize;
+use serde_json::{Map, Value};
+
+use crate::eval_request::{HttpRequest, JwtClaims, Workload};
+use crate::explain::{HeaderMutation, PolicyRef};
+use crate::model::{JwtRule, RequestAuthentication};
+use crate::resolve::{SelectorIndex, applies};
+
+/// Envoy's default clock skew for `exp`/`nbf` (Istio does not change it).
+pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
+
+/// Checks JWS signatures. The engine does the JWT claim checks itself; an implementation only
+/// answers "is this compact token signed by one of these keys with an algorithm Istio accepts
+/// (RS256/384/512, PS256/384/512, ES256/384, EdDSA)?" and must refuse `alg: none` and HMAC.
+pub trait SignatureVerifier {
+    /// `Ok(())` when `token`'s signature verifies with a key of `jwks` (JWKS JSON text).
+    fn verify_signature(&self, token: &str, jwks: &str) -> Result<(), String>;
+}
+
+/// Where JWKS documents come from at request time (`jwksUri` rules; inline `jwks` needs no
+/// source). [`JwksCache`] is the standard implementation.
+pub trait JwksSource {
+    /// The current key set for `uri`, or why there is none (then tokens for the rule fail
+    /// closed with 401 while requests without a token still pass, as Istio does).
+    fn jwks(&self, uri: &str) -> Result<Arc<str>, String>;
+}
+
+/// A source with no remote key sets (only inline `jwks` works).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRemoteJwks;
+
+impl JwksSource for NoRemoteJwks {
+    fn jwks(&self, uri: &str) -> Result<Arc<str>, String> {
+        Err(format!("JWKS {uri} has not been fetched"))
+    }
+}
+
+/// Fetches a JWKS document. The proxy implements it over HTTP with the rule's timeout;
+/// [`FileJwksFetcher`] reads local files for offline checks.
+pub trait JwksFetcher {
+    /// The body at `uri`, or why it could not be fetched within `timeout`.
+    fn fetch(&self, uri: &str, timeout: Duration) -> Result<String, String>;
+}
+
+/// Reads `file://` URIs and plain paths, and maps other URIs to files through `overrides`
+/// (relative paths resolve against `base_dir`). Never touches the network.
+#[derive(Debug, Clone, Default)]
+pub struct FileJwksFetcher {
+    /// Directory relative paths resolve against.
+    pub base_dir: Option<std::path::PathBuf>,
+    /// URI → file to read instead.
+    pub overrides: BTreeMap<String, std::path::PathBuf>,
+}
+
+impl JwksFetcher for FileJwksFetcher {
+    fn fetch(&self, uri: &str, _timeout: Duration) -> Result<String, String> {
+        let path: std::path::PathBuf = if let Some(p) = self.overrides.get(uri) {
+            p.clone()
+        } else if let Some(p) = uri.strip_prefix("file://") {
+            p.into()
+        } else if uri.starts_with("http://") || uri.starts_with("https://") {
+            return Err(format!(
+                "{uri}: remote JWKS are not fetched here (map it to a local file)"
+            ));
+        } else {
+            uri.into()
+        };
+        let path = match (&self.base_dir, path.is_relative()) {
+            (Some(b), true) => b.join(path),
+            _ => path,
+        };
+        std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()))
+    }
+}
+
+#[derive(Debug, Clone, Default)]
+struct CacheEntry {
+    good: Option<Arc<str>>,
+    fetched_at: Option<SystemTime>,
+    last_attempt: Option<SystemTime>,
+    last_error: Option<String>,
+}
+
+/// JWKS cache with last-good-set semantics: a failed refresh keeps the previous key set; a
+/// failed *first* fetch leaves no key set, so tokens for that issuer are refused (fail closed)
+/// — never an empty set that would look like "no keys to check".
+#[derive(Debug, Clone)]
+pub struct JwksCache {
+    refresh_every: Duration,
+    retry_every: Duration,
+    entries: HashMap<String, CacheEntry>,
+}
+
+/// One JWKS document to fetch.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwksFetch {
+    /// The `jwksUri`.
+    pub uri: String,
+    /// The rule's `timeout` (default 5s).
+    pub timeout: Duration,
+}
+
+impl JwksCache {
+    /// A cache that refreshes good sets every `refresh_every` (Istio/Envoy default: 20 min)
+    /// and retries failures every `retry_every`.
+    pub fn new(refresh_every: Duration, retry_every: Duration) -> Self {
+        JwksCache {
+            refresh_every,
+            retry_every,
+            entries: HashMap::new(),
+        }
+    }
+
+    /// The URIs of `engine`'s rules that are due for a fetch at `now`.
+    pub fn due(&self, engine: &crate::Engine, now: SystemTime) -> Vec<JwksFetch> {
+        let mut out: Vec<JwksFetch> = Vec::new();
+        for (uri, timeout) in engine.reqauthn.jwks_uris() {
+            let e = self.entries.get(&uri);
+            let due = match e {
+                None => true,
+                Some(e) => {
+                    let every = if e.last_error.is_some() {
+                        self.retry_every
+                    } else {
+                        self.refresh_every
+                    };
+                    e.last_attempt
+                        .and_then(|t| now.duration_since(t).ok())
+                        .is_none_or(|age| age >= every)
+                }
+            };
+            if due && !out.iter().any(|f| f.uri == uri) {
+                out.push(JwksFetch { uri, timeout });
+            }
+        }
+        out
+    }
+
+    /// Record a fetch result. A body that is not a JWKS with at least one key counts as a
+    /// failure. Failures keep the last good set.
+    pub fn record(&mut self, uri: &str, result: Result<String, String>, now: SystemTime) {
+        let e = self.entries.entry(uri.to_string()).or_default();
+        e.last_attempt = Some(now);
+        match result.and_then(|body| check_jwks(&body).map(|()| body)) {
+            Ok(body) => {
+                e.good = Some(Arc::from(body));
+                e.fetched_at = Some(now);
+                e.last_error = None;
+            }
+            Err(why) => e.last_error = Some(why),
+        }
+    }
+
+    /// Fetch everything due with `fetcher` (synchronously) and record the results.
+    pub fn refresh(&mut self, engine: &crate::Engine, fetcher: &dyn JwksFetcher, now: SystemTime) {
+        for f in self.due(engine, now) {
+            let r = fetcher.fetch(&f.uri, f.timeout);
+            self.record(&f.uri, r, now);
+        }
+    }
+
+    /// The last error for `uri`, if its latest fetch failed.
+    pub fn last_error(&self, uri: &str) -> Option<&str> {
+        self.entries.get(uri)?.last_error.as_deref()
+    }
+}
+
+impl Default for JwksCache {
+    fn default() -> Self {
+        JwksCache::new(Duration::from_secs(20 * 60), Duration::from_secs(1))
+    }
+}
+
+impl JwksSource for JwksCache {
+    fn jwks(&self, uri: &str) -> Result<Arc<str>, String> {
+        match self.entries.get(uri) {
+            Some(CacheEntry { good: Some(g), .. }) => Ok(g.clone()),
+            Some(CacheEntry {
+                last_error: Some(e),
+                ..
+            }) => Err(format!("JWKS {uri} unavailable: {e}")),
+            _ => Err(format!("JWKS {uri} has not been fetched")),
+        }
+    }
+}
+
+/// A JWKS document: a JSON object with a non-empty `keys` array of objects with `kty`.
+pub(crate) fn check_jwks(body: &str) -> Result<(), String> {
+    let v: Value = serde_json::from_str(body).map_err(|e| format!("not a JWKS: {e}"))?;
+    let keys = v
+        .get("keys")
+        .and_then(Value::as_array)
+        .ok_or("not a JWKS: no \"keys\" array")?;
+    if keys.is_empty() {
+        return Err("JWKS has no keys".into());
+    }
+    if keys
+        .iter()
+        .any(|k| k.get("kty").and_then(Value::as_str).is_none())
+    {
+        return Err("JWKS key without \"kty\"".into());
+    }
+    Ok(())
+}
+
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Location {
+    Header { name: String, prefix: String },
+    Param(String),
+    Cookie(String),
+}
+
+#[derive(Debug, Clone)]
+enum Keys {
+    Inline(Result<Arc<str>, String>),
+    Uri(String),
+}
+
+#[derive(Debug, Clone)]
+struct CompiledJwtRule {
+    policy: PolicyRef,
+    issuer: Option<String>,
+    audiences: Vec<String>,
+    keys: Keys,
+    timeout: Duration,
+    locations: Vec<Location>,
+    output_payload_to_header: Option<String>,
+    claim_to_headers: Vec<(String, String)>,
+    forward_original_token: bool,
+    space_delimited: Vec<String>,
+}
+
+#[derive(Debug)]
+struct CompiledReqAuthn {
+    policy: PolicyRef,
+    selector: BTreeMap<String, String>,
+    has_target_refs: bool,
+    rules: Vec<CompiledJwtRule>,
+}
+
+/// All RequestAuthentications, indexed like AuthorizationPolicies.
+#[derive(Debug, Default)]
+pub(crate) struct ReqAuthnSet {
+    policies: Vec<CompiledReqAuthn>,
+    index: SelectorIndex,
+}
+
+fn compile_rule(policy: &PolicyRef, r: &JwtRule, warnings: &mut Vec<String>) -> CompiledJwtRule {
+    let mut locations = Vec::new();
+    if r.uses_default_locations() {
+        locations.push(Location::Header {
+            name: "authorization".into(),
+            prefix: "Bearer ".into(),
+        });
+        locations.push(Location::Param("access_token".into()));
+    } else {
+        for h in r.from_headers.iter().flatten() {
+            locations.push(Location::Header {
+                name: h.name.clone().unwrap_or_default().to_ascii_lowercase(),
+                prefix: h.prefix.clone(),
+            });
+        }
+        for p in r.from_params.iter().flatten() {
+            locations.push(Location::Param(p.clone()));
+        }
+        for c in r.from_cookies.iter().flatten() {
+            locations.push(Location::Cookie(c.clone()));
+        }
+    }
+    let keys = match (&r.jwks, &r.jwks_uri) {
+        (Some(inline), _) if !inline.is_empty() => Keys::Inline(
+            check_jwks(inline)
+                .map(|()| Arc::from(inline.as_str()))
+                .inspect_err(|e| warnings.push(format!("{policy}: inline jwks: {e}"))),
+        ),
+        (_, Some(uri)) if !uri.is_empty() => Keys::Uri(uri.clone()),
+        _ => {
+            // OpenID discovery of `issuer` is not performed by a pure engine: fail closed.
+            warnings.push(format!(
+                "{policy}: issuer {:?} has neither jwks nor jwksUri; its tokens are refused",
+                r.issuer.as_deref().unwrap_or("")
+            ));
+            Keys::Inline(Err(
+                "no jwks or jwksUri configured (OpenID discovery is not supported)".into(),
+            ))
+        }
+    };
+    let mut space_delimited = vec!["scope".to_string(), "permission".to_string()];
+    space_delimited.extend(r.space_delimited_claims.iter().cloned());
+    CompiledJwtRule {
+        policy: policy.clone(),
+        issuer: r.issuer.clone().filter(|s| !s.is_empty()),
+        audiences: r.audiences.clone(),
+        keys,
+        timeout: r.timeout(),
+        locations,
+        output_payload_to_header: r.output_payload_to_header.clone().filter(|s| !s.is_empty()),
+        claim_to_headers: r
+            .output_claim_to_headers
+            .iter()
+            .filter_map(|c| Some((c.header.clone()?, c.claim.clone()?)))
+            .collect(),
+        forward_original_token: r.forward_original_token,
+        space_delimited,
+    }
+}
+
+impl ReqAuthnSet {
+    pub(crate) fn new(mut list: Vec<RequestAuthentication>, warnings: &mut Vec<String>) -> Self {
+        list.sort_by(|a, b| (a.namespace(), a.name()).cmp(&(b.namespace(), b.name())));
+        let mut set = ReqAuthnSet::default();
+        for p in list {
+            if p.spec.has_target_refs() {
+                continue;
+            }
+            let policy = PolicyRef {
+                kind: "RequestAuthentication",
+                namespace: p.namespace().to_string(),
+                name: p.name().to_string(),
+            };
+            let rules = p
+                .spec
+                .rules()
+                .iter()
+                .map(|r| compile_rule(&policy, r, warnings))
+                .collect();
+            let selector = p
+                .spec
+                .selector
+                .as_ref()
+                .map(|s| s.match_labels.clone())
+                .unwrap_or_default();
+            set.index
+                .insert(set.policies.len(), &policy.namespace, &selector);
+            set.policies.push(CompiledReqAuthn {
+                policy,
+                selector,
+                has_target_refs: false,
+                rules,
+            });
+        }
+        set
+    }
+
+    pub(crate) fn jwks_uris(&self) -> Vec<(String, Duration)> {
+        self.policies
+            .iter()
+            .flat_map(|p| p.rules.iter())
+            .filter_map(|r| match &r.keys {
+                Keys::Uri(u) => Some((u.clone(), r.timeout)),
+                Keys::Inline(_) => None,
+            })
+            .collect()
+    }
+
+    /// The jwtRules of every RequestAuthentication selecting `w`, merged and sorted by issuer.
+    fn rules_for(&self, root_ns: &str, w: &Workload) -> Vec<&CompiledJwtRule> {
+        let mut ids = Vec::new();
+        self.index.candidates(root_ns, w, &mut ids);
+        let mut rules: Vec<&CompiledJwtRule> = ids
+            .into_iter()
+            .map(|i| &self.policies[i])
+            .filter(|p| {
+                applies(
+                    &p.policy.namespace,
+                    &p.selector,
+                    p.has_target_refs,
+                    root_ns,
+                    w,
+                )
+            })
+            .flat_map(|p| p.rules.iter())
+            .collect();
+        rules.sort_by(|a, b| a.issuer.cmp(&b.issuer));
+        rules
+    }
+}
+
+/// The result of request authentication.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(tag = "outcome", rename_all = "snake_case")]
+pub enum AuthnOutcome {
+    /// No token in any configured location (or no RequestAuthentication applies, or a CORS
+    /// preflight): the request passes with no request principal.
+    NoToken,
+    /// Every token present verified.
+    Authenticated {
+        /// `<iss>/<sub>`, if both claims are strings.
+        principal: Option<String>,
+        /// The verified claims (space-delimited claims split), for authorization.
+        claims: JwtClaims,
+        /// The RequestAuthentication whose rule verified the token.
+        policy: PolicyRef,
+        /// Header changes before forwarding (outputs, token removal).
+        headers: Vec<HeaderMutation>,
+    },
+    /// A token is present but invalid: 401; or its audience is not allowed: 403.
+    Rejected {
+        /// 401 or 403.
+        status: u16,
+        /// Envoy-style reason (`Jwt is expired`, `Jwt verification fails`, ...).
+        reason: String,
+        /// The RequestAuthentication involved, if one was.
+        policy: Option<PolicyRef>,
+    },
+}
+
+impl AuthnOutcome {
+    /// The verified claims, when authenticated.
+    pub fn claims(&self) -> Option<&JwtClaims> {
+        match self {
+            AuthnOutcome::Authenticated { claims, .. } => Some(claims),
+            _ => None,
+        }
+    }
+}
+
+fn b64(s: &str) -> Option<Vec<u8>> {
+    base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(s.trim_end_matches('='))
+        .ok()
+}
+
+fn query_params(path: &str) -> Vec<(String, String)> {
+    let Some(q) = path.split_once('?').map(|(_, q)| q) else {
+        return Vec::new();
+    };
+    let q = q.split('#').next().unwrap_or("");
+    q.split('&')
+        .filter(|kv| !kv.is_empty())
+        .map(|kv| {
+            let (k, v) = kv.split_once('=').unwrap_or((kv, ""));
+            let dec = |s: &str| {
+                percent_encoding::percent_decode_str(&s.replace('+', " "))
+                    .decode_utf8_lossy()
+                    .into_owned()
+            };
+            (dec(k), dec(v))
+        })
+        .collect()
+}
+
+fn cookies(req: &HttpRequest) -> Vec<(String, String)> {
+    req.headers
+        .iter()
+        .filter(|(k, _)| k.eq_ignore_ascii_case("cookie"))
+        .flat_map(|(_, v)| v.split(';'))
+        .filter_map(|c| {
+            let (k, v) = c.trim().split_once('=')?;
+            Some((k.trim().to_string(), v.trim().trim_matches('"').to_string()))
+        })
+        .collect()
+}
+
+/// The tokens present in `loc`.
+fn extract(loc: &Location, req: &HttpRequest) -> Vec<String> {
+    match loc {
+        Location::Header { name, prefix } => req
+            .headers
+            .iter()
+            .filter(|(k, _)| k.eq_ignore_ascii_case(name))
+            .filter_map(|(_, v)| {
+                let t = if prefix.is_empty() {
+                    v.as_str()
+                } else {
+                    v.strip_prefix(prefix.as_str())?
+                };
+                let t = t.trim();
+                (!t.is_empty()).then(|| t.to_string())
+            })
+            .collect(),
+        Location::Param(p) => query_params(&req.path)
+            .into_iter()
+            .filter(|(k, v)| k == p && !v.is_empty())
+            .map(|(_, v)| v)
+            .collect(),
+        Location::Cookie(c) => cookies(req)
+            .into_iter()
+            .filter(|(k, v)| k == c && !v.is_empty())
+            .map(|(_, v)| v)
+            .collect(),
+    }
+}
+
+fn reject(status: u16, reason: impl Into<String>, policy: Option<&PolicyRef>) -> Box<AuthnOutcome> {
+    Box::new(AuthnOutcome::Rejected {
+        status,
+        reason: reason.into(),
+        policy: policy.cloned(),
+    })
+}
+
+fn unix(now: SystemTime) -> i64 {
+    match now.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    }
+}
+
+fn num_claim(c: &Map<String, Value>, k: &str) -> Result<Option<i64>, ()> {
+    match c.get(k) {
+        None => Ok(None),
+        Some(Value::Number(n)) => n
+            .as_i64()
+            .or_else(|| n.as_f64().map(|f| f as i64))
+            .map(Some)
+            .ok_or(()),
+        Some(_) => Err(()),
+    }
+}
+
+fn claim_to_header_value(claims: &Map<String, Value>, claim: &str) -> Option<String> {
+    let mut parts = claim.split('.');
+    let mut v = claims.get(parts.next()?)?;
+    for p in parts {
+        v = v.as_object()?.get(p)?;
+    }
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Number(n) => Some(n.to_string()),
+        Value::Bool(b) => Some(b.to_string()),
+        _ => None,
+    }
+}
+
+/// Verify one token found at `loc` against the rules that read `loc`.
+fn verify_one(
+    token: &str,
+    loc: &Location,
+    rules: &[&CompiledJwtRule],
+    now: SystemTime,
+    keys: &dyn JwksSource,
+    verifier: &dyn SignatureVerifier,
+) -> Result<(Map<String, Value>, usize), Box<AuthnOutcome>> {
+    let parts: Vec<&str> = token.split('.').collect();
+    if parts.len() != 3 {
+        return Err(reject(
+            401,
+            "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections",
+            None,
+        ));
+    }
+    let header: Option<Map<String, Value>> =
+        b64(parts[0]).and_then(|b| serde_json::from_slice(&b).ok());
+    let claims: Option<Map<String, Value>> =
+        b64(parts[1]).and_then(|b| serde_json::from_slice(&b).ok());
+    let (Some(header), Some(mut claims)) = (header, claims) else {
+        return Err(reject(
+            401,
+            "Jwt header or payload is an invalid JSON",
+            None,
+        ));
+    };
+    if header.get("alg").and_then(Value::as_str).is_none() {
+        return Err(reject(401, "Jwt header [alg] field is required", None));
+    }
+    let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
+    let Some(ri) = rules
+        .iter()
+        .position(|r| r.locations.contains(loc) && r.issuer.as_deref().is_none_or(|i| i == iss))
+    else {
+        return Err(reject(401, "Jwt issuer is not configured", None));
+    };
+    let rule = rules[ri];
+    let p = Some(&rule.policy);
+    // Time, then audiences, then signature: Envoy's order.
+    let t = unix(now);
+    let skew = CLOCK_SKEW.as_secs() as i64;
+    match num_claim(&claims, "exp") {
+        Err(()) => return Err(reject(401, "Jwt exp claim is invalid", p)),
+        Ok(Some(exp)) if t > exp + skew => return Err(reject(401, "Jwt is expired", p)),
+        _ => {}
+    }
+    match num_claim(&claims, "nbf") {
+        Err(()) => return Err(reject(401, "Jwt nbf claim is invalid", p)),
+        Ok(Some(nbf)) if t + skew < nbf => return Err(reject(401, "Jwt not yet valid", p)),
+        _ => {}
+    }
+    if !rule.audiences.is_empty() {
+        let ok = match claims.get("aud") {
+            Some(Value::String(a)) => rule.audiences.iter().any(|x| x == a),
+            Some(Value::Array(list)) => list
+                .iter()
+                .filter_map(Value::as_str)
+                .any(|a| rule.audiences.iter().any(|x| x == a)),
+            _ => false,
+        };
+        if !ok {
+            return Err(reject(403, "Audiences in Jwt are not allowed", p));
+        }
+    }
+    let jwks = match &rule.keys {
+        Keys::Inline(Ok(j)) => j.clone(),
+        Keys::Inline(Err(e)) => {
+            return Err(reject(401, format!("Jwks doesn't have valid keys: {e}"), p));
+        }
+        Keys::Uri(u) => match keys.jwks(u) {
+            Ok(j) => j,
+            Err(e) => return Err(reject(401, format!("Jwks remote fetch is failed: {e}"), p)),
+        },
+    };
+    if let Err(e) = verifier.verify_signature(token, &jwks) {
+        return Err(reject(401, format!("Jwt verification fails: {e}"), p));
+    }
+    for name in &rule.space_delimited {
+        if let Some(Value::String(s)) = claims.get(name) {
+            let list: Vec<Value> = s
+                .split(' ')
+                .filter(|x| !x.is_empty())
+                .map(|x| Value::String(x.to_string()))
+                .collect();
+            claims.insert(name.clone(), Value::Array(list));
+        }
+    }
+    Ok((claims, ri))
+}
+
+/// Authenticate `req` against the jwtRules that apply to `w`.
+pub(crate) fn authenticate(
+    set: &ReqAuthnSet,
+    root_ns: &str,
+    w: &Workload,
+    req: &HttpRequest,
+    now: SystemTime,
+    keys: &dyn JwksSource,
+    verifier: &dyn SignatureVerifier,
+) -> AuthnOutcome {
+    let rules = set.rules_for(root_ns, w);
+    if rules.is_empty() {
+        return AuthnOutcome::NoToken;
+    }
+    // CORS preflight requests bypass JWT checks (Istio sets bypass_cors_preflight).
+    if req.method == "OPTIONS"
+        && req.header("origin").is_some()
+        && req.header("access-control-request-method").is_some()
+    {
+        return AuthnOutcome::NoToken;
+    }
+    let mut locs: Vec<&Location> = Vec::new();
+    for r in &rules {
+        for l in &r.locations {
+            if !locs.contains(&l) {
+                locs.push(l);
+            }
+        }
+    }
+    let mut first: Option<(Map<String, Value>, usize, String, &Location)> = None;
+    let mut seen: Vec<String> = Vec::new();
+    for loc in locs {
+        for token in extract(loc, req) {
+            if seen.contains(&token) {
+                continue;
+            }
+            seen.push(token.clone());
+            match verify_one(&token, loc, &rules, now, keys, verifier) {
+                Err(rejected) => return *rejected,
+                Ok((claims, ri)) => {
+                    if first.is_none() {
+                        first = Some((claims, ri, token, loc));
+                    }
+                }
+            }
+        }
+    }
+    let Some((claims, ri, token, loc)) = first else {
+        return AuthnOutcome::NoToken;
+    };
+    let rule = rules[ri];
+    let mut headers = Vec::new();
+    if let Some(h) = &rule.output_payload_to_header {
+        let payload = token.split('.').nth(1).unwrap_or("").to_string();
+        headers.push(HeaderMutation::Set {
+            name: h.clone(),
+            value: payload,
+        });
+    }
+    // Claims as the token carries them (before space-delimited splitting).
+    let original: Map<String, Value> = token
+        .split('.')
+        .nth(1)
+        .and_then(b64)
+        .and_then(|b| serde_json::from_slice(&b).ok())
+        .unwrap_or_default();
+    for (h, c) in &rule.claim_to_headers {
+        if let Some(v) = claim_to_header_value(&original, c) {
+            headers.push(HeaderMutation::Set {
+                name: h.clone(),
+                value: v,
+            });
+        }
+    }
+    if let (false, Location::Header { name, .. }) = (rule.forward_original_token, loc) {
+        headers.push(HeaderMutation::Remove { name: name.clone() });
+    }
+    let claims = JwtClaims { claims };
+    AuthnOutcome::Authenticated {
+        principal: claims.principal(),
+        claims,
+        policy: rule.policy.clone(),
+        headers,
+    }
+}
