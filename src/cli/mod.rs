@@ -4,6 +4,7 @@ mod agent;
 mod authz;
 mod ca;
 mod certs;
+mod proxy;
 mod secrets;
 mod token;
 mod validate;
@@ -35,6 +36,8 @@ pub(crate) enum Command {
     Ca(ca::CaArgs),
     /// Run the node agent (SDS and SPIFFE Workload API).
     Agent(agent::AgentArgs),
+    /// Run the mTLS proxy for one workload of a mesh folder.
+    Proxy(proxy::ProxyArgs),
     /// Show what a node agent serves over SDS (like `istioctl proxy-config secret`).
     Secrets(secrets::SecretsArgs),
     /// Validate Istio security policy YAML files or folders.
@@ -51,6 +54,7 @@ impl Command {
             Command::Token(cmd) => cmd.run(),
             Command::Ca(cmd) => cmd.run(),
             Command::Agent(cmd) => cmd.run(),
+            Command::Proxy(cmd) => cmd.run(),
             Command::Secrets(cmd) => cmd.run(),
             Command::Validate(cmd) => cmd.run(),
             Command::Authz(cmd) => cmd.run(),

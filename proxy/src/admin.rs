@@ -1,0 +1,172 @@
+//! The admin listener: `/stats/prometheus`, `/certs`, `/config_dump`, `/ready`, `/mtls`.
+
+use std::convert::Infallible;
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rampart_certs::CertInfo;
+use serde_json::json;
+use tokio::net::TcpListener;
+
+use crate::runtime::{Shared, port_modes};
+
+fn unix(t: SystemTime) -> u64 {
+    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+fn reply(status: u16, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static(ctype));
+    r
+}
+
+fn json_reply(v: serde_json::Value) -> Response<Full<Bytes>> {
+    reply(
+        200,
+        "application/json",
+        serde_json::to_string_pretty(&v).unwrap_or_default() + "\n",
+    )
+}
+
+fn cert_json(c: &rampart_certs::CertificateDer<'_>) -> serde_json::Value {
+    match CertInfo::parse(c) {
+        Ok(i) => json!({
+            "spiffe_id": i.uri_sans.first(),
+            "subject": i.subject,
+            "issuer": i.issuer,
+            "serial": i.serial_hex,
+            "not_before": rfc3339(i.not_before),
+            "not_after": rfc3339(i.not_after),
+            "not_after_unix": unix(i.not_after),
+            "sha256_fingerprint": i.sha256_fingerprint,
+        }),
+        Err(e) => json!({"error": e.to_string()}),
+    }
+}
+
+fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+    match req.uri().path() {
+        "/stats/prometheus" => reply(200, "text/plain; version=0.0.4", sh.metrics.render()),
+        "/ready" => {
+            let cert = sh.identity.current().is_some();
+            let up = sh.listeners_up.load(Ordering::SeqCst);
+            if cert && up {
+                reply(200, "text/plain", "LIVE\n".into())
+            } else {
+                let why = if !up {
+                    "listeners not up"
+                } else {
+                    "no workload certificate from SDS yet"
+                };
+                reply(503, "text/plain", format!("not ready: {why}\n"))
+            }
+        }
+        "/certs" => {
+            let Some(st) = sh.identity.current() else {
+                return json_reply(json!({
+                    "workload": sh.workload_key,
+                    "expected_spiffe_id": sh.identity.expected_id.to_string(),
+                    "certificate": null,
+                    "note": "no certificate received over SDS yet: every handshake is refused",
+                }));
+            };
+            json_reply(json!({
+                "workload": sh.workload_key,
+                "spiffe_id": st.id.to_string(),
+                "installed_at": rfc3339(st.installed_at),
+                "chain": st.chain.iter().map(|c| cert_json(c)).collect::<Vec<_>>(),
+                "roots": st.bundle.roots().iter().map(|c| cert_json(c)).collect::<Vec<_>>(),
+            }))
+        }
+        "/config_dump" => {
+            let cfg = sh.cfg.load();
+            let ports: Vec<_> = port_modes(&cfg)
+                .into_iter()
+                .map(|(port, proto, m)| {
+                    let e = cfg.me.port(port);
+                    json!({
+                        "port": port, "protocol": proto.as_str(),
+                        "app": e.map(|e| e.app.to_string()),
+                        "inbound": e.map(|e| e.inbound.to_string()),
+                        "mtls": m,
+                    })
+                })
+                .collect();
+            let refusal = sh
+                .last_refusal
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .clone();
+            json_reply(json!({
+                "workload": cfg.me,
+                "spiffe_id": cfg.me.spiffe_id(&cfg.folder.trust_domain).to_string(),
+                "trust_domain": cfg.folder.trust_domain.to_string(),
+                "trust_domain_aliases": cfg.folder.trust_domain_aliases.iter().map(ToString::to_string).collect::<Vec<_>>(),
+                "root_namespace": cfg.folder.mesh.root_namespace,
+                "path_normalization": cfg.folder.mesh.path_normalization,
+                "ports": ports,
+                "authorization_policies": cfg.engine.policies_for(&cfg.workload),
+                "request_authentications": cfg.folder.resources.iter()
+                    .filter(|r| r.kind() == rampart_authz::Kind::RequestAuthentication)
+                    .filter(|r| r.metadata().namespace() == cfg.me.namespace || r.metadata().namespace() == cfg.folder.mesh.root_namespace)
+                    .map(|r| format!("{}/{}", r.metadata().namespace(), r.metadata().name()))
+                    .collect::<Vec<_>>(),
+                "policy_warnings": cfg.engine.warnings(),
+                "loaded_at": rfc3339(cfg.loaded_at),
+                "last_refused_edit": refusal.map(|(t, p)| json!({"at": rfc3339(t), "problems": p})),
+            }))
+        }
+        "/mtls" => {
+            let cfg = sh.cfg.load();
+            let modes = port_modes(&cfg);
+            let ports: Vec<_> = sh
+                .ports
+                .iter()
+                .map(|s| {
+                    let (proto, mode) = modes
+                        .iter()
+                        .find(|(p, _, _)| *p == s.port)
+                        .map(|(_, pr, m)| (pr.as_str(), m.mode.as_str()))
+                        .unwrap_or(("tcp", "UNKNOWN"));
+                    s.json(proto, mode)
+                })
+                .collect();
+            json_reply(json!({"workload": sh.workload_key, "ports": ports}))
+        }
+        _ => reply(
+            404,
+            "text/plain",
+            "endpoints: /stats/prometheus /certs /config_dump /ready /mtls\n".into(),
+        ),
+    }
+}
+
+pub(crate) async fn serve(sh: Arc<Shared>, l: TcpListener) {
+    loop {
+        let Ok((tcp, _)) = l.accept().await else {
+            continue;
+        };
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+                let r = handle(&sh, &req);
+                async move { Ok::<_, Infallible>(r) }
+            });
+            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
+                .serve_connection(TokioIo::new(tcp), svc)
+                .await;
+        });
+    }
+}

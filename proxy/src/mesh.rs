@@ -1,0 +1,986 @@
+//! The mesh folder (DESIGN §6): `mesh.yaml`, the workload registry `workloads.yaml`, Istio
+//! security policy YAML and local JWKS files, loaded and checked as one unit.
+//!
+//! [`MeshFolder::load`] either returns a complete, consistent folder or every problem found,
+//! each naming the file and the field (`workloads.yaml: workloads[1].ports[0].app: ...`).
+//! `rampart proxy` and `rampart up` both read the folder through this module.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rampart_authz::{MeshConfig, Resource, Workload};
+use rampart_certs::{SpiffeId, TrustDomain};
+use serde::Deserialize;
+
+/// File name of the mesh settings inside the folder.
+pub const MESH_FILE: &str = "mesh.yaml";
+/// File name of the workload registry inside the folder.
+pub const WORKLOADS_FILE: &str = "workloads.yaml";
+/// The DNS suffix of service hosts (`<name>.<namespace>.svc.cluster.local`), independent of
+/// the trust domain, as in Kubernetes.
+pub const CLUSTER_DOMAIN: &str = "cluster.local";
+
+/// One thing wrong with the folder: which file, which field, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    /// The file, relative to the folder when it is inside it.
+    pub file: String,
+    /// The field path (`workloads[0].ports[1].inbound`), or empty for the whole file.
+    pub field: String,
+    /// Why it is refused.
+    pub reason: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}: {}", self.file, self.reason)
+        } else {
+            write!(f, "{}: {}: {}", self.file, self.field, self.reason)
+        }
+    }
+}
+
+/// The protocol of a workload port (Istio's port protocols, reduced to what the proxy
+/// handles differently).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PortProtocol {
+    /// HTTP/1.1 (HTTP/2 from clients that speak it is accepted too).
+    Http,
+    /// HTTP/2 (h2c from plaintext clients, h2 over mTLS).
+    Http2,
+    /// gRPC (HTTP/2; denials are gRPC status 7).
+    Grpc,
+    /// Opaque TCP: connection-level policy only.
+    Tcp,
+}
+
+impl PortProtocol {
+    /// The lowercase name (`http`, `http2`, `grpc`, `tcp`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            PortProtocol::Http => "http",
+            PortProtocol::Http2 => "http2",
+            PortProtocol::Grpc => "grpc",
+            PortProtocol::Tcp => "tcp",
+        }
+    }
+
+    /// Whether requests are parsed (request-level authn/authz).
+    pub fn is_http(self) -> bool {
+        self != PortProtocol::Tcp
+    }
+
+    /// Whether the app and peers speak HTTP/2 on this port.
+    pub fn is_h2(self) -> bool {
+        matches!(self, PortProtocol::Http2 | PortProtocol::Grpc)
+    }
+}
+
+/// One port of a workload.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct PortEntry {
+    /// The workload port: what policy `ports` match and what clients address.
+    pub port: u16,
+    /// The protocol.
+    pub protocol: PortProtocol,
+    /// Where the app listens (plaintext, local).
+    pub app: SocketAddr,
+    /// Where this workload's inbound proxy listens for this port.
+    pub inbound: SocketAddr,
+}
+
+/// The proxy's own listeners for a workload.
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct ProxyEntry {
+    /// HTTP proxy listener for the app's calls (routed by Host).
+    pub outbound: Option<SocketAddr>,
+    /// Admin listener.
+    pub admin: Option<SocketAddr>,
+}
+
+/// A local port forwarding to one upstream service port (Consul-Connect style).
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct UpstreamEntry {
+    /// The service as written (`frontend.web`, `frontend.web.svc.cluster.local`, ...).
+    pub service: String,
+    /// The service port.
+    pub port: u16,
+    /// The local listen address.
+    pub listen: SocketAddr,
+}
+
+/// A workload of the registry.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct WorkloadEntry {
+    /// Workload (and service) name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Service account (default: the name).
+    pub service_account: String,
+    /// Labels, matched by policy selectors.
+    pub labels: BTreeMap<String, String>,
+    /// Ports.
+    pub ports: Vec<PortEntry>,
+    /// The command `rampart up` runs, if any (`rampart` means the current executable).
+    pub command: Option<Vec<String>>,
+    /// The proxy's listeners.
+    pub proxy: ProxyEntry,
+    /// Local upstream ports.
+    pub upstreams: Vec<UpstreamEntry>,
+}
+
+impl WorkloadEntry {
+    /// `<namespace>/<name>`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// `<name>.<namespace>.svc.cluster.local`.
+    pub fn service_host(&self) -> String {
+        format!("{}.{}.svc.{CLUSTER_DOMAIN}", self.name, self.namespace)
+    }
+
+    /// `spiffe://<td>/ns/<namespace>/sa/<serviceAccount>`.
+    pub fn spiffe_id(&self, trust_domain: &TrustDomain) -> SpiffeId {
+        SpiffeId::parse(&format!(
+            "spiffe://{trust_domain}/ns/{}/sa/{}",
+            self.namespace, self.service_account
+        ))
+        .expect("names were validated as DNS labels when the registry was loaded")
+    }
+
+    /// The workload as the authorization engine sees it.
+    pub fn authz_workload(&self) -> Workload {
+        Workload {
+            namespace: self.namespace.clone(),
+            labels: self.labels.clone(),
+            service_account: Some(self.service_account.clone()),
+        }
+    }
+
+    /// The port entry for workload port `port`.
+    pub fn port(&self, port: u16) -> Option<&PortEntry> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+/// The workload registry (`workloads.yaml`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct Registry {
+    /// Workloads, in file order.
+    pub workloads: Vec<WorkloadEntry>,
+}
+
+impl Registry {
+    /// The workload `namespace/name`.
+    pub fn get(&self, namespace: &str, name: &str) -> Option<&WorkloadEntry> {
+        self.workloads
+            .iter()
+            .find(|w| w.namespace == namespace && w.name == name)
+    }
+
+    /// Resolve a service host as a client in `from_namespace` writes it: `<name>.<ns>.svc.
+    /// cluster.local`, `<name>.<ns>.svc`, `<name>.<ns>` or (same namespace) `<name>`, with an
+    /// optional `:port` (default 80, which must then be a declared port).
+    pub fn resolve(
+        &self,
+        authority: &str,
+        from_namespace: &str,
+    ) -> Option<(&WorkloadEntry, &PortEntry)> {
+        let (host, port) = split_host_port(authority)?;
+        let host = host.trim_end_matches('.').to_ascii_lowercase();
+        let parts: Vec<&str> = host.split('.').collect();
+        let (name, ns) = match parts.as_slice() {
+            [name] => (*name, from_namespace),
+            [name, ns] | [name, ns, "svc"] => (*name, *ns),
+            [name, ns, "svc", rest @ ..] if rest.join(".") == CLUSTER_DOMAIN => (*name, *ns),
+            _ => return None,
+        };
+        let w = self.get(ns, name)?;
+        let p = w.port(port.unwrap_or(80))?;
+        Some((w, p))
+    }
+}
+
+/// Split `host[:port]` (IPv6 literals in brackets); `None` when the port is not a number.
+fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
+    if let Some(rest) = s.strip_prefix('[') {
+        let (h, tail) = rest.split_once(']')?;
+        return match tail.strip_prefix(':') {
+            Some(p) => Some((h, Some(p.parse().ok()?))),
+            None if tail.is_empty() => Some((h, None)),
+            None => None,
+        };
+    }
+    match s.rsplit_once(':') {
+        Some((h, p)) => Some((h, Some(p.parse().ok()?))),
+        None => Some((s, None)),
+    }
+}
+
+/// The `rampart:` section of `mesh.yaml` (local settings, not Istio's).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
+pub struct LocalSettings {
+    /// CA listen address (`rampart.ca.listen`), default `127.0.0.1:15012` when unset.
+    pub ca_listen: Option<SocketAddr>,
+    /// Workload certificate TTL (`rampart.ca.certTTL`).
+    pub cert_ttl: Option<Duration>,
+    /// Maximum workload certificate TTL (`rampart.ca.maxCertTTL`).
+    pub max_cert_ttl: Option<Duration>,
+    /// State directory (`rampart.stateDir`), relative to the cwd of `rampart up`.
+    pub state_dir: Option<PathBuf>,
+    /// The whole section as written, for settings other components own.
+    pub raw: serde_json::Value,
+}
+
+/// A loaded, checked mesh folder.
+#[derive(Debug, Clone)]
+pub struct MeshFolder {
+    /// The folder.
+    pub dir: PathBuf,
+    /// Policy-relevant mesh settings.
+    pub mesh: MeshConfig,
+    /// The trust domain, validated.
+    pub trust_domain: TrustDomain,
+    /// Trust-domain aliases, validated.
+    pub trust_domain_aliases: Vec<TrustDomain>,
+    /// The `rampart:` section.
+    pub local: LocalSettings,
+    /// The workload registry.
+    pub registry: Registry,
+    /// Security policies (every other `*.yaml`/`*.yml` under the folder).
+    pub resources: Vec<Resource>,
+}
+
+// --- raw forms (as written) ---
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRegistry {
+    #[serde(default)]
+    workloads: Vec<RawWorkload>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawWorkload {
+    name: String,
+    namespace: String,
+    #[serde(default)]
+    service_account: Option<String>,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+    #[serde(default)]
+    command: Option<Vec<String>>,
+    #[serde(default)]
+    proxy: Option<RawProxy>,
+    #[serde(default)]
+    upstreams: Vec<RawUpstream>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    port: u16,
+    #[serde(default)]
+    protocol: Option<String>,
+    app: String,
+    inbound: String,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RawProxy {
+    #[serde(default)]
+    outbound: Option<String>,
+    #[serde(default)]
+    admin: Option<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawUpstream {
+    service: String,
+    port: u16,
+    listen: String,
+}
+
+fn is_dns_label(s: &str) -> bool {
+    !s.is_empty()
+        && s.len() <= 63
+        && s.bytes()
+            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        && !s.starts_with('-')
+        && !s.ends_with('-')
+}
+
+struct Collector {
+    problems: Vec<Problem>,
+}
+
+impl Collector {
+    fn push(&mut self, file: &str, field: impl Into<String>, reason: impl Into<String>) {
+        self.problems.push(Problem {
+            file: file.to_string(),
+            field: field.into(),
+            reason: reason.into(),
+        });
+    }
+
+    fn addr(&mut self, file: &str, field: &str, s: &str) -> Option<SocketAddr> {
+        match s.parse::<SocketAddr>() {
+            Ok(a) => Some(a),
+            Err(_) => {
+                self.push(
+                    file,
+                    field,
+                    format!("{s:?} is not an IP:port address (e.g. 127.0.0.1:15081)"),
+                );
+                None
+            }
+        }
+    }
+}
+
+fn parse_yaml(file: &str, text: &str, c: &mut Collector) -> Option<serde_json::Value> {
+    if text.trim().is_empty() {
+        return Some(serde_json::Value::Null);
+    }
+    match serde_saphyr::from_str::<serde_json::Value>(text) {
+        Ok(v) => Some(v),
+        Err(e) => {
+            c.push(file, "", format!("not valid YAML: {e}"));
+            None
+        }
+    }
+}
+
+/// Parse and check a registry text (`file` names it in problems).
+pub fn parse_registry(file: &str, text: &str) -> Result<Registry, Vec<Problem>> {
+    let mut c = Collector {
+        problems: Vec::new(),
+    };
+    let reg = parse_registry_into(file, text, &mut c);
+    match reg {
+        Some(r) if c.problems.is_empty() => Ok(r),
+        _ => Err(c.problems),
+    }
+}
+
+fn parse_registry_into(file: &str, text: &str, c: &mut Collector) -> Option<Registry> {
+    let value = parse_yaml(file, text, c)?;
+    let value = if value.is_null() {
+        serde_json::json!({})
+    } else {
+        value
+    };
+    let raw: RawRegistry = match serde_path_to_error::deserialize(value) {
+        Ok(r) => r,
+        Err(e) => {
+            let path = e.path().to_string();
+            let field = if path == "." { String::new() } else { path };
+            c.push(file, field, e.into_inner().to_string());
+            return None;
+        }
+    };
+    let mut reg = Registry::default();
+    let mut seen_workloads = BTreeSet::new();
+    let mut listen: BTreeMap<SocketAddr, String> = BTreeMap::new();
+    let mut claim = |c: &mut Collector, addr: SocketAddr, field: String| {
+        if let Some(prev) = listen.get(&addr) {
+            c.push(
+                file,
+                field.clone(),
+                format!("address {addr} is already used by {prev}"),
+            );
+        } else {
+            listen.insert(addr, field);
+        }
+    };
+    for (i, w) in raw.workloads.into_iter().enumerate() {
+        let at = format!("workloads[{i}]");
+        let before = c.problems.len();
+        if !is_dns_label(&w.name) {
+            c.push(
+                file,
+                format!("{at}.name"),
+                format!(
+                    "{:?} is not a DNS label (lowercase letters, digits, '-')",
+                    w.name
+                ),
+            );
+        }
+        if !is_dns_label(&w.namespace) {
+            c.push(
+                file,
+                format!("{at}.namespace"),
+                format!("{:?} is not a DNS label", w.namespace),
+            );
+        }
+        let sa = w.service_account.unwrap_or_else(|| w.name.clone());
+        if !is_dns_label(&sa) && !sa.split('.').all(is_dns_label) {
+            c.push(
+                file,
+                format!("{at}.serviceAccount"),
+                format!("{sa:?} is not a valid service account name"),
+            );
+        }
+        if !seen_workloads.insert((w.namespace.clone(), w.name.clone())) {
+            c.push(
+                file,
+                format!("{at}.name"),
+                format!("workload {}/{} is declared twice", w.namespace, w.name),
+            );
+        }
+        let mut ports = Vec::new();
+        let mut seen_ports = BTreeSet::new();
+        for (j, p) in w.ports.into_iter().enumerate() {
+            let pat = format!("{at}.ports[{j}]");
+            if p.port == 0 {
+                c.push(file, format!("{pat}.port"), "port 0 is not a port");
+            }
+            if !seen_ports.insert(p.port) {
+                c.push(
+                    file,
+                    format!("{pat}.port"),
+                    format!("port {} is declared twice", p.port),
+                );
+            }
+            let protocol = match p
+                .protocol
+                .as_deref()
+                .map(str::to_ascii_lowercase)
+                .as_deref()
+            {
+                None | Some("tcp") => Some(PortProtocol::Tcp),
+                Some("http") | Some("http1") | Some("http/1.1") => Some(PortProtocol::Http),
+                Some("http2") | Some("h2") | Some("h2c") => Some(PortProtocol::Http2),
+                Some("grpc") | Some("grpc-web") => Some(PortProtocol::Grpc),
+                Some(other) => {
+                    c.push(
+                        file,
+                        format!("{pat}.protocol"),
+                        format!("unknown protocol {other:?} (http, http2, grpc or tcp)"),
+                    );
+                    None
+                }
+            };
+            let app = c.addr(file, &format!("{pat}.app"), &p.app);
+            let inbound = c.addr(file, &format!("{pat}.inbound"), &p.inbound);
+            if let Some(a) = inbound {
+                claim(c, a, format!("{pat}.inbound"));
+            }
+            if let (Some(a), Some(b)) = (app, inbound)
+                && a == b
+            {
+                c.push(
+                    file,
+                    format!("{pat}.inbound"),
+                    "the inbound address must differ from the app address",
+                );
+            }
+            if let (Some(protocol), Some(app), Some(inbound)) = (protocol, app, inbound) {
+                ports.push(PortEntry {
+                    port: p.port,
+                    protocol,
+                    app,
+                    inbound,
+                });
+            }
+        }
+        let raw_proxy = w.proxy.unwrap_or_default();
+        let outbound = raw_proxy
+            .outbound
+            .as_deref()
+            .and_then(|s| c.addr(file, &format!("{at}.proxy.outbound"), s));
+        let admin = raw_proxy
+            .admin
+            .as_deref()
+            .and_then(|s| c.addr(file, &format!("{at}.proxy.admin"), s));
+        if let Some(a) = outbound {
+            claim(c, a, format!("{at}.proxy.outbound"));
+        }
+        if let Some(a) = admin {
+            claim(c, a, format!("{at}.proxy.admin"));
+        }
+        let mut upstreams = Vec::new();
+        for (j, u) in w.upstreams.into_iter().enumerate() {
+            let uat = format!("{at}.upstreams[{j}]");
+            if let Some(l) = c.addr(file, &format!("{uat}.listen"), &u.listen) {
+                claim(c, l, format!("{uat}.listen"));
+                upstreams.push(UpstreamEntry {
+                    service: u.service,
+                    port: u.port,
+                    listen: l,
+                });
+            }
+        }
+        if w.command.as_ref().is_some_and(Vec::is_empty) {
+            c.push(
+                file,
+                format!("{at}.command"),
+                "must not be empty (leave it out instead)",
+            );
+        }
+        if c.problems.len() == before {
+            reg.workloads.push(WorkloadEntry {
+                name: w.name,
+                namespace: w.namespace,
+                service_account: sa,
+                labels: w.labels,
+                ports,
+                command: w.command,
+                proxy: ProxyEntry { outbound, admin },
+                upstreams,
+            });
+        }
+    }
+    // Upstreams must name a registry service port.
+    for (i, w) in reg.workloads.iter().enumerate() {
+        for (j, u) in w.upstreams.iter().enumerate() {
+            let authority = format!("{}:{}", u.service, u.port);
+            if reg.resolve(&authority, &w.namespace).is_none() {
+                c.push(
+                    file,
+                    format!("workloads[{i}].upstreams[{j}].service"),
+                    format!("{authority} is not a port of any workload in the registry"),
+                );
+            }
+        }
+    }
+    Some(reg)
+}
+
+#[derive(Deserialize, Default)]
+#[serde(rename_all = "camelCase")]
+struct RawLocal {
+    #[serde(default)]
+    ca: Option<RawCa>,
+    #[serde(default)]
+    state_dir: Option<PathBuf>,
+}
+
+#[derive(Deserialize, Default)]
+struct RawCa {
+    #[serde(default)]
+    listen: Option<String>,
+    #[serde(default, rename = "certTTL")]
+    cert_ttl: Option<String>,
+    #[serde(default, rename = "maxCertTTL")]
+    max_cert_ttl: Option<String>,
+}
+
+fn parse_local(file: &str, value: &serde_json::Value, c: &mut Collector) -> LocalSettings {
+    let raw_value = value.get("rampart").cloned().unwrap_or_default();
+    let mut out = LocalSettings {
+        raw: raw_value.clone(),
+        ..LocalSettings::default()
+    };
+    if raw_value.is_null() {
+        return out;
+    }
+    let raw: RawLocal = match serde_path_to_error::deserialize(raw_value) {
+        Ok(r) => r,
+        Err(e) => {
+            c.push(
+                file,
+                format!("rampart.{}", e.path()),
+                e.into_inner().to_string(),
+            );
+            return out;
+        }
+    };
+    out.state_dir = raw.state_dir;
+    if let Some(ca) = raw.ca {
+        out.ca_listen = ca
+            .listen
+            .as_deref()
+            .and_then(|s| c.addr(file, "rampart.ca.listen", s));
+        for (field, v, slot) in [
+            ("rampart.ca.certTTL", ca.cert_ttl, &mut out.cert_ttl),
+            (
+                "rampart.ca.maxCertTTL",
+                ca.max_cert_ttl,
+                &mut out.max_cert_ttl,
+            ),
+        ] {
+            if let Some(v) = v {
+                match parse_ttl(&v) {
+                    Ok(d) => *slot = Some(d),
+                    Err(e) => c.push(file, field, e),
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Go durations plus a `d` (days) unit, as Istio's `--max-workload-cert-ttl` flags write them.
+fn parse_ttl(s: &str) -> Result<Duration, String> {
+    if let Some(days) = s.strip_suffix('d') {
+        return days
+            .parse::<u64>()
+            .map(|d| Duration::from_secs(d * 86_400))
+            .map_err(|_| format!("invalid duration {s:?}"));
+    }
+    rampart_authz::parse_duration(s)
+}
+
+impl MeshFolder {
+    /// Load and check the folder: `mesh.yaml` (optional; defaults as Istio), `workloads.yaml`
+    /// (required), and every other `*.yaml`/`*.yml` below the folder as policy. Any problem
+    /// refuses the whole folder (the caller keeps its last good one).
+    pub fn load(dir: &Path) -> Result<MeshFolder, Vec<Problem>> {
+        let mut c = Collector {
+            problems: Vec::new(),
+        };
+        let dir_s = dir.display().to_string();
+        if !dir.is_dir() {
+            c.push(&dir_s, "", "is not a directory");
+            return Err(c.problems);
+        }
+        // mesh.yaml
+        let mesh_path = dir.join(MESH_FILE);
+        let mesh_text = match std::fs::read_to_string(&mesh_path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) => {
+                c.push(MESH_FILE, "", format!("cannot read: {e}"));
+                String::new()
+            }
+        };
+        let mesh = match MeshConfig::from_yaml(&mesh_text) {
+            Ok(m) => Some(m),
+            Err(e) => {
+                c.push(MESH_FILE, "", e.to_string());
+                None
+            }
+        };
+        let local = parse_yaml(MESH_FILE, &mesh_text, &mut c)
+            .map(|v| parse_local(MESH_FILE, &v, &mut c))
+            .unwrap_or_default();
+        let mut trust_domain = None;
+        let mut aliases = Vec::new();
+        if let Some(m) = &mesh {
+            match TrustDomain::new(&m.trust_domain) {
+                Ok(td) => trust_domain = Some(td),
+                Err(e) => c.push(MESH_FILE, "trustDomain", e.to_string()),
+            }
+            for (i, a) in m.trust_domain_aliases.iter().enumerate() {
+                match TrustDomain::new(a) {
+                    Ok(td) => aliases.push(td),
+                    Err(e) => c.push(MESH_FILE, format!("trustDomainAliases[{i}]"), e.to_string()),
+                }
+            }
+        }
+        // workloads.yaml
+        let registry = match std::fs::read_to_string(dir.join(WORKLOADS_FILE)) {
+            Ok(t) => parse_registry_into(WORKLOADS_FILE, &t, &mut c),
+            Err(e) => {
+                c.push(WORKLOADS_FILE, "", format!("cannot read: {e}"));
+                None
+            }
+        };
+        // policy
+        let mut policy_files = Vec::new();
+        collect_yaml(dir, dir, &mut policy_files, &mut c);
+        let mut resources = Vec::new();
+        for f in &policy_files {
+            let rel = f.strip_prefix(dir).unwrap_or(f).display().to_string();
+            let text = match std::fs::read_to_string(f) {
+                Ok(t) => t,
+                Err(e) => {
+                    c.push(&rel, "", format!("cannot read: {e}"));
+                    continue;
+                }
+            };
+            let r = rampart_authz::load_str(&rel, &text);
+            for p in r.problems {
+                c.push(
+                    &p.file,
+                    format!("document {}: {}", p.doc_index, p.field_path),
+                    p.reason,
+                );
+            }
+            resources.extend(r.resources);
+        }
+        match (mesh, trust_domain, registry) {
+            (Some(mesh), Some(trust_domain), Some(registry)) if c.problems.is_empty() => {
+                Ok(MeshFolder {
+                    dir: dir.to_path_buf(),
+                    mesh,
+                    trust_domain,
+                    trust_domain_aliases: aliases,
+                    local,
+                    registry,
+                    resources,
+                })
+            }
+            _ => Err(c.problems),
+        }
+    }
+
+    /// Local files standing in for the `jwksUri`s of RequestAuthentications (offline use):
+    /// `rampart.jwks` in `mesh.yaml` maps a URI to a file relative to the folder; without an
+    /// entry, `jwks/<host>.json` is used when it exists (`https://issuer.example/keys` →
+    /// `jwks/issuer.example.json`). Istio's validation only accepts http(s) URIs in policy.
+    pub fn jwks_files(&self) -> BTreeMap<String, PathBuf> {
+        let mut out = BTreeMap::new();
+        for r in &self.resources {
+            let Resource::RequestAuthentication(ra) = r else {
+                continue;
+            };
+            for rule in ra.spec.jwt_rules.iter().flatten() {
+                let Some(uri) = &rule.jwks_uri else { continue };
+                if let Some(p) = self
+                    .local
+                    .raw
+                    .get("jwks")
+                    .and_then(|m| m.get(uri))
+                    .and_then(|v| v.as_str())
+                {
+                    out.insert(uri.clone(), self.dir.join(p));
+                    continue;
+                }
+                let host = uri
+                    .split_once("://")
+                    .map(|(_, rest)| rest)
+                    .unwrap_or(uri)
+                    .split(['/', ':', '?'])
+                    .next()
+                    .unwrap_or_default();
+                let candidate = self.dir.join("jwks").join(format!("{host}.json"));
+                if !host.is_empty() && candidate.is_file() {
+                    out.insert(uri.clone(), candidate);
+                }
+            }
+        }
+        out
+    }
+
+    /// A fingerprint of every file the folder's configuration is made of (names, sizes,
+    /// modification times): when it changes, the folder is reloaded.
+    pub fn fingerprint(dir: &Path) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        let mut files = Vec::new();
+        walk(dir, &mut files);
+        files.sort();
+        for f in files {
+            f.hash(&mut h);
+            if let Ok(m) = std::fs::metadata(&f) {
+                m.len().hash(&mut h);
+                if let Ok(t) = m.modified() {
+                    t.hash(&mut h);
+                }
+            }
+            // Content too: editors may keep size and mtime within one tick.
+            if let Ok(bytes) = std::fs::read(&f) {
+                bytes.hash(&mut h);
+            }
+        }
+        h.finish()
+    }
+}
+
+fn walk(dir: &Path, out: &mut Vec<PathBuf>) {
+    let Ok(rd) = std::fs::read_dir(dir) else {
+        return;
+    };
+    for e in rd.flatten() {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') {
+            continue;
+        }
+        if p.is_dir() {
+            walk(&p, out);
+        } else if name.ends_with(".yaml") || name.ends_with(".yml") || name.ends_with(".json") {
+            out.push(p);
+        }
+    }
+}
+
+fn collect_yaml(root: &Path, dir: &Path, out: &mut Vec<PathBuf>, c: &mut Collector) {
+    let rd = match std::fs::read_dir(dir) {
+        Ok(rd) => rd,
+        Err(e) => {
+            c.push(&dir.display().to_string(), "", format!("cannot list: {e}"));
+            return;
+        }
+    };
+    let mut entries: Vec<_> = rd.flatten().collect();
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let p = e.path();
+        let name = e.file_name().to_string_lossy().to_string();
+        if name.starts_with('.') {
+            continue;
+        }
+        if p.is_dir() {
+            collect_yaml(root, &p, out, c);
+        } else if (name.ends_with(".yaml") || name.ends_with(".yml"))
+            && !(dir == root && (name == MESH_FILE || name == WORKLOADS_FILE))
+        {
+            out.push(p);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const REG: &str = r#"
+workloads:
+- name: backend
+  namespace: api
+  labels: {app: backend}
+  ports:
+  - {port: 8080, protocol: http, app: "127.0.0.1:18080", inbound: "127.0.0.1:15081"}
+  - {port: 9000, app: "127.0.0.1:19000", inbound: "127.0.0.1:15082"}
+  proxy: {admin: "127.0.0.1:15000"}
+- name: frontend
+  namespace: web
+  serviceAccount: fe
+  ports:
+  - {port: 80, protocol: http, app: "127.0.0.1:18081", inbound: "127.0.0.1:15091"}
+  proxy: {outbound: "127.0.0.1:15001"}
+  upstreams:
+  - {service: backend.api, port: 8080, listen: "127.0.0.1:16001"}
+"#;
+
+    #[test]
+    fn registry_parses_and_resolves_every_host_form() {
+        let r = parse_registry("workloads.yaml", REG).unwrap();
+        assert_eq!(r.workloads.len(), 2);
+        let fe = r.get("web", "frontend").unwrap();
+        assert_eq!(fe.service_account, "fe");
+        assert_eq!(r.get("api", "backend").unwrap().service_account, "backend");
+        assert_eq!(r.workloads[0].ports[1].protocol, PortProtocol::Tcp);
+        for host in [
+            "backend.api:8080",
+            "backend.api.svc:8080",
+            "backend.api.svc.cluster.local:8080",
+            "BACKEND.api.svc.cluster.local.:8080",
+        ] {
+            let (w, p) = r.resolve(host, "web").unwrap_or_else(|| panic!("{host}"));
+            assert_eq!((w.name.as_str(), p.port), ("backend", 8080));
+        }
+        assert!(r.resolve("backend:8080", "api").is_some());
+        assert!(
+            r.resolve("backend:8080", "web").is_none(),
+            "other namespace"
+        );
+        assert!(
+            r.resolve("backend.api", "web").is_none(),
+            "port 80 not declared"
+        );
+        assert_eq!(r.resolve("frontend.web", "api").unwrap().1.port, 80);
+        assert!(
+            r.resolve("backend.api.svc.other.local:8080", "web")
+                .is_none()
+        );
+        assert!(r.resolve("backend.api:99x", "web").is_none());
+        let td = TrustDomain::new("cluster.local").unwrap();
+        assert_eq!(
+            fe.spiffe_id(&td).to_string(),
+            "spiffe://cluster.local/ns/web/sa/fe"
+        );
+    }
+
+    #[test]
+    fn registry_problems_name_file_and_field() {
+        let cases = [
+            (
+                "workloads: [{name: Bad, namespace: a}]",
+                "workloads[0].name",
+            ),
+            (
+                "workloads: [{name: a, namespace: a, ports: [{port: 1, app: nope, inbound: \"127.0.0.1:1\"}]}]",
+                "workloads[0].ports[0].app",
+            ),
+            (
+                "workloads: [{name: a, namespace: a, ports: [{port: 1, protocol: smtp, app: \"127.0.0.1:2\", inbound: \"127.0.0.1:1\"}]}]",
+                "workloads[0].ports[0].protocol",
+            ),
+            (
+                "workloads: [{name: a, namespace: a, colour: red}]",
+                "workloads[0]",
+            ),
+            (
+                "workloads: [{name: a, namespace: a, ports: [{port: 1, app: \"127.0.0.1:2\", inbound: \"127.0.0.1:1\"}]}, {name: b, namespace: a, ports: [{port: 1, app: \"127.0.0.1:3\", inbound: \"127.0.0.1:1\"}]}]",
+                "workloads[1].ports[0].inbound",
+            ),
+            (
+                "workloads: [{name: a, namespace: a, upstreams: [{service: zz.a, port: 1, listen: \"127.0.0.1:5\"}]}]",
+                "workloads[0].upstreams[0].service",
+            ),
+            (
+                "workloads: [{name: a, namespace: a}, {name: a, namespace: a}]",
+                "workloads[1].name",
+            ),
+            ("workloads: [", ""),
+        ];
+        for (text, field) in cases {
+            let problems = parse_registry("workloads.yaml", text).expect_err(text);
+            assert!(
+                problems
+                    .iter()
+                    .any(|p| p.file == "workloads.yaml" && p.field.starts_with(field)),
+                "{text}: {problems:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn folder_loads_policy_and_refuses_bad_files() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join(MESH_FILE),
+            "trustDomain: example.org\ntrustDomainAliases: [old.example]\nrampart: {ca: {listen: \"127.0.0.1:15012\", certTTL: 1h, maxCertTTL: 90d}, stateDir: var/rampart}\n",
+        )
+        .unwrap();
+        std::fs::write(d.path().join(WORKLOADS_FILE), REG).unwrap();
+        std::fs::create_dir(d.path().join("policy")).unwrap();
+        std::fs::write(
+            d.path().join("policy/pa.yaml"),
+            "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: STRICT}}\n",
+        )
+        .unwrap();
+        let f = MeshFolder::load(d.path()).unwrap();
+        assert_eq!(f.trust_domain.to_string(), "example.org");
+        assert_eq!(f.trust_domain_aliases.len(), 1);
+        assert_eq!(f.resources.len(), 1);
+        assert_eq!(f.local.cert_ttl, Some(Duration::from_secs(3600)));
+        assert_eq!(f.local.max_cert_ttl, Some(Duration::from_secs(90 * 86400)));
+        assert_eq!(f.local.state_dir, Some(PathBuf::from("var/rampart")));
+
+        std::fs::write(
+            d.path().join("policy/bad.yaml"),
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: api}\nspec: {action: MAYBE}\n",
+        )
+        .unwrap();
+        let p = MeshFolder::load(d.path()).unwrap_err();
+        assert!(p.iter().any(|p| p.file.contains("bad.yaml")), "{p:?}");
+        std::fs::remove_file(d.path().join("policy/bad.yaml")).unwrap();
+        std::fs::write(d.path().join(MESH_FILE), "trustDomain: \"not a domain\"\n").unwrap();
+        let p = MeshFolder::load(d.path()).unwrap_err();
+        assert!(
+            p.iter()
+                .any(|p| p.file == MESH_FILE && p.field == "trustDomain"),
+            "{p:?}"
+        );
+        std::fs::write(d.path().join(MESH_FILE), "rampart: {ca: {certTTL: soon}}\n").unwrap();
+        let p = MeshFolder::load(d.path()).unwrap_err();
+        assert!(p.iter().any(|p| p.field == "rampart.ca.certTTL"), "{p:?}");
+    }
+}

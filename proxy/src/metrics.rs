@@ -1,0 +1,316 @@
+//! Istio's standard metrics (names and labels as Istio's telemetry writes them) and the
+//! per-port mTLS/plaintext accounting behind `/mtls`.
+
+use std::collections::HashMap;
+use std::fmt::Write as _;
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+/// Istio's duration buckets (milliseconds).
+const BUCKETS_MS: [f64; 19] = [
+    0.5, 1.0, 5.0, 10.0, 25.0, 50.0, 100.0, 250.0, 500.0, 1000.0, 2500.0, 5000.0, 10000.0, 30000.0,
+    60000.0, 300000.0, 600000.0, 1800000.0, 3600000.0,
+];
+
+/// The recent window of `/mtls` (seconds) and its slot width.
+pub(crate) const WINDOW_SECS: u64 = 300;
+const SLOT_SECS: u64 = 10;
+const SLOTS: usize = (WINDOW_SECS / SLOT_SECS) as usize;
+
+fn esc(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
+}
+
+/// The connection-level labels of a metric series, rendered once per connection.
+#[derive(Debug, Clone)]
+pub(crate) struct Labels {
+    pub(crate) reporter: &'static str,
+    pub(crate) source_principal: String,
+    pub(crate) source_workload: String,
+    pub(crate) source_namespace: String,
+    pub(crate) destination_principal: String,
+    pub(crate) destination_workload: String,
+    pub(crate) destination_namespace: String,
+    pub(crate) destination_service: String,
+    pub(crate) mtls: bool,
+}
+
+impl Labels {
+    /// Render as `k="v",...` (without request-level labels).
+    pub(crate) fn render(&self, protocol: &str) -> Arc<str> {
+        let mut s = String::with_capacity(400);
+        let _ = write!(
+            s,
+            "reporter=\"{}\",source_principal=\"{}\",source_workload=\"{}\",source_workload_namespace=\"{}\",destination_principal=\"{}\",destination_workload=\"{}\",destination_workload_namespace=\"{}\",destination_service=\"{}\",request_protocol=\"{}\",connection_security_policy=\"{}\"",
+            self.reporter,
+            esc(or_unknown(&self.source_principal)),
+            esc(or_unknown(&self.source_workload)),
+            esc(or_unknown(&self.source_namespace)),
+            esc(or_unknown(&self.destination_principal)),
+            esc(or_unknown(&self.destination_workload)),
+            esc(or_unknown(&self.destination_namespace)),
+            esc(or_unknown(&self.destination_service)),
+            protocol,
+            if self.mtls { "mutual_tls" } else { "none" },
+        );
+        s.into()
+    }
+}
+
+fn or_unknown(s: &str) -> &str {
+    if s.is_empty() { "unknown" } else { s }
+}
+
+#[derive(Hash, PartialEq, Eq)]
+struct ReqKey {
+    base: Arc<str>,
+    code: u16,
+    grpc: Option<u16>,
+    flags: &'static str,
+}
+
+#[derive(Default)]
+struct ReqStats {
+    count: u64,
+    buckets: [u64; BUCKETS_MS.len()],
+    sum_ms: f64,
+}
+
+#[derive(Default)]
+struct TcpStats {
+    opened: u64,
+    closed: u64,
+    sent: u64,
+    received: u64,
+}
+
+/// All metrics of one proxy.
+#[derive(Default)]
+pub(crate) struct Metrics {
+    requests: Mutex<HashMap<ReqKey, ReqStats>>,
+    tcp: Mutex<HashMap<Arc<str>, TcpStats>>,
+}
+
+impl Metrics {
+    /// Count one request.
+    pub(crate) fn request(
+        &self,
+        base: &Arc<str>,
+        code: u16,
+        grpc: Option<u16>,
+        flags: &'static str,
+        took: Duration,
+    ) {
+        let ms = took.as_secs_f64() * 1000.0;
+        let mut m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+        let key = ReqKey {
+            base: base.clone(),
+            code,
+            grpc,
+            flags,
+        };
+        let s = m.entry(key).or_default();
+        s.count += 1;
+        s.sum_ms += ms;
+        for (i, b) in BUCKETS_MS.iter().enumerate() {
+            if ms <= *b {
+                s.buckets[i] += 1;
+            }
+        }
+    }
+
+    pub(crate) fn tcp_opened(&self, base: &Arc<str>) {
+        let mut m = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(base.clone()).or_default().opened += 1;
+    }
+
+    pub(crate) fn tcp_closed(&self, base: &Arc<str>, sent: u64, received: u64) {
+        let mut m = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+        let s = m.entry(base.clone()).or_default();
+        s.closed += 1;
+        s.sent += sent;
+        s.received += received;
+    }
+
+    /// Prometheus text exposition.
+    pub(crate) fn render(&self) -> String {
+        let mut out = String::new();
+        {
+            let m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
+            let lbl = |k: &ReqKey| {
+                format!(
+                    "{},response_code=\"{}\",grpc_response_status=\"{}\",response_flags=\"{}\"",
+                    k.base,
+                    k.code,
+                    k.grpc.map(|g| g.to_string()).unwrap_or_default(),
+                    k.flags
+                )
+            };
+            out.push_str("# TYPE istio_requests_total counter\n");
+            for (k, s) in m.iter() {
+                let _ = writeln!(out, "istio_requests_total{{{}}} {}", lbl(k), s.count);
+            }
+            out.push_str("# TYPE istio_request_duration_milliseconds histogram\n");
+            for (k, s) in m.iter() {
+                let l = lbl(k);
+                for (i, b) in BUCKETS_MS.iter().enumerate() {
+                    let _ = writeln!(
+                        out,
+                        "istio_request_duration_milliseconds_bucket{{{l},le=\"{b}\"}} {}",
+                        s.buckets[i]
+                    );
+                }
+                let _ = writeln!(
+                    out,
+                    "istio_request_duration_milliseconds_bucket{{{l},le=\"+Inf\"}} {}",
+                    s.count
+                );
+                let _ = writeln!(
+                    out,
+                    "istio_request_duration_milliseconds_sum{{{l}}} {}",
+                    s.sum_ms
+                );
+                let _ = writeln!(
+                    out,
+                    "istio_request_duration_milliseconds_count{{{l}}} {}",
+                    s.count
+                );
+            }
+        }
+        let m = self.tcp.lock().unwrap_or_else(|e| e.into_inner());
+        for (name, f) in [
+            ("istio_tcp_connections_opened_total", 0),
+            ("istio_tcp_connections_closed_total", 1),
+            ("istio_tcp_sent_bytes_total", 2),
+            ("istio_tcp_received_bytes_total", 3),
+        ] {
+            let _ = writeln!(out, "# TYPE {name} counter");
+            for (k, s) in m.iter() {
+                let v = [s.opened, s.closed, s.sent, s.received][f];
+                let _ = writeln!(out, "{name}{{{k},response_flags=\"-\"}} {v}");
+            }
+        }
+        out
+    }
+}
+
+// === /mtls accounting ===
+
+fn now_unix() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs()
+}
+
+#[derive(Default, Clone, Copy)]
+struct Slot {
+    epoch: u64,
+    counts: [u64; 4],
+}
+
+/// Which counter of a port to bump.
+#[derive(Debug, Clone, Copy)]
+pub(crate) enum Kind {
+    MtlsConnection = 0,
+    PlaintextConnection = 1,
+    MtlsRequest = 2,
+    PlaintextRequest = 3,
+}
+
+#[derive(Default, Clone, Copy, serde::Serialize)]
+struct Source {
+    connections: u64,
+    requests: u64,
+    last_seen_unix: u64,
+}
+
+/// Plaintext vs mTLS connections and requests of one inbound port.
+pub(crate) struct PortStats {
+    pub(crate) port: u16,
+    totals: [AtomicU64; 4],
+    window: Mutex<[Slot; SLOTS]>,
+    sources: Mutex<HashMap<IpAddr, Source>>,
+}
+
+impl PortStats {
+    pub(crate) fn new(port: u16) -> Self {
+        PortStats {
+            port,
+            totals: Default::default(),
+            window: Mutex::new([Slot::default(); SLOTS]),
+            sources: Mutex::new(HashMap::new()),
+        }
+    }
+
+    pub(crate) fn count(&self, kind: Kind, src: Option<IpAddr>) {
+        let i = kind as usize;
+        self.totals[i].fetch_add(1, Ordering::Relaxed);
+        let now = now_unix();
+        let epoch = now / SLOT_SECS;
+        {
+            let mut w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+            let slot = &mut w[(epoch as usize) % SLOTS];
+            if slot.epoch != epoch {
+                *slot = Slot {
+                    epoch,
+                    counts: [0; 4],
+                };
+            }
+            slot.counts[i] += 1;
+        }
+        if let (Some(ip), Kind::PlaintextConnection | Kind::PlaintextRequest) = (src, kind) {
+            let mut s = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+            let e = s.entry(ip).or_default();
+            if matches!(kind, Kind::PlaintextConnection) {
+                e.connections += 1;
+            } else {
+                e.requests += 1;
+            }
+            e.last_seen_unix = now;
+        }
+    }
+
+    /// The `/mtls` JSON of this port (MESH_FOLDER.md).
+    pub(crate) fn json(&self, protocol: &str, mode: &str) -> serde_json::Value {
+        let t: Vec<u64> = self
+            .totals
+            .iter()
+            .map(|a| a.load(Ordering::Relaxed))
+            .collect();
+        let epoch_now = now_unix() / SLOT_SECS;
+        let mut r = [0u64; 4];
+        {
+            let w = self.window.lock().unwrap_or_else(|e| e.into_inner());
+            for slot in w.iter() {
+                if slot.epoch + (SLOTS as u64) > epoch_now {
+                    for (sum, n) in r.iter_mut().zip(slot.counts) {
+                        *sum += n;
+                    }
+                }
+            }
+        }
+        let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+        let mut list: Vec<_> = sources
+            .iter()
+            .map(|(ip, s)| {
+                serde_json::json!({"ip": ip.to_string(), "connections": s.connections,
+                    "requests": s.requests, "last_seen_unix": s.last_seen_unix})
+            })
+            .collect();
+        list.sort_by(|a, b| a["ip"].as_str().cmp(&b["ip"].as_str()));
+        serde_json::json!({
+            "port": self.port, "protocol": protocol, "mode": mode,
+            "since_start": {"mtls_connections": t[0], "plaintext_connections": t[1],
+                "mtls_requests": t[2], "plaintext_requests": t[3]},
+            "recent": {"window_seconds": WINDOW_SECS, "mtls_connections": r[0],
+                "plaintext_connections": r[1], "mtls_requests": r[2], "plaintext_requests": r[3]},
+            "plaintext_sources": list,
+        })
+    }
+}

@@ -1,0 +1,1137 @@
+//! The running proxy: configuration (mesh folder + compiled policy, swapped atomically on
+//! valid edits), listeners, inbound and outbound request handling, drain.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant, SystemTime};
+
+use arc_swap::ArcSwap;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode, Uri, Version, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rampart_authz::{
+    Engine, HeaderMutation, HttpRequest, JwksCache, Kind as ResourceKind, MtlsMode, NoExtAuthz,
+    Peer, RequestContext, SignatureVerifier, Workload,
+};
+use rampart_certs::{SpiffeId, TrustDomainPolicy};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Notify, Semaphore, watch};
+
+use crate::conn::{MtlsConnector, Target, connect_mtls};
+use crate::identity::{Alpn, IdentityHolder, cert_sha256_hex};
+use crate::mesh::{MeshFolder, PortProtocol, Problem, WorkloadEntry};
+use crate::metrics::{Kind, Labels, Metrics, PortStats};
+use crate::{Error, admin};
+
+/// Response body: the app's or peer's body streamed through, or one the proxy wrote.
+pub(crate) type Body = Either<Incoming, Full<Bytes>>;
+
+/// How to run a proxy.
+#[derive(Debug, Clone)]
+pub struct ProxyOptions {
+    /// The mesh folder.
+    pub mesh_dir: PathBuf,
+    /// `namespace/name` of the workload this proxy fronts.
+    pub workload: String,
+    /// The node agent's SDS socket.
+    pub sds_socket: PathBuf,
+    /// Admin listener; default: the registry's `proxy.admin`, else none.
+    pub admin: Option<SocketAddr>,
+    /// Most connections handled at once (inbound + outbound); more are closed on accept.
+    pub max_connections: usize,
+    /// Time allowed for the response headers of a forwarded request (504 after).
+    pub request_timeout: Duration,
+    /// After a shutdown signal, how long in-flight work may take before it is cut.
+    pub drain_timeout: Duration,
+}
+
+impl ProxyOptions {
+    /// Defaults for everything but the three required settings.
+    pub fn new(mesh_dir: PathBuf, workload: String, sds_socket: PathBuf) -> ProxyOptions {
+        ProxyOptions {
+            mesh_dir,
+            workload,
+            sds_socket,
+            admin: None,
+            max_connections: 10_000,
+            request_timeout: Duration::from_secs(15),
+            drain_timeout: Duration::from_secs(5),
+        }
+    }
+}
+
+/// The configuration in force: the folder and what is compiled from it.
+pub(crate) struct Config {
+    pub(crate) folder: MeshFolder,
+    pub(crate) engine: Engine,
+    pub(crate) jwks: JwksCache,
+    pub(crate) me: WorkloadEntry,
+    pub(crate) workload: Workload,
+    /// No AuthorizationPolicy nor RequestAuthentication can apply: requests skip the engine.
+    pub(crate) fast_path: bool,
+    pub(crate) loaded_at: SystemTime,
+}
+
+fn build_config(dir: &Path, key: &str) -> Result<Config, Vec<Problem>> {
+    let folder = MeshFolder::load(dir)?;
+    let (ns, name) = key.split_once('/').unwrap_or(("", key));
+    let Some(me) = folder.registry.get(ns, name).cloned() else {
+        return Err(vec![Problem {
+            file: crate::mesh::WORKLOADS_FILE.into(),
+            field: "workloads".into(),
+            reason: format!("workload {key} (this proxy's) is not declared"),
+        }]);
+    };
+    let engine = Engine::new(folder.resources.iter().cloned(), folder.mesh.clone());
+    let mut jwks = JwksCache::new(Duration::from_secs(1200), Duration::from_secs(5));
+    let fetcher = rampart_authz::FileJwksFetcher {
+        base_dir: Some(dir.to_path_buf()),
+        overrides: folder.jwks_files(),
+    };
+    jwks.refresh(&engine, &fetcher, SystemTime::now());
+    let workload = me.authz_workload();
+    let has_reqauthn = folder.resources.iter().any(|r| {
+        r.kind() == ResourceKind::RequestAuthentication
+            && (r.metadata().namespace() == me.namespace
+                || r.metadata().namespace() == folder.mesh.root_namespace)
+    });
+    let fast_path = !has_reqauthn && engine.policies_for(&workload).is_empty();
+    for w in engine.warnings() {
+        tracing::warn!(warning = %w, "policy translation");
+    }
+    Ok(Config {
+        folder,
+        engine,
+        jwks,
+        me,
+        workload,
+        fast_path,
+        loaded_at: SystemTime::now(),
+    })
+}
+
+/// JWS signature checks for RequestAuthentication, with Rampart's JWT module.
+struct Signatures;
+
+impl SignatureVerifier for Signatures {
+    fn verify_signature(&self, token: &str, jwks: &str) -> Result<(), String> {
+        let set = rampart_certs::jwt::Jwks::parse(jwks).map_err(|e| e.to_string())?;
+        rampart_certs::jwt::UnverifiedJwt::parse(token)
+            .map_err(|e| e.to_string())?
+            .verify(&set, SystemTime::now(), rampart_authz::CLOCK_SKEW)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    }
+}
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PeerKey {
+    addr: SocketAddr,
+    expected: SpiffeId,
+    h2: bool,
+    dest: String,
+    port: u16,
+}
+
+struct PeerPool {
+    client: Client<MtlsConnector, Incoming>,
+    labels: Arc<str>,
+}
+
+/// Everything the tasks of one proxy share.
+pub(crate) struct Shared {
+    pub(crate) cfg: ArcSwap<Config>,
+    pub(crate) identity: Arc<IdentityHolder>,
+    pub(crate) metrics: Metrics,
+    pub(crate) ports: Vec<Arc<PortStats>>,
+    pub(crate) listeners_up: AtomicBool,
+    pub(crate) last_refusal: Mutex<Option<(SystemTime, Vec<String>)>>,
+    pub(crate) workload_key: String,
+    conns: Arc<Semaphore>,
+    request_timeout: Duration,
+    app_h1: Client<HttpConnector, Incoming>,
+    app_h2: Client<HttpConnector, Incoming>,
+    peers: Mutex<HashMap<PeerKey, Arc<PeerPool>>>,
+    shutdown: watch::Receiver<bool>,
+    inflight: AtomicUsize,
+    idle: Notify,
+}
+
+/// Counts a task as in flight until dropped (drain waits for zero).
+struct InFlight<'a>(&'a Shared);
+
+impl Shared {
+    fn enter(&self) -> InFlight<'_> {
+        self.inflight.fetch_add(1, Ordering::SeqCst);
+        InFlight(self)
+    }
+}
+
+impl Drop for InFlight<'_> {
+    fn drop(&mut self) {
+        if self.0.inflight.fetch_sub(1, Ordering::SeqCst) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
+}
+
+fn trust_policy(f: &MeshFolder) -> TrustDomainPolicy {
+    TrustDomainPolicy::with_aliases(f.trust_domain.clone(), f.trust_domain_aliases.clone())
+}
+
+/// Run a proxy until `shutdown` resolves, then drain.
+pub async fn run(
+    opts: ProxyOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let dir = opts.mesh_dir.clone();
+    let key = opts.workload.clone();
+    let cfg = {
+        let (d, k) = (dir.clone(), key.clone());
+        tokio::task::spawn_blocking(move || build_config(&d, &k))
+            .await
+            .map_err(|e| Error::Watch(e.to_string()))?
+    };
+    let cfg = cfg.map_err(|problems| {
+        if problems.len() == 1 && problems[0].reason.contains("this proxy's") {
+            Error::UnknownWorkload(key.clone())
+        } else {
+            Error::MeshFolder(problems)
+        }
+    })?;
+    let my_id = cfg.me.spiffe_id(&cfg.folder.trust_domain);
+    let identity = Arc::new(IdentityHolder::new(
+        my_id.clone(),
+        trust_policy(&cfg.folder),
+    ));
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut app_conn = HttpConnector::new();
+    app_conn.set_nodelay(true);
+    let app_h1 = Client::builder(TokioExecutor::new())
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(app_conn.clone());
+    let app_h2 = Client::builder(TokioExecutor::new())
+        .http2_only(true)
+        .pool_idle_timeout(Duration::from_secs(60))
+        .build(app_conn);
+    let ports: Vec<Arc<PortStats>> = cfg
+        .me
+        .ports
+        .iter()
+        .map(|p| Arc::new(PortStats::new(p.port)))
+        .collect();
+    let admin_addr = opts.admin.or(cfg.me.proxy.admin);
+    let me = cfg.me.clone();
+    let sh = Arc::new(Shared {
+        cfg: ArcSwap::from_pointee(cfg),
+        identity: identity.clone(),
+        metrics: Metrics::default(),
+        ports,
+        listeners_up: AtomicBool::new(false),
+        last_refusal: Mutex::new(None),
+        workload_key: key.clone(),
+        conns: Arc::new(Semaphore::new(opts.max_connections)),
+        request_timeout: opts.request_timeout,
+        app_h1,
+        app_h2,
+        peers: Mutex::new(HashMap::new()),
+        shutdown: stop_rx,
+        inflight: AtomicUsize::new(0),
+        idle: Notify::new(),
+    });
+
+    // Bind everything first: a port in use is a start-up error.
+    let bind = |addr: SocketAddr, what: String| async move {
+        TcpListener::bind(addr)
+            .await
+            .map_err(|source| Error::Bind { addr, what, source })
+    };
+    let mut tasks = Vec::new();
+    if let Some(a) = admin_addr {
+        let l = bind(a, "admin".into()).await?;
+        tasks.push(tokio::spawn(admin::serve(sh.clone(), l)));
+    }
+    for (i, p) in me.ports.iter().enumerate() {
+        let l = bind(p.inbound, format!("inbound port {}", p.port)).await?;
+        tasks.push(tokio::spawn(accept_loop(
+            sh.clone(),
+            l,
+            Listener::Inbound(p.port, i),
+        )));
+    }
+    if let Some(a) = me.proxy.outbound {
+        let l = bind(a, "outbound HTTP proxy".into()).await?;
+        tasks.push(tokio::spawn(accept_loop(sh.clone(), l, Listener::Outbound)));
+    }
+    for (i, u) in me.upstreams.iter().enumerate() {
+        let l = bind(u.listen, format!("upstream {}:{}", u.service, u.port)).await?;
+        tasks.push(tokio::spawn(accept_loop(
+            sh.clone(),
+            l,
+            Listener::Upstream(i),
+        )));
+    }
+    sh.listeners_up.store(true, Ordering::SeqCst);
+    let node_id = format!(
+        "sidecar~127.0.0.1~{}.{}~{}.svc.cluster.local",
+        me.name, me.namespace, me.namespace
+    );
+    let sds = tokio::spawn(crate::sds::run(opts.sds_socket.clone(), node_id, identity));
+    let watcher = tokio::spawn(watch_folder(sh.clone(), dir));
+    tracing::info!(workload = %key, id = %my_id, "proxy started");
+
+    shutdown.await;
+    tracing::info!(
+        inflight = sh.inflight.load(Ordering::SeqCst),
+        "draining: no new connections; finishing in-flight work"
+    );
+    let _ = stop_tx.send(true);
+    let deadline = tokio::time::sleep(opts.drain_timeout);
+    tokio::pin!(deadline);
+    loop {
+        let notified = sh.idle.notified();
+        if sh.inflight.load(Ordering::SeqCst) == 0 {
+            tracing::info!("drained");
+            break;
+        }
+        tokio::select! {
+            _ = notified => {}
+            _ = &mut deadline => {
+                tracing::warn!(inflight = sh.inflight.load(Ordering::SeqCst), "drain deadline reached; closing the rest");
+                break;
+            }
+        }
+    }
+    sds.abort();
+    watcher.abort();
+    for t in tasks {
+        t.abort();
+    }
+    Ok(())
+}
+
+async fn watch_folder(sh: Arc<Shared>, dir: PathBuf) {
+    use notify::Watcher;
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
+    let watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
+        let _ = tx.try_send(());
+    })
+    .and_then(|mut w| w.watch(&dir, notify::RecursiveMode::Recursive).map(|()| w));
+    let _watcher = match watcher {
+        Ok(w) => Some(w),
+        Err(e) => {
+            tracing::warn!(error = %e, "file notifications unavailable; polling the mesh folder every 2s");
+            None
+        }
+    };
+    let fp_dir = dir.clone();
+    let mut last = tokio::task::spawn_blocking(move || MeshFolder::fingerprint(&fp_dir))
+        .await
+        .unwrap_or_default();
+    let mut tick = tokio::time::interval(Duration::from_secs(2));
+    loop {
+        tokio::select! {
+            _ = rx.recv() => {
+                tokio::time::sleep(Duration::from_millis(150)).await;
+                while rx.try_recv().is_ok() {}
+            }
+            _ = tick.tick() => {}
+        }
+        let (d, k) = (dir.clone(), sh.workload_key.clone());
+        let Ok((fp, result)) = tokio::task::spawn_blocking(move || {
+            let fp = MeshFolder::fingerprint(&d);
+            (fp, build_config(&d, &k))
+        })
+        .await
+        else {
+            continue;
+        };
+        if fp == last {
+            continue;
+        }
+        last = fp;
+        match result {
+            Ok(cfg) => {
+                sh.identity.set_trust_domains(trust_policy(&cfg.folder));
+                tracing::info!(
+                    policies = cfg.folder.resources.len(),
+                    workloads = cfg.folder.registry.workloads.len(),
+                    "mesh folder reloaded; new configuration in force"
+                );
+                sh.cfg.store(Arc::new(cfg));
+                *sh.last_refusal.lock().unwrap_or_else(|e| e.into_inner()) = None;
+            }
+            Err(problems) => {
+                for p in &problems {
+                    tracing::error!(problem = %p, "mesh folder edit refused; the last good configuration keeps serving");
+                }
+                *sh.last_refusal.lock().unwrap_or_else(|e| e.into_inner()) = Some((
+                    SystemTime::now(),
+                    problems.iter().map(ToString::to_string).collect(),
+                ));
+            }
+        }
+    }
+}
+
+#[derive(Clone, Copy)]
+enum Listener {
+    Inbound(u16, usize),
+    Outbound,
+    Upstream(usize),
+}
+
+async fn accept_loop(sh: Arc<Shared>, l: TcpListener, kind: Listener) {
+    let mut stop = sh.shutdown.clone();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = l.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => return,
+        };
+        let Ok(permit) = sh.conns.clone().try_acquire_owned() else {
+            tracing::warn!(%peer, "connection limit reached; closing new connection");
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        let sh = sh.clone();
+        tokio::spawn(async move {
+            let _g = sh.enter();
+            match kind {
+                Listener::Inbound(port, i) => inbound_conn(&sh, port, i, tcp, peer).await,
+                Listener::Outbound => outbound_http_conn(&sh, tcp, peer).await,
+                Listener::Upstream(i) => upstream_conn(&sh, i, tcp).await,
+            }
+            drop(permit);
+        });
+    }
+}
+
+// === inbound ===
+
+/// What request handling needs to know about its connection.
+struct ConnCtx {
+    port: u16,
+    protocol: PortProtocol,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    principal: Option<String>,
+    sni: Option<String>,
+    xfcc: Option<HeaderValue>,
+    labels: Arc<str>,
+    stats: Arc<PortStats>,
+}
+
+fn request_protocol(p: PortProtocol) -> &'static str {
+    match p {
+        PortProtocol::Grpc => "grpc",
+        PortProtocol::Tcp => "tcp",
+        _ => "http",
+    }
+}
+
+/// The registry workload whose identity is `principal` (for metric labels).
+fn workload_of(cfg: &Config, principal: &str) -> (String, String) {
+    let Ok(id) = SpiffeId::parse(principal) else {
+        return (String::new(), String::new());
+    };
+    let path = id.path();
+    let mut it = path.trim_start_matches('/').split('/');
+    if let (Some("ns"), Some(ns), Some("sa"), Some(sa)) =
+        (it.next(), it.next(), it.next(), it.next())
+    {
+        let w = cfg
+            .folder
+            .registry
+            .workloads
+            .iter()
+            .find(|w| w.namespace == ns && w.service_account == sa);
+        return (
+            w.map(|w| w.name.clone()).unwrap_or_default(),
+            ns.to_string(),
+        );
+    }
+    (String::new(), String::new())
+}
+
+async fn inbound_conn(sh: &Arc<Shared>, port: u16, idx: usize, tcp: TcpStream, peer: SocketAddr) {
+    let cfg = sh.cfg.load_full();
+    let Some(pe) = cfg.me.port(port).cloned() else {
+        tracing::warn!(port, "port no longer in the registry; closing connection");
+        return;
+    };
+    let stats = sh.ports[idx].clone();
+    let mode = cfg.engine.peer_authentication(&cfg.workload, port).mode;
+    // Sniff: a TLS record starts with 0x16 (handshake).
+    let mut first = [0u8; 1];
+    let is_tls = match tokio::time::timeout(Duration::from_secs(5), tcp.peek(&mut first)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => return,
+        Ok(Ok(_)) => first[0] == 0x16,
+        Err(_) => false, // client waits for the server: plaintext (server-first protocol)
+    };
+    let terminate_tls = match (mode, is_tls) {
+        (MtlsMode::Disable, _) => false,
+        (MtlsMode::Strict, false) => {
+            stats.count(Kind::PlaintextConnection, Some(peer.ip()));
+            tracing::info!(%peer, port, "plaintext connection refused: PeerAuthentication STRICT");
+            return;
+        }
+        (_, tls) => tls,
+    };
+    let local = tcp.local_addr().ok();
+    let me_principal = cfg.me.spiffe_id(&cfg.folder.trust_domain).to_string();
+    let mut labels = Labels {
+        reporter: "destination",
+        source_principal: String::new(),
+        source_workload: String::new(),
+        source_namespace: String::new(),
+        destination_principal: me_principal.clone(),
+        destination_workload: cfg.me.name.clone(),
+        destination_namespace: cfg.me.namespace.clone(),
+        destination_service: cfg.me.service_host(),
+        mtls: terminate_tls,
+    };
+    if !terminate_tls {
+        stats.count(Kind::PlaintextConnection, Some(peer.ip()));
+        let cx = ConnCtx {
+            port,
+            protocol: pe.protocol,
+            peer,
+            local,
+            principal: None,
+            sni: None,
+            xfcc: None,
+            labels: labels.render(request_protocol(pe.protocol)),
+            stats,
+        };
+        serve_inbound(sh, cx, pe.app, tcp).await;
+        return;
+    }
+    let Some(state) = sh.identity.current() else {
+        tracing::warn!(%peer, port, "TLS handshake refused: no workload certificate yet (fail closed)");
+        return;
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(state.server.clone());
+    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let error = crate::conn::describe_tls_error(&e);
+            tracing::info!(%peer, port, %error, "mTLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, port, "mTLS handshake timed out");
+            return;
+        }
+    };
+    let (principal, hash, sni) = {
+        let c = tls.get_ref().1;
+        let leaf = c.peer_certificates().and_then(|c| c.first());
+        let principal = leaf
+            .and_then(|l| rampart_certs::tls::leaf_spiffe_id(l).ok())
+            .map(|id| id.to_string());
+        let hash = leaf.map(|l| cert_sha256_hex(l.as_ref()));
+        (principal, hash, c.server_name().map(str::to_string))
+    };
+    let Some(principal) = principal else {
+        // Unreachable with a mandatory client verifier; refuse rather than trust.
+        tracing::warn!(%peer, "mTLS peer without SPIFFE ID; closing");
+        return;
+    };
+    stats.count(Kind::MtlsConnection, Some(peer.ip()));
+    let xfcc = HeaderValue::from_str(&format!(
+        "By={};Hash={};Subject=\"\";URI={}",
+        me_principal,
+        hash.unwrap_or_default(),
+        principal
+    ))
+    .ok();
+    let (sw, sns) = workload_of(&cfg, &principal);
+    labels.source_principal = principal.clone();
+    labels.source_workload = sw;
+    labels.source_namespace = sns;
+    let cx = ConnCtx {
+        port,
+        protocol: pe.protocol,
+        peer,
+        local,
+        principal: Some(principal),
+        sni,
+        xfcc,
+        labels: labels.render(request_protocol(pe.protocol)),
+        stats,
+    };
+    drop(cfg);
+    serve_inbound(sh, cx, pe.app, tls).await;
+}
+
+async fn serve_inbound<IO>(sh: &Arc<Shared>, cx: ConnCtx, app: SocketAddr, io: IO)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if cx.protocol == PortProtocol::Tcp {
+        inbound_tcp(sh, cx, app, io).await;
+        return;
+    }
+    let cx = Arc::new(cx);
+    let svc_sh = sh.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let sh = svc_sh.clone();
+        let cx = cx.clone();
+        async move { Ok::<_, Infallible>(inbound_request(&sh, &cx, req).await) }
+    });
+    serve_http(sh, io, svc).await;
+}
+
+async fn serve_http<IO, S>(sh: &Arc<Shared>, io: IO, svc: S)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + 'static,
+    S::Future: Send + 'static,
+{
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    tokio::pin!(conn);
+    let mut stop = sh.shutdown.clone();
+    if *stop.borrow() {
+        conn.as_mut().graceful_shutdown();
+    }
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "HTTP connection ended with an error");
+            }
+            return;
+        }
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+        }
+    }
+    let _ = conn.await;
+}
+
+fn text_response(status: u16, body: &'static str) -> Response<Body> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from_static(
+        body.as_bytes(),
+    ))));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::FORBIDDEN);
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+fn owned_text_response(status: u16, body: String) -> Response<Body> {
+    let mut r = Response::new(Either::Right(Full::new(Bytes::from(body))));
+    *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::BAD_GATEWAY);
+    r.headers_mut()
+        .insert(header::CONTENT_TYPE, HeaderValue::from_static("text/plain"));
+    r
+}
+
+/// A denial as Envoy answers it: HTTP status + body, or a gRPC trailers-only response.
+fn denial(status: u16, grpc: bool, body: &str) -> (Response<Body>, Option<u16>) {
+    if grpc {
+        let code: u16 = match status {
+            401 => 16, // UNAUTHENTICATED
+            400 => 13, // INTERNAL
+            _ => 7,    // PERMISSION_DENIED
+        };
+        let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
+        let h = r.headers_mut();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        h.insert("grpc-status", HeaderValue::from(code));
+        if let Ok(v) = HeaderValue::from_str(body) {
+            h.insert("grpc-message", v);
+        }
+        return (r, Some(code));
+    }
+    (owned_text_response(status, body.to_string()), None)
+}
+
+fn is_grpc_request<B>(req: &Request<B>) -> bool {
+    req.headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
+}
+
+fn grpc_status_of<B>(r: &Response<B>) -> Option<u16> {
+    r.headers()
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+fn authority_of<B>(req: &Request<B>) -> String {
+    req.uri()
+        .authority()
+        .map(|a| a.as_str().to_string())
+        .or_else(|| {
+            req.headers()
+                .get(header::HOST)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string)
+        })
+        .unwrap_or_default()
+}
+
+static XFCC: header::HeaderName = header::HeaderName::from_static("x-forwarded-client-cert");
+
+async fn inbound_request(
+    sh: &Arc<Shared>,
+    cx: &ConnCtx,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let start = Instant::now();
+    let mtls = cx.principal.is_some();
+    cx.stats.count(
+        if mtls {
+            Kind::MtlsRequest
+        } else {
+            Kind::PlaintextRequest
+        },
+        Some(cx.peer.ip()),
+    );
+    let grpc = cx.protocol == PortProtocol::Grpc || is_grpc_request(&req);
+    let cfg = sh.cfg.load();
+    let raw_path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    let normalized = match rampart_authz::normalize_path(
+        &raw_path,
+        cfg.folder.mesh.path_normalization,
+    ) {
+        Ok(n) => n.to_forward(),
+        Err(e) => {
+            tracing::info!(peer = %cx.peer, path = %raw_path, reason = %e.reason, "request refused: bad path (400)");
+            let (r, g) = denial(400, grpc, "Bad Request");
+            sh.metrics.request(&cx.labels, 400, g, "-", start.elapsed());
+            return r;
+        }
+    };
+    if !cfg.fast_path {
+        let mut headers = Vec::with_capacity(req.headers().len());
+        for (k, v) in req.headers() {
+            if let Ok(v) = v.to_str() {
+                headers.push((k.as_str().to_string(), v.to_string()));
+            }
+        }
+        let http = HttpRequest {
+            method: req.method().as_str().to_string(),
+            path: raw_path.clone(),
+            host: authority_of(&req),
+            headers,
+        };
+        let ctx = RequestContext {
+            source: Peer {
+                principal: cx.principal.clone(),
+                ip: Some(cx.peer.ip()),
+                remote_ip: None,
+            },
+            destination_ip: cx.local.map(|a| a.ip()),
+            destination_port: cx.port,
+            sni: cx.sni.clone(),
+            http: Some(http),
+            jwt: None,
+        };
+        let d = cfg.engine.check_with(
+            &cfg.workload,
+            &ctx,
+            SystemTime::now(),
+            &cfg.jwks,
+            &Signatures,
+            &NoExtAuthz,
+        );
+        if !d.is_allowed() {
+            let policy = d
+                .policy
+                .as_ref()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .unwrap_or_else(|| "-".into());
+            tracing::warn!(
+                peer = %cx.peer,
+                principal = cx.principal.as_deref().unwrap_or("-"),
+                method = %req.method(),
+                path = %raw_path,
+                status = d.status,
+                policy = %policy,
+                rule = ?d.rule,
+                reason = %d.reason,
+                "request denied: {}", d.summary()
+            );
+            let body = match d.status {
+                401 => d.reason.clone(),
+                400 => "Bad Request".to_string(),
+                _ => "RBAC: access denied".to_string(),
+            };
+            let (r, g) = denial(d.status, grpc, &body);
+            let flags = if d.status == 401 || d.status == 400 {
+                "-"
+            } else {
+                "UAEX"
+            };
+            sh.metrics
+                .request(&cx.labels, d.status, g, flags, start.elapsed());
+            return r;
+        }
+        for m in &d.headers {
+            match m {
+                HeaderMutation::Set { name, value } => {
+                    if let (Ok(n), Ok(v)) = (
+                        header::HeaderName::from_bytes(name.as_bytes()),
+                        HeaderValue::from_str(value),
+                    ) {
+                        req.headers_mut().insert(n, v);
+                    }
+                }
+                HeaderMutation::Remove { name } => {
+                    req.headers_mut().remove(name.as_str());
+                }
+            }
+        }
+    }
+    drop(cfg);
+    // x-forwarded-client-cert: never trust the client's; set ours for mTLS peers.
+    req.headers_mut().remove(&XFCC);
+    if let Some(x) = &cx.xfcc {
+        req.headers_mut().insert(XFCC.clone(), x.clone());
+    }
+    let h2 = cx.protocol.is_h2();
+    let app = sh
+        .cfg
+        .load()
+        .me
+        .port(cx.port)
+        .map(|p| p.app)
+        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
+    if req.headers().get(header::HOST).is_none()
+        && let Some(a) = req.uri().authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    let uri = format!("http://{app}{normalized}");
+    match uri.parse::<Uri>() {
+        Ok(u) => *req.uri_mut() = u,
+        Err(_) => {
+            let (r, g) = denial(400, grpc, "Bad Request");
+            sh.metrics.request(&cx.labels, 400, g, "-", start.elapsed());
+            return r;
+        }
+    }
+    *req.version_mut() = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let client = if h2 { &sh.app_h2 } else { &sh.app_h1 };
+    let (resp, flags) = match tokio::time::timeout(sh.request_timeout, client.request(req)).await {
+        Ok(Ok(r)) => (r.map(Either::Left), "-"),
+        Ok(Err(e)) => {
+            tracing::warn!(%app, error = %e, "app unreachable");
+            (
+                owned_text_response(
+                    503,
+                    "upstream connect error or disconnect/reset before headers".into(),
+                ),
+                "UF",
+            )
+        }
+        Err(_) => (text_response(504, "upstream request timeout"), "UT"),
+    };
+    let g = if grpc { grpc_status_of(&resp) } else { None };
+    sh.metrics.request(
+        &cx.labels,
+        resp.status().as_u16(),
+        g,
+        flags,
+        start.elapsed(),
+    );
+    resp
+}
+
+async fn inbound_tcp<IO>(sh: &Arc<Shared>, cx: ConnCtx, app: SocketAddr, mut io: IO)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    {
+        let cfg = sh.cfg.load();
+        if !cfg.fast_path {
+            let ctx = RequestContext {
+                source: Peer {
+                    principal: cx.principal.clone(),
+                    ip: Some(cx.peer.ip()),
+                    remote_ip: None,
+                },
+                destination_ip: cx.local.map(|a| a.ip()),
+                destination_port: cx.port,
+                sni: cx.sni.clone(),
+                http: None,
+                jwt: None,
+            };
+            let d = cfg.engine.authorize(&cfg.workload, &ctx);
+            if !d.is_allowed() {
+                let policy = d
+                    .policy
+                    .as_ref()
+                    .map(|p| format!("{}/{}", p.namespace, p.name))
+                    .unwrap_or_else(|| "-".into());
+                tracing::warn!(
+                    peer = %cx.peer,
+                    principal = cx.principal.as_deref().unwrap_or("-"),
+                    port = cx.port,
+                    policy = %policy,
+                    rule = ?d.rule,
+                    reason = %d.reason,
+                    "connection denied (closed): {}", d.summary()
+                );
+                return;
+            }
+        }
+    }
+    sh.metrics.tcp_opened(&cx.labels);
+    let (sent, received) = match TcpStream::connect(app).await {
+        Ok(mut a) => {
+            let _ = a.set_nodelay(true);
+            match tokio::io::copy_bidirectional(&mut io, &mut a).await {
+                Ok((from_client, from_app)) => (from_app, from_client),
+                Err(_) => (0, 0),
+            }
+        }
+        Err(e) => {
+            tracing::warn!(%app, error = %e, "app unreachable");
+            (0, 0)
+        }
+    };
+    sh.metrics.tcp_closed(&cx.labels, sent, received);
+}
+
+// === outbound ===
+
+fn source_labels(cfg: &Config, dest: &WorkloadEntry, mtls: bool) -> Labels {
+    Labels {
+        reporter: "source",
+        source_principal: cfg.me.spiffe_id(&cfg.folder.trust_domain).to_string(),
+        source_workload: cfg.me.name.clone(),
+        source_namespace: cfg.me.namespace.clone(),
+        destination_principal: dest.spiffe_id(&cfg.folder.trust_domain).to_string(),
+        destination_workload: dest.name.clone(),
+        destination_namespace: dest.namespace.clone(),
+        destination_service: dest.service_host(),
+        mtls,
+    }
+}
+
+impl Shared {
+    fn peer_pool(
+        self: &Arc<Self>,
+        cfg: &Config,
+        dest: &WorkloadEntry,
+        port: &crate::mesh::PortEntry,
+    ) -> Result<Arc<PeerPool>, String> {
+        let expected = dest.spiffe_id(&cfg.folder.trust_domain);
+        let h2 = port.protocol.is_h2();
+        let key = PeerKey {
+            addr: port.inbound,
+            expected: expected.clone(),
+            h2,
+            dest: dest.key(),
+            port: port.port,
+        };
+        let mut map = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(p) = map.get(&key) {
+            return Ok(p.clone());
+        }
+        let target = Target::new(
+            port.inbound,
+            &dest.service_host(),
+            port.port,
+            expected,
+            if h2 { Alpn::H2 } else { Alpn::Http1 },
+        )?;
+        let connector = MtlsConnector {
+            identity: self.identity.clone(),
+            target: Arc::new(target),
+        };
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(Duration::from_secs(60));
+        if h2 {
+            b.http2_only(true);
+        }
+        let pool = Arc::new(PeerPool {
+            client: b.build(connector),
+            labels: source_labels(cfg, dest, true).render(request_protocol(port.protocol)),
+        });
+        map.insert(key, pool.clone());
+        Ok(pool)
+    }
+}
+
+async fn outbound_http_conn(sh: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
+    let svc_sh = sh.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let sh = svc_sh.clone();
+        async move { Ok::<_, Infallible>(outbound_request(&sh, peer, req).await) }
+    });
+    serve_http(sh, tcp, svc).await;
+}
+
+async fn outbound_request(
+    sh: &Arc<Shared>,
+    _src: SocketAddr,
+    mut req: Request<Incoming>,
+) -> Response<Body> {
+    let start = Instant::now();
+    if req.method() == http::Method::CONNECT {
+        return text_response(
+            405,
+            "rampart: CONNECT is not supported; send plain HTTP requests through this proxy\n",
+        );
+    }
+    let authority = authority_of(&req);
+    let cfg = sh.cfg.load();
+    let Some((dest, port)) = cfg.folder.registry.resolve(&authority, &cfg.me.namespace) else {
+        tracing::info!(host = %authority, "outbound request to an unknown destination (502)");
+        return owned_text_response(
+            502,
+            format!(
+                "rampart: unknown destination {authority:?}: not a service port in workloads.yaml\n"
+            ),
+        );
+    };
+    let pool = match sh.peer_pool(&cfg, dest, port) {
+        Ok(p) => p,
+        Err(e) => return owned_text_response(502, format!("rampart: {e}\n")),
+    };
+    let h2 = port.protocol.is_h2();
+    drop(cfg);
+    let pq = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/");
+    let uri = format!("http://{authority}{pq}");
+    match uri.parse::<Uri>() {
+        Ok(u) => *req.uri_mut() = u,
+        Err(_) => return text_response(400, "rampart: bad request target\n"),
+    }
+    if req.headers().get(header::HOST).is_none()
+        && let Ok(v) = HeaderValue::from_str(&authority)
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    req.headers_mut().remove("proxy-connection");
+    req.headers_mut().remove(header::PROXY_AUTHORIZATION);
+    *req.version_mut() = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let grpc = is_grpc_request(&req);
+    let (resp, flags) =
+        match tokio::time::timeout(sh.request_timeout, pool.client.request(req)).await {
+            Ok(Ok(r)) => (r.map(Either::Left), "-"),
+            Ok(Err(e)) => {
+                let mut msg = e.to_string();
+                let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
+                while let Some(s) = src {
+                    msg = format!("{msg}: {s}");
+                    src = s.source();
+                }
+                tracing::warn!(host = %authority, error = %msg, "outbound request failed");
+                (
+                    owned_text_response(503, format!("upstream connect error: {msg}\n")),
+                    "UF",
+                )
+            }
+            Err(_) => (text_response(504, "upstream request timeout\n"), "UT"),
+        };
+    let g = if grpc { grpc_status_of(&resp) } else { None };
+    sh.metrics.request(
+        &pool.labels,
+        resp.status().as_u16(),
+        g,
+        flags,
+        start.elapsed(),
+    );
+    resp
+}
+
+async fn upstream_conn(sh: &Arc<Shared>, idx: usize, mut tcp: TcpStream) {
+    let cfg = sh.cfg.load_full();
+    let Some(u) = cfg.me.upstreams.get(idx) else {
+        return;
+    };
+    let authority = format!("{}:{}", u.service, u.port);
+    let Some((dest, port)) = cfg.folder.registry.resolve(&authority, &cfg.me.namespace) else {
+        tracing::warn!(upstream = %authority, "upstream no longer in the registry; closing");
+        return;
+    };
+    let target = match Target::new(
+        port.inbound,
+        &dest.service_host(),
+        port.port,
+        dest.spiffe_id(&cfg.folder.trust_domain),
+        Alpn::None,
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(error = %e, "bad upstream target");
+            return;
+        }
+    };
+    let labels = source_labels(&cfg, dest, true).render("tcp");
+    drop(cfg);
+    let mut tls = match connect_mtls(&sh.identity, &target).await {
+        Ok(t) => t,
+        Err(e) => {
+            tracing::warn!(upstream = %authority, error = %e, "upstream connection failed");
+            return;
+        }
+    };
+    sh.metrics.tcp_opened(&labels);
+    let (sent, received) = match tokio::io::copy_bidirectional(&mut tcp, &mut tls).await {
+        Ok((from_app, from_peer)) => (from_app, from_peer),
+        Err(_) => (0, 0),
+    };
+    sh.metrics.tcp_closed(&labels, sent, received);
+}
+
+/// The effective mode of each port (for `/config_dump` and `/mtls`).
+pub(crate) fn port_modes(cfg: &Config) -> Vec<(u16, PortProtocol, rampart_authz::EffectiveMtls)> {
+    cfg.me
+        .ports
+        .iter()
+        .map(|p| {
+            (
+                p.port,
+                p.protocol,
+                cfg.engine.peer_authentication(&cfg.workload, p.port),
+            )
+        })
+        .collect()
+}

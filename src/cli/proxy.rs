@@ -1,0 +1,88 @@
+//! `rampart proxy`: the mTLS proxy for one workload of a mesh folder.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::Context as _;
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct ProxyArgs {
+    /// The mesh folder (mesh.yaml, workloads.yaml, policy YAML); watched for edits.
+    #[arg(long, value_name = "DIR")]
+    mesh: PathBuf,
+    /// The workload this proxy fronts, as NAMESPACE/NAME in workloads.yaml.
+    #[arg(long, value_name = "NAMESPACE/NAME")]
+    workload: String,
+    /// The node agent's SDS socket (certificates and trust bundle come from it).
+    #[arg(long, value_name = "PATH")]
+    sds_socket: PathBuf,
+    /// Admin listener (/stats/prometheus /certs /config_dump /ready /mtls); default: the
+    /// registry's proxy.admin.
+    #[arg(long, value_name = "ADDR")]
+    admin: Option<SocketAddr>,
+    /// Most connections handled at once; more are closed on accept.
+    #[arg(long, default_value_t = 10_000)]
+    max_connections: usize,
+    /// Time allowed for a forwarded request's response headers (504 after).
+    #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// On SIGTERM/SIGINT: how long in-flight requests may take before they are cut.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    drain_timeout: Duration,
+}
+
+impl ProxyArgs {
+    pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
+        let Some((ns, name)) = self.workload.split_once('/') else {
+            return Err(super::bad_input(format!(
+                "--workload {:?}: expected NAMESPACE/NAME",
+                self.workload
+            )));
+        };
+        if ns.is_empty() || name.is_empty() {
+            return Err(super::bad_input("--workload: expected NAMESPACE/NAME"));
+        }
+        if !self.mesh.is_dir() {
+            return Err(super::bad_input(format!(
+                "--mesh {}: not a directory",
+                self.mesh.display()
+            )));
+        }
+        let mut opts = rampart_proxy::ProxyOptions::new(self.mesh, self.workload, self.sds_socket);
+        opts.admin = self.admin;
+        opts.max_connections = self.max_connections;
+        opts.request_timeout = self.request_timeout;
+        opts.drain_timeout = self.drain_timeout;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let result = rt.block_on(rampart_proxy::run(opts, shutdown_signal()));
+        rt.shutdown_timeout(Duration::from_millis(200));
+        match result {
+            Ok(()) => Ok(ExitCode::SUCCESS),
+            Err(
+                e
+                @ (rampart_proxy::Error::MeshFolder(_) | rampart_proxy::Error::UnknownWorkload(_)),
+            ) => Err(super::bad_input(e.to_string())),
+            Err(e) => Err(e.into()),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM received"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
