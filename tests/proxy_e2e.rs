@@ -543,6 +543,39 @@ fn proxy_pair_with_real_clients() {
         "want {want} in {body}"
     );
     assert!(!body.contains("spoofed"), "{body}");
+    // HTTP/2: h2 over mTLS (ALPN) and h2c from a plaintext client, to an HTTP/1.1 app
+    let version = |args: &[&str]| -> String {
+        let out = Command::new("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code} %{http_version}",
+            ])
+            .args(args)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    assert_eq!(
+        version(&[
+            "-k",
+            "--http2",
+            "--cert",
+            good.join("cert-chain.pem").to_str().unwrap(),
+            "--key",
+            good.join("key.pem").to_str().unwrap(),
+            &format!("https://{in_http}/h2"),
+        ]),
+        "200 2"
+    );
+    assert_eq!(
+        version(&["--http2-prior-knowledge", &format!("http://{in_http}/h2c")]),
+        "200 2"
+    );
     // negative twins: another trust domain, another CA, no certificate
     assert_eq!(
         mtls_curl(&foreign_td, &[&format!("https://{in_http}/hello")]).0,
@@ -885,6 +918,26 @@ except grpc.RpcError as e:
         curl(&["-x", &proxy_arg, "http://backend.api:8080/still"]).0,
         "200"
     );
+    std::fs::write(mesh.join("workloads.yaml"), &reg).unwrap();
+
+    // --- DISABLE: plaintext passes; TLS is not terminated (its bytes reach the app as-is) ---
+    std::fs::write(
+        mesh.join("policy/strict.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: api}\nspec: {mtls: {mode: DISABLE}}\n",
+    )
+    .unwrap();
+    wait_for_or(
+        "DISABLE in force",
+        Duration::from_secs(10),
+        || curl(&[&format!("http://{in_http}/hello")]).0 == "200",
+        || backend.log(),
+    );
+    assert_eq!(
+        mtls_curl(&good, &[&format!("https://{in_http}/hello")]).0,
+        "000"
+    );
+    let v: serde_json::Value = serde_json::from_str(&get(&format!("{admin}/mtls"))).unwrap();
+    assert_eq!(v["ports"][0]["mode"], "DISABLE");
 
     // --- SIGTERM: drain and exit 0 ---
     let mut backend = backend;

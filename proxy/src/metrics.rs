@@ -66,12 +66,36 @@ fn or_unknown(s: &str) -> &str {
     if s.is_empty() { "unknown" } else { s }
 }
 
-#[derive(Hash, PartialEq, Eq)]
-struct ReqKey {
+/// Request-level labels below one connection-level label set.
+type ReqKey = (u16, Option<u16>, &'static str);
+
+/// The request series of one connection-level label set; connections hold it, so a request
+/// costs one small map update.
+pub(crate) struct Series {
     base: Arc<str>,
-    code: u16,
-    grpc: Option<u16>,
-    flags: &'static str,
+    stats: Mutex<HashMap<ReqKey, ReqStats>>,
+}
+
+impl Series {
+    /// Count one request.
+    pub(crate) fn request(
+        &self,
+        code: u16,
+        grpc: Option<u16>,
+        flags: &'static str,
+        took: Duration,
+    ) {
+        let ms = took.as_secs_f64() * 1000.0;
+        let mut m = self.stats.lock().unwrap_or_else(|e| e.into_inner());
+        let s = m.entry((code, grpc, flags)).or_default();
+        s.count += 1;
+        s.sum_ms += ms;
+        for (i, b) in BUCKETS_MS.iter().enumerate() {
+            if ms <= *b {
+                s.buckets[i] += 1;
+            }
+        }
+    }
 }
 
 #[derive(Default)]
@@ -92,36 +116,22 @@ struct TcpStats {
 /// All metrics of one proxy.
 #[derive(Default)]
 pub(crate) struct Metrics {
-    requests: Mutex<HashMap<ReqKey, ReqStats>>,
+    series: Mutex<HashMap<Arc<str>, Arc<Series>>>,
     tcp: Mutex<HashMap<Arc<str>, TcpStats>>,
 }
 
 impl Metrics {
-    /// Count one request.
-    pub(crate) fn request(
-        &self,
-        base: &Arc<str>,
-        code: u16,
-        grpc: Option<u16>,
-        flags: &'static str,
-        took: Duration,
-    ) {
-        let ms = took.as_secs_f64() * 1000.0;
-        let mut m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-        let key = ReqKey {
-            base: base.clone(),
-            code,
-            grpc,
-            flags,
-        };
-        let s = m.entry(key).or_default();
-        s.count += 1;
-        s.sum_ms += ms;
-        for (i, b) in BUCKETS_MS.iter().enumerate() {
-            if ms <= *b {
-                s.buckets[i] += 1;
-            }
-        }
+    /// The series for a connection-level label set (created on first use).
+    pub(crate) fn series(&self, base: Arc<str>) -> Arc<Series> {
+        let mut m = self.series.lock().unwrap_or_else(|e| e.into_inner());
+        m.entry(base.clone())
+            .or_insert_with(|| {
+                Arc::new(Series {
+                    base,
+                    stats: Mutex::new(HashMap::new()),
+                })
+            })
+            .clone()
     }
 
     pub(crate) fn tcp_opened(&self, base: &Arc<str>) {
@@ -141,44 +151,49 @@ impl Metrics {
     pub(crate) fn render(&self) -> String {
         let mut out = String::new();
         {
-            let m = self.requests.lock().unwrap_or_else(|e| e.into_inner());
-            let lbl = |k: &ReqKey| {
-                format!(
-                    "{},response_code=\"{}\",grpc_response_status=\"{}\",response_flags=\"{}\"",
-                    k.base,
-                    k.code,
-                    k.grpc.map(|g| g.to_string()).unwrap_or_default(),
-                    k.flags
-                )
-            };
+            let all: Vec<Arc<Series>> = self
+                .series
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .values()
+                .cloned()
+                .collect();
+            let mut rows = Vec::new();
+            for se in &all {
+                let m = se.stats.lock().unwrap_or_else(|e| e.into_inner());
+                for ((code, grpc, flags), st) in m.iter() {
+                    let l = format!(
+                        "{},response_code=\"{}\",grpc_response_status=\"{}\",response_flags=\"{}\"",
+                        se.base,
+                        code,
+                        grpc.map(|g| g.to_string()).unwrap_or_default(),
+                        flags
+                    );
+                    rows.push((l, st.count, st.buckets, st.sum_ms));
+                }
+            }
+            rows.sort_by(|a, b| a.0.cmp(&b.0));
             out.push_str("# TYPE istio_requests_total counter\n");
-            for (k, s) in m.iter() {
-                let _ = writeln!(out, "istio_requests_total{{{}}} {}", lbl(k), s.count);
+            for (l, count, _, _) in &rows {
+                let _ = writeln!(out, "istio_requests_total{{{l}}} {count}");
             }
             out.push_str("# TYPE istio_request_duration_milliseconds histogram\n");
-            for (k, s) in m.iter() {
-                let l = lbl(k);
+            for (l, count, buckets, sum) in &rows {
                 for (i, b) in BUCKETS_MS.iter().enumerate() {
                     let _ = writeln!(
                         out,
                         "istio_request_duration_milliseconds_bucket{{{l},le=\"{b}\"}} {}",
-                        s.buckets[i]
+                        buckets[i]
                     );
                 }
                 let _ = writeln!(
                     out,
-                    "istio_request_duration_milliseconds_bucket{{{l},le=\"+Inf\"}} {}",
-                    s.count
+                    "istio_request_duration_milliseconds_bucket{{{l},le=\"+Inf\"}} {count}"
                 );
+                let _ = writeln!(out, "istio_request_duration_milliseconds_sum{{{l}}} {sum}");
                 let _ = writeln!(
                     out,
-                    "istio_request_duration_milliseconds_sum{{{l}}} {}",
-                    s.sum_ms
-                );
-                let _ = writeln!(
-                    out,
-                    "istio_request_duration_milliseconds_count{{{l}}} {}",
-                    s.count
+                    "istio_request_duration_milliseconds_count{{{l}}} {count}"
                 );
             }
         }

@@ -29,7 +29,7 @@ use tokio::sync::{Notify, Semaphore, watch};
 use crate::conn::{MtlsConnector, Target, connect_mtls};
 use crate::identity::{Alpn, IdentityHolder, cert_sha256_hex};
 use crate::mesh::{MeshFolder, PortProtocol, Problem, WorkloadEntry};
-use crate::metrics::{Kind, Labels, Metrics, PortStats};
+use crate::metrics::{Kind, Labels, Metrics, PortStats, Series};
 use crate::{Error, admin};
 
 /// Response body: the app's or peer's body streamed through, or one the proxy wrote.
@@ -144,7 +144,7 @@ struct PeerKey {
 
 struct PeerPool {
     client: Client<MtlsConnector, Incoming>,
-    labels: Arc<str>,
+    series: Arc<Series>,
 }
 
 /// Everything the tasks of one proxy share.
@@ -347,13 +347,17 @@ async fn watch_folder(sh: Arc<Shared>, dir: PathBuf) {
             _ = tick.tick() => {}
         }
         let (d, k) = (dir.clone(), sh.workload_key.clone());
-        let Ok((fp, result)) = tokio::task::spawn_blocking(move || {
+        let (fp, result) = match tokio::task::spawn_blocking(move || {
             let fp = MeshFolder::fingerprint(&d);
             (fp, build_config(&d, &k))
         })
         .await
-        else {
-            continue;
+        {
+            Ok(x) => x,
+            Err(e) => {
+                tracing::error!(error = %e, "loading the mesh folder failed; the last good configuration keeps serving");
+                continue;
+            }
         };
         if fp == last {
             continue;
@@ -435,6 +439,7 @@ struct ConnCtx {
     sni: Option<String>,
     xfcc: Option<HeaderValue>,
     labels: Arc<str>,
+    series: Arc<Series>,
     stats: Arc<PortStats>,
 }
 
@@ -509,14 +514,24 @@ async fn inbound_conn(sh: &Arc<Shared>, port: u16, idx: usize, tcp: TcpStream, p
     };
     if !terminate_tls {
         stats.count(Kind::PlaintextConnection, Some(peer.ip()));
+        // DISABLE does not terminate TLS: a TLS client's bytes go to the app as they are
+        // (connection-level policy only, as for TCP).
+        let protocol = if is_tls {
+            PortProtocol::Tcp
+        } else {
+            pe.protocol
+        };
         let cx = ConnCtx {
             port,
-            protocol: pe.protocol,
+            protocol,
             peer,
             local,
             principal: None,
             sni: None,
             xfcc: None,
+            series: sh
+                .metrics
+                .series(labels.render(request_protocol(pe.protocol))),
             labels: labels.render(request_protocol(pe.protocol)),
             stats,
         };
@@ -574,6 +589,9 @@ async fn inbound_conn(sh: &Arc<Shared>, port: u16, idx: usize, tcp: TcpStream, p
         principal: Some(principal),
         sni,
         xfcc,
+        series: sh
+            .metrics
+            .series(labels.render(request_protocol(pe.protocol))),
         labels: labels.render(request_protocol(pe.protocol)),
         stats,
     };
@@ -729,7 +747,7 @@ async fn inbound_request(
         Err(e) => {
             tracing::info!(peer = %cx.peer, path = %raw_path, reason = %e.reason, "request refused: bad path (400)");
             let (r, g) = denial(400, grpc, "Bad Request");
-            sh.metrics.request(&cx.labels, 400, g, "-", start.elapsed());
+            cx.series.request(400, g, "-", start.elapsed());
             return r;
         }
     };
@@ -794,8 +812,7 @@ async fn inbound_request(
             } else {
                 "UAEX"
             };
-            sh.metrics
-                .request(&cx.labels, d.status, g, flags, start.elapsed());
+            cx.series.request(d.status, g, flags, start.elapsed());
             return r;
         }
         for m in &d.headers {
@@ -839,7 +856,7 @@ async fn inbound_request(
         Ok(u) => *req.uri_mut() = u,
         Err(_) => {
             let (r, g) = denial(400, grpc, "Bad Request");
-            sh.metrics.request(&cx.labels, 400, g, "-", start.elapsed());
+            cx.series.request(400, g, "-", start.elapsed());
             return r;
         }
     }
@@ -864,13 +881,8 @@ async fn inbound_request(
         Err(_) => (text_response(504, "upstream request timeout"), "UT"),
     };
     let g = if grpc { grpc_status_of(&resp) } else { None };
-    sh.metrics.request(
-        &cx.labels,
-        resp.status().as_u16(),
-        g,
-        flags,
-        start.elapsed(),
-    );
+    cx.series
+        .request(resp.status().as_u16(), g, flags, start.elapsed());
     resp
 }
 
@@ -984,7 +996,9 @@ impl Shared {
         }
         let pool = Arc::new(PeerPool {
             client: b.build(connector),
-            labels: source_labels(cfg, dest, true).render(request_protocol(port.protocol)),
+            series: self
+                .metrics
+                .series(source_labels(cfg, dest, true).render(request_protocol(port.protocol))),
         });
         map.insert(key, pool.clone());
         Ok(pool)
@@ -1071,13 +1085,8 @@ async fn outbound_request(
             Err(_) => (text_response(504, "upstream request timeout\n"), "UT"),
         };
     let g = if grpc { grpc_status_of(&resp) } else { None };
-    sh.metrics.request(
-        &pool.labels,
-        resp.status().as_u16(),
-        g,
-        flags,
-        start.elapsed(),
-    );
+    pool.series
+        .request(resp.status().as_u16(), g, flags, start.elapsed());
     resp
 }
 
