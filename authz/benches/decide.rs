@@ -37,9 +37,13 @@ fn request() -> RequestContext {
         destination_port: 8080,
         sni: None,
         http: Some(
-            HttpRequest::new("GET", "/api/v4/items/42?x=1", "app-4.ns-0.svc.cluster.local")
-                .with_header("user-agent", "bench")
-                .with_header("accept", "*/*"),
+            HttpRequest::new(
+                "GET",
+                "/api/v4/items/42?x=1",
+                "app-4.ns-0.svc.cluster.local",
+            )
+            .with_header("user-agent", "bench")
+            .with_header("accept", "*/*"),
         ),
         jwt: None,
     }

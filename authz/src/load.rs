@@ -429,7 +429,19 @@ fn load_document(file: &str, doc: &Chunk<'_>, result: &mut LoadResult) {
         file: file.to_string(),
         doc_index: doc.index,
     };
-    let group = api_version.split_once('/').map_or("", |(g, _)| g);
+    let group = api_version
+        .split_once('/')
+        .map_or(api_version.as_str(), |(g, _)| g);
+    if group != SECURITY_GROUP && Kind::parse(&kind).is_some() && group.contains("istio") {
+        // Fail closed on a mistyped group: skipping a DENY policy silently would open access.
+        result.problems.push(problem(
+            "apiVersion",
+            format!(
+                "{kind} belongs to API group {SECURITY_GROUP:?}, found apiVersion {api_version:?}"
+            ),
+        ));
+        return;
+    }
     if group != SECURITY_GROUP {
         let name = map
             .get("metadata")

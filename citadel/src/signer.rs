@@ -172,7 +172,7 @@ pub fn validate_issued(
         return Err("zero serial".into());
     }
     Ok(IssuedFacts {
-        serial_hex: hex::encode(serial),
+        serial_hex: rampart_certs::serial_hex(serial),
         not_after,
     })
 }

@@ -34,7 +34,7 @@ pub(crate) enum Command {
     /// Run the CA (Istio's CreateCertificate API).
     Ca(ca::CaArgs),
     /// Run the node agent (SDS and SPIFFE Workload API).
-    Agent(agent::AgentArgs),
+    Agent(Box<agent::AgentArgs>),
     /// Show what a node agent serves over SDS (like `istioctl proxy-config secret`).
     Secrets(secrets::SecretsArgs),
     /// Validate Istio security policy YAML files or folders.
@@ -50,7 +50,7 @@ impl Command {
             Command::Certs(cmd) => cmd.run(),
             Command::Token(cmd) => cmd.run(),
             Command::Ca(cmd) => cmd.run(),
-            Command::Agent(cmd) => cmd.run(),
+            Command::Agent(cmd) => (*cmd).run(),
             Command::Secrets(cmd) => cmd.run(),
             Command::Validate(cmd) => cmd.run(),
             Command::Authz(cmd) => cmd.run(),
