@@ -2,13 +2,14 @@
 //! (CUSTOM, DENY, ALLOW; AUDIT on the side; dry-run policies reported, never enforced).
 
 use std::borrow::Cow;
+use std::sync::Arc;
 
 use crate::eval_compile::{CRule, CompiledPolicy, Cond, Key, Val, compile_policy};
 use crate::eval_match::claim_matches;
 use crate::eval_mesh::MeshConfig;
 use crate::eval_request::{HttpRequest, RequestContext, Workload};
 use crate::explain::{Decision, DryRun, PolicyRef, ReasonCode, RuleMatch, ShadowAllow, Verdict};
-use crate::jwt::{AuthnOutcome, JwksSource, ReqAuthnSet, SignatureVerifier};
+use crate::jwt::{AuthnOutcome, JwksSource, ReqAuthnSet};
 use crate::model::{Action, Resource};
 use crate::normalize::normalize_path;
 use crate::resolve::{EffectiveMtls, PeerAuthnSet, SelectorIndex, applies};
@@ -108,14 +109,14 @@ impl Engine {
     /// Authenticate `request` with the RequestAuthentications that apply to `workload`:
     /// no token → [`AuthnOutcome::NoToken`]; invalid token → rejected with 401; audience not
     /// allowed → 403. `now` is the clock for `exp`/`nbf` (60 s skew); `keys` supplies
-    /// `jwksUri` key sets; `verifier` checks signatures.
-    pub fn authenticate_request_with(
+    /// `jwksUri` key sets (inline `jwks` need none). Signatures are checked with
+    /// `rampart_certs::jwt` (RS*, PS*, ES256/384, EdDSA).
+    pub fn authenticate_request(
         &self,
         workload: &Workload,
         request: &HttpRequest,
         now: SystemTime,
         keys: &dyn JwksSource,
-        verifier: &dyn SignatureVerifier,
     ) -> AuthnOutcome {
         crate::jwt::authenticate(
             &self.reqauthn,
@@ -124,7 +125,6 @@ impl Engine {
             request,
             now,
             keys,
-            verifier,
         )
     }
 
@@ -132,13 +132,12 @@ impl Engine {
     /// token answers 401/403 before any AuthorizationPolicy; otherwise the verified claims (if
     /// any) feed `requestPrincipals`/`request.auth.*`, and on allow the decision carries the
     /// JWT header mutations. `ctx.jwt` is overwritten.
-    pub fn check_with(
+    pub fn check(
         &self,
         workload: &Workload,
         ctx: &RequestContext,
         now: SystemTime,
         keys: &dyn JwksSource,
-        verifier: &dyn SignatureVerifier,
         ext: &dyn ExtAuthz,
     ) -> Decision {
         let Some(http) = &ctx.http else {
@@ -149,7 +148,7 @@ impl Engine {
         let mut c = ctx.clone();
         c.jwt = None;
         let mut headers = Vec::new();
-        match self.authenticate_request_with(workload, http, now, keys, verifier) {
+        match self.authenticate_request(workload, http, now, keys) {
             AuthnOutcome::NoToken => {}
             AuthnOutcome::Authenticated {
                 claims, headers: h, ..
@@ -168,7 +167,7 @@ impl Engine {
                     ReasonCode::JwtInvalid
                 };
                 let mut d = Decision::new(Verdict::Deny, status, code, reason);
-                d.policy = policy;
+                d.policy = policy.map(Arc::new);
                 return d;
             }
         }
@@ -179,11 +178,25 @@ impl Engine {
         d
     }
 
+    fn finish(
+        audit: Option<RuleMatch>,
+        dry_run: DryRun,
+        considered: Vec<Arc<PolicyRef>>,
+        path: Option<String>,
+        mut d: Decision,
+    ) -> Decision {
+        d.audit = audit;
+        d.dry_run = dry_run;
+        d.considered = considered;
+        d.normalized_path = path;
+        d
+    }
+
     /// The AuthorizationPolicies that apply to `workload` (namespace/name), in evaluation order.
     pub fn policies_for(&self, workload: &Workload) -> Vec<PolicyRef> {
         self.applicable(workload)
             .into_iter()
-            .map(|p| p.policy.clone())
+            .map(|p| (*p.policy).clone())
             .collect()
     }
 
@@ -246,7 +259,7 @@ impl Engine {
                 })
         };
 
-        let considered: Vec<PolicyRef> = policies
+        let considered: Vec<Arc<PolicyRef>> = policies
             .iter()
             .filter(|p| p.action != Action::Audit && !p.dry_run)
             .map(|p| p.policy.clone())
@@ -276,14 +289,6 @@ impl Engine {
                 _ => {}
             }
         }
-        let finish = |mut d: Decision| -> Decision {
-            d.audit = audit.clone();
-            d.dry_run = dry_run.clone();
-            d.considered = considered.clone();
-            d.normalized_path = attrs.path.clone();
-            d
-        };
-
         // 1. CUSTOM.
         let customs: Vec<&&CompiledPolicy> = policies
             .iter()
@@ -311,7 +316,11 @@ impl Engine {
                                 providers.join(", ")
                             )
                         };
-                        return finish(
+                        return Self::finish(
+                            audit,
+                            dry_run,
+                            considered,
+                            attrs.path,
                             Decision::new(
                                 Verdict::Deny,
                                 403,
@@ -322,7 +331,11 @@ impl Engine {
                         );
                     }
                     if !ext.check(prov, workload, ctx) {
-                        return finish(
+                        return Self::finish(
+                            audit,
+                            dry_run,
+                            considered,
+                            attrs.path,
                             Decision::new(
                                 Verdict::Deny,
                                 403,
@@ -344,7 +357,11 @@ impl Engine {
             .filter(|p| p.action == Action::Deny && !p.dry_run)
         {
             if let Some(m) = first_match(p) {
-                return finish(
+                return Self::finish(
+                    audit,
+                    dry_run,
+                    considered,
+                    attrs.path,
                     Decision::new(
                         Verdict::Deny,
                         403,
@@ -362,16 +379,26 @@ impl Engine {
             .filter(|p| p.action == Action::Allow && !p.dry_run)
             .collect();
         if allows.is_empty() {
-            return finish(Decision::new(
-                Verdict::Allow,
-                200,
-                ReasonCode::NoAllowPolicy,
-                "no ALLOW policy applies to the workload".to_string(),
-            ));
+            return Self::finish(
+                audit,
+                dry_run,
+                considered,
+                attrs.path,
+                Decision::new(
+                    Verdict::Allow,
+                    200,
+                    ReasonCode::NoAllowPolicy,
+                    "no ALLOW policy applies to the workload".to_string(),
+                ),
+            );
         }
         for p in &allows {
             if let Some(m) = first_match(p) {
-                return finish(
+                return Self::finish(
+                    audit,
+                    dry_run,
+                    considered,
+                    attrs.path,
                     Decision::new(
                         Verdict::Allow,
                         200,
@@ -390,12 +417,13 @@ impl Engine {
         if !http && allows.iter().any(|p| p.tcp.len() < p.http.len()) {
             why.push_str("; rules with HTTP-only attributes never match on a TCP port");
         }
-        finish(Decision::new(
-            Verdict::Deny,
-            403,
-            ReasonCode::NoAllowMatched,
-            why,
-        ))
+        Self::finish(
+            audit,
+            dry_run,
+            considered,
+            attrs.path,
+            Decision::new(Verdict::Deny, 403, ReasonCode::NoAllowMatched, why),
+        )
     }
 }
 

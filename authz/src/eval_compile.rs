@@ -4,6 +4,7 @@
 //! of HTTP-only attributes on TCP ports.
 
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use ipnet::IpNet;
 
@@ -81,7 +82,7 @@ pub(crate) struct CRule {
 /// A compiled AuthorizationPolicy.
 #[derive(Debug, Clone)]
 pub(crate) struct CompiledPolicy {
-    pub(crate) policy: PolicyRef,
+    pub(crate) policy: Arc<PolicyRef>,
     pub(crate) action: Action,
     pub(crate) dry_run: bool,
     pub(crate) provider: Option<String>,
@@ -98,11 +99,11 @@ pub(crate) struct CompiledPolicy {
 /// Compile a validated policy.
 pub(crate) fn compile_policy(p: &AuthorizationPolicy, trust_domains: &[String]) -> CompiledPolicy {
     let action = p.spec.action();
-    let policy = PolicyRef {
+    let policy = Arc::new(PolicyRef {
         kind: "AuthorizationPolicy",
         namespace: p.namespace().to_string(),
         name: p.name().to_string(),
-    };
+    });
     let dry_run = p
         .metadata
         .annotations

@@ -1,6 +1,8 @@
 //! Explainable decisions: every verdict names the policy (namespace/name), the rule index and
 //! a reason. All types serialize to JSON for `rampart authz check --output json` and logs.
 
+use std::sync::Arc;
+
 use serde::Serialize;
 
 /// A policy, by kind, namespace and name.
@@ -77,7 +79,7 @@ pub enum ReasonCode {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct RuleMatch {
     /// The policy.
-    pub policy: PolicyRef,
+    pub policy: Arc<PolicyRef>,
     /// Its action.
     #[serde(serialize_with = "ser_action")]
     pub action: Action,
@@ -131,11 +133,12 @@ pub enum HeaderMutation {
 pub struct Decision {
     /// Allow or deny.
     pub decision: Verdict,
-    /// HTTP status the proxy answers with: 200 (forward), 401, 403 or 400.
+    /// HTTP status the proxy answers with: 200 (forward), 401, 403 or 400. On a TCP port a
+    /// denial (403) means the connection is closed.
     pub status: u16,
     /// The policy that decided, if a policy did.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub policy: Option<PolicyRef>,
+    pub policy: Option<Arc<PolicyRef>>,
     /// The action of that policy.
     #[serde(
         skip_serializing_if = "Option::is_none",
@@ -156,7 +159,7 @@ pub struct Decision {
     #[serde(skip_serializing_if = "is_empty_dry_run")]
     pub dry_run: DryRun,
     /// The ALLOW/DENY/CUSTOM policies that applied to the workload and were evaluated.
-    pub considered: Vec<PolicyRef>,
+    pub considered: Vec<Arc<PolicyRef>>,
     /// Header changes to apply before forwarding (JWT outputs), only on allow.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub headers: Vec<HeaderMutation>,

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
+use rampart_certs::jwt::Jwks;
 use serde::Serialize;
 use serde_json::{Map, Value};
 
@@ -18,20 +19,12 @@ use crate::resolve::{SelectorIndex, applies};
 /// Envoy's default clock skew for `exp`/`nbf` (Istio does not change it).
 pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
 
-/// Checks JWS signatures. The engine does the JWT claim checks itself; an implementation only
-/// answers "is this compact token signed by one of these keys with an algorithm Istio accepts
-/// (RS256/384/512, PS256/384/512, ES256/384, EdDSA)?" and must refuse `alg: none` and HMAC.
-pub trait SignatureVerifier {
-    /// `Ok(())` when `token`'s signature verifies with a key of `jwks` (JWKS JSON text).
-    fn verify_signature(&self, token: &str, jwks: &str) -> Result<(), String>;
-}
-
 /// Where JWKS documents come from at request time (`jwksUri` rules; inline `jwks` needs no
 /// source). [`JwksCache`] is the standard implementation.
 pub trait JwksSource {
     /// The current key set for `uri`, or why there is none (then tokens for the rule fail
     /// closed with 401 while requests without a token still pass, as Istio does).
-    fn jwks(&self, uri: &str) -> Result<Arc<str>, String>;
+    fn jwks(&self, uri: &str) -> Result<Arc<Jwks>, String>;
 }
 
 /// A source with no remote key sets (only inline `jwks` works).
@@ -39,7 +32,7 @@ pub trait JwksSource {
 pub struct NoRemoteJwks;
 
 impl JwksSource for NoRemoteJwks {
-    fn jwks(&self, uri: &str) -> Result<Arc<str>, String> {
+    fn jwks(&self, uri: &str) -> Result<Arc<Jwks>, String> {
         Err(format!("JWKS {uri} has not been fetched"))
     }
 }
@@ -84,7 +77,7 @@ impl JwksFetcher for FileJwksFetcher {
 
 #[derive(Debug, Clone, Default)]
 struct CacheEntry {
-    good: Option<Arc<str>>,
+    good: Option<Arc<Jwks>>,
     fetched_at: Option<SystemTime>,
     last_attempt: Option<SystemTime>,
     last_error: Option<String>,
@@ -150,9 +143,9 @@ impl JwksCache {
     pub fn record(&mut self, uri: &str, result: Result<String, String>, now: SystemTime) {
         let e = self.entries.entry(uri.to_string()).or_default();
         e.last_attempt = Some(now);
-        match result.and_then(|body| check_jwks(&body).map(|()| body)) {
-            Ok(body) => {
-                e.good = Some(Arc::from(body));
+        match result.and_then(|body| check_jwks(&body)) {
+            Ok(set) => {
+                e.good = Some(Arc::new(set));
                 e.fetched_at = Some(now);
                 e.last_error = None;
             }
@@ -181,7 +174,7 @@ impl Default for JwksCache {
 }
 
 impl JwksSource for JwksCache {
-    fn jwks(&self, uri: &str) -> Result<Arc<str>, String> {
+    fn jwks(&self, uri: &str) -> Result<Arc<Jwks>, String> {
         match self.entries.get(uri) {
             Some(CacheEntry { good: Some(g), .. }) => Ok(g.clone()),
             Some(CacheEntry {
@@ -193,23 +186,13 @@ impl JwksSource for JwksCache {
     }
 }
 
-/// A JWKS document: a JSON object with a non-empty `keys` array of objects with `kty`.
-pub(crate) fn check_jwks(body: &str) -> Result<(), String> {
-    let v: Value = serde_json::from_str(body).map_err(|e| format!("not a JWKS: {e}"))?;
-    let keys = v
-        .get("keys")
-        .and_then(Value::as_array)
-        .ok_or("not a JWKS: no \"keys\" array")?;
-    if keys.is_empty() {
-        return Err("JWKS has no keys".into());
+/// Parse a JWKS document (or PEM public keys); it must hold at least one usable key.
+pub(crate) fn check_jwks(body: &str) -> Result<Jwks, String> {
+    let set = Jwks::parse(body).map_err(|e| format!("not a usable JWKS: {e}"))?;
+    if set.keys().is_empty() {
+        return Err("JWKS has no usable key".into());
     }
-    if keys
-        .iter()
-        .any(|k| k.get("kty").and_then(Value::as_str).is_none())
-    {
-        return Err("JWKS key without \"kty\"".into());
-    }
-    Ok(())
+    Ok(set)
 }
 
 // ------------------------------------------------------------------------------------------
@@ -223,7 +206,7 @@ enum Location {
 
 #[derive(Debug, Clone)]
 enum Keys {
-    Inline(Result<Arc<str>, String>),
+    Inline(Result<Arc<Jwks>, String>),
     Uri(String),
 }
 
@@ -281,7 +264,7 @@ fn compile_rule(policy: &PolicyRef, r: &JwtRule, warnings: &mut Vec<String>) -> 
     let keys = match (&r.jwks, &r.jwks_uri) {
         (Some(inline), _) if !inline.is_empty() => Keys::Inline(
             check_jwks(inline)
-                .map(|()| Arc::from(inline.as_str()))
+                .map(Arc::new)
                 .inspect_err(|e| warnings.push(format!("{policy}: inline jwks: {e}"))),
         ),
         (_, Some(uri)) if !uri.is_empty() => Keys::Uri(uri.clone()),
@@ -541,7 +524,6 @@ fn verify_one(
     rules: &[&CompiledJwtRule],
     now: SystemTime,
     keys: &dyn JwksSource,
-    verifier: &dyn SignatureVerifier,
 ) -> Result<(Map<String, Value>, usize), Box<AuthnOutcome>> {
     let parts: Vec<&str> = token.split('.').collect();
     if parts.len() != 3 {
@@ -610,7 +592,7 @@ fn verify_one(
             Err(e) => return Err(reject(401, format!("Jwks remote fetch is failed: {e}"), p)),
         },
     };
-    if let Err(e) = verifier.verify_signature(token, &jwks) {
+    if let Err(e) = rampart_certs::jwt::verify(token, &jwks, now, CLOCK_SKEW) {
         return Err(reject(401, format!("Jwt verification fails: {e}"), p));
     }
     for name in &rule.space_delimited {
@@ -634,7 +616,6 @@ pub(crate) fn authenticate(
     req: &HttpRequest,
     now: SystemTime,
     keys: &dyn JwksSource,
-    verifier: &dyn SignatureVerifier,
 ) -> AuthnOutcome {
     let rules = set.rules_for(root_ns, w);
     if rules.is_empty() {
@@ -663,7 +644,7 @@ pub(crate) fn authenticate(
                 continue;
             }
             seen.push(token.clone());
-            match verify_one(&token, loc, &rules, now, keys, verifier) {
+            match verify_one(&token, loc, &rules, now, keys) {
                 Err(rejected) => return *rejected,
                 Ok((claims, ri)) => {
                     if first.is_none() {

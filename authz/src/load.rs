@@ -15,8 +15,9 @@ use serde::de::DeserializeOwned;
 
 use crate::error::Error;
 use crate::model::{
-    ApiVersion, AuthorizationPolicySpec, IGNORED_METADATA_FIELDS, Kind, Object, ObjectMeta, Origin,
-    PeerAuthenticationSpec, RequestAuthenticationSpec, Resource,
+    ApiVersion, AuthorizationPolicy, AuthorizationPolicySpec, IGNORED_METADATA_FIELDS, Kind,
+    Object, ObjectMeta, Origin, PeerAuthentication, PeerAuthenticationSpec, RequestAuthentication,
+    RequestAuthenticationSpec, Resource,
 };
 
 /// The Kubernetes API group of the kinds this crate loads.
@@ -83,6 +84,27 @@ pub struct LoadResult {
 }
 
 impl LoadResult {
+    /// The loaded PeerAuthentications, in load order.
+    pub fn peer_authentications(&self) -> impl Iterator<Item = &PeerAuthentication> {
+        self.resources
+            .iter()
+            .filter_map(Resource::as_peer_authentication)
+    }
+
+    /// The loaded RequestAuthentications, in load order.
+    pub fn request_authentications(&self) -> impl Iterator<Item = &RequestAuthentication> {
+        self.resources
+            .iter()
+            .filter_map(Resource::as_request_authentication)
+    }
+
+    /// The loaded AuthorizationPolicies, in load order.
+    pub fn authorization_policies(&self) -> impl Iterator<Item = &AuthorizationPolicy> {
+        self.resources
+            .iter()
+            .filter_map(Resource::as_authorization_policy)
+    }
+
     /// True when nothing was refused.
     pub fn is_clean(&self) -> bool {
         self.problems.is_empty()
@@ -347,15 +369,16 @@ fn load_document(file: &str, doc: &Chunk<'_>, result: &mut LoadResult) {
         field_path: field_path.to_string(),
         reason,
     };
-    let value: serde_json::Value = match serde_saphyr::from_str::<Tree>(doc.text) {
-        Ok(v) => v.0,
-        Err(e) => {
-            result
-                .problems
-                .push(problem("", yaml_error_reason(&e, doc.first_line)));
-            return;
-        }
-    };
+    let value: serde_json::Value =
+        match serde_saphyr::from_str_with_options::<Tree>(doc.text, parser_options()) {
+            Ok(v) => v.0,
+            Err(e) => {
+                result
+                    .problems
+                    .push(problem("", yaml_error_reason(&e, doc.first_line)));
+                return;
+            }
+        };
     let mut map = match value {
         serde_json::Value::Null => return,
         serde_json::Value::Object(map) => map,
@@ -406,7 +429,19 @@ fn load_document(file: &str, doc: &Chunk<'_>, result: &mut LoadResult) {
         file: file.to_string(),
         doc_index: doc.index,
     };
-    let group = api_version.split_once('/').map_or("", |(g, _)| g);
+    let group = api_version
+        .split_once('/')
+        .map_or(api_version.as_str(), |(g, _)| g);
+    if group != SECURITY_GROUP && Kind::parse(&kind).is_some() && group.contains("istio") {
+        // Fail closed on a mistyped group: skipping a DENY policy silently would open access.
+        result.problems.push(problem(
+            "apiVersion",
+            format!(
+                "{kind} belongs to API group {SECURITY_GROUP:?}, found apiVersion {api_version:?}"
+            ),
+        ));
+        return;
+    }
     if group != SECURITY_GROUP {
         let name = map
             .get("metadata")
@@ -472,6 +507,19 @@ fn load_document(file: &str, doc: &Chunk<'_>, result: &mut LoadResult) {
             result.problems.push(problem(&e.field_path, e.reason));
         }
     }
+}
+
+/// Parser limits for one document: far above any real policy (Istio caps rules at 512 and
+/// labels at 4096), low enough that hostile YAML (alias bombs, deep nesting) is refused quickly.
+fn parser_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = 100_000;
+    budget.max_events = 400_000;
+    budget.max_aliases = 1_000;
+    budget.max_depth = 64;
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
 }
 
 /// A YAML document as a JSON-like tree. Map keys become strings (YAML `80:` and `"80":` are

@@ -205,6 +205,18 @@ impl<S> Object<S> {
     }
 }
 
+impl Object<AuthorizationPolicySpec> {
+    /// True when the `istio.io/dry-run` annotation is set to a true value (Go `ParseBool`
+    /// spelling). Validation only admits it on ALLOW and DENY policies, with a valid boolean.
+    pub fn is_dry_run(&self) -> bool {
+        self.metadata
+            .annotations
+            .get(crate::validate::DRY_RUN_ANNOTATION)
+            .and_then(|v| crate::validate::parse_go_bool(v))
+            .unwrap_or(false)
+    }
+}
+
 /// A `PeerAuthentication` object.
 pub type PeerAuthentication = Object<PeerAuthenticationSpec>;
 /// A `RequestAuthentication` object.
@@ -268,6 +280,30 @@ impl Resource {
     /// Effective namespace (see [`ObjectMeta::namespace`]).
     pub fn namespace(&self) -> &str {
         self.metadata().namespace()
+    }
+
+    /// The PeerAuthentication, if this is one.
+    pub fn as_peer_authentication(&self) -> Option<&PeerAuthentication> {
+        match self {
+            Resource::PeerAuthentication(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// The RequestAuthentication, if this is one.
+    pub fn as_request_authentication(&self) -> Option<&RequestAuthentication> {
+        match self {
+            Resource::RequestAuthentication(o) => Some(o),
+            _ => None,
+        }
+    }
+
+    /// The AuthorizationPolicy, if this is one.
+    pub fn as_authorization_policy(&self) -> Option<&AuthorizationPolicy> {
+        match self {
+            Resource::AuthorizationPolicy(o) => Some(o),
+            _ => None,
+        }
     }
 }
 

@@ -71,6 +71,12 @@ pub fn normalize_path(raw: &str, mode: PathNormalization) -> Result<NormalizedPa
             reason: "path contains an encoded NUL (%00)",
         });
     }
+    if is_already_normal(path, mode) {
+        return Ok(NormalizedPath {
+            path: path.to_string(),
+            query,
+        });
+    }
     let path = match mode {
         PathNormalization::None => path.to_string(),
         PathNormalization::Base => canonicalize(path),
@@ -80,6 +86,38 @@ pub fn normalize_path(raw: &str, mode: PathNormalization) -> Result<NormalizedPa
         }
     };
     Ok(NormalizedPath { path, query })
+}
+
+/// True when `mode` would not change `p`: it starts with `/`, has no `%`, `\\`, characters
+/// that need escaping or dot segments, and (for merging modes) no `//`.
+fn is_already_normal(p: &str, mode: PathNormalization) -> bool {
+    if mode == PathNormalization::None {
+        return true;
+    }
+    let b = p.as_bytes();
+    if b.first() != Some(&b'/') {
+        return false;
+    }
+    let merge = mode != PathNormalization::Base;
+    let mut prev = 0u8;
+    for (i, &c) in b.iter().enumerate() {
+        if c == b'%' || c == b'\\' || must_escape(c) {
+            return false;
+        }
+        if c == b'/' && prev == b'/' && merge {
+            return false;
+        }
+        if c == b'.' && prev == b'/' {
+            // `/.` starts a dot segment when followed by `/`, end, or `./`/`.` end.
+            let rest = &b[i..];
+            if rest == b"." || rest.starts_with(b"./") || rest == b".." || rest.starts_with(b"../")
+            {
+                return false;
+            }
+        }
+        prev = c;
+    }
+    true
 }
 
 fn contains_nul_escape(p: &str) -> bool {
@@ -301,6 +339,47 @@ mod tests {
         }
         // ... but only in the path, the query is not inspected.
         assert!(normalize_path("/a?x=%00", Base).is_ok());
+    }
+
+    fn slow(p: &str, m: PathNormalization) -> String {
+        match m {
+            None => p.to_string(),
+            Base => canonicalize(p),
+            MergeSlashes => merge_slashes(&canonicalize(p)),
+            DecodeAndMergeSlashes => merge_slashes(&canonicalize(&decode_slashes(p))),
+        }
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn fast_path_agrees_with_full_normalization(p in "/[a/.%2Fc5\\\\;]{0,16}") {
+            for m in [None, Base, MergeSlashes, DecodeAndMergeSlashes] {
+                if p.contains("%00") { continue; }
+                proptest::prop_assert_eq!(normalize_path(&p, m).unwrap().path, slow(&p, m), "{:?}", m);
+            }
+        }
+
+        #[test]
+        fn normalization_is_idempotent(p in "/[a/.%2Fe5cC\\\\;]{0,16}") {
+            for m in [Base, MergeSlashes, DecodeAndMergeSlashes] {
+                if p.contains("%00") { continue; }
+                let once = normalize_path(&p, m).unwrap().path;
+                let twice = normalize_path(&once, m).unwrap().path;
+                proptest::prop_assert_eq!(&once, &twice, "{:?}", m);
+            }
+        }
+
+        #[test]
+        fn normalized_paths_have_no_dot_segments(p in "/[a/.%2Ee\\\\]{0,16}") {
+            for m in [Base, MergeSlashes, DecodeAndMergeSlashes] {
+                let n = normalize_path(&p, m).unwrap().path;
+                proptest::prop_assert!(n.starts_with('/'));
+                proptest::prop_assert!(!n.split('/').any(|s| s == "." || s == ".."), "{} -> {}", p, n);
+                if m != Base {
+                    proptest::prop_assert!(!n.contains("//"));
+                }
+            }
+        }
     }
 
     #[test]

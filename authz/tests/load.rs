@@ -173,6 +173,20 @@ fn unsupported_security_versions_and_kinds_are_errors() {
     let kind = GOOD_AP.replace("kind: AuthorizationPolicy", "kind: AuthorisationPolicy");
     let p = only_problem(&load_str("t.yaml", &kind)).clone();
     assert_eq!(p.field_path, "kind");
+    let no_version = GOOD_AP.replace("security.istio.io/v1", "security.istio.io");
+    assert_eq!(
+        only_problem(&load_str("t.yaml", &no_version)).field_path,
+        "apiVersion"
+    );
+    // A mistyped Istio group on one of our kinds is refused, not skipped (fail closed).
+    let typo_group = GOOD_AP.replace("security.istio.io/v1", "securty.istio.io/v1");
+    let p = only_problem(&load_str("t.yaml", &typo_group)).clone();
+    assert_eq!(p.field_path, "apiVersion");
+    assert!(p.reason.contains("belongs to API group"), "{p}");
+    // Another project's kind of the same name is skipped.
+    let linkerd = GOOD_AP.replace("security.istio.io/v1", "policy.linkerd.io/v1alpha1");
+    let result = load_str("t.yaml", &linkerd);
+    assert!(result.problems.is_empty() && result.skipped.len() == 1);
     let no_kind = "apiVersion: security.istio.io/v1\nmetadata: {name: x}\n";
     assert_eq!(
         only_problem(&load_str("t.yaml", no_kind)).field_path,
@@ -470,4 +484,47 @@ fn folders_load_recursively_in_order_and_skip_other_files() {
     assert_eq!(p.doc_index, 0);
     assert!(p.reason.contains("cannot read"), "{p}");
     assert!(missing.into_resources().is_err());
+}
+
+#[test]
+fn dry_run_annotation_and_typed_accessors() {
+    let text = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: shadow, namespace: foo, annotations: {istio.io/dry-run: \"True\"}}
+spec: {action: DENY, rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: not-dry, namespace: foo, annotations: {istio.io/dry-run: \"0\"}}
+spec: {rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: plain, namespace: foo}
+spec: {rules: [{}]}
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: pa, namespace: foo}
+spec: {}
+";
+    let result = load_str("t.yaml", text);
+    assert!(result.problems.is_empty(), "{:?}", result.problems);
+    let dry: Vec<(&str, bool)> = result
+        .authorization_policies()
+        .map(|p| (p.name(), p.is_dry_run()))
+        .collect();
+    assert_eq!(
+        dry,
+        [("shadow", true), ("not-dry", false), ("plain", false)]
+    );
+    assert_eq!(result.peer_authentications().count(), 1);
+    assert_eq!(result.request_authentications().count(), 0);
+    assert_eq!(
+        result
+            .authorization_policies()
+            .next()
+            .map(|p| p.spec.action()),
+        Some(Action::Deny)
+    );
 }

@@ -742,3 +742,36 @@ fn decision_serializes_with_required_fields() {
         "DENY 403 foo/p rule 0: DENY policy foo/p rule 0 matched"
     );
 }
+
+// ---- robustness: the fuzz target's property on random YAML-ish input --------------------
+
+mod robustness {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(200))]
+        #[test]
+        fn any_yaml_loads_compiles_and_decides_without_panic(
+            body in proptest::collection::vec(prop_oneof![
+                Just("rules: [{}]".to_string()),
+                Just("action: DENY".to_string()),
+                Just("to: [{operation: {paths: ['/a/{**}', '*x', '/{*}']}}]".to_string()),
+                Just("from: [{source: {principals: ['*'], notIpBlocks: [1.2.3.4/8]}}]".to_string()),
+                Just("when: [{key: 'request.headers[x]', values: ['*']}]".to_string()),
+                "[ -~]{0,12}",
+            ], 0..6)
+        ) {
+            let text = format!(
+                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: f, namespace: foo}}\nspec: {{{}}}\n",
+                body.join(", ")
+            );
+            let loaded = rampart_authz::load_str("p.yaml", &text);
+            let e = rampart_authz::Engine::new(loaded.resources, MeshConfig::default());
+            for r in [http("GET", "/a//b/../c"), tcp(80), http("GET", "/%2e%2e/x").peer("spiffe://cluster.local/ns/a/sa/b")] {
+                let d = e.authorize(&httpbin(), &r.0);
+                prop_assert!(!d.reason.is_empty());
+            }
+        }
+    }
+}

@@ -7,6 +7,7 @@
 
 use rustls_pki_types::pem::{PemObject, SectionKind};
 use x509_parser::certification_request::X509CertificationRequest;
+use x509_parser::cri_attributes::ParsedCriAttribute;
 use x509_parser::extensions::{GeneralName, ParsedExtension};
 use x509_parser::prelude::FromDer;
 
@@ -69,14 +70,20 @@ impl VerifiedCsr {
             .verify(info.raw, csr.signature_value.data.as_ref())
             .map_err(|_| Error::CsrSignatureInvalid)?;
 
+        // URI SANs from every extensionRequest attribute and every SAN extension in it, so
+        // a CSR cannot hide a second identity in a second attribute.
         let mut uris = Vec::new();
-        if let Some(exts) = csr.requested_extensions() {
-            for ext in exts {
-                if let ParsedExtension::SubjectAlternativeName(san) = ext {
-                    for name in &san.general_names {
-                        if let GeneralName::URI(uri) = name {
-                            uris.push((*uri).to_owned());
-                        }
+        for attr in info.iter_attributes() {
+            let ParsedCriAttribute::ExtensionRequest(req) = attr.parsed_attribute() else {
+                continue;
+            };
+            for ext in &req.extensions {
+                let ParsedExtension::SubjectAlternativeName(san) = ext.parsed_extension() else {
+                    continue;
+                };
+                for name in &san.general_names {
+                    if let GeneralName::URI(uri) = name {
+                        uris.push((*uri).to_owned());
                     }
                 }
             }

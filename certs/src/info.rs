@@ -13,7 +13,8 @@ use crate::error::Error;
 /// What a certificate says, parsed once.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct CertInfo {
-    /// Serial number, lowercase hex of its value (no sign byte; at least one byte).
+    /// Serial number as lowercase hex of its value (see [`serial_hex`]), as
+    /// `openssl x509 -serial` prints it. The CA's audit log uses the same form.
     pub serial_hex: String,
     /// Subject distinguished name (RFC 4514-style string).
     pub subject: String,
@@ -85,15 +86,6 @@ pub(crate) fn parse_x509<'a>(cert: &'a CertificateDer<'_>) -> Result<X509Certifi
     Ok(x509)
 }
 
-fn serial_hex(raw: &[u8]) -> String {
-    let skip = raw
-        .iter()
-        .take_while(|b| **b == 0)
-        .count()
-        .min(raw.len().saturating_sub(1));
-    hex::encode(&raw[skip..])
-}
-
 pub(crate) fn sha256_hex(bytes: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, bytes))
 }
@@ -112,5 +104,27 @@ pub(crate) fn system_time(secs: i64) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
     } else {
         UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+/// Lowercase hex of a certificate serial number's value, from the DER INTEGER's content
+/// bytes: the `00` sign byte a DER encoder adds when the top bit is set is dropped, so the
+/// result matches `openssl x509 -serial` (in lowercase) whatever the value.
+pub fn serial_hex(der_integer_content: &[u8]) -> String {
+    let pad = der_integer_content
+        .iter()
+        .take_while(|b| **b == 0)
+        .count()
+        .min(der_integer_content.len().saturating_sub(1));
+    hex::encode(&der_integer_content[pad..])
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn serial_hex_drops_only_the_der_sign_byte() {
+        assert_eq!(super::serial_hex(&[0x00, 0xc3, 0xd7]), "c3d7");
+        assert_eq!(super::serial_hex(&[0x12, 0x00]), "1200");
+        assert_eq!(super::serial_hex(&[0x00]), "00");
     }
 }

@@ -23,7 +23,6 @@ use crate::error::Error;
 /// Key algorithms we make and accept. Workloads use ECDSA P-256 (the default); RSA and
 /// Ed25519 exist for CA tooling.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Default)]
-#[non_exhaustive]
 pub enum KeyAlgorithm {
     /// ECDSA on NIST P-256, signatures with SHA-256 (the default).
     #[default]
@@ -167,9 +166,12 @@ impl PrivateKey {
 
     /// Reads a PEM private key (see [`PrivateKey::from_pkcs8_pem`]).
     pub fn from_pem(pem: &str) -> Result<Self, Error> {
-        let der = PrivateKeyDer::from_pem_slice(pem.as_bytes())
-            .map_err(|e| Error::InvalidKey(format!("no PEM private key found ({e})")))?;
-        match der {
+        // The decoded DER is zeroized when this function returns.
+        let der = Zeroizing::new(
+            PrivateKeyDer::from_pem_slice(pem.as_bytes())
+                .map_err(|e| Error::InvalidKey(format!("no PEM private key found ({e})")))?,
+        );
+        match &*der {
             PrivateKeyDer::Pkcs8(k) => Self::from_pkcs8_der(k.secret_pkcs8_der()),
             PrivateKeyDer::Pkcs1(k) => {
                 let pkcs8 = Zeroizing::new(der::pkcs1_to_pkcs8(k.secret_pkcs1_der()));
@@ -315,24 +317,37 @@ fn generate_rsa_with_openssl(bits: u32) -> Result<Zeroizing<Vec<u8>>, Error> {
                 "RSA keys are generated with `openssl genpkey`, which could not be run: {e}"
             ))
         })?;
-    let mut pem = Zeroizing::new(Vec::with_capacity(4096));
+    // Drain stderr (progress dots, errors) on a thread so neither pipe can fill and stall
+    // openssl while we read the key from stdout.
+    let stderr = child.stderr.take().map(|mut err| {
+        std::thread::spawn(move || {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut err, &mut text);
+            text
+        })
+    });
+    // A 4096-bit key's PKCS#8 PEM is about 3.3 KB: one allocation, never reallocated, so
+    // no stray copy of the key is left in freed memory.
+    let mut pem = Zeroizing::new(Vec::with_capacity(8192));
     if let Some(mut out) = child.stdout.take() {
-        std::io::copy(&mut out, &mut *pem)
+        std::io::Read::read_to_end(&mut out, &mut pem)
             .map_err(|e| Error::KeyGeneration(format!("reading openssl output: {e}")))?;
     }
-    let output = child
-        .wait_with_output()
+    let status = child
+        .wait()
         .map_err(|e| Error::KeyGeneration(format!("waiting for openssl: {e}")))?;
-    if !output.status.success() {
+    let stderr = stderr.and_then(|h| h.join().ok()).unwrap_or_default();
+    if !status.success() {
         return Err(Error::KeyGeneration(format!(
-            "openssl genpkey failed ({}): {}",
-            output.status,
-            String::from_utf8_lossy(&output.stderr).trim()
+            "openssl genpkey failed ({status}): {}",
+            stderr.trim()
         )));
     }
-    let der = PrivateKeyDer::from_pem_slice(&pem)
-        .map_err(|e| Error::KeyGeneration(format!("openssl output is not a PEM key: {e}")))?;
-    match der {
+    let der = Zeroizing::new(
+        PrivateKeyDer::from_pem_slice(&pem)
+            .map_err(|e| Error::KeyGeneration(format!("openssl output is not a PEM key: {e}")))?,
+    );
+    match &*der {
         PrivateKeyDer::Pkcs8(k) => Ok(Zeroizing::new(k.secret_pkcs8_der().to_vec())),
         _ => Err(Error::KeyGeneration(
             "openssl genpkey did not write PKCS#8".into(),

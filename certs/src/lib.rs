@@ -12,6 +12,44 @@
 //! - [`jwt`]: JWK sets, JWT verification for the algorithms Istio accepts, and token minting.
 //!
 //! One crypto backend: `ring` (through rcgen, rustls-webpki and directly).
+//!
+//! The whole flow, CA to peer:
+//!
+//! ```
+//! use std::time::SystemTime;
+//! use rampart_certs::*;
+//!
+//! let now = SystemTime::now();
+//! // The CA: a self-signed root (or `CertificateAuthority::new` for plug-in material).
+//! let ca = CertificateAuthority::self_signed_root(
+//!     &RootParams::default(),
+//!     PrivateKey::generate(KeyAlgorithm::EcdsaP256)?,
+//!     now,
+//! )?;
+//!
+//! // The workload makes its key locally and sends only a CSR.
+//! let id: SpiffeId = "spiffe://cluster.local/ns/default/sa/sleep".parse()?;
+//! let key = PrivateKey::generate(KeyAlgorithm::default())?;
+//! let csr_pem = build_csr(&key, &id)?;
+//!
+//! // The CA verifies the CSR's signature and uses only its public key; the identity
+//! // comes from the authenticated caller (here: the same `id`).
+//! let csr = VerifiedCsr::from_pem(&csr_pem)?;
+//! assert_eq!(csr.requested_spiffe_id()?, id);
+//! let leaf = ca.issue_workload(csr.public_key_spki_der(), &id, DEFAULT_WORKLOAD_CERT_TTL, now)?;
+//!
+//! // A peer verifies the chain against its bundle and learns the SPIFFE ID.
+//! let bundle = TrustBundle::from_pem(&certs_to_pem(&[ca.root().clone()]))?;
+//! let policy = TrustDomainPolicy::local("cluster.local".parse()?);
+//! let peer = verify_workload_chain(&[leaf.clone()], &bundle, &policy, now, Usage::ClientAuth)?;
+//! assert_eq!(peer, id);
+//!
+//! // The workload renews at half its lifetime (minus jitter the caller draws).
+//! let info = CertInfo::parse(&leaf)?;
+//! let renew = refresh_at(info.not_before, info.not_after, 0.5, 0.0);
+//! assert!(renew > now && renew < info.not_after);
+//! # Ok::<(), Box<dyn std::error::Error>>(())
+//! ```
 #![warn(missing_docs)]
 
 mod algs;
@@ -28,6 +66,9 @@ mod spiffe;
 pub mod tls;
 mod verify;
 
+#[cfg(any(test, feature = "test-util"))]
+pub mod test_util;
+
 pub use self::{
     authority::{
         CLOCK_SKEW_BACKDATE, CertificateAuthority, DEFAULT_WORKLOAD_CERT_TTL, IntermediateParams,
@@ -35,7 +76,7 @@ pub use self::{
     },
     csr::{VerifiedCsr, build_csr, build_csr_der},
     error::Error,
-    info::CertInfo,
+    info::{CertInfo, serial_hex},
     key::{KeyAlgorithm, PrivateKey, write_file_atomic},
     pem::{certs_to_pem, parse_certs_pem},
     rotation::{refresh_at, refresh_in},

@@ -4,7 +4,7 @@
 //!   `TLS13_AES_256_GCM_SHA384`, `TLS13_CHACHA20_POLY1305_SHA256`, key exchange X25519,
 //!   secp256r1, secp384r1. TLS 1.2 is never offered nor accepted.
 //! - **SPIFFE verifiers**: [`SpiffeServerVerifier`] and [`SpiffeClientVerifier`] accept a
-//!   peer whose chain passes [`verify_workload_chain`] against a [`TrustBundle`] and a
+//!   peer whose chain passes [`verify_workload_chain`](crate::verify_workload_chain) against a [`TrustBundle`] and a
 //!   [`TrustDomainPolicy`] (the SAN is the identity; the TLS server name is not used), and
 //!   keep rustls's own handshake-signature checks with this provider's algorithms.
 //! - **DNS verifier**: [`dns_server_verifier`] for dialing a server by name or IP (node
@@ -13,18 +13,25 @@
 //! - [`peer_spiffe_id`] reads the verified peer's SPIFFE ID from a connection.
 //!
 //! ALPN is the caller's: set `alpn_protocols` on the returned configuration (`h2` for gRPC).
-//! Session resumption and 0-RTT are off, so every connection re-verifies its peer; a new
-//! trust bundle takes effect by building new configurations from it.
+//! Session resumption and 0-RTT are off, so every connection re-verifies its peer.
+//!
+//! Rotation without rebuilding configurations: [`CertStore`] holds our current certificate
+//! (empty until the first one arrives: handshakes fail, never fall back), and the SPIFFE
+//! verifiers' `set_trust` swaps the bundle; build with [`server_config_with`] /
+//! [`client_config_with`] and keep the `Arc`s. The plain [`server_config`] /
+//! [`client_config`] are for fixed material.
 
 use std::fmt;
-use std::sync::Arc;
+use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rustls::client::WebPkiServerVerifier;
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
 use rustls::crypto::{CryptoProvider, WebPkiSupportedAlgorithms, ring};
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
+use rustls::server::{ClientHello, ResolvesServerCert};
+use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName,
     OtherError, RootCertStore, ServerConfig, SignatureScheme, SupportedProtocolVersion,
@@ -145,39 +152,70 @@ fn refusal(err: ChainError) -> rustls::Error {
     rustls::Error::InvalidCertificate(cert_err)
 }
 
-fn verify_peer(
-    end_entity: &CertificateDer<'_>,
-    intermediates: &[CertificateDer<'_>],
-    bundle: &TrustBundle,
-    trust_domains: &TrustDomainPolicy,
-    now: UnixTime,
-    usage: Usage,
-) -> Result<SpiffeId, rustls::Error> {
-    verify_workload_cert(
-        end_entity,
-        intermediates,
-        bundle,
-        trust_domains,
-        to_system(now),
-        usage,
-    )
-    .map_err(refusal)
-}
-
 /// Never reached (TLS 1.2 is not enabled); refuses rather than trusts if it ever were.
 fn tls12_refused() -> rustls::Error {
     rustls::Error::General("TLS 1.2 is not supported".into())
 }
 
+/// A bundle and trust-domain policy that can be replaced while configurations using them
+/// stay in place (root rotation): the next handshake sees the new value.
+struct Trust(RwLock<Arc<(TrustBundle, TrustDomainPolicy)>>);
+
+impl Trust {
+    fn new(bundle: TrustBundle, trust_domains: TrustDomainPolicy) -> Trust {
+        Trust(RwLock::new(Arc::new((bundle, trust_domains))))
+    }
+
+    fn get(&self) -> Arc<(TrustBundle, TrustDomainPolicy)> {
+        // A poisoned lock still holds a whole value (writers only swap an Arc).
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set(&self, bundle: TrustBundle, trust_domains: TrustDomainPolicy) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Arc::new((bundle, trust_domains));
+    }
+
+    fn verify(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: UnixTime,
+        usage: Usage,
+    ) -> Result<SpiffeId, rustls::Error> {
+        let trust = self.get();
+        verify_workload_cert(
+            end_entity,
+            intermediates,
+            &trust.0,
+            &trust.1,
+            to_system(now),
+            usage,
+        )
+        .map_err(refusal)
+    }
+}
+
+impl fmt::Debug for Trust {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let trust = self.get();
+        f.debug_struct("Trust")
+            .field("bundle", &trust.0)
+            .field("trust_domains", &trust.1)
+            .finish()
+    }
+}
+
 // === impl SpiffeServerVerifier ===
 
 /// Verifies a TLS server as a SPIFFE workload: its chain must pass
-/// [`verify_workload_chain`] (EKU serverAuth) and, when `expected` is not empty, its SPIFFE
+/// [`verify_workload_chain`](crate::verify_workload_chain) (EKU serverAuth) and, when `expected` is not empty, its SPIFFE
 /// ID must be one of them. The TLS server name (SNI) plays no part: Istio's SNI is a
 /// routing key (`outbound_.<port>_._.<host>`), the identity is the URI SAN.
 pub struct SpiffeServerVerifier {
-    bundle: TrustBundle,
-    trust_domains: TrustDomainPolicy,
+    trust: Trust,
     expected: Vec<SpiffeId>,
     algorithms: WebPkiSupportedAlgorithms,
 }
@@ -185,8 +223,7 @@ pub struct SpiffeServerVerifier {
 impl fmt::Debug for SpiffeServerVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SpiffeServerVerifier")
-            .field("bundle", &self.bundle)
-            .field("trust_domains", &self.trust_domains)
+            .field("trust", &self.trust)
             .field("expected", &self.expected)
             .finish_non_exhaustive()
     }
@@ -201,11 +238,15 @@ impl SpiffeServerVerifier {
         expected: Vec<SpiffeId>,
     ) -> SpiffeServerVerifier {
         SpiffeServerVerifier {
-            bundle,
-            trust_domains,
+            trust: Trust::new(bundle, trust_domains),
             expected,
             algorithms: algorithms(),
         }
+    }
+
+    /// Replace the bundle and trust-domain policy; later handshakes use them.
+    pub fn set_trust(&self, bundle: TrustBundle, trust_domains: TrustDomainPolicy) {
+        self.trust.set(bundle, trust_domains);
     }
 }
 
@@ -218,14 +259,9 @@ impl ServerCertVerifier for SpiffeServerVerifier {
         _ocsp_response: &[u8],
         now: UnixTime,
     ) -> Result<ServerCertVerified, rustls::Error> {
-        let id = verify_peer(
-            end_entity,
-            intermediates,
-            &self.bundle,
-            &self.trust_domains,
-            now,
-            Usage::ServerAuth,
-        )?;
+        let id = self
+            .trust
+            .verify(end_entity, intermediates, now, Usage::ServerAuth)?;
         if !self.expected.is_empty() && !self.expected.contains(&id) {
             return Err(rustls::Error::InvalidCertificate(CertificateError::Other(
                 OtherError(Arc::new(PeerError::UnexpectedIdentity {
@@ -266,8 +302,7 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 /// optional for the CA, where callers with a bearer token have no certificate yet, but a
 /// certificate that is sent must verify.
 pub struct SpiffeClientVerifier {
-    bundle: TrustBundle,
-    trust_domains: TrustDomainPolicy,
+    trust: Trust,
     mandatory: bool,
     algorithms: WebPkiSupportedAlgorithms,
 }
@@ -275,8 +310,7 @@ pub struct SpiffeClientVerifier {
 impl fmt::Debug for SpiffeClientVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SpiffeClientVerifier")
-            .field("bundle", &self.bundle)
-            .field("trust_domains", &self.trust_domains)
+            .field("trust", &self.trust)
             .field("mandatory", &self.mandatory)
             .finish_non_exhaustive()
     }
@@ -286,8 +320,7 @@ impl SpiffeClientVerifier {
     /// A verifier that requires a client certificate.
     pub fn required(bundle: TrustBundle, trust_domains: TrustDomainPolicy) -> Self {
         SpiffeClientVerifier {
-            bundle,
-            trust_domains,
+            trust: Trust::new(bundle, trust_domains),
             mandatory: true,
             algorithms: algorithms(),
         }
@@ -300,6 +333,11 @@ impl SpiffeClientVerifier {
             mandatory: false,
             ..SpiffeClientVerifier::required(bundle, trust_domains)
         }
+    }
+
+    /// Replace the bundle and trust-domain policy; later handshakes use them.
+    pub fn set_trust(&self, bundle: TrustBundle, trust_domains: TrustDomainPolicy) {
+        self.trust.set(bundle, trust_domains);
     }
 }
 
@@ -323,14 +361,8 @@ impl ClientCertVerifier for SpiffeClientVerifier {
         intermediates: &[CertificateDer<'_>],
         now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        verify_peer(
-            end_entity,
-            intermediates,
-            &self.bundle,
-            &self.trust_domains,
-            now,
-            Usage::ClientAuth,
-        )?;
+        self.trust
+            .verify(end_entity, intermediates, now, Usage::ClientAuth)?;
         Ok(ClientCertVerified::assertion())
     }
 
@@ -495,6 +527,117 @@ pub fn client_config_with_verifier(
         Some((chain, key)) => builder.with_client_auth_cert(chain, key_der(key))?,
     };
     // See `no_server_resumption`.
+    config.resumption = rustls::client::Resumption::disabled();
+    Ok(config)
+}
+
+// === rotating certificates ===
+
+/// Our own certificate and key, loaded for rustls with this module's provider. rustls
+/// checks the key matches the leaf.
+pub fn certified_key(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKey,
+) -> Result<Arc<CertifiedKey>, TlsError> {
+    if chain.is_empty() {
+        return Err(TlsError::EmptyChain);
+    }
+    Ok(Arc::new(CertifiedKey::from_der(
+        chain,
+        key_der(key),
+        &provider(),
+    )?))
+}
+
+/// Our current certificate, replaceable while configurations using it stay in place
+/// (rotation). Empty until the first [`CertStore::set`]: until then handshakes fail (a
+/// server has nothing to present; a client sends no certificate), never fall back.
+#[derive(Default)]
+pub struct CertStore(RwLock<Option<Arc<CertifiedKey>>>);
+
+impl fmt::Debug for CertStore {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let ids: Option<Result<SpiffeId, ChainError>> = self.current().map(|ck| {
+            ck.end_entity_cert()
+                .map_err(|_| ChainError::EmptyChain)
+                .and_then(leaf_spiffe_id)
+        });
+        f.debug_tuple("CertStore").field(&ids).finish()
+    }
+}
+
+impl CertStore {
+    /// An empty store.
+    pub fn new() -> CertStore {
+        CertStore::default()
+    }
+
+    /// Present `key` from the next handshake on.
+    pub fn set(&self, key: Arc<CertifiedKey>) {
+        *self.0.write().unwrap_or_else(PoisonError::into_inner) = Some(key);
+    }
+
+    /// What is presented now.
+    pub fn current(&self) -> Option<Arc<CertifiedKey>> {
+        self.0
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+}
+
+impl ResolvesServerCert for CertStore {
+    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+}
+
+impl ResolvesClientCert for CertStore {
+    fn resolve(
+        &self,
+        _root_hint_subjects: &[&[u8]],
+        _sigschemes: &[SignatureScheme],
+    ) -> Option<Arc<CertifiedKey>> {
+        self.current()
+    }
+
+    fn has_certs(&self) -> bool {
+        self.current().is_some()
+    }
+}
+
+/// A server configuration (this module's policy) whose certificate comes from `certs`
+/// (e.g. a [`CertStore`]) and whose client certificates, if asked for, are checked by
+/// `client_verifier` (e.g. a shared [`SpiffeClientVerifier`] whose trust is rotated).
+pub fn server_config_with(
+    certs: Arc<dyn ResolvesServerCert>,
+    client_verifier: Option<Arc<dyn ClientCertVerifier>>,
+) -> Result<ServerConfig, TlsError> {
+    let builder = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)?;
+    let mut config = match client_verifier {
+        None => builder.with_no_client_auth(),
+        Some(verifier) => builder.with_client_cert_verifier(verifier),
+    }
+    .with_cert_resolver(certs);
+    no_server_resumption(&mut config);
+    Ok(config)
+}
+
+/// A client configuration (this module's policy) verifying servers with `verifier` and
+/// presenting the certificate `certs` resolves, if any.
+pub fn client_config_with(
+    verifier: Arc<dyn ServerCertVerifier>,
+    certs: Option<Arc<dyn ResolvesClientCert>>,
+) -> Result<ClientConfig, TlsError> {
+    let builder = ClientConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)?
+        .dangerous()
+        .with_custom_certificate_verifier(verifier);
+    let mut config = match certs {
+        None => builder.with_no_client_auth(),
+        Some(certs) => builder.with_client_cert_resolver(certs),
+    };
     config.resumption = rustls::client::Resumption::disabled();
     Ok(config)
 }

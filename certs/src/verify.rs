@@ -3,8 +3,8 @@
 //! [`verify_workload_chain`] runs webpki path building (the bundle's roots are the trust
 //! anchors, the rest of the presented chain are intermediates, the EKU must match the
 //! peer's role), then the X.509-SVID checks webpki does not know about: the leaf carries
-//! exactly one URI SAN, it is a valid SPIFFE ID, the leaf cannot sign certificates, and its
-//! trust domain is accepted by the [`TrustDomainPolicy`].
+//! exactly one URI SAN, it is a valid SPIFFE ID, its key usage has digitalSignature and
+//! not keyCertSign/cRLSign, and its trust domain is accepted by the [`TrustDomainPolicy`].
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -202,6 +202,9 @@ pub enum ChainError {
     /// The leaf's key usage allows signing certificates or CRLs (X.509-SVID forbids it).
     #[error("leaf key usage allows keyCertSign or cRLSign")]
     LeafCanSignCertificates,
+    /// The leaf's key usage is missing or lacks digitalSignature (X.509-SVID requires it).
+    #[error("leaf key usage is missing or lacks digitalSignature")]
+    LeafLacksDigitalSignature,
     /// A certificate used as an issuer is not a CA.
     #[error("an end-entity certificate was used as an issuer")]
     LeafUsedAsCa,
@@ -319,8 +322,15 @@ pub fn verify_workload_cert(
     let ku = x509
         .key_usage()
         .map_err(|e| ChainError::BadEncoding(format!("keyUsage: {e}")))?;
-    if ku.is_some_and(|ku| ku.value.key_cert_sign() || ku.value.crl_sign()) {
-        return Err(ChainError::LeafCanSignCertificates);
+    // X.509-SVID: a leaf's key usage includes digitalSignature and excludes keyCertSign
+    // and cRLSign (a missing extension counts as lacking digitalSignature, as go-spiffe
+    // treats it).
+    match ku {
+        Some(ku) if ku.value.key_cert_sign() || ku.value.crl_sign() => {
+            return Err(ChainError::LeafCanSignCertificates);
+        }
+        Some(ku) if ku.value.digital_signature() => {}
+        _ => return Err(ChainError::LeafLacksDigitalSignature),
     }
     let mut uris = Vec::new();
     if let Some(san) = x509

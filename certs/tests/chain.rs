@@ -327,6 +327,27 @@ fn leaf_that_can_sign_certificates_is_refused() {
 }
 
 #[test]
+fn leaf_without_digital_signature_is_refused() {
+    let now = SystemTime::now();
+    for usages in [vec![], vec![rcgen::KeyUsagePurpose::KeyEncipherment]] {
+        let (root, leaf) = rcgen_leaf(vec![uri(SLEEP)], |p| p.key_usages = usages.clone());
+        let b = TrustBundle::from_der(vec![root]).unwrap();
+        let err = verify_workload_chain(&[leaf], &b, &local_policy(), now, Usage::ClientAuth)
+            .unwrap_err();
+        assert_eq!(err, ChainError::LeafLacksDigitalSignature, "{usages:?}");
+    }
+    // twin: digitalSignature + keyEncipherment (an RSA-style leaf) is fine.
+    let (root, leaf) = rcgen_leaf(vec![uri(SLEEP)], |p| {
+        p.key_usages = vec![
+            rcgen::KeyUsagePurpose::DigitalSignature,
+            rcgen::KeyUsagePurpose::KeyEncipherment,
+        ]
+    });
+    let b = TrustBundle::from_der(vec![root]).unwrap();
+    verify_workload_chain(&[leaf], &b, &local_policy(), now, Usage::ClientAuth).unwrap();
+}
+
+#[test]
 fn wrong_extended_key_usage_is_refused() {
     let now = SystemTime::now();
     let (root, leaf) = rcgen_leaf(vec![uri(SLEEP)], |p| {
@@ -459,4 +480,24 @@ fn merged_bundle_accepts_both_roots_during_rotation() {
         shown.contains("Rampart Root CA") && shown.contains("sha256:"),
         "{shown}"
     );
+}
+
+/// A second subjectAltName extension cannot smuggle in a second identity.
+#[test]
+fn second_san_extension_is_refused() {
+    let now = SystemTime::now();
+    let admin = b"spiffe://cluster.local/ns/kube-system/sa/admin";
+    let mut names = vec![0x86, admin.len() as u8];
+    names.extend_from_slice(admin);
+    let mut content = vec![0x30, names.len() as u8];
+    content.extend(names);
+    let (root, leaf) = rcgen_leaf(vec![uri(SLEEP)], |p| {
+        p.custom_extensions = vec![rcgen::CustomExtension::from_oid_content(
+            &[2, 5, 29, 17],
+            content,
+        )];
+    });
+    let b = TrustBundle::from_der(vec![root]).unwrap();
+    let got = verify_workload_chain(&[leaf], &b, &local_policy(), now, Usage::ClientAuth);
+    assert!(got.is_err(), "accepted as {got:?}");
 }

@@ -193,3 +193,44 @@ fn requested_extensions_are_never_copied() {
     let private = x509_parser::der_parser::oid!(1.3.6.1.4.1.99999.1);
     assert!(x509.extensions().iter().all(|e| e.oid != private));
 }
+
+/// A second extensionRequest attribute cannot smuggle in a second identity: either the
+/// CSR is refused outright or both URIs are seen (and "exactly one" then fails).
+#[test]
+fn second_extension_request_attribute_is_seen() {
+    fn tlv(tag: u8, content: &[u8]) -> Vec<u8> {
+        assert!(content.len() < 128);
+        let mut v = vec![tag, content.len() as u8];
+        v.extend_from_slice(content);
+        v
+    }
+    let admin = b"spiffe://cluster.local/ns/kube-system/sa/admin";
+    let general_names = tlv(0x30, &tlv(0x86, admin));
+    let mut ext = tlv(0x06, &[0x55, 0x1d, 0x11]); // subjectAltName
+    ext.extend(tlv(0x04, &general_names));
+    let values = tlv(0x31, &tlv(0x30, &tlv(0x30, &ext)));
+
+    let pair = rcgen::KeyPair::generate().unwrap();
+    let mut p = rcgen::CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.subject_alt_names = vec![uri(SLEEP)];
+    let attr = rcgen::Attribute {
+        oid: &[1, 2, 840, 113549, 1, 9, 14],
+        values,
+    };
+    let pem = p
+        .serialize_request_with_attributes(&pair, vec![attr])
+        .unwrap()
+        .pem()
+        .unwrap();
+    match VerifiedCsr::from_pem(&pem) {
+        Err(Error::InvalidCsr(_)) => {}
+        Err(other) => panic!("unexpected error {other}"),
+        Ok(csr) => {
+            assert_eq!(csr.requested_uris().len(), 2, "{:?}", csr.requested_uris());
+            assert!(matches!(
+                csr.requested_spiffe_id(),
+                Err(Error::CsrUriSanCount { found: 2 })
+            ));
+        }
+    }
+}

@@ -800,3 +800,88 @@ fn openssl_tls12_is_refused_and_tls13_with_a_client_certificate_works() {
     assert!(stdout.contains("TLSv1.3"), "{stdout}");
     assert_eq!(handle.join().unwrap().unwrap().as_deref(), Some(CLIENT));
 }
+
+// === rotation without rebuilding configurations ===
+
+#[test]
+fn an_empty_cert_store_fails_closed_and_rotation_is_picked_up() {
+    let ca = Ca::root("A");
+    let store = Arc::new(tls::CertStore::new());
+    let server_cfg = tls::server_config_with(store.clone(), None).unwrap();
+    let client_cfg = tls::client_config(spiffe_client(ca.bundle(), &[]), None).unwrap();
+
+    // Nothing to present yet: the server refuses, it does not fall back to anything.
+    assert!(matches!(
+        handshake(client_cfg.clone(), server_cfg.clone(), "x"),
+        Err(Failed::Server(_))
+    ));
+
+    let first = ca.workload(SERVER);
+    store.set(tls::certified_key(first.chain.clone(), &first.key).unwrap());
+    let (c, _) = handshake(client_cfg.clone(), server_cfg.clone(), "x").unwrap();
+    assert_eq!(
+        tls::peer_spiffe_id(&c).unwrap().unwrap().to_string(),
+        SERVER
+    );
+
+    let renamed = "spiffe://cluster.local/ns/ns1/sa/server-v2";
+    let second = ca.workload(renamed);
+    store.set(tls::certified_key(second.chain.clone(), &second.key).unwrap());
+    let (c, _) = handshake(client_cfg, server_cfg, "x").unwrap();
+    assert_eq!(
+        tls::peer_spiffe_id(&c).unwrap().unwrap().to_string(),
+        renamed
+    );
+
+    // A key that does not match its certificate is refused when loaded.
+    assert!(tls::certified_key(first.chain.clone(), &second.key).is_err());
+    assert!(matches!(
+        tls::certified_key(Vec::new(), &first.key),
+        Err(tls::TlsError::EmptyChain)
+    ));
+}
+
+#[test]
+fn verifier_trust_can_be_rotated_in_place() {
+    let old = Ca::root("old");
+    let new = Ca::root("new");
+    let server = old.workload(SERVER);
+    let client_new = new.workload(CLIENT);
+
+    let verifier = Arc::new(tls::SpiffeClientVerifier::required(old.bundle(), local()));
+    let store = Arc::new(tls::CertStore::new());
+    store.set(tls::certified_key(server.chain.clone(), &server.key).unwrap());
+    let server_cfg = tls::server_config_with(store, Some(verifier.clone())).unwrap();
+
+    let client_store = Arc::new(tls::CertStore::new());
+    client_store.set(tls::certified_key(client_new.chain.clone(), &client_new.key).unwrap());
+    let server_verifier = Arc::new(tls::SpiffeServerVerifier::new(
+        old.bundle(),
+        local(),
+        Vec::new(),
+    ));
+    let client_cfg = tls::client_config_with(server_verifier.clone(), Some(client_store)).unwrap();
+
+    // The client's certificate is from the new root, which the server does not trust yet.
+    let err = server_refused(handshake(client_cfg.clone(), server_cfg.clone(), "x"));
+    assert_eq!(
+        err,
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+    );
+
+    // Overlap: both roots trusted, same configuration objects.
+    verifier.set_trust(old.bundle().merge(&new.bundle()), local());
+    let (_, s) = handshake(client_cfg.clone(), server_cfg.clone(), "x").unwrap();
+    assert_eq!(
+        tls::peer_spiffe_id(&s).unwrap().unwrap().to_string(),
+        CLIENT
+    );
+
+    // The client drops the old root: the server (still on the old root) is refused.
+    server_verifier.set_trust(new.bundle(), local());
+    let err = client_refused(handshake(client_cfg, server_cfg, "x"));
+    assert_eq!(
+        err,
+        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+    );
+}

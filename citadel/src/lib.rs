@@ -1,1 +1,54 @@
-//! Citadel: the certificate authority that issues SPIFFE X.509 identities.
+//! Citadel: the certificate authority that issues SPIFFE X.509 identities over Istio's
+//! `istio.v1.auth.IstioCertificateService/CreateCertificate` API.
+//!
+//! Shape (SPIRE style): a request is authenticated ([`authenticate`]: bearer JWT, then client
+//! certificate, then node-agent impersonation), the CA builds a [`WorkloadTemplate`] from the
+//! proved identity and the CSR's public key only, an [`X509Signer`] signs it, and
+//! [`validate_issued`] checks the result before it is audited ([`AuditLog`], fsync'd) and
+//! returned. Root material ([`Authority`]) comes from Istio's `cacerts` plug-in directory or a
+//! persisted self-signed root, and is swapped atomically when the directory changes.
+
+mod audit;
+mod authn;
+mod authority;
+mod client;
+mod config;
+mod error;
+mod issue;
+mod loadgen;
+mod metrics;
+mod refusal;
+mod server;
+mod signer;
+mod tls;
+
+pub use self::{
+    audit::{AuditLog, AuditRecord, rfc3339},
+    authn::{
+        AuthMethod, Caller, CallerEvidence, TOKEN_LEEWAY, TokenAuthenticator, authenticate,
+        bearer_token,
+    },
+    authority::{
+        Authority, CA_CERT, CA_KEY, CERT_CHAIN, MaterialSource, PluginFiles, ROOT_CERT, RootInfo,
+        SELF_SIGNED_CERT, SELF_SIGNED_KEY, SELF_SIGNED_ROOT_TTL, load_initial,
+        load_or_create_self_signed, load_plugin,
+    },
+    client::connect,
+    config::{
+        CaConfig, DEFAULT_AUDIENCE, DEFAULT_MAX_WORKLOAD_TTL, DEFAULT_SERVER_DNS_NAME,
+        DEFAULT_WORKLOAD_TTL, JwtIssuerConfig,
+    },
+    error::CitadelError,
+    issue::{IssuePolicy, Issued, issue, resolve_ttl},
+    loadgen::{LoadConfig, LoadReport, run_load},
+    metrics::{Metrics, serve_metrics},
+    refusal::Refusal,
+    server::{
+        CaService, CaState, IMPERSONATED_IDENTITY, PeerInfo, ReloadOutcome, RunningCa,
+        SERVING_CERT_TTL, start, start_with_state,
+    },
+    signer::{IssuedFacts, SigningCertFacts, WorkloadTemplate, X509Signer, validate_issued},
+    tls::{
+        DynamicClientVerifier, ServingCert, certified_key, client_config, provider, server_config,
+    },
+};

@@ -19,7 +19,7 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rampart_authz::{
     Engine, HeaderMutation, HttpRequest, JwksCache, Kind as ResourceKind, MtlsMode, NoExtAuthz,
-    Peer, RequestContext, SignatureVerifier, Workload,
+    Peer, RequestContext, Workload,
 };
 use rampart_certs::{SpiffeId, TrustDomainPolicy};
 use tokio::io::{AsyncRead, AsyncWrite};
@@ -117,20 +117,6 @@ fn build_config(dir: &Path, key: &str) -> Result<Config, Vec<Problem>> {
         fast_path,
         loaded_at: SystemTime::now(),
     })
-}
-
-/// JWS signature checks for RequestAuthentication, with Rampart's JWT module.
-struct Signatures;
-
-impl SignatureVerifier for Signatures {
-    fn verify_signature(&self, token: &str, jwks: &str) -> Result<(), String> {
-        let set = rampart_certs::jwt::Jwks::parse(jwks).map_err(|e| e.to_string())?;
-        rampart_certs::jwt::UnverifiedJwt::parse(token)
-            .map_err(|e| e.to_string())?
-            .verify(&set, SystemTime::now(), rampart_authz::CLOCK_SKEW)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    }
 }
 
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -776,12 +762,11 @@ async fn inbound_request(
             http: Some(http),
             jwt: None,
         };
-        let d = cfg.engine.check_with(
+        let d = cfg.engine.check(
             &cfg.workload,
             &ctx,
             SystemTime::now(),
             &cfg.jwks,
-            &Signatures,
             &NoExtAuthz,
         );
         if !d.is_allowed() {

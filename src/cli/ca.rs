@@ -1,12 +1,372 @@
-//! `rampart ca`.
+//! `rampart ca`: run the CA; `rampart ca bench`: drive one with load.
 
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context as _;
+use rampart_certs::{KeyAlgorithm, PrivateKey, SpiffeId, TrustBundle, TrustDomain};
+use rampart_citadel::{CaConfig, JwtIssuerConfig, LoadConfig};
 
 #[derive(Debug, clap::Args)]
-pub(crate) struct CaArgs {}
+#[command(args_conflicts_with_subcommands = true)]
+pub(crate) struct CaArgs {
+    #[command(subcommand)]
+    command: Option<CaCommand>,
+    #[command(flatten)]
+    run: Box<RunArgs>,
+}
+
+#[derive(Debug, clap::Subcommand)]
+enum CaCommand {
+    /// Load generator: CreateCertificate over TLS from many concurrent streams.
+    Bench(BenchArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RunArgs {
+    /// gRPC (TLS) listen address.
+    #[arg(long, default_value = "127.0.0.1:15012")]
+    listen: SocketAddr,
+    /// Istio `cacerts` plug-in directory (ca-cert.pem, ca-key.pem, cert-chain.pem,
+    /// root-cert.pem); watched. Without ca-cert.pem a self-signed root is used.
+    #[arg(long, default_value = "./etc/cacerts")]
+    cacerts: PathBuf,
+    /// State directory: self-signed root (key 0600) and audit log.
+    #[arg(long, default_value = "./var/lib/rampart/ca")]
+    state: PathBuf,
+    /// Accepted bearer-token issuer (repeatable; the n-th --jwks belongs to the n-th issuer).
+    #[arg(long = "jwt-issuer", value_name = "ISS")]
+    jwt_issuer: Vec<String>,
+    /// JWKS file of the matching --jwt-issuer.
+    #[arg(long, value_name = "FILE")]
+    jwks: Vec<PathBuf>,
+    /// Token audience.
+    #[arg(long, default_value = rampart_citadel::DEFAULT_AUDIENCE)]
+    audience: String,
+    /// Mesh trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    trust_domain: String,
+    /// Lifetime when a request asks for none.
+    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
+    default_ttl: Duration,
+    /// Requests for a longer lifetime are refused.
+    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
+    max_ttl: Duration,
+    /// Prometheus metrics listen address.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<SocketAddr>,
+    /// DNS SAN of the CA's serving certificate (repeatable).
+    #[arg(long = "server-dns", default_value = rampart_citadel::DEFAULT_SERVER_DNS_NAME)]
+    server_dns: Vec<String>,
+    /// IP SAN of the CA's serving certificate (repeatable).
+    #[arg(long = "server-ip", default_value = "127.0.0.1")]
+    server_ip: Vec<IpAddr>,
+    /// SPIFFE ID allowed to request other identities via ImpersonatedIdentity (repeatable).
+    #[arg(long = "node-agent", value_name = "SPIFFE_ID")]
+    node_agent: Vec<String>,
+    /// Audit log file (default <state>/audit.jsonl).
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// Write the trust bundle (PEM) here at start and after every reload.
+    #[arg(long, value_name = "FILE")]
+    bundle_out: Option<PathBuf>,
+    /// Largest accepted CSR (bytes of PEM).
+    #[arg(long, default_value_t = 16 * 1024)]
+    max_csr_bytes: usize,
+    /// Per-request deadline.
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    request_timeout: Duration,
+    /// Requests processed at once.
+    #[arg(long, default_value_t = 1024)]
+    max_concurrency: usize,
+    /// Poll interval of the cacerts directory (in addition to change notifications).
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    reload_interval: Duration,
+}
+
+#[derive(Debug, clap::Args)]
+struct BenchArgs {
+    /// CA to drive. Without it, an in-process CA (self-signed, temporary state) is started.
+    #[arg(long)]
+    addr: Option<SocketAddr>,
+    /// Root(s) to verify an external CA with (PEM).
+    #[arg(long, value_name = "FILE", requires = "addr")]
+    ca_root: Option<PathBuf>,
+    /// Bearer token file for an external CA.
+    #[arg(long, value_name = "FILE", requires = "addr")]
+    token: Option<PathBuf>,
+    /// The identity the token proves (CSRs are made for it) for an external CA.
+    #[arg(long, value_name = "SPIFFE_ID", requires = "addr")]
+    spiffe_id: Option<String>,
+    /// Name to verify the CA's certificate for.
+    #[arg(long, default_value = "127.0.0.1")]
+    server_name: String,
+    /// TLS connections.
+    #[arg(long, default_value_t = 4)]
+    connections: usize,
+    /// Requests in flight.
+    #[arg(long, default_value_t = 128)]
+    concurrency: usize,
+    /// Run time.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Pre-made CSRs (distinct keys), used round-robin.
+    #[arg(long, default_value_t = 256)]
+    csrs: usize,
+    /// Requested lifetime.
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    ttl: Duration,
+    /// Worker threads of the runtime.
+    #[arg(long, default_value_t = 2)]
+    threads: usize,
+}
 
 impl CaArgs {
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
-        Err(super::bad_input("ca: not built yet"))
+        match self.command {
+            Some(CaCommand::Bench(b)) => b.run(),
+            None => self.run.run(),
+        }
+    }
+}
+
+impl RunArgs {
+    fn config(self) -> anyhow::Result<CaConfig> {
+        let td: TrustDomain = self
+            .trust_domain
+            .parse()
+            .map_err(|e| super::bad_input(format!("--trust-domain: {e}")))?;
+        if self.jwt_issuer.len() != self.jwks.len() {
+            return Err(super::bad_input(format!(
+                "--jwt-issuer given {} times but --jwks {} times; give one JWKS file per issuer",
+                self.jwt_issuer.len(),
+                self.jwks.len()
+            )));
+        }
+        let mut cfg = CaConfig::new(self.cacerts, self.state, td);
+        cfg.listen = self.listen;
+        cfg.jwt_issuers = self
+            .jwt_issuer
+            .into_iter()
+            .zip(self.jwks)
+            .map(|(issuer, jwks_path)| JwtIssuerConfig { issuer, jwks_path })
+            .collect();
+        cfg.audience = self.audience;
+        cfg.default_ttl = self.default_ttl;
+        cfg.max_ttl = self.max_ttl;
+        cfg.metrics = self.metrics;
+        cfg.server_dns_names = self.server_dns;
+        cfg.server_ips = self.server_ip;
+        cfg.node_agents = self
+            .node_agent
+            .iter()
+            .map(|s| {
+                SpiffeId::parse(s).map_err(|e| super::bad_input(format!("--node-agent {s}: {e}")))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        cfg.audit_log = self.audit_log;
+        cfg.bundle_out = self.bundle_out;
+        cfg.max_csr_bytes = self.max_csr_bytes;
+        cfg.request_timeout = self.request_timeout;
+        cfg.max_concurrency = self.max_concurrency;
+        cfg.reload_poll_interval = self.reload_interval;
+        cfg.validate()
+            .map_err(|e| super::bad_input(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    fn run(self) -> anyhow::Result<ExitCode> {
+        let cfg = self.config()?;
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .context("start tokio runtime")?;
+        rt.block_on(async move {
+            let ca = rampart_citadel::start(cfg).await?;
+            let authority = ca.state().authority();
+            println!(
+                "rampart ca: listening on {} (gRPC istio.v1.auth.IstioCertificateService, TLS 1.3, h2)",
+                ca.local_addr
+            );
+            println!("rampart ca: material: {}", authority.source());
+            println!(
+                "rampart ca: signing root sha256:{} ({})",
+                authority.signing_root().fingerprint,
+                authority.signing_root().subject
+            );
+            for r in authority.roots() {
+                println!("rampart ca: serving root sha256:{} ({})", r.fingerprint, r.subject);
+            }
+            if let Some(m) = ca.metrics_addr {
+                println!("rampart ca: metrics on http://{m}/metrics");
+            }
+            use std::io::Write as _;
+            let _ = std::io::stdout().flush();
+            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                .context("install SIGTERM handler")?;
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+            tracing::info!("shutting down");
+            ca.shutdown().await;
+            Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
+        })
+    }
+}
+
+impl BenchArgs {
+    fn run(self) -> anyhow::Result<ExitCode> {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.threads.max(1))
+            .enable_all()
+            .build()
+            .context("start tokio runtime")?;
+        rt.block_on(self.run_async())
+    }
+
+    async fn run_async(self) -> anyhow::Result<ExitCode> {
+        let mut _in_process = None;
+        let mut _tmp = None;
+        let (addr, bundle, token, id) = match self.addr {
+            Some(addr) => {
+                let root = self
+                    .ca_root
+                    .as_ref()
+                    .ok_or_else(|| super::bad_input("--addr needs --ca-root"))?;
+                let token_file = self
+                    .token
+                    .as_ref()
+                    .ok_or_else(|| super::bad_input("--addr needs --token"))?;
+                let id = self
+                    .spiffe_id
+                    .as_deref()
+                    .ok_or_else(|| super::bad_input("--addr needs --spiffe-id"))?;
+                let bundle = TrustBundle::from_pem(
+                    &std::fs::read_to_string(root)
+                        .with_context(|| format!("read {}", root.display()))?,
+                )
+                .map_err(|e| super::bad_input(format!("--ca-root: {e}")))?;
+                let token = std::fs::read_to_string(token_file)
+                    .with_context(|| format!("read {}", token_file.display()))?
+                    .trim()
+                    .to_owned();
+                let id = SpiffeId::parse(id)
+                    .map_err(|e| super::bad_input(format!("--spiffe-id: {e}")))?;
+                (addr, bundle, token, id)
+            }
+            None => {
+                let dir = TempDir::new()?;
+                let (ca, token, id) = start_in_process(&dir.0).await?;
+                let bundle = ca.state().authority().bundle().clone();
+                let addr = ca.local_addr;
+                _in_process = Some(ca);
+                _tmp = Some(dir);
+                (addr, bundle, token, id)
+            }
+        };
+        eprintln!("rampart ca bench: making {} CSRs for {id}", self.csrs);
+        let mut csrs = Vec::with_capacity(self.csrs);
+        for _ in 0..self.csrs.max(1) {
+            let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
+            csrs.push(rampart_certs::build_csr(&key, &id)?);
+        }
+        let tls = Arc::new(rampart_citadel::client_config(&bundle, None)?);
+        let cfg = LoadConfig {
+            addr,
+            server_name: self.server_name.clone(),
+            tls,
+            token: Some(token),
+            csrs: Arc::new(csrs),
+            connections: self.connections,
+            concurrency: self.concurrency,
+            duration: self.duration,
+            ttl_secs: self.ttl.as_secs() as i64,
+        };
+        eprintln!(
+            "rampart ca bench: {} connections, {} in flight, {:?} against {addr}{}",
+            self.connections,
+            self.concurrency,
+            self.duration,
+            if _in_process.is_some() {
+                " (in-process CA)"
+            } else {
+                ""
+            }
+        );
+        let report = rampart_citadel::run_load(cfg).await?;
+        println!(
+            "issued {} certs in {:.2}s: {:.0} certs/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
+            report.issued,
+            report.elapsed.as_secs_f64(),
+            report.rate(),
+            report.p50.as_secs_f64() * 1e3,
+            report.p99.as_secs_f64() * 1e3,
+            report.errors
+        );
+        if let Some(e) = &report.first_error {
+            eprintln!("rampart ca bench: first error: {e}");
+        }
+        if let Some(ca) = _in_process.take() {
+            ca.shutdown().await;
+        }
+        Ok(if report.errors == 0 && report.issued > 0 {
+            ExitCode::SUCCESS
+        } else {
+            ExitCode::FAILURE
+        })
+    }
+}
+
+/// Starts a CA with a self-signed root in `dir`, a freshly made token issuer, and returns a
+/// token for `spiffe://cluster.local/ns/bench/sa/load`.
+async fn start_in_process(
+    dir: &std::path::Path,
+) -> anyhow::Result<(rampart_citadel::RunningCa, String, SpiffeId)> {
+    let td: TrustDomain = "cluster.local".parse()?;
+    let signer_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
+    let signer = rampart_certs::jwt::JwtSigner::new(&signer_key, "bench")?;
+    let jwks_path = dir.join("jwks.json");
+    std::fs::write(&jwks_path, signer.jwks()?.to_json().to_string())?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let token = signer.sign(&serde_json::json!({
+        "iss": "rampart-bench",
+        "sub": "system:serviceaccount:bench:load",
+        "aud": ["istio-ca"],
+        "iat": now,
+        "exp": now + 3600,
+    }))?;
+    let mut cfg = CaConfig::new(dir.join("cacerts"), dir.join("state"), td.clone());
+    cfg.listen = "127.0.0.1:0".parse()?;
+    cfg.jwt_issuers = vec![JwtIssuerConfig {
+        issuer: "rampart-bench".into(),
+        jwks_path,
+    }];
+    let ca = rampart_citadel::start(cfg).await?;
+    Ok((ca, token, SpiffeId::istio(&td, "bench", "load")?))
+}
+
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new() -> anyhow::Result<Self> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)?
+            .as_nanos();
+        let p =
+            std::env::temp_dir().join(format!("rampart-ca-bench-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&p).with_context(|| format!("create {}", p.display()))?;
+        Ok(TempDir(p))
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
     }
 }

@@ -1,12 +1,17 @@
 //! Command-line wiring. Each subcommand lives in its own module and owns its arguments.
 
+mod admin_http;
 mod agent;
 mod authz;
 mod ca;
 mod certs;
+mod echo;
+mod meshdir;
+mod mtls_report;
 mod proxy;
 mod secrets;
 mod token;
+mod up;
 mod validate;
 
 use std::process::ExitCode;
@@ -35,7 +40,7 @@ pub(crate) enum Command {
     /// Run the CA (Istio's CreateCertificate API).
     Ca(ca::CaArgs),
     /// Run the node agent (SDS and SPIFFE Workload API).
-    Agent(agent::AgentArgs),
+    Agent(Box<agent::AgentArgs>),
     /// Run the mTLS proxy for one workload of a mesh folder.
     Proxy(proxy::ProxyArgs),
     /// Show what a node agent serves over SDS (like `istioctl proxy-config secret`).
@@ -45,6 +50,13 @@ pub(crate) enum Command {
     /// Explain authorization decisions for a hypothetical request.
     #[command(subcommand)]
     Authz(authz::AuthzCommand),
+    /// Run the whole mesh of a folder locally: CA, node agents, proxies and apps.
+    Up(up::UpArgs),
+    /// A tiny HTTP/1.1 + h2c + TCP echo app that answers with the request it saw.
+    Echo(echo::EchoArgs),
+    /// Per workload and port: plaintext vs mTLS traffic, and whether STRICT is safe.
+    #[command(after_help = mtls_report::AFTER_HELP)]
+    MtlsReport(mtls_report::MtlsReportArgs),
 }
 
 impl Command {
@@ -53,11 +65,14 @@ impl Command {
             Command::Certs(cmd) => cmd.run(),
             Command::Token(cmd) => cmd.run(),
             Command::Ca(cmd) => cmd.run(),
-            Command::Agent(cmd) => cmd.run(),
+            Command::Agent(cmd) => (*cmd).run(),
             Command::Proxy(cmd) => cmd.run(),
             Command::Secrets(cmd) => cmd.run(),
             Command::Validate(cmd) => cmd.run(),
             Command::Authz(cmd) => cmd.run(),
+            Command::Up(cmd) => cmd.run(),
+            Command::Echo(cmd) => cmd.run(),
+            Command::MtlsReport(cmd) => cmd.run(),
         }
     }
 }

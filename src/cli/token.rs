@@ -129,7 +129,7 @@ fn signer(key: &PrivateKey, kid: Option<String>) -> anyhow::Result<JwtSigner> {
 }
 
 /// The claims of a workload token, as a Kubernetes projected service-account token has them.
-fn workload_claims(
+pub(crate) fn workload_claims(
     issuer: &str,
     account: &ServiceAccount,
     audiences: &[String],

@@ -34,6 +34,9 @@ pub struct X509svid {
     /// DER CA certificates of the SVID's trust domain (concatenated).
     #[prost(bytes = "vec", tag = "4")]
     pub bundle: ::prost::alloc::vec::Vec<u8>,
+    /// Optional operator-defined hint to tell SVIDs apart.
+    #[prost(string, tag = "5")]
+    pub hint: ::prost::alloc::string::String,
 }
 /// Parameters for fetching X.509 bundles (none).
 #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Message)]
@@ -41,8 +44,11 @@ pub struct X509BundlesRequest {}
 /// X.509 trust bundles.
 #[derive(Clone, PartialEq, ::prost::Message)]
 pub struct X509BundlesResponse {
+    /// ASN.1 DER encoded certificate revocation lists.
+    #[prost(bytes = "vec", repeated, tag = "1")]
+    pub crl: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
     /// DER CA certificates (concatenated), keyed by trust domain SPIFFE ID.
-    #[prost(map = "string, bytes", tag = "1")]
+    #[prost(map = "string, bytes", tag = "2")]
     pub bundles: ::std::collections::HashMap<
         ::prost::alloc::string::String,
         ::prost::alloc::vec::Vec<u8>,
@@ -57,6 +63,9 @@ pub struct Jwtsvid {
     /// The token, JWS compact serialization.
     #[prost(string, tag = "2")]
     pub svid: ::prost::alloc::string::String,
+    /// Optional operator-defined hint to tell SVIDs apart.
+    #[prost(string, tag = "3")]
+    pub hint: ::prost::alloc::string::String,
 }
 /// Parameters for fetching JWT-SVIDs.
 #[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]

@@ -1,0 +1,505 @@
+//! RequestAuthentication at request time with real signed tokens: Istio's samples from the
+//! corpus (`jwt/samples`, `jwt/e2e`; skipped with a message when the corpus is absent) and
+//! tokens minted here with `rampart_certs::jwt` (ES256/EdDSA/RSA keys made at test time).
+
+mod common;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use rampart_authz::{
+    AuthnOutcome, Engine, FileJwksFetcher, HeaderMutation, HttpRequest, JwksCache, MeshConfig,
+    NoExtAuthz, NoRemoteJwks, ReasonCode, Verdict, Workload,
+};
+use rampart_certs::jwt::JwtSigner;
+use rampart_certs::{KeyAlgorithm, PrivateKey};
+use serde_json::json;
+
+fn now() -> SystemTime {
+    SystemTime::now()
+}
+
+fn at(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+/// A RequestAuthentication in foo for httpbin with one jwtRule given as YAML flow fields.
+fn ra(name: &str, rule: &str, jwks: &str) -> String {
+    let indented: String = jwks.lines().map(|l| format!("        {l}\n")).collect();
+    format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: {name}, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin}}}}\n  jwtRules:\n  - {rule}\n    jwks: |\n{indented}---\n"
+    )
+}
+
+fn get(path: &str) -> HttpRequest {
+    HttpRequest::new("GET", path, "httpbin.foo")
+}
+
+fn bearer(token: &str) -> HttpRequest {
+    get("/").with_header("Authorization", &format!("Bearer {token}"))
+}
+
+fn authn(e: &Engine, req: &HttpRequest, t: SystemTime) -> AuthnOutcome {
+    e.authenticate_request(&httpbin(), req, t, &NoRemoteJwks)
+}
+
+fn status(o: &AuthnOutcome) -> u16 {
+    match o {
+        AuthnOutcome::Rejected { status, .. } => *status,
+        _ => 200,
+    }
+}
+
+fn reason(o: &AuthnOutcome) -> String {
+    match o {
+        AuthnOutcome::Rejected { reason, .. } => reason.clone(),
+        other => format!("{other:?}"),
+    }
+}
+
+struct Corpus {
+    samples_jwks: String,
+    e2e_jwks: String,
+    dir: std::path::PathBuf,
+}
+
+impl Corpus {
+    fn load() -> Option<Corpus> {
+        let dir = corpus_dir()?.join("jwt");
+        Some(Corpus {
+            samples_jwks: std::fs::read_to_string(dir.join("samples/jwks.json")).unwrap(),
+            e2e_jwks: std::fs::read_to_string(dir.join("e2e/jwks.json")).unwrap(),
+            dir,
+        })
+    }
+    fn sample(&self, name: &str) -> String {
+        read_token(&self.dir.join("samples").join(name))
+    }
+    fn e2e(&self, name: &str) -> String {
+        read_token(&self.dir.join("e2e/tokens").join(name))
+    }
+}
+
+fn read_token(p: &Path) -> String {
+    std::fs::read_to_string(p).unwrap().trim().to_string()
+}
+
+#[test]
+fn istio_sample_tokens_verify_and_expired_is_refused() {
+    let Some(c) = Corpus::load() else { return };
+    let e = engine(&ra(
+        "demo",
+        "issuer: testing@secure.istio.io",
+        &c.samples_jwks,
+    ));
+    for tok in ["demo.jwt", "groups-scope.jwt"] {
+        match authn(&e, &bearer(&c.sample(tok)), now()) {
+            AuthnOutcome::Authenticated {
+                principal,
+                headers,
+                policy,
+                claims,
+            } => {
+                assert_eq!(
+                    principal.as_deref(),
+                    Some("testing@secure.istio.io/testing@secure.istio.io")
+                );
+                assert_eq!(policy.to_string(), "foo/demo");
+                // forwardOriginalToken defaults to false: the header is removed.
+                assert_eq!(
+                    headers,
+                    vec![HeaderMutation::Remove {
+                        name: "authorization".into()
+                    }]
+                );
+                if tok == "groups-scope.jwt" {
+                    assert_eq!(claims.claims["scope"], json!(["scope1", "scope2"]));
+                }
+            }
+            other => panic!("{tok}: {other:?}"),
+        }
+    }
+    // The e2e issuer's expired token with its own JWKS: 401.
+    let e = engine(&ra("e2e", "issuer: test-issuer-1@istio.io", &c.e2e_jwks));
+    let ok = authn(&e, &bearer(&c.e2e("issuer1.jwt")), now());
+    assert!(matches!(ok, AuthnOutcome::Authenticated { .. }), "{ok:?}");
+    let expired = authn(&e, &bearer(&c.e2e("issuer1-expired.jwt")), now());
+    assert_eq!(status(&expired), 401);
+    assert!(reason(&expired).contains("expired"), "{}", reason(&expired));
+    // ... but not before its exp (the `now` clock), nor within the 60 s skew.
+    let exp = 1562182856;
+    assert_eq!(
+        status(&authn(
+            &e,
+            &bearer(&c.e2e("issuer1-expired.jwt")),
+            at(exp - 10)
+        )),
+        200
+    );
+    assert_eq!(
+        status(&authn(
+            &e,
+            &bearer(&c.e2e("issuer1-expired.jwt")),
+            at(exp + 59)
+        )),
+        200
+    );
+    assert_eq!(
+        status(&authn(
+            &e,
+            &bearer(&c.e2e("issuer1-expired.jwt")),
+            at(exp + 61)
+        )),
+        401
+    );
+}
+
+#[test]
+fn wrong_key_unknown_issuer_malformed_tampered() {
+    let Some(c) = Corpus::load() else { return };
+    // Sample token verified against the e2e key set (same issuer name configured): 401.
+    let e = engine(&ra("x", "issuer: testing@secure.istio.io", &c.e2e_jwks));
+    let r = authn(&e, &bearer(&c.sample("demo.jwt")), now());
+    assert_eq!(status(&r), 401, "{r:?}");
+    // Issuer not configured.
+    let e = engine(&ra("e2e", "issuer: test-issuer-1@istio.io", &c.e2e_jwks));
+    let r = authn(&e, &bearer(&c.e2e("issuer2.jwt")), now());
+    assert_eq!(status(&r), 401);
+    assert!(reason(&r).contains("issuer is not configured"));
+    // Istio's TokenInvalid literal.
+    assert_eq!(status(&authn(&e, &bearer("TokenInvalid"), now())), 401);
+    // Tampered payload (signature no longer matches).
+    let t = c.e2e("issuer1.jwt");
+    let parts: Vec<&str> = t.split('.').collect();
+    let forged_claims =
+        base64_url(br#"{"iss":"test-issuer-1@istio.io","sub":"admin","exp":4715782722}"#);
+    let forged = format!("{}.{}.{}", parts[0], forged_claims, parts[2]);
+    let r = authn(&e, &bearer(&forged), now());
+    assert_eq!(status(&r), 401, "{r:?}");
+    assert!(reason(&r).contains("verification fails"));
+    // No token at all: passes with no principal.
+    assert_eq!(authn(&e, &get("/"), now()), AuthnOutcome::NoToken);
+    // A non-Bearer Authorization header is not a token.
+    let basic = get("/").with_header("Authorization", "Basic dXNlcjpwYXNz");
+    assert_eq!(authn(&e, &basic, now()), AuthnOutcome::NoToken);
+}
+
+fn base64_url(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+#[test]
+fn audiences() {
+    let Some(c) = Corpus::load() else { return };
+    let e = engine(
+        &ra(
+            "aud",
+            "{issuer: test-issuer-1@istio.io, audiences: [foo]}",
+            &c.e2e_jwks,
+        )
+        .replace(
+            "  - {issuer: test-issuer-1@istio.io, audiences: [foo]}\n    jwks",
+            "  - issuer: test-issuer-1@istio.io\n    audiences: [foo]\n    jwks",
+        ),
+    );
+    assert_eq!(
+        status(&authn(&e, &bearer(&c.e2e("issuer1-aud-foo.jwt")), now())),
+        200
+    );
+    assert_eq!(
+        status(&authn(
+            &e,
+            &bearer(&c.e2e("issuer1-aud-list-foo-buzz.jwt")),
+            now()
+        )),
+        200
+    );
+    // Valid signature, no aud / other aud: 403, not 401.
+    let r = authn(&e, &bearer(&c.e2e("issuer1.jwt")), now());
+    assert_eq!(status(&r), 403);
+    assert_eq!(reason(&r), "Audiences in Jwt are not allowed");
+    let e = engine(&ra(
+        "aud",
+        "issuer: test-issuer-1@istio.io\n    audiences: [bar]",
+        &c.e2e_jwks,
+    ));
+    assert_eq!(
+        status(&authn(
+            &e,
+            &bearer(&c.e2e("issuer1-aud-list-foo-buzz.jwt")),
+            now()
+        )),
+        403
+    );
+    // Through check(): 403 with the JWT reason code.
+    let mut ctx = http("GET", "/").0;
+    ctx.http = Some(bearer(&c.e2e("issuer1.jwt")));
+    let d = e.check(&httpbin(), &ctx, now(), &NoRemoteJwks, &NoExtAuthz);
+    assert_eq!(
+        (d.decision, d.status, d.reason_code),
+        (Verdict::Deny, 403, ReasonCode::JwtAudienceMismatch)
+    );
+}
+
+#[test]
+fn locations_and_outputs() {
+    let Some(c) = Corpus::load() else { return };
+    let tok = c.e2e("issuer1-nested-claims-2.jwt");
+    // fromHeaders with a prefix; Authorization is then not looked at.
+    let e = engine(&ra(
+        "h",
+        "issuer: test-issuer-1@istio.io\n    fromHeaders: [{name: x-jwt, prefix: 'Token '}]\n    outputPayloadToHeader: x-payload\n    outputClaimToHeaders: [{header: x-sub, claim: sub}, {header: x-nested, claim: nested.key2}, {header: x-none, claim: nope}]",
+        &c.e2e_jwks,
+    ));
+    assert_eq!(authn(&e, &bearer(&tok), now()), AuthnOutcome::NoToken);
+    let req = get("/").with_header("X-Jwt", &format!("Token {tok}"));
+    match authn(&e, &req, now()) {
+        AuthnOutcome::Authenticated { headers, .. } => {
+            let payload = tok.split('.').nth(1).unwrap().to_string();
+            assert_eq!(
+                headers,
+                vec![
+                    HeaderMutation::Set {
+                        name: "x-payload".into(),
+                        value: payload
+                    },
+                    HeaderMutation::Set {
+                        name: "x-sub".into(),
+                        value: "sub-1".into()
+                    },
+                    HeaderMutation::Set {
+                        name: "x-nested".into(),
+                        value: "valueC".into()
+                    },
+                    HeaderMutation::Remove {
+                        name: "x-jwt".into()
+                    },
+                ]
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Wrong prefix: not a token.
+    let req = get("/").with_header("x-jwt", &format!("Bearer {tok}"));
+    assert_eq!(authn(&e, &req, now()), AuthnOutcome::NoToken);
+    // fromParams and fromCookies; forwardOriginalToken keeps the header.
+    let e = engine(&ra(
+        "p",
+        "issuer: test-issuer-1@istio.io\n    fromParams: [token]\n    fromCookies: [session]\n    forwardOriginalToken: true",
+        &c.e2e_jwks,
+    ));
+    let r = authn(&e, &get(&format!("/x?a=1&token={tok}")), now());
+    assert!(
+        matches!(&r, AuthnOutcome::Authenticated { headers, .. } if headers.is_empty()),
+        "{r:?}"
+    );
+    let r = authn(
+        &e,
+        &get("/").with_header("Cookie", &format!("a=b; session={tok}")),
+        now(),
+    );
+    assert!(matches!(r, AuthnOutcome::Authenticated { .. }), "{r:?}");
+    assert_eq!(
+        authn(&e, &get(&format!("/x?access_token={tok}")), now()),
+        AuthnOutcome::NoToken
+    );
+    // Defaults: Authorization: Bearer and ?access_token=.
+    let e = engine(&ra("d", "issuer: test-issuer-1@istio.io", &c.e2e_jwks));
+    assert!(matches!(
+        authn(&e, &get(&format!("/x?access_token={tok}")), now()),
+        AuthnOutcome::Authenticated { .. }
+    ));
+    // One valid and one expired token: 401.
+    let req = bearer(&tok);
+    let req = HttpRequest {
+        path: format!("/x?access_token={}", c.e2e("issuer1-expired.jwt")),
+        ..req
+    };
+    assert_eq!(status(&authn(&e, &req, now())), 401);
+    // CORS preflight skips JWT checks even with a bad token; a plain OPTIONS does not.
+    let pre = HttpRequest::new("OPTIONS", "/", "h")
+        .with_header("Origin", "https://a.example")
+        .with_header("Access-Control-Request-Method", "GET")
+        .with_header("Authorization", "Bearer TokenInvalid");
+    assert_eq!(authn(&e, &pre, now()), AuthnOutcome::NoToken);
+    let plain =
+        HttpRequest::new("OPTIONS", "/", "h").with_header("Authorization", "Bearer TokenInvalid");
+    assert_eq!(status(&authn(&e, &plain, now())), 401);
+}
+
+#[test]
+fn merged_rules_from_several_policies_and_root_namespace() {
+    let Some(c) = Corpus::load() else { return };
+    let yaml = format!(
+        "{}{}",
+        ra("one", "issuer: test-issuer-1@istio.io", &c.e2e_jwks),
+        ra("two", "issuer: test-issuer-2@istio.io", &c.e2e_jwks)
+            .replace("namespace: foo", "namespace: istio-system")
+            .replace("  selector: {matchLabels: {app: httpbin}}\n", "")
+    );
+    let e = engine(&yaml);
+    for t in ["issuer1.jwt", "issuer2.jwt"] {
+        assert_eq!(status(&authn(&e, &bearer(&c.e2e(t)), now())), 200, "{t}");
+    }
+    assert_eq!(
+        status(&authn(&e, &bearer(&c.e2e("issuer3.jwt")), now())),
+        401
+    );
+    // A workload elsewhere only gets the mesh-wide rule.
+    let other = Workload::new("bar", [("app", "x")]);
+    let r = e.authenticate_request(&other, &bearer(&c.e2e("issuer1.jwt")), now(), &NoRemoteJwks);
+    assert_eq!(status(&r), 401);
+}
+
+#[test]
+fn authentication_feeds_authorization() {
+    let Some(c) = Corpus::load() else { return };
+    let yaml = format!(
+        "{}{}---\n{}",
+        ra("e2e", "issuer: test-issuer-2@istio.io", &c.e2e_jwks),
+        policy(
+            "need-jwt",
+            "ALLOW",
+            "[{from: [{source: {requestPrincipals: ['test-issuer-2@istio.io/sub-2']}}], when: [{key: 'request.auth.claims[scope]', values: [read]}]}]"
+        ),
+        ""
+    );
+    let e = engine(&yaml);
+    let check = |tok: Option<String>| {
+        let mut ctx = http("GET", "/").0;
+        if let Some(t) = tok {
+            ctx.http = Some(bearer(&t));
+        }
+        e.check(&httpbin(), &ctx, now(), &NoRemoteJwks, &NoExtAuthz)
+    };
+    // scope "write read" is split on spaces, so `read` matches.
+    let d = check(Some(c.e2e("issuer2-scope-write-read.jwt")));
+    assert!(d.is_allowed(), "{}", d.summary());
+    assert_eq!(
+        d.headers,
+        vec![HeaderMutation::Remove {
+            name: "authorization".into()
+        }]
+    );
+    // Valid token without the scope: 403 from authorization.
+    let d = check(Some(c.e2e("issuer2.jwt")));
+    assert_eq!((d.status, d.reason_code), (403, ReasonCode::NoAllowMatched));
+    // No token: no request principal, 403.
+    assert_eq!(check(None).status, 403);
+    // Invalid token: 401 before authorization.
+    let d = check(Some("a.b.c".into()));
+    assert_eq!((d.status, d.reason_code), (401, ReasonCode::JwtInvalid));
+}
+
+// ---- tokens minted here: other algorithms, nbf, jwksUri cache -------------------------
+
+fn signer(alg: KeyAlgorithm) -> JwtSigner {
+    let key = PrivateKey::generate(alg).unwrap();
+    JwtSigner::new(&key, "k1").unwrap()
+}
+
+fn jwks_text(s: &JwtSigner) -> String {
+    s.jwks().unwrap().to_json().to_string()
+}
+
+#[test]
+fn minted_tokens_every_family_and_time_rules() {
+    let t0 = 1_900_000_000u64;
+    for alg in [
+        KeyAlgorithm::EcdsaP256,
+        KeyAlgorithm::EcdsaP384,
+        KeyAlgorithm::Ed25519,
+    ] {
+        let s = signer(alg);
+        let e = engine(&ra("m", "issuer: https://idp.example", &jwks_text(&s)));
+        let tok = |claims: serde_json::Value| bearer(&s.sign(&claims).unwrap());
+        let good = tok(json!({"iss": "https://idp.example", "sub": "u1", "exp": t0 + 100}));
+        assert_eq!(status(&authn(&e, &good, at(t0))), 200, "{alg:?}");
+        // nbf in the future beyond the skew: 401; within: fine.
+        let nbf = tok(json!({"iss": "https://idp.example", "sub": "u1", "nbf": t0 + 120}));
+        assert_eq!(status(&authn(&e, &nbf, at(t0))), 401, "{alg:?}");
+        assert_eq!(status(&authn(&e, &nbf, at(t0 + 61))), 200, "{alg:?}");
+        // Another key with the same kid: 401.
+        let other = signer(alg);
+        let forged = bearer(
+            &other
+                .sign(&json!({"iss": "https://idp.example", "sub": "u1"}))
+                .unwrap(),
+        );
+        assert_eq!(status(&authn(&e, &forged, at(t0))), 401, "{alg:?}");
+    }
+}
+
+struct MapFetcher(std::cell::RefCell<Result<String, String>>);
+
+impl rampart_authz::JwksFetcher for MapFetcher {
+    fn fetch(&self, _uri: &str, _t: Duration) -> Result<String, String> {
+        self.0.borrow().clone()
+    }
+}
+
+#[test]
+fn jwks_uri_cache_fails_closed_then_keeps_last_good() {
+    let s = signer(KeyAlgorithm::EcdsaP256);
+    let yaml = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: r, namespace: foo}\nspec:\n  jwtRules:\n  - {issuer: https://idp.example, jwksUri: 'https://idp.example/jwks.json'}\n";
+    let e = engine(yaml);
+    let req = bearer(
+        &s.sign(&json!({"iss": "https://idp.example", "sub": "u"}))
+            .unwrap(),
+    );
+    let t = at(1_900_000_000);
+    let mut cache = JwksCache::new(Duration::from_secs(600), Duration::from_secs(5));
+    let fetcher = MapFetcher(std::cell::RefCell::new(Err("connection refused".into())));
+    // First fetch fails: tokens refused, requests without a token pass.
+    cache.refresh(&e, &fetcher, t);
+    assert_eq!(
+        status(&e.authenticate_request(&httpbin(), &req, t, &cache)),
+        401
+    );
+    assert_eq!(
+        e.authenticate_request(&httpbin(), &get("/"), t, &cache),
+        AuthnOutcome::NoToken
+    );
+    assert!(cache.last_error("https://idp.example/jwks.json").is_some());
+    // Not retried before the retry interval; then succeeds.
+    *fetcher.0.borrow_mut() = Ok(jwks_text(&s));
+    assert!(cache.due(&e, t + Duration::from_secs(1)).is_empty());
+    cache.refresh(&e, &fetcher, t + Duration::from_secs(5));
+    assert_eq!(
+        status(&e.authenticate_request(&httpbin(), &req, t, &cache)),
+        200
+    );
+    // A failed refresh, or a body that is not a JWKS, keeps the last good set.
+    *fetcher.0.borrow_mut() = Ok("<html>oops</html>".into());
+    cache.refresh(&e, &fetcher, t + Duration::from_secs(700));
+    assert_eq!(
+        status(&e.authenticate_request(&httpbin(), &req, t, &cache)),
+        200
+    );
+    *fetcher.0.borrow_mut() = Ok(r#"{"keys": []}"#.into());
+    cache.refresh(&e, &fetcher, t + Duration::from_secs(1400));
+    assert_eq!(
+        status(&e.authenticate_request(&httpbin(), &req, t, &cache)),
+        200
+    );
+    // Local files for offline checks.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.json"), jwks_text(&s)).unwrap();
+    let files = FileJwksFetcher {
+        base_dir: Some(dir.path().to_path_buf()),
+        overrides: [(
+            "https://idp.example/jwks.json".to_string(),
+            "keys.json".into(),
+        )]
+        .into(),
+    };
+    let mut cache = JwksCache::default();
+    cache.refresh(&e, &files, t);
+    assert_eq!(
+        status(&e.authenticate_request(&httpbin(), &req, t, &cache)),
+        200
+    );
+    let _ = MeshConfig::default();
+}

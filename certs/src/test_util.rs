@@ -1,0 +1,244 @@
+//! A throwaway PKI for tests in any crate (feature `test-util`): a root, an intermediate
+//! signed by it, and workload leaves from the intermediate, all made with this crate's own
+//! CA code. Helpers panic on failure, as test helpers should.
+//!
+//! ```
+//! # #[cfg(feature = "test-util")] {
+//! use rampart_certs::test_util::TestPki;
+//! let pki = TestPki::new("cluster.local");
+//! let leaf = pki.workload("default", "sleep");
+//! let id = rampart_certs::verify_workload_chain(
+//!     &leaf.chain,
+//!     &pki.bundle(),
+//!     &pki.policy(),
+//!     std::time::SystemTime::now(),
+//!     rampart_certs::Usage::ClientAuth,
+//! )
+//! .unwrap();
+//! assert_eq!(id, leaf.id);
+//! # }
+//! ```
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use rustls_pki_types::CertificateDer;
+
+use crate::{
+    CertificateAuthority, DEFAULT_WORKLOAD_CERT_TTL, IntermediateParams, KeyAlgorithm, PrivateKey,
+    RootParams, SpiffeId, TrustBundle, TrustDomain, TrustDomainPolicy, certs_to_pem,
+    write_file_atomic,
+};
+
+/// A root CA and an intermediate CA under it, for one trust domain.
+pub struct TestPki {
+    /// The trust domain leaves are issued in by [`TestPki::workload`].
+    pub trust_domain: TrustDomain,
+    /// The self-signed root.
+    pub root: CertificateAuthority,
+    /// The intermediate that signs leaves.
+    pub intermediate: CertificateAuthority,
+    intermediate_key: PrivateKey,
+    root_key: PrivateKey,
+}
+
+/// A leaf certificate with its key.
+pub struct TestLeaf {
+    /// The SPIFFE ID in the leaf.
+    pub id: SpiffeId,
+    /// Leaf, intermediate, root.
+    pub chain: Vec<CertificateDer<'static>>,
+    /// The leaf's private key.
+    pub key: PrivateKey,
+}
+
+impl TestLeaf {
+    /// The chain as PEM (leaf first, root last).
+    pub fn chain_pem(&self) -> String {
+        certs_to_pem(&self.chain)
+    }
+
+    /// The chain without the root, as a TLS peer sends it.
+    pub fn presented_chain(&self) -> Vec<CertificateDer<'static>> {
+        let mut c = self.chain.clone();
+        c.pop();
+        c
+    }
+}
+
+impl TestPki {
+    /// A fresh root and intermediate (ECDSA P-256), valid from a little before now.
+    pub fn new(trust_domain: &str) -> Self {
+        Self::new_at(trust_domain, SystemTime::now())
+    }
+
+    /// A fresh root and intermediate whose lifetimes start at `now`.
+    pub fn new_at(trust_domain: &str, now: SystemTime) -> Self {
+        let trust_domain = TrustDomain::new(trust_domain).expect("valid trust domain");
+        let root_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("root key");
+        let root = CertificateAuthority::self_signed_root(
+            &RootParams {
+                common_name: format!("Test Root {trust_domain}"),
+                ..RootParams::default()
+            },
+            root_key.clone_key(),
+            now,
+        )
+        .expect("root CA");
+        let intermediate_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("key");
+        let cert = root
+            .issue_intermediate(
+                &IntermediateParams {
+                    common_name: format!("Test Intermediate {trust_domain}"),
+                    ..IntermediateParams::default()
+                },
+                &intermediate_key.public_key_spki_der(),
+                now,
+            )
+            .expect("intermediate certificate");
+        let intermediate =
+            CertificateAuthority::new(cert, intermediate_key.clone_key(), root.chain_to_root())
+                .expect("intermediate CA");
+        Self {
+            trust_domain,
+            root,
+            intermediate,
+            intermediate_key,
+            root_key,
+        }
+    }
+
+    /// A bundle holding just this root.
+    pub fn bundle(&self) -> TrustBundle {
+        TrustBundle::from_der(vec![self.root.cert().clone()]).expect("bundle")
+    }
+
+    /// A policy accepting only this trust domain.
+    pub fn policy(&self) -> TrustDomainPolicy {
+        TrustDomainPolicy::local(self.trust_domain.clone())
+    }
+
+    /// The root certificate as PEM.
+    pub fn root_pem(&self) -> String {
+        certs_to_pem(std::slice::from_ref(self.root.cert()))
+    }
+
+    /// A workload leaf `spiffe://<td>/ns/<ns>/sa/<sa>`, valid for 24h from now.
+    pub fn workload(&self, namespace: &str, service_account: &str) -> TestLeaf {
+        let id = SpiffeId::istio(&self.trust_domain, namespace, service_account)
+            .expect("valid namespace and service account");
+        self.leaf(&id, DEFAULT_WORKLOAD_CERT_TTL, SystemTime::now())
+    }
+
+    /// A workload leaf for any SPIFFE ID (any trust domain), issued at `now` for `ttl`.
+    pub fn leaf(&self, id: &SpiffeId, ttl: Duration, now: SystemTime) -> TestLeaf {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).expect("leaf key");
+        let cert = self
+            .intermediate
+            .issue_workload(&key.public_key_spki_der(), id, ttl, now)
+            .expect("leaf certificate");
+        let mut chain = vec![cert];
+        chain.extend(self.intermediate.chain_to_root());
+        TestLeaf {
+            id: id.clone(),
+            chain,
+            key,
+        }
+    }
+
+    /// Writes Istio's plug-in CA layout for the intermediate into `dir`: `ca-cert.pem`,
+    /// `ca-key.pem` (0600), `cert-chain.pem` (intermediate, root), `root-cert.pem`.
+    pub fn write_cacerts(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        let pem = |c: &[CertificateDer<'static>]| certs_to_pem(c).into_bytes();
+        write_file_atomic(
+            &dir.join("ca-cert.pem"),
+            &pem(std::slice::from_ref(self.intermediate.cert())),
+            0o644,
+        )?;
+        write_file_atomic(
+            &dir.join("ca-key.pem"),
+            self.intermediate_key.to_pkcs8_pem().as_bytes(),
+            0o600,
+        )?;
+        write_file_atomic(
+            &dir.join("cert-chain.pem"),
+            &pem(&self.intermediate.chain_to_root()),
+            0o644,
+        )?;
+        write_file_atomic(
+            &dir.join("root-cert.pem"),
+            &pem(std::slice::from_ref(self.root.cert())),
+            0o644,
+        )
+    }
+
+    /// Writes the root's `root-cert.pem` and `root-key.pem` (0600) into `dir`.
+    pub fn write_root(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        write_file_atomic(
+            &dir.join("root-cert.pem"),
+            self.root_pem().as_bytes(),
+            0o644,
+        )?;
+        write_file_atomic(
+            &dir.join("root-key.pem"),
+            self.root_key.to_pkcs8_pem().as_bytes(),
+            0o600,
+        )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{ChainError, Usage, parse_certs_pem, verify_workload_chain};
+
+    #[test]
+    fn leaves_verify_against_their_own_pki_only() {
+        let pki = TestPki::new("cluster.local");
+        let other = TestPki::new("cluster.local");
+        let leaf = pki.workload("default", "sleep");
+        let now = SystemTime::now();
+        let id = verify_workload_chain(
+            &leaf.presented_chain(),
+            &pki.bundle(),
+            &pki.policy(),
+            now,
+            Usage::ServerAuth,
+        )
+        .unwrap();
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/default/sa/sleep");
+        let err = verify_workload_chain(
+            &leaf.presented_chain(),
+            &other.bundle(),
+            &other.policy(),
+            now,
+            Usage::ServerAuth,
+        )
+        .unwrap_err();
+        assert!(matches!(
+            err,
+            ChainError::UnknownIssuer | ChainError::BadSignature
+        ));
+    }
+
+    #[test]
+    fn cacerts_layout_loads_back() {
+        let pki = TestPki::new("cluster.local");
+        let dir = tempfile::tempdir().unwrap();
+        pki.write_cacerts(dir.path()).unwrap();
+        let read = |n: &str| std::fs::read_to_string(dir.path().join(n)).unwrap();
+        let cert = parse_certs_pem(&read("ca-cert.pem")).unwrap().remove(0);
+        let key = PrivateKey::from_pkcs8_pem(&read("ca-key.pem")).unwrap();
+        let chain = parse_certs_pem(&read("cert-chain.pem")).unwrap();
+        assert_eq!(chain[0], cert);
+        CertificateAuthority::new(cert, key, chain[1..].to_vec()).unwrap();
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(dir.path().join("ca-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}

@@ -1,0 +1,286 @@
+//! Caller authentication, in DESIGN §2 order: bearer JWT, then client certificate, then
+//! (for allow-listed node agents only) `ImpersonatedIdentity`.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use rampart_certs::jwt::{Jwks, JwtError, UnverifiedJwt};
+use rampart_certs::{SpiffeId, TrustDomain};
+
+use crate::config::JwtIssuerConfig;
+use crate::error::CitadelError;
+use crate::refusal::Refusal;
+
+/// Clock skew allowed on token `exp`/`nbf` (Envoy's default).
+pub const TOKEN_LEEWAY: Duration = Duration::from_secs(60);
+/// How long a verified token is remembered (it is still re-checked against `exp`).
+const TOKEN_CACHE_TTL: Duration = Duration::from_secs(300);
+const TOKEN_CACHE_MAX: usize = 16 * 1024;
+
+/// How a caller proved its identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum AuthMethod {
+    /// A bearer JWT from a configured issuer.
+    Jwt,
+    /// A client certificate chaining to the trust bundle.
+    Mtls,
+    /// A node agent asking for a workload's identity.
+    Impersonation,
+}
+
+impl AuthMethod {
+    /// The name used in the audit log.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            AuthMethod::Jwt => "jwt",
+            AuthMethod::Mtls => "mtls",
+            AuthMethod::Impersonation => "impersonation",
+        }
+    }
+}
+
+/// Who the certificate will be for, and who asked.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Caller {
+    /// The identity to certify.
+    pub id: SpiffeId,
+    /// How it was proved.
+    pub method: AuthMethod,
+    /// For impersonation: the node agent that asked.
+    pub on_behalf_of: Option<SpiffeId>,
+}
+
+impl Caller {
+    /// The audit log's `caller` field: the proving identity.
+    pub fn audit_name(&self) -> String {
+        match &self.on_behalf_of {
+            Some(agent) => format!("{agent} (for {})", self.id),
+            None => self.id.to_string(),
+        }
+    }
+}
+
+struct CachedToken {
+    id: SpiffeId,
+    exp: Option<SystemTime>,
+    nbf: Option<SystemTime>,
+    cached_at: SystemTime,
+}
+
+/// Verifies bearer tokens against per-issuer JWKS files; remembers verified tokens so a
+/// caller that reuses its token costs a hash and a lookup, not a signature check.
+pub struct TokenAuthenticator {
+    issuers: HashMap<String, Jwks>,
+    audience: String,
+    trust_domain: TrustDomain,
+    cache: Mutex<HashMap<[u8; 32], CachedToken>>,
+}
+
+impl std::fmt::Debug for TokenAuthenticator {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TokenAuthenticator")
+            .field("issuers", &self.issuers.keys().collect::<Vec<_>>())
+            .field("audience", &self.audience)
+            .finish()
+    }
+}
+
+// === impl TokenAuthenticator ===
+
+impl TokenAuthenticator {
+    /// Reads every issuer's JWKS file.
+    pub fn from_config(
+        issuers: &[JwtIssuerConfig],
+        audience: &str,
+        trust_domain: &TrustDomain,
+    ) -> Result<Self, CitadelError> {
+        let mut map = HashMap::new();
+        for iss in issuers {
+            map.insert(iss.issuer.clone(), read_jwks(&iss.issuer, &iss.jwks_path)?);
+        }
+        Ok(Self::new(map, audience, trust_domain))
+    }
+
+    /// From already-parsed key sets, keyed by issuer.
+    pub fn new(issuers: HashMap<String, Jwks>, audience: &str, trust_domain: &TrustDomain) -> Self {
+        TokenAuthenticator {
+            issuers,
+            audience: audience.to_owned(),
+            trust_domain: trust_domain.clone(),
+            cache: Mutex::new(HashMap::new()),
+        }
+    }
+
+    /// Verifies `token` and returns the workload identity it proves.
+    pub fn authenticate(&self, token: &str, now: SystemTime) -> Result<SpiffeId, Refusal> {
+        let key = token_key(token);
+        {
+            let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(hit) = cache.get(&key)
+                && now < hit.cached_at + TOKEN_CACHE_TTL
+            {
+                if hit.exp.is_some_and(|exp| now > exp + TOKEN_LEEWAY) {
+                    return Err(Refusal::TokenExpired);
+                }
+                if hit.nbf.is_some_and(|nbf| now + TOKEN_LEEWAY < nbf) {
+                    return Err(Refusal::TokenNotYetValid);
+                }
+                return Ok(hit.id.clone());
+            }
+        }
+        let (id, exp, nbf) = self.verify(token, now)?;
+        let mut cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
+        if cache.len() >= TOKEN_CACHE_MAX {
+            cache.clear();
+        }
+        cache.insert(
+            key,
+            CachedToken {
+                id: id.clone(),
+                exp,
+                nbf,
+                cached_at: now,
+            },
+        );
+        Ok(id)
+    }
+
+    fn verify(
+        &self,
+        token: &str,
+        now: SystemTime,
+    ) -> Result<(SpiffeId, Option<SystemTime>, Option<SystemTime>), Refusal> {
+        let parsed = UnverifiedJwt::parse(token).map_err(jwt_refusal)?;
+        let iss = parsed.unverified_issuer().unwrap_or("").to_owned();
+        let jwks = self
+            .issuers
+            .get(&iss)
+            .ok_or_else(|| Refusal::UnknownIssuer(escape(&iss)))?;
+        let verified = parsed
+            .verify(jwks, now, TOKEN_LEEWAY)
+            .map_err(jwt_refusal)?;
+        if verified.expires_at().is_none() {
+            return Err(Refusal::InvalidToken("token has no exp claim".into()));
+        }
+        if !verified.audiences().contains(&self.audience) {
+            return Err(Refusal::WrongAudience(self.audience.clone()));
+        }
+        let sa = verified
+            .service_account()
+            .map_err(|e| Refusal::NoIdentityInToken(e.to_string()))?;
+        let id = SpiffeId::istio(&self.trust_domain, &sa.namespace, &sa.name)
+            .map_err(|e| Refusal::NoIdentityInToken(e.to_string()))?;
+        Ok((id, verified.expires_at(), verified.not_before()))
+    }
+}
+
+fn read_jwks(issuer: &str, path: &Path) -> Result<Jwks, CitadelError> {
+    let err = |reason: String| CitadelError::Jwks {
+        issuer: issuer.to_owned(),
+        path: path.to_path_buf(),
+        reason,
+    };
+    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
+    if text.trim().is_empty() {
+        return Err(err("file is empty".into()));
+    }
+    Jwks::parse(&text).map_err(|e| err(e.to_string()))
+}
+
+fn token_key(token: &str) -> [u8; 32] {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
+    out
+}
+
+fn jwt_refusal(e: JwtError) -> Refusal {
+    match e {
+        JwtError::Expired { .. } => Refusal::TokenExpired,
+        JwtError::NotYetValid { .. } => Refusal::TokenNotYetValid,
+        other => Refusal::InvalidToken(other.to_string()),
+    }
+}
+
+fn escape(s: &str) -> String {
+    s.chars().take(128).flat_map(char::escape_default).collect()
+}
+
+/// Extracts the token from an `authorization` header value.
+pub fn bearer_token(header: &str) -> Result<&str, Refusal> {
+    let (scheme, token) = header
+        .split_once(' ')
+        .ok_or_else(|| Refusal::MalformedAuthorization("expected `Bearer <token>`".into()))?;
+    if !scheme.eq_ignore_ascii_case("bearer") {
+        return Err(Refusal::MalformedAuthorization(format!(
+            "scheme {:?} is not Bearer",
+            escape(scheme)
+        )));
+    }
+    let token = token.trim();
+    if token.is_empty() {
+        return Err(Refusal::MalformedAuthorization("empty token".into()));
+    }
+    Ok(token)
+}
+
+/// What the transport says about the caller.
+#[derive(Debug, Clone, Default)]
+pub struct CallerEvidence<'a> {
+    /// The `authorization` header, if any.
+    pub authorization: Option<&'a str>,
+    /// The client certificate identity, if the TLS handshake verified a client certificate:
+    /// `Ok(id)` or why it is unusable.
+    pub client_cert: Option<Result<SpiffeId, String>>,
+    /// The `ImpersonatedIdentity` metadata value, if any.
+    pub impersonate: Option<&'a str>,
+}
+
+/// Decides who the caller is: bearer token first, then the client certificate; then applies
+/// impersonation for allow-listed node agents.
+pub fn authenticate(
+    tokens: &TokenAuthenticator,
+    node_agents: &HashSet<SpiffeId>,
+    trust_domain: &TrustDomain,
+    ev: &CallerEvidence<'_>,
+    now: SystemTime,
+) -> Result<Caller, Refusal> {
+    let token_result = ev
+        .authorization
+        .map(|h| bearer_token(h).and_then(|t| tokens.authenticate(t, now)));
+    let proved = match (token_result, &ev.client_cert) {
+        (Some(Ok(id)), _) => Caller {
+            id,
+            method: AuthMethod::Jwt,
+            on_behalf_of: None,
+        },
+        (_, Some(Ok(id))) => Caller {
+            id: id.clone(),
+            method: AuthMethod::Mtls,
+            on_behalf_of: None,
+        },
+        (Some(Err(token_refusal)), _) => return Err(token_refusal),
+        (None, Some(Err(why))) => return Err(Refusal::BadClientCertificate(why.clone())),
+        (None, None) => return Err(Refusal::NoCredentials),
+    };
+    let Some(target) = ev.impersonate.filter(|s| !s.is_empty()) else {
+        return Ok(proved);
+    };
+    if !node_agents.contains(&proved.id) {
+        return Err(Refusal::ImpersonationDenied {
+            caller: proved.id.to_string(),
+        });
+    }
+    let target = SpiffeId::parse(target).map_err(|e| Refusal::BadImpersonation(e.to_string()))?;
+    if target.trust_domain() != trust_domain {
+        return Err(Refusal::BadImpersonation(format!(
+            "{target} is not in trust domain {trust_domain}"
+        )));
+    }
+    Ok(Caller {
+        id: target,
+        method: AuthMethod::Impersonation,
+        on_behalf_of: Some(proved.id),
+    })
+}

@@ -1,0 +1,496 @@
+//! Root material and the active authority.
+//!
+//! Plug-in mode reads Istio's `cacerts` layout: `ca-cert.pem` (the signing CA certificate),
+//! `ca-key.pem` (its key), `cert-chain.pem` (optional: the chain from `ca-cert` up to the
+//! root; a copy of `ca-cert` in it is ignored) and `root-cert.pem` (one or more roots; several
+//! during rotation). Self-signed mode, when the directory holds no `ca-cert.pem`, generates a
+//! root on first start and keeps it in the state directory (`root-cert.pem`, `root-key.pem`
+//! 0600), reused on restart.
+//!
+//! Loading is all-or-nothing: the material must parse, the key must match, the chain must
+//! link up, and a probe certificate issued with it must verify against the served roots
+//! before an [`Authority`] exists. The server holds the current one in an `ArcSwap`, so a
+//! reload swaps it atomically and in-flight requests finish with the one they started with.
+
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rampart_certs::{
+    CertInfo, CertificateAuthority, KeyAlgorithm, PrivateKey, RootParams, SpiffeId, TrustBundle,
+    TrustDomain, TrustDomainPolicy, Usage,
+};
+use rustls_pki_types::CertificateDer;
+
+use crate::error::CitadelError;
+use crate::signer::{SigningCertFacts, X509Signer};
+
+/// The files of Istio's plug-in layout.
+pub const CA_CERT: &str = "ca-cert.pem";
+/// The signing key.
+pub const CA_KEY: &str = "ca-key.pem";
+/// The chain from the signing certificate to the root.
+pub const CERT_CHAIN: &str = "cert-chain.pem";
+/// The root(s).
+pub const ROOT_CERT: &str = "root-cert.pem";
+/// Self-signed mode: the root certificate in the state directory.
+pub const SELF_SIGNED_CERT: &str = "root-cert.pem";
+/// Self-signed mode: the root key in the state directory (0600).
+pub const SELF_SIGNED_KEY: &str = "root-key.pem";
+
+/// Lifetime of a generated self-signed root (Istio: 10 years).
+pub const SELF_SIGNED_ROOT_TTL: Duration = Duration::from_secs(10 * 365 * 24 * 3600);
+
+/// Where the active material came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MaterialSource {
+    /// Istio `cacerts` plug-in directory.
+    Plugin(PathBuf),
+    /// Self-signed root kept in the state directory.
+    SelfSigned(PathBuf),
+}
+
+impl std::fmt::Display for MaterialSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            MaterialSource::Plugin(d) => write!(f, "plug-in cacerts {}", d.display()),
+            MaterialSource::SelfSigned(d) => write!(f, "self-signed root in {}", d.display()),
+        }
+    }
+}
+
+/// A served root: its certificate and facts.
+#[derive(Debug, Clone)]
+pub struct RootInfo {
+    /// SHA-256 fingerprint of the DER, hex.
+    pub fingerprint: String,
+    /// Subject, for display.
+    pub subject: String,
+    /// Not-after.
+    pub not_after: SystemTime,
+}
+
+/// One immutable set of signing material: the signer, the chain sent after every leaf, and
+/// the trust bundle (every still-valid root of `root-cert.pem`).
+pub struct Authority {
+    signer: Arc<dyn X509Signer>,
+    facts: SigningCertFacts,
+    /// The chain after the leaf: intermediates (the signing certificate first, unless it is a
+    /// root), each a PEM string, then one PEM string holding every served root.
+    chain_after_leaf: Vec<String>,
+    /// DER intermediates between a leaf and the roots (for TLS serving chains).
+    intermediates: Vec<CertificateDer<'static>>,
+    bundle: TrustBundle,
+    roots: Vec<RootInfo>,
+    signing_root: RootInfo,
+    chain_not_after: SystemTime,
+    source: MaterialSource,
+    fingerprint_of_inputs: [u8; 32],
+}
+
+impl std::fmt::Debug for Authority {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Authority")
+            .field("source", &self.source)
+            .field("roots", &self.roots)
+            .field("signing_root", &self.signing_root.fingerprint)
+            .field("key", &"[secret key elided]")
+            .finish()
+    }
+}
+
+// === impl Authority ===
+
+impl Authority {
+    /// Builds an authority from a loaded signer and the roots to serve, after a probe
+    /// issuance verifies against those roots.
+    pub fn new(
+        signer: Arc<dyn X509Signer>,
+        served_roots: Vec<CertificateDer<'static>>,
+        trust_domain: &TrustDomain,
+        source: MaterialSource,
+        fingerprint_of_inputs: [u8; 32],
+        now: SystemTime,
+    ) -> Result<Self, CitadelError> {
+        let dir = match &source {
+            MaterialSource::Plugin(d) | MaterialSource::SelfSigned(d) => d.clone(),
+        };
+        let selftest = |reason: String| CitadelError::MaterialSelfTest {
+            dir: dir.clone(),
+            reason,
+        };
+        let chain = signer.chain_to_root();
+        let signing_root_der = chain
+            .last()
+            .cloned()
+            .ok_or_else(|| selftest("empty chain".into()))?;
+        let signing_root_info = CertInfo::parse(&signing_root_der)?;
+
+        // Serve every root that is still valid; the signing root must be among them.
+        let mut roots_der = Vec::new();
+        let mut roots = Vec::new();
+        for root in served_roots {
+            let info = CertInfo::parse(&root)?;
+            if info.not_after <= now {
+                tracing::warn!(root = %info.sha256_fingerprint, subject = %info.subject, "root in root-cert.pem has expired; not served");
+                continue;
+            }
+            if roots_der.iter().any(|r: &CertificateDer<'_>| r == &root) {
+                continue;
+            }
+            roots.push(RootInfo {
+                fingerprint: info.sha256_fingerprint.clone(),
+                subject: info.subject.clone(),
+                not_after: info.not_after,
+            });
+            roots_der.push(root);
+        }
+        if !roots_der.contains(&signing_root_der) {
+            return Err(selftest(format!(
+                "the signing chain ends at root {} ({}), which is not among the served roots",
+                signing_root_info.sha256_fingerprint, signing_root_info.subject
+            )));
+        }
+        let bundle = TrustBundle::from_der(roots_der.clone())?;
+
+        // Everything between a leaf and the roots.
+        let intermediates: Vec<CertificateDer<'static>> = chain
+            .iter()
+            .filter(|c| !roots_der.contains(c))
+            .cloned()
+            .collect();
+        let mut chain_not_after = signing_root_info.not_after;
+        for c in &chain {
+            chain_not_after = chain_not_after.min(CertInfo::parse(c)?.not_after);
+        }
+        let mut chain_after_leaf: Vec<String> = intermediates
+            .iter()
+            .map(|c| rampart_certs::certs_to_pem(std::slice::from_ref(c)))
+            .collect();
+        // The signing root first, then the other roots.
+        let mut ordered = vec![signing_root_der.clone()];
+        ordered.extend(
+            roots_der
+                .iter()
+                .filter(|r| **r != signing_root_der)
+                .cloned(),
+        );
+        chain_after_leaf.push(rampart_certs::certs_to_pem(&ordered));
+
+        let facts = SigningCertFacts::of(signer.ca_cert()).map_err(selftest)?;
+
+        // Probe: issue a workload certificate and verify it like a client would.
+        let probe_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
+        let probe_id = SpiffeId::istio(trust_domain, "citadel-probe", "probe")?;
+        let probe = signer
+            .sign_workload(&crate::signer::WorkloadTemplate {
+                spki_der: &probe_key.public_key_spki_der(),
+                id: &probe_id,
+                ttl: Duration::from_secs(60),
+                now,
+            })
+            .map_err(|e| selftest(format!("probe issuance failed: {e}")))?;
+        let mut presented = vec![probe];
+        presented.extend(intermediates.iter().cloned());
+        rampart_certs::verify_workload_chain(
+            &presented,
+            &bundle,
+            &TrustDomainPolicy::local(trust_domain.clone()),
+            now,
+            Usage::ClientAuth,
+        )
+        .map_err(|e| {
+            selftest(format!(
+                "probe certificate does not verify against the served roots: {e}"
+            ))
+        })?;
+
+        Ok(Authority {
+            signer,
+            facts,
+            chain_after_leaf,
+            intermediates,
+            bundle,
+            roots,
+            signing_root: RootInfo {
+                fingerprint: signing_root_info.sha256_fingerprint,
+                subject: signing_root_info.subject,
+                not_after: signing_root_info.not_after,
+            },
+            chain_not_after,
+            source,
+            fingerprint_of_inputs,
+        })
+    }
+
+    /// The signer.
+    pub fn signer(&self) -> &dyn X509Signer {
+        self.signer.as_ref()
+    }
+
+    /// Facts about the signing certificate, for validating what it signs.
+    pub fn signing_facts(&self) -> &SigningCertFacts {
+        &self.facts
+    }
+
+    /// PEM strings sent after the leaf: intermediates, then one string with the roots.
+    pub fn chain_after_leaf(&self) -> &[String] {
+        &self.chain_after_leaf
+    }
+
+    /// DER certificates between a leaf and the roots.
+    pub fn intermediates(&self) -> &[CertificateDer<'static>] {
+        &self.intermediates
+    }
+
+    /// The trust bundle: every still-valid root.
+    pub fn bundle(&self) -> &TrustBundle {
+        &self.bundle
+    }
+
+    /// The served roots.
+    pub fn roots(&self) -> &[RootInfo] {
+        &self.roots
+    }
+
+    /// The root the signing chain ends at.
+    pub fn signing_root(&self) -> &RootInfo {
+        &self.signing_root
+    }
+
+    /// The earliest not-after in the signing chain.
+    pub fn chain_not_after(&self) -> SystemTime {
+        self.chain_not_after
+    }
+
+    /// Where the material came from.
+    pub fn source(&self) -> &MaterialSource {
+        &self.source
+    }
+
+    /// SHA-256 over the input files, to detect changes.
+    pub fn input_fingerprint(&self) -> [u8; 32] {
+        self.fingerprint_of_inputs
+    }
+
+    /// Issues the CA's own TLS serving certificate with a fresh key.
+    pub fn issue_serving_cert(
+        &self,
+        dns: &[String],
+        ips: &[IpAddr],
+        ttl: Duration,
+        now: SystemTime,
+    ) -> Result<(Vec<CertificateDer<'static>>, PrivateKey), CitadelError> {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
+        let leaf = self
+            .signer
+            .sign_server(&key.public_key_spki_der(), dns, ips, ttl, now)?;
+        let mut chain = vec![leaf];
+        chain.extend(self.intermediates.iter().cloned());
+        Ok((chain, key))
+    }
+}
+
+/// The raw bytes of a material directory's files, read once so that loading and change
+/// detection see the same content.
+#[derive(Default)]
+pub struct PluginFiles {
+    ca_cert: Option<String>,
+    ca_key: Option<zeroize::Zeroizing<String>>,
+    cert_chain: Option<String>,
+    root_cert: Option<String>,
+}
+
+impl PluginFiles {
+    /// Reads the four files; missing ones are `None`.
+    pub fn read(dir: &Path) -> Result<Self, CitadelError> {
+        let read = |name: &str| -> Result<Option<String>, CitadelError> {
+            let path = dir.join(name);
+            match std::fs::read_to_string(&path) {
+                Ok(s) => Ok(Some(s)),
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+                Err(e) => Err(CitadelError::io(path, e)),
+            }
+        };
+        Ok(PluginFiles {
+            ca_cert: read(CA_CERT)?,
+            ca_key: read(CA_KEY)?.map(zeroize::Zeroizing::new),
+            cert_chain: read(CERT_CHAIN)?,
+            root_cert: read(ROOT_CERT)?,
+        })
+    }
+
+    /// Whether this looks like plug-in material (a `ca-cert.pem` is present).
+    pub fn is_plugin(&self) -> bool {
+        self.ca_cert.is_some()
+    }
+
+    /// SHA-256 over all files (with presence markers).
+    pub fn fingerprint(&self) -> [u8; 32] {
+        let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+        for part in [
+            self.ca_cert.as_deref(),
+            self.ca_key.as_deref().map(|s| s.as_str()),
+            self.cert_chain.as_deref(),
+            self.root_cert.as_deref(),
+        ] {
+            match part {
+                Some(s) => {
+                    ctx.update(&[1]);
+                    ctx.update(&(s.len() as u64).to_be_bytes());
+                    ctx.update(s.as_bytes());
+                }
+                None => ctx.update(&[0]),
+            }
+        }
+        let mut out = [0u8; 32];
+        out.copy_from_slice(ctx.finish().as_ref());
+        out
+    }
+}
+
+/// Loads plug-in material from `dir` (already read into `files`).
+pub fn load_plugin(
+    dir: &Path,
+    files: &PluginFiles,
+    trust_domain: &TrustDomain,
+    now: SystemTime,
+) -> Result<Authority, CitadelError> {
+    let need = |v: &Option<String>, file: &'static str| {
+        v.clone().ok_or_else(|| CitadelError::CacertsIncomplete {
+            dir: dir.to_path_buf(),
+            file,
+        })
+    };
+    let ca_pem = need(&files.ca_cert, CA_CERT)?;
+    let key_pem = files
+        .ca_key
+        .as_ref()
+        .ok_or_else(|| CitadelError::CacertsIncomplete {
+            dir: dir.to_path_buf(),
+            file: CA_KEY,
+        })?;
+    let roots_pem = need(&files.root_cert, ROOT_CERT)?;
+
+    let ca_cert = rampart_certs::parse_certs_pem(&ca_pem)
+        .map_err(|e| CitadelError::invalid(dir.join(CA_CERT), e))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| CitadelError::invalid(dir.join(CA_CERT), "no certificate"))?;
+    let key = PrivateKey::from_pkcs8_pem(key_pem)
+        .map_err(|e| CitadelError::invalid(dir.join(CA_KEY), e))?;
+    let roots = rampart_certs::parse_certs_pem(&roots_pem)
+        .map_err(|e| CitadelError::invalid(dir.join(ROOT_CERT), e))?;
+    let chain: Vec<CertificateDer<'static>> = match &files.cert_chain {
+        Some(pem) if !pem.trim().is_empty() => rampart_certs::parse_certs_pem(pem)
+            .map_err(|e| CitadelError::invalid(dir.join(CERT_CHAIN), e))?
+            .into_iter()
+            .filter(|c| *c != ca_cert)
+            .collect(),
+        _ => {
+            // No chain file: the signing certificate is a root itself, or was issued
+            // directly by one of the roots.
+            if roots.contains(&ca_cert) {
+                Vec::new()
+            } else {
+                let info = CertInfo::parse(&ca_cert)
+                    .map_err(|e| CitadelError::invalid(dir.join(CA_CERT), e))?;
+                let issuer = roots
+                    .iter()
+                    .find(|r| CertInfo::parse(r).is_ok_and(|ri| ri.subject == info.issuer))
+                    .cloned()
+                    .ok_or_else(|| {
+                        CitadelError::invalid(
+                            dir.join(CERT_CHAIN),
+                            "missing, and no root in root-cert.pem issued ca-cert.pem",
+                        )
+                    })?;
+                vec![issuer]
+            }
+        }
+    };
+    let ca = CertificateAuthority::new(ca_cert, key, chain)
+        .map_err(|e| CitadelError::invalid(dir.join(CA_CERT), e))?;
+    Authority::new(
+        Arc::new(ca),
+        roots,
+        trust_domain,
+        MaterialSource::Plugin(dir.to_path_buf()),
+        files.fingerprint(),
+        now,
+    )
+}
+
+/// Loads the self-signed root from `state_dir`, generating and persisting it on first start.
+pub fn load_or_create_self_signed(
+    state_dir: &Path,
+    trust_domain: &TrustDomain,
+    now: SystemTime,
+) -> Result<Authority, CitadelError> {
+    let cert_path = state_dir.join(SELF_SIGNED_CERT);
+    let key_path = state_dir.join(SELF_SIGNED_KEY);
+    let ca = if cert_path.exists() || key_path.exists() {
+        let cert_pem =
+            std::fs::read_to_string(&cert_path).map_err(|e| CitadelError::io(&cert_path, e))?;
+        let key_pem = zeroize::Zeroizing::new(
+            std::fs::read_to_string(&key_path).map_err(|e| CitadelError::io(&key_path, e))?,
+        );
+        let cert = rampart_certs::parse_certs_pem(&cert_pem)
+            .map_err(|e| CitadelError::invalid(&cert_path, e))?
+            .into_iter()
+            .next()
+            .ok_or_else(|| CitadelError::invalid(&cert_path, "no certificate"))?;
+        let key = PrivateKey::from_pkcs8_pem(&key_pem)
+            .map_err(|e| CitadelError::invalid(&key_path, e))?;
+        CertificateAuthority::new(cert, key, Vec::new())
+            .map_err(|e| CitadelError::invalid(&cert_path, e))?
+    } else {
+        std::fs::create_dir_all(state_dir).map_err(|e| CitadelError::io(state_dir, e))?;
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
+        let params = RootParams {
+            common_name: "Rampart self-signed root".into(),
+            organization: trust_domain.to_string(),
+            validity: SELF_SIGNED_ROOT_TTL,
+        };
+        // Key first (0600, atomic), then the certificate: a crash in between leaves a key
+        // without a certificate, which the next start reports instead of silently replacing.
+        key.write_pem_file(&key_path)?;
+        let ca = CertificateAuthority::self_signed_root(&params, key, now)?;
+        rampart_certs::write_file_atomic(
+            &cert_path,
+            rampart_certs::certs_to_pem(std::slice::from_ref(ca.cert())).as_bytes(),
+            0o644,
+        )
+        .map_err(|e| CitadelError::io(&cert_path, e))?;
+        tracing::info!(dir = %state_dir.display(), "generated a self-signed root");
+        ca
+    };
+    let root = ca.cert().clone();
+    let mut fp = [0u8; 32];
+    fp.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, root.as_ref()).as_ref());
+    Authority::new(
+        Arc::new(ca),
+        vec![root],
+        trust_domain,
+        MaterialSource::SelfSigned(state_dir.to_path_buf()),
+        fp,
+        now,
+    )
+}
+
+/// Loads whatever the configuration points at: plug-in material if `cacerts_dir` holds a
+/// `ca-cert.pem`, the self-signed root otherwise.
+pub fn load_initial(
+    cacerts_dir: &Path,
+    state_dir: &Path,
+    trust_domain: &TrustDomain,
+    now: SystemTime,
+) -> Result<Authority, CitadelError> {
+    let files = PluginFiles::read(cacerts_dir)?;
+    if files.is_plugin() {
+        load_plugin(cacerts_dir, &files, trust_domain, now)
+    } else {
+        load_or_create_self_signed(state_dir, trust_domain, now)
+    }
+}

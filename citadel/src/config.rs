@@ -1,0 +1,146 @@
+//! The CA's configuration, validated once at start-up.
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use rampart_certs::{SpiffeId, TrustDomain};
+
+use crate::error::CitadelError;
+
+/// Istio's default workload certificate lifetime (`DEFAULT_WORKLOAD_CERT_TTL`).
+pub const DEFAULT_WORKLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
+/// Istio's default maximum workload certificate lifetime (`MAX_WORKLOAD_CERT_TTL`).
+pub const DEFAULT_MAX_WORKLOAD_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
+/// The audience bearer tokens must carry.
+pub const DEFAULT_AUDIENCE: &str = "istio-ca";
+/// Default DNS SAN of the CA's serving certificate (what Istio agents dial).
+pub const DEFAULT_SERVER_DNS_NAME: &str = "istiod.istio-system.svc";
+
+/// A trusted token issuer and the JWKS file holding its keys.
+#[derive(Debug, Clone)]
+pub struct JwtIssuerConfig {
+    /// The `iss` value tokens must carry.
+    pub issuer: String,
+    /// Path of the JWKS (JSON Web Key Set) file.
+    pub jwks_path: PathBuf,
+}
+
+/// Everything `rampart ca` is configured with.
+#[derive(Debug, Clone)]
+pub struct CaConfig {
+    /// gRPC listen address (default `127.0.0.1:15012`).
+    pub listen: SocketAddr,
+    /// Istio `cacerts` plug-in directory (watched).
+    pub cacerts_dir: PathBuf,
+    /// State directory: self-signed root and key (0600), audit log.
+    pub state_dir: PathBuf,
+    /// Audit log file (default `<state>/audit.jsonl`).
+    pub audit_log: Option<PathBuf>,
+    /// If set, the trust bundle (every served root, PEM) is written here at start and after
+    /// every reload, for clients that need a root file.
+    pub bundle_out: Option<PathBuf>,
+    /// The mesh trust domain.
+    pub trust_domain: TrustDomain,
+    /// Token issuers accepted for bearer authentication.
+    pub jwt_issuers: Vec<JwtIssuerConfig>,
+    /// The audience tokens must carry (default `istio-ca`).
+    pub audience: String,
+    /// Lifetime when the request asks for none.
+    pub default_ttl: Duration,
+    /// Requests above this lifetime are refused.
+    pub max_ttl: Duration,
+    /// Prometheus metrics listen address.
+    pub metrics: Option<SocketAddr>,
+    /// DNS SANs of the serving certificate.
+    pub server_dns_names: Vec<String>,
+    /// IP SANs of the serving certificate (default `127.0.0.1`).
+    pub server_ips: Vec<IpAddr>,
+    /// Identities allowed to ask for other identities via `ImpersonatedIdentity`.
+    pub node_agents: Vec<SpiffeId>,
+    /// Largest accepted CSR, in bytes of PEM.
+    pub max_csr_bytes: usize,
+    /// Deadline for one request.
+    pub request_timeout: Duration,
+    /// Requests processed at once; more wait (within the deadline) for a slot.
+    pub max_concurrency: usize,
+    /// How often the cacerts directory is re-read even without a change notification.
+    pub reload_poll_interval: Duration,
+}
+
+// === impl CaConfig ===
+
+impl CaConfig {
+    /// A configuration with Istio's defaults, for `trust_domain`, with the given directories.
+    pub fn new(cacerts_dir: PathBuf, state_dir: PathBuf, trust_domain: TrustDomain) -> Self {
+        CaConfig {
+            listen: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15012),
+            cacerts_dir,
+            state_dir,
+            audit_log: None,
+            bundle_out: None,
+            trust_domain,
+            jwt_issuers: Vec::new(),
+            audience: DEFAULT_AUDIENCE.to_owned(),
+            default_ttl: DEFAULT_WORKLOAD_TTL,
+            max_ttl: DEFAULT_MAX_WORKLOAD_TTL,
+            metrics: None,
+            server_dns_names: vec![DEFAULT_SERVER_DNS_NAME.to_owned()],
+            server_ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            node_agents: Vec::new(),
+            max_csr_bytes: 16 * 1024,
+            request_timeout: Duration::from_secs(10),
+            max_concurrency: 1024,
+            reload_poll_interval: Duration::from_secs(5),
+        }
+    }
+
+    /// Checks combinations of settings.
+    pub fn validate(&self) -> Result<(), CitadelError> {
+        let bad = |m: String| Err(CitadelError::Config(m));
+        if self.default_ttl.is_zero() {
+            return bad("default TTL must be positive".into());
+        }
+        if self.max_ttl < self.default_ttl {
+            return bad(format!(
+                "max TTL {:?} is below the default TTL {:?}",
+                self.max_ttl, self.default_ttl
+            ));
+        }
+        if self.max_ttl > rampart_certs::MAX_WORKLOAD_CERT_TTL {
+            return bad(format!(
+                "max TTL {:?} is above the longest workload lifetime this CA issues ({:?})",
+                self.max_ttl,
+                rampart_certs::MAX_WORKLOAD_CERT_TTL
+            ));
+        }
+        if self.max_concurrency == 0 {
+            return bad("max concurrency must be at least 1".into());
+        }
+        if self.max_csr_bytes < 128 {
+            return bad("CSR size limit below 128 bytes cannot fit any CSR".into());
+        }
+        if self.request_timeout.is_zero() {
+            return bad("request timeout must be positive".into());
+        }
+        if self.server_dns_names.is_empty() && self.server_ips.is_empty() {
+            return bad("the serving certificate needs at least one DNS name or IP".into());
+        }
+        for agent in &self.node_agents {
+            if agent.trust_domain() != &self.trust_domain {
+                return bad(format!(
+                    "node agent {agent} is not in trust domain {}",
+                    self.trust_domain
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The audit log path.
+    pub fn audit_log_path(&self) -> PathBuf {
+        self.audit_log
+            .clone()
+            .unwrap_or_else(|| self.state_dir.join("audit.jsonl"))
+    }
+}

@@ -1,0 +1,278 @@
+//! Prometheus metrics with Istio's names (`citadel_server_*`), rendered by hand in the text
+//! exposition format so the names are exactly Istio's (no `_total` suffix added).
+
+use std::fmt::Write as _;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::SystemTime;
+
+use crate::refusal::Refusal;
+
+/// Counters of the CA. Cheap to update from the request path (relaxed atomics).
+#[derive(Debug)]
+pub struct Metrics {
+    csr_count: AtomicU64,
+    success: AtomicU64,
+    auth_failures: AtomicU64,
+    csr_parsing_errors: AtomicU64,
+    id_extraction_errors: AtomicU64,
+    refusals: Vec<AtomicU64>,
+    reload_success: AtomicU64,
+    reload_failure: AtomicU64,
+    inflight: AtomicU64,
+    expiry: std::sync::Mutex<Expiry>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Expiry {
+    root_not_after: Option<SystemTime>,
+    chain_not_after: Option<SystemTime>,
+}
+
+// === impl Metrics ===
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Metrics {
+            csr_count: AtomicU64::new(0),
+            success: AtomicU64::new(0),
+            auth_failures: AtomicU64::new(0),
+            csr_parsing_errors: AtomicU64::new(0),
+            id_extraction_errors: AtomicU64::new(0),
+            refusals: Refusal::LABELS.iter().map(|_| AtomicU64::new(0)).collect(),
+            reload_success: AtomicU64::new(0),
+            reload_failure: AtomicU64::new(0),
+            inflight: AtomicU64::new(0),
+            expiry: std::sync::Mutex::new(Expiry::default()),
+        }
+    }
+}
+
+impl Metrics {
+    /// A fresh set of metrics.
+    pub fn new() -> Arc<Self> {
+        Arc::new(Self::default())
+    }
+
+    pub(crate) fn csr_received(&self) {
+        self.csr_count.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn issued(&self) {
+        self.success.fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn refused(&self, r: &Refusal) {
+        if r.is_authentication_failure() {
+            self.auth_failures.fetch_add(1, Ordering::Relaxed);
+        }
+        match r {
+            Refusal::BadCsrPem(_)
+            | Refusal::BadCsrSignature
+            | Refusal::UnsupportedCsrAlgorithm(_)
+            | Refusal::CsrTooLarge { .. } => {
+                self.csr_parsing_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            Refusal::BadCsrSan(_) | Refusal::SanMismatch { .. } => {
+                self.id_extraction_errors.fetch_add(1, Ordering::Relaxed);
+            }
+            _ => {}
+        }
+        let label = r.label();
+        if let Some(i) = Refusal::LABELS.iter().position(|l| *l == label) {
+            self.refusals[i].fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn reload(&self, ok: bool) {
+        if ok {
+            self.reload_success.fetch_add(1, Ordering::Relaxed);
+        } else {
+            self.reload_failure.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn inflight_add(&self, delta: i64) {
+        if delta >= 0 {
+            self.inflight.fetch_add(delta as u64, Ordering::Relaxed);
+        } else {
+            self.inflight.fetch_sub((-delta) as u64, Ordering::Relaxed);
+        }
+    }
+
+    pub(crate) fn set_expiry(&self, root_not_after: SystemTime, chain_not_after: SystemTime) {
+        let mut e = self.expiry.lock().unwrap_or_else(|p| p.into_inner());
+        e.root_not_after = Some(root_not_after);
+        e.chain_not_after = Some(chain_not_after);
+    }
+
+    /// Number of certificates issued so far.
+    pub fn issued_count(&self) -> u64 {
+        self.success.load(Ordering::Relaxed)
+    }
+
+    /// Number of refused cacerts reloads so far.
+    pub fn reload_failure_count(&self) -> u64 {
+        self.reload_failure.load(Ordering::Relaxed)
+    }
+
+    /// Number of accepted cacerts reloads so far.
+    pub fn reload_success_count(&self) -> u64 {
+        self.reload_success.load(Ordering::Relaxed)
+    }
+
+    /// Renders every metric in the Prometheus text exposition format (version 0.0.4).
+    pub fn render(&self, now: SystemTime) -> String {
+        let mut out = String::with_capacity(4096);
+        let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
+            let _ = writeln!(out, "# HELP {name} {help}");
+            let _ = writeln!(out, "# TYPE {name} counter");
+            let _ = writeln!(out, "{name} {}", v.load(Ordering::Relaxed));
+        };
+        counter(
+            &mut out,
+            "citadel_server_csr_count",
+            "The number of CSRs received by Citadel server.",
+            &self.csr_count,
+        );
+        counter(
+            &mut out,
+            "citadel_server_success_cert_issuance_count",
+            "The number of certificates issuances that have succeeded.",
+            &self.success,
+        );
+        counter(
+            &mut out,
+            "citadel_server_authentication_failure_count",
+            "The number of authentication failures.",
+            &self.auth_failures,
+        );
+        counter(
+            &mut out,
+            "citadel_server_csr_parsing_err_count",
+            "The number of errors occurred when parsing the CSR.",
+            &self.csr_parsing_errors,
+        );
+        counter(
+            &mut out,
+            "citadel_server_id_extraction_err_count",
+            "The number of errors occurred when extracting the ID from CSR.",
+            &self.id_extraction_errors,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP citadel_server_csr_sign_err_count The number of refused or failed CSR signings, by reason.\n# TYPE citadel_server_csr_sign_err_count counter"
+        );
+        for (label, v) in Refusal::LABELS.iter().zip(&self.refusals) {
+            let n = v.load(Ordering::Relaxed);
+            let _ = writeln!(
+                out,
+                "citadel_server_csr_sign_err_count{{error=\"{label}\"}} {n}"
+            );
+        }
+        counter(
+            &mut out,
+            "citadel_server_cacerts_reload_success_count",
+            "The number of accepted changes of the plug-in cacerts directory.",
+            &self.reload_success,
+        );
+        counter(
+            &mut out,
+            "citadel_server_cacerts_reload_failure_count",
+            "The number of refused (invalid) changes of the plug-in cacerts directory; the old material keeps signing.",
+            &self.reload_failure,
+        );
+        let _ = writeln!(
+            out,
+            "# HELP citadel_server_inflight_requests CreateCertificate requests in progress.\n# TYPE citadel_server_inflight_requests gauge\ncitadel_server_inflight_requests {}",
+            self.inflight.load(Ordering::Relaxed)
+        );
+        let e = *self.expiry.lock().unwrap_or_else(|p| p.into_inner());
+        let gauge_pair = |out: &mut String, base: &str, what: &str, t: Option<SystemTime>| {
+            let Some(t) = t else { return };
+            let ts = unix_secs(t);
+            let left = ts - unix_secs(now);
+            let _ = writeln!(
+                out,
+                "# HELP {base}_expiry_timestamp The unix timestamp, in seconds, when the {what} will expire.\n# TYPE {base}_expiry_timestamp gauge\n{base}_expiry_timestamp {ts}"
+            );
+            let _ = writeln!(
+                out,
+                "# HELP {base}_expiry_seconds The time remaining, in seconds, before the {what} will expire.\n# TYPE {base}_expiry_seconds gauge\n{base}_expiry_seconds {left}"
+            );
+        };
+        gauge_pair(
+            &mut out,
+            "citadel_server_root_cert",
+            "root cert",
+            e.root_not_after,
+        );
+        gauge_pair(
+            &mut out,
+            "citadel_server_cert_chain",
+            "cert in the CA cert chain",
+            e.chain_not_after,
+        );
+        out
+    }
+}
+
+fn unix_secs(t: SystemTime) -> f64 {
+    match t.duration_since(SystemTime::UNIX_EPOCH) {
+        Ok(d) => d.as_secs_f64().floor(),
+        Err(e) => -(e.duration().as_secs_f64().floor()),
+    }
+}
+
+/// Serves `GET /metrics` (any path, in fact) on `listener` until the future is dropped.
+pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+    use hyper::service::service_fn;
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        let metrics = metrics.clone();
+        tokio::spawn(async move {
+            let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
+                let body = metrics.render(SystemTime::now());
+                async move {
+                    http::Response::builder()
+                        .header("content-type", "text/plain; version=0.0.4")
+                        .body(http_body_util::Full::new(bytes::Bytes::from(body)))
+                }
+            });
+            let io = hyper_util::rt::TokioIo::new(stream);
+            let _ = hyper::server::conn::http1::Builder::new()
+                .serve_connection(io, svc)
+                .await;
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn renders_istio_names_and_labels() {
+        let m = Metrics::default();
+        m.csr_received();
+        m.issued();
+        m.refused(&Refusal::TokenExpired);
+        m.refused(&Refusal::BadCsrSignature);
+        let now = SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(1000);
+        m.set_expiry(now + std::time::Duration::from_secs(50), now);
+        let text = m.render(now);
+        assert!(text.contains("\ncitadel_server_csr_count 1\n"), "{text}");
+        assert!(text.contains("\ncitadel_server_success_cert_issuance_count 1\n"));
+        assert!(text.contains("\ncitadel_server_authentication_failure_count 1\n"));
+        assert!(text.contains("\ncitadel_server_csr_parsing_err_count 1\n"));
+        assert!(text.contains("citadel_server_csr_sign_err_count{error=\"token_expired\"} 1\n"));
+        assert!(
+            text.contains("\ncitadel_server_root_cert_expiry_seconds 50\n"),
+            "{text}"
+        );
+        assert!(text.contains("\ncitadel_server_cert_chain_expiry_seconds 0\n"));
+        assert!(!text.contains("_total"));
+    }
+}

@@ -1,0 +1,795 @@
+//! The gRPC server: `istio.v1.auth.IstioCertificateService/CreateCertificate` over TLS 1.3,
+//! the reload loop for the plug-in directory, and the metrics endpoint.
+
+use std::collections::HashSet;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::{Duration, SystemTime};
+
+use arc_swap::ArcSwap;
+use rampart_certs::{CertInfo, SpiffeId, TrustDomainPolicy, Usage};
+use rampart_proto::istio::v1::auth::istio_certificate_service_server::{
+    IstioCertificateService, IstioCertificateServiceServer,
+};
+use rampart_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
+use rustls_pki_types::CertificateDer;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc, oneshot};
+
+use crate::audit::{AuditLog, AuditRecord, rfc3339};
+use crate::authn::{CallerEvidence, TokenAuthenticator, authenticate};
+use crate::authority::{Authority, MaterialSource, PluginFiles, load_initial, load_plugin};
+use crate::config::CaConfig;
+use crate::error::CitadelError;
+use crate::issue::{IssuePolicy, issue};
+use crate::metrics::{Metrics, serve_metrics};
+use crate::refusal::Refusal;
+use crate::tls::{DynamicClientVerifier, ServingCert, certified_key, server_config};
+
+/// Lifetime of the CA's own serving certificate; renewed at half-life.
+pub const SERVING_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
+/// Metadata key Istio's node agents (ztunnel) use to ask for a workload's identity.
+pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What the TLS handshake told us about the peer; attached to every request on the
+/// connection.
+#[derive(Clone, Debug)]
+pub struct PeerInfo {
+    /// Remote address.
+    pub remote: SocketAddr,
+    cert: Option<Arc<PeerCert>>,
+}
+
+#[derive(Debug)]
+struct PeerCert {
+    chain: Vec<CertificateDer<'static>>,
+    id: Result<SpiffeId, String>,
+    not_after: SystemTime,
+    /// (authority generation, verdict): re-checked against the current bundle after a reload,
+    /// so removing a root from the bundle also cuts off open connections.
+    checked: Mutex<(u64, Result<(), String>)>,
+}
+
+/// The state shared by the request path and the reload loop.
+pub struct CaState {
+    config: CaConfig,
+    policy: IssuePolicy,
+    authority: ArcSwap<Authority>,
+    generation: AtomicU64,
+    tokens: TokenAuthenticator,
+    node_agents: HashSet<SpiffeId>,
+    audit: AuditLog,
+    metrics: Arc<Metrics>,
+    permits: Semaphore,
+    serving: Arc<ServingCert>,
+    serving_renew_at: Mutex<SystemTime>,
+    verifier: Arc<DynamicClientVerifier>,
+    last_failed_input: Mutex<Option<[u8; 32]>>,
+}
+
+impl std::fmt::Debug for CaState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CaState")
+            .field("authority", &self.authority.load())
+            .finish_non_exhaustive()
+    }
+}
+
+/// The outcome of looking at the plug-in directory.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ReloadOutcome {
+    /// Nothing changed.
+    Unchanged,
+    /// New material is active.
+    Reloaded,
+    /// The change was refused; the old material keeps signing.
+    Refused(String),
+}
+
+// === impl CaState ===
+
+impl CaState {
+    /// Builds the CA state: loads (or creates) the root material, reads the JWKS files, opens
+    /// the audit log and issues the serving certificate.
+    pub fn new(config: CaConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, CitadelError> {
+        config.validate()?;
+        create_private_dir(&config.state_dir)?;
+        let now = SystemTime::now();
+        let authority = load_initial(
+            &config.cacerts_dir,
+            &config.state_dir,
+            &config.trust_domain,
+            now,
+        )?;
+        let tokens = TokenAuthenticator::from_config(
+            &config.jwt_issuers,
+            &config.audience,
+            &config.trust_domain,
+        )?;
+        let audit = AuditLog::open(&config.audit_log_path())?;
+        let (chain, key) = authority.issue_serving_cert(
+            &config.server_dns_names,
+            &config.server_ips,
+            SERVING_CERT_TTL,
+            now,
+        )?;
+        let serving_renew_at = renew_time(&chain[0], now);
+        let serving = Arc::new(ServingCert::new(certified_key(chain, &key)?));
+        let verifier = Arc::new(DynamicClientVerifier::new(
+            authority.bundle(),
+            TrustDomainPolicy::local(config.trust_domain.clone()),
+        ));
+        metrics.set_expiry(
+            authority.signing_root().not_after,
+            authority.chain_not_after(),
+        );
+        write_bundle(&config, &authority)?;
+        Ok(Arc::new(CaState {
+            policy: IssuePolicy {
+                default_ttl: config.default_ttl,
+                max_ttl: config.max_ttl,
+                max_csr_bytes: config.max_csr_bytes,
+            },
+            node_agents: config.node_agents.iter().cloned().collect(),
+            permits: Semaphore::new(config.max_concurrency),
+            config,
+            authority: ArcSwap::from_pointee(authority),
+            generation: AtomicU64::new(0),
+            tokens,
+            audit,
+            metrics,
+            serving,
+            serving_renew_at: Mutex::new(serving_renew_at),
+            verifier,
+            last_failed_input: Mutex::new(None),
+        }))
+    }
+
+    /// The active authority.
+    pub fn authority(&self) -> Arc<Authority> {
+        self.authority.load_full()
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
+    /// The CA's current serving certificate chain.
+    pub fn serving_chain(&self) -> Vec<CertificateDer<'static>> {
+        self.serving.chain()
+    }
+
+    /// The issuance rules in force.
+    pub fn policy(&self) -> &IssuePolicy {
+        &self.policy
+    }
+
+    /// The bearer-token authenticator.
+    pub fn tokens(&self) -> &TokenAuthenticator {
+        &self.tokens
+    }
+
+    /// Looks at the plug-in directory and activates valid new material. Invalid material is
+    /// refused with an error log and `citadel_server_cacerts_reload_failure_count`; the old
+    /// material keeps signing.
+    pub fn reload_now(&self) -> ReloadOutcome {
+        let now = SystemTime::now();
+        self.renew_serving_cert_if_due(now);
+        let dir = &self.config.cacerts_dir;
+        let files = match PluginFiles::read(dir) {
+            Ok(f) => f,
+            Err(e) => return self.refuse(None, e.to_string()),
+        };
+        let current = self.authority.load();
+        let fp = files.fingerprint();
+        let is_plugin_now = matches!(current.source(), MaterialSource::Plugin(_));
+        if !files.is_plugin() {
+            if is_plugin_now {
+                return self.refuse(
+                    Some(fp),
+                    format!(
+                        "{} has no ca-cert.pem any more; keeping the current plug-in material",
+                        dir.display()
+                    ),
+                );
+            }
+            return ReloadOutcome::Unchanged;
+        }
+        if is_plugin_now && current.input_fingerprint() == fp {
+            return ReloadOutcome::Unchanged;
+        }
+        if *self
+            .last_failed_input
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            == Some(fp)
+        {
+            return ReloadOutcome::Unchanged;
+        }
+        match load_plugin(dir, &files, &self.config.trust_domain, now) {
+            Ok(new) => match self.activate(new, now) {
+                Ok(()) => ReloadOutcome::Reloaded,
+                Err(e) => self.refuse(Some(fp), e.to_string()),
+            },
+            Err(e) => self.refuse(Some(fp), e.to_string()),
+        }
+    }
+
+    fn refuse(&self, fp: Option<[u8; 32]>, reason: String) -> ReloadOutcome {
+        tracing::error!(
+            dir = %self.config.cacerts_dir.display(),
+            error = %reason,
+            "REFUSED new CA material; the previous material keeps signing"
+        );
+        self.metrics.reload(false);
+        *self
+            .last_failed_input
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = fp;
+        ReloadOutcome::Refused(reason)
+    }
+
+    fn activate(&self, new: Authority, now: SystemTime) -> Result<(), CitadelError> {
+        let (chain, key) = new.issue_serving_cert(
+            &self.config.server_dns_names,
+            &self.config.server_ips,
+            SERVING_CERT_TTL,
+            now,
+        )?;
+        let renew_at = renew_time(&chain[0], now);
+        let ck = certified_key(chain, &key)?;
+        // Build everything first, then switch: nothing can fail after the first store.
+        let verifier_bundle = new.bundle().clone();
+        self.verifier.set_bundle(&verifier_bundle);
+        self.serving.set(ck);
+        *self
+            .serving_renew_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = renew_at;
+        self.metrics
+            .set_expiry(new.signing_root().not_after, new.chain_not_after());
+        let roots: Vec<String> = new.roots().iter().map(|r| r.fingerprint.clone()).collect();
+        tracing::info!(
+            source = %new.source(),
+            signing_root = %new.signing_root().fingerprint,
+            served_roots = ?roots,
+            "activated new CA material"
+        );
+        if let Err(e) = write_bundle(&self.config, &new) {
+            tracing::error!(error = %e, "writing the trust bundle file failed");
+        }
+        self.authority.store(Arc::new(new));
+        self.generation.fetch_add(1, Ordering::AcqRel);
+        self.metrics.reload(true);
+        *self
+            .last_failed_input
+            .lock()
+            .unwrap_or_else(|p| p.into_inner()) = None;
+        Ok(())
+    }
+
+    fn renew_serving_cert_if_due(&self, now: SystemTime) {
+        let due = *self
+            .serving_renew_at
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if now < due {
+            return;
+        }
+        let authority = self.authority.load();
+        let result = authority
+            .issue_serving_cert(
+                &self.config.server_dns_names,
+                &self.config.server_ips,
+                SERVING_CERT_TTL,
+                now,
+            )
+            .and_then(|(chain, key)| {
+                let at = renew_time(&chain[0], now);
+                Ok((certified_key(chain, &key)?, at))
+            });
+        match result {
+            Ok((ck, at)) => {
+                self.serving.set(ck);
+                *self
+                    .serving_renew_at
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner()) = at;
+                tracing::info!("renewed the CA serving certificate");
+            }
+            Err(e) => tracing::error!(error = %e, "renewing the CA serving certificate failed"),
+        }
+    }
+
+    /// The whole request path after transport: authenticate, issue, audit.
+    pub async fn create_certificate(
+        &self,
+        req: &IstioCertificateRequest,
+        evidence: &CallerEvidence<'_>,
+        peer: &str,
+    ) -> Result<IstioCertificateResponse, Refusal> {
+        let now = SystemTime::now();
+        let caller = authenticate(
+            &self.tokens,
+            &self.node_agents,
+            &self.config.trust_domain,
+            evidence,
+            now,
+        )?;
+        let authority = self.authority.load_full();
+        let issued = issue(
+            &authority,
+            &self.policy,
+            &req.csr,
+            req.validity_duration,
+            &caller.id,
+            now,
+        )?;
+        let record = AuditRecord {
+            time: rfc3339(now),
+            serial: issued.facts.serial_hex.clone(),
+            spiffe_id: caller.id.to_string(),
+            not_after: rfc3339(issued.facts.not_after),
+            caller: caller.audit_name(),
+            auth: caller.method.as_str(),
+            peer: peer.to_owned(),
+        };
+        self.audit
+            .append(&record)
+            .await
+            .map_err(|e| Refusal::AuditFailed(e.to_string()))?;
+        tracing::debug!(serial = %record.serial, id = %record.spiffe_id, auth = caller.method.as_str(), "issued");
+        Ok(IstioCertificateResponse {
+            cert_chain: issued.cert_chain,
+        })
+    }
+
+    fn client_identity(&self, pc: &PeerCert, now: SystemTime) -> Result<SpiffeId, String> {
+        if now > pc.not_after {
+            return Err("client certificate expired".into());
+        }
+        let generation = self.generation.load(Ordering::Acquire);
+        {
+            let mut checked = pc.checked.lock().unwrap_or_else(|p| p.into_inner());
+            if checked.0 != generation {
+                let authority = self.authority.load();
+                let verdict = rampart_certs::verify_workload_chain(
+                    &pc.chain,
+                    authority.bundle(),
+                    &TrustDomainPolicy::local(self.config.trust_domain.clone()),
+                    now,
+                    Usage::ClientAuth,
+                )
+                .map(|_| ())
+                .map_err(|e| {
+                    format!("client certificate no longer verifies against the trust bundle: {e}")
+                });
+                *checked = (generation, verdict);
+            }
+            checked.1.clone()?;
+        }
+        pc.id.clone()
+    }
+
+    fn peer_cert(&self, chain: Vec<CertificateDer<'static>>) -> PeerCert {
+        let td = &self.config.trust_domain;
+        let (id, not_after) = match CertInfo::parse(&chain[0]) {
+            Ok(info) => {
+                let id = match info.uri_sans.as_slice() {
+                    [one] => SpiffeId::parse(one)
+                        .map_err(|e| e.to_string())
+                        .and_then(|id| {
+                            if id.trust_domain() == td {
+                                Ok(id)
+                            } else {
+                                Err(format!("{id} is not in trust domain {td}"))
+                            }
+                        }),
+                    other => Err(format!(
+                        "client certificate has {} URI SANs, expected one SPIFFE ID",
+                        other.len()
+                    )),
+                };
+                (id, info.not_after)
+            }
+            Err(e) => (Err(e.to_string()), SystemTime::UNIX_EPOCH),
+        };
+        PeerCert {
+            chain,
+            id,
+            not_after,
+            checked: Mutex::new((self.generation.load(Ordering::Acquire), Ok(()))),
+        }
+    }
+}
+
+fn write_bundle(config: &CaConfig, authority: &Authority) -> Result<(), CitadelError> {
+    if let Some(path) = &config.bundle_out {
+        rampart_certs::write_file_atomic(path, authority.bundle().to_pem().as_bytes(), 0o644)
+            .map_err(|e| CitadelError::io(path, e))?;
+    }
+    Ok(())
+}
+
+fn renew_time(leaf: &CertificateDer<'_>, now: SystemTime) -> SystemTime {
+    match CertInfo::parse(leaf) {
+        Ok(info) => {
+            let life = info
+                .not_after
+                .duration_since(info.not_before)
+                .unwrap_or_default();
+            info.not_before + life / 2
+        }
+        Err(_) => now + Duration::from_secs(3600),
+    }
+}
+
+fn create_private_dir(dir: &std::path::Path) -> Result<(), CitadelError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| CitadelError::io(dir, e))
+}
+
+/// The tonic service.
+#[derive(Debug, Clone)]
+pub struct CaService {
+    state: Arc<CaState>,
+}
+
+impl CaService {
+    /// Wraps the state.
+    pub fn new(state: Arc<CaState>) -> Self {
+        CaService { state }
+    }
+
+    async fn handle(
+        &self,
+        request: tonic::Request<IstioCertificateRequest>,
+    ) -> Result<IstioCertificateResponse, Refusal> {
+        let state = &self.state;
+        let deadline = state.config.request_timeout;
+        let work = async {
+            let _permit = state
+                .permits
+                .acquire()
+                .await
+                .map_err(|_| Refusal::Overloaded)?;
+            let now = SystemTime::now();
+            let md = request.metadata();
+            let authorization = match md.get("authorization") {
+                Some(v) => Some(v.to_str().map_err(|_| {
+                    Refusal::MalformedAuthorization("header is not visible ASCII".into())
+                })?),
+                None => None,
+            };
+            let peer = request.extensions().get::<PeerInfo>();
+            let client_cert = peer
+                .and_then(|p| p.cert.as_ref())
+                .map(|pc| state.client_identity(pc, now));
+            let msg = request.get_ref();
+            let impersonate = msg
+                .metadata
+                .as_ref()
+                .and_then(|s| s.fields.get(IMPERSONATED_IDENTITY))
+                .map(|v| match &v.kind {
+                    Some(prost_types::value::Kind::StringValue(s)) => Ok(s.as_str()),
+                    _ => Err(Refusal::BadImpersonation("value is not a string".into())),
+                })
+                .transpose()?;
+            let evidence = CallerEvidence {
+                authorization,
+                client_cert,
+                impersonate,
+            };
+            let peer_addr = peer.map(|p| p.remote.to_string()).unwrap_or_default();
+            state.create_certificate(msg, &evidence, &peer_addr).await
+        };
+        match tokio::time::timeout(deadline, work).await {
+            Ok(r) => r,
+            Err(_) => Err(Refusal::Deadline(deadline)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl IstioCertificateService for CaService {
+    async fn create_certificate(
+        &self,
+        request: tonic::Request<IstioCertificateRequest>,
+    ) -> Result<tonic::Response<IstioCertificateResponse>, tonic::Status> {
+        let metrics = &self.state.metrics;
+        metrics.csr_received();
+        metrics.inflight_add(1);
+        let result = self.handle(request).await;
+        metrics.inflight_add(-1);
+        match result {
+            Ok(resp) => {
+                metrics.issued();
+                Ok(tonic::Response::new(resp))
+            }
+            Err(refusal) => {
+                metrics.refused(&refusal);
+                if refusal.code() == tonic::Code::Internal {
+                    tracing::error!(reason = %refusal, "CreateCertificate failed");
+                } else {
+                    tracing::info!(reason = %refusal, "CreateCertificate refused");
+                }
+                Err(refusal.into())
+            }
+        }
+    }
+}
+
+/// A TLS connection with what its handshake proved.
+struct TlsConn {
+    inner: tokio_rustls::server::TlsStream<TcpStream>,
+    info: PeerInfo,
+}
+
+impl tonic::transport::server::Connected for TlsConn {
+    type ConnectInfo = PeerInfo;
+    fn connect_info(&self) -> PeerInfo {
+        self.info.clone()
+    }
+}
+
+impl AsyncRead for TlsConn {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for TlsConn {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+/// A running CA.
+#[derive(Debug)]
+pub struct RunningCa {
+    /// Where the gRPC server listens.
+    pub local_addr: SocketAddr,
+    /// Where the metrics endpoint listens.
+    pub metrics_addr: Option<SocketAddr>,
+    state: Arc<CaState>,
+    shutdown: Option<oneshot::Sender<()>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl RunningCa {
+    /// The shared state (authority, metrics, reload).
+    pub fn state(&self) -> &Arc<CaState> {
+        &self.state
+    }
+
+    /// Stops accepting, lets in-flight requests finish (up to 5 s), then stops.
+    pub async fn shutdown(mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+        let tasks = std::mem::take(&mut self.tasks);
+        let mut iter = tasks.into_iter();
+        if let Some(server) = iter.next() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        }
+        for t in iter {
+            t.abort();
+        }
+    }
+
+    /// Runs until the server stops (or the returned future is dropped).
+    pub async fn wait(mut self) {
+        if let Some(server) = self.tasks.first_mut() {
+            let _ = server.await;
+        }
+    }
+}
+
+impl Drop for RunningCa {
+    fn drop(&mut self) {
+        for t in &self.tasks {
+            t.abort();
+        }
+    }
+}
+
+/// Starts the CA: binds the gRPC (TLS) and metrics listeners and spawns the server, the
+/// reload loop and the metrics endpoint on the current tokio runtime.
+pub async fn start(config: CaConfig) -> Result<RunningCa, CitadelError> {
+    let metrics = Metrics::new();
+    let state = CaState::new(config, metrics.clone())?;
+    start_with_state(state).await
+}
+
+/// Like [`start`], with a prepared state.
+pub async fn start_with_state(state: Arc<CaState>) -> Result<RunningCa, CitadelError> {
+    let cfg = &state.config;
+    let listener = TcpListener::bind(cfg.listen)
+        .await
+        .map_err(|source| CitadelError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let local_addr = listener
+        .local_addr()
+        .map_err(|source| CitadelError::Listen {
+            addr: cfg.listen,
+            source,
+        })?;
+    let mut tasks = Vec::new();
+
+    let tls = Arc::new(server_config(
+        state.serving.clone(),
+        state.verifier.clone(),
+    )?);
+    let acceptor = tokio_rustls::TlsAcceptor::from(tls);
+    let (conn_tx, conn_rx) = mpsc::channel::<Result<TlsConn, std::io::Error>>(1024);
+    let accept_state = state.clone();
+    let accept_task = tokio::spawn(async move {
+        loop {
+            let (tcp, remote) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            };
+            let _ = tcp.set_nodelay(true);
+            let acceptor = acceptor.clone();
+            let tx = conn_tx.clone();
+            let st = accept_state.clone();
+            tokio::spawn(async move {
+                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
+                {
+                    Ok(Ok(tls)) => tls,
+                    Ok(Err(e)) => {
+                        tracing::info!(%remote, error = %e, "TLS handshake refused");
+                        return;
+                    }
+                    Err(_) => {
+                        tracing::info!(%remote, "TLS handshake timed out");
+                        return;
+                    }
+                };
+                let cert = tls
+                    .get_ref()
+                    .1
+                    .peer_certificates()
+                    .filter(|c| !c.is_empty())
+                    .map(|c| {
+                        Arc::new(st.peer_cert(c.iter().map(|c| c.clone().into_owned()).collect()))
+                    });
+                let _ = tx
+                    .send(Ok(TlsConn {
+                        inner: tls,
+                        info: PeerInfo { remote, cert },
+                    }))
+                    .await;
+            });
+        }
+    });
+
+    let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
+    let svc = IstioCertificateServiceServer::new(CaService::new(state.clone()))
+        .max_decoding_message_size(cfg.max_csr_bytes * 2 + 64 * 1024);
+    let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
+    let server_task = tokio::spawn(async move {
+        let result = tonic::transport::Server::builder()
+            .max_concurrent_streams(Some(1024))
+            .add_service(svc)
+            .serve_with_incoming_shutdown(incoming, async {
+                let _ = shutdown_rx.await;
+            })
+            .await;
+        if let Err(e) = result {
+            tracing::error!(error = %e, "gRPC server stopped");
+        }
+    });
+    tasks.push(server_task);
+    tasks.push(accept_task);
+
+    let metrics_addr = match cfg.metrics {
+        Some(addr) => {
+            let l = TcpListener::bind(addr)
+                .await
+                .map_err(|source| CitadelError::Listen { addr, source })?;
+            let bound = l
+                .local_addr()
+                .map_err(|source| CitadelError::Listen { addr, source })?;
+            tasks.push(tokio::spawn(serve_metrics(l, state.metrics.clone())));
+            Some(bound)
+        }
+        None => None,
+    };
+
+    tasks.push(tokio::spawn(reload_loop(state.clone())));
+
+    Ok(RunningCa {
+        local_addr,
+        metrics_addr,
+        state,
+        shutdown: Some(shutdown_tx),
+        tasks,
+    })
+}
+
+/// Watches the plug-in directory (inotify via `notify`, plus a poll every
+/// `reload_poll_interval` in case events are missed or the directory appears later).
+async fn reload_loop(state: Arc<CaState>) {
+    let (ev_tx, mut ev_rx) = mpsc::channel::<()>(16);
+    let dir = state.config.cacerts_dir.clone();
+    // Keep the watcher alive for the life of the loop.
+    let _watcher = {
+        use notify::Watcher;
+        let tx = ev_tx.clone();
+        match notify::recommended_watcher(move |res: notify::Result<notify::Event>| {
+            if res.is_ok() {
+                let _ = tx.try_send(());
+            }
+        }) {
+            Ok(mut w) => match w.watch(&dir, notify::RecursiveMode::NonRecursive) {
+                Ok(()) => Some(w),
+                Err(e) => {
+                    tracing::debug!(dir = %dir.display(), error = %e, "not watching cacerts directory (polling only)");
+                    None
+                }
+            },
+            Err(e) => {
+                tracing::warn!(error = %e, "file watching unavailable; polling cacerts directory");
+                None
+            }
+        }
+    };
+    let mut tick = tokio::time::interval(state.config.reload_poll_interval);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            Some(()) = ev_rx.recv() => {
+                // Let a burst of writes (four files) settle, then look once.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                while ev_rx.try_recv().is_ok() {}
+            }
+        }
+        let st = state.clone();
+        let _ = tokio::task::spawn_blocking(move || st.reload_now()).await;
+    }
+}

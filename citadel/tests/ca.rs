@@ -1,0 +1,671 @@
+//! In-process end-to-end tests of the CA over TLS: issuance, every refusal, renewal with a
+//! client certificate, impersonation, plug-in reload, rotation overlap, restart.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use rampart_certs::jwt::JwtSigner;
+use rampart_certs::{
+    CertInfo, CertificateAuthority, CertificateDer, IntermediateParams, KeyAlgorithm, PrivateKey,
+    RootParams, SpiffeId, TrustBundle, TrustDomain, TrustDomainPolicy, Usage,
+};
+use rampart_citadel::{CaConfig, JwtIssuerConfig, ReloadOutcome, RunningCa};
+use rampart_proto::istio::v1::auth::IstioCertificateRequest;
+use rampart_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use tonic::transport::Channel;
+
+const ISSUER: &str = "https://issuer.test";
+
+struct Env {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    signer: JwtSigner,
+    ca: RunningCa,
+    td: TrustDomain,
+}
+
+fn td() -> TrustDomain {
+    "cluster.local".parse().unwrap()
+}
+
+fn unix_now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+async fn start(tweak: impl FnOnce(&mut CaConfig, &Path)) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().to_path_buf();
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let signer = JwtSigner::new(&key, "k1").unwrap();
+    let jwks = root.join("jwks.json");
+    std::fs::write(&jwks, signer.jwks().unwrap().to_json().to_string()).unwrap();
+    let mut cfg = CaConfig::new(root.join("cacerts"), root.join("state"), td());
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg.jwt_issuers = vec![JwtIssuerConfig {
+        issuer: ISSUER.into(),
+        jwks_path: jwks,
+    }];
+    cfg.reload_poll_interval = Duration::from_secs(3600);
+    tweak(&mut cfg, &root);
+    let ca = rampart_citadel::start(cfg).await.expect("CA starts");
+    Env {
+        _dir: dir,
+        root,
+        signer,
+        ca,
+        td: td(),
+    }
+}
+
+fn token_with(signer: &JwtSigner, claims: serde_json::Value) -> String {
+    signer.sign(&claims).unwrap()
+}
+
+fn token(env: &Env, ns: &str, sa: &str) -> String {
+    let now = unix_now();
+    token_with(
+        &env.signer,
+        serde_json::json!({"iss": ISSUER, "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "aud": ["istio-ca"], "iat": now, "exp": now + 600}),
+    )
+}
+
+impl Env {
+    fn bundle(&self) -> TrustBundle {
+        self.ca.state().authority().bundle().clone()
+    }
+
+    fn id(&self, ns: &str, sa: &str) -> SpiffeId {
+        SpiffeId::istio(&self.td, ns, sa).unwrap()
+    }
+
+    async fn client(
+        &self,
+        cert: Option<(Vec<CertificateDer<'static>>, &PrivateKey)>,
+    ) -> Result<IstioCertificateServiceClient<Channel>, rampart_citadel::CitadelError> {
+        let tls = rampart_citadel::client_config(&self.bundle(), cert).unwrap();
+        rampart_citadel::connect(self.ca.local_addr, "127.0.0.1", Arc::new(tls)).await
+    }
+
+    fn audit_lines(&self) -> Vec<serde_json::Value> {
+        let text = std::fs::read_to_string(self.root.join("state/audit.jsonl")).unwrap_or_default();
+        text.lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+}
+
+async fn call(
+    client: &mut IstioCertificateServiceClient<Channel>,
+    csr: &str,
+    ttl: i64,
+    token: Option<&str>,
+    impersonate: Option<&str>,
+) -> Result<Vec<String>, tonic::Status> {
+    let metadata = impersonate.map(|id| prost_types::Struct {
+        fields: [(
+            "ImpersonatedIdentity".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(id.to_owned())),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    });
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr: csr.to_owned(),
+        validity_duration: ttl,
+        metadata,
+    });
+    if let Some(t) = token {
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    client
+        .create_certificate(req)
+        .await
+        .map(|r| r.into_inner().cert_chain)
+}
+
+fn csr_for(id: &SpiffeId) -> (PrivateKey, String) {
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let csr = rampart_certs::build_csr(&key, id).unwrap();
+    (key, csr)
+}
+
+fn chain_der(chain: &[String]) -> Vec<CertificateDer<'static>> {
+    chain
+        .iter()
+        .flat_map(|pem| rampart_certs::parse_certs_pem(pem).unwrap())
+        .collect()
+}
+
+/// Leaf + intermediates (drops the trailing roots element).
+fn presented(chain: &[String]) -> Vec<CertificateDer<'static>> {
+    chain_der(&chain[..chain.len() - 1])
+}
+
+fn verify(chain: &[String], bundle: &TrustBundle) -> Result<SpiffeId, rampart_certs::ChainError> {
+    rampart_certs::verify_workload_chain(
+        &presented(chain),
+        bundle,
+        &TrustDomainPolicy::local(td()),
+        SystemTime::now(),
+        Usage::ClientAuth,
+    )
+}
+
+fn assert_refused(r: Result<Vec<String>, tonic::Status>, code: tonic::Code, needle: &str) {
+    match r {
+        Ok(_) => panic!("expected refusal {code:?} ({needle}), got a certificate"),
+        Err(s) => {
+            assert_eq!(s.code(), code, "{}", s.message());
+            assert!(
+                s.message().contains(needle),
+                "message {:?} should name {needle:?}",
+                s.message()
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn jwt_caller_gets_chain_that_verifies_with_its_identity() {
+    let env = start(|_, _| {}).await;
+    let mut c = env.client(None).await.unwrap();
+    let id = env.id("default", "web");
+    let (key, csr) = csr_for(&id);
+    let chain = call(
+        &mut c,
+        &csr,
+        3600,
+        Some(&token(&env, "default", "web")),
+        None,
+    )
+    .await
+    .unwrap();
+    // Self-signed mode: leaf, then the root(s).
+    assert_eq!(chain.len(), 2);
+    assert_eq!(verify(&chain, &env.bundle()).unwrap(), id);
+    let leaf = CertInfo::parse(&chain_der(&chain)[0]).unwrap();
+    assert_eq!(leaf.uri_sans, vec![id.to_string()]);
+    assert!(!leaf.is_ca);
+    let life = leaf.not_after.duration_since(SystemTime::now()).unwrap();
+    assert!(life <= Duration::from_secs(3600) && life > Duration::from_secs(3500));
+    // Only the CSR's key is certified.
+    let ders = chain_der(&chain);
+    let (_, parsed) = x509_parser::parse_x509_certificate(ders[0].as_ref()).unwrap();
+    assert_eq!(
+        parsed.public_key().raw,
+        key.public_key_spki_der().as_slice()
+    );
+    // Audited before the response.
+    let audit = env.audit_lines();
+    assert_eq!(audit.len(), 1);
+    assert_eq!(audit[0]["spiffe_id"], id.to_string());
+    assert_eq!(audit[0]["serial"], leaf.serial_hex.to_lowercase());
+    assert_eq!(audit[0]["auth"], "jwt");
+    // The CA's serving certificate chains to the served root and names 127.0.0.1.
+    let serving = env.ca.state().serving_chain();
+    let info = CertInfo::parse(&serving[0]).unwrap();
+    assert!(info.ip_sans.contains(&"127.0.0.1".parse().unwrap()));
+    assert!(
+        info.dns_sans
+            .contains(&"istiod.istio-system.svc".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn default_and_short_ttls_are_honoured() {
+    let env = start(|_, _| {}).await;
+    let mut c = env.client(None).await.unwrap();
+    let id = env.id("default", "web");
+    let t = token(&env, "default", "web");
+    let (_, csr) = csr_for(&id);
+    let chain = call(&mut c, &csr, 0, Some(&t), None).await.unwrap();
+    let leaf = CertInfo::parse(&chain_der(&chain)[0]).unwrap();
+    let life = leaf.not_after.duration_since(SystemTime::now()).unwrap();
+    assert!(life > Duration::from_secs(24 * 3600 - 60) && life <= Duration::from_secs(24 * 3600));
+    let chain = call(&mut c, &csr, 5, Some(&t), None).await.unwrap();
+    let leaf = CertInfo::parse(&chain_der(&chain)[0]).unwrap();
+    let life = leaf.not_after.duration_since(SystemTime::now()).unwrap();
+    assert!(life <= Duration::from_secs(5), "{life:?}");
+}
+
+#[tokio::test]
+async fn every_refusal_names_its_reason_and_issues_nothing() {
+    let env = start(|cfg, _| {
+        cfg.max_ttl = Duration::from_secs(48 * 3600);
+        cfg.max_csr_bytes = 4096;
+    })
+    .await;
+    let mut c = env.client(None).await.unwrap();
+    let id = env.id("default", "web");
+    let good = token(&env, "default", "web");
+    let (_, csr) = csr_for(&id);
+    let now = unix_now();
+    use tonic::Code;
+
+    // CSR for another identity.
+    let (_, other) = csr_for(&env.id("default", "db"));
+    assert_refused(
+        call(&mut c, &other, 0, Some(&good), None).await,
+        Code::PermissionDenied,
+        "SAN mismatch",
+    );
+    // Expired token.
+    let expired = token_with(
+        &env.signer,
+        serde_json::json!({"iss": ISSUER,
+        "sub": "system:serviceaccount:default:web", "aud": "istio-ca", "exp": now - 3600}),
+    );
+    assert_refused(
+        call(&mut c, &csr, 0, Some(&expired), None).await,
+        Code::Unauthenticated,
+        "token expired",
+    );
+    // Unknown issuer (a key we do not know, another iss).
+    let stranger =
+        JwtSigner::new(&PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), "x").unwrap();
+    let foreign = token_with(
+        &stranger,
+        serde_json::json!({"iss": "https://evil.test",
+        "sub": "system:serviceaccount:default:web", "aud": "istio-ca", "exp": now + 600}),
+    );
+    assert_refused(
+        call(&mut c, &csr, 0, Some(&foreign), None).await,
+        Code::Unauthenticated,
+        "unknown issuer",
+    );
+    // Right issuer name, wrong key.
+    let forged = token_with(
+        &stranger,
+        serde_json::json!({"iss": ISSUER,
+        "sub": "system:serviceaccount:default:web", "aud": "istio-ca", "exp": now + 600}),
+    );
+    assert_refused(
+        call(&mut c, &csr, 0, Some(&forged), None).await,
+        Code::Unauthenticated,
+        "invalid token",
+    );
+    // Wrong audience.
+    let wrong_aud = token_with(
+        &env.signer,
+        serde_json::json!({"iss": ISSUER,
+        "sub": "system:serviceaccount:default:web", "aud": "other", "exp": now + 600}),
+    );
+    assert_refused(
+        call(&mut c, &csr, 0, Some(&wrong_aud), None).await,
+        Code::Unauthenticated,
+        "audience",
+    );
+    // kubernetes.io claims work instead of sub.
+    let k8s = token_with(
+        &env.signer,
+        serde_json::json!({"iss": ISSUER, "aud": ["istio-ca"],
+        "exp": now + 600, "kubernetes.io": {"namespace": "default", "serviceaccount": {"name": "web"}}}),
+    );
+    call(&mut c, &csr, 0, Some(&k8s), None)
+        .await
+        .expect("kubernetes.io claims identify the caller");
+    // Garbage CSR.
+    assert_refused(
+        call(&mut c, "hello", 0, Some(&good), None).await,
+        Code::InvalidArgument,
+        "bad CSR PEM",
+    );
+    // Tampered CSR: flip a byte inside the signed part.
+    let mut der = pem_body(&csr);
+    let n = der.len();
+    der[n / 2] ^= 0x01;
+    let tampered = to_pem("CERTIFICATE REQUEST", &der);
+    let r = call(&mut c, &tampered, 0, Some(&good), None).await;
+    assert_eq!(
+        r.as_ref().unwrap_err().code(),
+        Code::InvalidArgument,
+        "{r:?}"
+    );
+    // TTL above the maximum, negative TTL.
+    assert_refused(
+        call(&mut c, &csr, 49 * 3600, Some(&good), None).await,
+        Code::InvalidArgument,
+        "TTL too long",
+    );
+    assert_refused(
+        call(&mut c, &csr, -5, Some(&good), None).await,
+        Code::InvalidArgument,
+        "TTL",
+    );
+    // No credentials at all.
+    assert_refused(
+        call(&mut c, &csr, 0, None, None).await,
+        Code::Unauthenticated,
+        "no bearer token",
+    );
+    // Oversized CSR.
+    let big = format!("{csr}{}", "A".repeat(5000));
+    assert_refused(
+        call(&mut c, &big, 0, Some(&good), None).await,
+        Code::InvalidArgument,
+        "above the limit",
+    );
+    // Impersonation by a non node agent.
+    assert_refused(
+        call(
+            &mut c,
+            &other,
+            0,
+            Some(&good),
+            Some("spiffe://cluster.local/ns/default/sa/db"),
+        )
+        .await,
+        Code::PermissionDenied,
+        "may not impersonate",
+    );
+    // Only the kubernetes.io success was issued and audited.
+    assert_eq!(env.audit_lines().len(), 1);
+    let metrics = env.ca.state().metrics().render(SystemTime::now());
+    assert!(
+        metrics.contains("citadel_server_success_cert_issuance_count 1\n"),
+        "{metrics}"
+    );
+    assert!(metrics.contains("citadel_server_csr_sign_err_count{error=\"san_mismatch\"} 1\n"));
+    assert!(metrics.contains("citadel_server_csr_sign_err_count{error=\"token_expired\"} 1\n"));
+}
+
+fn pem_body(pem: &str) -> Vec<u8> {
+    use base64::Engine;
+    let b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    base64::engine::general_purpose::STANDARD
+        .decode(b64)
+        .unwrap()
+}
+
+fn to_pem(label: &str, der: &[u8]) -> String {
+    use base64::Engine;
+    let b64 = base64::engine::general_purpose::STANDARD.encode(der);
+    let mut out = format!("-----BEGIN {label}-----\n");
+    for chunk in b64.as_bytes().chunks(64) {
+        out.push_str(std::str::from_utf8(chunk).unwrap());
+        out.push('\n');
+    }
+    out.push_str(&format!("-----END {label}-----\n"));
+    out
+}
+
+#[tokio::test]
+async fn node_agent_may_impersonate_workloads() {
+    let env = start(|cfg, _| {
+        cfg.node_agents =
+            vec![SpiffeId::parse("spiffe://cluster.local/ns/istio-system/sa/ztunnel").unwrap()];
+    })
+    .await;
+    let mut c = env.client(None).await.unwrap();
+    let agent = token(&env, "istio-system", "ztunnel");
+    let workload = env.id("default", "web");
+    let (_, csr) = csr_for(&workload);
+    let chain = call(&mut c, &csr, 600, Some(&agent), Some(&workload.to_string()))
+        .await
+        .expect("node agent impersonates");
+    assert_eq!(verify(&chain, &env.bundle()).unwrap(), workload);
+    let audit = env.audit_lines();
+    assert_eq!(audit[0]["auth"], "impersonation");
+    assert!(audit[0]["caller"].as_str().unwrap().contains("ztunnel"));
+    // Another trust domain is not impersonable.
+    let (_, csr2) = csr_for(&SpiffeId::parse("spiffe://other.td/ns/default/sa/web").unwrap());
+    let r = call(
+        &mut c,
+        &csr2,
+        600,
+        Some(&agent),
+        Some("spiffe://other.td/ns/default/sa/web"),
+    )
+    .await;
+    assert_refused(r, tonic::Code::InvalidArgument, "trust domain");
+}
+
+#[tokio::test]
+async fn renewal_with_client_certificate_and_refusal_of_foreign_one() {
+    let env = start(|_, _| {}).await;
+    let id = env.id("default", "web");
+    let (key, csr) = csr_for(&id);
+    let mut c = env.client(None).await.unwrap();
+    let chain = call(
+        &mut c,
+        &csr,
+        600,
+        Some(&token(&env, "default", "web")),
+        None,
+    )
+    .await
+    .unwrap();
+    // Renew with the certificate only (no token).
+    let mut mtls = env.client(Some((presented(&chain), &key))).await.unwrap();
+    let (_, csr2) = csr_for(&id);
+    let renewed = call(&mut mtls, &csr2, 600, None, None)
+        .await
+        .expect("renewal by mTLS");
+    assert_eq!(verify(&renewed, &env.bundle()).unwrap(), id);
+    assert_eq!(env.audit_lines()[1]["auth"], "mtls");
+    // The certificate proves only its own identity.
+    let (_, other) = csr_for(&env.id("default", "db"));
+    assert_refused(
+        call(&mut mtls, &other, 600, None, None).await,
+        tonic::Code::PermissionDenied,
+        "SAN mismatch",
+    );
+
+    // A client certificate from a CA we do not trust: the handshake is refused.
+    let foreign_ca = CertificateAuthority::self_signed_root(
+        &RootParams::default(),
+        PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let fkey = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let fleaf = foreign_ca
+        .issue_workload(
+            &fkey.public_key_spki_der(),
+            &id,
+            Duration::from_secs(600),
+            SystemTime::now(),
+        )
+        .unwrap();
+    let result = async {
+        let mut fc = env.client(Some((vec![fleaf], &fkey))).await?;
+        call(&mut fc, &csr2, 600, None, None)
+            .await
+            .map_err(|s| rampart_citadel::CitadelError::Config(s.to_string()))
+    }
+    .await;
+    assert!(
+        result.is_err(),
+        "a foreign client certificate must not get a certificate"
+    );
+    assert_eq!(env.audit_lines().len(), 2);
+}
+
+struct PluginCa {
+    root: CertificateAuthority,
+    int_cert: CertificateDer<'static>,
+    int_key: PrivateKey,
+}
+
+fn make_plugin_ca(name: &str) -> PluginCa {
+    let now = SystemTime::now();
+    let root = CertificateAuthority::self_signed_root(
+        &RootParams {
+            common_name: format!("{name} root"),
+            organization: "test".into(),
+            validity: Duration::from_secs(3650 * 86400),
+        },
+        PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+        now,
+    )
+    .unwrap();
+    let int_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let int_cert = root
+        .issue_intermediate(
+            &IntermediateParams {
+                common_name: format!("{name} intermediate"),
+                ..Default::default()
+            },
+            &int_key.public_key_spki_der(),
+            now,
+        )
+        .unwrap();
+    PluginCa {
+        root,
+        int_cert,
+        int_key,
+    }
+}
+
+fn write_plugin(dir: &Path, ca: &PluginCa, roots: &[&PluginCa]) {
+    std::fs::create_dir_all(dir).unwrap();
+    let pem = |c: &CertificateDer<'_>| rampart_certs::certs_to_pem(std::slice::from_ref(c));
+    std::fs::write(dir.join("ca-cert.pem"), pem(&ca.int_cert)).unwrap();
+    std::fs::write(dir.join("ca-key.pem"), ca.int_key.to_pkcs8_pem().as_bytes()).unwrap();
+    std::fs::write(
+        dir.join("cert-chain.pem"),
+        format!("{}{}", pem(&ca.int_cert), pem(ca.root.cert())),
+    )
+    .unwrap();
+    let roots: String = roots.iter().map(|r| pem(r.root.cert())).collect();
+    std::fs::write(dir.join("root-cert.pem"), roots).unwrap();
+}
+
+#[tokio::test]
+async fn plugin_reload_rotation_overlap_and_root_removal() {
+    let a = make_plugin_ca("A");
+    let b = make_plugin_ca("B");
+    let env = start(|_, root| write_plugin(&root.join("cacerts"), &a, &[&a])).await;
+    let cacerts = env.root.join("cacerts");
+    let state = env.ca.state().clone();
+    let id = env.id("default", "web");
+    let t = token(&env, "default", "web");
+    let mut c = env.client(None).await.unwrap();
+
+    // Plug-in chain: leaf, intermediate, root.
+    let (key_x, csr) = csr_for(&id);
+    let x = call(&mut c, &csr, 3600, Some(&t), None).await.unwrap();
+    assert_eq!(x.len(), 3);
+    let bundle_a = env.bundle();
+    verify(&x, &bundle_a).unwrap();
+    assert_eq!(state.reload_now(), ReloadOutcome::Unchanged);
+
+    // Bad change: B's intermediate with A's key. Refused, counted, A keeps signing.
+    write_plugin(&cacerts, &b, &[&a, &b]);
+    std::fs::write(
+        cacerts.join("ca-key.pem"),
+        a.int_key.to_pkcs8_pem().as_bytes(),
+    )
+    .unwrap();
+    assert!(matches!(state.reload_now(), ReloadOutcome::Refused(_)));
+    assert_eq!(state.metrics().reload_failure_count(), 1);
+    let still = call(&mut c, &csr, 3600, Some(&t), None).await.unwrap();
+    verify(&still, &bundle_a).unwrap();
+    // The same bad content is not re-reported on every poll.
+    assert_eq!(state.reload_now(), ReloadOutcome::Unchanged);
+
+    // Overlap step 1: A still signs, the bundle holds A and B.
+    write_plugin(&cacerts, &a, &[&a, &b]);
+    assert_eq!(state.reload_now(), ReloadOutcome::Reloaded);
+    let bundle_ab = env.bundle();
+    assert_eq!(bundle_ab.roots().len(), 2);
+    // Overlap step 2: B signs; clients that picked up A+B verify new certificates, and
+    // certificates from A still verify against the bundle.
+    write_plugin(&cacerts, &b, &[&a, &b]);
+    assert_eq!(state.reload_now(), ReloadOutcome::Reloaded);
+    let mut c2 = env.client(None).await.unwrap();
+    let y = call(&mut c2, &csr, 3600, Some(&t), None).await.unwrap();
+    verify(&y, &bundle_ab).expect("new certificate verifies for clients holding A+B");
+    verify(&x, &env.bundle()).expect("old certificate still verifies during overlap");
+    assert!(
+        verify(&y, &bundle_a).is_err(),
+        "B-issued cert must not verify against A alone"
+    );
+    // mTLS renewal with the A-issued certificate still works during overlap.
+    let mut renew_a = env.client(Some((presented(&x), &key_x))).await.unwrap();
+    call(&mut renew_a, &csr, 600, None, None)
+        .await
+        .expect("A cert renews during overlap");
+
+    // Step 3: A leaves the bundle. The A certificate is now "revoked": refused on the open
+    // connection and on a new one.
+    write_plugin(&cacerts, &b, &[&b]);
+    assert_eq!(state.reload_now(), ReloadOutcome::Reloaded);
+    assert_refused(
+        call(&mut renew_a, &csr, 600, None, None).await,
+        tonic::Code::Unauthenticated,
+        "no longer verifies",
+    );
+    let fresh = env.client(Some((presented(&x), &key_x))).await;
+    let refused = match fresh {
+        Err(_) => true,
+        Ok(mut cl) => call(&mut cl, &csr, 600, None, None).await.is_err(),
+    };
+    assert!(
+        refused,
+        "a client certificate from a removed root must be refused"
+    );
+    assert_eq!(state.metrics().reload_success_count(), 3);
+}
+
+#[tokio::test]
+async fn watcher_picks_up_changes_without_reload_call() {
+    let a = make_plugin_ca("A");
+    let b = make_plugin_ca("B");
+    let env = start(|cfg, root| {
+        write_plugin(&root.join("cacerts"), &a, &[&a]);
+        cfg.reload_poll_interval = Duration::from_millis(500);
+    })
+    .await;
+    write_plugin(&env.root.join("cacerts"), &b, &[&a, &b]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while env.bundle().roots().len() != 2 {
+        assert!(std::time::Instant::now() < deadline, "reload not picked up");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+#[tokio::test]
+async fn self_signed_root_persists_across_restarts() {
+    let dir = tempfile::tempdir().unwrap();
+    let mk = || {
+        let mut cfg = CaConfig::new(dir.path().join("cacerts"), dir.path().join("state"), td());
+        cfg.listen = "127.0.0.1:0".parse().unwrap();
+        cfg
+    };
+    let first = rampart_citadel::start(mk()).await.unwrap();
+    let fp1 = first.state().authority().signing_root().fingerprint.clone();
+    first.shutdown().await;
+    use std::os::unix::fs::PermissionsExt;
+    let mode = std::fs::metadata(dir.path().join("state/root-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+    let second = rampart_citadel::start(mk()).await.unwrap();
+    assert_eq!(second.state().authority().signing_root().fingerprint, fp1);
+    second.shutdown().await;
+}
+
+#[tokio::test]
+async fn broken_plugin_dir_at_start_fails_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let cacerts = dir.path().join("cacerts");
+    std::fs::create_dir_all(&cacerts).unwrap();
+    std::fs::write(cacerts.join("ca-cert.pem"), "not a cert").unwrap();
+    let mut cfg = CaConfig::new(cacerts, dir.path().join("state"), td());
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let err = rampart_citadel::start(cfg).await.unwrap_err().to_string();
+    assert!(
+        err.contains("ca-key.pem") || err.contains("ca-cert.pem"),
+        "{err}"
+    );
+}

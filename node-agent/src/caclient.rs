@@ -1,0 +1,167 @@
+//! The CA client: Istio's `CreateCertificate` over TLS, verified against the configured root.
+
+use std::future::Future;
+use std::path::Path;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use hyper_util::rt::TokioIo;
+use rampart_proto::istio::v1::auth::IstioCertificateRequest;
+use rampart_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use rustls_pki_types::ServerName;
+use tonic::metadata::MetadataValue;
+
+use crate::Error;
+use crate::config::{CaConfig, read_nonempty};
+
+/// A boxed future, for object-safe async traits.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// One CSR to sign.
+#[derive(Debug)]
+pub struct SignRequest<'a> {
+    /// PEM CSR.
+    pub csr_pem: &'a str,
+    /// Requested lifetime.
+    pub ttl: Duration,
+    /// File with the bearer token, read now (so rotated tokens are used).
+    pub token_path: &'a Path,
+}
+
+/// Something that turns a CSR into a certificate chain: the Istio CA over the network, or a
+/// test double.
+pub trait CertificateSigner: Send + Sync + 'static {
+    /// Ask for a certificate; returns the `cert_chain` strings as the CA sent them.
+    fn sign<'a>(&'a self, req: SignRequest<'a>) -> BoxFuture<'a, Result<Vec<String>, Error>>;
+}
+
+/// Istio-compatible CA client (`istio.v1.auth.IstioCertificateService/CreateCertificate`).
+///
+/// Each call reads the CA root file and the token file afresh, dials, verifies the CA's
+/// serving certificate (TLS 1.3, ALPN h2, server name `server_name`) and sends one request.
+/// CSRs are rare (one per rotation), so a fresh connection each time is simpler than a pool
+/// and picks up CA restarts and root changes without bookkeeping.
+#[derive(Debug, Clone)]
+pub struct IstioCaClient {
+    cfg: Arc<CaConfig>,
+}
+
+// === impl IstioCaClient ===
+
+impl IstioCaClient {
+    /// A client for `cfg`.
+    pub fn new(cfg: CaConfig) -> Self {
+        IstioCaClient { cfg: Arc::new(cfg) }
+    }
+
+    /// TLS 1.3 per Rampart's crypto policy (`rampart_certs::tls`), server checked by name
+    /// against the roots in the CA root file (read now, so a changed file takes effect).
+    fn tls_config(&self) -> Result<rustls::ClientConfig, Error> {
+        let pem = read_nonempty(&self.cfg.root_path)?;
+        let bundle = rampart_certs::TrustBundle::from_pem(&pem)?;
+        let mut cfg =
+            rampart_certs::tls::client_config(rampart_certs::tls::ServerAuth::Dns { bundle }, None)
+                .map_err(|e| Error::InvalidConfig {
+                    field: "ca-root",
+                    reason: format!("{}: {e}", self.cfg.root_path.display()),
+                })?;
+        cfg.alpn_protocols = vec![b"h2".to_vec()];
+        Ok(cfg)
+    }
+
+    async fn call(&self, req: SignRequest<'_>) -> Result<Vec<String>, Error> {
+        let addr = self.cfg.addr.clone();
+        let unreachable = |reason: String| Error::CaUnreachable {
+            addr: addr.clone(),
+            reason,
+        };
+        let token = read_nonempty(req.token_path)?;
+        let tls = tokio_rustls::TlsConnector::from(Arc::new(self.tls_config()?));
+        let server_name = ServerName::try_from(self.cfg.server_name.clone()).map_err(|e| {
+            Error::InvalidConfig {
+                field: "ca-server-name",
+                reason: format!("{}: {e}", self.cfg.server_name),
+            }
+        })?;
+        let dial = addr.clone();
+        let connector = tower::service_fn(move |_uri: http::Uri| {
+            let tls = tls.clone();
+            let server_name = server_name.clone();
+            let dial = dial.clone();
+            async move {
+                let tcp = tokio::net::TcpStream::connect(&dial).await?;
+                tcp.set_nodelay(true)?;
+                let stream = tls.connect(server_name, tcp).await?;
+                Ok::<_, std::io::Error>(TokioIo::new(stream))
+            }
+        });
+        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+            .map_err(|e| unreachable(e.to_string()))?
+            .connect_with_connector(connector)
+            .await
+            .map_err(|e| unreachable(error_chain(&e)))?;
+        let mut client = IstioCertificateServiceClient::new(channel);
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr: req.csr_pem.to_owned(),
+            validity_duration: i64::try_from(req.ttl.as_secs()).unwrap_or(i64::MAX),
+            metadata: None,
+        });
+        let bearer: MetadataValue<_> =
+            format!("Bearer {token}")
+                .parse()
+                .map_err(|_| Error::BadToken {
+                    path: req.token_path.to_owned(),
+                    reason: "not a valid header value".into(),
+                })?;
+        request.metadata_mut().insert("authorization", bearer);
+        if let Some(cluster) = &self.cfg.cluster_id {
+            let v = cluster.parse().map_err(|_| Error::InvalidConfig {
+                field: "cluster-id",
+                reason: "not a valid header value".into(),
+            })?;
+            request.metadata_mut().insert("clusterid", v);
+        }
+        match client.create_certificate(request).await {
+            Ok(resp) => Ok(resp.into_inner().cert_chain),
+            Err(status) => match status.code() {
+                tonic::Code::Unavailable | tonic::Code::Unknown
+                    if status.message().contains("transport") =>
+                {
+                    Err(unreachable(status.message().to_owned()))
+                }
+                code => Err(Error::CaRefused {
+                    code: format!("{code:?}"),
+                    message: status.message().to_owned(),
+                }),
+            },
+        }
+    }
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+impl CertificateSigner for IstioCaClient {
+    fn sign<'a>(&'a self, req: SignRequest<'a>) -> BoxFuture<'a, Result<Vec<String>, Error>> {
+        let timeout = self.cfg.request_timeout;
+        let addr = self.cfg.addr.clone();
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, self.call(req)).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::CaUnreachable {
+                    addr,
+                    reason: format!("no answer within {timeout:?}"),
+                }),
+            }
+        })
+    }
+}

@@ -1,0 +1,41 @@
+//! File output for applications that read certificates from disk (Istio `OUTPUT_CERTS`).
+
+use std::path::Path;
+
+use crate::Error;
+use crate::state::{Bundle, Svid};
+
+/// File names, as Istio writes them.
+pub const CERT_CHAIN_FILE: &str = "cert-chain.pem";
+/// Private key file (mode 0600).
+pub const KEY_FILE: &str = "key.pem";
+/// Trust bundle file.
+pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+
+fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), Error> {
+    let path = dir.join(name);
+    rampart_certs::write_file_atomic(&path, bytes, mode)
+        .map_err(|source| Error::WriteFile { path, source })
+}
+
+/// Write the SVID and bundle, each file atomically (temp file + rename). The key is written
+/// before the chain so a reader that sees a new chain also finds its key.
+pub(crate) fn write_outputs(dir: &Path, svid: &Svid, bundle: Option<&Bundle>) -> Result<(), Error> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::WriteFile {
+        path: dir.to_owned(),
+        source,
+    })?;
+    write(dir, KEY_FILE, svid.key_pem.as_bytes(), 0o600)?;
+    write(dir, CERT_CHAIN_FILE, svid.chain_pem.as_bytes(), 0o644)?;
+    if let Some(b) = bundle {
+        write(dir, ROOT_CERT_FILE, b.pem.as_bytes(), 0o644)?;
+    }
+    Ok(())
+}
+
+/// Remove the chain and key (the certificate expired: fail closed for file readers too).
+pub(crate) fn remove_svid(dir: &Path) {
+    for f in [CERT_CHAIN_FILE, KEY_FILE] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+}

@@ -1,0 +1,408 @@
+//! Accept gRPC C-core clients (Python `grpcio`, py-spiffe, ...) on Unix sockets.
+//!
+//! For a target `unix:/run/x/socket` gRPC C-core sends the HTTP/2 `:authority` pseudo-header
+//! as the percent-encoded path (`run%2Fx%2Fsocket`). That is not a valid URI authority, and
+//! the Rust HTTP/2 stack (h2) resets such streams with PROTOCOL_ERROR, so those clients could
+//! not talk to a tonic server over a Unix socket at all. Go and Envoy clients send a valid
+//! authority and are unaffected.
+//!
+//! [`AuthorityFix`] sits between the accepted socket and the HTTP/2 server. In the client to
+//! server direction it parses HTTP/2 frames, HPACK-decodes each header block (keeping the
+//! client's compression context), replaces an invalid `:authority` with `localhost`
+//! (the authority has no meaning on a Unix socket), and re-encodes the block with its own
+//! HPACK context. Every other frame, and the server to client direction, pass unchanged.
+
+use std::io;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+const PREFACE_LEN: usize = 24;
+const FRAME_HEADER_LEN: usize = 9;
+const TYPE_HEADERS: u8 = 0x1;
+const TYPE_CONTINUATION: u8 = 0x9;
+const FLAG_END_STREAM: u8 = 0x1;
+const FLAG_END_HEADERS: u8 = 0x4;
+const FLAG_PADDED: u8 = 0x8;
+const FLAG_PRIORITY: u8 = 0x20;
+/// SETTINGS_MAX_FRAME_SIZE default (the server does not raise it).
+const MAX_FRAME: usize = 16_384;
+/// Largest frame accepted from the client (a larger one is a protocol error anyway).
+const MAX_IN_FRAME: usize = 1 << 20;
+/// Largest header block accepted (h2's default max header list size is 16 KiB; allow slack).
+const MAX_BLOCK: usize = 64 * 1024;
+
+struct Pending {
+    stream_id: u32,
+    end_stream: bool,
+    block: Vec<u8>,
+}
+
+/// A stream whose client-to-server HTTP/2 header blocks get a valid `:authority`.
+pub(crate) struct AuthorityFix<S> {
+    inner: S,
+    raw: Vec<u8>,
+    out: Vec<u8>,
+    out_pos: usize,
+    preface_done: bool,
+    eof: bool,
+    pending: Option<Pending>,
+    decoder: loona_hpack::Decoder<'static>,
+    encoder: loona_hpack::Encoder<'static>,
+}
+
+fn bad(msg: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidData,
+        format!("HTTP/2 from client: {msg}"),
+    )
+}
+
+fn valid_authority(v: &[u8]) -> bool {
+    std::str::from_utf8(v).is_ok_and(|s| s.parse::<http::uri::Authority>().is_ok())
+}
+
+// === impl AuthorityFix ===
+
+impl<S> AuthorityFix<S> {
+    pub(crate) fn new(inner: S) -> Self {
+        AuthorityFix {
+            inner,
+            raw: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            preface_done: false,
+            eof: false,
+            pending: None,
+            decoder: loona_hpack::Decoder::new(),
+            encoder: loona_hpack::Encoder::new(),
+        }
+    }
+
+    /// Move every complete unit (preface, frame) from `raw` to `out`, rewriting headers.
+    fn process(&mut self) -> io::Result<()> {
+        if !self.preface_done {
+            if self.raw.len() < PREFACE_LEN {
+                return Ok(());
+            }
+            self.out.extend(self.raw.drain(..PREFACE_LEN));
+            self.preface_done = true;
+        }
+        loop {
+            if self.raw.len() < FRAME_HEADER_LEN {
+                return Ok(());
+            }
+            let len = u32::from_be_bytes([0, self.raw[0], self.raw[1], self.raw[2]]) as usize;
+            if len > MAX_IN_FRAME {
+                return Err(bad("frame too large"));
+            }
+            if self.raw.len() < FRAME_HEADER_LEN + len {
+                return Ok(());
+            }
+            let kind = self.raw[3];
+            let flags = self.raw[4];
+            let sid = u32::from_be_bytes([self.raw[5], self.raw[6], self.raw[7], self.raw[8]])
+                & 0x7fff_ffff;
+            let frame: Vec<u8> = self.raw.drain(..FRAME_HEADER_LEN + len).collect();
+            let payload = &frame[FRAME_HEADER_LEN..];
+            match kind {
+                TYPE_HEADERS => {
+                    if self.pending.is_some() {
+                        return Err(bad("HEADERS while a header block is open"));
+                    }
+                    let mut p = payload;
+                    if flags & FLAG_PADDED != 0 {
+                        let pad = *p.first().ok_or_else(|| bad("short padded HEADERS"))? as usize;
+                        if 1 + pad > p.len() {
+                            return Err(bad("bad padding"));
+                        }
+                        p = &p[1..p.len() - pad];
+                    }
+                    if flags & FLAG_PRIORITY != 0 {
+                        if p.len() < 5 {
+                            return Err(bad("short HEADERS priority"));
+                        }
+                        p = &p[5..];
+                    }
+                    self.pending = Some(Pending {
+                        stream_id: sid,
+                        end_stream: flags & FLAG_END_STREAM != 0,
+                        block: p.to_vec(),
+                    });
+                    if flags & FLAG_END_HEADERS != 0 {
+                        self.finish_block()?;
+                    }
+                }
+                TYPE_CONTINUATION => {
+                    let pend = self
+                        .pending
+                        .as_mut()
+                        .filter(|p| p.stream_id == sid)
+                        .ok_or_else(|| bad("CONTINUATION without HEADERS"))?;
+                    pend.block.extend_from_slice(payload);
+                    if pend.block.len() > MAX_BLOCK {
+                        return Err(bad("header block too large"));
+                    }
+                    if flags & FLAG_END_HEADERS != 0 {
+                        self.finish_block()?;
+                    }
+                }
+                _ => {
+                    if self.pending.is_some() {
+                        return Err(bad("frame interleaved in a header block"));
+                    }
+                    self.out.extend_from_slice(&frame);
+                }
+            }
+        }
+    }
+
+    fn finish_block(&mut self) -> io::Result<()> {
+        let Some(p) = self.pending.take() else {
+            return Ok(());
+        };
+        let mut headers = self
+            .decoder
+            .decode(&p.block)
+            .map_err(|e| bad(&format!("HPACK: {e:?}")))?;
+        for (name, value) in &mut headers {
+            if name.as_slice() == b":authority" && !valid_authority(value) {
+                *value = b"localhost".to_vec();
+            }
+        }
+        let block = self
+            .encoder
+            .encode(headers.iter().map(|(n, v)| (n.as_slice(), v.as_slice())));
+        let mut chunks = block.chunks(MAX_FRAME).peekable();
+        let mut first = true;
+        if block.is_empty() {
+            self.write_frame(
+                TYPE_HEADERS,
+                FLAG_END_HEADERS | end(p.end_stream),
+                p.stream_id,
+                &[],
+            );
+        }
+        while let Some(chunk) = chunks.next() {
+            let last = chunks.peek().is_none();
+            let kind = if first {
+                TYPE_HEADERS
+            } else {
+                TYPE_CONTINUATION
+            };
+            let mut flags = if last { FLAG_END_HEADERS } else { 0 };
+            if first {
+                flags |= end(p.end_stream);
+            }
+            self.write_frame(kind, flags, p.stream_id, chunk);
+            first = false;
+        }
+        Ok(())
+    }
+
+    fn write_frame(&mut self, kind: u8, flags: u8, sid: u32, payload: &[u8]) {
+        let len = payload.len() as u32;
+        self.out.extend_from_slice(&len.to_be_bytes()[1..]);
+        self.out.push(kind);
+        self.out.push(flags);
+        self.out.extend_from_slice(&sid.to_be_bytes());
+        self.out.extend_from_slice(payload);
+    }
+}
+
+fn end(end_stream: bool) -> u8 {
+    if end_stream { FLAG_END_STREAM } else { 0 }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        let me = self.get_mut();
+        loop {
+            if me.out_pos < me.out.len() {
+                let n = buf.remaining().min(me.out.len() - me.out_pos);
+                buf.put_slice(&me.out[me.out_pos..me.out_pos + n]);
+                me.out_pos += n;
+                if me.out_pos == me.out.len() {
+                    me.out.clear();
+                    me.out_pos = 0;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            if me.eof {
+                // Pass any incomplete tail through; the server reports the truncation.
+                if !me.raw.is_empty() {
+                    me.out.append(&mut me.raw);
+                    continue;
+                }
+                return Poll::Ready(Ok(()));
+            }
+            let mut tmp = [0u8; 8192];
+            let mut rb = ReadBuf::new(&mut tmp);
+            match Pin::new(&mut me.inner).poll_read(cx, &mut rb) {
+                Poll::Pending => return Poll::Pending,
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Ready(Ok(())) => {
+                    if rb.filled().is_empty() {
+                        me.eof = true;
+                    } else {
+                        me.raw.extend_from_slice(rb.filled());
+                        me.process()?;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+    }
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_flush(cx)
+    }
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        Pin::new(&mut self.get_mut().inner).poll_shutdown(cx)
+    }
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+    }
+    fn is_write_vectored(&self) -> bool {
+        self.inner.is_write_vectored()
+    }
+}
+
+impl<S> tonic::transport::server::Connected for AuthorityFix<S>
+where
+    S: tonic::transport::server::Connected,
+{
+    type ConnectInfo = S::ConnectInfo;
+    fn connect_info(&self) -> Self::ConnectInfo {
+        self.inner.connect_info()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    fn frame(kind: u8, flags: u8, sid: u32, payload: &[u8]) -> Vec<u8> {
+        let mut v = (payload.len() as u32).to_be_bytes()[1..].to_vec();
+        v.push(kind);
+        v.push(flags);
+        v.extend_from_slice(&sid.to_be_bytes());
+        v.extend_from_slice(payload);
+        v
+    }
+
+    async fn pump(input: Vec<u8>) -> Vec<u8> {
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        tokio::io::AsyncWriteExt::write_all(&mut a, &input)
+            .await
+            .unwrap();
+        drop(a);
+        let mut fix = AuthorityFix::new(b);
+        let mut out = Vec::new();
+        fix.read_to_end(&mut out).await.unwrap();
+        out
+    }
+
+    fn headers_of(out: &[u8]) -> Vec<Vec<(Vec<u8>, Vec<u8>)>> {
+        let mut dec = loona_hpack::Decoder::new();
+        let mut rest = &out[PREFACE_LEN..];
+        let mut blocks = Vec::new();
+        while rest.len() >= FRAME_HEADER_LEN {
+            let len = u32::from_be_bytes([0, rest[0], rest[1], rest[2]]) as usize;
+            if rest[3] == TYPE_HEADERS {
+                blocks.push(dec.decode(&rest[9..9 + len]).unwrap());
+            }
+            rest = &rest[9 + len..];
+        }
+        blocks
+    }
+
+    #[tokio::test]
+    async fn rewrites_invalid_authority_keeps_valid_one_and_other_frames() {
+        let mut enc = loona_hpack::Encoder::new();
+        let preface = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        let h1 = enc.encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":authority", b"tmp%2Fx%2Fsocket"),
+            (b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"),
+            (b"workload.spiffe.io", b"true"),
+        ]);
+        // Same header again: the client's encoder now uses its dynamic table.
+        let h2 = enc.encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":authority", b"tmp%2Fx%2Fsocket"),
+            (b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"),
+        ]);
+        let h3 = enc.encode([(&b":authority"[..], &b"localhost:1234"[..])]);
+        let mut input = preface.clone();
+        input.extend(frame(0x4, 0, 0, &[])); // SETTINGS
+        // split the first block into HEADERS + CONTINUATION, padded
+        let (a, b) = h1.split_at(h1.len() / 2);
+        let mut padded = vec![3u8];
+        padded.extend_from_slice(a);
+        padded.extend_from_slice(&[0, 0, 0]);
+        input.extend(frame(TYPE_HEADERS, FLAG_PADDED, 1, &padded));
+        input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, b));
+        input.extend(frame(0x0, 0x1, 1, b"data"));
+        input.extend(frame(
+            TYPE_HEADERS,
+            FLAG_END_HEADERS | FLAG_END_STREAM,
+            3,
+            &h2,
+        ));
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 5, &h3));
+        let out = pump(input).await;
+        assert_eq!(&out[..PREFACE_LEN], &preface[..]);
+        let blocks = headers_of(&out);
+        assert_eq!(blocks.len(), 3);
+        let auth = |b: &Vec<(Vec<u8>, Vec<u8>)>| {
+            b.iter()
+                .find(|(n, _)| n == b":authority")
+                .unwrap()
+                .1
+                .clone()
+        };
+        assert_eq!(auth(&blocks[0]), b"localhost");
+        assert_eq!(auth(&blocks[1]), b"localhost");
+        assert_eq!(auth(&blocks[2]), b"localhost:1234");
+        assert!(
+            blocks[0]
+                .iter()
+                .any(|(n, v)| n == b"workload.spiffe.io" && v == b"true")
+        );
+        // the DATA frame passed unchanged
+        assert!(out.windows(4).any(|w| w == b"data"));
+    }
+
+    #[tokio::test]
+    async fn garbage_is_an_error_not_a_panic() {
+        let mut input = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n".to_vec();
+        input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, b"xx"));
+        let (mut a, b) = tokio::io::duplex(1024);
+        tokio::io::AsyncWriteExt::write_all(&mut a, &input)
+            .await
+            .unwrap();
+        drop(a);
+        let mut fix = AuthorityFix::new(b);
+        let mut out = Vec::new();
+        assert!(fix.read_to_end(&mut out).await.is_err());
+    }
+}

@@ -1,0 +1,384 @@
+//! The certificate lifecycle of one workload identity: key, CSR, check, install, renew.
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rampart_certs::{KeyAlgorithm, PrivateKey, SpiffeId, TrustBundle, build_csr};
+use tokio_util::sync::CancellationToken;
+
+use crate::caclient::{CertificateSigner, SignRequest};
+use crate::config::{RotationConfig, read_nonempty};
+use crate::metrics::Metrics;
+use crate::rotation::{Backoff, random_unit, refresh_delay};
+use crate::state::SecretStore;
+use crate::{Error, files, verify};
+
+/// Wall-clock source. `System` in production; `Tokio` follows tokio's (pausable) clock from
+/// a fixed start so rotation can be tested with paused time.
+#[derive(Debug, Clone, Copy)]
+pub enum Clock {
+    /// `SystemTime::now()`.
+    System,
+    /// `base + (tokio::time::Instant::now() - start)`.
+    Tokio {
+        /// Tokio instant at `base`.
+        start: tokio::time::Instant,
+        /// Wall time at `start`.
+        base: SystemTime,
+    },
+}
+
+// === impl Clock ===
+
+impl Clock {
+    /// A clock driven by tokio time, starting now.
+    pub fn tokio_now() -> Self {
+        Clock::Tokio {
+            start: tokio::time::Instant::now(),
+            base: SystemTime::now(),
+        }
+    }
+
+    /// The current wall time.
+    pub fn now(&self) -> SystemTime {
+        match self {
+            Clock::System => SystemTime::now(),
+            Clock::Tokio { start, base } => *base + start.elapsed(),
+        }
+    }
+
+    /// Sleep until wall time `t` (immediately if it passed).
+    pub(crate) fn sleep_until(&self, t: SystemTime) -> tokio::time::Sleep {
+        let d = t.duration_since(self.now()).unwrap_or(Duration::ZERO);
+        tokio::time::sleep(d)
+    }
+}
+
+/// Everything one identity's lifecycle needs.
+pub(crate) struct Manager {
+    pub(crate) id: SpiffeId,
+    pub(crate) token_path: PathBuf,
+    pub(crate) ca_root_path: Option<PathBuf>,
+    pub(crate) signer: Arc<dyn CertificateSigner>,
+    pub(crate) rotation: RotationConfig,
+    pub(crate) clock: Clock,
+    pub(crate) store: SecretStore,
+    pub(crate) output_dir: Option<PathBuf>,
+    pub(crate) metrics: Arc<Metrics>,
+}
+
+enum Event {
+    Refresh,
+    Expired,
+    Shutdown,
+}
+
+// === impl Manager ===
+
+impl Manager {
+    /// One attempt: fresh key, CSR, CA call, checks.
+    async fn attempt(&self) -> Result<verify::Checked, Error> {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
+        let csr = build_csr(&key, &self.id)?;
+        let chain = self
+            .signer
+            .sign(SignRequest {
+                csr_pem: &csr,
+                ttl: self.rotation.ttl,
+                token_path: &self.token_path,
+            })
+            .await?;
+        let configured = match &self.ca_root_path {
+            Some(p) => Some(TrustBundle::from_pem(&read_nonempty(p)?)?),
+            None => None,
+        };
+        verify::check_response(&chain, key, &self.id, configured.as_ref(), self.clock.now())
+    }
+
+    fn current_not_after(&self) -> Option<SystemTime> {
+        self.store.current().svid.map(|s| s.leaf.not_after)
+    }
+
+    fn expire(&self) {
+        tracing::error!(
+            spiffe_id = %self.id,
+            "workload certificate expired before it could be renewed; no longer serving it"
+        );
+        self.store.revoke_svid();
+        if let Some(dir) = &self.output_dir {
+            files::remove_svid(dir);
+        }
+        self.metrics.cert_expired(&self.id.to_string());
+    }
+
+    fn install(&self, checked: verify::Checked) -> Duration {
+        let verify::Checked { svid, bundle } = checked;
+        let now = self.clock.now();
+        let delay = refresh_delay(
+            svid.leaf.not_before,
+            svid.leaf.not_after,
+            svid.received_at,
+            now,
+            self.rotation.grace_ratio,
+            random_unit() * self.rotation.max_jitter,
+            self.rotation.min_refresh_interval,
+        );
+        tracing::info!(
+            spiffe_id = %self.id,
+            serial = %svid.leaf.serial_hex,
+            not_after = %humantime::format_rfc3339_seconds(svid.leaf.not_after),
+            roots = bundle.bundle.roots().len(),
+            refresh_in = ?delay,
+            "installed workload certificate"
+        );
+        self.metrics
+            .cert_installed(&self.id.to_string(), svid.leaf.not_after);
+        self.store.install(svid, Some(bundle));
+        if let Some(dir) = &self.output_dir {
+            let snap = self.store.current();
+            if let Some(svid) = &snap.svid
+                && let Err(e) = files::write_outputs(dir, svid, snap.bundle.as_deref())
+            {
+                tracing::error!(spiffe_id = %self.id, "file output: {e}");
+            }
+        }
+        delay
+    }
+
+    /// Wait for the next refresh point, watching for expiry and shutdown meanwhile.
+    async fn wait(&self, refresh_at: SystemTime, shutdown: &CancellationToken) -> Event {
+        let expiry = self.current_not_after();
+        tokio::select! {
+            _ = shutdown.cancelled() => Event::Shutdown,
+            _ = self.clock.sleep_until(expiry.unwrap_or(refresh_at)), if expiry.is_some() => Event::Expired,
+            _ = self.clock.sleep_until(refresh_at) => Event::Refresh,
+        }
+    }
+
+    /// Run until `shutdown`: obtain a certificate now, then renew at the grace point; on CA
+    /// errors retry with capped exponential backoff while the current certificate (if any)
+    /// keeps being served; withdraw it when it expires.
+    pub(crate) async fn run(self, shutdown: CancellationToken) {
+        let mut backoff = Backoff::new(self.rotation.backoff_initial, self.rotation.backoff_max);
+        let mut next = self.clock.now();
+        loop {
+            match self.wait(next, &shutdown).await {
+                Event::Shutdown => return,
+                Event::Expired => {
+                    // Renew right away (the refresh point may still be in the future if the CA
+                    // handed out something very short-lived).
+                    self.expire();
+                    next = next.min(self.clock.now());
+                    continue;
+                }
+                Event::Refresh => {}
+            }
+            let attempt = self.attempt();
+            tokio::pin!(attempt);
+            let result = loop {
+                let expiry = self.current_not_after();
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    r = &mut attempt => break r,
+                    _ = self.clock.sleep_until(expiry.unwrap_or(next)), if expiry.is_some() => self.expire(),
+                }
+            };
+            match result {
+                Ok(checked) => {
+                    backoff.reset();
+                    let delay = self.install(checked);
+                    next = self.clock.now() + delay;
+                }
+                Err(e) => {
+                    self.metrics.ca_error(&self.id.to_string(), &e);
+                    let delay = backoff.next_delay(random_unit());
+                    let serving = self
+                        .current_not_after()
+                        .map(|t| humantime::format_rfc3339_seconds(t).to_string());
+                    tracing::warn!(
+                        spiffe_id = %self.id,
+                        retry_in = ?delay,
+                        still_serving_until = serving.as_deref().unwrap_or("nothing"),
+                        "certificate request failed: {e}"
+                    );
+                    next = self.clock.now() + delay;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use rampart_certs::{CertificateAuthority, RootParams, VerifiedCsr, certs_to_pem};
+
+    use super::*;
+    use crate::caclient::BoxFuture;
+
+    #[derive(Clone, Copy, PartialEq)]
+    enum Mode {
+        Ok,
+        Down,
+        WrongSan,
+    }
+
+    /// In-process signer on the tokio clock (paused in these tests).
+    struct LocalSigner {
+        ca: CertificateAuthority,
+        clock: Clock,
+        mode: Mutex<Mode>,
+        calls: Mutex<Vec<SystemTime>>,
+    }
+
+    impl CertificateSigner for LocalSigner {
+        fn sign<'a>(&'a self, req: SignRequest<'a>) -> BoxFuture<'a, Result<Vec<String>, Error>> {
+            Box::pin(async move {
+                let now = self.clock.now();
+                self.calls.lock().unwrap().push(now);
+                let mode = *self.mode.lock().unwrap();
+                if mode == Mode::Down {
+                    return Err(Error::CaUnreachable {
+                        addr: "test".into(),
+                        reason: "down".into(),
+                    });
+                }
+                let csr = VerifiedCsr::from_pem(req.csr_pem).unwrap();
+                let mut id = csr.requested_spiffe_id().unwrap();
+                if mode == Mode::WrongSan {
+                    id = SpiffeId::istio(id.trust_domain(), "other", "intruder").unwrap();
+                }
+                let leaf = self
+                    .ca
+                    .issue_workload(csr.public_key_spki_der(), &id, req.ttl, now)
+                    .unwrap();
+                Ok(vec![
+                    certs_to_pem(&[leaf]),
+                    certs_to_pem(&[self.ca.cert().clone()]),
+                ])
+            })
+        }
+    }
+
+    fn setup(ttl: Duration) -> (Manager, Arc<LocalSigner>, SecretStore) {
+        let clock = Clock::tokio_now();
+        let ca = CertificateAuthority::self_signed_root(
+            &RootParams::default(),
+            PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+            clock.now(),
+        )
+        .unwrap();
+        let signer = Arc::new(LocalSigner {
+            ca,
+            clock,
+            mode: Mutex::new(Mode::Ok),
+            calls: Mutex::new(Vec::new()),
+        });
+        let store = SecretStore::new();
+        let m = Manager {
+            id: SpiffeId::istio(&"cluster.local".parse().unwrap(), "ns", "sa").unwrap(),
+            token_path: PathBuf::from("/dev/null"),
+            ca_root_path: None,
+            signer: signer.clone(),
+            rotation: RotationConfig {
+                ttl,
+                backoff_initial: Duration::from_millis(500),
+                backoff_max: Duration::from_secs(8),
+                ..RotationConfig::default()
+            },
+            clock,
+            store: store.clone(),
+            output_dir: None,
+            metrics: Arc::new(Metrics::new()),
+        };
+        (m, signer, store)
+    }
+
+    fn serial(store: &SecretStore) -> Option<String> {
+        store.current().svid.map(|s| s.leaf.serial_hex.clone())
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn short_ttl_with_backdated_not_before_renews_at_half_life_without_storm() {
+        // The CA backdates not-before by 5 minutes; the TTL is 10 s. Renewal must follow the
+        // 10 s we really have (about every 5 s, a little earlier with jitter), not the
+        // backdated 5 min 10 s lifetime (which would put every refresh point in the past).
+        let (m, signer, store) = setup(Duration::from_secs(10));
+        let sd = CancellationToken::new();
+        let task = tokio::spawn(m.run(sd.clone()));
+        tokio::time::sleep(Duration::from_secs(60)).await;
+        sd.cancel();
+        task.await.unwrap();
+        let calls = signer.calls.lock().unwrap().clone();
+        // X.509 times have whole seconds, so the usable lifetime is 9..10 s and renewals come
+        // every 4..5 s (jitter takes up to 10% of the grace window): 13..=16 calls in 60 s
+        // including the first. A storm would be thousands.
+        assert!((12..=16).contains(&calls.len()), "{} CA calls", calls.len());
+        for w in calls.windows(2) {
+            let gap = w[1].duration_since(w[0]).unwrap();
+            assert!(
+                gap >= Duration::from_millis(3900) && gap <= Duration::from_millis(5100),
+                "{gap:?}"
+            );
+        }
+        assert!(store.current().svid.is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn ca_down_keeps_cert_with_capped_backoff_then_fails_closed_at_expiry_then_recovers() {
+        let (m, signer, store) = setup(Duration::from_secs(40));
+        let sd = CancellationToken::new();
+        let task = tokio::spawn(m.run(sd.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let s1 = serial(&store).expect("first certificate");
+        let na = store.current().svid.unwrap().leaf.not_after;
+        *signer.mode.lock().unwrap() = Mode::Down;
+        // Until expiry: the same certificate is served throughout.
+        tokio::time::sleep(Duration::from_secs(35)).await;
+        assert_eq!(serial(&store).as_deref(), Some(s1.as_str()));
+        let calls = signer.calls.lock().unwrap().clone();
+        let gaps: Vec<Duration> = calls[1..]
+            .windows(2)
+            .map(|w| w[1].duration_since(w[0]).unwrap())
+            .collect();
+        // Exponential (jitter takes at most half off), capped at 8 s.
+        assert!(gaps.len() >= 3, "{gaps:?}");
+        assert!(
+            gaps.iter().all(|g| *g <= Duration::from_secs(8)),
+            "{gaps:?}"
+        );
+        assert!(gaps.last().unwrap() >= &Duration::from_secs(4), "{gaps:?}");
+        // Past not-after: withdrawn.
+        tokio::time::sleep(Duration::from_secs(6)).await;
+        assert!(
+            store.current().svid.is_none(),
+            "expired certificate still served (not_after {na:?})"
+        );
+        // CA back: a new certificate within the backoff cap.
+        *signer.mode.lock().unwrap() = Mode::Ok;
+        tokio::time::sleep(Duration::from_secs(9)).await;
+        let s2 = serial(&store).expect("renewed after the CA came back");
+        assert_ne!(s1, s2);
+        sd.cancel();
+        task.await.unwrap();
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn wrong_san_from_ca_is_refused_and_old_cert_kept() {
+        let (m, signer, store) = setup(Duration::from_secs(20));
+        let sd = CancellationToken::new();
+        let task = tokio::spawn(m.run(sd.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let s1 = serial(&store).unwrap();
+        *signer.mode.lock().unwrap() = Mode::WrongSan;
+        tokio::time::sleep(Duration::from_secs(15)).await;
+        assert!(signer.calls.lock().unwrap().len() >= 3);
+        let cur = store.current().svid.unwrap();
+        assert_eq!(cur.leaf.serial_hex, s1);
+        assert_eq!(cur.leaf.uri_sans, ["spiffe://cluster.local/ns/ns/sa/sa"]);
+        sd.cancel();
+        task.await.unwrap();
+    }
+}

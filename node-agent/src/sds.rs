@@ -1,0 +1,707 @@
+//! Envoy SDS v3 (`envoy.service.secret.v3.SecretDiscoveryService`) over a Unix socket.
+//!
+//! Resources: `default` (`tls_certificate`: inline chain + key) and `ROOTCA`
+//! (`validation_context.trusted_ca`: inline bundle), both PEM in `inline_bytes` as Istio's
+//! agent sends them.
+//!
+//! xDS rules followed (envoy `api-docs/xds_protocol`):
+//! - every response carries a fresh `nonce` and a `version_info` derived from the versions of
+//!   the resources in it (leaf serial for `default`, root-set digest for `ROOTCA`), so
+//!   versions are stable across agent restarts and equal content gives equal versions;
+//! - a request whose `response_nonce` is not the last nonce sent on the stream is stale and
+//!   ignored (Envoy will answer the newer response);
+//! - a request with the last nonce and no `error_detail` is an ACK: nothing is sent until a
+//!   subscribed resource changes;
+//! - a NACK (`error_detail` set) is logged with its detail and counted; nothing is re-sent
+//!   until the content changes, so a client that rejects a secret does not loop;
+//! - a request with an empty nonce (first on a stream, or after reconnect) or a changed set
+//!   of names is answered with the full state of the subscribed resources;
+//! - unknown names end the stream with `NOT_FOUND` naming the resource: Istio's agent also
+//!   fails the stream when it cannot generate a requested secret, and Envoy retries with
+//!   backoff; silently never answering would leave Envoy waiting on its init timeout.
+//! - a response is only sent once every subscribed resource exists (before the first
+//!   certificate arrives, the stream waits); when the certificate expires without renewal,
+//!   streams holding `default` end with `UNAVAILABLE` (fail closed; delta streams get it in
+//!   `removed_resources`).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures::Stream;
+use prost::Message;
+use rampart_proto::envoy::config::core::v3::{DataSource, data_source::Specifier};
+use rampart_proto::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, SECRET_TYPE_URL, Secret, TlsCertificate, secret,
+};
+use rampart_proto::envoy::service::discovery::v3::{
+    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
+};
+use rampart_proto::envoy::service::secret::v3::secret_discovery_service_server::{
+    SecretDiscoveryService, SecretDiscoveryServiceServer,
+};
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_util::sync::CancellationToken;
+use tonic::{Request, Response, Status, Streaming};
+use zeroize::Zeroizing;
+
+use crate::metrics::Metrics;
+use crate::state::{SecretStore, Snapshot};
+
+/// Resource name of the workload certificate and key.
+pub const WORKLOAD_RESOURCE: &str = "default";
+/// Resource name of the trust bundle.
+pub const ROOT_RESOURCE: &str = "ROOTCA";
+
+static NONCE: AtomicU64 = AtomicU64::new(1);
+
+fn next_nonce() -> String {
+    NONCE.fetch_add(1, Ordering::Relaxed).to_string()
+}
+
+fn inline(bytes: &[u8]) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(Specifier::InlineBytes(bytes.to_vec())),
+    })
+}
+
+/// Encode the `default` secret (chain + key). The buffer holds the key: zeroized on drop.
+pub(crate) fn encode_tls_certificate(chain_pem: &[u8], key_pem: &[u8]) -> Zeroizing<Vec<u8>> {
+    let mut s = Secret {
+        name: WORKLOAD_RESOURCE.to_owned(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(chain_pem),
+            private_key: inline(key_pem),
+            ..Default::default()
+        })),
+    };
+    let out = Zeroizing::new(s.encode_to_vec());
+    // Scrub the temporary message's copy of the key too.
+    if let Some(secret::Type::TlsCertificate(t)) = &mut s.r#type
+        && let Some(DataSource {
+            specifier: Some(Specifier::InlineBytes(b)),
+        }) = &mut t.private_key
+    {
+        zeroize::Zeroize::zeroize(b);
+    }
+    out
+}
+
+/// Encode the `ROOTCA` secret (trust bundle).
+pub(crate) fn encode_validation_context(bundle_pem: &[u8]) -> Vec<u8> {
+    Secret {
+        name: ROOT_RESOURCE.to_owned(),
+        r#type: Some(secret::Type::ValidationContext(
+            CertificateValidationContext {
+                trusted_ca: inline(bundle_pem),
+                ..Default::default()
+            },
+        )),
+    }
+    .encode_to_vec()
+}
+
+/// The current version and encoded resource for `name`, if it is available.
+fn resource(snap: &Snapshot, name: &str) -> Option<(String, prost_types::Any)> {
+    match name {
+        WORKLOAD_RESOURCE => snap.svid.as_ref().map(|s| {
+            (
+                s.version.clone(),
+                prost_types::Any {
+                    type_url: SECRET_TYPE_URL.to_owned(),
+                    value: s.sds_secret.to_vec(),
+                },
+            )
+        }),
+        ROOT_RESOURCE => snap.bundle.as_ref().map(|b| {
+            (
+                b.version.clone(),
+                prost_types::Any {
+                    type_url: SECRET_TYPE_URL.to_owned(),
+                    value: b.sds_secret.clone(),
+                },
+            )
+        }),
+        _ => None,
+    }
+}
+
+fn check_names<'a>(names: impl IntoIterator<Item = &'a String>) -> Result<(), Status> {
+    for n in names {
+        if n != WORKLOAD_RESOURCE && n != ROOT_RESOURCE {
+            return Err(Status::not_found(format!(
+                "unknown SDS resource {n:?}: this agent serves {WORKLOAD_RESOURCE:?} (workload \
+                 certificate and key) and {ROOT_RESOURCE:?} (trust bundle)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn check_type(type_url: &str) -> Result<(), Status> {
+    if type_url.is_empty() || type_url == SECRET_TYPE_URL {
+        Ok(())
+    } else {
+        Err(Status::invalid_argument(format!(
+            "type_url {type_url:?} is not {SECRET_TYPE_URL:?}"
+        )))
+    }
+}
+
+/// The SDS service for one workload identity.
+#[derive(Debug, Clone)]
+pub struct SdsService {
+    store: SecretStore,
+    metrics: Arc<Metrics>,
+    fetch_timeout: Duration,
+    shutdown: CancellationToken,
+}
+
+// === impl SdsService ===
+
+impl SdsService {
+    /// Serve what `store` holds.
+    pub fn new(store: SecretStore, metrics: Arc<Metrics>) -> Self {
+        SdsService {
+            store,
+            metrics,
+            fetch_timeout: Duration::from_secs(5),
+            shutdown: CancellationToken::new(),
+        }
+    }
+
+    /// End open streams (with `UNAVAILABLE`) when `token` is cancelled, so a graceful
+    /// server shutdown does not wait for clients that never hang up.
+    pub fn with_shutdown(mut self, token: CancellationToken) -> Self {
+        self.shutdown = token;
+        self
+    }
+
+    /// The tonic service.
+    pub fn into_server(self) -> SecretDiscoveryServiceServer<Self> {
+        SecretDiscoveryServiceServer::new(self)
+    }
+}
+
+/// Decrements the open-streams gauge when a stream task ends.
+struct StreamGauge(Arc<Metrics>);
+impl StreamGauge {
+    fn new(m: Arc<Metrics>) -> Self {
+        m.sds_streams.inc();
+        StreamGauge(m)
+    }
+}
+impl Drop for StreamGauge {
+    fn drop(&mut self) {
+        self.0.sds_streams.dec();
+    }
+}
+
+/// State of one state-of-the-world stream.
+struct SotwStream {
+    subscribed: BTreeSet<String>,
+    last_nonce: Option<String>,
+    /// Versions in the last response, by name.
+    sent: BTreeMap<String, String>,
+}
+
+enum Step {
+    Continue,
+    Send(DiscoveryResponse),
+}
+
+// === impl SotwStream ===
+
+impl SotwStream {
+    fn on_request(&mut self, req: &DiscoveryRequest, snap: &Snapshot) -> Result<Step, Status> {
+        check_type(&req.type_url)?;
+        let node = req.node.as_ref().map(|n| n.id.as_str()).unwrap_or("");
+        if !req.response_nonce.is_empty()
+            && self.last_nonce.as_deref() != Some(req.response_nonce.as_str())
+        {
+            tracing::debug!(
+                node,
+                nonce = %req.response_nonce,
+                "SDS: ignoring request with stale nonce"
+            );
+            return Ok(Step::Continue);
+        }
+        if let Some(err) = &req.error_detail {
+            tracing::warn!(
+                node,
+                version = %req.version_info,
+                nonce = %req.response_nonce,
+                resources = ?req.resource_names,
+                code = err.code,
+                "SDS: client rejected (NACK) our secrets: {}",
+                err.message
+            );
+            return Ok(Step::Continue);
+        }
+        check_names(&req.resource_names)?;
+        let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
+        let initial = req.response_nonce.is_empty();
+        if !initial && names == self.subscribed {
+            tracing::trace!(node, version = %req.version_info, "SDS: ACK");
+            return Ok(Step::Continue);
+        }
+        self.subscribed = names;
+        self.sent.clear();
+        self.maybe_push(snap, true)
+    }
+
+    /// A response with every subscribed resource, if all exist and (unless `force`) one of
+    /// them changed since the last response.
+    fn maybe_push(&mut self, snap: &Snapshot, force: bool) -> Result<Step, Status> {
+        if self.subscribed.is_empty() {
+            return Ok(Step::Continue);
+        }
+        if self.sent.contains_key(WORKLOAD_RESOURCE) && snap.svid.is_none() {
+            return Err(Status::unavailable(
+                "workload certificate expired and could not be renewed; the agent no longer \
+                 serves it (fail closed)",
+            ));
+        }
+        let mut versions = BTreeMap::new();
+        let mut resources = Vec::with_capacity(self.subscribed.len());
+        for name in &self.subscribed {
+            match resource(snap, name) {
+                Some((v, any)) => {
+                    versions.insert(name.clone(), v);
+                    resources.push(any);
+                }
+                // Not available yet: wait for the store to change.
+                None => return Ok(Step::Continue),
+            }
+        }
+        if !force && versions == self.sent {
+            return Ok(Step::Continue);
+        }
+        let version_info = versions
+            .iter()
+            .map(|(n, v)| format!("{n}={v}"))
+            .collect::<Vec<_>>()
+            .join(",");
+        let nonce = next_nonce();
+        self.last_nonce = Some(nonce.clone());
+        self.sent = versions;
+        Ok(Step::Send(DiscoveryResponse {
+            version_info,
+            resources,
+            type_url: SECRET_TYPE_URL.to_owned(),
+            nonce,
+            ..Default::default()
+        }))
+    }
+}
+
+/// State of one delta stream.
+struct DeltaStream {
+    subscribed: BTreeSet<String>,
+    /// What the client holds, by name.
+    has: BTreeMap<String, String>,
+    last_nonce: Option<String>,
+}
+
+// === impl DeltaStream ===
+
+impl DeltaStream {
+    fn on_request(&mut self, req: &DeltaDiscoveryRequest) -> Result<(), Status> {
+        check_type(&req.type_url)?;
+        let node = req.node.as_ref().map(|n| n.id.as_str()).unwrap_or("");
+        if !req.response_nonce.is_empty() {
+            if self.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
+                tracing::debug!(node, nonce = %req.response_nonce, "SDS delta: stale nonce");
+            } else if let Some(err) = &req.error_detail {
+                tracing::warn!(
+                    node,
+                    nonce = %req.response_nonce,
+                    code = err.code,
+                    "SDS delta: client rejected (NACK) our secrets: {}",
+                    err.message
+                );
+            }
+        }
+        check_names(&req.resource_names_subscribe)?;
+        if self.last_nonce.is_none() {
+            for (n, v) in &req.initial_resource_versions {
+                self.has.insert(n.clone(), v.clone());
+            }
+        }
+        for n in &req.resource_names_subscribe {
+            self.subscribed.insert(n.clone());
+        }
+        for n in &req.resource_names_unsubscribe {
+            self.subscribed.remove(n);
+            self.has.remove(n);
+        }
+        Ok(())
+    }
+
+    fn maybe_push(&mut self, snap: &Snapshot) -> Option<DeltaDiscoveryResponse> {
+        let mut resources = Vec::new();
+        let mut removed = Vec::new();
+        for name in &self.subscribed {
+            match resource(snap, name) {
+                Some((v, any)) => {
+                    if self.has.get(name) != Some(&v) {
+                        self.has.insert(name.clone(), v.clone());
+                        resources.push(Resource {
+                            version: v,
+                            resource: Some(any),
+                            name: name.clone(),
+                            ..Default::default()
+                        });
+                    }
+                }
+                None => {
+                    if self.has.remove(name).is_some() {
+                        removed.push(name.clone());
+                    }
+                }
+            }
+        }
+        if resources.is_empty() && removed.is_empty() {
+            return None;
+        }
+        let nonce = next_nonce();
+        self.last_nonce = Some(nonce.clone());
+        Some(DeltaDiscoveryResponse {
+            system_version_info: String::new(),
+            resources,
+            type_url: SECRET_TYPE_URL.to_owned(),
+            nonce,
+            removed_resources: removed,
+            ..Default::default()
+        })
+    }
+}
+
+type BoxStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
+
+/// Drive one stream: requests from the client and changes of the store, one task.
+async fn run_sotw(
+    mut inbound: Streaming<DiscoveryRequest>,
+    mut rx: watch::Receiver<Snapshot>,
+    out: mpsc::Sender<Result<DiscoveryResponse, Status>>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let _gauge = StreamGauge::new(metrics.clone());
+    let mut st = SotwStream {
+        subscribed: BTreeSet::new(),
+        last_nonce: None,
+        sent: BTreeMap::new(),
+    };
+    loop {
+        let step = tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => {
+                    if req.error_detail.is_some() {
+                        metrics.sds_nacks.inc();
+                    }
+                    // `borrow`, not `borrow_and_update`: a change that raced with this request
+                    // (e.g. an ACK of the previous version) must still wake the push branch.
+                    let snap = rx.borrow().clone();
+                    st.on_request(&req, &snap)
+                }
+                Ok(None) | Err(_) => return,
+            },
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                let snap = rx.borrow_and_update().clone();
+                st.maybe_push(&snap, false)
+            }
+            _ = out.closed() => return,
+            _ = shutdown.cancelled() => Err(Status::unavailable("node agent shutting down")),
+        };
+        match step {
+            Ok(Step::Continue) => {}
+            Ok(Step::Send(resp)) => {
+                metrics.sds_pushes.inc();
+                if out.send(Ok(resp)).await.is_err() {
+                    return;
+                }
+            }
+            Err(status) => {
+                let _ = out.send(Err(status)).await;
+                return;
+            }
+        }
+    }
+}
+
+async fn run_delta(
+    mut inbound: Streaming<DeltaDiscoveryRequest>,
+    mut rx: watch::Receiver<Snapshot>,
+    out: mpsc::Sender<Result<DeltaDiscoveryResponse, Status>>,
+    metrics: Arc<Metrics>,
+    shutdown: CancellationToken,
+) {
+    let _gauge = StreamGauge::new(metrics.clone());
+    let mut st = DeltaStream {
+        subscribed: BTreeSet::new(),
+        has: BTreeMap::new(),
+        last_nonce: None,
+    };
+    loop {
+        let snap = tokio::select! {
+            msg = inbound.message() => match msg {
+                Ok(Some(req)) => {
+                    if req.error_detail.is_some() {
+                        metrics.sds_nacks.inc();
+                    }
+                    if let Err(status) = st.on_request(&req) {
+                        let _ = out.send(Err(status)).await;
+                        return;
+                    }
+                    rx.borrow_and_update().clone()
+                }
+                Ok(None) | Err(_) => return,
+            },
+            changed = rx.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+                rx.borrow_and_update().clone()
+            }
+            _ = out.closed() => return,
+            _ = shutdown.cancelled() => {
+                let _ = out.send(Err(Status::unavailable("node agent shutting down"))).await;
+                return;
+            }
+        };
+        if let Some(resp) = st.maybe_push(&snap) {
+            metrics.sds_pushes.inc();
+            if out.send(Ok(resp)).await.is_err() {
+                return;
+            }
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl SecretDiscoveryService for SdsService {
+    type DeltaSecretsStream = BoxStream<DeltaDiscoveryResponse>;
+    type StreamSecretsStream = BoxStream<DiscoveryResponse>;
+
+    async fn delta_secrets(
+        &self,
+        request: Request<Streaming<DeltaDiscoveryRequest>>,
+    ) -> Result<Response<Self::DeltaSecretsStream>, Status> {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(run_delta(
+            request.into_inner(),
+            self.store.subscribe(),
+            tx,
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn stream_secrets(
+        &self,
+        request: Request<Streaming<DiscoveryRequest>>,
+    ) -> Result<Response<Self::StreamSecretsStream>, Status> {
+        let (tx, rx) = mpsc::channel(4);
+        tokio::spawn(run_sotw(
+            request.into_inner(),
+            self.store.subscribe(),
+            tx,
+            self.metrics.clone(),
+            self.shutdown.clone(),
+        ));
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+
+    async fn fetch_secrets(
+        &self,
+        request: Request<DiscoveryRequest>,
+    ) -> Result<Response<DiscoveryResponse>, Status> {
+        let req = request.into_inner();
+        check_type(&req.type_url)?;
+        check_names(&req.resource_names)?;
+        if req.resource_names.is_empty() {
+            return Err(Status::invalid_argument(
+                "FetchSecrets needs resource_names (\"default\" and/or \"ROOTCA\")",
+            ));
+        }
+        let mut st = SotwStream {
+            subscribed: req.resource_names.iter().cloned().collect(),
+            last_nonce: None,
+            sent: BTreeMap::new(),
+        };
+        let mut rx = self.store.subscribe();
+        let wait = async {
+            loop {
+                let snap = rx.borrow_and_update().clone();
+                if let Step::Send(resp) = st.maybe_push(&snap, true)? {
+                    return Ok(resp);
+                }
+                if rx.changed().await.is_err() {
+                    return Err(Status::unavailable("agent shutting down"));
+                }
+            }
+        };
+        match tokio::time::timeout(self.fetch_timeout, wait).await {
+            Ok(Ok(resp)) => Ok(Response::new(resp)),
+            Ok(Err(status)) => Err(status),
+            Err(_) => Err(Status::unavailable(
+                "no certificate available yet (the CA has not issued one); retry",
+            )),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::SystemTime;
+
+    use rampart_certs::{
+        CertificateAuthority, KeyAlgorithm, PrivateKey, RootParams, SpiffeId, TrustBundle,
+    };
+
+    use super::*;
+    use crate::state::{Bundle, Svid};
+
+    fn snapshot(ca: &CertificateAuthority) -> Snapshot {
+        let id = SpiffeId::istio(&"cluster.local".parse().unwrap(), "a", "b").unwrap();
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let leaf = ca
+            .issue_workload(
+                &key.public_key_spki_der(),
+                &id,
+                Duration::from_secs(60),
+                SystemTime::now(),
+            )
+            .unwrap();
+        Snapshot {
+            svid: Some(Arc::new(
+                Svid::new(id.clone(), vec![leaf], key, SystemTime::now()).unwrap(),
+            )),
+            bundle: Some(Arc::new(Bundle::new(
+                id.trust_domain().clone(),
+                TrustBundle::from_der(vec![ca.cert().clone()]).unwrap(),
+            ))),
+        }
+    }
+
+    fn req(names: &[&str], version: &str, nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            resource_names: names.iter().map(|s| s.to_string()).collect(),
+            type_url: SECRET_TYPE_URL.into(),
+            version_info: version.into(),
+            response_nonce: nonce.into(),
+            ..Default::default()
+        }
+    }
+
+    fn sent(step: Step) -> DiscoveryResponse {
+        match step {
+            Step::Send(r) => r,
+            Step::Continue => panic!("expected a response"),
+        }
+    }
+
+    fn quiet(step: Step) {
+        assert!(matches!(step, Step::Continue), "expected no response");
+    }
+
+    #[test]
+    fn sotw_ack_nack_stale_and_changes() {
+        let ca = CertificateAuthority::self_signed_root(
+            &RootParams::default(),
+            PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        let snap1 = snapshot(&ca);
+        let mut st = SotwStream {
+            subscribed: BTreeSet::new(),
+            last_nonce: None,
+            sent: BTreeMap::new(),
+        };
+        let names = ["default", "ROOTCA"];
+        // Initial request: both resources.
+        let r1 = sent(st.on_request(&req(&names, "", ""), &snap1).unwrap());
+        assert_eq!(r1.resources.len(), 2);
+        assert!(r1.version_info.starts_with("ROOTCA=") && r1.version_info.contains(",default="));
+        // ACK: nothing.
+        quiet(
+            st.on_request(&req(&names, &r1.version_info, &r1.nonce), &snap1)
+                .unwrap(),
+        );
+        // Same state pushed again: nothing (versions unchanged).
+        quiet(st.maybe_push(&snap1, false).unwrap());
+        // NACK: logged, nothing re-sent.
+        let mut nack = req(&names, "", &r1.nonce);
+        nack.error_detail = Some(rampart_proto::google::rpc::Status {
+            code: 3,
+            message: "bad".into(),
+            details: vec![],
+        });
+        quiet(st.on_request(&nack, &snap1).unwrap());
+        // Stale nonce, even with a different name set: ignored.
+        quiet(st.on_request(&req(&["ROOTCA"], "", "old"), &snap1).unwrap());
+        // Rotation: pushed with a new version and nonce.
+        let mut snap2 = snapshot(&ca);
+        snap2.bundle = snap1.bundle.clone();
+        let r2 = sent(st.maybe_push(&snap2, false).unwrap());
+        assert_ne!(r2.version_info, r1.version_info);
+        assert_ne!(r2.nonce, r1.nonce);
+        // Name change with the current nonce: answered with the new set only.
+        let r3 = sent(
+            st.on_request(&req(&["ROOTCA"], &r2.version_info, &r2.nonce), &snap2)
+                .unwrap(),
+        );
+        assert_eq!(r3.resources.len(), 1);
+        assert!(r3.version_info.starts_with("ROOTCA="));
+        // Leaf rotation does not disturb a ROOTCA-only stream (same roots, same version).
+        quiet(st.maybe_push(&snapshot(&ca), false).unwrap());
+        // Unknown name: NOT_FOUND; wrong type: INVALID_ARGUMENT.
+        let e = st.on_request(&req(&["x"], "", ""), &snap2).err().unwrap();
+        assert_eq!(e.code(), tonic::Code::NotFound);
+        let mut bad = req(&names, "", "");
+        bad.type_url = "type.googleapis.com/envoy.config.cluster.v3.Cluster".into();
+        assert_eq!(
+            st.on_request(&bad, &snap2).err().unwrap().code(),
+            tonic::Code::InvalidArgument
+        );
+    }
+
+    #[test]
+    fn sotw_waits_for_missing_resources_and_fails_closed_on_expiry() {
+        let ca = CertificateAuthority::self_signed_root(
+            &RootParams::default(),
+            PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        let mut st = SotwStream {
+            subscribed: BTreeSet::new(),
+            last_nonce: None,
+            sent: BTreeMap::new(),
+        };
+        // Nothing issued yet: the request waits.
+        quiet(
+            st.on_request(&req(&["default"], "", ""), &Snapshot::default())
+                .unwrap(),
+        );
+        let snap = snapshot(&ca);
+        let r = sent(st.maybe_push(&snap, false).unwrap());
+        assert_eq!(r.resources.len(), 1);
+        // The certificate was withdrawn (expired): the stream ends UNAVAILABLE.
+        let gone = Snapshot {
+            svid: None,
+            bundle: snap.bundle.clone(),
+        };
+        let e = st.maybe_push(&gone, false).err().unwrap();
+        assert_eq!(e.code(), tonic::Code::Unavailable);
+    }
+}

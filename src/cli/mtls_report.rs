@@ -1,0 +1,681 @@
+//! `rampart mtls-report --mesh DIR`: is it safe to switch PeerAuthentication to STRICT?
+//!
+//! Asks every workload proxy of the folder for its `GET /mtls` counters (plaintext vs mutual
+//! TLS connections and requests per inbound port, since start and over a recent window, and
+//! who sent plaintext), and gives a verdict per workload: "safe to switch to STRICT", or the
+//! plaintext sources that would break. An unreachable proxy is an error, never a pass.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use serde::{Deserialize, Serialize};
+
+use super::meshdir::MeshFolder;
+
+pub(crate) const AFTER_HELP: &str = "\
+Exit status:
+  0  every port of every selected workload is safe to switch to STRICT (or already is)
+  3  some port still receives plaintext: its sources are listed
+  1  a proxy could not be asked (unreachable, bad answer) or the folder could not be read
+  2  bad command-line input
+
+The proxies count since they started and over a recent window (--window chooses which one the
+verdict is based on; since-start is the cautious default). A port that has seen no traffic at
+all is reported as such: no plaintext seen is not proof that no client sends plaintext.";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Output {
+    Text,
+    Json,
+}
+
+/// Which counters the verdict is based on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub(crate) enum Window {
+    /// Everything since the proxy started.
+    SinceStart,
+    /// The proxy's recent window only (e.g. after fixing a client).
+    Recent,
+}
+
+#[derive(Debug, clap::Args)]
+pub(crate) struct MtlsReportArgs {
+    /// The mesh folder (mesh.yaml, workloads.yaml): where each proxy's admin listens.
+    #[arg(long, value_name = "DIR")]
+    mesh: PathBuf,
+    /// Only these workloads (NAMESPACE/NAME, repeatable).
+    #[arg(long, value_name = "NS/NAME")]
+    workload: Vec<String>,
+    /// Output format.
+    #[arg(long, value_enum, default_value = "text")]
+    output: Output,
+    /// Counters the verdict is based on.
+    #[arg(long, value_enum, default_value = "since-start")]
+    window: Window,
+    /// How long to wait for each proxy's answer.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+}
+
+// ---- what a proxy says (GET /mtls, MESH_FOLDER contract) ----
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub(crate) struct ProxyMtls {
+    pub(crate) workload: String,
+    pub(crate) ports: Vec<PortMtls>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
+pub(crate) struct PortMtls {
+    pub(crate) port: u16,
+    #[serde(default)]
+    pub(crate) protocol: String,
+    pub(crate) mode: String,
+    pub(crate) since_start: Counters,
+    pub(crate) recent: Recent,
+    #[serde(default)]
+    pub(crate) plaintext_sources: Vec<Source>,
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
+pub(crate) struct Counters {
+    pub(crate) mtls_connections: u64,
+    pub(crate) plaintext_connections: u64,
+    pub(crate) mtls_requests: u64,
+    pub(crate) plaintext_requests: u64,
+}
+
+impl Counters {
+    fn plaintext(&self) -> bool {
+        self.plaintext_connections > 0 || self.plaintext_requests > 0
+    }
+    fn any(&self) -> bool {
+        self.plaintext() || self.mtls_connections > 0 || self.mtls_requests > 0
+    }
+}
+
+#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
+pub(crate) struct Recent {
+    pub(crate) window_seconds: u64,
+    #[serde(flatten)]
+    pub(crate) counters: Counters,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+pub(crate) struct Source {
+    pub(crate) ip: String,
+    pub(crate) connections: u64,
+    pub(crate) requests: u64,
+    pub(crate) last_seen_unix: u64,
+}
+
+// ---- verdicts ----
+
+#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[serde(tag = "verdict", rename_all = "snake_case")]
+pub(crate) enum PortVerdict {
+    /// Only mutual TLS seen: switching to STRICT breaks nobody we saw.
+    Safe,
+    /// Nothing seen at all in the judged window.
+    NoTraffic,
+    /// The port is STRICT already (plaintext attempts, if any, are being refused).
+    AlreadyStrict { refused_plaintext_connections: u64 },
+    /// Plaintext arrived: these clients would break under STRICT.
+    Plaintext { sources: Vec<Source> },
+}
+
+impl PortVerdict {
+    fn blocks_strict(&self) -> bool {
+        matches!(self, PortVerdict::Plaintext { .. })
+    }
+}
+
+/// The verdict for one port from its counters.
+pub(crate) fn port_verdict(p: &PortMtls, window: Window, now_unix: u64) -> PortVerdict {
+    let counters = match window {
+        Window::SinceStart => p.since_start,
+        Window::Recent => p.recent.counters,
+    };
+    if p.mode.eq_ignore_ascii_case("STRICT") {
+        return PortVerdict::AlreadyStrict {
+            refused_plaintext_connections: counters.plaintext_connections,
+        };
+    }
+    if counters.plaintext() {
+        let oldest = match window {
+            Window::SinceStart => 0,
+            Window::Recent => now_unix.saturating_sub(p.recent.window_seconds),
+        };
+        let mut sources: Vec<Source> = p
+            .plaintext_sources
+            .iter()
+            .filter(|s| s.last_seen_unix >= oldest)
+            .cloned()
+            .collect();
+        sources.sort_by(|a, b| {
+            b.requests
+                .cmp(&a.requests)
+                .then(b.connections.cmp(&a.connections))
+                .then(a.ip.cmp(&b.ip))
+        });
+        return PortVerdict::Plaintext { sources };
+    }
+    if counters.any() {
+        PortVerdict::Safe
+    } else {
+        PortVerdict::NoTraffic
+    }
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct WorkloadReport {
+    pub(crate) workload: String,
+    pub(crate) admin: Option<SocketAddr>,
+    /// `safe`, `plaintext` or `error`.
+    pub(crate) verdict: &'static str,
+    pub(crate) summary: String,
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub(crate) errors: Vec<String>,
+    pub(crate) ports: Vec<PortReport>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub(crate) struct PortReport {
+    #[serde(flatten)]
+    pub(crate) seen: PortMtls,
+    pub(crate) result: PortVerdict,
+}
+
+/// Judge one workload from its proxy's answer (or the error asking it), given the ports the
+/// registry declares for it.
+pub(crate) fn judge(
+    workload: &str,
+    admin: Option<SocketAddr>,
+    declared_ports: &[u16],
+    answer: Result<ProxyMtls, String>,
+    window: Window,
+    now_unix: u64,
+) -> WorkloadReport {
+    let mut errors = Vec::new();
+    let mut ports = Vec::new();
+    match answer {
+        Err(e) => errors.push(e),
+        Ok(a) => {
+            if a.workload != workload {
+                errors.push(format!(
+                    "the proxy at {} reports for workload {:?}, not {workload:?}",
+                    admin.map(|a| a.to_string()).unwrap_or_default(),
+                    a.workload
+                ));
+            }
+            for d in declared_ports {
+                if !a.ports.iter().any(|p| p.port == *d) {
+                    errors.push(format!(
+                        "port {d} is declared in workloads.yaml but missing from the proxy's report"
+                    ));
+                }
+            }
+            for p in a.ports {
+                let result = port_verdict(&p, window, now_unix);
+                ports.push(PortReport { seen: p, result });
+            }
+        }
+    }
+    let (verdict, summary) = if !errors.is_empty() {
+        ("error", format!("error: {}", errors.join("; ")))
+    } else if ports.iter().any(|p| p.result.blocks_strict()) {
+        let parts: Vec<String> = ports
+            .iter()
+            .filter_map(|p| match &p.result {
+                PortVerdict::Plaintext { sources } => Some(format!(
+                    "port {} from {}",
+                    p.seen.port,
+                    describe_sources(sources, now_unix)
+                )),
+                _ => None,
+            })
+            .collect();
+        (
+            "plaintext",
+            format!(
+                "NOT safe to switch to STRICT: plaintext on {}",
+                parts.join("; ")
+            ),
+        )
+    } else if ports
+        .iter()
+        .all(|p| matches!(p.result, PortVerdict::AlreadyStrict { .. }))
+        && !ports.is_empty()
+    {
+        ("safe", "already STRICT on every port".to_string())
+    } else if ports
+        .iter()
+        .any(|p| matches!(p.result, PortVerdict::NoTraffic))
+    {
+        let quiet: Vec<String> = ports
+            .iter()
+            .filter(|p| matches!(p.result, PortVerdict::NoTraffic))
+            .map(|p| p.seen.port.to_string())
+            .collect();
+        (
+            "safe",
+            format!(
+                "safe to switch to STRICT (no plaintext seen; no traffic at all yet on port {})",
+                quiet.join(", ")
+            ),
+        )
+    } else {
+        ("safe", "safe to switch to STRICT".to_string())
+    };
+    WorkloadReport {
+        workload: workload.to_string(),
+        admin,
+        verdict,
+        summary,
+        errors,
+        ports,
+    }
+}
+
+fn describe_sources(sources: &[Source], now_unix: u64) -> String {
+    if sources.is_empty() {
+        return "unrecorded source(s)".to_string();
+    }
+    sources
+        .iter()
+        .map(|s| {
+            format!(
+                "{} ({} connections, {} requests, last seen {}s ago)",
+                s.ip,
+                s.connections,
+                s.requests,
+                now_unix.saturating_sub(s.last_seen_unix)
+            )
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The exit status for a set of reports: errors win, then plaintext.
+pub(crate) fn exit_code(reports: &[WorkloadReport]) -> u8 {
+    if reports.iter().any(|r| r.verdict == "error") {
+        1
+    } else if reports.iter().any(|r| r.verdict == "plaintext") {
+        3
+    } else {
+        0
+    }
+}
+
+pub(crate) fn render_text(reports: &[WorkloadReport], window: Window) -> String {
+    let mut rows: Vec<[String; 8]> = vec![[
+        "WORKLOAD".into(),
+        "PORT".into(),
+        "PROTOCOL".into(),
+        "MODE".into(),
+        "MTLS conn/req".into(),
+        "PLAINTEXT conn/req".into(),
+        "RECENT mtls/plain req".into(),
+        "PORT VERDICT".into(),
+    ]];
+    for r in reports {
+        if r.ports.is_empty() {
+            rows.push([
+                r.workload.clone(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                "-".into(),
+                r.verdict.into(),
+            ]);
+        }
+        for p in &r.ports {
+            let s = &p.seen;
+            rows.push([
+                r.workload.clone(),
+                s.port.to_string(),
+                s.protocol.clone(),
+                s.mode.clone(),
+                format!(
+                    "{}/{}",
+                    s.since_start.mtls_connections, s.since_start.mtls_requests
+                ),
+                format!(
+                    "{}/{}",
+                    s.since_start.plaintext_connections, s.since_start.plaintext_requests
+                ),
+                format!(
+                    "{}/{} ({}s)",
+                    s.recent.counters.mtls_requests,
+                    s.recent.counters.plaintext_requests,
+                    s.recent.window_seconds
+                ),
+                match &p.result {
+                    PortVerdict::Safe => "mTLS only".into(),
+                    PortVerdict::NoTraffic => "no traffic".into(),
+                    PortVerdict::AlreadyStrict {
+                        refused_plaintext_connections: 0,
+                    } => "STRICT".into(),
+                    PortVerdict::AlreadyStrict {
+                        refused_plaintext_connections: n,
+                    } => format!("STRICT ({n} plaintext refused)"),
+                    PortVerdict::Plaintext { .. } => "PLAINTEXT".into(),
+                },
+            ]);
+        }
+    }
+    let mut widths = [0usize; 8];
+    for row in &rows {
+        for (i, c) in row.iter().enumerate() {
+            widths[i] = widths[i].max(c.len());
+        }
+    }
+    let mut out = String::new();
+    for row in &rows {
+        let line: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
+            .collect();
+        out.push_str(line.join("  ").trim_end());
+        out.push('\n');
+    }
+    out.push('\n');
+    out.push_str(&format!(
+        "verdict (based on {}):\n",
+        match window {
+            Window::SinceStart => "counters since each proxy started",
+            Window::Recent => "each proxy's recent window",
+        }
+    ));
+    for r in reports {
+        out.push_str(&format!("  {}: {}\n", r.workload, r.summary));
+    }
+    out
+}
+
+impl MtlsReportArgs {
+    pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
+        let mesh = MeshFolder::read(&self.mesh).map_err(super::bad_input)?;
+        let mut selected = Vec::new();
+        for want in &self.workload {
+            if !mesh.workloads.iter().any(|w| &w.key() == want) {
+                return Err(super::bad_input(format!(
+                    "--workload {want}: not in {}/workloads.yaml",
+                    self.mesh.display()
+                )));
+            }
+        }
+        for w in &mesh.workloads {
+            if self.workload.is_empty() || self.workload.contains(&w.key()) {
+                selected.push(w.clone());
+            }
+        }
+        if selected.is_empty() {
+            return Err(super::bad_input(format!(
+                "{}/workloads.yaml declares no workloads",
+                self.mesh.display()
+            )));
+        }
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .context("starting the async runtime")?;
+        let now = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0);
+        let timeout = self.timeout;
+        let reports: Vec<WorkloadReport> = rt.block_on(async {
+            let asks = selected.iter().map(|w| async move {
+                let declared: Vec<u16> = w.ports.iter().map(|p| p.port).collect();
+                let answer = match w.admin {
+                    None => Err("no proxy.admin address in workloads.yaml".to_string()),
+                    Some(a) => fetch(a, timeout).await,
+                };
+                judge(&w.key(), w.admin, &declared, answer, self.window, now)
+            });
+            futures::future::join_all(asks).await
+        });
+        match self.output {
+            Output::Json => {
+                let code = exit_code(&reports);
+                let v = serde_json::json!({
+                    "window": self.window,
+                    "safe_to_switch_to_strict": code == 0,
+                    "workloads": reports,
+                });
+                println!("{}", serde_json::to_string_pretty(&v)?);
+            }
+            Output::Text => print!("{}", render_text(&reports, self.window)),
+        }
+        Ok(ExitCode::from(exit_code(&reports)))
+    }
+}
+
+async fn fetch(admin: SocketAddr, timeout: Duration) -> Result<ProxyMtls, String> {
+    let (status, body) = super::admin_http::get(admin, "/mtls", timeout).await?;
+    if status != 200 {
+        return Err(format!(
+            "GET http://{admin}/mtls: status {status}: {}",
+            String::from_utf8_lossy(&body[..body.len().min(200)]).trim()
+        ));
+    }
+    serde_json::from_slice(&body)
+        .map_err(|e| format!("GET http://{admin}/mtls: not the expected JSON: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const NOW: u64 = 1_790_000_100;
+
+    fn fixture(json: &str) -> ProxyMtls {
+        serde_json::from_str(json).unwrap()
+    }
+
+    /// The example from the mesh-folder contract: PERMISSIVE, 2 plaintext connections.
+    const CONTRACT: &str = r#"{"workload": "api/backend", "ports": [{"port": 8080, "protocol": "http", "mode": "PERMISSIVE",
+      "since_start": {"mtls_connections": 10, "plaintext_connections": 2, "mtls_requests": 50, "plaintext_requests": 3},
+      "recent": {"window_seconds": 300, "mtls_connections": 1, "plaintext_connections": 0, "mtls_requests": 4, "plaintext_requests": 0},
+      "plaintext_sources": [{"ip": "127.0.0.1", "connections": 2, "requests": 3, "last_seen_unix": 1790000000}]}]}"#;
+
+    const ALL_MTLS: &str = r#"{"workload": "api/backend", "ports": [
+      {"port": 8080, "protocol": "http", "mode": "PERMISSIVE",
+       "since_start": {"mtls_connections": 10, "plaintext_connections": 0, "mtls_requests": 50, "plaintext_requests": 0},
+       "recent": {"window_seconds": 300, "mtls_connections": 1, "plaintext_connections": 0, "mtls_requests": 4, "plaintext_requests": 0},
+       "plaintext_sources": []},
+      {"port": 9090, "protocol": "tcp", "mode": "STRICT",
+       "since_start": {"mtls_connections": 3, "plaintext_connections": 1, "mtls_requests": 0, "plaintext_requests": 0},
+       "recent": {"window_seconds": 300, "mtls_connections": 0, "plaintext_connections": 0, "mtls_requests": 0, "plaintext_requests": 0}}]}"#;
+
+    #[test]
+    fn plaintext_since_start_blocks_strict_and_names_the_source() {
+        let r = judge(
+            "api/backend",
+            None,
+            &[8080],
+            Ok(fixture(CONTRACT)),
+            Window::SinceStart,
+            NOW,
+        );
+        assert_eq!(r.verdict, "plaintext");
+        assert_eq!(exit_code(std::slice::from_ref(&r)), 3);
+        match &r.ports[0].result {
+            PortVerdict::Plaintext { sources } => {
+                assert_eq!(sources.len(), 1);
+                assert_eq!(sources[0].ip, "127.0.0.1");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            r.summary.contains(
+                "port 8080 from 127.0.0.1 (2 connections, 3 requests, last seen 100s ago)"
+            ),
+            "{}",
+            r.summary
+        );
+    }
+
+    #[test]
+    fn recent_window_without_plaintext_is_safe() {
+        // The same counters judged on the recent window: the plaintext client stopped.
+        let r = judge(
+            "api/backend",
+            None,
+            &[8080],
+            Ok(fixture(CONTRACT)),
+            Window::Recent,
+            NOW,
+        );
+        assert_eq!(r.verdict, "safe", "{}", r.summary);
+        assert_eq!(r.ports[0].result, PortVerdict::Safe);
+        assert_eq!(exit_code(&[r]), 0);
+    }
+
+    #[test]
+    fn recent_window_lists_only_recent_sources() {
+        let mut f = fixture(CONTRACT);
+        f.ports[0].recent.counters.plaintext_requests = 1;
+        f.ports[0].plaintext_sources.push(Source {
+            ip: "127.0.0.2".into(),
+            connections: 1,
+            requests: 1,
+            last_seen_unix: NOW - 5,
+        });
+        // 127.0.0.1 was last seen 100s ago: inside a 300s window; shrink it to 60s.
+        f.ports[0].recent.window_seconds = 60;
+        let r = judge("api/backend", None, &[8080], Ok(f), Window::Recent, NOW);
+        match &r.ports[0].result {
+            PortVerdict::Plaintext { sources } => {
+                let ips: Vec<&str> = sources.iter().map(|s| s.ip.as_str()).collect();
+                assert_eq!(ips, ["127.0.0.2"]);
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn mtls_only_and_already_strict_ports_are_safe() {
+        let r = judge(
+            "api/backend",
+            None,
+            &[8080, 9090],
+            Ok(fixture(ALL_MTLS)),
+            Window::SinceStart,
+            NOW,
+        );
+        assert_eq!(r.verdict, "safe", "{}", r.summary);
+        assert_eq!(r.summary, "safe to switch to STRICT");
+        assert_eq!(r.ports[0].result, PortVerdict::Safe);
+        assert_eq!(
+            r.ports[1].result,
+            PortVerdict::AlreadyStrict {
+                refused_plaintext_connections: 1
+            }
+        );
+        let text = render_text(&[r], Window::SinceStart);
+        assert!(text.contains("STRICT (1 plaintext refused)"), "{text}");
+        assert!(
+            text.contains("api/backend: safe to switch to STRICT"),
+            "{text}"
+        );
+    }
+
+    #[test]
+    fn no_traffic_is_safe_but_said() {
+        let mut f = fixture(ALL_MTLS);
+        f.ports.truncate(1);
+        f.ports[0].since_start = Counters::default();
+        let r = judge("api/backend", None, &[8080], Ok(f), Window::SinceStart, NOW);
+        assert_eq!(r.ports[0].result, PortVerdict::NoTraffic);
+        assert_eq!(r.verdict, "safe");
+        assert!(
+            r.summary.contains("no traffic at all yet on port 8080"),
+            "{}",
+            r.summary
+        );
+    }
+
+    #[test]
+    fn plaintext_under_disable_blocks_too_even_without_recorded_sources() {
+        let mut f = fixture(CONTRACT);
+        f.ports[0].mode = "DISABLE".into();
+        f.ports[0].plaintext_sources.clear();
+        let r = judge("api/backend", None, &[8080], Ok(f), Window::SinceStart, NOW);
+        assert_eq!(r.verdict, "plaintext");
+        assert!(r.summary.contains("unrecorded source(s)"), "{}", r.summary);
+    }
+
+    #[test]
+    fn unreachable_proxy_and_bad_answers_are_errors_not_passes() {
+        let down = judge(
+            "api/backend",
+            None,
+            &[8080],
+            Err("connect 127.0.0.1:1: Connection refused".into()),
+            Window::SinceStart,
+            NOW,
+        );
+        assert_eq!(down.verdict, "error");
+        assert!(down.summary.contains("Connection refused"));
+        let ok = judge(
+            "api/backend",
+            None,
+            &[8080],
+            Ok(fixture(ALL_MTLS)),
+            Window::SinceStart,
+            NOW,
+        );
+        let plain = judge(
+            "api/backend",
+            None,
+            &[8080],
+            Ok(fixture(CONTRACT)),
+            Window::SinceStart,
+            NOW,
+        );
+        // Errors win over plaintext, plaintext over safe.
+        assert_eq!(exit_code(&[ok.clone(), plain.clone(), down]), 1);
+        assert_eq!(exit_code(&[ok, plain]), 3);
+        // A port the registry declares but the proxy does not report is an error.
+        let missing = judge(
+            "api/backend",
+            None,
+            &[8080, 7070],
+            Ok(fixture(CONTRACT)),
+            Window::SinceStart,
+            NOW,
+        );
+        assert_eq!(missing.verdict, "error");
+        assert!(missing.summary.contains("port 7070"));
+        // An answer for another workload is an error.
+        let other = judge(
+            "web/frontend",
+            None,
+            &[],
+            Ok(fixture(CONTRACT)),
+            Window::SinceStart,
+            NOW,
+        );
+        assert_eq!(other.verdict, "error");
+    }
+
+    #[test]
+    fn malformed_answers_do_not_parse() {
+        assert!(serde_json::from_str::<ProxyMtls>(r#"{"workload": "a/b"}"#).is_err());
+        assert!(
+            serde_json::from_str::<ProxyMtls>(
+                r#"{"workload": "a/b", "ports": [{"port": 1, "mode": "PERMISSIVE"}]}"#
+            )
+            .is_err()
+        );
+    }
+}

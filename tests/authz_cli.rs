@@ -1,0 +1,323 @@
+//! `rampart authz check --config DIR --request FILE [--output json]`: explains a decision for
+//! a hypothetical request (decision, status, policy, rule, reason), including JWT outcomes,
+//! PeerAuthentication STRICT and the mesh's path normalization.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+use serde_json::Value;
+
+const POLICIES: &str = "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-sleep, namespace: ns1}
+spec:
+  selector: {matchLabels: {app: b}}
+  rules:
+  - from: [{source: {principals: [cluster.local/ns/ns1/sa/sleep]}}]
+    to: [{operation: {methods: [GET], paths: ['/api/*']}}]
+  - from: [{source: {requestPrincipals: ['https://idp.example/*']}}]
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: ns1}
+spec:
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ['/api/admin', '/api/admin/*']}}]
+---
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict-db, namespace: ns1}
+spec:
+  selector: {matchLabels: {app: db}}
+  mtls: {mode: STRICT}
+---
+apiVersion: security.istio.io/v1
+kind: RequestAuthentication
+metadata: {name: idp, namespace: ns1}
+spec:
+  jwtRules:
+  - issuer: https://idp.example
+    jwksUri: https://idp.example/.well-known/jwks.json
+";
+
+fn rampart(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(args)
+        .output()
+        .expect("run rampart")
+}
+
+struct Fixture {
+    dir: tempfile::TempDir,
+}
+
+impl Fixture {
+    fn new(mesh: Option<&str>) -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::create_dir(dir.path().join("config")).unwrap();
+        std::fs::write(dir.path().join("config/policies.yaml"), POLICIES).unwrap();
+        if let Some(m) = mesh {
+            std::fs::write(dir.path().join("config/mesh.yaml"), m).unwrap();
+        }
+        Fixture { dir }
+    }
+    fn config(&self) -> PathBuf {
+        self.dir.path().join("config")
+    }
+    fn request(&self, name: &str, yaml: &str) -> PathBuf {
+        let p = self.dir.path().join(name);
+        std::fs::write(&p, yaml).unwrap();
+        p
+    }
+    fn check_json(&self, req: &Path, extra: &[&str]) -> Value {
+        let config = self.config();
+        let mut args = vec![
+            "authz",
+            "check",
+            "--config",
+            config.to_str().unwrap(),
+            "--request",
+            req.to_str().unwrap(),
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        let out = rampart(&args);
+        assert!(
+            out.status.success(),
+            "exit {:?}: {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        serde_json::from_slice(&out.stdout).expect("JSON output")
+    }
+}
+
+fn req(principal: Option<&str>, method: &str, path: &str, extra: &str) -> String {
+    let source = match principal {
+        Some(p) => format!("{{principal: {p}, ip: 10.0.1.1}}"),
+        None => "{ip: 10.0.1.1}".to_string(),
+    };
+    format!(
+        "destination: {{namespace: ns1, labels: {{app: b}}, ip: 10.0.0.10, port: 18080}}\nsource: {source}\nprotocol: http\nrequest: {{method: {method}, path: '{path}', host: b.ns1.svc.cluster.local, headers: {{}}{extra}}}\n"
+    )
+}
+
+#[test]
+fn allow_and_deny_are_explained_in_json() {
+    let f = Fixture::new(None);
+    let sleep = "spiffe://cluster.local/ns/ns1/sa/sleep";
+    let v = f.check_json(
+        &f.request("ok.yaml", &req(Some(sleep), "GET", "/api/items", "")),
+        &[],
+    );
+    assert_eq!(v["decision"], "ALLOW");
+    assert_eq!(v["status"], 200);
+    assert_eq!(v["policy"]["namespace"], "ns1");
+    assert_eq!(v["policy"]["name"], "allow-sleep");
+    assert_eq!(v["rule"], 0);
+    assert!(v["reason"].as_str().unwrap().contains("ns1/allow-sleep"));
+    assert_eq!(v["mtls"]["mode"], "PERMISSIVE");
+
+    let v = f.check_json(
+        &f.request(
+            "admin.yaml",
+            &req(Some(sleep), "GET", "/api/admin/users", ""),
+        ),
+        &[],
+    );
+    assert_eq!(v["decision"], "DENY");
+    assert_eq!(v["status"], 403);
+    assert_eq!(v["policy"]["name"], "no-admin");
+    assert_eq!(v["rule"], 0);
+
+    // Negative twins: other identity, other method, plaintext.
+    for (p, m) in [
+        (Some("spiffe://cluster.local/ns/ns1/sa/other"), "GET"),
+        (Some(sleep), "POST"),
+        (None, "GET"),
+    ] {
+        let v = f.check_json(&f.request("no.yaml", &req(p, m, "/api/items", "")), &[]);
+        assert_eq!(v["decision"], "DENY", "{p:?} {m}");
+        assert_eq!(v["status"], 403);
+        assert_eq!(v["reason_code"], "no_allow_matched");
+    }
+    // `spiffe://` written in a policy never matches: the request file principal is the URI.
+    let v = f.check_json(
+        &f.request("dots.yaml", &req(Some(sleep), "GET", "/api/x/../admin", "")),
+        &[],
+    );
+    assert_eq!(v["decision"], "DENY", "BASE normalization resolves ..");
+    assert_eq!(v["normalized_path"], "/api/admin");
+}
+
+#[test]
+fn text_output_and_exit_code_flag() {
+    let f = Fixture::new(None);
+    let r = f.request("admin.yaml", &req(None, "GET", "/api/admin", ""));
+    let args = |extra: &[&str]| {
+        let mut a = vec![
+            "authz".to_string(),
+            "check".into(),
+            "--config".into(),
+            f.config().display().to_string(),
+            "--request".into(),
+            r.display().to_string(),
+        ];
+        a.extend(extra.iter().map(|s| s.to_string()));
+        a
+    };
+    let a = args(&[]);
+    let out = rampart(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(out.status.success());
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.starts_with("DENY 403 ns1/no-admin rule 0:"), "{text}");
+    assert!(text.contains("mTLS: PERMISSIVE"), "{text}");
+    let a = args(&["--exit-code"]);
+    let out = rampart(&a.iter().map(String::as_str).collect::<Vec<_>>());
+    assert_eq!(out.status.code(), Some(1));
+}
+
+#[test]
+fn strict_peer_authentication_refuses_plaintext() {
+    let f = Fixture::new(None);
+    let plain = "destination: {namespace: ns1, labels: {app: db}, port: 5432}\nsource: {ip: 10.0.1.1}\nprotocol: tcp\n";
+    let v = f.check_json(&f.request("db.yaml", plain), &[]);
+    assert_eq!(v["decision"], "DENY");
+    assert_eq!(v["reason_code"], "mtls_required");
+    assert_eq!(v["policy"]["name"], "strict-db");
+    assert_eq!(v["mtls"]["mode"], "STRICT");
+    // With a client certificate the connection reaches authorization, where the namespace-wide
+    // DENY on paths (HTTP-only) loses its paths on a TCP port and so denies all TCP, as Istio.
+    let mtls = "destination: {namespace: ns1, labels: {app: db}, port: 5432}\nsource: {principal: spiffe://cluster.local/ns/ns1/sa/app}\nprotocol: tcp\n";
+    let v = f.check_json(&f.request("db2.yaml", mtls), &[]);
+    assert_eq!(v["decision"], "DENY");
+    assert_eq!(v["reason_code"], "deny_matched");
+    assert_eq!(v["policy"]["name"], "no-admin");
+    // Over HTTP the same identity passes that DENY (no ALLOW policy selects db).
+    let http = "destination: {namespace: ns1, labels: {app: db}, port: 5432}\nsource: {principal: spiffe://cluster.local/ns/ns1/sa/app}\nrequest: {path: /q}\n";
+    let v = f.check_json(&f.request("db3.yaml", http), &[]);
+    assert_eq!(v["decision"], "ALLOW");
+}
+
+#[test]
+fn mesh_yaml_sets_normalization() {
+    let f = Fixture::new(Some(
+        "pathNormalization: {normalization: MERGE_SLASHES}\ncaAddress: 127.0.0.1:15012\n",
+    ));
+    let sleep = "spiffe://cluster.local/ns/ns1/sa/sleep";
+    let v = f.check_json(
+        &f.request("s.yaml", &req(Some(sleep), "GET", "/api//admin", "")),
+        &[],
+    );
+    assert_eq!(v["decision"], "DENY");
+    assert_eq!(v["normalized_path"], "/api/admin");
+    // Under the default BASE the same request is not caught by the DENY policy.
+    let f = Fixture::new(None);
+    let v = f.check_json(
+        &f.request("s.yaml", &req(Some(sleep), "GET", "/api//admin", "")),
+        &[],
+    );
+    assert_eq!(v["decision"], "ALLOW");
+}
+
+#[test]
+fn jwt_outcomes_with_local_jwks() {
+    use rampart_certs::jwt::JwtSigner;
+    use rampart_certs::{KeyAlgorithm, PrivateKey};
+    let f = Fixture::new(None);
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let s = JwtSigner::new(&key, "k1").unwrap();
+    let jwks = f.dir.path().join("jwks.json");
+    std::fs::write(&jwks, s.jwks().unwrap().to_json().to_string()).unwrap();
+    let map = format!(
+        "https://idp.example/.well-known/jwks.json={}",
+        jwks.display()
+    );
+    let token = s
+        .sign(&serde_json::json!({"iss": "https://idp.example", "sub": "alice", "exp": 1_900_000_000}))
+        .unwrap();
+    let now = "\nnow: 2026-11-21T00:00:00Z\n";
+    let with_jwt = |t: &str| format!("{}{now}", req(None, "GET", "/x", &format!(", jwt: {t}")));
+    // Valid token: request principal https://idp.example/alice matches rule 1.
+    let v = f.check_json(
+        &f.request("j.yaml", &with_jwt(&token)),
+        &["--jwks-file", &map],
+    );
+    assert_eq!(v["decision"], "ALLOW", "{v}");
+    assert_eq!(v["rule"], 1);
+    assert_eq!(v["authn"]["principal"], "https://idp.example/alice");
+    // Bad token: 401 before authorization.
+    let v = f.check_json(
+        &f.request("j.yaml", &with_jwt("a.b.c")),
+        &["--jwks-file", &map],
+    );
+    assert_eq!(
+        (v["decision"].as_str(), v["status"].as_u64()),
+        (Some("DENY"), Some(401))
+    );
+    // Clock after exp: 401 "expired".
+    let late = with_jwt(&token).replace("2026-11-21", "2031-01-01");
+    let v = f.check_json(&f.request("j.yaml", &late), &["--jwks-file", &map]);
+    assert_eq!(v["status"], 401);
+    assert!(v["reason"].as_str().unwrap().contains("expired"), "{v}");
+    // No local JWKS for the URI: fail closed (401) for the token ...
+    let v = f.check_json(&f.request("j.yaml", &with_jwt(&token)), &[]);
+    assert_eq!(v["status"], 401);
+    // ... while a request without a token passes authentication (no principal) and is denied
+    // by authorization instead.
+    let v = f.check_json(
+        &f.request("n.yaml", &format!("{}{now}", req(None, "GET", "/x", ""))),
+        &[],
+    );
+    assert_eq!(v["status"], 403);
+    assert_eq!(v["authn"]["outcome"], "no_token");
+}
+
+#[test]
+fn bad_input_exits_2_and_bad_documents_are_reported() {
+    let f = Fixture::new(None);
+    let r = f.request(
+        "bad.yaml",
+        "destination: {namespace: ns1, port: 80}\nsoruce: {}\n",
+    );
+    let config = f.config();
+    let out = rampart(&[
+        "authz",
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--request",
+        r.to_str().unwrap(),
+    ]);
+    assert_eq!(
+        out.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = rampart(&[
+        "authz",
+        "check",
+        "--config",
+        "/nonexistent",
+        "--request",
+        r.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(2));
+    // An invalid document is left out and reported; the rest still decides.
+    std::fs::write(f.config().join("broken.yaml"), "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: ns1}\nspec: {action: DENY}\n").unwrap();
+    let v = f.check_json(
+        &f.request("ok.yaml", &req(None, "GET", "/api/admin", "")),
+        &[],
+    );
+    assert_eq!(v["policy"]["name"], "no-admin");
+    assert!(
+        v["config_problems"][0]
+            .as_str()
+            .unwrap()
+            .contains("broken.yaml"),
+        "{v}"
+    );
+}

@@ -1,0 +1,344 @@
+//! `rampart up DIR`: input checks and failure handling that need no running mesh. The full
+//! mesh (CA, agents, proxies, apps) is exercised in `quickstart_e2e.rs`.
+
+use std::net::TcpListener;
+use std::path::Path;
+use std::process::{Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+fn rampart_up(dir: &Path, state: &Path) -> Output {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .arg("up")
+        .arg(dir)
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--ready-timeout", "30s", "--drain-timeout", "5s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Bound the run: `up` must give up on its own well before this.
+    let deadline = Instant::now() + Duration::from_secs(90);
+    loop {
+        if child.try_wait().unwrap().is_some() {
+            return child.wait_with_output().unwrap();
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!("rampart up did not exit within 90s: {out:?}");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Processes whose command line mentions `needle` (our children carry the state dir path).
+fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(format!("{name}: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+fn folder(mesh: &str, workloads: &str, policy: Option<&str>) -> tempfile::TempDir {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("mesh.yaml"), mesh).unwrap();
+    std::fs::write(d.path().join("workloads.yaml"), workloads).unwrap();
+    if let Some(p) = policy {
+        std::fs::create_dir(d.path().join("policy")).unwrap();
+        std::fs::write(d.path().join("policy/bad.yaml"), p).unwrap();
+    }
+    d
+}
+
+const ONE_WORKLOAD: &str = "workloads:
+- name: a
+  namespace: ns1
+  ports: [{port: 80, protocol: http, app: 127.0.0.1:1, inbound: 127.0.0.1:2}]
+  proxy: {outbound: 127.0.0.1:3, admin: 127.0.0.1:4}
+";
+
+#[test]
+fn invalid_policy_is_refused_before_anything_starts() {
+    let d = folder(
+        "",
+        ONE_WORKLOAD,
+        Some(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: deny-nothing, namespace: ns1}\nspec: {action: DENY}\n",
+        ),
+    );
+    let state = tempfile::tempdir().unwrap();
+    let out = rampart_up(d.path(), state.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("policy/bad.yaml"), "{err}");
+    assert!(err.contains("DENY action without `rules`"), "{err}");
+    // Nothing was started.
+    assert!(!state.path().join("logs").exists(), "{err}");
+}
+
+#[test]
+fn bad_registry_and_clashing_addresses_are_refused() {
+    let state = tempfile::tempdir().unwrap();
+    let d = folder(
+        "",
+        "workloads:\n- {name: a, namespace: ns1, proxy: {admin: nowhere}}\n",
+        None,
+    );
+    let out = rampart_up(d.path(), state.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("workloads[0].proxy.admin"));
+
+    let d = folder(
+        "",
+        "workloads:\n- {name: a, namespace: ns1, proxy: {admin: 127.0.0.1:7000}}\n- {name: b, namespace: ns1, proxy: {admin: 127.0.0.1:7000}}\n",
+        None,
+    );
+    let out = rampart_up(d.path(), state.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("127.0.0.1:7000"), "{err}");
+    assert!(err.contains("proxy.admin"), "{err}");
+
+    let d = folder("rampart: {ca: {listen: here}}\n", ONE_WORKLOAD, None);
+    let out = rampart_up(d.path(), state.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("rampart.ca.listen"));
+}
+
+#[test]
+fn a_child_that_dies_is_named_with_its_status_and_log_and_the_rest_is_stopped() {
+    // The CA's port is taken, so the CA cannot start: `up` must say so and stop.
+    let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = squatter.local_addr().unwrap().port();
+    let d = folder(
+        &format!(
+            "rampart:\n  ca: {{listen: 127.0.0.1:{port}}}\n  demoToken: {{key: demo.pem, kid: k1, issuer: https://demo.example, audience: demo, namespace: people, serviceAccount: alice}}\n"
+        ),
+        ONE_WORKLOAD,
+        None,
+    );
+    let keygen = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["token", "keygen", "--out"])
+        .arg(d.path().join("demo.pem"))
+        .output()
+        .unwrap();
+    assert!(keygen.status.success(), "{keygen:?}");
+    let state = tempfile::tempdir().unwrap();
+    let out = rampart_up(d.path(), state.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("rampart up: ca exited unexpectedly (exit code"),
+        "{err}"
+    );
+    assert!(err.contains("last lines of"), "{err}");
+    assert!(err.contains("logs/ca.log"), "{err}");
+    assert!(err.contains("rampart up: stopped"), "{err}");
+    // The agents' tokens and the CA's JWKS were made; the JWT key is private.
+    assert!(state.path().join("tokens/ns1.a.jwt").exists());
+    assert!(state.path().join("jwt/jwks.json").exists());
+    use std::os::unix::fs::PermissionsExt as _;
+    let mode = std::fs::metadata(state.path().join("jwt/up-signing-key.pem"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o077, 0, "signing key mode {mode:o}");
+    let token_mode = std::fs::metadata(state.path().join("tokens/ns1.a.jwt"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(token_mode & 0o077, 0, "token mode {token_mode:o}");
+    // The demo end-user token (mesh.yaml rampart.demoToken) was minted, 0600, and verifies
+    // against the demo key's JWKS with the configured issuer and audience.
+    let demo = state.path().join("demo-token.jwt");
+    let demo_mode = std::fs::metadata(&demo).unwrap().permissions().mode();
+    assert_eq!(demo_mode & 0o077, 0, "demo token mode {demo_mode:o}");
+    let jwks = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["token", "jwks", "--kid", "k1", "--key"])
+        .arg(d.path().join("demo.pem"))
+        .output()
+        .unwrap();
+    std::fs::write(d.path().join("demo-jwks.json"), &jwks.stdout).unwrap();
+    let verify = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["token", "verify", "--jwks"])
+        .arg(d.path().join("demo-jwks.json"))
+        .arg("--token")
+        .arg(&demo)
+        .args(["--issuer", "https://demo.example", "--aud", "demo"])
+        .output()
+        .unwrap();
+    assert!(verify.status.success(), "{verify:?}");
+    assert!(String::from_utf8_lossy(&verify.stdout).contains("system:serviceaccount:people:alice"));
+    // No child is left behind.
+    let left = processes_mentioning(&state.path().display().to_string());
+    assert!(left.is_empty(), "left running: {left:?}");
+    drop(squatter);
+}
+
+#[test]
+fn quickstart_policy_validates_and_its_demo_keys_match() {
+    let qs = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart");
+    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .arg("validate")
+        .arg(qs.join("policy"))
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(0), "{out:?}");
+    assert!(
+        out.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // The published demo key signs what the demo JWKS verifies, and the RequestAuthentication
+    // carries that same JWKS inline.
+    let jwks = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["token", "jwks", "--kid", "demo-2026", "--key"])
+        .arg(qs.join("jwks/DEMO-ONLY-NOT-SECRET-signing-key.pem"))
+        .output()
+        .unwrap();
+    assert!(jwks.status.success());
+    let from_key: serde_json::Value = serde_json::from_slice(&jwks.stdout).unwrap();
+    let file: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(qs.join("jwks/demo-jwks.json")).unwrap())
+            .unwrap();
+    assert_eq!(from_key, file);
+    let policy = std::fs::read_to_string(qs.join("policy/backend.yaml")).unwrap();
+    let inline = policy
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("jwks: '"))
+        .and_then(|l| l.strip_suffix('\''))
+        .expect("inline jwks in backend.yaml");
+    let inline: serde_json::Value = serde_json::from_str(inline).unwrap();
+    assert_eq!(inline, file);
+}
+
+/// `rampart <sub> --help` shows `flag` (the real command, not a placeholder).
+fn built(sub: &str, flag: &str) -> bool {
+    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args([sub, "--help"])
+        .output()
+        .unwrap();
+    String::from_utf8_lossy(&out.stdout).contains(flag)
+}
+
+#[test]
+fn sigint_during_start_up_stops_app_agents_and_ca_in_order_and_exits_0() {
+    if !(built("ca", "--jwt-issuer") && built("agent", "--ca-root")) {
+        eprintln!(
+            "NOT RUN: `rampart ca` and `rampart agent` are not both built in this binary yet"
+        );
+        return;
+    }
+    let free = || {
+        TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port()
+    };
+    let (ca, app, inbound, admin) = (free(), free(), free(), free());
+    // The app never opens its port, so `up` stays in the "apps" stage with the CA and the
+    // agent running (the agent got its certificate from the CA with the token `up` minted).
+    let d = folder(
+        &format!("rampart: {{ca: {{listen: 127.0.0.1:{ca}}}}}\n"),
+        &format!(
+            "workloads:
+- name: a
+  namespace: ns1
+  ports: [{{port: 80, protocol: http, app: 127.0.0.1:{app}, inbound: 127.0.0.1:{inbound}}}]
+  command: [sleep, '312.25']
+  proxy: {{admin: 127.0.0.1:{admin}}}
+"
+        ),
+        None,
+    );
+    let state = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .arg("up")
+        .arg(d.path())
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["--ready-timeout", "120s", "--drain-timeout", "5s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Wait until the app runs (its log exists) and the agent has a certificate.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let agent_log = state.path().join("logs/agent-ns1-a.log");
+    loop {
+        let agent = std::fs::read_to_string(&agent_log).unwrap_or_default();
+        if state.path().join("logs/app-ns1-a.log").exists()
+            && agent.contains("installed workload certificate")
+        {
+            break;
+        }
+        if let Some(st) = child.try_wait().unwrap() {
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "up exited early ({st}): {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let out = child.wait_with_output().unwrap();
+            panic!(
+                "agent/app not started within 60s: {}\nagent log: {agent}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let needle = state.path().display().to_string();
+    assert!(!processes_mentioning(&needle).is_empty());
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "up did not stop within 60s of SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    let order: Vec<usize> = [
+        "SIGINT received during start-up",
+        "stopping the apps and proxies",
+        "stopping the node agents",
+        "stopping the CA",
+        "rampart up: stopped",
+    ]
+    .iter()
+    .map(|m| err.find(m).unwrap_or_else(|| panic!("no {m:?} in {err}")))
+    .collect();
+    assert!(order.windows(2).all(|w| w[0] < w[1]), "{err}");
+    assert!(!err.contains("did not stop within"), "{err}");
+    std::thread::sleep(Duration::from_millis(200));
+    let left = processes_mentioning(&needle);
+    assert!(left.is_empty(), "left running: {left:?}");
+    // The app (`sleep 312.25`, which does not mention the state dir) was stopped too: its
+    // process group got SIGTERM.
+    let sleepers: Vec<String> = processes_mentioning("sleep 312.25");
+    assert!(sleepers.is_empty(), "app left running: {sleepers:?}");
+    assert!(
+        TcpListener::bind(("127.0.0.1", ca)).is_ok(),
+        "CA port still held"
+    );
+}
