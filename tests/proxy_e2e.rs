@@ -714,6 +714,56 @@ except grpc.RpcError as e:
         String::from_utf8_lossy(&out.stderr)
     );
 
+    // --- gRPC allowed: h2c to the proxy, HTTP/2 to a Python grpcio app, status 0 ---
+    let server = format!(
+        r#"
+import grpc, sys, time
+from concurrent import futures
+def echo(req, ctx):
+    return req
+h = grpc.method_handlers_generic_handler("test.Echo", {{"Say": grpc.unary_unary_rpc_method_handler(echo)}})
+s = grpc.server(futures.ThreadPoolExecutor(2))
+s.add_generic_rpc_handlers((h,))
+s.add_insecure_port("127.0.0.1:{}")
+s.start()
+print("up", flush=True)
+time.sleep(120)
+"#,
+        p.app_grpc
+    );
+    let mut grpc_app = Command::new(python())
+        .args(["-c", &server])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(grpc_app.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "up");
+    let script = format!(
+        r#"
+import grpc
+ch = grpc.insecure_channel("127.0.0.1:{}")
+call = ch.unary_unary("/test.Echo/Say", request_serializer=lambda b: b, response_deserializer=lambda b: b)
+print(call(b"hello grpc", timeout=5).decode())
+"#,
+        p.in_grpc
+    );
+    let out = Command::new(python())
+        .args(["-c", &script])
+        .output()
+        .unwrap();
+    let _ = grpc_app.kill();
+    let _ = grpc_app.wait();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "hello grpc",
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
     // --- frontend proxy: outbound HTTP proxy and TCP upstream, mTLS to the backend ---
     let frontend = start_proxy(&mesh, "web/frontend", &sds_f, wp.join("frontend.log"));
     let fe_admin = format!("http://127.0.0.1:{}", p.fe_admin);

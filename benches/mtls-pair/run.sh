@@ -8,8 +8,10 @@ bin=$root/target/release; W=$(mktemp -d /tmp/mtls-pair.XXXXXX)
 pids=()
 cleanup() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null; done; wait; rm -rf "$W"; }
 trap cleanup EXIT INT TERM
-"$bin/rampart" certs root --out "$W/ca" >/dev/null
-"$bin/examples/sds_standin" --ca "$W/ca" \
+# MTLS_PAIR_CA: reuse a CA directory (e.g. to mint a client leaf for openssl s_time)
+ca=${MTLS_PAIR_CA:-$W/ca}
+[ -f "$ca/root-cert.pem" ] || "$bin/rampart" certs root --out "$ca" >/dev/null
+"$bin/examples/sds_standin" --ca "$ca" \
   --serve "$W/backend.sock=spiffe://cluster.local/ns/bench/sa/backend" \
   --serve "$W/client.sock=spiffe://cluster.local/ns/bench/sa/client" "$@" & pids+=($!)
 for s in backend client; do for _ in $(seq 50); do [ -S "$W/$s.sock" ] && break; sleep 0.1; done; done
