@@ -7,9 +7,12 @@
 //!
 //! Needs the Python venv (`.ci/test` builds it at target/py, or set RAMPART_PYTHON).
 
+mod support;
+use support::python;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
@@ -19,18 +22,6 @@ const ID: &str = "spiffe://cluster.local/ns/shop/sa/cart";
 
 fn rampart() -> Command {
     Command::new(env!("CARGO_BIN_EXE_rampart"))
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("RAMPART_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python");
-    assert!(
-        p.exists(),
-        "no Python venv: run .ci/test (builds target/py from tests/python/requirements.txt) or set RAMPART_PYTHON"
-    );
-    p
 }
 
 /// Run a node-agent Python client script; its JSON lines.

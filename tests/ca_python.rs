@@ -5,6 +5,9 @@
 //! Needs the Python venv (`.ci/test` builds it at target/py, or set RAMPART_PYTHON) and
 //! `openssl` on PATH.
 
+mod support;
+use support::python;
+
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -14,18 +17,6 @@ use std::time::{Duration, Instant};
 
 const ISS: &str = "https://kubernetes.default.svc.cluster.local";
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("RAMPART_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python");
-    assert!(
-        p.exists(),
-        "no Python venv: run .ci/test (builds target/py from tests/python/requirements.txt) or set RAMPART_PYTHON"
-    );
-    p
-}
 
 fn script() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/ca_client.py")

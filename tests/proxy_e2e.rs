@@ -2,10 +2,15 @@
 //!
 //! Two real `rampart proxy` processes (backend in namespace `api`, frontend in `web`) from one
 //! mesh folder. Certificates come from `rampart certs root|leaf` material through an **SDS
-//! stand-in** (`proxy/tests/support/sds_standin.rs`, a small tonic server in this test): the
-//! real node agent is on another branch; the whole-mesh tests (`rampart up`) use the real
-//! `rampart agent`. The app is a tiny in-test HTTP/1.1 + TCP echo server (std threads),
-//! standing in for `rampart echo`, which is not on this branch yet.
+//! stand-in** (`proxy/tests/support/sds_standin.rs`, a small tonic server in this test): it
+//! can push what a correct node agent never would (a certificate for another identity, a
+//! mismatched key), so the proxy's NACK and fail-closed paths are exercised. The whole-mesh
+//! test (`tests/quickstart_e2e.rs`, `rampart up`) runs the same proxy with the real
+//! `rampart agent` and `rampart ca`. The app here is a tiny in-test HTTP/1.1 + TCP echo
+//! server (std threads) whose behaviour the assertions control.
+
+mod support;
+use support::python;
 
 #[path = "../proxy/tests/support/sds_standin.rs"]
 mod sds_standin;
@@ -166,18 +171,6 @@ fn wait_for_or(
         std::thread::sleep(Duration::from_millis(100));
     }
     panic!("timed out waiting for {what}\n{}", log());
-}
-
-fn python() -> PathBuf {
-    if let Ok(p) = std::env::var("RAMPART_PYTHON") {
-        return p.into();
-    }
-    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python");
-    assert!(
-        p.exists(),
-        "no Python with grpcio: run .ci/test (builds target/py) or set RAMPART_PYTHON"
-    );
-    p
 }
 
 fn sha256_der_hex(dir: &Path, pem: &Path) -> String {

@@ -5,26 +5,15 @@
 //! with `rampart token verify`, and the ones that must not (expired, foreign key, `none`,
 //! HS256) are refused.
 
-use std::path::{Path, PathBuf};
+mod support;
+use support::python;
+
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
 fn rampart() -> Command {
     Command::new(env!("CARGO_BIN_EXE_rampart"))
-}
-
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("RAMPART_PYTHON") {
-        return PathBuf::from(p);
-    }
-    let venv = Path::new(env!("CARGO_MANIFEST_DIR")).join("target/py/bin/python");
-    assert!(
-        venv.exists(),
-        "no Python with PyJWT: set RAMPART_PYTHON or run .ci/test (it builds target/py from \
-         tests/python/requirements.txt)"
-    );
-    venv
 }
 
 fn run(cmd: &mut Command) -> Output {

@@ -177,3 +177,35 @@ fn no_path_is_a_usage_error() {
         .expect("run rampart");
     assert_eq!(out.status.code(), Some(2));
 }
+
+#[test]
+fn a_mesh_folder_is_checked_whole_not_mistaken_for_policy() {
+    // The bundled quickstart: mesh.yaml and workloads.yaml are not policy documents, and
+    // together with the policy they form a valid mesh folder.
+    let quickstart = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart");
+    let out = rampart(&[&quickstart]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(0), "{stdout}{}", text(&out.stderr));
+    assert!(stdout.contains("valid mesh folder"), "{stdout}");
+    assert!(stdout.contains("3 workload(s)"), "{stdout}");
+
+    // Its negative twin: a registry with an unknown port protocol and a broken policy, each
+    // named with file and field, exit 1.
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(dir.path(), "mesh.yaml", "trustDomain: cluster.local\n");
+    write(
+        dir.path(),
+        "workloads.yaml",
+        "workloads:\n- name: web\n  namespace: ns1\n  ports:\n  - {port: 8080, protocol: smtp, app: 127.0.0.1:18080, inbound: 127.0.0.1:15080}\n  proxy: {outbound: 127.0.0.1:15001, admin: 127.0.0.1:15000}\n",
+    );
+    write(dir.path(), "policy/bad.yaml", BAD);
+    let out = rampart(&[dir.path()]);
+    let stdout = text(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}{}", text(&out.stderr));
+    assert!(
+        stdout.contains("workloads.yaml: workloads[0].ports[0].protocol"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("policy/bad.yaml"), "{stdout}");
+    assert!(!stdout.contains("valid mesh folder"), "{stdout}");
+}

@@ -1,14 +1,17 @@
 //! `rampart validate`: check Istio security policy YAML the way Istio would admit it.
 
 use std::collections::BTreeMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use rampart_authz::{LoadResult, load_paths};
+use rampart_proxy::mesh::{MeshFolder, WORKLOADS_FILE};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ValidateArgs {
-    /// Files or folders (folders are searched recursively for .yaml/.yml files).
+    /// Files or folders (folders are searched recursively for .yaml/.yml files). A folder
+    /// holding `workloads.yaml` is a mesh folder (what `rampart up` runs): its `mesh.yaml`
+    /// and workload registry are checked too, not mistaken for policy.
     #[arg(required = true, value_name = "PATH")]
     paths: Vec<PathBuf>,
     /// Do not print warnings (accepted input that Istio also warns about).
@@ -18,7 +21,20 @@ pub(crate) struct ValidateArgs {
 
 impl ValidateArgs {
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
-        let result = load_paths(&self.paths);
+        let (mesh_folders, policy_paths): (Vec<PathBuf>, Vec<PathBuf>) =
+            self.paths.into_iter().partition(|p| is_mesh_folder(p));
+        let mut failed = false;
+        for dir in &mesh_folders {
+            failed |= !check_mesh_folder(dir);
+        }
+        if policy_paths.is_empty() {
+            return Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            });
+        }
+        let result = load_paths(&policy_paths);
         if !self.no_warnings {
             for w in &result.warnings {
                 eprintln!("warning: {w}");
@@ -26,7 +42,11 @@ impl ValidateArgs {
         }
         if result.problems.is_empty() {
             println!("{}", summary(&result));
-            Ok(ExitCode::SUCCESS)
+            Ok(if failed {
+                ExitCode::from(1)
+            } else {
+                ExitCode::SUCCESS
+            })
         } else {
             for p in &result.problems {
                 println!("{p}");
@@ -37,6 +57,34 @@ impl ValidateArgs {
                 result.resources.len()
             );
             Ok(ExitCode::from(1))
+        }
+    }
+}
+
+fn is_mesh_folder(path: &Path) -> bool {
+    path.is_dir() && path.join(WORKLOADS_FILE).is_file()
+}
+
+/// Check a whole mesh folder (mesh.yaml, workloads.yaml, policy) as `rampart up` and the
+/// proxies load it; print one line per problem, or a summary. True when valid.
+fn check_mesh_folder(dir: &Path) -> bool {
+    match MeshFolder::load(dir) {
+        Ok(m) => {
+            println!(
+                "valid mesh folder {}: {} workload(s), {} policy resource(s), trust domain {}",
+                dir.display(),
+                m.registry.workloads.len(),
+                m.resources.len(),
+                m.trust_domain
+            );
+            true
+        }
+        Err(problems) => {
+            for p in &problems {
+                println!("{}: {p}", dir.display());
+            }
+            eprintln!("{}: {} problem(s)", dir.display(), problems.len());
+            false
         }
     }
 }

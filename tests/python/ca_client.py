@@ -11,10 +11,12 @@ Subcommands:
 """
 
 import argparse
+import atexit
 import base64
 import datetime
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -122,6 +124,7 @@ def load_stubs():
     from grpc_tools import protoc
     import grpc_tools
     out = tempfile.mkdtemp(prefix="rampart-stubs-")
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
     wkt = os.path.join(os.path.dirname(grpc_tools.__file__), "_proto")
     rc = protoc.main(["grpc_tools.protoc", f"-I{PROTO_DIR}", f"-I{wkt}", f"--python_out={out}",
                       f"--grpc_python_out={out}",
