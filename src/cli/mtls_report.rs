@@ -370,22 +370,7 @@ pub(crate) fn render_text(reports: &[WorkloadReport], window: Window) -> String 
             ]);
         }
     }
-    let mut widths = [0usize; 8];
-    for row in &rows {
-        for (i, c) in row.iter().enumerate() {
-            widths[i] = widths[i].max(c.len());
-        }
-    }
-    let mut out = String::new();
-    for row in &rows {
-        let line: Vec<String> = row
-            .iter()
-            .enumerate()
-            .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-            .collect();
-        out.push_str(line.join("  ").trim_end());
-        out.push('\n');
-    }
+    let mut out = super::align_columns(&rows);
     out.push('\n');
     out.push_str(&format!(
         "verdict (based on {}):\n",

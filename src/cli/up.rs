@@ -865,12 +865,6 @@ impl Up {
                 first = false;
             }
         }
-        let mut widths = [0usize; 6];
-        for r in &rows {
-            for (i, c) in r.iter().enumerate() {
-                widths[i] = widths[i].max(c.len());
-            }
-        }
         let mut out = format!(
             "CA              {} (trust domain {}, trust bundle {})\nstate, logs     {}, {}\n\n",
             self.mesh.ca_listen,
@@ -879,15 +873,7 @@ impl Up {
             self.state.display(),
             self.logs.display()
         );
-        for r in &rows {
-            let line: Vec<String> = r
-                .iter()
-                .enumerate()
-                .map(|(i, c)| format!("{c:<w$}", w = widths[i]))
-                .collect();
-            out.push_str(line.join("  ").trim_end());
-            out.push('\n');
-        }
+        out.push_str(&super::align_columns(&rows));
         out
     }
 
