@@ -1,5 +1,6 @@
-//! Connections the proxy originates: mTLS to a peer proxy's inbound listener, as a hyper
-//! client connector (pooled, kept alive) and as a plain stream for TCP upstreams.
+//! Connections the proxy originates to a peer proxy's inbound listener: mTLS (or plaintext
+//! when the destination port's PeerAuthentication is DISABLE, as Istio's auto-mTLS does), as
+//! a hyper client connector (pooled, kept alive) and as a plain stream for TCP upstreams.
 
 use std::future::Future;
 use std::net::SocketAddr;
@@ -80,14 +81,109 @@ pub(crate) fn describe_tls_error(e: &std::io::Error) -> String {
         .unwrap_or_else(|| e.to_string())
 }
 
-/// A hyper connector that ignores the request URI and dials one fixed [`Target`].
-#[derive(Clone)]
-pub(crate) struct MtlsConnector {
-    pub(crate) identity: Arc<IdentityHolder>,
-    pub(crate) target: Arc<Target>,
+/// Dial `target` without TLS: only for a destination port whose PeerAuthentication is
+/// DISABLE (its inbound listener passes plaintext and does not terminate TLS).
+pub(crate) async fn connect_plain(target: &Target) -> Result<TcpStream, String> {
+    let tcp = TcpStream::connect(target.addr)
+        .await
+        .map_err(|e| format!("connect {}: {e}", target.addr))?;
+    let _ = tcp.set_nodelay(true);
+    Ok(tcp)
 }
 
-impl tower::Service<http::Uri> for MtlsConnector {
+/// A stream to a peer proxy: mTLS, or plaintext to a DISABLE port.
+pub(crate) enum PeerStream {
+    /// Mutual TLS, the server's SPIFFE ID checked.
+    Mtls(Box<TlsStream<TcpStream>>),
+    /// Plaintext (destination port in PeerAuthentication DISABLE).
+    Plain(TcpStream),
+}
+
+impl PeerStream {
+    /// Dial `target`, with mTLS unless `mtls` is false.
+    pub(crate) async fn connect(
+        identity: &IdentityHolder,
+        target: &Target,
+        mtls: bool,
+    ) -> Result<PeerStream, String> {
+        if mtls {
+            Ok(PeerStream::Mtls(Box::new(
+                connect_mtls(identity, target).await?,
+            )))
+        } else {
+            Ok(PeerStream::Plain(connect_plain(target).await?))
+        }
+    }
+}
+
+impl tokio::io::AsyncRead for PeerStream {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut tokio::io::ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PeerStream::Mtls(s) => Pin::new(s.as_mut()).poll_read(cx, buf),
+            PeerStream::Plain(s) => Pin::new(s).poll_read(cx, buf),
+        }
+    }
+}
+
+impl tokio::io::AsyncWrite for PeerStream {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            PeerStream::Mtls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
+            PeerStream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+        }
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PeerStream::Mtls(s) => Pin::new(s.as_mut()).poll_flush(cx),
+            PeerStream::Plain(s) => Pin::new(s).poll_flush(cx),
+        }
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        match self.get_mut() {
+            PeerStream::Mtls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
+            PeerStream::Plain(s) => Pin::new(s).poll_shutdown(cx),
+        }
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match self {
+            PeerStream::Mtls(s) => s.is_write_vectored(),
+            PeerStream::Plain(s) => s.is_write_vectored(),
+        }
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        match self.get_mut() {
+            PeerStream::Mtls(s) => Pin::new(s.as_mut()).poll_write_vectored(cx, bufs),
+            PeerStream::Plain(s) => Pin::new(s).poll_write_vectored(cx, bufs),
+        }
+    }
+}
+
+/// A hyper connector that ignores the request URI and dials one fixed [`Target`], with mTLS
+/// or (DISABLE destination port) plaintext.
+#[derive(Clone)]
+pub(crate) struct PeerConnector {
+    pub(crate) identity: Arc<IdentityHolder>,
+    pub(crate) target: Arc<Target>,
+    pub(crate) mtls: bool,
+}
+
+impl tower::Service<http::Uri> for PeerConnector {
     type Response = TlsConn;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<TlsConn, BoxError>> + Send>>;
@@ -99,19 +195,22 @@ impl tower::Service<http::Uri> for MtlsConnector {
     fn call(&mut self, _: http::Uri) -> Self::Future {
         let me = self.clone();
         Box::pin(async move {
-            let tls = connect_mtls(&me.identity, &me.target).await?;
-            let h2 = tls.get_ref().1.alpn_protocol() == Some(b"h2");
+            let s = PeerStream::connect(&me.identity, &me.target, me.mtls).await?;
+            let h2 = match &s {
+                PeerStream::Mtls(t) => t.get_ref().1.alpn_protocol() == Some(b"h2"),
+                PeerStream::Plain(_) => false,
+            };
             Ok(TlsConn {
-                io: TokioIo::new(tls),
+                io: TokioIo::new(s),
                 h2,
             })
         })
     }
 }
 
-/// An established mTLS connection for hyper's client.
+/// An established connection to a peer proxy for hyper's client.
 pub(crate) struct TlsConn {
-    io: TokioIo<TlsStream<TcpStream>>,
+    io: TokioIo<PeerStream>,
     h2: bool,
 }
 

@@ -1,7 +1,6 @@
 //! The running proxy: configuration (mesh folder + compiled policy, swapped atomically on
 //! valid edits), listeners, inbound and outbound request handling, drain.
 
-use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -26,11 +25,12 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, Semaphore, watch};
 
-use crate::conn::{MtlsConnector, Target, connect_mtls};
-use crate::identity::{Alpn, IdentityHolder, cert_sha256_hex};
+use crate::identity::{IdentityHolder, cert_sha256_hex};
 use crate::mesh::{MeshFolder, PortProtocol, Problem, WorkloadEntry};
 use crate::metrics::{Kind, Labels, Metrics, PortStats, Series};
 use crate::{Error, admin};
+
+mod outbound;
 
 /// Response body: the app's or peer's body streamed through, or one the proxy wrote.
 pub(crate) type Body = Either<Incoming, Full<Bytes>>;
@@ -119,20 +119,6 @@ fn build_config(dir: &Path, key: &str) -> Result<Config, Vec<Problem>> {
     })
 }
 
-#[derive(Clone, PartialEq, Eq, Hash)]
-struct PeerKey {
-    addr: SocketAddr,
-    expected: SpiffeId,
-    h2: bool,
-    dest: String,
-    port: u16,
-}
-
-struct PeerPool {
-    client: Client<MtlsConnector, Incoming>,
-    series: Arc<Series>,
-}
-
 /// Everything the tasks of one proxy share.
 pub(crate) struct Shared {
     pub(crate) cfg: ArcSwap<Config>,
@@ -146,7 +132,7 @@ pub(crate) struct Shared {
     request_timeout: Duration,
     app_h1: Client<HttpConnector, Incoming>,
     app_h2: Client<HttpConnector, Incoming>,
-    peers: Mutex<HashMap<PeerKey, Arc<PeerPool>>>,
+    peers: outbound::Outbound,
     shutdown: watch::Receiver<bool>,
     inflight: AtomicUsize,
     idle: Notify,
@@ -229,7 +215,7 @@ pub async fn run(
         request_timeout: opts.request_timeout,
         app_h1,
         app_h2,
-        peers: Mutex::new(HashMap::new()),
+        peers: outbound::Outbound::default(),
         shutdown: stop_rx,
         inflight: AtomicUsize::new(0),
         idle: Notify::new(),
@@ -405,7 +391,7 @@ async fn accept_loop(sh: Arc<Shared>, l: TcpListener, kind: Listener) {
             let _g = sh.enter();
             match kind {
                 Listener::Inbound(port, i) => inbound_conn(&sh, port, i, tcp, peer).await,
-                Listener::Outbound => outbound_http_conn(&sh, tcp, peer).await,
+                Listener::Outbound => outbound::outbound_http_conn(&sh, tcp, peer).await,
                 Listener::Upstream(i) => upstream_conn(&sh, i, tcp).await,
             }
             drop(permit);
@@ -927,192 +913,15 @@ where
     sh.metrics.tcp_closed(&cx.labels, sent, received);
 }
 
-// === outbound ===
+// === outbound === (see outbound.rs)
 
-fn source_labels(cfg: &Config, dest: &WorkloadEntry, mtls: bool) -> Labels {
-    Labels {
-        reporter: "source",
-        source_principal: cfg.me.spiffe_id(&cfg.folder.trust_domain).to_string(),
-        source_workload: cfg.me.name.clone(),
-        source_namespace: cfg.me.namespace.clone(),
-        destination_principal: dest.spiffe_id(&cfg.folder.trust_domain).to_string(),
-        destination_workload: dest.name.clone(),
-        destination_namespace: dest.namespace.clone(),
-        destination_service: dest.service_host(),
-        mtls,
-    }
-}
-
-impl Shared {
-    fn peer_pool(
-        self: &Arc<Self>,
-        cfg: &Config,
-        dest: &WorkloadEntry,
-        port: &crate::mesh::PortEntry,
-    ) -> Result<Arc<PeerPool>, String> {
-        let expected = dest.spiffe_id(&cfg.folder.trust_domain);
-        let h2 = port.protocol.is_h2();
-        let key = PeerKey {
-            addr: port.inbound,
-            expected: expected.clone(),
-            h2,
-            dest: dest.key(),
-            port: port.port,
-        };
-        let mut map = self.peers.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(p) = map.get(&key) {
-            return Ok(p.clone());
-        }
-        let target = Target::new(
-            port.inbound,
-            &dest.service_host(),
-            port.port,
-            expected,
-            if h2 { Alpn::H2 } else { Alpn::Http1 },
-        )?;
-        let connector = MtlsConnector {
-            identity: self.identity.clone(),
-            target: Arc::new(target),
-        };
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_idle_timeout(Duration::from_secs(60));
-        if h2 {
-            b.http2_only(true);
-        }
-        let pool = Arc::new(PeerPool {
-            client: b.build(connector),
-            series: self
-                .metrics
-                .series(source_labels(cfg, dest, true).render(request_protocol(port.protocol))),
-        });
-        map.insert(key, pool.clone());
-        Ok(pool)
-    }
-}
-
-async fn outbound_http_conn(sh: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) {
-    let svc_sh = sh.clone();
-    let svc = hyper::service::service_fn(move |req| {
-        let sh = svc_sh.clone();
-        async move { Ok::<_, Infallible>(outbound_request(&sh, peer, req).await) }
-    });
-    serve_http(sh, tcp, svc).await;
-}
-
-async fn outbound_request(
-    sh: &Arc<Shared>,
-    _src: SocketAddr,
-    mut req: Request<Incoming>,
-) -> Response<Body> {
-    let start = Instant::now();
-    if req.method() == http::Method::CONNECT {
-        return text_response(
-            405,
-            "rampart: CONNECT is not supported; send plain HTTP requests through this proxy\n",
-        );
-    }
-    let authority = authority_of(&req);
-    let cfg = sh.cfg.load();
-    let Some((dest, port)) = cfg.folder.registry.resolve(&authority, &cfg.me.namespace) else {
-        tracing::info!(host = %authority, "outbound request to an unknown destination (502)");
-        return owned_text_response(
-            502,
-            format!(
-                "rampart: unknown destination {authority:?}: not a service port in workloads.yaml\n"
-            ),
-        );
-    };
-    let pool = match sh.peer_pool(&cfg, dest, port) {
-        Ok(p) => p,
-        Err(e) => return owned_text_response(502, format!("rampart: {e}\n")),
-    };
-    let h2 = port.protocol.is_h2();
-    drop(cfg);
-    let pq = req
-        .uri()
-        .path_and_query()
-        .map(|p| p.as_str())
-        .unwrap_or("/");
-    let uri = format!("http://{authority}{pq}");
-    match uri.parse::<Uri>() {
-        Ok(u) => *req.uri_mut() = u,
-        Err(_) => return text_response(400, "rampart: bad request target\n"),
-    }
-    if req.headers().get(header::HOST).is_none()
-        && let Ok(v) = HeaderValue::from_str(&authority)
-    {
-        req.headers_mut().insert(header::HOST, v);
-    }
-    req.headers_mut().remove("proxy-connection");
-    req.headers_mut().remove(header::PROXY_AUTHORIZATION);
-    *req.version_mut() = if h2 {
-        Version::HTTP_2
-    } else {
-        Version::HTTP_11
-    };
-    let grpc = is_grpc_request(&req);
-    let (resp, flags) =
-        match tokio::time::timeout(sh.request_timeout, pool.client.request(req)).await {
-            Ok(Ok(r)) => (r.map(Either::Left), "-"),
-            Ok(Err(e)) => {
-                let mut msg = e.to_string();
-                let mut src: Option<&dyn std::error::Error> = std::error::Error::source(&e);
-                while let Some(s) = src {
-                    msg = format!("{msg}: {s}");
-                    src = s.source();
-                }
-                tracing::warn!(host = %authority, error = %msg, "outbound request failed");
-                (
-                    owned_text_response(503, format!("upstream connect error: {msg}\n")),
-                    "UF",
-                )
-            }
-            Err(_) => (text_response(504, "upstream request timeout\n"), "UT"),
-        };
-    let g = if grpc { grpc_status_of(&resp) } else { None };
-    pool.series
-        .request(resp.status().as_u16(), g, flags, start.elapsed());
-    resp
-}
-
-async fn upstream_conn(sh: &Arc<Shared>, idx: usize, mut tcp: TcpStream) {
+async fn upstream_conn(sh: &Arc<Shared>, idx: usize, tcp: TcpStream) {
     let cfg = sh.cfg.load_full();
     let Some(u) = cfg.me.upstreams.get(idx) else {
         return;
     };
     let authority = format!("{}:{}", u.service, u.port);
-    let Some((dest, port)) = cfg.folder.registry.resolve(&authority, &cfg.me.namespace) else {
-        tracing::warn!(upstream = %authority, "upstream no longer in the registry; closing");
-        return;
-    };
-    let target = match Target::new(
-        port.inbound,
-        &dest.service_host(),
-        port.port,
-        dest.spiffe_id(&cfg.folder.trust_domain),
-        Alpn::None,
-    ) {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(error = %e, "bad upstream target");
-            return;
-        }
-    };
-    let labels = source_labels(&cfg, dest, true).render("tcp");
-    drop(cfg);
-    let mut tls = match connect_mtls(&sh.identity, &target).await {
-        Ok(t) => t,
-        Err(e) => {
-            tracing::warn!(upstream = %authority, error = %e, "upstream connection failed");
-            return;
-        }
-    };
-    sh.metrics.tcp_opened(&labels);
-    let (sent, received) = match tokio::io::copy_bidirectional(&mut tcp, &mut tls).await {
-        Ok((from_app, from_peer)) => (from_app, from_peer),
-        Err(_) => (0, 0),
-    };
-    sh.metrics.tcp_closed(&labels, sent, received);
+    outbound::upstream_tcp(sh, &cfg, &authority, tcp).await;
 }
 
 /// The effective mode of each port (for `/config_dump` and `/mtls`).

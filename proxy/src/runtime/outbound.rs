@@ -1,0 +1,388 @@
+//! The outbound side: the app's calls through the HTTP-proxy listener (routed by Host) and
+//! through upstream ports, to a peer proxy's inbound listener.
+//!
+//! Auto-mTLS as Istio does it: the connection to a destination port is mutual TLS (the
+//! server's SPIFFE ID checked against the registry) unless that port's effective
+//! PeerAuthentication is DISABLE, where the destination's inbound listener passes plaintext
+//! and does not terminate TLS; then the proxy connects in plaintext and labels the metrics
+//! `connection_security_policy="none"`.
+//!
+//! Each destination (authority as the app wrote it) is resolved once per configuration: the
+//! [`Route`] (target, mode, pool, metric series) is cached in a table tied to the
+//! [`Config`] it was computed from, so a registry or policy edit (a new `Config`) makes the
+//! next request resolve again and a mode change applies to new connections.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use arc_swap::ArcSwapOption;
+use http::uri::{Authority, PathAndQuery, Scheme};
+use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use rampart_authz::MtlsMode;
+use rampart_certs::SpiffeId;
+use tokio::net::TcpStream;
+
+use super::{
+    Body, Config, Shared, grpc_status_of, is_grpc_request, owned_text_response, text_response,
+};
+use crate::conn::{PeerConnector, PeerStream, Target};
+use crate::identity::Alpn;
+use crate::mesh::{PortEntry, PortProtocol, WorkloadEntry};
+use crate::metrics::{Labels, Series};
+
+/// Most cached routes per configuration (authorities as apps write them).
+const MAX_ROUTES: usize = 4096;
+
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct PeerKey {
+    addr: SocketAddr,
+    expected: SpiffeId,
+    h2: bool,
+    mtls: bool,
+    dest: String,
+    port: u16,
+}
+
+/// Pooled HTTP connections to one destination port, and its request series.
+pub(super) struct PeerPool {
+    client: Client<PeerConnector, Incoming>,
+    series: Arc<Series>,
+}
+
+/// A resolved destination port: where, how (mTLS or plaintext) and what to count under.
+pub(super) struct Route {
+    /// `namespace/name:port` (for logs).
+    pub(super) name: String,
+    pub(super) protocol: PortProtocol,
+    pub(super) mtls: bool,
+    pub(super) target: Arc<Target>,
+    pub(super) pool: Arc<PeerPool>,
+    /// Source-reporter labels of this destination's TCP series.
+    pub(super) tcp_labels: Arc<str>,
+}
+
+struct RouteTable {
+    cfg: Arc<Config>,
+    map: HashMap<Box<str>, Arc<Route>>,
+}
+
+/// Why an authority has no route.
+pub(super) enum NoRoute {
+    /// Not a service port of the registry.
+    Unknown,
+    /// The registry entry cannot be dialled (e.g. an SNI that is not a DNS name).
+    Bad(String),
+}
+
+/// The outbound state of a proxy: connection pools (kept across configuration changes when
+/// nothing about the destination changed) and the route table of the current configuration.
+#[derive(Default)]
+pub(crate) struct Outbound {
+    pools: Mutex<HashMap<PeerKey, Arc<PeerPool>>>,
+    routes: ArcSwapOption<RouteTable>,
+}
+
+fn source_labels(cfg: &Config, dest: &WorkloadEntry, mtls: bool) -> Labels {
+    Labels {
+        reporter: "source",
+        source_principal: cfg.me.spiffe_id(&cfg.folder.trust_domain).to_string(),
+        source_workload: cfg.me.name.clone(),
+        source_namespace: cfg.me.namespace.clone(),
+        destination_principal: dest.spiffe_id(&cfg.folder.trust_domain).to_string(),
+        destination_workload: dest.name.clone(),
+        destination_namespace: dest.namespace.clone(),
+        destination_service: dest.service_host(),
+        mtls,
+    }
+}
+
+/// Whether the proxy originates mTLS to `port` of `dest`: yes for STRICT and PERMISSIVE
+/// (and unset, which is PERMISSIVE), no for DISABLE.
+pub(super) fn originate_mtls(cfg: &Config, dest: &WorkloadEntry, port: u16) -> bool {
+    cfg.engine
+        .peer_authentication(&dest.authz_workload(), port)
+        .mode
+        != MtlsMode::Disable
+}
+
+impl Outbound {
+    /// The route for `authority` (`host[:port]` as the app wrote it) under `cfg`.
+    pub(super) fn route(
+        &self,
+        sh: &Shared,
+        cfg: &Arc<Config>,
+        authority: &str,
+    ) -> Result<Arc<Route>, NoRoute> {
+        if let Some(t) = &*self.routes.load()
+            && Arc::ptr_eq(&t.cfg, cfg)
+            && let Some(r) = t.map.get(authority)
+        {
+            return Ok(r.clone());
+        }
+        let (dest, port) = cfg
+            .folder
+            .registry
+            .resolve(authority, &cfg.me.namespace)
+            .ok_or(NoRoute::Unknown)?;
+        let route = Arc::new(self.build_route(sh, cfg, dest, port)?);
+        self.routes.rcu(|cur| {
+            let mut map = match cur {
+                Some(t) if Arc::ptr_eq(&t.cfg, cfg) && t.map.len() < MAX_ROUTES => t.map.clone(),
+                _ => HashMap::new(),
+            };
+            map.insert(authority.into(), route.clone());
+            Some(Arc::new(RouteTable {
+                cfg: cfg.clone(),
+                map,
+            }))
+        });
+        Ok(route)
+    }
+
+    fn build_route(
+        &self,
+        sh: &Shared,
+        cfg: &Config,
+        dest: &WorkloadEntry,
+        port: &PortEntry,
+    ) -> Result<Route, NoRoute> {
+        let expected = dest.spiffe_id(&cfg.folder.trust_domain);
+        let mtls = originate_mtls(cfg, dest, port.port);
+        let h2 = port.protocol.is_h2();
+        let target = Arc::new(
+            Target::new(
+                port.inbound,
+                &dest.service_host(),
+                port.port,
+                expected.clone(),
+                if h2 { Alpn::H2 } else { Alpn::Http1 },
+            )
+            .map_err(NoRoute::Bad)?,
+        );
+        let key = PeerKey {
+            addr: port.inbound,
+            expected,
+            h2,
+            mtls,
+            dest: dest.key(),
+            port: port.port,
+        };
+        let labels = source_labels(cfg, dest, mtls);
+        let pool = {
+            let mut pools = sh.peers.pools.lock().unwrap_or_else(|e| e.into_inner());
+            pools
+                .entry(key)
+                .or_insert_with(|| {
+                    let connector = PeerConnector {
+                        identity: sh.identity.clone(),
+                        target: target.clone(),
+                        mtls,
+                    };
+                    let mut b = Client::builder(TokioExecutor::new());
+                    b.pool_idle_timeout(Duration::from_secs(60));
+                    if h2 {
+                        b.http2_only(true);
+                    }
+                    Arc::new(PeerPool {
+                        client: b.build(connector),
+                        series: sh
+                            .metrics
+                            .series(labels.render(super::request_protocol(port.protocol))),
+                    })
+                })
+                .clone()
+        };
+        // Raw TCP (upstream ports, CONNECT): no ALPN.
+        let mut tcp_target = (*target).clone();
+        tcp_target.alpn = Alpn::None;
+        Ok(Route {
+            name: format!("{}:{}", dest.key(), port.port),
+            protocol: port.protocol,
+            mtls,
+            target: Arc::new(tcp_target),
+            pool,
+            tcp_labels: labels.render("tcp"),
+        })
+    }
+}
+
+fn no_route_response(authority: &str, e: NoRoute) -> Response<Body> {
+    match e {
+        NoRoute::Unknown => {
+            tracing::info!(host = %authority, "outbound request to an unknown destination (502)");
+            owned_text_response(
+                502,
+                format!(
+                    "rampart: unknown destination {authority:?}: not a service port in workloads.yaml\n"
+                ),
+            )
+        }
+        NoRoute::Bad(e) => owned_text_response(502, format!("rampart: {e}\n")),
+    }
+}
+
+/// Serve one connection of the outbound HTTP-proxy listener (HTTP/1.1 or h2c).
+pub(super) async fn outbound_http_conn(sh: &Arc<Shared>, tcp: TcpStream, _peer: SocketAddr) {
+    let svc_sh = sh.clone();
+    let svc = hyper::service::service_fn(move |req| {
+        let sh = svc_sh.clone();
+        async move { Ok::<_, Infallible>(outbound_request(&sh, req).await) }
+    });
+    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+    tokio::pin!(conn);
+    let mut stop = sh.shutdown.clone();
+    if *stop.borrow() {
+        conn.as_mut().graceful_shutdown();
+    }
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
+            }
+            return;
+        }
+        _ = stop.changed() => {
+            conn.as_mut().graceful_shutdown();
+        }
+    }
+    let _ = conn.await;
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut msg = e.to_string();
+    let mut src = e.source();
+    while let Some(s) = src {
+        msg = format!("{msg}: {s}");
+        src = s.source();
+    }
+    msg
+}
+
+async fn outbound_request(sh: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    if req.method() == Method::CONNECT {
+        return text_response(
+            405,
+            "rampart: CONNECT is not supported; send plain HTTP requests through this proxy\n",
+        );
+    }
+    let authority = match req.uri().authority() {
+        Some(a) => a.clone(),
+        None => match req
+            .headers()
+            .get(header::HOST)
+            .and_then(|h| Authority::try_from(h.as_bytes()).ok())
+        {
+            Some(a) => a,
+            None => {
+                return text_response(
+                    400,
+                    "rampart: request without a destination (no absolute URI, no Host)\n",
+                );
+            }
+        },
+    };
+    let route = {
+        let cfg = sh.cfg.load();
+        match sh.peers.route(sh, &cfg, authority.as_str()) {
+            Ok(r) => r,
+            Err(e) => return no_route_response(authority.as_str(), e),
+        }
+    };
+    let h2 = route.protocol.is_h2();
+    let mut parts = std::mem::take(req.uri_mut()).into_parts();
+    parts.scheme = Some(Scheme::HTTP);
+    if req.headers().get(header::HOST).is_none()
+        && let Ok(v) = HeaderValue::from_str(authority.as_str())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    parts.authority = Some(authority);
+    if parts.path_and_query.is_none() {
+        parts.path_and_query = Some(PathAndQuery::from_static("/"));
+    }
+    match Uri::from_parts(parts) {
+        Ok(u) => *req.uri_mut() = u,
+        Err(_) => return text_response(400, "rampart: bad request target\n"),
+    }
+    req.headers_mut().remove("proxy-connection");
+    req.headers_mut().remove(header::PROXY_AUTHORIZATION);
+    *req.version_mut() = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let grpc = is_grpc_request(&req);
+    let pool = &route.pool;
+    let (resp, flags) =
+        match tokio::time::timeout(sh.request_timeout, pool.client.request(req)).await {
+            Ok(Ok(r)) => (r.map(Either::Left), "-"),
+            Ok(Err(e)) => {
+                let msg = error_chain(&e);
+                tracing::warn!(destination = %route.name, error = %msg, "outbound request failed");
+                (
+                    owned_text_response(503, format!("upstream connect error: {msg}\n")),
+                    "UF",
+                )
+            }
+            Err(_) => (text_response(504, "upstream request timeout\n"), "UT"),
+        };
+    let g = if grpc { grpc_status_of(&resp) } else { None };
+    pool.series
+        .request(resp.status().as_u16(), g, flags, start.elapsed());
+    resp
+}
+
+/// Copy bytes between the app's stream and the peer until both sides are done; the TCP
+/// series counts the connection (bytes sent = towards the app, received = from the app).
+async fn relay<A>(sh: &Shared, route: &Route, app: &mut A, mut peer: PeerStream)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    sh.metrics.tcp_opened(&route.tcp_labels);
+    let (sent, received) = match tokio::io::copy_bidirectional(app, &mut peer).await {
+        Ok((from_app, from_peer)) => (from_peer, from_app),
+        Err(e) => {
+            tracing::debug!(destination = %route.name, error = %e, "TCP relay ended with an error");
+            (0, 0)
+        }
+    };
+    sh.metrics.tcp_closed(&route.tcp_labels, sent, received);
+}
+
+/// An upstream-port connection: raw TCP to the destination's inbound listener, mTLS unless
+/// the destination port is DISABLE.
+pub(super) async fn upstream_tcp(
+    sh: &Arc<Shared>,
+    cfg: &Arc<Config>,
+    authority: &str,
+    mut tcp: TcpStream,
+) {
+    let route = match sh.peers.route(sh, cfg, authority) {
+        Ok(r) => r,
+        Err(NoRoute::Unknown) => {
+            tracing::warn!(upstream = %authority, "upstream no longer in the registry; closing");
+            return;
+        }
+        Err(NoRoute::Bad(e)) => {
+            tracing::warn!(upstream = %authority, error = %e, "bad upstream target");
+            return;
+        }
+    };
+    let peer = match PeerStream::connect(&sh.identity, &route.target, route.mtls).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(upstream = %authority, error = %e, "upstream connection failed");
+            return;
+        }
+    };
+    relay(sh, &route, &mut tcp, peer).await;
+}
