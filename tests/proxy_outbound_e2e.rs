@@ -3,7 +3,9 @@
 //! - auto-mTLS: a destination port whose PeerAuthentication is DISABLE is reached in
 //!   plaintext (metrics `connection_security_policy="none"`), on the HTTP-proxy listener and
 //!   on upstream ports; a STRICT destination still gets mTLS with its SPIFFE ID checked; a live
-//!   mode edit applies to new connections.
+//!   mode edit applies to new connections;
+//! - `grpc_response_status` from the response trailers (successful and failing calls), on
+//!   both reporters.
 //!
 //! Four `rampart proxy` processes from one mesh folder, certificates from an SDS stand-in
 //! (`proxy/tests/support/sds_standin.rs`), apps are `rampart echo` and a grpcio server.
@@ -218,6 +220,29 @@ print("up", flush=True)
 time.sleep(300)
 "#;
 
+/// Calls Say, Missing, Stream on `channel` (Python expression); prints one line per call.
+const GRPC_CLIENT: &str = r#"
+import grpc, sys
+ch = eval(sys.argv[1])
+ident = lambda b: b
+try:
+    print("Say", ch.unary_unary("/test.Echo/Say", request_serializer=ident, response_deserializer=ident)(b"hello grpc", timeout=5).decode())
+except grpc.RpcError as e:
+    print("Say", e.code().value[0], e.details())
+try:
+    ch.unary_unary("/test.Echo/Missing", request_serializer=ident, response_deserializer=ident)(b"x", timeout=5)
+    print("Missing UNEXPECTED_OK")
+except grpc.RpcError as e:
+    print("Missing", e.code().value[0], e.details())
+got = []
+try:
+    for m in ch.unary_stream("/test.Echo/Stream", request_serializer=ident, response_deserializer=ident)(b"x", timeout=5):
+        got.append(m.decode())
+    print("Stream UNEXPECTED_OK", got)
+except grpc.RpcError as e:
+    print("Stream", ",".join(got), e.code().value[0], e.details())
+"#;
+
 #[test]
 fn outbound_auto_mtls_grpc_status_and_connect() {
     let w = tempfile::tempdir().unwrap();
@@ -314,6 +339,7 @@ fn outbound_auto_mtls_grpc_status_and_connect() {
     };
     let proxy_arg = format!("http://127.0.0.1:{}", p.fe_out);
     let fe_stats = || get(&format!("http://127.0.0.1:{}/stats/prometheus", p.fe_admin));
+    let be_stats = || get(&format!("http://127.0.0.1:{}/stats/prometheus", p.be_admin));
 
     // === 1. auto-mTLS: DISABLE destination in plaintext, STRICT destination in mTLS ===
     let (code, body) = curl(&["-x", &proxy_arg, "http://legacy.old:8080/plain"]);
@@ -443,6 +469,60 @@ fn outbound_auto_mtls_grpc_status_and_connect() {
         },
         logs,
     );
+
+    // === 2. gRPC status from the trailers, both reporters ===
+    let channel = format!(
+        "grpc.insecure_channel('127.0.0.1:{}', options=[('grpc.default_authority', 'backend.api:7070')])",
+        p.fe_out
+    );
+    let out = Command::new(python())
+        .args(["-c", GRPC_CLIENT, &channel])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("Say hello grpc")
+            && text.contains("Missing 5 no such thing")
+            && text.contains("Stream first 8 enough"),
+        "{text}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+    for (who, stats, reporter) in [
+        ("frontend", &fe_stats as &dyn Fn() -> String, "source"),
+        ("backend", &be_stats, "destination"),
+    ] {
+        let base = |status: &'static str| {
+            [
+                format!("reporter=\"{reporter}\""),
+                "request_protocol=\"grpc\"".to_string(),
+                "connection_security_policy=\"mutual_tls\"".to_string(),
+                "response_code=\"200\"".to_string(),
+                format!("grpc_response_status=\"{status}\""),
+            ]
+        };
+        for status in ["0", "5", "8"] {
+            let labels = base(status);
+            let refs: Vec<&str> = labels.iter().map(String::as_str).collect();
+            wait_for(
+                &format!("{who}: grpc_response_status={status}"),
+                Duration::from_secs(5),
+                || value(&stats(), "istio_requests_total", &refs) == 1,
+                stats,
+            );
+            assert_eq!(
+                value(&stats(), "istio_request_duration_milliseconds_count", &refs),
+                1
+            );
+        }
+        let empty = base("");
+        let refs: Vec<&str> = empty.iter().map(String::as_str).collect();
+        let s = stats();
+        assert!(
+            series(&s, "istio_requests_total", &refs).is_empty(),
+            "no gRPC request may lack its status: {s}"
+        );
+    }
 
     let _ = grpc_app.kill();
     let _ = grpc_app.wait();

@@ -4,10 +4,16 @@
 use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::net::IpAddr;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use bytes::Bytes;
+use http::{HeaderMap, Response};
+use hyper::body::{Body, Frame, SizeHint};
 
 /// Istio's duration buckets (milliseconds).
 const BUCKETS_MS: [f64; 19] = [
@@ -94,6 +100,157 @@ impl Series {
             if ms <= *b {
                 s.buckets[i] += 1;
             }
+        }
+    }
+}
+
+/// The gRPC status of `headers` (`grpc-status`), if any.
+pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u16> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+}
+
+/// The gRPC status a response without `grpc-status` stands for (gRPC's HTTP-to-gRPC status
+/// mapping, as Envoy's `httpToGrpcStatus`).
+pub(crate) fn http_to_grpc(code: u16) -> u16 {
+    match code {
+        400 => 13,                   // INTERNAL
+        401 => 16,                   // UNAUTHENTICATED
+        403 => 7,                    // PERMISSION_DENIED
+        404 => 12,                   // UNIMPLEMENTED
+        429 | 502 | 503 | 504 => 14, // UNAVAILABLE
+        _ => 2,                      // UNKNOWN
+    }
+}
+
+/// One request whose response is still streaming: recorded in its series when the response
+/// ends, as Istio does (`istio_request_duration_milliseconds` runs to the last byte of the
+/// response, Envoy's `requestComplete`; `grpc_response_status` is Envoy's `getGrpcStatus`:
+/// the trailers' `grpc-status`, else the headers' (trailers-only responses), else mapped from
+/// the HTTP status).
+pub(crate) struct Pending {
+    series: Arc<Series>,
+    start: Instant,
+    code: u16,
+    grpc: bool,
+    header_status: Option<u16>,
+    flags: &'static str,
+}
+
+impl Pending {
+    /// A request of `series` started at `start` that got `resp` (`grpc`: a gRPC request).
+    pub(crate) fn new<B>(
+        series: Arc<Series>,
+        start: Instant,
+        grpc: bool,
+        resp: &Response<B>,
+        flags: &'static str,
+    ) -> Pending {
+        Pending {
+            series,
+            start,
+            code: resp.status().as_u16(),
+            grpc,
+            header_status: if grpc {
+                grpc_status(resp.headers())
+            } else {
+                None
+            },
+            flags,
+        }
+    }
+
+    /// Record: `trailers` if the response had some; `flags` overrides the response flags.
+    pub(crate) fn finish(self, trailers: Option<&HeaderMap>, flags: Option<&'static str>) {
+        let g = self.grpc.then(|| {
+            trailers
+                .and_then(grpc_status)
+                .or(self.header_status)
+                .unwrap_or_else(|| http_to_grpc(self.code))
+        });
+        self.series.request(
+            self.code,
+            g,
+            flags.unwrap_or(self.flags),
+            self.start.elapsed(),
+        );
+    }
+}
+
+/// A response body streamed through that records its [`Pending`] request when it ends: at
+/// the trailers, at the end of the stream, on an error (flags `UR`), or when dropped before
+/// the end (the client went away: flags `DC`).
+pub(crate) struct Metered<B: Body<Data = Bytes> + Unpin> {
+    inner: B,
+    pending: Option<Pending>,
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Metered<B> {
+    pub(crate) fn new(inner: B, pending: Pending) -> Metered<B> {
+        Metered {
+            inner,
+            pending: Some(pending),
+        }
+    }
+}
+
+impl<B> Body for Metered<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let me = self.get_mut();
+        let r = Pin::new(&mut me.inner).poll_frame(cx);
+        match &r {
+            Poll::Ready(Some(Ok(f))) => {
+                if let Some(t) = f.trailers_ref()
+                    && let Some(p) = me.pending.take()
+                {
+                    p.finish(Some(t), None);
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(p) = me.pending.take() {
+                    p.finish(None, Some("UR"));
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(p) = me.pending.take() {
+                    p.finish(None, None);
+                }
+            }
+            Poll::Pending => {}
+        }
+        r
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B: Body<Data = Bytes> + Unpin> Drop for Metered<B> {
+    fn drop(&mut self) {
+        if let Some(p) = self.pending.take() {
+            // An empty body hyper never polled ended normally.
+            let flags = if self.inner.is_end_stream() {
+                None
+            } else {
+                Some("DC")
+            };
+            p.finish(None, flags);
         }
     }
 }

@@ -27,13 +27,14 @@ use tokio::sync::{Notify, Semaphore, watch};
 
 use crate::identity::{IdentityHolder, cert_sha256_hex};
 use crate::mesh::{MeshFolder, PortProtocol, Problem, WorkloadEntry};
-use crate::metrics::{Kind, Labels, Metrics, PortStats, Series};
+use crate::metrics::{Kind, Labels, Metered, Metrics, Pending, PortStats, Series};
 use crate::{Error, admin};
 
 mod outbound;
 
-/// Response body: the app's or peer's body streamed through, or one the proxy wrote.
-pub(crate) type Body = Either<Incoming, Full<Bytes>>;
+/// Response body: the app's or peer's body streamed through (recording its request when it
+/// ends), or one the proxy wrote.
+pub(crate) type Body = Either<Metered<Incoming>, Full<Bytes>>;
 
 /// How to run a proxy.
 #[derive(Debug, Clone)]
@@ -666,13 +667,6 @@ fn is_grpc_request<B>(req: &Request<B>) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-fn grpc_status_of<B>(r: &Response<B>) -> Option<u16> {
-    r.headers()
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
-}
-
 fn authority_of<B>(req: &Request<B>) -> String {
     req.uri()
         .authority()
@@ -838,7 +832,11 @@ async fn inbound_request(
     };
     let client = if h2 { &sh.app_h2 } else { &sh.app_h1 };
     let (resp, flags) = match tokio::time::timeout(sh.request_timeout, client.request(req)).await {
-        Ok(Ok(r)) => (r.map(Either::Left), "-"),
+        Ok(Ok(r)) => {
+            // recorded when the response ends (trailers: gRPC status)
+            let pending = Pending::new(cx.series.clone(), start, grpc, &r, "-");
+            return r.map(|b| Either::Left(Metered::new(b, pending)));
+        }
         Ok(Err(e)) => {
             tracing::warn!(%app, error = %e, "app unreachable");
             (
@@ -851,9 +849,7 @@ async fn inbound_request(
         }
         Err(_) => (text_response(504, "upstream request timeout"), "UT"),
     };
-    let g = if grpc { grpc_status_of(&resp) } else { None };
-    cx.series
-        .request(resp.status().as_u16(), g, flags, start.elapsed());
+    Pending::new(cx.series.clone(), start, grpc, &resp, flags).finish(None, None);
     resp
 }
 

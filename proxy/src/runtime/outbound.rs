@@ -29,13 +29,11 @@ use rampart_authz::MtlsMode;
 use rampart_certs::SpiffeId;
 use tokio::net::TcpStream;
 
-use super::{
-    Body, Config, Shared, grpc_status_of, is_grpc_request, owned_text_response, text_response,
-};
+use super::{Body, Config, Shared, is_grpc_request, owned_text_response, text_response};
 use crate::conn::{PeerConnector, PeerStream, Target};
 use crate::identity::Alpn;
 use crate::mesh::{PortEntry, PortProtocol, WorkloadEntry};
-use crate::metrics::{Labels, Series};
+use crate::metrics::{Labels, Metered, Pending, Series};
 
 /// Most cached routes per configuration (authorities as apps write them).
 const MAX_ROUTES: usize = 4096;
@@ -322,23 +320,24 @@ async fn outbound_request(sh: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
     };
     let grpc = is_grpc_request(&req);
     let pool = &route.pool;
-    let (resp, flags) =
-        match tokio::time::timeout(sh.request_timeout, pool.client.request(req)).await {
-            Ok(Ok(r)) => (r.map(Either::Left), "-"),
-            Ok(Err(e)) => {
-                let msg = error_chain(&e);
-                tracing::warn!(destination = %route.name, error = %msg, "outbound request failed");
-                (
-                    owned_text_response(503, format!("upstream connect error: {msg}\n")),
-                    "UF",
-                )
-            }
-            Err(_) => (text_response(504, "upstream request timeout\n"), "UT"),
-        };
-    let g = if grpc { grpc_status_of(&resp) } else { None };
-    pool.series
-        .request(resp.status().as_u16(), g, flags, start.elapsed());
-    resp
+    match tokio::time::timeout(sh.request_timeout, pool.client.request(req)).await {
+        Ok(Ok(r)) => {
+            let pending = Pending::new(pool.series.clone(), start, grpc, &r, "-");
+            r.map(|b| Either::Left(Metered::new(b, pending)))
+        }
+        Ok(Err(e)) => {
+            let msg = error_chain(&e);
+            tracing::warn!(destination = %route.name, error = %msg, "outbound request failed");
+            let r = owned_text_response(503, format!("upstream connect error: {msg}\n"));
+            Pending::new(pool.series.clone(), start, grpc, &r, "UF").finish(None, None);
+            r
+        }
+        Err(_) => {
+            let r = text_response(504, "upstream request timeout\n");
+            Pending::new(pool.series.clone(), start, grpc, &r, "UT").finish(None, None);
+            r
+        }
+    }
 }
 
 /// Copy bytes between the app's stream and the peer until both sides are done; the TCP
