@@ -5,7 +5,9 @@
 //!   on upstream ports; a STRICT destination still gets mTLS with its SPIFFE ID checked; a live
 //!   mode edit applies to new connections;
 //! - `grpc_response_status` from the response trailers (successful and failing calls), on
-//!   both reporters.
+//!   both reporters;
+//! - `CONNECT host:port` tunnels (curl `--proxytunnel`, raw TCP, grpcio through
+//!   `grpc.http_proxy`), unknown destinations refused with 502.
 //!
 //! Four `rampart proxy` processes from one mesh folder, certificates from an SDS stand-in
 //! (`proxy/tests/support/sds_standin.rs`), apps are `rampart echo` and a grpcio server.
@@ -107,6 +109,37 @@ fn value(stats: &str, metric: &str, labels: &[&str]) -> u64 {
         .and_then(|l| l.rsplit(' ').next())
         .and_then(|v| v.parse().ok())
         .unwrap_or(0)
+}
+
+/// Send `CONNECT target` on a fresh connection to `proxy`; the status line and the stream.
+fn connect(proxy: u16, target: &str) -> (String, String, TcpStream) {
+    let mut s = TcpStream::connect(("127.0.0.1", proxy)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    write!(s, "CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n").unwrap();
+    let mut r = BufReader::new(s.try_clone().unwrap());
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        if r.read_line(&mut line).unwrap_or(0) == 0 || line == "\r\n" {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap_or(0);
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).unwrap();
+    assert!(
+        r.buffer().is_empty(),
+        "nothing may follow the CONNECT answer"
+    );
+    (
+        status.trim().to_string(),
+        String::from_utf8_lossy(&body).to_string(),
+        s,
+    )
 }
 
 fn echo_roundtrip(s: &mut TcpStream, msg: &[u8]) {
@@ -523,6 +556,84 @@ fn outbound_auto_mtls_grpc_status_and_connect() {
             "no gRPC request may lack its status: {s}"
         );
     }
+
+    // === 3. CONNECT ===
+    // curl --proxytunnel: HTTP inside a tunnel, mTLS to the STRICT backend
+    let (code, body) = curl(&["-p", "-x", &proxy_arg, "http://backend.api:8080/tunnelled"]);
+    assert_eq!(code, "200", "{body}\n{}", logs());
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["path"], "/tunnelled", "{body}");
+    assert!(
+        seen["headers"]["x-forwarded-client-cert"]
+            .as_str()
+            .unwrap()
+            .contains("URI=spiffe://cluster.local/ns/web/sa/frontend"),
+        "{body}"
+    );
+    // raw TCP through CONNECT: mTLS to backend:9000, plaintext to legacy:9000 (DISABLE)
+    let (status, _, mut t) = connect(p.fe_out, "backend.api:9000");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    echo_roundtrip(&mut t, b"through a tunnel\n");
+    drop(t);
+    let (status, _, mut t) = connect(p.fe_out, "legacy.old.svc.cluster.local:9000");
+    assert!(status.starts_with("HTTP/1.1 200"), "{status}");
+    echo_roundtrip(&mut t, b"plain tunnel\n");
+    drop(t);
+    wait_for(
+        "tunnels counted as TCP",
+        Duration::from_secs(5),
+        || {
+            let s = fe_stats();
+            value(&s, "istio_tcp_connections_closed_total", &legacy_tcp) == 2
+                && value(
+                    &s,
+                    "istio_tcp_connections_closed_total",
+                    &[
+                        "destination_workload=\"backend\"",
+                        "connection_security_policy=\"mutual_tls\"",
+                    ],
+                ) >= 3
+        },
+        fe_stats,
+    );
+    // unknown destination: 502 naming it (fail closed)
+    let (status, body, _) = connect(p.fe_out, "nosuch.api:9000");
+    assert!(status.starts_with("HTTP/1.1 502"), "{status}");
+    assert!(
+        body.contains("unknown destination \"nosuch.api:9000\""),
+        "{body}"
+    );
+    // grpcio through its HTTP proxy support (it tunnels with CONNECT)
+    let channel = format!(
+        "grpc.insecure_channel('backend.api:7070', options=[('grpc.http_proxy', 'http://127.0.0.1:{}')])",
+        p.fe_out
+    );
+    let out = Command::new(python())
+        .args(["-c", GRPC_CLIENT, &channel])
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(
+        text.contains("Say hello grpc") && text.contains("Missing 5 no such thing"),
+        "{text}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+    // the backend saw those calls over mTLS from the frontend
+    let s = be_stats();
+    assert_eq!(
+        value(
+            &s,
+            "istio_requests_total",
+            &[
+                "reporter=\"destination\"",
+                "source_workload=\"frontend\"",
+                "grpc_response_status=\"0\"",
+            ]
+        ),
+        2,
+        "{s}"
+    );
 
     let _ = grpc_app.kill();
     let _ = grpc_app.wait();

@@ -1,5 +1,6 @@
-//! The outbound side: the app's calls through the HTTP-proxy listener (routed by Host) and
-//! through upstream ports, to a peer proxy's inbound listener.
+//! The outbound side: the app's calls through the HTTP-proxy listener (routed by Host, or
+//! `CONNECT host:port` tunnels) and through upstream ports, to a peer proxy's inbound
+//! listener.
 //!
 //! Auto-mTLS as Istio does it: the connection to a destination port is mutual TLS (the
 //! server's SPIFFE ID checked against the registry) unless that port's effective
@@ -19,9 +20,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
+use bytes::Bytes;
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
-use http_body_util::Either;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
@@ -226,7 +228,8 @@ fn no_route_response(authority: &str, e: NoRoute) -> Response<Body> {
     }
 }
 
-/// Serve one connection of the outbound HTTP-proxy listener (HTTP/1.1 or h2c).
+/// Serve one connection of the outbound HTTP-proxy listener (HTTP/1.1 with `CONNECT`, or
+/// h2c).
 pub(super) async fn outbound_http_conn(sh: &Arc<Shared>, tcp: TcpStream, _peer: SocketAddr) {
     let svc_sh = sh.clone();
     let svc = hyper::service::service_fn(move |req| {
@@ -234,7 +237,7 @@ pub(super) async fn outbound_http_conn(sh: &Arc<Shared>, tcp: TcpStream, _peer: 
         async move { Ok::<_, Infallible>(outbound_request(&sh, req).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection(TokioIo::new(tcp), svc);
+    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
     tokio::pin!(conn);
     let mut stop = sh.shutdown.clone();
     if *stop.borrow() {
@@ -267,10 +270,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
 async fn outbound_request(sh: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     if req.method() == Method::CONNECT {
-        return text_response(
-            405,
-            "rampart: CONNECT is not supported; send plain HTTP requests through this proxy\n",
-        );
+        return connect_tunnel(sh, req).await;
     }
     let authority = match req.uri().authority() {
         Some(a) => a.clone(),
@@ -384,4 +384,43 @@ pub(super) async fn upstream_tcp(
         }
     };
     relay(sh, &route, &mut tcp, peer).await;
+}
+
+/// `CONNECT host:port`: resolve like a request, dial the destination's inbound listener as
+/// raw TCP (mTLS unless DISABLE), answer 200 and relay bytes; unknown destination → 502.
+async fn connect_tunnel(sh: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+    let Some(authority) = req.uri().authority().cloned() else {
+        return text_response(400, "rampart: CONNECT needs host:port\n");
+    };
+    let route = {
+        let cfg = sh.cfg.load();
+        match sh.peers.route(sh, &cfg, authority.as_str()) {
+            Ok(r) => r,
+            Err(e) => return no_route_response(authority.as_str(), e),
+        }
+    };
+    // The tunnel outlives the HTTP exchange: it holds a connection slot of its own.
+    let Ok(permit) = sh.conns.clone().try_acquire_owned() else {
+        tracing::warn!(destination = %route.name, "connection limit reached; CONNECT refused");
+        return text_response(503, "rampart: connection limit reached\n");
+    };
+    let peer = match PeerStream::connect(&sh.identity, &route.target, route.mtls).await {
+        Ok(p) => p,
+        Err(e) => {
+            tracing::warn!(destination = %route.name, error = %e, "CONNECT: upstream connection failed");
+            return owned_text_response(503, format!("upstream connect error: {e}\n"));
+        }
+    };
+    let sh2 = sh.clone();
+    tokio::spawn(async move {
+        let _inflight = sh2.enter();
+        let _permit = permit;
+        match hyper::upgrade::on(req).await {
+            Ok(up) => relay(&sh2, &route, &mut TokioIo::new(up), peer).await,
+            Err(e) => {
+                tracing::debug!(destination = %route.name, error = %e, "CONNECT: no upgrade")
+            }
+        }
+    });
+    Response::new(Either::Right(Full::new(Bytes::new())))
 }
