@@ -62,11 +62,14 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/ready" => {
             let cert = sh.identity.current().is_some();
             let up = sh.listeners_up.load(Ordering::SeqCst);
-            if cert && up {
+            let jwks = sh.jwks.first_round_done();
+            if cert && up && jwks {
                 reply(200, "text/plain", "LIVE\n".into())
             } else {
                 let why = if !up {
                     "listeners not up"
+                } else if !jwks {
+                    "first fetch of the remote JWKS still running"
                 } else {
                     "no workload certificate from SDS yet"
                 };
@@ -123,6 +126,7 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     .filter(|r| r.metadata().namespace() == cfg.me.namespace || r.metadata().namespace() == cfg.folder.mesh.root_namespace)
                     .map(|r| format!("{}/{}", r.metadata().namespace(), r.metadata().name()))
                     .collect::<Vec<_>>(),
+                "jwks": crate::jwks::dump(&sh.jwks, &cfg),
                 "policy_warnings": cfg.engine.warnings(),
                 "loaded_at": rfc3339(cfg.loaded_at),
                 "last_refused_edit": refusal.map(|(t, p)| json!({"at": rfc3339(t), "problems": p})),

@@ -12,6 +12,7 @@ mod admin;
 mod conn;
 mod error;
 mod identity;
+mod jwks;
 pub mod mesh;
 mod metrics;
 mod runtime;

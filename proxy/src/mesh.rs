@@ -235,6 +235,12 @@ pub struct LocalSettings {
     pub max_cert_ttl: Option<Duration>,
     /// State directory (`rampart.stateDir`), relative to the cwd of `rampart up`.
     pub state_dir: Option<PathBuf>,
+    /// How often remote `jwksUri` key sets are refetched (`rampart.jwksRefresh`, a Go
+    /// duration; default 20m, Istio's `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`).
+    pub jwks_refresh: Option<Duration>,
+    /// Extra CA certificates (PEM) trusted for `https` `jwksUri` besides the system roots
+    /// (`rampart.jwksCaFile`), relative to the folder.
+    pub jwks_ca_file: Option<PathBuf>,
     /// The whole section as written, for settings other components own.
     pub raw: serde_json::Value,
 }
@@ -566,6 +572,10 @@ struct RawLocal {
     ca: Option<RawCa>,
     #[serde(default)]
     state_dir: Option<PathBuf>,
+    #[serde(default)]
+    jwks_refresh: Option<String>,
+    #[serde(default)]
+    jwks_ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -599,6 +609,14 @@ fn parse_local(file: &str, value: &serde_json::Value, c: &mut Collector) -> Loca
         }
     };
     out.state_dir = raw.state_dir;
+    out.jwks_ca_file = raw.jwks_ca_file;
+    if let Some(v) = raw.jwks_refresh {
+        match rampart_authz::parse_duration(&v) {
+            Ok(d) if d >= Duration::from_millis(100) => out.jwks_refresh = Some(d),
+            Ok(_) => c.push(file, "rampart.jwksRefresh", "must be at least 100ms"),
+            Err(e) => c.push(file, "rampart.jwksRefresh", e),
+        }
+    }
     if let Some(ca) = raw.ca {
         out.ca_listen = ca
             .listen

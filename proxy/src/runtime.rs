@@ -73,7 +73,12 @@ impl ProxyOptions {
 pub(crate) struct Config {
     pub(crate) folder: MeshFolder,
     pub(crate) engine: Engine,
+    /// Key sets of the `jwksUri`s mapped to local files, read with this load.
     pub(crate) jwks: JwksCache,
+    /// The `jwksUri`s read from local files (the rest are fetched; see `crate::jwks`).
+    pub(crate) jwks_local: std::collections::BTreeSet<String>,
+    /// Remote JWKS settings (`rampart.jwksRefresh`, `rampart.jwksCaFile`).
+    pub(crate) jwks_remote: crate::jwks::RemoteSettings,
     pub(crate) me: WorkloadEntry,
     pub(crate) workload: Workload,
     /// No AuthorizationPolicy nor RequestAuthentication can apply: requests skip the engine.
@@ -92,12 +97,27 @@ fn build_config(dir: &Path, key: &str) -> Result<Config, Vec<Problem>> {
         }]);
     };
     let engine = Engine::new(folder.resources.iter().cloned(), folder.mesh.clone());
-    let mut jwks = JwksCache::new(Duration::from_secs(1200), Duration::from_secs(5));
+    // Local JWKS files are read with every load; remote ones are fetched by the JWKS task
+    // into `Shared::jwks`, which outlives reloads.
+    let jwks_remote = crate::jwks::RemoteSettings::load(&folder).map_err(|p| vec![p])?;
     let fetcher = rampart_authz::FileJwksFetcher {
         base_dir: Some(dir.to_path_buf()),
         overrides: folder.jwks_files(),
     };
-    jwks.refresh(&engine, &fetcher, SystemTime::now());
+    let jwks_local = fetcher.overrides.keys().cloned().collect();
+    let mut jwks = JwksCache::new(Duration::from_secs(1200), Duration::from_secs(5));
+    let now = SystemTime::now();
+    for f in engine.jwks_uris() {
+        if fetcher.overrides.contains_key(&f.uri)
+            || !(f.uri.starts_with("https://") || f.uri.starts_with("http://"))
+        {
+            jwks.record(
+                &f.uri,
+                rampart_authz::JwksFetcher::fetch(&fetcher, &f.uri, f.timeout),
+                now,
+            );
+        }
+    }
     let workload = me.authz_workload();
     let has_reqauthn = folder.resources.iter().any(|r| {
         r.kind() == ResourceKind::RequestAuthentication
@@ -112,6 +132,8 @@ fn build_config(dir: &Path, key: &str) -> Result<Config, Vec<Problem>> {
         folder,
         engine,
         jwks,
+        jwks_local,
+        jwks_remote,
         me,
         workload,
         fast_path,
@@ -142,6 +164,8 @@ pub(crate) struct Shared {
     pub(crate) listeners_up: AtomicBool,
     pub(crate) last_refusal: Mutex<Option<(SystemTime, Vec<String>)>>,
     pub(crate) workload_key: String,
+    /// Remote JWKS key sets (kept across reloads).
+    pub(crate) jwks: crate::jwks::JwksState,
     conns: Arc<Semaphore>,
     request_timeout: Duration,
     app_h1: Client<HttpConnector, Incoming>,
@@ -225,6 +249,7 @@ pub async fn run(
         listeners_up: AtomicBool::new(false),
         last_refusal: Mutex::new(None),
         workload_key: key.clone(),
+        jwks: crate::jwks::JwksState::default(),
         conns: Arc::new(Semaphore::new(opts.max_connections)),
         request_timeout: opts.request_timeout,
         app_h1,
@@ -273,6 +298,7 @@ pub async fn run(
     );
     let sds = tokio::spawn(crate::sds::run(opts.sds_socket.clone(), node_id, identity));
     let watcher = tokio::spawn(watch_folder(sh.clone(), dir));
+    let jwks_task = tokio::spawn(crate::jwks::refresh_loop(sh.clone()));
     tracing::info!(workload = %key, id = %my_id, "proxy started");
 
     shutdown.await;
@@ -299,6 +325,7 @@ pub async fn run(
     }
     sds.abort();
     watcher.abort();
+    jwks_task.abort();
     for t in tasks {
         t.abort();
     }
@@ -762,13 +789,19 @@ async fn inbound_request(
             http: Some(http),
             jwt: None,
         };
-        let d = cfg.engine.check(
-            &cfg.workload,
-            &ctx,
-            SystemTime::now(),
-            &cfg.jwks,
-            &NoExtAuthz,
-        );
+        let keys = crate::jwks::Lookup::new(&sh.jwks, &cfg);
+        let mut d = cfg
+            .engine
+            .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &NoExtAuthz);
+        // A token signed with a key the cached JWKS lacks: refetch early (rate-limited), retry.
+        if let Some(uris) = keys.kid_miss(&d)
+            && sh.jwks.refetch_on_kid_miss(&cfg, uris).await
+        {
+            let keys = crate::jwks::Lookup::new(&sh.jwks, &cfg);
+            d = cfg
+                .engine
+                .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &NoExtAuthz);
+        }
         if !d.is_allowed() {
             let policy = d
                 .policy
