@@ -556,12 +556,9 @@ pub(crate) fn dump(state: &JwksState, cfg: &Config) -> serde_json::Value {
                 "kids": st.as_ref().map(|s| s.kids.clone()).unwrap_or_default(),
             });
             if !local {
-                v["next_attempt_in"] = sched
+                v["next_attempt_in_s"] = sched
                     .get(&f.uri)
-                    .map(|s| {
-                        let d = s.next.saturating_duration_since(now);
-                        humantime::format_duration(Duration::from_secs(d.as_secs())).to_string()
-                    })
+                    .map(|s| s.next.saturating_duration_since(now).as_secs())
                     .into();
             }
             v
