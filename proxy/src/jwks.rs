@@ -65,16 +65,21 @@ fn native_roots() -> &'static [CertificateDer<'static>] {
     })
 }
 
-/// Fetches JWKS documents over HTTP(S). Holds only public trust anchors.
+/// Fetches JWKS documents over HTTP(S). Holds only public trust anchors; the TLS client
+/// configuration is built on first use (a proxy with no remote `jwksUri` never reads the
+/// system store).
 pub(crate) struct HttpFetcher {
-    tls: Result<Arc<ClientConfig>, String>,
+    system_roots: bool,
+    extra: Vec<CertificateDer<'static>>,
+    tls: OnceLock<Result<Arc<ClientConfig>, String>>,
     max_body: usize,
 }
 
 impl std::fmt::Debug for HttpFetcher {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("HttpFetcher")
-            .field("tls", &self.tls.as_ref().map(|_| "configured"))
+            .field("system_roots", &self.system_roots)
+            .field("extra_roots", &self.extra.len())
             .field("max_body", &self.max_body)
             .finish()
     }
@@ -82,32 +87,46 @@ impl std::fmt::Debug for HttpFetcher {
 
 impl HttpFetcher {
     /// A fetcher trusting the system roots plus `extra` for `https`.
-    pub(crate) fn new(extra: &[CertificateDer<'static>]) -> HttpFetcher {
-        Self::with_roots(native_roots(), extra)
-    }
-
-    fn with_roots(system: &[CertificateDer<'static>], extra: &[CertificateDer<'static>]) -> Self {
-        let mut roots = RootCertStore::empty();
-        let (_, _) = roots.add_parsable_certificates(system.iter().cloned());
-        let (_, _) = roots.add_parsable_certificates(extra.iter().cloned());
-        let tls = if roots.is_empty() {
-            Err("no trusted CA certificates (the system store is empty and \
-                 rampart.jwksCaFile is not set)"
-                .to_string())
-        } else {
-            ClientConfig::builder_with_provider(rampart_certs::tls::provider())
-                .with_safe_default_protocol_versions()
-                .map(|b| b.with_root_certificates(roots).with_no_client_auth())
-                .map(|mut c| {
-                    c.alpn_protocols = vec![b"http/1.1".to_vec()];
-                    Arc::new(c)
-                })
-                .map_err(|e| format!("TLS client configuration: {e}"))
-        };
+    pub(crate) fn new(extra: Vec<CertificateDer<'static>>) -> HttpFetcher {
         HttpFetcher {
-            tls,
+            system_roots: true,
+            extra,
+            tls: OnceLock::new(),
             max_body: MAX_BODY,
         }
+    }
+
+    /// A fetcher trusting only `extra` (tests).
+    #[cfg(test)]
+    fn only(extra: Vec<CertificateDer<'static>>) -> HttpFetcher {
+        HttpFetcher {
+            system_roots: false,
+            ..HttpFetcher::new(extra)
+        }
+    }
+
+    fn tls(&self) -> Result<Arc<ClientConfig>, String> {
+        self.tls
+            .get_or_init(|| {
+                let mut roots = RootCertStore::empty();
+                if self.system_roots {
+                    let (_, _) = roots.add_parsable_certificates(native_roots().iter().cloned());
+                }
+                let (_, _) = roots.add_parsable_certificates(self.extra.iter().cloned());
+                if roots.is_empty() {
+                    return Err("no trusted CA certificates (the system store is empty and \
+                                rampart.jwksCaFile is not set)"
+                        .to_string());
+                }
+                let mut c = ClientConfig::builder_with_provider(rampart_certs::tls::provider())
+                    .with_safe_default_protocol_versions()
+                    .map_err(|e| format!("TLS client configuration: {e}"))?
+                    .with_root_certificates(roots)
+                    .with_no_client_auth();
+                c.alpn_protocols = vec![b"http/1.1".to_vec()];
+                Ok(Arc::new(c))
+            })
+            .clone()
     }
 
     /// The body at `uri`, or why not (the reason names what failed; callers add the URI).
@@ -138,7 +157,7 @@ impl HttpFetcher {
         let authority = u.authority().map(|a| a.as_str()).unwrap_or(host);
         let path = u.path_and_query().map(|p| p.as_str()).unwrap_or("/");
         if https {
-            let tls = self.tls.clone()?;
+            let tls = self.tls()?;
             let name = ServerName::try_from(bare.to_string())
                 .map_err(|e| format!("{host} is not a valid TLS server name: {e}"))?;
             let stream = tokio_rustls::TlsConnector::from(tls)
@@ -237,10 +256,22 @@ impl RemoteSettings {
             None => Vec::new(),
             Some(p) => read_ca_file(p).map_err(problem)?,
         };
+        // The folder is loaded often (every watch tick); reuse the fetcher (and its TLS
+        // configuration) while the trusted CA certificates stay the same.
+        static LAST: Mutex<Option<Arc<HttpFetcher>>> = Mutex::new(None);
+        let mut last = lock(&LAST);
+        let fetcher = match last.as_ref() {
+            Some(f) if f.extra == extra => f.clone(),
+            _ => {
+                let f = Arc::new(HttpFetcher::new(extra));
+                *last = Some(f.clone());
+                f
+            }
+        };
         Ok(RemoteSettings {
             refresh: folder.local.jwks_refresh.unwrap_or(DEFAULT_REFRESH),
             ca_file,
-            fetcher: Arc::new(HttpFetcher::new(&extra)),
+            fetcher,
         })
     }
 }

@@ -47,7 +47,7 @@ fn http(status: &str, headers: &str, body: &str) -> Option<Vec<u8>> {
 }
 
 fn fetcher() -> HttpFetcher {
-    HttpFetcher::with_roots(&[], &[])
+    HttpFetcher::only(Vec::new())
 }
 
 const T: Duration = Duration::from_secs(5);
@@ -188,4 +188,79 @@ fn retries_back_off_and_never_exceed_the_refresh() {
     assert_eq!(got, [1, 2, 4, 8, 16, 32, 64, 128, 256, 300, 300, 300]);
     assert_eq!(backoff(5, Duration::from_secs(3)), Duration::from_secs(3));
     assert_eq!(backoff(u32::MAX, r), Duration::from_secs(300));
+}
+
+const REG: &str = r#"workloads:
+- name: backend
+  namespace: api
+  ports:
+  - {port: 8080, protocol: http, app: "127.0.0.1:18080", inbound: "127.0.0.1:15081"}
+"#;
+
+fn folder(
+    mesh_yaml: &str,
+) -> (
+    tempfile::TempDir,
+    Result<crate::mesh::MeshFolder, Vec<crate::mesh::Problem>>,
+) {
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("mesh.yaml"), mesh_yaml).unwrap();
+    std::fs::write(d.path().join("workloads.yaml"), REG).unwrap();
+    let f = crate::mesh::MeshFolder::load(d.path());
+    (d, f)
+}
+
+#[test]
+fn mesh_yaml_settings_are_checked() {
+    use super::{DEFAULT_REFRESH, RemoteSettings};
+    let (_d, f) = folder("trustDomain: cluster.local\n");
+    let s = RemoteSettings::load(&f.unwrap()).unwrap();
+    assert_eq!((s.refresh, s.ca_file), (DEFAULT_REFRESH, None));
+    assert!(s.fetcher.extra.is_empty() && s.fetcher.system_roots);
+
+    let (_d, f) = folder("rampart: {jwksRefresh: 1.5s}\n");
+    let s = RemoteSettings::load(&f.unwrap()).unwrap();
+    assert_eq!(s.refresh, Duration::from_millis(1500));
+    for bad in ["soon", "10ms", "-1s"] {
+        let (_d, f) = folder(&format!("rampart: {{jwksRefresh: {bad}}}\n"));
+        let p = f.unwrap_err();
+        assert!(
+            p.iter()
+                .any(|p| p.file == "mesh.yaml" && p.field == "rampart.jwksRefresh"),
+            "{bad}: {p:?}"
+        );
+    }
+
+    // The CA file: missing, not PEM, and a real root.
+    let (_d, f) = folder("rampart: {jwksCaFile: idp-ca.pem}\n");
+    let p = RemoteSettings::load(&f.unwrap()).unwrap_err();
+    assert_eq!(p.field, "rampart.jwksCaFile");
+    assert!(p.reason.contains("idp-ca.pem"), "{p}");
+    let (d, _) = folder("");
+    std::fs::write(d.path().join("idp-ca.pem"), "not a certificate\n").unwrap();
+    std::fs::write(
+        d.path().join("mesh.yaml"),
+        "rampart: {jwksCaFile: idp-ca.pem}\n",
+    )
+    .unwrap();
+    let f = crate::mesh::MeshFolder::load(d.path()).unwrap();
+    let p = RemoteSettings::load(&f).unwrap_err();
+    assert!(p.reason.contains("idp-ca.pem"), "{p}");
+    let ca = rampart_certs::CertificateAuthority::self_signed_root(
+        &rampart_certs::RootParams::default(),
+        rampart_certs::PrivateKey::generate(rampart_certs::KeyAlgorithm::EcdsaP256).unwrap(),
+        SystemTime::now(),
+    )
+    .unwrap();
+    std::fs::write(
+        d.path().join("idp-ca.pem"),
+        rampart_certs::certs_to_pem(&[ca.root().clone()]),
+    )
+    .unwrap();
+    let s = RemoteSettings::load(&f).unwrap();
+    assert_eq!(s.fetcher.extra.len(), 1);
+    assert_eq!(s.ca_file, Some(d.path().join("idp-ca.pem")));
+    // Same CA certificates on the next load: the same fetcher (TLS configuration reused).
+    let again = RemoteSettings::load(&f).unwrap();
+    assert!(std::sync::Arc::ptr_eq(&s.fetcher, &again.fetcher));
 }
