@@ -9,9 +9,9 @@
 //! 2. IdP up: the failing fetch is retried; a valid token → 200; a tampered signature → 401.
 //! 3. IdP down after a good fetch: the last good keys keep serving (200).
 //! 4. IdP rotates its key: the periodic refresh (`rampart.jwksRefresh: 1s`) picks it up.
-//! 5. Refresh 1h, IdP rotates again: a token with the new, unknown `kid` triggers an early
-//!    refetch and is accepted at once; further unknown-`kid` tokens are 401 and cause no
-//!    fetch (rate limit).
+//! 5. Refresh 1h, IdP rotates again: a burst of tokens with the new, unknown `kid` triggers
+//!    one early refetch and all are accepted at once; further unknown-`kid` tokens are 401
+//!    and cause no fetch (rate limit).
 //! 6. Wrong CA in `rampart.jwksCaFile`: the TLS handshake is refused, tokens get 401; fixing
 //!    the setting retries at once and tokens pass again.
 
@@ -494,19 +494,32 @@ fn remote_jwks_over_https() {
     idp.publish(&jwks3);
     let server = idp.start(3);
     let before = fetches(&server);
-    let (code, body) = with(&t3);
+    // A burst right after the rotation: one early refetch, every request waits for it.
+    let burst: Vec<_> = (0..4)
+        .map(|_| {
+            let (t, url) = (t3.clone(), url.clone());
+            std::thread::spawn(move || curl(&["-H", &format!("authorization: Bearer {t}"), &url]))
+        })
+        .collect();
+    for h in burst {
+        let (code, body) = h.join().unwrap();
+        assert_eq!(
+            code,
+            "200",
+            "unknown kid must trigger an early refetch: {body}\n{}",
+            plog()
+        );
+    }
     assert_eq!(
-        code,
-        "200",
-        "unknown kid must trigger an early refetch: {body}\n{}",
-        plog()
-    );
-    assert!(
         proxy
             .log()
-            .contains("unknown kid: refetching the JWKS early")
+            .matches("unknown kid: refetching the JWKS early")
+            .count(),
+        1,
+        "{}",
+        plog()
     );
-    assert_eq!(fetches(&server), before + 1);
+    assert_eq!(fetches(&server), before + 1, "{}", server.log());
     // k1 was removed at the IdP; `other` was never there: 401, and no new fetch (rate limit).
     for t in [&t1, &forged, &forged] {
         let (code, body) = with(t);

@@ -310,7 +310,8 @@ struct Schedule {
 pub(crate) struct JwksState {
     cache: ArcSwap<JwksCache>,
     schedule: Mutex<HashMap<String, Schedule>>,
-    kid_miss: Mutex<HashMap<String, Instant>>,
+    /// Last early (unknown `kid`) refetch per URI; held while one runs.
+    kid_miss: tokio::sync::Mutex<HashMap<String, Instant>>,
     warned_http: Mutex<BTreeSet<String>>,
     /// Serializes writers of `cache` (the refresh task and early refetches).
     write: tokio::sync::Mutex<()>,
@@ -322,7 +323,7 @@ impl Default for JwksState {
         JwksState {
             cache: ArcSwap::from_pointee(JwksCache::new(DEFAULT_REFRESH, FIRST_RETRY)),
             schedule: Mutex::new(HashMap::new()),
-            kid_miss: Mutex::new(HashMap::new()),
+            kid_miss: tokio::sync::Mutex::new(HashMap::new()),
             warned_http: Mutex::new(BTreeSet::new()),
             write: tokio::sync::Mutex::new(()),
             first_round: AtomicBool::new(false),
@@ -432,8 +433,9 @@ impl JwksState {
         (due, next)
     }
 
-    /// A new configuration is in force: forget URIs it no longer references, and retry
-    /// failing ones now (the edit may have fixed them, e.g. `rampart.jwksCaFile`).
+    /// A new configuration is in force: forget URIs it no longer references, retry failing
+    /// ones now (the edit may have fixed them, e.g. `rampart.jwksCaFile`), and bring the
+    /// next refresh within a shortened `rampart.jwksRefresh`.
     async fn on_reload(&self, cfg: &Config) {
         let keep: BTreeSet<String> = cfg
             .engine
@@ -449,32 +451,42 @@ impl JwksState {
         let now = Instant::now();
         let mut sched = lock(&self.schedule);
         sched.retain(|u, _| keep.contains(u));
-        for s in sched.values_mut().filter(|s| s.failures > 0) {
-            s.next = now;
+        let latest = now + cfg.jwks_remote.refresh;
+        for s in sched.values_mut() {
+            s.next = if s.failures > 0 {
+                now
+            } else {
+                s.next.min(latest)
+            };
         }
     }
 
-    /// After a 401 for an unknown `kid` from `uris`: refetch those not refetched early in the
-    /// last [`KID_MISS_INTERVAL`]. True if anything was refetched (check the request again).
-    pub(crate) async fn refetch_on_kid_miss(&self, cfg: &Config, uris: Vec<String>) -> bool {
+    /// After a 401 for an unknown `kid` from `miss.uris` (checked with the key sets in
+    /// `miss.seen`): refetch those not refetched early in the last [`KID_MISS_INTERVAL`].
+    /// Early refetches run one at a time, so a burst of requests after an IdP rotation waits
+    /// for the first one's refetch instead of failing. True if the key sets changed since
+    /// the request was checked (check it again).
+    pub(crate) async fn refetch_on_kid_miss(&self, cfg: &Config, miss: KidMiss) -> bool {
+        let mut misses = self.kid_miss.lock().await;
+        if !Arc::ptr_eq(&self.cache.load_full(), &miss.seen) {
+            return true;
+        }
         let now = Instant::now();
-        let list: Vec<rampart_authz::JwksFetch> = {
-            let mut misses = lock(&self.kid_miss);
-            cfg.engine
-                .jwks_uris()
-                .into_iter()
-                .filter(|f| uris.contains(&f.uri) && !is_local(cfg, &f.uri))
-                .filter(|f| {
-                    let recent = misses
-                        .get(&f.uri)
-                        .is_some_and(|t| now.duration_since(*t) < KID_MISS_INTERVAL);
-                    if !recent {
-                        misses.insert(f.uri.clone(), now);
-                    }
-                    !recent
-                })
-                .collect()
-        };
+        let list: Vec<rampart_authz::JwksFetch> = cfg
+            .engine
+            .jwks_uris()
+            .into_iter()
+            .filter(|f| miss.uris.contains(&f.uri) && !is_local(cfg, &f.uri))
+            .filter(|f| {
+                let recent = misses
+                    .get(&f.uri)
+                    .is_some_and(|t| now.duration_since(*t) < KID_MISS_INTERVAL);
+                if !recent {
+                    misses.insert(f.uri.clone(), now);
+                }
+                !recent
+            })
+            .collect();
         if list.is_empty() {
             return false;
         }
@@ -514,6 +526,12 @@ pub(crate) async fn refresh_loop(sh: Arc<Shared>) {
 
 // === request-time lookup ===
 
+/// A token refused for an unknown `kid`: the remote URIs consulted and the key sets seen.
+pub(crate) struct KidMiss {
+    uris: Vec<String>,
+    seen: Arc<JwksCache>,
+}
+
 /// The key sets one request is checked with: the configuration's local files first, then
 /// the remote cache. Records which remote URIs were consulted (for unknown-`kid` refetch).
 pub(crate) struct Lookup<'a> {
@@ -531,11 +549,15 @@ impl<'a> Lookup<'a> {
         }
     }
 
-    /// The remote URIs to refetch if `d` refused a token for an unknown `kid`.
-    pub(crate) fn kid_miss(self, d: &Decision) -> Option<Vec<String>> {
-        let used = self.used.into_inner().unwrap_or_else(|e| e.into_inner());
-        (d.status == 401 && d.reason.contains("no key with kid") && !used.is_empty())
-            .then_some(used)
+    /// What to refetch if `d` refused a token for an unknown `kid`.
+    pub(crate) fn kid_miss(self, d: &Decision) -> Option<KidMiss> {
+        let uris = self.used.into_inner().unwrap_or_else(|e| e.into_inner());
+        (d.status == 401 && d.reason.contains("no key with kid") && !uris.is_empty()).then_some(
+            KidMiss {
+                uris,
+                seen: self.remote,
+            },
+        )
     }
 }
 

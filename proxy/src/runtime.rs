@@ -794,8 +794,8 @@ async fn inbound_request(
             .engine
             .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &NoExtAuthz);
         // A token signed with a key the cached JWKS lacks: refetch early (rate-limited), retry.
-        if let Some(uris) = keys.kid_miss(&d)
-            && sh.jwks.refetch_on_kid_miss(&cfg, uris).await
+        if let Some(miss) = keys.kid_miss(&d)
+            && sh.jwks.refetch_on_kid_miss(&cfg, miss).await
         {
             let keys = crate::jwks::Lookup::new(&sh.jwks, &cfg);
             d = cfg
