@@ -12,6 +12,7 @@ mod admin;
 mod conn;
 mod error;
 mod identity;
+mod listeners;
 pub mod mesh;
 mod metrics;
 mod runtime;
