@@ -3,8 +3,8 @@
 //! One `rampart up` (real CA, node agents, proxies, `rampart echo` apps) with one workload;
 //! then, while it runs: a workload is added (it gets its certificate from the CA through its
 //! own agent, shown by its proxy's `/certs`, and answers through the mesh over mTLS, its table
-//! line printed); an invalid registry edit is refused with file, field and reason and nothing
-//! is touched; a changed command restarts that app; a workload whose app cannot start is
+//! line printed); an invalid registry edit (and an emptied one) is refused with file, field
+//! and reason and nothing is touched; a changed command restarts that app; a workload whose app cannot start is
 //! stopped again while the rest keeps running; a removed workload's app, proxy and agent
 //! exit; Ctrl-C still stops everything, including what was started live.
 
@@ -278,6 +278,14 @@ fn registry_edits_start_stop_and_restart_workloads_live() {
             ),
         "{err}"
     );
+    assert_eq!(curl(&["-x", &outbound, "http://b.ns2:8080/still"]).0, 200);
+    assert_eq!(pids_mentioning("ns2.b.sock"), b_pids);
+    // An emptied registry (a truncated save) does not stop the whole mesh either.
+    write_atomic(&workloads, "workloads: []\n");
+    up.wait_for("second refusal", Duration::from_secs(20), |_, e| {
+        e.matches("invalid edit in").count() >= 2
+    });
+    assert!(up.err().contains("declares no workloads"), "{}", up.err());
     assert_eq!(curl(&["-x", &outbound, "http://b.ns2:8080/still"]).0, 200);
     assert_eq!(pids_mentioning("ns2.b.sock"), b_pids);
     write_atomic(&workloads, &good);

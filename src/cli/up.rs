@@ -955,8 +955,18 @@ impl Up {
                     None => return (1, Some("rampart up: internal channel closed".into())),
                 },
                 _ = tick.tick() => {
-                    let now = folder_fingerprint(&self.dir);
+                    let mut now = folder_fingerprint(&self.dir);
                     if now != fingerprint {
+                        // Let a writer finish: act on a folder that holds still for 300 ms
+                        // (a half-written registry can be valid and name fewer workloads).
+                        for _ in 0..10 {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            let again = folder_fingerprint(&self.dir);
+                            if again == now {
+                                break;
+                            }
+                            now = again;
+                        }
                         fingerprint = now;
                         if let Some(mesh) = self.check_edit() {
                             if let Err(stop) = self.apply_edit(mesh).await {
@@ -1004,6 +1014,13 @@ impl Up {
         }
         if let Err(e) = check_addresses(&mesh) {
             refuse(e);
+            return None;
+        }
+        if mesh.workloads.is_empty() {
+            refuse(
+                "workloads.yaml: workloads: declares no workloads (to stop the whole mesh, stop `rampart up`)"
+                    .to_string(),
+            );
             return None;
         }
         for w in &mesh.workloads {
