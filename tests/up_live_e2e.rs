@@ -4,9 +4,10 @@
 //! then, while it runs: a workload is added (it gets its certificate from the CA through its
 //! own agent, shown by its proxy's `/certs`, and answers through the mesh over mTLS, its table
 //! line printed); an invalid registry edit (and an emptied one) is refused with file, field
-//! and reason and nothing is touched; a changed command restarts that app; a workload whose app cannot start is
-//! stopped again while the rest keeps running; a removed workload's app, proxy and agent
-//! exit; Ctrl-C still stops everything, including what was started live.
+//! and reason and nothing is touched; a changed command restarts that app; a workload whose
+//! proxy cannot start (address in use) is stopped again while the rest keeps running; a
+//! removed workload's app, proxy and agent exit; Ctrl-C still stops everything, including
+//! what was started live.
 
 use std::io::{BufRead as _, BufReader};
 use std::net::{TcpListener, TcpStream};
