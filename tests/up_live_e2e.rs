@@ -4,7 +4,8 @@
 //! then, while it runs: a workload is added (it gets its certificate from the CA through its
 //! own agent, shown by its proxy's `/certs`, and answers through the mesh over mTLS, its table
 //! line printed); an invalid registry edit (and an emptied one) is refused with file, field
-//! and reason and nothing is touched; a changed command restarts that app; a workload whose
+//! and reason and nothing is touched; a changed command restarts that app, a changed admin
+//! address the proxy, a changed service account all three (new identity); a workload whose
 //! proxy cannot start (address in use) is stopped again while the rest keeps running; a
 //! removed workload's app, proxy and agent exit; Ctrl-C still stops everything, including
 //! what was started live.
@@ -134,6 +135,7 @@ struct W {
     admin: u16,
     outbound: Option<u16>,
     echo_name: &'static str,
+    service_account: Option<&'static str>,
 }
 
 impl W {
@@ -147,6 +149,7 @@ impl W {
             admin: free_port(),
             outbound: outbound.then(free_port),
             echo_name: name,
+            service_account: None,
         }
     }
 
@@ -155,10 +158,14 @@ impl W {
             .outbound
             .map(|o| format!(", outbound: \"127.0.0.1:{o}\""))
             .unwrap_or_default();
+        let sa = self
+            .service_account
+            .map(|s| format!("  serviceAccount: {s}\n"))
+            .unwrap_or_default();
         format!(
             "- name: {}
   namespace: {}
-  ports:
+{sa}  ports:
   - {{port: {}, protocol: http, app: \"127.0.0.1:{}\", inbound: \"127.0.0.1:{}\"}}
   command: [rampart, echo, --listen, \"127.0.0.1:{}\", --name, {}]
   proxy: {{admin: \"127.0.0.1:{}\"{out}}}
@@ -196,7 +203,7 @@ fn registry_edits_start_stop_and_restart_workloads_live() {
     )
     .unwrap();
     let mut a = W::new("a", "ns1", 80, true);
-    let b = W::new("b", "ns2", 8080, false);
+    let mut b = W::new("b", "ns2", 8080, false);
     let c = W::new("c", "ns3", 8081, false);
     let workloads = dir.join("workloads.yaml");
     write_atomic(&workloads, &registry(&[&a]));
@@ -338,6 +345,37 @@ fn registry_edits_start_stop_and_restart_workloads_live() {
     assert!(processes_mentioning(&format!("--listen 127.0.0.1:{}", c.app)).is_empty());
     assert_eq!(curl(&["-x", &outbound, "http://b.ns2:8080/after-c"]).0, 200);
     drop(squatter);
+
+    // --- a changed proxy.admin restarts b's proxy (only) ---
+    let old_admin = b.admin;
+    b.admin = free_port();
+    write_atomic(&workloads, &registry(&[&a, &b]));
+    up.wait_for("b's proxy restarted", Duration::from_secs(60), |_, e| {
+        e.contains("rampart up: workload ns2/b: proxy.admin changed")
+            && e.contains("rampart up: workload ns2/b restarted")
+    });
+    assert_eq!(
+        curl(&[&format!("http://127.0.0.1:{}/ready", b.admin)]).0,
+        200
+    );
+    assert!(TcpStream::connect(("127.0.0.1", old_admin)).is_err());
+    assert_eq!(
+        curl(&["-x", &outbound, "http://b.ns2:8080/new-admin"]).0,
+        200
+    );
+
+    // --- a changed serviceAccount restarts b's agent, app and proxy under the new identity ---
+    b.service_account = Some("b-sa");
+    write_atomic(&workloads, &registry(&[&a, &b]));
+    up.wait_for("b restarted as b-sa", Duration::from_secs(60), |_, e| {
+        e.contains("serviceAccount changed (b -> b-sa)")
+            && e.matches("rampart up: workload ns2/b restarted").count() >= 2
+    });
+    let (_, certs) = curl(&[&format!("http://127.0.0.1:{}/certs", b.admin)]);
+    let certs: serde_json::Value = serde_json::from_str(&certs).unwrap();
+    assert_eq!(certs["spiffe_id"], "spiffe://cluster.local/ns/ns2/sa/b-sa");
+    let (code, body) = curl(&["-x", &outbound, "http://b.ns2:8080/new-identity"]);
+    assert_eq!(code, 200, "{body}\n{}", up.err());
 
     // --- remove ns2/b (and c): its app, proxy and agent exit; a keeps serving ---
     write_atomic(&workloads, &registry(&[&a]));

@@ -224,18 +224,12 @@ pub async fn run(
         .http2_only(true)
         .pool_idle_timeout(Duration::from_secs(60))
         .build(app_conn);
-    let ports: BTreeMap<u16, Arc<PortStats>> = cfg
-        .me
-        .ports
-        .iter()
-        .map(|p| (p.port, Arc::new(PortStats::new(p.port))))
-        .collect();
     let admin_addr = opts.admin.or(cfg.me.proxy.admin);
     let sh = Arc::new(Shared {
         cfg: ArcSwap::from_pointee(cfg),
         identity: identity.clone(),
         metrics: Metrics::default(),
-        ports: Mutex::new(ports),
+        ports: Mutex::new(BTreeMap::new()),
         listeners_up: AtomicBool::new(false),
         listener_status: Mutex::new(Vec::new()),
         last_refusal: Mutex::new(None),
