@@ -67,7 +67,7 @@ fn start_proxy(mesh: &Path, workload: &str, sds: &Path, log: PathBuf) -> Proc {
     Proc { child, log }
 }
 
-/// An HTTP/1.1 app answering `app=<name> path=<path>`; `/slow` answers after 4 s.
+/// An HTTP/1.1 app answering `app=<name> path=<path>`; `/slow` answers after 6 s.
 fn app(name: &'static str, port: u16) {
     let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
     std::thread::spawn(move || {
@@ -99,7 +99,7 @@ fn app(name: &'static str, port: u16) {
                     }
                     let path = request_line.split(' ').nth(1).unwrap_or("").to_string();
                     if path == "/slow" {
-                        std::thread::sleep(Duration::from_secs(4));
+                        std::thread::sleep(Duration::from_secs(6));
                     }
                     let text = format!("app={name} path={path}\n");
                     let resp = format!(

@@ -15,7 +15,6 @@
 //! started for says so at once.
 
 use std::collections::{BTreeMap, HashMap};
-use std::fmt;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
@@ -40,16 +39,6 @@ pub(crate) fn drain_signal(sh: &Shared) -> watch::Receiver<bool> {
     CONN_DRAIN
         .try_with(watch::Receiver::clone)
         .unwrap_or_else(|_| sh.shutdown.clone())
-}
-
-impl fmt::Display for Listener {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match self {
-            Listener::Inbound(port) => write!(f, "inbound port {port}"),
-            Listener::Outbound => f.write_str("outbound HTTP proxy"),
-            Listener::Upstream(addr) => write!(f, "upstream listener {addr}"),
-        }
-    }
 }
 
 /// What the configuration asks for: each listener, its address, and a description.
