@@ -177,7 +177,8 @@ impl Listeners {
         self.failed.retain(|k, _| want.contains_key(k));
         // 2. Bind what is new, moved, or failed before.
         for (key, (addr, what)) in want {
-            if self.running.contains_key(&key) {
+            if let Some(r) = self.running.get_mut(&key) {
+                r.what = what; // the protocol may have changed
                 continue;
             }
             match TcpListener::bind(addr).await {
