@@ -25,8 +25,8 @@ mod tls;
 pub use self::{
     audit::{AuditLog, AuditRecord, rfc3339},
     authn::{
-        AuthMethod, Caller, CallerEvidence, TOKEN_LEEWAY, TokenAuthenticator, authenticate,
-        bearer_token,
+        AuthMethod, Caller, CallerEvidence, JwksReload, TOKEN_LEEWAY, TokenAuthenticator,
+        authenticate, bearer_token,
     },
     authority::{
         Authority, CA_CERT, CA_KEY, CERT_CHAIN, MaterialSource, PluginFiles, ROOT_CERT, RootInfo,

@@ -21,7 +21,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::audit::{AuditLog, AuditRecord, rfc3339};
-use crate::authn::{CallerEvidence, TokenAuthenticator, authenticate};
+use crate::authn::{CallerEvidence, JwksReload, TokenAuthenticator, authenticate};
 use crate::authority::{Authority, MaterialSource, PluginFiles, load_initial, load_plugin};
 use crate::config::CaConfig;
 use crate::error::CitadelError;
@@ -790,6 +790,19 @@ async fn reload_loop(state: Arc<CaState>) {
             }
         }
         let st = state.clone();
-        let _ = tokio::task::spawn_blocking(move || st.reload_now()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            st.reload_now();
+            for outcome in st.tokens.reload_jwks() {
+                match outcome {
+                    JwksReload::Reloaded { issuer } => {
+                        tracing::info!(%issuer, "JWKS file changed; new token-signing keys in force");
+                    }
+                    JwksReload::Refused { issuer, reason } => {
+                        tracing::error!(%issuer, error = %reason, "JWKS file refused; the previous keys stay in force");
+                    }
+                }
+            }
+        })
+        .await;
     }
 }

@@ -634,6 +634,62 @@ async fn watcher_picks_up_changes_without_reload_call() {
 }
 
 #[tokio::test]
+async fn rotated_jwks_file_applies_without_restart_and_a_broken_one_is_refused() {
+    let env = start(|cfg, _| cfg.reload_poll_interval = Duration::from_millis(300)).await;
+    let mut c = env.client(None).await.unwrap();
+    let id = env.id("default", "web");
+    let old_token = token(&env, "default", "web");
+    let (_, csr) = csr_for(&id);
+    call(&mut c, &csr, 3600, Some(&old_token), None)
+        .await
+        .expect("token of the configured key");
+
+    // The issuer rotates its key: the file now holds only the new one.
+    let new_signer = JwtSigner::new(
+        &PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+        "k2",
+    )
+    .unwrap();
+    let now = unix_now();
+    let new_token = token_with(
+        &new_signer,
+        serde_json::json!({"iss": ISSUER, "sub": "system:serviceaccount:default:web",
+            "aud": ["istio-ca"], "iat": now, "exp": now + 600}),
+    );
+    let jwks_path = env.root.join("jwks.json");
+    let tmp = env.root.join("jwks.json.tmp");
+    std::fs::write(&tmp, new_signer.jwks().unwrap().to_json().to_string()).unwrap();
+    std::fs::rename(&tmp, &jwks_path).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if call(&mut c, &csr, 3600, Some(&new_token), None)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rotated JWKS not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The removed key no longer proves anything, even for a token verified before.
+    assert_refused(
+        call(&mut c, &csr, 3600, Some(&old_token), None).await,
+        tonic::Code::Unauthenticated,
+        "",
+    );
+
+    // A broken file is refused; the keys in force keep working.
+    std::fs::write(&jwks_path, "{not json").unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    call(&mut c, &csr, 3600, Some(&new_token), None)
+        .await
+        .expect("last good keys keep verifying");
+}
+
+#[tokio::test]
 async fn self_signed_root_persists_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let mk = || {

@@ -40,7 +40,9 @@ struct RunArgs {
     /// Accepted bearer-token issuer (repeatable; the n-th --jwks belongs to the n-th issuer).
     #[arg(long = "jwt-issuer", value_name = "ISS")]
     jwt_issuer: Vec<String>,
-    /// JWKS file of the matching --jwt-issuer.
+    /// JWKS file of the matching --jwt-issuer. Re-read with the plug-in directory (every
+    /// reload poll): rotated keys apply without a restart; a broken file is refused and the
+    /// previous keys stay.
     #[arg(long, value_name = "FILE")]
     jwks: Vec<PathBuf>,
     /// Token audience.
