@@ -48,7 +48,5 @@ pub use self::{
         SERVING_CERT_TTL, start, start_with_state,
     },
     signer::{IssuedFacts, SigningCertFacts, WorkloadTemplate, X509Signer, validate_issued},
-    tls::{
-        DynamicClientVerifier, ServingCert, certified_key, client_config, provider, server_config,
-    },
+    tls::{certified_key, client_config, provider, server_config},
 };

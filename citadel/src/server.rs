@@ -28,7 +28,8 @@ use crate::error::CitadelError;
 use crate::issue::{IssuePolicy, issue};
 use crate::metrics::{Metrics, serve_metrics};
 use crate::refusal::Refusal;
-use crate::tls::{DynamicClientVerifier, ServingCert, certified_key, server_config};
+use crate::tls::{certified_key, server_config};
+use rampart_certs::tls::{CertStore, SpiffeClientVerifier};
 
 /// Lifetime of the CA's own serving certificate; renewed at half-life.
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -66,9 +67,9 @@ pub struct CaState {
     audit: AuditLog,
     metrics: Arc<Metrics>,
     permits: Semaphore,
-    serving: Arc<ServingCert>,
+    serving: Arc<CertStore>,
     serving_renew_at: Mutex<SystemTime>,
-    verifier: Arc<DynamicClientVerifier>,
+    verifier: Arc<SpiffeClientVerifier>,
     last_failed_input: Mutex<Option<[u8; 32]>>,
 }
 
@@ -119,9 +120,10 @@ impl CaState {
             now,
         )?;
         let serving_renew_at = renew_time(&chain[0], now);
-        let serving = Arc::new(ServingCert::new(certified_key(chain, &key)?));
-        let verifier = Arc::new(DynamicClientVerifier::new(
-            authority.bundle(),
+        let serving = Arc::new(CertStore::new());
+        serving.set(certified_key(chain, &key)?);
+        let verifier = Arc::new(SpiffeClientVerifier::optional(
+            authority.bundle().clone(),
             TrustDomainPolicy::local(config.trust_domain.clone()),
         ));
         metrics.set_expiry(
@@ -162,7 +164,10 @@ impl CaState {
 
     /// The CA's current serving certificate chain.
     pub fn serving_chain(&self) -> Vec<CertificateDer<'static>> {
-        self.serving.chain()
+        self.serving
+            .current()
+            .map(|ck| ck.cert.clone())
+            .unwrap_or_default()
     }
 
     /// The issuance rules in force.
@@ -245,8 +250,10 @@ impl CaState {
         let renew_at = renew_time(&chain[0], now);
         let ck = certified_key(chain, &key)?;
         // Build everything first, then switch: nothing can fail after the first store.
-        let verifier_bundle = new.bundle().clone();
-        self.verifier.set_bundle(&verifier_bundle);
+        self.verifier.set_trust(
+            new.bundle().clone(),
+            TrustDomainPolicy::local(self.config.trust_domain.clone()),
+        );
         self.serving.set(ck);
         *self
             .serving_renew_at
