@@ -1,7 +1,7 @@
 //! Caller authentication, in DESIGN §2 order: bearer JWT, then client certificate, then
 //! (for allow-listed node agents only) `ImpersonatedIdentity`.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -11,7 +11,7 @@ use std::time::{Duration, SystemTime};
 use rampart_certs::jwt::{Jwks, JwtError, UnverifiedJwt};
 use rampart_certs::{SpiffeId, TrustDomain};
 
-use crate::config::JwtIssuerConfig;
+use crate::config::{JwtIssuerConfig, NodeAgentGrant};
 use crate::error::CitadelError;
 use crate::refusal::Refusal;
 
@@ -325,7 +325,7 @@ pub struct CallerEvidence<'a> {
 /// impersonation for allow-listed node agents.
 pub fn authenticate(
     tokens: &TokenAuthenticator,
-    node_agents: &HashSet<SpiffeId>,
+    node_agents: &HashMap<SpiffeId, NodeAgentGrant>,
     trust_domain: &TrustDomain,
     ev: &CallerEvidence<'_>,
     now: SystemTime,
@@ -351,16 +351,22 @@ pub fn authenticate(
     let Some(target) = ev.impersonate.filter(|s| !s.is_empty()) else {
         return Ok(proved);
     };
-    if !node_agents.contains(&proved.id) {
+    let Some(grant) = node_agents.get(&proved.id) else {
         return Err(Refusal::ImpersonationDenied {
             caller: proved.id.to_string(),
         });
-    }
+    };
     let target = SpiffeId::parse(target).map_err(|e| Refusal::BadImpersonation(e.to_string()))?;
     if target.trust_domain() != trust_domain {
         return Err(Refusal::BadImpersonation(format!(
             "{target} is not in trust domain {trust_domain}"
         )));
+    }
+    if !grant.allows(&target) {
+        return Err(Refusal::ImpersonationOutOfScope {
+            caller: proved.id.to_string(),
+            target: target.to_string(),
+        });
     }
     Ok(Caller {
         id: target,

@@ -36,7 +36,7 @@ pub use self::{
     client::connect,
     config::{
         CaConfig, DEFAULT_AUDIENCE, DEFAULT_MAX_WORKLOAD_TTL, DEFAULT_SERVER_DNS_NAME,
-        DEFAULT_WORKLOAD_TTL, JwtIssuerConfig,
+        DEFAULT_WORKLOAD_TTL, JwtIssuerConfig, NodeAgentGrant, WorkloadPattern,
     },
     error::CitadelError,
     issue::{IssuePolicy, Issued, issue, resolve_ttl},

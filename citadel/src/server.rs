@@ -1,7 +1,7 @@
 //! The gRPC server: `istio.v1.auth.IstioCertificateService/CreateCertificate` over TLS 1.3,
 //! the reload loop for the plug-in directory, and the metrics endpoint.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -23,7 +23,7 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use crate::audit::{AuditLog, AuditRecord, rfc3339};
 use crate::authn::{CallerEvidence, JwksReload, TokenAuthenticator, authenticate};
 use crate::authority::{Authority, MaterialSource, PluginFiles, load_initial, load_plugin};
-use crate::config::CaConfig;
+use crate::config::{CaConfig, NodeAgentGrant};
 use crate::error::CitadelError;
 use crate::issue::{IssuePolicy, issue};
 use crate::metrics::{Metrics, serve_metrics};
@@ -63,7 +63,7 @@ pub struct CaState {
     authority: ArcSwap<Authority>,
     generation: AtomicU64,
     tokens: TokenAuthenticator,
-    node_agents: HashSet<SpiffeId>,
+    node_agents: HashMap<SpiffeId, NodeAgentGrant>,
     audit: AuditLog,
     metrics: Arc<Metrics>,
     permits: Semaphore,
@@ -137,7 +137,11 @@ impl CaState {
                 max_ttl: config.max_ttl,
                 max_csr_bytes: config.max_csr_bytes,
             },
-            node_agents: config.node_agents.iter().cloned().collect(),
+            node_agents: config
+                .node_agents
+                .iter()
+                .map(|g| (g.id.clone(), g.clone()))
+                .collect(),
             permits: Semaphore::new(config.max_concurrency),
             config,
             authority: ArcSwap::from_pointee(authority),

@@ -400,8 +400,10 @@ fn to_pem(label: &str, der: &[u8]) -> String {
 #[tokio::test]
 async fn node_agent_may_impersonate_workloads() {
     let env = start(|cfg, _| {
-        cfg.node_agents =
-            vec![SpiffeId::parse("spiffe://cluster.local/ns/istio-system/sa/ztunnel").unwrap()];
+        cfg.node_agents = vec![rampart_citadel::NodeAgentGrant {
+            id: SpiffeId::parse("spiffe://cluster.local/ns/istio-system/sa/ztunnel").unwrap(),
+            may_act_for: vec!["default/*".parse().unwrap(), "shop/cart".parse().unwrap()],
+        }];
     })
     .await;
     let mut c = env.client(None).await.unwrap();
@@ -426,6 +428,22 @@ async fn node_agent_may_impersonate_workloads() {
     )
     .await;
     assert_refused(r, tonic::Code::InvalidArgument, "trust domain");
+    // Outside the agent's grant: refused, nothing issued, and the reason names both.
+    let before = env.audit_lines().len();
+    for target in ["shop/admin", "kube-system/web"] {
+        let (ns, sa) = target.split_once('/').unwrap();
+        let id = env.id(ns, sa);
+        let (_, csr) = csr_for(&id);
+        let r = call(&mut c, &csr, 600, Some(&agent), Some(&id.to_string())).await;
+        assert_refused(r, tonic::Code::PermissionDenied, "may not act for");
+    }
+    assert_eq!(env.audit_lines().len(), before, "no certificate was issued");
+    // Inside it: a single service account of another namespace.
+    let cart = env.id("shop", "cart");
+    let (_, csr) = csr_for(&cart);
+    call(&mut c, &csr, 600, Some(&agent), Some(&cart.to_string()))
+        .await
+        .expect("granted service account");
 }
 
 #[tokio::test]
