@@ -274,11 +274,18 @@ mod pattern_tests {
         assert!(any.matches(&web) && any.matches(&odd));
         assert!(ns.matches(&web) && !ns.matches(&odd));
         assert!(one.matches(&web) && !other.matches(&web));
-        assert!(!"kube-system/*".parse::<WorkloadPattern>().unwrap().matches(&web));
+        assert!(
+            !"kube-system/*"
+                .parse::<WorkloadPattern>()
+                .unwrap()
+                .matches(&web)
+        );
         for (text, shown) in [("*", "*"), ("default/*", "default/*"), ("a/b", "a/b")] {
             assert_eq!(text.parse::<WorkloadPattern>().unwrap().to_string(), shown);
         }
-        for bad in ["", "default", "/web", "default/", "*/web", "a b/c", "ns/sa/x"] {
+        for bad in [
+            "", "default", "/web", "default/", "*/web", "a b/c", "ns/sa/x",
+        ] {
             let e = bad.parse::<WorkloadPattern>().expect_err(bad);
             assert!(e.contains("expected *"), "{bad}: {e}");
         }

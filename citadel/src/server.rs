@@ -29,7 +29,7 @@ use crate::issue::{IssuePolicy, issue};
 use crate::metrics::{Metrics, serve_metrics};
 use crate::refusal::Refusal;
 use crate::tls::{certified_key, server_config};
-use rampart_certs::tls::{CertStore, SpiffeClientVerifier};
+use rampart_certs::tls::CertStore;
 
 /// Lifetime of the CA's own serving certificate; renewed at half-life.
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -69,7 +69,6 @@ pub struct CaState {
     permits: Semaphore,
     serving: Arc<CertStore>,
     serving_renew_at: Mutex<SystemTime>,
-    verifier: Arc<SpiffeClientVerifier>,
     last_failed_input: Mutex<Option<[u8; 32]>>,
 }
 
@@ -122,10 +121,6 @@ impl CaState {
         let serving_renew_at = renew_time(&chain[0], now);
         let serving = Arc::new(CertStore::new());
         serving.set(certified_key(chain, &key)?);
-        let verifier = Arc::new(SpiffeClientVerifier::optional(
-            authority.bundle().clone(),
-            TrustDomainPolicy::local(config.trust_domain.clone()),
-        ));
         metrics.set_expiry(
             authority.signing_root().not_after,
             authority.chain_not_after(),
@@ -151,7 +146,6 @@ impl CaState {
             metrics,
             serving,
             serving_renew_at: Mutex::new(serving_renew_at),
-            verifier,
             last_failed_input: Mutex::new(None),
         }))
     }
@@ -254,10 +248,6 @@ impl CaState {
         let renew_at = renew_time(&chain[0], now);
         let ck = certified_key(chain, &key)?;
         // Build everything first, then switch: nothing can fail after the first store.
-        self.verifier.set_trust(
-            new.bundle().clone(),
-            TrustDomainPolicy::local(self.config.trust_domain.clone()),
-        );
         self.serving.set(ck);
         *self
             .serving_renew_at
@@ -379,7 +369,7 @@ impl CaState {
                 )
                 .map(|_| ())
                 .map_err(|e| {
-                    format!("client certificate no longer verifies against the trust bundle: {e}")
+                    format!("client certificate does not verify against the trust bundle: {e}")
                 });
                 *checked = (generation, verdict);
             }
@@ -415,7 +405,9 @@ impl CaState {
             chain,
             id,
             not_after,
-            checked: Mutex::new((self.generation.load(Ordering::Acquire), Ok(()))),
+            // Never checked yet: the first request verifies the chain (the handshake only
+            // proved possession of the key).
+            checked: Mutex::new((u64::MAX, Err("client certificate not verified yet".into()))),
         }
     }
 }
@@ -666,10 +658,7 @@ pub async fn start_with_state(state: Arc<CaState>) -> Result<RunningCa, CitadelE
         })?;
     let mut tasks = Vec::new();
 
-    let tls = Arc::new(server_config(
-        state.serving.clone(),
-        state.verifier.clone(),
-    )?);
+    let tls = Arc::new(server_config(state.serving.clone())?);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let (conn_tx, conn_rx) = mpsc::channel::<Result<TlsConn, std::io::Error>>(1024);
     let accept_state = state.clone();
