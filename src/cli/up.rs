@@ -934,7 +934,7 @@ impl Up {
 
     /// Wait for a signal or a death; meanwhile apply folder edits and refresh tokens.
     async fn supervise(&mut self) -> (u8, Option<String>) {
-        let mut fingerprint = folder_fingerprint(&self.dir);
+        let mut fingerprint = folder_fingerprint(&self.dir, &self.state);
         let mut last_mint = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -955,13 +955,13 @@ impl Up {
                     None => return (1, Some("rampart up: internal channel closed".into())),
                 },
                 _ = tick.tick() => {
-                    let mut now = folder_fingerprint(&self.dir);
+                    let mut now = folder_fingerprint(&self.dir, &self.state);
                     if now != fingerprint {
                         // Let a writer finish: act on a folder that holds still for 300 ms
                         // (a half-written registry can be valid and name fewer workloads).
                         for _ in 0..10 {
                             tokio::time::sleep(Duration::from_millis(300)).await;
-                            let again = folder_fingerprint(&self.dir);
+                            let again = folder_fingerprint(&self.dir, &self.state);
                             if again == now {
                                 break;
                             }
@@ -969,11 +969,10 @@ impl Up {
                         }
                         fingerprint = now;
                         if let Some(mesh) = self.check_edit() {
+                            // An edit saved meanwhile is seen on the next tick.
                             if let Err(stop) = self.apply_edit(mesh).await {
                                 return self.failure(stop);
                             }
-                            // What apply_edit itself wrote (none today) is not a new edit.
-                            fingerprint = folder_fingerprint(&self.dir);
                         }
                     }
                     if last_mint.elapsed() >= TOKEN_REFRESH {
@@ -1419,9 +1418,10 @@ async fn proxy_ready(w: &Workload) -> Result<(), String> {
     Ok(())
 }
 
-/// Paths, sizes and modification times of everything below DIR (dot entries skipped).
-fn folder_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
+/// Paths, sizes and modification times of everything below DIR (dot entries skipped, and
+/// the state directory `skip`, should it be inside DIR: its logs change all the time).
+fn folder_fingerprint(dir: &Path, skip: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    fn walk(dir: &Path, skip: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
         let Ok(rd) = std::fs::read_dir(dir) else {
             return;
         };
@@ -1431,14 +1431,15 @@ fn folder_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
             }
             let p = e.path();
             match e.metadata() {
-                Ok(m) if m.is_dir() => walk(&p, out),
+                Ok(m) if m.is_dir() && p == skip => {}
+                Ok(m) if m.is_dir() => walk(&p, skip, out),
                 Ok(m) => out.push((p, m.len(), m.modified().ok())),
                 Err(_) => {}
             }
         }
     }
     let mut v = Vec::new();
-    walk(dir, &mut v);
+    walk(dir, skip, &mut v);
     v.sort();
     v
 }
@@ -1501,8 +1502,16 @@ mod tests {
     #[test]
     fn fingerprint_changes_on_edit() {
         let d = folder("workloads: []\n", None);
-        let a = folder_fingerprint(d.path());
+        let state = d.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let a = folder_fingerprint(d.path(), &state);
+        std::fs::write(state.join("x.log"), "log line\n").unwrap();
+        assert_eq!(
+            a,
+            folder_fingerprint(d.path(), &state),
+            "the state dir is skipped"
+        );
         std::fs::write(d.path().join("new.yaml"), "x: 1\n").unwrap();
-        assert_ne!(a, folder_fingerprint(d.path()));
+        assert_ne!(a, folder_fingerprint(d.path(), &state));
     }
 }
