@@ -359,6 +359,12 @@ fn registry_edits_start_stop_and_restart_workloads_live() {
         200
     );
     assert!(TcpStream::connect(("127.0.0.1", old_admin)).is_err());
+    let out = up.out();
+    assert!(
+        out.lines()
+            .any(|l| l.starts_with("ns2/b ") && l.ends_with(&format!("127.0.0.1:{}", b.admin))),
+        "no updated table line for ns2/b:\n{out}"
+    );
     assert_eq!(
         curl(&["-x", &outbound, "http://b.ns2:8080/new-admin"]).0,
         200

@@ -1088,7 +1088,15 @@ impl Up {
         for w in &new.workloads {
             let key = w.key();
             let started = match old.workloads.iter().find(|o| o.key() == key) {
-                Some(o) => self.restart_changed(o, w).await?,
+                Some(o) => {
+                    let ok = self.restart_changed(o, w).await?;
+                    if ok && o != w {
+                        // Who listens where now (the proxy moved its listeners itself).
+                        print!("{}", self.workload_table(std::slice::from_ref(w)));
+                        let _ = std::io::stdout().flush();
+                    }
+                    ok
+                }
                 None => {
                     eprintln!(
                         "rampart up: workload {key} added to workloads.yaml: starting its node agent, app and proxy"
