@@ -64,7 +64,24 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let up = sh.listeners_up.load(Ordering::SeqCst);
             let jwks = sh.jwks.first_round_done();
             if cert && up && jwks {
-                reply(200, "text/plain", "LIVE\n".into())
+                // A listener that failed to bind after a live edit does not make the proxy
+                // unready (the others serve, as Envoy keeps serving when a listener update
+                // is rejected); it is named here and in /config_dump.
+                let mut body = "LIVE\n".to_string();
+                for l in sh
+                    .listener_status
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                {
+                    if let Some(e) = &l.error {
+                        body.push_str(&format!(
+                            "degraded: {} not listening on {}: {e}\n",
+                            l.what, l.addr
+                        ));
+                    }
+                }
+                reply(200, "text/plain", body)
             } else {
                 let why = if !up {
                     "listeners not up"
@@ -107,6 +124,13 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     })
                 })
                 .collect();
+            let listeners: Vec<_> = sh
+                .listener_status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|l| l.json())
+                .collect();
             let refusal = sh
                 .last_refusal
                 .lock()
@@ -120,6 +144,11 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "root_namespace": cfg.folder.mesh.root_namespace,
                 "path_normalization": cfg.folder.mesh.path_normalization,
                 "ports": ports,
+                "listeners": listeners,
+                "admin": {
+                    "address": sh.admin_addr.map(|a| a.to_string()),
+                    "note": "the admin listener is bound at start; a changed proxy.admin applies when the proxy restarts",
+                },
                 "authorization_policies": cfg.engine.policies_for(&cfg.workload),
                 "request_authentications": cfg.folder.resources.iter()
                     .filter(|r| r.kind() == rampart_authz::Kind::RequestAuthentication)
@@ -135,17 +164,11 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/mtls" => {
             let cfg = sh.cfg.load();
             let modes = port_modes(&cfg);
-            let ports: Vec<_> = sh
-                .ports
+            // The ports in force; each port's counters live as long as the proxy (a port
+            // removed and added again keeps its history).
+            let ports: Vec<_> = modes
                 .iter()
-                .map(|s| {
-                    let (proto, mode) = modes
-                        .iter()
-                        .find(|(p, _, _)| *p == s.port)
-                        .map(|(_, pr, m)| (pr.as_str(), m.mode.as_str()))
-                        .unwrap_or(("tcp", "UNKNOWN"));
-                    s.json(proto, mode)
-                })
+                .map(|(port, proto, m)| sh.port_stats(*port).json(proto.as_str(), m.mode.as_str()))
                 .collect();
             json_reply(json!({"workload": sh.workload_key, "ports": ports}))
         }

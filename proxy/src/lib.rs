@@ -13,6 +13,7 @@ mod conn;
 mod error;
 mod identity;
 mod jwks;
+mod listeners;
 pub mod mesh;
 mod metrics;
 mod runtime;

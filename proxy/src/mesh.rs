@@ -360,7 +360,11 @@ fn parse_yaml(file: &str, text: &str, c: &mut Collector) -> Option<serde_json::V
     if text.trim().is_empty() {
         return Some(serde_json::Value::Null);
     }
-    match serde_saphyr::from_str::<serde_json::Value>(text) {
+    // YAML 1.2 core booleans only: in these files `n`, `no`, `on`, `y` are names (a namespace
+    // called `n`), never booleans, as Kubernetes manifests written for YAML 1.2 expect.
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    match serde_saphyr::from_str_with_options::<serde_json::Value>(text, options) {
         Ok(v) => Some(v),
         Err(e) => {
             c.push(file, "", format!("not valid YAML: {e}"));
@@ -875,6 +879,14 @@ workloads:
   upstreams:
   - {service: backend.api, port: 8080, listen: "127.0.0.1:16001"}
 "#;
+
+    #[test]
+    fn yaml_11_boolean_spellings_are_names() {
+        let text = "workloads:\n- name: y\n  namespace: n\n  labels: {app: on}\n  ports:\n  - {port: 80, app: \"127.0.0.1:18080\", inbound: \"127.0.0.1:15080\"}\n";
+        let r = parse_registry("workloads.yaml", text).unwrap();
+        let w = r.get("n", "y").expect("workload n/y");
+        assert_eq!(w.labels.get("app").map(String::as_str), Some("on"));
+    }
 
     #[test]
     fn registry_parses_and_resolves_every_host_form() {
