@@ -368,21 +368,7 @@ fn remote_jwks_over_https() {
             Some(ca.secrets(&format!("spiffe://{TD}/ns/api/sa/backend"), 1)),
         )
     });
-    let log = wp.join("proxy.log");
-    let proxy = Proc {
-        child: Command::new(env!("CARGO_BIN_EXE_rampart"))
-            .args(["proxy", "--mesh"])
-            .arg(&mesh)
-            .args(["--workload", "api/backend", "--sds-socket"])
-            .arg(&sds)
-            .args(["--drain-timeout", "1s"])
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(&log).unwrap())
-            .spawn()
-            .unwrap(),
-        log,
-    };
+    let proxy = start_proxy(&mesh, &sds, wp.join("proxy.log"));
     let plog = || proxy.log();
     let admin = format!("http://127.0.0.1:{admin_port}");
     let url = format!("http://127.0.0.1:{inbound}/jwt/hello");
@@ -562,4 +548,142 @@ fn remote_jwks_over_https() {
     );
     drop(server);
     drop(proxy);
+}
+
+fn start_proxy(mesh: &Path, sds: &Path, log: PathBuf) -> Proc {
+    Proc {
+        child: Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["proxy", "--mesh"])
+            .arg(mesh)
+            .args(["--workload", "api/backend", "--sds-socket"])
+            .arg(sds)
+            .args(["--drain-timeout", "1s"])
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+        log,
+    }
+}
+
+/// `http://` jwksUri is fetched (Istio allows it) with a warning; a jwksUri mapped to a local
+/// file is read from the file and never fetched, side by side with the remote one.
+#[test]
+fn plain_http_and_local_files() {
+    let w = tempfile::tempdir().unwrap();
+    let wp = w.path();
+    let mesh = wp.join("mesh");
+    std::fs::create_dir_all(mesh.join("policy")).unwrap();
+    std::fs::create_dir_all(mesh.join("jwks")).unwrap();
+    let (app_port, inbound, admin_port, idp_port) =
+        (free_port(), free_port(), free_port(), free_port());
+    app(app_port);
+    std::fs::write(
+        mesh.join("workloads.yaml"),
+        format!(
+            r#"workloads:
+- name: backend
+  namespace: api
+  labels: {{app: backend}}
+  ports:
+  - {{port: 8080, protocol: http, app: "127.0.0.1:{app_port}", inbound: "127.0.0.1:{inbound}"}}
+  proxy: {{admin: "127.0.0.1:{admin_port}"}}
+"#
+        ),
+    )
+    .unwrap();
+    std::fs::write(mesh.join("mesh.yaml"), format!("trustDomain: {TD}\n")).unwrap();
+    let uri = format!("http://127.0.0.1:{idp_port}/jwks.json");
+    write_policy(&mesh, &uri);
+    // A second issuer whose jwksUri is answered from jwks/offline.example.json.
+    std::fs::write(
+        mesh.join("policy/offline.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\n\
+         metadata: {name: offline, namespace: api}\nspec:\n  jwtRules:\n\
+         \x20 - issuer: https://offline.example\n\
+         \x20   jwksUri: https://offline.example/keys\n",
+    )
+    .unwrap();
+    let (k1, jwks1) = keygen(wp, "k1");
+    let (off, jwks_off) = keygen(wp, "off");
+    std::fs::write(mesh.join("jwks/offline.example.json"), &jwks_off).unwrap();
+    let off_token = {
+        let out = rampart(&[
+            "token",
+            "issue",
+            "--key",
+            off.to_str().unwrap(),
+            "--issuer",
+            "https://offline.example",
+            "--ns",
+            "web",
+            "--sa",
+            "client",
+        ]);
+        String::from_utf8(out.stdout).unwrap().trim().to_string()
+    };
+    let www = wp.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("jwks.json"), &jwks1).unwrap();
+    let idp_log = wp.join("idp.log");
+    let idp = Proc {
+        child: Command::new(python())
+            .args(["-u", "-m", "http.server", &idp_port.to_string()])
+            .args(["--bind", "127.0.0.1", "--directory"])
+            .arg(&www)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&idp_log).unwrap())
+            .spawn()
+            .unwrap(),
+        log: idp_log,
+    };
+    wait_for(
+        "the plain IdP to serve",
+        Duration::from_secs(15),
+        || curl(&[&uri]).0 == "200",
+        || idp.log(),
+    );
+
+    let ca_dir = wp.join("ca");
+    rampart(&["certs", "root", "--out", ca_dir.to_str().unwrap()]);
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ca = TestCa::from_dir(&ca_dir);
+    let sds = wp.join("sds.sock");
+    let _standin = rt.block_on(async {
+        sds_standin::start(
+            &sds,
+            Some(ca.secrets(&format!("spiffe://{TD}/ns/api/sa/backend"), 1)),
+        )
+    });
+    let proxy = start_proxy(&mesh, &sds, wp.join("proxy.log"));
+    let admin = format!("http://127.0.0.1:{admin_port}");
+    wait_for(
+        "proxy ready",
+        Duration::from_secs(30),
+        || curl(&[&format!("{admin}/ready")]).0 == "200",
+        || proxy.log(),
+    );
+    let url = format!("http://127.0.0.1:{inbound}/jwt/hello");
+    let with = |t: &str| curl(&["-H", &format!("authorization: Bearer {t}"), &url]);
+    let (code, body) = with(&token(&k1));
+    assert_eq!(code, "200", "{body}\n{}", proxy.log());
+    let (code, body) = with(&off_token);
+    assert_eq!(code, "200", "{body}\n{}", proxy.log());
+    let l = proxy.log();
+    assert!(
+        l.contains("jwksUri uses plain http") && l.contains(&uri),
+        "{l}"
+    );
+    let dump: serde_json::Value =
+        serde_json::from_str(&curl(&[&format!("{admin}/config_dump")]).1).unwrap();
+    let uris = dump["jwks"]["uris"].as_array().unwrap();
+    let by_uri = |u: &str| uris.iter().find(|e| e["uri"] == u).unwrap().clone();
+    assert_eq!(by_uri(&uri)["source"], "remote");
+    assert_eq!(by_uri(&uri)["state"], "ok");
+    let off_entry = by_uri("https://offline.example/keys");
+    assert_eq!(off_entry["source"], "file", "{off_entry}");
+    assert_eq!(off_entry["state"], "ok", "{off_entry}");
+    assert_eq!(off_entry["kids"], serde_json::json!([kid(&jwks_off)]));
+    assert!(!l.contains("JWKS fetch failed"), "{l}");
 }

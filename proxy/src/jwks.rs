@@ -41,6 +41,8 @@ use crate::runtime::{Config, Shared};
 /// Default refresh interval of fetched key sets (Istio's
 /// `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`).
 pub(crate) const DEFAULT_REFRESH: Duration = Duration::from_secs(20 * 60);
+/// Fetch timeout when a rule's `timeout` is zero (Istio's default).
+const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
 /// Largest JWKS body accepted.
 pub(crate) const MAX_BODY: usize = 1 << 20;
 /// Longest wait between retries of a failing `jwksUri`.
@@ -131,6 +133,12 @@ impl HttpFetcher {
 
     /// The body at `uri`, or why not (the reason names what failed; callers add the URI).
     pub(crate) async fn fetch(&self, uri: &str, timeout: Duration) -> Result<String, String> {
+        // A zero `timeout` would refuse every fetch; treat it as unset (Istio's 5s).
+        let timeout = if timeout.is_zero() {
+            DEFAULT_TIMEOUT
+        } else {
+            timeout
+        };
         match tokio::time::timeout(timeout, self.fetch_inner(uri)).await {
             Ok(r) => r,
             Err(_) => Err(format!(
