@@ -67,6 +67,8 @@ pub struct CaConfig {
     pub max_concurrency: usize,
     /// How often the cacerts directory is re-read even without a change notification.
     pub reload_poll_interval: Duration,
+    /// Lifetime of a self-signed root made by this CA (renewed with 20% of it left).
+    pub self_signed_root_ttl: Duration,
 }
 
 // === impl CaConfig ===
@@ -93,6 +95,7 @@ impl CaConfig {
             request_timeout: Duration::from_secs(10),
             max_concurrency: 1024,
             reload_poll_interval: Duration::from_secs(5),
+            self_signed_root_ttl: crate::authority::SELF_SIGNED_ROOT_TTL,
         }
     }
 
@@ -113,6 +116,18 @@ impl CaConfig {
                 "max TTL {:?} is above the longest workload lifetime this CA issues ({:?})",
                 self.max_ttl,
                 rampart_certs::MAX_WORKLOAD_CERT_TTL
+            ));
+        }
+        if self.self_signed_root_ttl < Duration::from_secs(3600) {
+            return bad(format!(
+                "self-signed root lifetime {:?} is below one hour (it would be renewed continuously)",
+                self.self_signed_root_ttl
+            ));
+        }
+        if self.self_signed_root_ttl < self.max_ttl {
+            return bad(format!(
+                "self-signed root lifetime {:?} is shorter than the longest workload lifetime {:?}",
+                self.self_signed_root_ttl, self.max_ttl
             ));
         }
         if self.max_concurrency == 0 {

@@ -30,8 +30,9 @@ pub use self::{
     },
     authority::{
         Authority, CA_CERT, CA_KEY, CERT_CHAIN, MaterialSource, PluginFiles, ROOT_CERT, RootInfo,
-        SELF_SIGNED_CERT, SELF_SIGNED_KEY, SELF_SIGNED_ROOT_TTL, load_initial,
-        load_or_create_self_signed, load_plugin,
+        SELF_SIGNED_CERT, SELF_SIGNED_KEY, SELF_SIGNED_PREVIOUS_CERT, SELF_SIGNED_ROOT_GRACE,
+        SELF_SIGNED_ROOT_TTL, load_initial, load_or_create_self_signed, load_plugin,
+        self_signed_rotation_due,
     },
     client::connect,
     config::{

@@ -22,7 +22,10 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::audit::{AuditLog, AuditRecord, rfc3339};
 use crate::authn::{CallerEvidence, JwksReload, TokenAuthenticator, authenticate};
-use crate::authority::{Authority, MaterialSource, PluginFiles, load_initial, load_plugin};
+use crate::authority::{
+    Authority, MaterialSource, PluginFiles, load_initial, load_or_create_self_signed, load_plugin,
+    self_signed_rotation_due,
+};
 use crate::config::{CaConfig, NodeAgentGrant};
 use crate::error::CitadelError;
 use crate::issue::{IssuePolicy, issue};
@@ -104,6 +107,7 @@ impl CaState {
             &config.cacerts_dir,
             &config.state_dir,
             &config.trust_domain,
+            config.self_signed_root_ttl,
             now,
         )?;
         let tokens = TokenAuthenticator::from_config(
@@ -202,7 +206,7 @@ impl CaState {
                     ),
                 );
             }
-            return ReloadOutcome::Unchanged;
+            return self.renew_self_signed_if_due(&current, now);
         }
         if is_plugin_now && current.input_fingerprint() == fp {
             return ReloadOutcome::Unchanged;
@@ -221,6 +225,25 @@ impl CaState {
                 Err(e) => self.refuse(Some(fp), e.to_string()),
             },
             Err(e) => self.refuse(Some(fp), e.to_string()),
+        }
+    }
+
+    /// Self-signed mode: renew the root once it enters its grace period (same key and
+    /// subject, old root kept in the bundle until it expires).
+    fn renew_self_signed_if_due(&self, current: &Authority, now: SystemTime) -> ReloadOutcome {
+        let root = current.signing_root();
+        if !self_signed_rotation_due(root.not_before, root.not_after, now) {
+            return ReloadOutcome::Unchanged;
+        }
+        let renewed = load_or_create_self_signed(
+            &self.config.state_dir,
+            &self.config.trust_domain,
+            self.config.self_signed_root_ttl,
+            now,
+        );
+        match renewed.and_then(|new| self.activate(new, now)) {
+            Ok(()) => ReloadOutcome::Reloaded,
+            Err(e) => self.refuse(None, format!("renewing the self-signed root: {e}")),
         }
     }
 

@@ -704,6 +704,69 @@ async fn rotated_jwks_file_applies_without_restart_and_a_broken_one_is_refused()
 }
 
 #[tokio::test]
+async fn self_signed_root_is_renewed_in_its_grace_period_with_the_same_key() {
+    // A self-signed root with 80 s left of a 380 s life (5 min backdate + 80 s): it enters the
+    // 20% grace period about 4 s after the CA starts.
+    let make_old = |state: &Path| {
+        std::fs::create_dir_all(state).unwrap();
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        key.write_pem_file(&state.join("root-key.pem")).unwrap();
+        let params = RootParams {
+            common_name: "Rampart self-signed root".into(),
+            organization: "cluster.local".into(),
+            validity: Duration::from_secs(80),
+        };
+        let old = CertificateAuthority::self_signed_root(&params, key, SystemTime::now()).unwrap();
+        std::fs::write(
+            state.join("root-cert.pem"),
+            rampart_certs::certs_to_pem(std::slice::from_ref(old.cert())),
+        )
+        .unwrap();
+        old.cert().clone()
+    };
+    let mut old_root = None;
+    let env = start(|cfg, root| {
+        old_root = Some(make_old(&root.join("state")));
+        cfg.default_ttl = Duration::from_secs(30);
+        cfg.max_ttl = Duration::from_secs(60);
+        cfg.self_signed_root_ttl = Duration::from_secs(2 * 3600);
+        cfg.reload_poll_interval = Duration::from_millis(200);
+    })
+    .await;
+    let old_root = old_root.unwrap();
+    assert_eq!(env.bundle().roots().len(), 1, "not due yet at start");
+    let mut c = env.client(None).await.unwrap();
+    let id = env.id("default", "web");
+    let (_, csr) = csr_for(&id);
+    let tok = token(&env, "default", "web");
+    let before = call(&mut c, &csr, 30, Some(&tok), None).await.unwrap();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while env.bundle().roots().len() != 2 {
+        assert!(std::time::Instant::now() < deadline, "root not renewed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let new_root = env.ca.state().authority().bundle().roots()[0].clone();
+    assert_ne!(new_root, old_root, "the new root is signing");
+    let new_info = CertInfo::parse(&new_root).unwrap();
+    let old_info = CertInfo::parse(&old_root).unwrap();
+    assert_eq!(new_info.subject, old_info.subject);
+    assert!(new_info.not_after > old_info.not_after + Duration::from_secs(3600));
+    assert!(env.root.join("state/root-cert-previous.pem").is_file());
+
+    // Same key and subject: certificates from either root verify under the other alone.
+    let only = |der: &CertificateDer<'static>| TrustBundle::from_der(vec![der.clone()]).unwrap();
+    assert_eq!(verify(&before, &only(&new_root)).unwrap(), id);
+    let (_, csr) = csr_for(&id);
+    let c2 = env.client(None).await;
+    let after = call(&mut c2.unwrap(), &csr, 30, Some(&tok), None)
+        .await
+        .unwrap();
+    assert_eq!(verify(&after, &only(&old_root)).unwrap(), id);
+    assert_eq!(verify(&after, &only(&new_root)).unwrap(), id);
+}
+
+#[tokio::test]
 async fn self_signed_root_persists_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
     let mk = || {

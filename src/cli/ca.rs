@@ -57,6 +57,10 @@ struct RunArgs {
     /// Requests for a longer lifetime are refused.
     #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
     max_ttl: Duration,
+    /// Lifetime of the self-signed root this CA makes when no plug-in material is given; it
+    /// is renewed (same key and subject) with 20% of its life left.
+    #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
+    self_signed_root_ttl: Duration,
     /// Prometheus metrics listen address.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -161,6 +165,7 @@ impl RunArgs {
             .collect();
         cfg.audience = self.audience;
         cfg.default_ttl = self.default_ttl;
+        cfg.self_signed_root_ttl = self.self_signed_root_ttl;
         cfg.max_ttl = self.max_ttl;
         cfg.metrics = self.metrics;
         cfg.server_dns_names = self.server_dns;
