@@ -17,6 +17,7 @@
 
 mod support;
 use support::python;
+use support::{Proc, free_port, wait_for};
 
 #[path = "../proxy/tests/support/sds_standin.rs"]
 mod sds_standin;
@@ -24,21 +25,13 @@ mod sds_standin;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Output, Stdio};
+use std::time::Duration;
 
 use sds_standin::TestCa;
 
 const TD: &str = "cluster.local";
 const ISSUER: &str = "https://idp.test";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn rampart(args: &[&str]) -> Output {
     let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
@@ -60,25 +53,6 @@ fn run(cmd: &mut Command) {
         "{cmd:?}: {}",
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// A child process killed on drop.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The in-test app: HTTP/1.1, answers 200 `app` to everything.
@@ -126,17 +100,6 @@ fn curl(args: &[&str]) -> (String, String) {
     let stdout = String::from_utf8_lossy(&out.stdout).to_string();
     let (body, code) = stdout.rsplit_once('\n').unwrap_or(("", "000"));
     (code.to_string(), body.to_string())
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool, log: impl Fn() -> String) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}\n{}", log());
 }
 
 const IDP_SERVER: &str = r#"

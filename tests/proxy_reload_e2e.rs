@@ -9,46 +9,23 @@
 //! `/config_dump` and `/ready`, the rest keeps serving, and the bind is retried until it works.
 //! Certificates come from the SDS stand-in (`proxy/tests/support/sds_standin.rs`).
 
+mod support;
+use support::{Proc, free_port, wait_for, write_atomic};
+
 #[path = "../proxy/tests/support/sds_standin.rs"]
 mod sds_standin;
 
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sds_standin::TestCa;
 
 const TD: &str = "cluster.local";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
 
 fn start_proxy(mesh: &Path, workload: &str, sds: &Path, log: PathBuf) -> Proc {
     let f = std::fs::File::create(&log).unwrap();
@@ -127,29 +104,8 @@ fn curl(args: &[&str]) -> (String, String) {
     (code.to_string(), body.trim_end().to_string())
 }
 
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool, log: impl Fn() -> String) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}\n{}", log());
-}
-
 fn refused(port: u16) -> bool {
     TcpStream::connect(("127.0.0.1", port)).is_err()
-}
-
-/// Write a file as editors that save atomically do (the proxy never sees half a file).
-fn write_atomic(path: &Path, text: &str) {
-    let tmp = path.with_file_name(format!(
-        ".{}.tmp",
-        path.file_name().unwrap().to_string_lossy()
-    ));
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// The `/mtls` entry of `port`, if listed.

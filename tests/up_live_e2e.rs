@@ -10,20 +10,14 @@
 //! removed workload's app, proxy and agent exit; Ctrl-C still stops everything, including
 //! what was started live.
 
+mod support;
+use support::{free_port, processes_mentioning, write_atomic};
+
 use std::io::{BufRead as _, BufReader};
 use std::net::{TcpListener, TcpStream};
-use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 struct Up {
     child: Child,
@@ -95,34 +89,11 @@ fn curl(args: &[&str]) -> (u16, String) {
     (code.trim().parse().unwrap_or(0), body.to_string())
 }
 
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) {
-                found.push(format!("{name}: {cmd}"));
-            }
-        }
-    }
-    found
-}
-
 fn pids_mentioning(needle: &str) -> Vec<String> {
     processes_mentioning(needle)
         .into_iter()
         .map(|l| l.split(':').next().unwrap().to_string())
         .collect()
-}
-
-fn write_atomic(path: &Path, text: &str) {
-    let tmp = path.with_file_name(".workloads.yaml.tmp");
-    std::fs::write(&tmp, text).unwrap();
-    std::fs::rename(&tmp, path).unwrap();
 }
 
 /// A workload with one HTTP port, a `rampart echo` app, and an admin (+ outbound) listener.
