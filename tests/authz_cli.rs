@@ -262,9 +262,31 @@ fn jwt_outcomes_with_local_jwks() {
     let v = f.check_json(&f.request("j.yaml", &late), &["--jwks-file", &map]);
     assert_eq!(v["status"], 401);
     assert!(v["reason"].as_str().unwrap().contains("expired"), "{v}");
-    // No local JWKS for the URI: fail closed (401) for the token ...
+    // No local JWKS for the URI: fail closed (401) for the token, naming the URI (the check
+    // never fetches), with a warning on stderr ...
     let v = f.check_json(&f.request("j.yaml", &with_jwt(&token)), &[]);
     assert_eq!(v["status"], 401);
+    let reason = v["reason"].as_str().unwrap();
+    assert!(
+        reason.contains("https://idp.example/.well-known/jwks.json")
+            && reason.contains("remote JWKS are not fetched here"),
+        "{v}"
+    );
+    let config = f.config();
+    let out = rampart(&[
+        "authz",
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--request",
+        f.dir.path().join("j.yaml").to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("warning: jwksUri https://idp.example/.well-known/jwks.json")
+            && err.contains("use --jwks-file"),
+        "{err}"
+    );
     // ... while a request without a token passes authentication (no principal) and is denied
     // by authorization instead.
     let v = f.check_json(

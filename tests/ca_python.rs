@@ -356,7 +356,9 @@ fn python_grpcio_client_against_rampart_ca() {
         &root_a,
         "--foreign-client-cert",
         "--expect",
-        "UNAVAILABLE",
+        "UNAUTHENTICATED",
+        "--message",
+        "does not verify against the trust bundle",
     ]);
 
     let audit = std::fs::read_to_string(d.join("state/audit.jsonl")).unwrap();
@@ -431,7 +433,9 @@ fn python_grpcio_client_against_rampart_ca() {
         "--client-key",
         &p("web-a.key"),
         "--expect",
-        "UNAVAILABLE",
+        "UNAUTHENTICATED",
+        "--message",
+        "does not verify against the trust bundle",
     ]);
     req(&["--root", &p("B/root-cert.pem"), "--token", &good]);
 

@@ -59,6 +59,23 @@ fn mode(path: &Path) -> u32 {
     std::fs::metadata(path).unwrap().permissions().mode() & 0o777
 }
 
+/// `rampart certs intermediate --root root --name NAME --out NAME` in `d`.
+fn intermediate(d: &Path, name: &str) {
+    ok(
+        d,
+        &[
+            "certs",
+            "intermediate",
+            "--root",
+            "root",
+            "--name",
+            name,
+            "--out",
+            name,
+        ],
+    );
+}
+
 fn count(haystack: &str, needle: &str) -> usize {
     haystack.matches(needle).count()
 }
@@ -69,19 +86,7 @@ fn root_intermediate_leaf_verify_with_openssl() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     ok(d, &["certs", "root", "--out", "root"]);
-    ok(
-        d,
-        &[
-            "certs",
-            "intermediate",
-            "--root",
-            "root",
-            "--name",
-            "cluster1",
-            "--out",
-            "cluster1",
-        ],
-    );
+    intermediate(d, "cluster1");
     ok(
         d,
         &[
@@ -275,19 +280,7 @@ fn refusals_exit_2_with_one_line() {
     let tmp = tempfile::tempdir().unwrap();
     let d = tmp.path();
     ok(d, &["certs", "root", "--out", "root"]);
-    ok(
-        d,
-        &[
-            "certs",
-            "intermediate",
-            "--root",
-            "root",
-            "--name",
-            "c1",
-            "--out",
-            "c1",
-        ],
-    );
+    intermediate(d, "c1");
 
     // Invalid SPIFFE IDs.
     for bad in [

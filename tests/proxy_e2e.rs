@@ -674,6 +674,46 @@ fn proxy_pair_with_real_clients() {
         curl(&["-H", &format!("authorization: Bearer {forged}"), &url]).0,
         "401"
     );
+    // Signed with the issuer's own key by PyJWT, but expired an hour ago (beyond the 60 s
+    // clock-skew allowance), and one from an issuer no RequestAuthentication names.
+    let jwks_json: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(mesh.join("jwks/issuer.test.json")).unwrap())
+            .unwrap();
+    let kid = jwks_json["keys"][0]["kid"].as_str().unwrap().to_owned();
+    let pyjwt = |iss: &str, exp_offset: i64| -> String {
+        let out = Command::new(python())
+            .args([
+                "-c",
+                "import jwt, sys, time; now = int(time.time()); print(jwt.encode({'iss': sys.argv[2], \
+                 'sub': 'spiffe://cluster.local/ns/web/sa/frontend', 'iat': now - 7200, \
+                 'exp': now + int(sys.argv[3])}, open(sys.argv[1]).read(), algorithm='ES256', \
+                 headers={'kid': sys.argv[4]}))",
+                jwt_key.to_str().unwrap(),
+                iss,
+                &exp_offset.to_string(),
+                &kid,
+            ])
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    };
+    for (what, bad) in [
+        ("expired", pyjwt("https://issuer.test", -3600)),
+        ("unknown issuer", pyjwt("https://elsewhere.test", 3600)),
+    ] {
+        let (code, body) = curl(&["-H", &format!("authorization: Bearer {bad}"), &url]);
+        assert_eq!(code, "401", "{what}: {body}");
+    }
+    // The same PyJWT path with a valid expiry is accepted: the refusals above are about
+    // expiry and issuer, not about PyJWT's encoding.
+    let fresh = pyjwt("https://issuer.test", 3600);
+    let (code, body) = curl(&["-H", &format!("authorization: Bearer {fresh}"), &url]);
+    assert_eq!(code, "200", "PyJWT-signed valid token: {body}");
     let (code, body) = curl(&[&url]);
     assert_eq!(
         (code.as_str(), body.as_str()),

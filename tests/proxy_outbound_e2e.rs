@@ -13,7 +13,7 @@
 //! (`proxy/tests/support/sds_standin.rs`), apps are `rampart echo` and a grpcio server.
 
 mod support;
-use support::python;
+use support::{Proc, free_port, python, wait_for};
 
 #[path = "../proxy/tests/support/sds_standin.rs"]
 mod sds_standin;
@@ -21,40 +21,14 @@ mod sds_standin;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
+use std::time::Duration;
 
 use sds_standin::TestCa;
 
 const TD: &str = "cluster.local";
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
-
-/// A child process killed on drop.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
+/// Run `rampart ARGS` with its output in `log`.
 fn spawn(args: &[&str], log: PathBuf) -> Proc {
     let f = std::fs::File::create(&log).unwrap();
     let child = Command::new(env!("CARGO_BIN_EXE_rampart"))
@@ -80,17 +54,6 @@ fn curl(args: &[&str]) -> (String, String) {
 
 fn get(url: &str) -> String {
     curl(&[url]).1
-}
-
-fn wait_for(what: &str, timeout: Duration, mut f: impl FnMut() -> bool, log: impl Fn() -> String) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}\n{}", log());
 }
 
 /// The lines of a Prometheus text that name `metric` and carry every one of `labels`.

@@ -1,6 +1,9 @@
 //! `rampart up DIR`: input checks and failure handling that need no running mesh. The full
 //! mesh (CA, agents, proxies, apps) is exercised in `quickstart_e2e.rs`.
 
+mod support;
+use support::processes_mentioning;
+
 use std::net::TcpListener;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -31,24 +34,6 @@ fn rampart_up(dir: &Path, state: &Path) -> Output {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-}
-
-/// Processes whose command line mentions `needle` (our children carry the state dir path).
-fn processes_mentioning(needle: &str) -> Vec<String> {
-    let mut found = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if !name.bytes().all(|b| b.is_ascii_digit()) {
-            continue;
-        }
-        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
-            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
-            if cmd.contains(needle) {
-                found.push(format!("{name}: {cmd}"));
-            }
-        }
-    }
-    found
 }
 
 fn folder(mesh: &str, workloads: &str, policy: Option<&str>) -> tempfile::TempDir {

@@ -94,6 +94,18 @@ impl Engine {
         &self.mesh
     }
 
+    /// The `jwksUri` of every RequestAuthentication rule, once each (the first rule's
+    /// `timeout` wins), in policy order: what a JWKS fetcher has to keep fresh.
+    pub fn jwks_uris(&self) -> Vec<crate::JwksFetch> {
+        let mut out: Vec<crate::JwksFetch> = Vec::new();
+        for (uri, timeout) in self.reqauthn.jwks_uris() {
+            if !out.iter().any(|f| f.uri == uri) {
+                out.push(crate::JwksFetch { uri, timeout });
+            }
+        }
+        out
+    }
+
     /// Translation warnings (values dropped the way Istio drops them).
     pub fn warnings(&self) -> &[String] {
         &self.warnings

@@ -165,6 +165,49 @@ impl JwksCache {
     pub fn last_error(&self, uri: &str) -> Option<&str> {
         self.entries.get(uri)?.last_error.as_deref()
     }
+
+    /// What the cache knows about `uri` (for status pages), or `None` if it was never
+    /// fetched. Carries key ids and counts only, never key material.
+    pub fn status(&self, uri: &str) -> Option<JwksStatus> {
+        let e = self.entries.get(uri)?;
+        Some(JwksStatus {
+            fetched_at: e.fetched_at,
+            last_attempt: e.last_attempt,
+            last_error: e.last_error.clone(),
+            keys: e.good.as_ref().map_or(0, |g| g.keys().len()),
+            kids: e
+                .good
+                .as_ref()
+                .map(|g| {
+                    g.keys()
+                        .iter()
+                        .filter_map(|k| k.kid().map(str::to_string))
+                        .collect()
+                })
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Forget every URI for which `keep` is false (no longer referenced by any rule).
+    pub fn retain(&mut self, mut keep: impl FnMut(&str) -> bool) {
+        self.entries.retain(|uri, _| keep(uri));
+    }
+}
+
+/// The state of one cached `jwksUri` ([`JwksCache::status`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct JwksStatus {
+    /// When the key set in use was fetched (the last successful fetch).
+    pub fetched_at: Option<SystemTime>,
+    /// When the latest fetch (successful or not) finished.
+    pub last_attempt: Option<SystemTime>,
+    /// Why the latest fetch failed, if it did (the last good set, if any, keeps serving).
+    pub last_error: Option<String>,
+    /// Number of usable keys in the set in use (0: none, tokens are refused).
+    pub keys: usize,
+    /// The `kid`s of those keys (keys without one are counted but not listed).
+    pub kids: Vec<String>,
 }
 
 impl Default for JwksCache {

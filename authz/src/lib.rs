@@ -40,7 +40,7 @@ pub use self::{
     },
     jwt::{
         AuthnOutcome, CLOCK_SKEW, FileJwksFetcher, JwksCache, JwksFetch, JwksFetcher, JwksSource,
-        NoRemoteJwks,
+        JwksStatus, NoRemoteJwks,
     },
     normalize::{NormalizedPath, PathNormalization, PathRejected, normalize_path},
     resolve::{EffectiveMtls, MtlsLevel},

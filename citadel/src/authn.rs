@@ -1,15 +1,17 @@
 //! Caller authentication, in DESIGN §2 order: bearer JWT, then client certificate, then
 //! (for allow-listed node agents only) `ImpersonatedIdentity`.
 
-use std::collections::{HashMap, HashSet};
-use std::path::Path;
-use std::sync::Mutex;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime};
 
 use rampart_certs::jwt::{Jwks, JwtError, UnverifiedJwt};
 use rampart_certs::{SpiffeId, TrustDomain};
 
-use crate::config::JwtIssuerConfig;
+use crate::config::{JwtIssuerConfig, NodeAgentGrant};
 use crate::error::CitadelError;
 use crate::refusal::Refusal;
 
@@ -62,6 +64,31 @@ impl Caller {
     }
 }
 
+struct JwksSource {
+    issuer: String,
+    path: PathBuf,
+    digest: [u8; 32],
+    /// The last refusal reported, so a file that stays broken is reported once.
+    refused: Option<String>,
+}
+
+/// What one look at an issuer's JWKS file found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum JwksReload {
+    /// New keys are in force.
+    Reloaded {
+        /// The issuer whose keys changed.
+        issuer: String,
+    },
+    /// The file could not be used; the previous keys stay in force.
+    Refused {
+        /// The issuer whose file is broken.
+        issuer: String,
+        /// Why (names the file).
+        reason: String,
+    },
+}
+
 struct CachedToken {
     id: SpiffeId,
     exp: Option<SystemTime>,
@@ -71,8 +98,14 @@ struct CachedToken {
 
 /// Verifies bearer tokens against per-issuer JWKS files; remembers verified tokens so a
 /// caller that reuses its token costs a hash and a lookup, not a signature check.
+///
+/// The files are re-read by [`TokenAuthenticator::reload_jwks`] (the CA calls it from its
+/// reload loop): an issuer's rotated keys take effect without a restart, a broken file is
+/// refused and the last good keys keep verifying.
 pub struct TokenAuthenticator {
-    issuers: HashMap<String, Jwks>,
+    issuers: ArcSwap<HashMap<String, Jwks>>,
+    /// Where each issuer's keys come from, and the digest of the text in force.
+    sources: Mutex<Vec<JwksSource>>,
     audience: String,
     trust_domain: TrustDomain,
     cache: Mutex<HashMap<[u8; 32], CachedToken>>,
@@ -81,7 +114,7 @@ pub struct TokenAuthenticator {
 impl std::fmt::Debug for TokenAuthenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenAuthenticator")
-            .field("issuers", &self.issuers.keys().collect::<Vec<_>>())
+            .field("issuers", &self.issuers.load().keys().collect::<Vec<_>>())
             .field("audience", &self.audience)
             .finish()
     }
@@ -97,16 +130,66 @@ impl TokenAuthenticator {
         trust_domain: &TrustDomain,
     ) -> Result<Self, CitadelError> {
         let mut map = HashMap::new();
+        let mut sources = Vec::new();
         for iss in issuers {
-            map.insert(iss.issuer.clone(), read_jwks(&iss.issuer, &iss.jwks_path)?);
+            let (jwks, digest) = read_jwks(&iss.issuer, &iss.jwks_path)?;
+            map.insert(iss.issuer.clone(), jwks);
+            sources.push(JwksSource {
+                issuer: iss.issuer.clone(),
+                path: iss.jwks_path.clone(),
+                digest,
+                refused: None,
+            });
         }
-        Ok(Self::new(map, audience, trust_domain))
+        let auth = Self::new(map, audience, trust_domain);
+        *auth.sources.lock().unwrap_or_else(|p| p.into_inner()) = sources;
+        Ok(auth)
+    }
+
+    /// Re-reads every issuer's JWKS file. Changed, valid files replace that issuer's keys
+    /// (and forget remembered tokens, so a removed key stops working at once); unreadable
+    /// or invalid files are reported (once while they stay broken) and the old keys stay.
+    /// Unchanged files cost a read and a hash.
+    pub fn reload_jwks(&self) -> Vec<JwksReload> {
+        let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
+        let mut outcomes = Vec::new();
+        let mut next: Option<HashMap<String, Jwks>> = None;
+        for src in sources.iter_mut() {
+            match read_jwks(&src.issuer, &src.path) {
+                Ok((_, digest)) if digest == src.digest => src.refused = None,
+                Ok((jwks, digest)) => {
+                    src.digest = digest;
+                    src.refused = None;
+                    next.get_or_insert_with(|| (**self.issuers.load()).clone())
+                        .insert(src.issuer.clone(), jwks);
+                    outcomes.push(JwksReload::Reloaded {
+                        issuer: src.issuer.clone(),
+                    });
+                }
+                Err(e) => {
+                    let reason = e.to_string();
+                    if src.refused.as_deref() != Some(reason.as_str()) {
+                        src.refused = Some(reason.clone());
+                        outcomes.push(JwksReload::Refused {
+                            issuer: src.issuer.clone(),
+                            reason,
+                        });
+                    }
+                }
+            }
+        }
+        if let Some(map) = next {
+            self.issuers.store(Arc::new(map));
+            self.cache.lock().unwrap_or_else(|p| p.into_inner()).clear();
+        }
+        outcomes
     }
 
     /// From already-parsed key sets, keyed by issuer.
     pub fn new(issuers: HashMap<String, Jwks>, audience: &str, trust_domain: &TrustDomain) -> Self {
         TokenAuthenticator {
-            issuers,
+            issuers: ArcSwap::from_pointee(issuers),
+            sources: Mutex::new(Vec::new()),
             audience: audience.to_owned(),
             trust_domain: trust_domain.clone(),
             cache: Mutex::new(HashMap::new()),
@@ -115,7 +198,7 @@ impl TokenAuthenticator {
 
     /// Verifies `token` and returns the workload identity it proves.
     pub fn authenticate(&self, token: &str, now: SystemTime) -> Result<SpiffeId, Refusal> {
-        let key = token_key(token);
+        let key = sha256(token);
         {
             let cache = self.cache.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(hit) = cache.get(&key)
@@ -154,8 +237,8 @@ impl TokenAuthenticator {
     ) -> Result<(SpiffeId, Option<SystemTime>, Option<SystemTime>), Refusal> {
         let parsed = UnverifiedJwt::parse(token).map_err(jwt_refusal)?;
         let iss = parsed.unverified_issuer().unwrap_or("").to_owned();
-        let jwks = self
-            .issuers
+        let issuers = self.issuers.load();
+        let jwks = issuers
             .get(&iss)
             .ok_or_else(|| Refusal::UnknownIssuer(escape(&iss)))?;
         let verified = parsed
@@ -176,7 +259,7 @@ impl TokenAuthenticator {
     }
 }
 
-fn read_jwks(issuer: &str, path: &Path) -> Result<Jwks, CitadelError> {
+fn read_jwks(issuer: &str, path: &Path) -> Result<(Jwks, [u8; 32]), CitadelError> {
     let err = |reason: String| CitadelError::Jwks {
         issuer: issuer.to_owned(),
         path: path.to_path_buf(),
@@ -186,10 +269,11 @@ fn read_jwks(issuer: &str, path: &Path) -> Result<Jwks, CitadelError> {
     if text.trim().is_empty() {
         return Err(err("file is empty".into()));
     }
-    Jwks::parse(&text).map_err(|e| err(e.to_string()))
+    let jwks = Jwks::parse(&text).map_err(|e| err(e.to_string()))?;
+    Ok((jwks, sha256(&text)))
 }
 
-fn token_key(token: &str) -> [u8; 32] {
+fn sha256(token: &str) -> [u8; 32] {
     let mut out = [0u8; 32];
     out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, token.as_bytes()).as_ref());
     out
@@ -241,7 +325,7 @@ pub struct CallerEvidence<'a> {
 /// impersonation for allow-listed node agents.
 pub fn authenticate(
     tokens: &TokenAuthenticator,
-    node_agents: &HashSet<SpiffeId>,
+    node_agents: &HashMap<SpiffeId, NodeAgentGrant>,
     trust_domain: &TrustDomain,
     ev: &CallerEvidence<'_>,
     now: SystemTime,
@@ -267,20 +351,81 @@ pub fn authenticate(
     let Some(target) = ev.impersonate.filter(|s| !s.is_empty()) else {
         return Ok(proved);
     };
-    if !node_agents.contains(&proved.id) {
+    let Some(grant) = node_agents.get(&proved.id) else {
         return Err(Refusal::ImpersonationDenied {
             caller: proved.id.to_string(),
         });
-    }
+    };
     let target = SpiffeId::parse(target).map_err(|e| Refusal::BadImpersonation(e.to_string()))?;
     if target.trust_domain() != trust_domain {
         return Err(Refusal::BadImpersonation(format!(
             "{target} is not in trust domain {trust_domain}"
         )));
     }
+    if !grant.allows(&target) {
+        return Err(Refusal::ImpersonationOutOfScope {
+            caller: proved.id.to_string(),
+            target: target.to_string(),
+        });
+    }
     Ok(Caller {
         id: target,
         method: AuthMethod::Impersonation,
         on_behalf_of: Some(proved.id),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use rampart_certs::jwt::JwtSigner;
+    use rampart_certs::{KeyAlgorithm, PrivateKey};
+
+    use super::*;
+
+    fn signer(kid: &str) -> JwtSigner {
+        JwtSigner::new(&PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), kid).unwrap()
+    }
+
+    #[test]
+    fn reload_reports_changes_once_and_keeps_last_good_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        let write = |text: &str| std::fs::write(&path, text).unwrap();
+        let a = signer("a");
+        write(&a.jwks().unwrap().to_json().to_string());
+        let td: TrustDomain = "cluster.local".parse().unwrap();
+        let cfg = [JwtIssuerConfig {
+            issuer: "iss".into(),
+            jwks_path: path.clone(),
+        }];
+        let auth = TokenAuthenticator::from_config(&cfg, "istio-ca", &td).unwrap();
+        assert!(auth.reload_jwks().is_empty(), "unchanged file");
+
+        write("{broken");
+        let refused = auth.reload_jwks();
+        assert!(
+            matches!(refused.as_slice(), [JwksReload::Refused { issuer, reason }]
+                if issuer == "iss" && reason.contains("jwks.json")),
+            "{refused:?}"
+        );
+        assert!(
+            auth.reload_jwks().is_empty(),
+            "a broken file is reported once"
+        );
+        assert!(auth.issuers.load().contains_key("iss"), "old keys stay");
+
+        let b = signer("b");
+        write(&b.jwks().unwrap().to_json().to_string());
+        assert_eq!(
+            auth.reload_jwks(),
+            vec![JwksReload::Reloaded {
+                issuer: "iss".into()
+            }]
+        );
+        std::fs::remove_file(&path).unwrap();
+        assert!(matches!(
+            auth.reload_jwks().as_slice(),
+            [JwksReload::Refused { .. }]
+        ));
+    }
 }

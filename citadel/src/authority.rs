@@ -67,6 +67,8 @@ pub struct RootInfo {
     pub fingerprint: String,
     /// Subject, for display.
     pub subject: String,
+    /// Not-before.
+    pub not_before: SystemTime,
     /// Not-after.
     pub not_after: SystemTime,
 }
@@ -143,6 +145,7 @@ impl Authority {
                 fingerprint: info.sha256_fingerprint.clone(),
                 subject: info.subject.clone(),
                 not_after: info.not_after,
+                not_before: info.not_before,
             });
             roots_der.push(root);
         }
@@ -216,6 +219,7 @@ impl Authority {
             signing_root: RootInfo {
                 fingerprint: signing_root_info.sha256_fingerprint,
                 subject: signing_root_info.subject,
+                not_before: signing_root_info.not_before,
                 not_after: signing_root_info.not_after,
             },
             chain_not_after,
@@ -422,37 +426,99 @@ pub fn load_plugin(
     )
 }
 
-/// Loads the self-signed root from `state_dir`, generating and persisting it on first start.
+/// After a rotation: the previous self-signed root, served beside the new one until it expires.
+pub const SELF_SIGNED_PREVIOUS_CERT: &str = "root-cert-previous.pem";
+
+/// The self-signed root is renewed when less than this fraction of its lifetime is left
+/// (Istio's `CITADEL_SELF_SIGNED_ROOT_CERT_GRACE_PERIOD_PERCENTILE` default, 20%).
+pub const SELF_SIGNED_ROOT_GRACE: f64 = 0.2;
+
+/// Whether a root with these dates is due for renewal at `now`.
+pub fn self_signed_rotation_due(
+    not_before: SystemTime,
+    not_after: SystemTime,
+    now: SystemTime,
+) -> bool {
+    let life = not_after.duration_since(not_before).unwrap_or_default();
+    let left = not_after.duration_since(now).unwrap_or_default();
+    left.as_secs_f64() < life.as_secs_f64() * SELF_SIGNED_ROOT_GRACE
+}
+
+fn self_signed_params(trust_domain: &TrustDomain, ttl: Duration) -> RootParams {
+    RootParams {
+        common_name: "Rampart self-signed root".into(),
+        organization: trust_domain.to_string(),
+        validity: ttl,
+    }
+}
+
+/// Loads the self-signed root from `state_dir`, generating and persisting it (valid for
+/// `ttl`) on first start.
+///
+/// A root with less than [`SELF_SIGNED_ROOT_GRACE`] of its life left is renewed here, as
+/// Istio's self-signed root rotator does: a new certificate for the **same key and subject**,
+/// so every certificate issued under the old root also verifies under the new one and the
+/// other way round. The old root is kept in [`SELF_SIGNED_PREVIOUS_CERT`] and served in the
+/// bundle until it expires, for peers that pinned it.
 pub fn load_or_create_self_signed(
     state_dir: &Path,
     trust_domain: &TrustDomain,
+    ttl: Duration,
     now: SystemTime,
 ) -> Result<Authority, CitadelError> {
     let cert_path = state_dir.join(SELF_SIGNED_CERT);
     let key_path = state_dir.join(SELF_SIGNED_KEY);
-    let ca = if cert_path.exists() || key_path.exists() {
-        let cert_pem =
-            std::fs::read_to_string(&cert_path).map_err(|e| CitadelError::io(&cert_path, e))?;
+    let previous_path = state_dir.join(SELF_SIGNED_PREVIOUS_CERT);
+    let read_key = || -> Result<PrivateKey, CitadelError> {
         let key_pem = zeroize::Zeroizing::new(
             std::fs::read_to_string(&key_path).map_err(|e| CitadelError::io(&key_path, e))?,
         );
+        PrivateKey::from_pkcs8_pem(&key_pem).map_err(|e| CitadelError::invalid(&key_path, e))
+    };
+    let ca = if cert_path.exists() || key_path.exists() {
+        let cert_pem =
+            std::fs::read_to_string(&cert_path).map_err(|e| CitadelError::io(&cert_path, e))?;
         let cert = rampart_certs::parse_certs_pem(&cert_pem)
             .map_err(|e| CitadelError::invalid(&cert_path, e))?
             .into_iter()
             .next()
             .ok_or_else(|| CitadelError::invalid(&cert_path, "no certificate"))?;
-        let key = PrivateKey::from_pkcs8_pem(&key_pem)
-            .map_err(|e| CitadelError::invalid(&key_path, e))?;
-        CertificateAuthority::new(cert, key, Vec::new())
-            .map_err(|e| CitadelError::invalid(&cert_path, e))?
+        let info = CertInfo::parse(&cert).map_err(|e| CitadelError::invalid(&cert_path, e))?;
+        let ca = CertificateAuthority::new(cert.clone(), read_key()?, Vec::new())
+            .map_err(|e| CitadelError::invalid(&cert_path, e))?;
+        if self_signed_rotation_due(info.not_before, info.not_after, now) {
+            // Same key and subject: old and new roots verify each other's certificates.
+            let renewed = CertificateAuthority::self_signed_root(
+                &self_signed_params(trust_domain, ttl),
+                read_key()?,
+                now,
+            )?;
+            rampart_certs::write_file_atomic(
+                &previous_path,
+                rampart_certs::certs_to_pem(std::slice::from_ref(&cert)).as_bytes(),
+                0o644,
+            )
+            .map_err(|e| CitadelError::io(&previous_path, e))?;
+            rampart_certs::write_file_atomic(
+                &cert_path,
+                rampart_certs::certs_to_pem(std::slice::from_ref(renewed.cert())).as_bytes(),
+                0o644,
+            )
+            .map_err(|e| CitadelError::io(&cert_path, e))?;
+            tracing::info!(
+                dir = %state_dir.display(),
+                old_root = %info.sha256_fingerprint,
+                old_not_after = %crate::audit::rfc3339(info.not_after),
+                "self-signed root renewed (same key and subject); the old root stays in the bundle until it expires"
+            );
+            renewed
+        } else {
+            ca
+        }
     } else {
         std::fs::create_dir_all(state_dir).map_err(|e| CitadelError::io(state_dir, e))?;
         let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
-        let params = RootParams {
-            common_name: "Rampart self-signed root".into(),
-            organization: trust_domain.to_string(),
-            validity: SELF_SIGNED_ROOT_TTL,
-        };
+        let params = self_signed_params(trust_domain, ttl);
         // Key first (0600, atomic), then the certificate: a crash in between leaves a key
         // without a certificate, which the next start reports instead of silently replacing.
         key.write_pem_file(&key_path)?;
@@ -469,9 +535,19 @@ pub fn load_or_create_self_signed(
     let root = ca.cert().clone();
     let mut fp = [0u8; 32];
     fp.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, root.as_ref()).as_ref());
+    let mut served = vec![root];
+    if let Ok(text) = std::fs::read_to_string(&previous_path) {
+        // Expired ones are dropped by `Authority::new`; a broken file is only a warning.
+        match rampart_certs::parse_certs_pem(&text) {
+            Ok(certs) => served.extend(certs),
+            Err(e) => {
+                tracing::warn!(file = %previous_path.display(), error = %e, "previous self-signed root unreadable; not served")
+            }
+        }
+    }
     Authority::new(
         Arc::new(ca),
-        vec![root],
+        served,
         trust_domain,
         MaterialSource::SelfSigned(state_dir.to_path_buf()),
         fp,
@@ -485,12 +561,13 @@ pub fn load_initial(
     cacerts_dir: &Path,
     state_dir: &Path,
     trust_domain: &TrustDomain,
+    self_signed_ttl: Duration,
     now: SystemTime,
 ) -> Result<Authority, CitadelError> {
     let files = PluginFiles::read(cacerts_dir)?;
     if files.is_plugin() {
         load_plugin(cacerts_dir, &files, trust_domain, now)
     } else {
-        load_or_create_self_signed(state_dir, trust_domain, now)
+        load_or_create_self_signed(state_dir, trust_domain, self_signed_ttl, now)
     }
 }

@@ -56,8 +56,9 @@ pub struct CaConfig {
     pub server_dns_names: Vec<String>,
     /// IP SANs of the serving certificate (default `127.0.0.1`).
     pub server_ips: Vec<IpAddr>,
-    /// Identities allowed to ask for other identities via `ImpersonatedIdentity`.
-    pub node_agents: Vec<SpiffeId>,
+    /// Identities allowed to ask for other identities via `ImpersonatedIdentity`, each with
+    /// the workloads it may act for.
+    pub node_agents: Vec<NodeAgentGrant>,
     /// Largest accepted CSR, in bytes of PEM.
     pub max_csr_bytes: usize,
     /// Deadline for one request.
@@ -66,6 +67,8 @@ pub struct CaConfig {
     pub max_concurrency: usize,
     /// How often the cacerts directory is re-read even without a change notification.
     pub reload_poll_interval: Duration,
+    /// Lifetime of a self-signed root made by this CA (renewed with 20% of it left).
+    pub self_signed_root_ttl: Duration,
 }
 
 // === impl CaConfig ===
@@ -92,6 +95,7 @@ impl CaConfig {
             request_timeout: Duration::from_secs(10),
             max_concurrency: 1024,
             reload_poll_interval: Duration::from_secs(5),
+            self_signed_root_ttl: crate::authority::SELF_SIGNED_ROOT_TTL,
         }
     }
 
@@ -114,6 +118,18 @@ impl CaConfig {
                 rampart_certs::MAX_WORKLOAD_CERT_TTL
             ));
         }
+        if self.self_signed_root_ttl < Duration::from_secs(3600) {
+            return bad(format!(
+                "self-signed root lifetime {:?} is below one hour (it would be renewed continuously)",
+                self.self_signed_root_ttl
+            ));
+        }
+        if self.self_signed_root_ttl < self.max_ttl {
+            return bad(format!(
+                "self-signed root lifetime {:?} is shorter than the longest workload lifetime {:?}",
+                self.self_signed_root_ttl, self.max_ttl
+            ));
+        }
         if self.max_concurrency == 0 {
             return bad("max concurrency must be at least 1".into());
         }
@@ -126,11 +142,17 @@ impl CaConfig {
         if self.server_dns_names.is_empty() && self.server_ips.is_empty() {
             return bad("the serving certificate needs at least one DNS name or IP".into());
         }
-        for agent in &self.node_agents {
+        for grant in &self.node_agents {
+            let agent = &grant.id;
             if agent.trust_domain() != &self.trust_domain {
                 return bad(format!(
                     "node agent {agent} is not in trust domain {}",
                     self.trust_domain
+                ));
+            }
+            if grant.may_act_for.is_empty() {
+                return bad(format!(
+                    "node agent {agent} may act for no workload; give at least one pattern"
                 ));
             }
         }
@@ -142,5 +164,145 @@ impl CaConfig {
         self.audit_log
             .clone()
             .unwrap_or_else(|| self.state_dir.join("audit.jsonl"))
+    }
+}
+
+/// A node agent allowed to request certificates for other workloads (Istio's
+/// `ImpersonatedIdentity`, as ztunnel does), and the workloads it may act for. Istio
+/// restricts ztunnel to the pods of its node through the Kubernetes API; standalone, the
+/// restriction is this static list.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct NodeAgentGrant {
+    /// The node agent's own identity (proved by token or client certificate).
+    pub id: SpiffeId,
+    /// Whom it may act for; never empty (see [`CaConfig::validate`]).
+    pub may_act_for: Vec<WorkloadPattern>,
+}
+
+impl NodeAgentGrant {
+    /// Whether the agent may act for `target` (a workload ID of the CA's trust domain).
+    pub fn allows(&self, target: &SpiffeId) -> bool {
+        self.may_act_for.iter().any(|p| p.matches(target))
+    }
+}
+
+/// Which workloads: `*` (any in the trust domain), `NAMESPACE/*`, or
+/// `NAMESPACE/SERVICE_ACCOUNT`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum WorkloadPattern {
+    /// Every workload of the trust domain.
+    Any,
+    /// Every service account of one namespace.
+    Namespace(String),
+    /// One service account.
+    ServiceAccount {
+        /// Its namespace.
+        namespace: String,
+        /// Its name.
+        name: String,
+    },
+}
+
+impl WorkloadPattern {
+    /// Whether `id` (an Istio-form `ns/NS/sa/SA` ID) is covered.
+    pub fn matches(&self, id: &SpiffeId) -> bool {
+        let Some((ns, sa)) = istio_parts(id) else {
+            return matches!(self, WorkloadPattern::Any);
+        };
+        match self {
+            WorkloadPattern::Any => true,
+            WorkloadPattern::Namespace(n) => n == ns,
+            WorkloadPattern::ServiceAccount { namespace, name } => namespace == ns && name == sa,
+        }
+    }
+}
+
+fn istio_parts(id: &SpiffeId) -> Option<(&str, &str)> {
+    let rest = id.path().strip_prefix("/ns/")?;
+    let (ns, sa) = rest.split_once("/sa/")?;
+    (!sa.contains('/')).then_some((ns, sa))
+}
+
+impl std::str::FromStr for WorkloadPattern {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let bad = |why: &str| {
+            Err(format!(
+                "{s:?}: {why} (expected *, NAMESPACE/* or NAMESPACE/SERVICE_ACCOUNT)"
+            ))
+        };
+        if s == "*" {
+            return Ok(WorkloadPattern::Any);
+        }
+        let Some((ns, sa)) = s.split_once('/') else {
+            return bad("no '/'");
+        };
+        let name_ok = |x: &str| {
+            !x.is_empty()
+                && x.len() <= 253
+                && x.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '.' | '_'))
+        };
+        if !name_ok(ns) {
+            return bad("namespace is empty or has characters a namespace cannot have");
+        }
+        if sa == "*" {
+            return Ok(WorkloadPattern::Namespace(ns.to_owned()));
+        }
+        if !name_ok(sa) {
+            return bad("service account is empty or has characters a name cannot have");
+        }
+        Ok(WorkloadPattern::ServiceAccount {
+            namespace: ns.to_owned(),
+            name: sa.to_owned(),
+        })
+    }
+}
+
+impl std::fmt::Display for WorkloadPattern {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            WorkloadPattern::Any => f.write_str("*"),
+            WorkloadPattern::Namespace(ns) => write!(f, "{ns}/*"),
+            WorkloadPattern::ServiceAccount { namespace, name } => write!(f, "{namespace}/{name}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod pattern_tests {
+    use super::*;
+
+    fn id(s: &str) -> SpiffeId {
+        SpiffeId::parse(s).unwrap()
+    }
+
+    #[test]
+    fn patterns_parse_match_and_refuse() {
+        let web = id("spiffe://cluster.local/ns/default/sa/web");
+        let odd = id("spiffe://cluster.local/custom/path");
+        let any: WorkloadPattern = "*".parse().unwrap();
+        let ns: WorkloadPattern = "default/*".parse().unwrap();
+        let one: WorkloadPattern = "default/web".parse().unwrap();
+        let other: WorkloadPattern = "default/api".parse().unwrap();
+        assert!(any.matches(&web) && any.matches(&odd));
+        assert!(ns.matches(&web) && !ns.matches(&odd));
+        assert!(one.matches(&web) && !other.matches(&web));
+        assert!(
+            !"kube-system/*"
+                .parse::<WorkloadPattern>()
+                .unwrap()
+                .matches(&web)
+        );
+        for (text, shown) in [("*", "*"), ("default/*", "default/*"), ("a/b", "a/b")] {
+            assert_eq!(text.parse::<WorkloadPattern>().unwrap().to_string(), shown);
+        }
+        for bad in [
+            "", "default", "/web", "default/", "*/web", "a b/c", "ns/sa/x",
+        ] {
+            let e = bad.parse::<WorkloadPattern>().expect_err(bad);
+            assert!(e.contains("expected *"), "{bad}: {e}");
+        }
     }
 }

@@ -25,18 +25,19 @@ mod tls;
 pub use self::{
     audit::{AuditLog, AuditRecord, rfc3339},
     authn::{
-        AuthMethod, Caller, CallerEvidence, TOKEN_LEEWAY, TokenAuthenticator, authenticate,
-        bearer_token,
+        AuthMethod, Caller, CallerEvidence, JwksReload, TOKEN_LEEWAY, TokenAuthenticator,
+        authenticate, bearer_token,
     },
     authority::{
         Authority, CA_CERT, CA_KEY, CERT_CHAIN, MaterialSource, PluginFiles, ROOT_CERT, RootInfo,
-        SELF_SIGNED_CERT, SELF_SIGNED_KEY, SELF_SIGNED_ROOT_TTL, load_initial,
-        load_or_create_self_signed, load_plugin,
+        SELF_SIGNED_CERT, SELF_SIGNED_KEY, SELF_SIGNED_PREVIOUS_CERT, SELF_SIGNED_ROOT_GRACE,
+        SELF_SIGNED_ROOT_TTL, load_initial, load_or_create_self_signed, load_plugin,
+        self_signed_rotation_due,
     },
     client::connect,
     config::{
         CaConfig, DEFAULT_AUDIENCE, DEFAULT_MAX_WORKLOAD_TTL, DEFAULT_SERVER_DNS_NAME,
-        DEFAULT_WORKLOAD_TTL, JwtIssuerConfig,
+        DEFAULT_WORKLOAD_TTL, JwtIssuerConfig, NodeAgentGrant, WorkloadPattern,
     },
     error::CitadelError,
     issue::{IssuePolicy, Issued, issue, resolve_ttl},
@@ -48,7 +49,5 @@ pub use self::{
         SERVING_CERT_TTL, start, start_with_state,
     },
     signer::{IssuedFacts, SigningCertFacts, WorkloadTemplate, X509Signer, validate_issued},
-    tls::{
-        DynamicClientVerifier, ServingCert, certified_key, client_config, provider, server_config,
-    },
+    tls::{certified_key, client_config, provider, server_config},
 };

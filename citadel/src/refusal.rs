@@ -80,6 +80,14 @@ pub enum Refusal {
         /// The caller.
         caller: String,
     },
+    /// An allow-listed node agent asked for a workload outside the ones it may act for.
+    #[error("permission denied: node agent {caller} may not act for {target}")]
+    ImpersonationOutOfScope {
+        /// The node agent.
+        caller: String,
+        /// The identity it asked for.
+        target: String,
+    },
     /// Too many requests in flight; retry later.
     #[error("resource exhausted: CA at its concurrency limit")]
     Overloaded,
@@ -118,9 +126,9 @@ impl Refusal {
             | Refusal::TtlTooLong { .. }
             | Refusal::NegativeTtl(_)
             | Refusal::BadImpersonation(_) => Code::InvalidArgument,
-            Refusal::SanMismatch { .. } | Refusal::ImpersonationDenied { .. } => {
-                Code::PermissionDenied
-            }
+            Refusal::SanMismatch { .. }
+            | Refusal::ImpersonationDenied { .. }
+            | Refusal::ImpersonationOutOfScope { .. } => Code::PermissionDenied,
             Refusal::Overloaded => Code::ResourceExhausted,
             Refusal::Deadline(_) => Code::DeadlineExceeded,
             Refusal::SignFailed(_) | Refusal::AuditFailed(_) => Code::Internal,
@@ -155,6 +163,7 @@ impl Refusal {
             Refusal::NegativeTtl(_) => "ttl_negative",
             Refusal::BadImpersonation(_) => "bad_impersonation",
             Refusal::ImpersonationDenied { .. } => "impersonation_denied",
+            Refusal::ImpersonationOutOfScope { .. } => "impersonation_out_of_scope",
             Refusal::Overloaded => "overloaded",
             Refusal::Deadline(_) => "deadline",
             Refusal::SignFailed(_) => "sign_failed",

@@ -1,7 +1,7 @@
 //! The gRPC server: `istio.v1.auth.IstioCertificateService/CreateCertificate` over TLS 1.3,
 //! the reload loop for the plug-in directory, and the metrics endpoint.
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -21,14 +21,18 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 
 use crate::audit::{AuditLog, AuditRecord, rfc3339};
-use crate::authn::{CallerEvidence, TokenAuthenticator, authenticate};
-use crate::authority::{Authority, MaterialSource, PluginFiles, load_initial, load_plugin};
-use crate::config::CaConfig;
+use crate::authn::{CallerEvidence, JwksReload, TokenAuthenticator, authenticate};
+use crate::authority::{
+    Authority, MaterialSource, PluginFiles, load_initial, load_or_create_self_signed, load_plugin,
+    self_signed_rotation_due,
+};
+use crate::config::{CaConfig, NodeAgentGrant};
 use crate::error::CitadelError;
 use crate::issue::{IssuePolicy, issue};
 use crate::metrics::{Metrics, serve_metrics};
 use crate::refusal::Refusal;
-use crate::tls::{DynamicClientVerifier, ServingCert, certified_key, server_config};
+use crate::tls::{certified_key, server_config};
+use rampart_certs::tls::CertStore;
 
 /// Lifetime of the CA's own serving certificate; renewed at half-life.
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
@@ -62,13 +66,12 @@ pub struct CaState {
     authority: ArcSwap<Authority>,
     generation: AtomicU64,
     tokens: TokenAuthenticator,
-    node_agents: HashSet<SpiffeId>,
+    node_agents: HashMap<SpiffeId, NodeAgentGrant>,
     audit: AuditLog,
     metrics: Arc<Metrics>,
     permits: Semaphore,
-    serving: Arc<ServingCert>,
+    serving: Arc<CertStore>,
     serving_renew_at: Mutex<SystemTime>,
-    verifier: Arc<DynamicClientVerifier>,
     last_failed_input: Mutex<Option<[u8; 32]>>,
 }
 
@@ -104,6 +107,7 @@ impl CaState {
             &config.cacerts_dir,
             &config.state_dir,
             &config.trust_domain,
+            config.self_signed_root_ttl,
             now,
         )?;
         let tokens = TokenAuthenticator::from_config(
@@ -119,11 +123,8 @@ impl CaState {
             now,
         )?;
         let serving_renew_at = renew_time(&chain[0], now);
-        let serving = Arc::new(ServingCert::new(certified_key(chain, &key)?));
-        let verifier = Arc::new(DynamicClientVerifier::new(
-            authority.bundle(),
-            TrustDomainPolicy::local(config.trust_domain.clone()),
-        ));
+        let serving = Arc::new(CertStore::new());
+        serving.set(certified_key(chain, &key)?);
         metrics.set_expiry(
             authority.signing_root().not_after,
             authority.chain_not_after(),
@@ -135,7 +136,11 @@ impl CaState {
                 max_ttl: config.max_ttl,
                 max_csr_bytes: config.max_csr_bytes,
             },
-            node_agents: config.node_agents.iter().cloned().collect(),
+            node_agents: config
+                .node_agents
+                .iter()
+                .map(|g| (g.id.clone(), g.clone()))
+                .collect(),
             permits: Semaphore::new(config.max_concurrency),
             config,
             authority: ArcSwap::from_pointee(authority),
@@ -145,7 +150,6 @@ impl CaState {
             metrics,
             serving,
             serving_renew_at: Mutex::new(serving_renew_at),
-            verifier,
             last_failed_input: Mutex::new(None),
         }))
     }
@@ -162,7 +166,10 @@ impl CaState {
 
     /// The CA's current serving certificate chain.
     pub fn serving_chain(&self) -> Vec<CertificateDer<'static>> {
-        self.serving.chain()
+        self.serving
+            .current()
+            .map(|ck| ck.cert.clone())
+            .unwrap_or_default()
     }
 
     /// The issuance rules in force.
@@ -199,7 +206,7 @@ impl CaState {
                     ),
                 );
             }
-            return ReloadOutcome::Unchanged;
+            return self.renew_self_signed_if_due(&current, now);
         }
         if is_plugin_now && current.input_fingerprint() == fp {
             return ReloadOutcome::Unchanged;
@@ -218,6 +225,25 @@ impl CaState {
                 Err(e) => self.refuse(Some(fp), e.to_string()),
             },
             Err(e) => self.refuse(Some(fp), e.to_string()),
+        }
+    }
+
+    /// Self-signed mode: renew the root once it enters its grace period (same key and
+    /// subject, old root kept in the bundle until it expires).
+    fn renew_self_signed_if_due(&self, current: &Authority, now: SystemTime) -> ReloadOutcome {
+        let root = current.signing_root();
+        if !self_signed_rotation_due(root.not_before, root.not_after, now) {
+            return ReloadOutcome::Unchanged;
+        }
+        let renewed = load_or_create_self_signed(
+            &self.config.state_dir,
+            &self.config.trust_domain,
+            self.config.self_signed_root_ttl,
+            now,
+        );
+        match renewed.and_then(|new| self.activate(new, now)) {
+            Ok(()) => ReloadOutcome::Reloaded,
+            Err(e) => self.refuse(None, format!("renewing the self-signed root: {e}")),
         }
     }
 
@@ -245,8 +271,6 @@ impl CaState {
         let renew_at = renew_time(&chain[0], now);
         let ck = certified_key(chain, &key)?;
         // Build everything first, then switch: nothing can fail after the first store.
-        let verifier_bundle = new.bundle().clone();
-        self.verifier.set_bundle(&verifier_bundle);
         self.serving.set(ck);
         *self
             .serving_renew_at
@@ -368,7 +392,7 @@ impl CaState {
                 )
                 .map(|_| ())
                 .map_err(|e| {
-                    format!("client certificate no longer verifies against the trust bundle: {e}")
+                    format!("client certificate does not verify against the trust bundle: {e}")
                 });
                 *checked = (generation, verdict);
             }
@@ -404,7 +428,9 @@ impl CaState {
             chain,
             id,
             not_after,
-            checked: Mutex::new((self.generation.load(Ordering::Acquire), Ok(()))),
+            // Never checked yet: the first request verifies the chain (the handshake only
+            // proved possession of the key).
+            checked: Mutex::new((u64::MAX, Err("client certificate not verified yet".into()))),
         }
     }
 }
@@ -655,10 +681,7 @@ pub async fn start_with_state(state: Arc<CaState>) -> Result<RunningCa, CitadelE
         })?;
     let mut tasks = Vec::new();
 
-    let tls = Arc::new(server_config(
-        state.serving.clone(),
-        state.verifier.clone(),
-    )?);
+    let tls = Arc::new(server_config(state.serving.clone())?);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let (conn_tx, conn_rx) = mpsc::channel::<Result<TlsConn, std::io::Error>>(1024);
     let accept_state = state.clone();
@@ -790,6 +813,19 @@ async fn reload_loop(state: Arc<CaState>) {
             }
         }
         let st = state.clone();
-        let _ = tokio::task::spawn_blocking(move || st.reload_now()).await;
+        let _ = tokio::task::spawn_blocking(move || {
+            st.reload_now();
+            for outcome in st.tokens.reload_jwks() {
+                match outcome {
+                    JwksReload::Reloaded { issuer } => {
+                        tracing::info!(%issuer, "JWKS file changed; new token-signing keys in force");
+                    }
+                    JwksReload::Refused { issuer, reason } => {
+                        tracing::error!(%issuer, error = %reason, "JWKS file refused; the previous keys stay in force");
+                    }
+                }
+            }
+        })
+        .await;
     }
 }

@@ -1,109 +1,66 @@
 //! TLS for the CA, built on the shared crypto policy (`rampart_certs::tls`: ring, TLS 1.3
 //! only, explicit suites and groups, no session resumption) with ALPN `h2`. The serving
-//! certificate and the client-certificate trust bundle both follow the active authority
-//! (swapped atomically on reload). A client certificate is optional (bearer-token callers
-//! have none), but one that is presented must be a SPIFFE workload certificate of our trust
-//! domain chaining to the bundle, or the handshake fails.
+//! certificate (a [`CertStore`]) follows the active authority, swapped atomically on reload.
+//!
+//! A client certificate is optional (bearer-token callers have none). One that is presented
+//! must prove possession of its key in the handshake ([`DeferredClientVerifier`]); whether it
+//! is a SPIFFE workload certificate of our trust domain chaining to the bundle in force is
+//! decided per request (`CaState::client_identity`), so a caller with a foreign or expired
+//! certificate gets `UNAUTHENTICATED` with the reason instead of a failed handshake (which a
+//! gRPC client reports only as `UNAVAILABLE`). Istio's CA refuses such callers in the
+//! handshake; the outcome (no certificate) is the same.
 
 use std::sync::Arc;
 
-use arc_swap::ArcSwap;
-use rampart_certs::tls::{PROTOCOL_VERSIONS, ServerAuth, SpiffeClientVerifier};
-use rampart_certs::{PrivateKey, TrustBundle, TrustDomainPolicy};
+use rampart_certs::tls::{CertStore, ServerAuth};
+use rampart_certs::{PrivateKey, TrustBundle};
 use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
 use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
-use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer, UnixTime};
+use rustls_pki_types::{CertificateDer, UnixTime};
 
 use crate::error::CitadelError;
 
-/// The crypto provider (the shared policy's).
+/// The process-wide crypto provider (ring, our suites and groups).
 pub fn provider() -> Arc<CryptoProvider> {
     rampart_certs::tls::provider()
 }
 
-/// Builds a rustls signing key from our key type.
+/// Our chain and key, ready for rustls (which checks that the key matches the leaf).
 pub fn certified_key(
     chain: Vec<CertificateDer<'static>>,
     key: &PrivateKey,
-) -> Result<CertifiedKey, CitadelError> {
-    let der = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.secret_pkcs8_der().to_vec()));
-    let signing = provider().key_provider.load_private_key(der)?;
-    Ok(CertifiedKey::new(chain, signing))
+) -> Result<Arc<CertifiedKey>, CitadelError> {
+    rampart_certs::tls::certified_key(chain, key)
+        .map_err(|e| CitadelError::Config(format!("CA serving certificate: {e}")))
 }
 
-/// The serving certificate, swappable.
+/// Asks for a client certificate and checks only that the client holds its key (the TLS 1.3
+/// `CertificateVerify` signature). The chain itself is judged by the request handler against
+/// the bundle in force; nothing else may use a connection accepted with this verifier.
 #[derive(Debug)]
-pub struct ServingCert {
-    current: ArcSwap<CertifiedKey>,
+pub(crate) struct DeferredClientVerifier {
+    provider: Arc<CryptoProvider>,
 }
 
-impl ServingCert {
-    /// Starts with `key`.
-    pub fn new(key: CertifiedKey) -> Self {
-        ServingCert {
-            current: ArcSwap::from_pointee(key),
+impl DeferredClientVerifier {
+    /// With the shared provider's signature algorithms.
+    pub(crate) fn new() -> Self {
+        DeferredClientVerifier {
+            provider: provider(),
         }
     }
+}
 
-    /// Replaces the certificate for new handshakes.
-    pub fn set(&self, key: CertifiedKey) {
-        self.current.store(Arc::new(key));
-    }
-
-    /// The current certificate chain.
-    pub fn chain(&self) -> Vec<CertificateDer<'static>> {
-        self.current.load().cert.clone()
+impl Default for DeferredClientVerifier {
+    fn default() -> Self {
+        Self::new()
     }
 }
 
-impl ResolvesServerCert for ServingCert {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.current.load_full())
-    }
-}
-
-/// Verifies optional client certificates (SPIFFE, our trust domain) against the current
-/// trust bundle.
-pub struct DynamicClientVerifier {
-    current: ArcSwap<SpiffeClientVerifier>,
-    trust_domains: TrustDomainPolicy,
-    schemes: Vec<SignatureScheme>,
-}
-
-impl std::fmt::Debug for DynamicClientVerifier {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("DynamicClientVerifier")
-            .field("current", &self.current.load())
-            .finish()
-    }
-}
-
-impl DynamicClientVerifier {
-    /// Verifies against `bundle`, accepting peers of `trust_domains`.
-    pub fn new(bundle: &TrustBundle, trust_domains: TrustDomainPolicy) -> Self {
-        let v = SpiffeClientVerifier::optional(bundle.clone(), trust_domains.clone());
-        let schemes = v.supported_verify_schemes();
-        DynamicClientVerifier {
-            current: ArcSwap::from_pointee(v),
-            trust_domains,
-            schemes,
-        }
-    }
-
-    /// Switches to `bundle` for new handshakes.
-    pub fn set_bundle(&self, bundle: &TrustBundle) {
-        self.current.store(Arc::new(SpiffeClientVerifier::optional(
-            bundle.clone(),
-            self.trust_domains.clone(),
-        )));
-    }
-}
-
-impl ClientCertVerifier for DynamicClientVerifier {
+impl ClientCertVerifier for DeferredClientVerifier {
     fn offer_client_auth(&self) -> bool {
         true
     }
@@ -118,13 +75,12 @@ impl ClientCertVerifier for DynamicClientVerifier {
 
     fn verify_client_cert(
         &self,
-        end_entity: &CertificateDer<'_>,
-        intermediates: &[CertificateDer<'_>],
-        now: UnixTime,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _now: UnixTime,
     ) -> Result<ClientCertVerified, rustls::Error> {
-        self.current
-            .load()
-            .verify_client_cert(end_entity, intermediates, now)
+        // Deferred: `CaState::client_identity` verifies the chain before any use.
+        Ok(ClientCertVerified::assertion())
     }
 
     fn verify_tls12_signature(
@@ -144,29 +100,28 @@ impl ClientCertVerifier for DynamicClientVerifier {
         cert: &CertificateDer<'_>,
         dss: &DigitallySignedStruct,
     ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        self.current
-            .load()
-            .verify_tls13_signature(message, cert, dss)
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.provider.signature_verification_algorithms,
+        )
     }
 
     fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.schemes.clone()
+        self.provider
+            .signature_verification_algorithms
+            .supported_schemes()
     }
 }
 
-/// The server configuration: the shared policy, ALPN h2, dynamic certificate and client
-/// verifier, no session resumption (every connection re-verifies its client certificate, so a
-/// root removed from the bundle cannot be bypassed by resuming a session).
-pub fn server_config(
-    serving: Arc<ServingCert>,
-    verifier: Arc<DynamicClientVerifier>,
-) -> Result<rustls::ServerConfig, CitadelError> {
-    let mut cfg = rustls::ServerConfig::builder_with_provider(provider())
-        .with_protocol_versions(PROTOCOL_VERSIONS)?
-        .with_client_cert_verifier(verifier)
-        .with_cert_resolver(serving);
-    cfg.session_storage = Arc::new(rustls::server::NoServerSessionStorage {});
-    cfg.send_tls13_tickets = 0;
+/// The server configuration: the shared policy, ALPN h2, the rotating serving certificate,
+/// client certificates checked per request (see [`DeferredClientVerifier`]), no session
+/// resumption.
+pub fn server_config(serving: Arc<CertStore>) -> Result<rustls::ServerConfig, CitadelError> {
+    let verifier = Arc::new(DeferredClientVerifier::new());
+    let mut cfg = rampart_certs::tls::server_config_with(serving, Some(verifier))
+        .map_err(|e| CitadelError::Config(format!("TLS server configuration: {e}")))?;
     cfg.alpn_protocols = vec![b"h2".to_vec()];
     Ok(cfg)
 }

@@ -400,8 +400,10 @@ fn to_pem(label: &str, der: &[u8]) -> String {
 #[tokio::test]
 async fn node_agent_may_impersonate_workloads() {
     let env = start(|cfg, _| {
-        cfg.node_agents =
-            vec![SpiffeId::parse("spiffe://cluster.local/ns/istio-system/sa/ztunnel").unwrap()];
+        cfg.node_agents = vec![rampart_citadel::NodeAgentGrant {
+            id: SpiffeId::parse("spiffe://cluster.local/ns/istio-system/sa/ztunnel").unwrap(),
+            may_act_for: vec!["default/*".parse().unwrap(), "shop/cart".parse().unwrap()],
+        }];
     })
     .await;
     let mut c = env.client(None).await.unwrap();
@@ -426,6 +428,22 @@ async fn node_agent_may_impersonate_workloads() {
     )
     .await;
     assert_refused(r, tonic::Code::InvalidArgument, "trust domain");
+    // Outside the agent's grant: refused, nothing issued, and the reason names both.
+    let before = env.audit_lines().len();
+    for target in ["shop/admin", "kube-system/web"] {
+        let (ns, sa) = target.split_once('/').unwrap();
+        let id = env.id(ns, sa);
+        let (_, csr) = csr_for(&id);
+        let r = call(&mut c, &csr, 600, Some(&agent), Some(&id.to_string())).await;
+        assert_refused(r, tonic::Code::PermissionDenied, "may not act for");
+    }
+    assert_eq!(env.audit_lines().len(), before, "no certificate was issued");
+    // Inside it: a single service account of another namespace.
+    let cart = env.id("shop", "cart");
+    let (_, csr) = csr_for(&cart);
+    call(&mut c, &csr, 600, Some(&agent), Some(&cart.to_string()))
+        .await
+        .expect("granted service account");
 }
 
 #[tokio::test]
@@ -459,7 +477,8 @@ async fn renewal_with_client_certificate_and_refusal_of_foreign_one() {
         "SAN mismatch",
     );
 
-    // A client certificate from a CA we do not trust: the handshake is refused.
+    // A client certificate from a CA we do not trust: refused with the reason named (the
+    // handshake proves only possession of the key), and nothing is issued.
     let foreign_ca = CertificateAuthority::self_signed_root(
         &RootParams::default(),
         PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
@@ -475,16 +494,11 @@ async fn renewal_with_client_certificate_and_refusal_of_foreign_one() {
             SystemTime::now(),
         )
         .unwrap();
-    let result = async {
-        let mut fc = env.client(Some((vec![fleaf], &fkey))).await?;
-        call(&mut fc, &csr2, 600, None, None)
-            .await
-            .map_err(|s| rampart_citadel::CitadelError::Config(s.to_string()))
-    }
-    .await;
-    assert!(
-        result.is_err(),
-        "a foreign client certificate must not get a certificate"
+    let mut fc = env.client(Some((vec![fleaf], &fkey))).await.unwrap();
+    assert_refused(
+        call(&mut fc, &csr2, 600, None, None).await,
+        tonic::Code::Unauthenticated,
+        "does not verify against the trust bundle",
     );
     assert_eq!(env.audit_lines().len(), 2);
 }
@@ -602,7 +616,7 @@ async fn plugin_reload_rotation_overlap_and_root_removal() {
     assert_refused(
         call(&mut renew_a, &csr, 600, None, None).await,
         tonic::Code::Unauthenticated,
-        "no longer verifies",
+        "does not verify against the trust bundle",
     );
     let fresh = env.client(Some((presented(&x), &key_x))).await;
     let refused = match fresh {
@@ -631,6 +645,125 @@ async fn watcher_picks_up_changes_without_reload_call() {
         assert!(std::time::Instant::now() < deadline, "reload not picked up");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
+}
+
+#[tokio::test]
+async fn rotated_jwks_file_applies_without_restart_and_a_broken_one_is_refused() {
+    let env = start(|cfg, _| cfg.reload_poll_interval = Duration::from_millis(300)).await;
+    let mut c = env.client(None).await.unwrap();
+    let id = env.id("default", "web");
+    let old_token = token(&env, "default", "web");
+    let (_, csr) = csr_for(&id);
+    call(&mut c, &csr, 3600, Some(&old_token), None)
+        .await
+        .expect("token of the configured key");
+
+    // The issuer rotates its key: the file now holds only the new one.
+    let new_signer = JwtSigner::new(
+        &PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+        "k2",
+    )
+    .unwrap();
+    let now = unix_now();
+    let new_token = token_with(
+        &new_signer,
+        serde_json::json!({"iss": ISSUER, "sub": "system:serviceaccount:default:web",
+            "aud": ["istio-ca"], "iat": now, "exp": now + 600}),
+    );
+    let jwks_path = env.root.join("jwks.json");
+    let tmp = env.root.join("jwks.json.tmp");
+    std::fs::write(&tmp, new_signer.jwks().unwrap().to_json().to_string()).unwrap();
+    std::fs::rename(&tmp, &jwks_path).unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        if call(&mut c, &csr, 3600, Some(&new_token), None)
+            .await
+            .is_ok()
+        {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "rotated JWKS not picked up"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The removed key no longer proves anything, even for a token verified before.
+    assert_refused(
+        call(&mut c, &csr, 3600, Some(&old_token), None).await,
+        tonic::Code::Unauthenticated,
+        "",
+    );
+
+    // A broken file is refused; the keys in force keep working.
+    std::fs::write(&jwks_path, "{not json").unwrap();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    call(&mut c, &csr, 3600, Some(&new_token), None)
+        .await
+        .expect("last good keys keep verifying");
+}
+
+#[tokio::test]
+async fn self_signed_root_is_renewed_in_its_grace_period_with_the_same_key() {
+    // A self-signed root with 80 s left of a 380 s life (5 min backdate + 80 s): it enters the
+    // 20% grace period about 4 s after the CA starts.
+    let make_old = |state: &Path| {
+        std::fs::create_dir_all(state).unwrap();
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        key.write_pem_file(&state.join("root-key.pem")).unwrap();
+        let params = RootParams {
+            common_name: "Rampart self-signed root".into(),
+            organization: "cluster.local".into(),
+            validity: Duration::from_secs(80),
+        };
+        let old = CertificateAuthority::self_signed_root(&params, key, SystemTime::now()).unwrap();
+        std::fs::write(
+            state.join("root-cert.pem"),
+            rampart_certs::certs_to_pem(std::slice::from_ref(old.cert())),
+        )
+        .unwrap();
+        old.cert().clone()
+    };
+    let mut old_root = None;
+    let env = start(|cfg, root| {
+        old_root = Some(make_old(&root.join("state")));
+        cfg.default_ttl = Duration::from_secs(30);
+        cfg.max_ttl = Duration::from_secs(60);
+        cfg.self_signed_root_ttl = Duration::from_secs(2 * 3600);
+        cfg.reload_poll_interval = Duration::from_millis(200);
+    })
+    .await;
+    let old_root = old_root.unwrap();
+    assert_eq!(env.bundle().roots().len(), 1, "not due yet at start");
+    let mut c = env.client(None).await.unwrap();
+    let id = env.id("default", "web");
+    let (_, csr) = csr_for(&id);
+    let tok = token(&env, "default", "web");
+    let before = call(&mut c, &csr, 30, Some(&tok), None).await.unwrap();
+
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    while env.bundle().roots().len() != 2 {
+        assert!(std::time::Instant::now() < deadline, "root not renewed");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let new_root = env.ca.state().authority().bundle().roots()[0].clone();
+    assert_ne!(new_root, old_root, "the new root is signing");
+    let new_info = CertInfo::parse(&new_root).unwrap();
+    let old_info = CertInfo::parse(&old_root).unwrap();
+    assert_eq!(new_info.subject, old_info.subject);
+    assert!(new_info.not_after > old_info.not_after + Duration::from_secs(3600));
+    assert!(env.root.join("state/root-cert-previous.pem").is_file());
+
+    // Same key and subject: certificates from either root verify under the other alone.
+    let only = |der: &CertificateDer<'static>| TrustBundle::from_der(vec![der.clone()]).unwrap();
+    assert_eq!(verify(&before, &only(&new_root)).unwrap(), id);
+    let (_, csr) = csr_for(&id);
+    let c2 = env.client(None).await;
+    let after = call(&mut c2.unwrap(), &csr, 30, Some(&tok), None)
+        .await
+        .unwrap();
+    assert_eq!(verify(&after, &only(&old_root)).unwrap(), id);
+    assert_eq!(verify(&after, &only(&new_root)).unwrap(), id);
 }
 
 #[tokio::test]

@@ -87,16 +87,13 @@ fn decode(resp: &DiscoveryResponse) -> Vec<ServedSecret> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sds_client_gets_default_and_rootca_then_a_rotation_push() {
     tokio::time::timeout(T, async {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = FakeCa::start(dir.path()).await;
         // 4 s certificates: refresh about every 2 s.
-        let cfg = agent_config(
-            dir.path(),
-            &ca.addr.to_string(),
-            &ca.root_file,
-            Duration::from_secs(4),
-        );
-        let sock = cfg.workloads[0].sds_socket.clone().unwrap();
+        let Bed {
+            dir: _dir,
+            ca,
+            cfg,
+            sock,
+        } = bed(Duration::from_secs(4)).await;
         let out = cfg.workloads[0].output_dir.clone().unwrap();
         let sd = CancellationToken::new();
         let running = Agent::new(cfg).unwrap().start(sd.clone()).await.unwrap();
@@ -158,15 +155,12 @@ async fn python_sds_client_gets_default_and_rootca_then_a_rotation_push() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_sds_stale_nonce_ignored_and_unknown_resource_not_found() {
     tokio::time::timeout(T, async {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = FakeCa::start(dir.path()).await;
-        let cfg = agent_config(
-            dir.path(),
-            &ca.addr.to_string(),
-            &ca.root_file,
-            Duration::from_secs(3600),
-        );
-        let sock = cfg.workloads[0].sds_socket.clone().unwrap();
+        let Bed {
+            dir: _dir,
+            ca: _ca,
+            cfg,
+            sock,
+        } = bed(Duration::from_secs(3600)).await;
         let sd = CancellationToken::new();
         let running = Agent::new(cfg).unwrap().start(sd.clone()).await.unwrap();
 
@@ -241,10 +235,7 @@ async fn py_spiffe_fetches_x509_svid_and_bundle_and_header_is_required() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_stopped_mid_life_cert_still_served_then_renewed_when_ca_returns() {
     tokio::time::timeout(T, async {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ca = FakeCa::start(dir.path()).await;
-        let cfg = agent_config(dir.path(), &ca.addr.to_string(), &ca.root_file, Duration::from_secs(8));
-        let sock = cfg.workloads[0].sds_socket.clone().unwrap();
+        let Bed { dir: _dir, mut ca, cfg, sock } = bed(Duration::from_secs(8)).await;
         let sd = CancellationToken::new();
         let running = Agent::new(cfg).unwrap().start(sd.clone()).await.unwrap();
         let s1 = serial(&sock).await;
@@ -277,15 +268,12 @@ async fn ca_stopped_mid_life_cert_still_served_then_renewed_when_ca_returns() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_down_past_expiry_fails_closed_then_recovers() {
     tokio::time::timeout(T, async {
-        let dir = tempfile::tempdir().unwrap();
-        let mut ca = FakeCa::start(dir.path()).await;
-        let cfg = agent_config(
-            dir.path(),
-            &ca.addr.to_string(),
-            &ca.root_file,
-            Duration::from_secs(3),
-        );
-        let sock = cfg.workloads[0].sds_socket.clone().unwrap();
+        let Bed {
+            dir: _dir,
+            mut ca,
+            cfg,
+            sock,
+        } = bed(Duration::from_secs(3)).await;
         let out = cfg.workloads[0].output_dir.clone().unwrap();
         let sd = CancellationToken::new();
         let running = Agent::new(cfg).unwrap().start(sd.clone()).await.unwrap();
@@ -333,15 +321,12 @@ async fn ca_down_past_expiry_fails_closed_then_recovers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ca_returning_wrong_san_is_refused_and_old_cert_kept() {
     tokio::time::timeout(T, async {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = FakeCa::start(dir.path()).await;
-        let cfg = agent_config(
-            dir.path(),
-            &ca.addr.to_string(),
-            &ca.root_file,
-            Duration::from_secs(6),
-        );
-        let sock = cfg.workloads[0].sds_socket.clone().unwrap();
+        let Bed {
+            dir: _dir,
+            ca,
+            cfg,
+            sock,
+        } = bed(Duration::from_secs(6)).await;
         let sd = CancellationToken::new();
         let running = Agent::new(cfg).unwrap().start(sd.clone()).await.unwrap();
         let s1 = serial(&sock).await;
@@ -380,15 +365,12 @@ async fn ca_returning_wrong_san_is_refused_and_old_cert_kept() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn agent_restart_clients_reconnect_and_get_certs() {
     tokio::time::timeout(T, async {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = FakeCa::start(dir.path()).await;
-        let cfg = agent_config(
-            dir.path(),
-            &ca.addr.to_string(),
-            &ca.root_file,
-            Duration::from_secs(3600),
-        );
-        let sock = cfg.workloads[0].sds_socket.clone().unwrap();
+        let Bed {
+            dir: _dir,
+            ca: _ca,
+            cfg,
+            sock,
+        } = bed(Duration::from_secs(3600)).await;
         let running = Agent::new(cfg.clone())
             .unwrap()
             .start(CancellationToken::new())
@@ -431,15 +413,12 @@ async fn agent_restart_clients_reconnect_and_get_certs() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn root_rotation_pushes_rootca_with_old_and_new_roots() {
     tokio::time::timeout(T, async {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = FakeCa::start(dir.path()).await;
-        let cfg = agent_config(
-            dir.path(),
-            &ca.addr.to_string(),
-            &ca.root_file,
-            Duration::from_secs(4),
-        );
-        let sock = cfg.workloads[0].sds_socket.clone().unwrap();
+        let Bed {
+            dir: _dir,
+            ca,
+            cfg,
+            sock,
+        } = bed(Duration::from_secs(4)).await;
         let running = Agent::new(cfg)
             .unwrap()
             .start(CancellationToken::new())
@@ -581,15 +560,12 @@ async fn ca_with_unknown_root_or_wrong_name_gets_no_csr_and_nothing_is_served() 
 async fn delta_and_fetch_secrets() {
     use rampart_proto::envoy::service::discovery::v3::DeltaDiscoveryRequest;
     tokio::time::timeout(T, async {
-        let dir = tempfile::tempdir().unwrap();
-        let ca = FakeCa::start(dir.path()).await;
-        let cfg = agent_config(
-            dir.path(),
-            &ca.addr.to_string(),
-            &ca.root_file,
-            Duration::from_secs(4),
-        );
-        let sock = cfg.workloads[0].sds_socket.clone().unwrap();
+        let Bed {
+            dir: _dir,
+            ca: _ca,
+            cfg,
+            sock,
+        } = bed(Duration::from_secs(4)).await;
         let running = Agent::new(cfg)
             .unwrap()
             .start(CancellationToken::new())

@@ -62,11 +62,31 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/ready" => {
             let cert = sh.identity.current().is_some();
             let up = sh.listeners_up.load(Ordering::SeqCst);
-            if cert && up {
-                reply(200, "text/plain", "LIVE\n".into())
+            let jwks = sh.jwks.first_round_done();
+            if cert && up && jwks {
+                // A listener that failed to bind after a live edit does not make the proxy
+                // unready (the others serve, as Envoy keeps serving when a listener update
+                // is rejected); it is named here and in /config_dump.
+                let mut body = "LIVE\n".to_string();
+                for l in sh
+                    .listener_status
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .iter()
+                {
+                    if let Some(e) = &l.error {
+                        body.push_str(&format!(
+                            "degraded: {} not listening on {}: {e}\n",
+                            l.what, l.addr
+                        ));
+                    }
+                }
+                reply(200, "text/plain", body)
             } else {
                 let why = if !up {
                     "listeners not up"
+                } else if !jwks {
+                    "first fetch of the remote JWKS still running"
                 } else {
                     "no workload certificate from SDS yet"
                 };
@@ -104,6 +124,13 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     })
                 })
                 .collect();
+            let listeners: Vec<_> = sh
+                .listener_status
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .iter()
+                .map(|l| l.json())
+                .collect();
             let refusal = sh
                 .last_refusal
                 .lock()
@@ -117,12 +144,18 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 "root_namespace": cfg.folder.mesh.root_namespace,
                 "path_normalization": cfg.folder.mesh.path_normalization,
                 "ports": ports,
+                "listeners": listeners,
+                "admin": {
+                    "address": sh.admin_addr.map(|a| a.to_string()),
+                    "note": "the admin listener is bound at start; a changed proxy.admin applies when the proxy restarts",
+                },
                 "authorization_policies": cfg.engine.policies_for(&cfg.workload),
                 "request_authentications": cfg.folder.resources.iter()
                     .filter(|r| r.kind() == rampart_authz::Kind::RequestAuthentication)
                     .filter(|r| r.metadata().namespace() == cfg.me.namespace || r.metadata().namespace() == cfg.folder.mesh.root_namespace)
                     .map(|r| format!("{}/{}", r.metadata().namespace(), r.metadata().name()))
                     .collect::<Vec<_>>(),
+                "jwks": crate::jwks::dump(&sh.jwks, &cfg),
                 "policy_warnings": cfg.engine.warnings(),
                 "loaded_at": rfc3339(cfg.loaded_at),
                 "last_refused_edit": refusal.map(|(t, p)| json!({"at": rfc3339(t), "problems": p})),
@@ -131,17 +164,11 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/mtls" => {
             let cfg = sh.cfg.load();
             let modes = port_modes(&cfg);
-            let ports: Vec<_> = sh
-                .ports
+            // The ports in force; each port's counters live as long as the proxy (a port
+            // removed and added again keeps its history).
+            let ports: Vec<_> = modes
                 .iter()
-                .map(|s| {
-                    let (proto, mode) = modes
-                        .iter()
-                        .find(|(p, _, _)| *p == s.port)
-                        .map(|(_, pr, m)| (pr.as_str(), m.mode.as_str()))
-                        .unwrap_or(("tcp", "UNKNOWN"));
-                    s.json(proto, mode)
-                })
+                .map(|(port, proto, m)| sh.port_stats(*port).json(proto.as_str(), m.mode.as_str()))
                 .collect();
             json_reply(json!({"workload": sh.workload_key, "ports": ports}))
         }

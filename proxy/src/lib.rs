@@ -12,6 +12,8 @@ mod admin;
 mod conn;
 mod error;
 mod identity;
+mod jwks;
+mod listeners;
 pub mod mesh;
 mod metrics;
 mod runtime;

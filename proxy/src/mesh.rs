@@ -235,6 +235,12 @@ pub struct LocalSettings {
     pub max_cert_ttl: Option<Duration>,
     /// State directory (`rampart.stateDir`), relative to the cwd of `rampart up`.
     pub state_dir: Option<PathBuf>,
+    /// How often remote `jwksUri` key sets are refetched (`rampart.jwksRefresh`, a Go
+    /// duration; default 20m, Istio's `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`).
+    pub jwks_refresh: Option<Duration>,
+    /// Extra CA certificates (PEM) trusted for `https` `jwksUri` besides the system roots
+    /// (`rampart.jwksCaFile`), relative to the folder.
+    pub jwks_ca_file: Option<PathBuf>,
     /// The whole section as written, for settings other components own.
     pub raw: serde_json::Value,
 }
@@ -354,7 +360,11 @@ fn parse_yaml(file: &str, text: &str, c: &mut Collector) -> Option<serde_json::V
     if text.trim().is_empty() {
         return Some(serde_json::Value::Null);
     }
-    match serde_saphyr::from_str::<serde_json::Value>(text) {
+    // YAML 1.2 core booleans only: in these files `n`, `no`, `on`, `y` are names (a namespace
+    // called `n`), never booleans, as Kubernetes manifests written for YAML 1.2 expect.
+    let mut options = serde_saphyr::Options::default();
+    options.strict_booleans = true;
+    match serde_saphyr::from_str_with_options::<serde_json::Value>(text, options) {
         Ok(v) => Some(v),
         Err(e) => {
             c.push(file, "", format!("not valid YAML: {e}"));
@@ -566,6 +576,10 @@ struct RawLocal {
     ca: Option<RawCa>,
     #[serde(default)]
     state_dir: Option<PathBuf>,
+    #[serde(default)]
+    jwks_refresh: Option<String>,
+    #[serde(default)]
+    jwks_ca_file: Option<PathBuf>,
 }
 
 #[derive(Deserialize, Default)]
@@ -599,6 +613,14 @@ fn parse_local(file: &str, value: &serde_json::Value, c: &mut Collector) -> Loca
         }
     };
     out.state_dir = raw.state_dir;
+    out.jwks_ca_file = raw.jwks_ca_file;
+    if let Some(v) = raw.jwks_refresh {
+        match rampart_authz::parse_duration(&v) {
+            Ok(d) if d >= Duration::from_millis(100) => out.jwks_refresh = Some(d),
+            Ok(_) => c.push(file, "rampart.jwksRefresh", "must be at least 100ms"),
+            Err(e) => c.push(file, "rampart.jwksRefresh", e),
+        }
+    }
     if let Some(ca) = raw.ca {
         out.ca_listen = ca
             .listen
@@ -857,6 +879,14 @@ workloads:
   upstreams:
   - {service: backend.api, port: 8080, listen: "127.0.0.1:16001"}
 "#;
+
+    #[test]
+    fn yaml_11_boolean_spellings_are_names() {
+        let text = "workloads:\n- name: y\n  namespace: n\n  labels: {app: on}\n  ports:\n  - {port: 80, app: \"127.0.0.1:18080\", inbound: \"127.0.0.1:15080\"}\n";
+        let r = parse_registry("workloads.yaml", text).unwrap();
+        let w = r.get("n", "y").expect("workload n/y");
+        assert_eq!(w.labels.get("app").map(String::as_str), Some("on"));
+    }
 
     #[test]
     fn registry_parses_and_resolves_every_host_form() {

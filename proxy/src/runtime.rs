@@ -1,6 +1,7 @@
 //! The running proxy: configuration (mesh folder + compiled policy, swapped atomically on
 //! valid edits), listeners, inbound and outbound request handling, drain.
 
+use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -74,7 +75,12 @@ impl ProxyOptions {
 pub(crate) struct Config {
     pub(crate) folder: MeshFolder,
     pub(crate) engine: Engine,
+    /// Key sets of the `jwksUri`s mapped to local files, read with this load.
     pub(crate) jwks: JwksCache,
+    /// The `jwksUri`s read from local files (the rest are fetched; see `crate::jwks`).
+    pub(crate) jwks_local: std::collections::BTreeSet<String>,
+    /// Remote JWKS settings (`rampart.jwksRefresh`, `rampart.jwksCaFile`).
+    pub(crate) jwks_remote: crate::jwks::RemoteSettings,
     pub(crate) me: WorkloadEntry,
     pub(crate) workload: Workload,
     /// No AuthorizationPolicy nor RequestAuthentication can apply: requests skip the engine.
@@ -93,12 +99,27 @@ fn build_config(dir: &Path, key: &str) -> Result<Config, Vec<Problem>> {
         }]);
     };
     let engine = Engine::new(folder.resources.iter().cloned(), folder.mesh.clone());
-    let mut jwks = JwksCache::new(Duration::from_secs(1200), Duration::from_secs(5));
+    // Local JWKS files are read with every load; remote ones are fetched by the JWKS task
+    // into `Shared::jwks`, which outlives reloads.
+    let jwks_remote = crate::jwks::RemoteSettings::load(&folder).map_err(|p| vec![p])?;
     let fetcher = rampart_authz::FileJwksFetcher {
         base_dir: Some(dir.to_path_buf()),
         overrides: folder.jwks_files(),
     };
-    jwks.refresh(&engine, &fetcher, SystemTime::now());
+    let jwks_local = fetcher.overrides.keys().cloned().collect();
+    let mut jwks = JwksCache::new(Duration::from_secs(1200), Duration::from_secs(5));
+    let now = SystemTime::now();
+    for f in engine.jwks_uris() {
+        if fetcher.overrides.contains_key(&f.uri)
+            || !(f.uri.starts_with("https://") || f.uri.starts_with("http://"))
+        {
+            jwks.record(
+                &f.uri,
+                rampart_authz::JwksFetcher::fetch(&fetcher, &f.uri, f.timeout),
+                now,
+            );
+        }
+    }
     let workload = me.authz_workload();
     let has_reqauthn = folder.resources.iter().any(|r| {
         r.kind() == ResourceKind::RequestAuthentication
@@ -113,6 +134,8 @@ fn build_config(dir: &Path, key: &str) -> Result<Config, Vec<Problem>> {
         folder,
         engine,
         jwks,
+        jwks_local,
+        jwks_remote,
         me,
         workload,
         fast_path,
@@ -125,16 +148,23 @@ pub(crate) struct Shared {
     pub(crate) cfg: ArcSwap<Config>,
     pub(crate) identity: Arc<IdentityHolder>,
     pub(crate) metrics: Metrics,
-    pub(crate) ports: Vec<Arc<PortStats>>,
+    /// Per workload port (kept across reloads, so counters survive edits and re-adds).
+    pub(crate) ports: Mutex<BTreeMap<u16, Arc<PortStats>>>,
     pub(crate) listeners_up: AtomicBool,
+    /// The data-plane listeners as last reconciled (for `/config_dump` and `/ready`).
+    pub(crate) listener_status: Mutex<Vec<crate::listeners::ListenerStatus>>,
     pub(crate) last_refusal: Mutex<Option<(SystemTime, Vec<String>)>>,
     pub(crate) workload_key: String,
+    /// Remote JWKS key sets (kept across reloads).
+    pub(crate) jwks: crate::jwks::JwksState,
+    /// The admin listener's address (bound once, at start).
+    pub(crate) admin_addr: Option<SocketAddr>,
     conns: Arc<Semaphore>,
     request_timeout: Duration,
     app_h1: Client<HttpConnector, Incoming>,
     app_h2: Client<HttpConnector, Incoming>,
     peers: outbound::Outbound,
-    shutdown: watch::Receiver<bool>,
+    pub(crate) shutdown: watch::Receiver<bool>,
     inflight: AtomicUsize,
     idle: Notify,
 }
@@ -146,6 +176,16 @@ impl Shared {
     fn enter(&self) -> InFlight<'_> {
         self.inflight.fetch_add(1, Ordering::SeqCst);
         InFlight(self)
+    }
+
+    /// The plaintext/mTLS counters of workload port `port` (made on first use, kept).
+    pub(crate) fn port_stats(&self, port: u16) -> Arc<PortStats> {
+        self.ports
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(port)
+            .or_insert_with(|| Arc::new(PortStats::new(port)))
+            .clone()
     }
 }
 
@@ -196,22 +236,18 @@ pub async fn run(
         .http2_only(true)
         .pool_idle_timeout(Duration::from_secs(60))
         .build(app_conn);
-    let ports: Vec<Arc<PortStats>> = cfg
-        .me
-        .ports
-        .iter()
-        .map(|p| Arc::new(PortStats::new(p.port)))
-        .collect();
     let admin_addr = opts.admin.or(cfg.me.proxy.admin);
-    let me = cfg.me.clone();
     let sh = Arc::new(Shared {
         cfg: ArcSwap::from_pointee(cfg),
         identity: identity.clone(),
         metrics: Metrics::default(),
-        ports,
+        ports: Mutex::new(BTreeMap::new()),
         listeners_up: AtomicBool::new(false),
+        listener_status: Mutex::new(Vec::new()),
         last_refusal: Mutex::new(None),
         workload_key: key.clone(),
+        jwks: crate::jwks::JwksState::default(),
+        admin_addr,
         conns: Arc::new(Semaphore::new(opts.max_connections)),
         request_timeout: opts.request_timeout,
         app_h1,
@@ -233,33 +269,23 @@ pub async fn run(
         let l = bind(a, "admin".into()).await?;
         tasks.push(tokio::spawn(admin::serve(sh.clone(), l)));
     }
-    for (i, p) in me.ports.iter().enumerate() {
-        let l = bind(p.inbound, format!("inbound port {}", p.port)).await?;
-        tasks.push(tokio::spawn(accept_loop(
-            sh.clone(),
-            l,
-            Listener::Inbound(p.port, i),
-        )));
-    }
-    if let Some(a) = me.proxy.outbound {
-        let l = bind(a, "outbound HTTP proxy".into()).await?;
-        tasks.push(tokio::spawn(accept_loop(sh.clone(), l, Listener::Outbound)));
-    }
-    for (i, u) in me.upstreams.iter().enumerate() {
-        let l = bind(u.listen, format!("upstream {}:{}", u.service, u.port)).await?;
-        tasks.push(tokio::spawn(accept_loop(
-            sh.clone(),
-            l,
-            Listener::Upstream(i),
-        )));
-    }
+    // Data-plane listeners: later reconciled with every reload (listeners.rs).
+    let listeners = crate::listeners::Listeners::start(&sh, &sh.cfg.load())
+        .await
+        .map_err(|f| Error::Bind {
+            addr: f.addr,
+            what: f.what,
+            source: f.source,
+        })?;
     sh.listeners_up.store(true, Ordering::SeqCst);
+    let me = sh.cfg.load().me.clone();
     let node_id = format!(
         "sidecar~127.0.0.1~{}.{}~{}.svc.cluster.local",
         me.name, me.namespace, me.namespace
     );
     let sds = tokio::spawn(crate::sds::run(opts.sds_socket.clone(), node_id, identity));
-    let watcher = tokio::spawn(watch_folder(sh.clone(), dir));
+    let watcher = tokio::spawn(watch_folder(sh.clone(), dir, listeners));
+    let jwks_task = tokio::spawn(crate::jwks::refresh_loop(sh.clone()));
     tracing::info!(workload = %key, id = %my_id, "proxy started");
 
     shutdown.await;
@@ -286,13 +312,14 @@ pub async fn run(
     }
     sds.abort();
     watcher.abort();
+    jwks_task.abort();
     for t in tasks {
         t.abort();
     }
     Ok(())
 }
 
-async fn watch_folder(sh: Arc<Shared>, dir: PathBuf) {
+async fn watch_folder(sh: Arc<Shared>, dir: PathBuf, mut listeners: crate::listeners::Listeners) {
     use notify::Watcher;
     let (tx, mut rx) = tokio::sync::mpsc::channel::<()>(16);
     let watcher = notify::recommended_watcher(move |_res: notify::Result<notify::Event>| {
@@ -333,6 +360,9 @@ async fn watch_folder(sh: Arc<Shared>, dir: PathBuf) {
             }
         };
         if fp == last {
+            if listeners.has_failed() {
+                listeners.reconcile(&sh, &sh.cfg.load_full()).await;
+            }
             continue;
         }
         last = fp;
@@ -344,8 +374,19 @@ async fn watch_folder(sh: Arc<Shared>, dir: PathBuf) {
                     workloads = cfg.folder.registry.workloads.len(),
                     "mesh folder reloaded; new configuration in force"
                 );
-                sh.cfg.store(Arc::new(cfg));
+                if cfg.me.proxy.admin != sh.cfg.load().me.proxy.admin
+                    && cfg.me.proxy.admin != sh.admin_addr
+                {
+                    tracing::warn!(
+                        now = ?cfg.me.proxy.admin,
+                        serving = ?sh.admin_addr,
+                        "proxy.admin changed in workloads.yaml: the admin listener moves only when the proxy restarts"
+                    );
+                }
+                let cfg = Arc::new(cfg);
+                sh.cfg.store(cfg.clone());
                 *sh.last_refusal.lock().unwrap_or_else(|e| e.into_inner()) = None;
+                listeners.reconcile(&sh, &cfg).await;
             }
             Err(problems) => {
                 for p in &problems {
@@ -360,15 +401,27 @@ async fn watch_folder(sh: Arc<Shared>, dir: PathBuf) {
     }
 }
 
-#[derive(Clone, Copy)]
-enum Listener {
-    Inbound(u16, usize),
+/// A data-plane listener, named by what it serves (never by position in the registry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Listener {
+    /// The inbound listener of this workload port.
+    Inbound(u16),
+    /// The outbound HTTP proxy.
     Outbound,
-    Upstream(usize),
+    /// The upstream whose `listen` address this is.
+    Upstream(SocketAddr),
 }
 
-async fn accept_loop(sh: Arc<Shared>, l: TcpListener, kind: Listener) {
+/// Accept until the proxy shuts down or `close` fires (listener removed or moved); then the
+/// socket closes and this listener's connections are told to drain.
+pub(crate) async fn accept_loop(
+    sh: Arc<Shared>,
+    l: TcpListener,
+    kind: Listener,
+    mut close: watch::Receiver<bool>,
+) {
     let mut stop = sh.shutdown.clone();
+    let (drain_tx, drain_rx) = watch::channel(false);
     loop {
         let (tcp, peer) = tokio::select! {
             r = l.accept() => match r {
@@ -379,7 +432,8 @@ async fn accept_loop(sh: Arc<Shared>, l: TcpListener, kind: Listener) {
                     continue;
                 }
             },
-            _ = stop.changed() => return,
+            _ = stop.changed() => break,
+            _ = close.changed() => break,
         };
         let Ok(permit) = sh.conns.clone().try_acquire_owned() else {
             tracing::warn!(%peer, "connection limit reached; closing new connection");
@@ -388,16 +442,18 @@ async fn accept_loop(sh: Arc<Shared>, l: TcpListener, kind: Listener) {
         };
         let _ = tcp.set_nodelay(true);
         let sh = sh.clone();
-        tokio::spawn(async move {
+        let conn = async move {
             let _g = sh.enter();
             match kind {
-                Listener::Inbound(port, i) => inbound_conn(&sh, port, i, tcp, peer).await,
+                Listener::Inbound(port) => inbound_conn(&sh, port, tcp, peer).await,
                 Listener::Outbound => outbound::outbound_http_conn(&sh, tcp, peer).await,
-                Listener::Upstream(i) => upstream_conn(&sh, i, tcp).await,
+                Listener::Upstream(listen) => upstream_conn(&sh, listen, tcp).await,
             }
             drop(permit);
-        });
+        };
+        tokio::spawn(crate::listeners::CONN_DRAIN.scope(drain_rx.clone(), conn));
     }
+    let _ = drain_tx.send(true);
 }
 
 // === inbound ===
@@ -448,13 +504,13 @@ fn workload_of(cfg: &Config, principal: &str) -> (String, String) {
     (String::new(), String::new())
 }
 
-async fn inbound_conn(sh: &Arc<Shared>, port: u16, idx: usize, tcp: TcpStream, peer: SocketAddr) {
+async fn inbound_conn(sh: &Arc<Shared>, port: u16, tcp: TcpStream, peer: SocketAddr) {
     let cfg = sh.cfg.load_full();
     let Some(pe) = cfg.me.port(port).cloned() else {
         tracing::warn!(port, "port no longer in the registry; closing connection");
         return;
     };
-    let stats = sh.ports[idx].clone();
+    let stats = sh.port_stats(port);
     let mode = cfg.engine.peer_authentication(&cfg.workload, port).mode;
     // Sniff: a TLS record starts with 0x16 (handshake).
     let mut first = [0u8; 1];
@@ -601,7 +657,7 @@ where
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection(TokioIo::new(io), svc);
     tokio::pin!(conn);
-    let mut stop = sh.shutdown.clone();
+    let mut stop = crate::listeners::drain_signal(sh);
     if *stop.borrow() {
         conn.as_mut().graceful_shutdown();
     }
@@ -742,13 +798,19 @@ async fn inbound_request(
             http: Some(http),
             jwt: None,
         };
-        let d = cfg.engine.check(
-            &cfg.workload,
-            &ctx,
-            SystemTime::now(),
-            &cfg.jwks,
-            &NoExtAuthz,
-        );
+        let keys = crate::jwks::Lookup::new(&sh.jwks, &cfg);
+        let mut d = cfg
+            .engine
+            .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &NoExtAuthz);
+        // A token signed with a key the cached JWKS lacks: refetch early (rate-limited), retry.
+        if let Some(miss) = keys.kid_miss(&d)
+            && sh.jwks.refetch_on_kid_miss(&cfg, miss).await
+        {
+            let keys = crate::jwks::Lookup::new(&sh.jwks, &cfg);
+            d = cfg
+                .engine
+                .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &NoExtAuthz);
+        }
         if !d.is_allowed() {
             let policy = d
                 .policy
@@ -911,9 +973,9 @@ where
 
 // === outbound === (see outbound.rs)
 
-async fn upstream_conn(sh: &Arc<Shared>, idx: usize, tcp: TcpStream) {
+async fn upstream_conn(sh: &Arc<Shared>, listen: SocketAddr, tcp: TcpStream) {
     let cfg = sh.cfg.load_full();
-    let Some(u) = cfg.me.upstreams.get(idx) else {
+    let Some(u) = cfg.me.upstreams.iter().find(|u| u.listen == listen) else {
         return;
     };
     let authority = format!("{}:{}", u.service, u.port);

@@ -280,7 +280,7 @@ impl CheckArgs {
             }
             let mut cache = JwksCache::default();
             cache.refresh(&engine, &fetcher, now);
-            for f in cache.due(&engine, now) {
+            for f in engine.jwks_uris() {
                 if let Some(e) = cache.last_error(&f.uri) {
                     eprintln!(
                         "warning: jwksUri {}: {e} (tokens of that issuer are refused; use --jwks-file)",

@@ -40,7 +40,9 @@ struct RunArgs {
     /// Accepted bearer-token issuer (repeatable; the n-th --jwks belongs to the n-th issuer).
     #[arg(long = "jwt-issuer", value_name = "ISS")]
     jwt_issuer: Vec<String>,
-    /// JWKS file of the matching --jwt-issuer.
+    /// JWKS file of the matching --jwt-issuer. Re-read with the plug-in directory (every
+    /// reload poll): rotated keys apply without a restart; a broken file is refused and the
+    /// previous keys stay.
     #[arg(long, value_name = "FILE")]
     jwks: Vec<PathBuf>,
     /// Token audience.
@@ -55,6 +57,10 @@ struct RunArgs {
     /// Requests for a longer lifetime are refused.
     #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
     max_ttl: Duration,
+    /// Lifetime of the self-signed root this CA makes when no plug-in material is given; it
+    /// is renewed (same key and subject) with 20% of its life left.
+    #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
+    self_signed_root_ttl: Duration,
     /// Prometheus metrics listen address.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
@@ -64,8 +70,11 @@ struct RunArgs {
     /// IP SAN of the CA's serving certificate (repeatable).
     #[arg(long = "server-ip", default_value = "127.0.0.1")]
     server_ip: Vec<IpAddr>,
-    /// SPIFFE ID allowed to request other identities via ImpersonatedIdentity (repeatable).
-    #[arg(long = "node-agent", value_name = "SPIFFE_ID")]
+    /// A node agent allowed to request other identities via ImpersonatedIdentity
+    /// (repeatable): `SPIFFE_ID=PATTERN[,PATTERN...]`, each pattern `NAMESPACE/SA`,
+    /// `NAMESPACE/*` or `*`. A bare SPIFFE_ID means `*` (any workload of the trust domain) and
+    /// is logged as such.
+    #[arg(long = "node-agent", value_name = "SPIFFE_ID[=PATTERNS]")]
     node_agent: Vec<String>,
     /// Audit log file (default <state>/audit.jsonl).
     #[arg(long)]
@@ -156,6 +165,7 @@ impl RunArgs {
             .collect();
         cfg.audience = self.audience;
         cfg.default_ttl = self.default_ttl;
+        cfg.self_signed_root_ttl = self.self_signed_root_ttl;
         cfg.max_ttl = self.max_ttl;
         cfg.metrics = self.metrics;
         cfg.server_dns_names = self.server_dns;
@@ -163,9 +173,7 @@ impl RunArgs {
         cfg.node_agents = self
             .node_agent
             .iter()
-            .map(|s| {
-                SpiffeId::parse(s).map_err(|e| super::bad_input(format!("--node-agent {s}: {e}")))
-            })
+            .map(|s| node_agent_grant(s))
             .collect::<anyhow::Result<_>>()?;
         cfg.audit_log = self.audit_log;
         cfg.bundle_out = self.bundle_out;
@@ -369,4 +377,29 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// `--node-agent SPIFFE_ID[=PATTERN,...]`.
+fn node_agent_grant(arg: &str) -> anyhow::Result<rampart_citadel::NodeAgentGrant> {
+    let (id, patterns) = match arg.split_once('=') {
+        Some((id, p)) => (id, Some(p)),
+        None => (arg, None),
+    };
+    let id =
+        SpiffeId::parse(id).map_err(|e| super::bad_input(format!("--node-agent {arg}: {e}")))?;
+    let may_act_for = match patterns {
+        None => {
+            tracing::warn!(node_agent = %id, "node agent may act for any workload of the trust domain; restrict it with --node-agent ID=NAMESPACE/SA,...");
+            vec![rampart_citadel::WorkloadPattern::Any]
+        }
+        Some(p) => p
+            .split(',')
+            .map(|x| {
+                x.trim()
+                    .parse()
+                    .map_err(|e| super::bad_input(format!("--node-agent {arg}: pattern {e}")))
+            })
+            .collect::<anyhow::Result<Vec<_>>>()?,
+    };
+    Ok(rampart_citadel::NodeAgentGrant { id, may_act_for })
 }

@@ -21,7 +21,7 @@ pub(crate) struct MeshFolder {
     pub(crate) workloads: Vec<Workload>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Workload {
     pub(crate) name: String,
     pub(crate) namespace: String,
@@ -47,7 +47,7 @@ impl Workload {
     }
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Port {
     pub(crate) port: u16,
     pub(crate) protocol: String,
@@ -55,7 +55,7 @@ pub(crate) struct Port {
     pub(crate) inbound: Option<SocketAddr>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Upstream {
     pub(crate) service: String,
     pub(crate) port: u16,

@@ -7,10 +7,20 @@
 //! workload (`rampart proxy`). Waits for each stage to be ready, prints who listens where,
 //! then supervises: a child that dies is reported (exit status, last log lines) and the rest
 //! is stopped (exit 1); Ctrl-C or SIGTERM stops apps and proxies first (drain deadline), then
-//! the agents, then the CA, and exits 0. Edits to the folder are checked as they happen: the
-//! proxies apply valid policy live; an invalid edit is reported here (and refused by them).
+//! the agents, then the CA, and exits 0.
+//!
+//! Edits to the folder are checked as they happen (once a second). An invalid edit is refused
+//! with file, field and reason, and nothing running is touched (the proxies refuse it too). A
+//! valid one is applied: the proxies take policy, ports and listener addresses live
+//! themselves; here, a removed workload's app, proxy and agent are stopped (SIGTERM, SIGKILL
+//! after the drain timeout, as on Ctrl-C), an added one is started stage by stage and its
+//! table line printed, a changed `command` (or, for an app with one, `proxy.outbound`)
+//! restarts the app, a changed `proxy.admin` restarts the proxy, and a changed
+//! `serviceAccount` restarts all three under the new identity. A workload that fails to
+//! start live is stopped again and left out (saving again retries it); the rest keeps
+//! running. `mesh.yaml` CA settings and the trust domain apply on the next `up`.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -245,6 +255,10 @@ enum Role {
 struct Child {
     name: String,
     role: Role,
+    /// The workload (`namespace/name`) it serves; `None` for the CA.
+    workload: Option<String>,
+    /// Stopped on purpose (workload removed or restarted live): its exit is not a death.
+    retired: bool,
     pid: i32,
     log: PathBuf,
     tail: Arc<Mutex<VecDeque<String>>>,
@@ -396,20 +410,24 @@ impl Up {
 
     fn mint_tokens(&self) -> anyhow::Result<()> {
         for w in &self.mesh.workloads {
-            let account = ServiceAccount::new(&w.namespace, &w.service_account)
-                .map_err(|e| anyhow::anyhow!("{}: {e}", w.key()))?;
-            let claims = super::token::workload_claims(
-                &self.args.issuer,
-                &account,
-                &[CA_AUDIENCE.to_string()],
-                SystemTime::now(),
-                TOKEN_TTL,
-            );
-            let token = self.signer.sign(&claims).context("signing a token")?;
-            rampart_certs::write_file_atomic(&self.token_path(w), token.as_bytes(), 0o600)
-                .with_context(|| format!("writing the token of {}", w.key()))?;
+            self.mint_token(w)?;
         }
         Ok(())
+    }
+
+    fn mint_token(&self, w: &Workload) -> anyhow::Result<()> {
+        let account = ServiceAccount::new(&w.namespace, &w.service_account)
+            .map_err(|e| anyhow::anyhow!("{}: {e}", w.key()))?;
+        let claims = super::token::workload_claims(
+            &self.args.issuer,
+            &account,
+            &[CA_AUDIENCE.to_string()],
+            SystemTime::now(),
+            TOKEN_TTL,
+        );
+        let token = self.signer.sign(&claims).context("signing a token")?;
+        rampart_certs::write_file_atomic(&self.token_path(w), token.as_bytes(), 0o600)
+            .with_context(|| format!("writing the token of {}", w.key()))
     }
 
     fn token_path(&self, w: &Workload) -> PathBuf {
@@ -422,7 +440,8 @@ impl Up {
         self.state.join("sds").join(socket_name(w))
     }
 
-    /// Start one child in its own process group, logs to `<logs>/<file>.log`.
+    /// Start one child in its own process group, logs to `<logs>/<file>.log`; returns its
+    /// index in `children`.
     fn spawn(
         &mut self,
         name: String,
@@ -431,7 +450,7 @@ impl Up {
         args: &[String],
         env: &[(&str, String)],
         ready_marker: Option<&'static str>,
-    ) -> anyhow::Result<()> {
+    ) -> anyhow::Result<usize> {
         let file = name.replace(['/', ' '], "-");
         let log = self.logs.join(format!("{file}.log"));
         let log_file = std::fs::OpenOptions::new()
@@ -481,13 +500,15 @@ impl Up {
         self.children.push(Child {
             name,
             role,
+            workload: None,
+            retired: false,
             pid,
             log,
             tail,
             said_ready,
             exited: None,
         });
-        Ok(())
+        Ok(idx)
     }
 
     fn running(&self, role: Role) -> Vec<usize> {
@@ -516,7 +537,9 @@ impl Up {
                     Event::Exit(i, st) => {
                         self.children[i].exited =
                             Some(st.unwrap_or_else(|_| ExitStatus::from_raw(1 << 8)));
-                        return Err(Stop::Died(i));
+                        if !self.children[i].retired {
+                            return Err(Stop::Died(i));
+                        }
                     }
                 }
             }
@@ -682,36 +705,16 @@ impl Up {
         })
         .await?;
 
-        // 2. One node agent per workload.
+        // 2-4. Per workload: node agents, then apps, then proxies.
         let workloads = self.mesh.workloads.clone();
-        for w in &workloads {
-            let sock = self.sds_path(w);
-            let _ = std::fs::remove_file(&sock);
-            let mut a: Vec<String> = vec![
-                "agent".into(),
-                "--ca-addr".into(),
-                self.mesh.ca_listen.to_string(),
-                "--ca-root".into(),
-                self.bundle.display().to_string(),
-                "--token".into(),
-                self.token_path(w).display().to_string(),
-                "--trust-domain".into(),
-                self.mesh.trust_domain.clone(),
-                "--sds-socket".into(),
-                sock.display().to_string(),
-            ];
-            if let Some(t) = self.mesh.cert_ttl {
-                a.extend(["--ttl".into(), humantime::format_duration(t).to_string()]);
-            }
-            self.spawn(
-                format!("agent {}", w.key()),
-                Role::Agent,
-                &exe,
-                &a,
-                &[],
-                None,
-            )
-            .map_err(|e| Stop::Failed(format!("{e:#}")))?;
+        self.start_workloads(&workloads).await
+    }
+
+    /// Start the node agents, then the apps (so inbound proxies have something to forward
+    /// to when they open), then the proxies of `workloads`, each stage waited for.
+    async fn start_workloads(&mut self, workloads: &[Workload]) -> Result<(), Stop> {
+        for w in workloads {
+            self.spawn_agent(w)?;
         }
         let socks: Vec<PathBuf> = workloads.iter().map(|w| self.sds_path(w)).collect();
         self.wait_ready("the node agents", || {
@@ -726,38 +729,104 @@ impl Up {
             }
         })
         .await?;
-
-        // 3. Apps (so inbound proxies have something to forward to when they open).
-        for w in &workloads {
-            let Some(cmd) = &w.command else { continue };
-            let program = if cmd[0] == "rampart" {
-                exe.clone()
-            } else {
-                PathBuf::from(&cmd[0])
-            };
-            let mut env = vec![
-                ("RAMPART_WORKLOAD", w.key()),
-                ("SPIFFE_ID", w.spiffe_id(&self.mesh.trust_domain)),
-            ];
-            if let Some(o) = w.outbound {
-                let url = format!("http://{o}");
-                env.extend([
-                    ("HTTP_PROXY", url.clone()),
-                    ("http_proxy", url),
-                    ("NO_PROXY", "localhost,127.0.0.1,::1".into()),
-                    ("no_proxy", "localhost,127.0.0.1,::1".into()),
-                ]);
-            }
-            self.spawn(
-                format!("app {}", w.key()),
-                Role::App,
-                &program,
-                &cmd[1..],
-                &env,
-                None,
-            )
-            .map_err(|e| Stop::Failed(format!("{e:#}")))?;
+        for w in workloads {
+            self.spawn_app(w)?;
         }
+        self.wait_apps(workloads).await?;
+        for w in workloads {
+            self.spawn_proxy(w)?;
+        }
+        self.wait_proxies(workloads).await
+    }
+
+    fn spawn_agent(&mut self, w: &Workload) -> Result<(), Stop> {
+        let sock = self.sds_path(w);
+        let _ = std::fs::remove_file(&sock);
+        let mut a: Vec<String> = vec![
+            "agent".into(),
+            "--ca-addr".into(),
+            self.mesh.ca_listen.to_string(),
+            "--ca-root".into(),
+            self.bundle.display().to_string(),
+            "--token".into(),
+            self.token_path(w).display().to_string(),
+            "--trust-domain".into(),
+            self.mesh.trust_domain.clone(),
+            "--sds-socket".into(),
+            sock.display().to_string(),
+        ];
+        if let Some(t) = self.mesh.cert_ttl {
+            a.extend(["--ttl".into(), humantime::format_duration(t).to_string()]);
+        }
+        let exe = self.exe.clone();
+        self.spawn_for(w, format!("agent {}", w.key()), Role::Agent, &exe, &a, &[])
+    }
+
+    /// Start the app of `w`, if the registry gives it a command.
+    fn spawn_app(&mut self, w: &Workload) -> Result<(), Stop> {
+        let Some(cmd) = &w.command else {
+            return Ok(());
+        };
+        let program = if cmd[0] == "rampart" {
+            self.exe.clone()
+        } else {
+            PathBuf::from(&cmd[0])
+        };
+        let mut env = vec![
+            ("RAMPART_WORKLOAD", w.key()),
+            ("SPIFFE_ID", w.spiffe_id(&self.mesh.trust_domain)),
+        ];
+        if let Some(o) = w.outbound {
+            let url = format!("http://{o}");
+            env.extend([
+                ("HTTP_PROXY", url.clone()),
+                ("http_proxy", url),
+                ("NO_PROXY", "localhost,127.0.0.1,::1".into()),
+                ("no_proxy", "localhost,127.0.0.1,::1".into()),
+            ]);
+        }
+        self.spawn_for(
+            w,
+            format!("app {}", w.key()),
+            Role::App,
+            &program,
+            &cmd[1..],
+            &env,
+        )
+    }
+
+    fn spawn_proxy(&mut self, w: &Workload) -> Result<(), Stop> {
+        let a: Vec<String> = vec![
+            "proxy".into(),
+            "--mesh".into(),
+            self.dir.display().to_string(),
+            "--workload".into(),
+            w.key(),
+            "--sds-socket".into(),
+            self.sds_path(w).display().to_string(),
+        ];
+        let exe = self.exe.clone();
+        self.spawn_for(w, format!("proxy {}", w.key()), Role::Proxy, &exe, &a, &[])
+    }
+
+    fn spawn_for(
+        &mut self,
+        w: &Workload,
+        name: String,
+        role: Role,
+        program: &Path,
+        args: &[String],
+        env: &[(&str, String)],
+    ) -> Result<(), Stop> {
+        let i = self
+            .spawn(name, role, program, args, env, None)
+            .map_err(|e| Stop::Failed(format!("{e:#}")))?;
+        self.children[i].workload = Some(w.key());
+        Ok(())
+    }
+
+    /// The apps of `workloads` that have a command accept connections on their ports.
+    async fn wait_apps(&mut self, workloads: &[Workload]) -> Result<(), Stop> {
         let app_addrs: Vec<SocketAddr> = workloads
             .iter()
             .filter(|w| w.command.is_some())
@@ -772,29 +841,11 @@ impl Up {
                 Ok(())
             }
         })
-        .await?;
+        .await
+    }
 
-        // 4. Proxies.
-        for w in &workloads {
-            let a: Vec<String> = vec![
-                "proxy".into(),
-                "--mesh".into(),
-                self.dir.display().to_string(),
-                "--workload".into(),
-                w.key(),
-                "--sds-socket".into(),
-                self.sds_path(w).display().to_string(),
-            ];
-            self.spawn(
-                format!("proxy {}", w.key()),
-                Role::Proxy,
-                &exe,
-                &a,
-                &[],
-                None,
-            )
-            .map_err(|e| Stop::Failed(format!("{e:#}")))?;
-        }
+    async fn wait_proxies(&mut self, workloads: &[Workload]) -> Result<(), Stop> {
+        let workloads = workloads.to_vec();
         self.wait_ready("the proxies", || {
             let workloads = workloads.clone();
             async move {
@@ -804,11 +855,24 @@ impl Up {
                 Ok(())
             }
         })
-        .await?;
-        Ok(())
+        .await
     }
 
     fn table(&self) -> String {
+        let mut out = format!(
+            "CA              {} (trust domain {}, trust bundle {})\nstate, logs     {}, {}\n\n",
+            self.mesh.ca_listen,
+            self.mesh.trust_domain,
+            self.bundle.display(),
+            self.state.display(),
+            self.logs.display()
+        );
+        out.push_str(&self.workload_table(&self.mesh.workloads));
+        out
+    }
+
+    /// Who listens where, for `workloads` (with the header line).
+    fn workload_table(&self, workloads: &[Workload]) -> String {
         let mut rows: Vec<[String; 6]> = vec![[
             "WORKLOAD".into(),
             "IDENTITY".into(),
@@ -818,7 +882,7 @@ impl Up {
             "ADMIN".into(),
         ]];
         let none = || "-".to_string();
-        for w in &self.mesh.workloads {
+        for w in workloads {
             let mut first = true;
             let ports: Vec<&super::meshdir::Port> = w.ports.iter().collect();
             let n = ports.len().max(1) + w.upstreams.len();
@@ -865,21 +929,12 @@ impl Up {
                 first = false;
             }
         }
-        let mut out = format!(
-            "CA              {} (trust domain {}, trust bundle {})\nstate, logs     {}, {}\n\n",
-            self.mesh.ca_listen,
-            self.mesh.trust_domain,
-            self.bundle.display(),
-            self.state.display(),
-            self.logs.display()
-        );
-        out.push_str(&super::align_columns(&rows));
-        out
+        super::align_columns(&rows)
     }
 
-    /// Wait for a signal or a death; meanwhile check folder edits and refresh tokens.
+    /// Wait for a signal or a death; meanwhile apply folder edits and refresh tokens.
     async fn supervise(&mut self) -> (u8, Option<String>) {
-        let mut fingerprint = folder_fingerprint(&self.dir);
+        let mut fingerprint = folder_fingerprint(&self.dir, &self.state);
         let mut last_mint = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -890,6 +945,9 @@ impl Up {
                     }
                     Some(Event::Exit(i, st)) => {
                         self.children[i].exited = Some(st.unwrap_or_else(|_| ExitStatus::from_raw(1 << 8)));
+                        if self.children[i].retired {
+                            continue;
+                        }
                         // Let the log pumps catch the last lines.
                         tokio::time::sleep(Duration::from_millis(200)).await;
                         return (1, Some(self.death_report(i)));
@@ -897,10 +955,25 @@ impl Up {
                     None => return (1, Some("rampart up: internal channel closed".into())),
                 },
                 _ = tick.tick() => {
-                    let now = folder_fingerprint(&self.dir);
+                    let mut now = folder_fingerprint(&self.dir, &self.state);
                     if now != fingerprint {
+                        // Let a writer finish: act on a folder that holds still for 300 ms
+                        // (a half-written registry can be valid and name fewer workloads).
+                        for _ in 0..10 {
+                            tokio::time::sleep(Duration::from_millis(300)).await;
+                            let again = folder_fingerprint(&self.dir, &self.state);
+                            if again == now {
+                                break;
+                            }
+                            now = again;
+                        }
                         fingerprint = now;
-                        self.report_edit();
+                        if let Some(mesh) = self.check_edit() {
+                            // An edit saved meanwhile is seen on the next tick.
+                            if let Err(stop) = self.apply_edit(mesh).await {
+                                return self.failure(stop);
+                            }
+                        }
                     }
                     if last_mint.elapsed() >= TOKEN_REFRESH {
                         last_mint = Instant::now();
@@ -913,45 +986,318 @@ impl Up {
         }
     }
 
-    fn report_edit(&self) {
+    /// Check the folder after an edit: the new mesh if it is valid, else `None` after saying
+    /// why it is refused (file, field, reason); nothing running is touched then.
+    fn check_edit(&self) -> Option<MeshFolder> {
         let dir = self.dir.display();
+        let refuse = |why: String| {
+            eprintln!(
+                "rampart up: invalid edit in {dir} refused: {why}\nrampart up: nothing was started or stopped; the running mesh keeps its last good config"
+            );
+        };
         let mesh = match MeshFolder::read(&self.dir) {
             Ok(m) => m,
             Err(e) => {
-                eprintln!(
-                    "rampart up: invalid edit in {dir} refused: {e}; the running mesh keeps its last good config"
-                );
-                return;
+                refuse(e);
+                return None;
             }
         };
         let policy = check_policy(&self.dir);
         if !policy.problems.is_empty() {
-            eprintln!(
-                "rampart up: invalid edit in {dir} refused ({} problem(s)); the running mesh keeps its last good config:\n  {}",
+            refuse(format!(
+                "{} policy problem(s):\n  {}",
                 policy.problems.len(),
                 policy.problems.join("\n  ")
-            );
-            return;
+            ));
+            return None;
         }
         if let Err(e) = check_addresses(&mesh) {
-            eprintln!(
-                "rampart up: invalid edit in {dir} refused: {e}; the running mesh keeps its last good config"
+            refuse(e);
+            return None;
+        }
+        if mesh.workloads.is_empty() {
+            refuse(
+                "workloads.yaml: workloads: declares no workloads (to stop the whole mesh, stop `rampart up`)"
+                    .to_string(),
             );
-            return;
+            return None;
+        }
+        for w in &mesh.workloads {
+            let sock = self.sds_path(w);
+            if sock.as_os_str().len() > MAX_SOCKET_PATH {
+                refuse(format!(
+                    "workloads.yaml: workload {}: its SDS socket path {} is longer than a Unix socket allows ({MAX_SOCKET_PATH} bytes); use shorter names or a shorter --state-dir",
+                    w.key(),
+                    sock.display()
+                ));
+                return None;
+            }
         }
         eprintln!(
             "rampart up: {dir} changed: valid ({} policy resource(s)); the proxies apply it live",
             policy.resources
         );
-        let before: BTreeSet<String> = self.mesh.workloads.iter().map(Workload::key).collect();
-        let after: BTreeSet<String> = mesh.workloads.iter().map(Workload::key).collect();
-        let added: Vec<&String> = after.difference(&before).collect();
-        let removed: Vec<&String> = before.difference(&after).collect();
-        if !added.is_empty() || !removed.is_empty() {
+        Some(mesh)
+    }
+
+    /// Bring the processes in line with a valid edit: stop removed workloads, restart
+    /// changed ones, start added ones (printing their table lines). A workload that fails to
+    /// start is stopped again and left out (saving the folder again retries it); the rest
+    /// keeps running. `Err` only for what ends `up` (a signal, an unrelated death).
+    async fn apply_edit(&mut self, new: MeshFolder) -> Result<(), Stop> {
+        let old = self.mesh.clone();
+        // The CA and the agents keep what they started with.
+        let mut notes = Vec::new();
+        if new.trust_domain != old.trust_domain {
+            notes.push(format!(
+                "trustDomain ({} -> {})",
+                old.trust_domain, new.trust_domain
+            ));
+        }
+        if new.ca_listen != old.ca_listen {
+            notes.push(format!(
+                "rampart.ca.listen ({} -> {})",
+                old.ca_listen, new.ca_listen
+            ));
+        }
+        if new.cert_ttl != old.cert_ttl || new.max_cert_ttl != old.max_cert_ttl {
+            notes.push("rampart.ca.certTTL/maxCertTTL".to_string());
+        }
+        if !notes.is_empty() {
             eprintln!(
-                "rampart up: note: workloads added {added:?} / removed {removed:?}: processes for them are started or stopped on the next `rampart up`"
+                "rampart up: note: mesh.yaml {} changed: the CA and node agents keep the settings they started with until the next `rampart up`",
+                notes.join(", ")
             );
         }
+        let mut in_force: Vec<Workload> = Vec::new();
+        // 1. Removed workloads (first: they may free addresses the others now use).
+        for w in &old.workloads {
+            if !new.workloads.iter().any(|n| n.key() == w.key()) {
+                let key = w.key();
+                eprintln!(
+                    "rampart up: workload {key} removed from workloads.yaml: stopping its app, proxy and node agent"
+                );
+                self.stop_workload(&key, &[Role::App, Role::Proxy, Role::Agent])
+                    .await?;
+                let _ = std::fs::remove_file(self.token_path(w));
+                let _ = std::fs::remove_file(self.sds_path(w));
+                eprintln!("rampart up: workload {key} stopped");
+            }
+        }
+        // 2. Changed and added workloads, in file order.
+        for w in &new.workloads {
+            let key = w.key();
+            let started = match old.workloads.iter().find(|o| o.key() == key) {
+                Some(o) => {
+                    let ok = self.restart_changed(o, w).await?;
+                    if ok && o != w {
+                        // Who listens where now (the proxy moved its listeners itself).
+                        print!("{}", self.workload_table(std::slice::from_ref(w)));
+                        let _ = std::io::stdout().flush();
+                    }
+                    ok
+                }
+                None => {
+                    eprintln!(
+                        "rampart up: workload {key} added to workloads.yaml: starting its node agent, app and proxy"
+                    );
+                    let ok = self
+                        .start_live(w, &[Role::Agent, Role::App, Role::Proxy])
+                        .await?;
+                    if ok {
+                        print!("{}", self.workload_table(std::slice::from_ref(w)));
+                        let _ = std::io::stdout().flush();
+                        eprintln!(
+                            "rampart up: workload {key} is running as {}",
+                            w.spiffe_id(&old.trust_domain)
+                        );
+                    }
+                    ok
+                }
+            };
+            if started {
+                in_force.push(w.clone());
+            }
+        }
+        self.mesh = MeshFolder {
+            workloads: in_force,
+            ..old
+        };
+        Ok(())
+    }
+
+    /// Restart what a change to an existing workload needs; the proxy applies address and
+    /// policy changes itself. `Ok(false)` when the restart failed (the workload is stopped).
+    async fn restart_changed(&mut self, old: &Workload, new: &Workload) -> Result<bool, Stop> {
+        let key = new.key();
+        let roles: &[Role] = if old.service_account != new.service_account {
+            eprintln!(
+                "rampart up: workload {key}: serviceAccount changed ({} -> {}): restarting its node agent, app and proxy under the new identity",
+                old.service_account, new.service_account
+            );
+            &[Role::Agent, Role::App, Role::Proxy]
+        } else if old.command != new.command
+            || (new.command.is_some() && old.outbound != new.outbound)
+        {
+            let why = if old.command != new.command {
+                "command changed"
+            } else {
+                "proxy.outbound (its HTTP_PROXY) changed"
+            };
+            if old.admin != new.admin {
+                eprintln!(
+                    "rampart up: workload {key}: {why} and proxy.admin changed: restarting its app and proxy"
+                );
+                &[Role::App, Role::Proxy]
+            } else {
+                eprintln!("rampart up: workload {key}: {why}: restarting its app");
+                &[Role::App]
+            }
+        } else if old.admin != new.admin {
+            eprintln!(
+                "rampart up: workload {key}: proxy.admin changed ({} -> {}): restarting its proxy",
+                old.admin
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "-".into()),
+                new.admin
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|| "-".into())
+            );
+            &[Role::Proxy]
+        } else {
+            return Ok(true);
+        };
+        self.stop_workload(&key, roles).await?;
+        let ok = self.start_live(new, roles).await?;
+        if ok {
+            eprintln!("rampart up: workload {key} restarted");
+        }
+        Ok(ok)
+    }
+
+    /// Start `roles` of `w` while the mesh runs; on a failure of its own, stop what was
+    /// started, say why, and return `Ok(false)`.
+    async fn start_live(&mut self, w: &Workload, roles: &[Role]) -> Result<bool, Stop> {
+        let key = w.key();
+        let r = async {
+            if roles.contains(&Role::Agent) {
+                self.mint_token(w)
+                    .map_err(|e| Stop::Failed(format!("{e:#}")))?;
+                self.start_workloads(std::slice::from_ref(w)).await
+            } else {
+                if roles.contains(&Role::App) {
+                    self.spawn_app(w)?;
+                    self.wait_apps(std::slice::from_ref(w)).await?;
+                }
+                if roles.contains(&Role::Proxy) {
+                    self.spawn_proxy(w)?;
+                    self.wait_proxies(std::slice::from_ref(w)).await?;
+                }
+                Ok(())
+            }
+        }
+        .await;
+        let why = match r {
+            Ok(()) => return Ok(true),
+            Err(Stop::Failed(why)) => why,
+            Err(Stop::Died(i)) if self.children[i].workload.as_deref() == Some(key.as_str()) => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                let c = &self.children[i];
+                let tail = c.tail.lock().map(|t| t.clone()).unwrap_or_default();
+                format!(
+                    "{} exited ({}); last lines of {}:\n  {}",
+                    c.name,
+                    c.exited
+                        .map(|s| describe_status(&Ok(s)))
+                        .unwrap_or_else(|| "unknown status".into()),
+                    c.log.display(),
+                    Vec::from(tail).join("\n  ")
+                )
+            }
+            Err(other) => return Err(other),
+        };
+        eprintln!(
+            "rampart up: workload {key} could not start: {why}\nrampart up: stopping what was started for {key}; the rest of the mesh keeps running; save workloads.yaml again to retry"
+        );
+        self.stop_workload(&key, &[Role::App, Role::Proxy, Role::Agent])
+            .await?;
+        Ok(false)
+    }
+
+    /// Stop the running children of workload `key` with these roles: apps and proxies
+    /// first, then the agent; each SIGTERM, then SIGKILL after the drain timeout (as on
+    /// Ctrl-C). They are marked retired first, so their exit is not taken for a crash.
+    async fn stop_workload(&mut self, key: &str, roles: &[Role]) -> Result<(), Stop> {
+        for stage in [&[Role::App, Role::Proxy][..], &[Role::Agent][..]] {
+            let idx: Vec<usize> = (0..self.children.len())
+                .filter(|&i| {
+                    let c = &self.children[i];
+                    c.exited.is_none()
+                        && c.workload.as_deref() == Some(key)
+                        && stage.contains(&c.role)
+                        && roles.contains(&c.role)
+                })
+                .collect();
+            if let Some(stop) = self.stop_children(&idx).await {
+                return Err(stop);
+            }
+        }
+        Ok(())
+    }
+
+    /// SIGTERM these children's process groups, wait up to the drain timeout, SIGKILL what
+    /// is left. Returns what must end `up` if it happened meanwhile (a signal, or another
+    /// child's death).
+    async fn stop_children(&mut self, idx: &[usize]) -> Option<Stop> {
+        if idx.is_empty() {
+            return None;
+        }
+        let mut deferred: Option<Stop> = None;
+        for &i in idx {
+            self.children[i].retired = true;
+            self.signal_group(i, rustix::process::Signal::TERM);
+        }
+        for (limit, kill) in [
+            (self.args.drain_timeout, true),
+            (Duration::from_secs(5), false),
+        ] {
+            let deadline = Instant::now() + limit;
+            while idx.iter().any(|i| self.children[*i].exited.is_none()) {
+                let left = deadline.saturating_duration_since(Instant::now());
+                if left.is_zero() {
+                    break;
+                }
+                match tokio::time::timeout(left, self.rx.recv()).await {
+                    Ok(Some(Event::Exit(j, st))) => {
+                        self.children[j].exited =
+                            Some(st.unwrap_or_else(|_| ExitStatus::from_raw(1 << 8)));
+                        if !self.children[j].retired && deferred.is_none() {
+                            deferred = Some(Stop::Died(j));
+                        }
+                    }
+                    // Shutting down anyway: `shutdown` takes over (it stops these too).
+                    Ok(Some(Event::Signal(s))) => return Some(Stop::Signal(s)),
+                    Ok(None) | Err(_) => break,
+                }
+            }
+            if kill {
+                for &i in idx {
+                    if self.children[i].exited.is_none() {
+                        eprintln!(
+                            "rampart up: {} did not stop within {}; killing it",
+                            self.children[i].name,
+                            humantime::format_duration(self.args.drain_timeout)
+                        );
+                        self.signal_group(i, rustix::process::Signal::KILL);
+                    }
+                }
+            }
+        }
+        // Sweep what is left in each process group.
+        for &i in idx {
+            self.signal_group(i, rustix::process::Signal::KILL);
+        }
+        deferred
     }
 
     /// Stop in order: apps and proxies (drain deadline), agents, CA. A second signal kills.
@@ -1080,9 +1426,10 @@ async fn proxy_ready(w: &Workload) -> Result<(), String> {
     Ok(())
 }
 
-/// Paths, sizes and modification times of everything below DIR (dot entries skipped).
-fn folder_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    fn walk(dir: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
+/// Paths, sizes and modification times of everything below DIR (dot entries skipped, and
+/// the state directory `skip`, should it be inside DIR: its logs change all the time).
+fn folder_fingerprint(dir: &Path, skip: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
+    fn walk(dir: &Path, skip: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
         let Ok(rd) = std::fs::read_dir(dir) else {
             return;
         };
@@ -1092,14 +1439,15 @@ fn folder_fingerprint(dir: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
             }
             let p = e.path();
             match e.metadata() {
-                Ok(m) if m.is_dir() => walk(&p, out),
+                Ok(m) if m.is_dir() && p == skip => {}
+                Ok(m) if m.is_dir() => walk(&p, skip, out),
                 Ok(m) => out.push((p, m.len(), m.modified().ok())),
                 Err(_) => {}
             }
         }
     }
     let mut v = Vec::new();
-    walk(dir, &mut v);
+    walk(dir, skip, &mut v);
     v.sort();
     v
 }
@@ -1162,8 +1510,16 @@ mod tests {
     #[test]
     fn fingerprint_changes_on_edit() {
         let d = folder("workloads: []\n", None);
-        let a = folder_fingerprint(d.path());
+        let state = d.path().join("state");
+        std::fs::create_dir(&state).unwrap();
+        let a = folder_fingerprint(d.path(), &state);
+        std::fs::write(state.join("x.log"), "log line\n").unwrap();
+        assert_eq!(
+            a,
+            folder_fingerprint(d.path(), &state),
+            "the state dir is skipped"
+        );
         std::fs::write(d.path().join("new.yaml"), "x: 1\n").unwrap();
-        assert_ne!(a, folder_fingerprint(d.path()));
+        assert_ne!(a, folder_fingerprint(d.path(), &state));
     }
 }

@@ -1,6 +1,11 @@
-//! Helpers shared by the root package's end-to-end tests.
+//! Helpers shared by the root package's end-to-end tests. Each test crate uses a part of
+//! them, so unused ones are expected.
+#![allow(dead_code)]
 
+use std::net::TcpListener;
 use std::path::{Path, PathBuf};
+use std::process::Child;
+use std::time::{Duration, Instant};
 
 /// The Python interpreter that has the real clients the tests drive (grpcio, xds-protos,
 /// py-spiffe, cryptography, PyJWT): `RAMPART_PYTHON`, else the venv `.ci/test` builds in
@@ -16,4 +21,80 @@ pub(crate) fn python() -> PathBuf {
          tests/python/requirements.txt) or set RAMPART_PYTHON"
     );
     p
+}
+
+/// A port free on 127.0.0.1 right now.
+pub(crate) fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// A child process whose output goes to `log`; killed and reaped when dropped.
+pub(crate) struct Proc {
+    pub(crate) child: Child,
+    pub(crate) log: PathBuf,
+}
+
+impl Proc {
+    /// What the process has logged so far.
+    pub(crate) fn log(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Polls `f` every 100 ms until it holds; after `timeout`, fails naming `what` and showing
+/// `log()`.
+pub(crate) fn wait_for(
+    what: &str,
+    timeout: Duration,
+    mut f: impl FnMut() -> bool,
+    log: impl Fn() -> String,
+) {
+    let start = Instant::now();
+    while start.elapsed() < timeout {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}\n{}", log());
+}
+
+/// `pid: command line` of every process whose command line contains `needle`.
+pub(crate) fn processes_mentioning(needle: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().filter_map(Result::ok) {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if !name.bytes().all(|b| b.is_ascii_digit()) {
+            continue;
+        }
+        if let Ok(cmd) = std::fs::read(e.path().join("cmdline")) {
+            let cmd = String::from_utf8_lossy(&cmd).replace('\0', " ");
+            if cmd.contains(needle) {
+                found.push(format!("{name}: {cmd}"));
+            }
+        }
+    }
+    found
+}
+
+/// Replaces `path` the way editors and `kubectl`-style tools do: a temporary file beside it,
+/// then a rename, so a watcher never sees half a file.
+pub(crate) fn write_atomic(path: &Path, text: &str) {
+    let tmp = path.with_file_name(format!(
+        ".{}.tmp",
+        path.file_name().unwrap().to_string_lossy()
+    ));
+    std::fs::write(&tmp, text).unwrap();
+    std::fs::rename(&tmp, path).unwrap();
 }

@@ -367,6 +367,24 @@ pub fn agent_config(dir: &Path, ca_addr: &str, ca_root: &Path, ttl: Duration) ->
 }
 
 /// The Python interpreter with grpcio, xds-protos, py-spiffe, cryptography.
+/// The usual test bed: a temporary directory holding a fresh fake CA and the configuration of
+/// an agent serving one workload (`shop/cart`) with `ttl` certificates; `sock` is its SDS
+/// socket.
+pub struct Bed {
+    pub dir: tempfile::TempDir,
+    pub ca: FakeCa,
+    pub cfg: AgentConfig,
+    pub sock: PathBuf,
+}
+
+pub async fn bed(ttl: Duration) -> Bed {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = FakeCa::start(dir.path()).await;
+    let cfg = agent_config(dir.path(), &ca.addr.to_string(), &ca.root_file, ttl);
+    let sock = cfg.workloads[0].sds_socket.clone().unwrap();
+    Bed { dir, ca, cfg, sock }
+}
+
 pub fn python() -> PathBuf {
     if let Ok(p) = std::env::var("RAMPART_PYTHON") {
         return PathBuf::from(p);

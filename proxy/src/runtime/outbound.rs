@@ -286,7 +286,7 @@ pub(super) async fn outbound_http_conn(sh: &Arc<Shared>, tcp: TcpStream, _peer: 
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
     tokio::pin!(conn);
-    let mut stop = sh.shutdown.clone();
+    let mut stop = crate::listeners::drain_signal(sh);
     if *stop.borrow() {
         conn.as_mut().graceful_shutdown();
     }
@@ -323,7 +323,7 @@ async fn outbound_h1_conn(sh: &Arc<Shared>, tcp: TcpStream) {
         .with_upgrades();
     tokio::pin!(conn);
     let mut drivers = FuturesUnordered::new();
-    let mut stop = sh.shutdown.clone();
+    let mut stop = crate::listeners::drain_signal(sh);
     let mut draining = *stop.borrow();
     if draining {
         conn.as_mut().graceful_shutdown();

@@ -1,0 +1,277 @@
+//! The proxy's data-plane listeners, reconciled with the configuration in force.
+//!
+//! Every successful reload of the mesh folder calls [`Listeners::reconcile`]: listeners the
+//! workload no longer declares stop accepting (their open connections drain: HTTP connections
+//! finish the request in flight and close, TCP streams run to their end), listeners whose
+//! address changed are rebound, new ones are bound. Listeners are keyed by what they serve
+//! (workload port, the outbound HTTP proxy, an upstream's listen address), never by position,
+//! so reordering `workloads.yaml` moves nothing.
+//!
+//! A listener that cannot be bound after start-up (address in use, ...) does not take the
+//! proxy down: the failure is logged with the address and the workload, shown in
+//! `/config_dump` (`listeners`) and `/ready` (still 200: the other listeners serve), and the
+//! bind is retried on every later reload and on every folder poll (2 s). At start-up a bind
+//! failure is still fatal ([`crate::Error::Bind`]): a proxy that cannot open what it was
+//! started for says so at once.
+
+use std::collections::{BTreeMap, HashMap};
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use serde_json::json;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::runtime::{Config, Listener, Shared, accept_loop};
+
+tokio::task_local! {
+    /// Set around each accepted connection's task: becomes `true` (or its sender is dropped)
+    /// when the connection should drain, because its listener was removed or moved, or the
+    /// proxy is shutting down. `serve_http` watches it.
+    pub(crate) static CONN_DRAIN: watch::Receiver<bool>;
+}
+
+/// The drain signal of the current connection task: its listener's, else the proxy's
+/// shutdown signal.
+pub(crate) fn drain_signal(sh: &Shared) -> watch::Receiver<bool> {
+    CONN_DRAIN
+        .try_with(watch::Receiver::clone)
+        .unwrap_or_else(|_| sh.shutdown.clone())
+}
+
+/// What the configuration asks for: each listener, its address, and a description.
+fn desired(cfg: &Config) -> BTreeMap<Listener, (SocketAddr, String)> {
+    let mut out = BTreeMap::new();
+    for p in &cfg.me.ports {
+        out.insert(
+            Listener::Inbound(p.port),
+            (
+                p.inbound,
+                format!("inbound port {} ({})", p.port, p.protocol.as_str()),
+            ),
+        );
+    }
+    if let Some(a) = cfg.me.proxy.outbound {
+        out.insert(Listener::Outbound, (a, "outbound HTTP proxy".to_string()));
+    }
+    for u in &cfg.me.upstreams {
+        out.insert(
+            Listener::Upstream(u.listen),
+            (u.listen, format!("upstream {}:{}", u.service, u.port)),
+        );
+    }
+    out
+}
+
+/// One listener accepting connections.
+struct Running {
+    addr: SocketAddr,
+    what: String,
+    since: SystemTime,
+    /// Setting or dropping it stops the accept loop, which closes the socket and tells the
+    /// listener's connections to drain.
+    close: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// A listener the configuration asks for that could not be bound.
+#[derive(Clone)]
+struct Failed {
+    addr: SocketAddr,
+    what: String,
+    error: String,
+    since: SystemTime,
+}
+
+/// One line of `/config_dump` `listeners`.
+#[derive(Clone)]
+pub(crate) struct ListenerStatus {
+    pub(crate) what: String,
+    pub(crate) addr: SocketAddr,
+    /// `None` when listening; else why not.
+    pub(crate) error: Option<String>,
+    pub(crate) since: SystemTime,
+}
+
+impl ListenerStatus {
+    pub(crate) fn json(&self) -> serde_json::Value {
+        json!({
+            "listener": self.what,
+            "address": self.addr.to_string(),
+            "state": if self.error.is_some() { "failed" } else { "listening" },
+            "error": self.error,
+            "since": humantime::format_rfc3339_seconds(self.since).to_string(),
+        })
+    }
+}
+
+/// A bind failure at start-up: which listener, where, why.
+pub(crate) struct BindFailure {
+    pub(crate) addr: SocketAddr,
+    pub(crate) what: String,
+    pub(crate) source: std::io::Error,
+}
+
+/// The data-plane listeners of one proxy (owned by the folder watcher after start-up).
+#[derive(Default)]
+pub(crate) struct Listeners {
+    running: HashMap<Listener, Running>,
+    failed: BTreeMap<Listener, Failed>,
+}
+
+/// How long a stopped accept loop may take to release its socket before a rebind.
+const STOP_WAIT: Duration = Duration::from_secs(2);
+
+impl Listeners {
+    /// Bind everything `cfg` asks for; the first failure is returned (start-up is strict).
+    pub(crate) async fn start(sh: &Arc<Shared>, cfg: &Config) -> Result<Listeners, BindFailure> {
+        let mut l = Listeners::default();
+        for (key, (addr, what)) in desired(cfg) {
+            match TcpListener::bind(addr).await {
+                Ok(tcp) => l.spawn(sh, key, addr, what, tcp),
+                Err(source) => return Err(BindFailure { addr, what, source }),
+            }
+        }
+        l.publish(sh);
+        Ok(l)
+    }
+
+    /// Whether some listener the configuration asks for is not bound.
+    pub(crate) fn has_failed(&self) -> bool {
+        !self.failed.is_empty()
+    }
+
+    /// Make the listeners match `cfg`: stop removed ones, rebind moved ones, bind new ones
+    /// and retry failed ones. Never fails: a bind failure is logged and recorded.
+    pub(crate) async fn reconcile(&mut self, sh: &Arc<Shared>, cfg: &Config) {
+        let want = desired(cfg);
+        let workload = &sh.workload_key;
+        // 1. Stop what is gone or moves (first, so a moved address can be reused at once).
+        let stale: Vec<Listener> = self
+            .running
+            .iter()
+            .filter(|(k, r)| want.get(k).is_none_or(|(a, _)| *a != r.addr))
+            .map(|(k, _)| *k)
+            .collect();
+        for key in stale {
+            let Some(r) = self.running.remove(&key) else {
+                continue;
+            };
+            match want.get(&key) {
+                Some((to, _)) => tracing::info!(
+                    %workload, listener = %r.what, from = %r.addr, to = %to,
+                    "listener moves: stopped accepting on the old address; its open connections drain"
+                ),
+                None => tracing::info!(
+                    %workload, listener = %r.what, address = %r.addr,
+                    "listener removed from workloads.yaml: stopped accepting; its open connections drain"
+                ),
+            }
+            let _ = r.close.send(true);
+            if tokio::time::timeout(STOP_WAIT, r.task).await.is_err() {
+                tracing::warn!(%workload, address = %r.addr, "accept loop slow to stop");
+            }
+        }
+        self.failed.retain(|k, _| want.contains_key(k));
+        // 2. Bind what is new, moved, or failed before.
+        for (key, (addr, what)) in want {
+            if let Some(r) = self.running.get_mut(&key) {
+                r.what = what; // the protocol may have changed
+                continue;
+            }
+            match TcpListener::bind(addr).await {
+                Ok(tcp) => {
+                    if let Some(f) = self.failed.remove(&key) {
+                        tracing::info!(%workload, listener = %what, address = %addr,
+                            previous_error = %f.error, "listening now (an earlier bind had failed)");
+                    } else {
+                        tracing::info!(%workload, listener = %what, address = %addr, "listening (live registry edit)");
+                    }
+                    self.spawn(sh, key, addr, what, tcp);
+                }
+                Err(e) => {
+                    let error = e.to_string();
+                    let same = self
+                        .failed
+                        .get(&key)
+                        .is_some_and(|f| f.addr == addr && f.error == error);
+                    if same {
+                        tracing::debug!(%workload, listener = %what, address = %addr, %error, "bind retry failed");
+                    } else {
+                        tracing::error!(
+                            %workload, listener = %what, address = %addr, %error,
+                            "cannot listen on {addr} for {what} of {workload}: {error}; the other listeners keep serving; retried on every reload and folder poll"
+                        );
+                        self.failed.insert(
+                            key,
+                            Failed {
+                                addr,
+                                what,
+                                error,
+                                since: SystemTime::now(),
+                            },
+                        );
+                    }
+                }
+            }
+        }
+        self.publish(sh);
+    }
+
+    fn spawn(
+        &mut self,
+        sh: &Arc<Shared>,
+        key: Listener,
+        addr: SocketAddr,
+        what: String,
+        tcp: TcpListener,
+    ) {
+        let (close, close_rx) = watch::channel(false);
+        let task = tokio::spawn(accept_loop(sh.clone(), tcp, key, close_rx));
+        self.running.insert(
+            key,
+            Running {
+                addr,
+                what,
+                since: SystemTime::now(),
+                close,
+                task,
+            },
+        );
+    }
+
+    /// Copy the state for the admin endpoint.
+    fn publish(&self, sh: &Shared) {
+        let mut v: Vec<(Listener, ListenerStatus)> = self
+            .running
+            .iter()
+            .map(|(k, r)| {
+                (
+                    *k,
+                    ListenerStatus {
+                        what: r.what.clone(),
+                        addr: r.addr,
+                        error: None,
+                        since: r.since,
+                    },
+                )
+            })
+            .chain(self.failed.iter().map(|(k, f)| {
+                (
+                    *k,
+                    ListenerStatus {
+                        what: f.what.clone(),
+                        addr: f.addr,
+                        error: Some(f.error.clone()),
+                        since: f.since,
+                    },
+                )
+            }))
+            .collect();
+        v.sort_by_key(|(k, _)| *k);
+        *sh.listener_status.lock().unwrap_or_else(|e| e.into_inner()) =
+            v.into_iter().map(|(_, s)| s).collect();
+    }
+}
