@@ -486,3 +486,117 @@ impl PortStats {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::convert::Infallible;
+
+    use http_body_util::{BodyExt as _, Empty, StreamBody};
+
+    use super::*;
+
+    type Frames =
+        StreamBody<futures::stream::Iter<std::vec::IntoIter<Result<Frame<Bytes>, Infallible>>>>;
+
+    fn body(frames: Vec<Frame<Bytes>>) -> Frames {
+        StreamBody::new(futures::stream::iter(
+            frames.into_iter().map(Ok).collect::<Vec<_>>(),
+        ))
+    }
+
+    fn recorded(s: &Series) -> Vec<(ReqKey, u64)> {
+        let m = s.stats.lock().unwrap();
+        let mut v: Vec<_> = m.iter().map(|(k, st)| (*k, st.count)).collect();
+        v.sort();
+        v
+    }
+
+    fn response(grpc_status: Option<&str>) -> Response<()> {
+        let mut b = Response::builder()
+            .status(200)
+            .header("content-type", "application/grpc");
+        if let Some(s) = grpc_status {
+            b = b.header("grpc-status", s);
+        }
+        b.body(()).unwrap()
+    }
+
+    fn trailers(status: &str) -> Frame<Bytes> {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", status.parse().unwrap());
+        Frame::trailers(t)
+    }
+
+    #[tokio::test]
+    async fn grpc_status_comes_from_the_trailers_when_the_body_ends() {
+        let m = Metrics::default();
+        let s = m.series("a=\"b\"".into());
+        let p = Pending::new(s.clone(), Instant::now(), true, &response(None), "-");
+        let b = Metered::new(
+            body(vec![Frame::data(Bytes::from_static(b"msg")), trailers("5")]),
+            p,
+        );
+        assert!(recorded(&s).is_empty(), "nothing before the end");
+        let collected = b.collect().await.unwrap();
+        assert!(collected.trailers().is_some());
+        assert_eq!(recorded(&s), vec![((200, Some(5), "-"), 1)]);
+        let text = m.render();
+        assert!(text.contains("grpc_response_status=\"5\""), "{text}");
+    }
+
+    #[tokio::test]
+    async fn fallbacks_headers_then_http_status_and_not_grpc() {
+        let m = Metrics::default();
+        let s = m.series("a=\"b\"".into());
+        // trailers-only (status in the headers), empty body hyper never polls
+        let p = Pending::new(s.clone(), Instant::now(), true, &response(Some("7")), "-");
+        drop(Metered::new(Empty::<Bytes>::new(), p));
+        // gRPC body ending without any status: mapped from HTTP 200 (UNKNOWN)
+        let p = Pending::new(s.clone(), Instant::now(), true, &response(None), "-");
+        let b = Metered::new(body(vec![Frame::data(Bytes::from_static(b"x"))]), p);
+        b.collect().await.unwrap();
+        // not gRPC: no status at all
+        let p = Pending::new(s.clone(), Instant::now(), false, &response(None), "-");
+        Metered::new(body(vec![]), p).collect().await.unwrap();
+        assert_eq!(
+            recorded(&s),
+            vec![
+                ((200, None, "-"), 1),
+                ((200, Some(2), "-"), 1),
+                ((200, Some(7), "-"), 1)
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_dropped_before_its_end_is_flagged_dc() {
+        let m = Metrics::default();
+        let s = m.series("a=\"b\"".into());
+        let p = Pending::new(s.clone(), Instant::now(), true, &response(None), "-");
+        let mut b = Metered::new(
+            body(vec![Frame::data(Bytes::from_static(b"1")), trailers("0")]),
+            p,
+        );
+        let _first = b.frame().await;
+        drop(b);
+        assert_eq!(recorded(&s), vec![((200, Some(2), "DC"), 1)]);
+    }
+
+    #[test]
+    fn http_statuses_map_to_grpc_as_envoy_does() {
+        for (http, grpc) in [
+            (400, 13),
+            (401, 16),
+            (403, 7),
+            (404, 12),
+            (429, 14),
+            (502, 14),
+            (503, 14),
+            (504, 14),
+            (200, 2),
+            (500, 2),
+        ] {
+            assert_eq!(http_to_grpc(http), grpc, "{http}");
+        }
+    }
+}
