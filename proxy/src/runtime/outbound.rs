@@ -94,64 +94,6 @@ pub(super) enum NoRoute {
 pub(crate) struct Outbound {
     pools: Mutex<HashMap<PeerKey, Arc<PeerPool>>>,
     routes: ArcSwapOption<RouteTable>,
-    /// Idle upstream HTTP/1.1 connections whose client connection ended (see [`park`]).
-    parked: Mutex<Vec<Parked>>,
-}
-
-/// A parked idle connection: its destination's pool, its handle, when it was parked.
-type Parked = (Arc<PeerPool>, SendRequest<Incoming>, Instant);
-
-/// Most parked idle upstream connections, and how long one stays parked unused.
-const MAX_PARKED: usize = 256;
-const PARKED_IDLE: Duration = Duration::from_secs(60);
-
-impl Outbound {
-    /// An idle parked connection to `pool`'s destination, if any.
-    fn unpark(&self, pool: &Arc<PeerPool>) -> Option<SendRequest<Incoming>> {
-        let mut p = self.expire_parked();
-        let i = p
-            .iter()
-            .position(|(pl, s, _)| Arc::ptr_eq(pl, pool) && s.is_ready())?;
-        Some(p.swap_remove(i).1)
-    }
-
-    /// Drop (close) parked connections that closed or stayed unused too long.
-    fn expire_parked(&self) -> std::sync::MutexGuard<'_, Vec<Parked>> {
-        let mut p = self.parked.lock().unwrap_or_else(|e| e.into_inner());
-        p.retain(|(_, s, at)| !s.is_closed() && at.elapsed() < PARKED_IDLE);
-        p
-    }
-}
-
-/// When a client connection ends, its idle upstream connections are parked for the next
-/// client connections (an app that opens a connection per request must not pay an mTLS
-/// handshake per request); a task of their own keeps driving them until they close, and
-/// they are dropped (closed) after [`PARKED_IDLE`] unused.
-fn park(sh: &Arc<Shared>, local: &LocalConns, mut drivers: FuturesUnordered<Driver>) {
-    let senders = std::mem::take(&mut *local.senders.lock().unwrap_or_else(|e| e.into_inner()));
-    {
-        // (a connection unparked earlier is still driven by the task that parked it)
-        let mut p = sh.peers.expire_parked();
-        for (pool, s) in senders {
-            if s.is_ready() && p.len() < MAX_PARKED {
-                p.push((pool, s, Instant::now()));
-            }
-        }
-    }
-    if drivers.is_empty() {
-        return;
-    }
-    let sh = sh.clone();
-    tokio::spawn(async move {
-        // Dropping the last handle of an idle connection ends its driver.
-        let mut sweep = tokio::time::interval(PARKED_IDLE / 4);
-        loop {
-            tokio::select! {
-                d = drivers.next() => if d.is_none() { return },
-                _ = sweep.tick() => drop(sh.peers.expire_parked()),
-            }
-        }
-    });
 }
 
 fn source_labels(cfg: &Config, dest: &WorkloadEntry, mtls: bool) -> Labels {
@@ -370,7 +312,6 @@ async fn outbound_h1_conn(sh: &Arc<Shared>, tcp: TcpStream) {
         senders: Mutex::new(Vec::new()),
         drivers: tx,
     });
-    let local_end = local.clone();
     let svc_sh = sh.clone();
     let svc = hyper::service::service_fn(move |req| {
         let sh = svc_sh.clone();
@@ -393,7 +334,7 @@ async fn outbound_h1_conn(sh: &Arc<Shared>, tcp: TcpStream) {
                 if let Err(e) = r {
                     tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
                 }
-                return park(sh, &local_end, drivers);
+                return;
             }
             Some(d) = rx.recv() => drivers.push(d),
             Some(()) = drivers.next(), if !drivers.is_empty() => {}
@@ -437,10 +378,7 @@ async fn send_local(
 ) -> Result<Response<Incoming>, String> {
     let mut sender = match local.take(&route.pool) {
         Some(s) if !s.is_closed() => s,
-        _ => match sh.peers.unpark(&route.pool) {
-            Some(s) => s,
-            None => local_conn(sh, route, local).await?,
-        },
+        _ => local_conn(sh, route, local).await?,
     };
     if sender.ready().await.is_err() {
         sender = local_conn(sh, route, local).await?;
