@@ -429,6 +429,35 @@ fn outbound_auto_mtls_grpc_status_and_connect() {
         "{body}"
     );
 
+    // an app opening a connection per request: the upstream mTLS connection is reused
+    let be_mtls_conns = || -> u64 {
+        let m: serde_json::Value =
+            serde_json::from_str(&get(&format!("http://127.0.0.1:{}/mtls", p.be_admin))).unwrap();
+        m["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["port"] == 8080)
+            .unwrap()["since_start"]["mtls_connections"]
+            .as_u64()
+            .unwrap()
+    };
+    let before = be_mtls_conns();
+    for i in 0..4 {
+        let (code, body) = curl(&[
+            "-x",
+            &proxy_arg,
+            &format!("http://backend.api:8080/again/{i}"),
+        ]);
+        assert_eq!(code, "200", "{body}");
+        std::thread::sleep(Duration::from_millis(300));
+    }
+    let handshakes = be_mtls_conns() - before;
+    assert!(
+        handshakes <= 1,
+        "4 client connections in a row made {handshakes} mTLS connections"
+    );
+
     // a live mode edit applies to new connections: STRICT -> mTLS, back to DISABLE -> plaintext
     set_old_mode(&mesh, "STRICT");
     wait_for(

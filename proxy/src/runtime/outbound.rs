@@ -15,26 +15,21 @@
 
 use std::collections::HashMap;
 use std::convert::Infallible;
-use std::future::Future;
 use std::net::SocketAddr;
-use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use arc_swap::ArcSwapOption;
 use bytes::Bytes;
-use futures::stream::{FuturesUnordered, StreamExt};
 use http::uri::{Authority, PathAndQuery, Scheme};
 use http::{HeaderValue, Method, Request, Response, Uri, Version, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use hyper::client::conn::http1::SendRequest;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use rampart_authz::MtlsMode;
 use rampart_certs::SpiffeId;
 use tokio::net::TcpStream;
-use tokio::sync::mpsc;
 
 use super::{Body, Config, Shared, is_grpc_request, owned_text_response, text_response};
 use crate::conn::{PeerConnector, PeerStream, Target};
@@ -68,8 +63,6 @@ pub(super) struct Route {
     pub(super) protocol: PortProtocol,
     pub(super) mtls: bool,
     pub(super) target: Arc<Target>,
-    /// The same with the HTTP ALPN of the port.
-    pub(super) http_target: Arc<Target>,
     pub(super) pool: Arc<PeerPool>,
     /// Source-reporter labels of this destination's TCP series.
     pub(super) tcp_labels: Arc<str>,
@@ -214,7 +207,6 @@ impl Outbound {
             protocol: port.protocol,
             mtls,
             target: Arc::new(tcp_target),
-            http_target: target,
             pool,
             tcp_labels: labels.render("tcp"),
         })
@@ -236,52 +228,13 @@ fn no_route_response(authority: &str, e: NoRoute) -> Response<Body> {
     }
 }
 
-/// A future driving one upstream connection owned by a downstream connection.
-type Driver = Pin<Box<dyn Future<Output = ()> + Send>>;
-
-/// The upstream HTTP/1.1 connections of one downstream HTTP/1.1 connection.
-///
-/// Why: through the shared pool (hyper-util's legacy client) each request crosses tasks
-/// twice (pool checkout, hand-off to the connection task, response back), and the
-/// connection task often runs on the other worker thread. Here the upstream connection is
-/// driven by the downstream connection's own task, as the upstream-port path does with its
-/// byte relay: one task per client connection, no pool lookup, no cross-thread wake-ups.
-/// HTTP/1.1 has one request in flight per connection, so one upstream connection per
-/// destination is enough; HTTP/2 destination ports keep the shared pool (multiplexed).
-struct LocalConns {
-    senders: Mutex<Vec<(Arc<PeerPool>, SendRequest<Incoming>)>>,
-    drivers: mpsc::UnboundedSender<Driver>,
-}
-
-impl LocalConns {
-    fn take(&self, pool: &Arc<PeerPool>) -> Option<SendRequest<Incoming>> {
-        let mut v = self.senders.lock().unwrap_or_else(|e| e.into_inner());
-        let i = v.iter().position(|(p, _)| Arc::ptr_eq(p, pool))?;
-        Some(v.swap_remove(i).1)
-    }
-
-    fn put(&self, pool: &Arc<PeerPool>, s: SendRequest<Incoming>) {
-        let mut v = self.senders.lock().unwrap_or_else(|e| e.into_inner());
-        v.push((pool.clone(), s));
-    }
-}
-
-/// Serve one connection of the outbound HTTP-proxy listener: HTTP/1.1 (with `CONNECT`) on
-/// [`outbound_h1_conn`], h2c (prior knowledge) on hyper's auto server with the shared pools.
+/// Serve one connection of the outbound HTTP-proxy listener (HTTP/1.1 with `CONNECT`, or
+/// h2c).
 pub(super) async fn outbound_http_conn(sh: &Arc<Shared>, tcp: TcpStream, _peer: SocketAddr) {
-    const PREFACE: &[u8] = b"PRI";
-    let mut first = [0u8; 3];
-    let n = match tokio::time::timeout(Duration::from_secs(10), tcp.peek(&mut first)).await {
-        Ok(Ok(n)) if n > 0 => n,
-        _ => return,
-    };
-    if first[..n] != PREFACE[..n] {
-        return outbound_h1_conn(sh, tcp).await;
-    }
     let svc_sh = sh.clone();
     let svc = hyper::service::service_fn(move |req| {
         let sh = svc_sh.clone();
-        async move { Ok::<_, Infallible>(outbound_request(&sh, None, req).await) }
+        async move { Ok::<_, Infallible>(outbound_request(&sh, req).await) }
     });
     let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
     let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
@@ -304,92 +257,6 @@ pub(super) async fn outbound_http_conn(sh: &Arc<Shared>, tcp: TcpStream, _peer: 
     let _ = conn.await;
 }
 
-/// An HTTP/1.1 client connection: its upstream connections live and are driven in this
-/// task (see [`LocalConns`]).
-async fn outbound_h1_conn(sh: &Arc<Shared>, tcp: TcpStream) {
-    let (tx, mut rx) = mpsc::unbounded_channel::<Driver>();
-    let local = Arc::new(LocalConns {
-        senders: Mutex::new(Vec::new()),
-        drivers: tx,
-    });
-    let svc_sh = sh.clone();
-    let svc = hyper::service::service_fn(move |req| {
-        let sh = svc_sh.clone();
-        let local = local.clone();
-        async move { Ok::<_, Infallible>(outbound_request(&sh, Some(&local), req).await) }
-    });
-    let conn = hyper::server::conn::http1::Builder::new()
-        .serve_connection(TokioIo::new(tcp), svc)
-        .with_upgrades();
-    tokio::pin!(conn);
-    let mut drivers = FuturesUnordered::new();
-    let mut stop = crate::listeners::drain_signal(sh);
-    let mut draining = *stop.borrow();
-    if draining {
-        conn.as_mut().graceful_shutdown();
-    }
-    loop {
-        tokio::select! {
-            r = conn.as_mut() => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
-                }
-                return;
-            }
-            Some(d) = rx.recv() => drivers.push(d),
-            Some(()) = drivers.next(), if !drivers.is_empty() => {}
-            _ = stop.changed(), if !draining => {
-                draining = true;
-                conn.as_mut().graceful_shutdown();
-            }
-        }
-    }
-}
-
-/// A new upstream HTTP/1.1 connection for `route`, its driver handed to the owning task.
-async fn local_conn(
-    sh: &Shared,
-    route: &Route,
-    local: &LocalConns,
-) -> Result<SendRequest<Incoming>, String> {
-    let stream = PeerStream::connect(&sh.identity, &route.http_target, route.mtls).await?;
-    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
-        .await
-        .map_err(|e| error_chain(&e))?;
-    let name = route.name.clone();
-    let driver: Driver = Box::pin(async move {
-        if let Err(e) = conn.await {
-            tracing::debug!(destination = %name, error = %e, "upstream HTTP connection ended with an error");
-        }
-    });
-    local
-        .drivers
-        .send(driver)
-        .map_err(|_| "the client connection is closing".to_string())?;
-    Ok(sender)
-}
-
-/// Send `req` on this connection's own upstream connection for `route`.
-async fn send_local(
-    sh: &Shared,
-    route: &Route,
-    local: &LocalConns,
-    req: Request<Incoming>,
-) -> Result<Response<Incoming>, String> {
-    let mut sender = match local.take(&route.pool) {
-        Some(s) if !s.is_closed() => s,
-        _ => local_conn(sh, route, local).await?,
-    };
-    if sender.ready().await.is_err() {
-        sender = local_conn(sh, route, local).await?;
-        sender.ready().await.map_err(|e| error_chain(&e))?;
-    }
-    let fut = sender.send_request(req);
-    // HTTP/1.1: the next request on this connection waits in `ready()` until this one is done.
-    local.put(&route.pool, sender);
-    fut.await.map_err(|e| error_chain(&e))
-}
-
 fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();
@@ -400,11 +267,7 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
-async fn outbound_request(
-    sh: &Arc<Shared>,
-    local: Option<&LocalConns>,
-    mut req: Request<Incoming>,
-) -> Response<Body> {
+async fn outbound_request(sh: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     if req.method() == Method::CONNECT {
         return connect_tunnel(sh, req).await;
@@ -440,16 +303,9 @@ async fn outbound_request(
     {
         req.headers_mut().insert(header::HOST, v);
     }
+    parts.authority = Some(authority);
     if parts.path_and_query.is_none() {
         parts.path_and_query = Some(PathAndQuery::from_static("/"));
-    }
-    let local = local.filter(|_| !h2);
-    if local.is_none() {
-        // the pool needs the absolute form; a connection of our own sends the origin form
-        parts.authority = Some(authority);
-    } else {
-        parts.scheme = None;
-        parts.authority = None;
     }
     match Uri::from_parts(parts) {
         Ok(u) => *req.uri_mut() = u,
@@ -464,18 +320,13 @@ async fn outbound_request(
     };
     let grpc = is_grpc_request(&req);
     let pool = &route.pool;
-    let sent = async {
-        match local {
-            Some(local) => send_local(sh, &route, local, req).await,
-            None => pool.client.request(req).await.map_err(|e| error_chain(&e)),
-        }
-    };
-    match tokio::time::timeout(sh.request_timeout, sent).await {
+    match tokio::time::timeout(sh.request_timeout, pool.client.request(req)).await {
         Ok(Ok(r)) => {
             let pending = Pending::new(pool.series.clone(), start, grpc, &r, "-");
             r.map(|b| Either::Left(Metered::new(b, pending)))
         }
-        Ok(Err(msg)) => {
+        Ok(Err(e)) => {
+            let msg = error_chain(&e);
             tracing::warn!(destination = %route.name, error = %msg, "outbound request failed");
             let r = owned_text_response(503, format!("upstream connect error: {msg}\n"));
             Pending::new(pool.series.clone(), start, grpc, &r, "UF").finish(None, None);
