@@ -10,7 +10,7 @@
 //! server (std threads) whose behaviour the assertions control.
 
 mod support;
-use support::python;
+use support::{Proc, free_port, python};
 
 #[path = "../proxy/tests/support/sds_standin.rs"]
 mod sds_standin;
@@ -18,20 +18,12 @@ mod sds_standin;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use sds_standin::{Reply, TestCa};
 
 const TD: &str = "cluster.local";
-
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
 
 fn rampart_bin() -> &'static str {
     env!("CARGO_BIN_EXE_rampart")
@@ -48,24 +40,6 @@ fn rampart(args: &[&str]) -> Output {
 }
 
 /// A child process killed on drop.
-struct Proc {
-    child: Child,
-    log: PathBuf,
-}
-
-impl Proc {
-    fn log(&self) -> String {
-        std::fs::read_to_string(&self.log).unwrap_or_default()
-    }
-}
-
-impl Drop for Proc {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
 fn start_proxy(mesh: &Path, workload: &str, sds: &Path, log: PathBuf) -> Proc {
     let f = std::fs::File::create(&log).unwrap();
     let child = Command::new(rampart_bin())
@@ -154,23 +128,7 @@ fn get(url: &str) -> String {
 }
 
 fn wait_for(what: &str, timeout: Duration, f: impl FnMut() -> bool) {
-    wait_for_or(what, timeout, f, String::new)
-}
-
-fn wait_for_or(
-    what: &str,
-    timeout: Duration,
-    mut f: impl FnMut() -> bool,
-    log: impl Fn() -> String,
-) {
-    let start = Instant::now();
-    while start.elapsed() < timeout {
-        if f() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    panic!("timed out waiting for {what}\n{}", log());
+    support::wait_for(what, timeout, f, String::new)
 }
 
 fn sha256_der_hex(dir: &Path, pem: &Path) -> String {
@@ -425,7 +383,7 @@ fn proxy_pair_with_real_clients() {
 
     let backend = start_proxy(&mesh, "api/backend", &sds_b, wp.join("backend.log"));
     let admin = format!("http://127.0.0.1:{}", p.admin_b);
-    wait_for_or(
+    support::wait_for(
         "backend admin",
         Duration::from_secs(20),
         || curl(&[&format!("{admin}/ready")]).0 != "000",
@@ -455,7 +413,7 @@ fn proxy_pair_with_real_clients() {
             ca.secrets(&format!("spiffe://{TD}/ns/api/sa/backend"), 1),
         ))
         .unwrap();
-    wait_for_or(
+    support::wait_for(
         "backend ready",
         Duration::from_secs(10),
         || curl(&[&format!("{admin}/ready")]).0 == "200",
@@ -800,7 +758,7 @@ print(call(b"hello grpc", timeout=5).decode())
     // --- frontend proxy: outbound HTTP proxy and TCP upstream, mTLS to the backend ---
     let frontend = start_proxy(&mesh, "web/frontend", &sds_f, wp.join("frontend.log"));
     let fe_admin = format!("http://127.0.0.1:{}", p.fe_admin);
-    wait_for_or(
+    support::wait_for(
         "frontend ready",
         Duration::from_secs(20),
         || curl(&[&format!("{fe_admin}/ready")]).0 == "200",
@@ -1009,7 +967,7 @@ print(call(b"hello grpc", timeout=5).decode())
         "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: api}\nspec: {mtls: {mode: DISABLE}}\n",
     )
     .unwrap();
-    wait_for_or(
+    support::wait_for(
         "DISABLE in force",
         Duration::from_secs(10),
         || curl(&[&format!("http://{in_http}/hello")]).0 == "200",
