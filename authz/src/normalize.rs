@@ -192,7 +192,7 @@ fn canonicalize(p: &str) -> String {
             match (hex_val(b[i + 1]), hex_val(b[i + 2])) {
                 (Some(h), Some(l)) => {
                     let v = h * 16 + l;
-                    if is_unreserved(v) {
+                    if is_unreserved(v) && !completes_escape(&buf, v) {
                         buf.push(v);
                     } else {
                         buf.extend_from_slice(&b[i..i + 3]);
@@ -215,6 +215,24 @@ fn canonicalize(p: &str) -> String {
     // All bytes are ASCII now.
     let s = String::from_utf8(buf).unwrap_or_default();
     remove_dot_segments(&s)
+}
+
+/// Whether pushing the decoded byte `v` after `buf` would make a new `%XX` escape together
+/// with a stray `%` already in `buf` (one not followed by two hex digits in the input): e.g.
+/// `%2%65` would decode to `%2e`, which a second decoding (the upstream app's) turns into
+/// `.`, so the path policies matched would not be the path the app acts on. Such a byte is
+/// kept encoded, which keeps normalization idempotent. (A `%` copied as part of a valid escape
+/// is always followed by its two hex digits in `buf`, so a `%` in the last two places is
+/// stray.)
+fn completes_escape(buf: &[u8], v: u8) -> bool {
+    if !v.is_ascii_hexdigit() {
+        return false;
+    }
+    match buf {
+        [.., b'%'] => true,
+        [.., b'%', h] => h.is_ascii_hexdigit(),
+        _ => false,
+    }
 }
 
 /// RFC 3986 §5.2.4 on an absolute path: `..` above the root stays at the root.
@@ -360,7 +378,7 @@ mod tests {
         }
 
         #[test]
-        fn normalization_is_idempotent(p in "/[a/.%2Fe5cC\\\\;]{0,16}") {
+        fn normalization_is_idempotent(p in "/[a/.%2Fe5cC3467\\\\;]{0,16}") {
             for m in [Base, MergeSlashes, DecodeAndMergeSlashes] {
                 if p.contains("%00") { continue; }
                 let once = normalize_path(&p, m).unwrap().path;
@@ -380,6 +398,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Found by the `normalize_path` fuzz target: a stray `%` followed by an encoded hex
+    /// digit made a new escape (`%7%41` → `%7A`), so normalizing again decoded it (`z`).
+    /// With `%2%65` that smuggled `%2e` past dot-segment removal (`/a/%2%65%2%65/admin`
+    /// would reach the app as `/a/%2e%2e/admin`, i.e. `/admin`).
+    #[test]
+    fn decoding_never_makes_a_new_escape() {
+        for m in [Base, MergeSlashes, DecodeAndMergeSlashes] {
+            for (raw, want) in [
+                ("/`a/`a%41%7%41%7/", "/%60a/%60aA%7%41%7/"),
+                ("/%7%41", "/%7%41"),
+                ("/a/%2%65%2%65/admin", "/a/%2%65%2%65/admin"),
+                ("/%%32%65", "/%%32e"),
+                ("/%%300", "/%%300"),
+                ("/%41%%42", "/A%%42"),
+                ("/100%/%41", "/100%/A"),
+            ] {
+                let once = n(raw, m);
+                assert_eq!(once, want, "{m:?}: {raw}");
+                assert_eq!(n(&once, m), once, "{m:?}: {raw}");
+            }
+        }
+        // `%2%65` does not become a dot segment either.
+        assert_eq!(n("/a/%2%65%2%65/../b", Base), "/a/b");
     }
 
     #[test]

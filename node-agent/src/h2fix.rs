@@ -32,6 +32,13 @@ const MAX_FRAME: usize = 16_384;
 const MAX_IN_FRAME: usize = 1 << 20;
 /// Largest header block accepted (h2's default max header list size is 16 KiB; allow slack).
 const MAX_BLOCK: usize = 64 * 1024;
+/// Largest decoded header list accepted (RFC 7541 §4.1 sizes: name + value + 32 each). HPACK
+/// lets a small block expand a lot (one byte per repeat of a dynamic-table entry), so the
+/// decoded size is bounded on its own.
+const MAX_LIST: usize = 64 * 1024;
+/// SETTINGS_HEADER_TABLE_SIZE the server advertises (the default: h2 does not change it); a
+/// client's dynamic table size update above it is a COMPRESSION_ERROR (RFC 7541 §6.3).
+const MAX_TABLE: usize = 4096;
 
 struct Pending {
     stream_id: u32,
@@ -75,7 +82,11 @@ impl<S> AuthorityFix<S> {
             preface_done: false,
             eof: false,
             pending: None,
-            decoder: loona_hpack::Decoder::new(),
+            decoder: {
+                let mut d = loona_hpack::Decoder::new();
+                d.set_max_allowed_table_size(MAX_TABLE);
+                d
+            },
             encoder: loona_hpack::Encoder::new(),
         }
     }
@@ -125,6 +136,9 @@ impl<S> AuthorityFix<S> {
                         }
                         p = &p[5..];
                     }
+                    if p.len() > MAX_BLOCK {
+                        return Err(bad("header block too large"));
+                    }
                     self.pending = Some(Pending {
                         stream_id: sid,
                         end_stream: flags & FLAG_END_STREAM != 0,
@@ -162,10 +176,19 @@ impl<S> AuthorityFix<S> {
         let Some(p) = self.pending.take() else {
             return Ok(());
         };
-        let mut headers = self
-            .decoder
-            .decode(&p.block)
+        let mut headers: Vec<(Vec<u8>, Vec<u8>)> = Vec::new();
+        let mut size = 0usize;
+        self.decoder
+            .decode_with_cb(&p.block, |name, value| {
+                size = size.saturating_add(name.len() + value.len() + 32);
+                if size <= MAX_LIST {
+                    headers.push((name.into_owned(), value.into_owned()));
+                }
+            })
             .map_err(|e| bad(&format!("HPACK: {e:?}")))?;
+        if size > MAX_LIST {
+            return Err(bad("header list too large"));
+        }
         for (name, value) in &mut headers {
             if name.as_slice() == b":authority" && !valid_authority(value) {
                 *value = b"localhost".to_vec();
@@ -209,6 +232,21 @@ impl<S> AuthorityFix<S> {
         self.out.extend_from_slice(&sid.to_be_bytes());
         self.out.extend_from_slice(payload);
     }
+}
+
+/// Run the client-to-server rewrite over `chunks`, delivered in that order as socket reads,
+/// then end of stream: the bytes the server would read, or the error that ends the
+/// connection (used by regression tests and the `fuzzing` feature's entry point).
+#[cfg(any(test, feature = "fuzzing"))]
+pub(crate) fn rewrite_chunks(chunks: &[&[u8]]) -> io::Result<Vec<u8>> {
+    let mut fix = AuthorityFix::new(());
+    for chunk in chunks.iter().filter(|c| !c.is_empty()) {
+        fix.raw.extend_from_slice(chunk);
+        fix.process()?;
+    }
+    // End of stream: an incomplete tail passes through (as in `poll_read`).
+    fix.out.append(&mut fix.raw);
+    Ok(fix.out)
 }
 
 fn end(end_stream: bool) -> u8 {
@@ -390,6 +428,69 @@ mod tests {
         );
         // the DATA frame passed unchanged
         assert!(out.windows(4).any(|w| w == b"data"));
+    }
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    /// HPACK literal with incremental indexing, literal name (lengths < 127).
+    fn indexed_literal(name: &[u8], value: &[u8]) -> Vec<u8> {
+        let mut v = vec![0x40, name.len() as u8];
+        v.extend_from_slice(name);
+        v.extend(loona_hpack::encoder::encode_integer(value.len(), 7));
+        v.extend_from_slice(value);
+        v
+    }
+
+    /// A 20-byte HEADERS block naming a 3000-byte dynamic-table entry 2000 times decodes to
+    /// about 6 MB of headers (a 1 MiB frame would make it about 3 GB): refused, as the h2
+    /// server behind would refuse the header list anyway.
+    #[test]
+    fn header_list_expanding_past_the_limit_is_refused() {
+        let mut block = indexed_literal(b"x-big", &[b'a'; 3000]);
+        block.extend(std::iter::repeat_n(0xbe, 2000)); // dynamic index 62
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        let err = rewrite_chunks(&[&input]).unwrap_err();
+        assert!(err.to_string().contains("header list too large"), "{err}");
+        // Under the limit the same shape is rewritten.
+        let mut block = indexed_literal(b"x-big", &[b'a'; 3000]);
+        block.extend(std::iter::repeat_n(0xbe, 10));
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        assert!(rewrite_chunks(&[&input]).is_ok());
+    }
+
+    /// A dynamic table size update above the 4096 octets the server advertises is a
+    /// compression error (RFC 7541 §6.3); accepted, it let a client grow our table without
+    /// bound.
+    #[test]
+    fn table_size_update_above_the_advertised_size_is_refused() {
+        let mut block = vec![0x3f];
+        block.extend(&loona_hpack::encoder::encode_integer(1 << 30, 5)[1..]);
+        block.extend(indexed_literal(b"x-a", b"b"));
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        assert!(rewrite_chunks(&[&input]).is_err());
+        // Shrinking it is allowed.
+        let mut block = vec![0x3f];
+        block.extend(&loona_hpack::encoder::encode_integer(100, 5)[1..]);
+        block.extend(indexed_literal(b"x-a", b"b"));
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        assert!(rewrite_chunks(&[&input]).is_ok());
+    }
+
+    #[test]
+    fn single_headers_frame_longer_than_a_block_is_refused() {
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            TYPE_HEADERS,
+            FLAG_END_HEADERS,
+            1,
+            &vec![0x82; MAX_BLOCK + 1],
+        ));
+        let err = rewrite_chunks(&[&input]).unwrap_err();
+        assert!(err.to_string().contains("header block too large"), "{err}");
     }
 
     #[tokio::test]

@@ -41,3 +41,15 @@ pub use self::{
     uds::{SocketGuard, bind_unix},
     workload_api::WorkloadApiService,
 };
+
+/// Entry points for the fuzz targets in `node-agent/fuzz` (feature `fuzzing`); not part of
+/// the supported API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The HTTP/2 `:authority` rewrite applied to a Unix-socket client's bytes, fed as the
+    /// given socket reads and then end of stream.
+    pub fn h2fix_rewrite(chunks: &[&[u8]]) -> std::io::Result<Vec<u8>> {
+        crate::h2fix::rewrite_chunks(chunks)
+    }
+}

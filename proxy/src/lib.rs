@@ -18,9 +18,22 @@ pub mod mesh;
 mod metrics;
 mod runtime;
 mod sds;
+mod sniff;
 
 pub use self::{
     error::Error,
     runtime::{ProxyOptions, run},
     sds::{DEFAULT_RESOURCE, ROOT_RESOURCE},
 };
+
+/// Entry points for the fuzz targets in `proxy/fuzz` (feature `fuzzing`); not part of the
+/// supported API.
+#[cfg(feature = "fuzzing")]
+#[doc(hidden)]
+pub mod fuzzing {
+    /// The inbound sniff and, for a TLS client, the proxy's mTLS server handshake over
+    /// `data` cut into socket reads at `cuts`: `(taken for TLS, handshake completed)`.
+    pub fn inbound_first_bytes(data: &[u8], cuts: &[usize]) -> (bool, bool) {
+        crate::sniff::inbound_first_bytes(data, cuts)
+    }
+}

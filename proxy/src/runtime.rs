@@ -516,7 +516,7 @@ async fn inbound_conn(sh: &Arc<Shared>, port: u16, tcp: TcpStream, peer: SocketA
     let mut first = [0u8; 1];
     let is_tls = match tokio::time::timeout(Duration::from_secs(5), tcp.peek(&mut first)).await {
         Ok(Ok(0)) | Ok(Err(_)) => return,
-        Ok(Ok(_)) => first[0] == 0x16,
+        Ok(Ok(_)) => crate::sniff::is_tls(first[0]),
         Err(_) => false, // client waits for the server: plaintext (server-first protocol)
     };
     let terminate_tls = match (mode, is_tls) {

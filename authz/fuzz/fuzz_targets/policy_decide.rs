@@ -15,7 +15,10 @@ fuzz_target!(|data: &[u8]| {
     };
     let loaded = load_str("fuzz.yaml", text);
     let resources = loaded.resources;
-    for mode in [PathNormalization::Base, PathNormalization::DecodeAndMergeSlashes] {
+    for mode in [
+        PathNormalization::Base,
+        PathNormalization::DecodeAndMergeSlashes,
+    ] {
         let mesh = MeshConfig {
             path_normalization: mode,
             ..MeshConfig::default()

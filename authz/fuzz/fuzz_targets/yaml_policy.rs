@@ -13,10 +13,17 @@ fuzz_target!(|data: &[u8]| {
         assert!(resource.origin().doc_index >= 1);
         assert!(!resource.name().is_empty());
         let report = rampart_authz::validate(resource);
-        assert!(report.errors.is_empty(), "accepted but invalid: {:?}", report.errors);
+        assert!(
+            report.errors.is_empty(),
+            "accepted but invalid: {:?}",
+            report.errors
+        );
     }
     for problem in &result.problems {
-        assert!(problem.doc_index >= 1, "load_str reports per document: {problem}");
+        assert!(
+            problem.doc_index >= 1,
+            "load_str reports per document: {problem}"
+        );
         assert!(!problem.reason.is_empty());
     }
 });

@@ -47,7 +47,11 @@ fuzz_target!(|data: &[u8]| {
     let now = UNIX_EPOCH + Duration::from_secs(1_800_000_000);
     if let Ok(verified) = jwt::verify(text, keys(), now, jwt::DEFAULT_LEEWAY) {
         let _ = (verified.issuer(), verified.subject(), verified.audiences());
-        let _ = (verified.expires_at(), verified.not_before(), verified.issued_at());
+        let _ = (
+            verified.expires_at(),
+            verified.not_before(),
+            verified.issued_at(),
+        );
         let _ = verified.service_account();
     }
 });
