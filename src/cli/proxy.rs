@@ -31,6 +31,12 @@ pub(crate) struct ProxyArgs {
     /// On SIGTERM/SIGINT: how long in-flight requests may take before they are cut.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Threads serving connections. One (as linkerd2-proxy defaults to) keeps a request's
+    /// hand-offs between its connections on one thread; on the 2-core benchmark machine it
+    /// beat two threads in req/s and p99 (docs/PERFORMANCE.md). Raise it for a proxy that
+    /// must use more than one core.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u16).range(1..=256))]
+    worker_threads: u16,
 }
 
 impl ProxyArgs {
@@ -56,6 +62,7 @@ impl ProxyArgs {
         opts.request_timeout = self.request_timeout;
         opts.drain_timeout = self.drain_timeout;
         let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(usize::from(self.worker_threads))
             .enable_all()
             .build()
             .context("starting the async runtime")?;
