@@ -10,7 +10,7 @@
 //! server (std threads) whose behaviour the assertions control.
 
 mod support;
-use support::{Proc, free_port, python};
+use support::{Proc, forward, free_port, python};
 
 #[path = "../proxy/tests/support/sds_standin.rs"]
 mod sds_standin;
@@ -999,24 +999,4 @@ print(call(b"hello grpc", timeout=5).decode())
     assert!(backend.log().contains("draining"), "{}", backend.log());
     drop(frontend);
     drop(rt);
-}
-
-/// Forward TCP from `from` to `to` (std threads).
-fn forward(from: u16, to: u16) {
-    let l = TcpListener::bind(("127.0.0.1", from)).unwrap();
-    std::thread::spawn(move || {
-        for a in l.incoming().flatten() {
-            let Ok(b) = TcpStream::connect(("127.0.0.1", to)) else {
-                continue;
-            };
-            let (mut ar, mut bw) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut ar, &mut bw);
-            });
-            let (mut br, mut aw) = (b, a);
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut br, &mut aw);
-            });
-        }
-    });
 }

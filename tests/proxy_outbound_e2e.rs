@@ -13,13 +13,13 @@
 //! (`proxy/tests/support/sds_standin.rs`), apps are `rampart echo` and a grpcio server.
 
 mod support;
-use support::{Proc, free_port, python, wait_for};
+use support::{Proc, forward, free_port, python, wait_for};
 
 #[path = "../proxy/tests/support/sds_standin.rs"]
 mod sds_standin;
 
 use std::io::{BufRead, BufReader, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -171,26 +171,6 @@ fn set_old_mode(dir: &Path, mode: &str) {
         format!("apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: default, namespace: old}}\nspec: {{mtls: {{mode: {mode}}}}}\n"),
     )
     .unwrap();
-}
-
-/// Forward TCP from `from` to `to` (std threads).
-fn forward(from: u16, to: u16) {
-    let l = TcpListener::bind(("127.0.0.1", from)).unwrap();
-    std::thread::spawn(move || {
-        for a in l.incoming().flatten() {
-            let Ok(b) = TcpStream::connect(("127.0.0.1", to)) else {
-                continue;
-            };
-            let (mut ar, mut bw) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut ar, &mut bw);
-            });
-            let (mut br, mut aw) = (b, a);
-            std::thread::spawn(move || {
-                let _ = std::io::copy(&mut br, &mut aw);
-            });
-        }
-    });
 }
 
 const GRPC_SERVER: &str = r#"

@@ -2,9 +2,11 @@
 //! them, so unused ones are expected.
 #![allow(dead_code)]
 
-use std::net::TcpListener;
+use std::io::{BufRead, BufReader};
+use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::Child;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 /// The Python interpreter that has the real clients the tests drive (grpcio, xds-protos,
@@ -97,4 +99,52 @@ pub(crate) fn write_atomic(path: &Path, text: &str) {
     ));
     std::fs::write(&tmp, text).unwrap();
     std::fs::rename(&tmp, path).unwrap();
+}
+
+/// A running `rampart up` whose stdout and stderr are collected as they come; killed when
+/// dropped if it is still running.
+pub(crate) struct Up {
+    pub(crate) child: Child,
+    pub(crate) stdout: Arc<Mutex<String>>,
+    pub(crate) stderr: Arc<Mutex<String>>,
+}
+
+impl Drop for Up {
+    fn drop(&mut self) {
+        if self.child.try_wait().ok().flatten().is_none() {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// Appends every line read from `r` to `into`, on a thread of its own.
+pub(crate) fn collect(r: impl std::io::Read + Send + 'static, into: Arc<Mutex<String>>) {
+    std::thread::spawn(move || {
+        for line in BufReader::new(r).lines().map_while(Result::ok) {
+            let mut s = into.lock().unwrap();
+            s.push_str(&line);
+            s.push('\n');
+        }
+    });
+}
+
+/// Forward TCP from `from` to `to` (std threads).
+pub(crate) fn forward(from: u16, to: u16) {
+    let l = TcpListener::bind(("127.0.0.1", from)).unwrap();
+    std::thread::spawn(move || {
+        for a in l.incoming().flatten() {
+            let Ok(b) = TcpStream::connect(("127.0.0.1", to)) else {
+                continue;
+            };
+            let (mut ar, mut bw) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut ar, &mut bw);
+            });
+            let (mut br, mut aw) = (b, a);
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut br, &mut aw);
+            });
+        }
+    });
 }
