@@ -470,6 +470,14 @@ struct ConnCtx {
     labels: Arc<str>,
     series: Arc<Series>,
     stats: Arc<PortStats>,
+    /// The app's address as a URI authority, fixed for the connection's life (an edit that
+    /// moves or removes the port applies to new connections; this one finishes where it
+    /// started).
+    app: Option<http::uri::Authority>,
+}
+
+fn app_authority(app: SocketAddr) -> Option<http::uri::Authority> {
+    http::uri::Authority::try_from(app.to_string().as_str()).ok()
 }
 
 fn request_protocol(p: PortProtocol) -> &'static str {
@@ -563,6 +571,7 @@ async fn inbound_conn(sh: &Arc<Shared>, port: u16, tcp: TcpStream, peer: SocketA
                 .series(labels.render(request_protocol(pe.protocol))),
             labels: labels.render(request_protocol(pe.protocol)),
             stats,
+            app: app_authority(pe.app),
         };
         serve_inbound(sh, cx, pe.app, tcp).await;
         return;
@@ -623,6 +632,7 @@ async fn inbound_conn(sh: &Arc<Shared>, port: u16, tcp: TcpStream, peer: SocketA
             .series(labels.render(request_protocol(pe.protocol))),
         labels: labels.render(request_protocol(pe.protocol)),
         stats,
+        app: app_authority(pe.app),
     };
     drop(cfg);
     serve_inbound(sh, cx, pe.app, tls).await;
@@ -865,23 +875,22 @@ async fn inbound_request(
         req.headers_mut().insert(XFCC.clone(), x.clone());
     }
     let h2 = cx.protocol.is_h2();
-    let app = sh
-        .cfg
-        .load()
-        .me
-        .port(cx.port)
-        .map(|p| p.app)
-        .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 0)));
     if req.headers().get(header::HOST).is_none()
         && let Some(a) = req.uri().authority()
         && let Ok(v) = HeaderValue::from_str(a.as_str())
     {
         req.headers_mut().insert(header::HOST, v);
     }
-    let uri = format!("http://{app}{normalized}");
-    match uri.parse::<Uri>() {
-        Ok(u) => *req.uri_mut() = u,
-        Err(_) => {
+    let target = cx.app.clone().and_then(|app| {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(app);
+        parts.path_and_query = Some(http::uri::PathAndQuery::try_from(normalized).ok()?);
+        Uri::from_parts(parts).ok()
+    });
+    match target {
+        Some(u) => *req.uri_mut() = u,
+        None => {
             let (r, g) = denial(400, grpc, "Bad Request");
             cx.series.request(400, g, "-", start.elapsed());
             return r;
@@ -900,7 +909,7 @@ async fn inbound_request(
             return r.map(|b| Either::Left(Metered::new(b, pending)));
         }
         Ok(Err(e)) => {
-            tracing::warn!(%app, error = %e, "app unreachable");
+            tracing::warn!(app = cx.app.as_ref().map_or("-", |a| a.as_str()), error = %e, "app unreachable");
             (
                 owned_text_response(
                     503,
