@@ -1,0 +1,326 @@
+//! Istio's and Envoy's security advisories as a checklist for the policy engine.
+//!
+//! Each test names the advisory class it guards against and checks both directions: the
+//! request the advisory was about is handled safely, and its harmless twin still gets the
+//! ordinary answer. The proxy-level twins (what reaches the app) live in the end-to-end tests;
+//! here the engine alone decides, so the cases can be exhaustive and fast.
+
+mod common;
+
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use common::*;
+use rampart_authz::{AuthnOutcome, HttpRequest, NoRemoteJwks, Workload};
+use rampart_certs::jwt::JwtSigner;
+use rampart_certs::{KeyAlgorithm, PrivateKey};
+use serde_json::json;
+
+fn allow(rules: &str) -> rampart_authz::Engine {
+    engine(&policy("p", "ALLOW", rules))
+}
+
+fn deny(rules: &str) -> rampart_authz::Engine {
+    engine(&policy("p", "DENY", rules))
+}
+
+// ---- paths ----------------------------------------------------------------------------
+
+/// Fragments (CVE-2021-39156, ISTIO-SECURITY-2021-008): `/admin#x` is the resource `/admin`.
+/// A DENY on `/admin` must not be slipped by appending a fragment, and a fragment must not
+/// make an ALLOW on a public prefix cover a different resource.
+#[test]
+fn fragment_does_not_escape_a_path_rule() {
+    let e = deny("[{to: [{operation: {paths: [/admin, '/admin/*']}}]}]");
+    for p in ["/admin#x", "/admin#", "/admin/#/../x", "/admin?q=1#f"] {
+        assert!(
+            !allowed(&e, &http("GET", p)),
+            "{p} slipped past DENY /admin"
+        );
+    }
+    assert!(allowed(&e, &http("GET", "/public#admin")), "twin: /public");
+
+    let e = allow("[{to: [{operation: {paths: ['/public/*']}}]}]");
+    assert!(
+        !allowed(&e, &http("GET", "/public/../admin#x")),
+        "dot segments are resolved before the ALLOW is judged"
+    );
+    assert!(allowed(&e, &http("GET", "/public/a#x")), "twin: /public/a");
+}
+
+/// Path-normalization bypasses (CVE-2019-9900/9901, CVE-2021-31920): dot segments, doubled
+/// slashes and escaped slashes do not get a request past a DENY on the resource they name,
+/// under the mesh's default normalization.
+#[test]
+fn encoded_and_dotted_paths_do_not_escape_a_deny() {
+    let e = deny("[{to: [{operation: {paths: ['/admin', '/admin/*']}}]}]");
+    for p in [
+        "/admin",
+        "/./admin",
+        "/x/../admin",
+        "/admin/",
+        "/%61dmin",
+        "/x/%2e%2e/admin",
+        "/admin/./users",
+    ] {
+        assert!(
+            !allowed(&e, &http("GET", p)),
+            "{p} slipped past DENY /admin"
+        );
+    }
+    assert!(
+        allowed(&e, &http("GET", "/administrator")),
+        "twin: another resource"
+    );
+    assert!(
+        allowed(&e, &http("GET", "/x/admin")),
+        "twin: another resource"
+    );
+}
+
+// ---- hosts and methods ----------------------------------------------------------------
+
+/// Host matching is case-insensitive (CVE-2021-39155, ISTIO-SECURITY-2021-008): an upper-case
+/// Host does not slip past a DENY written in lower case, nor the other way round.
+#[test]
+fn host_case_does_not_escape_a_deny() {
+    let e = deny("[{to: [{operation: {hosts: [admin.example.com]}}]}]");
+    for h in [
+        "admin.example.com",
+        "ADMIN.example.com",
+        "Admin.Example.Com",
+    ] {
+        assert!(!allowed(&e, &http("GET", "/").host(h)), "{h}");
+    }
+    assert!(
+        allowed(&e, &http("GET", "/").host("www.example.com")),
+        "twin"
+    );
+}
+
+/// Methods compare as Envoy compares them: exactly, since HTTP methods are case-sensitive
+/// (RFC 9110 §9.1). So the safe way to forbid a method is an ALLOW list: a lower-case
+/// spelling is then a different method that the ALLOW does not cover.
+#[test]
+fn method_case_is_exact_so_allow_lists_are_safe() {
+    let e = allow("[{to: [{operation: {methods: [GET, HEAD]}}]}]");
+    assert!(allowed(&e, &http("GET", "/")));
+    for m in ["get", "Get", "POST", "post", "DELETE", "GET "] {
+        assert!(
+            !allowed(&e, &http(m, "/")),
+            "method {m:?} passed an ALLOW of GET/HEAD"
+        );
+    }
+}
+
+// ---- principals -----------------------------------------------------------------------
+
+/// Principals are compared literally, never as a regular expression, so a `.` in a trust
+/// domain matches only a `.` (the class of bug where a principal was turned into a regex
+/// without escaping).
+#[test]
+fn principal_metacharacters_are_literal() {
+    let e = allow("[{from: [{source: {principals: ['cluster.local/ns/foo/sa/bar']}}]}]");
+    assert!(allowed(
+        &e,
+        &http("GET", "/").peer("spiffe://cluster.local/ns/foo/sa/bar")
+    ));
+    for p in [
+        "spiffe://clusterXlocal/ns/foo/sa/bar",
+        "spiffe://cluster.local/ns/foo/sa/barx",
+        "spiffe://cluster.local/ns/foo/sa/ba",
+        "spiffe://cluster.local/ns/foo/sa/bar/x",
+        "spiffe://evil.cluster.local/ns/foo/sa/bar",
+    ] {
+        assert!(!allowed(&e, &http("GET", "/").peer(p)), "{p} matched");
+    }
+    // A principal with regex syntax in it matches itself only.
+    let e = allow("[{from: [{source: {principals: ['td/ns/a.+/sa/(b|c)']}}]}]");
+    assert!(!allowed(
+        &e,
+        &http("GET", "/").peer("spiffe://td/ns/ab/sa/b")
+    ));
+    assert!(!allowed(
+        &e,
+        &http("GET", "/").peer("spiffe://td/ns/axx/sa/c")
+    ));
+}
+
+/// requestPrincipals are `iss/sub` split at the last slash; metacharacters are literal.
+#[test]
+fn request_principal_metacharacters_are_literal() {
+    let e = allow("[{from: [{source: {requestPrincipals: ['https://idp.example/u.1']}}]}]");
+    let tok = |iss: &str, sub: &str| http("GET", "/").jwt(json!({"iss": iss, "sub": sub}));
+    assert!(allowed(&e, &tok("https://idp.example", "u.1")));
+    assert!(!allowed(&e, &tok("https://idp.example", "uX1")));
+    assert!(!allowed(&e, &tok("https://idpXexample", "u.1")));
+    assert!(
+        !allowed(&e, &http("GET", "/")),
+        "no token, no request principal"
+    );
+}
+
+// ---- repeated headers -----------------------------------------------------------------
+
+/// Repeated headers are judged as one value joined with `,` (Envoy's rule since the
+/// advisory where only the first value was matched, CVE-2020-25017). A second copy cannot
+/// satisfy an exact ALLOW by itself, and cannot hide the first from a DENY on presence.
+#[test]
+fn repeated_headers_are_joined() {
+    let e = allow("[{when: [{key: 'request.headers[x-role]', values: [admin]}]}]");
+    assert!(allowed(&e, &http("GET", "/").header("x-role", "admin")));
+    assert!(
+        !allowed(
+            &e,
+            &http("GET", "/")
+                .header("x-role", "guest")
+                .header("x-role", "admin")
+        ),
+        "a second value made an exact ALLOW match"
+    );
+    assert!(!allowed(
+        &e,
+        &http("GET", "/")
+            .header("x-role", "admin")
+            .header("X-Role", "guest")
+    ));
+
+    let e = deny("[{when: [{key: 'request.headers[x-debug]', values: ['*']}]}]");
+    assert!(!allowed(
+        &e,
+        &http("GET", "/")
+            .header("x-debug", "")
+            .header("x-debug", "1")
+    ));
+    assert!(
+        !allowed(&e, &http("GET", "/").header("X-DEBUG", "1")),
+        "name case"
+    );
+    assert!(
+        allowed(&e, &http("GET", "/").header("x-other", "1")),
+        "twin"
+    );
+
+    let e = deny("[{when: [{key: 'request.headers[x-env]', values: ['prod*']}]}]");
+    assert!(!allowed(
+        &e,
+        &http("GET", "/")
+            .header("x-env", "prod")
+            .header("x-env", "dev")
+    ));
+    assert!(
+        allowed(&e, &http("GET", "/").header("x-env", "dev")),
+        "twin"
+    );
+}
+
+// ---- JWT ------------------------------------------------------------------------------
+
+fn at(secs: u64) -> SystemTime {
+    UNIX_EPOCH + Duration::from_secs(secs)
+}
+
+fn signer() -> JwtSigner {
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    JwtSigner::new(&key, "k1").unwrap()
+}
+
+fn ra_engine(s: &JwtSigner) -> rampart_authz::Engine {
+    let jwks = s.jwks().unwrap().to_json().to_string();
+    engine(&format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: ra, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin}}}}\n  jwtRules:\n  - issuer: https://idp.example\n    jwks: '{jwks}'\n"
+    ))
+}
+
+fn authn_status(e: &rampart_authz::Engine, req: &HttpRequest, t: SystemTime) -> u16 {
+    match e.authenticate_request(&httpbin(), req, t, &NoRemoteJwks) {
+        AuthnOutcome::Rejected { status, .. } => status,
+        _ => 200,
+    }
+}
+
+fn b64(b: &[u8]) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(b)
+}
+
+/// Unsigned tokens (`alg: none`) and tokens whose header names another algorithm than the
+/// key's are refused, whatever their claims say.
+#[test]
+fn unsigned_and_alg_confused_tokens_are_refused() {
+    let s = signer();
+    let e = ra_engine(&s);
+    let t0 = 1_900_000_000u64;
+    let claims = json!({"iss": "https://idp.example", "sub": "u", "exp": t0 + 100});
+    let good = s.sign(&claims).unwrap();
+    let req = |tok: &str| {
+        HttpRequest::new("GET", "/", "h").with_header("authorization", &format!("Bearer {tok}"))
+    };
+    assert_eq!(
+        authn_status(&e, &req(&good), at(t0)),
+        200,
+        "twin: a signed token"
+    );
+
+    let body = b64(claims.to_string().as_bytes());
+    for header in [
+        json!({"alg": "none"}),
+        json!({"alg": "none", "kid": "k1"}),
+        json!({"alg": "HS256", "kid": "k1"}),
+        json!({"alg": "RS256", "kid": "k1"}),
+    ] {
+        let h = b64(header.to_string().as_bytes());
+        let sig = good.rsplit('.').next().unwrap();
+        for tok in [format!("{h}.{body}."), format!("{h}.{body}.{sig}")] {
+            assert_eq!(authn_status(&e, &req(&tok), at(t0)), 401, "{header}");
+        }
+    }
+}
+
+/// Two tokens in one request (two Authorization headers, or a header and a query
+/// parameter): never let the good one vouch for the other. Istio refuses a request that
+/// carries more than one token in its locations; we must at least never accept a bad one.
+#[test]
+fn a_bad_second_token_is_not_carried_by_a_good_one() {
+    let s = signer();
+    let e = ra_engine(&s);
+    let t0 = 1_900_000_000u64;
+    let good = s
+        .sign(&json!({"iss": "https://idp.example", "sub": "u", "exp": t0 + 100}))
+        .unwrap();
+    let forged = signer()
+        .sign(&json!({"iss": "https://idp.example", "sub": "admin", "exp": t0 + 100}))
+        .unwrap();
+    let two = HttpRequest::new("GET", "/", "h")
+        .with_header("authorization", &format!("Bearer {good}"))
+        .with_header("authorization", &format!("Bearer {forged}"));
+    assert_eq!(authn_status(&e, &two, at(t0)), 401);
+    let two = HttpRequest::new("GET", &format!("/?access_token={forged}"), "h")
+        .with_header("authorization", &format!("Bearer {good}"));
+    assert_eq!(authn_status(&e, &two, at(t0)), 401);
+    let one =
+        HttpRequest::new("GET", "/", "h").with_header("authorization", &format!("Bearer {good}"));
+    assert_eq!(authn_status(&e, &one, at(t0)), 200, "twin");
+}
+
+/// A token whose issuer no rule names is 401, not "no token" (which an ALLOW without
+/// requestPrincipals would let through), as Envoy's jwt_authn with Istio's config does.
+#[test]
+fn unknown_issuer_is_rejected_not_ignored() {
+    let s = signer();
+    let e = ra_engine(&s);
+    let t0 = 1_900_000_000u64;
+    let tok = s
+        .sign(&json!({"iss": "https://other.example", "sub": "u", "exp": t0 + 100}))
+        .unwrap();
+    let req =
+        HttpRequest::new("GET", "/", "h").with_header("authorization", &format!("Bearer {tok}"));
+    assert_eq!(authn_status(&e, &req, at(t0)), 401);
+    let w = Workload::new("bar", [("app", "other")]);
+    assert!(
+        !matches!(
+            e.authenticate_request(&w, &req, at(t0), &NoRemoteJwks),
+            AuthnOutcome::Rejected { .. }
+        ),
+        "twin: a workload no RequestAuthentication selects ignores the token"
+    );
+}
