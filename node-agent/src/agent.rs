@@ -163,9 +163,9 @@ async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let _guard = SocketGuard(path.clone());
-    // gRPC C-core clients send an authority h2 rejects on Unix sockets: see h2fix.
-    let incoming =
-        UnixListenerStream::new(listener).map(|r| r.map(crate::h2fix::AuthorityFix::new));
+    // gRPC C-core clients send an authority h2 rejects on Unix sockets: see uds_authority.
+    let incoming = UnixListenerStream::new(listener)
+        .map(|r| r.map(crate::uds_authority::AuthorityRewrite::new));
     let server = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     tokio::pin!(server);
     // Graceful: streams are told to end at shutdown; give them a moment, then force.

@@ -13,13 +13,13 @@ mod client;
 mod config;
 mod error;
 mod files;
-mod h2fix;
 mod manager;
 mod metrics;
 mod rotation;
 mod sds;
 mod state;
 mod uds;
+mod uds_authority;
 mod verify;
 mod workload_api;
 
@@ -49,7 +49,7 @@ pub use self::{
 pub mod fuzzing {
     /// The HTTP/2 `:authority` rewrite applied to a Unix-socket client's bytes, fed as the
     /// given socket reads and then end of stream.
-    pub fn h2fix_rewrite(chunks: &[&[u8]]) -> std::io::Result<Vec<u8>> {
-        crate::h2fix::rewrite_chunks(chunks)
+    pub fn authority_rewrite(chunks: &[&[u8]]) -> std::io::Result<Vec<u8>> {
+        crate::uds_authority::rewrite_chunks(chunks)
     }
 }

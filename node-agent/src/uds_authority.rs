@@ -6,11 +6,24 @@
 //! not talk to a tonic server over a Unix socket at all. Go and Envoy clients send a valid
 //! authority and are unaffected.
 //!
-//! [`AuthorityFix`] sits between the accepted socket and the HTTP/2 server. In the client to
-//! server direction it parses HTTP/2 frames, HPACK-decodes each header block (keeping the
-//! client's compression context), replaces an invalid `:authority` with `localhost`
-//! (the authority has no meaning on a Unix socket), and re-encodes the block with its own
-//! HPACK context. Every other frame, and the server to client direction, pass unchanged.
+//! [`AuthorityRewrite`] sits between the accepted socket and the HTTP/2 server. It decides
+//! once per connection, on the client's first header block:
+//!
+//! - the `:authority` is valid (Go, Envoy, tonic clients): that block and everything after
+//!   it pass through byte for byte; the shim stops parsing. A later invalid authority on such
+//!   a connection reaches h2 unchanged and is refused there, as it would be without the shim.
+//! - it is not (gRPC C-core): from then on every client header block is HPACK-decoded (with
+//!   the client's compression context), an invalid `:authority` is replaced by `localhost`
+//!   (the authority means nothing on a Unix socket), and the block is re-encoded with the
+//!   shim's own HPACK context. Once the shim encodes one block it must encode all of them:
+//!   the server's decoder follows the shim's context, not the client's.
+//!
+//! Every other frame, and the server to client direction, pass unchanged.
+//!
+//! The shim relies on one setting of the HTTP/2 server behind it: the HPACK table size it
+//! advertises (`SETTINGS_HEADER_TABLE_SIZE`, 4096, the default), which bounds both the
+//! client's table (decoded here) and the shim's (decoded by the server).
+//! `tests::server_settings_are_what_the_shim_assumes` fails if tonic's server changes it.
 
 use std::io;
 use std::pin::Pin;
@@ -43,17 +56,32 @@ const MAX_TABLE: usize = 4096;
 struct Pending {
     stream_id: u32,
     end_stream: bool,
+    /// The header block fragment(s), padding and priority removed.
     block: Vec<u8>,
+    /// The frames as received, forwarded unchanged if the block needs no rewrite.
+    frames: Vec<u8>,
+}
+
+/// What the shim does with the client's bytes on this connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Mode {
+    /// No header block seen yet.
+    Undecided,
+    /// The first block needed no change: every byte passes unchanged.
+    Passthrough,
+    /// The first block was rewritten: every block is re-encoded.
+    Rewrite,
 }
 
 /// A stream whose client-to-server HTTP/2 header blocks get a valid `:authority`.
-pub(crate) struct AuthorityFix<S> {
+pub(crate) struct AuthorityRewrite<S> {
     inner: S,
     raw: Vec<u8>,
     out: Vec<u8>,
     out_pos: usize,
     preface_done: bool,
     eof: bool,
+    mode: Mode,
     pending: Option<Pending>,
     decoder: loona_hpack::Decoder<'static>,
     encoder: loona_hpack::Encoder<'static>,
@@ -70,17 +98,18 @@ fn valid_authority(v: &[u8]) -> bool {
     std::str::from_utf8(v).is_ok_and(|s| s.parse::<http::uri::Authority>().is_ok())
 }
 
-// === impl AuthorityFix ===
+// === impl AuthorityRewrite ===
 
-impl<S> AuthorityFix<S> {
+impl<S> AuthorityRewrite<S> {
     pub(crate) fn new(inner: S) -> Self {
-        AuthorityFix {
+        AuthorityRewrite {
             inner,
             raw: Vec::new(),
             out: Vec::new(),
             out_pos: 0,
             preface_done: false,
             eof: false,
+            mode: Mode::Undecided,
             pending: None,
             decoder: {
                 let mut d = loona_hpack::Decoder::new();
@@ -101,6 +130,10 @@ impl<S> AuthorityFix<S> {
             self.preface_done = true;
         }
         loop {
+            if self.mode == Mode::Passthrough {
+                self.out.append(&mut self.raw);
+                return Ok(());
+            }
             if self.raw.len() < FRAME_HEADER_LEN {
                 return Ok(());
             }
@@ -143,7 +176,13 @@ impl<S> AuthorityFix<S> {
                         stream_id: sid,
                         end_stream: flags & FLAG_END_STREAM != 0,
                         block: p.to_vec(),
+                        frames: Vec::new(),
                     });
+                    if self.mode == Mode::Undecided {
+                        if let Some(p) = self.pending.as_mut() {
+                            p.frames.extend_from_slice(&frame);
+                        }
+                    }
                     if flags & FLAG_END_HEADERS != 0 {
                         self.finish_block()?;
                     }
@@ -157,6 +196,9 @@ impl<S> AuthorityFix<S> {
                     pend.block.extend_from_slice(payload);
                     if pend.block.len() > MAX_BLOCK {
                         return Err(bad("header block too large"));
+                    }
+                    if self.mode == Mode::Undecided {
+                        pend.frames.extend_from_slice(&frame);
                     }
                     if flags & FLAG_END_HEADERS != 0 {
                         self.finish_block()?;
@@ -189,10 +231,20 @@ impl<S> AuthorityFix<S> {
         if size > MAX_LIST {
             return Err(bad("header list too large"));
         }
+        let mut changed = false;
         for (name, value) in &mut headers {
             if name.as_slice() == b":authority" && !valid_authority(value) {
                 *value = b"localhost".to_vec();
+                changed = true;
             }
+        }
+        if self.mode == Mode::Undecided {
+            if !changed {
+                self.out.extend_from_slice(&p.frames);
+                self.mode = Mode::Passthrough;
+                return Ok(());
+            }
+            self.mode = Mode::Rewrite;
         }
         let block = self
             .encoder
@@ -239,7 +291,7 @@ impl<S> AuthorityFix<S> {
 /// connection (used by regression tests and the `fuzzing` feature's entry point).
 #[cfg(any(test, feature = "fuzzing"))]
 pub(crate) fn rewrite_chunks(chunks: &[&[u8]]) -> io::Result<Vec<u8>> {
-    let mut fix = AuthorityFix::new(());
+    let mut fix = AuthorityRewrite::new(());
     for chunk in chunks.iter().filter(|c| !c.is_empty()) {
         fix.raw.extend_from_slice(chunk);
         fix.process()?;
@@ -253,7 +305,7 @@ fn end(end_stream: bool) -> u8 {
     if end_stream { FLAG_END_STREAM } else { 0 }
 }
 
-impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
+impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<S> {
     fn poll_read(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -297,7 +349,7 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityFix<S> {
     }
 }
 
-impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
+impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityRewrite<S> {
     fn poll_write(
         self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -323,7 +375,7 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityFix<S> {
     }
 }
 
-impl<S> tonic::transport::server::Connected for AuthorityFix<S>
+impl<S> tonic::transport::server::Connected for AuthorityRewrite<S>
 where
     S: tonic::transport::server::Connected,
 {
@@ -353,7 +405,7 @@ mod tests {
             .await
             .unwrap();
         drop(a);
-        let mut fix = AuthorityFix::new(b);
+        let mut fix = AuthorityRewrite::new(b);
         let mut out = Vec::new();
         fix.read_to_end(&mut out).await.unwrap();
         out
@@ -432,6 +484,116 @@ mod tests {
 
     const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 
+    /// A client whose first authority is valid (Go, Envoy, tonic) gets its bytes through
+    /// unchanged: nothing is decoded or re-encoded after the first block. A later invalid
+    /// authority on that connection passes unchanged too (h2 then refuses it, as it would
+    /// without the shim), since re-encoding one block would desynchronize the server's HPACK
+    /// context from the client's.
+    #[test]
+    fn valid_first_authority_passes_byte_for_byte() {
+        let mut enc = loona_hpack::Encoder::new();
+        let h1 = enc.encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":authority", b"localhost"),
+            (
+                b":path",
+                b"/envoy.service.secret.v3.SecretDiscoveryService/StreamSecrets",
+            ),
+        ]);
+        let h2 = enc.encode([(&b":authority"[..], &b"tmp%2Fx%2Fsocket"[..])]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(0x4, 0, 0, &[]));
+        let (a, b) = h1.split_at(h1.len() / 2);
+        input.extend(frame(TYPE_HEADERS, 0, 1, a));
+        input.extend(frame(TYPE_CONTINUATION, FLAG_END_HEADERS, 1, b));
+        input.extend(frame(0x0, 0x1, 1, b"data"));
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 3, &h2));
+        // Past the first block the shim no longer parses: even bytes that are not HTTP/2
+        // reach the server, which judges them.
+        input.extend(b"not a frame");
+        let out = rewrite_chunks(&[&input]).unwrap();
+        assert_eq!(out, input);
+        // Cut anywhere, same answer.
+        for at in [1, PREFACE_LEN + 3, PREFACE_LEN + 9 + 5, input.len() - 4] {
+            let (x, y) = input.split_at(at);
+            assert_eq!(rewrite_chunks(&[x, y]).unwrap(), input, "cut at {at}");
+        }
+    }
+
+    /// Twin: a first block with an invalid authority switches the connection to rewriting,
+    /// so its bytes change (the authority) and later blocks are re-encoded as well.
+    #[test]
+    fn invalid_first_authority_rewrites_the_connection() {
+        let mut enc = loona_hpack::Encoder::new();
+        let h1 = enc.encode([(&b":authority"[..], &b"tmp%2Fx%2Fsocket"[..])]);
+        let h2 = enc.encode([(&b":authority"[..], &b"tmp%2Fx%2Fsocket"[..])]);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &h1));
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 3, &h2));
+        let out = rewrite_chunks(&[&input]).unwrap();
+        assert_ne!(out, input);
+        let blocks = headers_of(&out);
+        assert_eq!(blocks.len(), 2);
+        for b in &blocks {
+            assert_eq!(b, &vec![(b":authority".to_vec(), b"localhost".to_vec())]);
+        }
+    }
+
+    /// The one server setting the shim depends on: the HPACK table size the agent's HTTP/2
+    /// server advertises. Read from the real server (tonic, as the agent serves SDS) over a
+    /// Unix socket; fails if a tonic/h2 upgrade changes it.
+    #[tokio::test]
+    async fn server_settings_are_what_the_shim_assumes() {
+        use std::sync::Arc;
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sds.sock");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn({
+            let (path, stop) = (path.clone(), stop.clone());
+            async move {
+                let store = crate::SecretStore::new();
+                let metrics = Arc::new(crate::Metrics::new());
+                crate::agent::serve_sds(&path, store, metrics, stop).await
+            }
+        });
+        let mut conn = loop {
+            match tokio::net::UnixStream::connect(&path).await {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        };
+        conn.write_all(PREFACE).await.unwrap();
+        conn.write_all(&frame(0x4, 0, 0, &[])).await.unwrap();
+        // The server's first frame is its SETTINGS (RFC 9113 §3.4).
+        let mut head = [0u8; FRAME_HEADER_LEN];
+        conn.read_exact(&mut head).await.unwrap();
+        assert_eq!(head[3], 0x4, "first server frame is SETTINGS");
+        let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+        let mut body = vec![0u8; len];
+        conn.read_exact(&mut body).await.unwrap();
+        let settings: Vec<(u16, u32)> = body
+            .chunks_exact(6)
+            .map(|c| {
+                (
+                    u16::from_be_bytes([c[0], c[1]]),
+                    u32::from_be_bytes([c[2], c[3], c[4], c[5]]),
+                )
+            })
+            .collect();
+        let table = settings
+            .iter()
+            .find(|(id, _)| *id == 0x1)
+            .map_or(4096, |(_, v)| *v as usize);
+        assert_eq!(
+            table, MAX_TABLE,
+            "SETTINGS_HEADER_TABLE_SIZE changed ({settings:?}): revisit MAX_TABLE and the encoder"
+        );
+        drop(conn);
+        stop.cancel();
+        let _ = server.await;
+    }
+
     /// HPACK literal with incremental indexing, literal name (lengths < 127).
     fn indexed_literal(name: &[u8], value: &[u8]) -> Vec<u8> {
         let mut v = vec![0x40, name.len() as u8];
@@ -502,7 +664,7 @@ mod tests {
             .await
             .unwrap();
         drop(a);
-        let mut fix = AuthorityFix::new(b);
+        let mut fix = AuthorityRewrite::new(b);
         let mut out = Vec::new();
         assert!(fix.read_to_end(&mut out).await.is_err());
     }
