@@ -176,13 +176,12 @@ impl<S> AuthorityRewrite<S> {
                         stream_id: sid,
                         end_stream: flags & FLAG_END_STREAM != 0,
                         block: p.to_vec(),
-                        frames: Vec::new(),
+                        frames: if self.mode == Mode::Undecided {
+                            frame.clone()
+                        } else {
+                            Vec::new()
+                        },
                     });
-                    if self.mode == Mode::Undecided {
-                        if let Some(p) = self.pending.as_mut() {
-                            p.frames.extend_from_slice(&frame);
-                        }
-                    }
                     if flags & FLAG_END_HEADERS != 0 {
                         self.finish_block()?;
                     }
