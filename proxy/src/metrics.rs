@@ -104,12 +104,23 @@ impl Series {
     }
 }
 
-/// The gRPC status of `headers` (`grpc-status`), if any.
+/// Highest status code gRPC defines (`UNAUTHENTICATED`).
+const GRPC_MAX_KNOWN: u16 = 16;
+/// gRPC's `UNKNOWN`.
+const GRPC_UNKNOWN: u16 = 2;
+
+/// The gRPC status of `headers` (`grpc-status`), if any. A value gRPC does not define is
+/// `UNKNOWN` (2), as gRPC clients read it: the peer chooses this label's value, so it must
+/// not be able to mint a new metric series per request.
 pub(crate) fn grpc_status(headers: &HeaderMap) -> Option<u16> {
-    headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.parse().ok())
+    let v = headers.get("grpc-status")?;
+    Some(
+        std::str::from_utf8(v.as_bytes())
+            .ok()
+            .and_then(|v| v.parse::<u16>().ok())
+            .filter(|c| *c <= GRPC_MAX_KNOWN)
+            .unwrap_or(GRPC_UNKNOWN),
+    )
 }
 
 /// The gRPC status a response without `grpc-status` stands for (gRPC's HTTP-to-gRPC status
@@ -525,6 +536,23 @@ mod tests {
         let mut t = HeaderMap::new();
         t.insert("grpc-status", status.parse().unwrap());
         Frame::trailers(t)
+    }
+
+    /// The peer picks `grpc-status`; only gRPC's 17 codes become label values, anything
+    /// else counts as UNKNOWN, so a peer cannot grow the metrics without bound.
+    #[test]
+    fn grpc_status_values_are_bounded() {
+        let of = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert("grpc-status", v.parse().unwrap());
+            grpc_status(&h)
+        };
+        assert_eq!(of("0"), Some(0));
+        assert_eq!(of("16"), Some(16));
+        for bad in ["17", "999", "65535", "70000", "-1", "ok", " 5", "5 "] {
+            assert_eq!(of(bad), Some(GRPC_UNKNOWN), "{bad:?}");
+        }
+        assert_eq!(grpc_status(&HeaderMap::new()), None, "absent stays absent");
     }
 
     #[tokio::test]
