@@ -553,7 +553,7 @@ mod tests {
             async move {
                 let store = crate::SecretStore::new();
                 let metrics = Arc::new(crate::Metrics::new());
-                crate::agent::serve_sds(&path, store, metrics, stop).await
+                crate::serve_sds(&path, store, metrics, stop).await
             }
         });
         let mut conn = loop {
