@@ -1,7 +1,7 @@
 //! The CA's configuration, validated once at start-up.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rampart_certs::{SpiffeId, TrustDomain};
@@ -142,6 +142,20 @@ impl CaConfig {
         if self.server_dns_names.is_empty() && self.server_ips.is_empty() {
             return bad("the serving certificate needs at least one DNS name or IP".into());
         }
+        if let Some(out) = &self.bundle_out {
+            let target = comparable(out);
+            for (what, own) in self.own_files() {
+                if comparable(&own) == target {
+                    return bad(format!(
+                        "--bundle-out {} is the CA's own {what} {}: the bundle would overwrite \
+                         it (and a restart that deletes the bundle would lose it); write the \
+                         bundle somewhere else",
+                        out.display(),
+                        own.display()
+                    ));
+                }
+            }
+        }
         for grant in &self.node_agents {
             let agent = &grant.id;
             if agent.trust_domain() != &self.trust_domain {
@@ -159,11 +173,53 @@ impl CaConfig {
         Ok(())
     }
 
+    /// The files this CA reads or keeps as its own (never a target of `bundle_out`): the
+    /// self-signed root material and audit log in the state directory, and the plug-in
+    /// material in the cacerts directory.
+    pub fn own_files(&self) -> Vec<(&'static str, PathBuf)> {
+        use crate::authority::{
+            CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, SELF_SIGNED_CERT, SELF_SIGNED_KEY,
+            SELF_SIGNED_PREVIOUS_CERT,
+        };
+        let state = |f: &str| self.state_dir.join(f);
+        let plug = |f: &str| self.cacerts_dir.join(f);
+        vec![
+            ("self-signed root", state(SELF_SIGNED_CERT)),
+            ("self-signed root key", state(SELF_SIGNED_KEY)),
+            (
+                "previous self-signed root",
+                state(SELF_SIGNED_PREVIOUS_CERT),
+            ),
+            ("audit log", self.audit_log_path()),
+            ("plug-in CA certificate", plug(CA_CERT)),
+            ("plug-in CA key", plug(CA_KEY)),
+            ("plug-in certificate chain", plug(CERT_CHAIN)),
+            ("plug-in root bundle", plug(ROOT_CERT)),
+            ("plug-in CRL", plug("ca-crl.pem")),
+        ]
+    }
+
     /// The audit log path.
     pub fn audit_log_path(&self) -> PathBuf {
         self.audit_log
             .clone()
             .unwrap_or_else(|| self.state_dir.join("audit.jsonl"))
+    }
+}
+
+/// `path` made comparable with another spelling of the same file: absolute, its directory
+/// resolved through symlinks when it exists (and the file itself when it exists, so a link to
+/// one of the CA's files is caught too).
+fn comparable(path: &Path) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return real;
+    }
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir)
+            .map(|d| d.join(name))
+            .unwrap_or(abs.clone()),
+        _ => abs,
     }
 }
 
@@ -303,6 +359,51 @@ mod pattern_tests {
         ] {
             let e = bad.parse::<WorkloadPattern>().expect_err(bad);
             assert!(e.contains("expected *"), "{bad}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod bundle_out_tests {
+    use super::*;
+
+    #[test]
+    fn bundle_out_may_not_be_one_of_the_cas_own_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let td: TrustDomain = "cluster.local".parse().unwrap();
+        let mut cfg = CaConfig::new(dir.path().join("cacerts"), state.clone(), td);
+        // The self-signed root, spelled directly and through `..` (what `rampart up` used to
+        // pass), the key, and the plug-in root bundle: each refused, naming both paths.
+        for (out, own) in [
+            (state.join("root-cert.pem"), state.join("root-cert.pem")),
+            (
+                dir.path().join("state/../state/root-cert.pem"),
+                state.join("root-cert.pem"),
+            ),
+            (state.join("root-key.pem"), state.join("root-key.pem")),
+            (
+                dir.path().join("cacerts/root-cert.pem"),
+                dir.path().join("cacerts/root-cert.pem"),
+            ),
+            (state.join("audit.jsonl"), state.join("audit.jsonl")),
+        ] {
+            cfg.bundle_out = Some(out.clone());
+            let e = cfg.validate().expect_err("refused").to_string();
+            assert!(
+                e.contains(&out.display().to_string()) && e.contains(&own.display().to_string()),
+                "{e}"
+            );
+            assert!(e.contains("somewhere else"), "{e}");
+        }
+        // Positive twin: a file of its own, even beside the state directory.
+        for ok in [
+            dir.path().join("trust-bundle.pem"),
+            state.join("bundle.pem"),
+        ] {
+            cfg.bundle_out = Some(ok);
+            cfg.validate().expect("a separate bundle file is fine");
         }
     }
 }
