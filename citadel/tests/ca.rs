@@ -446,6 +446,79 @@ async fn node_agent_may_impersonate_workloads() {
         .expect("granted service account");
 }
 
+/// Chaining: an agent allowed `ns1/*` must not get a certificate for another node agent that
+/// lives in `ns1` (with it, it would renew as that agent and act with its wider grant). Its
+/// own identity through ImpersonatedIdentity stays allowed (ztunnel's shared mode).
+#[tokio::test]
+async fn node_agent_may_not_impersonate_another_node_agent_but_may_ask_for_itself() {
+    let env = start(|cfg, _| {
+        cfg.node_agents = vec![
+            rampart_citadel::NodeAgentGrant {
+                id: SpiffeId::parse("spiffe://cluster.local/ns/ns1/sa/agent-a").unwrap(),
+                may_act_for: vec!["ns1/*".parse().unwrap()],
+            },
+            rampart_citadel::NodeAgentGrant {
+                id: SpiffeId::parse("spiffe://cluster.local/ns/ns1/sa/agent-b").unwrap(),
+                may_act_for: vec!["*".parse().unwrap()],
+            },
+        ];
+    })
+    .await;
+    let mut c = env.client(None).await.unwrap();
+    let agent_a = token(&env, "ns1", "agent-a");
+    let b = env.id("ns1", "agent-b");
+    let (_, csr) = csr_for(&b);
+    let r = call(&mut c, &csr, 600, Some(&agent_a), Some(&b.to_string())).await;
+    assert_refused(r, tonic::Code::PermissionDenied, "itself a node agent");
+    let r = call(&mut c, &csr, 600, Some(&agent_a), Some(&b.to_string())).await;
+    let msg = r.unwrap_err().message().to_owned();
+    assert!(
+        msg.contains("spiffe://cluster.local/ns/ns1/sa/agent-a")
+            && msg.contains("spiffe://cluster.local/ns/ns1/sa/agent-b"),
+        "names both identities: {msg}"
+    );
+    // Even the agent with `*` may not take agent-a's identity.
+    let a = env.id("ns1", "agent-a");
+    let (_, csr_a) = csr_for(&a);
+    let r = call(
+        &mut c,
+        &csr_a,
+        600,
+        Some(&token(&env, "ns1", "agent-b")),
+        Some(&a.to_string()),
+    )
+    .await;
+    assert_refused(r, tonic::Code::PermissionDenied, "itself a node agent");
+    assert!(env.audit_lines().is_empty(), "nothing was issued");
+
+    // Positive twins: its own identity through ImpersonatedIdentity, and an ordinary
+    // workload of its namespace.
+    let chain = call(&mut c, &csr_a, 600, Some(&agent_a), Some(&a.to_string()))
+        .await
+        .expect("a node agent may ask for its own identity");
+    assert_eq!(verify(&chain, &env.bundle()).unwrap(), a);
+    let web = env.id("ns1", "web");
+    let (_, csr_w) = csr_for(&web);
+    let chain = call(&mut c, &csr_w, 600, Some(&agent_a), Some(&web.to_string()))
+        .await
+        .expect("a workload of its grant");
+    assert_eq!(verify(&chain, &env.bundle()).unwrap(), web);
+    // The explicit `*` grant covers every workload (that is not a node agent).
+    let other = env.id("kube-system", "dns");
+    let (_, csr_o) = csr_for(&other);
+    let chain = call(
+        &mut c,
+        &csr_o,
+        600,
+        Some(&token(&env, "ns1", "agent-b")),
+        Some(&other.to_string()),
+    )
+    .await
+    .expect("`*` grant");
+    assert_eq!(verify(&chain, &env.bundle()).unwrap(), other);
+    assert_eq!(env.audit_lines().len(), 3);
+}
+
 #[tokio::test]
 async fn renewal_with_client_certificate_and_refusal_of_foreign_one() {
     let env = start(|_, _| {}).await;

@@ -72,14 +72,17 @@ struct RunArgs {
     server_ip: Vec<IpAddr>,
     /// A node agent allowed to request other identities via ImpersonatedIdentity
     /// (repeatable): `SPIFFE_ID=PATTERN[,PATTERN...]`, each pattern `NAMESPACE/SA`,
-    /// `NAMESPACE/*` or `*`. A bare SPIFFE_ID means `*` (any workload of the trust domain) and
-    /// is logged as such.
-    #[arg(long = "node-agent", value_name = "SPIFFE_ID[=PATTERNS]")]
+    /// `NAMESPACE/*` or `*` (every workload of the trust domain: must be spelled out; a bare
+    /// SPIFFE_ID is refused). No node agent may ask for another node agent's identity; each may
+    /// ask for its own.
+    #[arg(long = "node-agent", value_name = "SPIFFE_ID=PATTERNS")]
     node_agent: Vec<String>,
     /// Audit log file (default <state>/audit.jsonl).
     #[arg(long)]
     audit_log: Option<PathBuf>,
-    /// Write the trust bundle (PEM) here at start and after every reload.
+    /// Write the trust bundle (PEM) here at start and after every reload. Never one of the
+    /// CA's own files (the self-signed root or key in --state, the audit log, the cacerts
+    /// files): such a path is refused at startup.
     #[arg(long, value_name = "FILE")]
     bundle_out: Option<PathBuf>,
     /// Largest accepted CSR (bytes of PEM).
@@ -389,8 +392,11 @@ fn node_agent_grant(arg: &str) -> anyhow::Result<rampart_citadel::NodeAgentGrant
         SpiffeId::parse(id).map_err(|e| super::bad_input(format!("--node-agent {arg}: {e}")))?;
     let may_act_for = match patterns {
         None => {
-            tracing::warn!(node_agent = %id, "node agent may act for any workload of the trust domain; restrict it with --node-agent ID=NAMESPACE/SA,...");
-            vec![rampart_citadel::WorkloadPattern::Any]
+            return Err(super::bad_input(format!(
+                "--node-agent {arg}: the grant must be explicit; spell out {id}=NAMESPACE/SA,... \
+                 (or NAMESPACE/*), or {id}=* if it may really act for every workload of the \
+                 trust domain"
+            )));
         }
         Some(p) => p
             .split(',')
