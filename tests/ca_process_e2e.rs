@@ -227,3 +227,211 @@ async fn sigkill_mid_issuance_keeps_root_and_every_acknowledged_certificate_audi
         after.len() - 1
     );
 }
+
+/// Raises this process's soft open-file limit to the hard one; returns the new soft limit.
+fn raise_nofile() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        },
+    );
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+fn vm_rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// `n` TCP connections to `addr` that start a TLS ClientHello (a record header announcing
+/// 512 bytes, then 6 of them) and then say nothing more.
+fn stalled_handshakes(addr: SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    use std::io::Write as _;
+    let partial_hello = [
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    (0..n)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("flood connection {i}: {e}"));
+            s.write_all(&partial_hello).unwrap();
+            s
+        })
+        .collect()
+}
+
+fn scrape_metric(addr: &str, series: &str) -> u64 {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+/// 2,000 connections that never finish a TLS handshake: a real client still gets a
+/// certificate within 1 s (the newest arrival drops the oldest stalled handshake), the CA's
+/// memory stays bounded, and the dropped handshakes are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_flood_does_not_lock_out_a_real_client_or_grow_memory() {
+    let nofile = raise_nofile();
+    let flood = 2000usize.min(nofile.saturating_sub(300) as usize);
+    assert!(
+        flood >= 1000,
+        "hard open-file limit {nofile} too low for the flood test"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let signer = issuer(dir);
+    let metrics_port = support::free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let ca = start_ca(dir, "127.0.0.1:0", &["--metrics", &metrics]);
+    let tok = token(&signer, "default", "web");
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let csr = rampart_certs::build_csr(&key, &id).unwrap();
+    // Warm up (serving path, allocator) before the baseline.
+    let mut c = client(dir, ca.addr).await;
+    issue_one(&mut c, &csr, &tok).await.unwrap();
+    drop(c);
+    let before = vm_rss_kib(ca.pid);
+
+    let addr = ca.addr;
+    let conns = tokio::task::spawn_blocking(move || stalled_handshakes(addr, flood))
+        .await
+        .unwrap();
+    // Let the CA take them all in.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scrape_metric(&metrics, "citadel_server_connections ") < 500 {
+        assert!(Instant::now() < deadline, "{}", ca.proc.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let started = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut c = client(dir, ca.addr).await;
+        issue_one(&mut c, &csr, &tok).await
+    })
+    .await;
+    let took = started.elapsed();
+    let serial = got
+        .unwrap_or_else(|_| {
+            panic!(
+                "no certificate within 1 s during the flood:\n{}",
+                ca.proc.log()
+            )
+        })
+        .expect("the real client gets its certificate");
+    assert!(!serial.is_empty());
+    let after = vm_rss_kib(ca.pid);
+    let evicted = scrape_metric(
+        &metrics,
+        "citadel_server_connection_refused_count{reason=\"handshake_evicted\"} ",
+    );
+    let in_progress = scrape_metric(&metrics, "citadel_server_handshakes_in_progress ");
+    eprintln!(
+        "flood of {flood} stalled handshakes: client served in {took:?}; CA VmRSS {before} KiB \
+         -> {after} KiB; {evicted} handshakes evicted, {in_progress} in progress"
+    );
+    assert!(
+        in_progress <= rampart_citadel::DEFAULT_MAX_HANDSHAKES as u64,
+        "handshakes in progress bounded: {in_progress}"
+    );
+    assert!(
+        evicted as usize >= flood - rampart_citadel::DEFAULT_MAX_HANDSHAKES,
+        "every handshake beyond the limit dropped the oldest: {evicted}"
+    );
+    assert!(
+        after < before + 64 * 1024,
+        "CA memory grew from {before} KiB to {after} KiB under the flood"
+    );
+    drop(conns);
+}
+
+/// The connection limit bounds the CA's descriptors: with `--max-connections 64`, 300 idle
+/// connections leave the CA with at most 64 client sockets (the rest wait in the kernel's
+/// backlog), the pause is counted, and once the stalled ones time out a real client is
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_bounds_descriptors_and_the_ca_recovers() {
+    raise_nofile();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let signer = issuer(dir);
+    let metrics = format!("127.0.0.1:{}", support::free_port());
+    let ca = start_ca(
+        dir,
+        "127.0.0.1:0",
+        &[
+            "--metrics",
+            &metrics,
+            "--max-connections",
+            "64",
+            "--max-handshakes",
+            "64",
+            "--handshake-timeout",
+            "1s",
+        ],
+    );
+    let idle_fds = open_fds(ca.pid);
+    let addr = ca.addr;
+    let conns = tokio::task::spawn_blocking(move || stalled_handshakes(addr, 300))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scrape_metric(
+        &metrics,
+        "citadel_server_connection_refused_count{reason=\"connection_limit\"} ",
+    ) == 0
+    {
+        assert!(Instant::now() < deadline, "{}", ca.proc.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..10 {
+        let open = open_fds(ca.pid);
+        assert!(
+            open <= idle_fds + 64 + 2,
+            "CA holds {open} descriptors (idle {idle_fds}, limit 64)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The stalled connections time out in batches of 64 per second; the client is served
+    // once the backlog ahead of it has drained.
+    let tok = token(&signer, "default", "web");
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let csr = rampart_certs::build_csr(&key, &id).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut c = client(dir, ca.addr).await;
+        issue_one(&mut c, &csr, &tok).await
+    })
+    .await
+    .expect("served after the stalled connections timed out");
+    got.expect("certificate");
+    assert!(
+        scrape_metric(
+            &metrics,
+            "citadel_server_connection_refused_count{reason=\"handshake_timeout\"} "
+        ) >= 64
+    );
+    drop(conns);
+}

@@ -17,6 +17,13 @@ pub const DEFAULT_AUDIENCE: &str = "istio-ca";
 /// Default DNS SAN of the CA's serving certificate (what Istio agents dial).
 pub const DEFAULT_SERVER_DNS_NAME: &str = "istiod.istio-system.svc";
 
+/// Default limit of open TCP connections (in handshake or established).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default limit of TLS handshakes in progress; a newer arrival drops the oldest.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 512;
+/// Default time a TCP connection gets to finish its TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+
 /// A trusted token issuer and the JWKS file holding its keys.
 #[derive(Debug, Clone)]
 pub struct JwtIssuerConfig {
@@ -65,6 +72,14 @@ pub struct CaConfig {
     pub request_timeout: Duration,
     /// Requests processed at once; more wait (within the deadline) for a slot.
     pub max_concurrency: usize,
+    /// Open TCP connections at most; at the limit the CA stops accepting (the kernel's backlog
+    /// holds or refuses the rest) until one closes.
+    pub max_connections: usize,
+    /// TLS handshakes in progress at most; a new connection beyond it drops the oldest
+    /// pending handshake (so stalled handshakes cannot lock real clients out).
+    pub max_handshakes: usize,
+    /// Time a connection gets to finish its TLS handshake.
+    pub handshake_timeout: Duration,
     /// How often the cacerts directory is re-read even without a change notification.
     pub reload_poll_interval: Duration,
     /// Lifetime of a self-signed root made by this CA (renewed with 20% of it left).
@@ -94,6 +109,9 @@ impl CaConfig {
             max_csr_bytes: 16 * 1024,
             request_timeout: Duration::from_secs(10),
             max_concurrency: 1024,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             reload_poll_interval: Duration::from_secs(5),
             self_signed_root_ttl: crate::authority::SELF_SIGNED_ROOT_TTL,
         }
@@ -132,6 +150,18 @@ impl CaConfig {
         }
         if self.max_concurrency == 0 {
             return bad("max concurrency must be at least 1".into());
+        }
+        if self.max_connections == 0 || self.max_handshakes == 0 {
+            return bad("max connections and max handshakes must be at least 1".into());
+        }
+        if self.max_handshakes > self.max_connections {
+            return bad(format!(
+                "max handshakes {} is above max connections {} (each handshake is a connection)",
+                self.max_handshakes, self.max_connections
+            ));
+        }
+        if self.handshake_timeout.is_zero() {
+            return bad("handshake timeout must be positive".into());
         }
         if self.max_csr_bytes < 128 {
             return bad("CSR size limit below 128 bytes cannot fit any CSR".into());

@@ -94,6 +94,19 @@ struct RunArgs {
     /// Requests processed at once.
     #[arg(long, default_value_t = 1024)]
     max_concurrency: usize,
+    /// Open TCP connections at most (in handshake or established). At the limit the CA stops
+    /// accepting until one closes (excess connections wait in the kernel's backlog). The
+    /// soft open-file limit is raised to the hard one at start; if that is still too low
+    /// for this, the limit is lowered to fit and a warning says so.
+    #[arg(long, default_value_t = rampart_citadel::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// TLS handshakes in progress at most; a new connection beyond it drops the oldest
+    /// pending handshake, so stalled handshakes cannot lock real clients out.
+    #[arg(long, default_value_t = rampart_citadel::DEFAULT_MAX_HANDSHAKES)]
+    max_handshakes: usize,
+    /// Time a connection gets to finish its TLS handshake.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
     /// Poll interval of the cacerts directory (in addition to change notifications).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     reload_interval: Duration,
@@ -184,6 +197,9 @@ impl RunArgs {
         cfg.request_timeout = self.request_timeout;
         cfg.max_concurrency = self.max_concurrency;
         cfg.reload_poll_interval = self.reload_interval;
+        cfg.max_connections = fit_connection_limit(self.max_connections);
+        cfg.max_handshakes = self.max_handshakes.min(cfg.max_connections);
+        cfg.handshake_timeout = self.handshake_timeout;
         cfg.validate()
             .map_err(|e| super::bad_input(e.to_string()))?;
         Ok(cfg)
@@ -380,6 +396,45 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
     }
+}
+
+/// File descriptors kept for everything but client connections (listeners, files, the
+/// runtime, the metrics endpoint).
+const RESERVED_FDS: u64 = 256;
+
+/// Raises the soft open-file limit to the hard one (as Envoy and ztunnel run: a low default
+/// soft limit would make `accept` fail with EMFILE long before `--max-connections`), then
+/// returns `wanted` lowered, with a warning, if the descriptors still do not cover it.
+fn fit_connection_limit(wanted: usize) -> usize {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let mut soft = lim.current;
+    if lim.current != lim.maximum {
+        match setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        ) {
+            Ok(()) => soft = lim.maximum,
+            Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+        }
+    }
+    let Some(soft) = soft else {
+        return wanted; // unlimited
+    };
+    let room = soft.saturating_sub(RESERVED_FDS).max(16) as usize;
+    if room < wanted {
+        tracing::warn!(
+            wanted,
+            allowed = room,
+            open_file_limit = soft,
+            "--max-connections lowered to fit the open-file limit (raise `ulimit -Hn` for more)"
+        );
+        return room;
+    }
+    wanted
 }
 
 /// `--node-agent SPIFFE_ID[=PATTERN,...]`.
