@@ -778,8 +778,9 @@ async fn rotated_jwks_file_applies_without_restart_and_a_broken_one_is_refused()
 
 #[tokio::test]
 async fn self_signed_root_is_renewed_in_its_grace_period_with_the_same_key() {
-    // A self-signed root with 80 s left of a 380 s life (5 min backdate + 80 s): it enters the
-    // 20% grace period about 4 s after the CA starts.
+    // A self-signed root of 20 min (2 min backdate: 22 min of life), made 932 s ago: its 20%
+    // grace period starts 1056 s after its not-before, about 4 s after the CA starts, and it
+    // still has 268 s to live.
     let make_old = |state: &Path| {
         std::fs::create_dir_all(state).unwrap();
         let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
@@ -787,9 +788,10 @@ async fn self_signed_root_is_renewed_in_its_grace_period_with_the_same_key() {
         let params = RootParams {
             common_name: "Rampart self-signed root".into(),
             organization: "cluster.local".into(),
-            validity: Duration::from_secs(80),
+            validity: Duration::from_secs(1200),
         };
-        let old = CertificateAuthority::self_signed_root(&params, key, SystemTime::now()).unwrap();
+        let made = SystemTime::now() - Duration::from_secs(932);
+        let old = CertificateAuthority::self_signed_root(&params, key, made).unwrap();
         std::fs::write(
             state.join("root-cert.pem"),
             rampart_certs::certs_to_pem(std::slice::from_ref(old.cert())),
