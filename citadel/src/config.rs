@@ -16,6 +16,9 @@ pub const DEFAULT_MAX_WORKLOAD_TTL: Duration = Duration::from_secs(90 * 24 * 360
 pub const DEFAULT_AUDIENCE: &str = "istio-ca";
 /// Default DNS SAN of the CA's serving certificate (what Istio agents dial).
 pub const DEFAULT_SERVER_DNS_NAME: &str = "istiod.istio-system.svc";
+/// Every DNS SAN of the serving certificate by default: Istio's name, and `localhost` for
+/// clients on the same machine that dial it by name.
+pub const DEFAULT_SERVER_DNS_NAMES: &[&str] = &[DEFAULT_SERVER_DNS_NAME, "localhost"];
 
 /// Default limit of open TCP connections (in handshake or established).
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
@@ -103,7 +106,10 @@ impl CaConfig {
             default_ttl: DEFAULT_WORKLOAD_TTL,
             max_ttl: DEFAULT_MAX_WORKLOAD_TTL,
             metrics: None,
-            server_dns_names: vec![DEFAULT_SERVER_DNS_NAME.to_owned()],
+            server_dns_names: DEFAULT_SERVER_DNS_NAMES
+                .iter()
+                .map(|n| (*n).to_owned())
+                .collect(),
             server_ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
             node_agents: Vec::new(),
             max_csr_bytes: 16 * 1024,

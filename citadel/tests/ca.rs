@@ -219,6 +219,40 @@ async fn jwt_caller_gets_chain_that_verifies_with_its_identity() {
     );
 }
 
+/// By default the serving certificate also names `localhost`, so a client on the same
+/// machine may dial the CA by that name; a name it does not carry is still refused.
+#[tokio::test]
+async fn serving_certificate_names_localhost_by_default() {
+    let env = start(|_, _| {}).await;
+    let info = CertInfo::parse(&env.ca.state().serving_chain()[0]).unwrap();
+    assert!(
+        info.dns_sans.contains(&"localhost".to_owned()),
+        "{:?}",
+        info.dns_sans
+    );
+    let tls = Arc::new(rampart_citadel::client_config(&env.bundle(), None).unwrap());
+    let mut c = rampart_citadel::connect(env.ca.local_addr, "localhost", tls.clone())
+        .await
+        .expect("TLS to the CA as localhost");
+    let id = env.id("default", "web");
+    let (_, csr) = csr_for(&id);
+    call(
+        &mut c,
+        &csr,
+        600,
+        Some(&token(&env, "default", "web")),
+        None,
+    )
+    .await
+    .expect("issued over a connection verified for localhost");
+    // Negative twin: a name the certificate does not carry fails the handshake.
+    assert!(
+        rampart_citadel::connect(env.ca.local_addr, "ca.example.com", tls)
+            .await
+            .is_err()
+    );
+}
+
 #[tokio::test]
 async fn default_and_short_ttls_are_honoured() {
     let env = start(|_, _| {}).await;

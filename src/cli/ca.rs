@@ -65,7 +65,7 @@ struct RunArgs {
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
     /// DNS SAN of the CA's serving certificate (repeatable).
-    #[arg(long = "server-dns", default_value = rampart_citadel::DEFAULT_SERVER_DNS_NAME)]
+    #[arg(long = "server-dns", default_values = rampart_citadel::DEFAULT_SERVER_DNS_NAMES)]
     server_dns: Vec<String>,
     /// IP SAN of the CA's serving certificate (repeatable).
     #[arg(long = "server-ip", default_value = "127.0.0.1")]
