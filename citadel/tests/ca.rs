@@ -897,6 +897,58 @@ async fn self_signed_root_persists_across_restarts() {
     second.shutdown().await;
 }
 
+/// The root certificate deleted beside its key (what an older `rampart up` did): the CA
+/// makes the certificate again for the same key and subject, so certificates issued before
+/// still verify. Without the key, a new root is made (nothing to keep).
+#[tokio::test]
+async fn self_signed_root_certificate_lost_beside_its_key_is_made_again_for_the_same_key() {
+    let env = start(|_, _| {}).await;
+    let id = env.id("default", "web");
+    let (_, csr) = csr_for(&id);
+    let mut c = env.client(None).await.unwrap();
+    let before = call(
+        &mut c,
+        &csr,
+        600,
+        Some(&token(&env, "default", "web")),
+        None,
+    )
+    .await
+    .unwrap();
+    let old_root = env.bundle().roots()[0].clone();
+    let state = env.root.join("state");
+    std::fs::remove_file(state.join("root-cert.pem")).unwrap();
+    let mk = || {
+        let mut cfg = CaConfig::new(env.root.join("cacerts"), state.clone(), td());
+        cfg.listen = "127.0.0.1:0".parse().unwrap();
+        cfg
+    };
+    let again = rampart_citadel::start(mk()).await.expect("restarts");
+    let new_root = again.state().authority().bundle().roots()[0].clone();
+    assert!(state.join("root-cert.pem").is_file());
+    let only = |der: &CertificateDer<'static>| TrustBundle::from_der(vec![der.clone()]).unwrap();
+    assert_eq!(
+        verify(&before, &only(&new_root)).unwrap(),
+        id,
+        "old certificates verify under the re-made root"
+    );
+    assert_eq!(
+        CertInfo::parse(&new_root).unwrap().subject,
+        CertInfo::parse(&old_root).unwrap().subject
+    );
+    again.shutdown().await;
+    // Negative twin: key and certificate both gone is a new root, which the old
+    // certificates do not verify under.
+    std::fs::remove_file(state.join("root-cert.pem")).unwrap();
+    std::fs::remove_file(state.join("root-key.pem")).unwrap();
+    let fresh = rampart_citadel::start(mk())
+        .await
+        .expect("starts with a new root");
+    let fresh_root = fresh.state().authority().bundle().roots()[0].clone();
+    assert!(verify(&before, &only(&fresh_root)).is_err());
+    fresh.shutdown().await;
+}
+
 #[tokio::test]
 async fn broken_plugin_dir_at_start_fails_closed() {
     let dir = tempfile::tempdir().unwrap();
