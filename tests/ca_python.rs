@@ -451,3 +451,44 @@ fn python_grpcio_client_against_rampart_ca() {
         assert!(metrics.contains(name), "missing {name:?} in\n{metrics}");
     }
 }
+
+/// A node agent's grant must be spelled out: a bare `--node-agent ID` (which used to mean
+/// "every workload") is refused at startup naming the fix; the explicit `ID=*` starts.
+#[test]
+fn bare_node_agent_grant_is_refused_and_explicit_star_starts() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let agent = "spiffe://cluster.local/ns/istio-system/sa/ztunnel";
+    let run = |grant: &str| {
+        Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["ca", "--listen", "127.0.0.1:0"])
+            .arg("--cacerts")
+            .arg(dir.join("cacerts"))
+            .arg("--state")
+            .arg(dir.join("state"))
+            .args(["--node-agent", grant])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start rampart ca")
+    };
+    let out = run(agent).wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "bad input exits 2: {err}");
+    assert!(
+        err.contains("must be explicit") && err.contains(&format!("{agent}=*")),
+        "names the fix: {err}"
+    );
+    assert!(!dir.join("state").exists(), "refused before touching state");
+
+    let mut child = run(&format!("{agent}=*"));
+    let stdout = child.stdout.take().unwrap();
+    let mut first = String::new();
+    BufReader::new(stdout).read_line(&mut first).unwrap();
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        first.starts_with("rampart ca: listening on "),
+        "explicit `*` grant starts: {first:?}"
+    );
+}

@@ -354,3 +354,106 @@ fn quickstart_end_to_end() {
         );
     }
 }
+
+/// Start `rampart up DIR --state-dir STATE` and wait for its ready table.
+fn start_up(dir: &Path, state: &Path) -> Up {
+    let mut child = rampart()
+        .arg("up")
+        .arg(dir)
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--ready-timeout", "60s", "--drain-timeout", "10s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (so, se) = (Arc::default(), Arc::default());
+    collect(child.stdout.take().unwrap(), Arc::clone(&so));
+    collect(child.stderr.take().unwrap(), Arc::clone(&se));
+    let mut up = Up {
+        child,
+        stdout: so,
+        stderr: se,
+    };
+    up.wait_for("the ready table", Duration::from_secs(150), |o, e| {
+        o.contains("WORKLOAD") && e.contains("rampart up: ready")
+    });
+    up
+}
+
+/// SIGINT, then wait for exit 0.
+fn interrupt(up: &mut Up) {
+    let pid = rustix::process::Pid::from_raw(up.child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = up.child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < deadline, "rampart up did not stop in 60s");
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert_eq!(status.code(), Some(0), "{}", up.stderr.lock().unwrap());
+}
+
+/// sha256 of the DER of every certificate in a PEM file.
+fn fingerprints(path: &Path) -> Vec<String> {
+    let pem = std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    rampart_certs::parse_certs_pem(&pem)
+        .unwrap()
+        .iter()
+        .map(|c| {
+            rampart_certs::CertInfo::parse(c)
+                .unwrap()
+                .sha256_fingerprint
+        })
+        .collect()
+}
+
+/// The README's main command run twice on the same state (Ctrl-C in between): the second run
+/// starts, keeps the self-signed root (same fingerprint) and serves calls. It used to fail
+/// with `ca/root-cert.pem: No such file`, because `up` pointed the CA's `--bundle-out` at the
+/// CA's own persisted root and deleted it before each start.
+#[test]
+fn quickstart_restart_keeps_the_root_and_serves() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("qs");
+    let src = workspace().join("examples/quickstart");
+    std::fs::create_dir_all(&dir).unwrap();
+    for f in ["mesh.yaml", "workloads.yaml"] {
+        std::fs::copy(src.join(f), dir.join(f)).unwrap();
+    }
+    let ports = remap_ports(&dir);
+    copy_dir(&src, &dir, &|t| map_text(t, &ports));
+    let state = tmp.path().join("s");
+    let outbound = format!("http://127.0.0.1:{}", ports[&15001]);
+    let root_file = state.join("ca/root-cert.pem");
+
+    let mut up = start_up(&dir, &state);
+    let (code, body) = curl(&["-x", &outbound, "http://backend.api:8080/api/hello"]);
+    assert_eq!(code, 200, "first run: {body}");
+    let root = fingerprints(&root_file);
+    assert_eq!(root.len(), 1, "one self-signed root");
+    let bundle = state.join("trust-bundle.pem");
+    assert_eq!(
+        fingerprints(&bundle),
+        root,
+        "the agents' bundle is that root"
+    );
+    interrupt(&mut up);
+    assert!(root_file.exists(), "the root survives the shutdown");
+
+    let mut up = start_up(&dir, &state);
+    assert_eq!(
+        fingerprints(&root_file),
+        root,
+        "same root after the restart"
+    );
+    assert_eq!(fingerprints(&bundle), root);
+    let (code, body) = curl(&["-x", &outbound, "http://backend.api:8080/api/hello"]);
+    assert_eq!(code, 200, "second run: {body}");
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["service"], "backend");
+    interrupt(&mut up);
+}

@@ -323,3 +323,50 @@ fn bad_input_exits_2_with_the_reason() {
     .unwrap();
     assert_eq!(header["kid"], "my-kid");
 }
+
+/// `issue --out FILE`: the token alone (no trailing newline), mode 0600 even when an older,
+/// world-readable token file is replaced, and it verifies like the printed one.
+#[test]
+fn issue_out_writes_the_token_0600_without_a_newline() {
+    use std::os::unix::fs::PermissionsExt;
+    let dir = tempfile::tempdir().unwrap();
+    let key = dir.path().join("k.pem");
+    run(rampart().args(["token", "keygen", "--out"]).arg(&key));
+    let jwks = dir.path().join("jwks.json");
+    std::fs::write(
+        &jwks,
+        stdout(&run(rampart().args(["token", "jwks", "--key"]).arg(&key))),
+    )
+    .unwrap();
+    let token_file = dir.path().join("token.jwt");
+    std::fs::write(&token_file, "old\n").unwrap();
+    std::fs::set_permissions(&token_file, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let issue = |out: Option<&std::path::Path>| {
+        let mut c = rampart();
+        c.args(["token", "issue", "--key"])
+            .arg(&key)
+            .args(["--issuer", ISSUER, "--ns", "default", "--sa", "web"]);
+        if let Some(o) = out {
+            c.arg("--out").arg(o);
+        }
+        run(&mut c)
+    };
+    let out = issue(Some(&token_file));
+    assert!(out.stdout.is_empty(), "nothing on stdout with --out");
+    let text = std::fs::read_to_string(&token_file).unwrap();
+    assert!(
+        !text.ends_with('\n') && text.split('.').count() == 3,
+        "{text:?}"
+    );
+    let mode = std::fs::metadata(&token_file).unwrap().permissions().mode();
+    assert_eq!(mode & 0o777, 0o600);
+    run(rampart()
+        .args(["token", "verify", "--workload", "--jwks"])
+        .arg(&jwks)
+        .arg("--token")
+        .arg(&token_file)
+        .args(["--issuer", ISSUER]));
+    // Twin: without --out the token is printed, one line.
+    let printed = stdout(&issue(None));
+    assert!(printed.ends_with('\n') && printed.trim().split('.').count() == 3);
+}

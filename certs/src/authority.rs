@@ -32,9 +32,20 @@ pub const DEFAULT_WORKLOAD_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
 /// Longest workload certificate lifetime we issue (Istio's `MAX_WORKLOAD_CERT_TTL`);
 /// longer requests are refused.
 pub const MAX_WORKLOAD_CERT_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
-/// How far not-before is moved into the past to absorb clock skew (never before the CA's
-/// own not-before).
-pub const CLOCK_SKEW_BACKDATE: Duration = Duration::from_secs(5 * 60);
+/// The most not-before is moved into the past to absorb clock skew: 2 minutes, Istio's
+/// `ClockSkewGracePeriod` (never before the CA's own not-before, and never more than
+/// [`MAX_BACKDATE_FRACTION`] of the lifetime: see [`clock_skew_backdate`]).
+pub const CLOCK_SKEW_BACKDATE: Duration = Duration::from_secs(2 * 60);
+/// The backdate is at most this fraction of the certificate's lifetime (1/10).
+pub const MAX_BACKDATE_FRACTION: u32 = 10;
+
+/// How far not-before is backdated for a certificate living `ttl`: [`CLOCK_SKEW_BACKDATE`],
+/// but at most a tenth of `ttl`. A short-lived certificate must not look half used up the
+/// moment it is issued: renewing at not-before + half the lifetime (ztunnel, Istio's agent)
+/// would otherwise renew a 60 s certificate at once, again and again.
+pub fn clock_skew_backdate(ttl: Duration) -> Duration {
+    CLOCK_SKEW_BACKDATE.min(ttl / MAX_BACKDATE_FRACTION)
+}
 
 /// Parameters of a self-signed root CA.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -321,7 +332,9 @@ impl CertificateAuthority {
             KeyUsagePurpose::CrlSign,
             KeyUsagePurpose::DigitalSignature,
         ];
-        p.not_before = odt(now.checked_sub(CLOCK_SKEW_BACKDATE).unwrap_or(now));
+        p.not_before = odt(now
+            .checked_sub(clock_skew_backdate(params.validity))
+            .unwrap_or(now));
         p.not_after = odt(now.checked_add(params.validity).ok_or(Error::InvalidTtl {
             requested_secs: params.validity.as_secs(),
             max_secs: u64::MAX,
@@ -395,7 +408,7 @@ impl CertificateAuthority {
     /// Issues a workload certificate (DESIGN.md §1): empty subject, exactly one URI SAN
     /// (`id`), EKU serverAuth + clientAuth, KU digitalSignature (+ keyEncipherment for an
     /// RSA subject key), basicConstraints cA=false, SKI/AKI, a 128-bit random serial,
-    /// not-before backdated by [`CLOCK_SKEW_BACKDATE`] (never before the CA's), not-after
+    /// not-before backdated by [`clock_skew_backdate`] (never before the CA's), not-after
     /// `now + ttl` capped at the CA's not-after. `ttl` above [`MAX_WORKLOAD_CERT_TTL`] or
     /// zero is refused.
     pub fn issue_workload(
@@ -497,7 +510,7 @@ impl CertificateAuthority {
             });
         }
         let not_before =
-            odt(now.checked_sub(CLOCK_SKEW_BACKDATE).unwrap_or(now)).max(self.not_before);
+            odt(now.checked_sub(clock_skew_backdate(ttl)).unwrap_or(now)).max(self.not_before);
         let not_after = now
             .checked_add(ttl)
             .map(odt)
@@ -572,6 +585,39 @@ fn leaf_key_usages(kind: SpkiKind) -> Vec<KeyUsagePurpose> {
 fn rfc3339(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_else(|_| t.to_string())
+}
+
+#[cfg(test)]
+mod backdate_tests {
+    use super::*;
+
+    #[test]
+    fn backdate_is_two_minutes_at_most_and_a_tenth_of_short_lifetimes() {
+        let s = Duration::from_secs;
+        assert_eq!(clock_skew_backdate(s(24 * 3600)), s(120));
+        assert_eq!(
+            clock_skew_backdate(s(20 * 60)),
+            s(120),
+            "a tenth is exactly 2 min"
+        );
+        assert_eq!(clock_skew_backdate(s(60)), s(6));
+        assert_eq!(clock_skew_backdate(s(10)), s(1));
+        assert_eq!(clock_skew_backdate(Duration::ZERO), Duration::ZERO);
+        // Renewal at not-before + half the lifetime (ztunnel) is never due at issuance: with
+        // a backdate of b <= ttl/10 the refresh point is now + ttl/2 - b/2 >= now + 0.45 ttl.
+        for ttl in [1u64, 10, 60, 600, 3600, 24 * 3600, 90 * 24 * 3600].map(s) {
+            let back = clock_skew_backdate(ttl);
+            let life = ttl + back;
+            let renew_after_issue = (life / 2).checked_sub(back).expect("renewal in the future");
+            assert!(
+                renew_after_issue >= ttl * 45 / 100,
+                "{ttl:?}: {renew_after_issue:?}"
+            );
+        }
+        // Negative twin: the old fixed 5 minutes renewed a 60 s certificate on receipt.
+        let (ttl, back) = (s(60), s(300));
+        assert!((ttl + back) / 2 < back);
+    }
 }
 
 #[cfg(test)]

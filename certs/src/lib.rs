@@ -72,7 +72,7 @@ pub mod test_util;
 pub use self::{
     authority::{
         CLOCK_SKEW_BACKDATE, CertificateAuthority, DEFAULT_WORKLOAD_CERT_TTL, IntermediateParams,
-        MAX_WORKLOAD_CERT_TTL, RootParams,
+        MAX_BACKDATE_FRACTION, MAX_WORKLOAD_CERT_TTL, RootParams, clock_skew_backdate,
     },
     csr::{VerifiedCsr, build_csr, build_csr_der},
     error::Error,

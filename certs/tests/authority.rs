@@ -85,7 +85,7 @@ fn workload_profile() {
         "{serial:02x?}"
     );
     assert!(serial[0] & 0x80 == 0, "positive");
-    // Validity: backdated 5 minutes, 24h lifetime from now.
+    // Validity: backdated 2 minutes, 24h lifetime from now.
     let info = CertInfo::parse(&cert).unwrap();
     assert_eq!(secs(info.not_before), secs(now - CLOCK_SKEW_BACKDATE));
     assert_eq!(secs(info.not_after), secs(now + 24 * HOUR));

@@ -46,13 +46,20 @@ pub struct AuditLog {
 
 impl AuditLog {
     /// Opens (creating, mode 0600) `path` for appending and starts the writer thread.
+    ///
+    /// A last line without its newline (the CA was killed while writing a batch) is cut off
+    /// with a warning before anything is appended: that batch's `fdatasync` never returned,
+    /// so none of its certificates was handed out, and appending after it would glue the next
+    /// record onto the fragment and leave an unparseable line in the middle of the log.
     pub fn open(path: &Path) -> Result<Self, CitadelError> {
-        let file = OpenOptions::new()
+        let mut file = OpenOptions::new()
             .create(true)
+            .read(true)
             .append(true)
             .mode(0o600)
             .open(path)
             .map_err(|e| CitadelError::io(path, e))?;
+        repair_torn_tail(&mut file, path).map_err(|e| CitadelError::io(path, e))?;
         let (tx, rx) = mpsc::channel::<Pending>();
         let thread_path = path.to_path_buf();
         std::thread::Builder::new()
@@ -93,6 +100,47 @@ impl AuditLog {
     }
 }
 
+/// Cuts a torn last line (no trailing newline) off the log, warning with what was cut.
+fn repair_torn_tail(file: &mut File, path: &Path) -> std::io::Result<()> {
+    use std::io::{Read, Seek, SeekFrom};
+    let len = file.metadata()?.len();
+    if len == 0 {
+        return Ok(());
+    }
+    // Read backwards in chunks until the last newline (or the start of the file).
+    const CHUNK: u64 = 64 * 1024;
+    let mut end = len;
+    let mut tail: Vec<u8> = Vec::new();
+    let keep = loop {
+        let start = end.saturating_sub(CHUNK);
+        let mut buf = vec![0u8; (end - start) as usize];
+        file.seek(SeekFrom::Start(start))?;
+        file.read_exact(&mut buf)?;
+        if let Some(i) = buf.iter().rposition(|&b| b == b'\n') {
+            let cut = start + i as u64 + 1;
+            tail.splice(0..0, buf[i + 1..].iter().copied());
+            break cut;
+        }
+        tail.splice(0..0, buf);
+        if start == 0 {
+            break 0;
+        }
+        end = start;
+    };
+    if keep == len {
+        return Ok(());
+    }
+    tracing::warn!(
+        path = %path.display(),
+        bytes = tail.len(),
+        fragment = %String::from_utf8_lossy(&tail[..tail.len().min(512)]),
+        "audit log ends with a torn line (the CA stopped while writing it, before it was \
+         flushed, so no certificate of it was handed out); cutting it off"
+    );
+    file.set_len(keep)?;
+    file.sync_all()
+}
+
 /// Formats a time as RFC 3339 UTC with second precision.
 pub fn rfc3339(t: SystemTime) -> String {
     let t = time::OffsetDateTime::from(t)
@@ -119,12 +167,20 @@ fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path) {
                 Err(_) => break,
             }
         }
+        let before = file.metadata().map(|m| m.len()).ok();
         let result = file
             .write_all(&buf)
             .and_then(|()| file.sync_data())
             .map_err(|e| e.to_string());
         if let Err(e) = &result {
             tracing::error!(path = %path.display(), error = %e, "audit log write failed; withholding certificates");
+            // Take back whatever part of the batch reached the file, so the next batch does
+            // not start in the middle of a line (nothing of this batch is acknowledged).
+            if let Some(len) = before
+                && let Err(e) = file.set_len(len)
+            {
+                tracing::error!(path = %path.display(), error = %e, "could not cut the failed batch off the audit log");
+            }
         }
         for w in waiters.drain(..) {
             let _ = w.send(result.clone());
@@ -135,6 +191,68 @@ fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn record(i: usize) -> AuditRecord {
+        AuditRecord {
+            time: rfc3339(SystemTime::UNIX_EPOCH),
+            serial: format!("{i:032x}"),
+            spiffe_id: "spiffe://cluster.local/ns/a/sa/b".into(),
+            not_after: rfc3339(SystemTime::UNIX_EPOCH),
+            caller: "spiffe://cluster.local/ns/a/sa/b".into(),
+            auth: "jwt",
+            peer: "127.0.0.1:1".into(),
+        }
+    }
+
+    fn serials(path: &Path) -> Vec<String> {
+        std::fs::read_to_string(path)
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let v: serde_json::Value = serde_json::from_str(l).expect("every line parses");
+                v["serial"].as_str().unwrap().to_owned()
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn torn_last_line_is_cut_off_and_complete_lines_are_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let mut text = String::new();
+        for i in 0..3 {
+            text.push_str(&serde_json::to_string(&record(i)).unwrap());
+            text.push('\n');
+        }
+        let whole = text.len() as u64;
+        // A kill -9 in the middle of writing the fourth record.
+        text.push_str(&serde_json::to_string(&record(3)).unwrap()[..40]);
+        std::fs::write(&path, &text).unwrap();
+        let log = AuditLog::open(&path).unwrap();
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().len(),
+            whole,
+            "fragment cut"
+        );
+        log.append(&record(4)).await.unwrap();
+        let expect: Vec<String> = [0, 1, 2, 4].iter().map(|i| format!("{i:032x}")).collect();
+        assert_eq!(serials(&path), expect);
+    }
+
+    #[tokio::test]
+    async fn intact_log_is_left_alone_and_a_lone_fragment_is_emptied() {
+        // Negative twin: a log ending with its newline loses nothing.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let line = format!("{}\n", serde_json::to_string(&record(7)).unwrap());
+        std::fs::write(&path, &line).unwrap();
+        drop(AuditLog::open(&path).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), line);
+        // A file holding nothing but a fragment (killed during the first write).
+        std::fs::write(&path, "{\"time\":\"19").unwrap();
+        drop(AuditLog::open(&path).unwrap());
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    }
 
     #[tokio::test]
     async fn lines_are_on_disk_when_append_returns() {

@@ -357,6 +357,19 @@ pub fn authenticate(
         });
     };
     let target = SpiffeId::parse(target).map_err(|e| Refusal::BadImpersonation(e.to_string()))?;
+    if target == proved.id {
+        // A node agent asking for its own identity (ztunnel does in shared mode; Istio
+        // allows it): nothing is impersonated, the caller proved this identity itself.
+        return Ok(proved);
+    }
+    if node_agents.contains_key(&target) {
+        // Never another node agent, whatever the grant's patterns say: with that agent's
+        // certificate the caller could renew as it and act with its grant (chaining).
+        return Err(Refusal::ImpersonationOfNodeAgent {
+            caller: proved.id.to_string(),
+            target: target.to_string(),
+        });
+    }
     if target.trust_domain() != trust_domain {
         return Err(Refusal::BadImpersonation(format!(
             "{target} is not in trust domain {trust_domain}"

@@ -475,7 +475,29 @@ pub fn load_or_create_self_signed(
         );
         PrivateKey::from_pkcs8_pem(&key_pem).map_err(|e| CitadelError::invalid(&key_path, e))
     };
-    let ca = if cert_path.exists() || key_path.exists() {
+    let ca = if key_path.exists() && !cert_path.exists() {
+        // The key without its certificate: an interrupted first start, or the state an older
+        // `rampart up` left (it deleted this file, taking it for the bundle). The key is the
+        // trust; the certificate is public and is made again for the same key and subject,
+        // so certificates issued before still verify.
+        let renewed = CertificateAuthority::self_signed_root(
+            &self_signed_params(trust_domain, ttl),
+            read_key()?,
+            now,
+        )?;
+        rampart_certs::write_file_atomic(
+            &cert_path,
+            rampart_certs::certs_to_pem(std::slice::from_ref(renewed.cert())).as_bytes(),
+            0o644,
+        )
+        .map_err(|e| CitadelError::io(&cert_path, e))?;
+        tracing::warn!(
+            cert = %cert_path.display(),
+            key = %key_path.display(),
+            "self-signed root certificate missing beside its key; made it again for the same key and subject"
+        );
+        renewed
+    } else if cert_path.exists() || key_path.exists() {
         let cert_pem =
             std::fs::read_to_string(&cert_path).map_err(|e| CitadelError::io(&cert_path, e))?;
         let cert = rampart_certs::parse_certs_pem(&cert_pem)
@@ -520,7 +542,7 @@ pub fn load_or_create_self_signed(
         let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
         let params = self_signed_params(trust_domain, ttl);
         // Key first (0600, atomic), then the certificate: a crash in between leaves a key
-        // without a certificate, which the next start reports instead of silently replacing.
+        // without a certificate, which the next start certifies again (never a new key).
         key.write_pem_file(&key_path)?;
         let ca = CertificateAuthority::self_signed_root(&params, key, now)?;
         rampart_certs::write_file_atomic(

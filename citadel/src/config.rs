@@ -1,7 +1,7 @@
 //! The CA's configuration, validated once at start-up.
 
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use rampart_certs::{SpiffeId, TrustDomain};
@@ -16,6 +16,16 @@ pub const DEFAULT_MAX_WORKLOAD_TTL: Duration = Duration::from_secs(90 * 24 * 360
 pub const DEFAULT_AUDIENCE: &str = "istio-ca";
 /// Default DNS SAN of the CA's serving certificate (what Istio agents dial).
 pub const DEFAULT_SERVER_DNS_NAME: &str = "istiod.istio-system.svc";
+/// Every DNS SAN of the serving certificate by default: Istio's name, and `localhost` for
+/// clients on the same machine that dial it by name.
+pub const DEFAULT_SERVER_DNS_NAMES: &[&str] = &[DEFAULT_SERVER_DNS_NAME, "localhost"];
+
+/// Default limit of open TCP connections (in handshake or established).
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
+/// Default limit of TLS handshakes in progress; a newer arrival drops the oldest.
+pub const DEFAULT_MAX_HANDSHAKES: usize = 512;
+/// Default time a TCP connection gets to finish its TLS handshake.
+pub const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// A trusted token issuer and the JWKS file holding its keys.
 #[derive(Debug, Clone)]
@@ -65,6 +75,14 @@ pub struct CaConfig {
     pub request_timeout: Duration,
     /// Requests processed at once; more wait (within the deadline) for a slot.
     pub max_concurrency: usize,
+    /// Open TCP connections at most; at the limit the CA stops accepting (the kernel's backlog
+    /// holds or refuses the rest) until one closes.
+    pub max_connections: usize,
+    /// TLS handshakes in progress at most; a new connection beyond it drops the oldest
+    /// pending handshake (so stalled handshakes cannot lock real clients out).
+    pub max_handshakes: usize,
+    /// Time a connection gets to finish its TLS handshake.
+    pub handshake_timeout: Duration,
     /// How often the cacerts directory is re-read even without a change notification.
     pub reload_poll_interval: Duration,
     /// Lifetime of a self-signed root made by this CA (renewed with 20% of it left).
@@ -88,12 +106,18 @@ impl CaConfig {
             default_ttl: DEFAULT_WORKLOAD_TTL,
             max_ttl: DEFAULT_MAX_WORKLOAD_TTL,
             metrics: None,
-            server_dns_names: vec![DEFAULT_SERVER_DNS_NAME.to_owned()],
+            server_dns_names: DEFAULT_SERVER_DNS_NAMES
+                .iter()
+                .map(|n| (*n).to_owned())
+                .collect(),
             server_ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
             node_agents: Vec::new(),
             max_csr_bytes: 16 * 1024,
             request_timeout: Duration::from_secs(10),
             max_concurrency: 1024,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_handshakes: DEFAULT_MAX_HANDSHAKES,
+            handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             reload_poll_interval: Duration::from_secs(5),
             self_signed_root_ttl: crate::authority::SELF_SIGNED_ROOT_TTL,
         }
@@ -133,6 +157,18 @@ impl CaConfig {
         if self.max_concurrency == 0 {
             return bad("max concurrency must be at least 1".into());
         }
+        if self.max_connections == 0 || self.max_handshakes == 0 {
+            return bad("max connections and max handshakes must be at least 1".into());
+        }
+        if self.max_handshakes > self.max_connections {
+            return bad(format!(
+                "max handshakes {} is above max connections {} (each handshake is a connection)",
+                self.max_handshakes, self.max_connections
+            ));
+        }
+        if self.handshake_timeout.is_zero() {
+            return bad("handshake timeout must be positive".into());
+        }
         if self.max_csr_bytes < 128 {
             return bad("CSR size limit below 128 bytes cannot fit any CSR".into());
         }
@@ -141,6 +177,20 @@ impl CaConfig {
         }
         if self.server_dns_names.is_empty() && self.server_ips.is_empty() {
             return bad("the serving certificate needs at least one DNS name or IP".into());
+        }
+        if let Some(out) = &self.bundle_out {
+            let target = comparable(out);
+            for (what, own) in self.own_files() {
+                if comparable(&own) == target {
+                    return bad(format!(
+                        "--bundle-out {} is the CA's own {what} {}: the bundle would overwrite \
+                         it (and a restart that deletes the bundle would lose it); write the \
+                         bundle somewhere else",
+                        out.display(),
+                        own.display()
+                    ));
+                }
+            }
         }
         for grant in &self.node_agents {
             let agent = &grant.id;
@@ -159,11 +209,53 @@ impl CaConfig {
         Ok(())
     }
 
+    /// The files this CA reads or keeps as its own (never a target of `bundle_out`): the
+    /// self-signed root material and audit log in the state directory, and the plug-in
+    /// material in the cacerts directory.
+    pub fn own_files(&self) -> Vec<(&'static str, PathBuf)> {
+        use crate::authority::{
+            CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, SELF_SIGNED_CERT, SELF_SIGNED_KEY,
+            SELF_SIGNED_PREVIOUS_CERT,
+        };
+        let state = |f: &str| self.state_dir.join(f);
+        let plug = |f: &str| self.cacerts_dir.join(f);
+        vec![
+            ("self-signed root", state(SELF_SIGNED_CERT)),
+            ("self-signed root key", state(SELF_SIGNED_KEY)),
+            (
+                "previous self-signed root",
+                state(SELF_SIGNED_PREVIOUS_CERT),
+            ),
+            ("audit log", self.audit_log_path()),
+            ("plug-in CA certificate", plug(CA_CERT)),
+            ("plug-in CA key", plug(CA_KEY)),
+            ("plug-in certificate chain", plug(CERT_CHAIN)),
+            ("plug-in root bundle", plug(ROOT_CERT)),
+            ("plug-in CRL", plug("ca-crl.pem")),
+        ]
+    }
+
     /// The audit log path.
     pub fn audit_log_path(&self) -> PathBuf {
         self.audit_log
             .clone()
             .unwrap_or_else(|| self.state_dir.join("audit.jsonl"))
+    }
+}
+
+/// `path` made comparable with another spelling of the same file: absolute, its directory
+/// resolved through symlinks when it exists (and the file itself when it exists, so a link to
+/// one of the CA's files is caught too).
+fn comparable(path: &Path) -> PathBuf {
+    if let Ok(real) = std::fs::canonicalize(path) {
+        return real;
+    }
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    match (abs.parent(), abs.file_name()) {
+        (Some(dir), Some(name)) => std::fs::canonicalize(dir)
+            .map(|d| d.join(name))
+            .unwrap_or(abs.clone()),
+        _ => abs,
     }
 }
 
@@ -303,6 +395,51 @@ mod pattern_tests {
         ] {
             let e = bad.parse::<WorkloadPattern>().expect_err(bad);
             assert!(e.contains("expected *"), "{bad}: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod bundle_out_tests {
+    use super::*;
+
+    #[test]
+    fn bundle_out_may_not_be_one_of_the_cas_own_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let state = dir.path().join("state");
+        std::fs::create_dir_all(&state).unwrap();
+        let td: TrustDomain = "cluster.local".parse().unwrap();
+        let mut cfg = CaConfig::new(dir.path().join("cacerts"), state.clone(), td);
+        // The self-signed root, spelled directly and through `..` (what `rampart up` used to
+        // pass), the key, and the plug-in root bundle: each refused, naming both paths.
+        for (out, own) in [
+            (state.join("root-cert.pem"), state.join("root-cert.pem")),
+            (
+                dir.path().join("state/../state/root-cert.pem"),
+                state.join("root-cert.pem"),
+            ),
+            (state.join("root-key.pem"), state.join("root-key.pem")),
+            (
+                dir.path().join("cacerts/root-cert.pem"),
+                dir.path().join("cacerts/root-cert.pem"),
+            ),
+            (state.join("audit.jsonl"), state.join("audit.jsonl")),
+        ] {
+            cfg.bundle_out = Some(out.clone());
+            let e = cfg.validate().expect_err("refused").to_string();
+            assert!(
+                e.contains(&out.display().to_string()) && e.contains(&own.display().to_string()),
+                "{e}"
+            );
+            assert!(e.contains("somewhere else"), "{e}");
+        }
+        // Positive twin: a file of its own, even beside the state directory.
+        for ok in [
+            dir.path().join("trust-bundle.pem"),
+            state.join("bundle.pem"),
+        ] {
+            cfg.bundle_out = Some(ok);
+            cfg.validate().expect("a separate bundle file is fine");
         }
     }
 }

@@ -36,13 +36,15 @@ pub use self::{
     },
     client::connect,
     config::{
-        CaConfig, DEFAULT_AUDIENCE, DEFAULT_MAX_WORKLOAD_TTL, DEFAULT_SERVER_DNS_NAME,
-        DEFAULT_WORKLOAD_TTL, JwtIssuerConfig, NodeAgentGrant, WorkloadPattern,
+        CaConfig, DEFAULT_AUDIENCE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
+        DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_WORKLOAD_TTL, DEFAULT_SERVER_DNS_NAME,
+        DEFAULT_SERVER_DNS_NAMES, DEFAULT_WORKLOAD_TTL, JwtIssuerConfig, NodeAgentGrant,
+        WorkloadPattern,
     },
     error::CitadelError,
     issue::{IssuePolicy, Issued, issue, resolve_ttl},
     loadgen::{LoadConfig, LoadReport, run_load},
-    metrics::{Metrics, serve_metrics},
+    metrics::{ConnectionRefusal, Metrics, serve_metrics},
     refusal::Refusal,
     server::{
         CaService, CaState, IMPERSONATED_IDENTITY, PeerInfo, ReloadOutcome, RunningCa,

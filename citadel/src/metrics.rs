@@ -20,7 +20,45 @@ pub struct Metrics {
     reload_success: AtomicU64,
     reload_failure: AtomicU64,
     inflight: AtomicU64,
+    connections_refused: [AtomicU64; ConnectionRefusal::ALL.len()],
+    connections_open: AtomicU64,
+    handshakes_in_progress: AtomicU64,
     expiry: std::sync::Mutex<Expiry>,
+}
+
+/// Why the CA's listener gave up on (or held back) a TCP connection, the `reason` label of
+/// `citadel_server_connection_refused_count`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ConnectionRefusal {
+    /// The TLS handshake did not finish within the handshake timeout.
+    HandshakeTimeout,
+    /// All handshake slots were taken by a newer arrival: the oldest pending handshake was
+    /// dropped to make room.
+    HandshakeEvicted,
+    /// The TLS handshake failed (not TLS 1.3, bad client certificate, garbage).
+    HandshakeFailed,
+    /// The connection limit was reached: accepting paused (excess connections wait in the
+    /// kernel's backlog); counted once per pause.
+    ConnectionLimit,
+}
+
+impl ConnectionRefusal {
+    const ALL: [ConnectionRefusal; 4] = [
+        ConnectionRefusal::HandshakeTimeout,
+        ConnectionRefusal::HandshakeEvicted,
+        ConnectionRefusal::HandshakeFailed,
+        ConnectionRefusal::ConnectionLimit,
+    ];
+
+    /// The metric label.
+    pub fn label(self) -> &'static str {
+        match self {
+            ConnectionRefusal::HandshakeTimeout => "handshake_timeout",
+            ConnectionRefusal::HandshakeEvicted => "handshake_evicted",
+            ConnectionRefusal::HandshakeFailed => "handshake_failed",
+            ConnectionRefusal::ConnectionLimit => "connection_limit",
+        }
+    }
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -43,6 +81,9 @@ impl Default for Metrics {
             reload_success: AtomicU64::new(0),
             reload_failure: AtomicU64::new(0),
             inflight: AtomicU64::new(0),
+            connections_refused: Default::default(),
+            connections_open: AtomicU64::new(0),
+            handshakes_in_progress: AtomicU64::new(0),
             expiry: std::sync::Mutex::new(Expiry::default()),
         }
     }
@@ -98,6 +139,23 @@ impl Metrics {
         } else {
             self.inflight.fetch_sub((-delta) as u64, Ordering::Relaxed);
         }
+    }
+
+    pub(crate) fn connection_refused(&self, why: ConnectionRefusal) {
+        self.connections_refused[why as usize].fetch_add(1, Ordering::Relaxed);
+    }
+
+    pub(crate) fn connections_open_add(&self, delta: i64) {
+        add_signed(&self.connections_open, delta);
+    }
+
+    pub(crate) fn handshakes_add(&self, delta: i64) {
+        add_signed(&self.handshakes_in_progress, delta);
+    }
+
+    /// Connections given up on (or held back) for `why` so far.
+    pub fn connection_refused_count(&self, why: ConnectionRefusal) -> u64 {
+        self.connections_refused[why as usize].load(Ordering::Relaxed)
     }
 
     pub(crate) fn set_expiry(&self, root_not_after: SystemTime, chain_not_after: SystemTime) {
@@ -187,6 +245,28 @@ impl Metrics {
             "# HELP citadel_server_inflight_requests CreateCertificate requests in progress.\n# TYPE citadel_server_inflight_requests gauge\ncitadel_server_inflight_requests {}",
             self.inflight.load(Ordering::Relaxed)
         );
+        let _ = writeln!(
+            out,
+            "# HELP citadel_server_connection_refused_count TCP connections the CA gave up on before a request, by reason (connection_limit: times accepting paused at the limit).\n# TYPE citadel_server_connection_refused_count counter"
+        );
+        for (why, v) in ConnectionRefusal::ALL.iter().zip(&self.connections_refused) {
+            let _ = writeln!(
+                out,
+                "citadel_server_connection_refused_count{{reason=\"{}\"}} {}",
+                why.label(),
+                v.load(Ordering::Relaxed)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP citadel_server_connections Open TCP connections (in handshake or established).\n# TYPE citadel_server_connections gauge\ncitadel_server_connections {}",
+            self.connections_open.load(Ordering::Relaxed)
+        );
+        let _ = writeln!(
+            out,
+            "# HELP citadel_server_handshakes_in_progress TLS handshakes in progress.\n# TYPE citadel_server_handshakes_in_progress gauge\ncitadel_server_handshakes_in_progress {}",
+            self.handshakes_in_progress.load(Ordering::Relaxed)
+        );
         let e = *self.expiry.lock().unwrap_or_else(|p| p.into_inner());
         let gauge_pair = |out: &mut String, base: &str, what: &str, t: Option<SystemTime>| {
             let Some(t) = t else { return };
@@ -214,6 +294,14 @@ impl Metrics {
             e.chain_not_after,
         );
         out
+    }
+}
+
+fn add_signed(v: &AtomicU64, delta: i64) {
+    if delta >= 0 {
+        v.fetch_add(delta as u64, Ordering::Relaxed);
+    } else {
+        v.fetch_sub(delta.unsigned_abs(), Ordering::Relaxed);
     }
 }
 
@@ -273,6 +361,18 @@ mod tests {
             "{text}"
         );
         assert!(text.contains("\ncitadel_server_cert_chain_expiry_seconds 0\n"));
+        m.connection_refused(ConnectionRefusal::HandshakeEvicted);
+        let text = m.render(now);
+        assert!(
+            text.contains(
+                "citadel_server_connection_refused_count{reason=\"handshake_evicted\"} 1\n"
+            )
+        );
+        assert!(
+            text.contains(
+                "citadel_server_connection_refused_count{reason=\"handshake_timeout\"} 0\n"
+            )
+        );
         assert!(!text.contains("_total"));
     }
 }

@@ -88,6 +88,17 @@ pub enum Refusal {
         /// The identity it asked for.
         target: String,
     },
+    /// A node agent asked for another node agent's identity: refused whatever its grant says,
+    /// so one agent cannot take over another's (wider) grant by renewing with its certificate.
+    #[error(
+        "permission denied: node agent {caller} may not impersonate {target}, which is itself a node agent"
+    )]
+    ImpersonationOfNodeAgent {
+        /// The node agent that asked.
+        caller: String,
+        /// The node-agent identity it asked for.
+        target: String,
+    },
     /// Too many requests in flight; retry later.
     #[error("resource exhausted: CA at its concurrency limit")]
     Overloaded,
@@ -128,7 +139,8 @@ impl Refusal {
             | Refusal::BadImpersonation(_) => Code::InvalidArgument,
             Refusal::SanMismatch { .. }
             | Refusal::ImpersonationDenied { .. }
-            | Refusal::ImpersonationOutOfScope { .. } => Code::PermissionDenied,
+            | Refusal::ImpersonationOutOfScope { .. }
+            | Refusal::ImpersonationOfNodeAgent { .. } => Code::PermissionDenied,
             Refusal::Overloaded => Code::ResourceExhausted,
             Refusal::Deadline(_) => Code::DeadlineExceeded,
             Refusal::SignFailed(_) | Refusal::AuditFailed(_) => Code::Internal,
@@ -164,6 +176,7 @@ impl Refusal {
             Refusal::BadImpersonation(_) => "bad_impersonation",
             Refusal::ImpersonationDenied { .. } => "impersonation_denied",
             Refusal::ImpersonationOutOfScope { .. } => "impersonation_out_of_scope",
+            Refusal::ImpersonationOfNodeAgent { .. } => "impersonation_of_node_agent",
             Refusal::Overloaded => "overloaded",
             Refusal::Deadline(_) => "deadline",
             Refusal::SignFailed(_) => "sign_failed",
@@ -192,6 +205,8 @@ impl Refusal {
         "ttl_negative",
         "bad_impersonation",
         "impersonation_denied",
+        "impersonation_out_of_scope",
+        "impersonation_of_node_agent",
         "overloaded",
         "deadline",
         "sign_failed",

@@ -38,7 +38,6 @@ use rampart_certs::tls::CertStore;
 pub const SERVING_CERT_TTL: Duration = Duration::from_secs(7 * 24 * 3600);
 /// Metadata key Istio's node agents (ztunnel) use to ask for a workload's identity.
 pub const IMPERSONATED_IDENTITY: &str = "ImpersonatedIdentity";
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// What the TLS handshake told us about the peer; attached to every request on the
 /// connection.
@@ -562,6 +561,7 @@ impl IstioCertificateService for CaService {
 struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    _slot: ConnSlot,
 }
 
 impl tonic::transport::server::Connected for TlsConn {
@@ -684,51 +684,7 @@ pub async fn start_with_state(state: Arc<CaState>) -> Result<RunningCa, CitadelE
     let tls = Arc::new(server_config(state.serving.clone())?);
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
     let (conn_tx, conn_rx) = mpsc::channel::<Result<TlsConn, std::io::Error>>(1024);
-    let accept_state = state.clone();
-    let accept_task = tokio::spawn(async move {
-        loop {
-            let (tcp, remote) = match listener.accept().await {
-                Ok(c) => c,
-                Err(e) => {
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            };
-            let _ = tcp.set_nodelay(true);
-            let acceptor = acceptor.clone();
-            let tx = conn_tx.clone();
-            let st = accept_state.clone();
-            tokio::spawn(async move {
-                let tls = match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await
-                {
-                    Ok(Ok(tls)) => tls,
-                    Ok(Err(e)) => {
-                        tracing::info!(%remote, error = %e, "TLS handshake refused");
-                        return;
-                    }
-                    Err(_) => {
-                        tracing::info!(%remote, "TLS handshake timed out");
-                        return;
-                    }
-                };
-                let cert = tls
-                    .get_ref()
-                    .1
-                    .peer_certificates()
-                    .filter(|c| !c.is_empty())
-                    .map(|c| {
-                        Arc::new(st.peer_cert(c.iter().map(|c| c.clone().into_owned()).collect()))
-                    });
-                let _ = tx
-                    .send(Ok(TlsConn {
-                        inner: tls,
-                        info: PeerInfo { remote, cert },
-                    }))
-                    .await;
-            });
-        }
-    });
+    let accept_task = tokio::spawn(accept_loop(listener, acceptor, conn_tx, state.clone()));
 
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let svc = IstioCertificateServiceServer::new(CaService::new(state.clone()))
@@ -772,6 +728,139 @@ pub async fn start_with_state(state: Arc<CaState>) -> Result<RunningCa, CitadelE
         shutdown: Some(shutdown_tx),
         tasks,
     })
+}
+
+/// The TLS handshakes in progress, oldest first, so a new arrival at the limit can drop the
+/// oldest (a stalled handshake) instead of being turned away itself.
+#[derive(Default)]
+struct Handshakes {
+    next: u64,
+    pending: std::collections::BTreeMap<u64, tokio::task::AbortHandle>,
+}
+
+/// One open TCP connection's slot: the connection-limit permit and the gauge, both given
+/// back when the connection (in handshake or served by tonic) is dropped.
+struct ConnSlot {
+    _permit: tokio::sync::OwnedSemaphorePermit,
+    metrics: Arc<Metrics>,
+}
+
+impl Drop for ConnSlot {
+    fn drop(&mut self) {
+        self.metrics.connections_open_add(-1);
+    }
+}
+
+/// Accepts TCP connections within the limits: a connection slot is taken **before**
+/// `accept` (at the limit, new connections wait in the kernel's backlog or are refused by
+/// it, costing the CA nothing); at most `max_handshakes` TLS handshakes run at once, each
+/// for at most `handshake_timeout`, and a new connection beyond that drops the oldest
+/// pending handshake. Every give-up is counted in `citadel_server_connection_refused_count`.
+async fn accept_loop(
+    listener: TcpListener,
+    acceptor: tokio_rustls::TlsAcceptor,
+    conn_tx: mpsc::Sender<Result<TlsConn, std::io::Error>>,
+    state: Arc<CaState>,
+) {
+    use crate::metrics::ConnectionRefusal;
+    let slots = Arc::new(Semaphore::new(state.config.max_connections));
+    let handshakes = Arc::new(Mutex::new(Handshakes::default()));
+    let metrics = state.metrics.clone();
+    loop {
+        let permit = match slots.clone().try_acquire_owned() {
+            Ok(p) => p,
+            Err(_) => {
+                metrics.connection_refused(ConnectionRefusal::ConnectionLimit);
+                tracing::warn!(
+                    limit = state.config.max_connections,
+                    "connection limit reached; not accepting until a connection closes"
+                );
+                match slots.clone().acquire_owned().await {
+                    Ok(p) => p,
+                    Err(_) => return,
+                }
+            }
+        };
+        let (tcp, remote) = match listener.accept().await {
+            Ok(c) => c,
+            Err(e) => {
+                // EMFILE and friends: back off instead of spinning.
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        metrics.connections_open_add(1);
+        let slot = ConnSlot {
+            _permit: permit,
+            metrics: metrics.clone(),
+        };
+        let _ = tcp.set_nodelay(true);
+        let (acceptor, tx, st, hs) = (
+            acceptor.clone(),
+            conn_tx.clone(),
+            state.clone(),
+            handshakes.clone(),
+        );
+        let timeout = state.config.handshake_timeout;
+        // Registered under the lock before the task can look for itself, so it always finds
+        // (and removes) its own entry.
+        let mut table = handshakes.lock().unwrap_or_else(|p| p.into_inner());
+        if table.pending.len() >= state.config.max_handshakes
+            && let Some((_, oldest)) = table.pending.pop_first()
+        {
+            oldest.abort();
+            metrics.handshakes_add(-1);
+            metrics.connection_refused(ConnectionRefusal::HandshakeEvicted);
+            tracing::debug!("handshake limit reached; dropped the oldest pending handshake");
+        }
+        let id = table.next;
+        table.next += 1;
+        metrics.handshakes_add(1);
+        let task = tokio::spawn(async move {
+            let result = tokio::time::timeout(timeout, acceptor.accept(tcp)).await;
+            {
+                let mut table = hs.lock().unwrap_or_else(|p| p.into_inner());
+                if table.pending.remove(&id).is_none() {
+                    // Evicted just as it finished: the eviction already counted it.
+                    return;
+                }
+            }
+            st.metrics.handshakes_add(-1);
+            let tls = match result {
+                Ok(Ok(tls)) => tls,
+                Ok(Err(e)) => {
+                    st.metrics
+                        .connection_refused(ConnectionRefusal::HandshakeFailed);
+                    tracing::info!(%remote, error = %e, "TLS handshake refused");
+                    return;
+                }
+                Err(_) => {
+                    st.metrics
+                        .connection_refused(ConnectionRefusal::HandshakeTimeout);
+                    tracing::debug!(%remote, "TLS handshake timed out");
+                    return;
+                }
+            };
+            let cert = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .filter(|c| !c.is_empty())
+                .map(|c| {
+                    Arc::new(st.peer_cert(c.iter().map(|c| c.clone().into_owned()).collect()))
+                });
+            let _ = tx
+                .send(Ok(TlsConn {
+                    inner: tls,
+                    info: PeerInfo { remote, cert },
+                    _slot: slot,
+                }))
+                .await;
+        });
+        table.pending.insert(id, task.abort_handle());
+        drop(table);
+    }
 }
 
 /// Watches the plug-in directory (inotify via `notify`, plus a poll every

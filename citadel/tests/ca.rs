@@ -219,6 +219,40 @@ async fn jwt_caller_gets_chain_that_verifies_with_its_identity() {
     );
 }
 
+/// By default the serving certificate also names `localhost`, so a client on the same
+/// machine may dial the CA by that name; a name it does not carry is still refused.
+#[tokio::test]
+async fn serving_certificate_names_localhost_by_default() {
+    let env = start(|_, _| {}).await;
+    let info = CertInfo::parse(&env.ca.state().serving_chain()[0]).unwrap();
+    assert!(
+        info.dns_sans.contains(&"localhost".to_owned()),
+        "{:?}",
+        info.dns_sans
+    );
+    let tls = Arc::new(rampart_citadel::client_config(&env.bundle(), None).unwrap());
+    let mut c = rampart_citadel::connect(env.ca.local_addr, "localhost", tls.clone())
+        .await
+        .expect("TLS to the CA as localhost");
+    let id = env.id("default", "web");
+    let (_, csr) = csr_for(&id);
+    call(
+        &mut c,
+        &csr,
+        600,
+        Some(&token(&env, "default", "web")),
+        None,
+    )
+    .await
+    .expect("issued over a connection verified for localhost");
+    // Negative twin: a name the certificate does not carry fails the handshake.
+    assert!(
+        rampart_citadel::connect(env.ca.local_addr, "ca.example.com", tls)
+            .await
+            .is_err()
+    );
+}
+
 #[tokio::test]
 async fn default_and_short_ttls_are_honoured() {
     let env = start(|_, _| {}).await;
@@ -444,6 +478,79 @@ async fn node_agent_may_impersonate_workloads() {
     call(&mut c, &csr, 600, Some(&agent), Some(&cart.to_string()))
         .await
         .expect("granted service account");
+}
+
+/// Chaining: an agent allowed `ns1/*` must not get a certificate for another node agent that
+/// lives in `ns1` (with it, it would renew as that agent and act with its wider grant). Its
+/// own identity through ImpersonatedIdentity stays allowed (ztunnel's shared mode).
+#[tokio::test]
+async fn node_agent_may_not_impersonate_another_node_agent_but_may_ask_for_itself() {
+    let env = start(|cfg, _| {
+        cfg.node_agents = vec![
+            rampart_citadel::NodeAgentGrant {
+                id: SpiffeId::parse("spiffe://cluster.local/ns/ns1/sa/agent-a").unwrap(),
+                may_act_for: vec!["ns1/*".parse().unwrap()],
+            },
+            rampart_citadel::NodeAgentGrant {
+                id: SpiffeId::parse("spiffe://cluster.local/ns/ns1/sa/agent-b").unwrap(),
+                may_act_for: vec!["*".parse().unwrap()],
+            },
+        ];
+    })
+    .await;
+    let mut c = env.client(None).await.unwrap();
+    let agent_a = token(&env, "ns1", "agent-a");
+    let b = env.id("ns1", "agent-b");
+    let (_, csr) = csr_for(&b);
+    let r = call(&mut c, &csr, 600, Some(&agent_a), Some(&b.to_string())).await;
+    assert_refused(r, tonic::Code::PermissionDenied, "itself a node agent");
+    let r = call(&mut c, &csr, 600, Some(&agent_a), Some(&b.to_string())).await;
+    let msg = r.unwrap_err().message().to_owned();
+    assert!(
+        msg.contains("spiffe://cluster.local/ns/ns1/sa/agent-a")
+            && msg.contains("spiffe://cluster.local/ns/ns1/sa/agent-b"),
+        "names both identities: {msg}"
+    );
+    // Even the agent with `*` may not take agent-a's identity.
+    let a = env.id("ns1", "agent-a");
+    let (_, csr_a) = csr_for(&a);
+    let r = call(
+        &mut c,
+        &csr_a,
+        600,
+        Some(&token(&env, "ns1", "agent-b")),
+        Some(&a.to_string()),
+    )
+    .await;
+    assert_refused(r, tonic::Code::PermissionDenied, "itself a node agent");
+    assert!(env.audit_lines().is_empty(), "nothing was issued");
+
+    // Positive twins: its own identity through ImpersonatedIdentity, and an ordinary
+    // workload of its namespace.
+    let chain = call(&mut c, &csr_a, 600, Some(&agent_a), Some(&a.to_string()))
+        .await
+        .expect("a node agent may ask for its own identity");
+    assert_eq!(verify(&chain, &env.bundle()).unwrap(), a);
+    let web = env.id("ns1", "web");
+    let (_, csr_w) = csr_for(&web);
+    let chain = call(&mut c, &csr_w, 600, Some(&agent_a), Some(&web.to_string()))
+        .await
+        .expect("a workload of its grant");
+    assert_eq!(verify(&chain, &env.bundle()).unwrap(), web);
+    // The explicit `*` grant covers every workload (that is not a node agent).
+    let other = env.id("kube-system", "dns");
+    let (_, csr_o) = csr_for(&other);
+    let chain = call(
+        &mut c,
+        &csr_o,
+        600,
+        Some(&token(&env, "ns1", "agent-b")),
+        Some(&other.to_string()),
+    )
+    .await
+    .expect("`*` grant");
+    assert_eq!(verify(&chain, &env.bundle()).unwrap(), other);
+    assert_eq!(env.audit_lines().len(), 3);
 }
 
 #[tokio::test]
@@ -705,8 +812,9 @@ async fn rotated_jwks_file_applies_without_restart_and_a_broken_one_is_refused()
 
 #[tokio::test]
 async fn self_signed_root_is_renewed_in_its_grace_period_with_the_same_key() {
-    // A self-signed root with 80 s left of a 380 s life (5 min backdate + 80 s): it enters the
-    // 20% grace period about 4 s after the CA starts.
+    // A self-signed root of 20 min (2 min backdate: 22 min of life), made 932 s ago: its 20%
+    // grace period starts 1056 s after its not-before, about 4 s after the CA starts, and it
+    // still has 268 s to live.
     let make_old = |state: &Path| {
         std::fs::create_dir_all(state).unwrap();
         let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
@@ -714,9 +822,10 @@ async fn self_signed_root_is_renewed_in_its_grace_period_with_the_same_key() {
         let params = RootParams {
             common_name: "Rampart self-signed root".into(),
             organization: "cluster.local".into(),
-            validity: Duration::from_secs(80),
+            validity: Duration::from_secs(1200),
         };
-        let old = CertificateAuthority::self_signed_root(&params, key, SystemTime::now()).unwrap();
+        let made = SystemTime::now() - Duration::from_secs(932);
+        let old = CertificateAuthority::self_signed_root(&params, key, made).unwrap();
         std::fs::write(
             state.join("root-cert.pem"),
             rampart_certs::certs_to_pem(std::slice::from_ref(old.cert())),
@@ -786,6 +895,58 @@ async fn self_signed_root_persists_across_restarts() {
     let second = rampart_citadel::start(mk()).await.unwrap();
     assert_eq!(second.state().authority().signing_root().fingerprint, fp1);
     second.shutdown().await;
+}
+
+/// The root certificate deleted beside its key (what an older `rampart up` did): the CA
+/// makes the certificate again for the same key and subject, so certificates issued before
+/// still verify. Without the key, a new root is made (nothing to keep).
+#[tokio::test]
+async fn self_signed_root_certificate_lost_beside_its_key_is_made_again_for_the_same_key() {
+    let env = start(|_, _| {}).await;
+    let id = env.id("default", "web");
+    let (_, csr) = csr_for(&id);
+    let mut c = env.client(None).await.unwrap();
+    let before = call(
+        &mut c,
+        &csr,
+        600,
+        Some(&token(&env, "default", "web")),
+        None,
+    )
+    .await
+    .unwrap();
+    let old_root = env.bundle().roots()[0].clone();
+    let state = env.root.join("state");
+    std::fs::remove_file(state.join("root-cert.pem")).unwrap();
+    let mk = || {
+        let mut cfg = CaConfig::new(env.root.join("cacerts"), state.clone(), td());
+        cfg.listen = "127.0.0.1:0".parse().unwrap();
+        cfg
+    };
+    let again = rampart_citadel::start(mk()).await.expect("restarts");
+    let new_root = again.state().authority().bundle().roots()[0].clone();
+    assert!(state.join("root-cert.pem").is_file());
+    let only = |der: &CertificateDer<'static>| TrustBundle::from_der(vec![der.clone()]).unwrap();
+    assert_eq!(
+        verify(&before, &only(&new_root)).unwrap(),
+        id,
+        "old certificates verify under the re-made root"
+    );
+    assert_eq!(
+        CertInfo::parse(&new_root).unwrap().subject,
+        CertInfo::parse(&old_root).unwrap().subject
+    );
+    again.shutdown().await;
+    // Negative twin: key and certificate both gone is a new root, which the old
+    // certificates do not verify under.
+    std::fs::remove_file(state.join("root-cert.pem")).unwrap();
+    std::fs::remove_file(state.join("root-key.pem")).unwrap();
+    let fresh = rampart_citadel::start(mk())
+        .await
+        .expect("starts with a new root");
+    let fresh_root = fresh.state().authority().bundle().roots()[0].clone();
+    assert!(verify(&before, &only(&fresh_root)).is_err());
+    fresh.shutdown().await;
 }
 
 #[tokio::test]

@@ -291,6 +291,19 @@ pub fn resolve_identity(
 mod tests {
     use super::*;
 
+    #[test]
+    fn token_file_reader_tolerates_a_trailing_newline_and_refuses_blank_files() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("token");
+        for text in ["a.b.c", "a.b.c\n", "a.b.c\r\n", "  a.b.c \n\n"] {
+            std::fs::write(&path, text).unwrap();
+            assert_eq!(read_nonempty(&path).unwrap(), "a.b.c", "{text:?}");
+        }
+        // Negative twin: a file with nothing but whitespace is no token.
+        std::fs::write(&path, "\n").unwrap();
+        assert!(matches!(read_nonempty(&path), Err(Error::EmptyFile { .. })));
+    }
+
     fn jwt(claims: &str) -> String {
         let e = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         format!(

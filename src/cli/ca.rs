@@ -65,21 +65,24 @@ struct RunArgs {
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
     /// DNS SAN of the CA's serving certificate (repeatable).
-    #[arg(long = "server-dns", default_value = rampart_citadel::DEFAULT_SERVER_DNS_NAME)]
+    #[arg(long = "server-dns", default_values = rampart_citadel::DEFAULT_SERVER_DNS_NAMES)]
     server_dns: Vec<String>,
     /// IP SAN of the CA's serving certificate (repeatable).
     #[arg(long = "server-ip", default_value = "127.0.0.1")]
     server_ip: Vec<IpAddr>,
     /// A node agent allowed to request other identities via ImpersonatedIdentity
     /// (repeatable): `SPIFFE_ID=PATTERN[,PATTERN...]`, each pattern `NAMESPACE/SA`,
-    /// `NAMESPACE/*` or `*`. A bare SPIFFE_ID means `*` (any workload of the trust domain) and
-    /// is logged as such.
-    #[arg(long = "node-agent", value_name = "SPIFFE_ID[=PATTERNS]")]
+    /// `NAMESPACE/*` or `*` (every workload of the trust domain: must be spelled out; a bare
+    /// SPIFFE_ID is refused). No node agent may ask for another node agent's identity; each may
+    /// ask for its own.
+    #[arg(long = "node-agent", value_name = "SPIFFE_ID=PATTERNS")]
     node_agent: Vec<String>,
     /// Audit log file (default <state>/audit.jsonl).
     #[arg(long)]
     audit_log: Option<PathBuf>,
-    /// Write the trust bundle (PEM) here at start and after every reload.
+    /// Write the trust bundle (PEM) here at start and after every reload. Never one of the
+    /// CA's own files (the self-signed root or key in --state, the audit log, the cacerts
+    /// files): such a path is refused at startup.
     #[arg(long, value_name = "FILE")]
     bundle_out: Option<PathBuf>,
     /// Largest accepted CSR (bytes of PEM).
@@ -91,6 +94,19 @@ struct RunArgs {
     /// Requests processed at once.
     #[arg(long, default_value_t = 1024)]
     max_concurrency: usize,
+    /// Open TCP connections at most (in handshake or established). At the limit the CA stops
+    /// accepting until one closes (excess connections wait in the kernel's backlog). The
+    /// soft open-file limit is raised to the hard one at start; if that is still too low
+    /// for this, the limit is lowered to fit and a warning says so.
+    #[arg(long, default_value_t = rampart_citadel::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
+    /// TLS handshakes in progress at most; a new connection beyond it drops the oldest
+    /// pending handshake, so stalled handshakes cannot lock real clients out.
+    #[arg(long, default_value_t = rampart_citadel::DEFAULT_MAX_HANDSHAKES)]
+    max_handshakes: usize,
+    /// Time a connection gets to finish its TLS handshake.
+    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    handshake_timeout: Duration,
     /// Poll interval of the cacerts directory (in addition to change notifications).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     reload_interval: Duration,
@@ -181,6 +197,9 @@ impl RunArgs {
         cfg.request_timeout = self.request_timeout;
         cfg.max_concurrency = self.max_concurrency;
         cfg.reload_poll_interval = self.reload_interval;
+        cfg.max_connections = fit_connection_limit(self.max_connections);
+        cfg.max_handshakes = self.max_handshakes.min(cfg.max_connections);
+        cfg.handshake_timeout = self.handshake_timeout;
         cfg.validate()
             .map_err(|e| super::bad_input(e.to_string()))?;
         Ok(cfg)
@@ -379,6 +398,45 @@ impl Drop for TempDir {
     }
 }
 
+/// File descriptors kept for everything but client connections (listeners, files, the
+/// runtime, the metrics endpoint).
+const RESERVED_FDS: u64 = 256;
+
+/// Raises the soft open-file limit to the hard one (as Envoy and ztunnel run: a low default
+/// soft limit would make `accept` fail with EMFILE long before `--max-connections`), then
+/// returns `wanted` lowered, with a warning, if the descriptors still do not cover it.
+fn fit_connection_limit(wanted: usize) -> usize {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let mut soft = lim.current;
+    if lim.current != lim.maximum {
+        match setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: lim.maximum,
+                maximum: lim.maximum,
+            },
+        ) {
+            Ok(()) => soft = lim.maximum,
+            Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
+        }
+    }
+    let Some(soft) = soft else {
+        return wanted; // unlimited
+    };
+    let room = soft.saturating_sub(RESERVED_FDS).max(16) as usize;
+    if room < wanted {
+        tracing::warn!(
+            wanted,
+            allowed = room,
+            open_file_limit = soft,
+            "--max-connections lowered to fit the open-file limit (raise `ulimit -Hn` for more)"
+        );
+        return room;
+    }
+    wanted
+}
+
 /// `--node-agent SPIFFE_ID[=PATTERN,...]`.
 fn node_agent_grant(arg: &str) -> anyhow::Result<rampart_citadel::NodeAgentGrant> {
     let (id, patterns) = match arg.split_once('=') {
@@ -389,8 +447,11 @@ fn node_agent_grant(arg: &str) -> anyhow::Result<rampart_citadel::NodeAgentGrant
         SpiffeId::parse(id).map_err(|e| super::bad_input(format!("--node-agent {arg}: {e}")))?;
     let may_act_for = match patterns {
         None => {
-            tracing::warn!(node_agent = %id, "node agent may act for any workload of the trust domain; restrict it with --node-agent ID=NAMESPACE/SA,...");
-            vec![rampart_citadel::WorkloadPattern::Any]
+            return Err(super::bad_input(format!(
+                "--node-agent {arg}: the grant must be explicit; spell out {id}=NAMESPACE/SA,... \
+                 (or NAMESPACE/*), or {id}=* if it may really act for every workload of the \
+                 trust domain"
+            )));
         }
         Some(p) => p
             .split(',')

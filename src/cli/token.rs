@@ -55,6 +55,11 @@ pub(crate) struct IssueArgs {
     /// Key id; default: the RFC 7638 thumbprint of the public key (what `jwks` prints).
     #[arg(long, value_name = "K")]
     kid: Option<String>,
+    /// Write the token to FILE (mode 0600, atomically: a reader never sees half a token;
+    /// no trailing newline) instead of printing it. An existing file is replaced, as a
+    /// rotated projected token is.
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -184,7 +189,20 @@ fn issue(args: IssueArgs) -> anyhow::Result<ExitCode> {
         args.ttl,
     );
     let token = signer.sign(&claims).context("signing the token")?;
-    println!("{token}");
+    match &args.out {
+        Some(path) => {
+            rampart_certs::write_file_atomic(path, token.as_bytes(), 0o600)
+                .with_context(|| format!("writing {}", path.display()))?;
+            eprintln!(
+                "wrote a token for {}/{} to {} (expires in {})",
+                account.namespace,
+                account.name,
+                path.display(),
+                humantime::format_duration(args.ttl)
+            );
+        }
+        None => println!("{token}"),
+    }
     Ok(ExitCode::SUCCESS)
 }
 

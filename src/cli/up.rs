@@ -360,7 +360,9 @@ impl Up {
         let (tx, rx) = mpsc::unbounded_channel();
         Ok(Up {
             logs: state.join("logs"),
-            bundle: state.join("ca/root-cert.pem"),
+            // The CA writes its trust bundle here for the agents; never into `ca/`, where
+            // `root-cert.pem` is its persisted self-signed root (the CA refuses that).
+            bundle: state.join("trust-bundle.pem"),
             args,
             mesh,
             exe,

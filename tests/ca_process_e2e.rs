@@ -1,0 +1,474 @@
+//! `rampart ca` (the real binary) under abuse: killed with SIGKILL in the middle of issuing
+//! (the root is kept, the audit log parses and holds every certificate a client received),
+//! and flooded with TCP connections that never finish a TLS handshake (a real client still
+//! gets its certificate, the CA's memory stays bounded).
+
+mod support;
+use support::Proc;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use rampart_certs::jwt::JwtSigner;
+use rampart_certs::{CertInfo, KeyAlgorithm, PrivateKey, SpiffeId, TrustBundle};
+use rampart_proto::istio::v1::auth::IstioCertificateRequest;
+use rampart_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use tonic::transport::Channel;
+
+const ISS: &str = "https://issuer.test";
+
+struct Ca {
+    proc: Proc,
+    addr: SocketAddr,
+    pid: i32,
+}
+
+/// Writes a JWKS for a fresh signer into `dir` and returns the signer.
+fn issuer(dir: &Path) -> JwtSigner {
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let signer = JwtSigner::new(&key, "k1").unwrap();
+    std::fs::write(
+        dir.join("jwks.json"),
+        signer.jwks().unwrap().to_json().to_string(),
+    )
+    .unwrap();
+    signer
+}
+
+fn token(signer: &JwtSigner, ns: &str, sa: &str) -> String {
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    signer
+        .sign(
+            &serde_json::json!({"iss": ISS, "sub": format!("system:serviceaccount:{ns}:{sa}"),
+            "aud": ["istio-ca"], "iat": now, "exp": now + 600}),
+        )
+        .unwrap()
+}
+
+/// Starts `rampart ca` with its state in `dir`, on `listen`, plus `extra` flags; waits for
+/// its "listening on" line.
+fn start_ca(dir: &Path, listen: &str, extra: &[&str]) -> Ca {
+    let log = dir.join(format!(
+        "ca-{}.log",
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .unwrap()
+            .as_nanos()
+    ));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["ca", "--listen", listen])
+        .arg("--cacerts")
+        .arg(dir.join("cacerts"))
+        .arg("--state")
+        .arg(dir.join("state"))
+        .args(["--jwt-issuer", ISS, "--jwks"])
+        .arg(dir.join("jwks.json"))
+        .arg("--bundle-out")
+        .arg(dir.join("bundle.pem"))
+        .args(extra)
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start rampart ca");
+    let stdout = child.stdout.take().unwrap();
+    let pid = child.id() as i32;
+    let proc = Proc { child, log };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("rampart ca did not start:\n{}", proc.log()));
+        if let Some(rest) = line.strip_prefix("rampart ca: listening on ") {
+            let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+            return Ca { proc, addr, pid };
+        }
+    }
+}
+
+fn root_fingerprint(dir: &Path) -> String {
+    let pem = std::fs::read_to_string(dir.join("state/root-cert.pem")).unwrap();
+    let certs = rampart_certs::parse_certs_pem(&pem).unwrap();
+    CertInfo::parse(&certs[0]).unwrap().sha256_fingerprint
+}
+
+async fn client(dir: &Path, addr: SocketAddr) -> IstioCertificateServiceClient<Channel> {
+    let bundle =
+        TrustBundle::from_pem(&std::fs::read_to_string(dir.join("bundle.pem")).unwrap()).unwrap();
+    let tls = rampart_citadel::client_config(&bundle, None).unwrap();
+    rampart_citadel::connect(addr, "127.0.0.1", Arc::new(tls))
+        .await
+        .expect("connect to the CA")
+}
+
+/// One CreateCertificate; the issued leaf's serial (lowercase hex, as the audit log has it).
+async fn issue_one(
+    c: &mut IstioCertificateServiceClient<Channel>,
+    csr: &str,
+    token: &str,
+) -> Result<String, tonic::Status> {
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr: csr.to_owned(),
+        validity_duration: 3600,
+        metadata: None,
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    let chain = c.create_certificate(req).await?.into_inner().cert_chain;
+    let leaf = rampart_certs::parse_certs_pem(&chain[0]).unwrap();
+    Ok(CertInfo::parse(&leaf[0]).unwrap().serial_hex)
+}
+
+fn audit_serials(dir: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(dir.join("state/audit.jsonl")).unwrap();
+    text.lines()
+        .enumerate()
+        .map(|(i, l)| {
+            let v: serde_json::Value = serde_json::from_str(l)
+                .unwrap_or_else(|e| panic!("audit line {} does not parse ({e}): {l:?}", i + 1));
+            v["serial"].as_str().unwrap().to_owned()
+        })
+        .collect()
+}
+
+/// SIGKILL while many clients are issuing: after a restart on the same state the root is the
+/// same, the audit log parses line by line, and every certificate a client received before
+/// the kill is in it (the record is flushed before the response is sent).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_mid_issuance_keeps_root_and_every_acknowledged_certificate_audited() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let signer = issuer(dir);
+    let ca = start_ca(dir, "127.0.0.1:0", &[]);
+    let root = root_fingerprint(dir);
+    let tok = token(&signer, "default", "web");
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
+    let csrs: Vec<String> = (0..8)
+        .map(|_| {
+            let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+            rampart_certs::build_csr(&key, &id).unwrap()
+        })
+        .collect();
+
+    let acked = Arc::new(Mutex::new(Vec::<String>::new()));
+    let stop = Arc::new(AtomicBool::new(false));
+    let mut workers = Vec::new();
+    for conn in 0..4 {
+        let c = client(dir, ca.addr).await;
+        for w in 0..8 {
+            let (mut c, acked, stop, tok) = (c.clone(), acked.clone(), stop.clone(), tok.clone());
+            let csr = csrs[(conn * 8 + w) % csrs.len()].clone();
+            workers.push(tokio::spawn(async move {
+                let mut errors = 0;
+                while !stop.load(Ordering::Relaxed) && errors < 3 {
+                    match issue_one(&mut c, &csr, &tok).await {
+                        Ok(serial) => acked.lock().unwrap().push(serial),
+                        Err(_) => errors += 1,
+                    }
+                }
+            }));
+        }
+    }
+    // Let a few hundred issuances through, then kill the CA with requests in flight.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while acked.lock().unwrap().len() < 300 {
+        assert!(Instant::now() < deadline, "CA too slow:\n{}", ca.proc.log());
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let pid = rustix::process::Pid::from_raw(ca.pid).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+    let killed_at = acked.lock().unwrap().len();
+    stop.store(true, Ordering::Relaxed);
+    for w in workers {
+        tokio::time::timeout(Duration::from_secs(30), w)
+            .await
+            .expect("clients notice the dead CA")
+            .unwrap();
+    }
+    drop(ca);
+    let acked = acked.lock().unwrap().clone();
+    assert!(acked.len() >= killed_at);
+
+    // Restart on the same state: same root, a log that parses, every acknowledged serial.
+    let ca = start_ca(dir, "127.0.0.1:0", &[]);
+    assert_eq!(root_fingerprint(dir), root, "the root survives SIGKILL");
+    let audited: std::collections::HashSet<String> = audit_serials(dir).into_iter().collect();
+    let missing: Vec<&String> = acked.iter().filter(|s| !audited.contains(*s)).collect();
+    assert!(
+        missing.is_empty(),
+        "{} of {} acknowledged certificates missing from the audit log: {:?}",
+        missing.len(),
+        acked.len(),
+        &missing[..missing.len().min(5)]
+    );
+    // And the restarted CA issues and audits again, appending after the old records.
+    let mut c = client(dir, ca.addr).await;
+    let serial = issue_one(&mut c, &csrs[0], &tok)
+        .await
+        .expect("issues again");
+    let after = audit_serials(dir);
+    assert_eq!(after.last(), Some(&serial));
+    eprintln!(
+        "acknowledged {} before/around the kill; audit log holds {}",
+        acked.len(),
+        after.len() - 1
+    );
+}
+
+/// Raises this process's soft open-file limit to the hard one; returns the new soft limit.
+fn raise_nofile() -> u64 {
+    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+    let lim = getrlimit(Resource::Nofile);
+    let _ = setrlimit(
+        Resource::Nofile,
+        Rlimit {
+            current: lim.maximum,
+            maximum: lim.maximum,
+        },
+    );
+    getrlimit(Resource::Nofile).current.unwrap_or(u64::MAX)
+}
+
+fn vm_rss_kib(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next())
+        .and_then(|v| v.parse().ok())
+        .expect("VmRSS in /proc/PID/status")
+}
+
+fn open_fds(pid: i32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// `n` TCP connections to `addr` that start a TLS ClientHello (a record header announcing
+/// 512 bytes, then 6 of them) and then say nothing more.
+fn stalled_handshakes(addr: SocketAddr, n: usize) -> Vec<std::net::TcpStream> {
+    use std::io::Write as _;
+    let partial_hello = [
+        0x16, 0x03, 0x01, 0x02, 0x00, 0x01, 0x00, 0x01, 0xfc, 0x03, 0x03,
+    ];
+    (0..n)
+        .map(|i| {
+            let mut s = std::net::TcpStream::connect_timeout(&addr, Duration::from_secs(10))
+                .unwrap_or_else(|e| panic!("flood connection {i}: {e}"));
+            s.write_all(&partial_hello).unwrap();
+            s
+        })
+        .collect()
+}
+
+fn scrape_metric(addr: &str, series: &str) -> u64 {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.write_all(b"GET /metrics HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n")
+        .unwrap();
+    let mut text = String::new();
+    s.read_to_string(&mut text).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {series} in:\n{text}"))
+}
+
+/// 2,000 connections that never finish a TLS handshake: a real client still gets a
+/// certificate within 1 s (the newest arrival drops the oldest stalled handshake), the CA's
+/// memory stays bounded, and the dropped handshakes are counted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn handshake_flood_does_not_lock_out_a_real_client_or_grow_memory() {
+    let nofile = raise_nofile();
+    let flood = 2000usize.min(nofile.saturating_sub(300) as usize);
+    assert!(
+        flood >= 1000,
+        "hard open-file limit {nofile} too low for the flood test"
+    );
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let signer = issuer(dir);
+    let metrics_port = support::free_port();
+    let metrics = format!("127.0.0.1:{metrics_port}");
+    let ca = start_ca(dir, "127.0.0.1:0", &["--metrics", &metrics]);
+    let tok = token(&signer, "default", "web");
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let csr = rampart_certs::build_csr(&key, &id).unwrap();
+    // Warm up (serving path, allocator) before the baseline.
+    let mut c = client(dir, ca.addr).await;
+    issue_one(&mut c, &csr, &tok).await.unwrap();
+    drop(c);
+    let before = vm_rss_kib(ca.pid);
+
+    let addr = ca.addr;
+    let conns = tokio::task::spawn_blocking(move || stalled_handshakes(addr, flood))
+        .await
+        .unwrap();
+    // Let the CA take them all in.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while scrape_metric(&metrics, "citadel_server_connections ") < 500 {
+        assert!(Instant::now() < deadline, "{}", ca.proc.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let started = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(1), async {
+        let mut c = client(dir, ca.addr).await;
+        issue_one(&mut c, &csr, &tok).await
+    })
+    .await;
+    let took = started.elapsed();
+    let serial = got
+        .unwrap_or_else(|_| {
+            panic!(
+                "no certificate within 1 s during the flood:\n{}",
+                ca.proc.log()
+            )
+        })
+        .expect("the real client gets its certificate");
+    assert!(!serial.is_empty());
+    let after = vm_rss_kib(ca.pid);
+    let evicted = scrape_metric(
+        &metrics,
+        "citadel_server_connection_refused_count{reason=\"handshake_evicted\"} ",
+    );
+    let in_progress = scrape_metric(&metrics, "citadel_server_handshakes_in_progress ");
+    eprintln!(
+        "flood of {flood} stalled handshakes: client served in {took:?}; CA VmRSS {before} KiB \
+         -> {after} KiB; {evicted} handshakes evicted, {in_progress} in progress"
+    );
+    assert!(
+        in_progress <= rampart_citadel::DEFAULT_MAX_HANDSHAKES as u64,
+        "handshakes in progress bounded: {in_progress}"
+    );
+    // Beyond the limit each arrival dropped the oldest (on a slow machine some of the first
+    // ones may have timed out instead).
+    let timed_out = scrape_metric(
+        &metrics,
+        "citadel_server_connection_refused_count{reason=\"handshake_timeout\"} ",
+    );
+    assert!(
+        (evicted + timed_out) as usize >= flood - rampart_citadel::DEFAULT_MAX_HANDSHAKES,
+        "every handshake beyond the limit was dropped: {evicted} evicted, {timed_out} timed out"
+    );
+    assert!(
+        after < before + 64 * 1024,
+        "CA memory grew from {before} KiB to {after} KiB under the flood"
+    );
+    drop(conns);
+}
+
+/// The connection limit bounds the CA's descriptors: with `--max-connections 64`, 300 idle
+/// connections leave the CA with at most 64 client sockets (the rest wait in the kernel's
+/// backlog), the pause is counted, and once the stalled ones time out a real client is
+/// served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connection_limit_bounds_descriptors_and_the_ca_recovers() {
+    raise_nofile();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let signer = issuer(dir);
+    let metrics = format!("127.0.0.1:{}", support::free_port());
+    let ca = start_ca(
+        dir,
+        "127.0.0.1:0",
+        &[
+            "--metrics",
+            &metrics,
+            "--max-connections",
+            "64",
+            "--max-handshakes",
+            "64",
+            "--handshake-timeout",
+            "1s",
+        ],
+    );
+    let idle_fds = open_fds(ca.pid);
+    let addr = ca.addr;
+    let conns = tokio::task::spawn_blocking(move || stalled_handshakes(addr, 300))
+        .await
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while scrape_metric(
+        &metrics,
+        "citadel_server_connection_refused_count{reason=\"connection_limit\"} ",
+    ) == 0
+    {
+        assert!(Instant::now() < deadline, "{}", ca.proc.log());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    for _ in 0..10 {
+        let open = open_fds(ca.pid);
+        assert!(
+            open <= idle_fds + 64 + 2,
+            "CA holds {open} descriptors (idle {idle_fds}, limit 64)"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // The stalled connections time out in batches of 64 per second; the client is served
+    // once the backlog ahead of it has drained.
+    let tok = token(&signer, "default", "web");
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let csr = rampart_certs::build_csr(&key, &id).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut c = client(dir, ca.addr).await;
+        issue_one(&mut c, &csr, &tok).await
+    })
+    .await
+    .expect("served after the stalled connections timed out");
+    got.expect("certificate");
+    assert!(
+        scrape_metric(
+            &metrics,
+            "citadel_server_connection_refused_count{reason=\"handshake_timeout\"} "
+        ) >= 64
+    );
+    drop(conns);
+}
+
+/// `--bundle-out` pointed at the CA's own persisted root (what `rampart up` used to do) is
+/// refused at startup naming both paths, and the root is left as it was; a bundle file of
+/// its own starts (the positive twin is every other test of this file).
+#[test]
+fn bundle_out_onto_the_cas_own_root_is_refused_at_startup() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    issuer(dir);
+    let ca = start_ca(dir, "127.0.0.1:0", &[]);
+    drop(ca);
+    let root = std::fs::read(dir.join("state/root-cert.pem")).unwrap();
+    let own = dir.join("state/root-cert.pem");
+    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["ca", "--listen", "127.0.0.1:0"])
+        .arg("--cacerts")
+        .arg(dir.join("cacerts"))
+        .arg("--state")
+        .arg(dir.join("state"))
+        .arg("--bundle-out")
+        .arg(&own)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("self-signed root") && err.matches(&*own.display().to_string()).count() == 2,
+        "names both paths: {err}"
+    );
+    assert_eq!(std::fs::read(&own).unwrap(), root, "root untouched");
+}
