@@ -109,7 +109,11 @@ impl Manager {
             spiffe_id = %self.id,
             "workload certificate expired before it could be renewed; no longer serving it"
         );
-        self.store.revoke_svid();
+        let reason = match self.current_not_after() {
+            Some(t) => format!("expired at {}", humantime::format_rfc3339_seconds(t)),
+            None => "expired".to_string(),
+        };
+        self.store.revoke_svid(reason);
         if let Some(dir) = &self.output_dir {
             files::remove_svid(dir);
         }
