@@ -32,6 +32,8 @@ pub(crate) enum Key {
     /// A JWT claim at a nested path (`aud` for audiences, `azp` for presenter).
     Claim(Vec<String>),
     /// `experimental.envoy.filters.*`: Envoy dynamic metadata, which this engine never has.
+    /// Validation refuses such policies (`ENVOY_METADATA_UNSUPPORTED`); this only keeps a
+    /// resource built without validation from matching on it.
     Metadata,
 }
 

@@ -28,7 +28,8 @@ pub use model::{
     parse_duration,
 };
 pub use validate::{
-    DRY_RUN_ANNOTATION, Finding, ValidationReport, is_path_template, parse_go_bool, validate,
+    DRY_RUN_ANNOTATION, ENVOY_METADATA_UNSUPPORTED, Finding, ValidationReport, is_path_template,
+    parse_go_bool, validate,
 };
 
 pub use self::{

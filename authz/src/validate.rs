@@ -900,6 +900,13 @@ fn validate_operation(
     !op.ports.is_empty() || !op.not_ports.is_empty()
 }
 
+/// Why a `when` key `experimental.envoy.filters.*` is refused (a deliberate difference from
+/// Istio, which accepts it): the condition reads Envoy dynamic metadata, which Rampart never
+/// has, so it could never match. A DENY using it would silently never deny (or, with
+/// `notValues`, always deny) and an ALLOW using it would never allow.
+pub const ENVOY_METADATA_UNSUPPORTED: &str =
+    "experimental.envoy.filters.* needs Envoy dynamic metadata, which Rampart does not have";
+
 fn validate_condition(path: &str, cond: &Condition, report: &mut ValidationReport) {
     let key = cond.key();
     if key.is_empty() {
@@ -907,6 +914,10 @@ fn validate_condition(path: &str, cond: &Condition, report: &mut ValidationRepor
             format!("{path}.key"),
             "`key` must not be empty (Required value)",
         );
+        return;
+    }
+    if key.starts_with("experimental.envoy.filters.") {
+        report.error(format!("{path}.key"), ENVOY_METADATA_UNSUPPORTED);
         return;
     }
     if cond.values.is_empty() && cond.not_values.is_empty() {

@@ -4,7 +4,10 @@
 mod common;
 
 use common::*;
-use rampart_authz::{Action, ExtAuthz, MeshConfig, ReasonCode, RequestContext, Verdict, Workload};
+use rampart_authz::{
+    Action, ENVOY_METADATA_UNSUPPORTED, ExtAuthz, MeshConfig, ReasonCode, RequestContext, Verdict,
+    Workload, load_str,
+};
 use serde_json::json;
 
 fn allow(rules: &str) -> rampart_authz::Engine {
@@ -592,14 +595,13 @@ fn when_keys() {
         ("destination.port", "['8080']", true),
         ("destination.port", "['80']", false),
         ("connection.sni", "['*.example']", true),
-        ("experimental.envoy.filters.a.b[c]", "['*']", false),
     ];
     for (key, vals, want) in table {
         assert_eq!(allowed(&w(key, vals), &base()), *want, "when {key} {vals}");
     }
-    // notValues on an absent JWT/SNI/metadata matches.
+    // notValues on an absent JWT/SNI matches.
     let e = allow(
-        "[{when: [{key: 'request.auth.claims[groups]', notValues: [admin]}, {key: connection.sni, notValues: [x]}, {key: 'experimental.envoy.filters.a.b[c]', notValues: ['*']}]}]",
+        "[{when: [{key: 'request.auth.claims[groups]', notValues: [admin]}, {key: connection.sni, notValues: [x]}]}]",
     );
     assert!(allowed(&e, &http("GET", "/")));
 }
@@ -774,4 +776,49 @@ mod robustness {
             }
         }
     }
+}
+
+// ---- experimental.envoy.filters.* (a deliberate difference from Istio) -------------------
+
+/// Rampart has no Envoy dynamic metadata, so a condition on it could never match: a DENY
+/// using it would never deny. Such a policy is refused at validation (ALLOW and DENY alike,
+/// `values` or `notValues`), naming file, document, field path and reason.
+#[test]
+fn envoy_metadata_conditions_are_refused_for_allow_and_deny() {
+    for action in ["DENY", "ALLOW", "AUDIT"] {
+        for list in ["values", "notValues"] {
+            let yaml = format!(
+                "{}---\n{}",
+                policy("ok", "ALLOW", "[{to: [{operation: {methods: [GET]}}]}]"),
+                policy(
+                    "meta",
+                    action,
+                    &format!(
+                        "[{{to: [{{operation: {{methods: [GET]}}}}]}}, {{when: [{{key: connection.sni, values: [x]}}, {{key: 'experimental.envoy.filters.a.b[c]', {list}: [v]}}]}}]"
+                    ),
+                ),
+            );
+            let r = load_str("p.yaml", &yaml);
+            assert_eq!(r.problems.len(), 1, "{action} {list}: {:?}", r.problems);
+            let shown = r.problems[0].to_string();
+            assert_eq!(
+                shown,
+                format!(
+                    "p.yaml: document 2: spec.rules[1].when[1].key: {ENVOY_METADATA_UNSUPPORTED}"
+                ),
+                "{action} {list}"
+            );
+            // The rest of the file keeps working: the valid policy loaded, the other did not.
+            assert_eq!(r.resources.len(), 1, "{action} {list}");
+        }
+    }
+}
+
+/// Negative twin: the same policies without the metadata condition load and enforce (the
+/// DENY denies).
+#[test]
+fn same_policy_without_envoy_metadata_loads_and_denies() {
+    let e = deny("[{when: [{key: 'request.headers[x-token]', values: [bad]}]}]");
+    assert!(!allowed(&e, &http("GET", "/").header("x-token", "bad")));
+    assert!(allowed(&e, &http("GET", "/").header("x-token", "good")));
 }

@@ -89,11 +89,15 @@ impl Manager {
                 token_path: &self.token_path,
             })
             .await?;
-        let configured = match &self.ca_root_path {
-            Some(p) => Some(TrustBundle::from_pem(&read_nonempty(p)?)?),
-            None => None,
+        // The configured CA root file is the trust anchor (read now, so an operator's root
+        // rotation takes effect); a response is never checked against roots it brings along.
+        let Some(root_path) = &self.ca_root_path else {
+            return Err(Error::BadCaResponse(
+                "no CA root configured to verify the response against".into(),
+            ));
         };
-        verify::check_response(&chain, key, &self.id, configured.as_ref(), self.clock.now())
+        let anchors = TrustBundle::from_pem(&read_nonempty(root_path)?)?;
+        verify::check_response(&chain, key, &self.id, &anchors, self.clock.now())
     }
 
     fn current_not_after(&self) -> Option<SystemTime> {
@@ -105,7 +109,11 @@ impl Manager {
             spiffe_id = %self.id,
             "workload certificate expired before it could be renewed; no longer serving it"
         );
-        self.store.revoke_svid();
+        let reason = match self.current_not_after() {
+            Some(t) => format!("expired at {}", humantime::format_rfc3339_seconds(t)),
+            None => "expired".to_string(),
+        };
+        self.store.revoke_svid(reason);
         if let Some(dir) = &self.output_dir {
             files::remove_svid(dir);
         }
@@ -231,6 +239,8 @@ mod tests {
         clock: Clock,
         mode: Mutex<Mode>,
         calls: Mutex<Vec<SystemTime>>,
+        /// Holds the CA root file the manager trusts.
+        _dir: tempfile::TempDir,
     }
 
     impl CertificateSigner for LocalSigner {
@@ -270,17 +280,21 @@ mod tests {
             clock.now(),
         )
         .unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let root_path = dir.path().join("root-cert.pem");
+        std::fs::write(&root_path, certs_to_pem(&[ca.cert().clone()])).unwrap();
         let signer = Arc::new(LocalSigner {
             ca,
             clock,
             mode: Mutex::new(Mode::Ok),
             calls: Mutex::new(Vec::new()),
+            _dir: dir,
         });
         let store = SecretStore::new();
         let m = Manager {
             id: SpiffeId::istio(&"cluster.local".parse().unwrap(), "ns", "sa").unwrap(),
             token_path: PathBuf::from("/dev/null"),
-            ca_root_path: None,
+            ca_root_path: Some(root_path),
             signer: signer.clone(),
             rotation: RotationConfig {
                 ttl,

@@ -589,6 +589,7 @@ mod tests {
                 id.trust_domain().clone(),
                 TrustBundle::from_der(vec![ca.cert().clone()]).unwrap(),
             ))),
+            withdrawn: None,
         }
     }
 
@@ -700,6 +701,7 @@ mod tests {
         let gone = Snapshot {
             svid: None,
             bundle: snap.bundle.clone(),
+            withdrawn: Some("expired".into()),
         };
         let e = st.maybe_push(&gone, false).err().unwrap();
         assert_eq!(e.code(), tonic::Code::Unavailable);

@@ -160,6 +160,9 @@ pub struct Snapshot {
     pub svid: Option<Arc<Svid>>,
     /// The trust bundle.
     pub bundle: Option<Arc<Bundle>>,
+    /// Why `svid` is `None` after one was served (e.g. `expired at <time>`); `None` while
+    /// one is served or before the first issuance.
+    pub withdrawn: Option<String>,
 }
 
 /// The publishing side of what one workload identity is served. Cheap to clone.
@@ -187,6 +190,7 @@ impl SecretStore {
     pub fn install(&self, svid: Svid, bundle: Option<Bundle>) {
         self.tx.send_modify(|s| {
             s.svid = Some(Arc::new(svid));
+            s.withdrawn = None;
             if let Some(b) = bundle {
                 let changed = s.bundle.as_ref().is_none_or(|old| old.version != b.version);
                 if changed {
@@ -196,9 +200,13 @@ impl SecretStore {
         });
     }
 
-    /// Stop serving the SVID (it expired): streams are told, files removed by the caller.
-    pub fn revoke_svid(&self) {
-        self.tx.send_modify(|s| s.svid = None);
+    /// Stop serving the SVID (`reason`, e.g. it expired): streams are told, files removed by
+    /// the caller.
+    pub fn revoke_svid(&self, reason: String) {
+        self.tx.send_modify(|s| {
+            s.svid = None;
+            s.withdrawn = Some(reason);
+        });
     }
 
     /// The current snapshot.

@@ -1,13 +1,24 @@
 //! The SPIFFE Workload API (`SpiffeWorkloadAPI`) over a Unix socket.
 //!
-//! X.509: `FetchX509SVID` and `FetchX509Bundles` stream the current SVID / bundle at once (or
-//! as soon as the first one exists) and again on every change. Every call must carry the
-//! metadata `workload.spiffe.io: true`; otherwise `INVALID_ARGUMENT`, as the spec says.
+//! X.509: `FetchX509SVID` and `FetchX509Bundles` stream the current SVID / bundle at once and
+//! again on every change. Every call must carry the metadata `workload.spiffe.io: true`;
+//! otherwise `INVALID_ARGUMENT`, as the spec says.
+//!
+//! No valid SVID (none issued yet, or the last one expired and was withdrawn): the spec
+//! (SPIFFE Workload API §5.2.1, §6.2.1) prescribes `PERMISSION_DENIED` when the caller is not
+//! entitled to any SVID, and says a client receiving it on an open stream SHOULD stop using
+//! the SVIDs it had. So `FetchX509SVID` answers `PERMISSION_DENIED` at once (never a silent
+//! wait) with a message naming the reason, and an open stream whose SVID is withdrawn ends
+//! with `PERMISSION_DENIED`; clients retry after a backoff (py-spiffe and go-spiffe retry
+//! every code but `INVALID_ARGUMENT` and `CANCELLED`). `FetchX509Bundles` does the same while
+//! there is no trust bundle yet (a bundle outlives an expired SVID). `UNAVAILABLE` is kept for
+//! the agent shutting down.
 //!
 //! JWT: the Istio CA API (`CreateCertificate`) has no way to mint JWT-SVIDs or publish JWT
 //! bundles, so `FetchJWTSVID`, `FetchJWTBundles` and `ValidateJWTSVID` answer `UNIMPLEMENTED`
 //! with a message saying so (after the header check, so a malformed call still learns that
-//! first).
+//! first; `FetchJWTSVID` without any valid SVID answers `PERMISSION_DENIED` first, as the
+//! spec prescribes for a caller with no identity).
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -89,20 +100,56 @@ fn bundles_response(bundle: &Bundle) -> X509BundlesResponse {
     }
 }
 
-/// Stream `make(snapshot)` whenever the (svid, bundle) versions it depends on change.
+/// `PERMISSION_DENIED` when `snap` has no valid SVID to serve, naming why.
+fn no_svid(snap: &Snapshot) -> Option<Status> {
+    if snap.svid.is_some() {
+        return None;
+    }
+    Some(Status::permission_denied(match &snap.withdrawn {
+        Some(why) => format!(
+            "no valid X.509-SVID for this workload: its certificate {why} and has not been \
+             renewed (the agent keeps trying); stop using it"
+        ),
+        None => "no X.509-SVID has been issued to this workload yet (the agent is still \
+                 requesting one from the CA); retry after a backoff"
+            .to_string(),
+    }))
+}
+
+/// `PERMISSION_DENIED` when `snap` has no trust bundle yet.
+fn no_bundle(snap: &Snapshot) -> Option<Status> {
+    snap.bundle.is_none().then(|| {
+        Status::permission_denied(
+            "no trust bundle has been received for this workload yet (the agent is still \
+             requesting its first certificate from the CA); retry after a backoff",
+        )
+    })
+}
+
+/// Stream `make(snapshot)` whenever the (svid, bundle) versions it depends on change; end
+/// with `gone(snapshot)` when that says there is nothing valid to serve.
 fn watch_stream<T: Send + 'static>(
     mut rx: watch::Receiver<Snapshot>,
     metrics: Arc<Metrics>,
     shutdown: CancellationToken,
+    gone: fn(&Snapshot) -> Option<Status>,
     key: fn(&Snapshot) -> Option<String>,
     make: fn(&Snapshot) -> Option<T>,
-) -> BoxStream<T> {
+) -> Result<BoxStream<T>, Status> {
+    // Answer at once when there is nothing to serve: a client must never hang silently.
+    if let Some(status) = gone(&rx.borrow_and_update()) {
+        return Err(status);
+    }
     let (tx, out) = mpsc::channel(2);
     tokio::spawn(async move {
         metrics.workload_api_streams.inc();
         let mut last: Option<String> = None;
         loop {
             let snap = rx.borrow_and_update().clone();
+            if let Some(status) = gone(&snap) {
+                let _ = tx.send(Err(status)).await;
+                break;
+            }
             let k = key(&snap);
             if k.is_some()
                 && k != last
@@ -124,7 +171,7 @@ fn watch_stream<T: Send + 'static>(
         }
         metrics.workload_api_streams.dec();
     });
-    Box::pin(ReceiverStream::new(out))
+    Ok(Box::pin(ReceiverStream::new(out)))
 }
 
 // === impl WorkloadApiService ===
@@ -165,6 +212,9 @@ impl SpiffeWorkloadApi for WorkloadApiService {
         request: Request<JwtsvidRequest>,
     ) -> Result<Response<JwtsvidResponse>, Status> {
         check_header(&request)?;
+        if let Some(status) = no_svid(&self.store.current()) {
+            return Err(status);
+        }
         Err(Status::unimplemented(NO_JWT))
     }
 
@@ -193,6 +243,7 @@ impl SpiffeWorkloadApi for WorkloadApiService {
             self.store.subscribe(),
             self.metrics.clone(),
             self.shutdown.clone(),
+            no_svid,
             |s| match (&s.svid, &s.bundle) {
                 (Some(v), Some(b)) => Some(format!("{}/{}", v.version, b.version)),
                 _ => None,
@@ -201,7 +252,7 @@ impl SpiffeWorkloadApi for WorkloadApiService {
                 (Some(v), Some(b)) => Some(svid_response(v, b)),
                 _ => None,
             },
-        )))
+        )?))
     }
 
     async fn fetch_x509_bundles(
@@ -213,8 +264,9 @@ impl SpiffeWorkloadApi for WorkloadApiService {
             self.store.subscribe(),
             self.metrics.clone(),
             self.shutdown.clone(),
+            no_bundle,
             |s| s.bundle.as_ref().map(|b| b.version.clone()),
             |s| s.bundle.as_deref().map(bundles_response),
-        )))
+        )?))
     }
 }

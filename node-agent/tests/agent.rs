@@ -28,6 +28,15 @@ fn rootca_of(s: &[ServedSecret]) -> &ServedSecret {
         .expect("ROOTCA served")
 }
 
+/// Write the fake CA's first root plus `more` to the agent's `--ca-root` file (atomically).
+fn trust_roots(ca: &FakeCa, more: &[rampart_certs::CertificateDer<'static>]) {
+    let mut all = vec![ca.first_root.clone()];
+    all.extend_from_slice(more);
+    let tmp = ca.root_file.with_extension("tmp");
+    std::fs::write(&tmp, rampart_certs::certs_to_pem(&all)).unwrap();
+    std::fs::rename(&tmp, &ca.root_file).unwrap();
+}
+
 async fn serial(sock: &std::path::Path) -> String {
     let s = fetch_secrets(sock, Duration::from_secs(10)).await.unwrap();
     default_of(&s).certs[0].serial_hex.clone()
@@ -432,6 +441,9 @@ async fn root_rotation_pushes_rootca_with_old_and_new_roots() {
         let roots1 = rootca_of(&decode(&first)).certs.clone();
         assert_eq!(roots1.len(), 1);
         let new_root = ca.rotate_root();
+        // The agent trusts only its configured CA root file: the operator (or `rampart up`,
+        // through the CA's --bundle-out) adds the new root there for the rotation.
+        trust_roots(&ca, std::slice::from_ref(&new_root));
         let new_fp = CertInfo::parse(&new_root).unwrap().sha256_fingerprint;
         // Only ROOTCA is subscribed: the next push is the bundle change, nothing before it
         // (leaf rotations alone do not touch this stream).
@@ -704,6 +716,165 @@ async fn two_workloads_on_one_agent_get_their_own_identity_on_their_own_socket()
             toks.iter()
                 .any(|t| t.ends_with(&token_for("billing", "api")))
         );
+        running.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
+/// Workload API with no SVID yet (the CA refuses): every call answers PERMISSION_DENIED at
+/// once, naming the reason (py-spiffe and raw grpcio), never a silent wait. Positive twin:
+/// once the CA issues, the same calls succeed (JWT goes back to UNIMPLEMENTED).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_api_answers_permission_denied_before_issuance_then_serves() {
+    tokio::time::timeout(T, async {
+        let Bed {
+            dir: _dir,
+            ca,
+            cfg,
+            sock,
+        } = bed(Duration::from_secs(3600)).await;
+        let wsock = cfg.workloads[0].workload_api_socket.clone().unwrap();
+        ca.set_refuse(true);
+        let sd = CancellationToken::new();
+        let running = Agent::new(cfg).unwrap().start(sd.clone()).await.unwrap();
+        wait_for("a refused CA call", Duration::from_secs(10), || {
+            ca.calls() >= 1
+        })
+        .await;
+        let w = wsock.to_str().unwrap();
+        let lines = run_py("workload_errors.py", &[w, "probe"], Duration::from_secs(40)).await;
+        for name in ["py_spiffe", "x509", "bundles", "jwt"] {
+            let e = event(&lines, name);
+            assert_eq!(e["code"], "PERMISSION_DENIED", "{name}: {e}");
+            assert!(
+                e["elapsed"].as_f64().unwrap() < 4.0,
+                "{name} answered late: {e}"
+            );
+        }
+        let x = event(&lines, "x509");
+        assert!(
+            x["message"]
+                .as_str()
+                .unwrap()
+                .contains("no X.509-SVID has been issued"),
+            "{x}"
+        );
+        ca.set_refuse(false);
+        serial(&sock).await;
+        let lines = run_py("workload_errors.py", &[w, "probe"], Duration::from_secs(40)).await;
+        for name in ["py_spiffe", "x509", "bundles"] {
+            assert_eq!(event(&lines, name)["code"], "OK", "{lines:?}");
+        }
+        assert_eq!(event(&lines, "jwt")["code"], "UNIMPLEMENTED", "{lines:?}");
+        running.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
+/// An open FetchX509SVID stream whose SVID expires (CA down) ends with PERMISSION_DENIED
+/// naming the expiry, and new calls get the same at once (the bundle is still served).
+/// Positive twin: the CA comes back and the SVID is served again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn workload_api_stream_ends_permission_denied_at_expiry_then_recovers() {
+    tokio::time::timeout(T, async {
+        let Bed {
+            dir: _dir,
+            mut ca,
+            cfg,
+            sock,
+        } = bed(Duration::from_secs(3)).await;
+        let wsock = cfg.workloads[0].workload_api_socket.clone().unwrap();
+        let sd = CancellationToken::new();
+        let running = Agent::new(cfg).unwrap().start(sd.clone()).await.unwrap();
+        serial(&sock).await;
+        ca.stop().await;
+        let w = wsock.to_str().unwrap();
+        let lines = run_py(
+            "workload_errors.py",
+            &[w, "stream"],
+            Duration::from_secs(45),
+        )
+        .await;
+        let svid = event(&lines, "svid");
+        assert_eq!(svid["spiffe_id"], "spiffe://cluster.local/ns/shop/sa/cart");
+        let end = event(&lines, "end");
+        assert_eq!(end["code"], "PERMISSION_DENIED", "{lines:?}");
+        assert!(
+            end["message"].as_str().unwrap().contains("expired at"),
+            "{end}"
+        );
+        for name in ["py_spiffe", "x509", "jwt"] {
+            let e = event(&lines, name);
+            assert_eq!(e["code"], "PERMISSION_DENIED", "{name}: {e}");
+            assert!(
+                e["elapsed"].as_f64().unwrap() < 4.0,
+                "{name} answered late: {e}"
+            );
+        }
+        assert_eq!(event(&lines, "bundles")["code"], "OK", "{lines:?}");
+        ca.restart().await;
+        serial(&sock).await;
+        let lines = run_py("workload_errors.py", &[w, "probe"], Duration::from_secs(40)).await;
+        assert_eq!(event(&lines, "x509")["code"], "OK", "{lines:?}");
+        assert_eq!(event(&lines, "py_spiffe")["code"], "OK", "{lines:?}");
+        running.shutdown().await;
+    })
+    .await
+    .unwrap();
+}
+
+/// Negative twin of the rotation test: the CA switches to a new root the agent was never
+/// configured with (its --ca-root holds only the old one). The response carries the new root,
+/// but a root cannot vouch for itself: refused, the old certificate and bundle stay. Once the
+/// operator adds the new root to --ca-root, the next renewal is accepted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn root_rotation_to_a_root_not_in_ca_root_is_refused_until_configured() {
+    tokio::time::timeout(T, async {
+        let Bed {
+            dir: _dir,
+            ca,
+            cfg,
+            sock,
+        } = bed(Duration::from_secs(8)).await;
+        let running = Agent::new(cfg)
+            .unwrap()
+            .start(CancellationToken::new())
+            .await
+            .unwrap();
+        let s1 = serial(&sock).await;
+        let new_root = ca.rotate_root();
+        let calls = ca.calls();
+        wait_for(
+            "renewals under the new root",
+            Duration::from_secs(15),
+            || ca.calls() >= calls + 2,
+        )
+        .await;
+        let served = fetch_secrets(&sock, Duration::from_secs(5)).await.unwrap();
+        assert_eq!(
+            default_of(&served).certs[0].serial_hex,
+            s1,
+            "old certificate kept"
+        );
+        assert_eq!(rootca_of(&served).certs.len(), 1, "new root not served");
+        let m = running.metrics().render();
+        assert!(m.contains("reason=\"bad_response\""), "{m}");
+        trust_roots(&ca, &[new_root]);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            let served = fetch_secrets(&sock, Duration::from_secs(5)).await.unwrap();
+            if rootca_of(&served).certs.len() == 2 {
+                assert!(default_of(&served).certs[1].subject.contains("new"));
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "not accepted once configured"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
         running.shutdown().await;
     })
     .await

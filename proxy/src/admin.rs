@@ -58,9 +58,14 @@ fn cert_json(c: &rampart_certs::CertificateDer<'_>) -> serde_json::Value {
 
 fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/stats/prometheus" => reply(200, "text/plain; version=0.0.4", sh.metrics.render()),
+        "/stats/prometheus" => reply(
+            200,
+            "text/plain; version=0.0.4",
+            sh.metrics.render() + &sh.identity.render_metrics(),
+        ),
         "/ready" => {
-            let cert = sh.identity.current().is_some();
+            let identity = sh.identity.status();
+            let cert = identity.is_ok();
             let up = sh.listeners_up.load(Ordering::SeqCst);
             let jwks = sh.jwks.first_round_done();
             if cert && up && jwks {
@@ -84,23 +89,26 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 reply(200, "text/plain", body)
             } else {
                 let why = if !up {
-                    "listeners not up"
+                    "listeners not up".to_string()
                 } else if !jwks {
-                    "first fetch of the remote JWKS still running"
+                    "first fetch of the remote JWKS still running".to_string()
                 } else {
-                    "no workload certificate from SDS yet"
+                    identity.err().unwrap_or_default()
                 };
                 reply(503, "text/plain", format!("not ready: {why}\n"))
             }
         }
         "/certs" => {
-            let Some(st) = sh.identity.current() else {
-                return json_reply(json!({
-                    "workload": sh.workload_key,
-                    "expected_spiffe_id": sh.identity.expected_id.to_string(),
-                    "certificate": null,
-                    "note": "no certificate received over SDS yet: every handshake is refused",
-                }));
+            let st = match sh.identity.status() {
+                Ok(st) => st,
+                Err(why) => {
+                    return json_reply(json!({
+                        "workload": sh.workload_key,
+                        "expected_spiffe_id": sh.identity.expected_id.to_string(),
+                        "certificate": null,
+                        "note": format!("{why}: every handshake is refused"),
+                    }));
+                }
             };
             json_reply(json!({
                 "workload": sh.workload_key,

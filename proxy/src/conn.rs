@@ -53,8 +53,8 @@ pub(crate) async fn connect_mtls(
     target: &Target,
 ) -> Result<TlsStream<TcpStream>, String> {
     let state = identity
-        .current()
-        .ok_or("no workload certificate installed yet (fail closed)")?;
+        .for_handshake()
+        .map_err(|why| format!("own identity unusable (fail closed): {why}"))?;
     let config = state.client(&target.expected, target.alpn)?;
     let tcp = TcpStream::connect(target.addr)
         .await

@@ -2,9 +2,12 @@
 //! rustls configurations built from them (swapped atomically on every valid push).
 //!
 //! Fail closed: until both `default` and `ROOTCA` have been received and checked there is no
-//! configuration, and every handshake (inbound and outbound) is refused.
+//! configuration, and every handshake (inbound and outbound) is refused. The certificate is
+//! rechecked against the bundle whenever either changes, and its validity window at every
+//! use (see [`IdentityHolder`]).
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
@@ -36,6 +39,10 @@ pub(crate) struct TlsState {
     key: PrivateKey,
     clients: Mutex<HashMap<(SpiffeId, Alpn), Arc<ClientConfig>>>,
     pub(crate) installed_at: SystemTime,
+    /// Our leaf's validity window (checked at every use).
+    pub(crate) not_before: SystemTime,
+    pub(crate) not_after: SystemTime,
+    serial: String,
 }
 
 impl TlsState {
@@ -69,19 +76,85 @@ impl TlsState {
     }
 }
 
-/// Pending secrets (as last received) and the installed state.
+/// A workload certificate as received (well-formed, ours, key matching).
+struct Cert {
+    chain: Vec<CertificateDer<'static>>,
+    key: PrivateKey,
+    not_before: SystemTime,
+    not_after: SystemTime,
+    serial: String,
+}
+
+/// Secrets as received and which certificate is in use.
 #[derive(Default)]
 struct Pending {
-    cert: Option<(Vec<CertificateDer<'static>>, PrivateKey)>,
+    /// The newest certificate received.
+    latest: Option<Arc<Cert>>,
+    /// The certificate of the installed state (may be older than `latest` while `latest`
+    /// does not chain to the bundle yet).
+    in_use: Option<Arc<Cert>>,
     bundle: Option<TrustBundle>,
+    /// Why there is no installed state (`None` while one is installed).
+    unusable: Option<String>,
+}
+
+/// Why the proxy's own identity cannot be used right now (each refused handshake counts one,
+/// as `rampart_proxy_own_identity_refusals_total{reason}`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// No certificate or no trust bundle received yet.
+    NotReceived = 0,
+    /// The certificate does not chain to the current trust bundle.
+    Untrusted = 1,
+    /// Our leaf is past not-after.
+    Expired = 2,
+    /// Our leaf is before not-before.
+    NotYetValid = 3,
+}
+
+impl Refusal {
+    const ALL: [Refusal; 4] = [
+        Refusal::NotReceived,
+        Refusal::Untrusted,
+        Refusal::Expired,
+        Refusal::NotYetValid,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Refusal::NotReceived => "not_received",
+            Refusal::Untrusted => "untrusted_chain",
+            Refusal::Expired => "expired",
+            Refusal::NotYetValid => "not_yet_valid",
+        }
+    }
 }
 
 /// Holds the current TLS state and rebuilds it when secrets or trust domains change.
+///
+/// Fail closed, checked at two depths:
+/// - whenever the certificate, the bundle or the trust domains change, the newest
+///   certificate's chain is verified against the current bundle (certificate first or bundle
+///   first, and again on every bundle rotation). One that does not chain is not used: the
+///   previous certificate stays in use if it still chains, otherwise there is no state and
+///   the reason says why. It becomes usable as soon as a matching bundle (or certificate)
+///   arrives;
+/// - every use ([`IdentityHolder::status`]) checks the installed leaf's validity window
+///   against the clock, so an expired (or not yet valid) certificate of our own is never
+///   presented, and a fresh push restores service with no restart.
 pub(crate) struct IdentityHolder {
     pub(crate) expected_id: SpiffeId,
     state: ArcSwapOption<TlsState>,
     pending: Mutex<Pending>,
     trust_domains: Mutex<TrustDomainPolicy>,
+    refusals: [AtomicU64; 4],
+    /// The last refusal kind logged at error level (+1; 0 = none), so the transition is
+    /// logged once, not once per connection.
+    last_logged: AtomicU64,
+}
+
+fn rfc3339(t: SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
 }
 
 impl IdentityHolder {
@@ -91,16 +164,105 @@ impl IdentityHolder {
             state: ArcSwapOption::empty(),
             pending: Mutex::new(Pending::default()),
             trust_domains: Mutex::new(trust_domains),
+            refusals: Default::default(),
+            last_logged: AtomicU64::new(0),
         }
     }
 
-    /// The installed state, if any (none: fail closed).
-    pub(crate) fn current(&self) -> Option<Arc<TlsState>> {
-        self.state.load_full()
+    /// The installed state if it can be used now, else why not (for `/ready`, `/certs`).
+    pub(crate) fn status(&self) -> Result<Arc<TlsState>, String> {
+        self.status_at(SystemTime::now()).map_err(|(_, why)| why)
+    }
+
+    /// `status` for a handshake: a refusal is counted and its first occurrence logged.
+    pub(crate) fn for_handshake(&self) -> Result<Arc<TlsState>, String> {
+        match self.status_at(SystemTime::now()) {
+            Ok(s) => {
+                self.last_logged.store(0, Ordering::Relaxed);
+                Ok(s)
+            }
+            Err((kind, why)) => {
+                self.refusals[kind as usize].fetch_add(1, Ordering::Relaxed);
+                let tag = kind as u64 + 1;
+                if self.last_logged.swap(tag, Ordering::Relaxed) != tag {
+                    tracing::error!(id = %self.expected_id, reason = %why, "own identity unusable: every mTLS handshake is refused until this is fixed");
+                }
+                Err(why)
+            }
+        }
+    }
+
+    fn status_at(&self, now: SystemTime) -> Result<Arc<TlsState>, (Refusal, String)> {
+        let Some(state) = self.state.load_full() else {
+            let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            return Err(match &p.unusable {
+                Some(why) => (Refusal::Untrusted, why.clone()),
+                None if p.latest.is_none() => (
+                    Refusal::NotReceived,
+                    "no workload certificate from SDS yet".to_string(),
+                ),
+                None => (
+                    Refusal::NotReceived,
+                    "no trust bundle (ROOTCA) from SDS yet".to_string(),
+                ),
+            });
+        };
+        if now >= state.not_after {
+            return Err((
+                Refusal::Expired,
+                format!(
+                    "own certificate expired at {} (serial {}); waiting for a fresh one over SDS",
+                    rfc3339(state.not_after),
+                    state.serial
+                ),
+            ));
+        }
+        if now < state.not_before {
+            return Err((
+                Refusal::NotYetValid,
+                format!(
+                    "own certificate is not valid before {} (serial {})",
+                    rfc3339(state.not_before),
+                    state.serial
+                ),
+            ));
+        }
+        Ok(state)
+    }
+
+    /// Prometheus lines: refusals by reason, and whether the identity is usable now.
+    pub(crate) fn render_metrics(&self) -> String {
+        let mut out = String::from("# TYPE rampart_proxy_own_identity_refusals_total counter\n");
+        for r in Refusal::ALL {
+            out.push_str(&format!(
+                "rampart_proxy_own_identity_refusals_total{{reason=\"{}\"}} {}\n",
+                r.label(),
+                self.refusals[r as usize].load(Ordering::Relaxed)
+            ));
+        }
+        out.push_str("# TYPE rampart_proxy_own_identity_usable gauge\n");
+        out.push_str(&format!(
+            "rampart_proxy_own_identity_usable {}\n",
+            u8::from(self.status().is_ok())
+        ));
+        if let Some(s) = self.state.load_full() {
+            let secs = s
+                .not_after
+                .duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_secs())
+                .unwrap_or(0);
+            out.push_str("# TYPE rampart_proxy_own_cert_not_after_seconds gauge\n");
+            out.push_str(&format!(
+                "rampart_proxy_own_cert_not_after_seconds {secs}\n"
+            ));
+        }
+        out
     }
 
     /// Check a workload certificate pushed as `default`: its SPIFFE ID must be ours, the key
-    /// must match, and (when a bundle is known) the chain must verify against it.
+    /// must match, and it must be inside its validity window now (else NACK, the current one
+    /// stays). Whether it chains to the trust bundle is decided with the bundle (now, or when
+    /// one arrives): see [`IdentityHolder`].
     pub(crate) fn offer_cert(&self, chain_pem: &str, key_pem: &str) -> Result<(), String> {
         let chain = rampart_certs::parse_certs_pem(chain_pem)
             .map_err(|e| format!("certificate chain: {e}"))?;
@@ -112,65 +274,126 @@ impl IdentityHolder {
                 self.expected_id
             ));
         }
+        let info = CertInfo::parse(leaf).map_err(|e| format!("leaf certificate: {e}"))?;
+        let now = SystemTime::now();
+        if now >= info.not_after {
+            return Err(format!(
+                "certificate expired at {}",
+                rfc3339(info.not_after)
+            ));
+        }
+        if now < info.not_before {
+            return Err(format!(
+                "certificate is not valid before {}",
+                rfc3339(info.not_before)
+            ));
+        }
         let key = PrivateKey::from_pem(key_pem).map_err(|e| format!("private key: {e}"))?;
         // rustls checks the key matches the leaf.
         tls::server_config(chain.clone(), &key, ClientAuth::None)
             .map_err(|e| format!("certificate and key: {e}"))?;
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let td = self
-            .trust_domains
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        if let Some(bundle) = &p.bundle {
-            rampart_certs::verify_workload_cert(
-                leaf,
-                &chain[1..],
-                bundle,
-                &td,
-                SystemTime::now(),
-                Usage::ServerAuth,
-            )
-            .map_err(|e| format!("certificate does not verify against the trust bundle: {e}"))?;
-        }
-        p.cert = Some((chain, key));
-        self.rebuild(&p, td)
+        p.latest = Some(Arc::new(Cert {
+            chain,
+            key,
+            not_before: info.not_before,
+            not_after: info.not_after,
+            serial: info.serial_hex,
+        }));
+        let td = self.trust_domains();
+        self.rebuild(&mut p, td)
     }
 
-    /// Check a trust bundle pushed as `ROOTCA`.
+    /// Check a trust bundle pushed as `ROOTCA`; the certificate is checked against it again.
     pub(crate) fn offer_bundle(&self, pem: &str) -> Result<(), String> {
         let bundle = TrustBundle::from_pem(pem).map_err(|e| format!("trust bundle: {e}"))?;
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         p.bundle = Some(bundle);
-        let td = self
-            .trust_domains
+        let td = self.trust_domains();
+        self.rebuild(&mut p, td)
+    }
+
+    fn trust_domains(&self) -> TrustDomainPolicy {
+        self.trust_domains
             .lock()
             .unwrap_or_else(|e| e.into_inner())
-            .clone();
-        self.rebuild(&p, td)
+            .clone()
     }
 
     /// New trust-domain aliases from the mesh folder.
     pub(crate) fn set_trust_domains(&self, td: TrustDomainPolicy) {
-        let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
         let mut cur = self.trust_domains.lock().unwrap_or_else(|e| e.into_inner());
         if *cur == td {
             return;
         }
         *cur = td.clone();
         drop(cur);
-        if let Err(e) = self.rebuild(&p, td) {
+        if let Err(e) = self.rebuild(&mut p, td) {
             tracing::error!(error = %e, "cannot rebuild TLS configuration for new trust domains");
         }
     }
 
-    fn rebuild(&self, p: &Pending, td: TrustDomainPolicy) -> Result<(), String> {
-        let (Some((chain, key)), Some(bundle)) = (&p.cert, &p.bundle) else {
+    /// Does `c` chain to `bundle`? Checked inside the leaf's validity window (expiry is
+    /// checked at each use, with its own reason).
+    fn chains(c: &Cert, bundle: &TrustBundle, td: &TrustDomainPolicy) -> Result<(), String> {
+        let now = SystemTime::now();
+        let at = now.clamp(c.not_before, c.not_after);
+        rampart_certs::verify_workload_cert(
+            &c.chain[0],
+            &c.chain[1..],
+            bundle,
+            td,
+            at,
+            Usage::ServerAuth,
+        )
+        .map(|_| ())
+        .map_err(|e| e.to_string())
+    }
+
+    /// Pick the certificate to use with the current bundle and install it (or none).
+    fn rebuild(&self, p: &mut Pending, td: TrustDomainPolicy) -> Result<(), String> {
+        let (Some(latest), Some(bundle)) = (p.latest.clone(), p.bundle.clone()) else {
             return Ok(());
         };
+        let chosen = match Self::chains(&latest, &bundle, &td) {
+            Ok(()) => latest,
+            Err(e) => {
+                let keep = p
+                    .in_use
+                    .clone()
+                    .filter(|old| !Arc::ptr_eq(old, &latest))
+                    .filter(|old| Self::chains(old, &bundle, &td).is_ok());
+                match keep {
+                    Some(old) => {
+                        tracing::warn!(
+                            id = %self.expected_id,
+                            newest = %latest.serial,
+                            kept = %old.serial,
+                            error = %e,
+                            "newest certificate does not chain to the current trust bundle; \
+                             keeping the previous one until a matching bundle arrives"
+                        );
+                        old
+                    }
+                    None => {
+                        let why = format!(
+                            "own certificate (serial {}) does not chain to the current trust \
+                             bundle: {e}",
+                            latest.serial
+                        );
+                        tracing::error!(id = %self.expected_id, reason = %why, "not using the certificate: every mTLS handshake is refused until a matching bundle or certificate arrives");
+                        p.in_use = None;
+                        p.unusable = Some(why);
+                        self.state.store(None);
+                        return Ok(());
+                    }
+                }
+            }
+        };
         let mut server = tls::server_config(
-            chain.clone(),
-            key,
+            chosen.chain.clone(),
+            &chosen.key,
             ClientAuth::Required {
                 bundle: bundle.clone(),
                 trust_domains: td.clone(),
@@ -180,18 +403,20 @@ impl IdentityHolder {
         server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
         let state = TlsState {
             id: self.expected_id.clone(),
-            chain: chain.clone(),
+            chain: chosen.chain.clone(),
             bundle: bundle.clone(),
             trust_domains: td,
             server: Arc::new(server),
-            key: key.clone_key(),
+            key: chosen.key.clone_key(),
             clients: Mutex::new(HashMap::new()),
             installed_at: SystemTime::now(),
+            not_before: chosen.not_before,
+            not_after: chosen.not_after,
+            serial: chosen.serial.clone(),
         };
-        let serial = CertInfo::parse(&chain[0])
-            .map(|i| i.serial_hex)
-            .unwrap_or_default();
-        tracing::info!(id = %self.expected_id, serial, roots = bundle.roots().len(), "installed certificate and trust bundle");
+        tracing::info!(id = %self.expected_id, serial = %chosen.serial, not_after = %rfc3339(chosen.not_after), roots = bundle.roots().len(), "installed certificate and trust bundle");
+        p.in_use = Some(chosen);
+        p.unusable = None;
         self.state.store(Some(Arc::new(state)));
         Ok(())
     }
@@ -200,4 +425,234 @@ impl IdentityHolder {
 /// Lowercase hex SHA-256 of a DER certificate (the `Hash=` of `x-forwarded-client-cert`).
 pub(crate) fn cert_sha256_hex(der: &[u8]) -> String {
     hex::encode(ring::digest::digest(&ring::digest::SHA256, der))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rampart_certs::certs_to_pem;
+    use rampart_certs::test_util::{TestLeaf, TestPki};
+
+    use super::*;
+
+    fn id() -> SpiffeId {
+        SpiffeId::istio(&"cluster.local".parse().unwrap(), "ns", "sa").unwrap()
+    }
+
+    fn holder() -> IdentityHolder {
+        IdentityHolder::new(
+            id(),
+            TrustDomainPolicy::local("cluster.local".parse().unwrap()),
+        )
+    }
+
+    fn leaf(pki: &TestPki, ttl: Duration) -> TestLeaf {
+        pki.leaf(&id(), ttl, SystemTime::now())
+    }
+
+    fn offer(h: &IdentityHolder, l: &TestLeaf) -> Result<(), String> {
+        h.offer_cert(&certs_to_pem(&l.presented_chain()), &l.key.to_pkcs8_pem())
+    }
+
+    fn bundle(h: &IdentityHolder, pkis: &[&TestPki]) {
+        let pem: String = pkis.iter().map(|p| p.root_pem()).collect();
+        h.offer_bundle(&pem).unwrap();
+    }
+
+    fn serial(l: &TestLeaf) -> String {
+        CertInfo::parse(&l.chain[0]).unwrap().serial_hex
+    }
+
+    fn in_use(h: &IdentityHolder) -> Result<String, String> {
+        h.status().map(|s| s.serial.clone())
+    }
+
+    /// Our own leaf past not-after is never presented: the reason names the expiry. A fresh
+    /// certificate pushed afterwards restores service with no restart.
+    #[test]
+    fn own_expired_certificate_is_refused_until_a_fresh_one_arrives() {
+        let pki = TestPki::new("cluster.local");
+        let h = holder();
+        bundle(&h, &[&pki]);
+        let l1 = leaf(&pki, Duration::from_secs(60));
+        offer(&h, &l1).unwrap();
+        let na = CertInfo::parse(&l1.chain[0]).unwrap().not_after;
+        let later = SystemTime::now() + Duration::from_secs(120);
+        let (kind, why) = h
+            .status_at(later)
+            .err()
+            .expect("expired certificate must not be used");
+        assert_eq!(kind, Refusal::Expired);
+        assert_eq!(
+            why,
+            format!(
+                "own certificate expired at {} (serial {}); waiting for a fresh one over SDS",
+                rfc3339(na),
+                serial(&l1)
+            )
+        );
+        let l2 = leaf(&pki, Duration::from_secs(3600));
+        offer(&h, &l2).unwrap();
+        assert_eq!(h.status_at(later).unwrap().serial, serial(&l2));
+    }
+
+    /// Negative twin: inside its window the same certificate is used; before not-before it
+    /// is not (and a certificate that is not yet valid, or already expired, when pushed is
+    /// NACKed while the current one stays).
+    #[test]
+    fn own_certificate_is_used_only_inside_its_validity_window() {
+        let pki = TestPki::new("cluster.local");
+        let h = holder();
+        bundle(&h, &[&pki]);
+        let l1 = leaf(&pki, Duration::from_secs(600));
+        offer(&h, &l1).unwrap();
+        assert_eq!(in_use(&h).unwrap(), serial(&l1));
+        let nb = CertInfo::parse(&l1.chain[0]).unwrap().not_before;
+        let (kind, why) = h.status_at(nb - Duration::from_secs(1)).err().unwrap();
+        assert_eq!(kind, Refusal::NotYetValid);
+        assert!(
+            why.starts_with("own certificate is not valid before"),
+            "{why}"
+        );
+        let future = TestPki::new_at(
+            "cluster.local",
+            SystemTime::now() + Duration::from_secs(3600),
+        );
+        let early = future.leaf(
+            &id(),
+            Duration::from_secs(600),
+            SystemTime::now() + Duration::from_secs(3600),
+        );
+        let h2 = holder();
+        bundle(&h2, &[&future]);
+        let err = offer(&h2, &early).unwrap_err();
+        assert!(err.contains("not valid before"), "{err}");
+        let err = offer(&h, &early).unwrap_err();
+        assert!(err.contains("not valid before"), "{err}");
+        assert_eq!(in_use(&h).unwrap(), serial(&l1), "current one stays");
+    }
+
+    /// Certificate first, then a bundle it does not chain to: not used, named reason; then
+    /// the matching bundle: usable.
+    #[test]
+    fn certificate_before_bundle_is_checked_when_the_bundle_arrives() {
+        let a = TestPki::new("cluster.local");
+        let b = TestPki::new("cluster.local");
+        let h = holder();
+        let l = leaf(&a, Duration::from_secs(600));
+        offer(&h, &l).unwrap();
+        assert_eq!(
+            in_use(&h).unwrap_err(),
+            "no trust bundle (ROOTCA) from SDS yet"
+        );
+        bundle(&h, &[&b]);
+        let why = in_use(&h).unwrap_err();
+        assert!(
+            why.contains("does not chain to the current trust bundle"),
+            "{why}"
+        );
+        assert!(h.status().is_err());
+        bundle(&h, &[&a]);
+        assert_eq!(in_use(&h).unwrap(), serial(&l));
+    }
+
+    /// Bundle first, then a certificate that does not chain to it: not used (the push is
+    /// kept, ACKed), usable once the matching bundle arrives; a matching certificate is used
+    /// at once.
+    #[test]
+    fn bundle_before_certificate_is_checked_when_the_certificate_arrives() {
+        let a = TestPki::new("cluster.local");
+        let b = TestPki::new("cluster.local");
+        let h = holder();
+        assert_eq!(
+            in_use(&h).unwrap_err(),
+            "no workload certificate from SDS yet"
+        );
+        bundle(&h, &[&a]);
+        let lb = leaf(&b, Duration::from_secs(600));
+        offer(&h, &lb).unwrap();
+        let why = in_use(&h).unwrap_err();
+        assert!(
+            why.contains("does not chain to the current trust bundle"),
+            "{why}"
+        );
+        let la = leaf(&a, Duration::from_secs(600));
+        offer(&h, &la).unwrap();
+        assert_eq!(in_use(&h).unwrap(), serial(&la));
+    }
+
+    /// Bundle rotation that drops the old root: the certificate from the old root stops being
+    /// used at once; the next certificate from the new root restores service. With both roots
+    /// (the overlap) the old certificate is still fine.
+    #[test]
+    fn bundle_rotation_dropping_the_old_root_rechecks_the_certificate() {
+        let old = TestPki::new("cluster.local");
+        let new = TestPki::new("cluster.local");
+        let h = holder();
+        bundle(&h, &[&old]);
+        let l1 = leaf(&old, Duration::from_secs(600));
+        offer(&h, &l1).unwrap();
+        bundle(&h, &[&old, &new]);
+        assert_eq!(in_use(&h).unwrap(), serial(&l1), "overlap: still trusted");
+        bundle(&h, &[&new]);
+        let why = in_use(&h).unwrap_err();
+        assert!(
+            why.starts_with(&format!(
+                "own certificate (serial {}) does not chain",
+                serial(&l1)
+            )),
+            "{why}"
+        );
+        let l2 = leaf(&new, Duration::from_secs(600));
+        offer(&h, &l2).unwrap();
+        assert_eq!(in_use(&h).unwrap(), serial(&l2));
+    }
+
+    /// A newest certificate that does not chain yet (it raced ahead of its bundle on the
+    /// other SDS stream) does not displace the previous one that still chains; when the
+    /// bundle arrives the newest is used.
+    #[test]
+    fn newest_certificate_ahead_of_its_bundle_keeps_the_previous_one() {
+        let old = TestPki::new("cluster.local");
+        let new = TestPki::new("cluster.local");
+        let h = holder();
+        bundle(&h, &[&old]);
+        let l1 = leaf(&old, Duration::from_secs(600));
+        offer(&h, &l1).unwrap();
+        let l2 = leaf(&new, Duration::from_secs(600));
+        offer(&h, &l2).unwrap();
+        assert_eq!(in_use(&h).unwrap(), serial(&l1));
+        bundle(&h, &[&old, &new]);
+        assert_eq!(in_use(&h).unwrap(), serial(&l2));
+    }
+
+    /// Refused handshakes are counted by reason; the usable gauge follows the state.
+    #[test]
+    fn refusals_are_counted_by_reason() {
+        let a = TestPki::new("cluster.local");
+        let b = TestPki::new("cluster.local");
+        let h = holder();
+        assert!(h.for_handshake().is_err());
+        bundle(&h, &[&b]);
+        offer(&h, &leaf(&a, Duration::from_secs(600))).unwrap();
+        assert!(h.for_handshake().is_err());
+        assert!(h.for_handshake().is_err());
+        let m = h.render_metrics();
+        assert!(
+            m.contains("rampart_proxy_own_identity_refusals_total{reason=\"not_received\"} 1"),
+            "{m}"
+        );
+        assert!(
+            m.contains("rampart_proxy_own_identity_refusals_total{reason=\"untrusted_chain\"} 2"),
+            "{m}"
+        );
+        assert!(m.contains("rampart_proxy_own_identity_usable 0"), "{m}");
+        bundle(&h, &[&a]);
+        assert!(h.for_handshake().is_ok());
+        assert!(
+            h.render_metrics()
+                .contains("rampart_proxy_own_identity_usable 1")
+        );
+    }
 }

@@ -576,9 +576,12 @@ async fn inbound_conn(sh: &Arc<Shared>, port: u16, tcp: TcpStream, peer: SocketA
         serve_inbound(sh, cx, pe.app, tcp).await;
         return;
     }
-    let Some(state) = sh.identity.current() else {
-        tracing::warn!(%peer, port, "TLS handshake refused: no workload certificate yet (fail closed)");
-        return;
+    let state = match sh.identity.for_handshake() {
+        Ok(s) => s,
+        Err(reason) => {
+            tracing::warn!(%peer, port, %reason, "mTLS handshake refused: own identity unusable (fail closed)");
+            return;
+        }
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(state.server.clone());
     let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {

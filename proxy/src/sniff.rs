@@ -84,7 +84,7 @@ fn fuzz_server_config() -> std::sync::Arc<rustls::ServerConfig> {
     holder
         .offer_cert(&certs_to_pem(&[leaf]), &key.to_pkcs8_pem())
         .expect("certificate");
-    holder.current().expect("installed").server.clone()
+    holder.status().expect("installed").server.clone()
 }
 
 #[cfg(test)]
