@@ -197,7 +197,7 @@ impl tower::Service<http::Uri> for PeerConnector {
         Box::pin(async move {
             let s = PeerStream::connect(&me.identity, &me.target, me.mtls).await?;
             let h2 = match &s {
-                PeerStream::Mtls(t) => t.get_ref().1.alpn_protocol() == Some(b"h2"),
+                PeerStream::Mtls(t) => crate::identity::is_h2(t.get_ref().1.alpn_protocol()),
                 PeerStream::Plain(_) => false,
             };
             Ok(TlsConn {

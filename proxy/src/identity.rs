@@ -18,15 +18,56 @@ use rampart_certs::{
 };
 use rustls::{ClientConfig, ServerConfig};
 
-/// ALPN choice for a connection the proxy originates.
+/// What an mTLS connection the proxy originates will carry, and so the ALPN values it offers.
+///
+/// As an Istio sidecar's outbound cluster does (its `alpn_override` per upstream protocol):
+/// the Istio value first, then `istio` (what an Istio inbound's PERMISSIVE filter chain
+/// matches to tell mesh mTLS from the app's own TLS), then the plain value, which is what
+/// servers negotiate: Envoy inbounds advertise only `h2`/`http/1.1` (plus
+/// `istio-peer-exchange` on TCP ports), and so do ours first. TCP offers `istio` alone: we do
+/// not speak Istio's TCP metadata exchange, so we never offer `istio-peer-exchange`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub(crate) enum Alpn {
-    /// No ALPN (opaque TCP).
-    None,
-    /// `http/1.1`.
+    /// Opaque TCP: `istio`.
+    Tcp,
+    /// HTTP/1.1: `istio-http/1.1`, `istio`, `http/1.1`.
     Http1,
-    /// `h2`.
+    /// HTTP/2: `istio-h2`, `istio`, `h2`.
     H2,
+}
+
+impl Alpn {
+    /// The protocols offered in the ClientHello, in order.
+    pub(crate) fn offered(self) -> Vec<Vec<u8>> {
+        let list: &[&[u8]] = match self {
+            Alpn::Tcp => &[b"istio"],
+            Alpn::Http1 => &[b"istio-http/1.1", b"istio", b"http/1.1"],
+            Alpn::H2 => &[b"istio-h2", b"istio", b"h2"],
+        };
+        list.iter().map(|p| p.to_vec()).collect()
+    }
+}
+
+/// What the inbound side negotiates, in its order of preference (rustls picks the first of
+/// these that the client offered). The plain values first, so HTTP clients get what they
+/// speak; Istio's HTTP values, which name the same protocols; then `istio`, which an Envoy
+/// sidecar offers for TCP and for mTLS of unknown protocol (`istio-peer-exchange, istio`).
+/// `istio-peer-exchange` is not among them: it promises Istio's TCP metadata exchange, which
+/// we do not speak, and every Istio client that offers it offers `istio` too. Which HTTP
+/// version a connection carries is read from its first bytes, not from ALPN, so `istio`
+/// serves HTTP ports as well as TCP ones.
+pub(crate) const INBOUND_ALPN: &[&[u8]] = &[
+    b"h2",
+    b"http/1.1",
+    b"istio-h2",
+    b"istio-http/1.1",
+    b"istio-http/1.0",
+    b"istio",
+];
+
+/// Whether a negotiated ALPN value means HTTP/2.
+pub(crate) fn is_h2(negotiated: Option<&[u8]>) -> bool {
+    matches!(negotiated, Some(b"h2" | b"istio-h2"))
 }
 
 /// Material installed from SDS plus the configurations built from it.
@@ -65,11 +106,7 @@ impl TlsState {
             Some((self.chain.clone(), &self.key)),
         )
         .map_err(|e| e.to_string())?;
-        c.alpn_protocols = match alpn {
-            Alpn::None => vec![],
-            Alpn::Http1 => vec![b"http/1.1".to_vec()],
-            Alpn::H2 => vec![b"h2".to_vec()],
-        };
+        c.alpn_protocols = alpn.offered();
         let c = Arc::new(c);
         map.insert((expected.clone(), alpn), c.clone());
         Ok(c)
@@ -400,7 +437,7 @@ impl IdentityHolder {
             },
         )
         .map_err(|e| e.to_string())?;
-        server.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        server.alpn_protocols = INBOUND_ALPN.iter().map(|p| p.to_vec()).collect();
         let state = TlsState {
             id: self.expected_id.clone(),
             chain: chosen.chain.clone(),
@@ -466,6 +503,97 @@ mod tests {
 
     fn in_use(h: &IdentityHolder) -> Result<String, String> {
         h.status().map(|s| s.serial.clone())
+    }
+
+    /// An in-memory TLS handshake: the ALPN value negotiated, or the error that ended it.
+    fn negotiate(
+        client: Arc<ClientConfig>,
+        server: Arc<ServerConfig>,
+    ) -> Result<Option<Vec<u8>>, rustls::Error> {
+        let name = rustls::pki_types::ServerName::try_from("outbound_.80_._.backend").unwrap();
+        let mut c = rustls::ClientConnection::new(client, name)?;
+        let mut s = rustls::ServerConnection::new(server)?;
+        for _ in 0..10 {
+            let mut buf = Vec::new();
+            c.write_tls(&mut buf).unwrap();
+            s.read_tls(&mut &buf[..]).unwrap();
+            s.process_new_packets()?;
+            let mut buf = Vec::new();
+            s.write_tls(&mut buf).unwrap();
+            c.read_tls(&mut &buf[..]).unwrap();
+            c.process_new_packets()?;
+            if !c.is_handshaking() && !s.is_handshaking() {
+                return Ok(s.alpn_protocol().map(<[u8]>::to_vec));
+            }
+        }
+        panic!("handshake did not finish");
+    }
+
+    /// Istio's ALPN both ways: what we offer per protocol, and what our inbound picks from
+    /// what an Envoy sidecar offers (TCP: `istio-peer-exchange, istio`; HTTP: Istio's
+    /// `alpn_override` lists; a client without ALPN). A client offering nothing we speak is
+    /// refused, as is `istio-peer-exchange` alone (we do not speak the metadata exchange).
+    #[test]
+    fn istio_alpn_offered_and_negotiated() {
+        let pki = TestPki::new("cluster.local");
+        let h = holder();
+        bundle(&h, &[&pki]);
+        offer(&h, &leaf(&pki, Duration::from_secs(3600))).unwrap();
+        let st = h.for_handshake().unwrap();
+        let ours = |alpn| st.client(&id(), alpn).unwrap();
+        assert_eq!(ours(Alpn::Tcp).alpn_protocols, vec![b"istio".to_vec()]);
+        assert_eq!(
+            ours(Alpn::Http1).alpn_protocols,
+            vec![
+                b"istio-http/1.1".to_vec(),
+                b"istio".to_vec(),
+                b"http/1.1".to_vec()
+            ]
+        );
+        assert_eq!(
+            ours(Alpn::H2).alpn_protocols,
+            vec![b"istio-h2".to_vec(), b"istio".to_vec(), b"h2".to_vec()]
+        );
+        let server = st.server.clone();
+        for (alpn, want) in [
+            (Alpn::Tcp, &b"istio"[..]),
+            (Alpn::Http1, b"http/1.1"),
+            (Alpn::H2, b"h2"),
+        ] {
+            let got = negotiate(ours(alpn), server.clone()).unwrap();
+            assert_eq!(got.as_deref(), Some(want), "{alpn:?}");
+        }
+        let envoy = |offer: &[&[u8]]| {
+            let mut c = (*ours(Alpn::Tcp)).clone();
+            c.alpn_protocols = offer.iter().map(|p| p.to_vec()).collect();
+            negotiate(Arc::new(c), server.clone())
+        };
+        let cases: &[(&[&[u8]], Option<&[u8]>)] = &[
+            (&[b"istio-peer-exchange", b"istio"], Some(b"istio")),
+            (
+                &[b"istio-http/1.0", b"istio", b"http/1.0"],
+                Some(b"istio-http/1.0"),
+            ),
+            (
+                &[b"istio-http/1.1", b"istio", b"http/1.1"],
+                Some(b"http/1.1"),
+            ),
+            (&[b"istio-h2", b"istio", b"h2"], Some(b"h2")),
+            (&[b"istio"], Some(b"istio")),
+            (&[], None),
+        ];
+        for (offer, want) in cases {
+            assert_eq!(envoy(offer).unwrap().as_deref(), *want, "{offer:?}");
+        }
+        for offer in [&[&b"istio-peer-exchange"[..]][..], &[b"spdy/3", b"h3"]] {
+            let e = envoy(offer).unwrap_err();
+            assert!(
+                matches!(e, rustls::Error::NoApplicationProtocol),
+                "{offer:?}: {e:?}"
+            );
+        }
+        assert!(is_h2(Some(b"h2")) && is_h2(Some(b"istio-h2")));
+        assert!(!is_h2(Some(b"http/1.1")) && !is_h2(Some(b"istio")) && !is_h2(None));
     }
 
     /// Our own leaf past not-after is never presented: the reason names the expiry. A fresh

@@ -199,9 +199,9 @@ impl Outbound {
                 })
                 .clone()
         };
-        // Raw TCP (upstream ports, CONNECT): no ALPN.
+        // Raw TCP (upstream ports, CONNECT): ALPN `istio` only.
         let mut tcp_target = (*target).clone();
-        tcp_target.alpn = Alpn::None;
+        tcp_target.alpn = Alpn::Tcp;
         Ok(Route {
             name: format!("{}:{}", dest.key(), port.port),
             protocol: port.protocol,
