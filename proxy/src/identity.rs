@@ -568,7 +568,8 @@ mod tests {
             c.alpn_protocols = offer.iter().map(|p| p.to_vec()).collect();
             negotiate(Arc::new(c), server.clone())
         };
-        let cases: &[(&[&[u8]], Option<&[u8]>)] = &[
+        type Offer<'a> = &'a [&'a [u8]];
+        let cases: &[(Offer<'_>, Option<&[u8]>)] = &[
             (&[b"istio-peer-exchange", b"istio"], Some(b"istio")),
             (
                 &[b"istio-http/1.0", b"istio", b"http/1.0"],
