@@ -306,7 +306,11 @@ impl Mesh {
 
 fn start_proxy(mesh: &Path, workload: &str, sds: &Path, log: PathBuf, flags: &[&str]) -> Proc {
     let f = std::fs::File::create(&log).unwrap();
-    let child = Command::new(rampart_bin())
+    // Started with the soft RLIMIT_NOFILE of a fresh machine (1024): the proxy must raise it
+    // itself, or a flood of idle clients exhausts its descriptors before any budget.
+    let child = Command::new("sh")
+        .args(["-c", "ulimit -Sn 1024 2>/dev/null; exec \"$0\" \"$@\""])
+        .arg(rampart_bin())
         .args(["proxy", "--mesh"])
         .arg(mesh)
         .args(["--workload", workload, "--sds-socket"])
@@ -479,11 +483,14 @@ if soft < want:
     resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
 socks = []
 for i in range(n):
-    s = socket.create_connection(("127.0.0.1", port))
-    if data:
-        s.sendall(data)
+    try:
+        s = socket.create_connection(("127.0.0.1", port), timeout=5)
+        if data:
+            s.sendall(data)
+    except OSError:
+        break
     socks.append(s)
-print("ready", flush=True)
+print("ready", len(socks), flush=True)
 sys.stdin.read()
 closed = 0
 for s in socks:
@@ -509,8 +516,8 @@ print("closed", closed, flush=True)
         .unwrap();
     assert_eq!(
         line.trim(),
-        "ready",
-        "the Python client could not open {n} connections"
+        format!("ready {n}"),
+        "the Python client could not open {n} connections (the proxy stopped accepting?)"
     );
     child
 }
