@@ -438,6 +438,23 @@ fn policy_sees_what_the_app_sees() {
     );
     assert_eq!(code, 400, "two Host headers are refused");
 
+    // The outbound listener routes by the absolute-form authority and forwards it as Host
+    // (as Envoy rewrites it), not the app's stray Host header.
+    let (code, body) = raw_request(
+        m.out_f,
+        b"GET http://backend.api:8080/x HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(code, 200, "{body}\n{}", m.logs());
+    assert!(body.contains("host: backend.api:8080"), "{body}");
+    let (code, _) = raw_request(
+        m.out_f,
+        b"GET /x HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(
+        code, 502,
+        "negative twin: origin-form routes by Host (unknown here)"
+    );
+
     // HTTP/2 (h2c prior knowledge): :authority wins over a host header too.
     let url = format!("http://127.0.0.1:{p}/x");
     let (code, body) = curl(&["--http2-prior-knowledge", "-H", "host: evil.example", &url]);

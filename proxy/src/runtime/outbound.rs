@@ -361,10 +361,19 @@ where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     sh.metrics.tcp_opened(&route.tcp_labels);
-    let (sent, received) = match tokio::io::copy_bidirectional(app, &mut peer).await {
-        Ok((from_app, from_peer)) => (from_peer, from_app),
-        Err(e) => {
-            tracing::debug!(destination = %route.name, error = %e, "TCP relay ended with an error");
+    // Closed after the idle timeout with no byte either way (Envoy tcp_proxy idle_timeout).
+    let act = crate::edge::Activity::new(false);
+    let mut app = crate::edge::Tracked::new(app, act.clone());
+    let (sent, received) = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut app, &mut peer) => match r {
+            Ok((from_app, from_peer)) => (from_peer, from_app),
+            Err(e) => {
+                tracing::debug!(destination = %route.name, error = %e, "TCP relay ended with an error");
+                (0, 0)
+            }
+        },
+        why = act.expired(&sh.edge) => {
+            tracing::debug!(destination = %route.name, reason = why, "TCP relay closed");
             (0, 0)
         }
     };
