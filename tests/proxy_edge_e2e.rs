@@ -141,7 +141,7 @@ spec:
   - when: [{key: "request.headers[x-debug]", values: ["*"]}]
   - when: [{key: "request.headers[x-stage]", values: ["canary"]}]
   - to: [{operation: {methods: ["GET"], paths: ["/no-get"]}}]
-  - to: [{operation: {hosts: ["evil.example", "evil.example:*"]}}]
+  - to: [{operation: {hosts: ["evil.example", "evil.example:*", "evil.*"]}}]
 ---
 apiVersion: security.istio.io/v1
 kind: RequestAuthentication
@@ -437,6 +437,20 @@ fn policy_sees_what_the_app_sees() {
         b"GET /x HTTP/1.1\r\nhost: good.example\r\nhost: evil.example\r\nconnection: close\r\n\r\n",
     );
     assert_eq!(code, 400, "two Host headers are refused");
+    // A Host with a non-ASCII byte is still a Host for policy.
+    let (code, _) = raw_request(
+        p,
+        b"GET /x HTTP/1.1\r\nhost: evil.example\x80\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(
+        code, 403,
+        "obs-text in Host must not hide it from hosts: [evil.*]"
+    );
+    let (code, _) = raw_request(
+        p,
+        b"GET /x HTTP/1.1\r\nhost: good.example\x80\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(code, 200, "negative twin: good.example\\x80 is not denied");
 
     // The outbound listener routes by the absolute-form authority and forwards it as Host
     // (as Envoy rewrites it), not the app's stray Host header.

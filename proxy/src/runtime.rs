@@ -777,10 +777,10 @@ fn authority_of<B>(req: &Request<B>) -> String {
         .authority()
         .map(|a| a.as_str().to_string())
         .or_else(|| {
+            // Never "no Host" for a Host the app will see (see `edge::header_text`).
             req.headers()
                 .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
+                .map(crate::edge::header_text)
         })
         .unwrap_or_default()
 }
