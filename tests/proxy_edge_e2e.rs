@@ -764,3 +764,62 @@ fn non_loopback_outbound_is_refused_unless_allowed() {
         || p.log(),
     );
 }
+
+/// Read one HTTP/1.1 response (head + content-length body) from `s`; its status code.
+fn read_response(s: &mut TcpStream) -> u16 {
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    let mut len = 0usize;
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        if line == "\r\n" || line.is_empty() {
+            break;
+        }
+        if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+    }
+    let mut body = vec![0u8; len];
+    r.read_exact(&mut body).unwrap();
+    status
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0)
+}
+
+/// A keep-alive connection with no request in flight is closed after the idle timeout;
+/// one that keeps sending requests is not.
+#[test]
+fn idle_keepalive_connections_close_after_the_idle_timeout() {
+    let m = Mesh::start(&["--idle-timeout", "2s"], &[]);
+    let req = b"GET /hello HTTP/1.1\r\nhost: backend.api\r\n\r\n";
+    // Negative twin first: a request every 500 ms for 3 s keeps one connection open.
+    let mut busy = TcpStream::connect(("127.0.0.1", m.in_b)).unwrap();
+    busy.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    for _ in 0..6 {
+        busy.write_all(req).unwrap();
+        assert_eq!(read_response(&mut busy), 200, "{}", m.logs());
+        std::thread::sleep(Duration::from_millis(500));
+    }
+    // An idle one: served, then closed by the proxy within a few seconds.
+    let mut idle = TcpStream::connect(("127.0.0.1", m.in_b)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    idle.write_all(req).unwrap();
+    assert_eq!(read_response(&mut idle), 200);
+    let start = Instant::now();
+    let mut buf = [0u8; 1];
+    let r = idle.read(&mut buf);
+    let took = start.elapsed();
+    assert!(
+        matches!(r, Ok(0)),
+        "closed by the proxy, not timed out: {r:?} after {took:?}"
+    );
+    assert!(
+        took >= Duration::from_millis(1500) && took < Duration::from_secs(9),
+        "closed after {took:?} (idle timeout 2s)"
+    );
+}

@@ -220,6 +220,13 @@ impl Activity {
     /// request is in flight, or for the idle timeout while none is.
     pub(crate) async fn expired(&self, l: &EdgeLimits) -> &'static str {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        // The phase can change while we sleep (a request arrives, a response ends), making
+        // the deadline earlier: never sleep longer than the shortest limit.
+        let cap = ms(l
+            .header_read_timeout
+            .min(l.stream_idle_timeout)
+            .min(l.idle_timeout))
+        .max(1);
         loop {
             let (base, limit, why) = if self.requests.load(Ordering::Relaxed) == 0 {
                 (
@@ -245,7 +252,7 @@ impl Activity {
             if now >= deadline {
                 return why;
             }
-            tokio::time::sleep(Duration::from_millis(deadline - now)).await;
+            tokio::time::sleep(Duration::from_millis((deadline - now).min(cap))).await;
         }
     }
 
