@@ -159,6 +159,11 @@ impl Mesh {
     /// Write the folder and start both proxies; `backend_flags`/`frontend_flags` go to
     /// their `rampart proxy` command lines.
     fn start(backend_flags: &[&str], frontend_flags: &[&str]) -> Mesh {
+        Mesh::start_with(backend_flags, frontend_flags, None)
+    }
+
+    /// As [`Mesh::start`], the backend's open-files limit (soft and hard) set to `nofile`.
+    fn start_with(backend_flags: &[&str], frontend_flags: &[&str], nofile: Option<u32>) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
         let wp = dir.path().to_path_buf();
         let mesh = wp.join("mesh");
@@ -255,6 +260,7 @@ impl Mesh {
             &sds_b,
             wp.join("backend.log"),
             backend_flags,
+            nofile,
         ));
         m.procs.push(start_proxy(
             &mesh,
@@ -262,6 +268,7 @@ impl Mesh {
             &sds_f,
             wp.join("frontend.log"),
             frontend_flags,
+            None,
         ));
         for (admin, p) in [(admin_b, 0), (admin_f, 1)] {
             let log = m.procs[p].log.clone();
@@ -304,12 +311,23 @@ impl Mesh {
     }
 }
 
-fn start_proxy(mesh: &Path, workload: &str, sds: &Path, log: PathBuf, flags: &[&str]) -> Proc {
+fn start_proxy(
+    mesh: &Path,
+    workload: &str,
+    sds: &Path,
+    log: PathBuf,
+    flags: &[&str],
+    nofile: Option<u32>,
+) -> Proc {
     let f = std::fs::File::create(&log).unwrap();
+    let limit = match nofile {
+        Some(n) => format!("ulimit -n {n}"),
+        None => "ulimit -Sn 1024 2>/dev/null".to_string(),
+    };
     // Started with the soft RLIMIT_NOFILE of a fresh machine (1024): the proxy must raise it
     // itself, or a flood of idle clients exhausts its descriptors before any budget.
     let child = Command::new("sh")
-        .args(["-c", "ulimit -Sn 1024 2>/dev/null; exec \"$0\" \"$@\""])
+        .args(["-c", &format!("{limit} && exec \"$0\" \"$@\"")])
         .arg(rampart_bin())
         .args(["proxy", "--mesh"])
         .arg(mesh)
@@ -821,5 +839,50 @@ fn idle_keepalive_connections_close_after_the_idle_timeout() {
     assert!(
         took >= Duration::from_millis(1500) && took < Duration::from_secs(9),
         "closed after {took:?} (idle timeout 2s)"
+    );
+}
+
+/// CPU time (user + system, in clock ticks) the process `pid` has used.
+fn cpu_ticks(pid: u32) -> u64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let rest = stat.rsplit_once(')').unwrap().1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // Fields 14 and 15 of stat(5); `rest` starts at field 3.
+    f[11].parse::<u64>().unwrap() + f[12].parse::<u64>().unwrap()
+}
+
+/// Out of file descriptors (EMFILE), the accept loops back off instead of spinning, and
+/// the proxy serves again once descriptors are free.
+#[test]
+fn accept_errors_back_off_and_recover() {
+    let m = Mesh::start_with(&[], &[], Some(96));
+    let pid = m.procs[0].child.id();
+    // Negative twin: before the flood the admin answers.
+    assert_eq!(
+        curl(&[&format!("http://127.0.0.1:{}/ready", m.admin_b)]).0,
+        "200"
+    );
+    let flood = hold_connections(m.in_b, 200, "GET /hel");
+    // A connection waiting in the admin backlog keeps its listener readable while every
+    // accept fails with EMFILE: the case that spins without a backoff.
+    let waiting = TcpStream::connect(("127.0.0.1", m.admin_b)).unwrap();
+    std::thread::sleep(Duration::from_millis(500));
+    let before = cpu_ticks(pid);
+    std::thread::sleep(Duration::from_secs(3));
+    let used = cpu_ticks(pid) - before;
+    // A spinning accept loop burns the whole 3 s (about 300 ticks); backing off, a few.
+    assert!(
+        used < 150,
+        "proxy used {used} CPU ticks in 3 s while out of descriptors\n{}",
+        m.logs()
+    );
+    assert!(m.procs[0].log().contains("accept failed"), "{}", m.logs());
+    drop(waiting);
+    release(flood);
+    support::wait_for(
+        "admin serving again",
+        Duration::from_secs(15),
+        || curl(&[&format!("http://127.0.0.1:{}/ready", m.admin_b)]).0 == "200",
+        || m.logs(),
     );
 }
