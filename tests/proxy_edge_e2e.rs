@@ -897,3 +897,35 @@ fn accept_errors_back_off_and_recover() {
         || m.logs(),
     );
 }
+
+/// HTTP/1.1 keep-alive: a half-sent second request is closed after the header-read timeout,
+/// while a connection that is merely idle between requests is kept (the idle timeout is 1 h).
+#[test]
+fn half_sent_next_request_times_out_but_idle_keepalive_stays() {
+    let m = Mesh::start(&["--header-read-timeout", "2s"], &[]);
+    let req = b"GET /hello HTTP/1.1\r\nhost: backend.api\r\n\r\n";
+    let open = |p: u16| {
+        let mut s = TcpStream::connect(("127.0.0.1", p)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+        s.write_all(req).unwrap();
+        assert_eq!(read_response(&mut s), 200);
+        s
+    };
+    let mut half = open(m.in_b);
+    let mut idle = open(m.in_b);
+    half.write_all(b"GET /hello HT").unwrap();
+    let start = Instant::now();
+    let mut buf = [0u8; 1];
+    let r = half.read(&mut buf);
+    let took = start.elapsed();
+    assert!(
+        matches!(r, Ok(0)),
+        "half request closed: {r:?} after {took:?}"
+    );
+    assert!(took < Duration::from_secs(7), "closed after {took:?}");
+    // Negative twin: the idle keep-alive connection (older than the timeout by now) still
+    // serves a request.
+    std::thread::sleep(Duration::from_secs(1));
+    idle.write_all(req).unwrap();
+    assert_eq!(read_response(&mut idle), 200, "{}", m.logs());
+}

@@ -27,8 +27,8 @@ use tokio::sync::Semaphore;
 /// Timeouts and sizes applied to every HTTP connection the proxy serves or originates.
 #[derive(Debug, Clone, Copy)]
 pub struct EdgeLimits {
-    /// A connection must deliver its first request's headers within this (then hyper's
-    /// HTTP/1.1 header-read timeout holds every later request to it too). Default 10 s.
+    /// A connection must deliver its first request's headers within this, and on HTTP/1.1
+    /// each later request's headers within this of its first byte. Default 10 s.
     pub header_read_timeout: Duration,
     /// No byte either way for this long while a request is in flight: the connection is
     /// closed (Envoy `stream_idle_timeout`, default 5 min).
@@ -55,9 +55,11 @@ impl EdgeLimits {
     /// A server builder (HTTP/1.1 and HTTP/2 auto-detected) held to these limits.
     pub(crate) fn server(&self) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
         let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // The header-read timeout is ours (`Activity`): hyper's would also close an idle
+        // keep-alive connection, since its timer starts while waiting for the next request.
         b.http1()
             .timer(TokioTimer::new())
-            .header_read_timeout(self.header_read_timeout)
+            .header_read_timeout(None)
             // hyper's read buffer bounds the head; 8 KiB is its floor.
             .max_buf_size(self.max_header_bytes.max(8192));
         b.http2()
@@ -193,6 +195,12 @@ pub(crate) struct Activity {
     last_ms: AtomicU64,
     active: AtomicUsize,
     requests: AtomicU64,
+    /// HTTP/1.1: when (ms + 1) the first byte of a request not yet delivered arrived; 0: none.
+    pending_since: AtomicU64,
+    /// Whether the client opened with the HTTP/2 preface (no per-request header timer:
+    /// pings and window updates arrive between streams).
+    h2: std::sync::atomic::AtomicBool,
+    first_read: std::sync::atomic::AtomicBool,
 }
 
 impl Activity {
@@ -204,6 +212,9 @@ impl Activity {
             last_ms: AtomicU64::new(0),
             active: AtomicUsize::new(0),
             requests: AtomicU64::new(u64::from(!header_phase)),
+            pending_since: AtomicU64::new(0),
+            h2: std::sync::atomic::AtomicBool::new(false),
+            first_read: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -213,6 +224,27 @@ impl Activity {
 
     fn touch(&self) {
         self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes came in: `data` is what was read.
+    fn read(&self, data: &[u8]) {
+        let now = self.now_ms();
+        self.last_ms.store(now, Ordering::Relaxed);
+        if self.first_read.swap(false, Ordering::Relaxed) && data.starts_with(b"PRI ") {
+            self.h2.store(true, Ordering::Relaxed);
+        }
+        if !self.h2.load(Ordering::Relaxed)
+            && self.requests.load(Ordering::Relaxed) > 0
+            && self.active.load(Ordering::Relaxed) == 0
+        {
+            // The start of a next request: its headers are now on the clock.
+            let _ = self.pending_since.compare_exchange(
+                0,
+                now.saturating_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
     }
 
     /// Resolves, with the reason, when the connection has outlived its limits: no request
@@ -240,6 +272,12 @@ impl Activity {
                     l.stream_idle_timeout,
                     "stream idle timeout",
                 )
+            } else if let p @ 1.. = self.pending_since.load(Ordering::Relaxed) {
+                (
+                    p - 1,
+                    l.header_read_timeout,
+                    "request headers not complete within the header-read timeout",
+                )
             } else {
                 (
                     self.last_ms.load(Ordering::Relaxed),
@@ -259,6 +297,7 @@ impl Activity {
     fn begin(self: &Arc<Self>) -> ActiveGuard {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
+        self.pending_since.store(0, Ordering::Relaxed);
         self.touch();
         ActiveGuard(self.clone())
     }
@@ -296,7 +335,7 @@ impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
         let before = buf.filled().len();
         let r = Pin::new(&mut me.io).poll_read(cx, buf);
         if buf.filled().len() > before {
-            me.act.touch();
+            me.act.read(&buf.filled()[before..]);
         }
         r
     }
