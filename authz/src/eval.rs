@@ -140,6 +140,15 @@ impl Engine {
         )
     }
 
+    /// Every header that a RequestAuthentication applying to `workload` writes from a
+    /// verified token (`outputPayloadToHeader`, `outputClaimToHeaders`), lowercased and
+    /// deduplicated. A proxy removes the client's copies of these before authentication,
+    /// so that only a verified token can set them (as Envoy's jwt_authn does).
+    pub fn jwt_output_headers(&self, workload: &Workload) -> Vec<String> {
+        self.reqauthn
+            .output_headers(&self.mesh.root_namespace, workload)
+    }
+
     /// Authentication then authorization for one request, as the proxy runs them: a rejected
     /// token answers 401/403 before any AuthorizationPolicy; otherwise the verified claims (if
     /// any) feed `requestPrincipals`/`request.auth.*`, and on allow the decision carries the

@@ -390,6 +390,24 @@ impl ReqAuthnSet {
             .collect()
     }
 
+    /// The output headers of every jwtRule applying to `w` (lowercased, deduplicated).
+    pub(crate) fn output_headers(&self, root_ns: &str, w: &Workload) -> Vec<String> {
+        let mut out: Vec<String> = Vec::new();
+        for r in self.rules_for(root_ns, w) {
+            let names = r
+                .output_payload_to_header
+                .iter()
+                .chain(r.claim_to_headers.iter().map(|(h, _)| h));
+            for h in names {
+                let h = h.to_ascii_lowercase();
+                if !out.contains(&h) {
+                    out.push(h);
+                }
+            }
+        }
+        out
+    }
+
     /// The jwtRules of every RequestAuthentication selecting `w`, merged and sorted by issuer.
     fn rules_for(&self, root_ns: &str, w: &Workload) -> Vec<&CompiledJwtRule> {
         let mut ids = Vec::new();

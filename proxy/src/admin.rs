@@ -3,17 +3,18 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::Full;
 use hyper::body::Incoming;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::TokioIo;
 use rampart_certs::CertInfo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
+use crate::edge::{Activity, Budget, Tracked, TrackedService};
 use crate::runtime::{Shared, port_modes};
 
 fn unix(t: SystemTime) -> u64 {
@@ -58,11 +59,11 @@ fn cert_json(c: &rampart_certs::CertificateDer<'_>) -> serde_json::Value {
 
 fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/stats/prometheus" => reply(
-            200,
-            "text/plain; version=0.0.4",
-            sh.metrics.render() + &sh.identity.render_metrics(),
-        ),
+        "/stats/prometheus" => {
+            let mut out = sh.metrics.render() + &sh.identity.render_metrics();
+            sh.budgets.render(&mut out);
+            reply(200, "text/plain; version=0.0.4", out)
+        }
         "/ready" => {
             let identity = sh.identity.status();
             let cert = identity.is_ok();
@@ -145,7 +146,7 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                 .unwrap_or_else(|e| e.into_inner())
                 .clone();
             json_reply(json!({
-                "workload": cfg.me,
+                "workload": redacted_workload(&cfg.me),
                 "spiffe_id": cfg.me.spiffe_id(&cfg.folder.trust_domain).to_string(),
                 "trust_domain": cfg.folder.trust_domain.to_string(),
                 "trust_domain_aliases": cfg.folder.trust_domain_aliases.iter().map(ToString::to_string).collect::<Vec<_>>(),
@@ -188,20 +189,58 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     }
 }
 
+/// The workload as `/config_dump` shows it: the app's command line (which may carry
+/// secrets in its arguments) is replaced by a note that one is set.
+fn redacted_workload(w: &crate::mesh::WorkloadEntry) -> serde_json::Value {
+    let mut v = serde_json::to_value(w).unwrap_or_default();
+    if let (Some(obj), Some(cmd)) = (v.as_object_mut(), &w.command) {
+        obj.insert(
+            "command".into(),
+            json!(format!("[redacted: set, {} arguments]", cmd.len())),
+        );
+    }
+    v
+}
+
+/// Accept admin connections within the admin budget; on accept errors (EMFILE, ...) back
+/// off, doubling from 5 ms to 1 s, instead of spinning.
 pub(crate) async fn serve(sh: Arc<Shared>, l: TcpListener) {
+    let mut backoff = Duration::from_millis(5);
     loop {
-        let Ok((tcp, _)) = l.accept().await else {
+        let (tcp, peer) = match l.accept().await {
+            Ok(x) => {
+                backoff = Duration::from_millis(5);
+                x
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "admin accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Some(permit) = sh.budgets.acquire(Budget::Admin) else {
+            tracing::warn!(%peer, "admin connection limit reached; closing new connection");
             continue;
         };
         let sh = sh.clone();
         tokio::spawn(async move {
+            let _permit = permit;
+            let act = Activity::new(true);
+            let svc_sh = sh.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let r = handle(&sh, &req);
+                let r = handle(&svc_sh, &req);
                 async move { Ok::<_, Infallible>(r) }
             });
-            let _ = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new())
-                .serve_connection(TokioIo::new(tcp), svc)
-                .await;
+            let builder = sh.edge.server();
+            let conn = builder.serve_connection(
+                TokioIo::new(Tracked::new(tcp, act.clone())),
+                TrackedService::new(svc, act.clone()),
+            );
+            tokio::select! {
+                _ = conn => {}
+                _ = act.expired(&sh.edge) => {}
+            }
         });
     }
 }

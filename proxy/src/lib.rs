@@ -10,6 +10,7 @@
 
 mod admin;
 mod conn;
+mod edge;
 mod error;
 mod identity;
 mod jwks;
@@ -21,6 +22,7 @@ mod sds;
 mod sniff;
 
 pub use self::{
+    edge::EdgeLimits,
     error::Error,
     runtime::{ProxyOptions, run},
     sds::{DEFAULT_RESOURCE, ROOT_RESOURCE},

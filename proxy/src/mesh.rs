@@ -241,6 +241,10 @@ pub struct LocalSettings {
     /// Extra CA certificates (PEM) trusted for `https` `jwksUri` besides the system roots
     /// (`rampart.jwksCaFile`), relative to the folder.
     pub jwks_ca_file: Option<PathBuf>,
+    /// Whether outbound and upstream listeners may listen on a non-loopback address
+    /// (`rampart.allowNonLoopbackOutbound`, default false): whoever reaches such a port acts
+    /// as the workload, so a registry asking for one is refused unless this says it is meant.
+    pub allow_non_loopback_outbound: bool,
     /// The whole section as written, for settings other components own.
     pub raw: serde_json::Value,
 }
@@ -569,6 +573,38 @@ fn parse_registry_into(file: &str, text: &str, c: &mut Collector) -> Option<Regi
     Some(reg)
 }
 
+/// Outbound and upstream listeners act as their workload for whoever connects: refuse a
+/// non-loopback address unless `rampart.allowNonLoopbackOutbound` says it is intended.
+fn check_outbound_loopback(reg: &Registry, c: &mut Collector) {
+    let why = |a: &SocketAddr| {
+        format!(
+            "{a} is not a loopback address: anyone who can reach it would call the mesh as \
+             this workload; use 127.0.0.1/[::1], or set rampart.allowNonLoopbackOutbound: \
+             true in {MESH_FILE} if that is intended"
+        )
+    };
+    for (i, w) in reg.workloads.iter().enumerate() {
+        if let Some(a) = w.proxy.outbound
+            && !a.ip().is_loopback()
+        {
+            c.push(
+                WORKLOADS_FILE,
+                format!("workloads[{i}].proxy.outbound"),
+                why(&a),
+            );
+        }
+        for (j, u) in w.upstreams.iter().enumerate() {
+            if !u.listen.ip().is_loopback() {
+                c.push(
+                    WORKLOADS_FILE,
+                    format!("workloads[{i}].upstreams[{j}].listen"),
+                    why(&u.listen),
+                );
+            }
+        }
+    }
+}
+
 #[derive(Deserialize, Default)]
 #[serde(rename_all = "camelCase")]
 struct RawLocal {
@@ -580,6 +616,8 @@ struct RawLocal {
     jwks_refresh: Option<String>,
     #[serde(default)]
     jwks_ca_file: Option<PathBuf>,
+    #[serde(default)]
+    allow_non_loopback_outbound: bool,
 }
 
 #[derive(Deserialize, Default)]
@@ -613,6 +651,7 @@ fn parse_local(file: &str, value: &serde_json::Value, c: &mut Collector) -> Loca
         }
     };
     out.state_dir = raw.state_dir;
+    out.allow_non_loopback_outbound = raw.allow_non_loopback_outbound;
     out.jwks_ca_file = raw.jwks_ca_file;
     if let Some(v) = raw.jwks_refresh {
         match rampart_authz::parse_duration(&v) {
@@ -711,6 +750,11 @@ impl MeshFolder {
                 None
             }
         };
+        if let Some(reg) = &registry
+            && !local.allow_non_loopback_outbound
+        {
+            check_outbound_loopback(reg, &mut c);
+        }
         // policy
         let mut policy_files = Vec::new();
         collect_yaml(dir, dir, &mut policy_files, &mut c);

@@ -24,8 +24,9 @@ use rampart_authz::{
 use rampart_certs::{SpiffeId, TrustDomainPolicy};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Notify, Semaphore, watch};
+use tokio::sync::{Notify, watch};
 
+use crate::edge::{Activity, Budget, Budgets, EdgeLimits, Tracked, TrackedService};
 use crate::identity::{IdentityHolder, cert_sha256_hex};
 use crate::mesh::{MeshFolder, PortProtocol, Problem, WorkloadEntry};
 use crate::metrics::{Kind, Labels, Metered, Metrics, Pending, PortStats, Series};
@@ -48,8 +49,15 @@ pub struct ProxyOptions {
     pub sds_socket: PathBuf,
     /// Admin listener; default: the registry's `proxy.admin`, else none.
     pub admin: Option<SocketAddr>,
-    /// Most connections handled at once (inbound + outbound); more are closed on accept.
-    pub max_connections: usize,
+    /// Most inbound connections handled at once; more are closed on accept and counted in
+    /// `rampart_proxy_connections_refused_total{listener="inbound"}`.
+    pub max_inbound_connections: usize,
+    /// Most outbound connections (outbound HTTP proxy, upstream ports, CONNECT tunnels).
+    pub max_outbound_connections: usize,
+    /// Most admin connections.
+    pub max_admin_connections: usize,
+    /// Timeouts and header size limits of every HTTP connection (see [`EdgeLimits`]).
+    pub edge: EdgeLimits,
     /// Time allowed for the response headers of a forwarded request (504 after).
     pub request_timeout: Duration,
     /// After a shutdown signal, how long in-flight work may take before it is cut.
@@ -64,7 +72,10 @@ impl ProxyOptions {
             workload,
             sds_socket,
             admin: None,
-            max_connections: 10_000,
+            max_inbound_connections: 10_000,
+            max_outbound_connections: 10_000,
+            max_admin_connections: 16,
+            edge: EdgeLimits::default(),
             request_timeout: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(5),
         }
@@ -83,6 +94,9 @@ pub(crate) struct Config {
     pub(crate) jwks_remote: crate::jwks::RemoteSettings,
     pub(crate) me: WorkloadEntry,
     pub(crate) workload: Workload,
+    /// Every `outputPayloadToHeader`/`outputClaimToHeaders` header of the
+    /// RequestAuthentications applying to this workload (stripped from incoming requests).
+    pub(crate) jwt_output_headers: Vec<header::HeaderName>,
     /// No AuthorizationPolicy nor RequestAuthentication can apply: requests skip the engine.
     pub(crate) fast_path: bool,
     pub(crate) loaded_at: SystemTime,
@@ -127,6 +141,11 @@ fn build_config(dir: &Path, key: &str) -> Result<Config, Vec<Problem>> {
                 || r.metadata().namespace() == folder.mesh.root_namespace)
     });
     let fast_path = !has_reqauthn && engine.policies_for(&workload).is_empty();
+    let jwt_output_headers = engine
+        .jwt_output_headers(&workload)
+        .iter()
+        .filter_map(|h| header::HeaderName::from_bytes(h.as_bytes()).ok())
+        .collect();
     for w in engine.warnings() {
         tracing::warn!(warning = %w, "policy translation");
     }
@@ -138,6 +157,7 @@ fn build_config(dir: &Path, key: &str) -> Result<Config, Vec<Problem>> {
         jwks_remote,
         me,
         workload,
+        jwt_output_headers,
         fast_path,
         loaded_at: SystemTime::now(),
     })
@@ -159,7 +179,8 @@ pub(crate) struct Shared {
     pub(crate) jwks: crate::jwks::JwksState,
     /// The admin listener's address (bound once, at start).
     pub(crate) admin_addr: Option<SocketAddr>,
-    conns: Arc<Semaphore>,
+    pub(crate) budgets: Budgets,
+    pub(crate) edge: EdgeLimits,
     request_timeout: Duration,
     app_h1: Client<HttpConnector, Incoming>,
     app_h2: Client<HttpConnector, Incoming>,
@@ -229,13 +250,14 @@ pub async fn run(
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut app_conn = HttpConnector::new();
     app_conn.set_nodelay(true);
-    let app_h1 = Client::builder(TokioExecutor::new())
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(app_conn.clone());
-    let app_h2 = Client::builder(TokioExecutor::new())
-        .http2_only(true)
-        .pool_idle_timeout(Duration::from_secs(60))
-        .build(app_conn);
+    let client = || {
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(Duration::from_secs(60));
+        opts.edge.client(&mut b);
+        b
+    };
+    let app_h1 = client().build(app_conn.clone());
+    let app_h2 = client().http2_only(true).build(app_conn);
     let admin_addr = opts.admin.or(cfg.me.proxy.admin);
     let sh = Arc::new(Shared {
         cfg: ArcSwap::from_pointee(cfg),
@@ -248,7 +270,12 @@ pub async fn run(
         workload_key: key.clone(),
         jwks: crate::jwks::JwksState::default(),
         admin_addr,
-        conns: Arc::new(Semaphore::new(opts.max_connections)),
+        budgets: Budgets::new(
+            opts.max_inbound_connections,
+            opts.max_outbound_connections,
+            opts.max_admin_connections,
+        ),
+        edge: opts.edge,
         request_timeout: opts.request_timeout,
         app_h1,
         app_h2,
@@ -435,8 +462,12 @@ pub(crate) async fn accept_loop(
             _ = stop.changed() => break,
             _ = close.changed() => break,
         };
-        let Ok(permit) = sh.conns.clone().try_acquire_owned() else {
-            tracing::warn!(%peer, "connection limit reached; closing new connection");
+        let budget = match kind {
+            Listener::Inbound(_) => Budget::Inbound,
+            Listener::Outbound | Listener::Upstream(_) => Budget::Outbound,
+        };
+        let Some(permit) = sh.budgets.acquire(budget) else {
+            tracing::warn!(%peer, listener = budget.as_str(), "connection limit reached; closing new connection");
             drop(tcp);
             continue;
         };
@@ -667,8 +698,12 @@ where
         + 'static,
     S::Future: Send + 'static,
 {
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection(TokioIo::new(io), svc);
+    let act = Activity::new(true);
+    let builder = sh.edge.server();
+    let conn = builder.serve_connection(
+        TokioIo::new(Tracked::new(io, act.clone())),
+        TrackedService::new(svc, act.clone()),
+    );
     tokio::pin!(conn);
     let mut stop = crate::listeners::drain_signal(sh);
     if *stop.borrow() {
@@ -679,6 +714,10 @@ where
             if let Err(e) = r {
                 tracing::debug!(error = %e, "HTTP connection ended with an error");
             }
+            return;
+        }
+        why = act.expired(&sh.edge) => {
+            tracing::debug!(reason = why, "HTTP connection closed");
             return;
         }
         _ = stop.changed() => {
@@ -741,10 +780,10 @@ fn authority_of<B>(req: &Request<B>) -> String {
         .authority()
         .map(|a| a.as_str().to_string())
         .or_else(|| {
+            // Never "no Host" for a Host the app will see (see `edge::header_text`).
             req.headers()
                 .get(header::HOST)
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_string)
+                .map(crate::edge::header_text)
         })
         .unwrap_or_default()
 }
@@ -767,7 +806,19 @@ async fn inbound_request(
         Some(cx.peer.ip()),
     );
     let grpc = cx.protocol == PortProtocol::Grpc || is_grpc_request(&req);
+    // One authority for policy and app: an absolute-form target (or :authority) is the Host.
+    if let Err(why) = crate::edge::align_host(&mut req) {
+        tracing::info!(peer = %cx.peer, reason = why, "request refused (400)");
+        let (r, g) = denial(400, grpc, "Bad Request");
+        cx.series.request(400, g, "-", start.elapsed());
+        return r;
+    }
     let cfg = sh.cfg.load();
+    // JWT output headers are the proxy's to write: a client's copy never reaches policy or
+    // the app (as Envoy's jwt_authn); they are set below only from a verified token.
+    for h in &cfg.jwt_output_headers {
+        req.headers_mut().remove(h);
+    }
     let raw_path = req
         .uri()
         .path_and_query()
@@ -787,12 +838,12 @@ async fn inbound_request(
         }
     };
     if !cfg.fast_path {
-        let mut headers = Vec::with_capacity(req.headers().len());
-        for (k, v) in req.headers() {
-            if let Ok(v) = v.to_str() {
-                headers.push((k.as_str().to_string(), v.to_string()));
-            }
-        }
+        // Every header the app will receive, none skipped (see `edge::header_text`).
+        let headers: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), crate::edge::header_text(v)))
+            .collect();
         let http = HttpRequest {
             method: req.method().as_str().to_string(),
             path: raw_path.clone(),
@@ -927,7 +978,7 @@ async fn inbound_request(
     resp
 }
 
-async fn inbound_tcp<IO>(sh: &Arc<Shared>, cx: ConnCtx, app: SocketAddr, mut io: IO)
+async fn inbound_tcp<IO>(sh: &Arc<Shared>, cx: ConnCtx, app: SocketAddr, io: IO)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
@@ -970,9 +1021,18 @@ where
     let (sent, received) = match TcpStream::connect(app).await {
         Ok(mut a) => {
             let _ = a.set_nodelay(true);
-            match tokio::io::copy_bidirectional(&mut io, &mut a).await {
-                Ok((from_client, from_app)) => (from_app, from_client),
-                Err(_) => (0, 0),
+            // TCP ports: closed after the idle timeout with no byte either way.
+            let act = Activity::new(false);
+            let mut io = Tracked::new(io, act.clone());
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut io, &mut a) => match r {
+                    Ok((from_client, from_app)) => (from_app, from_client),
+                    Err(_) => (0, 0),
+                },
+                why = act.expired(&sh.edge) => {
+                    tracing::debug!(%app, reason = why, "TCP connection closed");
+                    (0, 0)
+                }
             }
         }
         Err(e) => {

@@ -22,9 +22,31 @@ pub(crate) struct ProxyArgs {
     /// registry's proxy.admin.
     #[arg(long, value_name = "ADDR")]
     admin: Option<SocketAddr>,
-    /// Most connections handled at once; more are closed on accept.
+    /// Most inbound connections handled at once; more are closed on accept and counted in
+    /// rampart_proxy_connections_refused_total{listener="inbound"}.
+    #[arg(long, alias = "max-connections", default_value_t = 10_000)]
+    max_inbound_connections: usize,
+    /// Most outbound connections (outbound HTTP proxy, upstream ports, CONNECT tunnels);
+    /// a separate budget, so an inbound flood cannot refuse the app's own calls.
     #[arg(long, default_value_t = 10_000)]
-    max_connections: usize,
+    max_outbound_connections: usize,
+    /// Most admin connections.
+    #[arg(long, default_value_t = 16)]
+    max_admin_connections: usize,
+    /// A connection must deliver each request's headers within this (then it is closed).
+    #[arg(long, default_value = "10s", value_parser = humantime::parse_duration)]
+    header_read_timeout: Duration,
+    /// No byte either way for this long while a request is in flight: the connection is
+    /// closed (Envoy's stream_idle_timeout).
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    stream_idle_timeout: Duration,
+    /// No byte either way for this long with no request in flight (or on a TCP port): the
+    /// connection is closed (Envoy's idle_timeout).
+    #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+    idle_timeout: Duration,
+    /// Largest request header block accepted, in KiB (Envoy's max_request_headers_kb).
+    #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(8..=8192))]
+    max_request_headers_kb: u32,
     /// Time allowed for a forwarded request's response headers (504 after).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
@@ -58,7 +80,16 @@ impl ProxyArgs {
         }
         let mut opts = rampart_proxy::ProxyOptions::new(self.mesh, self.workload, self.sds_socket);
         opts.admin = self.admin;
-        opts.max_connections = self.max_connections;
+        opts.max_inbound_connections = self.max_inbound_connections;
+        opts.max_outbound_connections = self.max_outbound_connections;
+        opts.max_admin_connections = self.max_admin_connections;
+        opts.edge = rampart_proxy::EdgeLimits {
+            header_read_timeout: self.header_read_timeout,
+            stream_idle_timeout: self.stream_idle_timeout,
+            idle_timeout: self.idle_timeout,
+            max_header_bytes: self.max_request_headers_kb as usize * 1024,
+        };
+        raise_nofile_limit();
         opts.request_timeout = self.request_timeout;
         opts.drain_timeout = self.drain_timeout;
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -91,5 +122,20 @@ async fn shutdown_signal() {
     tokio::select! {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
+    }
+}
+
+/// Raise the soft limit on open files to the hard limit: connection budgets, not the
+/// process's descriptor table, should decide when connections are refused.
+fn raise_nofile_limit() {
+    use rustix::process::{Resource, getrlimit, setrlimit};
+    let mut l = getrlimit(Resource::Nofile);
+    if l.current < l.maximum {
+        let from = l.current;
+        l.current = l.maximum;
+        match setrlimit(Resource::Nofile, l) {
+            Ok(()) => tracing::debug!(?from, to = ?l.maximum, "RLIMIT_NOFILE soft limit raised"),
+            Err(e) => tracing::warn!(error = %e, "could not raise RLIMIT_NOFILE"),
+        }
     }
 }

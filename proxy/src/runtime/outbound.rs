@@ -187,6 +187,7 @@ impl Outbound {
                     };
                     let mut b = Client::builder(TokioExecutor::new());
                     b.pool_idle_timeout(Duration::from_secs(60));
+                    sh.edge.client(&mut b);
                     if h2 {
                         b.http2_only(true);
                     }
@@ -236,8 +237,12 @@ pub(super) async fn outbound_http_conn(sh: &Arc<Shared>, tcp: TcpStream, _peer: 
         let sh = svc_sh.clone();
         async move { Ok::<_, Infallible>(outbound_request(&sh, req).await) }
     });
-    let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
-    let conn = builder.serve_connection_with_upgrades(TokioIo::new(tcp), svc);
+    let act = crate::edge::Activity::new(true);
+    let builder = sh.edge.server();
+    let conn = builder.serve_connection_with_upgrades(
+        TokioIo::new(crate::edge::Tracked::new(tcp, act.clone())),
+        crate::edge::TrackedService::new(svc, act.clone()),
+    );
     tokio::pin!(conn);
     let mut stop = crate::listeners::drain_signal(sh);
     if *stop.borrow() {
@@ -248,6 +253,10 @@ pub(super) async fn outbound_http_conn(sh: &Arc<Shared>, tcp: TcpStream, _peer: 
             if let Err(e) = r {
                 tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
             }
+            return;
+        }
+        why = act.expired(&sh.edge) => {
+            tracing::debug!(reason = why, "outbound HTTP connection closed");
             return;
         }
         _ = stop.changed() => {
@@ -271,6 +280,11 @@ async fn outbound_request(sh: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
     let start = Instant::now();
     if req.method() == Method::CONNECT {
         return connect_tunnel(sh, req).await;
+    }
+    // Route and Host agree: an absolute-form target's authority is the Host forwarded.
+    if let Err(why) = crate::edge::align_host(&mut req) {
+        tracing::info!(reason = why, "outbound request refused (400)");
+        return text_response(400, "rampart: bad request\n");
     }
     let authority = match req.uri().authority() {
         Some(a) => a.clone(),
@@ -347,10 +361,19 @@ where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
     sh.metrics.tcp_opened(&route.tcp_labels);
-    let (sent, received) = match tokio::io::copy_bidirectional(app, &mut peer).await {
-        Ok((from_app, from_peer)) => (from_peer, from_app),
-        Err(e) => {
-            tracing::debug!(destination = %route.name, error = %e, "TCP relay ended with an error");
+    // Closed after the idle timeout with no byte either way (Envoy tcp_proxy idle_timeout).
+    let act = crate::edge::Activity::new(false);
+    let mut app = crate::edge::Tracked::new(app, act.clone());
+    let (sent, received) = tokio::select! {
+        r = tokio::io::copy_bidirectional(&mut app, &mut peer) => match r {
+            Ok((from_app, from_peer)) => (from_peer, from_app),
+            Err(e) => {
+                tracing::debug!(destination = %route.name, error = %e, "TCP relay ended with an error");
+                (0, 0)
+            }
+        },
+        why = act.expired(&sh.edge) => {
+            tracing::debug!(destination = %route.name, reason = why, "TCP relay closed");
             (0, 0)
         }
     };
@@ -400,7 +423,7 @@ async fn connect_tunnel(sh: &Arc<Shared>, req: Request<Incoming>) -> Response<Bo
         }
     };
     // The tunnel outlives the HTTP exchange: it holds a connection slot of its own.
-    let Ok(permit) = sh.conns.clone().try_acquire_owned() else {
+    let Some(permit) = sh.budgets.acquire(crate::edge::Budget::Outbound) else {
         tracing::warn!(destination = %route.name, "connection limit reached; CONNECT refused");
         return text_response(503, "rampart: connection limit reached\n");
     };

@@ -1,0 +1,500 @@
+//! The HTTP edge: what every connection the proxy serves is held to (header-read, idle and
+//! stream-idle timeouts, header size), the per-listener connection budgets, and the request
+//! normalizations that make policy see exactly what the app will see (header bytes, one
+//! authority).
+//!
+//! Defaults follow Envoy's as Istio sets them where one exists: request headers at most
+//! 60 KiB (`max_request_headers_kb`), a stream with no activity for 5 minutes is cut
+//! (`stream_idle_timeout`), a connection with no request in flight is closed after 1 hour
+//! (HCM `idle_timeout`). Envoy sets no header-read timeout by default; ours is 10 seconds
+//! (`request_headers_timeout`) so a client that sends half a request cannot hold a
+//! connection slot.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use http::{HeaderValue, Request, Response, header};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
+use hyper_util::rt::{TokioExecutor, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::sync::Semaphore;
+
+/// Timeouts and sizes applied to every HTTP connection the proxy serves or originates.
+#[derive(Debug, Clone, Copy)]
+pub struct EdgeLimits {
+    /// A connection must deliver its first request's headers within this, and on HTTP/1.1
+    /// each later request's headers within this of its first byte. Default 10 s.
+    pub header_read_timeout: Duration,
+    /// No byte either way for this long while a request is in flight: the connection is
+    /// closed (Envoy `stream_idle_timeout`, default 5 min).
+    pub stream_idle_timeout: Duration,
+    /// No byte either way for this long with no request in flight: the connection is
+    /// closed (Envoy HCM `idle_timeout`, default 1 h). Also applies to TCP ports.
+    pub idle_timeout: Duration,
+    /// Largest request header block accepted (Envoy `max_request_headers_kb`, 60 KiB).
+    pub max_header_bytes: usize,
+}
+
+impl Default for EdgeLimits {
+    fn default() -> Self {
+        EdgeLimits {
+            header_read_timeout: Duration::from_secs(10),
+            stream_idle_timeout: Duration::from_secs(300),
+            idle_timeout: Duration::from_secs(3600),
+            max_header_bytes: 60 * 1024,
+        }
+    }
+}
+
+impl EdgeLimits {
+    /// A server builder (HTTP/1.1 and HTTP/2 auto-detected) held to these limits.
+    pub(crate) fn server(&self) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
+        let mut b = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+        // The header-read timeout is ours (`Activity`): hyper's would also close an idle
+        // keep-alive connection, since its timer starts while waiting for the next request.
+        b.http1()
+            .timer(TokioTimer::new())
+            .header_read_timeout(None)
+            // hyper's read buffer bounds the head; 8 KiB is its floor.
+            .max_buf_size(self.max_header_bytes.max(8192));
+        b.http2()
+            .timer(TokioTimer::new())
+            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
+        b
+    }
+
+    /// Apply these limits to a client builder (the app's and the peers' pools).
+    pub(crate) fn client(&self, b: &mut hyper_util::client::legacy::Builder) {
+        b.timer(TokioTimer::new())
+            .pool_timer(TokioTimer::new())
+            .http1_max_buf_size(self.max_header_bytes.max(8192))
+            .http2_max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
+    }
+}
+
+// === connection budgets ===
+
+/// Which budget a connection is counted against.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Budget {
+    /// Inbound listeners (peers and plaintext clients).
+    Inbound = 0,
+    /// The outbound HTTP proxy, upstream ports and CONNECT tunnels (the app's calls).
+    Outbound = 1,
+    /// The admin listener.
+    Admin = 2,
+}
+
+impl Budget {
+    pub(crate) const ALL: [Budget; 3] = [Budget::Inbound, Budget::Outbound, Budget::Admin];
+
+    pub(crate) fn as_str(self) -> &'static str {
+        match self {
+            Budget::Inbound => "inbound",
+            Budget::Outbound => "outbound",
+            Budget::Admin => "admin",
+        }
+    }
+}
+
+/// Separate connection limits for inbound, outbound and admin, so that a flood on one
+/// (idle plaintext clients on a PERMISSIVE port, say) cannot refuse the others.
+pub(crate) struct Budgets {
+    sems: [Arc<Semaphore>; 3],
+    refused: [AtomicU64; 3],
+}
+
+impl Budgets {
+    pub(crate) fn new(inbound: usize, outbound: usize, admin: usize) -> Budgets {
+        Budgets {
+            sems: [
+                Arc::new(Semaphore::new(inbound)),
+                Arc::new(Semaphore::new(outbound)),
+                Arc::new(Semaphore::new(admin)),
+            ],
+            refused: Default::default(),
+        }
+    }
+
+    /// A slot of budget `b`, or `None` (counted as refused) when it is exhausted.
+    pub(crate) fn acquire(&self, b: Budget) -> Option<tokio::sync::OwnedSemaphorePermit> {
+        let p = self.sems[b as usize].clone().try_acquire_owned().ok();
+        if p.is_none() {
+            self.refused[b as usize].fetch_add(1, Ordering::Relaxed);
+        }
+        p
+    }
+
+    /// Prometheus lines: `rampart_proxy_connections_refused_total{listener=...}`.
+    pub(crate) fn render(&self, out: &mut String) {
+        use std::fmt::Write as _;
+        let _ = writeln!(
+            out,
+            "# TYPE rampart_proxy_connections_refused_total counter"
+        );
+        for b in Budget::ALL {
+            let _ = writeln!(
+                out,
+                "rampart_proxy_connections_refused_total{{listener=\"{}\"}} {}",
+                b.as_str(),
+                self.refused[b as usize].load(Ordering::Relaxed)
+            );
+        }
+    }
+}
+
+// === what policy sees ===
+
+/// A header value as policy sees it: the value itself when it is UTF-8 (every visible-ASCII
+/// value, and UTF-8 text), else a lossy decoding in which each invalid byte sequence becomes
+/// U+FFFD. Never "absent": a header the app receives is a header policy matches, so
+/// presence and `*` always match, and prefix/suffix/exact comparisons see the valid bytes
+/// unchanged (a policy value cannot name an invalid byte, so it can never equal one).
+pub(crate) fn header_text(v: &HeaderValue) -> String {
+    String::from_utf8_lossy(v.as_bytes()).into_owned()
+}
+
+/// Make the request carry one authority that policy and the app both see: an absolute-form
+/// request-target (or HTTP/2 `:authority`) overrides the `Host` header, as Envoy rewrites
+/// it. More than one `Host` header is refused (`Err`), as Envoy does.
+///
+/// A method that differs from a standard one only in case (`get` over HTTP/2 or
+/// HTTP/1.1) is refused too: policy compares methods exactly, as Envoy does, while apps
+/// often do not, so `get` could pass a `methods: ["GET"]` DENY and still be served as GET.
+pub(crate) fn align_host<B>(req: &mut Request<B>) -> Result<(), &'static str> {
+    let m = req.method().as_str();
+    if m.bytes().any(|b| b.is_ascii_lowercase())
+        && matches!(
+            m.to_ascii_uppercase().as_str(),
+            "GET" | "HEAD" | "POST" | "PUT" | "DELETE" | "CONNECT" | "OPTIONS" | "TRACE" | "PATCH"
+        )
+    {
+        return Err("method is a case variant of a standard method");
+    }
+    if req.headers().get_all(header::HOST).iter().nth(1).is_some() {
+        return Err("more than one Host header");
+    }
+    if let Some(a) = req.uri().authority() {
+        let v = HeaderValue::from_str(a.as_str()).map_err(|_| "bad authority")?;
+        req.headers_mut().insert(header::HOST, v);
+    }
+    Ok(())
+}
+
+// === per-connection activity ===
+
+/// What one served connection has done: when it last moved a byte, how many requests it
+/// has in flight, whether it has delivered a request at all.
+pub(crate) struct Activity {
+    start: Instant,
+    last_ms: AtomicU64,
+    active: AtomicUsize,
+    requests: AtomicU64,
+    /// HTTP/1.1: when (ms + 1) the first byte of a request not yet delivered arrived; 0: none.
+    pending_since: AtomicU64,
+    /// Whether the client opened with the HTTP/2 preface (no per-request header timer:
+    /// pings and window updates arrive between streams).
+    h2: std::sync::atomic::AtomicBool,
+    first_read: std::sync::atomic::AtomicBool,
+}
+
+impl Activity {
+    /// `header_phase`: the connection must deliver a request within the header-read timeout
+    /// (HTTP); false for byte streams (TCP ports).
+    pub(crate) fn new(header_phase: bool) -> Arc<Activity> {
+        Arc::new(Activity {
+            start: Instant::now(),
+            last_ms: AtomicU64::new(0),
+            active: AtomicUsize::new(0),
+            requests: AtomicU64::new(u64::from(!header_phase)),
+            pending_since: AtomicU64::new(0),
+            h2: std::sync::atomic::AtomicBool::new(false),
+            first_read: std::sync::atomic::AtomicBool::new(true),
+        })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.start.elapsed().as_millis()).unwrap_or(u64::MAX)
+    }
+
+    fn touch(&self) {
+        self.last_ms.store(self.now_ms(), Ordering::Relaxed);
+    }
+
+    /// Bytes came in: `data` is what was read.
+    fn read(&self, data: &[u8]) {
+        let now = self.now_ms();
+        self.last_ms.store(now, Ordering::Relaxed);
+        if self.first_read.swap(false, Ordering::Relaxed) && data.starts_with(b"PRI ") {
+            self.h2.store(true, Ordering::Relaxed);
+        }
+        if !self.h2.load(Ordering::Relaxed)
+            && self.requests.load(Ordering::Relaxed) > 0
+            && self.active.load(Ordering::Relaxed) == 0
+        {
+            // The start of a next request: its headers are now on the clock.
+            let _ = self.pending_since.compare_exchange(
+                0,
+                now.saturating_add(1),
+                Ordering::Relaxed,
+                Ordering::Relaxed,
+            );
+        }
+    }
+
+    /// Resolves, with the reason, when the connection has outlived its limits: no request
+    /// headers within the header-read timeout, no byte for the stream-idle timeout while a
+    /// request is in flight, or for the idle timeout while none is.
+    pub(crate) async fn expired(&self, l: &EdgeLimits) -> &'static str {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
+        // The phase can change while we sleep (a request arrives, a response ends), making
+        // the deadline earlier: never sleep longer than the shortest limit.
+        let cap = ms(l
+            .header_read_timeout
+            .min(l.stream_idle_timeout)
+            .min(l.idle_timeout))
+        .max(1);
+        loop {
+            let (base, limit, why) = if self.requests.load(Ordering::Relaxed) == 0 {
+                (
+                    0,
+                    l.header_read_timeout,
+                    "no request headers within the header-read timeout",
+                )
+            } else if self.active.load(Ordering::Relaxed) > 0 {
+                (
+                    self.last_ms.load(Ordering::Relaxed),
+                    l.stream_idle_timeout,
+                    "stream idle timeout",
+                )
+            } else if let p @ 1.. = self.pending_since.load(Ordering::Relaxed) {
+                (
+                    p - 1,
+                    l.header_read_timeout,
+                    "request headers not complete within the header-read timeout",
+                )
+            } else {
+                (
+                    self.last_ms.load(Ordering::Relaxed),
+                    l.idle_timeout,
+                    "idle timeout",
+                )
+            };
+            let deadline = base.saturating_add(ms(limit));
+            let now = self.now_ms();
+            if now >= deadline {
+                return why;
+            }
+            tokio::time::sleep(Duration::from_millis((deadline - now).min(cap))).await;
+        }
+    }
+
+    fn begin(self: &Arc<Self>) -> ActiveGuard {
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        self.active.fetch_add(1, Ordering::Relaxed);
+        self.pending_since.store(0, Ordering::Relaxed);
+        self.touch();
+        ActiveGuard(self.clone())
+    }
+}
+
+/// A request in flight on its connection (until its response body is dropped).
+pub(crate) struct ActiveGuard(Arc<Activity>);
+
+impl Drop for ActiveGuard {
+    fn drop(&mut self) {
+        self.0.touch();
+        self.0.active.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// A stream that records its activity.
+pub(crate) struct Tracked<IO> {
+    io: IO,
+    act: Arc<Activity>,
+}
+
+impl<IO> Tracked<IO> {
+    pub(crate) fn new(io: IO, act: Arc<Activity>) -> Self {
+        Tracked { io, act }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Tracked<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut me.io).poll_read(cx, buf);
+        if buf.filled().len() > before {
+            me.act.read(&buf.filled()[before..]);
+        }
+        r
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Tracked<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        let r = Pin::new(&mut me.io).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            me.act.touch();
+        }
+        r
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let me = self.get_mut();
+        let r = Pin::new(&mut me.io).poll_write_vectored(cx, bufs);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            me.act.touch();
+        }
+        r
+    }
+}
+
+/// A response body that keeps its request counted as in flight until it is dropped.
+pub(crate) struct TrackedBody<B> {
+    inner: B,
+    _guard: ActiveGuard,
+}
+
+impl<B: Body + Unpin> Body for TrackedBody<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        Pin::new(&mut self.get_mut().inner).poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// A service whose requests are counted on the connection's [`Activity`].
+pub(crate) struct TrackedService<S> {
+    inner: S,
+    act: Arc<Activity>,
+}
+
+impl<S> TrackedService<S> {
+    pub(crate) fn new(inner: S, act: Arc<Activity>) -> Self {
+        TrackedService { inner, act }
+    }
+}
+
+impl<S, B> hyper::service::Service<Request<Incoming>> for TrackedService<S>
+where
+    S: hyper::service::Service<Request<Incoming>, Response = Response<B>, Error = Infallible>,
+    S::Future: Send + 'static,
+    B: Body + Unpin + Send + 'static,
+{
+    type Response = Response<TrackedBody<B>>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn call(&self, req: Request<Incoming>) -> Self::Future {
+        let guard = self.act.begin();
+        let fut = self.inner.call(req);
+        Box::pin(async move {
+            let resp = fut.await?;
+            Ok(resp.map(|inner| TrackedBody {
+                inner,
+                _guard: guard,
+            }))
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn non_visible_ascii_values_are_seen_not_dropped() {
+        let v = HeaderValue::from_bytes(b"\x80").unwrap();
+        assert_eq!(header_text(&v), "\u{FFFD}");
+        let v = HeaderValue::from_bytes("caf\u{e9}".as_bytes()).unwrap();
+        assert_eq!(header_text(&v), "caf\u{e9}");
+        let v = HeaderValue::from_static("plain");
+        assert_eq!(header_text(&v), "plain");
+    }
+
+    #[test]
+    fn absolute_form_authority_wins_over_host() {
+        let mut r = Request::builder()
+            .uri("http://allowed.example/x")
+            .header("host", "other.example")
+            .body(())
+            .unwrap();
+        align_host(&mut r).unwrap();
+        assert_eq!(r.headers()["host"], "allowed.example");
+        // Origin-form: Host stays.
+        let mut r = Request::builder()
+            .uri("/x")
+            .header("host", "other.example")
+            .body(())
+            .unwrap();
+        align_host(&mut r).unwrap();
+        assert_eq!(r.headers()["host"], "other.example");
+        // A lowercase standard method: refused.
+        let mut r = Request::builder().method("get").uri("/x").body(()).unwrap();
+        assert!(align_host(&mut r).is_err());
+        // Two Host headers: refused.
+        let mut r = Request::builder()
+            .uri("/x")
+            .header("host", "a")
+            .header("host", "b")
+            .body(())
+            .unwrap();
+        assert!(align_host(&mut r).is_err());
+    }
+
+    #[test]
+    fn budgets_are_separate_and_count_refusals() {
+        let b = Budgets::new(1, 1, 1);
+        let _i = b.acquire(Budget::Inbound).unwrap();
+        assert!(b.acquire(Budget::Inbound).is_none());
+        assert!(b.acquire(Budget::Outbound).is_some());
+        let mut out = String::new();
+        b.render(&mut out);
+        assert!(out.contains("rampart_proxy_connections_refused_total{listener=\"inbound\"} 1"));
+        assert!(out.contains("rampart_proxy_connections_refused_total{listener=\"outbound\"} 0"));
+    }
+}
