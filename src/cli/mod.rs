@@ -12,6 +12,7 @@ mod proxy;
 mod secrets;
 mod token;
 mod up;
+mod up_plan;
 mod validate;
 
 use std::process::ExitCode;

@@ -37,6 +37,7 @@ use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::mpsc;
 
 use super::meshdir::{MeshFolder, Workload};
+use super::up_plan::{Action, Role, plan};
 
 /// Issuer of the tokens node agents present to the CA.
 pub(crate) const DEFAULT_ISSUER: &str = "https://rampart.local/up";
@@ -243,14 +244,6 @@ fn read_demo_token(dir: &Path) -> Result<Option<DemoToken>, String> {
 }
 
 // ---------------------------------------------------------------- children
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Role {
-    Ca,
-    Agent,
-    App,
-    Proxy,
-}
 
 struct Child {
     name: String,
@@ -970,11 +963,10 @@ impl Up {
                             now = again;
                         }
                         fingerprint = now;
-                        if let Some(mesh) = self.check_edit() {
-                            // An edit saved meanwhile is seen on the next tick.
-                            if let Err(stop) = self.apply_edit(mesh).await {
-                                return self.failure(stop);
-                            }
+                        // An edit saved meanwhile is seen on the next tick.
+                        let edit = self.check_edit();
+                        if let Err(stop) = self.apply_edit(edit).await {
+                            return self.failure(stop);
                         }
                     }
                     if last_mint.elapsed() >= TOKEN_REFRESH {
@@ -988,139 +980,134 @@ impl Up {
         }
     }
 
-    /// Check the folder after an edit: the new mesh if it is valid, else `None` after saying
-    /// why it is refused (file, field, reason); nothing running is touched then.
-    fn check_edit(&self) -> Option<MeshFolder> {
-        let dir = self.dir.display();
-        let refuse = |why: String| {
-            eprintln!(
-                "rampart up: invalid edit in {dir} refused: {why}\nrampart up: nothing was started or stopped; the running mesh keeps its last good config"
-            );
-        };
-        let mesh = match MeshFolder::read(&self.dir) {
-            Ok(m) => m,
-            Err(e) => {
-                refuse(e);
-                return None;
-            }
-        };
+    /// Check the folder after an edit: the new mesh if it is valid, else why it is refused
+    /// (file, field, reason).
+    fn check_edit(&self) -> Result<MeshFolder, String> {
+        let mesh = MeshFolder::read(&self.dir)?;
         let policy = check_policy(&self.dir);
         if !policy.problems.is_empty() {
-            refuse(format!(
+            return Err(format!(
                 "{} policy problem(s):\n  {}",
                 policy.problems.len(),
                 policy.problems.join("\n  ")
             ));
-            return None;
         }
-        if let Err(e) = check_addresses(&mesh) {
-            refuse(e);
-            return None;
-        }
+        check_addresses(&mesh)?;
         if mesh.workloads.is_empty() {
-            refuse(
+            return Err(
                 "workloads.yaml: workloads: declares no workloads (to stop the whole mesh, stop `rampart up`)"
                     .to_string(),
             );
-            return None;
         }
         for w in &mesh.workloads {
             let sock = self.sds_path(w);
             if sock.as_os_str().len() > MAX_SOCKET_PATH {
-                refuse(format!(
+                return Err(format!(
                     "workloads.yaml: workload {}: its SDS socket path {} is longer than a Unix socket allows ({MAX_SOCKET_PATH} bytes); use shorter names or a shorter --state-dir",
                     w.key(),
                     sock.display()
                 ));
-                return None;
             }
         }
         eprintln!(
-            "rampart up: {dir} changed: valid ({} policy resource(s)); the proxies apply it live",
+            "rampart up: {} changed: valid ({} policy resource(s)); the proxies apply it live",
+            self.dir.display(),
             policy.resources
         );
-        Some(mesh)
+        Ok(mesh)
     }
 
-    /// Bring the processes in line with a valid edit: stop removed workloads, restart
-    /// changed ones, start added ones (printing their table lines). A workload that fails to
-    /// start is stopped again and left out (saving the folder again retries it); the rest
-    /// keeps running. `Err` only for what ends `up` (a signal, an unrelated death).
-    async fn apply_edit(&mut self, new: MeshFolder) -> Result<(), Stop> {
+    /// Carry out `plan(running, edit)`: stop removed workloads, restart changed ones, start
+    /// added ones (printing their table lines). A workload that fails to start is stopped
+    /// again and left out (saving the folder again retries it); the rest keeps running. `Err`
+    /// only for what ends `up` (a signal, an unrelated death).
+    async fn apply_edit(&mut self, edit: Result<MeshFolder, String>) -> Result<(), Stop> {
         let old = self.mesh.clone();
-        // The CA and the agents keep what they started with.
-        let mut notes = Vec::new();
-        if new.trust_domain != old.trust_domain {
-            notes.push(format!(
-                "trustDomain ({} -> {})",
-                old.trust_domain, new.trust_domain
-            ));
-        }
-        if new.ca_listen != old.ca_listen {
-            notes.push(format!(
-                "rampart.ca.listen ({} -> {})",
-                old.ca_listen, new.ca_listen
-            ));
-        }
-        if new.cert_ttl != old.cert_ttl || new.max_cert_ttl != old.max_cert_ttl {
-            notes.push("rampart.ca.certTTL/maxCertTTL".to_string());
-        }
-        if !notes.is_empty() {
-            eprintln!(
-                "rampart up: note: mesh.yaml {} changed: the CA and node agents keep the settings they started with until the next `rampart up`",
-                notes.join(", ")
-            );
-        }
-        let mut in_force: Vec<Workload> = Vec::new();
-        // 1. Removed workloads (first: they may free addresses the others now use).
-        for w in &old.workloads {
-            if !new.workloads.iter().any(|n| n.key() == w.key()) {
-                let key = w.key();
-                eprintln!(
-                    "rampart up: workload {key} removed from workloads.yaml: stopping its app, proxy and node agent"
-                );
-                self.stop_workload(&key, &[Role::App, Role::Proxy, Role::Agent])
-                    .await?;
-                let _ = std::fs::remove_file(self.token_path(w));
-                let _ = std::fs::remove_file(self.sds_path(w));
-                eprintln!("rampart up: workload {key} stopped");
-            }
-        }
-        // 2. Changed and added workloads, in file order.
-        for w in &new.workloads {
-            let key = w.key();
-            let started = match old.workloads.iter().find(|o| o.key() == key) {
-                Some(o) => {
-                    let ok = self.restart_changed(o, w).await?;
-                    if ok && o != w {
-                        // Who listens where now (the proxy moved its listeners itself).
-                        print!("{}", self.workload_table(std::slice::from_ref(w)));
-                        let _ = std::io::stdout().flush();
-                    }
-                    ok
+        let actions = plan(&old, edit.as_ref().map_err(String::as_str));
+        let Ok(new) = edit else {
+            for a in &actions {
+                if let Action::Refuse(why) = a {
+                    eprintln!(
+                        "rampart up: invalid edit in {} refused: {why}\nrampart up: nothing was started or stopped; the running mesh keeps its last good config",
+                        self.dir.display()
+                    );
                 }
-                None => {
+            }
+            return Ok(());
+        };
+        let find = |list: &[Workload], key: &str| list.iter().find(|w| w.key() == key).cloned();
+        let mut failed: Vec<String> = Vec::new();
+        for action in actions {
+            match action {
+                // Refusals only come with an invalid edit, handled above.
+                Action::Refuse(_) => {}
+                // The CA and the agents keep what they started with.
+                Action::KeepSettings(notes) => eprintln!(
+                    "rampart up: note: mesh.yaml {} changed: the CA and node agents keep the settings they started with until the next `rampart up`",
+                    notes.join(", ")
+                ),
+                Action::Stop(key) => {
+                    eprintln!(
+                        "rampart up: workload {key} removed from workloads.yaml: stopping its app, proxy and node agent"
+                    );
+                    self.stop_workload(&key, &[Role::App, Role::Proxy, Role::Agent])
+                        .await?;
+                    if let Some(w) = find(&old.workloads, &key) {
+                        let _ = std::fs::remove_file(self.token_path(&w));
+                        let _ = std::fs::remove_file(self.sds_path(&w));
+                    }
+                    eprintln!("rampart up: workload {key} stopped");
+                }
+                Action::Restart {
+                    workload,
+                    roles,
+                    why,
+                } => {
+                    let Some(w) = find(&new.workloads, &workload) else {
+                        continue;
+                    };
+                    eprintln!("rampart up: workload {workload}: {why}");
+                    self.stop_workload(&workload, &roles).await?;
+                    if self.start_live(&w, &roles).await? {
+                        eprintln!("rampart up: workload {workload} restarted");
+                        self.print_table_line(&w);
+                    } else {
+                        failed.push(workload);
+                    }
+                }
+                Action::ApplyLive(key) => {
+                    // Who listens where now (the proxy moved its listeners itself).
+                    if let Some(w) = find(&new.workloads, &key) {
+                        self.print_table_line(&w);
+                    }
+                }
+                Action::Start(key) => {
+                    let Some(w) = find(&new.workloads, &key) else {
+                        continue;
+                    };
                     eprintln!(
                         "rampart up: workload {key} added to workloads.yaml: starting its node agent, app and proxy"
                     );
-                    let ok = self
-                        .start_live(w, &[Role::Agent, Role::App, Role::Proxy])
-                        .await?;
-                    if ok {
-                        print!("{}", self.workload_table(std::slice::from_ref(w)));
-                        let _ = std::io::stdout().flush();
+                    if self
+                        .start_live(&w, &[Role::Agent, Role::App, Role::Proxy])
+                        .await?
+                    {
+                        self.print_table_line(&w);
                         eprintln!(
                             "rampart up: workload {key} is running as {}",
                             w.spiffe_id(&old.trust_domain)
                         );
+                    } else {
+                        failed.push(key);
                     }
-                    ok
                 }
-            };
-            if started {
-                in_force.push(w.clone());
             }
         }
+        let in_force = new
+            .workloads
+            .into_iter()
+            .filter(|w| !failed.contains(&w.key()))
+            .collect();
         self.mesh = MeshFolder {
             workloads: in_force,
             ..old
@@ -1128,53 +1115,9 @@ impl Up {
         Ok(())
     }
 
-    /// Restart what a change to an existing workload needs; the proxy applies address and
-    /// policy changes itself. `Ok(false)` when the restart failed (the workload is stopped).
-    async fn restart_changed(&mut self, old: &Workload, new: &Workload) -> Result<bool, Stop> {
-        let key = new.key();
-        let roles: &[Role] = if old.service_account != new.service_account {
-            eprintln!(
-                "rampart up: workload {key}: serviceAccount changed ({} -> {}): restarting its node agent, app and proxy under the new identity",
-                old.service_account, new.service_account
-            );
-            &[Role::Agent, Role::App, Role::Proxy]
-        } else if old.command != new.command
-            || (new.command.is_some() && old.outbound != new.outbound)
-        {
-            let why = if old.command != new.command {
-                "command changed"
-            } else {
-                "proxy.outbound (its HTTP_PROXY) changed"
-            };
-            if old.admin != new.admin {
-                eprintln!(
-                    "rampart up: workload {key}: {why} and proxy.admin changed: restarting its app and proxy"
-                );
-                &[Role::App, Role::Proxy]
-            } else {
-                eprintln!("rampart up: workload {key}: {why}: restarting its app");
-                &[Role::App]
-            }
-        } else if old.admin != new.admin {
-            eprintln!(
-                "rampart up: workload {key}: proxy.admin changed ({} -> {}): restarting its proxy",
-                old.admin
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|| "-".into()),
-                new.admin
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|| "-".into())
-            );
-            &[Role::Proxy]
-        } else {
-            return Ok(true);
-        };
-        self.stop_workload(&key, roles).await?;
-        let ok = self.start_live(new, roles).await?;
-        if ok {
-            eprintln!("rampart up: workload {key} restarted");
-        }
-        Ok(ok)
+    fn print_table_line(&self, w: &Workload) {
+        print!("{}", self.workload_table(std::slice::from_ref(w)));
+        let _ = std::io::stdout().flush();
     }
 
     /// Start `roles` of `w` while the mesh runs; on a failure of its own, stop what was
