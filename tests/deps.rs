@@ -3,7 +3,9 @@
 //! ```text
 //! layer 0   certs      proto                (no workspace deps)
 //! layer 1   authz ───► certs  (+ proto via an optional feature)
+//!           mesh ────► certs, authz         (nothing else of ours; no networking)
 //! layer 2   citadel, node-agent, proxy      (no arrows between them)
+//! layer 3   rampart (src/)                  (nothing depends on it)
 //! ```
 //! plus: certs and authz pull in no async runtime or networking (tokio, tonic, hyper, mio,
 //! socket2, h2) through their normal dependencies, and the whole graph has one crypto
@@ -137,14 +139,14 @@ fn violations(meta: &Value) -> Vec<String> {
     let g = Graph::new(meta);
     let mut out = Vec::new();
 
-    for krate in ["rampart-certs", "rampart-authz"] {
+    for krate in ["rampart-certs", "rampart-authz", "rampart-mesh"] {
         if !g.members.contains_key(krate) {
             out.push(format!("{krate} is not a workspace member"));
             continue;
         }
         // authz may reach proto (and whatever proto needs) only through its optional
         // feature; everything else it depends on must stay off the network.
-        let stop: &[&str] = if krate == "rampart-authz" {
+        let stop: &[&str] = if krate != "rampart-certs" {
             &["rampart-proto"]
         } else {
             &[]
@@ -197,6 +199,25 @@ fn violations(meta: &Value) -> Vec<String> {
                     "rampart-authz depends on {other} (only certs, + optional proto)"
                 )),
             }
+        }
+    }
+
+    if g.members.contains_key("rampart-mesh") {
+        for dep in g.workspace_deps("rampart-mesh") {
+            if !matches!(dep, "rampart-certs" | "rampart-authz") {
+                out.push(format!(
+                    "rampart-mesh depends on {dep} (only certs and authz)"
+                ));
+            }
+        }
+    }
+
+    // The binary's package is the top: no workspace crate may depend on it.
+    for member in g.members.keys() {
+        if *member != "rampart" && g.workspace_deps(member).contains("rampart") {
+            out.push(format!(
+                "{member} depends on rampart (src/ is the top layer)"
+            ));
         }
     }
 
@@ -270,6 +291,8 @@ fn checker_reports_each_violation() {
             pkg("rampart-citadel", &[("rampart-node-agent", false)]),
             pkg("rampart-node-agent", &[]),
             pkg("rampart-proxy", &[("rampart-citadel", false)]),
+            pkg("rampart-mesh", &[("rampart-proxy", false)]),
+            pkg("rampart", &[]),
             pkg("mio", &[]),
             pkg("regex", &[("tokio", false)]),
             pkg("tokio", &[]),
@@ -280,14 +303,17 @@ fn checker_reports_each_violation() {
         "workspace_members": [
             "rampart-certs-id", "rampart-proto-id", "rampart-authz-id",
             "rampart-citadel-id", "rampart-node-agent-id", "rampart-proxy-id",
+            "rampart-mesh-id", "rampart-id",
         ],
         "resolve": { "nodes": [
             node("rampart-certs", &[("mio", None), ("rampart-proto", None), ("criterion", Some("dev"))]),
             node("rampart-proto", &[]),
             node("rampart-authz", &[("rampart-certs", None), ("rampart-proto", None), ("regex", None)]),
             node("rampart-citadel", &[("rampart-node-agent", Some("dev"))]),
-            node("rampart-node-agent", &[]),
+            node("rampart-node-agent", &[("rampart", Some("dev"))]),
             node("rampart-proxy", &[("rampart-citadel", None)]),
+            node("rampart-mesh", &[("rampart-proxy", None)]),
+            node("rampart", &[]),
             node("mio", &[]),
             node("regex", &[("tokio", None)]),
             node("tokio", &[]),
@@ -303,6 +329,8 @@ fn checker_reports_each_violation() {
         "rampart-citadel depends on rampart-node-agent",
         "rampart-proxy depends on rampart-citadel",
         "rampart-proxy depends on rampart-node-agent",
+        "rampart-mesh depends on rampart-proxy (only certs and authz)",
+        "rampart-node-agent depends on rampart (src/ is the top layer)",
         "rampart-certs depends on workspace crate rampart-proto",
         "rampart-proto, which must be optional",
         "aws-lc-rs is in the dependency graph",

@@ -16,6 +16,7 @@ const CRATES: &[&str] = &[
     "certs/src",
     "proto/src",
     "authz/src",
+    "mesh/src",
     "citadel/src",
     "node-agent/src",
     "proxy/src",

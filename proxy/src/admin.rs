@@ -191,7 +191,7 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
 
 /// The workload as `/config_dump` shows it: the app's command line (which may carry
 /// secrets in its arguments) is replaced by a note that one is set.
-fn redacted_workload(w: &crate::mesh::WorkloadEntry) -> serde_json::Value {
+fn redacted_workload(w: &rampart_mesh::WorkloadEntry) -> serde_json::Value {
     let mut v = serde_json::to_value(w).unwrap_or_default();
     if let (Some(obj), Some(cmd)) = (v.as_object_mut(), &w.command) {
         obj.insert(

@@ -6,7 +6,7 @@
 pub enum Error {
     /// The mesh folder has problems (each names file and field).
     #[error("mesh folder refused:\n  {}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n  "))]
-    MeshFolder(Vec<crate::mesh::Problem>),
+    MeshFolder(Vec<rampart_mesh::Problem>),
     /// The workload named on the command line is not in the registry.
     #[error("workload {0} is not in workloads.yaml")]
     UnknownWorkload(String),

@@ -35,8 +35,8 @@ use rustls_pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 
-use crate::mesh::{MESH_FILE, MeshFolder, Problem};
 use crate::runtime::{Config, Shared};
+use rampart_mesh::{MESH_FILE, MeshFolder, Problem};
 
 /// Default refresh interval of fetched key sets (Istio's
 /// `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`).

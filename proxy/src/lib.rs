@@ -2,8 +2,9 @@
 //! outbound HTTP proxy and upstream ports for the app's calls, certificates over SDS, Istio
 //! policy per connection and per request, Istio-named metrics, and an admin endpoint.
 //!
-//! - [`mesh`]: the mesh folder (registry, `mesh.yaml`, policy), shared with `rampart up`.
 //! - [`run`] with [`ProxyOptions`]: one proxy for one workload of the registry.
+//!
+//! The mesh model it reads (registry, `mesh.yaml`, policy) comes from `rampart-mesh`.
 //!
 //! Fail closed everywhere: no certificate from SDS means every handshake is refused; a
 //! folder edit that does not load is refused and the last good configuration keeps serving.
@@ -15,7 +16,6 @@ mod error;
 mod identity;
 mod jwks;
 mod listeners;
-pub mod mesh;
 mod metrics;
 mod runtime;
 mod sds;

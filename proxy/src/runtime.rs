@@ -4,7 +4,7 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
@@ -28,9 +28,9 @@ use tokio::sync::{Notify, watch};
 
 use crate::edge::{Activity, Budget, Budgets, EdgeLimits, Tracked, TrackedService};
 use crate::identity::{IdentityHolder, cert_sha256_hex};
-use crate::mesh::{MeshFolder, PortProtocol, Problem, WorkloadEntry};
 use crate::metrics::{Kind, Labels, Metered, Metrics, Pending, PortStats, Series};
 use crate::{Error, admin};
+use rampart_mesh::{ConfigSource, FolderSource, MeshFolder, PortProtocol, Problem, WorkloadEntry};
 
 mod outbound;
 
@@ -102,12 +102,12 @@ pub(crate) struct Config {
     pub(crate) loaded_at: SystemTime,
 }
 
-fn build_config(dir: &Path, key: &str) -> Result<Config, Vec<Problem>> {
-    let folder = MeshFolder::load(dir)?;
+fn build_config(source: &dyn ConfigSource, key: &str) -> Result<Config, Vec<Problem>> {
+    let folder = source.snapshot()?;
     let (ns, name) = key.split_once('/').unwrap_or(("", key));
     let Some(me) = folder.registry.get(ns, name).cloned() else {
         return Err(vec![Problem {
-            file: crate::mesh::WORKLOADS_FILE.into(),
+            file: rampart_mesh::WORKLOADS_FILE.into(),
             field: "workloads".into(),
             reason: format!("workload {key} (this proxy's) is not declared"),
         }]);
@@ -117,7 +117,7 @@ fn build_config(dir: &Path, key: &str) -> Result<Config, Vec<Problem>> {
     // into `Shared::jwks`, which outlives reloads.
     let jwks_remote = crate::jwks::RemoteSettings::load(&folder).map_err(|p| vec![p])?;
     let fetcher = rampart_authz::FileJwksFetcher {
-        base_dir: Some(dir.to_path_buf()),
+        base_dir: Some(folder.dir.clone()),
         overrides: folder.jwks_files(),
     };
     let jwks_local = fetcher.overrides.keys().cloned().collect();
@@ -231,7 +231,7 @@ pub async fn run(
     let key = opts.workload.clone();
     let cfg = {
         let (d, k) = (dir.clone(), key.clone());
-        tokio::task::spawn_blocking(move || build_config(&d, &k))
+        tokio::task::spawn_blocking(move || build_config(&FolderSource::new(d), &k))
             .await
             .map_err(|e| Error::Watch(e.to_string()))?
     };
@@ -376,7 +376,7 @@ async fn watch_folder(sh: Arc<Shared>, dir: PathBuf, mut listeners: crate::liste
         let (d, k) = (dir.clone(), sh.workload_key.clone());
         let (fp, result) = match tokio::task::spawn_blocking(move || {
             let fp = MeshFolder::fingerprint(&d);
-            (fp, build_config(&d, &k))
+            (fp, build_config(&FolderSource::new(&d), &k))
         })
         .await
         {

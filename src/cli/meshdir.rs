@@ -1,5 +1,5 @@
 //! The view of a mesh folder that `up` and `mtls-report` need (addresses, identities,
-//! commands), read with the proxy crate's loader (`rampart_proxy::mesh`), the one parser of
+//! commands), read with `rampart_mesh`'s loader, the one parser of
 //! `mesh.yaml` and `workloads.yaml`: `up` refuses exactly what the proxies would refuse.
 
 use std::net::SocketAddr;
@@ -67,7 +67,7 @@ impl MeshFolder {
     /// checks the proxies apply, so `up` refuses what they would refuse. Errors list every
     /// problem, one per line, naming the file and field.
     pub(crate) fn read(dir: &Path) -> Result<MeshFolder, String> {
-        let m = rampart_proxy::mesh::MeshFolder::load(dir).map_err(|problems| {
+        let m = rampart_mesh::MeshFolder::load(dir).map_err(|problems| {
             problems
                 .iter()
                 .map(ToString::to_string)

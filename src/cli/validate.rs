@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use rampart_authz::{LoadResult, load_paths};
-use rampart_proxy::mesh::{MeshFolder, WORKLOADS_FILE};
+use rampart_mesh::{MeshFolder, WORKLOADS_FILE};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ValidateArgs {

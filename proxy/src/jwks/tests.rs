@@ -201,12 +201,12 @@ fn folder(
     mesh_yaml: &str,
 ) -> (
     tempfile::TempDir,
-    Result<crate::mesh::MeshFolder, Vec<crate::mesh::Problem>>,
+    Result<rampart_mesh::MeshFolder, Vec<rampart_mesh::Problem>>,
 ) {
     let d = tempfile::tempdir().unwrap();
     std::fs::write(d.path().join("mesh.yaml"), mesh_yaml).unwrap();
     std::fs::write(d.path().join("workloads.yaml"), REG).unwrap();
-    let f = crate::mesh::MeshFolder::load(d.path());
+    let f = rampart_mesh::MeshFolder::load(d.path());
     (d, f)
 }
 
@@ -243,7 +243,7 @@ fn mesh_yaml_settings_are_checked() {
         "rampart: {jwksCaFile: idp-ca.pem}\n",
     )
     .unwrap();
-    let f = crate::mesh::MeshFolder::load(d.path()).unwrap();
+    let f = rampart_mesh::MeshFolder::load(d.path()).unwrap();
     let p = RemoteSettings::load(&f).unwrap_err();
     assert!(p.reason.contains("idp-ca.pem"), "{p}");
     let ca = rampart_certs::CertificateAuthority::self_signed_root(

@@ -34,8 +34,8 @@ use tokio::net::TcpStream;
 use super::{Body, Config, Shared, is_grpc_request, owned_text_response, text_response};
 use crate::conn::{PeerConnector, PeerStream, Target};
 use crate::identity::Alpn;
-use crate::mesh::{PortEntry, PortProtocol, WorkloadEntry};
 use crate::metrics::{Labels, Metered, Pending, Series};
+use rampart_mesh::{PortEntry, PortProtocol, WorkloadEntry};
 
 /// Most cached routes per configuration (authorities as apps write them).
 const MAX_ROUTES: usize = 4096;

@@ -8,7 +8,7 @@ use std::sync::OnceLock;
 
 use libfuzzer_sys::fuzz_target;
 use rampart_certs::TrustDomain;
-use rampart_proxy::mesh::{Registry, parse_registry};
+use rampart_mesh::{Registry, parse_registry};
 
 const FIXED: &str = "workloads:
 - name: frontend

@@ -1,0 +1,19 @@
+//! The mesh model every Rampart component reads (DESIGN §6, §8): mesh settings (trust
+//! domain, aliases, root namespace, path normalization, the CA's address and TTLs), the
+//! workload registry (what Kubernetes would otherwise say: names, service accounts, labels,
+//! ports with protocol, addresses), and the validated Istio security policy.
+//!
+//! - [`MeshFolder`]: one complete, consistent snapshot of the model, or every problem that
+//!   refuses it, each naming the file (or object), the field and the reason.
+//! - [`ConfigSource`]: where snapshots come from. [`FolderSource`] reads a folder
+//!   (`mesh.yaml`, `workloads.yaml`, policy YAML); the Kubernetes API is the next source.
+//!   Consumers hold the last good snapshot and keep serving it when a new one is refused.
+//!
+//! Pure model types: no async runtime, no sockets. Depends on `rampart-certs` (trust
+//! domains, SPIFFE IDs) and `rampart-authz` (policy resources and their validation) only.
+
+mod folder;
+mod source;
+
+pub use self::folder::*;
+pub use self::source::{ConfigSource, FolderSource};
