@@ -676,8 +676,13 @@ fn envoy_sidecar_outbound_to_rampart_inbound_strict_with_authz() {
     let host = "backend.api.svc.cluster.local";
     let http_alpn = ["istio-http/1.1", "istio", "http/1.1"];
     let tcp_alpn = ["istio-peer-exchange", "istio"];
-    let (l_http, l_tcp, l_http_wrong, l_tcp_wrong) =
-        (free_port(), free_port(), free_port(), free_port());
+    let (l_http, l_tcp, l_http_wrong, l_tcp_wrong, l_tls12) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
     let listener = |name: &str, port: u16, filter: Value| json!({"name": name, "address": addr(port), "filter_chains": [{"filters": [filter]}]});
     let http_cluster = format!("outbound|8080||{host}");
     let tcp_cluster = format!("outbound|9000||{host}");
@@ -696,6 +701,7 @@ fn envoy_sidecar_outbound_to_rampart_inbound_strict_with_authz() {
                 l_tcp_wrong,
                 tcp_proxy("tcpwrong", "wrong-san-tcp"),
             ),
+            listener("tls12", l_tls12, route_to("tls12", "tls12-only")),
         ],
         vec![
             outbound_cluster(
@@ -726,6 +732,19 @@ fn envoy_sidecar_outbound_to_rampart_inbound_strict_with_authz() {
                 "spiffe://cluster.local/ns/api/sa/impostor",
                 &tcp_alpn,
             ),
+            {
+                // Envoy's client default without istiod's tls_params: TLS 1.2 at most.
+                let mut c = outbound_cluster(
+                    "tls12-only",
+                    p.be_in,
+                    &format!("outbound_.8080_._.{host}"),
+                    BACKEND_ID,
+                    &http_alpn,
+                );
+                let ctx = &mut c["transport_socket"]["typed_config"]["common_tls_context"];
+                ctx.as_object_mut().unwrap().remove("tls_params").unwrap();
+                c
+            },
         ],
     );
     let e = Envoy::start(dir, "sidecar-out", &b);
@@ -779,6 +798,17 @@ fn envoy_sidecar_outbound_to_rampart_inbound_strict_with_authz() {
         e.stat("cluster.wrong-san-tcp.ssl.fail_verify_san")
             .unwrap_or(0)
             >= 1
+    );
+
+    // Rampart is TLS 1.3 only: an Envoy cluster left at Envoy's client default (TLS 1.2 at
+    // most; istiod always sets 1.3 as the maximum) is refused, and Rampart says why.
+    let (code, _, body) = curl(&[&format!("http://127.0.0.1:{l_tls12}/api/items")]);
+    assert_eq!(code, "503", "{body}");
+    wait_for(
+        "the TLS 1.2 refusal logged",
+        Duration::from_secs(5),
+        || backend.log().contains("SupportedVersionsExtensionRequired"),
+        || backend.log(),
     );
 }
 
