@@ -394,8 +394,9 @@ fn policy_sees_what_the_app_sees() {
 
     // Two x-debug / x-stage headers: a DENY matching one of them still denies.
     assert_eq!(req(b"x-debug: a\r\nx-debug: b\r\n").0, 403);
-    // (A DENY on one exact value among several, `x-stage: canary` + `x-stage: stable`, is
-    // the authz engine's matter: it joins repeated values with `,` as Envoy does.)
+    // A DENY on one exact value among several (CVE-2026-26308): any copy triggers it.
+    assert_eq!(req(b"x-stage: stable\r\nx-stage: canary\r\n").0, 403);
+    assert_eq!(req(b"x-stage: canary\r\nx-stage: stable\r\n").0, 403);
     assert_eq!(req(b"x-stage: stable\r\nx-stage: beta\r\n").0, 200);
 
     // Request headers are limited to 60 KiB (Envoy's max_request_headers_kb).

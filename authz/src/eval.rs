@@ -272,7 +272,7 @@ impl Engine {
             let rules = if http { &p.http } else { &p.tcp };
             rules
                 .iter()
-                .find(|r| rule_matches(r, &attrs))
+                .find(|r| rule_matches(r, &attrs, Reading::for_action(p.action)))
                 .map(|r| RuleMatch {
                     policy: p.policy.clone(),
                     action: p.action,
@@ -448,22 +448,54 @@ impl Engine {
     }
 }
 
-fn rule_matches(r: &CRule, a: &Attrs<'_>) -> bool {
-    (r.from.is_empty()
-        || r.from
-            .iter()
-            .any(|cs| cs.iter().all(|c| cond_matches(c, a))))
-        && (r.to.is_empty() || r.to.iter().any(|cs| cs.iter().all(|c| cond_matches(c, a))))
-        && r.when.iter().all(|c| cond_matches(c, a))
+/// How a header sent more than once is read against a value. Envoy used to match the values
+/// joined with `,` only, so `x-role: user` + `x-role: admin` slipped past a DENY on `admin`
+/// while the app read `admin` (CVE-2026-26308); it now matches each value on its own. We
+/// read them so that a repeated header never helps a request: a rule whose match denies
+/// (DENY, AUDIT, CUSTOM) matches a value if the joined value or **any** single value does; a
+/// rule whose match allows (ALLOW) only if the joined value or **every** single value does.
+/// `notValues` takes the opposite reading, so it too errs towards DENY firing and ALLOW not.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Reading {
+    /// Any single value may match (rules that deny).
+    Any,
+    /// Every single value must match (rules that allow).
+    Every,
 }
 
-fn cond_matches(c: &Cond, a: &Attrs<'_>) -> bool {
-    (c.pos.is_empty() || c.pos.iter().any(|v| val_matches(&c.key, v, a)))
-        && !c.neg.iter().any(|v| val_matches(&c.key, v, a))
+impl Reading {
+    fn for_action(action: Action) -> Reading {
+        match action {
+            Action::Allow => Reading::Every,
+            Action::Deny | Action::Audit | Action::Custom => Reading::Any,
+        }
+    }
+
+    fn flip(self) -> Reading {
+        match self {
+            Reading::Any => Reading::Every,
+            Reading::Every => Reading::Any,
+        }
+    }
+}
+
+fn rule_matches(r: &CRule, a: &Attrs<'_>, reading: Reading) -> bool {
+    let all = |cs: &Vec<Cond>| cs.iter().all(|c| cond_matches(c, a, reading));
+    (r.from.is_empty() || r.from.iter().any(all))
+        && (r.to.is_empty() || r.to.iter().any(all))
+        && r.when.iter().all(|c| cond_matches(c, a, reading))
+}
+
+fn cond_matches(c: &Cond, a: &Attrs<'_>, reading: Reading) -> bool {
+    (c.pos.is_empty() || c.pos.iter().any(|v| val_matches(&c.key, v, a, reading)))
+        && !c
+            .neg
+            .iter()
+            .any(|v| val_matches(&c.key, v, a, reading.flip()))
 }
 
 /// Does attribute `key` of the request match `v`? An absent attribute never matches.
-fn val_matches(key: &Key, v: &Val, a: &Attrs<'_>) -> bool {
+fn val_matches(key: &Key, v: &Val, a: &Attrs<'_>, reading: Reading) -> bool {
     let ctx = a.ctx;
     match key {
         Key::PeerPrincipal => ctx
@@ -482,11 +514,20 @@ fn val_matches(key: &Key, v: &Val, a: &Attrs<'_>) -> bool {
             (Val::Path(m), Some(p)) => m.matches(p),
             _ => false,
         },
-        Key::Header(name) => ctx
-            .http
-            .as_ref()
-            .and_then(|h| header_value(h, name, a))
-            .is_some_and(|hv| str_val(v, &hv)),
+        Key::Header(name) => ctx.http.as_ref().is_some_and(|h| {
+            let joined = header_value(h, name, a).is_some_and(|hv| str_val(v, &hv));
+            if joined || name.starts_with(':') {
+                return joined;
+            }
+            let mut values = h.header_values(name).peekable();
+            if values.peek().is_none() {
+                return false;
+            }
+            match reading {
+                Reading::Any => values.any(|hv| str_val(v, hv)),
+                Reading::Every => values.all(|hv| str_val(v, hv)),
+            }
+        }),
         Key::RequestPrincipal => match (v, &ctx.jwt) {
             (Val::ReqPrincipal(m), Some(j)) => m.matches(j.str_claim("iss"), j.str_claim("sub")),
             _ => false,

@@ -78,6 +78,14 @@ impl HttpRequest {
         self
     }
 
+    /// Each value of header `name` (case-insensitive), in the order received.
+    pub fn header_values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> + 'a {
+        self.headers
+            .iter()
+            .filter(move |(k, _)| k.eq_ignore_ascii_case(name))
+            .map(|(_, v)| v.as_str())
+    }
+
     /// The value of header `name` (case-insensitive), repeated headers joined with `,`.
     pub fn header(&self, name: &str) -> Option<std::borrow::Cow<'_, str>> {
         let mut it = self
