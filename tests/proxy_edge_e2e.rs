@@ -143,6 +143,8 @@ spec:
   - when: [{key: "request.headers[x-stage]", values: ["canary"]}]
   - to: [{operation: {methods: ["GET"], paths: ["/no-get"]}}]
   - to: [{operation: {hosts: ["evil.example", "evil.example:*", "evil.*"]}}]
+  - to: [{operation: {paths: ["/frontend-only"]}}]
+    when: [{key: "request.headers[x-forwarded-client-cert]", notValues: ["*URI=spiffe://cluster.local/ns/web/sa/frontend"]}]
 ---
 apiVersion: security.istio.io/v1
 kind: RequestAuthentication
@@ -498,6 +500,31 @@ fn policy_sees_what_the_app_sees() {
         code, 502,
         "negative twin: origin-form routes by Host (unknown here)"
     );
+
+    // x-forwarded-client-cert is the proxy's before policy runs: a plaintext client's forged
+    // copy naming the frontend does not pass a rule that wants the frontend's certificate,
+    // while the frontend itself, over mTLS, does.
+    let forged = format!(
+        "x-forwarded-client-cert: By=spiffe://{TD}/ns/api/sa/backend;URI=spiffe://{TD}/ns/web/sa/frontend\r\n"
+    );
+    assert_eq!(
+        req(forged.as_bytes()).0,
+        200,
+        "elsewhere the header is harmless"
+    );
+    let (code, _) = raw_request(
+        p,
+        format!(
+            "GET /frontend-only HTTP/1.1\r\nhost: backend.api:8080\r\nconnection: close\r\n{forged}\r\n"
+        )
+        .as_bytes(),
+    );
+    assert_eq!(code, 403, "a forged XFCC reached policy\n{}", m.logs());
+    let (code, body) = raw_request(
+        m.out_f,
+        b"GET http://backend.api:8080/frontend-only HTTP/1.1\r\nhost: backend.api:8080\r\nconnection: close\r\n\r\n",
+    );
+    assert_eq!(code, 200, "the frontend over mTLS: {body}\n{}", m.logs());
 
     // HTTP/2 (h2c prior knowledge): :authority wins over a host header too.
     let url = format!("http://127.0.0.1:{p}/x");

@@ -819,6 +819,12 @@ async fn inbound_request(
     for h in &cfg.jwt_output_headers {
         req.headers_mut().remove(h);
     }
+    // x-forwarded-client-cert: never the client's; ours for mTLS peers. Set before policy,
+    // so policy judges the value the app receives (Envoy sanitizes it before its filters).
+    req.headers_mut().remove(&XFCC);
+    if let Some(x) = &cx.xfcc {
+        req.headers_mut().insert(XFCC.clone(), x.clone());
+    }
     let raw_path = req
         .uri()
         .path_and_query()
@@ -923,11 +929,6 @@ async fn inbound_request(
         }
     }
     drop(cfg);
-    // x-forwarded-client-cert: never trust the client's; set ours for mTLS peers.
-    req.headers_mut().remove(&XFCC);
-    if let Some(x) = &cx.xfcc {
-        req.headers_mut().insert(XFCC.clone(), x.clone());
-    }
     let h2 = cx.protocol.is_h2();
     if req.headers().get(header::HOST).is_none()
         && let Some(a) = req.uri().authority()
