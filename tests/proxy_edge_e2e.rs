@@ -357,6 +357,29 @@ fn metric(stats: &str, line_prefix: &str) -> u64 {
 
 // --- 1. header bytes, 2. JWT output headers, 4. authority, and the advisory checklist ---
 
+/// HTTP/2 clients get at most 100 concurrent streams per connection (each stream may hold
+/// an app connection, so hyper's default of 200 per connection multiplied a budget slot). Read
+/// from the SETTINGS frame a plaintext h2c client receives on the PERMISSIVE inbound port.
+#[test]
+fn http2_streams_per_connection_are_bounded() {
+    let m = Mesh::start(&[], &[]);
+    let mut s = TcpStream::connect(("127.0.0.1", m.in_b)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n\0\0\0\x04\0\0\0\0\0")
+        .unwrap();
+    let mut head = [0u8; 9];
+    s.read_exact(&mut head).unwrap();
+    assert_eq!(head[3], 0x4, "the server's first frame is SETTINGS");
+    let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+    let mut body = vec![0u8; len];
+    s.read_exact(&mut body).unwrap();
+    let max_streams = body
+        .chunks_exact(6)
+        .find(|c| u16::from_be_bytes([c[0], c[1]]) == 0x3)
+        .map(|c| u32::from_be_bytes([c[2], c[3], c[4], c[5]]));
+    assert_eq!(max_streams, Some(100), "{body:?}\n{}", m.logs());
+}
+
 #[test]
 fn policy_sees_what_the_app_sees() {
     let m = Mesh::start(&[], &[]);

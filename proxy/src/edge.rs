@@ -51,6 +51,9 @@ impl Default for EdgeLimits {
     }
 }
 
+/// HTTP/2 streams one client connection may have open at once.
+pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 100;
+
 impl EdgeLimits {
     /// A server builder (HTTP/1.1 and HTTP/2 auto-detected) held to these limits.
     pub(crate) fn server(&self) -> hyper_util::server::conn::auto::Builder<TokioExecutor> {
@@ -64,7 +67,10 @@ impl EdgeLimits {
             .max_buf_size(self.max_header_bytes.max(8192));
         b.http2()
             .timer(TokioTimer::new())
-            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX));
+            .max_header_list_size(u32::try_from(self.max_header_bytes).unwrap_or(u32::MAX))
+            // Each stream may hold an app connection: bound them per connection (hyper's
+            // default is 200), as linkerd2-proxy and most HTTP/2 servers do.
+            .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
         b
     }
 
