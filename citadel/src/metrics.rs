@@ -4,7 +4,7 @@
 use std::fmt::Write as _;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::time::SystemTime;
+use std::time::{Duration, SystemTime};
 
 use crate::refusal::Refusal;
 
@@ -40,14 +40,17 @@ pub enum ConnectionRefusal {
     /// The connection limit was reached: accepting paused (excess connections wait in the
     /// kernel's backlog); counted once per pause.
     ConnectionLimit,
+    /// A connection to the metrics port beyond its own limit, closed on accept.
+    MetricsConnectionLimit,
 }
 
 impl ConnectionRefusal {
-    const ALL: [ConnectionRefusal; 4] = [
+    const ALL: [ConnectionRefusal; 5] = [
         ConnectionRefusal::HandshakeTimeout,
         ConnectionRefusal::HandshakeEvicted,
         ConnectionRefusal::HandshakeFailed,
         ConnectionRefusal::ConnectionLimit,
+        ConnectionRefusal::MetricsConnectionLimit,
     ];
 
     /// The metric label.
@@ -57,6 +60,7 @@ impl ConnectionRefusal {
             ConnectionRefusal::HandshakeEvicted => "handshake_evicted",
             ConnectionRefusal::HandshakeFailed => "handshake_failed",
             ConnectionRefusal::ConnectionLimit => "connection_limit",
+            ConnectionRefusal::MetricsConnectionLimit => "metrics_connection_limit",
         }
     }
 }
@@ -312,15 +316,41 @@ fn unix_secs(t: SystemTime) -> f64 {
     }
 }
 
+/// Scrapes served at once on the metrics port; more are closed on accept.
+pub const METRICS_MAX_CONNECTIONS: usize = 16;
+/// How long one metrics connection may live (a scrape takes milliseconds).
+pub const METRICS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
+
 /// Serves `GET /metrics` (any path, in fact) on `listener` until the future is dropped.
+///
+/// The port shares the CA's descriptor table, so it is bounded on its own: at most
+/// [`METRICS_MAX_CONNECTIONS`] at once, each for at most [`METRICS_CONNECTION_TIMEOUT`]
+/// (request heads within 10 s), and accept errors (out of descriptors) back off instead of
+/// spinning.
 pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
     use hyper::service::service_fn;
+    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS));
+    let mut backoff = Duration::from_millis(5);
     loop {
-        let Ok((stream, _)) = listener.accept().await else {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => {
+                backoff = Duration::from_millis(5);
+                stream
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, retry_in = ?backoff, "metrics accept failed");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                continue;
+            }
+        };
+        let Ok(permit) = slots.clone().try_acquire_owned() else {
+            metrics.connection_refused(ConnectionRefusal::MetricsConnectionLimit);
             continue;
         };
         let metrics = metrics.clone();
         tokio::spawn(async move {
+            let _permit = permit;
             let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
                 let body = metrics.render(SystemTime::now());
                 async move {
@@ -330,9 +360,11 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metri
                 }
             });
             let io = hyper_util::rt::TokioIo::new(stream);
-            let _ = hyper::server::conn::http1::Builder::new()
-                .serve_connection(io, svc)
-                .await;
+            let conn = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(Duration::from_secs(10))
+                .serve_connection(io, svc);
+            let _ = tokio::time::timeout(METRICS_CONNECTION_TIMEOUT, conn).await;
         });
     }
 }
@@ -340,6 +372,54 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metri
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The metrics port is bounded on its own: idle connections beyond the limit are closed
+    /// on accept (and counted), and a scrape works again once one of them goes away.
+    #[tokio::test]
+    async fn metrics_port_holds_a_bounded_number_of_connections() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let m = Arc::new(Metrics::default());
+        let server = tokio::spawn(serve_metrics(l, m.clone()));
+        let mut idle = Vec::new();
+        for _ in 0..METRICS_MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        let mut buf = [0u8; 64];
+        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+            .await
+            .expect("the extra connection is closed, not left hanging")
+            .unwrap_or(0);
+        assert_eq!(n, 0);
+        assert_eq!(
+            m.connection_refused_count(ConnectionRefusal::MetricsConnectionLimit),
+            1
+        );
+        // Negative twin: with a slot free, a scrape is served.
+        drop(idle.pop());
+        let body = loop {
+            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+            s.write_all(b"GET /metrics HTTP/1.1\r\nhost: m\r\nconnection: close\r\n\r\n")
+                .await
+                .unwrap();
+            let mut out = String::new();
+            let _ = s.read_to_string(&mut out).await;
+            if !out.is_empty() {
+                break out;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
+        assert!(body.contains("citadel_server_csr_count"), "{body}");
+        assert!(
+            body.contains(
+                "citadel_server_connection_refused_count{reason=\"metrics_connection_limit\"} 1"
+            ),
+            "{body}"
+        );
+        server.abort();
+    }
 
     #[test]
     fn renders_istio_names_and_labels() {
