@@ -243,20 +243,50 @@ impl CaConfig {
     }
 }
 
-/// `path` made comparable with another spelling of the same file: absolute, its directory
-/// resolved through symlinks when it exists (and the file itself when it exists, so a link to
-/// one of the CA's files is caught too).
+/// `path` made comparable with another spelling of the same file: absolute, symlinks
+/// resolved as far as they exist (a dangling link is followed to where it points), and `.`
+/// and `..` removed lexically where nothing exists yet to resolve (the state directory
+/// before the first start), so `state/../state/root-cert.pem` is the root either way.
 fn comparable(path: &Path) -> PathBuf {
-    if let Ok(real) = std::fs::canonicalize(path) {
+    comparable_at(path, 8)
+}
+
+fn comparable_at(path: &Path, links_left: u8) -> PathBuf {
+    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
+    if let Ok(real) = std::fs::canonicalize(&abs) {
         return real;
     }
-    let abs = std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf());
-    match (abs.parent(), abs.file_name()) {
-        (Some(dir), Some(name)) => std::fs::canonicalize(dir)
-            .map(|d| d.join(name))
-            .unwrap_or(abs.clone()),
-        _ => abs,
+    if let (true, Ok(target)) = (links_left > 0, std::fs::read_link(&abs)) {
+        let target = match abs.parent() {
+            Some(dir) if target.is_relative() => dir.join(target),
+            _ => target,
+        };
+        return comparable_at(&target, links_left - 1);
     }
+    let lexical = lexical_normalize(&abs);
+    match (lexical.parent(), lexical.file_name()) {
+        (Some(dir), Some(name)) => match std::fs::canonicalize(dir) {
+            Ok(d) => d.join(name),
+            Err(_) => lexical,
+        },
+        _ => lexical,
+    }
+}
+
+/// `.` and `..` removed without touching the file system.
+fn lexical_normalize(path: &Path) -> PathBuf {
+    use std::path::Component;
+    let mut out = PathBuf::new();
+    for c in path.components() {
+        match c {
+            Component::CurDir => {}
+            Component::ParentDir => {
+                out.pop();
+            }
+            other => out.push(other.as_os_str()),
+        }
+    }
+    out
 }
 
 /// A node agent allowed to request certificates for other workloads (Istio's
@@ -433,6 +463,26 @@ mod bundle_out_tests {
             );
             assert!(e.contains("somewhere else"), "{e}");
         }
+        // Before the first start the state directory does not exist: `..` is still seen
+        // through, and a dangling link to the root-to-be is followed.
+        let fresh = dir.path().join("fresh");
+        let mut cfg2 = CaConfig::new(
+            dir.path().join("cacerts"),
+            fresh.clone(),
+            "cluster.local".parse().unwrap(),
+        );
+        cfg2.bundle_out = Some(dir.path().join("fresh/../fresh/root-cert.pem"));
+        assert!(
+            cfg2.validate().is_err(),
+            "not-yet-existing state dir spelled with .."
+        );
+        let link = dir.path().join("bundle-link.pem");
+        std::os::unix::fs::symlink(fresh.join("root-cert.pem"), &link).unwrap();
+        cfg2.bundle_out = Some(link);
+        assert!(cfg2.validate().is_err(), "dangling link to the root-to-be");
+        cfg2.bundle_out = Some(dir.path().join("fresh-bundle.pem"));
+        cfg2.validate().expect("twin: a separate file");
+
         // Positive twin: a file of its own, even beside the state directory.
         for ok in [
             dir.path().join("trust-bundle.pem"),
