@@ -421,6 +421,9 @@ pub(crate) struct PortStats {
     sources: Mutex<HashMap<IpAddr, Source>>,
 }
 
+/// Plaintext source addresses remembered per port for `/mtls` (the most recently seen).
+pub(crate) const MAX_PLAINTEXT_SOURCES: usize = 1024;
+
 impl PortStats {
     pub(crate) fn new(port: u16) -> Self {
         PortStats {
@@ -449,6 +452,16 @@ impl PortStats {
         }
         if let (Some(ip), Kind::PlaintextConnection | Kind::PlaintextRequest) = (src, kind) {
             let mut s = self.sources.lock().unwrap_or_else(|e| e.into_inner());
+            if s.len() >= MAX_PLAINTEXT_SOURCES && !s.contains_key(&ip) {
+                // Peers choose their addresses: keep the most recently seen ones only.
+                if let Some(oldest) = s
+                    .iter()
+                    .min_by_key(|(_, v)| v.last_seen_unix)
+                    .map(|(k, _)| *k)
+                {
+                    s.remove(&oldest);
+                }
+            }
             let e = s.entry(ip).or_default();
             if matches!(kind, Kind::PlaintextConnection) {
                 e.connections += 1;
@@ -553,6 +566,29 @@ mod tests {
             assert_eq!(of(bad), Some(GRPC_UNKNOWN), "{bad:?}");
         }
         assert_eq!(grpc_status(&HeaderMap::new()), None, "absent stays absent");
+    }
+
+    /// Peers choose their source addresses: the per-port list of plaintext sources stays
+    /// bounded, keeping the newest.
+    #[test]
+    fn plaintext_sources_are_bounded() {
+        let p = PortStats::new(80);
+        for i in 0..(MAX_PLAINTEXT_SOURCES as u32 + 500) {
+            let ip = IpAddr::from(std::net::Ipv6Addr::from(u128::from(i) + 1));
+            p.count(Kind::PlaintextConnection, Some(ip));
+        }
+        let s = p.sources.lock().unwrap();
+        assert_eq!(s.len(), MAX_PLAINTEXT_SOURCES);
+        let newest = IpAddr::from(std::net::Ipv6Addr::from(u128::from(
+            MAX_PLAINTEXT_SOURCES as u32 + 500,
+        )));
+        assert!(s.contains_key(&newest));
+        drop(s);
+        // Twin: a source already known is counted, not re-added.
+        p.count(Kind::PlaintextRequest, Some(newest));
+        let s = p.sources.lock().unwrap();
+        assert_eq!(s.len(), MAX_PLAINTEXT_SOURCES);
+        assert_eq!(s[&newest].requests, 1);
     }
 
     #[tokio::test]
