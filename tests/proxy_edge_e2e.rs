@@ -777,6 +777,36 @@ fn admin_is_limited_and_redacts_commands() {
     let _ = (m.app_b, &m.mesh, m.in_f, &m.ca);
 }
 
+/// An idle keep-alive connection to the admin port is closed after 15 s (not the data
+/// plane's hour), so idle scrapers cannot hold the admin budget; a busy one stays.
+#[test]
+fn idle_admin_connections_are_closed_after_fifteen_seconds() {
+    let m = Mesh::start(&[], &[]);
+    let req = b"GET /ready HTTP/1.1\r\nhost: admin\r\n\r\n";
+    let mut idle = TcpStream::connect(("127.0.0.1", m.admin_b)).unwrap();
+    idle.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    idle.write_all(req).unwrap();
+    assert_eq!(read_response(&mut idle), 200, "{}", m.logs());
+    // Negative twin: a request every 5 s keeps another connection open past 15 s.
+    let mut busy = TcpStream::connect(("127.0.0.1", m.admin_b)).unwrap();
+    busy.set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    for _ in 0..4 {
+        busy.write_all(req).unwrap();
+        assert_eq!(read_response(&mut busy), 200, "{}", m.logs());
+        std::thread::sleep(Duration::from_secs(5));
+    }
+    let start = Instant::now();
+    let mut buf = [0u8; 1];
+    let n = idle.read(&mut buf).unwrap_or(0);
+    assert_eq!(n, 0, "the idle admin connection is closed");
+    assert!(
+        start.elapsed() < Duration::from_secs(10),
+        "closed about 15 s after its last request (20 s have passed)"
+    );
+}
+
 #[test]
 fn non_loopback_outbound_is_refused_unless_allowed() {
     let dir = tempfile::tempdir().unwrap();

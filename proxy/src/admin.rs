@@ -204,6 +204,9 @@ fn redacted_workload(w: &rampart_mesh::WorkloadEntry) -> serde_json::Value {
 
 /// Accept admin connections within the admin budget; on accept errors (EMFILE, ...) back
 /// off, doubling from 5 ms to 1 s, instead of spinning.
+/// How long an admin connection may sit idle.
+const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+
 pub(crate) async fn serve(sh: Arc<Shared>, l: TcpListener) {
     let mut backoff = Duration::from_millis(5);
     loop {
@@ -237,9 +240,15 @@ pub(crate) async fn serve(sh: Arc<Shared>, l: TcpListener) {
                 TokioIo::new(Tracked::new(tcp, act.clone())),
                 TrackedService::new(svc, act.clone()),
             );
+            // Scrapes and probes are short: an idle admin connection is closed after 15 s
+            // (not the data plane's hour), so idle keep-alives cannot hold the small budget.
+            let limits = crate::edge::EdgeLimits {
+                idle_timeout: sh.edge.idle_timeout.min(ADMIN_IDLE_TIMEOUT),
+                ..sh.edge
+            };
             tokio::select! {
                 _ = conn => {}
-                _ = act.expired(&sh.edge) => {}
+                _ = act.expired(&limits) => {}
             }
         });
     }
