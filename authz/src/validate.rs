@@ -381,6 +381,34 @@ fn validate_request_authentication(ra: &RequestAuthentication, report: &mut Vali
     }
 }
 
+/// Headers a token's claims may not be written to (a Rampart refusal beyond Istio's checks):
+/// the ones that frame or route the request (hop-by-hop, length, Host), the token's own
+/// header, and the proxy's client-certificate header. A claim there would let whoever mints
+/// tokens reshape requests at the app.
+fn reserved_output_header(name: &str) -> Option<String> {
+    const RESERVED: &[&str] = &[
+        "host",
+        "content-length",
+        "transfer-encoding",
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "upgrade",
+        "authorization",
+        "x-forwarded-client-cert",
+    ];
+    RESERVED
+        .iter()
+        .any(|r| name.eq_ignore_ascii_case(r))
+        .then(|| {
+            format!(
+                "header {name} frames, routes or authenticates the request and cannot carry JWT output"
+            )
+        })
+}
+
 fn is_strict_header_name(name: &str) -> bool {
     !name.is_empty()
         && name
@@ -465,6 +493,18 @@ fn validate_jwt_rule(path: &str, rule: &JwtRule, report: &mut ValidationReport) 
             );
         }
     }
+    if let Some(h) = rule
+        .output_payload_to_header
+        .as_deref()
+        .filter(|h| !h.is_empty())
+    {
+        let p = format!("{path}.outputPayloadToHeader");
+        if !is_strict_header_name(h) {
+            report.error(p, format!("header name {h} is not a valid header name"));
+        } else if let Some(why) = reserved_output_header(h) {
+            report.error(p, why);
+        }
+    }
     let mut seen_headers: Vec<String> = Vec::new();
     for (i, c) in rule.output_claim_to_headers.iter().enumerate() {
         let header = c.header.as_deref().unwrap_or("");
@@ -482,6 +522,8 @@ fn validate_jwt_rule(path: &str, rule: &JwtRule, report: &mut ValidationReport) 
                 format!("{p}.header"),
                 format!("header name {header} is not a valid header name"),
             );
+        } else if let Some(why) = reserved_output_header(header) {
+            report.error(format!("{p}.header"), why);
         }
         let lower = header.to_ascii_lowercase();
         if seen_headers.contains(&lower) {

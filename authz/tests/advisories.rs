@@ -337,3 +337,48 @@ fn unknown_issuer_is_rejected_not_ignored() {
         "twin: a workload no RequestAuthentication selects ignores the token"
     );
 }
+
+/// JWT output headers (`outputPayloadToHeader`, `outputClaimToHeaders`) may not name a
+/// header that frames, routes or authenticates the request: a claim written to
+/// `content-length` or `host` would let whoever mints tokens reshape requests at the app.
+#[test]
+fn jwt_output_headers_may_not_frame_or_route_requests() {
+    let ra = |fields: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: ra, namespace: foo}}\nspec:\n  jwtRules:\n  - issuer: https://idp.example\n    jwksUri: https://idp.example/jwks\n{fields}"
+        )
+    };
+    for bad in [
+        "Host",
+        "content-length",
+        "Transfer-Encoding",
+        "authorization",
+        "x-forwarded-client-cert",
+    ] {
+        for (fields, at) in [
+            (
+                format!("    outputPayloadToHeader: {bad}\n"),
+                "outputPayloadToHeader",
+            ),
+            (
+                format!("    outputClaimToHeaders: [{{header: {bad}, claim: sub}}]\n"),
+                "outputClaimToHeaders[0].header",
+            ),
+        ] {
+            let r = rampart_authz::load_str("ra.yaml", &ra(&fields));
+            let all = format!("{:?}", r.problems);
+            assert!(
+                r.problems.iter().any(|p| p.to_string().contains(at)),
+                "{bad} at {at} accepted: {all}"
+            );
+        }
+    }
+    // Twin: an ordinary header name is fine.
+    let r = rampart_authz::load_str(
+        "ra.yaml",
+        &ra(
+            "    outputPayloadToHeader: x-jwt-payload\n    outputClaimToHeaders: [{header: x-jwt-sub, claim: sub}]\n",
+        ),
+    );
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
+}
