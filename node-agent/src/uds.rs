@@ -40,7 +40,11 @@ async fn bind_unix_inspect(
     inspect: impl FnOnce(&Path),
 ) -> Result<UnixListener, Error> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        std::fs::create_dir_all(parent)
+        use std::os::unix::fs::DirBuilderExt;
+        std::fs::DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
             .map_err(|e| sock_err(path, format!("cannot create {}: {e}", parent.display())))?;
     }
     match std::fs::symlink_metadata(path) {
@@ -62,6 +66,10 @@ async fn bind_unix_inspect(
         Err(e) => return Err(sock_err(path, e.to_string())),
     }
     let dir = private_dir(path)?;
+    if let Err(e) = check_ancestors(path, &dir) {
+        let _ = std::fs::remove_dir(&dir);
+        return Err(e);
+    }
     let tmp = dir.join("s");
     let result = (|| {
         let listener = std::os::unix::net::UnixListener::bind(&tmp)
@@ -82,6 +90,59 @@ async fn bind_unix_inspect(
 
 /// Create a new directory with mode 0700 next to `path` (never reusing an existing one: a
 /// directory someone else prepared could be traversable).
+/// The socket is only as private as the directories above it: whoever can write to its
+/// directory (or, without the sticky bit, to any directory above) can rename our socket away
+/// and put their own in its place, and the proxy would then take its trust bundle from them.
+/// So the socket's directory must belong to the agent's user (the owner of the private
+/// directory just made, `mine`) or root and be writable by nobody else, and no directory
+/// above it may be writable by others unless sticky (as `/tmp` is). Directories the agent
+/// creates for the socket are made 0755 whatever the umask adds.
+fn check_ancestors(path: &Path, mine: &Path) -> Result<(), Error> {
+    use std::os::unix::fs::MetadataExt;
+    let me = std::fs::symlink_metadata(mine)
+        .map_err(|e| sock_err(path, format!("{}: {e}", mine.display())))?
+        .uid();
+    let parent = std::path::absolute(path)
+        .map_err(|e| sock_err(path, e.to_string()))?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    for (i, dir) in parent.ancestors().enumerate() {
+        if dir.as_os_str().is_empty() {
+            continue;
+        }
+        let md = std::fs::metadata(dir)
+            .map_err(|e| sock_err(path, format!("{}: {e}", dir.display())))?;
+        // The socket's own directory: nobody but its owner may write. Above it: not
+        // others (a group that can write to a project folder is trusted, as with umask 002
+        // and per-user groups).
+        let writers = if i == 0 { 0o022 } else { 0o002 };
+        let open = md.mode() & writers != 0 && md.mode() & 0o1000 == 0;
+        if open {
+            return Err(sock_err(
+                path,
+                format!(
+                    "{} is writable by {} (mode {:o}): another user could replace the socket; use a directory only the agent's user can write",
+                    dir.display(),
+                    if i == 0 { "group or others" } else { "others" },
+                    md.mode() & 0o7777
+                ),
+            ));
+        }
+        if i == 0 && md.uid() != me && md.uid() != 0 {
+            return Err(sock_err(
+                path,
+                format!(
+                    "{} belongs to uid {}, not to the agent's user (uid {me}): its owner could replace the socket",
+                    dir.display(),
+                    md.uid()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
 fn private_dir(path: &Path) -> Result<PathBuf, Error> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -142,6 +203,45 @@ impl Drop for SocketGuard {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A socket directory others can write to is refused (they could swap the socket); the
+    /// sticky bit (as on /tmp) makes an open directory safe again; a private one is fine.
+    #[tokio::test]
+    async fn socket_directory_writable_by_others_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let open = d.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = bind_unix(&open.join("sock"), 0o600).await.unwrap_err();
+        assert!(
+            err.to_string().contains("writable by group or others"),
+            "{err}"
+        );
+        assert!(
+            std::fs::read_dir(&open).unwrap().next().is_none(),
+            "nothing left behind"
+        );
+        // Below a directory others can write is no better: it can be renamed away.
+        let below = open.join("a");
+        std::fs::create_dir(&below).unwrap();
+        std::fs::set_permissions(&below, std::fs::Permissions::from_mode(0o755)).unwrap();
+        assert!(bind_unix(&below.join("sock"), 0o600).await.is_err());
+        // A group-writable directory above is trusted (umask 002 with per-user groups); the
+        // socket's own directory still may not be group-writable.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o775)).unwrap();
+        let l = bind_unix(&below.join("sock"), 0o600).await.unwrap();
+        drop(l);
+        std::fs::remove_file(below.join("sock")).unwrap();
+        std::fs::set_permissions(&below, std::fs::Permissions::from_mode(0o775)).unwrap();
+        assert!(bind_unix(&below.join("sock"), 0o600).await.is_err());
+        std::fs::set_permissions(&below, std::fs::Permissions::from_mode(0o755)).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        // Twins: sticky, and private.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let _l = bind_unix(&below.join("sock"), 0o600).await.unwrap();
+        let private = d.path().join("private");
+        let _l2 = bind_unix(&private.join("sock"), 0o600).await.unwrap();
+    }
 
     #[tokio::test]
     async fn creates_dirs_sets_mode_and_replaces_stale_socket() {
