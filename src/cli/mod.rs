@@ -25,6 +25,21 @@ pub(crate) struct Cli {
     /// Log more (repeat for more detail). `RUST_LOG` overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub(crate) verbose: u8,
+    /// TLS key-exchange compliance policy for every endpoint of this process (CA server,
+    /// agent's CA client, proxy), as Istio's `COMPLIANCE_POLICY`: `pqc` offers and accepts
+    /// X25519MLKEM768 only and refuses classical-only peers. Default: X25519MLKEM768
+    /// preferred, classical groups accepted. A proxy's mesh.yaml `rampart.compliancePolicy:
+    /// pqc` also turns it on.
+    #[arg(
+        long,
+        global = true,
+        env = "COMPLIANCE_POLICY",
+        value_name = "POLICY",
+        default_value = "",
+        hide_default_value = true,
+        value_parser = rampart_certs::tls::CompliancePolicy::parse
+    )]
+    pub(crate) compliance_policy: rampart_certs::tls::CompliancePolicy,
     #[command(subcommand)]
     pub(crate) command: Command,
 }

@@ -470,6 +470,12 @@ impl Up {
             .kill_on_drop(true);
         // Plain log lines in the log files.
         cmd.env("NO_COLOR", "1");
+        // `rampart up --compliance-policy pqc` reaches the CA, agents and proxies it starts.
+        if role != Role::App
+            && rampart_certs::tls::compliance_policy() == rampart_certs::tls::CompliancePolicy::Pqc
+        {
+            cmd.env("COMPLIANCE_POLICY", "pqc");
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
