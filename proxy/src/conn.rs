@@ -72,7 +72,7 @@ pub(crate) async fn connect_mtls(
         })?;
     tracing::debug!(
         peer = %target.addr,
-        kx_group = rampart_certs::tls::negotiated_group(tls.get_ref().1)
+        kx_group = %rampart_certs::tls::negotiated_group(tls.get_ref().1)
             .as_deref()
             .unwrap_or("-"),
         "outbound mTLS handshake done"

@@ -646,7 +646,7 @@ async fn inbound_conn(sh: &Arc<Shared>, port: u16, tcp: TcpStream, peer: SocketA
         tracing::debug!(
             %peer,
             port,
-            kx_group = rampart_certs::tls::negotiated_group(c).as_deref().unwrap_or("-"),
+            kx_group = %rampart_certs::tls::negotiated_group(c).as_deref().unwrap_or("-"),
             "inbound mTLS handshake done"
         );
         let leaf = c.peer_certificates().and_then(|c| c.first());
