@@ -154,9 +154,15 @@ impl SupportedKxGroup for X25519MlKem768 {
 /// An ML-KEM-768 decapsulation key, boxed so it is not copied around, zeroized on drop.
 struct DecapsulationKey(Box<MlKem768PrivateKey>);
 
+impl DecapsulationKey {
+    fn wipe(&mut self) {
+        self.0[0..].zeroize();
+    }
+}
+
 impl Drop for DecapsulationKey {
     fn drop(&mut self) {
-        self.0[0..].zeroize();
+        self.wipe();
     }
 }
 
@@ -217,5 +223,65 @@ impl ActiveKeyExchange for ActiveX25519MlKem768 {
 
     fn group(&self) -> NamedGroup {
         NamedGroup::X25519MLKEM768
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // RFC 7748 §6.1: Alice's and Bob's X25519 keys and their shared secret K.
+    const ALICE_PRIV: &str = "77076d0a7318a57d3c16c17251b26645df4c2f87ebc0992ab177fba51db92c2a";
+    const ALICE_PUB: &str = "8520f0098930a754748b7ddcb43ef75a0dbf3a0d26381af4eba4a98eaa9b4e6a";
+    const BOB_PRIV: &str = "5dab087e624a8a4b79e17f8b83800ee66f3bb1292618b6fd1c2f8b27ff88e0eb";
+    const BOB_PUB: &str = "de9edb7d7b7dc1b4d35b61c2ece435373f8343c85b78674dadfc7e146f882b4f";
+    const K: &str = "4a5d9d5ba4ce2de1728e3bf480350f25e07e21c947d19e3376f09b3c1e161742";
+    // SHA-256 of the ML-KEM-768 encapsulation key of draft-ietf-lamps-kyber-certificates'
+    // example (seed d || z = 00 01 .. 3f; the SubjectPublicKeyInfo's key bytes).
+    const LAMPS_EK_SHA256: &str =
+        "0b7934c83125c788995e2ba6bd761e33046b3e40571be53e023309a29f398cc9";
+
+    fn unhex<const N: usize>(s: &str) -> [u8; N] {
+        hex::decode(s).unwrap().try_into().unwrap()
+    }
+
+    /// A fixed vector from published values: the client's share is the LAMPS example
+    /// encapsulation key || Alice's X25519 key, the server's ends with Bob's, and the
+    /// secret's second half is RFC 7748's K; both sides agree on all 64 bytes.
+    #[test]
+    #[allow(deprecated)] // ring's fixed test randomness lives in its deprecated `test` module
+    fn fixed_vector_from_rfc7748_and_the_lamps_example_key() {
+        use ring::test::rand::FixedSliceRandom;
+        let seed: [u8; 64] = std::array::from_fn(|i| i as u8);
+        let alice = unhex::<32>(ALICE_PRIV);
+        let client =
+            X25519MlKem768::client_start(&seed, &FixedSliceRandom { bytes: &alice }).unwrap();
+        let share = client.pub_key().to_vec();
+        assert_eq!(share.len(), CLIENT_SHARE_LEN);
+        let ek_digest = ring::digest::digest(&ring::digest::SHA256, &share[..1184]);
+        assert_eq!(hex::encode(ek_digest), LAMPS_EK_SHA256);
+        assert_eq!(hex::encode(&share[1184..]), ALICE_PUB);
+
+        let bob = unhex::<32>(BOB_PRIV);
+        let server =
+            X25519MlKem768::server_complete(&share, &[0x42; 32], &FixedSliceRandom { bytes: &bob })
+                .unwrap();
+        assert_eq!(server.pub_key.len(), SERVER_SHARE_LEN);
+        assert_eq!(hex::encode(&server.pub_key[1088..]), BOB_PUB);
+        let secret = server.secret.secret_bytes().to_vec();
+        assert_eq!(hex::encode(&secret[32..]), K);
+
+        let client_secret = Box::new(client).complete(&server.pub_key).unwrap();
+        assert_eq!(client_secret.secret_bytes(), &secret[..]);
+    }
+
+    /// `wipe` is what `Drop` runs; observed here before the memory is freed.
+    #[test]
+    fn wipe_clears_every_byte_of_the_decapsulation_key() {
+        let (sk, _) = mlkem768::generate_key_pair([7; 64]).into_parts();
+        let mut key = DecapsulationKey(Box::new(sk));
+        assert!(key.0.as_slice().iter().any(|b| *b != 0));
+        key.wipe();
+        assert!(key.0.as_slice().iter().all(|b| *b == 0));
     }
 }
