@@ -9,7 +9,6 @@ use clap::Parser;
 fn main() -> ExitCode {
     let args = cli::Cli::parse();
     cli::init_tracing(args.verbose);
-    rampart_certs::tls::set_compliance_policy(args.compliance_policy);
     match args.command.run() {
         Ok(code) => code,
         Err(err) => {

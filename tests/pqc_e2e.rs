@@ -511,8 +511,9 @@ const ISS: &str = "https://kubernetes.default.svc.cluster.local";
 fn start_ca(dir: &Path, flags: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
     let log = dir.join("ca.log");
     let mut cmd = rampart();
-    cmd.args(flags)
-        .args(["ca", "--listen", "127.0.0.1:0", "--cacerts"])
+    cmd.arg("ca")
+        .args(flags)
+        .args(["--listen", "127.0.0.1:0", "--cacerts"])
         .arg(dir.join("cacerts"))
         .arg("--state")
         .arg(dir.join("state"))

@@ -25,21 +25,6 @@ pub(crate) struct Cli {
     /// Log more (repeat for more detail). `RUST_LOG` overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     pub(crate) verbose: u8,
-    /// TLS key-exchange compliance policy for every endpoint of this process (CA server,
-    /// agent's CA client, proxy), as Istio's `COMPLIANCE_POLICY`: `pqc` offers and accepts
-    /// X25519MLKEM768 only and refuses classical-only peers. Default: X25519MLKEM768
-    /// preferred, classical groups accepted. A proxy's mesh.yaml `rampart.compliancePolicy:
-    /// pqc` also turns it on.
-    #[arg(
-        long,
-        global = true,
-        env = "COMPLIANCE_POLICY",
-        value_name = "POLICY",
-        default_value = "",
-        hide_default_value = true,
-        value_parser = rampart_certs::tls::CompliancePolicy::parse
-    )]
-    pub(crate) compliance_policy: rampart_certs::tls::CompliancePolicy,
     #[command(subcommand)]
     pub(crate) command: Command,
 }
@@ -89,6 +74,31 @@ impl Command {
             Command::Echo(cmd) => cmd.run(),
             Command::MtlsReport(cmd) => cmd.run(),
         }
+    }
+}
+
+/// `--compliance-policy` (env `COMPLIANCE_POLICY`, as Istio's) for the commands that run TLS
+/// endpoints: `ca`, `agent`, `proxy`, `up`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ComplianceArgs {
+    /// TLS key-exchange policy, as Istio's COMPLIANCE_POLICY: `pqc` offers and accepts only
+    /// X25519MLKEM768 and refuses classical-only peers. Default: X25519MLKEM768 preferred,
+    /// X25519, P-256 and P-384 accepted.
+    #[arg(
+        long = "compliance-policy",
+        env = "COMPLIANCE_POLICY",
+        value_name = "POLICY",
+        default_value = "",
+        hide_default_value = true,
+        value_parser = rampart_certs::tls::CompliancePolicy::parse
+    )]
+    pub(crate) policy: rampart_certs::tls::CompliancePolicy,
+}
+
+impl ComplianceArgs {
+    /// Make the policy this process's, before any TLS configuration is built.
+    pub(crate) fn apply(&self) {
+        rampart_certs::tls::set_compliance_policy(self.policy);
     }
 }
 

@@ -54,6 +54,8 @@ const MAX_SOCKET_PATH: usize = 107;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct UpArgs {
+    #[command(flatten)]
+    compliance: super::ComplianceArgs,
     /// The mesh folder: mesh.yaml, workloads.yaml, policy YAML, jwks/.
     #[arg(value_name = "DIR")]
     dir: PathBuf,
@@ -83,6 +85,7 @@ pub(crate) struct UpArgs {
 
 impl UpArgs {
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
+        self.compliance.apply();
         let mesh = MeshFolder::read(&self.dir).map_err(super::bad_input)?;
         let policy = check_policy(&self.dir);
         if !policy.problems.is_empty() {
