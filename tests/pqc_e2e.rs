@@ -507,6 +507,18 @@ fn run_ok(cmd: &mut Command) -> String {
 
 const ISS: &str = "https://kubernetes.default.svc.cluster.local";
 
+/// A signing key, its JWKS (`jwks.json`) and a workload token (`token`) in `dir`.
+fn write_token_and_jwks(dir: &Path) {
+    let key = dir.join("signing-key.pem");
+    run_ok(rampart().args(["token", "keygen", "--out"]).arg(&key));
+    let jwks = run_ok(rampart().args(["token", "jwks", "--key"]).arg(&key));
+    std::fs::write(dir.join("jwks.json"), jwks).unwrap();
+    let token = run_ok(rampart().args(["token", "issue", "--key"]).arg(&key).args([
+        "--issuer", ISS, "--ns", "shop", "--sa", "cart", "--ttl", "1h",
+    ]));
+    std::fs::write(dir.join("token"), token.trim()).unwrap();
+}
+
 /// Start `rampart ca` with `extra` flags/env; its address once it prints it.
 fn start_ca(dir: &Path, flags: &[&str], env: &[(&str, &str)]) -> (Proc, String) {
     let log = dir.join("ca.log");
@@ -584,14 +596,7 @@ fn openssl_x25519(addr: &str) -> (bool, String) {
 fn pqc_ca_and_agent_talk_hybrid_and_the_ca_refuses_a_classical_only_client() {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let key = dir.join("signing-key.pem");
-    run_ok(rampart().args(["token", "keygen", "--out"]).arg(&key));
-    let jwks = run_ok(rampart().args(["token", "jwks", "--key"]).arg(&key));
-    std::fs::write(dir.join("jwks.json"), jwks).unwrap();
-    let token = run_ok(rampart().args(["token", "issue", "--key"]).arg(&key).args([
-        "--issuer", ISS, "--ns", "shop", "--sa", "cart", "--ttl", "1h",
-    ]));
-    std::fs::write(dir.join("token"), token.trim()).unwrap();
+    write_token_and_jwks(dir);
 
     // Twin first: without the policy, X25519 alone is served.
     let (ca, addr) = start_ca(dir, &[], &[]);
@@ -649,4 +654,104 @@ fn pqc_ca_and_agent_talk_hybrid_and_the_ca_refuses_a_classical_only_client() {
     assert!(chain.contains("BEGIN CERTIFICATE"), "{chain}");
     drop(agent);
     drop(ca);
+}
+
+/// `rampart agent` under `COMPLIANCE_POLICY=pqc` dialing a CA address served by a
+/// classical-only TLS server (`openssl s_server`, X25519 only): no certificate, and the
+/// agent's log names the policy. (Its positive twin is the agent above, issued by a `pqc` CA.)
+#[test]
+fn pqc_agent_refuses_a_classical_only_ca_and_says_why() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let (cert, key) = (dir.join("ca-serving.pem"), dir.join("ca-serving.key"));
+    run_ok(
+        Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-nodes",
+                "-days",
+                "1",
+                "-subj",
+                "/CN=istiod",
+                "-addext",
+                "subjectAltName=DNS:istiod.istio-system.svc",
+                "-keyout",
+            ])
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert),
+    );
+    write_token_and_jwks(dir);
+    let port = free_port();
+    let server_log = dir.join("s_server.log");
+    let server = Proc {
+        child: Command::new("openssl")
+            .args([
+                "s_server",
+                "-accept",
+                &port.to_string(),
+                "-tls1_3",
+                "-groups",
+            ])
+            .arg("X25519")
+            .arg("-cert")
+            .arg(&cert)
+            .arg("-key")
+            .arg(&key)
+            .stdin(Stdio::piped())
+            .stdout(std::fs::File::create(&server_log).unwrap())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap(),
+        log: server_log,
+    };
+    support::wait_for(
+        "openssl s_server listening",
+        Duration::from_secs(10),
+        || std::net::TcpStream::connect(("127.0.0.1", port)).is_ok(),
+        || server.log(),
+    );
+    let agent_log = dir.join("agent.log");
+    let agent = Proc {
+        child: rampart()
+            .args([
+                "agent",
+                "--ca-addr",
+                &format!("127.0.0.1:{port}"),
+                "--ca-root",
+            ])
+            .arg(&cert)
+            .arg("--token")
+            .arg(dir.join("token"))
+            .arg("--sds-socket")
+            .arg(dir.join("sds/socket"))
+            .arg("--workload-api-socket")
+            .arg(dir.join("wapi/socket"))
+            .arg("--output-dir")
+            .arg(dir.join("out"))
+            .env("COMPLIANCE_POLICY", "pqc")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&agent_log).unwrap())
+            .spawn()
+            .unwrap(),
+        log: agent_log,
+    };
+    support::wait_for(
+        "the agent's log naming the compliance policy",
+        Duration::from_secs(20),
+        || {
+            agent
+                .log()
+                .contains("compliance policy pqc requires X25519MLKEM768")
+        },
+        || agent.log(),
+    );
+    assert!(!dir.join("out/cert-chain.pem").exists());
+    drop(agent);
+    drop(server);
 }
