@@ -755,3 +755,119 @@ fn pqc_agent_refuses_a_classical_only_ca_and_says_why() {
     drop(agent);
     drop(server);
 }
+
+/// `rampart up` on a folder whose mesh.yaml says `rampart: {compliancePolicy: pqc}`: the CA,
+/// the node agent and the proxy it starts all run under the policy. The workload comes up
+/// (its agent was issued a certificate by the CA, the proxy got it over SDS), and a client
+/// offering only X25519 is refused by both the CA and the proxy's inbound.
+#[test]
+fn rampart_up_runs_ca_agent_and_proxy_under_the_folders_pqc_policy() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path().join("mesh");
+    std::fs::create_dir_all(&dir).unwrap();
+    let (ca, app, inbound, outbound, admin) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
+    std::fs::write(
+        dir.join("mesh.yaml"),
+        format!(
+            "trustDomain: cluster.local\nrampart: {{compliancePolicy: pqc, ca: {{listen: 127.0.0.1:{ca}}}}}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("workloads.yaml"),
+        format!(
+            r#"workloads:
+- name: a
+  namespace: ns1
+  ports:
+  - {{port: 80, protocol: http, app: "127.0.0.1:{app}", inbound: "127.0.0.1:{inbound}"}}
+  command: ["{bin}", echo, --listen, "127.0.0.1:{app}"]
+  proxy: {{outbound: "127.0.0.1:{outbound}", admin: "127.0.0.1:{admin}"}}
+"#,
+            bin = env!("CARGO_BIN_EXE_rampart")
+        ),
+    )
+    .unwrap();
+    let mut child = rampart()
+        .arg("up")
+        .arg(&dir)
+        .arg("--state-dir")
+        .arg(tmp.path().join("s"))
+        .args(["--ready-timeout", "60s", "--drain-timeout", "2s"])
+        .env_remove("COMPLIANCE_POLICY")
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let (so, se) = (
+        std::sync::Arc::default(),
+        std::sync::Arc::<std::sync::Mutex<String>>::default(),
+    );
+    support::collect(child.stdout.take().unwrap(), std::sync::Arc::clone(&so));
+    support::collect(child.stderr.take().unwrap(), std::sync::Arc::clone(&se));
+    let up = UpStopsOnDrop(support::Up {
+        child,
+        stdout: so,
+        stderr: se,
+    });
+    let err = || up.0.stderr.lock().unwrap().clone();
+    support::wait_for(
+        "rampart up ready",
+        Duration::from_secs(120),
+        || err().contains("rampart up: ready"),
+        err,
+    );
+    for (what, port) in [("CA", ca), ("proxy inbound", inbound)] {
+        let (ok, text) = openssl_x25519(&format!("127.0.0.1:{port}"));
+        assert!(
+            !ok,
+            "the {what} must refuse a classical-only client under the folder's pqc:\n{text}"
+        );
+    }
+    // The CA's and the proxy's own log files (`<state>/logs`) say why.
+    let logs = || -> String {
+        std::fs::read_dir(tmp.path().join("s/logs"))
+            .unwrap()
+            .filter_map(Result::ok)
+            .map(|e| std::fs::read_to_string(e.path()).unwrap_or_default())
+            .collect()
+    };
+    support::wait_for(
+        "both refusals in the children's logs",
+        Duration::from_secs(10),
+        || {
+            logs()
+                .matches("compliance policy pqc requires X25519MLKEM768")
+                .count()
+                >= 2
+        },
+        || format!("{}\n{}", err(), logs()),
+    );
+    drop(up);
+}
+
+/// Stops `rampart up` as a person does (SIGINT: it stops its CA, agents, apps and proxies),
+/// also when the test fails half-way; SIGKILL would leave the children running.
+struct UpStopsOnDrop(support::Up);
+
+impl Drop for UpStopsOnDrop {
+    fn drop(&mut self) {
+        if let Some(pid) = rustix::process::Pid::from_raw(self.0.child.id() as i32) {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::INT);
+        }
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        while std::time::Instant::now() < deadline {
+            if let Ok(Some(_)) = self.0.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}

@@ -87,6 +87,11 @@ impl UpArgs {
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
         self.compliance.apply();
         let mesh = MeshFolder::read(&self.dir).map_err(super::bad_input)?;
+        // mesh.yaml's `rampart.compliancePolicy: pqc` reaches the CA and agents too (the
+        // proxies read it themselves); a `pqc` flag is never loosened by the folder.
+        if mesh.compliance_policy == rampart_certs::tls::CompliancePolicy::Pqc {
+            rampart_certs::tls::set_compliance_policy(mesh.compliance_policy);
+        }
         let policy = check_policy(&self.dir);
         if !policy.problems.is_empty() {
             return Err(super::bad_input(format!(
