@@ -1,8 +1,13 @@
 //! The one crypto-policy module: every rustls configuration in Rampart is built here.
 //!
 //! - **Provider**: rustls over ring, TLS 1.3 only, cipher suites `TLS13_AES_128_GCM_SHA256`,
-//!   `TLS13_AES_256_GCM_SHA384`, `TLS13_CHACHA20_POLY1305_SHA256`, key exchange X25519,
-//!   secp256r1, secp384r1. TLS 1.2 is never offered nor accepted.
+//!   `TLS13_AES_256_GCM_SHA384`, `TLS13_CHACHA20_POLY1305_SHA256`, key exchange
+//!   [`X25519MLKEM768`] (post-quantum hybrid, preferred) then X25519, secp256r1, secp384r1.
+//!   TLS 1.2 is never offered nor accepted.
+//! - **Compliance policy** ([`CompliancePolicy`], Istio's `COMPLIANCE_POLICY`): `pqc` offers
+//!   and accepts `X25519MLKEM768` only, so a classical-only peer is refused
+//!   ([`kx_refusal`] says why). Process-wide, set once at start
+//!   ([`set_compliance_policy`]) before any configuration is built.
 //! - **SPIFFE verifiers**: [`SpiffeServerVerifier`] and [`SpiffeClientVerifier`] accept a
 //!   peer whose chain passes [`verify_workload_chain`](crate::verify_workload_chain) against a [`TrustBundle`] and a
 //!   [`TrustDomainPolicy`] (the SAN is the identity; the TLS server name is not used), and
@@ -22,6 +27,7 @@
 //! [`client_config`] are for fixed material.
 
 use std::fmt;
+use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -34,7 +40,8 @@ use rustls::server::{ClientHello, ResolvesServerCert};
 use rustls::sign::CertifiedKey;
 use rustls::{
     CertificateError, ClientConfig, CommonState, DigitallySignedStruct, DistinguishedName,
-    OtherError, RootCertStore, ServerConfig, SignatureScheme, SupportedProtocolVersion,
+    OtherError, PeerIncompatible, PeerMisbehaved, RootCertStore, ServerConfig, SignatureScheme,
+    SupportedProtocolVersion,
 };
 
 use crate::{
@@ -45,22 +52,129 @@ use crate::{
 /// The only protocol version: TLS 1.3.
 pub static PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
-/// The rustls crypto provider every Rampart configuration uses: ring, the three TLS 1.3
-/// cipher suites and the X25519, secp256r1 and secp384r1 groups, in that preference order.
+mod pq;
+
+pub use pq::{
+    CLIENT_SHARE_LEN, MLKEM768_CIPHERTEXT_LEN, MLKEM768_ENCAPS_KEY_LEN, SERVER_SHARE_LEN,
+    SHARED_SECRET_LEN, X25519_PUBLIC_LEN, X25519MLKEM768, X25519MlKem768,
+};
+
+/// Which key-exchange groups TLS endpoints offer and accept, as Istio's
+/// `COMPLIANCE_POLICY` environment variable.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
+#[serde(rename_all = "lowercase")]
+#[non_exhaustive]
+pub enum CompliancePolicy {
+    /// `X25519MLKEM768` preferred, then X25519, secp256r1, secp384r1.
+    #[default]
+    Default,
+    /// `pqc`: `X25519MLKEM768` only; a classical-only peer is refused.
+    Pqc,
+}
+
+impl CompliancePolicy {
+    /// Parse a setting: `pqc`, or empty for the default. Anything else (including Istio's
+    /// `fips-140-2`, which Rampart does not implement) is refused, naming the values known.
+    pub fn parse(s: &str) -> Result<CompliancePolicy, String> {
+        match s.trim() {
+            "" => Ok(CompliancePolicy::Default),
+            "pqc" => Ok(CompliancePolicy::Pqc),
+            other => Err(format!(
+                "unknown compliance policy {other:?}: expected \"pqc\" or empty"
+            )),
+        }
+    }
+
+    /// The setting's name (`pqc`, or empty for the default).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            CompliancePolicy::Default => "",
+            CompliancePolicy::Pqc => "pqc",
+        }
+    }
+}
+
+static POLICY: AtomicU8 = AtomicU8::new(0);
+
+/// Set the process-wide compliance policy for configurations built from now on (set it at
+/// start, before any listener or client is built).
+pub fn set_compliance_policy(policy: CompliancePolicy) {
+    let v = match policy {
+        CompliancePolicy::Default => 0,
+        CompliancePolicy::Pqc => 1,
+    };
+    POLICY.store(v, Ordering::SeqCst);
+}
+
+/// The process-wide compliance policy ([`set_compliance_policy`]).
+pub fn compliance_policy() -> CompliancePolicy {
+    match POLICY.load(Ordering::SeqCst) {
+        0 => CompliancePolicy::Default,
+        _ => CompliancePolicy::Pqc,
+    }
+}
+
+/// The rustls crypto provider every Rampart configuration uses, under the process-wide
+/// [`compliance_policy`]; see [`provider_for`].
 pub fn provider() -> Arc<CryptoProvider> {
+    provider_for(compliance_policy())
+}
+
+/// The rustls crypto provider under `policy`: ring, the three TLS 1.3 cipher suites, and the
+/// groups `X25519MLKEM768`, X25519, secp256r1, secp384r1 in that preference order (only
+/// `X25519MLKEM768` under [`CompliancePolicy::Pqc`]).
+pub fn provider_for(policy: CompliancePolicy) -> Arc<CryptoProvider> {
+    let kx_groups = match policy {
+        CompliancePolicy::Default => vec![
+            X25519MLKEM768,
+            ring::kx_group::X25519,
+            ring::kx_group::SECP256R1,
+            ring::kx_group::SECP384R1,
+        ],
+        CompliancePolicy::Pqc => vec![X25519MLKEM768],
+    };
     Arc::new(CryptoProvider {
         cipher_suites: vec![
             ring::cipher_suite::TLS13_AES_128_GCM_SHA256,
             ring::cipher_suite::TLS13_AES_256_GCM_SHA384,
             ring::cipher_suite::TLS13_CHACHA20_POLY1305_SHA256,
         ],
-        kx_groups: vec![
-            ring::kx_group::X25519,
-            ring::kx_group::SECP256R1,
-            ring::kx_group::SECP384R1,
-        ],
+        kx_groups,
         ..ring::default_provider()
     })
+}
+
+/// Why a handshake failed, when the reason is the key exchange: a peer with no group in
+/// common (under `pqc`, a classical-only peer), or a server picking a group we did not offer.
+pub fn kx_refusal(err: &rustls::Error) -> Option<String> {
+    let policy = compliance_policy();
+    let why = match err {
+        rustls::Error::PeerIncompatible(PeerIncompatible::NoKxGroupsInCommon)
+        | rustls::Error::PeerMisbehaved(
+            PeerMisbehaved::SelectedUnofferedKxGroup
+            | PeerMisbehaved::IllegalHelloRetryRequestWithUnofferedNamedGroup,
+        ) => "peer has no key exchange group in common with us",
+        rustls::Error::AlertReceived(rustls::AlertDescription::HandshakeFailure)
+            if policy == CompliancePolicy::Pqc =>
+        {
+            "peer sent handshake_failure (it may not support X25519MLKEM768)"
+        }
+        _ => return None,
+    };
+    Some(match policy {
+        CompliancePolicy::Pqc => format!(
+            "{why}: compliance policy pqc requires X25519MLKEM768 and refuses classical-only key exchange ({err})"
+        ),
+        CompliancePolicy::Default => {
+            format!("{why}: we offer X25519MLKEM768, X25519, secp256r1, secp384r1 ({err})")
+        }
+    })
+}
+
+/// The key-exchange group a finished handshake used (e.g. `X25519MLKEM768`), for logs.
+pub fn negotiated_group(conn: &CommonState) -> Option<String> {
+    conn.negotiated_key_exchange_group()
+        .map(|g| format!("{:?}", g.name()))
 }
 
 fn algorithms() -> WebPkiSupportedAlgorithms {

@@ -236,7 +236,7 @@ fn mutual_spiffe_handshake_returns_both_identities() {
     );
     assert_eq!(
         c.negotiated_key_exchange_group().unwrap().name(),
-        rustls::NamedGroup::X25519
+        rustls::NamedGroup::X25519MLKEM768
     );
 }
 
@@ -680,6 +680,7 @@ fn the_provider_is_tls13_only_with_the_listed_suites_and_groups() {
     assert_eq!(
         groups,
         [
+            rustls::NamedGroup::X25519MLKEM768,
             rustls::NamedGroup::X25519,
             rustls::NamedGroup::secp256r1,
             rustls::NamedGroup::secp384r1,

@@ -832,7 +832,12 @@ async fn accept_loop(
                 Ok(Err(e)) => {
                     st.metrics
                         .connection_refused(ConnectionRefusal::HandshakeFailed);
-                    tracing::info!(%remote, error = %e, "TLS handshake refused");
+                    let error = e
+                        .get_ref()
+                        .and_then(|i| i.downcast_ref::<rustls::Error>())
+                        .and_then(rampart_certs::tls::kx_refusal)
+                        .unwrap_or_else(|| e.to_string());
+                    tracing::info!(%remote, %error, "TLS handshake refused");
                     return;
                 }
                 Err(_) => {

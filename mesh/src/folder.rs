@@ -245,6 +245,10 @@ pub struct LocalSettings {
     /// (`rampart.allowNonLoopbackOutbound`, default false): whoever reaches such a port acts
     /// as the workload, so a registry asking for one is refused unless this says it is meant.
     pub allow_non_loopback_outbound: bool,
+    /// Key-exchange compliance policy (`rampart.compliancePolicy`, as Istio's
+    /// `COMPLIANCE_POLICY`): `pqc` makes this mesh's proxies offer and accept
+    /// `X25519MLKEM768` only. Read when a proxy starts.
+    pub compliance_policy: rampart_certs::tls::CompliancePolicy,
     /// The whole section as written, for settings other components own.
     pub raw: serde_json::Value,
 }
@@ -618,6 +622,8 @@ struct RawLocal {
     jwks_ca_file: Option<PathBuf>,
     #[serde(default)]
     allow_non_loopback_outbound: bool,
+    #[serde(default)]
+    compliance_policy: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -653,6 +659,12 @@ fn parse_local(file: &str, value: &serde_json::Value, c: &mut Collector) -> Loca
     out.state_dir = raw.state_dir;
     out.allow_non_loopback_outbound = raw.allow_non_loopback_outbound;
     out.jwks_ca_file = raw.jwks_ca_file;
+    if let Some(v) = raw.compliance_policy {
+        match rampart_certs::tls::CompliancePolicy::parse(&v) {
+            Ok(p) => out.compliance_policy = p,
+            Err(e) => c.push(file, "rampart.compliancePolicy", e),
+        }
+    }
     if let Some(v) = raw.jwks_refresh {
         match rampart_authz::parse_duration(&v) {
             Ok(d) if d >= Duration::from_millis(100) => out.jwks_refresh = Some(d),
@@ -1013,6 +1025,34 @@ workloads:
                 "{text}: {problems:?}"
             );
         }
+    }
+
+    #[test]
+    fn compliance_policy_pqc_is_read_and_unknown_values_refused() {
+        use rampart_certs::tls::CompliancePolicy;
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(WORKLOADS_FILE), REG).unwrap();
+        let f = MeshFolder::load(d.path()).unwrap();
+        assert_eq!(f.local.compliance_policy, CompliancePolicy::Default);
+        std::fs::write(
+            d.path().join(MESH_FILE),
+            "rampart: {compliancePolicy: pqc}\n",
+        )
+        .unwrap();
+        let f = MeshFolder::load(d.path()).unwrap();
+        assert_eq!(f.local.compliance_policy, CompliancePolicy::Pqc);
+        std::fs::write(
+            d.path().join(MESH_FILE),
+            "rampart: {compliancePolicy: fips-140-2}\n",
+        )
+        .unwrap();
+        let p = MeshFolder::load(d.path()).unwrap_err();
+        assert!(
+            p.iter().any(|p| p.file == MESH_FILE
+                && p.field == "rampart.compliancePolicy"
+                && p.reason.contains("pqc")),
+            "{p:?}"
+        );
     }
 
     #[test]

@@ -92,7 +92,18 @@ impl IstioCaClient {
             async move {
                 let tcp = tokio::net::TcpStream::connect(&dial).await?;
                 tcp.set_nodelay(true)?;
-                let stream = tls.connect(server_name, tcp).await?;
+                let stream = tls.connect(server_name, tcp).await.map_err(|e| {
+                    // A key-exchange refusal (e.g. compliance policy pqc against a
+                    // classical-only CA) says so instead of a bare TLS alert.
+                    let why = e
+                        .get_ref()
+                        .and_then(|i| i.downcast_ref::<rustls::Error>())
+                        .and_then(rampart_certs::tls::kx_refusal);
+                    match why {
+                        Some(why) => std::io::Error::other(why),
+                        None => e,
+                    }
+                })?;
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
             }
         });

@@ -60,7 +60,7 @@ pub(crate) async fn connect_mtls(
         .await
         .map_err(|e| format!("connect {}: {e}", target.addr))?;
     let _ = tcp.set_nodelay(true);
-    tokio_rustls::TlsConnector::from(config)
+    let tls = tokio_rustls::TlsConnector::from(config)
         .connect(target.sni.clone(), tcp)
         .await
         .map_err(|e| {
@@ -69,15 +69,23 @@ pub(crate) async fn connect_mtls(
                 "mTLS handshake with {} (expecting {}): {why}",
                 target.addr, target.expected
             )
-        })
+        })?;
+    tracing::debug!(
+        peer = %target.addr,
+        kx_group = %rampart_certs::tls::negotiated_group(tls.get_ref().1)
+            .as_deref()
+            .unwrap_or("-"),
+        "outbound mTLS handshake done"
+    );
+    Ok(tls)
 }
 
 /// A handshake error, with the SPIFFE reason when a Rampart verifier refused the peer.
 pub(crate) fn describe_tls_error(e: &std::io::Error) -> String {
-    e.get_ref()
-        .and_then(|i| i.downcast_ref::<rustls::Error>())
-        .and_then(rampart_certs::tls::peer_error)
+    let tls = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
+    tls.and_then(rampart_certs::tls::peer_error)
         .map(ToString::to_string)
+        .or_else(|| tls.and_then(rampart_certs::tls::kx_refusal))
         .unwrap_or_else(|| e.to_string())
 }
 

@@ -242,6 +242,20 @@ pub async fn run(
             Error::MeshFolder(problems)
         }
     })?;
+    // `rampart.compliancePolicy: pqc` tightens the process-wide policy (a `pqc` flag or
+    // COMPLIANCE_POLICY is never loosened by the folder); read once, before any TLS
+    // configuration is built.
+    if cfg.folder.local.compliance_policy == rampart_certs::tls::CompliancePolicy::Pqc {
+        rampart_certs::tls::set_compliance_policy(rampart_certs::tls::CompliancePolicy::Pqc);
+    }
+    tracing::info!(
+        compliance_policy = rampart_certs::tls::compliance_policy().as_str(),
+        "mTLS key exchange: {}",
+        match rampart_certs::tls::compliance_policy() {
+            rampart_certs::tls::CompliancePolicy::Pqc => "X25519MLKEM768 only",
+            _ => "X25519MLKEM768 preferred, then X25519, secp256r1, secp384r1",
+        }
+    );
     let my_id = cfg.me.spiffe_id(&cfg.folder.trust_domain);
     let identity = Arc::new(IdentityHolder::new(
         my_id.clone(),
@@ -629,6 +643,12 @@ async fn inbound_conn(sh: &Arc<Shared>, port: u16, tcp: TcpStream, peer: SocketA
     };
     let (principal, hash, sni) = {
         let c = tls.get_ref().1;
+        tracing::debug!(
+            %peer,
+            port,
+            kx_group = %rampart_certs::tls::negotiated_group(c).as_deref().unwrap_or("-"),
+            "inbound mTLS handshake done"
+        );
         let leaf = c.peer_certificates().and_then(|c| c.first());
         let principal = leaf
             .and_then(|l| rampart_certs::tls::leaf_spiffe_id(l).ok())

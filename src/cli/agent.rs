@@ -15,6 +15,8 @@ use tokio_util::sync::CancellationToken;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct AgentArgs {
+    #[command(flatten)]
+    compliance: super::ComplianceArgs,
     /// CA address to dial (host:port), Istio's `CA_ADDR`.
     #[arg(long, env = "CA_ADDR", default_value = "127.0.0.1:15012")]
     ca_addr: String,
@@ -189,6 +191,7 @@ impl AgentArgs {
     }
 
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
+        self.compliance.apply();
         let config = self.config()?;
         let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
         rt.block_on(async move {

@@ -27,6 +27,8 @@ enum CaCommand {
 
 #[derive(Debug, clap::Args)]
 struct RunArgs {
+    #[command(flatten)]
+    compliance: super::ComplianceArgs,
     /// gRPC (TLS) listen address.
     #[arg(long, default_value = "127.0.0.1:15012")]
     listen: SocketAddr,
@@ -114,6 +116,8 @@ struct RunArgs {
 
 #[derive(Debug, clap::Args)]
 struct BenchArgs {
+    #[command(flatten)]
+    compliance: super::ComplianceArgs,
     /// CA to drive. Without it, an in-process CA (self-signed, temporary state) is started.
     #[arg(long)]
     addr: Option<SocketAddr>,
@@ -206,6 +210,7 @@ impl RunArgs {
     }
 
     fn run(self) -> anyhow::Result<ExitCode> {
+        self.compliance.apply();
         let cfg = self.config()?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -247,6 +252,7 @@ impl RunArgs {
 
 impl BenchArgs {
     fn run(self) -> anyhow::Result<ExitCode> {
+        self.compliance.apply();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(self.threads.max(1))
             .enable_all()

@@ -18,6 +18,8 @@ pub(crate) struct MeshFolder {
     pub(crate) max_cert_ttl: Option<Duration>,
     /// `rampart.stateDir` as written (relative to the cwd of `up`), if given.
     pub(crate) state_dir: Option<PathBuf>,
+    /// `rampart.compliancePolicy` (`pqc`: `up` runs its CA, agents and proxies under it).
+    pub(crate) compliance_policy: rampart_certs::tls::CompliancePolicy,
     pub(crate) workloads: Vec<Workload>,
 }
 
@@ -118,6 +120,7 @@ impl MeshFolder {
             cert_ttl: m.local.cert_ttl,
             max_cert_ttl: m.local.max_cert_ttl,
             state_dir: m.local.state_dir.clone(),
+            compliance_policy: m.local.compliance_policy,
             workloads,
         })
     }

@@ -78,6 +78,31 @@ impl Command {
     }
 }
 
+/// `--compliance-policy` (env `COMPLIANCE_POLICY`, as Istio's) for the commands that run TLS
+/// endpoints: `ca`, `agent`, `proxy`, `up`.
+#[derive(Debug, Clone, clap::Args)]
+pub(crate) struct ComplianceArgs {
+    /// TLS key-exchange policy, as Istio's COMPLIANCE_POLICY: `pqc` offers and accepts only
+    /// X25519MLKEM768 and refuses classical-only peers. Default: X25519MLKEM768 preferred,
+    /// X25519, P-256 and P-384 accepted.
+    #[arg(
+        long = "compliance-policy",
+        env = "COMPLIANCE_POLICY",
+        value_name = "POLICY",
+        default_value = "",
+        hide_default_value = true,
+        value_parser = rampart_certs::tls::CompliancePolicy::parse
+    )]
+    pub(crate) policy: rampart_certs::tls::CompliancePolicy,
+}
+
+impl ComplianceArgs {
+    /// Make the policy this process's, before any TLS configuration is built.
+    pub(crate) fn apply(&self) {
+        rampart_certs::tls::set_compliance_policy(self.policy);
+    }
+}
+
 /// An error caused by what the user gave us (bad flag value, bad file): exit code 2.
 #[derive(Debug)]
 pub(crate) struct BadInput(pub(crate) String);

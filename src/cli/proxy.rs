@@ -9,6 +9,8 @@ use anyhow::Context as _;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct ProxyArgs {
+    #[command(flatten)]
+    compliance: super::ComplianceArgs,
     /// The mesh folder (mesh.yaml, workloads.yaml, policy YAML); watched for edits.
     #[arg(long, value_name = "DIR")]
     mesh: PathBuf,
@@ -63,6 +65,7 @@ pub(crate) struct ProxyArgs {
 
 impl ProxyArgs {
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
+        self.compliance.apply();
         let Some((ns, name)) = self.workload.split_once('/') else {
             return Err(super::bad_input(format!(
                 "--workload {:?}: expected NAMESPACE/NAME",

@@ -55,6 +55,8 @@ const MAX_SOCKET_PATH: usize = 107;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct UpArgs {
+    #[command(flatten)]
+    compliance: super::ComplianceArgs,
     /// The mesh folder: mesh.yaml, workloads.yaml, policy YAML, jwks/.
     #[arg(value_name = "DIR")]
     dir: PathBuf,
@@ -84,7 +86,13 @@ pub(crate) struct UpArgs {
 
 impl UpArgs {
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
+        self.compliance.apply();
         let mesh = MeshFolder::read(&self.dir).map_err(super::bad_input)?;
+        // mesh.yaml's `rampart.compliancePolicy: pqc` reaches the CA and agents too (the
+        // proxies read it themselves); a `pqc` flag is never loosened by the folder.
+        if mesh.compliance_policy == rampart_certs::tls::CompliancePolicy::Pqc {
+            rampart_certs::tls::set_compliance_policy(mesh.compliance_policy);
+        }
         let policy = check_policy(&self.dir);
         if !policy.problems.is_empty() {
             return Err(super::bad_input(format!(
@@ -463,6 +471,12 @@ impl Up {
             .kill_on_drop(true);
         // Plain log lines in the log files.
         cmd.env("NO_COLOR", "1");
+        // `rampart up --compliance-policy pqc` reaches the CA, agents and proxies it starts.
+        if role != Role::App
+            && rampart_certs::tls::compliance_policy() == rampart_certs::tls::CompliancePolicy::Pqc
+        {
+            cmd.env("COMPLIANCE_POLICY", "pqc");
+        }
         for (k, v) in env {
             cmd.env(k, v);
         }
