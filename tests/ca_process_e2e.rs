@@ -472,3 +472,78 @@ fn bundle_out_onto_the_cas_own_root_is_refused_at_startup() {
     );
     assert_eq!(std::fs::read(&own).unwrap(), root, "root untouched");
 }
+
+/// Peers that complete TLS handshakes and then go silent cannot hold the CA's connection
+/// slots: at the limit, the connection idle longest (2 s or more) is closed to make room, so
+/// a real client is served within seconds while all the slots are held by idle peers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_established_connections_are_evicted_at_the_limit() {
+    raise_nofile();
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let signer = issuer(dir);
+    let metrics = format!("127.0.0.1:{}", support::free_port());
+    let ca = start_ca(
+        dir,
+        "127.0.0.1:0",
+        &[
+            "--metrics",
+            &metrics,
+            "--max-connections",
+            "64",
+            "--max-handshakes",
+            "64",
+        ],
+    );
+    // 64 TLS 1.3 connections (Python's ssl, no client certificate) that say nothing more.
+    let holder = r#"
+import socket, ssl, sys
+host, port, n = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
+ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+ctx.check_hostname = False
+ctx.verify_mode = ssl.CERT_NONE
+ctx.minimum_version = ssl.TLSVersion.TLSv1_3
+ctx.set_alpn_protocols(["h2"])
+conns = [ctx.wrap_socket(socket.create_connection((host, port), timeout=10)) for _ in range(n)]
+print("ready", len(conns), flush=True)
+sys.stdin.read()
+"#;
+    let mut py = Command::new(support::python())
+        .args(["-c", holder, "127.0.0.1", &ca.addr.port().to_string(), "64"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(py.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    assert_eq!(line.trim(), "ready 64", "{}", ca.proc.log());
+    let tok = token(&signer, "default", "web");
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let csr = rampart_certs::build_csr(&key, &id).unwrap();
+    let start = Instant::now();
+    let got = tokio::time::timeout(Duration::from_secs(15), async {
+        let mut c = client(dir, ca.addr).await;
+        issue_one(&mut c, &csr, &tok).await
+    })
+    .await
+    .expect("served while idle peers held every slot");
+    got.expect("certificate");
+    assert!(
+        scrape_metric(
+            &metrics,
+            "citadel_server_connection_refused_count{reason=\"idle_evicted\"} "
+        ) >= 1,
+        "{}",
+        ca.proc.log()
+    );
+    eprintln!(
+        "served after {:?} with 64 idle TLS peers holding the limit",
+        start.elapsed()
+    );
+    let _ = py.kill();
+    let _ = py.wait();
+}

@@ -42,15 +42,19 @@ pub enum ConnectionRefusal {
     ConnectionLimit,
     /// A connection to the metrics port beyond its own limit, closed on accept.
     MetricsConnectionLimit,
+    /// An established connection that had moved no byte for a while, closed at the
+    /// connection limit to make room.
+    IdleEvicted,
 }
 
 impl ConnectionRefusal {
-    const ALL: [ConnectionRefusal; 5] = [
+    const ALL: [ConnectionRefusal; 6] = [
         ConnectionRefusal::HandshakeTimeout,
         ConnectionRefusal::HandshakeEvicted,
         ConnectionRefusal::HandshakeFailed,
         ConnectionRefusal::ConnectionLimit,
         ConnectionRefusal::MetricsConnectionLimit,
+        ConnectionRefusal::IdleEvicted,
     ];
 
     /// The metric label.
@@ -61,6 +65,7 @@ impl ConnectionRefusal {
             ConnectionRefusal::HandshakeFailed => "handshake_failed",
             ConnectionRefusal::ConnectionLimit => "connection_limit",
             ConnectionRefusal::MetricsConnectionLimit => "metrics_connection_limit",
+            ConnectionRefusal::IdleEvicted => "idle_evicted",
         }
     }
 }

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
@@ -557,10 +557,106 @@ impl IstioCertificateService for CaService {
     }
 }
 
+/// What an established connection did last, and whether the accept loop has asked it to
+/// close (the idlest connection, evicted to make room at the connection limit).
+struct Activity {
+    /// [`now_ms`] when a byte last moved either way.
+    last_ms: AtomicU64,
+    close: AtomicBool,
+    waker: Mutex<Option<std::task::Waker>>,
+}
+
+/// Milliseconds on a monotonic clock private to this process.
+fn now_ms() -> u64 {
+    static EPOCH: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+    u64::try_from(
+        EPOCH
+            .get_or_init(std::time::Instant::now)
+            .elapsed()
+            .as_millis(),
+    )
+    .unwrap_or(u64::MAX)
+}
+
+impl Activity {
+    fn touch(&self) {
+        self.last_ms.store(now_ms(), Ordering::Relaxed);
+    }
+}
+
+/// How long a connection must have moved no byte before it may be evicted.
+const EVICT_AFTER_IDLE: Duration = Duration::from_secs(2);
+
+/// The established connections, so that at the connection limit the one idle longest can be
+/// closed instead of every new client waiting behind connections that do nothing (a peer
+/// that completes handshakes and then goes silent cannot hold the CA's slots).
+#[derive(Default)]
+struct Live {
+    next: u64,
+    conns: HashMap<u64, Arc<Activity>>,
+}
+
+/// A connection's entry in [`Live`], removed when the connection is dropped.
+struct LiveEntry {
+    live: Arc<Mutex<Live>>,
+    id: u64,
+}
+
+impl Drop for LiveEntry {
+    fn drop(&mut self) {
+        let mut live = self.live.lock().unwrap_or_else(|p| p.into_inner());
+        live.conns.remove(&self.id);
+    }
+}
+
+impl Live {
+    fn add(this: &Arc<Mutex<Live>>) -> (Arc<Activity>, LiveEntry) {
+        let activity = Arc::new(Activity {
+            last_ms: AtomicU64::new(now_ms()),
+            close: AtomicBool::new(false),
+            waker: Mutex::new(None),
+        });
+        let mut live = this.lock().unwrap_or_else(|p| p.into_inner());
+        let id = live.next;
+        live.next += 1;
+        live.conns.insert(id, activity.clone());
+        (
+            activity,
+            LiveEntry {
+                live: this.clone(),
+                id,
+            },
+        )
+    }
+
+    /// Ask the connection idle longest (at least [`EVICT_AFTER_IDLE`]) to close; whether
+    /// there was one.
+    fn evict_idlest(&self) -> bool {
+        let now = now_ms();
+        let min_idle = u64::try_from(EVICT_AFTER_IDLE.as_millis()).unwrap_or(u64::MAX);
+        let victim = self
+            .conns
+            .values()
+            .filter(|a| !a.close.load(Ordering::Relaxed))
+            .min_by_key(|a| a.last_ms.load(Ordering::Relaxed))
+            .filter(|a| now.saturating_sub(a.last_ms.load(Ordering::Relaxed)) >= min_idle);
+        let Some(a) = victim else {
+            return false;
+        };
+        a.close.store(true, Ordering::Release);
+        if let Some(w) = a.waker.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            w.wake();
+        }
+        true
+    }
+}
+
 /// A TLS connection with what its handshake proved.
 struct TlsConn {
     inner: tokio_rustls::server::TlsStream<TcpStream>,
     info: PeerInfo,
+    activity: Arc<Activity>,
+    _live: LiveEntry,
     _slot: ConnSlot,
 }
 
@@ -573,11 +669,33 @@ impl tonic::transport::server::Connected for TlsConn {
 
 impl AsyncRead for TlsConn {
     fn poll_read(
-        mut self: Pin<&mut Self>,
+        self: Pin<&mut Self>,
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
-        Pin::new(&mut self.inner).poll_read(cx, buf)
+        let me = self.get_mut();
+        // Evicted: end of stream, and the server closes the connection.
+        if me.activity.close.load(Ordering::Acquire) {
+            return Poll::Ready(Ok(()));
+        }
+        let before = buf.filled().len();
+        match Pin::new(&mut me.inner).poll_read(cx, buf) {
+            Poll::Pending => {
+                *me.activity.waker.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(cx.waker().clone());
+                if me.activity.close.load(Ordering::Acquire) {
+                    return Poll::Ready(Ok(()));
+                }
+                Poll::Pending
+            }
+            Poll::Ready(Ok(())) => {
+                if buf.filled().len() > before {
+                    me.activity.touch();
+                }
+                Poll::Ready(Ok(()))
+            }
+            other => other,
+        }
     }
 }
 
@@ -587,7 +705,11 @@ impl AsyncWrite for TlsConn {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<std::io::Result<usize>> {
-        Pin::new(&mut self.inner).poll_write(cx, buf)
+        let r = Pin::new(&mut self.inner).poll_write(cx, buf);
+        if matches!(r, Poll::Ready(Ok(n)) if n > 0) {
+            self.activity.touch();
+        }
+        r
     }
     fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.inner).poll_flush(cx)
@@ -765,6 +887,7 @@ async fn accept_loop(
     use crate::metrics::ConnectionRefusal;
     let slots = Arc::new(Semaphore::new(state.config.max_connections));
     let handshakes = Arc::new(Mutex::new(Handshakes::default()));
+    let live = Arc::new(Mutex::new(Live::default()));
     let metrics = state.metrics.clone();
     loop {
         let permit = match slots.clone().try_acquire_owned() {
@@ -773,11 +896,25 @@ async fn accept_loop(
                 metrics.connection_refused(ConnectionRefusal::ConnectionLimit);
                 tracing::warn!(
                     limit = state.config.max_connections,
-                    "connection limit reached; not accepting until a connection closes"
+                    "connection limit reached; closing the idlest connection, else waiting for one to close"
                 );
-                match slots.clone().acquire_owned().await {
-                    Ok(p) => p,
-                    Err(_) => return,
+                // Until a slot frees, close the connection idle longest whenever there is one
+                // idle long enough (checked twice a second).
+                loop {
+                    let evicted = live
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .evict_idlest();
+                    if evicted {
+                        metrics.connection_refused(ConnectionRefusal::IdleEvicted);
+                    }
+                    tokio::select! {
+                        p = slots.clone().acquire_owned() => match p {
+                            Ok(p) => break p,
+                            Err(_) => return,
+                        },
+                        _ = tokio::time::sleep(Duration::from_millis(500)) => {}
+                    }
                 }
             }
         };
@@ -796,11 +933,12 @@ async fn accept_loop(
             metrics: metrics.clone(),
         };
         let _ = tcp.set_nodelay(true);
-        let (acceptor, tx, st, hs) = (
+        let (acceptor, tx, st, hs, lv) = (
             acceptor.clone(),
             conn_tx.clone(),
             state.clone(),
             handshakes.clone(),
+            live.clone(),
         );
         let timeout = state.config.handshake_timeout;
         // Registered under the lock before the task can look for itself, so it always finds
@@ -855,10 +993,13 @@ async fn accept_loop(
                 .map(|c| {
                     Arc::new(st.peer_cert(c.iter().map(|c| c.clone().into_owned()).collect()))
                 });
+            let (activity, entry) = Live::add(&lv);
             let _ = tx
                 .send(Ok(TlsConn {
                     inner: tls,
                     info: PeerInfo { remote, cert },
+                    activity,
+                    _live: entry,
                     _slot: slot,
                 }))
                 .await;
