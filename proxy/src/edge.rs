@@ -206,8 +206,14 @@ pub(crate) struct Activity {
     /// Whether the client opened with the HTTP/2 preface (no per-request header timer:
     /// pings and window updates arrive between streams).
     h2: std::sync::atomic::AtomicBool,
-    first_read: std::sync::atomic::AtomicBool,
+    /// The first bytes, until they match or rule out the HTTP/2 preface (`deciding`).
+    prefix: std::sync::Mutex<Vec<u8>>,
+    deciding: std::sync::atomic::AtomicBool,
 }
+
+/// The start of the HTTP/2 client preface that tells it from an HTTP/1.1 request line (a
+/// request with method `PRI` is still HTTP/1.1 and keeps its header timer).
+const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0\r\n";
 
 impl Activity {
     /// `header_phase`: the connection must deliver a request within the header-read timeout
@@ -220,7 +226,8 @@ impl Activity {
             requests: AtomicU64::new(u64::from(!header_phase)),
             pending_since: AtomicU64::new(0),
             h2: std::sync::atomic::AtomicBool::new(false),
-            first_read: std::sync::atomic::AtomicBool::new(true),
+            prefix: std::sync::Mutex::new(Vec::new()),
+            deciding: std::sync::atomic::AtomicBool::new(true),
         })
     }
 
@@ -236,8 +243,16 @@ impl Activity {
     fn read(&self, data: &[u8]) {
         let now = self.now_ms();
         self.last_ms.store(now, Ordering::Relaxed);
-        if self.first_read.swap(false, Ordering::Relaxed) && data.starts_with(b"PRI ") {
-            self.h2.store(true, Ordering::Relaxed);
+        if self.deciding.load(Ordering::Relaxed) {
+            let mut p = self.prefix.lock().unwrap_or_else(|p| p.into_inner());
+            let want = H2_PREFACE_START.len().saturating_sub(p.len());
+            p.extend_from_slice(&data[..data.len().min(want)]);
+            if p.as_slice() == H2_PREFACE_START {
+                self.h2.store(true, Ordering::Relaxed);
+                self.deciding.store(false, Ordering::Relaxed);
+            } else if !H2_PREFACE_START.starts_with(&p) {
+                self.deciding.store(false, Ordering::Relaxed);
+            }
         }
         if !self.h2.load(Ordering::Relaxed)
             && self.requests.load(Ordering::Relaxed) > 0
@@ -451,6 +466,25 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Only the HTTP/2 preface (however the reads cut it) turns the per-request header timer
+    /// off; an HTTP/1.1 request with method `PRI` keeps it.
+    #[test]
+    fn only_the_real_preface_counts_as_http2() {
+        let h2 = |reads: &[&[u8]]| {
+            let a = Activity::new(true);
+            for r in reads {
+                a.read(r);
+            }
+            a.h2.load(Ordering::Relaxed)
+        };
+        assert!(h2(&[b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"]));
+        assert!(h2(&[b"PRI * HT", b"TP/2.0\r\n\r\nSM"]));
+        assert!(h2(&[b"P", b"R", b"I * HTTP/2.0\r\n"]));
+        assert!(!h2(&[b"PRI /x HTTP/1.1\r\nhost: a\r\n\r\n"]));
+        assert!(!h2(&[b"PRI ", b"/x HTTP/1.1\r\n"]));
+        assert!(!h2(&[b"GET / HTTP/1.1\r\n", b"PRI * HTTP/2.0\r\n"]));
+    }
 
     #[test]
     fn non_visible_ascii_values_are_seen_not_dropped() {
