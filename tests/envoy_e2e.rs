@@ -768,6 +768,18 @@ fn envoy_sidecar_outbound_to_rampart_inbound_strict_with_authz() {
         (code.as_str(), body.as_str()),
         ("403", "RBAC: access denied")
     );
+    // The denial is logged inside its connection's span, which names the Envoy workload's
+    // identity, so one request can be followed across logs.
+    let denial = backend
+        .log()
+        .lines()
+        .find(|l| l.contains("request denied"))
+        .map(str::to_owned)
+        .unwrap_or_else(|| panic!("no denial logged\n{}", logs()));
+    assert!(
+        denial.contains("conn{") && denial.contains(&format!("peer_id={ENVOY_ID}")),
+        "{denial}"
+    );
     // TCP with Envoy's TCP ALPN (istio-peer-exchange, istio): through, echoed.
     let msg = b"opaque bytes from an istio sidecar\n";
     assert_eq!(

@@ -19,6 +19,7 @@ use rustls_pki_types::CertificateDer;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
+use tracing::Instrument as _;
 
 use crate::audit::{AuditLog, AuditRecord, rfc3339};
 use crate::authn::{CallerEvidence, JwksReload, TokenAuthenticator, authenticate};
@@ -367,7 +368,11 @@ impl CaState {
             .append(&record)
             .await
             .map_err(|e| Refusal::AuditFailed(e.to_string()))?;
-        tracing::debug!(serial = %record.serial, id = %record.spiffe_id, auth = caller.method.as_str(), "issued");
+        let span = tracing::Span::current();
+        span.record("caller", tracing::field::display(&record.caller));
+        span.record("identity", tracing::field::display(&record.spiffe_id));
+        span.record("serial", tracing::field::display(&record.serial));
+        tracing::debug!(auth = caller.method.as_str(), "issued");
         Ok(IstioCertificateResponse {
             cert_chain: issued.cert_chain,
         })
@@ -537,8 +542,22 @@ impl IstioCertificateService for CaService {
         let metrics = &self.state.metrics;
         metrics.csr_received();
         metrics.inflight_add(1);
-        let result = self.handle(request).await;
+        // One span per issuance: the caller's address, then who it proved to be, the
+        // identity certified and the serial, so a certificate seen in an agent's or a proxy's
+        // log can be followed back here (and to the audit log).
+        let span = tracing::info_span!(
+            "issue",
+            peer = %request
+                .extensions()
+                .get::<PeerInfo>()
+                .map_or_else(|| "-".into(), |p| p.remote.to_string()),
+            caller = tracing::field::Empty,
+            identity = tracing::field::Empty,
+            serial = tracing::field::Empty,
+        );
+        let result = self.handle(request).instrument(span.clone()).await;
         metrics.inflight_add(-1);
+        let _enter = span.enter();
         match result {
             Ok(resp) => {
                 metrics.issued();

@@ -25,6 +25,7 @@ use rampart_certs::{SpiffeId, TrustDomainPolicy};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Notify, watch};
+use tracing::Instrument as _;
 
 use crate::edge::{Activity, Budget, Budgets, EdgeLimits, Tracked, TrackedService};
 use crate::identity::{IdentityHolder, cert_sha256_hex};
@@ -486,6 +487,16 @@ pub(crate) async fn accept_loop(
             continue;
         };
         let _ = tcp.set_nodelay(true);
+        // One span per connection: every line it logs names the workload, the listener,
+        // both addresses and (once the handshake proves it) the peer's identity.
+        let span = tracing::info_span!(
+            "conn",
+            workload = %sh.workload_key,
+            listener = budget.as_str(),
+            local = %tcp.local_addr().map_or_else(|_| "-".into(), |a| a.to_string()),
+            remote = %peer,
+            peer_id = tracing::field::Empty,
+        );
         let sh = sh.clone();
         let conn = async move {
             let _g = sh.enter();
@@ -496,7 +507,7 @@ pub(crate) async fn accept_loop(
             }
             drop(permit);
         };
-        tokio::spawn(crate::listeners::CONN_DRAIN.scope(drain_rx.clone(), conn));
+        tokio::spawn(crate::listeners::CONN_DRAIN.scope(drain_rx.clone(), conn.instrument(span)));
     }
     let _ = drain_tx.send(true);
 }
@@ -656,6 +667,9 @@ async fn inbound_conn(sh: &Arc<Shared>, port: u16, tcp: TcpStream, peer: SocketA
         let hash = leaf.map(|l| cert_sha256_hex(l.as_ref()));
         (principal, hash, c.server_name().map(str::to_string))
     };
+    if let Some(p) = &principal {
+        tracing::Span::current().record("peer_id", tracing::field::display(p));
+    }
     let Some(principal) = principal else {
         // Unreachable with a mandatory client verifier; refuse rather than trust.
         tracing::warn!(%peer, "mTLS peer without SPIFFE ID; closing");
@@ -702,12 +716,37 @@ where
     }
     let cx = Arc::new(cx);
     let svc_sh = sh.clone();
-    let svc = hyper::service::service_fn(move |req| {
+    // HTTP/2 streams run as tasks of their own: each request's span names its connection's
+    // as parent explicitly.
+    let conn_span = tracing::Span::current();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let sh = svc_sh.clone();
         let cx = cx.clone();
-        async move { Ok::<_, Infallible>(inbound_request(&sh, &cx, req).await) }
+        let span = request_span(&conn_span, &req);
+        async move { Ok::<_, Infallible>(inbound_request(&sh, &cx, req).await) }.instrument(span)
     });
     serve_http(sh, io, svc).await;
+}
+
+/// A request's span (method, path, `x-request-id`), a child of its connection's; at the
+/// default log level (info) requests get no span of their own and log under the connection's.
+pub(crate) fn request_span<B>(conn: &tracing::Span, req: &Request<B>) -> tracing::Span {
+    let span = tracing::debug_span!(
+        parent: conn,
+        "request",
+        method = %req.method(),
+        path = %req.uri().path(),
+        request_id = req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-"),
+    );
+    if span.is_disabled() {
+        conn.clone()
+    } else {
+        span
+    }
 }
 
 async fn serve_http<IO, S>(sh: &Arc<Shared>, io: IO, svc: S)

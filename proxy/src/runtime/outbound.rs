@@ -36,6 +36,7 @@ use crate::conn::{PeerConnector, PeerStream, Target};
 use crate::identity::Alpn;
 use crate::metrics::{Labels, Metered, Pending, Series};
 use rampart_mesh::{PortEntry, PortProtocol, WorkloadEntry};
+use tracing::Instrument as _;
 
 /// Most cached routes per configuration (authorities as apps write them).
 const MAX_ROUTES: usize = 4096;
@@ -233,9 +234,11 @@ fn no_route_response(authority: &str, e: NoRoute) -> Response<Body> {
 /// h2c).
 pub(super) async fn outbound_http_conn(sh: &Arc<Shared>, tcp: TcpStream, _peer: SocketAddr) {
     let svc_sh = sh.clone();
-    let svc = hyper::service::service_fn(move |req| {
+    let conn_span = tracing::Span::current();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
         let sh = svc_sh.clone();
-        async move { Ok::<_, Infallible>(outbound_request(&sh, req).await) }
+        let span = super::request_span(&conn_span, &req);
+        async move { Ok::<_, Infallible>(outbound_request(&sh, req).await) }.instrument(span)
     });
     let act = crate::edge::Activity::new(true);
     let builder = sh.edge.server();
