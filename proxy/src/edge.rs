@@ -206,6 +206,9 @@ pub(crate) struct Activity {
     /// Whether the client opened with the HTTP/2 preface (no per-request header timer:
     /// pings and window updates arrive between streams).
     h2: std::sync::atomic::AtomicBool,
+    /// An HTTP connection (requests, header timers); false for a byte stream (TCP ports,
+    /// upstream ports, CONNECT tunnels), which only has the idle timeout.
+    http: bool,
     /// The first bytes, until they match or rule out the HTTP/2 preface (`deciding`).
     prefix: std::sync::Mutex<Vec<u8>>,
     deciding: std::sync::atomic::AtomicBool,
@@ -226,8 +229,9 @@ impl Activity {
             requests: AtomicU64::new(u64::from(!header_phase)),
             pending_since: AtomicU64::new(0),
             h2: std::sync::atomic::AtomicBool::new(false),
+            http: header_phase,
             prefix: std::sync::Mutex::new(Vec::new()),
-            deciding: std::sync::atomic::AtomicBool::new(true),
+            deciding: std::sync::atomic::AtomicBool::new(header_phase),
         })
     }
 
@@ -254,7 +258,8 @@ impl Activity {
                 self.deciding.store(false, Ordering::Relaxed);
             }
         }
-        if !self.h2.load(Ordering::Relaxed)
+        if self.http
+            && !self.h2.load(Ordering::Relaxed)
             && self.requests.load(Ordering::Relaxed) > 0
             && self.active.load(Ordering::Relaxed) == 0
         {
@@ -466,6 +471,41 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A byte stream (TCP port, upstream port, CONNECT tunnel) that keeps moving bytes is
+    /// never closed by the HTTP header timer (it was: every upstream-port connection died 10 s
+    /// in, mid-traffic); an HTTP connection holding a partial next request is.
+    #[tokio::test]
+    async fn byte_streams_have_no_header_timer() {
+        let l = EdgeLimits {
+            header_read_timeout: Duration::from_millis(100),
+            stream_idle_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(5),
+            ..EdgeLimits::default()
+        };
+        let tcp = Activity::new(false);
+        let http = Activity::new(true);
+        drop(http.begin()); // one request served, none in flight
+        let feed = async {
+            for _ in 0..15 {
+                tcp.read(b"bytes");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        };
+        tokio::select! {
+            why = tcp.expired(&l) => panic!("a busy byte stream was closed: {why}"),
+            () = feed => {}
+        }
+        // Twin: the HTTP connection gets the first bytes of a next request, then nothing.
+        http.read(b"GET / HT");
+        let why = tokio::time::timeout(Duration::from_secs(2), http.expired(&l))
+            .await
+            .expect("closed by the header timer");
+        assert_eq!(
+            why,
+            "request headers not complete within the header-read timeout"
+        );
+    }
 
     /// Only the HTTP/2 preface (however the reads cut it) turns the per-request header timer
     /// off; an HTTP/1.1 request with method `PRI` keeps it.
