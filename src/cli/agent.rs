@@ -216,7 +216,7 @@ impl AgentArgs {
             let mut running = Agent::new(config)?.start(shutdown.clone()).await?;
             let sd = shutdown.clone();
             tokio::spawn(async move {
-                wait_for_signal().await;
+                super::process::shutdown_signal().await;
                 tracing::info!("shutting down");
                 sd.cancel();
             });
@@ -224,19 +224,4 @@ impl AgentArgs {
             Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
         })
     }
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        if let Ok(mut term) = signal(SignalKind::terminate()) {
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {},
-                _ = term.recv() => {},
-            }
-            return;
-        }
-    }
-    let _ = tokio::signal::ctrl_c().await;
 }

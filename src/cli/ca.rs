@@ -237,12 +237,7 @@ impl RunArgs {
             }
             use std::io::Write as _;
             let _ = std::io::stdout().flush();
-            let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                .context("install SIGTERM handler")?;
-            tokio::select! {
-                _ = tokio::signal::ctrl_c() => {}
-                _ = term.recv() => {}
-            }
+            super::process::shutdown_signal().await;
             tracing::info!("shutting down");
             ca.shutdown().await;
             Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
@@ -408,26 +403,10 @@ impl Drop for TempDir {
 /// runtime, the metrics endpoint).
 const RESERVED_FDS: u64 = 256;
 
-/// Raises the soft open-file limit to the hard one (as Envoy and ztunnel run: a low default
-/// soft limit would make `accept` fail with EMFILE long before `--max-connections`), then
-/// returns `wanted` lowered, with a warning, if the descriptors still do not cover it.
+/// Raises the open-file limit ([`super::process::raise_nofile_limit`]), then returns
+/// `wanted` lowered, with a warning, if the descriptors still do not cover it.
 fn fit_connection_limit(wanted: usize) -> usize {
-    use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
-    let lim = getrlimit(Resource::Nofile);
-    let mut soft = lim.current;
-    if lim.current != lim.maximum {
-        match setrlimit(
-            Resource::Nofile,
-            Rlimit {
-                current: lim.maximum,
-                maximum: lim.maximum,
-            },
-        ) {
-            Ok(()) => soft = lim.maximum,
-            Err(e) => tracing::warn!(error = %e, "could not raise the open-file limit"),
-        }
-    }
-    let Some(soft) = soft else {
+    let Some(soft) = super::process::raise_nofile_limit() else {
         return wanted; // unlimited
     };
     let room = soft.saturating_sub(RESERVED_FDS).max(16) as usize;

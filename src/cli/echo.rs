@@ -96,22 +96,7 @@ async fn serve(args: EchoArgs) -> anyhow::Result<ExitCode> {
                     }
                 });
             }
-            _ = shutdown_signal() => return Ok(ExitCode::SUCCESS),
-        }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    match signal(SignalKind::terminate()) {
-        Ok(mut term) => {
-            tokio::select! {
-                _ = term.recv() => {}
-                _ = tokio::signal::ctrl_c() => {}
-            }
-        }
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
+            _ = super::process::shutdown_signal() => return Ok(ExitCode::SUCCESS),
         }
     }
 }

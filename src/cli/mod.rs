@@ -8,6 +8,7 @@ mod certs;
 mod echo;
 mod meshdir;
 mod mtls_report;
+mod process;
 mod proxy;
 mod secrets;
 mod token;

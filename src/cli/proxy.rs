@@ -92,7 +92,7 @@ impl ProxyArgs {
             idle_timeout: self.idle_timeout,
             max_header_bytes: self.max_request_headers_kb as usize * 1024,
         };
-        raise_nofile_limit();
+        super::process::raise_nofile_limit();
         opts.request_timeout = self.request_timeout;
         opts.drain_timeout = self.drain_timeout;
         let rt = tokio::runtime::Builder::new_multi_thread()
@@ -100,7 +100,7 @@ impl ProxyArgs {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        let result = rt.block_on(rampart_proxy::run(opts, shutdown_signal()));
+        let result = rt.block_on(rampart_proxy::run(opts, super::process::shutdown_signal()));
         rt.shutdown_timeout(Duration::from_millis(200));
         match result {
             Ok(()) => Ok(ExitCode::SUCCESS),
@@ -109,36 +109,6 @@ impl ProxyArgs {
                 @ (rampart_proxy::Error::MeshFolder(_) | rampart_proxy::Error::UnknownWorkload(_)),
             ) => Err(super::bad_input(e.to_string())),
             Err(e) => Err(e.into()),
-        }
-    }
-}
-
-async fn shutdown_signal() {
-    use tokio::signal::unix::{SignalKind, signal};
-    let mut term = match signal(SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return;
-        }
-    };
-    tokio::select! {
-        _ = term.recv() => tracing::info!("SIGTERM received"),
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-    }
-}
-
-/// Raise the soft limit on open files to the hard limit: connection budgets, not the
-/// process's descriptor table, should decide when connections are refused.
-fn raise_nofile_limit() {
-    use rustix::process::{Resource, getrlimit, setrlimit};
-    let mut l = getrlimit(Resource::Nofile);
-    if l.current < l.maximum {
-        let from = l.current;
-        l.current = l.maximum;
-        match setrlimit(Resource::Nofile, l) {
-            Ok(()) => tracing::debug!(?from, to = ?l.maximum, "RLIMIT_NOFILE soft limit raised"),
-            Err(e) => tracing::warn!(error = %e, "could not raise RLIMIT_NOFILE"),
         }
     }
 }
