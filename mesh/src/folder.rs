@@ -270,6 +270,59 @@ pub struct MeshFolder {
     pub registry: Registry,
     /// Security policies (every other `*.yaml`/`*.yml` under the folder).
     pub resources: Vec<Resource>,
+    /// The files the configuration refers to, read with the snapshot: whoever builds from a
+    /// snapshot does no I/O of its own.
+    pub files: ReferencedFiles,
+}
+
+/// The contents of the files a snapshot refers to (local JWKS, the JWKS CA bundle), each
+/// read when the snapshot was taken, or why it could not be read. An unreadable file is not
+/// a refusal of the snapshot: what depends on it decides (a proxy refuses an unreadable
+/// `rampart.jwksCaFile`; an unreadable local JWKS is that issuer's fetch failure).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ReferencedFiles {
+    /// `jwksUri` -> the key set document read from its local file (see
+    /// [`MeshFolder::jwks_files`]), for every URI that is read locally rather than fetched.
+    pub jwks: BTreeMap<String, Result<String, String>>,
+    /// `rampart.jwksCaFile`: its PEM text, when set.
+    pub jwks_ca: Option<Result<String, String>>,
+}
+
+impl ReferencedFiles {
+    /// Read what `folder` refers to, now.
+    pub fn read(folder: &MeshFolder) -> ReferencedFiles {
+        let overrides = folder.jwks_files();
+        let mut jwks = BTreeMap::new();
+        for r in &folder.resources {
+            let Resource::RequestAuthentication(ra) = r else {
+                continue;
+            };
+            for rule in ra.spec.jwt_rules.iter().flatten() {
+                let Some(uri) = &rule.jwks_uri else { continue };
+                let remote = uri.starts_with("https://") || uri.starts_with("http://");
+                let path = match overrides.get(uri) {
+                    Some(p) => p.clone(),
+                    None if remote => continue,
+                    None => {
+                        let p = PathBuf::from(uri.strip_prefix("file://").unwrap_or(uri));
+                        if p.is_relative() {
+                            folder.dir.join(p)
+                        } else {
+                            p
+                        }
+                    }
+                };
+                let text =
+                    std::fs::read_to_string(&path).map_err(|e| format!("{}: {e}", path.display()));
+                jwks.insert(uri.clone(), text);
+            }
+        }
+        let jwks_ca = folder.local.jwks_ca_file.as_ref().map(|p| {
+            let p = folder.dir.join(p);
+            std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))
+        });
+        ReferencedFiles { jwks, jwks_ca }
+    }
 }
 
 // --- raw forms (as written) ---
@@ -792,7 +845,7 @@ impl MeshFolder {
         }
         match (mesh, trust_domain, registry) {
             (Some(mesh), Some(trust_domain), Some(registry)) if c.problems.is_empty() => {
-                Ok(MeshFolder {
+                let mut folder = MeshFolder {
                     dir: dir.to_path_buf(),
                     mesh,
                     trust_domain,
@@ -800,7 +853,10 @@ impl MeshFolder {
                     local,
                     registry,
                     resources,
-                })
+                    files: ReferencedFiles::default(),
+                };
+                folder.files = ReferencedFiles::read(&folder);
+                Ok(folder)
             }
             _ => Err(c.problems),
         }

@@ -9,7 +9,9 @@
 //!   (`mesh.yaml`, `workloads.yaml`, policy YAML); the Kubernetes API is the next source.
 //!   Consumers hold the last good snapshot and keep serving it when a new one is refused.
 //!
-//! Pure model types: no async runtime, no sockets. Depends on `rampart-certs` (trust
+//! - [`watch`] (feature `watch`): a folder as a stream of snapshots and refusals.
+//!
+//! Pure model types: no async runtime, no sockets (the watcher is behind its feature). Depends on `rampart-certs` (trust
 //! domains, SPIFFE IDs) and `rampart-authz` (policy resources and their validation) only.
 
 mod folder;
@@ -17,3 +19,8 @@ mod source;
 
 pub use self::folder::*;
 pub use self::source::{ConfigSource, FolderSource};
+
+/// Watching a folder for new snapshots (feature `watch`: a tokio task and file
+/// notifications).
+#[cfg(feature = "watch")]
+pub mod watch;
