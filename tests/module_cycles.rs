@@ -31,9 +31,6 @@ const KNOWN: &[(&str, &[&str])] = &[
     ("authz/src", &["model", "validate"]),
     // `state` builds the SDS resources with `sds`'s encoders, `sds` serves `state`.
     ("node-agent/src", &["sds", "state"]),
-    // The proxy layering (issue "One mesh model..."): `runtime.rs` becomes wiring that no
-    // module imports.
-    ("proxy/src", &["admin", "jwks", "listeners", "runtime"]),
 ];
 
 /// Every `.rs` file under `dir`.

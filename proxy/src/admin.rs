@@ -2,7 +2,6 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::sync::atomic::Ordering;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use bytes::Bytes;
@@ -14,8 +13,27 @@ use rampart_certs::CertInfo;
 use serde_json::json;
 use tokio::net::TcpListener;
 
-use crate::edge::{Activity, Budget, Tracked, TrackedService};
-use crate::runtime::{Shared, port_modes};
+use crate::config::Handle;
+use crate::edge::{Activity, Budget, Budgets, EdgeLimits, Tracked, TrackedService};
+use crate::identity::IdentityHolder;
+use crate::jwks::JwksState;
+use crate::metrics::{Metrics, PortTable};
+use crate::status::Status;
+
+/// What the admin endpoint reads: handles to the proxy's state, nothing it can change.
+pub(crate) struct View {
+    pub(crate) cfg: Handle,
+    pub(crate) identity: Arc<IdentityHolder>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) ports: Arc<PortTable>,
+    pub(crate) budgets: Arc<Budgets>,
+    pub(crate) status: Arc<Status>,
+    pub(crate) jwks: Arc<JwksState>,
+    pub(crate) workload_key: String,
+    /// The admin listener's address (bound once, at start).
+    pub(crate) admin_addr: Option<std::net::SocketAddr>,
+    pub(crate) edge: EdgeLimits,
+}
 
 fn unix(t: SystemTime) -> u64 {
     t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
@@ -57,7 +75,7 @@ fn cert_json(c: &rampart_certs::CertificateDer<'_>) -> serde_json::Value {
     }
 }
 
-fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+fn handle(sh: &View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
         "/stats/prometheus" => {
             let mut out = sh.metrics.render() + &sh.identity.render_metrics();
@@ -67,19 +85,14 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/ready" => {
             let identity = sh.identity.status();
             let cert = identity.is_ok();
-            let up = sh.listeners_up.load(Ordering::SeqCst);
+            let up = sh.status.listeners_up();
             let jwks = sh.jwks.first_round_done();
             if cert && up && jwks {
                 // A listener that failed to bind after a live edit does not make the proxy
                 // unready (the others serve, as Envoy keeps serving when a listener update
                 // is rejected); it is named here and in /config_dump.
                 let mut body = "LIVE\n".to_string();
-                for l in sh
-                    .listener_status
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .iter()
-                {
+                for l in sh.status.listeners().iter() {
                     if let Some(e) = &l.error {
                         body.push_str(&format!(
                             "degraded: {} not listening on {}: {e}\n",
@@ -121,7 +134,8 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/config_dump" => {
             let cfg = sh.cfg.load();
-            let ports: Vec<_> = port_modes(&cfg)
+            let ports: Vec<_> = cfg
+                .port_modes()
                 .into_iter()
                 .map(|(port, proto, m)| {
                     let e = cfg.me.port(port);
@@ -133,18 +147,8 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
                     })
                 })
                 .collect();
-            let listeners: Vec<_> = sh
-                .listener_status
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .iter()
-                .map(|l| l.json())
-                .collect();
-            let refusal = sh
-                .last_refusal
-                .lock()
-                .unwrap_or_else(|e| e.into_inner())
-                .clone();
+            let listeners: Vec<_> = sh.status.listeners().iter().map(|l| l.json()).collect();
+            let refusal = sh.status.last_refusal();
             json_reply(json!({
                 "workload": redacted_workload(&cfg.me),
                 "spiffe_id": cfg.me.spiffe_id(&cfg.folder.trust_domain).to_string(),
@@ -172,12 +176,12 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         }
         "/mtls" => {
             let cfg = sh.cfg.load();
-            let modes = port_modes(&cfg);
+            let modes = cfg.port_modes();
             // The ports in force; each port's counters live as long as the proxy (a port
             // removed and added again keeps its history).
             let ports: Vec<_> = modes
                 .iter()
-                .map(|(port, proto, m)| sh.port_stats(*port).json(proto.as_str(), m.mode.as_str()))
+                .map(|(port, proto, m)| sh.ports.get(*port).json(proto.as_str(), m.mode.as_str()))
                 .collect();
             json_reply(json!({"workload": sh.workload_key, "ports": ports}))
         }
@@ -207,7 +211,7 @@ fn redacted_workload(w: &rampart_mesh::WorkloadEntry) -> serde_json::Value {
 /// How long an admin connection may sit idle.
 const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
-pub(crate) async fn serve(sh: Arc<Shared>, l: TcpListener) {
+pub(crate) async fn serve(sh: Arc<View>, l: TcpListener) {
     let mut backoff = Duration::from_millis(5);
     loop {
         let (tcp, peer) = match l.accept().await {

@@ -18,33 +18,17 @@
 //!   plain `http` is fetched, as Istio does, with a warning.
 
 use std::collections::{BTreeSet, HashMap};
-use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use bytes::Bytes;
-use http::{Request, StatusCode, Uri, header};
-use http_body_util::{BodyExt, Empty, Limited};
-use hyper_util::rt::TokioIo;
 use rampart_authz::{Decision, JwksCache, JwksSource};
 use rampart_certs::jwt::Jwks;
-use rustls::{ClientConfig, RootCertStore};
-use rustls_pki_types::{CertificateDer, ServerName};
-use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::net::TcpStream;
 
-use crate::runtime::{Config, Shared};
-use rampart_mesh::{MESH_FILE, MeshFolder, Problem};
+use crate::config::{Config, Handle};
+use crate::jwks_http::DEFAULT_REFRESH;
 
-/// Default refresh interval of fetched key sets (Istio's
-/// `PILOT_JWT_PUB_KEY_REFRESH_INTERVAL`).
-pub(crate) const DEFAULT_REFRESH: Duration = Duration::from_secs(20 * 60);
-/// Fetch timeout when a rule's `timeout` is zero (Istio's default).
-const DEFAULT_TIMEOUT: Duration = Duration::from_secs(5);
-/// Largest JWKS body accepted.
-pub(crate) const MAX_BODY: usize = 1 << 20;
 /// Longest wait between retries of a failing `jwksUri`.
 pub(crate) const MAX_RETRY: Duration = Duration::from_secs(5 * 60);
 /// First retry delay after a failure.
@@ -53,252 +37,6 @@ const FIRST_RETRY: Duration = Duration::from_secs(1);
 pub(crate) const KID_MISS_INTERVAL: Duration = Duration::from_secs(30);
 /// How often the refresh task looks for a new configuration (new `jwksUri`s).
 const POLL: Duration = Duration::from_millis(250);
-
-// === fetching ===
-
-fn native_roots() -> &'static [CertificateDer<'static>] {
-    static ROOTS: OnceLock<Vec<CertificateDer<'static>>> = OnceLock::new();
-    ROOTS.get_or_init(|| {
-        let r = rustls_native_certs::load_native_certs();
-        for e in &r.errors {
-            tracing::warn!(error = %e, "loading system CA certificates for JWKS fetching");
-        }
-        r.certs
-    })
-}
-
-/// Fetches JWKS documents over HTTP(S). Holds only public trust anchors; the TLS client
-/// configuration is built on first use (a proxy with no remote `jwksUri` never reads the
-/// system store).
-pub(crate) struct HttpFetcher {
-    system_roots: bool,
-    extra: Vec<CertificateDer<'static>>,
-    tls: OnceLock<Result<Arc<ClientConfig>, String>>,
-    max_body: usize,
-}
-
-impl std::fmt::Debug for HttpFetcher {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("HttpFetcher")
-            .field("system_roots", &self.system_roots)
-            .field("extra_roots", &self.extra.len())
-            .field("max_body", &self.max_body)
-            .finish()
-    }
-}
-
-impl HttpFetcher {
-    /// A fetcher trusting the system roots plus `extra` for `https`.
-    pub(crate) fn new(extra: Vec<CertificateDer<'static>>) -> HttpFetcher {
-        HttpFetcher {
-            system_roots: true,
-            extra,
-            tls: OnceLock::new(),
-            max_body: MAX_BODY,
-        }
-    }
-
-    /// A fetcher trusting only `extra` (tests).
-    #[cfg(test)]
-    fn only(extra: Vec<CertificateDer<'static>>) -> HttpFetcher {
-        HttpFetcher {
-            system_roots: false,
-            ..HttpFetcher::new(extra)
-        }
-    }
-
-    fn tls(&self) -> Result<Arc<ClientConfig>, String> {
-        self.tls
-            .get_or_init(|| {
-                let mut roots = RootCertStore::empty();
-                if self.system_roots {
-                    let (_, _) = roots.add_parsable_certificates(native_roots().iter().cloned());
-                }
-                let (_, _) = roots.add_parsable_certificates(self.extra.iter().cloned());
-                if roots.is_empty() {
-                    return Err("no trusted CA certificates (the system store is empty and \
-                                rampart.jwksCaFile is not set)"
-                        .to_string());
-                }
-                let mut c = ClientConfig::builder_with_provider(rampart_certs::tls::provider())
-                    .with_safe_default_protocol_versions()
-                    .map_err(|e| format!("TLS client configuration: {e}"))?
-                    .with_root_certificates(roots)
-                    .with_no_client_auth();
-                c.alpn_protocols = vec![b"http/1.1".to_vec()];
-                Ok(Arc::new(c))
-            })
-            .clone()
-    }
-
-    /// The body at `uri`, or why not (the reason names what failed; callers add the URI).
-    pub(crate) async fn fetch(&self, uri: &str, timeout: Duration) -> Result<String, String> {
-        // A zero `timeout` would refuse every fetch; treat it as unset (Istio's 5s).
-        let timeout = if timeout.is_zero() {
-            DEFAULT_TIMEOUT
-        } else {
-            timeout
-        };
-        match tokio::time::timeout(timeout, self.fetch_inner(uri)).await {
-            Ok(r) => r,
-            Err(_) => Err(format!(
-                "no complete response within {}",
-                humantime::format_duration(timeout)
-            )),
-        }
-    }
-
-    async fn fetch_inner(&self, uri: &str) -> Result<String, String> {
-        let u: Uri = uri.parse().map_err(|e| format!("not a valid URI: {e}"))?;
-        let https = match u.scheme_str() {
-            Some("https") => true,
-            Some("http") => false,
-            _ => return Err("only http:// and https:// jwksUri are fetched".into()),
-        };
-        let host = u.host().ok_or("the URI has no host")?;
-        let bare = host.trim_start_matches('[').trim_end_matches(']');
-        let port = u.port_u16().unwrap_or(if https { 443 } else { 80 });
-        let tcp = TcpStream::connect((bare, port))
-            .await
-            .map_err(|e| format!("connecting to {host}:{port}: {e}"))?;
-        let _ = tcp.set_nodelay(true);
-        let authority = u.authority().map(|a| a.as_str()).unwrap_or(host);
-        let path = u.path_and_query().map(|p| p.as_str()).unwrap_or("/");
-        if https {
-            let tls = self.tls()?;
-            let name = ServerName::try_from(bare.to_string())
-                .map_err(|e| format!("{host} is not a valid TLS server name: {e}"))?;
-            let stream = tokio_rustls::TlsConnector::from(tls)
-                .connect(name, tcp)
-                .await
-                .map_err(|e| format!("TLS handshake with {host}:{port}: {e}"))?;
-            self.get(stream, authority, path).await
-        } else {
-            self.get(tcp, authority, path).await
-        }
-    }
-
-    async fn get<I>(&self, io: I, authority: &str, path: &str) -> Result<String, String>
-    where
-        I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
-    {
-        let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(io))
-            .await
-            .map_err(|e| format!("HTTP: {e}"))?;
-        let conn = tokio::spawn(conn);
-        let req = Request::get(path)
-            .header(header::HOST, authority)
-            .header(header::ACCEPT, "application/json")
-            .header(header::USER_AGENT, "rampart-proxy")
-            .body(Empty::<Bytes>::new())
-            .map_err(|e| format!("building the request: {e}"))?;
-        let result = async {
-            let resp = send
-                .send_request(req)
-                .await
-                .map_err(|e| format!("HTTP request: {e}"))?;
-            let status = resp.status();
-            if status.is_redirection() {
-                let to = resp
-                    .headers()
-                    .get(header::LOCATION)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or("?");
-                return Err(format!("HTTP {status} redirect to {to} is not followed"));
-            }
-            if status != StatusCode::OK {
-                return Err(format!("HTTP {status} (want 200)"));
-            }
-            let declared = resp
-                .headers()
-                .get(header::CONTENT_LENGTH)
-                .and_then(|v| v.to_str().ok())
-                .and_then(|v| v.parse::<u64>().ok());
-            if declared.is_some_and(|n| n > self.max_body as u64) {
-                return Err(format!("body larger than {} bytes", self.max_body));
-            }
-            let body = Limited::new(resp.into_body(), self.max_body)
-                .collect()
-                .await
-                .map_err(|e| {
-                    if e.is::<http_body_util::LengthLimitError>() {
-                        format!("body larger than {} bytes", self.max_body)
-                    } else {
-                        format!("reading the body: {e}")
-                    }
-                })?
-                .to_bytes();
-            String::from_utf8(body.to_vec()).map_err(|_| "body is not UTF-8".to_string())
-        }
-        .await;
-        conn.abort();
-        result
-    }
-}
-
-// === settings (per configuration) ===
-
-/// The `mesh.yaml` settings of remote JWKS fetching, checked with the folder.
-#[derive(Debug)]
-pub(crate) struct RemoteSettings {
-    pub(crate) refresh: Duration,
-    pub(crate) ca_file: Option<std::path::PathBuf>,
-    pub(crate) fetcher: Arc<HttpFetcher>,
-}
-
-impl RemoteSettings {
-    /// Read `rampart.jwksRefresh` and `rampart.jwksCaFile` (a PEM bundle that must hold at
-    /// least one certificate; an unreadable one refuses the folder).
-    pub(crate) fn load(folder: &MeshFolder) -> Result<RemoteSettings, Problem> {
-        let problem = |reason: String| Problem {
-            file: MESH_FILE.into(),
-            field: "rampart.jwksCaFile".into(),
-            reason,
-        };
-        let ca_file = folder
-            .local
-            .jwks_ca_file
-            .as_ref()
-            .map(|p| folder.dir.join(p));
-        let extra = match &ca_file {
-            None => Vec::new(),
-            Some(p) => read_ca_file(p).map_err(problem)?,
-        };
-        // The folder is loaded often (every watch tick); reuse the fetcher (and its TLS
-        // configuration) while the trusted CA certificates stay the same.
-        static LAST: Mutex<Option<Arc<HttpFetcher>>> = Mutex::new(None);
-        let mut last = lock(&LAST);
-        let fetcher = match last.as_ref() {
-            Some(f) if f.extra == extra => f.clone(),
-            _ => {
-                let f = Arc::new(HttpFetcher::new(extra));
-                *last = Some(f.clone());
-                f
-            }
-        };
-        Ok(RemoteSettings {
-            refresh: folder.local.jwks_refresh.unwrap_or(DEFAULT_REFRESH),
-            ca_file,
-            fetcher,
-        })
-    }
-}
-
-fn read_ca_file(p: &Path) -> Result<Vec<CertificateDer<'static>>, String> {
-    let text = std::fs::read_to_string(p).map_err(|e| format!("{}: {e}", p.display()))?;
-    let certs =
-        rampart_certs::parse_certs_pem(&text).map_err(|e| format!("{}: {e}", p.display()))?;
-    if certs.is_empty() {
-        return Err(format!("{}: no CERTIFICATE block", p.display()));
-    }
-    let mut store = RootCertStore::empty();
-    for c in &certs {
-        store
-            .add(c.clone())
-            .map_err(|e| format!("{}: unusable CA certificate: {e}", p.display()))?;
-    }
-    Ok(certs)
-}
 
 /// Whether `cfg` reads `uri` from a local file rather than fetching it.
 pub(crate) fn is_local(cfg: &Config, uri: &str) -> bool {
@@ -509,21 +247,21 @@ impl JwksState {
 /// Keeps the remote key sets of the configuration in force fresh: fetches new `jwksUri`s as
 /// soon as a configuration references them, refreshes, retries with backoff. Runs until
 /// aborted.
-pub(crate) async fn refresh_loop(sh: Arc<Shared>) {
+pub(crate) async fn refresh_loop(cfg_handle: Handle, state: Arc<JwksState>) {
     let mut last: Option<Arc<Config>> = None;
     loop {
-        let cfg = sh.cfg.load_full();
+        let cfg = cfg_handle.load_full();
         let changed = !last.as_ref().is_some_and(|l| Arc::ptr_eq(l, &cfg));
         if changed {
-            sh.jwks.on_reload(&cfg).await;
+            state.on_reload(&cfg).await;
             last = Some(cfg.clone());
         }
-        let (due, next) = sh.jwks.due(&cfg, Instant::now());
+        let (due, next) = state.due(&cfg, Instant::now());
         if !due.is_empty() {
-            sh.jwks.fetch_all(&cfg, due).await;
+            state.fetch_all(&cfg, due).await;
             continue;
         }
-        sh.jwks.first_round.store(true, Ordering::SeqCst);
+        state.first_round.store(true, Ordering::SeqCst);
         let wait = next
             .map(|n| n.saturating_duration_since(Instant::now()))
             .unwrap_or(POLL)

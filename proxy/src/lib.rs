@@ -9,22 +9,31 @@
 //! Fail closed everywhere: no certificate from SDS means every handshake is refused; a
 //! folder edit that does not load is refused and the last good configuration keeps serving.
 
+// Layers, lowest first (each imports only from the ones above it; `runtime` is wiring
+// that no module imports; tests/module_cycles.rs keeps it so):
 mod admin;
+mod config;
 mod conn;
+mod drain;
 mod edge;
 mod error;
+mod http;
 mod identity;
+mod inbound;
 mod jwks;
+mod jwks_http;
 mod listeners;
 mod metrics;
+mod outbound;
 mod runtime;
 mod sds;
 mod sniff;
+mod status;
 
 pub use self::{
     edge::EdgeLimits,
     error::Error,
-    runtime::{ProxyOptions, run},
+    runtime::{Proxy, ProxyOptions, run},
     sds::{DEFAULT_RESOURCE, ROOT_RESOURCE},
 };
 

@@ -19,26 +19,97 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use serde_json::json;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+use tracing::Instrument as _;
 
-use crate::runtime::{Config, Listener, Shared, accept_loop};
+use crate::config::Config;
+use crate::drain::{CONN_DRAIN, Drain};
+use crate::edge::{Budget, Budgets};
+use crate::inbound::Inbound;
+use crate::outbound::Outbound;
+use crate::status::{ListenerStatus, Status};
 
-tokio::task_local! {
-    /// Set around each accepted connection's task: becomes `true` (or its sender is dropped)
-    /// when the connection should drain, because its listener was removed or moved, or the
-    /// proxy is shutting down. `serve_http` watches it.
-    pub(crate) static CONN_DRAIN: watch::Receiver<bool>;
+/// A data-plane listener, named by what it serves (never by position in the registry).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub(crate) enum Listener {
+    /// The inbound listener of this workload port.
+    Inbound(u16),
+    /// The outbound HTTP proxy.
+    Outbound,
+    /// The upstream whose `listen` address this is.
+    Upstream(SocketAddr),
 }
 
-/// The drain signal of the current connection task: its listener's, else the proxy's
-/// shutdown signal.
-pub(crate) fn drain_signal(sh: &Shared) -> watch::Receiver<bool> {
-    CONN_DRAIN
-        .try_with(watch::Receiver::clone)
-        .unwrap_or_else(|_| sh.shutdown.clone())
+/// Where accepted connections go, and what accepting needs.
+pub(crate) struct Handlers {
+    pub(crate) inbound: Arc<Inbound>,
+    pub(crate) outbound: Arc<Outbound>,
+    pub(crate) budgets: Arc<Budgets>,
+    pub(crate) drain: Drain,
+    pub(crate) status: Arc<Status>,
+    pub(crate) workload_key: String,
+}
+
+/// Accept until the proxy shuts down or `close` fires (listener removed or moved); then the
+/// socket closes and this listener's connections are told to drain.
+async fn accept_loop(
+    h: Arc<Handlers>,
+    l: TcpListener,
+    kind: Listener,
+    mut close: watch::Receiver<bool>,
+) {
+    let mut stop = h.drain.signal();
+    let (drain_tx, drain_rx) = watch::channel(false);
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = l.accept() => match r {
+                Ok(x) => x,
+                Err(e) => {
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            _ = stop.changed() => break,
+            _ = close.changed() => break,
+        };
+        let budget = match kind {
+            Listener::Inbound(_) => Budget::Inbound,
+            Listener::Outbound | Listener::Upstream(_) => Budget::Outbound,
+        };
+        let Some(permit) = h.budgets.acquire(budget) else {
+            tracing::warn!(%peer, listener = budget.as_str(), "connection limit reached; closing new connection");
+            drop(tcp);
+            continue;
+        };
+        let _ = tcp.set_nodelay(true);
+        // One span per connection: every line it logs names the workload, the listener,
+        // both addresses and (once the handshake proves it) the peer's identity.
+        let span = tracing::info_span!(
+            "conn",
+            workload = %h.workload_key,
+            listener = budget.as_str(),
+            local = %tcp.local_addr().map_or_else(|_| "-".into(), |a| a.to_string()),
+            remote = %peer,
+            peer_id = tracing::field::Empty,
+        );
+        let h = h.clone();
+        let conn = async move {
+            let _g = h.drain.enter();
+            match kind {
+                Listener::Inbound(port) => crate::inbound::conn(&h.inbound, port, tcp, peer).await,
+                Listener::Outbound => crate::outbound::http_conn(&h.outbound, tcp, peer).await,
+                Listener::Upstream(listen) => {
+                    crate::outbound::upstream_conn(&h.outbound, listen, tcp).await
+                }
+            }
+            drop(permit);
+        };
+        tokio::spawn(CONN_DRAIN.scope(drain_rx.clone(), conn.instrument(span)));
+    }
+    let _ = drain_tx.send(true);
 }
 
 /// What the configuration asks for: each listener, its address, and a description.
@@ -68,6 +139,8 @@ fn desired(cfg: &Config) -> BTreeMap<Listener, (SocketAddr, String)> {
 /// One listener accepting connections.
 struct Running {
     addr: SocketAddr,
+    /// Where it listens (differs from `addr` only for a configured port 0).
+    bound: SocketAddr,
     what: String,
     since: SystemTime,
     /// Setting or dropping it stops the accept loop, which closes the socket and tells the
@@ -83,28 +156,6 @@ struct Failed {
     what: String,
     error: String,
     since: SystemTime,
-}
-
-/// One line of `/config_dump` `listeners`.
-#[derive(Clone)]
-pub(crate) struct ListenerStatus {
-    pub(crate) what: String,
-    pub(crate) addr: SocketAddr,
-    /// `None` when listening; else why not.
-    pub(crate) error: Option<String>,
-    pub(crate) since: SystemTime,
-}
-
-impl ListenerStatus {
-    pub(crate) fn json(&self) -> serde_json::Value {
-        json!({
-            "listener": self.what,
-            "address": self.addr.to_string(),
-            "state": if self.error.is_some() { "failed" } else { "listening" },
-            "error": self.error,
-            "since": humantime::format_rfc3339_seconds(self.since).to_string(),
-        })
-    }
 }
 
 /// A bind failure at start-up: which listener, where, why.
@@ -126,15 +177,15 @@ const STOP_WAIT: Duration = Duration::from_secs(2);
 
 impl Listeners {
     /// Bind everything `cfg` asks for; the first failure is returned (start-up is strict).
-    pub(crate) async fn start(sh: &Arc<Shared>, cfg: &Config) -> Result<Listeners, BindFailure> {
+    pub(crate) async fn start(h: &Arc<Handlers>, cfg: &Config) -> Result<Listeners, BindFailure> {
         let mut l = Listeners::default();
         for (key, (addr, what)) in desired(cfg) {
             match TcpListener::bind(addr).await {
-                Ok(tcp) => l.spawn(sh, key, addr, what, tcp),
+                Ok(tcp) => l.spawn(h, key, addr, what, tcp),
                 Err(source) => return Err(BindFailure { addr, what, source }),
             }
         }
-        l.publish(sh);
+        l.publish(&h.status);
         Ok(l)
     }
 
@@ -145,9 +196,9 @@ impl Listeners {
 
     /// Make the listeners match `cfg`: stop removed ones, rebind moved ones, bind new ones
     /// and retry failed ones. Never fails: a bind failure is logged and recorded.
-    pub(crate) async fn reconcile(&mut self, sh: &Arc<Shared>, cfg: &Config) {
+    pub(crate) async fn reconcile(&mut self, h: &Arc<Handlers>, cfg: &Config) {
         let want = desired(cfg);
-        let workload = &sh.workload_key;
+        let workload = &h.workload_key;
         // 1. Stop what is gone or moves (first, so a moved address can be reused at once).
         let stale: Vec<Listener> = self
             .running
@@ -189,7 +240,7 @@ impl Listeners {
                     } else {
                         tracing::info!(%workload, listener = %what, address = %addr, "listening (live registry edit)");
                     }
-                    self.spawn(sh, key, addr, what, tcp);
+                    self.spawn(h, key, addr, what, tcp);
                 }
                 Err(e) => {
                     let error = e.to_string();
@@ -217,23 +268,25 @@ impl Listeners {
                 }
             }
         }
-        self.publish(sh);
+        self.publish(&h.status);
     }
 
     fn spawn(
         &mut self,
-        sh: &Arc<Shared>,
+        h: &Arc<Handlers>,
         key: Listener,
         addr: SocketAddr,
         what: String,
         tcp: TcpListener,
     ) {
         let (close, close_rx) = watch::channel(false);
-        let task = tokio::spawn(accept_loop(sh.clone(), tcp, key, close_rx));
+        let bound = tcp.local_addr().unwrap_or(addr);
+        let task = tokio::spawn(accept_loop(h.clone(), tcp, key, close_rx));
         self.running.insert(
             key,
             Running {
                 addr,
+                bound,
                 what,
                 since: SystemTime::now(),
                 close,
@@ -243,7 +296,7 @@ impl Listeners {
     }
 
     /// Copy the state for the admin endpoint.
-    fn publish(&self, sh: &Shared) {
+    fn publish(&self, status: &Status) {
         let mut v: Vec<(Listener, ListenerStatus)> = self
             .running
             .iter()
@@ -252,7 +305,7 @@ impl Listeners {
                     *k,
                     ListenerStatus {
                         what: r.what.clone(),
-                        addr: r.addr,
+                        addr: r.bound,
                         error: None,
                         since: r.since,
                     },
@@ -271,7 +324,6 @@ impl Listeners {
             }))
             .collect();
         v.sort_by_key(|(k, _)| *k);
-        *sh.listener_status.lock().unwrap_or_else(|e| e.into_inner()) =
-            v.into_iter().map(|(_, s)| s).collect();
+        status.set_listeners(v.into_iter().map(|(_, s)| s).collect());
     }
 }

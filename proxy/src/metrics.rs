@@ -413,6 +413,23 @@ struct Source {
     last_seen_unix: u64,
 }
 
+/// The plaintext/mTLS counters of every workload port (made on first use and kept for the
+/// proxy's life, so counters survive edits and re-adds of a port).
+#[derive(Default)]
+pub(crate) struct PortTable(std::sync::Mutex<std::collections::BTreeMap<u16, Arc<PortStats>>>);
+
+impl PortTable {
+    /// The counters of `port`.
+    pub(crate) fn get(&self, port: u16) -> Arc<PortStats> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .entry(port)
+            .or_insert_with(|| Arc::new(PortStats::new(port)))
+            .clone()
+    }
+}
+
 /// Plaintext vs mTLS connections and requests of one inbound port.
 pub(crate) struct PortStats {
     pub(crate) port: u16,
@@ -508,6 +525,15 @@ impl PortStats {
                 "plaintext_connections": r[1], "mtls_requests": r[2], "plaintext_requests": r[3]},
             "plaintext_sources": list,
         })
+    }
+}
+
+/// The `request_protocol` label of a port's series.
+pub(crate) fn request_protocol(p: rampart_mesh::PortProtocol) -> &'static str {
+    match p {
+        rampart_mesh::PortProtocol::Grpc => "grpc",
+        rampart_mesh::PortProtocol::Tcp => "tcp",
+        _ => "http",
     }
 }
 

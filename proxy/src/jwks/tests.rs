@@ -6,7 +6,8 @@ use rampart_authz::JwksCache;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpListener;
 
-use super::{HttpFetcher, backoff};
+use super::backoff;
+use crate::jwks_http::HttpFetcher;
 
 const JWKS: &str = r#"{"keys":[{"kty":"EC","crv":"P-256","kid":"k1","x":"f83OJ3D2xF1Bg8vub9tLe1gHMzV76e8Tus9uPHvRVEU","y":"x_FEzRu9m36HLN_tue659LNpXW6pCyStikYjKIWI5a0"}]}"#;
 
@@ -212,7 +213,7 @@ fn folder(
 
 #[test]
 fn mesh_yaml_settings_are_checked() {
-    use super::{DEFAULT_REFRESH, RemoteSettings};
+    use crate::jwks_http::{DEFAULT_REFRESH, RemoteSettings};
     let (_d, f) = folder("trustDomain: cluster.local\n");
     let s = RemoteSettings::load(&f.unwrap()).unwrap();
     assert_eq!((s.refresh, s.ca_file), (DEFAULT_REFRESH, None));
@@ -257,6 +258,8 @@ fn mesh_yaml_settings_are_checked() {
         rampart_certs::certs_to_pem(&[ca.root().clone()]),
     )
     .unwrap();
+    // The snapshot carries the file as read when it was taken: take a new one.
+    let f = rampart_mesh::MeshFolder::load(d.path()).unwrap();
     let s = RemoteSettings::load(&f).unwrap();
     assert_eq!(s.fetcher.extra.len(), 1);
     assert_eq!(s.ca_file, Some(d.path().join("idp-ca.pem")));

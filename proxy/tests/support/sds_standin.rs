@@ -1,8 +1,8 @@
 //! A STAND-IN SDS server for tests and benchmarks: a small tonic server on a Unix socket that
 //! serves `default` (a workload certificate issued from an in-memory
-//! `rampart_certs::CertificateAuthority`) and `ROOTCA`. It exists because the real node agent
-//! (`rampart agent`) is built on another branch; the end-to-end tests of the whole mesh use the
-//! real agent. It speaks the wire protocol the proxy expects (state-of-the-world
+//! `rampart_certs::CertificateAuthority`) and `ROOTCA`, so the proxy's own tests can run
+//! without the node agent crate (the proxy never depends on it); the end-to-end tests of the
+//! whole mesh use the real agent. It can also push what a correct agent never would. It speaks the wire protocol the proxy expects (state-of-the-world
 //! `StreamSecrets`, versions, nonces) and records every ACK/NACK the proxy sends.
 #![allow(dead_code, unreachable_pub)]
 

@@ -31,10 +31,13 @@ use rampart_authz::MtlsMode;
 use rampart_certs::SpiffeId;
 use tokio::net::TcpStream;
 
-use super::{Body, Config, Shared, is_grpc_request, owned_text_response, text_response};
+use crate::config::{Config, Handle};
 use crate::conn::{PeerConnector, PeerStream, Target};
-use crate::identity::Alpn;
-use crate::metrics::{Labels, Metered, Pending, Series};
+use crate::drain::Drain;
+use crate::edge::{Budget, Budgets, EdgeLimits};
+use crate::http::{Body, is_grpc_request, owned_text_response, text_response};
+use crate::identity::{Alpn, IdentityHolder};
+use crate::metrics::{Labels, Metered, Metrics, Pending, Series, request_protocol};
 use rampart_mesh::{PortEntry, PortProtocol, WorkloadEntry};
 use tracing::Instrument as _;
 
@@ -52,21 +55,21 @@ struct PeerKey {
 }
 
 /// Pooled HTTP connections to one destination port, and its request series.
-pub(super) struct PeerPool {
+pub(crate) struct PeerPool {
     client: Client<PeerConnector, Incoming>,
     series: Arc<Series>,
 }
 
 /// A resolved destination port: where, how (mTLS or plaintext) and what to count under.
-pub(super) struct Route {
+pub(crate) struct Route {
     /// `namespace/name:port` (for logs).
-    pub(super) name: String,
-    pub(super) protocol: PortProtocol,
-    pub(super) mtls: bool,
-    pub(super) target: Arc<Target>,
-    pub(super) pool: Arc<PeerPool>,
+    pub(crate) name: String,
+    pub(crate) protocol: PortProtocol,
+    pub(crate) mtls: bool,
+    pub(crate) target: Arc<Target>,
+    pub(crate) pool: Arc<PeerPool>,
     /// Source-reporter labels of this destination's TCP series.
-    pub(super) tcp_labels: Arc<str>,
+    pub(crate) tcp_labels: Arc<str>,
 }
 
 struct RouteTable {
@@ -75,17 +78,25 @@ struct RouteTable {
 }
 
 /// Why an authority has no route.
-pub(super) enum NoRoute {
+pub(crate) enum NoRoute {
     /// Not a service port of the registry.
     Unknown,
     /// The registry entry cannot be dialled (e.g. an SNI that is not a DNS name).
     Bad(String),
 }
 
-/// The outbound state of a proxy: connection pools (kept across configuration changes when
-/// nothing about the destination changed) and the route table of the current configuration.
-#[derive(Default)]
+/// The outbound side of a proxy: what it reads (configuration, identity, limits), where it
+/// counts, its connection pools (kept across configuration changes when nothing about the
+/// destination changed) and the route table of the current configuration.
 pub(crate) struct Outbound {
+    pub(crate) cfg: Handle,
+    pub(crate) identity: Arc<IdentityHolder>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) edge: EdgeLimits,
+    pub(crate) budgets: Arc<Budgets>,
+    pub(crate) drain: Drain,
+    /// Longest wait for the peer's response headers.
+    pub(crate) request_timeout: Duration,
     pools: Mutex<HashMap<PeerKey, Arc<PeerPool>>>,
     routes: ArcSwapOption<RouteTable>,
 }
@@ -106,7 +117,7 @@ fn source_labels(cfg: &Config, dest: &WorkloadEntry, mtls: bool) -> Labels {
 
 /// Whether the proxy originates mTLS to `port` of `dest`: yes for STRICT and PERMISSIVE
 /// (and unset, which is PERMISSIVE), no for DISABLE.
-pub(super) fn originate_mtls(cfg: &Config, dest: &WorkloadEntry, port: u16) -> bool {
+pub(crate) fn originate_mtls(cfg: &Config, dest: &WorkloadEntry, port: u16) -> bool {
     cfg.engine
         .peer_authentication(&dest.authz_workload(), port)
         .mode
@@ -114,13 +125,30 @@ pub(super) fn originate_mtls(cfg: &Config, dest: &WorkloadEntry, port: u16) -> b
 }
 
 impl Outbound {
+    pub(crate) fn new(
+        cfg: Handle,
+        identity: Arc<IdentityHolder>,
+        metrics: Arc<Metrics>,
+        edge: EdgeLimits,
+        budgets: Arc<Budgets>,
+        drain: Drain,
+        request_timeout: Duration,
+    ) -> Outbound {
+        Outbound {
+            cfg,
+            identity,
+            metrics,
+            edge,
+            budgets,
+            drain,
+            request_timeout,
+            pools: Mutex::default(),
+            routes: ArcSwapOption::empty(),
+        }
+    }
+
     /// The route for `authority` (`host[:port]` as the app wrote it) under `cfg`.
-    pub(super) fn route(
-        &self,
-        sh: &Shared,
-        cfg: &Arc<Config>,
-        authority: &str,
-    ) -> Result<Arc<Route>, NoRoute> {
+    pub(crate) fn route(&self, cfg: &Arc<Config>, authority: &str) -> Result<Arc<Route>, NoRoute> {
         if let Some(t) = &*self.routes.load()
             && Arc::ptr_eq(&t.cfg, cfg)
             && let Some(r) = t.map.get(authority)
@@ -132,7 +160,7 @@ impl Outbound {
             .registry
             .resolve(authority, &cfg.me.namespace)
             .ok_or(NoRoute::Unknown)?;
-        let route = Arc::new(self.build_route(sh, cfg, dest, port)?);
+        let route = Arc::new(self.build_route(cfg, dest, port)?);
         self.routes.rcu(|cur| {
             let mut map = match cur {
                 Some(t) if Arc::ptr_eq(&t.cfg, cfg) && t.map.len() < MAX_ROUTES => t.map.clone(),
@@ -149,7 +177,6 @@ impl Outbound {
 
     fn build_route(
         &self,
-        sh: &Shared,
         cfg: &Config,
         dest: &WorkloadEntry,
         port: &PortEntry,
@@ -177,26 +204,26 @@ impl Outbound {
         };
         let labels = source_labels(cfg, dest, mtls);
         let pool = {
-            let mut pools = sh.peers.pools.lock().unwrap_or_else(|e| e.into_inner());
+            let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
             pools
                 .entry(key)
                 .or_insert_with(|| {
                     let connector = PeerConnector {
-                        identity: sh.identity.clone(),
+                        identity: self.identity.clone(),
                         target: target.clone(),
                         mtls,
                     };
                     let mut b = Client::builder(TokioExecutor::new());
                     b.pool_idle_timeout(Duration::from_secs(60));
-                    sh.edge.client(&mut b);
+                    self.edge.client(&mut b);
                     if h2 {
                         b.http2_only(true);
                     }
                     Arc::new(PeerPool {
                         client: b.build(connector),
-                        series: sh
+                        series: self
                             .metrics
-                            .series(labels.render(super::request_protocol(port.protocol))),
+                            .series(labels.render(request_protocol(port.protocol))),
                     })
                 })
                 .clone()
@@ -232,41 +259,25 @@ fn no_route_response(authority: &str, e: NoRoute) -> Response<Body> {
 
 /// Serve one connection of the outbound HTTP-proxy listener (HTTP/1.1 with `CONNECT`, or
 /// h2c).
-pub(super) async fn outbound_http_conn(sh: &Arc<Shared>, tcp: TcpStream, _peer: SocketAddr) {
-    let svc_sh = sh.clone();
+pub(crate) async fn http_conn(ob: &Arc<Outbound>, tcp: TcpStream, _peer: SocketAddr) {
+    let svc_ob = ob.clone();
     let conn_span = tracing::Span::current();
     let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-        let sh = svc_sh.clone();
-        let span = super::request_span(&conn_span, &req);
-        async move { Ok::<_, Infallible>(outbound_request(&sh, req).await) }.instrument(span)
+        let ob = svc_ob.clone();
+        let span = crate::http::request_span(&conn_span, &req);
+        async move { Ok::<_, Infallible>(request(&ob, req).await) }.instrument(span)
     });
-    let act = crate::edge::Activity::new(true);
-    let builder = sh.edge.server();
-    let conn = builder.serve_connection_with_upgrades(
-        TokioIo::new(crate::edge::Tracked::new(tcp, act.clone())),
-        crate::edge::TrackedService::new(svc, act.clone()),
-    );
-    tokio::pin!(conn);
-    let mut stop = crate::listeners::drain_signal(sh);
-    if *stop.borrow() {
-        conn.as_mut().graceful_shutdown();
-    }
-    tokio::select! {
-        r = conn.as_mut() => {
-            if let Err(e) = r {
-                tracing::debug!(error = %e, "outbound HTTP connection ended with an error");
-            }
-            return;
-        }
-        why = act.expired(&sh.edge) => {
-            tracing::debug!(reason = why, "outbound HTTP connection closed");
-            return;
-        }
-        _ = stop.changed() => {
-            conn.as_mut().graceful_shutdown();
-        }
-    }
-    let _ = conn.await;
+    crate::http::serve(&ob.edge, &ob.drain, tcp, svc, true).await;
+}
+
+/// An upstream-port connection (`listen` is the upstream's address).
+pub(crate) async fn upstream_conn(ob: &Arc<Outbound>, listen: SocketAddr, tcp: TcpStream) {
+    let cfg = ob.cfg.load_full();
+    let Some(u) = cfg.me.upstreams.iter().find(|u| u.listen == listen) else {
+        return;
+    };
+    let authority = format!("{}:{}", u.service, u.port);
+    upstream_tcp(ob, &cfg, &authority, tcp).await;
 }
 
 fn error_chain(e: &dyn std::error::Error) -> String {
@@ -279,10 +290,10 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     msg
 }
 
-async fn outbound_request(sh: &Arc<Shared>, mut req: Request<Incoming>) -> Response<Body> {
+async fn request(ob: &Arc<Outbound>, mut req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
     if req.method() == Method::CONNECT {
-        return connect_tunnel(sh, req).await;
+        return connect_tunnel(ob, req).await;
     }
     // Route and Host agree: an absolute-form target's authority is the Host forwarded.
     if let Err(why) = crate::edge::align_host(&mut req) {
@@ -306,8 +317,8 @@ async fn outbound_request(sh: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
         },
     };
     let route = {
-        let cfg = sh.cfg.load();
-        match sh.peers.route(sh, &cfg, authority.as_str()) {
+        let cfg = ob.cfg.load();
+        match ob.route(&cfg, authority.as_str()) {
             Ok(r) => r,
             Err(e) => return no_route_response(authority.as_str(), e),
         }
@@ -337,7 +348,7 @@ async fn outbound_request(sh: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
     };
     let grpc = is_grpc_request(&req);
     let pool = &route.pool;
-    match tokio::time::timeout(sh.request_timeout, pool.client.request(req)).await {
+    match tokio::time::timeout(ob.request_timeout, pool.client.request(req)).await {
         Ok(Ok(r)) => {
             let pending = Pending::new(pool.series.clone(), start, grpc, &r, "-");
             r.map(|b| Either::Left(Metered::new(b, pending)))
@@ -359,11 +370,11 @@ async fn outbound_request(sh: &Arc<Shared>, mut req: Request<Incoming>) -> Respo
 
 /// Copy bytes between the app's stream and the peer until both sides are done; the TCP
 /// series counts the connection (bytes sent = towards the app, received = from the app).
-async fn relay<A>(sh: &Shared, route: &Route, app: &mut A, mut peer: PeerStream)
+async fn relay<A>(ob: &Outbound, route: &Route, app: &mut A, mut peer: PeerStream)
 where
     A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
 {
-    sh.metrics.tcp_opened(&route.tcp_labels);
+    ob.metrics.tcp_opened(&route.tcp_labels);
     // Closed after the idle timeout with no byte either way (Envoy tcp_proxy idle_timeout).
     let act = crate::edge::Activity::new(false);
     let mut app = crate::edge::Tracked::new(app, act.clone());
@@ -375,23 +386,23 @@ where
                 (0, 0)
             }
         },
-        why = act.expired(&sh.edge) => {
+        why = act.expired(&ob.edge) => {
             tracing::debug!(destination = %route.name, reason = why, "TCP relay closed");
             (0, 0)
         }
     };
-    sh.metrics.tcp_closed(&route.tcp_labels, sent, received);
+    ob.metrics.tcp_closed(&route.tcp_labels, sent, received);
 }
 
 /// An upstream-port connection: raw TCP to the destination's inbound listener, mTLS unless
 /// the destination port is DISABLE.
-pub(super) async fn upstream_tcp(
-    sh: &Arc<Shared>,
+pub(crate) async fn upstream_tcp(
+    ob: &Arc<Outbound>,
     cfg: &Arc<Config>,
     authority: &str,
     mut tcp: TcpStream,
 ) {
-    let route = match sh.peers.route(sh, cfg, authority) {
+    let route = match ob.route(cfg, authority) {
         Ok(r) => r,
         Err(NoRoute::Unknown) => {
             tracing::warn!(upstream = %authority, "upstream no longer in the registry; closing");
@@ -402,47 +413,47 @@ pub(super) async fn upstream_tcp(
             return;
         }
     };
-    let peer = match PeerStream::connect(&sh.identity, &route.target, route.mtls).await {
+    let peer = match PeerStream::connect(&ob.identity, &route.target, route.mtls).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(upstream = %authority, error = %e, "upstream connection failed");
             return;
         }
     };
-    relay(sh, &route, &mut tcp, peer).await;
+    relay(ob, &route, &mut tcp, peer).await;
 }
 
 /// `CONNECT host:port`: resolve like a request, dial the destination's inbound listener as
 /// raw TCP (mTLS unless DISABLE), answer 200 and relay bytes; unknown destination → 502.
-async fn connect_tunnel(sh: &Arc<Shared>, req: Request<Incoming>) -> Response<Body> {
+async fn connect_tunnel(ob: &Arc<Outbound>, req: Request<Incoming>) -> Response<Body> {
     let Some(authority) = req.uri().authority().cloned() else {
         return text_response(400, "rampart: CONNECT needs host:port\n");
     };
     let route = {
-        let cfg = sh.cfg.load();
-        match sh.peers.route(sh, &cfg, authority.as_str()) {
+        let cfg = ob.cfg.load();
+        match ob.route(&cfg, authority.as_str()) {
             Ok(r) => r,
             Err(e) => return no_route_response(authority.as_str(), e),
         }
     };
     // The tunnel outlives the HTTP exchange: it holds a connection slot of its own.
-    let Some(permit) = sh.budgets.acquire(crate::edge::Budget::Outbound) else {
+    let Some(permit) = ob.budgets.acquire(Budget::Outbound) else {
         tracing::warn!(destination = %route.name, "connection limit reached; CONNECT refused");
         return text_response(503, "rampart: connection limit reached\n");
     };
-    let peer = match PeerStream::connect(&sh.identity, &route.target, route.mtls).await {
+    let peer = match PeerStream::connect(&ob.identity, &route.target, route.mtls).await {
         Ok(p) => p,
         Err(e) => {
             tracing::warn!(destination = %route.name, error = %e, "CONNECT: upstream connection failed");
             return owned_text_response(503, format!("upstream connect error: {e}\n"));
         }
     };
-    let sh2 = sh.clone();
+    let ob2 = ob.clone();
     tokio::spawn(async move {
-        let _inflight = sh2.enter();
+        let _inflight = ob2.drain.enter();
         let _permit = permit;
         match hyper::upgrade::on(req).await {
-            Ok(up) => relay(&sh2, &route, &mut TokioIo::new(up), peer).await,
+            Ok(up) => relay(&ob2, &route, &mut TokioIo::new(up), peer).await,
             Err(e) => {
                 tracing::debug!(destination = %route.name, error = %e, "CONNECT: no upgrade")
             }

@@ -1,0 +1,480 @@
+//! The inbound side: connections to a workload port's inbound listener, from peer proxies
+//! (mTLS) or plaintext clients (PERMISSIVE/DISABLE), checked against PeerAuthentication per
+//! connection and AuthorizationPolicy/RequestAuthentication per request (HTTP) or per
+//! connection (TCP), then forwarded to the app.
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use http::{HeaderValue, Request, Response, Uri, Version, header};
+use http_body_util::Either;
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use rampart_authz::{HeaderMutation, HttpRequest, MtlsMode, NoExtAuthz, Peer, RequestContext};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::net::TcpStream;
+use tracing::Instrument as _;
+
+use crate::config::Handle;
+use crate::drain::Drain;
+use crate::edge::{Activity, EdgeLimits, Tracked};
+use crate::http::{
+    Body, authority_of, denial, is_grpc_request, owned_text_response, text_response,
+};
+use crate::identity::{IdentityHolder, cert_sha256_hex};
+use crate::jwks::{JwksState, Lookup};
+use crate::metrics::{Kind, Labels, Metered, Metrics, Pending, PortStats, PortTable, Series};
+use rampart_mesh::PortProtocol;
+
+/// What the inbound side needs: the configuration, the proxy's identity, where to count,
+/// the app clients and the JWKS key sets.
+pub(crate) struct Inbound {
+    pub(crate) cfg: Handle,
+    pub(crate) identity: Arc<IdentityHolder>,
+    pub(crate) metrics: Arc<Metrics>,
+    pub(crate) ports: Arc<PortTable>,
+    pub(crate) jwks: Arc<JwksState>,
+    pub(crate) edge: EdgeLimits,
+    pub(crate) drain: Drain,
+    /// Longest wait for the app's response headers.
+    pub(crate) request_timeout: Duration,
+    pub(crate) app_h1: Client<HttpConnector, Incoming>,
+    pub(crate) app_h2: Client<HttpConnector, Incoming>,
+}
+
+/// What request handling needs to know about its connection.
+struct ConnCtx {
+    port: u16,
+    protocol: PortProtocol,
+    peer: SocketAddr,
+    local: Option<SocketAddr>,
+    principal: Option<String>,
+    sni: Option<String>,
+    xfcc: Option<HeaderValue>,
+    labels: Arc<str>,
+    series: Arc<Series>,
+    stats: Arc<PortStats>,
+    /// The app's address as a URI authority, fixed for the connection's life (an edit that
+    /// moves or removes the port applies to new connections; this one finishes where it
+    /// started).
+    app: Option<http::uri::Authority>,
+}
+
+fn app_authority(app: SocketAddr) -> Option<http::uri::Authority> {
+    http::uri::Authority::try_from(app.to_string().as_str()).ok()
+}
+
+pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: SocketAddr) {
+    let cfg = ib.cfg.load_full();
+    let Some(pe) = cfg.me.port(port).cloned() else {
+        tracing::warn!(port, "port no longer in the registry; closing connection");
+        return;
+    };
+    let stats = ib.ports.get(port);
+    let mode = cfg.engine.peer_authentication(&cfg.workload, port).mode;
+    // Sniff: a TLS record starts with 0x16 (handshake).
+    let mut first = [0u8; 1];
+    let is_tls = match tokio::time::timeout(Duration::from_secs(5), tcp.peek(&mut first)).await {
+        Ok(Ok(0)) | Ok(Err(_)) => return,
+        Ok(Ok(_)) => crate::sniff::is_tls(first[0]),
+        Err(_) => false, // client waits for the server: plaintext (server-first protocol)
+    };
+    let terminate_tls = match (mode, is_tls) {
+        (MtlsMode::Disable, _) => false,
+        (MtlsMode::Strict, false) => {
+            stats.count(Kind::PlaintextConnection, Some(peer.ip()));
+            tracing::info!(%peer, port, "plaintext connection refused: PeerAuthentication STRICT");
+            return;
+        }
+        (_, tls) => tls,
+    };
+    let local = tcp.local_addr().ok();
+    let me_principal = cfg.me.spiffe_id(&cfg.folder.trust_domain).to_string();
+    let mut labels = Labels {
+        reporter: "destination",
+        source_principal: String::new(),
+        source_workload: String::new(),
+        source_namespace: String::new(),
+        destination_principal: me_principal.clone(),
+        destination_workload: cfg.me.name.clone(),
+        destination_namespace: cfg.me.namespace.clone(),
+        destination_service: cfg.me.service_host(),
+        mtls: terminate_tls,
+    };
+    if !terminate_tls {
+        stats.count(Kind::PlaintextConnection, Some(peer.ip()));
+        // DISABLE does not terminate TLS: a TLS client's bytes go to the app as they are
+        // (connection-level policy only, as for TCP).
+        let protocol = if is_tls {
+            PortProtocol::Tcp
+        } else {
+            pe.protocol
+        };
+        let cx = ConnCtx {
+            port,
+            protocol,
+            peer,
+            local,
+            principal: None,
+            sni: None,
+            xfcc: None,
+            series: ib
+                .metrics
+                .series(labels.render(crate::metrics::request_protocol(pe.protocol))),
+            labels: labels.render(crate::metrics::request_protocol(pe.protocol)),
+            stats,
+            app: app_authority(pe.app),
+        };
+        serve(ib, cx, pe.app, tcp).await;
+        return;
+    }
+    let state = match ib.identity.for_handshake() {
+        Ok(s) => s,
+        Err(reason) => {
+            tracing::warn!(%peer, port, %reason, "mTLS handshake refused: own identity unusable (fail closed)");
+            return;
+        }
+    };
+    let acceptor = tokio_rustls::TlsAcceptor::from(state.server.clone());
+    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+        Ok(Ok(t)) => t,
+        Ok(Err(e)) => {
+            let error = crate::conn::describe_tls_error(&e);
+            tracing::info!(%peer, port, %error, "mTLS handshake refused");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, port, "mTLS handshake timed out");
+            return;
+        }
+    };
+    let (principal, hash, sni) = {
+        let c = tls.get_ref().1;
+        tracing::debug!(
+            %peer,
+            port,
+            kx_group = %rampart_certs::tls::negotiated_group(c).as_deref().unwrap_or("-"),
+            "inbound mTLS handshake done"
+        );
+        let leaf = c.peer_certificates().and_then(|c| c.first());
+        let principal = leaf
+            .and_then(|l| rampart_certs::tls::leaf_spiffe_id(l).ok())
+            .map(|id| id.to_string());
+        let hash = leaf.map(|l| cert_sha256_hex(l.as_ref()));
+        (principal, hash, c.server_name().map(str::to_string))
+    };
+    if let Some(p) = &principal {
+        tracing::Span::current().record("peer_id", tracing::field::display(p));
+    }
+    let Some(principal) = principal else {
+        // Unreachable with a mandatory client verifier; refuse rather than trust.
+        tracing::warn!(%peer, "mTLS peer without SPIFFE ID; closing");
+        return;
+    };
+    stats.count(Kind::MtlsConnection, Some(peer.ip()));
+    let xfcc = HeaderValue::from_str(&format!(
+        "By={};Hash={};Subject=\"\";URI={}",
+        me_principal,
+        hash.unwrap_or_default(),
+        principal
+    ))
+    .ok();
+    let (sw, sns) = cfg.workload_of(&principal);
+    labels.source_principal = principal.clone();
+    labels.source_workload = sw;
+    labels.source_namespace = sns;
+    let cx = ConnCtx {
+        port,
+        protocol: pe.protocol,
+        peer,
+        local,
+        principal: Some(principal),
+        sni,
+        xfcc,
+        series: ib
+            .metrics
+            .series(labels.render(crate::metrics::request_protocol(pe.protocol))),
+        labels: labels.render(crate::metrics::request_protocol(pe.protocol)),
+        stats,
+        app: app_authority(pe.app),
+    };
+    drop(cfg);
+    serve(ib, cx, pe.app, tls).await;
+}
+
+async fn serve<IO>(ib: &Arc<Inbound>, cx: ConnCtx, app: SocketAddr, io: IO)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    if cx.protocol == PortProtocol::Tcp {
+        tcp(ib, cx, app, io).await;
+        return;
+    }
+    let cx = Arc::new(cx);
+    let svc_ib = ib.clone();
+    // HTTP/2 streams run as tasks of their own: each request's span names its connection's
+    // as parent explicitly.
+    let conn_span = tracing::Span::current();
+    let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
+        let ib = svc_ib.clone();
+        let cx = cx.clone();
+        let span = crate::http::request_span(&conn_span, &req);
+        async move { Ok::<_, Infallible>(request(&ib, &cx, req).await) }.instrument(span)
+    });
+    crate::http::serve(&ib.edge, &ib.drain, io, svc, false).await;
+}
+
+static XFCC: header::HeaderName = header::HeaderName::from_static("x-forwarded-client-cert");
+
+async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
+    let start = Instant::now();
+    let mtls = cx.principal.is_some();
+    cx.stats.count(
+        if mtls {
+            Kind::MtlsRequest
+        } else {
+            Kind::PlaintextRequest
+        },
+        Some(cx.peer.ip()),
+    );
+    let grpc = cx.protocol == PortProtocol::Grpc || is_grpc_request(&req);
+    // One authority for policy and app: an absolute-form target (or :authority) is the Host.
+    if let Err(why) = crate::edge::align_host(&mut req) {
+        tracing::info!(peer = %cx.peer, reason = why, "request refused (400)");
+        let (r, g) = denial(400, grpc, "Bad Request");
+        cx.series.request(400, g, "-", start.elapsed());
+        return r;
+    }
+    let cfg = ib.cfg.load();
+    // JWT output headers are the proxy's to write: a client's copy never reaches policy or
+    // the app (as Envoy's jwt_authn); they are set below only from a verified token.
+    for h in &cfg.jwt_output_headers {
+        req.headers_mut().remove(h);
+    }
+    // x-forwarded-client-cert: never the client's; ours for mTLS peers. Set before policy,
+    // so policy judges the value the app receives (Envoy sanitizes it before its filters).
+    req.headers_mut().remove(&XFCC);
+    if let Some(x) = &cx.xfcc {
+        req.headers_mut().insert(XFCC.clone(), x.clone());
+    }
+    let raw_path = req
+        .uri()
+        .path_and_query()
+        .map(|p| p.as_str())
+        .unwrap_or("/")
+        .to_string();
+    let normalized = match rampart_authz::normalize_path(
+        &raw_path,
+        cfg.folder.mesh.path_normalization,
+    ) {
+        Ok(n) => n.to_forward(),
+        Err(e) => {
+            tracing::info!(peer = %cx.peer, path = %raw_path, reason = %e.reason, "request refused: bad path (400)");
+            let (r, g) = denial(400, grpc, "Bad Request");
+            cx.series.request(400, g, "-", start.elapsed());
+            return r;
+        }
+    };
+    if !cfg.fast_path {
+        // Every header the app will receive, none skipped (see `edge::header_text`).
+        let headers: Vec<(String, String)> = req
+            .headers()
+            .iter()
+            .map(|(k, v)| (k.as_str().to_string(), crate::edge::header_text(v)))
+            .collect();
+        let http = HttpRequest {
+            method: req.method().as_str().to_string(),
+            path: raw_path.clone(),
+            host: authority_of(&req),
+            headers,
+        };
+        let ctx = RequestContext {
+            source: Peer {
+                principal: cx.principal.clone(),
+                ip: Some(cx.peer.ip()),
+                remote_ip: None,
+            },
+            destination_ip: cx.local.map(|a| a.ip()),
+            destination_port: cx.port,
+            sni: cx.sni.clone(),
+            http: Some(http),
+            jwt: None,
+        };
+        let keys = Lookup::new(&ib.jwks, &cfg);
+        let mut d = cfg
+            .engine
+            .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &NoExtAuthz);
+        // A token signed with a key the cached JWKS lacks: refetch early (rate-limited), retry.
+        if let Some(miss) = keys.kid_miss(&d)
+            && ib.jwks.refetch_on_kid_miss(&cfg, miss).await
+        {
+            let keys = Lookup::new(&ib.jwks, &cfg);
+            d = cfg
+                .engine
+                .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &NoExtAuthz);
+        }
+        if !d.is_allowed() {
+            let policy = d
+                .policy
+                .as_ref()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .unwrap_or_else(|| "-".into());
+            tracing::warn!(
+                peer = %cx.peer,
+                principal = cx.principal.as_deref().unwrap_or("-"),
+                method = %req.method(),
+                path = %raw_path,
+                status = d.status,
+                policy = %policy,
+                rule = ?d.rule,
+                reason = %d.reason,
+                "request denied: {}", d.summary()
+            );
+            let body = match d.status {
+                401 => d.reason.clone(),
+                400 => "Bad Request".to_string(),
+                _ => "RBAC: access denied".to_string(),
+            };
+            let (r, g) = denial(d.status, grpc, &body);
+            let flags = if d.status == 401 || d.status == 400 {
+                "-"
+            } else {
+                "UAEX"
+            };
+            cx.series.request(d.status, g, flags, start.elapsed());
+            return r;
+        }
+        for m in &d.headers {
+            match m {
+                HeaderMutation::Set { name, value } => {
+                    if let (Ok(n), Ok(v)) = (
+                        header::HeaderName::from_bytes(name.as_bytes()),
+                        HeaderValue::from_str(value),
+                    ) {
+                        req.headers_mut().insert(n, v);
+                    }
+                }
+                HeaderMutation::Remove { name } => {
+                    req.headers_mut().remove(name.as_str());
+                }
+            }
+        }
+    }
+    drop(cfg);
+    let h2 = cx.protocol.is_h2();
+    if req.headers().get(header::HOST).is_none()
+        && let Some(a) = req.uri().authority()
+        && let Ok(v) = HeaderValue::from_str(a.as_str())
+    {
+        req.headers_mut().insert(header::HOST, v);
+    }
+    let target = cx.app.clone().and_then(|app| {
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(app);
+        parts.path_and_query = Some(http::uri::PathAndQuery::try_from(normalized).ok()?);
+        Uri::from_parts(parts).ok()
+    });
+    match target {
+        Some(u) => *req.uri_mut() = u,
+        None => {
+            let (r, g) = denial(400, grpc, "Bad Request");
+            cx.series.request(400, g, "-", start.elapsed());
+            return r;
+        }
+    }
+    *req.version_mut() = if h2 {
+        Version::HTTP_2
+    } else {
+        Version::HTTP_11
+    };
+    let client = if h2 { &ib.app_h2 } else { &ib.app_h1 };
+    let (resp, flags) = match tokio::time::timeout(ib.request_timeout, client.request(req)).await {
+        Ok(Ok(r)) => {
+            // recorded when the response ends (trailers: gRPC status)
+            let pending = Pending::new(cx.series.clone(), start, grpc, &r, "-");
+            return r.map(|b| Either::Left(Metered::new(b, pending)));
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(app = cx.app.as_ref().map_or("-", |a| a.as_str()), error = %e, "app unreachable");
+            (
+                owned_text_response(
+                    503,
+                    "upstream connect error or disconnect/reset before headers".into(),
+                ),
+                "UF",
+            )
+        }
+        Err(_) => (text_response(504, "upstream request timeout"), "UT"),
+    };
+    Pending::new(cx.series.clone(), start, grpc, &resp, flags).finish(None, None);
+    resp
+}
+
+async fn tcp<IO>(ib: &Arc<Inbound>, cx: ConnCtx, app: SocketAddr, io: IO)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    {
+        let cfg = ib.cfg.load();
+        if !cfg.fast_path {
+            let ctx = RequestContext {
+                source: Peer {
+                    principal: cx.principal.clone(),
+                    ip: Some(cx.peer.ip()),
+                    remote_ip: None,
+                },
+                destination_ip: cx.local.map(|a| a.ip()),
+                destination_port: cx.port,
+                sni: cx.sni.clone(),
+                http: None,
+                jwt: None,
+            };
+            let d = cfg.engine.authorize(&cfg.workload, &ctx);
+            if !d.is_allowed() {
+                let policy = d
+                    .policy
+                    .as_ref()
+                    .map(|p| format!("{}/{}", p.namespace, p.name))
+                    .unwrap_or_else(|| "-".into());
+                tracing::warn!(
+                    peer = %cx.peer,
+                    principal = cx.principal.as_deref().unwrap_or("-"),
+                    port = cx.port,
+                    policy = %policy,
+                    rule = ?d.rule,
+                    reason = %d.reason,
+                    "connection denied (closed): {}", d.summary()
+                );
+                return;
+            }
+        }
+    }
+    ib.metrics.tcp_opened(&cx.labels);
+    let (sent, received) = match TcpStream::connect(app).await {
+        Ok(mut a) => {
+            let _ = a.set_nodelay(true);
+            // TCP ports: closed after the idle timeout with no byte either way.
+            let act = Activity::new(false);
+            let mut io = Tracked::new(io, act.clone());
+            tokio::select! {
+                r = tokio::io::copy_bidirectional(&mut io, &mut a) => match r {
+                    Ok((from_client, from_app)) => (from_app, from_client),
+                    Err(_) => (0, 0),
+                },
+                why = act.expired(&ib.edge) => {
+                    tracing::debug!(%app, reason = why, "TCP connection closed");
+                    (0, 0)
+                }
+            }
+        }
+        Err(e) => {
+            tracing::warn!(%app, error = %e, "app unreachable");
+            (0, 0)
+        }
+    };
+    ib.metrics.tcp_closed(&cx.labels, sent, received);
+}

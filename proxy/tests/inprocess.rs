@@ -1,0 +1,376 @@
+//! The proxy in the test's own process: proxies started with `Proxy::start` from in-memory
+//! snapshots (no folder watcher), listening on 127.0.0.x port 0, their certificates from an
+//! in-test SDS server (`support/sds_standin.rs`, speaking the SDS wire protocol over a Unix
+//! socket) that issues from an in-memory CA of `rampart-certs`. The binary-level e2e tests
+//! in the workspace's `tests/` run the same paths through `rampart proxy` processes and the
+//! real node agent.
+//!
+//! Two proxies: `server` (in front of an in-test HTTP app) and `client` (whose outbound
+//! HTTP-proxy listener the test calls as an app would). Each security check comes with its
+//! twin: mTLS allowed / plaintext refused under STRICT (and accepted under PERMISSIVE),
+//! an allowed path / a denied one (403, the policy named in the log), the right peer
+//! identity / a SAN mismatch (refused), and a drain that lets an in-flight request finish
+//! while new connections are refused.
+
+#[path = "support/sds_standin.rs"]
+mod sds_standin;
+
+use std::net::SocketAddr;
+use std::path::Path;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::Duration;
+
+use rampart_mesh::watch::Updates;
+use rampart_mesh::{MeshFolder, Problem};
+use rampart_proxy::{Proxy, ProxyOptions};
+use sds_standin::{StandIn, TestCa};
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const TD: &str = "cluster.local";
+
+// === log capture (to see the policy a denial names) ===
+
+#[derive(Clone, Default)]
+struct Logs(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for Logs {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn logs() -> &'static Logs {
+    static LOGS: OnceLock<Logs> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let logs = Logs::default();
+        let w = logs.clone();
+        tracing_subscriber::fmt()
+            .with_env_filter("rampart_proxy=info")
+            .with_ansi(false)
+            .with_writer(move || w.clone())
+            .init();
+        logs
+    })
+}
+
+fn log_text() -> String {
+    String::from_utf8_lossy(&logs().0.lock().unwrap()).into_owned()
+}
+
+// === the in-test app ===
+
+/// An HTTP/1.1 app on 127.0.0.1:0: `200 app <path>` to everything; `/slow` answers after
+/// 1.5 s.
+async fn app() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            tokio::spawn(async move {
+                loop {
+                    let Some(head) = read_head(&mut s).await else {
+                        return;
+                    };
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    if path == "/slow" {
+                        tokio::time::sleep(Duration::from_millis(1500)).await;
+                    }
+                    let body = format!("app {path}");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(resp.as_bytes()).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// Read one request or response head (the tests send no bodies).
+async fn read_head(s: &mut TcpStream) -> Option<String> {
+    let mut buf = Vec::new();
+    let mut b = [0u8; 1];
+    while !buf.ends_with(b"\r\n\r\n") {
+        match s.read(&mut b).await {
+            Ok(1) => buf.push(b[0]),
+            _ => return None,
+        }
+    }
+    Some(String::from_utf8_lossy(&buf).into_owned())
+}
+
+/// One HTTP/1.1 request on a new connection to `addr` (a proxy listener): the status and
+/// body, or `None` when the connection is refused or closed without an answer.
+async fn get(addr: SocketAddr, target: &str, host: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET {target} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string())?;
+    Some((status, body))
+}
+
+/// A request from the client app through the client proxy's outbound listener.
+async fn call(client: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let host = "server.ns1.svc.cluster.local:80";
+    get(client, &format!("http://{host}{path}"), host).await
+}
+
+// === the mesh ===
+
+struct Mesh {
+    dir: tempfile::TempDir,
+    ca: TestCa,
+    app: SocketAddr,
+    _sds: Vec<StandIn>,
+}
+
+fn registry(app: SocketAddr, server_inbound: [SocketAddr; 2], server_sa: &str) -> String {
+    format!(
+        "workloads:\n\
+         - name: server\n  namespace: ns1\n  serviceAccount: {server_sa}\n  labels: {{app: server}}\n  ports:\n  \
+           - {{port: 80, protocol: http, app: '{app}', inbound: '{}'}}\n  \
+           - {{port: 81, protocol: http, app: '{app}', inbound: '{}'}}\n\
+         - name: client\n  namespace: ns1\n  serviceAccount: client\n  labels: {{app: client}}\n  ports:\n  \
+           - {{port: 80, protocol: http, app: '127.0.0.1:9', inbound: '127.0.0.5:0'}}\n  \
+           proxy: {{outbound: '127.0.0.6:0'}}\n",
+        server_inbound[0], server_inbound[1]
+    )
+}
+
+const POLICY: &str = "\
+apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: server-strict, namespace: ns1}
+spec:
+  selector: {matchLabels: {app: server}}
+  mtls: {mode: STRICT}
+  portLevelMtls:
+    81: {mode: PERMISSIVE}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-admin, namespace: ns1}
+spec:
+  selector: {matchLabels: {app: server}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: [/admin]}}]
+";
+
+impl Mesh {
+    async fn new() -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        std::fs::write(dir.path().join("mesh.yaml"), format!("trustDomain: {TD}\n")).unwrap();
+        std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
+        Mesh {
+            dir,
+            ca: TestCa::new("inprocess-root"),
+            app: app().await,
+            _sds: Vec::new(),
+        }
+    }
+
+    /// A snapshot of the mesh with `server`'s inbound listeners at `inbound` and its
+    /// service account `server_sa`.
+    fn snapshot(&self, inbound: [SocketAddr; 2], server_sa: &str) -> MeshFolder {
+        std::fs::write(
+            self.dir.path().join("workloads.yaml"),
+            registry(self.app, inbound, server_sa),
+        )
+        .unwrap();
+        MeshFolder::load(self.dir.path()).unwrap()
+    }
+
+    /// Start the proxy of `ns1/<name>` from `snapshot`, its SDS server issuing `sa`'s
+    /// identity.
+    async fn proxy(&mut self, name: &str, snapshot: MeshFolder, updates: Option<Updates>) -> Proxy {
+        let socket = self.dir.path().join(format!("{name}.sock"));
+        let id = format!("spiffe://{TD}/ns/ns1/sa/{name}");
+        self._sds
+            .push(sds_standin::start(&socket, Some(self.ca.secrets(&id, 1))));
+        let mut opts = ProxyOptions::new(self.dir.path().into(), format!("ns1/{name}"), socket);
+        opts.drain_timeout = Duration::from_secs(5);
+        Proxy::start(opts, snapshot, updates).await.unwrap()
+    }
+}
+
+fn listener(p: &Proxy, what: &str) -> SocketAddr {
+    p.listeners()
+        .into_iter()
+        .find(|(w, _)| w.starts_with(what))
+        .unwrap_or_else(|| panic!("no listener {what:?} in {:?}", p.listeners()))
+        .1
+}
+
+/// Retry `f` until it gives `want` (the proxies get their certificates over SDS shortly
+/// after start); the last answer otherwise.
+async fn until<F, Fut>(want: u16, mut f: F) -> Option<(u16, String)>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = Option<(u16, String)>>,
+{
+    let mut last = None;
+    for _ in 0..100 {
+        last = f().await;
+        if last.as_ref().is_some_and(|(s, _)| *s == want) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    last
+}
+
+/// Server and client proxies, the client's snapshot pointing at the server's real
+/// listeners; the client takes later snapshots from the returned sender.
+async fn pair(
+    mesh: &mut Mesh,
+) -> (
+    Proxy,
+    Proxy,
+    [SocketAddr; 2],
+    tokio::sync::mpsc::Sender<Result<MeshFolder, Vec<Problem>>>,
+) {
+    let any = |ip: &str| format!("{ip}:0").parse::<SocketAddr>().unwrap();
+    let snap = mesh.snapshot([any("127.0.0.2"), any("127.0.0.3")], "server");
+    let server = mesh.proxy("server", snap, None).await;
+    let inbound = [
+        listener(&server, "inbound port 80"),
+        listener(&server, "inbound port 81"),
+    ];
+    assert_ne!(inbound[0].port(), 0, "the bound port is reported");
+    let snap = mesh.snapshot(inbound, "server");
+    let (tx, updates) = Updates::channel(4);
+    let client = mesh.proxy("client", snap, Some(updates)).await;
+    (server, client, inbound, tx)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mtls_allowed_and_strict_refuses_plaintext() {
+    let _ = logs();
+    let mut mesh = Mesh::new().await;
+    let (server, client, inbound, _tx) = pair(&mut mesh).await;
+    let out = listener(&client, "outbound");
+
+    // Positive: the client's call goes over mTLS and reaches the app.
+    let r = until(200, || call(out, "/hello")).await;
+    assert_eq!(r, Some((200, "app /hello".to_string())));
+
+    // Negative: plaintext to the STRICT port is closed without an answer...
+    let r = get(inbound[0], "/hello", "server").await;
+    assert_eq!(r, None, "STRICT port answered plaintext");
+    // ...and its twin: the PERMISSIVE port answers plaintext.
+    let r = get(inbound[1], "/hello", "server").await;
+    assert_eq!(r, Some((200, "app /hello".to_string())));
+    drop((server, client));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn denial_is_403_and_names_the_policy() {
+    let _ = logs();
+    let mut mesh = Mesh::new().await;
+    let (_server, client, _inbound, _tx) = pair(&mut mesh).await;
+    let out = listener(&client, "outbound");
+    let r = until(200, || call(out, "/public")).await;
+    assert_eq!(r, Some((200, "app /public".to_string())));
+
+    let r = call(out, "/admin").await;
+    assert_eq!(r, Some((403, "RBAC: access denied".to_string())));
+    let text = log_text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("request denied") && l.contains("path=/admin"))
+        .unwrap_or_else(|| panic!("no denial logged:\n{text}"));
+    assert!(line.contains("policy=ns1/no-admin"), "{line}");
+    assert!(
+        line.contains("principal=\"spiffe://cluster.local/ns/ns1/sa/client\""),
+        "{line}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn outbound_refuses_a_peer_with_the_wrong_identity() {
+    let _ = logs();
+    let mut mesh = Mesh::new().await;
+    let (_server, client, inbound, tx) = pair(&mut mesh).await;
+    let out = listener(&client, "outbound");
+    let r = until(200, || call(out, "/")).await;
+    assert_eq!(r.map(|r| r.0), Some(200));
+
+    // The client's registry now says the server runs as `other`: the server's certificate
+    // (sa/server) no longer matches, and the client proxy refuses the connection.
+    tx.send(Ok(mesh.snapshot(inbound, "other"))).await.unwrap();
+    let r = until(503, || call(out, "/")).await.unwrap();
+    assert_eq!(r.0, 503, "{r:?}");
+    assert!(r.1.contains("upstream connect error"), "{r:?}");
+
+    // Twin: the right identity again, and calls succeed.
+    tx.send(Ok(mesh.snapshot(inbound, "server"))).await.unwrap();
+    let r = until(200, || call(out, "/")).await;
+    assert_eq!(r.map(|r| r.0), Some(200));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn drain_finishes_in_flight_requests_and_refuses_new_ones() {
+    let _ = logs();
+    let mut mesh = Mesh::new().await;
+    let (server, client, inbound, _tx) = pair(&mut mesh).await;
+    let out = listener(&client, "outbound");
+    let r = until(200, || call(out, "/")).await;
+    assert_eq!(r.map(|r| r.0), Some(200));
+
+    // A slow request is in flight at the server when it starts draining.
+    let slow = tokio::spawn(async move { call(out, "/slow").await });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let drained = tokio::spawn(server.shutdown());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // New connections are refused while it drains (the listener is closed).
+    assert!(
+        TcpStream::connect(inbound[1]).await.is_err(),
+        "the draining server still accepts"
+    );
+    assert_eq!(
+        slow.await.unwrap(),
+        Some((200, "app /slow".to_string())),
+        "the in-flight request finished"
+    );
+    assert!(drained.await.unwrap(), "drain finished within its deadline");
+    drop(client);
+}
+
+#[test]
+fn snapshot_with_port_zero_validates() {
+    // The tests above rely on it: `inbound: 127.0.0.x:0` is a valid listen address.
+    let d = tempfile::tempdir().unwrap();
+    std::fs::write(d.path().join("mesh.yaml"), "trustDomain: cluster.local\n").unwrap();
+    let zero = |ip: &str| format!("{ip}:0").parse::<SocketAddr>().unwrap();
+    std::fs::write(
+        d.path().join("workloads.yaml"),
+        registry(
+            "127.0.0.1:1".parse().unwrap(),
+            [zero("127.0.0.2"), zero("127.0.0.3")],
+            "server",
+        ),
+    )
+    .unwrap();
+    let f = MeshFolder::load(Path::new(d.path()));
+    assert!(f.is_ok(), "{:?}", f.err());
+}
