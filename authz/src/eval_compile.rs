@@ -11,7 +11,7 @@ use ipnet::IpNet;
 use crate::eval_match::{PathMatch, RequestPrincipalMatch, StrMatch, glob_to_regex, parse_cidr};
 use crate::explain::PolicyRef;
 use crate::model::{Action, AuthorizationPolicy, Condition, Operation, Source};
-use crate::validate::{DRY_RUN_ANNOTATION, parse_go_bool};
+use crate::model::{DRY_RUN_ANNOTATION, parse_go_bool};
 
 /// Which attribute a condition looks at.
 #[derive(Debug, Clone, PartialEq, Eq)]

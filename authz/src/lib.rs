@@ -17,19 +17,18 @@ mod jwt;
 mod normalize;
 mod resolve;
 
-pub use error::Error;
-pub use load::{LoadResult, Problem, SECURITY_GROUP, Skipped, load_path, load_paths, load_str};
+pub use error::{Error, Problem};
+pub use load::{LoadResult, SECURITY_GROUP, Skipped, load_path, load_paths, load_str};
 pub use model::{
     Action, ApiVersion, AuthorizationPolicy, AuthorizationPolicySpec, ClaimToHeader, Condition,
-    DEFAULT_JWKS_TIMEOUT, DEFAULT_NAMESPACE, ExtensionProvider, IGNORED_METADATA_FIELDS, JwtHeader,
-    JwtPresence, JwtRule, Kind, MtlsMode, MutualTls, Object, ObjectMeta, Operation, Origin,
-    PeerAuthentication, PeerAuthenticationSpec, PolicyTargetReference, RequestAuthentication,
-    RequestAuthenticationSpec, Resource, Rule, RuleFrom, RuleTo, Source, WorkloadSelector,
-    parse_duration,
+    DEFAULT_JWKS_TIMEOUT, DEFAULT_NAMESPACE, DRY_RUN_ANNOTATION, ExtensionProvider,
+    IGNORED_METADATA_FIELDS, JwtHeader, JwtPresence, JwtRule, Kind, MtlsMode, MutualTls, Object,
+    ObjectMeta, Operation, Origin, PeerAuthentication, PeerAuthenticationSpec,
+    PolicyTargetReference, RequestAuthentication, RequestAuthenticationSpec, Resource, Rule,
+    RuleFrom, RuleTo, Source, WorkloadSelector, parse_duration, parse_go_bool,
 };
 pub use validate::{
-    DRY_RUN_ANNOTATION, ENVOY_METADATA_UNSUPPORTED, Finding, ValidationReport, is_path_template,
-    parse_go_bool, validate,
+    ENVOY_METADATA_UNSUPPORTED, Finding, ValidationReport, is_path_template, validate,
 };
 
 pub use self::{

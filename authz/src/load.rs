@@ -13,7 +13,7 @@ use std::path::{Path, PathBuf};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 
-use crate::error::Error;
+use crate::error::{Error, Problem};
 use crate::model::{
     ApiVersion, AuthorizationPolicy, AuthorizationPolicySpec, IGNORED_METADATA_FIELDS, Kind,
     Object, ObjectMeta, Origin, PeerAuthentication, PeerAuthenticationSpec, RequestAuthentication,
@@ -22,36 +22,6 @@ use crate::model::{
 
 /// The Kubernetes API group of the kinds this crate loads.
 pub const SECURITY_GROUP: &str = "security.istio.io";
-
-/// Why one document (or a whole file) was refused.
-///
-/// Displays as `file: document N: field.path: reason`; `document N` is left out when the
-/// problem concerns the whole file (`doc_index == 0`, e.g. it cannot be read) and the field
-/// path is left out when empty (e.g. a YAML syntax error).
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Problem {
-    /// File path or source name.
-    pub file: String,
-    /// 1-based document index; 0 = the whole file.
-    pub doc_index: usize,
-    /// Dotted field path, e.g. `spec.rules[0].from[0].source.principals[1]`; may be empty.
-    pub field_path: String,
-    /// Why it was refused (close to Istio's own wording).
-    pub reason: String,
-}
-
-impl fmt::Display for Problem {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.file)?;
-        if self.doc_index > 0 {
-            write!(f, ": document {}", self.doc_index)?;
-        }
-        if !self.field_path.is_empty() {
-            write!(f, ": {}", self.field_path)?;
-        }
-        write!(f, ": {}", self.reason)
-    }
-}
 
 /// A document that was not a `security.istio.io` object (a Deployment, a Namespace ...):
 /// skipped, not an error.

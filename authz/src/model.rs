@@ -211,8 +211,8 @@ impl Object<AuthorizationPolicySpec> {
     pub fn is_dry_run(&self) -> bool {
         self.metadata
             .annotations
-            .get(crate::validate::DRY_RUN_ANNOTATION)
-            .and_then(|v| crate::validate::parse_go_bool(v))
+            .get(DRY_RUN_ANNOTATION)
+            .and_then(|v| parse_go_bool(v))
             .unwrap_or(false)
     }
 }
@@ -913,6 +913,18 @@ impl Condition {
     /// The key (`""` when absent; validation refuses that).
     pub fn key(&self) -> &str {
         self.key.as_deref().unwrap_or("")
+    }
+}
+
+/// The annotation that turns an ALLOW/DENY AuthorizationPolicy into a shadow (dry-run) policy.
+pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
+
+/// Parses the dry-run annotation value as Go's `strconv.ParseBool` does.
+pub fn parse_go_bool(value: &str) -> Option<bool> {
+    match value {
+        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
+        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
+        _ => None,
     }
 }
 

@@ -8,9 +8,9 @@ use std::collections::BTreeMap;
 use std::net::IpAddr;
 
 use crate::model::{
-    Action, AuthorizationPolicy, Condition, JwtRule, ObjectMeta, Operation, PeerAuthentication,
-    PolicyTargetReference, RequestAuthentication, Resource, Source, WorkloadSelector,
-    parse_duration,
+    Action, AuthorizationPolicy, Condition, DRY_RUN_ANNOTATION, JwtRule, ObjectMeta, Operation,
+    PeerAuthentication, PolicyTargetReference, RequestAuthentication, Resource, Source,
+    WorkloadSelector, parse_duration, parse_go_bool,
 };
 
 /// One finding of validation: a field path (relative to the object, e.g. `spec.rules[0]`) and
@@ -49,9 +49,6 @@ impl ValidationReport {
     }
 }
 
-/// The annotation that turns an ALLOW/DENY AuthorizationPolicy into a shadow (dry-run) policy.
-pub const DRY_RUN_ANNOTATION: &str = "istio.io/dry-run";
-
 const ALWAYS_REJECT_ANNOTATION: &str = "internal.istio.io/webhook-always-reject";
 const INTERNAL_PARENT_NAMESPACE: &str = "internal.istio.io/parent-namespace";
 const INTERNAL_PARENTS: &str = "internal.istio.io/parents";
@@ -66,15 +63,6 @@ pub fn validate(resource: &Resource) -> ValidationReport {
         Resource::AuthorizationPolicy(ap) => validate_authorization_policy(ap, &mut report),
     }
     report
-}
-
-/// Parses the dry-run annotation value as Go's `strconv.ParseBool` does.
-pub fn parse_go_bool(value: &str) -> Option<bool> {
-    match value {
-        "1" | "t" | "T" | "TRUE" | "true" | "True" => Some(true),
-        "0" | "f" | "F" | "FALSE" | "false" | "False" => Some(false),
-        _ => None,
-    }
 }
 
 // ------------------------------------------------------------------------------------------
