@@ -53,3 +53,10 @@ pub use self::{
     signer::{IssuedFacts, SigningCertFacts, WorkloadTemplate, X509Signer, validate_issued},
     tls::{certified_key, client_config, provider, server_config},
 };
+
+// Revocation (issue #13): persisted revocations and the CRLs made from them.
+mod revocation;
+pub use self::revocation::{
+    CA_CRL, CA_OWN_CRL, CRL_FILE, CRL_STATE_FILE, EXPIRED_ENTRY_GRACE, REVOCATIONS_FILE,
+    RevocationState, StoredRevocation, normalize_serial,
+};
