@@ -14,14 +14,24 @@
 //! re-sign on a schedule without writing the file, and a restart never reuses a number
 //! (unless the clock went back further than the number of CRLs issued since).
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use rampart_certs::{Crl, CrlParams, RevocationReason, RevokedCert, parse_serial_hex};
+use arc_swap::ArcSwap;
+use rampart_certs::{
+    Crl, CrlExpiry, CrlParams, CrlSet, RevocationCheck, RevocationReason, RevokedCert,
+    UnknownStatus, parse_serial_hex,
+};
 use serde::{Deserialize, Serialize};
 
+use crate::authority::Authority;
 use crate::error::CitadelError;
 use crate::signer::X509Signer;
+
+/// Default lifetime (nextUpdate - thisUpdate) of the CRL the CA signs for its signing
+/// certificate; it is re-signed when half of it is left and at every revocation.
+pub const DEFAULT_CRL_VALIDITY: Duration = Duration::from_secs(10 * 60);
 
 /// The CRL file: in an Istio `cacerts` directory (plug-in CRLs, read by the CA) and beside CA
 /// material made with `rampart certs` (written by `rampart certs revoke|crl`).
@@ -32,9 +42,12 @@ pub const CRL_FILE: &str = CA_CRL;
 pub const CRL_STATE_FILE: &str = "ca-crl-state.json";
 /// The running CA: revocations of the certificates it issued, in its state directory.
 pub const REVOCATIONS_FILE: &str = "revocations.json";
-/// The running CA: the CRL it publishes for its signing certificate, in its state directory
-/// (0644, rewritten at every re-signing).
-pub const CA_OWN_CRL: &str = "ca-crl.pem";
+/// The running CA: its local admin socket (0600, in the 0700 state directory).
+pub const ADMIN_SOCKET: &str = "admin.sock";
+/// The running CA: the CRL set it serves (its own CRL for the signing certificate, then the
+/// plug-in CRLs), in its state directory (0644, rewritten at every re-signing). Not named
+/// `ca-crl.pem` so that a state directory that is also the cacerts directory is not misread.
+pub const PUBLISHED_CRLS: &str = "published-crls.pem";
 
 /// Revoked entries are dropped from CRLs this long after the certificate expired (RFC 5280
 /// allows removing expired certificates; the grace covers clock skew of verifiers).
@@ -192,6 +205,204 @@ impl RevocationState {
         let crl = signer.sign_crl(&self.crl_params(number, now, validity))?;
         self.crl_number = number;
         Ok(crl)
+    }
+}
+
+// === the running CA ===
+
+/// The CRLs the CA serves right now.
+#[derive(Debug)]
+pub struct PublishedCrls {
+    /// The CA's own CRL for its signing certificate (its revocations, plus the plug-in CRL's
+    /// entries for that certificate); `None` if the signer cannot sign CRLs.
+    pub own: Option<Crl>,
+    /// What is served: the plug-in CRLs with the signing certificate's replaced by `own`.
+    pub set: Arc<CrlSet>,
+    /// `set` as the CA's own client-certificate check uses it (unknown status allowed).
+    pub check: RevocationCheck,
+    /// When `own` was signed.
+    pub signed_at: SystemTime,
+    /// Increases by one whenever the served set changes (content); 0 before the first.
+    pub version: u64,
+}
+
+/// One revocation done through [`Revocations::revoke`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedSerial {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// The identity it was issued to (from the audit log).
+    pub spiffe_id: String,
+    /// Its not-after (RFC 3339).
+    pub not_after: String,
+    /// False when it was revoked already (the first revocation stands).
+    pub new: bool,
+}
+
+/// The CA's revocations (persisted in [`REVOCATIONS_FILE`]) and the CRLs published from them.
+#[derive(Debug)]
+pub struct Revocations {
+    state_path: PathBuf,
+    published_path: PathBuf,
+    validity: Duration,
+    state: Mutex<RevocationState>,
+    current: ArcSwap<PublishedCrls>,
+}
+
+impl Revocations {
+    /// Loads the persisted revocations from `state_dir` (a broken file stops the CA: starting
+    /// with an empty list would un-revoke). Nothing is published until [`Self::publish`].
+    pub fn open(state_dir: &Path, validity: Duration) -> Result<Revocations, CitadelError> {
+        let state_path = state_dir.join(REVOCATIONS_FILE);
+        let state = RevocationState::load(&state_path)?;
+        Ok(Revocations {
+            state_path,
+            published_path: state_dir.join(PUBLISHED_CRLS),
+            validity,
+            state: Mutex::new(state),
+            current: ArcSwap::from_pointee(PublishedCrls {
+                own: None,
+                set: Arc::new(CrlSet::empty()),
+                check: RevocationCheck::default(),
+                signed_at: SystemTime::UNIX_EPOCH,
+                version: 0,
+            }),
+        })
+    }
+
+    /// What is served now.
+    pub fn current(&self) -> Arc<PublishedCrls> {
+        self.current.load_full()
+    }
+
+    /// The lifetime of the CA's own CRLs.
+    pub fn validity(&self) -> Duration {
+        self.validity
+    }
+
+    /// Whether the own CRL should be re-signed at `now` (half its lifetime gone).
+    pub fn due(&self, now: SystemTime) -> bool {
+        let cur = self.current.load();
+        cur.own.is_none() || now >= cur.signed_at + self.validity / 2
+    }
+
+    /// A copy of the persisted revocations.
+    pub fn state(&self) -> RevocationState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Re-signs the CA's CRL for `authority`'s signing certificate and rebuilds the served
+    /// set. Returns whether the served content changed. A signer that cannot sign CRLs (or
+    /// a CA certificate without cRLSign) serves the plug-in CRLs alone and logs why.
+    pub fn publish(&self, authority: &Authority, now: SystemTime) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.publish_locked(&mut state, authority, now)
+    }
+
+    fn publish_locked(
+        &self,
+        state: &mut RevocationState,
+        authority: &Authority,
+        now: SystemTime,
+    ) -> bool {
+        let signing = authority.signer().ca_cert().clone();
+        let plugin = authority.plugin_crls();
+        let number = state.next_crl_number(now);
+        let mut params = state.crl_params(number, now, self.validity);
+        // The plug-in CRL for the signing certificate, if any: its entries join ours (the
+        // CA signs the one CRL for that certificate).
+        if let Some(p) = plugin.and_then(|p| p.crl_for(&signing)) {
+            for r in p.revoked_certs() {
+                if !params.revoked.iter().any(|o| o.serial_hex == r.serial_hex) {
+                    params.revoked.push(r.clone());
+                }
+            }
+        }
+        let own = match authority.signer().sign_crl(&params).and_then(|crl| {
+            CrlSet::new(
+                vec![crl.clone()],
+                std::slice::from_ref(&signing),
+                now,
+                CrlExpiry::Refuse,
+            )
+            .map(|set| (crl, set))
+            .map_err(|e| rampart_certs::Error::IssuedCertificateInvalid(e.to_string()))
+        }) {
+            Ok((crl, set)) => {
+                state.crl_number = number;
+                Some((crl, set))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign a CRL for the signing certificate; serving the plug-in CRLs only, revocations of issued certificates are not published");
+                None
+            }
+        };
+        let set = match (plugin, &own) {
+            (Some(p), Some((_, o))) => p.merged_with(o),
+            (Some(p), None) => (**p).clone(),
+            (None, Some((_, o))) => o.clone(),
+            (None, None) => CrlSet::empty(),
+        };
+        for crl in set.expired(now) {
+            tracing::error!(
+                issuer = %crl.issuer(),
+                next_update = %crate::audit::rfc3339(crl.next_update()),
+                "served CRL has EXPIRED (past its nextUpdate); still served and enforced"
+            );
+        }
+        let previous = self.current.load();
+        let changed = previous.set.etag() != set.etag();
+        // Content aside from dates and numbers always changes at a re-signing; the version
+        // counts served sets.
+        let version = previous.version + 1;
+        let set = Arc::new(set);
+        if let Err(e) =
+            rampart_certs::write_file_atomic(&self.published_path, set.to_pem().as_bytes(), 0o644)
+        {
+            tracing::error!(file = %self.published_path.display(), error = %e, "writing the published CRLs failed");
+        }
+        self.current.store(Arc::new(PublishedCrls {
+            own: own.map(|(c, _)| c),
+            check: RevocationCheck {
+                crls: set.clone(),
+                unknown: UnknownStatus::Allow,
+            },
+            set,
+            signed_at: now,
+            version,
+        }));
+        changed
+    }
+
+    /// Revokes `entries` (serial, identity, not-after) with `reason`, persists the list
+    /// (atomically, before anything is published), then re-signs and publishes at once.
+    pub fn revoke(
+        &self,
+        authority: &Authority,
+        entries: &[(String, String, SystemTime)],
+        reason: Option<RevocationReason>,
+        now: SystemTime,
+    ) -> Result<Vec<RevokedSerial>, CitadelError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = state.clone();
+        let mut out = Vec::with_capacity(entries.len());
+        for (serial, id, not_after) in entries {
+            let new = next
+                .revoke(serial, reason, Some(id.clone()), Some(*not_after), now)
+                .map_err(CitadelError::Config)?;
+            out.push(RevokedSerial {
+                serial: normalize_serial(serial).map_err(CitadelError::Config)?,
+                spiffe_id: id.clone(),
+                not_after: crate::audit::rfc3339(*not_after),
+                new,
+            });
+        }
+        if out.iter().any(|r| r.new) {
+            next.save(&self.state_path)?;
+            *state = next;
+        }
+        self.publish_locked(&mut state, authority, now);
+        Ok(out)
     }
 }
 
