@@ -565,6 +565,19 @@ impl CertificateAuthority {
     }
 }
 
+impl CertificateAuthority {
+    /// Signs a CRL with this CA's key (rcgen checks the CA may sign CRLs).
+    pub(crate) fn sign_crl_params(
+        &self,
+        params: &rcgen::CertificateRevocationListParams,
+    ) -> Result<Vec<u8>, Error> {
+        let crl = params
+            .signed_by(&self.issuer)
+            .map_err(|e| Error::Generation(format!("signing the CRL: {e}")))?;
+        Ok(crl.der().to_vec())
+    }
+}
+
 impl CaKey {
     fn into_key(self) -> PrivateKey {
         self.0

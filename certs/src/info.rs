@@ -107,6 +107,21 @@ pub(crate) fn system_time(secs: i64) -> SystemTime {
     }
 }
 
+/// RFC 3339 (UTC, whole seconds) for messages.
+pub(crate) fn rfc3339_of(t: SystemTime) -> String {
+    let secs = match t.duration_since(UNIX_EPOCH) {
+        Ok(d) => d.as_secs() as i64,
+        Err(e) => -(e.duration().as_secs() as i64),
+    };
+    time::OffsetDateTime::from_unix_timestamp(secs)
+        .ok()
+        .and_then(|t| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .ok()
+        })
+        .unwrap_or_else(|| format!("{secs}s since 1970"))
+}
+
 /// Lowercase hex of a certificate serial number's value, from the DER INTEGER's content
 /// bytes: the `00` sign byte a DER encoder adds when the top bit is set is dropped, so the
 /// result matches `openssl x509 -serial` (in lowercase) whatever the value.

@@ -7,6 +7,9 @@
 //! - [`CertificateAuthority`]: roots, intermediates and workload leaves (DESIGN.md §1).
 //! - [`verify_workload_chain`]: webpki path building against a [`TrustBundle`], then the
 //!   X.509-SVID checks, returning the peer's [`SpiffeId`].
+//! - [`CrlSet`]: certificate revocation lists, signed ([`CertificateAuthority::sign_crl`]),
+//!   parsed and validated against their issuers; [`verify_workload_chain_with_revocation`]
+//!   refuses revoked leaves and intermediates.
 //! - [`refresh_at`]: rotation arithmetic on an injected clock.
 //! - [`tls`]: the one crypto policy (rustls on ring, TLS 1.3 only) and SPIFFE verifiers.
 //! - [`jwt`]: JWK sets, JWT verification for the algorithms Istio accepts, and token minting.
@@ -54,6 +57,7 @@
 
 mod algs;
 mod authority;
+mod crl;
 mod csr;
 mod der;
 mod error;
@@ -74,6 +78,10 @@ pub use self::{
         CLOCK_SKEW_BACKDATE, CertificateAuthority, DEFAULT_WORKLOAD_CERT_TTL, IntermediateParams,
         MAX_BACKDATE_FRACTION, MAX_WORKLOAD_CERT_TTL, RootParams, clock_skew_backdate,
     },
+    crl::{
+        CRL_CLOCK_SKEW, Crl, CrlError, CrlExpiry, CrlParams, CrlSet, MAX_CRL_BYTES,
+        RevocationReason, RevokedCert, crls_to_pem, parse_crls, parse_crls_pem, parse_serial_hex,
+    },
     csr::{VerifiedCsr, build_csr, build_csr_der},
     error::Error,
     info::{CertInfo, serial_hex},
@@ -82,8 +90,9 @@ pub use self::{
     rotation::{refresh_at, refresh_in},
     spiffe::{MAX_SPIFFE_ID_LEN, MAX_TRUST_DOMAIN_LEN, SpiffeId, TrustDomain},
     verify::{
-        ChainError, TrustBundle, TrustDomainPolicy, Usage, verify_workload_cert,
-        verify_workload_chain,
+        ChainError, RevocationCheck, TrustBundle, TrustDomainPolicy, UnknownStatus, Usage,
+        verify_workload_cert, verify_workload_cert_with_revocation, verify_workload_chain,
+        verify_workload_chain_with_revocation,
     },
 };
 

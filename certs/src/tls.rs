@@ -25,6 +25,12 @@
 //! verifiers' `set_trust` swaps the bundle; build with [`server_config_with`] /
 //! [`client_config_with`] and keep the `Arc`s. The plain [`server_config`] /
 //! [`client_config`] are for fixed material.
+//!
+//! Revocation: the SPIFFE verifiers' `set_revocation` installs a
+//! [`RevocationCheck`] (a validated [`CrlSet`](crate::CrlSet) and the unknown-status policy);
+//! from the next handshake on a revoked leaf or intermediate is refused with
+//! [`PeerError::Chain`]`(`[`ChainError::Revoked`]`)` naming serial and issuer. `None` (the
+//! default) checks nothing.
 
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
@@ -45,8 +51,8 @@ use rustls::{
 };
 
 use crate::{
-    CertInfo, ChainError, PrivateKey, SpiffeId, TrustBundle, TrustDomainPolicy, Usage,
-    verify_workload_cert,
+    CertInfo, ChainError, PrivateKey, RevocationCheck, SpiffeId, TrustBundle, TrustDomainPolicy,
+    Usage, verify_workload_cert_with_revocation,
 };
 
 /// The only protocol version: TLS 1.3.
@@ -273,11 +279,28 @@ fn tls12_refused() -> rustls::Error {
 
 /// A bundle and trust-domain policy that can be replaced while configurations using them
 /// stay in place (root rotation): the next handshake sees the new value.
-struct Trust(RwLock<Arc<(TrustBundle, TrustDomainPolicy)>>);
+struct Trust(
+    RwLock<Arc<(TrustBundle, TrustDomainPolicy)>>,
+    RwLock<Option<Arc<RevocationCheck>>>,
+);
 
 impl Trust {
     fn new(bundle: TrustBundle, trust_domains: TrustDomainPolicy) -> Trust {
-        Trust(RwLock::new(Arc::new((bundle, trust_domains))))
+        Trust(
+            RwLock::new(Arc::new((bundle, trust_domains))),
+            RwLock::new(None),
+        )
+    }
+
+    fn revocation(&self) -> Option<Arc<RevocationCheck>> {
+        self.1
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    fn set_revocation(&self, check: Option<RevocationCheck>) {
+        *self.1.write().unwrap_or_else(PoisonError::into_inner) = check.map(Arc::new);
     }
 
     fn get(&self) -> Arc<(TrustBundle, TrustDomainPolicy)> {
@@ -300,13 +323,15 @@ impl Trust {
         usage: Usage,
     ) -> Result<SpiffeId, rustls::Error> {
         let trust = self.get();
-        verify_workload_cert(
+        let revocation = self.revocation();
+        verify_workload_cert_with_revocation(
             end_entity,
             intermediates,
             &trust.0,
             &trust.1,
             to_system(now),
             usage,
+            revocation.as_deref(),
         )
         .map_err(refusal)
     }
@@ -318,6 +343,7 @@ impl fmt::Debug for Trust {
         f.debug_struct("Trust")
             .field("bundle", &trust.0)
             .field("trust_domains", &trust.1)
+            .field("revocation", &self.revocation())
             .finish()
     }
 }
@@ -361,6 +387,16 @@ impl SpiffeServerVerifier {
     /// Replace the bundle and trust-domain policy; later handshakes use them.
     pub fn set_trust(&self, bundle: TrustBundle, trust_domains: TrustDomainPolicy) {
         self.trust.set(bundle, trust_domains);
+    }
+
+    /// Install (or with `None` remove) revocation checking; later handshakes use it.
+    pub fn set_revocation(&self, check: Option<RevocationCheck>) {
+        self.trust.set_revocation(check);
+    }
+
+    /// The revocation checking in force, if any.
+    pub fn revocation(&self) -> Option<Arc<RevocationCheck>> {
+        self.trust.revocation()
     }
 }
 
@@ -452,6 +488,16 @@ impl SpiffeClientVerifier {
     /// Replace the bundle and trust-domain policy; later handshakes use them.
     pub fn set_trust(&self, bundle: TrustBundle, trust_domains: TrustDomainPolicy) {
         self.trust.set(bundle, trust_domains);
+    }
+
+    /// Install (or with `None` remove) revocation checking; later handshakes use it.
+    pub fn set_revocation(&self, check: Option<RevocationCheck>) {
+        self.trust.set_revocation(check);
+    }
+
+    /// The revocation checking in force, if any.
+    pub fn revocation(&self) -> Option<Arc<RevocationCheck>> {
+        self.trust.revocation()
     }
 }
 

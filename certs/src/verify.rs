@@ -5,6 +5,15 @@
 //! peer's role), then the X.509-SVID checks webpki does not know about: the leaf carries
 //! exactly one URI SAN, it is a valid SPIFFE ID, its key usage has digitalSignature and
 //! not keyCertSign/cRLSign, and its trust domain is accepted by the [`TrustDomainPolicy`].
+//!
+//! [`verify_workload_chain_with_revocation`] adds revocation: every certificate of the path
+//! webpki built (the leaf and each intermediate; not the trust anchor) is looked up in a
+//! validated [`CrlSet`] under its issuer (subject name and public key). A listed serial is
+//! refused as [`ChainError::Revoked`] naming serial and issuer. A certificate whose issuer
+//! has no CRL in the set, or whose CRL is past its nextUpdate, has *unknown* status:
+//! [`UnknownStatus::Allow`] (the default, as Istio and ztunnel) accepts it,
+//! [`UnknownStatus::Deny`] refuses it as [`ChainError::RevocationStatusUnknown`]. An expired
+//! CRL's entries stay revoked under both policies.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
@@ -12,8 +21,9 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use x509_parser::extensions::GeneralName;
 
+use crate::crl::{CrlSet, RevocationReason, der_content};
 use crate::error::Error;
-use crate::info::{parse_x509, sha256_hex};
+use crate::info::{parse_x509, rfc3339_of, serial_hex, sha256_hex};
 use crate::spiffe::{SpiffeId, TrustDomain};
 
 /// A set of trusted root certificates (several during root rotation).
@@ -239,6 +249,74 @@ pub enum ChainError {
     /// The chain was refused for another reason webpki reported.
     #[error("chain rejected: {0}")]
     Rejected(String),
+    /// A certificate of the chain (the leaf or an intermediate) is on its issuer's CRL.
+    #[error("certificate serial {serial} issued by {issuer:?} is revoked ({}, since {})", reason.map_or("no reason given", RevocationReason::name), rfc3339_of(*revoked_at))]
+    Revoked {
+        /// The revoked certificate's serial, lowercase hex.
+        serial: String,
+        /// Its issuer's name.
+        issuer: String,
+        /// Its subject (the SPIFFE ID for a leaf, the name for an intermediate).
+        subject: String,
+        /// The CRL's reason code, if any.
+        reason: Option<RevocationReason>,
+        /// The revocation time the CRL gives.
+        revoked_at: SystemTime,
+    },
+    /// Revocation status unknown under [`UnknownStatus::Deny`].
+    #[error("revocation status of serial {serial} issued by {issuer:?} is unknown: {why}")]
+    RevocationStatusUnknown {
+        /// The certificate's serial, lowercase hex.
+        serial: String,
+        /// Its issuer's name.
+        issuer: String,
+        /// No CRL for the issuer, or its CRL expired.
+        why: String,
+    },
+}
+
+/// What to do with a certificate whose issuer has no current CRL in the set.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum UnknownStatus {
+    /// Accept it (Istio's and ztunnel's behaviour; the default).
+    #[default]
+    Allow,
+    /// Refuse it: every issuer in a chain must be covered by a current CRL.
+    Deny,
+}
+
+impl std::str::FromStr for UnknownStatus {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "allow" | "" => Ok(UnknownStatus::Allow),
+            "deny" => Ok(UnknownStatus::Deny),
+            other => Err(format!(
+                "unknown revocation status policy {other:?}: expected \"allow\" or \"deny\""
+            )),
+        }
+    }
+}
+
+/// Revocation checking for chain verification: a validated [`CrlSet`] and the policy for
+/// issuers it does not cover.
+#[derive(Clone, Debug, Default)]
+pub struct RevocationCheck {
+    /// The CRLs.
+    pub crls: std::sync::Arc<CrlSet>,
+    /// Unknown status: allow (default) or deny.
+    pub unknown: UnknownStatus,
+}
+
+impl RevocationCheck {
+    /// Checking against `crls` with `unknown` for issuers it does not cover.
+    pub fn new(crls: CrlSet, unknown: UnknownStatus) -> Self {
+        RevocationCheck {
+            crls: std::sync::Arc::new(crls),
+            unknown,
+        }
+    }
 }
 
 fn unix_to_system(t: UnixTime) -> SystemTime {
@@ -273,6 +351,80 @@ fn map_webpki(e: webpki::Error, usage: Usage) -> ChainError {
     }
 }
 
+/// Checks every certificate of a verified path but the anchor against the CRLs.
+fn check_path(
+    path: &webpki::VerifiedPath<'_>,
+    check: &RevocationCheck,
+    now: SystemTime,
+) -> Result<(), ChainError> {
+    let mut certs: Vec<&webpki::Cert<'_>> = vec![path.end_entity()];
+    certs.extend(path.intermediate_certificates());
+    for (i, cert) in certs.iter().enumerate() {
+        // The issuer: the next certificate of the path, or the trust anchor.
+        let spki_owned;
+        let (issuer_name, issuer_spki): (&[u8], &[u8]) = match certs.get(i + 1) {
+            Some(next) => {
+                spki_owned = next.subject_public_key_info();
+                (next.subject(), der_content(spki_owned.as_ref()))
+            }
+            None => (
+                path.anchor().subject.as_ref(),
+                path.anchor().subject_public_key_info.as_ref(),
+            ),
+        };
+        let crl = check.crls.lookup(issuer_name, issuer_spki);
+        if let Some(entry) = crl.and_then(|c| c.find_serial(cert.serial())) {
+            let (issuer, subject) = names_of(cert);
+            return Err(ChainError::Revoked {
+                serial: entry.serial_hex.clone(),
+                issuer,
+                subject,
+                reason: entry.reason,
+                revoked_at: entry.revoked_at,
+            });
+        }
+        if check.unknown == UnknownStatus::Deny {
+            let why = match crl {
+                None => "no CRL for its issuer".to_owned(),
+                Some(c) if c.is_expired(now) => {
+                    format!(
+                        "its issuer's CRL expired at {}",
+                        rfc3339_of(c.next_update())
+                    )
+                }
+                Some(_) => continue,
+            };
+            return Err(ChainError::RevocationStatusUnknown {
+                serial: serial_hex(cert.serial()),
+                issuer: names_of(cert).0,
+                why,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// (issuer, subject) of a certificate for messages: the subject is its URI SAN if it has
+/// one (a workload), its subject name otherwise.
+fn names_of(cert: &webpki::Cert<'_>) -> (String, String) {
+    let der = cert.der();
+    match parse_x509(&der) {
+        Ok(x) => {
+            let uri = x.subject_alternative_name().ok().flatten().and_then(|san| {
+                san.value.general_names.iter().find_map(|n| match n {
+                    GeneralName::URI(u) => Some((*u).to_owned()),
+                    _ => None,
+                })
+            });
+            (
+                x.issuer().to_string(),
+                uri.unwrap_or_else(|| x.subject().to_string()),
+            )
+        }
+        Err(_) => (String::new(), String::new()),
+    }
+}
+
 /// Verifies a presented chain (leaf first) against `bundle` at `now` for `usage`, and
 /// returns the peer's SPIFFE ID. See the module docs for every check.
 pub fn verify_workload_chain(
@@ -282,8 +434,29 @@ pub fn verify_workload_chain(
     now: SystemTime,
     usage: Usage,
 ) -> Result<SpiffeId, ChainError> {
+    verify_workload_chain_with_revocation(chain, bundle, policy, now, usage, None)
+}
+
+/// [`verify_workload_chain`], then the revocation check of the module docs when
+/// `revocation` is given.
+pub fn verify_workload_chain_with_revocation(
+    chain: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    policy: &TrustDomainPolicy,
+    now: SystemTime,
+    usage: Usage,
+    revocation: Option<&RevocationCheck>,
+) -> Result<SpiffeId, ChainError> {
     let (leaf, intermediates) = chain.split_first().ok_or(ChainError::EmptyChain)?;
-    verify_workload_cert(leaf, intermediates, bundle, policy, now, usage)
+    verify_workload_cert_with_revocation(
+        leaf,
+        intermediates,
+        bundle,
+        policy,
+        now,
+        usage,
+        revocation,
+    )
 }
 
 /// [`verify_workload_chain`] with the leaf and the intermediates given separately, as
@@ -296,6 +469,20 @@ pub fn verify_workload_cert(
     now: SystemTime,
     usage: Usage,
 ) -> Result<SpiffeId, ChainError> {
+    verify_workload_cert_with_revocation(leaf, intermediates, bundle, policy, now, usage, None)
+}
+
+/// [`verify_workload_cert`] with the revocation check of the module docs when `revocation`
+/// is given.
+pub fn verify_workload_cert_with_revocation(
+    leaf: &CertificateDer<'_>,
+    intermediates: &[CertificateDer<'_>],
+    bundle: &TrustBundle,
+    policy: &TrustDomainPolicy,
+    now: SystemTime,
+    usage: Usage,
+    revocation: Option<&RevocationCheck>,
+) -> Result<SpiffeId, ChainError> {
     let ee = webpki::EndEntityCert::try_from(leaf).map_err(|e| map_webpki(e, usage))?;
     let since_epoch = now
         .duration_since(UNIX_EPOCH)
@@ -304,16 +491,20 @@ pub fn verify_workload_cert(
         Usage::ClientAuth => webpki::KeyUsage::client_auth(),
         Usage::ServerAuth => webpki::KeyUsage::server_auth(),
     };
-    ee.verify_for_usage(
-        webpki::ALL_VERIFICATION_ALGS,
-        bundle.anchors(),
-        intermediates,
-        UnixTime::since_unix_epoch(since_epoch),
-        eku,
-        None,
-        None,
-    )
-    .map_err(|e| map_webpki(e, usage))?;
+    let path = ee
+        .verify_for_usage(
+            webpki::ALL_VERIFICATION_ALGS,
+            bundle.anchors(),
+            intermediates,
+            UnixTime::since_unix_epoch(since_epoch),
+            eku,
+            None,
+            None,
+        )
+        .map_err(|e| map_webpki(e, usage))?;
+    if let Some(check) = revocation {
+        check_path(&path, check, now)?;
+    }
 
     let x509 = parse_x509(leaf).map_err(|e| ChainError::BadEncoding(e.to_string()))?;
     if x509.is_ca() {

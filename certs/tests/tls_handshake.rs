@@ -886,3 +886,68 @@ fn verifier_trust_can_be_rotated_in_place() {
         rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
     );
 }
+
+#[test]
+fn a_revoked_client_is_refused_by_the_server_verifier_and_another_is_not() {
+    let root = Ca::root("R");
+    let inter = root.intermediate();
+    let server = inter.workload(SERVER);
+    let revoked = inter.workload(CLIENT);
+    let fine = inter.workload("spiffe://cluster.local/ns/ns3/sa/fine");
+    let serial = rampart_certs::CertInfo::parse(&revoked.chain[0])
+        .unwrap()
+        .serial_hex;
+    let now = SystemTime::now();
+    let crl = inter
+        .ca
+        .sign_crl(&rampart_certs::CrlParams {
+            this_update: now,
+            next_update: now + Duration::from_secs(600),
+            crl_number: 1,
+            revoked: vec![rampart_certs::RevokedCert {
+                serial_hex: serial.clone(),
+                revoked_at: now,
+                reason: Some(rampart_certs::RevocationReason::KeyCompromise),
+            }],
+        })
+        .unwrap();
+    let set = rampart_certs::CrlSet::new(
+        vec![crl],
+        &[inter.ca.cert().clone()],
+        now,
+        rampart_certs::CrlExpiry::Refuse,
+    )
+    .unwrap();
+
+    let verifier = Arc::new(tls::SpiffeClientVerifier::required(root.bundle(), local()));
+    let store = Arc::new(tls::CertStore::new());
+    store.set(tls::certified_key(server.chain.clone(), &server.key).unwrap());
+    let server_cfg = tls::server_config_with(store, Some(verifier.clone())).unwrap();
+    let client_for = |who: &Identity| {
+        tls::client_config(spiffe_client(root.bundle(), &[SERVER]), who.pair()).unwrap()
+    };
+    // Before the CRL is installed the client is accepted.
+    handshake(client_for(&revoked), server_cfg.clone(), "x").unwrap();
+    verifier.set_revocation(Some(rampart_certs::RevocationCheck::new(
+        set,
+        rampart_certs::UnknownStatus::Allow,
+    )));
+    let err = server_refused(handshake(client_for(&revoked), server_cfg.clone(), "x"));
+    match tls::peer_error(&err) {
+        Some(PeerError::Chain(ChainError::Revoked {
+            serial: s, subject, ..
+        })) => {
+            assert_eq!(*s, serial);
+            assert_eq!(subject, CLIENT);
+        }
+        other => panic!("expected a revocation refusal, got {other:?} ({err})"),
+    }
+    let (_, s) = handshake(client_for(&fine), server_cfg.clone(), "x").unwrap();
+    assert_eq!(
+        tls::peer_spiffe_id(&s).unwrap().unwrap().to_string(),
+        "spiffe://cluster.local/ns/ns3/sa/fine"
+    );
+    // Removing the check lets the revoked client back in.
+    verifier.set_revocation(None);
+    handshake(client_for(&revoked), server_cfg, "x").unwrap();
+}

@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc;
 use std::time::SystemTime;
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::error::CitadelError;
@@ -31,6 +31,67 @@ pub struct AuditRecord {
     pub auth: &'static str,
     /// The remote address of the caller.
     pub peer: String,
+}
+
+/// One line of the audit log as read back ([`read_audit_log`]).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuditEntry {
+    /// When the certificate was issued (RFC 3339).
+    pub time: String,
+    /// Serial number, lowercase hex.
+    pub serial: String,
+    /// The SPIFFE ID in the certificate.
+    pub spiffe_id: String,
+    /// The certificate's not-after (RFC 3339).
+    pub not_after: String,
+    /// Who asked.
+    pub caller: String,
+    /// How the caller proved it.
+    #[serde(default)]
+    pub auth: String,
+    /// The caller's address.
+    #[serde(default)]
+    pub peer: String,
+}
+
+impl AuditEntry {
+    /// The issuance time.
+    pub fn issued_at(&self) -> Option<SystemTime> {
+        parse_rfc3339(&self.time)
+    }
+
+    /// The certificate's not-after.
+    pub fn expires_at(&self) -> Option<SystemTime> {
+        parse_rfc3339(&self.not_after)
+    }
+}
+
+/// Parses an RFC 3339 time as the audit log writes it.
+pub fn parse_rfc3339(s: &str) -> Option<SystemTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(SystemTime::from)
+}
+
+/// Reads the audit log at `path` (it can be read while the CA appends). Returns the entries
+/// in order and the number of lines that did not parse (a torn last line after a crash, or
+/// damage), which are skipped.
+pub fn read_audit_log(path: &Path) -> Result<(Vec<AuditEntry>, usize), CitadelError> {
+    use std::io::BufRead;
+    let file = File::open(path).map_err(|e| CitadelError::io(path, e))?;
+    let mut entries = Vec::new();
+    let mut skipped = 0;
+    for line in std::io::BufReader::new(file).split(b'\n') {
+        let line = line.map_err(|e| CitadelError::io(path, e))?;
+        if line.iter().all(u8::is_ascii_whitespace) {
+            continue;
+        }
+        match serde_json::from_slice::<AuditEntry>(&line) {
+            Ok(e) => entries.push(e),
+            Err(_) => skipped += 1,
+        }
+    }
+    Ok((entries, skipped))
 }
 
 type Pending = (Vec<u8>, oneshot::Sender<Result<(), String>>);

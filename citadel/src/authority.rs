@@ -7,6 +7,14 @@
 //! root on first start and keeps it in the state directory (`root-cert.pem`, `root-key.pem`
 //! 0600), reused on restart.
 //!
+//! An optional `ca-crl.pem` in the plug-in directory holds CRLs as Istio 1.27 reads them: one
+//! per CA certificate of `ca-cert.pem` + `cert-chain.pem`, each signed by that CA. It is part
+//! of the material: validated on every load (parse, signature by the CA it names, coverage of
+//! the whole chain), and a bad one refuses the change like a bad certificate would, so the
+//! last good set keeps serving. An expired CRL (past nextUpdate) is loaded and served anyway
+//! (its revocations stay in force; dropping it would un-revoke) and reported: an error log
+//! at load and at every re-publication, and `citadel_server_crl_expired{issuer}` = 1.
+//!
 //! Loading is all-or-nothing: the material must parse, the key must match, the chain must
 //! link up, and a probe certificate issued with it must verify against the served roots
 //! before an [`Authority`] exists. The server holds the current one in an `ArcSwap`, so a
@@ -18,8 +26,8 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use rampart_certs::{
-    CertInfo, CertificateAuthority, KeyAlgorithm, PrivateKey, RootParams, SpiffeId, TrustBundle,
-    TrustDomain, TrustDomainPolicy, Usage,
+    CertInfo, CertificateAuthority, CrlExpiry, CrlSet, KeyAlgorithm, PrivateKey, RootParams,
+    SpiffeId, TrustBundle, TrustDomain, TrustDomainPolicy, Usage,
 };
 use rustls_pki_types::CertificateDer;
 
@@ -89,6 +97,7 @@ pub struct Authority {
     chain_not_after: SystemTime,
     source: MaterialSource,
     fingerprint_of_inputs: [u8; 32],
+    plugin_crls: Option<Arc<CrlSet>>,
 }
 
 impl std::fmt::Debug for Authority {
@@ -225,7 +234,19 @@ impl Authority {
             chain_not_after,
             source,
             fingerprint_of_inputs,
+            plugin_crls: None,
         })
+    }
+
+    /// This authority with the plug-in CRLs (`ca-crl.pem`) it was loaded with.
+    pub fn with_plugin_crls(mut self, crls: Option<CrlSet>) -> Self {
+        self.plugin_crls = crls.map(Arc::new);
+        self
+    }
+
+    /// The validated plug-in CRLs (`ca-crl.pem`), if the material had them.
+    pub fn plugin_crls(&self) -> Option<&Arc<CrlSet>> {
+        self.plugin_crls.as_ref()
     }
 
     /// The signer.
@@ -304,10 +325,11 @@ pub struct PluginFiles {
     ca_key: Option<zeroize::Zeroizing<String>>,
     cert_chain: Option<String>,
     root_cert: Option<String>,
+    ca_crl: Option<String>,
 }
 
 impl PluginFiles {
-    /// Reads the four files; missing ones are `None`.
+    /// Reads the four files and the optional `ca-crl.pem`; missing ones are `None`.
     pub fn read(dir: &Path) -> Result<Self, CitadelError> {
         let read = |name: &str| -> Result<Option<String>, CitadelError> {
             let path = dir.join(name);
@@ -322,6 +344,7 @@ impl PluginFiles {
             ca_key: read(CA_KEY)?.map(zeroize::Zeroizing::new),
             cert_chain: read(CERT_CHAIN)?,
             root_cert: read(ROOT_CERT)?,
+            ca_crl: read(crate::revocation::CA_CRL)?,
         })
     }
 
@@ -338,6 +361,7 @@ impl PluginFiles {
             self.ca_key.as_deref().map(|s| s.as_str()),
             self.cert_chain.as_deref(),
             self.root_cert.as_deref(),
+            self.ca_crl.as_deref(),
         ] {
             match part {
                 Some(s) => {
@@ -416,14 +440,54 @@ pub fn load_plugin(
     };
     let ca = CertificateAuthority::new(ca_cert, key, chain)
         .map_err(|e| CitadelError::invalid(dir.join(CA_CERT), e))?;
-    Authority::new(
+    let crls = match &files.ca_crl {
+        Some(pem) => Some(load_plugin_crls(dir, pem, &ca.chain_to_root(), now)?),
+        None => None,
+    };
+    Ok(Authority::new(
         Arc::new(ca),
         roots,
         trust_domain,
         MaterialSource::Plugin(dir.to_path_buf()),
         files.fingerprint(),
         now,
-    )
+    )?
+    .with_plugin_crls(crls))
+}
+
+/// Validates a plug-in `ca-crl.pem` against the signing chain `cas` (signing certificate
+/// first, root last): every CRL signed by the CA it names, one per CA certificate, and every
+/// CA certificate covered. Expired CRLs are kept and reported (module docs).
+pub(crate) fn load_plugin_crls(
+    dir: &Path,
+    pem: &str,
+    cas: &[CertificateDer<'static>],
+    now: SystemTime,
+) -> Result<CrlSet, CitadelError> {
+    let path = dir.join(crate::revocation::CA_CRL);
+    if pem.trim().is_empty() {
+        return Err(CitadelError::invalid(
+            &path,
+            "empty (a cut-off write?); remove the file to run without plug-in CRLs",
+        ));
+    }
+    let set = CrlSet::from_pem(pem, cas, now, CrlExpiry::Keep)
+        .map_err(|e| CitadelError::invalid(&path, e))?;
+    set.require_coverage(cas).map_err(|e| {
+        CitadelError::invalid(
+            &path,
+            format!("{e}: it needs one CRL per CA certificate of ca-cert.pem and cert-chain.pem"),
+        )
+    })?;
+    for crl in set.expired(now) {
+        tracing::error!(
+            file = %path.display(),
+            issuer = %crl.issuer(),
+            next_update = %crate::audit::rfc3339(crl.next_update()),
+            "plug-in CRL has EXPIRED (past its nextUpdate); still served and enforced: publish a fresh one"
+        );
+    }
+    Ok(set)
 }
 
 /// After a rotation: the previous self-signed root, served beside the new one until it expires.

@@ -87,6 +87,9 @@ pub struct CaConfig {
     pub reload_poll_interval: Duration,
     /// Lifetime of a self-signed root made by this CA (renewed with 20% of it left).
     pub self_signed_root_ttl: Duration,
+    /// Lifetime of the CRL the CA signs for its signing certificate (nextUpdate - thisUpdate);
+    /// re-signed with half of it left and at every revocation.
+    pub crl_validity: Duration,
 }
 
 // === impl CaConfig ===
@@ -120,6 +123,7 @@ impl CaConfig {
             handshake_timeout: DEFAULT_HANDSHAKE_TIMEOUT,
             reload_poll_interval: Duration::from_secs(5),
             self_signed_root_ttl: crate::authority::SELF_SIGNED_ROOT_TTL,
+            crl_validity: crate::revocation::DEFAULT_CRL_VALIDITY,
         }
     }
 
@@ -152,6 +156,12 @@ impl CaConfig {
             return bad(format!(
                 "self-signed root lifetime {:?} is shorter than the longest workload lifetime {:?}",
                 self.self_signed_root_ttl, self.max_ttl
+            ));
+        }
+        if self.crl_validity < Duration::from_secs(60) {
+            return bad(format!(
+                "CRL validity {:?} is below one minute",
+                self.crl_validity
             ));
         }
         if self.max_concurrency == 0 {
@@ -232,6 +242,12 @@ impl CaConfig {
             ("plug-in certificate chain", plug(CERT_CHAIN)),
             ("plug-in root bundle", plug(ROOT_CERT)),
             ("plug-in CRL", plug("ca-crl.pem")),
+            (
+                "revocation list",
+                state(crate::revocation::REVOCATIONS_FILE),
+            ),
+            ("published CRLs", state(crate::revocation::PUBLISHED_CRLS)),
+            ("admin socket", state(crate::revocation::ADMIN_SOCKET)),
         ]
     }
 

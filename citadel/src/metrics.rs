@@ -24,6 +24,9 @@ pub struct Metrics {
     connections_open: AtomicU64,
     handshakes_in_progress: AtomicU64,
     expiry: std::sync::Mutex<Expiry>,
+    /// (issuer, nextUpdate) of every served CRL.
+    crls: std::sync::Mutex<Vec<(String, SystemTime)>>,
+    revocations: AtomicU64,
 }
 
 /// Why the CA's listener gave up on (or held back) a TCP connection, the `reason` label of
@@ -94,6 +97,8 @@ impl Default for Metrics {
             connections_open: AtomicU64::new(0),
             handshakes_in_progress: AtomicU64::new(0),
             expiry: std::sync::Mutex::new(Expiry::default()),
+            crls: std::sync::Mutex::new(Vec::new()),
+            revocations: AtomicU64::new(0),
         }
     }
 }
@@ -171,6 +176,19 @@ impl Metrics {
         let mut e = self.expiry.lock().unwrap_or_else(|p| p.into_inner());
         e.root_not_after = Some(root_not_after);
         e.chain_not_after = Some(chain_not_after);
+    }
+
+    pub(crate) fn set_crls(&self, set: &rampart_certs::CrlSet) {
+        *self.crls.lock().unwrap_or_else(|p| p.into_inner()) = set
+            .crls()
+            .map(|c| (c.issuer().to_owned(), c.next_update()))
+            .collect();
+    }
+
+    pub(crate) fn revoked(&self, new: bool) {
+        if new {
+            self.revocations.fetch_add(1, Ordering::Relaxed);
+        }
     }
 
     /// Number of certificates issued so far.
@@ -302,8 +320,51 @@ impl Metrics {
             "cert in the CA cert chain",
             e.chain_not_after,
         );
+        counter(
+            &mut out,
+            "citadel_server_revoked_cert_count",
+            "The number of certificates revoked through the CA's admin interface.",
+            &self.revocations,
+        );
+        let crls = self.crls.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let _ = writeln!(
+            out,
+            "# HELP citadel_server_crl_count CRLs served (the CA's own and the plug-in ones).\n# TYPE citadel_server_crl_count gauge\ncitadel_server_crl_count {}",
+            crls.len()
+        );
+        let _ = writeln!(
+            out,
+            "# HELP citadel_server_crl_next_update_timestamp The unix timestamp, in seconds, of a served CRL's nextUpdate.\n# TYPE citadel_server_crl_next_update_timestamp gauge"
+        );
+        for (issuer, next) in &crls {
+            let _ = writeln!(
+                out,
+                "citadel_server_crl_next_update_timestamp{{issuer=\"{}\"}} {}",
+                label_value(issuer),
+                unix_secs(*next)
+            );
+        }
+        let _ = writeln!(
+            out,
+            "# HELP citadel_server_crl_expired 1 when a served CRL is past its nextUpdate (still served and enforced: publish a fresh one).\n# TYPE citadel_server_crl_expired gauge"
+        );
+        for (issuer, next) in &crls {
+            let _ = writeln!(
+                out,
+                "citadel_server_crl_expired{{issuer=\"{}\"}} {}",
+                label_value(issuer),
+                u8::from(now >= *next)
+            );
+        }
         out
     }
+}
+
+/// A Prometheus label value: backslash, double quote and newline escaped.
+fn label_value(s: &str) -> String {
+    s.replace('\\', "\\\\")
+        .replace('"', "\\\"")
+        .replace('\n', "\\n")
 }
 
 fn add_signed(v: &AtomicU64, delta: i64) {

@@ -73,6 +73,7 @@ pub struct CaState {
     serving: Arc<CertStore>,
     serving_renew_at: Mutex<SystemTime>,
     last_failed_input: Mutex<Option<[u8; 32]>>,
+    revocations: crate::revocation::Revocations,
 }
 
 impl std::fmt::Debug for CaState {
@@ -116,6 +117,10 @@ impl CaState {
             &config.trust_domain,
         )?;
         let audit = AuditLog::open(&config.audit_log_path())?;
+        let revocations =
+            crate::revocation::Revocations::open(&config.state_dir, config.crl_validity)?;
+        revocations.publish(&authority, now);
+        metrics.set_crls(&revocations.current().set);
         let (chain, key) = authority.issue_serving_cert(
             &config.server_dns_names,
             &config.server_ips,
@@ -151,6 +156,7 @@ impl CaState {
             serving,
             serving_renew_at: Mutex::new(serving_renew_at),
             last_failed_input: Mutex::new(None),
+            revocations,
         }))
     }
 
@@ -184,8 +190,58 @@ impl CaState {
 
     /// Looks at the plug-in directory and activates valid new material. Invalid material is
     /// refused with an error log and `citadel_server_cacerts_reload_failure_count`; the old
-    /// material keeps signing.
+    /// material keeps signing. Then re-signs and re-publishes the CRLs if the material changed
+    /// or the CA's own CRL is half through its lifetime.
     pub fn reload_now(&self) -> ReloadOutcome {
+        let outcome = self.reload_material();
+        let now = SystemTime::now();
+        if outcome == ReloadOutcome::Reloaded || self.revocations.due(now) {
+            self.republish_crls(now);
+        }
+        outcome
+    }
+
+    /// The CA's revocations and the CRLs it publishes.
+    pub fn revocations(&self) -> &crate::revocation::Revocations {
+        &self.revocations
+    }
+
+    /// The issuance audit log file.
+    pub fn audit_log_path(&self) -> std::path::PathBuf {
+        self.config.audit_log_path()
+    }
+
+    fn republish_crls(&self, now: SystemTime) {
+        let authority = self.authority.load();
+        self.revocations.publish(&authority, now);
+        self.crls_published();
+    }
+
+    /// After a publication: metrics, and re-check of open callers' certificates.
+    fn crls_published(&self) {
+        self.metrics.set_crls(&self.revocations.current().set);
+        self.generation.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Revokes certificates this CA issued: each `(serial, identity, not-after)` is persisted
+    /// in the revocation list before the CRL is re-signed and published (at once).
+    pub fn revoke(
+        &self,
+        entries: &[(String, String, SystemTime)],
+        reason: Option<rampart_certs::RevocationReason>,
+    ) -> Result<Vec<crate::revocation::RevokedSerial>, CitadelError> {
+        let now = SystemTime::now();
+        let authority = self.authority.load();
+        let out = self.revocations.revoke(&authority, entries, reason, now)?;
+        self.crls_published();
+        for r in &out {
+            self.metrics.revoked(r.new);
+            tracing::warn!(serial = %r.serial, identity = %r.spiffe_id, not_after = %r.not_after, new = r.new, reason = ?reason.map(|r| r.name()), "certificate REVOKED; CRL re-signed and published");
+        }
+        Ok(out)
+    }
+
+    fn reload_material(&self) -> ReloadOutcome {
         let now = SystemTime::now();
         self.renew_serving_cert_if_due(now);
         let dir = &self.config.cacerts_dir;
@@ -387,12 +443,16 @@ impl CaState {
             let mut checked = pc.checked.lock().unwrap_or_else(|p| p.into_inner());
             if checked.0 != generation {
                 let authority = self.authority.load();
-                let verdict = rampart_certs::verify_workload_chain(
+                // A revoked certificate cannot renew itself (a stolen key must not buy a
+                // fresh certificate): the CA's own CRLs apply to its callers.
+                let crls = self.revocations.current();
+                let verdict = rampart_certs::verify_workload_chain_with_revocation(
                     &pc.chain,
                     authority.bundle(),
                     &TrustDomainPolicy::local(self.config.trust_domain.clone()),
                     now,
                     Usage::ClientAuth,
+                    Some(&crls.check),
                 )
                 .map(|_| ())
                 .map_err(|e| {
@@ -861,6 +921,10 @@ pub async fn start_with_state(state: Arc<CaState>) -> Result<RunningCa, CitadelE
     };
 
     tasks.push(tokio::spawn(reload_loop(state.clone())));
+    tasks.push(crate::admin::serve_admin(
+        state.clone(),
+        &crate::admin::admin_socket_path(&cfg.state_dir),
+    )?);
 
     Ok(RunningCa {
         local_addr,
@@ -1055,7 +1119,13 @@ async fn reload_loop(state: Arc<CaState>) {
             }
         }
     };
-    let mut tick = tokio::time::interval(state.config.reload_poll_interval);
+    // Often enough to re-sign the CA's CRL well before it expires, too.
+    let mut tick = tokio::time::interval(
+        state
+            .config
+            .reload_poll_interval
+            .min(state.config.crl_validity / 8),
+    );
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {

@@ -48,6 +48,17 @@ pub trait X509Signer: Send + Sync {
         ttl: Duration,
         now: SystemTime,
     ) -> Result<CertificateDer<'static>, rampart_certs::Error>;
+
+    /// Signs a CRL for the signing CA certificate. Signers that cannot (the default) say so;
+    /// the CA then publishes no CRL of its own and refuses revocation requests.
+    fn sign_crl(
+        &self,
+        _params: &rampart_certs::CrlParams,
+    ) -> Result<rampart_certs::Crl, rampart_certs::Error> {
+        Err(rampart_certs::Error::Generation(
+            "this signer cannot sign CRLs".into(),
+        ))
+    }
 }
 
 // === impl X509Signer for CertificateAuthority ===
@@ -77,6 +88,13 @@ impl X509Signer for CertificateAuthority {
         now: SystemTime,
     ) -> Result<CertificateDer<'static>, rampart_certs::Error> {
         self.issue_server(spki_der, dns, ips, None, ttl, now)
+    }
+
+    fn sign_crl(
+        &self,
+        params: &rampart_certs::CrlParams,
+    ) -> Result<rampart_certs::Crl, rampart_certs::Error> {
+        CertificateAuthority::sign_crl(self, params)
     }
 }
 

@@ -1,4 +1,6 @@
-//! `rampart ca`: run the CA; `rampart ca bench`: drive one with load.
+//! `rampart ca`: run the CA; `rampart ca bench`: drive one with load; `rampart ca revoke`:
+//! revoke issued certificates through the running CA's admin socket; `rampart ca audit`:
+//! query the issuance audit log offline.
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
@@ -23,6 +25,56 @@ pub(crate) struct CaArgs {
 enum CaCommand {
     /// Load generator: CreateCertificate over TLS from many concurrent streams.
     Bench(BenchArgs),
+    /// Revoke certificates this CA issued (by serial, or every unexpired one of a SPIFFE
+    /// ID) through the running CA's admin socket (<state>/admin.sock); the CA re-signs and
+    /// publishes its CRL at once.
+    Revoke(RevokeArgs),
+    /// List issued certificates from the audit log (offline): serial, identity, not-after,
+    /// caller.
+    Audit(AuditArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct RevokeArgs {
+    /// The running CA's state directory (its admin socket is admin.sock in it).
+    #[arg(long, default_value = "./var/lib/rampart/ca")]
+    state: PathBuf,
+    /// Serial number (hex) of one certificate.
+    #[arg(
+        long,
+        conflicts_with = "spiffe_id",
+        required_unless_present = "spiffe_id"
+    )]
+    serial: Option<String>,
+    /// Every unexpired certificate issued to this SPIFFE ID.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// RFC 5280 reason (keyCompromise, superseded, ...).
+    #[arg(long)]
+    reason: Option<String>,
+}
+
+#[derive(Debug, clap::Args)]
+struct AuditArgs {
+    /// The CA's state directory (audit.jsonl in it).
+    #[arg(long, default_value = "./var/lib/rampart/ca")]
+    state: PathBuf,
+    /// Audit log file, when not <state>/audit.jsonl.
+    #[arg(long)]
+    audit_log: Option<PathBuf>,
+    /// Only certificates of this SPIFFE ID.
+    #[arg(long)]
+    spiffe_id: Option<String>,
+    /// Only certificates issued at or after this time: RFC 3339 (2026-12-06T08:00:00Z) or
+    /// a duration ago (15m, 2h, 7d).
+    #[arg(long)]
+    since: Option<String>,
+    /// Only certificates not expired yet.
+    #[arg(long)]
+    unexpired: bool,
+    /// One JSON object per line instead of a table.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Debug, clap::Args)]
@@ -112,6 +164,10 @@ struct RunArgs {
     /// Poll interval of the cacerts directory (in addition to change notifications).
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     reload_interval: Duration,
+    /// Lifetime (nextUpdate) of the CRL the CA signs for its signing certificate; it is
+    /// re-signed with half of it left and at every revocation.
+    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
+    crl_validity: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -157,6 +213,8 @@ impl CaArgs {
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
         match self.command {
             Some(CaCommand::Bench(b)) => b.run(),
+            Some(CaCommand::Revoke(r)) => r.run(),
+            Some(CaCommand::Audit(a)) => a.run(),
             None => self.run.run(),
         }
     }
@@ -204,6 +262,7 @@ impl RunArgs {
         cfg.max_connections = fit_connection_limit(self.max_connections);
         cfg.max_handshakes = self.max_handshakes.min(cfg.max_connections);
         cfg.handshake_timeout = self.handshake_timeout;
+        cfg.crl_validity = self.crl_validity;
         cfg.validate()
             .map_err(|e| super::bad_input(e.to_string()))?;
         Ok(cfg)
@@ -242,6 +301,112 @@ impl RunArgs {
             ca.shutdown().await;
             Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
         })
+    }
+}
+
+impl RevokeArgs {
+    fn run(self) -> anyhow::Result<ExitCode> {
+        use rampart_citadel::{AdminRequest, admin_request, admin_socket_path};
+        if let Some(r) = &self.reason {
+            r.parse::<rampart_certs::RevocationReason>()
+                .map_err(|e| super::bad_input(format!("--reason: {e}")))?;
+        }
+        let req = AdminRequest::Revoke {
+            serial: self.serial,
+            spiffe_id: self.spiffe_id,
+            reason: self.reason,
+        };
+        let answer = admin_request(&admin_socket_path(&self.state), &req)
+            .map_err(|e| super::bad_input(format!("CA admin socket: {e}")))?;
+        if !answer.ok {
+            return Err(super::bad_input(format!(
+                "revocation refused: {}",
+                answer.error.unwrap_or_default()
+            )));
+        }
+        for r in &answer.revoked {
+            println!(
+                "{} serial {} ({}, not after {})",
+                if r.new { "revoked" } else { "already revoked" },
+                r.serial,
+                r.spiffe_id,
+                r.not_after
+            );
+        }
+        println!(
+            "CRL published: version {}, {} revoked on the CA's CRL, next update {}",
+            answer.crl_version,
+            answer.crl_entries,
+            answer.next_update.as_deref().unwrap_or("-")
+        );
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+impl AuditArgs {
+    fn run(self) -> anyhow::Result<ExitCode> {
+        let path = self
+            .audit_log
+            .clone()
+            .unwrap_or_else(|| self.state.join("audit.jsonl"));
+        let now = std::time::SystemTime::now();
+        let since = match self.since.as_deref() {
+            None => None,
+            Some(s) => Some(
+                rampart_citadel::parse_rfc3339(s)
+                    .or_else(|| {
+                        super::certs::parse_duration(s)
+                            .ok()
+                            .and_then(|d| now.checked_sub(d))
+                    })
+                    .ok_or_else(|| {
+                        super::bad_input(format!(
+                            "--since {s:?}: expected an RFC 3339 time or a duration such as 2h"
+                        ))
+                    })?,
+            ),
+        };
+        let id = match self.spiffe_id.as_deref() {
+            Some(s) => Some(
+                SpiffeId::parse(s)
+                    .map_err(|e| super::bad_input(format!("--spiffe-id: {e}")))?
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let (entries, skipped) =
+            rampart_citadel::read_audit_log(&path).map_err(|e| super::bad_input(e.to_string()))?;
+        if skipped > 0 {
+            eprintln!(
+                "warning: {skipped} line(s) of {} did not parse and were skipped",
+                path.display()
+            );
+        }
+        let selected = entries.iter().filter(|e| {
+            id.as_ref().is_none_or(|id| e.spiffe_id == *id)
+                && since.is_none_or(|s| e.issued_at().is_some_and(|t| t >= s))
+                && (!self.unexpired || e.expires_at().is_some_and(|t| t > now))
+        });
+        let mut out = std::io::stdout().lock();
+        use std::io::Write as _;
+        if self.json {
+            for e in selected {
+                writeln!(out, "{}", serde_json::to_string(e)?)?;
+            }
+        } else {
+            writeln!(
+                out,
+                "ISSUED                SERIAL                            NOT AFTER             IDENTITY  CALLER"
+            )?;
+            for e in selected {
+                writeln!(
+                    out,
+                    "{:<21} {:<33} {:<21} {}  {}",
+                    e.time, e.serial, e.not_after, e.spiffe_id, e.caller
+                )?;
+            }
+        }
+        Ok(ExitCode::SUCCESS)
     }
 }
 

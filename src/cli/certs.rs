@@ -4,6 +4,11 @@
 //! - `intermediate` writes Istio's plug-in ("cacerts") layout: `ca-cert.pem`, `ca-key.pem`,
 //!   `cert-chain.pem` (intermediate, then root) and `root-cert.pem` (the root or roots).
 //! - `leaf` writes `cert-chain.pem` (leaf first, root last), `key.pem`, `root-cert.pem`.
+//! - `revoke` adds a serial to the CA directory's revocation list (`ca-crl-state.json`) and
+//!   writes a fresh CRL; `crl` only re-signs it (run it before the CRL's nextUpdate). The
+//!   CRL goes to `ca-crl.pem` in the CA directory (0644, atomic): this CA's own CRL first,
+//!   then its issuers' CRLs (`--chain-crl`, or those already in the file), which is the file
+//!   Istio's plug-in layout (and `rampart ca --cacerts`) reads.
 //!
 //! Bad input (an invalid SPIFFE ID, a missing or mismatched key or certificate, an output
 //! directory that already holds key material without `--force`) exits 2 with one line.
@@ -29,6 +34,51 @@ pub(crate) enum CertsCommand {
     Intermediate(IntermediateArgs),
     /// Write a workload certificate for a SPIFFE ID, signed by a CA directory.
     Leaf(LeafArgs),
+    /// Revoke a certificate this CA directory issued and write a fresh `ca-crl.pem`.
+    Revoke(RevokeArgs),
+    /// Re-sign the CA directory's CRL (`ca-crl.pem`) with a new nextUpdate.
+    Crl(CrlArgs),
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct RevokeArgs {
+    /// CA directory made with `rampart certs root` or `rampart certs intermediate`.
+    #[arg(long)]
+    ca: PathBuf,
+    /// Serial number in hex, as `openssl x509 -serial` prints it (`serial=`, colons and
+    /// leading zeros allowed).
+    #[arg(long)]
+    serial: String,
+    /// RFC 5280 reason: keyCompromise, cACompromise, affiliationChanged, superseded,
+    /// cessationOfOperation, certificateHold, privilegeWithdrawn, aACompromise or
+    /// unspecified. None by default.
+    #[arg(long)]
+    reason: Option<String>,
+    #[command(flatten)]
+    crl: CrlOpts,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CrlArgs {
+    /// CA directory made with `rampart certs root` or `rampart certs intermediate`.
+    #[arg(long)]
+    ca: PathBuf,
+    #[command(flatten)]
+    crl: CrlOpts,
+}
+
+#[derive(Debug, Args)]
+pub(crate) struct CrlOpts {
+    /// How long the CRL is valid (its nextUpdate), e.g. 7d, 12h. Re-run `rampart certs crl`
+    /// before it runs out: readers report an expired CRL.
+    #[arg(long, default_value = "7d")]
+    valid: String,
+    /// A CRL file of this CA's issuers (e.g. the root directory's `ca-crl.pem`), put after
+    /// this CA's own CRL in `ca-crl.pem` (repeatable): Istio's plug-in layout wants one CRL
+    /// per certificate of cert-chain.pem. Each must verify against cert-chain.pem and be
+    /// current. Without it, the issuers' CRLs already in `ca-crl.pem` are kept.
+    #[arg(long = "chain-crl", value_name = "FILE")]
+    chain_crl: Vec<PathBuf>,
 }
 
 #[derive(Debug, Args)]
@@ -107,6 +157,8 @@ impl CertsCommand {
             CertsCommand::Root(args) => root(args),
             CertsCommand::Intermediate(args) => intermediate(args),
             CertsCommand::Leaf(args) => leaf(args),
+            CertsCommand::Revoke(args) => revoke(args),
+            CertsCommand::Crl(args) => crl(args),
         }?;
         Ok(ExitCode::SUCCESS)
     }
@@ -190,6 +242,151 @@ fn leaf(args: LeafArgs) -> anyhow::Result<()> {
     write_certs(&args.out.join("cert-chain.pem"), &chain)?;
     write_certs(&args.out.join("root-cert.pem"), &roots)?;
     report("leaf", &cert, &args.out)?;
+    Ok(())
+}
+
+fn revoke(args: RevokeArgs) -> anyhow::Result<()> {
+    let serial = rampart_citadel::normalize_serial(&args.serial)
+        .map_err(|e| bad_input(format!("--serial: {e}")))?;
+    let reason = args
+        .reason
+        .as_deref()
+        .map(str::parse::<rampart_certs::RevocationReason>)
+        .transpose()
+        .map_err(|e| bad_input(format!("--reason: {e}")))?;
+    write_crl(&args.ca, &args.crl, |state, now| {
+        let added = state
+            .revoke(&serial, reason, None, None, now)
+            .map_err(|e| bad_input(format!("--serial: {e}")))?;
+        if added {
+            println!(
+                "revoked serial {serial}{}",
+                reason.map(|r| format!(" ({r})")).unwrap_or_default()
+            );
+        } else {
+            let first = state.find(&serial).map(|r| r.revoked_at.clone());
+            println!(
+                "serial {serial} was already revoked (at {}); CRL re-signed",
+                first.unwrap_or_default()
+            );
+        }
+        Ok(())
+    })
+}
+
+fn crl(args: CrlArgs) -> anyhow::Result<()> {
+    write_crl(&args.ca, &args.crl, |_, _| Ok(()))
+}
+
+/// Under a lock file in the CA directory: load the revocation state, apply `change`, sign the
+/// next CRL, save the state, then write `ca-crl.pem` (own CRL first, then the issuers').
+fn write_crl(
+    dir: &Path,
+    opts: &CrlOpts,
+    change: impl FnOnce(&mut rampart_citadel::RevocationState, SystemTime) -> anyhow::Result<()>,
+) -> anyhow::Result<()> {
+    use rampart_certs::{CrlExpiry, CrlSet, parse_crls_pem};
+
+    let valid = parse_duration(&opts.valid)
+        .map_err(|e| bad_input(format!("--valid {:?}: {e}", opts.valid)))?;
+    if valid.is_zero() {
+        return Err(bad_input("--valid must be longer than zero"));
+    }
+    let (ca, _) = load_ca_dir(dir)?;
+    let issuers: Vec<CertificateDer<'static>> = ca.chain_to_root().into_iter().skip(1).collect();
+    let now = SystemTime::now();
+    // The issuers' CRLs: given, or kept from the current file.
+    let crl_path = dir.join(rampart_citadel::CRL_FILE);
+    let mut chain_crls = Vec::new();
+    if !opts.chain_crl.is_empty() {
+        for file in &opts.chain_crl {
+            let text = std::fs::read_to_string(file)
+                .map_err(|e| bad_input(format!("{}: {e}", file.display())))?;
+            let crls =
+                parse_crls_pem(&text).map_err(|e| bad_input(format!("{}: {e}", file.display())))?;
+            // Only the CRLs of our issuers (a root's ca-crl.pem holds just its own).
+            for crl in crls {
+                CrlSet::new(vec![crl.clone()], &issuers, now, CrlExpiry::Refuse).map_err(|e| {
+                    bad_input(format!(
+                        "{}: not a current CRL of an issuer in {}: {e}",
+                        file.display(),
+                        dir.display()
+                    ))
+                })?;
+                chain_crls.push(crl);
+            }
+        }
+    } else if let Ok(text) = std::fs::read_to_string(&crl_path) {
+        match parse_crls_pem(&text) {
+            Ok(crls) => {
+                for crl in crls {
+                    // Our own previous CRL (or one of no issuer of ours) is replaced.
+                    let Ok(set) = CrlSet::new(vec![crl.clone()], &issuers, now, CrlExpiry::Keep)
+                    else {
+                        continue;
+                    };
+                    if !set.expired(now).is_empty() {
+                        eprintln!(
+                            "warning: the CRL of {} kept in {} expired at {}; pass a fresh one with --chain-crl",
+                            crl.issuer(),
+                            crl_path.display(),
+                            humantime::format_rfc3339_seconds(crl.next_update())
+                        );
+                    }
+                    chain_crls.push(crl);
+                }
+            }
+            Err(e) => eprintln!(
+                "warning: {} unreadable ({e}); issuer CRLs in it are not carried over",
+                crl_path.display()
+            ),
+        }
+    }
+    // One CRL per issuer.
+    CrlSet::new(chain_crls.clone(), &issuers, now, CrlExpiry::Keep)
+        .map_err(|e| bad_input(format!("issuer CRLs: {e}")))?;
+
+    let lock_path = dir.join(".ca-crl.lock");
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .with_context(|| format!("opening {}", lock_path.display()))?;
+    lock.lock()
+        .with_context(|| format!("locking {}", lock_path.display()))?;
+    let state_path = dir.join(rampart_citadel::CRL_STATE_FILE);
+    let mut state = rampart_citadel::RevocationState::load(&state_path)
+        .map_err(|e| bad_input(e.to_string()))?;
+    change(&mut state, now)?;
+    let own = state
+        .sign_next(&ca, now, valid)
+        .map_err(|e| bad_input(format!("{}: cannot sign a CRL: {e}", dir.display())))?;
+    state.save(&state_path)?;
+    let mut all = vec![own.clone()];
+    all.extend(chain_crls.iter().cloned());
+    write_file_atomic(
+        &crl_path,
+        rampart_certs::crls_to_pem(&all).as_bytes(),
+        0o644,
+    )
+    .with_context(|| format!("writing {}", crl_path.display()))?;
+    drop(lock);
+    let subject = CertInfo::parse(ca.cert())?.subject;
+    println!(
+        "wrote CRL number {} of {subject} ({} revoked, next update {}) to {}{}",
+        own.crl_number_hex()
+            .and_then(|h| u128::from_str_radix(h, 16).ok())
+            .map_or_else(|| "?".to_owned(), |n| n.to_string()),
+        own.revoked_certs().count(),
+        humantime::format_rfc3339_seconds(own.next_update()),
+        crl_path.display(),
+        if chain_crls.is_empty() {
+            String::new()
+        } else {
+            format!(" with {} issuer CRL(s)", chain_crls.len())
+        }
+    );
     Ok(())
 }
 

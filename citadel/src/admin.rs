@@ -1,0 +1,291 @@
+//! The CA's local admin interface: a Unix socket, [`ADMIN_SOCKET`](crate::ADMIN_SOCKET) in the
+//! state directory, for revocation.
+//!
+//! Who may use it: the socket is created mode 0600 inside the state directory (0700, which
+//! also holds the root key and the audit log), and every connection's peer credentials
+//! (`SO_PEERCRED`) must show the CA's own effective user or root; anyone else is refused
+//! before a request is read. So exactly the principals who could already read the CA's key
+//! can revoke; nothing is reachable from the network, and no extra credential exists to leak.
+//!
+//! Protocol: one JSON request line, one JSON response line ([`AdminRequest`],
+//! [`AdminResponse`]), then the CA closes the connection. [`admin_request`] is the client.
+
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime};
+
+use rampart_certs::{RevocationReason, SpiffeId};
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
+
+use crate::audit::read_audit_log;
+use crate::error::CitadelError;
+use crate::revocation::{RevokedSerial, normalize_serial};
+use crate::server::CaState;
+
+/// Longest request line read.
+const MAX_REQUEST: usize = 64 * 1024;
+
+/// A request to the admin socket.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum AdminRequest {
+    /// Revoke one serial, or every unexpired certificate issued to a SPIFFE ID (exactly one
+    /// of the two), found in the audit log.
+    Revoke {
+        /// Serial (hex).
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        serial: Option<String>,
+        /// SPIFFE ID.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        spiffe_id: Option<String>,
+        /// RFC 5280 reason name.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        reason: Option<String>,
+    },
+    /// Report the published CRLs.
+    Crls,
+}
+
+/// The answer.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AdminResponse {
+    /// Whether the request succeeded.
+    pub ok: bool,
+    /// Why not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// What a revoke request revoked.
+    #[serde(default)]
+    pub revoked: Vec<RevokedSerial>,
+    /// Version of the served CRL set after the request.
+    pub crl_version: u64,
+    /// Content hash of the served CRL set.
+    pub crl_etag: String,
+    /// The CA's own CRL: its number (hex) and nextUpdate (RFC 3339).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub crl_number: Option<String>,
+    /// nextUpdate of the CA's own CRL.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_update: Option<String>,
+    /// Revoked serials on the CA's own CRL.
+    pub crl_entries: usize,
+}
+
+/// Binds the admin socket at `path` (replacing a stale socket file, never another kind of
+/// file), mode 0600, and serves it until the task is aborted.
+pub(crate) fn serve_admin(
+    state: Arc<CaState>,
+    path: &Path,
+) -> Result<tokio::task::JoinHandle<()>, CitadelError> {
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    if let Ok(meta) = std::fs::symlink_metadata(path) {
+        if !meta.file_type().is_socket() {
+            return Err(CitadelError::Config(format!(
+                "{} exists and is not a socket; not replacing it",
+                path.display()
+            )));
+        }
+        std::fs::remove_file(path).map_err(|e| CitadelError::io(path, e))?;
+    }
+    let listener = tokio::net::UnixListener::bind(path).map_err(|e| CitadelError::io(path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600))
+        .map_err(|e| CitadelError::io(path, e))?;
+    let owner = rustix::process::geteuid().as_raw();
+    let path = path.to_path_buf();
+    Ok(tokio::spawn(async move {
+        loop {
+            let (stream, _) = match listener.accept().await {
+                Ok(c) => c,
+                Err(e) => {
+                    tracing::warn!(error = %e, "admin socket accept failed");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            let st = state.clone();
+            let path = path.clone();
+            tokio::spawn(async move {
+                if let Err(e) = serve_one(st, stream, owner).await {
+                    tracing::info!(socket = %path.display(), error = %e, "admin connection failed");
+                }
+            });
+        }
+    }))
+}
+
+async fn serve_one(
+    state: Arc<CaState>,
+    stream: tokio::net::UnixStream,
+    owner: u32,
+) -> std::io::Result<()> {
+    let cred = stream.peer_cred()?;
+    let (read, mut write) = stream.into_split();
+    let response = if cred.uid() != owner && cred.uid() != 0 {
+        tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin socket: refused a caller that is neither the CA's user nor root");
+        refuse(format!(
+            "uid {} may not use the CA admin socket (only uid {owner} or root)",
+            cred.uid()
+        ))
+    } else {
+        let mut line = Vec::new();
+        let mut reader = tokio::io::BufReader::new(read).take(MAX_REQUEST as u64 + 1);
+        tokio::time::timeout(Duration::from_secs(10), reader.read_until(b'\n', &mut line))
+            .await
+            .map_err(|_| std::io::Error::other("no request within 10 s"))??;
+        if line.len() > MAX_REQUEST {
+            refuse("request too long".into())
+        } else {
+            match serde_json::from_slice::<AdminRequest>(&line) {
+                Ok(req) => {
+                    let st = state.clone();
+                    tokio::task::spawn_blocking(move || handle(&st, req, cred.uid()))
+                        .await
+                        .unwrap_or_else(|e| refuse(format!("internal error: {e}")))
+                }
+                Err(e) => refuse(format!("bad request: {e}")),
+            }
+        }
+    };
+    let mut out = serde_json::to_vec(&response).map_err(std::io::Error::other)?;
+    out.push(b'\n');
+    write.write_all(&out).await?;
+    write.shutdown().await
+}
+
+fn refuse(error: String) -> AdminResponse {
+    AdminResponse {
+        ok: false,
+        error: Some(error),
+        ..AdminResponse::default()
+    }
+}
+
+fn status(state: &CaState, mut r: AdminResponse) -> AdminResponse {
+    let cur = state.revocations().current();
+    r.crl_version = cur.version;
+    r.crl_etag = cur.set.etag().to_owned();
+    if let Some(own) = &cur.own {
+        r.crl_number = own.crl_number_hex().map(str::to_owned);
+        r.next_update = Some(crate::audit::rfc3339(own.next_update()));
+        r.crl_entries = own.revoked_certs().count();
+    }
+    r
+}
+
+fn handle(state: &CaState, req: AdminRequest, uid: u32) -> AdminResponse {
+    match req {
+        AdminRequest::Crls => status(
+            state,
+            AdminResponse {
+                ok: true,
+                ..AdminResponse::default()
+            },
+        ),
+        AdminRequest::Revoke {
+            serial,
+            spiffe_id,
+            reason,
+        } => match revoke(state, serial, spiffe_id, reason, uid) {
+            Ok(revoked) => status(
+                state,
+                AdminResponse {
+                    ok: true,
+                    revoked,
+                    ..AdminResponse::default()
+                },
+            ),
+            Err(e) => status(state, refuse(e)),
+        },
+    }
+}
+
+fn revoke(
+    state: &CaState,
+    serial: Option<String>,
+    spiffe_id: Option<String>,
+    reason: Option<String>,
+    uid: u32,
+) -> Result<Vec<RevokedSerial>, String> {
+    let reason = reason
+        .as_deref()
+        .map(str::parse::<RevocationReason>)
+        .transpose()?;
+    let log = state.audit_log_path();
+    let (entries, _) = read_audit_log(&log).map_err(|e| e.to_string())?;
+    let now = SystemTime::now();
+    let targets: Vec<(String, String, SystemTime)> = match (serial, spiffe_id) {
+        (Some(serial), None) => {
+            let serial = normalize_serial(&serial)?;
+            let e = entries
+                .iter()
+                .rev()
+                .find(|e| e.serial == serial)
+                .ok_or_else(|| {
+                    format!(
+                        "serial {serial} is not in the audit log {} (not issued by this CA?)",
+                        log.display()
+                    )
+                })?;
+            vec![(
+                serial,
+                e.spiffe_id.clone(),
+                e.expires_at()
+                    .unwrap_or(now + Duration::from_secs(90 * 24 * 3600)),
+            )]
+        }
+        (None, Some(id)) => {
+            let id = SpiffeId::parse(&id).map_err(|e| e.to_string())?.to_string();
+            let found: Vec<_> = entries
+                .iter()
+                .filter(|e| e.spiffe_id == id)
+                .filter_map(|e| {
+                    let na = e.expires_at()?;
+                    (na > now).then(|| (e.serial.clone(), id.clone(), na))
+                })
+                .collect();
+            if found.is_empty() {
+                return Err(format!(
+                    "no unexpired certificate issued to {id} in the audit log {}",
+                    log.display()
+                ));
+            }
+            found
+        }
+        _ => return Err("give exactly one of serial and spiffe_id".into()),
+    };
+    tracing::info!(
+        uid,
+        count = targets.len(),
+        "admin socket: revocation requested"
+    );
+    state.revoke(&targets, reason).map_err(|e| e.to_string())
+}
+
+/// Sends one request to the admin socket at `path` and returns the answer (blocking; for the
+/// `rampart ca revoke` command).
+pub fn admin_request(path: &Path, req: &AdminRequest) -> Result<AdminResponse, String> {
+    let mut stream = std::os::unix::net::UnixStream::connect(path).map_err(|e| {
+        format!(
+            "{}: {e} (is the CA running with this --state directory?)",
+            path.display()
+        )
+    })?;
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(|e| e.to_string())?;
+    let mut line = serde_json::to_vec(req).map_err(|e| e.to_string())?;
+    line.push(b'\n');
+    stream.write_all(&line).map_err(|e| e.to_string())?;
+    let mut answer = Vec::new();
+    std::io::BufReader::new(stream)
+        .read_until(b'\n', &mut answer)
+        .map_err(|e| format!("{}: {e}", path.display()))?;
+    serde_json::from_slice(&answer).map_err(|e| format!("bad answer from the CA: {e}"))
+}
+
+/// The admin socket of a CA whose state directory is `state_dir`.
+pub fn admin_socket_path(state_dir: &Path) -> PathBuf {
+    state_dir.join(crate::revocation::ADMIN_SOCKET)
+}

@@ -1,0 +1,468 @@
+//! Persisted revocations and the CRLs signed from them.
+//!
+//! A [`RevocationState`] is the list of serials a CA has revoked plus the last CRL number it
+//! used. It is a small JSON file written atomically (`write_file_atomic`: temp file, fsync,
+//! rename), so a revocation survives `kill -9` once [`RevocationState::save`] returned. Two
+//! users:
+//!
+//! - `rampart certs revoke` / `rampart certs crl`: [`CRL_STATE_FILE`] beside the CA material
+//!   made with `rampart certs`; the signed CRL goes to [`CRL_FILE`].
+//! - the running CA: [`REVOCATIONS_FILE`] in its state directory, for the workload
+//!   certificates it issued; the CA re-signs its CRL on a schedule and at every revocation.
+//!
+//! CRL numbers only go up: each CRL gets `max(last + 1, unix seconds now)`, so the CA can
+//! re-sign on a schedule without writing the file, and a restart never reuses a number
+//! (unless the clock went back further than the number of CRLs issued since).
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use arc_swap::ArcSwap;
+use rampart_certs::{
+    Crl, CrlExpiry, CrlParams, CrlSet, RevocationCheck, RevocationReason, RevokedCert,
+    UnknownStatus, parse_serial_hex,
+};
+use serde::{Deserialize, Serialize};
+
+use crate::authority::Authority;
+use crate::error::CitadelError;
+use crate::signer::X509Signer;
+
+/// Default lifetime (nextUpdate - thisUpdate) of the CRL the CA signs for its signing
+/// certificate; it is re-signed when half of it is left and at every revocation.
+pub const DEFAULT_CRL_VALIDITY: Duration = Duration::from_secs(10 * 60);
+
+/// The CRL file: in an Istio `cacerts` directory (plug-in CRLs, read by the CA) and beside CA
+/// material made with `rampart certs` (written by `rampart certs revoke|crl`).
+pub const CA_CRL: &str = "ca-crl.pem";
+/// Alias of [`CA_CRL`] for `rampart certs` directories.
+pub const CRL_FILE: &str = CA_CRL;
+/// `rampart certs`: the revoked serials and the last CRL number, beside the CA.
+pub const CRL_STATE_FILE: &str = "ca-crl-state.json";
+/// The running CA: revocations of the certificates it issued, in its state directory.
+pub const REVOCATIONS_FILE: &str = "revocations.json";
+/// The running CA: its local admin socket (0600, in the 0700 state directory).
+pub const ADMIN_SOCKET: &str = "admin.sock";
+/// The running CA: the CRL set it serves (its own CRL for the signing certificate, then the
+/// plug-in CRLs), in its state directory (0644, rewritten at every re-signing). Not named
+/// `ca-crl.pem` so that a state directory that is also the cacerts directory is not misread.
+pub const PUBLISHED_CRLS: &str = "published-crls.pem";
+
+/// Revoked entries are dropped from CRLs this long after the certificate expired (RFC 5280
+/// allows removing expired certificates; the grace covers clock skew of verifiers).
+pub const EXPIRED_ENTRY_GRACE: Duration = Duration::from_secs(24 * 3600);
+
+/// One revoked serial.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StoredRevocation {
+    /// Serial, lowercase hex without the DER sign byte.
+    pub serial: String,
+    /// When it was revoked (RFC 3339).
+    pub revoked_at: String,
+    /// RFC 5280 reason name (`keyCompromise`), if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The SPIFFE ID it was issued to, when known (the CA's audit log).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spiffe_id: Option<String>,
+    /// The certificate's not-after (RFC 3339), when known; the entry leaves the CRL
+    /// [`EXPIRED_ENTRY_GRACE`] after it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub not_after: Option<String>,
+}
+
+/// What a CA has revoked, and the last CRL number it used.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationState {
+    /// The number of the last CRL signed from this state.
+    pub crl_number: u64,
+    /// Revoked serials, in revocation order.
+    pub revoked: Vec<StoredRevocation>,
+}
+
+fn parse_time(s: &str) -> Option<SystemTime> {
+    time::OffsetDateTime::parse(s, &time::format_description::well_known::Rfc3339)
+        .ok()
+        .map(SystemTime::from)
+}
+
+/// Normalizes a serial given in hex (`serial=..`, colons, any case, leading zeros) to the
+/// form the audit log and CRLs use.
+pub fn normalize_serial(s: &str) -> Result<String, String> {
+    parse_serial_hex(s).map(|v| rampart_certs::serial_hex(&v))
+}
+
+impl RevocationState {
+    /// Reads the state; a missing file is an empty state. A file that does not parse is an
+    /// error (never silently an empty list: that would un-revoke everything).
+    pub fn load(path: &Path) -> Result<RevocationState, CitadelError> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Ok(RevocationState::default());
+            }
+            Err(e) => return Err(CitadelError::io(path, e)),
+        };
+        let state: RevocationState =
+            serde_json::from_str(&text).map_err(|e| CitadelError::invalid(path, e))?;
+        for r in &state.revoked {
+            normalize_serial(&r.serial).map_err(|e| CitadelError::invalid(path, e))?;
+            parse_time(&r.revoked_at).ok_or_else(|| {
+                CitadelError::invalid(
+                    path,
+                    format!("revoked_at {:?} is not RFC 3339", r.revoked_at),
+                )
+            })?;
+            if let Some(reason) = &r.reason {
+                reason
+                    .parse::<RevocationReason>()
+                    .map_err(|e| CitadelError::invalid(path, e))?;
+            }
+        }
+        Ok(state)
+    }
+
+    /// Writes the state atomically (mode 0644: serials are public; the directory protects it).
+    pub fn save(&self, path: &Path) -> Result<(), CitadelError> {
+        let mut json =
+            serde_json::to_vec_pretty(self).map_err(|e| CitadelError::invalid(path, e))?;
+        json.push(b'\n');
+        rampart_certs::write_file_atomic(path, &json, 0o644).map_err(|e| CitadelError::io(path, e))
+    }
+
+    /// The entry for `serial` (any hex form), if revoked.
+    pub fn find(&self, serial: &str) -> Option<&StoredRevocation> {
+        let norm = normalize_serial(serial).ok()?;
+        self.revoked.iter().find(|r| r.serial == norm)
+    }
+
+    /// Adds a revocation. Returns `Ok(false)` when the serial was already revoked (the first
+    /// entry, its time and reason, is kept).
+    pub fn revoke(
+        &mut self,
+        serial: &str,
+        reason: Option<RevocationReason>,
+        spiffe_id: Option<String>,
+        not_after: Option<SystemTime>,
+        now: SystemTime,
+    ) -> Result<bool, String> {
+        let serial = normalize_serial(serial)?;
+        if self.revoked.iter().any(|r| r.serial == serial) {
+            return Ok(false);
+        }
+        self.revoked.push(StoredRevocation {
+            serial,
+            revoked_at: crate::audit::rfc3339(now),
+            reason: reason.map(|r| r.name().to_owned()),
+            spiffe_id,
+            not_after: not_after.map(crate::audit::rfc3339),
+        });
+        Ok(true)
+    }
+
+    /// The next CRL number: above the last one, and at least the Unix time of `now`.
+    pub fn next_crl_number(&self, now: SystemTime) -> u64 {
+        let secs = now.duration_since(UNIX_EPOCH).map_or(0, |d| d.as_secs());
+        self.crl_number.saturating_add(1).max(secs)
+    }
+
+    /// The CRL contents at `now`, valid for `validity`, numbered `crl_number`. Entries whose
+    /// certificate expired more than [`EXPIRED_ENTRY_GRACE`] ago are left out.
+    pub fn crl_params(&self, crl_number: u64, now: SystemTime, validity: Duration) -> CrlParams {
+        let revoked = self
+            .revoked
+            .iter()
+            .filter(|r| {
+                r.not_after
+                    .as_deref()
+                    .and_then(parse_time)
+                    .is_none_or(|na| na + EXPIRED_ENTRY_GRACE > now)
+            })
+            .map(|r| RevokedCert {
+                serial_hex: r.serial.clone(),
+                revoked_at: parse_time(&r.revoked_at).unwrap_or(now),
+                reason: r.reason.as_deref().and_then(|s| s.parse().ok()),
+            })
+            .collect();
+        CrlParams {
+            this_update: now,
+            next_update: now + validity,
+            crl_number,
+            revoked,
+        }
+    }
+
+    /// Signs the next CRL with `signer` and records its number (the caller saves the state
+    /// when it wants the number persisted).
+    pub fn sign_next(
+        &mut self,
+        signer: &dyn X509Signer,
+        now: SystemTime,
+        validity: Duration,
+    ) -> Result<Crl, rampart_certs::Error> {
+        let number = self.next_crl_number(now);
+        let crl = signer.sign_crl(&self.crl_params(number, now, validity))?;
+        self.crl_number = number;
+        Ok(crl)
+    }
+}
+
+// === the running CA ===
+
+/// The CRLs the CA serves right now.
+#[derive(Debug)]
+pub struct PublishedCrls {
+    /// The CA's own CRL for its signing certificate (its revocations, plus the plug-in CRL's
+    /// entries for that certificate); `None` if the signer cannot sign CRLs.
+    pub own: Option<Crl>,
+    /// What is served: the plug-in CRLs with the signing certificate's replaced by `own`.
+    pub set: Arc<CrlSet>,
+    /// `set` as the CA's own client-certificate check uses it (unknown status allowed).
+    pub check: RevocationCheck,
+    /// When `own` was signed.
+    pub signed_at: SystemTime,
+    /// Increases by one whenever the served set changes (content); 0 before the first.
+    pub version: u64,
+}
+
+/// One revocation done through [`Revocations::revoke`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevokedSerial {
+    /// Serial, lowercase hex.
+    pub serial: String,
+    /// The identity it was issued to (from the audit log).
+    pub spiffe_id: String,
+    /// Its not-after (RFC 3339).
+    pub not_after: String,
+    /// False when it was revoked already (the first revocation stands).
+    pub new: bool,
+}
+
+/// The CA's revocations (persisted in [`REVOCATIONS_FILE`]) and the CRLs published from them.
+#[derive(Debug)]
+pub struct Revocations {
+    state_path: PathBuf,
+    published_path: PathBuf,
+    validity: Duration,
+    state: Mutex<RevocationState>,
+    current: ArcSwap<PublishedCrls>,
+}
+
+impl Revocations {
+    /// Loads the persisted revocations from `state_dir` (a broken file stops the CA: starting
+    /// with an empty list would un-revoke). Nothing is published until [`Self::publish`].
+    pub fn open(state_dir: &Path, validity: Duration) -> Result<Revocations, CitadelError> {
+        let state_path = state_dir.join(REVOCATIONS_FILE);
+        let state = RevocationState::load(&state_path)?;
+        Ok(Revocations {
+            state_path,
+            published_path: state_dir.join(PUBLISHED_CRLS),
+            validity,
+            state: Mutex::new(state),
+            current: ArcSwap::from_pointee(PublishedCrls {
+                own: None,
+                set: Arc::new(CrlSet::empty()),
+                check: RevocationCheck::default(),
+                signed_at: SystemTime::UNIX_EPOCH,
+                version: 0,
+            }),
+        })
+    }
+
+    /// What is served now.
+    pub fn current(&self) -> Arc<PublishedCrls> {
+        self.current.load_full()
+    }
+
+    /// The lifetime of the CA's own CRLs.
+    pub fn validity(&self) -> Duration {
+        self.validity
+    }
+
+    /// Whether the own CRL should be re-signed at `now` (half its lifetime gone).
+    pub fn due(&self, now: SystemTime) -> bool {
+        let cur = self.current.load();
+        cur.own.is_none() || now >= cur.signed_at + self.validity / 2
+    }
+
+    /// A copy of the persisted revocations.
+    pub fn state(&self) -> RevocationState {
+        self.state.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Re-signs the CA's CRL for `authority`'s signing certificate and rebuilds the served
+    /// set. Returns whether the served content changed. A signer that cannot sign CRLs (or
+    /// a CA certificate without cRLSign) serves the plug-in CRLs alone and logs why.
+    pub fn publish(&self, authority: &Authority, now: SystemTime) -> bool {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.publish_locked(&mut state, authority, now)
+    }
+
+    fn publish_locked(
+        &self,
+        state: &mut RevocationState,
+        authority: &Authority,
+        now: SystemTime,
+    ) -> bool {
+        let signing = authority.signer().ca_cert().clone();
+        let plugin = authority.plugin_crls();
+        let number = state.next_crl_number(now);
+        let mut params = state.crl_params(number, now, self.validity);
+        // The plug-in CRL for the signing certificate, if any: its entries join ours (the
+        // CA signs the one CRL for that certificate).
+        if let Some(p) = plugin.and_then(|p| p.crl_for(&signing)) {
+            for r in p.revoked_certs() {
+                if !params.revoked.iter().any(|o| o.serial_hex == r.serial_hex) {
+                    params.revoked.push(r.clone());
+                }
+            }
+        }
+        let own = match authority.signer().sign_crl(&params).and_then(|crl| {
+            CrlSet::new(
+                vec![crl.clone()],
+                std::slice::from_ref(&signing),
+                now,
+                CrlExpiry::Refuse,
+            )
+            .map(|set| (crl, set))
+            .map_err(|e| rampart_certs::Error::IssuedCertificateInvalid(e.to_string()))
+        }) {
+            Ok((crl, set)) => {
+                state.crl_number = number;
+                Some((crl, set))
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot sign a CRL for the signing certificate; serving the plug-in CRLs only, revocations of issued certificates are not published");
+                None
+            }
+        };
+        let set = match (plugin, &own) {
+            (Some(p), Some((_, o))) => p.merged_with(o),
+            (Some(p), None) => (**p).clone(),
+            (None, Some((_, o))) => o.clone(),
+            (None, None) => CrlSet::empty(),
+        };
+        for crl in set.expired(now) {
+            tracing::error!(
+                issuer = %crl.issuer(),
+                next_update = %crate::audit::rfc3339(crl.next_update()),
+                "served CRL has EXPIRED (past its nextUpdate); still served and enforced"
+            );
+        }
+        let previous = self.current.load();
+        let changed = previous.set.etag() != set.etag();
+        // Content aside from dates and numbers always changes at a re-signing; the version
+        // counts served sets.
+        let version = previous.version + 1;
+        let set = Arc::new(set);
+        if let Err(e) =
+            rampart_certs::write_file_atomic(&self.published_path, set.to_pem().as_bytes(), 0o644)
+        {
+            tracing::error!(file = %self.published_path.display(), error = %e, "writing the published CRLs failed");
+        }
+        self.current.store(Arc::new(PublishedCrls {
+            own: own.map(|(c, _)| c),
+            check: RevocationCheck {
+                crls: set.clone(),
+                unknown: UnknownStatus::Allow,
+            },
+            set,
+            signed_at: now,
+            version,
+        }));
+        changed
+    }
+
+    /// Revokes `entries` (serial, identity, not-after) with `reason`, persists the list
+    /// (atomically, before anything is published), then re-signs and publishes at once.
+    pub fn revoke(
+        &self,
+        authority: &Authority,
+        entries: &[(String, String, SystemTime)],
+        reason: Option<RevocationReason>,
+        now: SystemTime,
+    ) -> Result<Vec<RevokedSerial>, CitadelError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = state.clone();
+        let mut out = Vec::with_capacity(entries.len());
+        for (serial, id, not_after) in entries {
+            let new = next
+                .revoke(serial, reason, Some(id.clone()), Some(*not_after), now)
+                .map_err(CitadelError::Config)?;
+            out.push(RevokedSerial {
+                serial: normalize_serial(serial).map_err(CitadelError::Config)?,
+                spiffe_id: id.clone(),
+                not_after: crate::audit::rfc3339(*not_after),
+                new,
+            });
+        }
+        if out.iter().any(|r| r.new) {
+            next.save(&self.state_path)?;
+            *state = next;
+        }
+        self.publish_locked(&mut state, authority, now);
+        Ok(out)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn revoke_is_idempotent_and_numbers_increase() {
+        let now = SystemTime::now();
+        let mut s = RevocationState::default();
+        assert!(
+            s.revoke(
+                "serial=0A",
+                Some(RevocationReason::KeyCompromise),
+                None,
+                None,
+                now
+            )
+            .unwrap()
+        );
+        assert!(!s.revoke("0a", None, None, None, now).unwrap());
+        assert_eq!(s.revoked.len(), 1);
+        assert_eq!(
+            s.find("00:0a").unwrap().reason.as_deref(),
+            Some("keyCompromise")
+        );
+        let n1 = s.next_crl_number(now);
+        s.crl_number = n1;
+        assert!(s.next_crl_number(now) > n1);
+        assert!(s.revoke("zz", None, None, None, now).is_err());
+    }
+
+    #[test]
+    fn expired_entries_leave_the_crl_after_the_grace() {
+        let now = SystemTime::now();
+        let mut s = RevocationState::default();
+        s.revoke("01", None, None, Some(now - 2 * EXPIRED_ENTRY_GRACE), now)
+            .unwrap();
+        s.revoke("02", None, None, Some(now + EXPIRED_ENTRY_GRACE), now)
+            .unwrap();
+        s.revoke("03", None, None, None, now).unwrap();
+        let p = s.crl_params(1, now, Duration::from_secs(60));
+        let serials: Vec<_> = p.revoked.iter().map(|r| r.serial_hex.as_str()).collect();
+        assert_eq!(serials, ["02", "03"]);
+    }
+
+    #[test]
+    fn a_broken_state_file_is_an_error_not_an_empty_list() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(REVOCATIONS_FILE);
+        assert_eq!(
+            RevocationState::load(&path).unwrap(),
+            RevocationState::default()
+        );
+        std::fs::write(&path, "{\"crl_number\": 1, \"revoked\": [").unwrap();
+        assert!(RevocationState::load(&path).is_err());
+        let mut s = RevocationState::default();
+        s.revoke("ab", None, None, None, SystemTime::now()).unwrap();
+        s.save(&path).unwrap();
+        assert_eq!(RevocationState::load(&path).unwrap(), s);
+    }
+}
