@@ -77,6 +77,7 @@ fn secrets(ca: &TestCa, id: &str, ttl: Duration, version: u64, bundle_pem: Strin
         chain_pem,
         key_pem,
         bundle_pem,
+        crl_pem: String::new(),
     }
 }
 

@@ -647,6 +647,24 @@ pub fn server_config(
     Ok(config)
 }
 
+/// [`server_config`] with a client verifier of the caller's (one it keeps, e.g. to install
+/// revocation checking with [`SpiffeClientVerifier::set_revocation`]).
+pub fn server_config_with_client_verifier(
+    chain: Vec<CertificateDer<'static>>,
+    key: &PrivateKey,
+    verifier: Arc<dyn ClientCertVerifier>,
+) -> Result<ServerConfig, TlsError> {
+    if chain.is_empty() {
+        return Err(TlsError::EmptyChain);
+    }
+    let mut config = ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(PROTOCOL_VERSIONS)?
+        .with_client_cert_verifier(verifier)
+        .with_single_cert(chain, key_der(key))?;
+    no_server_resumption(&mut config);
+    Ok(config)
+}
+
 /// Session resumption would restore a peer's identity without re-running the verifier, so
 /// a session could outlive its certificate or a root removed from the bundle. Off: every
 /// connection verifies the peer's chain.

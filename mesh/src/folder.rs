@@ -249,6 +249,10 @@ pub struct LocalSettings {
     /// `COMPLIANCE_POLICY`): `pqc` makes this mesh's proxies offer and accept
     /// `X25519MLKEM768` only. Read when a proxy starts.
     pub compliance_policy: rampart_certs::tls::CompliancePolicy,
+    /// Peers whose issuer has no CRL (`rampart.crlUnknownStatus`): `allow` (default, as
+    /// Istio and ztunnel) or `deny` (every issuer of a peer chain must be covered by a CRL).
+    #[serde(skip)]
+    pub crl_unknown_status: rampart_certs::UnknownStatus,
     /// The whole section as written, for settings other components own.
     pub raw: serde_json::Value,
 }
@@ -677,6 +681,8 @@ struct RawLocal {
     allow_non_loopback_outbound: bool,
     #[serde(default)]
     compliance_policy: Option<String>,
+    #[serde(default)]
+    crl_unknown_status: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -712,6 +718,12 @@ fn parse_local(file: &str, value: &serde_json::Value, c: &mut Collector) -> Loca
     out.state_dir = raw.state_dir;
     out.allow_non_loopback_outbound = raw.allow_non_loopback_outbound;
     out.jwks_ca_file = raw.jwks_ca_file;
+    if let Some(v) = raw.crl_unknown_status {
+        match v.parse() {
+            Ok(u) => out.crl_unknown_status = u,
+            Err(e) => c.push(file, "rampart.crlUnknownStatus", e),
+        }
+    }
     if let Some(v) = raw.compliance_policy {
         match rampart_certs::tls::CompliancePolicy::parse(&v) {
             Ok(p) => out.compliance_policy = p,

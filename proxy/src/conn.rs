@@ -15,6 +15,9 @@ use rustls::pki_types::ServerName;
 use tokio::net::TcpStream;
 use tokio_rustls::client::TlsStream;
 
+use crate::peers::Revocable;
+use rampart_certs::Usage;
+
 use crate::identity::{Alpn, IdentityHolder};
 
 type BoxError = Box<dyn std::error::Error + Send + Sync>;
@@ -101,8 +104,8 @@ pub(crate) async fn connect_plain(target: &Target) -> Result<TcpStream, String> 
 
 /// A stream to a peer proxy: mTLS, or plaintext to a DISABLE port.
 pub(crate) enum PeerStream {
-    /// Mutual TLS, the server's SPIFFE ID checked.
-    Mtls(Box<TlsStream<TcpStream>>),
+    /// Mutual TLS, the server's SPIFFE ID checked; closed if the server is revoked.
+    Mtls(Box<Revocable<TlsStream<TcpStream>>>),
     /// Plaintext (destination port in PeerAuthentication DISABLE).
     Plain(TcpStream),
 }
@@ -115,9 +118,20 @@ impl PeerStream {
         mtls: bool,
     ) -> Result<PeerStream, String> {
         if mtls {
-            Ok(PeerStream::Mtls(Box::new(
-                connect_mtls(identity, target).await?,
-            )))
+            let tls = connect_mtls(identity, target).await?;
+            let chain = tls
+                .get_ref()
+                .1
+                .peer_certificates()
+                .map(<[_]>::to_vec)
+                .unwrap_or_default();
+            let peer = target.expected.to_string();
+            Ok(PeerStream::Mtls(Box::new(identity.live.register(
+                tls,
+                chain,
+                Usage::ServerAuth,
+                peer,
+            ))))
         } else {
             Ok(PeerStream::Plain(connect_plain(target).await?))
         }
@@ -205,7 +219,9 @@ impl tower::Service<http::Uri> for PeerConnector {
         Box::pin(async move {
             let s = PeerStream::connect(&me.identity, &me.target, me.mtls).await?;
             let h2 = match &s {
-                PeerStream::Mtls(t) => crate::identity::is_h2(t.get_ref().1.alpn_protocol()),
+                PeerStream::Mtls(t) => {
+                    crate::identity::is_h2(t.get_ref().get_ref().1.alpn_protocol())
+                }
                 PeerStream::Plain(_) => false,
             };
             Ok(TlsConn {

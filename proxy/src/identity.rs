@@ -5,6 +5,14 @@
 //! configuration, and every handshake (inbound and outbound) is refused. The certificate is
 //! rechecked against the bundle whenever either changes, and its validity window at every
 //! use (see [`IdentityHolder`]).
+//!
+//! Revocation: the `ROOTCA` secret may carry CRLs (`validation_context.crl`, as Istio's agent
+//! serves them to Envoy). They are validated against the bundle's roots and our chain's
+//! intermediates (a set with a CRL that does not verify is NACKed; the last good set stays),
+//! installed in both verifiers, so every later handshake (inbound and outbound) refuses a
+//! revoked peer, and established connections whose peer is now revoked are closed
+//! ([`crate::peers`]). Issuers with no CRL: `rampart.crlUnknownStatus` (allow, as
+//! Istio/ztunnel, or deny).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -12,11 +20,14 @@ use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
 use arc_swap::ArcSwapOption;
-use rampart_certs::tls::{self, ClientAuth, ServerAuth};
+use rampart_certs::tls::{self, ClientAuth, SpiffeClientVerifier, SpiffeServerVerifier};
 use rampart_certs::{
-    CertInfo, CertificateDer, PrivateKey, SpiffeId, TrustBundle, TrustDomainPolicy, Usage,
+    CertInfo, CertificateDer, Crl, CrlExpiry, CrlSet, PrivateKey, RevocationCheck, SpiffeId,
+    TrustBundle, TrustDomainPolicy, UnknownStatus, Usage,
 };
 use rustls::{ClientConfig, ServerConfig};
+
+use crate::peers::LiveConns;
 
 /// What an mTLS connection the proxy originates will carry, and so the ALPN values it offers.
 ///
@@ -84,6 +95,8 @@ pub(crate) struct TlsState {
     pub(crate) not_before: SystemTime,
     pub(crate) not_after: SystemTime,
     serial: String,
+    /// Revocation checking in both verifiers (`None`: no CRL and unknown status allowed).
+    pub(crate) revocation: Option<RevocationCheck>,
 }
 
 impl TlsState {
@@ -97,12 +110,14 @@ impl TlsState {
         if let Some(c) = map.get(&(expected.clone(), alpn)) {
             return Ok(c.clone());
         }
-        let mut c = tls::client_config(
-            ServerAuth::Spiffe {
-                bundle: self.bundle.clone(),
-                trust_domains: self.trust_domains.clone(),
-                expected: vec![expected.clone()],
-            },
+        let verifier = SpiffeServerVerifier::new(
+            self.bundle.clone(),
+            self.trust_domains.clone(),
+            vec![expected.clone()],
+        );
+        verifier.set_revocation(self.revocation.clone());
+        let mut c = tls::client_config_with_verifier(
+            Arc::new(verifier),
             Some((self.chain.clone(), &self.key)),
         )
         .map_err(|e| e.to_string())?;
@@ -131,6 +146,10 @@ struct Pending {
     /// does not chain to the bundle yet).
     in_use: Option<Arc<Cert>>,
     bundle: Option<TrustBundle>,
+    /// The CRLs of the last accepted `ROOTCA`, validated.
+    crls: CrlSet,
+    /// Issuers without a CRL (`rampart.crlUnknownStatus`).
+    unknown: UnknownStatus,
     /// Why there is no installed state (`None` while one is installed).
     unusable: Option<String>,
 }
@@ -188,6 +207,8 @@ pub(crate) struct IdentityHolder {
     /// The last refusal kind logged at error level (+1; 0 = none), so the transition is
     /// logged once, not once per connection.
     last_logged: AtomicU64,
+    /// Established mTLS connections (closed when their peer is revoked).
+    pub(crate) live: Arc<LiveConns>,
 }
 
 fn rfc3339(t: SystemTime) -> String {
@@ -203,6 +224,7 @@ impl IdentityHolder {
             trust_domains: Mutex::new(trust_domains),
             refusals: Default::default(),
             last_logged: AtomicU64::new(0),
+            live: Arc::new(LiveConns::default()),
         }
     }
 
@@ -282,6 +304,17 @@ impl IdentityHolder {
             "rampart_proxy_own_identity_usable {}\n",
             u8::from(self.status().is_ok())
         ));
+        {
+            let p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+            out.push_str("# TYPE rampart_proxy_crls gauge\n");
+            out.push_str(&format!("rampart_proxy_crls {}\n", p.crls.len()));
+            out.push_str("# TYPE rampart_proxy_crls_expired gauge\n");
+            out.push_str(&format!(
+                "rampart_proxy_crls_expired {}\n",
+                p.crls.expired(SystemTime::now()).len()
+            ));
+        }
+        self.live.render_metrics(&mut out);
         if let Some(s) = self.state.load_full() {
             let secs = s
                 .not_after
@@ -341,13 +374,74 @@ impl IdentityHolder {
         self.rebuild(&mut p, td)
     }
 
-    /// Check a trust bundle pushed as `ROOTCA`; the certificate is checked against it again.
-    pub(crate) fn offer_bundle(&self, pem: &str) -> Result<(), String> {
+    /// Check a trust bundle pushed as `ROOTCA`, with its CRLs (PEM, possibly empty); the
+    /// certificate is checked against it again. Every CRL must verify against the bundle's
+    /// roots or our chain's intermediates, else the push is refused whole (the last good
+    /// bundle and CRLs stay). An expired CRL is kept (its revocations stay in force) and
+    /// reported.
+    pub(crate) fn offer_bundle(&self, pem: &str, crl_pem: &str) -> Result<(), String> {
         let bundle = TrustBundle::from_pem(pem).map_err(|e| format!("trust bundle: {e}"))?;
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        let crls = if crl_pem.trim().is_empty() {
+            CrlSet::empty()
+        } else {
+            let list = rampart_certs::parse_crls_pem(crl_pem).map_err(|e| format!("crl: {e}"))?;
+            let mut issuers: Vec<CertificateDer<'static>> = bundle.roots().to_vec();
+            if let Some(c) = p.latest.as_ref().or(p.in_use.as_ref()) {
+                issuers.extend(c.chain.iter().skip(1).cloned());
+            }
+            validate_crls(list, &issuers)?
+        };
+        let before = p.crls.clone();
         p.bundle = Some(bundle);
+        p.crls = crls;
         let td = self.trust_domains();
-        self.rebuild(&mut p, td)
+        self.rebuild(&mut p, td)?;
+        if p.crls != before {
+            self.after_crl_change(&p);
+        }
+        Ok(())
+    }
+
+    /// `rampart.crlUnknownStatus` from the mesh configuration.
+    pub(crate) fn set_unknown_status(&self, unknown: UnknownStatus) {
+        let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
+        if p.unknown == unknown {
+            return;
+        }
+        p.unknown = unknown;
+        let td = self.trust_domains();
+        if let Err(e) = self.rebuild(&mut p, td) {
+            tracing::error!(error = %e, "cannot rebuild TLS configuration for the new unknown-status policy");
+        }
+    }
+
+    /// Close established connections the new CRLs revoke.
+    fn after_crl_change(&self, p: &Pending) {
+        let (Some(bundle), Some(state)) = (p.bundle.as_ref(), self.state.load_full()) else {
+            return;
+        };
+        let expired: Vec<String> = p
+            .crls
+            .crls()
+            .filter(|c| c.is_expired(SystemTime::now()))
+            .map(|c| c.issuer().to_string())
+            .collect();
+        for issuer in &expired {
+            tracing::warn!(%issuer, "CRL past its nextUpdate: its revocations stay in force; the CA should publish a fresh one");
+        }
+        tracing::info!(crls = p.crls.len(), "CRL set changed");
+        if let Some(check) = &state.revocation {
+            let n = self
+                .live
+                .close_revoked(check, bundle, &state.trust_domains, SystemTime::now());
+            if n > 0 {
+                tracing::warn!(
+                    closed = n,
+                    "closed established connections of revoked peers"
+                );
+            }
+        }
     }
 
     fn trust_domains(&self) -> TrustDomainPolicy {
@@ -428,13 +522,14 @@ impl IdentityHolder {
                 }
             }
         };
-        let mut server = tls::server_config(
+        let revocation = (!p.crls.is_empty() || p.unknown == UnknownStatus::Deny)
+            .then(|| RevocationCheck::new(p.crls.clone(), p.unknown));
+        let verifier = SpiffeClientVerifier::required(bundle.clone(), td.clone());
+        verifier.set_revocation(revocation.clone());
+        let mut server = tls::server_config_with_client_verifier(
             chosen.chain.clone(),
             &chosen.key,
-            ClientAuth::Required {
-                bundle: bundle.clone(),
-                trust_domains: td.clone(),
-            },
+            Arc::new(verifier),
         )
         .map_err(|e| e.to_string())?;
         server.alpn_protocols = INBOUND_ALPN.iter().map(|p| p.to_vec()).collect();
@@ -450,6 +545,7 @@ impl IdentityHolder {
             not_before: chosen.not_before,
             not_after: chosen.not_after,
             serial: chosen.serial.clone(),
+            revocation,
         };
         tracing::info!(id = %self.expected_id, serial = %chosen.serial, not_after = %rfc3339(chosen.not_after), roots = bundle.roots().len(), "installed certificate and trust bundle");
         p.in_use = Some(chosen);
@@ -457,6 +553,11 @@ impl IdentityHolder {
         self.state.store(Some(Arc::new(state)));
         Ok(())
     }
+}
+
+/// Validate each CRL against `issuers` (now; an expired one is kept and reported).
+fn validate_crls(list: Vec<Crl>, issuers: &[CertificateDer<'static>]) -> Result<CrlSet, String> {
+    CrlSet::new(list, issuers, SystemTime::now(), CrlExpiry::Keep).map_err(|e| format!("crl: {e}"))
 }
 
 /// Lowercase hex SHA-256 of a DER certificate (the `Hash=` of `x-forwarded-client-cert`).
@@ -494,7 +595,7 @@ mod tests {
 
     fn bundle(h: &IdentityHolder, pkis: &[&TestPki]) {
         let pem: String = pkis.iter().map(|p| p.root_pem()).collect();
-        h.offer_bundle(&pem).unwrap();
+        h.offer_bundle(&pem, "").unwrap();
     }
 
     fn serial(l: &TestLeaf) -> String {

@@ -174,6 +174,19 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
         tracing::warn!(%peer, "mTLS peer without SPIFFE ID; closing");
         return;
     };
+    // Closed at once if a later CRL revokes the peer's certificate.
+    let chain = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .map(<[_]>::to_vec)
+        .unwrap_or_default();
+    let tls = ib.identity.live.register(
+        tls,
+        chain,
+        rampart_certs::Usage::ClientAuth,
+        principal.clone(),
+    );
     stats.count(Kind::MtlsConnection, Some(peer.ip()));
     let xfcc = HeaderValue::from_str(&format!(
         "By={};Hash={};Subject=\"\";URI={}",

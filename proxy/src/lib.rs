@@ -25,6 +25,7 @@ mod jwks_http;
 mod listeners;
 mod metrics;
 mod outbound;
+mod peers;
 mod runtime;
 mod sds;
 mod sniff;

@@ -128,6 +128,7 @@ impl Proxy {
         );
         let my_id = cfg.my_id();
         let identity = Arc::new(IdentityHolder::new(my_id.clone(), cfg.trust_policy()));
+        identity.set_unknown_status(cfg.folder.local.crl_unknown_status);
         let admin_wanted = opts.admin.or(cfg.me.proxy.admin);
         let me = cfg.me.clone();
         let cfg: Handle = Arc::new(ArcSwap::from_pointee(cfg));
@@ -315,6 +316,7 @@ async fn apply_updates(
         match update.and_then(|folder| Config::build(folder, &key)) {
             Ok(new) => {
                 identity.set_trust_domains(new.trust_policy());
+                identity.set_unknown_status(new.folder.local.crl_unknown_status);
                 tracing::info!(
                     policies = new.folder.resources.len(),
                     workloads = new.folder.registry.workloads.len(),

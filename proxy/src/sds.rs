@@ -98,7 +98,12 @@ fn apply(resp: &DiscoveryResponse, name: &str, holder: &IdentityHolder) -> Resul
             }
             (Some(secret::Type::ValidationContext(v)), ROOT_RESOURCE) => {
                 let pem = data(&v.trusted_ca).map_err(|e| format!("trusted_ca: {e}"))?;
-                holder.offer_bundle(&pem)?;
+                // CRLs as Istio's agent serves them to Envoy: `crl`, PEM, absent when none.
+                let crl = match &v.crl {
+                    None => String::new(),
+                    Some(_) => data(&v.crl).map_err(|e| format!("crl: {e}"))?,
+                };
+                holder.offer_bundle(&pem, &crl)?;
             }
             _ => return Err(format!("secret {name} has the wrong type")),
         }

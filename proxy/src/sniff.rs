@@ -79,7 +79,7 @@ fn fuzz_server_config() -> std::sync::Arc<rustls::ServerConfig> {
         .expect("workload certificate");
     let holder = crate::identity::IdentityHolder::new(id, TrustDomainPolicy::local(td));
     holder
-        .offer_bundle(&certs_to_pem(&[ca.root().clone()]))
+        .offer_bundle(&certs_to_pem(&[ca.root().clone()]), "")
         .expect("bundle");
     holder
         .offer_cert(&certs_to_pem(&[leaf]), &key.to_pkcs8_pem())

@@ -23,7 +23,7 @@ use std::time::Duration;
 use rampart_mesh::watch::Updates;
 use rampart_mesh::{MeshFolder, Problem};
 use rampart_proxy::{Proxy, ProxyOptions};
-use sds_standin::{StandIn, TestCa};
+use sds_standin::{Reply, Secrets, StandIn, TestCa};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
 
@@ -128,10 +128,32 @@ async fn get(addr: SocketAddr, target: &str, host: &str) -> Option<(u16, String)
     Some((status, body))
 }
 
-/// A request from the client app through the client proxy's outbound listener.
+/// A request from the client app through the client proxy's outbound listener. The app
+/// asks for keep-alive (so the client proxy pools its connection to the server), reads
+/// one response by its content-length, and closes.
 async fn call(client: SocketAddr, path: &str) -> Option<(u16, String)> {
     let host = "server.ns1.svc.cluster.local:80";
-    get(client, &format!("http://{host}{path}"), host).await
+    let mut s = TcpStream::connect(client).await.ok()?;
+    let req = format!("GET http://{host}{path} HTTP/1.1\r\nhost: {host}\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(&mut s))
+        .await
+        .ok()??;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 // === the mesh ===
@@ -140,7 +162,8 @@ struct Mesh {
     dir: tempfile::TempDir,
     ca: TestCa,
     app: SocketAddr,
-    _sds: Vec<StandIn>,
+    /// Each proxy's SDS server and the secrets it serves now.
+    sds: Vec<(String, StandIn, Secrets)>,
 }
 
 fn registry(app: SocketAddr, server_inbound: [SocketAddr; 2], server_sa: &str) -> String {
@@ -185,7 +208,7 @@ impl Mesh {
             dir,
             ca: TestCa::new("inprocess-root"),
             app: app().await,
-            _sds: Vec::new(),
+            sds: Vec::new(),
         }
     }
 
@@ -205,10 +228,12 @@ impl Mesh {
     async fn proxy(&mut self, name: &str, snapshot: MeshFolder, updates: Option<Updates>) -> Proxy {
         let socket = self.dir.path().join(format!("{name}.sock"));
         let id = format!("spiffe://{TD}/ns/ns1/sa/{name}");
-        self._sds
-            .push(sds_standin::start(&socket, Some(self.ca.secrets(&id, 1))));
+        let secrets = self.ca.secrets(&id, 1);
+        let standin = sds_standin::start(&socket, Some(secrets.clone()));
+        self.sds.push((name.to_string(), standin, secrets));
         let mut opts = ProxyOptions::new(self.dir.path().into(), format!("ns1/{name}"), socket);
         opts.drain_timeout = Duration::from_secs(5);
+        opts.admin = Some("127.0.0.7:0".parse().unwrap());
         Proxy::start(opts, snapshot, updates).await.unwrap()
     }
 }
@@ -373,4 +398,135 @@ fn snapshot_with_port_zero_validates() {
     .unwrap();
     let f = MeshFolder::load(Path::new(d.path()));
     assert!(f.is_ok(), "{:?}", f.err());
+}
+
+// === revocation ===
+
+impl Mesh {
+    /// Push `update` to the secrets of `name`'s SDS server (a new version).
+    fn push(&mut self, name: &str, update: impl FnOnce(&mut Secrets)) {
+        let (_, standin, secrets) = self.sds.iter_mut().find(|(n, _, _)| n == name).unwrap();
+        secrets.version += 1;
+        update(secrets);
+        standin.tx.send(Some(secrets.clone())).unwrap();
+    }
+
+    fn replies(&self, name: &str) -> Vec<Reply> {
+        let (_, standin, _) = self.sds.iter().find(|(n, _, _)| n == name).unwrap();
+        standin.replies.lock().unwrap().clone()
+    }
+
+    /// The serial of the certificate `name` is served now.
+    fn serial(&self, name: &str) -> String {
+        let (_, _, secrets) = self.sds.iter().find(|(n, _, _)| n == name).unwrap();
+        let chain = rampart_certs::parse_certs_pem(&secrets.chain_pem).unwrap();
+        rampart_certs::CertInfo::parse(&chain[0])
+            .unwrap()
+            .serial_hex
+    }
+}
+
+/// A CRL of `ca` revoking `serials` (key compromise), valid for ten minutes.
+fn crl(ca: &rampart_certs::CertificateAuthority, number: u64, serials: &[String]) -> String {
+    let now = std::time::SystemTime::now();
+    let params = rampart_certs::CrlParams {
+        this_update: now - Duration::from_secs(60),
+        next_update: now + Duration::from_secs(600),
+        crl_number: number,
+        revoked: serials
+            .iter()
+            .map(|s| rampart_certs::RevokedCert {
+                serial_hex: s.clone(),
+                revoked_at: now,
+                reason: Some(rampart_certs::RevocationReason::KeyCompromise),
+            })
+            .collect(),
+    };
+    ca.sign_crl(&params).unwrap().to_pem()
+}
+
+async fn metric(admin: SocketAddr, name: &str) -> u64 {
+    let (status, body) = get(admin, "/stats/prometheus", "admin").await.unwrap();
+    assert_eq!(status, 200);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{body}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoked_peer_is_refused_and_its_connections_closed() {
+    let _ = logs();
+    let mut mesh = Mesh::new().await;
+    let (server, client, _inbound, _tx) = pair(&mut mesh).await;
+    let out = listener(&client, "outbound");
+    let admin = server.admin_addr().unwrap();
+    let r = until(200, || call(out, "/")).await;
+    assert_eq!(r.map(|r| r.0), Some(200));
+    // The client proxy keeps its mTLS connection to the server pooled.
+    assert!(metric(admin, "rampart_proxy_mtls_connections_open").await >= 1);
+
+    // Twins first: a CRL signed by another CA is refused (NACK) and nothing changes...
+    let other = TestCa::new("not-our-ca");
+    let victim = mesh.serial("client");
+    let bad = crl(&other.ca, 1, std::slice::from_ref(&victim));
+    mesh.push("server", |s| s.crl_pem = bad);
+    let mut nacked = false;
+    for _ in 0..50 {
+        nacked = mesh.replies("server").iter().any(|r| {
+            matches!(r, Reply::Nack { resource, message } if resource == "ROOTCA" && message.contains("crl"))
+        });
+        if nacked {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(nacked, "{:?}", mesh.replies("server"));
+    assert_eq!(call(out, "/").await.map(|r| r.0), Some(200));
+    // ...and a CRL of ours revoking some other serial closes nothing.
+    let unrelated = crl(&mesh.ca.ca, 2, &["0badc0de".to_string()]);
+    mesh.push("server", |s| s.crl_pem = unrelated);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(call(out, "/").await.map(|r| r.0), Some(200));
+    assert_eq!(metric(admin, "rampart_proxy_crls").await, 1);
+    assert_eq!(
+        metric(admin, "rampart_proxy_revoked_connections_closed_total").await,
+        0
+    );
+
+    // Revoke the client's certificate: its established connection is closed and new
+    // handshakes from it are refused.
+    let revoking = crl(&mesh.ca.ca, 3, std::slice::from_ref(&victim));
+    mesh.push("server", |s| s.crl_pem = revoking);
+    let mut closed = 0;
+    for _ in 0..50 {
+        closed = metric(admin, "rampart_proxy_revoked_connections_closed_total").await;
+        if closed > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(closed >= 1, "no established connection was closed");
+    let r = until(503, || call(out, "/")).await.unwrap();
+    assert_eq!(r.0, 503, "{r:?}");
+    assert!(r.1.contains("upstream connect error"), "{r:?}");
+    let text = log_text();
+    assert!(
+        text.lines()
+            .any(|l| l.contains("closing an established connection")
+                && l.contains(&victim)
+                && l.contains("spiffe://cluster.local/ns/ns1/sa/client")),
+        "the closure is logged with serial and identity"
+    );
+
+    // A fresh certificate for the client (a new serial) works again.
+    let id = format!("spiffe://{TD}/ns/ns1/sa/client");
+    let fresh = mesh.ca.secrets(&id, 0);
+    mesh.push("client", |s| {
+        s.chain_pem = fresh.chain_pem;
+        s.key_pem = fresh.key_pem;
+    });
+    assert_ne!(mesh.serial("client"), victim);
+    let r = until(200, || call(out, "/")).await;
+    assert_eq!(r.map(|r| r.0), Some(200));
+    drop((server, client));
 }

@@ -36,6 +36,8 @@ pub struct Secrets {
     pub chain_pem: String,
     pub key_pem: String,
     pub bundle_pem: String,
+    /// CRLs (PEM) served in `ROOTCA`'s `validation_context.crl`; empty: none.
+    pub crl_pem: String,
 }
 
 /// What the proxy answered to a push.
@@ -91,6 +93,7 @@ impl TestCa {
             chain_pem,
             key_pem,
             bundle_pem: self.root_pem(),
+            crl_pem: String::new(),
         }
     }
 }
@@ -126,6 +129,9 @@ fn response(name: &str, s: &Secrets, nonce: u64) -> DiscoveryResponse {
             r#type: Some(secret::Type::ValidationContext(
                 CertificateValidationContext {
                     trusted_ca: inline(&s.bundle_pem),
+                    crl: (!s.crl_pem.is_empty())
+                        .then(|| inline(&s.crl_pem))
+                        .flatten(),
                     ..Default::default()
                 },
             )),
