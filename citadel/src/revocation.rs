@@ -222,7 +222,8 @@ pub struct PublishedCrls {
     pub check: RevocationCheck,
     /// When `own` was signed.
     pub signed_at: SystemTime,
-    /// Increases by one whenever the served set changes (content); 0 before the first.
+    /// Increases at every publication (also across restarts: at least the own CRL's number);
+    /// 0 before the first.
     pub version: u64,
 }
 
@@ -352,9 +353,8 @@ impl Revocations {
         }
         let previous = self.current.load();
         let changed = previous.set.etag() != set.etag();
-        // Content aside from dates and numbers always changes at a re-signing; the version
-        // counts served sets.
-        let version = previous.version + 1;
+        // Monotonic across restarts too: at least the own CRL's number (which is).
+        let version = (previous.version + 1).max(own.as_ref().map_or(0, |_| number));
         let set = Arc::new(set);
         if let Err(e) =
             rampart_certs::write_file_atomic(&self.published_path, set.to_pem().as_bytes(), 0o644)
