@@ -33,9 +33,7 @@ use crate::signer::X509Signer;
 /// certificate; it is re-signed when half of it is left and at every revocation.
 pub const DEFAULT_CRL_VALIDITY: Duration = Duration::from_secs(10 * 60);
 
-/// The CRL file: in an Istio `cacerts` directory (plug-in CRLs, read by the CA) and beside CA
-/// material made with `rampart certs` (written by `rampart certs revoke|crl`).
-pub const CA_CRL: &str = "ca-crl.pem";
+pub use crate::authority::CA_CRL;
 /// Alias of [`CA_CRL`] for `rampart certs` directories.
 pub const CRL_FILE: &str = CA_CRL;
 /// `rampart certs`: the revoked serials and the last CRL number, beside the CA.

@@ -636,6 +636,24 @@ impl IstioCertificateService for CaService {
     }
 }
 
+impl crate::admin::AdminBackend for CaState {
+    fn audit_log(&self) -> std::path::PathBuf {
+        self.audit_log_path()
+    }
+
+    fn revoke_entries(
+        &self,
+        entries: &[(String, String, SystemTime)],
+        reason: Option<rampart_certs::RevocationReason>,
+    ) -> Result<Vec<crate::revocation::RevokedSerial>, CitadelError> {
+        self.revoke(entries, reason)
+    }
+
+    fn published(&self) -> Arc<crate::revocation::PublishedCrls> {
+        self.revocations.current()
+    }
+}
+
 /// `rampart.ca.v1.Revocation`: the served CRLs, for callers authenticated like
 /// CreateCertificate (a bearer token or a client certificate of the mesh; no impersonation).
 #[derive(Debug, Clone)]
