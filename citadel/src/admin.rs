@@ -135,7 +135,7 @@ async fn serve_one<S: AdminBackend>(
 ) -> std::io::Result<()> {
     let cred = stream.peer_cred()?;
     let (read, mut write) = stream.into_split();
-    let response = if cred.uid() != owner && cred.uid() != 0 {
+    let response = if !caller_allowed(cred.uid(), owner) {
         tracing::warn!(uid = cred.uid(), pid = ?cred.pid(), "admin socket: refused a caller that is neither the CA's user nor root");
         refuse(format!(
             "uid {} may not use the CA admin socket (only uid {owner} or root)",
@@ -165,6 +165,11 @@ async fn serve_one<S: AdminBackend>(
     out.push(b'\n');
     write.write_all(&out).await?;
     write.shutdown().await
+}
+
+/// Only the CA's own effective user, or root, may use the socket.
+fn caller_allowed(peer_uid: u32, owner: u32) -> bool {
+    peer_uid == owner || peer_uid == 0
 }
 
 fn refuse(error: String) -> AdminResponse {
@@ -303,4 +308,33 @@ pub fn admin_request(path: &Path, req: &AdminRequest) -> Result<AdminResponse, S
 /// The admin socket of a CA whose state directory is `state_dir`.
 pub fn admin_socket_path(state_dir: &Path) -> PathBuf {
     state_dir.join(crate::revocation::ADMIN_SOCKET)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_the_owner_or_root_may_call() {
+        assert!(caller_allowed(1000, 1000));
+        assert!(caller_allowed(0, 1000));
+        assert!(!caller_allowed(1001, 1000));
+        assert!(!caller_allowed(65534, 0));
+    }
+
+    #[test]
+    fn requests_round_trip_as_one_json_line() {
+        let req = AdminRequest::Revoke {
+            serial: Some("0a".into()),
+            spiffe_id: None,
+            reason: Some("keyCompromise".into()),
+        };
+        let text = serde_json::to_string(&req).unwrap();
+        assert_eq!(
+            text,
+            r#"{"op":"revoke","serial":"0a","reason":"keyCompromise"}"#
+        );
+        assert_eq!(serde_json::from_str::<AdminRequest>(&text).unwrap(), req);
+        assert!(serde_json::from_str::<AdminRequest>(r#"{"op":"shutdown"}"#).is_err());
+    }
 }

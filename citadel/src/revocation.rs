@@ -282,7 +282,7 @@ impl Revocations {
     /// Whether the own CRL should be re-signed at `now` (half its lifetime gone).
     pub fn due(&self, now: SystemTime) -> bool {
         let cur = self.current.load();
-        cur.own.is_none() || now >= cur.signed_at + self.validity / 2
+        now >= cur.signed_at + self.validity / 2
     }
 
     /// A copy of the persisted revocations.
@@ -400,6 +400,13 @@ impl Revocations {
             *state = next;
         }
         self.publish_locked(&mut state, authority, now);
+        if self.current.load().own.is_none() {
+            return Err(CitadelError::Config(
+                "the revocation is recorded, but this CA cannot sign a CRL for its signing \
+                 certificate (see the CA's log), so it is not published"
+                    .into(),
+            ));
+        }
         Ok(out)
     }
 }
