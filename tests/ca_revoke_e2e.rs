@@ -269,6 +269,14 @@ fn revoke_an_identity_publish_at_once_enforce_and_survive_kill_9() {
     assert_eq!(first["crls"].as_array().unwrap().len(), 1, "{first}");
     assert_eq!(first["crls"][0]["signature_ok"], true, "{first}");
     assert!(revoked(&first).is_empty(), "{first}");
+    assert_eq!(first["issuers"].as_array().unwrap().len(), 1, "{first}");
+    assert!(
+        first["issuers"][0]
+            .as_str()
+            .unwrap()
+            .contains("Rampart self-signed root"),
+        "{first}"
+    );
     let etag = first["etag"].as_str().unwrap().to_owned();
     let again = env.getcrls(&ca, &auth, &["--if-none-match", &etag]);
     assert_eq!(again["not_modified"], true, "{again}");

@@ -719,6 +719,17 @@ impl rampart_proto::rampart::ca::v1::revocation_server::Revocation for Revocatio
                 } else {
                     cur.set.ders().into_iter().map(|d| d.to_vec()).collect()
                 },
+                issuers: if not_modified {
+                    Vec::new()
+                } else {
+                    state
+                        .authority()
+                        .signer()
+                        .chain_to_root()
+                        .into_iter()
+                        .map(|c| c.to_vec())
+                        .collect()
+                },
                 next_update: cur.set.next_update().map_or(0, |t| {
                     t.duration_since(std::time::UNIX_EPOCH)
                         .map_or(0, |d| d.as_secs() as i64)
@@ -1017,10 +1028,18 @@ pub async fn start_with_state(state: Arc<CaState>) -> Result<RunningCa, CitadelE
     };
 
     tasks.push(tokio::spawn(reload_loop(state.clone())));
-    tasks.push(crate::admin::serve_admin(
-        state.clone(),
-        &crate::admin::admin_socket_path(&cfg.state_dir),
-    )?);
+    // The admin socket (revocation). Not binding it (a state directory path too long for a
+    // Unix socket, a non-socket file in the way) leaves the CA serving without the admin
+    // interface: logged as an error, since revocation then needs a restart to fix.
+    let admin_path = crate::admin::admin_socket_path(&cfg.state_dir);
+    match crate::admin::serve_admin(state.clone(), &admin_path) {
+        Ok(task) => tasks.push(task),
+        Err(e) => tracing::error!(
+            socket = %admin_path.display(),
+            error = %e,
+            "admin socket not available: `rampart ca revoke` cannot reach this CA"
+        ),
+    }
 
     Ok(RunningCa {
         local_addr,

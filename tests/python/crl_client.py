@@ -92,6 +92,8 @@ def cmd_getcrls(a):
         })
     print(json.dumps({"version": resp.version, "etag": resp.etag,
                       "not_modified": resp.not_modified, "next_update": resp.next_update,
+                      "issuers": [x509.load_der_x509_certificate(d).subject.rfc4514_string()
+                                  for d in resp.issuers],
                       "crls": crls}))
 
 

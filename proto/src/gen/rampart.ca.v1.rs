@@ -29,6 +29,10 @@ pub struct GetCrlsResponse {
     /// after it. The CA re-signs its own CRL at half its lifetime.
     #[prost(int64, tag = "5")]
     pub next_update: i64,
+    /// DER certificates of the CAs the CRLs are for (the CA's signing chain, root last), to
+    /// check each CRL's signature against. Empty when not_modified.
+    #[prost(bytes = "vec", repeated, tag = "6")]
+    pub issuers: ::prost::alloc::vec::Vec<::prost::alloc::vec::Vec<u8>>,
 }
 /// Generated client implementations.
 pub mod revocation_client {
