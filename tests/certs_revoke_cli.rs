@@ -201,6 +201,29 @@ fn revoke_writes_a_crl_that_openssl_verifies_and_enforces() {
     let (_, text) = openssl(d, &["crl", "-in", "c1/ca-crl.pem", "-noout", "-text"]);
     assert!(text.contains("Key Compromise"), "{text}");
 
+    // Leaf-only CRL check with just the intermediate's CRL: the revoked leaf is refused, the
+    // other one accepted.
+    for (leaf, want) in [("l1", false), ("l2", true)] {
+        let (good, out) = openssl(
+            d,
+            &[
+                "verify",
+                "-crl_check",
+                "-CRLfile",
+                "c1/ca-crl.pem",
+                "-CAfile",
+                "root/root-cert.pem",
+                "-untrusted",
+                "c1/ca-cert.pem",
+                &format!("{leaf}/cert-chain.pem"),
+            ],
+        );
+        assert_eq!(good, want, "{leaf}: {out}");
+        if !want {
+            assert!(out.contains("certificate revoked"), "{out}");
+        }
+    }
+
     // The revoked leaf is refused, the other one accepted (full-chain CRL check).
     let (good, out) = verify_leaf(d, "l1");
     assert!(!good && out.contains("certificate revoked"), "{out}");

@@ -813,6 +813,20 @@ impl CrlSet {
         CrlSet::new(parse_crls_pem(pem)?, issuers, now, expiry)
     }
 
+    /// [`CrlSet::new`] on DER CRLs (as `rampart.ca.v1.Revocation/GetCrls` returns them).
+    pub fn from_ders<D: AsRef<[u8]>>(
+        ders: &[D],
+        issuers: &[CertificateDer<'_>],
+        now: SystemTime,
+        expiry: CrlExpiry,
+    ) -> Result<CrlSet, CrlError> {
+        let crls = ders
+            .iter()
+            .map(|d| Crl::from_der(d.as_ref()))
+            .collect::<Result<Vec<_>, _>>()?;
+        CrlSet::new(crls, issuers, now, expiry)
+    }
+
     /// Refuses the set unless every certificate in `cas` has a CRL in it (Istio's rule for
     /// `ca-crl.pem`: one CRL per CA certificate of the chain).
     pub fn require_coverage(&self, cas: &[CertificateDer<'_>]) -> Result<(), CrlError> {

@@ -951,3 +951,64 @@ fn a_revoked_client_is_refused_by_the_server_verifier_and_another_is_not() {
     verifier.set_revocation(None);
     handshake(client_for(&revoked), server_cfg, "x").unwrap();
 }
+
+#[test]
+fn a_revoked_server_is_refused_by_the_client_verifier_and_another_is_not() {
+    let root = Ca::root("R");
+    let inter = root.intermediate();
+    let revoked = inter.workload(SERVER);
+    let fine = inter.workload(SERVER);
+    let client = inter.workload(CLIENT);
+    let now = SystemTime::now();
+    let serial = rampart_certs::CertInfo::parse(&revoked.chain[0])
+        .unwrap()
+        .serial_hex;
+    let crl = inter
+        .ca
+        .sign_crl(&rampart_certs::CrlParams {
+            this_update: now,
+            next_update: now + Duration::from_secs(600),
+            crl_number: 1,
+            revoked: vec![rampart_certs::RevokedCert {
+                serial_hex: serial.clone(),
+                revoked_at: now,
+                reason: None,
+            }],
+        })
+        .unwrap();
+    let set = rampart_certs::CrlSet::new(
+        vec![crl],
+        &[inter.ca.cert().clone()],
+        now,
+        rampart_certs::CrlExpiry::Refuse,
+    )
+    .unwrap();
+    let verifier = Arc::new(tls::SpiffeServerVerifier::new(
+        root.bundle(),
+        local(),
+        vec![SpiffeId::parse(SERVER).unwrap()],
+    ));
+    verifier.set_revocation(Some(rampart_certs::RevocationCheck::new(
+        set,
+        rampart_certs::UnknownStatus::Allow,
+    )));
+    assert!(verifier.revocation().is_some());
+    let client_cfg = tls::client_config_with_verifier(verifier, client.pair()).unwrap();
+    let server_for = |who: &Identity| {
+        tls::server_config(
+            who.chain.clone(),
+            &who.key,
+            ClientAuth::Required {
+                bundle: root.bundle(),
+                trust_domains: local(),
+            },
+        )
+        .unwrap()
+    };
+    let err = client_refused(handshake(client_cfg.clone(), server_for(&revoked), "x"));
+    match tls::peer_error(&err) {
+        Some(PeerError::Chain(ChainError::Revoked { serial: s, .. })) => assert_eq!(*s, serial),
+        other => panic!("expected a revocation refusal, got {other:?} ({err})"),
+    }
+    handshake(client_cfg, server_for(&fine), "x").unwrap();
+}

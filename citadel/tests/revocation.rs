@@ -105,6 +105,10 @@ impl Env {
         &self,
         cert: Option<(Vec<CertificateDer<'static>>, &PrivateKey)>,
     ) -> IstioCertificateServiceClient<Channel> {
+        IstioCertificateServiceClient::new(self.channel(cert).await)
+    }
+
+    async fn channel(&self, cert: Option<(Vec<CertificateDer<'static>>, &PrivateKey)>) -> Channel {
         let mut tls = rampart_certs::tls::client_config(
             ServerAuth::Dns {
                 bundle: self.bundle(),
@@ -126,12 +130,11 @@ impl Env {
                 Ok::<_, std::io::Error>(TokioIo::new(s))
             }
         });
-        let channel = Endpoint::from_shared(format!("http://{addr}"))
+        Endpoint::from_shared(format!("http://{addr}"))
             .unwrap()
             .connect_with_connector(connector)
             .await
-            .unwrap();
-        IstioCertificateServiceClient::new(channel)
+            .unwrap()
     }
 
     /// Issues a certificate for default/`sa` with a token; returns (key, presented chain).
@@ -372,6 +375,56 @@ async fn a_plugin_crl_made_by_openssl_is_accepted_and_enforced() {
         err.message()
     );
     env.renew(&good_key, &good).await.unwrap();
+    // GetCrls (authenticated by a workload certificate) serves the same set with the issuer
+    // certificates to check it against; a poll with the etag is "not modified".
+    let mut rc = rampart_proto::rampart::ca::v1::revocation_client::RevocationClient::new(
+        env.channel(Some((good.clone(), &good_key))).await,
+    );
+    let resp = rc
+        .get_crls(rampart_proto::rampart::ca::v1::GetCrlsRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(resp.crls.len(), 2);
+    assert_eq!(resp.etag, published.set.etag());
+    let issuers: Vec<CertificateDer<'static>> = resp
+        .issuers
+        .iter()
+        .map(|d| CertificateDer::from(d.clone()))
+        .collect();
+    assert_eq!(issuers, vec![a.int.cert().clone(), a.root.cert().clone()]);
+    let set = rampart_certs::CrlSet::from_ders(
+        &resp.crls,
+        &issuers,
+        SystemTime::now(),
+        rampart_certs::CrlExpiry::Refuse,
+    )
+    .unwrap();
+    let raw = x509_parser::parse_x509_certificate(bad[0].as_ref())
+        .unwrap()
+        .1
+        .raw_serial()
+        .to_vec();
+    assert!(set.revoked(a.int.cert(), &raw).is_some());
+    set.require_coverage(&issuers).unwrap();
+    let again = rc
+        .get_crls(rampart_proto::rampart::ca::v1::GetCrlsRequest {
+            if_none_match: resp.etag.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(again.not_modified && again.crls.is_empty() && again.issuers.is_empty());
+    // Without any credential: refused.
+    let mut anon = rampart_proto::rampart::ca::v1::revocation_client::RevocationClient::new(
+        env.channel(None).await,
+    );
+    let err = anon
+        .get_crls(rampart_proto::rampart::ca::v1::GetCrlsRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Unauthenticated);
+
     // The published file holds the served set and openssl verifies the CA's CRL in it.
     let published_pem =
         std::fs::read_to_string(env.root().join("state/published-crls.pem")).unwrap();
