@@ -13,8 +13,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
 
-use super::meshdir::MeshFolder;
-
 pub(crate) const AFTER_HELP: &str = "\
 Exit status:
   0  every port of every selected workload is safe to switch to STRICT (or already is)
@@ -370,7 +368,7 @@ pub(crate) fn render_text(reports: &[WorkloadReport], window: Window) -> String 
             ]);
         }
     }
-    let mut out = super::align_columns(&rows);
+    let mut out = rampart::align_columns(&rows);
     out.push('\n');
     out.push_str(&format!(
         "verdict (based on {}):\n",
@@ -387,17 +385,17 @@ pub(crate) fn render_text(reports: &[WorkloadReport], window: Window) -> String 
 
 impl MtlsReportArgs {
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
-        let mesh = MeshFolder::read(&self.mesh).map_err(super::bad_input)?;
+        let mesh = rampart::read_mesh(&self.mesh).map_err(super::bad_input)?;
         let mut selected = Vec::new();
         for want in &self.workload {
-            if !mesh.workloads.iter().any(|w| &w.key() == want) {
+            if !mesh.registry.workloads.iter().any(|w| &w.key() == want) {
                 return Err(super::bad_input(format!(
                     "--workload {want}: not in {}/workloads.yaml",
                     self.mesh.display()
                 )));
             }
         }
-        for w in &mesh.workloads {
+        for w in &mesh.registry.workloads {
             if self.workload.is_empty() || self.workload.contains(&w.key()) {
                 selected.push(w.clone());
             }
@@ -420,11 +418,11 @@ impl MtlsReportArgs {
         let reports: Vec<WorkloadReport> = rt.block_on(async {
             let asks = selected.iter().map(|w| async move {
                 let declared: Vec<u16> = w.ports.iter().map(|p| p.port).collect();
-                let answer = match w.admin {
+                let answer = match w.proxy.admin {
                     None => Err("no proxy.admin address in workloads.yaml".to_string()),
                     Some(a) => fetch(a, timeout).await,
                 };
-                judge(&w.key(), w.admin, &declared, answer, self.window, now)
+                judge(&w.key(), w.proxy.admin, &declared, answer, self.window, now)
             });
             futures::future::join_all(asks).await
         });
