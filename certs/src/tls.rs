@@ -16,6 +16,8 @@
 //!   agents dialing the CA at `istiod.istio-system.svc` or `127.0.0.1`): webpki's verifier
 //!   with this provider, rooted in a bundle.
 //! - [`peer_spiffe_id`] reads the verified peer's SPIFFE ID from a connection.
+//! - [`danger`]: verifiers that leave part of the check to the caller (the CA's deferred
+//!   client verifier), kept apart as rustls keeps its own `danger` modules.
 //!
 //! ALPN is the caller's: set `alpn_protocols` on the returned configuration (`h2` for gRPC).
 //! Session resumption and 0-RTT are off, so every connection re-verifies its peer.
@@ -52,6 +54,7 @@ use crate::{
 /// The only protocol version: TLS 1.3.
 pub static PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
+pub mod danger;
 mod pq;
 
 pub use pq::{
@@ -299,16 +302,20 @@ impl Trust {
         now: UnixTime,
         usage: Usage,
     ) -> Result<SpiffeId, rustls::Error> {
+        self.check(end_entity, intermediates, to_system(now), usage)
+            .map_err(refusal)
+    }
+
+    /// The chain check itself, for handshakes ([`Trust::verify`]) and deferred checks.
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: SystemTime,
+        usage: Usage,
+    ) -> Result<SpiffeId, ChainError> {
         let trust = self.get();
-        verify_workload_cert(
-            end_entity,
-            intermediates,
-            &trust.0,
-            &trust.1,
-            to_system(now),
-            usage,
-        )
-        .map_err(refusal)
+        verify_workload_cert(end_entity, intermediates, &trust.0, &trust.1, now, usage)
     }
 }
 
@@ -412,12 +419,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
 // === impl SpiffeClientVerifier ===
 
-/// Verifies TLS clients as SPIFFE workloads (EKU clientAuth). Mandatory for mesh mTLS;
-/// optional for the CA, where callers with a bearer token have no certificate yet, but a
-/// certificate that is sent must verify.
+/// Verifies TLS clients as SPIFFE workloads (EKU clientAuth); a client certificate is
+/// required (mesh mTLS). The CA, whose token callers have no certificate, checks client
+/// chains after the handshake with [`SpiffeClientVerifier::verify_chain`] (see
+/// [`danger::DeferredClientVerifier`]).
 pub struct SpiffeClientVerifier {
     trust: Trust,
-    mandatory: bool,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -425,7 +432,6 @@ impl fmt::Debug for SpiffeClientVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SpiffeClientVerifier")
             .field("trust", &self.trust)
-            .field("mandatory", &self.mandatory)
             .finish_non_exhaustive()
     }
 }
@@ -435,23 +441,26 @@ impl SpiffeClientVerifier {
     pub fn required(bundle: TrustBundle, trust_domains: TrustDomainPolicy) -> Self {
         SpiffeClientVerifier {
             trust: Trust::new(bundle, trust_domains),
-            mandatory: true,
             algorithms: algorithms(),
-        }
-    }
-
-    /// A verifier that asks for a client certificate, accepts its absence, and refuses a
-    /// certificate that does not verify.
-    pub fn optional(bundle: TrustBundle, trust_domains: TrustDomainPolicy) -> Self {
-        SpiffeClientVerifier {
-            mandatory: false,
-            ..SpiffeClientVerifier::required(bundle, trust_domains)
         }
     }
 
     /// Replace the bundle and trust-domain policy; later handshakes use them.
     pub fn set_trust(&self, bundle: TrustBundle, trust_domains: TrustDomainPolicy) {
         self.trust.set(bundle, trust_domains);
+    }
+
+    /// The chain check a handshake makes (leaf first, EKU clientAuth, the trust in force),
+    /// for a server that deferred it ([`danger::DeferredClientVerifier`]): the client's
+    /// SPIFFE ID, or why its certificate is refused.
+    pub fn verify_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: SystemTime,
+    ) -> Result<SpiffeId, ChainError> {
+        let (leaf, intermediates) = chain.split_first().ok_or(ChainError::EmptyChain)?;
+        self.trust
+            .check(leaf, intermediates, now, Usage::ClientAuth)
     }
 }
 
@@ -461,7 +470,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.mandatory
+        true
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -526,14 +535,6 @@ pub fn dns_server_verifier(bundle: &TrustBundle) -> Result<Arc<dyn ServerCertVer
 pub enum ClientAuth {
     /// No client certificate is asked for.
     None,
-    /// A client certificate is asked for but not required; one that is sent must be a
-    /// SPIFFE workload chaining to the bundle (the CA: token callers and renewals).
-    Optional {
-        /// Roots client certificates must chain to.
-        bundle: TrustBundle,
-        /// Trust domains accepted.
-        trust_domains: TrustDomainPolicy,
-    },
     /// A SPIFFE client certificate chaining to the bundle is required (mesh mTLS).
     Required {
         /// Roots client certificates must chain to.
@@ -581,13 +582,6 @@ pub fn server_config(
         .with_protocol_versions(PROTOCOL_VERSIONS)?;
     let builder = match client_auth {
         ClientAuth::None => builder.with_no_client_auth(),
-        ClientAuth::Optional {
-            bundle,
-            trust_domains,
-        } => builder.with_client_cert_verifier(Arc::new(SpiffeClientVerifier::optional(
-            bundle,
-            trust_domains,
-        ))),
         ClientAuth::Required {
             bundle,
             trust_domains,
