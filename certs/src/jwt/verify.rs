@@ -589,7 +589,16 @@ impl IssuerSet {
 
     /// Verify `token` with the key set and policy of the issuer it names.
     pub fn verify(&self, token: &str, now: SystemTime) -> Result<VerifiedJwt, JwtError> {
-        let parsed = UnverifiedJwt::parse(token)?;
+        self.verify_parsed(UnverifiedJwt::parse(token)?, now)
+    }
+
+    /// [`IssuerSet::verify`] for a token already parsed (a caller that reports the claimed
+    /// issuer in its own words).
+    pub fn verify_parsed(
+        &self,
+        parsed: UnverifiedJwt<'_>,
+        now: SystemTime,
+    ) -> Result<VerifiedJwt, JwtError> {
         let Some((jwks, validation)) = parsed
             .unverified_issuer()
             .and_then(|iss| self.issuers.get(iss))
