@@ -1,5 +1,5 @@
-//! A small CreateCertificate client over TLS 1.3 (h2), for tools, tests and the load
-//! generator. Istio's own agents need none of this: they speak the same wire.
+//! A small CreateCertificate client over TLS 1.3 (h2), for tools (`rampart ca bench`) and
+//! tests. Istio's own agents need none of this: they speak the same wire.
 
 use std::net::SocketAddr;
 use std::sync::Arc;

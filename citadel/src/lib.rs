@@ -7,15 +7,17 @@
 //! [`validate_issued`] checks the result before it is audited ([`AuditLog`], fsync'd) and
 //! returned. Root material ([`Authority`]) comes from Istio's `cacerts` plug-in directory or a
 //! persisted self-signed root, and is swapped atomically when the directory changes.
+//!
+//! [`client::connect`] opens a CreateCertificate client for tools and tests (`rampart ca
+//! bench`'s load generator, which lives in the binary); Istio's agents need none of it.
 
 mod audit;
 mod authn;
 mod authority;
-mod client;
+pub mod client;
 mod config;
 mod error;
 mod issue;
-mod loadgen;
 mod metrics;
 mod refusal;
 mod server;
@@ -34,7 +36,6 @@ pub use self::{
         SELF_SIGNED_ROOT_TTL, load_initial, load_or_create_self_signed, load_plugin,
         self_signed_rotation_due,
     },
-    client::connect,
     config::{
         CaConfig, DEFAULT_AUDIENCE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
         DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_WORKLOAD_TTL, DEFAULT_SERVER_DNS_NAME,
@@ -43,7 +44,6 @@ pub use self::{
     },
     error::CitadelError,
     issue::{IssuePolicy, Issued, issue, resolve_ttl},
-    loadgen::{LoadConfig, LoadReport, run_load},
     metrics::{ConnectionRefusal, Metrics, serve_metrics},
     refusal::Refusal,
     server::{

@@ -8,7 +8,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rampart_certs::{KeyAlgorithm, PrivateKey, SpiffeId, TrustBundle, TrustDomain};
-use rampart_citadel::{CaConfig, JwtIssuerConfig, LoadConfig};
+use rampart_citadel::{CaConfig, JwtIssuerConfig};
+
+use super::ca_load::{LoadConfig, run_load};
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -325,7 +327,7 @@ impl BenchArgs {
                 ""
             }
         );
-        let report = rampart_citadel::run_load(cfg).await?;
+        let report = run_load(cfg).await?;
         println!(
             "issued {} certs in {:.2}s: {:.0} certs/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
             report.issued,

@@ -4,6 +4,7 @@ mod admin_http;
 mod agent;
 mod authz;
 mod ca;
+mod ca_load;
 mod certs;
 mod echo;
 mod mtls_report;
