@@ -328,7 +328,7 @@ pub enum WorkloadPattern {
 impl WorkloadPattern {
     /// Whether `id` (an Istio-form `ns/NS/sa/SA` ID) is covered.
     pub fn matches(&self, id: &SpiffeId) -> bool {
-        let Some((ns, sa)) = istio_parts(id) else {
+        let Some((ns, sa)) = id.istio_parts() else {
             return matches!(self, WorkloadPattern::Any);
         };
         match self {
@@ -337,12 +337,6 @@ impl WorkloadPattern {
             WorkloadPattern::ServiceAccount { namespace, name } => namespace == ns && name == sa,
         }
     }
-}
-
-fn istio_parts(id: &SpiffeId) -> Option<(&str, &str)> {
-    let rest = id.path().strip_prefix("/ns/")?;
-    let (ns, sa) = rest.split_once("/sa/")?;
-    (!sa.contains('/')).then_some((ns, sa))
 }
 
 impl std::str::FromStr for WorkloadPattern {
