@@ -1,7 +1,7 @@
 //! Read-only facts about a certificate, for display, metrics and checks.
 
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use rustls_pki_types::CertificateDer;
 use x509_parser::certificate::X509Certificate;
@@ -9,6 +9,7 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
 use crate::error::Error;
+use crate::timestamp::from_unix_secs;
 
 /// What a certificate says, parsed once.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -64,8 +65,8 @@ impl CertInfo {
             serial_hex: serial_hex(x509.raw_serial()),
             subject: x509.subject().to_string(),
             issuer: x509.issuer().to_string(),
-            not_before: system_time(x509.validity().not_before.timestamp()),
-            not_after: system_time(x509.validity().not_after.timestamp()),
+            not_before: from_unix_secs(x509.validity().not_before.timestamp()),
+            not_after: from_unix_secs(x509.validity().not_after.timestamp()),
             is_ca: x509.is_ca(),
             uri_sans,
             dns_sans,
@@ -95,15 +96,6 @@ fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
         4 => <[u8; 4]>::try_from(b).ok().map(IpAddr::from),
         16 => <[u8; 16]>::try_from(b).ok().map(IpAddr::from),
         _ => None,
-    }
-}
-
-/// Seconds since the Unix epoch (possibly negative) as a `SystemTime`.
-pub(crate) fn system_time(secs: i64) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
     }
 }
 

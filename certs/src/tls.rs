@@ -31,7 +31,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
@@ -46,6 +46,7 @@ use rustls::{
     SupportedProtocolVersion,
 };
 
+use crate::timestamp::{from_unix_time as to_system, to_unix_time as to_unix};
 use crate::{
     CertInfo, ChainError, PrivateKey, SpiffeId, TrustBundle, TrustDomainPolicy, Usage,
     verify_workload_cert,
@@ -239,14 +240,6 @@ pub fn peer_error(err: &rustls::Error) -> Option<&PeerError> {
         }
         _ => None,
     }
-}
-
-fn to_system(now: UnixTime) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(now.as_secs())
-}
-
-fn to_unix(t: SystemTime) -> UnixTime {
-    UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap_or_default())
 }
 
 /// Map a chain refusal onto rustls's error, keeping rustls's variants where they exist.

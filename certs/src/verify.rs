@@ -7,7 +7,7 @@
 //! not keyCertSign/cRLSign, and its trust domain is accepted by the [`TrustDomainPolicy`].
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use x509_parser::extensions::GeneralName;
@@ -15,6 +15,7 @@ use x509_parser::extensions::GeneralName;
 use crate::error::Error;
 use crate::info::{parse_x509, sha256_hex};
 use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::timestamp::from_unix_time as unix_to_system;
 
 /// A set of trusted root certificates (several during root rotation).
 #[derive(Clone)]
@@ -239,10 +240,6 @@ pub enum ChainError {
     /// The chain was refused for another reason webpki reported.
     #[error("chain rejected: {0}")]
     Rejected(String),
-}
-
-fn unix_to_system(t: UnixTime) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(t.as_secs())
 }
 
 #[allow(deprecated)] // webpki may still return the unit variants.

@@ -7,12 +7,15 @@ use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+#[cfg(test)]
 use std::time::SystemTime;
 
 use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::error::CitadelError;
+#[cfg(test)]
+use rampart_certs::timestamp::rfc3339;
 
 /// One issuance, as written to the audit log.
 #[derive(Debug, Clone, Serialize)]
@@ -139,15 +142,6 @@ fn repair_torn_tail(file: &mut File, path: &Path) -> std::io::Result<()> {
     );
     file.set_len(keep)?;
     file.sync_all()
-}
-
-/// Formats a time as RFC 3339 UTC with second precision.
-pub fn rfc3339(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t)
-        .replace_nanosecond(0)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "invalid-time".into())
 }
 
 fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path) {

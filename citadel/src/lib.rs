@@ -25,7 +25,7 @@ mod signer;
 mod tls;
 
 pub use self::{
-    audit::{AuditLog, AuditRecord, rfc3339},
+    audit::{AuditLog, AuditRecord},
     authn::{
         AuthMethod, Caller, CallerEvidence, JwksReload, TOKEN_LEEWAY, TokenAuthenticator,
         authenticate, bearer_token,

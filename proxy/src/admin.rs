@@ -3,7 +3,7 @@
 use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -17,13 +17,7 @@ use tokio::net::TcpListener;
 use crate::edge::{Activity, Budget, Tracked, TrackedService};
 use crate::runtime::{Shared, port_modes};
 
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
+use rampart_certs::timestamp::{rfc3339, unix_secs_u64 as unix};
 
 fn reply(status: u16, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));

@@ -361,9 +361,7 @@ async fn start_in_process(
     let signer = rampart_certs::jwt::JwtSigner::new(&signer_key, "bench")?;
     let jwks_path = dir.join("jwks.json");
     std::fs::write(&jwks_path, signer.jwks()?.to_json().to_string())?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
+    let now = rampart_certs::timestamp::unix_secs_u64(std::time::SystemTime::now());
     let token = signer.sign(&serde_json::json!({
         "iss": "rampart-bench",
         "sub": "system:serviceaccount:bench:load",

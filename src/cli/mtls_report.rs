@@ -8,7 +8,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use serde::{Deserialize, Serialize};
@@ -410,10 +410,7 @@ impl MtlsReportArgs {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = rampart_certs::timestamp::unix_secs_u64(SystemTime::now());
         let timeout = self.timeout;
         let reports: Vec<WorkloadReport> = rt.block_on(async {
             let asks = selected.iter().map(|w| async move {

@@ -310,10 +310,7 @@ impl Registered {
     }
 
     fn check_time(&self, now: SystemTime, leeway: Duration) -> Result<(), JwtError> {
-        let now = now
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = crate::timestamp::unix_secs_u64(now);
         let leeway_secs = leeway.as_secs();
         if let Some(nbf) = self
             .nbf
