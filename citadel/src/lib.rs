@@ -38,9 +38,8 @@ pub use self::{
     },
     config::{
         CaConfig, DEFAULT_AUDIENCE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-        DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_WORKLOAD_TTL, DEFAULT_SERVER_DNS_NAME,
-        DEFAULT_SERVER_DNS_NAMES, DEFAULT_WORKLOAD_TTL, JwtIssuerConfig, NodeAgentGrant,
-        WorkloadPattern,
+        DEFAULT_MAX_HANDSHAKES, DEFAULT_SERVER_DNS_NAME, DEFAULT_SERVER_DNS_NAMES, JwtIssuerConfig,
+        NodeAgentGrant, WorkloadPattern,
     },
     error::CitadelError,
     issue::{IssuePolicy, Issued, issue, resolve_ttl},

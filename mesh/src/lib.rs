@@ -9,10 +9,14 @@
 //!   (`mesh.yaml`, `workloads.yaml`, policy YAML); the Kubernetes API is the next source.
 //!   Consumers hold the last good snapshot and keep serving it when a new one is refused.
 //!
+//! - [`mtls`]: the proxies' `GET /mtls` answer, shared by the proxy that serves it and
+//!   `rampart mtls-report` that reads it.
+//!
 //! Pure model types: no async runtime, no sockets. Depends on `rampart-certs` (trust
 //! domains, SPIFFE IDs) and `rampart-authz` (policy resources and their validation) only.
 
 mod folder;
+pub mod mtls;
 mod source;
 
 pub use self::folder::*;

@@ -169,11 +169,16 @@ fn handle(sh: &Shared, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let modes = port_modes(&cfg);
             // The ports in force; each port's counters live as long as the proxy (a port
             // removed and added again keeps its history).
-            let ports: Vec<_> = modes
-                .iter()
-                .map(|(port, proto, m)| sh.port_stats(*port).json(proto.as_str(), m.mode.as_str()))
-                .collect();
-            json_reply(json!({"workload": sh.workload_key, "ports": ports}))
+            let report = rampart_mesh::mtls::MtlsReport {
+                workload: sh.workload_key.clone(),
+                ports: modes
+                    .iter()
+                    .map(|(port, proto, m)| {
+                        sh.port_stats(*port).json(proto.as_str(), m.mode.as_str())
+                    })
+                    .collect(),
+            };
+            json_reply(serde_json::to_value(report).unwrap_or_default())
         }
         _ => reply(
             404,

@@ -55,12 +55,13 @@ struct RunArgs {
     /// Mesh trust domain.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// Lifetime when a request asks for none.
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-    default_ttl: Duration,
-    /// Requests for a longer lifetime are refused.
-    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
-    max_ttl: Duration,
+    /// Lifetime when a request asks for none [default: 24h, Istio's DEFAULT_WORKLOAD_CERT_TTL].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    default_ttl: Option<Duration>,
+    /// Requests for a longer lifetime are refused [default: 90d, Istio's
+    /// MAX_WORKLOAD_CERT_TTL].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_ttl: Option<Duration>,
     /// Lifetime of the self-signed root this CA makes when no plug-in material is given; it
     /// is renewed (same key and subject) with 20% of its life left.
     #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
@@ -186,9 +187,10 @@ impl RunArgs {
             .map(|(issuer, jwks_path)| JwtIssuerConfig { issuer, jwks_path })
             .collect();
         cfg.audience = self.audience;
-        cfg.default_ttl = self.default_ttl;
+        // Unset: CaConfig's defaults, rampart_certs' DEFAULT/MAX_WORKLOAD_CERT_TTL.
+        cfg.default_ttl = self.default_ttl.unwrap_or(cfg.default_ttl);
         cfg.self_signed_root_ttl = self.self_signed_root_ttl;
-        cfg.max_ttl = self.max_ttl;
+        cfg.max_ttl = self.max_ttl.unwrap_or(cfg.max_ttl);
         cfg.metrics = self.metrics;
         cfg.server_dns_names = self.server_dns;
         cfg.server_ips = self.server_ip;

@@ -11,7 +11,9 @@ use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use serde::{Deserialize, Serialize};
+// What a proxy says (GET /mtls): the proxy serializes the same types.
+use rampart_mesh::mtls::{MtlsReport as ProxyMtls, PlaintextSource as Source, PortMtls};
+use serde::Serialize;
 
 pub(crate) const AFTER_HELP: &str = "\
 Exit status:
@@ -57,58 +59,6 @@ pub(crate) struct MtlsReportArgs {
     /// How long to wait for each proxy's answer.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
-}
-
-// ---- what a proxy says (GET /mtls, MESH_FOLDER contract) ----
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub(crate) struct ProxyMtls {
-    pub(crate) workload: String,
-    pub(crate) ports: Vec<PortMtls>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub(crate) struct PortMtls {
-    pub(crate) port: u16,
-    #[serde(default)]
-    pub(crate) protocol: String,
-    pub(crate) mode: String,
-    pub(crate) since_start: Counters,
-    pub(crate) recent: Recent,
-    #[serde(default)]
-    pub(crate) plaintext_sources: Vec<Source>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
-pub(crate) struct Counters {
-    pub(crate) mtls_connections: u64,
-    pub(crate) plaintext_connections: u64,
-    pub(crate) mtls_requests: u64,
-    pub(crate) plaintext_requests: u64,
-}
-
-impl Counters {
-    fn plaintext(&self) -> bool {
-        self.plaintext_connections > 0 || self.plaintext_requests > 0
-    }
-    fn any(&self) -> bool {
-        self.plaintext() || self.mtls_connections > 0 || self.mtls_requests > 0
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-pub(crate) struct Recent {
-    pub(crate) window_seconds: u64,
-    #[serde(flatten)]
-    pub(crate) counters: Counters,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-pub(crate) struct Source {
-    pub(crate) ip: String,
-    pub(crate) connections: u64,
-    pub(crate) requests: u64,
-    pub(crate) last_seen_unix: u64,
 }
 
 // ---- verdicts ----
@@ -453,6 +403,8 @@ async fn fetch(admin: SocketAddr, timeout: Duration) -> Result<ProxyMtls, String
 
 #[cfg(test)]
 mod tests {
+    use rampart_mesh::mtls::MtlsCounters as Counters;
+
     use super::*;
 
     const NOW: u64 = 1_790_000_100;

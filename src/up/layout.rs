@@ -8,8 +8,8 @@ use rampart_mesh::{MeshFolder, WorkloadEntry};
 
 /// Issuer of the tokens node agents present to the CA.
 pub const DEFAULT_ISSUER: &str = "https://rampart.local/up";
-/// Audience the CA expects in caller tokens.
-pub const CA_AUDIENCE: &str = "istio-ca";
+/// Audience the CA expects in caller tokens (the CA's default).
+pub const CA_AUDIENCE: &str = rampart_citadel::DEFAULT_AUDIENCE;
 /// Lifetime of agent tokens; they are re-minted well before expiry.
 pub const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
 /// How often agent tokens are re-minted.
