@@ -38,8 +38,7 @@ pub enum Action {
         why: String,
     },
     /// A changed workload whose proxy applies the change itself (ports, listener addresses,
-    /// upstreams):
-    /// nothing restarts; `up` prints its new table line.
+    /// upstreams): nothing restarts; `up` prints its new table line.
     ApplyLive(String),
     /// A workload added to the registry: start its node agent, app and proxy.
     Start(String),
