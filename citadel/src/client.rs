@@ -11,6 +11,10 @@ use tonic::transport::{Channel, Endpoint};
 
 use crate::error::CitadelError;
 
+/// The TLS client configuration for talking to the CA: the shared policy, the CA verified by
+/// name or IP against a bundle, ALPN h2, optionally a client certificate.
+pub use crate::tls::client_config as config;
+
 /// Opens one HTTP/2 connection to the CA at `addr`, verifying its certificate for
 /// `server_name` (e.g. `127.0.0.1` or `istiod.istio-system.svc`) with `tls`.
 pub async fn connect(

@@ -8,7 +8,8 @@
 //! returned. Root material ([`Authority`]) comes from Istio's `cacerts` plug-in directory or a
 //! persisted self-signed root, and is swapped atomically when the directory changes.
 //!
-//! [`client::connect`] opens a CreateCertificate client for tools and tests (`rampart ca
+//! [`client`] holds a CreateCertificate client for tools and tests ([`client::config`],
+//! [`client::connect`]) (`rampart ca
 //! bench`'s load generator, which lives in the binary); Istio's agents need none of it.
 
 mod audit;
@@ -50,5 +51,5 @@ pub use self::{
         SERVING_CERT_TTL, start, start_with_state,
     },
     signer::{IssuedFacts, SigningCertFacts, WorkloadTemplate, X509Signer, validate_issued},
-    tls::{certified_key, client_config, provider, server_config},
+    tls::{certified_key, provider, server_config},
 };

@@ -87,7 +87,7 @@ impl Env {
         &self,
         cert: Option<(Vec<CertificateDer<'static>>, &PrivateKey)>,
     ) -> Result<IstioCertificateServiceClient<Channel>, rampart_citadel::CitadelError> {
-        let tls = rampart_citadel::client_config(&self.bundle(), cert).unwrap();
+        let tls = rampart_citadel::client::config(&self.bundle(), cert).unwrap();
         rampart_citadel::client::connect(self.ca.local_addr, "127.0.0.1", Arc::new(tls)).await
     }
 
@@ -230,7 +230,7 @@ async fn serving_certificate_names_localhost_by_default() {
         "{:?}",
         info.dns_sans
     );
-    let tls = Arc::new(rampart_citadel::client_config(&env.bundle(), None).unwrap());
+    let tls = Arc::new(rampart_citadel::client::config(&env.bundle(), None).unwrap());
     let mut c = rampart_citadel::client::connect(env.ca.local_addr, "localhost", tls.clone())
         .await
         .expect("TLS to the CA as localhost");

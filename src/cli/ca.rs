@@ -306,7 +306,7 @@ impl BenchArgs {
             let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
             csrs.push(rampart_certs::build_csr(&key, &id)?);
         }
-        let tls = Arc::new(rampart_citadel::client_config(&bundle, None)?);
+        let tls = Arc::new(rampart_citadel::client::config(&bundle, None)?);
         let cfg = LoadConfig {
             addr,
             server_name: self.server_name.clone(),
