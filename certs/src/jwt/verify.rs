@@ -1,7 +1,7 @@
 //! Compact JWS parsing, signature verification, time checks and claim policy.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use serde_json::{Map, Value};
@@ -433,8 +433,9 @@ impl VerifiedJwt {
     }
 }
 
+/// A NumericDate claim (at most `MAX_NUMERIC_DATE`, so it fits an `i64`) as a `SystemTime`.
 fn from_unix(secs: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(secs)
+    crate::timestamp::from_unix_secs(i64::try_from(secs).unwrap_or(MAX_NUMERIC_DATE as i64))
 }
 
 // === impl ServiceAccount ===
