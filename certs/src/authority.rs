@@ -23,13 +23,10 @@ use x509_parser::x509::SubjectPublicKeyInfo;
 
 use crate::algs::SpkiKind;
 use crate::error::Error;
-use crate::info::parse_x509;
+use crate::info::{parse_x509, system_time};
 use crate::key::PrivateKey;
 use crate::spiffe::SpiffeId;
-use crate::timestamp::{
-    from_offset_date_time as to_system, from_unix_secs as system_time, rfc3339,
-    to_offset_date_time as odt,
-};
+use crate::timestamp::{from_offset_date_time as to_system, rfc3339, to_offset_date_time as odt};
 
 /// Default lifetime of a workload certificate (Istio's `DEFAULT_WORKLOAD_CERT_TTL`).
 pub const DEFAULT_WORKLOAD_CERT_TTL: Duration = Duration::from_secs(24 * 3600);

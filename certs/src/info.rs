@@ -9,7 +9,9 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
 use crate::error::Error;
-use crate::timestamp::from_unix_secs;
+/// Seconds since the Unix epoch (possibly negative) as a `SystemTime`, for this crate's
+/// certificate and CRL parsers (`crate::timestamp` is the one implementation).
+pub(crate) use crate::timestamp::from_unix_secs as system_time;
 
 /// What a certificate says, parsed once.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -65,8 +67,8 @@ impl CertInfo {
             serial_hex: serial_hex(x509.raw_serial()),
             subject: x509.subject().to_string(),
             issuer: x509.issuer().to_string(),
-            not_before: from_unix_secs(x509.validity().not_before.timestamp()),
-            not_after: from_unix_secs(x509.validity().not_after.timestamp()),
+            not_before: system_time(x509.validity().not_before.timestamp()),
+            not_after: system_time(x509.validity().not_after.timestamp()),
             is_ca: x509.is_ca(),
             uri_sans,
             dns_sans,

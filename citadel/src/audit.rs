@@ -14,8 +14,9 @@ use serde::Serialize;
 use tokio::sync::oneshot;
 
 use crate::error::CitadelError;
-#[cfg(test)]
-use rampart_certs::timestamp::rfc3339;
+/// The audit log's time format, `rampart_certs::timestamp::rfc3339` (RFC 3339, UTC,
+/// seconds), named here for the crate's modules that write records.
+pub(crate) use rampart_certs::timestamp::rfc3339;
 
 /// One issuance, as written to the audit log.
 #[derive(Debug, Clone, Serialize)]

@@ -530,7 +530,7 @@ pub fn load_or_create_self_signed(
             tracing::info!(
                 dir = %state_dir.display(),
                 old_root = %info.sha256_fingerprint,
-                old_not_after = %rampart_certs::timestamp::rfc3339(info.not_after),
+                old_not_after = %crate::audit::rfc3339(info.not_after),
                 "self-signed root renewed (same key and subject); the old root stays in the bundle until it expires"
             );
             renewed

@@ -22,7 +22,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument as _;
 
-use crate::audit::{AuditLog, AuditRecord};
+use crate::audit::{AuditLog, AuditRecord, rfc3339};
 use crate::authn::{CallerEvidence, JwksReload, TokenAuthenticator, authenticate};
 use crate::authority::{
     Authority, MaterialSource, PluginFiles, load_initial, load_or_create_self_signed, load_plugin,
@@ -34,7 +34,6 @@ use crate::issue::{IssuePolicy, issue};
 use crate::metrics::{Metrics, serve_metrics};
 use crate::refusal::Refusal;
 use crate::tls::{certified_key, server_config};
-use rampart_certs::timestamp::rfc3339;
 use rampart_certs::tls::CertStore;
 
 /// Lifetime of the CA's own serving certificate; renewed at half-life.
