@@ -108,8 +108,8 @@ fn root_fingerprint(dir: &Path) -> String {
 async fn client(dir: &Path, addr: SocketAddr) -> IstioCertificateServiceClient<Channel> {
     let bundle =
         TrustBundle::from_pem(&std::fs::read_to_string(dir.join("bundle.pem")).unwrap()).unwrap();
-    let tls = rampart_citadel::client_config(&bundle, None).unwrap();
-    rampart_citadel::connect(addr, "127.0.0.1", Arc::new(tls))
+    let tls = rampart_citadel::client::config(&bundle, None).unwrap();
+    rampart_citadel::client::connect(addr, "127.0.0.1", Arc::new(tls))
         .await
         .expect("connect to the CA")
 }

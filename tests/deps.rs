@@ -4,8 +4,9 @@
 //! layer 0   certs      proto                (no workspace deps)
 //! layer 1   authz ───► certs  (+ proto via an optional feature)
 //!           mesh ────► certs, authz         (nothing else of ours; no networking)
-//! layer 2   citadel, node-agent, proxy      (no arrows between them)
-//! layer 3   rampart (src/)                  (nothing depends on it)
+//! layer 2   citadel, node-agent, proxy      (no arrows between them, normal, dev or build)
+//! layer 3   rampart (src/)                  (nothing depends on it, by any kind of edge:
+//!                                            neither its binary nor its library, src/lib.rs)
 //! ```
 //! plus: certs and authz pull in no async runtime or networking (tokio, tonic, hyper, mio,
 //! socket2, h2) through their normal dependencies, and the whole graph has one crypto

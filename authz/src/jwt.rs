@@ -15,6 +15,7 @@ use crate::eval_request::{HttpRequest, JwtClaims, Workload};
 use crate::explain::{HeaderMutation, PolicyRef};
 use crate::model::{JwtRule, RequestAuthentication};
 use crate::resolve::{SelectorIndex, applies};
+use rampart_certs::timestamp::unix_secs as unix;
 
 /// Envoy's default clock skew for `exp`/`nbf` (Istio does not change it).
 pub const CLOCK_SKEW: Duration = Duration::from_secs(60);
@@ -543,13 +544,6 @@ fn reject(status: u16, reason: impl Into<String>, policy: Option<&PolicyRef>) ->
         reason: reason.into(),
         policy: policy.cloned(),
     })
-}
-
-fn unix(now: SystemTime) -> i64 {
-    match now.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    }
 }
 
 fn num_claim(c: &Map<String, Value>, k: &str) -> Result<Option<i64>, ()> {

@@ -9,7 +9,7 @@
 //! rather than producing certificates that do not chain.
 
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use rcgen::{
     BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa,
@@ -26,6 +26,7 @@ use crate::error::Error;
 use crate::info::{parse_x509, system_time};
 use crate::key::PrivateKey;
 use crate::spiffe::SpiffeId;
+use crate::timestamp::{from_offset_date_time as to_system, rfc3339, to_offset_date_time as odt};
 
 /// Default lifetime of a workload certificate (Istio's `DEFAULT_WORKLOAD_CERT_TTL`).
 pub const DEFAULT_WORKLOAD_CERT_TTL: Duration = Duration::from_secs(24 * 3600);
@@ -177,19 +178,6 @@ impl std::fmt::Debug for CertificateAuthority {
             .field("key", &"[secret key elided]")
             .finish()
     }
-}
-
-fn odt(t: SystemTime) -> OffsetDateTime {
-    // Certificates carry whole seconds.
-    let secs = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs_f64().ceil() as i64),
-    };
-    OffsetDateTime::from_unix_timestamp(secs).unwrap_or(OffsetDateTime::UNIX_EPOCH)
-}
-
-fn to_system(t: OffsetDateTime) -> SystemTime {
-    system_time(t.unix_timestamp())
 }
 
 fn gen_err(e: rcgen::Error) -> Error {
@@ -505,8 +493,8 @@ impl CertificateAuthority {
         let now_odt = odt(now);
         if now_odt < self.not_before || now_odt >= self.not_after {
             return Err(Error::CaNotValid {
-                not_before: rfc3339(self.not_before),
-                not_after: rfc3339(self.not_after),
+                not_before: rfc3339(to_system(self.not_before)),
+                not_after: rfc3339(to_system(self.not_after)),
             });
         }
         let not_before =
@@ -593,11 +581,6 @@ fn leaf_key_usages(kind: SpkiKind) -> Vec<KeyUsagePurpose> {
     } else {
         vec![KeyUsagePurpose::DigitalSignature]
     }
-}
-
-fn rfc3339(t: OffsetDateTime) -> String {
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| t.to_string())
 }
 
 #[cfg(test)]

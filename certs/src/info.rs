@@ -1,7 +1,7 @@
 //! Read-only facts about a certificate, for display, metrics and checks.
 
 use std::net::IpAddr;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use rustls_pki_types::CertificateDer;
 use x509_parser::certificate::X509Certificate;
@@ -9,6 +9,9 @@ use x509_parser::extensions::GeneralName;
 use x509_parser::prelude::FromDer;
 
 use crate::error::Error;
+/// Seconds since the Unix epoch (possibly negative) as a `SystemTime`, for this crate's
+/// certificate and CRL parsers (`crate::timestamp` is the one implementation).
+pub(crate) use crate::timestamp::from_unix_secs as system_time;
 
 /// What a certificate says, parsed once.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -98,29 +101,7 @@ fn ip_from_bytes(b: &[u8]) -> Option<IpAddr> {
     }
 }
 
-/// Seconds since the Unix epoch (possibly negative) as a `SystemTime`.
-pub(crate) fn system_time(secs: i64) -> SystemTime {
-    if secs >= 0 {
-        UNIX_EPOCH + Duration::from_secs(secs.unsigned_abs())
-    } else {
-        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
-    }
-}
-
-/// RFC 3339 (UTC, whole seconds) for messages.
-pub(crate) fn rfc3339_of(t: SystemTime) -> String {
-    let secs = match t.duration_since(UNIX_EPOCH) {
-        Ok(d) => d.as_secs() as i64,
-        Err(e) => -(e.duration().as_secs() as i64),
-    };
-    time::OffsetDateTime::from_unix_timestamp(secs)
-        .ok()
-        .and_then(|t| {
-            t.format(&time::format_description::well_known::Rfc3339)
-                .ok()
-        })
-        .unwrap_or_else(|| format!("{secs}s since 1970"))
-}
+pub(crate) use crate::timestamp::rfc3339 as rfc3339_of;
 
 /// Lowercase hex of a certificate serial number's value, from the DER INTEGER's content
 /// bytes: the `00` sign byte a DER encoder adds when the top bit is set is dropped, so the

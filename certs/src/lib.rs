@@ -67,6 +67,7 @@ mod key;
 mod pem;
 mod rotation;
 mod spiffe;
+pub mod timestamp;
 pub mod tls;
 mod verify;
 

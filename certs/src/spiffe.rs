@@ -255,7 +255,9 @@ impl SpiffeId {
         self.istio_parts().is_some()
     }
 
-    fn istio_parts(&self) -> Option<(&str, &str)> {
+    /// `(namespace, service account)` of an Istio-form ID (`/ns/<ns>/sa/<sa>`, exactly
+    /// four segments); `None` for other paths. The one parser of that form.
+    pub fn istio_parts(&self) -> Option<(&str, &str)> {
         let mut it = self.path.strip_prefix('/')?.split('/');
         match (it.next(), it.next(), it.next(), it.next(), it.next()) {
             (Some("ns"), Some(ns), Some("sa"), Some(sa), None) => Some((ns, sa)),

@@ -16,6 +16,8 @@
 //!   agents dialing the CA at `istiod.istio-system.svc` or `127.0.0.1`): webpki's verifier
 //!   with this provider, rooted in a bundle.
 //! - [`peer_spiffe_id`] reads the verified peer's SPIFFE ID from a connection.
+//! - [`danger`]: verifiers that leave part of the check to the caller (the CA's deferred
+//!   client verifier), kept apart as rustls keeps its own `danger` modules.
 //!
 //! ALPN is the caller's: set `alpn_protocols` on the returned configuration (`h2` for gRPC).
 //! Session resumption and 0-RTT are off, so every connection re-verifies its peer.
@@ -35,7 +37,7 @@
 use std::fmt;
 use std::sync::atomic::{AtomicU8, Ordering};
 use std::sync::{Arc, PoisonError, RwLock};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::SystemTime;
 
 use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
 use rustls::client::{ResolvesClientCert, WebPkiServerVerifier};
@@ -50,6 +52,7 @@ use rustls::{
     SupportedProtocolVersion,
 };
 
+use crate::timestamp::{from_unix_time as to_system, to_unix_time as to_unix};
 use crate::{
     CertInfo, ChainError, PrivateKey, RevocationCheck, SpiffeId, TrustBundle, TrustDomainPolicy,
     Usage, verify_workload_cert_with_revocation,
@@ -58,6 +61,7 @@ use crate::{
 /// The only protocol version: TLS 1.3.
 pub static PROTOCOL_VERSIONS: &[&SupportedProtocolVersion] = &[&rustls::version::TLS13];
 
+pub mod danger;
 mod pq;
 
 pub use pq::{
@@ -244,14 +248,6 @@ pub fn peer_error(err: &rustls::Error) -> Option<&PeerError> {
     }
 }
 
-fn to_system(now: UnixTime) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(now.as_secs())
-}
-
-fn to_unix(t: SystemTime) -> UnixTime {
-    UnixTime::since_unix_epoch(t.duration_since(UNIX_EPOCH).unwrap_or_default())
-}
-
 /// Map a chain refusal onto rustls's error, keeping rustls's variants where they exist.
 fn refusal(err: ChainError) -> rustls::Error {
     let cert_err = match err {
@@ -322,6 +318,18 @@ impl Trust {
         now: UnixTime,
         usage: Usage,
     ) -> Result<SpiffeId, rustls::Error> {
+        self.check(end_entity, intermediates, to_system(now), usage)
+            .map_err(refusal)
+    }
+
+    /// The chain check itself, for handshakes ([`Trust::verify`]) and deferred checks.
+    fn check(
+        &self,
+        end_entity: &CertificateDer<'_>,
+        intermediates: &[CertificateDer<'_>],
+        now: SystemTime,
+        usage: Usage,
+    ) -> Result<SpiffeId, ChainError> {
         let trust = self.get();
         let revocation = self.revocation();
         verify_workload_cert_with_revocation(
@@ -329,11 +337,10 @@ impl Trust {
             intermediates,
             &trust.0,
             &trust.1,
-            to_system(now),
+            now,
             usage,
             revocation.as_deref(),
         )
-        .map_err(refusal)
     }
 }
 
@@ -448,12 +455,12 @@ impl ServerCertVerifier for SpiffeServerVerifier {
 
 // === impl SpiffeClientVerifier ===
 
-/// Verifies TLS clients as SPIFFE workloads (EKU clientAuth). Mandatory for mesh mTLS;
-/// optional for the CA, where callers with a bearer token have no certificate yet, but a
-/// certificate that is sent must verify.
+/// Verifies TLS clients as SPIFFE workloads (EKU clientAuth); a client certificate is
+/// required (mesh mTLS). The CA, whose token callers have no certificate, checks client
+/// chains after the handshake with [`SpiffeClientVerifier::verify_chain`] (see
+/// [`danger::DeferredClientVerifier`]).
 pub struct SpiffeClientVerifier {
     trust: Trust,
-    mandatory: bool,
     algorithms: WebPkiSupportedAlgorithms,
 }
 
@@ -461,7 +468,6 @@ impl fmt::Debug for SpiffeClientVerifier {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("SpiffeClientVerifier")
             .field("trust", &self.trust)
-            .field("mandatory", &self.mandatory)
             .finish_non_exhaustive()
     }
 }
@@ -471,17 +477,7 @@ impl SpiffeClientVerifier {
     pub fn required(bundle: TrustBundle, trust_domains: TrustDomainPolicy) -> Self {
         SpiffeClientVerifier {
             trust: Trust::new(bundle, trust_domains),
-            mandatory: true,
             algorithms: algorithms(),
-        }
-    }
-
-    /// A verifier that asks for a client certificate, accepts its absence, and refuses a
-    /// certificate that does not verify.
-    pub fn optional(bundle: TrustBundle, trust_domains: TrustDomainPolicy) -> Self {
-        SpiffeClientVerifier {
-            mandatory: false,
-            ..SpiffeClientVerifier::required(bundle, trust_domains)
         }
     }
 
@@ -499,6 +495,19 @@ impl SpiffeClientVerifier {
     pub fn revocation(&self) -> Option<Arc<RevocationCheck>> {
         self.trust.revocation()
     }
+
+    /// The chain check a handshake makes (leaf first, EKU clientAuth, the trust in force),
+    /// for a server that deferred it ([`danger::DeferredClientVerifier`]): the client's
+    /// SPIFFE ID, or why its certificate is refused.
+    pub fn verify_chain(
+        &self,
+        chain: &[CertificateDer<'_>],
+        now: SystemTime,
+    ) -> Result<SpiffeId, ChainError> {
+        let (leaf, intermediates) = chain.split_first().ok_or(ChainError::EmptyChain)?;
+        self.trust
+            .check(leaf, intermediates, now, Usage::ClientAuth)
+    }
 }
 
 impl ClientCertVerifier for SpiffeClientVerifier {
@@ -507,7 +516,7 @@ impl ClientCertVerifier for SpiffeClientVerifier {
     }
 
     fn client_auth_mandatory(&self) -> bool {
-        self.mandatory
+        true
     }
 
     fn root_hint_subjects(&self) -> &[DistinguishedName] {
@@ -572,14 +581,6 @@ pub fn dns_server_verifier(bundle: &TrustBundle) -> Result<Arc<dyn ServerCertVer
 pub enum ClientAuth {
     /// No client certificate is asked for.
     None,
-    /// A client certificate is asked for but not required; one that is sent must be a
-    /// SPIFFE workload chaining to the bundle (the CA: token callers and renewals).
-    Optional {
-        /// Roots client certificates must chain to.
-        bundle: TrustBundle,
-        /// Trust domains accepted.
-        trust_domains: TrustDomainPolicy,
-    },
     /// A SPIFFE client certificate chaining to the bundle is required (mesh mTLS).
     Required {
         /// Roots client certificates must chain to.
@@ -627,13 +628,6 @@ pub fn server_config(
         .with_protocol_versions(PROTOCOL_VERSIONS)?;
     let builder = match client_auth {
         ClientAuth::None => builder.with_no_client_auth(),
-        ClientAuth::Optional {
-            bundle,
-            trust_domains,
-        } => builder.with_client_cert_verifier(Arc::new(SpiffeClientVerifier::optional(
-            bundle,
-            trust_domains,
-        ))),
         ClientAuth::Required {
             bundle,
             trust_domains,

@@ -16,7 +16,7 @@
 //! CRL's entries stay revoked under both policies.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{SystemTime, UNIX_EPOCH};
 
 use rustls_pki_types::{CertificateDer, TrustAnchor, UnixTime};
 use x509_parser::extensions::GeneralName;
@@ -25,6 +25,7 @@ use crate::crl::{CrlSet, RevocationReason, der_content};
 use crate::error::Error;
 use crate::info::{parse_x509, rfc3339_of, serial_hex, sha256_hex};
 use crate::spiffe::{SpiffeId, TrustDomain};
+use crate::timestamp::from_unix_time as unix_to_system;
 
 /// A set of trusted root certificates (several during root rotation).
 #[derive(Clone)]
@@ -317,10 +318,6 @@ impl RevocationCheck {
             unknown,
         }
     }
-}
-
-fn unix_to_system(t: UnixTime) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(t.as_secs())
 }
 
 #[allow(deprecated)] // webpki may still return the unit variants.

@@ -500,23 +500,26 @@ fn required_client_auth_refuses_a_client_without_certificate() {
 }
 
 #[test]
-fn optional_client_auth_accepts_no_certificate_but_verifies_one_that_is_sent() {
+fn deferred_client_auth_accepts_no_certificate_and_the_chain_is_judged_after() {
     let ca = Ca::root("A");
     let other = Ca::root("B");
     let server = ca.workload(SERVER);
+    let store = Arc::new(tls::CertStore::new());
+    store.set(tls::certified_key(server.chain.clone(), &server.key).unwrap());
     let server_cfg = || {
-        tls::server_config(
-            server.chain.clone(),
-            &server.key,
-            ClientAuth::Optional {
-                bundle: ca.bundle(),
-                trust_domains: local(),
-            },
+        tls::server_config_with(
+            store.clone(),
+            Some(Arc::new(tls::danger::DeferredClientVerifier::new())),
         )
         .unwrap()
     };
     let client_cfg = |id: Option<&Identity>| {
         tls::client_config(spiffe_client(ca.bundle(), &[]), id.and_then(Identity::pair)).unwrap()
+    };
+    // What the server checks once the handshake is done (the CA, per request).
+    let judge = tls::SpiffeClientVerifier::required(ca.bundle(), local());
+    let chain = |s: &ServerConnection| -> Vec<CertificateDer<'static>> {
+        s.peer_certificates().unwrap_or_default().to_vec()
     };
 
     let (_, s) = handshake(client_cfg(None), server_cfg(), "x").unwrap();
@@ -525,15 +528,24 @@ fn optional_client_auth_accepts_no_certificate_but_verifies_one_that_is_sent() {
     let good = ca.workload(CLIENT);
     let (_, s) = handshake(client_cfg(Some(&good)), server_cfg(), "x").unwrap();
     assert_eq!(
-        tls::peer_spiffe_id(&s).unwrap().unwrap().to_string(),
+        judge
+            .verify_chain(&chain(&s), SystemTime::now())
+            .unwrap()
+            .to_string(),
         CLIENT
     );
 
+    // A foreign certificate passes the handshake (its key is proved) and is refused by the
+    // deferred check.
     let bad = other.workload(CLIENT);
-    let err = server_refused(handshake(client_cfg(Some(&bad)), server_cfg(), "x"));
+    let (_, s) = handshake(client_cfg(Some(&bad)), server_cfg(), "x").unwrap();
     assert_eq!(
-        err,
-        rustls::Error::InvalidCertificate(CertificateError::UnknownIssuer)
+        judge.verify_chain(&chain(&s), SystemTime::now()),
+        Err(ChainError::UnknownIssuer)
+    );
+    assert_eq!(
+        judge.verify_chain(&[], SystemTime::now()),
+        Err(ChainError::EmptyChain)
     );
 }
 
@@ -766,7 +778,7 @@ fn openssl_tls12_is_refused_and_tls13_with_a_client_certificate_works() {
         tls::server_config(
             server.chain.clone(),
             &server.key,
-            ClientAuth::Optional {
+            ClientAuth::Required {
                 bundle: ca.bundle(),
                 trust_domains: local(),
             },

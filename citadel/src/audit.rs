@@ -13,6 +13,9 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
 
 use crate::error::CitadelError;
+/// The audit log's time format, `rampart_certs::timestamp::rfc3339` (RFC 3339, UTC,
+/// seconds), named here for the crate's modules that write records.
+pub(crate) use rampart_certs::timestamp::rfc3339;
 
 /// One issuance, as written to the audit log.
 #[derive(Debug, Clone, Serialize)]
@@ -200,15 +203,6 @@ fn repair_torn_tail(file: &mut File, path: &Path) -> std::io::Result<()> {
     );
     file.set_len(keep)?;
     file.sync_all()
-}
-
-/// Formats a time as RFC 3339 UTC with second precision.
-pub fn rfc3339(t: SystemTime) -> String {
-    let t = time::OffsetDateTime::from(t)
-        .replace_nanosecond(0)
-        .unwrap_or(time::OffsetDateTime::UNIX_EPOCH);
-    t.format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_else(|_| "invalid-time".into())
 }
 
 fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path) {

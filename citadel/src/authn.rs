@@ -8,7 +8,7 @@ use std::sync::{Arc, Mutex};
 use arc_swap::ArcSwap;
 use std::time::{Duration, SystemTime};
 
-use rampart_certs::jwt::{Jwks, JwtError, UnverifiedJwt};
+use rampart_certs::jwt::{IssuerSet, Jwks, JwtError, UnverifiedJwt, Validation};
 use rampart_certs::{SpiffeId, TrustDomain};
 
 use crate::config::{JwtIssuerConfig, NodeAgentGrant};
@@ -96,14 +96,15 @@ struct CachedToken {
     cached_at: SystemTime,
 }
 
-/// Verifies bearer tokens against per-issuer JWKS files; remembers verified tokens so a
+/// Verifies bearer tokens against per-issuer JWKS files (a `rampart_certs` [`IssuerSet`]:
+/// the issuer's keys, `exp` required, the CA audience); remembers verified tokens so a
 /// caller that reuses its token costs a hash and a lookup, not a signature check.
 ///
 /// The files are re-read by [`TokenAuthenticator::reload_jwks`] (the CA calls it from its
 /// reload loop): an issuer's rotated keys take effect without a restart, a broken file is
 /// refused and the last good keys keep verifying.
 pub struct TokenAuthenticator {
-    issuers: ArcSwap<HashMap<String, Jwks>>,
+    issuers: ArcSwap<IssuerSet>,
     /// Where each issuer's keys come from, and the digest of the text in force.
     sources: Mutex<Vec<JwksSource>>,
     audience: String,
@@ -114,7 +115,10 @@ pub struct TokenAuthenticator {
 impl std::fmt::Debug for TokenAuthenticator {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("TokenAuthenticator")
-            .field("issuers", &self.issuers.load().keys().collect::<Vec<_>>())
+            .field(
+                "issuers",
+                &self.issuers.load().issuers().collect::<Vec<_>>(),
+            )
             .field("audience", &self.audience)
             .finish()
     }
@@ -153,7 +157,7 @@ impl TokenAuthenticator {
     pub fn reload_jwks(&self) -> Vec<JwksReload> {
         let mut sources = self.sources.lock().unwrap_or_else(|p| p.into_inner());
         let mut outcomes = Vec::new();
-        let mut next: Option<HashMap<String, Jwks>> = None;
+        let mut next: Option<IssuerSet> = None;
         for src in sources.iter_mut() {
             match read_jwks(&src.issuer, &src.path) {
                 Ok((_, digest)) if digest == src.digest => src.refused = None,
@@ -161,7 +165,7 @@ impl TokenAuthenticator {
                     src.digest = digest;
                     src.refused = None;
                     next.get_or_insert_with(|| (**self.issuers.load()).clone())
-                        .insert(src.issuer.clone(), jwks);
+                        .insert(src.issuer.clone(), jwks, self.validation());
                     outcomes.push(JwksReload::Reloaded {
                         issuer: src.issuer.clone(),
                     });
@@ -187,12 +191,30 @@ impl TokenAuthenticator {
 
     /// From already-parsed key sets, keyed by issuer.
     pub fn new(issuers: HashMap<String, Jwks>, audience: &str, trust_domain: &TrustDomain) -> Self {
-        TokenAuthenticator {
-            issuers: ArcSwap::from_pointee(issuers),
+        let auth = TokenAuthenticator {
+            issuers: ArcSwap::from_pointee(IssuerSet::new()),
             sources: Mutex::new(Vec::new()),
             audience: audience.to_owned(),
             trust_domain: trust_domain.clone(),
             cache: Mutex::new(HashMap::new()),
+        };
+        let mut set = IssuerSet::new();
+        for (issuer, jwks) in issuers {
+            set.insert(issuer, jwks, auth.validation());
+        }
+        auth.issuers.store(Arc::new(set));
+        auth
+    }
+
+    /// What every caller token must satisfy besides its issuer's signature: an `exp` (a
+    /// bearer token without one is a permanent credential), the CA audience, and
+    /// [`TOKEN_LEEWAY`] of clock skew.
+    fn validation(&self) -> Validation {
+        Validation {
+            issuer: None,
+            audiences: vec![self.audience.clone()],
+            leeway: TOKEN_LEEWAY,
+            require_expiration: true,
         }
     }
 
@@ -237,19 +259,18 @@ impl TokenAuthenticator {
     ) -> Result<(SpiffeId, Option<SystemTime>, Option<SystemTime>), Refusal> {
         let parsed = UnverifiedJwt::parse(token).map_err(jwt_refusal)?;
         let iss = parsed.unverified_issuer().unwrap_or("").to_owned();
-        let issuers = self.issuers.load();
-        let jwks = issuers
-            .get(&iss)
-            .ok_or_else(|| Refusal::UnknownIssuer(escape(&iss)))?;
-        let verified = parsed
-            .verify(jwks, now, TOKEN_LEEWAY)
-            .map_err(jwt_refusal)?;
-        if verified.expires_at().is_none() {
-            return Err(Refusal::InvalidToken("token has no exp claim".into()));
-        }
-        if !verified.audiences().contains(&self.audience) {
-            return Err(Refusal::WrongAudience(self.audience.clone()));
-        }
+        let verified = self
+            .issuers
+            .load()
+            .verify_parsed(parsed, now)
+            .map_err(|e| match e {
+                JwtError::UnknownIssuer { .. } => Refusal::UnknownIssuer(escape(&iss)),
+                JwtError::MissingExpiration => {
+                    Refusal::InvalidToken("token has no exp claim".into())
+                }
+                JwtError::AudienceMismatch { .. } => Refusal::WrongAudience(self.audience.clone()),
+                other => jwt_refusal(other),
+            })?;
         let sa = verified
             .service_account()
             .map_err(|e| Refusal::NoIdentityInToken(e.to_string()))?;
@@ -399,6 +420,56 @@ mod tests {
         JwtSigner::new(&PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(), kid).unwrap()
     }
 
+    /// The issuer, audience and expiry rules of caller tokens (now checked by certs'
+    /// IssuerSet), each refusal with its own reason, and the accepted token beside them.
+    #[test]
+    fn tokens_need_a_known_issuer_the_ca_audience_and_an_expiry() {
+        let a = signer("a");
+        let td: TrustDomain = "cluster.local".parse().unwrap();
+        let auth = TokenAuthenticator::new(
+            HashMap::from([("https://iss".to_string(), a.jwks().unwrap())]),
+            "istio-ca",
+            &td,
+        );
+        let now = SystemTime::now();
+        let unix = now
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap()
+            .as_secs();
+        let token = |iss: &str, aud: &str, exp: Option<u64>| {
+            let mut c = serde_json::json!({
+                "iss": iss, "aud": aud, "iat": unix,
+                "sub": "system:serviceaccount:ns1:sa1",
+            });
+            if let Some(exp) = exp {
+                c["exp"] = exp.into();
+            }
+            a.sign(&c).unwrap()
+        };
+        assert_eq!(
+            auth.authenticate(&token("https://iss", "istio-ca", Some(unix + 600)), now)
+                .unwrap()
+                .to_string(),
+            "spiffe://cluster.local/ns/ns1/sa/sa1"
+        );
+        assert_eq!(
+            auth.authenticate(&token("https://other", "istio-ca", Some(unix + 600)), now),
+            Err(Refusal::UnknownIssuer("https://other".into()))
+        );
+        assert_eq!(
+            auth.authenticate(&token("https://iss", "other", Some(unix + 600)), now),
+            Err(Refusal::WrongAudience("istio-ca".into()))
+        );
+        assert_eq!(
+            auth.authenticate(&token("https://iss", "istio-ca", None), now),
+            Err(Refusal::InvalidToken("token has no exp claim".into()))
+        );
+        assert_eq!(
+            auth.authenticate(&token("https://iss", "istio-ca", Some(unix - 3600)), now),
+            Err(Refusal::TokenExpired)
+        );
+    }
+
     #[test]
     fn reload_reports_changes_once_and_keeps_last_good_keys() {
         let dir = tempfile::tempdir().unwrap();
@@ -425,7 +496,10 @@ mod tests {
             auth.reload_jwks().is_empty(),
             "a broken file is reported once"
         );
-        assert!(auth.issuers.load().contains_key("iss"), "old keys stay");
+        assert!(
+            auth.issuers.load().issuers().any(|i| i == "iss"),
+            "old keys stay"
+        );
 
         let b = signer("b");
         write(&b.jwks().unwrap().to_json().to_string());

@@ -1,5 +1,5 @@
-//! A small CreateCertificate client over TLS 1.3 (h2), for tools, tests and the load
-//! generator. Istio's own agents need none of this: they speak the same wire.
+//! A small CreateCertificate client over TLS 1.3 (h2), for tools (`rampart ca bench`) and
+//! tests. Istio's own agents need none of this: they speak the same wire.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -10,6 +10,10 @@ use rustls_pki_types::ServerName;
 use tonic::transport::{Channel, Endpoint};
 
 use crate::error::CitadelError;
+
+/// The TLS client configuration for talking to the CA: the shared policy, the CA verified by
+/// name or IP against a bundle, ALPN h2, optionally a client certificate.
+pub use crate::tls::client_config as config;
 
 /// Opens one HTTP/2 connection to the CA at `addr`, verifying its certificate for
 /// `server_name` (e.g. `127.0.0.1` or `istiod.istio-system.svc`) with `tls`.

@@ -8,10 +8,6 @@ use rampart_certs::{SpiffeId, TrustDomain};
 
 use crate::error::CitadelError;
 
-/// Istio's default workload certificate lifetime (`DEFAULT_WORKLOAD_CERT_TTL`).
-pub const DEFAULT_WORKLOAD_TTL: Duration = Duration::from_secs(24 * 3600);
-/// Istio's default maximum workload certificate lifetime (`MAX_WORKLOAD_CERT_TTL`).
-pub const DEFAULT_MAX_WORKLOAD_TTL: Duration = Duration::from_secs(90 * 24 * 3600);
 /// The audience bearer tokens must carry.
 pub const DEFAULT_AUDIENCE: &str = "istio-ca";
 /// Default DNS SAN of the CA's serving certificate (what Istio agents dial).
@@ -106,8 +102,8 @@ impl CaConfig {
             trust_domain,
             jwt_issuers: Vec::new(),
             audience: DEFAULT_AUDIENCE.to_owned(),
-            default_ttl: DEFAULT_WORKLOAD_TTL,
-            max_ttl: DEFAULT_MAX_WORKLOAD_TTL,
+            default_ttl: rampart_certs::DEFAULT_WORKLOAD_CERT_TTL,
+            max_ttl: rampart_certs::MAX_WORKLOAD_CERT_TTL,
             metrics: None,
             server_dns_names: DEFAULT_SERVER_DNS_NAMES
                 .iter()
@@ -344,7 +340,7 @@ pub enum WorkloadPattern {
 impl WorkloadPattern {
     /// Whether `id` (an Istio-form `ns/NS/sa/SA` ID) is covered.
     pub fn matches(&self, id: &SpiffeId) -> bool {
-        let Some((ns, sa)) = istio_parts(id) else {
+        let Some((ns, sa)) = id.istio_parts() else {
             return matches!(self, WorkloadPattern::Any);
         };
         match self {
@@ -353,12 +349,6 @@ impl WorkloadPattern {
             WorkloadPattern::ServiceAccount { namespace, name } => namespace == ns && name == sa,
         }
     }
-}
-
-fn istio_parts(id: &SpiffeId) -> Option<(&str, &str)> {
-    let rest = id.path().strip_prefix("/ns/")?;
-    let (ns, sa) = rest.split_once("/sa/")?;
-    (!sa.contains('/')).then_some((ns, sa))
 }
 
 impl std::str::FromStr for WorkloadPattern {

@@ -7,15 +7,18 @@
 //! [`validate_issued`] checks the result before it is audited ([`AuditLog`], fsync'd) and
 //! returned. Root material ([`Authority`]) comes from Istio's `cacerts` plug-in directory or a
 //! persisted self-signed root, and is swapped atomically when the directory changes.
+//!
+//! [`client`] holds a CreateCertificate client for tools and tests ([`client::config`],
+//! [`client::connect`]) (`rampart ca
+//! bench`'s load generator, which lives in the binary); Istio's agents need none of it.
 
 mod audit;
 mod authn;
 mod authority;
-mod client;
+pub mod client;
 mod config;
 mod error;
 mod issue;
-mod loadgen;
 mod metrics;
 mod refusal;
 mod server;
@@ -23,7 +26,7 @@ mod signer;
 mod tls;
 
 pub use self::{
-    audit::{AuditLog, AuditRecord, rfc3339},
+    audit::{AuditLog, AuditRecord},
     authn::{
         AuthMethod, Caller, CallerEvidence, JwksReload, TOKEN_LEEWAY, TokenAuthenticator,
         authenticate, bearer_token,
@@ -34,16 +37,13 @@ pub use self::{
         SELF_SIGNED_ROOT_TTL, load_initial, load_or_create_self_signed, load_plugin,
         self_signed_rotation_due,
     },
-    client::connect,
     config::{
         CaConfig, DEFAULT_AUDIENCE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
-        DEFAULT_MAX_HANDSHAKES, DEFAULT_MAX_WORKLOAD_TTL, DEFAULT_SERVER_DNS_NAME,
-        DEFAULT_SERVER_DNS_NAMES, DEFAULT_WORKLOAD_TTL, JwtIssuerConfig, NodeAgentGrant,
-        WorkloadPattern,
+        DEFAULT_MAX_HANDSHAKES, DEFAULT_SERVER_DNS_NAME, DEFAULT_SERVER_DNS_NAMES, JwtIssuerConfig,
+        NodeAgentGrant, WorkloadPattern,
     },
     error::CitadelError,
     issue::{IssuePolicy, Issued, issue, resolve_ttl},
-    loadgen::{LoadConfig, LoadReport, run_load},
     metrics::{ConnectionRefusal, Metrics, serve_metrics},
     refusal::Refusal,
     server::{
@@ -51,7 +51,7 @@ pub use self::{
         SERVING_CERT_TTL, start, start_with_state,
     },
     signer::{IssuedFacts, SigningCertFacts, WorkloadTemplate, X509Signer, validate_issued},
-    tls::{certified_key, client_config, provider, server_config},
+    tls::{certified_key, provider, server_config},
 };
 
 // Revocation (issue #13): persisted revocations and the CRLs made from them.

@@ -375,11 +375,9 @@ fn add_signed(v: &AtomicU64, delta: i64) {
     }
 }
 
+/// Whole seconds (certificate times are whole seconds; `now` is cut to match).
 fn unix_secs(t: SystemTime) -> f64 {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => d.as_secs_f64().floor(),
-        Err(e) => -(e.duration().as_secs_f64().floor()),
-    }
+    rampart_certs::timestamp::unix_secs_f64(t).trunc()
 }
 
 /// Scrapes served at once on the metrics port; more are closed on accept.

@@ -10,7 +10,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, SystemTime};
 
 use arc_swap::ArcSwap;
-use rampart_certs::{CertInfo, SpiffeId, TrustDomainPolicy, Usage};
+use rampart_certs::tls::SpiffeClientVerifier;
+use rampart_certs::{CertInfo, SpiffeId, TrustDomainPolicy};
 use rampart_proto::istio::v1::auth::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
@@ -443,21 +444,22 @@ impl CaState {
             let mut checked = pc.checked.lock().unwrap_or_else(|p| p.into_inner());
             if checked.0 != generation {
                 let authority = self.authority.load();
-                // A revoked certificate cannot renew itself (a stolen key must not buy a
-                // fresh certificate): the CA's own CRLs apply to its callers.
+                // The check a mesh server makes in the handshake, deferred to here
+                // (citadel::tls): the bundle in force, our trust domain, EKU clientAuth. A
+                // revoked certificate cannot renew itself (a stolen key must not buy a fresh
+                // certificate): the CA's own CRLs apply to its callers.
                 let crls = self.revocations.current();
-                let verdict = rampart_certs::verify_workload_chain_with_revocation(
-                    &pc.chain,
-                    authority.bundle(),
-                    &TrustDomainPolicy::local(self.config.trust_domain.clone()),
-                    now,
-                    Usage::ClientAuth,
-                    Some(&crls.check),
-                )
-                .map(|_| ())
-                .map_err(|e| {
-                    format!("client certificate does not verify against the trust bundle: {e}")
-                });
+                let verifier = SpiffeClientVerifier::required(
+                    authority.bundle().clone(),
+                    TrustDomainPolicy::local(self.config.trust_domain.clone()),
+                );
+                verifier.set_revocation(Some(crls.check.clone()));
+                let verdict = verifier
+                    .verify_chain(&pc.chain, now)
+                    .map(|_| ())
+                    .map_err(|e| {
+                        format!("client certificate does not verify against the trust bundle: {e}")
+                    });
                 *checked = (generation, verdict);
             }
             checked.1.clone()?;

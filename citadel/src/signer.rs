@@ -6,6 +6,7 @@
 use std::net::IpAddr;
 use std::time::{Duration, SystemTime};
 
+use rampart_certs::timestamp::from_unix_secs as to_system_time;
 use rampart_certs::{CertificateAuthority, SpiffeId};
 use rustls_pki_types::CertificateDer;
 use x509_parser::prelude::{FromDer, GeneralName, ParsedExtension, X509Certificate};
@@ -193,14 +194,6 @@ pub fn validate_issued(
         serial_hex: rampart_certs::serial_hex(serial),
         not_after,
     })
-}
-
-pub(crate) fn to_system_time(unix: i64) -> SystemTime {
-    if unix >= 0 {
-        SystemTime::UNIX_EPOCH + Duration::from_secs(unix as u64)
-    } else {
-        SystemTime::UNIX_EPOCH - Duration::from_secs(unix.unsigned_abs())
-    }
 }
 
 #[cfg(test)]

@@ -3,23 +3,22 @@
 //! certificate (a [`CertStore`]) follows the active authority, swapped atomically on reload.
 //!
 //! A client certificate is optional (bearer-token callers have none). One that is presented
-//! must prove possession of its key in the handshake ([`DeferredClientVerifier`]); whether it
-//! is a SPIFFE workload certificate of our trust domain chaining to the bundle in force is
-//! decided per request (`CaState::client_identity`), so a caller with a foreign or expired
+//! must prove possession of its key in the handshake (`rampart_certs::tls::danger::
+//! DeferredClientVerifier`); whether it is a SPIFFE workload certificate of our trust domain
+//! chaining to the bundle in force is decided per request by `rampart_certs`'
+//! `SpiffeClientVerifier::verify_chain` (`CaState::client_identity`), so a caller with a foreign or expired
 //! certificate gets `UNAUTHENTICATED` with the reason instead of a failed handshake (which a
 //! gRPC client reports only as `UNAVAILABLE`). Istio's CA refuses such callers in the
 //! handshake; the outcome (no certificate) is the same.
 
 use std::sync::Arc;
 
+use rampart_certs::tls::danger::DeferredClientVerifier;
 use rampart_certs::tls::{CertStore, ServerAuth};
 use rampart_certs::{PrivateKey, TrustBundle};
-use rustls::client::danger::HandshakeSignatureValid;
 use rustls::crypto::CryptoProvider;
-use rustls::server::danger::{ClientCertVerified, ClientCertVerifier};
 use rustls::sign::CertifiedKey;
-use rustls::{DigitallySignedStruct, DistinguishedName, SignatureScheme};
-use rustls_pki_types::{CertificateDer, UnixTime};
+use rustls_pki_types::CertificateDer;
 
 use crate::error::CitadelError;
 
@@ -37,87 +36,8 @@ pub fn certified_key(
         .map_err(|e| CitadelError::Config(format!("CA serving certificate: {e}")))
 }
 
-/// Asks for a client certificate and checks only that the client holds its key (the TLS 1.3
-/// `CertificateVerify` signature). The chain itself is judged by the request handler against
-/// the bundle in force; nothing else may use a connection accepted with this verifier.
-#[derive(Debug)]
-pub(crate) struct DeferredClientVerifier {
-    provider: Arc<CryptoProvider>,
-}
-
-impl DeferredClientVerifier {
-    /// With the shared provider's signature algorithms.
-    pub(crate) fn new() -> Self {
-        DeferredClientVerifier {
-            provider: provider(),
-        }
-    }
-}
-
-impl Default for DeferredClientVerifier {
-    fn default() -> Self {
-        Self::new()
-    }
-}
-
-impl ClientCertVerifier for DeferredClientVerifier {
-    fn offer_client_auth(&self) -> bool {
-        true
-    }
-
-    fn client_auth_mandatory(&self) -> bool {
-        false
-    }
-
-    fn root_hint_subjects(&self) -> &[DistinguishedName] {
-        &[]
-    }
-
-    fn verify_client_cert(
-        &self,
-        _end_entity: &CertificateDer<'_>,
-        _intermediates: &[CertificateDer<'_>],
-        _now: UnixTime,
-    ) -> Result<ClientCertVerified, rustls::Error> {
-        // Deferred: `CaState::client_identity` verifies the chain before any use.
-        Ok(ClientCertVerified::assertion())
-    }
-
-    fn verify_tls12_signature(
-        &self,
-        _message: &[u8],
-        _cert: &CertificateDer<'_>,
-        _dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        Err(rustls::Error::PeerIncompatible(
-            rustls::PeerIncompatible::Tls12NotOffered,
-        ))
-    }
-
-    fn verify_tls13_signature(
-        &self,
-        message: &[u8],
-        cert: &CertificateDer<'_>,
-        dss: &DigitallySignedStruct,
-    ) -> Result<HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(
-            message,
-            cert,
-            dss,
-            &self.provider.signature_verification_algorithms,
-        )
-    }
-
-    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
-        self.provider
-            .signature_verification_algorithms
-            .supported_schemes()
-    }
-}
-
 /// The server configuration: the shared policy, ALPN h2, the rotating serving certificate,
-/// client certificates checked per request (see [`DeferredClientVerifier`]), no session
-/// resumption.
+/// client certificates checked per request (see the module docs), no session resumption.
 pub fn server_config(serving: Arc<CertStore>) -> Result<rustls::ServerConfig, CitadelError> {
     let verifier = Arc::new(DeferredClientVerifier::new());
     let mut cfg = rampart_certs::tls::server_config_with(serving, Some(verifier))

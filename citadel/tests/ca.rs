@@ -87,8 +87,8 @@ impl Env {
         &self,
         cert: Option<(Vec<CertificateDer<'static>>, &PrivateKey)>,
     ) -> Result<IstioCertificateServiceClient<Channel>, rampart_citadel::CitadelError> {
-        let tls = rampart_citadel::client_config(&self.bundle(), cert).unwrap();
-        rampart_citadel::connect(self.ca.local_addr, "127.0.0.1", Arc::new(tls)).await
+        let tls = rampart_citadel::client::config(&self.bundle(), cert).unwrap();
+        rampart_citadel::client::connect(self.ca.local_addr, "127.0.0.1", Arc::new(tls)).await
     }
 
     fn audit_lines(&self) -> Vec<serde_json::Value> {
@@ -230,8 +230,8 @@ async fn serving_certificate_names_localhost_by_default() {
         "{:?}",
         info.dns_sans
     );
-    let tls = Arc::new(rampart_citadel::client_config(&env.bundle(), None).unwrap());
-    let mut c = rampart_citadel::connect(env.ca.local_addr, "localhost", tls.clone())
+    let tls = Arc::new(rampart_citadel::client::config(&env.bundle(), None).unwrap());
+    let mut c = rampart_citadel::client::connect(env.ca.local_addr, "localhost", tls.clone())
         .await
         .expect("TLS to the CA as localhost");
     let id = env.id("default", "web");
@@ -247,7 +247,7 @@ async fn serving_certificate_names_localhost_by_default() {
     .expect("issued over a connection verified for localhost");
     // Negative twin: a name the certificate does not carry fails the handshake.
     assert!(
-        rampart_citadel::connect(env.ca.local_addr, "ca.example.com", tls)
+        rampart_citadel::client::connect(env.ca.local_addr, "ca.example.com", tls)
             .await
             .is_err()
     );

@@ -22,6 +22,9 @@ pub const WORKLOADS_FILE: &str = "workloads.yaml";
 /// The DNS suffix of service hosts (`<name>.<namespace>.svc.cluster.local`), independent of
 /// the trust domain, as in Kubernetes.
 pub const CLUSTER_DOMAIN: &str = "cluster.local";
+/// The CA's listen address when `rampart.ca.listen` is not set (DESIGN §2; Istio's 15012).
+pub const DEFAULT_CA_LISTEN: SocketAddr =
+    SocketAddr::new(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 15012);
 
 /// One thing wrong with the folder: which file, which field, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -148,11 +151,8 @@ impl WorkloadEntry {
 
     /// `spiffe://<td>/ns/<namespace>/sa/<serviceAccount>`.
     pub fn spiffe_id(&self, trust_domain: &TrustDomain) -> SpiffeId {
-        SpiffeId::parse(&format!(
-            "spiffe://{trust_domain}/ns/{}/sa/{}",
-            self.namespace, self.service_account
-        ))
-        .expect("names were validated as DNS labels when the registry was loaded")
+        SpiffeId::istio(trust_domain, &self.namespace, &self.service_account)
+            .expect("names were validated as DNS labels when the registry was loaded")
     }
 
     /// The workload as the authorization engine sees it.
@@ -255,6 +255,13 @@ pub struct LocalSettings {
     pub crl_unknown_status: rampart_certs::UnknownStatus,
     /// The whole section as written, for settings other components own.
     pub raw: serde_json::Value,
+}
+
+impl LocalSettings {
+    /// The CA's listen address: `rampart.ca.listen`, else [`DEFAULT_CA_LISTEN`].
+    pub fn ca_address(&self) -> SocketAddr {
+        self.ca_listen.unwrap_or(DEFAULT_CA_LISTEN)
+    }
 }
 
 /// A loaded, checked mesh folder.

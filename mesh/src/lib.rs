@@ -10,11 +10,15 @@
 //!   Consumers hold the last good snapshot and keep serving it when a new one is refused.
 //!
 //! - [`watch`] (feature `watch`): a folder as a stream of snapshots and refusals.
+//! - [`mtls`]: the proxies' `GET /mtls` answer, shared by the proxy that serves it and
+//!   `rampart mtls-report` that reads it.
 //!
-//! Pure model types: no async runtime, no sockets (the watcher is behind its feature). Depends on `rampart-certs` (trust
+//! Pure model types: no async runtime, no sockets (the watcher is behind its feature).
+//! Depends on `rampart-certs` (trust
 //! domains, SPIFFE IDs) and `rampart-authz` (policy resources and their validation) only.
 
 mod folder;
+pub mod mtls;
 mod source;
 
 pub use self::folder::*;

@@ -7,15 +7,13 @@ use hyper_util::rt::TokioIo;
 use prost::Message;
 use rampart_certs::{CertInfo, parse_certs_pem};
 use rampart_proto::envoy::config::core::v3::{DataSource, Node, data_source::Specifier};
-use rampart_proto::envoy::extensions::transport_sockets::tls::v3::{
-    SECRET_TYPE_URL, Secret, secret,
-};
+use rampart_proto::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use rampart_proto::envoy::service::discovery::v3::DiscoveryRequest;
 use rampart_proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+use rampart_proto::sds::{ROOT_RESOURCE, SECRET_TYPE_URL, WORKLOAD_RESOURCE};
 use tonic::transport::Channel;
 
 use crate::Error;
-use crate::sds::{ROOT_RESOURCE, WORKLOAD_RESOURCE};
 
 /// A gRPC channel over a Unix socket.
 pub async fn connect_unix(path: &Path) -> Result<Channel, Error> {

@@ -16,8 +16,6 @@ pub const DEFAULT_SDS_SOCKET: &str = "./var/run/secrets/workload-spiffe-uds/sock
 pub const DEFAULT_CA_SERVER_NAME: &str = "istiod.istio-system.svc";
 /// Istio's `SECRET_GRACE_PERIOD_RATIO` default.
 pub const DEFAULT_GRACE_RATIO: f64 = 0.5;
-/// Default requested workload certificate lifetime (DESIGN §1).
-pub const DEFAULT_TTL: Duration = Duration::from_secs(24 * 3600);
 
 /// How to reach the CA.
 #[derive(Debug, Clone)]
@@ -55,7 +53,8 @@ pub struct RotationConfig {
 impl Default for RotationConfig {
     fn default() -> Self {
         RotationConfig {
-            ttl: DEFAULT_TTL,
+            // DESIGN §1: Istio's default workload certificate lifetime.
+            ttl: rampart_certs::DEFAULT_WORKLOAD_CERT_TTL,
             grace_ratio: DEFAULT_GRACE_RATIO,
             max_jitter: 0.1,
             min_refresh_interval: Duration::from_secs(1),

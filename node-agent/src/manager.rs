@@ -110,7 +110,7 @@ impl Manager {
             "workload certificate expired before it could be renewed; no longer serving it"
         );
         let reason = match self.current_not_after() {
-            Some(t) => format!("expired at {}", humantime::format_rfc3339_seconds(t)),
+            Some(t) => format!("expired at {}", rampart_certs::timestamp::rfc3339(t)),
             None => "expired".to_string(),
         };
         self.store.revoke_svid(reason);
@@ -135,7 +135,7 @@ impl Manager {
         tracing::info!(
             spiffe_id = %self.id,
             serial = %svid.leaf.serial_hex,
-            not_after = %humantime::format_rfc3339_seconds(svid.leaf.not_after),
+            not_after = %rampart_certs::timestamp::rfc3339(svid.leaf.not_after),
             roots = bundle.bundle.roots().len(),
             refresh_in = ?delay,
             "installed workload certificate"
@@ -203,7 +203,7 @@ impl Manager {
                     let delay = backoff.next_delay(random_unit());
                     let serving = self
                         .current_not_after()
-                        .map(|t| humantime::format_rfc3339_seconds(t).to_string());
+                        .map(|t| rampart_certs::timestamp::rfc3339(t).to_string());
                     tracing::warn!(
                         spiffe_id = %self.id,
                         retry_in = ?delay,

@@ -17,6 +17,7 @@ use prometheus_client::registry::Registry;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
+use rampart_certs::timestamp::unix_secs_f64 as unix_secs;
 
 type Labels = Vec<(String, String)>;
 
@@ -208,12 +209,5 @@ impl Metrics {
                     .await;
             });
         }
-    }
-}
-
-fn unix_secs(t: SystemTime) -> f64 {
-    match t.duration_since(SystemTime::UNIX_EPOCH) {
-        Ok(d) => d.as_secs_f64(),
-        Err(e) => -e.duration().as_secs_f64(),
     }
 }

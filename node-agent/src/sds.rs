@@ -34,7 +34,7 @@ use futures::Stream;
 use prost::Message;
 use rampart_proto::envoy::config::core::v3::{DataSource, data_source::Specifier};
 use rampart_proto::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, SECRET_TYPE_URL, Secret, TlsCertificate, secret,
+    CertificateValidationContext, Secret, TlsCertificate, secret,
 };
 use rampart_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
@@ -42,6 +42,7 @@ use rampart_proto::envoy::service::discovery::v3::{
 use rampart_proto::envoy::service::secret::v3::secret_discovery_service_server::{
     SecretDiscoveryService, SecretDiscoveryServiceServer,
 };
+use rampart_proto::sds::{ROOT_RESOURCE, SECRET_TYPE_URL, WORKLOAD_RESOURCE};
 use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
@@ -50,11 +51,6 @@ use zeroize::Zeroizing;
 
 use crate::metrics::Metrics;
 use crate::state::{SecretStore, Snapshot};
-
-/// Resource name of the workload certificate and key.
-pub const WORKLOAD_RESOURCE: &str = "default";
-/// Resource name of the trust bundle.
-pub const ROOT_RESOURCE: &str = "ROOTCA";
 
 static NONCE: AtomicU64 = AtomicU64::new(1);
 

@@ -82,6 +82,16 @@ pub mod envoy {
     }
 }
 
+/// The SDS contract between a node agent and its proxies (Istio's names): which resources
+/// exist and the type URL they travel as.
+pub mod sds {
+    /// The workload certificate chain and key (Istio's `default`).
+    pub const WORKLOAD_RESOURCE: &str = "default";
+    /// The trust bundle (Istio's `ROOTCA`).
+    pub const ROOT_RESOURCE: &str = "ROOTCA";
+    pub use crate::envoy::extensions::transport_sockets::tls::v3::SECRET_TYPE_URL;
+}
+
 /// `google.rpc`: the gRPC error model (`Status`).
 pub mod google {
     /// `google.rpc`.

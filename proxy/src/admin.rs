@@ -2,7 +2,7 @@
 
 use std::convert::Infallible;
 use std::sync::Arc;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderValue, Request, Response, StatusCode, header};
@@ -35,13 +35,7 @@ pub(crate) struct View {
     pub(crate) edge: EdgeLimits,
 }
 
-fn unix(t: SystemTime) -> u64 {
-    t.duration_since(UNIX_EPOCH).unwrap_or_default().as_secs()
-}
-
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
+use rampart_certs::timestamp::{rfc3339, unix_secs_u64 as unix};
 
 fn reply(status: u16, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
@@ -179,11 +173,16 @@ fn handle(sh: &View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
             let modes = cfg.port_modes();
             // The ports in force; each port's counters live as long as the proxy (a port
             // removed and added again keeps its history).
-            let ports: Vec<_> = modes
-                .iter()
-                .map(|(port, proto, m)| sh.ports.get(*port).json(proto.as_str(), m.mode.as_str()))
-                .collect();
-            json_reply(json!({"workload": sh.workload_key, "ports": ports}))
+            let report = rampart_mesh::mtls::MtlsReport {
+                workload: sh.workload_key.clone(),
+                ports: modes
+                    .iter()
+                    .map(|(port, proto, m)| {
+                        sh.ports.get(*port).json(proto.as_str(), m.mode.as_str())
+                    })
+                    .collect(),
+            };
+            json_reply(serde_json::to_value(report).unwrap_or_default())
         }
         _ => reply(
             404,

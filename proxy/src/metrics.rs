@@ -489,8 +489,9 @@ impl PortStats {
         }
     }
 
-    /// The `/mtls` JSON of this port (MESH_FOLDER.md).
-    pub(crate) fn json(&self, protocol: &str, mode: &str) -> serde_json::Value {
+    /// The `/mtls` entry of this port (`rampart_mesh::mtls`, shared with `mtls-report`).
+    pub(crate) fn json(&self, protocol: &str, mode: &str) -> rampart_mesh::mtls::PortMtls {
+        use rampart_mesh::mtls::{MtlsCounters, PlaintextSource, PortMtls, RecentMtls};
         let t: Vec<u64> = self
             .totals
             .iter()
@@ -509,22 +510,33 @@ impl PortStats {
             }
         }
         let sources = self.sources.lock().unwrap_or_else(|e| e.into_inner());
-        let mut list: Vec<_> = sources
+        let mut list: Vec<PlaintextSource> = sources
             .iter()
-            .map(|(ip, s)| {
-                serde_json::json!({"ip": ip.to_string(), "connections": s.connections,
-                    "requests": s.requests, "last_seen_unix": s.last_seen_unix})
+            .map(|(ip, s)| PlaintextSource {
+                ip: ip.to_string(),
+                connections: s.connections,
+                requests: s.requests,
+                last_seen_unix: s.last_seen_unix,
             })
             .collect();
-        list.sort_by(|a, b| a["ip"].as_str().cmp(&b["ip"].as_str()));
-        serde_json::json!({
-            "port": self.port, "protocol": protocol, "mode": mode,
-            "since_start": {"mtls_connections": t[0], "plaintext_connections": t[1],
-                "mtls_requests": t[2], "plaintext_requests": t[3]},
-            "recent": {"window_seconds": WINDOW_SECS, "mtls_connections": r[0],
-                "plaintext_connections": r[1], "mtls_requests": r[2], "plaintext_requests": r[3]},
-            "plaintext_sources": list,
-        })
+        list.sort_by(|a, b| a.ip.cmp(&b.ip));
+        let counters = |c: &[u64]| MtlsCounters {
+            mtls_connections: c[0],
+            plaintext_connections: c[1],
+            mtls_requests: c[2],
+            plaintext_requests: c[3],
+        };
+        PortMtls {
+            port: self.port,
+            protocol: protocol.to_string(),
+            mode: mode.to_string(),
+            since_start: counters(&t),
+            recent: RecentMtls {
+                window_seconds: WINDOW_SECS,
+                counters: counters(&r),
+            },
+            plaintext_sources: list,
+        }
     }
 }
 

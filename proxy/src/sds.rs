@@ -10,21 +10,19 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use prost::Message;
 use rampart_proto::envoy::config::core::v3::{Node, data_source::Specifier};
-use rampart_proto::envoy::extensions::transport_sockets::tls::v3::{
-    SECRET_TYPE_URL, Secret, secret,
-};
+use rampart_proto::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 use rampart_proto::envoy::service::discovery::v3::{DiscoveryRequest, DiscoveryResponse};
 use rampart_proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
 use rampart_proto::google::rpc::Status;
+use rampart_proto::sds::SECRET_TYPE_URL;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
 use crate::identity::IdentityHolder;
 
-/// The workload certificate resource name.
-pub const DEFAULT_RESOURCE: &str = "default";
-/// The trust bundle resource name.
-pub const ROOT_RESOURCE: &str = "ROOTCA";
+/// The SDS resource names, defined once in `rampart_proto::sds` (re-exported here until the
+/// crate root stops naming them).
+pub use rampart_proto::sds::{ROOT_RESOURCE, WORKLOAD_RESOURCE as DEFAULT_RESOURCE};
 
 /// Run both SDS streams forever.
 pub(crate) async fn run(socket: PathBuf, node_id: String, holder: Arc<IdentityHolder>) {

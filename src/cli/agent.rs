@@ -49,9 +49,10 @@ pub(crate) struct AgentArgs {
     /// SPIFFE Workload API socket (off unless given).
     #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", value_parser = parse_endpoint)]
     workload_api_socket: Option<PathBuf>,
-    /// Requested certificate lifetime (e.g. 24h, 90s).
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-    ttl: Duration,
+    /// Requested certificate lifetime (e.g. 24h, 90s) [default: 24h, Istio's
+    /// DEFAULT_WORKLOAD_CERT_TTL].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    ttl: Option<Duration>,
     /// Renew when this fraction of the lifetime remains (Istio SECRET_GRACE_PERIOD_RATIO).
     #[arg(long, env = "SECRET_GRACE_PERIOD_RATIO", default_value_t = DEFAULT_GRACE_RATIO)]
     grace_ratio: f64,
@@ -175,7 +176,7 @@ impl AgentArgs {
                 request_timeout: Duration::from_secs(10),
             },
             rotation: RotationConfig {
-                ttl: self.ttl,
+                ttl: self.ttl.unwrap_or(rampart_certs::DEFAULT_WORKLOAD_CERT_TTL),
                 grace_ratio: self.grace_ratio,
                 backoff_max: self.max_backoff,
                 ..RotationConfig::default()

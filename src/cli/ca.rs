@@ -10,7 +10,9 @@ use std::time::Duration;
 
 use anyhow::Context as _;
 use rampart_certs::{KeyAlgorithm, PrivateKey, SpiffeId, TrustBundle, TrustDomain};
-use rampart_citadel::{CaConfig, JwtIssuerConfig, LoadConfig};
+use rampart_citadel::{CaConfig, JwtIssuerConfig};
+
+use super::ca_load::{LoadConfig, run_load};
 
 #[derive(Debug, clap::Args)]
 #[command(args_conflicts_with_subcommands = true)]
@@ -105,12 +107,13 @@ struct RunArgs {
     /// Mesh trust domain.
     #[arg(long, default_value = "cluster.local")]
     trust_domain: String,
-    /// Lifetime when a request asks for none.
-    #[arg(long, default_value = "24h", value_parser = humantime::parse_duration)]
-    default_ttl: Duration,
-    /// Requests for a longer lifetime are refused.
-    #[arg(long, default_value = "90d", value_parser = humantime::parse_duration)]
-    max_ttl: Duration,
+    /// Lifetime when a request asks for none [default: 24h, Istio's DEFAULT_WORKLOAD_CERT_TTL].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    default_ttl: Option<Duration>,
+    /// Requests for a longer lifetime are refused [default: 90d, Istio's
+    /// MAX_WORKLOAD_CERT_TTL].
+    #[arg(long, value_parser = humantime::parse_duration)]
+    max_ttl: Option<Duration>,
     /// Lifetime of the self-signed root this CA makes when no plug-in material is given; it
     /// is renewed (same key and subject) with 20% of its life left.
     #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
@@ -242,9 +245,10 @@ impl RunArgs {
             .map(|(issuer, jwks_path)| JwtIssuerConfig { issuer, jwks_path })
             .collect();
         cfg.audience = self.audience;
-        cfg.default_ttl = self.default_ttl;
+        // Unset: CaConfig's defaults, rampart_certs' DEFAULT/MAX_WORKLOAD_CERT_TTL.
+        cfg.default_ttl = self.default_ttl.unwrap_or(cfg.default_ttl);
         cfg.self_signed_root_ttl = self.self_signed_root_ttl;
-        cfg.max_ttl = self.max_ttl;
+        cfg.max_ttl = self.max_ttl.unwrap_or(cfg.max_ttl);
         cfg.metrics = self.metrics;
         cfg.server_dns_names = self.server_dns;
         cfg.server_ips = self.server_ip;
@@ -467,7 +471,7 @@ impl BenchArgs {
             let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256)?;
             csrs.push(rampart_certs::build_csr(&key, &id)?);
         }
-        let tls = Arc::new(rampart_citadel::client_config(&bundle, None)?);
+        let tls = Arc::new(rampart_citadel::client::config(&bundle, None)?);
         let cfg = LoadConfig {
             addr,
             server_name: self.server_name.clone(),
@@ -490,7 +494,7 @@ impl BenchArgs {
                 ""
             }
         );
-        let report = rampart_citadel::run_load(cfg).await?;
+        let report = run_load(cfg).await?;
         println!(
             "issued {} certs in {:.2}s: {:.0} certs/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
             report.issued,
@@ -524,9 +528,7 @@ async fn start_in_process(
     let signer = rampart_certs::jwt::JwtSigner::new(&signer_key, "bench")?;
     let jwks_path = dir.join("jwks.json");
     std::fs::write(&jwks_path, signer.jwks()?.to_json().to_string())?;
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)?
-        .as_secs();
+    let now = rampart_certs::timestamp::unix_secs_u64(std::time::SystemTime::now());
     let token = signer.sign(&serde_json::json!({
         "iss": "rampart-bench",
         "sub": "system:serviceaccount:bench:load",

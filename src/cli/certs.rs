@@ -543,7 +543,7 @@ fn report(what: &str, cert: &CertificateDer<'_>, out: &Path) -> anyhow::Result<(
     println!(
         "wrote {what} {name} (serial {}, expires {}) to {}",
         info.serial_hex,
-        humantime::format_rfc3339_seconds(info.not_after),
+        rampart_certs::timestamp::rfc3339(info.not_after),
         out.display()
     );
     Ok(())

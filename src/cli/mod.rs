@@ -4,16 +4,15 @@ mod admin_http;
 mod agent;
 mod authz;
 mod ca;
+mod ca_load;
 mod certs;
 mod echo;
-mod meshdir;
 mod mtls_report;
 mod process;
 mod proxy;
 mod secrets;
 mod token;
 mod up;
-mod up_plan;
 mod validate;
 
 use std::process::ExitCode;
@@ -137,26 +136,4 @@ pub(crate) fn init_tracing(verbose: u8) {
         .with_ansi(ansi)
         .with_writer(std::io::stderr)
         .try_init();
-}
-
-/// Rows of cells as left-aligned columns two spaces apart, one line per row (trailing
-/// spaces trimmed), for the tables `up` and `mtls-report` print.
-pub(crate) fn align_columns<const N: usize>(rows: &[[String; N]]) -> String {
-    let mut widths = [0usize; N];
-    for row in rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    for row in rows {
-        let cells: Vec<String> = row
-            .iter()
-            .zip(widths)
-            .map(|(cell, w)| format!("{cell:<w$}"))
-            .collect();
-        out.push_str(cells.join("  ").trim_end());
-        out.push('\n');
-    }
-    out
 }

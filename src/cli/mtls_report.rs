@@ -8,12 +8,12 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use serde::{Deserialize, Serialize};
-
-use super::meshdir::MeshFolder;
+// What a proxy says (GET /mtls): the proxy serializes the same types.
+use rampart_mesh::mtls::{MtlsReport as ProxyMtls, PlaintextSource as Source, PortMtls};
+use serde::Serialize;
 
 pub(crate) const AFTER_HELP: &str = "\
 Exit status:
@@ -59,58 +59,6 @@ pub(crate) struct MtlsReportArgs {
     /// How long to wait for each proxy's answer.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     timeout: Duration,
-}
-
-// ---- what a proxy says (GET /mtls, MESH_FOLDER contract) ----
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub(crate) struct ProxyMtls {
-    pub(crate) workload: String,
-    pub(crate) ports: Vec<PortMtls>,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq)]
-pub(crate) struct PortMtls {
-    pub(crate) port: u16,
-    #[serde(default)]
-    pub(crate) protocol: String,
-    pub(crate) mode: String,
-    pub(crate) since_start: Counters,
-    pub(crate) recent: Recent,
-    #[serde(default)]
-    pub(crate) plaintext_sources: Vec<Source>,
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq, Default)]
-pub(crate) struct Counters {
-    pub(crate) mtls_connections: u64,
-    pub(crate) plaintext_connections: u64,
-    pub(crate) mtls_requests: u64,
-    pub(crate) plaintext_requests: u64,
-}
-
-impl Counters {
-    fn plaintext(&self) -> bool {
-        self.plaintext_connections > 0 || self.plaintext_requests > 0
-    }
-    fn any(&self) -> bool {
-        self.plaintext() || self.mtls_connections > 0 || self.mtls_requests > 0
-    }
-}
-
-#[derive(Debug, Clone, Copy, Deserialize, Serialize, PartialEq, Eq)]
-pub(crate) struct Recent {
-    pub(crate) window_seconds: u64,
-    #[serde(flatten)]
-    pub(crate) counters: Counters,
-}
-
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
-pub(crate) struct Source {
-    pub(crate) ip: String,
-    pub(crate) connections: u64,
-    pub(crate) requests: u64,
-    pub(crate) last_seen_unix: u64,
 }
 
 // ---- verdicts ----
@@ -370,7 +318,7 @@ pub(crate) fn render_text(reports: &[WorkloadReport], window: Window) -> String 
             ]);
         }
     }
-    let mut out = super::align_columns(&rows);
+    let mut out = rampart::align_columns(&rows);
     out.push('\n');
     out.push_str(&format!(
         "verdict (based on {}):\n",
@@ -387,17 +335,17 @@ pub(crate) fn render_text(reports: &[WorkloadReport], window: Window) -> String 
 
 impl MtlsReportArgs {
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
-        let mesh = MeshFolder::read(&self.mesh).map_err(super::bad_input)?;
+        let mesh = rampart::read_mesh(&self.mesh).map_err(super::bad_input)?;
         let mut selected = Vec::new();
         for want in &self.workload {
-            if !mesh.workloads.iter().any(|w| &w.key() == want) {
+            if !mesh.registry.workloads.iter().any(|w| &w.key() == want) {
                 return Err(super::bad_input(format!(
                     "--workload {want}: not in {}/workloads.yaml",
                     self.mesh.display()
                 )));
             }
         }
-        for w in &mesh.workloads {
+        for w in &mesh.registry.workloads {
             if self.workload.is_empty() || self.workload.contains(&w.key()) {
                 selected.push(w.clone());
             }
@@ -412,19 +360,16 @@ impl MtlsReportArgs {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        let now = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = rampart_certs::timestamp::unix_secs_u64(SystemTime::now());
         let timeout = self.timeout;
         let reports: Vec<WorkloadReport> = rt.block_on(async {
             let asks = selected.iter().map(|w| async move {
                 let declared: Vec<u16> = w.ports.iter().map(|p| p.port).collect();
-                let answer = match w.admin {
+                let answer = match w.proxy.admin {
                     None => Err("no proxy.admin address in workloads.yaml".to_string()),
                     Some(a) => fetch(a, timeout).await,
                 };
-                judge(&w.key(), w.admin, &declared, answer, self.window, now)
+                judge(&w.key(), w.proxy.admin, &declared, answer, self.window, now)
             });
             futures::future::join_all(asks).await
         });
@@ -458,6 +403,8 @@ async fn fetch(admin: SocketAddr, timeout: Duration) -> Result<ProxyMtls, String
 
 #[cfg(test)]
 mod tests {
+    use rampart_mesh::mtls::MtlsCounters as Counters;
+
     use super::*;
 
     const NOW: u64 = 1_790_000_100;

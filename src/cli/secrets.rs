@@ -20,10 +20,6 @@ pub(crate) struct SecretsArgs {
     timeout: Duration,
 }
 
-fn ts(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
-
 impl SecretsArgs {
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
         if !self.sds_socket.exists() {
@@ -51,8 +47,8 @@ impl SecretsArgs {
                             "spiffe_ids": c.uri_sans,
                             "subject": c.subject,
                             "serial": c.serial_hex,
-                            "not_before": ts(c.not_before),
-                            "not_after": ts(c.not_after),
+                            "not_before": rampart_certs::timestamp::rfc3339(c.not_before),
+                            "not_after": rampart_certs::timestamp::rfc3339(c.not_after),
                             "valid": c.not_before <= now && now < c.not_after,
                             "sha256_fingerprint": c.sha256_fingerprint,
                         })).collect::<Vec<_>>(),
@@ -89,8 +85,8 @@ impl SecretsArgs {
                     c.not_before <= now && now < c.not_after,
                     who,
                     c.serial_hex,
-                    ts(c.not_before),
-                    ts(c.not_after),
+                    rampart_certs::timestamp::rfc3339(c.not_before),
+                    rampart_certs::timestamp::rfc3339(c.not_after),
                     c.sha256_fingerprint
                 );
             }

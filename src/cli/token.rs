@@ -8,7 +8,7 @@
 use std::io::Read as _;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
 use clap::{Args, Subcommand};
@@ -141,10 +141,7 @@ pub(crate) fn workload_claims(
     now: SystemTime,
     ttl: Duration,
 ) -> Value {
-    let iat = now
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_secs())
-        .unwrap_or(0);
+    let iat = rampart_certs::timestamp::unix_secs_u64(now);
     let aud = match audiences {
         [one] => json!(one),
         many => json!(many),
@@ -287,7 +284,7 @@ mod tests {
     #[test]
     fn workload_claims_match_a_kubernetes_token() {
         let account = ServiceAccount::new("ns1", "sa1").unwrap();
-        let now = UNIX_EPOCH + Duration::from_secs(1_000);
+        let now = std::time::UNIX_EPOCH + Duration::from_secs(1_000);
         let claims = workload_claims(
             "iss",
             &account,

@@ -31,27 +31,20 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
+use rampart::up::{
+    Action, CA_AUDIENCE, CA_READY_MARKER, DEFAULT_ISSUER, MAX_SOCKET_PATH, Role, StateLayout,
+    TOKEN_REFRESH, TOKEN_TTL, agent_args, app_command, ca_args, check_addresses, check_edit,
+    check_policy, describe_status, folder_fingerprint, mesh_table, plan, proxy_args,
+    read_demo_token, workload_table,
+};
 use rampart_certs::jwt::{JwtSigner, ServiceAccount};
 use rampart_certs::{KeyAlgorithm, PrivateKey};
+use rampart_mesh::{MeshFolder, WorkloadEntry as Workload};
 use tokio::io::{AsyncBufReadExt as _, BufReader};
 use tokio::sync::mpsc;
 
-use super::meshdir::{MeshFolder, Workload};
-use super::up_plan::{Action, Role, plan};
-
-/// Issuer of the tokens node agents present to the CA.
-pub(crate) const DEFAULT_ISSUER: &str = "https://rampart.local/up";
-/// Audience the CA expects in caller tokens.
-const CA_AUDIENCE: &str = "istio-ca";
-/// Lifetime of agent tokens; they are re-minted well before expiry.
-const TOKEN_TTL: Duration = Duration::from_secs(24 * 3600);
-const TOKEN_REFRESH: Duration = Duration::from_secs(3600);
-/// What `rampart ca` prints once its listener is bound.
-const CA_READY_MARKER: &str = "rampart ca: listening on";
 /// Log lines kept per child for the crash report.
 const TAIL_LINES: usize = 20;
-/// Longest Unix socket path (sockaddr_un.sun_path less the NUL).
-const MAX_SOCKET_PATH: usize = 107;
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct UpArgs {
@@ -87,11 +80,11 @@ pub(crate) struct UpArgs {
 impl UpArgs {
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
         self.compliance.apply();
-        let mesh = MeshFolder::read(&self.dir).map_err(super::bad_input)?;
+        let mesh = rampart::read_mesh(&self.dir).map_err(super::bad_input)?;
         // mesh.yaml's `rampart.compliancePolicy: pqc` reaches the CA and agents too (the
         // proxies read it themselves); a `pqc` flag is never loosened by the folder.
-        if mesh.compliance_policy == rampart_certs::tls::CompliancePolicy::Pqc {
-            rampart_certs::tls::set_compliance_policy(mesh.compliance_policy);
+        if mesh.local.compliance_policy == rampart_certs::tls::CompliancePolicy::Pqc {
+            rampart_certs::tls::set_compliance_policy(mesh.local.compliance_policy);
         }
         let policy = check_policy(&self.dir);
         if !policy.problems.is_empty() {
@@ -105,7 +98,7 @@ impl UpArgs {
             eprintln!("rampart up: warning: {w}");
         }
         check_addresses(&mesh).map_err(super::bad_input)?;
-        if mesh.workloads.is_empty() {
+        if mesh.registry.workloads.is_empty() {
             return Err(super::bad_input(format!(
                 "{}/workloads.yaml declares no workloads",
                 self.dir.display()
@@ -121,134 +114,6 @@ impl UpArgs {
         rt.shutdown_timeout(Duration::from_secs(1));
         Ok(code)
     }
-}
-
-// ---------------------------------------------------------------- checks
-
-struct PolicyCheck {
-    problems: Vec<String>,
-    warnings: Vec<String>,
-    resources: usize,
-}
-
-/// Policy YAML of a mesh folder: every .yaml/.yml below DIR except the top-level mesh.yaml and
-/// workloads.yaml, validated as `rampart validate` does.
-fn check_policy(dir: &Path) -> PolicyCheck {
-    let mut files = Vec::new();
-    let mut problems = Vec::new();
-    if let Err(e) = policy_files(dir, dir, &mut files) {
-        problems.push(e);
-    }
-    if files.is_empty() {
-        return PolicyCheck {
-            problems,
-            warnings: Vec::new(),
-            resources: 0,
-        };
-    }
-    let r = rampart_authz::load_paths(&files);
-    problems.extend(r.problems.iter().map(|p| p.to_string()));
-    PolicyCheck {
-        problems,
-        warnings: r.warnings.iter().map(|w| w.to_string()).collect(),
-        resources: r.resources.len(),
-    }
-}
-
-fn policy_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), String> {
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
-        .map_err(|e| format!("{}: {e}", dir.display()))?
-        .filter_map(Result::ok)
-        .collect();
-    entries.sort_by_key(|e| e.file_name());
-    for e in entries {
-        let name = e.file_name().to_string_lossy().into_owned();
-        if name.starts_with('.') {
-            continue;
-        }
-        let path = e.path();
-        if path.is_dir() {
-            policy_files(root, &path, out)?;
-        } else if (name.ends_with(".yaml") || name.ends_with(".yml"))
-            && !(dir == root && (name == "mesh.yaml" || name == "workloads.yaml"))
-        {
-            out.push(path);
-        }
-    }
-    Ok(())
-}
-
-/// Every listen address in the folder must be distinct (and not the CA's).
-fn check_addresses(mesh: &MeshFolder) -> Result<(), String> {
-    let mut seen: Vec<(SocketAddr, String)> = vec![(mesh.ca_listen, "the CA".into())];
-    let mut add = |a: SocketAddr, what: String| -> Result<(), String> {
-        if let Some((_, other)) = seen.iter().find(|(s, _)| *s == a) {
-            return Err(format!(
-                "workloads.yaml: {what} and {other} both listen on {a}"
-            ));
-        }
-        seen.push((a, what));
-        Ok(())
-    };
-    for w in &mesh.workloads {
-        let k = w.key();
-        for p in &w.ports {
-            if let Some(a) = p.app {
-                add(a, format!("{k} port {} app", p.port))?;
-            }
-            if let Some(a) = p.inbound {
-                add(a, format!("{k} port {} inbound", p.port))?;
-            }
-        }
-        if let Some(a) = w.outbound {
-            add(a, format!("{k} proxy.outbound"))?;
-        }
-        if let Some(a) = w.admin {
-            add(a, format!("{k} proxy.admin"))?;
-        }
-        for u in &w.upstreams {
-            add(u.listen, format!("{k} upstream {}:{}", u.service, u.port))?;
-        }
-    }
-    Ok(())
-}
-
-/// mesh.yaml `rampart.demoToken`: an end-user token `up` mints for demos.
-#[derive(Debug, serde::Deserialize)]
-#[serde(rename_all = "camelCase", deny_unknown_fields)]
-struct DemoToken {
-    /// Signing key file, relative to DIR (a published demo key, never a real one).
-    key: PathBuf,
-    kid: Option<String>,
-    issuer: String,
-    audience: String,
-    namespace: String,
-    service_account: String,
-}
-
-/// The `rampart.demoToken` section of DIR/mesh.yaml, if any.
-fn read_demo_token(dir: &Path) -> Result<Option<DemoToken>, String> {
-    #[derive(serde::Deserialize, Default)]
-    #[serde(default, rename_all = "camelCase")]
-    struct Mesh {
-        rampart: Rampart,
-    }
-    #[derive(serde::Deserialize, Default)]
-    #[serde(default, rename_all = "camelCase")]
-    struct Rampart {
-        demo_token: Option<DemoToken>,
-    }
-    let text = match std::fs::read_to_string(dir.join("mesh.yaml")) {
-        Ok(t) => t,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
-        Err(e) => return Err(format!("mesh.yaml: {e}")),
-    };
-    if text.trim().is_empty() {
-        return Ok(None);
-    }
-    let m: Mesh =
-        serde_saphyr::from_str(&text).map_err(|e| format!("mesh.yaml: rampart.demoToken: {e}"))?;
-    Ok(m.rampart.demo_token)
 }
 
 // ---------------------------------------------------------------- children
@@ -285,29 +150,12 @@ struct Up {
     mesh: MeshFolder,
     exe: PathBuf,
     dir: PathBuf,
-    state: PathBuf,
-    logs: PathBuf,
+    layout: StateLayout,
     children: Vec<Child>,
     tx: mpsc::UnboundedSender<Event>,
     rx: mpsc::UnboundedReceiver<Event>,
     signer: JwtSigner,
-    bundle: PathBuf,
     demo_token: Option<(PathBuf, String)>,
-}
-
-fn describe_status(s: &std::io::Result<ExitStatus>) -> String {
-    match s {
-        Ok(s) => match (s.code(), s.signal()) {
-            (Some(c), _) => format!("exit code {c}"),
-            (None, Some(sig)) => format!("killed by signal {sig}"),
-            _ => s.to_string(),
-        },
-        Err(e) => format!("could not be waited for: {e}"),
-    }
-}
-
-fn socket_name(w: &Workload) -> String {
-    format!("{}.{}.sock", w.namespace, w.name)
 }
 
 impl Up {
@@ -318,29 +166,22 @@ impl Up {
         let state = args
             .state_dir
             .clone()
-            .or_else(|| mesh.state_dir.clone())
+            .or_else(|| mesh.local.state_dir.clone())
             .unwrap_or_else(|| PathBuf::from("var/rampart"));
         std::fs::create_dir_all(&state)
             .with_context(|| format!("creating the state directory {}", state.display()))?;
-        let state = std::fs::canonicalize(&state)?;
-        for sub in ["logs", "jwt", "tokens", "sds", "ca"] {
-            std::fs::create_dir_all(state.join(sub))?;
+        let layout = StateLayout::new(std::fs::canonicalize(&state)?);
+        for sub in StateLayout::SUBDIRS {
+            std::fs::create_dir_all(layout.state.join(sub))?;
         }
-        let longest = state.join("sds").join(
-            mesh.workloads
-                .iter()
-                .map(socket_name)
-                .max_by_key(String::len)
-                .unwrap_or_default(),
-        );
-        if longest.as_os_str().len() > MAX_SOCKET_PATH {
+        if let Some(longest) = layout.too_long_socket(&mesh.registry.workloads) {
             return Err(super::bad_input(format!(
                 "SDS socket path {} is longer than a Unix socket allows ({MAX_SOCKET_PATH} bytes); use a shorter --state-dir",
                 longest.display()
             )));
         }
         // The key that signs agent tokens: made here, kept 0600 in the state dir.
-        let key_path = state.join("jwt/up-signing-key.pem");
+        let key_path = layout.signing_key();
         let key = if key_path.exists() {
             PrivateKey::read_pem_file(&key_path)
                 .with_context(|| format!("reading {}", key_path.display()))?
@@ -353,22 +194,18 @@ impl Up {
         let signer = JwtSigner::with_thumbprint_kid(&key).context("JWT signer")?;
         let jwks = signer.jwks().context("JWKS")?.to_json();
         rampart_certs::write_file_atomic(
-            &state.join("jwt/jwks.json"),
+            &layout.jwks(),
             serde_json::to_string_pretty(&jwks)?.as_bytes(),
             0o644,
         )
         .context("writing the JWKS")?;
         let (tx, rx) = mpsc::unbounded_channel();
         Ok(Up {
-            logs: state.join("logs"),
-            // The CA writes its trust bundle here for the agents; never into `ca/`, where
-            // `root-cert.pem` is its persisted self-signed root (the CA refuses that).
-            bundle: state.join("trust-bundle.pem"),
             args,
             mesh,
             exe,
             dir,
-            state,
+            layout,
             children: Vec::new(),
             tx,
             rx,
@@ -405,14 +242,14 @@ impl Up {
             TOKEN_TTL,
         );
         let token = signer.sign(&claims).context("signing the demo token")?;
-        let path = self.state.join("demo-token.jwt");
+        let path = self.layout.demo_token();
         rampart_certs::write_file_atomic(&path, token.as_bytes(), 0o600)
             .with_context(|| format!("writing {}", path.display()))?;
         Ok(Some((path, demo.issuer)))
     }
 
     fn mint_tokens(&self) -> anyhow::Result<()> {
-        for w in &self.mesh.workloads {
+        for w in &self.mesh.registry.workloads {
             self.mint_token(w)?;
         }
         Ok(())
@@ -429,18 +266,8 @@ impl Up {
             TOKEN_TTL,
         );
         let token = self.signer.sign(&claims).context("signing a token")?;
-        rampart_certs::write_file_atomic(&self.token_path(w), token.as_bytes(), 0o600)
+        rampart_certs::write_file_atomic(&self.layout.token_path(w), token.as_bytes(), 0o600)
             .with_context(|| format!("writing the token of {}", w.key()))
-    }
-
-    fn token_path(&self, w: &Workload) -> PathBuf {
-        self.state
-            .join("tokens")
-            .join(format!("{}.{}.jwt", w.namespace, w.name))
-    }
-
-    fn sds_path(&self, w: &Workload) -> PathBuf {
-        self.state.join("sds").join(socket_name(w))
     }
 
     /// Start one child in its own process group, logs to `<logs>/<file>.log`; returns its
@@ -455,7 +282,7 @@ impl Up {
         ready_marker: Option<&'static str>,
     ) -> anyhow::Result<usize> {
         let file = name.replace(['/', ' '], "-");
-        let log = self.logs.join(format!("{file}.log"));
+        let log = self.layout.logs().join(format!("{file}.log"));
         let log_file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -588,7 +415,7 @@ impl Up {
         let result = self.start().await;
         let (code, reason) = match result {
             Ok(()) => {
-                print!("{}", self.table());
+                print!("{}", mesh_table(&self.mesh, &self.layout));
                 if let Some((path, issuer)) = &self.demo_token {
                     println!(
                         "\ndemo end-user token (issuer {issuer}, valid {}): {}",
@@ -651,41 +478,13 @@ impl Up {
             .mint_demo_token()
             .map_err(|e| Stop::Failed(format!("{e:#}")))?;
         // 1. The CA, trusting our issuer.
-        let _ = std::fs::remove_file(&self.bundle);
+        let _ = std::fs::remove_file(self.layout.bundle());
         let cacerts = self
             .args
             .cacerts
             .clone()
-            .unwrap_or_else(|| self.state.join("cacerts"));
-        let mut ca_args: Vec<String> = vec![
-            "ca".into(),
-            "--listen".into(),
-            self.mesh.ca_listen.to_string(),
-            "--cacerts".into(),
-            cacerts.display().to_string(),
-            "--state".into(),
-            self.state.join("ca").display().to_string(),
-            "--trust-domain".into(),
-            self.mesh.trust_domain.clone(),
-            "--jwt-issuer".into(),
-            self.args.issuer.clone(),
-            "--jwks".into(),
-            self.state.join("jwt/jwks.json").display().to_string(),
-            "--bundle-out".into(),
-            self.bundle.display().to_string(),
-        ];
-        if let Some(t) = self.mesh.cert_ttl {
-            ca_args.extend([
-                "--default-ttl".into(),
-                humantime::format_duration(t).to_string(),
-            ]);
-        }
-        if let Some(t) = self.mesh.max_cert_ttl {
-            ca_args.extend([
-                "--max-ttl".into(),
-                humantime::format_duration(t).to_string(),
-            ]);
-        }
+            .unwrap_or_else(|| self.layout.default_cacerts());
+        let ca_args = ca_args(&self.mesh, &self.layout, &cacerts, &self.args.issuer);
         let exe = self.exe.clone();
         self.spawn(
             "ca".into(),
@@ -698,7 +497,7 @@ impl Up {
         .map_err(|e| Stop::Failed(format!("{e:#}")))?;
         // Ready = it said it listens (a connect alone could reach someone else on the port),
         // its trust bundle is written, and the port accepts.
-        let (bundle, ca) = (self.bundle.clone(), self.mesh.ca_listen);
+        let (bundle, ca) = (self.layout.bundle(), self.mesh.local.ca_address());
         let said = self.children[self.children.len() - 1].said_ready.clone();
         self.wait_ready("the CA", || {
             let (bundle, said) = (bundle.clone(), said.clone());
@@ -715,7 +514,7 @@ impl Up {
         .await?;
 
         // 2-4. Per workload: node agents, then apps, then proxies.
-        let workloads = self.mesh.workloads.clone();
+        let workloads = self.mesh.registry.workloads.clone();
         self.start_workloads(&workloads).await
     }
 
@@ -725,7 +524,7 @@ impl Up {
         for w in workloads {
             self.spawn_agent(w)?;
         }
-        let socks: Vec<PathBuf> = workloads.iter().map(|w| self.sds_path(w)).collect();
+        let socks: Vec<PathBuf> = workloads.iter().map(|w| self.layout.sds_path(w)).collect();
         self.wait_ready("the node agents", || {
             let socks = socks.clone();
             async move {
@@ -749,71 +548,29 @@ impl Up {
     }
 
     fn spawn_agent(&mut self, w: &Workload) -> Result<(), Stop> {
-        let sock = self.sds_path(w);
-        let _ = std::fs::remove_file(&sock);
-        let mut a: Vec<String> = vec![
-            "agent".into(),
-            "--ca-addr".into(),
-            self.mesh.ca_listen.to_string(),
-            "--ca-root".into(),
-            self.bundle.display().to_string(),
-            "--token".into(),
-            self.token_path(w).display().to_string(),
-            "--trust-domain".into(),
-            self.mesh.trust_domain.clone(),
-            "--sds-socket".into(),
-            sock.display().to_string(),
-        ];
-        if let Some(t) = self.mesh.cert_ttl {
-            a.extend(["--ttl".into(), humantime::format_duration(t).to_string()]);
-        }
+        let _ = std::fs::remove_file(self.layout.sds_path(w));
+        let a = agent_args(&self.mesh, &self.layout, w);
         let exe = self.exe.clone();
         self.spawn_for(w, format!("agent {}", w.key()), Role::Agent, &exe, &a, &[])
     }
 
     /// Start the app of `w`, if the registry gives it a command.
     fn spawn_app(&mut self, w: &Workload) -> Result<(), Stop> {
-        let Some(cmd) = &w.command else {
+        let Some(app) = app_command(&self.mesh, w, &self.exe) else {
             return Ok(());
         };
-        let program = if cmd[0] == "rampart" {
-            self.exe.clone()
-        } else {
-            PathBuf::from(&cmd[0])
-        };
-        let mut env = vec![
-            ("RAMPART_WORKLOAD", w.key()),
-            ("SPIFFE_ID", w.spiffe_id(&self.mesh.trust_domain)),
-        ];
-        if let Some(o) = w.outbound {
-            let url = format!("http://{o}");
-            env.extend([
-                ("HTTP_PROXY", url.clone()),
-                ("http_proxy", url),
-                ("NO_PROXY", "localhost,127.0.0.1,::1".into()),
-                ("no_proxy", "localhost,127.0.0.1,::1".into()),
-            ]);
-        }
         self.spawn_for(
             w,
             format!("app {}", w.key()),
             Role::App,
-            &program,
-            &cmd[1..],
-            &env,
+            &app.program,
+            &app.args,
+            &app.env,
         )
     }
 
     fn spawn_proxy(&mut self, w: &Workload) -> Result<(), Stop> {
-        let a: Vec<String> = vec![
-            "proxy".into(),
-            "--mesh".into(),
-            self.dir.display().to_string(),
-            "--workload".into(),
-            w.key(),
-            "--sds-socket".into(),
-            self.sds_path(w).display().to_string(),
-        ];
+        let a = proxy_args(&self.dir, &self.layout, w);
         let exe = self.exe.clone();
         self.spawn_for(w, format!("proxy {}", w.key()), Role::Proxy, &exe, &a, &[])
     }
@@ -839,7 +596,7 @@ impl Up {
         let app_addrs: Vec<SocketAddr> = workloads
             .iter()
             .filter(|w| w.command.is_some())
-            .flat_map(|w| w.ports.iter().filter_map(|p| p.app))
+            .flat_map(|w| w.ports.iter().map(|p| p.app))
             .collect();
         self.wait_ready("the apps", || {
             let addrs = app_addrs.clone();
@@ -867,83 +624,9 @@ impl Up {
         .await
     }
 
-    fn table(&self) -> String {
-        let mut out = format!(
-            "CA              {} (trust domain {}, trust bundle {})\nstate, logs     {}, {}\n\n",
-            self.mesh.ca_listen,
-            self.mesh.trust_domain,
-            self.bundle.display(),
-            self.state.display(),
-            self.logs.display()
-        );
-        out.push_str(&self.workload_table(&self.mesh.workloads));
-        out
-    }
-
-    /// Who listens where, for `workloads` (with the header line).
-    fn workload_table(&self, workloads: &[Workload]) -> String {
-        let mut rows: Vec<[String; 6]> = vec![[
-            "WORKLOAD".into(),
-            "IDENTITY".into(),
-            "APP".into(),
-            "INBOUND (port/protocol -> proxy)".into(),
-            "OUTBOUND".into(),
-            "ADMIN".into(),
-        ]];
-        let none = || "-".to_string();
-        for w in workloads {
-            let mut first = true;
-            let ports: Vec<&super::meshdir::Port> = w.ports.iter().collect();
-            let n = ports.len().max(1) + w.upstreams.len();
-            for i in 0..n {
-                let (app, inbound) = if let Some(p) = ports.get(i) {
-                    (
-                        p.app.map(|a| a.to_string()).unwrap_or_else(none),
-                        format!(
-                            "{}/{} -> {}",
-                            p.port,
-                            p.protocol,
-                            p.inbound.map(|a| a.to_string()).unwrap_or_else(none)
-                        ),
-                    )
-                } else if i >= ports.len().max(1) {
-                    let u = &w.upstreams[i - ports.len().max(1)];
-                    (
-                        String::new(),
-                        format!("upstream {}:{} at {}", u.service, u.port, u.listen),
-                    )
-                } else {
-                    (none(), none())
-                };
-                rows.push([
-                    if first { w.key() } else { String::new() },
-                    if first {
-                        w.spiffe_id(&self.mesh.trust_domain)
-                    } else {
-                        String::new()
-                    },
-                    app,
-                    inbound,
-                    if first {
-                        w.outbound.map(|a| a.to_string()).unwrap_or_else(none)
-                    } else {
-                        String::new()
-                    },
-                    if first {
-                        w.admin.map(|a| a.to_string()).unwrap_or_else(none)
-                    } else {
-                        String::new()
-                    },
-                ]);
-                first = false;
-            }
-        }
-        super::align_columns(&rows)
-    }
-
     /// Wait for a signal or a death; meanwhile apply folder edits and refresh tokens.
     async fn supervise(&mut self) -> (u8, Option<String>) {
-        let mut fingerprint = folder_fingerprint(&self.dir, &self.state);
+        let mut fingerprint = folder_fingerprint(&self.dir, &self.layout.state);
         let mut last_mint = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -964,13 +647,13 @@ impl Up {
                     None => return (1, Some("rampart up: internal channel closed".into())),
                 },
                 _ = tick.tick() => {
-                    let mut now = folder_fingerprint(&self.dir, &self.state);
+                    let mut now = folder_fingerprint(&self.dir, &self.layout.state);
                     if now != fingerprint {
                         // Let a writer finish: act on a folder that holds still for 300 ms
                         // (a half-written registry can be valid and name fewer workloads).
                         for _ in 0..10 {
                             tokio::time::sleep(Duration::from_millis(300)).await;
-                            let again = folder_fingerprint(&self.dir, &self.state);
+                            let again = folder_fingerprint(&self.dir, &self.layout.state);
                             if again == now {
                                 break;
                             }
@@ -997,36 +680,10 @@ impl Up {
     /// Check the folder after an edit: the new mesh if it is valid, else why it is refused
     /// (file, field, reason).
     fn check_edit(&self) -> Result<MeshFolder, String> {
-        let mesh = MeshFolder::read(&self.dir)?;
-        let policy = check_policy(&self.dir);
-        if !policy.problems.is_empty() {
-            return Err(format!(
-                "{} policy problem(s):\n  {}",
-                policy.problems.len(),
-                policy.problems.join("\n  ")
-            ));
-        }
-        check_addresses(&mesh)?;
-        if mesh.workloads.is_empty() {
-            return Err(
-                "workloads.yaml: workloads: declares no workloads (to stop the whole mesh, stop `rampart up`)"
-                    .to_string(),
-            );
-        }
-        for w in &mesh.workloads {
-            let sock = self.sds_path(w);
-            if sock.as_os_str().len() > MAX_SOCKET_PATH {
-                return Err(format!(
-                    "workloads.yaml: workload {}: its SDS socket path {} is longer than a Unix socket allows ({MAX_SOCKET_PATH} bytes); use shorter names or a shorter --state-dir",
-                    w.key(),
-                    sock.display()
-                ));
-            }
-        }
+        let (mesh, resources) = check_edit(&self.dir, &self.layout)?;
         eprintln!(
-            "rampart up: {} changed: valid ({} policy resource(s)); the proxies apply it live",
+            "rampart up: {} changed: valid ({resources} policy resource(s)); the proxies apply it live",
             self.dir.display(),
-            policy.resources
         );
         Ok(mesh)
     }
@@ -1066,9 +723,9 @@ impl Up {
                     );
                     self.stop_workload(&key, &[Role::App, Role::Proxy, Role::Agent])
                         .await?;
-                    if let Some(w) = find(&old.workloads, &key) {
-                        let _ = std::fs::remove_file(self.token_path(&w));
-                        let _ = std::fs::remove_file(self.sds_path(&w));
+                    if let Some(w) = find(&old.registry.workloads, &key) {
+                        let _ = std::fs::remove_file(self.layout.token_path(&w));
+                        let _ = std::fs::remove_file(self.layout.sds_path(&w));
                     }
                     eprintln!("rampart up: workload {key} stopped");
                 }
@@ -1077,7 +734,7 @@ impl Up {
                     roles,
                     why,
                 } => {
-                    let Some(w) = find(&new.workloads, &workload) else {
+                    let Some(w) = find(&new.registry.workloads, &workload) else {
                         continue;
                     };
                     eprintln!("rampart up: workload {workload}: {why}");
@@ -1091,12 +748,12 @@ impl Up {
                 }
                 Action::ApplyLive(key) => {
                     // Who listens where now (the proxy moved its listeners itself).
-                    if let Some(w) = find(&new.workloads, &key) {
+                    if let Some(w) = find(&new.registry.workloads, &key) {
                         self.print_table_line(&w);
                     }
                 }
                 Action::Start(key) => {
-                    let Some(w) = find(&new.workloads, &key) else {
+                    let Some(w) = find(&new.registry.workloads, &key) else {
                         continue;
                     };
                     eprintln!(
@@ -1118,19 +775,25 @@ impl Up {
             }
         }
         let in_force = new
+            .registry
             .workloads
             .into_iter()
             .filter(|w| !failed.contains(&w.key()))
             .collect();
         self.mesh = MeshFolder {
-            workloads: in_force,
+            registry: rampart_mesh::Registry {
+                workloads: in_force,
+            },
             ..old
         };
         Ok(())
     }
 
     fn print_table_line(&self, w: &Workload) {
-        print!("{}", self.workload_table(std::slice::from_ref(w)));
+        print!(
+            "{}",
+            workload_table(&self.mesh.trust_domain, std::slice::from_ref(w))
+        );
         let _ = std::io::stdout().flush();
     }
 
@@ -1367,7 +1030,7 @@ async fn tcp_ready(a: SocketAddr) -> Result<(), String> {
 /// A proxy is ready when its admin `/ready` answers 200 (or, without an admin address, when
 /// its listeners accept connections).
 async fn proxy_ready(w: &Workload) -> Result<(), String> {
-    if let Some(admin) = w.admin {
+    if let Some(admin) = w.proxy.admin {
         let (status, _) = super::admin_http::get(admin, "/ready", Duration::from_secs(1)).await?;
         if status == 200 {
             return Ok(());
@@ -1375,110 +1038,10 @@ async fn proxy_ready(w: &Workload) -> Result<(), String> {
         return Err(format!("proxy {}: /ready answered {status}", w.key()));
     }
     for p in &w.ports {
-        if let Some(a) = p.inbound {
-            tcp_ready(a).await?;
-        }
+        tcp_ready(p.inbound).await?;
     }
-    if let Some(a) = w.outbound {
+    if let Some(a) = w.proxy.outbound {
         tcp_ready(a).await?;
     }
     Ok(())
-}
-
-/// Paths, sizes and modification times of everything below DIR (dot entries skipped, and
-/// the state directory `skip`, should it be inside DIR: its logs change all the time).
-fn folder_fingerprint(dir: &Path, skip: &Path) -> Vec<(PathBuf, u64, Option<SystemTime>)> {
-    fn walk(dir: &Path, skip: &Path, out: &mut Vec<(PathBuf, u64, Option<SystemTime>)>) {
-        let Ok(rd) = std::fs::read_dir(dir) else {
-            return;
-        };
-        for e in rd.filter_map(Result::ok) {
-            if e.file_name().to_string_lossy().starts_with('.') {
-                continue;
-            }
-            let p = e.path();
-            match e.metadata() {
-                Ok(m) if m.is_dir() && p == skip => {}
-                Ok(m) if m.is_dir() => walk(&p, skip, out),
-                Ok(m) => out.push((p, m.len(), m.modified().ok())),
-                Err(_) => {}
-            }
-        }
-    }
-    let mut v = Vec::new();
-    walk(dir, skip, &mut v);
-    v.sort();
-    v
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn folder(workloads: &str, policy: Option<&str>) -> tempfile::TempDir {
-        let d = tempfile::tempdir().unwrap();
-        std::fs::write(d.path().join("mesh.yaml"), "trustDomain: cluster.local\n").unwrap();
-        std::fs::write(d.path().join("workloads.yaml"), workloads).unwrap();
-        if let Some(p) = policy {
-            std::fs::create_dir(d.path().join("policy")).unwrap();
-            std::fs::write(d.path().join("policy/p.yaml"), p).unwrap();
-        }
-        d
-    }
-
-    #[test]
-    fn duplicate_listen_addresses_are_refused() {
-        let d = folder(
-            "workloads:\n- name: a\n  namespace: ns1\n  ports: [{port: 80, app: 127.0.0.1:9000, inbound: 127.0.0.1:9001}]\n  proxy: {admin: 127.0.0.1:9000}\n",
-            None,
-        );
-        let m = MeshFolder::read(d.path()).unwrap();
-        let e = check_addresses(&m).unwrap_err();
-        assert!(e.contains("127.0.0.1:9000"), "{e}");
-        assert!(e.contains("ns1/a proxy.admin"), "{e}");
-        let ca = folder(
-            "workloads:\n- {name: a, namespace: ns1, proxy: {admin: 127.0.0.1:15012}}\n",
-            None,
-        );
-        let e = check_addresses(&MeshFolder::read(ca.path()).unwrap()).unwrap_err();
-        assert!(e.contains("the CA"), "{e}");
-    }
-
-    #[test]
-    fn policy_check_skips_mesh_and_registry_and_reports_problems() {
-        let good = folder(
-            "workloads: []\n",
-            Some(
-                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: default, namespace: istio-system}\nspec: {mtls: {mode: PERMISSIVE}}\n",
-            ),
-        );
-        let r = check_policy(good.path());
-        assert!(r.problems.is_empty(), "{:?}", r.problems);
-        assert_eq!(r.resources, 1);
-        let bad = folder(
-            "workloads: []\n",
-            Some(
-                "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: ns1}\nspec: {action: DENY}\n",
-            ),
-        );
-        let r = check_policy(bad.path());
-        assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
-        assert!(r.problems[0].contains("p.yaml"), "{:?}", r.problems);
-    }
-
-    #[test]
-    fn fingerprint_changes_on_edit() {
-        let d = folder("workloads: []\n", None);
-        let state = d.path().join("state");
-        std::fs::create_dir(&state).unwrap();
-        let a = folder_fingerprint(d.path(), &state);
-        std::fs::write(state.join("x.log"), "log line\n").unwrap();
-        assert_eq!(
-            a,
-            folder_fingerprint(d.path(), &state),
-            "the state dir is skipped"
-        );
-        std::fs::write(d.path().join("new.yaml"), "x: 1\n").unwrap();
-        assert_ne!(a, folder_fingerprint(d.path(), &state));
-    }
 }

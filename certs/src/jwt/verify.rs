@@ -1,7 +1,7 @@
 //! Compact JWS parsing, signature verification, time checks and claim policy.
 
 use std::fmt;
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime};
 
 use base64::Engine as _;
 use serde_json::{Map, Value};
@@ -310,10 +310,7 @@ impl Registered {
     }
 
     fn check_time(&self, now: SystemTime, leeway: Duration) -> Result<(), JwtError> {
-        let now = now
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
+        let now = crate::timestamp::unix_secs_u64(now);
         let leeway_secs = leeway.as_secs();
         if let Some(nbf) = self
             .nbf
@@ -436,8 +433,9 @@ impl VerifiedJwt {
     }
 }
 
+/// A NumericDate claim (at most `MAX_NUMERIC_DATE`, so it fits an `i64`) as a `SystemTime`.
 fn from_unix(secs: u64) -> SystemTime {
-    UNIX_EPOCH + Duration::from_secs(secs)
+    crate::timestamp::from_unix_secs(i64::try_from(secs).unwrap_or(MAX_NUMERIC_DATE as i64))
 }
 
 // === impl ServiceAccount ===
@@ -589,7 +587,16 @@ impl IssuerSet {
 
     /// Verify `token` with the key set and policy of the issuer it names.
     pub fn verify(&self, token: &str, now: SystemTime) -> Result<VerifiedJwt, JwtError> {
-        let parsed = UnverifiedJwt::parse(token)?;
+        self.verify_parsed(UnverifiedJwt::parse(token)?, now)
+    }
+
+    /// [`IssuerSet::verify`] for a token already parsed (a caller that reports the claimed
+    /// issuer in its own words).
+    pub fn verify_parsed(
+        &self,
+        parsed: UnverifiedJwt<'_>,
+        now: SystemTime,
+    ) -> Result<VerifiedJwt, JwtError> {
         let Some((jwks, validation)) = parsed
             .unverified_issuer()
             .and_then(|iss| self.issuers.get(iss))

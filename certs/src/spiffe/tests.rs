@@ -195,6 +195,7 @@ fn istio_form() {
         (parsed.namespace(), parsed.service_account()),
         (Some("foo"), Some("bar"))
     );
+    assert_eq!(parsed.istio_parts(), Some(("foo", "bar")));
 
     // Other shapes are valid SPIFFE IDs but not Istio identities.
     for other in [
@@ -204,10 +205,12 @@ fn istio_form() {
         "spiffe://td/ns/foo/sa/bar/extra",
         "spiffe://td/sa/bar/ns/foo",
         "spiffe://td/NS/foo/SA/bar",
+        "spiffe://td/ns/a/b/sa/bar",
     ] {
         let id = SpiffeId::parse(other).unwrap();
         assert_eq!(id.namespace(), None, "{other}");
         assert_eq!(id.service_account(), None, "{other}");
+        assert_eq!(id.istio_parts(), None, "{other}");
     }
 
     // Bad namespace or service account segments are refused.

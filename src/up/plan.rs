@@ -1,22 +1,26 @@
 //! What `rampart up` does about an edit of the mesh folder, decided without touching a
 //! process: `plan(old, new)` compares the running registry with the edited one and returns
-//! the actions, in the order `up` carries them out. `up.rs` only executes them (signals,
-//! spawns, waits) and prints.
+//! the actions, in the order `up` carries them out. The binary's `up` only executes them
+//! (signals, spawns, waits) and prints.
 
-use super::meshdir::{MeshFolder, Workload};
+use rampart_mesh::{MeshFolder, WorkloadEntry};
 
-/// A process `up` runs for a workload.
+/// A process `up` runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Role {
+pub enum Role {
+    /// The CA (one for the mesh).
     Ca,
+    /// A workload's node agent.
     Agent,
+    /// A workload's app (its `command`).
     App,
+    /// A workload's proxy.
     Proxy,
 }
 
 /// One step of applying an edit.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum Action {
+pub enum Action {
     /// The edit is invalid: nothing is started or stopped (the reason names file and field).
     Refuse(String),
     /// mesh.yaml settings that the CA and node agents keep until the next `up`.
@@ -26,12 +30,15 @@ pub(crate) enum Action {
     /// A changed workload whose change needs these processes restarted; `why` is what `up`
     /// prints after `workload KEY: `.
     Restart {
+        /// The workload, `namespace/name`.
         workload: String,
+        /// The processes to restart.
         roles: Vec<Role>,
+        /// Why, for the user.
         why: String,
     },
-    /// A changed workload whose proxy applies the change itself (ports, addresses, labels):
-    /// nothing restarts; `up` prints its new table line.
+    /// A changed workload whose proxy applies the change itself (ports, listener addresses,
+    /// upstreams): nothing restarts; `up` prints its new table line.
     ApplyLive(String),
     /// A workload added to the registry: start its node agent, app and proxy.
     Start(String),
@@ -40,7 +47,7 @@ pub(crate) enum Action {
 /// The actions that bring a mesh running `old` to `new` (or to nothing, when the edit was
 /// refused): settings notes first, then removed workloads (they may free addresses the others
 /// now use), then changed and added ones in file order. Unchanged workloads get no action.
-pub(crate) fn plan(old: &MeshFolder, new: Result<&MeshFolder, &str>) -> Vec<Action> {
+pub fn plan(old: &MeshFolder, new: Result<&MeshFolder, &str>) -> Vec<Action> {
     let new = match new {
         Ok(n) => n,
         Err(why) => return vec![Action::Refuse(why.to_string())],
@@ -53,31 +60,43 @@ pub(crate) fn plan(old: &MeshFolder, new: Result<&MeshFolder, &str>) -> Vec<Acti
             old.trust_domain, new.trust_domain
         ));
     }
-    if new.ca_listen != old.ca_listen {
-        notes.push(format!(
-            "rampart.ca.listen ({} -> {})",
-            old.ca_listen, new.ca_listen
-        ));
+    let (old_ca, new_ca) = (old.local.ca_address(), new.local.ca_address());
+    if new_ca != old_ca {
+        notes.push(format!("rampart.ca.listen ({old_ca} -> {new_ca})"));
     }
-    if new.cert_ttl != old.cert_ttl || new.max_cert_ttl != old.max_cert_ttl {
+    if new.local.cert_ttl != old.local.cert_ttl || new.local.max_cert_ttl != old.local.max_cert_ttl
+    {
         notes.push("rampart.ca.certTTL/maxCertTTL".to_string());
     }
     if !notes.is_empty() {
         actions.push(Action::KeepSettings(notes));
     }
-    for w in &old.workloads {
-        if !new.workloads.iter().any(|n| n.key() == w.key()) {
+    let (old_w, new_w) = (&old.registry.workloads, &new.registry.workloads);
+    for w in old_w {
+        if !new_w.iter().any(|n| n.key() == w.key()) {
             actions.push(Action::Stop(w.key()));
         }
     }
-    for w in &new.workloads {
-        match old.workloads.iter().find(|o| o.key() == w.key()) {
+    for w in new_w {
+        match old_w.iter().find(|o| o.key() == w.key()) {
             None => actions.push(Action::Start(w.key())),
-            Some(o) if o == w => {}
+            Some(o) if same_but_labels(o, w) => {}
             Some(o) => actions.push(change(o, w)),
         }
     }
     actions
+}
+
+/// Equal in everything `up` shows or starts processes with. Labels only select policy,
+/// which the proxies apply themselves: a label edit needs nothing from `up`.
+fn same_but_labels(a: &WorkloadEntry, b: &WorkloadEntry) -> bool {
+    a.name == b.name
+        && a.namespace == b.namespace
+        && a.service_account == b.service_account
+        && a.ports == b.ports
+        && a.command == b.command
+        && a.proxy == b.proxy
+        && a.upstreams == b.upstreams
 }
 
 /// What a change to an existing workload needs: a new service account is a new identity
@@ -85,7 +104,7 @@ pub(crate) fn plan(old: &MeshFolder, new: Result<&MeshFolder, &str>) -> Vec<Acti
 /// started with as HTTP_PROXY, restarts the app (and the proxy too if its admin address
 /// moved); a new admin address alone restarts the proxy. Anything else the proxy applies
 /// live.
-fn change(old: &Workload, new: &Workload) -> Action {
+fn change(old: &WorkloadEntry, new: &WorkloadEntry) -> Action {
     let workload = new.key();
     let (roles, why) = if old.service_account != new.service_account {
         (
@@ -95,14 +114,15 @@ fn change(old: &Workload, new: &Workload) -> Action {
                 old.service_account, new.service_account
             ),
         )
-    } else if old.command != new.command || (new.command.is_some() && old.outbound != new.outbound)
+    } else if old.command != new.command
+        || (new.command.is_some() && old.proxy.outbound != new.proxy.outbound)
     {
         let what = if old.command != new.command {
             "command changed"
         } else {
             "proxy.outbound (its HTTP_PROXY) changed"
         };
-        if old.admin != new.admin {
+        if old.proxy.admin != new.proxy.admin {
             (
                 vec![Role::App, Role::Proxy],
                 format!("{what} and proxy.admin changed: restarting its app and proxy"),
@@ -110,15 +130,15 @@ fn change(old: &Workload, new: &Workload) -> Action {
         } else {
             (vec![Role::App], format!("{what}: restarting its app"))
         }
-    } else if old.admin != new.admin {
+    } else if old.proxy.admin != new.proxy.admin {
         let show =
             |a: Option<std::net::SocketAddr>| a.map_or_else(|| "-".into(), |a| a.to_string());
         (
             vec![Role::Proxy],
             format!(
                 "proxy.admin changed ({} -> {}): restarting its proxy",
-                show(old.admin),
-                show(new.admin)
+                show(old.proxy.admin),
+                show(new.proxy.admin)
             ),
         )
     } else {
@@ -139,7 +159,7 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("mesh.yaml"), "trustDomain: cluster.local\n").unwrap();
         std::fs::write(d.path().join("workloads.yaml"), workloads).unwrap();
-        MeshFolder::read(d.path()).unwrap()
+        MeshFolder::load(d.path()).unwrap()
     }
 
     const A: &str = "- {name: a, namespace: ns1, serviceAccount: a, command: [app, --port, '9000'], ports: [{port: 80, app: '127.0.0.1:9000', inbound: '127.0.0.1:9001'}], proxy: {admin: '127.0.0.1:9002', outbound: '127.0.0.1:9003'}}\n";
@@ -217,6 +237,14 @@ mod tests {
                 )],
             ),
             (
+                "changed labels only: policy selection, the proxies' business",
+                reg(&[
+                    &A.replace("serviceAccount: a,", "serviceAccount: a, labels: {v: '2'},"),
+                    B,
+                ]),
+                vec![],
+            ),
+            (
                 "changed inbound address: the proxy applies it",
                 reg(&[A, &B.replace("9101", "9111")]),
                 vec![Action::ApplyLive("ns1/b".into())],
@@ -251,8 +279,8 @@ mod tests {
     fn mesh_settings_the_ca_keeps_are_noted_first() {
         let base = reg(&[A]);
         let mut new = reg(&[A, B]);
-        new.trust_domain = "other.local".into();
-        new.cert_ttl = Some(std::time::Duration::from_secs(60));
+        new.trust_domain = rampart_certs::TrustDomain::new("other.local").unwrap();
+        new.local.cert_ttl = Some(std::time::Duration::from_secs(60));
         let p = plan(&base, Ok(&new));
         assert_eq!(
             p,

@@ -1,6 +1,6 @@
 //! The end-to-end load generator behind `rampart ca bench`: many concurrent CreateCertificate
-//! streams over a few TLS connections, pre-made CSRs, reporting certificates per second and
-//! latency percentiles.
+//! streams over a few TLS connections (`rampart_citadel::client::connect`), pre-made CSRs,
+//! reporting certificates per second and latency percentiles.
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,29 +8,29 @@ use std::time::{Duration, Instant};
 
 use rampart_proto::istio::v1::auth::IstioCertificateRequest;
 
-use crate::error::CitadelError;
+use anyhow::{Context as _, bail};
 
 /// What to run.
 #[derive(Clone)]
-pub struct LoadConfig {
+pub(crate) struct LoadConfig {
     /// The CA.
-    pub addr: SocketAddr,
+    pub(crate) addr: SocketAddr,
     /// Name to verify the CA's certificate for.
-    pub server_name: String,
+    pub(crate) server_name: String,
     /// TLS client configuration (roots, optional client certificate).
-    pub tls: Arc<rustls::ClientConfig>,
+    pub(crate) tls: Arc<rustls::ClientConfig>,
     /// Bearer token sent with every request, if any.
-    pub token: Option<String>,
+    pub(crate) token: Option<String>,
     /// Pre-made PEM CSRs, used round-robin.
-    pub csrs: Arc<Vec<String>>,
+    pub(crate) csrs: Arc<Vec<String>>,
     /// TLS connections to open.
-    pub connections: usize,
+    pub(crate) connections: usize,
     /// Requests in flight at once (spread over the connections).
-    pub concurrency: usize,
+    pub(crate) concurrency: usize,
     /// How long to run.
-    pub duration: Duration,
+    pub(crate) duration: Duration,
     /// `validity_duration` to request (seconds; 0 = the CA default).
-    pub ttl_secs: i64,
+    pub(crate) ttl_secs: i64,
 }
 
 impl std::fmt::Debug for LoadConfig {
@@ -46,44 +46,45 @@ impl std::fmt::Debug for LoadConfig {
 
 /// What happened.
 #[derive(Debug, Clone)]
-pub struct LoadReport {
+pub(crate) struct LoadReport {
     /// Certificates issued.
-    pub issued: u64,
+    pub(crate) issued: u64,
     /// Failed requests.
-    pub errors: u64,
+    pub(crate) errors: u64,
     /// Wall time of the run.
-    pub elapsed: Duration,
+    pub(crate) elapsed: Duration,
     /// Median latency of successful requests.
-    pub p50: Duration,
+    pub(crate) p50: Duration,
     /// 99th percentile latency of successful requests.
-    pub p99: Duration,
+    pub(crate) p99: Duration,
     /// The first error seen, if any.
-    pub first_error: Option<String>,
+    pub(crate) first_error: Option<String>,
 }
 
 impl LoadReport {
     /// Issued certificates per second.
-    pub fn rate(&self) -> f64 {
+    pub(crate) fn rate(&self) -> f64 {
         self.issued as f64 / self.elapsed.as_secs_f64().max(1e-9)
     }
 }
 
 /// Runs the load and reports.
-pub async fn run_load(cfg: LoadConfig) -> Result<LoadReport, CitadelError> {
+pub(crate) async fn run_load(cfg: LoadConfig) -> anyhow::Result<LoadReport> {
     if cfg.csrs.is_empty() || cfg.connections == 0 || cfg.concurrency == 0 {
-        return Err(CitadelError::Config(
-            "load generator needs CSRs, connections and concurrency".into(),
-        ));
+        bail!("load generator needs CSRs, connections and concurrency");
     }
     let mut clients = Vec::with_capacity(cfg.connections);
     for _ in 0..cfg.connections {
-        clients.push(crate::client::connect(cfg.addr, &cfg.server_name, cfg.tls.clone()).await?);
+        clients.push(
+            rampart_citadel::client::connect(cfg.addr, &cfg.server_name, cfg.tls.clone()).await?,
+        );
     }
     let auth: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = match &cfg.token {
         Some(t) => Some(
             format!("Bearer {t}")
                 .parse()
-                .map_err(|_| CitadelError::Config("token is not a valid header value".into()))?,
+                .ok()
+                .context("token is not a valid header value")?,
         ),
         None => None,
     };
@@ -132,9 +133,7 @@ pub async fn run_load(cfg: LoadConfig) -> Result<LoadReport, CitadelError> {
     let mut errors = 0;
     let mut first_error = None;
     for t in tasks {
-        let (lat, e, fe) = t
-            .await
-            .map_err(|e| CitadelError::Config(format!("load task failed: {e}")))?;
+        let (lat, e, fe) = t.await.context("load task failed")?;
         all.extend(lat);
         errors += e;
         if first_error.is_none() {
