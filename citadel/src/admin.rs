@@ -21,8 +21,21 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::audit::read_audit_log;
 use crate::error::CitadelError;
-use crate::revocation::{RevokedSerial, normalize_serial};
-use crate::server::CaState;
+use crate::revocation::{PublishedCrls, RevokedSerial, normalize_serial};
+
+/// What the admin socket needs from the CA (implemented by `CaState`).
+pub(crate) trait AdminBackend: Send + Sync + 'static {
+    /// The issuance audit log.
+    fn audit_log(&self) -> PathBuf;
+    /// Revokes `(serial, identity, not-after)` entries, persisting before publishing.
+    fn revoke_entries(
+        &self,
+        entries: &[(String, String, SystemTime)],
+        reason: Option<RevocationReason>,
+    ) -> Result<Vec<RevokedSerial>, CitadelError>;
+    /// What is published now.
+    fn published(&self) -> Arc<PublishedCrls>;
+}
 
 /// Longest request line read.
 const MAX_REQUEST: usize = 64 * 1024;
@@ -75,8 +88,8 @@ pub struct AdminResponse {
 
 /// Binds the admin socket at `path` (replacing a stale socket file, never another kind of
 /// file), mode 0600, and serves it until the task is aborted.
-pub(crate) fn serve_admin(
-    state: Arc<CaState>,
+pub(crate) fn serve_admin<S: AdminBackend>(
+    state: Arc<S>,
     path: &Path,
 ) -> Result<tokio::task::JoinHandle<()>, CitadelError> {
     use std::os::unix::fs::{FileTypeExt, PermissionsExt};
@@ -115,8 +128,8 @@ pub(crate) fn serve_admin(
     }))
 }
 
-async fn serve_one(
-    state: Arc<CaState>,
+async fn serve_one<S: AdminBackend>(
+    state: Arc<S>,
     stream: tokio::net::UnixStream,
     owner: u32,
 ) -> std::io::Result<()> {
@@ -140,7 +153,7 @@ async fn serve_one(
             match serde_json::from_slice::<AdminRequest>(&line) {
                 Ok(req) => {
                     let st = state.clone();
-                    tokio::task::spawn_blocking(move || handle(&st, req, cred.uid()))
+                    tokio::task::spawn_blocking(move || handle(st.as_ref(), req, cred.uid()))
                         .await
                         .unwrap_or_else(|e| refuse(format!("internal error: {e}")))
                 }
@@ -162,8 +175,8 @@ fn refuse(error: String) -> AdminResponse {
     }
 }
 
-fn status(state: &CaState, mut r: AdminResponse) -> AdminResponse {
-    let cur = state.revocations().current();
+fn status<S: AdminBackend>(state: &S, mut r: AdminResponse) -> AdminResponse {
+    let cur = state.published();
     r.crl_version = cur.version;
     r.crl_etag = cur.set.etag().to_owned();
     if let Some(own) = &cur.own {
@@ -174,7 +187,7 @@ fn status(state: &CaState, mut r: AdminResponse) -> AdminResponse {
     r
 }
 
-fn handle(state: &CaState, req: AdminRequest, uid: u32) -> AdminResponse {
+fn handle<S: AdminBackend>(state: &S, req: AdminRequest, uid: u32) -> AdminResponse {
     match req {
         AdminRequest::Crls => status(
             state,
@@ -201,8 +214,8 @@ fn handle(state: &CaState, req: AdminRequest, uid: u32) -> AdminResponse {
     }
 }
 
-fn revoke(
-    state: &CaState,
+fn revoke<S: AdminBackend>(
+    state: &S,
     serial: Option<String>,
     spiffe_id: Option<String>,
     reason: Option<String>,
@@ -212,7 +225,7 @@ fn revoke(
         .as_deref()
         .map(str::parse::<RevocationReason>)
         .transpose()?;
-    let log = state.audit_log_path();
+    let log = state.audit_log();
     let (entries, _) = read_audit_log(&log).map_err(|e| e.to_string())?;
     let now = SystemTime::now();
     let targets: Vec<(String, String, SystemTime)> = match (serial, spiffe_id) {
@@ -260,7 +273,9 @@ fn revoke(
         count = targets.len(),
         "admin socket: revocation requested"
     );
-    state.revoke(&targets, reason).map_err(|e| e.to_string())
+    state
+        .revoke_entries(&targets, reason)
+        .map_err(|e| e.to_string())
 }
 
 /// Sends one request to the admin socket at `path` and returns the answer (blocking; for the

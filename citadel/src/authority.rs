@@ -42,6 +42,9 @@ pub const CA_KEY: &str = "ca-key.pem";
 pub const CERT_CHAIN: &str = "cert-chain.pem";
 /// The root(s).
 pub const ROOT_CERT: &str = "root-cert.pem";
+/// The optional CRLs: in an Istio `cacerts` directory (plug-in CRLs, read by the CA) and beside
+/// CA material made with `rampart certs` (written by `rampart certs revoke|crl`).
+pub const CA_CRL: &str = "ca-crl.pem";
 /// Self-signed mode: the root certificate in the state directory.
 pub const SELF_SIGNED_CERT: &str = "root-cert.pem";
 /// Self-signed mode: the root key in the state directory (0600).
@@ -344,7 +347,7 @@ impl PluginFiles {
             ca_key: read(CA_KEY)?.map(zeroize::Zeroizing::new),
             cert_chain: read(CERT_CHAIN)?,
             root_cert: read(ROOT_CERT)?,
-            ca_crl: read(crate::revocation::CA_CRL)?,
+            ca_crl: read(CA_CRL)?,
         })
     }
 
@@ -464,7 +467,7 @@ pub(crate) fn load_plugin_crls(
     cas: &[CertificateDer<'static>],
     now: SystemTime,
 ) -> Result<CrlSet, CitadelError> {
-    let path = dir.join(crate::revocation::CA_CRL);
+    let path = dir.join(CA_CRL);
     if pem.trim().is_empty() {
         return Err(CitadelError::invalid(
             &path,

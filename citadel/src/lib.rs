@@ -64,3 +64,4 @@ pub use self::revocation::{
     PUBLISHED_CRLS, PublishedCrls, REVOCATIONS_FILE, RevocationState, Revocations, RevokedSerial,
     StoredRevocation, normalize_serial,
 };
+pub use self::server::RevocationService;

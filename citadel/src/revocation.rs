@@ -33,9 +33,7 @@ use crate::signer::X509Signer;
 /// certificate; it is re-signed when half of it is left and at every revocation.
 pub const DEFAULT_CRL_VALIDITY: Duration = Duration::from_secs(10 * 60);
 
-/// The CRL file: in an Istio `cacerts` directory (plug-in CRLs, read by the CA) and beside CA
-/// material made with `rampart certs` (written by `rampart certs revoke|crl`).
-pub const CA_CRL: &str = "ca-crl.pem";
+pub use crate::authority::CA_CRL;
 /// Alias of [`CA_CRL`] for `rampart certs` directories.
 pub const CRL_FILE: &str = CA_CRL;
 /// `rampart certs`: the revoked serials and the last CRL number, beside the CA.
@@ -222,7 +220,8 @@ pub struct PublishedCrls {
     pub check: RevocationCheck,
     /// When `own` was signed.
     pub signed_at: SystemTime,
-    /// Increases by one whenever the served set changes (content); 0 before the first.
+    /// Increases at every publication (also across restarts: at least the own CRL's number);
+    /// 0 before the first.
     pub version: u64,
 }
 
@@ -352,9 +351,8 @@ impl Revocations {
         }
         let previous = self.current.load();
         let changed = previous.set.etag() != set.etag();
-        // Content aside from dates and numbers always changes at a re-signing; the version
-        // counts served sets.
-        let version = previous.version + 1;
+        // Monotonic across restarts too: at least the own CRL's number (which is).
+        let version = (previous.version + 1).max(own.as_ref().map_or(0, |_| number));
         let set = Arc::new(set);
         if let Err(e) =
             rampart_certs::write_file_atomic(&self.published_path, set.to_pem().as_bytes(), 0o644)

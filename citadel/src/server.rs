@@ -636,6 +636,98 @@ impl IstioCertificateService for CaService {
     }
 }
 
+impl crate::admin::AdminBackend for CaState {
+    fn audit_log(&self) -> std::path::PathBuf {
+        self.audit_log_path()
+    }
+
+    fn revoke_entries(
+        &self,
+        entries: &[(String, String, SystemTime)],
+        reason: Option<rampart_certs::RevocationReason>,
+    ) -> Result<Vec<crate::revocation::RevokedSerial>, CitadelError> {
+        self.revoke(entries, reason)
+    }
+
+    fn published(&self) -> Arc<crate::revocation::PublishedCrls> {
+        self.revocations.current()
+    }
+}
+
+/// `rampart.ca.v1.Revocation`: the served CRLs, for callers authenticated like
+/// CreateCertificate (a bearer token or a client certificate of the mesh; no impersonation).
+#[derive(Debug, Clone)]
+pub struct RevocationService {
+    state: Arc<CaState>,
+}
+
+impl RevocationService {
+    /// Wraps the state.
+    pub fn new(state: Arc<CaState>) -> Self {
+        RevocationService { state }
+    }
+}
+
+#[tonic::async_trait]
+impl rampart_proto::rampart::ca::v1::revocation_server::Revocation for RevocationService {
+    async fn get_crls(
+        &self,
+        request: tonic::Request<rampart_proto::rampart::ca::v1::GetCrlsRequest>,
+    ) -> Result<tonic::Response<rampart_proto::rampart::ca::v1::GetCrlsResponse>, tonic::Status>
+    {
+        let state = &self.state;
+        let now = SystemTime::now();
+        let authorization = match request.metadata().get("authorization") {
+            Some(v) => Some(v.to_str().map_err(|_| {
+                tonic::Status::from(Refusal::MalformedAuthorization(
+                    "header is not visible ASCII".into(),
+                ))
+            })?),
+            None => None,
+        };
+        let peer = request.extensions().get::<PeerInfo>();
+        let client_cert = peer
+            .and_then(|p| p.cert.as_ref())
+            .map(|pc| state.client_identity(pc, now));
+        let evidence = CallerEvidence {
+            authorization,
+            client_cert,
+            impersonate: None,
+        };
+        let caller = authenticate(
+            &state.tokens,
+            &state.node_agents,
+            &state.config.trust_domain,
+            &evidence,
+            now,
+        )
+        .inspect_err(|r| {
+            tracing::info!(reason = %r, "GetCrls refused");
+        })?;
+        let cur = state.revocations.current();
+        let etag = cur.set.etag().to_owned();
+        let not_modified =
+            !request.get_ref().if_none_match.is_empty() && request.get_ref().if_none_match == etag;
+        tracing::debug!(caller = %caller.id, version = cur.version, not_modified, "GetCrls");
+        Ok(tonic::Response::new(
+            rampart_proto::rampart::ca::v1::GetCrlsResponse {
+                version: cur.version,
+                etag,
+                not_modified,
+                crls: if not_modified {
+                    Vec::new()
+                } else {
+                    cur.set.ders().into_iter().map(|d| d.to_vec()).collect()
+                },
+                next_update: cur.set.next_update().map_or(0, |t| {
+                    t.duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_secs() as i64)
+                }),
+            },
+        ))
+    }
+}
+
 /// What an established connection did last, and whether the accept loop has asked it to
 /// close (the idlest connection, evicted to make room at the connection limit).
 struct Activity {
@@ -890,11 +982,15 @@ pub async fn start_with_state(state: Arc<CaState>) -> Result<RunningCa, CitadelE
     let (shutdown_tx, shutdown_rx) = oneshot::channel::<()>();
     let svc = IstioCertificateServiceServer::new(CaService::new(state.clone()))
         .max_decoding_message_size(cfg.max_csr_bytes * 2 + 64 * 1024);
+    let crl_svc = rampart_proto::rampart::ca::v1::revocation_server::RevocationServer::new(
+        RevocationService::new(state.clone()),
+    );
     let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     let server_task = tokio::spawn(async move {
         let result = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(1024))
             .add_service(svc)
+            .add_service(crl_svc)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = shutdown_rx.await;
             })

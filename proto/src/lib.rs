@@ -1,4 +1,5 @@
-//! Wire definitions: Istio CA, Envoy SDS, SPIFFE Workload API.
+//! Wire definitions: Istio CA, Envoy SDS, SPIFFE Workload API, and Rampart's CRL service
+//! (`rampart.ca.v1.Revocation`).
 //!
 //! The `.proto` files in `proto/` are Rampart's own, written from the published facts
 //! (packages, services, messages, field names and numbers) so the wire is identical to Istio's,
@@ -18,6 +19,17 @@ pub mod istio {
         /// `istio.v1.auth`.
         pub mod auth {
             include!("gen/istio.v1.auth.rs");
+        }
+    }
+}
+
+/// Rampart's own services.
+pub mod rampart {
+    /// `rampart.ca`.
+    pub mod ca {
+        /// `rampart.ca.v1`: `Revocation/GetCrls`, the CRLs the CA serves.
+        pub mod v1 {
+            include!("gen/rampart.ca.v1.rs");
         }
     }
 }

@@ -14,6 +14,7 @@ const PROTOS: &[&str] = &[
     "envoy/service/secret/v3/sds.proto",
     "envoy/extensions/transport_sockets/tls/v3/secret.proto",
     "spiffe/workload/workload.proto",
+    "rampart/ca/v1/revocation.proto",
 ];
 
 /// Generated types that carry private keys get no derived `Debug`; `src/lib.rs` implements a
