@@ -1,8 +1,12 @@
 //! Envoy SDS v3 (`envoy.service.secret.v3.SecretDiscoveryService`) over a Unix socket.
 //!
 //! Resources: `default` (`tls_certificate`: inline chain + key) and `ROOTCA`
-//! (`validation_context.trusted_ca`: inline bundle), both PEM in `inline_bytes` as Istio's
-//! agent sends them.
+//! (`validation_context.trusted_ca`: inline bundle; plus, when the CA serves CRLs that
+//! validated, `validation_context.crl`: the CRLs as concatenated PEM, and
+//! `only_verify_leaf_cert_crl` when they do not cover every CA certificate of the agent's
+//! chains), all PEM in `inline_bytes` as Istio's agent sends them. The `ROOTCA` version is
+//! the root-set digest, followed by `-crl-<etag>` (and `-leaf`) while CRLs are served, so a
+//! changed CRL set is a new version pushed on every open stream.
 //!
 //! xDS rules followed (envoy `api-docs/xds_protocol`):
 //! - every response carries a fresh `nonce` and a `version_info` derived from the versions of
@@ -49,7 +53,7 @@ use tonic::{Request, Response, Status, Streaming};
 use zeroize::Zeroizing;
 
 use crate::metrics::Metrics;
-use crate::state::{SecretStore, Snapshot};
+use crate::state::{Bundle, SecretStore, ServedCrls, Snapshot};
 
 /// Resource name of the workload certificate and key.
 pub const WORKLOAD_RESOURCE: &str = "default";
@@ -90,18 +94,38 @@ pub(crate) fn encode_tls_certificate(chain_pem: &[u8], key_pem: &[u8]) -> Zeroiz
     out
 }
 
-/// Encode the `ROOTCA` secret (trust bundle).
-pub(crate) fn encode_validation_context(bundle_pem: &[u8]) -> Vec<u8> {
+/// Encode the `ROOTCA` secret: the trust bundle, and the CRLs when there are any
+/// (`crl`: inline PEM; `only_verify_leaf_cert_crl` unless they cover the whole chain).
+pub(crate) fn encode_validation_context(bundle_pem: &[u8], crls: Option<&ServedCrls>) -> Vec<u8> {
+    let crls = crls.filter(|c| !c.set().is_empty());
     Secret {
         name: ROOT_RESOURCE.to_owned(),
         r#type: Some(secret::Type::ValidationContext(
             CertificateValidationContext {
                 trusted_ca: inline(bundle_pem),
+                crl: crls.and_then(|c| inline(c.pem().as_bytes())),
+                only_verify_leaf_cert_crl: crls.is_some_and(|c| !c.covers_chain()),
                 ..Default::default()
             },
         )),
     }
     .encode_to_vec()
+}
+
+/// The `ROOTCA` version and encoded secret for `bundle` with `crls`.
+fn root_resource(bundle: &Bundle, crls: Option<&ServedCrls>) -> (String, Vec<u8>) {
+    match crls.filter(|c| !c.set().is_empty()) {
+        None => (bundle.version.clone(), bundle.sds_secret.clone()),
+        Some(c) => (
+            format!(
+                "{}-crl-{}{}",
+                bundle.version,
+                c.set().etag(),
+                if c.covers_chain() { "" } else { "-leaf" }
+            ),
+            encode_validation_context(bundle.pem.as_bytes(), Some(c)),
+        ),
+    }
 }
 
 /// The current version and encoded resource for `name`, if it is available.
@@ -117,11 +141,12 @@ fn resource(snap: &Snapshot, name: &str) -> Option<(String, prost_types::Any)> {
             )
         }),
         ROOT_RESOURCE => snap.bundle.as_ref().map(|b| {
+            let (version, value) = root_resource(b, snap.crls.as_deref());
             (
-                b.version.clone(),
+                version,
                 prost_types::Any {
                     type_url: SECRET_TYPE_URL.to_owned(),
-                    value: b.sds_secret.clone(),
+                    value,
                 },
             )
         }),
@@ -568,7 +593,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::state::{Bundle, Svid};
+    use crate::state::Svid;
 
     fn snapshot(ca: &CertificateAuthority) -> Snapshot {
         let id = SpiffeId::istio(&"cluster.local".parse().unwrap(), "a", "b").unwrap();
@@ -590,6 +615,7 @@ mod tests {
                 TrustBundle::from_der(vec![ca.cert().clone()]).unwrap(),
             ))),
             withdrawn: None,
+            crls: None,
         }
     }
 
@@ -677,6 +703,70 @@ mod tests {
     }
 
     #[test]
+    fn rootca_carries_the_crls_and_changes_version_with_them() {
+        let ca = CertificateAuthority::self_signed_root(
+            &RootParams::default(),
+            PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        let mut snap = snapshot(&ca);
+        let mut st = SotwStream {
+            subscribed: BTreeSet::new(),
+            last_nonce: None,
+            sent: BTreeMap::new(),
+        };
+        let r1 = sent(st.on_request(&req(&["ROOTCA"], "", ""), &snap).unwrap());
+        let plain = crate::client::decode_secret(&r1.resources[0], &r1.version_info).unwrap();
+        assert!(plain.crl_pem.is_none() && !plain.crl_leaf_only);
+        let now = SystemTime::now();
+        let crl = ca
+            .sign_crl(&rampart_certs::CrlParams {
+                this_update: now,
+                next_update: now + Duration::from_secs(600),
+                crl_number: 1,
+                revoked: vec![],
+            })
+            .unwrap();
+        let set = rampart_certs::CrlSet::new(
+            vec![crl.clone()],
+            &[ca.cert().clone()],
+            now,
+            rampart_certs::CrlExpiry::Refuse,
+        )
+        .unwrap();
+        snap.crls = Some(Arc::new(ServedCrls::new(set.clone(), true)));
+        let r2 = sent(st.maybe_push(&snap, false).unwrap());
+        assert_ne!(r2.version_info, r1.version_info);
+        let with = crate::client::decode_secret(&r2.resources[0], &r2.version_info).unwrap();
+        assert_eq!(with.crl_pem.as_deref(), Some(crl.to_pem().as_str()));
+        assert!(!with.crl_leaf_only);
+        assert_eq!(with.certs, plain.certs);
+        // Same set again: nothing. Not covering the chain: leaf only, a new version.
+        quiet(st.maybe_push(&snap, false).unwrap());
+        snap.crls = Some(Arc::new(ServedCrls::new(set, false)));
+        let r3 = sent(st.maybe_push(&snap, false).unwrap());
+        assert!(
+            crate::client::decode_secret(&r3.resources[0], "")
+                .unwrap()
+                .crl_leaf_only
+        );
+        // No CRL any more: the plain bundle again, with its plain version.
+        snap.crls = Some(Arc::new(ServedCrls::new(
+            rampart_certs::CrlSet::empty(),
+            false,
+        )));
+        let r4 = sent(st.maybe_push(&snap, false).unwrap());
+        assert_eq!(r4.version_info, r1.version_info);
+        assert!(
+            crate::client::decode_secret(&r4.resources[0], "")
+                .unwrap()
+                .crl_pem
+                .is_none()
+        );
+    }
+
+    #[test]
     fn sotw_waits_for_missing_resources_and_fails_closed_on_expiry() {
         let ca = CertificateAuthority::self_signed_root(
             &RootParams::default(),
@@ -702,6 +792,7 @@ mod tests {
             svid: None,
             bundle: snap.bundle.clone(),
             withdrawn: Some("expired".into()),
+            crls: None,
         };
         let e = st.maybe_push(&gone, false).err().unwrap();
         assert_eq!(e.code(), tonic::Code::Unavailable);

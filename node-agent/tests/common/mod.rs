@@ -363,6 +363,7 @@ pub fn agent_config(dir: &Path, ca_addr: &str, ca_root: &Path, ttl: Duration) ->
         }],
         metrics_addr: None,
         socket_mode: 0o600,
+        crl_poll_interval: Some(Duration::from_millis(300)),
     }
 }
 
