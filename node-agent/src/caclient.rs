@@ -48,6 +48,9 @@ pub trait CertificateSigner: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct IstioCaClient {
     cfg: Arc<CaConfig>,
+    /// The connection CRL polls reuse (polls are frequent; CSRs dial afresh). Dropped on
+    /// any error, so the next poll dials again (and re-reads the root file).
+    crl_channel: Arc<std::sync::Mutex<Option<tonic::transport::Channel>>>,
 }
 
 // === impl IstioCaClient ===
@@ -55,7 +58,10 @@ pub struct IstioCaClient {
 impl IstioCaClient {
     /// A client for `cfg`.
     pub fn new(cfg: CaConfig) -> Self {
-        IstioCaClient { cfg: Arc::new(cfg) }
+        IstioCaClient {
+            cfg: Arc::new(cfg),
+            crl_channel: Arc::default(),
+        }
     }
 
     /// TLS 1.3 per Rampart's crypto policy (`rampart_certs::tls`), server checked by name
@@ -179,7 +185,32 @@ impl IstioCaClient {
 
     async fn crls(&self, if_none_match: &str, token_path: &Path) -> Result<CrlPoll, Error> {
         read_nonempty(token_path)?;
-        let channel = self.channel().await?;
+        let cached = self
+            .crl_channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let channel = match cached {
+            Some(c) => c,
+            None => {
+                let c = self.channel().await?;
+                *self.crl_channel.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+                c
+            }
+        };
+        let result = self.get_crls_on(channel, if_none_match, token_path).await;
+        if result.is_err() {
+            *self.crl_channel.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        result
+    }
+
+    async fn get_crls_on(
+        &self,
+        channel: tonic::transport::Channel,
+        if_none_match: &str,
+        token_path: &Path,
+    ) -> Result<CrlPoll, Error> {
         let mut client = RevocationClient::new(channel);
         let mut request = tonic::Request::new(GetCrlsRequest {
             if_none_match: if_none_match.to_owned(),

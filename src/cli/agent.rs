@@ -70,7 +70,7 @@ pub(crate) struct AgentArgs {
     max_backoff: Duration,
     /// How often to ask the CA for its revocation lists (served in ROOTCA's `crl` and as
     /// ca-crl.pem; a revoked certificate of the agent's own is renewed at once). `0s`: off.
-    #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
     crl_poll_interval: Duration,
     /// Another workload identity with its own sockets (repeatable):
     /// `token=FILE,sds=PATH[,workload-api=PATH][,output-dir=DIR][,ns=NS][,sa=SA]`.
