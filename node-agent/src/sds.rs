@@ -285,10 +285,11 @@ impl SotwStream {
             return Ok(Step::Continue);
         }
         if self.sent.contains_key(WORKLOAD_RESOURCE) && snap.svid.is_none() {
-            return Err(Status::unavailable(
-                "workload certificate expired and could not be renewed; the agent no longer \
-                 serves it (fail closed)",
-            ));
+            let why = snap.withdrawn.as_deref().unwrap_or("expired");
+            return Err(Status::unavailable(format!(
+                "workload certificate {why} and could not be renewed yet; the agent no longer \
+                 serves it (fail closed)"
+            )));
         }
         let mut versions = BTreeMap::new();
         let mut resources = Vec::with_capacity(self.subscribed.len());
