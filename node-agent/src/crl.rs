@@ -3,8 +3,10 @@
 //! identity's store (served in `ROOTCA`'s `crl`, written as `ca-crl.pem`, and checked against
 //! the agent's own certificates by each lifecycle manager).
 //!
-//! - Polls every `interval` (default 3 s) over a kept connection with the etag of the set it holds (`if_none_match`), so an
-//!   unchanged set costs a few bytes; errors back off (capped) and the last good set keeps
+//! - Polls every `interval` (default 3 s) over a kept connection with the etag of the set it
+//!   holds (`if_none_match`), so an unchanged set costs a few bytes; an answer holding a CRL
+//!   that does not parse is refused as a whole (the last good set stays) and not fetched
+//!   again until the CA's etag changes; errors back off (capped) and the last good set keeps
 //!   being served; a CA without the CRL service (istiod) is asked again rarely.
 //! - Each CRL is validated on its own ([`CrlSet::new`]) against the issuers the agent trusts:
 //!   the roots of the served bundle and the intermediates of the chains it holds (verified to
@@ -137,6 +139,9 @@ impl CrlPoller {
         let mut backoff = Backoff::new(self.interval, self.backoff_max.max(self.interval));
         // The last good set the CA sent (parsed, not yet validated) and its etag.
         let mut held: Option<(String, u64, Vec<Crl>)> = None;
+        // The etag sent as `if_none_match`: the held set's, or that of a refused answer (so
+        // the same bad set is not downloaded and logged again on every poll).
+        let mut ask = String::new();
         // What was validated last: (etag, issuer DERs); validation reruns when either changes.
         let mut validated: Option<(String, Vec<Vec<u8>>)> = None;
         let mut receivers: Vec<_> = self.stores.iter().map(SecretStore::subscribe).collect();
@@ -157,8 +162,7 @@ impl CrlPoller {
                 _ = store_changed => false,
             };
             if poll_now {
-                let etag = held.as_ref().map(|(e, _, _)| e.as_str()).unwrap_or("");
-                match self.source.get_crls(etag, &self.token_path).await {
+                match self.source.get_crls(&ask, &self.token_path).await {
                     Ok(poll) => {
                         backoff.reset();
                         unsupported_logged = false;
@@ -172,16 +176,19 @@ impl CrlPoller {
                                         crls = crls.len(),
                                         "CRL set from the CA"
                                     );
+                                    ask = poll.etag.clone();
                                     held = Some((poll.etag, poll.version, crls));
                                 }
                                 Err(e) => {
-                                    // Keep the last good set; ask for the whole set again.
+                                    // Keep the last good set until the CA's set changes.
                                     tracing::warn!(
                                         version = poll.version,
+                                        etag = %poll.etag,
                                         "CRL set from the CA refused, keeping the last good \
                                          one: {e}"
                                     );
-                                    held = held.map(|(_, v, c)| (String::new(), v, c));
+                                    self.metrics.crls_refused.inc();
+                                    ask = poll.etag;
                                 }
                             }
                         }

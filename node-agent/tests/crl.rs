@@ -116,6 +116,14 @@ async fn crls_are_validated_served_and_kept_through_bad_answers_and_outages() {
     tokio::time::sleep(Duration::from_millis(1200)).await;
     let r4 = rootca_with(&b.sock, 2, "the last good set").await;
     assert_eq!(r4.crl_pem, r2.crl_pem);
+    // ... and the same bad set is not downloaded again: later polls are "not modified".
+    let (calls, nm) = b.ca.crl_calls();
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let (calls2, nm2) = b.ca.crl_calls();
+    assert!(
+        nm2 - nm >= 2 && nm2 - nm == calls2 - calls,
+        "{calls}/{nm} -> {calls2}/{nm2}"
+    );
     // The CRL service down: the last good set keeps serving; our certificate too.
     b.ca.set_crl_down(true);
     tokio::time::sleep(Duration::from_millis(1500)).await;
