@@ -717,6 +717,12 @@ mod tests {
             last_nonce: None,
             sent: BTreeMap::new(),
         };
+        let mut delta = DeltaStream {
+            subscribed: ["ROOTCA".to_string()].into(),
+            has: BTreeMap::new(),
+            last_nonce: None,
+        };
+        let d1 = delta.maybe_push(&snap).expect("initial delta response");
         let r1 = sent(st.on_request(&req(&["ROOTCA"], "", ""), &snap).unwrap());
         let plain = crate::client::decode_secret(&r1.resources[0], &r1.version_info).unwrap();
         assert!(plain.crl_pem.is_none() && !plain.crl_leaf_only);
@@ -739,6 +745,12 @@ mod tests {
         snap.crls = Some(Arc::new(ServedCrls::new(set.clone(), true)));
         let r2 = sent(st.maybe_push(&snap, false).unwrap());
         assert_ne!(r2.version_info, r1.version_info);
+        // Delta streams get the new ROOTCA too, once.
+        let d2 = delta
+            .maybe_push(&snap)
+            .expect("delta push of the CRL change");
+        assert_ne!(d2.resources[0].version, d1.resources[0].version);
+        assert!(delta.maybe_push(&snap).is_none());
         let with = crate::client::decode_secret(&r2.resources[0], &r2.version_info).unwrap();
         assert_eq!(with.crl_pem.as_deref(), Some(crl.to_pem().as_str()));
         assert!(!with.crl_leaf_only);
