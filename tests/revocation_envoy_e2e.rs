@@ -67,7 +67,9 @@ fn revoked_in(path: &Path) -> Vec<String> {
         .collect()
 }
 
-/// A CA (self-signed root in its state dir) and bearer tokens for three workloads.
+/// A CA and bearer tokens for three workloads. The CA has a self-signed root in its state
+/// dir, or (`plug_in`) an intermediate made with `rampart certs` in `cacerts/` (Istio's
+/// plug-in layout, no `ca-crl.pem`).
 struct Mesh {
     dir: PathBuf,
     ca_addr: String,
@@ -75,7 +77,22 @@ struct Mesh {
 }
 
 impl Mesh {
-    fn start(dir: &Path) -> Mesh {
+    fn start(dir: &Path, plug_in: bool) -> Mesh {
+        if plug_in {
+            let certs = |args: &[&str]| {
+                run_ok(rampart().current_dir(dir).arg("certs").args(args));
+            };
+            certs(&["root", "--out", "root"]);
+            certs(&[
+                "intermediate",
+                "--root",
+                "root",
+                "--name",
+                "cluster1",
+                "--out",
+                "cacerts",
+            ]);
+        }
         let key = dir.join("signing-key.pem");
         run_ok(rampart().args(["token", "keygen", "--out"]).arg(&key));
         let jwks = run_ok(rampart().args(["token", "jwks", "--key"]).arg(&key));
@@ -169,9 +186,22 @@ fn envoy_rootca(e: &Envoy) -> serde_json::Value {
 
 #[test]
 fn revoked_client_is_refused_by_envoy_within_5s_then_renewed_and_served_again() {
+    revocation_flow(false);
+}
+
+/// The same with a plug-in CA (root -> intermediate, no `ca-crl.pem`): the CA publishes only
+/// its intermediate's CRL, so the agent tells Envoy to check leaves only
+/// (`only_verify_leaf_cert_crl`); Envoy would otherwise refuse every chain for want of a
+/// CRL for the root.
+#[test]
+fn plug_in_ca_without_root_crl_envoy_checks_leaves_and_refuses_the_revoked_one() {
+    revocation_flow(true);
+}
+
+fn revocation_flow(plug_in: bool) {
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mesh = Mesh::start(dir);
+    let mesh = Mesh::start(dir, plug_in);
     let mut cmd = rampart();
     cmd.args(["agent", "--ca-addr", &mesh.ca_addr, "--ca-root"])
         .arg(dir.join("bundle.pem"))
@@ -239,10 +269,11 @@ fn revoked_client_is_refused_by_envoy_within_5s_then_renewed_and_served_again() 
         || format!("{}\n{}", envoy.get("/config_dump"), logs()),
     );
     // Self-signed CA: its CRL is signed by the root and so covers every CA certificate of
-    // the chain, and Envoy checks the whole chain (not only the leaf).
+    // the chain, and Envoy checks the whole chain. Plug-in CA without ca-crl.pem: leaves only.
     let vc = envoy_rootca(&envoy)["secret"]["validation_context"].clone();
-    assert!(
-        !vc["only_verify_leaf_cert_crl"].as_bool().unwrap_or(false),
+    assert_eq!(
+        vc["only_verify_leaf_cert_crl"].as_bool().unwrap_or(false),
+        plug_in,
         "{vc}"
     );
     wait_for(
@@ -395,7 +426,7 @@ fn crl_of_another_ca_is_not_served_and_breaks_nothing() {
 
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
-    let mesh = Mesh::start(dir);
+    let mesh = Mesh::start(dir, false);
     let td: rampart_certs::TrustDomain = "cluster.local".parse().unwrap();
     let ca = CaConfig {
         addr: mesh.ca_addr.clone(),
