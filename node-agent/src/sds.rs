@@ -703,6 +703,24 @@ mod tests {
         );
     }
 
+    /// (trusted_ca, crl, only_verify_leaf_cert_crl) of an encoded `ROOTCA`.
+    fn rootca_fields(any: &prost_types::Any) -> (Vec<u8>, Option<Vec<u8>>, bool) {
+        let bytes = |d: &Option<DataSource>| match d {
+            Some(DataSource {
+                specifier: Some(Specifier::InlineBytes(b)),
+            }) => Some(b.clone()),
+            _ => None,
+        };
+        match Secret::decode(any.value.as_slice()).unwrap().r#type {
+            Some(secret::Type::ValidationContext(v)) => (
+                bytes(&v.trusted_ca).expect("trusted_ca inline"),
+                bytes(&v.crl),
+                v.only_verify_leaf_cert_crl,
+            ),
+            other => panic!("not a validation context: {other:?}"),
+        }
+    }
+
     #[test]
     fn rootca_carries_the_crls_and_changes_version_with_them() {
         let ca = CertificateAuthority::self_signed_root(
@@ -724,8 +742,8 @@ mod tests {
         };
         let d1 = delta.maybe_push(&snap).expect("initial delta response");
         let r1 = sent(st.on_request(&req(&["ROOTCA"], "", ""), &snap).unwrap());
-        let plain = crate::client::decode_secret(&r1.resources[0], &r1.version_info).unwrap();
-        assert!(plain.crl_pem.is_none() && !plain.crl_leaf_only);
+        let (roots, crl0, leaf0) = rootca_fields(&r1.resources[0]);
+        assert!(crl0.is_none() && !leaf0);
         let now = SystemTime::now();
         let crl = ca
             .sign_crl(&rampart_certs::CrlParams {
@@ -751,19 +769,15 @@ mod tests {
             .expect("delta push of the CRL change");
         assert_ne!(d2.resources[0].version, d1.resources[0].version);
         assert!(delta.maybe_push(&snap).is_none());
-        let with = crate::client::decode_secret(&r2.resources[0], &r2.version_info).unwrap();
-        assert_eq!(with.crl_pem.as_deref(), Some(crl.to_pem().as_str()));
-        assert!(!with.crl_leaf_only);
-        assert_eq!(with.certs, plain.certs);
+        let (roots2, crl2, leaf2) = rootca_fields(&r2.resources[0]);
+        assert_eq!(crl2.as_deref(), Some(crl.to_pem().as_bytes()));
+        assert!(!leaf2);
+        assert_eq!(roots2, roots);
         // Same set again: nothing. Not covering the chain: leaf only, a new version.
         quiet(st.maybe_push(&snap, false).unwrap());
         snap.crls = Some(Arc::new(ServedCrls::new(set, false)));
         let r3 = sent(st.maybe_push(&snap, false).unwrap());
-        assert!(
-            crate::client::decode_secret(&r3.resources[0], "")
-                .unwrap()
-                .crl_leaf_only
-        );
+        assert!(rootca_fields(&r3.resources[0]).2);
         // No CRL any more: the plain bundle again, with its plain version.
         snap.crls = Some(Arc::new(ServedCrls::new(
             rampart_certs::CrlSet::empty(),
@@ -771,12 +785,7 @@ mod tests {
         )));
         let r4 = sent(st.maybe_push(&snap, false).unwrap());
         assert_eq!(r4.version_info, r1.version_info);
-        assert!(
-            crate::client::decode_secret(&r4.resources[0], "")
-                .unwrap()
-                .crl_pem
-                .is_none()
-        );
+        assert!(rootca_fields(&r4.resources[0]).1.is_none());
     }
 
     #[test]
