@@ -11,8 +11,9 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
-use crate::caclient::{CertificateSigner, IstioCaClient};
+use crate::caclient::{CertificateSigner, CrlSource, IstioCaClient};
 use crate::config::AgentConfig;
+use crate::crl::CrlPoller;
 use crate::manager::{Clock, Manager};
 use crate::metrics::Metrics;
 use crate::sds::SdsService;
@@ -24,6 +25,7 @@ use crate::workload_api::WorkloadApiService;
 pub struct Agent {
     config: AgentConfig,
     signer: Arc<dyn CertificateSigner>,
+    crl_source: Arc<dyn CrlSource>,
     metrics: Arc<Metrics>,
     clock: Clock,
 }
@@ -51,10 +53,11 @@ impl Agent {
     /// An agent talking to the Istio CA described in `config`.
     pub fn new(config: AgentConfig) -> Result<Self, Error> {
         config.validate()?;
-        let signer = Arc::new(IstioCaClient::new(config.ca.clone()));
+        let client = Arc::new(IstioCaClient::new(config.ca.clone()));
         Ok(Agent {
             config,
-            signer,
+            signer: client.clone(),
+            crl_source: client,
             metrics: Arc::new(Metrics::new()),
             clock: Clock::System,
         })
@@ -63,6 +66,12 @@ impl Agent {
     /// Use another signer (tests).
     pub fn with_signer(mut self, signer: Arc<dyn CertificateSigner>) -> Self {
         self.signer = signer;
+        self
+    }
+
+    /// Use another CRL source (tests).
+    pub fn with_crl_source(mut self, source: Arc<dyn CrlSource>) -> Self {
+        self.crl_source = source;
         self
     }
 
@@ -78,6 +87,7 @@ impl Agent {
         let Agent {
             config,
             signer,
+            crl_source,
             metrics,
             clock,
         } = self;
@@ -117,6 +127,23 @@ impl Agent {
             let sd = shutdown.clone();
             tasks.spawn(async move {
                 manager.run(sd).await;
+                Ok(())
+            });
+        }
+        if let (Some(interval), Some(first)) = (config.crl_poll_interval, config.workloads.first())
+        {
+            let poller = CrlPoller {
+                source: crl_source,
+                token_path: first.token_path.clone(),
+                stores: stores.iter().map(|(_, s)| s.clone()).collect(),
+                interval,
+                backoff_max: config.rotation.backoff_max,
+                clock,
+                metrics: metrics.clone(),
+            };
+            let sd = shutdown.clone();
+            tasks.spawn(async move {
+                poller.run(sd).await;
                 Ok(())
             });
         }

@@ -1,4 +1,5 @@
-//! The CA client: Istio's `CreateCertificate` over TLS, verified against the configured root.
+//! The CA client: Istio's `CreateCertificate` and Rampart's companion `GetCrls` over TLS,
+//! verified against the configured root.
 
 use std::future::Future;
 use std::path::Path;
@@ -9,6 +10,8 @@ use std::time::Duration;
 use hyper_util::rt::TokioIo;
 use rampart_proto::istio::v1::auth::IstioCertificateRequest;
 use rampart_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use rampart_proto::rampart::ca::v1::GetCrlsRequest;
+use rampart_proto::rampart::ca::v1::revocation_client::RevocationClient;
 use rustls_pki_types::ServerName;
 use tonic::metadata::MetadataValue;
 
@@ -45,6 +48,9 @@ pub trait CertificateSigner: Send + Sync + 'static {
 #[derive(Debug, Clone)]
 pub struct IstioCaClient {
     cfg: Arc<CaConfig>,
+    /// The connection CRL polls reuse (polls are frequent; CSRs dial afresh). Dropped on
+    /// any error, so the next poll dials again (and re-reads the root file).
+    crl_channel: Arc<std::sync::Mutex<Option<tonic::transport::Channel>>>,
 }
 
 // === impl IstioCaClient ===
@@ -52,7 +58,10 @@ pub struct IstioCaClient {
 impl IstioCaClient {
     /// A client for `cfg`.
     pub fn new(cfg: CaConfig) -> Self {
-        IstioCaClient { cfg: Arc::new(cfg) }
+        IstioCaClient {
+            cfg: Arc::new(cfg),
+            crl_channel: Arc::default(),
+        }
     }
 
     /// TLS 1.3 per Rampart's crypto policy (`rampart_certs::tls`), server checked by name
@@ -70,13 +79,13 @@ impl IstioCaClient {
         Ok(cfg)
     }
 
-    async fn call(&self, req: SignRequest<'_>) -> Result<Vec<String>, Error> {
+    /// Dial the CA and verify its serving certificate.
+    async fn channel(&self) -> Result<tonic::transport::Channel, Error> {
         let addr = self.cfg.addr.clone();
         let unreachable = |reason: String| Error::CaUnreachable {
             addr: addr.clone(),
             reason,
         };
-        let token = read_nonempty(req.token_path)?;
         let tls = tokio_rustls::TlsConnector::from(Arc::new(self.tls_config()?));
         let server_name = ServerName::try_from(self.cfg.server_name.clone()).map_err(|e| {
             Error::InvalidConfig {
@@ -112,17 +121,21 @@ impl IstioCaClient {
             .connect_with_connector(connector)
             .await
             .map_err(|e| unreachable(error_chain(&e)))?;
-        let mut client = IstioCertificateServiceClient::new(channel);
-        let mut request = tonic::Request::new(IstioCertificateRequest {
-            csr: req.csr_pem.to_owned(),
-            validity_duration: i64::try_from(req.ttl.as_secs()).unwrap_or(i64::MAX),
-            metadata: None,
-        });
+        Ok(channel)
+    }
+
+    /// `authorization: Bearer <token>` (and `clusterid`) on `request`.
+    fn authorize<T>(
+        &self,
+        request: &mut tonic::Request<T>,
+        token_path: &Path,
+    ) -> Result<(), Error> {
+        let token = read_nonempty(token_path)?;
         let bearer: MetadataValue<_> =
             format!("Bearer {token}")
                 .parse()
                 .map_err(|_| Error::BadToken {
-                    path: req.token_path.to_owned(),
+                    path: token_path.to_owned(),
                     reason: "not a valid header value".into(),
                 })?;
         request.metadata_mut().insert("authorization", bearer);
@@ -133,20 +146,134 @@ impl IstioCaClient {
             })?;
             request.metadata_mut().insert("clusterid", v);
         }
-        match client.create_certificate(request).await {
-            Ok(resp) => Ok(resp.into_inner().cert_chain),
-            Err(status) => match status.code() {
-                tonic::Code::Unavailable | tonic::Code::Unknown
-                    if status.message().contains("transport") =>
-                {
-                    Err(unreachable(status.message().to_owned()))
+        Ok(())
+    }
+
+    fn status_error(&self, status: tonic::Status) -> Error {
+        match status.code() {
+            tonic::Code::Unavailable | tonic::Code::Unknown
+                if status.message().contains("transport") =>
+            {
+                Error::CaUnreachable {
+                    addr: self.cfg.addr.clone(),
+                    reason: status.message().to_owned(),
                 }
-                code => Err(Error::CaRefused {
-                    code: format!("{code:?}"),
-                    message: status.message().to_owned(),
-                }),
+            }
+            code => Error::CaRefused {
+                code: format!("{code:?}"),
+                message: status.message().to_owned(),
             },
         }
+    }
+
+    async fn call(&self, req: SignRequest<'_>) -> Result<Vec<String>, Error> {
+        // Read the token before dialing: a missing token is a local error, not the CA's.
+        read_nonempty(req.token_path)?;
+        let channel = self.channel().await?;
+        let mut client = IstioCertificateServiceClient::new(channel);
+        let mut request = tonic::Request::new(IstioCertificateRequest {
+            csr: req.csr_pem.to_owned(),
+            validity_duration: i64::try_from(req.ttl.as_secs()).unwrap_or(i64::MAX),
+            metadata: None,
+        });
+        self.authorize(&mut request, req.token_path)?;
+        match client.create_certificate(request).await {
+            Ok(resp) => Ok(resp.into_inner().cert_chain),
+            Err(status) => Err(self.status_error(status)),
+        }
+    }
+
+    async fn crls(&self, if_none_match: &str, token_path: &Path) -> Result<CrlPoll, Error> {
+        read_nonempty(token_path)?;
+        let cached = self
+            .crl_channel
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone();
+        let channel = match cached {
+            Some(c) => c,
+            None => {
+                let c = self.channel().await?;
+                *self.crl_channel.lock().unwrap_or_else(|e| e.into_inner()) = Some(c.clone());
+                c
+            }
+        };
+        let result = self.get_crls_on(channel, if_none_match, token_path).await;
+        if result.is_err() {
+            *self.crl_channel.lock().unwrap_or_else(|e| e.into_inner()) = None;
+        }
+        result
+    }
+
+    async fn get_crls_on(
+        &self,
+        channel: tonic::transport::Channel,
+        if_none_match: &str,
+        token_path: &Path,
+    ) -> Result<CrlPoll, Error> {
+        let mut client = RevocationClient::new(channel);
+        let mut request = tonic::Request::new(GetCrlsRequest {
+            if_none_match: if_none_match.to_owned(),
+        });
+        self.authorize(&mut request, token_path)?;
+        match client.get_crls(request).await {
+            Ok(resp) => {
+                let r = resp.into_inner();
+                Ok(CrlPoll {
+                    version: r.version,
+                    etag: r.etag,
+                    crls: if r.not_modified { None } else { Some(r.crls) },
+                })
+            }
+            Err(status) if status.code() == tonic::Code::Unimplemented => {
+                Err(Error::CrlsUnsupported {
+                    addr: self.cfg.addr.clone(),
+                })
+            }
+            Err(status) => Err(self.status_error(status)),
+        }
+    }
+}
+
+/// One answer of the CA's CRL service (`rampart.ca.v1.Revocation/GetCrls`).
+#[derive(Debug, Clone)]
+pub struct CrlPoll {
+    /// The CA's version of its set (increases on every change).
+    pub version: u64,
+    /// Content hash of the served set (empty when the CA serves none).
+    pub etag: String,
+    /// The DER CRLs; `None` when the set equals the one named in `if_none_match`.
+    pub crls: Option<Vec<Vec<u8>>>,
+}
+
+/// Where the agent gets the CA's CRLs: the CA over the network, or a test double.
+pub trait CrlSource: Send + Sync + 'static {
+    /// The current set, or "not modified" when its etag is `if_none_match`. Authenticated
+    /// with the bearer token in `token_path` (read now).
+    fn get_crls<'a>(
+        &'a self,
+        if_none_match: &'a str,
+        token_path: &'a Path,
+    ) -> BoxFuture<'a, Result<CrlPoll, Error>>;
+}
+
+impl CrlSource for IstioCaClient {
+    fn get_crls<'a>(
+        &'a self,
+        if_none_match: &'a str,
+        token_path: &'a Path,
+    ) -> BoxFuture<'a, Result<CrlPoll, Error>> {
+        let timeout = self.cfg.request_timeout;
+        let addr = self.cfg.addr.clone();
+        Box::pin(async move {
+            match tokio::time::timeout(timeout, self.crls(if_none_match, token_path)).await {
+                Ok(r) => r,
+                Err(_) => Err(Error::CaUnreachable {
+                    addr,
+                    reason: format!("no answer within {timeout:?}"),
+                }),
+            }
+        })
     }
 }
 

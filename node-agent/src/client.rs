@@ -55,6 +55,10 @@ pub struct ServedSecret {
     pub certs: Vec<CertInfo>,
     /// Whether a private key was present (cert chains only).
     pub has_key: bool,
+    /// The CRLs served with a trust bundle (`validation_context.crl`, PEM), if any.
+    pub crl_pem: Option<String>,
+    /// `validation_context.only_verify_leaf_cert_crl`.
+    pub crl_leaf_only: bool,
 }
 
 fn inline_bytes(ds: Option<&DataSource>) -> Option<&[u8]> {
@@ -72,6 +76,8 @@ pub fn decode_secret(any: &prost_types::Any, version_info: &str) -> Result<Serve
         return Err(bad(format!("type {:?}", any.type_url)));
     }
     let s = Secret::decode(any.value.as_slice()).map_err(|e| bad(e.to_string()))?;
+    let mut crl_pem = None;
+    let mut crl_leaf_only = false;
     let (kind, pem, has_key) = match &s.r#type {
         Some(secret::Type::TlsCertificate(t)) => (
             SecretKind::CertChain,
@@ -79,6 +85,10 @@ pub fn decode_secret(any: &prost_types::Any, version_info: &str) -> Result<Serve
             inline_bytes(t.private_key.as_ref()).is_some_and(|k| !k.is_empty()),
         ),
         Some(secret::Type::ValidationContext(v)) => {
+            if let Some(b) = inline_bytes(v.crl.as_ref()) {
+                crl_pem = Some(String::from_utf8_lossy(b).into_owned());
+            }
+            crl_leaf_only = v.only_verify_leaf_cert_crl;
             (SecretKind::Ca, inline_bytes(v.trusted_ca.as_ref()), false)
         }
         _ => return Err(bad(format!("{} has no certificate or CA", s.name))),
@@ -95,6 +105,8 @@ pub fn decode_secret(any: &prost_types::Any, version_info: &str) -> Result<Serve
         version_info: version_info.to_owned(),
         certs,
         has_key,
+        crl_pem,
+        crl_leaf_only,
     })
 }
 

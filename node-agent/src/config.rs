@@ -123,6 +123,9 @@ pub struct AgentConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Permission bits of the sockets (0o600 by default: only the agent's user).
     pub socket_mode: u32,
+    /// How often to ask the CA for its CRLs (`rampart.ca.v1.Revocation/GetCrls`); `None`:
+    /// never (no CRL is served, own certificates are not checked for revocation).
+    pub crl_poll_interval: Option<Duration>,
 }
 
 impl AgentConfig {
@@ -157,6 +160,15 @@ impl AgentConfig {
                     });
                 }
             }
+        }
+        if self
+            .crl_poll_interval
+            .is_some_and(|d| d < Duration::from_millis(100))
+        {
+            return Err(Error::InvalidConfig {
+                field: "crl-poll-interval",
+                reason: "must be at least 100ms".into(),
+            });
         }
         if self.socket_mode & !0o777 != 0 || self.socket_mode & 0o600 != 0o600 {
             return Err(Error::InvalidConfig {

@@ -55,6 +55,12 @@ pub enum Error {
     /// The CA answered, but what it returned is not usable; the old certificate is kept.
     #[error("CA response rejected: {0}")]
     BadCaResponse(String),
+    /// The CA does not implement the CRL service (`rampart.ca.v1.Revocation`), e.g. istiod.
+    #[error("CA at {addr} does not serve CRLs (rampart.ca.v1.Revocation/GetCrls unimplemented)")]
+    CrlsUnsupported {
+        /// The CA address.
+        addr: String,
+    },
     /// The bearer token could not be used.
     #[error("token {path}: {reason}")]
     BadToken {

@@ -3,7 +3,7 @@
 use std::path::Path;
 
 use crate::Error;
-use crate::state::{Bundle, Svid};
+use crate::state::{Bundle, ServedCrls, Svid};
 
 /// File names, as Istio writes them.
 pub const CERT_CHAIN_FILE: &str = "cert-chain.pem";
@@ -11,6 +11,8 @@ pub const CERT_CHAIN_FILE: &str = "cert-chain.pem";
 pub const KEY_FILE: &str = "key.pem";
 /// Trust bundle file.
 pub const ROOT_CERT_FILE: &str = "root-cert.pem";
+/// The validated CRLs the CA serves, PEM (as Istio names the file in `cacerts`).
+pub const CA_CRL_FILE: &str = "ca-crl.pem";
 
 fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), Error> {
     let path = dir.join(name);
@@ -31,6 +33,27 @@ pub(crate) fn write_outputs(dir: &Path, svid: &Svid, bundle: Option<&Bundle>) ->
         write(dir, ROOT_CERT_FILE, b.pem.as_bytes(), 0o644)?;
     }
     Ok(())
+}
+
+/// Write `ca-crl.pem` (atomically, 0644) beside `root-cert.pem`, or remove it when no CRL is
+/// served (so a reader never enforces a list the CA no longer serves).
+pub(crate) fn write_crls(dir: &Path, crls: Option<&ServedCrls>) -> Result<(), Error> {
+    match crls.filter(|c| !c.set().is_empty()) {
+        Some(c) => {
+            std::fs::create_dir_all(dir).map_err(|source| Error::WriteFile {
+                path: dir.to_owned(),
+                source,
+            })?;
+            write(dir, CA_CRL_FILE, c.pem().as_bytes(), 0o644)
+        }
+        None => match std::fs::remove_file(dir.join(CA_CRL_FILE)) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(Error::WriteFile {
+                path: dir.join(CA_CRL_FILE),
+                source: e,
+            }),
+            _ => Ok(()),
+        },
+    }
 }
 
 /// Remove the chain and key (the certificate expired: fail closed for file readers too).

@@ -11,6 +11,7 @@ mod agent;
 mod caclient;
 mod client;
 mod config;
+mod crl;
 mod error;
 mod files;
 mod manager;
@@ -25,19 +26,20 @@ mod workload_api;
 
 pub use self::{
     agent::{Agent, RunningAgent, serve_sds},
-    caclient::{BoxFuture, CertificateSigner, IstioCaClient, SignRequest},
+    caclient::{BoxFuture, CertificateSigner, CrlPoll, CrlSource, IstioCaClient, SignRequest},
     client::{SecretKind, ServedSecret, connect_unix, decode_secret, fetch_secrets},
     config::{
         AgentConfig, CaConfig, DEFAULT_CA_SERVER_NAME, DEFAULT_GRACE_RATIO, DEFAULT_SDS_SOCKET,
         RotationConfig, WorkloadConfig, identity_from_token, resolve_identity,
     },
+    crl::DEFAULT_CRL_POLL_INTERVAL,
     error::Error,
-    files::{CERT_CHAIN_FILE, KEY_FILE, ROOT_CERT_FILE},
+    files::{CA_CRL_FILE, CERT_CHAIN_FILE, KEY_FILE, ROOT_CERT_FILE},
     manager::Clock,
     metrics::Metrics,
     rotation::{Backoff, refresh_delay},
     sds::SdsService,
-    state::{Bundle, SecretStore, Snapshot, Svid},
+    state::{Bundle, SecretStore, ServedCrls, Snapshot, Svid},
     uds::{SocketGuard, bind_unix},
     workload_api::WorkloadApiService,
 };

@@ -4,14 +4,18 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
-use rampart_certs::{KeyAlgorithm, PrivateKey, SpiffeId, TrustBundle, build_csr};
+use rampart_certs::{
+    CertInfo, CertificateDer, KeyAlgorithm, PrivateKey, SpiffeId, TrustBundle, build_csr,
+    parse_serial_hex,
+};
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::caclient::{CertificateSigner, SignRequest};
 use crate::config::{RotationConfig, read_nonempty};
 use crate::metrics::Metrics;
 use crate::rotation::{Backoff, random_unit, refresh_delay};
-use crate::state::SecretStore;
+use crate::state::{SecretStore, ServedCrls, Snapshot};
 use crate::{Error, files, verify};
 
 /// Wall-clock source. `System` in production; `Tokio` follows tokio's (pausable) clock from
@@ -71,7 +75,46 @@ pub(crate) struct Manager {
 enum Event {
     Refresh,
     Expired,
+    Revoked(String),
     Shutdown,
+}
+
+/// Why the SVID in `snap` must not be served: its serial is on a validated CRL of its issuer.
+pub(crate) fn revocation_of(snap: &Snapshot) -> Option<String> {
+    let svid = snap.svid.as_ref()?;
+    let crls = snap.crls.as_ref()?;
+    if crls.set().is_empty() {
+        return None;
+    }
+    let serial = parse_serial_hex(&svid.leaf.serial_hex).ok()?;
+    // The leaf's issuer: the next certificate of the chain, or else the bundle root whose
+    // subject is the leaf's issuer (a root that signs workloads directly).
+    let issuers: Vec<&CertificateDer<'static>> = match svid.chain.get(1) {
+        Some(i) => vec![i],
+        None => snap
+            .bundle
+            .as_ref()
+            .map(|b| {
+                b.trust_bundle()
+                    .roots()
+                    .iter()
+                    .filter(|r| CertInfo::parse(r).is_ok_and(|i| i.subject == svid.leaf.issuer))
+                    .collect()
+            })
+            .unwrap_or_default(),
+    };
+    issuers.into_iter().find_map(|issuer| {
+        crls.set().revoked(issuer, &serial).map(|r| {
+            format!(
+                "revoked by its CA (serial {}, revoked at {}{})",
+                svid.leaf.serial_hex,
+                humantime::format_rfc3339_seconds(r.revoked_at),
+                r.reason
+                    .map(|why| format!(", reason {why}"))
+                    .unwrap_or_default()
+            )
+        })
+    })
 }
 
 // === impl Manager ===
@@ -120,6 +163,39 @@ impl Manager {
         self.metrics.cert_expired(&self.id.to_string());
     }
 
+    /// Stop serving a certificate the CA revoked (as for an expired one); the caller renews.
+    fn withdraw_revoked(&self, why: &str) {
+        tracing::error!(
+            spiffe_id = %self.id,
+            "workload certificate {why}; no longer serving it, renewing now"
+        );
+        self.store.revoke_svid(why.to_owned());
+        if let Some(dir) = &self.output_dir {
+            files::remove_svid(dir);
+        }
+        self.metrics.cert_revoked(&self.id.to_string());
+    }
+
+    /// Keep `ca-crl.pem` in the output directory in step with the served CRLs.
+    fn sync_crl_file(&self, written: &mut Option<Arc<ServedCrls>>) {
+        let Some(dir) = &self.output_dir else {
+            return;
+        };
+        let cur = self.store.current().crls;
+        let same = match (&cur, written.as_ref()) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        if same {
+            return;
+        }
+        match files::write_crls(dir, cur.as_deref()) {
+            Ok(()) => *written = cur,
+            Err(e) => tracing::error!(spiffe_id = %self.id, "file output: {e}"),
+        }
+    }
+
     fn install(&self, checked: verify::Checked) -> Duration {
         let verify::Checked { svid, bundle } = checked;
         let now = self.clock.now();
@@ -154,13 +230,31 @@ impl Manager {
         delay
     }
 
-    /// Wait for the next refresh point, watching for expiry and shutdown meanwhile.
-    async fn wait(&self, refresh_at: SystemTime, shutdown: &CancellationToken) -> Event {
-        let expiry = self.current_not_after();
-        tokio::select! {
-            _ = shutdown.cancelled() => Event::Shutdown,
-            _ = self.clock.sleep_until(expiry.unwrap_or(refresh_at)), if expiry.is_some() => Event::Expired,
-            _ = self.clock.sleep_until(refresh_at) => Event::Refresh,
+    /// Wait for the next refresh point, watching for expiry, revocation (a new CRL set naming
+    /// the served certificate) and shutdown meanwhile.
+    async fn wait(
+        &self,
+        refresh_at: SystemTime,
+        shutdown: &CancellationToken,
+        rx: &mut watch::Receiver<Snapshot>,
+        crl_file: &mut Option<Arc<ServedCrls>>,
+    ) -> Event {
+        loop {
+            self.sync_crl_file(crl_file);
+            if let Some(why) = revocation_of(&rx.borrow_and_update()) {
+                return Event::Revoked(why);
+            }
+            let expiry = self.current_not_after();
+            tokio::select! {
+                _ = shutdown.cancelled() => return Event::Shutdown,
+                _ = self.clock.sleep_until(expiry.unwrap_or(refresh_at)), if expiry.is_some() => return Event::Expired,
+                _ = self.clock.sleep_until(refresh_at) => return Event::Refresh,
+                changed = rx.changed() => {
+                    if changed.is_err() {
+                        return Event::Shutdown;
+                    }
+                }
+            }
         }
     }
 
@@ -170,14 +264,22 @@ impl Manager {
     pub(crate) async fn run(self, shutdown: CancellationToken) {
         let mut backoff = Backoff::new(self.rotation.backoff_initial, self.rotation.backoff_max);
         let mut next = self.clock.now();
+        let mut rx = self.store.subscribe();
+        let mut crl_file = None;
         loop {
-            match self.wait(next, &shutdown).await {
+            match self.wait(next, &shutdown, &mut rx, &mut crl_file).await {
                 Event::Shutdown => return,
                 Event::Expired => {
                     // Renew right away (the refresh point may still be in the future if the CA
                     // handed out something very short-lived).
                     self.expire();
                     next = next.min(self.clock.now());
+                    continue;
+                }
+                Event::Revoked(why) => {
+                    self.withdraw_revoked(&why);
+                    backoff.reset();
+                    next = self.clock.now();
                     continue;
                 }
                 Event::Refresh => {}
@@ -190,6 +292,14 @@ impl Manager {
                     _ = shutdown.cancelled() => return,
                     r = &mut attempt => break r,
                     _ = self.clock.sleep_until(expiry.unwrap_or(next)), if expiry.is_some() => self.expire(),
+                    changed = rx.changed() => {
+                        if changed.is_err() {
+                            return;
+                        }
+                        if let Some(why) = revocation_of(&rx.borrow_and_update()) {
+                            self.withdraw_revoked(&why);
+                        }
+                    }
                 }
             };
             match result {
@@ -375,6 +485,78 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(9)).await;
         let s2 = serial(&store).expect("renewed after the CA came back");
         assert_ne!(s1, s2);
+        sd.cancel();
+        task.await.unwrap();
+    }
+
+    fn crl_revoking(signer: &LocalSigner, serial: &str, number: u64) -> Arc<ServedCrls> {
+        let now = signer.clock.now();
+        let crl = signer
+            .ca
+            .sign_crl(&rampart_certs::CrlParams {
+                this_update: now,
+                next_update: now + Duration::from_secs(600),
+                crl_number: number,
+                revoked: vec![rampart_certs::RevokedCert {
+                    serial_hex: serial.into(),
+                    revoked_at: now,
+                    reason: Some(rampart_certs::RevocationReason::KeyCompromise),
+                }],
+            })
+            .unwrap();
+        let set = rampart_certs::CrlSet::new(
+            vec![crl],
+            &[signer.ca.cert().clone()],
+            now,
+            rampart_certs::CrlExpiry::Refuse,
+        )
+        .unwrap();
+        Arc::new(ServedCrls::new(set, true))
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn revoked_own_certificate_is_withdrawn_and_renewed_at_once() {
+        let (mut m, signer, store) = setup(Duration::from_secs(3600));
+        let out = tempfile::tempdir().unwrap();
+        m.output_dir = Some(out.path().to_owned());
+        let metrics = m.metrics.clone();
+        let sd = CancellationToken::new();
+        let task = tokio::spawn(m.run(sd.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let s1 = serial(&store).expect("first certificate");
+        assert_eq!(signer.calls.lock().unwrap().len(), 1);
+        // Negative twin: a CRL of our CA revoking another serial changes nothing, but is
+        // written beside root-cert.pem.
+        store.set_crls(crl_revoking(&signer, "0badc0de", 1));
+        tokio::time::sleep(Duration::from_secs(2)).await;
+        assert_eq!(serial(&store).as_deref(), Some(s1.as_str()));
+        assert_eq!(signer.calls.lock().unwrap().len(), 1);
+        let crl_file = out.path().join(files::CA_CRL_FILE);
+        let pem = std::fs::read_to_string(&crl_file).expect("ca-crl.pem written");
+        assert!(pem.contains("BEGIN X509 CRL"), "{pem}");
+        use std::os::unix::fs::PermissionsExt as _;
+        assert_eq!(
+            std::fs::metadata(&crl_file).unwrap().permissions().mode() & 0o777,
+            0o644
+        );
+        // Our serial revoked: withdrawn and renewed at once (no waiting for the refresh
+        // point an hour away); the fresh certificate is served.
+        store.set_crls(crl_revoking(&signer, &s1, 2));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        let s2 = serial(&store).expect("renewed after revocation");
+        assert_ne!(s1, s2);
+        assert_eq!(signer.calls.lock().unwrap().len(), 2);
+        assert!(
+            metrics
+                .render()
+                .contains("rampart_agent_cert_revoked_total{spiffe_id=\"spiffe://cluster.local/ns/ns/sa/sa\"} 1"),
+            "{}",
+            metrics.render()
+        );
+        // The fresh one stays (the CRL does not name it).
+        tokio::time::sleep(Duration::from_secs(5)).await;
+        assert_eq!(serial(&store).as_deref(), Some(s2.as_str()));
+        assert_eq!(signer.calls.lock().unwrap().len(), 2);
         sd.cancel();
         task.await.unwrap();
     }

@@ -31,6 +31,9 @@ pub struct Metrics {
     rotations: Family<Labels, Counter>,
     ca_errors: Family<Labels, Counter>,
     expired: Family<Labels, Counter>,
+    revoked: Family<Labels, Counter>,
+    pub(crate) crls_served: Gauge,
+    pub(crate) crls_refused: Counter,
     pub(crate) sds_streams: Gauge,
     pub(crate) sds_pushes: Counter,
     pub(crate) sds_nacks: Counter,
@@ -61,6 +64,9 @@ impl Metrics {
             rotations: Family::default(),
             ca_errors: Family::default(),
             expired: Family::default(),
+            revoked: Family::default(),
+            crls_served: Gauge::default(),
+            crls_refused: Counter::default(),
             sds_streams: Gauge::default(),
             sds_pushes: Counter::default(),
             sds_nacks: Counter::default(),
@@ -90,6 +96,21 @@ impl Metrics {
             "rampart_agent_cert_expired",
             "Certificates that expired before renewal and were withdrawn (fail closed)",
             m.expired.clone(),
+        );
+        r.register(
+            "rampart_agent_cert_revoked",
+            "Certificates withdrawn because a CRL of their CA revoked them (then renewed)",
+            m.revoked.clone(),
+        );
+        r.register(
+            "rampart_agent_crls_served",
+            "CRLs served in ROOTCA and ca-crl.pem (validated against trusted CAs)",
+            m.crls_served.clone(),
+        );
+        r.register(
+            "rampart_agent_crls_refused",
+            "CRLs from the CA that did not validate and were not served",
+            m.crls_refused.clone(),
         );
         r.register(
             "rampart_agent_sds_streams",
@@ -127,6 +148,10 @@ impl Metrics {
 
     pub(crate) fn cert_expired(&self, id: &str) {
         self.expired.get_or_create(&id_label(id)).inc();
+    }
+
+    pub(crate) fn cert_revoked(&self, id: &str) {
+        self.revoked.get_or_create(&id_label(id)).inc();
     }
 
     pub(crate) fn ca_error(&self, id: &str, err: &Error) {

@@ -1,8 +1,12 @@
 //! Envoy SDS v3 (`envoy.service.secret.v3.SecretDiscoveryService`) over a Unix socket.
 //!
 //! Resources: `default` (`tls_certificate`: inline chain + key) and `ROOTCA`
-//! (`validation_context.trusted_ca`: inline bundle), both PEM in `inline_bytes` as Istio's
-//! agent sends them.
+//! (`validation_context.trusted_ca`: inline bundle; plus, when the CA serves CRLs that
+//! validated, `validation_context.crl`: the CRLs as concatenated PEM, and
+//! `only_verify_leaf_cert_crl` when they do not cover every CA certificate of the agent's
+//! chains), all PEM in `inline_bytes` as Istio's agent sends them. The `ROOTCA` version is
+//! the root-set digest, followed by `-crl-<etag>` (and `-leaf`) while CRLs are served, so a
+//! changed CRL set is a new version pushed on every open stream.
 //!
 //! xDS rules followed (envoy `api-docs/xds_protocol`):
 //! - every response carries a fresh `nonce` and a `version_info` derived from the versions of
@@ -50,7 +54,7 @@ use tonic::{Request, Response, Status, Streaming};
 use zeroize::Zeroizing;
 
 use crate::metrics::Metrics;
-use crate::state::{SecretStore, Snapshot};
+use crate::state::{Bundle, SecretStore, ServedCrls, Snapshot};
 
 static NONCE: AtomicU64 = AtomicU64::new(1);
 
@@ -86,18 +90,38 @@ pub(crate) fn encode_tls_certificate(chain_pem: &[u8], key_pem: &[u8]) -> Zeroiz
     out
 }
 
-/// Encode the `ROOTCA` secret (trust bundle).
-pub(crate) fn encode_validation_context(bundle_pem: &[u8]) -> Vec<u8> {
+/// Encode the `ROOTCA` secret: the trust bundle, and the CRLs when there are any
+/// (`crl`: inline PEM; `only_verify_leaf_cert_crl` unless they cover the whole chain).
+pub(crate) fn encode_validation_context(bundle_pem: &[u8], crls: Option<&ServedCrls>) -> Vec<u8> {
+    let crls = crls.filter(|c| !c.set().is_empty());
     Secret {
         name: ROOT_RESOURCE.to_owned(),
         r#type: Some(secret::Type::ValidationContext(
             CertificateValidationContext {
                 trusted_ca: inline(bundle_pem),
+                crl: crls.and_then(|c| inline(c.pem().as_bytes())),
+                only_verify_leaf_cert_crl: crls.is_some_and(|c| !c.covers_chain()),
                 ..Default::default()
             },
         )),
     }
     .encode_to_vec()
+}
+
+/// The `ROOTCA` version and encoded secret for `bundle` with `crls`.
+fn root_resource(bundle: &Bundle, crls: Option<&ServedCrls>) -> (String, Vec<u8>) {
+    match crls.filter(|c| !c.set().is_empty()) {
+        None => (bundle.version.clone(), bundle.sds_secret.clone()),
+        Some(c) => (
+            format!(
+                "{}-crl-{}{}",
+                bundle.version,
+                c.set().etag(),
+                if c.covers_chain() { "" } else { "-leaf" }
+            ),
+            encode_validation_context(bundle.pem.as_bytes(), Some(c)),
+        ),
+    }
 }
 
 /// The current version and encoded resource for `name`, if it is available.
@@ -113,11 +137,12 @@ fn resource(snap: &Snapshot, name: &str) -> Option<(String, prost_types::Any)> {
             )
         }),
         ROOT_RESOURCE => snap.bundle.as_ref().map(|b| {
+            let (version, value) = root_resource(b, snap.crls.as_deref());
             (
-                b.version.clone(),
+                version,
                 prost_types::Any {
                     type_url: SECRET_TYPE_URL.to_owned(),
-                    value: b.sds_secret.clone(),
+                    value,
                 },
             )
         }),
@@ -256,10 +281,11 @@ impl SotwStream {
             return Ok(Step::Continue);
         }
         if self.sent.contains_key(WORKLOAD_RESOURCE) && snap.svid.is_none() {
-            return Err(Status::unavailable(
-                "workload certificate expired and could not be renewed; the agent no longer \
-                 serves it (fail closed)",
-            ));
+            let why = snap.withdrawn.as_deref().unwrap_or("expired");
+            return Err(Status::unavailable(format!(
+                "workload certificate {why} and could not be renewed yet; the agent no longer \
+                 serves it (fail closed)"
+            )));
         }
         let mut versions = BTreeMap::new();
         let mut resources = Vec::with_capacity(self.subscribed.len());
@@ -564,7 +590,7 @@ mod tests {
     };
 
     use super::*;
-    use crate::state::{Bundle, Svid};
+    use crate::state::Svid;
 
     fn snapshot(ca: &CertificateAuthority) -> Snapshot {
         let id = SpiffeId::istio(&"cluster.local".parse().unwrap(), "a", "b").unwrap();
@@ -586,6 +612,7 @@ mod tests {
                 TrustBundle::from_der(vec![ca.cert().clone()]).unwrap(),
             ))),
             withdrawn: None,
+            crls: None,
         }
     }
 
@@ -672,6 +699,91 @@ mod tests {
         );
     }
 
+    /// (trusted_ca, crl, only_verify_leaf_cert_crl) of an encoded `ROOTCA`.
+    fn rootca_fields(any: &prost_types::Any) -> (Vec<u8>, Option<Vec<u8>>, bool) {
+        let bytes = |d: &Option<DataSource>| match d {
+            Some(DataSource {
+                specifier: Some(Specifier::InlineBytes(b)),
+            }) => Some(b.clone()),
+            _ => None,
+        };
+        match Secret::decode(any.value.as_slice()).unwrap().r#type {
+            Some(secret::Type::ValidationContext(v)) => (
+                bytes(&v.trusted_ca).expect("trusted_ca inline"),
+                bytes(&v.crl),
+                v.only_verify_leaf_cert_crl,
+            ),
+            other => panic!("not a validation context: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn rootca_carries_the_crls_and_changes_version_with_them() {
+        let ca = CertificateAuthority::self_signed_root(
+            &RootParams::default(),
+            PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        let mut snap = snapshot(&ca);
+        let mut st = SotwStream {
+            subscribed: BTreeSet::new(),
+            last_nonce: None,
+            sent: BTreeMap::new(),
+        };
+        let mut delta = DeltaStream {
+            subscribed: ["ROOTCA".to_string()].into(),
+            has: BTreeMap::new(),
+            last_nonce: None,
+        };
+        let d1 = delta.maybe_push(&snap).expect("initial delta response");
+        let r1 = sent(st.on_request(&req(&["ROOTCA"], "", ""), &snap).unwrap());
+        let (roots, crl0, leaf0) = rootca_fields(&r1.resources[0]);
+        assert!(crl0.is_none() && !leaf0);
+        let now = SystemTime::now();
+        let crl = ca
+            .sign_crl(&rampart_certs::CrlParams {
+                this_update: now,
+                next_update: now + Duration::from_secs(600),
+                crl_number: 1,
+                revoked: vec![],
+            })
+            .unwrap();
+        let set = rampart_certs::CrlSet::new(
+            vec![crl.clone()],
+            &[ca.cert().clone()],
+            now,
+            rampart_certs::CrlExpiry::Refuse,
+        )
+        .unwrap();
+        snap.crls = Some(Arc::new(ServedCrls::new(set.clone(), true)));
+        let r2 = sent(st.maybe_push(&snap, false).unwrap());
+        assert_ne!(r2.version_info, r1.version_info);
+        // Delta streams get the new ROOTCA too, once.
+        let d2 = delta
+            .maybe_push(&snap)
+            .expect("delta push of the CRL change");
+        assert_ne!(d2.resources[0].version, d1.resources[0].version);
+        assert!(delta.maybe_push(&snap).is_none());
+        let (roots2, crl2, leaf2) = rootca_fields(&r2.resources[0]);
+        assert_eq!(crl2.as_deref(), Some(crl.to_pem().as_bytes()));
+        assert!(!leaf2);
+        assert_eq!(roots2, roots);
+        // Same set again: nothing. Not covering the chain: leaf only, a new version.
+        quiet(st.maybe_push(&snap, false).unwrap());
+        snap.crls = Some(Arc::new(ServedCrls::new(set, false)));
+        let r3 = sent(st.maybe_push(&snap, false).unwrap());
+        assert!(rootca_fields(&r3.resources[0]).2);
+        // No CRL any more: the plain bundle again, with its plain version.
+        snap.crls = Some(Arc::new(ServedCrls::new(
+            rampart_certs::CrlSet::empty(),
+            false,
+        )));
+        let r4 = sent(st.maybe_push(&snap, false).unwrap());
+        assert_eq!(r4.version_info, r1.version_info);
+        assert!(rootca_fields(&r4.resources[0]).1.is_none());
+    }
+
     #[test]
     fn sotw_waits_for_missing_resources_and_fails_closed_on_expiry() {
         let ca = CertificateAuthority::self_signed_root(
@@ -698,6 +810,7 @@ mod tests {
             svid: None,
             bundle: snap.bundle.clone(),
             withdrawn: Some("expired".into()),
+            crls: None,
         };
         let e = st.maybe_push(&gone, false).err().unwrap();
         assert_eq!(e.code(), tonic::Code::Unavailable);

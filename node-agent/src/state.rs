@@ -5,7 +5,7 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use rampart_certs::{CertInfo, PrivateKey, SpiffeId, TrustBundle, TrustDomain};
+use rampart_certs::{CertInfo, CrlSet, PrivateKey, SpiffeId, TrustBundle, TrustDomain};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 use zeroize::Zeroizing;
@@ -131,7 +131,7 @@ impl Bundle {
         }
         let version = hex::encode(&ctx.finish().as_ref()[..8]);
         let pem = bundle.to_pem();
-        let sds_secret = crate::sds::encode_validation_context(pem.as_bytes());
+        let sds_secret = crate::sds::encode_validation_context(pem.as_bytes(), None);
         Bundle {
             trust_domain,
             bundle,
@@ -152,6 +152,49 @@ impl Bundle {
     }
 }
 
+/// The CA's revocation lists as this agent serves them: only CRLs whose signature verified
+/// with a CA certificate the agent trusts (a root of the bundle or an intermediate of a
+/// verified chain). Served in `ROOTCA`'s `validation_context.crl` and as `ca-crl.pem`.
+#[derive(Debug)]
+pub struct ServedCrls {
+    pub(crate) set: CrlSet,
+    pub(crate) pem: String,
+    /// Whether the set covers every CA certificate of the chains this agent holds (their
+    /// intermediates and the root they end in): then Envoy checks the whole chain,
+    /// otherwise only the leaf (`only_verify_leaf_cert_crl`), since Envoy refuses a chain
+    /// with a CA certificate no CRL covers once any CRL is configured.
+    pub(crate) covers_chain: bool,
+}
+
+// === impl ServedCrls ===
+
+impl ServedCrls {
+    /// Wrap a validated set.
+    pub fn new(set: CrlSet, covers_chain: bool) -> Self {
+        let pem = set.to_pem();
+        ServedCrls {
+            set,
+            pem,
+            covers_chain,
+        }
+    }
+
+    /// The validated CRLs.
+    pub fn set(&self) -> &CrlSet {
+        &self.set
+    }
+
+    /// The CRLs as concatenated PEM (what `ca-crl.pem` and `ROOTCA`'s `crl` hold).
+    pub fn pem(&self) -> &str {
+        &self.pem
+    }
+
+    /// Whether `crl` in `ROOTCA` is checked for the whole chain (else leaf only).
+    pub fn covers_chain(&self) -> bool {
+        self.covers_chain
+    }
+}
+
 /// One consistent view of what is served.
 #[derive(Debug, Clone, Default)]
 pub struct Snapshot {
@@ -163,6 +206,9 @@ pub struct Snapshot {
     /// Why `svid` is `None` after one was served (e.g. `expired at <time>`); `None` while
     /// one is served or before the first issuance.
     pub withdrawn: Option<String>,
+    /// The validated CRLs served with the trust bundle; `None` (or an empty set) when the
+    /// CA serves none.
+    pub crls: Option<Arc<ServedCrls>>,
 }
 
 /// The publishing side of what one workload identity is served. Cheap to clone.
@@ -206,6 +252,21 @@ impl SecretStore {
         self.tx.send_modify(|s| {
             s.svid = None;
             s.withdrawn = Some(reason);
+        });
+    }
+
+    /// Publish a new validated CRL set (`ROOTCA` gets a new version; every open stream is
+    /// pushed). A set equal to the served one (same etag and coverage) changes nothing.
+    pub fn set_crls(&self, crls: Arc<ServedCrls>) {
+        self.tx.send_if_modified(|s| {
+            let same = s.crls.as_ref().is_some_and(|old| {
+                old.set.etag() == crls.set.etag() && old.covers_chain == crls.covers_chain
+            });
+            if same {
+                return false;
+            }
+            s.crls = Some(crls);
+            true
         });
     }
 

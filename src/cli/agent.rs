@@ -56,8 +56,8 @@ pub(crate) struct AgentArgs {
     /// Renew when this fraction of the lifetime remains (Istio SECRET_GRACE_PERIOD_RATIO).
     #[arg(long, env = "SECRET_GRACE_PERIOD_RATIO", default_value_t = DEFAULT_GRACE_RATIO)]
     grace_ratio: f64,
-    /// Write cert-chain.pem, key.pem (0600) and root-cert.pem here on every rotation
-    /// (Istio OUTPUT_CERTS).
+    /// Write cert-chain.pem, key.pem (0600) and root-cert.pem here on every rotation, and
+    /// ca-crl.pem whenever the CA's CRLs change (Istio OUTPUT_CERTS).
     #[arg(long, env = "OUTPUT_CERTS")]
     output_dir: Option<PathBuf>,
     /// Serve Prometheus metrics on http://ADDR/metrics.
@@ -69,6 +69,10 @@ pub(crate) struct AgentArgs {
     /// Longest retry delay while the CA is unreachable.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     max_backoff: Duration,
+    /// How often to ask the CA for its revocation lists (served in ROOTCA's `crl` and as
+    /// ca-crl.pem; a revoked certificate of the agent's own is renewed at once). `0s`: off.
+    #[arg(long, default_value = "3s", value_parser = humantime::parse_duration)]
+    crl_poll_interval: Duration,
     /// Another workload identity with its own sockets (repeatable):
     /// `token=FILE,sds=PATH[,workload-api=PATH][,output-dir=DIR][,ns=NS][,sa=SA]`.
     #[arg(long = "workload", value_name = "SPEC")]
@@ -184,6 +188,8 @@ impl AgentArgs {
             workloads,
             metrics_addr: self.metrics,
             socket_mode: self.socket_mode,
+            crl_poll_interval: (!self.crl_poll_interval.is_zero())
+                .then_some(self.crl_poll_interval),
         };
         config
             .validate()

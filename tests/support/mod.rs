@@ -2,6 +2,8 @@
 //! them, so unused ones are expected.
 #![allow(dead_code)]
 
+pub(crate) mod envoy;
+
 use std::io::{BufRead, BufReader};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};

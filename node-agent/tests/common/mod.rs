@@ -22,6 +22,8 @@ use rampart_proto::istio::v1::auth::istio_certificate_service_server::{
     IstioCertificateService, IstioCertificateServiceServer,
 };
 use rampart_proto::istio::v1::auth::{IstioCertificateRequest, IstioCertificateResponse};
+use rampart_proto::rampart::ca::v1::revocation_server::{Revocation, RevocationServer};
+use rampart_proto::rampart::ca::v1::{GetCrlsRequest, GetCrlsResponse};
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::TcpStream;
 use tokio_util::sync::CancellationToken;
@@ -50,11 +52,19 @@ pub fn token_for(ns: &str, sa: &str) -> String {
 struct Signing {
     /// Signs workloads (an intermediate).
     ca: CertificateAuthority,
+    /// Its root, as a CA (signs the root's CRL).
+    root_ca: CertificateAuthority,
     /// What is returned after the chain as the root bundle (all roots still valid).
     roots: Vec<CertificateDer<'static>>,
 }
 
 fn new_hierarchy(name: &str) -> (CertificateAuthority, CertificateDer<'static>) {
+    let (inter, root) = new_hierarchy_with_root(name);
+    (inter, root.cert().clone())
+}
+
+/// A root and an intermediate under it, both as CAs (so both can sign CRLs).
+pub fn new_hierarchy_with_root(name: &str) -> (CertificateAuthority, CertificateAuthority) {
     let now = SystemTime::now();
     let root = CertificateAuthority::self_signed_root(
         &RootParams {
@@ -77,7 +87,26 @@ fn new_hierarchy(name: &str) -> (CertificateAuthority, CertificateDer<'static>) 
         )
         .unwrap();
     let inter = CertificateAuthority::new(icert, ikey, vec![root.cert().clone()]).unwrap();
-    (inter, root.cert().clone())
+    (inter, root)
+}
+
+/// A CRL signed by `ca` revoking `serials` (hex), valid for an hour.
+pub fn crl_by(ca: &CertificateAuthority, number: u64, serials: &[&str]) -> rampart_certs::Crl {
+    let now = SystemTime::now();
+    ca.sign_crl(&rampart_certs::CrlParams {
+        this_update: now,
+        next_update: now + Duration::from_secs(3600),
+        crl_number: number,
+        revoked: serials
+            .iter()
+            .map(|s| rampart_certs::RevokedCert {
+                serial_hex: (*s).to_owned(),
+                revoked_at: now,
+                reason: Some(rampart_certs::RevocationReason::KeyCompromise),
+            })
+            .collect(),
+    })
+    .unwrap()
 }
 
 #[derive(Default)]
@@ -92,6 +121,57 @@ struct Shared {
     wrong_san: bool,
     refuse: bool,
     observed: Observed,
+    /// What `GetCrls` serves; `None`: the service answers UNIMPLEMENTED (like istiod).
+    crls: Option<Vec<Vec<u8>>>,
+    crl_down: bool,
+    crl_calls: usize,
+    crl_not_modified: usize,
+}
+
+fn etag_of(crls: &[Vec<u8>]) -> String {
+    if crls.is_empty() {
+        return String::new();
+    }
+    let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
+    for c in crls {
+        ctx.update(&(c.len() as u64).to_be_bytes());
+        ctx.update(c);
+    }
+    hex::encode(&ctx.finish().as_ref()[..16])
+}
+
+#[derive(Clone)]
+struct CrlSvc(Arc<Mutex<Shared>>);
+
+#[tonic::async_trait]
+impl Revocation for CrlSvc {
+    async fn get_crls(
+        &self,
+        req: Request<GetCrlsRequest>,
+    ) -> Result<Response<GetCrlsResponse>, Status> {
+        let mut s = self.0.lock().unwrap();
+        s.crl_calls += 1;
+        if s.crl_down {
+            return Err(Status::unavailable("fake CA told to fail GetCrls"));
+        }
+        let Some(crls) = s.crls.clone() else {
+            return Err(Status::unimplemented("fake CA serves no CRLs"));
+        };
+        let etag = etag_of(&crls);
+        let not_modified = !etag.is_empty() && req.get_ref().if_none_match == etag;
+        if not_modified {
+            s.crl_not_modified += 1;
+        }
+        Ok(Response::new(GetCrlsResponse {
+            version: s.crl_calls as u64,
+            etag,
+            not_modified,
+            crls: if not_modified { Vec::new() } else { crls },
+            next_update: 0,
+            // The agent validates against the CAs it already trusts, never these.
+            issuers: Vec::new(),
+        }))
+    }
 }
 
 #[derive(Clone)]
@@ -185,7 +265,8 @@ pub struct FakeCa {
 
 impl FakeCa {
     pub async fn start(dir: &Path) -> FakeCa {
-        let (inter, root) = new_hierarchy("Fake CA");
+        let (inter, root_ca) = new_hierarchy_with_root("Fake CA");
+        let root = root_ca.cert().clone();
         let skey = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
         let scert = inter
             .issue_server(
@@ -219,11 +300,16 @@ impl FakeCa {
             shared: Arc::new(Mutex::new(Shared {
                 signing: Signing {
                     ca: inter,
+                    root_ca,
                     roots: vec![root],
                 },
                 wrong_san: false,
                 refuse: false,
                 observed: Observed::default(),
+                crls: None,
+                crl_down: false,
+                crl_calls: 0,
+                crl_not_modified: 0,
             })),
             tls: Arc::new(tls),
             running: None,
@@ -253,10 +339,12 @@ impl FakeCa {
             }
         });
         let svc = IstioCertificateServiceServer::new(Svc(self.shared.clone()));
+        let crl_svc = RevocationServer::new(CrlSvc(self.shared.clone()));
         let t3 = token.clone();
         let handle = tokio::spawn(async move {
             let _ = tonic::transport::Server::builder()
                 .add_service(svc)
+                .add_service(crl_svc)
                 .serve_with_incoming_shutdown(
                     tokio_stream::wrappers::ReceiverStream::new(rx),
                     t3.cancelled_owned(),
@@ -302,11 +390,43 @@ impl FakeCa {
     /// Root rotation: a new root + intermediate signs from now on; both roots are returned
     /// as the bundle (overlap). The serving certificate (old hierarchy) is unchanged.
     pub fn rotate_root(&self) -> CertificateDer<'static> {
-        let (inter, root) = new_hierarchy("Fake CA (new)");
+        let (inter, root_ca) = new_hierarchy_with_root("Fake CA (new)");
+        let root = root_ca.cert().clone();
         let mut s = self.shared.lock().unwrap();
         s.signing.ca = inter;
+        s.signing.root_ca = root_ca;
         s.signing.roots.push(root.clone());
         root
+    }
+
+    /// Serve these DER CRLs from `GetCrls` (`None`: UNIMPLEMENTED).
+    pub fn set_crls(&self, crls: Option<Vec<Vec<u8>>>) {
+        self.shared.lock().unwrap().crls = crls;
+    }
+
+    /// Make `GetCrls` fail with UNAVAILABLE.
+    pub fn set_crl_down(&self, on: bool) {
+        self.shared.lock().unwrap().crl_down = on;
+    }
+
+    /// A CRL of the signing intermediate revoking `serials`.
+    pub fn intermediate_crl(&self, number: u64, serials: &[&str]) -> rampart_certs::Crl {
+        crl_by(&self.shared.lock().unwrap().signing.ca, number, serials)
+    }
+
+    /// A CRL of the root revoking `serials`.
+    pub fn root_crl(&self, number: u64, serials: &[&str]) -> rampart_certs::Crl {
+        crl_by(
+            &self.shared.lock().unwrap().signing.root_ca,
+            number,
+            serials,
+        )
+    }
+
+    /// (`GetCrls` calls, of which answered "not modified").
+    pub fn crl_calls(&self) -> (usize, usize) {
+        let s = self.shared.lock().unwrap();
+        (s.crl_calls, s.crl_not_modified)
     }
 
     pub fn calls(&self) -> usize {
@@ -363,6 +483,7 @@ pub fn agent_config(dir: &Path, ca_addr: &str, ca_root: &Path, ttl: Duration) ->
         }],
         metrics_addr: None,
         socket_mode: 0o600,
+        crl_poll_interval: Some(Duration::from_millis(300)),
     }
 }
 
