@@ -119,25 +119,18 @@ impl Config {
     /// The registry workload whose identity is `principal`: (name, namespace), empty when
     /// unknown (for metric labels).
     pub(crate) fn workload_of(&self, principal: &str) -> (String, String) {
-        let Ok(id) = SpiffeId::parse(principal) else {
+        let Some((ns, sa)) = SpiffeId::parse(principal).ok().and_then(|id| {
+            id.istio_parts()
+                .map(|(ns, sa)| (ns.to_string(), sa.to_string()))
+        }) else {
             return (String::new(), String::new());
         };
-        let path = id.path();
-        let mut it = path.trim_start_matches('/').split('/');
-        if let (Some("ns"), Some(ns), Some("sa"), Some(sa)) =
-            (it.next(), it.next(), it.next(), it.next())
-        {
-            let w = self
-                .folder
-                .registry
-                .workloads
-                .iter()
-                .find(|w| w.namespace == ns && w.service_account == sa);
-            return (
-                w.map(|w| w.name.clone()).unwrap_or_default(),
-                ns.to_string(),
-            );
-        }
-        (String::new(), String::new())
+        let w = self
+            .folder
+            .registry
+            .workloads
+            .iter()
+            .find(|w| w.namespace == ns && w.service_account == sa);
+        (w.map(|w| w.name.clone()).unwrap_or_default(), ns)
     }
 }

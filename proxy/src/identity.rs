@@ -214,9 +214,7 @@ pub(crate) struct IdentityHolder {
     pub(crate) live: Arc<LiveConns>,
 }
 
-fn rfc3339(t: SystemTime) -> String {
-    humantime::format_rfc3339_seconds(t).to_string()
-}
+use rampart_certs::timestamp::rfc3339;
 
 impl IdentityHolder {
     pub(crate) fn new(expected_id: SpiffeId, trust_domains: TrustDomainPolicy) -> Self {

@@ -326,7 +326,7 @@ pub(crate) fn dump(state: &JwksState, cfg: &Config) -> serde_json::Value {
     let remote = state.snapshot();
     let sched = lock(&state.schedule).clone();
     let now = Instant::now();
-    let t = |t: Option<SystemTime>| t.map(|t| humantime::format_rfc3339_seconds(t).to_string());
+    let t = |t: Option<SystemTime>| t.map(rampart_certs::timestamp::rfc3339);
     let list: Vec<serde_json::Value> = cfg
         .engine
         .jwks_uris()

@@ -27,7 +27,7 @@ impl ListenerStatus {
             "address": self.addr.to_string(),
             "state": if self.error.is_some() { "failed" } else { "listening" },
             "error": self.error,
-            "since": humantime::format_rfc3339_seconds(self.since).to_string(),
+            "since": rampart_certs::timestamp::rfc3339(self.since),
         })
     }
 }
