@@ -35,11 +35,6 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use futures::Stream;
-use prost::Message;
-use rampart_proto::envoy::config::core::v3::{DataSource, data_source::Specifier};
-use rampart_proto::envoy::extensions::transport_sockets::tls::v3::{
-    CertificateValidationContext, Secret, TlsCertificate, secret,
-};
 use rampart_proto::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse, Resource,
 };
@@ -51,61 +46,14 @@ use tokio::sync::{mpsc, watch};
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_util::sync::CancellationToken;
 use tonic::{Request, Response, Status, Streaming};
-use zeroize::Zeroizing;
 
 use crate::metrics::Metrics;
-use crate::state::{Bundle, SecretStore, ServedCrls, Snapshot};
+use crate::state::{Bundle, SecretStore, ServedCrls, Snapshot, encode_validation_context};
 
 static NONCE: AtomicU64 = AtomicU64::new(1);
 
 fn next_nonce() -> String {
     NONCE.fetch_add(1, Ordering::Relaxed).to_string()
-}
-
-fn inline(bytes: &[u8]) -> Option<DataSource> {
-    Some(DataSource {
-        specifier: Some(Specifier::InlineBytes(bytes.to_vec())),
-    })
-}
-
-/// Encode the `default` secret (chain + key). The buffer holds the key: zeroized on drop.
-pub(crate) fn encode_tls_certificate(chain_pem: &[u8], key_pem: &[u8]) -> Zeroizing<Vec<u8>> {
-    let mut s = Secret {
-        name: WORKLOAD_RESOURCE.to_owned(),
-        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
-            certificate_chain: inline(chain_pem),
-            private_key: inline(key_pem),
-            ..Default::default()
-        })),
-    };
-    let out = Zeroizing::new(s.encode_to_vec());
-    // Scrub the temporary message's copy of the key too.
-    if let Some(secret::Type::TlsCertificate(t)) = &mut s.r#type
-        && let Some(DataSource {
-            specifier: Some(Specifier::InlineBytes(b)),
-        }) = &mut t.private_key
-    {
-        zeroize::Zeroize::zeroize(b);
-    }
-    out
-}
-
-/// Encode the `ROOTCA` secret: the trust bundle, and the CRLs when there are any
-/// (`crl`: inline PEM; `only_verify_leaf_cert_crl` unless they cover the whole chain).
-pub(crate) fn encode_validation_context(bundle_pem: &[u8], crls: Option<&ServedCrls>) -> Vec<u8> {
-    let crls = crls.filter(|c| !c.set().is_empty());
-    Secret {
-        name: ROOT_RESOURCE.to_owned(),
-        r#type: Some(secret::Type::ValidationContext(
-            CertificateValidationContext {
-                trusted_ca: inline(bundle_pem),
-                crl: crls.and_then(|c| inline(c.pem().as_bytes())),
-                only_verify_leaf_cert_crl: crls.is_some_and(|c| !c.covers_chain()),
-                ..Default::default()
-            },
-        )),
-    }
-    .encode_to_vec()
 }
 
 /// The `ROOTCA` version and encoded secret for `bundle` with `crls`.
@@ -584,6 +532,10 @@ impl SecretDiscoveryService for SdsService {
 #[cfg(test)]
 mod tests {
     use std::time::SystemTime;
+
+    use prost::Message;
+    use rampart_proto::envoy::config::core::v3::{DataSource, data_source::Specifier};
+    use rampart_proto::envoy::extensions::transport_sockets::tls::v3::{Secret, secret};
 
     use rampart_certs::{
         CertificateAuthority, KeyAlgorithm, PrivateKey, RootParams, SpiffeId, TrustBundle,

@@ -5,7 +5,13 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::SystemTime;
 
+use prost::Message;
 use rampart_certs::{CertInfo, CrlSet, PrivateKey, SpiffeId, TrustBundle, TrustDomain};
+use rampart_proto::envoy::config::core::v3::{DataSource, data_source::Specifier};
+use rampart_proto::envoy::extensions::transport_sockets::tls::v3::{
+    CertificateValidationContext, Secret, TlsCertificate, secret,
+};
+use rampart_proto::sds::{ROOT_RESOURCE, WORKLOAD_RESOURCE};
 use rustls_pki_types::CertificateDer;
 use tokio::sync::watch;
 use zeroize::Zeroizing;
@@ -62,8 +68,7 @@ impl Svid {
         let chain_pem = rampart_certs::certs_to_pem(&chain);
         let key_pem = key.to_pkcs8_pem();
         let version = leaf.serial_hex.to_lowercase();
-        let sds_secret =
-            crate::sds::encode_tls_certificate(chain_pem.as_bytes(), key_pem.as_bytes());
+        let sds_secret = encode_tls_certificate(chain_pem.as_bytes(), key_pem.as_bytes());
         Ok(Svid {
             id,
             chain,
@@ -131,7 +136,7 @@ impl Bundle {
         }
         let version = hex::encode(&ctx.finish().as_ref()[..8]);
         let pem = bundle.to_pem();
-        let sds_secret = crate::sds::encode_validation_context(pem.as_bytes(), None);
+        let sds_secret = encode_validation_context(pem.as_bytes(), None);
         Bundle {
             trust_domain,
             bundle,
@@ -284,4 +289,55 @@ impl SecretStore {
     pub fn subscribers(&self) -> usize {
         self.tx.receiver_count()
     }
+}
+
+// === SDS encoding ===
+//
+// The encoded `default` and `ROOTCA` secrets are made once per change, here, and served
+// as they are by `crate::sds` to every stream.
+
+fn inline(bytes: &[u8]) -> Option<DataSource> {
+    Some(DataSource {
+        specifier: Some(Specifier::InlineBytes(bytes.to_vec())),
+    })
+}
+
+/// Encode the `default` secret (chain + key). The buffer holds the key: zeroized on drop.
+pub(crate) fn encode_tls_certificate(chain_pem: &[u8], key_pem: &[u8]) -> Zeroizing<Vec<u8>> {
+    let mut s = Secret {
+        name: WORKLOAD_RESOURCE.to_owned(),
+        r#type: Some(secret::Type::TlsCertificate(TlsCertificate {
+            certificate_chain: inline(chain_pem),
+            private_key: inline(key_pem),
+            ..Default::default()
+        })),
+    };
+    let out = Zeroizing::new(s.encode_to_vec());
+    // Scrub the temporary message's copy of the key too.
+    if let Some(secret::Type::TlsCertificate(t)) = &mut s.r#type
+        && let Some(DataSource {
+            specifier: Some(Specifier::InlineBytes(b)),
+        }) = &mut t.private_key
+    {
+        zeroize::Zeroize::zeroize(b);
+    }
+    out
+}
+
+/// Encode the `ROOTCA` secret: the trust bundle, and the CRLs when there are any
+/// (`crl`: inline PEM; `only_verify_leaf_cert_crl` unless they cover the whole chain).
+pub(crate) fn encode_validation_context(bundle_pem: &[u8], crls: Option<&ServedCrls>) -> Vec<u8> {
+    let crls = crls.filter(|c| !c.set().is_empty());
+    Secret {
+        name: ROOT_RESOURCE.to_owned(),
+        r#type: Some(secret::Type::ValidationContext(
+            CertificateValidationContext {
+                trusted_ca: inline(bundle_pem),
+                crl: crls.and_then(|c| inline(c.pem().as_bytes())),
+                only_verify_leaf_cert_crl: crls.is_some_and(|c| !c.covers_chain()),
+                ..Default::default()
+            },
+        )),
+    }
+    .encode_to_vec()
 }
