@@ -5,6 +5,8 @@
 //! layer 1   authz ───► certs  (+ proto via an optional feature)
 //!           mesh ────► certs, authz         (nothing else of ours; no networking)
 //! layer 2   citadel, node-agent, proxy      (no arrows between them)
+//! layer 2.5 k8s ─────► certs, proto, authz, mesh, citadel  (kube-rs lives only here;
+//!                      only rampart depends on it)
 //! layer 3   rampart (src/)                  (nothing depends on it)
 //! ```
 //! plus: certs and authz pull in no async runtime or networking (tokio, tonic, hyper, mio,
@@ -207,6 +209,47 @@ fn violations(meta: &Value) -> Vec<String> {
             if !matches!(dep, "rampart-certs" | "rampart-authz") {
                 out.push(format!(
                     "rampart-mesh depends on {dep} (only certs and authz)"
+                ));
+            }
+        }
+    }
+
+    // Kubernetes mode sits between the layer-2 crates and the binary: it may use certs,
+    // proto, authz, mesh and citadel, and only the binary's package may use it.
+    if g.members.contains_key("rampart-k8s") {
+        for dep in g.workspace_deps("rampart-k8s") {
+            if !matches!(
+                dep,
+                "rampart-certs"
+                    | "rampart-proto"
+                    | "rampart-authz"
+                    | "rampart-mesh"
+                    | "rampart-citadel"
+            ) {
+                out.push(format!(
+                    "rampart-k8s depends on {dep} (only certs, proto, authz, mesh, citadel)"
+                ));
+            }
+        }
+        for member in g.members.keys() {
+            if !matches!(*member, "rampart" | "rampart-k8s")
+                && g.workspace_deps(member).contains("rampart-k8s")
+            {
+                out.push(format!(
+                    "{member} depends on rampart-k8s (only rampart may)"
+                ));
+            }
+        }
+    }
+    // kube-rs (and its Kubernetes types) only through rampart-k8s.
+    for member in g.members.keys() {
+        if matches!(*member, "rampart" | "rampart-k8s") {
+            continue;
+        }
+        for bad in g.normal_closure(member, &[]) {
+            if matches!(bad, "kube" | "kube-client" | "k8s-openapi") {
+                out.push(format!(
+                    "{member} depends (normally, transitively) on {bad}: Kubernetes code belongs in rampart-k8s"
                 ));
             }
         }
