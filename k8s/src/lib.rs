@@ -17,6 +17,7 @@
 //! depends on it, and citadel knows nothing of Kubernetes.
 
 mod authn;
+pub mod material;
 
 mod review;
 
