@@ -124,8 +124,7 @@ fn fresh_root(
     ttl: Duration,
 ) -> Result<FreshRoot, K8sError> {
     let material = |e: String| K8sError::Material(e);
-    std::fs::create_dir_all(state_dir)
-        .map_err(|e| material(format!("{}: {e}", state_dir.display())))?;
+    private_dir(state_dir)?;
     let scratch = tempfile::Builder::new()
         .prefix(".new-root-")
         .tempdir_in(state_dir)
@@ -156,6 +155,19 @@ fn field(
     Ok(Some(Zeroizing::new(text)))
 }
 
+/// Creates `dir` (and parents) 0700 if missing: it will hold a private key.
+fn private_dir(dir: &Path) -> Result<(), K8sError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| K8sError::Material(format!("{}: {e}", dir.display())))
+}
+
 fn write(path: &Path, text: &str, mode: u32) -> Result<(), K8sError> {
     rampart_certs::write_file_atomic(path, text.as_bytes(), mode)
         .map_err(|e| K8sError::Material(format!("{}: {e}", path.display())))
@@ -168,8 +180,7 @@ fn write_plugin(
     trust_domain: &TrustDomain,
 ) -> Result<(), K8sError> {
     let name = CACERTS_SECRET;
-    std::fs::create_dir_all(dir)
-        .map_err(|e| K8sError::Material(format!("{}: {e}", dir.display())))?;
+    private_dir(dir)?;
     for file in PLUGIN_FILES {
         let path = dir.join(file);
         match field(namespace, secret, name, file)? {
@@ -207,8 +218,7 @@ fn write_self_signed(namespace: &str, secret: &Secret, state_dir: &Path) -> Resu
         .map_err(|e| K8sError::Material(format!("Secret {namespace}/{name}: {CA_CERT}: {e}")))?;
     rampart_certs::PrivateKey::from_pkcs8_pem(&key)
         .map_err(|e| K8sError::Material(format!("Secret {namespace}/{name}: {CA_KEY}: {e}")))?;
-    std::fs::create_dir_all(state_dir)
-        .map_err(|e| K8sError::Material(format!("{}: {e}", state_dir.display())))?;
+    private_dir(state_dir)?;
     // Key first, then the certificate (as citadel writes them).
     write(&state_dir.join(SELF_SIGNED_KEY), &key, 0o600)?;
     write(&state_dir.join(SELF_SIGNED_CERT), &cert, 0o644)?;

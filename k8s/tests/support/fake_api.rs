@@ -16,6 +16,8 @@
 //!   callers both see "not found" before either creates it (the create race).
 //!
 //! Every request is logged ([`FakeApi::calls`]) so tests can assert what was (not) asked.
+//! [`FakeApi::serve_http`] serves the same fake over plain HTTP on loopback, for tests that
+//! run the `rampart` binary with a kubeconfig (tests/ca_kubernetes_e2e.rs).
 
 #![allow(dead_code, unreachable_pub)]
 
@@ -182,7 +184,38 @@ impl FakeApi {
         );
     }
 
-    async fn handle(&self, req: Request<kube::client::Body>) -> Response<Full<Bytes>> {
+    /// Serves this fake over plain HTTP on a loopback port (for a `rampart` process given a
+    /// kubeconfig pointing at it). The task ends when the runtime does.
+    pub async fn serve_http(&self) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let fake = self.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let fake = fake.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let fake = fake.clone();
+                        async move { Ok::<_, Infallible>(fake.handle(req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: hyper::body::Body,
+        B::Error: std::fmt::Display,
+    {
         let (parts, body) = req.into_parts();
         let body = match body.collect().await {
             Ok(b) => b.to_bytes(),
