@@ -5,7 +5,8 @@
 //! Shows: the first CA creates Secret istio-ca-secret and serves its root, a second one
 //! loads it (one root); a reviewed token gets a certificate; a wrong clusterid or an unknown
 //! token is refused; node impersonation passes for a Pod on the caller's node and fails for
-//! one on another node.
+//! one on another node; ConfigMap istio-ca-root-cert appears in every namespace (one new
+//! after start too) and comes back when deleted.
 
 #[path = "../k8s/tests/support/fake_api.rs"]
 mod fake_api;
@@ -23,7 +24,7 @@ use fake_api::{FakeApi, FakeToken, fake_jwt};
 use rampart_certs::{CertInfo, KeyAlgorithm, PrivateKey, SpiffeId, TrustBundle};
 use rampart_proto::istio::v1::auth::IstioCertificateRequest;
 use rampart_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
-use support::Proc;
+use support::{Proc, wait_for};
 use tonic::transport::Channel;
 
 const SECRETS: &str = "/api/v1/namespaces/istio-system/secrets";
@@ -56,6 +57,7 @@ fn start_ca(dir: &Path, kc: &Path, name: &str) -> (Proc, SocketAddr, Vec<String>
         .arg(kc)
         .args(["--cluster-id", "Kubernetes"])
         .args(["--trusted-node-accounts", "istio-system/ztunnel"])
+        .args(["--root-publish-interval", "300ms"])
         .arg("--cacerts")
         .arg(dir.join(name).join("cacerts"))
         .arg("--state")
@@ -141,6 +143,12 @@ async fn ca_in_kubernetes_mode_against_a_fake_api_server() {
     let api = fake.serve_http().await;
     let dir = tempfile::tempdir().unwrap();
     let kc = kubeconfig(dir.path(), api);
+    for ns in ["istio-system", "ns1"] {
+        fake.put(
+            "/api/v1/namespaces",
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        );
+    }
 
     let (ca1, addr, lines) = start_ca(dir.path(), &kc, "one");
     assert!(
@@ -179,6 +187,50 @@ async fn ca_in_kubernetes_mode_against_a_fake_api_server() {
         root_fingerprint_of_pem(&bundle2)
     );
     assert_eq!(fake.count(&format!("POST {SECRETS}")), 1);
+
+    // The root ConfigMap: in every namespace, in a new one, and back after a delete, with
+    // the Lease taken (one writer at a time is shown in k8s/tests/kube_root_publisher.rs).
+    let published = |ns: &str| {
+        fake.get(
+            &format!("/api/v1/namespaces/{ns}/configmaps"),
+            "istio-ca-root-cert",
+        )
+        .and_then(|cm| cm["data"]["root-cert.pem"].as_str().map(str::to_owned))
+    };
+    let log = || format!("{}\n{}", ca1.log(), ca2.log());
+    wait_for(
+        "istio-ca-root-cert in istio-system and ns1",
+        Duration::from_secs(10),
+        || published("istio-system").is_some() && published("ns1").is_some(),
+        log,
+    );
+    let root_pem = published("ns1").unwrap();
+    assert_eq!(
+        root_fingerprint_of_pem(&root_pem),
+        root_fingerprint_of_pem(&bundle1)
+    );
+    fake.put(
+        "/api/v1/namespaces",
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late"}}),
+    );
+    fake.delete("/api/v1/namespaces/ns1/configmaps", "istio-ca-root-cert");
+    wait_for(
+        "istio-ca-root-cert in a new namespace and back in ns1",
+        Duration::from_secs(10),
+        || published("late").is_some() && published("ns1").is_some(),
+        log,
+    );
+    let lease = fake
+        .get(
+            "/apis/coordination.k8s.io/v1/namespaces/istio-system/leases",
+            "istio-namespace-controller-election",
+        )
+        .expect("Lease");
+    assert!(
+        lease["spec"]["holderIdentity"]
+            .as_str()
+            .is_some_and(|h| !h.is_empty())
+    );
     drop(ca2);
 
     let exp = SystemTime::now()

@@ -9,6 +9,8 @@
 //!   for service accounts with a Pod on the caller's node).
 //! - [`material`]: the CA's keys from Secret `cacerts` (plug-in) or `istio-ca-secret`
 //!   (self-signed, created once, never overwritten).
+//! - [`publish`]: the root bundle in ConfigMap `istio-ca-root-cert` in every namespace,
+//!   written by the holder of a `coordination.k8s.io` Lease.
 //!
 //! Every call goes through a [`kube::Client`], so tests build one over a fake API service
 //! (`k8s/tests/support/fake_api.rs`).
@@ -18,6 +20,7 @@
 
 mod authn;
 pub mod material;
+pub mod publish;
 
 mod review;
 

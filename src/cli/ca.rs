@@ -204,6 +204,11 @@ struct KubeArgs {
     /// The audience TokenReview checks tokens for (default: --audience, istio-ca).
     #[arg(long, value_name = "AUD", requires = "kubernetes")]
     token_audience: Option<String>,
+    /// How often the holder of the Lease `istio-namespace-controller-election` makes
+    /// ConfigMap istio-ca-root-cert current in every namespace (and how often the others try
+    /// to take the Lease; it lasts three intervals).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, requires = "kubernetes")]
+    root_publish_interval: Duration,
 }
 
 /// Kubernetes mode's settings, checked.
@@ -213,6 +218,7 @@ struct KubeMode {
     cluster_id: Option<String>,
     trusted: Vec<rampart_k8s::NodeAccount>,
     audience: String,
+    publish_interval: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -302,6 +308,7 @@ impl RunArgs {
                 .token_audience
                 .clone()
                 .unwrap_or_else(|| self.audience.clone()),
+            publish_interval: k.root_publish_interval.max(Duration::from_millis(100)),
         }))
     }
 
@@ -424,7 +431,11 @@ async fn start_in_kubernetes(
     );
     let auth = rampart_k8s::KubeAuthenticator::new(
         client.clone(),
-        rampart_k8s::TokenReviewer::new(client, &k.audience, rampart_k8s::DEFAULT_REVIEW_CACHE),
+        rampart_k8s::TokenReviewer::new(
+            client.clone(),
+            &k.audience,
+            rampart_k8s::DEFAULT_REVIEW_CACHE,
+        ),
         cfg.trust_domain.clone(),
         k.cluster_id,
         k.trusted,
@@ -434,6 +445,35 @@ async fn start_in_kubernetes(
         rampart_citadel::Metrics::new(),
         Some(Arc::new(auth)),
     )?;
+    // The root ConfigMap in every namespace, by whichever replica holds the Lease. The
+    // identity must be unique per replica: the Pod name in a cluster, else host and pid.
+    let identity = std::env::var("POD_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "rampart-ca".into());
+            format!("{host}-{}", std::process::id())
+        });
+    let elector = rampart_k8s::publish::LeaseElector::new(
+        client.clone(),
+        &k.namespace,
+        rampart_k8s::publish::PUBLISHER_LEASE,
+        &identity,
+        k.publish_interval * 3,
+    );
+    let publisher = rampart_k8s::publish::RootPublisher::new(client, String::new());
+    let bundle_of = state.clone();
+    tokio::spawn(rampart_k8s::publish::run(
+        elector,
+        publisher,
+        k.publish_interval,
+        move || bundle_of.authority().bundle().to_pem(),
+    ));
     Ok(rampart_citadel::start_with_state(state).await?)
 }
 
