@@ -25,7 +25,9 @@ pub mod publish;
 mod review;
 
 pub use self::authn::{KubeAuthenticator, NodeAccount};
-pub use self::review::{DEFAULT_REVIEW_CACHE, ReviewedToken, TokenReviewer, unverified_exp};
+pub use self::review::{
+    DEFAULT_REVIEW_CACHE, MAX_REVIEW_AGE, ReviewedToken, TokenReviewer, unverified_exp,
+};
 
 /// Why Kubernetes mode could not start or load its material.
 #[derive(Debug, thiserror::Error)]

@@ -11,6 +11,9 @@ use rampart_citadel::Refusal;
 
 /// How many reviewed tokens are remembered at most.
 pub const DEFAULT_REVIEW_CACHE: usize = 16 * 1024;
+/// How long a review is trusted at most, even when the token's `exp` is later: a bound token
+/// stops being valid when its Pod is deleted, and the API server is asked again after this.
+pub const MAX_REVIEW_AGE: std::time::Duration = std::time::Duration::from_secs(300);
 
 const EXTRA_POD_NAME: &str = "authentication.kubernetes.io/pod-name";
 const EXTRA_POD_UID: &str = "authentication.kubernetes.io/pod-uid";
@@ -40,7 +43,8 @@ struct Cached {
 
 /// Sends bearer tokens to the API server's TokenReview and remembers the accepted ones until
 /// their `exp` (read from the JWT payload, trusted for nothing but ending the cache entry
-/// early). Refused tokens are not remembered: each try is reviewed again.
+/// early), and never longer than [`MAX_REVIEW_AGE`] (a Pod's deletion invalidates its bound
+/// tokens). Refused tokens are not remembered: each try is reviewed again.
 pub struct TokenReviewer {
     client: kube::Client,
     audience: String,
@@ -93,7 +97,7 @@ impl TokenReviewer {
         }
         let reviewed = self.ask(token).await?;
         if let Some(exp) = exp {
-            self.remember(key, reviewed.clone(), exp, now);
+            self.remember(key, reviewed.clone(), exp.min(now + MAX_REVIEW_AGE), now);
         }
         Ok(reviewed)
     }

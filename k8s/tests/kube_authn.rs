@@ -170,7 +170,7 @@ async fn clusterid_header_must_name_our_cluster() {
 }
 
 #[tokio::test]
-async fn cache_hit_does_not_ask_the_api_server_again_until_exp() {
+async fn cache_hit_does_not_ask_the_api_server_again_until_exp_or_max_age() {
     let fake = FakeApi::new();
     let exp = in_an_hour();
     let tok = fake_jwt(exp, "cached");
@@ -184,11 +184,29 @@ async fn cache_hit_does_not_ask_the_api_server_again_until_exp() {
         auth.decide(&bearer(&tok), now).await.unwrap();
     }
     assert_eq!(fake.count(REVIEWS), 1, "one review, then the cache");
+    // After MAX_REVIEW_AGE (before exp) the API server is asked again: a deleted Pod's bound
+    // token must not live on in the cache until its exp.
+    let aged = now + rampart_k8s::MAX_REVIEW_AGE + Duration::from_secs(1);
+    auth.decide(&bearer(&tok), aged).await.unwrap();
+    assert_eq!(
+        fake.count(REVIEWS),
+        2,
+        "reviewed again after MAX_REVIEW_AGE"
+    );
+    fake.remove_token(&tok);
+    let err = auth
+        .decide(
+            &bearer(&tok),
+            aged + rampart_k8s::MAX_REVIEW_AGE + Duration::from_secs(1),
+        )
+        .await
+        .unwrap_err();
+    assert!(matches!(err, Refusal::TokenReviewFailed(_)), "{err}");
     // Past exp the token is refused without a review (the cache entry is no use any more).
     let after = UNIX_EPOCH + Duration::from_secs(exp + 1);
     let err = auth.decide(&bearer(&tok), after).await.unwrap_err();
     assert_eq!(err, Refusal::TokenExpired);
-    assert_eq!(fake.count(REVIEWS), 1);
+    assert_eq!(fake.count(REVIEWS), 3);
 }
 
 #[tokio::test]
@@ -212,7 +230,8 @@ async fn cache_is_bounded() {
     let fake = FakeApi::new();
     let auth = authenticator(&fake, None, 4);
     let now = SystemTime::now();
-    let base = in_an_hour();
+    // Expiries inside MAX_REVIEW_AGE, one second apart, so "expires first" is well defined.
+    let base = now.duration_since(UNIX_EPOCH).unwrap().as_secs() + 60;
     let tokens: Vec<String> = (0..10)
         .map(|i| {
             let t = fake_jwt(base + i, &format!("t{i}"));

@@ -115,6 +115,11 @@ impl FakeApi {
         self.lock().tokens.insert(token.into(), t);
     }
 
+    /// Forgets `token` (as when its Pod is deleted): its reviews become unauthenticated.
+    pub fn remove_token(&self, token: &str) {
+        self.lock().tokens.remove(token);
+    }
+
     /// The TokenReview of `token` answers exactly `status` (to test a misbehaving server).
     pub fn add_token_status(&self, token: &str, status: Value) {
         self.lock().fixed_status.insert(token.into(), status);
