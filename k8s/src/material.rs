@@ -11,7 +11,8 @@
 //!
 //! The Secret's content is written into the directories the CA already reads (the plug-in
 //! folder, the state folder), keys 0600 and atomically; the CA then starts as in standalone
-//! mode. Not built yet: watching `cacerts` for hot reload, and writing a renewed self-signed
+//! mode. [`follow_cacerts`] polls `cacerts` afterwards and writes valid changes into the
+//! plug-in folder, which the CA hot-reloads. Not built yet: writing a renewed self-signed
 //! root back to `istio-ca-secret` (rotation renews only the local copy today).
 
 use std::collections::BTreeMap;
@@ -173,36 +174,105 @@ fn write(path: &Path, text: &str, mode: u32) -> Result<(), K8sError> {
         .map_err(|e| K8sError::Material(format!("{}: {e}", path.display())))
 }
 
+/// Checks the Secret's plug-in material with the folder's own loader in a scratch folder,
+/// then writes the files that differ into `dir` (and removes those the Secret lacks).
+/// Broken material is refused before `dir` is touched. `Ok(true)` when a file changed.
 fn write_plugin(
     namespace: &str,
     secret: &Secret,
     dir: &Path,
     trust_domain: &TrustDomain,
-) -> Result<(), K8sError> {
+) -> Result<bool, K8sError> {
     let name = CACERTS_SECRET;
+    let refused = |e: String| K8sError::Material(format!("Secret {namespace}/{name}: {e}"));
     private_dir(dir)?;
+    let mut wanted = Vec::new();
     for file in PLUGIN_FILES {
-        let path = dir.join(file);
-        match field(namespace, secret, name, file)? {
-            Some(text) => write(&path, &text, if *file == CA_KEY { 0o600 } else { 0o644 })?,
-            // A key the Secret does not have must not linger from an earlier start.
-            None => match std::fs::remove_file(&path) {
-                Ok(()) => {}
-                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-                Err(e) => return Err(K8sError::Material(format!("{}: {e}", path.display()))),
-            },
+        wanted.push((*file, field(namespace, secret, name, file)?));
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix(".check-")
+        .tempdir_in(dir)
+        .map_err(|e| K8sError::Material(format!("scratch folder in {}: {e}", dir.display())))?;
+    for (file, text) in &wanted {
+        if let Some(text) = text {
+            write(&scratch.path().join(file), text, 0o600)?;
         }
     }
-    // The folder's refusal rules, by the folder's own loader.
-    let files = PluginFiles::read(dir).map_err(|e| K8sError::Material(e.to_string()))?;
+    let files = PluginFiles::read(scratch.path()).map_err(|e| refused(e.to_string()))?;
     if !files.is_plugin() {
-        return Err(K8sError::Material(format!(
-            "Secret {namespace}/{name} has no {CA_CERT}"
-        )));
+        return Err(refused(format!("no {CA_CERT}")));
     }
-    load_plugin(dir, &files, trust_domain, SystemTime::now())
-        .map_err(|e| K8sError::Material(format!("Secret {namespace}/{name}: {e}")))?;
-    Ok(())
+    load_plugin(scratch.path(), &files, trust_domain, SystemTime::now())
+        .map_err(|e| refused(e.to_string()))?;
+    drop(scratch);
+    let mut changed = false;
+    for (file, text) in &wanted {
+        let path = dir.join(file);
+        let current = std::fs::read_to_string(&path).ok().map(Zeroizing::new);
+        match text {
+            Some(text) if current.as_deref().map(String::as_str) != Some(text.as_str()) => {
+                write(&path, text, if *file == CA_KEY { 0o600 } else { 0o644 })?;
+                changed = true;
+            }
+            Some(_) => {}
+            // A file the Secret does not have must not linger from an earlier version.
+            None if current.is_some() => {
+                std::fs::remove_file(&path)
+                    .map_err(|e| K8sError::Material(format!("{}: {e}", path.display())))?;
+                changed = true;
+            }
+            None => {}
+        }
+    }
+    Ok(changed)
+}
+
+/// Looks at Secret `cacerts` once: valid changed material is written into `cacerts_dir`,
+/// where the CA's reload (the folder's watcher and poll) picks it up with the folder's
+/// refusal rules; broken material is refused here and the files stay as they were.
+/// `Ok(true)` when files changed; a missing Secret changes nothing.
+pub async fn refresh_cacerts(
+    client: &kube::Client,
+    namespace: &str,
+    cacerts_dir: &Path,
+    trust_domain: &TrustDomain,
+) -> Result<bool, K8sError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    match secrets.get_opt(CACERTS_SECRET).await? {
+        Some(secret) => write_plugin(namespace, &secret, cacerts_dir, trust_domain),
+        None => Ok(false),
+    }
+}
+
+/// [`refresh_cacerts`] every `interval` until the task is dropped; a refusal is logged once
+/// while it stays the same.
+pub async fn follow_cacerts(
+    client: kube::Client,
+    namespace: String,
+    cacerts_dir: std::path::PathBuf,
+    trust_domain: TrustDomain,
+    interval: Duration,
+) {
+    let mut last_error: Option<String> = None;
+    loop {
+        match refresh_cacerts(&client, &namespace, &cacerts_dir, &trust_domain).await {
+            Ok(changed) => {
+                if changed {
+                    tracing::info!(secret = %format!("{namespace}/{CACERTS_SECRET}"), "plug-in Secret changed; new files written for the CA to reload");
+                }
+                last_error = None;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if last_error.as_deref() != Some(e.as_str()) {
+                    tracing::error!(error = %e, "plug-in Secret refused; the CA keeps its material");
+                    last_error = Some(e);
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
 }
 
 fn write_self_signed(namespace: &str, secret: &Secret, state_dir: &Path) -> Result<(), K8sError> {

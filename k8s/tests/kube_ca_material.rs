@@ -222,3 +222,128 @@ async fn broken_cacerts_secret_is_refused_not_replaced_by_a_self_signed_root() {
         "fail closed: no fallback root"
     );
 }
+
+/// Self-signed root material (cert, key) made in a temporary folder.
+fn material() -> (String, String) {
+    let src = tempfile::tempdir().unwrap();
+    let state = src.path().join("root");
+    load_initial(
+        &src.path().join("none"),
+        &state,
+        &td(),
+        TTL,
+        SystemTime::now(),
+    )
+    .unwrap();
+    (
+        std::fs::read_to_string(state.join("root-cert.pem")).unwrap(),
+        std::fs::read_to_string(state.join("root-key.pem")).unwrap(),
+    )
+}
+
+fn put_cacerts(fake: &FakeApi, files: &[(&str, &str)]) {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let data: serde_json::Map<String, serde_json::Value> = files
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(b64(v))))
+        .collect();
+    fake.put(
+        SECRETS,
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "cacerts", "namespace": "istio-system"}, "data": data}),
+    );
+}
+
+#[tokio::test]
+async fn cacerts_changes_are_followed_and_broken_ones_refused_leaving_the_files() {
+    use rampart_k8s::material::refresh_cacerts;
+    let (a_cert, a_key) = material();
+    let (b_cert, b_key) = material();
+    let fake = FakeApi::new();
+    put_cacerts(
+        &fake,
+        &[
+            ("ca-cert.pem", &a_cert),
+            ("ca-key.pem", &a_key),
+            ("root-cert.pem", &a_cert),
+            ("cert-chain.pem", &a_cert),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cacerts = dir.path().join("cacerts");
+    let client = fake.client();
+    let o = sync_ca_material(
+        &client,
+        "istio-system",
+        &cacerts,
+        &dir.path().join("s"),
+        &td(),
+        TTL,
+    )
+    .await
+    .unwrap();
+    assert_eq!(o, Origin::Plugin);
+    assert!(
+        !refresh_cacerts(&client, "istio-system", &cacerts, &td())
+            .await
+            .unwrap()
+    );
+
+    // Rotated to B, without cert-chain.pem: written, the stale chain file removed.
+    put_cacerts(
+        &fake,
+        &[
+            ("ca-cert.pem", &b_cert),
+            ("ca-key.pem", &b_key),
+            ("root-cert.pem", &b_cert),
+        ],
+    );
+    assert!(
+        refresh_cacerts(&client, "istio-system", &cacerts, &td())
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        std::fs::read_to_string(cacerts.join("ca-cert.pem")).unwrap(),
+        b_cert
+    );
+    assert!(!cacerts.join("cert-chain.pem").exists());
+    assert!(
+        !refresh_cacerts(&client, "istio-system", &cacerts, &td())
+            .await
+            .unwrap()
+    );
+    let (_, source) = signing_root(&cacerts, &dir.path().join("s"));
+    assert!(matches!(source, MaterialSource::Plugin(_)));
+
+    // A key that does not match its certificate: refused, the files stay B.
+    put_cacerts(
+        &fake,
+        &[
+            ("ca-cert.pem", &a_cert),
+            ("ca-key.pem", &b_key),
+            ("root-cert.pem", &a_cert),
+        ],
+    );
+    let err = refresh_cacerts(&client, "istio-system", &cacerts, &td())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("istio-system/cacerts"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(cacerts.join("ca-cert.pem")).unwrap(),
+        b_cert
+    );
+    assert_eq!(
+        std::fs::read_to_string(cacerts.join("ca-key.pem")).unwrap(),
+        b_key
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&cacerts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(".check-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "scratch folders removed: {leftovers:?}"
+    );
+}

@@ -429,6 +429,15 @@ async fn start_in_kubernetes(
             ),
         }
     );
+    // Changes to Secret cacerts land in the plug-in folder, which the CA hot-reloads with the
+    // folder's refusal rules (broken material is refused before the folder is touched).
+    tokio::spawn(rampart_k8s::material::follow_cacerts(
+        client.clone(),
+        k.namespace.clone(),
+        cfg.cacerts_dir.clone(),
+        cfg.trust_domain.clone(),
+        cfg.reload_poll_interval,
+    ));
     let auth = rampart_k8s::KubeAuthenticator::new(
         client.clone(),
         rampart_k8s::TokenReviewer::new(
