@@ -384,3 +384,75 @@ fn checker_reports_each_violation() {
     // A dev-only path (certs -> criterion -> hyper) is not a normal dependency.
     assert!(!found.contains("on hyper"), "{found}");
 }
+
+#[test]
+fn checker_reports_kubernetes_layer_violations_and_accepts_the_allowed_arrows() {
+    fn graph(edges: &[(&str, &[&str])]) -> Value {
+        let mut names: Vec<&str> = edges.iter().map(|(n, _)| *n).collect();
+        for (_, deps) in edges {
+            names.extend(deps.iter().copied());
+        }
+        names.sort_unstable();
+        names.dedup();
+        let members: Vec<String> = names
+            .iter()
+            .filter(|n| n.starts_with("rampart"))
+            .map(|n| format!("{n}-id"))
+            .collect();
+        let deps_of = |n: &str| -> Vec<&str> {
+            edges
+                .iter()
+                .find(|(m, _)| *m == n)
+                .map(|(_, d)| d.to_vec())
+                .unwrap_or_default()
+        };
+        serde_json::json!({
+            "packages": names.iter().map(|n| serde_json::json!({
+                "id": format!("{n}-id"), "name": n,
+                "dependencies": deps_of(n).iter().map(|d| serde_json::json!({"name": d, "optional": false})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "workspace_members": members,
+            "resolve": {"nodes": names.iter().map(|n| serde_json::json!({
+                "id": format!("{n}-id"),
+                "deps": deps_of(n).iter().map(|d| serde_json::json!({
+                    "name": d, "pkg": format!("{d}-id"), "dep_kinds": [{"kind": null, "target": null}],
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>()},
+        })
+    }
+    let bad = graph(&[
+        ("rampart", &["rampart-k8s", "ring"]),
+        ("rampart-k8s", &["rampart-citadel", "rampart-proxy", "kube"]),
+        ("rampart-node-agent", &["rampart-k8s"]),
+        ("rampart-proxy", &["k8s-openapi"]),
+        ("rampart-citadel", &[]),
+    ]);
+    let found = violations(&bad).join("\n");
+    for want in [
+        "rampart-k8s depends on rampart-proxy (only certs, proto, authz, mesh, citadel)",
+        "rampart-node-agent depends on rampart-k8s (only rampart may)",
+        "rampart-proxy depends (normally, transitively) on k8s-openapi",
+        "rampart-node-agent depends (normally, transitively) on kube",
+    ] {
+        assert!(found.contains(want), "missing {want:?} in:\n{found}");
+    }
+    assert!(
+        !found.contains("rampart-k8s depends on rampart-citadel"),
+        "{found}"
+    );
+
+    // The twin: the allowed arrows report nothing.
+    let good = graph(&[
+        ("rampart", &["rampart-k8s", "rampart-citadel", "ring"]),
+        (
+            "rampart-k8s",
+            &["rampart-citadel", "rampart-certs", "kube", "k8s-openapi"],
+        ),
+        ("rampart-citadel", &["rampart-certs"]),
+        ("rampart-authz", &["rampart-certs"]),
+        ("rampart-mesh", &["rampart-certs", "rampart-authz"]),
+        ("rampart-certs", &[]),
+    ]);
+    let found = violations(&good);
+    assert!(found.is_empty(), "{found:?}");
+}
