@@ -6,7 +6,8 @@
 //! loads it (one root); a reviewed token gets a certificate; a wrong clusterid or an unknown
 //! token is refused; node impersonation passes for a Pod on the caller's node and fails for
 //! one on another node; ConfigMap istio-ca-root-cert appears in every namespace (one new
-//! after start too) and comes back when deleted.
+//! after start too) and comes back when deleted; a `cacerts` Secret that appears while the CA
+//! runs is picked up without a restart (new bundle served and published).
 
 #[path = "../k8s/tests/support/fake_api.rs"]
 mod fake_api;
@@ -57,7 +58,12 @@ fn start_ca(dir: &Path, kc: &Path, name: &str) -> (Proc, SocketAddr, Vec<String>
         .arg(kc)
         .args(["--cluster-id", "Kubernetes"])
         .args(["--trusted-node-accounts", "istio-system/ztunnel"])
-        .args(["--root-publish-interval", "300ms"])
+        .args([
+            "--root-publish-interval",
+            "300ms",
+            "--reload-interval",
+            "300ms",
+        ])
         .arg("--cacerts")
         .arg(dir.join(name).join("cacerts"))
         .arg("--state")
@@ -290,6 +296,60 @@ async fn ca_in_kubernetes_mode_against_a_fake_api_server() {
         "{}",
         err.message()
     );
+
+    // Plug-in material appears in Secret cacerts: the running CA switches to it (its
+    // --bundle-out and the published ConfigMaps follow) without a restart.
+    let made = tempfile::tempdir().unwrap();
+    rampart_citadel::load_initial(
+        &made.path().join("none"),
+        &made.path().join("root"),
+        &"cluster.local".parse().unwrap(),
+        Duration::from_secs(3600 * 24 * 365),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let new_root = std::fs::read_to_string(made.path().join("root/root-cert.pem")).unwrap();
+    let new_key = std::fs::read_to_string(made.path().join("root/root-key.pem")).unwrap();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    fake.put(
+        SECRETS,
+        serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "cacerts", "namespace": "istio-system"},
+            "data": {"ca-cert.pem": b64(&new_root), "ca-key.pem": b64(&new_key),
+                     "root-cert.pem": b64(&new_root)}}),
+    );
+    let want = root_fingerprint_of_pem(&new_root);
+    let bundle_path = dir.path().join("one/bundle.pem");
+    wait_for(
+        "the CA to serve and publish the cacerts root",
+        Duration::from_secs(15),
+        || {
+            let served = std::fs::read_to_string(&bundle_path).unwrap_or_default();
+            let published_ns1 = published("ns1").unwrap_or_default();
+            served.contains(new_root.trim()) && published_ns1.contains(new_root.trim())
+        },
+        || ca1.log(),
+    );
+    let mut c = client(&bundle_path, addr).await;
+    let chain_root = {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let csr = rampart_certs::build_csr(&key, &SpiffeId::parse(app).unwrap()).unwrap();
+        let mut req = tonic::Request::new(IstioCertificateRequest {
+            csr,
+            validity_duration: 3600,
+            metadata: None,
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {tok}").parse().unwrap());
+        let chain = c
+            .create_certificate(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .cert_chain;
+        root_fingerprint_of_pem(chain.last().unwrap())
+    };
+    assert_eq!(chain_root, want, "issued under the new plug-in root");
     drop(ca1);
 }
 
