@@ -5,6 +5,8 @@
 //! layer 1   authz ───► certs  (+ proto via an optional feature)
 //!           mesh ────► certs, authz         (nothing else of ours; no networking)
 //! layer 2   citadel, node-agent, proxy      (no arrows between them, normal, dev or build)
+//! layer 2.5 k8s ─────► certs, proto, authz, mesh, citadel  (kube-rs lives only here;
+//!                      only rampart depends on it)
 //! layer 3   rampart (src/)                  (nothing depends on it, by any kind of edge:
 //!                                            neither its binary nor its library, src/lib.rs)
 //! ```
@@ -225,6 +227,47 @@ fn violations(meta: &Value) -> Vec<String> {
         }
     }
 
+    // Kubernetes mode sits between the layer-2 crates and the binary: it may use certs,
+    // proto, authz, mesh and citadel, and only the binary's package may use it.
+    if g.members.contains_key("rampart-k8s") {
+        for dep in g.workspace_deps("rampart-k8s") {
+            if !matches!(
+                dep,
+                "rampart-certs"
+                    | "rampart-proto"
+                    | "rampart-authz"
+                    | "rampart-mesh"
+                    | "rampart-citadel"
+            ) {
+                out.push(format!(
+                    "rampart-k8s depends on {dep} (only certs, proto, authz, mesh, citadel)"
+                ));
+            }
+        }
+        for member in g.members.keys() {
+            if !matches!(*member, "rampart" | "rampart-k8s")
+                && g.workspace_deps(member).contains("rampart-k8s")
+            {
+                out.push(format!(
+                    "{member} depends on rampart-k8s (only rampart may)"
+                ));
+            }
+        }
+    }
+    // kube-rs (and its Kubernetes types) only through rampart-k8s.
+    for member in g.members.keys() {
+        if matches!(*member, "rampart" | "rampart-k8s") {
+            continue;
+        }
+        for bad in g.normal_closure(member, &[]) {
+            if matches!(bad, "kube" | "kube-client" | "k8s-openapi") {
+                out.push(format!(
+                    "{member} depends (normally, transitively) on {bad}: Kubernetes code belongs in rampart-k8s"
+                ));
+            }
+        }
+    }
+
     // The binary's package is the top: no workspace crate may depend on it.
     for member in g.members.keys() {
         if *member != "rampart" && g.workspace_deps(member).contains("rampart") {
@@ -361,4 +404,76 @@ fn checker_reports_each_violation() {
     }
     // A dev-only path (certs -> criterion -> hyper) is not a normal dependency.
     assert!(!found.contains("on hyper"), "{found}");
+}
+
+#[test]
+fn checker_reports_kubernetes_layer_violations_and_accepts_the_allowed_arrows() {
+    fn graph(edges: &[(&str, &[&str])]) -> Value {
+        let mut names: Vec<&str> = edges.iter().map(|(n, _)| *n).collect();
+        for (_, deps) in edges {
+            names.extend(deps.iter().copied());
+        }
+        names.sort_unstable();
+        names.dedup();
+        let members: Vec<String> = names
+            .iter()
+            .filter(|n| n.starts_with("rampart"))
+            .map(|n| format!("{n}-id"))
+            .collect();
+        let deps_of = |n: &str| -> Vec<&str> {
+            edges
+                .iter()
+                .find(|(m, _)| *m == n)
+                .map(|(_, d)| d.to_vec())
+                .unwrap_or_default()
+        };
+        serde_json::json!({
+            "packages": names.iter().map(|n| serde_json::json!({
+                "id": format!("{n}-id"), "name": n,
+                "dependencies": deps_of(n).iter().map(|d| serde_json::json!({"name": d, "optional": false})).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "workspace_members": members,
+            "resolve": {"nodes": names.iter().map(|n| serde_json::json!({
+                "id": format!("{n}-id"),
+                "deps": deps_of(n).iter().map(|d| serde_json::json!({
+                    "name": d, "pkg": format!("{d}-id"), "dep_kinds": [{"kind": null, "target": null}],
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>()},
+        })
+    }
+    let bad = graph(&[
+        ("rampart", &["rampart-k8s", "ring"]),
+        ("rampart-k8s", &["rampart-citadel", "rampart-proxy", "kube"]),
+        ("rampart-node-agent", &["rampart-k8s"]),
+        ("rampart-proxy", &["k8s-openapi"]),
+        ("rampart-citadel", &[]),
+    ]);
+    let found = violations(&bad).join("\n");
+    for want in [
+        "rampart-k8s depends on rampart-proxy (only certs, proto, authz, mesh, citadel)",
+        "rampart-node-agent depends on rampart-k8s (only rampart may)",
+        "rampart-proxy depends (normally, transitively) on k8s-openapi",
+        "rampart-node-agent depends (normally, transitively) on kube",
+    ] {
+        assert!(found.contains(want), "missing {want:?} in:\n{found}");
+    }
+    assert!(
+        !found.contains("rampart-k8s depends on rampart-citadel"),
+        "{found}"
+    );
+
+    // The twin: the allowed arrows report nothing.
+    let good = graph(&[
+        ("rampart", &["rampart-k8s", "rampart-citadel", "ring"]),
+        (
+            "rampart-k8s",
+            &["rampart-citadel", "rampart-certs", "kube", "k8s-openapi"],
+        ),
+        ("rampart-citadel", &["rampart-certs"]),
+        ("rampart-authz", &["rampart-certs"]),
+        ("rampart-mesh", &["rampart-certs", "rampart-authz"]),
+        ("rampart-certs", &[]),
+    ]);
+    let found = violations(&good);
+    assert!(found.is_empty(), "{found:?}");
 }

@@ -18,6 +18,7 @@ const CRATES: &[&str] = &[
     "authz/src",
     "mesh/src",
     "citadel/src",
+    "k8s/src",
     "node-agent/src",
     "proxy/src",
     "src",

@@ -340,6 +340,69 @@ pub struct CallerEvidence<'a> {
     pub client_cert: Option<Result<SpiffeId, String>>,
     /// The `ImpersonatedIdentity` metadata value, if any.
     pub impersonate: Option<&'a str>,
+    /// The `clusterid` gRPC header, if any (checked only by an [`ExternalAuthenticator`]).
+    pub cluster_id: Option<&'a str>,
+}
+
+/// What an [`ExternalAuthenticator`] is asked to judge: a bearer token and what came with it.
+#[derive(Clone, Default)]
+pub struct BearerEvidence {
+    /// The token (without `Bearer `).
+    pub token: String,
+    /// The `clusterid` gRPC header, if any.
+    pub cluster_id: Option<String>,
+    /// The `ImpersonatedIdentity` metadata value, if any and not empty.
+    pub impersonate: Option<String>,
+}
+
+impl std::fmt::Debug for BearerEvidence {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("BearerEvidence")
+            .field("token", &"<redacted>")
+            .field("cluster_id", &self.cluster_id)
+            .field("impersonate", &self.impersonate)
+            .finish()
+    }
+}
+
+/// The future an [`ExternalAuthenticator`] returns.
+pub type ExternalAuthFuture<'a> =
+    std::pin::Pin<Box<dyn std::future::Future<Output = Result<Caller, Refusal>> + Send + 'a>>;
+
+/// The seam through which a platform (Kubernetes: TokenReview, node authorization) judges
+/// bearer tokens instead of the configured JWKS files. citadel knows nothing of the platform;
+/// `rampart-k8s` implements this. When a CA has one, every request that carries a bearer
+/// token is decided by it alone (including impersonation); client-certificate callers keep
+/// the static rules.
+pub trait ExternalAuthenticator: Send + Sync + 'static {
+    /// Decides who the token's bearer is (and, with `impersonate`, whom it may act for).
+    fn authenticate(&self, evidence: BearerEvidence, now: SystemTime) -> ExternalAuthFuture<'_>;
+}
+
+/// [`authenticate`], except that a bearer token goes to `external` when there is one.
+pub async fn authenticate_with(
+    external: Option<&dyn ExternalAuthenticator>,
+    tokens: &TokenAuthenticator,
+    node_agents: &HashMap<SpiffeId, NodeAgentGrant>,
+    trust_domain: &TrustDomain,
+    ev: &CallerEvidence<'_>,
+    now: SystemTime,
+) -> Result<Caller, Refusal> {
+    match (external, ev.authorization) {
+        (Some(ext), Some(header)) => {
+            let token = bearer_token(header)?;
+            ext.authenticate(
+                BearerEvidence {
+                    token: token.to_owned(),
+                    cluster_id: ev.cluster_id.map(str::to_owned),
+                    impersonate: ev.impersonate.filter(|s| !s.is_empty()).map(str::to_owned),
+                },
+                now,
+            )
+            .await
+        }
+        _ => authenticate(tokens, node_agents, trust_domain, ev, now),
+    }
 }
 
 /// Decides who the caller is: bearer token first, then the client certificate; then applies

@@ -28,8 +28,9 @@ mod tls;
 pub use self::{
     audit::{AuditLog, AuditRecord},
     authn::{
-        AuthMethod, Caller, CallerEvidence, JwksReload, TOKEN_LEEWAY, TokenAuthenticator,
-        authenticate, bearer_token,
+        AuthMethod, BearerEvidence, Caller, CallerEvidence, ExternalAuthFuture,
+        ExternalAuthenticator, JwksReload, TOKEN_LEEWAY, TokenAuthenticator, authenticate,
+        authenticate_with, bearer_token,
     },
     authority::{
         Authority, CA_CERT, CA_KEY, CERT_CHAIN, MaterialSource, PluginFiles, ROOT_CERT, RootInfo,

@@ -29,6 +29,12 @@ pub enum Refusal {
     /// The token verified but names no Kubernetes service account.
     #[error("unauthenticated: token has no service account identity: {0}")]
     NoIdentityInToken(String),
+    /// The `clusterid` header does not name the cluster this CA serves (Kubernetes mode).
+    #[error("unauthenticated: {0}")]
+    ClusterIdMismatch(String),
+    /// The Kubernetes API did not accept the token (TokenReview), or could not be asked.
+    #[error("unauthenticated: token review: {0}")]
+    TokenReviewFailed(String),
     /// The client certificate carries no usable SPIFFE ID of our trust domain.
     #[error("unauthenticated: client certificate identity unusable: {0}")]
     BadClientCertificate(String),
@@ -99,6 +105,17 @@ pub enum Refusal {
         /// The node-agent identity it asked for.
         target: String,
     },
+    /// A trusted node agent asked for a service account with no Pod on its node (Kubernetes
+    /// node authorization, as istiod's).
+    #[error("permission denied: node agent {caller} may not act for {target}: {reason}")]
+    NodeAuthorizationDenied {
+        /// The node agent.
+        caller: String,
+        /// The identity it asked for.
+        target: String,
+        /// Why (names the node, or the failed look-up).
+        reason: String,
+    },
     /// Too many requests in flight; retry later.
     #[error("resource exhausted: CA at its concurrency limit")]
     Overloaded,
@@ -128,6 +145,8 @@ impl Refusal {
             | Refusal::WrongAudience(_)
             | Refusal::InvalidToken(_)
             | Refusal::NoIdentityInToken(_)
+            | Refusal::ClusterIdMismatch(_)
+            | Refusal::TokenReviewFailed(_)
             | Refusal::BadClientCertificate(_) => Code::Unauthenticated,
             Refusal::CsrTooLarge { .. }
             | Refusal::BadCsrPem(_)
@@ -140,7 +159,8 @@ impl Refusal {
             Refusal::SanMismatch { .. }
             | Refusal::ImpersonationDenied { .. }
             | Refusal::ImpersonationOutOfScope { .. }
-            | Refusal::ImpersonationOfNodeAgent { .. } => Code::PermissionDenied,
+            | Refusal::ImpersonationOfNodeAgent { .. }
+            | Refusal::NodeAuthorizationDenied { .. } => Code::PermissionDenied,
             Refusal::Overloaded => Code::ResourceExhausted,
             Refusal::Deadline(_) => Code::DeadlineExceeded,
             Refusal::SignFailed(_) | Refusal::AuditFailed(_) => Code::Internal,
@@ -164,6 +184,8 @@ impl Refusal {
             Refusal::WrongAudience(_) => "wrong_audience",
             Refusal::InvalidToken(_) => "invalid_token",
             Refusal::NoIdentityInToken(_) => "no_identity_in_token",
+            Refusal::ClusterIdMismatch(_) => "cluster_id_mismatch",
+            Refusal::TokenReviewFailed(_) => "token_review_failed",
             Refusal::BadClientCertificate(_) => "bad_client_certificate",
             Refusal::CsrTooLarge { .. } => "csr_too_large",
             Refusal::BadCsrPem(_) => "csr_bad_pem",
@@ -177,6 +199,7 @@ impl Refusal {
             Refusal::ImpersonationDenied { .. } => "impersonation_denied",
             Refusal::ImpersonationOutOfScope { .. } => "impersonation_out_of_scope",
             Refusal::ImpersonationOfNodeAgent { .. } => "impersonation_of_node_agent",
+            Refusal::NodeAuthorizationDenied { .. } => "node_authorization_denied",
             Refusal::Overloaded => "overloaded",
             Refusal::Deadline(_) => "deadline",
             Refusal::SignFailed(_) => "sign_failed",
@@ -194,6 +217,8 @@ impl Refusal {
         "wrong_audience",
         "invalid_token",
         "no_identity_in_token",
+        "cluster_id_mismatch",
+        "token_review_failed",
         "bad_client_certificate",
         "csr_too_large",
         "csr_bad_pem",
@@ -207,6 +232,7 @@ impl Refusal {
         "impersonation_denied",
         "impersonation_out_of_scope",
         "impersonation_of_node_agent",
+        "node_authorization_denied",
         "overloaded",
         "deadline",
         "sign_failed",

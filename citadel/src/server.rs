@@ -23,7 +23,9 @@ use tokio::sync::{Semaphore, mpsc, oneshot};
 use tracing::Instrument as _;
 
 use crate::audit::{AuditLog, AuditRecord, rfc3339};
-use crate::authn::{CallerEvidence, JwksReload, TokenAuthenticator, authenticate};
+use crate::authn::{
+    CallerEvidence, ExternalAuthenticator, JwksReload, TokenAuthenticator, authenticate_with,
+};
 use crate::authority::{
     Authority, MaterialSource, PluginFiles, load_initial, load_or_create_self_signed, load_plugin,
     self_signed_rotation_due,
@@ -75,6 +77,8 @@ pub struct CaState {
     serving_renew_at: Mutex<SystemTime>,
     last_failed_input: Mutex<Option<[u8; 32]>>,
     revocations: crate::revocation::Revocations,
+    /// Judges bearer tokens instead of the JWKS files (Kubernetes mode).
+    external: Option<Arc<dyn ExternalAuthenticator>>,
 }
 
 impl std::fmt::Debug for CaState {
@@ -102,6 +106,16 @@ impl CaState {
     /// Builds the CA state: loads (or creates) the root material, reads the JWKS files, opens
     /// the audit log and issues the serving certificate.
     pub fn new(config: CaConfig, metrics: Arc<Metrics>) -> Result<Arc<Self>, CitadelError> {
+        Self::new_with_external(config, metrics, None)
+    }
+
+    /// As [`CaState::new`], with bearer tokens judged by `external` (Kubernetes mode:
+    /// TokenReview and node authorization) instead of the configured JWKS files.
+    pub fn new_with_external(
+        config: CaConfig,
+        metrics: Arc<Metrics>,
+        external: Option<Arc<dyn ExternalAuthenticator>>,
+    ) -> Result<Arc<Self>, CitadelError> {
         config.validate()?;
         create_private_dir(&config.state_dir)?;
         let now = SystemTime::now();
@@ -158,6 +172,7 @@ impl CaState {
             serving_renew_at: Mutex::new(serving_renew_at),
             last_failed_input: Mutex::new(None),
             revocations,
+            external,
         }))
     }
 
@@ -396,13 +411,15 @@ impl CaState {
         peer: &str,
     ) -> Result<IstioCertificateResponse, Refusal> {
         let now = SystemTime::now();
-        let caller = authenticate(
+        let caller = authenticate_with(
+            self.external.as_deref(),
             &self.tokens,
             &self.node_agents,
             &self.config.trust_domain,
             evidence,
             now,
-        )?;
+        )
+        .await?;
         let authority = self.authority.load_full();
         let issued = issue(
             &authority,
@@ -580,10 +597,17 @@ impl CaService {
                     _ => Err(Refusal::BadImpersonation("value is not a string".into())),
                 })
                 .transpose()?;
+            let cluster_id = match md.get("clusterid") {
+                Some(v) => Some(v.to_str().map_err(|_| {
+                    Refusal::ClusterIdMismatch("clusterid header is not visible ASCII".into())
+                })?),
+                None => None,
+            };
             let evidence = CallerEvidence {
                 authorization,
                 client_cert,
                 impersonate,
+                cluster_id,
             };
             let peer_addr = peer.map(|p| p.remote.to_string()).unwrap_or_default();
             state.create_certificate(msg, &evidence, &peer_addr).await
@@ -691,18 +715,29 @@ impl rampart_proto::rampart::ca::v1::revocation_server::Revocation for Revocatio
         let client_cert = peer
             .and_then(|p| p.cert.as_ref())
             .map(|pc| state.client_identity(pc, now));
+        let cluster_id = match request.metadata().get("clusterid") {
+            Some(v) => Some(v.to_str().map_err(|_| {
+                tonic::Status::from(Refusal::ClusterIdMismatch(
+                    "clusterid header is not visible ASCII".into(),
+                ))
+            })?),
+            None => None,
+        };
         let evidence = CallerEvidence {
             authorization,
             client_cert,
             impersonate: None,
+            cluster_id,
         };
-        let caller = authenticate(
+        let caller = authenticate_with(
+            state.external.as_deref(),
             &state.tokens,
             &state.node_agents,
             &state.config.trust_domain,
             &evidence,
             now,
         )
+        .await
         .inspect_err(|r| {
             tracing::info!(reason = %r, "GetCrls refused");
         })?;

@@ -171,6 +171,57 @@ struct RunArgs {
     /// re-signed with half of it left and at every revocation.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     crl_validity: Duration,
+    #[command(flatten)]
+    kube: KubeArgs,
+}
+
+/// Kubernetes mode (docs/KUBERNETES.md, "CA in Kubernetes mode").
+#[derive(Debug, clap::Args)]
+struct KubeArgs {
+    /// Kubernetes mode: bearer tokens are checked by the API server's TokenReview (not
+    /// --jwt-issuer), impersonation by node authorization, and the CA material comes from
+    /// Secret `cacerts` or `istio-ca-secret` in --namespace (written into --cacerts / --state).
+    #[arg(long)]
+    kubernetes: bool,
+    /// kubeconfig file; without it the in-cluster configuration (in a Pod) or
+    /// $KUBECONFIG / ~/.kube/config.
+    #[arg(long, value_name = "FILE", requires = "kubernetes")]
+    kubeconfig: Option<PathBuf>,
+    /// The CA's namespace (its Secrets). Default istio-system.
+    #[arg(long, value_name = "NS", requires = "kubernetes")]
+    namespace: Option<String>,
+    /// This cluster's id: a request whose `clusterid` header names another cluster is
+    /// refused (a request without the header is taken as for this cluster, as istiod does).
+    #[arg(long, value_name = "ID", requires = "kubernetes")]
+    cluster_id: Option<String>,
+    /// Service accounts (NAMESPACE/NAME, comma-separated or repeated) that may ask for the
+    /// identity of workloads with a Pod on their own node via ImpersonatedIdentity, e.g.
+    /// istio-system/ztunnel. None by default.
+    #[arg(
+        long = "trusted-node-accounts",
+        value_name = "NS/SA",
+        value_delimiter = ',',
+        requires = "kubernetes"
+    )]
+    trusted_node_accounts: Vec<String>,
+    /// The audience TokenReview checks tokens for (default: --audience, istio-ca).
+    #[arg(long, value_name = "AUD", requires = "kubernetes")]
+    token_audience: Option<String>,
+    /// How often the holder of the Lease `istio-namespace-controller-election` makes
+    /// ConfigMap istio-ca-root-cert current in every namespace (and how often the others try
+    /// to take the Lease; it lasts three intervals).
+    #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, requires = "kubernetes")]
+    root_publish_interval: Duration,
+}
+
+/// Kubernetes mode's settings, checked.
+struct KubeMode {
+    kubeconfig: Option<PathBuf>,
+    namespace: String,
+    cluster_id: Option<String>,
+    trusted: Vec<rampart_k8s::NodeAccount>,
+    audience: String,
+    publish_interval: Duration,
 }
 
 #[derive(Debug, clap::Args)]
@@ -224,6 +275,46 @@ impl CaArgs {
 }
 
 impl RunArgs {
+    fn kube_mode(&self) -> anyhow::Result<Option<KubeMode>> {
+        let k = &self.kube;
+        if !k.kubernetes {
+            return Ok(None);
+        }
+        if !self.jwt_issuer.is_empty() {
+            return Err(super::bad_input(
+                "--jwt-issuer does not apply with --kubernetes: tokens are checked by TokenReview",
+            ));
+        }
+        if !self.node_agent.is_empty() {
+            return Err(super::bad_input(
+                "--node-agent does not apply with --kubernetes: use --trusted-node-accounts NS/SA",
+            ));
+        }
+        let trusted = k
+            .trusted_node_accounts
+            .iter()
+            .map(|s| {
+                s.parse()
+                    .map_err(|e| super::bad_input(format!("--trusted-node-accounts: {e}")))
+            })
+            .collect::<anyhow::Result<_>>()?;
+        let namespace = k.namespace.clone().unwrap_or_else(|| "istio-system".into());
+        if namespace.is_empty() {
+            return Err(super::bad_input("--namespace must not be empty"));
+        }
+        Ok(Some(KubeMode {
+            kubeconfig: k.kubeconfig.clone(),
+            namespace,
+            cluster_id: k.cluster_id.clone().filter(|c| !c.is_empty()),
+            trusted,
+            audience: k
+                .token_audience
+                .clone()
+                .unwrap_or_else(|| self.audience.clone()),
+            publish_interval: k.root_publish_interval.max(Duration::from_millis(100)),
+        }))
+    }
+
     fn config(self) -> anyhow::Result<CaConfig> {
         let td: TrustDomain = self
             .trust_domain
@@ -274,13 +365,17 @@ impl RunArgs {
 
     fn run(self) -> anyhow::Result<ExitCode> {
         self.compliance.apply();
+        let kube = self.kube_mode()?;
         let cfg = self.config()?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("start tokio runtime")?;
         rt.block_on(async move {
-            let ca = rampart_citadel::start(cfg).await?;
+            let ca = match kube {
+                None => rampart_citadel::start(cfg).await?,
+                Some(k) => start_in_kubernetes(cfg, k).await?,
+            };
             let authority = ca.state().authority();
             println!(
                 "rampart ca: listening on {} (gRPC istio.v1.auth.IstioCertificateService, TLS 1.3, h2)",
@@ -306,6 +401,93 @@ impl RunArgs {
             Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
         })
     }
+}
+
+/// Loads the CA material from the cluster's Secrets, then starts the CA with TokenReview and
+/// node authorization judging bearer tokens.
+async fn start_in_kubernetes(
+    cfg: CaConfig,
+    k: KubeMode,
+) -> anyhow::Result<rampart_citadel::RunningCa> {
+    let client = rampart_k8s::client(k.kubeconfig.as_deref())
+        .await
+        .map_err(|e| super::bad_input(e.to_string()))?;
+    let origin = rampart_k8s::material::sync_ca_material(
+        &client,
+        &k.namespace,
+        &cfg.cacerts_dir,
+        &cfg.state_dir,
+        &cfg.trust_domain,
+        cfg.self_signed_root_ttl,
+    )
+    .await
+    .with_context(|| format!("CA material from Secrets in namespace {}", k.namespace))?;
+    println!(
+        "rampart ca: kubernetes mode, namespace {}, material from {}",
+        k.namespace,
+        match origin {
+            rampart_k8s::material::Origin::Plugin => "Secret cacerts".to_owned(),
+            rampart_k8s::material::Origin::SelfSigned { created } => format!(
+                "Secret istio-ca-secret ({})",
+                if created { "created" } else { "loaded" }
+            ),
+        }
+    );
+    // Changes to Secret cacerts land in the plug-in folder, which the CA hot-reloads with the
+    // folder's refusal rules (broken material is refused before the folder is touched).
+    tokio::spawn(rampart_k8s::material::follow_cacerts(
+        client.clone(),
+        k.namespace.clone(),
+        cfg.cacerts_dir.clone(),
+        cfg.trust_domain.clone(),
+        cfg.reload_poll_interval,
+    ));
+    let auth = rampart_k8s::KubeAuthenticator::new(
+        client.clone(),
+        rampart_k8s::TokenReviewer::new(
+            client.clone(),
+            &k.audience,
+            rampart_k8s::DEFAULT_REVIEW_CACHE,
+        ),
+        cfg.trust_domain.clone(),
+        k.cluster_id,
+        k.trusted,
+    );
+    let state = rampart_citadel::CaState::new_with_external(
+        cfg,
+        rampart_citadel::Metrics::new(),
+        Some(Arc::new(auth)),
+    )?;
+    // The root ConfigMap in every namespace, by whichever replica holds the Lease. The
+    // identity must be unique per replica: the Pod name in a cluster, else host and pid.
+    let identity = std::env::var("POD_NAME")
+        .ok()
+        .filter(|s| !s.is_empty())
+        .unwrap_or_else(|| {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok())
+                .map(|h| h.trim().to_owned())
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "rampart-ca".into());
+            format!("{host}-{}", std::process::id())
+        });
+    let elector = rampart_k8s::publish::LeaseElector::new(
+        client.clone(),
+        &k.namespace,
+        rampart_k8s::publish::PUBLISHER_LEASE,
+        &identity,
+        k.publish_interval * 3,
+    );
+    let publisher = rampart_k8s::publish::RootPublisher::new(client, String::new());
+    let bundle_of = state.clone();
+    tokio::spawn(rampart_k8s::publish::run(
+        elector,
+        publisher,
+        k.publish_interval,
+        move || bundle_of.authority().bundle().to_pem(),
+    ));
+    Ok(rampart_citadel::start_with_state(state).await?)
 }
 
 impl RevokeArgs {

@@ -1,0 +1,296 @@
+//! The CA's keys in Kubernetes, as istiod keeps them:
+//!
+//! - Secret `cacerts` in the CA's namespace, when present: plug-in material (`ca-cert.pem`,
+//!   `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`, optional `ca-crl.pem`), with the same
+//!   refusal rules as the plug-in folder (it is written there and loaded by citadel's own
+//!   loader, which refuses what it refuses from a folder).
+//! - Otherwise Secret `istio-ca-secret` (`ca-cert.pem`, `ca-key.pem`): the self-signed root,
+//!   created once by whichever replica gets there first (create; on 409 AlreadyExists the
+//!   winner's root is loaded) and never overwritten, so every replica signs under one root.
+//!   The keys are istiod's, so a cluster moving from istiod's self-signed CA keeps its root.
+//!
+//! The Secret's content is written into the directories the CA already reads (the plug-in
+//! folder, the state folder), keys 0600 and atomically; the CA then starts as in standalone
+//! mode. [`follow_cacerts`] polls `cacerts` afterwards and writes valid changes into the
+//! plug-in folder, which the CA hot-reloads. Not built yet: writing a renewed self-signed
+//! root back to `istio-ca-secret` (rotation renews only the local copy today).
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::ByteString;
+use k8s_openapi::api::core::v1::Secret;
+use kube::api::{Api, ObjectMeta, PostParams};
+use rampart_certs::TrustDomain;
+use rampart_citadel::{
+    CA_CERT, CA_KEY, CERT_CHAIN, PluginFiles, ROOT_CERT, SELF_SIGNED_CERT, SELF_SIGNED_KEY,
+    load_or_create_self_signed, load_plugin,
+};
+use zeroize::Zeroizing;
+
+use crate::K8sError;
+
+/// The plug-in Secret (istiod's name).
+pub const CACERTS_SECRET: &str = "cacerts";
+/// The self-signed root's Secret (istiod's name).
+pub const CA_SECRET: &str = "istio-ca-secret";
+/// The optional CRL file of plug-in material.
+const CA_CRL: &str = "ca-crl.pem";
+/// Every file of plug-in material the CA reads.
+const PLUGIN_FILES: &[&str] = &[CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, CA_CRL];
+
+/// Where the CA's material came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// Secret `cacerts` (plug-in material).
+    Plugin,
+    /// Secret `istio-ca-secret`: created by this replica (`true`) or loaded (`false`).
+    SelfSigned {
+        /// Whether this replica created the Secret.
+        created: bool,
+    },
+}
+
+/// Loads the CA material from Secrets in `namespace` into `cacerts_dir` (plug-in) or
+/// `state_dir` (self-signed), creating `istio-ca-secret` if neither Secret exists.
+pub async fn sync_ca_material(
+    client: &kube::Client,
+    namespace: &str,
+    cacerts_dir: &Path,
+    state_dir: &Path,
+    trust_domain: &TrustDomain,
+    self_signed_ttl: Duration,
+) -> Result<Origin, K8sError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    if let Some(cacerts) = secrets.get_opt(CACERTS_SECRET).await? {
+        write_plugin(namespace, &cacerts, cacerts_dir, trust_domain)?;
+        tracing::info!(secret = %format!("{namespace}/{CACERTS_SECRET}"), "CA material: plug-in Secret");
+        return Ok(Origin::Plugin);
+    }
+    if let Some(existing) = secrets.get_opt(CA_SECRET).await? {
+        write_self_signed(namespace, &existing, state_dir)?;
+        tracing::info!(secret = %format!("{namespace}/{CA_SECRET}"), "CA material: loaded the self-signed root");
+        return Ok(Origin::SelfSigned { created: false });
+    }
+    // Neither: make a root in a scratch folder and offer it. Another replica may do the
+    // same at the same time; the API server lets exactly one create win.
+    let fresh = fresh_root(state_dir, trust_domain, self_signed_ttl)?;
+    let secret = Secret {
+        metadata: ObjectMeta {
+            name: Some(CA_SECRET.into()),
+            namespace: Some(namespace.into()),
+            ..Default::default()
+        },
+        type_: Some("istio.io/ca-root".into()),
+        data: Some(BTreeMap::from([
+            (
+                CA_CERT.to_owned(),
+                ByteString(fresh.cert.as_bytes().to_vec()),
+            ),
+            (CA_KEY.to_owned(), ByteString(fresh.key.as_bytes().to_vec())),
+            (CERT_CHAIN.to_owned(), ByteString(Vec::new())),
+            (
+                ROOT_CERT.to_owned(),
+                ByteString(fresh.cert.as_bytes().to_vec()),
+            ),
+        ])),
+        ..Default::default()
+    };
+    match secrets.create(&PostParams::default(), &secret).await {
+        Ok(created) => {
+            write_self_signed(namespace, &created, state_dir)?;
+            tracing::info!(secret = %format!("{namespace}/{CA_SECRET}"), "CA material: created the self-signed root");
+            Ok(Origin::SelfSigned { created: true })
+        }
+        Err(kube::Error::Api(status)) if status.code == 409 => {
+            // Lost the race: the winner's root is the root. Ours is dropped.
+            let winner = secrets.get(CA_SECRET).await?;
+            write_self_signed(namespace, &winner, state_dir)?;
+            tracing::info!(secret = %format!("{namespace}/{CA_SECRET}"), "CA material: another replica created the self-signed root first; loaded it");
+            Ok(Origin::SelfSigned { created: false })
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+struct FreshRoot {
+    cert: String,
+    key: Zeroizing<String>,
+}
+
+fn fresh_root(
+    state_dir: &Path,
+    trust_domain: &TrustDomain,
+    ttl: Duration,
+) -> Result<FreshRoot, K8sError> {
+    let material = |e: String| K8sError::Material(e);
+    private_dir(state_dir)?;
+    let scratch = tempfile::Builder::new()
+        .prefix(".new-root-")
+        .tempdir_in(state_dir)
+        .map_err(|e| material(format!("scratch folder in {}: {e}", state_dir.display())))?;
+    load_or_create_self_signed(scratch.path(), trust_domain, ttl, SystemTime::now())
+        .map_err(|e| material(e.to_string()))?;
+    let read = |name: &str| {
+        std::fs::read_to_string(scratch.path().join(name))
+            .map_err(|e| material(format!("{name}: {e}")))
+    };
+    let cert = read(SELF_SIGNED_CERT)?;
+    let key = Zeroizing::new(read(SELF_SIGNED_KEY)?);
+    Ok(FreshRoot { cert, key })
+}
+
+fn field(
+    namespace: &str,
+    secret: &Secret,
+    name: &str,
+    key: &str,
+) -> Result<Option<Zeroizing<String>>, K8sError> {
+    let Some(bytes) = secret.data.as_ref().and_then(|d| d.get(key)) else {
+        return Ok(None);
+    };
+    let text = String::from_utf8(bytes.0.clone()).map_err(|_| {
+        K8sError::Material(format!("Secret {namespace}/{name}: {key} is not UTF-8 PEM"))
+    })?;
+    Ok(Some(Zeroizing::new(text)))
+}
+
+/// Creates `dir` (and parents) 0700 if missing: it will hold a private key.
+fn private_dir(dir: &Path) -> Result<(), K8sError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.is_dir() {
+        return Ok(());
+    }
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| K8sError::Material(format!("{}: {e}", dir.display())))
+}
+
+fn write(path: &Path, text: &str, mode: u32) -> Result<(), K8sError> {
+    rampart_certs::write_file_atomic(path, text.as_bytes(), mode)
+        .map_err(|e| K8sError::Material(format!("{}: {e}", path.display())))
+}
+
+/// Checks the Secret's plug-in material with the folder's own loader in a scratch folder,
+/// then writes the files that differ into `dir` (and removes those the Secret lacks).
+/// Broken material is refused before `dir` is touched. `Ok(true)` when a file changed.
+fn write_plugin(
+    namespace: &str,
+    secret: &Secret,
+    dir: &Path,
+    trust_domain: &TrustDomain,
+) -> Result<bool, K8sError> {
+    let name = CACERTS_SECRET;
+    let refused = |e: String| K8sError::Material(format!("Secret {namespace}/{name}: {e}"));
+    private_dir(dir)?;
+    let mut wanted = Vec::new();
+    for file in PLUGIN_FILES {
+        wanted.push((*file, field(namespace, secret, name, file)?));
+    }
+    let scratch = tempfile::Builder::new()
+        .prefix(".check-")
+        .tempdir_in(dir)
+        .map_err(|e| K8sError::Material(format!("scratch folder in {}: {e}", dir.display())))?;
+    for (file, text) in &wanted {
+        if let Some(text) = text {
+            write(&scratch.path().join(file), text, 0o600)?;
+        }
+    }
+    let files = PluginFiles::read(scratch.path()).map_err(|e| refused(e.to_string()))?;
+    if !files.is_plugin() {
+        return Err(refused(format!("no {CA_CERT}")));
+    }
+    load_plugin(scratch.path(), &files, trust_domain, SystemTime::now())
+        .map_err(|e| refused(e.to_string()))?;
+    drop(scratch);
+    let mut changed = false;
+    for (file, text) in &wanted {
+        let path = dir.join(file);
+        let current = std::fs::read_to_string(&path).ok().map(Zeroizing::new);
+        match text {
+            Some(text) if current.as_deref().map(String::as_str) != Some(text.as_str()) => {
+                write(&path, text, if *file == CA_KEY { 0o600 } else { 0o644 })?;
+                changed = true;
+            }
+            Some(_) => {}
+            // A file the Secret does not have must not linger from an earlier version.
+            None if current.is_some() => {
+                std::fs::remove_file(&path)
+                    .map_err(|e| K8sError::Material(format!("{}: {e}", path.display())))?;
+                changed = true;
+            }
+            None => {}
+        }
+    }
+    Ok(changed)
+}
+
+/// Looks at Secret `cacerts` once: valid changed material is written into `cacerts_dir`,
+/// where the CA's reload (the folder's watcher and poll) picks it up with the folder's
+/// refusal rules; broken material is refused here and the files stay as they were.
+/// `Ok(true)` when files changed; a missing Secret changes nothing.
+pub async fn refresh_cacerts(
+    client: &kube::Client,
+    namespace: &str,
+    cacerts_dir: &Path,
+    trust_domain: &TrustDomain,
+) -> Result<bool, K8sError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    match secrets.get_opt(CACERTS_SECRET).await? {
+        Some(secret) => write_plugin(namespace, &secret, cacerts_dir, trust_domain),
+        None => Ok(false),
+    }
+}
+
+/// [`refresh_cacerts`] every `interval` until the task is dropped; a refusal is logged once
+/// while it stays the same.
+pub async fn follow_cacerts(
+    client: kube::Client,
+    namespace: String,
+    cacerts_dir: std::path::PathBuf,
+    trust_domain: TrustDomain,
+    interval: Duration,
+) {
+    let mut last_error: Option<String> = None;
+    loop {
+        match refresh_cacerts(&client, &namespace, &cacerts_dir, &trust_domain).await {
+            Ok(changed) => {
+                if changed {
+                    tracing::info!(secret = %format!("{namespace}/{CACERTS_SECRET}"), "plug-in Secret changed; new files written for the CA to reload");
+                }
+                last_error = None;
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if last_error.as_deref() != Some(e.as_str()) {
+                    tracing::error!(error = %e, "plug-in Secret refused; the CA keeps its material");
+                    last_error = Some(e);
+                }
+            }
+        }
+        tokio::time::sleep(interval).await;
+    }
+}
+
+fn write_self_signed(namespace: &str, secret: &Secret, state_dir: &Path) -> Result<(), K8sError> {
+    let name = CA_SECRET;
+    let need = |key: &str| {
+        field(namespace, secret, name, key)?
+            .filter(|t| !t.trim().is_empty())
+            .ok_or_else(|| K8sError::Material(format!("Secret {namespace}/{name} has no {key}")))
+    };
+    let cert = need(CA_CERT)?;
+    let key = need(CA_KEY)?;
+    rampart_certs::parse_certs_pem(&cert)
+        .map_err(|e| K8sError::Material(format!("Secret {namespace}/{name}: {CA_CERT}: {e}")))?;
+    rampart_certs::PrivateKey::from_pkcs8_pem(&key)
+        .map_err(|e| K8sError::Material(format!("Secret {namespace}/{name}: {CA_KEY}: {e}")))?;
+    private_dir(state_dir)?;
+    // Key first, then the certificate (as citadel writes them).
+    write(&state_dir.join(SELF_SIGNED_KEY), &key, 0o600)?;
+    write(&state_dir.join(SELF_SIGNED_CERT), &cert, 0o644)?;
+    Ok(())
+}

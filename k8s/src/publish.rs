@@ -1,0 +1,287 @@
+//! The root bundle in ConfigMap `istio-ca-root-cert` (key `root-cert.pem`) in every
+//! namespace, as istiod publishes it, written by one CA replica at a time: the holder of a
+//! `coordination.k8s.io` Lease.
+//!
+//! [`LeaseElector`] takes or renews the Lease with optimistic concurrency (create; replace with
+//! the read `resourceVersion`; a 409 means another replica moved first). [`RootPublisher`]
+//! makes every namespace's ConfigMap say the current root: creates missing ones (so a deleted
+//! ConfigMap comes back), rewrites changed ones, leaves equal ones alone. [`run`] ticks both.
+//! Namespaces are listed each tick (no watch yet): a new namespace or a deleted ConfigMap is
+//! served within one interval.
+
+use std::collections::BTreeMap;
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
+use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
+use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+
+/// The ConfigMap istiod publishes the root in.
+pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
+/// Its key.
+pub const ROOT_CONFIGMAP_KEY: &str = "root-cert.pem";
+/// The Lease that elects the one writer (istiod's namespace controller's name, so Rampart
+/// and istiod replicas in one cluster never both write).
+pub const PUBLISHER_LEASE: &str = "istio-namespace-controller-election";
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+fn micro(t: SystemTime) -> Option<MicroTime> {
+    k8s_openapi::jiff::Timestamp::try_from(t)
+        .ok()
+        .map(MicroTime)
+}
+
+/// One replica's side of the Lease.
+pub struct LeaseElector {
+    api: Api<Lease>,
+    name: String,
+    identity: String,
+    duration: Duration,
+}
+
+impl std::fmt::Debug for LeaseElector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LeaseElector")
+            .field("name", &self.name)
+            .field("identity", &self.identity)
+            .field("duration", &self.duration)
+            .finish_non_exhaustive()
+    }
+}
+
+impl LeaseElector {
+    /// Lease `name` in `namespace`, held as `identity` (unique per replica: the Pod name) for
+    /// `duration` after each renewal.
+    pub fn new(
+        client: kube::Client,
+        namespace: &str,
+        name: &str,
+        identity: &str,
+        duration: Duration,
+    ) -> Self {
+        LeaseElector {
+            api: Api::namespaced(client, namespace),
+            name: name.to_owned(),
+            identity: identity.to_owned(),
+            duration,
+        }
+    }
+
+    /// Takes the Lease if it is free or expired, renews it if ours; `true` while we hold it.
+    pub async fn try_acquire_or_renew(&self, now: SystemTime) -> Result<bool, kube::Error> {
+        let secs = i32::try_from(self.duration.as_secs().max(1)).unwrap_or(i32::MAX);
+        let Some(mut lease) = self.api.get_opt(&self.name).await? else {
+            let lease = Lease {
+                metadata: ObjectMeta {
+                    name: Some(self.name.clone()),
+                    ..Default::default()
+                },
+                spec: Some(LeaseSpec {
+                    holder_identity: Some(self.identity.clone()),
+                    lease_duration_seconds: Some(secs),
+                    acquire_time: micro(now),
+                    renew_time: micro(now),
+                    lease_transitions: Some(0),
+                    ..Default::default()
+                }),
+            };
+            return match self.api.create(&PostParams::default(), &lease).await {
+                Ok(_) => Ok(true),
+                Err(e) if is_conflict(&e) => Ok(false),
+                Err(e) => Err(e),
+            };
+        };
+        let spec = lease.spec.get_or_insert_with(Default::default);
+        let holder = spec.holder_identity.clone().unwrap_or_default();
+        if holder != self.identity {
+            let held_until = spec.renew_time.as_ref().map(|t| {
+                SystemTime::from(t.0)
+                    + Duration::from_secs(
+                        u64::try_from(spec.lease_duration_seconds.unwrap_or(0)).unwrap_or(0),
+                    )
+            });
+            let free = holder.is_empty() || held_until.is_none_or(|until| now >= until);
+            if !free {
+                return Ok(false);
+            }
+            spec.holder_identity = Some(self.identity.clone());
+            spec.acquire_time = micro(now);
+            spec.lease_transitions = Some(spec.lease_transitions.unwrap_or(0).saturating_add(1));
+        }
+        spec.renew_time = micro(now);
+        spec.lease_duration_seconds = Some(secs);
+        // Replace carries the resourceVersion we read: a 409 means someone else wrote first.
+        match self
+            .api
+            .replace(&self.name, &PostParams::default(), &lease)
+            .await
+        {
+            Ok(_) => Ok(true),
+            Err(e) if is_conflict(&e) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// What one publishing pass did.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Published {
+    /// Namespaces whose ConfigMap was created.
+    pub created: Vec<String>,
+    /// Namespaces whose ConfigMap was rewritten to the current root.
+    pub updated: Vec<String>,
+    /// Namespaces that could not be written this pass (conflict or error; retried next).
+    pub failed: Vec<String>,
+}
+
+/// Keeps `istio-ca-root-cert` current in every namespace.
+pub struct RootPublisher {
+    client: kube::Client,
+    root_pem: Mutex<String>,
+}
+
+impl std::fmt::Debug for RootPublisher {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RootPublisher").finish_non_exhaustive()
+    }
+}
+
+impl RootPublisher {
+    /// Publishes `root_pem` (the CA's trust bundle, PEM).
+    pub fn new(client: kube::Client, root_pem: String) -> Self {
+        RootPublisher {
+            client,
+            root_pem: Mutex::new(root_pem),
+        }
+    }
+
+    /// The bundle to publish from now on (after a rotation or reload).
+    pub fn set_root(&self, root_pem: String) {
+        *self.root_pem.lock().unwrap_or_else(|p| p.into_inner()) = root_pem;
+    }
+
+    fn root(&self) -> String {
+        self.root_pem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// One pass over every namespace (except terminating ones).
+    pub async fn publish_once(&self) -> Result<Published, kube::Error> {
+        let root = self.root();
+        let namespaces: Api<Namespace> = Api::all(self.client.clone());
+        let mut out = Published::default();
+        for ns in namespaces.list(&ListParams::default()).await?.items {
+            let Some(name) = ns.metadata.name.clone() else {
+                continue;
+            };
+            if ns.status.and_then(|s| s.phase).as_deref() == Some("Terminating") {
+                continue;
+            }
+            match self.publish_in(&name, &root).await {
+                Ok(Some(true)) => out.created.push(name),
+                Ok(Some(false)) => out.updated.push(name),
+                Ok(None) => {}
+                Err(e) => {
+                    tracing::warn!(namespace = %name, error = %e, "could not publish {ROOT_CONFIGMAP}; retrying next pass");
+                    out.failed.push(name);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    /// `Some(true)` created, `Some(false)` rewritten, `None` already current.
+    async fn publish_in(&self, namespace: &str, root: &str) -> Result<Option<bool>, kube::Error> {
+        let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
+        let data = BTreeMap::from([(ROOT_CONFIGMAP_KEY.to_owned(), root.to_owned())]);
+        match api.get_opt(ROOT_CONFIGMAP).await? {
+            None => {
+                let cm = ConfigMap {
+                    metadata: ObjectMeta {
+                        name: Some(ROOT_CONFIGMAP.into()),
+                        namespace: Some(namespace.into()),
+                        labels: Some(BTreeMap::from([(
+                            "istio.io/config".to_owned(),
+                            "true".to_owned(),
+                        )])),
+                        ..Default::default()
+                    },
+                    data: Some(data),
+                    ..Default::default()
+                };
+                api.create(&PostParams::default(), &cm).await?;
+                Ok(Some(true))
+            }
+            Some(mut cm) => {
+                let current = cm
+                    .data
+                    .as_ref()
+                    .and_then(|d| d.get(ROOT_CONFIGMAP_KEY))
+                    .map(String::as_str);
+                if current == Some(root) {
+                    return Ok(None);
+                }
+                cm.data
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(ROOT_CONFIGMAP_KEY.to_owned(), root.to_owned());
+                api.replace(ROOT_CONFIGMAP, &PostParams::default(), &cm)
+                    .await?;
+                Ok(Some(false))
+            }
+        }
+    }
+}
+
+/// One tick: renew or take the Lease; if held, publish. `Ok(None)` when another replica holds
+/// the Lease.
+pub async fn tick(
+    elector: &LeaseElector,
+    publisher: &RootPublisher,
+    now: SystemTime,
+) -> Result<Option<Published>, kube::Error> {
+    if !elector.try_acquire_or_renew(now).await? {
+        return Ok(None);
+    }
+    publisher.publish_once().await.map(Some)
+}
+
+/// Ticks every `interval` until the task is dropped, publishing what `current_root` returns
+/// at each tick (so a rotation or reload reaches the ConfigMaps within one interval). Errors
+/// are logged and retried.
+pub async fn run(
+    elector: LeaseElector,
+    publisher: RootPublisher,
+    interval: Duration,
+    current_root: impl Fn() -> String + Send,
+) {
+    let mut leading = false;
+    loop {
+        publisher.set_root(current_root());
+        match tick(&elector, &publisher, SystemTime::now()).await {
+            Ok(Some(p)) => {
+                if !leading {
+                    tracing::info!(lease = ?elector, "publishing {ROOT_CONFIGMAP}: this replica holds the Lease");
+                    leading = true;
+                }
+                if !p.created.is_empty() || !p.updated.is_empty() {
+                    tracing::info!(created = ?p.created, updated = ?p.updated, "published {ROOT_CONFIGMAP}");
+                }
+            }
+            Ok(None) => {
+                if leading {
+                    tracing::info!("lost the {PUBLISHER_LEASE} Lease; another replica publishes");
+                    leading = false;
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "publishing {ROOT_CONFIGMAP} failed; retrying"),
+        }
+        tokio::time::sleep(interval).await;
+    }
+}

@@ -1,0 +1,349 @@
+//! CA material from Secrets: plug-in `cacerts`, else the self-signed root in
+//! `istio-ca-secret`, created once and never overwritten.
+//!
+//! THE KUBERNETES API SERVER IS FAKED (`support/fake_api.rs`): Secrets live in the in-process
+//! fake, which answers 409 AlreadyExists to the second create, as a real one does. No cluster
+//! is involved.
+
+mod support;
+
+use std::path::Path;
+use std::time::{Duration, SystemTime};
+
+use base64::Engine as _;
+use rampart_certs::TrustDomain;
+use rampart_citadel::{MaterialSource, load_initial};
+use rampart_k8s::material::{CA_SECRET, Origin, sync_ca_material};
+use serde_json::json;
+use support::fake_api::FakeApi;
+
+const SECRETS: &str = "/api/v1/namespaces/istio-system/secrets";
+const TTL: Duration = Duration::from_secs(3600 * 24 * 365);
+
+fn td() -> TrustDomain {
+    TrustDomain::new("cluster.local").unwrap()
+}
+
+fn secret_field(fake: &FakeApi, name: &str, key: &str) -> Vec<u8> {
+    let s = fake.get(SECRETS, name).expect("secret exists");
+    base64::engine::general_purpose::STANDARD
+        .decode(s["data"][key].as_str().expect("field"))
+        .unwrap()
+}
+
+/// Loads what a replica would sign with, from its folders, as `rampart ca` does.
+fn signing_root(cacerts: &Path, state: &Path) -> (Vec<u8>, MaterialSource) {
+    let a = load_initial(cacerts, state, &td(), TTL, SystemTime::now()).unwrap();
+    (a.bundle_roots_der(), a.source().clone())
+}
+
+trait RootsDer {
+    fn bundle_roots_der(&self) -> Vec<u8>;
+}
+
+impl RootsDer for rampart_citadel::Authority {
+    fn bundle_roots_der(&self) -> Vec<u8> {
+        self.roots()
+            .iter()
+            .flat_map(|r| r.fingerprint.as_bytes().to_vec())
+            .collect()
+    }
+}
+
+#[tokio::test]
+async fn two_replicas_starting_together_end_with_one_root() {
+    let fake = FakeApi::new();
+    // Both replicas' GETs of istio-ca-secret answer only once both have asked: both see
+    // "not found", both create, the API server lets one win.
+    fake.hold_gets(SECRETS, CA_SECRET, 2);
+    let dirs: Vec<_> = (0..2).map(|_| tempfile::tempdir().unwrap()).collect();
+    let run = |i: usize| {
+        let client = fake.client();
+        let cacerts = dirs[i].path().join("cacerts");
+        let state = dirs[i].path().join("state");
+        async move {
+            sync_ca_material(&client, "istio-system", &cacerts, &state, &td(), TTL)
+                .await
+                .unwrap()
+        }
+    };
+    let (a, b) = tokio::join!(run(0), run(1));
+    let mut origins = [a, b];
+    origins.sort_by_key(|o| format!("{o:?}"));
+    assert_eq!(
+        origins,
+        [
+            Origin::SelfSigned { created: false },
+            Origin::SelfSigned { created: true }
+        ],
+        "one created, the other loaded the winner's"
+    );
+    assert_eq!(
+        fake.count(&format!("POST {SECRETS}")),
+        2,
+        "both tried to create: {:#?}",
+        fake.calls()
+    );
+    let r0 = signing_root(
+        &dirs[0].path().join("cacerts"),
+        &dirs[0].path().join("state"),
+    );
+    let r1 = signing_root(
+        &dirs[1].path().join("cacerts"),
+        &dirs[1].path().join("state"),
+    );
+    assert!(matches!(r0.1, MaterialSource::SelfSigned(_)));
+    assert_eq!(r0.0, r1.0, "both replicas sign under one root");
+    // And it is the root in the Secret.
+    let in_secret = secret_field(&fake, CA_SECRET, "ca-cert.pem");
+    let local = std::fs::read(dirs[0].path().join("state/root-cert.pem")).unwrap();
+    assert_eq!(in_secret, local);
+    // The key is private on disk.
+    use std::os::unix::fs::PermissionsExt;
+    for d in &dirs {
+        let mode = std::fs::metadata(d.path().join("state/root-key.pem"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+}
+
+#[tokio::test]
+async fn existing_istio_ca_secret_is_loaded_never_overwritten() {
+    let fake = FakeApi::new();
+    let first = tempfile::tempdir().unwrap();
+    let o = sync_ca_material(
+        &fake.client(),
+        "istio-system",
+        &first.path().join("c"),
+        &first.path().join("s"),
+        &td(),
+        TTL,
+    )
+    .await
+    .unwrap();
+    assert_eq!(o, Origin::SelfSigned { created: true });
+    let rv = fake.get(SECRETS, CA_SECRET).unwrap()["metadata"]["resourceVersion"].clone();
+    let before = secret_field(&fake, CA_SECRET, "ca-key.pem");
+    // A restart with an empty disk: loads the Secret, writes nothing to the API.
+    let second = tempfile::tempdir().unwrap();
+    let o = sync_ca_material(
+        &fake.client(),
+        "istio-system",
+        &second.path().join("c"),
+        &second.path().join("s"),
+        &td(),
+        TTL,
+    )
+    .await
+    .unwrap();
+    assert_eq!(o, Origin::SelfSigned { created: false });
+    assert_eq!(fake.count(&format!("POST {SECRETS}")), 1);
+    assert_eq!(fake.count(&format!("PUT {SECRETS}")), 0);
+    let after = fake.get(SECRETS, CA_SECRET).unwrap();
+    assert_eq!(after["metadata"]["resourceVersion"], rv);
+    assert_eq!(secret_field(&fake, CA_SECRET, "ca-key.pem"), before);
+    assert_eq!(
+        std::fs::read(second.path().join("s/root-key.pem")).unwrap(),
+        before
+    );
+}
+
+#[tokio::test]
+async fn cacerts_secret_wins_and_is_loaded_as_plugin_material() {
+    // Plug-in material made by a root we control.
+    let src = tempfile::tempdir().unwrap();
+    let root_state = src.path().join("root");
+    load_initial(
+        &src.path().join("none"),
+        &root_state,
+        &td(),
+        TTL,
+        SystemTime::now(),
+    )
+    .unwrap();
+    let root_pem = std::fs::read_to_string(root_state.join("root-cert.pem")).unwrap();
+    let key_pem = std::fs::read_to_string(root_state.join("root-key.pem")).unwrap();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let fake = FakeApi::new();
+    fake.put(
+        SECRETS,
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "cacerts", "namespace": "istio-system"},
+               "data": {"ca-cert.pem": b64(&root_pem), "ca-key.pem": b64(&key_pem),
+                        "root-cert.pem": b64(&root_pem), "cert-chain.pem": b64(&root_pem)}}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let o = sync_ca_material(
+        &fake.client(),
+        "istio-system",
+        &dir.path().join("cacerts"),
+        &dir.path().join("state"),
+        &td(),
+        TTL,
+    )
+    .await
+    .unwrap();
+    assert_eq!(o, Origin::Plugin);
+    assert!(
+        fake.get(SECRETS, CA_SECRET).is_none(),
+        "no self-signed root made"
+    );
+    let (_, source) = signing_root(&dir.path().join("cacerts"), &dir.path().join("state"));
+    assert!(matches!(source, MaterialSource::Plugin(_)), "{source:?}");
+}
+
+#[tokio::test]
+async fn broken_cacerts_secret_is_refused_not_replaced_by_a_self_signed_root() {
+    let fake = FakeApi::new();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    fake.put(
+        SECRETS,
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "cacerts", "namespace": "istio-system"},
+               "data": {"ca-cert.pem": b64("not a certificate"), "ca-key.pem": b64("nor a key"),
+                        "root-cert.pem": b64("no")}}),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let err = sync_ca_material(
+        &fake.client(),
+        "istio-system",
+        &dir.path().join("cacerts"),
+        &dir.path().join("state"),
+        &td(),
+        TTL,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("cacerts"), "{err}");
+    assert!(
+        fake.get(SECRETS, CA_SECRET).is_none(),
+        "fail closed: no fallback root"
+    );
+}
+
+/// Self-signed root material (cert, key) made in a temporary folder.
+fn material() -> (String, String) {
+    let src = tempfile::tempdir().unwrap();
+    let state = src.path().join("root");
+    load_initial(
+        &src.path().join("none"),
+        &state,
+        &td(),
+        TTL,
+        SystemTime::now(),
+    )
+    .unwrap();
+    (
+        std::fs::read_to_string(state.join("root-cert.pem")).unwrap(),
+        std::fs::read_to_string(state.join("root-key.pem")).unwrap(),
+    )
+}
+
+fn put_cacerts(fake: &FakeApi, files: &[(&str, &str)]) {
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    let data: serde_json::Map<String, serde_json::Value> = files
+        .iter()
+        .map(|(k, v)| (k.to_string(), json!(b64(v))))
+        .collect();
+    fake.put(
+        SECRETS,
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "cacerts", "namespace": "istio-system"}, "data": data}),
+    );
+}
+
+#[tokio::test]
+async fn cacerts_changes_are_followed_and_broken_ones_refused_leaving_the_files() {
+    use rampart_k8s::material::refresh_cacerts;
+    let (a_cert, a_key) = material();
+    let (b_cert, b_key) = material();
+    let fake = FakeApi::new();
+    put_cacerts(
+        &fake,
+        &[
+            ("ca-cert.pem", &a_cert),
+            ("ca-key.pem", &a_key),
+            ("root-cert.pem", &a_cert),
+            ("cert-chain.pem", &a_cert),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cacerts = dir.path().join("cacerts");
+    let client = fake.client();
+    let o = sync_ca_material(
+        &client,
+        "istio-system",
+        &cacerts,
+        &dir.path().join("s"),
+        &td(),
+        TTL,
+    )
+    .await
+    .unwrap();
+    assert_eq!(o, Origin::Plugin);
+    assert!(
+        !refresh_cacerts(&client, "istio-system", &cacerts, &td())
+            .await
+            .unwrap()
+    );
+
+    // Rotated to B, without cert-chain.pem: written, the stale chain file removed.
+    put_cacerts(
+        &fake,
+        &[
+            ("ca-cert.pem", &b_cert),
+            ("ca-key.pem", &b_key),
+            ("root-cert.pem", &b_cert),
+        ],
+    );
+    assert!(
+        refresh_cacerts(&client, "istio-system", &cacerts, &td())
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        std::fs::read_to_string(cacerts.join("ca-cert.pem")).unwrap(),
+        b_cert
+    );
+    assert!(!cacerts.join("cert-chain.pem").exists());
+    assert!(
+        !refresh_cacerts(&client, "istio-system", &cacerts, &td())
+            .await
+            .unwrap()
+    );
+    let (_, source) = signing_root(&cacerts, &dir.path().join("s"));
+    assert!(matches!(source, MaterialSource::Plugin(_)));
+
+    // A key that does not match its certificate: refused, the files stay B.
+    put_cacerts(
+        &fake,
+        &[
+            ("ca-cert.pem", &a_cert),
+            ("ca-key.pem", &b_key),
+            ("root-cert.pem", &a_cert),
+        ],
+    );
+    let err = refresh_cacerts(&client, "istio-system", &cacerts, &td())
+        .await
+        .unwrap_err();
+    assert!(err.to_string().contains("istio-system/cacerts"), "{err}");
+    assert_eq!(
+        std::fs::read_to_string(cacerts.join("ca-cert.pem")).unwrap(),
+        b_cert
+    );
+    assert_eq!(
+        std::fs::read_to_string(cacerts.join("ca-key.pem")).unwrap(),
+        b_key
+    );
+    let leftovers: Vec<_> = std::fs::read_dir(&cacerts)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .filter(|n| n.starts_with(".check-"))
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "scratch folders removed: {leftovers:?}"
+    );
+}

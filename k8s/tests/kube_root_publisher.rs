@@ -1,0 +1,170 @@
+//! The root ConfigMap `istio-ca-root-cert` in every namespace, written by the Lease holder.
+//!
+//! THE KUBERNETES API SERVER IS FAKED (`support/fake_api.rs`): Namespaces, ConfigMaps and the
+//! Lease live in the in-process fake, which enforces resourceVersions (409 Conflict on a
+//! stale replace, 409 AlreadyExists on a second create). No cluster is involved.
+
+mod support;
+
+use std::time::{Duration, SystemTime};
+
+use rampart_k8s::publish::{
+    LeaseElector, PUBLISHER_LEASE, Published, ROOT_CONFIGMAP, RootPublisher, tick,
+};
+use serde_json::json;
+use support::fake_api::FakeApi;
+
+const LEASES: &str = "/apis/coordination.k8s.io/v1/namespaces/istio-system/leases";
+
+fn cms(ns: &str) -> String {
+    format!("/api/v1/namespaces/{ns}/configmaps")
+}
+
+fn add_namespace(fake: &FakeApi, ns: &str) {
+    fake.put(
+        "/api/v1/namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns},
+               "status": {"phase": "Active"}}),
+    );
+}
+
+fn published_root(fake: &FakeApi, ns: &str) -> Option<String> {
+    fake.get(&cms(ns), ROOT_CONFIGMAP)
+        .and_then(|cm| cm["data"]["root-cert.pem"].as_str().map(str::to_owned))
+}
+
+fn elector(fake: &FakeApi, who: &str) -> LeaseElector {
+    LeaseElector::new(
+        fake.client(),
+        "istio-system",
+        PUBLISHER_LEASE,
+        who,
+        Duration::from_secs(15),
+    )
+}
+
+#[tokio::test]
+async fn publishes_in_every_namespace_recreates_and_follows_rotation() {
+    let fake = FakeApi::new();
+    for ns in ["istio-system", "ns1", "ns2"] {
+        add_namespace(&fake, ns);
+    }
+    fake.put(
+        "/api/v1/namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "going"},
+               "status": {"phase": "Terminating"}}),
+    );
+    let p = RootPublisher::new(fake.client(), "ROOT-1".into());
+    let first = p.publish_once().await.unwrap();
+    assert_eq!(first.created, ["istio-system", "ns1", "ns2"]);
+    for ns in ["istio-system", "ns1", "ns2"] {
+        assert_eq!(published_root(&fake, ns).as_deref(), Some("ROOT-1"), "{ns}");
+    }
+    assert_eq!(
+        published_root(&fake, "going"),
+        None,
+        "terminating namespace skipped"
+    );
+
+    // Nothing to do: no writes.
+    let writes = fake.count("POST") + fake.count("PUT");
+    assert_eq!(p.publish_once().await.unwrap(), Published::default());
+    assert_eq!(fake.count("POST") + fake.count("PUT"), writes);
+
+    // Deleted -> recreated; edited -> restored; a new namespace -> published.
+    fake.delete(&cms("ns1"), ROOT_CONFIGMAP).unwrap();
+    let mut edited = fake.get(&cms("ns2"), ROOT_CONFIGMAP).unwrap();
+    edited["data"]["root-cert.pem"] = json!("FORGED");
+    fake.put(&cms("ns2"), edited);
+    add_namespace(&fake, "ns3");
+    let again = p.publish_once().await.unwrap();
+    assert_eq!(again.created, ["ns1", "ns3"]);
+    assert_eq!(again.updated, ["ns2"]);
+    for ns in ["ns1", "ns2", "ns3"] {
+        assert_eq!(published_root(&fake, ns).as_deref(), Some("ROOT-1"), "{ns}");
+    }
+
+    // Rotation: the new bundle reaches every namespace.
+    p.set_root("ROOT-1\nROOT-2".into());
+    let rotated = p.publish_once().await.unwrap();
+    assert_eq!(rotated.updated, ["istio-system", "ns1", "ns2", "ns3"]);
+    assert_eq!(
+        published_root(&fake, "ns3").as_deref(),
+        Some("ROOT-1\nROOT-2")
+    );
+}
+
+#[tokio::test]
+async fn one_writer_and_lease_hand_over() {
+    let fake = FakeApi::new();
+    add_namespace(&fake, "ns1");
+    let (a, b) = (elector(&fake, "ca-a"), elector(&fake, "ca-b"));
+    let pa = RootPublisher::new(fake.client(), "ROOT-A".into());
+    let pb = RootPublisher::new(fake.client(), "ROOT-B".into());
+    let t0 = SystemTime::now();
+
+    // A takes the free Lease and publishes; B does not write.
+    assert!(tick(&a, &pa, t0).await.unwrap().is_some());
+    assert_eq!(tick(&b, &pb, t0).await.unwrap(), None);
+    assert_eq!(published_root(&fake, "ns1").as_deref(), Some("ROOT-A"));
+    let lease = fake.get(LEASES, PUBLISHER_LEASE).unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "ca-a");
+
+    // A renews within the lease; B still may not take it.
+    let t1 = t0 + Duration::from_secs(10);
+    assert!(a.try_acquire_or_renew(t1).await.unwrap());
+    assert!(
+        !b.try_acquire_or_renew(t1 + Duration::from_secs(10))
+            .await
+            .unwrap()
+    );
+
+    // A stops renewing: after the lease duration B takes over and publishes; A then backs off.
+    let t2 = t1 + Duration::from_secs(16);
+    assert!(tick(&b, &pb, t2).await.unwrap().is_some());
+    assert_eq!(published_root(&fake, "ns1").as_deref(), Some("ROOT-B"));
+    let lease = fake.get(LEASES, PUBLISHER_LEASE).unwrap();
+    assert_eq!(lease["spec"]["holderIdentity"], "ca-b");
+    assert_eq!(lease["spec"]["leaseTransitions"], 1);
+    assert_eq!(
+        tick(&a, &pa, t2 + Duration::from_secs(1)).await.unwrap(),
+        None
+    );
+    assert_eq!(published_root(&fake, "ns1").as_deref(), Some("ROOT-B"));
+}
+
+#[tokio::test]
+async fn two_replicas_racing_for_a_free_lease_get_one_holder() {
+    let fake = FakeApi::new();
+    // Both read "no Lease" before either creates it.
+    fake.hold_gets(LEASES, PUBLISHER_LEASE, 2);
+    let (a, b) = (elector(&fake, "ca-a"), elector(&fake, "ca-b"));
+    let now = SystemTime::now();
+    let (ra, rb) = tokio::join!(a.try_acquire_or_renew(now), b.try_acquire_or_renew(now));
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert!(ra ^ rb, "exactly one holder: {ra} {rb}");
+    let holder = fake.get(LEASES, PUBLISHER_LEASE).unwrap()["spec"]["holderIdentity"].clone();
+    assert_eq!(holder, if ra { "ca-a" } else { "ca-b" });
+}
+
+#[tokio::test]
+async fn stale_replace_of_an_expired_lease_loses_to_the_first_taker() {
+    let fake = FakeApi::new();
+    let old = elector(&fake, "ca-old");
+    let t0 = SystemTime::now();
+    assert!(old.try_acquire_or_renew(t0).await.unwrap());
+    // The Lease expires; B and C both read it, then both try to take it.
+    fake.hold_gets(LEASES, PUBLISHER_LEASE, 2);
+    let (b, c) = (elector(&fake, "ca-b"), elector(&fake, "ca-c"));
+    let later = t0 + Duration::from_secs(60);
+    let (rb, rc) = tokio::join!(b.try_acquire_or_renew(later), c.try_acquire_or_renew(later));
+    let (rb, rc) = (rb.unwrap(), rc.unwrap());
+    assert!(
+        rb ^ rc,
+        "the second replace carries a stale resourceVersion: {rb} {rc}"
+    );
+    assert_eq!(
+        fake.get(LEASES, PUBLISHER_LEASE).unwrap()["spec"]["leaseTransitions"],
+        1
+    );
+}

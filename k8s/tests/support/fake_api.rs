@@ -1,0 +1,510 @@
+//! A FAKE Kubernetes API server, in process: NO real cluster is involved in the tests that use
+//! it. It is a `tower` service answering the REST paths rampart-k8s uses, under a real
+//! `kube::Client`:
+//!
+//! - `POST /apis/authentication.k8s.io/v1/tokenreviews`: tokens registered with
+//!   [`FakeApi::add_token`] review as a real API server would (status.audiences is the
+//!   intersection of the requested and the token's audiences; none in common is
+//!   unauthenticated); [`FakeApi::add_token_status`] answers a fixed status instead;
+//!   unknown tokens are unauthenticated.
+//! - Namespaced and cluster-scoped objects under `/api/v1/...` and `/apis/<group>/<version>/...`:
+//!   GET (404 NotFound), list (with `fieldSelector=spec.nodeName=X` and
+//!   `metadata.name=X`), POST create (409 AlreadyExists when the name is taken), PUT replace
+//!   (409 Conflict on a stale `metadata.resourceVersion`), DELETE. Every write bumps one
+//!   global resourceVersion, as etcd's revision.
+//! - [`FakeApi::hold_gets`] makes the next N GETs of one object wait for each other, so two
+//!   callers both see "not found" before either creates it (the create race).
+//!
+//! Every request is logged ([`FakeApi::calls`]) so tests can assert what was (not) asked.
+//! [`FakeApi::serve_http`] serves the same fake over plain HTTP on loopback, for tests that
+//! run the `rampart` binary with a kubeconfig (tests/ca_kubernetes_e2e.rs).
+
+#![allow(dead_code, unreachable_pub)]
+
+use std::collections::{BTreeMap, HashMap};
+use std::convert::Infallible;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use serde_json::{Value, json};
+
+/// One registered token: what the fake API server knows about it.
+#[derive(Debug, Clone)]
+pub struct FakeToken {
+    /// `system:serviceaccount:<ns>:<sa>` (or anything, to test refusals).
+    pub username: String,
+    /// The audiences the token was issued for.
+    pub audiences: Vec<String>,
+    /// `user.extra` (pod-name, pod-uid, node-name claims).
+    pub extra: BTreeMap<String, Vec<String>>,
+}
+
+impl FakeToken {
+    /// A service-account token for `audiences`, bound to nothing.
+    pub fn service_account(ns: &str, sa: &str, audiences: &[&str]) -> Self {
+        FakeToken {
+            username: format!("system:serviceaccount:{ns}:{sa}"),
+            audiences: audiences.iter().map(|s| s.to_string()).collect(),
+            extra: BTreeMap::new(),
+        }
+    }
+
+    /// Bound to a Pod (name and UID claims).
+    pub fn bound_to_pod(mut self, pod: &str, uid: &str) -> Self {
+        self.extra.insert(
+            "authentication.kubernetes.io/pod-name".into(),
+            vec![pod.into()],
+        );
+        self.extra.insert(
+            "authentication.kubernetes.io/pod-uid".into(),
+            vec![uid.into()],
+        );
+        self
+    }
+
+    /// With the node-name claim (Kubernetes 1.32+ bound tokens).
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.extra.insert(
+            "authentication.kubernetes.io/node-name".into(),
+            vec![node.into()],
+        );
+        self
+    }
+}
+
+#[derive(Default)]
+struct State {
+    /// (collection path, name) -> object
+    objects: BTreeMap<(String, String), Value>,
+    revision: u64,
+    tokens: HashMap<String, FakeToken>,
+    fixed_status: HashMap<String, Value>,
+    calls: Vec<String>,
+    /// (collection, name) -> (GETs still to hold, barrier)
+    gates: HashMap<(String, String), (usize, Arc<tokio::sync::Barrier>)>,
+}
+
+/// The fake API server. Cheap to clone; clones share state.
+#[derive(Clone, Default)]
+pub struct FakeApi {
+    state: Arc<Mutex<State>>,
+}
+
+impl FakeApi {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// A real `kube::Client` whose every request this fake answers.
+    pub fn client(&self) -> kube::Client {
+        let fake = self.clone();
+        let svc = tower::service_fn(move |req: Request<kube::client::Body>| {
+            let fake = fake.clone();
+            async move { Ok::<_, Infallible>(fake.handle(req).await) }
+        });
+        kube::Client::new(svc, "default")
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn add_token(&self, token: &str, t: FakeToken) {
+        self.lock().tokens.insert(token.into(), t);
+    }
+
+    /// Forgets `token` (as when its Pod is deleted): its reviews become unauthenticated.
+    pub fn remove_token(&self, token: &str) {
+        self.lock().tokens.remove(token);
+    }
+
+    /// The TokenReview of `token` answers exactly `status` (to test a misbehaving server).
+    pub fn add_token_status(&self, token: &str, status: Value) {
+        self.lock().fixed_status.insert(token.into(), status);
+    }
+
+    /// Stores `obj` in `collection` (e.g. `/api/v1/namespaces/ns1/pods`) as if created.
+    pub fn put(&self, collection: &str, mut obj: Value) {
+        let mut st = self.lock();
+        st.revision += 1;
+        let rv = st.revision.to_string();
+        let name = obj["metadata"]["name"]
+            .as_str()
+            .expect("metadata.name")
+            .to_owned();
+        obj["metadata"]["resourceVersion"] = json!(rv);
+        if obj["metadata"]["uid"].is_null() {
+            obj["metadata"]["uid"] = json!(format!("uid-{rv}"));
+        }
+        st.objects.insert((collection.to_owned(), name), obj);
+    }
+
+    /// A Pod `ns/name` of service account `sa` scheduled on `node`.
+    pub fn add_pod(&self, ns: &str, name: &str, sa: &str, node: &str, uid: &str) {
+        self.put(
+            &format!("/api/v1/namespaces/{ns}/pods"),
+            json!({
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": ns, "uid": uid},
+                "spec": {"serviceAccountName": sa, "nodeName": node, "containers": [{"name": "app"}]},
+                "status": {"phase": "Running"}
+            }),
+        );
+    }
+
+    pub fn get(&self, collection: &str, name: &str) -> Option<Value> {
+        self.lock()
+            .objects
+            .get(&(collection.to_owned(), name.to_owned()))
+            .cloned()
+    }
+
+    pub fn delete(&self, collection: &str, name: &str) -> Option<Value> {
+        let mut st = self.lock();
+        st.revision += 1;
+        st.objects.remove(&(collection.to_owned(), name.to_owned()))
+    }
+
+    /// Every request so far, as `METHOD /path?query`.
+    pub fn calls(&self) -> Vec<String> {
+        self.lock().calls.clone()
+    }
+
+    /// How many requests so far start with `prefix` (e.g. `POST /apis/authentication`).
+    pub fn count(&self, prefix: &str) -> usize {
+        self.lock()
+            .calls
+            .iter()
+            .filter(|c| c.starts_with(prefix))
+            .count()
+    }
+
+    /// The next `n` GETs of `collection`/`name` each wait until all `n` have arrived.
+    pub fn hold_gets(&self, collection: &str, name: &str, n: usize) {
+        self.lock().gates.insert(
+            (collection.to_owned(), name.to_owned()),
+            (n, Arc::new(tokio::sync::Barrier::new(n))),
+        );
+    }
+
+    /// Serves this fake over plain HTTP on a loopback port (for a `rampart` process given a
+    /// kubeconfig pointing at it). The task ends when the runtime does.
+    pub async fn serve_http(&self) -> std::net::SocketAddr {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let fake = self.clone();
+        tokio::spawn(async move {
+            while let Ok((stream, _)) = listener.accept().await {
+                let fake = fake.clone();
+                tokio::spawn(async move {
+                    let svc = hyper::service::service_fn(move |req| {
+                        let fake = fake.clone();
+                        async move { Ok::<_, Infallible>(fake.handle(req).await) }
+                    });
+                    let _ = hyper_util::server::conn::auto::Builder::new(
+                        hyper_util::rt::TokioExecutor::new(),
+                    )
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), svc)
+                    .await;
+                });
+            }
+        });
+        addr
+    }
+
+    async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    where
+        B: hyper::body::Body,
+        B::Error: std::fmt::Display,
+    {
+        let (parts, body) = req.into_parts();
+        let body = match body.collect().await {
+            Ok(b) => b.to_bytes(),
+            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+        };
+        let path = parts.uri.path().to_owned();
+        let query = parts.uri.query().unwrap_or("").to_owned();
+        self.lock().calls.push(format!(
+            "{} {}{}{}",
+            parts.method,
+            path,
+            if query.is_empty() { "" } else { "?" },
+            query
+        ));
+        if path == "/apis/authentication.k8s.io/v1/tokenreviews" && parts.method == Method::POST {
+            return self.token_review(&body);
+        }
+        let Some((collection, name)) = split(&path) else {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("no route {path}"),
+            );
+        };
+        match (parts.method.clone(), name) {
+            (Method::GET, Some(name)) => {
+                let gate = {
+                    let mut st = self.lock();
+                    match st.gates.get_mut(&(collection.clone(), name.clone())) {
+                        Some((left, barrier)) if *left > 0 => {
+                            *left -= 1;
+                            Some(barrier.clone())
+                        }
+                        _ => None,
+                    }
+                };
+                // Read on arrival, answer after the others arrived: every held GET sees
+                // the object as it was before any of them could act on the answer.
+                let found = self.get(&collection, &name);
+                if let Some(b) = gate {
+                    b.wait().await;
+                }
+                match found {
+                    Some(obj) => ok(StatusCode::OK, &obj),
+                    None => not_found(&collection, &name),
+                }
+            }
+            (Method::GET, None) => self.list(&collection, &query),
+            (Method::POST, None) => {
+                let mut obj: Value = match serde_json::from_slice(&body) {
+                    Ok(v) => v,
+                    Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+                };
+                let Some(name) = obj["metadata"]["name"].as_str().map(str::to_owned) else {
+                    return status(
+                        StatusCode::UNPROCESSABLE_ENTITY,
+                        "Invalid",
+                        "metadata.name: Required value",
+                    );
+                };
+                let mut st = self.lock();
+                let key = (collection.clone(), name.clone());
+                if st.objects.contains_key(&key) {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "AlreadyExists",
+                        &format!("{collection} \"{name}\" already exists"),
+                    );
+                }
+                st.revision += 1;
+                let rv = st.revision.to_string();
+                obj["metadata"]["resourceVersion"] = json!(rv);
+                obj["metadata"]["uid"] = json!(format!("uid-{rv}"));
+                if let Some(ns) = namespace_of(&collection) {
+                    obj["metadata"]["namespace"] = json!(ns);
+                }
+                st.objects.insert(key, obj.clone());
+                ok(StatusCode::CREATED, &obj)
+            }
+            (Method::PUT, Some(name)) => {
+                let mut obj: Value = match serde_json::from_slice(&body) {
+                    Ok(v) => v,
+                    Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+                };
+                let mut st = self.lock();
+                let key = (collection.clone(), name.clone());
+                let Some(current) = st.objects.get(&key) else {
+                    return not_found(&collection, &name);
+                };
+                let sent = obj["metadata"]["resourceVersion"].as_str().unwrap_or("");
+                if !sent.is_empty()
+                    && sent
+                        != current["metadata"]["resourceVersion"]
+                            .as_str()
+                            .unwrap_or("")
+                {
+                    return status(
+                        StatusCode::CONFLICT,
+                        "Conflict",
+                        &format!(
+                            "Operation cannot be fulfilled on {collection} \"{name}\": the object has been modified; please apply your changes to the latest version and try again"
+                        ),
+                    );
+                }
+                let uid = current["metadata"]["uid"].clone();
+                st.revision += 1;
+                obj["metadata"]["resourceVersion"] = json!(st.revision.to_string());
+                obj["metadata"]["uid"] = uid;
+                st.objects.insert(key, obj.clone());
+                ok(StatusCode::OK, &obj)
+            }
+            (Method::DELETE, Some(name)) => match self.delete(&collection, &name) {
+                Some(_) => ok(
+                    StatusCode::OK,
+                    &json!({"kind": "Status", "apiVersion": "v1", "status": "Success", "code": 200}),
+                ),
+                None => not_found(&collection, &name),
+            },
+            (m, _) => status(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "MethodNotAllowed",
+                &format!("{m} {path}"),
+            ),
+        }
+    }
+
+    fn list(&self, collection: &str, query: &str) -> Response<Full<Bytes>> {
+        let mut selectors = Vec::new();
+        for pair in query.split('&') {
+            if let Some(v) = pair.strip_prefix("fieldSelector=") {
+                let v = percent_decode(v);
+                for sel in v.split(',') {
+                    if let Some((k, want)) = sel.split_once('=') {
+                        selectors.push((k.to_owned(), want.to_owned()));
+                    }
+                }
+            }
+        }
+        let st = self.lock();
+        let items: Vec<Value> = st
+            .objects
+            .iter()
+            .filter(|((c, _), _)| c == collection)
+            .map(|(_, o)| o.clone())
+            .filter(|o| {
+                selectors.iter().all(|(k, want)| {
+                    let got = match k.as_str() {
+                        "spec.nodeName" => o["spec"]["nodeName"].as_str(),
+                        "metadata.name" => o["metadata"]["name"].as_str(),
+                        "metadata.namespace" => o["metadata"]["namespace"].as_str(),
+                        _ => None,
+                    };
+                    got.unwrap_or("") == want
+                })
+            })
+            .collect();
+        ok(
+            StatusCode::OK,
+            &json!({"apiVersion": "v1", "kind": "List", "metadata": {"resourceVersion": st.revision.to_string()}, "items": items}),
+        )
+    }
+
+    fn token_review(&self, body: &[u8]) -> Response<Full<Bytes>> {
+        let req: Value = match serde_json::from_slice(body) {
+            Ok(v) => v,
+            Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+        };
+        let token = req["spec"]["token"].as_str().unwrap_or("").to_owned();
+        let wanted: Vec<String> = req["spec"]["audiences"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|a| a.as_str().map(str::to_owned))
+            .collect();
+        let st = self.lock();
+        let status_v = if let Some(fixed) = st.fixed_status.get(&token) {
+            fixed.clone()
+        } else if let Some(t) = st.tokens.get(&token) {
+            let common: Vec<&String> = wanted.iter().filter(|a| t.audiences.contains(a)).collect();
+            if !wanted.is_empty() && common.is_empty() {
+                json!({"authenticated": false, "error": "[invalid bearer token, token audiences are invalid for the target audiences]"})
+            } else {
+                json!({
+                    "authenticated": true,
+                    "audiences": if wanted.is_empty() { t.audiences.iter().collect::<Vec<_>>() } else { common },
+                    "user": {"username": t.username, "uid": "u-1", "groups": ["system:serviceaccounts"], "extra": t.extra}
+                })
+            }
+        } else {
+            json!({"authenticated": false, "error": "[invalid bearer token, square/go-jose: error in cryptographic primitive]"})
+        };
+        let mut answer = req.clone();
+        answer["status"] = status_v;
+        ok(StatusCode::CREATED, &answer)
+    }
+}
+
+/// `(collection, name)` of an object path.
+fn split(path: &str) -> Option<(String, Option<String>)> {
+    let segs: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+    let prefix_len = match segs.first() {
+        Some(&"api") => 2,
+        Some(&"apis") => 3,
+        _ => return None,
+    };
+    if segs.len() <= prefix_len {
+        return None;
+    }
+    let rest = &segs[prefix_len..];
+    let coll_len = if rest[0] == "namespaces" && rest.len() >= 3 {
+        3
+    } else {
+        1
+    };
+    if rest.len() > coll_len + 1 {
+        return None;
+    }
+    let collection = format!("/{}", segs[..prefix_len + coll_len].join("/"));
+    Some((collection, rest.get(coll_len).map(|s| s.to_string())))
+}
+
+fn namespace_of(collection: &str) -> Option<&str> {
+    let mut it = collection.split('/');
+    while let Some(s) = it.next() {
+        if s == "namespaces" {
+            return it.next();
+        }
+    }
+    None
+}
+
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'%'
+            && i + 2 < b.len()
+            && let Some(v) = std::str::from_utf8(&b[i + 1..i + 3])
+                .ok()
+                .and_then(|h| u8::from_str_radix(h, 16).ok())
+        {
+            out.push(v);
+            i += 3;
+            continue;
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+fn ok(code: StatusCode, v: &Value) -> Response<Full<Bytes>> {
+    Response::builder()
+        .status(code)
+        .header("content-type", "application/json")
+        .body(Full::new(Bytes::from(v.to_string())))
+        .expect("response")
+}
+
+fn status(code: StatusCode, reason: &str, message: &str) -> Response<Full<Bytes>> {
+    ok(
+        code,
+        &json!({"kind": "Status", "apiVersion": "v1", "metadata": {}, "status": "Failure",
+                "message": message, "reason": reason, "code": code.as_u16()}),
+    )
+}
+
+fn not_found(collection: &str, name: &str) -> Response<Full<Bytes>> {
+    status(
+        StatusCode::NOT_FOUND,
+        "NotFound",
+        &format!("{collection} \"{name}\" not found"),
+    )
+}
+
+/// An unsigned JWT-shaped token whose payload says `exp` (seconds since the epoch) and
+/// `marker` (to make tokens distinct). Only the fake API server "verifies" it, by lookup.
+pub fn fake_jwt(exp: u64, marker: &str) -> String {
+    use base64::Engine as _;
+    let enc = |v: &Value| base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string());
+    format!(
+        "{}.{}.c2ln",
+        enc(&json!({"alg": "RS256", "kid": "k"})),
+        enc(&json!({"exp": exp, "sub": marker, "aud": ["istio-ca"]}))
+    )
+}

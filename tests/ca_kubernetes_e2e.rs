@@ -1,0 +1,384 @@
+//! `rampart ca --kubernetes` (the real binary) against a FAKE Kubernetes API server: the fake
+//! of k8s/tests/support/fake_api.rs served over plain HTTP on loopback, named by a kubeconfig.
+//! No cluster is involved; the CA process, its kube-rs client, TLS and gRPC are real.
+//!
+//! Shows: the first CA creates Secret istio-ca-secret and serves its root, a second one
+//! loads it (one root); a reviewed token gets a certificate; a wrong clusterid or an unknown
+//! token is refused; node impersonation passes for a Pod on the caller's node and fails for
+//! one on another node; ConfigMap istio-ca-root-cert appears in every namespace (one new
+//! after start too) and comes back when deleted; a `cacerts` Secret that appears while the CA
+//! runs is picked up without a restart (new bundle served and published).
+
+#[path = "../k8s/tests/support/fake_api.rs"]
+mod fake_api;
+mod support;
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::sync::{Arc, mpsc};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+use base64::Engine as _;
+use fake_api::{FakeApi, FakeToken, fake_jwt};
+use rampart_certs::{CertInfo, KeyAlgorithm, PrivateKey, SpiffeId, TrustBundle};
+use rampart_proto::istio::v1::auth::IstioCertificateRequest;
+use rampart_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
+use support::{Proc, wait_for};
+use tonic::transport::Channel;
+
+const SECRETS: &str = "/api/v1/namespaces/istio-system/secrets";
+
+fn kubeconfig(dir: &Path, api: SocketAddr) -> std::path::PathBuf {
+    let path = dir.join("kubeconfig");
+    std::fs::write(
+        &path,
+        format!(
+            "apiVersion: v1\nkind: Config\nclusters:\n- name: fake\n  cluster:\n    server: http://{api}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: ca\n\
+             current-context: fake\nusers:\n- name: ca\n  user:\n    token: ca-token\n"
+        ),
+    )
+    .unwrap();
+    path
+}
+
+/// Starts `rampart ca --kubernetes`; returns it, its address and its stdout lines so far.
+fn start_ca(dir: &Path, kc: &Path, name: &str) -> (Proc, SocketAddr, Vec<String>) {
+    let log = dir.join(format!("{name}.log"));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args([
+            "ca",
+            "--listen",
+            "127.0.0.1:0",
+            "--kubernetes",
+            "--kubeconfig",
+        ])
+        .arg(kc)
+        .args(["--cluster-id", "Kubernetes"])
+        .args(["--trusted-node-accounts", "istio-system/ztunnel"])
+        .args([
+            "--root-publish-interval",
+            "300ms",
+            "--reload-interval",
+            "300ms",
+        ])
+        .arg("--cacerts")
+        .arg(dir.join(name).join("cacerts"))
+        .arg("--state")
+        .arg(dir.join(name).join("state"))
+        .arg("--bundle-out")
+        .arg(dir.join(name).join("bundle.pem"))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start rampart ca");
+    let stdout = child.stdout.take().unwrap();
+    let proc = Proc { child, log };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut lines = Vec::new();
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("rampart ca did not start:\n{lines:?}\n{}", proc.log()));
+        lines.push(line.clone());
+        if let Some(rest) = line.strip_prefix("rampart ca: listening on ") {
+            let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
+            return (proc, addr, lines);
+        }
+    }
+}
+
+async fn client(bundle: &Path, addr: SocketAddr) -> IstioCertificateServiceClient<Channel> {
+    let bundle = TrustBundle::from_pem(&std::fs::read_to_string(bundle).unwrap()).unwrap();
+    let tls = rampart_citadel::client::config(&bundle, None).unwrap();
+    rampart_citadel::client::connect(addr, "127.0.0.1", Arc::new(tls))
+        .await
+        .expect("connect to the CA")
+}
+
+async fn call(
+    c: &mut IstioCertificateServiceClient<Channel>,
+    id: &str,
+    token: &str,
+    cluster: Option<&str>,
+    impersonate: Option<&str>,
+) -> Result<String, tonic::Status> {
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let csr = rampart_certs::build_csr(&key, &SpiffeId::parse(id).unwrap()).unwrap();
+    let metadata = impersonate.map(|id| prost_types::Struct {
+        fields: [(
+            "ImpersonatedIdentity".to_owned(),
+            prost_types::Value {
+                kind: Some(prost_types::value::Kind::StringValue(id.to_owned())),
+            },
+        )]
+        .into_iter()
+        .collect(),
+    });
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: 3600,
+        metadata,
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {token}").parse().unwrap());
+    if let Some(c) = cluster {
+        req.metadata_mut().insert("clusterid", c.parse().unwrap());
+    }
+    let chain = c.create_certificate(req).await?.into_inner().cert_chain;
+    let leaf = rampart_certs::parse_certs_pem(&chain[0]).unwrap();
+    Ok(CertInfo::parse(&leaf[0]).unwrap().uri_sans.join(","))
+}
+
+fn root_fingerprint_of_pem(pem: &str) -> String {
+    let certs = rampart_certs::parse_certs_pem(pem).unwrap();
+    CertInfo::parse(&certs[0]).unwrap().sha256_fingerprint
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ca_in_kubernetes_mode_against_a_fake_api_server() {
+    let fake = FakeApi::new();
+    let api = fake.serve_http().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = kubeconfig(dir.path(), api);
+    for ns in ["istio-system", "ns1"] {
+        fake.put(
+            "/api/v1/namespaces",
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        );
+    }
+
+    let (ca1, addr, lines) = start_ca(dir.path(), &kc, "one");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("Secret istio-ca-secret (created)")),
+        "{lines:?}"
+    );
+    let secret = fake
+        .get(SECRETS, "istio-ca-secret")
+        .expect("Secret created");
+    let secret_root = String::from_utf8(
+        base64::engine::general_purpose::STANDARD
+            .decode(secret["data"]["ca-cert.pem"].as_str().unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let bundle1 = std::fs::read_to_string(dir.path().join("one/bundle.pem")).unwrap();
+    assert_eq!(
+        root_fingerprint_of_pem(&bundle1),
+        root_fingerprint_of_pem(&secret_root),
+        "the CA serves the Secret's root"
+    );
+
+    // A second replica loads the same root and writes nothing.
+    let (ca2, _, lines2) = start_ca(dir.path(), &kc, "two");
+    assert!(
+        lines2
+            .iter()
+            .any(|l| l.contains("Secret istio-ca-secret (loaded)")),
+        "{lines2:?}"
+    );
+    let bundle2 = std::fs::read_to_string(dir.path().join("two/bundle.pem")).unwrap();
+    assert_eq!(
+        root_fingerprint_of_pem(&bundle1),
+        root_fingerprint_of_pem(&bundle2)
+    );
+    assert_eq!(fake.count(&format!("POST {SECRETS}")), 1);
+
+    // The root ConfigMap: in every namespace, in a new one, and back after a delete, with
+    // the Lease taken (one writer at a time is shown in k8s/tests/kube_root_publisher.rs).
+    let published = |ns: &str| {
+        fake.get(
+            &format!("/api/v1/namespaces/{ns}/configmaps"),
+            "istio-ca-root-cert",
+        )
+        .and_then(|cm| cm["data"]["root-cert.pem"].as_str().map(str::to_owned))
+    };
+    let log = || format!("{}\n{}", ca1.log(), ca2.log());
+    wait_for(
+        "istio-ca-root-cert in istio-system and ns1",
+        Duration::from_secs(10),
+        || published("istio-system").is_some() && published("ns1").is_some(),
+        log,
+    );
+    let root_pem = published("ns1").unwrap();
+    assert_eq!(
+        root_fingerprint_of_pem(&root_pem),
+        root_fingerprint_of_pem(&bundle1)
+    );
+    fake.put(
+        "/api/v1/namespaces",
+        serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "late"}}),
+    );
+    fake.delete("/api/v1/namespaces/ns1/configmaps", "istio-ca-root-cert");
+    wait_for(
+        "istio-ca-root-cert in a new namespace and back in ns1",
+        Duration::from_secs(10),
+        || published("late").is_some() && published("ns1").is_some(),
+        log,
+    );
+    let lease = fake
+        .get(
+            "/apis/coordination.k8s.io/v1/namespaces/istio-system/leases",
+            "istio-namespace-controller-election",
+        )
+        .expect("Lease");
+    assert!(
+        lease["spec"]["holderIdentity"]
+            .as_str()
+            .is_some_and(|h| !h.is_empty())
+    );
+    drop(ca2);
+
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let app = "spiffe://cluster.local/ns/ns1/sa/app";
+    let tok = fake_jwt(exp, "app");
+    fake.add_token(
+        &tok,
+        FakeToken::service_account("ns1", "app", &["istio-ca"]),
+    );
+    let mut c = client(&dir.path().join("one/bundle.pem"), addr).await;
+    assert_eq!(
+        call(&mut c, app, &tok, Some("Kubernetes"), None)
+            .await
+            .unwrap(),
+        app
+    );
+
+    let err = call(&mut c, app, &tok, Some("other"), None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::Unauthenticated,
+        "{}",
+        err.message()
+    );
+    assert!(err.message().contains("clusterid"), "{}", err.message());
+    let err = call(&mut c, app, &fake_jwt(exp, "nobody"), None, None)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::Unauthenticated,
+        "{}",
+        err.message()
+    );
+
+    let zt = fake_jwt(exp, "zt");
+    fake.add_pod("istio-system", "zt-a", "ztunnel", "node-a", "uid-zt-a");
+    fake.add_token(
+        &zt,
+        FakeToken::service_account("istio-system", "ztunnel", &["istio-ca"])
+            .bound_to_pod("zt-a", "uid-zt-a"),
+    );
+    fake.add_pod("ns1", "app-1", "app", "node-a", "uid-app-1");
+    fake.add_pod("ns2", "far-1", "far", "node-b", "uid-far-1");
+    assert_eq!(call(&mut c, app, &zt, None, Some(app)).await.unwrap(), app);
+    let far = "spiffe://cluster.local/ns/ns2/sa/far";
+    let err = call(&mut c, far, &zt, None, Some(far)).await.unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::PermissionDenied,
+        "{}",
+        err.message()
+    );
+
+    // Plug-in material appears in Secret cacerts: the running CA switches to it (its
+    // --bundle-out and the published ConfigMaps follow) without a restart.
+    let made = tempfile::tempdir().unwrap();
+    rampart_citadel::load_initial(
+        &made.path().join("none"),
+        &made.path().join("root"),
+        &"cluster.local".parse().unwrap(),
+        Duration::from_secs(3600 * 24 * 365),
+        SystemTime::now(),
+    )
+    .unwrap();
+    let new_root = std::fs::read_to_string(made.path().join("root/root-cert.pem")).unwrap();
+    let new_key = std::fs::read_to_string(made.path().join("root/root-key.pem")).unwrap();
+    let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
+    fake.put(
+        SECRETS,
+        serde_json::json!({"apiVersion": "v1", "kind": "Secret",
+            "metadata": {"name": "cacerts", "namespace": "istio-system"},
+            "data": {"ca-cert.pem": b64(&new_root), "ca-key.pem": b64(&new_key),
+                     "root-cert.pem": b64(&new_root)}}),
+    );
+    let want = root_fingerprint_of_pem(&new_root);
+    let bundle_path = dir.path().join("one/bundle.pem");
+    wait_for(
+        "the CA to serve and publish the cacerts root",
+        Duration::from_secs(15),
+        || {
+            let served = std::fs::read_to_string(&bundle_path).unwrap_or_default();
+            let published_ns1 = published("ns1").unwrap_or_default();
+            served.contains(new_root.trim()) && published_ns1.contains(new_root.trim())
+        },
+        || ca1.log(),
+    );
+    let mut c = client(&bundle_path, addr).await;
+    let chain_root = {
+        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+        let csr = rampart_certs::build_csr(&key, &SpiffeId::parse(app).unwrap()).unwrap();
+        let mut req = tonic::Request::new(IstioCertificateRequest {
+            csr,
+            validity_duration: 3600,
+            metadata: None,
+        });
+        req.metadata_mut()
+            .insert("authorization", format!("Bearer {tok}").parse().unwrap());
+        let chain = c
+            .create_certificate(req)
+            .await
+            .unwrap()
+            .into_inner()
+            .cert_chain;
+        root_fingerprint_of_pem(chain.last().unwrap())
+    };
+    assert_eq!(chain_root, want, "issued under the new plug-in root");
+    drop(ca1);
+}
+
+#[test]
+fn kubernetes_flags_are_checked() {
+    let run = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .arg("ca")
+            .args(args)
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} should be refused");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    let err = run(&["--kubeconfig", "/nonexistent"]);
+    assert!(err.contains("--kubernetes"), "{err}");
+    let err = run(&["--kubernetes", "--trusted-node-accounts", "ztunnel"]);
+    assert!(err.contains("NAMESPACE/SERVICE_ACCOUNT"), "{err}");
+    let err = run(&["--kubernetes", "--jwt-issuer", "x", "--jwks", "/x"]);
+    assert!(err.contains("TokenReview"), "{err}");
+    let dir = tempfile::tempdir().unwrap();
+    let err = run(&[
+        "--kubernetes",
+        "--kubeconfig",
+        "/nonexistent/kubeconfig",
+        "--state",
+        dir.path().join("s").to_str().unwrap(),
+        "--cacerts",
+        dir.path().join("c").to_str().unwrap(),
+    ]);
+    assert!(err.contains("/nonexistent/kubeconfig"), "{err}");
+}
