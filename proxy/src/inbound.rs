@@ -63,6 +63,24 @@ struct ConnCtx {
     app: Option<http::uri::Authority>,
 }
 
+impl ConnCtx {
+    /// What policy knows of this connection, and of the request when there is one.
+    fn request_context(&self, http: Option<HttpRequest>) -> RequestContext {
+        RequestContext {
+            source: Peer {
+                principal: self.principal.clone(),
+                ip: Some(self.peer.ip()),
+                remote_ip: None,
+            },
+            destination_ip: self.local.map(|a| a.ip()),
+            destination_port: self.port,
+            sni: self.sni.clone(),
+            http,
+            jwt: None,
+        }
+    }
+}
+
 fn app_authority(app: SocketAddr) -> Option<http::uri::Authority> {
     http::uri::Authority::try_from(app.to_string().as_str()).ok()
 }
@@ -304,18 +322,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
             host: authority_of(&req),
             headers,
         };
-        let ctx = RequestContext {
-            source: Peer {
-                principal: cx.principal.clone(),
-                ip: Some(cx.peer.ip()),
-                remote_ip: None,
-            },
-            destination_ip: cx.local.map(|a| a.ip()),
-            destination_port: cx.port,
-            sni: cx.sni.clone(),
-            http: Some(http),
-            jwt: None,
-        };
+        let ctx = cx.request_context(Some(http));
         let keys = Lookup::new(&ib.jwks, &cfg);
         let mut d = cfg
             .engine
@@ -434,18 +441,7 @@ where
     {
         let cfg = ib.cfg.load();
         if !cfg.fast_path {
-            let ctx = RequestContext {
-                source: Peer {
-                    principal: cx.principal.clone(),
-                    ip: Some(cx.peer.ip()),
-                    remote_ip: None,
-                },
-                destination_ip: cx.local.map(|a| a.ip()),
-                destination_port: cx.port,
-                sni: cx.sni.clone(),
-                http: None,
-                jwt: None,
-            };
+            let ctx = cx.request_context(None);
             let d = cfg.engine.authorize(&cfg.workload, &ctx);
             if !d.is_allowed() {
                 let policy = d
