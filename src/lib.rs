@@ -5,6 +5,7 @@
 //! The binary (`src/main.rs`, `src/cli/`) keeps process supervision, networking and
 //! printing. Nothing in the workspace depends on this package (tests/deps.rs).
 
+pub mod inject;
 pub mod up;
 
 /// Read a mesh folder with `rampart_mesh`'s loader (the one parser of `mesh.yaml` and

@@ -7,7 +7,9 @@ mod ca;
 mod ca_load;
 mod certs;
 mod echo;
+mod inject;
 mod mtls_report;
+mod probe;
 mod process;
 mod proxy;
 mod secrets;
@@ -58,6 +60,11 @@ pub(crate) enum Command {
     /// Per workload and port: plaintext vs mTLS traffic, and whether STRICT is safe.
     #[command(after_help = mtls_report::AFTER_HELP)]
     MtlsReport(mtls_report::MtlsReportArgs),
+    /// Add the sidecar (node agent and proxy) to Kubernetes manifests (like `istioctl
+    /// kube-inject`).
+    Inject(inject::InjectArgs),
+    /// HTTP GET that exits 0 on a 2xx answer (exec probes of loopback endpoints).
+    Probe(probe::ProbeArgs),
 }
 
 impl Command {
@@ -74,6 +81,8 @@ impl Command {
             Command::Up(cmd) => cmd.run(),
             Command::Echo(cmd) => cmd.run(),
             Command::MtlsReport(cmd) => cmd.run(),
+            Command::Inject(cmd) => cmd.run(),
+            Command::Probe(cmd) => cmd.run(),
         }
     }
 }

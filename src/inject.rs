@@ -1,0 +1,673 @@
+//! `rampart inject`: add Rampart's sidecar (node agent and proxy) to Kubernetes manifests, as
+//! `istioctl kube-inject` adds Envoy's. Pure: text in, text and notes out.
+//!
+//! What a Pod gets (docs/KUBERNETES.md, "Injecting workloads"):
+//! - two native sidecars (init containers with `restartPolicy: Always`, Kubernetes 1.29+),
+//!   started before the app in this order, so a Job still completes:
+//!   `rampart-agent` (the SDS node agent for this Pod's identity) and `rampart-proxy`;
+//! - volumes at Istio's paths (DESIGN §6): the projected service-account token `istio-token`
+//!   (audience `istio-ca`) at `/var/run/secrets/tokens/istio-token`, the root from ConfigMap
+//!   `istio-ca-root-cert` at `/var/run/secrets/istio/root-cert.pem`, and the SDS socket in an
+//!   emptyDir at `/var/run/secrets/workload-spiffe-uds/socket`;
+//! - `HTTP_PROXY=http://127.0.0.1:15001` (and `NO_PROXY` for loopback) in the app containers:
+//!   there are no iptables, so outbound calls go through the proxy by the app's HTTP client;
+//! - the label `security.istio.io/tlsMode: istio` (Istio's sidecars then originate mTLS to it)
+//!   and the annotation [`STATUS_ANNOTATION`], which makes injection idempotent.
+//!
+//! Inbound, the proxy listens on `$(POD_IP):<containerPort>` (where clients dial) and the app
+//! must listen on `127.0.0.1:<containerPort>`: nothing here can check that, so each injected
+//! port is listed in a note.
+//!
+//! Documents that are not Pod-bearing kinds, Pods that opt out (`sidecar.istio.io/inject:
+//! "false"`), hostNetwork Pods and already injected ones are passed through byte for byte.
+
+use serde_json::{Map, Value, json};
+
+/// The annotation on an injected Pod (template): what was added, and by which version.
+pub const STATUS_ANNOTATION: &str = "sidecar.rampart.io/status";
+/// Istio's opt-out: annotation (or label) `sidecar.istio.io/inject: "false"`.
+pub const INJECT_ANNOTATION: &str = "sidecar.istio.io/inject";
+/// The agent's container name.
+pub const AGENT_CONTAINER: &str = "rampart-agent";
+/// The proxy's container name.
+pub const PROXY_CONTAINER: &str = "rampart-proxy";
+/// Default CA (and control plane) address, Istio's.
+pub const DEFAULT_CA_ADDRESS: &str = "istiod.istio-system.svc:15012";
+
+/// Istio's Pod paths (DESIGN §6).
+pub const TOKEN_DIR: &str = "/var/run/secrets/tokens";
+pub const TOKEN_PATH: &str = "/var/run/secrets/tokens/istio-token";
+pub const ROOT_DIR: &str = "/var/run/secrets/istio";
+pub const ROOT_PATH: &str = "/var/run/secrets/istio/root-cert.pem";
+pub const SOCKET_DIR: &str = "/var/run/secrets/workload-spiffe-uds";
+pub const SOCKET_PATH: &str = "/var/run/secrets/workload-spiffe-uds/socket";
+
+/// The proxy's outbound listener (the apps' HTTP_PROXY) and admin listener, on loopback.
+pub const OUTBOUND_PROXY: &str = "http://127.0.0.1:15001";
+pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
+
+/// The uid (and gid) both sidecars run as, Istio's proxy uid: they share the SDS socket,
+/// which the agent makes 0600.
+pub const SIDECAR_UID: i64 = 1337;
+
+/// Volume names (Istio's).
+const TOKEN_VOLUME: &str = "istio-token";
+const ROOT_VOLUME: &str = "istiod-ca-cert";
+const SOCKET_VOLUME: &str = "workload-socket";
+
+/// How to inject.
+#[derive(Debug, Clone)]
+pub struct Options {
+    /// Image of both sidecars (its entrypoint is the `rampart` binary).
+    pub image: String,
+    /// CA and control-plane address, `host:port`.
+    pub ca_address: String,
+    /// Trust domain of the workload identities.
+    pub trust_domain: String,
+    /// Version written into the status annotation.
+    pub version: String,
+}
+
+/// The result: the manifests to print and notes for the person (skipped documents, what the
+/// apps must do).
+#[derive(Debug, Default)]
+pub struct Injected {
+    pub output: String,
+    pub notes: Vec<String>,
+    /// Pods (templates) injected.
+    pub injected: usize,
+}
+
+/// Inject every Pod-bearing document of a multi-document YAML stream. On any error nothing is
+/// returned but the error, naming the 1-based document index and the reason.
+pub fn inject(input: &str, opts: &Options) -> Result<Injected, String> {
+    validate_options(opts)?;
+    let mut out = Injected::default();
+    let mut pieces = Vec::new();
+    for (i, doc) in split_documents(input).into_iter().enumerate() {
+        let index = i + 1;
+        let value: Value = if only_comments(&doc) {
+            Value::Null
+        } else {
+            serde_saphyr::from_str(&doc).map_err(|e| {
+                format!(
+                    "document {index}: not valid YAML: {}",
+                    first_line(&e.to_string())
+                )
+            })?
+        };
+        match value {
+            Value::Null => pieces.push(doc),
+            Value::Object(mut obj) => {
+                let changed =
+                    inject_object(&mut obj, opts, &format!("document {index}"), &mut out)?;
+                if changed {
+                    let text = serde_saphyr::to_string(&Value::Object(obj))
+                        .map_err(|e| format!("document {index}: cannot write YAML: {e}"))?;
+                    pieces.push(text);
+                } else {
+                    pieces.push(doc);
+                }
+            }
+            other => {
+                return Err(format!(
+                    "document {index}: not a Kubernetes object (a YAML {} at the top)",
+                    kind_of(&other)
+                ));
+            }
+        }
+    }
+    let mut text = String::new();
+    for (i, p) in pieces.iter().enumerate() {
+        if i > 0 {
+            text.push_str("---\n");
+        }
+        text.push_str(p);
+        if !p.is_empty() && !p.ends_with('\n') {
+            text.push('\n');
+        }
+    }
+    out.output = text;
+    Ok(out)
+}
+
+fn validate_options(opts: &Options) -> Result<(), String> {
+    let (host, port) = split_host_port(&opts.ca_address).ok_or_else(|| {
+        format!(
+            "--ca-address {:?}: expected HOST:PORT (e.g. {DEFAULT_CA_ADDRESS})",
+            opts.ca_address
+        )
+    })?;
+    if host.is_empty() || port.parse::<u16>().is_err() {
+        return Err(format!(
+            "--ca-address {:?}: expected HOST:PORT with a port number",
+            opts.ca_address
+        ));
+    }
+    if opts.image.trim().is_empty() || opts.image.contains(char::is_whitespace) {
+        return Err(format!("--image {:?}: not an image reference", opts.image));
+    }
+    if opts.trust_domain.is_empty() {
+        return Err("--trust-domain must not be empty".into());
+    }
+    Ok(())
+}
+
+/// `host:port` (an IPv6 host in brackets) split at the port.
+fn split_host_port(addr: &str) -> Option<(&str, &str)> {
+    let (host, port) = addr.rsplit_once(':')?;
+    let host = host
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .unwrap_or(host);
+    Some((host, port))
+}
+
+/// The documents of a YAML stream, split at `---` lines (as kubectl does). A `...` line ends
+/// a document.
+pub fn split_documents(input: &str) -> Vec<String> {
+    let mut docs = Vec::new();
+    let mut cur = String::new();
+    let mut seen_separator = false;
+    for line in input.split_inclusive('\n') {
+        let bare = line.trim_end_matches(['\n', '\r']);
+        let is_sep = bare == "---"
+            || bare.starts_with("--- ")
+            || bare.starts_with("---\t")
+            || bare.starts_with("---#");
+        if is_sep {
+            // Text before the first separator is a document only if it holds something;
+            // leading comments stay in front of the next document.
+            if seen_separator || !only_comments(&cur) {
+                docs.push(std::mem::take(&mut cur));
+            }
+            seen_separator = true;
+            let rest = bare[3..].trim();
+            if !rest.is_empty() && !rest.starts_with('#') {
+                // `--- value`: the document starts on the separator line.
+                cur.push_str(rest);
+                cur.push('\n');
+            }
+            continue;
+        }
+        if bare == "..." {
+            continue;
+        }
+        cur.push_str(line);
+    }
+    if !cur.is_empty() || docs.is_empty() {
+        docs.push(cur);
+    }
+    // A trailing empty document (input ending in `---`) is dropped.
+    if docs.len() > 1 && docs.last().is_some_and(|d| d.trim().is_empty()) {
+        docs.pop();
+    }
+    docs
+}
+
+fn only_comments(doc: &str) -> bool {
+    doc.lines()
+        .all(|l| l.trim().is_empty() || l.trim_start().starts_with('#'))
+}
+
+fn first_line(s: &str) -> &str {
+    s.lines().find(|l| !l.trim().is_empty()).unwrap_or(s).trim()
+}
+
+fn kind_of(v: &Value) -> &'static str {
+    match v {
+        Value::Null => "null",
+        Value::Bool(_) => "boolean",
+        Value::Number(_) => "number",
+        Value::String(_) => "string",
+        Value::Array(_) => "list",
+        Value::Object(_) => "mapping",
+    }
+}
+
+/// Injects one object (or each item of a `List`); true if it changed.
+fn inject_object(
+    obj: &mut Map<String, Value>,
+    opts: &Options,
+    at: &str,
+    out: &mut Injected,
+) -> Result<bool, String> {
+    let kind = obj
+        .get("kind")
+        .and_then(Value::as_str)
+        .unwrap_or_default()
+        .to_owned();
+    let name = obj
+        .get("metadata")
+        .and_then(|m| m.get("name"))
+        .and_then(Value::as_str)
+        .unwrap_or("(unnamed)")
+        .to_owned();
+    let at = format!("{at} ({kind} {name})");
+    let path: &[&str] = match kind.as_str() {
+        "Pod" => &[],
+        "Deployment"
+        | "StatefulSet"
+        | "DaemonSet"
+        | "ReplicaSet"
+        | "ReplicationController"
+        | "Job" => &["spec", "template"],
+        "CronJob" => &["spec", "jobTemplate", "spec", "template"],
+        "List" => {
+            let Some(items) = obj.get_mut("items").and_then(Value::as_array_mut) else {
+                return Ok(false);
+            };
+            let mut changed = false;
+            for (i, item) in items.iter_mut().enumerate() {
+                if let Value::Object(o) = item {
+                    changed |= inject_object(o, opts, &format!("{at} item {}", i + 1), out)?;
+                }
+            }
+            return Ok(changed);
+        }
+        _ => return Ok(false),
+    };
+    if kind != "Pod" && !obj.get("apiVersion").is_some_and(Value::is_string) {
+        return Err(format!("{at}: no apiVersion"));
+    }
+    let mut template = &mut *obj;
+    for (depth, key) in path.iter().enumerate() {
+        let shown = path[..=depth].join(".");
+        template = template
+            .get_mut(*key)
+            .ok_or_else(|| format!("{at}: no {shown}"))?
+            .as_object_mut()
+            .ok_or_else(|| format!("{at}: {shown} is not a mapping"))?;
+    }
+    let spec_at = if path.is_empty() {
+        "spec".to_owned()
+    } else {
+        format!("{}.spec", path.join("."))
+    };
+    inject_pod(template, opts, &at, &spec_at, out)
+}
+
+/// Injects a Pod or Pod template (`metadata` + `spec`); true if it changed.
+fn inject_pod(
+    pod: &mut Map<String, Value>,
+    opts: &Options,
+    at: &str,
+    spec_at: &str,
+    out: &mut Injected,
+) -> Result<bool, String> {
+    let meta = pod
+        .entry("metadata")
+        .or_insert_with(|| Value::Object(Map::new()));
+    let meta = meta
+        .as_object_mut()
+        .ok_or_else(|| format!("{at}: metadata is not a mapping"))?;
+    let annotations = string_map(meta, "annotations", at)?;
+    let labels = string_map(meta, "labels", at)?;
+    if annotations.contains_key(STATUS_ANNOTATION) {
+        out.notes.push(format!(
+            "{at}: already injected ({STATUS_ANNOTATION} present): unchanged"
+        ));
+        return Ok(false);
+    }
+    for (what, m) in [("annotation", &annotations), ("label", &labels)] {
+        if m.get(INJECT_ANNOTATION).is_some_and(is_false) {
+            out.notes.push(format!(
+                "{at}: {what} {INJECT_ANNOTATION}: \"false\": not injected"
+            ));
+            return Ok(false);
+        }
+    }
+    let spec = pod
+        .get_mut("spec")
+        .ok_or_else(|| format!("{at}: no {spec_at}"))?
+        .as_object_mut()
+        .ok_or_else(|| format!("{at}: {spec_at} is not a mapping"))?;
+    if spec.get("hostNetwork").and_then(Value::as_bool) == Some(true) {
+        out.notes.push(format!(
+            "{at}: hostNetwork Pod: not injected (its ports are the node's; a sidecar cannot \
+             take them)"
+        ));
+        return Ok(false);
+    }
+    let containers = spec
+        .get("containers")
+        .and_then(Value::as_array)
+        .ok_or_else(|| format!("{at}: {spec_at}.containers is missing or not a list"))?;
+    if containers.is_empty() {
+        return Err(format!("{at}: {spec_at}.containers is empty"));
+    }
+    let mut app_names = Vec::new();
+    for (i, c) in containers.iter().enumerate() {
+        let name = c
+            .get("name")
+            .and_then(Value::as_str)
+            .ok_or_else(|| format!("{at}: {spec_at}.containers[{i}] has no name"))?;
+        app_names.push(name.to_owned());
+    }
+    // Name clashes with what we add are refused, never overwritten.
+    let init_names: Vec<String> = match spec.get("initContainers") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|c| c.get("name").and_then(Value::as_str).map(str::to_owned))
+            .collect(),
+        Some(_) => return Err(format!("{at}: {spec_at}.initContainers is not a list")),
+    };
+    for n in [AGENT_CONTAINER, PROXY_CONTAINER] {
+        if app_names.iter().chain(&init_names).any(|c| c == n) {
+            return Err(format!(
+                "{at}: a container is already named {n} but {STATUS_ANNOTATION} is missing: \
+                 remove it or restore the annotation"
+            ));
+        }
+    }
+    let volume_names: Vec<String> = match spec.get("volumes") {
+        None | Some(Value::Null) => Vec::new(),
+        Some(Value::Array(a)) => a
+            .iter()
+            .filter_map(|v| v.get("name").and_then(Value::as_str).map(str::to_owned))
+            .collect(),
+        Some(_) => return Err(format!("{at}: {spec_at}.volumes is not a list")),
+    };
+    for v in [TOKEN_VOLUME, ROOT_VOLUME, SOCKET_VOLUME] {
+        if volume_names.iter().any(|n| n == v) {
+            return Err(format!(
+                "{at}: a volume is already named {v}: the sidecar needs that name"
+            ));
+        }
+    }
+
+    // Notes: what the apps must do without iptables.
+    let containers = spec
+        .get_mut("containers")
+        .and_then(Value::as_array_mut)
+        .ok_or_else(|| format!("{at}: {spec_at}.containers is not a list"))?;
+    let mut any_port = false;
+    for c in containers.iter_mut() {
+        let cname = c
+            .get("name")
+            .and_then(Value::as_str)
+            .unwrap_or_default()
+            .to_owned();
+        let ports = c.get("ports").and_then(Value::as_array).cloned();
+        for p in ports.unwrap_or_default() {
+            let Some(port) = p.get("containerPort").and_then(Value::as_u64) else {
+                continue;
+            };
+            any_port = true;
+            out.notes.push(format!(
+                "{at}: container {cname} port {port}: the app must listen on 127.0.0.1:{port}; \
+                 the proxy takes $(POD_IP):{port}"
+            ));
+            if port < 1024 {
+                out.notes.push(format!(
+                    "{at}: port {port} < 1024: the proxy runs as uid {SIDECAR_UID} and needs \
+                     net.ipv4.ip_unprivileged_port_start <= {port} (containerd's default is 0)"
+                ));
+            }
+        }
+        for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
+            let network_probe = c.get(probe).is_some_and(|p| {
+                ["httpGet", "tcpSocket", "grpc"]
+                    .iter()
+                    .any(|k| p.get(k).is_some())
+            });
+            if network_probe {
+                out.notes.push(format!(
+                    "{at}: container {cname} {probe}: the kubelet dials the Pod IP, where the \
+                     proxy listens; it passes in PERMISSIVE mode but fails under STRICT \
+                     (Rampart does not rewrite probes yet): use an exec probe or keep the \
+                     port PERMISSIVE"
+                ));
+            }
+        }
+        add_app_env(c, at, &cname, out)?;
+    }
+    if !any_port {
+        out.notes.push(format!(
+            "{at}: no containerPort declared: no inbound traffic reaches the app through the \
+             proxy (declare the ports the app serves)"
+        ));
+    }
+
+    // Sidecars first, so they start (in order) before the app's own init containers.
+    let (host, _) = split_host_port(&opts.ca_address).unwrap_or((&opts.ca_address, ""));
+    let sidecars = [agent_container(opts, host), proxy_container(opts)];
+    let init = spec
+        .entry("initContainers")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    if init.is_null() {
+        *init = Value::Array(Vec::new());
+    }
+    let init = init.as_array_mut().expect("checked above");
+    for (i, s) in sidecars.into_iter().enumerate() {
+        init.insert(i, s);
+    }
+    let vols = spec
+        .entry("volumes")
+        .or_insert_with(|| Value::Array(Vec::new()));
+    if vols.is_null() {
+        *vols = Value::Array(Vec::new());
+    }
+    let vols = vols.as_array_mut().expect("checked above");
+    vols.extend(volumes());
+
+    // Metadata last: the annotation means "done".
+    let meta = pod
+        .get_mut("metadata")
+        .and_then(Value::as_object_mut)
+        .expect("made above");
+    let labels = meta
+        .entry("labels")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if labels.is_null() {
+        *labels = Value::Object(Map::new());
+    }
+    labels
+        .as_object_mut()
+        .expect("checked above")
+        .insert("security.istio.io/tlsMode".into(), "istio".into());
+    let ann = meta
+        .entry("annotations")
+        .or_insert_with(|| Value::Object(Map::new()));
+    if ann.is_null() {
+        *ann = Value::Object(Map::new());
+    }
+    let ann = ann.as_object_mut().expect("checked above");
+    if let Some(first) = app_names.first() {
+        ann.entry("kubectl.kubernetes.io/default-container")
+            .or_insert_with(|| first.clone().into());
+    }
+    let status = json!({
+        "version": opts.version,
+        "initContainers": [AGENT_CONTAINER, PROXY_CONTAINER],
+        "volumes": [TOKEN_VOLUME, ROOT_VOLUME, SOCKET_VOLUME],
+    });
+    ann.insert(STATUS_ANNOTATION.into(), status.to_string().into());
+    out.injected += 1;
+    Ok(true)
+}
+
+/// `metadata.<key>` as a string map (absent: empty); refuses a non-mapping.
+fn string_map(
+    meta: &Map<String, Value>,
+    key: &str,
+    at: &str,
+) -> Result<Map<String, Value>, String> {
+    match meta.get(key) {
+        None | Some(Value::Null) => Ok(Map::new()),
+        Some(Value::Object(m)) => Ok(m.clone()),
+        Some(_) => Err(format!("{at}: metadata.{key} is not a mapping")),
+    }
+}
+
+fn is_false(v: &Value) -> bool {
+    match v {
+        Value::Bool(b) => !b,
+        Value::String(s) => matches!(
+            s.to_ascii_lowercase().as_str(),
+            "false" | "n" | "no" | "off"
+        ),
+        _ => false,
+    }
+}
+
+/// HTTP_PROXY / NO_PROXY in an app container (kept if the app sets its own, with a note).
+fn add_app_env(c: &mut Value, at: &str, cname: &str, out: &mut Injected) -> Result<(), String> {
+    let c = c
+        .as_object_mut()
+        .ok_or_else(|| format!("{at}: container {cname} is not a mapping"))?;
+    let env = c.entry("env").or_insert_with(|| Value::Array(Vec::new()));
+    if env.is_null() {
+        *env = Value::Array(Vec::new());
+    }
+    let env = env
+        .as_array_mut()
+        .ok_or_else(|| format!("{at}: container {cname} env is not a list"))?;
+    let no_proxy = "localhost,127.0.0.1,::1";
+    for (name, value) in [
+        ("HTTP_PROXY", OUTBOUND_PROXY),
+        ("http_proxy", OUTBOUND_PROXY),
+        ("NO_PROXY", no_proxy),
+        ("no_proxy", no_proxy),
+    ] {
+        if env
+            .iter()
+            .any(|e| e.get("name").and_then(Value::as_str) == Some(name))
+        {
+            out.notes.push(format!(
+                "{at}: container {cname} sets {name} itself: kept (outbound calls reach the \
+                 mesh only through {OUTBOUND_PROXY})"
+            ));
+            continue;
+        }
+        env.push(json!({"name": name, "value": value}));
+    }
+    Ok(())
+}
+
+fn downward_env() -> Value {
+    json!([
+        {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
+        {"name": "POD_NAMESPACE", "valueFrom": {"fieldRef": {"fieldPath": "metadata.namespace"}}},
+        {"name": "POD_IP", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "NODE_NAME", "valueFrom": {"fieldRef": {"fieldPath": "spec.nodeName"}}},
+        {"name": "SERVICE_ACCOUNT", "valueFrom": {"fieldRef": {"fieldPath": "spec.serviceAccountName"}}},
+    ])
+}
+
+fn sidecar_security_context() -> Value {
+    json!({
+        "runAsUser": SIDECAR_UID,
+        "runAsGroup": SIDECAR_UID,
+        "runAsNonRoot": true,
+        "allowPrivilegeEscalation": false,
+        "readOnlyRootFilesystem": true,
+        "capabilities": {"drop": ["ALL"]},
+    })
+}
+
+fn agent_container(opts: &Options, ca_host: &str) -> Value {
+    json!({
+        "name": AGENT_CONTAINER,
+        "image": opts.image,
+        "restartPolicy": "Always",
+        "args": [
+            "agent",
+            "--ca-addr", opts.ca_address,
+            "--ca-server-name", ca_host,
+            "--ca-root", ROOT_PATH,
+            "--token", TOKEN_PATH,
+            "--trust-domain", opts.trust_domain,
+            "--namespace", "$(POD_NAMESPACE)",
+            "--service-account", "$(SERVICE_ACCOUNT)",
+            "--sds-socket", SOCKET_PATH,
+        ],
+        "env": downward_env(),
+        "resources": {
+            "requests": {"cpu": "10m", "memory": "32Mi"},
+            "limits": {"memory": "128Mi"},
+        },
+        "securityContext": sidecar_security_context(),
+        "volumeMounts": [
+            {"name": TOKEN_VOLUME, "mountPath": TOKEN_DIR, "readOnly": true},
+            {"name": ROOT_VOLUME, "mountPath": ROOT_DIR, "readOnly": true},
+            {"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR},
+        ],
+    })
+}
+
+fn proxy_container(opts: &Options) -> Value {
+    let probe = |period: u32, failures: u32| {
+        json!({
+            "exec": {"command": ["rampart", "probe", format!("http://{ADMIN_ADDR}/ready")]},
+            "periodSeconds": period,
+            "timeoutSeconds": 3,
+            "failureThreshold": failures,
+        })
+    };
+    json!({
+        "name": PROXY_CONTAINER,
+        "image": opts.image,
+        "restartPolicy": "Always",
+        "args": [
+            "proxy",
+            "--control-plane", opts.ca_address,
+            "--workload", "$(POD_NAMESPACE)/$(POD_NAME)",
+            "--sds-socket", SOCKET_PATH,
+            "--admin", ADMIN_ADDR,
+        ],
+        "env": downward_env(),
+        // The app containers start once this passes: the proxy has its certificate and config.
+        "startupProbe": probe(1, 120),
+        "readinessProbe": probe(5, 3),
+        "resources": {
+            "requests": {"cpu": "50m", "memory": "64Mi"},
+            "limits": {"memory": "256Mi"},
+        },
+        "securityContext": sidecar_security_context(),
+        "volumeMounts": [
+            {"name": ROOT_VOLUME, "mountPath": ROOT_DIR, "readOnly": true},
+            {"name": SOCKET_VOLUME, "mountPath": SOCKET_DIR},
+        ],
+    })
+}
+
+fn volumes() -> Vec<Value> {
+    vec![
+        json!({
+            "name": TOKEN_VOLUME,
+            "projected": {"sources": [{"serviceAccountToken": {
+                "audience": "istio-ca",
+                "expirationSeconds": 43200,
+                "path": "istio-token",
+            }}]},
+        }),
+        json!({"name": ROOT_VOLUME, "configMap": {"name": "istio-ca-root-cert"}}),
+        json!({"name": SOCKET_VOLUME, "emptyDir": {}}),
+    ]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn documents_split_at_separator_lines_only() {
+        let docs = split_documents("a: 1\n---\nb: |\n  x --- y\n--- # c\nc: 3\n---\n");
+        assert_eq!(docs, vec!["a: 1\n", "b: |\n  x --- y\n", "c: 3\n"]);
+        let docs = split_documents("# head\n---\na: 1\n");
+        assert_eq!(docs, vec!["# head\na: 1\n"]);
+        assert_eq!(split_documents(""), vec![""]);
+    }
+
+    #[test]
+    fn host_port_split() {
+        assert_eq!(
+            split_host_port("istiod.istio-system.svc:15012"),
+            Some(("istiod.istio-system.svc", "15012"))
+        );
+        assert_eq!(split_host_port("[::1]:15012"), Some(("::1", "15012")));
+        assert_eq!(split_host_port("nohost"), None);
+    }
+}
