@@ -1,6 +1,7 @@
 //! The pure parts of the `rampart` command line, as a library so they can be table-tested
 //! without starting a process: what `rampart up` does about a folder and its edits
-//! ([`up`]), and the tables `up` and `mtls-report` print ([`align_columns`]).
+//! ([`up`]), how `rampart inject` adds the sidecar to Kubernetes manifests ([`inject`]), and
+//! the tables `up` and `mtls-report` print ([`align_columns`]).
 //!
 //! The binary (`src/main.rs`, `src/cli/`) keeps process supervision, networking and
 //! printing. Nothing in the workspace depends on this package (tests/deps.rs).
