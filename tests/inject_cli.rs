@@ -702,3 +702,42 @@ fn probe_exits_zero_only_for_a_2xx_answer() {
         .0
     );
 }
+
+/// `kubectl get -o yaml` prints a `List`: its Pod-bearing items are injected, the others kept.
+#[test]
+fn list_items_are_injected_one_by_one() {
+    let list = "\
+apiVersion: v1
+kind: List
+items:
+- apiVersion: v1
+  kind: Service
+  metadata: {name: web}
+  spec: {ports: [{port: 80}]}
+- apiVersion: apps/v1
+  kind: Deployment
+  metadata: {name: web}
+  spec:
+    selector: {matchLabels: {app: web}}
+    template:
+      metadata: {labels: {app: web}}
+      spec:
+        containers: [{name: app, image: example/web:1, ports: [{containerPort: 8080}]}]
+";
+    let (out, notes) = inject_stdin(list, &[]);
+    assert!(notes.contains("1 Pod template(s) injected"), "{notes}");
+    let l = &docs(&out)[0];
+    assert_eq!(l["kind"], "List");
+    let items = l["items"].as_array().unwrap();
+    assert_eq!(
+        items[0],
+        serde_json::json!({"apiVersion": "v1", "kind": "Service", "metadata": {"name": "web"},
+                           "spec": {"ports": [{"port": 80}]}})
+    );
+    let spec = pod_spec(&items[1]);
+    container(spec, "initContainers", "rampart-agent");
+    container(spec, "initContainers", "rampart-proxy");
+    // And again: nothing changes.
+    let (twice, _) = inject_stdin(&out, &[]);
+    assert_eq!(twice, out);
+}
