@@ -741,3 +741,49 @@ items:
     let (twice, _) = inject_stdin(&out, &[]);
     assert_eq!(twice, out);
 }
+
+/// Every field inject writes is one Kubernetes has: each injected object goes through
+/// k8s-openapi's type and back unchanged (a misspelt field would be dropped).
+#[test]
+fn injected_objects_round_trip_through_kubernetes_types() {
+    use k8s_openapi::api::apps::v1::{DaemonSet, Deployment, ReplicaSet, StatefulSet};
+    use k8s_openapi::api::batch::v1::{CronJob, Job};
+    use k8s_openapi::api::core::v1::Pod;
+    fn check<T: serde::de::DeserializeOwned + serde::Serialize>(v: &Value) {
+        let typed: T = serde_json::from_value(v.clone()).unwrap_or_else(|e| panic!("{e}: {v}"));
+        assert_eq!(
+            &serde_json::to_value(&typed).unwrap(),
+            v,
+            "{} lost a field in a typed round trip",
+            v["kind"]
+        );
+    }
+    let kinds = [
+        "Deployment",
+        "StatefulSet",
+        "DaemonSet",
+        "ReplicaSet",
+        "Job",
+        "CronJob",
+        "Pod",
+    ];
+    let input: Vec<String> = kinds
+        .iter()
+        .enumerate()
+        .map(|(i, k)| pod_template(k, &format!("w{i}")))
+        .collect();
+    let (out, _) = inject_stdin(&input.join("---\n"), &[]);
+    for o in docs(&out) {
+        match o["kind"].as_str().unwrap() {
+            "Deployment" => check::<Deployment>(&o),
+            "StatefulSet" => check::<StatefulSet>(&o),
+            "DaemonSet" => check::<DaemonSet>(&o),
+            "ReplicaSet" => check::<ReplicaSet>(&o),
+            "Job" => check::<Job>(&o),
+            "CronJob" => check::<CronJob>(&o),
+            "Pod" => check::<Pod>(&o),
+            k => panic!("unexpected {k}"),
+        }
+        assert!(out.contains("restartPolicy: Always"));
+    }
+}
