@@ -298,6 +298,9 @@ fn inject_pod(
     let meta = pod
         .entry("metadata")
         .or_insert_with(|| Value::Object(Map::new()));
+    if meta.is_null() {
+        *meta = Value::Object(Map::new());
+    }
     let meta = meta
         .as_object_mut()
         .ok_or_else(|| format!("{at}: metadata is not a mapping"))?;
@@ -659,6 +662,32 @@ mod tests {
         let docs = split_documents("# head\n---\na: 1\n");
         assert_eq!(docs, vec!["# head\na: 1\n"]);
         assert_eq!(split_documents(""), vec![""]);
+    }
+
+    fn opts() -> Options {
+        Options {
+            image: "img:1".into(),
+            ca_address: DEFAULT_CA_ADDRESS.into(),
+            trust_domain: "cluster.local".into(),
+            version: "0".into(),
+        }
+    }
+
+    /// A template without metadata (or with `metadata: null`) gets one; a non-mapping is
+    /// refused with the document and the reason.
+    #[test]
+    fn template_metadata_absent_null_or_wrong() {
+        for meta in ["", "    metadata: null\n"] {
+            let doc = format!(
+                "apiVersion: batch/v1\nkind: Job\nmetadata: {{name: j}}\nspec:\n  template:\n{meta}    spec:\n      containers: [{{name: c, image: i}}]\n"
+            );
+            let out = inject(&doc, &opts()).unwrap();
+            assert_eq!(out.injected, 1, "{meta:?}");
+            assert!(out.output.contains(STATUS_ANNOTATION));
+        }
+        let bad = "apiVersion: batch/v1\nkind: Job\nmetadata: {name: j}\nspec:\n  template:\n    metadata: [1]\n    spec:\n      containers: [{name: c, image: i}]\n";
+        let e = inject(bad, &opts()).unwrap_err();
+        assert_eq!(e, "document 1 (Job j): metadata is not a mapping");
     }
 
     #[test]
