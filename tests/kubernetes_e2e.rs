@@ -8,7 +8,8 @@
 //! `status.podIP` patched in through the status subresource; nothing runs them. The suite
 //! uses `kubectl` (on PATH, or `$RAMPART_TEST_KUBECTL`) with the kubeconfig's identity, which
 //! must be allowed to do anything (cluster-admin), and runs the real `rampart ca --kubernetes`
-//! binary with the same kubeconfig. It writes `istio-ca-root-cert` into every namespace of
+//! binary as a ServiceAccount of its own holding exactly the RBAC docs/KUBERNETES.md lists
+//! (a kubeconfig with that account's token, same server). It writes `istio-ca-root-cert` into every namespace of
 //! the cluster (that is what the CA does): use a throwaway cluster. Its own namespaces are
 //! named `re2e-<random>-*` and deleted at the end.
 //!
@@ -186,6 +187,8 @@ impl Kubectl {
 struct Namespaces<'a> {
     kubectl: &'a Kubectl,
     names: Vec<String>,
+    /// Cluster-scoped objects (`kind/name`) to delete too.
+    cluster_objects: Vec<String>,
 }
 
 impl Namespaces<'_> {
@@ -211,10 +214,102 @@ impl Drop for Namespaces<'_> {
                 None,
             );
         }
+        for object in &self.cluster_objects {
+            let _ = self
+                .kubectl
+                .run(&["delete", object, "--ignore-not-found"], None);
+        }
         let mut args = vec!["delete", "namespace", "--wait=false", "--ignore-not-found"];
         args.extend(self.names.iter().map(String::as_str));
         let _ = self.kubectl.run(&args, None);
     }
+}
+
+/// The CA's own identity: ServiceAccount `rampart-ca` in `ns` with exactly the RBAC that
+/// docs/KUBERNETES.md lists, and a kubeconfig (same server and CA as the suite's) holding
+/// a token of it. Returns the kubeconfig's path.
+fn ca_identity(
+    kubectl: &Kubectl,
+    guard: &mut Namespaces<'_>,
+    ns: &str,
+    tag: &str,
+    dir: &Path,
+) -> PathBuf {
+    let cluster_role = format!("re2e-{tag}-rampart-ca");
+    guard
+        .cluster_objects
+        .push(format!("clusterrolebinding/{cluster_role}"));
+    guard
+        .cluster_objects
+        .push(format!("clusterrole/{cluster_role}"));
+    let subject =
+        serde_json::json!([{"kind": "ServiceAccount", "name": "rampart-ca", "namespace": ns}]);
+    let rule = |group: &str, resource: &str, verbs: &[&str]| serde_json::json!({"apiGroups": [group], "resources": [resource], "verbs": verbs});
+    kubectl.ok(&["create", "serviceaccount", "rampart-ca", "-n", ns]);
+    kubectl.apply(&serde_json::json!({
+        "apiVersion": "v1", "kind": "List", "items": [
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRole",
+             "metadata": {"name": cluster_role},
+             "rules": [
+                rule("authentication.k8s.io", "tokenreviews", &["create"]),
+                rule("", "pods", &["get", "list"]),
+                rule("", "namespaces", &["list"]),
+                rule("", "configmaps", &["get", "create", "update"]),
+             ]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
+             "metadata": {"name": cluster_role},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                         "name": cluster_role},
+             "subjects": subject},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role",
+             "metadata": {"name": "rampart-ca", "namespace": ns},
+             "rules": [
+                rule("", "secrets", &["get", "create"]),
+                rule("coordination.k8s.io", "leases", &["get", "create", "update"]),
+             ]},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+             "metadata": {"name": "rampart-ca", "namespace": ns},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                         "name": "rampart-ca"},
+             "subjects": subject},
+        ],
+    }));
+    let token = kubectl.token(ns, "rampart-ca", &["--duration", "1h"]);
+    let mine: serde_json::Value = serde_json::from_str(&kubectl.ok(&[
+        "config",
+        "view",
+        "--raw",
+        "--minify",
+        "--flatten",
+        "-o",
+        "json",
+    ]))
+    .unwrap();
+    let cluster = mine["clusters"][0]["cluster"].clone();
+    let path = dir.join("ca-kubeconfig");
+    std::fs::write(
+        &path,
+        serde_json::json!({
+            "apiVersion": "v1", "kind": "Config",
+            "clusters": [{"name": "c", "cluster": cluster}],
+            "users": [{"name": "rampart-ca", "user": {"token": token}}],
+            "contexts": [{"name": "c", "context": {"cluster": "c", "user": "rampart-ca"}}],
+            "current-context": "c",
+        })
+        .to_string(),
+    )
+    .unwrap();
+    path
+}
+
+/// `kubectl auth can-i VERB RESOURCE` as service account `ns/sa`, in `in_ns` if given.
+fn can_i(kubectl: &Kubectl, ns: &str, sa: &str, verb: &str, resource: &str, in_ns: &str) -> bool {
+    let who = format!("system:serviceaccount:{ns}:{sa}");
+    let out = kubectl.run(
+        &["auth", "can-i", verb, resource, "-n", in_ns, "--as", &who],
+        None,
+    );
+    String::from_utf8_lossy(&out.stdout).trim() == "yes"
 }
 
 /// `rampart certs root` + `rampart certs intermediate` in `dir`: returns the plug-in folder
@@ -429,6 +524,7 @@ async fn kubernetes_mode_against_a_real_api_server() {
     let mut namespaces = Namespaces {
         kubectl: &kubectl,
         names: Vec::new(),
+        cluster_objects: Vec::new(),
     };
     for ns in [&sys, &app_ns, &far_ns] {
         namespaces.create(ns);
@@ -456,7 +552,25 @@ async fn kubernetes_mode_against_a_real_api_server() {
 
     let ca_dir = work.path().join("ca");
     std::fs::create_dir_all(&ca_dir).unwrap();
-    let (ca, addr) = start_ca(&ca_dir, &kubeconfig, &sys);
+    // The CA runs as its own service account with the documented RBAC, not as the admin.
+    let ca_kubeconfig = ca_identity(&kubectl, &mut namespaces, &sys, &tag, work.path());
+    for (verb, resource, ns, allowed) in [
+        ("create", "tokenreviews", sys.as_str(), true),
+        ("list", "pods", app_ns.as_str(), true),
+        ("update", "configmaps", app_ns.as_str(), true),
+        ("get", "secrets", sys.as_str(), true),
+        ("get", "secrets", app_ns.as_str(), false),
+        ("update", "secrets", sys.as_str(), false),
+        ("delete", "configmaps", app_ns.as_str(), false),
+        ("create", "pods", app_ns.as_str(), false),
+    ] {
+        assert_eq!(
+            can_i(&kubectl, &sys, "rampart-ca", verb, resource, ns),
+            allowed,
+            "rampart-ca may {verb} {resource} in {ns}: expected {allowed}"
+        );
+    }
+    let (ca, addr) = start_ca(&ca_dir, &ca_kubeconfig, &sys);
     let bundle = ca_dir.join("bundle.pem");
     let root_a = read(&material_a.join("root-cert.pem"));
     assert!(
