@@ -30,6 +30,9 @@
 //!   `rampart certs`) is picked up without a restart: new certificates chain to it; a broken
 //!   change (a key that does not match the certificate) is refused and the CA keeps signing
 //!   with the last good material;
+//! - the CA's CRL is published in ConfigMap `istio-ca-crl` (key `ca-crl.pem`) beside the
+//!   root; `rampart ca revoke` of one certificate reaches every namespace's copy within 5 s,
+//!   and another certificate of the same identity is not listed;
 //! - `kubectl apply --dry-run=server -R -f deploy/kubernetes/` is accepted by the API server,
 //!   when that directory exists (the suite says so when it does not).
 
@@ -698,6 +701,67 @@ async fn kubernetes_mode_against_a_real_api_server() {
         FIVE_SECONDS,
         || published(&far_ns).is_some_and(|p| p.contains(root_a.trim())),
         || ca.log(),
+    );
+
+    // The CA's CRL in ConfigMap istio-ca-crl beside the root: what the CA serves
+    // (published-crls.pem in its state folder); a revocation reaches it within 5 s, and a
+    // serial that was not revoked is not on it.
+    let crl_path = ca_dir.join("state/published-crls.pem");
+    let published_crl = |ns: &str| kubectl.configmap_value(ns, "istio-ca-crl", "ca-crl.pem");
+    wait_for(
+        "istio-ca-crl to say the CA's CRL",
+        Duration::from_secs(30),
+        || {
+            let served = std::fs::read_to_string(&crl_path).unwrap_or_default();
+            !served.is_empty() && published_crl(&app_ns).as_deref() == Some(served.as_str())
+        },
+        || ca.log(),
+    );
+    let revoked_serials = |pem: &str| -> Vec<String> {
+        rampart_certs::parse_crls_pem(pem)
+            .unwrap()
+            .iter()
+            .flat_map(|c| c.revoked_certs().map(|r| r.serial_hex.clone()))
+            .collect()
+    };
+    let leaf_serial = |chain: &[String]| {
+        let leaf = rampart_certs::parse_certs_pem(&chain[0]).unwrap();
+        CertInfo::parse(&leaf[0]).unwrap().serial_hex
+    };
+    let doomed = ask(&mut c, &app, &good, false).await.unwrap();
+    let kept = ask(&mut c, &app, &good, false).await.unwrap();
+    let (doomed, kept) = (leaf_serial(&doomed), leaf_serial(&kept));
+    let before = revoked_serials(&published_crl(&app_ns).unwrap());
+    assert!(!before.contains(&doomed) && !before.contains(&kept));
+    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["ca", "revoke", "--state"])
+        .arg(ca_dir.join("state"))
+        .args(["--serial", &doomed])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "rampart ca revoke: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let revoked_at = Instant::now();
+    wait_for(
+        "the revocation in istio-ca-crl of every namespace",
+        FIVE_SECONDS,
+        || {
+            [&app_ns, &far_ns, &late_ns]
+                .iter()
+                .all(|ns| published_crl(ns).is_some_and(|p| revoked_serials(&p).contains(&doomed)))
+        },
+        || ca.log(),
+    );
+    say(&format!(
+        "kubernetes_e2e: a revocation in istio-ca-crl after {:?}",
+        revoked_at.elapsed()
+    ));
+    assert!(
+        !revoked_serials(&published_crl(&app_ns).unwrap()).contains(&kept),
+        "only the revoked serial is listed"
     );
 
     // Secret cacerts changes to material B: picked up without a restart.
