@@ -33,7 +33,8 @@
 //! - the CA's CRL is published in ConfigMap `istio-ca-crl` (key `ca-crl.pem`) beside the
 //!   root; `rampart ca revoke` of one certificate reaches every namespace's copy within 5 s,
 //!   and another certificate of the same identity is not listed;
-//! - `kubectl apply --dry-run=server -R -f deploy/kubernetes/` is accepted by the API server,
+//! - `kubectl apply --dry-run=server -R -f deploy/kubernetes/` (or `$RAMPART_TEST_DEPLOY_DIR`)
+//!   is accepted by the API server, and an invalid Service is refused by the same dry run,
 //!   when that directory exists (the suite says so when it does not).
 
 mod support;
@@ -517,8 +518,6 @@ async fn kubernetes_mode_against_a_real_api_server() {
         version["serverVersion"]["gitVersion"], version["clientVersion"]["gitVersion"]
     ));
 
-    dry_run_deploy_manifests(&kubectl);
-
     let tag = run_tag();
     let sys = format!("re2e-{tag}-system");
     let app_ns = format!("re2e-{tag}-app");
@@ -529,6 +528,7 @@ async fn kubernetes_mode_against_a_real_api_server() {
         names: Vec::new(),
         cluster_objects: Vec::new(),
     };
+    dry_run_deploy_manifests(&kubectl, &mut namespaces);
     for ns in [&sys, &app_ns, &far_ns] {
         namespaces.create(ns);
     }
@@ -819,19 +819,131 @@ async fn kubernetes_mode_against_a_real_api_server() {
     drop(namespaces);
 }
 
-/// `kubectl apply --dry-run=server -R -f deploy/kubernetes/`, when the directory exists.
-fn dry_run_deploy_manifests(kubectl: &Kubectl) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes");
+/// `kubectl apply --dry-run=server -R -f deploy/kubernetes/` (or `$RAMPART_TEST_DEPLOY_DIR`),
+/// when the directory exists. A server-side dry run creates nothing, so what the other
+/// documents need is made for real first: the CRDs of its `crds/` (applied; the ones this run
+/// created are deleted at the end) and the Namespaces the documents name (created, and left
+/// in place: they are what the manifests install). A built-in API version the server does
+/// not serve (`policy/v1` PodDisruptionBudget before Kubernetes 1.21) is named plainly and
+/// that document is not checked; every other refusal fails the test.
+fn dry_run_deploy_manifests(kubectl: &Kubectl, guard: &mut Namespaces<'_>) {
+    let dir = std::env::var_os("RAMPART_TEST_DEPLOY_DIR").map_or_else(
+        || Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes"),
+        PathBuf::from,
+    );
     if !dir.is_dir() {
-        say(
-            "kubernetes_e2e: deploy/kubernetes/ does not exist; its server-side dry run did not run",
-        );
+        say(&format!(
+            "kubernetes_e2e: {} does not exist; its server-side dry run did not run",
+            dir.display()
+        ));
         return;
     }
-    let dir = dir.to_str().unwrap();
-    let out = kubectl.ok(&["apply", "--dry-run=server", "-R", "-f", dir]);
+    let crds = dir.join("crds");
+    if crds.is_dir() {
+        let out = kubectl.ok(&["apply", "-R", "-f", crds.to_str().unwrap()]);
+        for line in out.lines() {
+            if let Some(name) = line
+                .strip_suffix(" created")
+                .and_then(|l| l.strip_prefix("customresourcedefinition.apiextensions.k8s.io/"))
+            {
+                guard.cluster_objects.push(format!("crd/{name}"));
+            }
+        }
+        kubectl.ok(&[
+            "wait",
+            "--for",
+            "condition=established",
+            "--timeout=60s",
+            "-R",
+            "-f",
+            crds.to_str().unwrap(),
+        ]);
+    }
+    let dry_run = || {
+        kubectl.run(
+            &[
+                "apply",
+                "--dry-run=server",
+                "-R",
+                "-f",
+                dir.to_str().unwrap(),
+            ],
+            None,
+        )
+    };
+    let mut out = dry_run();
+    let missing_namespaces: Vec<String> = String::from_utf8_lossy(&out.stderr)
+        .lines()
+        .filter_map(|l| {
+            let rest = l.split("namespaces \"").nth(1)?;
+            let (name, tail) = rest.split_once('"')?;
+            tail.trim().eq("not found").then(|| name.to_owned())
+        })
+        .collect::<std::collections::BTreeSet<_>>()
+        .into_iter()
+        .collect();
+    if !missing_namespaces.is_empty() {
+        for ns in &missing_namespaces {
+            kubectl.ok(&["create", "namespace", ns, "--save-config"]);
+        }
+        say(&format!(
+            "kubernetes_e2e: created namespace(s) {missing_namespaces:?} that the manifests \
+             use, for the dry run (left in place)"
+        ));
+        out = dry_run();
+    }
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
+    if !out.status.success() {
+        let served = kubectl.ok(&["api-versions"]);
+        let served: Vec<&str> = served.lines().map(str::trim).collect();
+        for line in stderr.lines().filter(|l| !l.trim().is_empty()) {
+            // Warnings are not refusals; this line follows every unmapped kind.
+            if line.starts_with("Warning:") || line.trim() == "ensure CRDs are installed first" {
+                continue;
+            }
+            // `resource mapping not found for name: "N" namespace: "NS" from "FILE": no
+            // matches for kind "K" in version "G/V"`
+            let unserved = line
+                .split("no matches for kind \"")
+                .nth(1)
+                .and_then(|rest| {
+                    let (kind, rest) = rest.split_once('"')?;
+                    let version = rest.split('"').nth(1)?;
+                    let group = version.rsplit_once('/').map_or("", |(g, _)| g);
+                    let built_in = !group.contains('.') || group.ends_with(".k8s.io");
+                    (built_in && !served.contains(&version)).then(|| format!("{kind} {version}"))
+                });
+            match unserved {
+                Some(what) => say(&format!(
+                    "kubernetes_e2e: this API server does not serve {what}; that document was \
+                     not checked: {line}"
+                )),
+                None => panic!(
+                    "kubectl apply --dry-run=server -R -f {}: refused:\n{stderr}\n{stdout}",
+                    dir.display()
+                ),
+            }
+        }
+    }
+    // The dry run does check: an invalid object (a port out of range) is refused.
+    let bad = serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "rampart-dry-run-check", "namespace": "default"},
+        "spec": {"ports": [{"name": "grpc", "port": 70000}]},
+    });
+    let refused = kubectl.run(
+        &["apply", "--dry-run=server", "-f", "-"],
+        Some(&bad.to_string()),
+    );
+    assert!(
+        !refused.status.success() && String::from_utf8_lossy(&refused.stderr).contains("70000"),
+        "an invalid Service passed the server-side dry run: {}",
+        String::from_utf8_lossy(&refused.stderr)
+    );
     say(&format!(
-        "kubernetes_e2e: deploy/kubernetes/ accepted by a server-side dry run:\n{}",
-        out.trim_end()
+        "kubernetes_e2e: {} accepted by a server-side dry run:\n{}",
+        dir.display(),
+        stdout.trim_end()
     ));
 }
