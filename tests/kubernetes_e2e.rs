@@ -29,7 +29,10 @@
 //! - a change of Secret `cacerts` (new plug-in intermediate under a new root, made with
 //!   `rampart certs`) is picked up without a restart: new certificates chain to it; a broken
 //!   change (a key that does not match the certificate) is refused and the CA keeps signing
-//!   with the last good material;
+//!   with the last good material, and a second replica refuses to start on it (no fallback
+//!   to a self-signed root);
+//! - the `istio-namespace-controller-election` Lease: a second replica leaves it to the first
+//!   while that one renews, and takes it (and publishes) once the first stops;
 //! - the CA's CRL is published in ConfigMap `istio-ca-crl` (key `ca-crl.pem`) beside the
 //!   root; `rampart ca revoke` of one certificate reaches every namespace's copy within 5 s,
 //!   and another certificate of the same identity is not listed;
@@ -380,12 +383,13 @@ fn fingerprints(pem: &str) -> Vec<String> {
         .collect()
 }
 
-/// Starts `rampart ca --kubernetes` on the kubeconfig, in namespace `ns`; returns it and its
-/// address once it listens.
-fn start_ca(dir: &Path, kubeconfig: &Path, ns: &str) -> (Proc, SocketAddr) {
+/// `rampart ca --kubernetes` on the kubeconfig, in namespace `ns`, as replica `pod_name`
+/// (its Lease identity), with its files in `dir`; stdout goes to `dir/ca.stdout`.
+fn spawn_ca(dir: &Path, kubeconfig: &Path, ns: &str, pod_name: &str) -> Proc {
+    std::fs::create_dir_all(dir).unwrap();
     let log = dir.join("ca.log");
-    let stdout_path = dir.join("ca.stdout");
     let child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .env("POD_NAME", pod_name)
         .args([
             "ca",
             "--listen",
@@ -403,11 +407,18 @@ fn start_ca(dir: &Path, kubeconfig: &Path, ns: &str) -> (Proc, SocketAddr) {
         .arg(dir.join("state"))
         .arg("--bundle-out")
         .arg(dir.join("bundle.pem"))
-        .stdout(std::fs::File::create(&stdout_path).unwrap())
+        .stdout(std::fs::File::create(dir.join("ca.stdout")).unwrap())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start rampart ca");
-    let proc = Proc { child, log };
+    Proc { child, log }
+}
+
+/// Starts `rampart ca --kubernetes` (see [`spawn_ca`]); returns it and its address once it
+/// listens.
+fn start_ca(dir: &Path, kubeconfig: &Path, ns: &str, pod_name: &str) -> (Proc, SocketAddr) {
+    let proc = spawn_ca(dir, kubeconfig, ns, pod_name);
+    let stdout_path = dir.join("ca.stdout");
     let mut addr = None;
     wait_for(
         "rampart ca --kubernetes to listen",
@@ -554,7 +565,6 @@ async fn kubernetes_mode_against_a_real_api_server() {
     let gone_uid = kubectl.pod(&app_ns, "gone-1", "app", "node-a", "127.0.0.13");
 
     let ca_dir = work.path().join("ca");
-    std::fs::create_dir_all(&ca_dir).unwrap();
     // The CA runs as its own service account with the documented RBAC, not as the admin.
     let ca_kubeconfig = ca_identity(&kubectl, &mut namespaces, &sys, &tag, work.path());
     for (verb, resource, ns, allowed) in [
@@ -573,7 +583,7 @@ async fn kubernetes_mode_against_a_real_api_server() {
             "rampart-ca may {verb} {resource} in {ns}: expected {allowed}"
         );
     }
-    let (ca, addr) = start_ca(&ca_dir, &ca_kubeconfig, &sys);
+    let (ca, addr) = start_ca(&ca_dir, &ca_kubeconfig, &sys, "rampart-ca-1");
     let bundle = ca_dir.join("bundle.pem");
     let root_a = read(&material_a.join("root-cert.pem"));
     assert!(
@@ -815,7 +825,74 @@ async fn kubernetes_mode_against_a_real_api_server() {
     );
     assert_eq!(fingerprint(chain.last().unwrap()), fingerprint(&root_b));
 
+    // A second replica cannot start on the broken Secret (no fallback to a self-signed root)…
+    let ca2_dir = work.path().join("ca2");
+    let mut broken = spawn_ca(&ca2_dir, &ca_kubeconfig, &sys, "rampart-ca-2");
+    let started = Instant::now();
+    let status = loop {
+        if let Some(status) = broken.child.try_wait().unwrap() {
+            break status;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "a replica started on a broken cacerts\n{}",
+            broken.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    assert!(!status.success(), "{}", broken.log());
+    let why = broken.log();
+    let why = why.trim_end().lines().last().unwrap_or_default();
+    say(&format!(
+        "kubernetes_e2e: refused, as it should be: a replica on the broken cacerts: {why}"
+    ));
+    assert!(
+        why.contains("cacerts") && why.contains("does not match"),
+        "{}",
+        broken.log()
+    );
+    drop(broken);
+    // …and does on the repaired one. The Lease stays with the first replica while it renews;
+    // when it stops, the second takes the Lease and publishes.
+    kubectl.apply(&cacerts_secret(&sys, &material_b, &material_b));
+    let (ca2, _) = start_ca(&ca2_dir, &ca_kubeconfig, &sys, "rampart-ca-2");
+    let holder = || {
+        let lease = kubectl.ok(&[
+            "get",
+            "lease",
+            "istio-namespace-controller-election",
+            "-n",
+            &sys,
+            "-o",
+            "jsonpath={.spec.holderIdentity}",
+        ]);
+        lease.trim().to_owned()
+    };
+    std::thread::sleep(Duration::from_secs(8));
+    assert_eq!(holder(), "rampart-ca-1", "{}", ca2.log());
     drop(ca);
+    let stopped = Instant::now();
+    wait_for(
+        "the second replica to take the Lease",
+        Duration::from_secs(30),
+        || holder() == "rampart-ca-2",
+        || ca2.log(),
+    );
+    let after_ns = format!("re2e-{tag}-after");
+    namespaces.create(&after_ns);
+    wait_for(
+        "istio-ca-root-cert from the second replica",
+        Duration::from_secs(10),
+        || published(&after_ns).is_some_and(|p| p.contains(root_b.trim())),
+        || ca2.log(),
+    );
+    say(&format!(
+        "kubernetes_e2e: the second replica took the Lease and published {:?} after the first \
+         stopped",
+        stopped.elapsed()
+    ));
+
+    drop(ca2);
     drop(namespaces);
 }
 
