@@ -36,6 +36,8 @@
 //! - the CA's CRL is published in ConfigMap `istio-ca-crl` (key `ca-crl.pem`) beside the
 //!   root; `rampart ca revoke` of one certificate reaches every namespace's copy within 5 s,
 //!   and another certificate of the same identity is not listed;
+//! - a CA whose RBAC binding is deleted refuses a fresh valid token, naming the API server's
+//!   "forbidden" (fail closed);
 //! - `kubectl apply --dry-run=server -R -f deploy/kubernetes/` (or `$RAMPART_TEST_DEPLOY_DIR`)
 //!   is accepted by the API server, and an invalid Service is refused by the same dry run,
 //!   when that directory exists (the suite says so when it does not).
@@ -855,7 +857,7 @@ async fn kubernetes_mode_against_a_real_api_server() {
     // …and does on the repaired one. The Lease stays with the first replica while it renews;
     // when it stops, the second takes the Lease and publishes.
     kubectl.apply(&cacerts_secret(&sys, &material_b, &material_b));
-    let (ca2, _) = start_ca(&ca2_dir, &ca_kubeconfig, &sys, "rampart-ca-2");
+    let (ca2, ca2_addr) = start_ca(&ca2_dir, &ca_kubeconfig, &sys, "rampart-ca-2");
     let holder = || {
         let lease = kubectl.ok(&[
             "get",
@@ -891,6 +893,42 @@ async fn kubernetes_mode_against_a_real_api_server() {
          stopped",
         stopped.elapsed()
     ));
+
+    // Fail closed when the CA loses its RBAC: without tokenreviews create, a fresh valid
+    // token is refused, with the API server's reason.
+    let mut c2 = connect(&ca2_dir.join("bundle.pem"), ca2_addr).await;
+    let fresh = kubectl.token(&app_ns, "app", &["--audience", "istio-ca"]);
+    ask(&mut c2, &app, &fresh, false)
+        .await
+        .unwrap_or_else(|s| panic!("the second replica issues: {s:?}\n{}", ca2.log()));
+    kubectl.ok(&[
+        "delete",
+        "clusterrolebinding",
+        &format!("re2e-{tag}-rampart-ca"),
+    ]);
+    // Another lifetime, so not the same JWT as the one just reviewed (and cached) even
+    // when minted within the same second.
+    let fresh = kubectl.token(
+        &app_ns,
+        "app",
+        &["--audience", "istio-ca", "--duration", "20m"],
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let msg = loop {
+        match ask(&mut c2, &app, &fresh, false).await {
+            Err(s) => break refused(Err(s), tonic::Code::Unauthenticated, "the CA without RBAC"),
+            Ok(_) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "still issuing after its RBAC was removed"
+                );
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    };
+    assert!(msg.contains("forbidden"), "{msg}");
+
+    authorization_policy_turns_200_into_403();
 
     drop(ca2);
     drop(namespaces);
@@ -1023,4 +1061,29 @@ fn dry_run_deploy_manifests(kubectl: &Kubectl, guard: &mut Namespaces<'_>) {
         dir.display(),
         stdout.trim_end()
     ));
+}
+
+/// Issue #14's last check, an AuthorizationPolicy applied with kubectl turning a call between
+/// two host processes playing Pods from 200 into 403 within 5 s, needs `rampart proxy` to
+/// take its config from the control plane (`--control-plane ADDR --workload NS/NAME`), which
+/// is being built elsewhere. Until this suite is extended for it, it says plainly that the
+/// check did not run, and why.
+fn authorization_policy_turns_200_into_403() {
+    let help = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["proxy", "--help"])
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
+    if help.contains("--control-plane") {
+        say(
+            "kubernetes_e2e: `rampart proxy` has --control-plane, but this suite has no \
+             AuthorizationPolicy 200 -> 403 check yet; it did not run",
+        );
+    } else {
+        say(
+            "kubernetes_e2e: the AuthorizationPolicy 200 -> 403 check needs `rampart proxy \
+             --control-plane ADDR --workload NS/NAME` (config streaming), which this build \
+             lacks; it did not run",
+        );
+    }
 }
