@@ -562,7 +562,7 @@ async fn kubernetes_mode_against_a_real_api_server() {
 
     // Pods that nothing runs: ztunnel and app on node-a, far on node-b.
     let zt_uid = kubectl.pod(&sys, "ztunnel-a", "ztunnel", "node-a", "127.0.0.10");
-    kubectl.pod(&app_ns, "app-1", "app", "node-a", "127.0.0.11");
+    let app_uid = kubectl.pod(&app_ns, "app-1", "app", "node-a", "127.0.0.11");
     kubectl.pod(&far_ns, "far-1", "far", "node-b", "127.0.0.12");
     let gone_uid = kubectl.pod(&app_ns, "gone-1", "app", "node-a", "127.0.0.13");
 
@@ -628,20 +628,28 @@ async fn kubernetes_mode_against_a_real_api_server() {
         tonic::Code::Unauthenticated,
         "token of a deleted ServiceAccount",
     );
-    let gone_token = kubectl.token(
-        &app_ns,
-        "app",
-        &[
-            "--audience",
-            "istio-ca",
-            "--bound-object-kind",
-            "Pod",
-            "--bound-object-name",
-            "gone-1",
-            "--bound-object-uid",
-            &gone_uid,
-        ],
-    );
+    let bound = |pod: &str, uid: &str| {
+        kubectl.token(
+            &app_ns,
+            "app",
+            &[
+                "--audience",
+                "istio-ca",
+                "--bound-object-kind",
+                "Pod",
+                "--bound-object-name",
+                pod,
+                "--bound-object-uid",
+                uid,
+            ],
+        )
+    };
+    // A token bound to a live Pod works (the twin of the deleted Pod's below).
+    let chain = ask(&mut c, &app, &bound("app-1", &app_uid), false)
+        .await
+        .unwrap_or_else(|s| panic!("token bound to a live Pod: {s:?}\n{}", ca.log()));
+    assert_eq!(leaf_ids(&chain), app);
+    let gone_token = bound("gone-1", &gone_uid);
     kubectl.delete_pod(&app_ns, "gone-1");
     refused(
         ask(&mut c, &app, &gone_token, false).await,
