@@ -1,11 +1,13 @@
 //! The root bundle in ConfigMap `istio-ca-root-cert` (key `root-cert.pem`) in every
-//! namespace, as istiod publishes it, written by one CA replica at a time: the holder of a
-//! `coordination.k8s.io` Lease.
+//! namespace, as istiod publishes it, and the CA's CRLs beside it in ConfigMap `istio-ca-crl`
+//! (key `ca-crl.pem`, as istiod publishes a plug-in CA's CRL), written by one CA replica at a
+//! time: the holder of a `coordination.k8s.io` Lease.
 //!
 //! [`LeaseElector`] takes or renews the Lease with optimistic concurrency (create; replace with
 //! the read `resourceVersion`; a 409 means another replica moved first). [`RootPublisher`]
-//! makes every namespace's ConfigMap say the current root: creates missing ones (so a deleted
-//! ConfigMap comes back), rewrites changed ones, leaves equal ones alone. [`run`] ticks both.
+//! makes every namespace's ConfigMaps say the current root and CRLs: creates missing ones (so a
+//! deleted ConfigMap comes back), rewrites changed ones, leaves equal ones alone. While the CA
+//! has no CRL to publish, no `istio-ca-crl` is created and existing ones are left as they are. [`run`] ticks both.
 //! Namespaces are listed each tick (no watch yet): a new namespace or a deleted ConfigMap is
 //! served within one interval.
 
@@ -22,6 +24,10 @@ use kube::api::{Api, ListParams, ObjectMeta, PostParams};
 pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
 /// Its key.
 pub const ROOT_CONFIGMAP_KEY: &str = "root-cert.pem";
+/// The ConfigMap the CRLs are published in (beside [`ROOT_CONFIGMAP`]).
+pub const CRL_CONFIGMAP: &str = "istio-ca-crl";
+/// Its key: the CRLs as concatenated PEM, the name of the plug-in file (`ca-crl.pem`).
+pub const CRL_CONFIGMAP_KEY: &str = "ca-crl.pem";
 /// The Lease that elects the one writer (istiod's namespace controller's name, so Rampart
 /// and istiod replicas in one cluster never both write).
 pub const PUBLISHER_LEASE: &str = "istio-namespace-controller-election";
@@ -135,14 +141,20 @@ pub struct Published {
     pub created: Vec<String>,
     /// Namespaces whose ConfigMap was rewritten to the current root.
     pub updated: Vec<String>,
+    /// Namespaces whose `istio-ca-crl` was created.
+    pub crl_created: Vec<String>,
+    /// Namespaces whose `istio-ca-crl` was rewritten to the current CRLs.
+    pub crl_updated: Vec<String>,
     /// Namespaces that could not be written this pass (conflict or error; retried next).
     pub failed: Vec<String>,
 }
 
-/// Keeps `istio-ca-root-cert` current in every namespace.
+/// Keeps `istio-ca-root-cert` (and `istio-ca-crl`, once there is a CRL) current in every
+/// namespace.
 pub struct RootPublisher {
     client: kube::Client,
     root_pem: Mutex<String>,
+    crl_pem: Mutex<Option<String>>,
 }
 
 impl std::fmt::Debug for RootPublisher {
@@ -157,7 +169,21 @@ impl RootPublisher {
         RootPublisher {
             client,
             root_pem: Mutex::new(root_pem),
+            crl_pem: Mutex::new(None),
         }
+    }
+
+    /// The CRLs (concatenated PEM) to publish from now on; `None` or an empty string: none.
+    pub fn set_crl(&self, crl_pem: Option<String>) {
+        *self.crl_pem.lock().unwrap_or_else(|p| p.into_inner()) =
+            crl_pem.filter(|c| !c.trim().is_empty());
+    }
+
+    fn crl(&self) -> Option<String> {
+        self.crl_pem
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// The bundle to publish from now on (after a rotation or reload).
@@ -175,6 +201,7 @@ impl RootPublisher {
     /// One pass over every namespace (except terminating ones).
     pub async fn publish_once(&self) -> Result<Published, kube::Error> {
         let root = self.root();
+        let crl = self.crl();
         let namespaces: Api<Namespace> = Api::all(self.client.clone());
         let mut out = Published::default();
         for ns in namespaces.list(&ListParams::default()).await?.items {
@@ -184,28 +211,56 @@ impl RootPublisher {
             if ns.status.and_then(|s| s.phase).as_deref() == Some("Terminating") {
                 continue;
             }
-            match self.publish_in(&name, &root).await {
-                Ok(Some(true)) => out.created.push(name),
-                Ok(Some(false)) => out.updated.push(name),
+            let mut failed = false;
+            match self
+                .publish_in(&name, ROOT_CONFIGMAP, ROOT_CONFIGMAP_KEY, &root)
+                .await
+            {
+                Ok(Some(true)) => out.created.push(name.clone()),
+                Ok(Some(false)) => out.updated.push(name.clone()),
                 Ok(None) => {}
                 Err(e) => {
                     tracing::warn!(namespace = %name, error = %e, "could not publish {ROOT_CONFIGMAP}; retrying next pass");
-                    out.failed.push(name);
+                    failed = true;
                 }
+            }
+            if let Some(crl) = &crl {
+                match self
+                    .publish_in(&name, CRL_CONFIGMAP, CRL_CONFIGMAP_KEY, crl)
+                    .await
+                {
+                    Ok(Some(true)) => out.crl_created.push(name.clone()),
+                    Ok(Some(false)) => out.crl_updated.push(name.clone()),
+                    Ok(None) => {}
+                    Err(e) => {
+                        tracing::warn!(namespace = %name, error = %e, "could not publish {CRL_CONFIGMAP}; retrying next pass");
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                out.failed.push(name);
             }
         }
         Ok(out)
     }
 
-    /// `Some(true)` created, `Some(false)` rewritten, `None` already current.
-    async fn publish_in(&self, namespace: &str, root: &str) -> Result<Option<bool>, kube::Error> {
+    /// Makes ConfigMap `name` in `namespace` say `value` under `key`: `Some(true)` created,
+    /// `Some(false)` rewritten, `None` already current.
+    async fn publish_in(
+        &self,
+        namespace: &str,
+        name: &str,
+        key: &str,
+        value: &str,
+    ) -> Result<Option<bool>, kube::Error> {
         let api: Api<ConfigMap> = Api::namespaced(self.client.clone(), namespace);
-        let data = BTreeMap::from([(ROOT_CONFIGMAP_KEY.to_owned(), root.to_owned())]);
-        match api.get_opt(ROOT_CONFIGMAP).await? {
+        let data = BTreeMap::from([(key.to_owned(), value.to_owned())]);
+        match api.get_opt(name).await? {
             None => {
                 let cm = ConfigMap {
                     metadata: ObjectMeta {
-                        name: Some(ROOT_CONFIGMAP.into()),
+                        name: Some(name.into()),
                         namespace: Some(namespace.into()),
                         labels: Some(BTreeMap::from([(
                             "istio.io/config".to_owned(),
@@ -223,16 +278,15 @@ impl RootPublisher {
                 let current = cm
                     .data
                     .as_ref()
-                    .and_then(|d| d.get(ROOT_CONFIGMAP_KEY))
+                    .and_then(|d| d.get(key))
                     .map(String::as_str);
-                if current == Some(root) {
+                if current == Some(value) {
                     return Ok(None);
                 }
                 cm.data
                     .get_or_insert_with(BTreeMap::new)
-                    .insert(ROOT_CONFIGMAP_KEY.to_owned(), root.to_owned());
-                api.replace(ROOT_CONFIGMAP, &PostParams::default(), &cm)
-                    .await?;
+                    .insert(key.to_owned(), value.to_owned());
+                api.replace(name, &PostParams::default(), &cm).await?;
                 Ok(Some(false))
             }
         }
@@ -252,18 +306,20 @@ pub async fn tick(
     publisher.publish_once().await.map(Some)
 }
 
-/// Ticks every `interval` until the task is dropped, publishing what `current_root` returns
-/// at each tick (so a rotation or reload reaches the ConfigMaps within one interval). Errors
-/// are logged and retried.
+/// Ticks every `interval` until the task is dropped, publishing what `current` returns at
+/// each tick: the trust bundle and the CRLs, if any (so a rotation, reload or revocation
+/// reaches the ConfigMaps within one interval). Errors are logged and retried.
 pub async fn run(
     elector: LeaseElector,
     publisher: RootPublisher,
     interval: Duration,
-    current_root: impl Fn() -> String + Send,
+    current: impl Fn() -> (String, Option<String>) + Send,
 ) {
     let mut leading = false;
     loop {
-        publisher.set_root(current_root());
+        let (root, crl) = current();
+        publisher.set_root(root);
+        publisher.set_crl(crl);
         match tick(&elector, &publisher, SystemTime::now()).await {
             Ok(Some(p)) => {
                 if !leading {
@@ -272,6 +328,9 @@ pub async fn run(
                 }
                 if !p.created.is_empty() || !p.updated.is_empty() {
                     tracing::info!(created = ?p.created, updated = ?p.updated, "published {ROOT_CONFIGMAP}");
+                }
+                if !p.crl_created.is_empty() || !p.crl_updated.is_empty() {
+                    tracing::info!(created = ?p.crl_created, updated = ?p.crl_updated, "published {CRL_CONFIGMAP}");
                 }
             }
             Ok(None) => {

@@ -9,7 +9,7 @@ mod support;
 use std::time::{Duration, SystemTime};
 
 use rampart_k8s::publish::{
-    LeaseElector, PUBLISHER_LEASE, Published, ROOT_CONFIGMAP, RootPublisher, tick,
+    CRL_CONFIGMAP, LeaseElector, PUBLISHER_LEASE, Published, ROOT_CONFIGMAP, RootPublisher, tick,
 };
 use serde_json::json;
 use support::fake_api::FakeApi;
@@ -92,6 +92,66 @@ async fn publishes_in_every_namespace_recreates_and_follows_rotation() {
         published_root(&fake, "ns3").as_deref(),
         Some("ROOT-1\nROOT-2")
     );
+}
+
+fn published_crl(fake: &FakeApi, ns: &str) -> Option<String> {
+    fake.get(&cms(ns), CRL_CONFIGMAP)
+        .and_then(|cm| cm["data"]["ca-crl.pem"].as_str().map(str::to_owned))
+}
+
+#[tokio::test]
+async fn publishes_the_crls_beside_the_root_once_there_are_some() {
+    let fake = FakeApi::new();
+    for ns in ["istio-system", "ns1"] {
+        add_namespace(&fake, ns);
+    }
+    fake.put(
+        "/api/v1/namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "going"},
+               "status": {"phase": "Terminating"}}),
+    );
+    let p = RootPublisher::new(fake.client(), "ROOT-1".into());
+
+    // No CRL (none set, or an empty one): no istio-ca-crl anywhere, the root as before.
+    p.set_crl(Some("  \n".into()));
+    let first = p.publish_once().await.unwrap();
+    assert_eq!(first.created, ["istio-system", "ns1"]);
+    assert!(first.crl_created.is_empty(), "{first:?}");
+    assert_eq!(published_crl(&fake, "ns1"), None);
+
+    // A CRL: created in every namespace but terminating ones, with the root's label.
+    p.set_crl(Some("CRL-1".into()));
+    let with_crl = p.publish_once().await.unwrap();
+    assert_eq!(with_crl.crl_created, ["istio-system", "ns1"]);
+    assert!(with_crl.created.is_empty() && with_crl.updated.is_empty());
+    for ns in ["istio-system", "ns1"] {
+        assert_eq!(published_crl(&fake, ns).as_deref(), Some("CRL-1"), "{ns}");
+        let cm = fake.get(&cms(ns), CRL_CONFIGMAP).unwrap();
+        assert_eq!(cm["metadata"]["labels"]["istio.io/config"], "true");
+    }
+    assert_eq!(published_crl(&fake, "going"), None, "terminating skipped");
+    assert_eq!(p.publish_once().await.unwrap(), Published::default());
+
+    // A new CRL (a revocation) is rewritten everywhere; a forged or deleted one is restored.
+    p.set_crl(Some("CRL-2".into()));
+    let revoked = p.publish_once().await.unwrap();
+    assert_eq!(revoked.crl_updated, ["istio-system", "ns1"]);
+    let mut forged = fake.get(&cms("ns1"), CRL_CONFIGMAP).unwrap();
+    forged["data"]["ca-crl.pem"] = json!("FORGED");
+    fake.put(&cms("ns1"), forged);
+    fake.delete(&cms("istio-system"), CRL_CONFIGMAP).unwrap();
+    let again = p.publish_once().await.unwrap();
+    assert_eq!(again.crl_created, ["istio-system"]);
+    assert_eq!(again.crl_updated, ["ns1"]);
+    for ns in ["istio-system", "ns1"] {
+        assert_eq!(published_crl(&fake, ns).as_deref(), Some("CRL-2"), "{ns}");
+        assert_eq!(published_root(&fake, ns).as_deref(), Some("ROOT-1"), "{ns}");
+    }
+
+    // The CRL going away leaves the published ones alone (nothing is deleted).
+    p.set_crl(None);
+    assert_eq!(p.publish_once().await.unwrap(), Published::default());
+    assert_eq!(published_crl(&fake, "ns1").as_deref(), Some("CRL-2"));
 }
 
 #[tokio::test]

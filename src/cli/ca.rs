@@ -485,7 +485,10 @@ async fn start_in_kubernetes(
         elector,
         publisher,
         k.publish_interval,
-        move || bundle_of.authority().bundle().to_pem(),
+        move || {
+            let crls = bundle_of.revocations().current().set.to_pem();
+            (bundle_of.authority().bundle().to_pem(), Some(crls))
+        },
     ));
     Ok(rampart_citadel::start_with_state(state).await?)
 }
