@@ -38,7 +38,7 @@ use crate::edge::{Budget, Budgets, EdgeLimits};
 use crate::http::{Body, is_grpc_request, owned_text_response, text_response};
 use crate::identity::{Alpn, IdentityHolder};
 use crate::metrics::{Labels, Metered, Metrics, Pending, Series, request_protocol};
-use rampart_mesh::{PortEntry, PortProtocol, WorkloadEntry};
+use rampart_mesh::{PortProtocol, Resolved, WorkloadEntry};
 use tracing::Instrument as _;
 
 /// Most cached routes per configuration (authorities as apps write them).
@@ -52,6 +52,8 @@ struct PeerKey {
     mtls: bool,
     dest: String,
     port: u16,
+    /// `<service host>:<service port>` (the SNI).
+    service: String,
 }
 
 /// Pooled HTTP connections to one destination port, and its request series.
@@ -101,7 +103,7 @@ pub(crate) struct Outbound {
     routes: ArcSwapOption<RouteTable>,
 }
 
-fn source_labels(cfg: &Config, dest: &WorkloadEntry, mtls: bool) -> Labels {
+fn source_labels(cfg: &Config, dest: &WorkloadEntry, service_host: String, mtls: bool) -> Labels {
     Labels {
         reporter: "source",
         source_principal: cfg.me.spiffe_id(&cfg.folder.trust_domain).to_string(),
@@ -110,7 +112,7 @@ fn source_labels(cfg: &Config, dest: &WorkloadEntry, mtls: bool) -> Labels {
         destination_principal: dest.spiffe_id(&cfg.folder.trust_domain).to_string(),
         destination_workload: dest.name.clone(),
         destination_namespace: dest.namespace.clone(),
-        destination_service: dest.service_host(),
+        destination_service: service_host,
         mtls,
     }
 }
@@ -155,12 +157,12 @@ impl Outbound {
         {
             return Ok(r.clone());
         }
-        let (dest, port) = cfg
+        let resolved = cfg
             .folder
             .registry
-            .resolve(authority, &cfg.me.namespace)
+            .resolve_target(authority, &cfg.me.namespace)
             .ok_or(NoRoute::Unknown)?;
-        let route = Arc::new(self.build_route(cfg, dest, port)?);
+        let route = Arc::new(self.build_route(cfg, &resolved)?);
         self.routes.rcu(|cur| {
             let mut map = match cur {
                 Some(t) if Arc::ptr_eq(&t.cfg, cfg) && t.map.len() < MAX_ROUTES => t.map.clone(),
@@ -175,20 +177,18 @@ impl Outbound {
         Ok(route)
     }
 
-    fn build_route(
-        &self,
-        cfg: &Config,
-        dest: &WorkloadEntry,
-        port: &PortEntry,
-    ) -> Result<Route, NoRoute> {
+    /// A service resolves to its first endpoint serving the port (registry order).
+    fn build_route(&self, cfg: &Config, resolved: &Resolved<'_>) -> Result<Route, NoRoute> {
+        let (dest, port) = (resolved.workload, resolved.port);
+        let service_host = resolved.service_host();
         let expected = dest.spiffe_id(&cfg.folder.trust_domain);
         let mtls = originate_mtls(cfg, dest, port.port);
         let h2 = port.protocol.is_h2();
         let target = Arc::new(
             Target::new(
                 port.inbound,
-                &dest.service_host(),
-                port.port,
+                &service_host,
+                resolved.service_port,
                 expected.clone(),
                 if h2 { Alpn::H2 } else { Alpn::Http1 },
             )
@@ -201,8 +201,9 @@ impl Outbound {
             mtls,
             dest: dest.key(),
             port: port.port,
+            service: format!("{service_host}:{}", resolved.service_port),
         };
-        let labels = source_labels(cfg, dest, mtls);
+        let labels = source_labels(cfg, dest, service_host, mtls);
         let pool = {
             let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
             pools
