@@ -102,6 +102,11 @@ impl SourceMetrics {
     pub fn snapshots(&self) -> u64 {
         self.snapshots.get()
     }
+
+    /// Watch errors so far (each retried with backoff).
+    pub fn watch_errors(&self) -> u64 {
+        self.watch_errors.get()
+    }
 }
 
 fn label(kind: &str) -> KindLabel {

@@ -576,3 +576,48 @@ async fn no_snapshot_until_every_watch_listed_once() {
     let snap = snapshot_where(&mut source, |_| true).await;
     assert_eq!(policy_names(&snap), ["api/deny-all"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_watch_outage_keeps_the_last_objects_and_recovers() {
+    let _ = logs();
+    let fake = FakeApi::new();
+    namespace(&fake, "api");
+    pod(
+        &fake,
+        "api",
+        "backend-1",
+        "backend",
+        "10.0.0.1",
+        json!({"app": "backend"}),
+        json!({}),
+    );
+    let (mut source, metrics) = start_source(&fake);
+    let snap = snapshot_where(&mut source, |_| true).await;
+    assert!(snap.registry.get("api", "backend-1").is_some());
+
+    // The Pods watch breaks (cut, then 500s): later snapshots still have the Pods last
+    // seen, not an empty registry.
+    fake.fail_watches("/api/v1/pods", true);
+    wait_for("a watch error", || {
+        (metrics.watch_errors() > 0).then_some(())
+    })
+    .await;
+    policy(
+        &fake,
+        AP_V1,
+        "AuthorizationPolicy",
+        "deny-all",
+        json!({"action": "DENY", "rules": [{}]}),
+    );
+    let snap = snapshot_where(&mut source, |s| !s.resources.is_empty()).await;
+    assert!(
+        snap.registry.get("api", "backend-1").is_some(),
+        "a broken watch emptied the registry"
+    );
+    // A Pod deleted during the outage is seen once the watch lists again.
+    fake.delete("/api/v1/namespaces/api/pods", "backend-1")
+        .unwrap();
+    fake.fail_watches("/api/v1/pods", false);
+    let snap = snapshot_where(&mut source, |s| s.registry.workloads.is_empty()).await;
+    assert_eq!(policy_names(&snap), ["api/deny-all"]);
+}

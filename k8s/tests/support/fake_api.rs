@@ -21,8 +21,8 @@
 //!   current revision, and stays open for later writes until `timeoutSeconds`.
 //!   [`FakeApi::alias_version`] serves one group version as another (as the API server
 //!   serves one `security.istio.io` object at v1 and v1beta1).
-//!   [`FakeApi::fail_watches`] answers watches and lists of a collection with 500s (an
-//!   API outage), to test that a source keeps its last snapshot.
+//!   [`FakeApi::fail_watches`] cuts a collection's open watches and answers its watches and
+//!   lists with 500s (an API outage), to test that a source keeps its last snapshot.
 //!
 //! Every request is logged ([`FakeApi::calls`]) so tests can assert what was (not) asked.
 //! [`FakeApi::serve_http`] serves the same fake over plain HTTP on loopback, for tests that
@@ -143,13 +143,16 @@ impl FakeApi {
             .push((served.to_owned(), stored.to_owned()));
     }
 
-    /// Lists and watches of `collection` (e.g. `/api/v1/pods`) fail with 500 while `on`.
+    /// Lists and watches of `collection` (e.g. `/api/v1/pods`) fail with 500 while `on`;
+    /// open watches of it end.
     pub fn fail_watches(&self, collection: &str, on: bool) {
         let mut st = self.lock();
         st.failing.retain(|c| c != collection);
         if on {
             st.failing.push(collection.to_owned());
         }
+        // Wake open watches so they see the outage.
+        self.revision.send_replace(st.revision);
     }
 
     /// Every stored object of `collection` (a namespaced one, or all namespaces).
@@ -372,10 +375,15 @@ impl FakeApi {
         let stream = futures::stream::unfold(w, move |mut w| {
             let stored = stored.clone();
             let version = version.clone();
+            let requested = collection.clone();
             async move {
                 loop {
                     let (lines, current) = {
                         let st = w.fake.lock();
+                        // An outage cuts open watches too.
+                        if st.failing.contains(&requested) {
+                            return None;
+                        }
                         let lines: Vec<String> = st
                             .log
                             .iter()
