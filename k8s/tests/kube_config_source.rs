@@ -6,9 +6,10 @@
 //! update stream), their certificates from the proxy's SDS stand-in.
 //!
 //! - Initial sync → a snapshot (and none before every watch listed once: fail closed);
-//!   an AuthorizationPolicy added through a watch event → a new snapshot → the proxies turn
-//!   a 200 into a 403; the endpoint Pod deleted → its endpoint gone (502 unknown
-//!   destination).
+//!   calls spread over a Service's endpoints; an AuthorizationPolicy added through a watch
+//!   event → a new snapshot → the proxies turn a 200 into a 403; an endpoint Pod deleted →
+//!   calls go to the other one; the last deleted → no destination (502); a watch outage
+//!   keeps the last objects.
 //! - An invalid object is refused alone: Event posted (once per resourceVersion, once for
 //!   an object served at v1 and v1beta1), metric counted, log line naming namespace/name,
 //!   field and reason; the valid objects beside it still apply.
@@ -231,38 +232,98 @@ async fn proxy(
     let socket = dir.join(format!("{name}.sock"));
     let secrets = ca.secrets(&format!("spiffe://{TD}/ns/{ns}/sa/{sa}"), 1);
     let standin = sds_standin::start(&socket, Some(secrets));
-    let opts = ProxyOptions::new(dir.into(), key.to_string(), socket);
+    let mut opts = ProxyOptions::new(dir.into(), key.to_string(), socket);
+    opts.admin = Some("127.0.0.7:0".parse().unwrap());
     let p = Proxy::start(opts, snapshot, Some(updates)).await.unwrap();
     (p, standin)
 }
 
-/// A port free on both 127.0.0.1 (the app) and `ip` (the Pod IP the proxy listens on).
-async fn app_and_pod_port(ip: &str) -> (SocketAddr, u16) {
+/// A port free on 127.0.0.1 (the app) and on each of `ips` (the Pod IPs the proxies
+/// listen on).
+async fn app_and_pod_port(ips: &[&str]) -> (SocketAddr, u16) {
     for _ in 0..20 {
         let a = app().await;
-        if std::net::TcpListener::bind((ip, a.port())).is_ok() {
+        if ips
+            .iter()
+            .all(|ip| std::net::TcpListener::bind((*ip, a.port())).is_ok())
+        {
             return (a, a.port());
         }
     }
-    panic!("no port free on both 127.0.0.1 and {ip}");
+    panic!("no port free on 127.0.0.1 and {ips:?}");
+}
+
+/// Requests the proxy at `admin` counted as the destination (its inbound side).
+async fn inbound_requests(admin: SocketAddr) -> u64 {
+    let Some((200, text)) = get_path(admin, "/stats/prometheus").await else {
+        return 0;
+    };
+    text.lines()
+        .filter(|l| {
+            l.starts_with("istio_requests_total{") && l.contains("reporter=\"destination\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum::<f64>() as u64
+}
+
+async fn get_path(addr: SocketAddr, path: &str) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(addr).await.ok()?;
+    let req = format!("GET {path} HTTP/1.1\r\nhost: admin\r\nconnection: close\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let mut out = Vec::new();
+    tokio::time::timeout(Duration::from_secs(10), s.read_to_end(&mut out))
+        .await
+        .ok()?
+        .ok()?;
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    Some((status, text.split_once("\r\n\r\n")?.1.to_string()))
+}
+
+/// Call until `n` answers in a row have status `want` (each proxy applies a snapshot on
+/// its own time); the last answer.
+async fn until_steady(
+    want: u16,
+    n: usize,
+    out: SocketAddr,
+    host: &str,
+    path: &str,
+) -> Option<(u16, String)> {
+    let mut last = None;
+    let mut streak = 0;
+    for _ in 0..200 {
+        last = call(out, host, path).await;
+        if last.as_ref().is_some_and(|(s, _)| *s == want) {
+            streak += 1;
+            if streak == n {
+                break;
+            }
+        } else {
+            streak = 0;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    last
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn watch_events_change_policy_and_endpoints_of_running_proxies() {
     let _ = logs();
     let fake = FakeApi::new();
-    let (_app, port) = app_and_pod_port("127.0.0.2").await;
+    let (_app, port) = app_and_pod_port(&["127.0.0.2", "127.0.0.5"]).await;
     namespace(&fake, "api");
     namespace(&fake, "web");
-    pod(
-        &fake,
-        "api",
-        "backend-1",
-        "backend",
-        "127.0.0.2",
-        json!({"app": "backend"}),
-        json!({}),
-    );
+    for (name, ip) in [("backend-1", "127.0.0.2"), ("backend-2", "127.0.0.5")] {
+        pod(
+            &fake,
+            "api",
+            name,
+            "backend",
+            ip,
+            json!({"app": "backend"}),
+            json!({}),
+        );
+    }
     pod(
         &fake,
         "web",
@@ -281,11 +342,15 @@ async fn watch_events_change_policy_and_endpoints_of_running_proxies() {
     );
     let (mut source, metrics) = start_source(&fake);
 
-    // Initial sync: one snapshot with both Pods, the Service and its endpoint.
+    // Initial sync: one snapshot with the Pods, the Service and its endpoints.
     let first = snapshot_where(&mut source, |_| true).await;
     assert!(first.resources.is_empty());
     let reg = &first.registry;
-    assert_eq!(reg.workloads.len(), 2, "{reg:?}");
+    assert_eq!(reg.workloads.len(), 3, "{reg:?}");
+    assert_eq!(
+        reg.service("api", "backend").unwrap().endpoints,
+        ["api/backend-1", "api/backend-2"]
+    );
     let t = reg
         .resolve_target("backend.api.svc.cluster.local:80", "web")
         .unwrap();
@@ -295,40 +360,39 @@ async fn watch_events_change_policy_and_endpoints_of_running_proxies() {
     assert_eq!(t.port.protocol, rampart_mesh::PortProtocol::Http);
     assert_eq!(metrics.snapshots(), 1);
 
-    // Both proxies and the test read every later snapshot.
-    let (tx_server, server_updates) = Updates::channel(8);
-    let (tx_client, client_updates) = Updates::channel(8);
-    let (tx_test, mut seen) = Updates::channel(8);
+    // Every proxy and the test read every later snapshot.
+    let mut txs = Vec::new();
+    let mut updates = Vec::new();
+    for _ in 0..4 {
+        let (tx, u) = Updates::channel(8);
+        txs.push(tx);
+        updates.push(u);
+    }
     tokio::spawn(async move {
         while let Some(u) = source.next().await {
-            let _ = tx_server.send(u.clone()).await;
-            let _ = tx_client.send(u.clone()).await;
-            if tx_test.send(u).await.is_err() {
-                return;
+            for tx in &txs {
+                let _ = tx.send(u.clone()).await;
             }
         }
     });
+    let mut seen = updates.pop().unwrap();
     let dir = tempfile::tempdir().unwrap();
     let ca = sds_standin::TestCa::new("kube-source-root");
-    let (server, _sds1) = proxy(
-        dir.path(),
-        &ca,
-        "api/backend-1",
-        "backend",
-        first.clone(),
-        server_updates,
-    )
-    .await;
-    let (client, _sds2) = proxy(
-        dir.path(),
-        &ca,
-        "web/client-1",
-        "client",
-        first,
-        client_updates,
-    )
-    .await;
-    let out = client
+    let mut proxies = Vec::new();
+    for (key, sa) in [
+        ("api/backend-1", "backend"),
+        ("api/backend-2", "backend"),
+        ("web/client-1", "client"),
+    ] {
+        let u = updates.remove(0);
+        proxies.push(proxy(dir.path(), &ca, key, sa, first.clone(), u).await);
+    }
+    let admins: Vec<SocketAddr> = proxies[..2]
+        .iter()
+        .map(|(p, _)| p.admin_addr().expect("admin listener"))
+        .collect();
+    let out = proxies[2]
+        .0
         .listeners()
         .into_iter()
         .find(|(w, _)| w.starts_with("outbound"))
@@ -336,12 +400,18 @@ async fn watch_events_change_policy_and_endpoints_of_running_proxies() {
         .1;
     let host = "backend.api.svc.cluster.local";
 
-    // Positive: allowed before any policy.
-    let r = until(200, out, host, "/admin").await;
+    // Positive: allowed before any policy, and spread over both endpoints.
+    let r = until_steady(200, 6, out, host, "/admin").await;
     assert_eq!(r, Some((200, "app /admin".to_string())));
+    for a in &admins {
+        assert!(
+            inbound_requests(*a).await > 0,
+            "endpoint {a} got no request"
+        );
+    }
 
     // An AuthorizationPolicy arrives through a watch event: a new snapshot, and the same
-    // call is denied by the server's proxy.
+    // call is denied by the servers' proxies.
     policy(
         &fake,
         AP_V1,
@@ -368,7 +438,7 @@ async fn watch_events_change_policy_and_endpoints_of_running_proxies() {
         "{:?}",
         fake.calls()
     );
-    let r = until(403, out, host, "/admin").await;
+    let r = until_steady(403, 4, out, host, "/admin").await;
     assert_eq!(r, Some((403, "RBAC: access denied".to_string())));
     // Its twin: a path the policy does not name still passes.
     assert_eq!(
@@ -376,10 +446,24 @@ async fn watch_events_change_policy_and_endpoints_of_running_proxies() {
         Some((200, "app /public".to_string()))
     );
 
-    // The endpoint Pod is deleted: the service has no endpoint left.
+    // backend-1's Pod is deleted and its proxy stops: calls go to backend-2 only (a call
+    // routed to backend-1 would fail, 503).
     fake.delete("/api/v1/namespaces/api/pods", "backend-1")
         .unwrap();
     let snap = snapshot_where(&mut seen, |s| s.registry.get("api", "backend-1").is_none()).await;
+    assert_eq!(
+        snap.registry.service("api", "backend").unwrap().endpoints,
+        ["api/backend-2"]
+    );
+    let (server1, _sds) = proxies.remove(0);
+    server1.shutdown().await;
+    let r = until_steady(200, 6, out, host, "/public").await;
+    assert_eq!(r, Some((200, "app /public".to_string())));
+
+    // The last endpoint Pod is deleted: the service has no endpoint left.
+    fake.delete("/api/v1/namespaces/api/pods", "backend-2")
+        .unwrap();
+    let snap = snapshot_where(&mut seen, |s| s.registry.get("api", "backend-2").is_none()).await;
     assert!(
         snap.registry
             .service("api", "backend")
@@ -399,7 +483,7 @@ async fn watch_events_change_policy_and_endpoints_of_running_proxies() {
         "a deleted Pod is no destination"
     );
     assert_eq!(metrics.rejections("Pod"), 0);
-    drop((server, client));
+    drop(proxies);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -9,13 +9,15 @@
 //! `connection_security_policy="none"`.
 //!
 //! Each destination (authority as the app wrote it) is resolved once per configuration: the
-//! [`Route`] (target, mode, pool, metric series) is cached in a table tied to the
-//! [`Config`] it was computed from, so a registry or policy edit (a new `Config`) makes the
+//! [`Route`]s (target, mode, pool, metric series; one per endpoint of a service, taken in
+//! turn per request or connection) are cached in a table tied to the [`Config`] they were
+//! computed from, so a registry or policy edit (a new `Config`) makes the
 //! next request resolve again and a mode change applies to new connections.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -74,9 +76,23 @@ pub(crate) struct Route {
     pub(crate) tcp_labels: Arc<str>,
 }
 
+/// The routes of one authority: one per destination (a service's endpoints), taken in
+/// turn (round robin per request or connection).
+struct Balanced {
+    routes: Vec<Arc<Route>>,
+    next: AtomicUsize,
+}
+
+impl Balanced {
+    fn pick(&self) -> Arc<Route> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.routes.len();
+        self.routes[i].clone()
+    }
+}
+
 struct RouteTable {
     cfg: Arc<Config>,
-    map: HashMap<Box<str>, Arc<Route>>,
+    map: HashMap<Box<str>, Arc<Balanced>>,
 }
 
 /// Why an authority has no route.
@@ -149,26 +165,35 @@ impl Outbound {
         }
     }
 
-    /// The route for `authority` (`host[:port]` as the app wrote it) under `cfg`.
+    /// The route for `authority` (`host[:port]` as the app wrote it) under `cfg`: a
+    /// service's endpoints in turn, one per call.
     pub(crate) fn route(&self, cfg: &Arc<Config>, authority: &str) -> Result<Arc<Route>, NoRoute> {
         if let Some(t) = &*self.routes.load()
             && Arc::ptr_eq(&t.cfg, cfg)
-            && let Some(r) = t.map.get(authority)
+            && let Some(b) = t.map.get(authority)
         {
-            return Ok(r.clone());
+            return Ok(b.pick());
         }
-        let resolved = cfg
+        let all = cfg
             .folder
             .registry
-            .resolve_target(authority, &cfg.me.namespace)
+            .resolve_all(authority, &cfg.me.namespace)
             .ok_or(NoRoute::Unknown)?;
-        let route = Arc::new(self.build_route(cfg, &resolved)?);
+        let routes = all
+            .iter()
+            .map(|r| self.build_route(cfg, r).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let balanced = Arc::new(Balanced {
+            routes,
+            next: AtomicUsize::new(0),
+        });
+        let route = balanced.pick();
         self.routes.rcu(|cur| {
             let mut map = match cur {
                 Some(t) if Arc::ptr_eq(&t.cfg, cfg) && t.map.len() < MAX_ROUTES => t.map.clone(),
                 _ => HashMap::new(),
             };
-            map.insert(authority.into(), route.clone());
+            map.insert(authority.into(), balanced.clone());
             Some(Arc::new(RouteTable {
                 cfg: cfg.clone(),
                 map,
@@ -177,7 +202,7 @@ impl Outbound {
         Ok(route)
     }
 
-    /// A service resolves to its first endpoint serving the port (registry order).
+    /// The route to one destination (a workload port, under its service's host and port).
     fn build_route(&self, cfg: &Config, resolved: &Resolved<'_>) -> Result<Route, NoRoute> {
         let (dest, port) = (resolved.workload, resolved.port);
         let service_host = resolved.service_host();
