@@ -7,7 +7,8 @@
 //! - **Fail closed at start**: no snapshot until every watch has listed its objects once (a
 //!   proxy would otherwise start with no policy).
 //! - **Debounced**: a burst of object events makes one snapshot, [`DEFAULT_DEBOUNCE`] after
-//!   the last event.
+//!   the last event; none when the registry and policy it would carry are unchanged (a Pod
+//!   status heartbeat).
 //! - **Invalid objects** are left out alone (every other object still applies). Each is
 //!   logged once per `resourceVersion` (namespace/name, field, reason), counted in
 //!   `rampart_config_rejections_total{kind}` (one per refused object version) and
@@ -78,7 +79,7 @@ impl SourceMetrics {
         );
         registry.register(
             "rampart_config_snapshots",
-            "Snapshots built from the Kubernetes API",
+            "Snapshots sent from the Kubernetes API (one per change of the mesh model)",
             self.snapshots.clone(),
         );
         registry.register(
@@ -98,7 +99,7 @@ impl SourceMetrics {
         self.rejected.get_or_create(&label(kind)).get()
     }
 
-    /// Snapshots built so far.
+    /// Snapshots sent so far.
     pub fn snapshots(&self) -> u64 {
         self.snapshots.get()
     }
@@ -303,6 +304,7 @@ impl KubeConfigSource {
         let mut dirty = false;
         let mut deadline = tokio::time::Instant::now();
         let mut waiting_logged = false;
+        let mut last: Option<(rampart_mesh::Registry, Vec<rampart_authz::Resource>)> = None;
         loop {
             let all_synced = stores.len() == count && stores.values().all(|s| s.synced);
             tokio::select! {
@@ -322,6 +324,14 @@ impl KubeConfigSource {
                     let objects = objects(&stores);
                     let conv = convert(&self.settings, &objects);
                     reporter.report(&conv.refused);
+                    // Pod status heartbeats and the like change nothing the mesh reads:
+                    // no new snapshot for them.
+                    let model = (conv.snapshot.registry.clone(), conv.snapshot.resources.clone());
+                    if last.as_ref() == Some(&model) {
+                        tracing::debug!("objects changed, the mesh model did not: no snapshot");
+                        continue;
+                    }
+                    last = Some(model);
                     self.metrics.snapshots.inc();
                     tracing::info!(
                         policies = conv.snapshot.resources.len(),

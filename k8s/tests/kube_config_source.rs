@@ -705,3 +705,37 @@ async fn a_watch_outage_keeps_the_last_objects_and_recovers() {
     let snap = snapshot_where(&mut source, |s| s.registry.workloads.is_empty()).await;
     assert_eq!(policy_names(&snap), ["api/deny-all"]);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn object_changes_the_model_ignores_send_no_snapshot() {
+    let _ = logs();
+    let fake = FakeApi::new();
+    namespace(&fake, "api");
+    pod(
+        &fake,
+        "api",
+        "backend-1",
+        "backend",
+        "10.0.0.1",
+        json!({"app": "backend"}),
+        json!({}),
+    );
+    let (mut source, metrics) = start_source(&fake);
+    snapshot_where(&mut source, |_| true).await;
+
+    // A status heartbeat (conditions) changes nothing the mesh reads: no snapshot.
+    let pods = "/api/v1/namespaces/api/pods";
+    let mut p = fake.get(pods, "backend-1").unwrap();
+    p["status"]["conditions"] = json!([{"type": "Ready", "status": "True"}]);
+    fake.put(pods, p.clone());
+    let quiet = tokio::time::timeout(Duration::from_millis(800), source.next()).await;
+    assert!(quiet.is_err(), "a heartbeat made a snapshot: {quiet:?}");
+    assert_eq!(metrics.snapshots(), 1);
+
+    // Its twin: a label change is a change of the model.
+    p["metadata"]["labels"] = json!({"app": "backend", "version": "v2"});
+    fake.put(pods, p);
+    let snap = snapshot_where(&mut source, |_| true).await;
+    let w = snap.registry.get("api", "backend-1").unwrap();
+    assert_eq!(w.labels.get("version").map(String::as_str), Some("v2"));
+}

@@ -13,7 +13,7 @@
 //!   `app = 127.0.0.1:T` (the app listens on localhost) and `inbound = <podIP>:T` (the proxy
 //!   listens on the Pod IP, where Istio clients dial, so Envoy sidecars and Rampart
 //!   proxies interoperate). A Service is a registry service whose endpoints are its
-//!   selected Running Pods with an IP. Protocols are inferred as Istio does
+//!   selected Running Pods with an IP (not host-network). Protocols are inferred as Istio does
 //!   ([`infer_protocol`]).
 //! - **Refusals**: an invalid object is left out alone ([`Refused`]: kind, namespace/name,
 //!   resourceVersion, field, reason); every other object still applies.
@@ -582,6 +582,9 @@ fn pod_workload(
     let mut ports: Vec<PortEntry> = Vec::new();
     let mut endpoint_of = Vec::new();
     let running = phase == "Running";
+    // A host-network Pod shares the node's IP (no sidecar listens for it, as in Istio):
+    // a workload without ports, no endpoint.
+    let ip = ip.filter(|_| pod.pointer("/spec/hostNetwork") != Some(&Value::Bool(true)));
     for svc in services {
         if svc.namespace != namespace
             || svc.selector.is_empty()
@@ -1030,6 +1033,19 @@ mod tests {
         assert_eq!(
             r.get("api", "backend-3").unwrap().proxy.outbound,
             st.proxy_outbound
+        );
+    }
+
+    #[test]
+    fn host_network_pods_are_no_endpoints() {
+        let mut o = objects();
+        o.pods[1]["spec"]["hostNetwork"] = json!(true);
+        let c = convert(&settings(), &o);
+        let r = &c.snapshot.registry;
+        assert!(r.get("api", "backend-2").unwrap().ports.is_empty());
+        assert_eq!(
+            r.service("api", "backend").unwrap().endpoints,
+            ["api/backend-1"]
         );
     }
 
