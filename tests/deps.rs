@@ -497,3 +497,44 @@ fn checker_reports_kubernetes_layer_violations_and_accepts_the_allowed_arrows() 
     let found = violations(&good);
     assert!(found.is_empty(), "{found:?}");
 }
+
+/// rampart-k8s's tests may run proxies: a dev-only edge to rampart-proxy is allowed, a
+/// normal one is not (the twin of the check above).
+#[test]
+fn checker_allows_k8s_a_dev_only_edge_to_proxy() {
+    fn graph(kind: Value) -> Value {
+        let names = ["rampart", "rampart-k8s", "rampart-proxy"];
+        let edges: &[(&str, &[&str])] = &[
+            ("rampart", &["rampart-k8s"]),
+            ("rampart-k8s", &["rampart-proxy"]),
+            ("rampart-proxy", &[]),
+        ];
+        let deps_of = |n: &str| edges.iter().find(|(m, _)| *m == n).unwrap().1.to_vec();
+        serde_json::json!({
+            "packages": names.iter().map(|n| serde_json::json!({
+                "id": format!("{n}-id"), "name": n,
+                "dependencies": deps_of(n).iter().map(|d| serde_json::json!({
+                    "name": d, "optional": false, "kind": if *n == "rampart-k8s" { kind.clone() } else { Value::Null },
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "workspace_members": names.iter().map(|n| format!("{n}-id")).collect::<Vec<_>>(),
+            "resolve": {"nodes": names.iter().map(|n| serde_json::json!({
+                "id": format!("{n}-id"),
+                "deps": deps_of(n).iter().map(|d| serde_json::json!({
+                    "name": d, "pkg": format!("{d}-id"),
+                    "dep_kinds": [{"kind": if *n == "rampart-k8s" { kind.clone() } else { Value::Null }, "target": null}],
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>()},
+        })
+    }
+    let dev = violations(&graph(Value::String("dev".into()))).join("\n");
+    assert!(
+        !dev.contains("rampart-k8s depends on rampart-proxy"),
+        "{dev}"
+    );
+    let normal = violations(&graph(Value::Null)).join("\n");
+    assert!(
+        normal.contains("rampart-k8s depends on rampart-proxy"),
+        "{normal}"
+    );
+}

@@ -469,7 +469,14 @@ async fn post_event(client: kube::Client, r: Refused) {
     };
     let ev = CoreEvent {
         metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
-            name: Some(format!("{}.{suffix:x}", r.name)),
+            // Event names are DNS subdomains (at most 253 characters) like kubectl's.
+            name: Some(format!(
+                "{}.{suffix:x}",
+                r.name
+                    .get(..200)
+                    .unwrap_or(&r.name)
+                    .trim_end_matches(['.', '-'])
+            )),
             namespace: Some(ns.clone()),
             ..Default::default()
         },
