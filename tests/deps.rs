@@ -6,7 +6,7 @@
 //!           mesh ────► certs, authz         (nothing else of ours; no networking)
 //! layer 2   citadel, node-agent, proxy      (no arrows between them, normal, dev or build)
 //! layer 2.5 k8s ─────► certs, proto, authz, mesh, citadel  (kube-rs lives only here;
-//!                      only rampart depends on it)
+//!                      only rampart depends on it; its tests may use proxy, dev-only)
 //! layer 3   rampart (src/)                  (nothing depends on it, by any kind of edge:
 //!                                            neither its binary nor its library, src/lib.rs)
 //! ```
@@ -134,6 +134,19 @@ impl<'a> Graph<'a> {
             .collect()
     }
 
+    /// Workspace crates `member` depends on directly through a normal (non-dev,
+    /// non-build) edge.
+    fn workspace_normal_deps(&self, member: &str) -> BTreeSet<&'a str> {
+        self.edges
+            .get(self.members[member])
+            .into_iter()
+            .flatten()
+            .filter(|(_, normal)| *normal)
+            .map(|(dep, _)| self.names[dep])
+            .filter(|n| self.members.contains_key(n))
+            .collect()
+    }
+
     /// Workspace crates reachable from `member` through workspace crates, any edge kind.
     fn workspace_closure(&self, member: &str) -> BTreeSet<&'a str> {
         let mut seen = BTreeSet::new();
@@ -230,15 +243,22 @@ fn violations(meta: &Value) -> Vec<String> {
     // Kubernetes mode sits between the layer-2 crates and the binary: it may use certs,
     // proto, authz, mesh and citadel, and only the binary's package may use it.
     if g.members.contains_key("rampart-k8s") {
+        // Its tests may run in-process proxies fed by the Kubernetes source (a dev-only
+        // edge to rampart-proxy); the library itself never depends on a layer-2 crate
+        // other than citadel.
+        let normal = g.workspace_normal_deps("rampart-k8s");
         for dep in g.workspace_deps("rampart-k8s") {
-            if !matches!(
-                dep,
-                "rampart-certs"
-                    | "rampart-proto"
-                    | "rampart-authz"
-                    | "rampart-mesh"
-                    | "rampart-citadel"
-            ) {
+            let dev_only_proxy = dep == "rampart-proxy" && !normal.contains(dep);
+            if !dev_only_proxy
+                && !matches!(
+                    dep,
+                    "rampart-certs"
+                        | "rampart-proto"
+                        | "rampart-authz"
+                        | "rampart-mesh"
+                        | "rampart-citadel"
+                )
+            {
                 out.push(format!(
                     "rampart-k8s depends on {dep} (only certs, proto, authz, mesh, citadel)"
                 ));
@@ -476,4 +496,45 @@ fn checker_reports_kubernetes_layer_violations_and_accepts_the_allowed_arrows() 
     ]);
     let found = violations(&good);
     assert!(found.is_empty(), "{found:?}");
+}
+
+/// rampart-k8s's tests may run proxies: a dev-only edge to rampart-proxy is allowed, a
+/// normal one is not (the twin of the check above).
+#[test]
+fn checker_allows_k8s_a_dev_only_edge_to_proxy() {
+    fn graph(kind: Value) -> Value {
+        let names = ["rampart", "rampart-k8s", "rampart-proxy"];
+        let edges: &[(&str, &[&str])] = &[
+            ("rampart", &["rampart-k8s"]),
+            ("rampart-k8s", &["rampart-proxy"]),
+            ("rampart-proxy", &[]),
+        ];
+        let deps_of = |n: &str| edges.iter().find(|(m, _)| *m == n).unwrap().1.to_vec();
+        serde_json::json!({
+            "packages": names.iter().map(|n| serde_json::json!({
+                "id": format!("{n}-id"), "name": n,
+                "dependencies": deps_of(n).iter().map(|d| serde_json::json!({
+                    "name": d, "optional": false, "kind": if *n == "rampart-k8s" { kind.clone() } else { Value::Null },
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>(),
+            "workspace_members": names.iter().map(|n| format!("{n}-id")).collect::<Vec<_>>(),
+            "resolve": {"nodes": names.iter().map(|n| serde_json::json!({
+                "id": format!("{n}-id"),
+                "deps": deps_of(n).iter().map(|d| serde_json::json!({
+                    "name": d, "pkg": format!("{d}-id"),
+                    "dep_kinds": [{"kind": if *n == "rampart-k8s" { kind.clone() } else { Value::Null }, "target": null}],
+                })).collect::<Vec<_>>(),
+            })).collect::<Vec<_>>()},
+        })
+    }
+    let dev = violations(&graph(Value::String("dev".into()))).join("\n");
+    assert!(
+        !dev.contains("rampart-k8s depends on rampart-proxy"),
+        "{dev}"
+    );
+    let normal = violations(&graph(Value::Null)).join("\n");
+    assert!(
+        normal.contains("rampart-k8s depends on rampart-proxy"),
+        "{normal}"
+    );
 }

@@ -11,11 +11,14 @@
 //!   (self-signed, created once, never overwritten).
 //! - [`publish`]: the root bundle in ConfigMap `istio-ca-root-cert` in every namespace,
 //!   written by the holder of a `coordination.k8s.io` Lease.
+//! - [`source`]: policy and registry from the API: watches of `security.istio.io` policy,
+//!   Pods, Services and Namespaces as a stream of mesh snapshots ([`KubeConfigSource`]),
+//!   invalid objects refused alone (log, metric, Event).
 //!
 //! Every call goes through a [`kube::Client`], so tests build one over a fake API service
 //! (`k8s/tests/support/fake_api.rs`).
 //!
-//! Layer 2.5 (tests/deps.rs): depends on certs and citadel; only the `rampart` package
+//! Layer 2.5 (tests/deps.rs): depends on certs, authz, mesh and citadel; only the `rampart` package
 //! depends on it, and citadel knows nothing of Kubernetes.
 
 mod authn;
@@ -23,11 +26,13 @@ pub mod material;
 pub mod publish;
 
 mod review;
+pub mod source;
 
 pub use self::authn::{KubeAuthenticator, NodeAccount};
 pub use self::review::{
     DEFAULT_REVIEW_CACHE, MAX_REVIEW_AGE, ReviewedToken, TokenReviewer, unverified_exp,
 };
+pub use self::source::{KubeConfigSource, SourceMetrics};
 
 /// Why Kubernetes mode could not start or load its material.
 #[derive(Debug, thiserror::Error)]

@@ -170,11 +170,85 @@ impl WorkloadEntry {
     }
 }
 
+/// One port of a service: what clients dial (`port`), the workload port of every endpoint
+/// it reaches (`targetPort`), and the protocol.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ServicePort {
+    /// The service port (what clients address, and the `outbound_.<port>_._.<host>` SNI).
+    pub port: u16,
+    /// The endpoints' workload port.
+    pub target_port: u16,
+    /// The protocol.
+    pub protocol: PortProtocol,
+}
+
+/// A service of the registry (Kubernetes mode: a Service and its ready endpoints; a folder
+/// may declare them too). Without services, every workload is its own service.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct ServiceEntry {
+    /// Service name.
+    pub name: String,
+    /// Namespace.
+    pub namespace: String,
+    /// Ports.
+    pub ports: Vec<ServicePort>,
+    /// The workloads serving it (`<namespace>/<name>` keys of registry workloads), in the
+    /// order connections prefer them.
+    pub endpoints: Vec<String>,
+}
+
+impl ServiceEntry {
+    /// `<namespace>/<name>`.
+    pub fn key(&self) -> String {
+        format!("{}/{}", self.namespace, self.name)
+    }
+
+    /// `<name>.<namespace>.svc.cluster.local`.
+    pub fn host(&self) -> String {
+        format!("{}.{}.svc.{CLUSTER_DOMAIN}", self.name, self.namespace)
+    }
+
+    /// The service port `port`.
+    pub fn port(&self, port: u16) -> Option<&ServicePort> {
+        self.ports.iter().find(|p| p.port == port)
+    }
+}
+
+/// Where a client's authority leads: the destination workload and its port (where its
+/// inbound proxy listens, and whose identity to expect), and the service host and port
+/// as dialled (the SNI `outbound_.<service_port>_._.<service_host>`).
+#[derive(Debug, Clone, Copy)]
+pub struct Resolved<'a> {
+    /// The destination workload (for a service, the endpoint chosen).
+    pub workload: &'a WorkloadEntry,
+    /// Its port that serves the request.
+    pub port: &'a PortEntry,
+    /// The service of the authority, if it named a declared service (else the workload
+    /// is its own service).
+    pub service: Option<&'a ServiceEntry>,
+    /// The service port dialled.
+    pub service_port: u16,
+}
+
+impl Resolved<'_> {
+    /// The service host (`<name>.<namespace>.svc.cluster.local`).
+    pub fn service_host(&self) -> String {
+        match self.service {
+            Some(s) => s.host(),
+            None => self.workload.service_host(),
+        }
+    }
+}
+
 /// The workload registry (`workloads.yaml`).
 #[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize)]
 pub struct Registry {
     /// Workloads, in file order.
     pub workloads: Vec<WorkloadEntry>,
+    /// Services, in file order (empty: every workload is its own service).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub services: Vec<ServiceEntry>,
 }
 
 impl Registry {
@@ -185,14 +259,39 @@ impl Registry {
             .find(|w| w.namespace == namespace && w.name == name)
     }
 
+    /// The service `namespace/name`.
+    pub fn service(&self, namespace: &str, name: &str) -> Option<&ServiceEntry> {
+        self.services
+            .iter()
+            .find(|s| s.namespace == namespace && s.name == name)
+    }
+
     /// Resolve a service host as a client in `from_namespace` writes it: `<name>.<ns>.svc.
     /// cluster.local`, `<name>.<ns>.svc`, `<name>.<ns>` or (same namespace) `<name>`, with an
-    /// optional `:port` (default 80, which must then be a declared port).
+    /// optional `:port` (default 80, which must then be a declared port). The workload and
+    /// its port of [`Registry::resolve_target`].
     pub fn resolve(
         &self,
         authority: &str,
         from_namespace: &str,
     ) -> Option<(&WorkloadEntry, &PortEntry)> {
+        self.resolve_target(authority, from_namespace)
+            .map(|r| (r.workload, r.port))
+    }
+
+    /// Resolve an authority (see [`Registry::resolve`]) to a destination. A declared service
+    /// of that name wins: its port `P` leads to the first endpoint that has the workload
+    /// port `targetPort` (`None` when it has no such endpoint). Otherwise a workload of that
+    /// name is its own service, its port `P` the workload port.
+    pub fn resolve_target(&self, authority: &str, from_namespace: &str) -> Option<Resolved<'_>> {
+        self.resolve_all(authority, from_namespace)?
+            .into_iter()
+            .next()
+    }
+
+    /// Every destination of an authority, in preference order (a service's endpoints that
+    /// serve its target port; a workload alone); `None` when there is none.
+    pub fn resolve_all(&self, authority: &str, from_namespace: &str) -> Option<Vec<Resolved<'_>>> {
         let (host, port) = split_host_port(authority)?;
         let host = host.trim_end_matches('.').to_ascii_lowercase();
         let parts: Vec<&str> = host.split('.').collect();
@@ -202,9 +301,37 @@ impl Registry {
             [name, ns, "svc", rest @ ..] if rest.join(".") == CLUSTER_DOMAIN => (*name, *ns),
             _ => return None,
         };
+        let port = port.unwrap_or(80);
+        if let Some(svc) = self.service(ns, name) {
+            let sp = *svc.port(port)?;
+            let found: Vec<Resolved<'_>> = svc
+                .endpoints
+                .iter()
+                .filter_map(|key| {
+                    let (ens, ename) = key.split_once('/')?;
+                    let w = self.get(ens, ename)?;
+                    let p = w.port(sp.target_port)?;
+                    Some(Resolved {
+                        workload: w,
+                        port: p,
+                        service: Some(svc),
+                        service_port: port,
+                    })
+                })
+                .collect();
+            if found.is_empty() {
+                return None;
+            }
+            return Some(found);
+        }
         let w = self.get(ns, name)?;
-        let p = w.port(port.unwrap_or(80))?;
-        Some((w, p))
+        let p = w.port(port)?;
+        Some(vec![Resolved {
+            workload: w,
+            port: p,
+            service: None,
+            service_port: port,
+        }])
     }
 }
 
@@ -343,6 +470,29 @@ impl ReferencedFiles {
 struct RawRegistry {
     #[serde(default)]
     workloads: Vec<RawWorkload>,
+    #[serde(default)]
+    services: Vec<RawService>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawService {
+    name: String,
+    namespace: String,
+    #[serde(default)]
+    ports: Vec<RawServicePort>,
+    #[serde(default)]
+    endpoints: Vec<String>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, rename_all = "camelCase")]
+struct RawServicePort {
+    port: u16,
+    #[serde(default)]
+    target_port: Option<u16>,
+    #[serde(default)]
+    protocol: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -536,25 +686,7 @@ fn parse_registry_into(file: &str, text: &str, c: &mut Collector) -> Option<Regi
                     format!("port {} is declared twice", p.port),
                 );
             }
-            let protocol = match p
-                .protocol
-                .as_deref()
-                .map(str::to_ascii_lowercase)
-                .as_deref()
-            {
-                None | Some("tcp") => Some(PortProtocol::Tcp),
-                Some("http") | Some("http1") | Some("http/1.1") => Some(PortProtocol::Http),
-                Some("http2") | Some("h2") | Some("h2c") => Some(PortProtocol::Http2),
-                Some("grpc") | Some("grpc-web") => Some(PortProtocol::Grpc),
-                Some(other) => {
-                    c.push(
-                        file,
-                        format!("{pat}.protocol"),
-                        format!("unknown protocol {other:?} (http, http2, grpc or tcp)"),
-                    );
-                    None
-                }
-            };
+            let protocol = parse_protocol(file, &format!("{pat}.protocol"), p.protocol, c);
             let app = c.addr(file, &format!("{pat}.app"), &p.app);
             let inbound = c.addr(file, &format!("{pat}.inbound"), &p.inbound);
             if let Some(a) = inbound {
@@ -625,6 +757,7 @@ fn parse_registry_into(file: &str, text: &str, c: &mut Collector) -> Option<Regi
             });
         }
     }
+    parse_services(file, raw.services, &mut reg, c);
     // Upstreams must name a registry service port.
     for (i, w) in reg.workloads.iter().enumerate() {
         for (j, u) in w.upstreams.iter().enumerate() {
@@ -639,6 +772,118 @@ fn parse_registry_into(file: &str, text: &str, c: &mut Collector) -> Option<Regi
         }
     }
     Some(reg)
+}
+
+fn parse_protocol(
+    file: &str,
+    field: &str,
+    protocol: Option<String>,
+    c: &mut Collector,
+) -> Option<PortProtocol> {
+    match protocol.as_deref().map(str::to_ascii_lowercase).as_deref() {
+        None | Some("tcp") => Some(PortProtocol::Tcp),
+        Some("http") | Some("http1") | Some("http/1.1") => Some(PortProtocol::Http),
+        Some("http2") | Some("h2") | Some("h2c") => Some(PortProtocol::Http2),
+        Some("grpc") | Some("grpc-web") => Some(PortProtocol::Grpc),
+        Some(other) => {
+            c.push(
+                file,
+                field,
+                format!("unknown protocol {other:?} (http, http2, grpc or tcp)"),
+            );
+            None
+        }
+    }
+}
+
+/// The `services:` of a registry: names, ports and endpoints checked against the
+/// workloads already parsed (an endpoint must be a declared workload with the target port).
+fn parse_services(file: &str, raw: Vec<RawService>, reg: &mut Registry, c: &mut Collector) {
+    let mut seen = BTreeSet::new();
+    for (i, s) in raw.into_iter().enumerate() {
+        let at = format!("services[{i}]");
+        let before = c.problems.len();
+        if !is_dns_label(&s.name) {
+            c.push(
+                file,
+                format!("{at}.name"),
+                format!("{:?} is not a DNS label", s.name),
+            );
+        }
+        if !is_dns_label(&s.namespace) {
+            c.push(
+                file,
+                format!("{at}.namespace"),
+                format!("{:?} is not a DNS label", s.namespace),
+            );
+        }
+        if !seen.insert((s.namespace.clone(), s.name.clone())) {
+            c.push(
+                file,
+                format!("{at}.name"),
+                format!("service {}/{} is declared twice", s.namespace, s.name),
+            );
+        }
+        let mut ports = Vec::new();
+        let mut seen_ports = BTreeSet::new();
+        for (j, p) in s.ports.into_iter().enumerate() {
+            let pat = format!("{at}.ports[{j}]");
+            let target_port = p.target_port.unwrap_or(p.port);
+            if p.port == 0 || target_port == 0 {
+                c.push(file, format!("{pat}.port"), "port 0 is not a port");
+            }
+            if !seen_ports.insert(p.port) {
+                c.push(
+                    file,
+                    format!("{pat}.port"),
+                    format!("port {} is declared twice", p.port),
+                );
+            }
+            if let Some(protocol) = parse_protocol(file, &format!("{pat}.protocol"), p.protocol, c)
+            {
+                ports.push(ServicePort {
+                    port: p.port,
+                    target_port,
+                    protocol,
+                });
+            }
+        }
+        for (j, e) in s.endpoints.iter().enumerate() {
+            let field = format!("{at}.endpoints[{j}]");
+            let Some(w) = e.split_once('/').and_then(|(ns, n)| reg.get(ns, n)) else {
+                c.push(
+                    file,
+                    field,
+                    format!("{e:?} is not a workload of the registry (namespace/name)"),
+                );
+                continue;
+            };
+            if w.namespace != s.namespace {
+                c.push(
+                    file,
+                    field.clone(),
+                    format!("endpoint {e} is not in the service's namespace"),
+                );
+            }
+            for p in &ports {
+                if w.port(p.target_port).is_none() {
+                    c.push(
+                        file,
+                        field.clone(),
+                        format!("endpoint {e} has no port {} (targetPort)", p.target_port),
+                    );
+                }
+            }
+        }
+        if c.problems.len() == before {
+            reg.services.push(ServiceEntry {
+                name: s.name,
+                namespace: s.namespace,
+                ports,
+                endpoints: s.endpoints,
+            });
+        }
+    }
 }
 
 /// Outbound and upstream listeners act as their workload for whoever connects: refuse a
@@ -1056,6 +1301,92 @@ workloads:
             fe.spiffe_id(&td).to_string(),
             "spiffe://cluster.local/ns/web/sa/fe"
         );
+    }
+
+    const SERVICES: &str = r#"
+services:
+- name: api
+  namespace: api
+  ports:
+  - {port: 80, targetPort: 8080, protocol: http}
+  - {port: 9000}
+  endpoints: [api/backend]
+"#;
+
+    /// `services:` in the registry: a service port leads to an endpoint's target port with
+    /// the service's host and port for the SNI; the form serializes back and parses again;
+    /// without services a workload is its own service (unchanged).
+    #[test]
+    fn registry_services_resolve_and_round_trip() {
+        let text = format!("{REG}{SERVICES}");
+        let r = parse_registry("workloads.yaml", &text).unwrap();
+        assert_eq!(r.services.len(), 1);
+        let t = r
+            .resolve_target("api.api.svc.cluster.local:80", "web")
+            .unwrap();
+        assert_eq!(
+            (t.workload.key().as_str(), t.port.port),
+            ("api/backend", 8080)
+        );
+        assert_eq!(t.port.inbound, "127.0.0.1:15081".parse().unwrap());
+        assert_eq!(
+            (t.service_host().as_str(), t.service_port),
+            ("api.api.svc.cluster.local", 80)
+        );
+        assert_eq!(
+            r.resolve_target("api.api:9000", "web").unwrap().port.port,
+            9000
+        );
+        assert!(r.resolve_target("api.api:8080", "web").is_none());
+        // The workload itself still resolves as its own service.
+        let w = r.resolve_target("backend.api:8080", "web").unwrap();
+        assert!(w.service.is_none());
+        assert_eq!(w.service_host(), "backend.api.svc.cluster.local");
+        // Serialized services parse back to the same entries.
+        let json = serde_json::to_value(&r).unwrap();
+        let again = format!("{REG}services: {}\n", json["services"]);
+        assert_eq!(
+            parse_registry("workloads.yaml", &again).unwrap().services,
+            r.services
+        );
+        // No services: nothing serialized, the folder form unchanged.
+        let plain = parse_registry("workloads.yaml", REG).unwrap();
+        assert!(
+            serde_json::to_value(&plain)
+                .unwrap()
+                .get("services")
+                .is_none()
+        );
+        for (bad, field) in [
+            (
+                "services: [{name: x, namespace: api, endpoints: [api/nope]}]",
+                "services[0].endpoints[0]",
+            ),
+            (
+                "services: [{name: x, namespace: api, ports: [{port: 1}], endpoints: [api/backend]}]",
+                "services[0].endpoints[0]",
+            ),
+            (
+                "services: [{name: x, namespace: web, endpoints: [api/backend]}]",
+                "services[0].endpoints[0]",
+            ),
+            (
+                "services: [{name: x, namespace: api, ports: [{port: 1, protocol: smtp}]}]",
+                "services[0].ports[0].protocol",
+            ),
+            ("services: [{name: X, namespace: api}]", "services[0].name"),
+            (
+                "services: [{name: x, namespace: api}, {name: x, namespace: api}]",
+                "services[1].name",
+            ),
+            (
+                "services: [{name: x, namespace: api, colour: red}]",
+                "services[0]",
+            ),
+        ] {
+            let p = parse_registry("workloads.yaml", &format!("{REG}{bad}\n")).expect_err(bad);
+            assert!(p.iter().any(|p| p.field.starts_with(field)), "{bad}: {p:?}");
+        }
     }
 
     #[test]

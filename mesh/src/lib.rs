@@ -10,6 +10,8 @@
 //!   Consumers hold the last good snapshot and keep serving it when a new one is refused.
 //!
 //! - [`watch`] (feature `watch`): a folder as a stream of snapshots and refusals.
+//! - [`kube`]: Kubernetes objects (Pods, Services, `security.istio.io` policy) to a
+//!   snapshot, each invalid object refused alone (the watching is in `rampart-k8s`).
 //! - [`mtls`]: the proxies' `GET /mtls` answer, shared by the proxy that serves it and
 //!   `rampart mtls-report` that reads it.
 //!
@@ -18,6 +20,7 @@
 //! domains, SPIFFE IDs) and `rampart-authz` (policy resources and their validation) only.
 
 mod folder;
+pub mod kube;
 pub mod mtls;
 mod source;
 

@@ -9,13 +9,15 @@
 //! `connection_security_policy="none"`.
 //!
 //! Each destination (authority as the app wrote it) is resolved once per configuration: the
-//! [`Route`] (target, mode, pool, metric series) is cached in a table tied to the
-//! [`Config`] it was computed from, so a registry or policy edit (a new `Config`) makes the
+//! [`Route`]s (target, mode, pool, metric series; one per endpoint of a service, taken in
+//! turn per request or connection) are cached in a table tied to the [`Config`] they were
+//! computed from, so a registry or policy edit (a new `Config`) makes the
 //! next request resolve again and a mode change applies to new connections.
 
 use std::collections::HashMap;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -38,7 +40,7 @@ use crate::edge::{Budget, Budgets, EdgeLimits};
 use crate::http::{Body, is_grpc_request, owned_text_response, text_response};
 use crate::identity::{Alpn, IdentityHolder};
 use crate::metrics::{Labels, Metered, Metrics, Pending, Series, request_protocol};
-use rampart_mesh::{PortEntry, PortProtocol, WorkloadEntry};
+use rampart_mesh::{PortProtocol, Resolved, WorkloadEntry};
 use tracing::Instrument as _;
 
 /// Most cached routes per configuration (authorities as apps write them).
@@ -52,6 +54,8 @@ struct PeerKey {
     mtls: bool,
     dest: String,
     port: u16,
+    /// `<service host>:<service port>` (the SNI).
+    service: String,
 }
 
 /// Pooled HTTP connections to one destination port, and its request series.
@@ -72,9 +76,23 @@ pub(crate) struct Route {
     pub(crate) tcp_labels: Arc<str>,
 }
 
+/// The routes of one authority: one per destination (a service's endpoints), taken in
+/// turn (round robin per request or connection).
+struct Balanced {
+    routes: Vec<Arc<Route>>,
+    next: AtomicUsize,
+}
+
+impl Balanced {
+    fn pick(&self) -> Arc<Route> {
+        let i = self.next.fetch_add(1, Ordering::Relaxed) % self.routes.len();
+        self.routes[i].clone()
+    }
+}
+
 struct RouteTable {
     cfg: Arc<Config>,
-    map: HashMap<Box<str>, Arc<Route>>,
+    map: HashMap<Box<str>, Arc<Balanced>>,
 }
 
 /// Why an authority has no route.
@@ -101,7 +119,7 @@ pub(crate) struct Outbound {
     routes: ArcSwapOption<RouteTable>,
 }
 
-fn source_labels(cfg: &Config, dest: &WorkloadEntry, mtls: bool) -> Labels {
+fn source_labels(cfg: &Config, dest: &WorkloadEntry, service_host: String, mtls: bool) -> Labels {
     Labels {
         reporter: "source",
         source_principal: cfg.me.spiffe_id(&cfg.folder.trust_domain).to_string(),
@@ -110,7 +128,7 @@ fn source_labels(cfg: &Config, dest: &WorkloadEntry, mtls: bool) -> Labels {
         destination_principal: dest.spiffe_id(&cfg.folder.trust_domain).to_string(),
         destination_workload: dest.name.clone(),
         destination_namespace: dest.namespace.clone(),
-        destination_service: dest.service_host(),
+        destination_service: service_host,
         mtls,
     }
 }
@@ -147,26 +165,35 @@ impl Outbound {
         }
     }
 
-    /// The route for `authority` (`host[:port]` as the app wrote it) under `cfg`.
+    /// The route for `authority` (`host[:port]` as the app wrote it) under `cfg`: a
+    /// service's endpoints in turn, one per call.
     pub(crate) fn route(&self, cfg: &Arc<Config>, authority: &str) -> Result<Arc<Route>, NoRoute> {
         if let Some(t) = &*self.routes.load()
             && Arc::ptr_eq(&t.cfg, cfg)
-            && let Some(r) = t.map.get(authority)
+            && let Some(b) = t.map.get(authority)
         {
-            return Ok(r.clone());
+            return Ok(b.pick());
         }
-        let (dest, port) = cfg
+        let all = cfg
             .folder
             .registry
-            .resolve(authority, &cfg.me.namespace)
+            .resolve_all(authority, &cfg.me.namespace)
             .ok_or(NoRoute::Unknown)?;
-        let route = Arc::new(self.build_route(cfg, dest, port)?);
+        let routes = all
+            .iter()
+            .map(|r| self.build_route(cfg, r).map(Arc::new))
+            .collect::<Result<Vec<_>, _>>()?;
+        let balanced = Arc::new(Balanced {
+            routes,
+            next: AtomicUsize::new(0),
+        });
+        let route = balanced.pick();
         self.routes.rcu(|cur| {
             let mut map = match cur {
                 Some(t) if Arc::ptr_eq(&t.cfg, cfg) && t.map.len() < MAX_ROUTES => t.map.clone(),
                 _ => HashMap::new(),
             };
-            map.insert(authority.into(), route.clone());
+            map.insert(authority.into(), balanced.clone());
             Some(Arc::new(RouteTable {
                 cfg: cfg.clone(),
                 map,
@@ -175,20 +202,18 @@ impl Outbound {
         Ok(route)
     }
 
-    fn build_route(
-        &self,
-        cfg: &Config,
-        dest: &WorkloadEntry,
-        port: &PortEntry,
-    ) -> Result<Route, NoRoute> {
+    /// The route to one destination (a workload port, under its service's host and port).
+    fn build_route(&self, cfg: &Config, resolved: &Resolved<'_>) -> Result<Route, NoRoute> {
+        let (dest, port) = (resolved.workload, resolved.port);
+        let service_host = resolved.service_host();
         let expected = dest.spiffe_id(&cfg.folder.trust_domain);
         let mtls = originate_mtls(cfg, dest, port.port);
         let h2 = port.protocol.is_h2();
         let target = Arc::new(
             Target::new(
                 port.inbound,
-                &dest.service_host(),
-                port.port,
+                &service_host,
+                resolved.service_port,
                 expected.clone(),
                 if h2 { Alpn::H2 } else { Alpn::Http1 },
             )
@@ -201,8 +226,9 @@ impl Outbound {
             mtls,
             dest: dest.key(),
             port: port.port,
+            service: format!("{service_host}:{}", resolved.service_port),
         };
-        let labels = source_labels(cfg, dest, mtls);
+        let labels = source_labels(cfg, dest, service_host, mtls);
         let pool = {
             let mut pools = self.pools.lock().unwrap_or_else(|e| e.into_inner());
             pools

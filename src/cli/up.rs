@@ -783,6 +783,7 @@ impl Up {
         self.mesh = MeshFolder {
             registry: rampart_mesh::Registry {
                 workloads: in_force,
+                services: new.registry.services,
             },
             ..old
         };

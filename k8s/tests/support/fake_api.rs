@@ -14,6 +14,15 @@
 //!   global resourceVersion, as etcd's revision.
 //! - [`FakeApi::hold_gets`] makes the next N GETs of one object wait for each other, so two
 //!   callers both see "not found" before either creates it (the create race).
+//! - Lists and watches as kube-runtime's watchers use them: a list of all namespaces
+//!   (`/api/v1/pods`) gathers every namespace's objects; `?watch=true&resourceVersion=N`
+//!   streams newline-delimited JSON WatchEvents (`ADDED`, `MODIFIED`, `DELETED`) of every
+//!   write after revision N, then a `BOOKMARK` (when `allowWatchBookmarks=true`) at the
+//!   current revision, and stays open for later writes until `timeoutSeconds`.
+//!   [`FakeApi::alias_version`] serves one group version as another (as the API server
+//!   serves one `security.istio.io` object at v1 and v1beta1).
+//!   [`FakeApi::fail_watches`] cuts a collection's open watches and answers its watches and
+//!   lists with 500s (an API outage), to test that a source keeps its last snapshot.
 //!
 //! Every request is logged ([`FakeApi::calls`]) so tests can assert what was (not) asked.
 //! [`FakeApi::serve_http`] serves the same fake over plain HTTP on loopback, for tests that
@@ -27,7 +36,9 @@ use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::{BodyExt, Full};
+use http_body_util::combinators::UnsyncBoxBody;
+use http_body_util::{BodyExt, Full, StreamBody};
+use hyper::body::Frame;
 use serde_json::{Value, json};
 
 /// One registered token: what the fake API server knows about it.
@@ -74,8 +85,22 @@ impl FakeToken {
     }
 }
 
+/// One write, as a watch replays it.
+struct Change {
+    revision: u64,
+    collection: String,
+    kind: &'static str,
+    object: Value,
+}
+
 #[derive(Default)]
 struct State {
+    /// Every write, in revision order (watches replay from here).
+    log: Vec<Change>,
+    /// (served prefix, stored prefix): `/apis/g/v1beta1` read from `/apis/g/v1`.
+    aliases: Vec<(String, String)>,
+    /// Collections whose lists and watches fail (500).
+    failing: Vec<String>,
     /// (collection path, name) -> object
     objects: BTreeMap<(String, String), Value>,
     revision: u64,
@@ -87,14 +112,67 @@ struct State {
 }
 
 /// The fake API server. Cheap to clone; clones share state.
-#[derive(Clone, Default)]
+#[derive(Clone)]
 pub struct FakeApi {
     state: Arc<Mutex<State>>,
+    /// The current revision, for watches waiting for writes.
+    revision: tokio::sync::watch::Sender<u64>,
 }
+
+impl Default for FakeApi {
+    fn default() -> Self {
+        FakeApi {
+            state: Arc::default(),
+            revision: tokio::sync::watch::Sender::new(0),
+        }
+    }
+}
+
+type Body = UnsyncBoxBody<Bytes, Infallible>;
 
 impl FakeApi {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// Serve `served` (e.g. `/apis/security.istio.io/v1beta1`) from the objects stored
+    /// under `stored` (`/apis/security.istio.io/v1`): one object at two versions.
+    pub fn alias_version(&self, served: &str, stored: &str) {
+        self.lock()
+            .aliases
+            .push((served.to_owned(), stored.to_owned()));
+    }
+
+    /// Lists and watches of `collection` (e.g. `/api/v1/pods`) fail with 500 while `on`;
+    /// open watches of it end.
+    pub fn fail_watches(&self, collection: &str, on: bool) {
+        let mut st = self.lock();
+        st.failing.retain(|c| c != collection);
+        if on {
+            st.failing.push(collection.to_owned());
+        }
+        // Wake open watches so they see the outage.
+        self.revision.send_replace(st.revision);
+    }
+
+    /// Every stored object of `collection` (a namespaced one, or all namespaces).
+    pub fn objects(&self, collection: &str) -> Vec<Value> {
+        let st = self.lock();
+        st.objects
+            .iter()
+            .filter(|((c, _), _)| in_collection(c, collection))
+            .map(|(_, o)| o.clone())
+            .collect()
+    }
+
+    fn record(&self, st: &mut State, collection: &str, kind: &'static str, object: Value) {
+        st.log.push(Change {
+            revision: st.revision,
+            collection: collection.to_owned(),
+            kind,
+            object,
+        });
+        self.revision.send_replace(st.revision);
     }
 
     /// A real `kube::Client` whose every request this fake answers.
@@ -135,10 +213,21 @@ impl FakeApi {
             .expect("metadata.name")
             .to_owned();
         obj["metadata"]["resourceVersion"] = json!(rv);
+        let key = (collection.to_owned(), name);
+        let kind = match st.objects.get(&key) {
+            Some(old) => {
+                if obj["metadata"]["uid"].is_null() {
+                    obj["metadata"]["uid"] = old["metadata"]["uid"].clone();
+                }
+                "MODIFIED"
+            }
+            None => "ADDED",
+        };
         if obj["metadata"]["uid"].is_null() {
             obj["metadata"]["uid"] = json!(format!("uid-{rv}"));
         }
-        st.objects.insert((collection.to_owned(), name), obj);
+        st.objects.insert(key, obj.clone());
+        self.record(&mut st, collection, kind, obj);
     }
 
     /// A Pod `ns/name` of service account `sa` scheduled on `node`.
@@ -164,7 +253,12 @@ impl FakeApi {
     pub fn delete(&self, collection: &str, name: &str) -> Option<Value> {
         let mut st = self.lock();
         st.revision += 1;
-        st.objects.remove(&(collection.to_owned(), name.to_owned()))
+        let mut gone = st
+            .objects
+            .remove(&(collection.to_owned(), name.to_owned()))?;
+        gone["metadata"]["resourceVersion"] = json!(st.revision.to_string());
+        self.record(&mut st, collection, "DELETED", gone.clone());
+        Some(gone)
     }
 
     /// Every request so far, as `METHOD /path?query`.
@@ -216,7 +310,143 @@ impl FakeApi {
         addr
     }
 
-    async fn handle<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
+    async fn handle<B>(&self, req: Request<B>) -> Response<Body>
+    where
+        B: hyper::body::Body,
+        B::Error: std::fmt::Display,
+    {
+        let query = req.uri().query().unwrap_or("").to_owned();
+        if req.method() == Method::GET && query.split('&').any(|p| p == "watch=true") {
+            let path = req.uri().path().to_owned();
+            self.lock().calls.push(format!("GET {path}?{query}"));
+            return self.watch(&path, &query);
+        }
+        self.handle_plain(req).await.map(BodyExt::boxed_unsync)
+    }
+
+    /// A watch: the writes after `resourceVersion`, then a bookmark, then writes as they
+    /// happen, as newline-delimited JSON WatchEvents.
+    fn watch(&self, path: &str, query: &str) -> Response<Body> {
+        let param = |k: &str| {
+            query
+                .split('&')
+                .find_map(|p| p.strip_prefix(k).and_then(|v| v.strip_prefix('=')))
+                .map(percent_decode)
+        };
+        let Some((collection, None)) = split(path) else {
+            return status(
+                StatusCode::NOT_FOUND,
+                "NotFound",
+                &format!("no route {path}"),
+            )
+            .map(BodyExt::boxed_unsync);
+        };
+        if self.lock().failing.contains(&collection) {
+            return status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "etcd is down",
+            )
+            .map(BodyExt::boxed_unsync);
+        }
+        let from: u64 = param("resourceVersion")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0);
+        let bookmarks = param("allowWatchBookmarks").as_deref() == Some("true");
+        let timeout = param("timeoutSeconds")
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(290u64);
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout);
+        let (stored, version) = self.served(&collection);
+        let fake = self.clone();
+        let rx = self.revision.subscribe();
+        struct W {
+            fake: FakeApi,
+            rx: tokio::sync::watch::Receiver<u64>,
+            next: u64,
+            bookmark: bool,
+        }
+        let w = W {
+            fake,
+            rx,
+            next: from,
+            bookmark: bookmarks,
+        };
+        let stream = futures::stream::unfold(w, move |mut w| {
+            let stored = stored.clone();
+            let version = version.clone();
+            let requested = collection.clone();
+            async move {
+                loop {
+                    let (lines, current) = {
+                        let st = w.fake.lock();
+                        // An outage cuts open watches too.
+                        if st.failing.contains(&requested) {
+                            return None;
+                        }
+                        let lines: Vec<String> = st
+                            .log
+                            .iter()
+                            .filter(|c| {
+                                c.revision > w.next && in_collection(&c.collection, &stored)
+                            })
+                            .map(|c| {
+                                let mut o = c.object.clone();
+                                if let Some(v) = &version {
+                                    o["apiVersion"] = json!(v);
+                                }
+                                json!({"type": c.kind, "object": o}).to_string()
+                            })
+                            .collect();
+                        (lines, st.revision)
+                    };
+                    w.next = w.next.max(current);
+                    let mut text = String::new();
+                    for l in lines {
+                        text.push_str(&l);
+                        text.push('\n');
+                    }
+                    if w.bookmark {
+                        w.bookmark = false;
+                        let (api_version, kind) = type_of(&stored, version.as_deref());
+                        text.push_str(
+                            &json!({"type": "BOOKMARK", "object": {"apiVersion": api_version, "kind": kind,
+                                "metadata": {"resourceVersion": current.to_string()}}})
+                            .to_string(),
+                        );
+                        text.push('\n');
+                    }
+                    if !text.is_empty() {
+                        return Some((Ok::<_, Infallible>(Frame::data(Bytes::from(text))), w));
+                    }
+                    tokio::select! {
+                        r = w.rx.changed() => if r.is_err() { return None },
+                        () = tokio::time::sleep_until(deadline) => return None,
+                    }
+                }
+            }
+        });
+        Response::builder()
+            .status(StatusCode::OK)
+            .header("content-type", "application/json")
+            .body(StreamBody::new(stream).boxed_unsync())
+            .expect("response")
+    }
+
+    /// The stored collection a served one reads, and the apiVersion to rewrite objects
+    /// to when it is an alias.
+    fn served(&self, collection: &str) -> (String, Option<String>) {
+        let st = self.lock();
+        for (served, stored) in &st.aliases {
+            if let Some(rest) = collection.strip_prefix(served.as_str()) {
+                let version = served.trim_start_matches("/apis/").to_owned();
+                return (format!("{stored}{rest}"), Some(version));
+            }
+        }
+        (collection.to_owned(), None)
+    }
+
+    async fn handle_plain<B>(&self, req: Request<B>) -> Response<Full<Bytes>>
     where
         B: hyper::body::Body,
         B::Error: std::fmt::Display,
@@ -298,6 +528,7 @@ impl FakeApi {
                     obj["metadata"]["namespace"] = json!(ns);
                 }
                 st.objects.insert(key, obj.clone());
+                self.record(&mut st, &collection, "ADDED", obj.clone());
                 ok(StatusCode::CREATED, &obj)
             }
             (Method::PUT, Some(name)) => {
@@ -330,6 +561,7 @@ impl FakeApi {
                 obj["metadata"]["resourceVersion"] = json!(st.revision.to_string());
                 obj["metadata"]["uid"] = uid;
                 st.objects.insert(key, obj.clone());
+                self.record(&mut st, &collection, "MODIFIED", obj.clone());
                 ok(StatusCode::OK, &obj)
             }
             (Method::DELETE, Some(name)) => match self.delete(&collection, &name) {
@@ -359,12 +591,26 @@ impl FakeApi {
                 }
             }
         }
+        let (stored, version) = self.served(collection);
         let st = self.lock();
+        if st.failing.iter().any(|c| c == collection) {
+            return status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "InternalError",
+                "etcd is down",
+            );
+        }
         let items: Vec<Value> = st
             .objects
             .iter()
-            .filter(|((c, _), _)| c == collection)
-            .map(|(_, o)| o.clone())
+            .filter(|((c, _), _)| in_collection(c, &stored))
+            .map(|(_, o)| {
+                let mut o = o.clone();
+                if let Some(v) = &version {
+                    o["apiVersion"] = json!(v);
+                }
+                o
+            })
             .filter(|o| {
                 selectors.iter().all(|(k, want)| {
                     let got = match k.as_str() {
@@ -416,6 +662,45 @@ impl FakeApi {
         answer["status"] = status_v;
         ok(StatusCode::CREATED, &answer)
     }
+}
+
+/// Whether objects stored in `stored` belong to the requested `collection`: the same one,
+/// or `collection` is the all-namespaces form (`/api/v1/pods`) of `stored`
+/// (`/api/v1/namespaces/<ns>/pods`).
+fn in_collection(stored: &str, collection: &str) -> bool {
+    if stored == collection {
+        return true;
+    }
+    let Some((prefix, resource)) = collection.rsplit_once('/') else {
+        return false;
+    };
+    stored
+        .strip_prefix(prefix)
+        .and_then(|r| r.strip_prefix("/namespaces/"))
+        .and_then(|r| r.split_once('/'))
+        .is_some_and(|(ns, res)| !ns.is_empty() && res == resource)
+}
+
+/// (apiVersion, kind) of the objects of a collection, for bookmarks.
+fn type_of(collection: &str, version: Option<&str>) -> (String, String) {
+    let segs: Vec<&str> = collection.trim_start_matches('/').split('/').collect();
+    let api_version = match (version, segs.as_slice()) {
+        (Some(v), _) => v.to_owned(),
+        (None, ["api", v, ..]) => (*v).to_owned(),
+        (None, ["apis", g, v, ..]) => format!("{g}/{v}"),
+        _ => String::new(),
+    };
+    let kind = match segs.last().copied().unwrap_or("") {
+        "pods" => "Pod",
+        "services" => "Service",
+        "namespaces" => "Namespace",
+        "events" => "Event",
+        "authorizationpolicies" => "AuthorizationPolicy",
+        "peerauthentications" => "PeerAuthentication",
+        "requestauthentications" => "RequestAuthentication",
+        _ => "Unknown",
+    };
+    (api_version, kind.to_owned())
 }
 
 /// `(collection, name)` of an object path.

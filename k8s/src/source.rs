@@ -1,0 +1,509 @@
+//! Policy and registry from the API (issue #14 item 2, DESIGN §6): the Kubernetes
+//! configuration source. kube-runtime watches of `security.istio.io` v1 and v1beta1
+//! PeerAuthentication, RequestAuthentication and AuthorizationPolicy, and of Pods, Services
+//! and Namespaces, turned into mesh snapshots by the pure [`rampart_mesh::kube::convert`] and
+//! handed out as the same [`Updates`] stream the folder watcher gives.
+//!
+//! - **Fail closed at start**: no snapshot until every watch has listed its objects once (a
+//!   proxy would otherwise start with no policy).
+//! - **Debounced**: a burst of object events makes one snapshot, [`DEFAULT_DEBOUNCE`] after
+//!   the last event; none when the registry and policy it would carry are unchanged (a Pod
+//!   status heartbeat).
+//! - **Invalid objects** are left out alone (every other object still applies). Each is
+//!   logged once per `resourceVersion` (namespace/name, field, reason), counted in
+//!   `rampart_config_rejections_total{kind}` (one per refused object version) and
+//!   `rampart_config_rejected_objects{kind}` (refused now), and a core/v1 Event (type
+//!   `Warning`, reason [`EVENT_REASON_POLICY`] or [`EVENT_REASON_OBJECT`]) is posted
+//!   regarding the object, once per `resourceVersion`.
+//! - **Watch errors** (API down, RBAC) keep the last snapshot; the watch retries with
+//!   kube-runtime's default backoff and re-lists.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use futures::{Stream, StreamExt};
+use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, ObjectReference, Pod, Service};
+use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use rampart_mesh::kube::{KubeObjects, KubeSettings, Refused, convert};
+use rampart_mesh::watch::{Update, Updates};
+use serde_json::Value;
+use tokio::sync::mpsc;
+
+/// Quiet time after the last object event before a snapshot is built.
+pub const DEFAULT_DEBOUNCE: Duration = Duration::from_millis(100);
+/// Event reason for a refused `security.istio.io` object.
+pub const EVENT_REASON_POLICY: &str = "RampartInvalidPolicy";
+/// Event reason for a refused Pod or Service.
+pub const EVENT_REASON_OBJECT: &str = "RampartInvalidObject";
+/// The Event source component.
+pub const EVENT_COMPONENT: &str = "rampart";
+
+/// The policy kinds and versions watched.
+const POLICY_KINDS: [&str; 3] = [
+    "PeerAuthentication",
+    "RequestAuthentication",
+    "AuthorizationPolicy",
+];
+const POLICY_VERSIONS: [&str; 2] = ["v1", "v1beta1"];
+
+type KindLabel = Vec<(String, String)>;
+
+/// The source's metrics (register them where the process serves `/metrics`).
+#[derive(Debug, Default)]
+pub struct SourceMetrics {
+    rejections: Family<KindLabel, Counter>,
+    rejected: Family<KindLabel, Gauge>,
+    snapshots: Counter,
+    watch_errors: Counter,
+}
+
+impl SourceMetrics {
+    /// Register every metric in `registry`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "rampart_config_rejections",
+            "Kubernetes objects refused (once per object and resourceVersion), by kind",
+            self.rejections.clone(),
+        );
+        registry.register(
+            "rampart_config_rejected_objects",
+            "Kubernetes objects refused in the latest snapshot, by kind",
+            self.rejected.clone(),
+        );
+        registry.register(
+            "rampart_config_snapshots",
+            "Snapshots sent from the Kubernetes API (one per change of the mesh model)",
+            self.snapshots.clone(),
+        );
+        registry.register(
+            "rampart_config_watch_errors",
+            "Errors of the Kubernetes watches (each retried with backoff)",
+            self.watch_errors.clone(),
+        );
+    }
+
+    /// Refusals counted for `kind` so far (one per object version).
+    pub fn rejections(&self, kind: &str) -> u64 {
+        self.rejections.get_or_create(&label(kind)).get()
+    }
+
+    /// Objects of `kind` refused in the latest snapshot.
+    pub fn rejected_now(&self, kind: &str) -> i64 {
+        self.rejected.get_or_create(&label(kind)).get()
+    }
+
+    /// Snapshots sent so far.
+    pub fn snapshots(&self) -> u64 {
+        self.snapshots.get()
+    }
+
+    /// Watch errors so far (each retried with backoff).
+    pub fn watch_errors(&self) -> u64 {
+        self.watch_errors.get()
+    }
+}
+
+fn label(kind: &str) -> KindLabel {
+    vec![("kind".to_owned(), kind.to_owned())]
+}
+
+/// The Kubernetes configuration source.
+pub struct KubeConfigSource {
+    client: kube::Client,
+    settings: KubeSettings,
+    debounce: Duration,
+    metrics: Arc<SourceMetrics>,
+}
+
+impl std::fmt::Debug for KubeConfigSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("KubeConfigSource")
+            .field("settings", &self.settings)
+            .field("debounce", &self.debounce)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What one watch said, as JSON.
+enum Change {
+    Apply(Value),
+    Delete(Value),
+    Init,
+    InitApply(Value),
+    InitDone,
+    Error(String),
+}
+
+/// Which collection a change is about.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum Coll {
+    Policy(usize),
+    Pods,
+    Services,
+    Namespaces,
+}
+
+type ChangeStream = Pin<Box<dyn Stream<Item = (Coll, Change)> + Send>>;
+
+fn key(v: &Value) -> (String, String) {
+    let m = &v["metadata"];
+    (
+        m["namespace"].as_str().unwrap_or("").to_owned(),
+        m["name"].as_str().unwrap_or("").to_owned(),
+    )
+}
+
+/// One watched collection: its objects, and those of a re-list being gathered.
+#[derive(Default)]
+struct Store {
+    objects: BTreeMap<(String, String), Value>,
+    relist: Option<BTreeMap<(String, String), Value>>,
+    synced: bool,
+}
+
+impl Store {
+    /// Apply one change; whether the objects changed.
+    fn apply(&mut self, c: Change) -> bool {
+        match c {
+            Change::Apply(v) => {
+                self.objects.insert(key(&v), v);
+                true
+            }
+            Change::Delete(v) => {
+                self.objects.remove(&key(&v));
+                true
+            }
+            Change::Init => {
+                self.relist = Some(BTreeMap::new());
+                false
+            }
+            Change::InitApply(v) => {
+                self.relist
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(key(&v), v);
+                false
+            }
+            Change::InitDone => {
+                self.objects = self.relist.take().unwrap_or_default();
+                self.synced = true;
+                true
+            }
+            Change::Error(_) => false,
+        }
+    }
+}
+
+fn watch<K>(api: Api<K>, coll: Coll, types: (String, String)) -> ChangeStream
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    K: Send + 'static,
+{
+    let to_value = move |k: K| {
+        let mut v = serde_json::to_value(&k).unwrap_or(Value::Null);
+        if let Value::Object(m) = &mut v {
+            m.insert("apiVersion".into(), Value::String(types.0.clone()));
+            m.insert("kind".into(), Value::String(types.1.clone()));
+        }
+        v
+    };
+    Box::pin(
+        watcher::watcher(api, watcher::Config::default())
+            .default_backoff()
+            .map(move |e| {
+                let c = match e {
+                    Ok(Event::Apply(k)) => Change::Apply(to_value(k)),
+                    Ok(Event::Delete(k)) => Change::Delete(to_value(k)),
+                    Ok(Event::Init) => Change::Init,
+                    Ok(Event::InitApply(k)) => Change::InitApply(to_value(k)),
+                    Ok(Event::InitDone) => Change::InitDone,
+                    Err(e) => Change::Error(e.to_string()),
+                };
+                (coll, c)
+            }),
+    )
+}
+
+impl KubeConfigSource {
+    /// A source reading the cluster of `client` under the mesh `settings`.
+    pub fn new(client: kube::Client, settings: KubeSettings) -> Self {
+        KubeConfigSource {
+            client,
+            settings,
+            debounce: DEFAULT_DEBOUNCE,
+            metrics: Arc::default(),
+        }
+    }
+
+    /// Quiet time after the last event before a snapshot is built.
+    pub fn with_debounce(mut self, d: Duration) -> Self {
+        self.debounce = d;
+        self
+    }
+
+    /// The source's metrics.
+    pub fn metrics(&self) -> Arc<SourceMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Start watching: the returned stream yields a snapshot after the first full sync of
+    /// every watch, then one per (debounced) change. Dropping it stops the watches.
+    pub fn start(self) -> Updates {
+        let (tx, updates) = Updates::channel(4);
+        tokio::spawn(self.run(tx));
+        updates
+    }
+
+    fn streams(&self) -> Vec<ChangeStream> {
+        let mut out = Vec::new();
+        let mut i = 0;
+        for kind in POLICY_KINDS {
+            for version in POLICY_VERSIONS {
+                let gvk = GroupVersionKind::gvk(rampart_authz::SECURITY_GROUP, version, kind);
+                let ar = ApiResource::from_gvk(&gvk);
+                let api: Api<DynamicObject> = Api::all_with(self.client.clone(), &ar);
+                out.push(watch(
+                    api,
+                    Coll::Policy(i),
+                    (ar.api_version.clone(), kind.to_owned()),
+                ));
+                i += 1;
+            }
+        }
+        let core = |k: &str| ("v1".to_owned(), k.to_owned());
+        out.push(watch(
+            Api::<Pod>::all(self.client.clone()),
+            Coll::Pods,
+            core("Pod"),
+        ));
+        out.push(watch(
+            Api::<Service>::all(self.client.clone()),
+            Coll::Services,
+            core("Service"),
+        ));
+        out.push(watch(
+            Api::<Namespace>::all(self.client.clone()),
+            Coll::Namespaces,
+            core("Namespace"),
+        ));
+        out
+    }
+
+    async fn run(self, tx: mpsc::Sender<Update>) {
+        let streams = self.streams();
+        let count = streams.len();
+        let mut merged = futures::stream::select_all(streams);
+        let mut stores: BTreeMap<Coll, Store> = BTreeMap::new();
+        let reporter = Reporter::new(self.client.clone(), self.metrics.clone());
+        let mut dirty = false;
+        let mut deadline = tokio::time::Instant::now();
+        let mut waiting_logged = false;
+        let mut last: Option<(rampart_mesh::Registry, Vec<rampart_authz::Resource>)> = None;
+        loop {
+            let all_synced = stores.len() == count && stores.values().all(|s| s.synced);
+            tokio::select! {
+                next = merged.next() => {
+                    let Some((coll, change)) = next else { return };
+                    if let Change::Error(e) = &change {
+                        self.metrics.watch_errors.inc();
+                        tracing::warn!(watch = ?coll, error = %e, "kubernetes watch failed; the last snapshot keeps serving, retrying with backoff");
+                    }
+                    if stores.entry(coll).or_default().apply(change) {
+                        dirty = true;
+                        deadline = tokio::time::Instant::now() + self.debounce;
+                    }
+                }
+                () = tokio::time::sleep_until(deadline), if dirty && all_synced => {
+                    dirty = false;
+                    let objects = objects(&stores);
+                    let conv = convert(&self.settings, &objects);
+                    reporter.report(&conv.refused);
+                    // Pod status heartbeats and the like change nothing the mesh reads:
+                    // no new snapshot for them.
+                    let model = (conv.snapshot.registry.clone(), conv.snapshot.resources.clone());
+                    if last.as_ref() == Some(&model) {
+                        tracing::debug!("objects changed, the mesh model did not: no snapshot");
+                        continue;
+                    }
+                    last = Some(model);
+                    self.metrics.snapshots.inc();
+                    tracing::info!(
+                        policies = conv.snapshot.resources.len(),
+                        workloads = conv.snapshot.registry.workloads.len(),
+                        services = conv.snapshot.registry.services.len(),
+                        refused = conv.refused.len(),
+                        "snapshot from the Kubernetes API"
+                    );
+                    if tx.send(Ok(conv.snapshot)).await.is_err() {
+                        return;
+                    }
+                }
+                () = tx.closed() => return,
+                () = tokio::time::sleep(Duration::from_secs(10)), if !all_synced && !waiting_logged => {
+                    waiting_logged = true;
+                    tracing::warn!(
+                        synced = stores.values().filter(|s| s.synced).count(),
+                        watches = count,
+                        "waiting for every Kubernetes watch to list once before the first snapshot (fail closed)"
+                    );
+                }
+            }
+        }
+    }
+}
+
+fn objects(stores: &BTreeMap<Coll, Store>) -> KubeObjects {
+    let mut o = KubeObjects::default();
+    for (coll, s) in stores {
+        let vals = s.objects.values().cloned();
+        match coll {
+            Coll::Policy(_) => o.policies.extend(vals),
+            Coll::Pods => o.pods.extend(vals),
+            Coll::Services => o.services.extend(vals),
+            Coll::Namespaces => o.namespaces.extend(vals),
+        }
+    }
+    o
+}
+
+/// Logs, counts and posts an Event for each refused object version, once.
+struct Reporter {
+    client: kube::Client,
+    metrics: Arc<SourceMetrics>,
+    /// (kind, namespace, name, resourceVersion) already reported
+    seen: Mutex<BTreeSet<(String, String, String, String)>>,
+    kinds: Mutex<BTreeSet<String>>,
+}
+
+impl Reporter {
+    fn new(client: kube::Client, metrics: Arc<SourceMetrics>) -> Self {
+        Reporter {
+            client,
+            metrics,
+            seen: Mutex::default(),
+            kinds: Mutex::default(),
+        }
+    }
+
+    fn report(&self, refused: &[Refused]) {
+        let now: BTreeSet<_> = refused
+            .iter()
+            .map(|r| {
+                (
+                    r.kind.clone(),
+                    r.namespace.clone(),
+                    r.name.clone(),
+                    r.resource_version.clone(),
+                )
+            })
+            .collect();
+        let mut per_kind: BTreeMap<String, i64> = BTreeMap::new();
+        {
+            let mut seen = self.seen.lock().unwrap_or_else(|e| e.into_inner());
+            for r in refused {
+                *per_kind.entry(r.kind.clone()).or_default() += 1;
+                let k = (
+                    r.kind.clone(),
+                    r.namespace.clone(),
+                    r.name.clone(),
+                    r.resource_version.clone(),
+                );
+                if seen.contains(&k) {
+                    continue;
+                }
+                seen.insert(k);
+                tracing::warn!(
+                    kind = %r.kind,
+                    object = %format!("{}/{}", r.namespace, r.name),
+                    resource_version = %r.resource_version,
+                    field = %r.field,
+                    reason = %r.reason,
+                    "invalid object refused alone; the rest of the configuration applies"
+                );
+                self.metrics.rejections.get_or_create(&label(&r.kind)).inc();
+                tokio::spawn(post_event(self.client.clone(), r.clone()));
+            }
+            // Forget versions no longer refused (fixed or deleted): bounded memory.
+            seen.retain(|k| now.contains(k));
+        }
+        let mut kinds = self.kinds.lock().unwrap_or_else(|e| e.into_inner());
+        kinds.extend(per_kind.keys().cloned());
+        for k in kinds.iter() {
+            self.metrics
+                .rejected
+                .get_or_create(&label(k))
+                .set(per_kind.get(k).copied().unwrap_or(0));
+        }
+    }
+}
+
+/// Post a core/v1 Warning Event regarding the refused object (best effort: a failure is
+/// logged, the refusal stands).
+async fn post_event(client: kube::Client, r: Refused) {
+    let ns = if r.namespace.is_empty() {
+        "default".to_owned()
+    } else {
+        r.namespace.clone()
+    };
+    let now =
+        k8s_openapi::apimachinery::pkg::apis::meta::v1::Time(k8s_openapi::jiff::Timestamp::now());
+    let suffix = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    let reason = if r.api_version.starts_with(rampart_authz::SECURITY_GROUP) {
+        EVENT_REASON_POLICY
+    } else {
+        EVENT_REASON_OBJECT
+    };
+    let message = if r.field.is_empty() {
+        format!("refused by Rampart: {}", r.reason)
+    } else {
+        format!("refused by Rampart: {}: {}", r.field, r.reason)
+    };
+    let ev = CoreEvent {
+        metadata: k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta {
+            // Event names are DNS subdomains (at most 253 characters) like kubectl's.
+            name: Some(format!(
+                "{}.{suffix:x}",
+                r.name
+                    .get(..200)
+                    .unwrap_or(&r.name)
+                    .trim_end_matches(['.', '-'])
+            )),
+            namespace: Some(ns.clone()),
+            ..Default::default()
+        },
+        involved_object: ObjectReference {
+            api_version: Some(r.api_version.clone()),
+            kind: Some(r.kind.clone()),
+            name: Some(r.name.clone()),
+            namespace: Some(ns.clone()),
+            uid: Some(r.uid.clone()).filter(|u| !u.is_empty()),
+            resource_version: Some(r.resource_version.clone()).filter(|v| !v.is_empty()),
+            ..Default::default()
+        },
+        reason: Some(reason.to_owned()),
+        message: Some(message),
+        type_: Some("Warning".to_owned()),
+        source: Some(k8s_openapi::api::core::v1::EventSource {
+            component: Some(EVENT_COMPONENT.to_owned()),
+            host: None,
+        }),
+        reporting_component: Some(EVENT_COMPONENT.to_owned()),
+        first_timestamp: Some(now.clone()),
+        last_timestamp: Some(now),
+        count: Some(1),
+        ..Default::default()
+    };
+    let api: Api<CoreEvent> = Api::namespaced(client, &ns);
+    if let Err(e) = api.create(&PostParams::default(), &ev).await {
+        tracing::warn!(object = %r.object(), error = %e, "could not post the Event of a refused object (events create RBAC?)");
+    }
+}
