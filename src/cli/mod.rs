@@ -3,6 +3,7 @@
 mod admin_http;
 mod agent;
 mod authz;
+mod bench;
 mod ca;
 mod ca_load;
 mod certs;
@@ -58,6 +59,9 @@ pub(crate) enum Command {
     /// Per workload and port: plaintext vs mTLS traffic, and whether STRICT is safe.
     #[command(after_help = mtls_report::AFTER_HELP)]
     MtlsReport(mtls_report::MtlsReportArgs),
+    /// Load generators for what wrk cannot drive (mTLS handshakes).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 impl Command {
@@ -74,6 +78,7 @@ impl Command {
             Command::Up(cmd) => cmd.run(),
             Command::Echo(cmd) => cmd.run(),
             Command::MtlsReport(cmd) => cmd.run(),
+            Command::Bench(cmd) => cmd.run(),
         }
     }
 }
