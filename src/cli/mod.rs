@@ -3,6 +3,7 @@
 mod admin_http;
 mod agent;
 mod authz;
+mod bench;
 mod ca;
 mod ca_load;
 mod certs;
@@ -65,6 +66,9 @@ pub(crate) enum Command {
     Inject(inject::InjectArgs),
     /// HTTP GET that exits 0 on a 2xx answer (exec probes of loopback endpoints).
     Probe(probe::ProbeArgs),
+    /// Load generators for what wrk cannot drive (mTLS handshakes).
+    #[command(subcommand)]
+    Bench(bench::BenchCommand),
 }
 
 impl Command {
@@ -83,6 +87,7 @@ impl Command {
             Command::MtlsReport(cmd) => cmd.run(),
             Command::Inject(cmd) => cmd.run(),
             Command::Probe(cmd) => cmd.run(),
+            Command::Bench(cmd) => cmd.run(),
         }
     }
 }
