@@ -10,6 +10,8 @@
 //!   Consumers hold the last good snapshot and keep serving it when a new one is refused.
 //!
 //! - [`watch`] (feature `watch`): a folder as a stream of snapshots and refusals.
+//! - [`resources`]: the model as named, versioned resources (what a control plane streams
+//!   to proxies) and back.
 //! - [`mtls`]: the proxies' `GET /mtls` answer, shared by the proxy that serves it and
 //!   `rampart mtls-report` that reads it.
 //!
@@ -19,6 +21,7 @@
 
 mod folder;
 pub mod mtls;
+pub mod resources;
 mod source;
 
 pub use self::folder::*;
