@@ -8,7 +8,7 @@
 //! (`shutdown_background`) drops every connection at once, as a crashed process would.
 
 mod support;
-use support::{Proc, free_port, wait_for};
+use support::{Proc, free_port, wait_for, write_atomic};
 
 #[path = "../proxy/tests/support/sds_standin.rs"]
 mod sds_standin;
@@ -471,5 +471,107 @@ fn proxy_follows_the_control_plane_through_edits_nacks_and_outages() {
     drop(cp);
     drop(proxy);
     drop(wrong_san);
+    test_rt.shutdown_background();
+}
+
+/// The binary wiring: `rampart ca --config-folder DIR` serves the watched folder on the CA
+/// port; a folder edit reaches a `rampart proxy --control-plane`. Its twin: a folder that
+/// is not a directory is refused at start, naming the flag.
+#[test]
+fn ca_binary_serves_its_config_folder() {
+    let w = tempfile::tempdir().unwrap();
+    let wp = w.path();
+    let root = wp.join("root");
+    let cacerts = wp.join("cacerts");
+    rampart(&["certs", "root", "--out", root.to_str().unwrap()]);
+    rampart(&[
+        "certs",
+        "intermediate",
+        "--root",
+        root.to_str().unwrap(),
+        "--name",
+        "control-plane",
+        "--out",
+        cacerts.to_str().unwrap(),
+    ]);
+    let ca = TestCa::from_dir(&root);
+    let p = Ports {
+        app: free_port(),
+        inbound: free_port(),
+        admin: free_port(),
+        cp: free_port(),
+        other_app: free_port(),
+        other_in: free_port(),
+    };
+    app(p.app);
+    let folder = wp.join("mesh");
+    snapshot(&folder, &p, "/admin", "");
+
+    let bad = Command::new(rampart_bin())
+        .args(["ca", "--cacerts"])
+        .arg(&cacerts)
+        .arg("--state")
+        .arg(wp.join("state-bad"))
+        .args(["--listen", "127.0.0.1:0", "--config-folder"])
+        .arg(wp.join("missing"))
+        .output()
+        .unwrap();
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("--config-folder"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+
+    let log = wp.join("ca.log");
+    let ca_proc = Proc {
+        child: Command::new(rampart_bin())
+            .args(["ca", "--cacerts"])
+            .arg(&cacerts)
+            .arg("--state")
+            .arg(wp.join("state"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{}", p.cp),
+                "--config-folder",
+            ])
+            .arg(&folder)
+            .env("RUST_LOG", "info")
+            .stdout(std::fs::File::create(wp.join("ca.out")).unwrap())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap(),
+        log,
+    };
+
+    let test_rt = tokio::runtime::Runtime::new().unwrap();
+    let sds = wp.join("sds.sock");
+    let _standin = {
+        let _g = test_rt.enter();
+        sds_standin::start(&sds, Some(ca.secrets(BACKEND_ID, 1)))
+    };
+    let proxy = start_proxy(p.cp, &sds, None, wp.join("proxy.log"));
+    let logs = || format!("{}\n--- ca ---\n{}", proxy.log(), ca_proc.log());
+    wait_for(
+        "the folder's configuration to be served",
+        Duration::from_secs(30),
+        || status(p.inbound, "/data") == Some(200),
+        logs,
+    );
+    assert_eq!(status(p.inbound, "/admin"), Some(403));
+
+    let policy = std::fs::read_to_string(folder.join("policy.yaml"))
+        .unwrap()
+        .replace("['/admin']", "['/data']");
+    write_atomic(&folder.join("policy.yaml"), &policy);
+    wait_for(
+        "the folder edit to reach the proxy",
+        Duration::from_secs(30),
+        || status(p.inbound, "/data") == Some(403),
+        logs,
+    );
+    assert_eq!(status(p.inbound, "/admin"), Some(200));
+    drop(proxy);
+    drop(ca_proc);
     test_rt.shutdown_background();
 }
