@@ -436,6 +436,12 @@ fn parse_yaml(file: &str, text: &str, c: &mut Collector) -> Option<serde_json::V
     // called `n`), never booleans, as Kubernetes manifests written for YAML 1.2 expect.
     let mut options = serde_saphyr::Options::default();
     options.strict_booleans = true;
+    // A registry of 10,000 workloads is ~250,000 nodes, the parser's default cap: allow
+    // meshes of ~150,000 workloads (aliases and depth keep their default caps).
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = 4_000_000;
+    budget.max_events = 16_000_000;
+    options.budget = Some(budget);
     match serde_saphyr::from_str_with_options::<serde_json::Value>(text, options) {
         Ok(v) => Some(v),
         Err(e) => {
@@ -1057,6 +1063,24 @@ fn collect_yaml(root: &Path, dir: &Path, out: &mut Vec<PathBuf>, c: &mut Collect
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A registry of 12,000 workloads loads (the parser's default node cap would refuse it).
+    #[test]
+    fn large_registries_load() {
+        let mut text = String::from("workloads:\n");
+        for i in 0..12_000 {
+            text.push_str(&format!(
+                "- {{name: w{i}, namespace: ns{}, labels: {{app: a{i}, version: v1}}, ports: [{{port: 80, protocol: http, app: '127.0.0.1:8080', inbound: '127.2.{}.{}:15006'}}, {{port: 81, app: '127.0.0.1:8081', inbound: '127.3.{}.{}:15006'}}]}}\n",
+                i % 100,
+                i / 256,
+                i % 256,
+                i / 256,
+                i % 256
+            ));
+        }
+        let reg = parse_registry(WORKLOADS_FILE, &text).unwrap();
+        assert_eq!(reg.workloads.len(), 12_000);
+    }
 
     const REG: &str = r#"
 workloads:
