@@ -39,6 +39,17 @@ use tonic::{Request, Response, Status, Streaming};
 
 pub use rampart_proto::rampart::config::v1::config_discovery_server::ConfigDiscoveryServer;
 
+/// Most full pushes (a stream's first response, or any response of more than
+/// [`LARGE_PUSH`] resources) in flight at once: each holds a permit until the proxy answers
+/// it (ACK or NACK) or [`PUSH_PERMIT_TIMEOUT`] passes, so 1,000 proxies connecting at once
+/// do not hold 1,000 encoded copies of the mesh in memory (istiod throttles pushes the same
+/// way).
+pub const MAX_FULL_PUSHES: usize = 32;
+/// A response with more resources than this counts as a full push.
+pub const LARGE_PUSH: usize = 1_000;
+/// How long a full push holds its permit without an answer.
+pub const PUSH_PERMIT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Largest message a stream sends or accepts: a whole first push of a large mesh (10,000
 /// registry items are about 3 MB).
 pub const MAX_MESSAGE_BYTES: usize = 256 * 1024 * 1024;
@@ -233,6 +244,25 @@ impl Model {
     }
 }
 
+/// Whether the next delta of a stream is large (more than [`LARGE_PUSH`] resources may
+/// change in the mesh settings and registry; policies are bounded by a namespace's), counted
+/// without building the delta.
+fn model_is_large(model: &Model, have: &[u64]) -> bool {
+    let mut changed = 0usize;
+    for id in model.mesh.iter().chain(&model.registry) {
+        let idx = *id as usize;
+        if let Some(e) = &model.entries[idx]
+            && have.get(idx).copied().unwrap_or(0) != e.version
+        {
+            changed += 1;
+            if changed > LARGE_PUSH {
+                return true;
+            }
+        }
+    }
+    false
+}
+
 fn type_of(kind: ResourceKind) -> &'static str {
     match kind {
         ResourceKind::Mesh => pb::MESH_TYPE,
@@ -248,6 +278,7 @@ pub struct ConfigService {
     auth: Arc<dyn Authenticator>,
     stats: Arc<Stats>,
     nonce: Arc<AtomicU64>,
+    full_pushes: Arc<tokio::sync::Semaphore>,
 }
 
 impl std::fmt::Debug for ConfigService {
@@ -325,6 +356,7 @@ impl ConfigService {
                 auth,
                 stats: stats.clone(),
                 nonce: Arc::new(AtomicU64::new(0)),
+                full_pushes: Arc::new(tokio::sync::Semaphore::new(MAX_FULL_PUSHES)),
             },
             ModelFeed { tx, stats },
         )
@@ -462,7 +494,26 @@ impl ConfigService {
             }
         }
         let mut first_push = true;
+        // The permit of the full push awaiting its answer: (nonce, permit, deadline).
+        let mut in_flight: Option<(
+            String,
+            tokio::sync::OwnedSemaphorePermit,
+            tokio::time::Instant,
+        )> = None;
         loop {
+            // A full push waits for a permit (a stream's first push always counts as one).
+            let permit = if first_push || model_is_large(&model, &have) {
+                in_flight = None;
+                Some(
+                    self.full_pushes
+                        .clone()
+                        .acquire_owned()
+                        .await
+                        .map_err(|_| Status::unavailable("the control plane is shutting down"))?,
+                )
+            } else {
+                None
+            };
             let (resources, mut removed) = model.delta(&namespace, &mut have);
             if first_push {
                 removed.append(&mut unknown_removed);
@@ -483,10 +534,26 @@ impl ConfigService {
                 if tx.send(Ok(resp)).await.is_err() {
                     return Ok(());
                 }
+                if let Some(p) = permit {
+                    in_flight = Some((
+                        nonce.to_string(),
+                        p,
+                        tokio::time::Instant::now() + PUSH_PERMIT_TIMEOUT,
+                    ));
+                }
             }
             // Wait for a new model or a request (ACK / NACK / end).
             loop {
+                let deadline = in_flight.as_ref().map(|f| f.2);
                 tokio::select! {
+                    () = async {
+                        match deadline {
+                            Some(d) => tokio::time::sleep_until(d).await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        in_flight = None;
+                    }
                     changed = models.changed() => {
                         if changed.is_err() {
                             return Err(Status::unavailable("the control plane is shutting down"));
@@ -498,6 +565,9 @@ impl ConfigService {
                     }
                     msg = inbound.message() => {
                         let Some(req) = msg? else { return Ok(()) };
+                        if in_flight.as_ref().is_some_and(|f| f.0 == req.response_nonce) {
+                            in_flight = None;
+                        }
                         if !req.workload.is_empty() && req.workload != key {
                             return Err(Status::invalid_argument(format!(
                                 "the stream is for workload {key}, not {}", req.workload
