@@ -300,20 +300,22 @@ async fn main() {
                     Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
                 }
             };
-            let mut n = 0;
+            let mut first_open = true;
             while let Ok(Some(resp)) = stream.message().await {
-                n += 1;
                 let _ = tx
                     .send(pb::DeltaConfigRequest {
                         response_nonce: resp.nonce.clone(),
                         ..Default::default()
                     })
                     .await;
-                if n == 1 {
+                if first_open {
                     let bytes: usize = resp.resources.iter().map(|r| r.body.len()).sum();
                     first_bytes.fetch_add(bytes, Ordering::Relaxed);
-                    first_done.fetch_add(1, Ordering::Relaxed);
-                    let _ = done_tx.send((1, Instant::now())).await;
+                    if !resp.incomplete {
+                        first_open = false;
+                        first_done.fetch_add(1, Ordering::Relaxed);
+                        let _ = done_tx.send((1, Instant::now())).await;
+                    }
                 } else if resp
                     .resources
                     .iter()

@@ -45,6 +45,9 @@ pub use rampart_proto::rampart::config::v1::config_discovery_server::ConfigDisco
 /// do not hold 1,000 encoded copies of the mesh in memory (istiod throttles pushes the same
 /// way).
 pub const MAX_FULL_PUSHES: usize = 32;
+/// Most resources in one response: a larger push is sent in parts (`incomplete` on all but
+/// the last), about 300 KB each for registry items.
+pub const PART_RESOURCES: usize = 1_000;
 /// A response with more resources than this counts as a full push.
 pub const LARGE_PUSH: usize = 1_000;
 /// How long a full push holds its permit without an answer.
@@ -520,23 +523,38 @@ impl ConfigService {
             }
             if first_push || !resources.is_empty() || !removed.is_empty() {
                 first_push = false;
-                let nonce = self.nonce.fetch_add(1, Ordering::Relaxed) + 1;
                 self.stats.pushes.fetch_add(1, Ordering::Relaxed);
                 self.stats
                     .resources_sent
                     .fetch_add(resources.len() as u64, Ordering::Relaxed);
-                let resp = pb::DeltaConfigResponse {
-                    resources,
-                    removed_resources: removed,
-                    nonce: nonce.to_string(),
-                    system_version_info: model.generation.to_string(),
-                };
-                if tx.send(Ok(resp)).await.is_err() {
-                    return Ok(());
+                // A large push goes in parts of PART_RESOURCES: no message (nor tonic's
+                // encode buffer, which keeps the capacity of the largest message it encoded)
+                // holds the whole mesh. Removals ride on the last part.
+                let parts = resources.len().div_ceil(PART_RESOURCES).max(1);
+                let mut rest = resources.into_iter();
+                let mut last_nonce = String::new();
+                for i in 0..parts {
+                    let nonce = (self.nonce.fetch_add(1, Ordering::Relaxed) + 1).to_string();
+                    let last = i + 1 == parts;
+                    let resp = pb::DeltaConfigResponse {
+                        resources: rest.by_ref().take(PART_RESOURCES).collect(),
+                        removed_resources: if last {
+                            std::mem::take(&mut removed)
+                        } else {
+                            Vec::new()
+                        },
+                        nonce: nonce.clone(),
+                        system_version_info: model.generation.to_string(),
+                        incomplete: !last,
+                    };
+                    if tx.send(Ok(resp)).await.is_err() {
+                        return Ok(());
+                    }
+                    last_nonce = nonce;
                 }
                 if let Some(p) = permit {
                     in_flight = Some((
-                        nonce.to_string(),
+                        last_nonce,
                         p,
                         tokio::time::Instant::now() + PUSH_PERMIT_TIMEOUT,
                     ));

@@ -276,6 +276,36 @@ async fn session(
         };
         let nonce = resp.nonce.clone();
         let version = resp.system_version_info.clone();
+        if resp.incomplete {
+            // A part of a larger push: hold it, ACK it, apply the push with its last part.
+            let ack = match held.apply(resp) {
+                Ok(()) => pb::DeltaConfigRequest {
+                    response_nonce: nonce,
+                    ..Default::default()
+                },
+                Err(problems) => {
+                    let reason = problems
+                        .iter()
+                        .map(ToString::to_string)
+                        .collect::<Vec<_>>()
+                        .join("; ");
+                    tracing::error!(version = %version, reason = %reason, "config push part refused (NACK)");
+                    pb::DeltaConfigRequest {
+                        response_nonce: nonce,
+                        error_detail: Some(rampart_proto::google::rpc::Status {
+                            code: 3,
+                            message: reason,
+                            details: vec![],
+                        }),
+                        ..Default::default()
+                    }
+                }
+            };
+            if req_tx.send(ack).await.is_err() {
+                return Ok(());
+            }
+            continue;
+        }
         let update = held
             .apply(resp)
             .and_then(|()| held.snapshot(&label, workload));
@@ -363,6 +393,28 @@ mod tests {
         .unwrap();
         let e = held.snapshot("cp", "ns1/a").unwrap_err();
         assert!(e[0].reason.contains("is not declared"), "{e:?}");
+    }
+
+    /// A push in parts: the parts are held, and only the whole makes the snapshot.
+    #[test]
+    fn parts_are_held_until_the_last() {
+        let mut held = Held::default();
+        held.apply(pb::DeltaConfigResponse {
+            resources: vec![resource("registry/workloads/ns1/a", pb::REGISTRY_TYPE, ME)],
+            incomplete: true,
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            held.snapshot("cp", "ns1/a").is_err(),
+            "no mesh settings yet"
+        );
+        held.apply(pb::DeltaConfigResponse {
+            resources: vec![resource("mesh", pb::MESH_TYPE, MESH)],
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(held.snapshot("cp", "ns1/a").is_ok());
     }
 
     /// The negative twins: an unknown resource type, a policy that does not validate, and a

@@ -59,6 +59,11 @@ pub struct DeltaConfigResponse {
     /// The version of the control plane's model this response brings the proxy to.
     #[prost(string, tag = "4")]
     pub system_version_info: ::prost::alloc::string::String,
+    /// True when more responses of the same push follow (a large push is cut into parts so no
+    /// single message, nor the buffers encoding it, holds the whole mesh). The proxy holds
+    /// and ACKs each part and applies the push with its last part (incomplete = false).
+    #[prost(bool, tag = "5")]
+    pub incomplete: bool,
 }
 /// Generated client implementations.
 pub mod config_discovery_client {
