@@ -7,6 +7,8 @@
 //! layer 2   citadel, node-agent, proxy      (no arrows between them, normal, dev or build)
 //! layer 2.5 k8s ─────► certs, proto, authz, mesh, citadel  (kube-rs lives only here;
 //!                      only rampart depends on it; its tests may use proxy, dev-only)
+//!           discovery ► certs, proto, authz, mesh  (the config stream's server; only
+//!                      rampart depends on it)
 //! layer 3   rampart (src/)                  (nothing depends on it, by any kind of edge:
 //!                                            neither its binary nor its library, src/lib.rs)
 //! ```
@@ -274,6 +276,30 @@ fn violations(meta: &Value) -> Vec<String> {
             }
         }
     }
+    // The config stream's server sits beside k8s: it reads the mesh model and serves the
+    // proto; citadel (which hosts it on its port) and the proxy (its client) never see it,
+    // and only the binary's package may use it.
+    if g.members.contains_key("rampart-discovery") {
+        for dep in g.workspace_deps("rampart-discovery") {
+            if !matches!(
+                dep,
+                "rampart-certs" | "rampart-proto" | "rampart-authz" | "rampart-mesh"
+            ) {
+                out.push(format!(
+                    "rampart-discovery depends on {dep} (only certs, proto, authz, mesh)"
+                ));
+            }
+        }
+        for member in g.members.keys() {
+            if !matches!(*member, "rampart" | "rampart-discovery")
+                && g.workspace_deps(member).contains("rampart-discovery")
+            {
+                out.push(format!(
+                    "{member} depends on rampart-discovery (only rampart may)"
+                ));
+            }
+        }
+    }
     // kube-rs (and its Kubernetes types) only through rampart-k8s.
     for member in g.members.keys() {
         if matches!(*member, "rampart" | "rampart-k8s") {
@@ -465,11 +491,14 @@ fn checker_reports_kubernetes_layer_violations_and_accepts_the_allowed_arrows() 
         ("rampart", &["rampart-k8s", "ring"]),
         ("rampart-k8s", &["rampart-citadel", "rampart-proxy", "kube"]),
         ("rampart-node-agent", &["rampart-k8s"]),
-        ("rampart-proxy", &["k8s-openapi"]),
+        ("rampart-proxy", &["k8s-openapi", "rampart-discovery"]),
         ("rampart-citadel", &[]),
+        ("rampart-discovery", &["rampart-citadel", "rampart-mesh"]),
     ]);
     let found = violations(&bad).join("\n");
     for want in [
+        "rampart-discovery depends on rampart-citadel (only certs, proto, authz, mesh)",
+        "rampart-proxy depends on rampart-discovery (only rampart may)",
         "rampart-k8s depends on rampart-proxy (only certs, proto, authz, mesh, citadel)",
         "rampart-node-agent depends on rampart-k8s (only rampart may)",
         "rampart-proxy depends (normally, transitively) on k8s-openapi",
@@ -484,7 +513,19 @@ fn checker_reports_kubernetes_layer_violations_and_accepts_the_allowed_arrows() 
 
     // The twin: the allowed arrows report nothing.
     let good = graph(&[
-        ("rampart", &["rampart-k8s", "rampart-citadel", "ring"]),
+        (
+            "rampart",
+            &[
+                "rampart-k8s",
+                "rampart-citadel",
+                "rampart-discovery",
+                "ring",
+            ],
+        ),
+        (
+            "rampart-discovery",
+            &["rampart-mesh", "rampart-proto", "rampart-certs"],
+        ),
         (
             "rampart-k8s",
             &["rampart-citadel", "rampart-certs", "kube", "k8s-openapi"],

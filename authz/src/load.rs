@@ -639,6 +639,7 @@ fn typed<S: DeserializeOwned + Default>(
         metadata: raw.metadata.unwrap_or_default(),
         spec: raw.spec.unwrap_or_default(),
         origin: origin.clone(),
+        document: std::sync::Arc::new(value.clone()),
     })
 }
 

@@ -191,6 +191,9 @@ pub struct Object<S> {
     pub spec: S,
     /// Where it was loaded from.
     pub origin: Origin,
+    /// The object as written (a JSON tree; the ignored metadata fields removed): what a
+    /// control plane streams to proxies, which load it again with [`crate::load_str`].
+    pub document: std::sync::Arc<serde_json::Value>,
 }
 
 impl<S> Object<S> {
@@ -251,6 +254,15 @@ impl Resource {
             Resource::PeerAuthentication(o) => o.api_version,
             Resource::RequestAuthentication(o) => o.api_version,
             Resource::AuthorizationPolicy(o) => o.api_version,
+        }
+    }
+
+    /// The object as written (see [`Object::document`]).
+    pub fn document(&self) -> &std::sync::Arc<serde_json::Value> {
+        match self {
+            Resource::PeerAuthentication(o) => &o.document,
+            Resource::RequestAuthentication(o) => &o.document,
+            Resource::AuthorizationPolicy(o) => &o.document,
         }
     }
 

@@ -452,6 +452,23 @@ impl CaState {
         })
     }
 
+    /// The SPIFFE ID of the client certificate the caller of a request (its `extensions`)
+    /// presented on the CA's port, checked now as CreateCertificate checks it (the bundle in
+    /// force, the trust domain, expiry, the CA's CRLs), or why there is none.
+    pub fn caller_certificate_id(
+        &self,
+        extensions: &tonic::Extensions,
+    ) -> Result<SpiffeId, String> {
+        let peer = extensions
+            .get::<PeerInfo>()
+            .ok_or("the connection is not the CA's TLS listener")?;
+        let pc = peer
+            .cert
+            .as_ref()
+            .ok_or("no client certificate was presented")?;
+        self.client_identity(pc, SystemTime::now())
+    }
+
     fn client_identity(&self, pc: &PeerCert, now: SystemTime) -> Result<SpiffeId, String> {
         if now > pc.not_after {
             return Err("client certificate expired".into());
@@ -1007,6 +1024,16 @@ pub async fn start(config: CaConfig) -> Result<RunningCa, CitadelError> {
 
 /// Like [`start`], with a prepared state.
 pub async fn start_with_state(state: Arc<CaState>) -> Result<RunningCa, CitadelError> {
+    start_with_routes(state, tonic::service::Routes::default()).await
+}
+
+/// Like [`start_with_state`], also serving `extra` gRPC services on the CA's port and TLS
+/// (as istiod serves the CA and XDS on one port): each reads its caller's verified
+/// certificate identity with [`CaState::caller_certificate_id`].
+pub async fn start_with_routes(
+    state: Arc<CaState>,
+    extra: tonic::service::Routes,
+) -> Result<RunningCa, CitadelError> {
     let cfg = &state.config;
     let listener = TcpListener::bind(cfg.listen)
         .await
@@ -1035,10 +1062,10 @@ pub async fn start_with_state(state: Arc<CaState>) -> Result<RunningCa, CitadelE
     );
     let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
     let server_task = tokio::spawn(async move {
+        let routes = extra.add_service(svc).add_service(crl_svc);
         let result = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(1024))
-            .add_service(svc)
-            .add_service(crl_svc)
+            .add_routes(routes)
             .serve_with_incoming_shutdown(incoming, async {
                 let _ = shutdown_rx.await;
             })

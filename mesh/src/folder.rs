@@ -586,6 +586,12 @@ fn parse_yaml(file: &str, text: &str, c: &mut Collector) -> Option<serde_json::V
     // called `n`), never booleans, as Kubernetes manifests written for YAML 1.2 expect.
     let mut options = serde_saphyr::Options::default();
     options.strict_booleans = true;
+    // A registry of 10,000 workloads is ~250,000 nodes, the parser's default cap: allow
+    // meshes of ~150,000 workloads (aliases and depth keep their default caps).
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = 4_000_000;
+    budget.max_events = 16_000_000;
+    options.budget = Some(budget);
     match serde_saphyr::from_str_with_options::<serde_json::Value>(text, options) {
         Ok(v) => Some(v),
         Err(e) => {
@@ -1024,7 +1030,96 @@ fn parse_ttl(s: &str) -> Result<Duration, String> {
     rampart_authz::parse_duration(s)
 }
 
+/// `mesh.yaml`: the policy settings, the `rampart:` section, the trust domain and aliases.
+fn parse_mesh(
+    file: &str,
+    mesh_text: &str,
+    c: &mut Collector,
+) -> (
+    Option<MeshConfig>,
+    LocalSettings,
+    Option<TrustDomain>,
+    Vec<TrustDomain>,
+) {
+    let mesh = match MeshConfig::from_yaml(mesh_text) {
+        Ok(m) => Some(m),
+        Err(e) => {
+            c.push(file, "", e.to_string());
+            None
+        }
+    };
+    let local = parse_yaml(file, mesh_text, c)
+        .map(|v| parse_local(file, &v, c))
+        .unwrap_or_default();
+    let mut trust_domain = None;
+    let mut aliases = Vec::new();
+    if let Some(m) = &mesh {
+        match TrustDomain::new(&m.trust_domain) {
+            Ok(td) => trust_domain = Some(td),
+            Err(e) => c.push(file, "trustDomain", e.to_string()),
+        }
+        for (i, a) in m.trust_domain_aliases.iter().enumerate() {
+            match TrustDomain::new(a) {
+                Ok(td) => aliases.push(td),
+                Err(e) => c.push(file, format!("trustDomainAliases[{i}]"), e.to_string()),
+            }
+        }
+    }
+    (mesh, local, trust_domain, aliases)
+}
+
 impl MeshFolder {
+    /// Build and check a snapshot from texts rather than a folder (what a proxy fed by a
+    /// control plane does with the resources it was sent): `mesh_text` as `mesh.yaml`,
+    /// `registry_text` as `workloads.yaml`, each `(name, text)` of `policies` as a policy
+    /// file, and the referenced files' contents as read by the sender. The same checks as
+    /// [`MeshFolder::load`]; problems name `mesh_file`, `registry_file` and the policy names.
+    pub fn from_parts(
+        dir: PathBuf,
+        (mesh_file, mesh_text): (&str, &str),
+        (registry_file, registry_text): (&str, &str),
+        policies: &[(String, String)],
+        files: ReferencedFiles,
+    ) -> Result<MeshFolder, Vec<Problem>> {
+        let mut c = Collector {
+            problems: Vec::new(),
+        };
+        let (mesh, local, trust_domain, aliases) = parse_mesh(mesh_file, mesh_text, &mut c);
+        let registry = parse_registry_into(registry_file, registry_text, &mut c);
+        if let Some(reg) = &registry
+            && !local.allow_non_loopback_outbound
+        {
+            check_outbound_loopback(reg, &mut c);
+        }
+        let mut resources = Vec::new();
+        for (name, text) in policies {
+            let r = rampart_authz::load_str(name, text);
+            for p in r.problems {
+                c.push(
+                    &p.file,
+                    format!("document {}: {}", p.doc_index, p.field_path),
+                    p.reason,
+                );
+            }
+            resources.extend(r.resources);
+        }
+        match (mesh, trust_domain, registry) {
+            (Some(mesh), Some(trust_domain), Some(registry)) if c.problems.is_empty() => {
+                Ok(MeshFolder {
+                    dir,
+                    mesh,
+                    trust_domain,
+                    trust_domain_aliases: aliases,
+                    local,
+                    registry,
+                    resources,
+                    files,
+                })
+            }
+            _ => Err(c.problems),
+        }
+    }
+
     /// Load and check the folder: `mesh.yaml` (optional; defaults as Istio), `workloads.yaml`
     /// (required), and every other `*.yaml`/`*.yml` below the folder as policy. Any problem
     /// refuses the whole folder (the caller keeps its last good one).
@@ -1047,30 +1142,7 @@ impl MeshFolder {
                 String::new()
             }
         };
-        let mesh = match MeshConfig::from_yaml(&mesh_text) {
-            Ok(m) => Some(m),
-            Err(e) => {
-                c.push(MESH_FILE, "", e.to_string());
-                None
-            }
-        };
-        let local = parse_yaml(MESH_FILE, &mesh_text, &mut c)
-            .map(|v| parse_local(MESH_FILE, &v, &mut c))
-            .unwrap_or_default();
-        let mut trust_domain = None;
-        let mut aliases = Vec::new();
-        if let Some(m) = &mesh {
-            match TrustDomain::new(&m.trust_domain) {
-                Ok(td) => trust_domain = Some(td),
-                Err(e) => c.push(MESH_FILE, "trustDomain", e.to_string()),
-            }
-            for (i, a) in m.trust_domain_aliases.iter().enumerate() {
-                match TrustDomain::new(a) {
-                    Ok(td) => aliases.push(td),
-                    Err(e) => c.push(MESH_FILE, format!("trustDomainAliases[{i}]"), e.to_string()),
-                }
-            }
-        }
+        let (mesh, local, trust_domain, aliases) = parse_mesh(MESH_FILE, &mesh_text, &mut c);
         // workloads.yaml
         let registry = match std::fs::read_to_string(dir.join(WORKLOADS_FILE)) {
             Ok(t) => parse_registry_into(WORKLOADS_FILE, &t, &mut c),
@@ -1236,6 +1308,24 @@ fn collect_yaml(root: &Path, dir: &Path, out: &mut Vec<PathBuf>, c: &mut Collect
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A registry of 12,000 workloads loads (the parser's default node cap would refuse it).
+    #[test]
+    fn large_registries_load() {
+        let mut text = String::from("workloads:\n");
+        for i in 0..12_000 {
+            text.push_str(&format!(
+                "- {{name: w{i}, namespace: ns{}, labels: {{app: a{i}, version: v1}}, ports: [{{port: 80, protocol: http, app: '127.0.0.1:8080', inbound: '127.2.{}.{}:15006'}}, {{port: 81, app: '127.0.0.1:8081', inbound: '127.3.{}.{}:15006'}}]}}\n",
+                i % 100,
+                i / 256,
+                i % 256,
+                i / 256,
+                i % 256
+            ));
+        }
+        let reg = parse_registry(WORKLOADS_FILE, &text).unwrap();
+        assert_eq!(reg.workloads.len(), 12_000);
+    }
 
     const REG: &str = r#"
 workloads:

@@ -12,6 +12,8 @@
 //! - [`watch`] (feature `watch`): a folder as a stream of snapshots and refusals.
 //! - [`kube`]: Kubernetes objects (Pods, Services, `security.istio.io` policy) to a
 //!   snapshot, each invalid object refused alone (the watching is in `rampart-k8s`).
+//! - [`resources`]: the model as named, versioned resources (what a control plane streams
+//!   to proxies) and back.
 //! - [`mtls`]: the proxies' `GET /mtls` answer, shared by the proxy that serves it and
 //!   `rampart mtls-report` that reads it.
 //!
@@ -22,6 +24,7 @@
 mod folder;
 pub mod kube;
 pub mod mtls;
+pub mod resources;
 mod source;
 
 pub use self::folder::*;

@@ -32,6 +32,21 @@ pub mod rampart {
             include!("gen/rampart.ca.v1.rs");
         }
     }
+    /// `rampart.config`.
+    pub mod config {
+        /// `rampart.config.v1`: `ConfigDiscovery/DeltaConfig`, the configuration a control
+        /// plane streams to each proxy (its slice of the mesh model, as delta updates).
+        pub mod v1 {
+            include!("gen/rampart.config.v1.rs");
+
+            /// Type of the `mesh` resource (mesh settings and referenced files).
+            pub const MESH_TYPE: &str = "rampart.config.v1.Mesh";
+            /// Type of a policy resource (an Istio `security.istio.io` object).
+            pub const POLICY_TYPE: &str = "rampart.config.v1.Policy";
+            /// Type of a registry item (one `workloads.yaml` entry).
+            pub const REGISTRY_TYPE: &str = "rampart.config.v1.RegistryItem";
+        }
+    }
 }
 
 /// Envoy xDS types.

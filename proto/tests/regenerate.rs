@@ -15,6 +15,7 @@ const PROTOS: &[&str] = &[
     "envoy/extensions/transport_sockets/tls/v3/secret.proto",
     "spiffe/workload/workload.proto",
     "rampart/ca/v1/revocation.proto",
+    "rampart/config/v1/config.proto",
 ];
 
 /// Generated types that carry private keys get no derived `Debug`; `src/lib.rs` implements a
@@ -36,6 +37,8 @@ fn generate(out: &Path) {
         .build_transport(true)
         .emit_rerun_if_changed(false)
         .skip_debug(NO_DERIVED_DEBUG.iter().copied())
+        // Resource bodies are shared between the streams they go to, not copied.
+        .bytes(".rampart.config.v1.Resource.body")
         .compile_fds(fds)
         .expect("generate Rust code");
 }

@@ -33,6 +33,8 @@ pub(crate) struct View {
     /// The admin listener's address (bound once, at start).
     pub(crate) admin_addr: Option<std::net::SocketAddr>,
     pub(crate) edge: EdgeLimits,
+    /// The control-plane stream's state, when the configuration comes from one.
+    pub(crate) control_plane: Option<Arc<crate::status::ControlPlaneStatus>>,
 }
 
 use rampart_certs::timestamp::{rfc3339, unix_secs_u64 as unix};
@@ -74,6 +76,9 @@ fn handle(sh: &View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
         "/stats/prometheus" => {
             let mut out = sh.metrics.render() + &sh.identity.render_metrics();
             sh.budgets.render(&mut out);
+            if let Some(cp) = &sh.control_plane {
+                out.push_str(&cp.render());
+            }
             reply(200, "text/plain; version=0.0.4", out)
         }
         "/ready" => {

@@ -14,6 +14,7 @@
 mod admin;
 mod config;
 mod conn;
+mod control;
 mod drain;
 mod edge;
 mod error;
@@ -32,10 +33,12 @@ mod sniff;
 mod status;
 
 pub use self::{
+    control::{ControlPlaneOptions, DEFAULT_CONTROL_PLANE_SAN},
     edge::EdgeLimits,
     error::Error,
-    runtime::{Proxy, ProxyOptions, run},
+    runtime::{Proxy, ProxyOptions, run, run_control_plane},
     sds::{DEFAULT_RESOURCE, ROOT_RESOURCE},
+    status::ControlPlaneStatus,
 };
 
 /// Entry points for the fuzz targets in `proxy/fuzz` (feature `fuzzing`); not part of the

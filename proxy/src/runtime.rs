@@ -19,6 +19,7 @@ use tokio::task::JoinHandle;
 use crate::Error;
 use crate::admin;
 use crate::config::{Config, Handle};
+use crate::control::ControlPlaneOptions;
 use crate::drain::Drain;
 use crate::edge::{Budgets, EdgeLimits};
 use crate::identity::IdentityHolder;
@@ -27,7 +28,7 @@ use crate::jwks::JwksState;
 use crate::listeners::{Handlers, Listeners};
 use crate::metrics::{Metrics, PortTable};
 use crate::outbound::Outbound;
-use crate::status::Status;
+use crate::status::{ControlPlaneStatus, Status};
 
 /// How to run a proxy.
 #[derive(Debug, Clone)]
@@ -53,6 +54,9 @@ pub struct ProxyOptions {
     pub request_timeout: Duration,
     /// After a shutdown signal, how long in-flight work may take before it is cut.
     pub drain_timeout: Duration,
+    /// The control-plane stream's state, shown in `/stats/prometheus`, when the
+    /// configuration comes from a control plane ([`run_control_plane`]).
+    pub control_plane: Option<Arc<ControlPlaneStatus>>,
 }
 
 impl ProxyOptions {
@@ -69,6 +73,7 @@ impl ProxyOptions {
             edge: EdgeLimits::default(),
             request_timeout: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(5),
+            control_plane: None,
         }
     }
 }
@@ -203,6 +208,7 @@ impl Proxy {
                 workload_key: key.clone(),
                 admin_addr,
                 edge: opts.edge,
+                control_plane: opts.control_plane.clone(),
             });
             tasks.push(tokio::spawn(admin::serve(view, l)));
         }
@@ -272,6 +278,43 @@ pub async fn run(
 ) -> Result<(), Error> {
     let (first, updates) = watch_folder(FolderSource::new(&opts.mesh_dir), DEFAULT_POLL).await;
     let snapshot = first.map_err(|p| start_error(&opts.workload, p))?;
+    let proxy = Proxy::start(opts, snapshot, Some(updates)).await?;
+    shutdown.await;
+    proxy.shutdown().await;
+    Ok(())
+}
+
+/// Run the proxy of `opts.workload` on the configuration a control plane streams
+/// (`rampart proxy --control-plane`) until `shutdown` resolves, then drain. Nothing listens
+/// until the first complete, valid push has arrived (fail closed); after that an outage
+/// keeps the last good configuration serving while the stream reconnects and resyncs.
+pub async fn run_control_plane(
+    mut opts: ProxyOptions,
+    cp: ControlPlaneOptions,
+    shutdown: impl std::future::Future<Output = ()>,
+) -> Result<(), Error> {
+    let status = opts
+        .control_plane
+        .get_or_insert_with(|| Arc::new(ControlPlaneStatus::default()))
+        .clone();
+    let mut updates =
+        crate::control::spawn(cp, opts.workload.clone(), opts.sds_socket.clone(), status);
+    tokio::pin!(shutdown);
+    let snapshot = loop {
+        tokio::select! {
+            u = updates.next() => match u {
+                Some(Ok(folder)) => break folder,
+                Some(Err(_)) => continue,
+                None => return Err(Error::MeshFolder(vec![Problem {
+                    file: "control plane".into(),
+                    field: String::new(),
+                    reason: "the config stream task stopped".into(),
+                }])),
+            },
+            () = &mut shutdown => return Ok(()),
+        }
+    };
+    tracing::info!("first complete configuration from the control plane; starting listeners");
     let proxy = Proxy::start(opts, snapshot, Some(updates)).await?;
     shutdown.await;
     proxy.shutdown().await;

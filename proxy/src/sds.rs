@@ -24,8 +24,26 @@ use crate::identity::IdentityHolder;
 /// crate root stops naming them).
 pub use rampart_proto::sds::{ROOT_RESOURCE, WORKLOAD_RESOURCE as DEFAULT_RESOURCE};
 
+/// Where the secrets of an SDS stream go: the proxy's identity, or the control-plane
+/// client's. Each check refuses (NACK) with the reason, keeping what was there.
+pub(crate) trait SecretSink: Send + Sync + 'static {
+    /// A `default` certificate chain and key (PEM).
+    fn offer_cert(&self, chain_pem: &str, key_pem: &str) -> Result<(), String>;
+    /// A `ROOTCA` trust bundle and its CRLs (PEM, possibly empty).
+    fn offer_bundle(&self, pem: &str, crl_pem: &str) -> Result<(), String>;
+}
+
+impl SecretSink for IdentityHolder {
+    fn offer_cert(&self, chain_pem: &str, key_pem: &str) -> Result<(), String> {
+        IdentityHolder::offer_cert(self, chain_pem, key_pem)
+    }
+    fn offer_bundle(&self, pem: &str, crl_pem: &str) -> Result<(), String> {
+        IdentityHolder::offer_bundle(self, pem, crl_pem)
+    }
+}
+
 /// Run both SDS streams forever.
-pub(crate) async fn run(socket: PathBuf, node_id: String, holder: Arc<IdentityHolder>) {
+pub(crate) async fn run<H: SecretSink>(socket: PathBuf, node_id: String, holder: Arc<H>) {
     let a = tokio::spawn(stream_forever(
         socket.clone(),
         node_id.clone(),
@@ -36,15 +54,15 @@ pub(crate) async fn run(socket: PathBuf, node_id: String, holder: Arc<IdentityHo
     let _ = tokio::join!(a, b);
 }
 
-async fn stream_forever(
+async fn stream_forever<H: SecretSink>(
     socket: PathBuf,
     node_id: String,
     name: &'static str,
-    holder: Arc<IdentityHolder>,
+    holder: Arc<H>,
 ) {
     let mut backoff = Duration::from_millis(100);
     loop {
-        match stream_once(&socket, &node_id, name, &holder).await {
+        match stream_once(&socket, &node_id, name, holder.as_ref()).await {
             Ok(()) => {
                 tracing::warn!(resource = name, "SDS stream ended; reconnecting");
                 backoff = Duration::from_millis(100);
@@ -70,7 +88,7 @@ fn data(ds: &Option<rampart_proto::envoy::config::core::v3::DataSource>) -> Resu
 }
 
 /// Check and install the secrets of one response.
-fn apply(resp: &DiscoveryResponse, name: &str, holder: &IdentityHolder) -> Result<(), String> {
+fn apply<H: SecretSink>(resp: &DiscoveryResponse, name: &str, holder: &H) -> Result<(), String> {
     if resp.type_url != SECRET_TYPE_URL {
         return Err(format!("unexpected type_url {:?}", resp.type_url));
     }
@@ -112,11 +130,11 @@ fn apply(resp: &DiscoveryResponse, name: &str, holder: &IdentityHolder) -> Resul
     Ok(())
 }
 
-async fn stream_once(
+async fn stream_once<H: SecretSink>(
     socket: &std::path::Path,
     node_id: &str,
     name: &'static str,
-    holder: &IdentityHolder,
+    holder: &H,
 ) -> Result<(), String> {
     let path = socket.to_path_buf();
     let channel = tonic::transport::Endpoint::from_static("http://sds.local")

@@ -68,3 +68,67 @@ impl Status {
         lock(&self.last_refusal).clone()
     }
 }
+
+/// The control-plane connection of a proxy fed by `--control-plane` (Kubernetes mode):
+/// whether its config stream is up, how many pushes it received and refused. Written by the
+/// stream task, rendered in `/stats/prometheus`.
+#[derive(Debug, Default)]
+pub struct ControlPlaneStatus {
+    connected: AtomicBool,
+    pushes: std::sync::atomic::AtomicU64,
+    nacks: std::sync::atomic::AtomicU64,
+    connects: std::sync::atomic::AtomicU64,
+}
+
+impl ControlPlaneStatus {
+    pub(crate) fn set_connected(&self, up: bool) {
+        if up {
+            self.connects.fetch_add(1, Ordering::Relaxed);
+        }
+        self.connected.store(up, Ordering::SeqCst);
+    }
+
+    pub(crate) fn pushed(&self, accepted: bool) {
+        self.pushes.fetch_add(1, Ordering::Relaxed);
+        if !accepted {
+            self.nacks.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    /// Whether the config stream is up now.
+    pub fn connected(&self) -> bool {
+        self.connected.load(Ordering::SeqCst)
+    }
+
+    /// Pushes received (accepted or not).
+    pub fn pushes(&self) -> u64 {
+        self.pushes.load(Ordering::Relaxed)
+    }
+
+    /// Pushes refused (NACKed).
+    pub fn nacks(&self) -> u64 {
+        self.nacks.load(Ordering::Relaxed)
+    }
+
+    /// The Prometheus lines.
+    pub(crate) fn render(&self) -> String {
+        format!(
+            "# HELP rampart_proxy_control_plane_connected Whether the config stream to the control plane is up.\n\
+             # TYPE rampart_proxy_control_plane_connected gauge\n\
+             rampart_proxy_control_plane_connected {}\n\
+             # HELP rampart_proxy_control_plane_connects_total Config streams opened.\n\
+             # TYPE rampart_proxy_control_plane_connects_total counter\n\
+             rampart_proxy_control_plane_connects_total {}\n\
+             # HELP rampart_proxy_control_plane_pushes_total Config pushes received.\n\
+             # TYPE rampart_proxy_control_plane_pushes_total counter\n\
+             rampart_proxy_control_plane_pushes_total {}\n\
+             # HELP rampart_proxy_control_plane_nacks_total Config pushes refused (NACK); the last good configuration kept serving.\n\
+             # TYPE rampart_proxy_control_plane_nacks_total counter\n\
+             rampart_proxy_control_plane_nacks_total {}\n",
+            u8::from(self.connected()),
+            self.connects.load(Ordering::Relaxed),
+            self.pushes(),
+            self.nacks(),
+        )
+    }
+}

@@ -171,6 +171,12 @@ struct RunArgs {
     /// re-signed with half of it left and at every revocation.
     #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
     crl_validity: Duration,
+    /// Serve proxies their configuration (rampart.config.v1.ConfigDiscovery, on this port,
+    /// mTLS) from this mesh folder (mesh.yaml, workloads.yaml, policy YAML), watched for
+    /// edits: `rampart proxy --control-plane` reads it (docs/KUBERNETES.md "Config
+    /// streaming").
+    #[arg(long, value_name = "DIR")]
+    config_folder: Option<PathBuf>,
     #[command(flatten)]
     kube: KubeArgs,
 }
@@ -366,16 +372,30 @@ impl RunArgs {
     fn run(self) -> anyhow::Result<ExitCode> {
         self.compliance.apply();
         let kube = self.kube_mode()?;
+        let config_folder = self.config_folder.clone();
+        if let Some(d) = &config_folder
+            && !d.is_dir()
+        {
+            return Err(super::bad_input(format!(
+                "--config-folder {}: not a directory",
+                d.display()
+            )));
+        }
         let cfg = self.config()?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
             .context("start tokio runtime")?;
         rt.block_on(async move {
-            let ca = match kube {
-                None => rampart_citadel::start(cfg).await?,
+            let state = match kube {
+                None => rampart_citadel::CaState::new(cfg, rampart_citadel::Metrics::new())?,
                 Some(k) => start_in_kubernetes(cfg, k).await?,
             };
+            let routes = match config_folder {
+                Some(dir) => config_routes(&state, dir).await?,
+                None => tonic::service::Routes::default(),
+            };
+            let ca = rampart_citadel::start_with_routes(state, routes).await?;
             let authority = ca.state().authority();
             println!(
                 "rampart ca: listening on {} (gRPC istio.v1.auth.IstioCertificateService, TLS 1.3, h2)",
@@ -403,12 +423,56 @@ impl RunArgs {
     }
 }
 
-/// Loads the CA material from the cluster's Secrets, then starts the CA with TokenReview and
+/// The CA's verified client certificates, as the config stream's callers.
+struct CaCallers(Arc<rampart_citadel::CaState>);
+
+impl rampart_discovery::Authenticator for CaCallers {
+    fn caller(&self, extensions: &tonic::Extensions) -> Result<SpiffeId, String> {
+        self.0.caller_certificate_id(extensions)
+    }
+}
+
+/// The config stream (`ConfigDiscovery`) fed by the watched mesh folder `dir`, for the CA's
+/// port. A folder that does not load at start is an error; later refused edits keep the
+/// last good model.
+async fn config_routes(
+    state: &Arc<rampart_citadel::CaState>,
+    dir: PathBuf,
+) -> anyhow::Result<tonic::service::Routes> {
+    let (first, updates) = rampart_mesh::watch::watch_folder(
+        rampart_mesh::FolderSource::new(&dir),
+        rampart_mesh::watch::DEFAULT_POLL,
+    )
+    .await;
+    let first = first.map_err(|problems| {
+        super::bad_input(format!(
+            "--config-folder {}: {}",
+            dir.display(),
+            problems
+                .iter()
+                .map(ToString::to_string)
+                .collect::<Vec<_>>()
+                .join("; ")
+        ))
+    })?;
+    let svc = rampart_discovery::ConfigService::spawn(
+        Arc::new(CaCallers(state.clone())),
+        Some(&first),
+        updates,
+    );
+    println!(
+        "rampart ca: serving proxy configuration (rampart.config.v1.ConfigDiscovery) from {}",
+        dir.display()
+    );
+    Ok(tonic::service::Routes::new(svc.into_server()))
+}
+
+/// Loads the CA material from the cluster's Secrets and prepares the CA with TokenReview and
 /// node authorization judging bearer tokens.
 async fn start_in_kubernetes(
     cfg: CaConfig,
     k: KubeMode,
-) -> anyhow::Result<rampart_citadel::RunningCa> {
+) -> anyhow::Result<Arc<rampart_citadel::CaState>> {
     let client = rampart_k8s::client(k.kubeconfig.as_deref())
         .await
         .map_err(|e| super::bad_input(e.to_string()))?;
@@ -490,7 +554,7 @@ async fn start_in_kubernetes(
             (bundle_of.authority().bundle().to_pem(), Some(crls))
         },
     ));
-    Ok(rampart_citadel::start_with_state(state).await?)
+    Ok(state)
 }
 
 impl RevokeArgs {

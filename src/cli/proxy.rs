@@ -12,8 +12,24 @@ pub(crate) struct ProxyArgs {
     #[command(flatten)]
     compliance: super::ComplianceArgs,
     /// The mesh folder (mesh.yaml, workloads.yaml, policy YAML); watched for edits.
-    #[arg(long, value_name = "DIR")]
-    mesh: PathBuf,
+    #[arg(
+        long,
+        value_name = "DIR",
+        required_unless_present = "control_plane",
+        conflicts_with = "control_plane"
+    )]
+    mesh: Option<PathBuf>,
+    /// Take the configuration from a control plane instead of a folder: the
+    /// rampart.config.v1.ConfigDiscovery stream at HOST:PORT (the CA's port, `rampart ca
+    /// --config-folder` or Kubernetes mode), over mTLS with this workload's SDS certificate.
+    /// Nothing listens until the first complete push; through an outage the last good
+    /// configuration keeps serving.
+    #[arg(long, value_name = "HOST:PORT")]
+    control_plane: Option<String>,
+    /// The DNS name (or IP) the control plane's certificate must carry, checked against the
+    /// SDS trust bundle.
+    #[arg(long, value_name = "NAME", default_value = rampart_proxy::DEFAULT_CONTROL_PLANE_SAN, requires = "control_plane")]
+    control_plane_san: String,
     /// The workload this proxy fronts, as NAMESPACE/NAME in workloads.yaml.
     #[arg(long, value_name = "NAMESPACE/NAME")]
     workload: String,
@@ -75,13 +91,32 @@ impl ProxyArgs {
         if ns.is_empty() || name.is_empty() {
             return Err(super::bad_input("--workload: expected NAMESPACE/NAME"));
         }
-        if !self.mesh.is_dir() {
+        if let Some(mesh) = &self.mesh
+            && !mesh.is_dir()
+        {
             return Err(super::bad_input(format!(
                 "--mesh {}: not a directory",
-                self.mesh.display()
+                mesh.display()
             )));
         }
-        let mut opts = rampart_proxy::ProxyOptions::new(self.mesh, self.workload, self.sds_socket);
+        let control_plane = match &self.control_plane {
+            Some(addr) => {
+                if !addr.contains(':') {
+                    return Err(super::bad_input(format!(
+                        "--control-plane {addr:?}: expected HOST:PORT"
+                    )));
+                }
+                let mut cp = rampart_proxy::ControlPlaneOptions::new(addr.clone());
+                cp.san = self.control_plane_san.clone();
+                Some(cp)
+            }
+            None => None,
+        };
+        let mut opts = rampart_proxy::ProxyOptions::new(
+            self.mesh.clone().unwrap_or_default(),
+            self.workload,
+            self.sds_socket,
+        );
         opts.admin = self.admin;
         opts.max_inbound_connections = self.max_inbound_connections;
         opts.max_outbound_connections = self.max_outbound_connections;
@@ -100,7 +135,14 @@ impl ProxyArgs {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        let result = rt.block_on(rampart_proxy::run(opts, super::process::shutdown_signal()));
+        let result = match control_plane {
+            Some(cp) => rt.block_on(rampart_proxy::run_control_plane(
+                opts,
+                cp,
+                super::process::shutdown_signal(),
+            )),
+            None => rt.block_on(rampart_proxy::run(opts, super::process::shutdown_signal())),
+        };
         rt.shutdown_timeout(Duration::from_millis(200));
         match result {
             Ok(()) => Ok(ExitCode::SUCCESS),
