@@ -197,11 +197,11 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
         .get_ref()
         .1
         .peer_certificates()
-        .map(<[_]>::to_vec)
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .to_vec();
     let tls = ib.identity.live.register(
         tls,
-        chain,
+        &chain,
         rampart_certs::Usage::ClientAuth,
         principal.clone(),
     );
@@ -470,7 +470,7 @@ where
             let act = Activity::new(false);
             let mut io = Tracked::new(io, act.clone());
             tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut io, &mut a) => match r {
+                r = crate::relay::copy_bidirectional(&mut io, &mut a) => match r {
                     Ok((from_client, from_app)) => (from_app, from_client),
                     Err(_) => (0, 0),
                 },
