@@ -131,6 +131,9 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
         } else {
             pe.protocol
         };
+        let series = ib
+            .metrics
+            .series(labels.render(crate::metrics::request_protocol(pe.protocol)));
         let cx = ConnCtx {
             port,
             protocol,
@@ -139,10 +142,8 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
             principal: None,
             sni: None,
             xfcc: None,
-            series: ib
-                .metrics
-                .series(labels.render(crate::metrics::request_protocol(pe.protocol))),
-            labels: labels.render(crate::metrics::request_protocol(pe.protocol)),
+            labels: series.base(),
+            series,
             stats,
             app: app_authority(pe.app),
         };
@@ -217,6 +218,10 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
     labels.source_principal = principal.clone();
     labels.source_workload = sw;
     labels.source_namespace = sns;
+    // One copy of the label text per series, not per connection.
+    let series = ib
+        .metrics
+        .series(labels.render(crate::metrics::request_protocol(pe.protocol)));
     let cx = ConnCtx {
         port,
         protocol: pe.protocol,
@@ -225,10 +230,8 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
         principal: Some(principal),
         sni,
         xfcc,
-        series: ib
-            .metrics
-            .series(labels.render(crate::metrics::request_protocol(pe.protocol))),
-        labels: labels.render(crate::metrics::request_protocol(pe.protocol)),
+        labels: series.base(),
+        series,
         stats,
         app: app_authority(pe.app),
     };
