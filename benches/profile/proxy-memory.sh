@@ -5,7 +5,10 @@
 # request each. Memory only (never time: it does not depend on the machine's load).
 #
 # Usage: benches/profile/proxy-memory.sh [--bin target/release/rampart] [--conns '1000 5000']
-#                                       [--port-offset 0]
+#                                       [--port-offset 0] [--detail]
+# --detail also lists, for each proxy idle and held, its largest anonymous mappings (size and
+# RSS in KiB: [heap] is the main malloc arena, 64 MiB-aligned ones are thread arenas, 2 MiB
+# or 8 MiB ones with a guard page are thread stacks).
 # --port-offset moves every port of the pair (CA 25013, proxies 25000-25082, upstream 26001,
 # nginx 18080) by that much, so that it can run beside another copy of benches/mtls-pair.
 #
@@ -22,12 +25,13 @@
 # and per connection: (held - idle) / N for USS and anon, in bytes.
 set -u
 here=$(cd "$(dirname "$0")" && pwd); root=$(cd "$here/../.." && pwd)
-bin=$root/target/release/rampart conns="1000 5000" off=0
+bin=$root/target/release/rampart conns="1000 5000" off=0 detail=
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) bin=$2; shift 2 ;;
     --conns) conns=$2; shift 2 ;;
     --port-offset) off=$2; shift 2 ;;
+    --detail) detail=1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -78,6 +82,12 @@ mem() {
     /^[0-9a-f]+-[0-9a-f]+ / {in_text = ($2 ~ /x/ && $6 == exe)}
     in_text && /^Rss:/ {t += $2} END{printf " %d\n", t}' "/proc/$pid/smaps"
 }
+# the anonymous mappings of PID with the most RSS: "size_kib rss_kib name"
+anon_maps() {
+  awk '/^[0-9a-f]+-[0-9a-f]+ /{split($1,a,"-"); name=($6==""?"anon":$6); size=0; file=($6!="" && $6 !~ /^\[/)}
+       /^Size:/{size=$2} /^Rss:/{ if (!file && $2>0) printf "%8d %8d %s\n", size, $2, name }' "/proc/$1/smaps" |
+    sort -k2 -nr | head -8
+}
 proxy_pid() { # WORKLOAD
   pgrep -P "$up_pid" -f -- "proxy --mesh .* --workload bench/$1( |\$)" | head -1
 }
@@ -91,6 +101,7 @@ start_pair() {
   back=$(proxy_pid backend) client=$(proxy_pid client)
   [ -n "$back" ] && [ -n "$client" ] || { echo "proxy processes not found" >&2; exit 1; }
   # warm-up: a few connections, closed again
+  : >"$W/warm.out"
   python3 "$here/hold-conns.py" 127.0.0.1 "$uport" 16 backend.bench:8080 </dev/null >"$W/warm.out" 2>&1 & local w=$!
   for _ in $(seq 120); do grep -q '^held' "$W/warm.out" && break; sleep 0.5; done
   kill $w 2>/dev/null; wait $w 2>/dev/null
@@ -102,11 +113,25 @@ printf '%-8s %-7s %-10s %8s %8s %8s %8s %8s\n' proxy N state RSS PSS USS anon te
 for n in $conns; do
   start_pair
   b0=($(mem "$back")); c0=($(mem "$client"))
+  if [ -n "$detail" ]; then
+    for p in client backend; do
+      pid=$back; [ $p = client ] && pid=$client
+      echo "# $p, idle: largest anonymous mappings (size KiB, RSS KiB); threads: $(ls /proc/$pid/task | wc -l)"
+      anon_maps "$pid" | sed 's/^/#   /'
+    done
+  fi
+  : >"$W/hold.out"
   python3 "$here/hold-conns.py" 127.0.0.1 "$uport" "$n" backend.bench:8080 </dev/null >"$W/hold.out" 2>&1 & hold_pid=$!
   for _ in $(seq 1200); do grep -q '^held' "$W/hold.out" && break; kill -0 $hold_pid 2>/dev/null || break; sleep 0.5; done
   grep -q '^held' "$W/hold.out" || { echo "holding $n connections failed:" >&2; cat "$W/hold.out" >&2; exit 1; }
   sleep 3
   b1=($(mem "$back")); c1=($(mem "$client"))
+  if [ -n "$detail" ]; then
+    for p in client backend; do
+      pid=$back; [ $p = client ] && pid=$client
+      echo "# $p, $n held: largest anonymous mappings (size KiB, RSS KiB)"; anon_maps "$pid" | sed 's/^/#   /'
+    done
+  fi
   for p in client backend; do
     if [ $p = client ]; then a=("${c0[@]}") z=("${c1[@]}"); else a=("${b0[@]}") z=("${b1[@]}"); fi
     printf '%-8s %-7s %-10s %8d %8d %8d %8d %8d\n' $p "$n" idle "${a[@]}"
