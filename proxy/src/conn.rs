@@ -123,12 +123,12 @@ impl PeerStream {
                 .get_ref()
                 .1
                 .peer_certificates()
-                .map(<[_]>::to_vec)
-                .unwrap_or_default();
+                .unwrap_or_default()
+                .to_vec();
             let peer = target.expected.to_string();
             Ok(PeerStream::Mtls(Box::new(identity.live.register(
                 tls,
-                chain,
+                &chain,
                 Usage::ServerAuth,
                 peer,
             ))))

@@ -131,6 +131,9 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
         } else {
             pe.protocol
         };
+        let series = ib
+            .metrics
+            .series(labels.render(crate::metrics::request_protocol(pe.protocol)));
         let cx = ConnCtx {
             port,
             protocol,
@@ -139,10 +142,8 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
             principal: None,
             sni: None,
             xfcc: None,
-            series: ib
-                .metrics
-                .series(labels.render(crate::metrics::request_protocol(pe.protocol))),
-            labels: labels.render(crate::metrics::request_protocol(pe.protocol)),
+            labels: series.base(),
+            series,
             stats,
             app: app_authority(pe.app),
         };
@@ -197,11 +198,11 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
         .get_ref()
         .1
         .peer_certificates()
-        .map(<[_]>::to_vec)
-        .unwrap_or_default();
+        .unwrap_or_default()
+        .to_vec();
     let tls = ib.identity.live.register(
         tls,
-        chain,
+        &chain,
         rampart_certs::Usage::ClientAuth,
         principal.clone(),
     );
@@ -217,6 +218,10 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
     labels.source_principal = principal.clone();
     labels.source_workload = sw;
     labels.source_namespace = sns;
+    // One copy of the label text per series, not per connection.
+    let series = ib
+        .metrics
+        .series(labels.render(crate::metrics::request_protocol(pe.protocol)));
     let cx = ConnCtx {
         port,
         protocol: pe.protocol,
@@ -225,10 +230,8 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
         principal: Some(principal),
         sni,
         xfcc,
-        series: ib
-            .metrics
-            .series(labels.render(crate::metrics::request_protocol(pe.protocol))),
-        labels: labels.render(crate::metrics::request_protocol(pe.protocol)),
+        labels: series.base(),
+        series,
         stats,
         app: app_authority(pe.app),
     };
@@ -470,7 +473,7 @@ where
             let act = Activity::new(false);
             let mut io = Tracked::new(io, act.clone());
             tokio::select! {
-                r = tokio::io::copy_bidirectional(&mut io, &mut a) => match r {
+                r = crate::relay::copy_bidirectional(&mut io, &mut a) => match r {
                     Ok((from_client, from_app)) => (from_app, from_client),
                     Err(_) => (0, 0),
                 },

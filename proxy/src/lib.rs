@@ -27,6 +27,7 @@ mod listeners;
 mod metrics;
 mod outbound;
 mod peers;
+mod relay;
 mod runtime;
 mod sds;
 mod sniff;

@@ -98,11 +98,18 @@ async fn accept_loop(
         let h = h.clone();
         let conn = async move {
             let _g = h.drain.enter();
+            // Each kind's future boxed on its own: the task is then sized for the kind it
+            // runs, not for the largest of the three (an upstream-port relay would otherwise
+            // carry room for the inbound TLS + HTTP server state, idle or not).
             match kind {
-                Listener::Inbound(port) => crate::inbound::conn(&h.inbound, port, tcp, peer).await,
-                Listener::Outbound => crate::outbound::http_conn(&h.outbound, tcp, peer).await,
+                Listener::Inbound(port) => {
+                    Box::pin(crate::inbound::conn(&h.inbound, port, tcp, peer)).await
+                }
+                Listener::Outbound => {
+                    Box::pin(crate::outbound::http_conn(&h.outbound, tcp, peer)).await
+                }
                 Listener::Upstream(listen) => {
-                    crate::outbound::upstream_conn(&h.outbound, listen, tcp).await
+                    Box::pin(crate::outbound::upstream_conn(&h.outbound, listen, tcp)).await
                 }
             }
             drop(permit);

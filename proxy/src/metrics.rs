@@ -83,6 +83,11 @@ pub(crate) struct Series {
 }
 
 impl Series {
+    /// The series' labels (shared: every connection counted here holds the same text).
+    pub(crate) fn base(&self) -> Arc<str> {
+        self.base.clone()
+    }
+
     /// Count one request.
     pub(crate) fn request(
         &self,

@@ -405,7 +405,7 @@ where
     let act = crate::edge::Activity::new(false);
     let mut app = crate::edge::Tracked::new(app, act.clone());
     let (sent, received) = tokio::select! {
-        r = tokio::io::copy_bidirectional(&mut app, &mut peer) => match r {
+        r = crate::relay::copy_bidirectional(&mut app, &mut peer) => match r {
             Ok((from_app, from_peer)) => (from_peer, from_app),
             Err(e) => {
                 tracing::debug!(destination = %route.name, error = %e, "TCP relay ended with an error");

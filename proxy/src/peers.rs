@@ -9,7 +9,7 @@
 //! checks revocation by itself (the verifiers carry the CRLs); this covers what was
 //! accepted before.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -24,8 +24,8 @@ use tokio_util::sync::{CancellationToken, WaitForCancellationFutureOwned};
 
 /// One registered connection.
 struct Live {
-    /// The peer's chain, leaf first.
-    chain: Vec<CertificateDer<'static>>,
+    /// The peer's chain, leaf first (shared by every connection that presented it).
+    chain: Arc<[CertificateDer<'static>]>,
     /// Which way the peer was verified (inbound peers are clients).
     usage: Usage,
     peer_id: String,
@@ -36,8 +36,16 @@ struct Live {
 #[derive(Default)]
 pub(crate) struct LiveConns {
     next: AtomicU64,
-    map: Mutex<HashMap<u64, Live>>,
+    map: Mutex<Registry>,
     closed: AtomicU64,
+}
+
+/// The connections, and each distinct peer chain once: thousands of connections from one
+/// peer proxy present the same chain, which is then held once, not once per connection.
+#[derive(Default)]
+struct Registry {
+    conns: HashMap<u64, Live>,
+    chains: HashSet<Arc<[CertificateDer<'static>]>>,
 }
 
 impl LiveConns {
@@ -46,13 +54,22 @@ impl LiveConns {
     pub(crate) fn register<IO>(
         self: &Arc<Self>,
         io: IO,
-        chain: Vec<CertificateDer<'static>>,
+        chain: &[CertificateDer<'static>],
         usage: Usage,
         peer_id: String,
     ) -> Revocable<IO> {
         let id = self.next.fetch_add(1, Ordering::Relaxed);
         let cancel = CancellationToken::new();
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).insert(
+        let mut reg = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let chain = match reg.chains.get(chain) {
+            Some(c) => c.clone(),
+            None => {
+                let c: Arc<[CertificateDer<'static>]> = Arc::from(chain);
+                reg.chains.insert(c.clone());
+                c
+            }
+        };
+        reg.conns.insert(
             id,
             Live {
                 chain,
@@ -61,6 +78,7 @@ impl LiveConns {
                 cancel: cancel.clone(),
             },
         );
+        drop(reg);
         Revocable {
             io,
             cancelled: Box::pin(cancel.cancelled_owned()),
@@ -78,9 +96,9 @@ impl LiveConns {
         td: &TrustDomainPolicy,
         now: SystemTime,
     ) -> usize {
-        let map = self.map.lock().unwrap_or_else(|e| e.into_inner());
+        let reg = self.map.lock().unwrap_or_else(|e| e.into_inner());
         let mut n = 0;
-        for live in map.values() {
+        for live in reg.conns.values() {
             let Some((leaf, intermediates)) = live.chain.split_first() else {
                 continue;
             };
@@ -110,7 +128,11 @@ impl LiveConns {
 
     /// Connections registered now.
     pub(crate) fn len(&self) -> usize {
-        self.map.lock().unwrap_or_else(|e| e.into_inner()).len()
+        self.map
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .conns
+            .len()
     }
 
     /// Prometheus lines.
@@ -139,11 +161,13 @@ pub(crate) struct Revocable<IO> {
 
 impl<IO> Drop for Revocable<IO> {
     fn drop(&mut self) {
-        self.registry
-            .map
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .remove(&self.id);
+        let mut reg = self.registry.map.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(live) = reg.conns.remove(&self.id)
+            // The set's copy and this one: no other connection presented this chain.
+            && Arc::strong_count(&live.chain) == 2
+        {
+            reg.chains.remove(&*live.chain);
+        }
     }
 }
 
@@ -215,5 +239,43 @@ impl<IO: AsyncWrite + Unpin> AsyncWrite for Revocable<IO> {
 
     fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
         Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Connections that present the same chain share one copy of it; a different chain is
+    /// its own entry; the copy goes when its last connection does.
+    #[test]
+    fn chains_are_held_once_and_released_with_their_last_connection() {
+        let live = Arc::new(LiveConns::default());
+        let a = vec![CertificateDer::from(vec![1u8, 2, 3])];
+        let b = vec![CertificateDer::from(vec![4u8, 5, 6])];
+        let c1 = live.register((), &a, Usage::ClientAuth, "a".into());
+        let c2 = live.register((), &a, Usage::ClientAuth, "a".into());
+        let c3 = live.register((), &b, Usage::ClientAuth, "b".into());
+        {
+            let reg = live.map.lock().unwrap();
+            assert_eq!(reg.conns.len(), 3);
+            assert_eq!(reg.chains.len(), 2);
+            assert!(Arc::ptr_eq(
+                &reg.conns[&c1.id].chain,
+                &reg.conns[&c2.id].chain
+            ));
+            assert_eq!(&*reg.conns[&c3.id].chain, b.as_slice());
+        }
+        drop(c1);
+        assert_eq!(
+            live.map.lock().unwrap().chains.len(),
+            2,
+            "c2 still uses chain a"
+        );
+        drop(c2);
+        drop(c3);
+        let reg = live.map.lock().unwrap();
+        assert!(reg.conns.is_empty());
+        assert!(reg.chains.is_empty(), "a chain outlived its connections");
     }
 }
