@@ -222,18 +222,20 @@ fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path) {
                 Err(_) => break,
             }
         }
-        let before = file.metadata().map(|m| m.len()).ok();
-        let result = file
-            .write_all(&buf)
+        // Counting what reached the file (instead of asking the kernel for the file's length
+        // before every batch) is enough to take a failed batch back off it.
+        let mut written = 0usize;
+        let result = write_counted(&mut file, &buf, &mut written)
             .and_then(|()| file.sync_data())
             .map_err(|e| e.to_string());
         if let Err(e) = &result {
             tracing::error!(path = %path.display(), error = %e, "audit log write failed; withholding certificates");
             // Take back whatever part of the batch reached the file, so the next batch does
             // not start in the middle of a line (nothing of this batch is acknowledged).
-            if let Some(len) = before
-                && let Err(e) = file.set_len(len)
-            {
+            let cut = file
+                .metadata()
+                .and_then(|m| file.set_len(m.len().saturating_sub(written as u64)));
+            if let Err(e) = cut {
                 tracing::error!(path = %path.display(), error = %e, "could not cut the failed batch off the audit log");
             }
         }
@@ -241,6 +243,19 @@ fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path) {
             let _ = w.send(result.clone());
         }
     }
+}
+
+/// `write_all` that tells how many bytes reached the file, also when it fails.
+fn write_counted(file: &mut File, buf: &[u8], written: &mut usize) -> std::io::Result<()> {
+    while *written < buf.len() {
+        match file.write(&buf[*written..]) {
+            Ok(0) => return Err(std::io::ErrorKind::WriteZero.into()),
+            Ok(n) => *written += n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 #[cfg(test)]

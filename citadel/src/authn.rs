@@ -159,9 +159,18 @@ impl TokenAuthenticator {
         let mut outcomes = Vec::new();
         let mut next: Option<IssuerSet> = None;
         for src in sources.iter_mut() {
-            match read_jwks(&src.issuer, &src.path) {
-                Ok((_, digest)) if digest == src.digest => src.refused = None,
-                Ok((jwks, digest)) => {
+            // The file's bytes are hashed before they are parsed: an unchanged file (the
+            // common case, every poll) is not parsed again (its EC points checked again).
+            let read = read_jwks_text(&src.issuer, &src.path).and_then(|(text, digest)| {
+                if digest == src.digest {
+                    Ok(None)
+                } else {
+                    parse_jwks(&src.issuer, &src.path, &text).map(|j| Some((j, digest)))
+                }
+            });
+            match read {
+                Ok(None) => src.refused = None,
+                Ok(Some((jwks, digest))) => {
                     src.digest = digest;
                     src.refused = None;
                     next.get_or_insert_with(|| (**self.issuers.load()).clone())
@@ -281,17 +290,30 @@ impl TokenAuthenticator {
 }
 
 fn read_jwks(issuer: &str, path: &Path) -> Result<(Jwks, [u8; 32]), CitadelError> {
-    let err = |reason: String| CitadelError::Jwks {
+    let (text, digest) = read_jwks_text(issuer, path)?;
+    Ok((parse_jwks(issuer, path, &text)?, digest))
+}
+
+fn jwks_err(issuer: &str, path: &Path, reason: String) -> CitadelError {
+    CitadelError::Jwks {
         issuer: issuer.to_owned(),
         path: path.to_path_buf(),
         reason,
-    };
-    let text = std::fs::read_to_string(path).map_err(|e| err(e.to_string()))?;
-    if text.trim().is_empty() {
-        return Err(err("file is empty".into()));
     }
-    let jwks = Jwks::parse(&text).map_err(|e| err(e.to_string()))?;
-    Ok((jwks, sha256(&text)))
+}
+
+/// The JWKS file's text (refused when empty) and its SHA-256.
+fn read_jwks_text(issuer: &str, path: &Path) -> Result<(String, [u8; 32]), CitadelError> {
+    let text = std::fs::read_to_string(path).map_err(|e| jwks_err(issuer, path, e.to_string()))?;
+    if text.trim().is_empty() {
+        return Err(jwks_err(issuer, path, "file is empty".into()));
+    }
+    let digest = sha256(&text);
+    Ok((text, digest))
+}
+
+fn parse_jwks(issuer: &str, path: &Path, text: &str) -> Result<Jwks, CitadelError> {
+    Jwks::parse(text).map_err(|e| jwks_err(issuer, path, e.to_string()))
 }
 
 fn sha256(token: &str) -> [u8; 32] {

@@ -442,11 +442,15 @@ impl CaState {
             .append(&record)
             .await
             .map_err(|e| Refusal::AuditFailed(e.to_string()))?;
-        let span = tracing::Span::current();
-        span.record("caller", tracing::field::display(&record.caller));
-        span.record("identity", tracing::field::display(&record.spiffe_id));
-        span.record("serial", tracing::field::display(&record.serial));
-        tracing::debug!(auth = caller.method.as_str(), "issued");
+        // Only the debug-level "issued" event shows these after this point: at info level
+        // recording them would only format three strings per certificate for nothing.
+        if tracing::enabled!(tracing::Level::DEBUG) {
+            let span = tracing::Span::current();
+            span.record("caller", tracing::field::display(&record.caller));
+            span.record("identity", tracing::field::display(&record.spiffe_id));
+            span.record("serial", tracing::field::display(&record.serial));
+            tracing::debug!(auth = caller.method.as_str(), "issued");
+        }
         Ok(IstioCertificateResponse {
             cert_chain: issued.cert_chain,
         })
@@ -636,6 +640,19 @@ impl CaService {
     }
 }
 
+/// The caller's address as the `issue` span shows it (`-` when unknown), formatted by the
+/// subscriber only, without a String of its own.
+struct PeerAddr(Option<SocketAddr>);
+
+impl std::fmt::Display for PeerAddr {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("-"),
+        }
+    }
+}
+
 #[tonic::async_trait]
 impl IstioCertificateService for CaService {
     async fn create_certificate(
@@ -648,12 +665,10 @@ impl IstioCertificateService for CaService {
         // One span per issuance: the caller's address, then who it proved to be, the
         // identity certified and the serial, so a certificate seen in an agent's or a proxy's
         // log can be followed back here (and to the audit log).
+        let peer = request.extensions().get::<PeerInfo>().map(|p| p.remote);
         let span = tracing::info_span!(
             "issue",
-            peer = %request
-                .extensions()
-                .get::<PeerInfo>()
-                .map_or_else(|| "-".into(), |p| p.remote.to_string()),
+            peer = tracing::field::display(PeerAddr(peer)),
             caller = tracing::field::Empty,
             identity = tracing::field::Empty,
             serial = tracing::field::Empty,
