@@ -612,9 +612,13 @@ mod tests {
     use super::*;
 
     fn folder(policy_ns: &str, deny_path: &str) -> MeshFolder {
+        // Unique per call: tests run in parallel in one process and may ask for the same
+        // folder at once (one removing it while the other loads it was a flaky failure).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let d = std::env::temp_dir().join(format!(
-            "rampart-discovery-{}-{policy_ns}-{}",
+            "rampart-discovery-{}-{}-{policy_ns}-{}",
             std::process::id(),
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
             deny_path.trim_start_matches('/')
         ));
         std::fs::create_dir_all(&d).unwrap();
