@@ -380,6 +380,11 @@ pub struct LocalSettings {
     /// Istio and ztunnel) or `deny` (every issuer of a peer chain must be covered by a CRL).
     #[serde(skip)]
     pub crl_unknown_status: rampart_certs::UnknownStatus,
+    /// Whose addresses the registry's listen addresses are (`rampart.workloadNetwork`):
+    /// `host` (default: every workload shares one machine's addresses, so no two may listen
+    /// on the same one) or `pod` (each workload has its own network namespace, as Pods do:
+    /// loopback addresses are its own, and only non-loopback ones must be unique).
+    pub workload_network: WorkloadNetwork,
     /// The whole section as written, for settings other components own.
     pub raw: serde_json::Value,
 }
@@ -388,6 +393,41 @@ impl LocalSettings {
     /// The CA's listen address: `rampart.ca.listen`, else [`DEFAULT_CA_LISTEN`].
     pub fn ca_address(&self) -> SocketAddr {
         self.ca_listen.unwrap_or(DEFAULT_CA_LISTEN)
+    }
+}
+
+/// Whose addresses a registry's listen addresses are (`rampart.workloadNetwork`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "camelCase")]
+pub enum WorkloadNetwork {
+    /// One machine: every workload's proxy and app listen on the same host's addresses, so
+    /// every listen address (loopback included) may be used by one workload only.
+    #[default]
+    Host,
+    /// One network namespace per workload (Kubernetes Pods): `127.0.0.1:15001` in one Pod
+    /// is not the same socket as in another, so loopback addresses are checked within a
+    /// workload only; non-loopback addresses (Pod IPs) must still be unique mesh-wide.
+    Pod,
+}
+
+impl WorkloadNetwork {
+    /// The name `mesh.yaml` uses.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            WorkloadNetwork::Host => "host",
+            WorkloadNetwork::Pod => "pod",
+        }
+    }
+}
+
+impl std::str::FromStr for WorkloadNetwork {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "host" => Ok(WorkloadNetwork::Host),
+            "pod" => Ok(WorkloadNetwork::Pod),
+            other => Err(format!("{other:?} is not host or pod")),
+        }
     }
 }
 
@@ -603,17 +643,31 @@ fn parse_yaml(file: &str, text: &str, c: &mut Collector) -> Option<serde_json::V
 
 /// Parse and check a registry text (`file` names it in problems).
 pub fn parse_registry(file: &str, text: &str) -> Result<Registry, Vec<Problem>> {
+    parse_registry_in(file, text, WorkloadNetwork::Host)
+}
+
+/// [`parse_registry`] for workloads on `network` (see [`WorkloadNetwork`]).
+pub fn parse_registry_in(
+    file: &str,
+    text: &str,
+    network: WorkloadNetwork,
+) -> Result<Registry, Vec<Problem>> {
     let mut c = Collector {
         problems: Vec::new(),
     };
-    let reg = parse_registry_into(file, text, &mut c);
+    let reg = parse_registry_into(file, text, network, &mut c);
     match reg {
         Some(r) if c.problems.is_empty() => Ok(r),
         _ => Err(c.problems),
     }
 }
 
-fn parse_registry_into(file: &str, text: &str, c: &mut Collector) -> Option<Registry> {
+fn parse_registry_into(
+    file: &str,
+    text: &str,
+    network: WorkloadNetwork,
+    c: &mut Collector,
+) -> Option<Registry> {
     let value = parse_yaml(file, text, c)?;
     let value = if value.is_null() {
         serde_json::json!({})
@@ -631,20 +685,27 @@ fn parse_registry_into(file: &str, text: &str, c: &mut Collector) -> Option<Regi
     };
     let mut reg = Registry::default();
     let mut seen_workloads = BTreeSet::new();
-    let mut listen: BTreeMap<SocketAddr, String> = BTreeMap::new();
+    // Listen addresses taken: mesh-wide, and (with per-workload networks) this workload's
+    // own loopback ones, which start empty for each workload.
+    // A workload's own addresses are keyed by its index (`current`).
+    let mut listen: BTreeMap<(Option<usize>, SocketAddr), String> = BTreeMap::new();
+    let current = std::cell::Cell::new(0usize);
     let mut claim = |c: &mut Collector, addr: SocketAddr, field: String| {
-        if let Some(prev) = listen.get(&addr) {
+        let scope =
+            (network == WorkloadNetwork::Pod && addr.ip().is_loopback()).then(|| current.get());
+        if let Some(prev) = listen.get(&(scope, addr)) {
             c.push(
                 file,
                 field.clone(),
                 format!("address {addr} is already used by {prev}"),
             );
         } else {
-            listen.insert(addr, field);
+            listen.insert((scope, addr), field);
         }
     };
     for (i, w) in raw.workloads.into_iter().enumerate() {
         let at = format!("workloads[{i}]");
+        current.set(i);
         let before = c.problems.len();
         if !is_dns_label(&w.name) {
             c.push(
@@ -941,6 +1002,8 @@ struct RawLocal {
     compliance_policy: Option<String>,
     #[serde(default)]
     crl_unknown_status: Option<String>,
+    #[serde(default)]
+    workload_network: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -980,6 +1043,12 @@ fn parse_local(file: &str, value: &serde_json::Value, c: &mut Collector) -> Loca
         match v.parse() {
             Ok(u) => out.crl_unknown_status = u,
             Err(e) => c.push(file, "rampart.crlUnknownStatus", e),
+        }
+    }
+    if let Some(v) = raw.workload_network {
+        match v.parse() {
+            Ok(n) => out.workload_network = n,
+            Err(e) => c.push(file, "rampart.workloadNetwork", e),
         }
     }
     if let Some(v) = raw.compliance_policy {
@@ -1085,7 +1154,8 @@ impl MeshFolder {
             problems: Vec::new(),
         };
         let (mesh, local, trust_domain, aliases) = parse_mesh(mesh_file, mesh_text, &mut c);
-        let registry = parse_registry_into(registry_file, registry_text, &mut c);
+        let registry =
+            parse_registry_into(registry_file, registry_text, local.workload_network, &mut c);
         if let Some(reg) = &registry
             && !local.allow_non_loopback_outbound
         {
@@ -1145,7 +1215,7 @@ impl MeshFolder {
         let (mesh, local, trust_domain, aliases) = parse_mesh(MESH_FILE, &mesh_text, &mut c);
         // workloads.yaml
         let registry = match std::fs::read_to_string(dir.join(WORKLOADS_FILE)) {
-            Ok(t) => parse_registry_into(WORKLOADS_FILE, &t, &mut c),
+            Ok(t) => parse_registry_into(WORKLOADS_FILE, &t, local.workload_network, &mut c),
             Err(e) => {
                 c.push(WORKLOADS_FILE, "", format!("cannot read: {e}"));
                 None
@@ -1592,5 +1662,71 @@ services:
         std::fs::write(d.path().join(MESH_FILE), "rampart: {ca: {certTTL: soon}}\n").unwrap();
         let p = MeshFolder::load(d.path()).unwrap_err();
         assert!(p.iter().any(|p| p.field == "rampart.ca.certTTL"), "{p:?}");
+    }
+
+    /// `rampart.workloadNetwork: pod`: loopback listeners are per workload (two Pods may
+    /// both use 127.0.0.1:15001), never within one workload, and non-loopback addresses
+    /// stay unique mesh-wide. `host` (the default) keeps every address unique.
+    #[test]
+    fn workload_network_scopes_loopback_addresses() {
+        let two = |a: &str, b: &str| {
+            format!(
+                "workloads:\n\
+                 - {{name: a, namespace: ns, ports: [{{port: 80, app: '127.0.0.1:8080', inbound: '{a}'}}], proxy: {{outbound: '127.0.0.1:15001', admin: '127.0.0.1:15000'}}}}\n\
+                 - {{name: b, namespace: ns, ports: [{{port: 80, app: '127.0.0.1:8080', inbound: '{b}'}}], proxy: {{outbound: '127.0.0.1:15001', admin: '127.0.0.1:15000'}}}}\n"
+            )
+        };
+        let shared = two("10.0.0.1:8080", "10.0.0.2:8080");
+        let host = parse_registry_in("workloads.yaml", &shared, WorkloadNetwork::Host)
+            .expect_err("one host: 127.0.0.1:15001 twice");
+        assert!(
+            host.iter().any(|p| p.field == "workloads[1].proxy.outbound"
+                && p.reason
+                    .contains("already used by workloads[0].proxy.outbound")),
+            "{host:?}"
+        );
+        let pods = parse_registry_in("workloads.yaml", &shared, WorkloadNetwork::Pod)
+            .unwrap_or_else(|p| panic!("{p:?}"));
+        assert_eq!(pods.workloads.len(), 2);
+        // One Pod IP used by two workloads: refused on either network.
+        let clash = two("10.0.0.1:8080", "10.0.0.1:8080");
+        for network in [WorkloadNetwork::Host, WorkloadNetwork::Pod] {
+            let p = parse_registry_in("workloads.yaml", &clash, network).expect_err("one Pod IP");
+            assert!(
+                p.iter().any(|p| p.field == "workloads[1].ports[0].inbound"),
+                "{network:?}: {p:?}"
+            );
+        }
+        // Within one workload, loopback addresses still clash.
+        let own = "workloads:\n- {name: a, namespace: ns, proxy: {outbound: '127.0.0.1:15001', admin: '127.0.0.1:15001'}}\n";
+        let p = parse_registry_in("workloads.yaml", own, WorkloadNetwork::Pod)
+            .expect_err("outbound and admin on one address");
+        assert!(
+            p.iter().any(|p| p.field == "workloads[0].proxy.admin"),
+            "{p:?}"
+        );
+
+        // From mesh.yaml, and a bad value named.
+        let folder = |mesh: &str| {
+            MeshFolder::from_parts(
+                PathBuf::from("t"),
+                ("mesh.yaml", mesh),
+                ("workloads.yaml", &shared),
+                &[],
+                ReferencedFiles::default(),
+            )
+        };
+        let ok = folder("trustDomain: cluster.local\nrampart: {workloadNetwork: pod}\n")
+            .unwrap_or_else(|p| panic!("{p:?}"));
+        assert_eq!(ok.local.workload_network, WorkloadNetwork::Pod);
+        assert!(folder("trustDomain: cluster.local\n").is_err());
+        let bad =
+            folder("trustDomain: cluster.local\nrampart: {workloadNetwork: vm}\n").expect_err("vm");
+        assert!(
+            bad.iter().any(|p| p.file == "mesh.yaml"
+                && p.field == "rampart.workloadNetwork"
+                && p.reason.contains("\"vm\" is not host or pod")),
+            "{bad:?}"
+        );
     }
 }

@@ -32,7 +32,7 @@ use serde_json::Value;
 
 use crate::{
     LocalSettings, MeshFolder, PortEntry, PortProtocol, Problem, ProxyEntry, ReferencedFiles,
-    Registry, ServiceEntry, ServicePort, WorkloadEntry,
+    Registry, ServiceEntry, ServicePort, WorkloadEntry, WorkloadNetwork,
 };
 
 /// Pod annotation: the proxy's outbound HTTP-proxy listener (`127.0.0.1:15001`), overriding
@@ -497,13 +497,31 @@ pub fn convert(settings: &KubeSettings, objects: &KubeObjects) -> Conversion {
             mesh,
             trust_domain: settings.trust_domain.clone(),
             trust_domain_aliases: settings.trust_domain_aliases.clone(),
-            local: settings.local.clone(),
+            local: pod_network(&settings.local),
             registry,
             resources,
             files: ReferencedFiles::default(),
         },
         refused: refused_out,
     }
+}
+
+/// The local settings of a Kubernetes snapshot: every Pod has its own network namespace
+/// (`rampart.workloadNetwork: pod`), so two Pods' `127.0.0.1:15001` do not collide. Set in
+/// the typed settings and in the section as written, which is what a control plane streams.
+fn pod_network(local: &LocalSettings) -> LocalSettings {
+    let mut local = local.clone();
+    local.workload_network = WorkloadNetwork::Pod;
+    if !local.raw.is_object() {
+        local.raw = Value::Object(serde_json::Map::new());
+    }
+    if let Some(section) = local.raw.as_object_mut() {
+        section.insert(
+            "workloadNetwork".into(),
+            Value::String(WorkloadNetwork::Pod.as_str().into()),
+        );
+    }
+    local
 }
 
 type EndpointOf = Vec<(String, String)>;
@@ -1033,6 +1051,51 @@ mod tests {
         assert_eq!(
             r.get("api", "backend-3").unwrap().proxy.outbound,
             st.proxy_outbound
+        );
+    }
+
+    /// Every Pod has the same loopback listeners (outbound `127.0.0.1:15001`, admin
+    /// `127.0.0.1:15000`, apps on `127.0.0.1:T`), which is fine in Pods' own network
+    /// namespaces: the streamed form of a Kubernetes snapshot (what a proxy re-validates)
+    /// must assemble, and it says `workloadNetwork: pod`.
+    #[test]
+    fn a_snapshot_of_pods_sharing_loopback_addresses_assembles() {
+        let c = convert(&settings(), &objects());
+        let r = &c.snapshot.registry;
+        let b1 = r.get("api", "backend-1").unwrap();
+        let b2 = r.get("api", "backend-2").unwrap();
+        assert_eq!(b1.proxy.outbound, b2.proxy.outbound);
+        assert_eq!(b1.ports[0].app, b2.ports[0].app);
+        assert_eq!(c.snapshot.local.workload_network, WorkloadNetwork::Pod);
+        let resources = crate::resources::to_resources(&c.snapshot);
+        let again = crate::resources::assemble(
+            "control-plane",
+            resources
+                .iter()
+                .map(|r| (r.name.as_str(), r.kind, r.body.as_slice())),
+        )
+        .unwrap_or_else(|p| panic!("{p:?}"));
+        assert_eq!(again.registry, c.snapshot.registry);
+        assert_eq!(again.local.workload_network, WorkloadNetwork::Pod);
+
+        // Its negative twin: two Pods claiming one Pod IP are still refused.
+        let mut o = objects();
+        let ip = o.pods[0]["status"]["podIP"].clone();
+        o.pods[1]["status"]["podIP"] = ip;
+        let clash = convert(&settings(), &o);
+        let resources = crate::resources::to_resources(&clash.snapshot);
+        let problems = crate::resources::assemble(
+            "control-plane",
+            resources
+                .iter()
+                .map(|r| (r.name.as_str(), r.kind, r.body.as_slice())),
+        )
+        .expect_err("two Pods on one IP");
+        assert!(
+            problems
+                .iter()
+                .any(|p| p.reason.contains("already used by")),
+            "{problems:?}"
         );
     }
 
