@@ -7,7 +7,11 @@
 //! token is refused; node impersonation passes for a Pod on the caller's node and fails for
 //! one on another node; ConfigMap istio-ca-root-cert appears in every namespace (one new
 //! after start too) and comes back when deleted; a `cacerts` Secret that appears while the CA
-//! runs is picked up without a restart (new bundle served and published).
+//! runs is picked up without a restart (new bundle served and published). And the config
+//! stream: two host processes playing Pods take their configuration from the CA, which
+//! builds it from the fake's Pods, Service and AuthorizationPolicy objects; a policy written
+//! to the API turns their call from 200 into 403 and back, a broken policy object is refused
+//! alone, and a proxy claiming another service account's workload gets nothing.
 
 #[path = "../k8s/tests/support/fake_api.rs"]
 mod fake_api;
@@ -351,6 +355,197 @@ async fn ca_in_kubernetes_mode_against_a_fake_api_server() {
     };
     assert_eq!(chain_root, want, "issued under the new plug-in root");
     drop(ca1);
+}
+
+/// The CA in Kubernetes mode serves proxies their configuration from the cluster's objects
+/// (as istiod serves certificates and config on one port): two host processes play Pods
+/// `mesh/web-1` and `mesh/client-1` (`rampart agent` + `rampart proxy --control-plane`),
+/// Service `web` selects web-1, and the call client -> web goes through both proxies. An
+/// AuthorizationPolicy written to the (fake) API turns it into 403, and deleting it back
+/// into 200; a policy object the CA cannot accept is refused alone (the last good
+/// configuration keeps serving). The real API server version of this is in
+/// tests/kubernetes_e2e.rs (opt-in).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_policy_reaches_proxies_through_the_ca_stream() {
+    let fake = FakeApi::new();
+    // A real API server serves each security.istio.io object at v1 and v1beta1.
+    fake.alias_version(
+        "/apis/security.istio.io/v1beta1",
+        "/apis/security.istio.io/v1",
+    );
+    let api = fake.serve_http().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = kubeconfig(dir.path(), api);
+    for ns in ["istio-system", "mesh"] {
+        fake.put(
+            "/api/v1/namespaces",
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        );
+    }
+    let target = support::free_port();
+    let outbound = support::free_port();
+    support::app_200(target);
+    let pod = |name: &str, sa: &str, ip: &str, annotations: serde_json::Value| {
+        fake.put(
+            "/api/v1/namespaces/mesh/pods",
+            serde_json::json!({"apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": name, "namespace": "mesh", "labels": {"app": sa},
+                             "annotations": annotations},
+                "spec": {"serviceAccountName": sa, "nodeName": "node-1",
+                         "containers": [{"name": "app"}]},
+                "status": {"phase": "Running", "podIP": ip}}),
+        );
+    };
+    pod(
+        "web-1",
+        "web",
+        "127.0.0.51",
+        serde_json::json!({"proxy.rampart.io/outbound": "none",
+            "proxy.rampart.io/admin": format!("127.0.0.1:{}", support::free_port())}),
+    );
+    pod(
+        "client-1",
+        "client",
+        "127.0.0.52",
+        serde_json::json!({"proxy.rampart.io/outbound": format!("127.0.0.1:{outbound}"),
+            "proxy.rampart.io/admin": format!("127.0.0.1:{}", support::free_port())}),
+    );
+    fake.put(
+        "/api/v1/namespaces/mesh/services",
+        serde_json::json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "mesh"},
+            "spec": {"selector": {"app": "web"},
+                     "ports": [{"name": "http", "port": 80, "targetPort": target}]}}),
+    );
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let mut tokens = Vec::new();
+    for sa in ["web", "client"] {
+        let token = fake_jwt(exp, sa);
+        fake.add_token(
+            &token,
+            FakeToken::service_account("mesh", sa, &["istio-ca"]),
+        );
+        tokens.push(token);
+    }
+
+    let (ca, addr, lines) = start_ca(dir.path(), &kc, "cp");
+    assert!(
+        lines
+            .iter()
+            .any(|l| l.contains("serving proxy configuration") && l.contains("istio-system")),
+        "{lines:?}"
+    );
+    let bundle = dir.path().join("cp/bundle.pem");
+    let web = support::PodSidecar::start(
+        &dir.path().join("web"),
+        "mesh",
+        "web",
+        "web-1",
+        &tokens[0],
+        addr,
+        &bundle,
+    );
+    let client = support::PodSidecar::start(
+        &dir.path().join("client"),
+        "mesh",
+        "client",
+        "client-1",
+        &tokens[1],
+        addr,
+        &bundle,
+    );
+    let logs = || {
+        format!(
+            "--- client proxy\n{}\n--- client agent\n{}\n--- web proxy\n{}\n--- CA\n{}",
+            client.proxy.log(),
+            client.agent.log(),
+            web.proxy.log(),
+            ca.log()
+        )
+    };
+    let proxy = SocketAddr::from(([127, 0, 0, 1], outbound));
+    let host = "web.mesh.svc.cluster.local";
+    let url = format!("http://{host}/");
+    let call = || support::get_via(proxy, &url, host);
+    wait_for(
+        "client-1 -> web through two proxies configured by the CA's stream",
+        Duration::from_secs(60),
+        || call() == Some(200),
+        logs,
+    );
+
+    let policies = "/apis/security.istio.io/v1/namespaces/mesh/authorizationpolicies";
+    fake.put(
+        policies,
+        serde_json::json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "deny-client", "namespace": "mesh"},
+            "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": "DENY",
+                     "rules": [{"from": [{"source": {
+                         "principals": ["cluster.local/ns/mesh/sa/client"]}}]}]}}),
+    );
+    wait_for(
+        "the DENY policy to turn 200 into 403",
+        Duration::from_secs(30),
+        || call() == Some(403),
+        logs,
+    );
+    // An object the CA cannot accept is refused alone: the DENY keeps applying.
+    fake.put(
+        policies,
+        serde_json::json!({"apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+            "metadata": {"name": "broken", "namespace": "mesh"},
+            "spec": {"action": "MAYBE"}}),
+    );
+    wait_for(
+        "the broken policy to be refused",
+        Duration::from_secs(30),
+        || ca.log().contains("mesh/broken"),
+        logs,
+    );
+    assert_eq!(call(), Some(403), "{}", logs());
+    fake.delete(policies, "deny-client").unwrap();
+    wait_for(
+        "the deleted policy to let the call through again",
+        Duration::from_secs(30),
+        || call() == Some(200),
+        logs,
+    );
+    // Negative twin of the stream's authentication: a proxy claiming a workload of another
+    // service account gets no configuration (its stream is refused), so it never listens.
+    let impostor_out = support::free_port();
+    pod(
+        "impostor-1",
+        "web",
+        "127.0.0.53",
+        serde_json::json!({"proxy.rampart.io/outbound": format!("127.0.0.1:{impostor_out}"),
+            "proxy.rampart.io/admin": "none"}),
+    );
+    let impostor = support::PodSidecar::start(
+        &dir.path().join("impostor"),
+        "mesh",
+        "client",
+        "impostor-1",
+        &tokens[1],
+        addr,
+        &bundle,
+    );
+    wait_for(
+        "the impostor's stream to be refused",
+        Duration::from_secs(30),
+        || {
+            impostor.proxy.log().contains("PermissionDenied")
+                || impostor.proxy.log().contains("permission")
+        },
+        || impostor.proxy.log(),
+    );
+    assert!(
+        std::net::TcpStream::connect(("127.0.0.1", impostor_out)).is_err(),
+        "a proxy without its configuration listens"
+    );
 }
 
 #[test]

@@ -38,6 +38,10 @@
 //!   and another certificate of the same identity is not listed;
 //! - a CA whose RBAC binding is deleted refuses a fresh valid token, naming the API server's
 //!   "forbidden" (fail closed);
+//! - an AuthorizationPolicy applied with kubectl turns a call between two host processes
+//!   playing Pods (`rampart agent` + `rampart proxy --control-plane`, configured by the CA's
+//!   config stream from the Pods, Service and policy in the API) from 200 into 403 within
+//!   5 s, and deleting it turns the call back into 200 within 5 s;
 //! - `kubectl apply --dry-run=server -R -f deploy/kubernetes/` (or `$RAMPART_TEST_DEPLOY_DIR`)
 //!   is accepted by the API server, and an invalid Service is refused by the same dry run,
 //!   when that directory exists (the suite says so when it does not).
@@ -261,9 +265,16 @@ fn ca_identity(
              "metadata": {"name": cluster_role},
              "rules": [
                 rule("authentication.k8s.io", "tokenreviews", &["create"]),
-                rule("", "pods", &["get", "list"]),
-                rule("", "namespaces", &["list"]),
-                rule("", "configmaps", &["get", "create", "update"]),
+                // deploy/kubernetes/20-rbac.yaml: node authorization and the mesh model
+                // the config stream is built from.
+                rule("", "pods", &["get", "list", "watch"]),
+                rule("", "services", &["get", "list", "watch"]),
+                rule("", "namespaces", &["get", "list", "watch"]),
+                rule("security.istio.io", "peerauthentications", &["get", "list", "watch"]),
+                rule("security.istio.io", "requestauthentications", &["get", "list", "watch"]),
+                rule("security.istio.io", "authorizationpolicies", &["get", "list", "watch"]),
+                rule("", "configmaps", &["get", "list", "watch", "create", "update"]),
+                rule("", "events", &["create"]),
              ]},
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
              "metadata": {"name": cluster_role},
@@ -902,6 +913,17 @@ async fn kubernetes_mode_against_a_real_api_server() {
         stopped.elapsed()
     ));
 
+    // Policy from the cluster reaches proxies through the CA's config stream.
+    authorization_policy_turns_200_into_403(
+        &kubectl,
+        &mut namespaces,
+        &tag,
+        work.path(),
+        ca2_addr,
+        &ca2_dir.join("bundle.pem"),
+        &ca2,
+    );
+
     // Fail closed when the CA loses its RBAC: without tokenreviews create, a fresh valid
     // token is refused, with the API server's reason.
     let mut c2 = connect(&ca2_dir.join("bundle.pem"), ca2_addr).await;
@@ -935,8 +957,6 @@ async fn kubernetes_mode_against_a_real_api_server() {
         }
     };
     assert!(msg.contains("forbidden"), "{msg}");
-
-    authorization_policy_turns_200_into_403();
 
     drop(ca2);
     drop(namespaces);
@@ -1071,27 +1091,129 @@ fn dry_run_deploy_manifests(kubectl: &Kubectl, guard: &mut Namespaces<'_>) {
     ));
 }
 
-/// Issue #14's last check, an AuthorizationPolicy applied with kubectl turning a call between
-/// two host processes playing Pods from 200 into 403 within 5 s, needs `rampart proxy` to
-/// take its config from the control plane (`--control-plane ADDR --workload NS/NAME`), which
-/// is being built elsewhere. Until this suite is extended for it, it says plainly that the
-/// check did not run, and why.
-fn authorization_policy_turns_200_into_403() {
-    let help = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["proxy", "--help"])
-        .output()
-        .unwrap();
-    let help = String::from_utf8_lossy(&help.stdout);
-    if help.contains("--control-plane") {
-        say(
-            "kubernetes_e2e: `rampart proxy` has --control-plane, but this suite has no \
-             AuthorizationPolicy 200 -> 403 check yet; it did not run",
-        );
-    } else {
-        say(
-            "kubernetes_e2e: the AuthorizationPolicy 200 -> 403 check needs `rampart proxy \
-             --control-plane ADDR --workload NS/NAME` (config streaming), which this build \
-             lacks; it did not run",
-        );
+/// Issue #14's last check: an AuthorizationPolicy applied with kubectl turns a call between
+/// two host processes playing Pods from 200 into 403 within 5 s, and deleting it turns the
+/// call back into 200 within 5 s. The configuration reaches both proxies through the CA's
+/// config stream (`rampart ca --kubernetes` watches the policy, Pods and Services); the call
+/// goes client app -> client proxy (HTTP proxy listener) -> mTLS -> server proxy on the
+/// server Pod's IP -> server app, and the policy names the client by its SPIFFE principal.
+#[allow(clippy::too_many_arguments)]
+fn authorization_policy_turns_200_into_403(
+    kubectl: &Kubectl,
+    namespaces: &mut Namespaces<'_>,
+    tag: &str,
+    work: &Path,
+    ca: SocketAddr,
+    bundle: &Path,
+    ca_proc: &Proc,
+) {
+    kubectl.ok(&["get", "crd", "authorizationpolicies.security.istio.io"]);
+    let ns = format!("re2e-{tag}-mesh");
+    namespaces.create(&ns);
+    for sa in ["web", "client"] {
+        kubectl.ok(&["create", "serviceaccount", sa, "-n", &ns]);
     }
+    // The server Pod: its app on 127.0.0.1:T, its proxy on the Pod IP, port T. The client
+    // Pod's listeners move off Istio's defaults (both Pods share this host's loopback).
+    let target = support::free_port();
+    let outbound = support::free_port();
+    support::app_200(target);
+    kubectl.pod(&ns, "web-1", "web", "node-a", "127.0.0.31");
+    kubectl.pod(&ns, "client-1", "client", "node-a", "127.0.0.32");
+    for (pod, annotations) in [
+        (
+            "web-1",
+            vec![
+                "proxy.rampart.io/outbound=none".to_owned(),
+                format!("proxy.rampart.io/admin=127.0.0.1:{}", support::free_port()),
+            ],
+        ),
+        (
+            "client-1",
+            vec![
+                format!("proxy.rampart.io/outbound=127.0.0.1:{outbound}"),
+                format!("proxy.rampart.io/admin=127.0.0.1:{}", support::free_port()),
+            ],
+        ),
+    ] {
+        let mut args = vec!["annotate", "pod", pod, "-n", ns.as_str(), "--overwrite"];
+        args.extend(annotations.iter().map(String::as_str));
+        kubectl.ok(&args);
+    }
+    kubectl.apply(&serde_json::json!({
+        "apiVersion": "v1", "kind": "Service",
+        "metadata": {"name": "web", "namespace": ns},
+        "spec": {"selector": {"app": "web"},
+                 "ports": [{"name": "http", "port": 80, "targetPort": target}]},
+    }));
+    let dir = work.join("mesh");
+    let token = |sa: &str| kubectl.token(&ns, sa, &["--audience", "istio-ca"]);
+    let web = support::PodSidecar::start(
+        &dir.join("web"),
+        &ns,
+        "web",
+        "web-1",
+        &token("web"),
+        ca,
+        bundle,
+    );
+    let client = support::PodSidecar::start(
+        &dir.join("client"),
+        &ns,
+        "client",
+        "client-1",
+        &token("client"),
+        ca,
+        bundle,
+    );
+    let logs = || {
+        format!(
+            "--- client proxy\n{}\n--- web proxy\n{}\n--- CA\n{}",
+            client.proxy.log(),
+            web.proxy.log(),
+            ca_proc.log()
+        )
+    };
+    let proxy = SocketAddr::from(([127, 0, 0, 1], outbound));
+    let host = format!("web.{ns}.svc.cluster.local");
+    let url = format!("http://{host}/");
+    wait_for(
+        "a call from client-1 to Service web through both proxies",
+        Duration::from_secs(60),
+        || support::get_via(proxy, &url, &host) == Some(200),
+        logs,
+    );
+    say("kubernetes_e2e: client-1 -> web through two proxies configured by the CA's stream: 200");
+
+    let policy = serde_json::json!({
+        "apiVersion": "security.istio.io/v1", "kind": "AuthorizationPolicy",
+        "metadata": {"name": "deny-client", "namespace": ns},
+        "spec": {"selector": {"matchLabels": {"app": "web"}}, "action": "DENY",
+                 "rules": [{"from": [{"source": {
+                     "principals": [format!("cluster.local/ns/{ns}/sa/client")]}}]}]},
+    });
+    kubectl.apply(&policy);
+    let applied = Instant::now();
+    wait_for(
+        "the AuthorizationPolicy to turn 200 into 403",
+        FIVE_SECONDS,
+        || support::get_via(proxy, &url, &host) == Some(403),
+        logs,
+    );
+    say(&format!(
+        "kubernetes_e2e: AuthorizationPolicy applied with kubectl: 200 -> 403 after {:?}",
+        applied.elapsed()
+    ));
+    kubectl.ok(&["delete", "authorizationpolicy", "deny-client", "-n", &ns]);
+    let deleted = Instant::now();
+    wait_for(
+        "the deleted AuthorizationPolicy to let the call through again",
+        FIVE_SECONDS,
+        || support::get_via(proxy, &url, &host) == Some(200),
+        logs,
+    );
+    say(&format!(
+        "kubernetes_e2e: AuthorizationPolicy deleted: 403 -> 200 after {:?}",
+        deleted.elapsed()
+    ));
 }

@@ -33,6 +33,9 @@ pub use self::review::{
     DEFAULT_REVIEW_CACHE, MAX_REVIEW_AGE, ReviewedToken, TokenReviewer, unverified_exp,
 };
 pub use self::source::{KubeConfigSource, SourceMetrics};
+/// The Kubernetes client every part of this crate takes (re-exported so callers need no
+/// direct `kube` dependency).
+pub use kube::Client as KubeClient;
 
 /// Why Kubernetes mode could not start or load its material.
 #[derive(Debug, thiserror::Error)]

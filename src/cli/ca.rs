@@ -218,6 +218,15 @@ struct KubeArgs {
     /// to take the Lease; it lasts three intervals).
     #[arg(long, default_value = "2s", value_parser = humantime::parse_duration, requires = "kubernetes")]
     root_publish_interval: Duration,
+    /// The mesh's root namespace (Istio's MeshConfig `rootNamespace`): policies in it apply
+    /// to every namespace. Used for the configuration streamed to proxies.
+    #[arg(
+        long,
+        value_name = "NS",
+        default_value = "istio-system",
+        requires = "kubernetes"
+    )]
+    root_namespace: String,
 }
 
 /// Kubernetes mode's settings, checked.
@@ -228,6 +237,7 @@ struct KubeMode {
     trusted: Vec<rampart_k8s::NodeAccount>,
     audience: String,
     publish_interval: Duration,
+    root_namespace: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -308,6 +318,9 @@ impl RunArgs {
         if namespace.is_empty() {
             return Err(super::bad_input("--namespace must not be empty"));
         }
+        if k.root_namespace.is_empty() {
+            return Err(super::bad_input("--root-namespace must not be empty"));
+        }
         Ok(Some(KubeMode {
             kubeconfig: k.kubeconfig.clone(),
             namespace,
@@ -318,6 +331,7 @@ impl RunArgs {
                 .clone()
                 .unwrap_or_else(|| self.audience.clone()),
             publish_interval: k.root_publish_interval.max(Duration::from_millis(100)),
+            root_namespace: k.root_namespace.clone(),
         }))
     }
 
@@ -387,13 +401,22 @@ impl RunArgs {
             .build()
             .context("start tokio runtime")?;
         rt.block_on(async move {
-            let state = match kube {
-                None => rampart_citadel::CaState::new(cfg, rampart_citadel::Metrics::new())?,
-                Some(k) => start_in_kubernetes(cfg, k).await?,
+            let (state, cluster) = match kube {
+                None => (
+                    rampart_citadel::CaState::new(cfg, rampart_citadel::Metrics::new())?,
+                    None,
+                ),
+                Some(k) => {
+                    let (state, cluster) = start_in_kubernetes(cfg, k).await?;
+                    (state, Some(cluster))
+                }
             };
-            let routes = match config_folder {
-                Some(dir) => config_routes(&state, dir).await?,
-                None => tonic::service::Routes::default(),
+            // Proxy configuration: the folder when given, else the cluster's objects in
+            // Kubernetes mode (as istiod serves certificates and config on one port).
+            let routes = match (config_folder, cluster) {
+                (Some(dir), _) => config_routes(&state, dir).await?,
+                (None, Some(cluster)) => kube_config_routes(&state, cluster),
+                (None, None) => tonic::service::Routes::default(),
             };
             let ca = rampart_citadel::start_with_routes(state, routes).await?;
             let authority = ca.state().authority();
@@ -467,12 +490,36 @@ async fn config_routes(
     Ok(tonic::service::Routes::new(svc.into_server()))
 }
 
+/// What Kubernetes mode hands on to the config stream: the client and the mesh settings.
+struct Cluster {
+    client: rampart_k8s::KubeClient,
+    settings: rampart_mesh::kube::KubeSettings,
+}
+
+/// The config stream fed by the cluster: `security.istio.io` policy, Pods, Services and
+/// Namespaces watched by [`rampart_k8s::KubeConfigSource`]. Streams wait (proxies fail
+/// closed) until every watch has listed once; an invalid object is refused alone.
+fn kube_config_routes(
+    state: &Arc<rampart_citadel::CaState>,
+    cluster: Cluster,
+) -> tonic::service::Routes {
+    let root = cluster.settings.root_namespace.clone();
+    let updates = rampart_k8s::KubeConfigSource::new(cluster.client, cluster.settings).start();
+    let svc =
+        rampart_discovery::ConfigService::spawn(Arc::new(CaCallers(state.clone())), None, updates);
+    println!(
+        "rampart ca: serving proxy configuration (rampart.config.v1.ConfigDiscovery) from the \
+         cluster's policy, Pods and Services (root namespace {root})"
+    );
+    tonic::service::Routes::new(svc.into_server())
+}
+
 /// Loads the CA material from the cluster's Secrets and prepares the CA with TokenReview and
 /// node authorization judging bearer tokens.
 async fn start_in_kubernetes(
     cfg: CaConfig,
     k: KubeMode,
-) -> anyhow::Result<Arc<rampart_citadel::CaState>> {
+) -> anyhow::Result<(Arc<rampart_citadel::CaState>, Cluster)> {
     let client = rampart_k8s::client(k.kubeconfig.as_deref())
         .await
         .map_err(|e| super::bad_input(e.to_string()))?;
@@ -506,6 +553,12 @@ async fn start_in_kubernetes(
         cfg.trust_domain.clone(),
         cfg.reload_poll_interval,
     ));
+    let mut settings = rampart_mesh::kube::KubeSettings::new(cfg.trust_domain.clone());
+    settings.root_namespace = k.root_namespace.clone();
+    let cluster = Cluster {
+        client: client.clone(),
+        settings,
+    };
     let auth = rampart_k8s::KubeAuthenticator::new(
         client.clone(),
         rampart_k8s::TokenReviewer::new(
@@ -554,7 +607,7 @@ async fn start_in_kubernetes(
             (bundle_of.authority().bundle().to_pem(), Some(crls))
         },
     ));
-    Ok(state)
+    Ok((state, cluster))
 }
 
 impl RevokeArgs {

@@ -183,3 +183,104 @@ pub(crate) fn envoy() -> PathBuf {
     );
     path
 }
+
+/// A plaintext HTTP/1.1 `GET` of `url` through the HTTP proxy at `proxy` (what an app with
+/// `HTTP_PROXY` sends): the status code, or `None` when nothing answered.
+pub(crate) fn get_via(proxy: std::net::SocketAddr, url: &str, host: &str) -> Option<u16> {
+    use std::io::{Read as _, Write as _};
+    let mut s = TcpStream::connect(proxy).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(5))).ok()?;
+    s.write_all(
+        format!("GET {url} HTTP/1.1\r\nhost: {host}\r\nconnection: close\r\n\r\n").as_bytes(),
+    )
+    .ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.split_whitespace().nth(1)?.parse().ok()
+}
+
+/// An app on `127.0.0.1:port` answering `200 ok` to every request (a thread per
+/// connection; it lives as long as the test process).
+pub(crate) fn app_200(port: u16) {
+    use std::io::{Read as _, Write as _};
+    let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    std::thread::spawn(move || {
+        for s in l.incoming() {
+            let Ok(mut s) = s else { continue };
+            std::thread::spawn(move || {
+                let mut buf = Vec::new();
+                let mut b = [0u8; 1024];
+                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match s.read(&mut b) {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => buf.extend_from_slice(&b[..n]),
+                    }
+                }
+                let _ = s.write_all(
+                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
+                );
+            });
+        }
+    });
+}
+
+/// One Kubernetes Pod played by host processes: `rampart agent` (with `token` for the CA)
+/// and `rampart proxy --control-plane` taking its configuration from the CA's config stream
+/// as workload `ns/pod`. Both are killed when this is dropped.
+pub(crate) struct PodSidecar {
+    pub(crate) agent: Proc,
+    pub(crate) proxy: Proc,
+}
+
+impl PodSidecar {
+    pub(crate) fn start(
+        dir: &Path,
+        ns: &str,
+        sa: &str,
+        pod: &str,
+        token: &str,
+        ca: std::net::SocketAddr,
+        bundle: &Path,
+    ) -> PodSidecar {
+        use std::process::{Command, Stdio};
+        std::fs::create_dir_all(dir).unwrap();
+        let token_file = dir.join("token");
+        std::fs::write(&token_file, token).unwrap();
+        let sds = dir.join("sds.sock");
+        let agent_log = dir.join("agent.log");
+        let agent = Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["agent", "--ca-addr", &ca.to_string()])
+            .args(["--ca-server-name", "127.0.0.1"])
+            .arg("--ca-root")
+            .arg(bundle)
+            .arg("--token")
+            .arg(&token_file)
+            .args(["--namespace", ns, "--service-account", sa])
+            .arg("--sds-socket")
+            .arg(&sds)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&agent_log).unwrap())
+            .spawn()
+            .expect("start rampart agent");
+        let agent = Proc {
+            child: agent,
+            log: agent_log,
+        };
+        let proxy_log = dir.join("proxy.log");
+        let proxy = Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["proxy", "--control-plane", &ca.to_string()])
+            .args(["--control-plane-san", "127.0.0.1"])
+            .args(["--workload", &format!("{ns}/{pod}")])
+            .arg("--sds-socket")
+            .arg(&sds)
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(&proxy_log).unwrap())
+            .spawn()
+            .expect("start rampart proxy");
+        let proxy = Proc {
+            child: proxy,
+            log: proxy_log,
+        };
+        PodSidecar { agent, proxy }
+    }
+}
