@@ -547,3 +547,49 @@ sys.stdin.read()
     let _ = py.kill();
     let _ = py.wait();
 }
+
+/// `rampart ca bench --addr ... --pid PID` reports the CA process's own CPU time per
+/// certificate (issue #15's measure, from /proc, so the load generator's share is not in
+/// it). Correctness of the tool only: no figure is asserted. Its twin: a token the CA does
+/// not accept makes the run fail with errors and no per-certificate figure.
+#[test]
+fn ca_bench_reports_the_cas_cpu_per_certificate() {
+    let dir = tempfile::tempdir().unwrap();
+    let signer = issuer(dir.path());
+    let ca = start_ca(dir.path(), "127.0.0.1:0", &[]);
+    let bench = |token: &str| {
+        let token_file = dir.path().join("bench-token");
+        std::fs::write(&token_file, token).unwrap();
+        Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["ca", "bench", "--addr", &ca.addr.to_string()])
+            .arg("--ca-root")
+            .arg(dir.path().join("bundle.pem"))
+            .arg("--token")
+            .arg(&token_file)
+            .args(["--spiffe-id", "spiffe://cluster.local/ns/bench/sa/load"])
+            .args(["--duration", "1s", "--csrs", "8", "--connections", "1"])
+            .args(["--concurrency", "4", "--pid", &ca.pid.to_string()])
+            .output()
+            .unwrap()
+    };
+    let out = bench(&token(&signer, "bench", "load"));
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        ca.proc.log()
+    );
+    assert!(stdout.contains("errors 0"), "{stdout}");
+    assert!(
+        stdout.contains(&format!("CA pid {}:", ca.pid)) && stdout.contains("us per certificate"),
+        "{stdout}"
+    );
+    // The token proves another service account than the CSRs ask for.
+    let wrong = token(&signer, "bench", "someone-else");
+    let out = bench(&wrong);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(!out.status.success(), "{stdout}");
+    assert!(stdout.starts_with("issued 0 certs"), "{stdout}");
+    assert!(!stdout.contains("per certificate"), "{stdout}");
+}

@@ -163,7 +163,7 @@ fn parse_id(flag: &str, s: &str) -> anyhow::Result<SpiffeId> {
 
 /// User and system CPU time of a process so far (`/proc/PID/stat` fields 14 and 15, in
 /// USER_HZ ticks, which Linux fixes at 100 per second for this interface).
-fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
+pub(crate) fn process_cpu(pid: u32) -> anyhow::Result<Duration> {
     let path = format!("/proc/{pid}/stat");
     let stat = std::fs::read_to_string(&path).with_context(|| format!("read {path}"))?;
     // The command name (field 2) is in parentheses and may hold spaces: split after it.

@@ -277,6 +277,10 @@ struct BenchArgs {
     /// Worker threads of the runtime.
     #[arg(long, default_value_t = 2)]
     threads: usize,
+    /// The CA's process id (with --addr): report the CPU time it spent per certificate
+    /// during the run, from /proc/PID/stat, so the load generator's share does not count.
+    #[arg(long, requires = "addr")]
+    pid: Option<u32>,
 }
 
 impl CaArgs {
@@ -796,7 +800,9 @@ impl BenchArgs {
                 ""
             }
         );
+        let cpu_before = self.pid.map(super::bench::process_cpu).transpose()?;
         let report = run_load(cfg).await?;
+        let cpu_after = self.pid.map(super::bench::process_cpu).transpose()?;
         println!(
             "issued {} certs in {:.2}s: {:.0} certs/s, p50 {:.2} ms, p99 {:.2} ms, errors {}",
             report.issued,
@@ -806,6 +812,16 @@ impl BenchArgs {
             report.p99.as_secs_f64() * 1e3,
             report.errors
         );
+        if let (Some(pid), Some(a), Some(b), true) =
+            (self.pid, cpu_before, cpu_after, report.issued > 0)
+        {
+            let cpu = b.saturating_sub(a);
+            println!(
+                "CA pid {pid}: {:.2}s CPU = {:.1} us per certificate",
+                cpu.as_secs_f64(),
+                cpu.as_secs_f64() * 1e6 / report.issued as f64
+            );
+        }
         if let Some(e) = &report.first_error {
             eprintln!("rampart ca bench: first error: {e}");
         }
