@@ -143,12 +143,18 @@ pub fn workload_document(w: &WorkloadEntry) -> Value {
         "namespace": w.namespace,
         "serviceAccount": w.service_account,
         "labels": w.labels,
-        "ports": w.ports.iter().map(|p| json!({
-            "port": p.port,
-            "protocol": p.protocol.as_str(),
-            "app": p.app.to_string(),
-            "inbound": p.inbound.to_string(),
-        })).collect::<Vec<_>>(),
+        "ports": w.ports.iter().map(|p| {
+            let mut port = json!({
+                "port": p.port,
+                "protocol": p.protocol.as_str(),
+                "app": p.app.to_string(),
+                "inbound": p.inbound.to_string(),
+            });
+            if let Some(m) = p.mtls {
+                port["mtls"] = json!(m.as_str());
+            }
+            port
+        }).collect::<Vec<_>>(),
         "upstreams": w.upstreams.iter().map(|u| json!({
             "service": u.service,
             "port": u.port,
@@ -231,13 +237,12 @@ pub fn to_resources(folder: &MeshFolder) -> Vec<ModelResource> {
 /// Who a resource of [`scoped_resources`] goes to.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum Audience {
-    /// Every proxy: the mesh settings, registry services, PeerAuthentications (a caller
-    /// decides whether to originate mTLS from the destination's effective mode), policies of
-    /// the root namespace, and a destination workload's reduced entry (to everyone but the
-    /// workload itself, which gets its full entry instead).
+    /// Every proxy: the mesh settings, registry services, policies of the root namespace,
+    /// and a destination workload's reduced entry (to everyone but the workload itself,
+    /// which gets its full entry instead).
     Everyone,
-    /// The proxies of workloads in this namespace (its AuthorizationPolicies and
-    /// RequestAuthentications: only those can apply to them).
+    /// The proxies of workloads in this namespace (its policies: only those can apply to
+    /// them).
     Namespace(String),
     /// Only the proxy of this workload (`<ns>/<name>`): its full registry entry.
     Workload(String),
@@ -266,22 +271,25 @@ pub struct ScopedResource {
 }
 
 /// A workload as a caller needs it (the registry item other proxies get): name, namespace,
-/// service account (the identity a caller expects), labels (PeerAuthentication selectors
-/// decide whether the caller originates mTLS) and ports (port, protocol, the inbound
-/// address it dials; `app` stays because the registry requires it). The workload's own
-/// business is left out: `proxy.outbound`/`proxy.admin` (equal across Pods, so two of them
-/// would collide in the registry's address check), `upstreams` and `command`.
-pub fn destination_document(w: &WorkloadEntry) -> Value {
+/// service account (the identity a caller expects) and ports: port, protocol, the inbound
+/// address it dials, and `mtls`, the port's effective PeerAuthentication mode under
+/// `engine` (the whole model's policies), which decides whether a caller originates mTLS
+/// without it holding the destination namespace's policies (`app` stays because the
+/// registry requires it). Left out: labels (only PeerAuthentication selectors read them,
+/// and the mode is computed here), and the workload's own business:
+/// `proxy.outbound`/`proxy.admin` (equal across Pods, so two of them would collide in the
+/// registry's address check), `upstreams` and `command`.
+pub fn destination_document(w: &WorkloadEntry, engine: &rampart_authz::Engine) -> Value {
     json!({
         "name": w.name,
         "namespace": w.namespace,
         "serviceAccount": w.service_account,
-        "labels": w.labels,
         "ports": w.ports.iter().map(|p| json!({
             "port": p.port,
             "protocol": p.protocol.as_str(),
             "app": p.app.to_string(),
             "inbound": p.inbound.to_string(),
+            "mtls": w.mtls_mode_for_callers(engine, p).as_str(),
         })).collect::<Vec<_>>(),
     })
 }
@@ -316,6 +324,7 @@ pub fn destinations(reg: &Registry) -> std::collections::HashSet<String> {
 pub fn scoped_resources(folder: &MeshFolder) -> Vec<ScopedResource> {
     let root = folder.mesh.root_namespace.as_str();
     let dests = destinations(&folder.registry);
+    let engine = rampart_authz::Engine::new(folder.resources.iter().cloned(), folder.mesh.clone());
     let mut out = Vec::with_capacity(
         1 + folder.resources.len()
             + 2 * folder.registry.workloads.len()
@@ -326,11 +335,7 @@ pub fn scoped_resources(folder: &MeshFolder) -> Vec<ScopedResource> {
             ResourceKind::Mesh => Audience::Everyone,
             ResourceKind::Policy => {
                 let ns = r.namespace.clone().unwrap_or_default();
-                let peer_authn = r.name.starts_with(&format!(
-                    "{POLICY_PREFIX}{ns}/{}/",
-                    rampart_authz::Kind::PeerAuthentication.as_str()
-                ));
-                if ns == root || peer_authn {
+                if ns == root {
                     Audience::Everyone
                 } else {
                     Audience::Namespace(ns)
@@ -357,7 +362,7 @@ pub fn scoped_resources(folder: &MeshFolder) -> Vec<ScopedResource> {
                     name.clone(),
                     ResourceKind::Registry,
                     Some(w.namespace.clone()),
-                    &destination_document(w),
+                    &destination_document(w, &engine),
                 ),
                 audience: Audience::Everyone,
             });
@@ -376,9 +381,9 @@ pub fn scoped_resources(folder: &MeshFolder) -> Vec<ScopedResource> {
 }
 
 /// What the proxy of workload `namespace/name` receives: the mesh settings; the policies of
-/// its namespace and of the root namespace, and every PeerAuthentication; every registry
-/// service; its own full registry entry; and every other destination workload reduced to
-/// what a caller needs ([`destination_document`]). With this slice the proxy's inbound
+/// its namespace and of the root namespace; every registry service; its own full registry
+/// entry; and every other destination workload reduced to what a caller needs
+/// ([`destination_document`], with each port's effective mTLS mode). With this slice the proxy's inbound
 /// (its entry, every policy that can apply to it) and outbound (every authority resolves
 /// to the same destinations, with the same identities, addresses and mTLS modes) are what
 /// they are with the whole model. A workload that is not in the registry gets the mesh
@@ -695,11 +700,11 @@ services:
         v
     }
 
-    /// A workload's slice: mesh, its namespace's and the root namespace's policies, every
-    /// PeerAuthentication, the services, its own full entry and the other destinations
-    /// reduced. Twins: another namespace's AuthorizationPolicy / RequestAuthentication,
-    /// a workload that is no destination (no ports; shadowed by a service of its name),
-    /// and another workload's proxy listeners, upstreams and command are not in it.
+    /// A workload's slice: mesh, its namespace's and the root namespace's policies, the
+    /// services, its own full entry and the other destinations reduced (each port with its
+    /// effective mTLS mode). Twins: another namespace's policies (of every kind), a workload
+    /// that is no destination (no ports; shadowed by a service of its name), and another
+    /// workload's labels, proxy listeners, upstreams and command are not in it.
     #[test]
     fn slice_holds_what_the_workload_needs_and_nothing_else() {
         let f = slice_folder();
@@ -710,8 +715,6 @@ services:
                 "mesh",
                 "policy/istio-config/AuthorizationPolicy/root-deny",
                 "policy/ns1/AuthorizationPolicy/deny-admin",
-                "policy/ns2/PeerAuthentication/canary-plain",
-                "policy/ns3/PeerAuthentication/strict",
                 "registry/services/ns2/api",
                 "registry/workloads/ns1/a",
                 "registry/workloads/ns2/b1",
@@ -736,6 +739,13 @@ services:
         assert!(b1.get("command").is_none());
         assert_eq!(b1["serviceAccount"], "sa-b");
         assert_eq!(b1["ports"][0]["inbound"], "127.0.0.1:9003");
+        assert_eq!(b1["ports"][0]["mtls"], "PERMISSIVE");
+        assert!(b1.get("labels").is_none(), "{b1}");
+        let b2 = body("registry/workloads/ns2/b2");
+        assert_eq!(b2["ports"][0]["mtls"], "DISABLE", "{b2}");
+        let c = body("registry/workloads/ns3/c");
+        assert_eq!(c["ports"][0]["mtls"], "STRICT", "{c}");
+        assert_eq!(c["ports"][1]["mtls"], "DISABLE", "{c}");
         let all = rs
             .iter()
             .map(|r| String::from_utf8_lossy(&r.body).into_owned());
@@ -750,6 +760,8 @@ services:
         let n = names(&rs);
         assert!(n.contains(&"policy/ns2/AuthorizationPolicy/allow-x"));
         assert!(n.contains(&"policy/ns2/RequestAuthentication/jwt"));
+        assert!(n.contains(&"policy/ns2/PeerAuthentication/canary-plain"));
+        assert!(!n.contains(&"policy/ns3/PeerAuthentication/strict"));
         assert!(!n.contains(&"policy/ns1/AuthorizationPolicy/deny-admin"));
         assert!(n.contains(&"policy/istio-config/AuthorizationPolicy/root-deny"));
         assert!(!n.contains(&"registry/workloads/ns1/client"));
@@ -782,15 +794,16 @@ services:
             all.iter()
                 .map(|r| {
                     format!(
-                        "{} {:?} {} {} {} {:?}",
+                        "{} {} {:?} {} {} {} {} {} {:?}",
                         r.workload.key(),
-                        r.port,
+                        r.port.port,
+                        r.port.protocol,
+                        r.port.app,
+                        r.port.inbound,
                         r.service_host(),
                         r.service_port,
                         r.workload.spiffe_id(&f.trust_domain),
-                        engine
-                            .peer_authentication(&r.workload.authz_workload(), r.port.port)
-                            .mode
+                        r.workload.mtls_mode_for_callers(&engine, r.port)
                     )
                 })
                 .collect()
@@ -899,5 +912,28 @@ services:
         assert_eq!(names(&rs), vec!["mesh"]);
         let rs = slice_for(&f, "ns9", "a");
         assert_eq!(names(&rs), vec!["mesh"]);
+    }
+
+    /// A port's `mtls` (what a streamed destination entry carries) is read and travels
+    /// through resources; an unknown mode is refused naming the field.
+    #[test]
+    fn port_mtls_mode_round_trips_and_bad_modes_are_refused() {
+        let reg = "workloads:\n- {name: a, namespace: ns1, ports: [{port: 80, app: '127.0.0.1:9000', inbound: '127.0.0.1:9001', mtls: DISABLE}]}\n";
+        let r = crate::parse_registry("w", reg).unwrap();
+        assert_eq!(
+            r.workloads[0].ports[0].mtls,
+            Some(rampart_authz::MtlsMode::Disable)
+        );
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(crate::MESH_FILE), MESH).unwrap();
+        std::fs::write(d.path().join(crate::WORKLOADS_FILE), reg).unwrap();
+        let f = MeshFolder::load(d.path()).unwrap();
+        let back = assemble_all(&to_resources(&f)).unwrap();
+        assert_eq!(back.registry, f.registry);
+        let e = crate::parse_registry("w", &reg.replace("DISABLE", "OFF")).unwrap_err();
+        assert!(
+            e.iter().any(|p| p.field == "workloads[0].ports[0].mtls"),
+            "{e:?}"
+        );
     }
 }

@@ -40,7 +40,7 @@ use crate::edge::{Budget, Budgets, EdgeLimits};
 use crate::http::{Body, is_grpc_request, owned_text_response, text_response};
 use crate::identity::{Alpn, IdentityHolder};
 use crate::metrics::{Labels, Metered, Metrics, Pending, Series, request_protocol};
-use rampart_mesh::{PortProtocol, Resolved, WorkloadEntry};
+use rampart_mesh::{PortEntry, PortProtocol, Resolved, WorkloadEntry};
 use tracing::Instrument as _;
 
 /// Most cached routes per configuration (authorities as apps write them).
@@ -135,11 +135,8 @@ fn source_labels(cfg: &Config, dest: &WorkloadEntry, service_host: String, mtls:
 
 /// Whether the proxy originates mTLS to `port` of `dest`: yes for STRICT and PERMISSIVE
 /// (and unset, which is PERMISSIVE), no for DISABLE.
-pub(crate) fn originate_mtls(cfg: &Config, dest: &WorkloadEntry, port: u16) -> bool {
-    cfg.engine
-        .peer_authentication(&dest.authz_workload(), port)
-        .mode
-        != MtlsMode::Disable
+pub(crate) fn originate_mtls(cfg: &Config, dest: &WorkloadEntry, port: &PortEntry) -> bool {
+    dest.mtls_mode_for_callers(&cfg.engine, port) != MtlsMode::Disable
 }
 
 impl Outbound {
@@ -207,7 +204,7 @@ impl Outbound {
         let (dest, port) = (resolved.workload, resolved.port);
         let service_host = resolved.service_host();
         let expected = dest.spiffe_id(&cfg.folder.trust_domain);
-        let mtls = originate_mtls(cfg, dest, port.port);
+        let mtls = originate_mtls(cfg, dest, port);
         let h2 = port.protocol.is_h2();
         let target = Arc::new(
             Target::new(
