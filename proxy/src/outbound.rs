@@ -484,3 +484,80 @@ async fn connect_tunnel(ob: &Arc<Outbound>, req: Request<Incoming>) -> Response<
     });
     Response::new(Either::Right(Full::new(Bytes::new())))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rampart_mesh::MeshFolder;
+    use rampart_mesh::resources::{assemble, slice_for, to_resources};
+
+    /// `ns1/client` calls two workloads of `ns2`, one of which a PeerAuthentication of
+    /// `ns2` sets to DISABLE.
+    fn mesh() -> MeshFolder {
+        MeshFolder::from_parts(
+            std::path::PathBuf::from("test"),
+            ("mesh.yaml", "trustDomain: example.org\n"),
+            (
+                "workloads.yaml",
+                "workloads:\n\
+                 - {name: client, namespace: ns1, ports: [{port: 80, app: '127.0.0.1:9000', inbound: '127.0.0.1:9001'}], proxy: {outbound: '127.0.0.1:9100'}}\n\
+                 - {name: plain, namespace: ns2, labels: {app: plain}, ports: [{port: 80, protocol: http, app: '127.0.0.1:9002', inbound: '127.0.0.1:9003'}]}\n\
+                 - {name: secure, namespace: ns2, labels: {app: secure}, ports: [{port: 80, protocol: http, app: '127.0.0.1:9004', inbound: '127.0.0.1:9005'}]}\n",
+            ),
+            &[(
+                "pa.yaml".to_string(),
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: plain, namespace: ns2}\nspec:\n  selector: {matchLabels: {app: plain}}\n  mtls: {mode: DISABLE}\n".to_string(),
+            )],
+            Default::default(),
+        )
+        .unwrap()
+    }
+
+    fn config(rs: &[rampart_mesh::resources::ModelResource]) -> Config {
+        let f = assemble(
+            "cp",
+            rs.iter()
+                .map(|r| (r.name.as_str(), r.kind, r.body.as_slice())),
+        )
+        .unwrap();
+        Config::build(f, "ns1/client").unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    fn originates(cfg: &Config, authority: &str) -> bool {
+        let r = cfg
+            .folder
+            .registry
+            .resolve_target(authority, "ns1")
+            .unwrap();
+        originate_mtls(cfg, r.workload, r.port)
+    }
+
+    /// Given its slice (no policy of `ns2`), the caller dials the DISABLE destination in
+    /// plaintext and the other with mTLS, exactly as with the whole model. The twin: the
+    /// same slice without the ports' `mtls` would originate mTLS to both.
+    #[test]
+    fn a_slice_originates_mtls_as_the_whole_model() {
+        let f = mesh();
+        let whole = config(&to_resources(&f));
+        let sliced_rs = slice_for(&f, "ns1", "client");
+        assert!(sliced_rs.iter().all(|r| !r.name.starts_with("policy/")));
+        let sliced = config(&sliced_rs);
+        for (cfg, what) in [(&whole, "whole"), (&sliced, "slice")] {
+            assert!(!originates(cfg, "plain.ns2"), "{what}");
+            assert!(originates(cfg, "secure.ns2"), "{what}");
+        }
+        let stripped: Vec<_> = sliced_rs
+            .into_iter()
+            .map(|mut r| {
+                let text = String::from_utf8(r.body.clone()).unwrap();
+                r.body = text
+                    .replace(",\"mtls\":\"DISABLE\"", "")
+                    .replace(",\"mtls\":\"PERMISSIVE\"", "")
+                    .into_bytes();
+                r
+            })
+            .collect();
+        let stripped = config(&stripped);
+        assert!(originates(&stripped, "plain.ns2"));
+    }
+}
