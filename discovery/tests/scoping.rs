@@ -205,3 +205,79 @@ async fn unknown_workloads_and_other_identities_are_refused() {
     assert_eq!(stats.pushes.load(Ordering::SeqCst), 0);
     assert_eq!(stats.resources_sent.load(Ordering::SeqCst), 0);
 }
+
+/// Round `round` of Pod churn: `ns-a/a1` stays; `ns-b`'s five Pods are new ones each round.
+fn churn(round: usize) -> MeshFolder {
+    let mut reg = String::from(
+        "workloads:\n- {name: a1, namespace: ns-a, ports: [{port: 8080, app: '127.0.0.1:8080', inbound: '10.0.0.1:8080'}], proxy: {outbound: '127.0.0.1:15101'}}\n",
+    );
+    let mut endpoints = Vec::new();
+    for i in 0..5 {
+        reg.push_str(&format!(
+            "- {{name: p-{round}-{i}, namespace: ns-b, ports: [{{port: 8080, app: '127.0.0.1:8080', inbound: '10.1.{}.{}:8080'}}]}}\n",
+            round % 250,
+            i + 1
+        ));
+        endpoints.push(format!("ns-b/p-{round}-{i}"));
+    }
+    reg.push_str(&format!(
+        "services:\n- {{name: svc-b, namespace: ns-b, ports: [{{port: 80, targetPort: 8080}}], endpoints: [{}]}}\n",
+        endpoints.join(", ")
+    ));
+    MeshFolder::from_parts(
+        PathBuf::from("test"),
+        ("mesh.yaml", "trustDomain: example.org\n"),
+        ("workloads.yaml", &reg),
+        &[],
+        Default::default(),
+    )
+    .unwrap()
+}
+
+/// Pod churn with a live stream: 60 rounds, each replacing every Pod of `ns-b`. The
+/// stream's view (every response applied) is its slice after each round, and the server's
+/// resource ids stay at the model's size (ids of departed Pods are freed once the stream
+/// has been told to remove them, and given to new ones).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pod_churn_keeps_views_exact_and_the_id_table_small() {
+    let (svc, feed) = line_identity::service();
+    let stats = svc.stats().clone();
+    let addr = line_identity::serve(svc).await;
+    feed.publish(&churn(0));
+    let mut a = line_identity::open(addr, A_ID, "ns-a/a1")
+        .await
+        .unwrap()
+        .unwrap();
+    let mut view = std::collections::BTreeMap::new();
+    let apply = |view: &mut std::collections::BTreeMap<String, String>,
+                 r: pb::DeltaConfigResponse| {
+        for x in r.resources {
+            view.insert(x.name, x.version);
+        }
+        for n in r.removed_resources {
+            assert!(
+                view.remove(&n).is_some(),
+                "removal of {n}, which the stream lacks"
+            );
+        }
+    };
+    apply(&mut view, next(&mut a).await);
+    let slice = |f: &MeshFolder| -> std::collections::BTreeMap<String, String> {
+        rampart_mesh::resources::slice_for(f, "ns-a", "a1")
+            .into_iter()
+            .map(|r| (r.name, r.version))
+            .collect()
+    };
+    assert_eq!(view, slice(&churn(0)));
+    for round in 1..60 {
+        let f = churn(round);
+        feed.publish(&f);
+        apply(&mut view, next(&mut a).await);
+        assert_eq!(view, slice(&f), "round {round}");
+    }
+    // 1 mesh + 1 service + 6 workloads in the model; at most one round of departed Pods
+    // awaits its freeing.
+    let ids = stats.resource_ids.load(Ordering::SeqCst);
+    assert!(ids <= 8 + 5, "{ids} resource ids after 60 rounds of churn");
+    assert_eq!(stats.nacks.load(Ordering::SeqCst), 0);
+}
