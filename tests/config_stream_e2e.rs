@@ -524,6 +524,7 @@ fn ca_binary_serves_its_config_folder() {
     );
 
     let log = wp.join("ca.log");
+    let metrics_port = free_port();
     let ca_proc = Proc {
         child: Command::new(rampart_bin())
             .args(["ca", "--cacerts"])
@@ -533,6 +534,8 @@ fn ca_binary_serves_its_config_folder() {
             .args([
                 "--listen",
                 &format!("127.0.0.1:{}", p.cp),
+                "--metrics",
+                &format!("127.0.0.1:{metrics_port}"),
                 "--config-folder",
             ])
             .arg(&folder)
@@ -571,6 +574,54 @@ fn ca_binary_serves_its_config_folder() {
         logs,
     );
     assert_eq!(status(p.inbound, "/admin"), Some(200));
+
+    // The config stream's counters on the CA's /metrics: one proxy connected, its first
+    // push and the edit pushed and acknowledged, nothing refused.
+    let scrape = || {
+        let mut s = TcpStream::connect(("127.0.0.1", metrics_port)).unwrap();
+        s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let value = |text: &str, name: &str| -> Option<u64> {
+        text.lines()
+            .find_map(|l| l.strip_prefix(&format!("{name} ")))
+            .and_then(|v| v.trim().parse().ok())
+    };
+    wait_for(
+        "the edit's ACK to be counted",
+        Duration::from_secs(30),
+        || value(&scrape(), "rampart_config_stream_acks_total").is_some_and(|n| n >= 2),
+        logs,
+    );
+    let m = scrape();
+    assert!(m.contains("citadel_server_csr_count"), "{m}");
+    assert_eq!(value(&m, "rampart_config_streams"), Some(1), "{m}");
+    assert!(
+        value(&m, "rampart_config_stream_pushes_total").is_some_and(|n| n >= 2),
+        "{m}"
+    );
+    assert!(
+        value(&m, "rampart_config_stream_resources_sent_total").is_some_and(|n| n >= 3),
+        "{m}"
+    );
+    assert_eq!(
+        value(&m, "rampart_config_stream_nacks_total"),
+        Some(0),
+        "{m}"
+    );
+    assert_eq!(
+        value(&m, "rampart_config_stream_refused_total"),
+        Some(0),
+        "{m}"
+    );
+    assert!(
+        value(&m, "rampart_config_models_total").is_some_and(|n| n >= 2),
+        "{m}"
+    );
     drop(proxy);
     drop(ca_proc);
     test_rt.shutdown_background();

@@ -27,6 +27,9 @@ pub struct Metrics {
     /// (issuer, nextUpdate) of every served CRL.
     crls: std::sync::Mutex<Vec<(String, SystemTime)>>,
     revocations: AtomicU64,
+    /// Metrics of what else the process serves on the CA's port (the config stream),
+    /// rendered after the CA's own.
+    extra: std::sync::Mutex<prometheus_client::registry::Registry>,
 }
 
 /// Why the CA's listener gave up on (or held back) a TCP connection, the `reason` label of
@@ -99,6 +102,7 @@ impl Default for Metrics {
             expiry: std::sync::Mutex::new(Expiry::default()),
             crls: std::sync::Mutex::new(Vec::new()),
             revocations: AtomicU64::new(0),
+            extra: std::sync::Mutex::default(),
         }
     }
 }
@@ -107,6 +111,12 @@ impl Metrics {
     /// A fresh set of metrics.
     pub fn new() -> Arc<Self> {
         Arc::new(Self::default())
+    }
+
+    /// Register more metrics (what else the process serves beside the CA) in the registry
+    /// rendered on `/metrics` after the CA's own.
+    pub fn register_extra(&self, f: impl FnOnce(&mut prometheus_client::registry::Registry)) {
+        f(&mut self.extra.lock().unwrap_or_else(|e| e.into_inner()));
     }
 
     pub(crate) fn csr_received(&self) {
@@ -356,6 +366,8 @@ impl Metrics {
                 u8::from(now >= *next)
             );
         }
+        let extra = self.extra.lock().unwrap_or_else(|e| e.into_inner());
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &extra);
         out
     }
 }

@@ -11,7 +11,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use rampart_authz::{MeshConfig, Resource, Workload};
+use rampart_authz::{MeshConfig, MtlsMode, Resource, Workload};
 use rampart_certs::{SpiffeId, TrustDomain};
 use serde::Deserialize;
 
@@ -95,6 +95,23 @@ pub struct PortEntry {
     pub app: SocketAddr,
     /// Where this workload's inbound proxy listens for this port.
     pub inbound: SocketAddr,
+    /// The port's effective PeerAuthentication mode as the control plane computed it for
+    /// callers (`mtls` in the registry form): set only in the reduced entry a config stream
+    /// sends for another workload, whose namespace's PeerAuthentications that proxy does not
+    /// receive. `None`: callers evaluate the policies they hold
+    /// ([`WorkloadEntry::mtls_mode_for_callers`]).
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        serialize_with = "serialize_mode"
+    )]
+    pub mtls: Option<MtlsMode>,
+}
+
+fn serialize_mode<S: serde::Serializer>(m: &Option<MtlsMode>, s: S) -> Result<S::Ok, S::Error> {
+    match m {
+        Some(m) => s.serialize_str(m.as_str()),
+        None => s.serialize_none(),
+    }
 }
 
 /// The proxy's own listeners for a workload.
@@ -167,6 +184,22 @@ impl WorkloadEntry {
     /// The port entry for workload port `port`.
     pub fn port(&self, port: u16) -> Option<&PortEntry> {
         self.ports.iter().find(|p| p.port == port)
+    }
+
+    /// The effective PeerAuthentication mode of `port` as a caller holding `engine` sees
+    /// it: the mode the control plane wrote into the port (a streamed destination entry),
+    /// else what `engine`'s PeerAuthentications say for this workload and port. A caller
+    /// originates mTLS unless it is `DISABLE`.
+    pub fn mtls_mode_for_callers(
+        &self,
+        engine: &rampart_authz::Engine,
+        port: &PortEntry,
+    ) -> MtlsMode {
+        port.mtls.unwrap_or_else(|| {
+            engine
+                .peer_authentication(&self.authz_workload(), port.port)
+                .mode
+        })
     }
 }
 
@@ -562,6 +595,8 @@ struct RawPort {
     protocol: Option<String>,
     app: String,
     inbound: String,
+    #[serde(default)]
+    mtls: Option<String>,
 }
 
 #[derive(Deserialize, Default)]
@@ -768,12 +803,29 @@ fn parse_registry_into(
                     "the inbound address must differ from the app address",
                 );
             }
-            if let (Some(protocol), Some(app), Some(inbound)) = (protocol, app, inbound) {
+            let mtls = match p.mtls.as_deref() {
+                None => Some(None),
+                Some("STRICT") => Some(Some(MtlsMode::Strict)),
+                Some("PERMISSIVE") => Some(Some(MtlsMode::Permissive)),
+                Some("DISABLE") => Some(Some(MtlsMode::Disable)),
+                Some(other) => {
+                    c.push(
+                        file,
+                        format!("{pat}.mtls"),
+                        format!("unknown mTLS mode {other:?} (STRICT, PERMISSIVE or DISABLE)"),
+                    );
+                    None
+                }
+            };
+            if let (Some(protocol), Some(app), Some(inbound), Some(mtls)) =
+                (protocol, app, inbound, mtls)
+            {
                 ports.push(PortEntry {
                     port: p.port,
                     protocol,
                     app,
                     inbound,
+                    mtls,
                 });
             }
         }

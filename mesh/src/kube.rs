@@ -628,6 +628,7 @@ fn pod_workload(
                 protocol: *protocol,
                 app: SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), t),
                 inbound: SocketAddr::new(ip, t),
+                mtls: None,
             });
         }
         if serves && running {

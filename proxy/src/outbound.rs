@@ -40,7 +40,7 @@ use crate::edge::{Budget, Budgets, EdgeLimits};
 use crate::http::{Body, is_grpc_request, owned_text_response, text_response};
 use crate::identity::{Alpn, IdentityHolder};
 use crate::metrics::{Labels, Metered, Metrics, Pending, Series, request_protocol};
-use rampart_mesh::{PortProtocol, Resolved, WorkloadEntry};
+use rampart_mesh::{PortEntry, PortProtocol, Resolved, WorkloadEntry};
 use tracing::Instrument as _;
 
 /// Most cached routes per configuration (authorities as apps write them).
@@ -135,11 +135,8 @@ fn source_labels(cfg: &Config, dest: &WorkloadEntry, service_host: String, mtls:
 
 /// Whether the proxy originates mTLS to `port` of `dest`: yes for STRICT and PERMISSIVE
 /// (and unset, which is PERMISSIVE), no for DISABLE.
-pub(crate) fn originate_mtls(cfg: &Config, dest: &WorkloadEntry, port: u16) -> bool {
-    cfg.engine
-        .peer_authentication(&dest.authz_workload(), port)
-        .mode
-        != MtlsMode::Disable
+pub(crate) fn originate_mtls(cfg: &Config, dest: &WorkloadEntry, port: &PortEntry) -> bool {
+    dest.mtls_mode_for_callers(&cfg.engine, port) != MtlsMode::Disable
 }
 
 impl Outbound {
@@ -207,7 +204,7 @@ impl Outbound {
         let (dest, port) = (resolved.workload, resolved.port);
         let service_host = resolved.service_host();
         let expected = dest.spiffe_id(&cfg.folder.trust_domain);
-        let mtls = originate_mtls(cfg, dest, port.port);
+        let mtls = originate_mtls(cfg, dest, port);
         let h2 = port.protocol.is_h2();
         let target = Arc::new(
             Target::new(
@@ -486,4 +483,81 @@ async fn connect_tunnel(ob: &Arc<Outbound>, req: Request<Incoming>) -> Response<
         }
     });
     Response::new(Either::Right(Full::new(Bytes::new())))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rampart_mesh::MeshFolder;
+    use rampart_mesh::resources::{assemble, slice_for, to_resources};
+
+    /// `ns1/client` calls two workloads of `ns2`, one of which a PeerAuthentication of
+    /// `ns2` sets to DISABLE.
+    fn mesh() -> MeshFolder {
+        MeshFolder::from_parts(
+            std::path::PathBuf::from("test"),
+            ("mesh.yaml", "trustDomain: example.org\n"),
+            (
+                "workloads.yaml",
+                "workloads:\n\
+                 - {name: client, namespace: ns1, ports: [{port: 80, app: '127.0.0.1:9000', inbound: '127.0.0.1:9001'}], proxy: {outbound: '127.0.0.1:9100'}}\n\
+                 - {name: plain, namespace: ns2, labels: {app: plain}, ports: [{port: 80, protocol: http, app: '127.0.0.1:9002', inbound: '127.0.0.1:9003'}]}\n\
+                 - {name: secure, namespace: ns2, labels: {app: secure}, ports: [{port: 80, protocol: http, app: '127.0.0.1:9004', inbound: '127.0.0.1:9005'}]}\n",
+            ),
+            &[(
+                "pa.yaml".to_string(),
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {name: plain, namespace: ns2}\nspec:\n  selector: {matchLabels: {app: plain}}\n  mtls: {mode: DISABLE}\n".to_string(),
+            )],
+            Default::default(),
+        )
+        .unwrap()
+    }
+
+    fn config(rs: &[rampart_mesh::resources::ModelResource]) -> Config {
+        let f = assemble(
+            "cp",
+            rs.iter()
+                .map(|r| (r.name.as_str(), r.kind, r.body.as_slice())),
+        )
+        .unwrap();
+        Config::build(f, "ns1/client").unwrap_or_else(|e| panic!("{e:?}"))
+    }
+
+    fn originates(cfg: &Config, authority: &str) -> bool {
+        let r = cfg
+            .folder
+            .registry
+            .resolve_target(authority, "ns1")
+            .unwrap();
+        originate_mtls(cfg, r.workload, r.port)
+    }
+
+    /// Given its slice (no policy of `ns2`), the caller dials the DISABLE destination in
+    /// plaintext and the other with mTLS, exactly as with the whole model. The twin: the
+    /// same slice without the ports' `mtls` would originate mTLS to both.
+    #[test]
+    fn a_slice_originates_mtls_as_the_whole_model() {
+        let f = mesh();
+        let whole = config(&to_resources(&f));
+        let sliced_rs = slice_for(&f, "ns1", "client");
+        assert!(sliced_rs.iter().all(|r| !r.name.starts_with("policy/")));
+        let sliced = config(&sliced_rs);
+        for (cfg, what) in [(&whole, "whole"), (&sliced, "slice")] {
+            assert!(!originates(cfg, "plain.ns2"), "{what}");
+            assert!(originates(cfg, "secure.ns2"), "{what}");
+        }
+        let stripped: Vec<_> = sliced_rs
+            .into_iter()
+            .map(|mut r| {
+                let text = String::from_utf8(r.body.clone()).unwrap();
+                r.body = text
+                    .replace(",\"mtls\":\"DISABLE\"", "")
+                    .replace(",\"mtls\":\"PERMISSIVE\"", "")
+                    .into_bytes();
+                r
+            })
+            .collect();
+        let stripped = config(&stripped);
+        assert!(originates(&stripped, "plain.ns2"));
+    }
 }

@@ -487,6 +487,7 @@ async fn config_routes(
         Some(&first),
         updates,
     );
+    state.metrics().register_extra(|r| svc.stats().register(r));
     println!(
         "rampart ca: serving proxy configuration (rampart.config.v1.ConfigDiscovery) from {}",
         dir.display()
