@@ -49,7 +49,7 @@ fn kubeconfig(dir: &Path, api: SocketAddr) -> std::path::PathBuf {
 }
 
 /// Starts `rampart ca --kubernetes`; returns it, its address and its stdout lines so far.
-fn start_ca(dir: &Path, kc: &Path, name: &str) -> (Proc, SocketAddr, Vec<String>) {
+fn start_ca(dir: &Path, kc: &Path, name: &str, extra: &[&str]) -> (Proc, SocketAddr, Vec<String>) {
     let log = dir.join(format!("{name}.log"));
     let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
         .args([
@@ -74,6 +74,7 @@ fn start_ca(dir: &Path, kc: &Path, name: &str) -> (Proc, SocketAddr, Vec<String>
         .arg(dir.join(name).join("state"))
         .arg("--bundle-out")
         .arg(dir.join(name).join("bundle.pem"))
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -160,7 +161,7 @@ async fn ca_in_kubernetes_mode_against_a_fake_api_server() {
         );
     }
 
-    let (ca1, addr, lines) = start_ca(dir.path(), &kc, "one");
+    let (ca1, addr, lines) = start_ca(dir.path(), &kc, "one", &[]);
     assert!(
         lines
             .iter()
@@ -184,7 +185,7 @@ async fn ca_in_kubernetes_mode_against_a_fake_api_server() {
     );
 
     // A second replica loads the same root and writes nothing.
-    let (ca2, _, lines2) = start_ca(dir.path(), &kc, "two");
+    let (ca2, _, lines2) = start_ca(dir.path(), &kc, "two", &[]);
     assert!(
         lines2
             .iter()
@@ -432,7 +433,9 @@ async fn cluster_policy_reaches_proxies_through_the_ca_stream() {
         tokens.push(token);
     }
 
-    let (ca, addr, lines) = start_ca(dir.path(), &kc, "cp");
+    let metrics_port = support::free_port();
+    let metrics_addr = format!("127.0.0.1:{metrics_port}");
+    let (ca, addr, lines) = start_ca(dir.path(), &kc, "cp", &["--metrics", &metrics_addr]);
     assert!(
         lines
             .iter()
@@ -507,6 +510,26 @@ async fn cluster_policy_reaches_proxies_through_the_ca_stream() {
         logs,
     );
     assert_eq!(call(), Some(403), "{}", logs());
+    // The refusal and the two streams on the CA's /metrics.
+    let metrics = || {
+        let mut out = String::new();
+        if let Ok(mut s) = std::net::TcpStream::connect(("127.0.0.1", metrics_port)) {
+            use std::io::{Read as _, Write as _};
+            let _ = s.write_all(b"GET /metrics HTTP/1.1\r\nhost: ca\r\nconnection: close\r\n\r\n");
+            let _ = s.read_to_string(&mut out);
+        }
+        out
+    };
+    wait_for(
+        "the refused object and the streams in the CA's metrics",
+        Duration::from_secs(30),
+        || {
+            let m = metrics();
+            m.contains("rampart_config_rejected_objects{kind=\"AuthorizationPolicy\"} 1")
+                && m.lines().any(|l| l == "rampart_config_streams 2")
+        },
+        metrics,
+    );
     fake.delete(policies, "deny-client").unwrap();
     wait_for(
         "the deleted policy to let the call through again",

@@ -509,9 +509,16 @@ fn kube_config_routes(
     cluster: Cluster,
 ) -> tonic::service::Routes {
     let root = cluster.settings.root_namespace.clone();
-    let updates = rampart_k8s::KubeConfigSource::new(cluster.client, cluster.settings).start();
+    let source = rampart_k8s::KubeConfigSource::new(cluster.client, cluster.settings);
+    // The source's refusals and watch errors, and the streams' counters, on the CA's /metrics.
+    let source_metrics = source.metrics();
+    state
+        .metrics()
+        .register_extra(|r| source_metrics.register(r));
+    let updates = source.start();
     let svc =
         rampart_discovery::ConfigService::spawn(Arc::new(CaCallers(state.clone())), None, updates);
+    state.metrics().register_extra(|r| svc.stats().register(r));
     println!(
         "rampart ca: serving proxy configuration (rampart.config.v1.ConfigDiscovery) from the \
          cluster's policy, Pods and Services (root namespace {root})"
