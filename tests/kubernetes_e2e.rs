@@ -261,7 +261,7 @@ fn ca_identity(
              "metadata": {"name": cluster_role},
              "rules": [
                 rule("authentication.k8s.io", "tokenreviews", &["create"]),
-                rule("", "pods", &["get", "list"]),
+                rule("", "pods", &["get", "list", "watch"]),
                 rule("", "namespaces", &["list"]),
                 rule("", "configmaps", &["get", "create", "update"]),
              ]},

@@ -6,7 +6,7 @@
 //! - [`KubeAuthenticator`]: citadel's [`rampart_citadel::ExternalAuthenticator`] seam: the
 //!   `clusterid` header, the identity `system:serviceaccount:<ns>:<sa>` as a SPIFFE ID, and node
 //!   authorization of `ImpersonatedIdentity` as istiod's (trusted node accounts only, and only
-//!   for service accounts with a Pod on the caller's node).
+//!   for service accounts with a Pod on the caller's node, read from a reflector cache of Pods).
 //! - [`material`]: the CA's keys from Secret `cacerts` (plug-in) or `istio-ca-secret`
 //!   (self-signed, created once, never overwritten).
 //! - [`publish`]: the root bundle in ConfigMap `istio-ca-root-cert` in every namespace,
@@ -28,7 +28,7 @@ pub mod publish;
 mod review;
 pub mod source;
 
-pub use self::authn::{KubeAuthenticator, NodeAccount};
+pub use self::authn::{DEFAULT_POD_SYNC_WAIT, KubeAuthenticator, NodeAccount};
 pub use self::review::{
     DEFAULT_REVIEW_CACHE, MAX_REVIEW_AGE, ReviewedToken, TokenReviewer, unverified_exp,
 };
