@@ -5,7 +5,9 @@
 //! Pods of every namespace (list once, then watch), started with the authenticator and
 //! stopped when it is dropped. Until that cache has listed once, impersonation is refused
 //! (fail closed). A caller's Pod missing from the cache (created a moment ago) is looked up
-//! with one GET; the target's Pods come from the cache only (no per-request LIST).
+//! with one GET; the target's Pods come from the cache only (no per-request LIST): a target
+//! without a Pod on the node waits up to [`DEFAULT_POD_EVENT_GRACE`] for Pod watch events
+//! that may bring one, then is refused.
 
 use std::collections::BTreeSet;
 use std::time::{Duration, SystemTime};
@@ -59,12 +61,18 @@ impl std::fmt::Display for NodeAccount {
 
 /// How long an impersonation waits for the Pod cache's first list before it is refused.
 pub const DEFAULT_POD_SYNC_WAIT: Duration = Duration::from_secs(5);
+/// How long an impersonation whose target has no Pod on the node in the cache waits for
+/// Pod watch events that may bring one (a Pod scheduled a moment ago) before it is refused.
+/// No API request is made meanwhile.
+pub const DEFAULT_POD_EVENT_GRACE: Duration = Duration::from_secs(1);
 
 /// The Pods node authorization reads: a reflector over every namespace's Pods, slimmed to
 /// what the decision needs.
 struct PodCache {
     store: reflector::Store<Pod>,
     synced: tokio::sync::watch::Receiver<bool>,
+    /// Bumped after every watch event the store applied.
+    changed: tokio::sync::watch::Receiver<u64>,
     task: Option<tokio::task::AbortHandle>,
 }
 
@@ -72,10 +80,16 @@ impl PodCache {
     fn start(client: kube::Client) -> Self {
         let (store, writer) = reflector::store::<Pod>();
         let (synced_tx, synced) = tokio::sync::watch::channel(false);
+        let (changed_tx, changed) = tokio::sync::watch::channel(0u64);
         let task = match tokio::runtime::Handle::try_current() {
             Ok(rt) => Some(
-                rt.spawn(reflect_pods(Api::all(client), writer, synced_tx))
-                    .abort_handle(),
+                rt.spawn(reflect_pods(
+                    Api::all(client),
+                    writer,
+                    synced_tx,
+                    changed_tx,
+                ))
+                .abort_handle(),
             ),
             Err(_) => {
                 tracing::error!(
@@ -87,7 +101,34 @@ impl PodCache {
         PodCache {
             store,
             synced,
+            changed,
             task,
+        }
+    }
+
+    /// Whether the cache holds a running (not finished) Pod of `account` scheduled on
+    /// `node`; if not, checks again after each Pod watch event for up to `grace`.
+    async fn has_pod_on_node(
+        &self,
+        account: &NodeAccount,
+        node: &str,
+        grace: Duration,
+    ) -> Result<(), String> {
+        let deadline = tokio::time::Instant::now() + grace;
+        let mut changed = self.changed.clone();
+        loop {
+            changed.mark_unchanged();
+            if has_pod_on_node(&self.store, account, node) {
+                return Ok(());
+            }
+            match tokio::time::timeout_at(deadline, changed.changed()).await {
+                Ok(Ok(())) => {}
+                _ => {
+                    return Err(format!(
+                        "no Pod of service account {account} on node {node} (per the Pod cache)"
+                    ));
+                }
+            }
         }
     }
 
@@ -138,6 +179,7 @@ async fn reflect_pods(
     api: Api<Pod>,
     writer: reflector::store::Writer<Pod>,
     synced: tokio::sync::watch::Sender<bool>,
+    changed: tokio::sync::watch::Sender<u64>,
 ) {
     let stream = watcher::watcher(api, watcher::Config::default())
         .default_backoff()
@@ -154,6 +196,11 @@ async fn reflect_pods(
                     );
                 }
                 synced.send_replace(true);
+                changed.send_modify(|n| *n = n.wrapping_add(1));
+                failing = false;
+            }
+            Ok(watcher::Event::Apply(_) | watcher::Event::Delete(_)) => {
+                changed.send_modify(|n| *n = n.wrapping_add(1));
                 failing = false;
             }
             Ok(_) => failing = false,
@@ -176,6 +223,7 @@ pub struct KubeAuthenticator {
     trusted_nodes: BTreeSet<NodeAccount>,
     pods: PodCache,
     pod_sync_wait: Duration,
+    pod_event_grace: Duration,
 }
 
 impl std::fmt::Debug for KubeAuthenticator {
@@ -210,6 +258,7 @@ impl KubeAuthenticator {
             cluster_id: cluster_id.filter(|c| !c.is_empty()),
             trusted_nodes: trusted_nodes.into_iter().collect(),
             pod_sync_wait: DEFAULT_POD_SYNC_WAIT,
+            pod_event_grace: DEFAULT_POD_EVENT_GRACE,
         }
     }
 
@@ -217,6 +266,13 @@ impl KubeAuthenticator {
     /// refused (default [`DEFAULT_POD_SYNC_WAIT`]).
     pub fn with_pod_sync_wait(mut self, wait: Duration) -> Self {
         self.pod_sync_wait = wait;
+        self
+    }
+
+    /// How long an impersonation whose target has no Pod on the node in the cache waits for
+    /// Pod watch events before it is refused (default [`DEFAULT_POD_EVENT_GRACE`]).
+    pub fn with_pod_event_grace(mut self, grace: Duration) -> Self {
+        self.pod_event_grace = grace;
         self
     }
 
@@ -300,7 +356,10 @@ impl KubeAuthenticator {
         };
         let pods = self.pods.ready(self.pod_sync_wait).await.map_err(denied)?;
         let node = self.caller_node(&reviewed, pods).await.map_err(denied)?;
-        has_pod_on_node(pods, &target_account, &node).map_err(denied)?;
+        self.pods
+            .has_pod_on_node(&target_account, &node, self.pod_event_grace)
+            .await
+            .map_err(denied)?;
         Ok(Caller {
             id: target,
             method: AuthMethod::Impersonation,
@@ -360,31 +419,22 @@ impl KubeAuthenticator {
     }
 }
 
-/// Whether the cache holds a running (not finished) Pod of `account` scheduled on `node`.
-fn has_pod_on_node(
-    cache: &reflector::Store<Pod>,
-    account: &NodeAccount,
-    node: &str,
-) -> Result<(), String> {
-    let found = cache.find(|p| {
-        let spec = p.spec.as_ref();
-        let sa = spec
-            .and_then(|s| s.service_account_name.as_deref())
-            .unwrap_or("default");
-        let on_node = spec.and_then(|s| s.node_name.as_deref()) == Some(node);
-        let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
-        p.metadata.namespace.as_deref() == Some(account.namespace.as_str())
-            && on_node
-            && sa == account.name
-            && !matches!(phase, Some("Succeeded" | "Failed"))
-    });
-    if found.is_some() {
-        Ok(())
-    } else {
-        Err(format!(
-            "no Pod of service account {account} on node {node} (per the Pod cache)"
-        ))
-    }
+/// Whether `cache` holds a running (not finished) Pod of `account` scheduled on `node`.
+fn has_pod_on_node(cache: &reflector::Store<Pod>, account: &NodeAccount, node: &str) -> bool {
+    cache
+        .find(|p| {
+            let spec = p.spec.as_ref();
+            let sa = spec
+                .and_then(|s| s.service_account_name.as_deref())
+                .unwrap_or("default");
+            let on_node = spec.and_then(|s| s.node_name.as_deref()) == Some(node);
+            let phase = p.status.as_ref().and_then(|s| s.phase.as_deref());
+            p.metadata.namespace.as_deref() == Some(account.namespace.as_str())
+                && on_node
+                && sa == account.name
+                && !matches!(phase, Some("Succeeded" | "Failed"))
+        })
+        .is_some()
 }
 
 impl ExternalAuthenticator for KubeAuthenticator {

@@ -28,7 +28,9 @@ pub mod publish;
 mod review;
 pub mod source;
 
-pub use self::authn::{DEFAULT_POD_SYNC_WAIT, KubeAuthenticator, NodeAccount};
+pub use self::authn::{
+    DEFAULT_POD_EVENT_GRACE, DEFAULT_POD_SYNC_WAIT, KubeAuthenticator, NodeAccount,
+};
 pub use self::review::{
     DEFAULT_REVIEW_CACHE, MAX_REVIEW_AGE, ReviewedToken, TokenReviewer, unverified_exp,
 };

@@ -286,7 +286,7 @@ async fn decisions_come_from_the_pod_cache_not_a_list_per_request() {
     let tok = ztunnel_on(&fake, "node-a", false);
     fake.add_pod("ns1", "app-1", "app", "node-a", "uid-app-1");
     fake.add_pod("ns2", "far-1", "far", "node-b", "uid-far-1");
-    let auth = authenticator(&fake);
+    let auth = authenticator(&fake).with_pod_event_grace(Duration::from_millis(50));
     for _ in 0..5 {
         let caller = auth
             .decide(&impersonating(&tok, APP_ID), SystemTime::now())
@@ -409,6 +409,52 @@ async fn deleted_pod_stops_authorizing_after_its_watch_event() {
         (1, 0),
         "watch events, no re-list, no LIST per request"
     );
+}
+
+#[tokio::test]
+async fn target_pod_arriving_within_the_grace_authorizes_without_an_api_request() {
+    for grace in [Duration::ZERO, Duration::from_secs(15)] {
+        let fake = FakeApi::new();
+        let tok = ztunnel_on(&fake, "node-a", true);
+        let auth = authenticator(&fake).with_pod_event_grace(grace);
+        let ev = impersonating(&tok, APP_ID);
+        // Synced, then the Pod watch goes down: the target's Pod, created now, reaches the
+        // cache only when the watch is back (the re-list after kube-runtime's backoff).
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while !auth.pods_synced() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "the cache never listed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        fake.fail_watches("/api/v1/pods", true);
+        fake.add_pod("ns1", "app-1", "app", "node-a", "uid-app-1");
+        let restore = {
+            let fake = fake.clone();
+            tokio::spawn(async move {
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                fake.fail_watches("/api/v1/pods", false);
+            })
+        };
+        let r = auth.decide(&ev, SystemTime::now()).await;
+        if grace.is_zero() {
+            // The twin: without the grace the cache's answer stands.
+            assert!(
+                matches!(&r, Err(Refusal::NodeAuthorizationDenied { reason, .. })
+                    if reason.contains("no Pod of service account ns1/app on node node-a")),
+                "{r:?}"
+            );
+        } else {
+            assert_eq!(
+                r.unwrap().id.to_string(),
+                APP_ID,
+                "the Pod came by the re-list"
+            );
+        }
+        restore.await.unwrap();
+        assert_eq!(pod_requests(&fake).1, 0, "no per-request Pod look-up");
+    }
 }
 
 #[tokio::test]
