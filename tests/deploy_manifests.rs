@@ -331,6 +331,7 @@ fn expected_grants() -> Grants {
         NS,
         &[
             "get[cacerts,istio-ca-secret]",
+            "list[cacerts,istio-ca-secret]",
             "watch[cacerts,istio-ca-secret]",
             "create",
         ],

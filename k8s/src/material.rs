@@ -11,8 +11,9 @@
 //!
 //! The Secret's content is written into the directories the CA already reads (the plug-in
 //! folder, the state folder), keys 0600 and atomically; the CA then starts as in standalone
-//! mode. [`follow_cacerts`] polls `cacerts` afterwards and writes valid changes into the
-//! plug-in folder, which the CA hot-reloads. Not built yet: writing a renewed self-signed
+//! mode. [`follow_cacerts`] watches `cacerts` afterwards and writes valid changes into the
+//! plug-in folder, which the CA hot-reloads; a deleted `cacerts` is logged as an error and
+//! the CA keeps its last material. Not built yet: writing a renewed self-signed
 //! root back to `istio-ca-secret` (rotation renews only the local copy today).
 
 use std::collections::BTreeMap;
@@ -245,33 +246,164 @@ pub async fn refresh_cacerts(
     }
 }
 
-/// [`refresh_cacerts`] every `interval` until the task is dropped; a refusal is logged once
-/// while it stays the same.
+/// How often Secret `cacerts` is read with a GET while its watch is failing (an API outage,
+/// or RBAC without `list`/`watch` on it); never while the watch works.
+pub const CACERTS_RESYNC: Duration = Duration::from_secs(30);
+
+/// What following Secret `cacerts` did with one watch event or resync (logged; tests watch
+/// it through [`follow_cacerts_reporting`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacertsEvent {
+    /// Valid material; `changed` when files were written into the plug-in folder.
+    Written {
+        /// Whether a file changed.
+        changed: bool,
+    },
+    /// Broken material refused; the folder (and so the CA) keeps the last good material.
+    Refused(String),
+    /// The Secret was deleted; the CA keeps serving the last material it loaded.
+    Deleted,
+    /// The watch failed; it retries with backoff and a GET every resync meanwhile.
+    WatchFailed(String),
+}
+
+/// Follows Secret `cacerts` until the task is dropped: a kube-runtime watcher on that one
+/// Secret (`fieldSelector=metadata.name=cacerts`) in `namespace`. Each version is checked
+/// and valid changes written into `cacerts_dir` as [`refresh_cacerts`] does; a refusal is
+/// logged once while it stays the same. A deletion is logged as an error and changes
+/// nothing: the CA keeps the last material. While the watch fails, the Secret is read with
+/// a GET every `resync`.
 pub async fn follow_cacerts(
     client: kube::Client,
     namespace: String,
     cacerts_dir: std::path::PathBuf,
     trust_domain: TrustDomain,
-    interval: Duration,
+    resync: Duration,
 ) {
-    let mut last_error: Option<String> = None;
+    follow_cacerts_reporting(client, namespace, cacerts_dir, trust_domain, resync, |_| {}).await;
+}
+
+/// [`follow_cacerts`], telling `report` what each event did.
+pub async fn follow_cacerts_reporting(
+    client: kube::Client,
+    namespace: String,
+    cacerts_dir: std::path::PathBuf,
+    trust_domain: TrustDomain,
+    resync: Duration,
+    mut report: impl FnMut(&CacertsEvent) + Send,
+) {
+    use futures::StreamExt as _;
+    use kube::runtime::WatchStreamExt as _;
+    use kube::runtime::watcher::{self, Event};
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={CACERTS_SECRET}"));
+    let mut stream = std::pin::pin!(watcher::watcher(secrets.clone(), config).default_backoff());
+    let secret_name = format!("{namespace}/{CACERTS_SECRET}");
+    let mut follower = Follower {
+        namespace: &namespace,
+        secret_name: &secret_name,
+        dir: &cacerts_dir,
+        trust_domain: &trust_domain,
+        last_error: None,
+        present: false,
+    };
+    // Whether the watch works (no resync GETs then), and whether a re-list saw the Secret.
+    let mut watching = false;
+    let mut in_relist = false;
+    let mut next_resync = tokio::time::Instant::now() + resync;
     loop {
-        match refresh_cacerts(&client, &namespace, &cacerts_dir, &trust_domain).await {
-            Ok(changed) => {
-                if changed {
-                    tracing::info!(secret = %format!("{namespace}/{CACERTS_SECRET}"), "plug-in Secret changed; new files written for the CA to reload");
+        tokio::select! {
+            event = stream.next() => {
+                let Some(event) = event else { return };
+                let ours = |s: &Secret| s.metadata.name.as_deref() == Some(CACERTS_SECRET);
+                match event {
+                    Ok(Event::Apply(s) | Event::InitApply(s)) if ours(&s) => {
+                        watching = true;
+                        in_relist = true;
+                        report(&follower.apply(&s));
+                    }
+                    Ok(Event::Delete(s)) if ours(&s) => {
+                        watching = true;
+                        report(&follower.deleted());
+                    }
+                    Ok(Event::Init) => in_relist = false,
+                    Ok(Event::InitDone) => {
+                        watching = true;
+                        // A deletion during a watch outage shows as absence from the re-list.
+                        if follower.present && !in_relist {
+                            report(&follower.deleted());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if watching {
+                            tracing::warn!(secret = %secret_name, error = %e, "watch of the plug-in Secret failed; retrying with backoff, reading it every {resync:?} meanwhile");
+                        }
+                        watching = false;
+                        report(&CacertsEvent::WatchFailed(e.to_string()));
+                    }
                 }
-                last_error = None;
             }
-            Err(e) => {
-                let e = e.to_string();
-                if last_error.as_deref() != Some(e.as_str()) {
-                    tracing::error!(error = %e, "plug-in Secret refused; the CA keeps its material");
-                    last_error = Some(e);
+            () = tokio::time::sleep_until(next_resync) => {
+                next_resync = tokio::time::Instant::now() + resync;
+                if watching {
+                    continue;
+                }
+                match secrets.get_opt(CACERTS_SECRET).await {
+                    Ok(Some(s)) => report(&follower.apply(&s)),
+                    Ok(None) if follower.present => report(&follower.deleted()),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(secret = %secret_name, error = %e, "resync of the plug-in Secret failed"),
                 }
             }
         }
-        tokio::time::sleep(interval).await;
+    }
+}
+
+/// The state of [`follow_cacerts_reporting`] between events.
+struct Follower<'a> {
+    namespace: &'a str,
+    secret_name: &'a str,
+    dir: &'a Path,
+    trust_domain: &'a TrustDomain,
+    /// The refusal last logged (logged once while it stays the same).
+    last_error: Option<String>,
+    /// Whether the Secret exists, as last seen.
+    present: bool,
+}
+
+impl Follower<'_> {
+    fn apply(&mut self, secret: &Secret) -> CacertsEvent {
+        self.present = true;
+        match write_plugin(self.namespace, secret, self.dir, self.trust_domain) {
+            Ok(changed) => {
+                if changed {
+                    tracing::info!(secret = %self.secret_name, "plug-in Secret changed; new files written for the CA to reload");
+                }
+                self.last_error = None;
+                CacertsEvent::Written { changed }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.last_error.as_deref() != Some(e.as_str()) {
+                    tracing::error!(error = %e, "plug-in Secret refused; the CA keeps its material");
+                    self.last_error = Some(e.clone());
+                }
+                CacertsEvent::Refused(e)
+            }
+        }
+    }
+
+    fn deleted(&mut self) -> CacertsEvent {
+        self.present = false;
+        self.last_error = None;
+        tracing::error!(
+            secret = %self.secret_name,
+            folder = %self.dir.display(),
+            "plug-in Secret DELETED: the CA keeps serving the last material it loaded (the files stay in the plug-in folder); restore the Secret"
+        );
+        CacertsEvent::Deleted
     }
 }
 

@@ -497,14 +497,15 @@ async fn start_in_kubernetes(
             ),
         }
     );
-    // Changes to Secret cacerts land in the plug-in folder, which the CA hot-reloads with the
-    // folder's refusal rules (broken material is refused before the folder is touched).
+    // Changes to Secret cacerts (watched) land in the plug-in folder, which the CA hot-reloads
+    // with the folder's refusal rules (broken material is refused before the folder is
+    // touched); a deleted cacerts is logged and the CA keeps its material.
     tokio::spawn(rampart_k8s::material::follow_cacerts(
         client.clone(),
         k.namespace.clone(),
         cfg.cacerts_dir.clone(),
         cfg.trust_domain.clone(),
-        cfg.reload_poll_interval,
+        rampart_k8s::material::CACERTS_RESYNC,
     ));
     let auth = rampart_k8s::KubeAuthenticator::new(
         client.clone(),
