@@ -262,8 +262,8 @@ fn ca_identity(
              "rules": [
                 rule("authentication.k8s.io", "tokenreviews", &["create"]),
                 rule("", "pods", &["get", "list", "watch"]),
-                rule("", "namespaces", &["list"]),
-                rule("", "configmaps", &["get", "create", "update"]),
+                rule("", "namespaces", &["list", "watch"]),
+                rule("", "configmaps", &["get", "list", "watch", "create", "update"]),
              ]},
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
              "metadata": {"name": cluster_role},
