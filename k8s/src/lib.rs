@@ -7,8 +7,9 @@
 //!   `clusterid` header, the identity `system:serviceaccount:<ns>:<sa>` as a SPIFFE ID, and node
 //!   authorization of `ImpersonatedIdentity` as istiod's (trusted node accounts only, and only
 //!   for service accounts with a Pod on the caller's node, read from a reflector cache of Pods).
-//! - [`material`]: the CA's keys from Secret `cacerts` (plug-in) or `istio-ca-secret`
-//!   (self-signed, created once, never overwritten).
+//! - [`material`]: the CA's keys from Secret `cacerts` (plug-in, watched) or
+//!   `istio-ca-secret` (self-signed, created once; a renewed root certificate written back
+//!   by the Lease holder and followed by the other replicas).
 //! - [`publish`]: the root bundle in ConfigMap `istio-ca-root-cert` in every namespace,
 //!   written by the holder of a `coordination.k8s.io` Lease.
 //! - [`source`]: policy and registry from the API: watches of `security.istio.io` policy,

@@ -6,15 +6,17 @@
 //!   loader, which refuses what it refuses from a folder).
 //! - Otherwise Secret `istio-ca-secret` (`ca-cert.pem`, `ca-key.pem`): the self-signed root,
 //!   created once by whichever replica gets there first (create; on 409 AlreadyExists the
-//!   winner's root is loaded) and never overwritten, so every replica signs under one root.
+//!   winner's root is loaded), so every replica signs under one root. Its key is never
+//!   changed; when the root is renewed (same key and subject, a new certificate) the Lease
+//!   holder writes the new certificate back ([`sync_self_signed_root`], optimistic
+//!   concurrency) and the other replicas follow the Secret and load it ([`follow_ca_secret`]).
 //!   The keys are istiod's, so a cluster moving from istiod's self-signed CA keeps its root.
 //!
 //! The Secret's content is written into the directories the CA already reads (the plug-in
 //! folder, the state folder), keys 0600 and atomically; the CA then starts as in standalone
 //! mode. [`follow_cacerts`] watches `cacerts` afterwards and writes valid changes into the
 //! plug-in folder, which the CA hot-reloads; a deleted `cacerts` is logged as an error and
-//! the CA keeps its last material. Not built yet: writing a renewed self-signed
-//! root back to `istio-ca-secret` (rotation renews only the local copy today).
+//! the CA keeps its last material.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -425,4 +427,218 @@ fn write_self_signed(namespace: &str, secret: &Secret, state_dir: &Path) -> Resu
     write(&state_dir.join(SELF_SIGNED_KEY), &key, 0o600)?;
     write(&state_dir.join(SELF_SIGNED_CERT), &cert, 0o644)?;
     Ok(())
+}
+
+/// What [`sync_self_signed_root`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootSync {
+    /// The local root is the Secret's.
+    Unchanged,
+    /// This replica (the Lease holder) wrote its renewed root into `istio-ca-secret`.
+    Pushed,
+    /// The Secret's renewed root was written into the state folder (reload the CA).
+    Pulled,
+    /// The roots differ but neither side is a renewal to take (the Secret's root is due and
+    /// this replica is not the holder, or neither is renewed yet): nothing done.
+    Waiting,
+}
+
+/// A self-signed root certificate and its facts.
+struct RootCert {
+    pem: String,
+    der: rampart_certs::CertificateDer<'static>,
+    info: rampart_certs::CertInfo,
+}
+
+fn root_cert(pem: &str, whose: &str) -> Result<RootCert, K8sError> {
+    let der = rampart_certs::parse_certs_pem(pem)
+        .map_err(|e| K8sError::Material(format!("{whose}: {e}")))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| K8sError::Material(format!("{whose}: no certificate")))?;
+    let info = rampart_certs::CertInfo::parse(&der)
+        .map_err(|e| K8sError::Material(format!("{whose}: {e}")))?;
+    Ok(RootCert {
+        pem: pem.to_owned(),
+        der,
+        info,
+    })
+}
+
+/// Keeps one self-signed root across replicas when it is renewed (citadel renews it in the
+/// state folder with 20% of its life left: same key and subject, a new certificate; each
+/// replica would make its own).
+///
+/// Compares the state folder's root with Secret `istio-ca-secret` in `namespace`:
+/// - the Secret holds another key: refused (an error; nothing written either way);
+/// - the Secret's certificate is not due for renewal and differs from ours: it is the
+///   renewal to use: written into `state_dir` (our old certificate kept as the previous
+///   root, served until it expires), `Pulled`;
+/// - the Secret's certificate is due, ours is a renewal, and `holder` (this replica holds
+///   the publisher's Lease): the Secret is replaced with ours, carrying the read
+///   `resourceVersion`; a 409 means another replica wrote first: theirs is read and pulled.
+pub async fn sync_self_signed_root(
+    client: &kube::Client,
+    namespace: &str,
+    state_dir: &Path,
+    holder: bool,
+    now: SystemTime,
+) -> Result<RootSync, K8sError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let mut secret = secrets.get(CA_SECRET).await?;
+    let mut retried = false;
+    loop {
+        let local_path = state_dir.join(SELF_SIGNED_CERT);
+        let local_pem = std::fs::read_to_string(&local_path)
+            .map_err(|e| K8sError::Material(format!("{}: {e}", local_path.display())))?;
+        let local = root_cert(&local_pem, &local_path.display().to_string())?;
+        let name = format!("Secret {namespace}/{CA_SECRET}");
+        let need = |key: &str| {
+            field(namespace, &secret, CA_SECRET, key)?
+                .filter(|t| !t.trim().is_empty())
+                .ok_or_else(|| K8sError::Material(format!("{name} has no {key}")))
+        };
+        let theirs = root_cert(&need(CA_CERT)?, &name)?;
+        if theirs.der == local.der {
+            return Ok(RootSync::Unchanged);
+        }
+        let key_path = state_dir.join(SELF_SIGNED_KEY);
+        let local_key = Zeroizing::new(
+            std::fs::read_to_string(&key_path)
+                .map_err(|e| K8sError::Material(format!("{}: {e}", key_path.display())))?,
+        );
+        let their_key = need(CA_KEY)?;
+        let parse_key = |pem: &str, whose: &str| {
+            rampart_certs::PrivateKey::from_pkcs8_pem(pem)
+                .map_err(|e| K8sError::Material(format!("{whose}: {CA_KEY}: {e}")))
+        };
+        // Their key must be our certificate's key (the same root key), and their
+        // certificate a CA certificate for our key.
+        let their_key = parse_key(&their_key, &name)?;
+        rampart_certs::CertificateAuthority::new(local.der.clone(), their_key, Vec::new())
+            .map_err(|e| {
+                K8sError::Material(format!(
+                    "{name} holds another key than this replica's root ({e}); not following it (restart the replica to load it)"
+                ))
+            })?;
+        let key = parse_key(&local_key, &key_path.display().to_string())?;
+        rampart_certs::CertificateAuthority::new(theirs.der.clone(), key, Vec::new())
+            .map_err(|e| K8sError::Material(format!("{name}: {CA_CERT}: {e}")))?;
+        let due = |c: &RootCert| {
+            rampart_citadel::self_signed_rotation_due(c.info.not_before, c.info.not_after, now)
+        };
+        if !due(&theirs) {
+            // Pull: theirs is the renewal. Our certificate stays served as the previous
+            // root unless an earlier one is already kept there (our own local renewal, made
+            // before theirs arrived, is not kept: same key and subject, so whatever it
+            // signed verifies under theirs too).
+            let previous = state_dir.join(rampart_citadel::SELF_SIGNED_PREVIOUS_CERT);
+            if !previous.exists() {
+                write(&previous, &local.pem, 0o644)?;
+            }
+            write(&local_path, &theirs.pem, 0o644)?;
+            tracing::info!(
+                secret = %format!("{namespace}/{CA_SECRET}"),
+                root = %theirs.info.sha256_fingerprint,
+                "loaded the renewed self-signed root another replica wrote to the Secret"
+            );
+            return Ok(RootSync::Pulled);
+        }
+        if due(&local) || !holder {
+            return Ok(RootSync::Waiting);
+        }
+        // Push ours, with the resourceVersion we read.
+        let data = secret.data.get_or_insert_with(BTreeMap::new);
+        data.insert(
+            CA_CERT.to_owned(),
+            ByteString(local.pem.as_bytes().to_vec()),
+        );
+        data.insert(
+            ROOT_CERT.to_owned(),
+            ByteString(local.pem.as_bytes().to_vec()),
+        );
+        match secrets
+            .replace(CA_SECRET, &PostParams::default(), &secret)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(
+                    secret = %format!("{namespace}/{CA_SECRET}"),
+                    root = %local.info.sha256_fingerprint,
+                    "wrote the renewed self-signed root to the Secret for the other replicas"
+                );
+                return Ok(RootSync::Pushed);
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 && !retried => {
+                // Someone else wrote first: read theirs and judge again (a pull, normally).
+                retried = true;
+                secret = secrets.get(CA_SECRET).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Follows Secret `istio-ca-secret` in self-signed mode until the task is dropped: a watch
+/// of that one Secret, and a look at the state folder every `interval`, each running
+/// [`sync_self_signed_root`] (`holder` says whether this replica holds the publisher's
+/// Lease now). `on_pulled` runs after a renewed root was written into the state folder (the
+/// CA reloads it). Errors are logged once while they stay the same.
+pub async fn follow_ca_secret(
+    client: kube::Client,
+    namespace: String,
+    state_dir: std::path::PathBuf,
+    interval: Duration,
+    holder: impl Fn() -> bool + Send,
+    on_pulled: impl Fn() + Send,
+) {
+    use futures::StreamExt as _;
+    use kube::runtime::WatchStreamExt as _;
+    use kube::runtime::watcher;
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={CA_SECRET}"));
+    let mut stream = std::pin::pin!(watcher::watcher(secrets, config).default_backoff());
+    let mut last_local: Option<String> = None;
+    let mut last_error: Option<String> = None;
+    let mut next_look = tokio::time::Instant::now() + interval;
+    loop {
+        let run = tokio::select! {
+            event = stream.next() => match event {
+                None => return,
+                Some(Ok(watcher::Event::Apply(_) | watcher::Event::InitDone)) => true,
+                Some(_) => false,
+            },
+            () = tokio::time::sleep_until(next_look) => {
+                next_look = tokio::time::Instant::now() + interval;
+                // Only when the local root changed (a renewal) since the last sync, or the
+                // last sync did not settle.
+                let local = std::fs::read_to_string(state_dir.join(SELF_SIGNED_CERT)).ok();
+                local != last_local || last_error.is_some()
+            }
+        };
+        if !run {
+            continue;
+        }
+        match sync_self_signed_root(&client, &namespace, &state_dir, holder(), SystemTime::now())
+            .await
+        {
+            Ok(outcome) => {
+                last_error = None;
+                if outcome == RootSync::Pulled {
+                    on_pulled();
+                }
+                if outcome != RootSync::Waiting {
+                    last_local = std::fs::read_to_string(state_dir.join(SELF_SIGNED_CERT)).ok();
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if last_error.as_deref() != Some(e.as_str()) {
+                    tracing::error!(error = %e, "following the self-signed root in Secret {namespace}/{CA_SECRET} failed; this replica keeps its root");
+                }
+                last_error = Some(e);
+            }
+        }
+    }
 }

@@ -1,5 +1,6 @@
 //! CA material from Secrets: plug-in `cacerts`, else the self-signed root in
-//! `istio-ca-secret`, created once and never overwritten.
+//! `istio-ca-secret`, created once and never overwritten at start (a renewed root written back
+//! by the Lease holder is in kube_root_renewal.rs).
 //!
 //! THE KUBERNETES API SERVER IS FAKED (`support/fake_api.rs`): Secrets live in the in-process
 //! fake, which answers 409 AlreadyExists to the second create, as a real one does. No cluster
