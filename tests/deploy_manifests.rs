@@ -331,8 +331,10 @@ fn expected_grants() -> Grants {
         NS,
         &[
             "get[cacerts,istio-ca-secret]",
+            "list[cacerts,istio-ca-secret]",
             "watch[cacerts,istio-ca-secret]",
             "create",
+            "update[istio-ca-secret]",
         ],
     );
     put(
@@ -406,6 +408,17 @@ fn rbac_checker_refuses_broader_grants() {
         }
     });
     assert!(problems_of(&all_secrets).contains("least privilege"));
+
+    // Update of istio-ca-secret (the renewed root) only by name: on every Secret it is refused.
+    let update_any_secret = with(&|d| {
+        if d["kind"] == "Role" {
+            d["rules"][3]
+                .as_object_mut()
+                .unwrap()
+                .remove("resourceNames");
+        }
+    });
+    assert!(problems_of(&update_any_secret).contains("least privilege"));
 
     let unbound = with(&|d| {
         if d["kind"] == "RoleBinding" {

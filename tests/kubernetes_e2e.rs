@@ -285,6 +285,9 @@ fn ca_identity(
              "metadata": {"name": "rampart-ca", "namespace": ns},
              "rules": [
                 rule("", "secrets", &["get", "create"]),
+                // The watch of cacerts: list and watch by name (fieldSelector).
+                {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["cacerts"],
+                 "verbs": ["list", "watch"]},
                 rule("coordination.k8s.io", "leases", &["get", "create", "update"]),
              ]},
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",

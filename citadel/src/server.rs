@@ -278,6 +278,9 @@ impl CaState {
                     ),
                 );
             }
+            if let Some(outcome) = self.reload_self_signed_if_replaced(&current, now) {
+                return outcome;
+            }
             return self.renew_self_signed_if_due(&current, now);
         }
         if is_plugin_now && current.input_fingerprint() == fp {
@@ -298,6 +301,49 @@ impl CaState {
             },
             Err(e) => self.refuse(Some(fp), e.to_string()),
         }
+    }
+
+    /// Self-signed mode: the state folder's root certificate was replaced on disk (in
+    /// Kubernetes mode, by the renewed root another replica wrote back to its Secret: same
+    /// key and subject): load it. `None` when the file says a root served now (or cannot be
+    /// read: the renewal check below then decides).
+    fn reload_self_signed_if_replaced(
+        &self,
+        current: &Authority,
+        now: SystemTime,
+    ) -> Option<ReloadOutcome> {
+        if !matches!(current.source(), MaterialSource::SelfSigned(_)) {
+            return None;
+        }
+        let path = self
+            .config
+            .state_dir
+            .join(crate::authority::SELF_SIGNED_CERT);
+        let pem = std::fs::read_to_string(&path).ok()?;
+        let cert = rampart_certs::parse_certs_pem(&pem)
+            .ok()?
+            .into_iter()
+            .next()?;
+        let info = rampart_certs::CertInfo::parse(&cert).ok()?;
+        // Any root served now (the signing one, or a previous one a bundle file could start
+        // with) is no replacement.
+        if current
+            .roots()
+            .iter()
+            .any(|r| r.fingerprint == info.sha256_fingerprint)
+        {
+            return None;
+        }
+        let loaded = load_or_create_self_signed(
+            &self.config.state_dir,
+            &self.config.trust_domain,
+            self.config.self_signed_root_ttl,
+            now,
+        );
+        Some(match loaded.and_then(|new| self.activate(new, now)) {
+            Ok(()) => ReloadOutcome::Reloaded,
+            Err(e) => self.refuse(None, format!("loading the replaced self-signed root: {e}")),
+        })
     }
 
     /// Self-signed mode: renew the root once it enters its grace period (same key and

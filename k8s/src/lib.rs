@@ -6,9 +6,10 @@
 //! - [`KubeAuthenticator`]: citadel's [`rampart_citadel::ExternalAuthenticator`] seam: the
 //!   `clusterid` header, the identity `system:serviceaccount:<ns>:<sa>` as a SPIFFE ID, and node
 //!   authorization of `ImpersonatedIdentity` as istiod's (trusted node accounts only, and only
-//!   for service accounts with a Pod on the caller's node).
-//! - [`material`]: the CA's keys from Secret `cacerts` (plug-in) or `istio-ca-secret`
-//!   (self-signed, created once, never overwritten).
+//!   for service accounts with a Pod on the caller's node, read from a reflector cache of Pods).
+//! - [`material`]: the CA's keys from Secret `cacerts` (plug-in, watched) or
+//!   `istio-ca-secret` (self-signed, created once; a renewed root certificate written back
+//!   by the Lease holder and followed by the other replicas).
 //! - [`publish`]: the root bundle in ConfigMap `istio-ca-root-cert` in every namespace,
 //!   written by the holder of a `coordination.k8s.io` Lease.
 //! - [`source`]: policy and registry from the API: watches of `security.istio.io` policy,
@@ -28,7 +29,9 @@ pub mod publish;
 mod review;
 pub mod source;
 
-pub use self::authn::{KubeAuthenticator, NodeAccount};
+pub use self::authn::{
+    DEFAULT_POD_EVENT_GRACE, DEFAULT_POD_SYNC_WAIT, KubeAuthenticator, NodeAccount,
+};
 pub use self::review::{
     DEFAULT_REVIEW_CACHE, MAX_REVIEW_AGE, ReviewedToken, TokenReviewer, unverified_exp,
 };

@@ -6,14 +6,17 @@
 //!   loader, which refuses what it refuses from a folder).
 //! - Otherwise Secret `istio-ca-secret` (`ca-cert.pem`, `ca-key.pem`): the self-signed root,
 //!   created once by whichever replica gets there first (create; on 409 AlreadyExists the
-//!   winner's root is loaded) and never overwritten, so every replica signs under one root.
+//!   winner's root is loaded), so every replica signs under one root. Its key is never
+//!   changed; when the root is renewed (same key and subject, a new certificate) the Lease
+//!   holder writes the new certificate back ([`sync_self_signed_root`], optimistic
+//!   concurrency) and the other replicas follow the Secret and load it ([`follow_ca_secret`]).
 //!   The keys are istiod's, so a cluster moving from istiod's self-signed CA keeps its root.
 //!
 //! The Secret's content is written into the directories the CA already reads (the plug-in
 //! folder, the state folder), keys 0600 and atomically; the CA then starts as in standalone
-//! mode. [`follow_cacerts`] polls `cacerts` afterwards and writes valid changes into the
-//! plug-in folder, which the CA hot-reloads. Not built yet: writing a renewed self-signed
-//! root back to `istio-ca-secret` (rotation renews only the local copy today).
+//! mode. [`follow_cacerts`] watches `cacerts` afterwards and writes valid changes into the
+//! plug-in folder, which the CA hot-reloads; a deleted `cacerts` is logged as an error and
+//! the CA keeps its last material.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -245,33 +248,164 @@ pub async fn refresh_cacerts(
     }
 }
 
-/// [`refresh_cacerts`] every `interval` until the task is dropped; a refusal is logged once
-/// while it stays the same.
+/// How often Secret `cacerts` is read with a GET while its watch is failing (an API outage,
+/// or RBAC without `list`/`watch` on it); never while the watch works.
+pub const CACERTS_RESYNC: Duration = Duration::from_secs(30);
+
+/// What following Secret `cacerts` did with one watch event or resync (logged; tests watch
+/// it through [`follow_cacerts_reporting`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CacertsEvent {
+    /// Valid material; `changed` when files were written into the plug-in folder.
+    Written {
+        /// Whether a file changed.
+        changed: bool,
+    },
+    /// Broken material refused; the folder (and so the CA) keeps the last good material.
+    Refused(String),
+    /// The Secret was deleted; the CA keeps serving the last material it loaded.
+    Deleted,
+    /// The watch failed; it retries with backoff and a GET every resync meanwhile.
+    WatchFailed(String),
+}
+
+/// Follows Secret `cacerts` until the task is dropped: a kube-runtime watcher on that one
+/// Secret (`fieldSelector=metadata.name=cacerts`) in `namespace`. Each version is checked
+/// and valid changes written into `cacerts_dir` as [`refresh_cacerts`] does; a refusal is
+/// logged once while it stays the same. A deletion is logged as an error and changes
+/// nothing: the CA keeps the last material. While the watch fails, the Secret is read with
+/// a GET every `resync`.
 pub async fn follow_cacerts(
     client: kube::Client,
     namespace: String,
     cacerts_dir: std::path::PathBuf,
     trust_domain: TrustDomain,
-    interval: Duration,
+    resync: Duration,
 ) {
-    let mut last_error: Option<String> = None;
+    follow_cacerts_reporting(client, namespace, cacerts_dir, trust_domain, resync, |_| {}).await;
+}
+
+/// [`follow_cacerts`], telling `report` what each event did.
+pub async fn follow_cacerts_reporting(
+    client: kube::Client,
+    namespace: String,
+    cacerts_dir: std::path::PathBuf,
+    trust_domain: TrustDomain,
+    resync: Duration,
+    mut report: impl FnMut(&CacertsEvent) + Send,
+) {
+    use futures::StreamExt as _;
+    use kube::runtime::WatchStreamExt as _;
+    use kube::runtime::watcher::{self, Event};
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={CACERTS_SECRET}"));
+    let mut stream = std::pin::pin!(watcher::watcher(secrets.clone(), config).default_backoff());
+    let secret_name = format!("{namespace}/{CACERTS_SECRET}");
+    let mut follower = Follower {
+        namespace: &namespace,
+        secret_name: &secret_name,
+        dir: &cacerts_dir,
+        trust_domain: &trust_domain,
+        last_error: None,
+        present: false,
+    };
+    // Whether the watch works (no resync GETs then), and whether a re-list saw the Secret.
+    let mut watching = false;
+    let mut in_relist = false;
+    let mut next_resync = tokio::time::Instant::now() + resync;
     loop {
-        match refresh_cacerts(&client, &namespace, &cacerts_dir, &trust_domain).await {
-            Ok(changed) => {
-                if changed {
-                    tracing::info!(secret = %format!("{namespace}/{CACERTS_SECRET}"), "plug-in Secret changed; new files written for the CA to reload");
+        tokio::select! {
+            event = stream.next() => {
+                let Some(event) = event else { return };
+                let ours = |s: &Secret| s.metadata.name.as_deref() == Some(CACERTS_SECRET);
+                match event {
+                    Ok(Event::Apply(s) | Event::InitApply(s)) if ours(&s) => {
+                        watching = true;
+                        in_relist = true;
+                        report(&follower.apply(&s));
+                    }
+                    Ok(Event::Delete(s)) if ours(&s) => {
+                        watching = true;
+                        report(&follower.deleted());
+                    }
+                    Ok(Event::Init) => in_relist = false,
+                    Ok(Event::InitDone) => {
+                        watching = true;
+                        // A deletion during a watch outage shows as absence from the re-list.
+                        if follower.present && !in_relist {
+                            report(&follower.deleted());
+                        }
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        if watching {
+                            tracing::warn!(secret = %secret_name, error = %e, "watch of the plug-in Secret failed; retrying with backoff, reading it every {resync:?} meanwhile");
+                        }
+                        watching = false;
+                        report(&CacertsEvent::WatchFailed(e.to_string()));
+                    }
                 }
-                last_error = None;
             }
-            Err(e) => {
-                let e = e.to_string();
-                if last_error.as_deref() != Some(e.as_str()) {
-                    tracing::error!(error = %e, "plug-in Secret refused; the CA keeps its material");
-                    last_error = Some(e);
+            () = tokio::time::sleep_until(next_resync) => {
+                next_resync = tokio::time::Instant::now() + resync;
+                if watching {
+                    continue;
+                }
+                match secrets.get_opt(CACERTS_SECRET).await {
+                    Ok(Some(s)) => report(&follower.apply(&s)),
+                    Ok(None) if follower.present => report(&follower.deleted()),
+                    Ok(None) => {}
+                    Err(e) => tracing::debug!(secret = %secret_name, error = %e, "resync of the plug-in Secret failed"),
                 }
             }
         }
-        tokio::time::sleep(interval).await;
+    }
+}
+
+/// The state of [`follow_cacerts_reporting`] between events.
+struct Follower<'a> {
+    namespace: &'a str,
+    secret_name: &'a str,
+    dir: &'a Path,
+    trust_domain: &'a TrustDomain,
+    /// The refusal last logged (logged once while it stays the same).
+    last_error: Option<String>,
+    /// Whether the Secret exists, as last seen.
+    present: bool,
+}
+
+impl Follower<'_> {
+    fn apply(&mut self, secret: &Secret) -> CacertsEvent {
+        self.present = true;
+        match write_plugin(self.namespace, secret, self.dir, self.trust_domain) {
+            Ok(changed) => {
+                if changed {
+                    tracing::info!(secret = %self.secret_name, "plug-in Secret changed; new files written for the CA to reload");
+                }
+                self.last_error = None;
+                CacertsEvent::Written { changed }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if self.last_error.as_deref() != Some(e.as_str()) {
+                    tracing::error!(error = %e, "plug-in Secret refused; the CA keeps its material");
+                    self.last_error = Some(e.clone());
+                }
+                CacertsEvent::Refused(e)
+            }
+        }
+    }
+
+    fn deleted(&mut self) -> CacertsEvent {
+        self.present = false;
+        self.last_error = None;
+        tracing::error!(
+            secret = %self.secret_name,
+            folder = %self.dir.display(),
+            "plug-in Secret DELETED: the CA keeps serving the last material it loaded (the files stay in the plug-in folder); restore the Secret"
+        );
+        CacertsEvent::Deleted
     }
 }
 
@@ -293,4 +427,218 @@ fn write_self_signed(namespace: &str, secret: &Secret, state_dir: &Path) -> Resu
     write(&state_dir.join(SELF_SIGNED_KEY), &key, 0o600)?;
     write(&state_dir.join(SELF_SIGNED_CERT), &cert, 0o644)?;
     Ok(())
+}
+
+/// What [`sync_self_signed_root`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RootSync {
+    /// The local root is the Secret's.
+    Unchanged,
+    /// This replica (the Lease holder) wrote its renewed root into `istio-ca-secret`.
+    Pushed,
+    /// The Secret's renewed root was written into the state folder (reload the CA).
+    Pulled,
+    /// The roots differ but neither side is a renewal to take (the Secret's root is due and
+    /// this replica is not the holder, or neither is renewed yet): nothing done.
+    Waiting,
+}
+
+/// A self-signed root certificate and its facts.
+struct RootCert {
+    pem: String,
+    der: rampart_certs::CertificateDer<'static>,
+    info: rampart_certs::CertInfo,
+}
+
+fn root_cert(pem: &str, whose: &str) -> Result<RootCert, K8sError> {
+    let der = rampart_certs::parse_certs_pem(pem)
+        .map_err(|e| K8sError::Material(format!("{whose}: {e}")))?
+        .into_iter()
+        .next()
+        .ok_or_else(|| K8sError::Material(format!("{whose}: no certificate")))?;
+    let info = rampart_certs::CertInfo::parse(&der)
+        .map_err(|e| K8sError::Material(format!("{whose}: {e}")))?;
+    Ok(RootCert {
+        pem: pem.to_owned(),
+        der,
+        info,
+    })
+}
+
+/// Keeps one self-signed root across replicas when it is renewed (citadel renews it in the
+/// state folder with 20% of its life left: same key and subject, a new certificate; each
+/// replica would make its own).
+///
+/// Compares the state folder's root with Secret `istio-ca-secret` in `namespace`:
+/// - the Secret holds another key: refused (an error; nothing written either way);
+/// - the Secret's certificate is not due for renewal and differs from ours: it is the
+///   renewal to use: written into `state_dir` (our old certificate kept as the previous
+///   root, served until it expires), `Pulled`;
+/// - the Secret's certificate is due, ours is a renewal, and `holder` (this replica holds
+///   the publisher's Lease): the Secret is replaced with ours, carrying the read
+///   `resourceVersion`; a 409 means another replica wrote first: theirs is read and pulled.
+pub async fn sync_self_signed_root(
+    client: &kube::Client,
+    namespace: &str,
+    state_dir: &Path,
+    holder: bool,
+    now: SystemTime,
+) -> Result<RootSync, K8sError> {
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
+    let mut secret = secrets.get(CA_SECRET).await?;
+    let mut retried = false;
+    loop {
+        let local_path = state_dir.join(SELF_SIGNED_CERT);
+        let local_pem = std::fs::read_to_string(&local_path)
+            .map_err(|e| K8sError::Material(format!("{}: {e}", local_path.display())))?;
+        let local = root_cert(&local_pem, &local_path.display().to_string())?;
+        let name = format!("Secret {namespace}/{CA_SECRET}");
+        let need = |key: &str| {
+            field(namespace, &secret, CA_SECRET, key)?
+                .filter(|t| !t.trim().is_empty())
+                .ok_or_else(|| K8sError::Material(format!("{name} has no {key}")))
+        };
+        let theirs = root_cert(&need(CA_CERT)?, &name)?;
+        if theirs.der == local.der {
+            return Ok(RootSync::Unchanged);
+        }
+        let key_path = state_dir.join(SELF_SIGNED_KEY);
+        let local_key = Zeroizing::new(
+            std::fs::read_to_string(&key_path)
+                .map_err(|e| K8sError::Material(format!("{}: {e}", key_path.display())))?,
+        );
+        let their_key = need(CA_KEY)?;
+        let parse_key = |pem: &str, whose: &str| {
+            rampart_certs::PrivateKey::from_pkcs8_pem(pem)
+                .map_err(|e| K8sError::Material(format!("{whose}: {CA_KEY}: {e}")))
+        };
+        // Their key must be our certificate's key (the same root key), and their
+        // certificate a CA certificate for our key.
+        let their_key = parse_key(&their_key, &name)?;
+        rampart_certs::CertificateAuthority::new(local.der.clone(), their_key, Vec::new())
+            .map_err(|e| {
+                K8sError::Material(format!(
+                    "{name} holds another key than this replica's root ({e}); not following it (restart the replica to load it)"
+                ))
+            })?;
+        let key = parse_key(&local_key, &key_path.display().to_string())?;
+        rampart_certs::CertificateAuthority::new(theirs.der.clone(), key, Vec::new())
+            .map_err(|e| K8sError::Material(format!("{name}: {CA_CERT}: {e}")))?;
+        let due = |c: &RootCert| {
+            rampart_citadel::self_signed_rotation_due(c.info.not_before, c.info.not_after, now)
+        };
+        if !due(&theirs) {
+            // Pull: theirs is the renewal. Our certificate stays served as the previous
+            // root unless an earlier one is already kept there (our own local renewal, made
+            // before theirs arrived, is not kept: same key and subject, so whatever it
+            // signed verifies under theirs too).
+            let previous = state_dir.join(rampart_citadel::SELF_SIGNED_PREVIOUS_CERT);
+            if !previous.exists() {
+                write(&previous, &local.pem, 0o644)?;
+            }
+            write(&local_path, &theirs.pem, 0o644)?;
+            tracing::info!(
+                secret = %format!("{namespace}/{CA_SECRET}"),
+                root = %theirs.info.sha256_fingerprint,
+                "loaded the renewed self-signed root another replica wrote to the Secret"
+            );
+            return Ok(RootSync::Pulled);
+        }
+        if due(&local) || !holder {
+            return Ok(RootSync::Waiting);
+        }
+        // Push ours, with the resourceVersion we read.
+        let data = secret.data.get_or_insert_with(BTreeMap::new);
+        data.insert(
+            CA_CERT.to_owned(),
+            ByteString(local.pem.as_bytes().to_vec()),
+        );
+        data.insert(
+            ROOT_CERT.to_owned(),
+            ByteString(local.pem.as_bytes().to_vec()),
+        );
+        match secrets
+            .replace(CA_SECRET, &PostParams::default(), &secret)
+            .await
+        {
+            Ok(_) => {
+                tracing::info!(
+                    secret = %format!("{namespace}/{CA_SECRET}"),
+                    root = %local.info.sha256_fingerprint,
+                    "wrote the renewed self-signed root to the Secret for the other replicas"
+                );
+                return Ok(RootSync::Pushed);
+            }
+            Err(kube::Error::Api(status)) if status.code == 409 && !retried => {
+                // Someone else wrote first: read theirs and judge again (a pull, normally).
+                retried = true;
+                secret = secrets.get(CA_SECRET).await?;
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Follows Secret `istio-ca-secret` in self-signed mode until the task is dropped: a watch
+/// of that one Secret, and a look at the state folder every `interval`, each running
+/// [`sync_self_signed_root`] (`holder` says whether this replica holds the publisher's
+/// Lease now). `on_pulled` runs after a renewed root was written into the state folder (the
+/// CA reloads it). Errors are logged once while they stay the same.
+pub async fn follow_ca_secret(
+    client: kube::Client,
+    namespace: String,
+    state_dir: std::path::PathBuf,
+    interval: Duration,
+    holder: impl Fn() -> bool + Send,
+    on_pulled: impl Fn() + Send,
+) {
+    use futures::StreamExt as _;
+    use kube::runtime::WatchStreamExt as _;
+    use kube::runtime::watcher;
+
+    let secrets: Api<Secret> = Api::namespaced(client.clone(), &namespace);
+    let config = watcher::Config::default().fields(&format!("metadata.name={CA_SECRET}"));
+    let mut stream = std::pin::pin!(watcher::watcher(secrets, config).default_backoff());
+    let mut last_local: Option<String> = None;
+    let mut last_error: Option<String> = None;
+    let mut next_look = tokio::time::Instant::now() + interval;
+    loop {
+        let run = tokio::select! {
+            event = stream.next() => match event {
+                None => return,
+                Some(Ok(watcher::Event::Apply(_) | watcher::Event::InitDone)) => true,
+                Some(_) => false,
+            },
+            () = tokio::time::sleep_until(next_look) => {
+                next_look = tokio::time::Instant::now() + interval;
+                // Only when the local root changed (a renewal) since the last sync, or the
+                // last sync did not settle.
+                let local = std::fs::read_to_string(state_dir.join(SELF_SIGNED_CERT)).ok();
+                local != last_local || last_error.is_some()
+            }
+        };
+        if !run {
+            continue;
+        }
+        match sync_self_signed_root(&client, &namespace, &state_dir, holder(), SystemTime::now())
+            .await
+        {
+            Ok(outcome) => {
+                last_error = None;
+                if outcome == RootSync::Pulled {
+                    on_pulled();
+                }
+                if outcome != RootSync::Waiting {
+                    last_local = std::fs::read_to_string(state_dir.join(SELF_SIGNED_CERT)).ok();
+                }
+            }
+            Err(e) => {
+                let e = e.to_string();
+                if last_error.as_deref() != Some(e.as_str()) {
+                    tracing::error!(error = %e, "following the self-signed root in Secret {namespace}/{CA_SECRET} failed; this replica keeps its root");
+                }
+                last_error = Some(e);
+            }
+        }
+    }
 }

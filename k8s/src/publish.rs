@@ -8,8 +8,11 @@
 //! makes every namespace's ConfigMaps say the current root and CRLs: creates missing ones (so a
 //! deleted ConfigMap comes back), rewrites changed ones, leaves equal ones alone. While the CA
 //! has no CRL to publish, no `istio-ca-crl` is created and existing ones are left as they are. [`run`] ticks both.
-//! Namespaces are listed each tick (no watch yet): a new namespace or a deleted ConfigMap is
-//! served within one interval.
+//! [`run`] also watches Namespaces and the `istio-ca-root-cert` ConfigMaps of every namespace
+//! (`fieldSelector=metadata.name=istio-ca-root-cert`): while this replica holds the Lease, a
+//! new namespace gets its ConfigMaps at its watch event, and a deleted root ConfigMap is
+//! re-created at its own, not at the next tick (an edited one is set back by the tick). The
+//! tick's full pass (namespaces listed) stays as the safety net.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -19,6 +22,8 @@ use k8s_openapi::api::coordination::v1::{Lease, LeaseSpec};
 use k8s_openapi::api::core::v1::{ConfigMap, Namespace};
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::MicroTime;
 use kube::api::{Api, ListParams, ObjectMeta, PostParams};
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher;
 
 /// The ConfigMap istiod publishes the root in.
 pub const ROOT_CONFIGMAP: &str = "istio-ca-root-cert";
@@ -76,6 +81,11 @@ impl LeaseElector {
             identity: identity.to_owned(),
             duration,
         }
+    }
+
+    /// How long the Lease lasts after each renewal.
+    pub fn duration(&self) -> Duration {
+        self.duration
     }
 
     /// Takes the Lease if it is free or expired, renews it if ours; `true` while we hold it.
@@ -211,38 +221,59 @@ impl RootPublisher {
             if ns.status.and_then(|s| s.phase).as_deref() == Some("Terminating") {
                 continue;
             }
-            let mut failed = false;
+            self.publish_namespace_into(&name, &root, crl.as_deref(), &mut out)
+                .await;
+        }
+        Ok(out)
+    }
+
+    /// Makes `namespace`'s ConfigMaps say the current root (and CRLs): one namespace of
+    /// [`RootPublisher::publish_once`], for a watch event.
+    pub async fn publish_namespace(&self, namespace: &str) -> Published {
+        let (root, crl) = (self.root(), self.crl());
+        let mut out = Published::default();
+        self.publish_namespace_into(namespace, &root, crl.as_deref(), &mut out)
+            .await;
+        out
+    }
+
+    async fn publish_namespace_into(
+        &self,
+        name: &str,
+        root: &str,
+        crl: Option<&str>,
+        out: &mut Published,
+    ) {
+        let mut failed = false;
+        match self
+            .publish_in(name, ROOT_CONFIGMAP, ROOT_CONFIGMAP_KEY, root)
+            .await
+        {
+            Ok(Some(true)) => out.created.push(name.to_owned()),
+            Ok(Some(false)) => out.updated.push(name.to_owned()),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(namespace = %name, error = %e, "could not publish {ROOT_CONFIGMAP}; retrying next pass");
+                failed = true;
+            }
+        }
+        if let Some(crl) = crl {
             match self
-                .publish_in(&name, ROOT_CONFIGMAP, ROOT_CONFIGMAP_KEY, &root)
+                .publish_in(name, CRL_CONFIGMAP, CRL_CONFIGMAP_KEY, crl)
                 .await
             {
-                Ok(Some(true)) => out.created.push(name.clone()),
-                Ok(Some(false)) => out.updated.push(name.clone()),
+                Ok(Some(true)) => out.crl_created.push(name.to_owned()),
+                Ok(Some(false)) => out.crl_updated.push(name.to_owned()),
                 Ok(None) => {}
                 Err(e) => {
-                    tracing::warn!(namespace = %name, error = %e, "could not publish {ROOT_CONFIGMAP}; retrying next pass");
+                    tracing::warn!(namespace = %name, error = %e, "could not publish {CRL_CONFIGMAP}; retrying next pass");
                     failed = true;
                 }
             }
-            if let Some(crl) = &crl {
-                match self
-                    .publish_in(&name, CRL_CONFIGMAP, CRL_CONFIGMAP_KEY, crl)
-                    .await
-                {
-                    Ok(Some(true)) => out.crl_created.push(name.clone()),
-                    Ok(Some(false)) => out.crl_updated.push(name.clone()),
-                    Ok(None) => {}
-                    Err(e) => {
-                        tracing::warn!(namespace = %name, error = %e, "could not publish {CRL_CONFIGMAP}; retrying next pass");
-                        failed = true;
-                    }
-                }
-            }
-            if failed {
-                out.failed.push(name);
-            }
         }
-        Ok(out)
+        if failed {
+            out.failed.push(name.to_owned());
+        }
     }
 
     /// Makes ConfigMap `name` in `namespace` say `value` under `key`: `Some(true)` created,
@@ -306,41 +337,194 @@ pub async fn tick(
     publisher.publish_once().await.map(Some)
 }
 
+/// What [`run_reporting`] did (for logs and tests).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PublishEvent {
+    /// A tick: `Ok(None)` when another replica holds the Lease.
+    Tick(Result<Option<Published>, String>),
+    /// A watch event about `namespace` (a new namespace, or its root ConfigMap deleted):
+    /// what was written, `None` when this replica does not hold the Lease.
+    Watched {
+        /// The namespace.
+        namespace: String,
+        /// What was written; `None`: not the Lease holder, nothing written.
+        published: Option<Published>,
+    },
+}
+
 /// Ticks every `interval` until the task is dropped, publishing what `current` returns at
 /// each tick: the trust bundle and the CRLs, if any (so a rotation, reload or revocation
-/// reaches the ConfigMaps within one interval). Errors are logged and retried.
+/// reaches the ConfigMaps within one interval). Errors are logged and retried. Between
+/// ticks, Namespace and root ConfigMap watch events are served at once while this replica
+/// holds the Lease.
 pub async fn run(
     elector: LeaseElector,
     publisher: RootPublisher,
     interval: Duration,
     current: impl Fn() -> (String, Option<String>) + Send,
 ) {
+    run_reporting(elector, publisher, interval, current, |_| {}).await;
+}
+
+/// [`run`], telling `report` what each tick and watch event did.
+pub async fn run_reporting(
+    elector: LeaseElector,
+    publisher: RootPublisher,
+    interval: Duration,
+    current: impl Fn() -> (String, Option<String>) + Send,
+    mut report: impl FnMut(&PublishEvent) + Send,
+) {
+    use futures::StreamExt as _;
+    use watcher::Event;
+
+    let namespaces = watcher::watcher(
+        Api::<Namespace>::all(publisher.client.clone()),
+        watcher::Config::default(),
+    )
+    .default_backoff();
+    let config_maps = watcher::watcher(
+        Api::<ConfigMap>::all(publisher.client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={ROOT_CONFIGMAP}")),
+    )
+    .default_backoff();
+    let mut namespaces = std::pin::pin!(namespaces);
+    let mut config_maps = std::pin::pin!(config_maps);
+    // Namespaces seen so far, and whether each is active (not terminating). The first list is
+    // the tick's business; later unseen ones are new.
+    let mut known: BTreeMap<String, bool> = BTreeMap::new();
+    let mut listed = false;
+    let mut relist: Option<BTreeMap<String, bool>> = None;
+    let active = |ns: &Namespace| {
+        ns.metadata.deletion_timestamp.is_none()
+            && ns.status.as_ref().and_then(|s| s.phase.as_deref()) != Some("Terminating")
+    };
     let mut leading = false;
+    // Until when this replica holds the Lease, from its last renewal.
+    let mut held_until = tokio::time::Instant::now();
+    let mut next_tick = tokio::time::Instant::now();
+    let mut watch_errors_logged = false;
     loop {
-        let (root, crl) = current();
-        publisher.set_root(root);
-        publisher.set_crl(crl);
-        match tick(&elector, &publisher, SystemTime::now()).await {
-            Ok(Some(p)) => {
-                if !leading {
-                    tracing::info!(lease = ?elector, "publishing {ROOT_CONFIGMAP}: this replica holds the Lease");
-                    leading = true;
+        // The namespace an event asks to publish into, if any.
+        let mut wanted: Option<String> = None;
+        tokio::select! {
+            () = tokio::time::sleep_until(next_tick) => {
+                next_tick = tokio::time::Instant::now() + interval;
+                let (root, crl) = current();
+                publisher.set_root(root);
+                publisher.set_crl(crl);
+                let renewed = tokio::time::Instant::now();
+                let outcome = tick(&elector, &publisher, SystemTime::now()).await;
+                match &outcome {
+                    Ok(Some(p)) => {
+                        held_until = renewed + elector.duration();
+                        if !leading {
+                            tracing::info!(lease = ?elector, "publishing {ROOT_CONFIGMAP}: this replica holds the Lease");
+                            leading = true;
+                        }
+                        if !p.created.is_empty() || !p.updated.is_empty() {
+                            tracing::info!(created = ?p.created, updated = ?p.updated, "published {ROOT_CONFIGMAP}");
+                        }
+                        if !p.crl_created.is_empty() || !p.crl_updated.is_empty() {
+                            tracing::info!(created = ?p.crl_created, updated = ?p.crl_updated, "published {CRL_CONFIGMAP}");
+                        }
+                    }
+                    Ok(None) => {
+                        if leading {
+                            tracing::info!("lost the {PUBLISHER_LEASE} Lease; another replica publishes");
+                            leading = false;
+                        }
+                    }
+                    Err(e) => tracing::warn!(error = %e, "publishing {ROOT_CONFIGMAP} failed; retrying"),
                 }
-                if !p.created.is_empty() || !p.updated.is_empty() {
-                    tracing::info!(created = ?p.created, updated = ?p.updated, "published {ROOT_CONFIGMAP}");
-                }
-                if !p.crl_created.is_empty() || !p.crl_updated.is_empty() {
-                    tracing::info!(created = ?p.crl_created, updated = ?p.crl_updated, "published {CRL_CONFIGMAP}");
-                }
+                report(&PublishEvent::Tick(outcome.map_err(|e| e.to_string())));
             }
-            Ok(None) => {
-                if leading {
-                    tracing::info!("lost the {PUBLISHER_LEASE} Lease; another replica publishes");
-                    leading = false;
+            Some(event) = namespaces.next() => match event {
+                Ok(Event::Apply(ns)) => {
+                    if let Some(name) = ns.metadata.name.clone() {
+                        let is_active = active(&ns);
+                        if known.insert(name.clone(), is_active).is_none() && listed && is_active {
+                            wanted = Some(name);
+                        }
+                    }
                 }
-            }
-            Err(e) => tracing::warn!(error = %e, "publishing {ROOT_CONFIGMAP} failed; retrying"),
+                Ok(Event::Delete(ns)) => {
+                    if let Some(name) = &ns.metadata.name {
+                        known.remove(name);
+                    }
+                }
+                Ok(Event::Init) => relist = Some(BTreeMap::new()),
+                Ok(Event::InitApply(ns)) => {
+                    if let Some(name) = ns.metadata.name.clone() {
+                        relist.get_or_insert_with(BTreeMap::new).insert(name, active(&ns));
+                    }
+                }
+                Ok(Event::InitDone) => {
+                    // A re-list after an outage: namespaces made meanwhile are new. The tick
+                    // serves them too; the first list is left to the tick entirely.
+                    let now_known = relist.take().unwrap_or_default();
+                    let fresh: Vec<String> = now_known
+                        .iter()
+                        .filter(|(n, a)| **a && !known.contains_key(*n))
+                        .map(|(n, _)| n.clone())
+                        .collect();
+                    known = now_known;
+                    if listed {
+                        for name in fresh {
+                            publish_watched(&publisher, &name, leading && tokio::time::Instant::now() < held_until, &mut report).await;
+                        }
+                    }
+                    listed = true;
+                    watch_errors_logged = false;
+                }
+                Err(e) => {
+                    if !watch_errors_logged {
+                        tracing::warn!(error = %e, "watch of Namespaces for {ROOT_CONFIGMAP} failed; the tick still publishes, retrying with backoff");
+                        watch_errors_logged = true;
+                    }
+                }
+            },
+            Some(event) = config_maps.next() => match event {
+                // Deleted: re-created at once. An edit is set back by the next tick (acting on
+                // every change would let two replicas that both believe they hold the Lease,
+                // for a moment at a hand-over, rewrite each other at event speed).
+                // Not in a terminating namespace, whose ConfigMaps go with it.
+                Ok(Event::Delete(cm)) => {
+                    wanted = cm.metadata.namespace.filter(|ns| known.get(ns) == Some(&true));
+                }
+                Ok(_) => {}
+                Err(e) => {
+                    if !watch_errors_logged {
+                        tracing::warn!(error = %e, "watch of {ROOT_CONFIGMAP} ConfigMaps failed; the tick still publishes, retrying with backoff");
+                        watch_errors_logged = true;
+                    }
+                }
+            },
         }
-        tokio::time::sleep(interval).await;
+        if let Some(name) = wanted {
+            let holding = leading && tokio::time::Instant::now() < held_until;
+            publish_watched(&publisher, &name, holding, &mut report).await;
+        }
     }
+}
+
+/// Publishes into `namespace` for a watch event if this replica holds the Lease.
+async fn publish_watched(
+    publisher: &RootPublisher,
+    namespace: &str,
+    holding: bool,
+    report: &mut (impl FnMut(&PublishEvent) + Send),
+) {
+    let published = if holding {
+        let p = publisher.publish_namespace(namespace).await;
+        if !p.created.is_empty() || !p.updated.is_empty() {
+            tracing::info!(namespace = %namespace, "published {ROOT_CONFIGMAP} at a watch event");
+        }
+        Some(p)
+    } else {
+        None
+    };
+    report(&PublishEvent::Watched {
+        namespace: namespace.to_owned(),
+        published,
+    });
 }

@@ -1,5 +1,6 @@
 //! CA material from Secrets: plug-in `cacerts`, else the self-signed root in
-//! `istio-ca-secret`, created once and never overwritten.
+//! `istio-ca-secret`, created once and never overwritten at start (a renewed root written back
+//! by the Lease holder is in kube_root_renewal.rs).
 //!
 //! THE KUBERNETES API SERVER IS FAKED (`support/fake_api.rs`): Secrets live in the in-process
 //! fake, which answers 409 AlreadyExists to the second create, as a real one does. No cluster
@@ -13,7 +14,9 @@ use std::time::{Duration, SystemTime};
 use base64::Engine as _;
 use rampart_certs::TrustDomain;
 use rampart_citadel::{MaterialSource, load_initial};
-use rampart_k8s::material::{CA_SECRET, Origin, sync_ca_material};
+use rampart_k8s::material::{
+    CA_SECRET, CacertsEvent, Origin, follow_cacerts_reporting, sync_ca_material,
+};
 use serde_json::json;
 use support::fake_api::FakeApi;
 
@@ -346,4 +349,183 @@ async fn cacerts_changes_are_followed_and_broken_ones_refused_leaving_the_files(
         leftovers.is_empty(),
         "scratch folders removed: {leftovers:?}"
     );
+}
+
+/// The next event from a follower matching `want`, skipping others (bounded: 10 s).
+async fn next_event(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<CacertsEvent>,
+    what: &str,
+    want: impl Fn(&CacertsEvent) -> bool,
+) -> CacertsEvent {
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        match tokio::time::timeout_at(deadline, rx.recv()).await {
+            Ok(Some(e)) if want(&e) => return e,
+            Ok(Some(_)) => {}
+            Ok(None) => panic!("follower ended waiting for {what}"),
+            Err(_) => panic!("timed out waiting for {what}"),
+        }
+    }
+}
+
+/// Starts following Secret cacerts (resync `resync`), its events sent to the receiver.
+fn follow(
+    fake: &FakeApi,
+    cacerts: &Path,
+    resync: Duration,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<CacertsEvent>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(follow_cacerts_reporting(
+        fake.client(),
+        "istio-system".into(),
+        cacerts.to_owned(),
+        td(),
+        resync,
+        move |e| {
+            let _ = tx.send(e.clone());
+        },
+    ));
+    (task, rx)
+}
+
+#[tokio::test]
+async fn cacerts_watch_events_reach_the_folder_and_broken_ones_are_refused() {
+    let (a_cert, a_key) = material();
+    let (b_cert, b_key) = material();
+    let fake = FakeApi::new();
+    let a = [
+        ("ca-cert.pem", a_cert.as_str()),
+        ("ca-key.pem", &a_key),
+        ("root-cert.pem", &a_cert),
+    ];
+    put_cacerts(&fake, &a);
+    let dir = tempfile::tempdir().unwrap();
+    let cacerts = dir.path().join("cacerts");
+    let state = dir.path().join("s");
+    let origin = sync_ca_material(&fake.client(), "istio-system", &cacerts, &state, &td(), TTL)
+        .await
+        .unwrap();
+    assert_eq!(origin, Origin::Plugin);
+    let gets = || fake.count(&format!("GET {SECRETS}/cacerts"));
+    let gets_at_start = gets();
+    // A resync of an hour: whatever reaches the folder below came by the watch.
+    let (task, mut rx) = follow(&fake, &cacerts, Duration::from_secs(3600));
+    let first = next_event(&mut rx, "the initial list", |_| true).await;
+    assert_eq!(first, CacertsEvent::Written { changed: false });
+    let read = |f: &str| std::fs::read_to_string(cacerts.join(f)).unwrap();
+
+    // Rotated to B: the watch event writes B into the folder.
+    put_cacerts(
+        &fake,
+        &[
+            ("ca-cert.pem", &b_cert),
+            ("ca-key.pem", &b_key),
+            ("root-cert.pem", &b_cert),
+        ],
+    );
+    let e = next_event(&mut rx, "B written", |e| {
+        matches!(e, CacertsEvent::Written { changed: true })
+    })
+    .await;
+    assert_eq!(e, CacertsEvent::Written { changed: true });
+    assert_eq!(read("ca-cert.pem"), b_cert);
+    assert_eq!(read("ca-key.pem"), b_key);
+    let (_, source) = signing_root(&cacerts, &state);
+    assert!(matches!(source, MaterialSource::Plugin(_)));
+
+    // Another Secret of the namespace changing is not this watch's business.
+    fake.put(
+        SECRETS,
+        json!({"apiVersion": "v1", "kind": "Secret",
+               "metadata": {"name": "unrelated", "namespace": "istio-system"},
+               "data": {"ca-cert.pem": "YnJva2Vu"}}),
+    );
+
+    // The twin: a key that does not match its certificate is refused; the files stay B.
+    put_cacerts(
+        &fake,
+        &[
+            ("ca-cert.pem", &a_cert),
+            ("ca-key.pem", &b_key),
+            ("root-cert.pem", &a_cert),
+        ],
+    );
+    let e = next_event(&mut rx, "the refusal", |_| true).await;
+    match &e {
+        CacertsEvent::Refused(why) => assert!(why.contains("istio-system/cacerts"), "{why}"),
+        other => {
+            panic!("expected a refusal (and no event for the unrelated Secret), got {other:?}")
+        }
+    }
+    assert_eq!(read("ca-cert.pem"), b_cert);
+    assert_eq!(read("ca-key.pem"), b_key);
+
+    // Deleted: reported, and the folder keeps the last good material.
+    fake.delete(SECRETS, "cacerts");
+    let e = next_event(&mut rx, "the deletion", |_| true).await;
+    assert_eq!(e, CacertsEvent::Deleted);
+    assert_eq!(read("ca-cert.pem"), b_cert);
+    assert_eq!(read("ca-key.pem"), b_key);
+    assert_eq!(
+        gets(),
+        gets_at_start,
+        "no GET of cacerts while the watch works"
+    );
+    task.abort();
+}
+
+#[tokio::test]
+async fn cacerts_is_read_every_resync_while_its_watch_fails() {
+    let (a_cert, a_key) = material();
+    let (b_cert, b_key) = material();
+    let fake = FakeApi::new();
+    put_cacerts(
+        &fake,
+        &[
+            ("ca-cert.pem", &a_cert),
+            ("ca-key.pem", &a_key),
+            ("root-cert.pem", &a_cert),
+        ],
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let cacerts = dir.path().join("cacerts");
+    sync_ca_material(
+        &fake.client(),
+        "istio-system",
+        &cacerts,
+        &dir.path().join("s"),
+        &td(),
+        TTL,
+    )
+    .await
+    .unwrap();
+    // The API server refuses lists and watches of the namespace's Secrets (an outage, or
+    // RBAC without list/watch): the follower falls back to a GET every resync.
+    fake.fail_watches(SECRETS, true);
+    let (task, mut rx) = follow(&fake, &cacerts, Duration::from_millis(200));
+    next_event(&mut rx, "the watch failure", |e| {
+        matches!(e, CacertsEvent::WatchFailed(_))
+    })
+    .await;
+    put_cacerts(
+        &fake,
+        &[
+            ("ca-cert.pem", &b_cert),
+            ("ca-key.pem", &b_key),
+            ("root-cert.pem", &b_cert),
+        ],
+    );
+    next_event(&mut rx, "B written by a resync", |e| {
+        matches!(e, CacertsEvent::Written { changed: true })
+    })
+    .await;
+    assert_eq!(
+        std::fs::read_to_string(cacerts.join("ca-cert.pem")).unwrap(),
+        b_cert
+    );
+    assert!(fake.count(&format!("GET {SECRETS}/cacerts")) >= 2);
+    task.abort();
 }

@@ -9,7 +9,8 @@ mod support;
 use std::time::{Duration, SystemTime};
 
 use rampart_k8s::publish::{
-    CRL_CONFIGMAP, LeaseElector, PUBLISHER_LEASE, Published, ROOT_CONFIGMAP, RootPublisher, tick,
+    CRL_CONFIGMAP, LeaseElector, PUBLISHER_LEASE, PublishEvent, Published, ROOT_CONFIGMAP,
+    RootPublisher, run_reporting, tick,
 };
 use serde_json::json;
 use support::fake_api::FakeApi;
@@ -227,4 +228,150 @@ async fn stale_replace_of_an_expired_lease_loses_to_the_first_taker() {
         fake.get(LEASES, PUBLISHER_LEASE).unwrap()["spec"]["leaseTransitions"],
         1
     );
+}
+
+/// Runs the publisher as `who` with a tick of an hour (only the first tick happens in a
+/// test), its events sent to the receiver; returns once its watches of Namespaces and root
+/// ConfigMaps have listed (their watch requests follow the lists).
+async fn run_publisher(
+    fake: &FakeApi,
+    who: &str,
+) -> (
+    tokio::task::JoinHandle<()>,
+    tokio::sync::mpsc::UnboundedReceiver<PublishEvent>,
+) {
+    let (tx, rx) = tokio::sync::mpsc::unbounded_channel();
+    let task = tokio::spawn(run_reporting(
+        elector(fake, who),
+        RootPublisher::new(fake.client(), String::new()),
+        Duration::from_secs(3600),
+        || ("ROOT-1".to_owned(), Some("CRL-1".to_owned())),
+        move |e| {
+            let _ = tx.send(e.clone());
+        },
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    let watching = |c: &String, coll: &str| c.starts_with(coll) && c.contains("watch=true");
+    loop {
+        let calls = fake.calls();
+        if calls.iter().any(|c| watching(c, "GET /api/v1/namespaces?"))
+            && calls.iter().any(|c| watching(c, "GET /api/v1/configmaps?"))
+        {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "watches never started: {calls:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    (task, rx)
+}
+
+/// The next publisher event (bounded: 10 s).
+async fn next_publish_event(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<PublishEvent>,
+) -> PublishEvent {
+    tokio::time::timeout(Duration::from_secs(10), rx.recv())
+        .await
+        .expect("a publisher event within 10 s")
+        .expect("publisher running")
+}
+
+/// The next `Watched` event, asserting that no tick happened before it.
+async fn next_watched(
+    rx: &mut tokio::sync::mpsc::UnboundedReceiver<PublishEvent>,
+) -> (String, Option<Published>) {
+    match next_publish_event(rx).await {
+        PublishEvent::Watched {
+            namespace,
+            published,
+        } => (namespace, published),
+        other => panic!("expected a watch event, not {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn new_namespace_and_deleted_configmap_are_served_at_their_watch_events() {
+    let fake = FakeApi::new();
+    add_namespace(&fake, "ns1");
+    let (task, mut rx) = run_publisher(&fake, "ca-a").await;
+    match next_publish_event(&mut rx).await {
+        PublishEvent::Tick(Ok(Some(p))) => assert_eq!(p.created, ["ns1"]),
+        other => panic!("expected the first tick to publish, got {other:?}"),
+    }
+
+    // A new namespace: its ConfigMaps at its watch event, with no tick in between (the next
+    // is an hour away).
+    add_namespace(&fake, "ns-new");
+    let (ns, published) = next_watched(&mut rx).await;
+    assert_eq!(ns, "ns-new");
+    let p = published.expect("the Lease holder publishes");
+    assert_eq!((p.created, p.crl_created), (vec![ns.clone()], vec![ns]));
+    assert_eq!(published_root(&fake, "ns-new").as_deref(), Some("ROOT-1"));
+    assert_eq!(published_crl(&fake, "ns-new").as_deref(), Some("CRL-1"));
+
+    // A deleted root ConfigMap: re-created at its watch event.
+    fake.delete(&cms("ns1"), ROOT_CONFIGMAP).unwrap();
+    let (ns, published) = next_watched(&mut rx).await;
+    assert_eq!(ns, "ns1");
+    assert_eq!(published.unwrap().created, ["ns1"]);
+    assert_eq!(published_root(&fake, "ns1").as_deref(), Some("ROOT-1"));
+
+    // A terminating namespace is no new namespace to publish into; its ConfigMaps going
+    // with it are not re-created.
+    fake.put(
+        "/api/v1/namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "going"},
+               "status": {"phase": "Terminating"}}),
+    );
+    fake.put(
+        "/api/v1/namespaces",
+        json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "ns1"},
+               "status": {"phase": "Terminating"}}),
+    );
+    // (The Namespace and ConfigMap watches are two streams: a new namespace marks when the
+    // Namespace events before it were seen, as the namespace controller deletes a
+    // terminating namespace's ConfigMaps well after its phase changed.)
+    add_namespace(&fake, "ns-sync");
+    assert_eq!(next_watched(&mut rx).await.0, "ns-sync");
+    fake.delete(&cms("ns1"), ROOT_CONFIGMAP).unwrap();
+    // Then one more new namespace: the next event is about it, not about the three above.
+    add_namespace(&fake, "ns-last");
+    let (ns, published) = next_watched(&mut rx).await;
+    assert_eq!(ns, "ns-last");
+    assert_eq!(published.unwrap().created, ["ns-last"]);
+    // And a deletion in an active namespace: the ConfigMap stream's next event after ns1's.
+    fake.delete(&cms("ns-new"), ROOT_CONFIGMAP).unwrap();
+    let (ns, published) = next_watched(&mut rx).await;
+    assert_eq!(ns, "ns-new", "ns1's deletion was not acted on");
+    assert_eq!(published.unwrap().created, ["ns-new"]);
+    assert_eq!(published_root(&fake, "going"), None);
+    assert_eq!(published_root(&fake, "ns1"), None);
+    task.abort();
+}
+
+#[tokio::test]
+async fn a_replica_without_the_lease_does_not_publish_at_watch_events() {
+    let fake = FakeApi::new();
+    add_namespace(&fake, "ns1");
+    // Another replica holds the Lease.
+    assert!(
+        elector(&fake, "ca-other")
+            .try_acquire_or_renew(SystemTime::now())
+            .await
+            .unwrap()
+    );
+    let (task, mut rx) = run_publisher(&fake, "ca-b").await;
+    assert_eq!(
+        next_publish_event(&mut rx).await,
+        PublishEvent::Tick(Ok(None))
+    );
+    add_namespace(&fake, "ns-new");
+    let (ns, published) = next_watched(&mut rx).await;
+    assert_eq!(ns, "ns-new");
+    assert_eq!(published, None, "not the Lease holder: nothing written");
+    assert_eq!(published_root(&fake, "ns-new"), None);
+    assert_eq!(fake.count("POST /api/v1/namespaces/ns-new"), 0);
+    task.abort();
 }

@@ -556,14 +556,15 @@ async fn start_in_kubernetes(
             ),
         }
     );
-    // Changes to Secret cacerts land in the plug-in folder, which the CA hot-reloads with the
-    // folder's refusal rules (broken material is refused before the folder is touched).
+    // Changes to Secret cacerts (watched) land in the plug-in folder, which the CA hot-reloads
+    // with the folder's refusal rules (broken material is refused before the folder is
+    // touched); a deleted cacerts is logged and the CA keeps its material.
     tokio::spawn(rampart_k8s::material::follow_cacerts(
         client.clone(),
         k.namespace.clone(),
         cfg.cacerts_dir.clone(),
         cfg.trust_domain.clone(),
-        cfg.reload_poll_interval,
+        rampart_k8s::material::CACERTS_RESYNC,
     ));
     let mut settings = rampart_mesh::kube::KubeSettings::new(cfg.trust_domain.clone());
     settings.root_namespace = k.root_namespace.clone();
@@ -571,6 +572,9 @@ async fn start_in_kubernetes(
         client: client.clone(),
         settings,
     };
+    let self_signed = matches!(origin, rampart_k8s::material::Origin::SelfSigned { .. });
+    let state_dir = cfg.state_dir.clone();
+    let reload_interval = cfg.reload_poll_interval;
     let auth = rampart_k8s::KubeAuthenticator::new(
         client.clone(),
         rampart_k8s::TokenReviewer::new(
@@ -608,15 +612,42 @@ async fn start_in_kubernetes(
         &identity,
         k.publish_interval * 3,
     );
+    // Whether this replica holds the Lease, as of its last tick: the holder also writes a
+    // renewed self-signed root back to istio-ca-secret.
+    let holding = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    if self_signed {
+        // A renewed self-signed root goes into istio-ca-secret (by the Lease holder, with
+        // optimistic concurrency); the other replicas follow the Secret and load it, so all
+        // sign and publish under one root after a renewal.
+        let holder = holding.clone();
+        let reload = state.clone();
+        tokio::spawn(rampart_k8s::material::follow_ca_secret(
+            client.clone(),
+            k.namespace.clone(),
+            state_dir,
+            reload_interval,
+            move || holder.load(std::sync::atomic::Ordering::Relaxed),
+            move || {
+                let reload = reload.clone();
+                tokio::task::spawn_blocking(move || reload.reload_now());
+            },
+        ));
+    }
     let publisher = rampart_k8s::publish::RootPublisher::new(client, String::new());
     let bundle_of = state.clone();
-    tokio::spawn(rampart_k8s::publish::run(
+    tokio::spawn(rampart_k8s::publish::run_reporting(
         elector,
         publisher,
         k.publish_interval,
         move || {
             let crls = bundle_of.revocations().current().set.to_pem();
             (bundle_of.authority().bundle().to_pem(), Some(crls))
+        },
+        move |event| {
+            if let rampart_k8s::publish::PublishEvent::Tick(outcome) = event {
+                let held = matches!(outcome, Ok(Some(_)));
+                holding.store(held, std::sync::atomic::Ordering::Relaxed);
+            }
         },
     ));
     Ok((state, cluster))

@@ -8,8 +8,8 @@
 //!   unauthenticated); [`FakeApi::add_token_status`] answers a fixed status instead;
 //!   unknown tokens are unauthenticated.
 //! - Namespaced and cluster-scoped objects under `/api/v1/...` and `/apis/<group>/<version>/...`:
-//!   GET (404 NotFound), list (with `fieldSelector=spec.nodeName=X` and
-//!   `metadata.name=X`), POST create (409 AlreadyExists when the name is taken), PUT replace
+//!   GET (404 NotFound), list and watch (with `fieldSelector=spec.nodeName=X`,
+//!   `metadata.name=X` and `metadata.namespace=X`), POST create (409 AlreadyExists when the name is taken), PUT replace
 //!   (409 Conflict on a stale `metadata.resourceVersion`), DELETE. Every write bumps one
 //!   global resourceVersion, as etcd's revision.
 //! - [`FakeApi::hold_gets`] makes the next N GETs of one object wait for each other, so two
@@ -358,6 +358,7 @@ impl FakeApi {
             .unwrap_or(290u64);
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(timeout);
         let (stored, version) = self.served(&collection);
+        let selectors = field_selectors(query);
         let fake = self.clone();
         let rx = self.revision.subscribe();
         struct W {
@@ -374,6 +375,7 @@ impl FakeApi {
         };
         let stream = futures::stream::unfold(w, move |mut w| {
             let stored = stored.clone();
+            let selectors = selectors.clone();
             let version = version.clone();
             let requested = collection.clone();
             async move {
@@ -388,7 +390,9 @@ impl FakeApi {
                             .log
                             .iter()
                             .filter(|c| {
-                                c.revision > w.next && in_collection(&c.collection, &stored)
+                                c.revision > w.next
+                                    && in_collection(&c.collection, &stored)
+                                    && selected(&c.object, &selectors)
                             })
                             .map(|c| {
                                 let mut o = c.object.clone();
@@ -580,17 +584,7 @@ impl FakeApi {
     }
 
     fn list(&self, collection: &str, query: &str) -> Response<Full<Bytes>> {
-        let mut selectors = Vec::new();
-        for pair in query.split('&') {
-            if let Some(v) = pair.strip_prefix("fieldSelector=") {
-                let v = percent_decode(v);
-                for sel in v.split(',') {
-                    if let Some((k, want)) = sel.split_once('=') {
-                        selectors.push((k.to_owned(), want.to_owned()));
-                    }
-                }
-            }
-        }
+        let selectors = field_selectors(query);
         let (stored, version) = self.served(collection);
         let st = self.lock();
         if st.failing.iter().any(|c| c == collection) {
@@ -611,17 +605,7 @@ impl FakeApi {
                 }
                 o
             })
-            .filter(|o| {
-                selectors.iter().all(|(k, want)| {
-                    let got = match k.as_str() {
-                        "spec.nodeName" => o["spec"]["nodeName"].as_str(),
-                        "metadata.name" => o["metadata"]["name"].as_str(),
-                        "metadata.namespace" => o["metadata"]["namespace"].as_str(),
-                        _ => None,
-                    };
-                    got.unwrap_or("") == want
-                })
-            })
+            .filter(|o| selected(o, &selectors))
             .collect();
         ok(
             StatusCode::OK,
@@ -681,6 +665,35 @@ fn in_collection(stored: &str, collection: &str) -> bool {
         .is_some_and(|(ns, res)| !ns.is_empty() && res == resource)
 }
 
+/// The `fieldSelector` of a list or watch query: `(field, wanted value)` pairs.
+fn field_selectors(query: &str) -> Vec<(String, String)> {
+    let mut selectors = Vec::new();
+    for pair in query.split('&') {
+        if let Some(v) = pair.strip_prefix("fieldSelector=") {
+            let v = percent_decode(v);
+            for sel in v.split(',') {
+                if let Some((k, want)) = sel.split_once('=') {
+                    selectors.push((k.to_owned(), want.to_owned()));
+                }
+            }
+        }
+    }
+    selectors
+}
+
+/// Whether object `o` has every field `selectors` asks for (the fields the fake knows).
+fn selected(o: &Value, selectors: &[(String, String)]) -> bool {
+    selectors.iter().all(|(k, want)| {
+        let got = match k.as_str() {
+            "spec.nodeName" => o["spec"]["nodeName"].as_str(),
+            "metadata.name" => o["metadata"]["name"].as_str(),
+            "metadata.namespace" => o["metadata"]["namespace"].as_str(),
+            _ => None,
+        };
+        got.unwrap_or("") == want
+    })
+}
+
 /// (apiVersion, kind) of the objects of a collection, for bookmarks.
 fn type_of(collection: &str, version: Option<&str>) -> (String, String) {
     let segs: Vec<&str> = collection.trim_start_matches('/').split('/').collect();
@@ -695,6 +708,8 @@ fn type_of(collection: &str, version: Option<&str>) -> (String, String) {
         "services" => "Service",
         "namespaces" => "Namespace",
         "events" => "Event",
+        "secrets" => "Secret",
+        "configmaps" => "ConfigMap",
         "authorizationpolicies" => "AuthorizationPolicy",
         "peerauthentications" => "PeerAuthentication",
         "requestauthentications" => "RequestAuthentication",
