@@ -1,6 +1,7 @@
 //! The config stream at scale (docs/PERFORMANCE.md "Config streaming"): one control plane
-//! (`ConfigService`) fed a synthetic snapshot of 10,000 Pods (registry workloads, ten per
-//! service), 1,000 Services (registry services whose endpoints are those Pods), 1,000
+//! (`ConfigService`) fed what the Kubernetes source makes (`rampart_mesh::kube::convert`,
+//! run by `KubeConfigSource` after every watch event) of 10,000 Pods (ten per Service),
+//! 1,000 Services (registry services whose endpoints are those Pods), 1,000
 //! AuthorizationPolicies (10 in each of 100 namespaces, one of them in the root namespace)
 //! and mesh settings; 1,000 proxy streams, each its own TCP connection and gRPC stream, each
 //! a different Pod (10 per namespace), each receiving its own slice (its namespace's and the
@@ -22,12 +23,12 @@
 #[path = "../tests/support/line_identity.rs"]
 mod line_identity;
 
-use std::path::PathBuf;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use rampart_mesh::MeshFolder;
+use rampart_mesh::kube::{KubeObjects, KubeSettings, convert};
 use rampart_proto::rampart::config::v1 as pb;
 use tokio::sync::mpsc;
 
@@ -42,41 +43,37 @@ fn ns(i: usize) -> String {
     format!("ns-{}", i % NAMESPACES)
 }
 
-fn registry_text() -> String {
-    let mut items = Vec::with_capacity(PODS);
-    for i in 0..PODS {
-        let svc = i / PODS_PER_SERVICE;
-        let n = ns(svc);
-        // Unique inbound addresses (the registry refuses two workloads on one).
-        let ip = format!("127.{}.{}.{}", 1 + i / 65_536, (i / 256) % 256, i % 256);
-        items.push(serde_json::json!({
-            "name": format!("pod-{i}"),
-            "namespace": n,
-            "serviceAccount": format!("svc-{svc}"),
-            "labels": {"app": format!("svc-{svc}"), "version": "v1"},
-            "ports": [
-                {"port": 8080, "protocol": "http", "app": "127.0.0.1:8080", "inbound": format!("{ip}:15006")},
-                {"port": 9090, "protocol": "grpc", "app": "127.0.0.1:9090", "inbound": format!("{ip}:15007")},
-            ],
-        }));
-    }
-    // Every service: port 80 -> 8080 (http) and 90 -> 9090 (grpc), endpoints its ten Pods.
-    let services: Vec<serde_json::Value> = (0..PODS / PODS_PER_SERVICE)
-        .map(|svc| {
+/// The Pods and Services as the API server serves them (what the Kubernetes source watches):
+/// Pod `pod-i` of service account `svc-N` (ten per service) with a unique Pod IP, and
+/// Service `svc-N` selecting them, ports 80 -> 8080 (`http`) and 90 -> 9090 (`grpc`).
+fn kube_workloads() -> (Vec<serde_json::Value>, Vec<serde_json::Value>) {
+    let pods = (0..PODS)
+        .map(|i| {
+            let svc = i / PODS_PER_SERVICE;
+            let ip = format!("10.{}.{}.{}", 1 + i / 65_536, (i / 256) % 256, i % 256);
             serde_json::json!({
-                "name": format!("svc-{svc}"),
-                "namespace": ns(svc),
-                "ports": [
-                    {"port": 80, "targetPort": 8080, "protocol": "http"},
-                    {"port": 90, "targetPort": 9090, "protocol": "grpc"},
-                ],
-                "endpoints": (svc * PODS_PER_SERVICE..(svc + 1) * PODS_PER_SERVICE)
-                    .map(|i| format!("{}/pod-{i}", ns(svc)))
-                    .collect::<Vec<_>>(),
+                "apiVersion": "v1", "kind": "Pod",
+                "metadata": {"name": format!("pod-{i}"), "namespace": ns(svc),
+                             "labels": {"app": format!("svc-{svc}"), "version": "v1"}},
+                "spec": {"serviceAccountName": format!("svc-{svc}"), "nodeName": "node-1",
+                         "containers": [{"name": "app"}]},
+                "status": {"phase": "Running", "podIP": ip},
             })
         })
         .collect();
-    serde_json::json!({ "workloads": items, "services": services }).to_string()
+    let services = (0..PODS / PODS_PER_SERVICE)
+        .map(|svc| {
+            serde_json::json!({
+                "apiVersion": "v1", "kind": "Service",
+                "metadata": {"name": format!("svc-{svc}"), "namespace": ns(svc)},
+                "spec": {"selector": {"app": format!("svc-{svc}")}, "ports": [
+                    {"name": "http", "port": 80, "targetPort": 8080},
+                    {"name": "grpc", "port": 90, "targetPort": 9090},
+                ]},
+            })
+        })
+        .collect();
+    (pods, services)
 }
 
 fn policy(i: usize, edit: u32) -> (String, String) {
@@ -114,25 +111,38 @@ fn policy(i: usize, edit: u32) -> (String, String) {
 /// The policy edited in one namespace (`ns-5`: the 10 streams of Pods of that namespace).
 const NS_POLICY: usize = 5;
 
-fn snapshot(registry: &str, root_edit: u32, ns_edit: u32) -> MeshFolder {
-    let policies: Vec<(String, String)> = (0..POLICIES)
+/// The snapshot the Kubernetes source makes of the Pods, Services and policies (with the
+/// two edit counters): the same pure conversion `KubeConfigSource` runs after every
+/// (debounced) watch event, over every object it holds.
+fn snapshot(
+    workloads: &(Vec<serde_json::Value>, Vec<serde_json::Value>),
+    root_edit: u32,
+    ns_edit: u32,
+) -> MeshFolder {
+    let policies = (0..POLICIES)
         .map(|i| {
             let edit = match i {
                 0 => root_edit,
                 NS_POLICY => ns_edit,
                 _ => 1,
             };
-            policy(i, edit)
+            serde_json::from_str(&policy(i, edit).1).expect("policy JSON")
         })
         .collect();
-    MeshFolder::from_parts(
-        PathBuf::from("bench"),
-        ("mesh.yaml", "trustDomain: cluster.local\n"),
-        ("workloads.yaml", registry),
-        &policies,
-        Default::default(),
-    )
-    .expect("the synthetic snapshot is valid")
+    let objects = KubeObjects {
+        policies,
+        pods: workloads.0.clone(),
+        services: workloads.1.clone(),
+        namespaces: Vec::new(),
+    };
+    let settings = KubeSettings::new("cluster.local".parse().expect("trust domain"));
+    let conversion = convert(&settings, &objects);
+    assert!(
+        conversion.refused.is_empty(),
+        "the synthetic objects are valid: {:?}",
+        conversion.refused.first()
+    );
+    conversion.snapshot
 }
 
 fn rss_kib(field: &str) -> u64 {
@@ -190,12 +200,12 @@ async fn publish_and_wait(
 async fn main() {
     raise_nofile();
     let rss_start = rss_kib("VmRSS:");
-    let registry = registry_text();
+    let workloads = kube_workloads();
     let t = Instant::now();
-    let first = snapshot(&registry, 1, 1);
+    let first = snapshot(&workloads, 1, 1);
     let load_time = t.elapsed();
     println!(
-        "snapshot: {} pods, {} services in {} namespaces, {} AuthorizationPolicies; parsed and validated in {:?}",
+        "snapshot: {} pods, {} services in {} namespaces, {} AuthorizationPolicies; converted from Kubernetes objects (rampart_mesh::kube::convert) in {:?}",
         first.registry.workloads.len(),
         first.registry.services.len(),
         NAMESPACES,
@@ -304,7 +314,7 @@ async fn main() {
     let sent_before = stats.resources_sent.load(Ordering::Relaxed);
     let pushes_before = stats.pushes.load(Ordering::Relaxed);
     let (feed, rebuilt, edit) =
-        publish_and_wait(feed, snapshot(&registry, 2, 1), &mut done_rx, 2, STREAMS).await;
+        publish_and_wait(feed, snapshot(&workloads, 2, 1), &mut done_rx, 2, STREAMS).await;
     println!(
         "one root-namespace policy edit: model rebuilt in {rebuilt:?}; on all {STREAMS} streams in {edit:?} ({} pushes, {} resources)",
         stats.pushes.load(Ordering::Relaxed) - pushes_before,
@@ -319,7 +329,7 @@ async fn main() {
     let syncs_before = stats.syncs.load(Ordering::SeqCst);
     let affected = STREAMS / NAMESPACES;
     let (feed, rebuilt, edit) =
-        publish_and_wait(feed, snapshot(&registry, 2, 2), &mut done_rx, 3, affected).await;
+        publish_and_wait(feed, snapshot(&workloads, 2, 2), &mut done_rx, 3, affected).await;
     let t = Instant::now();
     while stats.syncs.load(Ordering::SeqCst) < syncs_before + STREAMS as u64 {
         assert!(

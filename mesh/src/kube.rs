@@ -412,11 +412,22 @@ pub fn convert(settings: &KubeSettings, objects: &KubeObjects) -> Conversion {
     let mut workloads = Vec::new();
     // service key -> endpoint workload keys
     let mut endpoints: BTreeMap<(String, String), Vec<String>> = BTreeMap::new();
+    // Selectors match within a namespace only: each Pod is checked against its own
+    // namespace's Services (10,000 Pods x 1,000 Services would be 10 M checks).
+    let mut services_by_ns: BTreeMap<&str, Vec<&Svc>> = BTreeMap::new();
+    for svc in &services {
+        services_by_ns
+            .entry(svc.namespace.as_str())
+            .or_default()
+            .push(svc);
+    }
     let mut pods: Vec<&Value> = objects.pods.iter().collect();
-    pods.sort_by_key(|p| meta(p));
+    pods.sort_by_cached_key(|p| meta(p));
     let mut seen = BTreeSet::new();
     for pod in pods {
-        match pod_workload(settings, &services, pod) {
+        let ns = s(pod, &["metadata", "namespace"]).unwrap_or("");
+        let in_ns = services_by_ns.get(ns).map_or(&[][..], Vec::as_slice);
+        match pod_workload(settings, in_ns, pod) {
             Ok(Some((w, endpoint_of))) => {
                 if !seen.insert(w.key()) {
                     continue;
@@ -430,6 +441,15 @@ pub fn convert(settings: &KubeSettings, objects: &KubeObjects) -> Conversion {
             Err(r) => refused_out.push(*r),
         }
     }
+    // Endpoint Pods by key, for named targetPorts (resolved against the first endpoint).
+    let pod_by_key: std::collections::HashMap<String, &Value> = objects
+        .pods
+        .iter()
+        .map(|p| {
+            let (ns, n, _, _) = meta(p);
+            (format!("{ns}/{n}"), p)
+        })
+        .collect();
     let registry = Registry {
         workloads,
         services: services
@@ -449,17 +469,14 @@ pub fn convert(settings: &KubeSettings, objects: &KubeObjects) -> Conversion {
                             // number when it is one, else the port of the first endpoint.
                             target_port: match target {
                                 Value::Null => *port,
+                                Value::Number(_) => {
+                                    target_port(&Value::Null, *port, target).unwrap_or(*port)
+                                }
                                 t => endpoints
                                     .get(&(svc.namespace.clone(), svc.name.clone()))
                                     .and_then(|e| e.first())
-                                    .and_then(|k| {
-                                        objects.pods.iter().find(|p| {
-                                            let (ns, n, _, _) = meta(p);
-                                            format!("{ns}/{n}") == *k
-                                        })
-                                    })
+                                    .and_then(|k| pod_by_key.get(k))
                                     .and_then(|p| target_port(p, *port, t))
-                                    .or_else(|| t.as_u64().and_then(|n| u16::try_from(n).ok()))
                                     .unwrap_or(*port),
                             },
                             protocol: *protocol,
@@ -530,7 +547,7 @@ type EndpointOf = Vec<(String, String)>;
 /// (Succeeded, Failed) or being deleted.
 fn pod_workload(
     settings: &KubeSettings,
-    services: &[Svc],
+    services: &[&Svc],
     pod: &Value,
 ) -> Result<Option<(WorkloadEntry, EndpointOf)>, Box<Refused>> {
     let (namespace, name, _, _) = meta(pod);
