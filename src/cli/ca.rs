@@ -587,6 +587,13 @@ async fn start_in_kubernetes(
         rampart_citadel::Metrics::new(),
         Some(Arc::new(auth)),
     )?;
+    // Revocations on any replica (its admin socket) shared through ConfigMap
+    // rampart-ca-revocations; every replica merges the others', re-signs and publishes.
+    let sync =
+        rampart_k8s::revocations::RevocationSync::new(client.clone(), &k.namespace, state.clone());
+    let sync_metrics = sync.metrics();
+    state.metrics().register_extra(|r| sync_metrics.register(r));
+    tokio::spawn(sync.run());
     // The root ConfigMap in every namespace, by whichever replica holds the Lease. The
     // identity must be unique per replica: the Pod name in a cluster, else host and pid.
     let identity = std::env::var("POD_NAME")
