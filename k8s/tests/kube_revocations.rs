@@ -170,8 +170,16 @@ async fn concurrent_revocations_on_both_replicas_end_with_both_serials() {
     let b = replica(fake.client());
     a.revoke("01");
     wait_until("B has the first revocation", || b.on_crl("01")).await;
-    // Let both replicas' passes after that settle.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Let both replicas' passes after that settle (no read of the object for 500 ms), so the
+    // two held reads below are the two revocations' passes.
+    let get = format!("GET {COLL}/{REVOCATIONS_CONFIGMAP}");
+    loop {
+        let n = fake.count(&get);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if fake.count(&get) == n {
+            break;
+        }
+    }
     let put = format!("PUT {COLL}/{REVOCATIONS_CONFIGMAP}");
     let puts_before = fake.count(&put);
     // Both read the object before either writes: one replace is refused (409), re-read,
@@ -299,4 +307,36 @@ async fn with_the_api_down_a_local_revocation_applies_and_is_shared_when_it_is_b
     wait_until("A reports sharing works again", || !a.metrics.failing()).await;
     assert_eq!(shared_serials(&fake), ["abcd"]);
     assert!(!b.on_crl("abce"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_entries_from_the_object_un_revokes_nothing() {
+    let fake = FakeApi::new();
+    let a = replica(fake.client());
+    let b = replica(fake.client());
+    a.revoke("5151");
+    wait_until("B has it", || b.on_crl("5151")).await;
+
+    // Someone with write access empties the list: the replicas write their entries back,
+    // and keep enforcing them meanwhile.
+    let mut cm = fake.get(COLL, REVOCATIONS_CONFIGMAP).unwrap();
+    cm["data"][REVOCATIONS_KEY] = json!("{\"revoked\": []}");
+    fake.put(COLL, cm);
+    assert!(a.on_crl("5151") && b.on_crl("5151"));
+    wait_until("the entry is back in the object", || {
+        shared_serials(&fake) == ["5151"]
+    })
+    .await;
+
+    // Deleting the object: it is written again.
+    fake.delete(COLL, REVOCATIONS_CONFIGMAP);
+    wait_until("the object is back with the entry", || {
+        shared_serials(&fake) == ["5151"]
+    })
+    .await;
+    for r in [&a, &b] {
+        assert!(r.on_crl("5151") && r.persisted("5151"));
+        // The twin: only what was revoked.
+        assert!(!r.on_crl("5152"));
+    }
 }
