@@ -600,3 +600,120 @@ fn kubernetes_flags_are_checked() {
     ]);
     assert!(err.contains("/nonexistent/kubeconfig"), "{err}");
 }
+
+/// A certificate from `c` for `id` (token `tok`): its serial (lowercase hex).
+async fn issue_serial(
+    c: &mut IstioCertificateServiceClient<Channel>,
+    id: &str,
+    tok: &str,
+) -> String {
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let csr = rampart_certs::build_csr(&key, &SpiffeId::parse(id).unwrap()).unwrap();
+    let mut req = tonic::Request::new(IstioCertificateRequest {
+        csr,
+        validity_duration: 3600,
+        metadata: None,
+    });
+    req.metadata_mut()
+        .insert("authorization", format!("Bearer {tok}").parse().unwrap());
+    let chain = c
+        .create_certificate(req)
+        .await
+        .unwrap()
+        .into_inner()
+        .cert_chain;
+    let leaf = rampart_certs::parse_certs_pem(&chain[0]).unwrap();
+    CertInfo::parse(&leaf[0]).unwrap().serial_hex
+}
+
+/// The serials on the CRLs in `pem` (published-crls.pem, istio-ca-crl).
+fn crl_serials(pem: &str) -> Vec<String> {
+    rampart_certs::parse_crls_pem(pem)
+        .map(|crls| {
+            crls.iter()
+                .flat_map(|c| c.revoked_certs().map(|r| r.serial_hex.clone()))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+/// Issue #14 with #13: `rampart ca revoke` on one replica (its admin socket) reaches the other
+/// replica's CRL (its published-crls.pem, what GetCrls serves) and `istio-ca-crl` through
+/// ConfigMap rampart-ca-revocations, whichever replica holds the Lease; a certificate not
+/// revoked is on neither.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_replica_reaches_the_other_and_istio_ca_crl() {
+    let fake = FakeApi::new();
+    let api = fake.serve_http().await;
+    let dir = tempfile::tempdir().unwrap();
+    let kc = kubeconfig(dir.path(), api);
+    for ns in ["istio-system", "ns1"] {
+        fake.put(
+            "/api/v1/namespaces",
+            serde_json::json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": ns}}),
+        );
+    }
+    let (one, addr, _) = start_ca(dir.path(), &kc, "one", &[]);
+    let (two, _, _) = start_ca(dir.path(), &kc, "two", &[]);
+    let log = || format!("{}\n{}", one.log(), two.log());
+    let exp = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 3600;
+    let app = "spiffe://cluster.local/ns/ns1/sa/app";
+    let tok = fake_jwt(exp, "app");
+    fake.add_token(
+        &tok,
+        FakeToken::service_account("ns1", "app", &["istio-ca"]),
+    );
+    let mut c = client(&dir.path().join("one/bundle.pem"), addr).await;
+    let revoked = issue_serial(&mut c, app, &tok).await;
+    let kept = issue_serial(&mut c, app, &tok).await;
+
+    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["ca", "revoke", "--state"])
+        .arg(dir.path().join("one/state"))
+        .args(["--serial", &revoked, "--reason", "keyCompromise"])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let two_crls = || {
+        crl_serials(
+            &std::fs::read_to_string(dir.path().join("two/state/published-crls.pem"))
+                .unwrap_or_default(),
+        )
+    };
+    let istio_ca_crl = || {
+        fake.get("/api/v1/namespaces/ns1/configmaps", "istio-ca-crl")
+            .and_then(|cm| cm["data"]["ca-crl.pem"].as_str().map(crl_serials))
+            .unwrap_or_default()
+    };
+    wait_for(
+        "the other replica's CRL and istio-ca-crl to carry the revoked serial",
+        Duration::from_secs(15),
+        || two_crls().contains(&revoked) && istio_ca_crl().contains(&revoked),
+        log,
+    );
+    let shared = fake
+        .get(
+            "/api/v1/namespaces/istio-system/configmaps",
+            "rampart-ca-revocations",
+        )
+        .expect("rampart-ca-revocations");
+    let text = shared["data"]["revocations.json"].as_str().unwrap();
+    assert!(
+        text.contains(&revoked) && text.contains("keyCompromise"),
+        "{text}"
+    );
+    // The twin: the certificate not revoked is on no CRL and not shared.
+    assert!(!two_crls().contains(&kept));
+    assert!(!istio_ca_crl().contains(&kept));
+    assert!(!text.contains(&kept), "{text}");
+    drop((one, two));
+}

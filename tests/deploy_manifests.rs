@@ -343,6 +343,19 @@ fn expected_grants() -> Grants {
         NS,
         &["get", "create", "update"],
     );
+    // The shared revocations (rampart_k8s::revocations): one ConfigMap by name, and create.
+    put(
+        "",
+        "configmaps",
+        NS,
+        &[
+            "get[rampart-ca-revocations]",
+            "list[rampart-ca-revocations]",
+            "watch[rampart-ca-revocations]",
+            "update[rampart-ca-revocations]",
+            "create",
+        ],
+    );
     e
 }
 
@@ -419,6 +432,16 @@ fn rbac_checker_refuses_broader_grants() {
         }
     });
     assert!(problems_of(&update_any_secret).contains("least privilege"));
+    let any_configmap = with(&|d| {
+        if d["kind"] == "Role" {
+            for rule in d["rules"].as_array_mut().unwrap() {
+                if rule["resources"][0] == "configmaps" {
+                    rule.as_object_mut().unwrap().remove("resourceNames");
+                }
+            }
+        }
+    });
+    assert!(problems_of(&any_configmap).contains("least privilege"));
 
     let unbound = with(&|d| {
         if d["kind"] == "RoleBinding" {

@@ -289,6 +289,11 @@ fn ca_identity(
                 {"apiGroups": [""], "resources": ["secrets"], "resourceNames": ["cacerts"],
                  "verbs": ["list", "watch"]},
                 rule("coordination.k8s.io", "leases", &["get", "create", "update"]),
+                // The shared revocations: one ConfigMap by name, and create.
+                serde_json::json!({"apiGroups": [""], "resources": ["configmaps"],
+                    "resourceNames": ["rampart-ca-revocations"],
+                    "verbs": ["get", "list", "watch", "update"]}),
+                rule("", "configmaps", &["create"]),
              ]},
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
              "metadata": {"name": "rampart-ca", "namespace": ns},

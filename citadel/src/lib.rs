@@ -62,7 +62,7 @@ pub use self::admin::{AdminRequest, AdminResponse, admin_request, admin_socket_p
 pub use self::audit::{AuditEntry, parse_rfc3339, read_audit_log};
 pub use self::revocation::{
     ADMIN_SOCKET, CA_CRL, CRL_FILE, CRL_STATE_FILE, DEFAULT_CRL_VALIDITY, EXPIRED_ENTRY_GRACE,
-    PUBLISHED_CRLS, PublishedCrls, REVOCATIONS_FILE, RevocationState, Revocations, RevokedSerial,
-    StoredRevocation, normalize_serial,
+    MergeOutcome, PUBLISHED_CRLS, PublishedCrls, REVOCATIONS_FILE, RevocationState, Revocations,
+    RevokedSerial, StoredRevocation, normalize_serial,
 };
 pub use self::server::RevocationService;

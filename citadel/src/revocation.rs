@@ -70,6 +70,43 @@ pub struct StoredRevocation {
     pub not_after: Option<String>,
 }
 
+impl StoredRevocation {
+    /// This entry checked and normalized, as it may enter a [`RevocationState`] that came
+    /// from elsewhere (another CA replica, through the cluster): the serial is valid hex
+    /// (stored normalized), `revoked_at` and `not_after` are RFC 3339, the reason is an
+    /// RFC 5280 name and the identity a SPIFFE ID. Every check [`RevocationState::load`]
+    /// makes is here, so a merged entry can never make the state file unreadable.
+    pub fn validated(&self) -> Result<StoredRevocation, String> {
+        let serial = normalize_serial(&self.serial).map_err(|e| format!("serial: {e}"))?;
+        parse_time(&self.revoked_at)
+            .ok_or_else(|| format!("revoked_at {:?} is not RFC 3339", self.revoked_at))?;
+        if let Some(reason) = &self.reason {
+            reason
+                .parse::<RevocationReason>()
+                .map_err(|e| format!("reason: {e}"))?;
+        }
+        if let Some(na) = &self.not_after {
+            parse_time(na).ok_or_else(|| format!("not_after {na:?} is not RFC 3339"))?;
+        }
+        if let Some(id) = &self.spiffe_id {
+            rampart_certs::SpiffeId::parse(id).map_err(|e| format!("spiffe_id: {e}"))?;
+        }
+        Ok(StoredRevocation {
+            serial,
+            ..self.clone()
+        })
+    }
+}
+
+/// What [`Revocations::merge`] did with entries from elsewhere.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct MergeOutcome {
+    /// Serials newly revoked here (persisted, and on the re-signed CRL).
+    pub added: Vec<String>,
+    /// Entries refused, each alone: (serial as given, why).
+    pub refused: Vec<(String, String)>,
+}
+
 /// What a CA has revoked, and the last CRL number it used.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct RevocationState {
@@ -246,6 +283,8 @@ pub struct Revocations {
     validity: Duration,
     state: Mutex<RevocationState>,
     current: ArcSwap<PublishedCrls>,
+    /// Counts changes of the revoked list (a new revocation or a merge), for watchers.
+    changes: tokio::sync::watch::Sender<u64>,
 }
 
 impl Revocations {
@@ -266,7 +305,48 @@ impl Revocations {
                 signed_at: SystemTime::UNIX_EPOCH,
                 version: 0,
             }),
+            changes: tokio::sync::watch::Sender::new(0),
         })
+    }
+
+    /// Changes when the revoked list changes (a new revocation, or entries merged): how the
+    /// Kubernetes mode learns of a revocation made through the admin socket, to share it.
+    pub fn subscribe(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.changes.subscribe()
+    }
+
+    /// Adds the `entries` this CA lacks (another replica's revocations): each is checked with
+    /// [`StoredRevocation::validated`] and an invalid one is refused alone; a serial revoked
+    /// here already keeps its first entry. When something was added the list is persisted
+    /// (atomically, before anything is published) and the CRL re-signed and published at
+    /// once, as for [`Self::revoke`]. Nothing is ever removed.
+    pub fn merge(
+        &self,
+        authority: &Authority,
+        entries: &[StoredRevocation],
+        now: SystemTime,
+    ) -> Result<MergeOutcome, CitadelError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = state.clone();
+        let mut out = MergeOutcome::default();
+        for e in entries {
+            match e.validated() {
+                Err(why) => out.refused.push((e.serial.clone(), why)),
+                Ok(v) => {
+                    if !next.revoked.iter().any(|r| r.serial == v.serial) {
+                        out.added.push(v.serial.clone());
+                        next.revoked.push(v);
+                    }
+                }
+            }
+        }
+        if !out.added.is_empty() {
+            next.save(&self.state_path)?;
+            *state = next;
+            self.publish_locked(&mut state, authority, now);
+            self.changes.send_modify(|n| *n += 1);
+        }
+        Ok(out)
     }
 
     /// What is served now.
@@ -395,11 +475,15 @@ impl Revocations {
                 new,
             });
         }
-        if out.iter().any(|r| r.new) {
+        let changed = out.iter().any(|r| r.new);
+        if changed {
             next.save(&self.state_path)?;
             *state = next;
         }
         self.publish_locked(&mut state, authority, now);
+        if changed {
+            self.changes.send_modify(|n| *n += 1);
+        }
         if self.current.load().own.is_none() {
             return Err(CitadelError::Config(
                 "the revocation is recorded, but this CA cannot sign a CRL for its signing \

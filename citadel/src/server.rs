@@ -257,6 +257,29 @@ impl CaState {
         Ok(out)
     }
 
+    /// Adds revocations made elsewhere (another replica's, shared through the cluster in
+    /// Kubernetes mode) with [`Revocations::merge`](crate::Revocations::merge): an invalid
+    /// entry is refused alone, the others persisted and the CRL re-signed and published at
+    /// once, as for a local revocation. Nothing is ever removed.
+    pub fn merge_revocations(
+        &self,
+        entries: &[crate::revocation::StoredRevocation],
+    ) -> Result<crate::revocation::MergeOutcome, CitadelError> {
+        let now = SystemTime::now();
+        let authority = self.authority.load();
+        let out = self.revocations.merge(&authority, entries, now)?;
+        if !out.added.is_empty() {
+            self.crls_published();
+            for serial in &out.added {
+                tracing::warn!(%serial, "certificate REVOKED by another CA replica; CRL re-signed and published");
+            }
+        }
+        for (serial, why) in &out.refused {
+            tracing::error!(%serial, reason = %why, "refused a shared revocation entry (the others apply)");
+        }
+        Ok(out)
+    }
+
     fn reload_material(&self) -> ReloadOutcome {
         let now = SystemTime::now();
         self.renew_serving_cert_if_due(now);

@@ -723,3 +723,102 @@ async fn admin_revocation_by_serial_and_identity_is_published_enforced_and_persi
     );
     assert!(text.contains("verify OK"), "{text}");
 }
+
+/// The seam Kubernetes mode shares revocations through (another replica's entries): valid
+/// entries are added, persisted and published at once; an invalid one is refused alone; a
+/// serial revoked here already keeps its first entry; nothing is ever removed.
+#[tokio::test]
+async fn merged_revocations_are_persisted_and_published_and_invalid_entries_refused_alone() {
+    use rampart_citadel::{REVOCATIONS_FILE, RevocationState, StoredRevocation};
+    let mut env = start(|_| {}).await;
+    let state = env.ca().state().clone();
+    let entry = |serial: &str, reason: Option<&str>| StoredRevocation {
+        serial: serial.into(),
+        revoked_at: "2026-01-01T00:00:00Z".into(),
+        reason: reason.map(str::to_owned),
+        spiffe_id: None,
+        not_after: None,
+    };
+    let on_crl = |s: &str| {
+        state
+            .revocations()
+            .current()
+            .own
+            .as_ref()
+            .unwrap()
+            .revoked_certs()
+            .any(|r| r.serial_hex == s)
+    };
+    // A local revocation first: its entry stands when the same serial is merged.
+    state
+        .revoke(
+            &[(
+                "0c".into(),
+                "spiffe://cluster.local/ns/a/sa/a".into(),
+                SystemTime::now() + Duration::from_secs(600),
+            )],
+            Some(RevocationReason::Superseded),
+        )
+        .unwrap();
+    let mut changes = state.revocations().subscribe();
+    changes.borrow_and_update();
+    let version = state.revocations().current().version;
+    let out = state
+        .merge_revocations(&[
+            entry("0A", Some("keyCompromise")),
+            entry("not-hex", None),
+            entry("0b", Some("noSuchReason")),
+            entry("0c", Some("keyCompromise")),
+            StoredRevocation {
+                not_after: Some("tomorrow".into()),
+                ..entry("0d", None)
+            },
+        ])
+        .unwrap();
+    assert_eq!(out.added, ["0a"]);
+    let refused: Vec<_> = out.refused.iter().map(|(s, _)| s.as_str()).collect();
+    assert_eq!(refused, ["not-hex", "0b", "0d"]);
+    assert!(changes.has_changed().unwrap(), "watchers see the merge");
+    assert!(
+        state.revocations().current().version > version,
+        "re-signed at once"
+    );
+    assert!(on_crl("0a") && on_crl("0c"));
+    for s in ["0b", "0d"] {
+        assert!(!on_crl(s), "{s} refused");
+    }
+    let file = env.root().join("state").join(REVOCATIONS_FILE);
+    let saved = RevocationState::load(&file).unwrap();
+    assert_eq!(
+        saved.find("0a").unwrap().reason.as_deref(),
+        Some("keyCompromise")
+    );
+    assert_eq!(
+        saved.find("0c").unwrap().reason.as_deref(),
+        Some("superseded"),
+        "the first entry of a serial stands"
+    );
+    assert_eq!(saved.revoked.len(), 2);
+
+    // The twin: merging what is there already changes nothing and re-signs nothing.
+    changes.borrow_and_update();
+    let version = state.revocations().current().version;
+    let again = state
+        .merge_revocations(&[entry("0a", None), entry("0c", None)])
+        .unwrap();
+    assert!(again.added.is_empty() && again.refused.is_empty());
+    assert!(!changes.has_changed().unwrap());
+    assert_eq!(state.revocations().current().version, version);
+
+    // Persisted: after a restart the merged serial is still revoked.
+    env.restart().await;
+    let state = env.ca().state().clone();
+    let cur = state.revocations().current();
+    assert!(
+        cur.own
+            .as_ref()
+            .unwrap()
+            .revoked_certs()
+            .any(|r| r.serial_hex == "0a")
+    );
+}

@@ -12,6 +12,8 @@
 //!   by the Lease holder and followed by the other replicas).
 //! - [`publish`]: the root bundle in ConfigMap `istio-ca-root-cert` in every namespace,
 //!   written by the holder of a `coordination.k8s.io` Lease.
+//! - [`revocations`]: every replica's revocations shared through ConfigMap
+//!   `rampart-ca-revocations` (set union; each replica merges, persists and re-signs).
 //! - [`source`]: policy and registry from the API: watches of `security.istio.io` policy,
 //!   Pods, Services and Namespaces as a stream of mesh snapshots ([`KubeConfigSource`]),
 //!   invalid objects refused alone (log, metric, Event).
@@ -27,6 +29,7 @@ pub mod material;
 pub mod publish;
 
 mod review;
+pub mod revocations;
 pub mod source;
 
 pub use self::authn::{

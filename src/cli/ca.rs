@@ -591,6 +591,17 @@ async fn start_in_kubernetes(
         rampart_citadel::Metrics::new(),
         Some(Arc::new(auth)),
     )?;
+    // Revocations on any replica (its admin socket) shared through ConfigMap
+    // rampart-ca-revocations; every replica merges the others', re-signs and publishes.
+    let sync =
+        rampart_k8s::revocations::RevocationSync::new(client.clone(), &k.namespace, state.clone());
+    let sync_metrics = sync.metrics();
+    state.metrics().register_extra(|r| sync_metrics.register(r));
+    // Before serving: a new or restarted replica (emptyDir state) starts with every revocation.
+    if let Err(e) = sync.sync_once().await {
+        tracing::error!(error = %e, "revocations of the other CA replicas not loaded before serving; retrying in the background");
+    }
+    tokio::spawn(sync.run());
     // The root ConfigMap in every namespace, by whichever replica holds the Lease. The
     // identity must be unique per replica: the Pod name in a cluster, else host and pid.
     let identity = std::env::var("POD_NAME")

@@ -1,0 +1,450 @@
+//! Revocations shared between CA replicas (issue #14 with issue #13): ConfigMap
+//! [`REVOCATIONS_CONFIGMAP`] in the CA namespace, key [`REVOCATIONS_KEY`], holds every serial any
+//! replica revoked, as JSON `{"revoked": [{"serial", "revoked_at", "reason"?, "spiffe_id"?,
+//! "not_after"?}]}` (the entries of the CA's own `revocations.json`).
+//!
+//! [`RevocationSync::run`] keeps one replica and the object in step, both ways:
+//!
+//! - up: when the replica's revoked list changes (`rampart ca revoke` through its admin
+//!   socket: [`rampart_citadel::Revocations::subscribe`]), the entries the object lacks are
+//!   added to it: read, add, replace with the read `resourceVersion`; a 409 re-reads and
+//!   retries. The merge is a set union: an entry is only ever added, never changed or
+//!   dropped (also entries this replica cannot parse stay as they are). If the API cannot be
+//!   reached the local revocation stands (it was persisted and published before) and the
+//!   upload is retried in the background with backoff (error log and
+//!   `rampart_ca_revocation_share_failing` = 1 meanwhile).
+//! - down: a watch of the object (field selector `metadata.name`) merges entries the replica
+//!   lacks into its revocations ([`rampart_citadel::CaState::merge_revocations`]: persisted in
+//!   `revocations.json`, CRL re-signed and published at once, so GetCrls and, on the Lease
+//!   holder, `istio-ca-crl` carry them). An invalid entry is refused alone (error log,
+//!   `rampart_ca_revocation_entries_refused`), the others apply.
+//!
+//! A full two-way pass ([`RevocationSync::sync_once`]) also runs at start, after the object was
+//! deleted or changed to lack entries, on failure (with backoff) and every [`RESYNC`].
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::StreamExt;
+use k8s_openapi::api::core::v1::ConfigMap;
+use kube::api::{Api, ObjectMeta, PostParams};
+use kube::runtime::WatchStreamExt;
+use kube::runtime::watcher::{self, Event};
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::gauge::Gauge;
+use rampart_citadel::{CaState, StoredRevocation, normalize_serial};
+use serde_json::{Value, json};
+
+/// The ConfigMap holding every replica's revocations, in the CA namespace.
+pub const REVOCATIONS_CONFIGMAP: &str = "rampart-ca-revocations";
+/// Its key: JSON `{"revoked": [...]}`.
+pub const REVOCATIONS_KEY: &str = "revocations.json";
+/// First retry after a failed pass; doubles up to [`MAX_RETRY`].
+pub const DEFAULT_RETRY: Duration = Duration::from_secs(1);
+/// Longest wait between retries of a failed pass.
+pub const MAX_RETRY: Duration = Duration::from_secs(30);
+/// A full pass at least this often, in case a watch event was missed.
+pub const RESYNC: Duration = Duration::from_secs(300);
+/// Conflicting writes (409) tolerated in one pass before it counts as failed and is retried.
+const MAX_CONFLICTS: usize = 16;
+
+/// Counters of the sharing, for the CA's `/metrics`.
+#[derive(Debug, Default)]
+pub struct RevocationSyncMetrics {
+    uploaded: Counter,
+    merged: Counter,
+    failures: Counter,
+    failing: Gauge,
+    refused: Gauge,
+    watch_errors: Counter,
+}
+
+impl RevocationSyncMetrics {
+    /// Register every metric in `registry`.
+    pub fn register(&self, registry: &mut prometheus_client::registry::Registry) {
+        registry.register(
+            "rampart_ca_revocations_uploaded",
+            "Revocations of this replica added to ConfigMap rampart-ca-revocations",
+            self.uploaded.clone(),
+        );
+        registry.register(
+            "rampart_ca_revocations_merged",
+            "Revocations of other replicas merged from ConfigMap rampart-ca-revocations",
+            self.merged.clone(),
+        );
+        registry.register(
+            "rampart_ca_revocation_share_failures",
+            "Failed passes sharing revocations through the API (each retried with backoff)",
+            self.failures.clone(),
+        );
+        registry.register(
+            "rampart_ca_revocation_share_failing",
+            "1 while the last pass sharing revocations failed (local revocations may not have reached the other replicas)",
+            self.failing.clone(),
+        );
+        registry.register(
+            "rampart_ca_revocation_entries_refused",
+            "Invalid entries in ConfigMap rampart-ca-revocations at the last look (refused alone)",
+            self.refused.clone(),
+        );
+        registry.register(
+            "rampart_ca_revocation_watch_errors",
+            "Errors of the watch of ConfigMap rampart-ca-revocations (retried with backoff)",
+            self.watch_errors.clone(),
+        );
+    }
+
+    /// Local revocations added to the object so far.
+    pub fn uploaded(&self) -> u64 {
+        self.uploaded.get()
+    }
+
+    /// Entries merged from the object so far.
+    pub fn merged(&self) -> u64 {
+        self.merged.get()
+    }
+
+    /// Failed passes so far.
+    pub fn failures(&self) -> u64 {
+        self.failures.get()
+    }
+
+    /// Whether the last pass failed.
+    pub fn failing(&self) -> bool {
+        self.failing.get() != 0
+    }
+
+    /// Entries refused at the last look at the object.
+    pub fn refused(&self) -> i64 {
+        self.refused.get()
+    }
+}
+
+/// What one look at the object found.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct SyncPass {
+    /// Serials merged into this replica.
+    pub merged: Vec<String>,
+    /// Entries of the object refused: (serial as given, why).
+    pub refused: Vec<(String, String)>,
+    /// Serials of this replica added to the object.
+    pub uploaded: Vec<String>,
+}
+
+/// One replica's side of the shared revocations.
+pub struct RevocationSync {
+    api: Api<ConfigMap>,
+    state: Arc<CaState>,
+    metrics: Arc<RevocationSyncMetrics>,
+    retry: Duration,
+}
+
+impl std::fmt::Debug for RevocationSync {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RevocationSync")
+            .field("retry", &self.retry)
+            .finish_non_exhaustive()
+    }
+}
+
+/// The object's entries: the JSON values as stored (kept as they are when written back) and
+/// the serials among them that parse.
+struct Shared {
+    raw: Vec<Value>,
+    serials: HashSet<String>,
+}
+
+/// Reads the object's entries. `Err` when the key holds something that is not the format.
+fn read_shared(cm: Option<&ConfigMap>) -> Result<Shared, String> {
+    let text = cm
+        .and_then(|c| c.data.as_ref())
+        .and_then(|d| d.get(REVOCATIONS_KEY));
+    let raw = match text {
+        None => Vec::new(),
+        Some(t) => {
+            let doc: Value = serde_json::from_str(t).map_err(|e| format!("not JSON: {e}"))?;
+            match doc.get("revoked") {
+                Some(Value::Array(a)) => a.clone(),
+                None | Some(Value::Null) => Vec::new(),
+                Some(_) => return Err("\"revoked\" is not a list".into()),
+            }
+        }
+    };
+    let serials = raw
+        .iter()
+        .filter_map(|v| v.get("serial")?.as_str())
+        .filter_map(|s| normalize_serial(s).ok())
+        .collect();
+    Ok(Shared { raw, serials })
+}
+
+/// Parses each entry alone: the valid ones, and the refused ones with why.
+fn parse_entries(raw: &[Value]) -> (Vec<StoredRevocation>, Vec<(String, String)>) {
+    let mut ok = Vec::new();
+    let mut refused = Vec::new();
+    for v in raw {
+        match serde_json::from_value::<StoredRevocation>(v.clone()) {
+            Ok(e) => ok.push(e),
+            Err(e) => refused.push((
+                v.get("serial")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_owned(),
+                format!("not a revocation entry: {e}"),
+            )),
+        }
+    }
+    (ok, refused)
+}
+
+fn is_conflict(e: &kube::Error) -> bool {
+    matches!(e, kube::Error::Api(s) if s.code == 409)
+}
+
+fn document(raw: Vec<Value>) -> String {
+    let mut text =
+        serde_json::to_string_pretty(&json!({ "revoked": raw })).unwrap_or_else(|_| "{}".into());
+    text.push('\n');
+    text
+}
+
+impl RevocationSync {
+    /// Shares the revocations of `state` through ConfigMap [`REVOCATIONS_CONFIGMAP`] in
+    /// `namespace` (the CA's).
+    pub fn new(client: kube::Client, namespace: &str, state: Arc<CaState>) -> Self {
+        RevocationSync {
+            api: Api::namespaced(client, namespace),
+            state,
+            metrics: Arc::default(),
+            retry: DEFAULT_RETRY,
+        }
+    }
+
+    /// The first retry after a failed pass (doubling up to [`MAX_RETRY`]).
+    pub fn with_retry(mut self, retry: Duration) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// The metrics (register them with the CA's).
+    pub fn metrics(&self) -> Arc<RevocationSyncMetrics> {
+        self.metrics.clone()
+    }
+
+    /// Merges the valid entries of the object that this replica lacks (persisted, CRL
+    /// re-signed at once); invalid entries are refused alone.
+    async fn merge_from(&self, shared: &Shared, pass: &mut SyncPass) -> Result<(), String> {
+        let (entries, mut refused) = parse_entries(&shared.raw);
+        let st = self.state.clone();
+        let out = tokio::task::spawn_blocking(move || st.merge_revocations(&entries))
+            .await
+            .map_err(|e| format!("merge task: {e}"))?
+            .map_err(|e| format!("recording merged revocations: {e}"))?;
+        for (serial, why) in &refused {
+            tracing::error!(%serial, reason = %why, configmap = REVOCATIONS_CONFIGMAP, "refused a shared revocation entry (the others apply)");
+        }
+        refused.extend(out.refused);
+        self.metrics
+            .refused
+            .set(i64::try_from(refused.len()).unwrap_or(i64::MAX));
+        self.metrics.merged.inc_by(out.added.len() as u64);
+        pass.merged.extend(out.added);
+        pass.refused = refused;
+        Ok(())
+    }
+
+    /// This replica's revoked entries that `shared` lacks.
+    fn missing_from(&self, shared: &Shared) -> Vec<StoredRevocation> {
+        self.state
+            .revocations()
+            .state()
+            .revoked
+            .into_iter()
+            .filter_map(|mut r| {
+                r.serial = normalize_serial(&r.serial).ok()?;
+                (!shared.serials.contains(&r.serial)).then_some(r)
+            })
+            .collect()
+    }
+
+    /// One full pass: read the object, merge what this replica lacks, add what the object
+    /// lacks (create it if absent; replace with the read `resourceVersion`; on a 409 read
+    /// again). Entries are only ever added.
+    pub async fn sync_once(&self) -> Result<SyncPass, String> {
+        let mut pass = SyncPass::default();
+        for _ in 0..MAX_CONFLICTS {
+            let current = self
+                .api
+                .get_opt(REVOCATIONS_CONFIGMAP)
+                .await
+                .map_err(|e| format!("reading ConfigMap {REVOCATIONS_CONFIGMAP}: {e}"))?;
+            let shared = match read_shared(current.as_ref()) {
+                Ok(s) => {
+                    self.merge_from(&s, &mut pass).await?;
+                    s
+                }
+                Err(why) => {
+                    // Nothing in it can be read as an entry: rewritten with ours (the other
+                    // replicas add theirs back the same way).
+                    tracing::error!(configmap = REVOCATIONS_CONFIGMAP, key = REVOCATIONS_KEY, reason = %why, "shared revocations unreadable; rewriting them with this replica's");
+                    Shared {
+                        raw: Vec::new(),
+                        serials: HashSet::new(),
+                    }
+                }
+            };
+            let missing = self.missing_from(&shared);
+            if missing.is_empty() {
+                return Ok(pass);
+            }
+            let serials: Vec<String> = missing.iter().map(|r| r.serial.clone()).collect();
+            let mut raw = shared.raw;
+            raw.extend(missing.iter().filter_map(|r| serde_json::to_value(r).ok()));
+            let data = BTreeMap::from([(REVOCATIONS_KEY.to_owned(), document(raw))]);
+            let written = match current {
+                None => {
+                    let cm = ConfigMap {
+                        metadata: ObjectMeta {
+                            name: Some(REVOCATIONS_CONFIGMAP.into()),
+                            ..Default::default()
+                        },
+                        data: Some(data),
+                        ..Default::default()
+                    };
+                    self.api.create(&PostParams::default(), &cm).await
+                }
+                Some(mut cm) => {
+                    cm.data = Some(data);
+                    // Carries the resourceVersion read: a 409 means another replica wrote.
+                    self.api
+                        .replace(REVOCATIONS_CONFIGMAP, &PostParams::default(), &cm)
+                        .await
+                }
+            };
+            match written {
+                Ok(_) => {
+                    self.metrics.uploaded.inc_by(serials.len() as u64);
+                    pass.uploaded = serials;
+                    return Ok(pass);
+                }
+                Err(e) if is_conflict(&e) => {
+                    tracing::debug!(
+                        "ConfigMap {REVOCATIONS_CONFIGMAP} changed meanwhile; reading it again"
+                    );
+                }
+                Err(e) => return Err(format!("writing ConfigMap {REVOCATIONS_CONFIGMAP}: {e}")),
+            }
+        }
+        Err(format!(
+            "ConfigMap {REVOCATIONS_CONFIGMAP}: {MAX_CONFLICTS} conflicting writes in a row"
+        ))
+    }
+
+    /// Merges a watched object's entries; `true` when a full pass is due (the object lacks
+    /// entries of this replica, or the merge failed).
+    async fn on_object(&self, cm: &ConfigMap) -> bool {
+        if cm.metadata.name.as_deref() != Some(REVOCATIONS_CONFIGMAP) {
+            return false;
+        }
+        let shared = match read_shared(Some(cm)) {
+            Ok(s) => s,
+            Err(_) => return true,
+        };
+        let mut pass = SyncPass::default();
+        if let Err(e) = self.merge_from(&shared, &mut pass).await {
+            tracing::error!(error = %e, "merging shared revocations failed; retrying");
+            return true;
+        }
+        if !pass.merged.is_empty() {
+            tracing::info!(merged = ?pass.merged, "merged revocations of other CA replicas");
+        }
+        !self.missing_from(&shared).is_empty()
+    }
+
+    /// Watches the object, merging what it adds; pokes `due` when a full pass is needed.
+    async fn watch(&self, due: Arc<tokio::sync::Notify>) {
+        let config =
+            watcher::Config::default().fields(&format!("metadata.name={REVOCATIONS_CONFIGMAP}"));
+        let mut events = watcher::watcher(self.api.clone(), config)
+            .default_backoff()
+            .boxed();
+        while let Some(ev) = events.next().await {
+            match ev {
+                Ok(Event::Apply(cm) | Event::InitApply(cm)) => {
+                    if self.on_object(&cm).await {
+                        due.notify_one();
+                    }
+                }
+                Ok(Event::Delete(cm)) => {
+                    if cm.metadata.name.as_deref() == Some(REVOCATIONS_CONFIGMAP) {
+                        tracing::warn!(
+                            "ConfigMap {REVOCATIONS_CONFIGMAP} was deleted; writing it again"
+                        );
+                        due.notify_one();
+                    }
+                }
+                Ok(Event::Init | Event::InitDone) => {}
+                Err(e) => {
+                    self.metrics.watch_errors.inc();
+                    tracing::warn!(error = %e, "watch of ConfigMap {REVOCATIONS_CONFIGMAP} failed; retrying");
+                }
+            }
+        }
+    }
+
+    /// Runs until dropped: the watch, and a full pass at start, at every local revocation,
+    /// when the watch asks, on failure (backoff from the retry interval up to [`MAX_RETRY`])
+    /// and every [`RESYNC`].
+    pub async fn run(self) {
+        let this = Arc::new(self);
+        let due = Arc::new(tokio::sync::Notify::new());
+        let watch = {
+            let (this, due) = (this.clone(), due.clone());
+            tokio::spawn(async move { this.watch(due).await })
+        };
+        struct AbortOnDrop(tokio::task::JoinHandle<()>);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _watch = AbortOnDrop(watch);
+        let mut changes = this.state.revocations().subscribe();
+        let mut backoff = this.retry;
+        loop {
+            changes.borrow_and_update();
+            let wait = match this.sync_once().await {
+                Ok(pass) => {
+                    if this.metrics.failing() {
+                        tracing::info!(
+                            "sharing revocations through ConfigMap {REVOCATIONS_CONFIGMAP} works again"
+                        );
+                    }
+                    this.metrics.failing.set(0);
+                    if !pass.uploaded.is_empty() {
+                        tracing::info!(serials = ?pass.uploaded, "revocations shared with the other CA replicas");
+                    }
+                    if !pass.merged.is_empty() {
+                        tracing::info!(merged = ?pass.merged, "merged revocations of other CA replicas");
+                    }
+                    backoff = this.retry;
+                    RESYNC
+                }
+                Err(e) => {
+                    this.metrics.failures.inc();
+                    this.metrics.failing.set(1);
+                    tracing::error!(error = %e, retry_in = ?backoff, "REVOCATIONS NOT SHARED with the other CA replicas (enforced by this replica only); retrying");
+                    let wait = backoff;
+                    backoff = (backoff * 2).min(MAX_RETRY);
+                    wait
+                }
+            };
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                () = due.notified() => {}
+                () = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+}

@@ -1,0 +1,342 @@
+//! Revocations shared between CA replicas through ConfigMap `rampart-ca-revocations`
+//! (`rampart_k8s::revocations`): two real CA states (each its own state directory,
+//! `revocations.json` and signed CRL), each with its own sync task.
+//!
+//! THE KUBERNETES API SERVER IS FAKED (`support/fake_api.rs`): objects, watches and
+//! resourceVersions (409 on a stale one). No cluster is involved.
+
+mod support;
+
+use std::path::Path;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant, SystemTime};
+
+use rampart_certs::{RevocationReason, TrustDomain};
+use rampart_citadel::{CaConfig, CaState, Metrics, REVOCATIONS_FILE, RevocationState};
+use rampart_k8s::revocations::{REVOCATIONS_CONFIGMAP, REVOCATIONS_KEY, RevocationSync};
+use serde_json::{Value, json};
+use support::fake_api::FakeApi;
+
+const NS: &str = "istio-system";
+const COLL: &str = "/api/v1/namespaces/istio-system/configmaps";
+const ID: &str = "spiffe://cluster.local/ns/app/sa/app";
+
+struct Replica {
+    dir: tempfile::TempDir,
+    state: Arc<CaState>,
+    sync: Option<tokio::task::JoinHandle<()>>,
+    metrics: Arc<rampart_k8s::revocations::RevocationSyncMetrics>,
+}
+
+impl Drop for Replica {
+    fn drop(&mut self) {
+        if let Some(t) = self.sync.take() {
+            t.abort();
+        }
+    }
+}
+
+/// A CA (self-signed root in its own temp dir) sharing its revocations through `client`.
+fn replica(client: kube::Client) -> Replica {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = CaConfig::new(
+        dir.path().join("cacerts"),
+        dir.path().join("state"),
+        TrustDomain::new("cluster.local").unwrap(),
+    );
+    cfg.reload_poll_interval = Duration::from_secs(3600);
+    let state = CaState::new(cfg, Metrics::new()).unwrap();
+    let sync =
+        RevocationSync::new(client, NS, state.clone()).with_retry(Duration::from_millis(100));
+    let metrics = sync.metrics();
+    Replica {
+        dir,
+        state,
+        sync: Some(tokio::spawn(sync.run())),
+        metrics,
+    }
+}
+
+impl Replica {
+    /// Revokes `serial` here, as `rampart ca revoke` through the admin socket does.
+    fn revoke(&self, serial: &str) {
+        let out = self
+            .state
+            .revoke(
+                &[(
+                    serial.to_owned(),
+                    ID.to_owned(),
+                    SystemTime::now() + Duration::from_secs(3600),
+                )],
+                Some(RevocationReason::KeyCompromise),
+            )
+            .unwrap();
+        assert!(out[0].new);
+    }
+
+    /// Whether `serial` is on the CRL this replica serves (GetCrls, istio-ca-crl).
+    fn on_crl(&self, serial: &str) -> bool {
+        let cur = self.state.revocations().current();
+        let own = cur.own.as_ref().expect("the CA signs its own CRL");
+        own.revoked_certs().any(|r| r.serial_hex == serial)
+    }
+
+    /// Whether `serial` is in this replica's revocations.json (read from disk).
+    fn persisted(&self, serial: &str) -> bool {
+        load(self.dir.path()).find(serial).is_some()
+    }
+}
+
+fn load(dir: &Path) -> RevocationState {
+    RevocationState::load(&dir.join("state").join(REVOCATIONS_FILE)).unwrap()
+}
+
+/// The entries of the shared object (empty when it does not exist).
+fn shared(fake: &FakeApi) -> Vec<Value> {
+    let Some(cm) = fake.get(COLL, REVOCATIONS_CONFIGMAP) else {
+        return Vec::new();
+    };
+    let text = cm["data"][REVOCATIONS_KEY].as_str().unwrap();
+    let doc: Value = serde_json::from_str(text).unwrap();
+    doc["revoked"].as_array().unwrap().clone()
+}
+
+fn shared_serials(fake: &FakeApi) -> Vec<String> {
+    shared(fake)
+        .iter()
+        .map(|e| e["serial"].as_str().unwrap_or("").to_owned())
+        .collect()
+}
+
+async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !f() {
+        assert!(Instant::now() < deadline, "timed out waiting until {what}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revocation_on_one_replica_reaches_the_other_replicas_crl_and_state() {
+    let fake = FakeApi::new();
+    let a = replica(fake.client());
+    let b = replica(fake.client());
+    // Negative first: nothing revoked, nothing shared, nothing on B's CRL.
+    assert!(!b.on_crl("0a1b2c3d"));
+    a.revoke("0a1b2c3d");
+    assert!(a.on_crl("0a1b2c3d"), "the local revocation applies at once");
+    wait_until("B's CRL has A's revocation", || b.on_crl("0a1b2c3d")).await;
+    assert!(b.persisted("0a1b2c3d"), "merged into B's revocations.json");
+    let (ea, eb) = (
+        load(a.dir.path()).find("0a1b2c3d").cloned().unwrap(),
+        load(b.dir.path()).find("0a1b2c3d").cloned().unwrap(),
+    );
+    assert_eq!(ea, eb, "B keeps A's time, reason, identity and not-after");
+    assert_eq!(eb.reason.as_deref(), Some("keyCompromise"));
+    assert_eq!(shared_serials(&fake), ["0a1b2c3d"]);
+    // (counted just after the write and the merge that the waits above saw)
+    wait_until("A counts its upload", || a.metrics.uploaded() == 1).await;
+    wait_until("B counts its merge", || b.metrics.merged() == 1).await;
+    // The twin: a serial revoked nowhere is on neither CRL, in neither file, not shared.
+    for r in [&a, &b] {
+        assert!(!r.on_crl("0badbeef"));
+        assert!(!r.persisted("0badbeef"));
+    }
+    assert!(!shared_serials(&fake).contains(&"0badbeef".to_owned()));
+    // The watch asked for the one object by name.
+    assert!(
+        fake.calls()
+            .iter()
+            .any(|c| c.starts_with(&format!("GET {COLL}?"))
+                && c.contains("fieldSelector=metadata.name%3Drampart-ca-revocations")),
+        "{:#?}",
+        fake.calls()
+    );
+
+    // A third replica started later (or restarted with an empty state) gets it at start.
+    let c = replica(fake.client());
+    wait_until("a new replica has the shared revocation", || {
+        c.on_crl("0a1b2c3d")
+    })
+    .await;
+    assert!(!c.on_crl("0badbeef"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_revocations_on_both_replicas_end_with_both_serials() {
+    let fake = FakeApi::new();
+    let a = replica(fake.client());
+    let b = replica(fake.client());
+    a.revoke("01");
+    wait_until("B has the first revocation", || b.on_crl("01")).await;
+    // Let both replicas' passes after that settle (no read of the object for 500 ms), so the
+    // two held reads below are the two revocations' passes.
+    let get = format!("GET {COLL}/{REVOCATIONS_CONFIGMAP}");
+    loop {
+        let n = fake.count(&get);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        if fake.count(&get) == n {
+            break;
+        }
+    }
+    let put = format!("PUT {COLL}/{REVOCATIONS_CONFIGMAP}");
+    let puts_before = fake.count(&put);
+    // Both read the object before either writes: one replace is refused (409), re-read,
+    // merged and written again.
+    fake.hold_gets(COLL, REVOCATIONS_CONFIGMAP, 2);
+    assert!(!a.on_crl("02") && !b.on_crl("03"));
+    a.revoke("02");
+    b.revoke("03");
+    wait_until("both CRLs have both serials", || {
+        ["01", "02", "03"]
+            .iter()
+            .all(|s| a.on_crl(s) && b.on_crl(s))
+    })
+    .await;
+    wait_until("the object has both serials", || {
+        let mut s = shared_serials(&fake);
+        s.sort();
+        s == ["01", "02", "03"]
+    })
+    .await;
+    assert!(
+        fake.count(&put) - puts_before >= 3,
+        "two replaces from one resourceVersion, one refused and written again: {:#?}",
+        fake.calls()
+    );
+    for s in ["01", "02", "03"] {
+        assert!(a.persisted(s) && b.persisted(s), "{s} persisted on both");
+    }
+    // The twin: nothing else appeared.
+    for r in [&a, &b] {
+        assert!(!r.on_crl("04"));
+        assert_eq!(load(r.dir.path()).revoked.len(), 3);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_shared_entry_is_refused_alone_and_never_dropped() {
+    let fake = FakeApi::new();
+    let now = "2026-01-01T00:00:00Z";
+    let doc = json!({"revoked": [
+        {"serial": "0a0a", "revoked_at": now, "reason": "keyCompromise"},
+        {"serial": "zz-not-hex", "revoked_at": now},
+        {"serial": "0c0c", "revoked_at": now, "reason": "notAReason"},
+        {"serial": "0d0d"},
+        {"serial": "0e0e", "revoked_at": "yesterday"},
+        {"serial": "0f0f", "revoked_at": now, "spiffe_id": ID},
+    ]});
+    fake.put(
+        COLL,
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+               "metadata": {"name": REVOCATIONS_CONFIGMAP, "namespace": NS},
+               "data": {REVOCATIONS_KEY: doc.to_string()}}),
+    );
+    let b = replica(fake.client());
+    wait_until("the valid entries are on B's CRL", || {
+        b.on_crl("0a0a") && b.on_crl("0f0f")
+    })
+    .await;
+    wait_until("the refusals are counted", || b.metrics.refused() == 4).await;
+    // The invalid ones are not on the CRL, and B's file stays loadable with the valid two.
+    for s in ["0c0c", "0d0d", "0e0e"] {
+        assert!(!b.on_crl(s), "{s} refused");
+    }
+    let mut mine: Vec<_> = load(b.dir.path())
+        .revoked
+        .into_iter()
+        .map(|r| r.serial)
+        .collect();
+    mine.sort();
+    assert_eq!(mine, ["0a0a", "0f0f"]);
+    // A local revocation is added beside them: entries are only ever added.
+    b.revoke("1234");
+    wait_until("B's revocation is shared", || {
+        shared_serials(&fake).contains(&"1234".to_owned())
+    })
+    .await;
+    assert_eq!(
+        shared_serials(&fake),
+        ["0a0a", "zz-not-hex", "0c0c", "0d0d", "0e0e", "0f0f", "1234"]
+    );
+}
+
+/// A client of `fake` whose every request fails (connection refused) while `down`.
+fn flaky_client(fake: &FakeApi, down: Arc<AtomicBool>) -> kube::Client {
+    let inner = fake.client();
+    let svc = tower::service_fn(move |req: http::Request<kube::client::Body>| {
+        let (inner, down) = (inner.clone(), down.clone());
+        async move {
+            if down.load(Ordering::SeqCst) {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::ConnectionRefused,
+                    "API server unreachable (test)",
+                ));
+            }
+            inner.send(req).await.map_err(std::io::Error::other)
+        }
+    });
+    kube::Client::new(svc, "default")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_the_api_down_a_local_revocation_applies_and_is_shared_when_it_is_back() {
+    let fake = FakeApi::new();
+    let down = Arc::new(AtomicBool::new(true));
+    let a = replica(flaky_client(&fake, down.clone()));
+    let b = replica(fake.client());
+    a.revoke("abcd");
+    // Applied and persisted locally although the API is unreachable.
+    assert!(a.on_crl("abcd"));
+    assert!(a.persisted("abcd"));
+    wait_until("A reports the failed upload and retries", || {
+        a.metrics.failing() && a.metrics.failures() >= 2
+    })
+    .await;
+    // The twin: while A cannot reach the API, B does not have it.
+    assert!(!b.on_crl("abcd"));
+    assert!(shared(&fake).is_empty());
+
+    down.store(false, Ordering::SeqCst);
+    wait_until("B has A's revocation once the API is back", || {
+        b.on_crl("abcd")
+    })
+    .await;
+    assert!(b.persisted("abcd"));
+    wait_until("A reports sharing works again", || !a.metrics.failing()).await;
+    assert_eq!(shared_serials(&fake), ["abcd"]);
+    assert!(!b.on_crl("abce"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removing_entries_from_the_object_un_revokes_nothing() {
+    let fake = FakeApi::new();
+    let a = replica(fake.client());
+    let b = replica(fake.client());
+    a.revoke("5151");
+    wait_until("B has it", || b.on_crl("5151")).await;
+
+    // Someone with write access empties the list: the replicas write their entries back,
+    // and keep enforcing them meanwhile.
+    let mut cm = fake.get(COLL, REVOCATIONS_CONFIGMAP).unwrap();
+    cm["data"][REVOCATIONS_KEY] = json!("{\"revoked\": []}");
+    fake.put(COLL, cm);
+    assert!(a.on_crl("5151") && b.on_crl("5151"));
+    wait_until("the entry is back in the object", || {
+        shared_serials(&fake) == ["5151"]
+    })
+    .await;
+
+    // Deleting the object: it is written again.
+    fake.delete(COLL, REVOCATIONS_CONFIGMAP);
+    wait_until("the object is back with the entry", || {
+        shared_serials(&fake) == ["5151"]
+    })
+    .await;
+    for r in [&a, &b] {
+        assert!(r.on_crl("5151") && r.persisted("5151"));
+        // The twin: only what was revoked.
+        assert!(!r.on_crl("5152"));
+    }
+}
