@@ -4,8 +4,8 @@ response, and hold them all open until killed (SIGTERM).
 
 Usage: hold-conns.py HOST PORT N [HOSTHEADER]
 Prints "held N" on stdout once every connection has had its response (exit 1 on failure).
-At most 32 requests are in flight at once (the proxy's app pool then holds a few
-connections to the app, as it would under a modest load).
+At most 32 requests are in flight at once. (Since issue #15 session 6 the backend proxy
+holds one app connection per downstream HTTP/1.1 connection, so the app sees N.)
 """
 import resource
 import selectors

@@ -60,10 +60,11 @@ for f in mesh.yaml workloads.yaml; do
 done
 ulimit -n "$(ulimit -Hn)" 2>/dev/null
 # The backend app: nginx answering 200 "ok\n" (as ../../shared/bench/compare-mtls.sh runs it).
+# The backend proxy opens one app connection per downstream HTTP/1.1 connection: room for N.
 mkdir -p "$W/nginx/logs"
 cat > "$W/nginx/nginx.conf" <<NGX
 worker_processes 1; daemon off; user root; error_log $W/nginx/logs/error.log warn; pid $W/nginx/nginx.pid;
-events { worker_connections 4096; }
+events { worker_connections 16384; }
 http {
   access_log off; keepalive_requests 1000000; keepalive_timeout 120s;
   client_body_temp_path $W/nginx/b; proxy_temp_path $W/nginx/p; fastcgi_temp_path $W/nginx/f; uwsgi_temp_path $W/nginx/u; scgi_temp_path $W/nginx/s;

@@ -18,6 +18,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::Instrument as _;
 
+use crate::app::AppConn;
 use crate::config::Handle;
 use crate::drain::Drain;
 use crate::edge::{Activity, EdgeLimits, Tracked};
@@ -61,6 +62,9 @@ struct ConnCtx {
     /// moves or removes the port applies to new connections; this one finishes where it
     /// started).
     app: Option<http::uri::Authority>,
+    /// The app connection of this connection's HTTP/1.1 requests (HTTP/2 streams use the
+    /// pooled `Inbound::app_h1`/`app_h2`).
+    app_conn: AppConn,
 }
 
 impl ConnCtx {
@@ -146,6 +150,7 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
             series,
             stats,
             app: app_authority(pe.app),
+            app_conn: AppConn::new(pe.app, &ib.edge),
         };
         serve(ib, cx, pe.app, tcp).await;
         return;
@@ -234,6 +239,7 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
         series,
         stats,
         app: app_authority(pe.app),
+        app_conn: AppConn::new(pe.app, &ib.edge),
     };
     drop(cfg);
     serve(ib, cx, pe.app, tls).await;
@@ -409,13 +415,23 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
             return r;
         }
     }
+    // An HTTP/1.1 downstream connection's requests are serial: its own app connection
+    // carries them (no pool); HTTP/2 streams are concurrent and share the pooled clients.
+    let own_conn = !h2 && matches!(req.version(), Version::HTTP_10 | Version::HTTP_11);
     *req.version_mut() = if h2 {
         Version::HTTP_2
     } else {
         Version::HTTP_11
     };
-    let client = if h2 { &ib.app_h2 } else { &ib.app_h1 };
-    let (resp, flags) = match tokio::time::timeout(ib.request_timeout, client.request(req)).await {
+    let sent = async {
+        if own_conn {
+            cx.app_conn.send(req).await.map_err(|e| e.to_string())
+        } else {
+            let client = if h2 { &ib.app_h2 } else { &ib.app_h1 };
+            client.request(req).await.map_err(|e| e.to_string())
+        }
+    };
+    let (resp, flags) = match tokio::time::timeout(ib.request_timeout, sent).await {
         Ok(Ok(r)) => {
             // recorded when the response ends (trailers: gRPC status)
             let pending = Pending::new(cx.series.clone(), start, grpc, &r, "-");

@@ -12,6 +12,7 @@
 // Layers, lowest first (each imports only from the ones above it; `runtime` is wiring
 // that no module imports; tests/module_cycles.rs keeps it so):
 mod admin;
+mod app;
 mod config;
 mod conn;
 mod control;

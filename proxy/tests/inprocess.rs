@@ -10,13 +10,16 @@
 //! twin: mTLS allowed / plaintext refused under STRICT (and accepted under PERMISSIVE),
 //! an allowed path / a denied one (403, the policy named in the log), the right peer
 //! identity / a SAN mismatch (refused), and a drain that lets an in-flight request finish
-//! while new connections are refused.
+//! while new connections are refused. The inbound side's app connections: one per
+//! downstream HTTP/1.1 connection (and its twin, two for two), ended with it, and opened
+//! again when the app closed it.
 
 #[path = "support/sds_standin.rs"]
 mod sds_standin;
 
 use std::net::SocketAddr;
 use std::path::Path;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Duration;
 
@@ -96,6 +99,83 @@ async fn app() -> SocketAddr {
         }
     });
     addr
+}
+
+/// Connections an app accepted and those that have ended.
+#[derive(Clone, Default)]
+struct ConnCount {
+    accepted: Arc<AtomicUsize>,
+    ended: Arc<AtomicUsize>,
+}
+
+impl ConnCount {
+    fn accepted(&self) -> usize {
+        self.accepted.load(Ordering::SeqCst)
+    }
+    fn ended(&self) -> usize {
+        self.ended.load(Ordering::SeqCst)
+    }
+}
+
+/// An HTTP/1.1 app on 127.0.0.1:0 that counts its connections: `200 app <path>`; after
+/// answering `/close` it closes the connection (as an app's keep-alive timeout would; no
+/// `connection: close`, which the proxy passes on and which would end the downstream
+/// connection too).
+async fn counting_app() -> (SocketAddr, ConnCount) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    let count = ConnCount::default();
+    let c = count.clone();
+    tokio::spawn(async move {
+        loop {
+            let Ok((mut s, _)) = l.accept().await else {
+                return;
+            };
+            c.accepted.fetch_add(1, Ordering::SeqCst);
+            let ended = c.ended.clone();
+            tokio::spawn(async move {
+                while let Some(head) = read_head(&mut s).await {
+                    let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
+                    let close = path == "/close";
+                    let body = format!("app {path}");
+                    let resp = format!(
+                        "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
+                        body.len()
+                    );
+                    if s.write_all(resp.as_bytes()).await.is_err() || close {
+                        break;
+                    }
+                }
+                ended.fetch_add(1, Ordering::SeqCst);
+            });
+        }
+    });
+    (addr, count)
+}
+
+/// One keep-alive HTTP/1.1 request on the open connection `s`: status and body (read by
+/// its content-length), or `None` when the connection ends without an answer.
+async fn request_on(s: &mut TcpStream, path: &str) -> Option<(u16, String)> {
+    let req = format!("GET {path} HTTP/1.1\r\nhost: server\r\n\r\n");
+    s.write_all(req.as_bytes()).await.ok()?;
+    let head = tokio::time::timeout(Duration::from_secs(10), read_head(s))
+        .await
+        .ok()??;
+    let status = head.split_whitespace().nth(1)?.parse().ok()?;
+    let len: usize = head
+        .lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0);
+    let mut body = vec![0u8; len];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut body))
+        .await
+        .ok()?
+        .ok()?;
+    Some((status, String::from_utf8_lossy(&body).into_owned()))
 }
 
 /// Read one request or response head (the tests send no bodies).
@@ -201,13 +281,18 @@ spec:
 
 impl Mesh {
     async fn new() -> Mesh {
+        Mesh::with_app(app().await)
+    }
+
+    /// A mesh whose `server` workload's app is at `app`.
+    fn with_app(app: SocketAddr) -> Mesh {
         let dir = tempfile::tempdir().unwrap();
         std::fs::write(dir.path().join("mesh.yaml"), format!("trustDomain: {TD}\n")).unwrap();
         std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
         Mesh {
             dir,
             ca: TestCa::new("inprocess-root"),
-            app: app().await,
+            app,
             sds: Vec::new(),
         }
     }
@@ -537,4 +622,98 @@ async fn a_revoked_peer_is_refused_and_its_connections_closed() {
     let r = until(200, || call(out, "/")).await;
     assert_eq!(r.map(|r| r.0), Some(200));
     drop((server, client));
+}
+
+// === the app connections of the inbound side ===
+
+/// A server proxy in front of a counting app; its PERMISSIVE inbound port (plaintext).
+async fn counted_server() -> (Mesh, Proxy, SocketAddr, ConnCount) {
+    let _ = logs();
+    let (app, count) = counting_app().await;
+    let mut mesh = Mesh::with_app(app);
+    let any = |ip: &str| format!("{ip}:0").parse::<SocketAddr>().unwrap();
+    let snap = mesh.snapshot([any("127.0.0.2"), any("127.0.0.3")], "server");
+    let server = mesh.proxy("server", snap, None).await;
+    let port = listener(&server, "inbound port 81");
+    (mesh, server, port, count)
+}
+
+/// Wait (at most 5 s) until `f` holds.
+async fn eventually(mut f: impl FnMut() -> bool) -> bool {
+    for _ in 0..50 {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    f()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_downstream_keep_alive_connection_opens_one_app_connection() {
+    let (_mesh, server, port, count) = counted_server().await;
+    let mut s = TcpStream::connect(port).await.unwrap();
+    for i in 0..5 {
+        let path = format!("/r{i}");
+        let r = request_on(&mut s, &path).await;
+        assert_eq!(r, Some((200, format!("app {path}"))), "request {i}");
+    }
+    assert_eq!(
+        count.accepted(),
+        1,
+        "5 requests on one downstream connection"
+    );
+    // The app connection belongs to the downstream connection: it ends with it.
+    drop(s);
+    assert!(
+        eventually(|| count.ended() == 1).await,
+        "the app connection outlived its downstream connection"
+    );
+    assert_eq!(count.accepted(), 1);
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_downstream_connections_open_two_app_connections() {
+    let (_mesh, server, port, count) = counted_server().await;
+    let mut a = TcpStream::connect(port).await.unwrap();
+    let mut b = TcpStream::connect(port).await.unwrap();
+    // Interleaved but never concurrent: a pool would serve all four over one connection.
+    for i in 0..2 {
+        for (name, s) in [("a", &mut a), ("b", &mut b)] {
+            let path = format!("/{name}{i}");
+            let r = request_on(s, &path).await;
+            assert_eq!(r, Some((200, format!("app {path}"))));
+        }
+    }
+    assert_eq!(count.accepted(), 2, "two downstream connections");
+    drop(a);
+    assert!(
+        eventually(|| count.ended() == 1).await,
+        "closing one downstream connection did not end its app connection"
+    );
+    // The other downstream connection keeps its app connection.
+    let r = request_on(&mut b, "/b2").await;
+    assert_eq!(r, Some((200, "app /b2".to_string())));
+    assert_eq!((count.accepted(), count.ended()), (2, 1));
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_connection_the_app_closed_is_opened_again() {
+    let (_mesh, server, port, count) = counted_server().await;
+    let mut s = TcpStream::connect(port).await.unwrap();
+    let r = request_on(&mut s, "/close").await;
+    assert_eq!(r, Some((200, "app /close".to_string())));
+    assert!(eventually(|| count.ended() == 1).await);
+    // Time for the proxy to read the app's end of stream.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The downstream connection stays open; its next request gets a new app connection.
+    let r = request_on(&mut s, "/after").await;
+    assert_eq!(r, Some((200, "app /after".to_string())));
+    assert_eq!(count.accepted(), 2);
+    let r = request_on(&mut s, "/again").await;
+    assert_eq!(r, Some((200, "app /again".to_string())));
+    assert_eq!(count.accepted(), 2, "the new app connection is reused");
+    drop(server);
 }
