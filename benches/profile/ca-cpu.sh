@@ -23,16 +23,22 @@ trap 'kill $ca_pid 2>/dev/null || true; rm -rf "$work"' EXIT
 "$bin" token issue --key "$work/iss.key" --issuer bench-iss --ns bench --sa load \
     --out "$work/token.jwt"
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-RUST_LOG=warn "$bin" ca --listen "127.0.0.1:$port" --cacerts "$work/none" --state "$work/state" \
+# CA_CPUS / LOAD_CPUS (taskset lists, e.g. 0 and 1) pin the CA and the load generator to
+# cores of their own, so that they do not share one core's caches.
+ca_pin=(); load_pin=()
+[ -n "${CA_CPUS:-}" ] && ca_pin=(taskset -c "$CA_CPUS")
+[ -n "${LOAD_CPUS:-}" ] && load_pin=(taskset -c "$LOAD_CPUS")
+RUST_LOG=warn "${ca_pin[@]}" "$bin" ca --listen "127.0.0.1:$port" --cacerts "$work/none" --state "$work/state" \
     --jwt-issuer bench-iss --jwks "$work/jwks.json" --bundle-out "$work/root.pem" \
     > "$work/ca.out" 2> "$work/ca.log" &
 ca_pid=$!
 for _ in $(seq 100); do grep -q "listening on" "$work/ca.out" 2>/dev/null && break; sleep 0.1; done
 # Warm-up (connections, token cache, audit file), then the measured run.
-"$bin" ca bench --addr "127.0.0.1:$port" --ca-root "$work/root.pem" --token "$work/token.jwt" \
+"${load_pin[@]}" "$bin" ca bench --addr "127.0.0.1:$port" --ca-root "$work/root.pem" --token "$work/token.jwt" \
     --spiffe-id spiffe://cluster.local/ns/bench/sa/load --duration 1s \
     --connections "$conns" --concurrency "$inflight" --threads 1 >/dev/null
-"$bin" ca bench --addr "127.0.0.1:$port" --ca-root "$work/root.pem" --token "$work/token.jwt" \
+"${load_pin[@]}" "$bin" ca bench --addr "127.0.0.1:$port" --ca-root "$work/root.pem" --token "$work/token.jwt" \
     --spiffe-id spiffe://cluster.local/ns/bench/sa/load --duration "${secs}s" \
     --connections "$conns" --concurrency "$inflight" --threads 1 --pid "$ca_pid"
+awk "{print \"CA utime \" \$14 \" stime \" \$15 \" (ticks, whole life)\"}" /proc/$ca_pid/stat
 "$floor" floor 20000
