@@ -336,24 +336,7 @@ async fn ca_in_kubernetes_mode_against_a_fake_api_server() {
         || ca1.log(),
     );
     let mut c = client(&bundle_path, addr).await;
-    let chain_root = {
-        let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
-        let csr = rampart_certs::build_csr(&key, &SpiffeId::parse(app).unwrap()).unwrap();
-        let mut req = tonic::Request::new(IstioCertificateRequest {
-            csr,
-            validity_duration: 3600,
-            metadata: None,
-        });
-        req.metadata_mut()
-            .insert("authorization", format!("Bearer {tok}").parse().unwrap());
-        let chain = c
-            .create_certificate(req)
-            .await
-            .unwrap()
-            .into_inner()
-            .cert_chain;
-        root_fingerprint_of_pem(chain.last().unwrap())
-    };
+    let chain_root = root_fingerprint_of_pem(issue_chain(&mut c, app, &tok).await.last().unwrap());
     assert_eq!(chain_root, want, "issued under the new plug-in root");
     drop(ca1);
 }
@@ -602,11 +585,12 @@ fn kubernetes_flags_are_checked() {
 }
 
 /// A certificate from `c` for `id` (token `tok`): its serial (lowercase hex).
-async fn issue_serial(
+/// A certificate for `id` with bearer token `tok`: the chain's PEMs, leaf first.
+async fn issue_chain(
     c: &mut IstioCertificateServiceClient<Channel>,
     id: &str,
     tok: &str,
-) -> String {
+) -> Vec<String> {
     let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
     let csr = rampart_certs::build_csr(&key, &SpiffeId::parse(id).unwrap()).unwrap();
     let mut req = tonic::Request::new(IstioCertificateRequest {
@@ -616,12 +600,19 @@ async fn issue_serial(
     });
     req.metadata_mut()
         .insert("authorization", format!("Bearer {tok}").parse().unwrap());
-    let chain = c
-        .create_certificate(req)
+    c.create_certificate(req)
         .await
         .unwrap()
         .into_inner()
-        .cert_chain;
+        .cert_chain
+}
+
+async fn issue_serial(
+    c: &mut IstioCertificateServiceClient<Channel>,
+    id: &str,
+    tok: &str,
+) -> String {
+    let chain = issue_chain(c, id, tok).await;
     let leaf = rampart_certs::parse_certs_pem(&chain[0]).unwrap();
     CertInfo::parse(&leaf[0]).unwrap().serial_hex
 }

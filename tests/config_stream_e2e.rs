@@ -88,29 +88,6 @@ fn snapshot(dir: &Path, p: &Ports, deny_path: &str, extra_mesh: &str) -> MeshFol
     MeshFolder::load(dir).unwrap()
 }
 
-/// The app: answers `200 ok` to every request.
-fn app(port: u16) {
-    let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
-    std::thread::spawn(move || {
-        for s in l.incoming() {
-            let Ok(mut s) = s else { continue };
-            std::thread::spawn(move || {
-                let mut buf = Vec::new();
-                let mut b = [0u8; 1024];
-                while !buf.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match s.read(&mut b) {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => buf.extend_from_slice(&b[..n]),
-                    }
-                }
-                let _ = s.write_all(
-                    b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok",
-                );
-            });
-        }
-    });
-}
-
 /// The status code of a plaintext `GET path` to `port`, or `None` when nothing answers.
 fn status(port: u16, path: &str) -> Option<u16> {
     let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
@@ -325,7 +302,7 @@ fn proxy_follows_the_control_plane_through_edits_nacks_and_outages() {
         other_app: free_port(),
         other_in: free_port(),
     };
-    app(p.app);
+    support::app_200(p.app);
 
     // The SDS stand-in lives on this test's own runtime for the whole test.
     let test_rt = tokio::runtime::Runtime::new().unwrap();
@@ -503,7 +480,7 @@ fn ca_binary_serves_its_config_folder() {
         other_app: free_port(),
         other_in: free_port(),
     };
-    app(p.app);
+    support::app_200(p.app);
     let folder = wp.join("mesh");
     snapshot(&folder, &p, "/admin", "");
 
