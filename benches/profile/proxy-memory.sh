@@ -5,10 +5,14 @@
 # request each. Memory only (never time: it does not depend on the machine's load).
 #
 # Usage: benches/profile/proxy-memory.sh [--bin target/release/rampart] [--conns '1000 5000']
-#                                       [--port-offset 0] [--detail]
+#                                       [--port-offset 0] [--detail] [--settle 10]
 # --detail also lists, for each proxy idle and held, its largest anonymous mappings (size and
 # RSS in KiB: [heap] is the main malloc arena, 64 MiB-aligned ones are thread arenas, 2 MiB
 # or 8 MiB ones with a guard page are thread stacks).
+# --settle: seconds between the last connection's response and the "held" reading (default
+# 10: the backend parks an HTTP/1.1 connection idle for 5 s, checked every 2.5 s, releasing
+# its HTTP buffers and app connection; `--settle 3` reads before that, as runs before
+# 2026-12-06 15:00 UTC did).
 # --port-offset moves every port of the pair (CA 25013, proxies 25000-25082, upstream 26001,
 # nginx 18080) by that much, so that it can run beside another copy of benches/mtls-pair.
 #
@@ -25,13 +29,14 @@
 # and per connection: (held - idle) / N for USS and anon, in bytes.
 set -u
 here=$(cd "$(dirname "$0")" && pwd); root=$(cd "$here/../.." && pwd)
-bin=$root/target/release/rampart conns="1000 5000" off=0 detail=
+bin=$root/target/release/rampart conns="1000 5000" off=0 detail= settle=10
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) bin=$2; shift 2 ;;
     --conns) conns=$2; shift 2 ;;
     --port-offset) off=$2; shift 2 ;;
     --detail) detail=1; shift ;;
+    --settle) settle=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -125,7 +130,7 @@ for n in $conns; do
   python3 "$here/hold-conns.py" 127.0.0.1 "$uport" "$n" backend.bench:8080 </dev/null >"$W/hold.out" 2>&1 & hold_pid=$!
   for _ in $(seq 1200); do grep -q '^held' "$W/hold.out" && break; kill -0 $hold_pid 2>/dev/null || break; sleep 0.5; done
   grep -q '^held' "$W/hold.out" || { echo "holding $n connections failed:" >&2; cat "$W/hold.out" >&2; exit 1; }
-  sleep 3
+  sleep "$settle"
   b1=($(mem "$back")); c1=($(mem "$client"))
   if [ -n "$detail" ]; then
     for p in client backend; do
