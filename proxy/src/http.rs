@@ -135,7 +135,8 @@ pub(crate) async fn serve_inbound<IO, S, P>(
         let builder = edge.server().http2_only();
         let io = TokioIo::new(io);
         // Boxed: the HTTP/1.1 path's parked state below is not sized for HTTP/2's.
-        Box::pin(drive(builder.serve_connection(io, svc), &act, edge, drain)).await;
+        let driving = Box::pin(drive(builder.serve_connection(io, svc), &act, edge, drain));
+        driving.await;
         return;
     }
     let builder = edge.server_h1();
@@ -145,7 +146,8 @@ pub(crate) async fn serve_inbound<IO, S, P>(
             Pin::new(&mut *conn).graceful_shutdown();
         }
         // Boxed with the connection: freed when it parks.
-        if !Box::pin(drive_h1(&mut *conn, &act, edge, &mut stop)).await {
+        let driving = Box::pin(drive_h1(&mut *conn, &act, edge, &mut stop));
+        if !driving.await {
             return;
         }
         // Idle: end hyper's connection (it is idle, so it closes at once, reading nothing
@@ -155,11 +157,19 @@ pub(crate) async fn serve_inbound<IO, S, P>(
             tracing::debug!(error = %e, "HTTP connection ended with an error");
             return;
         }
-        let parts = conn.into_parts();
-        svc = parts.service;
-        io = parts.io.into_inner();
+        let hyper::server::conn::http1::Parts {
+            io: tokio_io,
+            read_buf,
+            service,
+            ..
+        } = conn.into_parts();
+        svc = service;
+        io = tokio_io.into_inner();
+        // `read_buf` is a view of hyper's whole read buffer (8 KiB, even when empty): keep a
+        // copy of the unparsed bytes only, never the buffer, while parked.
+        let unparsed = Bytes::copy_from_slice(&read_buf);
+        drop(read_buf);
         on_park();
-        let unparsed = parts.read_buf;
         let next = if unparsed.is_empty() {
             tracing::trace!("idle HTTP/1.1 connection parked");
             tokio::select! {

@@ -154,7 +154,8 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
         };
         let app = pe.app;
         drop((cfg, pe, labels, me_principal));
-        Box::pin(serve(ib, cx, app, tcp)).await;
+        let serving = Box::pin(serve(ib, cx, app, tcp));
+        serving.await;
         return;
     }
     let state = match ib.identity.for_handshake() {
@@ -251,7 +252,10 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
     // as the connection (idle ones too), and these would otherwise stay in it (the peer's
     // chain alone is a kilobyte or more; `LiveConns` keeps the one shared copy).
     drop((cfg, pe, chain, labels, me_principal));
-    Box::pin(serve(ib, cx, app, tls)).await;
+    // Boxed in a statement of its own: only the box, not the future it was built from,
+    // stays in this task's frame while it runs.
+    let serving = Box::pin(serve(ib, cx, app, tls));
+    serving.await;
 }
 
 async fn serve<IO>(ib: &Arc<Inbound>, cx: ConnCtx, app: SocketAddr, io: IO)
@@ -260,7 +264,8 @@ where
 {
     if cx.protocol == PortProtocol::Tcp {
         // Boxed: an HTTP connection's task is not sized for a TCP relay, nor the reverse.
-        Box::pin(tcp(ib, cx, app, io)).await;
+        let relay = Box::pin(tcp(ib, cx, app, io));
+        relay.await;
         return;
     }
     let cx = Arc::new(cx);
@@ -277,10 +282,16 @@ where
     });
     // A parked (idle) HTTP/1.1 connection gives up its app connection too; its next request
     // opens a new one.
-    crate::http::serve_inbound(&ib.edge, &ib.drain, io, svc, move || {
-        park_cx.app_conn.release();
-    })
-    .await;
+    let serving = Box::pin(crate::http::serve_inbound(
+        &ib.edge,
+        &ib.drain,
+        io,
+        svc,
+        move || {
+            park_cx.app_conn.release();
+        },
+    ));
+    serving.await;
 }
 
 static XFCC: header::HeaderName = header::HeaderName::from_static("x-forwarded-client-cert");
