@@ -341,6 +341,19 @@ impl Activity {
         }
     }
 
+    /// Part of a next request is waiting (bytes replayed after parking: a head pipelined
+    /// while the previous request was in flight, never completed): its headers are on the
+    /// clock from now, so it cannot be parked and re-armed forever.
+    pub(crate) fn next_request_pending(&self) {
+        let now = self.now_ms();
+        let _ = self.pending_since.compare_exchange(
+            0,
+            now.saturating_add(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
     /// Whether an HTTP/1.1 connection may be parked: it has served a request, none is in
     /// flight, no next request has started arriving, and no byte moved for `after`.
     pub(crate) fn parkable(&self, after: Duration) -> bool {

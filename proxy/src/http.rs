@@ -152,9 +152,16 @@ pub(crate) async fn serve_inbound<IO, S, P>(
         }
         // Idle: end hyper's connection (it is idle, so it closes at once, reading nothing
         // more) and take the socket back with any bytes hyper read but did not parse.
+        // (Still under the connection's timers: should hyper have a last write to finish
+        // for a peer that does not read, this cannot wait longer than the idle timeout.)
         Pin::new(&mut *conn).graceful_shutdown();
-        if let Err(e) = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)).await {
-            tracing::debug!(error = %e, "HTTP connection ended with an error");
+        let ended = tokio::select! {
+            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => r.map_err(|e| e.to_string()),
+            why = act.expired(edge) => Err(why.to_string()),
+            _ = stop.changed() => Err("draining".to_string()),
+        };
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "HTTP connection ended instead of parking");
             return;
         }
         let hyper::server::conn::http1::Parts {
@@ -188,6 +195,7 @@ pub(crate) async fn serve_inbound<IO, S, P>(
                 }
             }
         } else {
+            act.next_request_pending();
             unparsed
         };
         io.unread(next);

@@ -851,6 +851,20 @@ async fn requests_arriving_while_the_connection_parks_are_not_lost() {
     s.write_all(b"st: server\r\n\r\n").await.unwrap();
     let r = response_on(&mut s).await;
     assert_eq!(r, Some((200, "app /half".to_string())));
+    // A request, and the start of a next one in the same write; the rest of it comes
+    // several park periods later. The partial head sits in hyper's buffer while the
+    // connection is idle: handed back on parking, replayed first, completed, answered.
+    s.write_all(b"GET /x1 HTTP/1.1\r\nhost: server\r\n\r\nGET /x2 HT")
+        .await
+        .unwrap();
+    let r = response_on(&mut s).await;
+    assert_eq!(r, Some((200, "app /x1".to_string())));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(b"TP/1.1\r\nhost: server\r\n\r\n")
+        .await
+        .unwrap();
+    let r = response_on(&mut s).await;
+    assert_eq!(r, Some((200, "app /x2".to_string())));
     assert!(count.accepted() >= 2, "the connection never parked");
     drop(server);
 }
