@@ -423,3 +423,30 @@ pub(crate) fn authority_of<B>(req: &Request<B>) -> String {
         })
         .unwrap_or_default()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt as _;
+
+    /// Bytes put back come out first, the latest put back first of all, then the stream's
+    /// own; small reads take them a piece at a time.
+    #[tokio::test]
+    async fn rewind_replays_what_was_put_back_in_order() {
+        let mut r = Rewind::new(&b" and then the socket"[..]);
+        r.unread(Bytes::from_static(b"world"));
+        r.unread(Bytes::from_static(b"hello "));
+        let mut two = [0u8; 2];
+        r.read_exact(&mut two).await.unwrap();
+        assert_eq!(&two, b"he");
+        let mut rest = String::new();
+        r.read_to_string(&mut rest).await.unwrap();
+        assert_eq!(rest, "llo world and then the socket");
+        // Nothing put back: the stream as it is.
+        let mut plain = Rewind::new(&b"as is"[..]);
+        plain.unread(Bytes::new());
+        let mut all = String::new();
+        plain.read_to_string(&mut all).await.unwrap();
+        assert_eq!(all, "as is");
+    }
+}

@@ -1022,6 +1022,42 @@ async fn a_parked_connection_whose_peer_closes_is_cleaned_up() {
     drop(server);
 }
 
+/// A parked connection whose peer's certificate is revoked is closed at once (its task ends:
+/// the open-mTLS gauge goes back down), as an active one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_of_a_revoked_peer_is_closed() {
+    let _ = logs();
+    let (app, count) = counting_app().await;
+    let mut mesh = Mesh::with_app(app);
+    mesh.edge = parking();
+    let (server, client, _inbound, _tx) = pair(&mut mesh).await;
+    let out = listener(&client, "outbound");
+    let admin = server.admin_addr().unwrap();
+    let r = until(200, || call(out, "/")).await;
+    assert_eq!(r.map(|r| r.0), Some(200));
+    assert!(
+        eventually(|| count.ended() == count.accepted()).await,
+        "not parked"
+    );
+    assert!(metric(admin, "rampart_proxy_mtls_connections_open").await >= 1);
+    let victim = mesh.serial("client");
+    let revoking = crl(&mesh.ca.ca, 1, std::slice::from_ref(&victim));
+    mesh.push("server", |s| s.crl_pem = revoking);
+    let mut open = u64::MAX;
+    for _ in 0..50 {
+        open = metric(admin, "rampart_proxy_mtls_connections_open").await;
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(open, 0, "a parked connection of a revoked peer stayed open");
+    assert!(metric(admin, "rampart_proxy_revoked_connections_closed_total").await >= 1);
+    let r = until(503, || call(out, "/")).await.unwrap();
+    assert_eq!(r.0, 503, "{r:?}");
+    drop((server, client));
+}
+
 /// HTTP/2 connections are not parked: one stays usable past the park period and its
 /// requests keep being answered.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
