@@ -8,7 +8,9 @@
 //! (`stream_idle_timeout`), a connection with no request in flight is closed after 1 hour
 //! (HCM `idle_timeout`). Envoy sets no header-read timeout by default; ours is 10 seconds
 //! (`request_headers_timeout`) so a client that sends half a request cannot hold a
-//! connection slot.
+//! connection slot. An inbound HTTP/1.1 connection idle for `park_idle_after` (5 s) keeps
+//! its socket but gives up its HTTP state and app connection until its next byte
+//! (`http::serve_inbound`); every limit here applies to it as before.
 
 use std::convert::Infallible;
 use std::future::Future;

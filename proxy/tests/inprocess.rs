@@ -12,7 +12,10 @@
 //! identity / a SAN mismatch (refused), and a drain that lets an in-flight request finish
 //! while new connections are refused. The inbound side's app connections: one per
 //! downstream HTTP/1.1 connection (and its twin, two for two), ended with it, and opened
-//! again when the app closed it.
+//! again when the app closed it. Idle HTTP/1.1 connections parked (short park period): served
+//! again on the same connection, requests arriving while parking not lost, closed on drain,
+//! on revocation and when the peer leaves, the same identity and policy after re-arm; HTTP/2
+//! not parked.
 
 #[path = "support/sds_standin.rs"]
 mod sds_standin;
