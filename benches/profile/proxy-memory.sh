@@ -5,10 +5,19 @@
 # request each. Memory only (never time: it does not depend on the machine's load).
 #
 # Usage: benches/profile/proxy-memory.sh [--bin target/release/rampart] [--conns '1000 5000']
-#                                       [--port-offset 0] [--detail]
+#                                       [--port-offset 0] [--detail] [--settle 10]
+#                                       [--second-batch]
 # --detail also lists, for each proxy idle and held, its largest anonymous mappings (size and
 # RSS in KiB: [heap] is the main malloc arena, 64 MiB-aligned ones are thread arenas, 2 MiB
 # or 8 MiB ones with a guard page are thread stacks).
+# --settle: seconds between the last connection's response and the "held" reading (default
+# 10: the backend parks an HTTP/1.1 connection idle for 5 s, checked every 2.5 s, releasing
+# its HTTP buffers and app connection; `--settle 3` reads before that, as runs before
+# 2026-12-06 15:00 UTC did).
+# --second-batch: after the "held" reading, open N more connections (kept with the first N),
+# wait --settle again and read "held2"; "B/conn2" = (held2 - held) / N, the cost of N more
+# idle connections in a process whose freed memory (parked connections' hyper buffers and app
+# connections, which glibc keeps resident between live allocations) can be reused.
 # --port-offset moves every port of the pair (CA 25013, proxies 25000-25082, upstream 26001,
 # nginx 18080) by that much, so that it can run beside another copy of benches/mtls-pair.
 #
@@ -25,13 +34,16 @@
 # and per connection: (held - idle) / N for USS and anon, in bytes.
 set -u
 here=$(cd "$(dirname "$0")" && pwd); root=$(cd "$here/../.." && pwd)
-bin=$root/target/release/rampart conns="1000 5000" off=0 detail=
+bin=$root/target/release/rampart conns="1000 5000" off=0 detail= settle=10 second=""
+
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) bin=$2; shift 2 ;;
     --conns) conns=$2; shift 2 ;;
     --port-offset) off=$2; shift 2 ;;
     --detail) detail=1; shift ;;
+    --settle) settle=$2; shift 2 ;;
+    --second-batch) second=1; shift ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -39,9 +51,10 @@ bin=$(cd "$(dirname "$bin")" && pwd)/$(basename "$bin")
 [ -x "$bin" ] || { echo "no binary at $bin (cargo build --release --bin rampart)" >&2; exit 2; }
 command -v nginx >/dev/null || { echo "needs nginx" >&2; exit 2; }
 W=$(mktemp -d /tmp/proxy-memory.XXXXXX)
-up_pid="" hold_pid="" nginx_pid=""
+up_pid="" hold_pid="" hold2_pid="" nginx_pid=""
 stop_pair() {
   [ -n "$hold_pid" ] && kill "$hold_pid" 2>/dev/null && wait "$hold_pid" 2>/dev/null; hold_pid=""
+  [ -n "$hold2_pid" ] && kill "$hold2_pid" 2>/dev/null && wait "$hold2_pid" 2>/dev/null; hold2_pid=""
   if [ -n "$up_pid" ]; then
     kill -TERM "$up_pid" 2>/dev/null
     for _ in $(seq 100); do kill -0 "$up_pid" 2>/dev/null || break; sleep 0.1; done
@@ -125,7 +138,7 @@ for n in $conns; do
   python3 "$here/hold-conns.py" 127.0.0.1 "$uport" "$n" backend.bench:8080 </dev/null >"$W/hold.out" 2>&1 & hold_pid=$!
   for _ in $(seq 1200); do grep -q '^held' "$W/hold.out" && break; kill -0 $hold_pid 2>/dev/null || break; sleep 0.5; done
   grep -q '^held' "$W/hold.out" || { echo "holding $n connections failed:" >&2; cat "$W/hold.out" >&2; exit 1; }
-  sleep 3
+  sleep "$settle"
   b1=($(mem "$back")); c1=($(mem "$client"))
   if [ -n "$detail" ]; then
     for p in client backend; do
@@ -140,5 +153,19 @@ for n in $conns; do
     printf '%-8s %-7s %-10s %8d %8d %8d %8d %8s\n' $p "$n" "B/conn" \
       $(( (z[0]-a[0])*1024/n )) $(( (z[1]-a[1])*1024/n )) $(( (z[2]-a[2])*1024/n )) $(( (z[3]-a[3])*1024/n )) -
   done
+  if [ -n "$second" ]; then
+    : >"$W/hold2.out"
+    python3 "$here/hold-conns.py" 127.0.0.1 "$uport" "$n" backend.bench:8080 </dev/null >"$W/hold2.out" 2>&1 & hold2_pid=$!
+    for _ in $(seq 1200); do grep -q '^held' "$W/hold2.out" && break; kill -0 $hold2_pid 2>/dev/null || break; sleep 0.5; done
+    grep -q '^held' "$W/hold2.out" || { echo "holding $n more connections failed:" >&2; cat "$W/hold2.out" >&2; exit 1; }
+    sleep "$settle"
+    b2=($(mem "$back")); c2=($(mem "$client"))
+    for p in client backend; do
+      if [ $p = client ]; then a=("${c1[@]}") z=("${c2[@]}"); else a=("${b1[@]}") z=("${b2[@]}"); fi
+      printf '%-8s %-7s %-10s %8d %8d %8d %8d %8d\n' $p "$n+$n" held2 "${z[@]}"
+      printf '%-8s %-7s %-10s %8d %8d %8d %8d %8s\n' $p "$n" "B/conn2" \
+        $(( (z[0]-a[0])*1024/n )) $(( (z[1]-a[1])*1024/n )) $(( (z[2]-a[2])*1024/n )) $(( (z[3]-a[3])*1024/n )) -
+    done
+  fi
   stop_pair
 done

@@ -87,6 +87,12 @@ impl AppConn {
         });
     }
 
+    /// Close the idle app connection, if any (its downstream connection is parked: no
+    /// request in flight). The next request opens a new one.
+    pub(crate) fn release(&self) {
+        drop(self.take());
+    }
+
     /// Send `req` (absolute-form target naming the app) to the app; its response head.
     pub(crate) async fn send(
         &self,

@@ -8,7 +8,9 @@
 //! (`stream_idle_timeout`), a connection with no request in flight is closed after 1 hour
 //! (HCM `idle_timeout`). Envoy sets no header-read timeout by default; ours is 10 seconds
 //! (`request_headers_timeout`) so a client that sends half a request cannot hold a
-//! connection slot.
+//! connection slot. An inbound HTTP/1.1 connection idle for `park_idle_after` (5 s) keeps
+//! its socket but gives up its HTTP state and app connection until its next byte
+//! (`http::serve_inbound`); every limit here applies to it as before.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -38,6 +40,12 @@ pub struct EdgeLimits {
     pub idle_timeout: Duration,
     /// Largest request header block accepted (Envoy `max_request_headers_kb`, 60 KiB).
     pub max_header_bytes: usize,
+    /// An inbound HTTP/1.1 connection with no request in flight and no byte either way for
+    /// this long is parked: it keeps its socket (TLS session, peer identity) but gives up
+    /// its HTTP state and its app connection until its next byte arrives (memory per idle
+    /// keep-alive connection; see `http::serve_inbound`). Checked on a coarse tick, so a
+    /// connection parks between this and 1.5 times this after its last byte. Default 5 s.
+    pub park_idle_after: Duration,
 }
 
 impl Default for EdgeLimits {
@@ -47,9 +55,13 @@ impl Default for EdgeLimits {
             stream_idle_timeout: Duration::from_secs(300),
             idle_timeout: Duration::from_secs(3600),
             max_header_bytes: 60 * 1024,
+            park_idle_after: PARK_IDLE_AFTER,
         }
     }
 }
+
+/// Default of [`EdgeLimits::park_idle_after`].
+pub(crate) const PARK_IDLE_AFTER: Duration = Duration::from_secs(5);
 
 /// HTTP/2 streams one client connection may have open at once.
 pub(crate) const MAX_CONCURRENT_STREAMS: u32 = 100;
@@ -71,6 +83,17 @@ impl EdgeLimits {
             // Each stream may hold an app connection: bound them per connection (hyper's
             // default is 200), as linkerd2-proxy and most HTTP/2 servers do.
             .max_concurrent_streams(MAX_CONCURRENT_STREAMS);
+        b
+    }
+
+    /// An HTTP/1.1-only server builder with the HTTP/1.1 settings of [`Self::server`] (the
+    /// inbound side, once it has told HTTP/1.1 from HTTP/2 itself: hyper's own HTTP/1.1
+    /// connection can give its socket back, which an idle connection needs to be parked).
+    pub(crate) fn server_h1(&self) -> hyper::server::conn::http1::Builder {
+        let mut b = hyper::server::conn::http1::Builder::new();
+        b.timer(TokioTimer::new())
+            .header_read_timeout(None)
+            .max_buf_size(self.max_header_bytes.max(8192));
         b
     }
 
@@ -216,7 +239,7 @@ pub(crate) struct Activity {
 
 /// The start of the HTTP/2 client preface that tells it from an HTTP/1.1 request line (a
 /// request with method `PRI` is still HTTP/1.1 and keeps its header timer).
-const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0\r\n";
+pub(crate) const H2_PREFACE_START: &[u8] = b"PRI * HTTP/2.0\r\n";
 
 impl Activity {
     /// `header_phase`: the connection must deliver a request within the header-read timeout
@@ -318,6 +341,32 @@ impl Activity {
             }
             tokio::time::sleep(Duration::from_millis((deadline - now).min(cap))).await;
         }
+    }
+
+    /// Part of a next request is waiting (bytes replayed after parking: a head pipelined
+    /// while the previous request was in flight, never completed): its headers are on the
+    /// clock from now, so it cannot be parked and re-armed forever.
+    pub(crate) fn next_request_pending(&self) {
+        let now = self.now_ms();
+        let _ = self.pending_since.compare_exchange(
+            0,
+            now.saturating_add(1),
+            Ordering::Relaxed,
+            Ordering::Relaxed,
+        );
+    }
+
+    /// Whether an HTTP/1.1 connection may be parked: it has served a request, none is in
+    /// flight, no next request has started arriving, and no byte moved for `after`.
+    pub(crate) fn parkable(&self, after: Duration) -> bool {
+        let after = u64::try_from(after.as_millis()).unwrap_or(u64::MAX);
+        self.requests.load(Ordering::Relaxed) > 0
+            && self.active.load(Ordering::Relaxed) == 0
+            && self.pending_since.load(Ordering::Relaxed) == 0
+            && self
+                .now_ms()
+                .saturating_sub(self.last_ms.load(Ordering::Relaxed))
+                >= after
     }
 
     fn begin(self: &Arc<Self>) -> ActiveGuard {

@@ -3,17 +3,20 @@
 //! proxy writes itself (denials as Envoy writes them, gateway errors).
 
 use std::convert::Infallible;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
 
-use bytes::Bytes;
+use bytes::{Buf, Bytes, BytesMut};
 use http::{HeaderValue, Request, Response, StatusCode, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::rt::TokioIo;
 use hyper_util::server::graceful::GracefulConnection;
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 use crate::drain::Drain;
-use crate::edge::{Activity, EdgeLimits, Tracked, TrackedService};
+use crate::edge::{Activity, EdgeLimits, H2_PREFACE_START, Tracked, TrackedService};
 use crate::metrics::Metered;
 
 /// A response body: the app's or peer's (metered), or one the proxy wrote.
@@ -73,6 +76,265 @@ where
         }
     }
     let _ = conn.await;
+}
+
+// === inbound: HTTP/1.1 connections parked while idle ===
+
+/// Serve one inbound HTTP connection as [`serve`] does (no upgrades), except that an
+/// HTTP/1.1 connection idle for [`EdgeLimits::park_idle_after`] is parked: hyper's
+/// connection (its 8 KiB read and write buffers, its state) is ended without closing the
+/// socket, `on_park` runs (the inbound side drops the connection's app connection), and the
+/// task waits for the socket's next byte holding only the socket and the service; that byte
+/// (and any hyper had read but not parsed) is replayed first to a fresh hyper connection on
+/// the same socket. The service, and with it everything per connection (peer identity,
+/// metrics labels), is the same before and after. HTTP/2 connections are served as before.
+///
+/// A connection is parked only when it has served a request, has none in flight and no
+/// byte of a next one has arrived; hyper is driven by this task alone, so between that
+/// check and the end of its connection it reads nothing, and a request arriving meanwhile
+/// waits in the socket (or in hyper's read buffer, returned with the socket) for the next
+/// hyper connection: never lost, reordered, nor answered `connection: close`.
+pub(crate) async fn serve_inbound<IO, S, P>(
+    edge: &EdgeLimits,
+    drain: &Drain,
+    io: IO,
+    svc: S,
+    on_park: P,
+) where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+    S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
+        + Send
+        + Unpin
+        + 'static,
+    S::Future: Send + 'static,
+    P: Fn(),
+{
+    let act = Activity::new(true);
+    let mut stop = drain.conn_signal();
+    let mut io = Rewind::new(Tracked::new(io, act.clone()));
+    // HTTP/2 or HTTP/1.1: read until the first bytes match or rule out the HTTP/2 preface
+    // (the header-read timeout and drain apply meanwhile).
+    let mut first = BytesMut::new();
+    while first.len() < H2_PREFACE_START.len() && H2_PREFACE_START.starts_with(&first) {
+        tokio::select! {
+            r = read_some(&mut io) => match r {
+                Ok(b) if !b.is_empty() => first.extend_from_slice(&b),
+                _ => return,
+            },
+            why = act.expired(edge) => {
+                tracing::debug!(reason = why, "HTTP connection closed");
+                return;
+            }
+            _ = stop.changed() => return,
+        }
+    }
+    let h2 = first.starts_with(H2_PREFACE_START);
+    io.unread(first.freeze());
+    let mut svc = TrackedService::new(svc, act.clone());
+    if h2 {
+        let builder = edge.server().http2_only();
+        let io = TokioIo::new(io);
+        // Boxed: the HTTP/1.1 path's parked state below is not sized for HTTP/2's.
+        let driving = Box::pin(drive(builder.serve_connection(io, svc), &act, edge, drain));
+        driving.await;
+        return;
+    }
+    let builder = edge.server_h1();
+    loop {
+        let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), svc));
+        if *stop.borrow() {
+            Pin::new(&mut *conn).graceful_shutdown();
+        }
+        // Boxed with the connection: freed when it parks.
+        let driving = Box::pin(drive_h1(&mut *conn, &act, edge, &mut stop));
+        if !driving.await {
+            return;
+        }
+        // Idle: end hyper's connection (it is idle, so it closes at once, reading nothing
+        // more) and take the socket back with any bytes hyper read but did not parse.
+        // (Still under the connection's timers: should hyper have a last write to finish
+        // for a peer that does not read, this cannot wait longer than the idle timeout.)
+        Pin::new(&mut *conn).graceful_shutdown();
+        let ended = tokio::select! {
+            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => r.map_err(|e| e.to_string()),
+            why = act.expired(edge) => Err(why.to_string()),
+            _ = stop.changed() => Err("draining".to_string()),
+        };
+        if let Err(e) = ended {
+            tracing::debug!(error = %e, "HTTP connection ended instead of parking");
+            return;
+        }
+        let hyper::server::conn::http1::Parts {
+            io: tokio_io,
+            read_buf,
+            service,
+            ..
+        } = conn.into_parts();
+        svc = service;
+        io = tokio_io.into_inner();
+        // `read_buf` is a view of hyper's whole read buffer (8 KiB, even when empty): keep a
+        // copy of the unparsed bytes only, never the buffer, while parked.
+        let unparsed = Bytes::copy_from_slice(&read_buf);
+        drop(read_buf);
+        on_park();
+        let next = if unparsed.is_empty() {
+            tracing::trace!("idle HTTP/1.1 connection parked");
+            tokio::select! {
+                r = read_some(&mut io) => match r {
+                    Ok(b) if !b.is_empty() => b,
+                    _ => return, // the peer closed it (or it failed, or was revoked)
+                },
+                why = act.expired(edge) => {
+                    tracing::debug!(reason = why, "HTTP connection closed");
+                    return;
+                }
+                _ = stop.changed() => {
+                    // Drain: a parked connection has nothing in flight; close it.
+                    let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
+                    return;
+                }
+            }
+        } else {
+            act.next_request_pending();
+            unparsed
+        };
+        io.unread(next);
+    }
+}
+
+/// Drive an HTTP/1.1 connection until it ends (false) or may be parked (true): like
+/// [`drive`], plus a coarse tick (every half park period) that checks whether the
+/// connection has been idle long enough; nothing is added per request.
+async fn drive_h1<C>(
+    conn: &mut C,
+    act: &Activity,
+    edge: &EdgeLimits,
+    stop: &mut tokio::sync::watch::Receiver<bool>,
+) -> bool
+where
+    C: GracefulConnection + Unpin,
+    C::Error: std::fmt::Display,
+{
+    let period = (edge.park_idle_after / 2).max(Duration::from_millis(10));
+    let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            r = &mut *conn => {
+                if let Err(e) = r {
+                    tracing::debug!(error = %e, "HTTP connection ended with an error");
+                }
+                return false;
+            }
+            why = act.expired(edge) => {
+                tracing::debug!(reason = why, "HTTP connection closed");
+                return false;
+            }
+            _ = stop.changed() => {
+                Pin::new(&mut *conn).graceful_shutdown();
+                let _ = (&mut *conn).await;
+                return false;
+            }
+            _ = tick.tick() => {
+                if act.parkable(edge.park_idle_after) && !*stop.borrow() {
+                    return true;
+                }
+            }
+        }
+    }
+}
+
+/// One read of whatever `io` has (up to 4 KiB, through a buffer on the stack only while
+/// polled, so that a parked connection's task holds none); empty at end of stream.
+async fn read_some<IO: AsyncRead + Unpin>(io: &mut IO) -> std::io::Result<Bytes> {
+    std::future::poll_fn(|cx| {
+        let mut buf = [0u8; 4096];
+        let mut rb = ReadBuf::new(&mut buf);
+        match Pin::new(&mut *io).poll_read(cx, &mut rb) {
+            Poll::Ready(Ok(())) => Poll::Ready(Ok(Bytes::copy_from_slice(rb.filled()))),
+            Poll::Ready(Err(e)) => Poll::Ready(Err(e)),
+            Poll::Pending => Poll::Pending,
+        }
+    })
+    .await
+}
+
+/// A stream whose reads first return bytes already read from it (`unread`).
+pub(crate) struct Rewind<IO> {
+    pre: Bytes,
+    io: IO,
+}
+
+impl<IO> Rewind<IO> {
+    pub(crate) fn new(io: IO) -> Self {
+        Rewind {
+            pre: Bytes::new(),
+            io,
+        }
+    }
+
+    /// Put `bytes` back in front of what is still to be read.
+    pub(crate) fn unread(&mut self, bytes: Bytes) {
+        if self.pre.is_empty() {
+            self.pre = bytes;
+        } else if !bytes.is_empty() {
+            let mut b = BytesMut::with_capacity(bytes.len() + self.pre.len());
+            b.extend_from_slice(&bytes);
+            b.extend_from_slice(&self.pre);
+            self.pre = b.freeze();
+        }
+    }
+}
+
+impl<IO: AsyncRead + Unpin> AsyncRead for Rewind<IO> {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        let me = self.get_mut();
+        if !me.pre.is_empty() {
+            let n = me.pre.len().min(buf.remaining());
+            buf.put_slice(&me.pre[..n]);
+            me.pre.advance(n);
+            if me.pre.is_empty() {
+                // Free the replayed bytes' allocation now, not on the next unread.
+                me.pre = Bytes::new();
+            }
+            return Poll::Ready(Ok(()));
+        }
+        Pin::new(&mut me.io).poll_read(cx, buf)
+    }
+}
+
+impl<IO: AsyncWrite + Unpin> AsyncWrite for Rewind<IO> {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write(cx, buf)
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_flush(cx)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.get_mut().io).poll_write_vectored(cx, bufs)
+    }
 }
 
 /// A request's span (method, path, `x-request-id`), a child of its connection's; at the
@@ -160,4 +422,31 @@ pub(crate) fn authority_of<B>(req: &Request<B>) -> String {
                 .map(crate::edge::header_text)
         })
         .unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt as _;
+
+    /// Bytes put back come out first, the latest put back first of all, then the stream's
+    /// own; small reads take them a piece at a time.
+    #[tokio::test]
+    async fn rewind_replays_what_was_put_back_in_order() {
+        let mut r = Rewind::new(&b" and then the socket"[..]);
+        r.unread(Bytes::from_static(b"world"));
+        r.unread(Bytes::from_static(b"hello "));
+        let mut two = [0u8; 2];
+        r.read_exact(&mut two).await.unwrap();
+        assert_eq!(&two, b"he");
+        let mut rest = String::new();
+        r.read_to_string(&mut rest).await.unwrap();
+        assert_eq!(rest, "llo world and then the socket");
+        // Nothing put back: the stream as it is.
+        let mut plain = Rewind::new(&b"as is"[..]);
+        plain.unread(Bytes::new());
+        let mut all = String::new();
+        plain.read_to_string(&mut all).await.unwrap();
+        assert_eq!(all, "as is");
+    }
 }

@@ -152,7 +152,10 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
             app: app_authority(pe.app),
             app_conn: AppConn::new(pe.app, &ib.edge),
         };
-        serve(ib, cx, pe.app, tcp).await;
+        let app = pe.app;
+        drop((cfg, pe, labels, me_principal));
+        let serving = Box::pin(serve(ib, cx, app, tcp));
+        serving.await;
         return;
     }
     let state = match ib.identity.for_handshake() {
@@ -163,7 +166,10 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
         }
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(state.server.clone());
-    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
+    // Boxed, as `serve` below: this task lives as long as the connection, so its own frame
+    // should not keep room for the handshake's state (or the server's) while idle.
+    let accept = Box::pin(acceptor.accept(tcp));
+    let tls = match tokio::time::timeout(Duration::from_secs(10), accept).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let error = crate::conn::describe_tls_error(&e);
@@ -241,8 +247,15 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
         app: app_authority(pe.app),
         app_conn: AppConn::new(pe.app, &ib.edge),
     };
-    drop(cfg);
-    serve(ib, cx, pe.app, tls).await;
+    let app = pe.app;
+    // Nothing made for the handshake and the labels outlives it: this task lives as long
+    // as the connection (idle ones too), and these would otherwise stay in it (the peer's
+    // chain alone is a kilobyte or more; `LiveConns` keeps the one shared copy).
+    drop((cfg, pe, chain, labels, me_principal));
+    // Boxed in a statement of its own: only the box, not the future it was built from,
+    // stays in this task's frame while it runs.
+    let serving = Box::pin(serve(ib, cx, app, tls));
+    serving.await;
 }
 
 async fn serve<IO>(ib: &Arc<Inbound>, cx: ConnCtx, app: SocketAddr, io: IO)
@@ -250,10 +263,13 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if cx.protocol == PortProtocol::Tcp {
-        tcp(ib, cx, app, io).await;
+        // Boxed: an HTTP connection's task is not sized for a TCP relay, nor the reverse.
+        let relay = Box::pin(tcp(ib, cx, app, io));
+        relay.await;
         return;
     }
     let cx = Arc::new(cx);
+    let park_cx = cx.clone();
     let svc_ib = ib.clone();
     // HTTP/2 streams run as tasks of their own: each request's span names its connection's
     // as parent explicitly.
@@ -264,7 +280,18 @@ where
         let span = crate::http::request_span(&conn_span, &req);
         async move { Ok::<_, Infallible>(request(&ib, &cx, req).await) }.instrument(span)
     });
-    crate::http::serve(&ib.edge, &ib.drain, io, svc, false).await;
+    // A parked (idle) HTTP/1.1 connection gives up its app connection too; its next request
+    // opens a new one.
+    let serving = Box::pin(crate::http::serve_inbound(
+        &ib.edge,
+        &ib.drain,
+        io,
+        svc,
+        move || {
+            park_cx.app_conn.release();
+        },
+    ));
+    serving.await;
 }
 
 static XFCC: header::HeaderName = header::HeaderName::from_static("x-forwarded-client-cert");

@@ -12,7 +12,10 @@
 //! identity / a SAN mismatch (refused), and a drain that lets an in-flight request finish
 //! while new connections are refused. The inbound side's app connections: one per
 //! downstream HTTP/1.1 connection (and its twin, two for two), ended with it, and opened
-//! again when the app closed it.
+//! again when the app closed it. Idle HTTP/1.1 connections parked (short park period): served
+//! again on the same connection, requests arriving while parking not lost, closed on drain,
+//! on revocation and when the peer leaves, the same identity and policy after re-arm; HTTP/2
+//! not parked.
 
 #[path = "support/sds_standin.rs"]
 mod sds_standin;
@@ -25,7 +28,7 @@ use std::time::Duration;
 
 use rampart_mesh::watch::Updates;
 use rampart_mesh::{MeshFolder, Problem};
-use rampart_proxy::{Proxy, ProxyOptions};
+use rampart_proxy::{EdgeLimits, Proxy, ProxyOptions};
 use sds_standin::{Reply, Secrets, StandIn, TestCa};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -137,7 +140,16 @@ async fn counting_app() -> (SocketAddr, ConnCount) {
                 while let Some(head) = read_head(&mut s).await {
                     let path = head.split_whitespace().nth(1).unwrap_or("/").to_string();
                     let close = path == "/close";
-                    let body = format!("app {path}");
+                    let mut body = format!("app {path}");
+                    if path.ends_with("/id") {
+                        // The peer identity the proxy passed on.
+                        let xfcc = head.lines().find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("x-forwarded-client-cert")
+                                .then(|| v.trim().to_string())
+                        });
+                        body = format!("{body} xfcc={}", xfcc.unwrap_or_default());
+                    }
                     let resp = format!(
                         "HTTP/1.1 200 OK\r\ncontent-length: {}\r\n\r\n{body}",
                         body.len()
@@ -158,6 +170,11 @@ async fn counting_app() -> (SocketAddr, ConnCount) {
 async fn request_on(s: &mut TcpStream, path: &str) -> Option<(u16, String)> {
     let req = format!("GET {path} HTTP/1.1\r\nhost: server\r\n\r\n");
     s.write_all(req.as_bytes()).await.ok()?;
+    response_on(s).await
+}
+
+/// One HTTP/1.1 response on `s`: status and body (by its content-length).
+async fn response_on(s: &mut TcpStream) -> Option<(u16, String)> {
     let head = tokio::time::timeout(Duration::from_secs(10), read_head(s))
         .await
         .ok()??;
@@ -244,6 +261,10 @@ struct Mesh {
     app: SocketAddr,
     /// Each proxy's SDS server and the secrets it serves now.
     sds: Vec<(String, StandIn, Secrets)>,
+    /// The edge limits of the proxies started from now on.
+    edge: EdgeLimits,
+    /// Their inbound connection budget.
+    max_inbound: usize,
 }
 
 fn registry(app: SocketAddr, server_inbound: [SocketAddr; 2], server_sa: &str) -> String {
@@ -276,7 +297,7 @@ spec:
   selector: {matchLabels: {app: server}}
   action: DENY
   rules:
-  - to: [{operation: {paths: [/admin]}}]
+  - to: [{operation: {paths: [/admin, /parked/admin]}}]
 ";
 
 impl Mesh {
@@ -294,6 +315,9 @@ impl Mesh {
             ca: TestCa::new("inprocess-root"),
             app,
             sds: Vec::new(),
+            edge: EdgeLimits::default(),
+            max_inbound: ProxyOptions::new(".".into(), String::new(), ".".into())
+                .max_inbound_connections,
         }
     }
 
@@ -318,6 +342,8 @@ impl Mesh {
         self.sds.push((name.to_string(), standin, secrets));
         let mut opts = ProxyOptions::new(self.dir.path().into(), format!("ns1/{name}"), socket);
         opts.drain_timeout = Duration::from_secs(5);
+        opts.edge = self.edge;
+        opts.max_inbound_connections = self.max_inbound;
         opts.admin = Some("127.0.0.7:0".parse().unwrap());
         Proxy::start(opts, snapshot, updates).await.unwrap()
     }
@@ -628,9 +654,15 @@ async fn a_revoked_peer_is_refused_and_its_connections_closed() {
 
 /// A server proxy in front of a counting app; its PERMISSIVE inbound port (plaintext).
 async fn counted_server() -> (Mesh, Proxy, SocketAddr, ConnCount) {
+    counted_server_with(EdgeLimits::default()).await
+}
+
+/// [`counted_server`] with the server's edge limits `edge`.
+async fn counted_server_with(edge: EdgeLimits) -> (Mesh, Proxy, SocketAddr, ConnCount) {
     let _ = logs();
     let (app, count) = counting_app().await;
     let mut mesh = Mesh::with_app(app);
+    mesh.edge = edge;
     let any = |ip: &str| format!("{ip}:0").parse::<SocketAddr>().unwrap();
     let snap = mesh.snapshot([any("127.0.0.2"), any("127.0.0.3")], "server");
     let server = mesh.proxy("server", snap, None).await;
@@ -716,4 +748,361 @@ async fn an_app_connection_the_app_closed_is_opened_again() {
     assert_eq!(r, Some((200, "app /again".to_string())));
     assert_eq!(count.accepted(), 2, "the new app connection is reused");
     drop(server);
+}
+
+// === idle HTTP/1.1 connections parked (their HTTP state and app connection released) ===
+
+/// Edge limits whose park period is short enough for tests.
+fn parking() -> EdgeLimits {
+    EdgeLimits {
+        park_idle_after: Duration::from_millis(300),
+        ..EdgeLimits::default()
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_keep_alive_connection_is_parked_and_serves_again_on_the_same_connection() {
+    let (_mesh, server, port, count) = counted_server_with(parking()).await;
+    let mut s = TcpStream::connect(port).await.unwrap();
+    let r = request_on(&mut s, "/a").await;
+    assert_eq!(r, Some((200, "app /a".to_string())));
+    assert_eq!(count.accepted(), 1);
+    // Idle past the park period: the downstream connection stays open, its app connection
+    // is closed.
+    assert!(
+        eventually(|| count.ended() == 1).await,
+        "an idle downstream connection kept its app connection"
+    );
+    // The same downstream connection serves again, over a new app connection, kept while
+    // the downstream connection is busy.
+    for path in ["/b", "/c", "/d"] {
+        let r = request_on(&mut s, path).await;
+        assert_eq!(r, Some((200, format!("app {path}"))), "after parking");
+    }
+    assert_eq!((count.accepted(), count.ended()), (2, 1));
+    // Parked and re-armed more than once.
+    assert!(eventually(|| count.ended() == 2).await);
+    let r = request_on(&mut s, "/e").await;
+    assert_eq!(r, Some((200, "app /e".to_string())));
+    assert_eq!(count.accepted(), 3);
+    drop(server);
+}
+
+/// Twin of the above with the default park period (seconds): a connection idle for less
+/// keeps its app connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_idle_for_less_than_the_park_period_keeps_its_app_connection() {
+    let (_mesh, server, port, count) = counted_server().await;
+    let mut s = TcpStream::connect(port).await.unwrap();
+    let r = request_on(&mut s, "/a").await;
+    assert_eq!(r, Some((200, "app /a".to_string())));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(count.ended(), 0, "parked before the park period");
+    let r = request_on(&mut s, "/b").await;
+    assert_eq!(r, Some((200, "app /b".to_string())));
+    assert_eq!(count.accepted(), 1);
+    drop(server);
+}
+
+/// Requests that arrive around the moment the connection parks (pipelined pairs, and
+/// requests written in two parts with a pause between) are all answered, in order, on the
+/// same connection; a request half-sent before the park period and completed after it is
+/// not cut.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_arriving_while_the_connection_parks_are_not_lost() {
+    let (_mesh, server, port, count) = counted_server_with(EdgeLimits {
+        park_idle_after: Duration::from_millis(100),
+        ..EdgeLimits::default()
+    })
+    .await;
+    let mut s = TcpStream::connect(port).await.unwrap();
+    let r = request_on(&mut s, "/first").await;
+    assert_eq!(r, Some((200, "app /first".to_string())));
+    // Pauses from well before to well after the park point (100-150 ms after the last
+    // byte, checked every 50 ms), in 7 ms steps.
+    for i in 0..30u64 {
+        tokio::time::sleep(Duration::from_millis(40 + 7 * i)).await;
+        if i % 2 == 0 {
+            let two = format!(
+                "GET /p{i}a HTTP/1.1\r\nhost: server\r\n\r\nGET /p{i}b HTTP/1.1\r\nhost: server\r\n\r\n"
+            );
+            s.write_all(two.as_bytes()).await.unwrap();
+            for half in ["a", "b"] {
+                let r = response_on(&mut s).await;
+                assert_eq!(
+                    r,
+                    Some((200, format!("app /p{i}{half}"))),
+                    "pipelined {i}{half}"
+                );
+            }
+        } else {
+            s.write_all(format!("GET /s{i} HT").as_bytes())
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+            s.write_all(b"TP/1.1\r\nhost: server\r\n\r\n")
+                .await
+                .unwrap();
+            let r = response_on(&mut s).await;
+            assert_eq!(r, Some((200, format!("app /s{i}"))), "split {i}");
+        }
+    }
+    // A request half-sent, then silence for several park periods: it is waiting for its
+    // headers (header-read timeout, 10 s), never parked or cut.
+    s.write_all(b"GET /half HTTP/1.1\r\nho").await.unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(b"st: server\r\n\r\n").await.unwrap();
+    let r = response_on(&mut s).await;
+    assert_eq!(r, Some((200, "app /half".to_string())));
+    // A request, and the start of a next one in the same write; the rest of it comes
+    // several park periods later. The partial head sits in hyper's buffer while the
+    // connection is idle: handed back on parking, replayed first, completed, answered.
+    s.write_all(b"GET /x1 HTTP/1.1\r\nhost: server\r\n\r\nGET /x2 HT")
+        .await
+        .unwrap();
+    let r = response_on(&mut s).await;
+    assert_eq!(r, Some((200, "app /x1".to_string())));
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    s.write_all(b"TP/1.1\r\nhost: server\r\n\r\n")
+        .await
+        .unwrap();
+    let r = response_on(&mut s).await;
+    assert_eq!(r, Some((200, "app /x2".to_string())));
+    assert!(count.accepted() >= 2, "the connection never parked");
+    drop(server);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_is_closed_on_drain() {
+    let (_mesh, server, port, count) = counted_server_with(parking()).await;
+    let mut s = TcpStream::connect(port).await.unwrap();
+    let r = request_on(&mut s, "/a").await;
+    assert_eq!(r, Some((200, "app /a".to_string())));
+    assert!(eventually(|| count.ended() == 1).await, "not parked");
+    // Drain: the parked connection (nothing in flight) is closed at once, so the drain
+    // finishes within its deadline (5 s) instead of waiting for it.
+    let drained = tokio::time::timeout(Duration::from_secs(10), server.shutdown())
+        .await
+        .expect("drain ended");
+    assert!(drained, "a parked connection held up the drain");
+    let mut rest = Vec::new();
+    let n = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut rest))
+        .await
+        .expect("the parked connection was closed");
+    assert_eq!(n.ok(), Some(0), "closed without a byte");
+}
+
+/// A parked connection still holds its inbound connection slot (a second connection is
+/// refused at a budget of one), and gives it back when its peer closes it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_keeps_its_slot_until_its_peer_closes_it() {
+    let _ = logs();
+    let (app, count) = counting_app().await;
+    let mut mesh = Mesh::with_app(app);
+    mesh.edge = parking();
+    mesh.max_inbound = 1;
+    let any = |ip: &str| format!("{ip}:0").parse::<SocketAddr>().unwrap();
+    let snap = mesh.snapshot([any("127.0.0.2"), any("127.0.0.3")], "server");
+    let server = mesh.proxy("server", snap, None).await;
+    let port = listener(&server, "inbound port 81");
+    let mut s = TcpStream::connect(port).await.unwrap();
+    let r = request_on(&mut s, "/a").await;
+    assert_eq!(r, Some((200, "app /a".to_string())));
+    assert!(eventually(|| count.ended() == 1).await, "not parked");
+    let mut other = TcpStream::connect(port).await.unwrap();
+    assert_eq!(
+        request_on(&mut other, "/refused").await,
+        None,
+        "a second connection beyond the budget of one was served"
+    );
+    // The parked connection is still served; then its peer closes it.
+    let r = request_on(&mut s, "/b").await;
+    assert_eq!(r, Some((200, "app /b".to_string())));
+    assert!(eventually(|| count.ended() == 2).await, "not parked again");
+    drop(s);
+    let mut served = None;
+    for _ in 0..50 {
+        if let Ok(mut t) = TcpStream::connect(port).await {
+            served = request_on(&mut t, "/c").await;
+            if served.is_some() {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        served,
+        Some((200, "app /c".to_string())),
+        "the slot was not given back"
+    );
+    drop(server);
+}
+
+/// mTLS through the client proxy: after the server parked the connection, the next
+/// requests come over the same TLS connection (one handshake), carry the same peer
+/// identity, and policy still denies what it denied (403, the policy named).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_parking_the_peer_identity_and_policy_are_unchanged() {
+    let _ = logs();
+    let (app, count) = counting_app().await;
+    let mut mesh = Mesh::with_app(app);
+    mesh.edge = parking();
+    let (server, client, _inbound, _tx) = pair(&mut mesh).await;
+    let out = listener(&client, "outbound");
+    let admin = server.admin_addr().unwrap();
+    let before = until(200, || call(out, "/before/id")).await.unwrap();
+    assert_eq!(before.0, 200);
+    let want = "URI=spiffe://cluster.local/ns/ns1/sa/client";
+    assert!(before.1.contains(want), "{before:?}");
+    let handshakes = mtls_connections(admin, 80).await;
+    assert!(handshakes >= 1);
+    assert!(
+        eventually(|| count.ended() == count.accepted()).await,
+        "not parked"
+    );
+
+    let after = call(out, "/after/id").await.unwrap();
+    assert_eq!(after.0, 200);
+    let xfcc = |b: &str| b.split_once("xfcc=").map(|(_, x)| x.to_string());
+    assert_eq!(xfcc(&after.1), xfcc(&before.1), "the peer identity changed");
+    assert_eq!(
+        mtls_connections(admin, 80).await,
+        handshakes,
+        "a new TLS connection instead of the parked one"
+    );
+
+    // Negative twin: parked again, then a request policy denies.
+    assert!(
+        eventually(|| count.ended() == count.accepted()).await,
+        "not parked"
+    );
+    let r = call(out, "/parked/admin").await;
+    assert_eq!(r, Some((403, "RBAC: access denied".to_string())));
+    let text = log_text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("request denied") && l.contains("path=/parked/admin"))
+        .unwrap_or_else(|| panic!("no denial logged:\n{text}"));
+    assert!(line.contains("policy=ns1/no-admin"), "{line}");
+    assert!(
+        line.contains("principal=\"spiffe://cluster.local/ns/ns1/sa/client\""),
+        "{line}"
+    );
+    assert_eq!(mtls_connections(admin, 80).await, handshakes);
+    drop((server, client));
+}
+
+/// A parked mTLS connection whose peer goes away is cleaned up: the server's open-mTLS
+/// gauge goes back down.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_whose_peer_closes_is_cleaned_up() {
+    let _ = logs();
+    let (app, count) = counting_app().await;
+    let mut mesh = Mesh::with_app(app);
+    mesh.edge = parking();
+    let (server, client, _inbound, _tx) = pair(&mut mesh).await;
+    let out = listener(&client, "outbound");
+    let admin = server.admin_addr().unwrap();
+    let r = until(200, || call(out, "/")).await;
+    assert_eq!(r.map(|r| r.0), Some(200));
+    assert!(
+        eventually(|| count.ended() == count.accepted()).await,
+        "not parked"
+    );
+    let open = metric(admin, "rampart_proxy_mtls_connections_open").await;
+    assert!(open >= 1, "the parked connection is counted as open");
+    // The peer (the client proxy) goes away with its pooled connections.
+    client.shutdown().await;
+    let mut left = open;
+    for _ in 0..50 {
+        left = metric(admin, "rampart_proxy_mtls_connections_open").await;
+        if left == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(left, 0, "a parked connection outlived its peer");
+    drop(server);
+}
+
+/// A parked connection whose peer's certificate is revoked is closed at once (its task ends:
+/// the open-mTLS gauge goes back down), as an active one is.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parked_connection_of_a_revoked_peer_is_closed() {
+    let _ = logs();
+    let (app, count) = counting_app().await;
+    let mut mesh = Mesh::with_app(app);
+    mesh.edge = parking();
+    let (server, client, _inbound, _tx) = pair(&mut mesh).await;
+    let out = listener(&client, "outbound");
+    let admin = server.admin_addr().unwrap();
+    let r = until(200, || call(out, "/")).await;
+    assert_eq!(r.map(|r| r.0), Some(200));
+    assert!(
+        eventually(|| count.ended() == count.accepted()).await,
+        "not parked"
+    );
+    assert!(metric(admin, "rampart_proxy_mtls_connections_open").await >= 1);
+    let victim = mesh.serial("client");
+    let revoking = crl(&mesh.ca.ca, 1, std::slice::from_ref(&victim));
+    mesh.push("server", |s| s.crl_pem = revoking);
+    let mut open = u64::MAX;
+    for _ in 0..50 {
+        open = metric(admin, "rampart_proxy_mtls_connections_open").await;
+        if open == 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(open, 0, "a parked connection of a revoked peer stayed open");
+    assert!(metric(admin, "rampart_proxy_revoked_connections_closed_total").await >= 1);
+    let r = until(503, || call(out, "/")).await.unwrap();
+    assert_eq!(r.0, 503, "{r:?}");
+    drop((server, client));
+}
+
+/// HTTP/2 connections are not parked: one stays usable past the park period and its
+/// requests keep being answered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http2_connections_are_served_as_before() {
+    use http_body_util::{BodyExt, Empty};
+    let (_mesh, server, port, _count) = counted_server_with(parking()).await;
+    let tcp = TcpStream::connect(port).await.unwrap();
+    let (mut tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    let driver = tokio::spawn(conn);
+    for (i, pause) in [0u64, 800, 100].into_iter().enumerate() {
+        tokio::time::sleep(Duration::from_millis(pause)).await;
+        let req = http::Request::builder()
+            .uri(format!("http://server/h2-{i}"))
+            .body(Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = tokio::time::timeout(Duration::from_secs(10), tx.send_request(req))
+            .await
+            .expect("answered")
+            .expect("the HTTP/2 connection is still open");
+        assert_eq!(resp.status(), 200);
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(body, format!("app /h2-{i}").as_bytes());
+    }
+    assert!(!driver.is_finished(), "the HTTP/2 connection ended");
+    drop(server);
+}
+
+/// The server's mTLS connections on `port` since it started (from `/mtls`).
+async fn mtls_connections(admin: SocketAddr, port: u16) -> u64 {
+    let (status, body) = get(admin, "/mtls", "admin").await.unwrap();
+    assert_eq!(status, 200);
+    let v: serde_json::Value = serde_json::from_str(&body).unwrap();
+    v["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["port"] == port)
+        .and_then(|p| p["since_start"]["mtls_connections"].as_u64())
+        .unwrap_or_else(|| panic!("no port {port} in {body}"))
 }

@@ -126,6 +126,7 @@ impl ProxyArgs {
             stream_idle_timeout: self.stream_idle_timeout,
             idle_timeout: self.idle_timeout,
             max_header_bytes: self.max_request_headers_kb as usize * 1024,
+            ..rampart_proxy::EdgeLimits::default()
         };
         super::process::raise_nofile_limit();
         opts.request_timeout = self.request_timeout;
