@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Regenerates build/text-order.txt, the symbol ordering file that build.rs hands to lld for
-# release builds of the `rampart` binary (docs/PERFORMANCE.md, "Text ordering"): the functions a
-# `rampart proxy` executes first, then those only the node agent executes, so that the code a
-# proxy touches is contiguous at the start of .text instead of spread over all of it (the kernel
-# maps up to 64 KiB around every faulting code page, so scattered code makes most of .text
-# resident).
+# release builds of the `rampart` binary (docs/PERFORMANCE.md, "Text ordering"), so that the
+# code a `rampart proxy` touches is contiguous at the start of .text instead of spread over all
+# of it (the kernel maps up to 64 KiB around every faulting code page, so scattered code makes
+# most of .text resident). Three groups, each hottest first:
+#   proxy   what the proxies of benches/mtls-pair execute (plain mTLS HTTP, no policy)
+#   policy  what the proxies of examples/quickstart execute beyond that (outbound HTTP proxy,
+#           RBAC, JWT, TCP)
+#   agent   what the node agent executes beyond that
 #
 # The functions come from callgrind, which sees every function that runs (a sampling profiler
 # misses the start-up code that runs once). valgrind 3.19 cannot read the symbols of an
@@ -15,23 +18,21 @@
 #   benches/profile/text-order.sh target-prof/release/rampart [OUT]
 # (build.rs leaves the ordering out of that build: its linker is not lld.)
 #
-# What runs: `rampart up benches/mtls-pair` with the two proxies and the node agent under
-# callgrind (the CA natively), nginx as the backend app (started here when nothing answers on
-# 127.0.0.1:18080), then what a proxy does in a workload's life: SDS start-up, 16 keep-alive
-# connections through both proxies (benches/profile/hold-conns.py), single requests, wrk for a
-# few seconds when installed, the admin endpoints a kubelet probe and a Prometheus scrape use,
-# then SIGTERM (drain and exit). Functions are ordered by instructions executed (hottest first)
-# within each group: proxy, then agent-only.
-#
 # Second stage, natively: callgrind's CPU has no SHA-NI, ADX or VPCLMULQDQ, so ring and libcrux
 # take other code paths under it than on the machine, and timing-dependent paths differ too.
 #   benches/profile/text-order.sh --native target/release/rampart [OUT]
-# runs the same exercise with a release (lld) build that already uses OUT, records the
-# proxies' and agents' page faults (perf record -e page-faults -d), and appends each function
-# whose code page faulted outside its group to that group. A fault is only the first touch of
-# a 64 KiB window, so rebuild and repeat until it adds nothing (a relink is enough:
-# `cargo rustc --release --bin rampart -- -C save-temps --print link-args` prints the link
-# command, which can be rerun with the new file).
+# runs the same with a release (lld) build that already uses OUT, records the processes' page
+# faults (perf record -e page-faults -d), and appends each function whose code page faulted
+# outside the groups before it to its group. A fault is only the first touch of a 64 KiB
+# window, so rebuild and repeat until it adds nothing (a relink is enough: `cargo rustc
+# --release --bin rampart -- -C save-temps --print link-args` prints the link command, which
+# reruns in a second with the new file).
+#
+# What runs (default ports; nginx as benches/mtls-pair's app, started here when nothing answers
+# on 127.0.0.1:18080): `rampart up benches/mtls-pair` (proxies and node agents traced, not the
+# CA): 20 requests, 16 keep-alive connections (hold-conns.py), wrk for 5 s when installed,
+# /ready and /stats/prometheus of both admin ports, SIGTERM. Then `rampart up
+# examples/quickstart` (proxies traced): the calls of its README (allowed, denied, JWT, TCP).
 #
 # Stale names (after code changes) are harmless: lld skips symbols it does not find
 # (--no-warn-symbol-ordering), the binary is only laid out less well; rerun this script.
@@ -62,7 +63,8 @@ cleanup() {
   [ -n "$up_pid" ] && kill -TERM "$up_pid" 2>/dev/null
   for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   wait 2>/dev/null || true
-  [ -n "${KEEP:-}" ] && cp -a "$W/cg" "$KEEP"; rm -rf "$W"
+  [ -n "${KEEP:-}" ] && cp -a "$W/cg" "$KEEP"
+  rm -rf "$W"
 }
 trap cleanup EXIT INT TERM
 if ! curl -s -m 2 -o /dev/null http://127.0.0.1:18080/; then
@@ -77,93 +79,108 @@ EOF
   nginx -c "$W/nginx/nginx.conf" -p "$W/nginx" >/dev/null 2>&1 & pids+=($!)
 fi
 mkdir -p "$W/cg"
-if [ -n "$native" ]; then
-  # every process's page faults, with the faulting address
-  wrap=(perf record -q -e page-faults -c 1 -d -o "$W/faults.data" --)
-else
-  # every process but the CA under callgrind (`rampart up` too; its profile is not used)
-  wrap=(valgrind --tool=callgrind --demangle=no --trace-children=yes
-    --trace-children-skip-by-arg='ca' --callgrind-out-file="$W/cg/callgrind.%p")
-fi
-RUST_LOG=warn "${wrap[@]}" "$bin" up "$root/benches/mtls-pair" --state-dir "$W/state" \
-  >"$W/up.log" 2>&1 & up_pid=$!
-get_ok() { curl -s -m 10 -H 'Host: backend.bench:8080' http://127.0.0.1:26001/ 2>/dev/null | grep -qx ok; }
-for _ in $(seq 300); do get_ok && break; kill -0 "$up_pid" 2>/dev/null || break; sleep 1; done
-get_ok || { echo "the pair did not come up:" >&2; tail -20 "$W/up.log" >&2; exit 1; }
-echo "pair up; exercising it" >&2
-for _ in $(seq 20); do get_ok || true; done
-python3 "$here/hold-conns.py" 127.0.0.1 26001 16 backend.bench:8080 </dev/null >"$W/hold.out" 2>&1 & h=$!
-for _ in $(seq 240); do grep -q '^held' "$W/hold.out" && break; kill -0 $h 2>/dev/null || break; sleep 0.5; done
-kill $h 2>/dev/null; wait $h 2>/dev/null || true
-if command -v wrk >/dev/null; then
-  wrk -c 8 -t 1 -d 5s --timeout 30s -H 'Host: backend.bench:8080' http://127.0.0.1:26001/ >/dev/null
-fi
-for port in 25000 25002; do
-  for path in /ready /stats/prometheus; do curl -s -m 10 -o /dev/null "http://127.0.0.1:$port$path"; done
-done
-sleep 5
-for role in proxy agent; do pgrep -f -- "^$bin $role " | sed "s/\$/ $role/"; done >"$W/roles"
-if [ -z "$native" ]; then
-  # dump each profile now, in case a process is killed rather than exiting at the end
-  for p in $(pgrep -P "$up_pid"); do callgrind_control -d "$p" >/dev/null 2>&1 || true; done
-fi
-kill -TERM "$up_pid"
-for _ in $(seq 120); do kill -0 "$up_pid" 2>/dev/null || break; sleep 1; done
-wait "$up_pid" 2>/dev/null || true
-up_pid=""
+: >"$W/roles"
+
+pair_ok() { curl -s -m 10 -H 'Host: backend.bench:8080' http://127.0.0.1:26001/ 2>/dev/null | grep -qx ok; }
+pair_load() {
+  for _ in $(seq 20); do pair_ok || true; done
+  python3 "$here/hold-conns.py" 127.0.0.1 26001 16 backend.bench:8080 </dev/null >"$W/hold.out" 2>&1 & h=$!
+  for _ in $(seq 240); do grep -q '^held' "$W/hold.out" && break; kill -0 $h 2>/dev/null || break; sleep 0.5; done
+  kill $h 2>/dev/null; wait $h 2>/dev/null || true
+  if command -v wrk >/dev/null; then
+    wrk -c 8 -t 1 -d 5s --timeout 30s -H 'Host: backend.bench:8080' http://127.0.0.1:26001/ >/dev/null
+  fi
+  for port in 25000 25002; do
+    for path in /ready /stats/prometheus; do curl -s -m 10 -o /dev/null "http://127.0.0.1:$port$path"; done
+  done
+}
+q() { curl -s -m 10 -o /dev/null -w '%{http_code}' -x http://127.0.0.1:15001 "$@" 2>/dev/null || true; }
+quick_ok() { [ "$(q http://backend.api:8080/api/hello)" = 200 ]; }
+quick_load() {
+  local token
+  token=$(cat "$W/state/demo-token.jwt" 2>/dev/null || true)
+  for _ in 1 2 3; do
+    q http://backend.api:8080/api/hello; q http://backend.api:8080/admin
+    q --path-as-is 'http://backend.api:8080/api/../admin'
+    q -X POST http://backend.api:8080/api/orders
+    q -X POST -H 'authorization: Bearer not.a.token' http://backend.api:8080/api/orders
+    q -X POST -H "authorization: Bearer $token" http://backend.api:8080/api/orders
+    echo hello | curl -s --max-time 2 telnet://127.0.0.1:16532 || true
+    echo hello | curl -s --max-time 2 telnet://127.0.0.1:16432 || true
+    curl -s -m 10 -o /dev/null http://127.0.0.1:15180/api/hello || true
+  done >/dev/null
+  for port in 15000 15100; do
+    for path in /ready /stats/prometheus; do curl -s -m 10 -o /dev/null "http://127.0.0.1:$port$path"; done
+  done
+}
+
+# run TAG MESH_DIR SKIP_ARGS READY LOAD ROLE...: `rampart up MESH_DIR` under callgrind (the
+# processes whose arguments include one of SKIP_ARGS natively) or perf, LOAD, then stop it;
+# the pids of the ROLEs (`rampart ROLE ...`) go to $W/roles as "pid TAG-ROLE".
+run() {
+  local tag=$1 mesh=$2 skip=$3 ready=$4 load=$5; shift 5
+  local wrap
+  rm -rf "$W/state"
+  if [ -n "$native" ]; then
+    wrap=(perf record -q -e page-faults -c 1 -d -o "$W/cg/$tag.data" --)
+  else
+    wrap=(valgrind --tool=callgrind --demangle=no --trace-children=yes
+      --trace-children-skip-by-arg="$skip" --callgrind-out-file="$W/cg/$tag.%p")
+  fi
+  RUST_LOG=warn "${wrap[@]}" "$bin" up "$mesh" --state-dir "$W/state" >"$W/up.log" 2>&1 &
+  up_pid=$!
+  for _ in $(seq 300); do $ready && break; kill -0 "$up_pid" 2>/dev/null || break; sleep 1; done
+  $ready || { echo "$mesh did not come up:" >&2; tail -20 "$W/up.log" >&2; exit 1; }
+  echo "$mesh up; exercising it" >&2
+  $load
+  sleep 5
+  for role in "$@"; do pgrep -f -- "^$bin $role " | sed "s/\$/ $tag-$role/"; done >>"$W/roles"
+  if [ -z "$native" ]; then
+    # dump each profile now, in case a process is killed rather than exiting at the end
+    for p in $(pgrep -P "$up_pid"); do callgrind_control -d "$p" >/dev/null 2>&1 || true; done
+  fi
+  kill -TERM "$up_pid"
+  for _ in $(seq 120); do kill -0 "$up_pid" 2>/dev/null || break; sleep 1; done
+  wait "$up_pid" 2>/dev/null || true
+  up_pid=""
+}
+run pair "$root/benches/mtls-pair" ca pair_ok pair_load proxy agent
+# The quickstart's apps (`rampart echo`) run natively, started here: under valgrind `rampart up`
+# cannot watch its children (valgrind 3.19 has no pidfd_open). Its frontend app takes 18080.
+for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+cp -r "$root/examples/quickstart" "$W/quick"
+grep -o 'command: \[rampart, echo, [^]]*\]' "$root/examples/quickstart/workloads.yaml" |
+  sed 's/^command: \[rampart, //; s/\]$//; s/,//g' >"$W/apps"
+sed -i '/^ *command: /d' "$W/quick/workloads.yaml"
+while read -r app; do
+  # shellcheck disable=SC2086
+  "$bin" $app >/dev/null 2>&1 & pids+=($!)
+done <"$W/apps"
+run quick "$W/quick" ca,agent quick_ok quick_load proxy
+
 nm --defined-only "$bin" | awk '$2 ~ /^[tTwW]$/ {print $3}' | sort -u >"$W/text-symbols"
 if [ -n "$native" ]; then
   # instruction fetches (ip == faulting address) in the binary, by process
-  perf script --no-demangle -i "$W/faults.data" -F pid,ip,addr,sym,dso 2>/dev/null |
-    awk -v exe="($bin)" '$2 == $5 && $7 == exe {print $1, $6}' >"$W/fetches"
-  python3 - "$W/fetches" "$W/roles" "$W/text-symbols" "$out" <<'PY'
-import sys
-fetches, roles, symfile, out = sys.argv[1:5]
-text = set(open(symfile).read().split())
-role_of = dict(l.split() for l in open(roles))
-head, groups, order = [], {}, []
-cur = None
-for line in open(out):
-    line = line.rstrip("\n")
-    if line.startswith("# ") and line[2:].split(":")[0] in ("proxy", "agent"):
-        cur = line[2:].split(":")[0]
-        groups[cur] = []
-        order.append(cur)
-    elif line.startswith("#") or not line:
-        if cur is None:
-            head.append(line)
-    elif cur:
-        groups[cur].append(line)
-added = {"proxy": [], "agent": []}
-for line in open(fetches):
-    pid, sym = line.split(None, 1)
-    sym = sym.strip()
-    role = role_of.get(pid)
-    if role not in groups or sym not in text or sym in groups[role] or sym in added[role]:
-        continue
-    if role == "agent" and sym in groups.get("proxy", []):
-        continue
-    added[role].append(sym)
-for role, syms in added.items():
-    groups[role].extend(syms)
-    if role == "proxy":
-        drop = set(syms)
-        groups["agent"] = [s for s in groups.get("agent", []) if s not in drop]
-with open(out, "w") as f:
-    f.write("\n".join(head) + "\n")
-    for role in order:
-        f.write(f"# {role}: {len(groups[role])} functions, most instructions first, then those"
-                " only the native run showed\n")
-        f.write("".join(s + "\n" for s in groups[role]))
-print(f"{out}: added " + ", ".join(f"{len(v)} {k}" for k, v in added.items()), file=sys.stderr)
-PY
-  exit 0
+  for f in "$W"/cg/*.data; do
+    perf script --no-demangle -i "$f" -F pid,ip,addr,sym,dso 2>/dev/null |
+      awk -v exe="($bin)" '$2 == $5 && $7 == exe {print $1, $6}'
+  done >"$W/fetches"
 fi
-python3 - "$W/cg" "$W/text-symbols" "$bin" "$out" <<'PY'
+python3 - "$W/cg" "$W/roles" "$W/text-symbols" "$bin" "$out" "$native" <<'PY'
 import collections, glob, os, re, sys
-cgdir, symfile, binary, out = sys.argv[1:5]
+cgdir, roles, symfile, binary, out, native = sys.argv[1:7]
 text = set(open(symfile).read().split())
 base = os.path.basename(binary)
+# process role -> group; groups in layout order
+GROUP = {"pair-proxy": "proxy", "quick-proxy": "policy", "pair-agent": "agent"}
+ORDER = ["proxy", "policy", "agent"]
+DESC = {"proxy": "benches/mtls-pair's proxies", "policy": "examples/quickstart's proxies, beyond that",
+        "agent": "the node agent, beyond that"}
+group_of = {}
+for line in open(roles):
+    pid, role = line.split()
+    if role in GROUP:
+        group_of[pid] = GROUP[role]
 
 def self_costs(path):
     """Self instruction counts per function of the binary in one callgrind output file."""
@@ -187,9 +204,8 @@ def self_costs(path):
         elif line.startswith("cob="):
             name(objs, line[4:])
         elif line.startswith("fn="):
-            cur_fn = name(names, line[3:]) if os.path.basename(cur_ob or "") == base else None
-            if cur_fn is None:
-                name(names, line[3:])
+            fn = name(names, line[3:])
+            cur_fn = fn if os.path.basename(cur_ob or "") == base else None
         elif line.startswith("cfn="):
             name(names, line[4:])
         elif line.startswith("calls="):
@@ -200,26 +216,53 @@ def self_costs(path):
                 cost[re.sub(r"'\d+$", "", cur_fn)] += int(parts[1])
     return cost
 
-groups = {"proxy": collections.Counter(), "agent": collections.Counter()}
-for path in sorted(glob.glob(os.path.join(cgdir, "callgrind.*"))):
-    with open(path, errors="replace") as f:
-        cmd = next((l for l in f if l.startswith("cmd:")), "")
-    args = cmd.split()
-    role = "proxy" if "proxy" in args else "agent" if "agent" in args else None
-    if role:
-        groups[role].update(self_costs(path))
-if not groups["proxy"]:
-    sys.exit("no proxy profile found")
-seen, lines = set(), []
-for role in ("proxy", "agent"):
-    picked = [f for f, c in groups[role].most_common() if c > 0 and f in text and f not in seen]
-    seen.update(picked)
-    lines.append(f"# {role}: {len(picked)} functions, most instructions first")
-    lines.extend(picked)
-os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+head = ["# lld --symbol-ordering-file for release builds of `rampart` (build.rs).",
+        "# Generated by benches/profile/text-order.sh; regenerate after larger code changes."]
+groups = {g: [] for g in ORDER}
+if not native:
+    costs = {g: collections.Counter() for g in ORDER}
+    for path in glob.glob(os.path.join(cgdir, "*")):
+        # under valgrind a process's command line is valgrind's: take the role from the profile
+        with open(path, errors="replace") as f:
+            args = next((l for l in f if l.startswith("cmd:")), "cmd:").split()[1:]
+        g = GROUP.get(os.path.basename(path).split(".")[0] + "-" + (args[1] if len(args) > 1 else ""))
+        if g:
+            costs[g].update(self_costs(path))
+    if not costs["proxy"]:
+        sys.exit("no proxy profile found")
+    seen = set()
+    for g in ORDER:
+        groups[g] = [f for f, c in costs[g].most_common() if c > 0 and f in text and f not in seen]
+        seen.update(groups[g])
+    added = {g: len(v) for g, v in groups.items()}
+else:
+    cur = None
+    for line in open(out):
+        line = line.rstrip("\n")
+        m = re.match(r"# (\w+): ", line)
+        if m and m.group(1) in groups:
+            cur = m.group(1)
+        elif line and not line.startswith("#") and cur:
+            groups[cur].append(line)
+    added = {g: 0 for g in ORDER}
+    for line in open(os.path.join(os.path.dirname(cgdir), "fetches")):
+        pid, sym = line.split(None, 1)
+        sym, g = sym.strip(), group_of.get(pid)
+        if g is None or sym not in text:
+            continue
+        upto = ORDER[: ORDER.index(g) + 1]
+        if any(sym in groups[h] for h in upto):
+            continue
+        for h in ORDER:
+            if sym in groups[h]:
+                groups[h].remove(sym)
+        groups[g].append(sym)
+        added[g] += 1
 with open(out, "w") as f:
-    f.write("# lld --symbol-ordering-file for release builds of `rampart` (build.rs).\n"
-            "# Generated by benches/profile/text-order.sh; regenerate after larger code changes.\n")
-    f.write("\n".join(lines) + "\n")
-print(f"{out}: " + ", ".join(l[2:] for l in lines if l.startswith("# ")), file=sys.stderr)
+    f.write("\n".join(head) + "\n")
+    for g in ORDER:
+        f.write(f"# {g}: {len(groups[g])} functions executed by {DESC[g]}; by callgrind's "
+                "instruction counts, then those only a native run showed\n")
+        f.write("".join(s + "\n" for s in groups[g]))
+print(f"{out}: " + ", ".join(f"{g} {len(groups[g])} (+{added[g]})" for g in ORDER), file=sys.stderr)
 PY
