@@ -10,13 +10,15 @@
 # Run it on an otherwise idle machine (phase 1 is a CPU-time figure).
 #
 # Usage: benches/profile/pair-perf.sh [--bin target/release/rampart] [--secs 10] [--conns 32]
-#                                     [--port-offset 0] [--out DIR]
+#                                     [--port-offset 0] [--out DIR] [--call-graph fp|dwarf]
 # Needs nginx, wrk and perf. --port-offset moves every port of the pair as in
 # proxy-memory.sh. --out: where the perf.data files and reports stay (default: a new
-# /tmp/pair-perf-out.* directory, kept).
+# /tmp/pair-perf-out.* directory, kept). --call-graph dwarf unwinds user-space stacks through
+# code built without frame pointers (bigger perf.data, slower reports); with inferno
+# (`cargo install inferno`) on PATH, a flame graph of each proxy is written to OUT/PROXY.svg.
 set -u
 here=$(cd "$(dirname "$0")" && pwd); root=$(cd "$here/../.." && pwd)
-bin=$root/target/release/rampart secs=10 conns=32 off=0 out=
+bin=$root/target/release/rampart secs=10 conns=32 off=0 out= cg=fp
 while [ $# -gt 0 ]; do
   case "$1" in
     --bin) bin=$2; shift 2 ;;
@@ -24,6 +26,7 @@ while [ $# -gt 0 ]; do
     --conns) conns=$2; shift 2 ;;
     --port-offset) off=$2; shift 2 ;;
     --out) out=$2; shift 2 ;;
+    --call-graph) cg=$2; shift 2 ;;
     *) echo "unknown argument $1" >&2; exit 2 ;;
   esac
 done
@@ -86,9 +89,9 @@ awk -v n="$n" -v b=$((b1 - b0)) -v c=$((c1 - c0)) -v hz="$hz" -v s="$secs" 'BEGI
 load "$secs" >"$W/n2" &
 lp=$!
 sleep 1
-perf record -q -e cpu-clock -F 2000 -g -p "$back" -o "$out/backend.perf.data" -- sleep $((secs - 2)) 2>/dev/null &
+perf record -q -e cpu-clock -F 2000 --call-graph "$cg" -p "$back" -o "$out/backend.perf.data" -- sleep $((secs - 2)) 2>/dev/null &
 p1=$!
-perf record -q -e cpu-clock -F 2000 -g -p "$client" -o "$out/client.perf.data" -- sleep $((secs - 2)) 2>/dev/null &
+perf record -q -e cpu-clock -F 2000 --call-graph "$cg" -p "$client" -o "$out/client.perf.data" -- sleep $((secs - 2)) 2>/dev/null &
 p2=$!
 wait $p1 $p2 $lp
 for p in client backend; do
@@ -99,6 +102,12 @@ for p in client backend; do
     >"$out/$p.kernel.txt"
   perf report -i "$data" --no-children --sort dso,sym -g none 2>/dev/null | grep -v '^#' | grep -v '^$' |
     head -40 >"$out/$p.top.txt"
+  if command -v inferno-flamegraph >/dev/null && command -v inferno-collapse-perf >/dev/null; then
+    perf script --no-inline -i "$data" 2>/dev/null | inferno-collapse-perf |
+      inferno-flamegraph --minwidth 0.3 \
+        --title "rampart proxy ($p), benches/mtls-pair, wrk -c $conns, perf cpu-clock, call graph $cg" \
+        >"$out/$p.svg"
+  fi
   echo "phase 2, $p: share of samples by object"
   sed 's/^/  /' "$out/$p.dso.txt" | head -6
   echo "phase 2, $p: kernel entry points (inclusive share of samples)"
