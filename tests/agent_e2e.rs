@@ -125,8 +125,7 @@ fn start_ca(dir: &Path, listen: &str) -> (Proc, String) {
 }
 
 fn free_port() -> String {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().to_string()
+    format!("127.0.0.1:{}", support::free_port())
 }
 
 fn start_agent(dir: &Path, ca_addr: &str, metrics: &str) -> Proc {

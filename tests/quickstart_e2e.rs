@@ -13,7 +13,7 @@ use support::{Up, collect, processes_mentioning};
 
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
-use std::net::{Shutdown, TcpListener, TcpStream};
+use std::net::{Shutdown, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -45,7 +45,6 @@ fn copy_dir(from: &Path, to: &Path, map: &dyn Fn(&str) -> String) {
 /// Every `127.0.0.1:PORT` of the quickstart mapped to a free port, consistently.
 fn remap_ports(dir: &Path) -> BTreeMap<u16, u16> {
     let mut ports = BTreeMap::new();
-    let mut holders = Vec::new();
     for f in ["mesh.yaml", "workloads.yaml"] {
         let text = std::fs::read_to_string(dir.join(f)).unwrap();
         for (i, _) in text.match_indices("127.0.0.1:") {
@@ -54,12 +53,7 @@ fn remap_ports(dir: &Path) -> BTreeMap<u16, u16> {
                 .take_while(char::is_ascii_digit)
                 .collect();
             let p: u16 = digits.parse().unwrap();
-            ports.entry(p).or_insert_with(|| {
-                let l = TcpListener::bind("127.0.0.1:0").unwrap();
-                let port = l.local_addr().unwrap().port();
-                holders.push(l);
-                port
-            });
+            ports.entry(p).or_insert_with(support::free_port);
         }
     }
     ports

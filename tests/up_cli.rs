@@ -211,13 +211,7 @@ fn quickstart_policy_validates_and_its_demo_keys_match() {
 
 #[test]
 fn sigint_during_start_up_stops_app_agents_and_ca_in_order_and_exits_0() {
-    let free = || {
-        TcpListener::bind("127.0.0.1:0")
-            .unwrap()
-            .local_addr()
-            .unwrap()
-            .port()
-    };
+    let free = support::free_port;
     let (ca, app, inbound, admin) = (free(), free(), free(), free());
     // The app never opens its port, so `up` stays in the "apps" stage with the CA and the
     // agent running (the agent got its certificate from the CA with the token `up` minted).

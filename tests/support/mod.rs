@@ -27,13 +27,36 @@ pub(crate) fn python() -> PathBuf {
     p
 }
 
-/// A port free on 127.0.0.1 right now.
+/// A port free on 127.0.0.1 right now, for a process the test starts to listen on later.
+///
+/// Taken from 20000-32767, below Linux's default ephemeral range (32768-60999), and never
+/// the same twice in one test binary: a port the kernel hands out for `bind(:0)` is also
+/// one it may give any outgoing connection as its source port between our check and the
+/// child's `bind`, which failed CI runs with "Address already in use".
 pub(crate) fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    use std::collections::HashSet;
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::OnceLock;
+    const LOW: u16 = 20000;
+    const HIGH: u16 = 32767;
+    static GIVEN: OnceLock<Mutex<HashSet<u16>>> = OnceLock::new();
+    let given = GIVEN.get_or_init(|| Mutex::new(HashSet::new()));
+    let state = std::collections::hash_map::RandomState::new();
+    for attempt in 0u64..10_000 {
+        let mut h = state.build_hasher();
+        h.write_u64(attempt);
+        h.write_u32(std::process::id());
+        let port = LOW + (h.finish() % u64::from(HIGH - LOW + 1)) as u16;
+        let mut g = given.lock().unwrap_or_else(|e| e.into_inner());
+        if g.contains(&port) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            g.insert(port);
+            return port;
+        }
+    }
+    panic!("no free port in {LOW}-{HIGH} on 127.0.0.1");
 }
 
 /// A child process whose output goes to `log`; killed and reaped when dropped.
