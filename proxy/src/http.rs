@@ -141,35 +141,41 @@ pub(crate) async fn serve_inbound<IO, S, P>(
     }
     let builder = edge.server_h1();
     loop {
-        let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), svc));
-        if *stop.borrow() {
+        // hyper's connection lives in a box of its own (with its state: ~2 KiB), freed at the
+        // end of this block, before the connection parks: a box moved out of is only freed
+        // when it goes out of scope.
+        let parts = {
+            let mut conn = Box::new(builder.serve_connection(TokioIo::new(io), svc));
+            if *stop.borrow() {
+                Pin::new(&mut *conn).graceful_shutdown();
+            }
+            // Boxed with the connection: freed when it parks.
+            let driving = Box::pin(drive_h1(&mut *conn, &act, edge, &mut stop));
+            if !driving.await {
+                return;
+            }
+            // Idle: end hyper's connection (it is idle, so it closes at once, reading nothing
+            // more) and take the socket back with any bytes hyper read but did not parse.
+            // (Still under the connection's timers: should hyper have a last write to finish
+            // for a peer that does not read, this cannot wait longer than the idle timeout.)
             Pin::new(&mut *conn).graceful_shutdown();
-        }
-        // Boxed with the connection: freed when it parks.
-        let driving = Box::pin(drive_h1(&mut *conn, &act, edge, &mut stop));
-        if !driving.await {
-            return;
-        }
-        // Idle: end hyper's connection (it is idle, so it closes at once, reading nothing
-        // more) and take the socket back with any bytes hyper read but did not parse.
-        // (Still under the connection's timers: should hyper have a last write to finish
-        // for a peer that does not read, this cannot wait longer than the idle timeout.)
-        Pin::new(&mut *conn).graceful_shutdown();
-        let ended = tokio::select! {
-            r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => r.map_err(|e| e.to_string()),
-            why = act.expired(edge) => Err(why.to_string()),
-            _ = stop.changed() => Err("draining".to_string()),
+            let ended = tokio::select! {
+                r = std::future::poll_fn(|cx| conn.poll_without_shutdown(cx)) => r.map_err(|e| e.to_string()),
+                why = act.expired(edge) => Err(why.to_string()),
+                _ = stop.changed() => Err("draining".to_string()),
+            };
+            if let Err(e) = ended {
+                tracing::debug!(error = %e, "HTTP connection ended instead of parking");
+                return;
+            }
+            conn.into_parts()
         };
-        if let Err(e) = ended {
-            tracing::debug!(error = %e, "HTTP connection ended instead of parking");
-            return;
-        }
         let hyper::server::conn::http1::Parts {
             io: tokio_io,
             read_buf,
             service,
             ..
-        } = conn.into_parts();
+        } = parts;
         svc = service;
         io = tokio_io.into_inner();
         // `read_buf` is a view of hyper's whole read buffer (8 KiB, even when empty): keep a

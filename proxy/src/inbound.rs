@@ -89,18 +89,39 @@ fn app_authority(app: SocketAddr) -> Option<http::uri::Authority> {
     http::uri::Authority::try_from(app.to_string().as_str()).ok()
 }
 
+/// A connection's serving future, boxed on its own.
+type Serving<'a> = std::pin::Pin<Box<dyn std::future::Future<Output = ()> + Send + 'a>>;
+
 pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: SocketAddr) {
+    // The sniff, the handshake and everything built for them run in a future boxed on its
+    // own and freed once the connection is accepted; serving runs in a second box. This
+    // task lives as long as the connection (idle ones too): its own frame holds the two
+    // pointers only.
+    let serving = Box::pin(accept(ib, port, tcp, peer)).await;
+    if let Some(serving) = serving {
+        serving.await;
+    }
+}
+
+/// Sniff, apply PeerAuthentication's mode, terminate mTLS: the connection's serving future,
+/// or `None` once it is refused (logged and counted here).
+async fn accept(
+    ib: &Arc<Inbound>,
+    port: u16,
+    tcp: TcpStream,
+    peer: SocketAddr,
+) -> Option<Serving<'_>> {
     let cfg = ib.cfg.load_full();
     let Some(pe) = cfg.me.port(port).cloned() else {
         tracing::warn!(port, "port no longer in the registry; closing connection");
-        return;
+        return None;
     };
     let stats = ib.ports.get(port);
     let mode = cfg.engine.peer_authentication(&cfg.workload, port).mode;
     // Sniff: a TLS record starts with 0x16 (handshake).
     let mut first = [0u8; 1];
     let is_tls = match tokio::time::timeout(Duration::from_secs(5), tcp.peek(&mut first)).await {
-        Ok(Ok(0)) | Ok(Err(_)) => return,
+        Ok(Ok(0)) | Ok(Err(_)) => return None,
         Ok(Ok(_)) => crate::sniff::is_tls(first[0]),
         Err(_) => false, // client waits for the server: plaintext (server-first protocol)
     };
@@ -109,7 +130,7 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
         (MtlsMode::Strict, false) => {
             stats.count(Kind::PlaintextConnection, Some(peer.ip()));
             tracing::info!(%peer, port, "plaintext connection refused: PeerAuthentication STRICT");
-            return;
+            return None;
         }
         (_, tls) => tls,
     };
@@ -152,33 +173,26 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
             app: app_authority(pe.app),
             app_conn: AppConn::new(pe.app, &ib.edge),
         };
-        let app = pe.app;
-        drop((cfg, pe, labels, me_principal));
-        let serving = Box::pin(serve(ib, cx, app, tcp));
-        serving.await;
-        return;
+        return Some(serve(ib, cx, pe.app, tcp));
     }
     let state = match ib.identity.for_handshake() {
         Ok(s) => s,
         Err(reason) => {
             tracing::warn!(%peer, port, %reason, "mTLS handshake refused: own identity unusable (fail closed)");
-            return;
+            return None;
         }
     };
     let acceptor = tokio_rustls::TlsAcceptor::from(state.server.clone());
-    // Boxed, as `serve` below: this task lives as long as the connection, so its own frame
-    // should not keep room for the handshake's state (or the server's) while idle.
-    let accept = Box::pin(acceptor.accept(tcp));
-    let tls = match tokio::time::timeout(Duration::from_secs(10), accept).await {
+    let tls = match tokio::time::timeout(Duration::from_secs(10), acceptor.accept(tcp)).await {
         Ok(Ok(t)) => t,
         Ok(Err(e)) => {
             let error = crate::conn::describe_tls_error(&e);
             tracing::info!(%peer, port, %error, "mTLS handshake refused");
-            return;
+            return None;
         }
         Err(_) => {
             tracing::info!(%peer, port, "mTLS handshake timed out");
-            return;
+            return None;
         }
     };
     let (principal, hash, sni) = {
@@ -202,7 +216,7 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
     let Some(principal) = principal else {
         // Unreachable with a mandatory client verifier; refuse rather than trust.
         tracing::warn!(%peer, "mTLS peer without SPIFFE ID; closing");
-        return;
+        return None;
     };
     // Closed at once if a later CRL revokes the peer's certificate.
     let chain = tls
@@ -247,26 +261,18 @@ pub(crate) async fn conn(ib: &Arc<Inbound>, port: u16, tcp: TcpStream, peer: Soc
         app: app_authority(pe.app),
         app_conn: AppConn::new(pe.app, &ib.edge),
     };
-    let app = pe.app;
-    // Nothing made for the handshake and the labels outlives it: this task lives as long
-    // as the connection (idle ones too), and these would otherwise stay in it (the peer's
-    // chain alone is a kilobyte or more; `LiveConns` keeps the one shared copy).
-    drop((cfg, pe, chain, labels, me_principal));
-    // Boxed in a statement of its own: only the box, not the future it was built from,
-    // stays in this task's frame while it runs.
-    let serving = Box::pin(serve(ib, cx, app, tls));
-    serving.await;
+    // The stream (rustls' connection state is over a kilobyte) in a box of its own that the
+    // serving futures point to, rather than moved into (and so copied in) each of them.
+    let tls = Box::new(tls);
+    Some(serve(ib, cx, pe.app, tls))
 }
 
-async fn serve<IO>(ib: &Arc<Inbound>, cx: ConnCtx, app: SocketAddr, io: IO)
+fn serve<IO>(ib: &Arc<Inbound>, cx: ConnCtx, app: SocketAddr, io: IO) -> Serving<'_>
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     if cx.protocol == PortProtocol::Tcp {
-        // Boxed: an HTTP connection's task is not sized for a TCP relay, nor the reverse.
-        let relay = Box::pin(tcp(ib, cx, app, io));
-        relay.await;
-        return;
+        return Box::pin(tcp(ib, cx, app, io));
     }
     let cx = Arc::new(cx);
     let park_cx = cx.clone();
@@ -282,7 +288,7 @@ where
     });
     // A parked (idle) HTTP/1.1 connection gives up its app connection too; its next request
     // opens a new one.
-    let serving = Box::pin(crate::http::serve_inbound(
+    Box::pin(crate::http::serve_inbound(
         &ib.edge,
         &ib.drain,
         io,
@@ -290,8 +296,7 @@ where
         move || {
             park_cx.app_conn.release();
         },
-    ));
-    serving.await;
+    ))
 }
 
 static XFCC: header::HeaderName = header::HeaderName::from_static("x-forwarded-client-cert");
