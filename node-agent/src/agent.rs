@@ -130,11 +130,16 @@ impl Agent {
                 Ok(())
             });
         }
-        if let (Some(interval), Some(first)) = (config.crl_poll_interval, config.workloads.first())
+        if let Some(interval) = config.crl_poll_interval
+            && !config.workloads.is_empty()
         {
             let poller = CrlPoller {
                 source: crl_source,
-                token_path: first.token_path.clone(),
+                token_paths: config
+                    .workloads
+                    .iter()
+                    .map(|w| w.token_path.clone())
+                    .collect(),
                 stores: stores.iter().map(|(_, s)| s.clone()).collect(),
                 interval,
                 backoff_max: config.rotation.backoff_max,

@@ -120,10 +120,59 @@ fn covers_chains(set: &CrlSet, chains: &[Vec<CertificateDer<'static>>]) -> bool 
         && chains.iter().all(|cas| cas.iter().all(|c| set.covers(c)))
 }
 
+/// One `GetCrls` call, authenticated with the first of `tokens` that works, starting at
+/// `*at` (the one that worked last, updated on success). The next token is tried when a
+/// token cannot be read or the CA refuses it (`Unauthenticated`, `PermissionDenied`): one
+/// workload whose token expired, or whose service account was deleted, must not stop the
+/// revocation updates of the others. Any other error (the CA unreachable, not serving CRLs)
+/// ends the attempt at once: another token would not change it.
+async fn fetch(
+    source: &dyn CrlSource,
+    ask: &str,
+    tokens: &[PathBuf],
+    at: &mut usize,
+) -> Result<crate::caclient::CrlPoll, Error> {
+    let mut last = None;
+    for k in 0..tokens.len() {
+        let i = (*at + k) % tokens.len();
+        match source.get_crls(ask, &tokens[i]).await {
+            Ok(poll) => {
+                *at = i;
+                return Ok(poll);
+            }
+            Err(e) if token_refused(&e) => {
+                if tokens.len() > 1 {
+                    tracing::debug!(
+                        token = %tokens[i].display(),
+                        "CRL poll with this token failed, trying the next workload's: {e}"
+                    );
+                }
+                last = Some(e);
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last.unwrap_or_else(|| Error::InvalidConfig {
+        field: "workloads",
+        reason: "no workload token to authenticate CRL polls with".into(),
+    }))
+}
+
+/// Whether `e` is about the token used rather than the CA or the network.
+fn token_refused(e: &Error) -> bool {
+    match e {
+        Error::ReadFile { .. } | Error::EmptyFile { .. } | Error::BadToken { .. } => true,
+        Error::CaRefused { code, .. } => code == "Unauthenticated" || code == "PermissionDenied",
+        _ => false,
+    }
+}
+
 /// The CRL poller of one agent.
 pub(crate) struct CrlPoller {
     pub(crate) source: Arc<dyn CrlSource>,
-    pub(crate) token_path: PathBuf,
+    /// Every workload's token, in the agent's order: the poll authenticates with the first
+    /// one the CA accepts ([`fetch`]).
+    pub(crate) token_paths: Vec<PathBuf>,
     pub(crate) stores: Vec<SecretStore>,
     pub(crate) interval: Duration,
     pub(crate) backoff_max: Duration,
@@ -147,6 +196,8 @@ impl CrlPoller {
         let mut receivers: Vec<_> = self.stores.iter().map(SecretStore::subscribe).collect();
         let mut next_poll = tokio::time::Instant::now();
         let mut unsupported_logged = false;
+        // The token that worked last: tried first on the next poll.
+        let mut token_at = 0;
         loop {
             // Wait for the poll time, a store change (new issuers) or shutdown.
             let store_changed = async {
@@ -162,7 +213,7 @@ impl CrlPoller {
                 _ = store_changed => false,
             };
             if poll_now {
-                match self.source.get_crls(&ask, &self.token_path).await {
+                match fetch(&*self.source, &ask, &self.token_paths, &mut token_at).await {
                     Ok(poll) => {
                         backoff.reset();
                         unsupported_logged = false;
@@ -293,6 +344,89 @@ mod tests {
                 reason: Some(RevocationReason::KeyCompromise),
             }],
         }
+    }
+
+    /// A CA that accepts only the token at `good` (and records which tokens it saw), or
+    /// is unreachable.
+    struct TokenCa {
+        good: PathBuf,
+        unreachable: bool,
+        seen: std::sync::Mutex<Vec<PathBuf>>,
+    }
+
+    impl CrlSource for TokenCa {
+        fn get_crls<'a>(
+            &'a self,
+            _if_none_match: &'a str,
+            token_path: &'a std::path::Path,
+        ) -> crate::caclient::BoxFuture<'a, Result<crate::caclient::CrlPoll, Error>> {
+            self.seen.lock().unwrap().push(token_path.to_owned());
+            Box::pin(async move {
+                if self.unreachable {
+                    return Err(Error::CaUnreachable {
+                        addr: "127.0.0.1:1".into(),
+                        reason: "connection refused".into(),
+                    });
+                }
+                if token_path != self.good {
+                    return Err(Error::CaRefused {
+                        code: "Unauthenticated".into(),
+                        message: "token rejected".into(),
+                    });
+                }
+                Ok(crate::caclient::CrlPoll {
+                    version: 1,
+                    etag: "e1".into(),
+                    crls: Some(vec![]),
+                })
+            })
+        }
+    }
+
+    fn token_ca(good: &str, unreachable: bool) -> TokenCa {
+        TokenCa {
+            good: PathBuf::from(good),
+            unreachable,
+            seen: std::sync::Mutex::new(Vec::new()),
+        }
+    }
+
+    #[tokio::test]
+    async fn crl_poll_falls_back_to_another_workloads_token() {
+        let tokens: Vec<PathBuf> = ["a", "b", "c"].iter().map(PathBuf::from).collect();
+        // `a` is refused (an expired or deleted workload): `b` authenticates the poll and
+        // is tried first from then on.
+        let ca = token_ca("b", false);
+        let mut at = 0;
+        let poll = fetch(&ca, "", &tokens, &mut at).await.unwrap();
+        assert_eq!(poll.etag, "e1");
+        assert_eq!(at, 1);
+        fetch(&ca, "e1", &tokens, &mut at).await.unwrap();
+        let seen = ca.seen.lock().unwrap().clone();
+        assert_eq!(seen, ["a", "b", "b"].map(PathBuf::from), "{seen:?}");
+    }
+
+    #[tokio::test]
+    async fn crl_poll_fails_when_no_token_is_accepted_or_the_ca_is_unreachable() {
+        let tokens: Vec<PathBuf> = ["a", "b"].iter().map(PathBuf::from).collect();
+        // Every token refused: the CA's refusal is the error, each token tried once.
+        let ca = token_ca("z", false);
+        let mut at = 1;
+        let e = fetch(&ca, "", &tokens, &mut at).await.unwrap_err();
+        assert!(
+            matches!(&e, Error::CaRefused { code, .. } if code == "Unauthenticated"),
+            "{e}"
+        );
+        assert_eq!(at, 1);
+        assert_eq!(ca.seen.lock().unwrap().len(), 2);
+        // The CA unreachable: no other token is tried (it would not help).
+        let down = token_ca("a", true);
+        let e = fetch(&down, "", &tokens, &mut at).await.unwrap_err();
+        assert!(matches!(e, Error::CaUnreachable { .. }), "{e}");
+        assert_eq!(down.seen.lock().unwrap().len(), 1);
+        // No token at all: a configuration error, not a panic.
+        let e = fetch(&ca, "", &[], &mut 0).await.unwrap_err();
+        assert!(e.to_string().contains("no workload token"), "{e}");
     }
 
     #[test]
