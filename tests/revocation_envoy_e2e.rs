@@ -59,6 +59,41 @@ fn same_serial(a: &str, b: &str) -> bool {
     parse_serial_hex(a).ok() == parse_serial_hex(b).ok()
 }
 
+/// The serials the CRLs of `ROOTCA` revoke, as `rampart secrets --json` prints them from the
+/// SDS socket `sock`; and that secret's table rows (`rampart secrets`) of type CRL.
+fn secrets_crls(sock: &Path) -> (Vec<String>, Vec<String>) {
+    let json = run_ok(
+        rampart()
+            .args(["secrets", "--json", "--sds-socket"])
+            .arg(sock),
+    );
+    let v: serde_json::Value = serde_json::from_str(&json).unwrap();
+    let rootca = v
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "ROOTCA")
+        .cloned()
+        .unwrap_or_default();
+    let serials = rootca["crls"]
+        .as_array()
+        .map(|crls| {
+            crls.iter()
+                .filter(|c| c["expired"] == false)
+                .flat_map(|c| c["revoked"].as_array().cloned().unwrap_or_default())
+                .filter_map(|r| r["serial"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default();
+    let table = run_ok(rampart().args(["secrets", "--sds-socket"]).arg(sock));
+    let rows = table
+        .lines()
+        .filter(|l| l.starts_with("ROOTCA") && l.split_whitespace().nth(1) == Some("CRL"))
+        .map(str::to_owned)
+        .collect();
+    (serials, rows)
+}
+
 /// The serials revoked by the CRLs in a PEM file (empty if none or unreadable).
 fn revoked_in(path: &Path) -> Vec<String> {
     let pem = std::fs::read_to_string(path).unwrap_or_default();
@@ -445,6 +480,28 @@ fn revocation_flow(plug_in: bool) {
                 .any(|s| same_serial(s, &backend_serial))
         },
         logs,
+    );
+    // `rampart secrets` shows that CRL in ROOTCA: the backend's serial, not the client's.
+    let sock = dir.join("legacy.sock");
+    wait_for(
+        "the backend's serial in `rampart secrets`",
+        Duration::from_secs(10),
+        || {
+            secrets_crls(&sock)
+                .0
+                .iter()
+                .any(|s| same_serial(s, &backend_serial))
+        },
+        logs,
+    );
+    let (listed, rows) = secrets_crls(&sock);
+    assert!(
+        !listed.iter().any(|s| same_serial(s, &client_serial)),
+        "{listed:?}"
+    );
+    assert!(
+        !rows.is_empty() && rows.iter().all(|r| r.contains(" revoked")),
+        "{rows:?}"
     );
     std::thread::sleep(Duration::from_secs(1));
     for _ in 0..3 {

@@ -1,11 +1,12 @@
-//! `rampart secrets`: what an SDS server serves (like `istioctl proxy-config secret`).
+//! `rampart secrets`: what an SDS server serves (like `istioctl proxy-config secret`),
+//! including the CRLs a `ROOTCA` validation context carries.
 
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::{Duration, SystemTime};
 
 use anyhow::Context as _;
-use rampart_node_agent::{DEFAULT_SDS_SOCKET, SecretKind, fetch_secrets};
+use rampart_node_agent::{DEFAULT_SDS_SOCKET, SecretKind, ServedSecret, fetch_secrets};
 
 #[derive(Debug, clap::Args)]
 pub(crate) struct SecretsArgs {
@@ -52,6 +53,7 @@ impl SecretsArgs {
                             "valid": c.not_before <= now && now < c.not_after,
                             "sha256_fingerprint": c.sha256_fingerprint,
                         })).collect::<Vec<_>>(),
+                        "crls": crls_json(s, now),
                     })
                 })
                 .collect();
@@ -90,7 +92,58 @@ impl SecretsArgs {
                     c.sha256_fingerprint
                 );
             }
+            // The CRLs of a validation context: one row each (issuer, number, validity, how
+            // many serials it revokes; `--json` lists them).
+            match s.crl_pem.as_deref().map(rampart_certs::parse_crls_pem) {
+                None => {}
+                Some(Ok(crls)) => {
+                    for crl in &crls {
+                        println!(
+                            "{:<9} {:<11} {:<7} {:<50} {:<34} {:<21} {:<21} {} revoked{}",
+                            s.name,
+                            "CRL",
+                            !crl.is_expired(now),
+                            crl.issuer(),
+                            format!("#{}", crl.crl_number_hex().unwrap_or("-")),
+                            rampart_certs::timestamp::rfc3339(crl.this_update()),
+                            rampart_certs::timestamp::rfc3339(crl.next_update()),
+                            crl.revoked_certs().count(),
+                            if s.crl_leaf_only { ", leaf only" } else { "" },
+                        );
+                    }
+                }
+                Some(Err(e)) => println!("{:<9} {:<11} unreadable CRL: {e}", s.name, "CRL"),
+            }
         }
         Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// The CRLs `s` carries, for `--json`: an empty list when it has none, an error object when
+/// they cannot be read.
+fn crls_json(s: &ServedSecret, now: SystemTime) -> serde_json::Value {
+    let Some(pem) = s.crl_pem.as_deref() else {
+        return serde_json::json!([]);
+    };
+    match rampart_certs::parse_crls_pem(pem) {
+        Ok(crls) => crls
+            .iter()
+            .map(|crl| {
+                serde_json::json!({
+                    "issuer": crl.issuer(),
+                    "crl_number": crl.crl_number_hex(),
+                    "this_update": rampart_certs::timestamp::rfc3339(crl.this_update()),
+                    "next_update": rampart_certs::timestamp::rfc3339(crl.next_update()),
+                    "expired": crl.is_expired(now),
+                    "leaf_only": s.crl_leaf_only,
+                    "revoked": crl.revoked_certs().map(|r| serde_json::json!({
+                        "serial": r.serial_hex,
+                        "revoked_at": rampart_certs::timestamp::rfc3339(r.revoked_at),
+                        "reason": r.reason.map(|r| r.name()),
+                    })).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
     }
 }
