@@ -59,8 +59,8 @@ fn same_serial(a: &str, b: &str) -> bool {
     parse_serial_hex(a).ok() == parse_serial_hex(b).ok()
 }
 
-/// The serials the CRLs of `ROOTCA` revoke, as `rampart secrets --json` prints them from the
-/// SDS socket `sock`; and that secret's table rows (`rampart secrets`) of type CRL.
+/// The serials the valid CRLs of `ROOTCA` revoke, as `rampart secrets --json` prints them
+/// from the SDS socket `sock`; and the rows of `rampart secrets`' CRL table for `ROOTCA`.
 fn secrets_crls(sock: &Path) -> (Vec<String>, Vec<String>) {
     let json = run_ok(
         rampart()
@@ -75,20 +75,20 @@ fn secrets_crls(sock: &Path) -> (Vec<String>, Vec<String>) {
         .find(|s| s["name"] == "ROOTCA")
         .cloned()
         .unwrap_or_default();
+    assert!(rootca["crls_error"].is_null(), "{rootca}");
     let serials = rootca["crls"]
         .as_array()
-        .map(|crls| {
-            crls.iter()
-                .filter(|c| c["expired"] == false)
-                .flat_map(|c| c["revoked"].as_array().cloned().unwrap_or_default())
-                .filter_map(|r| r["serial"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default();
+        .unwrap()
+        .iter()
+        .filter(|c| c["valid"] == true)
+        .flat_map(|c| c["revoked"].as_array().cloned().unwrap_or_default())
+        .filter_map(|r| r["serial"].as_str().map(str::to_owned))
+        .collect();
     let table = run_ok(rampart().args(["secrets", "--sds-socket"]).arg(sock));
     let rows = table
         .lines()
-        .filter(|l| l.starts_with("ROOTCA") && l.split_whitespace().nth(1) == Some("CRL"))
+        .skip_while(|l| !l.starts_with("RESOURCE  VALID"))
+        .filter(|l| l.starts_with("ROOTCA"))
         .map(str::to_owned)
         .collect();
     (serials, rows)
@@ -499,8 +499,13 @@ fn revocation_flow(plug_in: bool) {
         !listed.iter().any(|s| same_serial(s, &client_serial)),
         "{listed:?}"
     );
+    // Its table row: valid, and revoking at least the backend's serial.
     assert!(
-        !rows.is_empty() && rows.iter().all(|r| r.contains(" revoked")),
+        !rows.is_empty()
+            && rows.iter().all(|r| {
+                let f: Vec<&str> = r.split_whitespace().collect();
+                f.get(1) == Some(&"true") && f.get(5).and_then(|n| n.parse::<u32>().ok()) >= Some(1)
+            }),
         "{rows:?}"
     );
     std::thread::sleep(Duration::from_secs(1));

@@ -199,7 +199,11 @@ impl IstioCaClient {
             }
         };
         let result = self.get_crls_on(channel, if_none_match, token_path).await;
-        if result.is_err() {
+        // A refusal (a token the CA does not accept) came over a working connection: keep
+        // it. Anything else may be the connection's fault: dial afresh next time.
+        if let Err(e) = &result
+            && !matches!(e, Error::CaRefused { .. } | Error::BadToken { .. })
+        {
             *self.crl_channel.lock().unwrap_or_else(|e| e.into_inner()) = None;
         }
         result

@@ -120,12 +120,18 @@ fn covers_chains(set: &CrlSet, chains: &[Vec<CertificateDer<'static>>]) -> bool 
         && chains.iter().all(|cas| cas.iter().all(|c| set.covers(c)))
 }
 
-/// One `GetCrls` call, authenticated with the first of `tokens` that works, starting at
-/// `*at` (the one that worked last, updated on success). The next token is tried when a
-/// token cannot be read or the CA refuses it (`Unauthenticated`, `PermissionDenied`): one
-/// workload whose token expired, or whose service account was deleted, must not stop the
-/// revocation updates of the others. Any other error (the CA unreachable, not serving CRLs)
-/// ends the attempt at once: another token would not change it.
+/// Most tokens one poll tries ([`fetch`]): a CA whose token reviews fail for a reason of its
+/// own (its Kubernetes API unreachable) refuses every token alike, and each try costs it a
+/// review; the rotation goes on at the next poll, under the poll's backoff.
+const TOKENS_PER_POLL: usize = 3;
+
+/// One `GetCrls` call, authenticated with the first token that works, starting at `*at`
+/// (the one that worked last). The next token is tried when a token cannot be read or the
+/// CA refuses it (`Unauthenticated`, `PermissionDenied`): one workload whose token expired,
+/// or whose service account was deleted, must not stop the revocation updates of the
+/// others. At most [`TOKENS_PER_POLL`] are tried; `*at` then points past the refused ones,
+/// so the next poll goes on with the others. Any other error (the CA unreachable, not
+/// serving CRLs) ends the attempt at once: another token would not change it.
 async fn fetch(
     source: &dyn CrlSource,
     ask: &str,
@@ -133,14 +139,15 @@ async fn fetch(
     at: &mut usize,
 ) -> Result<crate::caclient::CrlPoll, Error> {
     let mut last = None;
-    for k in 0..tokens.len() {
-        let i = (*at + k) % tokens.len();
+    for _ in 0..tokens.len().min(TOKENS_PER_POLL) {
+        let i = *at % tokens.len();
         match source.get_crls(ask, &tokens[i]).await {
             Ok(poll) => {
                 *at = i;
                 return Ok(poll);
             }
             Err(e) if token_refused(&e) => {
+                *at = (i + 1) % tokens.len();
                 if tokens.len() > 1 {
                     tracing::debug!(
                         token = %tokens[i].display(),
@@ -417,8 +424,25 @@ mod tests {
             matches!(&e, Error::CaRefused { code, .. } if code == "Unauthenticated"),
             "{e}"
         );
-        assert_eq!(at, 1);
-        assert_eq!(ca.seen.lock().unwrap().len(), 2);
+        assert_eq!(
+            ca.seen.lock().unwrap().clone(),
+            ["b", "a"].map(PathBuf::from)
+        );
+        // A CA refusing everything (its token reviews failing) gets at most
+        // TOKENS_PER_POLL tries per poll, and the next poll goes on where this one stopped.
+        let many: Vec<PathBuf> = (0..7).map(|n| PathBuf::from(format!("t{n}"))).collect();
+        let busy = token_ca("t5", false);
+        let mut at = 0;
+        assert!(fetch(&busy, "", &many, &mut at).await.is_err());
+        assert_eq!(busy.seen.lock().unwrap().len(), TOKENS_PER_POLL);
+        assert_eq!(at, 3);
+        fetch(&busy, "", &many, &mut at).await.unwrap();
+        assert_eq!(at, 5);
+        let seen = busy.seen.lock().unwrap().clone();
+        assert_eq!(
+            seen,
+            ["t0", "t1", "t2", "t3", "t4", "t5"].map(PathBuf::from)
+        );
         // The CA unreachable: no other token is tried (it would not help).
         let down = token_ca("a", true);
         let e = fetch(&down, "", &tokens, &mut at).await.unwrap_err();

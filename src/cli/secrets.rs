@@ -54,11 +54,12 @@ impl SecretsArgs {
                             "sha256_fingerprint": c.sha256_fingerprint,
                         })).collect::<Vec<_>>(),
                         "crls": crls_json(s, now),
+                        "crls_error": crls(s).err(),
                     })
                 })
                 .collect();
             println!("{}", serde_json::to_string_pretty(&items)?);
-            return Ok(ExitCode::SUCCESS);
+            return Ok(exit_code(&secrets));
         }
         println!(
             "{:<9} {:<11} {:<7} {:<50} {:<34} {:<21} {:<21} SHA256 FINGERPRINT",
@@ -92,58 +93,87 @@ impl SecretsArgs {
                     c.sha256_fingerprint
                 );
             }
-            // The CRLs of a validation context: one row each (issuer, number, validity, how
-            // many serials it revokes; `--json` lists them).
-            match s.crl_pem.as_deref().map(rampart_certs::parse_crls_pem) {
-                None => {}
-                Some(Ok(crls)) => {
-                    for crl in &crls {
-                        println!(
-                            "{:<9} {:<11} {:<7} {:<50} {:<34} {:<21} {:<21} {} revoked{}",
-                            s.name,
-                            "CRL",
-                            !crl.is_expired(now),
-                            crl.issuer(),
-                            format!("#{}", crl.crl_number_hex().unwrap_or("-")),
-                            rampart_certs::timestamp::rfc3339(crl.this_update()),
-                            rampart_certs::timestamp::rfc3339(crl.next_update()),
-                            crl.revoked_certs().count(),
-                            if s.crl_leaf_only { ", leaf only" } else { "" },
-                        );
-                    }
+        }
+        // The CRLs the validation contexts carry, in a table of their own (a long issuer
+        // name last, so that it does not shift the other columns).
+        let mut header = false;
+        for s in &secrets {
+            let parsed = match crls(s) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("rampart: {}: unreadable CRL: {e}", s.name);
+                    continue;
                 }
-                Some(Err(e)) => println!("{:<9} {:<11} unreadable CRL: {e}", s.name, "CRL"),
+            };
+            for crl in &parsed {
+                if !header {
+                    println!(
+                        "\n{:<9} {:<7} {:<18} {:<21} {:<21} {:<8} {:<7} ISSUER",
+                        "RESOURCE",
+                        "VALID",
+                        "CRL NUMBER",
+                        "THIS UPDATE",
+                        "NEXT UPDATE",
+                        "REVOKED",
+                        "CHECKS"
+                    );
+                    header = true;
+                }
+                println!(
+                    "{:<9} {:<7} {:<18} {:<21} {:<21} {:<8} {:<7} {}",
+                    s.name,
+                    crl.this_update() <= now && !crl.is_expired(now),
+                    crl.crl_number_hex().unwrap_or("-"),
+                    rampart_certs::timestamp::rfc3339(crl.this_update()),
+                    rampart_certs::timestamp::rfc3339(crl.next_update()),
+                    crl.revoked_certs().count(),
+                    if s.crl_leaf_only { "leaf" } else { "chain" },
+                    crl.issuer(),
+                );
             }
         }
-        Ok(ExitCode::SUCCESS)
+        Ok(exit_code(&secrets))
     }
 }
 
-/// The CRLs `s` carries, for `--json`: an empty list when it has none, an error object when
-/// they cannot be read.
-fn crls_json(s: &ServedSecret, now: SystemTime) -> serde_json::Value {
-    let Some(pem) = s.crl_pem.as_deref() else {
-        return serde_json::json!([]);
-    };
-    match rampart_certs::parse_crls_pem(pem) {
-        Ok(crls) => crls
-            .iter()
-            .map(|crl| {
-                serde_json::json!({
-                    "issuer": crl.issuer(),
-                    "crl_number": crl.crl_number_hex(),
-                    "this_update": rampart_certs::timestamp::rfc3339(crl.this_update()),
-                    "next_update": rampart_certs::timestamp::rfc3339(crl.next_update()),
-                    "expired": crl.is_expired(now),
-                    "leaf_only": s.crl_leaf_only,
-                    "revoked": crl.revoked_certs().map(|r| serde_json::json!({
-                        "serial": r.serial_hex,
-                        "revoked_at": rampart_certs::timestamp::rfc3339(r.revoked_at),
-                        "reason": r.reason.map(|r| r.name()),
-                    })).collect::<Vec<_>>(),
-                })
-            })
-            .collect(),
-        Err(e) => serde_json::json!({ "error": e.to_string() }),
+/// The CRLs `s` carries (none when it has none), or why they cannot be read.
+fn crls(s: &ServedSecret) -> Result<Vec<rampart_certs::Crl>, String> {
+    match s.crl_pem.as_deref() {
+        None => Ok(Vec::new()),
+        Some(pem) => rampart_certs::parse_crls_pem(pem).map_err(|e| e.to_string()),
     }
+}
+
+/// Failure when a served CRL cannot be read: a script asking "is this serial revoked?" must
+/// not take an unreadable list for an empty one.
+fn exit_code(secrets: &[ServedSecret]) -> ExitCode {
+    if secrets.iter().any(|s| crls(s).is_err()) {
+        ExitCode::FAILURE
+    } else {
+        ExitCode::SUCCESS
+    }
+}
+
+/// The CRLs `s` carries, for `--json`: always a list (empty when it has none or when they
+/// cannot be read; `crls_error` then says why).
+fn crls_json(s: &ServedSecret, now: SystemTime) -> serde_json::Value {
+    crls(s)
+        .unwrap_or_default()
+        .iter()
+        .map(|crl| {
+            serde_json::json!({
+                "issuer": crl.issuer(),
+                "crl_number": crl.crl_number_hex(),
+                "this_update": rampart_certs::timestamp::rfc3339(crl.this_update()),
+                "next_update": rampart_certs::timestamp::rfc3339(crl.next_update()),
+                "valid": crl.this_update() <= now && !crl.is_expired(now),
+                "leaf_only": s.crl_leaf_only,
+                "revoked": crl.revoked_certs().map(|r| serde_json::json!({
+                    "serial": r.serial_hex,
+                    "revoked_at": rampart_certs::timestamp::rfc3339(r.revoked_at),
+                    "reason": r.reason.map(|r| r.name()),
+                })).collect::<Vec<_>>(),
+            })
+        })
+        .collect()
 }
