@@ -661,18 +661,30 @@ async fn a_revocation_on_one_replica_reaches_the_other_and_istio_ca_crl() {
     let mut c = client(&dir.path().join("one/bundle.pem"), addr).await;
     let revoked = issue_serial(&mut c, app, &tok).await;
     let kept = issue_serial(&mut c, app, &tok).await;
+    let unshared = issue_serial(&mut c, app, &tok).await;
+    let revoke = |serial: &str| {
+        let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["ca", "revoke", "--state"])
+            .arg(dir.path().join("one/state"))
+            .args(["--serial", serial, "--reason", "keyCompromise"])
+            .output()
+            .unwrap();
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    };
 
-    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["ca", "revoke", "--state"])
-        .arg(dir.path().join("one/state"))
-        .args(["--serial", &revoked, "--reason", "keyCompromise"])
-        .output()
-        .unwrap();
+    let (ok, out) = revoke(&revoked);
+    assert!(ok, "{out}");
+    // The command waited until the serial was in the shared object, and says so.
     assert!(
-        out.status.success(),
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
+        out.contains(
+            "shared with the other CA replicas through ConfigMap istio-system/rampart-ca-revocations"
+        ),
+        "{out}"
     );
     let two_crls = || {
         crl_serials(
@@ -706,5 +718,40 @@ async fn a_revocation_on_one_replica_reaches_the_other_and_istio_ca_crl() {
     assert!(!two_crls().contains(&kept));
     assert!(!istio_ca_crl().contains(&kept));
     assert!(!text.contains(&kept), "{text}");
+
+    // When the object cannot be written (here: the Role lost `update`), the command says the
+    // revocation is NOT shared, names why, and fails; replica one enforces it meanwhile.
+    let cms = "/api/v1/namespaces/istio-system/configmaps";
+    fake.refuse_writes(cms, true);
+    let (ok, out) = revoke(&unshared);
+    assert!(!ok, "{out}");
+    assert!(
+        out.contains("revoked serial")
+            && out.contains("NOT YET SHARED")
+            && out.contains("forbidden"),
+        "{out}"
+    );
+    let one_crls = || {
+        crl_serials(
+            &std::fs::read_to_string(dir.path().join("one/state/published-crls.pem"))
+                .unwrap_or_default(),
+        )
+    };
+    assert!(one_crls().contains(&unshared));
+    assert!(!two_crls().contains(&unshared));
+    // Rerun once writes work again: already revoked, and now shared.
+    fake.refuse_writes(cms, false);
+    let (ok, out) = revoke(&unshared);
+    assert!(ok, "{out}");
+    assert!(
+        out.contains("already revoked") && out.contains("shared with the other CA replicas"),
+        "{out}"
+    );
+    wait_for(
+        "the other replica's CRL to carry the serial shared late",
+        Duration::from_secs(15),
+        || two_crls().contains(&unshared),
+        log,
+    );
     drop((one, two));
 }

@@ -35,6 +35,44 @@ pub(crate) trait AdminBackend: Send + Sync + 'static {
     ) -> Result<Vec<RevokedSerial>, CitadelError>;
     /// What is published now.
     fn published(&self) -> Arc<PublishedCrls>;
+    /// How revocations reach other CA replicas, when they are shared (Kubernetes mode).
+    fn revocation_share(&self) -> Option<Arc<dyn RevocationShare>>;
+}
+
+/// How long a revoke request waits for its serials to be shared with the other CA replicas
+/// before it answers `pending` (the sharing goes on in the background).
+pub const SHARE_WAIT: Duration = Duration::from_secs(10);
+
+/// Where this CA's revocations are shared with other replicas (Kubernetes mode: ConfigMap
+/// `rampart-ca-revocations`), so a revoke request can say whether they got there.
+pub trait RevocationShare: Send + Sync + 'static {
+    /// Blocks (at most `timeout`) until every one of `serials` (normalized hex) is shared,
+    /// or an attempt to share made after the call started failed.
+    fn wait_shared(&self, serials: &[String], timeout: Duration) -> ShareReport;
+}
+
+/// Whether the serials of a revoke request reached the other CA replicas.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShareState {
+    /// Every serial is in the shared list: every replica merges it.
+    Shared,
+    /// An attempt to share them failed (retried in the background).
+    Failing,
+    /// Not confirmed within [`SHARE_WAIT`] (still being shared in the background).
+    Pending,
+}
+
+/// The answer of [`RevocationShare::wait_shared`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ShareReport {
+    /// Shared, failing or pending.
+    pub state: ShareState,
+    /// Where the revocations are shared (`ConfigMap istio-system/rampart-ca-revocations`).
+    pub target: String,
+    /// Why not shared (the last failure), when it is not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
 }
 
 /// Longest request line read.
@@ -84,6 +122,10 @@ pub struct AdminResponse {
     pub next_update: Option<String>,
     /// Revoked serials on the CA's own CRL.
     pub crl_entries: usize,
+    /// Whether a revoke request's serials reached the other CA replicas; absent when this
+    /// CA shares its revocations with none (no Kubernetes mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shared: Option<ShareReport>,
 }
 
 /// Binds the admin socket at `path` (replacing a stale socket file, never another kind of
@@ -206,14 +248,23 @@ fn handle<S: AdminBackend>(state: &S, req: AdminRequest, uid: u32) -> AdminRespo
             spiffe_id,
             reason,
         } => match revoke(state, serial, spiffe_id, reason, uid) {
-            Ok(revoked) => status(
-                state,
-                AdminResponse {
-                    ok: true,
-                    revoked,
-                    ..AdminResponse::default()
-                },
-            ),
+            Ok(revoked) => {
+                // Also the serials revoked before: a rerun of the command reports whether
+                // they are shared by now.
+                let shared = state.revocation_share().map(|share| {
+                    let serials: Vec<String> = revoked.iter().map(|r| r.serial.clone()).collect();
+                    share.wait_shared(&serials, SHARE_WAIT)
+                });
+                status(
+                    state,
+                    AdminResponse {
+                        ok: true,
+                        revoked,
+                        shared,
+                        ..AdminResponse::default()
+                    },
+                )
+            }
             Err(e) => status(state, refuse(e)),
         },
     }

@@ -58,7 +58,10 @@ pub use self::{
 // Revocation (issue #13): persisted revocations and the CRLs made from them.
 mod admin;
 mod revocation;
-pub use self::admin::{AdminRequest, AdminResponse, admin_request, admin_socket_path};
+pub use self::admin::{
+    AdminRequest, AdminResponse, RevocationShare, SHARE_WAIT, ShareReport, ShareState,
+    admin_request, admin_socket_path,
+};
 pub use self::audit::{AuditEntry, parse_rfc3339, read_audit_log};
 pub use self::revocation::{
     ADMIN_SOCKET, CA_CRL, CRL_FILE, CRL_STATE_FILE, DEFAULT_CRL_VALIDITY, EXPIRED_ENTRY_GRACE,

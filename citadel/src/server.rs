@@ -79,6 +79,8 @@ pub struct CaState {
     revocations: crate::revocation::Revocations,
     /// Judges bearer tokens instead of the JWKS files (Kubernetes mode).
     external: Option<Arc<dyn ExternalAuthenticator>>,
+    /// Shares revocations with other replicas (Kubernetes mode), set once.
+    share: std::sync::OnceLock<Arc<dyn crate::admin::RevocationShare>>,
 }
 
 impl std::fmt::Debug for CaState {
@@ -173,12 +175,24 @@ impl CaState {
             last_failed_input: Mutex::new(None),
             revocations,
             external,
+            share: std::sync::OnceLock::new(),
         }))
     }
 
     /// The active authority.
     pub fn authority(&self) -> Arc<Authority> {
         self.authority.load_full()
+    }
+
+    /// Sets where revocations are shared with other replicas (once; later calls are
+    /// ignored), so that `rampart ca revoke` reports whether they got there.
+    pub fn set_revocation_share(&self, share: Arc<dyn crate::admin::RevocationShare>) {
+        let _ = self.share.set(share);
+    }
+
+    /// Where revocations are shared with other replicas, if anywhere.
+    pub fn revocation_share(&self) -> Option<Arc<dyn crate::admin::RevocationShare>> {
+        self.share.get().cloned()
     }
 
     /// The metrics.
@@ -778,6 +792,10 @@ impl crate::admin::AdminBackend for CaState {
 
     fn published(&self) -> Arc<crate::revocation::PublishedCrls> {
         self.revocations.current()
+    }
+
+    fn revocation_share(&self) -> Option<Arc<dyn crate::admin::RevocationShare>> {
+        CaState::revocation_share(self)
     }
 }
 

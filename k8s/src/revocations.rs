@@ -33,7 +33,9 @@ use kube::runtime::WatchStreamExt;
 use kube::runtime::watcher::{self, Event};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
-use rampart_citadel::{CaState, StoredRevocation, normalize_serial};
+use rampart_citadel::{
+    CaState, RevocationShare, ShareReport, ShareState, StoredRevocation, normalize_serial,
+};
 use serde_json::{Value, json};
 
 /// The ConfigMap holding every replica's revocations, in the CA namespace.
@@ -132,11 +134,118 @@ pub struct SyncPass {
     pub uploaded: Vec<String>,
 }
 
+/// What this replica knows of the object, for `rampart ca revoke` to wait on
+/// ([`RevocationShare`]): the serials seen in it, and the passes that failed.
+#[derive(Debug)]
+pub struct ShareTracker {
+    target: String,
+    seen: std::sync::Mutex<Seen>,
+    changed: std::sync::Condvar,
+    /// A waiter asks for a pass now instead of at the next retry of the backoff.
+    poke: tokio::sync::Notify,
+}
+
+#[derive(Debug, Default)]
+struct Seen {
+    /// Serials (normalized) known to be in the object: read from it, or written to it.
+    serials: HashSet<String>,
+    /// Passes started so far (the number of the last one).
+    started: u64,
+    /// The last pass that failed, and why; until one succeeds.
+    failed: Option<(u64, String)>,
+}
+
+impl ShareTracker {
+    fn new(namespace: &str) -> Self {
+        ShareTracker {
+            target: format!("ConfigMap {namespace}/{REVOCATIONS_CONFIGMAP}"),
+            seen: Default::default(),
+            changed: Default::default(),
+            poke: tokio::sync::Notify::new(),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Seen)) {
+        f(&mut self.seen.lock().unwrap_or_else(|p| p.into_inner()));
+        self.changed.notify_all();
+    }
+
+    /// The object, as just read, holds exactly `serials` (its valid ones).
+    fn read(&self, serials: &HashSet<String>) {
+        self.update(|s| s.serials.clone_from(serials));
+    }
+
+    /// `serials` were just written to the object.
+    fn wrote(&self, serials: &[String]) {
+        self.update(|s| s.serials.extend(serials.iter().cloned()));
+    }
+
+    /// A pass starts; its number.
+    fn start_pass(&self) -> u64 {
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        seen.started += 1;
+        seen.started
+    }
+
+    fn succeeded(&self) {
+        self.update(|s| s.failed = None);
+    }
+
+    fn failed(&self, pass: u64, why: &str) {
+        self.update(|s| s.failed = Some((pass, why.to_owned())));
+    }
+}
+
+impl RevocationShare for ShareTracker {
+    fn wait_shared(&self, serials: &[String], timeout: Duration) -> ShareReport {
+        let want: Vec<String> = serials
+            .iter()
+            .map(|s| normalize_serial(s).unwrap_or_else(|_| s.clone()))
+            .collect();
+        let deadline = std::time::Instant::now() + timeout;
+        let mut seen = self.seen.lock().unwrap_or_else(|p| p.into_inner());
+        // Only a pass that starts after this call can have tried to share these serials.
+        let first = seen.started + 1;
+        if !want.iter().all(|s| seen.serials.contains(s)) {
+            // Already revoked here but not (known to be) shared: a rerun of `ca revoke`
+            // after an outage gets its answer from a pass now, not after the backoff.
+            self.poke.notify_one();
+        }
+        loop {
+            let report = |state, error| ShareReport {
+                state,
+                target: self.target.clone(),
+                error,
+            };
+            if want.iter().all(|s| seen.serials.contains(s)) {
+                return report(ShareState::Shared, None);
+            }
+            match &seen.failed {
+                Some((pass, why)) if *pass >= first => {
+                    return report(ShareState::Failing, Some(why.clone()));
+                }
+                _ => {}
+            }
+            let left = deadline.saturating_duration_since(std::time::Instant::now());
+            if left.is_zero() {
+                let why = seen.failed.as_ref().map(|(_, why)| why.clone());
+                return report(ShareState::Pending, why);
+            }
+            seen = self
+                .changed
+                .wait_timeout(seen, left)
+                .unwrap_or_else(|p| p.into_inner())
+                .0;
+        }
+    }
+}
+
 /// One replica's side of the shared revocations.
 pub struct RevocationSync {
     api: Api<ConfigMap>,
     state: Arc<CaState>,
     metrics: Arc<RevocationSyncMetrics>,
+    tracker: Arc<ShareTracker>,
     retry: Duration,
 }
 
@@ -198,6 +307,14 @@ fn parse_entries(raw: &[Value]) -> (Vec<StoredRevocation>, Vec<(String, String)>
     (ok, refused)
 }
 
+/// An API error as one line: the API server's status and message, not the whole object.
+fn api_error(e: &kube::Error) -> String {
+    match e {
+        kube::Error::Api(s) => format!("{} {}: {}", s.code, s.reason, s.message),
+        e => e.to_string(),
+    }
+}
+
 fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
@@ -212,11 +329,16 @@ fn document(raw: Vec<Value>) -> String {
 impl RevocationSync {
     /// Shares the revocations of `state` through ConfigMap [`REVOCATIONS_CONFIGMAP`] in
     /// `namespace` (the CA's).
+    /// `rampart ca revoke` on this replica waits (through [`CaState::set_revocation_share`])
+    /// until its serials are in the object, and says so.
     pub fn new(client: kube::Client, namespace: &str, state: Arc<CaState>) -> Self {
+        let tracker = Arc::new(ShareTracker::new(namespace));
+        state.set_revocation_share(tracker.clone());
         RevocationSync {
             api: Api::namespaced(client, namespace),
             state,
             metrics: Arc::default(),
+            tracker,
             retry: DEFAULT_RETRY,
         }
     }
@@ -274,11 +396,12 @@ impl RevocationSync {
     pub async fn sync_once(&self) -> Result<SyncPass, String> {
         let mut pass = SyncPass::default();
         for _ in 0..MAX_CONFLICTS {
-            let current = self
-                .api
-                .get_opt(REVOCATIONS_CONFIGMAP)
-                .await
-                .map_err(|e| format!("reading ConfigMap {REVOCATIONS_CONFIGMAP}: {e}"))?;
+            let current = self.api.get_opt(REVOCATIONS_CONFIGMAP).await.map_err(|e| {
+                format!(
+                    "reading ConfigMap {REVOCATIONS_CONFIGMAP}: {}",
+                    api_error(&e)
+                )
+            })?;
             let shared = match read_shared(current.as_ref()) {
                 Ok(s) => {
                     self.merge_from(&s, &mut pass).await?;
@@ -294,6 +417,7 @@ impl RevocationSync {
                     }
                 }
             };
+            self.tracker.read(&shared.serials);
             let missing = self.missing_from(&shared);
             if missing.is_empty() {
                 return Ok(pass);
@@ -324,6 +448,7 @@ impl RevocationSync {
             };
             match written {
                 Ok(_) => {
+                    self.tracker.wrote(&serials);
                     self.metrics.uploaded.inc_by(serials.len() as u64);
                     pass.uploaded = serials;
                     return Ok(pass);
@@ -333,7 +458,12 @@ impl RevocationSync {
                         "ConfigMap {REVOCATIONS_CONFIGMAP} changed meanwhile; reading it again"
                     );
                 }
-                Err(e) => return Err(format!("writing ConfigMap {REVOCATIONS_CONFIGMAP}: {e}")),
+                Err(e) => {
+                    return Err(format!(
+                        "writing ConfigMap {REVOCATIONS_CONFIGMAP}: {}",
+                        api_error(&e)
+                    ));
+                }
             }
         }
         Err(format!(
@@ -351,6 +481,7 @@ impl RevocationSync {
             Ok(s) => s,
             Err(_) => return true,
         };
+        self.tracker.read(&shared.serials);
         let mut pass = SyncPass::default();
         if let Err(e) = self.merge_from(&shared, &mut pass).await {
             tracing::error!(error = %e, "merging shared revocations failed; retrying");
@@ -414,6 +545,7 @@ impl RevocationSync {
         let mut backoff = this.retry;
         loop {
             changes.borrow_and_update();
+            let pass_no = this.tracker.start_pass();
             let wait = match this.sync_once().await {
                 Ok(pass) => {
                     if this.metrics.failing() {
@@ -422,6 +554,7 @@ impl RevocationSync {
                         );
                     }
                     this.metrics.failing.set(0);
+                    this.tracker.succeeded();
                     if !pass.uploaded.is_empty() {
                         tracing::info!(serials = ?pass.uploaded, "revocations shared with the other CA replicas");
                     }
@@ -434,6 +567,7 @@ impl RevocationSync {
                 Err(e) => {
                     this.metrics.failures.inc();
                     this.metrics.failing.set(1);
+                    this.tracker.failed(pass_no, &e);
                     tracing::error!(error = %e, retry_in = ?backoff, "REVOCATIONS NOT SHARED with the other CA replicas (enforced by this replica only); retrying");
                     let wait = backoff;
                     backoff = (backoff * 2).min(MAX_RETRY);
@@ -443,6 +577,7 @@ impl RevocationSync {
             tokio::select! {
                 r = changes.changed() => if r.is_err() { return },
                 () = due.notified() => {}
+                () = this.tracker.poke.notified() => {}
                 () = tokio::time::sleep(wait) => {}
             }
         }

@@ -309,6 +309,52 @@ async fn with_the_api_down_a_local_revocation_applies_and_is_shared_when_it_is_b
     assert!(!b.on_crl("abce"));
 }
 
+/// What `rampart ca revoke` waits on: shared once the serial is in the object; failing, with
+/// the API's reason, when the object cannot be written; and shared after the API is back
+/// (asked again, as a rerun of the command does).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revoke_learns_whether_its_serials_were_shared() {
+    use rampart_citadel::ShareState;
+    let fake = FakeApi::new();
+    let down = Arc::new(AtomicBool::new(false));
+    let a = replica(flaky_client(&fake, down.clone()));
+    let share = a
+        .state
+        .revocation_share()
+        .expect("the sync registered itself");
+    let wait = |serial: &str| {
+        let (share, serial) = (share.clone(), serial.to_owned());
+        tokio::task::spawn_blocking(move || share.wait_shared(&[serial], Duration::from_secs(10)))
+    };
+
+    a.revoke("0b0b");
+    let r = wait("0b0b").await.unwrap();
+    assert_eq!(r.state, ShareState::Shared, "{r:?}");
+    assert_eq!(r.target, "ConfigMap istio-system/rampart-ca-revocations");
+    assert_eq!(shared_serials(&fake), ["0b0b"]);
+
+    // The twin: the API refuses the write. The wait ends at the failed attempt, with its reason.
+    fake.refuse_writes(COLL, true);
+    a.revoke("0c0c");
+    let r = wait("0c0c").await.unwrap();
+    assert_eq!(r.state, ShareState::Failing, "{r:?}");
+    let why = r.error.unwrap_or_default();
+    assert!(why.contains("403") && why.contains("forbidden"), "{why}");
+    assert_eq!(shared_serials(&fake), ["0b0b"]);
+    // Unreachable API: failing too.
+    down.store(true, Ordering::SeqCst);
+    let r = wait("0c0c").await.unwrap();
+    assert_eq!(r.state, ShareState::Failing, "{r:?}");
+    assert!(r.error.is_some());
+
+    // Back: asking again gets a pass now (not after the backoff) and the answer is shared.
+    fake.refuse_writes(COLL, false);
+    down.store(false, Ordering::SeqCst);
+    let r = wait("0c0c").await.unwrap();
+    assert_eq!(r.state, ShareState::Shared, "{r:?}");
+    assert_eq!(shared_serials(&fake), ["0b0b", "0c0c"]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_entries_from_the_object_un_revokes_nothing() {
     let fake = FakeApi::new();

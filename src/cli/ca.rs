@@ -29,7 +29,8 @@ enum CaCommand {
     Bench(BenchArgs),
     /// Revoke certificates this CA issued (by serial, or every unexpired one of a SPIFFE
     /// ID) through the running CA's admin socket (<state>/admin.sock); the CA re-signs and
-    /// publishes its CRL at once.
+    /// publishes its CRL at once. With `--kubernetes` it also waits (up to 10 s) until the
+    /// serials are shared with the other CA replicas, and exits 1 if they are not yet.
     Revoke(RevokeArgs),
     /// List issued certificates from the audit log (offline): serial, identity, not-after,
     /// caller.
@@ -699,7 +700,35 @@ impl RevokeArgs {
             answer.crl_entries,
             answer.next_update.as_deref().unwrap_or("-")
         );
-        Ok(ExitCode::SUCCESS)
+        // Kubernetes mode: did the serials reach the other CA replicas?
+        let Some(share) = answer.shared else {
+            return Ok(ExitCode::SUCCESS);
+        };
+        use rampart_citadel::ShareState;
+        if share.state == ShareState::Shared {
+            println!("shared with the other CA replicas through {}", share.target);
+            return Ok(ExitCode::SUCCESS);
+        }
+        let why = match (share.state, share.error) {
+            (ShareState::Failing, Some(e)) => e,
+            (_, Some(e)) => format!(
+                "not in {} after {} s; the last attempt failed: {e}",
+                share.target,
+                rampart_citadel::SHARE_WAIT.as_secs()
+            ),
+            (_, None) => format!(
+                "not in {} after {} s",
+                share.target,
+                rampart_citadel::SHARE_WAIT.as_secs()
+            ),
+        };
+        eprintln!(
+            "rampart ca revoke: NOT YET SHARED with the other CA replicas: {why}. This replica \
+             enforces the revocation and keeps retrying; the other replicas do not until it is \
+             shared (see rampart_ca_revocation_share_failing). Run the same command again to \
+             check."
+        );
+        Ok(ExitCode::FAILURE)
     }
 }
 

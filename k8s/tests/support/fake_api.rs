@@ -101,6 +101,8 @@ struct State {
     aliases: Vec<(String, String)>,
     /// Collections whose lists and watches fail (500).
     failing: Vec<String>,
+    /// Collections whose creates, replaces and deletes are forbidden (403, as without RBAC).
+    refused_writes: Vec<String>,
     /// (collection path, name) -> object
     objects: BTreeMap<(String, String), Value>,
     revision: u64,
@@ -153,6 +155,17 @@ impl FakeApi {
         }
         // Wake open watches so they see the outage.
         self.revision.send_replace(st.revision);
+    }
+
+    /// Creates, replaces and deletes in `collection` (e.g.
+    /// `/api/v1/namespaces/istio-system/configmaps`) answer 403 Forbidden while `on`, as when
+    /// the caller's Role lacks the verb.
+    pub fn refuse_writes(&self, collection: &str, on: bool) {
+        let mut st = self.lock();
+        st.refused_writes.retain(|c| c != collection);
+        if on {
+            st.refused_writes.push(collection.to_owned());
+        }
     }
 
     /// Every stored object of `collection` (a namespaced one, or all namespaces).
@@ -479,6 +492,16 @@ impl FakeApi {
                 &format!("no route {path}"),
             );
         };
+        if parts.method != Method::GET && self.lock().refused_writes.contains(&collection) {
+            return status(
+                StatusCode::FORBIDDEN,
+                "Forbidden",
+                &format!(
+                    "{collection} is forbidden: {} refused by the test's RBAC",
+                    parts.method
+                ),
+            );
+        }
         match (parts.method.clone(), name) {
             (Method::GET, Some(name)) => {
                 let gate = {
