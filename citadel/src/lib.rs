@@ -65,7 +65,8 @@ pub use self::admin::{
 pub use self::audit::{AuditEntry, parse_rfc3339, read_audit_log};
 pub use self::revocation::{
     ADMIN_SOCKET, CA_CRL, CRL_FILE, CRL_STATE_FILE, DEFAULT_CRL_VALIDITY, EXPIRED_ENTRY_GRACE,
-    MergeOutcome, PUBLISHED_CRLS, PublishedCrls, REVOCATIONS_FILE, RevocationState, Revocations,
-    RevokedSerial, StoredRevocation, normalize_serial,
+    MergeOutcome, PRUNE_AFTER_EXPIRY, PUBLISHED_CRLS, PublishedCrls, REVOCATIONS_FILE,
+    RevocationState, Revocations, RevokedSerial, StoredRevocation, later_not_after,
+    normalize_serial, prunable,
 };
 pub use self::server::RevocationService;

@@ -51,6 +51,29 @@ pub const PUBLISHED_CRLS: &str = "published-crls.pem";
 /// allows removing expired certificates; the grace covers clock skew of verifiers).
 pub const EXPIRED_ENTRY_GRACE: Duration = Duration::from_secs(24 * 3600);
 
+/// Revoked entries leave the running CA's list (`revocations.json`, and in Kubernetes mode
+/// the shared ConfigMap) this long after the certificate expired: long after they left the
+/// CRL ([`EXPIRED_ENTRY_GRACE`]), so that the list does not grow without end.
+pub const PRUNE_AFTER_EXPIRY: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Whether `not_after` (RFC 3339; absent or unreadable: unknown, kept for ever) is more than
+/// [`PRUNE_AFTER_EXPIRY`] before `now`.
+pub fn prunable(not_after: Option<&str>, now: SystemTime) -> bool {
+    not_after
+        .and_then(parse_time)
+        .is_some_and(|na| na + PRUNE_AFTER_EXPIRY <= now)
+}
+
+/// Whether not-after `a` is later than `b`; an absent (unknown) not-after is the latest of
+/// all, since it keeps its entry for ever.
+pub fn later_not_after(a: Option<&str>, b: Option<&str>) -> bool {
+    match (a.and_then(parse_time), b.and_then(parse_time)) {
+        (None, Some(_)) => true,
+        (Some(a), Some(b)) => a > b,
+        (_, None) => false,
+    }
+}
+
 /// One revoked serial.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredRevocation {
@@ -103,6 +126,9 @@ impl StoredRevocation {
 pub struct MergeOutcome {
     /// Serials newly revoked here (persisted, and on the re-signed CRL).
     pub added: Vec<String>,
+    /// Serials revoked here already whose entry now carries the later not-after given
+    /// (a not-after only ever moves later, so nobody can take an entry off a CRL early).
+    pub extended: Vec<String>,
     /// Entries refused, each alone: (serial as given, why).
     pub refused: Vec<(String, String)>,
 }
@@ -164,6 +190,20 @@ impl RevocationState {
             serde_json::to_vec_pretty(self).map_err(|e| CitadelError::invalid(path, e))?;
         json.push(b'\n');
         rampart_certs::write_file_atomic(path, &json, 0o644).map_err(|e| CitadelError::io(path, e))
+    }
+
+    /// Drops the entries whose certificate expired more than [`PRUNE_AFTER_EXPIRY`] before
+    /// `now` (they left the CRL long ago); returns their serials.
+    pub fn prune(&mut self, now: SystemTime) -> Vec<String> {
+        let mut gone = Vec::new();
+        self.revoked.retain(|r| {
+            let keep = !prunable(r.not_after.as_deref(), now);
+            if !keep {
+                gone.push(r.serial.clone());
+            }
+            keep
+        });
+        gone
     }
 
     /// The entry for `serial` (any hex form), if revoked.
@@ -316,10 +356,12 @@ impl Revocations {
     }
 
     /// Adds the `entries` this CA lacks (another replica's revocations): each is checked with
-    /// [`StoredRevocation::validated`] and an invalid one is refused alone; a serial revoked
-    /// here already keeps its first entry. When something was added the list is persisted
-    /// (atomically, before anything is published) and the CRL re-signed and published at
-    /// once, as for [`Self::revoke`]. Nothing is ever removed.
+    /// [`StoredRevocation::validated`] and an invalid one is refused alone. A serial revoked
+    /// here already keeps its first entry, except that its not-after moves to the given one
+    /// when that is later: who can feed entries can keep one on the CRL longer, never take
+    /// it off sooner. Entries past [`PRUNE_AFTER_EXPIRY`] are not taken. When something
+    /// changed the list is persisted (atomically, before anything is published) and the CRL
+    /// re-signed and published at once, as for [`Self::revoke`]. Nothing is removed.
     pub fn merge(
         &self,
         authority: &Authority,
@@ -332,15 +374,22 @@ impl Revocations {
         for e in entries {
             match e.validated() {
                 Err(why) => out.refused.push((e.serial.clone(), why)),
-                Ok(v) => {
-                    if !next.revoked.iter().any(|r| r.serial == v.serial) {
+                Ok(v) => match next.revoked.iter_mut().find(|r| r.serial == v.serial) {
+                    Some(have) => {
+                        if later_not_after(v.not_after.as_deref(), have.not_after.as_deref()) {
+                            have.not_after = v.not_after;
+                            out.extended.push(v.serial);
+                        }
+                    }
+                    None if prunable(v.not_after.as_deref(), now) => {}
+                    None => {
                         out.added.push(v.serial.clone());
                         next.revoked.push(v);
                     }
-                }
+                },
             }
         }
-        if !out.added.is_empty() {
+        if !out.added.is_empty() || !out.extended.is_empty() {
             next.save(&self.state_path)?;
             *state = next;
             self.publish_locked(&mut state, authority, now);
@@ -375,7 +424,26 @@ impl Revocations {
     /// a CA certificate without cRLSign) serves the plug-in CRLs alone and logs why.
     pub fn publish(&self, authority: &Authority, now: SystemTime) -> bool {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        self.prune_locked(&mut state, now);
         self.publish_locked(&mut state, authority, now)
+    }
+
+    /// Drops entries past [`PRUNE_AFTER_EXPIRY`] from the persisted list (they are on no
+    /// CRL any more). If the smaller list cannot be saved, the entries stay.
+    fn prune_locked(&self, state: &mut RevocationState, now: SystemTime) {
+        let mut next = state.clone();
+        let gone = next.prune(now);
+        if gone.is_empty() {
+            return;
+        }
+        match next.save(&self.state_path) {
+            Ok(()) => {
+                *state = next;
+                tracing::info!(serials = ?gone, "dropped revocations of certificates that expired more than 7 days ago");
+                self.changes.send_modify(|n| *n += 1);
+            }
+            Err(e) => tracing::warn!(error = %e, "could not drop expired revocations; kept"),
+        }
     }
 
     fn publish_locked(
@@ -537,6 +605,36 @@ mod tests {
         let p = s.crl_params(1, now, Duration::from_secs(60));
         let serials: Vec<_> = p.revoked.iter().map(|r| r.serial_hex.as_str()).collect();
         assert_eq!(serials, ["02", "03"]);
+    }
+
+    #[test]
+    fn entries_are_pruned_a_week_after_expiry_and_unknown_expiry_is_kept() {
+        let now = SystemTime::now();
+        let mut s = RevocationState::default();
+        let day = Duration::from_secs(86400);
+        s.revoke("01", None, None, Some(now - PRUNE_AFTER_EXPIRY - day), now)
+            .unwrap();
+        // Expired, off the CRL, but not yet past the prune horizon.
+        s.revoke("02", None, None, Some(now - 2 * day), now)
+            .unwrap();
+        s.revoke("03", None, None, None, now).unwrap();
+        s.revoke("04", None, None, Some(now + day), now).unwrap();
+        assert_eq!(s.prune(now), ["01"]);
+        let left: Vec<_> = s.revoked.iter().map(|r| r.serial.as_str()).collect();
+        assert_eq!(left, ["02", "03", "04"]);
+        assert!(s.prune(now).is_empty());
+    }
+
+    #[test]
+    fn not_after_ordering_treats_unknown_as_latest() {
+        let t1 = "2026-01-01T00:00:00Z";
+        let t2 = "2026-02-01T00:00:00Z";
+        assert!(later_not_after(Some(t2), Some(t1)));
+        assert!(!later_not_after(Some(t1), Some(t2)));
+        assert!(!later_not_after(Some(t1), Some(t1)));
+        assert!(later_not_after(None, Some(t1)));
+        assert!(!later_not_after(Some(t2), None));
+        assert!(!later_not_after(None, None));
     }
 
     #[test]

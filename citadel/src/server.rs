@@ -274,7 +274,7 @@ impl CaState {
     /// Adds revocations made elsewhere (another replica's, shared through the cluster in
     /// Kubernetes mode) with [`Revocations::merge`](crate::Revocations::merge): an invalid
     /// entry is refused alone, the others persisted and the CRL re-signed and published at
-    /// once, as for a local revocation. Nothing is ever removed.
+    /// once, as for a local revocation. Nothing is removed; a not-after only moves later.
     pub fn merge_revocations(
         &self,
         entries: &[crate::revocation::StoredRevocation],
@@ -282,10 +282,13 @@ impl CaState {
         let now = SystemTime::now();
         let authority = self.authority.load();
         let out = self.revocations.merge(&authority, entries, now)?;
-        if !out.added.is_empty() {
+        if !out.added.is_empty() || !out.extended.is_empty() {
             self.crls_published();
             for serial in &out.added {
                 tracing::warn!(%serial, "certificate REVOKED by another CA replica; CRL re-signed and published");
+            }
+            for serial in &out.extended {
+                tracing::info!(%serial, "a revocation's not-after was moved later by another replica's entry");
             }
         }
         for (serial, why) in &out.refused {

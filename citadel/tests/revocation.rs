@@ -822,3 +822,103 @@ async fn merged_revocations_are_persisted_and_published_and_invalid_entries_refu
             .any(|r| r.serial_hex == "0a")
     );
 }
+
+/// Revocations do not pile up: an entry whose certificate expired more than a week ago
+/// leaves `revocations.json` (here at start); one expired less long, or of unknown expiry,
+/// stays. A merged entry can move a serial's not-after later, never earlier (so whoever
+/// feeds entries cannot take one off the CRL early), and a merged entry already past the
+/// horizon is not taken.
+#[tokio::test]
+async fn revocations_are_pruned_a_week_after_expiry_and_a_merge_only_extends() {
+    use rampart_citadel::{
+        PRUNE_AFTER_EXPIRY, REVOCATIONS_FILE, RevocationState, StoredRevocation,
+    };
+    let now = SystemTime::now();
+    let day = Duration::from_secs(86400);
+    let rfc = |t: SystemTime| {
+        time::OffsetDateTime::from(t)
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap()
+    };
+    let entry = |serial: &str, not_after: Option<SystemTime>| StoredRevocation {
+        serial: serial.into(),
+        revoked_at: rfc(now - 10 * day),
+        reason: Some("keyCompromise".into()),
+        spiffe_id: None,
+        not_after: not_after.map(rfc),
+    };
+    let mut env = start(|root| {
+        use std::os::unix::fs::PermissionsExt;
+        let state = root.join("state");
+        std::fs::create_dir(&state).unwrap();
+        std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o700)).unwrap();
+        RevocationState {
+            crl_number: 1,
+            revoked: vec![
+                entry("0e", Some(now - PRUNE_AFTER_EXPIRY - day)),
+                entry("0f", Some(now - 2 * day)),
+                entry("10", None),
+                entry("11", Some(now + day)),
+            ],
+        }
+        .save(&state.join(REVOCATIONS_FILE))
+        .unwrap();
+    })
+    .await;
+    let state = env.ca().state().clone();
+    let file = env.root().join("state").join(REVOCATIONS_FILE);
+    let serials = || -> Vec<String> {
+        RevocationState::load(&file)
+            .unwrap()
+            .revoked
+            .into_iter()
+            .map(|r| r.serial)
+            .collect()
+    };
+    assert_eq!(serials(), ["0f", "10", "11"]);
+    let on_crl = |s: &str| {
+        state
+            .revocations()
+            .current()
+            .own
+            .as_ref()
+            .unwrap()
+            .revoked_certs()
+            .any(|r| r.serial_hex == s)
+    };
+    // 0f expired two days ago: kept in the list, but off the CRL (24 h grace).
+    assert!(!on_crl("0f") && on_crl("10") && on_crl("11"));
+
+    // An earlier not-after for 11 is ignored: it stays on the CRL.
+    let out = state
+        .merge_revocations(&[entry("11", Some(now - 2 * day))])
+        .unwrap();
+    assert!(out.added.is_empty() && out.extended.is_empty(), "{out:?}");
+    assert!(on_crl("11"));
+    let na = |s: &str| {
+        RevocationState::load(&file)
+            .unwrap()
+            .find(s)
+            .unwrap()
+            .not_after
+            .clone()
+    };
+    assert_eq!(na("11"), Some(rfc(now + day)));
+    // A later one is taken: 0f is back on the CRL until the new not-after plus the grace.
+    let out = state
+        .merge_revocations(&[entry("0f", Some(now + 3 * day))])
+        .unwrap();
+    assert_eq!(out.extended, ["0f"]);
+    assert!(on_crl("0f"));
+    assert_eq!(na("0f"), Some(rfc(now + 3 * day)));
+    // A new entry already past the horizon is not taken; a fresh one is.
+    let out = state
+        .merge_revocations(&[
+            entry("12", Some(now - PRUNE_AFTER_EXPIRY - day)),
+            entry("13", Some(now + day)),
+        ])
+        .unwrap();
+    assert_eq!(out.added, ["13"]);
+    assert_eq!(serials(), ["0f", "10", "11", "13"]);
+    drop(env.ca.take());
+}

@@ -8,8 +8,11 @@
 //! - up: when the replica's revoked list changes (`rampart ca revoke` through its admin
 //!   socket: [`rampart_citadel::Revocations::subscribe`]), the entries the object lacks are
 //!   added to it: read, add, replace with the read `resourceVersion`; a 409 re-reads and
-//!   retries. The merge is a set union: an entry is only ever added, never changed or
-//!   dropped (also entries this replica cannot parse stay as they are). If the API cannot be
+//!   retries. The merge is a set union: a live entry is never dropped (also entries this
+//!   replica cannot parse stay as they are); an entry the object holds with an earlier
+//!   not-after than this replica's is replaced by this replica's (moving a not-after into
+//!   the past would take the entry off the CRLs); entries of certificates that expired more
+//!   than [`rampart_citadel::PRUNE_AFTER_EXPIRY`] ago leave the object. If the API cannot be
 //!   reached the local revocation stands (it was persisted and published before) and the
 //!   upload is retried in the background with backoff (error log and
 //!   `rampart_ca_revocation_share_failing` = 1 meanwhile).
@@ -22,7 +25,7 @@
 //! A full two-way pass ([`RevocationSync::sync_once`]) also runs at start, after the object was
 //! deleted or changed to lack entries, on failure (with backoff) and every [`RESYNC`].
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -34,7 +37,8 @@ use kube::runtime::watcher::{self, Event};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use rampart_citadel::{
-    CaState, RevocationShare, ShareReport, ShareState, StoredRevocation, normalize_serial,
+    CaState, RevocationShare, ShareReport, ShareState, StoredRevocation, later_not_after,
+    normalize_serial, prunable,
 };
 use serde_json::{Value, json};
 
@@ -258,10 +262,19 @@ impl std::fmt::Debug for RevocationSync {
 }
 
 /// The object's entries: the JSON values as stored (kept as they are when written back) and
-/// the serials among them that parse.
+/// the serials among them that parse, each with the latest not-after the object gives it.
 struct Shared {
     raw: Vec<Value>,
     serials: HashSet<String>,
+    not_after: HashMap<String, Option<String>>,
+}
+
+fn entry_not_after(v: &Value) -> Option<&str> {
+    v.get("not_after").and_then(Value::as_str)
+}
+
+fn entry_serial(v: &Value) -> Option<String> {
+    normalize_serial(v.get("serial")?.as_str()?).ok()
 }
 
 /// Reads the object's entries. `Err` when the key holds something that is not the format.
@@ -280,12 +293,29 @@ fn read_shared(cm: Option<&ConfigMap>) -> Result<Shared, String> {
             }
         }
     };
-    let serials = raw
-        .iter()
-        .filter_map(|v| v.get("serial")?.as_str())
-        .filter_map(|s| normalize_serial(s).ok())
-        .collect();
-    Ok(Shared { raw, serials })
+    let mut not_after: HashMap<String, Option<String>> = HashMap::new();
+    for v in &raw {
+        let Some(serial) = entry_serial(v) else {
+            continue;
+        };
+        let na = entry_not_after(v);
+        match not_after.get_mut(&serial) {
+            Some(have) => {
+                if later_not_after(na, have.as_deref()) {
+                    *have = na.map(str::to_owned);
+                }
+            }
+            None => {
+                not_after.insert(serial, na.map(str::to_owned));
+            }
+        }
+    }
+    let serials = not_after.keys().cloned().collect();
+    Ok(Shared {
+        raw,
+        serials,
+        not_after,
+    })
 }
 
 /// Parses each entry alone: the valid ones, and the refused ones with why.
@@ -376,8 +406,11 @@ impl RevocationSync {
         Ok(())
     }
 
-    /// This replica's revoked entries that `shared` lacks.
+    /// This replica's revoked entries that `shared` lacks, or holds with an earlier
+    /// not-after than this replica's (an entry changed to leave the CRLs early is written
+    /// back as it was).
     fn missing_from(&self, shared: &Shared) -> Vec<StoredRevocation> {
+        let now = std::time::SystemTime::now();
         self.state
             .revocations()
             .state()
@@ -385,14 +418,21 @@ impl RevocationSync {
             .into_iter()
             .filter_map(|mut r| {
                 r.serial = normalize_serial(&r.serial).ok()?;
-                (!shared.serials.contains(&r.serial)).then_some(r)
+                if prunable(r.not_after.as_deref(), now) {
+                    return None;
+                }
+                let lacking = match shared.not_after.get(&r.serial) {
+                    None => true,
+                    Some(theirs) => later_not_after(r.not_after.as_deref(), theirs.as_deref()),
+                };
+                lacking.then_some(r)
             })
             .collect()
     }
 
     /// One full pass: read the object, merge what this replica lacks, add what the object
     /// lacks (create it if absent; replace with the read `resourceVersion`; on a 409 read
-    /// again). Entries are only ever added.
+    /// again). Live entries are only added or given a later not-after; expired ones leave.
     pub async fn sync_once(&self) -> Result<SyncPass, String> {
         let mut pass = SyncPass::default();
         for _ in 0..MAX_CONFLICTS {
@@ -414,16 +454,25 @@ impl RevocationSync {
                     Shared {
                         raw: Vec::new(),
                         serials: HashSet::new(),
+                        not_after: HashMap::new(),
                     }
                 }
             };
             self.tracker.read(&shared.serials);
             let missing = self.missing_from(&shared);
-            if missing.is_empty() {
+            // Entries of certificates that expired more than a week ago leave the object too.
+            let now = std::time::SystemTime::now();
+            let expired = |v: &Value| prunable(entry_not_after(v), now);
+            if missing.is_empty() && !shared.raw.iter().any(expired) {
                 return Ok(pass);
             }
             let serials: Vec<String> = missing.iter().map(|r| r.serial.clone()).collect();
-            let mut raw = shared.raw;
+            let replaced: HashSet<&String> = serials.iter().collect();
+            let mut raw: Vec<Value> = shared
+                .raw
+                .into_iter()
+                .filter(|v| !expired(v) && entry_serial(v).is_none_or(|s| !replaced.contains(&s)))
+                .collect();
             raw.extend(missing.iter().filter_map(|r| serde_json::to_value(r).ok()));
             let data = BTreeMap::from([(REVOCATIONS_KEY.to_owned(), document(raw))]);
             let written = match current {

@@ -355,6 +355,55 @@ async fn a_revoke_learns_whether_its_serials_were_shared() {
     assert_eq!(shared_serials(&fake), ["0b0b", "0c0c"]);
 }
 
+/// Who can write the object cannot take a revocation off the replicas' CRLs by moving its
+/// not-after into the past: the replica holding the entry writes its own back, a replica that
+/// starts meanwhile ends with it on its CRL, and a not-after only ever moves later. An entry
+/// past the prune horizon (expired more than a week ago) leaves the object and is merged
+/// nowhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_entry_moved_into_the_past_is_written_back_and_old_entries_leave() {
+    let fake = FakeApi::new();
+    let a = replica(fake.client());
+    a.revoke("7a7a");
+    wait_until("the object has A's entry", || {
+        shared_serials(&fake) == ["7a7a"]
+    })
+    .await;
+    let honest = shared(&fake)[0]["not_after"].as_str().unwrap().to_owned();
+
+    // Long past the prune horizon (a week after expiry) whenever this runs.
+    let month_ago = "2020-01-01T00:00:00Z";
+    let mut cm = fake.get(COLL, REVOCATIONS_CONFIGMAP).unwrap();
+    let doc = json!({"revoked": [
+        {"serial": "7a7a", "revoked_at": month_ago, "not_after": month_ago},
+        {"serial": "7b7b", "revoked_at": month_ago, "not_after": month_ago},
+    ]});
+    cm["data"][REVOCATIONS_KEY] = json!(doc.to_string());
+    fake.put(COLL, cm);
+    let b = replica(fake.client());
+
+    wait_until("A writes its entry back and drops the expired one", || {
+        let e = shared(&fake);
+        e.len() == 1 && e[0]["serial"] == "7a7a" && e[0]["not_after"] == honest.as_str()
+    })
+    .await;
+    wait_until("B enforces A's revocation", || b.on_crl("7a7a")).await;
+    assert_eq!(
+        load(b.dir.path())
+            .find("7a7a")
+            .unwrap()
+            .not_after
+            .as_deref(),
+        Some(honest.as_str())
+    );
+    assert!(a.on_crl("7a7a"));
+    // The twin: the entry that expired years ago is on no CRL and in neither file.
+    for r in [&a, &b] {
+        assert!(!r.on_crl("7b7b"));
+        assert!(!r.persisted("7b7b"));
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_entries_from_the_object_un_revokes_nothing() {
     let fake = FakeApi::new();
