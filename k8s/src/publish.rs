@@ -11,8 +11,12 @@
 //! [`run`] also watches Namespaces and the `istio-ca-root-cert` ConfigMaps of every namespace
 //! (`fieldSelector=metadata.name=istio-ca-root-cert`): while this replica holds the Lease, a
 //! new namespace gets its ConfigMaps at its watch event, and a deleted root ConfigMap is
-//! re-created at its own, not at the next tick (an edited one is set back by the tick). The
-//! tick's full pass (namespaces listed) stays as the safety net.
+//! re-created at its own, not at the next tick (an edited one is set back by the tick).
+//! It also watches the `istio-ca-crl` ConfigMaps, and a tick works from what the watches
+//! show: it renews the Lease and reads and writes only the ConfigMaps that are missing or
+//! differ, so a quiet cluster costs one Lease renewal per tick, however many namespaces it
+//! has. A full pass (namespaces listed, every ConfigMap read) runs while a watch is not in
+//! step, and at least every [`FULL_PASS`], as the safety net.
 
 use std::collections::BTreeMap;
 use std::sync::Mutex;
@@ -227,6 +231,26 @@ impl RootPublisher {
         Ok(out)
     }
 
+    /// A pass from the watches' view instead of the API: writes (after reading each to be
+    /// sure) only where `seen` shows a ConfigMap missing or different from the current root
+    /// or CRLs, in the `active` namespaces. No request at all when everything is current.
+    async fn publish_seen(&self, active: &[String], seen: &Seen) -> Published {
+        let (root, crl) = (self.root(), self.crl());
+        let mut out = Published::default();
+        for ns in active {
+            let current = |m: &BTreeMap<String, Option<String>>, want: &str| {
+                m.get(ns).and_then(Option::as_deref) == Some(want)
+            };
+            let root_ok = current(&seen.roots, &root);
+            let crl_ok = crl.as_deref().is_none_or(|c| current(&seen.crls, c));
+            if !root_ok || !crl_ok {
+                self.publish_namespace_into(ns, &root, crl.as_deref(), &mut out)
+                    .await;
+            }
+        }
+        out
+    }
+
     /// Makes `namespace`'s ConfigMaps say the current root (and CRLs): one namespace of
     /// [`RootPublisher::publish_once`], for a watch event.
     pub async fn publish_namespace(&self, namespace: &str) -> Published {
@@ -324,6 +348,72 @@ impl RootPublisher {
     }
 }
 
+/// A full pass (every namespace listed, each ConfigMap read) at least this often; between
+/// them a tick writes only where the watches show a ConfigMap missing or different.
+pub const FULL_PASS: Duration = Duration::from_secs(300);
+
+/// The root and CRL ConfigMaps as the watches last saw them: namespace -> the published
+/// value (`None`: the ConfigMap exists without the key).
+#[derive(Debug, Default)]
+struct Seen {
+    roots: BTreeMap<String, Option<String>>,
+    crls: BTreeMap<String, Option<String>>,
+}
+
+/// One watch of ConfigMaps named alike in every namespace, as a map kept current.
+#[derive(Debug, Default)]
+struct ConfigMapView {
+    /// Listed, and no error since (a watcher re-lists after one).
+    synced: bool,
+    relist: Option<BTreeMap<String, Option<String>>>,
+}
+
+impl ConfigMapView {
+    /// Applies one watch event to `map` (values under `key`); returns the namespace of a
+    /// deleted ConfigMap.
+    fn apply(
+        &mut self,
+        map: &mut BTreeMap<String, Option<String>>,
+        key: &str,
+        event: Result<watcher::Event<ConfigMap>, watcher::Error>,
+    ) -> Result<Option<String>, watcher::Error> {
+        use watcher::Event;
+        let entry = |cm: &ConfigMap| {
+            let ns = cm.metadata.namespace.clone()?;
+            let value = cm.data.as_ref().and_then(|d| d.get(key)).cloned();
+            Some((ns, value))
+        };
+        match event {
+            Ok(Event::Apply(cm)) => {
+                if let Some((ns, v)) = entry(&cm) {
+                    map.insert(ns, v);
+                }
+            }
+            Ok(Event::Delete(cm)) => {
+                if let Some(ns) = &cm.metadata.namespace {
+                    map.remove(ns);
+                }
+                return Ok(cm.metadata.namespace);
+            }
+            Ok(Event::Init) => self.relist = Some(BTreeMap::new()),
+            Ok(Event::InitApply(cm)) => {
+                if let Some((ns, v)) = entry(&cm) {
+                    self.relist.get_or_insert_with(BTreeMap::new).insert(ns, v);
+                }
+            }
+            Ok(Event::InitDone) => {
+                *map = self.relist.take().unwrap_or_default();
+                self.synced = true;
+            }
+            Err(e) => {
+                self.synced = false;
+                return Err(e);
+            }
+        }
+        Ok(None)
+    }
+}
+
 /// One tick: renew or take the Lease; if held, publish. `Ok(None)` when another replica holds
 /// the Lease.
 pub async fn tick(
@@ -387,8 +477,19 @@ pub async fn run_reporting(
         watcher::Config::default().fields(&format!("metadata.name={ROOT_CONFIGMAP}")),
     )
     .default_backoff();
+    let crl_maps = watcher::watcher(
+        Api::<ConfigMap>::all(publisher.client.clone()),
+        watcher::Config::default().fields(&format!("metadata.name={CRL_CONFIGMAP}")),
+    )
+    .default_backoff();
     let mut namespaces = std::pin::pin!(namespaces);
     let mut config_maps = std::pin::pin!(config_maps);
+    let mut crl_maps = std::pin::pin!(crl_maps);
+    // What the ConfigMap watches show, so that a tick reads and writes only what differs.
+    let mut seen = Seen::default();
+    let (mut root_view, mut crl_view) = (ConfigMapView::default(), ConfigMapView::default());
+    let mut ns_synced = false;
+    let mut last_full: Option<tokio::time::Instant> = None;
     // Namespaces seen so far, and whether each is active (not terminating). The first list is
     // the tick's business; later unseen ones are new.
     let mut known: BTreeMap<String, bool> = BTreeMap::new();
@@ -413,7 +514,30 @@ pub async fn run_reporting(
                 publisher.set_root(root);
                 publisher.set_crl(crl);
                 let renewed = tokio::time::Instant::now();
-                let outcome = tick(&elector, &publisher, SystemTime::now()).await;
+                // A full pass when a watch is not in step, and every FULL_PASS; else only
+                // what the watches show missing or different.
+                let full = !(ns_synced && root_view.synced && crl_view.synced)
+                    || last_full.is_none_or(|t| renewed >= t + FULL_PASS);
+                let outcome = if full {
+                    let o = tick(&elector, &publisher, SystemTime::now()).await;
+                    if matches!(o, Ok(Some(ref p)) if p.failed.is_empty()) {
+                        last_full = Some(renewed);
+                    }
+                    o
+                } else {
+                    match elector.try_acquire_or_renew(SystemTime::now()).await {
+                        Ok(true) => {
+                            let active: Vec<String> = known
+                                .iter()
+                                .filter(|(_, a)| **a)
+                                .map(|(n, _)| n.clone())
+                                .collect();
+                            Ok(Some(publisher.publish_seen(&active, &seen).await))
+                        }
+                        Ok(false) => Ok(None),
+                        Err(e) => Err(e),
+                    }
+                };
                 match &outcome {
                     Ok(Some(p)) => {
                         held_until = renewed + elector.duration();
@@ -474,24 +598,25 @@ pub async fn run_reporting(
                         }
                     }
                     listed = true;
+                    ns_synced = true;
                     watch_errors_logged = false;
                 }
                 Err(e) => {
+                    ns_synced = false;
                     if !watch_errors_logged {
                         tracing::warn!(error = %e, "watch of Namespaces for {ROOT_CONFIGMAP} failed; the tick still publishes, retrying with backoff");
                         watch_errors_logged = true;
                     }
                 }
             },
-            Some(event) = config_maps.next() => match event {
+            Some(event) = config_maps.next() => match root_view.apply(&mut seen.roots, ROOT_CONFIGMAP_KEY, event) {
                 // Deleted: re-created at once. An edit is set back by the next tick (acting on
                 // every change would let two replicas that both believe they hold the Lease,
                 // for a moment at a hand-over, rewrite each other at event speed).
                 // Not in a terminating namespace, whose ConfigMaps go with it.
-                Ok(Event::Delete(cm)) => {
-                    wanted = cm.metadata.namespace.filter(|ns| known.get(ns) == Some(&true));
+                Ok(deleted) => {
+                    wanted = deleted.filter(|ns| known.get(ns) == Some(&true));
                 }
-                Ok(_) => {}
                 Err(e) => {
                     if !watch_errors_logged {
                         tracing::warn!(error = %e, "watch of {ROOT_CONFIGMAP} ConfigMaps failed; the tick still publishes, retrying with backoff");
@@ -499,6 +624,15 @@ pub async fn run_reporting(
                     }
                 }
             },
+            // CRL ConfigMaps: only followed (a deleted or edited one is set back by the tick).
+            Some(event) = crl_maps.next() => {
+                if let Err(e) = crl_view.apply(&mut seen.crls, CRL_CONFIGMAP_KEY, event)
+                    && !watch_errors_logged
+                {
+                    tracing::warn!(error = %e, "watch of {CRL_CONFIGMAP} ConfigMaps failed; the tick still publishes, retrying with backoff");
+                    watch_errors_logged = true;
+                }
+            }
         }
         if let Some(name) = wanted {
             let holding = leading && tokio::time::Instant::now() < held_until;

@@ -375,3 +375,63 @@ async fn a_replica_without_the_lease_does_not_publish_at_watch_events() {
     assert_eq!(fake.count("POST /api/v1/namespaces/ns-new"), 0);
     task.abort();
 }
+
+/// With its watches in step, a tick of a quiet cluster costs the Lease renewal and nothing
+/// else: no namespace list, no ConfigMap read, however many namespaces (before, every tick
+/// listed namespaces and read two ConfigMaps in each). What differs is still set back by the
+/// next tick: an edited root, a deleted CRL ConfigMap; and an unchanged one stays unwritten.
+#[tokio::test]
+async fn ticks_of_a_quiet_cluster_read_nothing_but_the_lease() {
+    let fake = FakeApi::new();
+    let names: Vec<String> = (0..20).map(|i| format!("ns{i}")).collect();
+    for ns in &names {
+        add_namespace(&fake, ns);
+    }
+    let task = tokio::spawn(run_reporting(
+        elector(&fake, "ca-a"),
+        RootPublisher::new(fake.client(), String::new()),
+        Duration::from_millis(100),
+        || ("ROOT-1".to_owned(), Some("CRL-1".to_owned())),
+        |_| {},
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !names
+        .iter()
+        .all(|ns| published_crl(&fake, ns).as_deref() == Some("CRL-1"))
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Let the watches see the writes, then watch ten ticks.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = fake.calls().len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls: Vec<String> = fake.calls()[before..].to_vec();
+    let lease = calls.iter().filter(|c| c.contains("/leases/")).count();
+    assert!(lease >= 10, "the Lease is renewed every tick: {calls:?}");
+    let other: Vec<&String> = calls.iter().filter(|c| !c.contains("/leases/")).collect();
+    assert!(
+        other.iter().all(|c| c.contains("watch=true")),
+        "a quiet tick reads nothing but the Lease: {other:?}"
+    );
+
+    // The twins: what differs is set back at the next ticks, and only that is written.
+    let mut cm = fake.get(&cms("ns3"), ROOT_CONFIGMAP).unwrap();
+    cm["data"]["root-cert.pem"] = json!("EDITED");
+    fake.put(&cms("ns3"), cm);
+    fake.delete(&cms("ns7"), CRL_CONFIGMAP).unwrap();
+    let untouched =
+        fake.get(&cms("ns5"), ROOT_CONFIGMAP).unwrap()["metadata"]["resourceVersion"].clone();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while published_root(&fake, "ns3").as_deref() != Some("ROOT-1")
+        || published_crl(&fake, "ns7").as_deref() != Some("CRL-1")
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never set back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(
+        fake.get(&cms("ns5"), ROOT_CONFIGMAP).unwrap()["metadata"]["resourceVersion"],
+        untouched
+    );
+    task.abort();
+}
