@@ -783,6 +783,14 @@ async fn kubernetes_mode_against_a_real_api_server() {
         "rampart ca revoke: {}",
         String::from_utf8_lossy(&out.stderr)
     );
+    // It waited until the real API server held the serial in rampart-ca-revocations.
+    let said = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        said.contains(&format!(
+            "shared with the other CA replicas through ConfigMap {sys}/rampart-ca-revocations"
+        )),
+        "{said}"
+    );
     let revoked_at = Instant::now();
     wait_for(
         "the revocation in istio-ca-crl of every namespace",
