@@ -332,6 +332,18 @@ fn openssl_gencrl(
     std::fs::read_to_string(d.join("crl.pem")).unwrap()
 }
 
+/// Whether `serial` is on the CRL the CA signs for its signing certificate.
+fn on_own_crl(state: &rampart_citadel::CaState, serial: &str) -> bool {
+    state
+        .revocations()
+        .current()
+        .own
+        .as_ref()
+        .expect("the CA signs its own CRL")
+        .revoked_certs()
+        .any(|r| r.serial_hex == serial)
+}
+
 fn metrics(env: &Env) -> String {
     env.ca().state().metrics().render(SystemTime::now())
 }
@@ -739,16 +751,7 @@ async fn merged_revocations_are_persisted_and_published_and_invalid_entries_refu
         spiffe_id: None,
         not_after: None,
     };
-    let on_crl = |s: &str| {
-        state
-            .revocations()
-            .current()
-            .own
-            .as_ref()
-            .unwrap()
-            .revoked_certs()
-            .any(|r| r.serial_hex == s)
-    };
+    let on_crl = |s: &str| on_own_crl(&state, s);
     // A local revocation first: its entry stands when the same serial is merged.
     state
         .revoke(
@@ -876,16 +879,7 @@ async fn revocations_are_pruned_a_week_after_expiry_and_a_merge_only_extends() {
             .collect()
     };
     assert_eq!(serials(), ["0f", "10", "11"]);
-    let on_crl = |s: &str| {
-        state
-            .revocations()
-            .current()
-            .own
-            .as_ref()
-            .unwrap()
-            .revoked_certs()
-            .any(|r| r.serial_hex == s)
-    };
+    let on_crl = |s: &str| on_own_crl(&state, s);
     // 0f expired two days ago: kept in the list, but off the CRL (24 h grace).
     assert!(!on_crl("0f") && on_crl("10") && on_crl("11"));
 
