@@ -297,12 +297,17 @@ fn revoke<S: AdminBackend>(
                         log.display()
                     )
                 })?;
-            vec![(
-                serial,
-                e.spiffe_id.clone(),
-                e.expires_at()
-                    .unwrap_or(now + Duration::from_secs(90 * 24 * 3600)),
-            )]
+            let not_after = e
+                .expires_at()
+                .unwrap_or(now + Duration::from_secs(90 * 24 * 3600));
+            if crate::revocation::prunable(Some(&crate::audit::rfc3339(not_after)), now) {
+                return Err(format!(
+                    "serial {serial} expired at {} (more than 7 days ago): every verifier \
+                     refuses it already, and revocations that old are not kept",
+                    crate::audit::rfc3339(not_after)
+                ));
+            }
+            vec![(serial, e.spiffe_id.clone(), not_after)]
         }
         (None, Some(id)) => {
             let id = SpiffeId::parse(&id).map_err(|e| e.to_string())?.to_string();

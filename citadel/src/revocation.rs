@@ -64,6 +64,13 @@ pub fn prunable(not_after: Option<&str>, now: SystemTime) -> bool {
         .is_some_and(|na| na + PRUNE_AFTER_EXPIRY <= now)
 }
 
+/// Whether an entry with this not-after is on a CRL signed at `now` (unknown: always).
+fn on_crl_at(not_after: Option<&str>, now: SystemTime) -> bool {
+    not_after
+        .and_then(parse_time)
+        .is_none_or(|na| na + EXPIRED_ENTRY_GRACE > now)
+}
+
 /// Whether not-after `a` is later than `b`; an absent (unknown) not-after is the latest of
 /// all, since it keeps its entry for ever.
 pub fn later_not_after(a: Option<&str>, b: Option<&str>) -> bool {
@@ -248,12 +255,7 @@ impl RevocationState {
         let revoked = self
             .revoked
             .iter()
-            .filter(|r| {
-                r.not_after
-                    .as_deref()
-                    .and_then(parse_time)
-                    .is_none_or(|na| na + EXPIRED_ENTRY_GRACE > now)
-            })
+            .filter(|r| on_crl_at(r.not_after.as_deref(), now))
             .map(|r| RevokedCert {
                 serial_hex: r.serial.clone(),
                 revoked_at: parse_time(&r.revoked_at).unwrap_or(now),
@@ -357,11 +359,12 @@ impl Revocations {
 
     /// Adds the `entries` this CA lacks (another replica's revocations): each is checked with
     /// [`StoredRevocation::validated`] and an invalid one is refused alone. A serial revoked
-    /// here already keeps its first entry, except that its not-after moves to the given one
-    /// when that is later: who can feed entries can keep one on the CRL longer, never take
-    /// it off sooner. Entries past [`PRUNE_AFTER_EXPIRY`] are not taken. When something
-    /// changed the list is persisted (atomically, before anything is published) and the CRL
-    /// re-signed and published at once, as for [`Self::revoke`]. Nothing is removed.
+    /// here already keeps its first entry, except that a known not-after moves to a later
+    /// known one: who can feed entries can keep one on the CRL longer, never take it off
+    /// sooner. Entries past [`PRUNE_AFTER_EXPIRY`] are not taken. When something changed the
+    /// list is persisted (atomically, before anything is published); when that changes the
+    /// CRL (an entry added, or put back on it by a later not-after) the CRL is re-signed and
+    /// published at once, as for [`Self::revoke`]. Nothing is removed.
     pub fn merge(
         &self,
         authority: &Authority,
@@ -371,13 +374,26 @@ impl Revocations {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = state.clone();
         let mut out = MergeOutcome::default();
+        // Whether an extension put an entry back on the CRL (else the CRL is unchanged by it).
+        let mut back_on_crl = false;
         for e in entries {
             match e.validated() {
                 Err(why) => out.refused.push((e.serial.clone(), why)),
                 Ok(v) => match next.revoked.iter_mut().find(|r| r.serial == v.serial) {
                     Some(have) => {
-                        if later_not_after(v.not_after.as_deref(), have.not_after.as_deref()) {
+                        // A known not-after moves to a later known one; an absent one never
+                        // replaces a known one (it would keep the entry for ever).
+                        let (Some(theirs), Some(ours)) =
+                            (v.not_after.as_deref(), have.not_after.as_deref())
+                        else {
+                            continue;
+                        };
+                        if later_not_after(Some(theirs), Some(ours)) {
+                            let was_on_crl = on_crl_at(Some(ours), now);
                             have.not_after = v.not_after;
+                            if !was_on_crl {
+                                back_on_crl = true;
+                            }
                             out.extended.push(v.serial);
                         }
                     }
@@ -389,11 +405,17 @@ impl Revocations {
                 },
             }
         }
-        if !out.added.is_empty() || !out.extended.is_empty() {
+        if !out.added.is_empty() || back_on_crl {
             next.save(&self.state_path)?;
             *state = next;
             self.publish_locked(&mut state, authority, now);
             self.changes.send_modify(|n| *n += 1);
+        } else if !out.extended.is_empty() {
+            // CRL entries carry no not-after: a later one changes what is kept, not what is
+            // signed. Persisted without re-signing, so repeated extensions (whoever can feed
+            // entries) cost a file write each, not a CRL and every namespace's copy of it.
+            next.save(&self.state_path)?;
+            *state = next;
         }
         Ok(out)
     }

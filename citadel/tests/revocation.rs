@@ -655,6 +655,36 @@ async fn admin_revocation_by_serial_and_identity_is_published_enforced_and_persi
     assert_eq!(got, want);
     assert!(env.renew(&web1_key, &web1).await.is_err());
 
+    // A certificate that expired years ago (an old line of the audit log): refused, with why.
+    {
+        use std::io::Write;
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(env.root().join("state/audit.jsonl"))
+            .unwrap();
+        writeln!(
+            log,
+            r#"{{"time":"2020-01-01T00:00:00Z","serial":"0e1d","spiffe_id":"spiffe://cluster.local/ns/default/sa/old","not_after":"2020-01-02T00:00:00Z","caller":"x"}}"#
+        )
+        .unwrap();
+    }
+    let req = AdminRequest::Revoke {
+        serial: Some("0e1d".into()),
+        spiffe_id: None,
+        reason: None,
+    };
+    let sock2 = sock.clone();
+    let r = tokio::task::spawn_blocking(move || admin_request(&sock2, &req))
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(!r.ok, "{r:?}");
+    let why = r.error.unwrap_or_default();
+    assert!(
+        why.contains("expired at 2020-01-02") && why.contains("more than 7 days"),
+        "{why}"
+    );
+
     // Refusals: an unknown serial, both selectors, an unknown identity.
     for req in [
         AdminRequest::Revoke {
@@ -883,9 +913,10 @@ async fn revocations_are_pruned_a_week_after_expiry_and_a_merge_only_extends() {
     // 0f expired two days ago: kept in the list, but off the CRL (24 h grace).
     assert!(!on_crl("0f") && on_crl("10") && on_crl("11"));
 
-    // An earlier not-after for 11 is ignored: it stays on the CRL.
+    // An earlier not-after for 11 is ignored: it stays on the CRL; so is an absent one (it
+    // would keep the entry for ever).
     let out = state
-        .merge_revocations(&[entry("11", Some(now - 2 * day))])
+        .merge_revocations(&[entry("11", Some(now - 2 * day)), entry("11", None)])
         .unwrap();
     assert!(out.added.is_empty() && out.extended.is_empty(), "{out:?}");
     assert!(on_crl("11"));
@@ -898,12 +929,22 @@ async fn revocations_are_pruned_a_week_after_expiry_and_a_merge_only_extends() {
             .clone()
     };
     assert_eq!(na("11"), Some(rfc(now + day)));
-    // A later one is taken: 0f is back on the CRL until the new not-after plus the grace.
+    // A later one for an entry on the CRL is kept, without re-signing: the CRL does not
+    // change (its entries carry no not-after), so repeated extensions cost no CRL.
+    let version = state.revocations().current().version;
+    let out = state
+        .merge_revocations(&[entry("11", Some(now + 2 * day))])
+        .unwrap();
+    assert_eq!(out.extended, ["11"]);
+    assert_eq!(na("11"), Some(rfc(now + 2 * day)));
+    assert_eq!(state.revocations().current().version, version);
+    // A later one that puts 0f back on the CRL: taken, and the CRL re-signed at once.
     let out = state
         .merge_revocations(&[entry("0f", Some(now + 3 * day))])
         .unwrap();
     assert_eq!(out.extended, ["0f"]);
     assert!(on_crl("0f"));
+    assert!(state.revocations().current().version > version);
     assert_eq!(na("0f"), Some(rfc(now + 3 * day)));
     // A new entry already past the horizon is not taken; a fresh one is.
     let out = state

@@ -293,12 +293,18 @@ fn read_shared(cm: Option<&ConfigMap>) -> Result<Shared, String> {
             }
         }
     };
+    // Only entries every replica would merge count as present: an invalid copy of a serial
+    // (a bad reason, a not_after that is no RFC 3339 string) must not hide that the valid
+    // entry is missing or was moved into the past.
     let mut not_after: HashMap<String, Option<String>> = HashMap::new();
     for v in &raw {
-        let Some(serial) = entry_serial(v) else {
+        let Some(entry) = serde_json::from_value::<StoredRevocation>(v.clone())
+            .ok()
+            .and_then(|e| e.validated().ok())
+        else {
             continue;
         };
-        let na = entry_not_after(v);
+        let (serial, na) = (entry.serial, entry.not_after.as_deref());
         match not_after.get_mut(&serial) {
             Some(have) => {
                 if later_not_after(na, have.as_deref()) {

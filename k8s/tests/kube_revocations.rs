@@ -404,6 +404,45 @@ async fn an_entry_moved_into_the_past_is_written_back_and_old_entries_leave() {
     }
 }
 
+/// An invalid copy of a serial does not count as the serial being shared: neither a copy
+/// spoiled in place (a replica refuses to merge it) nor a spoiled copy with a far not-after
+/// beside a valid one moved into the past. The replica holding the entry writes it back, and
+/// a replica started after the change enforces it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_invalid_copy_does_not_hide_a_missing_or_shortened_entry() {
+    let fake = FakeApi::new();
+    let a = replica(fake.client());
+    a.revoke("8a8a");
+    a.revoke("8b8b");
+    wait_until("the object has A's entries", || {
+        shared_serials(&fake).len() == 2
+    })
+    .await;
+    let honest: Vec<Value> = shared(&fake);
+    let past = "2020-01-01T00:00:00Z";
+    let mut cm = fake.get(COLL, REVOCATIONS_CONFIGMAP).unwrap();
+    let doc = json!({"revoked": [
+        // 8a8a spoiled in place: an unknown reason makes every replica refuse it.
+        {"serial": "8a8a", "revoked_at": past, "reason": "bogus"},
+        // 8b8b moved into the past, and a spoiled copy claiming a far not-after.
+        {"serial": "8b8b", "revoked_at": past, "not_after": past},
+        {"serial": "8b8b", "revoked_at": "x", "not_after": "9999-01-01T00:00:00Z"},
+    ]});
+    cm["data"][REVOCATIONS_KEY] = json!(doc.to_string());
+    fake.put(COLL, cm);
+    let b = replica(fake.client());
+
+    wait_until("A writes both entries back as they were", || {
+        let now = shared(&fake);
+        honest.iter().all(|e| now.contains(e))
+    })
+    .await;
+    wait_until("B enforces both", || b.on_crl("8a8a") && b.on_crl("8b8b")).await;
+    assert!(a.on_crl("8a8a") && a.on_crl("8b8b"));
+    // The twin: nothing else was revoked on B.
+    assert!(!b.on_crl("8c8c"));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn removing_entries_from_the_object_un_revokes_nothing() {
     let fake = FakeApi::new();
