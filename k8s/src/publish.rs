@@ -237,12 +237,13 @@ impl RootPublisher {
     async fn publish_seen(&self, active: &[String], seen: &Seen) -> Published {
         let (root, crl) = (self.root(), self.crl());
         let mut out = Published::default();
+        let (root_digest, crl_digest) = (digest(&root), crl.as_deref().map(digest));
         for ns in active {
-            let current = |m: &BTreeMap<String, Option<String>>, want: &str| {
-                m.get(ns).and_then(Option::as_deref) == Some(want)
+            let current = |m: &BTreeMap<String, Option<Digest>>, want: &Digest| {
+                m.get(ns).and_then(Option::as_ref) == Some(want)
             };
-            let root_ok = current(&seen.roots, &root);
-            let crl_ok = crl.as_deref().is_none_or(|c| current(&seen.crls, c));
+            let root_ok = current(&seen.roots, &root_digest);
+            let crl_ok = crl_digest.as_ref().is_none_or(|c| current(&seen.crls, c));
             if !root_ok || !crl_ok {
                 self.publish_namespace_into(ns, &root, crl.as_deref(), &mut out)
                     .await;
@@ -352,20 +353,36 @@ impl RootPublisher {
 /// them a tick writes only where the watches show a ConfigMap missing or different.
 pub const FULL_PASS: Duration = Duration::from_secs(300);
 
-/// The root and CRL ConfigMaps as the watches last saw them: namespace -> the published
-/// value (`None`: the ConfigMap exists without the key).
+/// SHA-256 of a published value: what the watch view keeps instead of the value, so that
+/// a thousand namespaces' copies of a large CRL cost 32 bytes each.
+type Digest = [u8; 32];
+
+fn digest(value: &str) -> Digest {
+    let mut out = [0u8; 32];
+    out.copy_from_slice(ring::digest::digest(&ring::digest::SHA256, value.as_bytes()).as_ref());
+    out
+}
+
+/// The root and CRL ConfigMaps as the watches last saw them: namespace -> the digest of the
+/// published value (`None`: the ConfigMap exists without the key).
 #[derive(Debug, Default)]
 struct Seen {
-    roots: BTreeMap<String, Option<String>>,
-    crls: BTreeMap<String, Option<String>>,
+    roots: BTreeMap<String, Option<Digest>>,
+    crls: BTreeMap<String, Option<Digest>>,
 }
+
+/// Pages of the ConfigMap watches' lists: each ConfigMap may be up to 1 MiB (a tenant can
+/// fill its own namespace's copy), so a page is held whole in memory.
+const CONFIGMAP_PAGE: u32 = 50;
 
 /// One watch of ConfigMaps named alike in every namespace, as a map kept current.
 #[derive(Debug, Default)]
 struct ConfigMapView {
-    /// Listed, and no error since (a watcher re-lists after one).
+    /// Listed, and not re-listing now. A watch error does not unsync it: the watcher
+    /// resumes from the last resourceVersion without losing events, and re-lists (Init ...
+    /// InitDone) only when that is gone.
     synced: bool,
-    relist: Option<BTreeMap<String, Option<String>>>,
+    relist: Option<BTreeMap<String, Option<Digest>>>,
 }
 
 impl ConfigMapView {
@@ -373,14 +390,14 @@ impl ConfigMapView {
     /// deleted ConfigMap.
     fn apply(
         &mut self,
-        map: &mut BTreeMap<String, Option<String>>,
+        map: &mut BTreeMap<String, Option<Digest>>,
         key: &str,
         event: Result<watcher::Event<ConfigMap>, watcher::Error>,
     ) -> Result<Option<String>, watcher::Error> {
         use watcher::Event;
         let entry = |cm: &ConfigMap| {
             let ns = cm.metadata.namespace.clone()?;
-            let value = cm.data.as_ref().and_then(|d| d.get(key)).cloned();
+            let value = cm.data.as_ref().and_then(|d| d.get(key)).map(|v| digest(v));
             Some((ns, value))
         };
         match event {
@@ -395,7 +412,10 @@ impl ConfigMapView {
                 }
                 return Ok(cm.metadata.namespace);
             }
-            Ok(Event::Init) => self.relist = Some(BTreeMap::new()),
+            Ok(Event::Init) => {
+                self.relist = Some(BTreeMap::new());
+                self.synced = false;
+            }
             Ok(Event::InitApply(cm)) => {
                 if let Some((ns, v)) = entry(&cm) {
                     self.relist.get_or_insert_with(BTreeMap::new).insert(ns, v);
@@ -405,10 +425,7 @@ impl ConfigMapView {
                 *map = self.relist.take().unwrap_or_default();
                 self.synced = true;
             }
-            Err(e) => {
-                self.synced = false;
-                return Err(e);
-            }
+            Err(e) => return Err(e),
         }
         Ok(None)
     }
@@ -474,12 +491,16 @@ pub async fn run_reporting(
     .default_backoff();
     let config_maps = watcher::watcher(
         Api::<ConfigMap>::all(publisher.client.clone()),
-        watcher::Config::default().fields(&format!("metadata.name={ROOT_CONFIGMAP}")),
+        watcher::Config::default()
+            .fields(&format!("metadata.name={ROOT_CONFIGMAP}"))
+            .page_size(CONFIGMAP_PAGE),
     )
     .default_backoff();
     let crl_maps = watcher::watcher(
         Api::<ConfigMap>::all(publisher.client.clone()),
-        watcher::Config::default().fields(&format!("metadata.name={CRL_CONFIGMAP}")),
+        watcher::Config::default()
+            .fields(&format!("metadata.name={CRL_CONFIGMAP}"))
+            .page_size(CONFIGMAP_PAGE),
     )
     .default_backoff();
     let mut namespaces = std::pin::pin!(namespaces);
@@ -503,7 +524,9 @@ pub async fn run_reporting(
     // Until when this replica holds the Lease, from its last renewal.
     let mut held_until = tokio::time::Instant::now();
     let mut next_tick = tokio::time::Instant::now();
-    let mut watch_errors_logged = false;
+    // Whether each watch's (Namespaces, root and CRL ConfigMaps) current run of errors was
+    // logged: once per run, again after the watch delivered something.
+    let mut errors_logged = [false; 3];
     loop {
         // The namespace an event asks to publish into, if any.
         let mut wanted: Option<String> = None;
@@ -520,7 +543,9 @@ pub async fn run_reporting(
                     || last_full.is_none_or(|t| renewed >= t + FULL_PASS);
                 let outcome = if full {
                     let o = tick(&elector, &publisher, SystemTime::now()).await;
-                    if matches!(o, Ok(Some(ref p)) if p.failed.is_empty()) {
+                    // Namespaces that failed are retried by the next ticks anyway (the
+                    // watches show them different); they do not make every tick a full pass.
+                    if matches!(o, Ok(Some(_))) {
                         last_full = Some(renewed);
                     }
                     o
@@ -562,7 +587,7 @@ pub async fn run_reporting(
                 }
                 report(&PublishEvent::Tick(outcome.map_err(|e| e.to_string())));
             }
-            Some(event) = namespaces.next() => match event {
+            Some(event) = namespaces.next() => match event.inspect(|_| errors_logged[0] = false) {
                 Ok(Event::Apply(ns)) => {
                     if let Some(name) = ns.metadata.name.clone() {
                         let is_active = active(&ns);
@@ -576,7 +601,10 @@ pub async fn run_reporting(
                         known.remove(name);
                     }
                 }
-                Ok(Event::Init) => relist = Some(BTreeMap::new()),
+                Ok(Event::Init) => {
+                    relist = Some(BTreeMap::new());
+                    ns_synced = false;
+                }
                 Ok(Event::InitApply(ns)) => {
                     if let Some(name) = ns.metadata.name.clone() {
                         relist.get_or_insert_with(BTreeMap::new).insert(name, active(&ns));
@@ -599,13 +627,13 @@ pub async fn run_reporting(
                     }
                     listed = true;
                     ns_synced = true;
-                    watch_errors_logged = false;
                 }
                 Err(e) => {
-                    ns_synced = false;
-                    if !watch_errors_logged {
+                    // The watch resumes where it stopped, losing nothing; the next tick makes
+                    // a full pass anyway, for what happened while it could not reach the API.
+                    last_full = None;
+                    if !std::mem::replace(&mut errors_logged[0], true) {
                         tracing::warn!(error = %e, "watch of Namespaces for {ROOT_CONFIGMAP} failed; the tick still publishes, retrying with backoff");
-                        watch_errors_logged = true;
                     }
                 }
             },
@@ -615,22 +643,24 @@ pub async fn run_reporting(
                 // for a moment at a hand-over, rewrite each other at event speed).
                 // Not in a terminating namespace, whose ConfigMaps go with it.
                 Ok(deleted) => {
+                    errors_logged[1] = false;
                     wanted = deleted.filter(|ns| known.get(ns) == Some(&true));
                 }
                 Err(e) => {
-                    if !watch_errors_logged {
+                    last_full = None;
+                    if !std::mem::replace(&mut errors_logged[1], true) {
                         tracing::warn!(error = %e, "watch of {ROOT_CONFIGMAP} ConfigMaps failed; the tick still publishes, retrying with backoff");
-                        watch_errors_logged = true;
                     }
                 }
             },
             // CRL ConfigMaps: only followed (a deleted or edited one is set back by the tick).
-            Some(event) = crl_maps.next() => {
-                if let Err(e) = crl_view.apply(&mut seen.crls, CRL_CONFIGMAP_KEY, event)
-                    && !watch_errors_logged
-                {
-                    tracing::warn!(error = %e, "watch of {CRL_CONFIGMAP} ConfigMaps failed; the tick still publishes, retrying with backoff");
-                    watch_errors_logged = true;
+            Some(event) = crl_maps.next() => match crl_view.apply(&mut seen.crls, CRL_CONFIGMAP_KEY, event) {
+                Ok(_) => errors_logged[2] = false,
+                Err(e) => {
+                    last_full = None;
+                    if !std::mem::replace(&mut errors_logged[2], true) {
+                        tracing::warn!(error = %e, "watch of {CRL_CONFIGMAP} ConfigMaps failed; the tick still publishes, retrying with backoff");
+                    }
                 }
             }
         }

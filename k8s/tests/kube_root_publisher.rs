@@ -435,3 +435,83 @@ async fn ticks_of_a_quiet_cluster_read_nothing_but_the_lease() {
     );
     task.abort();
 }
+
+/// What a tick did to the API in one second of ticks (100 ms apart): the namespace lists
+/// and the ConfigMap requests other than watches.
+async fn requests_in_a_second(fake: &FakeApi) -> (usize, Vec<String>) {
+    let before = fake.calls().len();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let calls: Vec<String> = fake.calls()[before..].to_vec();
+    let lists = calls
+        .iter()
+        .filter(|c| c.starts_with("GET /api/v1/namespaces?") && !c.contains("watch=true"))
+        .count();
+    let configmaps = calls
+        .iter()
+        .filter(|c| c.contains("/configmaps") && !c.contains("watch=true"))
+        .cloned()
+        .collect();
+    (lists, configmaps)
+}
+
+/// A watch that failed and resumed (the API server restarted; no re-list needed) brings one
+/// full pass, then quiet ticks again; a namespace whose ConfigMaps cannot be written is
+/// retried alone at each tick, without making every tick a full pass.
+#[tokio::test]
+async fn a_watch_error_costs_one_full_pass_and_a_failing_namespace_is_retried_alone() {
+    let fake = FakeApi::new();
+    for ns in ["ns0", "ns1", "ns2", "bad"] {
+        add_namespace(&fake, ns);
+    }
+    fake.refuse_writes(&cms("bad"), true);
+    let task = tokio::spawn(run_reporting(
+        elector(&fake, "ca-a"),
+        RootPublisher::new(fake.client(), String::new()),
+        Duration::from_millis(100),
+        || ("ROOT-1".to_owned(), Some("CRL-1".to_owned())),
+        |_| {},
+    ));
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !["ns0", "ns1", "ns2"]
+        .iter()
+        .all(|ns| published_crl(&fake, ns).as_deref() == Some("CRL-1"))
+    {
+        assert!(tokio::time::Instant::now() < deadline, "never published");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let (lists, configmaps) = requests_in_a_second(&fake).await;
+    assert_eq!(lists, 0, "a failing namespace makes no tick a full pass");
+    assert!(
+        !configmaps.is_empty() && configmaps.iter().all(|c| c.contains("/namespaces/bad/")),
+        "only the failing namespace is retried: {configmaps:?}"
+    );
+    assert!(published_root(&fake, "bad").is_none());
+
+    // The ConfigMap watches fail for a while, then resume.
+    fake.fail_watches("/api/v1/configmaps", true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    fake.fail_watches("/api/v1/configmaps", false);
+    // Writes meanwhile are seen once the watches resume: an edited root is set back.
+    let mut cm = fake.get(&cms("ns1"), ROOT_CONFIGMAP).unwrap();
+    cm["data"]["root-cert.pem"] = json!("EDITED");
+    fake.put(&cms("ns1"), cm);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+    while published_root(&fake, "ns1").as_deref() != Some("ROOT-1") {
+        assert!(tokio::time::Instant::now() < deadline, "never set back");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Back to quiet ticks once the watches run again (kube-runtime's backoff: seconds).
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let (lists, configmaps) = requests_in_a_second(&fake).await;
+        if lists == 0 && configmaps.iter().all(|c| c.contains("/namespaces/bad/")) {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "ticks stayed full passes after the watches resumed: {lists} lists, {configmaps:?}"
+        );
+    }
+    task.abort();
+}
