@@ -645,7 +645,7 @@ async fn a_revocation_on_one_replica_reaches_the_other_and_istio_ca_crl() {
         );
     }
     let (one, addr, _) = start_ca(dir.path(), &kc, "one", &[]);
-    let (two, _, _) = start_ca(dir.path(), &kc, "two", &[]);
+    let (two, two_addr, _) = start_ca(dir.path(), &kc, "two", &[]);
     let log = || format!("{}\n{}", one.log(), two.log());
     let exp = SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -753,5 +753,44 @@ async fn a_revocation_on_one_replica_reaches_the_other_and_istio_ca_crl() {
         || two_crls().contains(&unshared),
         log,
     );
+
+    // Revoking an identity on replica one reaches the certificates replica two issued to it
+    // (only two's audit log knows them); one issued afterwards stays valid.
+    let db = "spiffe://cluster.local/ns/ns1/sa/db";
+    let db_tok = fake_jwt(exp, "db");
+    fake.add_token(
+        &db_tok,
+        FakeToken::service_account("ns1", "db", &["istio-ca"]),
+    );
+    let mut c2 = client(&dir.path().join("two/bundle.pem"), two_addr).await;
+    let by_two = issue_serial(&mut c2, db, &db_tok).await;
+    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["ca", "revoke", "--state"])
+        .arg(dir.path().join("one/state"))
+        .args(["--spiffe-id", db, "--reason", "keyCompromise"])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!(
+            "this replica issued no unexpired certificate to {db}"
+        )) && said.contains("identity revocation recorded")
+            && said.contains("shared with the other CA replicas"),
+        "{said}"
+    );
+    wait_for(
+        "both replicas' CRLs to carry the certificate replica two issued to the identity",
+        Duration::from_secs(15),
+        || two_crls().contains(&by_two) && one_crls().contains(&by_two),
+        log,
+    );
+    let after = issue_serial(&mut c2, db, &db_tok).await;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!two_crls().contains(&after) && !one_crls().contains(&after));
     drop((one, two));
 }

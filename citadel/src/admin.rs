@@ -21,7 +21,7 @@ use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt};
 
 use crate::audit::read_audit_log;
 use crate::error::CitadelError;
-use crate::revocation::{PublishedCrls, RevokedSerial, normalize_serial};
+use crate::revocation::{IdentityRevocation, PublishedCrls, RevokedSerial, normalize_serial};
 
 /// What the admin socket needs from the CA (implemented by `CaState`).
 pub(crate) trait AdminBackend: Send + Sync + 'static {
@@ -37,6 +37,8 @@ pub(crate) trait AdminBackend: Send + Sync + 'static {
     fn published(&self) -> Arc<PublishedCrls>;
     /// How revocations reach other CA replicas, when they are shared (Kubernetes mode).
     fn revocation_share(&self) -> Option<Arc<dyn RevocationShare>>;
+    /// Records an identity revocation for the other replicas to apply to what they issued.
+    fn add_identity_rule(&self, rule: IdentityRevocation) -> Result<bool, CitadelError>;
 }
 
 /// How long a revoke request waits for its serials to be shared with the other CA replicas
@@ -122,6 +124,10 @@ pub struct AdminResponse {
     pub next_update: Option<String>,
     /// Revoked serials on the CA's own CRL.
     pub crl_entries: usize,
+    /// A revoke by SPIFFE ID with other replicas (Kubernetes mode): the rule they apply to the
+    /// certificates they issued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub identity_rule: Option<IdentityRevocation>,
     /// Whether a revoke request's serials reached the other CA replicas; absent when this
     /// CA shares its revocations with none (no Kubernetes mode).
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -248,12 +254,13 @@ fn handle<S: AdminBackend>(state: &S, req: AdminRequest, uid: u32) -> AdminRespo
             spiffe_id,
             reason,
         } => match revoke(state, serial, spiffe_id, reason, uid) {
-            Ok(revoked) => {
+            Ok((revoked, identity_rule)) => {
                 // Also the serials revoked before: a rerun of the command reports whether
                 // they are shared by now.
                 let shared = state.revocation_share().map(|share| {
-                    let serials: Vec<String> = revoked.iter().map(|r| r.serial.clone()).collect();
-                    share.wait_shared(&serials, SHARE_WAIT)
+                    let mut keys: Vec<String> = revoked.iter().map(|r| r.serial.clone()).collect();
+                    keys.extend(identity_rule.as_ref().map(IdentityRevocation::key));
+                    share.wait_shared(&keys, SHARE_WAIT)
                 });
                 status(
                     state,
@@ -261,6 +268,7 @@ fn handle<S: AdminBackend>(state: &S, req: AdminRequest, uid: u32) -> AdminRespo
                         ok: true,
                         revoked,
                         shared,
+                        identity_rule,
                         ..AdminResponse::default()
                     },
                 )
@@ -276,7 +284,7 @@ fn revoke<S: AdminBackend>(
     spiffe_id: Option<String>,
     reason: Option<String>,
     uid: u32,
-) -> Result<Vec<RevokedSerial>, String> {
+) -> Result<(Vec<RevokedSerial>, Option<IdentityRevocation>), String> {
     let reason = reason
         .as_deref()
         .map(str::parse::<RevocationReason>)
@@ -319,6 +327,27 @@ fn revoke<S: AdminBackend>(
                     (na > now).then(|| (e.serial.clone(), id.clone(), na))
                 })
                 .collect();
+            if state.revocation_share().is_some() {
+                // Other replicas issued certificates to it too, which only their audit
+                // logs know: each revokes its own of those issued before now.
+                let rule = IdentityRevocation {
+                    spiffe_id: id.clone(),
+                    issued_before: crate::audit::rfc3339(now),
+                    reason: reason.map(|r| r.name().to_owned()),
+                };
+                state
+                    .add_identity_rule(rule.clone())
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(uid, identity = %id, "admin socket: identity revocation recorded for the other replicas");
+                let revoked = if found.is_empty() {
+                    Vec::new()
+                } else {
+                    state
+                        .revoke_entries(&found, reason)
+                        .map_err(|e| e.to_string())?
+                };
+                return Ok((revoked, Some(rule)));
+            }
             if found.is_empty() {
                 return Err(format!(
                     "no unexpired certificate issued to {id} in the audit log {}",
@@ -336,6 +365,7 @@ fn revoke<S: AdminBackend>(
     );
     state
         .revoke_entries(&targets, reason)
+        .map(|r| (r, None))
         .map_err(|e| e.to_string())
 }
 

@@ -128,6 +128,89 @@ impl StoredRevocation {
     }
 }
 
+/// How far past an identity revocation's time a certificate still counts as issued before
+/// it ([`IdentityRevocation::covers`]).
+pub const RULE_SKEW: Duration = Duration::from_secs(60);
+
+/// A revocation of every certificate issued to one identity before a time, by whichever CA
+/// replica issued it: each replica finds its own in its audit log (`rampart ca revoke
+/// --spiffe-id` on one replica, shared through the cluster in Kubernetes mode).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdentityRevocation {
+    /// The SPIFFE ID.
+    pub spiffe_id: String,
+    /// Certificates issued before this time (RFC 3339) are revoked; later ones are not.
+    pub issued_before: String,
+    /// RFC 5280 reason name, if given.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl IdentityRevocation {
+    /// This rule checked and normalized (as it may come from another replica).
+    pub fn validated(&self) -> Result<IdentityRevocation, String> {
+        let id = rampart_certs::SpiffeId::parse(&self.spiffe_id)
+            .map_err(|e| format!("spiffe_id: {e}"))?;
+        let before = parse_time(&self.issued_before)
+            .ok_or_else(|| format!("issued_before {:?} is not RFC 3339", self.issued_before))?;
+        if let Some(reason) = &self.reason {
+            reason
+                .parse::<RevocationReason>()
+                .map_err(|e| format!("reason: {e}"))?;
+        }
+        Ok(IdentityRevocation {
+            spiffe_id: id.to_string(),
+            issued_before: crate::audit::rfc3339(before),
+            reason: self.reason.clone(),
+        })
+    }
+
+    /// What names the rule when waiting for it to be shared.
+    pub fn key(&self) -> String {
+        format!("{} issued before {}", self.spiffe_id, self.issued_before)
+    }
+
+    /// Whether every certificate the rule can cover left the lists already (issued before
+    /// `issued_before`, so expired by `issued_before` + the longest workload lifetime).
+    pub fn prunable(&self, now: SystemTime) -> bool {
+        parse_time(&self.issued_before)
+            .is_some_and(|t| t + rampart_certs::MAX_WORKLOAD_CERT_TTL + PRUNE_AFTER_EXPIRY <= now)
+    }
+
+    /// Whether an audit log line is a certificate this rule revokes (and still worth an
+    /// entry: not past the prune horizon): issued to the identity up to [`RULE_SKEW`] after
+    /// `issued_before`. The rule is applied once, when a replica first gets it, so what the
+    /// margin adds is only what that replica issued between the revocation and then: it
+    /// errs on revoking (those workloads renew), never on missing a certificate because
+    /// the clocks of two replicas differ or the audit log counts whole seconds.
+    pub fn covers(&self, e: &crate::audit::AuditEntry, now: SystemTime) -> bool {
+        let (Some(issued), Some(before)) = (e.issued_at(), parse_time(&self.issued_before)) else {
+            return false;
+        };
+        e.spiffe_id == self.spiffe_id
+            && issued <= before + RULE_SKEW
+            && !prunable(Some(&e.not_after), now)
+    }
+}
+
+/// An identity revocation taken from elsewhere, and what it revoked here.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppliedRule {
+    /// The rule (validated).
+    pub rule: IdentityRevocation,
+    /// The certificates of this CA it revoked (filled by `CaState::merge_identity_rules`).
+    pub revoked: Vec<RevokedSerial>,
+}
+
+/// What merging identity revocations from elsewhere did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RuleMergeOutcome {
+    /// The rules new here.
+    pub applied: Vec<AppliedRule>,
+    /// Rules refused, each alone: (identity as given, why).
+    pub refused: Vec<(String, String)>,
+}
+
 /// What [`Revocations::merge`] did with entries from elsewhere.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct MergeOutcome {
@@ -147,6 +230,9 @@ pub struct RevocationState {
     pub crl_number: u64,
     /// Revoked serials, in revocation order.
     pub revoked: Vec<StoredRevocation>,
+    /// Identity revocations (every certificate of an identity issued before a time).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub identities: Vec<IdentityRevocation>,
 }
 
 fn parse_time(s: &str) -> Option<SystemTime> {
@@ -188,6 +274,9 @@ impl RevocationState {
                     .map_err(|e| CitadelError::invalid(path, e))?;
             }
         }
+        for r in &state.identities {
+            r.validated().map_err(|e| CitadelError::invalid(path, e))?;
+        }
         Ok(state)
     }
 
@@ -210,6 +299,7 @@ impl RevocationState {
             }
             keep
         });
+        self.identities.retain(|r| !r.prunable(now));
         gone
     }
 
@@ -420,6 +510,53 @@ impl Revocations {
         Ok(out)
     }
 
+    /// Records the identity revocation `rule` (persisted atomically) unless an equal one is
+    /// there; returns whether it is new. Watchers are told, so that it is shared.
+    pub fn add_identity_rule(&self, rule: IdentityRevocation) -> Result<bool, CitadelError> {
+        let rule = rule.validated().map_err(CitadelError::Config)?;
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.identities.contains(&rule) {
+            return Ok(false);
+        }
+        let mut next = state.clone();
+        next.identities.push(rule);
+        next.save(&self.state_path)?;
+        *state = next;
+        self.changes.send_modify(|n| *n += 1);
+        Ok(true)
+    }
+
+    /// Records the identity revocations of `rules` this CA lacks (checked one by one; an
+    /// invalid one is refused alone; ones past their prune horizon are not taken). Returns
+    /// the new ones (for the caller to apply to its audit log) and the refused ones.
+    pub fn merge_identity_rules(
+        &self,
+        rules: &[IdentityRevocation],
+        now: SystemTime,
+    ) -> Result<RuleMergeOutcome, CitadelError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let mut next = state.clone();
+        let mut out = RuleMergeOutcome::default();
+        for r in rules {
+            match r.validated() {
+                Err(why) => out.refused.push((r.spiffe_id.clone(), why)),
+                Ok(v) if v.prunable(now) || next.identities.contains(&v) => {}
+                Ok(v) => {
+                    next.identities.push(v.clone());
+                    out.applied.push(AppliedRule {
+                        rule: v,
+                        revoked: Vec::new(),
+                    });
+                }
+            }
+        }
+        if !out.applied.is_empty() {
+            next.save(&self.state_path)?;
+            *state = next;
+        }
+        Ok(out)
+    }
+
     /// What is served now.
     pub fn current(&self) -> Arc<PublishedCrls> {
         self.current.load_full()
@@ -455,7 +592,7 @@ impl Revocations {
     fn prune_locked(&self, state: &mut RevocationState, now: SystemTime) {
         let mut next = state.clone();
         let gone = next.prune(now);
-        if gone.is_empty() {
+        if gone.is_empty() && next.identities.len() == state.identities.len() {
             return;
         }
         match next.save(&self.state_path) {
@@ -645,6 +782,65 @@ mod tests {
         let left: Vec<_> = s.revoked.iter().map(|r| r.serial.as_str()).collect();
         assert_eq!(left, ["02", "03", "04"]);
         assert!(s.prune(now).is_empty());
+    }
+
+    #[test]
+    fn an_identity_rule_covers_its_identity_up_to_its_time_and_is_checked_on_load() {
+        let rule = IdentityRevocation {
+            spiffe_id: "spiffe://cluster.local/ns/a/sa/b".into(),
+            issued_before: "2026-12-01T12:00:00Z".into(),
+            reason: Some("keyCompromise".into()),
+        };
+        let now = parse_time("2026-12-01T13:00:00Z").unwrap();
+        let line = |id: &str, time: &str| crate::audit::AuditEntry {
+            time: time.into(),
+            serial: "0a".into(),
+            spiffe_id: id.into(),
+            not_after: "2026-12-02T12:00:00Z".into(),
+            caller: "x".into(),
+            auth: String::new(),
+            peer: String::new(),
+        };
+        assert!(rule.covers(&line(&rule.spiffe_id, "2026-12-01T11:00:00Z"), now));
+        // Within the skew margin: still covered (errs on revoking).
+        assert!(rule.covers(&line(&rule.spiffe_id, "2026-12-01T12:00:30Z"), now));
+        // The twins: issued well after, or to another identity.
+        assert!(!rule.covers(&line(&rule.spiffe_id, "2026-12-01T12:05:00Z"), now));
+        assert!(!rule.covers(
+            &line("spiffe://cluster.local/ns/a/sa/c", "2026-12-01T11:00:00Z"),
+            now
+        ));
+        assert!(!rule.prunable(now));
+        assert!(rule.prunable(now + rampart_certs::MAX_WORKLOAD_CERT_TTL + PRUNE_AFTER_EXPIRY));
+        for bad in [
+            IdentityRevocation {
+                spiffe_id: "not-an-id".into(),
+                ..rule.clone()
+            },
+            IdentityRevocation {
+                issued_before: "yesterday".into(),
+                ..rule.clone()
+            },
+            IdentityRevocation {
+                reason: Some("whim".into()),
+                ..rule.clone()
+            },
+        ] {
+            assert!(bad.validated().is_err(), "{bad:?}");
+        }
+        // A state file with a broken rule is an error, not a state without it.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join(REVOCATIONS_FILE);
+        let mut s = RevocationState::default();
+        s.identities.push(IdentityRevocation {
+            issued_before: "x".into(),
+            ..rule.clone()
+        });
+        s.save(&path).unwrap();
+        assert!(RevocationState::load(&path).is_err());
+        s.identities = vec![rule];
+        s.save(&path).unwrap();
+        assert_eq!(RevocationState::load(&path).unwrap(), s);
     }
 
     #[test]

@@ -271,6 +271,46 @@ impl CaState {
         Ok(out)
     }
 
+    /// Revokes what identity revocation `rule` covers among the certificates this CA issued
+    /// (its audit log): those of `rule.spiffe_id` issued before `rule.issued_before`.
+    pub fn apply_identity_rule(
+        &self,
+        rule: &crate::revocation::IdentityRevocation,
+    ) -> Result<Vec<crate::revocation::RevokedSerial>, CitadelError> {
+        let (entries, _) = crate::audit::read_audit_log(&self.audit_log_path())?;
+        let now = SystemTime::now();
+        let targets: Vec<(String, String, SystemTime)> = entries
+            .iter()
+            .filter(|e| rule.covers(e, now))
+            .filter_map(|e| Some((e.serial.clone(), e.spiffe_id.clone(), e.expires_at()?)))
+            .collect();
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reason = rule.reason.as_deref().and_then(|r| r.parse().ok());
+        self.revoke(&targets, reason)
+    }
+
+    /// Takes the identity revocations of other replicas this CA lacks (each checked alone)
+    /// and revokes what each covers among the certificates this CA issued. Returns, per new
+    /// rule, what it revoked here; and the refused rules with why.
+    pub fn merge_identity_rules(
+        &self,
+        rules: &[crate::revocation::IdentityRevocation],
+    ) -> Result<crate::revocation::RuleMergeOutcome, CitadelError> {
+        let mut out = self
+            .revocations
+            .merge_identity_rules(rules, SystemTime::now())?;
+        for a in &mut out.applied {
+            a.revoked = self.apply_identity_rule(&a.rule)?;
+            tracing::warn!(identity = %a.rule.spiffe_id, issued_before = %a.rule.issued_before, revoked = a.revoked.len(), "identity REVOKED by another CA replica; the certificates this replica issued to it are revoked");
+        }
+        for (id, why) in &out.refused {
+            tracing::error!(identity = %id, reason = %why, "refused a shared identity revocation (the others apply)");
+        }
+        Ok(out)
+    }
+
     /// Adds revocations made elsewhere (another replica's, shared through the cluster in
     /// Kubernetes mode) with [`Revocations::merge`](crate::Revocations::merge): an invalid
     /// entry is refused alone, the others persisted and the CRL re-signed and published at
@@ -799,6 +839,13 @@ impl crate::admin::AdminBackend for CaState {
 
     fn revocation_share(&self) -> Option<Arc<dyn crate::admin::RevocationShare>> {
         CaState::revocation_share(self)
+    }
+
+    fn add_identity_rule(
+        &self,
+        rule: crate::revocation::IdentityRevocation,
+    ) -> Result<bool, CitadelError> {
+        self.revocations.add_identity_rule(rule)
     }
 }
 

@@ -893,6 +893,7 @@ async fn revocations_are_pruned_a_week_after_expiry_and_a_merge_only_extends() {
                 entry("10", None),
                 entry("11", Some(now + day)),
             ],
+            identities: Vec::new(),
         }
         .save(&state.join(REVOCATIONS_FILE))
         .unwrap();

@@ -1,7 +1,11 @@
 //! Revocations shared between CA replicas (issue #14 with issue #13): ConfigMap
 //! [`REVOCATIONS_CONFIGMAP`] in the CA namespace, key [`REVOCATIONS_KEY`], holds every serial any
 //! replica revoked, as JSON `{"revoked": [{"serial", "revoked_at", "reason"?, "spiffe_id"?,
-//! "not_after"?}]}` (the entries of the CA's own `revocations.json`).
+//! "not_after"?}], "identities": [{"spiffe_id", "issued_before", "reason"?}]}` (the entries of
+//! the CA's own `revocations.json`). An identity revocation (`rampart ca revoke --spiffe-id`)
+//! is applied by each replica, once, to the certificates its own audit log shows it issued
+//! to that identity before the time ([`rampart_citadel::IdentityRevocation::covers`]); the
+//! serials it revokes are then shared like any other.
 //!
 //! [`RevocationSync::run`] keeps one replica and the object in step, both ways:
 //!
@@ -37,8 +41,8 @@ use kube::runtime::watcher::{self, Event};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use rampart_citadel::{
-    CaState, RevocationShare, ShareReport, ShareState, StoredRevocation, later_not_after,
-    normalize_serial, prunable,
+    CaState, IdentityRevocation, RevocationShare, ShareReport, ShareState, StoredRevocation,
+    later_not_after, normalize_serial, prunable,
 };
 use serde_json::{Value, json};
 
@@ -263,10 +267,23 @@ impl std::fmt::Debug for RevocationSync {
 
 /// The object's entries: the JSON values as stored (kept as they are when written back) and
 /// the serials among them that parse, each with the latest not-after the object gives it.
+#[derive(Default)]
 struct Shared {
     raw: Vec<Value>,
     serials: HashSet<String>,
     not_after: HashMap<String, Option<String>>,
+    /// The identity revocations as stored, and the valid ones.
+    rules_raw: Vec<Value>,
+    rules: Vec<IdentityRevocation>,
+}
+
+impl Shared {
+    /// What a revoke waits on: the serials and the identity rules the object holds.
+    fn keys(&self) -> HashSet<String> {
+        let mut keys = self.serials.clone();
+        keys.extend(self.rules.iter().map(IdentityRevocation::key));
+        keys
+    }
 }
 
 fn entry_not_after(v: &Value) -> Option<&str> {
@@ -282,17 +299,22 @@ fn read_shared(cm: Option<&ConfigMap>) -> Result<Shared, String> {
     let text = cm
         .and_then(|c| c.data.as_ref())
         .and_then(|d| d.get(REVOCATIONS_KEY));
-    let raw = match text {
-        None => Vec::new(),
-        Some(t) => {
-            let doc: Value = serde_json::from_str(t).map_err(|e| format!("not JSON: {e}"))?;
-            match doc.get("revoked") {
-                Some(Value::Array(a)) => a.clone(),
-                None | Some(Value::Null) => Vec::new(),
-                Some(_) => return Err("\"revoked\" is not a list".into()),
-            }
-        }
+    let doc: Value = match text {
+        None => Value::Null,
+        Some(t) => serde_json::from_str(t).map_err(|e| format!("not JSON: {e}"))?,
     };
+    let list = |key: &str| match doc.get(key) {
+        Some(Value::Array(a)) => Ok(a.clone()),
+        None | Some(Value::Null) => Ok(Vec::new()),
+        Some(_) => Err(format!("\"{key}\" is not a list")),
+    };
+    let raw = list("revoked")?;
+    let rules_raw = list("identities")?;
+    let rules = rules_raw
+        .iter()
+        .filter_map(|v| serde_json::from_value::<IdentityRevocation>(v.clone()).ok())
+        .filter_map(|r| r.validated().ok())
+        .collect();
     // Only entries every replica would merge count as present: an invalid copy of a serial
     // (a bad reason, a not_after that is no RFC 3339 string) must not hide that the valid
     // entry is missing or was moved into the past.
@@ -321,6 +343,8 @@ fn read_shared(cm: Option<&ConfigMap>) -> Result<Shared, String> {
         raw,
         serials,
         not_after,
+        rules_raw,
+        rules,
     })
 }
 
@@ -355,9 +379,13 @@ fn is_conflict(e: &kube::Error) -> bool {
     matches!(e, kube::Error::Api(s) if s.code == 409)
 }
 
-fn document(raw: Vec<Value>) -> String {
-    let mut text =
-        serde_json::to_string_pretty(&json!({ "revoked": raw })).unwrap_or_else(|_| "{}".into());
+fn document(raw: Vec<Value>, rules: Vec<Value>) -> String {
+    let doc = if rules.is_empty() {
+        json!({ "revoked": raw })
+    } else {
+        json!({ "revoked": raw, "identities": rules })
+    };
+    let mut text = serde_json::to_string_pretty(&doc).unwrap_or_else(|_| "{}".into());
     text.push('\n');
     text
 }
@@ -394,11 +422,22 @@ impl RevocationSync {
     /// re-signed at once); invalid entries are refused alone.
     async fn merge_from(&self, shared: &Shared, pass: &mut SyncPass) -> Result<(), String> {
         let (entries, mut refused) = parse_entries(&shared.raw);
+        let rules = shared.rules.clone();
         let st = self.state.clone();
-        let out = tokio::task::spawn_blocking(move || st.merge_revocations(&entries))
-            .await
-            .map_err(|e| format!("merge task: {e}"))?
-            .map_err(|e| format!("recording merged revocations: {e}"))?;
+        let (out, applied) = tokio::task::spawn_blocking(move || {
+            let out = st.merge_revocations(&entries)?;
+            // Identity revocations of other replicas: each revokes here what this replica
+            // issued to the identity before the rule's time (its audit log); those serials
+            // are then shared like any revocation made here.
+            let rules = st.merge_identity_rules(&rules)?;
+            Ok::<_, rampart_citadel::CitadelError>((out, rules.applied))
+        })
+        .await
+        .map_err(|e| format!("merge task: {e}"))?
+        .map_err(|e| format!("recording merged revocations: {e}"))?;
+        for a in applied {
+            tracing::info!(identity = %a.rule.spiffe_id, issued_before = %a.rule.issued_before, revoked = a.revoked.len(), "applied another replica's identity revocation to this replica's certificates");
+        }
         for (serial, why) in &refused {
             tracing::error!(%serial, reason = %why, configmap = REVOCATIONS_CONFIGMAP, "refused a shared revocation entry (the others apply)");
         }
@@ -410,6 +449,18 @@ impl RevocationSync {
         pass.merged.extend(out.added);
         pass.refused = refused;
         Ok(())
+    }
+
+    /// This replica's identity revocations that `shared` lacks (not yet past their horizon).
+    fn missing_rules_from(&self, shared: &Shared) -> Vec<IdentityRevocation> {
+        let now = std::time::SystemTime::now();
+        self.state
+            .revocations()
+            .state()
+            .identities
+            .into_iter()
+            .filter(|r| !r.prunable(now) && !shared.rules.contains(r))
+            .collect()
     }
 
     /// This replica's revoked entries that `shared` lacks, or holds with an earlier
@@ -457,19 +508,25 @@ impl RevocationSync {
                     // Nothing in it can be read as an entry: rewritten with ours (the other
                     // replicas add theirs back the same way).
                     tracing::error!(configmap = REVOCATIONS_CONFIGMAP, key = REVOCATIONS_KEY, reason = %why, "shared revocations unreadable; rewriting them with this replica's");
-                    Shared {
-                        raw: Vec::new(),
-                        serials: HashSet::new(),
-                        not_after: HashMap::new(),
-                    }
+                    Shared::default()
                 }
             };
-            self.tracker.read(&shared.serials);
+            self.tracker.read(&shared.keys());
             let missing = self.missing_from(&shared);
-            // Entries of certificates that expired more than a week ago leave the object too.
+            let missing_rules = self.missing_rules_from(&shared);
+            // Entries of certificates that expired more than a week ago leave the object too,
+            // and identity revocations once every certificate they can cover did.
             let now = std::time::SystemTime::now();
             let expired = |v: &Value| prunable(entry_not_after(v), now);
-            if missing.is_empty() && !shared.raw.iter().any(expired) {
+            let rule_expired = |v: &Value| {
+                serde_json::from_value::<IdentityRevocation>(v.clone())
+                    .is_ok_and(|r| r.validated().is_ok_and(|r| r.prunable(now)))
+            };
+            if missing.is_empty()
+                && missing_rules.is_empty()
+                && !shared.raw.iter().any(expired)
+                && !shared.rules_raw.iter().any(rule_expired)
+            {
                 return Ok(pass);
             }
             let serials: Vec<String> = missing.iter().map(|r| r.serial.clone()).collect();
@@ -480,7 +537,19 @@ impl RevocationSync {
                 .filter(|v| !expired(v) && entry_serial(v).is_none_or(|s| !replaced.contains(&s)))
                 .collect();
             raw.extend(missing.iter().filter_map(|r| serde_json::to_value(r).ok()));
-            let data = BTreeMap::from([(REVOCATIONS_KEY.to_owned(), document(raw))]);
+            let mut rules: Vec<Value> = shared
+                .rules_raw
+                .into_iter()
+                .filter(|v| !rule_expired(v))
+                .collect();
+            rules.extend(
+                missing_rules
+                    .iter()
+                    .filter_map(|r| serde_json::to_value(r).ok()),
+            );
+            let mut written_keys = serials.clone();
+            written_keys.extend(missing_rules.iter().map(IdentityRevocation::key));
+            let data = BTreeMap::from([(REVOCATIONS_KEY.to_owned(), document(raw, rules))]);
             let written = match current {
                 None => {
                     let cm = ConfigMap {
@@ -503,7 +572,7 @@ impl RevocationSync {
             };
             match written {
                 Ok(_) => {
-                    self.tracker.wrote(&serials);
+                    self.tracker.wrote(&written_keys);
                     self.metrics.uploaded.inc_by(serials.len() as u64);
                     pass.uploaded = serials;
                     return Ok(pass);
@@ -536,7 +605,7 @@ impl RevocationSync {
             Ok(s) => s,
             Err(_) => return true,
         };
-        self.tracker.read(&shared.serials);
+        self.tracker.read(&shared.keys());
         let mut pass = SyncPass::default();
         if let Err(e) = self.merge_from(&shared, &mut pass).await {
             tracing::error!(error = %e, "merging shared revocations failed; retrying");
@@ -545,7 +614,7 @@ impl RevocationSync {
         if !pass.merged.is_empty() {
             tracing::info!(merged = ?pass.merged, "merged revocations of other CA replicas");
         }
-        !self.missing_from(&shared).is_empty()
+        !self.missing_from(&shared).is_empty() || !self.missing_rules_from(&shared).is_empty()
     }
 
     /// Watches the object, merging what it adds; pokes `due` when a full pass is needed.

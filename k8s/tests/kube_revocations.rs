@@ -474,3 +474,78 @@ async fn removing_entries_from_the_object_un_revokes_nothing() {
         assert!(!r.on_crl("5152"));
     }
 }
+
+/// `rampart ca revoke --spiffe-id` on one replica: only that replica's audit log knows the
+/// certificates it issued, so it also records an identity revocation; every other replica
+/// revokes what it issued to the identity before that time, and shares those serials.
+/// Certificates issued to the identity afterwards, and to other identities, stay valid.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_identity_revocation_reaches_the_certificates_other_replicas_issued() {
+    use rampart_citadel::IdentityRevocation;
+    use std::io::Write;
+    let fake = FakeApi::new();
+    let a = replica(fake.client());
+    let b = replica(fake.client());
+    let rfc = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    // What B issued (its audit log): two of ID, one an hour from now (after the rule), and one
+    // of another identity.
+    let other = "spiffe://cluster.local/ns/app/sa/other";
+    {
+        let mut log = std::fs::OpenOptions::new()
+            .append(true)
+            .create(true)
+            .open(b.dir.path().join("state/audit.jsonl"))
+            .unwrap();
+        for (serial, id, issued) in [
+            ("9c9c", ID, now - hour),
+            ("9d9d", ID, now + hour),
+            ("9e9e", other, now - hour),
+        ] {
+            writeln!(
+                log,
+                r#"{{"time":"{}","serial":"{serial}","spiffe_id":"{id}","not_after":"{}","caller":"t"}}"#,
+                rfc(issued),
+                rfc(issued + 2 * hour)
+            )
+            .unwrap();
+        }
+    }
+    let rule = IdentityRevocation {
+        spiffe_id: ID.into(),
+        issued_before: rfc(now),
+        reason: Some("keyCompromise".into()),
+    };
+    assert!(
+        a.state
+            .revocations()
+            .add_identity_rule(rule.clone())
+            .unwrap()
+    );
+    let share = a.state.revocation_share().unwrap();
+    let key = rule.validated().unwrap().key();
+    let r = tokio::task::spawn_blocking(move || share.wait_shared(&[key], Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(r.state, rampart_citadel::ShareState::Shared, "{r:?}");
+
+    wait_until("B revokes what it issued to ID before the rule", || {
+        b.on_crl("9c9c")
+    })
+    .await;
+    wait_until("A has B's serial through the object", || a.on_crl("9c9c")).await;
+    assert!(b.persisted("9c9c") && a.persisted("9c9c"));
+    // The twins: issued after the rule, or to another identity: valid everywhere.
+    for r in [&a, &b] {
+        for s in ["9d9d", "9e9e"] {
+            assert!(!r.on_crl(s), "{s}");
+        }
+    }
+    let doc = fake.get(COLL, REVOCATIONS_CONFIGMAP).unwrap();
+    let text = doc["data"][REVOCATIONS_KEY].as_str().unwrap();
+    assert!(
+        text.contains("\"identities\"") && text.contains(ID),
+        "{text}"
+    );
+}

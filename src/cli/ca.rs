@@ -694,6 +694,19 @@ impl RevokeArgs {
                 r.not_after
             );
         }
+        if let Some(rule) = &answer.identity_rule {
+            if answer.revoked.is_empty() {
+                println!(
+                    "this replica issued no unexpired certificate to {}",
+                    rule.spiffe_id
+                );
+            }
+            println!(
+                "identity revocation recorded: every CA replica revokes the certificates it \
+                 issued to {} before {}",
+                rule.spiffe_id, rule.issued_before
+            );
+        }
         println!(
             "CRL published: version {}, {} revoked on the CA's CRL, next update {}",
             answer.crl_version,
