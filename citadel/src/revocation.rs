@@ -526,35 +526,46 @@ impl Revocations {
         Ok(true)
     }
 
-    /// Records the identity revocations of `rules` this CA lacks (checked one by one; an
-    /// invalid one is refused alone; ones past their prune horizon are not taken). Returns
-    /// the new ones (for the caller to apply to its audit log) and the refused ones.
-    pub fn merge_identity_rules(
+    /// The identity revocations of `rules` this CA lacks (checked one by one; an invalid one
+    /// is refused alone; ones past their prune horizon are not taken), not yet recorded: the
+    /// caller applies each to its audit log, then records it with
+    /// [`Self::record_identity_rule`], so that a rule whose application failed (or was cut
+    /// short by a crash) is applied again when it comes again.
+    pub fn new_identity_rules(
         &self,
         rules: &[IdentityRevocation],
         now: SystemTime,
-    ) -> Result<RuleMergeOutcome, CitadelError> {
-        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let mut next = state.clone();
+    ) -> RuleMergeOutcome {
+        let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = RuleMergeOutcome::default();
         for r in rules {
             match r.validated() {
                 Err(why) => out.refused.push((r.spiffe_id.clone(), why)),
-                Ok(v) if v.prunable(now) || next.identities.contains(&v) => {}
-                Ok(v) => {
-                    next.identities.push(v.clone());
-                    out.applied.push(AppliedRule {
-                        rule: v,
-                        revoked: Vec::new(),
-                    });
-                }
+                Ok(v)
+                    if v.prunable(now)
+                        || state.identities.contains(&v)
+                        || out.applied.iter().any(|a| a.rule == v) => {}
+                Ok(v) => out.applied.push(AppliedRule {
+                    rule: v,
+                    revoked: Vec::new(),
+                }),
             }
         }
-        if !out.applied.is_empty() {
-            next.save(&self.state_path)?;
-            *state = next;
+        out
+    }
+
+    /// Records an identity revocation taken from elsewhere after it was applied (persisted;
+    /// watchers are not told: it came from the shared object).
+    pub fn record_identity_rule(&self, rule: &IdentityRevocation) -> Result<(), CitadelError> {
+        let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if state.identities.contains(rule) {
+            return Ok(());
         }
-        Ok(out)
+        let mut next = state.clone();
+        next.identities.push(rule.clone());
+        next.save(&self.state_path)?;
+        *state = next;
+        Ok(())
     }
 
     /// What is served now.

@@ -300,9 +300,12 @@ impl CaState {
     ) -> Result<crate::revocation::RuleMergeOutcome, CitadelError> {
         let mut out = self
             .revocations
-            .merge_identity_rules(rules, SystemTime::now())?;
+            .new_identity_rules(rules, SystemTime::now());
         for a in &mut out.applied {
+            // Applied, then recorded: a failure (or a crash) in between leaves the rule
+            // unrecorded, so it is applied again when the shared object brings it again.
             a.revoked = self.apply_identity_rule(&a.rule)?;
+            self.revocations.record_identity_rule(&a.rule)?;
             tracing::warn!(identity = %a.rule.spiffe_id, issued_before = %a.rule.issued_before, revoked = a.revoked.len(), "identity REVOKED by another CA replica; the certificates this replica issued to it are revoked");
         }
         for (id, why) in &out.refused {
