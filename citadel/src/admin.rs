@@ -335,10 +335,8 @@ fn revoke<S: AdminBackend>(
                     issued_before: crate::audit::rfc3339(now),
                     reason: reason.map(|r| r.name().to_owned()),
                 };
-                state
-                    .add_identity_rule(rule.clone())
-                    .map_err(|e| e.to_string())?;
-                tracing::info!(uid, identity = %id, "admin socket: identity revocation recorded for the other replicas");
+                // Its own certificates first: the rule, once recorded, is not applied here
+                // again, so a failure in between must leave it unrecorded (a rerun does both).
                 let revoked = if found.is_empty() {
                     Vec::new()
                 } else {
@@ -346,6 +344,10 @@ fn revoke<S: AdminBackend>(
                         .revoke_entries(&found, reason)
                         .map_err(|e| e.to_string())?
                 };
+                state
+                    .add_identity_rule(rule.clone())
+                    .map_err(|e| e.to_string())?;
+                tracing::info!(uid, identity = %id, "admin socket: identity revocation recorded for the other replicas");
                 return Ok((revoked, Some(rule)));
             }
             if found.is_empty() {

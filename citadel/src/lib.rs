@@ -65,8 +65,8 @@ pub use self::admin::{
 pub use self::audit::{AuditEntry, parse_rfc3339, read_audit_log};
 pub use self::revocation::{
     ADMIN_SOCKET, AppliedRule, CA_CRL, CRL_FILE, CRL_STATE_FILE, DEFAULT_CRL_VALIDITY,
-    EXPIRED_ENTRY_GRACE, IdentityRevocation, MergeOutcome, PRUNE_AFTER_EXPIRY, PUBLISHED_CRLS,
-    PublishedCrls, REVOCATIONS_FILE, RULE_SKEW, RevocationState, Revocations, RevokedSerial,
-    RuleMergeOutcome, StoredRevocation, later_not_after, normalize_serial, prunable,
+    EXPIRED_ENTRY_GRACE, IdentityRevocation, MAX_RULE_FUTURE, MergeOutcome, PRUNE_AFTER_EXPIRY,
+    PUBLISHED_CRLS, PublishedCrls, REVOCATIONS_FILE, RULE_SKEW, RevocationState, Revocations,
+    RevokedSerial, RuleMergeOutcome, StoredRevocation, later_not_after, normalize_serial, prunable,
 };
 pub use self::server::RevocationService;

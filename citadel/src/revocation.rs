@@ -165,6 +165,15 @@ impl IdentityRevocation {
         })
     }
 
+    fn issued_before_time(&self) -> Option<SystemTime> {
+        parse_time(&self.issued_before)
+    }
+
+    /// Whether its time is more than [`MAX_RULE_FUTURE`] after `now`.
+    pub fn is_future(&self, now: SystemTime) -> bool {
+        parse_time(&self.issued_before).is_some_and(|t| t > now + MAX_RULE_FUTURE)
+    }
+
     /// What names the rule when waiting for it to be shared.
     pub fn key(&self) -> String {
         format!("{} issued before {}", self.spiffe_id, self.issued_before)
@@ -205,11 +214,20 @@ pub struct AppliedRule {
 /// What merging identity revocations from elsewhere did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct RuleMergeOutcome {
-    /// The rules new here.
+    /// The rules new here (applied and recorded, once `CaState::merge_identity_rules`
+    /// returned).
     pub applied: Vec<AppliedRule>,
     /// Rules refused, each alone: (identity as given, why).
     pub refused: Vec<(String, String)>,
+    /// Rules that could not be applied now (not recorded: tried again when they come
+    /// again): (identity, why).
+    pub failed: Vec<(String, String)>,
 }
+
+/// How far in the future an identity revocation's time may be (clock skew between the
+/// replica that made it and this one). A later time would revoke, on each replica, whatever
+/// it issued until it first saw the rule: refused.
+pub const MAX_RULE_FUTURE: Duration = Duration::from_secs(300);
 
 /// What [`Revocations::merge`] did with entries from elsewhere.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -464,8 +482,9 @@ impl Revocations {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut next = state.clone();
         let mut out = MergeOutcome::default();
-        // Whether an extension put an entry back on the CRL (else the CRL is unchanged by it).
-        let mut back_on_crl = false;
+        // Whether the CRL changes: an entry added that is on it, or an extension that puts an
+        // entry back on it (entries carry no not-after on the CRL).
+        let mut crl_changed = false;
         for e in entries {
             match e.validated() {
                 Err(why) => out.refused.push((e.serial.clone(), why)),
@@ -479,33 +498,34 @@ impl Revocations {
                             continue;
                         };
                         if later_not_after(Some(theirs), Some(ours)) {
-                            let was_on_crl = on_crl_at(Some(ours), now);
-                            have.not_after = v.not_after;
-                            if !was_on_crl {
-                                back_on_crl = true;
+                            if !on_crl_at(Some(ours), now) && on_crl_at(Some(theirs), now) {
+                                crl_changed = true;
                             }
+                            have.not_after = v.not_after;
                             out.extended.push(v.serial);
                         }
                     }
                     None if prunable(v.not_after.as_deref(), now) => {}
                     None => {
+                        crl_changed |= on_crl_at(v.not_after.as_deref(), now);
                         out.added.push(v.serial.clone());
                         next.revoked.push(v);
                     }
                 },
             }
         }
-        if !out.added.is_empty() || back_on_crl {
+        if !out.added.is_empty() || !out.extended.is_empty() {
             next.save(&self.state_path)?;
             *state = next;
+        }
+        // Re-signed only when the CRL's content changes: repeated extensions (whoever can
+        // feed entries), or entries added that already left the CRL, cost a file write each,
+        // not a CRL and every namespace's copy of it.
+        if crl_changed {
             self.publish_locked(&mut state, authority, now);
+        }
+        if !out.added.is_empty() {
             self.changes.send_modify(|n| *n += 1);
-        } else if !out.extended.is_empty() {
-            // CRL entries carry no not-after: a later one changes what is kept, not what is
-            // signed. Persisted without re-signing, so repeated extensions (whoever can feed
-            // entries) cost a file write each, not a CRL and every namespace's copy of it.
-            next.save(&self.state_path)?;
-            *state = next;
         }
         Ok(out)
     }
@@ -539,17 +559,35 @@ impl Revocations {
         let state = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let mut out = RuleMergeOutcome::default();
         for r in rules {
-            match r.validated() {
-                Err(why) => out.refused.push((r.spiffe_id.clone(), why)),
-                Ok(v)
-                    if v.prunable(now)
-                        || state.identities.contains(&v)
-                        || out.applied.iter().any(|a| a.rule == v) => {}
-                Ok(v) => out.applied.push(AppliedRule {
-                    rule: v,
-                    revoked: Vec::new(),
-                }),
+            let v = match r.validated() {
+                Err(why) => {
+                    out.refused.push((r.spiffe_id.clone(), why));
+                    continue;
+                }
+                Ok(v) => v,
+            };
+            if v.is_future(now) {
+                out.refused.push((
+                    v.spiffe_id.clone(),
+                    format!("issued_before {} is in the future", v.issued_before),
+                ));
+                continue;
             }
+            // Past its horizon, or covered by a rule held here for the same identity with a
+            // time as late or later (it revokes everything this one would).
+            let covered = |held: &IdentityRevocation| {
+                held.spiffe_id == v.spiffe_id && held.issued_before_time() >= v.issued_before_time()
+            };
+            if v.prunable(now)
+                || state.identities.iter().any(covered)
+                || out.applied.iter().any(|a| a.rule == v)
+            {
+                continue;
+            }
+            out.applied.push(AppliedRule {
+                rule: v,
+                revoked: Vec::new(),
+            });
         }
         out
     }

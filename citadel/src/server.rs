@@ -81,6 +81,9 @@ pub struct CaState {
     external: Option<Arc<dyn ExternalAuthenticator>>,
     /// Shares revocations with other replicas (Kubernetes mode), set once.
     share: std::sync::OnceLock<Arc<dyn crate::admin::RevocationShare>>,
+    /// Serializes merges of identity revocations (the watch and the sync pass may both
+    /// bring the same new rule).
+    rule_merge: Mutex<()>,
 }
 
 impl std::fmt::Debug for CaState {
@@ -176,6 +179,7 @@ impl CaState {
             revocations,
             external,
             share: std::sync::OnceLock::new(),
+            rule_merge: Mutex::new(()),
         }))
     }
 
@@ -271,47 +275,91 @@ impl CaState {
         Ok(out)
     }
 
-    /// Revokes what identity revocation `rule` covers among the certificates this CA issued
-    /// (its audit log): those of `rule.spiffe_id` issued before `rule.issued_before`.
-    pub fn apply_identity_rule(
+    /// Revokes what identity revocation `rule` covers among `entries` (this CA's audit log)
+    /// and is not revoked yet. `Ok` also when the revocations were recorded but could not be
+    /// published (a CA that cannot sign CRLs says so at every revocation): they are applied.
+    fn apply_identity_rule(
         &self,
         rule: &crate::revocation::IdentityRevocation,
+        entries: &[crate::audit::AuditEntry],
+        now: SystemTime,
     ) -> Result<Vec<crate::revocation::RevokedSerial>, CitadelError> {
-        let (entries, _) = crate::audit::read_audit_log(&self.audit_log_path())?;
-        let now = SystemTime::now();
+        let held = self.revocations.state();
         let targets: Vec<(String, String, SystemTime)> = entries
             .iter()
-            .filter(|e| rule.covers(e, now))
+            .filter(|e| rule.covers(e, now) && held.find(&e.serial).is_none())
             .filter_map(|e| Some((e.serial.clone(), e.spiffe_id.clone(), e.expires_at()?)))
             .collect();
         if targets.is_empty() {
             return Ok(Vec::new());
         }
         let reason = rule.reason.as_deref().and_then(|r| r.parse().ok());
-        self.revoke(&targets, reason)
+        match self.revoke(&targets, reason) {
+            Ok(r) => Ok(r),
+            Err(e) => {
+                let held = self.revocations.state();
+                if targets.iter().all(|(s, ..)| held.find(s).is_some()) {
+                    tracing::error!(identity = %rule.spiffe_id, error = %e, "identity revocation recorded here but not published");
+                    Ok(Vec::new())
+                } else {
+                    Err(e)
+                }
+            }
+        }
     }
 
     /// Takes the identity revocations of other replicas this CA lacks (each checked alone)
-    /// and revokes what each covers among the certificates this CA issued. Returns, per new
-    /// rule, what it revoked here; and the refused rules with why.
+    /// and revokes what each covers among the certificates this CA issued: the audit log is
+    /// read once for the batch; a rule is recorded once applied; a rule that cannot be
+    /// applied now is reported in `failed` and left unrecorded (tried again when it comes
+    /// again), without stopping the others. One merge at a time.
     pub fn merge_identity_rules(
         &self,
         rules: &[crate::revocation::IdentityRevocation],
-    ) -> Result<crate::revocation::RuleMergeOutcome, CitadelError> {
-        let mut out = self
-            .revocations
-            .new_identity_rules(rules, SystemTime::now());
-        for a in &mut out.applied {
-            // Applied, then recorded: a failure (or a crash) in between leaves the rule
-            // unrecorded, so it is applied again when the shared object brings it again.
-            a.revoked = self.apply_identity_rule(&a.rule)?;
-            self.revocations.record_identity_rule(&a.rule)?;
-            tracing::warn!(identity = %a.rule.spiffe_id, issued_before = %a.rule.issued_before, revoked = a.revoked.len(), "identity REVOKED by another CA replica; the certificates this replica issued to it are revoked");
-        }
+    ) -> crate::revocation::RuleMergeOutcome {
+        let _one = self.rule_merge.lock().unwrap_or_else(|p| p.into_inner());
+        let now = SystemTime::now();
+        let mut out = self.revocations.new_identity_rules(rules, now);
         for (id, why) in &out.refused {
             tracing::error!(identity = %id, reason = %why, "refused a shared identity revocation (the others apply)");
         }
-        Ok(out)
+        if out.applied.is_empty() {
+            return out;
+        }
+        let entries = match crate::audit::read_audit_log(&self.audit_log_path()) {
+            Ok((entries, _)) => entries,
+            Err(e) => {
+                for a in std::mem::take(&mut out.applied) {
+                    out.failed.push((a.rule.spiffe_id, e.to_string()));
+                }
+                tracing::error!(error = %e, "cannot read the audit log to apply identity revocations; retrying when they come again");
+                return out;
+            }
+        };
+        let mut applied = Vec::with_capacity(out.applied.len());
+        for mut a in std::mem::take(&mut out.applied) {
+            // Applied, then recorded: a failure (or a crash) in between leaves the rule
+            // unrecorded, so it is applied again when the shared object brings it again.
+            let done = self
+                .apply_identity_rule(&a.rule, &entries, now)
+                .and_then(|revoked| {
+                    self.revocations.record_identity_rule(&a.rule)?;
+                    Ok(revoked)
+                });
+            match done {
+                Ok(revoked) => {
+                    a.revoked = revoked;
+                    tracing::warn!(identity = %a.rule.spiffe_id, issued_before = %a.rule.issued_before, revoked = a.revoked.len(), "identity REVOKED by another CA replica; the certificates this replica issued to it are revoked");
+                    applied.push(a);
+                }
+                Err(e) => {
+                    tracing::error!(identity = %a.rule.spiffe_id, error = %e, "could not apply a shared identity revocation; retrying when it comes again");
+                    out.failed.push((a.rule.spiffe_id, e.to_string()));
+                }
+            }
+        }
+        out.applied = applied;
+        out
     }
 
     /// Adds revocations made elsewhere (another replica's, shared through the cluster in

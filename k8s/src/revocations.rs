@@ -310,10 +310,14 @@ fn read_shared(cm: Option<&ConfigMap>) -> Result<Shared, String> {
     };
     let raw = list("revoked")?;
     let rules_raw = list("identities")?;
+    // Rules from the future are no rule any replica applies: not counted as present (and
+    // dropped at the next write).
+    let now = std::time::SystemTime::now();
     let rules = rules_raw
         .iter()
         .filter_map(|v| serde_json::from_value::<IdentityRevocation>(v.clone()).ok())
         .filter_map(|r| r.validated().ok())
+        .filter(|r| !r.is_future(now))
         .collect();
     // Only entries every replica would merge count as present: an invalid copy of a serial
     // (a bad reason, a not_after that is no RFC 3339 string) must not hide that the valid
@@ -429,7 +433,7 @@ impl RevocationSync {
             // Identity revocations of other replicas: each revokes here what this replica
             // issued to the identity before the rule's time (its audit log); those serials
             // are then shared like any revocation made here.
-            let rules = st.merge_identity_rules(&rules)?;
+            let rules = st.merge_identity_rules(&rules);
             Ok::<_, rampart_citadel::CitadelError>((out, rules.applied))
         })
         .await
@@ -519,8 +523,10 @@ impl RevocationSync {
             let now = std::time::SystemTime::now();
             let expired = |v: &Value| prunable(entry_not_after(v), now);
             let rule_expired = |v: &Value| {
-                serde_json::from_value::<IdentityRevocation>(v.clone())
-                    .is_ok_and(|r| r.validated().is_ok_and(|r| r.prunable(now)))
+                serde_json::from_value::<IdentityRevocation>(v.clone()).is_ok_and(|r| {
+                    r.validated()
+                        .is_ok_and(|r| r.prunable(now) || r.is_future(now))
+                })
             };
             if missing.is_empty()
                 && missing_rules.is_empty()

@@ -549,3 +549,66 @@ async fn an_identity_revocation_reaches_the_certificates_other_replicas_issued()
         "{text}"
     );
 }
+
+/// A rule this replica cannot apply now (its audit log unreadable) does not stop it from
+/// sharing its own revocations, and is applied once it can be; a rule dated in the future
+/// is refused by every replica and leaves the object.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rule_that_cannot_be_applied_blocks_nothing_and_a_future_rule_is_refused() {
+    use std::io::Write;
+    let fake = FakeApi::new();
+    let b = replica(fake.client());
+    let rfc = |t: SystemTime| humantime::format_rfc3339_seconds(t).to_string();
+    let now = SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let audit = b.dir.path().join("state/audit.jsonl");
+    let line = format!(
+        r#"{{"time":"{}","serial":"5d5d","spiffe_id":"{ID}","not_after":"{}","caller":"t"}}"#,
+        rfc(now - hour),
+        rfc(now + hour)
+    );
+    // The audit log cannot be read (a directory in its place).
+    let _ = std::fs::remove_file(&audit);
+    std::fs::create_dir(&audit).unwrap();
+    let mut cm = json!({"apiVersion": "v1", "kind": "ConfigMap",
+        "metadata": {"name": REVOCATIONS_CONFIGMAP, "namespace": NS}});
+    let doc = json!({"revoked": [], "identities": [
+        {"spiffe_id": ID, "issued_before": rfc(now), "reason": "keyCompromise"},
+        {"spiffe_id": "spiffe://cluster.local/ns/app/sa/later", "issued_before": "2999-01-01T00:00:00Z"},
+    ]});
+    cm["data"] = json!({ REVOCATIONS_KEY: doc.to_string() });
+    fake.put(COLL, cm);
+
+    b.revoke("6e6e");
+    wait_until(
+        "B shares its own revocation despite the rule it cannot apply",
+        || shared_serials(&fake).contains(&"6e6e".to_owned()),
+    )
+    .await;
+    assert!(!b.on_crl("5d5d"));
+    let text = || {
+        fake.get(COLL, REVOCATIONS_CONFIGMAP).unwrap()["data"][REVOCATIONS_KEY]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    assert!(
+        !text().contains("2999"),
+        "the future rule left the object: {}",
+        text()
+    );
+    assert!(
+        text().contains(ID),
+        "the rule B could not apply stays: {}",
+        text()
+    );
+
+    // The audit log readable again: the rule is applied at the next pass.
+    std::fs::remove_dir(&audit).unwrap();
+    writeln!(std::fs::File::create(&audit).unwrap(), "{line}").unwrap();
+    b.revoke("6f6f");
+    wait_until("B applies the rule once it can", || b.on_crl("5d5d")).await;
+    let state = load(b.dir.path());
+    assert_eq!(state.identities.len(), 1, "{:?}", state.identities);
+    assert_eq!(state.identities[0].spiffe_id, ID);
+}
