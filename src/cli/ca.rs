@@ -49,7 +49,8 @@ struct RevokeArgs {
         required_unless_present = "spiffe_id"
     )]
     serial: Option<String>,
-    /// Every unexpired certificate issued to this SPIFFE ID.
+    /// Every unexpired certificate issued to this SPIFFE ID (with `--kubernetes`: by any
+    /// replica; each revokes what its own audit log shows it issued up to now).
     #[arg(long)]
     spiffe_id: Option<String>,
     /// RFC 5280 reason (keyCompromise, superseded, ...).
