@@ -39,6 +39,8 @@ pub(crate) trait AdminBackend: Send + Sync + 'static {
     fn revocation_share(&self) -> Option<Arc<dyn RevocationShare>>;
     /// Records an identity revocation for the other replicas to apply to what they issued.
     fn add_identity_rule(&self, rule: IdentityRevocation) -> Result<bool, CitadelError>;
+    /// Whether every serial of `entries` is in the revocation list.
+    fn holds_all(&self, entries: &[(String, String, SystemTime)]) -> bool;
 }
 
 /// How long a revoke request waits for its serials to be shared with the other CA replicas
@@ -340,9 +342,19 @@ fn revoke<S: AdminBackend>(
                 let revoked = if found.is_empty() {
                     Vec::new()
                 } else {
-                    state
-                        .revoke_entries(&found, reason)
-                        .map_err(|e| e.to_string())?
+                    match state.revoke_entries(&found, reason) {
+                        Ok(r) => r,
+                        Err(e) => {
+                            // Recorded but not published (a CA that cannot sign CRLs): the
+                            // rule still goes to the other replicas; the error is reported.
+                            if state.holds_all(&found) {
+                                state
+                                    .add_identity_rule(rule.clone())
+                                    .map_err(|e| e.to_string())?;
+                            }
+                            return Err(e.to_string());
+                        }
+                    }
                 };
                 state
                     .add_identity_rule(rule.clone())

@@ -165,10 +165,6 @@ impl IdentityRevocation {
         })
     }
 
-    fn issued_before_time(&self) -> Option<SystemTime> {
-        parse_time(&self.issued_before)
-    }
-
     /// Whether its time is more than [`MAX_RULE_FUTURE`] after `now`.
     pub fn is_future(&self, now: SystemTime) -> bool {
         parse_time(&self.issued_before).is_some_and(|t| t > now + MAX_RULE_FUTURE)
@@ -237,6 +233,8 @@ pub struct MergeOutcome {
     /// Serials revoked here already whose entry now carries the later not-after given
     /// (a not-after only ever moves later, so nobody can take an entry off a CRL early).
     pub extended: Vec<String>,
+    /// Whether the CRL was re-signed (its content changed).
+    pub resigned: bool,
     /// Entries refused, each alone: (serial as given, why).
     pub refused: Vec<(String, String)>,
 }
@@ -523,6 +521,7 @@ impl Revocations {
         // not a CRL and every namespace's copy of it.
         if crl_changed {
             self.publish_locked(&mut state, authority, now);
+            out.resigned = true;
         }
         if !out.added.is_empty() {
             self.changes.send_modify(|n| *n += 1);
@@ -573,13 +572,12 @@ impl Revocations {
                 ));
                 continue;
             }
-            // Past its horizon, or covered by a rule held here for the same identity with a
-            // time as late or later (it revokes everything this one would).
-            let covered = |held: &IdentityRevocation| {
-                held.spiffe_id == v.spiffe_id && held.issued_before_time() >= v.issued_before_time()
-            };
+            // Every rule is applied once, even one for an identity a held rule with a later
+            // time names: a rule covers what the audit log held when it was applied, not all
+            // that its time would. Applying it again costs little (one audit log read per
+            // batch; serials revoked already are skipped).
             if v.prunable(now)
-                || state.identities.iter().any(covered)
+                || state.identities.contains(&v)
                 || out.applied.iter().any(|a| a.rule == v)
             {
                 continue;
@@ -592,15 +590,19 @@ impl Revocations {
         out
     }
 
-    /// Records an identity revocation taken from elsewhere after it was applied (persisted;
-    /// watchers are not told: it came from the shared object).
-    pub fn record_identity_rule(&self, rule: &IdentityRevocation) -> Result<(), CitadelError> {
+    /// Records identity revocations taken from elsewhere after they were applied (persisted
+    /// in one write; watchers are not told: they came from the shared object).
+    pub fn record_identity_rules(&self, rules: &[IdentityRevocation]) -> Result<(), CitadelError> {
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        if state.identities.contains(rule) {
+        let mut next = state.clone();
+        for r in rules {
+            if !next.identities.contains(r) {
+                next.identities.push(r.clone());
+            }
+        }
+        if next.identities.len() == state.identities.len() {
             return Ok(());
         }
-        let mut next = state.clone();
-        next.identities.push(rule.clone());
         next.save(&self.state_path)?;
         *state = next;
         Ok(())

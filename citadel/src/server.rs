@@ -338,18 +338,9 @@ impl CaState {
         };
         let mut applied = Vec::with_capacity(out.applied.len());
         for mut a in std::mem::take(&mut out.applied) {
-            // Applied, then recorded: a failure (or a crash) in between leaves the rule
-            // unrecorded, so it is applied again when the shared object brings it again.
-            let done = self
-                .apply_identity_rule(&a.rule, &entries, now)
-                .and_then(|revoked| {
-                    self.revocations.record_identity_rule(&a.rule)?;
-                    Ok(revoked)
-                });
-            match done {
+            match self.apply_identity_rule(&a.rule, &entries, now) {
                 Ok(revoked) => {
                     a.revoked = revoked;
-                    tracing::warn!(identity = %a.rule.spiffe_id, issued_before = %a.rule.issued_before, revoked = a.revoked.len(), "identity REVOKED by another CA replica; the certificates this replica issued to it are revoked");
                     applied.push(a);
                 }
                 Err(e) => {
@@ -357,6 +348,19 @@ impl CaState {
                     out.failed.push((a.rule.spiffe_id, e.to_string()));
                 }
             }
+        }
+        // Applied, then recorded (in one write): a failure or a crash before this leaves the
+        // rules unrecorded, so they are applied again when the shared object brings them.
+        let rules: Vec<_> = applied.iter().map(|a| a.rule.clone()).collect();
+        if let Err(e) = self.revocations.record_identity_rules(&rules) {
+            tracing::error!(error = %e, "applied identity revocations not recorded; applying them again when they come again");
+            for a in applied {
+                out.failed.push((a.rule.spiffe_id, e.to_string()));
+            }
+            return out;
+        }
+        for a in &applied {
+            tracing::warn!(identity = %a.rule.spiffe_id, issued_before = %a.rule.issued_before, revoked = a.revoked.len(), "identity REVOKED by another CA replica; the certificates this replica issued to it are revoked");
         }
         out.applied = applied;
         out
@@ -373,8 +377,10 @@ impl CaState {
         let now = SystemTime::now();
         let authority = self.authority.load();
         let out = self.revocations.merge(&authority, entries, now)?;
-        if !out.added.is_empty() || !out.extended.is_empty() {
+        if out.resigned {
             self.crls_published();
+        }
+        if !out.added.is_empty() || !out.extended.is_empty() {
             for serial in &out.added {
                 tracing::warn!(%serial, "certificate REVOKED by another CA replica; CRL re-signed and published");
             }
@@ -897,6 +903,11 @@ impl crate::admin::AdminBackend for CaState {
         rule: crate::revocation::IdentityRevocation,
     ) -> Result<bool, CitadelError> {
         self.revocations.add_identity_rule(rule)
+    }
+
+    fn holds_all(&self, entries: &[(String, String, SystemTime)]) -> bool {
+        let held = self.revocations.state();
+        entries.iter().all(|(s, ..)| held.find(s).is_some())
     }
 }
 

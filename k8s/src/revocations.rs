@@ -463,7 +463,9 @@ impl RevocationSync {
             .state()
             .identities
             .into_iter()
-            .filter(|r| !r.prunable(now) && !shared.rules.contains(r))
+            // A rule from the future (the clock stepped back since it was recorded) is not
+            // shared: the object would drop it at every write and this replica write it back.
+            .filter(|r| !r.prunable(now) && !r.is_future(now) && !shared.rules.contains(r))
             .collect()
     }
 
