@@ -67,6 +67,7 @@ pub struct RevocationSyncMetrics {
     failures: Counter,
     failing: Gauge,
     refused: Gauge,
+    rules_failing: Gauge,
     watch_errors: Counter,
 }
 
@@ -99,6 +100,11 @@ impl RevocationSyncMetrics {
             self.refused.clone(),
         );
         registry.register(
+            "rampart_ca_identity_revocations_failing",
+            "Identity revocations of other replicas this replica could not apply at the last look (retried; see the error log)",
+            self.rules_failing.clone(),
+        );
+        registry.register(
             "rampart_ca_revocation_watch_errors",
             "Errors of the watch of ConfigMap rampart-ca-revocations (retried with backoff)",
             self.watch_errors.clone(),
@@ -128,6 +134,11 @@ impl RevocationSyncMetrics {
     /// Entries refused at the last look at the object.
     pub fn refused(&self) -> i64 {
         self.refused.get()
+    }
+
+    /// Identity revocations that could not be applied at the last look.
+    pub fn rules_failing(&self) -> i64 {
+        self.rules_failing.get()
     }
 }
 
@@ -434,12 +445,15 @@ impl RevocationSync {
             // issued to the identity before the rule's time (its audit log); those serials
             // are then shared like any revocation made here.
             let rules = st.merge_identity_rules(&rules);
-            Ok::<_, rampart_citadel::CitadelError>((out, rules.applied))
+            Ok::<_, rampart_citadel::CitadelError>((out, rules))
         })
         .await
         .map_err(|e| format!("merge task: {e}"))?
         .map_err(|e| format!("recording merged revocations: {e}"))?;
-        for a in applied {
+        self.metrics
+            .rules_failing
+            .set(i64::try_from(applied.failed.len()).unwrap_or(i64::MAX));
+        for a in applied.applied {
             tracing::info!(identity = %a.rule.spiffe_id, issued_before = %a.rule.issued_before, revoked = a.revoked.len(), "applied another replica's identity revocation to this replica's certificates");
         }
         for (serial, why) in &refused {

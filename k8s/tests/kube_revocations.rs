@@ -600,14 +600,19 @@ async fn a_rule_that_cannot_be_applied_blocks_nothing_and_a_future_rule_is_refus
         "the future rule left the object, the other stays: {r:?}"
     );
     assert_eq!(r[0]["spiffe_id"], ID);
-    // Not applied, so not recorded (to be applied when it comes again).
+    // Not applied, so not recorded (to be applied when it comes again), and reported.
     assert!(load(b.dir.path()).identities.is_empty());
+    assert_eq!(b.metrics.rules_failing(), 1);
 
     // The audit log readable again: the rule is applied at the next pass.
     std::fs::remove_dir(&audit).unwrap();
     writeln!(std::fs::File::create(&audit).unwrap(), "{line}").unwrap();
     b.revoke("6f6f");
     wait_until("B applies the rule once it can", || b.on_crl("5d5d")).await;
+    wait_until("the failing gauge clears", || {
+        b.metrics.rules_failing() == 0
+    })
+    .await;
     let state = load(b.dir.path());
     assert_eq!(state.identities.len(), 1, "{:?}", state.identities);
     assert_eq!(state.identities[0].spiffe_id, ID);
