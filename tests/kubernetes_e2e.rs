@@ -32,7 +32,9 @@
 //!   with the last good material, and a second replica refuses to start on it (no fallback
 //!   to a self-signed root);
 //! - the `istio-namespace-controller-election` Lease: a second replica leaves it to the first
-//!   while that one renews, and takes it (and publishes) once the first stops;
+//!   while that one renews, and takes it (and publishes) once the first stops; meanwhile
+//!   `rampart ca revoke --spiffe-id` on the first replica says the revocation is shared and
+//!   the second revokes the certificate it issued to that identity within 5 s;
 //! - the CA's CRL is published in ConfigMap `istio-ca-crl` (key `ca-crl.pem`) beside the
 //!   root; `rampart ca revoke` of one certificate reaches every namespace's copy within 5 s,
 //!   and another certificate of the same identity is not listed;
@@ -907,6 +909,51 @@ async fn kubernetes_mode_against_a_real_api_server() {
     };
     std::thread::sleep(Duration::from_secs(8));
     assert_eq!(holder(), "rampart-ca-1", "{}", ca2.log());
+
+    // Revoking an identity on the first replica reaches the certificate the second issued to
+    // it (only the second's audit log knows it), through the real API server.
+    {
+        let mut c2 = connect(&ca2_dir.join("bundle.pem"), ca2_addr).await;
+        let tok = kubectl.token(&app_ns, "app", &["--audience", "istio-ca"]);
+        let by_two = ask(&mut c2, &app, &tok, false)
+            .await
+            .unwrap_or_else(|s| panic!("the second replica issues: {s:?}\n{}", ca2.log()));
+        let by_two = leaf_serial(&by_two);
+        let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["ca", "revoke", "--state"])
+            .arg(ca_dir.join("state"))
+            .args(["--spiffe-id", &app])
+            .output()
+            .unwrap();
+        let said = String::from_utf8_lossy(&out.stdout).into_owned()
+            + &String::from_utf8_lossy(&out.stderr);
+        assert!(
+            out.status.success(),
+            "rampart ca revoke --spiffe-id: {said}"
+        );
+        assert!(
+            said.contains("identity revocation recorded")
+                && said.contains("shared with the other CA replicas"),
+            "{said}"
+        );
+        let revoked_at = Instant::now();
+        let two_crls = || {
+            std::fs::read_to_string(ca2_dir.join("state/published-crls.pem"))
+                .map(|p| revoked_serials(&p))
+                .unwrap_or_default()
+        };
+        wait_for(
+            "the second replica to revoke what it issued to the identity",
+            FIVE_SECONDS,
+            || two_crls().contains(&by_two),
+            || ca2.log(),
+        );
+        say(&format!(
+            "kubernetes_e2e: an identity revocation on one replica revoked the other's \
+             certificate after {:?}",
+            revoked_at.elapsed()
+        ));
+    }
     drop(ca);
     let stopped = Instant::now();
     wait_for(
