@@ -20,6 +20,9 @@ pub type Update = Result<MeshFolder, Vec<Problem>>;
 /// How often the folder is polled besides file notifications.
 pub const DEFAULT_POLL: Duration = Duration::from_secs(2);
 
+/// How long a changed folder must stay unchanged before it is read.
+const SETTLE: Duration = Duration::from_millis(100);
+
 /// The updates of one source, in order: what a consumer of any source reads. Dropping it
 /// stops the source's task.
 #[derive(Debug)]
@@ -114,6 +117,13 @@ async fn watch_loop(source: FolderSource, poll: Duration, mut last: u64, tx: mps
             if fp == last {
                 return (fp, None);
             }
+            // A changed folder is read only once it stayed the same for SETTLE: a file
+            // rewritten in place (`cat new.yaml > workloads.yaml`) is empty between the
+            // truncation and the write, and that empty registry must not be served.
+            std::thread::sleep(SETTLE);
+            if MeshFolder::fingerprint(src.dir()) != fp {
+                return (last, None);
+            }
             (fp, Some(src.snapshot()))
         })
         .await;
@@ -180,5 +190,41 @@ mod tests {
             .unwrap()
             .unwrap();
         assert_eq!(snap.registry.workloads.len(), 2);
+    }
+
+    /// A file rewritten in place is empty for a moment between its truncation and the
+    /// write; a watcher that read it then would serve an empty registry. It is read only
+    /// once it stayed the same for a while: the update is the new content, never the gap.
+    #[tokio::test]
+    async fn a_file_rewritten_in_place_is_not_read_half_written() {
+        use std::io::Write;
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(MESH_FILE), "trustDomain: example.org\n").unwrap();
+        std::fs::write(d.path().join(WORKLOADS_FILE), REG).unwrap();
+        let poll = Duration::from_millis(10);
+        let (first, mut w) = watch_folder(FolderSource::new(d.path()), poll).await;
+        assert_eq!(first.unwrap().registry.workloads.len(), 1);
+        let two = format!(
+            "{REG}- {{name: b, namespace: ns1, ports: [{{port: 80, app: '127.0.0.1:9002', inbound: '127.0.0.1:9003'}}]}}\n"
+        );
+        let path = d.path().join(WORKLOADS_FILE);
+        let writer = tokio::task::spawn_blocking(move || {
+            // `cat new.yaml > workloads.yaml` from a slow writer: truncated, then written
+            // after several polls.
+            let mut f = std::fs::File::create(&path).unwrap();
+            std::thread::sleep(Duration::from_millis(50));
+            f.write_all(two.as_bytes()).unwrap();
+        });
+        let next = tokio::time::timeout(Duration::from_secs(10), w.next())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        writer.await.unwrap();
+        assert_eq!(
+            next.registry.workloads.len(),
+            2,
+            "served the half-written file"
+        );
     }
 }
