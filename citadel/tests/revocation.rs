@@ -332,6 +332,15 @@ fn openssl_gencrl(
     std::fs::read_to_string(d.join("crl.pem")).unwrap()
 }
 
+/// One request to the CA's admin socket at `sock` (from a blocking thread, as the CLI does).
+async fn admin(sock: &Path, req: AdminRequest) -> rampart_citadel::AdminResponse {
+    let sock = sock.to_path_buf();
+    tokio::task::spawn_blocking(move || admin_request(&sock, &req))
+        .await
+        .unwrap()
+        .unwrap()
+}
+
 /// Whether `serial` is on the CRL the CA signs for its signing certificate.
 fn on_own_crl(state: &rampart_citadel::CaState, serial: &str) -> bool {
     state
@@ -603,11 +612,7 @@ async fn admin_revocation_by_serial_and_identity_is_published_enforced_and_persi
         spiffe_id: None,
         reason: Some("keyCompromise".into()),
     };
-    let sock2 = sock.clone();
-    let r = tokio::task::spawn_blocking(move || admin_request(&sock2, &req))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = admin(&sock, req).await;
     assert!(r.ok, "{r:?}");
     assert_eq!(r.revoked.len(), 1);
     assert!(r.revoked[0].new);
@@ -628,11 +633,7 @@ async fn admin_revocation_by_serial_and_identity_is_published_enforced_and_persi
         spiffe_id: None,
         reason: None,
     };
-    let sock2 = sock.clone();
-    let r = tokio::task::spawn_blocking(move || admin_request(&sock2, &req))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = admin(&sock, req).await;
     assert!(r.ok && !r.revoked[0].new, "{r:?}");
     assert_eq!(r.crl_entries, 1);
 
@@ -642,11 +643,7 @@ async fn admin_revocation_by_serial_and_identity_is_published_enforced_and_persi
         spiffe_id: Some("spiffe://cluster.local/ns/default/sa/web".into()),
         reason: Some("keyCompromise".into()),
     };
-    let sock2 = sock.clone();
-    let r = tokio::task::spawn_blocking(move || admin_request(&sock2, &req))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = admin(&sock, req).await;
     assert!(r.ok, "{r:?}");
     let mut got: Vec<_> = r.revoked.iter().map(|x| x.serial.clone()).collect();
     got.sort();
@@ -673,11 +670,7 @@ async fn admin_revocation_by_serial_and_identity_is_published_enforced_and_persi
         spiffe_id: None,
         reason: None,
     };
-    let sock2 = sock.clone();
-    let r = tokio::task::spawn_blocking(move || admin_request(&sock2, &req))
-        .await
-        .unwrap()
-        .unwrap();
+    let r = admin(&sock, req).await;
     assert!(!r.ok, "{r:?}");
     let why = r.error.unwrap_or_default();
     assert!(
@@ -703,11 +696,7 @@ async fn admin_revocation_by_serial_and_identity_is_published_enforced_and_persi
             reason: None,
         },
     ] {
-        let sock2 = sock.clone();
-        let r = tokio::task::spawn_blocking(move || admin_request(&sock2, &req))
-            .await
-            .unwrap()
-            .unwrap();
+        let r = admin(&sock, req).await;
         assert!(!r.ok && r.error.is_some(), "{r:?}");
     }
     assert_eq!(

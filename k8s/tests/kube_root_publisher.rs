@@ -387,13 +387,7 @@ async fn ticks_of_a_quiet_cluster_read_nothing_but_the_lease() {
     for ns in &names {
         add_namespace(&fake, ns);
     }
-    let task = tokio::spawn(run_reporting(
-        elector(&fake, "ca-a"),
-        RootPublisher::new(fake.client(), String::new()),
-        Duration::from_millis(100),
-        || ("ROOT-1".to_owned(), Some("CRL-1".to_owned())),
-        |_| {},
-    ));
+    let task = publish_every_100ms(&fake);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !names
         .iter()
@@ -436,6 +430,17 @@ async fn ticks_of_a_quiet_cluster_read_nothing_but_the_lease() {
     task.abort();
 }
 
+/// The publisher as `ca-a`, ticking every 100 ms, publishing `ROOT-1` and `CRL-1`.
+fn publish_every_100ms(fake: &FakeApi) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(run_reporting(
+        elector(fake, "ca-a"),
+        RootPublisher::new(fake.client(), String::new()),
+        Duration::from_millis(100),
+        || ("ROOT-1".to_owned(), Some("CRL-1".to_owned())),
+        |_| {},
+    ))
+}
+
 /// What a tick did to the API in one second of ticks (100 ms apart): the namespace lists
 /// and the ConfigMap requests other than watches.
 async fn requests_in_a_second(fake: &FakeApi) -> (usize, Vec<String>) {
@@ -464,13 +469,7 @@ async fn a_watch_error_costs_one_full_pass_and_a_failing_namespace_is_retried_al
         add_namespace(&fake, ns);
     }
     fake.refuse_writes(&cms("bad"), true);
-    let task = tokio::spawn(run_reporting(
-        elector(&fake, "ca-a"),
-        RootPublisher::new(fake.client(), String::new()),
-        Duration::from_millis(100),
-        || ("ROOT-1".to_owned(), Some("CRL-1".to_owned())),
-        |_| {},
-    ));
+    let task = publish_every_100ms(&fake);
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while !["ns0", "ns1", "ns2"]
         .iter()
