@@ -131,7 +131,40 @@ pub fn inject(input: &str, opts: &Options) -> Result<Injected, String> {
     Ok(out)
 }
 
-fn validate_options(opts: &Options) -> Result<(), String> {
+/// What [`inject_pod_object`] did with one Pod.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PodOutcome {
+    /// The sidecar was added; the notes say what the apps must do.
+    Injected(Vec<String>),
+    /// Left as it was, for the reason given (opted out, already injected, hostNetwork).
+    Skipped(String),
+}
+
+/// Injects one Pod object (`metadata` + `spec`, as the API server sends it to an admission
+/// webhook) in place. An error (a name the sidecar needs already taken, a malformed spec)
+/// leaves `pod` unspecified; the caller must not use it then.
+pub fn inject_pod_object(
+    pod: &mut Map<String, Value>,
+    opts: &Options,
+) -> Result<PodOutcome, String> {
+    validate_options(opts)?;
+    let name = pod
+        .get("metadata")
+        .and_then(|m| m.get("name").or_else(|| m.get("generateName")))
+        .and_then(Value::as_str)
+        .unwrap_or("(unnamed)")
+        .to_owned();
+    let mut out = Injected::default();
+    let changed = inject_pod(pod, opts, &format!("Pod {name}"), "spec", &mut out)?;
+    if changed {
+        Ok(PodOutcome::Injected(out.notes))
+    } else {
+        Ok(PodOutcome::Skipped(out.notes.join("; ")))
+    }
+}
+
+/// Checks the options (the CA address, image and trust domain) as every injection does.
+pub fn validate_options(opts: &Options) -> Result<(), String> {
     let (host, port) = split_host_port(&opts.ca_address).ok_or_else(|| {
         format!(
             "--ca-address {:?}: expected HOST:PORT (e.g. {DEFAULT_CA_ADDRESS})",

@@ -1,6 +1,7 @@
 //! The pure parts of the `rampart` command line, as a library so they can be table-tested
 //! without starting a process: what `rampart up` does about a folder and its edits
-//! ([`up`]), how `rampart inject` adds the sidecar to Kubernetes manifests ([`inject`]), and
+//! ([`up`]), how `rampart inject` adds the sidecar to Kubernetes manifests ([`inject`]) and the CA's
+//! injection webhook does it to Pods as they are created ([`webhook`]), and
 //! the tables `up` and `mtls-report` print ([`align_columns`]).
 //!
 //! The binary (`src/main.rs`, `src/cli/`) keeps process supervision, networking and
@@ -8,6 +9,7 @@
 
 pub mod inject;
 pub mod up;
+pub mod webhook;
 
 /// Read a mesh folder with `rampart_mesh`'s loader (the one parser of `mesh.yaml` and
 /// `workloads.yaml`: the same checks the proxies apply). A refusal lists every problem, one

@@ -84,6 +84,7 @@ where
 
 #[test]
 fn every_manifest_is_a_kubernetes_object_with_known_fields() {
+    use k8s_openapi::api::admissionregistration::v1::MutatingWebhookConfiguration;
     use k8s_openapi::api::apps::v1::Deployment;
     use k8s_openapi::api::core::v1::{Namespace, Service, ServiceAccount};
     use k8s_openapi::api::policy::v1::PodDisruptionBudget;
@@ -111,12 +112,17 @@ fn every_manifest_is_a_kubernetes_object_with_known_fields() {
             "Service" => round_trip::<Service>(file, d),
             "PodDisruptionBudget" => round_trip::<PodDisruptionBudget>(file, d),
             "CustomResourceDefinition" => round_trip::<CustomResourceDefinition>(file, d),
+            "MutatingWebhookConfiguration" => round_trip::<MutatingWebhookConfiguration>(file, d),
             other => panic!("{file}: unexpected kind {other}"),
         }
         // Namespaced objects live in the CA's namespace; cluster-scoped ones name none.
         let cluster_scoped = matches!(
             kind,
-            "Namespace" | "ClusterRole" | "ClusterRoleBinding" | "CustomResourceDefinition"
+            "Namespace"
+                | "ClusterRole"
+                | "ClusterRoleBinding"
+                | "CustomResourceDefinition"
+                | "MutatingWebhookConfiguration"
         );
         if cluster_scoped {
             assert!(
@@ -322,6 +328,16 @@ fn expected_grants() -> Grants {
         "configmaps",
         "",
         &["get", "list", "watch", "create", "update"],
+    );
+    // The injection webhook's configuration: its caBundle, by name.
+    put(
+        "admissionregistration.k8s.io",
+        "mutatingwebhookconfigurations",
+        "",
+        &[
+            "get[rampart-sidecar-injector]",
+            "update[rampart-sidecar-injector]",
+        ],
     );
     put("", "events", "", &["create"]);
     put("events.k8s.io", "events", "", &["create"]);
@@ -637,4 +653,67 @@ fn ca_arguments_are_accepted_by_the_binary() {
     bad_value.push("--help");
     let (ok, text) = rampart(&bad_value);
     assert!(!ok && text.contains("not-an-address"), "{text}");
+}
+
+/// The injection webhook as the API server will call it: the configuration's Service, port
+/// and path lead to the CA's `--inject-webhook` port, under a name the CA's serving
+/// certificate carries; the Lease holder fills in caBundle (so the file has none); Pods are
+/// refused, not let through uninjected, while the webhook cannot be called.
+#[test]
+fn injection_webhook_reaches_the_ca_port_under_a_served_name() {
+    let all = manifests();
+    let w = one(
+        &all,
+        "MutatingWebhookConfiguration",
+        rampart_k8s::injector::WEBHOOK_CONFIG,
+    );
+    let hooks = w["webhooks"].as_array().unwrap();
+    assert_eq!(hooks.len(), 1);
+    let h = &hooks[0];
+    let svc = &h["clientConfig"]["service"];
+    assert_eq!(svc["namespace"], NS);
+    assert_eq!(svc["path"], rampart::webhook::INJECT_PATH);
+    assert!(
+        h["clientConfig"].get("caBundle").is_none(),
+        "caBundle is the Lease holder's to set"
+    );
+    assert_eq!(h["failurePolicy"], "Fail");
+    assert_eq!(h["sideEffects"], "None");
+    assert_eq!(h["admissionReviewVersions"], serde_json::json!(["v1"]));
+    assert_eq!(h["rules"][0]["operations"], serde_json::json!(["CREATE"]));
+    assert_eq!(h["rules"][0]["resources"], serde_json::json!(["pods"]));
+    assert_eq!(
+        h["namespaceSelector"]["matchExpressions"][0]["key"],
+        "rampart-injection"
+    );
+
+    let a = args(container(one(&all, "Deployment", "rampart-ca")));
+    let webhook_port: u64 = flag_value(&a, "--inject-webhook")
+        .rsplit_once(':')
+        .unwrap()
+        .1
+        .parse()
+        .unwrap();
+    let service_name = svc["name"].as_str().unwrap();
+    let s = one(&all, "Service", service_name);
+    let port = s["spec"]["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["port"] == svc["port"])
+        .unwrap_or_else(|| panic!("Service {service_name} has no port {}", svc["port"]));
+    assert_eq!(port["targetPort"], webhook_port);
+    let dns: Vec<&str> = a
+        .iter()
+        .enumerate()
+        .filter(|(_, x)| *x == "--server-dns")
+        .map(|(i, _)| a[i + 1].as_str())
+        .collect();
+    assert!(dns.contains(&format!("{service_name}.{NS}.svc").as_str()));
+    // Injected sidecars dial a name the serving certificate carries.
+    let ca_host = flag_value(&a, "--inject-ca-address")
+        .rsplit_once(':')
+        .unwrap()
+        .0;
+    assert!(dns.contains(&ca_host), "{ca_host} not in --server-dns");
 }

@@ -204,6 +204,12 @@ impl CaState {
         &self.metrics
     }
 
+    /// The CA's serving certificate as rustls resolves it: renewed and swapped with the
+    /// material, for other listeners of the process that present it (the injection webhook).
+    pub fn serving_store(&self) -> Arc<CertStore> {
+        self.serving.clone()
+    }
+
     /// The CA's current serving certificate chain.
     pub fn serving_chain(&self) -> Vec<CertificateDer<'static>> {
         self.serving

@@ -25,6 +25,7 @@
 //! depends on it, and citadel knows nothing of Kubernetes.
 
 mod authn;
+pub mod injector;
 pub mod material;
 pub mod publish;
 

@@ -181,6 +181,33 @@ struct RunArgs {
     config_folder: Option<PathBuf>,
     #[command(flatten)]
     kube: KubeArgs,
+    #[command(flatten)]
+    webhook: WebhookArgs,
+}
+
+/// The sidecar injection webhook (docs/KUBERNETES.md, "Automatic injection").
+#[derive(Debug, clap::Args)]
+struct WebhookArgs {
+    /// Serve the sidecar injection webhook (POST /inject, an admission.k8s.io/v1
+    /// AdmissionReview; HTTPS with the CA's own serving certificate, so --server-dns must
+    /// name the Service the API server calls) on this address, e.g. 0.0.0.0:15017 (istiod's
+    /// port). Pods are injected as `rampart inject` injects manifests.
+    #[arg(long, value_name = "ADDR")]
+    inject_webhook: Option<SocketAddr>,
+    /// Image of the injected agent and proxy containers.
+    #[arg(long, value_name = "IMAGE", default_value = super::inject::DEFAULT_IMAGE)]
+    inject_image: String,
+    /// CA address the injected sidecars dial (HOST:PORT).
+    #[arg(long, value_name = "HOST:PORT", default_value = rampart::inject::DEFAULT_CA_ADDRESS)]
+    inject_ca_address: String,
+    /// With --kubernetes: the MutatingWebhookConfiguration whose webhooks' caBundle the
+    /// Lease holder keeps equal to the CA's roots (as istiod patches its injector's).
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = rampart_k8s::injector::WEBHOOK_CONFIG
+    )]
+    inject_webhook_config: String,
 }
 
 /// Kubernetes mode (docs/KUBERNETES.md, "CA in Kubernetes mode").
@@ -401,6 +428,7 @@ impl RunArgs {
                 d.display()
             )));
         }
+        let webhook = self.webhook_options()?;
         let cfg = self.config()?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
@@ -419,12 +447,21 @@ impl RunArgs {
             };
             // Proxy configuration: the folder when given, else the cluster's objects in
             // Kubernetes mode (as istiod serves certificates and config on one port).
+            let bundle_keeper = cluster
+                .as_ref()
+                .map(|c| (c.client.clone(), c.holding.clone()));
             let routes = match (config_folder, cluster) {
                 (Some(dir), _) => config_routes(&state, dir).await?,
                 (None, Some(cluster)) => kube_config_routes(&state, cluster),
                 (None, None) => tonic::service::Routes::default(),
             };
             let ca = rampart_citadel::start_with_routes(state, routes).await?;
+            let webhook_addr = match webhook {
+                Some((addr, opts, config_name)) => Some(
+                    start_webhook(ca.state(), addr, opts, config_name, bundle_keeper).await?,
+                ),
+                None => None,
+            };
             let authority = ca.state().authority();
             println!(
                 "rampart ca: listening on {} (gRPC istio.v1.auth.IstioCertificateService, TLS 1.3, h2)",
@@ -442,6 +479,12 @@ impl RunArgs {
             if let Some(m) = ca.metrics_addr {
                 println!("rampart ca: metrics on http://{m}/metrics");
             }
+            if let Some(w) = webhook_addr {
+                println!(
+                    "rampart ca: sidecar injection webhook on https://{w}{}",
+                    rampart::webhook::INJECT_PATH
+                );
+            }
             use std::io::Write as _;
             let _ = std::io::stdout().flush();
             super::process::shutdown_signal().await;
@@ -450,6 +493,74 @@ impl RunArgs {
             Ok::<_, anyhow::Error>(ExitCode::SUCCESS)
         })
     }
+}
+
+impl RunArgs {
+    /// The injection webhook's address, injection options and configuration name, checked.
+    fn webhook_options(
+        &self,
+    ) -> anyhow::Result<Option<(SocketAddr, rampart::inject::Options, String)>> {
+        let w = &self.webhook;
+        let Some(addr) = w.inject_webhook else {
+            return Ok(None);
+        };
+        let opts = rampart::inject::Options {
+            image: w.inject_image.clone(),
+            ca_address: w.inject_ca_address.clone(),
+            trust_domain: self.trust_domain.to_string(),
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+        };
+        rampart::inject::validate_options(&opts).map_err(|e| {
+            super::bad_input(format!(
+                "--inject-webhook: {}",
+                e.replace("--ca-address", "--inject-ca-address")
+                    .replace("--image", "--inject-image")
+            ))
+        })?;
+        if w.inject_webhook_config.is_empty() {
+            return Err(super::bad_input(
+                "--inject-webhook-config must not be empty",
+            ));
+        }
+        Ok(Some((addr, opts, w.inject_webhook_config.clone())))
+    }
+}
+
+/// Binds and serves the injection webhook with the CA's serving certificate; in Kubernetes
+/// mode the Lease holder also keeps the webhook configuration's caBundle equal to the CA's
+/// roots. Returns the bound address.
+async fn start_webhook(
+    state: &Arc<rampart_citadel::CaState>,
+    addr: SocketAddr,
+    opts: rampart::inject::Options,
+    config_name: String,
+    bundle_keeper: Option<(rampart_k8s::KubeClient, Arc<std::sync::atomic::AtomicBool>)>,
+) -> anyhow::Result<SocketAddr> {
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| super::bad_input(format!("--inject-webhook {addr}: {e}")))?;
+    let bound = listener.local_addr()?;
+    let tls = super::webhook::tls_config(state.serving_store()).map_err(anyhow::Error::msg)?;
+    let stats = rampart::webhook::InjectorStats::default();
+    state.metrics().register_extra(|r| stats.register(r));
+    tokio::spawn(super::webhook::serve(
+        listener,
+        Arc::new(tls),
+        Arc::new(opts),
+        stats,
+    ));
+    if let Some((client, holding)) = bundle_keeper {
+        let roots = state.clone();
+        tokio::spawn(rampart_k8s::injector::keep_ca_bundle(
+            client,
+            config_name,
+            rampart_k8s::injector::CA_BUNDLE_CHECK,
+            move || roots.authority().bundle().to_pem(),
+            move || holding.load(std::sync::atomic::Ordering::Relaxed),
+            |_| {},
+        ));
+    }
+    Ok(bound)
 }
 
 /// The CA's verified client certificates, as the config stream's callers.
@@ -501,6 +612,8 @@ async fn config_routes(
 struct Cluster {
     client: rampart_k8s::KubeClient,
     settings: rampart_mesh::kube::KubeSettings,
+    /// Whether this replica holds the publisher's Lease, as of its last tick.
+    holding: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The config stream fed by the cluster: `security.istio.io` policy, Pods, Services and
@@ -570,9 +683,14 @@ async fn start_in_kubernetes(
     ));
     let mut settings = rampart_mesh::kube::KubeSettings::new(cfg.trust_domain.clone());
     settings.root_namespace = k.root_namespace.clone();
+    // Whether this replica holds the Lease, as of its last tick: the holder also writes a
+    // renewed self-signed root back to istio-ca-secret and keeps the injection webhook's
+    // caBundle.
+    let holding = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let cluster = Cluster {
         client: client.clone(),
         settings,
+        holding: holding.clone(),
     };
     let self_signed = matches!(origin, rampart_k8s::material::Origin::SelfSigned { .. });
     let state_dir = cfg.state_dir.clone();
@@ -625,9 +743,6 @@ async fn start_in_kubernetes(
         &identity,
         k.publish_interval * 3,
     );
-    // Whether this replica holds the Lease, as of its last tick: the holder also writes a
-    // renewed self-signed root back to istio-ca-secret.
-    let holding = Arc::new(std::sync::atomic::AtomicBool::new(false));
     if self_signed {
         // A renewed self-signed root goes into istio-ca-secret (by the Lease holder, with
         // optimistic concurrency); the other replicas follow the Secret and load it, so all

@@ -17,6 +17,7 @@ mod secrets;
 mod token;
 mod up;
 mod validate;
+mod webhook;
 
 use std::process::ExitCode;
 
