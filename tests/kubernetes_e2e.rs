@@ -35,6 +35,12 @@
 //!   while that one renews, and takes it (and publishes) once the first stops; meanwhile
 //!   `rampart ca revoke --spiffe-id` on the first replica says the revocation is shared and
 //!   the second revokes the certificate it issued to that identity within 5 s;
+//! - automatic injection: the API server calls the CA's webhook (`--inject-webhook`, named by
+//!   a MutatingWebhookConfiguration without caBundle, which the Lease holder sets to the CA's
+//!   roots): a Pod created with kubectl in a namespace labelled `rampart-injection=enabled`
+//!   gets the sidecar; Pods in another namespace or opted out (label, annotation) do not; a
+//!   Pod that cannot be injected is refused with the webhook's reason; after a root rotation
+//!   the caBundle follows and Pods are still injected;
 //! - the CA's CRL is published in ConfigMap `istio-ca-crl` (key `ca-crl.pem`) beside the
 //!   root; `rampart ca revoke` of one certificate reaches every namespace's copy within 5 s,
 //!   and another certificate of the same identity is not listed;
@@ -61,7 +67,7 @@ use base64::Engine as _;
 use rampart_certs::{CertInfo, KeyAlgorithm, PrivateKey, SpiffeId, TrustBundle};
 use rampart_proto::istio::v1::auth::IstioCertificateRequest;
 use rampart_proto::istio::v1::auth::istio_certificate_service_client::IstioCertificateServiceClient;
-use support::{Proc, wait_for};
+use support::{Proc, free_port, wait_for};
 use tonic::transport::Channel;
 
 const NOT_RUN: &str =
@@ -277,6 +283,11 @@ fn ca_identity(
                 rule("security.istio.io", "authorizationpolicies", &["get", "list", "watch"]),
                 rule("", "configmaps", &["get", "list", "watch", "create", "update"]),
                 rule("", "events", &["create"]),
+                // The injection webhook's caBundle: that one configuration, by name.
+                serde_json::json!({"apiGroups": ["admissionregistration.k8s.io"],
+                    "resources": ["mutatingwebhookconfigurations"],
+                    "resourceNames": [rampart_k8s::injector::WEBHOOK_CONFIG],
+                    "verbs": ["get", "update"]}),
              ]},
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
              "metadata": {"name": cluster_role},
@@ -430,6 +441,8 @@ fn spawn_ca(dir: &Path, kubeconfig: &Path, ns: &str, pod_name: &str) -> Proc {
         .arg(dir.join("state"))
         .arg("--bundle-out")
         .arg(dir.join("bundle.pem"))
+        .args(["--inject-webhook", &format!("127.0.0.1:{}", free_port())])
+        .args(["--inject-image", "registry.invalid/rampart:e2e"])
         .stdout(std::fs::File::create(dir.join("ca.stdout")).unwrap())
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
@@ -744,6 +757,28 @@ async fn kubernetes_mode_against_a_real_api_server() {
         || ca.log(),
     );
 
+    // Automatic injection: the API server itself calls the CA's webhook for Pods created in
+    // a labelled namespace. The configuration comes without caBundle; the Lease holder sets
+    // it to the CA's roots.
+    let inj_ns = format!("re2e-{tag}-inj");
+    namespaces.create(&inj_ns);
+    kubectl.ok(&["label", "namespace", &inj_ns, "rampart-injection=enabled"]);
+    let webhook_url = read(&ca_dir.join("ca.stdout"))
+        .lines()
+        .find_map(|l| l.strip_prefix("rampart ca: sidecar injection webhook on "))
+        .expect("the webhook's address on the CA's stdout")
+        .trim()
+        .to_owned();
+    injection_by_the_api_server(
+        &kubectl,
+        &mut namespaces,
+        &webhook_url,
+        &inj_ns,
+        &app_ns,
+        &root_a,
+        &ca,
+    );
+
     // The CA's CRL in ConfigMap istio-ca-crl beside the root: what the CA serves
     // (published-crls.pem in its state folder); a revocation reaches it within 5 s, and a
     // serial that was not revoked is not on it.
@@ -846,6 +881,25 @@ async fn kubernetes_mode_against_a_real_api_server() {
         Duration::from_secs(30),
         || published(&app_ns).is_some_and(|p| p.contains(root_b.trim())),
         || ca.log(),
+    );
+
+    // The webhook's caBundle follows the new root, and the API server still reaches the
+    // webhook (its serving certificate is now under B).
+    wait_for(
+        "the injection webhook's caBundle to hold root B",
+        Duration::from_secs(30),
+        || webhook_ca_bundle(&kubectl).contains(root_b.trim()),
+        || ca.log(),
+    );
+    expect_injected(
+        create_pod(
+            &kubectl,
+            &inj_ns,
+            "after-rotation",
+            &serde_json::json!({}),
+            None,
+        ),
+        &ca,
     );
 
     // A broken change (A's key beside B's certificate) is refused; the CA keeps B.
@@ -1032,6 +1086,167 @@ async fn kubernetes_mode_against_a_real_api_server() {
 /// in place: they are what the manifests install). A built-in API version the server does
 /// not serve (`policy/v1` PodDisruptionBudget before Kubernetes 1.21) is named plainly and
 /// that document is not checked; every other refusal fails the test.
+/// The caBundle of the injection webhook's configuration, decoded ("" while unset).
+fn webhook_ca_bundle(kubectl: &Kubectl) -> String {
+    let out = kubectl.run(
+        &[
+            "get",
+            "mutatingwebhookconfiguration",
+            rampart_k8s::injector::WEBHOOK_CONFIG,
+            "-o",
+            "json",
+        ],
+        None,
+    );
+    let config: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+    config["webhooks"][0]["clientConfig"]["caBundle"]
+        .as_str()
+        .and_then(|b| base64::engine::general_purpose::STANDARD.decode(b).ok())
+        .map(|b| String::from_utf8_lossy(&b).into_owned())
+        .unwrap_or_default()
+}
+
+/// `kubectl create` of a one-container Pod `name` in `ns` with `labels` and, if given, an
+/// extra volume; the Pod as stored, or kubectl's error.
+fn create_pod(
+    kubectl: &Kubectl,
+    ns: &str,
+    name: &str,
+    labels: &serde_json::Value,
+    volume: Option<&str>,
+) -> Result<serde_json::Value, String> {
+    let mut pod = serde_json::json!({
+        "apiVersion": "v1", "kind": "Pod",
+        "metadata": {"name": name, "namespace": ns, "labels": labels},
+        "spec": {
+            // Set by the ServiceAccount admission plugin before webhooks run in a real
+            // cluster; the suite's server runs without that plugin.
+            "serviceAccountName": "default",
+            "automountServiceAccountToken": false,
+            "containers": [{"name": "app", "image": "registry.invalid/none:0",
+                            "ports": [{"containerPort": 8080}]}],
+        },
+    });
+    if let Some(v) = volume {
+        pod["spec"]["volumes"] = serde_json::json!([{"name": v, "emptyDir": {}}]);
+    }
+    let out = kubectl.run(&["create", "-o", "json", "-f", "-"], Some(&pod.to_string()));
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    Ok(serde_json::from_slice(&out.stdout).unwrap())
+}
+
+/// The outcome of creating a Pod the webhook should inject: stored with the sidecar; or, on
+/// an API server older than native sidecars (Kubernetes 1.29), refused by the server's own
+/// validation of exactly the injected init containers (init containers with probes), which
+/// shows the server called the webhook and applied its patch (the Pod as sent has no init
+/// containers) but cannot hold the result.
+fn expect_injected(result: Result<serde_json::Value, String>, ca: &Proc) {
+    match result {
+        Ok(pod) => assert!(is_injected(&pod), "{pod}"),
+        Err(e) => {
+            let pre_native = e.contains("spec.initContainers[1].readinessProbe")
+                && e.contains("must not be set for init containers");
+            let only_that = e.lines().filter(|l| l.starts_with("* ")).all(|l| {
+                l.contains("spec.initContainers[1].")
+                    && l.contains("must not be set for init containers")
+            });
+            assert!(
+                pre_native && only_that,
+                "the Pod was refused for another reason: {e}\n{}",
+                ca.log()
+            );
+            say(&format!(
+                "kubernetes_e2e: this API server predates native sidecars (1.29): it applied the \
+                 webhook's patch and refused the injected init containers' probes: {}",
+                e.lines().next().unwrap_or_default()
+            ));
+        }
+    }
+}
+
+fn is_injected(pod: &serde_json::Value) -> bool {
+    let init: Vec<&str> = pod["spec"]["initContainers"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|c| c["name"].as_str()).collect())
+        .unwrap_or_default();
+    init.starts_with(&["rampart-agent", "rampart-proxy"])
+        && pod["metadata"]["annotations"][rampart::inject::STATUS_ANNOTATION].is_string()
+}
+
+/// The API server calls the webhook (`url` clientConfig, the CA's own address) once the
+/// Lease holder set caBundle: a Pod in the labelled namespace gets the sidecar; its twins
+/// (another namespace, the opt-out label, the opt-out annotation) do not; a Pod that cannot
+/// be injected is refused with the webhook's reason.
+fn injection_by_the_api_server(
+    kubectl: &Kubectl,
+    guard: &mut Namespaces<'_>,
+    webhook_url: &str,
+    inj_ns: &str,
+    other_ns: &str,
+    root: &str,
+    ca: &Proc,
+) {
+    let name = rampart_k8s::injector::WEBHOOK_CONFIG;
+    guard
+        .cluster_objects
+        .push(format!("mutatingwebhookconfiguration/{name}"));
+    kubectl.apply(&serde_json::json!({
+        "apiVersion": "admissionregistration.k8s.io/v1",
+        "kind": "MutatingWebhookConfiguration",
+        "metadata": {"name": name},
+        "webhooks": [{
+            "name": "sidecar-injector.rampart.io",
+            "clientConfig": {"url": webhook_url},
+            "rules": [{"operations": ["CREATE"], "apiGroups": [""], "apiVersions": ["v1"],
+                       "resources": ["pods"], "scope": "Namespaced"}],
+            "namespaceSelector": {"matchLabels": {"rampart-injection": "enabled"}},
+            "objectSelector": {"matchExpressions": [{"key": "sidecar.istio.io/inject",
+                               "operator": "NotIn", "values": ["false"]}]},
+            "sideEffects": "None",
+            "admissionReviewVersions": ["v1"],
+            "failurePolicy": "Fail",
+            "timeoutSeconds": 10,
+        }],
+    }));
+    let started = Instant::now();
+    wait_for(
+        "the Lease holder to set the webhook's caBundle to the CA's roots",
+        Duration::from_secs(30),
+        || webhook_ca_bundle(kubectl).contains(root.trim()),
+        || ca.log(),
+    );
+    say(&format!(
+        "kubernetes_e2e: the injection webhook's caBundle set after {:?}",
+        started.elapsed()
+    ));
+    let none = serde_json::json!({});
+    expect_injected(create_pod(kubectl, inj_ns, "injected", &none, None), ca);
+    // Twins: not injected.
+    let plain = create_pod(kubectl, other_ns, "not-labelled", &none, None).unwrap();
+    assert!(!is_injected(&plain), "{plain}");
+    let opted_out = create_pod(
+        kubectl,
+        inj_ns,
+        "opted-out",
+        &serde_json::json!({"sidecar.istio.io/inject": "false"}),
+        None,
+    )
+    .unwrap();
+    assert!(!is_injected(&opted_out), "{opted_out}");
+    // A Pod the webhook cannot inject is refused, with the reason.
+    let refused = create_pod(kubectl, inj_ns, "clash", &none, Some("istio-token")).unwrap_err();
+    assert!(
+        refused.contains("rampart sidecar injection failed") && refused.contains("istio-token"),
+        "{refused}"
+    );
+    say(&format!(
+        "kubernetes_e2e: refused, as it should be: {}",
+        refused.trim()
+    ));
+}
+
 fn dry_run_deploy_manifests(kubectl: &Kubectl, guard: &mut Namespaces<'_>) {
     let dir = std::env::var_os("RAMPART_TEST_DEPLOY_DIR").map_or_else(
         || Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/kubernetes"),
