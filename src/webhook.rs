@@ -32,8 +32,9 @@ use crate::inject::{Options, PodOutcome, inject_pod_object};
 
 /// The path the API server calls (istiod's).
 pub const INJECT_PATH: &str = "/inject";
-/// Largest AdmissionReview read (the API server's own request limit is 3 MiB).
-pub const MAX_REVIEW_BYTES: usize = 6 << 20;
+/// Largest AdmissionReview read: the API server's own request limit (3 MiB; etcd stores at
+/// most 1.5 MiB per object), so every review of a storable Pod fits.
+pub const MAX_REVIEW_BYTES: usize = 3 << 20;
 
 /// What the webhook decided for one review (the `outcome` label of
 /// `rampart_injector_reviews_total`).
