@@ -291,7 +291,7 @@ impl FakeCa {
         tls.alpn_protocols = vec![b"h2".to_vec()];
         let root_file = dir.join("ca-root.pem");
         std::fs::write(&root_file, certs_to_pem(std::slice::from_ref(&root))).unwrap();
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let listener = bind_below_ephemeral().await;
         let addr = listener.local_addr().unwrap();
         let mut ca = FakeCa {
             addr,
@@ -362,7 +362,8 @@ impl FakeCa {
         }
     }
 
-    /// Listen again on the same address.
+    /// Listen again on the same address. The port is below Linux's ephemeral range (see
+    /// [`bind_below_ephemeral`]), so no outgoing connection can have taken it meanwhile.
     pub async fn restart(&mut self) {
         self.stop().await;
         let mut last = None;
@@ -455,6 +456,25 @@ pub fn init_tracing() {
 
 /// An agent config for one workload `ns/sa` in `dir`, talking to `ca_addr` with root file
 /// `ca_root`.
+/// Binds 127.0.0.1 on a free port in 20000-32767, below Linux's default ephemeral range
+/// (32768-60999). The fake CA gives its port up during an outage ([`FakeCa::stop`]) and binds
+/// it again ([`FakeCa::restart`]); a port from `bind(:0)` is in the ephemeral range, where
+/// the kernel may hand it to any outgoing connection (of this or another test) in between,
+/// and the rebind failed.
+pub async fn bind_below_ephemeral() -> tokio::net::TcpListener {
+    use std::hash::{BuildHasher, Hasher};
+    let state = std::collections::hash_map::RandomState::new();
+    for attempt in 0u64..10_000 {
+        let mut h = state.build_hasher();
+        h.write_u64(attempt);
+        let port = 20000 + (h.finish() % 12768) as u16;
+        if let Ok(l) = tokio::net::TcpListener::bind(("127.0.0.1", port)).await {
+            return l;
+        }
+    }
+    panic!("no free port in 20000-32767 on 127.0.0.1");
+}
+
 pub fn agent_config(dir: &Path, ca_addr: &str, ca_root: &Path, ttl: Duration) -> AgentConfig {
     init_tracing();
     let token = dir.join("token");
