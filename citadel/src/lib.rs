@@ -33,10 +33,10 @@ pub use self::{
         authenticate_with, bearer_token,
     },
     authority::{
-        Authority, CA_CERT, CA_KEY, CERT_CHAIN, MaterialSource, PluginFiles, ROOT_CERT, RootInfo,
-        SELF_SIGNED_CERT, SELF_SIGNED_KEY, SELF_SIGNED_PREVIOUS_CERT, SELF_SIGNED_ROOT_GRACE,
-        SELF_SIGNED_ROOT_TTL, load_initial, load_or_create_self_signed, load_plugin,
-        self_signed_rotation_due,
+        Authority, CA_CERT, CA_KEY, CERT_CHAIN, MaterialSource, PluginFiles, PluginLayout,
+        ROOT_CERT, RootInfo, SELF_SIGNED_CERT, SELF_SIGNED_KEY, SELF_SIGNED_PREVIOUS_CERT,
+        SELF_SIGNED_ROOT_GRACE, SELF_SIGNED_ROOT_TTL, TLS_CA, TLS_CRT, TLS_KEY, load_initial,
+        load_or_create_self_signed, load_plugin, self_signed_rotation_due,
     },
     config::{
         CaConfig, DEFAULT_AUDIENCE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
