@@ -463,6 +463,19 @@ mod bundle_out_tests {
                 dir.path().join("cacerts/root-cert.pem"),
             ),
             (state.join("audit.jsonl"), state.join("audit.jsonl")),
+            // The kubernetes.io/tls (cert-manager) layout's files, the key above all.
+            (
+                dir.path().join("cacerts/tls.key"),
+                dir.path().join("cacerts/tls.key"),
+            ),
+            (
+                dir.path().join("cacerts/tls.crt"),
+                dir.path().join("cacerts/tls.crt"),
+            ),
+            (
+                dir.path().join("cacerts/../cacerts/ca.crt"),
+                dir.path().join("cacerts/ca.crt"),
+            ),
         ] {
             cfg.bundle_out = Some(out.clone());
             let e = cfg.validate().expect_err("refused").to_string();
