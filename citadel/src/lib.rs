@@ -5,8 +5,9 @@
 //! certificate, then node-agent impersonation), the CA builds a [`WorkloadTemplate`] from the
 //! proved identity and the CSR's public key only, an [`X509Signer`] signs it, and
 //! [`validate_issued`] checks the result before it is audited ([`AuditLog`], fsync'd) and
-//! returned. Root material ([`Authority`]) comes from Istio's `cacerts` plug-in directory or a
-//! persisted self-signed root, and is swapped atomically when the directory changes.
+//! returned. Root material ([`Authority`]) comes from a `cacerts` plug-in directory (Istio's
+//! layout or cert-manager's `kubernetes.io/tls` one, [`PluginLayout`]) or a persisted
+//! self-signed root, and is swapped atomically when the directory changes.
 //!
 //! [`client`] holds a CreateCertificate client for tools and tests ([`client::config`],
 //! [`client::connect`]) (`rampart ca
