@@ -212,6 +212,9 @@ pub struct CertManagerOptions {
     /// Whether the signing certificate is a CA (`isCA: true`); `false` makes a plain leaf
     /// (basicConstraints CA:FALSE, no keyCertSign), for negative tests.
     pub is_ca: bool,
+    /// Whether the middle CA of `issuer_chain` is a CA; `false` makes it a plain leaf that
+    /// still signs the signing certificate (openssl does not check), for negative tests.
+    pub middle_is_ca: bool,
 }
 
 impl Default for CertManagerOptions {
@@ -220,6 +223,7 @@ impl Default for CertManagerOptions {
             key: CertManagerKey::EcSec1,
             issuer_chain: false,
             is_ca: true,
+            middle_is_ca: true,
         }
     }
 }
@@ -338,7 +342,7 @@ impl CertManagerCa {
                 "middle.key",
                 &format!("/O=cert-manager test/CN={name} middle"),
                 "root",
-                "ca",
+                if opts.middle_is_ca { "ca" } else { "leaf" },
                 "middle.crt",
             );
             "middle"

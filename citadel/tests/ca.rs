@@ -1163,6 +1163,11 @@ async fn cert_manager_tls_layout_refusals_name_the_file_of_the_layout() {
         &|d| std::fs::remove_file(d.join("tls.key")).unwrap(),
         &["missing tls.key"],
     );
+    // The optional ca-crl.pem applies to this layout too: a broken one is refused.
+    check(
+        &|d| std::fs::write(d.join("ca-crl.pem"), "garbage").unwrap(),
+        &["ca-crl.pem"],
+    );
     // ca.crt of another CA: it did not issue tls.crt.
     check(
         &|d| std::fs::write(d.join("ca.crt"), &b.ca_crt).unwrap(),
@@ -1186,6 +1191,24 @@ async fn cert_manager_tls_layout_refusals_name_the_file_of_the_layout() {
         },
     );
     check(&|d| leaf.write_to(d).unwrap(), &["tls.crt", "not a CA"]);
+    // A CA signing certificate whose issuer in tls.crt is not a CA (a leaf that signed it):
+    // the chain links, but a client would not accept it, so the probe issuance refuses it.
+    let bad_middle = CertManagerCa::new(
+        "bad-middle",
+        CertManagerOptions {
+            issuer_chain: true,
+            middle_is_ca: false,
+            ..Default::default()
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    bad_middle.write_to(dir.path()).unwrap();
+    let e = load_dir(dir.path()).expect_err("refused");
+    assert!(
+        e.contains("probe certificate does not verify")
+            && e.contains("end-entity certificate was used as an issuer"),
+        "{e}"
+    );
 
     // At start the CA fails closed with the same message.
     let dir = tempfile::tempdir().unwrap();
