@@ -105,7 +105,7 @@ pub struct RootInfo {
 }
 
 /// One immutable set of signing material: the signer, the chain sent after every leaf, and
-/// the trust bundle (every still-valid root of `root-cert.pem`).
+/// the trust bundle (every still-valid root of `root-cert.pem`, or `ca.crt`).
 pub struct Authority {
     signer: Arc<dyn X509Signer>,
     facts: SigningCertFacts,
@@ -167,7 +167,7 @@ impl Authority {
         for root in served_roots {
             let info = CertInfo::parse(&root)?;
             if info.not_after <= now {
-                tracing::warn!(root = %info.sha256_fingerprint, subject = %info.subject, "root in root-cert.pem has expired; not served");
+                tracing::warn!(root = %info.sha256_fingerprint, subject = %info.subject, material = %source, "a root of the material (root-cert.pem, or ca.crt) has expired; not served");
                 continue;
             }
             if roots_der.iter().any(|r: &CertificateDer<'_>| r == &root) {
@@ -521,6 +521,7 @@ pub fn load_plugin(
     let roots_pem = roots_pem
         .as_deref()
         .ok_or_else(|| missing(layout.roots_file()))?;
+    tracing::info!(dir = %dir.display(), layout = %layout, "reading plug-in CA material");
     let ignored = files.ignored_files();
     if !ignored.is_empty() {
         tracing::warn!(
