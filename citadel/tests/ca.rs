@@ -1163,6 +1163,11 @@ async fn cert_manager_tls_layout_refusals_name_the_file_of_the_layout() {
         &|d| std::fs::remove_file(d.join("tls.key")).unwrap(),
         &["missing tls.key"],
     );
+    // An empty ca.crt (some cert-manager issuers leave it empty) anchors nothing.
+    check(
+        &|d| std::fs::write(d.join("ca.crt"), "").unwrap(),
+        &["ca.crt", "no certificate"],
+    );
     // The optional ca-crl.pem applies to this layout too: a broken one is refused.
     check(
         &|d| std::fs::write(d.join("ca-crl.pem"), "garbage").unwrap(),
