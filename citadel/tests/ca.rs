@@ -1143,6 +1143,21 @@ async fn cert_manager_tls_layout_refusals_name_the_file_of_the_layout() {
     let dir = tempfile::tempdir().unwrap();
     a.write_to(dir.path()).unwrap();
     load_dir(dir.path()).expect("A's folder loads");
+    // And with two anchors in ca.crt (a root rotation), the one that issued tls.crt ends the
+    // chain, both are served.
+    std::fs::write(
+        dir.path().join("ca.crt"),
+        format!("{}{}", b.ca_crt, a.ca_crt),
+    )
+    .unwrap();
+    let two = load_dir(dir.path()).expect("two anchors load");
+    assert_eq!(two.roots().len(), 2);
+    assert!(
+        two.signing_root().subject.contains("A root"),
+        "{:?}",
+        two.signing_root()
+    );
+    assert_eq!(two.bundle().to_pem(), format!("{}{}", b.ca_crt, a.ca_crt));
 
     // tls.key of another CA.
     check(
