@@ -189,6 +189,215 @@ impl TestPki {
     }
 }
 
+/// The private key encoding of a [`CertManagerCa`]'s `tls.key`, as cert-manager writes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CertManagerKey {
+    /// ECDSA P-256 in SEC1 (`EC PRIVATE KEY`): cert-manager's default for ECDSA.
+    EcSec1,
+    /// RSA 2048 in PKCS#1 (`RSA PRIVATE KEY`): cert-manager's default for RSA.
+    RsaPkcs1,
+    /// ECDSA P-256 in PKCS#8 (`PRIVATE KEY`): `privateKey.encoding: PKCS8`.
+    EcPkcs8,
+}
+
+/// What a [`CertManagerCa`] looks like.
+#[derive(Debug, Clone, Copy)]
+pub struct CertManagerOptions {
+    /// The signing key's encoding.
+    pub key: CertManagerKey,
+    /// Whether a middle CA sits between the root and the signing certificate (then `tls.crt`
+    /// holds the signing certificate followed by the middle one, as cert-manager's CA issuer
+    /// writes a chain).
+    pub issuer_chain: bool,
+    /// Whether the signing certificate is a CA (`isCA: true`); `false` makes a plain leaf
+    /// (basicConstraints CA:FALSE, no keyCertSign), for negative tests.
+    pub is_ca: bool,
+    /// Whether the middle CA of `issuer_chain` is a CA; `false` makes it a plain leaf that
+    /// still signs the signing certificate (openssl does not check), for negative tests.
+    pub middle_is_ca: bool,
+}
+
+impl Default for CertManagerOptions {
+    fn default() -> Self {
+        CertManagerOptions {
+            key: CertManagerKey::EcSec1,
+            issuer_chain: false,
+            is_ca: true,
+            middle_is_ca: true,
+        }
+    }
+}
+
+/// The `kubernetes.io/tls` Secret cert-manager writes for a `Certificate` with `isCA: true`,
+/// made with the `openssl` CLI (so not with this crate's own code): `tls.crt` (the signing
+/// certificate, then its issuer chain without the root), `tls.key`, `ca.crt` (the root).
+pub struct CertManagerCa {
+    /// `tls.crt`.
+    pub tls_crt: String,
+    /// `tls.key`.
+    pub tls_key: String,
+    /// `ca.crt`.
+    pub ca_crt: String,
+    /// The signing certificate (the first of `tls.crt`).
+    pub signing_cert: CertificateDer<'static>,
+    /// The certificates between the signing certificate and the root (PEM; empty without
+    /// an issuer chain), for `openssl verify -untrusted`.
+    pub issuer_chain_pem: String,
+}
+
+impl CertManagerCa {
+    /// Makes the material; `name` goes into the subjects. Panics if `openssl` fails.
+    pub fn new(name: &str, opts: CertManagerOptions) -> Self {
+        use std::sync::atomic::{AtomicU32, Ordering};
+        static SEQ: AtomicU32 = AtomicU32::new(0);
+        let work = std::env::temp_dir().join(format!(
+            "rampart-cert-manager-{}-{}",
+            std::process::id(),
+            SEQ.fetch_add(1, Ordering::Relaxed)
+        ));
+        let _ = std::fs::remove_dir_all(&work);
+        std::fs::create_dir_all(&work).expect("scratch folder");
+        let run = |args: &[&str]| {
+            let out = std::process::Command::new("openssl")
+                .args(args)
+                .current_dir(&work)
+                .output()
+                .expect("run openssl");
+            assert!(
+                out.status.success(),
+                "openssl {args:?}: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        let read = |f: &str| std::fs::read_to_string(work.join(f)).expect("openssl output");
+        std::fs::write(
+            work.join("ext.cnf"),
+            "[ca]\nbasicConstraints=critical,CA:TRUE\n\
+             keyUsage=critical,digitalSignature,keyEncipherment,keyCertSign,cRLSign\n\
+             subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid:always\n\
+             [leaf]\nbasicConstraints=critical,CA:FALSE\n\
+             keyUsage=critical,digitalSignature,keyEncipherment\n\
+             extendedKeyUsage=serverAuth,clientAuth\n\
+             subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid:always\n",
+        )
+        .expect("extension file");
+        let ec_key = |out: &str| {
+            run(&[
+                "ecparam",
+                "-name",
+                "prime256v1",
+                "-genkey",
+                "-noout",
+                "-out",
+                out,
+            ])
+        };
+        let issue = |csr_key: &str, subject: &str, issuer: &str, section: &str, out: &str| {
+            run(&[
+                "req", "-new", "-key", csr_key, "-subj", subject, "-out", "req.csr",
+            ]);
+            run(&[
+                "x509",
+                "-req",
+                "-in",
+                "req.csr",
+                "-CA",
+                &format!("{issuer}.crt"),
+                "-CAkey",
+                &format!("{issuer}.key"),
+                "-CAcreateserial",
+                "-days",
+                "365",
+                "-sha256",
+                "-extfile",
+                "ext.cnf",
+                "-extensions",
+                section,
+                "-out",
+                out,
+            ]);
+        };
+        ec_key("root.key");
+        run(&[
+            "req",
+            "-x509",
+            "-new",
+            "-key",
+            "root.key",
+            "-sha256",
+            "-days",
+            "3650",
+            "-subj",
+            &format!("/O=cert-manager test/CN={name} root"),
+            "-config",
+            "ext.cnf",
+            "-extensions",
+            "ca",
+            "-out",
+            "root.crt",
+        ]);
+        let issuer = if opts.issuer_chain {
+            ec_key("middle.key");
+            issue(
+                "middle.key",
+                &format!("/O=cert-manager test/CN={name} middle"),
+                "root",
+                if opts.middle_is_ca { "ca" } else { "leaf" },
+                "middle.crt",
+            );
+            "middle"
+        } else {
+            "root"
+        };
+        match opts.key {
+            CertManagerKey::EcSec1 => ec_key("tls.key"),
+            CertManagerKey::RsaPkcs1 => run(&["genrsa", "-traditional", "-out", "tls.key", "2048"]),
+            CertManagerKey::EcPkcs8 => run(&[
+                "genpkey",
+                "-algorithm",
+                "EC",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+                "-out",
+                "tls.key",
+            ]),
+        }
+        issue(
+            "tls.key",
+            &format!("/O=cert-manager test/CN={name} intermediate"),
+            issuer,
+            if opts.is_ca { "ca" } else { "leaf" },
+            "signing.crt",
+        );
+        let issuer_chain_pem = if opts.issuer_chain {
+            read("middle.crt")
+        } else {
+            String::new()
+        };
+        let signing_pem = read("signing.crt");
+        let signing_cert = crate::parse_certs_pem(&signing_pem)
+            .expect("openssl wrote a certificate")
+            .remove(0);
+        let ca = CertManagerCa {
+            tls_crt: format!("{signing_pem}{issuer_chain_pem}"),
+            tls_key: read("tls.key"),
+            ca_crt: read("root.crt"),
+            signing_cert,
+            issuer_chain_pem,
+        };
+        let _ = std::fs::remove_dir_all(&work);
+        ca
+    }
+
+    /// Writes `tls.crt`, `tls.key` (0600) and `ca.crt` into `dir`, as a mounted Secret.
+    pub fn write_to(&self, dir: &Path) -> std::io::Result<()> {
+        std::fs::create_dir_all(dir)?;
+        write_file_atomic(&dir.join("tls.crt"), self.tls_crt.as_bytes(), 0o644)?;
+        write_file_atomic(&dir.join("tls.key"), self.tls_key.as_bytes(), 0o600)?;
+        write_file_atomic(&dir.join("ca.crt"), self.ca_crt.as_bytes(), 0o644)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,14 +1,27 @@
 //! Root material and the active authority.
 //!
-//! Plug-in mode reads Istio's `cacerts` layout: `ca-cert.pem` (the signing CA certificate),
-//! `ca-key.pem` (its key), `cert-chain.pem` (optional: the chain from `ca-cert` up to the
-//! root; a copy of `ca-cert` in it is ignored) and `root-cert.pem` (one or more roots; several
-//! during rotation). Self-signed mode, when the directory holds no `ca-cert.pem`, generates a
+//! Plug-in mode reads one of two `cacerts` layouts, chosen as istiod chooses
+//! (`detectSigningCABundle`): a `tls.crt` in the directory selects the first, else the second.
+//!
+//! - **`kubernetes.io/tls`** (cert-manager's Secret, a `Certificate` with `isCA: true`):
+//!   `tls.crt` (the signing CA certificate first, optionally followed by its issuer chain),
+//!   `tls.key` (its key: PKCS#1, SEC1 or PKCS#8 PEM) and `ca.crt` (the trust anchors, one or
+//!   more). The chain is the rest of `tls.crt` followed by the certificate of `ca.crt` that
+//!   issued its top (istiod: `tls.crt` then `ca.crt`). `ca.crt` is served as the roots even
+//!   when it is an intermediate rather than a self-signed root, as istiod does: the mesh then
+//!   trusts that certificate as its anchor. When the Istio files are present too they are
+//!   ignored, with a warning at every load.
+//! - **Istio**: `ca-cert.pem` (the signing CA certificate), `ca-key.pem` (its key),
+//!   `cert-chain.pem` (optional: the chain from `ca-cert` up to the root; a copy of `ca-cert`
+//!   in it is ignored) and `root-cert.pem` (one or more roots; several during rotation).
+//!
+//! Self-signed mode, when the directory holds neither `tls.crt` nor `ca-cert.pem`, generates a
 //! root on first start and keeps it in the state directory (`root-cert.pem`, `root-key.pem`
 //! 0600), reused on restart.
 //!
 //! An optional `ca-crl.pem` in the plug-in directory holds CRLs as Istio 1.27 reads them: one
-//! per CA certificate of `ca-cert.pem` + `cert-chain.pem`, each signed by that CA. It is part
+//! per CA certificate of the signing chain (`ca-cert.pem` + `cert-chain.pem`, or `tls.crt` +
+//! `ca.crt`), each signed by that CA, in both layouts. It is part
 //! of the material: validated on every load (parse, signature by the CA it names, coverage of
 //! the whole chain), and a bad one refuses the change like a bad certificate would, so the
 //! last good set keeps serving. An expired CRL (past nextUpdate) is loaded and served anyway
@@ -45,6 +58,13 @@ pub const ROOT_CERT: &str = "root-cert.pem";
 /// The optional CRLs: in an Istio `cacerts` directory (plug-in CRLs, read by the CA) and beside
 /// CA material made with `rampart certs` (written by `rampart certs revoke|crl`).
 pub const CA_CRL: &str = "ca-crl.pem";
+/// The `kubernetes.io/tls` layout (cert-manager): the signing certificate, then optionally its
+/// issuer chain. Its presence selects this layout.
+pub const TLS_CRT: &str = "tls.crt";
+/// The `kubernetes.io/tls` layout: the signing key.
+pub const TLS_KEY: &str = "tls.key";
+/// The `kubernetes.io/tls` layout: the trust anchor(s).
+pub const TLS_CA: &str = "ca.crt";
 /// Self-signed mode: the root certificate in the state directory.
 pub const SELF_SIGNED_CERT: &str = "root-cert.pem";
 /// Self-signed mode: the root key in the state directory (0600).
@@ -85,7 +105,7 @@ pub struct RootInfo {
 }
 
 /// One immutable set of signing material: the signer, the chain sent after every leaf, and
-/// the trust bundle (every still-valid root of `root-cert.pem`).
+/// the trust bundle (every still-valid root of `root-cert.pem`, or `ca.crt`).
 pub struct Authority {
     signer: Arc<dyn X509Signer>,
     facts: SigningCertFacts,
@@ -147,7 +167,7 @@ impl Authority {
         for root in served_roots {
             let info = CertInfo::parse(&root)?;
             if info.not_after <= now {
-                tracing::warn!(root = %info.sha256_fingerprint, subject = %info.subject, "root in root-cert.pem has expired; not served");
+                tracing::warn!(root = %info.sha256_fingerprint, subject = %info.subject, material = %source, "a root of the material (root-cert.pem, or ca.crt) has expired; not served");
                 continue;
             }
             if roots_der.iter().any(|r: &CertificateDer<'_>| r == &root) {
@@ -320,8 +340,60 @@ impl Authority {
     }
 }
 
-/// The raw bytes of a material directory's files, read once so that loading and change
-/// detection see the same content.
+/// Which `cacerts` layout a plug-in directory uses (module docs).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PluginLayout {
+    /// Istio's: `ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`.
+    Istio,
+    /// `kubernetes.io/tls` (cert-manager): `tls.crt`, `tls.key`, `ca.crt`.
+    KubernetesTls,
+}
+
+impl PluginLayout {
+    /// The file holding the signing certificate.
+    pub fn cert_file(self) -> &'static str {
+        match self {
+            PluginLayout::Istio => CA_CERT,
+            PluginLayout::KubernetesTls => TLS_CRT,
+        }
+    }
+
+    /// The file holding the signing key.
+    pub fn key_file(self) -> &'static str {
+        match self {
+            PluginLayout::Istio => CA_KEY,
+            PluginLayout::KubernetesTls => TLS_KEY,
+        }
+    }
+
+    /// The file holding the served roots.
+    pub fn roots_file(self) -> &'static str {
+        match self {
+            PluginLayout::Istio => ROOT_CERT,
+            PluginLayout::KubernetesTls => TLS_CA,
+        }
+    }
+
+    /// The files the signing chain is made of, for messages.
+    pub fn chain_files(self) -> &'static str {
+        match self {
+            PluginLayout::Istio => "ca-cert.pem and cert-chain.pem",
+            PluginLayout::KubernetesTls => "tls.crt and ca.crt",
+        }
+    }
+}
+
+impl std::fmt::Display for PluginLayout {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            PluginLayout::Istio => "Istio (ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem)",
+            PluginLayout::KubernetesTls => "kubernetes.io/tls (tls.crt, tls.key, ca.crt)",
+        })
+    }
+}
+
+/// The raw bytes of a material directory's files (both layouts), read once so that loading
+/// and change detection see the same content.
 #[derive(Default)]
 pub struct PluginFiles {
     ca_cert: Option<String>,
@@ -329,10 +401,13 @@ pub struct PluginFiles {
     cert_chain: Option<String>,
     root_cert: Option<String>,
     ca_crl: Option<String>,
+    tls_crt: Option<String>,
+    tls_key: Option<zeroize::Zeroizing<String>>,
+    tls_ca: Option<String>,
 }
 
 impl PluginFiles {
-    /// Reads the four files and the optional `ca-crl.pem`; missing ones are `None`.
+    /// Reads the files of both layouts and the optional `ca-crl.pem`; missing ones are `None`.
     pub fn read(dir: &Path) -> Result<Self, CitadelError> {
         let read = |name: &str| -> Result<Option<String>, CitadelError> {
             let path = dir.join(name);
@@ -348,15 +423,48 @@ impl PluginFiles {
             cert_chain: read(CERT_CHAIN)?,
             root_cert: read(ROOT_CERT)?,
             ca_crl: read(CA_CRL)?,
+            tls_crt: read(TLS_CRT)?,
+            tls_key: read(TLS_KEY)?.map(zeroize::Zeroizing::new),
+            tls_ca: read(TLS_CA)?,
         })
     }
 
-    /// Whether this looks like plug-in material (a `ca-cert.pem` is present).
-    pub fn is_plugin(&self) -> bool {
-        self.ca_cert.is_some()
+    /// The layout in use, as istiod picks it: `tls.crt` present => `kubernetes.io/tls`,
+    /// else `ca-cert.pem` present => Istio, else none (self-signed mode).
+    pub fn layout(&self) -> Option<PluginLayout> {
+        if self.tls_crt.is_some() {
+            Some(PluginLayout::KubernetesTls)
+        } else if self.ca_cert.is_some() {
+            Some(PluginLayout::Istio)
+        } else {
+            None
+        }
     }
 
-    /// SHA-256 over all files (with presence markers).
+    /// Whether this looks like plug-in material (a `tls.crt` or a `ca-cert.pem` is present).
+    pub fn is_plugin(&self) -> bool {
+        self.layout().is_some()
+    }
+
+    /// Files present in the directory that the layout in use ignores: the Istio files when
+    /// `tls.crt` selected the `kubernetes.io/tls` layout. (Stray `tls.key`/`ca.crt` without
+    /// `tls.crt` are not material: istiod ignores them too.)
+    pub fn ignored_files(&self) -> Vec<&'static str> {
+        if self.layout() != Some(PluginLayout::KubernetesTls) {
+            return Vec::new();
+        }
+        [
+            (CA_CERT, self.ca_cert.is_some()),
+            (CA_KEY, self.ca_key.is_some()),
+            (CERT_CHAIN, self.cert_chain.is_some()),
+            (ROOT_CERT, self.root_cert.is_some()),
+        ]
+        .into_iter()
+        .filter_map(|(f, present)| present.then_some(f))
+        .collect()
+    }
+
+    /// SHA-256 over all files of both layouts (with presence markers).
     pub fn fingerprint(&self) -> [u8; 32] {
         let mut ctx = ring::digest::Context::new(&ring::digest::SHA256);
         for part in [
@@ -365,6 +473,9 @@ impl PluginFiles {
             self.cert_chain.as_deref(),
             self.root_cert.as_deref(),
             self.ca_crl.as_deref(),
+            self.tls_crt.as_deref(),
+            self.tls_key.as_deref().map(|s| s.as_str()),
+            self.tls_ca.as_deref(),
         ] {
             match part {
                 Some(s) => {
@@ -381,70 +492,127 @@ impl PluginFiles {
     }
 }
 
-/// Loads plug-in material from `dir` (already read into `files`).
+/// Loads plug-in material from `dir` (already read into `files`), in the layout
+/// [`PluginFiles::layout`] picks. Every error names the file of that layout it is about.
 pub fn load_plugin(
     dir: &Path,
     files: &PluginFiles,
     trust_domain: &TrustDomain,
     now: SystemTime,
 ) -> Result<Authority, CitadelError> {
-    let need = |v: &Option<String>, file: &'static str| {
-        v.clone().ok_or_else(|| CitadelError::CacertsIncomplete {
-            dir: dir.to_path_buf(),
-            file,
-        })
-    };
-    let ca_pem = need(&files.ca_cert, CA_CERT)?;
-    let key_pem = files
-        .ca_key
-        .as_ref()
+    let layout = files
+        .layout()
         .ok_or_else(|| CitadelError::CacertsIncomplete {
             dir: dir.to_path_buf(),
-            file: CA_KEY,
+            file: "tls.crt or ca-cert.pem",
         })?;
-    let roots_pem = need(&files.root_cert, ROOT_CERT)?;
-
-    let ca_cert = rampart_certs::parse_certs_pem(&ca_pem)
-        .map_err(|e| CitadelError::invalid(dir.join(CA_CERT), e))?
-        .into_iter()
-        .next()
-        .ok_or_else(|| CitadelError::invalid(dir.join(CA_CERT), "no certificate"))?;
-    let key = PrivateKey::from_pkcs8_pem(key_pem)
-        .map_err(|e| CitadelError::invalid(dir.join(CA_KEY), e))?;
-    let roots = rampart_certs::parse_certs_pem(&roots_pem)
-        .map_err(|e| CitadelError::invalid(dir.join(ROOT_CERT), e))?;
-    let chain: Vec<CertificateDer<'static>> = match &files.cert_chain {
-        Some(pem) if !pem.trim().is_empty() => rampart_certs::parse_certs_pem(pem)
-            .map_err(|e| CitadelError::invalid(dir.join(CERT_CHAIN), e))?
-            .into_iter()
-            .filter(|c| *c != ca_cert)
-            .collect(),
-        _ => {
-            // No chain file: the signing certificate is a root itself, or was issued
-            // directly by one of the roots.
-            if roots.contains(&ca_cert) {
-                Vec::new()
-            } else {
-                let info = CertInfo::parse(&ca_cert)
-                    .map_err(|e| CitadelError::invalid(dir.join(CA_CERT), e))?;
-                let issuer = roots
-                    .iter()
-                    .find(|r| CertInfo::parse(r).is_ok_and(|ri| ri.subject == info.issuer))
-                    .cloned()
-                    .ok_or_else(|| {
-                        CitadelError::invalid(
-                            dir.join(CERT_CHAIN),
-                            "missing, and no root in root-cert.pem issued ca-cert.pem",
-                        )
-                    })?;
-                vec![issuer]
-            }
-        }
+    let missing = |file: &'static str| CitadelError::CacertsIncomplete {
+        dir: dir.to_path_buf(),
+        file,
     };
-    let ca = CertificateAuthority::new(ca_cert, key, chain)
-        .map_err(|e| CitadelError::invalid(dir.join(CA_CERT), e))?;
+    let (cert_pem, key_pem, roots_pem) = match layout {
+        PluginLayout::Istio => (&files.ca_cert, &files.ca_key, &files.root_cert),
+        PluginLayout::KubernetesTls => (&files.tls_crt, &files.tls_key, &files.tls_ca),
+    };
+    let cert_pem = cert_pem
+        .as_deref()
+        .ok_or_else(|| missing(layout.cert_file()))?;
+    let key_pem = key_pem.as_ref().ok_or_else(|| missing(layout.key_file()))?;
+    let roots_pem = roots_pem
+        .as_deref()
+        .ok_or_else(|| missing(layout.roots_file()))?;
+    tracing::info!(dir = %dir.display(), layout = %layout, "reading plug-in CA material");
+    let ignored = files.ignored_files();
+    if !ignored.is_empty() {
+        tracing::warn!(
+            dir = %dir.display(),
+            ignored = %ignored.join(", "),
+            "cacerts holds both layouts: tls.crt selects the kubernetes.io/tls layout (tls.crt, tls.key, ca.crt), as in istiod; the Istio-layout files are IGNORED"
+        );
+    }
+
+    let cert_path = dir.join(layout.cert_file());
+    let key_path = dir.join(layout.key_file());
+    let roots_path = dir.join(layout.roots_file());
+    let mut cert_certs = rampart_certs::parse_certs_pem(cert_pem)
+        .map_err(|e| CitadelError::invalid(&cert_path, e))?
+        .into_iter();
+    let ca_cert = cert_certs
+        .next()
+        .ok_or_else(|| CitadelError::invalid(&cert_path, "no certificate"))?;
+    let key =
+        PrivateKey::from_pkcs8_pem(key_pem).map_err(|e| CitadelError::invalid(&key_path, e))?;
+    let roots = rampart_certs::parse_certs_pem(roots_pem)
+        .map_err(|e| CitadelError::invalid(&roots_path, e))?;
+    let chain: Vec<CertificateDer<'static>> = match layout {
+        PluginLayout::KubernetesTls => {
+            // The rest of tls.crt (its issuer chain, if any), then the certificate of ca.crt
+            // that issued the top of it, unless that top is in ca.crt itself.
+            let mut chain: Vec<_> = cert_certs.filter(|c| *c != ca_cert).collect();
+            let top = chain.last().unwrap_or(&ca_cert).clone();
+            if !roots.contains(&top) {
+                let issuer = issuer_among(&top, &roots).ok_or_else(|| {
+                    let subject = CertInfo::parse(&top)
+                        .map(|i| i.subject)
+                        .unwrap_or_else(|_| "?".into());
+                    CitadelError::invalid(
+                        &roots_path,
+                        format!(
+                            "no certificate in it issued the last certificate of tls.crt ({subject}); ca.crt must hold the CA that issued the chain"
+                        ),
+                    )
+                })?;
+                chain.push(issuer);
+            }
+            chain
+        }
+        PluginLayout::Istio => match &files.cert_chain {
+            Some(pem) if !pem.trim().is_empty() => rampart_certs::parse_certs_pem(pem)
+                .map_err(|e| CitadelError::invalid(dir.join(CERT_CHAIN), e))?
+                .into_iter()
+                .filter(|c| *c != ca_cert)
+                .collect(),
+            _ => {
+                // No chain file: the signing certificate is a root itself, or was issued
+                // directly by one of the roots.
+                if roots.contains(&ca_cert) {
+                    Vec::new()
+                } else {
+                    let info = CertInfo::parse(&ca_cert)
+                        .map_err(|e| CitadelError::invalid(&cert_path, e))?;
+                    let issuer = roots
+                        .iter()
+                        .find(|r| CertInfo::parse(r).is_ok_and(|ri| ri.subject == info.issuer))
+                        .cloned()
+                        .ok_or_else(|| {
+                            CitadelError::invalid(
+                                dir.join(CERT_CHAIN),
+                                "missing, and no root in root-cert.pem issued ca-cert.pem",
+                            )
+                        })?;
+                    vec![issuer]
+                }
+            }
+        },
+    };
+    let ca = CertificateAuthority::new(ca_cert, key, chain).map_err(|e| match e {
+        rampart_certs::Error::KeyMismatch => CitadelError::invalid(
+            &key_path,
+            format!(
+                "{e}: it is not the key of the certificate in {}",
+                layout.cert_file()
+            ),
+        ),
+        e => CitadelError::invalid(&cert_path, e),
+    })?;
     let crls = match &files.ca_crl {
-        Some(pem) => Some(load_plugin_crls(dir, pem, &ca.chain_to_root(), now)?),
+        Some(pem) => Some(load_plugin_crls(
+            dir,
+            layout,
+            pem,
+            &ca.chain_to_root(),
+            now,
+        )?),
         None => None,
     };
     Ok(Authority::new(
@@ -458,11 +626,30 @@ pub fn load_plugin(
     .with_plugin_crls(crls))
 }
 
+/// The certificate of `candidates` that issued `cert`: its subject is `cert`'s issuer and its
+/// key verifies `cert`'s signature (several roots may share a subject during a rotation).
+fn issuer_among(
+    cert: &CertificateDer<'_>,
+    candidates: &[CertificateDer<'static>],
+) -> Option<CertificateDer<'static>> {
+    let (_, child) = x509_parser::parse_x509_certificate(cert).ok()?;
+    candidates
+        .iter()
+        .find(|c| {
+            x509_parser::parse_x509_certificate(c).is_ok_and(|(_, parent)| {
+                parent.subject().as_raw() == child.issuer().as_raw()
+                    && child.verify_signature(Some(parent.public_key())).is_ok()
+            })
+        })
+        .cloned()
+}
+
 /// Validates a plug-in `ca-crl.pem` against the signing chain `cas` (signing certificate
 /// first, root last): every CRL signed by the CA it names, one per CA certificate, and every
 /// CA certificate covered. Expired CRLs are kept and reported (module docs).
 pub(crate) fn load_plugin_crls(
     dir: &Path,
+    layout: PluginLayout,
     pem: &str,
     cas: &[CertificateDer<'static>],
     now: SystemTime,
@@ -479,7 +666,10 @@ pub(crate) fn load_plugin_crls(
     set.require_coverage(cas).map_err(|e| {
         CitadelError::invalid(
             &path,
-            format!("{e}: it needs one CRL per CA certificate of ca-cert.pem and cert-chain.pem"),
+            format!(
+                "{e}: it needs one CRL per CA certificate of {}",
+                layout.chain_files()
+            ),
         )
     })?;
     for crl in set.expired(now) {
@@ -645,7 +835,7 @@ pub fn load_or_create_self_signed(
 }
 
 /// Loads whatever the configuration points at: plug-in material if `cacerts_dir` holds a
-/// `ca-cert.pem`, the self-signed root otherwise.
+/// `tls.crt` or a `ca-cert.pem`, the self-signed root otherwise.
 pub fn load_initial(
     cacerts_dir: &Path,
     state_dir: &Path,

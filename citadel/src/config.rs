@@ -220,8 +220,8 @@ impl CaConfig {
     /// material in the cacerts directory.
     pub fn own_files(&self) -> Vec<(&'static str, PathBuf)> {
         use crate::authority::{
-            CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, SELF_SIGNED_CERT, SELF_SIGNED_KEY,
-            SELF_SIGNED_PREVIOUS_CERT,
+            CA_CERT, CA_CRL, CA_KEY, CERT_CHAIN, ROOT_CERT, SELF_SIGNED_CERT, SELF_SIGNED_KEY,
+            SELF_SIGNED_PREVIOUS_CERT, TLS_CA, TLS_CRT, TLS_KEY,
         };
         let state = |f: &str| self.state_dir.join(f);
         let plug = |f: &str| self.cacerts_dir.join(f);
@@ -237,7 +237,10 @@ impl CaConfig {
             ("plug-in CA key", plug(CA_KEY)),
             ("plug-in certificate chain", plug(CERT_CHAIN)),
             ("plug-in root bundle", plug(ROOT_CERT)),
-            ("plug-in CRL", plug("ca-crl.pem")),
+            ("plug-in CRL", plug(CA_CRL)),
+            ("plug-in CA certificate (kubernetes.io/tls)", plug(TLS_CRT)),
+            ("plug-in CA key (kubernetes.io/tls)", plug(TLS_KEY)),
+            ("plug-in trust anchors (kubernetes.io/tls)", plug(TLS_CA)),
             (
                 "revocation list",
                 state(crate::revocation::REVOCATIONS_FILE),
@@ -460,6 +463,19 @@ mod bundle_out_tests {
                 dir.path().join("cacerts/root-cert.pem"),
             ),
             (state.join("audit.jsonl"), state.join("audit.jsonl")),
+            // The kubernetes.io/tls (cert-manager) layout's files, the key above all.
+            (
+                dir.path().join("cacerts/tls.key"),
+                dir.path().join("cacerts/tls.key"),
+            ),
+            (
+                dir.path().join("cacerts/tls.crt"),
+                dir.path().join("cacerts/tls.crt"),
+            ),
+            (
+                dir.path().join("cacerts/../cacerts/ca.crt"),
+                dir.path().join("cacerts/ca.crt"),
+            ),
         ] {
             cfg.bundle_out = Some(out.clone());
             let e = cfg.validate().expect_err("refused").to_string();

@@ -12,7 +12,8 @@ pub enum CitadelError {
     CacertsIncomplete {
         /// The directory.
         dir: PathBuf,
-        /// The file that is missing (`ca-cert.pem`, `ca-key.pem` or `root-cert.pem`).
+        /// The file that is missing (`ca-cert.pem`, `ca-key.pem` or `root-cert.pem`; `tls.key`
+        /// or `ca.crt` in the `kubernetes.io/tls` layout).
         file: &'static str,
     },
     /// A file of the root material could not be used.
@@ -24,7 +25,8 @@ pub enum CitadelError {
         reason: String,
     },
     /// The root material parsed, but issuing and verifying a probe certificate with it failed:
-    /// the signing certificate does not chain to any root in `root-cert.pem`, or is expired.
+    /// the signing certificate does not chain to any served root (`root-cert.pem`, `ca.crt`),
+    /// or is expired.
     #[error("root material in {} does not work: {reason}", dir.display())]
     MaterialSelfTest {
         /// The directory holding the material.

@@ -5,8 +5,9 @@
 //! certificate, then node-agent impersonation), the CA builds a [`WorkloadTemplate`] from the
 //! proved identity and the CSR's public key only, an [`X509Signer`] signs it, and
 //! [`validate_issued`] checks the result before it is audited ([`AuditLog`], fsync'd) and
-//! returned. Root material ([`Authority`]) comes from Istio's `cacerts` plug-in directory or a
-//! persisted self-signed root, and is swapped atomically when the directory changes.
+//! returned. Root material ([`Authority`]) comes from a `cacerts` plug-in directory (Istio's
+//! layout or cert-manager's `kubernetes.io/tls` one, [`PluginLayout`]) or a persisted
+//! self-signed root, and is swapped atomically when the directory changes.
 //!
 //! [`client`] holds a CreateCertificate client for tools and tests ([`client::config`],
 //! [`client::connect`]) (`rampart ca
@@ -33,10 +34,10 @@ pub use self::{
         authenticate_with, bearer_token,
     },
     authority::{
-        Authority, CA_CERT, CA_KEY, CERT_CHAIN, MaterialSource, PluginFiles, ROOT_CERT, RootInfo,
-        SELF_SIGNED_CERT, SELF_SIGNED_KEY, SELF_SIGNED_PREVIOUS_CERT, SELF_SIGNED_ROOT_GRACE,
-        SELF_SIGNED_ROOT_TTL, load_initial, load_or_create_self_signed, load_plugin,
-        self_signed_rotation_due,
+        Authority, CA_CERT, CA_KEY, CERT_CHAIN, MaterialSource, PluginFiles, PluginLayout,
+        ROOT_CERT, RootInfo, SELF_SIGNED_CERT, SELF_SIGNED_KEY, SELF_SIGNED_PREVIOUS_CERT,
+        SELF_SIGNED_ROOT_GRACE, SELF_SIGNED_ROOT_TTL, TLS_CA, TLS_CRT, TLS_KEY, load_initial,
+        load_or_create_self_signed, load_plugin, self_signed_rotation_due,
     },
     config::{
         CaConfig, DEFAULT_AUDIENCE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,

@@ -416,7 +416,7 @@ impl CaState {
                 return self.refuse(
                     Some(fp),
                     format!(
-                        "{} has no ca-cert.pem any more; keeping the current plug-in material",
+                        "{} has neither tls.crt nor ca-cert.pem any more; keeping the current plug-in material",
                         dir.display()
                     ),
                 );

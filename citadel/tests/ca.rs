@@ -963,3 +963,424 @@ async fn broken_plugin_dir_at_start_fails_closed() {
         "{err}"
     );
 }
+
+// === cert-manager's kubernetes.io/tls layout (tls.crt, tls.key, ca.crt) ===
+
+use rampart_certs::test_util::{CertManagerCa, CertManagerKey, CertManagerOptions};
+
+fn cert_manager(name: &str, key: CertManagerKey, issuer_chain: bool) -> CertManagerCa {
+    CertManagerCa::new(
+        name,
+        CertManagerOptions {
+            key,
+            issuer_chain,
+            ..Default::default()
+        },
+    )
+}
+
+/// Runs `openssl verify -CAfile ca.crt -untrusted <intermediates sent> leaf` on an issued
+/// chain; `Err` with openssl's output when it does not verify.
+fn openssl_verify(chain: &[String], ca_crt: &str) -> Result<(), String> {
+    let dir = tempfile::tempdir().unwrap();
+    let ders = chain_der(&chain[..1]);
+    std::fs::write(
+        dir.path().join("leaf.pem"),
+        rampart_certs::certs_to_pem(&ders),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("ca.crt"), ca_crt).unwrap();
+    let mut args = vec!["verify", "-CAfile", "ca.crt"];
+    let intermediates: String = chain[1..chain.len() - 1].concat();
+    if !intermediates.is_empty() {
+        std::fs::write(dir.path().join("untrusted.pem"), intermediates).unwrap();
+        args.extend(["-untrusted", "untrusted.pem"]);
+    }
+    args.push("leaf.pem");
+    let out = std::process::Command::new("openssl")
+        .args(&args)
+        .current_dir(dir.path())
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    if out.status.success() {
+        Ok(())
+    } else {
+        Err(text)
+    }
+}
+
+/// Loads `dir` with the CA's own plug-in loader; the error text on refusal.
+fn load_dir(dir: &Path) -> Result<rampart_citadel::Authority, String> {
+    let files = rampart_citadel::PluginFiles::read(dir).map_err(|e| e.to_string())?;
+    rampart_citadel::load_plugin(dir, &files, &td(), SystemTime::now()).map_err(|e| e.to_string())
+}
+
+/// A CA started on a cert-manager folder issues a chain that `openssl verify` accepts with
+/// just `ca.crt` as the anchor, and whose signer is the first certificate of `tls.crt`.
+async fn issue_from_cert_manager_folder(cm: &CertManagerCa, key_label: &str) {
+    assert!(
+        cm.tls_key.contains(&format!("-----BEGIN {key_label}-----")),
+        "cert-manager's encoding: {}",
+        cm.tls_key.lines().next().unwrap_or_default()
+    );
+    let env = start(|_, root| cm.write_to(&root.join("cacerts")).unwrap()).await;
+    let id = env.id("default", "web");
+    let (_key, csr) = csr_for(&id);
+    let mut c = env.client(None).await.unwrap();
+    let chain = call(
+        &mut c,
+        &csr,
+        3600,
+        Some(&token(&env, "default", "web")),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        chain_der(&chain[1..2])[0],
+        cm.signing_cert,
+        "signed by tls.crt"
+    );
+    openssl_verify(&chain, &cm.ca_crt).expect("openssl verifies the issued chain");
+    assert_eq!(verify(&chain, &env.bundle()).unwrap(), id);
+    assert_eq!(
+        env.ca.state().authority().bundle().to_pem(),
+        cm.ca_crt,
+        "ca.crt is the served root"
+    );
+    // Negative twin: another cert-manager root does not verify it.
+    let other = cert_manager("other", CertManagerKey::EcSec1, false);
+    assert!(openssl_verify(&chain, &other.ca_crt).is_err());
+}
+
+#[tokio::test]
+async fn cert_manager_tls_layout_with_ec_sec1_key_issues_chains_openssl_verifies() {
+    let cm = cert_manager("ec", CertManagerKey::EcSec1, false);
+    issue_from_cert_manager_folder(&cm, "EC PRIVATE KEY").await;
+}
+
+#[tokio::test]
+async fn cert_manager_tls_layout_with_rsa_pkcs1_key_issues_chains_openssl_verifies() {
+    let cm = cert_manager("rsa", CertManagerKey::RsaPkcs1, false);
+    issue_from_cert_manager_folder(&cm, "RSA PRIVATE KEY").await;
+}
+
+#[tokio::test]
+async fn cert_manager_tls_layout_with_pkcs8_key_issues_chains_openssl_verifies() {
+    let cm = cert_manager("pkcs8", CertManagerKey::EcPkcs8, false);
+    issue_from_cert_manager_folder(&cm, "PRIVATE KEY").await;
+}
+
+#[tokio::test]
+async fn cert_manager_tls_crt_with_its_issuer_chain_issues_full_chains() {
+    let cm = cert_manager("chained", CertManagerKey::EcSec1, true);
+    assert_eq!(
+        rampart_certs::parse_certs_pem(&cm.tls_crt).unwrap().len(),
+        2
+    );
+    issue_from_cert_manager_folder(&cm, "EC PRIVATE KEY").await;
+    // The middle CA is sent after the signing certificate: the intermediates are both.
+    let dir = tempfile::tempdir().unwrap();
+    cm.write_to(dir.path()).unwrap();
+    let authority = load_dir(dir.path()).unwrap();
+    assert_eq!(
+        authority.intermediates(),
+        rampart_certs::parse_certs_pem(&cm.tls_crt).unwrap()
+    );
+}
+
+#[tokio::test]
+async fn cert_manager_ca_crt_holding_an_intermediate_is_the_anchor_as_in_istiod() {
+    // cert-manager's ca.crt may be the issuing CA rather than a self-signed root: istiod
+    // trusts it as the anchor, and so do we (the middle CA is then the served root).
+    let cm = cert_manager("anchor", CertManagerKey::EcSec1, true);
+    let dir = tempfile::tempdir().unwrap();
+    cm.write_to(dir.path()).unwrap();
+    std::fs::write(
+        dir.path().join("tls.crt"),
+        rampart_certs::certs_to_pem(std::slice::from_ref(&cm.signing_cert)),
+    )
+    .unwrap();
+    std::fs::write(dir.path().join("ca.crt"), &cm.issuer_chain_pem).unwrap();
+    let authority = load_dir(dir.path()).unwrap();
+    assert_eq!(authority.bundle().to_pem(), cm.issuer_chain_pem);
+    // Sent after a leaf: the signing certificate only; the middle CA is the anchor.
+    assert_eq!(
+        authority.intermediates(),
+        std::slice::from_ref(&cm.signing_cert)
+    );
+    // Negative twin: the true root alone does not anchor tls.crt without the middle CA.
+    std::fs::write(dir.path().join("ca.crt"), &cm.ca_crt).unwrap();
+    let e = load_dir(dir.path()).unwrap_err();
+    assert!(
+        e.contains("ca.crt") && e.contains("no certificate in it issued"),
+        "{e}"
+    );
+}
+
+#[tokio::test]
+async fn cert_manager_tls_layout_refusals_name_the_file_of_the_layout() {
+    let a = cert_manager("A", CertManagerKey::EcSec1, false);
+    let b = cert_manager("B", CertManagerKey::RsaPkcs1, false);
+    let check = |prepare: &dyn Fn(&Path), needles: &[&str]| {
+        let dir = tempfile::tempdir().unwrap();
+        a.write_to(dir.path()).unwrap();
+        prepare(dir.path());
+        let e = load_dir(dir.path()).expect_err("refused");
+        for n in needles {
+            assert!(e.contains(n), "{e:?} should name {n:?}");
+        }
+        for istio in ["ca-key.pem", "ca-cert.pem", "root-cert.pem"] {
+            assert!(!e.contains(istio), "{e:?} names an Istio file");
+        }
+    };
+    // Positive twin: the untouched folder loads.
+    let dir = tempfile::tempdir().unwrap();
+    a.write_to(dir.path()).unwrap();
+    load_dir(dir.path()).expect("A's folder loads");
+    // And with two anchors in ca.crt (a root rotation), the one that issued tls.crt ends the
+    // chain, both are served.
+    std::fs::write(
+        dir.path().join("ca.crt"),
+        format!("{}{}", b.ca_crt, a.ca_crt),
+    )
+    .unwrap();
+    let two = load_dir(dir.path()).expect("two anchors load");
+    assert_eq!(two.roots().len(), 2);
+    assert!(
+        two.signing_root().subject.contains("A root"),
+        "{:?}",
+        two.signing_root()
+    );
+    assert_eq!(two.bundle().to_pem(), format!("{}{}", b.ca_crt, a.ca_crt));
+
+    // tls.key of another CA.
+    check(
+        &|d| std::fs::write(d.join("tls.key"), &b.tls_key).unwrap(),
+        &["tls.key", "tls.crt", "does not match"],
+    );
+    // Not a key at all.
+    check(
+        &|d| std::fs::write(d.join("tls.key"), "garbage").unwrap(),
+        &["tls.key"],
+    );
+    // Incomplete: each missing file named.
+    check(
+        &|d| std::fs::remove_file(d.join("ca.crt")).unwrap(),
+        &["missing ca.crt"],
+    );
+    check(
+        &|d| std::fs::remove_file(d.join("tls.key")).unwrap(),
+        &["missing tls.key"],
+    );
+    // An empty ca.crt (some cert-manager issuers leave it empty) anchors nothing.
+    check(
+        &|d| std::fs::write(d.join("ca.crt"), "").unwrap(),
+        &["ca.crt", "no certificate"],
+    );
+    // The optional ca-crl.pem applies to this layout too: a broken one is refused.
+    check(
+        &|d| std::fs::write(d.join("ca-crl.pem"), "garbage").unwrap(),
+        &["ca-crl.pem"],
+    );
+    // ca.crt of another CA: it did not issue tls.crt.
+    check(
+        &|d| std::fs::write(d.join("ca.crt"), &b.ca_crt).unwrap(),
+        &["ca.crt", "no certificate in it issued"],
+    );
+    // tls.crt carrying a foreign root on top, ca.crt ours: still refused (the chain must end
+    // under a served root).
+    check(
+        &|d| {
+            std::fs::write(d.join("tls.crt"), format!("{}{}", b.tls_crt, b.ca_crt)).unwrap();
+            std::fs::write(d.join("tls.key"), &b.tls_key).unwrap();
+        },
+        &["ca.crt"],
+    );
+    // A signing certificate that is not a CA (a cert-manager Certificate without isCA).
+    let leaf = CertManagerCa::new(
+        "leaf",
+        CertManagerOptions {
+            is_ca: false,
+            ..Default::default()
+        },
+    );
+    check(&|d| leaf.write_to(d).unwrap(), &["tls.crt", "not a CA"]);
+    // A CA signing certificate whose issuer in tls.crt is not a CA (a leaf that signed it):
+    // the chain links, but a client would not accept it, so the probe issuance refuses it.
+    let bad_middle = CertManagerCa::new(
+        "bad-middle",
+        CertManagerOptions {
+            issuer_chain: true,
+            middle_is_ca: false,
+            ..Default::default()
+        },
+    );
+    let dir = tempfile::tempdir().unwrap();
+    bad_middle.write_to(dir.path()).unwrap();
+    let e = load_dir(dir.path()).expect_err("refused");
+    assert!(
+        e.contains("probe certificate does not verify")
+            && e.contains("end-entity certificate was used as an issuer"),
+        "{e}"
+    );
+
+    // At start the CA fails closed with the same message.
+    let dir = tempfile::tempdir().unwrap();
+    let cacerts = dir.path().join("cacerts");
+    a.write_to(&cacerts).unwrap();
+    std::fs::write(cacerts.join("tls.key"), &b.tls_key).unwrap();
+    let mut cfg = CaConfig::new(cacerts, dir.path().join("state"), td());
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    let err = rampart_citadel::start(cfg).await.unwrap_err().to_string();
+    assert!(
+        err.contains("tls.key") && !err.contains("ca-key.pem"),
+        "{err}"
+    );
+}
+
+/// Log lines written while `f` runs on this thread.
+fn logs_of<T>(f: impl FnOnce() -> T) -> (T, String) {
+    #[derive(Clone, Default)]
+    struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+    impl std::io::Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let buf = Buf::default();
+    let w = buf.clone();
+    let subscriber = tracing_subscriber::fmt()
+        .with_ansi(false)
+        .with_max_level(tracing::Level::INFO)
+        .with_writer(move || w.clone())
+        .finish();
+    let out = tracing::subscriber::with_default(subscriber, f);
+    let text = String::from_utf8_lossy(&buf.0.lock().unwrap()).into_owned();
+    (out, text)
+}
+
+#[tokio::test]
+async fn both_layouts_present_the_tls_layout_signs_and_the_istio_files_are_named_ignored() {
+    let istio = make_plugin_ca("istio");
+    let cm = cert_manager("cm", CertManagerKey::EcSec1, false);
+    let dir = tempfile::tempdir().unwrap();
+    write_plugin(dir.path(), &istio, &[&istio]);
+    cm.write_to(dir.path()).unwrap();
+    let (authority, log) = logs_of(|| load_dir(dir.path()).unwrap());
+    assert_eq!(authority.signer().ca_cert(), &cm.signing_cert);
+    assert_eq!(authority.bundle().to_pem(), cm.ca_crt);
+    assert_eq!(log.matches("WARN").count(), 1, "{log}");
+    assert!(
+        log.contains("IGNORED")
+            && log.contains("ca-cert.pem, ca-key.pem, cert-chain.pem, root-cert.pem"),
+        "{log}"
+    );
+    // Negative twins: either layout alone loads without the warning.
+    std::fs::remove_file(dir.path().join("tls.crt")).unwrap();
+    let (authority, log) = logs_of(|| load_dir(dir.path()).unwrap());
+    assert_eq!(authority.signer().ca_cert(), &istio.int_cert);
+    assert!(!log.contains("WARN"), "{log}");
+    let only_tls = tempfile::tempdir().unwrap();
+    cm.write_to(only_tls.path()).unwrap();
+    let (_, log) = logs_of(|| load_dir(only_tls.path()).unwrap());
+    assert!(!log.contains("WARN"), "{log}");
+
+    // The running CA signs with tls.crt when both are present.
+    let env = start(|_, root| {
+        write_plugin(&root.join("cacerts"), &istio, &[&istio]);
+        cm.write_to(&root.join("cacerts")).unwrap();
+    })
+    .await;
+    let (_key, csr) = csr_for(&env.id("default", "web"));
+    let mut c = env.client(None).await.unwrap();
+    let chain = call(
+        &mut c,
+        &csr,
+        3600,
+        Some(&token(&env, "default", "web")),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(chain_der(&chain[1..2])[0], cm.signing_cert);
+    openssl_verify(&chain, &cm.ca_crt).unwrap();
+}
+
+#[tokio::test]
+async fn hot_reload_switches_layouts_and_a_broken_tls_layout_keeps_the_last_good_material() {
+    let istio = make_plugin_ca("istio");
+    let cm = cert_manager("cm", CertManagerKey::RsaPkcs1, true);
+    let other = cert_manager("other", CertManagerKey::EcSec1, false);
+    let env = start(|_, root| write_plugin(&root.join("cacerts"), &istio, &[&istio])).await;
+    let cacerts = env.root.join("cacerts");
+    let state = env.ca.state().clone();
+    let id = env.id("default", "web");
+    let t = token(&env, "default", "web");
+    let (_key, csr) = csr_for(&id);
+    let mut c = env.client(None).await.unwrap();
+    let signer_now = |chain: &[String]| chain_der(&chain[1..2])[0].clone();
+    let refused = |outcome: ReloadOutcome, needle: &str| match outcome {
+        ReloadOutcome::Refused(why) => assert!(why.contains(needle), "{why}"),
+        other => panic!("expected a refusal naming {needle}, got {other:?}"),
+    };
+
+    // Istio -> broken tls layout (no tls.key yet): refused naming tls.key; Istio keeps signing.
+    std::fs::write(cacerts.join("tls.crt"), &cm.tls_crt).unwrap();
+    std::fs::write(cacerts.join("ca.crt"), &cm.ca_crt).unwrap();
+    refused(state.reload_now(), "missing tls.key");
+    let x = call(&mut c, &csr, 3600, Some(&t), None).await.unwrap();
+    assert_eq!(signer_now(&x), istio.int_cert);
+
+    // Completed: the tls layout takes over (the Istio files, still there, are ignored).
+    cm.write_to(&cacerts).unwrap();
+    assert_eq!(state.reload_now(), ReloadOutcome::Reloaded);
+    let y = call(&mut c, &csr, 3600, Some(&t), None).await.unwrap();
+    assert_eq!(signer_now(&y), cm.signing_cert);
+    openssl_verify(&y, &cm.ca_crt).unwrap();
+    assert_eq!(state.reload_now(), ReloadOutcome::Unchanged);
+
+    // tls layout -> broken tls layout (another CA's key): refused, cm keeps signing.
+    std::fs::write(cacerts.join("tls.key"), &other.tls_key).unwrap();
+    refused(state.reload_now(), "tls.key");
+    let z = call(&mut c, &csr, 3600, Some(&t), None).await.unwrap();
+    assert_eq!(signer_now(&z), cm.signing_cert);
+    // ... and a ca.crt that did not issue tls.crt, likewise.
+    std::fs::write(cacerts.join("tls.key"), &cm.tls_key).unwrap();
+    std::fs::write(cacerts.join("ca.crt"), &other.ca_crt).unwrap();
+    refused(state.reload_now(), "ca.crt");
+    std::fs::write(cacerts.join("ca.crt"), &cm.ca_crt).unwrap();
+    // Back to the good content: the same fingerprint as the active material.
+    assert_eq!(state.reload_now(), ReloadOutcome::Unchanged);
+
+    // tls -> Istio: removing tls.crt switches back.
+    for f in ["tls.crt", "tls.key", "ca.crt"] {
+        std::fs::remove_file(cacerts.join(f)).unwrap();
+    }
+    assert_eq!(state.reload_now(), ReloadOutcome::Reloaded);
+    let w = call(&mut c, &csr, 3600, Some(&t), None).await.unwrap();
+    assert_eq!(signer_now(&w), istio.int_cert);
+
+    // No material of either layout: refused naming both, Istio keeps signing.
+    for f in [
+        "ca-cert.pem",
+        "ca-key.pem",
+        "cert-chain.pem",
+        "root-cert.pem",
+    ] {
+        std::fs::remove_file(cacerts.join(f)).unwrap();
+    }
+    refused(state.reload_now(), "neither tls.crt nor ca-cert.pem");
+    let v = call(&mut c, &csr, 3600, Some(&t), None).await.unwrap();
+    assert_eq!(signer_now(&v), istio.int_cert);
+    assert_eq!(state.metrics().reload_success_count(), 2);
+}

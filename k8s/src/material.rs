@@ -1,9 +1,16 @@
 //! The CA's keys in Kubernetes, as istiod keeps them:
 //!
-//! - Secret `cacerts` in the CA's namespace, when present: plug-in material (`ca-cert.pem`,
-//!   `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`, optional `ca-crl.pem`), with the same
-//!   refusal rules as the plug-in folder (it is written there and loaded by citadel's own
-//!   loader, which refuses what it refuses from a folder).
+//! - Secret `cacerts` in the CA's namespace, when present: plug-in material in either layout
+//!   istiod reads, with the same refusal rules as the plug-in folder (it is written there and
+//!   loaded by citadel's own loader, which refuses what it refuses from a folder):
+//!   - Istio's (`ca-cert.pem`, `ca-key.pem`, `cert-chain.pem`, `root-cert.pem`), or
+//!   - `kubernetes.io/tls`, as cert-manager writes it for a `Certificate` with `isCA: true` and
+//!     `secretName: cacerts` (`tls.crt`: the signing certificate and optionally its issuer
+//!     chain; `tls.key`; `ca.crt`: the trust anchors). A `tls.crt` selects this layout, as in
+//!     istiod; Istio-layout keys beside it are written but ignored (with a warning).
+//!
+//!   An optional `ca-crl.pem` applies to both. The Secret's type is not looked at
+//!   (`kubernetes.io/tls` and `Opaque` alike); its keys are.
 //! - Otherwise Secret `istio-ca-secret` (`ca-cert.pem`, `ca-key.pem`): the self-signed root,
 //!   created once by whichever replica gets there first (create; on 409 AlreadyExists the
 //!   winner's root is loaded), so every replica signs under one root. Its key is never
@@ -27,8 +34,8 @@ use k8s_openapi::api::core::v1::Secret;
 use kube::api::{Api, ObjectMeta, PostParams};
 use rampart_certs::TrustDomain;
 use rampart_citadel::{
-    CA_CERT, CA_KEY, CERT_CHAIN, PluginFiles, ROOT_CERT, SELF_SIGNED_CERT, SELF_SIGNED_KEY,
-    load_or_create_self_signed, load_plugin,
+    CA_CERT, CA_KEY, CERT_CHAIN, PluginFiles, ROOT_CERT, SELF_SIGNED_CERT, SELF_SIGNED_KEY, TLS_CA,
+    TLS_CRT, TLS_KEY, load_or_create_self_signed, load_plugin,
 };
 use zeroize::Zeroizing;
 
@@ -40,8 +47,15 @@ pub const CACERTS_SECRET: &str = "cacerts";
 pub const CA_SECRET: &str = "istio-ca-secret";
 /// The optional CRL file of plug-in material.
 const CA_CRL: &str = "ca-crl.pem";
-/// Every file of plug-in material the CA reads.
-const PLUGIN_FILES: &[&str] = &[CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, CA_CRL];
+/// Every file of plug-in material the CA reads, both layouts. Written in this order and
+/// removed in the reverse one, so that `tls.crt` (which selects the `kubernetes.io/tls`
+/// layout) appears only after `tls.key` and `ca.crt` and goes before them: a switch between
+/// layouts never shows the CA's reload an incomplete `kubernetes.io/tls` layout on the way.
+const PLUGIN_FILES: &[&str] = &[
+    CA_CERT, CA_KEY, CERT_CHAIN, ROOT_CERT, CA_CRL, TLS_KEY, TLS_CA, TLS_CRT,
+];
+/// The files of [`PLUGIN_FILES`] that hold a private key (written 0600).
+const KEY_FILES: &[&str] = &[CA_KEY, TLS_KEY];
 
 /// Where the CA's material came from.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -204,28 +218,36 @@ fn write_plugin(
     }
     let files = PluginFiles::read(scratch.path()).map_err(|e| refused(e.to_string()))?;
     if !files.is_plugin() {
-        return Err(refused(format!("no {CA_CERT}")));
+        return Err(refused(format!(
+            "neither {TLS_CRT} (kubernetes.io/tls layout) nor {CA_CERT} (Istio layout)"
+        )));
     }
     load_plugin(scratch.path(), &files, trust_domain, SystemTime::now())
         .map_err(|e| refused(e.to_string()))?;
     drop(scratch);
     let mut changed = false;
+    // Writes first (in PLUGIN_FILES order), then removals of what the Secret no longer has
+    // (reverse order): a file the Secret lacks must not linger from an earlier version.
     for (file, text) in &wanted {
+        let Some(text) = text else { continue };
         let path = dir.join(file);
         let current = std::fs::read_to_string(&path).ok().map(Zeroizing::new);
-        match text {
-            Some(text) if current.as_deref().map(String::as_str) != Some(text.as_str()) => {
-                write(&path, text, if *file == CA_KEY { 0o600 } else { 0o644 })?;
-                changed = true;
-            }
-            Some(_) => {}
-            // A file the Secret does not have must not linger from an earlier version.
-            None if current.is_some() => {
-                std::fs::remove_file(&path)
-                    .map_err(|e| K8sError::Material(format!("{}: {e}", path.display())))?;
-                changed = true;
-            }
-            None => {}
+        if current.as_deref().map(String::as_str) != Some(text.as_str()) {
+            let mode = if KEY_FILES.contains(file) {
+                0o600
+            } else {
+                0o644
+            };
+            write(&path, text, mode)?;
+            changed = true;
+        }
+    }
+    for (file, text) in wanted.iter().rev() {
+        let path = dir.join(file);
+        if text.is_none() && std::fs::symlink_metadata(&path).is_ok() {
+            std::fs::remove_file(&path)
+                .map_err(|e| K8sError::Material(format!("{}: {e}", path.display())))?;
+            changed = true;
         }
     }
     Ok(changed)

@@ -245,6 +245,11 @@ fn material() -> (String, String) {
 }
 
 fn put_cacerts(fake: &FakeApi, files: &[(&str, &str)]) {
+    put_cacerts_typed(fake, "Opaque", files);
+}
+
+/// Secret `cacerts` of type `type_` (`kubernetes.io/tls` is what cert-manager writes).
+fn put_cacerts_typed(fake: &FakeApi, type_: &str, files: &[(&str, &str)]) {
     let b64 = |s: &str| base64::engine::general_purpose::STANDARD.encode(s);
     let data: serde_json::Map<String, serde_json::Value> = files
         .iter()
@@ -252,7 +257,7 @@ fn put_cacerts(fake: &FakeApi, files: &[(&str, &str)]) {
         .collect();
     fake.put(
         SECRETS,
-        json!({"apiVersion": "v1", "kind": "Secret",
+        json!({"apiVersion": "v1", "kind": "Secret", "type": type_,
                "metadata": {"name": "cacerts", "namespace": "istio-system"}, "data": data}),
     );
 }
@@ -528,4 +533,178 @@ async fn cacerts_is_read_every_resync_while_its_watch_fails() {
     );
     assert!(fake.count(&format!("GET {SECRETS}/cacerts")) >= 2);
     task.abort();
+}
+
+// === cert-manager's kubernetes.io/tls Secret (tls.crt, tls.key, ca.crt) ===
+
+/// Every file in `dir` with its content and mode (scratch folders excluded).
+fn folder(dir: &Path) -> Vec<(String, String, u32)> {
+    use std::os::unix::fs::PermissionsExt as _;
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .unwrap()
+        .map(|e| e.unwrap())
+        .map(|e| {
+            let name = e.file_name().into_string().unwrap();
+            let text = std::fs::read_to_string(e.path()).unwrap_or_default();
+            (
+                name,
+                text,
+                e.metadata().unwrap().permissions().mode() & 0o777,
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+fn names(dir: &Path) -> Vec<String> {
+    folder(dir).into_iter().map(|(n, _, _)| n).collect()
+}
+
+fn mode(dir: &Path, file: &str) -> u32 {
+    use std::os::unix::fs::PermissionsExt as _;
+    std::fs::metadata(dir.join(file))
+        .unwrap()
+        .permissions()
+        .mode()
+        & 0o777
+}
+
+#[tokio::test]
+async fn cert_manager_tls_secret_is_plugin_material_and_layout_switches_leave_no_stale_files() {
+    use rampart_certs::test_util::{CertManagerCa, CertManagerOptions};
+    use rampart_k8s::material::refresh_cacerts;
+    let cm = CertManagerCa::new(
+        "cm",
+        CertManagerOptions {
+            issuer_chain: true,
+            ..Default::default()
+        },
+    );
+    let tls = [
+        ("tls.crt", cm.tls_crt.as_str()),
+        ("tls.key", cm.tls_key.as_str()),
+        ("ca.crt", cm.ca_crt.as_str()),
+    ];
+    let fake = FakeApi::new();
+    put_cacerts_typed(&fake, "kubernetes.io/tls", &tls);
+    let dir = tempfile::tempdir().unwrap();
+    let cacerts = dir.path().join("cacerts");
+    let state = dir.path().join("s");
+    let client = fake.client();
+    let o = sync_ca_material(&client, "istio-system", &cacerts, &state, &td(), TTL)
+        .await
+        .unwrap();
+    assert_eq!(o, Origin::Plugin);
+    assert!(
+        fake.get(SECRETS, CA_SECRET).is_none(),
+        "no self-signed root made"
+    );
+    assert_eq!(names(&cacerts), ["ca.crt", "tls.crt", "tls.key"]);
+    assert_eq!(mode(&cacerts, "tls.key"), 0o600);
+    assert_eq!(mode(&cacerts, "tls.crt"), 0o644);
+    let signer = |dir: &Path| {
+        let a = load_initial(dir, &state, &td(), TTL, SystemTime::now()).unwrap();
+        assert!(matches!(a.source(), MaterialSource::Plugin(_)));
+        a.signer().ca_cert().clone()
+    };
+    assert_eq!(signer(&cacerts), cm.signing_cert);
+
+    // Switched to the Istio layout (Opaque): the tls files go.
+    let (a_cert, a_key) = material();
+    let istio = [
+        ("ca-cert.pem", a_cert.as_str()),
+        ("ca-key.pem", a_key.as_str()),
+        ("root-cert.pem", a_cert.as_str()),
+    ];
+    put_cacerts(&fake, &istio);
+    assert!(
+        refresh_cacerts(&client, "istio-system", &cacerts, &td())
+            .await
+            .unwrap()
+    );
+    assert_eq!(
+        names(&cacerts),
+        ["ca-cert.pem", "ca-key.pem", "root-cert.pem"]
+    );
+    assert_eq!(mode(&cacerts, "ca-key.pem"), 0o600);
+    let a_der = rampart_certs::parse_certs_pem(&a_cert).unwrap().remove(0);
+    assert_eq!(signer(&cacerts), a_der);
+
+    // And back, as an Opaque Secret with the tls keys: the Istio files go.
+    put_cacerts(&fake, &tls);
+    assert!(
+        refresh_cacerts(&client, "istio-system", &cacerts, &td())
+            .await
+            .unwrap()
+    );
+    assert_eq!(names(&cacerts), ["ca.crt", "tls.crt", "tls.key"]);
+    assert_eq!(mode(&cacerts, "tls.key"), 0o600);
+    assert_eq!(signer(&cacerts), cm.signing_cert);
+    let good = folder(&cacerts);
+
+    // Broken tls Secrets are refused naming the file; the folder stays as it was.
+    let other = CertManagerCa::new("other", CertManagerOptions::default());
+    let broken: [(&[(&str, &str)], &str); 4] = [
+        (
+            &[
+                ("tls.crt", &cm.tls_crt),
+                ("tls.key", &other.tls_key),
+                ("ca.crt", &cm.ca_crt),
+            ],
+            "tls.key",
+        ),
+        (
+            &[("tls.crt", &cm.tls_crt), ("tls.key", &cm.tls_key)],
+            "missing ca.crt",
+        ),
+        (
+            &[
+                ("tls.crt", &cm.tls_crt),
+                ("tls.key", &cm.tls_key),
+                ("ca.crt", &other.ca_crt),
+            ],
+            "ca.crt",
+        ),
+        (
+            &[("tls.key", &cm.tls_key), ("ca.crt", &cm.ca_crt)],
+            "neither tls.crt",
+        ),
+    ];
+    for (files, needle) in broken {
+        put_cacerts_typed(&fake, "kubernetes.io/tls", files);
+        let err = refresh_cacerts(&client, "istio-system", &cacerts, &td())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("istio-system/cacerts") && err.contains(needle),
+            "{err} should name {needle}"
+        );
+        assert_eq!(folder(&cacerts), good, "folder untouched after: {err}");
+    }
+
+    // At start a broken tls Secret fails closed: no self-signed root instead.
+    let fresh = tempfile::tempdir().unwrap();
+    put_cacerts_typed(
+        &fake,
+        "kubernetes.io/tls",
+        &[
+            ("tls.crt", &cm.tls_crt),
+            ("tls.key", &other.tls_key),
+            ("ca.crt", &cm.ca_crt),
+        ],
+    );
+    let err = sync_ca_material(
+        &client,
+        "istio-system",
+        &fresh.path().join("cacerts"),
+        &fresh.path().join("s"),
+        &td(),
+        TTL,
+    )
+    .await
+    .unwrap_err();
+    assert!(err.to_string().contains("tls.key"), "{err}");
+    assert!(fake.get(SECRETS, CA_SECRET).is_none());
 }

@@ -88,8 +88,10 @@ struct RunArgs {
     /// gRPC (TLS) listen address.
     #[arg(long, default_value = "127.0.0.1:15012")]
     listen: SocketAddr,
-    /// Istio `cacerts` plug-in directory (ca-cert.pem, ca-key.pem, cert-chain.pem,
-    /// root-cert.pem); watched. Without ca-cert.pem a self-signed root is used.
+    /// `cacerts` plug-in directory, watched: Istio's layout (ca-cert.pem, ca-key.pem,
+    /// cert-chain.pem, root-cert.pem) or cert-manager's kubernetes.io/tls one (tls.crt,
+    /// tls.key, ca.crt; a tls.crt selects it, as in istiod); optional ca-crl.pem. With neither
+    /// tls.crt nor ca-cert.pem a self-signed root is used.
     #[arg(long, default_value = "./etc/cacerts")]
     cacerts: PathBuf,
     /// State directory: self-signed root (key 0600) and audit log.
@@ -141,7 +143,7 @@ struct RunArgs {
     audit_log: Option<PathBuf>,
     /// Write the trust bundle (PEM) here at start and after every reload. Never one of the
     /// CA's own files (the self-signed root or key in --state, the audit log, the cacerts
-    /// files): such a path is refused at startup.
+    /// files of either layout): such a path is refused at startup.
     #[arg(long, value_name = "FILE")]
     bundle_out: Option<PathBuf>,
     /// Largest accepted CSR (bytes of PEM).

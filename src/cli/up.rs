@@ -57,8 +57,9 @@ pub(crate) struct UpArgs {
     /// `rampart.stateDir`, else `var/rampart`; relative to the current directory.
     #[arg(long, value_name = "DIR")]
     state_dir: Option<PathBuf>,
-    /// Istio `cacerts` plug-in directory for the CA (ca-cert.pem, ca-key.pem, cert-chain.pem,
-    /// root-cert.pem). Default: `<stateDir>/cacerts`; without ca-cert.pem there the CA makes
+    /// `cacerts` plug-in directory for the CA: Istio's layout (ca-cert.pem, ca-key.pem,
+    /// cert-chain.pem, root-cert.pem) or cert-manager's (tls.crt, tls.key, ca.crt).
+    /// Default: `<stateDir>/cacerts`; with neither tls.crt nor ca-cert.pem there the CA makes
     /// and keeps a self-signed root.
     #[arg(long, value_name = "DIR")]
     cacerts: Option<PathBuf>,
