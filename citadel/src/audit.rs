@@ -7,9 +7,11 @@
 //! the writer re-tries every [`AUDIT_RETRY`] with a probe (a block of blank lines, which
 //! readers skip, flushed and cut off again), so a replica taken out of service for it comes
 //! back by itself once the cause is fixed. The file at the path is checked before every
-//! batch: when it is no longer the file the CA opened (renamed, removed, replaced), it is
-//! reopened (created, 0600), so records never go on into a file nobody can find; a path that
-//! cannot be opened (replaced by a directory, say) fails the batch.
+//! batch and, when idle, every [`AUDIT_RETRY`] (a `stat`): when it is no longer the file the
+//! CA opened (renamed, removed, replaced), it is reopened (created, 0600), so records never
+//! go on into a file nobody can find; a path that cannot be opened (replaced by a
+//! directory, say) fails the batch, and is reported before any issuance meets it. A full
+//! disk shows at the first write that fails.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -265,9 +267,19 @@ fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path, health: &Hea
                 Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
         } else {
-            match rx.recv() {
+            match rx.recv_timeout(AUDIT_RETRY) {
                 Ok(first) => first,
-                Err(_) => return,
+                // Idle: is the file at the path still ours (a stat, no write)? A replaced
+                // or removed log is reopened, or reported before an issuance meets it.
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let result = reopen_if_replaced(&mut file, path);
+                    if let Err(e) = &result {
+                        tracing::error!(path = %path.display(), error = %e, "audit log not writable; issuance will be refused until it is");
+                    }
+                    record_outcome(health, path, &result, "check");
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
             }
         };
         buf.clear();
@@ -501,10 +513,16 @@ mod tests {
 
         std::fs::rename(&path, dir.path().join("audit.old")).unwrap();
         std::fs::create_dir(&path).unwrap();
+        // Reported while idle, before any write meets it.
+        eventually("the idle check to report the directory", || {
+            log.last_failure().is_some()
+        })
+        .await;
         let err = log.append(&record(2)).await.unwrap_err().to_string();
         assert!(err.contains("cannot be reopened"), "{err}");
         let failure = log.last_failure().expect("the failure is reported");
         assert!(failure.error.contains("cannot be reopened"), "{failure:?}");
+        assert!(failure.error.contains("Is a directory"), "{failure:?}");
         // Still failing after a retry or two (nothing changed).
         tokio::time::sleep(AUDIT_RETRY * 2).await;
         assert_eq!(log.last_failure().map(|f| f.since), Some(failure.since));
