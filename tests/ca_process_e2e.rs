@@ -611,7 +611,8 @@ fn monitor(addr: &str, path: &str) -> Option<(u16, String)> {
 }
 
 /// `rampart ca`'s monitoring port: /ready 200 once it serves, /healthz 200, /metrics the
-/// Prometheus text (with citadel_server_ready), any other path 404. Then the audit log made
+/// Prometheus text (with citadel_server_ready), any other path 404, and idle peers filling
+/// the port do not lock /ready out. Then the audit log made
 /// unwritable (the file moved away and a directory put at its path: refused to root too,
 /// with EISDIR, unlike a chmod, so the test means the same as root and as a user): /ready
 /// 503 naming the audit log while /healthz stays 200, and an issuance is refused naming the
@@ -641,6 +642,14 @@ async fn ready_and_healthz_on_the_monitoring_port_follow_an_unwritable_audit_log
         assert_eq!(status, 404, "{path}: {body}");
         assert!(!body.contains("citadel_server"), "{path}: {body}");
     }
+    // Peers holding more idle connections than the port keeps do not lock the probe out
+    // (the oldest is closed for a new one).
+    let held: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| std::net::TcpStream::connect(&metrics).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(monitor(&metrics, "/ready"), Some((200, "ready\n".into())));
+    drop(held);
 
     let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
     let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();

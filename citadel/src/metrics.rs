@@ -49,7 +49,8 @@ pub enum ConnectionRefusal {
     /// The connection limit was reached: accepting paused (excess connections wait in the
     /// kernel's backlog); counted once per pause.
     ConnectionLimit,
-    /// A connection to the metrics port beyond its own limit, closed on accept.
+    /// The metrics port was at its own connection limit: its oldest connection was closed to
+    /// make room for a new one (so idle peers cannot lock the kubelet's probes out).
     MetricsConnectionLimit,
     /// An established connection that had moved no byte for a while, closed at the
     /// connection limit to make room.
@@ -495,14 +496,17 @@ fn respond(
 /// The port shares the CA's descriptor table, so it is bounded on its own: at most
 /// [`METRICS_MAX_CONNECTIONS`] at once, each for at most [`METRICS_CONNECTION_TIMEOUT`]
 /// (request heads within 10 s), and accept errors (out of descriptors) back off instead of
-/// spinning.
+/// spinning. At the limit a new connection closes the **oldest** one instead of being turned
+/// away: peers that open connections and hold them idle cannot lock the kubelet's probes
+/// out (which would take the replica out of the Service, then restart it), since a probe is
+/// answered within a millisecond of its arrival.
 pub async fn serve_metrics(
     listener: tokio::net::TcpListener,
     metrics: Arc<Metrics>,
     readiness: ReadinessCheck,
 ) {
     use hyper::service::service_fn;
-    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS));
+    let open: Arc<std::sync::Mutex<OpenConnections>> = Arc::default();
     let mut backoff = Duration::from_millis(5);
     loop {
         let stream = match listener.accept().await {
@@ -517,13 +521,20 @@ pub async fn serve_metrics(
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        // Registered under the lock before the task can deregister itself, so it always
+        // finds (and removes) its own entry.
+        let mut table = open.lock().unwrap_or_else(|p| p.into_inner());
+        if table.live.len() >= METRICS_MAX_CONNECTIONS
+            && let Some((_, oldest)) = table.live.pop_first()
+        {
+            oldest.abort();
             metrics.connection_refused(ConnectionRefusal::MetricsConnectionLimit);
-            continue;
-        };
-        let (metrics, readiness) = (metrics.clone(), readiness.clone());
-        tokio::spawn(async move {
-            let _permit = permit;
+        }
+        let id = table.next;
+        table.next += 1;
+        let (metrics, readiness, gone) = (metrics.clone(), readiness.clone(), open.clone());
+        let task = tokio::spawn(async move {
+            let _gone = Deregister(gone, id);
             let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
                 let (status, content_type, body) = respond(
                     req.method(),
@@ -546,6 +557,27 @@ pub async fn serve_metrics(
                 .serve_connection(io, svc);
             let _ = tokio::time::timeout(METRICS_CONNECTION_TIMEOUT, conn).await;
         });
+        table.live.insert(id, task.abort_handle());
+    }
+}
+
+/// The metrics port's open connections, oldest first.
+#[derive(Default)]
+struct OpenConnections {
+    next: u64,
+    live: std::collections::BTreeMap<u64, tokio::task::AbortHandle>,
+}
+
+/// Removes a connection's entry when its task ends (served, timed out or aborted).
+struct Deregister(Arc<std::sync::Mutex<OpenConnections>>, u64);
+
+impl Drop for Deregister {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .live
+            .remove(&self.1);
     }
 }
 
@@ -553,8 +585,11 @@ pub async fn serve_metrics(
 mod tests {
     use super::*;
 
-    /// The metrics port is bounded on its own: idle connections beyond the limit are closed
-    /// on accept (and counted), and a scrape works again once one of them goes away.
+    /// The metrics port is bounded on its own, and idle peers cannot lock a probe out: with
+    /// every slot held by an idle connection, a new connection closes the oldest (counted)
+    /// and is served; however many idle connections arrive, at most the limit stay open.
+    /// (Before, the new connection was the one closed: 16 idle peers made the kubelet's
+    /// probes fail, the replica unready, then restarted.)
     #[tokio::test]
     async fn metrics_port_holds_a_bounded_number_of_connections() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -566,33 +601,40 @@ mod tests {
         for _ in 0..METRICS_MAX_CONNECTIONS {
             idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
         }
-        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Let the server accept (and register) all of them before the probe arrives.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(get(addr, "GET", "/ready").await, (200, "ready\n".into()));
+        assert!(m.connection_refused_count(ConnectionRefusal::MetricsConnectionLimit) >= 1);
+        // The oldest idle connection is the one that was closed.
         let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        let n = tokio::time::timeout(Duration::from_secs(5), idle[0].read(&mut buf))
             .await
-            .expect("the extra connection is closed, not left hanging")
+            .expect("the oldest idle connection is closed, not left hanging")
             .unwrap_or(0);
         assert_eq!(n, 0);
-        assert_eq!(
-            m.connection_refused_count(ConnectionRefusal::MetricsConnectionLimit),
-            1
-        );
-        // Negative twin: with a slot free, a scrape is served.
-        drop(idle.pop());
-        let body = loop {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"GET /metrics HTTP/1.1\r\nhost: m\r\nconnection: close\r\n\r\n")
+
+        // Many more idle peers: at most the limit stay open.
+        for _ in 0..3 * METRICS_MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut open = 0;
+        for s in &mut idle {
+            if tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf))
                 .await
-                .unwrap();
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out).await;
-            if !out.is_empty() {
-                break out;
+                .is_err()
+            {
+                open += 1;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert!(body.contains("citadel_server_csr_count"), "{body}");
-        // At least the one above (a retry that raced the freed slot counts too).
+        }
+        assert!(open <= METRICS_MAX_CONNECTIONS, "{open} still open");
+        // And a scrape is still served, with the evictions counted.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: m\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body).await;
         let refused: u64 = body
             .lines()
             .find_map(|l| {
@@ -601,8 +643,8 @@ mod tests {
                 )
             })
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no refusal counter in {body}"));
-        assert!(refused >= 1, "{body}");
+            .unwrap_or_else(|| panic!("no eviction counter in {body}"));
+        assert!(refused >= 3 * METRICS_MAX_CONNECTIONS as u64, "{body}");
         server.abort();
     }
 
