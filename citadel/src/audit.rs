@@ -325,28 +325,52 @@ impl Drop for StoppedGuard {
     }
 }
 
-/// Remembers a failure (keeping when the streak began) or clears it after a success.
+/// Remembers a failure (keeping when the streak began) or clears it after a success. Logs
+/// after the lock is released: a blocked log output must not block `/ready`.
 fn record_outcome(health: &Health, path: &Path, result: &Result<(), String>, what: &str) {
-    let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
-    match (result, h.as_mut()) {
-        (Ok(()), Some(failure)) => {
-            tracing::info!(path = %path.display(), failing_since = %rfc3339(failure.since), "audit log writable again ({what} succeeded); issuing again");
-            *h = None;
-        }
-        (Ok(()), None) => {}
-        (Err(e), Some(failure)) => {
-            if failure.error != *e {
-                tracing::error!(path = %path.display(), error = %e, "audit log still not writable");
-            } else {
-                tracing::debug!(path = %path.display(), error = %e, "audit log still not writable");
+    enum Log {
+        None,
+        Recovered(SystemTime),
+        Changed(String),
+        Same(String),
+    }
+    let log = {
+        let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
+        match (result, h.as_mut()) {
+            (Ok(()), Some(failure)) => {
+                let since = failure.since;
+                *h = None;
+                Log::Recovered(since)
             }
-            failure.error = e.clone();
+            (Ok(()), None) => Log::None,
+            (Err(e), Some(failure)) => {
+                let changed = failure.error != *e;
+                failure.error = e.clone();
+                if changed {
+                    Log::Changed(e.clone())
+                } else {
+                    Log::Same(e.clone())
+                }
+            }
+            (Err(e), None) => {
+                *h = Some(AuditFailure {
+                    since: SystemTime::now(),
+                    error: e.clone(),
+                });
+                Log::None
+            }
         }
-        (Err(e), None) => {
-            *h = Some(AuditFailure {
-                since: SystemTime::now(),
-                error: e.clone(),
-            });
+    };
+    match log {
+        Log::None => {}
+        Log::Recovered(since) => {
+            tracing::info!(path = %path.display(), failing_since = %rfc3339(since), "audit log writable again ({what} succeeded); issuing again");
+        }
+        Log::Changed(e) => {
+            tracing::error!(path = %path.display(), error = %e, "audit log still not writable");
+        }
+        Log::Same(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "audit log still not writable");
         }
     }
 }
