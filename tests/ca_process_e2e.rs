@@ -1,7 +1,8 @@
 //! `rampart ca` (the real binary) under abuse: killed with SIGKILL in the middle of issuing
 //! (the root is kept, the audit log parses and holds every certificate a client received),
 //! and flooded with TCP connections that never finish a TLS handshake (a real client still
-//! gets its certificate, the CA's memory stays bounded).
+//! gets its certificate, the CA's memory stays bounded); its monitoring port's `/ready` and
+//! `/healthz` with an unwritable audit log and an expired signing certificate.
 
 mod support;
 use support::Proc;
@@ -592,4 +593,230 @@ fn ca_bench_reports_the_cas_cpu_per_certificate() {
     assert!(!out.status.success(), "{stdout}");
     assert!(stdout.starts_with("issued 0 certs"), "{stdout}");
     assert!(!stdout.contains("per certificate"), "{stdout}");
+}
+
+/// One plain HTTP/1.1 GET on the CA's monitoring port: (status, body), or `None` while
+/// nothing answers.
+fn monitor(addr: &str, path: &str) -> Option<(u16, String)> {
+    use std::io::{Read as _, Write as _};
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    s.write_all(format!("GET {path} HTTP/1.1\r\nHost: m\r\nConnection: close\r\n\r\n").as_bytes())
+        .ok()?;
+    let mut text = String::new();
+    s.read_to_string(&mut text).ok()?;
+    let status = text.split_whitespace().nth(1)?.parse().ok()?;
+    let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_owned())?;
+    Some((status, body))
+}
+
+/// `rampart ca`'s monitoring port: /ready 200 once it serves, /healthz 200, /metrics the
+/// Prometheus text (with citadel_server_ready), any other path 404, and idle peers filling
+/// the port do not lock /ready out. Then the audit log made
+/// unwritable (the file moved away and a directory put at its path: refused to root too,
+/// with EISDIR, unlike a chmod, so the test means the same as root and as a user): /ready
+/// 503 naming the audit log while /healthz stays 200, and an issuance is refused naming the
+/// audit log. Back to 200 by itself once the directory is gone (the writer re-tries every
+/// second), and the next certificate is in the new file.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ready_and_healthz_on_the_monitoring_port_follow_an_unwritable_audit_log() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let signer = issuer(dir);
+    let metrics = format!("127.0.0.1:{}", support::free_port());
+    let ca = start_ca(dir, "127.0.0.1:0", &["--metrics", &metrics]);
+    let log = || ca.proc.log();
+    support::wait_for(
+        "/ready 200",
+        Duration::from_secs(20),
+        || monitor(&metrics, "/ready") == Some((200, "ready\n".into())),
+        log,
+    );
+    assert_eq!(monitor(&metrics, "/healthz"), Some((200, "ok\n".into())));
+    let (status, text) = monitor(&metrics, "/metrics").unwrap();
+    assert_eq!(status, 200);
+    assert!(text.contains("\ncitadel_server_csr_count 0\n"), "{text}");
+    assert!(text.contains("\ncitadel_server_ready 1\n"), "{text}");
+    for path in ["/", "/foo", "/metrics/x", "/readyz"] {
+        let (status, body) = monitor(&metrics, path).unwrap();
+        assert_eq!(status, 404, "{path}: {body}");
+        assert!(!body.contains("citadel_server"), "{path}: {body}");
+    }
+    // Peers holding more idle connections than the port keeps do not lock the probe out
+    // (the oldest is closed for a new one).
+    let held: Vec<std::net::TcpStream> = (0..20)
+        .map(|_| std::net::TcpStream::connect(&metrics).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(monitor(&metrics, "/ready"), Some((200, "ready\n".into())));
+    drop(held);
+
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let csr = rampart_certs::build_csr(&key, &id).unwrap();
+    let t = token(&signer, "default", "web");
+    let mut c = client(dir, ca.addr).await;
+    let first = issue_one(&mut c, &csr, &t).await.expect("issued");
+
+    let audit = dir.join("state/audit.jsonl");
+    std::fs::rename(&audit, dir.join("state/audit.jsonl.moved")).unwrap();
+    std::fs::create_dir(&audit).unwrap();
+    let mut said = String::new();
+    support::wait_for(
+        "/ready 503 naming the audit log",
+        Duration::from_secs(20),
+        || match monitor(&metrics, "/ready") {
+            Some((503, body)) => {
+                said = body;
+                true
+            }
+            _ => false,
+        },
+        log,
+    );
+    let expect = format!(
+        "not ready: audit log {}: last write failed: ",
+        audit.display()
+    );
+    assert!(said.starts_with(&expect), "{said}");
+    assert!(said.contains("Is a directory"), "{said}");
+    assert_eq!(said.lines().count(), 1, "{said}");
+    assert_eq!(monitor(&metrics, "/healthz"), Some((200, "ok\n".into())));
+    let (_, text) = monitor(&metrics, "/metrics").unwrap();
+    assert!(text.contains("\ncitadel_server_ready 0\n"), "{text}");
+    let refused = issue_one(&mut c, &csr, &t).await.unwrap_err();
+    assert_eq!(refused.code(), tonic::Code::Internal, "{refused:?}");
+    assert!(refused.message().contains("audit"), "{refused:?}");
+
+    std::fs::remove_dir(&audit).unwrap();
+    support::wait_for(
+        "/ready 200 again",
+        Duration::from_secs(20),
+        || monitor(&metrics, "/ready") == Some((200, "ready\n".into())),
+        log,
+    );
+    let again = issue_one(&mut c, &csr, &t).await.expect("issued again");
+    assert_eq!(audit_serials(dir), vec![again]);
+    let moved = std::fs::read_to_string(dir.join("state/audit.jsonl.moved")).unwrap();
+    assert!(moved.contains(&first), "{moved}");
+}
+
+/// Plug-in material whose signing certificate (an intermediate) lives 15 s: the CA starts
+/// and is ready; once the intermediate expires, /ready says 503 naming it and when it
+/// expired (and the serving certificate, which cannot outlive it), while /healthz stays 200
+/// (a restart cannot fix it). Negative twin: a CA started again on the same, now expired,
+/// material refuses to start and says why, so this state is only reached by time passing.
+#[test]
+fn ready_names_a_signing_certificate_that_expired_while_serving() {
+    use rampart_certs::{CertificateAuthority, IntermediateParams, RootParams};
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    issuer(dir);
+    let now = SystemTime::now();
+    let root = CertificateAuthority::self_signed_root(
+        &RootParams {
+            common_name: "readiness root".into(),
+            organization: "test".into(),
+            validity: Duration::from_secs(3650 * 86400),
+        },
+        PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+        now,
+    )
+    .unwrap();
+    let int_key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let int = root
+        .issue_intermediate(
+            &IntermediateParams {
+                common_name: "readiness intermediate".into(),
+                validity: Duration::from_secs(15),
+                ..Default::default()
+            },
+            &int_key.public_key_spki_der(),
+            now,
+        )
+        .unwrap();
+    let cacerts = dir.join("cacerts");
+    std::fs::create_dir_all(&cacerts).unwrap();
+    let pem = |c: &rampart_certs::CertificateDer<'_>| {
+        rampart_certs::certs_to_pem(std::slice::from_ref(c))
+    };
+    std::fs::write(cacerts.join("ca-cert.pem"), pem(&int)).unwrap();
+    std::fs::write(
+        cacerts.join("ca-key.pem"),
+        int_key.to_pkcs8_pem().as_bytes(),
+    )
+    .unwrap();
+    std::fs::write(
+        cacerts.join("cert-chain.pem"),
+        format!("{}{}", pem(&int), pem(root.cert())),
+    )
+    .unwrap();
+    std::fs::write(cacerts.join("root-cert.pem"), pem(root.cert())).unwrap();
+    let info = CertInfo::parse(&int).unwrap();
+
+    let metrics = format!("127.0.0.1:{}", support::free_port());
+    let ca = start_ca(dir, "127.0.0.1:0", &["--metrics", &metrics]);
+    let log = || ca.proc.log();
+    support::wait_for(
+        "/ready 200 while the intermediate is valid",
+        info.not_after
+            .duration_since(SystemTime::now())
+            .unwrap_or_default(),
+        || monitor(&metrics, "/ready") == Some((200, "ready\n".into())),
+        log,
+    );
+    let mut said = String::new();
+    support::wait_for(
+        "/ready 503 once the intermediate expired",
+        Duration::from_secs(30),
+        || match monitor(&metrics, "/ready") {
+            Some((503, body)) => {
+                said = body;
+                true
+            }
+            _ => false,
+        },
+        log,
+    );
+    assert!(SystemTime::now() >= info.not_after, "not before it expired");
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(
+        lines[0],
+        format!(
+            "not ready: signing certificate {} expired at {}",
+            info.subject,
+            rampart_certs::timestamp::rfc3339(info.not_after)
+        ),
+        "{said}"
+    );
+    assert!(info.subject.contains("readiness intermediate"), "{said}");
+    assert!(
+        lines[1..]
+            .iter()
+            .all(|l| l.starts_with("not ready: TLS serving certificate expired at ")),
+        "{said}"
+    );
+    assert_eq!(monitor(&metrics, "/healthz"), Some((200, "ok\n".into())));
+    drop(ca);
+
+    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["ca", "--listen", "127.0.0.1:0"])
+        .arg("--cacerts")
+        .arg(&cacerts)
+        .arg("--state")
+        .arg(dir.join("state"))
+        .args(["--jwt-issuer", ISS, "--jwks"])
+        .arg(dir.join("jwks.json"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!(
+            "root material in {} does not work: probe issuance failed: CA certificate is not \
+             valid at the requested time",
+            cacerts.display()
+        )),
+        "{err}"
+    );
 }

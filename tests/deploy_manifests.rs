@@ -532,17 +532,18 @@ fn ca_deployment_is_two_replicas_with_probes_non_root_and_a_pdb() {
     assert_eq!(a[0], "ca");
     assert!(a.contains(&"--kubernetes".to_owned()));
     assert_eq!(flag_value(&a, "--namespace"), NS);
-    // The probes hit the metrics endpoint the CA serves (any path answers), on its port.
+    // The probes hit the CA's monitoring port: readiness its /ready (200 only while the
+    // replica can issue), liveness its /healthz (independent of readiness).
     let metrics_port: u16 = flag_value(&a, "--metrics")
         .rsplit_once(':')
         .unwrap()
         .1
         .parse()
         .unwrap();
-    for probe in ["readinessProbe", "livenessProbe"] {
+    for (probe, path) in [("readinessProbe", "/ready"), ("livenessProbe", "/healthz")] {
         let p = &c[probe]["httpGet"];
         assert_eq!(p["port"], metrics_port, "{probe}");
-        assert_eq!(p["path"], "/metrics", "{probe}");
+        assert_eq!(p["path"], path, "{probe}");
     }
     // --state and --cacerts are on the emptyDir (the root filesystem is read-only).
     let mount = c["volumeMounts"][0]["mountPath"].as_str().unwrap();

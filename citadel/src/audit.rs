@@ -1,13 +1,24 @@
 //! The issuance audit log: one JSON line per issued certificate, on disk (fsync'd) before the
 //! certificate is returned. Concurrent issuances share one write + `fdatasync` (group commit),
 //! so durability costs one disk flush per batch, not per certificate.
+//!
+//! A failed batch is refused (no certificate of it is returned) and remembered
+//! ([`AuditLog::last_failure`], the CA's `/ready`) until a write succeeds again: while failing,
+//! the writer re-tries every [`AUDIT_RETRY`] with a probe (a block of blank lines, which
+//! readers skip, flushed and cut off again), so a replica taken out of service for it comes
+//! back by itself once the cause is fixed. The file at the path is checked before every
+//! batch and, when idle, every [`AUDIT_RETRY`] (a `stat`): when it is no longer the file the
+//! CA opened (renamed, removed, replaced), it is reopened (created, 0600), so records never
+//! go on into a file nobody can find; a path that cannot be opened (replaced by a
+//! directory, say) fails the batch, and is reported before any issuance meets it. A full
+//! disk shows at the first write that fails.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc;
-use std::time::SystemTime;
+use std::sync::{Arc, Mutex, mpsc};
+use std::time::{Duration, SystemTime};
 
 use serde::{Deserialize, Serialize};
 use tokio::sync::oneshot;
@@ -99,11 +110,30 @@ pub fn read_audit_log(path: &Path) -> Result<(Vec<AuditEntry>, usize), CitadelEr
 
 type Pending = (Vec<u8>, oneshot::Sender<Result<(), String>>);
 
+/// How often the writer re-tries a failing audit log (a probe write) when no issuance does.
+pub const AUDIT_RETRY: Duration = Duration::from_secs(1);
+
+/// Bytes of the probe write (blank lines): a whole block, so a full disk does not pass it
+/// by filling the last block's tail.
+const PROBE_BYTES: usize = 4096;
+
+/// The last audit write failed, and nothing has been written since.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditFailure {
+    /// When it failed (the first failure of the streak).
+    pub since: SystemTime,
+    /// Why (the latest failure's error).
+    pub error: String,
+}
+
+type Health = Arc<Mutex<Option<AuditFailure>>>;
+
 /// Handle to the audit log writer thread. Cheap to clone.
 #[derive(Debug, Clone)]
 pub struct AuditLog {
     tx: mpsc::Sender<Pending>,
     path: PathBuf,
+    health: Health,
 }
 
 // === impl AuditLog ===
@@ -126,19 +156,32 @@ impl AuditLog {
         repair_torn_tail(&mut file, path).map_err(|e| CitadelError::io(path, e))?;
         let (tx, rx) = mpsc::channel::<Pending>();
         let thread_path = path.to_path_buf();
+        let health = Health::default();
+        let thread_health = health.clone();
         std::thread::Builder::new()
             .name("citadel-audit".into())
-            .spawn(move || writer(file, rx, &thread_path))
+            .spawn(move || writer(file, rx, &thread_path, &thread_health))
             .map_err(|e| CitadelError::io(path, e))?;
         Ok(AuditLog {
             tx,
             path: path.to_path_buf(),
+            health,
         })
     }
 
     /// The log file.
     pub fn path(&self) -> &Path {
         &self.path
+    }
+
+    /// `Some` while the audit log cannot be written: the last write (a batch or a retry
+    /// probe) failed, or the writer thread stopped. Cheap (one uncontended lock, never held
+    /// across I/O).
+    pub fn last_failure(&self) -> Option<AuditFailure> {
+        self.health
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Appends `record` and returns once it is on disk.
@@ -205,11 +248,40 @@ fn repair_torn_tail(file: &mut File, path: &Path) -> std::io::Result<()> {
     file.sync_all()
 }
 
-fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path) {
+fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path, health: &Health) {
     const MAX_BATCH: usize = 4096;
+    // Whatever ends this thread (the CA dropping the log, or a panic) leaves it failing.
+    let _stopped = StoppedGuard(health.clone());
     let mut buf = Vec::with_capacity(64 * 1024);
     let mut waiters = Vec::with_capacity(MAX_BATCH);
-    while let Ok(first) = rx.recv() {
+    loop {
+        let failing = health.lock().unwrap_or_else(|p| p.into_inner()).is_some();
+        let first = if failing {
+            match rx.recv_timeout(AUDIT_RETRY) {
+                Ok(first) => first,
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let result = probe(&mut file, path);
+                    record_outcome(health, path, &result, "retry");
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        } else {
+            match rx.recv_timeout(AUDIT_RETRY) {
+                Ok(first) => first,
+                // Idle: is the file at the path still ours (a stat, no write)? A replaced
+                // or removed log is reopened, or reported before an issuance meets it.
+                Err(mpsc::RecvTimeoutError::Timeout) => {
+                    let result = reopen_if_replaced(&mut file, path);
+                    if let Err(e) = &result {
+                        tracing::error!(path = %path.display(), error = %e, "audit log not writable; issuance will be refused until it is");
+                    }
+                    record_outcome(health, path, &result, "check");
+                    continue;
+                }
+                Err(mpsc::RecvTimeoutError::Disconnected) => return,
+            }
+        };
         buf.clear();
         buf.extend_from_slice(&first.0);
         waiters.push(first.1);
@@ -225,23 +297,139 @@ fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path) {
         // Counting what reached the file (instead of asking the kernel for the file's length
         // before every batch) is enough to take a failed batch back off it.
         let mut written = 0usize;
-        let result = write_counted(&mut file, &buf, &mut written)
-            .and_then(|()| file.sync_data())
-            .map_err(|e| e.to_string());
+        let result = reopen_if_replaced(&mut file, path).and_then(|()| {
+            write_counted(&mut file, &buf, &mut written)
+                .and_then(|()| file.sync_data())
+                .map_err(|e| e.to_string())
+        });
         if let Err(e) = &result {
             tracing::error!(path = %path.display(), error = %e, "audit log write failed; withholding certificates");
-            // Take back whatever part of the batch reached the file, so the next batch does
-            // not start in the middle of a line (nothing of this batch is acknowledged).
-            let cut = file
-                .metadata()
-                .and_then(|m| file.set_len(m.len().saturating_sub(written as u64)));
-            if let Err(e) = cut {
-                tracing::error!(path = %path.display(), error = %e, "could not cut the failed batch off the audit log");
-            }
+            cut_back(&mut file, path, written);
         }
+        record_outcome(health, path, &result, "batch");
         for w in waiters.drain(..) {
             let _ = w.send(result.clone());
         }
+    }
+}
+
+/// Marks the log failing when the writer thread ends.
+struct StoppedGuard(Health);
+
+impl Drop for StoppedGuard {
+    fn drop(&mut self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(AuditFailure {
+            since: SystemTime::now(),
+            error: "the audit writer thread stopped".into(),
+        });
+    }
+}
+
+/// Remembers a failure (keeping when the streak began) or clears it after a success. Logs
+/// after the lock is released: a blocked log output must not block `/ready`.
+fn record_outcome(health: &Health, path: &Path, result: &Result<(), String>, what: &str) {
+    enum Log {
+        None,
+        Recovered(SystemTime),
+        Changed(String),
+        Same(String),
+    }
+    let log = {
+        let mut h = health.lock().unwrap_or_else(|p| p.into_inner());
+        match (result, h.as_mut()) {
+            (Ok(()), Some(failure)) => {
+                let since = failure.since;
+                *h = None;
+                Log::Recovered(since)
+            }
+            (Ok(()), None) => Log::None,
+            (Err(e), Some(failure)) => {
+                let changed = failure.error != *e;
+                failure.error = e.clone();
+                if changed {
+                    Log::Changed(e.clone())
+                } else {
+                    Log::Same(e.clone())
+                }
+            }
+            (Err(e), None) => {
+                *h = Some(AuditFailure {
+                    since: SystemTime::now(),
+                    error: e.clone(),
+                });
+                Log::None
+            }
+        }
+    };
+    match log {
+        Log::None => {}
+        Log::Recovered(since) => {
+            tracing::info!(path = %path.display(), failing_since = %rfc3339(since), "audit log writable again ({what} succeeded); issuing again");
+        }
+        Log::Changed(e) => {
+            tracing::error!(path = %path.display(), error = %e, "audit log still not writable");
+        }
+        Log::Same(e) => {
+            tracing::debug!(path = %path.display(), error = %e, "audit log still not writable");
+        }
+    }
+}
+
+/// Takes back whatever part of a failed write reached the file, so the next batch does not
+/// start in the middle of a line (nothing of the failed batch was acknowledged).
+fn cut_back(file: &mut File, path: &Path, written: usize) {
+    if written == 0 {
+        return;
+    }
+    let cut = file
+        .metadata()
+        .and_then(|m| file.set_len(m.len().saturating_sub(written as u64)));
+    if let Err(e) = cut {
+        tracing::error!(path = %path.display(), error = %e, "could not cut the failed write off the audit log");
+    }
+}
+
+/// A write the size of a block, of blank lines (which readers of the log skip), flushed,
+/// then cut off again: does the log take writes again?
+fn probe(file: &mut File, path: &Path) -> Result<(), String> {
+    reopen_if_replaced(file, path)?;
+    let mut written = 0usize;
+    let result = write_counted(file, &[b'\n'; PROBE_BYTES], &mut written)
+        .and_then(|()| file.sync_data())
+        .map_err(|e| e.to_string());
+    cut_back(file, path, written);
+    result
+}
+
+/// When `path` no longer names the file the writer has open (renamed away, removed,
+/// replaced), opens the file at `path` (created 0600, a torn tail cut off) and writes there
+/// from now on. Fails, naming why, when that cannot be opened. A path that cannot be looked
+/// up (a directory made unsearchable) keeps the open file: nothing says it was replaced.
+fn reopen_if_replaced(file: &mut File, path: &Path) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    let open = file.metadata().map_err(|e| e.to_string())?;
+    match std::fs::metadata(path) {
+        Ok(m) if m.dev() == open.dev() && m.ino() == open.ino() => return Ok(()),
+        Ok(_) => {}
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        Err(_) => return Ok(()),
+    }
+    let reopened = OpenOptions::new()
+        .create(true)
+        .read(true)
+        .append(true)
+        .mode(0o600)
+        .open(path)
+        .and_then(|mut f| repair_torn_tail(&mut f, path).map(|()| f));
+    match reopened {
+        Ok(f) => {
+            tracing::warn!(path = %path.display(), "the audit log file was replaced or removed; writing to the file now at its path");
+            *file = f;
+            Ok(())
+        }
+        Err(e) => Err(format!(
+            "the file was replaced or removed and cannot be reopened: {e}"
+        )),
     }
 }
 
@@ -322,6 +510,83 @@ mod tests {
         std::fs::write(&path, "{\"time\":\"19").unwrap();
         drop(AuditLog::open(&path).unwrap());
         assert_eq!(std::fs::read_to_string(&path).unwrap(), "");
+    }
+
+    /// Polls `f` every 50 ms for up to 10 s.
+    async fn eventually(what: &str, mut f: impl FnMut() -> bool) {
+        for _ in 0..200 {
+            if f() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+        panic!("timed out waiting for {what}");
+    }
+
+    /// The audit file replaced by a directory (refused to root too: EISDIR): the batch is
+    /// refused and the failure is reported, naming why; once the directory is gone the retry
+    /// probe makes a new file by itself (no issuance needed) and the failure clears, with
+    /// no trace of the probe left in the file.
+    #[tokio::test]
+    async fn unwritable_log_is_reported_and_recovers_by_itself() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        log.append(&record(1)).await.unwrap();
+        assert_eq!(log.last_failure(), None);
+
+        std::fs::rename(&path, dir.path().join("audit.old")).unwrap();
+        std::fs::create_dir(&path).unwrap();
+        // Reported while idle, before any write meets it.
+        eventually("the idle check to report the directory", || {
+            log.last_failure().is_some()
+        })
+        .await;
+        let err = log.append(&record(2)).await.unwrap_err().to_string();
+        assert!(err.contains("cannot be reopened"), "{err}");
+        let failure = log.last_failure().expect("the failure is reported");
+        assert!(failure.error.contains("cannot be reopened"), "{failure:?}");
+        assert!(failure.error.contains("Is a directory"), "{failure:?}");
+        // Still failing after a retry or two (nothing changed).
+        tokio::time::sleep(AUDIT_RETRY * 2).await;
+        assert_eq!(log.last_failure().map(|f| f.since), Some(failure.since));
+
+        std::fs::remove_dir(&path).unwrap();
+        eventually("the retry to clear the failure", || {
+            log.last_failure().is_none()
+        })
+        .await;
+        assert_eq!(std::fs::read(&path).unwrap(), b"", "probe cut off again");
+        log.append(&record(3)).await.unwrap();
+        assert_eq!(serials(&path), vec![format!("{:032x}", 3)]);
+        // The record written before the replacement stayed in the file it went to.
+        assert_eq!(
+            serials(&dir.path().join("audit.old")),
+            vec![format!("{:032x}", 1)]
+        );
+    }
+
+    /// Negative twin: a log renamed away (rotation) is not written to any more; the next
+    /// record goes into a new file at the path and nothing is reported failing.
+    #[tokio::test]
+    async fn a_log_renamed_away_is_followed_by_a_new_file_at_the_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let log = AuditLog::open(&path).unwrap();
+        log.append(&record(1)).await.unwrap();
+        std::fs::rename(&path, dir.path().join("audit.1")).unwrap();
+        log.append(&record(2)).await.unwrap();
+        assert_eq!(log.last_failure(), None);
+        assert_eq!(serials(&path), vec![format!("{:032x}", 2)]);
+        assert_eq!(
+            serials(&dir.path().join("audit.1")),
+            vec![format!("{:032x}", 1)]
+        );
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(
+            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
+            0o600
+        );
     }
 
     #[tokio::test]

@@ -104,6 +104,17 @@ pub struct RootInfo {
     pub not_after: SystemTime,
 }
 
+/// Subject and validity of one certificate of the signing chain.
+#[derive(Debug, Clone)]
+pub struct ChainCertValidity {
+    /// Subject, for display.
+    pub subject: String,
+    /// Not-before.
+    pub not_before: SystemTime,
+    /// Not-after.
+    pub not_after: SystemTime,
+}
+
 /// One immutable set of signing material: the signer, the chain sent after every leaf, and
 /// the trust bundle (every still-valid root of `root-cert.pem`, or `ca.crt`).
 pub struct Authority {
@@ -118,6 +129,8 @@ pub struct Authority {
     roots: Vec<RootInfo>,
     signing_root: RootInfo,
     chain_not_after: SystemTime,
+    /// Validity of every certificate of the signing chain, the signing certificate first.
+    chain_validity: Vec<ChainCertValidity>,
     source: MaterialSource,
     fingerprint_of_inputs: [u8; 32],
     plugin_crls: Option<Arc<CrlSet>>,
@@ -196,8 +209,15 @@ impl Authority {
             .cloned()
             .collect();
         let mut chain_not_after = signing_root_info.not_after;
+        let mut chain_validity = Vec::with_capacity(chain.len());
         for c in &chain {
-            chain_not_after = chain_not_after.min(CertInfo::parse(c)?.not_after);
+            let info = CertInfo::parse(c)?;
+            chain_not_after = chain_not_after.min(info.not_after);
+            chain_validity.push(ChainCertValidity {
+                subject: info.subject,
+                not_before: info.not_before,
+                not_after: info.not_after,
+            });
         }
         let mut chain_after_leaf: Vec<String> = intermediates
             .iter()
@@ -255,6 +275,7 @@ impl Authority {
                 not_after: signing_root_info.not_after,
             },
             chain_not_after,
+            chain_validity,
             source,
             fingerprint_of_inputs,
             plugin_crls: None,
@@ -310,6 +331,12 @@ impl Authority {
     /// The earliest not-after in the signing chain.
     pub fn chain_not_after(&self) -> SystemTime {
         self.chain_not_after
+    }
+
+    /// Subject and validity of every certificate of the signing chain: the signing
+    /// certificate first, the root last (one entry when the signing certificate is the root).
+    pub fn chain_validity(&self) -> &[ChainCertValidity] {
+        &self.chain_validity
     }
 
     /// Where the material came from.

@@ -34,10 +34,10 @@ pub use self::{
         authenticate_with, bearer_token,
     },
     authority::{
-        Authority, CA_CERT, CA_KEY, CERT_CHAIN, MaterialSource, PluginFiles, PluginLayout,
-        ROOT_CERT, RootInfo, SELF_SIGNED_CERT, SELF_SIGNED_KEY, SELF_SIGNED_PREVIOUS_CERT,
-        SELF_SIGNED_ROOT_GRACE, SELF_SIGNED_ROOT_TTL, TLS_CA, TLS_CRT, TLS_KEY, load_initial,
-        load_or_create_self_signed, load_plugin, self_signed_rotation_due,
+        Authority, CA_CERT, CA_KEY, CERT_CHAIN, ChainCertValidity, MaterialSource, PluginFiles,
+        PluginLayout, ROOT_CERT, RootInfo, SELF_SIGNED_CERT, SELF_SIGNED_KEY,
+        SELF_SIGNED_PREVIOUS_CERT, SELF_SIGNED_ROOT_GRACE, SELF_SIGNED_ROOT_TTL, TLS_CA, TLS_CRT,
+        TLS_KEY, load_initial, load_or_create_self_signed, load_plugin, self_signed_rotation_due,
     },
     config::{
         CaConfig, DEFAULT_AUDIENCE, DEFAULT_HANDSHAKE_TIMEOUT, DEFAULT_MAX_CONNECTIONS,
@@ -46,7 +46,7 @@ pub use self::{
     },
     error::CitadelError,
     issue::{IssuePolicy, Issued, issue, resolve_ttl},
-    metrics::{ConnectionRefusal, Metrics, serve_metrics},
+    metrics::{ConnectionRefusal, Metrics, ReadinessCheck, serve_metrics},
     refusal::Refusal,
     server::{
         CaService, CaState, IMPERSONATED_IDENTITY, PeerInfo, ReloadOutcome, RunningCa,
@@ -63,7 +63,7 @@ pub use self::admin::{
     AdminRequest, AdminResponse, RevocationShare, SHARE_WAIT, ShareReport, ShareState,
     admin_request, admin_socket_path,
 };
-pub use self::audit::{AuditEntry, parse_rfc3339, read_audit_log};
+pub use self::audit::{AUDIT_RETRY, AuditEntry, AuditFailure, parse_rfc3339, read_audit_log};
 pub use self::revocation::{
     ADMIN_SOCKET, AppliedRule, CA_CRL, CRL_FILE, CRL_STATE_FILE, DEFAULT_CRL_VALIDITY,
     EXPIRED_ENTRY_GRACE, IdentityRevocation, MAX_RULE_FUTURE, MergeOutcome, PRUNE_AFTER_EXPIRY,

@@ -1,5 +1,8 @@
 //! Prometheus metrics with Istio's names (`citadel_server_*`), rendered by hand in the text
-//! exposition format so the names are exactly Istio's (no `_total` suffix added).
+//! exposition format so the names are exactly Istio's (no `_total` suffix added), and the
+//! monitoring port that serves them with the CA's health: `GET /metrics`, `GET /ready`
+//! (200 `ready` when the CA can issue now, else 503 with one `not ready: ...` line per
+//! reason), `GET /healthz` (200 while the process's runtime answers); any other path 404.
 
 use std::fmt::Write as _;
 use std::sync::Arc;
@@ -46,7 +49,8 @@ pub enum ConnectionRefusal {
     /// The connection limit was reached: accepting paused (excess connections wait in the
     /// kernel's backlog); counted once per pause.
     ConnectionLimit,
-    /// A connection to the metrics port beyond its own limit, closed on accept.
+    /// The metrics port was at its own connection limit: its oldest connection was closed to
+    /// make room for a new one (so idle peers cannot lock the kubelet's probes out).
     MetricsConnectionLimit,
     /// An established connection that had moved no byte for a while, closed at the
     /// connection limit to make room.
@@ -218,6 +222,11 @@ impl Metrics {
 
     /// Renders every metric in the Prometheus text exposition format (version 0.0.4).
     pub fn render(&self, now: SystemTime) -> String {
+        self.render_with_readiness(now, None)
+    }
+
+    /// [`Metrics::render`], with `citadel_server_ready` (1 or 0) when `ready` is known.
+    pub fn render_with_readiness(&self, now: SystemTime, ready: Option<bool>) -> String {
         let mut out = String::with_capacity(4096);
         let counter = |out: &mut String, name: &str, help: &str, v: &AtomicU64| {
             let _ = writeln!(out, "# HELP {name} {help}");
@@ -366,6 +375,13 @@ impl Metrics {
                 u8::from(now >= *next)
             );
         }
+        if let Some(ready) = ready {
+            let _ = writeln!(
+                out,
+                "# HELP citadel_server_ready 1 when this CA can issue now (GET /ready answers 200), else 0.\n# TYPE citadel_server_ready gauge\ncitadel_server_ready {}",
+                u8::from(ready)
+            );
+        }
         let extra = self.extra.lock().unwrap_or_else(|e| e.into_inner());
         let _ = prometheus_client::encoding::text::encode_registry(&mut out, &extra);
         out
@@ -397,15 +413,100 @@ pub(crate) const METRICS_MAX_CONNECTIONS: usize = 16;
 /// How long one metrics connection may live (a scrape takes milliseconds).
 pub(crate) const METRICS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 
-/// Serves `GET /metrics` (any path, in fact) on `listener` until the future is dropped.
+/// Why the CA cannot issue now, one reason each (empty: it can), as of the given time:
+/// [`CaState::not_ready_reasons`](crate::CaState::not_ready_reasons) for a running CA.
+pub type ReadinessCheck = Arc<dyn Fn(SystemTime) -> Vec<String> + Send + Sync>;
+
+/// What a request on the monitoring port asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Route {
+    Metrics,
+    Ready,
+    Healthz,
+    NotFound,
+    MethodNotAllowed,
+}
+
+fn route(method: &http::Method, path: &str) -> Route {
+    let known = match path {
+        "/metrics" => Route::Metrics,
+        "/ready" => Route::Ready,
+        "/healthz" => Route::Healthz,
+        _ => return Route::NotFound,
+    };
+    if method == http::Method::GET || method == http::Method::HEAD {
+        known
+    } else {
+        Route::MethodNotAllowed
+    }
+}
+
+/// The answer to one request on the monitoring port.
+fn respond(
+    method: &http::Method,
+    path: &str,
+    metrics: &Metrics,
+    readiness: &ReadinessCheck,
+    now: SystemTime,
+) -> (http::StatusCode, &'static str, String) {
+    use http::StatusCode;
+    const TEXT: &str = "text/plain; charset=utf-8";
+    match route(method, path) {
+        Route::Metrics => {
+            let ready = readiness(now).is_empty();
+            (
+                StatusCode::OK,
+                "text/plain; version=0.0.4",
+                metrics.render_with_readiness(now, Some(ready)),
+            )
+        }
+        Route::Ready => {
+            let reasons = readiness(now);
+            if reasons.is_empty() {
+                (StatusCode::OK, TEXT, "ready\n".to_owned())
+            } else {
+                let mut body = String::new();
+                for r in reasons {
+                    // One line per reason, whatever a reason holds.
+                    let _ = writeln!(body, "not ready: {}", r.replace(['\r', '\n'], " "));
+                }
+                (StatusCode::SERVICE_UNAVAILABLE, TEXT, body)
+            }
+        }
+        Route::Healthz => (StatusCode::OK, TEXT, "ok\n".to_owned()),
+        Route::NotFound => (
+            StatusCode::NOT_FOUND,
+            TEXT,
+            "not found: this port serves /metrics, /ready and /healthz\n".to_owned(),
+        ),
+        Route::MethodNotAllowed => (
+            StatusCode::METHOD_NOT_ALLOWED,
+            TEXT,
+            "method not allowed: GET or HEAD\n".to_owned(),
+        ),
+    }
+}
+
+/// Serves the monitoring port on `listener` until the future is dropped: `GET /metrics`
+/// (the Prometheus text, with `citadel_server_ready`), `GET /ready` (200 `ready`, or 503
+/// with one `not ready: <reason>` line per reason `readiness` gives), `GET /healthz` (200
+/// `ok`: the process's runtime answers; no readiness condition enters it, since a restart
+/// fixes none of them), anything else 404 (405 for another method on those paths).
 ///
 /// The port shares the CA's descriptor table, so it is bounded on its own: at most
 /// [`METRICS_MAX_CONNECTIONS`] at once, each for at most [`METRICS_CONNECTION_TIMEOUT`]
 /// (request heads within 10 s), and accept errors (out of descriptors) back off instead of
-/// spinning.
-pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metrics>) {
+/// spinning. At the limit a new connection closes the **oldest** one instead of being turned
+/// away: peers that open connections and hold them idle cannot lock the kubelet's probes
+/// out (which would take the replica out of the Service, then restart it), since a probe is
+/// answered within a millisecond of its arrival.
+pub async fn serve_metrics(
+    listener: tokio::net::TcpListener,
+    metrics: Arc<Metrics>,
+    readiness: ReadinessCheck,
+) {
     use hyper::service::service_fn;
-    let slots = Arc::new(tokio::sync::Semaphore::new(METRICS_MAX_CONNECTIONS));
+    let open: Arc<std::sync::Mutex<OpenConnections>> = Arc::default();
     let mut backoff = Duration::from_millis(5);
     loop {
         let stream = match listener.accept().await {
@@ -420,18 +521,32 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metri
                 continue;
             }
         };
-        let Ok(permit) = slots.clone().try_acquire_owned() else {
+        // Registered under the lock before the task can deregister itself, so it always
+        // finds (and removes) its own entry.
+        let mut table = open.lock().unwrap_or_else(|p| p.into_inner());
+        if table.live.len() >= METRICS_MAX_CONNECTIONS
+            && let Some((_, oldest)) = table.live.pop_first()
+        {
+            oldest.abort();
             metrics.connection_refused(ConnectionRefusal::MetricsConnectionLimit);
-            continue;
-        };
-        let metrics = metrics.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
-            let svc = service_fn(move |_req: http::Request<hyper::body::Incoming>| {
-                let body = metrics.render(SystemTime::now());
+        }
+        let id = table.next;
+        table.next += 1;
+        let (metrics, readiness, gone) = (metrics.clone(), readiness.clone(), open.clone());
+        let task = tokio::spawn(async move {
+            let _gone = Deregister(gone, id);
+            let svc = service_fn(move |req: http::Request<hyper::body::Incoming>| {
+                let (status, content_type, body) = respond(
+                    req.method(),
+                    req.uri().path(),
+                    &metrics,
+                    &readiness,
+                    SystemTime::now(),
+                );
                 async move {
                     http::Response::builder()
-                        .header("content-type", "text/plain; version=0.0.4")
+                        .status(status)
+                        .header("content-type", content_type)
                         .body(http_body_util::Full::new(bytes::Bytes::from(body)))
                 }
             });
@@ -442,6 +557,27 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metri
                 .serve_connection(io, svc);
             let _ = tokio::time::timeout(METRICS_CONNECTION_TIMEOUT, conn).await;
         });
+        table.live.insert(id, task.abort_handle());
+    }
+}
+
+/// The metrics port's open connections, oldest first.
+#[derive(Default)]
+struct OpenConnections {
+    next: u64,
+    live: std::collections::BTreeMap<u64, tokio::task::AbortHandle>,
+}
+
+/// Removes a connection's entry when its task ends (served, timed out or aborted).
+struct Deregister(Arc<std::sync::Mutex<OpenConnections>>, u64);
+
+impl Drop for Deregister {
+    fn drop(&mut self) {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .live
+            .remove(&self.1);
     }
 }
 
@@ -449,46 +585,56 @@ pub async fn serve_metrics(listener: tokio::net::TcpListener, metrics: Arc<Metri
 mod tests {
     use super::*;
 
-    /// The metrics port is bounded on its own: idle connections beyond the limit are closed
-    /// on accept (and counted), and a scrape works again once one of them goes away.
+    /// The metrics port is bounded on its own, and idle peers cannot lock a probe out: with
+    /// every slot held by an idle connection, a new connection closes the oldest (counted)
+    /// and is served; however many idle connections arrive, at most the limit stay open.
+    /// (Before, the new connection was the one closed: 16 idle peers made the kubelet's
+    /// probes fail, the replica unready, then restarted.)
     #[tokio::test]
     async fn metrics_port_holds_a_bounded_number_of_connections() {
         use tokio::io::{AsyncReadExt, AsyncWriteExt};
         let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let m = Arc::new(Metrics::default());
-        let server = tokio::spawn(serve_metrics(l, m.clone()));
+        let server = tokio::spawn(serve_metrics(l, m.clone(), Arc::new(|_| Vec::new())));
         let mut idle = Vec::new();
         for _ in 0..METRICS_MAX_CONNECTIONS {
             idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
         }
-        let mut extra = tokio::net::TcpStream::connect(addr).await.unwrap();
+        // Let the server accept (and register) all of them before the probe arrives.
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert_eq!(get(addr, "GET", "/ready").await, (200, "ready\n".into()));
+        assert!(m.connection_refused_count(ConnectionRefusal::MetricsConnectionLimit) >= 1);
+        // The oldest idle connection is the one that was closed.
         let mut buf = [0u8; 64];
-        let n = tokio::time::timeout(Duration::from_secs(5), extra.read(&mut buf))
+        let n = tokio::time::timeout(Duration::from_secs(5), idle[0].read(&mut buf))
             .await
-            .expect("the extra connection is closed, not left hanging")
+            .expect("the oldest idle connection is closed, not left hanging")
             .unwrap_or(0);
         assert_eq!(n, 0);
-        assert_eq!(
-            m.connection_refused_count(ConnectionRefusal::MetricsConnectionLimit),
-            1
-        );
-        // Negative twin: with a slot free, a scrape is served.
-        drop(idle.pop());
-        let body = loop {
-            let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
-            s.write_all(b"GET /metrics HTTP/1.1\r\nhost: m\r\nconnection: close\r\n\r\n")
+
+        // Many more idle peers: at most the limit stay open.
+        for _ in 0..3 * METRICS_MAX_CONNECTIONS {
+            idle.push(tokio::net::TcpStream::connect(addr).await.unwrap());
+        }
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let mut open = 0;
+        for s in &mut idle {
+            if tokio::time::timeout(Duration::from_millis(20), s.read(&mut buf))
                 .await
-                .unwrap();
-            let mut out = String::new();
-            let _ = s.read_to_string(&mut out).await;
-            if !out.is_empty() {
-                break out;
+                .is_err()
+            {
+                open += 1;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
-        assert!(body.contains("citadel_server_csr_count"), "{body}");
-        // At least the one above (a retry that raced the freed slot counts too).
+        }
+        assert!(open <= METRICS_MAX_CONNECTIONS, "{open} still open");
+        // And a scrape is still served, with the evictions counted.
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(b"GET /metrics HTTP/1.1\r\nhost: m\r\nconnection: close\r\n\r\n")
+            .await
+            .unwrap();
+        let mut body = String::new();
+        let _ = s.read_to_string(&mut body).await;
         let refused: u64 = body
             .lines()
             .find_map(|l| {
@@ -497,8 +643,93 @@ mod tests {
                 )
             })
             .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no refusal counter in {body}"));
-        assert!(refused >= 1, "{body}");
+            .unwrap_or_else(|| panic!("no eviction counter in {body}"));
+        assert!(refused >= 3 * METRICS_MAX_CONNECTIONS as u64, "{body}");
+        server.abort();
+    }
+
+    /// One HTTP/1.1 request on the monitoring port: (status, body).
+    async fn get(addr: std::net::SocketAddr, method: &str, path: &str) -> (u16, String) {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("{method} {path} HTTP/1.1\r\nhost: m\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        tokio::time::timeout(Duration::from_secs(10), s.read_to_string(&mut out))
+            .await
+            .expect("an answer")
+            .unwrap();
+        let status = out
+            .split_whitespace()
+            .nth(1)
+            .and_then(|c| c.parse().ok())
+            .unwrap_or_else(|| panic!("no status line in {out:?}"));
+        let body = out
+            .split_once("\r\n\r\n")
+            .map(|(_, b)| b.to_owned())
+            .unwrap_or_default();
+        (status, body)
+    }
+
+    /// The routes: /metrics (with citadel_server_ready), /ready 200 or 503 with one line per
+    /// reason, /healthz 200 whatever readiness says, anything else 404, other methods 405.
+    #[tokio::test]
+    async fn monitoring_port_routes_metrics_ready_healthz_and_nothing_else() {
+        let reasons: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let r = reasons.clone();
+        let server = tokio::spawn(serve_metrics(
+            l,
+            Metrics::new(),
+            Arc::new(move |_| r.lock().unwrap().clone()),
+        ));
+
+        assert_eq!(get(addr, "GET", "/ready").await, (200, "ready\n".into()));
+        assert_eq!(get(addr, "GET", "/healthz").await, (200, "ok\n".into()));
+        let (status, text) = get(addr, "GET", "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(text.contains("\ncitadel_server_csr_count 0\n"), "{text}");
+        assert!(text.contains("\ncitadel_server_ready 1\n"), "{text}");
+        // A query string does not change the route.
+        assert_eq!(get(addr, "GET", "/metrics?x=1").await.0, 200);
+        for path in [
+            "/",
+            "/metric",
+            "/metrics/",
+            "/ready/x",
+            "/readyz",
+            "/healthz2",
+            "/%2e",
+        ] {
+            let (status, body) = get(addr, "GET", path).await;
+            assert_eq!(status, 404, "{path}: {body}");
+            assert!(!body.contains("citadel_server"), "{path}: {body}");
+        }
+        assert_eq!(get(addr, "POST", "/ready").await.0, 405);
+        assert_eq!(get(addr, "HEAD", "/ready").await.0, 200);
+
+        // Negative twin: two reasons (one with a newline in it, kept on its line).
+        *reasons.lock().unwrap() = vec![
+            "gRPC listener not serving yet".into(),
+            "audit log /x: last write failed:\nInjected: line".into(),
+        ];
+        assert_eq!(
+            get(addr, "GET", "/ready").await,
+            (
+                503,
+                "not ready: gRPC listener not serving yet\n\
+                 not ready: audit log /x: last write failed: Injected: line\n"
+                    .into()
+            )
+        );
+        assert_eq!(get(addr, "GET", "/healthz").await, (200, "ok\n".into()));
+        let (status, text) = get(addr, "GET", "/metrics").await;
+        assert_eq!(status, 200);
+        assert!(text.contains("\ncitadel_server_ready 0\n"), "{text}");
         server.abort();
     }
 

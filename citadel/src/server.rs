@@ -84,7 +84,13 @@ pub struct CaState {
     /// Serializes merges of identity revocations (the watch and the sync pass may both
     /// bring the same new rule).
     rule_merge: Mutex<()>,
+    /// The gRPC server: [`GRPC_NOT_STARTED`], [`GRPC_SERVING`] or [`GRPC_STOPPED`].
+    grpc: std::sync::atomic::AtomicU8,
 }
+
+const GRPC_NOT_STARTED: u8 = 0;
+const GRPC_SERVING: u8 = 1;
+const GRPC_STOPPED: u8 = 2;
 
 impl std::fmt::Debug for CaState {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -180,6 +186,7 @@ impl CaState {
             external,
             share: std::sync::OnceLock::new(),
             rule_merge: Mutex::new(()),
+            grpc: std::sync::atomic::AtomicU8::new(GRPC_NOT_STARTED),
         }))
     }
 
@@ -197,6 +204,71 @@ impl CaState {
     /// Where revocations are shared with other replicas, if anywhere.
     pub fn revocation_share(&self) -> Option<Arc<dyn crate::admin::RevocationShare>> {
         self.share.get().cloned()
+    }
+
+    /// Why this CA cannot issue now, one reason per line (`GET /ready`); empty when it can.
+    ///
+    /// What is checked, and nothing else: the gRPC server runs (it is started, and has not
+    /// stopped); every certificate of the signing chain in force is within its validity (the
+    /// signer refuses outside it, and clients refuse a chain with an expired certificate);
+    /// the CA's TLS serving certificate is within its validity (renewed at half-life by the
+    /// reload loop; clients refuse an expired one); the last audit log write succeeded (a
+    /// failed one refuses its certificates; the writer re-tries every
+    /// [`AUDIT_RETRY`](crate::audit::AUDIT_RETRY)). Cheap: atomics, one `ArcSwap` load, one
+    /// short lock the writer never holds across I/O, and the parse of one certificate; no
+    /// signing, no lock of the issuance path.
+    pub fn not_ready_reasons(&self, now: SystemTime) -> Vec<String> {
+        let mut out = Vec::new();
+        match self.grpc.load(Ordering::Acquire) {
+            GRPC_SERVING => {}
+            GRPC_NOT_STARTED => out.push("gRPC listener not serving yet".to_owned()),
+            _ => out.push("gRPC server stopped".to_owned()),
+        }
+        let authority = self.authority.load();
+        let chain = authority.chain_validity();
+        for (i, c) in chain.iter().enumerate() {
+            let what = match i {
+                0 => "signing certificate",
+                i if i + 1 == chain.len() => "root certificate",
+                _ => "intermediate certificate",
+            };
+            if now >= c.not_after {
+                out.push(format!(
+                    "{what} {} expired at {}",
+                    c.subject,
+                    rfc3339(c.not_after)
+                ));
+            } else if now < c.not_before {
+                out.push(format!(
+                    "{what} {} not valid before {}",
+                    c.subject,
+                    rfc3339(c.not_before)
+                ));
+            }
+        }
+        match self.serving.current() {
+            None => out.push("no TLS serving certificate".to_owned()),
+            Some(ck) => match ck.cert.first().map(|c| CertInfo::parse(c)) {
+                Some(Ok(info)) if now >= info.not_after => out.push(format!(
+                    "TLS serving certificate expired at {} (its renewal failed: see the log)",
+                    rfc3339(info.not_after)
+                )),
+                Some(Ok(_)) => {}
+                Some(Err(e)) => out.push(format!("TLS serving certificate unreadable: {e}")),
+                None => out.push("no TLS serving certificate".to_owned()),
+            },
+        }
+        if let Some(f) = self.audit.last_failure() {
+            out.push(format!(
+                "audit log {}: last write failed: {} (failing since {}; issuance is refused \
+                 until a write succeeds, retried every {} s)",
+                self.audit.path().display(),
+                f.error,
+                rfc3339(f.since),
+                crate::audit::AUDIT_RETRY.as_secs()
+            ));
+        }
+        out
     }
 
     /// The metrics.
@@ -1281,8 +1353,10 @@ pub async fn start_with_routes(
         RevocationService::new(state.clone()),
     );
     let incoming = tokio_stream::wrappers::ReceiverStream::new(conn_rx);
+    let grpc_state = state.clone();
     let server_task = tokio::spawn(async move {
         let routes = extra.add_service(svc).add_service(crl_svc);
+        grpc_state.grpc.store(GRPC_SERVING, Ordering::Release);
         let result = tonic::transport::Server::builder()
             .max_concurrent_streams(Some(1024))
             .add_routes(routes)
@@ -1290,6 +1364,7 @@ pub async fn start_with_routes(
                 let _ = shutdown_rx.await;
             })
             .await;
+        grpc_state.grpc.store(GRPC_STOPPED, Ordering::Release);
         if let Err(e) = result {
             tracing::error!(error = %e, "gRPC server stopped");
         }
@@ -1305,7 +1380,12 @@ pub async fn start_with_routes(
             let bound = l
                 .local_addr()
                 .map_err(|source| CitadelError::Listen { addr, source })?;
-            tasks.push(tokio::spawn(serve_metrics(l, state.metrics.clone())));
+            let health = state.clone();
+            tasks.push(tokio::spawn(serve_metrics(
+                l,
+                state.metrics.clone(),
+                Arc::new(move |now| health.not_ready_reasons(now)),
+            )));
             Some(bound)
         }
         None => None,

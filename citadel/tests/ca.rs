@@ -1384,3 +1384,67 @@ async fn hot_reload_switches_layouts_and_a_broken_tls_layout_keeps_the_last_good
     assert_eq!(signer_now(&v), istio.int_cert);
     assert_eq!(state.metrics().reload_success_count(), 2);
 }
+
+/// Readiness (`GET /ready`): a started CA can issue; the same CA asked about a time past
+/// its plug-in intermediate's not-after names the signing certificate and when it expired,
+/// and past the root's too, the root. A state whose gRPC server never started says so.
+#[tokio::test]
+async fn readiness_names_an_expired_signing_chain_and_a_server_not_started() {
+    let a = make_plugin_ca("A");
+    let env = start(|_, root| write_plugin(&root.join("cacerts"), &a, &[&a])).await;
+    let state = env.ca.state().clone();
+    // Ready once the spawned gRPC server task runs (at once, but not before `start` returns).
+    let mut reasons = Vec::new();
+    for _ in 0..100 {
+        reasons = state.not_ready_reasons(SystemTime::now());
+        if reasons.is_empty() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(reasons, Vec::<String>::new());
+
+    let int = rampart_certs::CertInfo::parse(&a.int_cert).unwrap();
+    let reasons = state.not_ready_reasons(int.not_after);
+    assert_eq!(
+        reasons[0],
+        format!(
+            "signing certificate {} expired at {}",
+            int.subject,
+            rampart_certs::timestamp::rfc3339(int.not_after)
+        ),
+        "{reasons:?}"
+    );
+    assert!(reasons[0].contains("A intermediate"), "{reasons:?}");
+    // The serving certificate (7 days) expired long before.
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with("TLS serving certificate expired at")),
+        "{reasons:?}"
+    );
+    // One second earlier the chain was still good.
+    assert!(
+        state
+            .not_ready_reasons(int.not_after - Duration::from_secs(1))
+            .iter()
+            .all(|r| !r.contains("signing certificate")),
+    );
+    let root = rampart_certs::CertInfo::parse(a.root.cert()).unwrap();
+    let reasons = state.not_ready_reasons(root.not_after);
+    assert!(
+        reasons
+            .iter()
+            .any(|r| r.starts_with(&format!("root certificate {} expired at", root.subject))),
+        "{reasons:?}"
+    );
+
+    // A CA state whose server was never started is not ready, and says why.
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = CaConfig::new(dir.path().join("cacerts"), dir.path().join("state"), td());
+    let idle = rampart_citadel::CaState::new(cfg, rampart_citadel::Metrics::new()).unwrap();
+    assert_eq!(
+        idle.not_ready_reasons(SystemTime::now()),
+        vec!["gRPC listener not serving yet".to_owned()]
+    );
+}

@@ -122,7 +122,10 @@ struct RunArgs {
     /// is renewed (same key and subject) with 20% of its life left.
     #[arg(long, default_value = "3650d", value_parser = humantime::parse_duration)]
     self_signed_root_ttl: Duration,
-    /// Prometheus metrics listen address.
+    /// Monitoring listen address (plain HTTP): GET /metrics (Prometheus), /ready (200
+    /// `ready` while this CA can issue, else 503 with one `not ready: <reason>` line each:
+    /// gRPC server not running, signing chain or serving certificate expired, last audit log
+    /// write failed), /healthz (200 while the process answers); other paths 404.
     #[arg(long, value_name = "ADDR")]
     metrics: Option<SocketAddr>,
     /// DNS SAN of the CA's serving certificate (repeatable).
@@ -480,6 +483,9 @@ impl RunArgs {
             }
             if let Some(m) = ca.metrics_addr {
                 println!("rampart ca: metrics on http://{m}/metrics");
+                println!(
+                    "rampart ca: readiness on http://{m}/ready, liveness on http://{m}/healthz"
+                );
             }
             if let Some(w) = webhook_addr {
                 println!(
