@@ -25,6 +25,8 @@ use serde_json::{Map, Value, json};
 
 /// The annotation on an injected Pod (template): what was added, and by which version.
 pub const STATUS_ANNOTATION: &str = "sidecar.rampart.io/status";
+/// What istiod's injector leaves on a Pod it injected.
+pub const ISTIO_STATUS_ANNOTATION: &str = "sidecar.istio.io/status";
 /// Istio's opt-out: annotation (or label) `sidecar.istio.io/inject: "false"`.
 pub const INJECT_ANNOTATION: &str = "sidecar.istio.io/inject";
 /// The agent's container name.
@@ -365,6 +367,22 @@ fn inject_pod(
         ));
         return Ok(false);
     }
+    // Istio's injector got there first (a namespace labelled for both, or the Pod label
+    // `sidecar.istio.io/inject: "true"` its object selector matches anywhere): two sidecars
+    // would fight over the Pod's ports. The Pod stays in Istio's mesh.
+    let istio_proxy = ["containers", "initContainers"].iter().any(|list| {
+        spec.get(*list).and_then(Value::as_array).is_some_and(|cs| {
+            cs.iter()
+                .any(|c| c.get("name").and_then(Value::as_str) == Some("istio-proxy"))
+        })
+    });
+    if istio_proxy || annotations.contains_key(ISTIO_STATUS_ANNOTATION) {
+        out.notes.push(format!(
+            "{at}: already has Istio's sidecar (istio-proxy): not injected (do not label a \
+             namespace for both istiod's injection and Rampart's)"
+        ));
+        return Ok(false);
+    }
     let containers = spec
         .get("containers")
         .and_then(Value::as_array)
@@ -600,6 +618,8 @@ fn sidecar_security_context() -> Value {
         "allowPrivilegeEscalation": false,
         "readOnlyRootFilesystem": true,
         "capabilities": {"drop": ["ALL"]},
+        // Pod Security "restricted" asks every container for it (or the Pod).
+        "seccompProfile": {"type": "RuntimeDefault"},
     })
 }
 

@@ -32,9 +32,9 @@ use crate::inject::{Options, PodOutcome, inject_pod_object};
 
 /// The path the API server calls (istiod's).
 pub const INJECT_PATH: &str = "/inject";
-/// Largest AdmissionReview read: the API server's own request limit (3 MiB; etcd stores at
-/// most 1.5 MiB per object), so every review of a storable Pod fits.
-pub const MAX_REVIEW_BYTES: usize = 3 << 20;
+/// Largest AdmissionReview read. Pods are far smaller (etcd refuses objects over 1.5 MiB;
+/// a Pod of a few KiB is usual); a review over this is answered 413, which refuses that Pod.
+pub const MAX_REVIEW_BYTES: usize = 1 << 20;
 
 /// What the webhook decided for one review (the `outcome` label of
 /// `rampart_injector_reviews_total`).
@@ -108,74 +108,62 @@ pub fn review(body: &[u8], opts: &Options, stats: &InjectorStats) -> Result<Valu
 }
 
 fn decide(body: &[u8], opts: &Options) -> Result<(Value, Outcome), String> {
-    let review: Value =
+    let mut review: Value =
         serde_json::from_slice(body).map_err(|e| format!("not an AdmissionReview: {e}"))?;
-    let api_version = review
-        .get("apiVersion")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
+    let text = |v: &Value| v.as_str().unwrap_or_default().to_owned();
+    let api_version = text(&review["apiVersion"]);
     if !matches!(
-        api_version,
+        api_version.as_str(),
         "admission.k8s.io/v1" | "admission.k8s.io/v1beta1"
-    ) || review.get("kind").and_then(Value::as_str) != Some("AdmissionReview")
+    ) || review["kind"] != "AdmissionReview"
     {
         return Err(format!(
             "not an AdmissionReview of admission.k8s.io/v1 (apiVersion {api_version:?})"
         ));
     }
     let request = review
-        .get("request")
-        .and_then(Value::as_object)
+        .get_mut("request")
+        .and_then(Value::as_object_mut)
         .ok_or("AdmissionReview without a request")?;
     let uid = request
         .get("uid")
         .and_then(Value::as_str)
         .filter(|u| !u.is_empty())
-        .ok_or("AdmissionReview request without a uid")?;
-    let answer = |response: Value| {
-        let mut response = response;
-        response["uid"] = uid.into();
+        .ok_or("AdmissionReview request without a uid")?
+        .to_owned();
+    let kind = &request.get("kind").cloned().unwrap_or_default();
+    let is_pod = text(&kind["group"]).is_empty()
+        && text(&kind["version"]) == "v1"
+        && text(&kind["kind"]) == "Pod";
+    let operation = request.get("operation").map(text).unwrap_or_default();
+    let sub_resource = request.get("subResource").map(text).unwrap_or_default();
+    let namespace = request.get("namespace").map(text).unwrap_or_default();
+    // The Pod, taken out of the review rather than copied: one copy is made below, for the
+    // diff, whatever the review's size.
+    let object = request.remove("object");
+    drop(review);
+    let answer = |mut response: Value| {
+        response["uid"] = uid.as_str().into();
         json!({"apiVersion": api_version, "kind": "AdmissionReview", "response": response})
     };
-    let str_at = |v: Option<&Value>, key: &str| {
-        v.and_then(|v| v.get(key))
-            .and_then(Value::as_str)
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let kind = request.get("kind");
-    let is_pod = str_at(kind, "group").is_empty()
-        && str_at(kind, "version") == "v1"
-        && str_at(kind, "kind") == "Pod";
-    let operation = request
-        .get("operation")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let sub_resource = request
-        .get("subResource")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
     if !is_pod || operation != "CREATE" || !sub_resource.is_empty() {
         return Ok((answer(json!({"allowed": true})), Outcome::ignored));
     }
-    let namespace = request
-        .get("namespace")
-        .and_then(Value::as_str)
-        .unwrap_or_default();
-    let Some(Value::Object(original)) = request.get("object") else {
+    let Some(Value::Object(original)) = object else {
         return Ok((
             answer(refusal("the review carries no Pod object")),
             Outcome::refused,
         ));
     };
-    let mut pod: Map<String, Value> = original.clone();
+    let name = pod_name(&original);
+    let mut pod = original.clone();
     match inject_pod_object(&mut pod, opts) {
         Ok(PodOutcome::Injected(notes)) => {
-            let patch = json_patch::diff(&Value::Object(original.clone()), &Value::Object(pod));
+            let patch = json_patch::diff(&Value::Object(original), &Value::Object(pod));
             let patch = serde_json::to_vec(&patch).map_err(|e| e.to_string())?;
-            tracing::info!(namespace, pod = %pod_name(original), "sidecar injected");
+            tracing::info!(?namespace, pod = ?name, "sidecar injected");
             for n in notes {
-                tracing::debug!(namespace, note = %n, "injection note");
+                tracing::debug!(?namespace, note = ?n, "injection note");
             }
             Ok((
                 answer(json!({
@@ -187,11 +175,11 @@ fn decide(body: &[u8], opts: &Options) -> Result<(Value, Outcome), String> {
             ))
         }
         Ok(PodOutcome::Skipped(why)) => {
-            tracing::info!(namespace, pod = %pod_name(original), reason = %why, "sidecar not injected");
+            tracing::info!(?namespace, pod = ?name, reason = ?why, "sidecar not injected");
             Ok((answer(json!({"allowed": true})), Outcome::skipped))
         }
         Err(why) => {
-            tracing::warn!(namespace, pod = %pod_name(original), reason = %why, "Pod refused: it cannot be injected");
+            tracing::warn!(?namespace, pod = ?name, reason = ?why, "Pod refused: it cannot be injected");
             Ok((
                 answer(refusal(&format!(
                     "rampart sidecar injection failed: {why} (opt out with the annotation \
@@ -364,6 +352,62 @@ mod tests {
         assert_eq!(init[1]["name"], "rampart-proxy");
         assert!(patched["metadata"]["annotations"][crate::inject::STATUS_ANNOTATION].is_string());
         assert_eq!(stats.reviews("injected"), 1);
+    }
+
+    /// Pods whose own fields make the diff work: init containers and volumes already there
+    /// (the sidecars go first, shifting the app's), keys with `/` and `~` (JSON Pointer
+    /// escapes), null labels and annotations. The patch, applied, is exactly the injected Pod.
+    #[test]
+    fn the_patch_is_exact_for_pods_with_their_own_lists_and_odd_keys() {
+        let stats = InjectorStats::default();
+        let mut busy = pod();
+        busy["metadata"]["labels"] = Value::Null;
+        busy["metadata"]["annotations"] = json!({
+            "example.com/a~b": "1",
+            "x/y/z": "2",
+            "prometheus.io/scrape": "true"
+        });
+        busy["spec"]["initContainers"] = json!([
+            {"name": "migrate", "image": "migrate:1"},
+            {"name": "warm", "image": "warm:1", "restartPolicy": "Always"}
+        ]);
+        busy["spec"]["volumes"] = json!([{"name": "data", "emptyDir": {}}]);
+        busy["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "side", "image": "side:1", "env": [{"name": "A", "value": "b"}]}));
+        for p in [busy, {
+            let mut p = pod();
+            p["metadata"]["annotations"] = Value::Null;
+            p
+        }] {
+            let answer = review(&review_of(p.clone(), "CREATE"), &opts(), &stats).unwrap();
+            let mut patched = p.clone();
+            json_patch::patch(&mut patched, &patch_of(&answer).unwrap()).unwrap();
+            let mut expected = p.as_object().unwrap().clone();
+            inject_pod_object(&mut expected, &opts()).unwrap();
+            assert_eq!(patched, Value::Object(expected));
+        }
+    }
+
+    /// A Pod istiod's injector already gave Envoy (its namespace labelled for both, or its
+    /// own `sidecar.istio.io/inject: "true"` label) is let through with Envoy only.
+    #[test]
+    fn a_pod_istio_already_injected_is_left_to_istio() {
+        let stats = InjectorStats::default();
+        let mut by_istio = pod();
+        by_istio["spec"]["containers"]
+            .as_array_mut()
+            .unwrap()
+            .push(json!({"name": "istio-proxy", "image": "proxyv2"}));
+        let mut annotated = pod();
+        annotated["metadata"]["annotations"] = json!({"sidecar.istio.io/status": "{}"});
+        for p in [by_istio, annotated] {
+            let answer = review(&review_of(p, "CREATE"), &opts(), &stats).unwrap();
+            assert_eq!(answer["response"]["allowed"], true);
+            assert!(answer["response"].get("patch").is_none(), "{answer}");
+        }
+        assert_eq!(stats.reviews("skipped"), 2);
     }
 
     #[test]

@@ -336,7 +336,7 @@ fn expected_grants() -> Grants {
         "",
         &[
             "get[rampart-sidecar-injector]",
-            "update[rampart-sidecar-injector]",
+            "patch[rampart-sidecar-injector]",
         ],
     );
     put("", "events", "", &["create"]);
@@ -683,10 +683,68 @@ fn injection_webhook_reaches_the_ca_port_under_a_served_name() {
     assert_eq!(h["admissionReviewVersions"], serde_json::json!(["v1"]));
     assert_eq!(h["rules"][0]["operations"], serde_json::json!(["CREATE"]));
     assert_eq!(h["rules"][0]["resources"], serde_json::json!(["pods"]));
-    assert_eq!(
-        h["namespaceSelector"]["matchExpressions"][0]["key"],
-        "rampart-injection"
-    );
+    // Namespaces labelled rampart-injection=enabled, never the CA's own (a CA Pod that
+    // needed the CA to be created could never come back) nor one istiod also injects.
+    let selects = |labels: &[(&str, &str)]| {
+        h["namespaceSelector"]["matchExpressions"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|e| {
+                let key = e["key"].as_str().unwrap();
+                let value = labels.iter().find(|(k, _)| *k == key).map(|(_, v)| *v);
+                let values: Vec<&str> = e["values"]
+                    .as_array()
+                    .map(|a| a.iter().map(|v| v.as_str().unwrap()).collect())
+                    .unwrap_or_default();
+                match e["operator"].as_str().unwrap() {
+                    "In" => value.is_some_and(|v| values.contains(&v)),
+                    "NotIn" => !value.is_some_and(|v| values.contains(&v)),
+                    "Exists" => value.is_some(),
+                    "DoesNotExist" => value.is_none(),
+                    other => panic!("operator {other}"),
+                }
+            })
+    };
+    let ns = |name: &'static str, extra: &[(&'static str, &'static str)]| {
+        let mut l = vec![("kubernetes.io/metadata.name", name)];
+        l.extend_from_slice(extra);
+        l
+    };
+    assert!(selects(&ns("shop", &[("rampart-injection", "enabled")])));
+    assert!(selects(&ns(
+        "shop",
+        &[
+            ("rampart-injection", "enabled"),
+            ("istio-injection", "disabled")
+        ]
+    )));
+    assert!(!selects(&ns("shop", &[])));
+    assert!(!selects(&ns(NS, &[("rampart-injection", "enabled")])));
+    assert!(!selects(&ns(
+        "kube-system",
+        &[("rampart-injection", "enabled")]
+    )));
+    assert!(!selects(&ns(
+        "shop",
+        &[
+            ("rampart-injection", "enabled"),
+            ("istio-injection", "enabled")
+        ]
+    )));
+    assert!(!selects(&ns(
+        "shop",
+        &[("rampart-injection", "enabled"), ("istio.io/rev", "canary")]
+    )));
+    // The CA's own Pods are skipped by the object selector too (a label, not only the
+    // annotation: object selectors see labels).
+    let d = one(&all, "Deployment", "rampart-ca");
+    let pod_labels = &d["spec"]["template"]["metadata"]["labels"];
+    assert_eq!(pod_labels["sidecar.istio.io/inject"], "false");
+    let obj = &h["objectSelector"]["matchExpressions"][0];
+    assert_eq!(obj["key"], "sidecar.istio.io/inject");
+    assert_eq!(obj["operator"], "NotIn");
+    assert_eq!(obj["values"], serde_json::json!(["false"]));
 
     let a = args(container(one(&all, "Deployment", "rampart-ca")));
     let webhook_port: u64 = flag_value(&a, "--inject-webhook")

@@ -166,16 +166,19 @@ fn the_api_servers_review_gets_the_patch_rampart_inject_would_make() {
         expected["spec"]["initContainers"][0]["name"],
         "rampart-agent"
     );
-    for http in ["--http2", "--http1.1"] {
+    for (http, version) in [("--http2", "2"), ("--http1.1", "1.1")] {
         let (code, out) = curl(
             dir.path(),
             &ca,
-            &[http, "--cacert", cacert],
+            &[http, "--cacert", cacert, "-w", "\n%{http_version}"],
             NAME,
             &review(&pod()),
         );
         assert_eq!(code, 0, "{http}: {out}");
-        let answer: Value = serde_json::from_str(&out).unwrap_or_else(|e| panic!("{e}: {out}"));
+        // The protocol really spoken (curl falls back to HTTP/1.1 without h2 in ALPN).
+        let (out, spoken) = out.rsplit_once('\n').unwrap();
+        assert_eq!(spoken, version, "{http}");
+        let answer: Value = serde_json::from_str(out).unwrap_or_else(|e| panic!("{e}: {out}"));
         assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
         assert_eq!(answer["kind"], "AdmissionReview");
         assert_eq!(
@@ -305,4 +308,50 @@ fn bad_injection_options_are_refused_at_start_naming_the_flag() {
         !dir.path().join("state").exists(),
         "the CA started before refusing: {err}"
     );
+}
+
+/// Peers that open connections and send nothing cannot lock the API server out: at the
+/// connection limit (256) the oldest is closed for the new one, so a review made while 300
+/// idle connections are held is answered at once.
+#[test]
+fn idle_connections_do_not_lock_out_a_review() {
+    let dir = tempfile::tempdir().unwrap();
+    let ca = start_ca(dir.path());
+    let cacert = dir.path().join("bundle.pem");
+    let cacert = cacert.to_str().unwrap();
+    let idle: Vec<std::net::TcpStream> = (0..300)
+        .map(|_| std::net::TcpStream::connect(("127.0.0.1", ca.webhook_port)).unwrap())
+        .collect();
+    std::thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let (code, out) = curl(
+        dir.path(),
+        &ca,
+        &["--cacert", cacert, "--max-time", "3"],
+        NAME,
+        &review(&pod()),
+    );
+    assert_eq!(code, 0, "a review behind 300 idle connections: {out}");
+    let answer: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(answer["response"]["allowed"], true);
+    // The oldest idle ones were closed to make room: their reads end (EOF or reset) where an
+    // open one's read times out.
+    let closed = idle
+        .iter()
+        .filter(|s| {
+            s.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            let mut b = [0u8; 1];
+            match std::io::Read::read(&mut &**s, &mut b) {
+                Ok(0) => true,
+                Ok(_) => false,
+                Err(e) => !matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ),
+            }
+        })
+        .count();
+    assert!(closed >= 40, "only {closed} idle connections were closed");
+    drop(idle);
+    eprintln!("answered behind 300 idle connections in {:?}", started.elapsed());
 }

@@ -287,7 +287,7 @@ fn ca_identity(
                 serde_json::json!({"apiGroups": ["admissionregistration.k8s.io"],
                     "resources": ["mutatingwebhookconfigurations"],
                     "resourceNames": [rampart_k8s::injector::WEBHOOK_CONFIG],
-                    "verbs": ["get", "update"]}),
+                    "verbs": ["get", "patch"]}),
              ]},
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "ClusterRoleBinding",
              "metadata": {"name": cluster_role},

@@ -562,7 +562,7 @@ async fn start_webhook(
         tokio::spawn(rampart_k8s::injector::keep_ca_bundle(
             client,
             config_name,
-            rampart_k8s::injector::CA_BUNDLE_CHECK,
+            rampart_k8s::injector::KeeperTiming::default(),
             move || roots.authority().bundle().to_pem(),
             move || holding.load(std::sync::atomic::Ordering::Relaxed),
             |_| {},

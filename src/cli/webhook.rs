@@ -8,21 +8,35 @@ use std::time::Duration;
 use rampart::inject::Options;
 use rampart::webhook::{InjectorStats, handle};
 
-/// Connections served at once; more wait in the kernel's backlog.
+/// Connections held at once. At the limit the oldest is closed for the new one, so peers
+/// holding idle connections cannot lock the API server out (it opens a new connection and
+/// is answered within milliseconds).
 pub(crate) const MAX_CONNECTIONS: usize = 256;
-/// How long a TLS handshake, a request's head, and then its body may take.
-pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(10);
-/// Requests read and answered at once, over all connections (each holds at most
-/// [`rampart::webhook::MAX_REVIEW_BYTES`] of body): the webhook's memory stays under 16 x 3
-/// MiB whatever a caller sends, beside a CA whose limit is 512 MiB.
-pub(crate) const MAX_IN_FLIGHT: usize = 16;
-/// How long a request waits for one of those slots before it is answered 503.
-pub(crate) const SLOT_WAIT: Duration = Duration::from_secs(5);
+/// A connection is shut down gracefully after this (requests in flight finish; the API
+/// server reconnects): an idle or trickling peer holds its place no longer.
+pub(crate) const MAX_CONNECTION_AGE: Duration = Duration::from_secs(30);
+/// How long a TLS handshake, a request's head, and then its body and answer may take; the
+/// API server's own timeout for the webhook is 10 s (70-injector.yaml).
+pub(crate) const IO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Requests read and answered at once, over all connections. A review is parsed into a JSON
+/// tree several times its size (up to ~30x for a body of tiny array elements), so two at
+/// [`rampart::webhook::MAX_REVIEW_BYTES`] stay well under 100 MiB beside a CA whose limit is
+/// 512 MiB; one review takes about a millisecond, so two keep up with any Pod creation rate.
+pub(crate) const MAX_IN_FLIGHT: usize = 2;
+/// How long a request waits for one of those slots before it is answered 503 (with
+/// `Retry-After`, which the API server's client honours).
+pub(crate) const SLOT_WAIT: Duration = Duration::from_secs(2);
+
+/// The open connections, oldest first, so the oldest can be closed at the limit.
+#[derive(Default)]
+struct Live {
+    next: u64,
+    open: std::collections::BTreeMap<u64, tokio::task::AbortHandle>,
+}
 
 /// Serves the webhook on `listener` over TLS (`tls`: the CA's serving certificate, no
-/// client certificate asked) until the future is dropped. HTTP/1.1 and HTTP/2 (ALPN); at
-/// most [`MAX_CONNECTIONS`] at once; a handshake or request head slower than
-/// [`IO_TIMEOUT`] is dropped.
+/// client certificate asked) until the future is dropped. HTTP/1.1 and HTTP/2 (ALPN), within
+/// the limits above.
 pub(crate) async fn serve(
     listener: tokio::net::TcpListener,
     tls: Arc<rustls::ServerConfig>,
@@ -30,12 +44,9 @@ pub(crate) async fn serve(
     stats: InjectorStats,
 ) {
     let acceptor = tokio_rustls::TlsAcceptor::from(tls);
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
+    let live = Arc::new(std::sync::Mutex::new(Live::default()));
     let in_flight = Arc::new(tokio::sync::Semaphore::new(MAX_IN_FLIGHT));
     loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
-        };
         let (tcp, peer) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -44,54 +55,96 @@ pub(crate) async fn serve(
                 continue;
             }
         };
-        let (acceptor, opts, stats, in_flight) = (
+        let (acceptor, opts, stats, in_flight, registry) = (
             acceptor.clone(),
             opts.clone(),
             stats.clone(),
             in_flight.clone(),
+            live.clone(),
         );
-        tokio::spawn(async move {
-            let _permit = permit;
-            let tls = match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await {
-                Ok(Ok(s)) => s,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "injection webhook: TLS handshake failed");
-                    return;
-                }
-                Err(_) => {
-                    tracing::debug!(%peer, "injection webhook: TLS handshake timed out");
-                    return;
-                }
-            };
-            let service = hyper::service::service_fn(move |req| {
-                let (opts, stats, in_flight) = (opts.clone(), stats.clone(), in_flight.clone());
-                async move {
-                    let limits = Limits {
-                        in_flight: &in_flight,
-                        slot_wait: SLOT_WAIT,
-                        io_timeout: IO_TIMEOUT,
-                    };
-                    Ok::<_, std::convert::Infallible>(bounded(req, &opts, &stats, limits).await)
-                }
-            });
-            let mut builder =
-                hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
-            builder
-                .http1()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(IO_TIMEOUT);
-            builder
-                .http2()
-                .timer(hyper_util::rt::TokioTimer::new())
-                .keep_alive_interval(Some(Duration::from_secs(30)))
-                .max_concurrent_streams(64);
-            if let Err(e) = builder
-                .serve_connection(hyper_util::rt::TokioIo::new(tls), service)
-                .await
-            {
-                tracing::debug!(%peer, error = %e, "injection webhook: connection ended");
-            }
+        // Spawned and registered under the lock, so the task always finds itself to remove.
+        let mut l = live.lock().unwrap_or_else(|p| p.into_inner());
+        if l.open.len() >= MAX_CONNECTIONS
+            && let Some((_, oldest)) = l.open.pop_first()
+        {
+            oldest.abort();
+            tracing::debug!("injection webhook: connection limit reached; closed the oldest");
+        }
+        let id = l.next;
+        l.next += 1;
+        let task = tokio::spawn(async move {
+            connection(tcp, peer, acceptor, opts, stats, in_flight).await;
+            registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .open
+                .remove(&id);
         });
+        l.open.insert(id, task.abort_handle());
+    }
+}
+
+/// One connection: the TLS handshake within [`IO_TIMEOUT`], then HTTP until the peer closes
+/// or [`MAX_CONNECTION_AGE`] (then a graceful shutdown, with [`IO_TIMEOUT`] for the requests
+/// in flight).
+async fn connection(
+    tcp: tokio::net::TcpStream,
+    peer: std::net::SocketAddr,
+    acceptor: tokio_rustls::TlsAcceptor,
+    opts: Arc<Options>,
+    stats: InjectorStats,
+    in_flight: Arc<tokio::sync::Semaphore>,
+) {
+    let _ = tcp.set_nodelay(true);
+    let tls = match tokio::time::timeout(IO_TIMEOUT, acceptor.accept(tcp)).await {
+        Ok(Ok(s)) => s,
+        Ok(Err(e)) => {
+            tracing::debug!(%peer, error = %e, "injection webhook: TLS handshake failed");
+            return;
+        }
+        Err(_) => {
+            tracing::debug!(%peer, "injection webhook: TLS handshake timed out");
+            return;
+        }
+    };
+    let service = hyper::service::service_fn(move |req| {
+        let (opts, stats, in_flight) = (opts.clone(), stats.clone(), in_flight.clone());
+        async move {
+            let limits = Limits {
+                in_flight: &in_flight,
+                slot_wait: SLOT_WAIT,
+                io_timeout: IO_TIMEOUT,
+            };
+            Ok::<_, std::convert::Infallible>(bounded(req, &opts, &stats, limits).await)
+        }
+    });
+    let mut builder =
+        hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new());
+    builder
+        .http1()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .header_read_timeout(IO_TIMEOUT);
+    builder
+        .http2()
+        .timer(hyper_util::rt::TokioTimer::new())
+        .max_concurrent_streams(4)
+        .initial_stream_window_size(256 * 1024)
+        .initial_connection_window_size(256 * 1024)
+        .max_header_list_size(16 * 1024);
+    let conn = builder.serve_connection(hyper_util::rt::TokioIo::new(tls), service);
+    let mut conn = std::pin::pin!(conn);
+    let result = tokio::select! {
+        r = conn.as_mut() => r,
+        () = tokio::time::sleep(MAX_CONNECTION_AGE) => {
+            conn.as_mut().graceful_shutdown();
+            match tokio::time::timeout(IO_TIMEOUT, conn.as_mut()).await {
+                Ok(r) => r,
+                Err(_) => return,
+            }
+        }
+    };
+    if let Err(e) = result {
+        tracing::debug!(%peer, error = %e, "injection webhook: connection ended");
     }
 }
 
@@ -141,10 +194,15 @@ where
         tokio::time::timeout(limits.slot_wait, limits.in_flight.clone().acquire_owned()).await
     else {
         tracing::warn!("injection webhook: every request slot busy; answered 503");
-        return status(
+        let mut r = status(
             http::StatusCode::SERVICE_UNAVAILABLE,
             "injection webhook busy; retry",
         );
+        r.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("1"),
+        );
+        return r;
     };
     match tokio::time::timeout(limits.io_timeout, handle(req, opts, stats)).await {
         Ok(r) => r,
@@ -231,6 +289,7 @@ mod tests {
         let body = || http_body_util::Full::new(bytes::Bytes::from_static(b"{}"));
         let r = bounded(post(body()), &opts(), &stats, limits).await;
         assert_eq!(r.status(), http::StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(r.headers()[http::header::RETRY_AFTER], "1");
         drop(held);
         let r = bounded(post(body()), &opts(), &stats, limits).await;
         assert_eq!(r.status(), http::StatusCode::BAD_REQUEST);

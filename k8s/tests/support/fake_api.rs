@@ -10,7 +10,8 @@
 //! - Namespaced and cluster-scoped objects under `/api/v1/...` and `/apis/<group>/<version>/...`:
 //!   GET (404 NotFound), list and watch (with `fieldSelector=spec.nodeName=X`,
 //!   `metadata.name=X` and `metadata.namespace=X`), POST create (409 AlreadyExists when the name is taken), PUT replace
-//!   (409 Conflict on a stale `metadata.resourceVersion`), DELETE. Every write bumps one
+//!   (409 Conflict on a stale `metadata.resourceVersion`), PATCH with a JSON Patch (a failed
+//!   `test` operation is 422), DELETE. Every write bumps one
 //!   global resourceVersion, as etcd's revision.
 //! - [`FakeApi::hold_gets`] makes the next N GETs of one object wait for each other, so two
 //!   callers both see "not found" before either creates it (the create race).
@@ -587,6 +588,40 @@ impl FakeApi {
                 st.revision += 1;
                 obj["metadata"]["resourceVersion"] = json!(st.revision.to_string());
                 obj["metadata"]["uid"] = uid;
+                st.objects.insert(key, obj.clone());
+                self.record(&mut st, &collection, "MODIFIED", obj.clone());
+                ok(StatusCode::OK, &obj)
+            }
+            (Method::PATCH, Some(name)) => {
+                // JSON Patch only (application/json-patch+json), as rampart-k8s sends it; a
+                // failed `test` operation is 422 Invalid, as on a real API server.
+                let ctype = parts
+                    .headers
+                    .get(http::header::CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("");
+                if ctype != "application/json-patch+json" {
+                    return status(
+                        StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                        "UnsupportedMediaType",
+                        &format!("the fake applies JSON Patch only, not {ctype}"),
+                    );
+                }
+                let patch: json_patch::Patch = match serde_json::from_slice(&body) {
+                    Ok(p) => p,
+                    Err(e) => return status(StatusCode::BAD_REQUEST, "BadRequest", &e.to_string()),
+                };
+                let mut st = self.lock();
+                let key = (collection.clone(), name.clone());
+                let Some(current) = st.objects.get(&key) else {
+                    return not_found(&collection, &name);
+                };
+                let mut obj = current.clone();
+                if let Err(e) = json_patch::patch(&mut obj, &patch) {
+                    return status(StatusCode::UNPROCESSABLE_ENTITY, "Invalid", &e.to_string());
+                }
+                st.revision += 1;
+                obj["metadata"]["resourceVersion"] = json!(st.revision.to_string());
                 st.objects.insert(key, obj.clone());
                 self.record(&mut st, &collection, "MODIFIED", obj.clone());
                 ok(StatusCode::OK, &obj)
