@@ -353,5 +353,8 @@ fn idle_connections_do_not_lock_out_a_review() {
         .count();
     assert!(closed >= 40, "only {closed} idle connections were closed");
     drop(idle);
-    eprintln!("answered behind 300 idle connections in {:?}", started.elapsed());
+    eprintln!(
+        "answered behind 300 idle connections in {:?}",
+        started.elapsed()
+    );
 }
