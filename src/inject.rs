@@ -44,6 +44,13 @@ pub const ROOT_PATH: &str = "/var/run/secrets/istio/root-cert.pem";
 pub const SOCKET_DIR: &str = "/var/run/secrets/workload-spiffe-uds";
 pub const SOCKET_PATH: &str = "/var/run/secrets/workload-spiffe-uds/socket";
 
+/// The proxy's port for the kubelet's rewritten app probes (Istio's status port), on the
+/// Pod IP, and the environment variable holding the original probes (Istio's name).
+pub const APP_PROBE_PORT: u16 = 15020;
+pub const APP_PROBERS_ENV: &str = "ISTIO_KUBE_APP_PROBERS";
+/// Istio's opt-out of probe rewriting, on the Pod.
+pub const REWRITE_PROBES_ANNOTATION: &str = "sidecar.istio.io/rewriteAppHTTPProbers";
+
 /// The proxy's outbound listener (the apps' HTTP_PROXY) and admin listener, on loopback.
 pub const OUTBOUND_PROXY: &str = "http://127.0.0.1:15001";
 pub const ADMIN_ADDR: &str = "127.0.0.1:15000";
@@ -437,6 +444,28 @@ fn inject_pod(
         .and_then(Value::as_array_mut)
         .ok_or_else(|| format!("{at}: {spec_at}.containers is not a list"))?;
     let mut any_port = false;
+    // The kubelet's network probes of the apps go through the proxy's probe port (Istio's
+    // rewriting), unless the Pod opts out or an app declares that port itself.
+    let probe_port_taken = containers.iter().any(|c| {
+        c.get("ports").and_then(Value::as_array).is_some_and(|ps| {
+            ps.iter().any(|p| {
+                p.get("containerPort").and_then(Value::as_u64) == Some(u64::from(APP_PROBE_PORT))
+            })
+        })
+    });
+    let probe_rewrite = if annotations
+        .get(REWRITE_PROBES_ANNOTATION)
+        .is_some_and(is_false)
+    {
+        Err(format!("annotation {REWRITE_PROBES_ANNOTATION}: \"false\""))
+    } else if probe_port_taken {
+        Err(format!(
+            "an app container declares port {APP_PROBE_PORT}, the proxy's probe port"
+        ))
+    } else {
+        Ok(())
+    };
+    let mut probers = Map::new();
     for c in containers.iter_mut() {
         let cname = c
             .get("name")
@@ -460,21 +489,7 @@ fn inject_pod(
                 ));
             }
         }
-        for probe in ["livenessProbe", "readinessProbe", "startupProbe"] {
-            let network_probe = c.get(probe).is_some_and(|p| {
-                ["httpGet", "tcpSocket", "grpc"]
-                    .iter()
-                    .any(|k| p.get(k).is_some())
-            });
-            if network_probe {
-                out.notes.push(format!(
-                    "{at}: container {cname} {probe}: the kubelet dials the Pod IP, where the \
-                     proxy listens; it passes in PERMISSIVE mode but fails under STRICT \
-                     (Rampart does not rewrite probes yet): use an exec probe or keep the \
-                     port PERMISSIVE"
-                ));
-            }
-        }
+        rewrite_probes(c, at, &cname, probe_rewrite.as_ref(), &mut probers, out);
         add_app_env(c, at, &cname, out)?;
     }
     if !any_port {
@@ -486,7 +501,7 @@ fn inject_pod(
 
     // Sidecars first, so they start (in order) before the app's own init containers.
     let (host, _) = split_host_port(&opts.ca_address).unwrap_or((&opts.ca_address, ""));
-    let sidecars = [agent_container(opts, host), proxy_container(opts)];
+    let sidecars = [agent_container(opts, host), proxy_container(opts, &probers)];
     let init = spec
         .entry("initContainers")
         .or_insert_with(|| Value::Array(Vec::new()));
@@ -600,6 +615,119 @@ fn add_app_env(c: &mut Value, at: &str, cname: &str, out: &mut Injected) -> Resu
     Ok(())
 }
 
+/// Rewrites container `c`'s `httpGet` (HTTP) and `tcpSocket` probes into `httpGet` of
+/// `/app-health/<container>/<livez|readyz|startupz>` on the proxy's probe port, keeping
+/// their timing, and records each original in `probers` (path -> probe, ports resolved to
+/// numbers) for the proxy, which does it against the app on 127.0.0.1. Probes it cannot
+/// pass through (gRPC, HTTPS, another `host`, a port name the container does not declare),
+/// or all of them when `rewrite` says why not, are left as they are, with a note: they reach
+/// the proxy's inbound port as plaintext and fail under STRICT.
+fn rewrite_probes(
+    c: &mut Value,
+    at: &str,
+    cname: &str,
+    rewrite: Result<&(), &String>,
+    probers: &mut Map<String, Value>,
+    out: &mut Injected,
+) {
+    let named_ports: Vec<(String, u64)> = c
+        .get("ports")
+        .and_then(Value::as_array)
+        .map(|ps| {
+            ps.iter()
+                .filter_map(|p| {
+                    Some((
+                        p.get("name")?.as_str()?.to_owned(),
+                        p.get("containerPort")?.as_u64()?,
+                    ))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let resolve = |port: Option<&Value>| -> Option<u64> {
+        match port? {
+            Value::Number(n) => n.as_u64().filter(|p| (1..=65535).contains(p)),
+            Value::String(name) => name
+                .parse::<u64>()
+                .ok()
+                .filter(|p| (1..=65535).contains(p))
+                .or_else(|| named_ports.iter().find(|(n, _)| n == name).map(|(_, p)| *p)),
+            _ => None,
+        }
+    };
+    for (probe, kind) in [
+        ("livenessProbe", "livez"),
+        ("readinessProbe", "readyz"),
+        ("startupProbe", "startupz"),
+    ] {
+        let Some(p) = c.get_mut(probe).and_then(Value::as_object_mut) else {
+            continue;
+        };
+        let network = ["httpGet", "tcpSocket", "grpc"]
+            .iter()
+            .any(|k| p.get(*k).is_some());
+        if !network {
+            continue;
+        }
+        let why_not = |why: &str| {
+            format!(
+                "{at}: container {cname} {probe}: not rewritten ({why}): the kubelet dials the \
+                 Pod IP, where the proxy listens; it passes in PERMISSIVE mode but fails under \
+                 STRICT: use an exec probe or keep the port PERMISSIVE"
+            )
+        };
+        if let Err(why) = rewrite {
+            out.notes.push(why_not(why));
+            continue;
+        }
+        let original = if let Some(h) = p.get("httpGet") {
+            let scheme = h.get("scheme").and_then(Value::as_str).unwrap_or("HTTP");
+            if !scheme.eq_ignore_ascii_case("HTTP") {
+                out.notes.push(why_not(&format!("scheme {scheme}")));
+                continue;
+            }
+            if h.get("host").is_some_and(|v| !v.is_null()) {
+                out.notes.push(why_not("it names a host"));
+                continue;
+            }
+            let Some(port) = resolve(h.get("port")) else {
+                out.notes
+                    .push(why_not("its port is not a number or a declared port name"));
+                continue;
+            };
+            let mut h = h.clone();
+            h["port"] = port.into();
+            json!({"httpGet": h})
+        } else if let Some(t) = p.get("tcpSocket") {
+            if t.get("host").is_some_and(|v| !v.is_null()) {
+                out.notes.push(why_not("it names a host"));
+                continue;
+            }
+            let Some(port) = resolve(t.get("port")) else {
+                out.notes
+                    .push(why_not("its port is not a number or a declared port name"));
+                continue;
+            };
+            json!({"tcpSocket": {"port": port}})
+        } else {
+            out.notes.push(why_not("a gRPC probe"));
+            continue;
+        };
+        let mut original = original;
+        if let Some(t) = p.get("timeoutSeconds") {
+            original["timeoutSeconds"] = t.clone();
+        }
+        let path = format!("/app-health/{cname}/{kind}");
+        p.remove("httpGet");
+        p.remove("tcpSocket");
+        p.insert(
+            "httpGet".into(),
+            json!({"path": path, "port": APP_PROBE_PORT, "scheme": "HTTP"}),
+        );
+        probers.insert(path, original);
+    }
+}
+
 fn downward_env() -> Value {
     json!([
         {"name": "POD_NAME", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}},
@@ -653,7 +781,7 @@ fn agent_container(opts: &Options, ca_host: &str) -> Value {
     })
 }
 
-fn proxy_container(opts: &Options) -> Value {
+fn proxy_container(opts: &Options, probers: &Map<String, Value>) -> Value {
     let probe = |period: u32, failures: u32| {
         json!({
             "exec": {"command": ["rampart", "probe", format!("http://{ADMIN_ADDR}/ready")]},
@@ -662,18 +790,33 @@ fn proxy_container(opts: &Options) -> Value {
             "failureThreshold": failures,
         })
     };
+    let mut args = json!([
+        "proxy",
+        "--control-plane",
+        opts.ca_address,
+        "--workload",
+        "$(POD_NAMESPACE)/$(POD_NAME)",
+        "--sds-socket",
+        SOCKET_PATH,
+        "--admin",
+        ADMIN_ADDR,
+    ]);
+    let mut env = downward_env();
+    if !probers.is_empty() {
+        let a = args.as_array_mut().expect("an array");
+        a.push("--app-probes-listen".into());
+        a.push(format!("$(POD_IP):{APP_PROBE_PORT}").into());
+        env.as_array_mut().expect("an array").push(json!({
+            "name": APP_PROBERS_ENV,
+            "value": Value::Object(probers.clone()).to_string(),
+        }));
+    }
     json!({
         "name": PROXY_CONTAINER,
         "image": opts.image,
         "restartPolicy": "Always",
-        "args": [
-            "proxy",
-            "--control-plane", opts.ca_address,
-            "--workload", "$(POD_NAMESPACE)/$(POD_NAME)",
-            "--sds-socket", SOCKET_PATH,
-            "--admin", ADMIN_ADDR,
-        ],
-        "env": downward_env(),
+        "args": args,
+        "env": env,
         // The app containers start once this passes: the proxy has its certificate and config.
         "startupProbe": probe(1, 120),
         "readinessProbe": probe(5, 3),

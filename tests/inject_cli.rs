@@ -2,6 +2,8 @@
 //! at Istio's Pod paths (DESIGN §6); everything else passed through byte for byte; bad input
 //! refused with the document index and nothing printed.
 
+mod support;
+
 use std::io::Write as _;
 use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -773,5 +775,241 @@ fn injected_objects_round_trip_through_kubernetes_types() {
             k => panic!("unexpected {k}"),
         }
         assert!(out.contains("restartPolicy: Always"));
+    }
+}
+
+/// The kubelet's network probes go through the proxy (Istio's probe rewriting): `httpGet`
+/// (by number or port name) and `tcpSocket` probes become `httpGet` of
+/// `/app-health/<container>/<kind>` on port 15020, their timing kept; the proxy gets
+/// `--app-probes-listen $(POD_IP):15020` and the originals in `ISTIO_KUBE_APP_PROBERS`. Then
+/// the real `rampart proxy`, given exactly that variable, answers the rewritten probes by
+/// doing the originals against an app on 127.0.0.1: the app's status and the probe's
+/// headers pass; a closed app port is 503; other paths are 404.
+#[test]
+fn probes_are_rewritten_and_the_proxy_does_the_originals() {
+    let app = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let app_port = app.local_addr().unwrap().port();
+    let manifest = format!(
+        "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+spec:
+  containers:
+  - name: app
+    image: example/web:1
+    ports:
+    - name: http
+      containerPort: {app_port}
+    readinessProbe:
+      httpGet:
+        path: /healthz?deep=1
+        port: http
+        httpHeaders:
+        - name: X-Probe
+          value: kubelet
+      periodSeconds: 7
+      timeoutSeconds: 2
+    livenessProbe:
+      tcpSocket:
+        port: {app_port}
+      initialDelaySeconds: 3
+    startupProbe:
+      grpc:
+        port: {app_port}
+"
+    );
+    let (out, notes) = inject_stdin(&manifest, &[]);
+    let pod = &docs(&out)[0];
+    let spec = pod_spec(pod);
+    let app_c = container(spec, "containers", "app");
+    assert_eq!(
+        app_c["readinessProbe"],
+        serde_json::json!({"httpGet": {"path": "/app-health/app/readyz", "port": 15020,
+            "scheme": "HTTP"}, "periodSeconds": 7, "timeoutSeconds": 2})
+    );
+    assert_eq!(
+        app_c["livenessProbe"],
+        serde_json::json!({"httpGet": {"path": "/app-health/app/livez", "port": 15020,
+            "scheme": "HTTP"}, "initialDelaySeconds": 3})
+    );
+    // gRPC probes are not passed through: left as they are, with a note.
+    assert_eq!(app_c["startupProbe"]["grpc"]["port"], app_port);
+    assert!(
+        notes.contains("startupProbe: not rewritten (a gRPC probe)"),
+        "{notes}"
+    );
+    let proxy = container(spec, "initContainers", "rampart-proxy");
+    assert_eq!(
+        flag(&args_of(proxy), "--app-probes-listen"),
+        "$(POD_IP):15020"
+    );
+    let probers = env_value(proxy, "ISTIO_KUBE_APP_PROBERS")
+        .and_then(Value::as_str)
+        .expect("ISTIO_KUBE_APP_PROBERS on the proxy")
+        .to_owned();
+    let originals: Value = serde_json::from_str(&probers).unwrap();
+    assert_eq!(
+        originals["/app-health/app/readyz"]["httpGet"]["port"], app_port,
+        "the port name is resolved: {originals}"
+    );
+
+    // The app: answers /healthz?deep=1 with 200 when the probe header came, else 500.
+    let seen = std::sync::Arc::new(std::sync::Mutex::new(Vec::<String>::new()));
+    {
+        let seen = seen.clone();
+        std::thread::spawn(move || {
+            for s in app.incoming() {
+                let Ok(mut s) = s else { return };
+                let mut buf = [0u8; 4096];
+                let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let ok = head.starts_with("GET /healthz?deep=1 ")
+                    && head.to_ascii_lowercase().contains("x-probe: kubelet");
+                seen.lock().unwrap().push(head);
+                let status = if ok {
+                    "200 OK"
+                } else {
+                    "500 Internal Server Error"
+                };
+                let _ = s.write_all(
+                    format!("HTTP/1.1 {status}\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .as_bytes(),
+                );
+            }
+        });
+    }
+    let probe_addr = std::net::SocketAddr::from(([127, 0, 0, 1], support::free_port()));
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args([
+            "proxy",
+            "--control-plane",
+            "127.0.0.1:1",
+            "--workload",
+            "shop/web",
+        ])
+        .arg("--sds-socket")
+        .arg(dir.path().join("no-agent.sock"))
+        .args(["--app-probes-listen", &probe_addr.to_string()])
+        .env("ISTIO_KUBE_APP_PROBERS", &probers)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let get = |path: &str| -> (u16, String) {
+        let out = Command::new("curl")
+            .args(["-s", "--max-time", "5", "-w", "\n%{http_code}"])
+            .args(["-A", "kube-probe/1.33"])
+            .arg(format!("http://{probe_addr}{path}"))
+            .output()
+            .unwrap();
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (body, code) = text.rsplit_once('\n').unwrap_or(("", "0"));
+        (code.parse().unwrap_or(0), body.to_owned())
+    };
+    let start = Instant::now();
+    while get("/app-health/app/livez").0 == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the probe port never opened"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(get("/app-health/app/readyz").0, 200);
+    let head = seen.lock().unwrap().last().cloned().unwrap();
+    assert!(
+        head.contains("kube-probe/1.33"),
+        "the kubelet's User-Agent passed: {head}"
+    );
+    assert_eq!(get("/app-health/app/livez").0, 200);
+    // Only the probes: no other path reaches the app.
+    let before = seen.lock().unwrap().len();
+    assert_eq!(get("/healthz").0, 404);
+    assert_eq!(get("/app-health/app/startupz").0, 404);
+    assert_eq!(seen.lock().unwrap().len(), before);
+    let _ = child.kill();
+    let _ = child.wait();
+
+    // Its twin: with the app's port closed, both probes fail.
+    let closed_port = support::free_port();
+    let dead = probers.replace(&app_port.to_string(), &closed_port.to_string());
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args([
+            "proxy",
+            "--control-plane",
+            "127.0.0.1:1",
+            "--workload",
+            "shop/web",
+        ])
+        .arg("--sds-socket")
+        .arg(dir.path().join("no-agent.sock"))
+        .args(["--app-probes-listen", &probe_addr.to_string()])
+        .env("ISTIO_KUBE_APP_PROBERS", &dead)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let start = Instant::now();
+    while get("/app-health/app/livez").0 == 0 {
+        assert!(
+            start.elapsed() < Duration::from_secs(20),
+            "the probe port never opened"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let (code, body) = get("/app-health/app/readyz");
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(get("/app-health/app/livez").0, 503);
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+/// Probes stay as they are (with a note each) when the Pod opts out of rewriting
+/// (`sidecar.istio.io/rewriteAppHTTPProbers: "false"`) or an app declares port 15020; then
+/// the proxy gets no probe listener.
+#[test]
+fn probe_rewriting_opt_outs() {
+    let pod = |annotations: &str, port: u16| {
+        format!(
+            "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+  annotations: {annotations}
+spec:
+  containers:
+  - name: app
+    image: example/web:1
+    ports:
+    - containerPort: {port}
+    readinessProbe:
+      httpGet:
+        path: /healthz
+        port: {port}
+"
+        )
+    };
+    for (manifest, why) in [
+        (
+            pod("{sidecar.istio.io/rewriteAppHTTPProbers: \"false\"}", 8080),
+            "rewriteAppHTTPProbers",
+        ),
+        (pod("{}", 15020), "port 15020"),
+    ] {
+        let (out, notes) = inject_stdin(&manifest, &[]);
+        let pod = &docs(&out)[0];
+        let spec = pod_spec(pod);
+        let app = container(spec, "containers", "app");
+        assert_eq!(app["readinessProbe"]["httpGet"]["path"], "/healthz");
+        assert!(
+            notes.contains("not rewritten") && notes.contains(why),
+            "{notes}"
+        );
+        let proxy = container(spec, "initContainers", "rampart-proxy");
+        assert!(!args_of(proxy).contains(&"--app-probes-listen".to_owned()));
+        assert!(env_value(proxy, "ISTIO_KUBE_APP_PROBERS").is_none());
     }
 }

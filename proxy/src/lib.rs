@@ -13,6 +13,7 @@
 // that no module imports; tests/module_cycles.rs keeps it so):
 mod admin;
 mod app;
+pub mod app_probes;
 mod config;
 mod conn;
 mod control;

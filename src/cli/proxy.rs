@@ -71,6 +71,20 @@ pub(crate) struct ProxyArgs {
     /// On SIGTERM/SIGINT: how long in-flight requests may take before they are cut.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
+    /// Serve the kubelet's rewritten app probes (`/app-health/<container>/<kind>`, plaintext
+    /// HTTP) on this address, e.g. $(POD_IP):15020: each does the original probe from
+    /// --app-probers against the app on 127.0.0.1 (docs/KUBERNETES.md, "Probes").
+    #[arg(long, value_name = "ADDR", requires = "app_probers")]
+    app_probes_listen: Option<std::net::SocketAddr>,
+    /// The original probes, as JSON: `/app-health/...` path -> {"httpGet": {...}} or
+    /// {"tcpSocket": {...}} with "timeoutSeconds" (what the injector writes; Istio's format).
+    #[arg(
+        long,
+        value_name = "JSON",
+        env = "ISTIO_KUBE_APP_PROBERS",
+        hide_env_values = true
+    )]
+    app_probers: Option<String>,
     /// Threads serving connections. One (as linkerd2-proxy defaults to) keeps a request's
     /// hand-offs between its connections on one thread; on the 2-core benchmark machine it
     /// beat two threads in req/s and p99 (docs/PERFORMANCE.md). Raise it for a proxy that
@@ -136,6 +150,21 @@ impl ProxyArgs {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
+        let app_probes = match (self.app_probes_listen, &self.app_probers) {
+            (Some(addr), Some(json)) => {
+                let probers = rampart_proxy::app_probes::AppProbers::parse(json)
+                    .map_err(|e| super::bad_input(format!("--app-probers: {e}")))?;
+                let listener = rt
+                    .block_on(tokio::net::TcpListener::bind(addr))
+                    .map_err(|e| super::bad_input(format!("--app-probes-listen {addr}: {e}")))?;
+                tracing::info!(%addr, probes = probers.len(), "serving the app's probes");
+                Some(rt.spawn(rampart_proxy::app_probes::serve(
+                    listener,
+                    std::sync::Arc::new(probers),
+                )))
+            }
+            _ => None,
+        };
         let result = match control_plane {
             Some(cp) => rt.block_on(rampart_proxy::run_control_plane(
                 opts,
@@ -144,6 +173,9 @@ impl ProxyArgs {
             )),
             None => rt.block_on(rampart_proxy::run(opts, super::process::shutdown_signal())),
         };
+        if let Some(task) = app_probes {
+            task.abort();
+        }
         rt.shutdown_timeout(Duration::from_millis(200));
         match result {
             Ok(()) => Ok(ExitCode::SUCCESS),
