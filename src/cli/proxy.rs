@@ -74,7 +74,8 @@ pub(crate) struct ProxyArgs {
     /// Serve the kubelet's rewritten app probes (`/app-health/<container>/<kind>`, plaintext
     /// HTTP) on this address, e.g. $(POD_IP):15020: each does the original probe from
     /// --app-probers against the app on 127.0.0.1 (docs/KUBERNETES.md, "Probes").
-    #[arg(long, value_name = "ADDR", requires = "app_probers")]
+    /// An IPv6 Pod IP may be given bare (`fd00::5:15020`, as `$(POD_IP):15020` expands).
+    #[arg(long, value_name = "ADDR", requires = "app_probers", value_parser = listen_addr)]
     app_probes_listen: Option<std::net::SocketAddr>,
     /// The original probes, as JSON: `/app-health/...` path -> {"httpGet": {...}} or
     /// {"tcpSocket": {...}} with "timeoutSeconds" (what the injector writes; Istio's format).
@@ -184,6 +185,47 @@ impl ProxyArgs {
                 @ (rampart_proxy::Error::MeshFolder(_) | rampart_proxy::Error::UnknownWorkload(_)),
             ) => Err(super::bad_input(e.to_string())),
             Err(e) => Err(e.into()),
+        }
+    }
+}
+
+/// `IP:PORT`, `[IPv6]:PORT`, or a bare `IPv6:PORT` (what `$(POD_IP):PORT` expands to on an
+/// IPv6 Pod: the last colon separates the port).
+fn listen_addr(s: &str) -> Result<std::net::SocketAddr, String> {
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let (ip, port) = s
+        .rsplit_once(':')
+        .ok_or_else(|| format!("{s:?}: expected IP:PORT"))?;
+    let ip: std::net::IpAddr = ip
+        .parse()
+        .map_err(|e| format!("{s:?}: {ip:?} is not an IP address: {e}"))?;
+    let port: u16 = port
+        .parse()
+        .map_err(|e| format!("{s:?}: {port:?} is not a port: {e}"))?;
+    Ok(std::net::SocketAddr::new(ip, port))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn listen_addresses_of_ipv4_and_ipv6_pods() {
+        use super::listen_addr;
+        assert_eq!(
+            listen_addr("10.0.0.5:15020").unwrap(),
+            "10.0.0.5:15020".parse().unwrap()
+        );
+        assert_eq!(
+            listen_addr("fd00::5:15020").unwrap(),
+            "[fd00::5]:15020".parse().unwrap()
+        );
+        assert_eq!(
+            listen_addr("[fd00::5]:15020").unwrap(),
+            "[fd00::5]:15020".parse().unwrap()
+        );
+        for bad in ["15020", "pod:15020", "10.0.0.5:http", "$(POD_IP):15020"] {
+            assert!(listen_addr(bad).is_err(), "{bad}");
         }
     }
 }
