@@ -81,7 +81,20 @@ pub async fn sync_ca_material(
 ) -> Result<Origin, K8sError> {
     let secrets: Api<Secret> = Api::namespaced(client.clone(), namespace);
     if let Some(cacerts) = secrets.get_opt(CACERTS_SECRET).await? {
-        write_plugin(namespace, &cacerts, cacerts_dir, trust_domain)?;
+        if let Err(e) = write_plugin(namespace, &cacerts, cacerts_dir, trust_domain) {
+            // The replica will not start: say why where `kubectl describe secret` looks.
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                post_refusal(
+                    client.clone(),
+                    namespace,
+                    &cacerts,
+                    &format!("this CA replica does not start: {e}"),
+                ),
+            )
+            .await;
+            return Err(e);
+        }
         tracing::info!(secret = %format!("{namespace}/{CACERTS_SECRET}"), "CA material: plug-in Secret");
         return Ok(Origin::Plugin);
     }
@@ -216,6 +229,9 @@ fn write_plugin(
             write(&scratch.path().join(file), text, 0o600)?;
         }
     }
+    // Messages name the Secret's key, not the scratch folder it was checked in.
+    let scratch_prefix = format!("{}/", scratch.path().display());
+    let refused = |e: String| refused(e.replace(&scratch_prefix, ""));
     let files = PluginFiles::read(scratch.path()).map_err(|e| refused(e.to_string()))?;
     if !files.is_plugin() {
         return Err(refused(format!(
@@ -325,6 +341,7 @@ pub async fn follow_cacerts_reporting(
     let mut stream = std::pin::pin!(watcher::watcher(secrets.clone(), config).default_backoff());
     let secret_name = format!("{namespace}/{CACERTS_SECRET}");
     let mut follower = Follower {
+        client: client.clone(),
         namespace: &namespace,
         secret_name: &secret_name,
         dir: &cacerts_dir,
@@ -387,6 +404,7 @@ pub async fn follow_cacerts_reporting(
 
 /// The state of [`follow_cacerts_reporting`] between events.
 struct Follower<'a> {
+    client: kube::Client,
     namespace: &'a str,
     secret_name: &'a str,
     dir: &'a Path,
@@ -413,6 +431,12 @@ impl Follower<'_> {
                 if self.last_error.as_deref() != Some(e.as_str()) {
                     tracing::error!(error = %e, "plug-in Secret refused; the CA keeps its material");
                     self.last_error = Some(e.clone());
+                    tokio::spawn(post_refusal(
+                        self.client.clone(),
+                        self.namespace,
+                        secret,
+                        &format!("the CA keeps its last good material: {e}"),
+                    ));
                 }
                 CacertsEvent::Refused(e)
             }
@@ -663,4 +687,26 @@ pub async fn follow_ca_secret(
             }
         }
     }
+}
+
+/// A Warning Event on Secret `secret` saying why its CA material was refused (reason
+/// [`crate::source::EVENT_REASON_CA_MATERIAL`]; best effort), so that `kubectl describe
+/// secret cacerts` and `kubectl get events` show it beside the CA's log.
+fn post_refusal(
+    client: kube::Client,
+    namespace: &str,
+    secret: &Secret,
+    why: &str,
+) -> impl std::future::Future<Output = ()> + Send + 'static {
+    let r = rampart_mesh::kube::Refused {
+        api_version: "v1".into(),
+        kind: "Secret".into(),
+        namespace: namespace.to_owned(),
+        name: secret.metadata.name.clone().unwrap_or_default(),
+        uid: secret.metadata.uid.clone().unwrap_or_default(),
+        resource_version: secret.metadata.resource_version.clone().unwrap_or_default(),
+        field: String::new(),
+        reason: format!("CA material not loaded; {why}"),
+    };
+    crate::source::post_event(client, r)
 }

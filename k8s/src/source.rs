@@ -44,6 +44,8 @@ pub const EVENT_REASON_POLICY: &str = "RampartInvalidPolicy";
 pub const EVENT_REASON_OBJECT: &str = "RampartInvalidObject";
 /// The Event source component.
 pub const EVENT_COMPONENT: &str = "rampart";
+/// The Event reason for a refused Secret `cacerts` (CA material the CA does not load).
+pub const EVENT_REASON_CA_MATERIAL: &str = "RampartInvalidCAMaterial";
 
 /// The policy kinds and versions watched.
 const POLICY_KINDS: [&str; 3] = [
@@ -445,7 +447,7 @@ impl Reporter {
 
 /// Post a core/v1 Warning Event regarding the refused object (best effort: a failure is
 /// logged, the refusal stands).
-async fn post_event(client: kube::Client, r: Refused) {
+pub(crate) async fn post_event(client: kube::Client, r: Refused) {
     let ns = if r.namespace.is_empty() {
         "default".to_owned()
     } else {
@@ -457,7 +459,9 @@ async fn post_event(client: kube::Client, r: Refused) {
         .duration_since(std::time::UNIX_EPOCH)
         .map(|d| d.as_nanos())
         .unwrap_or(0);
-    let reason = if r.api_version.starts_with(rampart_authz::SECURITY_GROUP) {
+    let reason = if r.kind == "Secret" {
+        EVENT_REASON_CA_MATERIAL
+    } else if r.api_version.starts_with(rampart_authz::SECURITY_GROUP) {
         EVENT_REASON_POLICY
     } else {
         EVENT_REASON_OBJECT

@@ -224,6 +224,34 @@ async fn broken_cacerts_secret_is_refused_not_replaced_by_a_self_signed_root() {
         fake.get(SECRETS, CA_SECRET).is_none(),
         "fail closed: no fallback root"
     );
+    // Why the replica does not start, on the Secret itself (kubectl describe secret cacerts).
+    let events = fake.objects(EVENTS);
+    assert_eq!(events.len(), 1, "{events:?}");
+    let e = &events[0];
+    assert_eq!(e["involvedObject"]["kind"], "Secret");
+    assert_eq!(e["involvedObject"]["name"], "cacerts");
+    assert_eq!(e["reason"], "RampartInvalidCAMaterial");
+    assert_eq!(e["type"], "Warning");
+    let msg = e["message"].as_str().unwrap();
+    assert!(
+        msg.contains("does not start") && msg.contains("ca-cert.pem"),
+        "{msg}"
+    );
+    assert!(!msg.contains(".check-"), "the scratch folder leaked: {msg}");
+}
+
+const EVENTS: &str = "/api/v1/namespaces/istio-system/events";
+
+/// Waits (up to 5 s) until the fake holds `n` Events in istio-system.
+async fn events_now(fake: &FakeApi, n: usize) -> Vec<serde_json::Value> {
+    for _ in 0..250 {
+        let e = fake.objects(EVENTS);
+        if e.len() >= n {
+            return e;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("not {n} Events within 5 s: {:?}", fake.objects(EVENTS));
 }
 
 /// Self-signed root material (cert, key) made in a temporary folder.
@@ -458,6 +486,11 @@ async fn cacerts_watch_events_reach_the_folder_and_broken_ones_are_refused() {
             ("root-cert.pem", &a_cert),
         ],
     );
+    assert!(
+        fake.objects(EVENTS).is_empty(),
+        "no Event for good material: {:?}",
+        fake.objects(EVENTS)
+    );
     let e = next_event(&mut rx, "the refusal", |_| true).await;
     match &e {
         CacertsEvent::Refused(why) => assert!(why.contains("istio-system/cacerts"), "{why}"),
@@ -467,6 +500,18 @@ async fn cacerts_watch_events_reach_the_folder_and_broken_ones_are_refused() {
     }
     assert_eq!(read("ca-cert.pem"), b_cert);
     assert_eq!(read("ca-key.pem"), b_key);
+    // The refusal is also a Warning Event on the Secret, naming the Secret's key (not the
+    // scratch folder the material was checked in).
+    let events = events_now(&fake, 1).await;
+    let ev = &events[0];
+    assert_eq!(ev["involvedObject"]["name"], "cacerts");
+    assert_eq!(ev["reason"], "RampartInvalidCAMaterial");
+    let msg = ev["message"].as_str().unwrap();
+    assert!(
+        msg.contains("keeps its last good material") && msg.contains("ca-key.pem"),
+        "{msg}"
+    );
+    assert!(!msg.contains(".check-"), "{msg}");
 
     // Deleted: reported, and the folder keeps the last good material.
     fake.delete(SECRETS, "cacerts");
