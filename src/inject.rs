@@ -48,6 +48,10 @@ pub const SOCKET_PATH: &str = "/var/run/secrets/workload-spiffe-uds/socket";
 /// Pod IP, and the environment variable holding the original probes (Istio's name).
 pub const APP_PROBE_PORT: u16 = 15020;
 pub const APP_PROBERS_ENV: &str = "ISTIO_KUBE_APP_PROBERS";
+/// The sidecar's own ports on the Pod's loopback (admin, outbound, probes): a rewritten probe
+/// never targets them (the kubelet could not reach them before; through the probe port it
+/// would).
+const SIDECAR_PORTS: [u64; 3] = [15000, 15001, APP_PROBE_PORT as u64];
 /// Istio's opt-out of probe rewriting, on the Pod.
 pub const REWRITE_PROBES_ANNOTATION: &str = "sidecar.istio.io/rewriteAppHTTPProbers";
 
@@ -438,21 +442,26 @@ fn inject_pod(
         }
     }
 
+    // The kubelet's network probes of the apps go through the proxy's probe port (Istio's
+    // rewriting), unless the Pod opts out or a container declares that port itself.
+    let probe_port_taken = ["containers", "initContainers"].iter().any(|list| {
+        spec.get(*list).and_then(Value::as_array).is_some_and(|cs| {
+            cs.iter().any(|c| {
+                c.get("ports").and_then(Value::as_array).is_some_and(|ps| {
+                    ps.iter().any(|p| {
+                        p.get("containerPort").and_then(Value::as_u64)
+                            == Some(u64::from(APP_PROBE_PORT))
+                    })
+                })
+            })
+        })
+    });
     // Notes: what the apps must do without iptables.
     let containers = spec
         .get_mut("containers")
         .and_then(Value::as_array_mut)
         .ok_or_else(|| format!("{at}: {spec_at}.containers is not a list"))?;
     let mut any_port = false;
-    // The kubelet's network probes of the apps go through the proxy's probe port (Istio's
-    // rewriting), unless the Pod opts out or an app declares that port itself.
-    let probe_port_taken = containers.iter().any(|c| {
-        c.get("ports").and_then(Value::as_array).is_some_and(|ps| {
-            ps.iter().any(|p| {
-                p.get("containerPort").and_then(Value::as_u64) == Some(u64::from(APP_PROBE_PORT))
-            })
-        })
-    });
     let probe_rewrite = if annotations
         .get(REWRITE_PROBES_ANNOTATION)
         .is_some_and(is_false)
@@ -460,7 +469,7 @@ fn inject_pod(
         Err(format!("annotation {REWRITE_PROBES_ANNOTATION}: \"false\""))
     } else if probe_port_taken {
         Err(format!(
-            "an app container declares port {APP_PROBE_PORT}, the proxy's probe port"
+            "a container declares port {APP_PROBE_PORT}, the proxy's probe port"
         ))
     } else {
         Ok(())
@@ -491,6 +500,20 @@ fn inject_pod(
         }
         rewrite_probes(c, at, &cname, probe_rewrite.as_ref(), &mut probers, out);
         add_app_env(c, at, &cname, out)?;
+    }
+    // The app's own native sidecars (init containers that keep running) are probed too.
+    if let Some(init) = spec.get_mut("initContainers").and_then(Value::as_array_mut) {
+        for c in init
+            .iter_mut()
+            .filter(|c| c.get("restartPolicy").and_then(Value::as_str) == Some("Always"))
+        {
+            let cname = c
+                .get("name")
+                .and_then(Value::as_str)
+                .unwrap_or_default()
+                .to_owned();
+            rewrite_probes(c, at, &cname, probe_rewrite.as_ref(), &mut probers, out);
+        }
     }
     if !any_port {
         out.notes.push(format!(
@@ -575,7 +598,7 @@ fn is_false(v: &Value) -> bool {
         Value::Bool(b) => !b,
         Value::String(s) => matches!(
             s.to_ascii_lowercase().as_str(),
-            "false" | "n" | "no" | "off"
+            "false" | "f" | "0" | "n" | "no" | "off"
         ),
         _ => false,
     }
@@ -686,7 +709,7 @@ fn rewrite_probes(
                 out.notes.push(why_not(&format!("scheme {scheme}")));
                 continue;
             }
-            if h.get("host").is_some_and(|v| !v.is_null()) {
+            if h.get("host").is_some_and(|v| !v.is_null() && v != "") {
                 out.notes.push(why_not("it names a host"));
                 continue;
             }
@@ -695,11 +718,28 @@ fn rewrite_probes(
                     .push(why_not("its port is not a number or a declared port name"));
                 continue;
             };
+            if SIDECAR_PORTS.contains(&port) {
+                out.notes
+                    .push(why_not(&format!("port {port} is the sidecar's own")));
+                continue;
+            }
+            let path = h.get("path").and_then(Value::as_str).unwrap_or("/");
+            let path = if path.starts_with('/') {
+                path.to_owned()
+            } else {
+                format!("/{path}")
+            };
+            if path.parse::<http::uri::PathAndQuery>().is_err() {
+                out.notes.push(why_not(&format!(
+                    "its path {path:?} is not a valid request target"
+                )));
+                continue;
+            }
             let mut h = h.clone();
             h["port"] = port.into();
             json!({"httpGet": h})
         } else if let Some(t) = p.get("tcpSocket") {
-            if t.get("host").is_some_and(|v| !v.is_null()) {
+            if t.get("host").is_some_and(|v| !v.is_null() && v != "") {
                 out.notes.push(why_not("it names a host"));
                 continue;
             }
@@ -708,6 +748,11 @@ fn rewrite_probes(
                     .push(why_not("its port is not a number or a declared port name"));
                 continue;
             };
+            if SIDECAR_PORTS.contains(&port) {
+                out.notes
+                    .push(why_not(&format!("port {port} is the sidecar's own")));
+                continue;
+            }
             json!({"tcpSocket": {"port": port}})
         } else {
             out.notes.push(why_not("a gRPC probe"));
@@ -806,9 +851,10 @@ fn proxy_container(opts: &Options, probers: &Map<String, Value>) -> Value {
         let a = args.as_array_mut().expect("an array");
         a.push("--app-probes-listen".into());
         a.push(format!("$(POD_IP):{APP_PROBE_PORT}").into());
+        // The kubelet expands `$(VAR)` and `$$` in env values: `$$` keeps a probe's own `$`.
         env.as_array_mut().expect("an array").push(json!({
             "name": APP_PROBERS_ENV,
-            "value": Value::Object(probers.clone()).to_string(),
+            "value": Value::Object(probers.clone()).to_string().replace('$', "$$"),
         }));
     }
     json!({

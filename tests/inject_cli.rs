@@ -925,10 +925,18 @@ spec:
     );
     assert_eq!(get("/app-health/app/livez").0, 200);
     // Only the probes: no other path reaches the app.
-    let before = seen.lock().unwrap().len();
+    // (The TCP probe's bare connections reach the app too; count HTTP requests only.)
+    let requests = || {
+        seen.lock()
+            .unwrap()
+            .iter()
+            .filter(|h| h.starts_with("GET "))
+            .count()
+    };
+    let before = requests();
     assert_eq!(get("/healthz").0, 404);
     assert_eq!(get("/app-health/app/startupz").0, 404);
-    assert_eq!(seen.lock().unwrap().len(), before);
+    assert_eq!(requests(), before);
     let _ = child.kill();
     let _ = child.wait();
 
@@ -1012,4 +1020,74 @@ spec:
         assert!(!args_of(proxy).contains(&"--app-probes-listen".to_owned()));
         assert!(env_value(proxy, "ISTIO_KUBE_APP_PROBERS").is_none());
     }
+}
+
+/// The edges of probe rewriting: a `$` in a probe survives the kubelet's `$(VAR)`/`$$`
+/// expansion of env values (written `$$`); the app's own native sidecars (init containers
+/// with `restartPolicy: Always`) are rewritten too; `host: ""` is no host; a probe of the
+/// sidecar's own ports (15000, 15001) is left alone with a note.
+#[test]
+fn probe_rewriting_edges() {
+    let manifest = "\
+apiVersion: v1
+kind: Pod
+metadata:
+  name: web
+spec:
+  initContainers:
+  - name: cache
+    image: example/cache:1
+    restartPolicy: Always
+    readinessProbe:
+      tcpSocket:
+        port: 6379
+  containers:
+  - name: app
+    image: example/web:1
+    ports:
+    - containerPort: 8080
+    readinessProbe:
+      httpGet:
+        host: \"\"
+        path: /health$$check
+        port: 8080
+    livenessProbe:
+      tcpSocket:
+        port: 15001
+";
+    let (out, notes) = inject_stdin(manifest, &[]);
+    let pod = &docs(&out)[0];
+    let spec = pod_spec(pod);
+    let app = container(spec, "containers", "app");
+    assert_eq!(
+        app["readinessProbe"]["httpGet"]["path"],
+        "/app-health/app/readyz"
+    );
+    assert_eq!(app["livenessProbe"]["tcpSocket"]["port"], 15001);
+    assert!(
+        notes.contains("livenessProbe: not rewritten (port 15001 is the sidecar's own)"),
+        "{notes}"
+    );
+    let cache = container(spec, "initContainers", "cache");
+    assert_eq!(
+        cache["readinessProbe"]["httpGet"]["path"],
+        "/app-health/cache/readyz"
+    );
+    let proxy = container(spec, "initContainers", "rampart-proxy");
+    let raw = env_value(proxy, "ISTIO_KUBE_APP_PROBERS")
+        .and_then(Value::as_str)
+        .unwrap();
+    // What the kubelet hands the proxy: `$$` -> `$` (no `$(...)` reference in it).
+    assert!(!raw.contains("$("), "{raw}");
+    let expanded = raw.replace("$$", "$");
+    let originals: Value = serde_json::from_str(&expanded).unwrap();
+    assert_eq!(
+        originals["/app-health/app/readyz"]["httpGet"]["path"], "/health$$check",
+        "the probe's own `$$` reaches the proxy unchanged: {expanded}"
+    );
+    assert_eq!(
+        originals["/app-health/cache/readyz"]["tcpSocket"]["port"],
+        6379
+    );
+    assert!(originals.get("/app-health/app/livez").is_none());
 }

@@ -34,14 +34,22 @@ use tokio::net::{TcpListener, TcpStream};
 pub const APP_PROBERS_ENV: &str = "ISTIO_KUBE_APP_PROBERS";
 /// The prefix of every rewritten probe path.
 pub const APP_HEALTH_PREFIX: &str = "/app-health/";
-/// Connections served at once (the kubelet makes a few per Pod per period).
-const MAX_CONNECTIONS: usize = 32;
-/// A probe request's head must arrive within this.
-const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
-/// The kubelet's default probe timeout, when the probe names none.
+/// Connections held at once. At the limit the oldest is closed for the new one, and no
+/// connection outlives one request (no keep-alive) or a [`HEAD_TIMEOUT`] wait for it, so
+/// peers opening connections cannot keep the kubelet's probes waiting.
+const MAX_CONNECTIONS: usize = 512;
+/// A probe request's head must arrive within this (the kubelet sends it at once).
+const HEAD_TIMEOUT: Duration = Duration::from_secs(2);
+/// The kubelet's default probe timeout, when the probe names none (or 0, before defaulting).
 const DEFAULT_TIMEOUT: Duration = Duration::from_secs(1);
-/// The longest probe timeout taken.
-const MAX_TIMEOUT: Duration = Duration::from_secs(60);
+/// How much of the app's answer is read (the kubelet reads 10 KiB); the rest is dropped.
+const MAX_BODY_READ: usize = 10 * 1024;
+/// Redirects followed on the app's own host, as the kubelet follows them.
+const MAX_REDIRECTS: usize = 10;
+/// The sidecar's own loopback ports a probe may not target: the kubelet could never reach
+/// them before, and through the probe port it would (the proxy's admin and outbound
+/// listeners, and the probe port itself).
+pub const RESERVED_PORTS: [u16; 3] = [15000, 15001, 15020];
 
 /// One original probe.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -66,91 +74,104 @@ pub enum Prober {
     },
 }
 
-/// The probes the listener answers, by path.
+/// The probes the listener answers, by path, and the entries it could not read (their
+/// paths answer 500 with the reason, so one bad entry fails its own probe, not the proxy).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct AppProbers(BTreeMap<String, Prober>);
+pub struct AppProbers(BTreeMap<String, Prober>, BTreeMap<String, String>);
 
 impl AppProbers {
-    /// Reads `ISTIO_KUBE_APP_PROBERS`'s JSON. Refuses (naming the path and field) what the
-    /// injector does not write: a path outside `/app-health/`, a port that is not a number in
-    /// 1-65535, an HTTPS probe, a probe with neither `httpGet` nor `tcpSocket`.
+    /// Reads `ISTIO_KUBE_APP_PROBERS`'s JSON. Only JSON that is not an object of path ->
+    /// probe is an error; an entry the injector would not write (a path outside
+    /// `/app-health/`, a port that is not a number in 1-65535 or is one of the sidecar's
+    /// [`RESERVED_PORTS`], an HTTPS probe, neither `httpGet` nor `tcpSocket`, a path that is
+    /// not a valid request target) is kept aside with the reason, see [`AppProbers::broken`].
     pub fn parse(json: &str) -> Result<AppProbers, String> {
         let v: Value = serde_json::from_str(json).map_err(|e| format!("not JSON: {e}"))?;
         let map = v.as_object().ok_or("expected an object of path -> probe")?;
-        let mut out = BTreeMap::new();
+        let mut out = AppProbers::default();
         for (path, probe) in map {
-            let at = |what: &str| format!("{path}: {what}");
-            if !path.starts_with(APP_HEALTH_PREFIX) || path.contains(['?', '#']) {
-                return Err(at(
-                    "the path must start with /app-health/ and have no query",
+            match Self::entry(path, probe) {
+                Ok(p) => {
+                    out.0.insert(path.clone(), p);
+                }
+                Err(why) => {
+                    out.1.insert(path.clone(), why);
+                }
+            }
+        }
+        Ok(out)
+    }
+
+    fn entry(path: &str, probe: &Value) -> Result<Prober, String> {
+        if !path.starts_with(APP_HEALTH_PREFIX) || path.contains(['?', '#']) {
+            return Err("the path must start with /app-health/ and have no query".into());
+        }
+        let timeout = match probe.get("timeoutSeconds").and_then(Value::as_u64) {
+            None | Some(0) => DEFAULT_TIMEOUT,
+            Some(secs) => Duration::from_secs(secs),
+        };
+        let port_of = |handler: &Value| {
+            let port = handler
+                .get("port")
+                .and_then(Value::as_u64)
+                .and_then(|p| u16::try_from(p).ok())
+                .filter(|p| *p > 0)
+                .ok_or("port must be a number in 1-65535")?;
+            if RESERVED_PORTS.contains(&port) {
+                return Err(format!("port {port} is the sidecar's own"));
+            }
+            Ok(port)
+        };
+        if let Some(h) = probe.get("httpGet") {
+            let scheme = h.get("scheme").and_then(Value::as_str).unwrap_or("HTTP");
+            if !scheme.eq_ignore_ascii_case("HTTP") {
+                return Err(format!(
+                    "httpGet.scheme {scheme}: only HTTP probes are passed through"
                 ));
             }
-            let timeout = match probe.get("timeoutSeconds") {
-                None | Some(Value::Null) => DEFAULT_TIMEOUT,
-                Some(t) => {
-                    let secs = t
-                        .as_u64()
-                        .filter(|s| *s > 0)
-                        .ok_or_else(|| at("timeoutSeconds must be a positive number"))?;
-                    Duration::from_secs(secs).min(MAX_TIMEOUT)
-                }
-            };
-            let port_of = |handler: &Value| {
-                handler
-                    .get("port")
-                    .and_then(Value::as_u64)
-                    .and_then(|p| u16::try_from(p).ok())
-                    .filter(|p| *p > 0)
-                    .ok_or_else(|| at("port must be a number in 1-65535"))
-            };
-            let prober = if let Some(h) = probe.get("httpGet") {
-                let scheme = h.get("scheme").and_then(Value::as_str).unwrap_or("HTTP");
-                if !scheme.eq_ignore_ascii_case("HTTP") {
-                    return Err(at(&format!(
-                        "httpGet.scheme {scheme}: only HTTP probes are passed through"
-                    )));
-                }
-                let target = h.get("path").and_then(Value::as_str).unwrap_or("/");
-                let target = if target.starts_with('/') {
-                    target.to_owned()
-                } else {
-                    format!("/{target}")
-                };
-                target
-                    .parse::<http::uri::PathAndQuery>()
-                    .map_err(|e| at(&format!("httpGet.path: {e}")))?;
-                let mut headers = Vec::new();
-                for hv in h
-                    .get("httpHeaders")
-                    .and_then(Value::as_array)
-                    .map(Vec::as_slice)
-                    .unwrap_or_default()
-                {
-                    let name = hv.get("name").and_then(Value::as_str).unwrap_or_default();
-                    let value = hv.get("value").and_then(Value::as_str).unwrap_or_default();
-                    let name = HeaderName::from_bytes(name.as_bytes())
-                        .map_err(|e| at(&format!("httpHeaders name {name:?}: {e}")))?;
-                    let value = HeaderValue::from_str(value)
-                        .map_err(|e| at(&format!("httpHeaders {name} value: {e}")))?;
-                    headers.push((name, value));
-                }
-                Prober::Http {
-                    port: port_of(h)?,
-                    path: target,
-                    headers,
-                    timeout,
-                }
-            } else if let Some(t) = probe.get("tcpSocket") {
-                Prober::Tcp {
-                    port: port_of(t)?,
-                    timeout,
-                }
+            let target = h.get("path").and_then(Value::as_str).unwrap_or("/");
+            let target = if target.starts_with('/') {
+                target.to_owned()
             } else {
-                return Err(at("neither httpGet nor tcpSocket"));
+                format!("/{target}")
             };
-            out.insert(path.clone(), prober);
+            target
+                .parse::<http::uri::PathAndQuery>()
+                .map_err(|e| format!("httpGet.path: {e}"))?;
+            let mut headers = Vec::new();
+            for hv in h
+                .get("httpHeaders")
+                .and_then(Value::as_array)
+                .map(Vec::as_slice)
+                .unwrap_or_default()
+            {
+                let name = hv.get("name").and_then(Value::as_str).unwrap_or_default();
+                let value = hv.get("value").and_then(Value::as_str).unwrap_or_default();
+                let name = HeaderName::from_bytes(name.as_bytes())
+                    .map_err(|e| format!("httpHeaders name {name:?}: {e}"))?;
+                let value = HeaderValue::from_str(value)
+                    .map_err(|e| format!("httpHeaders {name} value: {e}"))?;
+                headers.push((name, value));
+            }
+            Ok(Prober::Http {
+                port: port_of(h)?,
+                path: target,
+                headers,
+                timeout,
+            })
+        } else if let Some(t) = probe.get("tcpSocket") {
+            Ok(Prober::Tcp {
+                port: port_of(t)?,
+                timeout,
+            })
+        } else {
+            Err("neither httpGet nor tcpSocket".into())
         }
-        Ok(AppProbers(out))
+    }
+
+    /// The entries that could not be read, with the reason.
+    pub fn broken(&self) -> &BTreeMap<String, String> {
+        &self.1
     }
 
     /// How many probes there are.
@@ -180,6 +201,12 @@ pub async fn answer<B>(req: Request<B>, probers: &AppProbers) -> Response<Full<B
         return reply(StatusCode::METHOD_NOT_ALLOWED, "probes are GET");
     }
     let Some(prober) = probers.0.get(req.uri().path()) else {
+        if let Some(why) = probers.1.get(req.uri().path()) {
+            return reply(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                &format!("this probe is misconfigured: {why}"),
+            );
+        }
         return reply(StatusCode::NOT_FOUND, "no such app probe");
     };
     match prober {
@@ -203,8 +230,21 @@ pub async fn answer<B>(req: Request<B>, probers: &AppProbers) -> Response<Full<B
             timeout,
         } => {
             let user_agent = req.headers().get(header::USER_AGENT).cloned();
-            match tokio::time::timeout(*timeout, http_probe(*port, path, headers, user_agent)).await
-            {
+            // The kubelet's Host is the Pod IP and the probe port: the app sees the Pod IP
+            // with its own port, as it did before (not 127.0.0.1).
+            let host = req
+                .headers()
+                .get(header::HOST)
+                .and_then(|h| h.to_str().ok())
+                .and_then(|h| h.parse::<http::uri::Authority>().ok())
+                .map(|a| a.host().to_owned());
+            let probe = Probe {
+                port: *port,
+                headers,
+                user_agent,
+                host,
+            };
+            match tokio::time::timeout(*timeout, probe.run(path)).await {
                 Ok(Ok(status)) => reply(status, &format!("app answered {}", status.as_u16())),
                 Ok(Err(e)) => reply(
                     StatusCode::SERVICE_UNAVAILABLE,
@@ -219,52 +259,132 @@ pub async fn answer<B>(req: Request<B>, probers: &AppProbers) -> Response<Full<B
     }
 }
 
-/// The original `httpGet`, against the app on loopback; its status code.
-async fn http_probe(
+/// One `httpGet` as the kubelet would make it, against the app on loopback.
+struct Probe<'a> {
     port: u16,
-    path: &str,
-    headers: &[(HeaderName, HeaderValue)],
+    headers: &'a [(HeaderName, HeaderValue)],
     user_agent: Option<HeaderValue>,
-) -> Result<StatusCode, String> {
-    let tcp = TcpStream::connect(("127.0.0.1", port))
-        .await
-        .map_err(|e| e.to_string())?;
-    let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-        .await
-        .map_err(|e| e.to_string())?;
-    let conn = tokio::spawn(conn);
-    let mut req = Request::builder()
-        .method(Method::GET)
-        .uri(path)
-        .body(Empty::<Bytes>::new())
-        .map_err(|e| e.to_string())?;
-    let h = req.headers_mut();
-    h.insert(
-        header::HOST,
-        HeaderValue::from_str(&format!("127.0.0.1:{port}")).map_err(|e| e.to_string())?,
-    );
-    if let Some(ua) = user_agent {
-        h.insert(header::USER_AGENT, ua);
-    }
-    for (name, value) in headers {
-        h.insert(name.clone(), value.clone());
-    }
-    h.insert(header::CONNECTION, HeaderValue::from_static("close"));
-    let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
-    let status = resp.status();
-    // Read (at most a little of) the body so the app is not cut mid-answer, then drop it.
-    let _ = tokio::time::timeout(Duration::from_millis(200), resp.into_body().collect()).await;
-    conn.abort();
-    Ok(status)
+    /// The host the kubelet asked for (the Pod IP), for the app's `Host` header.
+    host: Option<String>,
 }
 
-/// Serves the probe paths on `listener` until the future is dropped.
-pub async fn serve(listener: TcpListener, probers: Arc<AppProbers>) {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS));
-    loop {
-        let Ok(permit) = slots.clone().acquire_owned().await else {
-            return;
+impl Probe<'_> {
+    /// The probe's status, following redirects on the app's own host (a relative
+    /// `Location`, or one naming this host, localhost or 127.0.0.1) up to [`MAX_REDIRECTS`]
+    /// times as the kubelet does; a redirect elsewhere, or one not followed, counts as
+    /// success (200), as with the kubelet (and Istio).
+    async fn run(&self, path: &str) -> Result<StatusCode, String> {
+        let mut port = self.port;
+        let mut target = path.to_owned();
+        for _ in 0..=MAX_REDIRECTS {
+            let (status, location) = self.once(port, &target).await?;
+            if !status.is_redirection() {
+                return Ok(status);
+            }
+            let Some(next) = location.and_then(|l| self.follow(port, &l)) else {
+                return Ok(StatusCode::OK);
+            };
+            (port, target) = next;
+        }
+        Ok(StatusCode::OK)
+    }
+
+    /// Where a `Location` leads, if it stays on the app: (port, path and query).
+    fn follow(&self, port: u16, location: &str) -> Option<(u16, String)> {
+        if location.starts_with('/') && !location.starts_with("//") {
+            return Some((port, location.to_owned()));
+        }
+        let uri: http::Uri = location.parse().ok()?;
+        if uri.scheme_str() != Some("http") {
+            return None;
+        }
+        let host = uri.host()?.trim_start_matches('[').trim_end_matches(']');
+        let ours = ["127.0.0.1", "localhost", "::1"].contains(&host)
+            || self
+                .host
+                .as_deref()
+                .is_some_and(|h| h.trim_start_matches('[').trim_end_matches(']') == host);
+        if !ours {
+            return None;
+        }
+        let port = uri.port_u16().unwrap_or(80);
+        if RESERVED_PORTS.contains(&port) {
+            return None;
+        }
+        let target = uri.path_and_query().map_or("/", |p| p.as_str()).to_owned();
+        Some((port, target))
+    }
+
+    /// One GET: its status and `Location`. At most [`MAX_BODY_READ`] of the body is read.
+    async fn once(&self, port: u16, target: &str) -> Result<(StatusCode, Option<String>), String> {
+        let tcp = TcpStream::connect(("127.0.0.1", port))
+            .await
+            .map_err(|e| e.to_string())?;
+        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+            .await
+            .map_err(|e| e.to_string())?;
+        let conn = tokio::spawn(conn);
+        let mut req = Request::builder()
+            .method(Method::GET)
+            .uri(target)
+            .body(Empty::<Bytes>::new())
+            .map_err(|e| e.to_string())?;
+        let h = req.headers_mut();
+        let host = match &self.host {
+            Some(ip) if ip.contains(':') => format!("[{ip}]:{port}"),
+            Some(ip) => format!("{ip}:{port}"),
+            None => format!("127.0.0.1:{port}"),
         };
+        h.insert(
+            header::HOST,
+            HeaderValue::from_str(&host).map_err(|e| e.to_string())?,
+        );
+        h.insert(header::ACCEPT, HeaderValue::from_static("*/*"));
+        if let Some(ua) = &self.user_agent {
+            h.insert(header::USER_AGENT, ua.clone());
+        }
+        // The probe's own headers replace the defaults; repeated names are all sent.
+        for (name, _) in self.headers {
+            h.remove(name);
+        }
+        for (name, value) in self.headers {
+            h.append(name.clone(), value.clone());
+        }
+        h.insert(header::CONNECTION, HeaderValue::from_static("close"));
+        let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+        let status = resp.status();
+        let location = resp
+            .headers()
+            .get(header::LOCATION)
+            .and_then(|l| l.to_str().ok())
+            .map(str::to_owned);
+        // Read a little of the body (so the app is not cut mid-answer), then drop it all.
+        let mut body = resp.into_body();
+        let mut read = 0;
+        let _ = tokio::time::timeout(Duration::from_millis(200), async {
+            while read < MAX_BODY_READ {
+                match body.frame().await {
+                    Some(Ok(f)) => read += f.data_ref().map_or(0, Bytes::len),
+                    _ => break,
+                }
+            }
+        })
+        .await;
+        conn.abort();
+        Ok((status, location))
+    }
+}
+
+/// Serves the probe paths on `listener` until the future is dropped: one request per
+/// connection, within the limits above.
+pub async fn serve(listener: TcpListener, probers: Arc<AppProbers>) {
+    #[derive(Default)]
+    struct Live {
+        next: u64,
+        open: BTreeMap<u64, tokio::task::AbortHandle>,
+    }
+    let live = Arc::new(std::sync::Mutex::new(Live::default()));
+    loop {
         let (tcp, _) = match listener.accept().await {
             Ok(c) => c,
             Err(e) => {
@@ -273,9 +393,17 @@ pub async fn serve(listener: TcpListener, probers: Arc<AppProbers>) {
                 continue;
             }
         };
-        let probers = probers.clone();
-        tokio::spawn(async move {
-            let _permit = permit;
+        let (probers, registry) = (probers.clone(), live.clone());
+        // Spawned and registered under the lock, so the task always finds itself to remove.
+        let mut l = live.lock().unwrap_or_else(|p| p.into_inner());
+        if l.open.len() >= MAX_CONNECTIONS
+            && let Some((_, oldest)) = l.open.pop_first()
+        {
+            oldest.abort();
+        }
+        let id = l.next;
+        l.next += 1;
+        let task = tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
                 let probers = probers.clone();
                 async move { Ok::<_, Infallible>(answer(req, &probers).await) }
@@ -283,9 +411,16 @@ pub async fn serve(listener: TcpListener, probers: Arc<AppProbers>) {
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEAD_TIMEOUT)
+                .keep_alive(false)
                 .serve_connection(TokioIo::new(tcp), service)
                 .await;
+            registry
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .open
+                .remove(&id);
         });
+        l.open.insert(id, task.abort_handle());
     }
 }
 
@@ -338,15 +473,40 @@ mod tests {
                 "port",
             ),
             (
+                r#"{"/app-health/a/livez": {"tcpSocket": {"port": 15000}}}"#,
+                "sidecar's own",
+            ),
+            (
                 r#"{"/app-health/a/livez": {"httpGet": {"port": 443, "scheme": "HTTPS"}}}"#,
                 "HTTPS",
             ),
+            (
+                r#"{"/app-health/a/livez": {"httpGet": {"port": 80, "path": "/a b"}}}"#,
+                "path",
+            ),
             (r#"{"/app-health/a/livez": {"exec": {}}}"#, "neither"),
-            (r#"[1]"#, "object"),
         ] {
-            let e = AppProbers::parse(bad).unwrap_err();
-            assert!(e.contains(needle), "{bad}: {e}");
+            // One bad entry is kept aside (its path will answer 500), never fatal.
+            let p = AppProbers::parse(bad).unwrap();
+            assert!(p.is_empty(), "{bad}");
+            let why = p.broken().values().next().unwrap();
+            assert!(why.contains(needle), "{bad}: {why}");
         }
+        assert!(AppProbers::parse("[1]").unwrap_err().contains("object"));
+        assert!(AppProbers::parse("{").is_err());
+        // timeoutSeconds 0 (a raw manifest, before the API server's defaulting) is the
+        // kubelet's default, not a refusal.
+        let p = AppProbers::parse(
+            r#"{"/app-health/a/livez": {"tcpSocket": {"port": 80}, "timeoutSeconds": 0}}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            p.0["/app-health/a/livez"],
+            Prober::Tcp {
+                port: 80,
+                timeout: DEFAULT_TIMEOUT
+            }
+        );
     }
 
     fn get(path: &str) -> Request<Empty<Bytes>> {
@@ -365,24 +525,27 @@ mod tests {
                 held.push(s);
             }
         });
-        let probers = AppProbers(BTreeMap::from([
-            (
-                "/app-health/a/readyz".to_owned(),
-                Prober::Http {
-                    port,
-                    path: "/".into(),
-                    headers: Vec::new(),
-                    timeout: Duration::from_millis(200),
-                },
-            ),
-            (
-                "/app-health/a/livez".to_owned(),
-                Prober::Tcp {
-                    port,
-                    timeout: Duration::from_millis(200),
-                },
-            ),
-        ]));
+        let probers = AppProbers(
+            BTreeMap::from([
+                (
+                    "/app-health/a/readyz".to_owned(),
+                    Prober::Http {
+                        port,
+                        path: "/".into(),
+                        headers: Vec::new(),
+                        timeout: Duration::from_millis(200),
+                    },
+                ),
+                (
+                    "/app-health/a/livez".to_owned(),
+                    Prober::Tcp {
+                        port,
+                        timeout: Duration::from_millis(200),
+                    },
+                ),
+            ]),
+            BTreeMap::new(),
+        );
         let started = std::time::Instant::now();
         let r = answer(get("/app-health/a/readyz"), &probers).await;
         assert_eq!(r.status(), StatusCode::GATEWAY_TIMEOUT);
@@ -400,5 +563,148 @@ mod tests {
             StatusCode::METHOD_NOT_ALLOWED
         );
         hold.abort();
+    }
+
+    /// A tiny app on loopback: `answers(path)` -> (status, Location); records each request.
+    async fn app(
+        answers: fn(&str) -> (u16, Option<String>),
+    ) -> (u16, Arc<std::sync::Mutex<Vec<String>>>) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        let seen = Arc::new(std::sync::Mutex::new(Vec::new()));
+        let log = seen.clone();
+        tokio::spawn(async move {
+            use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+            while let Ok((mut s, _)) = l.accept().await {
+                let mut buf = vec![0u8; 4096];
+                let n = s.read(&mut buf).await.unwrap_or(0);
+                let head = String::from_utf8_lossy(&buf[..n]).to_string();
+                let path = head.split(' ').nth(1).unwrap_or("").to_owned();
+                log.lock().unwrap().push(head);
+                let (status, location) = answers(&path);
+                let loc = location
+                    .map(|l| format!("location: {l}\r\n"))
+                    .unwrap_or_default();
+                // A large body: the probe reads only a little of it.
+                let body = vec![b'x'; 1 << 20];
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 {status} X\r\n{loc}content-length: {}\r\nconnection: close\r\n\r\n",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+                let _ = s.write_all(&body).await;
+            }
+        });
+        (port, seen)
+    }
+
+    fn http(port: u16, path: &str) -> AppProbers {
+        AppProbers(
+            BTreeMap::from([(
+                "/app-health/a/readyz".to_owned(),
+                Prober::Http {
+                    port,
+                    path: path.into(),
+                    headers: vec![(
+                        HeaderName::from_static("host"),
+                        HeaderValue::from_static("web.local"),
+                    )],
+                    timeout: Duration::from_secs(2),
+                },
+            )]),
+            BTreeMap::new(),
+        )
+    }
+
+    /// Redirects on the app are followed as the kubelet follows them, so the final answer
+    /// decides (a redirect to a failing page fails); one leading elsewhere is success.
+    #[tokio::test]
+    async fn redirects_are_followed_on_the_app_and_the_final_answer_counts() {
+        let (port, seen) = app(|path| match path {
+            "/healthz" => (301, Some("/healthz/".into())),
+            "/healthz/" => (503, None),
+            "/away" => (302, Some("http://example.com/".into())),
+            _ => (200, None),
+        })
+        .await;
+        let req = |path: &str| {
+            Request::builder()
+                .uri(path)
+                .header(header::HOST, "10.1.2.3:15020")
+                .body(Empty::<Bytes>::new())
+                .unwrap()
+        };
+        let r = answer(req("/app-health/a/readyz"), &http(port, "/healthz")).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::SERVICE_UNAVAILABLE,
+            "301 -> 503 fails"
+        );
+        let r = answer(req("/app-health/a/readyz"), &http(port, "/away")).await;
+        assert_eq!(
+            r.status(),
+            StatusCode::OK,
+            "a redirect elsewhere is success"
+        );
+        let r = answer(req("/app-health/a/readyz"), &http(port, "/other")).await;
+        assert_eq!(r.status(), StatusCode::OK, "no redirect: the app's own 200");
+        let heads = seen.lock().unwrap().clone();
+        assert!(
+            heads.iter().any(|h| h.starts_with("GET /healthz/ ")),
+            "{heads:?}"
+        );
+        // The probe's Host header replaced the default; Accept is sent.
+        assert!(
+            heads
+                .iter()
+                .all(|h| h.to_lowercase().contains("host: web.local")
+                    && h.to_lowercase().contains("accept: */*")),
+            "{heads:?}"
+        );
+    }
+
+    /// Without a Host of its own, the app sees the Pod IP (the kubelet's Host) with its own
+    /// port, as before the rewriting.
+    #[tokio::test]
+    async fn the_app_sees_the_pod_ip_as_host() {
+        let (port, seen) = app(|_| (200, None)).await;
+        let probers = AppProbers(
+            BTreeMap::from([(
+                "/app-health/a/readyz".to_owned(),
+                Prober::Http {
+                    port,
+                    path: "/".into(),
+                    headers: Vec::new(),
+                    timeout: Duration::from_secs(2),
+                },
+            )]),
+            BTreeMap::new(),
+        );
+        let req = Request::builder()
+            .uri("/app-health/a/readyz")
+            .header(header::HOST, "10.1.2.3:15020")
+            .body(Empty::<Bytes>::new())
+            .unwrap();
+        assert_eq!(answer(req, &probers).await.status(), StatusCode::OK);
+        let head = seen.lock().unwrap()[0].to_lowercase();
+        assert!(head.contains(&format!("host: 10.1.2.3:{port}")), "{head}");
+    }
+
+    #[tokio::test]
+    async fn a_broken_entry_answers_500_with_its_reason() {
+        let p = AppProbers::parse(
+            r#"{"/app-health/a/livez": {"tcpSocket": {"port": 15001}},
+                "/app-health/a/readyz": {"tcpSocket": {"port": 1}}}"#,
+        )
+        .unwrap();
+        let r = answer(get("/app-health/a/livez"), &p).await;
+        assert_eq!(r.status(), StatusCode::INTERNAL_SERVER_ERROR);
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert!(String::from_utf8_lossy(&body).contains("sidecar's own"));
+        assert_eq!(p.len(), 1, "the good entry is served");
     }
 }

@@ -158,6 +158,9 @@ impl ProxyArgs {
                 let listener = rt
                     .block_on(tokio::net::TcpListener::bind(addr))
                     .map_err(|e| super::bad_input(format!("--app-probes-listen {addr}: {e}")))?;
+                for (path, why) in probers.broken() {
+                    tracing::error!(%path, reason = %why, "app probe entry refused; that probe answers 500");
+                }
                 tracing::info!(%addr, probes = probers.len(), "serving the app's probes");
                 Some(rt.spawn(rampart_proxy::app_probes::serve(
                     listener,
