@@ -792,5 +792,37 @@ async fn a_revocation_on_one_replica_reaches_the_other_and_istio_ca_crl() {
     let after = issue_serial(&mut c2, db, &db_tok).await;
     std::thread::sleep(Duration::from_millis(500));
     assert!(!two_crls().contains(&after) && !one_crls().contains(&after));
+
+    // Revoking by serial on the replica that did NOT issue it: replica one knows nothing of
+    // `after` (replica two's audit log does), yet the serial goes on both CRLs, identity
+    // unknown on one, and the command says so and that it is shared.
+    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["ca", "revoke", "--state"])
+        .arg(dir.path().join("one/state"))
+        .args(["--serial", &after])
+        .output()
+        .unwrap();
+    let said = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(out.status.success(), "{said}");
+    assert!(
+        said.contains(&format!(
+            "revoked serial {after} (not issued by this replica"
+        )) && said.contains("shared with the other CA replicas"),
+        "{said}"
+    );
+    wait_for(
+        "both replicas' CRLs to carry the serial revoked on the replica that did not issue it",
+        Duration::from_secs(15),
+        || two_crls().contains(&after) && one_crls().contains(&after),
+        log,
+    );
+    // Its twin: another certificate replica two issued stays off both CRLs.
+    let untouched = issue_serial(&mut c2, db, &db_tok).await;
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(!two_crls().contains(&untouched) && !one_crls().contains(&untouched));
     drop((one, two));
 }

@@ -297,16 +297,30 @@ fn revoke<S: AdminBackend>(
     let targets: Vec<(String, String, SystemTime)> = match (serial, spiffe_id) {
         (Some(serial), None) => {
             let serial = normalize_serial(&serial)?;
-            let e = entries
-                .iter()
-                .rev()
-                .find(|e| e.serial == serial)
-                .ok_or_else(|| {
-                    format!(
+            let Some(e) = entries.iter().rev().find(|e| e.serial == serial) else {
+                if state.revocation_share().is_none() {
+                    return Err(format!(
                         "serial {serial} is not in the audit log {} (not issued by this CA?)",
                         log.display()
+                    ));
+                }
+                // Another replica may have issued it (each audit log holds only its own
+                // replica's certificates): every replica signs under the same CA, so the
+                // serial goes on every replica's CRL, identity unknown here, for as long as
+                // any workload certificate issued now could live.
+                tracing::info!(uid, %serial, "admin socket: revoking a serial this replica did not issue, for every replica");
+                return state
+                    .revoke_entries(
+                        &[(
+                            serial,
+                            String::new(),
+                            now + rampart_certs::MAX_WORKLOAD_CERT_TTL,
+                        )],
+                        reason,
                     )
-                })?;
+                    .map(|r| (r, None))
+                    .map_err(|e| e.to_string());
+            };
             let not_after = e
                 .expires_at()
                 .unwrap_or(now + Duration::from_secs(90 * 24 * 3600));

@@ -415,7 +415,8 @@ pub struct PublishedCrls {
 pub struct RevokedSerial {
     /// Serial, lowercase hex.
     pub serial: String,
-    /// The identity it was issued to (from the audit log).
+    /// The identity it was issued to (from the audit log); empty when this CA replica did
+    /// not issue it (revoked for the other replicas, `--kubernetes`).
     pub spiffe_id: String,
     /// Its not-after (RFC 3339).
     pub not_after: String,
@@ -744,7 +745,13 @@ impl Revocations {
         let mut out = Vec::with_capacity(entries.len());
         for (serial, id, not_after) in entries {
             let new = next
-                .revoke(serial, reason, Some(id.clone()), Some(*not_after), now)
+                .revoke(
+                    serial,
+                    reason,
+                    Some(id.clone()).filter(|id| !id.is_empty()),
+                    Some(*not_after),
+                    now,
+                )
                 .map_err(CitadelError::Config)?;
             out.push(RevokedSerial {
                 serial: normalize_serial(serial).map_err(CitadelError::Config)?,

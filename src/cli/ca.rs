@@ -42,7 +42,9 @@ struct RevokeArgs {
     /// The running CA's state directory (its admin socket is admin.sock in it).
     #[arg(long, default_value = "./var/lib/rampart/ca")]
     state: PathBuf,
-    /// Serial number (hex) of one certificate.
+    /// Serial number (hex) of one certificate. With `--kubernetes`, a serial this replica did
+    /// not issue (another replica did: each audit log holds its own) is revoked too, for
+    /// every replica, with its identity unknown here.
     #[arg(
         long,
         conflicts_with = "spiffe_id",
@@ -810,13 +812,21 @@ impl RevokeArgs {
             )));
         }
         for r in &answer.revoked {
-            println!(
-                "{} serial {} ({}, not after {})",
-                if r.new { "revoked" } else { "already revoked" },
-                r.serial,
-                r.spiffe_id,
-                r.not_after
-            );
+            let what = if r.new { "revoked" } else { "already revoked" };
+            if r.spiffe_id.is_empty() {
+                println!(
+                    "{what} serial {} (not issued by this replica: identity unknown here; on \
+                     every replica's CRL until {} at the latest, the longest a workload \
+                     certificate can live; it takes effect if this CA's signing certificate \
+                     issued it)",
+                    r.serial, r.not_after
+                );
+            } else {
+                println!(
+                    "{what} serial {} ({}, not after {})",
+                    r.serial, r.spiffe_id, r.not_after
+                );
+            }
         }
         if let Some(rule) = &answer.identity_rule {
             if answer.revoked.is_empty() {
