@@ -7,11 +7,14 @@
 //! the writer re-tries every [`AUDIT_RETRY`] with a probe (a block of blank lines, which
 //! readers skip, flushed and cut off again), so a replica taken out of service for it comes
 //! back by itself once the cause is fixed. The file at the path is checked before every
-//! batch and, when idle, every [`AUDIT_RETRY`] (a `stat`): when it is no longer the file the
-//! CA opened (renamed, removed, replaced), it is reopened (created, 0600), so records never
-//! go on into a file nobody can find; a path that cannot be opened (replaced by a
-//! directory, say) fails the batch, and is reported before any issuance meets it. A full
-//! disk shows at the first write that fails.
+//! batch and, when idle, every [`AUDIT_RETRY`] (a `stat`, never following a symlink), and
+//! the open file after every batch's flush: when the path no longer names the file the CA
+//! opened (renamed, removed, replaced, a symlink put there), issuance **fails closed**
+//! until the file is back at its path or the CA restarts. Following a new file instead would
+//! let `rampart ca revoke --spiffe-id` and identity revocations, which read the log at its
+//! path, silently miss every certificate recorded in the old one. The log is opened without
+//! following a symlink and must be a regular file; a newly created one has its directory
+//! flushed too. A full disk shows at the first write that fails.
 
 use std::fs::{File, OpenOptions};
 use std::io::Write;
@@ -146,13 +149,34 @@ impl AuditLog {
     /// so none of its certificates was handed out, and appending after it would glue the next
     /// record onto the fragment and leave an unparseable line in the middle of the log.
     pub fn open(path: &Path) -> Result<Self, CitadelError> {
+        let existed = std::fs::symlink_metadata(path).is_ok();
         let mut file = OpenOptions::new()
             .create(true)
             .read(true)
             .append(true)
             .mode(0o600)
+            // Never through a symlink: someone who can write the state directory must not
+            // be able to point the CA's appends at another of its files.
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC).bits() as i32,
+            )
             .open(path)
             .map_err(|e| CitadelError::io(path, e))?;
+        let meta = file.metadata().map_err(|e| CitadelError::io(path, e))?;
+        if !meta.is_file() {
+            return Err(CitadelError::io(
+                path,
+                std::io::Error::other("the audit log is not a regular file"),
+            ));
+        }
+        if !existed {
+            // The new file's directory entry is durable before any line is acknowledged.
+            if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+                File::open(dir)
+                    .and_then(|d| d.sync_all())
+                    .map_err(|e| CitadelError::io(dir, e))?;
+            }
+        }
         repair_torn_tail(&mut file, path).map_err(|e| CitadelError::io(path, e))?;
         let (tx, rx) = mpsc::channel::<Pending>();
         let thread_path = path.to_path_buf();
@@ -270,9 +294,9 @@ fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path, health: &Hea
             match rx.recv_timeout(AUDIT_RETRY) {
                 Ok(first) => first,
                 // Idle: is the file at the path still ours (a stat, no write)? A replaced
-                // or removed log is reopened, or reported before an issuance meets it.
+                // or removed log is reported before an issuance meets it.
                 Err(mpsc::RecvTimeoutError::Timeout) => {
-                    let result = reopen_if_replaced(&mut file, path);
+                    let result = still_at_path(&file, path);
                     if let Err(e) = &result {
                         tracing::error!(path = %path.display(), error = %e, "audit log not writable; issuance will be refused until it is");
                     }
@@ -297,10 +321,13 @@ fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path, health: &Hea
         // Counting what reached the file (instead of asking the kernel for the file's length
         // before every batch) is enough to take a failed batch back off it.
         let mut written = 0usize;
-        let result = reopen_if_replaced(&mut file, path).and_then(|()| {
+        let result = still_at_path(&file, path).and_then(|()| {
             write_counted(&mut file, &buf, &mut written)
                 .and_then(|()| file.sync_data())
                 .map_err(|e| e.to_string())
+                // Removed between the check and the write: the lines went nowhere anyone
+                // can read, so the batch is not acknowledged.
+                .and_then(|()| not_removed(&file))
         });
         if let Err(e) = &result {
             tracing::error!(path = %path.display(), error = %e, "audit log write failed; withholding certificates");
@@ -313,6 +340,9 @@ fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path, health: &Hea
     }
 }
 
+/// The failure of a writer thread that ended (a restart fixes it).
+pub(crate) const WRITER_STOPPED: &str = "the audit writer thread stopped";
+
 /// Marks the log failing when the writer thread ends.
 struct StoppedGuard(Health);
 
@@ -320,7 +350,7 @@ impl Drop for StoppedGuard {
     fn drop(&mut self) {
         *self.0.lock().unwrap_or_else(|p| p.into_inner()) = Some(AuditFailure {
             since: SystemTime::now(),
-            error: "the audit writer thread stopped".into(),
+            error: WRITER_STOPPED.into(),
         });
     }
 }
@@ -392,7 +422,7 @@ fn cut_back(file: &mut File, path: &Path, written: usize) {
 /// A write the size of a block, of blank lines (which readers of the log skip), flushed,
 /// then cut off again: does the log take writes again?
 fn probe(file: &mut File, path: &Path) -> Result<(), String> {
-    reopen_if_replaced(file, path)?;
+    still_at_path(file, path)?;
     let mut written = 0usize;
     let result = write_counted(file, &[b'\n'; PROBE_BYTES], &mut written)
         .and_then(|()| file.sync_data())
@@ -401,35 +431,41 @@ fn probe(file: &mut File, path: &Path) -> Result<(), String> {
     result
 }
 
-/// When `path` no longer names the file the writer has open (renamed away, removed,
-/// replaced), opens the file at `path` (created 0600, a torn tail cut off) and writes there
-/// from now on. Fails, naming why, when that cannot be opened. A path that cannot be looked
-/// up (a directory made unsearchable) keeps the open file: nothing says it was replaced.
-fn reopen_if_replaced(file: &mut File, path: &Path) -> Result<(), String> {
+/// Whether `path` still names the file the writer has open (compared by device and inode,
+/// without following a symlink at `path`). A path that cannot be looked up for another
+/// reason (a directory made unsearchable) keeps the open file: nothing says it was replaced.
+fn still_at_path(file: &File, path: &Path) -> Result<(), String> {
     use std::os::unix::fs::MetadataExt;
     let open = file.metadata().map_err(|e| e.to_string())?;
-    match std::fs::metadata(path) {
-        Ok(m) if m.dev() == open.dev() && m.ino() == open.ino() => return Ok(()),
-        Ok(_) => {}
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(_) => return Ok(()),
+    let gone = |what: &str| {
+        format!(
+            "the audit log file was {what}: certificates are withheld until it is back at \
+             its path or the CA restarts (a new file would hide the certificates recorded in \
+             the old one from revocation by identity)"
+        )
+    };
+    if open.nlink() == 0 {
+        return Err(gone("removed"));
     }
-    let reopened = OpenOptions::new()
-        .create(true)
-        .read(true)
-        .append(true)
-        .mode(0o600)
-        .open(path)
-        .and_then(|mut f| repair_torn_tail(&mut f, path).map(|()| f));
-    match reopened {
-        Ok(f) => {
-            tracing::warn!(path = %path.display(), "the audit log file was replaced or removed; writing to the file now at its path");
-            *file = f;
-            Ok(())
-        }
-        Err(e) => Err(format!(
-            "the file was replaced or removed and cannot be reopened: {e}"
-        )),
+    match std::fs::symlink_metadata(path) {
+        Ok(m) if m.dev() == open.dev() && m.ino() == open.ino() => Ok(()),
+        Ok(_) => Err(gone("replaced by another file")),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(gone("renamed or removed")),
+        Err(_) => Ok(()),
+    }
+}
+
+/// The open file still has a name (was not removed while written).
+fn not_removed(file: &File) -> Result<(), String> {
+    use std::os::unix::fs::MetadataExt;
+    match file.metadata() {
+        Ok(m) if m.nlink() == 0 => Err(
+            "the audit log file was removed while this batch was written: its certificates \
+             are withheld"
+                .into(),
+        ),
+        Ok(_) => Ok(()),
+        Err(e) => Err(e.to_string()),
     }
 }
 
@@ -523,70 +559,78 @@ mod tests {
         panic!("timed out waiting for {what}");
     }
 
-    /// The audit file replaced by a directory (refused to root too: EISDIR): the batch is
-    /// refused and the failure is reported, naming why; once the directory is gone the retry
-    /// probe makes a new file by itself (no issuance needed) and the failure clears, with
-    /// no trace of the probe left in the file.
+    /// The audit file moved away and a directory put at its path: the batch is refused and
+    /// the failure reported (also while idle, before any issuance); removing the directory
+    /// alone does not bring issuance back (a new, empty file would hide the old records);
+    /// moving the file back does, by itself (the retry probe), and the records written
+    /// before are intact, with no trace of the probe.
     #[tokio::test]
-    async fn unwritable_log_is_reported_and_recovers_by_itself() {
+    async fn a_replaced_log_fails_closed_until_the_file_is_back() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
+        let old = dir.path().join("audit.old");
         let log = AuditLog::open(&path).unwrap();
         log.append(&record(1)).await.unwrap();
         assert_eq!(log.last_failure(), None);
+        let before = std::fs::read(&path).unwrap();
 
-        std::fs::rename(&path, dir.path().join("audit.old")).unwrap();
+        std::fs::rename(&path, &old).unwrap();
         std::fs::create_dir(&path).unwrap();
-        // Reported while idle, before any write meets it.
-        eventually("the idle check to report the directory", || {
+        eventually("the idle check to report the replacement", || {
             log.last_failure().is_some()
         })
         .await;
         let err = log.append(&record(2)).await.unwrap_err().to_string();
-        assert!(err.contains("cannot be reopened"), "{err}");
+        assert!(err.contains("replaced"), "{err}");
         let failure = log.last_failure().expect("the failure is reported");
-        assert!(failure.error.contains("cannot be reopened"), "{failure:?}");
-        assert!(failure.error.contains("Is a directory"), "{failure:?}");
-        // Still failing after a retry or two (nothing changed).
-        tokio::time::sleep(AUDIT_RETRY * 2).await;
-        assert_eq!(log.last_failure().map(|f| f.since), Some(failure.since));
+        assert!(failure.error.contains("withheld"), "{failure:?}");
 
+        // The directory gone, the path is empty: still failing (no new file is started).
         std::fs::remove_dir(&path).unwrap();
+        tokio::time::sleep(AUDIT_RETRY * 2).await;
+        assert!(log.last_failure().is_some());
+        assert!(log.append(&record(3)).await.is_err());
+        assert!(!path.exists(), "no new log was started");
+
+        // The file back at its path: recovered by itself, the old lines byte for byte.
+        std::fs::rename(&old, &path).unwrap();
         eventually("the retry to clear the failure", || {
             log.last_failure().is_none()
         })
         .await;
-        assert_eq!(std::fs::read(&path).unwrap(), b"", "probe cut off again");
-        log.append(&record(3)).await.unwrap();
-        assert_eq!(serials(&path), vec![format!("{:032x}", 3)]);
-        // The record written before the replacement stayed in the file it went to.
+        assert_eq!(std::fs::read(&path).unwrap(), before, "probe cut off again");
+        log.append(&record(4)).await.unwrap();
         assert_eq!(
-            serials(&dir.path().join("audit.old")),
-            vec![format!("{:032x}", 1)]
+            serials(&path),
+            vec![format!("{:032x}", 1), format!("{:032x}", 4)]
         );
     }
 
-    /// Negative twin: a log renamed away (rotation) is not written to any more; the next
-    /// record goes into a new file at the path and nothing is reported failing.
+    /// A symlink is never followed: one put at the path while the CA runs fails issuance
+    /// (the CA's appends cannot be pointed at another file); the CA does not start on one.
     #[tokio::test]
-    async fn a_log_renamed_away_is_followed_by_a_new_file_at_the_path() {
+    async fn a_symlink_at_the_path_is_refused() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("audit.jsonl");
+        let victim = dir.path().join("revocations.json");
+        std::fs::write(&victim, b"{}").unwrap();
         let log = AuditLog::open(&path).unwrap();
         log.append(&record(1)).await.unwrap();
-        std::fs::rename(&path, dir.path().join("audit.1")).unwrap();
-        log.append(&record(2)).await.unwrap();
-        assert_eq!(log.last_failure(), None);
-        assert_eq!(serials(&path), vec![format!("{:032x}", 2)]);
+        std::fs::rename(&path, dir.path().join("audit.moved")).unwrap();
+        std::os::unix::fs::symlink(&victim, &path).unwrap();
+        let err = log.append(&record(2)).await.unwrap_err().to_string();
+        assert!(err.contains("replaced"), "{err}");
         assert_eq!(
-            serials(&dir.path().join("audit.1")),
-            vec![format!("{:032x}", 1)]
+            std::fs::read(&victim).unwrap(),
+            b"{}",
+            "nothing written through it"
         );
-        use std::os::unix::fs::PermissionsExt;
-        assert_eq!(
-            std::fs::metadata(&path).unwrap().permissions().mode() & 0o777,
-            0o600
-        );
+        drop(log);
+        let Err(refused) = AuditLog::open(&path) else {
+            panic!("the CA started on a symlink");
+        };
+        assert!(refused.to_string().contains("audit.jsonl"), "{refused}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"{}");
     }
 
     #[tokio::test]

@@ -417,6 +417,13 @@ pub(crate) const METRICS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// [`CaState::not_ready_reasons`](crate::CaState::not_ready_reasons) for a running CA.
 pub type ReadinessCheck = Arc<dyn Fn(SystemTime) -> Vec<String> + Send + Sync>;
 
+/// Readiness reasons a restart fixes (a part of the process stopped for good): `/healthz`
+/// fails on them, so the kubelet restarts the replica instead of leaving it unready forever.
+pub(crate) const RESTART_FIXES: [&str; 2] = [
+    crate::server::GRPC_STOPPED_REASON,
+    crate::audit::WRITER_STOPPED,
+];
+
 /// What a request on the monitoring port asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Route {
@@ -473,7 +480,23 @@ fn respond(
                 (StatusCode::SERVICE_UNAVAILABLE, TEXT, body)
             }
         }
-        Route::Healthz => (StatusCode::OK, TEXT, "ok\n".to_owned()),
+        Route::Healthz => {
+            // Liveness ignores what a restart cannot fix (expired material, a full disk), but
+            // not a part of the process that stopped for good: a restart does fix that.
+            let dead: Vec<String> = readiness(now)
+                .into_iter()
+                .filter(|r| RESTART_FIXES.iter().any(|m| r.contains(m)))
+                .collect();
+            if dead.is_empty() {
+                (StatusCode::OK, TEXT, "ok\n".to_owned())
+            } else {
+                let mut body = String::new();
+                for r in dead {
+                    let _ = writeln!(body, "not live: {}", r.replace(['\r', '\n'], " "));
+                }
+                (StatusCode::SERVICE_UNAVAILABLE, TEXT, body)
+            }
+        }
         Route::NotFound => (
             StatusCode::NOT_FOUND,
             TEXT,
@@ -490,8 +513,8 @@ fn respond(
 /// Serves the monitoring port on `listener` until the future is dropped: `GET /metrics`
 /// (the Prometheus text, with `citadel_server_ready`), `GET /ready` (200 `ready`, or 503
 /// with one `not ready: <reason>` line per reason `readiness` gives), `GET /healthz` (200
-/// `ok`: the process's runtime answers; no readiness condition enters it, since a restart
-/// fixes none of them), anything else 404 (405 for another method on those paths).
+/// `ok` while the process's runtime answers, 503 only for the readiness reasons a restart
+/// fixes, [`RESTART_FIXES`]), anything else 404 (405 for another method on those paths).
 ///
 /// The port shares the CA's descriptor table, so it is bounded on its own: at most
 /// [`METRICS_MAX_CONNECTIONS`] at once, each for at most [`METRICS_CONNECTION_TIMEOUT`]
@@ -730,6 +753,22 @@ mod tests {
         let (status, text) = get(addr, "GET", "/metrics").await;
         assert_eq!(status, 200);
         assert!(text.contains("\ncitadel_server_ready 0\n"), "{text}");
+
+        // A part of the process stopped for good: a restart fixes that, so liveness fails
+        // too (and only on those reasons).
+        for dead in [
+            crate::server::GRPC_STOPPED_REASON.to_owned(),
+            format!(
+                "audit log /x: last write failed: {}",
+                crate::audit::WRITER_STOPPED
+            ),
+        ] {
+            *reasons.lock().unwrap() =
+                vec!["signing certificate CN=x expired at t".into(), dead.clone()];
+            let (status, body) = get(addr, "GET", "/healthz").await;
+            assert_eq!(status, 503, "{dead}");
+            assert_eq!(body, format!("not live: {dead}\n"));
+        }
         server.abort();
     }
 

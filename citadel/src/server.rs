@@ -62,6 +62,9 @@ struct PeerCert {
     checked: Mutex<(u64, Result<(), String>)>,
 }
 
+/// The readiness reason of a gRPC server that stopped while the CA runs (a restart fixes it).
+pub(crate) const GRPC_STOPPED_REASON: &str = "gRPC server stopped";
+
 /// The state shared by the request path and the reload loop.
 pub struct CaState {
     config: CaConfig,
@@ -222,7 +225,7 @@ impl CaState {
         match self.grpc.load(Ordering::Acquire) {
             GRPC_SERVING => {}
             GRPC_NOT_STARTED => out.push("gRPC listener not serving yet".to_owned()),
-            _ => out.push("gRPC server stopped".to_owned()),
+            _ => out.push(GRPC_STOPPED_REASON.to_owned()),
         }
         let authority = self.authority.load();
         let chain = authority.chain_validity();
