@@ -703,26 +703,32 @@ fn rewrite_probes(
             out.notes.push(why_not(why));
             continue;
         }
+        // The handler's target: no other host, a port (a number or a declared name) that is
+        // not the sidecar's own.
+        let target = |handler: &Value| -> Result<u64, String> {
+            if handler.get("host").is_some_and(|v| !v.is_null() && v != "") {
+                return Err("it names a host".into());
+            }
+            let port = resolve(handler.get("port"))
+                .ok_or("its port is not a number or a declared port name")?;
+            if SIDECAR_PORTS.contains(&port) {
+                return Err(format!("port {port} is the sidecar's own"));
+            }
+            Ok(port)
+        };
         let original = if let Some(h) = p.get("httpGet") {
             let scheme = h.get("scheme").and_then(Value::as_str).unwrap_or("HTTP");
             if !scheme.eq_ignore_ascii_case("HTTP") {
                 out.notes.push(why_not(&format!("scheme {scheme}")));
                 continue;
             }
-            if h.get("host").is_some_and(|v| !v.is_null() && v != "") {
-                out.notes.push(why_not("it names a host"));
-                continue;
-            }
-            let Some(port) = resolve(h.get("port")) else {
-                out.notes
-                    .push(why_not("its port is not a number or a declared port name"));
-                continue;
+            let port = match target(h) {
+                Ok(p) => p,
+                Err(why) => {
+                    out.notes.push(why_not(&why));
+                    continue;
+                }
             };
-            if SIDECAR_PORTS.contains(&port) {
-                out.notes
-                    .push(why_not(&format!("port {port} is the sidecar's own")));
-                continue;
-            }
             let path = h.get("path").and_then(Value::as_str).unwrap_or("/");
             let path = if path.starts_with('/') {
                 path.to_owned()
@@ -739,21 +745,13 @@ fn rewrite_probes(
             h["port"] = port.into();
             json!({"httpGet": h})
         } else if let Some(t) = p.get("tcpSocket") {
-            if t.get("host").is_some_and(|v| !v.is_null() && v != "") {
-                out.notes.push(why_not("it names a host"));
-                continue;
+            match target(t) {
+                Ok(port) => json!({"tcpSocket": {"port": port}}),
+                Err(why) => {
+                    out.notes.push(why_not(&why));
+                    continue;
+                }
             }
-            let Some(port) = resolve(t.get("port")) else {
-                out.notes
-                    .push(why_not("its port is not a number or a declared port name"));
-                continue;
-            };
-            if SIDECAR_PORTS.contains(&port) {
-                out.notes
-                    .push(why_not(&format!("port {port} is the sidecar's own")));
-                continue;
-            }
-            json!({"tcpSocket": {"port": port}})
         } else {
             out.notes.push(why_not("a gRPC probe"));
             continue;

@@ -882,22 +882,7 @@ spec:
     }
     let probe_addr = std::net::SocketAddr::from(([127, 0, 0, 1], support::free_port()));
     let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args([
-            "proxy",
-            "--control-plane",
-            "127.0.0.1:1",
-            "--workload",
-            "shop/web",
-        ])
-        .arg("--sds-socket")
-        .arg(dir.path().join("no-agent.sock"))
-        .args(["--app-probes-listen", &probe_addr.to_string()])
-        .env("ISTIO_KUBE_APP_PROBERS", &probers)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = probe_proxy(dir.path(), probe_addr, &probers);
     let get = |path: &str| -> (u16, String) {
         let out = Command::new("curl")
             .args(["-s", "--max-time", "5", "-w", "\n%{http_code}"])
@@ -943,22 +928,7 @@ spec:
     // Its twin: with the app's port closed, both probes fail.
     let closed_port = support::free_port();
     let dead = probers.replace(&app_port.to_string(), &closed_port.to_string());
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args([
-            "proxy",
-            "--control-plane",
-            "127.0.0.1:1",
-            "--workload",
-            "shop/web",
-        ])
-        .arg("--sds-socket")
-        .arg(dir.path().join("no-agent.sock"))
-        .args(["--app-probes-listen", &probe_addr.to_string()])
-        .env("ISTIO_KUBE_APP_PROBERS", &dead)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = probe_proxy(dir.path(), probe_addr, &dead);
     let start = Instant::now();
     while get("/app-health/app/livez").0 == 0 {
         assert!(
@@ -1090,4 +1060,24 @@ spec:
         6379
     );
     assert!(originals.get("/app-health/app/livez").is_none());
+}
+
+/// `rampart proxy` with only its app probe listener of use (no agent, no control plane: the
+/// probe listener serves from the start), given `probers` as the kubelet would.
+fn probe_proxy(
+    dir: &std::path::Path,
+    listen: std::net::SocketAddr,
+    probers: &str,
+) -> std::process::Child {
+    Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["proxy", "--control-plane", "127.0.0.1:1"])
+        .args(["--workload", "shop/web"])
+        .arg("--sds-socket")
+        .arg(dir.join("no-agent.sock"))
+        .args(["--app-probes-listen", &listen.to_string()])
+        .env("ISTIO_KUBE_APP_PROBERS", probers)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap()
 }
