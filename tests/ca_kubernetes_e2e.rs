@@ -17,11 +17,10 @@
 mod fake_api;
 mod support;
 
-use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::{Arc, mpsc};
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use base64::Engine as _;
@@ -79,14 +78,8 @@ fn start_ca(dir: &Path, kc: &Path, name: &str, extra: &[&str]) -> (Proc, SocketA
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start rampart ca");
-    let stdout = child.stdout.take().unwrap();
+    let rx = support::stdout_lines(&mut child);
     let proc = Proc { child, log };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut lines = Vec::new();
     loop {

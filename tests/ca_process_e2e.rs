@@ -12,7 +12,7 @@ use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, Mutex, mpsc};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use rampart_certs::jwt::JwtSigner;
@@ -79,15 +79,9 @@ fn start_ca(dir: &Path, listen: &str, extra: &[&str]) -> Ca {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start rampart ca");
-    let stdout = child.stdout.take().unwrap();
+    let rx = support::stdout_lines(&mut child);
     let pid = child.id() as i32;
     let proc = Proc { child, log };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let line = rx

@@ -10,10 +10,8 @@
 mod support;
 use support::{Proc, python};
 
-use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 const ISS: &str = "https://kubernetes.default.svc.cluster.local";
@@ -84,14 +82,8 @@ fn start_ca(dir: &Path) -> Ca {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start rampart ca");
-    let stdout = child.stdout.take().unwrap();
+    let rx = support::stdout_lines(&mut child);
     let proc = Proc { child, log };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
         let line = rx

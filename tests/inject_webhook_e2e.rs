@@ -7,10 +7,8 @@
 mod support;
 use support::{Proc, free_port};
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use base64::Engine as _;
@@ -44,14 +42,8 @@ fn start_ca(dir: &Path) -> Ca {
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .expect("start rampart ca");
-    let stdout = child.stdout.take().unwrap();
+    let rx = support::stdout_lines(&mut child);
     let proc = Proc { child, log };
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut metrics = None;
     loop {

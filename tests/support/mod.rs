@@ -307,3 +307,16 @@ impl PodSidecar {
         PodSidecar { agent, proxy }
     }
 }
+
+/// The lines `child` writes on its standard output (piped), as they come: a thread reads
+/// them into the returned channel until the output closes.
+pub(crate) fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<String> {
+    let stdout = child.stdout.take().expect("stdout piped");
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    rx
+}
