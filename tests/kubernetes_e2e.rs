@@ -28,8 +28,8 @@
 //!   5 s; one whose content was changed by someone else is set back within 5 s;
 //! - a change of Secret `cacerts` (new plug-in intermediate under a new root, made with
 //!   `rampart certs`) is picked up without a restart: new certificates chain to it; a broken
-//!   change (a key that does not match the certificate) is refused and the CA keeps signing
-//!   with the last good material, and a second replica refuses to start on it (no fallback
+//!   change (a key that does not match the certificate) is refused, posted as a Warning
+//!   Event on the Secret, and the CA keeps signing with the last good material, and a second replica refuses to start on it (no fallback
 //!   to a self-signed root);
 //! - the `istio-namespace-controller-election` Lease: a second replica leaves it to the first
 //!   while that one renews, and takes it (and publishes) once the first stops; meanwhile
@@ -917,6 +917,31 @@ async fn kubernetes_mode_against_a_real_api_server() {
         ca.log()
     );
     assert_eq!(fingerprint(chain.last().unwrap()), fingerprint(&root_b));
+    // …and says why on the Secret itself (what `kubectl describe secret cacerts` shows).
+    let mut event = String::new();
+    wait_for(
+        "a RampartInvalidCAMaterial Event on Secret cacerts",
+        Duration::from_secs(15),
+        || {
+            let out = kubectl.run(
+                &[
+                    "get",
+                    "events",
+                    "-n",
+                    &sys,
+                    "--field-selector",
+                    "involvedObject.name=cacerts,reason=RampartInvalidCAMaterial",
+                    "-o",
+                    "jsonpath={.items[*].message}",
+                ],
+                None,
+            );
+            event = String::from_utf8_lossy(&out.stdout).into_owned();
+            event.contains("ca-key.pem")
+        },
+        || ca.log(),
+    );
+    assert!(!event.contains(".check-"), "{event}");
 
     // A second replica cannot start on the broken Secret (no fallback to a self-signed root)…
     let ca2_dir = work.path().join("ca2");
