@@ -417,12 +417,12 @@ pub(crate) const METRICS_CONNECTION_TIMEOUT: Duration = Duration::from_secs(30);
 /// [`CaState::not_ready_reasons`](crate::CaState::not_ready_reasons) for a running CA.
 pub type ReadinessCheck = Arc<dyn Fn(SystemTime) -> Vec<String> + Send + Sync>;
 
+/// The readiness reason of a gRPC server that stopped while the CA runs (a restart fixes it).
+pub(crate) const GRPC_STOPPED_REASON: &str = "gRPC server stopped";
+
 /// Readiness reasons a restart fixes (a part of the process stopped for good): `/healthz`
 /// fails on them, so the kubelet restarts the replica instead of leaving it unready forever.
-pub(crate) const RESTART_FIXES: [&str; 2] = [
-    crate::server::GRPC_STOPPED_REASON,
-    crate::audit::WRITER_STOPPED,
-];
+pub(crate) const RESTART_FIXES: [&str; 2] = [GRPC_STOPPED_REASON, crate::audit::WRITER_STOPPED];
 
 /// What a request on the monitoring port asks for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -757,7 +757,7 @@ mod tests {
         // A part of the process stopped for good: a restart fixes that, so liveness fails
         // too (and only on those reasons).
         for dead in [
-            crate::server::GRPC_STOPPED_REASON.to_owned(),
+            GRPC_STOPPED_REASON.to_owned(),
             format!(
                 "audit log /x: last write failed: {}",
                 crate::audit::WRITER_STOPPED

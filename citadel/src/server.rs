@@ -62,9 +62,6 @@ struct PeerCert {
     checked: Mutex<(u64, Result<(), String>)>,
 }
 
-/// The readiness reason of a gRPC server that stopped while the CA runs (a restart fixes it).
-pub(crate) const GRPC_STOPPED_REASON: &str = "gRPC server stopped";
-
 /// The state shared by the request path and the reload loop.
 pub struct CaState {
     config: CaConfig,
@@ -225,7 +222,7 @@ impl CaState {
         match self.grpc.load(Ordering::Acquire) {
             GRPC_SERVING => {}
             GRPC_NOT_STARTED => out.push("gRPC listener not serving yet".to_owned()),
-            _ => out.push(GRPC_STOPPED_REASON.to_owned()),
+            _ => out.push(crate::metrics::GRPC_STOPPED_REASON.to_owned()),
         }
         let authority = self.authority.load();
         let chain = authority.chain_validity();
