@@ -882,7 +882,7 @@ spec:
     }
     let probe_addr = std::net::SocketAddr::from(([127, 0, 0, 1], support::free_port()));
     let dir = tempfile::tempdir().unwrap();
-    let mut child = probe_proxy(dir.path(), probe_addr, &probers);
+    let proxy = probe_proxy(dir.path(), probe_addr, &probers);
     let get = |path: &str| -> (u16, String) {
         let out = Command::new("curl")
             .args(["-s", "--max-time", "5", "-w", "\n%{http_code}"])
@@ -922,13 +922,12 @@ spec:
     assert_eq!(get("/healthz").0, 404);
     assert_eq!(get("/app-health/app/startupz").0, 404);
     assert_eq!(requests(), before);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(proxy);
 
     // Its twin: with the app's port closed, both probes fail.
     let closed_port = support::free_port();
     let dead = probers.replace(&app_port.to_string(), &closed_port.to_string());
-    let mut child = probe_proxy(dir.path(), probe_addr, &dead);
+    let proxy = probe_proxy(dir.path(), probe_addr, &dead);
     let start = Instant::now();
     while get("/app-health/app/livez").0 == 0 {
         assert!(
@@ -940,8 +939,7 @@ spec:
     let (code, body) = get("/app-health/app/readyz");
     assert_eq!(code, 503, "{body}");
     assert_eq!(get("/app-health/app/livez").0, 503);
-    let _ = child.kill();
-    let _ = child.wait();
+    drop(proxy);
 }
 
 /// Probes stay as they are (with a note each) when the Pod opts out of rewriting
@@ -1063,13 +1061,15 @@ spec:
 }
 
 /// `rampart proxy` with only its app probe listener of use (no agent, no control plane: the
-/// probe listener serves from the start), given `probers` as the kubelet would.
+/// probe listener serves from the start), given `probers` as the kubelet would; killed when
+/// dropped, also when an assertion fails.
 fn probe_proxy(
     dir: &std::path::Path,
     listen: std::net::SocketAddr,
     probers: &str,
-) -> std::process::Child {
-    Command::new(env!("CARGO_BIN_EXE_rampart"))
+) -> support::Proc {
+    let log = dir.join(format!("proxy-{}.log", listen.port()));
+    let child = Command::new(env!("CARGO_BIN_EXE_rampart"))
         .args(["proxy", "--control-plane", "127.0.0.1:1"])
         .args(["--workload", "shop/web"])
         .arg("--sds-socket")
@@ -1077,7 +1077,8 @@ fn probe_proxy(
         .args(["--app-probes-listen", &listen.to_string()])
         .env("ISTIO_KUBE_APP_PROBERS", probers)
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
-        .unwrap()
+        .unwrap();
+    support::Proc { child, log }
 }
