@@ -34,10 +34,33 @@
 # /ready and /stats/prometheus of both admin ports, SIGTERM. Then `rampart up
 # examples/quickstart` (proxies traced): the calls of its README (allowed, denied, JWT, TCP).
 #
+# `benches/profile/text-order.sh --check BIN [MAX_PERCENT]` counts the file's names BIN lacks
+# and fails above MAX_PERCENT (10): .ci/run runs it on the release build.
+#
 # Stale names (after code changes) are harmless: lld skips symbols it does not find
 # (--no-warn-symbol-ordering), the binary is only laid out less well; rerun this script.
 set -eu
 native=
+if [ "${1:-}" = --check ]; then
+  # --check BIN [MAX_PERCENT]: how many names of build/text-order.txt BIN lacks. Names go
+  # stale when a crate's -C metadata changes (a dependency added or bumped renames every
+  # generic function instantiated in it); lld skips them silently and the proxies' code
+  # spreads over .text again (idle RSS ~6 MiB higher, docs/PERFORMANCE.md). Exits 1 above
+  # MAX_PERCENT (default 10): then regenerate the file as this script's header says.
+  bin=${2:?usage: $0 --check RAMPART_BINARY [MAX_PERCENT]} max=${3:-10}
+  root=$(cd "$(dirname "$0")/../.." && pwd)
+  command -v nm >/dev/null || { echo "needs nm (binutils)" >&2; exit 2; }
+  listed=$(grep -v '^#' "$root/build/text-order.txt" | grep -c . || true)
+  missing=$(grep -v '^#' "$root/build/text-order.txt" | grep . | sort -u |
+    comm -23 - <(nm --defined-only "$bin" | awk '{print $3}' | sort -u) | wc -l)
+  pct=$((missing * 100 / (listed > 0 ? listed : 1)))
+  echo "build/text-order.txt: $missing of $listed names not in $bin ($pct%, limit $max%)"
+  if [ "$pct" -gt "$max" ]; then
+    echo "stale: regenerate it (benches/profile/text-order.sh, docs/PERFORMANCE.md \"Text ordering\")" >&2
+    exit 1
+  fi
+  exit 0
+fi
 [ "${1:-}" = --native ] && { native=1; shift; }
 bin=$(realpath "${1:?usage: $0 [--native] RAMPART_BINARY [OUT]}")
 here=$(cd "$(dirname "$0")" && pwd); root=$(cd "$here/../.." && pwd)
@@ -47,11 +70,18 @@ if [ -n "$native" ]; then need="$need perf"; else need="$need valgrind callgrind
 for b in $need; do
   command -v $b >/dev/null || { echo "needs $b" >&2; exit 2; }
 done
-lld=$(readelf -p .comment "$bin" 2>/dev/null | grep -c 'Linker: LLD' || true)
-if [ -z "$native" ] && [ "$lld" != 0 ]; then
-  echo "$bin is linked with lld, which valgrind 3.19 cannot read; build it with" \
-    'RUSTFLAGS="-C linker-features=-lld"' >&2
-  exit 2
+if [ -z "$native" ]; then
+  # Can valgrind read this binary's symbols? (valgrind 3.19 could not read some lld-linked
+  # builds; the lld-linked release build of 2026-12-07 it reads.) One short run tells.
+  probe=$(mktemp /tmp/text-order-probe.XXXXXX)
+  valgrind --tool=callgrind --callgrind-out-file="$probe" "$bin" --version >/dev/null 2>&1
+  if ! grep -q 'clap_builder' "$probe" 2>/dev/null; then
+    rm -f "$probe"
+    echo "valgrind cannot read the symbols of $bin; build it with GNU ld:" \
+      'RUSTFLAGS="-C linker-features=-lld"' >&2
+    exit 2
+  fi
+  rm -f "$probe"
 fi
 if [ -n "$native" ] && [ ! -s "$out" ]; then
   echo "--native adds to an existing $out; run the callgrind stage first" >&2
