@@ -468,6 +468,68 @@ fn bundle_out_onto_the_cas_own_root_is_refused_at_startup() {
     assert_eq!(std::fs::read(&own).unwrap(), root, "root untouched");
 }
 
+/// One CA per state directory, across processes too: a second `rampart ca` on it exits
+/// naming the first one's pid, before it touches anything (the first keeps its admin socket
+/// and keeps issuing); once the first is killed with SIGKILL (no clean-up of its own ran), the
+/// directory is free and the next CA starts with the same root.
+#[tokio::test]
+async fn a_second_ca_process_on_a_state_in_use_is_refused_until_the_first_is_gone() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let signer = issuer(dir);
+    let ca = start_ca(dir, "127.0.0.1:0", &[]);
+    let root = root_fingerprint(dir);
+    let second = || {
+        Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["ca", "--listen", "127.0.0.1:0"])
+            .arg("--cacerts")
+            .arg(dir.join("cacerts"))
+            .arg("--state")
+            .arg(dir.join("state"))
+            .args(["--jwt-issuer", ISS, "--jwks"])
+            .arg(dir.join("jwks.json"))
+            .output()
+            .unwrap()
+    };
+    let out = second();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{err}");
+    assert!(
+        err.contains(&format!("is in use by process {}", ca.pid)) && err.contains("ca.lock"),
+        "{err}"
+    );
+    let id = SpiffeId::parse("spiffe://cluster.local/ns/default/sa/web").unwrap();
+    let key = PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap();
+    let csr = rampart_certs::build_csr(&key, &id).unwrap();
+    let tok = token(&signer, "default", "web");
+    let mut c = client(dir, ca.addr).await;
+    let serial = issue_one(&mut c, &csr, &tok)
+        .await
+        .expect("the first CA still issues");
+    assert!(audit_serials(dir).contains(&serial));
+    // The first CA's admin socket is still its own: a revocation through it is answered.
+    let revoke = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["ca", "revoke", "--serial", &serial, "--state"])
+        .arg(dir.join("state"))
+        .output()
+        .unwrap();
+    assert!(
+        revoke.status.success(),
+        "{}",
+        String::from_utf8_lossy(&revoke.stderr)
+    );
+
+    let pid = rustix::process::Pid::from_raw(ca.pid).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::KILL).unwrap();
+    drop(ca);
+    let ca = start_ca(dir, "127.0.0.1:0", &[]);
+    assert_eq!(root_fingerprint(dir), root);
+    let mut c = client(dir, ca.addr).await;
+    issue_one(&mut c, &csr, &tok)
+        .await
+        .expect("the new CA issues");
+}
+
 /// Peers that complete TLS handshakes and then go silent cannot hold the CA's connection
 /// slots: at the limit, the connection idle longest (2 s or more) is closed to make room, so
 /// a real client is served within seconds while all the slots are held by idle peers.

@@ -86,6 +86,9 @@ pub struct CaState {
     rule_merge: Mutex<()>,
     /// The gRPC server: [`GRPC_NOT_STARTED`], [`GRPC_SERVING`] or [`GRPC_STOPPED`].
     grpc: std::sync::atomic::AtomicU8,
+    /// `<state>/ca.lock`, locked for the CA's life (one CA per state directory); let go when
+    /// the [`RunningCa`] is shut down or dropped, or when the process ends.
+    state_lock: Mutex<Option<std::fs::File>>,
 }
 
 const GRPC_NOT_STARTED: u8 = 0;
@@ -129,6 +132,8 @@ impl CaState {
     ) -> Result<Arc<Self>, CitadelError> {
         config.validate()?;
         create_private_dir(&config.state_dir)?;
+        // Before anything in the directory is read or made (a new self-signed root).
+        let state_lock = lock_state_dir(&config.state_dir)?;
         let now = SystemTime::now();
         let authority = load_initial(
             &config.cacerts_dir,
@@ -187,6 +192,7 @@ impl CaState {
             share: std::sync::OnceLock::new(),
             rule_merge: Mutex::new(()),
             grpc: std::sync::atomic::AtomicU8::new(GRPC_NOT_STARTED),
+            state_lock: Mutex::new(Some(state_lock)),
         }))
     }
 
@@ -269,6 +275,14 @@ impl CaState {
             ));
         }
         out
+    }
+
+    /// Lets go of `<state>/ca.lock` (the CA stopped).
+    pub(crate) fn release_state_lock(&self) {
+        self.state_lock
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .take();
     }
 
     /// The metrics.
@@ -821,6 +835,55 @@ fn renew_time(leaf: &CertificateDer<'_>, now: SystemTime) -> SystemTime {
     }
 }
 
+/// The lock file in a CA's state directory.
+pub(crate) const STATE_LOCK_FILE: &str = "ca.lock";
+
+/// Takes `<dir>/ca.lock` (an exclusive `flock`, released when the process ends, also on
+/// `kill -9`) and writes this process's id into it. A second CA on the same directory would
+/// make its own self-signed root beside the first's, take over its admin socket and append to
+/// its audit log (and cut back lines the other is writing when a batch fails): it is refused,
+/// naming the holder.
+fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, CitadelError> {
+    use std::io::{Read as _, Seek as _, Write as _};
+    use std::os::unix::fs::OpenOptionsExt;
+    let path = dir.join(STATE_LOCK_FILE);
+    let mut file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .read(true)
+        .write(true)
+        .mode(0o600)
+        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC).bits() as i32)
+        .open(&path)
+        .map_err(|e| CitadelError::io(&path, e))?;
+    match file.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => {
+            let mut holder = String::new();
+            let _ = file.read_to_string(&mut holder);
+            let holder = holder.trim();
+            let who = if holder.is_empty() {
+                "another process".to_owned()
+            } else {
+                format!("process {holder}")
+            };
+            return Err(CitadelError::Config(format!(
+                "state directory {} is in use by {who} (it holds {}): one CA per state \
+                 directory; stop the other CA or give this one its own --state",
+                dir.display(),
+                path.display()
+            )));
+        }
+        Err(std::fs::TryLockError::Error(e)) => return Err(CitadelError::io(&path, e)),
+    }
+    let pid = std::process::id().to_string();
+    file.set_len(0)
+        .and_then(|()| file.rewind())
+        .and_then(|()| file.write_all(pid.as_bytes()))
+        .map_err(|e| CitadelError::io(&path, e))?;
+    Ok(file)
+}
+
 fn create_private_dir(dir: &std::path::Path) -> Result<(), CitadelError> {
     use std::os::unix::fs::DirBuilderExt;
     if dir.is_dir() {
@@ -1275,7 +1338,8 @@ impl RunningCa {
         &self.state
     }
 
-    /// Stops accepting, lets in-flight requests finish (up to 5 s), then stops.
+    /// Stops accepting, lets in-flight requests finish (up to 5 s), then stops. The state
+    /// directory is free for another CA when this returns.
     pub async fn shutdown(mut self) {
         if let Some(tx) = self.shutdown.take() {
             let _ = tx.send(());
@@ -1288,6 +1352,7 @@ impl RunningCa {
         for t in iter {
             t.abort();
         }
+        self.state.release_state_lock();
     }
 
     /// Runs until the server stops (or the returned future is dropped).
@@ -1303,6 +1368,8 @@ impl Drop for RunningCa {
         for t in &self.tasks {
             t.abort();
         }
+        // Aborted tasks drop their handles on the state later; the directory is free now.
+        self.state.release_state_lock();
     }
 }
 

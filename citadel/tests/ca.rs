@@ -897,6 +897,41 @@ async fn self_signed_root_persists_across_restarts() {
     second.shutdown().await;
 }
 
+/// One CA per state directory: a second one is refused, naming the directory and the holder,
+/// before it reads or makes anything there (two self-signed roots, one admin socket taken
+/// over, two writers of one audit log); the first keeps serving; once it stops, the
+/// directory is free.
+#[tokio::test]
+async fn a_second_ca_on_a_state_directory_in_use_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let mk = || {
+        let mut cfg = CaConfig::new(dir.path().join("cacerts"), dir.path().join("state"), td());
+        cfg.listen = "127.0.0.1:0".parse().unwrap();
+        cfg
+    };
+    let first = rampart_citadel::start(mk()).await.unwrap();
+    let fp1 = first.state().authority().signing_root().fingerprint.clone();
+    let audit = std::fs::read(dir.path().join("state/audit.jsonl")).unwrap();
+    let err = rampart_citadel::start(mk()).await.unwrap_err().to_string();
+    let state = dir.path().join("state");
+    assert!(err.contains("is in use by process"), "{err}");
+    assert!(err.contains(&std::process::id().to_string()), "{err}");
+    assert!(err.contains(&state.display().to_string()), "{err}");
+    assert!(err.contains("ca.lock"), "{err}");
+    // Nothing of the first CA's was touched.
+    assert_eq!(first.state().authority().signing_root().fingerprint, fp1);
+    assert_eq!(std::fs::read(state.join("audit.jsonl")).unwrap(), audit);
+    assert!(rampart_citadel::admin_socket_path(&state).exists());
+    first.shutdown().await;
+    // Stopped: the next one starts, with the same root.
+    let second = rampart_citadel::start(mk()).await.expect("free again");
+    assert_eq!(second.state().authority().signing_root().fingerprint, fp1);
+    // A RunningCa dropped without shutdown frees it too.
+    drop(second);
+    let third = rampart_citadel::start(mk()).await.expect("free after drop");
+    third.shutdown().await;
+}
+
 /// The root certificate deleted beside its key (what an older `rampart up` did): the CA
 /// makes the certificate again for the same key and subject, so certificates issued before
 /// still verify. Without the key, a new root is made (nothing to keep).
@@ -917,9 +952,12 @@ async fn self_signed_root_certificate_lost_beside_its_key_is_made_again_for_the_
     .unwrap();
     let old_root = env.bundle().roots()[0].clone();
     let state = env.root.join("state");
+    // Stopped first: a second CA on a state directory in use is refused (below).
+    let Env { ca, root, _dir, .. } = env;
+    ca.shutdown().await;
     std::fs::remove_file(state.join("root-cert.pem")).unwrap();
     let mk = || {
-        let mut cfg = CaConfig::new(env.root.join("cacerts"), state.clone(), td());
+        let mut cfg = CaConfig::new(root.join("cacerts"), state.clone(), td());
         cfg.listen = "127.0.0.1:0".parse().unwrap();
         cfg
     };
