@@ -162,17 +162,22 @@ fn decide(body: &[u8], opts: &Options) -> Result<(Value, Outcome), String> {
             let patch = json_patch::diff(&Value::Object(original), &Value::Object(pod));
             let patch = serde_json::to_vec(&patch).map_err(|e| e.to_string())?;
             tracing::info!(?namespace, pod = ?name, "sidecar injected");
-            for n in notes {
+            for n in &notes {
                 tracing::debug!(?namespace, note = ?n, "injection note");
             }
-            Ok((
-                answer(json!({
-                    "allowed": true,
-                    "patchType": "JSONPatch",
-                    "patch": base64::engine::general_purpose::STANDARD.encode(patch),
-                })),
-                Outcome::injected,
-            ))
+            let mut response = json!({
+                "allowed": true,
+                "patchType": "JSONPatch",
+                "patch": base64::engine::general_purpose::STANDARD.encode(patch),
+            });
+            // What `rampart inject` prints beside the manifest (a probe left as it was, the
+            // port the app must listen on) reaches whoever created the Pod: kubectl prints
+            // admission warnings on stderr.
+            let warnings = warnings(&notes);
+            if !warnings.is_empty() {
+                response["warnings"] = warnings.into();
+            }
+            Ok((answer(response), Outcome::injected))
         }
         Ok(PodOutcome::Skipped(why)) => {
             tracing::info!(?namespace, pod = ?name, reason = ?why, "sidecar not injected");
@@ -189,6 +194,47 @@ fn decide(body: &[u8], opts: &Options) -> Result<(Value, Outcome), String> {
             ))
         }
     }
+}
+
+/// At most this many warnings per Pod, each at most [`MAX_WARNING_CHARS`] characters: the
+/// API server truncates and drops warnings past a few KiB per response, and a warning is an
+/// HTTP header on its way to the client.
+const MAX_WARNINGS: usize = 12;
+const MAX_WARNING_CHARS: usize = 240;
+
+/// The injection notes as admission warnings: printable text only (a warning travels as an
+/// HTTP `Warning` header), without the Pod's location prefix the CLI needs (the client knows
+/// which Pod it created), the same note once.
+fn warnings(notes: &[String]) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    for note in notes {
+        // "Pod NAME: ..." (a Pod's name has no colon).
+        let text = note
+            .strip_prefix("Pod ")
+            .and_then(|r| r.split_once(": "))
+            .map_or(note.as_str(), |(_, rest)| rest);
+        let mut w: String = text
+            .chars()
+            .map(|c| if c.is_control() { ' ' } else { c })
+            .take(MAX_WARNING_CHARS)
+            .collect();
+        if text.chars().count() > MAX_WARNING_CHARS {
+            w.pop();
+            w.push('…');
+        }
+        let w = format!("rampart: {w}");
+        if !out.contains(&w) {
+            out.push(w);
+        }
+    }
+    if out.len() > MAX_WARNINGS {
+        let more = out.len() - (MAX_WARNINGS - 1);
+        out.truncate(MAX_WARNINGS - 1);
+        out.push(format!(
+            "rampart: {more} more injection notes (`rampart inject` prints them all)"
+        ));
+    }
+    out
 }
 
 fn refusal(message: &str) -> Value {
@@ -352,6 +398,60 @@ mod tests {
         assert_eq!(init[1]["name"], "rampart-proxy");
         assert!(patched["metadata"]["annotations"][crate::inject::STATUS_ANNOTATION].is_string());
         assert_eq!(stats.reviews("injected"), 1);
+    }
+
+    /// The notes `rampart inject` prints come back as admission warnings (kubectl shows
+    /// them): a probe that is not rewritten, the port the app must listen on; a Pod without
+    /// such notes gets none, and a flood of notes is capped.
+    #[test]
+    fn injection_notes_are_admission_warnings() {
+        let stats = InjectorStats::default();
+        let mut p = pod();
+        p["spec"]["containers"][0]["livenessProbe"] =
+            json!({"grpc": {"port": 8080}, "periodSeconds": 5});
+        let answer = review(&review_of(p, "CREATE"), &opts(), &stats).unwrap();
+        let got: Vec<&str> = answer["response"]["warnings"]
+            .as_array()
+            .expect("warnings")
+            .iter()
+            .map(|w| w.as_str().unwrap())
+            .collect();
+        assert!(
+            got.iter().any(|w| w
+                .starts_with("rampart: container web livenessProbe: not rewritten (a gRPC probe)")),
+            "{got:?}"
+        );
+        assert!(
+            got.iter()
+                .any(|w| w.contains("the app must listen on 127.0.0.1:8080")),
+            "{got:?}"
+        );
+        for w in &got {
+            assert!(!w.contains("Pod web-"), "location prefix kept: {w}");
+            assert!(w.chars().count() <= MAX_WARNING_CHARS + 10, "{w}");
+            assert!(!w.chars().any(char::is_control), "{w:?}");
+        }
+        // Skipped Pods and other kinds carry no warnings.
+        let mut opted_out = pod();
+        opted_out["metadata"]["annotations"] = json!({"sidecar.istio.io/inject": "false"});
+        let answer = review(&review_of(opted_out, "CREATE"), &opts(), &stats).unwrap();
+        assert!(answer["response"].get("warnings").is_none(), "{answer}");
+        // Many notes: capped, the last one says how many were left out.
+        let notes: Vec<String> = (0..40)
+            .map(|i| format!("Pod web-: container c{i} port {i}: note\nwith a newline"))
+            .collect();
+        let w = warnings(&notes);
+        assert_eq!(w.len(), MAX_WARNINGS);
+        assert_eq!(w[0], "rampart: container c0 port 0: note with a newline");
+        assert!(
+            w[MAX_WARNINGS - 1].contains("29 more injection notes"),
+            "{w:?}"
+        );
+        // Long notes are cut on a character boundary.
+        let long = vec![format!("Pod x: {}", "é".repeat(500))];
+        let w = warnings(&long);
+        assert_eq!(w[0].chars().count(), "rampart: ".len() + MAX_WARNING_CHARS);
+        assert!(w[0].ends_with('…'));
     }
 
     /// Pods whose own fields make the diff work: init containers and volumes already there

@@ -1132,14 +1132,14 @@ fn webhook_ca_bundle(kubectl: &Kubectl) -> String {
 }
 
 /// `kubectl create` of a one-container Pod `name` in `ns` with `labels` and, if given, an
-/// extra volume; the Pod as stored, or kubectl's error.
+/// extra volume; the Pod as stored with kubectl's stderr (its warnings), or kubectl's error.
 fn create_pod(
     kubectl: &Kubectl,
     ns: &str,
     name: &str,
     labels: &serde_json::Value,
     volume: Option<&str>,
-) -> Result<serde_json::Value, String> {
+) -> Result<(serde_json::Value, String), String> {
     let mut pod = serde_json::json!({
         "apiVersion": "v1", "kind": "Pod",
         "metadata": {"name": name, "namespace": ns, "labels": labels},
@@ -1159,17 +1159,31 @@ fn create_pod(
     if !out.status.success() {
         return Err(String::from_utf8_lossy(&out.stderr).into_owned());
     }
-    Ok(serde_json::from_slice(&out.stdout).unwrap())
+    Ok((
+        serde_json::from_slice(&out.stdout).unwrap(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    ))
 }
 
 /// The outcome of creating a Pod the webhook should inject: stored with the sidecar; or, on
 /// an API server older than native sidecars (Kubernetes 1.29), refused by the server's own
 /// validation of exactly the injected init containers (init containers with probes), which
 /// shows the server called the webhook and applied its patch (the Pod as sent has no init
-/// containers) but cannot hold the result.
-fn expect_injected(result: Result<serde_json::Value, String>, ca: &Proc) {
+/// containers) but cannot hold the result. Either way kubectl printed the webhook's notes as
+/// admission warnings.
+fn expect_injected(result: Result<(serde_json::Value, String), String>, ca: &Proc) {
+    let stderr = match &result {
+        Ok((_, stderr)) => stderr,
+        Err(e) => e,
+    };
+    assert!(
+        stderr.contains(
+            "Warning: rampart: container app port 8080: the app must listen on 127.0.0.1:8080"
+        ),
+        "kubectl shows the injection notes as warnings: {stderr}"
+    );
     match result {
-        Ok(pod) => assert!(is_injected(&pod), "{pod}"),
+        Ok((pod, _)) => assert!(is_injected(&pod), "{pod}"),
         Err(e) => {
             let pre_native = e.contains("spec.initContainers[1].readinessProbe")
                 && e.contains("must not be set for init containers");
@@ -1185,7 +1199,9 @@ fn expect_injected(result: Result<serde_json::Value, String>, ca: &Proc) {
             say(&format!(
                 "kubernetes_e2e: this API server predates native sidecars (1.29): it applied the \
                  webhook's patch and refused the injected init containers' probes: {}",
-                e.lines().next().unwrap_or_default()
+                e.lines()
+                    .find(|l| l.starts_with("Error"))
+                    .unwrap_or_default()
             ));
         }
     }
@@ -1249,8 +1265,12 @@ fn injection_by_the_api_server(
     let none = serde_json::json!({});
     expect_injected(create_pod(kubectl, inj_ns, "injected", &none, None), ca);
     // Twins: not injected.
-    let plain = create_pod(kubectl, other_ns, "not-labelled", &none, None).unwrap();
+    let (plain, stderr) = create_pod(kubectl, other_ns, "not-labelled", &none, None).unwrap();
     assert!(!is_injected(&plain), "{plain}");
+    assert!(
+        !stderr.contains("rampart:"),
+        "no injection, no warnings: {stderr}"
+    );
     let opted_out = create_pod(
         kubectl,
         inj_ns,
@@ -1258,7 +1278,8 @@ fn injection_by_the_api_server(
         &serde_json::json!({"sidecar.istio.io/inject": "false"}),
         None,
     )
-    .unwrap();
+    .unwrap()
+    .0;
     assert!(!is_injected(&opted_out), "{opted_out}");
     // A Pod the webhook cannot inject is refused, with the reason.
     let refused = create_pod(kubectl, inj_ns, "clash", &none, Some("istio-token")).unwrap_err();
