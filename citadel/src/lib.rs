@@ -50,7 +50,7 @@ pub use self::{
     refusal::Refusal,
     server::{
         CaService, CaState, IMPERSONATED_IDENTITY, PeerInfo, ReloadOutcome, RunningCa,
-        SERVING_CERT_TTL, start, start_with_routes, start_with_state,
+        SERVING_CERT_TTL, STATE_LOCK_FILE, StateLock, start, start_with_routes, start_with_state,
     },
     signer::{IssuedFacts, SigningCertFacts, WorkloadTemplate, X509Signer, validate_issued},
     tls::{certified_key, provider, server_config},

@@ -86,9 +86,9 @@ pub struct CaState {
     rule_merge: Mutex<()>,
     /// The gRPC server: [`GRPC_NOT_STARTED`], [`GRPC_SERVING`] or [`GRPC_STOPPED`].
     grpc: std::sync::atomic::AtomicU8,
-    /// `<state>/ca.lock`, locked for the CA's life (one CA per state directory); let go when
-    /// the [`RunningCa`] is shut down or dropped, or when the process ends.
-    state_lock: Mutex<Option<std::fs::File>>,
+    /// `<state>/ca.lock` (one CA per state directory): held until the [`RunningCa`] serving
+    /// this state is shut down or dropped, or the process ends.
+    state_lock: Mutex<Option<StateLock>>,
 }
 
 const GRPC_NOT_STARTED: u8 = 0;
@@ -131,9 +131,27 @@ impl CaState {
         external: Option<Arc<dyn ExternalAuthenticator>>,
     ) -> Result<Arc<Self>, CitadelError> {
         config.validate()?;
-        create_private_dir(&config.state_dir)?;
         // Before anything in the directory is read or made (a new self-signed root).
-        let state_lock = lock_state_dir(&config.state_dir)?;
+        let lock = StateLock::acquire(&config.state_dir)?;
+        Self::new_locked(config, metrics, external, lock)
+    }
+
+    /// As [`CaState::new_with_external`], with the state directory's lock already taken
+    /// (Kubernetes mode writes the root from `istio-ca-secret` into the directory first).
+    pub fn new_locked(
+        config: CaConfig,
+        metrics: Arc<Metrics>,
+        external: Option<Arc<dyn ExternalAuthenticator>>,
+        state_lock: StateLock,
+    ) -> Result<Arc<Self>, CitadelError> {
+        config.validate()?;
+        if state_lock.dir != config.state_dir {
+            return Err(CitadelError::Config(format!(
+                "the lock held is {}'s, the state directory is {}",
+                state_lock.dir.display(),
+                config.state_dir.display()
+            )));
+        }
         let now = SystemTime::now();
         let authority = load_initial(
             &config.cacerts_dir,
@@ -277,8 +295,11 @@ impl CaState {
         out
     }
 
-    /// Lets go of `<state>/ca.lock` (the CA stopped).
-    pub(crate) fn release_state_lock(&self) {
+    /// Lets go of `<state>/ca.lock`: the CA serving this state stopped. (In-process only:
+    /// connections the gRPC server accepted run as tasks of their own and may outlive
+    /// [`RunningCa::shutdown`] until their clients close them; a process that ends takes
+    /// them along.)
+    fn release_state_lock(&self) {
         self.state_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -836,52 +857,90 @@ fn renew_time(leaf: &CertificateDer<'_>, now: SystemTime) -> SystemTime {
 }
 
 /// The lock file in a CA's state directory.
-pub(crate) const STATE_LOCK_FILE: &str = "ca.lock";
+pub const STATE_LOCK_FILE: &str = "ca.lock";
 
-/// Takes `<dir>/ca.lock` (an exclusive `flock`, released when the process ends, also on
-/// `kill -9`) and writes this process's id into it. A second CA on the same directory would
-/// make its own self-signed root beside the first's, take over its admin socket and append to
-/// its audit log (and cut back lines the other is writing when a batch fails): it is refused,
-/// naming the holder.
-fn lock_state_dir(dir: &std::path::Path) -> Result<std::fs::File, CitadelError> {
-    use std::io::{Read as _, Seek as _, Write as _};
-    use std::os::unix::fs::OpenOptionsExt;
-    let path = dir.join(STATE_LOCK_FILE);
-    let mut file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .read(true)
-        .write(true)
-        .mode(0o600)
-        .custom_flags((rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC).bits() as i32)
-        .open(&path)
-        .map_err(|e| CitadelError::io(&path, e))?;
-    match file.try_lock() {
-        Ok(()) => {}
-        Err(std::fs::TryLockError::WouldBlock) => {
-            let mut holder = String::new();
-            let _ = file.read_to_string(&mut holder);
-            let holder = holder.trim();
-            let who = if holder.is_empty() {
-                "another process".to_owned()
-            } else {
-                format!("process {holder}")
-            };
+/// An exclusive `flock` on `<state>/ca.lock`, with the holder's process id written into the
+/// file; let go when dropped and by the kernel when the process ends (also on `kill -9`).
+///
+/// One CA per state directory: a second CA on the same directory would make its own
+/// self-signed root beside the first's, take over its admin socket and append to its audit
+/// log (and cut back lines the other is writing when a batch fails). It is refused, naming the
+/// holder, before it reads or writes anything there.
+#[derive(Debug)]
+pub struct StateLock {
+    _file: std::fs::File,
+    dir: std::path::PathBuf,
+}
+
+impl StateLock {
+    /// Creates the directory (0700) if needed and takes its lock, or says who holds it.
+    pub fn acquire(dir: &std::path::Path) -> Result<Self, CitadelError> {
+        use std::io::{Read as _, Seek as _, Write as _};
+        use std::os::unix::fs::{MetadataExt as _, OpenOptionsExt as _};
+        create_private_dir(dir)?;
+        let path = dir.join(STATE_LOCK_FILE);
+        let mut file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .read(true)
+            .write(true)
+            .mode(0o600)
+            .custom_flags(
+                (rustix::fs::OFlags::NOFOLLOW | rustix::fs::OFlags::CLOEXEC).bits() as i32,
+            )
+            .open(&path)
+            .map_err(|e| CitadelError::io(&path, e))?;
+        // Ours alone: a regular file with no other name (the pid is written into it below).
+        let meta = file.metadata().map_err(|e| CitadelError::io(&path, e))?;
+        if !meta.is_file() || meta.nlink() != 1 {
             return Err(CitadelError::Config(format!(
-                "state directory {} is in use by {who} (it holds {}): one CA per state \
-                 directory; stop the other CA or give this one its own --state",
-                dir.display(),
+                "{}: not a regular file of its own (remove it; the CA makes it again)",
                 path.display()
             )));
         }
-        Err(std::fs::TryLockError::Error(e)) => return Err(CitadelError::io(&path, e)),
+        // A lock let go a moment ago can still be held by a child forked in between (until
+        // its exec closes the descriptor): a second's retries before calling it in use.
+        let mut waited = Duration::ZERO;
+        let locked = loop {
+            match file.try_lock() {
+                Err(std::fs::TryLockError::WouldBlock) if waited < Duration::from_secs(1) => {
+                    std::thread::sleep(Duration::from_millis(20));
+                    waited += Duration::from_millis(20);
+                }
+                other => break other,
+            }
+        };
+        match locked {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                let mut head = [0u8; 16];
+                let n = file.read(&mut head).unwrap_or(0);
+                let pid = std::str::from_utf8(&head[..n])
+                    .ok()
+                    .filter(|p| !p.is_empty() && p.bytes().all(|b| b.is_ascii_digit()));
+                let who = match pid {
+                    Some(p) => format!("process {p}"),
+                    None => "another process".to_owned(),
+                };
+                return Err(CitadelError::Config(format!(
+                    "state directory {} is in use by {who} (it holds {}): one CA per state \
+                     directory; stop the other CA or give this one its own --state",
+                    dir.display(),
+                    path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(CitadelError::io(&path, e)),
+        }
+        let pid = std::process::id().to_string();
+        file.set_len(0)
+            .and_then(|()| file.rewind())
+            .and_then(|()| file.write_all(pid.as_bytes()))
+            .map_err(|e| CitadelError::io(&path, e))?;
+        Ok(StateLock {
+            _file: file,
+            dir: dir.to_path_buf(),
+        })
     }
-    let pid = std::process::id().to_string();
-    file.set_len(0)
-        .and_then(|()| file.rewind())
-        .and_then(|()| file.write_all(pid.as_bytes()))
-        .map_err(|e| CitadelError::io(&path, e))?;
-    Ok(file)
 }
 
 fn create_private_dir(dir: &std::path::Path) -> Result<(), CitadelError> {
@@ -1346,11 +1405,19 @@ impl RunningCa {
         }
         let tasks = std::mem::take(&mut self.tasks);
         let mut iter = tasks.into_iter();
-        if let Some(server) = iter.next() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), server).await;
+        if let Some(mut server) = iter.next()
+            && tokio::time::timeout(Duration::from_secs(5), &mut server)
+                .await
+                .is_err()
+        {
+            server.abort();
+            let _ = server.await;
         }
+        // Awaited after the abort: the tasks this CA started (reloads, CRL re-signing, the
+        // admin socket) are gone before the directory is free for another CA.
         for t in iter {
             t.abort();
+            let _ = t.await;
         }
         self.state.release_state_lock();
     }
@@ -1368,7 +1435,6 @@ impl Drop for RunningCa {
         for t in &self.tasks {
             t.abort();
         }
-        // Aborted tasks drop their handles on the state later; the directory is free now.
         self.state.release_state_lock();
     }
 }

@@ -930,6 +930,15 @@ async fn a_second_ca_on_a_state_directory_in_use_is_refused() {
     drop(second);
     let third = rampart_citadel::start(mk()).await.expect("free after drop");
     third.shutdown().await;
+    // A lock file that is not the CA's own (a hard link to another file) is refused, and
+    // that file is not truncated.
+    let other = dir.path().join("other");
+    std::fs::write(&other, "keep").unwrap();
+    std::fs::remove_file(state.join("ca.lock")).unwrap();
+    std::fs::hard_link(&other, state.join("ca.lock")).unwrap();
+    let err = rampart_citadel::start(mk()).await.unwrap_err().to_string();
+    assert!(err.contains("not a regular file of its own"), "{err}");
+    assert_eq!(std::fs::read_to_string(&other).unwrap(), "keep");
 }
 
 /// The root certificate deleted beside its key (what an older `rampart up` did): the CA

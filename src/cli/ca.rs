@@ -660,6 +660,8 @@ async fn start_in_kubernetes(
     let client = rampart_k8s::client(k.kubeconfig.as_deref())
         .await
         .map_err(|e| super::bad_input(e.to_string()))?;
+    // Before the Secrets' material is written into the state directory.
+    let lock = rampart_citadel::StateLock::acquire(&cfg.state_dir)?;
     let origin = rampart_k8s::material::sync_ca_material(
         &client,
         &k.namespace,
@@ -716,10 +718,11 @@ async fn start_in_kubernetes(
         k.cluster_id,
         k.trusted,
     );
-    let state = rampart_citadel::CaState::new_with_external(
+    let state = rampart_citadel::CaState::new_locked(
         cfg,
         rampart_citadel::Metrics::new(),
         Some(Arc::new(auth)),
+        lock,
     )?;
     // Revocations on any replica (its admin socket) shared through ConfigMap
     // rampart-ca-revocations; every replica merges the others', re-signs and publishes.
