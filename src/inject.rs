@@ -47,6 +47,9 @@ pub const SOCKET_PATH: &str = "/var/run/secrets/workload-spiffe-uds/socket";
 /// The proxy's port for the kubelet's rewritten app probes (Istio's status port), on the
 /// Pod IP, and the environment variable holding the original probes (Istio's name).
 pub const APP_PROBE_PORT: u16 = 15020;
+/// The note every declared port gets (what the app must do without iptables): the same for
+/// every Pod, so the injection webhook does not repeat it as a warning.
+pub const LISTEN_NOTE: &str = ": the app must listen on 127.0.0.1:";
 pub const APP_PROBERS_ENV: &str = "ISTIO_KUBE_APP_PROBERS";
 /// The sidecar's own ports on the Pod's loopback (admin, outbound, probes): a rewritten probe
 /// never targets them (the kubelet could not reach them before; through the probe port it
@@ -488,7 +491,7 @@ fn inject_pod(
             };
             any_port = true;
             out.notes.push(format!(
-                "{at}: container {cname} port {port}: the app must listen on 127.0.0.1:{port}; \
+                "{at}: container {cname} port {port}{LISTEN_NOTE}{port}; \
                  the proxy takes $(POD_IP):{port}"
             ));
             if port < 1024 {

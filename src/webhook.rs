@@ -202,12 +202,19 @@ fn decide(body: &[u8], opts: &Options) -> Result<(Value, Outcome), String> {
 const MAX_WARNINGS: usize = 12;
 const MAX_WARNING_CHARS: usize = 240;
 
-/// The injection notes as admission warnings: printable text only (a warning travels as an
-/// HTTP `Warning` header), without the Pod's location prefix the CLI needs (the client knows
-/// which Pod it created), the same note once.
+/// The injection notes that ask for action (a probe left as it was, a port below 1024, no
+/// port declared, ...) as admission warnings: not the note every port of every Pod gets
+/// ([`crate::inject::LISTEN_NOTE`]: kube-controller-manager logs each warning of each Pod
+/// its controllers create); printable ASCII only (a warning travels as an HTTP `Warning`
+/// header and ends up on terminals: no control, bidi or zero-width characters), without the
+/// Pod's location prefix the CLI needs (the client knows which Pod it created), the same
+/// note once.
 fn warnings(notes: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
-    for note in notes {
+    for note in notes
+        .iter()
+        .filter(|n| !n.contains(crate::inject::LISTEN_NOTE))
+    {
         // "Pod NAME: ..." (a Pod's name has no colon).
         let text = note
             .strip_prefix("Pod ")
@@ -215,12 +222,16 @@ fn warnings(notes: &[String]) -> Vec<String> {
             .map_or(note.as_str(), |(_, rest)| rest);
         let mut w: String = text
             .chars()
-            .map(|c| if c.is_control() { ' ' } else { c })
+            .map(|c| match c {
+                ' ' | '!'..='~' => c,
+                c if c.is_whitespace() => ' ',
+                _ => '?',
+            })
             .take(MAX_WARNING_CHARS)
             .collect();
         if text.chars().count() > MAX_WARNING_CHARS {
-            w.pop();
-            w.push('…');
+            w.truncate(MAX_WARNING_CHARS - 3);
+            w.push_str("...");
         }
         let w = format!("rampart: {w}");
         if !out.contains(&w) {
@@ -421,16 +432,23 @@ mod tests {
                 .starts_with("rampart: container web livenessProbe: not rewritten (a gRPC probe)")),
             "{got:?}"
         );
+        // The note every port of every Pod gets is not repeated as a warning.
         assert!(
-            got.iter()
-                .any(|w| w.contains("the app must listen on 127.0.0.1:8080")),
+            !got.iter().any(|w| w.contains("the app must listen on")),
             "{got:?}"
         );
         for w in &got {
             assert!(!w.contains("Pod web-"), "location prefix kept: {w}");
             assert!(w.chars().count() <= MAX_WARNING_CHARS + 10, "{w}");
-            assert!(!w.chars().any(char::is_control), "{w:?}");
+            assert!(
+                w.bytes().all(|b| b == b' ' || b.is_ascii_graphic()),
+                "{w:?}"
+            );
         }
+        // A Pod whose notes need no action (its port's) gets no warnings.
+        let answer = review(&review_of(pod(), "CREATE"), &opts(), &stats).unwrap();
+        assert_eq!(answer["response"]["allowed"], true);
+        assert!(answer["response"].get("warnings").is_none(), "{answer}");
         // Skipped Pods and other kinds carry no warnings.
         let mut opted_out = pod();
         opted_out["metadata"]["annotations"] = json!({"sidecar.istio.io/inject": "false"});
@@ -447,11 +465,14 @@ mod tests {
             w[MAX_WARNINGS - 1].contains("29 more injection notes"),
             "{w:?}"
         );
-        // Long notes are cut on a character boundary.
+        // Printable ASCII only: control, bidi and zero-width characters and other non-ASCII
+        // text are replaced; long notes are cut.
+        let odd = vec!["Pod x: a\u{202e}b\u{200b}c\td\u{1b}[31m".to_owned()];
+        assert_eq!(warnings(&odd), ["rampart: a?b?c d?[31m"]);
         let long = vec![format!("Pod x: {}", "é".repeat(500))];
         let w = warnings(&long);
-        assert_eq!(w[0].chars().count(), "rampart: ".len() + MAX_WARNING_CHARS);
-        assert!(w[0].ends_with('…'));
+        assert_eq!(w[0].len(), "rampart: ".len() + MAX_WARNING_CHARS);
+        assert!(w[0].ends_with("?..."), "{w:?}");
     }
 
     /// Pods whose own fields make the diff work: init containers and volumes already there
