@@ -46,16 +46,27 @@ if [ "${1:-}" = --check ]; then
   # stale when a crate's -C metadata changes (a dependency added or bumped renames every
   # generic function instantiated in it); lld skips them silently and the proxies' code
   # spreads over .text again (idle RSS ~6 MiB higher, docs/PERFORMANCE.md). Exits 1 above
-  # MAX_PERCENT (default 10): then regenerate the file as this script's header says.
+  # MAX_PERCENT (default 10): then regenerate the file as this script's header says; 2 when
+  # it cannot tell (no file, no binary, no symbol table).
+  export LC_ALL=C
   bin=${2:?usage: $0 --check RAMPART_BINARY [MAX_PERCENT]} max=${3:-10}
   root=$(cd "$(dirname "$0")/../.." && pwd)
+  file=$root/build/text-order.txt
+  case "$max" in ''|*[!0-9]*) echo "MAX_PERCENT must be a whole number, not '$max'" >&2; exit 2 ;; esac
   command -v nm >/dev/null || { echo "needs nm (binutils)" >&2; exit 2; }
-  listed=$(grep -v '^#' "$root/build/text-order.txt" | grep -c . || true)
-  missing=$(grep -v '^#' "$root/build/text-order.txt" | grep . | sort -u |
-    comm -23 - <(nm --defined-only "$bin" | awk '{print $3}' | sort -u) | wc -l)
-  pct=$((missing * 100 / (listed > 0 ? listed : 1)))
-  echo "build/text-order.txt: $missing of $listed names not in $bin ($pct%, limit $max%)"
-  if [ "$pct" -gt "$max" ]; then
+  [ -s "$file" ] || { echo "no $file" >&2; exit 2; }
+  [ -f "$bin" ] || { echo "no binary at $bin" >&2; exit 2; }
+  # lld's reading of the file: each line trimmed, '#' starts a comment.
+  names=$(sed -e 's/\r$//' -e 's/#.*//' -e 's/^[[:space:]]*//' -e 's/[[:space:]]*$//' "$file" | grep . | sort -u)
+  syms=$(nm --defined-only "$bin" 2>/dev/null | awk '{print $3}' | sort -u) || syms=
+  if [ -z "$syms" ]; then
+    echo "$bin has no symbol table (stripped? CARGO_PROFILE_RELEASE_STRIP?): cannot check" >&2
+    exit 2
+  fi
+  listed=$(printf '%s\n' "$names" | grep -c .)
+  missing=$(comm -23 <(printf '%s\n' "$names") <(printf '%s\n' "$syms") | grep -c . || true)
+  echo "build/text-order.txt: $missing of $listed names not in $bin (limit $max%)"
+  if [ $((missing * 100)) -gt $((max * listed)) ]; then
     echo "stale: regenerate it (benches/profile/text-order.sh, docs/PERFORMANCE.md \"Text ordering\")" >&2
     exit 1
   fi
@@ -74,7 +85,7 @@ if [ -z "$native" ]; then
   # Can valgrind read this binary's symbols? (valgrind 3.19 could not read some lld-linked
   # builds; the lld-linked release build of 2026-12-07 it reads.) One short run tells.
   probe=$(mktemp /tmp/text-order-probe.XXXXXX)
-  valgrind --tool=callgrind --callgrind-out-file="$probe" "$bin" --version >/dev/null 2>&1
+  valgrind --tool=callgrind --callgrind-out-file="$probe" "$bin" --version >/dev/null 2>&1 || true
   if ! grep -q 'clap_builder' "$probe" 2>/dev/null; then
     rm -f "$probe"
     echo "valgrind cannot read the symbols of $bin; build it with GNU ld:" \
