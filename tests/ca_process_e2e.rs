@@ -54,6 +54,20 @@ fn token(signer: &JwtSigner, ns: &str, sa: &str) -> String {
         .unwrap()
 }
 
+/// `rampart ca` with its plug-in folder and state in `dir`, listening on `listen`, trusting
+/// the issuer `issuer(dir)` made.
+fn ca_command(dir: &Path, listen: &str) -> Command {
+    let mut c = Command::new(env!("CARGO_BIN_EXE_rampart"));
+    c.args(["ca", "--listen", listen])
+        .arg("--cacerts")
+        .arg(dir.join("cacerts"))
+        .arg("--state")
+        .arg(dir.join("state"))
+        .args(["--jwt-issuer", ISS, "--jwks"])
+        .arg(dir.join("jwks.json"));
+    c
+}
+
 /// Starts `rampart ca` with its state in `dir`, on `listen`, plus `extra` flags; waits for
 /// its "listening on" line.
 fn start_ca(dir: &Path, listen: &str, extra: &[&str]) -> Ca {
@@ -64,14 +78,7 @@ fn start_ca(dir: &Path, listen: &str, extra: &[&str]) -> Ca {
             .unwrap()
             .as_nanos()
     ));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["ca", "--listen", listen])
-        .arg("--cacerts")
-        .arg(dir.join("cacerts"))
-        .arg("--state")
-        .arg(dir.join("state"))
-        .args(["--jwt-issuer", ISS, "--jwks"])
-        .arg(dir.join("jwks.json"))
+    let mut child = ca_command(dir, listen)
         .arg("--bundle-out")
         .arg(dir.join("bundle.pem"))
         .args(extra)
@@ -479,19 +486,7 @@ async fn a_second_ca_process_on_a_state_in_use_is_refused_until_the_first_is_gon
     let signer = issuer(dir);
     let ca = start_ca(dir, "127.0.0.1:0", &[]);
     let root = root_fingerprint(dir);
-    let second = || {
-        Command::new(env!("CARGO_BIN_EXE_rampart"))
-            .args(["ca", "--listen", "127.0.0.1:0"])
-            .arg("--cacerts")
-            .arg(dir.join("cacerts"))
-            .arg("--state")
-            .arg(dir.join("state"))
-            .args(["--jwt-issuer", ISS, "--jwks"])
-            .arg(dir.join("jwks.json"))
-            .output()
-            .unwrap()
-    };
-    let out = second();
+    let out = ca_command(dir, "127.0.0.1:0").output().unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{err}");
     assert!(

@@ -875,14 +875,17 @@ async fn self_signed_root_is_renewed_in_its_grace_period_with_the_same_key() {
     assert_eq!(verify(&after, &only(&new_root)).unwrap(), id);
 }
 
+/// A self-signed CA with its folders in `dir`, on an ephemeral port, no token issuers.
+fn plain_config(dir: &Path) -> CaConfig {
+    let mut cfg = CaConfig::new(dir.join("cacerts"), dir.join("state"), td());
+    cfg.listen = "127.0.0.1:0".parse().unwrap();
+    cfg
+}
+
 #[tokio::test]
 async fn self_signed_root_persists_across_restarts() {
     let dir = tempfile::tempdir().unwrap();
-    let mk = || {
-        let mut cfg = CaConfig::new(dir.path().join("cacerts"), dir.path().join("state"), td());
-        cfg.listen = "127.0.0.1:0".parse().unwrap();
-        cfg
-    };
+    let mk = || plain_config(dir.path());
     let first = rampart_citadel::start(mk()).await.unwrap();
     let fp1 = first.state().authority().signing_root().fingerprint.clone();
     first.shutdown().await;
@@ -904,11 +907,7 @@ async fn self_signed_root_persists_across_restarts() {
 #[tokio::test]
 async fn a_second_ca_on_a_state_directory_in_use_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let mk = || {
-        let mut cfg = CaConfig::new(dir.path().join("cacerts"), dir.path().join("state"), td());
-        cfg.listen = "127.0.0.1:0".parse().unwrap();
-        cfg
-    };
+    let mk = || plain_config(dir.path());
     let first = rampart_citadel::start(mk()).await.unwrap();
     let fp1 = first.state().authority().signing_root().fingerprint.clone();
     let audit = std::fs::read(dir.path().join("state/audit.jsonl")).unwrap();
