@@ -35,7 +35,7 @@
 # examples/quickstart` (proxies traced): the calls of its README (allowed, denied, JWT, TCP).
 #
 # `benches/profile/text-order.sh --check BIN [MAX_PERCENT]` counts the file's names BIN lacks
-# and fails above MAX_PERCENT (10): .ci/run runs it on the release build.
+# and fails above MAX_PERCENT (2): .ci/run runs it on the release build.
 #
 # Stale names (after code changes) are harmless: lld skips symbols it does not find
 # (--no-warn-symbol-ordering), the binary is only laid out less well; rerun this script.
@@ -44,12 +44,12 @@ native=
 if [ "${1:-}" = --check ]; then
   # --check BIN [MAX_PERCENT]: how many names of build/text-order.txt BIN lacks. Names go
   # stale when a crate's -C metadata changes (a dependency added or bumped renames every
-  # generic function instantiated in it); lld skips them silently and the proxies' code
-  # spreads over .text again (idle RSS ~6 MiB higher, docs/PERFORMANCE.md). Exits 1 above
-  # MAX_PERCENT (default 10): then regenerate the file as this script's header says; 2 when
-  # it cannot tell (no file, no binary, no symbol table).
+  # generic function instantiated in it: 827 of 3,428 names after session 10, idle RSS ~6 MiB
+  # higher, docs/PERFORMANCE.md); lld skips them silently and the proxies' code spreads over
+  # .text again. Exits 1 above MAX_PERCENT (default 2): then regenerate the file as this
+  # script's header says; 2 when it cannot tell (no file, no binary, no symbol table).
   export LC_ALL=C
-  bin=${2:?usage: $0 --check RAMPART_BINARY [MAX_PERCENT]} max=${3:-10}
+  bin=${2:?usage: $0 --check RAMPART_BINARY [MAX_PERCENT]} max=${3:-2}
   root=$(cd "$(dirname "$0")/../.." && pwd)
   file=$root/build/text-order.txt
   case "$max" in ''|*[!0-9]*) echo "MAX_PERCENT must be a whole number, not '$max'" >&2; exit 2 ;; esac
@@ -64,8 +64,17 @@ if [ "${1:-}" = --check ]; then
     exit 2
   fi
   listed=$(printf '%s\n' "$names" | grep -c .)
-  missing=$(comm -23 <(printf '%s\n' "$names") <(printf '%s\n' "$syms") | grep -c . || true)
-  echo "build/text-order.txt: $missing of $listed names not in $bin (limit $max%)"
+  absent=$(comm -23 <(printf '%s\n' "$names") <(printf '%s\n' "$syms"))
+  # Fat LTO gives the out-of-line copies of one inline function from several crates names
+  # ending in .N, numbered anew by almost any code change: those go stale on every edit and
+  # are reported, not counted (each costs up to one 64 KiB window of resident code).
+  bases=$(printf '%s\n' "$syms" | sed -E 's/\.[0-9]+$//' | sort -u)
+  renumbered=$(printf '%s\n' "$absent" | awk 'NR == FNR { b[$0]; next }
+    /\.[0-9]+$/ { n = $0; sub(/\.[0-9]+$/, "", n); if (n in b) c++ } END { print c + 0 }' \
+    <(printf '%s\n' "$bases") -)
+  missing=$(($(printf '%s\n' "$absent" | grep -c . || true) - renumbered))
+  echo "build/text-order.txt: $missing of $listed names not in $bin (limit $max%);" \
+    "$renumbered LTO copies renumbered (regenerate before measuring or releasing)"
   if [ $((missing * 100)) -gt $((max * listed)) ]; then
     echo "stale: regenerate it (benches/profile/text-order.sh, docs/PERFORMANCE.md \"Text ordering\")" >&2
     exit 1
