@@ -435,3 +435,146 @@ fn registry_edits_reconcile_the_proxy_listeners_live() {
     drop(backend);
     drop(rt);
 }
+
+/// A workload port whose inbound address is the proxy's own app-probe listener (a Service
+/// `targetPort: 15020` on an injected Pod) is skipped with its reason, not a start-up
+/// failure: the proxy starts, the probe listener and the other ports serve, `/config_dump`
+/// and `/ready` name the skip. Its twin: without the probe listener the same port is bound.
+#[test]
+fn a_port_on_the_app_probe_listener_is_skipped_not_fatal() {
+    let w = tempfile::tempdir().unwrap();
+    let mesh = w.path().join("mesh");
+    std::fs::create_dir_all(&mesh).unwrap();
+    std::fs::write(mesh.join("mesh.yaml"), format!("trustDomain: {TD}\n")).unwrap();
+    let (app_a, app_p, in_a, probe, admin) = (
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+        free_port(),
+    );
+    app("a", app_a);
+    app("p", app_p);
+    let a = format!(
+        "  - {{port: 8080, protocol: http, app: \"127.0.0.1:{app_a}\", inbound: \"127.0.0.1:{in_a}\"}}"
+    );
+    let p = format!(
+        "  - {{port: 15020, protocol: http, app: \"127.0.0.1:{app_p}\", inbound: \"127.0.0.1:{probe}\"}}"
+    );
+    let registry = |ports: [&str; 2]| {
+        format!(
+            "workloads:\n- name: backend\n  namespace: api\n  ports:\n{}\n  proxy: {{admin: \"127.0.0.1:{admin}\"}}\n",
+            ports.join("\n")
+        )
+    };
+    let workloads = mesh.join("workloads.yaml");
+    write_atomic(&workloads, &registry([&a, &p]));
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let ca = TestCa::new("Reserved Port Root");
+    let sds = w.path().join("b.sock");
+    let _standin = rt.block_on(async {
+        sds_standin::start(
+            &sds,
+            Some(ca.secrets(&format!("spiffe://{TD}/ns/api/sa/backend"), 1)),
+        )
+    });
+    let url = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+    let start = |probes: bool, log: &str| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
+        cmd.args(["proxy", "--mesh"])
+            .arg(&mesh)
+            .args(["--workload", "api/backend", "--sds-socket"])
+            .arg(&sds)
+            .env("RUST_LOG", "info")
+            .env("NO_COLOR", "1")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(w.path().join(log)).unwrap());
+        if probes {
+            cmd.args(["--app-probes-listen", &format!("127.0.0.1:{probe}")])
+                .env("ISTIO_KUBE_APP_PROBERS", "{}");
+        }
+        let p = Proc {
+            child: cmd.spawn().unwrap(),
+            log: w.path().join(log),
+        };
+        wait_for(
+            "proxy ready",
+            Duration::from_secs(20),
+            || curl(&[&url(admin, "/ready")]).0 == "200",
+            || p.log(),
+        );
+        p
+    };
+    let listeners = || -> Vec<serde_json::Value> {
+        let dump: serde_json::Value =
+            serde_json::from_str(&curl(&[&url(admin, "/config_dump")]).1).unwrap();
+        dump["listeners"].as_array().unwrap().clone()
+    };
+    let on = |ls: &[serde_json::Value], port: u16| -> serde_json::Value {
+        ls.iter()
+            .find(|l| l["address"] == format!("127.0.0.1:{port}"))
+            .cloned()
+            .unwrap_or_else(|| panic!("no listener on {port}: {ls:?}"))
+    };
+
+    let proxy = start(true, "with-probes.log");
+    // The other port serves; the probe listener is the probe listener (404 off its paths).
+    assert_eq!(
+        curl(&[&url(in_a, "/a")]),
+        ("200".into(), "app=a path=/a".into())
+    );
+    assert_eq!(curl(&[&url(probe, "/a")]).0, "404");
+    let ls = listeners();
+    let skipped = on(&ls, probe);
+    assert_eq!(skipped["state"], "skipped", "{ls:?}");
+    let why = skipped["error"].as_str().unwrap();
+    assert!(
+        why.contains(&format!(
+            "127.0.0.1:{probe} is this proxy's app-probe listener"
+        )),
+        "{why}"
+    );
+    assert_eq!(on(&ls, in_a)["state"], "listening", "{ls:?}");
+    let ready = curl(&[&url(admin, "/ready")]).1;
+    assert!(
+        ready.contains(&format!(
+            "degraded: inbound port 15020 (http) not listening on 127.0.0.1:{probe}"
+        )),
+        "{ready}"
+    );
+    let warnings = proxy
+        .log()
+        .lines()
+        .filter(|l| l.contains("listener skipped"))
+        .count();
+    assert_eq!(warnings, 1, "{}", proxy.log());
+    // A reload that keeps the port keeps the skip, without another warning or a bind try.
+    write_atomic(&workloads, &registry([&p, &a]));
+    wait_for(
+        "reload",
+        Duration::from_secs(10),
+        || proxy.log().contains("new configuration in force"),
+        || proxy.log(),
+    );
+    assert_eq!(on(&listeners(), probe)["state"], "skipped");
+    assert_eq!(
+        proxy
+            .log()
+            .lines()
+            .filter(|l| l.contains("listener skipped") || l.contains("cannot listen"))
+            .count(),
+        1,
+        "{}",
+        proxy.log()
+    );
+    drop(proxy);
+
+    // The twin: no probe listener, so the port is the workload's and is served.
+    let proxy = start(false, "without-probes.log");
+    assert_eq!(on(&listeners(), probe)["state"], "listening");
+    assert_eq!(
+        curl(&[&url(probe, "/p")]),
+        ("200".into(), "app=p path=/p".into())
+    );
+    drop(proxy);
+}

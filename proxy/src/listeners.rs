@@ -13,6 +13,13 @@
 //! bind is retried on every later reload and on every folder poll (2 s). At start-up a bind
 //! failure is still fatal ([`crate::Error::Bind`]): a proxy that cannot open what it was
 //! started for says so at once.
+//!
+//! A listener whose address the process already holds for something else (the app-probe
+//! listener of an injected Pod: [`crate::ProxyOptions::reserved`]) is skipped, never bound:
+//! a Service whose `targetPort` is 15020 would otherwise make the proxy of every Pod it
+//! selects fail at start. Istio's sidecar leaves its own ports to its agent in the same
+//! way. The skip is logged once, shown in `/config_dump` (`state: skipped`, with the
+//! reason) and re-evaluated on every reload.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
@@ -165,6 +172,14 @@ struct Failed {
     since: SystemTime,
 }
 
+/// Whether a listener on `a` and one on `b` cannot both be bound: the same port, and the
+/// same IP or either one a wildcard (which takes the port on every address).
+fn overlaps(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port()
+        && a.port() != 0
+        && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 /// A bind failure at start-up: which listener, where, why.
 pub(crate) struct BindFailure {
     pub(crate) addr: SocketAddr,
@@ -177,16 +192,32 @@ pub(crate) struct BindFailure {
 pub(crate) struct Listeners {
     running: HashMap<Listener, Running>,
     failed: BTreeMap<Listener, Failed>,
+    /// Addresses this process listens on for other duties, and what for.
+    reserved: Vec<(SocketAddr, String)>,
+    /// Listeners not bound because their address overlaps a reserved one (never retried:
+    /// re-evaluated at every reload).
+    skipped: BTreeMap<Listener, Failed>,
 }
 
 /// How long a stopped accept loop may take to release its socket before a rebind.
 const STOP_WAIT: Duration = Duration::from_secs(2);
 
 impl Listeners {
-    /// Bind everything `cfg` asks for; the first failure is returned (start-up is strict).
-    pub(crate) async fn start(h: &Arc<Handlers>, cfg: &Config) -> Result<Listeners, BindFailure> {
-        let mut l = Listeners::default();
+    /// Bind everything `cfg` asks for, but what overlaps `reserved`; the first failure is
+    /// returned (start-up is strict).
+    pub(crate) async fn start(
+        h: &Arc<Handlers>,
+        cfg: &Config,
+        reserved: Vec<(SocketAddr, String)>,
+    ) -> Result<Listeners, BindFailure> {
+        let mut l = Listeners {
+            reserved,
+            ..Listeners::default()
+        };
         for (key, (addr, what)) in desired(cfg) {
+            if l.skip(&h.workload_key, key, addr, &what) {
+                continue;
+            }
             match TcpListener::bind(addr).await {
                 Ok(tcp) => l.spawn(h, key, addr, what, tcp),
                 Err(source) => return Err(BindFailure { addr, what, source }),
@@ -196,9 +227,42 @@ impl Listeners {
         Ok(l)
     }
 
-    /// Whether some listener the configuration asks for is not bound.
+    /// Whether some listener the configuration asks for is not bound (skipped ones aside:
+    /// a retry cannot bind them).
     pub(crate) fn has_failed(&self) -> bool {
         !self.failed.is_empty()
+    }
+
+    /// Record `key` as skipped when `addr` overlaps a reserved address (logged when it
+    /// starts to be, or the reason changes); else forget any earlier skip of it.
+    fn skip(&mut self, workload: &str, key: Listener, addr: SocketAddr, what: &str) -> bool {
+        let Some((taken, by)) = self.reserved.iter().find(|(r, _)| overlaps(*r, addr)) else {
+            self.skipped.remove(&key);
+            return false;
+        };
+        let error = format!(
+            "not bound: {taken} is this proxy's {by}; a Service targetPort or workload port \
+             {} is not served here (move the app to another port)",
+            addr.port()
+        );
+        if self
+            .skipped
+            .get(&key)
+            .is_none_or(|f| f.addr != addr || f.error != error)
+        {
+            tracing::warn!(%workload, listener = %what, address = %addr, reason = %error,
+                "listener skipped");
+            self.skipped.insert(
+                key,
+                Failed {
+                    addr,
+                    what: what.to_string(),
+                    error,
+                    since: SystemTime::now(),
+                },
+            );
+        }
+        true
     }
 
     /// Make the listeners match `cfg`: stop removed ones, rebind moved ones, bind new ones
@@ -233,10 +297,15 @@ impl Listeners {
             }
         }
         self.failed.retain(|k, _| want.contains_key(k));
+        self.skipped.retain(|k, _| want.contains_key(k));
         // 2. Bind what is new, moved, or failed before.
         for (key, (addr, what)) in want {
             if let Some(r) = self.running.get_mut(&key) {
                 r.what = what; // the protocol may have changed
+                continue;
+            }
+            if self.skip(workload, key, addr, &what) {
+                self.failed.remove(&key);
                 continue;
             }
             match TcpListener::bind(addr).await {
@@ -314,23 +383,48 @@ impl Listeners {
                         what: r.what.clone(),
                         addr: r.bound,
                         error: None,
+                        skipped: false,
                         since: r.since,
                     },
                 )
             })
-            .chain(self.failed.iter().map(|(k, f)| {
-                (
-                    *k,
-                    ListenerStatus {
-                        what: f.what.clone(),
-                        addr: f.addr,
-                        error: Some(f.error.clone()),
-                        since: f.since,
-                    },
-                )
-            }))
+            .chain(
+                self.failed
+                    .iter()
+                    .map(|e| (e, false))
+                    .chain(self.skipped.iter().map(|e| (e, true)))
+                    .map(|((k, f), skipped)| {
+                        (
+                            *k,
+                            ListenerStatus {
+                                what: f.what.clone(),
+                                addr: f.addr,
+                                error: Some(f.error.clone()),
+                                skipped,
+                                since: f.since,
+                            },
+                        )
+                    }),
+            )
             .collect();
         v.sort_by_key(|(k, _)| *k);
         status.set_listeners(v.into_iter().map(|(_, s)| s).collect());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::overlaps;
+
+    #[test]
+    fn overlapping_addresses() {
+        let a = |s: &str| s.parse().unwrap();
+        assert!(overlaps(a("10.0.0.5:15020"), a("10.0.0.5:15020")));
+        assert!(overlaps(a("0.0.0.0:15020"), a("10.0.0.5:15020")));
+        assert!(overlaps(a("10.0.0.5:15020"), a("[::]:15020")));
+        assert!(!overlaps(a("10.0.0.5:15020"), a("10.0.0.5:15021")));
+        assert!(!overlaps(a("127.0.0.1:15020"), a("10.0.0.5:15020")));
+        // Port 0 takes some free port: never the reserved one.
+        assert!(!overlaps(a("10.0.0.5:0"), a("10.0.0.5:0")));
     }
 }

@@ -57,6 +57,10 @@ pub struct ProxyOptions {
     /// The control-plane stream's state, shown in `/stats/prometheus`, when the
     /// configuration comes from a control plane ([`run_control_plane`]).
     pub control_plane: Option<Arc<ControlPlaneStatus>>,
+    /// Addresses the process listens on for other duties (the app-probe listener of an
+    /// injected Pod), and what for: a data-plane listener that would overlap one is
+    /// skipped with that reason instead of failing the start.
+    pub reserved: Vec<(SocketAddr, String)>,
 }
 
 impl ProxyOptions {
@@ -74,6 +78,7 @@ impl ProxyOptions {
             request_timeout: Duration::from_secs(15),
             drain_timeout: Duration::from_secs(5),
             control_plane: None,
+            reserved: Vec::new(),
         }
     }
 }
@@ -213,7 +218,7 @@ impl Proxy {
             tasks.push(tokio::spawn(admin::serve(view, l)));
         }
         // Data-plane listeners: later reconciled with every accepted update.
-        let listeners = Listeners::start(&handlers, &cfg.load())
+        let listeners = Listeners::start(&handlers, &cfg.load(), opts.reserved.clone())
             .await
             .map_err(|f| Error::Bind {
                 addr: f.addr,

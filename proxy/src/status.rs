@@ -17,6 +17,8 @@ pub(crate) struct ListenerStatus {
     pub(crate) addr: SocketAddr,
     /// `None` when listening; else why not.
     pub(crate) error: Option<String>,
+    /// Not bound on purpose (its address is one the process holds for another duty).
+    pub(crate) skipped: bool,
     pub(crate) since: SystemTime,
 }
 
@@ -25,7 +27,11 @@ impl ListenerStatus {
         json!({
             "listener": self.what,
             "address": self.addr.to_string(),
-            "state": if self.error.is_some() { "failed" } else { "listening" },
+            "state": match (&self.error, self.skipped) {
+                (None, _) => "listening",
+                (Some(_), true) => "skipped",
+                (Some(_), false) => "failed",
+            },
             "error": self.error,
             "since": rampart_certs::timestamp::rfc3339(self.since),
         })

@@ -146,6 +146,12 @@ impl ProxyArgs {
         super::process::raise_nofile_limit();
         opts.request_timeout = self.request_timeout;
         opts.drain_timeout = self.drain_timeout;
+        if let Some(addr) = self.app_probes_listen
+            && self.app_probers.is_some()
+        {
+            opts.reserved
+                .push((addr, "app-probe listener (--app-probes-listen)".to_string()));
+        }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(usize::from(self.worker_threads))
             .enable_all()
