@@ -111,7 +111,9 @@ pub fn read_audit_log(path: &Path) -> Result<(Vec<AuditEntry>, usize), CitadelEr
     Ok((entries, skipped))
 }
 
-type Pending = (Vec<u8>, oneshot::Sender<Result<(), String>>);
+/// A line and who waits for it on disk; or `None`: the CA stopped, the writer writes what
+/// came before and ends (letting go of the file and its lock although handles remain).
+type Pending = Option<(Vec<u8>, oneshot::Sender<Result<(), String>>)>;
 
 /// How often the writer re-tries a failing audit log (a probe write) when no issuance does.
 pub const AUDIT_RETRY: Duration = Duration::from_secs(1);
@@ -169,6 +171,7 @@ impl AuditLog {
                 std::io::Error::other("the audit log is not a regular file"),
             ));
         }
+        lock_exclusive(&file, path)?;
         if !existed {
             // The new file's directory entry is durable before any line is acknowledged.
             if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
@@ -214,7 +217,7 @@ impl AuditLog {
         line.push(b'\n');
         let (done_tx, done_rx) = oneshot::channel();
         self.tx
-            .send((line, done_tx))
+            .send(Some((line, done_tx)))
             .map_err(|_| self.err("writer thread stopped"))?;
         match done_rx.await {
             Ok(Ok(())) => Ok(()),
@@ -223,10 +226,47 @@ impl AuditLog {
         }
     }
 
+    /// Ends the writer thread once what was sent before is written: the file and its lock
+    /// are let go now, not when the last handle is dropped (connections of a stopped CA can
+    /// hold one for a while). Appends after this fail. Does not wait.
+    pub fn close(&self) {
+        let _ = self.tx.send(None);
+    }
+
     fn err(&self, reason: impl std::fmt::Display) -> CitadelError {
         CitadelError::Audit {
             path: self.path.clone(),
             reason: reason.to_string(),
+        }
+    }
+}
+
+/// One writer per audit log: an exclusive `flock` on the open file, held by the writer
+/// thread for as long as it writes (and let go by the kernel when the process ends). The
+/// state directory's lock (`ca.lock`) already keeps two CAs off one directory; this covers an
+/// `--audit-log` outside it, where two CAs would otherwise append to one file and each cut
+/// the other's lines off when one of its own batches failed. A lock let go a moment ago (a
+/// writer thread still finishing, a child forked before its exec) gets a second's retries.
+fn lock_exclusive(file: &File, path: &Path) -> Result<(), CitadelError> {
+    let mut waited = std::time::Duration::ZERO;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock)
+                if waited < std::time::Duration::from_secs(1) =>
+            {
+                std::thread::sleep(std::time::Duration::from_millis(20));
+                waited += std::time::Duration::from_millis(20);
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(CitadelError::Config(format!(
+                    "audit log {} is in use by another CA process (it holds the file's lock): \
+                     one CA per audit log; stop the other CA or give this one its own \
+                     --audit-log",
+                    path.display()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(CitadelError::io(path, e)),
         }
     }
 }
@@ -282,7 +322,8 @@ fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path, health: &Hea
         let failing = health.lock().unwrap_or_else(|p| p.into_inner()).is_some();
         let first = if failing {
             match rx.recv_timeout(AUDIT_RETRY) {
-                Ok(first) => first,
+                Ok(Some(first)) => first,
+                Ok(None) => return,
                 Err(mpsc::RecvTimeoutError::Timeout) => {
                     let result = probe(&mut file, path);
                     record_outcome(health, path, &result, "retry");
@@ -292,7 +333,8 @@ fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path, health: &Hea
             }
         } else {
             match rx.recv_timeout(AUDIT_RETRY) {
-                Ok(first) => first,
+                Ok(Some(first)) => first,
+                Ok(None) => return,
                 // Idle: is the file at the path still ours (a stat, no write)? A replaced
                 // or removed log is reported before an issuance meets it.
                 Err(mpsc::RecvTimeoutError::Timeout) => {
@@ -309,11 +351,16 @@ fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path, health: &Hea
         buf.clear();
         buf.extend_from_slice(&first.0);
         waiters.push(first.1);
+        let mut closing = false;
         while waiters.len() < MAX_BATCH {
             match rx.try_recv() {
-                Ok((line, done)) => {
+                Ok(Some((line, done))) => {
                     buf.extend_from_slice(&line);
                     waiters.push(done);
+                }
+                Ok(None) => {
+                    closing = true;
+                    break;
                 }
                 Err(_) => break,
             }
@@ -336,6 +383,9 @@ fn writer(mut file: File, rx: mpsc::Receiver<Pending>, path: &Path, health: &Hea
         record_outcome(health, path, &result, "batch");
         for w in waiters.drain(..) {
             let _ = w.send(result.clone());
+        }
+        if closing {
+            return;
         }
     }
 }
@@ -603,6 +653,36 @@ mod tests {
         assert_eq!(
             serials(&path),
             vec![format!("{:032x}", 1), format!("{:032x}", 4)]
+        );
+    }
+
+    /// One writer per audit log: a second open of the same file (another CA given the same
+    /// `--audit-log`) is refused while the first writes, and nothing it holds is touched;
+    /// once the first is gone the file opens again.
+    #[tokio::test]
+    async fn a_second_writer_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("audit.jsonl");
+        let first = AuditLog::open(&path).unwrap();
+        first.append(&record(1)).await.unwrap();
+        let before = std::fs::read(&path).unwrap();
+        let Err(refused) = AuditLog::open(&path) else {
+            panic!("a second writer was let in");
+        };
+        let refused = refused.to_string();
+        assert!(
+            refused.contains("in use by another CA") && refused.contains("audit.jsonl"),
+            "{refused}"
+        );
+        assert_eq!(std::fs::read(&path).unwrap(), before);
+        first.append(&record(2)).await.unwrap();
+        drop(first);
+        // The writer thread lets go when it sees the last handle gone (within the retries).
+        let again = AuditLog::open(&path).unwrap();
+        again.append(&record(3)).await.unwrap();
+        assert_eq!(
+            serials(&path),
+            (1..=3).map(|i| format!("{i:032x}")).collect::<Vec<_>>()
         );
     }
 

@@ -295,11 +295,14 @@ impl CaState {
         out
     }
 
-    /// Lets go of `<state>/ca.lock`: the CA serving this state stopped. (In-process only:
-    /// connections the gRPC server accepted run as tasks of their own and may outlive
-    /// [`RunningCa::shutdown`] until their clients close them; a process that ends takes
-    /// them along.)
+    /// Lets go of `<state>/ca.lock` and of the audit log: the CA serving this state stopped.
+    /// (In-process only: connections the gRPC server accepted run as tasks of their own and
+    /// may outlive [`RunningCa::shutdown`] until their clients close them, but their
+    /// issuances now fail; a process that ends takes them along.)
     fn release_state_lock(&self) {
+        // The audit log's writer first: its file lock goes with it (an `--audit-log` outside
+        // the state directory is locked on its own).
+        self.audit.close();
         self.state_lock
             .lock()
             .unwrap_or_else(|p| p.into_inner())
