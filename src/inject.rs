@@ -812,6 +812,9 @@ fn agent_container(opts: &Options, ca_host: &str) -> Value {
             "--namespace", "$(POD_NAMESPACE)",
             "--service-account", "$(SERVICE_ACCOUNT)",
             "--sds-socket", SOCKET_PATH,
+            // The socket's emptyDir is mounted by the two sidecars only; the kubelet makes
+            // it 0777, which the agent's directory check would refuse.
+            "--trust-socket-dir",
         ],
         "env": downward_env(),
         "resources": {

@@ -376,6 +376,23 @@ fn agent_and_secrets_bad_input_exit_2_with_the_reason() {
             "grace-ratio",
         ),
         (
+            // Every local user could fetch the key: refused (600 and 660 only).
+            vec![
+                "agent".into(),
+                "--ca-root".into(),
+                root.display().to_string(),
+                "--token".into(),
+                token.display().to_string(),
+                "--namespace".into(),
+                "a".into(),
+                "--service-account".into(),
+                "b".into(),
+                "--socket-mode".into(),
+                "666".into(),
+            ],
+            "lets every local user connect",
+        ),
+        (
             vec![
                 "agent".into(),
                 "--ca-root".into(),

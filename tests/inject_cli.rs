@@ -297,6 +297,16 @@ fn deployment_gets_agent_proxy_token_root_and_http_proxy() {
         mount_path(agent, "workload-socket"),
         "/var/run/secrets/workload-spiffe-uds"
     );
+    // The kubelet makes the emptyDir 0777: the agent is told to trust it, which holds
+    // because no app container mounts it (only the two sidecars).
+    assert!(a.iter().any(|x| x == "--trust-socket-dir"), "{a:?}");
+    for c in spec["containers"].as_array().unwrap() {
+        let mounts = c["volumeMounts"].as_array().cloned().unwrap_or_default();
+        assert!(
+            mounts.iter().all(|m| m["name"] != "workload-socket"),
+            "an app container mounts the socket volume: {c}"
+        );
+    }
 
     // The proxy: config from the control plane for this Pod, certificates over the socket.
     let p = args_of(proxy);

@@ -711,6 +711,7 @@ fn crl_of_another_ca_is_not_served_and_breaks_nothing() {
         ],
         metrics_addr: None,
         socket_mode: 0o600,
+        trust_socket_dir: false,
         crl_poll_interval: Some(Duration::from_millis(500)),
     };
     let certs = dir.join("frontend-certs");

@@ -18,7 +18,7 @@ use crate::manager::{Clock, Manager};
 use crate::metrics::Metrics;
 use crate::sds::SdsService;
 use crate::state::SecretStore;
-use crate::uds::{SocketGuard, bind_unix};
+use crate::uds::{SocketGuard, bind_unix, bind_unix_in};
 use crate::workload_api::WorkloadApiService;
 
 /// The node agent, configured but not started.
@@ -96,8 +96,9 @@ impl Agent {
         let mut servers = Vec::new();
         for w in &config.workloads {
             let store = SecretStore::new();
+            let bind = |p| bind_unix_in(p, config.socket_mode, config.trust_socket_dir);
             if let Some(p) = &w.sds_socket {
-                let l = bind_unix(p, config.socket_mode).await?;
+                let l = bind(p).await?;
                 let svc = SdsService::new(store.clone(), metrics.clone())
                     .with_shutdown(shutdown.clone())
                     .into_server();
@@ -105,7 +106,7 @@ impl Agent {
                 servers.push((p.clone(), l, router, "SDS"));
             }
             if let Some(p) = &w.workload_api_socket {
-                let l = bind_unix(p, config.socket_mode).await?;
+                let l = bind(p).await?;
                 let svc = WorkloadApiService::new(store.clone(), metrics.clone())
                     .with_shutdown(shutdown.clone())
                     .into_server();

@@ -123,6 +123,10 @@ pub struct AgentConfig {
     pub metrics_addr: Option<SocketAddr>,
     /// Permission bits of the sockets (0o600 by default: only the agent's user).
     pub socket_mode: u32,
+    /// The sockets' directories are volumes only the Pod's sidecar containers mount (the
+    /// injector's emptyDir, 0777 and root's as the kubelet makes it): their own mode and
+    /// owner are not checked; the directories above them still are.
+    pub trust_socket_dir: bool,
     /// How often to ask the CA for its CRLs (`rampart.ca.v1.Revocation/GetCrls`); `None`:
     /// never (no CRL is served, own certificates are not checked for revocation).
     pub crl_poll_interval: Option<Duration>,
@@ -175,6 +179,16 @@ impl AgentConfig {
                 field: "socket-mode",
                 reason: format!(
                     "{:o} must be permission bits including owner rw",
+                    self.socket_mode
+                ),
+            });
+        }
+        if self.socket_mode & 0o007 != 0 {
+            return Err(Error::InvalidConfig {
+                field: "socket-mode",
+                reason: format!(
+                    "{:o} lets every local user connect and fetch the workload's private key; \
+                     use 600 (the agent's user) or 660 (also its group)",
                     self.socket_mode
                 ),
             });

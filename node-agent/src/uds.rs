@@ -29,7 +29,19 @@ fn sock_err(path: &Path, reason: impl Into<String>) -> Error {
 ///   touched), but no other user can traverse the private directory. The socket never exists
 ///   at `path` with looser permissions.
 pub async fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, Error> {
-    bind_unix_inspect(path, mode, |_| {}).await
+    bind_unix_inspect(path, mode, false, |_| {}).await
+}
+
+/// [`bind_unix`]; with `pod_volume`, the socket's directory is a volume only the Pod's
+/// sidecar containers mount (`--trust-socket-dir`): that directory's own mode and owner
+/// are not checked (the kubelet makes an emptyDir 0777, owned by root); the directories
+/// above it still are.
+pub(crate) async fn bind_unix_in(
+    path: &Path,
+    mode: u32,
+    pod_volume: bool,
+) -> Result<UnixListener, Error> {
+    bind_unix_inspect(path, mode, pod_volume, |_| {}).await
 }
 
 /// `bind_unix`, calling `inspect` with the temporary socket path after it is bound and
@@ -37,6 +49,7 @@ pub async fn bind_unix(path: &Path, mode: u32) -> Result<UnixListener, Error> {
 async fn bind_unix_inspect(
     path: &Path,
     mode: u32,
+    trust_own_dir: bool,
     inspect: impl FnOnce(&Path),
 ) -> Result<UnixListener, Error> {
     if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -66,7 +79,7 @@ async fn bind_unix_inspect(
         Err(e) => return Err(sock_err(path, e.to_string())),
     }
     let dir = private_dir(path)?;
-    if let Err(e) = check_ancestors(path, &dir) {
+    if let Err(e) = check_ancestors(path, &dir, trust_own_dir) {
         let _ = std::fs::remove_dir(&dir);
         return Err(e);
     }
@@ -88,16 +101,23 @@ async fn bind_unix_inspect(
     result
 }
 
-/// Create a new directory with mode 0700 next to `path` (never reusing an existing one: a
-/// directory someone else prepared could be traversable).
 /// The socket is only as private as the directories above it: whoever can write to its
-/// directory (or, without the sticky bit, to any directory above) can rename our socket away
-/// and put their own in its place, and the proxy would then take its trust bundle from them.
-/// So the socket's directory must belong to the agent's user (the owner of the private
-/// directory just made, `mine`) or root and be writable by nobody else, and no directory
-/// above it may be writable by others unless sticky (as `/tmp` is). Directories the agent
-/// creates for the socket are made 0755 whatever the umask adds.
-fn check_ancestors(path: &Path, mine: &Path) -> Result<(), Error> {
+/// directory (or, without the sticky bit, to any directory above), whoever owns one of them,
+/// and whoever owns a symlink on the way can rename our socket away (or point the path
+/// elsewhere) and put their own in its place; the proxy would then take its trust bundle
+/// from them. So, on the path as written (symlinks not followed) and on the path with its
+/// symlinks resolved alike:
+/// - every directory and every symlink belongs to the agent's user (the owner of the private
+///   directory just made, `mine`) or to root;
+/// - the socket's own directory is writable by nobody else (no group, no others, sticky or
+///   not: while the agent is down, anyone could create a socket at the name in a sticky
+///   directory such as `/tmp`); unless `trust_own_dir` (a volume only the Pod's sidecars
+///   mount, as the injector's emptyDir, which the kubelet makes 0777 and root's);
+/// - no directory above it is writable by others unless sticky (as `/tmp` is); a group that
+///   can write a project folder is trusted (umask 002 with per-user groups).
+///
+/// Directories the agent creates for the socket are made 0755 whatever the umask adds.
+fn check_ancestors(path: &Path, mine: &Path, trust_own_dir: bool) -> Result<(), Error> {
     use std::os::unix::fs::MetadataExt;
     let me = std::fs::symlink_metadata(mine)
         .map_err(|e| sock_err(path, format!("{}: {e}", mine.display())))?
@@ -107,42 +127,58 @@ fn check_ancestors(path: &Path, mine: &Path) -> Result<(), Error> {
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    for (i, dir) in parent.ancestors().enumerate() {
-        if dir.as_os_str().is_empty() {
-            continue;
-        }
-        let md = std::fs::metadata(dir)
+    let resolved = std::fs::canonicalize(&parent)
+        .map_err(|e| sock_err(path, format!("{}: {e}", parent.display())))?;
+    for (chain, follow) in [(&parent, false), (&resolved, true)] {
+        for (i, dir) in chain.ancestors().enumerate() {
+            if dir.as_os_str().is_empty() {
+                continue;
+            }
+            // The written path: each component as it is (a symlink is judged as a symlink);
+            // the resolved one: the directories themselves.
+            let md = if follow {
+                std::fs::metadata(dir)
+            } else {
+                std::fs::symlink_metadata(dir)
+            }
             .map_err(|e| sock_err(path, format!("{}: {e}", dir.display())))?;
-        // The socket's own directory: nobody but its owner may write. Above it: not
-        // others (a group that can write to a project folder is trusted, as with umask 002
-        // and per-user groups).
-        let writers = if i == 0 { 0o022 } else { 0o002 };
-        let open = md.mode() & writers != 0 && md.mode() & 0o1000 == 0;
-        if open {
-            return Err(sock_err(
-                path,
-                format!(
-                    "{} is writable by {} (mode {:o}): another user could replace the socket; use a directory only the agent's user can write",
-                    dir.display(),
-                    if i == 0 { "group or others" } else { "others" },
-                    md.mode() & 0o7777
-                ),
-            ));
-        }
-        if i == 0 && md.uid() != me && md.uid() != 0 {
-            return Err(sock_err(
-                path,
-                format!(
-                    "{} belongs to uid {}, not to the agent's user (uid {me}): its owner could replace the socket",
-                    dir.display(),
-                    md.uid()
-                ),
-            ));
+            let own_dir = i == 0 && trust_own_dir;
+            if md.uid() != me && md.uid() != 0 && !own_dir {
+                return Err(sock_err(
+                    path,
+                    format!(
+                        "{} belongs to uid {}, not to the agent's user (uid {me}) or root: its owner could replace the socket",
+                        dir.display(),
+                        md.uid()
+                    ),
+                ));
+            }
+            if md.file_type().is_symlink() || own_dir {
+                continue;
+            }
+            let open = if i == 0 {
+                md.mode() & 0o022 != 0
+            } else {
+                md.mode() & 0o002 != 0 && md.mode() & 0o1000 == 0
+            };
+            if open {
+                return Err(sock_err(
+                    path,
+                    format!(
+                        "{} is writable by {} (mode {:o}): another user could replace the socket; use a directory only the agent's user can write",
+                        dir.display(),
+                        if i == 0 { "group or others" } else { "others" },
+                        md.mode() & 0o7777
+                    ),
+                ));
+            }
         }
     }
     Ok(())
 }
 
+/// Create a new directory with mode 0700 next to `path` (never reusing an existing one: a
+/// directory someone else prepared could be traversable).
 fn private_dir(path: &Path) -> Result<PathBuf, Error> {
     use std::os::unix::fs::{DirBuilderExt, MetadataExt};
     static SEQ: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -243,6 +279,91 @@ mod tests {
         let _l2 = bind_unix(&private.join("sock"), 0o600).await.unwrap();
     }
 
+    /// The socket's own directory may not be open even when sticky (`/tmp`): while the agent
+    /// is down anyone could make a socket at the name. Its twin: one level down, in a
+    /// directory of the agent's own, it binds.
+    #[tokio::test]
+    async fn a_sticky_open_directory_is_no_place_for_the_socket_itself() {
+        let d = tempfile::tempdir().unwrap();
+        let tmp = d.path().join("tmp");
+        std::fs::create_dir(&tmp).unwrap();
+        std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let err = bind_unix(&tmp.join("sds.sock"), 0o600).await.unwrap_err();
+        assert!(
+            err.to_string().contains("writable by group or others"),
+            "{err}"
+        );
+        let _l = bind_unix(&tmp.join("mine/sds.sock"), 0o600).await.unwrap();
+    }
+
+    /// `--trust-socket-dir` (the injector's emptyDir, 0777 as the kubelet makes it): the
+    /// socket's own directory is not judged; the directories above it still are. Without the
+    /// flag the same directory is refused.
+    #[tokio::test]
+    async fn a_pod_volume_directory_is_trusted_only_when_asked() {
+        let d = tempfile::tempdir().unwrap();
+        let vol = d.path().join("workload-spiffe-uds");
+        std::fs::create_dir(&vol).unwrap();
+        std::fs::set_permissions(&vol, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let sock = vol.join("socket");
+        let err = bind_unix(&sock, 0o600).await.unwrap_err();
+        assert!(
+            err.to_string().contains("writable by group or others"),
+            "{err}"
+        );
+        let l = bind_unix_in(&sock, 0o600, true).await.unwrap();
+        let md = std::fs::symlink_metadata(&sock).unwrap();
+        assert!(md.file_type().is_socket());
+        assert_eq!(md.permissions().mode() & 0o777, 0o600);
+        drop(l);
+        std::fs::remove_file(&sock).unwrap();
+        // An open directory above the volume is still refused.
+        let open = d.path().join("open");
+        let vol2 = open.join("vol");
+        std::fs::create_dir_all(&vol2).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = bind_unix_in(&vol2.join("socket"), 0o600, true)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("writable by others"), "{err}");
+    }
+
+    /// Directories and symlinks on the way that belong to another user (not root) are
+    /// refused: their owner could rename the socket's directory away or repoint the link.
+    /// Needs root to give files away (CI runs as root); as another user it says so and
+    /// checks only the twin.
+    #[tokio::test]
+    async fn another_users_directory_or_symlink_on_the_way_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let mine = d.path().join("mine");
+        std::fs::create_dir(&mine).unwrap();
+        let _l = bind_unix(&mine.join("a/socket"), 0o600).await.unwrap();
+        use std::os::unix::fs::MetadataExt as _;
+        if std::fs::metadata("/proc/self").map(|m| m.uid()).ok() != Some(0) {
+            eprintln!("not root: cannot chown to another user; ownership cases not run");
+            return;
+        }
+        let other = Some(4242);
+        // A directory above the socket's, owned by uid 4242 (mode 0755: only its owner
+        // writes).
+        let theirs = d.path().join("theirs");
+        std::fs::create_dir(&theirs).unwrap();
+        std::os::unix::fs::chown(&theirs, other, other).unwrap();
+        let err = bind_unix(&theirs.join("b/socket"), 0o600)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("belongs to uid 4242"), "{err}");
+        // A symlink owned by uid 4242 pointing at a directory of ours.
+        let link = d.path().join("link");
+        std::os::unix::fs::symlink(&mine, &link).unwrap();
+        std::os::unix::fs::lchown(&link, other, other).unwrap();
+        let err = bind_unix(&link.join("c/socket"), 0o600).await.unwrap_err();
+        assert!(err.to_string().contains("belongs to uid 4242"), "{err}");
+        // The same link owned by us is fine (only its owner can change it).
+        std::os::unix::fs::lchown(&link, Some(0), Some(0)).unwrap();
+        let _l2 = bind_unix(&link.join("c/socket"), 0o600).await.unwrap();
+    }
+
     #[tokio::test]
     async fn creates_dirs_sets_mode_and_replaces_stale_socket() {
         let dir = tempfile::tempdir().unwrap();
@@ -281,7 +402,7 @@ mod tests {
         let p = dir.path().join("socket");
         for mode in [0o666, 0o600] {
             let mut seen = None;
-            let l = bind_unix_inspect(&p, mode, |tmp| {
+            let l = bind_unix_inspect(&p, mode, false, |tmp| {
                 let parent = tmp.parent().unwrap();
                 let pmd = std::fs::symlink_metadata(parent).unwrap();
                 let smd = std::fs::symlink_metadata(tmp).unwrap();

@@ -46,8 +46,10 @@ pub(crate) struct AgentArgs {
     /// Envoy SDS socket.
     #[arg(long, default_value = DEFAULT_SDS_SOCKET)]
     sds_socket: PathBuf,
-    /// SPIFFE Workload API socket (off unless given).
-    #[arg(long, env = "SPIFFE_ENDPOINT_SOCKET", value_parser = parse_endpoint)]
+    /// SPIFFE Workload API socket (off unless given); `unix:///path`, `unix:path` or a path.
+    /// Not read from `SPIFFE_ENDPOINT_SOCKET`: that variable tells a workload where to
+    /// connect (SPIRE's agent may be serving there), not where an agent listens.
+    #[arg(long, value_parser = parse_endpoint)]
     workload_api_socket: Option<PathBuf>,
     /// Requested certificate lifetime (e.g. 24h, 90s) [default: 24h, Istio's
     /// DEFAULT_WORKLOAD_CERT_TTL].
@@ -66,6 +68,12 @@ pub(crate) struct AgentArgs {
     /// Permission bits of the sockets, octal (600: agent user only; 660: also its group).
     #[arg(long, default_value = "600", value_parser = parse_mode)]
     socket_mode: u32,
+    /// The sockets' directory is a volume only this Pod's sidecar containers mount (what
+    /// the injector sets up: an emptyDir, which the kubelet makes 0777): its own mode and
+    /// owner are not checked, the directories above it still are. Never for a directory
+    /// other users of the machine can reach.
+    #[arg(long)]
+    trust_socket_dir: bool,
     /// Longest retry delay while the CA is unreachable.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     max_backoff: Duration,
@@ -83,7 +91,8 @@ fn parse_mode(s: &str) -> Result<u32, String> {
     u32::from_str_radix(s.trim_start_matches("0o"), 8).map_err(|e| format!("{s:?}: {e}"))
 }
 
-/// `SPIFFE_ENDPOINT_SOCKET` is a URI (`unix:///path` or `unix:path`); a plain path is fine too.
+/// A Workload API endpoint in SPIFFE's URI form (`unix:///path` or `unix:path`), or a plain
+/// path.
 fn parse_endpoint(s: &str) -> Result<PathBuf, String> {
     let p = s
         .strip_prefix("unix://")
@@ -188,6 +197,7 @@ impl AgentArgs {
             workloads,
             metrics_addr: self.metrics,
             socket_mode: self.socket_mode,
+            trust_socket_dir: self.trust_socket_dir,
             crl_poll_interval: (!self.crl_poll_interval.is_zero())
                 .then_some(self.crl_poll_interval),
         };

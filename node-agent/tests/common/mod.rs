@@ -503,6 +503,7 @@ pub fn agent_config(dir: &Path, ca_addr: &str, ca_root: &Path, ttl: Duration) ->
         }],
         metrics_addr: None,
         socket_mode: 0o600,
+        trust_socket_dir: false,
         crl_poll_interval: Some(Duration::from_millis(300)),
     }
 }
