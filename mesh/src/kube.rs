@@ -263,6 +263,7 @@ fn policies(objs: &[Value], refused_out: &mut Vec<Refused>) -> Vec<Resource> {
         let r = rampart_authz::load_str(&format!("{kind} {ns}/{name}"), &text);
         if let Some(p) = r.problems.first() {
             refused_out.push(refused(o, &kind, p.field_path.clone(), p.reason.clone()));
+            out.extend(stand_in(o, &kind));
             continue;
         }
         if r.resources.is_empty() {
@@ -276,6 +277,73 @@ fn policies(objs: &[Value], refused_out: &mut Vec<Refused>) -> Vec<Resource> {
         out.extend(r.resources);
     }
     out
+}
+
+/// What takes a refused policy's place, so that refusing it never widens access (Istio's
+/// admission webhook would have rejected the object and kept the version before it; nothing
+/// here keeps versions): a refused ALLOW becomes allow-nothing and a refused DENY or CUSTOM
+/// deny-all, a refused PeerAuthentication STRICT, each in the object's scope (its namespace
+/// and, when that much of it reads, its `matchLabels` selector; else the whole namespace,
+/// which is stricter). A refused AUDIT policy changes no decision, and a refused
+/// RequestAuthentication leaves its tokens unverified, so requests carry no principal from
+/// them (policies requiring one deny); neither gets a stand-in. The stand-in keeps the
+/// object's name, so a denial names the object to fix.
+fn stand_in(o: &Value, kind: &str) -> Vec<Resource> {
+    let (ns, name, _, _) = meta(o);
+    if !is_dns_subdomain(&ns) || name.is_empty() || name.len() > 253 {
+        return Vec::new();
+    }
+    let spec = o.get("spec");
+    let labels = spec
+        .and_then(|s| s.get("selector"))
+        .and_then(|s| s.get("matchLabels"))
+        .and_then(Value::as_object)
+        .filter(|m| m.iter().all(|(k, v)| !k.is_empty() && v.is_string()))
+        .cloned();
+    let mut new_spec = serde_json::Map::new();
+    if let Some(l) = labels {
+        new_spec.insert("selector".into(), serde_json::json!({ "matchLabels": l }));
+    }
+    match kind {
+        "AuthorizationPolicy" => {
+            let action = spec
+                .and_then(|s| s.get("action"))
+                .and_then(Value::as_str)
+                .unwrap_or("ALLOW");
+            match action {
+                "AUDIT" => return Vec::new(),
+                "DENY" | "CUSTOM" => {
+                    new_spec.insert("action".into(), "DENY".into());
+                    new_spec.insert("rules".into(), serde_json::json!([{}]));
+                }
+                // ALLOW, or an action that did not read: allow nothing.
+                _ => {}
+            }
+        }
+        "PeerAuthentication" => {
+            new_spec.insert("mtls".into(), serde_json::json!({ "mode": "STRICT" }));
+        }
+        _ => return Vec::new(),
+    }
+    let obj = serde_json::json!({
+        "apiVersion": "security.istio.io/v1",
+        "kind": kind,
+        "metadata": { "namespace": ns, "name": name },
+        "spec": new_spec,
+    });
+    let text = serde_json::to_string(&obj).unwrap_or_default();
+    let r = rampart_authz::load_str(&format!("{kind} {ns}/{name} (refused: stand-in)"), &text);
+    if r.problems.is_empty() {
+        r.resources
+    } else {
+        // A selector that cannot be used: the namespace-wide form (stricter).
+        let mut obj = obj;
+        if let Some(spec) = obj.get_mut("spec").and_then(Value::as_object_mut) {
+            spec.remove("selector");
+        }
+        let text = serde_json::to_string(&obj).unwrap_or_default();
+        rampart_authz::load_str(&format!("{kind} {ns}/{name} (refused: stand-in)"), &text).resources
+    }
 }
 
 fn is_dns_subdomain(s: &str) -> bool {
@@ -1042,11 +1110,116 @@ mod tests {
                 field("bad-action").reason
             )
         );
-        // Everything valid still applies.
-        let kept: Vec<&str> = c.snapshot.resources.iter().map(|r| r.name()).collect();
-        assert_eq!(kept, ["good", "good-pa"]);
+        // Everything valid still applies; refused AuthorizationPolicies and
+        // PeerAuthentications are replaced by their fail-closed stand-ins (tested below).
+        let mut kept: Vec<&str> = c.snapshot.resources.iter().map(|r| r.name()).collect();
+        kept.sort_unstable();
+        assert_eq!(
+            kept,
+            ["bad-action", "bad-field", "bad-mode", "good", "good-pa"]
+        );
         assert_eq!(c.snapshot.registry.workloads.len(), 4);
         assert!(c.snapshot.registry.get("api", "weird").is_none());
+    }
+
+    /// A refused policy never widens access (Istio's webhook would have kept the version
+    /// before it): a refused ALLOW allows nothing in its scope, a refused DENY or CUSTOM denies
+    /// everything there, a refused PeerAuthentication is STRICT; a refused AUDIT policy and
+    /// scopes the object did not cover are untouched. Twins: the valid versions.
+    #[test]
+    fn a_refused_policy_never_widens_access() {
+        use rampart_authz::{Engine, HttpRequest, MtlsMode, Peer, RequestContext, Workload};
+        let mut o = objects();
+        let web = json!({"matchLabels": {"app": "web"}});
+        let bad_ip = json!([{"from": [{"source": {"ipBlocks": ["10.0.0.0/33"]}}]}]);
+        let good_ip = json!([{"from": [{"source": {"ipBlocks": ["10.0.0.0/8"]}}]}]);
+        let case = |action: &str, rules: &Value| json!({"selector": web, "action": action, "rules": rules});
+        let ctx = |ip: &str| RequestContext {
+            source: Peer {
+                principal: Some("spiffe://cluster.local/ns/api/sa/x".into()),
+                ip: Some(ip.parse().unwrap()),
+                remote_ip: None,
+            },
+            destination_port: 8080,
+            http: Some(HttpRequest::new("GET", "/", "web")),
+            ..RequestContext::default()
+        };
+        let (web_wl, other_wl) = (
+            Workload::new("api", [("app", "web")]),
+            Workload::new("api", [("app", "other")]),
+        );
+        for (action, allowed_from_10, allowed_from_192) in [
+            // ALLOW from 10/8: refused → nobody; valid → only 10/8.
+            ("ALLOW", false, false),
+            // DENY from 10/8: refused → everybody denied; valid → only 10/8 denied.
+            ("DENY", false, false),
+            ("CUSTOM", false, false),
+            // AUDIT decides nothing either way.
+            ("AUDIT", true, true),
+        ] {
+            o.policies = vec![policy(
+                "v1",
+                "AuthorizationPolicy",
+                "api",
+                "p",
+                "40",
+                case(action, &bad_ip),
+            )];
+            if action == "CUSTOM" {
+                o.policies[0]["spec"]["provider"] = json!({"name": "ext"});
+            }
+            let c = convert(&settings(), &o);
+            assert_eq!(c.refused.len(), 1, "{action}: {:?}", c.refused);
+            let e = Engine::new(c.snapshot.resources.clone(), MeshConfig::default());
+            assert_eq!(
+                e.authorize(&web_wl, &ctx("10.1.2.3")).is_allowed(),
+                allowed_from_10,
+                "{action} refused, from 10/8"
+            );
+            assert_eq!(
+                e.authorize(&web_wl, &ctx("192.168.1.1")).is_allowed(),
+                allowed_from_192,
+                "{action} refused, from elsewhere"
+            );
+            // Only its scope: another workload of the namespace is untouched.
+            assert!(e.authorize(&other_wl, &ctx("192.168.1.1")).is_allowed());
+            if action == "CUSTOM" || action == "AUDIT" {
+                continue;
+            }
+            // The twin: the valid policy decides as written.
+            o.policies[0]["spec"]["rules"] = good_ip.clone();
+            let c = convert(&settings(), &o);
+            assert!(c.refused.is_empty());
+            let e = Engine::new(c.snapshot.resources.clone(), MeshConfig::default());
+            let from_10 = e.authorize(&web_wl, &ctx("10.1.2.3")).is_allowed();
+            assert_eq!(from_10, action == "ALLOW", "{action} valid, from 10/8");
+            assert!(e.authorize(&web_wl, &ctx("192.168.1.1")).is_allowed() == (action == "DENY"));
+        }
+        // A refused PeerAuthentication is STRICT in its scope; a valid PERMISSIVE is not.
+        o.policies = vec![policy(
+            "v1",
+            "PeerAuthentication",
+            "api",
+            "pa",
+            "41",
+            json!({"selector": web, "mtls": {"mode": "PERMISSIVE"}, "portLevelMtls": {"x": {"mode": "DISABLE"}}}),
+        )];
+        let c = convert(&settings(), &o);
+        assert_eq!(c.refused.len(), 1, "{:?}", c.refused);
+        let e = Engine::new(c.snapshot.resources.clone(), MeshConfig::default());
+        assert_eq!(e.peer_authentication(&web_wl, 8080).mode, MtlsMode::Strict);
+        assert_ne!(
+            e.peer_authentication(&other_wl, 8080).mode,
+            MtlsMode::Strict
+        );
+        o.policies[0]["spec"] = json!({"selector": web, "mtls": {"mode": "PERMISSIVE"}});
+        let c = convert(&settings(), &o);
+        assert!(c.refused.is_empty());
+        let e = Engine::new(c.snapshot.resources.clone(), MeshConfig::default());
+        assert_eq!(
+            e.peer_authentication(&web_wl, 8080).mode,
+            MtlsMode::Permissive
+        );
     }
 
     #[test]
