@@ -8,7 +8,9 @@ use crate::eval_compile::{CRule, CompiledPolicy, Cond, Key, Val, compile_policy}
 use crate::eval_match::claim_matches;
 use crate::eval_mesh::MeshConfig;
 use crate::eval_request::{HttpRequest, RequestContext, Workload};
-use crate::explain::{Decision, DryRun, PolicyRef, ReasonCode, RuleMatch, ShadowAllow, Verdict};
+use crate::explain::{
+    Decision, DryRun, HeaderMutation, PolicyRef, ReasonCode, RuleMatch, ShadowAllow, Verdict,
+};
 use crate::jwt::{AuthnOutcome, JwksSource, ReqAuthnSet};
 use crate::model::{Action, Resource};
 use crate::normalize::normalize_path;
@@ -191,6 +193,11 @@ impl Engine {
                 d.policy = policy.map(Arc::new);
                 return d;
             }
+        }
+        // Policy judges the request as the app will receive it (Envoy's jwt_authn runs before
+        // RBAC on one header map): claim and payload headers set, a token not forwarded gone.
+        if let Some(h) = c.http.as_mut() {
+            apply_mutations(&mut h.headers, &headers);
         }
         let mut d = self.authorize_with(workload, &c, ext);
         if d.is_allowed() {
@@ -567,4 +574,20 @@ fn str_val(v: &Val, s: &str) -> bool {
 
 fn cidr_val(v: &Val, ip: std::net::IpAddr) -> bool {
     matches!(v, Val::Cidr(n) if n.contains(&ip))
+}
+
+/// `mutations` applied to a request's header list as the proxy applies them to the request
+/// (names compare case-insensitively; a set replaces every earlier value).
+fn apply_mutations(headers: &mut Vec<(String, String)>, mutations: &[HeaderMutation]) {
+    for m in mutations {
+        match m {
+            HeaderMutation::Set { name, value } => {
+                headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+                headers.push((name.to_ascii_lowercase(), value.clone()));
+            }
+            HeaderMutation::Remove { name } => {
+                headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
+            }
+        }
+    }
 }

@@ -517,11 +517,17 @@ fn extract(loc: &Location, req: &HttpRequest) -> Vec<String> {
             .filter(|(k, _)| k.eq_ignore_ascii_case(name))
             .filter_map(|(_, v)| {
                 let t = if prefix.is_empty() {
-                    v.as_str()
+                    v.trim()
                 } else {
-                    v.strip_prefix(prefix.as_str())?
+                    // As Envoy's extractor: the prefix anywhere in the value (`Basic x, Bearer
+                    // <jwt>` carries a token), then the run of token characters after it.
+                    let after = &v[v.find(prefix.as_str())? + prefix.len()..];
+                    let is_jwt_char =
+                        |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '=');
+                    let start = after.find(is_jwt_char)?;
+                    let rest = &after[start..];
+                    &rest[..rest.find(|c: char| !is_jwt_char(c)).unwrap_or(rest.len())]
                 };
-                let t = t.trim();
                 (!t.is_empty()).then(|| t.to_string())
             })
             .collect(),
@@ -572,6 +578,16 @@ fn claim_to_header_value(claims: &Map<String, Value>, claim: &str) -> Option<Str
     }
 }
 
+/// An audience as Envoy compares it: without a leading `http://` or `https://` and a
+/// trailing `/` (`https://api.example.com/` is the audience `api.example.com`).
+fn audience_key(a: &str) -> &str {
+    let a = a
+        .strip_prefix("https://")
+        .or_else(|| a.strip_prefix("http://"))
+        .unwrap_or(a);
+    a.strip_suffix('/').unwrap_or(a)
+}
+
 /// Verify one token found at `loc` against the rules that read `loc`.
 fn verify_one(
     token: &str,
@@ -592,7 +608,7 @@ fn verify_one(
         b64(parts[0]).and_then(|b| serde_json::from_slice(&b).ok());
     let claims: Option<Map<String, Value>> =
         b64(parts[1]).and_then(|b| serde_json::from_slice(&b).ok());
-    let (Some(header), Some(mut claims)) = (header, claims) else {
+    let (Some(header), Some(claims)) = (header, claims) else {
         return Err(reject(
             401,
             "Jwt header or payload is an invalid JSON",
@@ -603,34 +619,74 @@ fn verify_one(
         return Err(reject(401, "Jwt header [alg] field is required", None));
     }
     let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
-    let Some(ri) = rules
-        .iter()
-        .position(|r| r.locations.contains(loc) && r.issuer.as_deref().is_none_or(|i| i == iss))
-    else {
+    // Every rule reading `loc` that may own this issuer, its own issuer's rules before
+    // issuer-less ones: Istio asks that any one provider accept the token (Envoy's
+    // requires_any), so one rule's audiences or keys failing is not the end.
+    let mut candidates: Vec<usize> = (0..rules.len())
+        .filter(|&i| {
+            rules[i].locations.contains(loc) && rules[i].issuer.as_deref().is_none_or(|x| x == iss)
+        })
+        .collect();
+    candidates.sort_by_key(|&i| rules[i].issuer.is_none());
+    if candidates.is_empty() {
         return Err(reject(401, "Jwt issuer is not configured", None));
-    };
-    let rule = rules[ri];
+    }
+    let mut refused: Option<Box<AuthnOutcome>> = None;
+    for ri in candidates {
+        match verify_with_rule(token, claims.clone(), rules[ri], now, keys) {
+            Ok(claims) => return Ok((claims, ri)),
+            // The first refusal that is not about audiences is the answer (401); 403 only
+            // when every rule refused the audience.
+            Err(e) => {
+                let audience_only =
+                    |o: &AuthnOutcome| matches!(o, AuthnOutcome::Rejected { status: 403, .. });
+                if refused
+                    .as_deref()
+                    .is_none_or(|r| audience_only(r) && !audience_only(&e))
+                {
+                    refused = Some(e);
+                }
+            }
+        }
+    }
+    Err(refused.unwrap_or_else(|| reject(401, "Jwt verification fails", None)))
+}
+
+/// Verify a token (already split and parsed) against one rule: time, audiences, signature.
+fn verify_with_rule(
+    token: &str,
+    mut claims: Map<String, Value>,
+    rule: &CompiledJwtRule,
+    now: SystemTime,
+    keys: &dyn JwksSource,
+) -> Result<Map<String, Value>, Box<AuthnOutcome>> {
     let p = Some(&rule.policy);
     // Time, then audiences, then signature: Envoy's order.
     let t = unix(now);
     let skew = CLOCK_SKEW.as_secs() as i64;
     match num_claim(&claims, "exp") {
         Err(()) => return Err(reject(401, "Jwt exp claim is invalid", p)),
-        Ok(Some(exp)) if t > exp + skew => return Err(reject(401, "Jwt is expired", p)),
+        Ok(Some(exp)) if t > exp.saturating_add(skew) => {
+            return Err(reject(401, "Jwt is expired", p));
+        }
         _ => {}
     }
     match num_claim(&claims, "nbf") {
         Err(()) => return Err(reject(401, "Jwt nbf claim is invalid", p)),
-        Ok(Some(nbf)) if t + skew < nbf => return Err(reject(401, "Jwt not yet valid", p)),
+        Ok(Some(nbf)) if t.saturating_add(skew) < nbf => {
+            return Err(reject(401, "Jwt not yet valid", p));
+        }
         _ => {}
     }
     if !rule.audiences.is_empty() {
-        let ok = match claims.get("aud") {
-            Some(Value::String(a)) => rule.audiences.iter().any(|x| x == a),
-            Some(Value::Array(list)) => list
+        let allowed = |a: &str| {
+            rule.audiences
                 .iter()
-                .filter_map(Value::as_str)
-                .any(|a| rule.audiences.iter().any(|x| x == a)),
+                .any(|x| audience_key(x) == audience_key(a))
+        };
+        let ok = match claims.get("aud") {
+            Some(Value::String(a)) => allowed(a),
+            Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).any(allowed),
             _ => false,
         };
         if !ok {
@@ -660,7 +716,7 @@ fn verify_one(
             claims.insert(name.clone(), Value::Array(list));
         }
     }
-    Ok((claims, ri))
+    Ok(claims)
 }
 
 /// Authenticate `req` against the jwtRules that apply to `w`.
@@ -678,8 +734,10 @@ pub(crate) fn authenticate(
     }
     // CORS preflight requests bypass JWT checks (Istio sets bypass_cors_preflight).
     if req.method == "OPTIONS"
-        && req.header("origin").is_some()
-        && req.header("access-control-request-method").is_some()
+        && req.header("origin").is_some_and(|v| !v.is_empty())
+        && req
+            .header("access-control-request-method")
+            .is_some_and(|v| !v.is_empty())
     {
         return AuthnOutcome::NoToken;
     }

@@ -503,3 +503,173 @@ fn jwks_uri_cache_fails_closed_then_keeps_last_good() {
     );
     let _ = MeshConfig::default();
 }
+
+/// Envoy's jwt_authn, as Istio configures it, in the cases Rampart used to answer otherwise:
+/// the prefix found anywhere in the header, audiences compared without scheme and trailing
+/// slash, any rule for the issuer may accept the token (requires_any), a huge `exp`, an
+/// empty CORS preflight; each with its negative twin.
+#[test]
+fn envoy_extraction_audiences_and_any_provider() {
+    let t0 = 1_900_000_000u64;
+    let s = signer(KeyAlgorithm::EcdsaP256);
+    let tok = |s: &JwtSigner, claims: serde_json::Value| s.sign(&claims).unwrap();
+    let iss = "https://idp.example";
+    let e = engine(&ra("m", &format!("issuer: {iss}"), &jwks_text(&s)));
+    let good = tok(&s, json!({"iss": iss, "sub": "u1", "exp": t0 + 100}));
+    let forged = tok(
+        &signer(KeyAlgorithm::EcdsaP256),
+        json!({"iss": iss, "sub": "admin", "exp": t0 + 100}),
+    );
+    // The prefix anywhere: `Basic x, Bearer <token>` carries a token, checked as such.
+    let in_list =
+        |t: &str| get("/").with_header("Authorization", &format!("Basic eDp5, Bearer {t}"));
+    assert_eq!(status(&authn(&e, &in_list(&forged), at(t0))), 401);
+    assert_eq!(status(&authn(&e, &in_list(&good), at(t0))), 200);
+    // A huge exp (past year 9999: an invalid date to the verifier) is a 401, not an
+    // overflow panic in the request task; a far but valid one verifies.
+    let far = tok(&s, json!({"iss": iss, "sub": "u1", "exp": i64::MAX}));
+    assert_eq!(status(&authn(&e, &bearer(&far), at(t0))), 401);
+    let far_ok = tok(
+        &s,
+        json!({"iss": iss, "sub": "u1", "exp": 250_000_000_000u64}),
+    );
+    assert_eq!(status(&authn(&e, &bearer(&far_ok), at(t0))), 200);
+    let far_forged = format!(
+        "{}.{}.{}",
+        far.split('.').next().unwrap(),
+        base64_url(format!(r#"{{"iss":"{iss}","exp":9223372036854775807}}"#).as_bytes()),
+        far.split('.').nth(2).unwrap()
+    );
+    assert_eq!(status(&authn(&e, &bearer(&far_forged), at(t0))), 401);
+    // A CORS preflight needs both headers non-empty to skip the JWT checks.
+    let pre = |origin: &str| {
+        HttpRequest::new("OPTIONS", "/", "h")
+            .with_header("Origin", origin)
+            .with_header("Access-Control-Request-Method", "GET")
+            .with_header("Authorization", &format!("Bearer {forged}"))
+    };
+    assert_eq!(
+        authn(&e, &pre("https://a.example"), at(t0)),
+        AuthnOutcome::NoToken
+    );
+    assert_eq!(status(&authn(&e, &pre(""), at(t0))), 401);
+
+    // Audiences without scheme and trailing slash.
+    let e = engine(&ra(
+        "a",
+        &format!("issuer: {iss}\n    audiences: [api.example.com]"),
+        &jwks_text(&s),
+    ));
+    for (aud, want) in [
+        ("https://api.example.com/", 200),
+        ("http://api.example.com", 200),
+        ("api.example.com/", 200),
+        ("https://api.example.org/", 403),
+        ("api.example.com.evil", 403),
+    ] {
+        let t = tok(
+            &s,
+            json!({"iss": iss, "sub": "u1", "aud": aud, "exp": t0 + 100}),
+        );
+        assert_eq!(status(&authn(&e, &bearer(&t), at(t0))), want, "{aud}");
+    }
+
+    // Two policies for one issuer with other audiences: either accepts (Istio's
+    // requires_any); neither: 403.
+    let two = format!(
+        "{}{}",
+        ra(
+            "a",
+            &format!("issuer: {iss}\n    audiences: [svc-a]"),
+            &jwks_text(&s)
+        ),
+        ra(
+            "b",
+            &format!("issuer: {iss}\n    audiences: [svc-b]"),
+            &jwks_text(&s)
+        ),
+    );
+    let e = engine(&two);
+    for (aud, want) in [("svc-a", 200), ("svc-b", 200), ("svc-c", 403)] {
+        let t = tok(
+            &s,
+            json!({"iss": iss, "sub": "u1", "aud": aud, "exp": t0 + 100}),
+        );
+        assert_eq!(status(&authn(&e, &bearer(&t), at(t0))), want, "{aud}");
+    }
+    // A key migration: the issuer's old and new key sets in two policies; a token of either
+    // key verifies, one of a third key does not (401, not 403).
+    let new_key = signer(KeyAlgorithm::EcdsaP256);
+    let e = engine(&format!(
+        "{}{}",
+        ra("old", &format!("issuer: {iss}"), &jwks_text(&s)),
+        ra("new", &format!("issuer: {iss}"), &jwks_text(&new_key)),
+    ));
+    for (signer, want) in [(&s, 200), (&new_key, 200)] {
+        let t = tok(signer, json!({"iss": iss, "sub": "u1", "exp": t0 + 100}));
+        assert_eq!(status(&authn(&e, &bearer(&t), at(t0))), want);
+    }
+    assert_eq!(status(&authn(&e, &bearer(&forged), at(t0))), 401);
+    // An issuer-less rule (its keys unreachable here) does not capture the tokens of an
+    // issuer with a rule of its own; a token of another issuer still meets only it: 401.
+    let e = engine(&format!(
+        "{}apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: any, namespace: foo}}\nspec:\n  selector: {{matchLabels: {{app: httpbin}}}}\n  jwtRules:\n  - jwksUri: https://keys.example/jwks.json\n---\n",
+        ra("m", &format!("issuer: {iss}"), &jwks_text(&s)),
+    ));
+    assert_eq!(status(&authn(&e, &bearer(&good), at(t0))), 200);
+    let stranger = tok(&s, json!({"iss": "https://other.example", "exp": t0 + 100}));
+    assert_eq!(status(&authn(&e, &bearer(&stranger), at(t0))), 401);
+}
+
+/// Policy sees the request as the app will: headers written from the verified token
+/// (`outputClaimToHeaders`) are there for a DENY or an ALLOW on them, and a token that is
+/// not forwarded is gone (as Envoy's jwt_authn runs before RBAC).
+#[test]
+fn policy_sees_the_headers_authentication_writes() {
+    let t0 = 1_900_000_000u64;
+    let s = signer(KeyAlgorithm::EcdsaP256);
+    let iss = "https://idp.example";
+    let yaml = format!(
+        "{}---\n{}---\n{}",
+        ra(
+            "out",
+            &format!("issuer: {iss}\n    outputClaimToHeaders: [{{header: x-role, claim: role}}]"),
+            &jwks_text(&s)
+        ),
+        policy(
+            "no-guests",
+            "DENY",
+            "[{when: [{key: 'request.headers[x-role]', values: [guest]}]}]"
+        ),
+        policy(
+            "no-token-header",
+            "DENY",
+            "[{when: [{key: 'request.headers[authorization]', values: ['*']}]}]"
+        ),
+    );
+    let e = engine(&yaml);
+    let check = |role: &str, forged_header: Option<&str>| {
+        let t = s
+            .sign(&json!({"iss": iss, "sub": "u1", "role": role, "exp": t0 + 100}))
+            .unwrap();
+        let mut ctx = http("GET", "/").0;
+        let mut req = bearer(&t);
+        if let Some(v) = forged_header {
+            req = req.with_header("x-role", v);
+        }
+        ctx.http = Some(req);
+        e.check(&httpbin(), &ctx, at(t0), &NoRemoteJwks, &NoExtAuthz)
+    };
+    let d = check("guest", None);
+    assert_eq!(d.status, 403, "{}", d.summary());
+    // The twin: an admin passes (and the Authorization header policy saw was already gone).
+    let d = check("admin", None);
+    assert!(d.is_allowed(), "{}", d.summary());
+    assert!(d.headers.contains(&HeaderMutation::Set {
+        name: "x-role".into(),
+        value: "admin".into()
+    }));
+    // A client's own x-role is replaced by the token's, for policy as for the app.
+    let d = check("guest", Some("admin"));
+    assert_eq!(d.status, 403, "{}", d.summary());
+}

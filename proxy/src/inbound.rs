@@ -395,7 +395,14 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
                 "request denied: {}", d.summary()
             );
             let body = match d.status {
-                401 => d.reason.clone(),
+                // Envoy's fixed phrase ("Jwks remote fetch is failed", "Jwt verification
+                // fails", ...): the detail after it (a JWKS URI, a socket or TLS error) is
+                // for the log above, not for an unauthenticated client.
+                401 => d
+                    .reason
+                    .split_once(": ")
+                    .map_or(d.reason.as_str(), |(phrase, _)| phrase)
+                    .to_string(),
                 400 => "Bad Request".to_string(),
                 _ => "RBAC: access denied".to_string(),
             };
