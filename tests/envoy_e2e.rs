@@ -630,6 +630,16 @@ const ISTIO_INBOUND_ALPN: [&str; 5] = [
     "istio-h2",
 ];
 
+/// An HTTP connection manager with an Istio sidecar inbound's XFCC handling: whatever XFCC
+/// arrives is kept and the peer's appended (`APPEND_FORWARD`), so what a client proxy lets
+/// through from its app reaches this app.
+fn istio_inbound_xfcc(mut hcm: Value) -> Value {
+    let c = &mut hcm["typed_config"];
+    c["forward_client_cert_details"] = json!("APPEND_FORWARD");
+    c["set_current_client_cert_details"] = json!({"subject": true, "dns": true, "uri": true});
+    hcm
+}
+
 fn permissive_listener(name: &str, port: u16) -> Value {
     json!({
         "name": name,
@@ -642,11 +652,12 @@ fn permissive_listener(name: &str, port: u16) -> Value {
             {
                 "name": "mtls",
                 "filter_chain_match": {"transport_protocol": "tls", "application_protocols": ISTIO_INBOUND_ALPN},
-                "filters": [direct_response(&format!("{name}_mtls"), "from envoy", &[
+                "filters": [istio_inbound_xfcc(direct_response(&format!("{name}_mtls"), "from envoy", &[
                     ("x-chain", "mtls"),
                     ("x-peer", "%DOWNSTREAM_PEER_URI_SAN%"),
                     ("x-protocol", "%PROTOCOL%"),
-                ])],
+                    ("x-xfcc", "%REQ(x-forwarded-client-cert)%"),
+                ]))],
                 "transport_socket": downstream_tls("GRPC")
             },
             {
@@ -737,6 +748,26 @@ fn rampart_outbound_to_envoy_permissive_inbound_picks_the_mtls_chain() {
             "{url}: {headers}"
         );
     }
+    // An app's own x-forwarded-client-cert never leaves through the outbound (Envoy's
+    // client side strips it too): the Envoy inbound, appending as Istio's does, sees only
+    // the frontend's element. (Its twin above: the peer's own element is there.)
+    let forged = format!("By={ENVOY_ID};URI=spiffe://{TD}/ns/admin/sa/admin");
+    let (code, headers, body) = curl(&[
+        "-x",
+        &proxy,
+        "-H",
+        &format!("x-forwarded-client-cert: {forged}"),
+        "http://legacy.old:8080/xfcc",
+    ]);
+    assert_eq!(code, "200", "{body}\n{}", logs());
+    let xfcc = headers
+        .lines()
+        .find_map(|l| l.strip_prefix("x-xfcc: "))
+        .unwrap_or_else(|| panic!("no x-xfcc: {headers}"));
+    assert!(
+        xfcc.contains(&format!("uri={FRONTEND_ID}")) && !xfcc.contains("ns/admin"),
+        "{xfcc}"
+    );
     // The plaintext chain exists and answers plaintext clients.
     let (code, headers, _) = curl(&[&format!("http://127.0.0.1:{}/", p.envoy_in)]);
     assert_eq!(code, "200");

@@ -573,7 +573,8 @@ fn str_val(v: &Val, s: &str) -> bool {
 }
 
 fn cidr_val(v: &Val, ip: std::net::IpAddr) -> bool {
-    matches!(v, Val::Cidr(n) if n.contains(&ip))
+    // `::ffff:10.1.2.3` is the IPv4 client 10.1.2.3 (a dual-stack listener's view of it).
+    matches!(v, Val::Cidr(n) if n.contains(&ip.to_canonical()))
 }
 
 /// `mutations` applied to a request's header list as the proxy applies them to the request

@@ -382,3 +382,26 @@ fn jwt_output_headers_may_not_frame_or_route_requests() {
     );
     assert!(r.problems.is_empty(), "{:?}", r.problems);
 }
+
+// ---- addresses --------------------------------------------------------------------------
+
+/// An IPv4 client of a dual-stack (`[::]`) listener is seen as `::ffff:a.b.c.d`: IPv4
+/// ranges in `ipBlocks` and `source.ip` must still cover it, or a DENY on them is slipped
+/// by connecting to the IPv6 wildcard. Twin: an address outside the range passes.
+#[test]
+fn ipv4_mapped_clients_meet_ipv4_ranges() {
+    let e = deny(
+        "[{from: [{source: {ipBlocks: [10.0.0.0/8]}}]}, {when: [{key: source.ip, values: [192.168.0.0/16]}]}]",
+    );
+    let from = |ip: &str| {
+        let mut r = http("GET", "/");
+        r.0.source.ip = Some(ip.parse().unwrap());
+        r
+    };
+    for ip in ["::ffff:10.1.2.3", "10.1.2.3", "::ffff:192.168.4.5"] {
+        assert!(!allowed(&e, &from(ip)), "{ip} slipped past the DENY");
+    }
+    for ip in ["::ffff:11.1.2.3", "11.1.2.3", "fd00::10:1:2:3"] {
+        assert!(allowed(&e, &from(ip)), "twin: {ip}");
+    }
+}

@@ -73,10 +73,12 @@ impl ConnCtx {
         RequestContext {
             source: Peer {
                 principal: self.principal.clone(),
-                ip: Some(self.peer.ip()),
+                // An IPv4 client of a dual-stack (`[::]`) listener arrives as
+                // `::ffff:a.b.c.d`: policy's IPv4 ranges must see `a.b.c.d` (as Envoy's).
+                ip: Some(self.peer.ip().to_canonical()),
                 remote_ip: None,
             },
-            destination_ip: self.local.map(|a| a.ip()),
+            destination_ip: self.local.map(|a| a.ip().to_canonical()),
             destination_port: self.port,
             sni: self.sni.clone(),
             http,
@@ -316,6 +318,19 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
     // One authority for policy and app: an absolute-form target (or :authority) is the Host.
     if let Err(why) = crate::edge::align_host(&mut req) {
         tracing::info!(peer = %cx.peer, reason = why, "request refused (400)");
+        let (r, g) = denial(400, grpc, "Bad Request");
+        cx.series.request(400, g, "-", start.elapsed());
+        return r;
+    }
+    // A header value with leading or trailing whitespace (HTTP/2 carries it as sent; RFC
+    // 9113 §8.2.1 makes it malformed): policy would judge `" true"` while an HTTP/1.1 app,
+    // trimming as its parser must, reads `true`.
+    if let Some(name) = req.headers().iter().find_map(|(k, v)| {
+        let b = v.as_bytes();
+        let ws = |c: Option<&u8>| matches!(c, Some(b' ' | b'\t'));
+        (ws(b.first()) || ws(b.last())).then(|| k.clone())
+    }) {
+        tracing::info!(peer = %cx.peer, header = %name, "request refused (400): header value with leading or trailing whitespace");
         let (r, g) = denial(400, grpc, "Bad Request");
         cx.series.request(400, g, "-", start.elapsed());
         return r;

@@ -364,6 +364,10 @@ async fn request(ob: &Arc<Outbound>, mut req: Request<Incoming>) -> Response<Bod
     }
     req.headers_mut().remove("proxy-connection");
     req.headers_mut().remove(header::PROXY_AUTHORIZATION);
+    // The app's own x-forwarded-client-cert never leaves: the next hop's proxy (Rampart
+    // replaces it; an Istio sidecar appends to it) would pass it on as if a proxy had
+    // written it (Envoy's outbound side strips it the same way).
+    req.headers_mut().remove("x-forwarded-client-cert");
     *req.version_mut() = if h2 {
         Version::HTTP_2
     } else {

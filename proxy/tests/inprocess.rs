@@ -1106,3 +1106,38 @@ async fn mtls_connections(admin: SocketAddr, port: u16) -> u64 {
         .and_then(|p| p["since_start"]["mtls_connections"].as_u64())
         .unwrap_or_else(|| panic!("no port {port} in {body}"))
 }
+
+/// An HTTP/2 header value with leading or trailing whitespace is refused (400): policy would
+/// judge `" x"` while the HTTP/1.1 app, trimming as its parser must, reads `x` (RFC 9113
+/// §8.2.1 makes such a field malformed). Twin: the same header without it is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_h2_header_value_with_outer_whitespace_is_refused() {
+    let _ = logs();
+    let mut mesh = Mesh::new().await;
+    let (server, client, inbound, _tx) = pair(&mut mesh).await;
+    // h2c (prior knowledge) to the PERMISSIVE port, as a plaintext client may.
+    let send = |value: &'static str| async move {
+        let tcp = TcpStream::connect(inbound[1]).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let req = hyper::Request::get("http://server.ns1/ws")
+            .header("x-debug", hyper::header::HeaderValue::from_static(value))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        tx.send_request(req).await.unwrap().status().as_u16()
+    };
+    assert_eq!(send(" true").await, 400);
+    assert_eq!(send("true\t").await, 400);
+    assert_eq!(send("true").await, 200);
+    assert_eq!(
+        send("tr ue").await,
+        200,
+        "inner whitespace is the value's own"
+    );
+    drop((server, client));
+}
