@@ -44,6 +44,9 @@ pub(crate) struct Inbound {
     pub(crate) request_timeout: Duration,
     pub(crate) app_h1: Client<HttpConnector, Incoming>,
     pub(crate) app_h2: Client<HttpConnector, Incoming>,
+    /// Bumped after every configuration change is in force: established TCP connections
+    /// re-check their PeerAuthentication mode and policy then.
+    pub(crate) cfg_changed: tokio::sync::watch::Sender<u64>,
 }
 
 /// What request handling needs to know about its connection.
@@ -336,6 +339,16 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
         return r;
     }
     let cfg = ib.cfg.load();
+    // A plaintext connection accepted before its port turned STRICT serves no more requests
+    // (Envoy drains the old filter chain; STRICT refuses plaintext at once here).
+    if !mtls && strict_now(&cfg, cx.port) {
+        tracing::info!(peer = %cx.peer, port = cx.port, "plaintext request refused: the port is STRICT now; closing");
+        let (mut r, g) = denial(403, grpc, "plaintext refused: PeerAuthentication STRICT");
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+        cx.series.request(403, g, "-", start.elapsed());
+        return r;
+    }
     // JWT output headers are the proxy's to write: a client's copy never reaches policy or
     // the app (as Envoy's jwt_authn); they are set below only from a verified token.
     for h in &cfg.jwt_output_headers {
@@ -507,33 +520,57 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
     resp
 }
 
+/// Whether `port` is STRICT in `cfg` (a port gone from the registry counts as STRICT: its
+/// plaintext connections get nothing more either).
+fn strict_now(cfg: &crate::config::Config, port: u16) -> bool {
+    cfg.me.port(port).is_none()
+        || cfg.engine.peer_authentication(&cfg.workload, port).mode == MtlsMode::Strict
+}
+
+/// Whether the configuration in force lets this TCP connection go on (at accept, and again
+/// after every change: a port turned STRICT ends its plaintext connections, a policy that
+/// now denies the peer ends its connections). Logs the reason when not.
+fn tcp_allowed(ib: &Inbound, cx: &ConnCtx, established: bool) -> bool {
+    let cfg = ib.cfg.load();
+    if established && cx.principal.is_none() && strict_now(&cfg, cx.port) {
+        tracing::warn!(peer = %cx.peer, port = cx.port,
+            "established plaintext connection closed: the port is STRICT now");
+        return false;
+    }
+    if cfg.fast_path {
+        return true;
+    }
+    let ctx = cx.request_context(None);
+    let d = cfg.engine.authorize(&cfg.workload, &ctx);
+    if d.is_allowed() {
+        return true;
+    }
+    let policy = d
+        .policy
+        .as_ref()
+        .map(|p| format!("{}/{}", p.namespace, p.name))
+        .unwrap_or_else(|| "-".into());
+    tracing::warn!(
+        peer = %cx.peer,
+        principal = cx.principal.as_deref().unwrap_or("-"),
+        port = cx.port,
+        policy = %policy,
+        rule = ?d.rule,
+        reason = %d.reason,
+        "{} (closed): {}",
+        if established { "established connection denied by the new policy" } else { "connection denied" },
+        d.summary()
+    );
+    false
+}
+
 async fn tcp<IO>(ib: &Arc<Inbound>, cx: ConnCtx, app: SocketAddr, io: IO)
 where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
-    {
-        let cfg = ib.cfg.load();
-        if !cfg.fast_path {
-            let ctx = cx.request_context(None);
-            let d = cfg.engine.authorize(&cfg.workload, &ctx);
-            if !d.is_allowed() {
-                let policy = d
-                    .policy
-                    .as_ref()
-                    .map(|p| format!("{}/{}", p.namespace, p.name))
-                    .unwrap_or_else(|| "-".into());
-                tracing::warn!(
-                    peer = %cx.peer,
-                    principal = cx.principal.as_deref().unwrap_or("-"),
-                    port = cx.port,
-                    policy = %policy,
-                    rule = ?d.rule,
-                    reason = %d.reason,
-                    "connection denied (closed): {}", d.summary()
-                );
-                return;
-            }
-        }
+    let mut changes = ib.cfg_changed.subscribe();
+    if !tcp_allowed(ib, &cx, false) {
+        return;
     }
     ib.metrics.tcp_opened(&cx.labels);
     let (sent, received) = match TcpStream::connect(app).await {
@@ -542,14 +579,23 @@ where
             // TCP ports: closed after the idle timeout with no byte either way.
             let act = Activity::new(false);
             let mut io = Tracked::new(io, act.clone());
-            tokio::select! {
-                r = crate::relay::copy_bidirectional(&mut io, &mut a) => match r {
-                    Ok((from_client, from_app)) => (from_app, from_client),
-                    Err(_) => (0, 0),
-                },
-                why = act.expired(&ib.edge) => {
-                    tracing::debug!(%app, reason = why, "TCP connection closed");
-                    (0, 0)
+            let relay = crate::relay::copy_bidirectional(&mut io, &mut a);
+            tokio::pin!(relay);
+            loop {
+                tokio::select! {
+                    r = &mut relay => break match r {
+                        Ok((from_client, from_app)) => (from_app, from_client),
+                        Err(_) => (0, 0),
+                    },
+                    why = act.expired(&ib.edge) => {
+                        tracing::debug!(%app, reason = why, "TCP connection closed");
+                        break (0, 0);
+                    }
+                    Ok(()) = changes.changed() => {
+                        if !tcp_allowed(ib, &cx, true) {
+                            break (0, 0);
+                        }
+                    }
                 }
             }
         }

@@ -171,6 +171,7 @@ impl Proxy {
             request_timeout: opts.request_timeout,
             app_h1: client().build(app_conn.clone()),
             app_h2: client().http2_only(true).build(app_conn),
+            cfg_changed: tokio::sync::watch::Sender::new(0),
         });
         let outbound = Arc::new(Outbound::new(
             cfg.clone(),
@@ -381,6 +382,7 @@ async fn apply_updates(
                 }
                 let new = Arc::new(new);
                 cfg.store(new.clone());
+                h.inbound.cfg_changed.send_modify(|g| *g += 1);
                 h.status.set_refusal(None);
                 listeners.reconcile(&h, &new).await;
             }

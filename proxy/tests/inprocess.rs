@@ -1141,3 +1141,129 @@ async fn an_h2_header_value_with_outer_whitespace_is_refused() {
     );
     drop((server, client));
 }
+
+/// Whether `msg` comes back on `s` (an echo app behind the proxy).
+async fn roundtrip(s: &mut TcpStream, msg: &[u8]) -> bool {
+    if s.write_all(msg).await.is_err() {
+        return false;
+    }
+    let mut b = vec![0u8; msg.len()];
+    matches!(
+        tokio::time::timeout(Duration::from_secs(3), s.read_exact(&mut b)).await,
+        Ok(Ok(_)) if b == msg
+    )
+}
+
+/// A configuration change reaches connections already open (as Envoy drains a replaced
+/// filter chain): a plaintext HTTP keep-alive connection on a port turned STRICT is refused
+/// its next request and closed; a plaintext TCP stream on it is closed; a TCP stream whose
+/// peer a new DENY covers is closed. Twins: before the change both serve, and a change that
+/// leaves them allowed (an unrelated policy) keeps them open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_policy_change_reaches_established_connections() {
+    let _ = logs();
+    // A TCP echo app.
+    let echo = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let echo_addr = echo.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = echo.accept().await {
+            tokio::spawn(async move {
+                let mut b = [0u8; 512];
+                while let Ok(n) = s.read(&mut b).await {
+                    if n == 0 || s.write_all(&b[..n]).await.is_err() {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    let mut mesh = Mesh::new().await;
+    let dir = mesh.dir.path().to_path_buf();
+    std::fs::write(
+        dir.join("workloads.yaml"),
+        format!(
+            "workloads:\n- name: server\n  namespace: ns1\n  labels: {{app: server}}\n  ports:\n  \
+             - {{port: 80, protocol: http, app: '{}', inbound: '127.0.0.2:0'}}\n  \
+             - {{port: 90, protocol: tcp, app: '{echo_addr}', inbound: '127.0.0.3:0'}}\n",
+            mesh.app
+        ),
+    )
+    .unwrap();
+    let policy = |extra: &str| {
+        std::fs::write(
+            dir.join("policy.yaml"),
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: PeerAuthentication\nmetadata: {{name: pa, namespace: ns1}}\nspec:\n  mtls: {{mode: {extra}}}\n"
+            ),
+        )
+        .unwrap();
+    };
+    policy("PERMISSIVE");
+    let (tx, updates) = Updates::channel(4);
+    let server = mesh
+        .proxy("server", MeshFolder::load(&dir).unwrap(), Some(updates))
+        .await;
+    let (http_in, tcp_in) = (
+        listener(&server, "inbound port 80"),
+        listener(&server, "inbound port 90"),
+    );
+    let push = |tx: &tokio::sync::mpsc::Sender<_>| {
+        let snap = MeshFolder::load(&dir).unwrap();
+        let tx = tx.clone();
+        async move {
+            tx.send(Ok(snap)).await.unwrap();
+            // Applied by the proxy's update task: give it a moment.
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    };
+    let mut h = TcpStream::connect(http_in).await.unwrap();
+    let mut t = TcpStream::connect(tcp_in).await.unwrap();
+    assert_eq!(
+        request_on(&mut h, "/one").await,
+        Some((200, "app /one".into()))
+    );
+    assert!(roundtrip(&mut t, b"ping\n").await);
+    // An unrelated change: both stay open and serve.
+    std::fs::write(
+        dir.join("authz.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: other, namespace: ns1}\nspec:\n  selector: {matchLabels: {app: nobody}}\n  action: DENY\n  rules: [{}]\n",
+    )
+    .unwrap();
+    push(&tx).await;
+    assert_eq!(
+        request_on(&mut h, "/two").await,
+        Some((200, "app /two".into()))
+    );
+    assert!(roundtrip(&mut t, b"pong\n").await);
+    // STRICT: the plaintext HTTP connection's next request is refused and the connection
+    // closed; the plaintext TCP stream is closed.
+    policy("STRICT");
+    push(&tx).await;
+    let r = request_on(&mut h, "/three").await;
+    assert_eq!(r.as_ref().map(|r| r.0), Some(403), "{r:?}");
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(3), h.read_to_end(&mut rest)).await;
+    assert!(matches!(closed, Ok(Ok(_))), "the HTTP connection is closed");
+    assert!(
+        !roundtrip(&mut t, b"again\n").await,
+        "the TCP stream is closed"
+    );
+    assert!(log_text().contains("established plaintext connection closed: the port is STRICT now"));
+    // A new DENY for plaintext peers on the TCP port closes a stream opened under PERMISSIVE.
+    policy("PERMISSIVE");
+    push(&tx).await;
+    let mut t = TcpStream::connect(tcp_in).await.unwrap();
+    assert!(roundtrip(&mut t, b"ping\n").await);
+    std::fs::write(
+        dir.join("authz.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: no-plain, namespace: ns1}\nspec:\n  selector: {matchLabels: {app: server}}\n  action: DENY\n  rules: [{from: [{source: {notPrincipals: ['*']}}]}]\n",
+    )
+    .unwrap();
+    push(&tx).await;
+    assert!(
+        !roundtrip(&mut t, b"again\n").await,
+        "the denied stream is closed"
+    );
+    assert!(log_text().contains("established connection denied by the new policy"));
+    drop(server);
+}
