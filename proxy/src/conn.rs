@@ -54,7 +54,7 @@ impl Target {
 pub(crate) async fn connect_mtls(
     identity: &IdentityHolder,
     target: &Target,
-) -> Result<TlsStream<TcpStream>, String> {
+) -> Result<(TlsStream<TcpStream>, Arc<crate::identity::TlsState>), String> {
     let state = identity
         .for_handshake()
         .map_err(|why| format!("own identity unusable (fail closed): {why}"))?;
@@ -80,7 +80,7 @@ pub(crate) async fn connect_mtls(
             .unwrap_or("-"),
         "outbound mTLS handshake done"
     );
-    Ok(tls)
+    Ok((tls, state))
 }
 
 /// A handshake error, with the SPIFFE reason when a Rampart verifier refused the peer.
@@ -118,7 +118,7 @@ impl PeerStream {
         mtls: bool,
     ) -> Result<PeerStream, String> {
         if mtls {
-            let tls = connect_mtls(identity, target).await?;
+            let (tls, seen) = connect_mtls(identity, target).await?;
             let chain = tls
                 .get_ref()
                 .1
@@ -126,12 +126,10 @@ impl PeerStream {
                 .unwrap_or_default()
                 .to_vec();
             let peer = target.expected.to_string();
-            Ok(PeerStream::Mtls(Box::new(identity.live.register(
-                tls,
-                &chain,
-                Usage::ServerAuth,
-                peer,
-            ))))
+            let conn = identity
+                .register(&seen, tls, &chain, Usage::ServerAuth, peer)
+                .map_err(|why| format!("mTLS with {}: {why}", target.addr))?;
+            Ok(PeerStream::Mtls(Box::new(conn)))
         } else {
             Ok(PeerStream::Plain(connect_plain(target).await?))
         }

@@ -235,6 +235,50 @@ impl IdentityHolder {
     }
 
     /// `status` for a handshake: a refusal is counted and its first occurrence logged.
+    /// Register an established mTLS connection (see [`LiveConns::register`]) whose handshake
+    /// ran with `seen`. A CRL that arrived during the handshake was not in `seen`'s verifier
+    /// and its sweep of registered connections came before this one: when the state changed
+    /// since, the chain is checked against the current revocation lists here. Registering
+    /// first, then reading the state, leaves no gap (a CRL stores its state before it sweeps,
+    /// under the registry's lock). `Err` (with the reason): revoked, the connection dropped.
+    pub(crate) fn register<IO>(
+        &self,
+        seen: &Arc<TlsState>,
+        io: IO,
+        chain: &[rampart_certs::CertificateDer<'static>],
+        usage: rampart_certs::Usage,
+        peer_id: String,
+    ) -> Result<crate::peers::Revocable<IO>, String> {
+        let conn = self.live.register(io, chain, usage, peer_id);
+        let Some(now) = self.state.load_full() else {
+            return Ok(conn);
+        };
+        if Arc::ptr_eq(&now, seen) {
+            return Ok(conn);
+        }
+        let (Some(check), Some((leaf, intermediates))) = (&now.revocation, chain.split_first())
+        else {
+            return Ok(conn);
+        };
+        match rampart_certs::verify_workload_cert_with_revocation(
+            leaf,
+            intermediates,
+            &now.bundle,
+            &now.trust_domains,
+            SystemTime::now(),
+            usage,
+            Some(check),
+        ) {
+            Err(rampart_certs::ChainError::Revoked { serial, issuer, .. }) => {
+                self.live.count_closed();
+                Err(format!(
+                    "the peer's certificate (serial {serial}, issuer {issuer}) was revoked during the handshake"
+                ))
+            }
+            _ => Ok(conn),
+        }
+    }
+
     pub(crate) fn for_handshake(&self) -> Result<Arc<TlsState>, String> {
         match self.status_at(SystemTime::now()) {
             Ok(s) => {
@@ -763,6 +807,77 @@ mod tests {
         let l2 = leaf(&pki, Duration::from_secs(3600));
         offer(&h, &l2).unwrap();
         assert_eq!(h.status_at(later).unwrap().serial, serial(&l2));
+    }
+
+    /// A CRL that arrives while a handshake is under way: the handshake's verifier (taken
+    /// before) lets the peer in, the CRL's sweep ran before the connection was registered;
+    /// registering checks the chain against the CRLs in force now and refuses it. Twins: the
+    /// same late registration of an unrevoked peer, and a registration with no change since
+    /// the handshake, are let in.
+    #[test]
+    fn a_crl_arriving_during_a_handshake_still_closes_the_connection() {
+        let pki = TestPki::new("cluster.local");
+        let h = holder();
+        bundle(&h, &[&pki]);
+        offer(&h, &leaf(&pki, Duration::from_secs(3600))).unwrap();
+        let peer_id = SpiffeId::istio(&"cluster.local".parse().unwrap(), "web", "fe").unwrap();
+        let (bad, good) = (
+            pki.leaf(&peer_id, Duration::from_secs(3600), SystemTime::now()),
+            pki.leaf(&peer_id, Duration::from_secs(3600), SystemTime::now()),
+        );
+        let seen = h.for_handshake().unwrap();
+        // No change since the handshake: registered without a second look.
+        let c = h.register(
+            &seen,
+            (),
+            &bad.presented_chain(),
+            Usage::ClientAuth,
+            "fe".into(),
+        );
+        assert!(c.is_ok());
+        drop(c);
+        // The CRL revoking `bad` lands (its sweep finds nothing registered).
+        let now = SystemTime::now();
+        let crl = pki
+            .intermediate
+            .sign_crl(&rampart_certs::CrlParams {
+                this_update: now - Duration::from_secs(60),
+                next_update: now + Duration::from_secs(600),
+                crl_number: 1,
+                revoked: vec![rampart_certs::RevokedCert {
+                    serial_hex: serial(&bad),
+                    revoked_at: now,
+                    reason: Some(rampart_certs::RevocationReason::KeyCompromise),
+                }],
+            })
+            .unwrap()
+            .to_pem();
+        h.offer_bundle(&pki.root_pem(), &crl).unwrap();
+        let before = h.live.closed.load(Ordering::Relaxed);
+        let why = h
+            .register(
+                &seen,
+                (),
+                &bad.presented_chain(),
+                Usage::ClientAuth,
+                "fe".into(),
+            )
+            .err()
+            .expect("a peer revoked during its handshake is refused");
+        assert!(
+            why.contains(&serial(&bad)) && why.contains("revoked"),
+            "{why}"
+        );
+        assert_eq!(h.live.len(), 0, "not left in the registry");
+        assert_eq!(h.live.closed.load(Ordering::Relaxed), before + 1);
+        let ok = h.register(
+            &seen,
+            (),
+            &good.presented_chain(),
+            Usage::ClientAuth,
+            "fe".into(),
+        );
+        assert!(ok.is_ok(), "an unrevoked peer registers late too");
     }
 
     /// Negative twin: inside its window the same certificate is used; before not-before it

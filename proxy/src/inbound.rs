@@ -230,12 +230,19 @@ async fn accept(
         .peer_certificates()
         .unwrap_or_default()
         .to_vec();
-    let tls = ib.identity.live.register(
+    let tls = match ib.identity.register(
+        &state,
         tls,
         &chain,
         rampart_certs::Usage::ClientAuth,
         principal.clone(),
-    );
+    ) {
+        Ok(t) => t,
+        Err(why) => {
+            tracing::warn!(%peer, port, peer_id = %principal, reason = %why, "mTLS connection closed");
+            return None;
+        }
+    };
     stats.count(Kind::MtlsConnection, Some(peer.ip()));
     let xfcc = HeaderValue::from_str(&format!(
         "By={};Hash={};Subject=\"\";URI={}",

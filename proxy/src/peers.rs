@@ -37,7 +37,7 @@ struct Live {
 pub(crate) struct LiveConns {
     next: AtomicU64,
     map: Mutex<Registry>,
-    closed: AtomicU64,
+    pub(crate) closed: AtomicU64,
 }
 
 /// The connections, and each distinct peer chain once: thousands of connections from one
@@ -124,6 +124,11 @@ impl LiveConns {
         }
         self.closed.fetch_add(n as u64, Ordering::Relaxed);
         n
+    }
+
+    /// Count a connection closed for revocation outside [`LiveConns::close_revoked`].
+    pub(crate) fn count_closed(&self) {
+        self.closed.fetch_add(1, Ordering::Relaxed);
     }
 
     /// Connections registered now.
