@@ -31,6 +31,17 @@ pub enum Clock {
         /// Wall time at `start`.
         base: SystemTime,
     },
+    /// [`Clock::Tokio`] whose wall time also moves by `jump` seconds while tokio's clock
+    /// stands still, as over a host suspend (tests).
+    #[cfg(test)]
+    Suspendable {
+        /// Tokio instant at `base`.
+        start: tokio::time::Instant,
+        /// Wall time at `start`.
+        base: SystemTime,
+        /// Seconds the wall clock jumped.
+        jump: &'static std::sync::atomic::AtomicU64,
+    },
 }
 
 // === impl Clock ===
@@ -49,15 +60,33 @@ impl Clock {
         match self {
             Clock::System => SystemTime::now(),
             Clock::Tokio { start, base } => *base + start.elapsed(),
+            #[cfg(test)]
+            Clock::Suspendable { start, base, jump } => {
+                *base
+                    + start.elapsed()
+                    + Duration::from_secs(jump.load(std::sync::atomic::Ordering::SeqCst))
+            }
         }
     }
 
-    /// Sleep until wall time `t` (immediately if it passed).
+    /// Sleep until wall time `t` (immediately if it passed), or for at most [`MAX_SLEEP`]:
+    /// timers run on the monotonic clock, which stands still while the host is suspended,
+    /// so a caller wakes at least that often to compare `t` with the wall clock again
+    /// (after a resume, a certificate whose not-after passed meanwhile is withdrawn and
+    /// renewed within `MAX_SLEEP`, not hours later).
     pub(crate) fn sleep_until(&self, t: SystemTime) -> tokio::time::Sleep {
         let d = t.duration_since(self.now()).unwrap_or(Duration::ZERO);
-        tokio::time::sleep(d)
+        tokio::time::sleep(d.min(MAX_SLEEP))
+    }
+
+    /// Whether wall time `t` has come.
+    pub(crate) fn reached(&self, t: SystemTime) -> bool {
+        self.now() >= t
     }
 }
+
+/// The longest a lifecycle timer sleeps before it looks at the wall clock again.
+pub(crate) const MAX_SLEEP: Duration = Duration::from_secs(30);
 
 /// Everything one identity's lifecycle needs.
 pub(crate) struct Manager {
@@ -245,10 +274,18 @@ impl Manager {
                 return Event::Revoked(why);
             }
             let expiry = self.current_not_after();
+            let wake = expiry.map_or(refresh_at, |e| e.min(refresh_at));
             tokio::select! {
                 _ = shutdown.cancelled() => return Event::Shutdown,
-                _ = self.clock.sleep_until(expiry.unwrap_or(refresh_at)), if expiry.is_some() => return Event::Expired,
-                _ = self.clock.sleep_until(refresh_at) => return Event::Refresh,
+                _ = self.clock.sleep_until(wake) => {
+                    if expiry.is_some_and(|e| self.clock.reached(e)) {
+                        return Event::Expired;
+                    }
+                    if self.clock.reached(refresh_at) {
+                        return Event::Refresh;
+                    }
+                    // A capped sleep ended early: compare with the wall clock again.
+                }
                 changed = rx.changed() => {
                     if changed.is_err() {
                         return Event::Shutdown;
@@ -291,7 +328,11 @@ impl Manager {
                 tokio::select! {
                     _ = shutdown.cancelled() => return,
                     r = &mut attempt => break r,
-                    _ = self.clock.sleep_until(expiry.unwrap_or(next)), if expiry.is_some() => self.expire(),
+                    _ = self.clock.sleep_until(expiry.unwrap_or(next)), if expiry.is_some() => {
+                        if expiry.is_some_and(|e| self.clock.reached(e)) {
+                            self.expire();
+                        }
+                    }
                     changed = rx.changed() => {
                         if changed.is_err() {
                             return;
@@ -383,7 +424,10 @@ mod tests {
     }
 
     fn setup(ttl: Duration) -> (Manager, Arc<LocalSigner>, SecretStore) {
-        let clock = Clock::tokio_now();
+        setup_with(ttl, Clock::tokio_now())
+    }
+
+    fn setup_with(ttl: Duration, clock: Clock) -> (Manager, Arc<LocalSigner>, SecretStore) {
         let ca = CertificateAuthority::self_signed_root(
             &RootParams::default(),
             PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
@@ -422,6 +466,39 @@ mod tests {
 
     fn serial(store: &SecretStore) -> Option<String> {
         store.current().svid.map(|s| s.leaf.serial_hex.clone())
+    }
+
+    /// Over a host suspend the monotonic clock stands still while the wall clock moves: a
+    /// certificate that expired meanwhile is replaced within [`MAX_SLEEP`] of the resume,
+    /// not when the monotonic timer (set for the old refresh point) would have fired hours
+    /// later. Twin: without the jump nothing is renewed in the same time.
+    #[tokio::test(start_paused = true)]
+    async fn a_certificate_that_expired_over_a_suspend_is_renewed_on_resume() {
+        static JUMP: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let clock = Clock::Suspendable {
+            start: tokio::time::Instant::now(),
+            base: SystemTime::now(),
+            jump: &JUMP,
+        };
+        let (m, signer, store) = setup_with(Duration::from_secs(3600), clock);
+        let sd = CancellationToken::new();
+        let task = tokio::spawn(m.run(sd.clone()));
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        let first = serial(&store).expect("a certificate");
+        // Twin: a minute on, no jump: the same certificate, one CA call.
+        tokio::time::sleep(MAX_SLEEP + Duration::from_secs(1)).await;
+        assert_eq!(serial(&store).as_deref(), Some(first.as_str()));
+        assert_eq!(signer.calls.lock().unwrap().len(), 1);
+        // Suspended for two hours: the certificate expired while nothing ran.
+        JUMP.store(2 * 3600, std::sync::atomic::Ordering::SeqCst);
+        tokio::time::sleep(MAX_SLEEP + Duration::from_secs(1)).await;
+        let now = clock.now();
+        let svid = store.current().svid.expect("renewed after the resume");
+        assert_ne!(svid.leaf.serial_hex, first);
+        assert!(svid.leaf.not_after > now, "the one served is valid now");
+        assert_eq!(signer.calls.lock().unwrap().len(), 2);
+        sd.cancel();
+        task.await.unwrap();
     }
 
     #[tokio::test(start_paused = true)]
