@@ -250,7 +250,30 @@ fn quickstart_end_to_end() {
     let header = format!("authorization: Bearer {}", minted.trim());
     let mut good = post.to_vec();
     good.extend(["-H", header.as_str()]);
-    assert_eq!(curl(&good).0, 200);
+    let (code, body) = curl(&good);
+    assert_eq!(code, 200);
+    // The verified token is not forwarded (forwardOriginalToken defaults to false): neither
+    // its header nor, given as ?access_token=, the query parameter reaches the app; the
+    // rest of the query does.
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert!(seen["headers"].get("authorization").is_none(), "{body}");
+    let url = format!(
+        "http://backend.api:8080/api/orders?a=1&access_token={}&b=2",
+        minted.trim()
+    );
+    let (code, body) = curl(&["-x", &outbound, "-X", "POST", &url]);
+    assert_eq!(code, 200, "{body}");
+    let seen: serde_json::Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(seen["query"], "a=1&b=2", "{body}");
+    // Its twin: a bad token in the parameter is still refused.
+    let (code, _) = curl(&[
+        "-x",
+        &outbound,
+        "-X",
+        "POST",
+        "http://backend.api:8080/api/orders?access_token=not.a.token",
+    ]);
+    assert_eq!(code, 401);
 
     // TCP: backend -> db allowed (echoed), frontend -> db closed.
     assert_eq!(tcp_echo(p(16532), b"hello db\n"), b"hello db\n");

@@ -198,6 +198,11 @@ impl Engine {
         // RBAC on one header map): claim and payload headers set, a token not forwarded gone.
         if let Some(h) = c.http.as_mut() {
             apply_mutations(&mut h.headers, &headers);
+            for m in &headers {
+                if let HeaderMutation::RemoveQueryParam { name } = m {
+                    h.path = crate::explain::remove_query_param(&h.path, name);
+                }
+            }
         }
         let mut d = self.authorize_with(workload, &c, ext);
         if d.is_allowed() {
@@ -589,6 +594,7 @@ fn apply_mutations(headers: &mut Vec<(String, String)>, mutations: &[HeaderMutat
             HeaderMutation::Remove { name } => {
                 headers.retain(|(k, _)| !k.eq_ignore_ascii_case(name));
             }
+            HeaderMutation::RemoveQueryParam { .. } => {}
         }
     }
 }

@@ -126,6 +126,42 @@ pub enum HeaderMutation {
         /// Header name.
         name: String,
     },
+    /// Remove a query parameter (every occurrence) from the request target: a JWT taken
+    /// from `fromParams` (or `access_token`) that is not forwarded.
+    RemoveQueryParam {
+        /// Parameter name (compared percent-decoded).
+        name: String,
+    },
+}
+
+/// `path_and_query` without the query parameter `name` (every occurrence; names compared
+/// percent-decoded, `+` as space, as the token was read); the rest byte for byte, and no
+/// `?` left when nothing remains of the query.
+pub fn remove_query_param(path_and_query: &str, name: &str) -> String {
+    let Some((path, query)) = path_and_query.split_once('?') else {
+        return path_and_query.to_string();
+    };
+    let (query, fragment) = match query.split_once('#') {
+        Some((q, f)) => (q, Some(f)),
+        None => (query, None),
+    };
+    let kept: Vec<&str> = query
+        .split('&')
+        .filter(|kv| {
+            let k = kv.split_once('=').map_or(*kv, |(k, _)| k);
+            percent_encoding::percent_decode_str(&k.replace('+', " ")).decode_utf8_lossy() != name
+        })
+        .collect();
+    let mut out = path.to_string();
+    if kept.iter().any(|kv| !kv.is_empty()) {
+        out.push('?');
+        out.push_str(&kept.join("&"));
+    }
+    if let Some(f) = fragment {
+        out.push('#');
+        out.push_str(f);
+    }
+    out
 }
 
 /// An explained authorization decision.

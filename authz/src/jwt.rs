@@ -750,6 +750,8 @@ pub(crate) fn authenticate(
         }
     }
     let mut first: Option<(Map<String, Value>, usize, String, &Location)> = None;
+    // Where every verified token came from, with whether its rule forwards it.
+    let mut verified: Vec<(&Location, bool)> = Vec::new();
     let mut seen: Vec<String> = Vec::new();
     for loc in locs {
         for token in extract(loc, req) {
@@ -760,6 +762,7 @@ pub(crate) fn authenticate(
             match verify_one(&token, loc, &rules, now, keys) {
                 Err(rejected) => return *rejected,
                 Ok((claims, ri)) => {
+                    verified.push((loc, rules[ri].forward_original_token));
                     if first.is_none() {
                         first = Some((claims, ri, token, loc));
                     }
@@ -767,7 +770,7 @@ pub(crate) fn authenticate(
             }
         }
     }
-    let Some((claims, ri, token, loc)) = first else {
+    let Some((claims, ri, token, _)) = first else {
         return AuthnOutcome::NoToken;
     };
     let rule = rules[ri];
@@ -794,8 +797,18 @@ pub(crate) fn authenticate(
             });
         }
     }
-    if let (false, Location::Header { name, .. }) = (rule.forward_original_token, loc) {
-        headers.push(HeaderMutation::Remove { name: name.clone() });
+    // Every verified token its rule does not forward is taken out, wherever it was (Envoy
+    // removes each; a query parameter would otherwise reach the app's URL and its logs).
+    // Cookies are left: one Cookie header carries the app's other cookies too.
+    for (loc, forward) in verified {
+        let m = match (forward, loc) {
+            (false, Location::Header { name, .. }) => HeaderMutation::Remove { name: name.clone() },
+            (false, Location::Param(p)) => HeaderMutation::RemoveQueryParam { name: p.clone() },
+            _ => continue,
+        };
+        if !headers.contains(&m) {
+            headers.push(m);
+        }
     }
     let claims = JwtClaims { claims };
     AuthnOutcome::Authenticated {

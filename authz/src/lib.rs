@@ -37,6 +37,7 @@ pub use self::{
     eval_request::{HttpRequest, JwtClaims, Peer, Protocol, RequestContext, Workload},
     explain::{
         Decision, DryRun, HeaderMutation, PolicyRef, ReasonCode, RuleMatch, ShadowAllow, Verdict,
+        remove_query_param,
     },
     jwt::{
         AuthnOutcome, CLOCK_SKEW, FileJwksFetcher, JwksCache, JwksFetch, JwksFetcher, JwksSource,

@@ -541,6 +541,29 @@ fn envoy_extraction_audiences_and_any_provider() {
         far.split('.').nth(2).unwrap()
     );
     assert_eq!(status(&authn(&e, &bearer(&far_forged), at(t0))), 401);
+    // A verified token that is not forwarded leaves the query too (each occurrence),
+    // the other parameters kept byte for byte.
+    match authn(&e, &get(&format!("/x?a=%41&access_token={good}&b")), at(t0)) {
+        AuthnOutcome::Authenticated { headers, .. } => assert_eq!(
+            headers,
+            vec![HeaderMutation::RemoveQueryParam {
+                name: "access_token".into()
+            }]
+        ),
+        other => panic!("{other:?}"),
+    }
+    for (target, want) in [
+        ("/x?a=%41&access_token=t&b", "/x?a=%41&b"),
+        ("/x?access_token=t", "/x"),
+        ("/x?access_token=t&access%5Ftoken=u&c=1#f", "/x?c=1#f"),
+        ("/x?access_tokens=t", "/x?access_tokens=t"),
+        ("/x", "/x"),
+    ] {
+        assert_eq!(
+            rampart_authz::remove_query_param(target, "access_token"),
+            want
+        );
+    }
     // A CORS preflight needs both headers non-empty to skip the JWT checks.
     let pre = |origin: &str| {
         HttpRequest::new("OPTIONS", "/", "h")

@@ -373,7 +373,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
         .map(|p| p.as_str())
         .unwrap_or("/")
         .to_string();
-    let normalized = match rampart_authz::normalize_path(
+    let mut normalized = match rampart_authz::normalize_path(
         &raw_path,
         cfg.folder.mesh.path_normalization,
     ) {
@@ -462,6 +462,9 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
                 }
                 HeaderMutation::Remove { name } => {
                     req.headers_mut().remove(name.as_str());
+                }
+                HeaderMutation::RemoveQueryParam { name } => {
+                    normalized = rampart_authz::remove_query_param(&normalized, name);
                 }
             }
         }
