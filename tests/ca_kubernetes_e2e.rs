@@ -506,9 +506,27 @@ async fn cluster_policy_reaches_proxies_through_the_ca_stream() {
         },
         metrics,
     );
+    // The refused object leaves a fail-closed stand-in (an ALLOW that did not read allows
+    // nothing in its namespace): with the DENY gone, the call is still refused...
+    let reloads = || {
+        web.proxy
+            .log()
+            .matches("new configuration in force")
+            .count()
+    };
+    let before = reloads();
     fake.delete(policies, "deny-client").unwrap();
     wait_for(
-        "the deleted policy to let the call through again",
+        "the web proxy to apply the deletion",
+        Duration::from_secs(30),
+        || reloads() > before,
+        logs,
+    );
+    assert_eq!(call(), Some(403), "{}", logs());
+    // ...until the broken object is fixed or removed.
+    fake.delete(policies, "broken").unwrap();
+    wait_for(
+        "the deleted policies to let the call through again",
         Duration::from_secs(30),
         || call() == Some(200),
         logs,

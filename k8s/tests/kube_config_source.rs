@@ -132,6 +132,16 @@ async fn snapshot_where(updates: &mut Updates, want: impl Fn(&MeshFolder) -> boo
     }
 }
 
+/// How many rules the AuthorizationPolicy `name` has in the snapshot.
+fn rules_of(s: &MeshFolder, name: &str) -> Option<usize> {
+    s.resources.iter().find_map(|r| match r {
+        rampart_authz::Resource::AuthorizationPolicy(p) if r.name() == name => {
+            Some(p.spec.rules.as_ref().map_or(0, Vec::len))
+        }
+        _ => None,
+    })
+}
+
 fn policy_names(s: &MeshFolder) -> Vec<String> {
     let mut v: Vec<String> = s
         .resources
@@ -529,9 +539,14 @@ async fn an_invalid_object_is_refused_alone_with_an_event_and_a_metric() {
     let (mut source, metrics) = start_source(&fake);
 
     // The valid objects apply (each once, though watched at two versions); the invalid
-    // one is left out alone.
+    // one is refused alone, its fail-closed stand-in (an ALLOW that allows nothing, no
+    // rule) in its place.
     let snap = snapshot_where(&mut source, |_| true).await;
-    assert_eq!(policy_names(&snap), ["api/good", "api/strict"]);
+    assert_eq!(
+        policy_names(&snap),
+        ["api/bad-action", "api/good", "api/strict"]
+    );
+    assert_eq!(rules_of(&snap, "bad-action"), Some(0));
     assert_eq!(snap.registry.workloads.len(), 1);
 
     let events = |name: &str| -> Vec<Value> {
@@ -601,15 +616,15 @@ async fn an_invalid_object_is_refused_alone_with_an_event_and_a_metric() {
     .await;
     assert_eq!(metrics.rejections("AuthorizationPolicy"), 2);
 
-    // Fixed: it applies, and nothing is refused any more.
+    // Fixed: it applies as written (one rule), and nothing is refused any more.
     policy(
         &fake,
         AP_V1,
         "AuthorizationPolicy",
         "bad-action",
-        json!({"action": "ALLOW"}),
+        json!({"action": "ALLOW", "rules": [{}]}),
     );
-    let snap = snapshot_where(&mut source, |s| s.resources.len() == 3).await;
+    let snap = snapshot_where(&mut source, |s| rules_of(s, "bad-action") == Some(1)).await;
     assert_eq!(
         policy_names(&snap),
         ["api/bad-action", "api/good", "api/strict"]

@@ -286,14 +286,27 @@ fn policies(objs: &[Value], refused_out: &mut Vec<Refused>) -> Vec<Resource> {
 /// and, when that much of it reads, its `matchLabels` selector; else the whole namespace,
 /// which is stricter). A refused AUDIT policy changes no decision, and a refused
 /// RequestAuthentication leaves its tokens unverified, so requests carry no principal from
-/// them (policies requiring one deny); neither gets a stand-in. The stand-in keeps the
-/// object's name, so a denial names the object to fix.
+/// them (policies requiring one deny); neither gets a stand-in, nor does a policy that
+/// could not have applied to a sidecar as written (`targetRef(s)`) or was a dry run. The
+/// stand-in keeps the object's name, so a denial names the object to fix.
 fn stand_in(o: &Value, kind: &str) -> Vec<Resource> {
     let (ns, name, _, _) = meta(o);
     if !is_dns_subdomain(&ns) || name.is_empty() || name.len() > 253 {
         return Vec::new();
     }
     let spec = o.get("spec");
+    // A policy for gateways or waypoints (`targetRef`/`targetRefs`) never applies to a
+    // sidecar, valid or not; a dry-run policy is never enforced: no stand-in for either
+    // (one would deny where the object itself never could).
+    let targeted = spec.is_some_and(|s| {
+        s.get("targetRef").is_some_and(|t| !t.is_null())
+            || s.get("targetRefs").is_some_and(|t| !t.is_null())
+    });
+    let dry_run = s(o, &["metadata", "annotations", "istio.io/dry-run"])
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case("true"));
+    if targeted || dry_run {
+        return Vec::new();
+    }
     let labels = spec
         .and_then(|s| s.get("selector"))
         .and_then(|s| s.get("matchLabels"))
@@ -1194,6 +1207,35 @@ mod tests {
             let from_10 = e.authorize(&web_wl, &ctx("10.1.2.3")).is_allowed();
             assert_eq!(from_10, action == "ALLOW", "{action} valid, from 10/8");
             assert!(e.authorize(&web_wl, &ctx("192.168.1.1")).is_allowed() == (action == "DENY"));
+        }
+        // No stand-in for what could not have applied: a targetRefs policy (gateways,
+        // waypoints; even from the root namespace) or a dry run.
+        for (extra, ns) in [
+            (
+                json!({"targetRefs": [{"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "gw"}]}),
+                "istio-system",
+            ),
+            (
+                json!({"targetRef": {"kind": "Gateway", "group": "gateway.networking.k8s.io", "name": "gw"}}),
+                "api",
+            ),
+            (json!({}), "api"),
+        ] {
+            let mut spec = json!({"action": "DENY", "rules": bad_ip});
+            for (k, v) in extra.as_object().unwrap() {
+                spec[k] = v.clone();
+            }
+            let mut p = policy("v1", "AuthorizationPolicy", ns, "p", "42", spec);
+            if extra.as_object().unwrap().is_empty() {
+                p["metadata"]["annotations"] = json!({"istio.io/dry-run": "true"});
+            }
+            o.policies = vec![p];
+            let c = convert(&settings(), &o);
+            assert_eq!(c.refused.len(), 1, "{extra}: {:?}", c.refused);
+            assert!(
+                c.snapshot.resources.is_empty(),
+                "{extra}: a stand-in was made"
+            );
         }
         // A refused PeerAuthentication is STRICT in its scope; a valid PERMISSIVE is not.
         o.policies = vec![policy(
