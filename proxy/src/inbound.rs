@@ -542,7 +542,10 @@ fn strict_now(cfg: &crate::config::Config, port: u16) -> bool {
 /// now denies the peer ends its connections). Logs the reason when not.
 fn tcp_allowed(ib: &Inbound, cx: &ConnCtx, established: bool) -> bool {
     let cfg = ib.cfg.load();
-    if established && cx.principal.is_none() && strict_now(&cfg, cx.port) {
+    // Also at accept: the port may have turned STRICT while the sniff waited (up to 5 s for
+    // a server-first protocol), after `accept` read its mode and before this task listened
+    // for changes.
+    if cx.principal.is_none() && strict_now(&cfg, cx.port) {
         tracing::warn!(peer = %cx.peer, port = cx.port,
             "established plaintext connection closed: the port is STRICT now");
         return false;
