@@ -752,13 +752,15 @@ pub(crate) fn authenticate(
     let mut first: Option<(Map<String, Value>, usize, String, &Location)> = None;
     // Where every verified token came from, with whether its rule forwards it.
     let mut verified: Vec<(&Location, bool)> = Vec::new();
-    let mut seen: Vec<String> = Vec::new();
+    // One verification per token and location: the same token in two places (a header and
+    // `?access_token=`) is judged, and removed, at each.
+    let mut seen: Vec<(String, &Location)> = Vec::new();
     for loc in locs {
         for token in extract(loc, req) {
-            if seen.contains(&token) {
+            if seen.iter().any(|(t, l)| *t == token && *l == loc) {
                 continue;
             }
-            seen.push(token.clone());
+            seen.push((token.clone(), loc));
             match verify_one(&token, loc, &rules, now, keys) {
                 Err(rejected) => return *rejected,
                 Ok((claims, ri)) => {
@@ -797,9 +799,11 @@ pub(crate) fn authenticate(
             });
         }
     }
-    // Every verified token its rule does not forward is taken out, wherever it was (Envoy
-    // removes each; a query parameter would otherwise reach the app's URL and its logs).
-    // Cookies are left: one Cookie header carries the app's other cookies too.
+    // Every verified token its rule does not forward is taken out, wherever it was: headers
+    // (as Envoy), and query parameters, which Envoy leaves in place (its param location's
+    // removal is a TODO) though Istio documents the token as not forwarded: there it would
+    // reach the app's URL and its logs. Cookies are left: one Cookie header carries the
+    // app's other cookies too.
     for (loc, forward) in verified {
         let m = match (forward, loc) {
             (false, Location::Header { name, .. }) => HeaderMutation::Remove { name: name.clone() },

@@ -552,6 +552,26 @@ fn envoy_extraction_audiences_and_any_provider() {
         ),
         other => panic!("{other:?}"),
     }
+    // The same token in the header and the query: removed from both.
+    let both = bearer(&good);
+    let both = HttpRequest {
+        path: format!("/x?access_token={good}"),
+        ..both
+    };
+    match authn(&e, &both, at(t0)) {
+        AuthnOutcome::Authenticated { headers, .. } => assert_eq!(
+            headers,
+            vec![
+                HeaderMutation::Remove {
+                    name: "authorization".into()
+                },
+                HeaderMutation::RemoveQueryParam {
+                    name: "access_token".into()
+                }
+            ]
+        ),
+        other => panic!("{other:?}"),
+    }
     for (target, want) in [
         ("/x?a=%41&access_token=t&b", "/x?a=%41&b"),
         ("/x?access_token=t", "/x"),
