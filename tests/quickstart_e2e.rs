@@ -14,6 +14,7 @@ use support::{Up, collect, processes_mentioning};
 use std::collections::BTreeMap;
 use std::io::{Read as _, Write as _};
 use std::net::{Shutdown, TcpStream};
+use std::os::unix::fs::PermissionsExt as _;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::sync::Arc;
@@ -139,8 +140,15 @@ fn quickstart_end_to_end() {
     copy_dir(&src, &dir, &|t| map_text(t, &ports));
     let p = |orig: u16| ports[&orig];
     let state = tmp.path().join("s");
+    // A user with umask 002 (the default for ordinary users on Debian, Ubuntu, Fedora), and
+    // a state directory an earlier run left group-writable: `up` makes its directories
+    // private, or its agents would refuse the socket directory.
+    std::fs::create_dir_all(state.join("sds")).unwrap();
+    std::fs::set_permissions(state.join("sds"), std::fs::Permissions::from_mode(0o775)).unwrap();
 
-    let mut child = rampart()
+    let mut child = Command::new("sh")
+        .args(["-c", "umask 002 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_rampart"))
         .arg("up")
         .arg(&dir)
         .arg("--state-dir")
@@ -174,6 +182,15 @@ fn quickstart_end_to_end() {
         }
     }
     let outbound = format!("http://127.0.0.1:{}", p(15001));
+    let mode = |d: &str| {
+        std::fs::metadata(state.join(d))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o777
+    };
+    assert_eq!(mode("sds"), 0o700);
+    assert_eq!(mode("tokens"), 0o700);
 
     // The README's allowed request: 200 from the backend app, with the frontend's identity.
     let (code, body) = curl(&["-x", &outbound, "http://backend.api:8080/api/hello"]);

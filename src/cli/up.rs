@@ -172,8 +172,22 @@ impl Up {
         std::fs::create_dir_all(&state)
             .with_context(|| format!("creating the state directory {}", state.display()))?;
         let layout = StateLayout::new(std::fs::canonicalize(&state)?);
+        // Private (0700) whatever the umask: the SDS sockets' directory must be writable by
+        // the agents' user alone (the agent refuses a group-writable one, which umask 002
+        // would make), and tokens and the CA's state are secrets. Tightened on a rerun too.
         for sub in StateLayout::SUBDIRS {
-            std::fs::create_dir_all(layout.state.join(sub))?;
+            use std::os::unix::fs::{DirBuilderExt as _, PermissionsExt as _};
+            let d = layout.state.join(sub);
+            std::fs::DirBuilder::new()
+                .recursive(true)
+                .mode(0o700)
+                .create(&d)
+                .with_context(|| format!("creating {}", d.display()))?;
+            let mode = std::fs::symlink_metadata(&d)?.permissions().mode();
+            if mode & 0o077 != 0 {
+                std::fs::set_permissions(&d, std::fs::Permissions::from_mode(0o700))
+                    .with_context(|| format!("making {} private", d.display()))?;
+            }
         }
         if let Some(longest) = layout.too_long_socket(&mesh.registry.workloads) {
             return Err(super::bad_input(format!(
