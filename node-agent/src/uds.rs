@@ -105,8 +105,8 @@ async fn bind_unix_inspect(
 /// directory (or, without the sticky bit, to any directory above), whoever owns one of them,
 /// and whoever owns a symlink on the way can rename our socket away (or point the path
 /// elsewhere) and put their own in its place; the proxy would then take its trust bundle
-/// from them. So, on the path as written (symlinks not followed) and on the path with its
-/// symlinks resolved alike:
+/// from them. So, for every directory the path is resolved through (one component at a
+/// time, each symlink followed where it is met: [`walk`]) and every symlink on the way:
 /// - every directory and every symlink belongs to the agent's user (the owner of the private
 ///   directory just made, `mine`) or to root;
 /// - the socket's own directory is writable by nobody else (no group, no others, sticky or
@@ -127,54 +127,127 @@ fn check_ancestors(path: &Path, mine: &Path, trust_own_dir: bool) -> Result<(), 
         .parent()
         .map(Path::to_path_buf)
         .unwrap_or_default();
-    let resolved = std::fs::canonicalize(&parent)
-        .map_err(|e| sock_err(path, format!("{}: {e}", parent.display())))?;
-    for (chain, follow) in [(&parent, false), (&resolved, true)] {
-        for (i, dir) in chain.ancestors().enumerate() {
-            if dir.as_os_str().is_empty() {
-                continue;
-            }
-            // The written path: each component as it is (a symlink is judged as a symlink);
-            // the resolved one: the directories themselves.
-            let md = if follow {
-                std::fs::metadata(dir)
-            } else {
-                std::fs::symlink_metadata(dir)
-            }
+    let walk = walk(&parent).map_err(|e| sock_err(path, e))?;
+    let last = walk.dirs.len().saturating_sub(1);
+    let owner_ok = |md: &std::fs::Metadata| md.uid() == me || md.uid() == 0;
+    let not_theirs = |p: &Path, md: &std::fs::Metadata| {
+        sock_err(
+            path,
+            format!(
+                "{} belongs to uid {}, not to the agent's user (uid {me}) or root: its owner could replace the socket",
+                p.display(),
+                md.uid()
+            ),
+        )
+    };
+    for link in &walk.links {
+        let md = std::fs::symlink_metadata(link)
+            .map_err(|e| sock_err(path, format!("{}: {e}", link.display())))?;
+        if !owner_ok(&md) {
+            return Err(not_theirs(link, &md));
+        }
+    }
+    for (i, dir) in walk.dirs.iter().enumerate() {
+        let own = i == last;
+        if own && trust_own_dir {
+            continue;
+        }
+        let md = std::fs::symlink_metadata(dir)
             .map_err(|e| sock_err(path, format!("{}: {e}", dir.display())))?;
-            let own_dir = i == 0 && trust_own_dir;
-            if md.uid() != me && md.uid() != 0 && !own_dir {
-                return Err(sock_err(
-                    path,
-                    format!(
-                        "{} belongs to uid {}, not to the agent's user (uid {me}) or root: its owner could replace the socket",
-                        dir.display(),
-                        md.uid()
-                    ),
-                ));
-            }
-            if md.file_type().is_symlink() || own_dir {
-                continue;
-            }
-            let open = if i == 0 {
-                md.mode() & 0o022 != 0
-            } else {
-                md.mode() & 0o002 != 0 && md.mode() & 0o1000 == 0
-            };
-            if open {
-                return Err(sock_err(
-                    path,
-                    format!(
-                        "{} is writable by {} (mode {:o}): another user could replace the socket; use a directory only the agent's user can write",
-                        dir.display(),
-                        if i == 0 { "group or others" } else { "others" },
-                        md.mode() & 0o7777
-                    ),
-                ));
-            }
+        if !owner_ok(&md) {
+            return Err(not_theirs(dir, &md));
+        }
+        let open = if own {
+            md.mode() & 0o022 != 0
+        } else {
+            md.mode() & 0o002 != 0 && md.mode() & 0o1000 == 0
+        };
+        if open {
+            return Err(sock_err(
+                path,
+                format!(
+                    "{} is writable by {} (mode {:o}): another user could replace the socket; use a directory only the agent's user can write",
+                    dir.display(),
+                    if own { "group or others" } else { "others" },
+                    md.mode() & 0o7777
+                ),
+            ));
         }
     }
     Ok(())
+}
+
+/// What resolving a path goes through: every directory whose entries it reads (in order,
+/// the last being the path itself), and every symlink it follows.
+struct Walk {
+    dirs: Vec<PathBuf>,
+    links: Vec<PathBuf>,
+}
+
+/// Resolve absolute `path` one component at a time, following each symlink where it is met
+/// (at most 40, as the kernel), so that the directories holding intermediate links are seen
+/// too, not only the path as written and its final form.
+fn walk(path: &Path) -> Result<Walk, String> {
+    use std::collections::VecDeque;
+    use std::ffi::OsString;
+    use std::path::Component;
+    enum C {
+        Root,
+        Up,
+        Name(OsString),
+    }
+    fn parts(p: &Path) -> Vec<C> {
+        p.components()
+            .filter_map(|c| match c {
+                Component::RootDir => Some(C::Root),
+                Component::ParentDir => Some(C::Up),
+                Component::Normal(n) => Some(C::Name(n.to_os_string())),
+                Component::CurDir | Component::Prefix(_) => None,
+            })
+            .collect()
+    }
+    let mut pending: VecDeque<C> = parts(path).into();
+    let mut cur = PathBuf::from("/");
+    let mut out = Walk {
+        dirs: vec![cur.clone()],
+        links: Vec::new(),
+    };
+    let mut hops = 0;
+    while let Some(c) = pending.pop_front() {
+        match c {
+            C::Root => cur = PathBuf::from("/"),
+            C::Up => {
+                cur.pop();
+            }
+            C::Name(n) => {
+                let next = cur.join(&n);
+                let md = std::fs::symlink_metadata(&next)
+                    .map_err(|e| format!("{}: {e}", next.display()))?;
+                if md.file_type().is_symlink() {
+                    hops += 1;
+                    if hops > 40 {
+                        return Err(format!("{}: too many symlinks", path.display()));
+                    }
+                    let target = std::fs::read_link(&next)
+                        .map_err(|e| format!("{}: {e}", next.display()))?;
+                    out.links.push(next);
+                    for c in parts(&target).into_iter().rev() {
+                        pending.push_front(c);
+                    }
+                } else if md.is_dir() {
+                    cur = next;
+                    out.dirs.push(cur.clone());
+                } else {
+                    return Err(format!("{}: not a directory", next.display()));
+                }
+            }
+        }
+    }
+    // The path itself last (a `..` may have led back to a directory seen before).
+    if out.dirs.last() != Some(&cur) {
+        out.dirs.push(cur);
+    }
+    Ok(out)
 }
 
 /// Create a new directory with mode 0700 next to `path` (never reusing an existing one: a
@@ -294,6 +367,35 @@ mod tests {
             "{err}"
         );
         let _l = bind_unix(&tmp.join("mine/sds.sock"), 0o600).await.unwrap();
+    }
+
+    /// A symlink chain through a directory others can write: `l1 -> open/l2 -> real`. The
+    /// path as written and its final form are both fine, but anyone could replace `l2`, so
+    /// it is refused. Twin: the same chain with `open` private binds.
+    #[tokio::test]
+    async fn a_symlink_chain_through_an_open_directory_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let real = d.path().join("real");
+        let open = d.path().join("open");
+        std::fs::create_dir(&real).unwrap();
+        std::fs::create_dir(&open).unwrap();
+        std::os::unix::fs::symlink(&real, open.join("l2")).unwrap();
+        std::os::unix::fs::symlink(open.join("l2"), d.path().join("l1")).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let sock = d.path().join("l1/a.sock");
+        let err = bind_unix(&sock, 0o600).await.unwrap_err();
+        assert!(
+            err.to_string().contains("open is writable by others"),
+            "{err}"
+        );
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let _l = bind_unix(&sock, 0o600).await.unwrap();
+        assert!(
+            std::fs::symlink_metadata(real.join("a.sock"))
+                .unwrap()
+                .file_type()
+                .is_socket()
+        );
     }
 
     /// `--trust-socket-dir` (the injector's emptyDir, 0777 as the kubelet makes it): the
