@@ -139,6 +139,8 @@ pub struct AuditLog {
     tx: mpsc::Sender<Pending>,
     path: PathBuf,
     health: Health,
+    /// Disconnected when the writer thread has ended (its file, and lock, let go).
+    exited: Arc<Mutex<Option<mpsc::Receiver<()>>>>,
 }
 
 // === impl AuditLog ===
@@ -185,14 +187,19 @@ impl AuditLog {
         let thread_path = path.to_path_buf();
         let health = Health::default();
         let thread_health = health.clone();
+        let (exit_tx, exit_rx) = mpsc::channel::<()>();
         std::thread::Builder::new()
             .name("citadel-audit".into())
-            .spawn(move || writer(file, rx, &thread_path, &thread_health))
+            .spawn(move || {
+                let _exit = exit_tx;
+                writer(file, rx, &thread_path, &thread_health);
+            })
             .map_err(|e| CitadelError::io(path, e))?;
         Ok(AuditLog {
             tx,
             path: path.to_path_buf(),
             health,
+            exited: Arc::new(Mutex::new(Some(exit_rx))),
         })
     }
 
@@ -226,11 +233,18 @@ impl AuditLog {
         }
     }
 
-    /// Ends the writer thread once what was sent before is written: the file and its lock
-    /// are let go now, not when the last handle is dropped (connections of a stopped CA can
-    /// hold one for a while). Appends after this fail. Does not wait.
+    /// Ends the writer thread once what was sent before is written, and waits (up to 5 s)
+    /// for it to end: the file and its lock are let go now, not when the last handle is
+    /// dropped (connections of a stopped CA can hold one for a while). Appends after this
+    /// fail.
     pub fn close(&self) {
         let _ = self.tx.send(None);
+        let exited = self.exited.lock().unwrap_or_else(|p| p.into_inner()).take();
+        if let Some(rx) = exited
+            && let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(Duration::from_secs(5))
+        {
+            tracing::warn!(path = %self.path.display(), "the audit writer did not end within 5 s of the CA's shutdown");
+        }
     }
 
     fn err(&self, reason: impl std::fmt::Display) -> CitadelError {
