@@ -379,7 +379,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
     ) {
         Ok(n) => n.to_forward(),
         Err(e) => {
-            tracing::info!(peer = %cx.peer, path = %raw_path, reason = %e.reason, "request refused: bad path (400)");
+            tracing::info!(peer = %cx.peer, path = %crate::edge::loggable_path(&raw_path), reason = %e.reason, "request refused: bad path (400)");
             let (r, g) = denial(400, grpc, "Bad Request");
             cx.series.request(400, g, "-", start.elapsed());
             return r;
@@ -422,7 +422,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
                 peer = %cx.peer,
                 principal = cx.principal.as_deref().unwrap_or("-"),
                 method = %req.method(),
-                path = %raw_path,
+                path = %crate::edge::loggable_path(&raw_path),
                 status = d.status,
                 policy = %policy,
                 rule = ?d.rule,

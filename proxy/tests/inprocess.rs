@@ -440,6 +440,20 @@ async fn denial_is_403_and_names_the_policy() {
         line.contains("principal=\"spiffe://cluster.local/ns/ns1/sa/client\""),
         "{line}"
     );
+    // A query's values never reach the log (a bearer token may be one of them); its
+    // parameter names do.
+    let r = call(out, "/admin?access_token=sekrit.tok.sig&page=2").await;
+    assert_eq!(r, Some((403, "RBAC: access denied".to_string())));
+    let text = log_text();
+    let line = text
+        .lines()
+        .find(|l| l.contains("request denied") && l.contains("path=/admin?"))
+        .unwrap_or_else(|| panic!("no denial logged:\n{text}"));
+    assert!(
+        line.contains("path=/admin?access_token=<redacted>&page=<redacted>"),
+        "{line}"
+    );
+    assert!(!text.contains("sekrit"), "{text}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
