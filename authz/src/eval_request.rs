@@ -43,8 +43,10 @@ pub struct Peer {
     pub principal: Option<String>,
     /// The direct downstream IP (`ipBlocks`, `source.ip`).
     pub ip: Option<IpAddr>,
-    /// The original client IP (`remoteIpBlocks`, `remote.ip`); defaults to `ip` when unset,
-    /// as for a sidecar that trusts no `X-Forwarded-For` hops.
+    /// The original client IP (`remoteIpBlocks`, `remote.ip`) when the caller knows it
+    /// (a PROXY-protocol header, say). When unset it is what an Istio sidecar takes: the
+    /// last `X-Forwarded-For` entry of an HTTP request if that is an IP address, else `ip`
+    /// (see [`RequestContext::remote_ip`]).
     pub remote_ip: Option<IpAddr>,
 }
 
@@ -169,8 +171,27 @@ impl RequestContext {
         }
     }
 
-    pub(crate) fn remote_ip(&self) -> Option<IpAddr> {
-        self.source.remote_ip.or(self.source.ip)
+    /// The address `remoteIpBlocks` and `remote.ip` match, as an Istio sidecar's inbound
+    /// decides it (Envoy with `use_remote_address: false` and no trusted hops): the last
+    /// entry of `X-Forwarded-For` (repeated headers joined with `,`, whitespace trimmed)
+    /// when it parses as an IP address, else the peer's address. Whoever sends the request
+    /// chooses that header, so this is the client's claim, not a checked fact: `ipBlocks`
+    /// is the peer itself.
+    pub fn remote_ip(&self) -> Option<IpAddr> {
+        if let Some(ip) = self.source.remote_ip {
+            return Some(ip);
+        }
+        self.http
+            .as_ref()
+            .and_then(|h| h.header("x-forwarded-for"))
+            .and_then(|xff| {
+                let last = xff.rsplit(',').next().unwrap_or_default();
+                last.trim_matches(|c: char| c.is_ascii_whitespace() || c == '\x0b')
+                    .parse::<IpAddr>()
+                    .ok()
+            })
+            .map(|ip| ip.to_canonical())
+            .or(self.source.ip)
     }
 }
 

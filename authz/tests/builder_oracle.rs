@@ -183,6 +183,28 @@ fn permission(p: &Value, ctx: &RequestContext, path_only: &str) -> bool {
     }
 }
 
+/// Envoy's downstream remote address on a sidecar inbound (`use_remote_address: false`,
+/// `xff_num_trusted_hops: 0`): the rightmost X-Forwarded-For entry if it is an address.
+fn remote_ip(ctx: &RequestContext) -> Option<IpAddr> {
+    if ctx.source.remote_ip.is_some() {
+        return ctx.source.remote_ip;
+    }
+    let joined: Vec<&str> = ctx
+        .http
+        .iter()
+        .flat_map(|h| h.headers.iter())
+        .filter(|(k, _)| k.to_ascii_lowercase() == "x-forwarded-for")
+        .map(|(_, v)| v.as_str())
+        .collect();
+    let joined = joined.join(",");
+    let last = joined.split(',').next_back().unwrap_or("").trim();
+    match last.parse::<IpAddr>() {
+        Ok(IpAddr::V6(v6)) => Some(v6.to_ipv4_mapped().map_or(IpAddr::V6(v6), IpAddr::V4)),
+        Ok(ip) => Some(ip),
+        Err(_) => ctx.source.ip,
+    }
+}
+
 fn principal(p: &Value, ctx: &RequestContext) -> bool {
     let o = p.as_object().unwrap();
     let (k, v) = o.iter().next().unwrap();
@@ -201,7 +223,7 @@ fn principal(p: &Value, ctx: &RequestContext) -> bool {
         "notId" => !principal(v, ctx),
         "authenticated" => string_match(&v["principalName"], ctx.source.principal.as_deref()),
         "directRemoteIp" => cidr(v, ctx.source.ip),
-        "remoteIp" => cidr(v, ctx.source.remote_ip.or(ctx.source.ip)),
+        "remoteIp" => cidr(v, remote_ip(ctx)),
         "header" => header_match(v, ctx),
         "metadata" => metadata(v, ctx),
         other => panic!("principal {other} not understood"),
@@ -363,7 +385,7 @@ fn pools(input: &Path) -> Pools {
         .into();
     let mut ips = vec!["127.0.0.1".to_string()];
     let mut ports = vec![80u16, 8080, 443];
-    let mut header_names = vec!["x-other".to_string()];
+    let mut header_names = vec!["x-other".to_string(), "x-forwarded-for".to_string()];
     for s in &all {
         if let Some(h) = s
             .strip_prefix("request.headers[")
@@ -462,7 +484,18 @@ fn gen_request(r: &mut Rng, p: &Pools, http: bool) -> RequestContext {
         let mut h = HttpRequest::new(&word(r), &path, &word(r));
         for name in &p.header_names {
             if r.chance(50) {
-                h = h.with_header(name, &word(r));
+                let value = if name == "x-forwarded-for" && r.chance(70) {
+                    // A list ending in an address (as a gateway appends it), or not.
+                    let last = r.pick(&p.ips).clone();
+                    match r.next() % 3 {
+                        0 => last,
+                        1 => format!("{}, {last}", r.pick(&p.ips)),
+                        _ => format!("{last}, {}", word(r)),
+                    }
+                } else {
+                    word(r)
+                };
+                h = h.with_header(name, &value);
             }
         }
         ctx.http = Some(h);
