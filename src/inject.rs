@@ -44,8 +44,9 @@ pub const ROOT_PATH: &str = "/var/run/secrets/istio/root-cert.pem";
 pub const SOCKET_DIR: &str = "/var/run/secrets/workload-spiffe-uds";
 pub const SOCKET_PATH: &str = "/var/run/secrets/workload-spiffe-uds/socket";
 
-/// The proxy's port for the kubelet's rewritten app probes (Istio's status port), on the
-/// Pod IP, and the environment variable holding the original probes (Istio's name).
+/// The proxy's status port (Istio's), on the Pod IP: the kubelet's rewritten app probes and
+/// `/stats/prometheus`; and the environment variable holding the original probes (Istio's
+/// name).
 pub const APP_PROBE_PORT: u16 = 15020;
 /// The note every declared port gets (what the app must do without iptables): the same for
 /// every Pod, so the injection webhook does not repeat it as a warning.
@@ -57,6 +58,13 @@ pub const APP_PROBERS_ENV: &str = "ISTIO_KUBE_APP_PROBERS";
 const SIDECAR_PORTS: [u64; 3] = [15000, 15001, APP_PROBE_PORT as u64];
 /// Istio's opt-out of probe rewriting, on the Pod.
 pub const REWRITE_PROBES_ANNOTATION: &str = "sidecar.istio.io/rewriteAppHTTPProbers";
+/// Prometheus' annotation-based discovery, pointed at the status port's metrics.
+pub const SCRAPE_ANNOTATION: &str = "prometheus.io/scrape";
+pub const PORT_ANNOTATION: &str = "prometheus.io/port";
+pub const PATH_ANNOTATION: &str = "prometheus.io/path";
+/// Istio's opt-out of metrics merging: with `"false"` the Pod's `prometheus.io/*`
+/// annotations are left alone.
+pub const MERGE_METRICS_ANNOTATION: &str = "prometheus.istio.io/merge-metrics";
 
 /// The proxy's outbound listener (the apps' HTTP_PROXY) and admin listener, on loopback.
 pub const OUTBOUND_PROXY: &str = "http://127.0.0.1:15001";
@@ -527,7 +535,11 @@ fn inject_pod(
 
     // Sidecars first, so they start (in order) before the app's own init containers.
     let (host, _) = split_host_port(&opts.ca_address).unwrap_or((&opts.ca_address, ""));
-    let sidecars = [agent_container(opts, host), proxy_container(opts, &probers)];
+    let status_port = !probe_port_taken;
+    let sidecars = [
+        agent_container(opts, host),
+        proxy_container(opts, &probers, status_port),
+    ];
     let init = spec
         .entry("initContainers")
         .or_insert_with(|| Value::Array(Vec::new()));
@@ -573,6 +585,15 @@ fn inject_pod(
         ann.entry("kubectl.kubernetes.io/default-container")
             .or_insert_with(|| first.clone().into());
     }
+    if status_port {
+        scrape_annotations(ann, &annotations, at, out);
+    } else {
+        out.notes.push(format!(
+            "{at}: a container declares port {APP_PROBE_PORT}, the proxy's status port: the \
+             proxy's metrics are on its admin listener ({ADMIN_ADDR}) only, out of \
+             Prometheus' reach"
+        ));
+    }
     let status = json!({
         "version": opts.version,
         "initContainers": [AGENT_CONTAINER, PROXY_CONTAINER],
@@ -581,6 +602,46 @@ fn inject_pod(
     ann.insert(STATUS_ANNOTATION.into(), status.to_string().into());
     out.injected += 1;
     Ok(true)
+}
+
+/// Point Prometheus' annotation-based discovery at the proxy's metrics on the status port,
+/// as Istio's injector does, unless the Pod opts out (Istio's
+/// `prometheus.istio.io/merge-metrics: "false"`, or `prometheus.io/scrape: "false"`) or
+/// already has its own `prometheus.io/*` annotations: Istio then serves the app's metrics
+/// merged with its own on that port, which Rampart does not, so the app's scrape settings
+/// are kept and the note says where the proxy's metrics are.
+fn scrape_annotations(
+    ann: &mut Map<String, Value>,
+    original: &Map<String, Value>,
+    at: &str,
+    out: &mut Injected,
+) {
+    if original.get(MERGE_METRICS_ANNOTATION).is_some_and(is_false) {
+        return;
+    }
+    let own: Vec<&str> = [SCRAPE_ANNOTATION, PORT_ANNOTATION, PATH_ANNOTATION]
+        .into_iter()
+        .filter(|k| original.contains_key(*k))
+        .collect();
+    if original.get(SCRAPE_ANNOTATION).is_some_and(is_false) {
+        return;
+    }
+    if !own.is_empty() {
+        out.notes.push(format!(
+            "{at}: the Pod's own {} annotations are kept (Prometheus scrapes the app as \
+             before); the proxy's metrics are at :{APP_PROBE_PORT}{} and are not merged into \
+             the app's, as Istio's are",
+            own.join(", "),
+            rampart_proxy::app_probes::METRICS_PATH
+        ));
+        return;
+    }
+    ann.insert(SCRAPE_ANNOTATION.into(), "true".into());
+    ann.insert(PORT_ANNOTATION.into(), APP_PROBE_PORT.to_string().into());
+    ann.insert(
+        PATH_ANNOTATION.into(),
+        rampart_proxy::app_probes::METRICS_PATH.into(),
+    );
 }
 
 /// `metadata.<key>` as a string map (absent: empty); refuses a non-mapping.
@@ -830,7 +891,7 @@ fn agent_container(opts: &Options, ca_host: &str) -> Value {
     })
 }
 
-fn proxy_container(opts: &Options, probers: &Map<String, Value>) -> Value {
+fn proxy_container(opts: &Options, probers: &Map<String, Value>, status_port: bool) -> Value {
     let probe = |period: u32, failures: u32| {
         json!({
             "exec": {"command": ["rampart", "probe", format!("http://{ADMIN_ADDR}/ready")]},
@@ -851,10 +912,12 @@ fn proxy_container(opts: &Options, probers: &Map<String, Value>) -> Value {
         ADMIN_ADDR,
     ]);
     let mut env = downward_env();
-    if !probers.is_empty() {
+    if status_port {
         let a = args.as_array_mut().expect("an array");
-        a.push("--app-probes-listen".into());
+        a.push("--status-listen".into());
         a.push(format!("$(POD_IP):{APP_PROBE_PORT}").into());
+    }
+    if !probers.is_empty() {
         // The kubelet expands `$(VAR)` and `$$` in env values: `$$` keeps a probe's own `$`.
         env.as_array_mut().expect("an array").push(json!({
             "name": APP_PROBERS_ENV,

@@ -601,6 +601,7 @@ fn sidecar_arguments_are_accepted_by_the_binary() {
                 a.replace("$(POD_NAMESPACE)", "shop")
                     .replace("$(POD_NAME)", "web-1")
                     .replace("$(SERVICE_ACCOUNT)", "web")
+                    .replace("$(POD_IP)", "10.1.2.3")
             })
             .collect();
         let sub = args[0].clone();
@@ -791,7 +792,7 @@ fn injected_objects_round_trip_through_kubernetes_types() {
 /// The kubelet's network probes go through the proxy (Istio's probe rewriting): `httpGet`
 /// (by number or port name) and `tcpSocket` probes become `httpGet` of
 /// `/app-health/<container>/<kind>` on port 15020, their timing kept; the proxy gets
-/// `--app-probes-listen $(POD_IP):15020` and the originals in `ISTIO_KUBE_APP_PROBERS`. Then
+/// `--status-listen $(POD_IP):15020` and the originals in `ISTIO_KUBE_APP_PROBERS`. Then
 /// the real `rampart proxy`, given exactly that variable, answers the rewritten probes by
 /// doing the originals against an app on 127.0.0.1: the app's status and the probe's
 /// headers pass; a closed app port is 503; other paths are 404.
@@ -851,10 +852,7 @@ spec:
         "{notes}"
     );
     let proxy = container(spec, "initContainers", "rampart-proxy");
-    assert_eq!(
-        flag(&args_of(proxy), "--app-probes-listen"),
-        "$(POD_IP):15020"
-    );
+    assert_eq!(flag(&args_of(proxy), "--status-listen"), "$(POD_IP):15020");
     let probers = env_value(proxy, "ISTIO_KUBE_APP_PROBERS")
         .and_then(Value::as_str)
         .expect("ISTIO_KUBE_APP_PROBERS on the proxy")
@@ -932,6 +930,12 @@ spec:
     assert_eq!(get("/healthz").0, 404);
     assert_eq!(get("/app-health/app/startupz").0, 404);
     assert_eq!(requests(), before);
+    // Metrics are served there once the proxy has started; this one never gets its
+    // configuration (no control plane), so Prometheus is told so, and the probes still work.
+    let (code, body) = get("/stats/prometheus");
+    assert_eq!(code, 503, "{body}");
+    assert!(body.contains("not started"), "{body}");
+    assert_eq!(requests(), before);
     drop(proxy);
 
     // Its twin: with the app's port closed, both probes fail.
@@ -995,9 +999,75 @@ spec:
             "{notes}"
         );
         let proxy = container(spec, "initContainers", "rampart-proxy");
-        assert!(!args_of(proxy).contains(&"--app-probes-listen".to_owned()));
         assert!(env_value(proxy, "ISTIO_KUBE_APP_PROBERS").is_none());
+        // The status port still serves metrics, unless the app has that port itself.
+        assert_eq!(
+            args_of(proxy).contains(&"--status-listen".to_owned()),
+            why != "port 15020",
+            "{why}"
+        );
     }
+}
+
+/// Prometheus' annotation-based discovery is pointed at the proxy's metrics on the status
+/// port, as Istio's injector does; a Pod that opts out (`prometheus.istio.io/merge-metrics:
+/// "false"`, `prometheus.io/scrape: "false"`) or has its own `prometheus.io/*` annotations
+/// keeps them (Rampart does not merge the app's metrics into its own), with a note; an app
+/// that declares port 15020 leaves the proxy without a status port.
+#[test]
+fn scrape_annotations_point_at_the_status_port() {
+    let pod = |annotations: &str, port: u16| {
+        format!(
+            "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  annotations: {annotations}\n\
+             spec:\n  containers:\n  - name: app\n    image: example/web:1\n    ports:\n    \
+             - containerPort: {port}\n"
+        )
+    };
+    let scrape = |annotations: &str, port: u16| {
+        let (out, notes) = inject_stdin(&pod(annotations, port), &[]);
+        let meta = pod_meta(&docs(&out)[0]).clone();
+        let get = |k: &str| meta["annotations"][k].as_str().map(str::to_owned);
+        (
+            [
+                get("prometheus.io/scrape"),
+                get("prometheus.io/port"),
+                get("prometheus.io/path"),
+            ],
+            notes,
+        )
+    };
+    let some = |v: &str| Some(v.to_owned());
+    let (set, _) = scrape("{}", 8080);
+    assert_eq!(
+        set,
+        [some("true"), some("15020"), some("/stats/prometheus")]
+    );
+    // The Deployment's Pod template gets them too.
+    let (out, _) = inject_stdin(DEPLOYMENT, &[]);
+    let deployment = docs(&out);
+    assert_eq!(
+        pod_meta(&deployment[0])["annotations"]["prometheus.io/port"],
+        "15020"
+    );
+
+    // Twins: opt-outs and the app's own settings are left alone.
+    let (set, notes) = scrape("{prometheus.istio.io/merge-metrics: \"false\"}", 8080);
+    assert_eq!(set, [None, None, None], "{notes}");
+    let (set, _) = scrape("{prometheus.io/scrape: \"false\"}", 8080);
+    assert_eq!(set, [some("false"), None, None]);
+    let (set, notes) = scrape(
+        "{prometheus.io/scrape: \"true\", prometheus.io/port: \"9090\"}",
+        8080,
+    );
+    assert_eq!(set, [some("true"), some("9090"), None]);
+    assert!(
+        notes.contains("prometheus.io/scrape, prometheus.io/port annotations are kept")
+            && notes.contains(":15020/stats/prometheus"),
+        "{notes}"
+    );
+    let (set, notes) = scrape("{}", 15020);
+    assert_eq!(set, [None, None, None]);
+    assert!(notes.contains("the proxy's status port"), "{notes}");
 }
 
 /// The edges of probe rewriting: a `$` in a probe survives the kubelet's `$(VAR)`/`$$`

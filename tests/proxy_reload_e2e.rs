@@ -490,6 +490,7 @@ fn a_port_on_the_app_probe_listener_is_skipped_not_fatal() {
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(w.path().join(log)).unwrap());
         if probes {
+            // The flag's earlier name, as Pods injected before the rename carry it.
             cmd.args(["--app-probes-listen", &format!("127.0.0.1:{probe}")])
                 .env("ISTIO_KUBE_APP_PROBERS", "{}");
         }
@@ -524,13 +525,35 @@ fn a_port_on_the_app_probe_listener_is_skipped_not_fatal() {
         ("200".into(), "app=a path=/a".into())
     );
     assert_eq!(curl(&[&url(probe, "/a")]).0, "404");
+    // The status listener also serves the proxy's metrics (Prometheus scrapes it from
+    // outside the Pod), the same series as the admin listener's.
+    let (code, text) = curl(&[&url(probe, "/stats/prometheus")]);
+    assert_eq!(code, "200");
+    let requests = |t: &str| {
+        t.lines()
+            .find(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"200\""))
+            .map(|l| l.split_once("} ").map(|(k, _)| k.to_owned()))
+            .unwrap_or_else(|| panic!("no istio_requests_total: {t}"))
+    };
+    assert_eq!(
+        requests(&text),
+        requests(&curl(&[&url(admin, "/stats/prometheus")]).1)
+    );
+    // Nothing else of the admin listener is there.
+    for path in ["/config_dump", "/certs", "/mtls", "/ready"] {
+        assert_eq!(curl(&[&url(probe, path)]).0, "404", "{path}");
+    }
+    assert_eq!(
+        curl(&["-X", "POST", &url(probe, "/stats/prometheus")]).0,
+        "405"
+    );
     let ls = listeners();
     let skipped = on(&ls, probe);
     assert_eq!(skipped["state"], "skipped", "{ls:?}");
     let why = skipped["error"].as_str().unwrap();
     assert!(
         why.contains(&format!(
-            "127.0.0.1:{probe} is this proxy's app-probe listener"
+            "127.0.0.1:{probe} is this proxy's status listener"
         )),
         "{why}"
     );

@@ -39,6 +39,22 @@ pub(crate) struct View {
 
 use rampart_certs::timestamp::{rfc3339, unix_secs_u64 as unix};
 
+/// The content type of Prometheus' text exposition format.
+pub(crate) const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4";
+
+impl View {
+    /// Every metric of this proxy in Prometheus' text format (the admin listener's and the
+    /// status listener's `/stats/prometheus`).
+    pub(crate) fn prometheus(&self) -> String {
+        let mut out = self.metrics.render() + &self.identity.render_metrics();
+        self.budgets.render(&mut out);
+        if let Some(cp) = &self.control_plane {
+            out.push_str(&cp.render());
+        }
+        out
+    }
+}
+
 fn reply(status: u16, ctype: &'static str, body: String) -> Response<Full<Bytes>> {
     let mut r = Response::new(Full::new(Bytes::from(body)));
     *r.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
@@ -73,14 +89,7 @@ fn cert_json(c: &rampart_certs::CertificateDer<'_>) -> serde_json::Value {
 
 fn handle(sh: &View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
     match req.uri().path() {
-        "/stats/prometheus" => {
-            let mut out = sh.metrics.render() + &sh.identity.render_metrics();
-            sh.budgets.render(&mut out);
-            if let Some(cp) = &sh.control_plane {
-                out.push_str(&cp.render());
-            }
-            reply(200, "text/plain; version=0.0.4", out)
-        }
+        "/stats/prometheus" => reply(200, PROMETHEUS_TEXT, sh.prometheus()),
         "/ready" => {
             let identity = sh.identity.status();
             let cert = identity.is_ok();

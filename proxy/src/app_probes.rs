@@ -375,9 +375,69 @@ impl Probe<'_> {
     }
 }
 
-/// Serves the probe paths on `listener` until the future is dropped: one request per
-/// connection, within the limits above.
-pub async fn serve(listener: TcpListener, probers: Arc<AppProbers>) {
+/// The proxy's metrics in Prometheus' text format, as the status listener serves them.
+type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Where the status listener finds the proxy's metrics. The listener answers the kubelet's
+/// probes from the process's start, before the proxy has its configuration (which may come
+/// from a control plane); until the proxy has started and filled this in, its
+/// `/stats/prometheus` answers 503.
+#[derive(Clone, Default)]
+pub struct MetricsSource(Arc<std::sync::RwLock<Option<MetricsText>>>);
+
+impl MetricsSource {
+    /// Serve `text` from now on.
+    pub(crate) fn set(&self, text: MetricsText) {
+        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(text);
+    }
+
+    fn text(&self) -> Option<String> {
+        let f = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();
+        f.map(|f| f())
+    }
+}
+
+impl std::fmt::Debug for MetricsSource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MetricsSource")
+            .field("ready", &self.0.read().is_ok_and(|g| g.is_some()))
+            .finish()
+    }
+}
+
+/// Where Prometheus scrapes the status listener (Istio's path on its port 15020).
+pub const METRICS_PATH: &str = "/stats/prometheus";
+
+/// One request to the status listener: the proxy's metrics at [`METRICS_PATH`], else a
+/// probe ([`answer`]).
+async fn status_answer<B>(
+    req: Request<B>,
+    probers: &AppProbers,
+    metrics: &MetricsSource,
+) -> Response<Full<Bytes>> {
+    if req.uri().path() != METRICS_PATH {
+        return answer(req, probers).await;
+    }
+    if req.method() != Method::GET && req.method() != Method::HEAD {
+        return reply(StatusCode::METHOD_NOT_ALLOWED, "metrics are GET");
+    }
+    let Some(text) = metrics.text() else {
+        return reply(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the proxy has not started yet (no configuration)",
+        );
+    };
+    let mut r = Response::new(Full::new(Bytes::from(text)));
+    r.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(crate::admin::PROMETHEUS_TEXT),
+    );
+    r
+}
+
+/// Serves the status listener on `listener` until the future is dropped: the probe paths
+/// and the proxy's metrics, one request per connection, within the limits above.
+pub async fn serve(listener: TcpListener, probers: Arc<AppProbers>, metrics: MetricsSource) {
     #[derive(Default)]
     struct Live {
         next: u64,
@@ -393,7 +453,7 @@ pub async fn serve(listener: TcpListener, probers: Arc<AppProbers>) {
                 continue;
             }
         };
-        let (probers, registry) = (probers.clone(), live.clone());
+        let (probers, metrics, registry) = (probers.clone(), metrics.clone(), live.clone());
         // Spawned and registered under the lock, so the task always finds itself to remove.
         let mut l = live.lock().unwrap_or_else(|p| p.into_inner());
         if l.open.len() >= MAX_CONNECTIONS
@@ -405,8 +465,8 @@ pub async fn serve(listener: TcpListener, probers: Arc<AppProbers>) {
         l.next += 1;
         let task = tokio::spawn(async move {
             let service = hyper::service::service_fn(move |req| {
-                let probers = probers.clone();
-                async move { Ok::<_, Infallible>(answer(req, &probers).await) }
+                let (probers, metrics) = (probers.clone(), metrics.clone());
+                async move { Ok::<_, Infallible>(status_answer(req, &probers, &metrics).await) }
             });
             let _ = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())

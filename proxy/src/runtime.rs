@@ -61,6 +61,9 @@ pub struct ProxyOptions {
     /// injected Pod), and what for: a data-plane listener that would overlap one is
     /// skipped with that reason instead of failing the start.
     pub reserved: Vec<(SocketAddr, String)>,
+    /// Where the status listener (an injected Pod's `$(POD_IP):15020`, as Istio's) finds
+    /// this proxy's metrics for its `/stats/prometheus`; filled once the proxy has started.
+    pub status_metrics: Option<crate::app_probes::MetricsSource>,
 }
 
 impl ProxyOptions {
@@ -79,6 +82,7 @@ impl ProxyOptions {
             drain_timeout: Duration::from_secs(5),
             control_plane: None,
             reserved: Vec::new(),
+            status_metrics: None,
         }
     }
 }
@@ -193,16 +197,23 @@ impl Proxy {
 
         // Bind everything first: a port in use is a start-up error.
         let mut tasks = Vec::new();
-        let mut admin_addr = None;
-        if let Some(addr) = admin_wanted {
-            let l = TcpListener::bind(addr)
-                .await
-                .map_err(|source| Error::Bind {
-                    addr,
-                    what: "admin".into(),
-                    source,
-                })?;
-            admin_addr = Some(l.local_addr().unwrap_or(addr));
+        let admin = match admin_wanted {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .map_err(|source| Error::Bind {
+                        addr,
+                        what: "admin".into(),
+                        source,
+                    })?,
+            ),
+            None => None,
+        };
+        let admin_addr = admin
+            .as_ref()
+            .zip(admin_wanted)
+            .map(|(l, a)| l.local_addr().unwrap_or(a));
+        {
             let view = Arc::new(admin::View {
                 cfg: cfg.clone(),
                 identity: identity.clone(),
@@ -216,7 +227,13 @@ impl Proxy {
                 edge: opts.edge,
                 control_plane: opts.control_plane.clone(),
             });
-            tasks.push(tokio::spawn(admin::serve(view, l)));
+            if let Some(src) = &opts.status_metrics {
+                let v = view.clone();
+                src.set(Arc::new(move || v.prometheus()));
+            }
+            if let Some(l) = admin {
+                tasks.push(tokio::spawn(admin::serve(view, l)));
+            }
         }
         // Data-plane listeners: later reconciled with every accepted update.
         let listeners = Listeners::start(&handlers, &cfg.load(), opts.reserved.clone())

@@ -71,12 +71,15 @@ pub(crate) struct ProxyArgs {
     /// On SIGTERM/SIGINT: how long in-flight requests may take before they are cut.
     #[arg(long, default_value = "5s", value_parser = humantime::parse_duration)]
     drain_timeout: Duration,
-    /// Serve the kubelet's rewritten app probes (`/app-health/<container>/<kind>`, plaintext
-    /// HTTP) on this address, e.g. $(POD_IP):15020: each does the original probe from
-    /// --app-probers against the app on 127.0.0.1 (docs/KUBERNETES.md, "Probes").
-    /// An IPv6 Pod IP may be given bare (`fd00::5:15020`, as `$(POD_IP):15020` expands).
-    #[arg(long, value_name = "ADDR", requires = "app_probers", value_parser = listen_addr)]
-    app_probes_listen: Option<std::net::SocketAddr>,
+    /// The status listener (Istio's port 15020), plaintext HTTP on this address, e.g.
+    /// $(POD_IP):15020: `/stats/prometheus` (the admin listener's metrics, for Prometheus
+    /// to scrape from outside the Pod) and the kubelet's rewritten app probes
+    /// (`/app-health/<container>/<kind>`), each doing the original probe from --app-probers
+    /// against the app on 127.0.0.1 (docs/KUBERNETES.md, "Probes" and "Metrics"). Nothing
+    /// else is served there. An IPv6 Pod IP may be given bare (`fd00::5:15020`, as
+    /// `$(POD_IP):15020` expands). `--app-probes-listen` is its earlier name.
+    #[arg(long, value_name = "ADDR", alias = "app-probes-listen", value_parser = listen_addr)]
+    status_listen: Option<std::net::SocketAddr>,
     /// The original probes, as JSON: `/app-health/...` path -> {"httpGet": {...}} or
     /// {"tcpSocket": {...}} with "timeoutSeconds" (what the injector writes; Istio's format).
     #[arg(
@@ -146,34 +149,43 @@ impl ProxyArgs {
         super::process::raise_nofile_limit();
         opts.request_timeout = self.request_timeout;
         opts.drain_timeout = self.drain_timeout;
-        if let Some(addr) = self.app_probes_listen
-            && self.app_probers.is_some()
-        {
-            opts.reserved
-                .push((addr, "app-probe listener (--app-probes-listen)".to_string()));
+        if let Some(addr) = self.status_listen {
+            opts.reserved.push((
+                addr,
+                "status listener (--status-listen: app probes, /stats/prometheus)".to_string(),
+            ));
         }
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(usize::from(self.worker_threads))
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        let app_probes = match (self.app_probes_listen, &self.app_probers) {
-            (Some(addr), Some(json)) => {
-                let probers = rampart_proxy::app_probes::AppProbers::parse(json)
-                    .map_err(|e| super::bad_input(format!("--app-probers: {e}")))?;
+        // Bound and serving before the proxy starts: the kubelet probes the app from its
+        // start, and the proxy may wait for its configuration.
+        let status = match self.status_listen {
+            Some(addr) => {
+                let probers = match &self.app_probers {
+                    Some(json) => rampart_proxy::app_probes::AppProbers::parse(json)
+                        .map_err(|e| super::bad_input(format!("--app-probers: {e}")))?,
+                    None => rampart_proxy::app_probes::AppProbers::default(),
+                };
                 let listener = rt
                     .block_on(tokio::net::TcpListener::bind(addr))
-                    .map_err(|e| super::bad_input(format!("--app-probes-listen {addr}: {e}")))?;
+                    .map_err(|e| super::bad_input(format!("--status-listen {addr}: {e}")))?;
                 for (path, why) in probers.broken() {
                     tracing::error!(%path, reason = %why, "app probe entry refused; that probe answers 500");
                 }
-                tracing::info!(%addr, probes = probers.len(), "serving the app's probes");
+                tracing::info!(%addr, probes = probers.len(),
+                    "status listener: /stats/prometheus and the app's probes");
+                let metrics = rampart_proxy::app_probes::MetricsSource::default();
+                opts.status_metrics = Some(metrics.clone());
                 Some(rt.spawn(rampart_proxy::app_probes::serve(
                     listener,
                     std::sync::Arc::new(probers),
+                    metrics,
                 )))
             }
-            _ => None,
+            None => None,
         };
         let result = match control_plane {
             Some(cp) => rt.block_on(rampart_proxy::run_control_plane(
@@ -183,7 +195,7 @@ impl ProxyArgs {
             )),
             None => rt.block_on(rampart_proxy::run(opts, super::process::shutdown_signal())),
         };
-        if let Some(task) = app_probes {
+        if let Some(task) = status {
             task.abort();
         }
         rt.shutdown_timeout(Duration::from_millis(200));
