@@ -78,6 +78,63 @@ where
     let _ = conn.await;
 }
 
+// === upgrades ===
+
+/// What a request's `Upgrade` header asks for, as Istio's sidecars (Envoy with a
+/// `websocket` upgrade config) treat it.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum UpgradeAsk {
+    /// No upgrade (or one HTTP/2 cannot carry: none is passed on there).
+    None,
+    /// A WebSocket handshake (HTTP/1.1 `Connection: upgrade`, `Upgrade: websocket`).
+    WebSocket,
+    /// `h2c`: the headers are removed and the request is served as HTTP/1.1 (Envoy does so).
+    H2c,
+    /// Another protocol (Envoy answers 403).
+    Other,
+}
+
+pub(crate) fn upgrade_ask<B>(req: &Request<B>) -> UpgradeAsk {
+    if req.version() != http::Version::HTTP_11 {
+        return UpgradeAsk::None;
+    }
+    let asks = req
+        .headers()
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
+    let Some(proto) = req.headers().get(header::UPGRADE) else {
+        return UpgradeAsk::None;
+    };
+    if !asks {
+        return UpgradeAsk::None;
+    }
+    let first = proto
+        .to_str()
+        .unwrap_or_default()
+        .split(',')
+        .next()
+        .unwrap_or_default()
+        .trim();
+    if req
+        .headers()
+        .get_all(header::UPGRADE)
+        .iter()
+        .nth(1)
+        .is_some()
+    {
+        UpgradeAsk::Other
+    } else if first.eq_ignore_ascii_case("websocket") {
+        UpgradeAsk::WebSocket
+    } else if first.eq_ignore_ascii_case("h2c") {
+        UpgradeAsk::H2c
+    } else {
+        UpgradeAsk::Other
+    }
+}
+
 // === inbound: HTTP/1.1 connections parked while idle ===
 
 /// Serve one inbound HTTP connection as [`serve`] does (no upgrades), except that an
@@ -94,13 +151,20 @@ where
 /// check and the end of its connection it reads nothing, and a request arriving meanwhile
 /// waits in the socket (or in hyper's read buffer, returned with the socket) for the next
 /// hyper connection: never lost, reordered, nor answered `connection: close`.
-pub(crate) async fn serve_inbound<IO, S, P>(
+///
+/// An HTTP/1.1 request the service answered with 101 (a WebSocket handshake the app
+/// accepted; `upgraded` says so once the connection has ended) ends the HTTP connection
+/// without closing the socket: the socket is returned, with any bytes that followed the
+/// request put back in front, for the caller to relay.
+pub(crate) async fn serve_inbound<IO, S, P, U>(
     edge: &EdgeLimits,
     drain: &Drain,
     io: IO,
     svc: S,
     on_park: P,
-) where
+    upgraded: U,
+) -> Option<Rewind<Tracked<IO>>>
+where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
     S: hyper::service::Service<Request<Incoming>, Response = Response<Body>, Error = Infallible>
         + Send
@@ -108,6 +172,7 @@ pub(crate) async fn serve_inbound<IO, S, P>(
         + 'static,
     S::Future: Send + 'static,
     P: Fn(),
+    U: Fn() -> bool,
 {
     let act = Activity::new(true);
     let mut stop = drain.conn_signal();
@@ -119,13 +184,13 @@ pub(crate) async fn serve_inbound<IO, S, P>(
         tokio::select! {
             r = read_some(&mut io) => match r {
                 Ok(b) if !b.is_empty() => first.extend_from_slice(&b),
-                _ => return,
+                _ => return None,
             },
             why = act.expired(edge) => {
                 tracing::debug!(reason = why, "HTTP connection closed");
-                return;
+                return None;
             }
-            _ = stop.changed() => return,
+            _ = stop.changed() => return None,
         }
     }
     let h2 = first.starts_with(H2_PREFACE_START);
@@ -137,7 +202,7 @@ pub(crate) async fn serve_inbound<IO, S, P>(
         // Boxed: the HTTP/1.1 path's parked state below is not sized for HTTP/2's.
         let driving = Box::pin(drive(builder.serve_connection(io, svc), &act, edge, drain));
         driving.await;
-        return;
+        return None;
     }
     let builder = edge.server_h1();
     loop {
@@ -152,7 +217,15 @@ pub(crate) async fn serve_inbound<IO, S, P>(
             // Boxed with the connection: freed when it parks.
             let driving = Box::pin(drive_h1(&mut *conn, &act, edge, &mut stop));
             if !driving.await {
-                return;
+                if !upgraded() {
+                    return None;
+                }
+                // The 101 is written and hyper left the socket open: take it back with
+                // whatever the client sent after its handshake.
+                let hyper::server::conn::http1::Parts { io, read_buf, .. } = conn.into_parts();
+                let mut io = io.into_inner();
+                io.unread(Bytes::copy_from_slice(&read_buf));
+                return Some(io);
             }
             // Idle: end hyper's connection (it is idle, so it closes at once, reading nothing
             // more) and take the socket back with any bytes hyper read but did not parse.
@@ -166,7 +239,7 @@ pub(crate) async fn serve_inbound<IO, S, P>(
             };
             if let Err(e) = ended {
                 tracing::debug!(error = %e, "HTTP connection ended instead of parking");
-                return;
+                return None;
             }
             conn.into_parts()
         };
@@ -188,16 +261,16 @@ pub(crate) async fn serve_inbound<IO, S, P>(
             tokio::select! {
                 r = read_some(&mut io) => match r {
                     Ok(b) if !b.is_empty() => b,
-                    _ => return, // the peer closed it (or it failed, or was revoked)
+                    _ => return None, // the peer closed it (or it failed, or was revoked)
                 },
                 why = act.expired(edge) => {
                     tracing::debug!(reason = why, "HTTP connection closed");
-                    return;
+                    return None;
                 }
                 _ = stop.changed() => {
                     // Drain: a parked connection has nothing in flight; close it.
                     let _ = tokio::time::timeout(Duration::from_secs(1), io.shutdown()).await;
-                    return;
+                    return None;
                 }
             }
         } else {

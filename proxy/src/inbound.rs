@@ -23,7 +23,7 @@ use crate::config::Handle;
 use crate::drain::Drain;
 use crate::edge::{Activity, EdgeLimits, Tracked};
 use crate::http::{
-    Body, authority_of, denial, is_grpc_request, owned_text_response, text_response,
+    Body, UpgradeAsk, authority_of, denial, is_grpc_request, owned_text_response, text_response,
 };
 use crate::identity::{IdentityHolder, cert_sha256_hex};
 use crate::jwks::{JwksState, Lookup};
@@ -68,6 +68,9 @@ struct ConnCtx {
     /// The app connection of this connection's HTTP/1.1 requests (HTTP/2 streams use the
     /// pooled `Inbound::app_h1`/`app_h2`).
     app_conn: AppConn,
+    /// The app's side of a WebSocket upgrade it accepted (101): once the 101 is written the
+    /// connection stops being HTTP and its bytes are relayed to this.
+    upgraded: std::sync::Mutex<Option<hyper::upgrade::OnUpgrade>>,
 }
 
 impl ConnCtx {
@@ -177,6 +180,7 @@ async fn accept(
             stats,
             app: app_authority(pe.app),
             app_conn: AppConn::new(pe.app, &ib.edge),
+            upgraded: std::sync::Mutex::new(None),
         };
         return Some(serve(ib, cx, pe.app, tcp));
     }
@@ -272,6 +276,7 @@ async fn accept(
         stats,
         app: app_authority(pe.app),
         app_conn: AppConn::new(pe.app, &ib.edge),
+        upgraded: std::sync::Mutex::new(None),
     };
     // The stream (rustls' connection state is over a kilobyte) in a box of its own that the
     // serving futures point to, rather than moved into (and so copied in) each of them.
@@ -288,6 +293,7 @@ where
     }
     let cx = Arc::new(cx);
     let park_cx = cx.clone();
+    let ws_cx = cx.clone();
     let svc_ib = ib.clone();
     // HTTP/2 streams run as tasks of their own: each request's span names its connection's
     // as parent explicitly.
@@ -300,15 +306,79 @@ where
     });
     // A parked (idle) HTTP/1.1 connection gives up its app connection too; its next request
     // opens a new one.
-    Box::pin(crate::http::serve_inbound(
-        &ib.edge,
-        &ib.drain,
-        io,
-        svc,
-        move || {
-            park_cx.app_conn.release();
-        },
-    ))
+    Box::pin(async move {
+        let upgraded = crate::http::serve_inbound(
+            &ib.edge,
+            &ib.drain,
+            io,
+            svc,
+            move || {
+                park_cx.app_conn.release();
+            },
+            || ws_cx.has_upgrade(),
+        )
+        .await;
+        if let Some(client) = upgraded {
+            websocket(ib, &ws_cx, client).await;
+        }
+    })
+}
+
+impl ConnCtx {
+    fn has_upgrade(&self) -> bool {
+        self.upgraded
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .is_some()
+    }
+}
+
+/// Relay a WebSocket connection after the app's 101 was written: the client's bytes (first
+/// any that arrived with the handshake) to the app's upgraded connection and back, until
+/// either side closes, the idle timeout passes with no byte either way, or a plaintext
+/// connection's port turns STRICT. (A peer revoked meanwhile is closed by its TLS stream.)
+async fn websocket<IO>(ib: &Inbound, cx: &ConnCtx, client: crate::http::Rewind<Tracked<IO>>)
+where
+    IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
+    let Some(on) = cx.upgraded.lock().unwrap_or_else(|p| p.into_inner()).take() else {
+        return;
+    };
+    let mut changes = ib.cfg_changed.subscribe();
+    let app = match on.await {
+        Ok(u) => u,
+        Err(e) => {
+            tracing::debug!(peer = %cx.peer, error = %e, "WebSocket: the app's side of the upgrade failed");
+            return;
+        }
+    };
+    let mut app = hyper_util::rt::TokioIo::new(app);
+    // Only the idle timeout from here: frames are not requests.
+    let act = Activity::new(false);
+    let mut client = Tracked::new(client, act.clone());
+    let relay = crate::relay::copy_bidirectional(&mut client, &mut app);
+    tokio::pin!(relay);
+    loop {
+        tokio::select! {
+            r = &mut relay => {
+                if let Err(e) = r {
+                    tracing::debug!(peer = %cx.peer, error = %e, "WebSocket relay ended");
+                }
+                return;
+            }
+            why = act.expired(&ib.edge) => {
+                tracing::debug!(peer = %cx.peer, reason = why, "WebSocket closed");
+                return;
+            }
+            Ok(()) = changes.changed() => {
+                if cx.principal.is_none() && strict_now(&ib.cfg.load(), cx.port) {
+                    tracing::warn!(peer = %cx.peer, port = cx.port,
+                        "plaintext WebSocket closed: the port is STRICT now");
+                    return;
+                }
+            }
+        }
+    }
 }
 
 static XFCC: header::HeaderName = header::HeaderName::from_static("x-forwarded-client-cert");
@@ -344,6 +414,24 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
         let (r, g) = denial(400, grpc, "Bad Request");
         cx.series.request(400, g, "-", start.elapsed());
         return r;
+    }
+    let ask = crate::http::upgrade_ask(&req);
+    match ask {
+        UpgradeAsk::None | UpgradeAsk::WebSocket => {}
+        UpgradeAsk::H2c => {
+            // Served as the HTTP/1.1 request it also is (the app never switches protocol).
+            req.headers_mut().remove(header::UPGRADE);
+            req.headers_mut()
+                .remove(header::HeaderName::from_static("http2-settings"));
+            req.headers_mut().remove(header::CONNECTION);
+        }
+        UpgradeAsk::Other => {
+            tracing::info!(peer = %cx.peer, upgrade = ?req.headers().get(header::UPGRADE),
+                "request refused (403): only WebSocket upgrades are passed on");
+            let (r, g) = denial(403, grpc, "upgrade not allowed");
+            cx.series.request(403, g, "UPE", start.elapsed());
+            return r;
+        }
     }
     let cfg = ib.cfg.load();
     // A plaintext connection accepted before its port turned STRICT serves no more requests
@@ -509,7 +597,13 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
         }
     };
     let (resp, flags) = match tokio::time::timeout(ib.request_timeout, sent).await {
-        Ok(Ok(r)) => {
+        Ok(Ok(mut r)) => {
+            // The app took the WebSocket handshake: the connection is handed to the relay
+            // once this 101 is written (`websocket`).
+            if ask == UpgradeAsk::WebSocket && r.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+                *cx.upgraded.lock().unwrap_or_else(|p| p.into_inner()) =
+                    Some(hyper::upgrade::on(&mut r));
+            }
             // recorded when the response ends (trailers: gRPC status)
             let pending = Pending::new(cx.series.clone(), start, grpc, &r, "-");
             return r.map(|b| Either::Left(Metered::new(b, pending)));

@@ -37,7 +37,7 @@ use crate::config::{Config, Handle};
 use crate::conn::{PeerConnector, PeerStream, Target};
 use crate::drain::Drain;
 use crate::edge::{Budget, Budgets, EdgeLimits};
-use crate::http::{Body, is_grpc_request, owned_text_response, text_response};
+use crate::http::{Body, UpgradeAsk, is_grpc_request, owned_text_response, text_response};
 use crate::identity::{Alpn, IdentityHolder};
 use crate::metrics::{Labels, Metered, Metrics, Pending, Series, request_protocol};
 use rampart_mesh::{PortEntry, PortProtocol, Resolved, WorkloadEntry};
@@ -373,10 +373,52 @@ async fn request(ob: &Arc<Outbound>, mut req: Request<Incoming>) -> Response<Bod
     } else {
         Version::HTTP_11
     };
+    // A WebSocket handshake on an HTTP/1.1 destination port is passed on as it is; if the
+    // peer answers 101, the app's connection and the peer's are relayed (`websocket`).
+    let mut ws = None;
+    match crate::http::upgrade_ask(&req) {
+        UpgradeAsk::WebSocket if !h2 => {
+            // The relay outlives the HTTP exchange: it holds a connection slot of its own.
+            let Some(permit) = ob.budgets.acquire(Budget::Outbound) else {
+                tracing::warn!(destination = %route.name, "connection limit reached; WebSocket refused");
+                return text_response(503, "rampart: connection limit reached\n");
+            };
+            ws = Some((hyper::upgrade::on(&mut req), permit));
+        }
+        UpgradeAsk::None | UpgradeAsk::WebSocket => {}
+        UpgradeAsk::H2c => {
+            req.headers_mut().remove(header::UPGRADE);
+            req.headers_mut()
+                .remove(http::HeaderName::from_static("http2-settings"));
+            req.headers_mut().remove(header::CONNECTION);
+        }
+        UpgradeAsk::Other => {
+            tracing::info!(destination = %route.name, upgrade = ?req.headers().get(header::UPGRADE),
+                "outbound request refused (403): only WebSocket upgrades are passed on");
+            return text_response(403, "rampart: upgrade not allowed\n");
+        }
+    }
     let grpc = is_grpc_request(&req);
     let pool = &route.pool;
     match tokio::time::timeout(ob.request_timeout, pool.client.request(req)).await {
-        Ok(Ok(r)) => {
+        Ok(Ok(mut r)) => {
+            if let Some((app_side, permit)) = ws
+                && r.status() == http::StatusCode::SWITCHING_PROTOCOLS
+            {
+                let peer_side = hyper::upgrade::on(&mut r);
+                let (ob2, name) = (ob.clone(), route.name.clone());
+                tokio::spawn(async move {
+                    let _inflight = ob2.drain.enter();
+                    let _permit = permit;
+                    match tokio::join!(app_side, peer_side) {
+                        (Ok(a), Ok(p)) => {
+                            websocket(&ob2, &name, TokioIo::new(a), TokioIo::new(p)).await;
+                        }
+                        (a, p) => tracing::debug!(destination = %name,
+                            app = ?a.err(), peer = ?p.err(), "WebSocket: an upgrade failed"),
+                    }
+                });
+            }
             let pending = Pending::new(pool.series.clone(), start, grpc, &r, "-");
             r.map(|b| Either::Left(Metered::new(b, pending)))
         }
@@ -419,6 +461,27 @@ where
         }
     };
     ob.metrics.tcp_closed(&route.tcp_labels, sent, received);
+}
+
+/// Relay an upgraded WebSocket connection between the app and the peer until either side
+/// closes or no byte moves for the idle timeout.
+async fn websocket<A, P>(ob: &Outbound, name: &str, app: A, mut peer: P)
+where
+    A: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+    P: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let act = crate::edge::Activity::new(false);
+    let mut app = crate::edge::Tracked::new(app, act.clone());
+    tokio::select! {
+        r = crate::relay::copy_bidirectional(&mut app, &mut peer) => {
+            if let Err(e) = r {
+                tracing::debug!(destination = %name, error = %e, "WebSocket relay ended");
+            }
+        }
+        why = act.expired(&ob.edge) => {
+            tracing::debug!(destination = %name, reason = why, "WebSocket closed");
+        }
+    }
 }
 
 /// An upstream-port connection: raw TCP to the destination's inbound listener, mTLS unless
