@@ -186,9 +186,14 @@ impl RequestContext {
             .and_then(|h| h.header("x-forwarded-for"))
             .and_then(|xff| {
                 let last = xff.rsplit(',').next().unwrap_or_default();
-                last.trim_matches(|c: char| c.is_ascii_whitespace() || c == '\x0b')
-                    .parse::<IpAddr>()
-                    .ok()
+                let last = last.trim_matches(|c: char| c.is_ascii_whitespace() || c == '\x0b');
+                // A scoped IPv6 address (`fe80::1%eth0`) is an address to Envoy too; the
+                // zone plays no part in a CIDR match.
+                let addr = match last.split_once('%') {
+                    Some((a, zone)) if a.contains(':') && !zone.is_empty() => a,
+                    _ => last,
+                };
+                addr.parse::<IpAddr>().ok()
             })
             .map(|ip| ip.to_canonical())
             .or(self.source.ip)

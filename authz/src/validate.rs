@@ -817,6 +817,7 @@ fn validate_authorization_policy(ap: &AuthorizationPolicy, report: &mut Validati
         for (j, cond) in rule.when.iter().enumerate() {
             validate_condition(&format!("{rp}.when[{j}]"), cond, report);
         }
+        warn_forwarded_for_claims(&rp, action, rule, report);
         if action == Action::Deny
             && ((from_exists && !to_exists && !tcp_in_from) || (to_exists && !tcp_in_to))
         {
@@ -824,6 +825,54 @@ fn validate_authorization_policy(ap: &AuthorizationPolicy, report: &mut Validati
                 rp,
                 "configured AuthorizationPolicy will deny all traffic to TCP ports under its scope due to the use of only HTTP attributes in a DENY rule; it is recommended to explicitly specify the port",
             );
+        }
+    }
+}
+
+/// Rampart's own warning (Istio prints none): `remoteIpBlocks` and `remote.ip` match the
+/// last `X-Forwarded-For` entry, which any HTTP client writes. An ALLOW on them admits
+/// whoever claims a matching address, and a DENY's negated forms let a client out by
+/// claiming an address in the list; a DENY on `remoteIpBlocks` itself only means something
+/// behind a gateway that appends the address it saw (docs/AUTHZ.md).
+fn warn_forwarded_for_claims(
+    rp: &str,
+    action: Action,
+    rule: &crate::model::Rule,
+    report: &mut ValidationReport,
+) {
+    let (positive, negative) = match action {
+        Action::Allow => (true, true),
+        Action::Deny => (false, true),
+        _ => return,
+    };
+    let what = if action == Action::Allow {
+        "this ALLOW admits whoever claims a matching address"
+    } else {
+        "a client escapes this DENY by claiming an address in the list"
+    };
+    let warn = |report: &mut ValidationReport, path: String| {
+        report.warn(
+            path,
+            format!(
+                "remote addresses are the last X-Forwarded-For entry, which any HTTP client \
+                 writes: {what}; ipBlocks/source.ip is the connecting peer"
+            ),
+        );
+    };
+    for (j, f) in rule.from.iter().flatten().enumerate() {
+        let Some(src) = &f.source else { continue };
+        if positive && !src.remote_ip_blocks.is_empty() {
+            warn(report, format!("{rp}.from[{j}].source.remoteIpBlocks"));
+        }
+        if negative && !src.not_remote_ip_blocks.is_empty() {
+            warn(report, format!("{rp}.from[{j}].source.notRemoteIpBlocks"));
+        }
+    }
+    for (j, c) in rule.when.iter().enumerate() {
+        if c.key() == "remote.ip"
+            && ((positive && !c.values.is_empty()) || (negative && !c.not_values.is_empty()))
+        {
+            warn(report, format!("{rp}.when[{j}]"));
         }
     }
 }

@@ -407,6 +407,51 @@ spec:
     assert!(!load_str("ra.yaml", &both).problems.is_empty());
 }
 
+/// `remoteIpBlocks`/`remote.ip` are the client's `X-Forwarded-For` claim: an ALLOW on them,
+/// or a DENY's negated forms, are accepted with a warning that says so; a DENY on the
+/// address itself and `ipBlocks` get none.
+#[test]
+fn forwarded_for_claims_are_warned_about() {
+    let ap = |action: &str, rule: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: foo}}\n\
+             spec:\n  selector: {{matchLabels: {{app: a}}}}\n  action: {action}\n  rules: [{rule}]\n"
+        )
+    };
+    let warned = |action: &str, rule: &str| -> Vec<(String, String)> {
+        let r = load_str("t.yaml", &ap(action, rule));
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.resources.len(), 1);
+        r.warnings
+            .iter()
+            .filter(|w| w.reason.contains("X-Forwarded-For"))
+            .map(|w| (w.field_path.clone(), w.reason.clone()))
+            .collect()
+    };
+    let w = warned(
+        "ALLOW",
+        "{from: [{source: {remoteIpBlocks: [10.0.0.0/8]}}]}",
+    );
+    assert_eq!(w.len(), 1, "{w:?}");
+    assert!(
+        w[0].0
+            .ends_with("spec.rules[0].from[0].source.remoteIpBlocks"),
+        "{w:?}"
+    );
+    assert!(w[0].1.contains("admits whoever claims"), "{w:?}");
+    let w = warned("ALLOW", "{when: [{key: remote.ip, values: [10.0.0.0/8]}]}");
+    assert!(w[0].0.ends_with("spec.rules[0].when[0]"), "{w:?}");
+    let w = warned(
+        "DENY",
+        "{from: [{source: {notRemoteIpBlocks: [10.0.0.0/8]}}]}",
+    );
+    assert!(w[0].1.contains("escapes this DENY"), "{w:?}");
+    // Twins: no warning.
+    assert!(warned("DENY", "{from: [{source: {remoteIpBlocks: [10.0.0.0/8]}}]}").is_empty());
+    assert!(warned("ALLOW", "{from: [{source: {ipBlocks: [10.0.0.0/8]}}]}").is_empty());
+    assert!(warned("DENY", "{when: [{key: remote.ip, values: [10.0.0.1]}]}").is_empty());
+}
+
 #[test]
 fn warnings_do_not_refuse() {
     let text = "apiVersion: security.istio.io/v1
