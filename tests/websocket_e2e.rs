@@ -88,6 +88,8 @@ struct Mesh {
     ca: TestCa,
     mesh: PathBuf,
     in_b: u16,
+    in_raw: u16,
+    raw_heads: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
     admin_b: u16,
     out_f: u16,
     _rt: tokio::runtime::Runtime,
@@ -102,6 +104,7 @@ impl Mesh {
         let mesh = wp.join("mesh");
         std::fs::create_dir_all(mesh.join("policy")).unwrap();
         let (app_b, in_b, admin_b) = (free_port(), free_port(), free_port());
+        let (app_raw, in_raw) = (free_port(), free_port());
         let (app_f, in_f, out_f, admin_f) = (free_port(), free_port(), free_port(), free_port());
         std::fs::write(mesh.join("mesh.yaml"), format!("trustDomain: {TD}\n")).unwrap();
         std::fs::write(
@@ -113,6 +116,7 @@ impl Mesh {
   labels: {{app: backend}}
   ports:
   - {{port: 8080, protocol: http, app: "127.0.0.1:{app_b}", inbound: "127.0.0.1:{in_b}"}}
+  - {{port: 8081, protocol: http, app: "127.0.0.1:{app_raw}", inbound: "127.0.0.1:{in_raw}"}}
   proxy: {{admin: "127.0.0.1:{admin_b}"}}
 - name: frontend
   namespace: web
@@ -125,6 +129,7 @@ impl Mesh {
         .unwrap();
         std::fs::write(mesh.join("policy/deny.yaml"), POLICY).unwrap();
 
+        let raw_heads = switching_app(app_raw);
         let mut procs = Vec::new();
         let app_log = wp.join("app.log");
         let mut app = Command::new(python())
@@ -202,6 +207,8 @@ impl Mesh {
             ca,
             mesh,
             in_b,
+            in_raw,
+            raw_heads,
             admin_b,
             out_f,
             _rt: rt,
@@ -223,6 +230,51 @@ impl Mesh {
             .collect::<Vec<_>>()
             .join("\n---\n")
     }
+}
+
+/// An app that answers every request head with `101 Upgrade: h2c` and then echoes: what an
+/// app behind `golang.org/x/net/http2/h2c` does when asked for h2c anywhere in `Upgrade`.
+/// The heads it saw.
+fn switching_app(port: u16) -> std::sync::Arc<std::sync::Mutex<Vec<String>>> {
+    let heads = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let l = std::net::TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let seen = heads.clone();
+    std::thread::spawn(move || {
+        for s in l.incoming().flatten() {
+            let seen = seen.clone();
+            std::thread::spawn(move || {
+                let mut w = s.try_clone().unwrap();
+                let mut r = BufReader::new(s);
+                let mut head = String::new();
+                loop {
+                    let mut line = String::new();
+                    if r.read_line(&mut line).unwrap_or(0) == 0 {
+                        return;
+                    }
+                    if line == "\r\n" {
+                        break;
+                    }
+                    head.push_str(&line);
+                }
+                seen.lock().unwrap().push(head);
+                let _ = w.write_all(
+                    b"HTTP/1.1 101 Switching Protocols\r\nConnection: Upgrade\r\nUpgrade: h2c\r\n\r\n",
+                );
+                let _ = std::io::copy(&mut r, &mut w);
+            });
+        }
+    });
+    heads
+}
+
+/// The whole answer to `raw` on a fresh connection until the proxy closes it (or 3 s).
+fn exchange(port: u16, raw: &[u8]) -> String {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(3))).unwrap();
+    s.write_all(raw).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 /// The status code of the answer to `raw`, sent on a fresh connection to 127.0.0.1:`port`.
@@ -405,4 +457,90 @@ fn envoy_sidecar_websocket_to_rampart_inbound() {
     let r = client("ws://backend.api:8080/private", "direct", &via, 0.0);
     assert_eq!(r["status"], 403, "{r}");
     assert!(e.stat("http.ws.downstream_cx_upgrades_total").unwrap_or(0) >= 1);
+}
+
+/// The app cannot switch to a protocol the client did not ask for in full: `Upgrade:
+/// websocket, h2c` is refused (403, connection closed, the app sees nothing), and an app's
+/// `101 Upgrade: h2c` (to a WebSocket handshake, or to a request whose `h2c` ask was dropped)
+/// becomes a 502 and nothing is relayed. A handshake sent together with the first frame
+/// loses no byte of it.
+#[test]
+fn only_websocket_switches_and_nothing_is_lost() {
+    let m = Mesh::start();
+    let smuggle = "GET /healthz HTTP/1.1\r\nHost: backend.api:8081\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+                   Upgrade: websocket, h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n\
+                   GET /admin HTTP/1.1\r\nHost: backend.api:8081\r\n\r\n";
+    let answer = exchange(m.in_raw, smuggle.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 403"), "{answer}");
+    assert!(
+        answer.to_ascii_lowercase().contains("connection: close"),
+        "{answer}"
+    );
+    assert_eq!(
+        answer.matches("HTTP/1.1").count(),
+        1,
+        "one answer, then closed: {answer}"
+    );
+    assert!(m.raw_heads.lock().unwrap().is_empty(), "the app saw it");
+    assert_eq!(http_status(m.out_f, smuggle), 403);
+
+    // The app switches to h2c on a WebSocket handshake: 502, nothing relayed.
+    let ws = "GET /chat HTTP/1.1\r\nHost: backend.api:8081\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n\
+              Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\nPRI * HTTP/2.0";
+    let answer = exchange(m.in_raw, ws.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    assert!(
+        !answer.contains("PRI * HTTP/2.0"),
+        "bytes were relayed: {answer}"
+    );
+    // The same through the outbound listener, over mTLS.
+    let answer = exchange(m.out_f, ws.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    // An h2c ask is dropped (the app gets a plain request) and its 101 is a 502 too.
+    let h2c = "GET /x HTTP/1.1\r\nHost: backend.api:8081\r\nConnection: Upgrade, HTTP2-Settings\r\n\
+               Upgrade: h2c\r\nHTTP2-Settings: AAMAAABkAARAAAAAAAIAAAAA\r\n\r\n";
+    let answer = exchange(m.in_raw, h2c.as_bytes());
+    assert!(answer.starts_with("HTTP/1.1 502"), "{answer}");
+    let heads = m.raw_heads.lock().unwrap().clone();
+    let last = heads.last().unwrap().to_ascii_lowercase();
+    assert!(last.starts_with("get /x "), "{heads:?}");
+    assert!(
+        !last.contains("upgrade") && !last.contains("http2-settings"),
+        "{last}"
+    );
+
+    // A handshake and its first frame in one write: the frame reaches the app (it was in
+    // hyper's read buffer when the connection was handed over) and comes back.
+    let mut raw = b"GET /raw HTTP/1.1\r\nHost: backend.api:8080\r\nConnection: Upgrade\r\n\
+                    Upgrade: websocket\r\nSec-WebSocket-Version: 13\r\n\
+                    Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n"
+        .to_vec();
+    let mask = [7u8, 1, 2, 3];
+    raw.extend([0x81, 0x80 | 2]);
+    raw.extend(mask);
+    raw.extend(b"hi".iter().zip(mask.iter().cycle()).map(|(b, k)| b ^ k));
+    let mut s = TcpStream::connect(("127.0.0.1", m.in_b)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(&raw).unwrap();
+    let mut r = BufReader::new(s);
+    let mut status = String::new();
+    r.read_line(&mut status).unwrap();
+    assert!(status.starts_with("HTTP/1.1 101"), "{status}");
+    loop {
+        let mut line = String::new();
+        r.read_line(&mut line).unwrap();
+        if line == "\r\n" {
+            break;
+        }
+    }
+    let frame = |r: &mut BufReader<TcpStream>| -> String {
+        let mut h = [0u8; 2];
+        r.read_exact(&mut h).unwrap();
+        assert_eq!(h[0], 0x81, "a final text frame");
+        let mut payload = vec![0u8; usize::from(h[1] & 0x7f)];
+        r.read_exact(&mut payload).unwrap();
+        String::from_utf8(payload).unwrap()
+    };
+    assert_eq!(frame(&mut r), "path=/raw xfcc=-");
+    assert_eq!(frame(&mut r), "hi");
 }

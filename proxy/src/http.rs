@@ -84,20 +84,51 @@ where
 /// `websocket` upgrade config) treat it.
 #[derive(Debug, PartialEq, Eq)]
 pub(crate) enum UpgradeAsk {
-    /// No upgrade (or one HTTP/2 cannot carry: none is passed on there).
+    /// No `Upgrade` header (HTTP/2 carries none).
     None,
-    /// A WebSocket handshake (HTTP/1.1 `Connection: upgrade`, `Upgrade: websocket`).
+    /// A WebSocket handshake: HTTP/1.1, `Connection: upgrade` and one `Upgrade` header
+    /// whose whole value is `websocket` (as Envoy compares it).
     WebSocket,
-    /// `h2c`: the headers are removed and the request is served as HTTP/1.1 (Envoy does so).
-    H2c,
-    /// Another protocol (Envoy answers 403).
+    /// `Upgrade` without `Connection: upgrade`, or `h2c`: not an upgrade; the header (and
+    /// `HTTP2-Settings`, and for `h2c` the `Connection` header naming them) is removed and the
+    /// request served as the HTTP/1.1 request it also is, as Envoy does.
+    Strip,
+    /// Any other upgrade, `websocket, h2c` included (Envoy answers 403).
     Other,
 }
 
-pub(crate) fn upgrade_ask<B>(req: &Request<B>) -> UpgradeAsk {
-    if req.version() != http::Version::HTTP_11 {
-        return UpgradeAsk::None;
+impl UpgradeAsk {
+    /// Remove what [`UpgradeAsk::Strip`] removes (the app must never be asked to switch).
+    pub(crate) fn strip<B>(req: &mut Request<B>) {
+        let h = req.headers_mut();
+        h.remove(header::UPGRADE);
+        h.remove(&HTTP2_SETTINGS);
+        let names_them = h
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .any(|t| {
+                let t = t.trim();
+                t.eq_ignore_ascii_case("upgrade") || t.eq_ignore_ascii_case("http2-settings")
+            });
+        if names_them {
+            h.remove(header::CONNECTION);
+        }
     }
+}
+
+static HTTP2_SETTINGS: header::HeaderName = header::HeaderName::from_static("http2-settings");
+
+pub(crate) fn upgrade_ask<B>(req: &Request<B>) -> UpgradeAsk {
+    let mut ups = req.headers().get_all(header::UPGRADE).iter();
+    let Some(proto) = ups.next() else {
+        return if req.headers().contains_key(&HTTP2_SETTINGS) {
+            UpgradeAsk::Strip
+        } else {
+            UpgradeAsk::None
+        };
+    };
     let asks = req
         .headers()
         .get_all(header::CONNECTION)
@@ -105,34 +136,32 @@ pub(crate) fn upgrade_ask<B>(req: &Request<B>) -> UpgradeAsk {
         .filter_map(|v| v.to_str().ok())
         .flat_map(|v| v.split(','))
         .any(|t| t.trim().eq_ignore_ascii_case("upgrade"));
-    let Some(proto) = req.headers().get(header::UPGRADE) else {
-        return UpgradeAsk::None;
-    };
-    if !asks {
-        return UpgradeAsk::None;
+    if req.version() != http::Version::HTTP_11 || !asks {
+        return UpgradeAsk::Strip;
     }
-    let first = proto
-        .to_str()
-        .unwrap_or_default()
-        .split(',')
-        .next()
-        .unwrap_or_default()
-        .trim();
-    if req
-        .headers()
-        .get_all(header::UPGRADE)
-        .iter()
-        .nth(1)
-        .is_some()
-    {
-        UpgradeAsk::Other
-    } else if first.eq_ignore_ascii_case("websocket") {
+    if ups.next().is_some() {
+        return UpgradeAsk::Other;
+    }
+    let v = proto.to_str().unwrap_or_default().trim();
+    if v.eq_ignore_ascii_case("websocket") {
         UpgradeAsk::WebSocket
-    } else if first.eq_ignore_ascii_case("h2c") {
-        UpgradeAsk::H2c
+    } else if v.eq_ignore_ascii_case("h2c") {
+        UpgradeAsk::Strip
     } else {
         UpgradeAsk::Other
     }
+}
+
+/// Whether `resp` accepts a WebSocket handshake: 101 with `Upgrade: websocket`. A 101 to
+/// anything else, or naming another protocol, is the app switching to something the proxy
+/// would relay unjudged; the proxy answers 502 instead.
+pub(crate) fn accepts_websocket<B>(resp: &Response<B>) -> bool {
+    resp.status() == StatusCode::SWITCHING_PROTOCOLS
+        && resp
+            .headers()
+            .get(header::UPGRADE)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim().eq_ignore_ascii_case("websocket"))
 }
 
 // === inbound: HTTP/1.1 connections parked while idle ===
@@ -216,8 +245,11 @@ where
             }
             // Boxed with the connection: freed when it parks.
             let driving = Box::pin(drive_h1(&mut *conn, &act, edge, &mut stop));
-            if !driving.await {
-                if !upgraded() {
+            let end = driving.await;
+            if end != H1End::Park {
+                // Only a connection hyper ended cleanly has written the 101 it ended on; one
+                // cut by a timer, an error or drain is closed, upgrade or not.
+                if end != H1End::Done || !upgraded() {
                     return None;
                 }
                 // The 101 is written and hyper left the socket open: take it back with
@@ -281,15 +313,26 @@ where
     }
 }
 
-/// Drive an HTTP/1.1 connection until it ends (false) or may be parked (true): like
-/// [`drive`], plus a coarse tick (every half park period) that checks whether the
-/// connection has been idle long enough; nothing is added per request.
+/// How [`drive_h1`] left a connection.
+#[derive(Debug, PartialEq, Eq)]
+enum H1End {
+    /// hyper finished it cleanly (the peer closed, or a 101 was written and flushed).
+    Done,
+    /// Cut: an error, a timer, drain.
+    Cut,
+    /// Idle long enough to be parked.
+    Park,
+}
+
+/// Drive an HTTP/1.1 connection until it ends or may be parked: like [`drive`], plus a
+/// coarse tick (every half park period) that checks whether the connection has been idle
+/// long enough; nothing is added per request.
 async fn drive_h1<C>(
     conn: &mut C,
     act: &Activity,
     edge: &EdgeLimits,
     stop: &mut tokio::sync::watch::Receiver<bool>,
-) -> bool
+) -> H1End
 where
     C: GracefulConnection + Unpin,
     C::Error: std::fmt::Display,
@@ -300,23 +343,26 @@ where
     loop {
         tokio::select! {
             r = &mut *conn => {
-                if let Err(e) = r {
-                    tracing::debug!(error = %e, "HTTP connection ended with an error");
-                }
-                return false;
+                return match r {
+                    Ok(()) => H1End::Done,
+                    Err(e) => {
+                        tracing::debug!(error = %e, "HTTP connection ended with an error");
+                        H1End::Cut
+                    }
+                };
             }
             why = act.expired(edge) => {
                 tracing::debug!(reason = why, "HTTP connection closed");
-                return false;
+                return H1End::Cut;
             }
             _ = stop.changed() => {
                 Pin::new(&mut *conn).graceful_shutdown();
                 let _ = (&mut *conn).await;
-                return false;
+                return H1End::Cut;
             }
             _ = tick.tick() => {
                 if act.parkable(edge.park_idle_after) && !*stop.borrow() {
-                    return true;
+                    return H1End::Park;
                 }
             }
         }

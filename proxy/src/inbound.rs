@@ -345,6 +345,13 @@ where
         return;
     };
     let mut changes = ib.cfg_changed.subscribe();
+    // The port may have turned STRICT while the app answered the handshake (after the
+    // request's check, before this subscription).
+    if cx.principal.is_none() && strict_now(&ib.cfg.load(), cx.port) {
+        tracing::warn!(peer = %cx.peer, port = cx.port,
+            "plaintext WebSocket closed: the port is STRICT now");
+        return;
+    }
     let app = match on.await {
         Ok(u) => u,
         Err(e) => {
@@ -418,18 +425,16 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
     let ask = crate::http::upgrade_ask(&req);
     match ask {
         UpgradeAsk::None | UpgradeAsk::WebSocket => {}
-        UpgradeAsk::H2c => {
-            // Served as the HTTP/1.1 request it also is (the app never switches protocol).
-            req.headers_mut().remove(header::UPGRADE);
-            req.headers_mut()
-                .remove(header::HeaderName::from_static("http2-settings"));
-            req.headers_mut().remove(header::CONNECTION);
-        }
+        // Served as the HTTP/1.1 request it also is: the app never switches protocol.
+        UpgradeAsk::Strip => UpgradeAsk::strip(&mut req),
         UpgradeAsk::Other => {
             tracing::info!(peer = %cx.peer, upgrade = ?req.headers().get(header::UPGRADE),
-                "request refused (403): only WebSocket upgrades are passed on");
-            let (r, g) = denial(403, grpc, "upgrade not allowed");
-            cx.series.request(403, g, "UPE", start.elapsed());
+                "request refused (403): only WebSocket upgrades are passed on; closing");
+            let (mut r, g) = denial(403, grpc, "upgrade not allowed");
+            // As Envoy: what follows may be the payload of the refused upgrade, not requests.
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            cx.series.request(403, g, "-", start.elapsed());
             return r;
         }
     }
@@ -597,13 +602,26 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
         }
     };
     let (resp, flags) = match tokio::time::timeout(ib.request_timeout, sent).await {
-        Ok(Ok(mut r)) => {
-            // The app took the WebSocket handshake: the connection is handed to the relay
-            // once this 101 is written (`websocket`).
-            if ask == UpgradeAsk::WebSocket && r.status() == http::StatusCode::SWITCHING_PROTOCOLS {
+        Ok(Ok(mut r)) if r.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
+            if ask == UpgradeAsk::WebSocket && crate::http::accepts_websocket(&r) {
+                // The app took the WebSocket handshake: the connection is handed to the
+                // relay once this 101 is written (`websocket`).
                 *cx.upgraded.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(hyper::upgrade::on(&mut r));
+                let pending = Pending::new(cx.series.clone(), start, grpc, &r, "-");
+                return r.map(|b| Either::Left(Metered::new(b, pending)));
             }
+            // A switch the client did not ask for, or to another protocol: its bytes would
+            // pass unjudged. The app's connection is dropped with the response.
+            tracing::warn!(app = cx.app.as_ref().map_or("-", |a| a.as_str()),
+                upgrade = ?r.headers().get(header::UPGRADE),
+                "app answered 101 to something other than a WebSocket handshake (502)");
+            (
+                text_response(502, "upstream protocol error: unexpected 101"),
+                "UPE",
+            )
+        }
+        Ok(Ok(r)) => {
             // recorded when the response ends (trailers: gRPC status)
             let pending = Pending::new(cx.series.clone(), start, grpc, &r, "-");
             return r.map(|b| Either::Left(Metered::new(b, pending)));

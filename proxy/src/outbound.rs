@@ -268,7 +268,9 @@ impl Outbound {
 fn no_route_response(authority: &str, e: NoRoute) -> Response<Body> {
     match e {
         NoRoute::Unknown => {
-            tracing::info!(host = %authority, "outbound request to an unknown destination (502)");
+            // Host and port only: an absolute-form target may carry `user:password@`.
+            let shown = authority.rsplit_once('@').map_or(authority, |(_, hp)| hp);
+            tracing::info!(host = %shown, "outbound request to an unknown destination (502)");
             owned_text_response(
                 502,
                 format!(
@@ -385,22 +387,38 @@ async fn request(ob: &Arc<Outbound>, mut req: Request<Incoming>) -> Response<Bod
             };
             ws = Some((hyper::upgrade::on(&mut req), permit));
         }
-        UpgradeAsk::None | UpgradeAsk::WebSocket => {}
-        UpgradeAsk::H2c => {
-            req.headers_mut().remove(header::UPGRADE);
-            req.headers_mut()
-                .remove(http::HeaderName::from_static("http2-settings"));
-            req.headers_mut().remove(header::CONNECTION);
+        UpgradeAsk::WebSocket => {
+            tracing::info!(destination = %route.name,
+                "outbound WebSocket refused (501): the destination port is HTTP/2");
+            return text_response(
+                501,
+                "rampart: WebSocket needs an HTTP/1.1 destination port (this one is HTTP/2)\n",
+            );
         }
+        UpgradeAsk::None => {}
+        UpgradeAsk::Strip => UpgradeAsk::strip(&mut req),
         UpgradeAsk::Other => {
             tracing::info!(destination = %route.name, upgrade = ?req.headers().get(header::UPGRADE),
                 "outbound request refused (403): only WebSocket upgrades are passed on");
-            return text_response(403, "rampart: upgrade not allowed\n");
+            let mut r = text_response(403, "rampart: upgrade not allowed\n");
+            r.headers_mut()
+                .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            return r;
         }
     }
     let grpc = is_grpc_request(&req);
     let pool = &route.pool;
     match tokio::time::timeout(ob.request_timeout, pool.client.request(req)).await {
+        Ok(Ok(r))
+            if r.status() == http::StatusCode::SWITCHING_PROTOCOLS
+                && !(ws.is_some() && crate::http::accepts_websocket(&r)) =>
+        {
+            tracing::warn!(destination = %route.name, upgrade = ?r.headers().get(header::UPGRADE),
+                "peer answered 101 to something other than a WebSocket handshake (502)");
+            let r = text_response(502, "upstream protocol error: unexpected 101\n");
+            Pending::new(pool.series.clone(), start, grpc, &r, "UPE").finish(None, None);
+            r
+        }
         Ok(Ok(mut r)) => {
             if let Some((app_side, permit)) = ws
                 && r.status() == http::StatusCode::SWITCHING_PROTOCOLS
