@@ -65,6 +65,9 @@ pub const PATH_ANNOTATION: &str = "prometheus.io/path";
 /// Istio's opt-out of metrics merging: with `"false"` the Pod's `prometheus.io/*`
 /// annotations are left alone.
 pub const MERGE_METRICS_ANNOTATION: &str = "prometheus.istio.io/merge-metrics";
+/// The note a Pod with its own scrape annotations gets: the same for every such Pod, so the
+/// injection webhook does not repeat it as a warning (as [`LISTEN_NOTE`]).
+pub const SCRAPE_NOTE: &str = "the Pod's own prometheus.io annotations are kept";
 
 /// The proxy's outbound listener (the apps' HTTP_PROXY) and admin listener, on loopback.
 pub const OUTBOUND_PROXY: &str = "http://127.0.0.1:15001";
@@ -609,28 +612,44 @@ fn inject_pod(
 /// `prometheus.istio.io/merge-metrics: "false"`, or `prometheus.io/scrape: "false"`) or
 /// already has its own `prometheus.io/*` annotations: Istio then serves the app's metrics
 /// merged with its own on that port, which Rampart does not, so the app's scrape settings
-/// are kept and the note says where the proxy's metrics are.
+/// are kept and a note says what that means. Annotation names count as Prometheus sees
+/// them (`prometheus-io/scrape` is `prometheus.io/scrape`: both become the label
+/// `prometheus_io_scrape`), and values are read as Go's `strconv.ParseBool`, as Istio's.
 fn scrape_annotations(
     ann: &mut Map<String, Value>,
     original: &Map<String, Value>,
     at: &str,
     out: &mut Injected,
 ) {
-    if original.get(MERGE_METRICS_ANNOTATION).is_some_and(is_false) {
+    let label = |k: &str| -> String {
+        k.chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+            .collect()
+    };
+    let find = |name: &str| -> Option<(&String, &Value)> {
+        let want = label(name);
+        original.iter().find(|(k, _)| label(k) == want)
+    };
+    let is_false = |v: &Value| {
+        v.as_str()
+            .and_then(rampart_authz::parse_go_bool)
+            .is_some_and(|b| !b)
+    };
+    if find(MERGE_METRICS_ANNOTATION).is_some_and(|(_, v)| is_false(v)) {
+        return;
+    }
+    if find(SCRAPE_ANNOTATION).is_some_and(|(_, v)| is_false(v)) {
         return;
     }
     let own: Vec<&str> = [SCRAPE_ANNOTATION, PORT_ANNOTATION, PATH_ANNOTATION]
         .into_iter()
-        .filter(|k| original.contains_key(*k))
+        .filter_map(|k| find(k).map(|(k, _)| k.as_str()))
         .collect();
-    if original.get(SCRAPE_ANNOTATION).is_some_and(is_false) {
-        return;
-    }
     if !own.is_empty() {
         out.notes.push(format!(
-            "{at}: the Pod's own {} annotations are kept (Prometheus scrapes the app as \
-             before); the proxy's metrics are at :{APP_PROBE_PORT}{} and are not merged into \
-             the app's, as Istio's are",
+            "{at}: {SCRAPE_NOTE} ({}): Prometheus scrapes the app's port in plaintext, which \
+             the proxy refuses once that port is STRICT (Istio merges the app's metrics into \
+             its own on :15020; Rampart does not); the proxy's metrics are at :{APP_PROBE_PORT}{}",
             own.join(", "),
             rampart_proxy::app_probes::METRICS_PATH
         ));

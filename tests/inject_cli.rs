@@ -1061,10 +1061,19 @@ fn scrape_annotations_point_at_the_status_port() {
     );
     assert_eq!(set, [some("true"), some("9090"), None]);
     assert!(
-        notes.contains("prometheus.io/scrape, prometheus.io/port annotations are kept")
+        notes.contains("annotations are kept (prometheus.io/scrape, prometheus.io/port)")
+            && notes.contains("STRICT")
             && notes.contains(":15020/stats/prometheus"),
         "{notes}"
     );
+    // Names count as Prometheus reads them, values as Go's ParseBool.
+    let (set, _) = scrape("{prometheus-io/scrape: \"F\"}", 8080);
+    assert_eq!(set, [None, None, None]);
+    let (set, _) = scrape("{prometheus.istio.io/merge-metrics: \"FALSE\"}", 8080);
+    assert_eq!(set, [None, None, None]);
+    // `no` is not a Go boolean: the annotations are set.
+    let (set, _) = scrape("{prometheus.istio.io/merge-metrics: \"no\"}", 8080);
+    assert_eq!(set[1], some("15020"));
     let (set, notes) = scrape("{}", 15020);
     assert_eq!(set, [None, None, None]);
     assert!(notes.contains("the proxy's status port"), "{notes}");

@@ -382,25 +382,48 @@ type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
 /// probes from the process's start, before the proxy has its configuration (which may come
 /// from a control plane); until the proxy has started and filled this in, its
 /// `/stats/prometheus` answers 503.
+///
+/// Anyone who reaches the Pod IP can ask for the metrics, and rendering them takes the
+/// locks every request takes: a rendering is reused for [`RENDER_REUSE`], and renderings
+/// happen one at a time, so a flood of scrapes costs at most one rendering a second.
 #[derive(Clone, Default)]
-pub struct MetricsSource(Arc<std::sync::RwLock<Option<MetricsText>>>);
+pub struct MetricsSource(Arc<std::sync::Mutex<Rendered>>);
+
+#[derive(Default)]
+struct Rendered {
+    render: Option<MetricsText>,
+    last: Option<(std::time::Instant, Bytes)>,
+}
+
+/// How long one rendering of the metrics serves later scrapes (Prometheus scrapes every
+/// 15 s or more).
+const RENDER_REUSE: Duration = Duration::from_secs(1);
 
 impl MetricsSource {
     /// Serve `text` from now on.
     pub(crate) fn set(&self, text: MetricsText) {
-        *self.0.write().unwrap_or_else(|p| p.into_inner()) = Some(text);
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        g.render = Some(text);
+        g.last = None;
     }
 
-    fn text(&self) -> Option<String> {
-        let f = self.0.read().unwrap_or_else(|p| p.into_inner()).clone();
-        f.map(|f| f())
+    fn text(&self) -> Option<Bytes> {
+        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((at, text)) = &g.last
+            && at.elapsed() < RENDER_REUSE
+        {
+            return Some(text.clone());
+        }
+        let text = Bytes::from((g.render.as_ref()?)());
+        g.last = Some((std::time::Instant::now(), text.clone()));
+        Some(text)
     }
 }
 
 impl std::fmt::Debug for MetricsSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MetricsSource")
-            .field("ready", &self.0.read().is_ok_and(|g| g.is_some()))
+            .field("ready", &self.0.lock().is_ok_and(|g| g.render.is_some()))
             .finish()
     }
 }
@@ -427,7 +450,7 @@ async fn status_answer<B>(
             "the proxy has not started yet (no configuration)",
         );
     };
-    let mut r = Response::new(Full::new(Bytes::from(text)));
+    let mut r = Response::new(Full::new(text));
     r.headers_mut().insert(
         header::CONTENT_TYPE,
         HeaderValue::from_static(crate::admin::PROMETHEUS_TEXT),
@@ -487,6 +510,33 @@ pub async fn serve(listener: TcpListener, probers: Arc<AppProbers>, metrics: Met
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A flood of scrapes renders the metrics once a second, not once per scrape; before the
+    /// proxy has started there is nothing to render (503).
+    #[tokio::test]
+    async fn scrapes_share_one_rendering_a_second() {
+        let src = MetricsSource::default();
+        let probers = AppProbers::default();
+        let r = status_answer(get(METRICS_PATH), &probers, &src).await;
+        assert_eq!(r.status(), StatusCode::SERVICE_UNAVAILABLE);
+        let renders = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let n = renders.clone();
+        src.set(Arc::new(move || {
+            n.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            "istio_requests_total 1\n".to_owned()
+        }));
+        for _ in 0..200 {
+            let r = status_answer(get(METRICS_PATH), &probers, &src).await;
+            assert_eq!(r.status(), StatusCode::OK);
+        }
+        assert_eq!(renders.load(std::sync::atomic::Ordering::Relaxed), 1);
+        // Its twin: a later scrape sees fresh numbers.
+        tokio::time::sleep(RENDER_REUSE + Duration::from_millis(50)).await;
+        let r = status_answer(get(METRICS_PATH), &probers, &src).await;
+        let body = r.into_body().collect().await.unwrap().to_bytes();
+        assert_eq!(&body[..], b"istio_requests_total 1\n");
+        assert_eq!(renders.load(std::sync::atomic::Ordering::Relaxed), 2);
+    }
 
     #[test]
     fn reads_what_the_injector_writes_and_refuses_the_rest() {
