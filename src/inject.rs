@@ -68,6 +68,8 @@ pub const MERGE_METRICS_ANNOTATION: &str = "prometheus.istio.io/merge-metrics";
 /// The note a Pod with its own scrape annotations gets: the same for every such Pod, so the
 /// injection webhook does not repeat it as a warning (as [`LISTEN_NOTE`]).
 pub const SCRAPE_NOTE: &str = "the Pod's own prometheus.io annotations are kept";
+/// The note a Pod whose metrics are merged gets (likewise not an admission warning).
+pub const MERGE_NOTE: &str = "metrics merged";
 
 /// The proxy's outbound listener (the apps' HTTP_PROXY) and admin listener, on loopback.
 pub const OUTBOUND_PROXY: &str = "http://127.0.0.1:15001";
@@ -539,9 +541,18 @@ fn inject_pod(
     // Sidecars first, so they start (in order) before the app's own init containers.
     let (host, _) = split_host_port(&opts.ca_address).unwrap_or((&opts.ca_address, ""));
     let status_port = !probe_port_taken;
+    let scrape = if status_port {
+        scrape_plan(&annotations, at, out)
+    } else {
+        Scrape::Leave
+    };
+    let app_metrics = match &scrape {
+        Scrape::Merge(env) => Some(env.clone()),
+        _ => None,
+    };
     let sidecars = [
         agent_container(opts, host),
-        proxy_container(opts, &probers, status_port),
+        proxy_container(opts, &probers, status_port, app_metrics),
     ];
     let init = spec
         .entry("initContainers")
@@ -589,7 +600,19 @@ fn inject_pod(
             .or_insert_with(|| first.clone().into());
     }
     if status_port {
-        scrape_annotations(ann, &annotations, at, out);
+        if !matches!(scrape, Scrape::Leave) {
+            for k in annotations.keys() {
+                if scrape_label(k).is_some() {
+                    ann.remove(k);
+                }
+            }
+            ann.insert(SCRAPE_ANNOTATION.into(), "true".into());
+            ann.insert(PORT_ANNOTATION.into(), APP_PROBE_PORT.to_string().into());
+            ann.insert(
+                PATH_ANNOTATION.into(),
+                rampart_proxy::app_probes::METRICS_PATH.into(),
+            );
+        }
     } else {
         out.notes.push(format!(
             "{at}: a container declares port {APP_PROBE_PORT}, the proxy's status port: the \
@@ -607,60 +630,89 @@ fn inject_pod(
     Ok(true)
 }
 
-/// Point Prometheus' annotation-based discovery at the proxy's metrics on the status port,
-/// as Istio's injector does, unless the Pod opts out (Istio's
-/// `prometheus.istio.io/merge-metrics: "false"`, or `prometheus.io/scrape: "false"`) or
-/// already has its own `prometheus.io/*` annotations: Istio then serves the app's metrics
-/// merged with its own on that port, which Rampart does not, so the app's scrape settings
-/// are kept and a note says what that means. Annotation names count as Prometheus sees
-/// them (`prometheus-io/scrape` is `prometheus.io/scrape`: both become the label
-/// `prometheus_io_scrape`), and values are read as Go's `strconv.ParseBool`, as Istio's.
-fn scrape_annotations(
-    ann: &mut Map<String, Value>,
-    original: &Map<String, Value>,
-    at: &str,
-    out: &mut Injected,
-) {
-    let label = |k: &str| -> String {
-        k.chars()
-            .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
-            .collect()
-    };
-    let find = |name: &str| -> Option<(&String, &Value)> {
-        let want = label(name);
-        original.iter().find(|(k, _)| label(k) == want)
-    };
+/// What injection does with Prometheus' annotation-based discovery.
+enum Scrape {
+    /// Point it at the proxy's metrics on the status port (the Pod had no scrape settings).
+    Ours,
+    /// The same, the Pod's own settings moved to the proxy (`ISTIO_PROMETHEUS_ANNOTATIONS`,
+    /// this JSON), which scrapes the app on 127.0.0.1 and serves both (Istio's metrics
+    /// merging: under STRICT Prometheus could no longer scrape the app's port itself).
+    Merge(String),
+    /// Leave the Pod's annotations as they are.
+    Leave,
+}
+
+/// Which of `prometheus.io/{scrape,port,path}` annotation `k` is, as Prometheus reads
+/// names (`prometheus-io/scrape` becomes the same label `prometheus_io_scrape`).
+fn scrape_label(k: &str) -> Option<&'static str> {
+    let label: String = k
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c } else { '_' })
+        .collect();
+    match label.as_str() {
+        "prometheus_io_scrape" => Some("scrape"),
+        "prometheus_io_port" => Some("port"),
+        "prometheus_io_path" => Some("path"),
+        _ => None,
+    }
+}
+
+/// Istio's injector's choice: the Pod opts out (`prometheus.istio.io/merge-metrics:
+/// "false"`, or `prometheus.io/scrape: "false"`) and is left alone; a Pod with its own
+/// `prometheus.io/*` settings has them merged; any other gets the proxy's. Values are read
+/// as Go's `strconv.ParseBool`, as Istio's.
+fn scrape_plan(original: &Map<String, Value>, at: &str, out: &mut Injected) -> Scrape {
     let is_false = |v: &Value| {
         v.as_str()
             .and_then(rampart_authz::parse_go_bool)
             .is_some_and(|b| !b)
     };
-    if find(MERGE_METRICS_ANNOTATION).is_some_and(|(_, v)| is_false(v)) {
-        return;
+    if original.get(MERGE_METRICS_ANNOTATION).is_some_and(is_false) {
+        return Scrape::Leave;
     }
-    if find(SCRAPE_ANNOTATION).is_some_and(|(_, v)| is_false(v)) {
-        return;
+    let mut own = Map::new();
+    for (k, v) in original {
+        if let Some(which) = scrape_label(k) {
+            own.insert(which.to_owned(), v.clone());
+        }
     }
-    let own: Vec<&str> = [SCRAPE_ANNOTATION, PORT_ANNOTATION, PATH_ANNOTATION]
-        .into_iter()
-        .filter_map(|k| find(k).map(|(k, _)| k.as_str()))
-        .collect();
-    if !own.is_empty() {
-        out.notes.push(format!(
-            "{at}: {SCRAPE_NOTE} ({}): Prometheus scrapes the app's port in plaintext, which \
-             the proxy refuses once that port is STRICT (Istio merges the app's metrics into \
-             its own on :15020; Rampart does not); the proxy's metrics are at :{APP_PROBE_PORT}{}",
-            own.join(", "),
-            rampart_proxy::app_probes::METRICS_PATH
-        ));
-        return;
+    if own.get("scrape").is_some_and(is_false) {
+        return Scrape::Leave;
     }
-    ann.insert(SCRAPE_ANNOTATION.into(), "true".into());
-    ann.insert(PORT_ANNOTATION.into(), APP_PROBE_PORT.to_string().into());
-    ann.insert(
-        PATH_ANNOTATION.into(),
-        rampart_proxy::app_probes::METRICS_PATH.into(),
-    );
+    if own.is_empty() {
+        return Scrape::Ours;
+    }
+    // The proxy checks the port when it starts; a Pod whose settings name none cannot be
+    // merged (Prometheus would have scraped every declared port).
+    let port = own.get("port").and_then(Value::as_str).map(str::trim);
+    match port.and_then(|p| p.parse::<u16>().ok()) {
+        Some(p) if p != 0 && p != APP_PROBE_PORT && p != 15000 && p != 15001 => {
+            let path = own
+                .get("path")
+                .and_then(Value::as_str)
+                .unwrap_or("/metrics");
+            out.notes.push(format!(
+                "{at}: {MERGE_NOTE}: the app's metrics (127.0.0.1:{p}{path}) are served with the \
+                 proxy's at :{APP_PROBE_PORT}{}, where the annotations now point",
+                rampart_proxy::app_probes::METRICS_PATH
+            ));
+            let env = serde_json::json!({
+                "scrape": "true",
+                "port": p.to_string(),
+                "path": path,
+            });
+            Scrape::Merge(env.to_string())
+        }
+        _ => {
+            out.notes.push(format!(
+                "{at}: {SCRAPE_NOTE} (no usable prometheus.io/port to merge): Prometheus scrapes \
+                 the app in plaintext, which the proxy refuses once the port is STRICT; the \
+                 proxy's metrics are at :{APP_PROBE_PORT}{}",
+                rampart_proxy::app_probes::METRICS_PATH
+            ));
+            Scrape::Leave
+        }
+    }
 }
 
 /// `metadata.<key>` as a string map (absent: empty); refuses a non-mapping.
@@ -910,7 +962,12 @@ fn agent_container(opts: &Options, ca_host: &str) -> Value {
     })
 }
 
-fn proxy_container(opts: &Options, probers: &Map<String, Value>, status_port: bool) -> Value {
+fn proxy_container(
+    opts: &Options,
+    probers: &Map<String, Value>,
+    status_port: bool,
+    app_metrics: Option<String>,
+) -> Value {
     let probe = |period: u32, failures: u32| {
         json!({
             "exec": {"command": ["rampart", "probe", format!("http://{ADMIN_ADDR}/ready")]},
@@ -935,6 +992,13 @@ fn proxy_container(opts: &Options, probers: &Map<String, Value>, status_port: bo
         let a = args.as_array_mut().expect("an array");
         a.push("--status-listen".into());
         a.push(format!("$(POD_IP):{APP_PROBE_PORT}").into());
+    }
+    if let Some(json) = app_metrics {
+        // `$$`: the kubelet expands `$(VAR)` in env values.
+        env.as_array_mut().expect("an array").push(json!({
+            "name": rampart_proxy::app_probes::APP_METRICS_ENV,
+            "value": json.replace('$', "$$"),
+        }));
     }
     if !probers.is_empty() {
         // The kubelet expands `$(VAR)` and `$$` in env values: `$$` keeps a probe's own `$`.

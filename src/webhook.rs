@@ -204,16 +204,22 @@ const MAX_WARNING_CHARS: usize = 240;
 
 /// The injection notes that ask for action (a probe left as it was, a port below 1024, no
 /// port declared, ...) as admission warnings: not the note every port of every Pod gets
-/// ([`crate::inject::LISTEN_NOTE`], and [`crate::inject::SCRAPE_NOTE`] every Pod with its
-/// own scrape annotations gets: kube-controller-manager logs each warning of each Pod its
-/// controllers create); printable ASCII only (a warning travels as an HTTP `Warning`
+/// ([`crate::inject::LISTEN_NOTE`], and [`crate::inject::SCRAPE_NOTE`] or
+/// [`crate::inject::MERGE_NOTE`] every Pod with its own scrape annotations gets:
+/// kube-controller-manager logs each warning of each Pod its controllers create); printable ASCII only (a warning travels as an HTTP `Warning`
 /// header and ends up on terminals: no control, bidi or zero-width characters), without the
 /// Pod's location prefix the CLI needs (the client knows which Pod it created), the same
 /// note once.
 fn warnings(notes: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for note in notes.iter().filter(|n| {
-        !n.contains(crate::inject::LISTEN_NOTE) && !n.contains(crate::inject::SCRAPE_NOTE)
+        ![
+            crate::inject::LISTEN_NOTE,
+            crate::inject::SCRAPE_NOTE,
+            crate::inject::MERGE_NOTE,
+        ]
+        .iter()
+        .any(|m| n.contains(m))
     }) {
         // "Pod NAME: ..." (a Pod's name has no colon).
         let text = note

@@ -1055,15 +1055,42 @@ fn scrape_annotations_point_at_the_status_port() {
     assert_eq!(set, [None, None, None], "{notes}");
     let (set, _) = scrape("{prometheus.io/scrape: \"false\"}", 8080);
     assert_eq!(set, [some("false"), None, None]);
-    let (set, notes) = scrape(
-        "{prometheus.io/scrape: \"true\", prometheus.io/port: \"9090\"}",
+    // The app's own settings are merged (Istio's metrics merging): the proxy gets them in
+    // ISTIO_PROMETHEUS_ANNOTATIONS and Prometheus is pointed at the proxy, which serves both.
+    let manifest = pod(
+        "{prometheus.io/scrape: \"true\", prometheus-io/port: \"9090\", prometheus.io/path: /m}",
         8080,
     );
-    assert_eq!(set, [some("true"), some("9090"), None]);
+    let (out, notes) = inject_stdin(&manifest, &[]);
+    let merged = &docs(&out)[0];
+    let ann = &pod_meta(merged)["annotations"];
+    assert_eq!(ann["prometheus.io/port"], "15020", "{ann}");
+    assert_eq!(ann["prometheus.io/path"], "/stats/prometheus");
     assert!(
-        notes.contains("annotations are kept (prometheus.io/scrape, prometheus.io/port)")
-            && notes.contains("STRICT")
-            && notes.contains(":15020/stats/prometheus"),
+        ann.get("prometheus-io/port").is_none(),
+        "the variant is gone: {ann}"
+    );
+    let proxy = container(pod_spec(merged), "initContainers", "rampart-proxy");
+    let env: Value = serde_json::from_str(
+        env_value(proxy, "ISTIO_PROMETHEUS_ANNOTATIONS")
+            .and_then(Value::as_str)
+            .unwrap_or_else(|| panic!("no ISTIO_PROMETHEUS_ANNOTATIONS: {proxy}")),
+    )
+    .unwrap();
+    assert_eq!(
+        env,
+        serde_json::json!({"scrape": "true", "port": "9090", "path": "/m"})
+    );
+    assert!(
+        notes.contains("metrics merged: the app's metrics (127.0.0.1:9090/m)"),
+        "{notes}"
+    );
+    // Without a port there is nothing to merge: the Pod's settings stay, with a note.
+    let (set, notes) = scrape("{prometheus.io/scrape: \"true\"}", 8080);
+    assert_eq!(set, [some("true"), None, None]);
+    assert!(
+        notes.contains("annotations are kept (no usable prometheus.io/port to merge)")
+            && notes.contains("STRICT"),
         "{notes}"
     );
     // Names count as Prometheus reads them, values as Go's ParseBool.

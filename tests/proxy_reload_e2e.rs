@@ -479,6 +479,29 @@ fn a_port_on_the_app_probe_listener_is_skipped_not_fatal() {
         )
     });
     let url = |port: u16, path: &str| format!("http://127.0.0.1:{port}{path}");
+    // The app's own metrics (OpenMetrics, with its `# EOF`), merged by the status listener.
+    let app_metrics = free_port();
+    {
+        let l = std::net::TcpListener::bind(("127.0.0.1", app_metrics)).unwrap();
+        std::thread::spawn(move || {
+            for mut s in l.incoming().flatten() {
+                let mut buf = [0u8; 2048];
+                let n = std::io::Read::read(&mut s, &mut buf).unwrap_or(0);
+                let ok = String::from_utf8_lossy(&buf[..n]).starts_with("GET /m ");
+                let body = "# TYPE app_jobs counter\napp_jobs_total 7\n# EOF\n";
+                let status = if ok { "200 OK" } else { "404 Not Found" };
+                let _ = std::io::Write::write_all(
+                    &mut s,
+                    format!(
+                        "HTTP/1.1 {status}\r\ncontent-type: application/openmetrics-text; version=1.0.0\r\n\
+                         content-length: {}\r\nconnection: close\r\n\r\n{body}",
+                        body.len()
+                    )
+                    .as_bytes(),
+                );
+            }
+        });
+    }
     let start = |probes: bool, log: &str| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
         cmd.args(["proxy", "--mesh"])
@@ -492,7 +515,11 @@ fn a_port_on_the_app_probe_listener_is_skipped_not_fatal() {
         if probes {
             // The flag's earlier name, as Pods injected before the rename carry it.
             cmd.args(["--app-probes-listen", &format!("127.0.0.1:{probe}")])
-                .env("ISTIO_KUBE_APP_PROBERS", "{}");
+                .env("ISTIO_KUBE_APP_PROBERS", "{}")
+                .env(
+                    "ISTIO_PROMETHEUS_ANNOTATIONS",
+                    format!(r#"{{"scrape": "true", "port": "{app_metrics}", "path": "/m"}}"#),
+                );
         }
         let p = Proc {
             child: cmd.spawn().unwrap(),
@@ -529,6 +556,12 @@ fn a_port_on_the_app_probe_listener_is_skipped_not_fatal() {
     // outside the Pod), the same series as the admin listener's.
     let (code, text) = curl(&[&url(probe, "/stats/prometheus")]);
     assert_eq!(code, "200");
+    // With the app's own metrics in front (Istio's metrics merging), its `# EOF` dropped.
+    assert!(
+        text.starts_with("# TYPE app_jobs counter\napp_jobs_total 7\n"),
+        "{text}"
+    );
+    assert!(!text.contains("# EOF"), "{text}");
     let requests = |t: &str| {
         t.lines()
             .find(|l| l.starts_with("istio_requests_total{") && l.contains("response_code=\"200\""))

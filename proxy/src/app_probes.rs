@@ -378,21 +378,114 @@ impl Probe<'_> {
 /// The proxy's metrics in Prometheus' text format, as the status listener serves them.
 type MetricsText = Arc<dyn Fn() -> String + Send + Sync>;
 
+/// The environment variable with the app's own scrape settings (Istio's name and format:
+/// `{"scrape": "true", "port": "9090", "path": "/metrics"}`), which the injector moves here
+/// from the Pod's `prometheus.io/*` annotations.
+pub const APP_METRICS_ENV: &str = "ISTIO_PROMETHEUS_ANNOTATIONS";
+
+/// The most of the app's metrics read per scrape.
+const MAX_APP_METRICS: usize = 32 << 20;
+/// The longest wait for the app's metrics (less when Prometheus' own timeout is shorter).
+const APP_METRICS_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The app's own metrics endpoint on 127.0.0.1, merged into the status listener's
+/// `/stats/prometheus` (Istio's metrics merging): under STRICT, Prometheus cannot scrape the
+/// app's port in plaintext, so the proxy does it for it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AppMetrics {
+    /// The app's port.
+    pub port: u16,
+    /// Its metrics path (`/metrics` when the annotations name none).
+    pub path: String,
+}
+
+impl AppMetrics {
+    /// Read [`APP_METRICS_ENV`]: `None` when it says not to scrape; refused when the port is
+    /// missing or not a port the app may use, or the path is not an origin-form target.
+    pub fn parse(json: &str) -> Result<Option<AppMetrics>, String> {
+        let v: serde_json::Map<String, Value> =
+            serde_json::from_str(json).map_err(|e| format!("not a JSON object: {e}"))?;
+        let text = |k: &str| v.get(k).and_then(Value::as_str).map(str::trim);
+        if text("scrape").and_then(rampart_authz::parse_go_bool) == Some(false) {
+            return Ok(None);
+        }
+        let port = text("port")
+            .ok_or("no \"port\"")?
+            .parse::<u16>()
+            .ok()
+            .filter(|p| *p != 0 && !RESERVED_PORTS.contains(p))
+            .ok_or("\"port\" is not a port the app may use")?;
+        let path = text("path").filter(|p| !p.is_empty()).unwrap_or("/metrics");
+        if !path.starts_with('/') || path.parse::<http::uri::PathAndQuery>().is_err() {
+            return Err(format!("\"path\" {path:?} is not a request path"));
+        }
+        Ok(Some(AppMetrics {
+            port,
+            path: path.to_owned(),
+        }))
+    }
+
+    /// One scrape of the app: its text (OpenMetrics' `# EOF` removed), or why not.
+    async fn scrape(&self, timeout: Duration) -> Result<String, String> {
+        let fetch = async {
+            let tcp = TcpStream::connect(("127.0.0.1", self.port))
+                .await
+                .map_err(|e| e.to_string())?;
+            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+                .await
+                .map_err(|e| e.to_string())?;
+            let conn = tokio::spawn(conn);
+            let req = Request::builder()
+                .method(Method::GET)
+                .uri(self.path.as_str())
+                .header(header::HOST, format!("127.0.0.1:{}", self.port))
+                .header(header::ACCEPT, "text/plain;version=0.0.4;q=1,*/*;q=0.1")
+                .header(header::CONNECTION, "close")
+                .body(Empty::<Bytes>::new())
+                .map_err(|e| e.to_string())?;
+            let resp = sender.send_request(req).await.map_err(|e| e.to_string())?;
+            if resp.status() != StatusCode::OK {
+                conn.abort();
+                return Err(format!("status {}", resp.status().as_u16()));
+            }
+            let body = http_body_util::Limited::new(resp.into_body(), MAX_APP_METRICS)
+                .collect()
+                .await
+                .map_err(|e| e.to_string())?
+                .to_bytes();
+            conn.abort();
+            String::from_utf8(body.to_vec()).map_err(|_| "not UTF-8 text".to_owned())
+        };
+        let mut text = tokio::time::timeout(timeout, fetch)
+            .await
+            .map_err(|_| format!("no answer within {timeout:?}"))??;
+        if let Some(cut) = text.trim_end().strip_suffix("# EOF") {
+            text = cut.to_owned();
+        }
+        if !text.is_empty() && !text.ends_with('\n') {
+            text.push('\n');
+        }
+        Ok(text)
+    }
+}
+
 /// Where the status listener finds the proxy's metrics. The listener answers the kubelet's
 /// probes from the process's start, before the proxy has its configuration (which may come
 /// from a control plane); until the proxy has started and filled this in, its
 /// `/stats/prometheus` answers 503.
 ///
 /// Anyone who reaches the Pod IP can ask for the metrics, and rendering them takes the
-/// locks every request takes: a rendering is reused for [`RENDER_REUSE`], and renderings
-/// happen one at a time, so a flood of scrapes costs at most one rendering a second.
+/// locks every request takes (and scraping the app costs it too): a rendering is reused for
+/// [`RENDER_REUSE`], and renderings happen one at a time, so a flood of scrapes costs at
+/// most one rendering (and one scrape of the app) a second.
 #[derive(Clone, Default)]
-pub struct MetricsSource(Arc<std::sync::Mutex<Rendered>>);
+pub struct MetricsSource(Arc<Sources>);
 
 #[derive(Default)]
-struct Rendered {
-    render: Option<MetricsText>,
-    last: Option<(std::time::Instant, Bytes)>,
+struct Sources {
+    render: std::sync::Mutex<Option<MetricsText>>,
+    app: Option<AppMetrics>,
+    last: tokio::sync::Mutex<Option<(std::time::Instant, Bytes)>>,
 }
 
 /// How long one rendering of the metrics serves later scrapes (Prometheus scrapes every
@@ -400,22 +493,53 @@ struct Rendered {
 const RENDER_REUSE: Duration = Duration::from_secs(1);
 
 impl MetricsSource {
-    /// Serve `text` from now on.
-    pub(crate) fn set(&self, text: MetricsText) {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        g.render = Some(text);
-        g.last = None;
+    /// A source that also merges the app's own metrics from `app`.
+    pub fn with_app(app: Option<AppMetrics>) -> MetricsSource {
+        MetricsSource(Arc::new(Sources {
+            app,
+            ..Sources::default()
+        }))
     }
 
-    fn text(&self) -> Option<Bytes> {
-        let mut g = self.0.lock().unwrap_or_else(|p| p.into_inner());
-        if let Some((at, text)) = &g.last
+    /// Serve `text` from now on.
+    pub(crate) fn set(&self, text: MetricsText) {
+        *self.0.render.lock().unwrap_or_else(|p| p.into_inner()) = Some(text);
+    }
+
+    /// The metrics, the app's first (when merged), then the proxy's; `timeout` bounds the
+    /// wait for the app. `None` before the proxy has started.
+    async fn text(&self, timeout: Duration) -> Option<Bytes> {
+        let mut last = self.0.last.lock().await;
+        if let Some((at, text)) = last.as_ref()
             && at.elapsed() < RENDER_REUSE
         {
             return Some(text.clone());
         }
-        let text = Bytes::from((g.render.as_ref()?)());
-        g.last = Some((std::time::Instant::now(), text.clone()));
+        let render = self
+            .0
+            .render
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        let mut out = String::new();
+        if let Some(app) = &self.0.app {
+            match app.scrape(timeout).await {
+                Ok(t) => out.push_str(&t),
+                Err(e) => {
+                    tracing::debug!(port = app.port, path = %app.path, error = %e, "app metrics not merged");
+                    // A comment: Prometheus skips it, a person reading the page sees why.
+                    out.push_str(&format!(
+                        "# rampart: the app's metrics (127.0.0.1:{}{}) were not merged: {}\n",
+                        app.port,
+                        app.path,
+                        e.replace('\n', " ")
+                    ));
+                }
+            }
+        }
+        out.push_str(&render());
+        let text = Bytes::from(out);
+        *last = Some((std::time::Instant::now(), text.clone()));
         Some(text)
     }
 }
@@ -423,7 +547,8 @@ impl MetricsSource {
 impl std::fmt::Debug for MetricsSource {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("MetricsSource")
-            .field("ready", &self.0.lock().is_ok_and(|g| g.render.is_some()))
+            .field("ready", &self.0.render.lock().is_ok_and(|g| g.is_some()))
+            .field("app", &self.0.app)
             .finish()
     }
 }
@@ -444,7 +569,17 @@ async fn status_answer<B>(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "metrics are GET");
     }
-    let Some(text) = metrics.text() else {
+    // Prometheus says how long it waits; answer within that, app or not.
+    let timeout = req
+        .headers()
+        .get("x-prometheus-scrape-timeout-seconds")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse::<f64>().ok())
+        .filter(|t| t.is_finite() && *t > 0.0)
+        .map_or(APP_METRICS_TIMEOUT, |t| {
+            Duration::from_secs_f64((t * 0.8).min(APP_METRICS_TIMEOUT.as_secs_f64()))
+        });
+    let Some(text) = metrics.text(timeout).await else {
         return reply(
             StatusCode::SERVICE_UNAVAILABLE,
             "the proxy has not started yet (no configuration)",
@@ -510,6 +645,77 @@ pub async fn serve(listener: TcpListener, probers: Arc<AppProbers>, metrics: Met
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The app's own metrics come first on the page; when the app cannot be scraped the
+    /// proxy's are still served, after a comment that says why. The settings the injector
+    /// writes are read, and wrong ones refused.
+    #[tokio::test]
+    async fn app_metrics_are_merged_or_their_absence_explained() {
+        assert_eq!(
+            AppMetrics::parse(r#"{"scrape": "true", "port": "9090"}"#),
+            Ok(Some(AppMetrics {
+                port: 9090,
+                path: "/metrics".into()
+            }))
+        );
+        assert_eq!(
+            AppMetrics::parse(r#"{"scrape": "F", "port": "9090"}"#),
+            Ok(None)
+        );
+        for bad in [
+            r#"{"scrape": "true"}"#,
+            r#"{"port": "15000"}"#,
+            r#"{"port": "http"}"#,
+            r#"{"port": "80", "path": "metrics"}"#,
+            "[]",
+        ] {
+            assert!(AppMetrics::parse(bad).is_err(), "{bad}");
+        }
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let port = l.local_addr().unwrap().port();
+        tokio::spawn(async move {
+            while let Ok((tcp, _)) = l.accept().await {
+                let svc =
+                    hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
+                        let body = if req.uri().path() == "/metrics" {
+                            "app_up 1"
+                        } else {
+                            ""
+                        };
+                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                    });
+                tokio::spawn(
+                    hyper::server::conn::http1::Builder::new()
+                        .serve_connection(TokioIo::new(tcp), svc),
+                );
+            }
+        });
+        let proxy: MetricsText = Arc::new(|| "istio_requests_total 3\n".to_owned());
+        let src = MetricsSource::with_app(Some(AppMetrics {
+            port,
+            path: "/metrics".into(),
+        }));
+        src.set(proxy.clone());
+        let page = src.text(Duration::from_secs(2)).await.unwrap();
+        assert_eq!(&page[..], b"app_up 1\nistio_requests_total 3\n");
+        // Its twin: the app is not there.
+        let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let closed = gone.local_addr().unwrap().port();
+        drop(gone);
+        let src = MetricsSource::with_app(Some(AppMetrics {
+            port: closed,
+            path: "/metrics".into(),
+        }));
+        src.set(proxy);
+        let page =
+            String::from_utf8(src.text(Duration::from_secs(2)).await.unwrap().to_vec()).unwrap();
+        assert!(
+            page.starts_with(&format!(
+                "# rampart: the app's metrics (127.0.0.1:{closed}/metrics) were not merged: "
+            )) && page.ends_with("\nistio_requests_total 3\n"),
+            "{page}"
+        );
+    }
 
     /// A flood of scrapes renders the metrics once a second, not once per scrape; before the
     /// proxy has started there is nothing to render (503).

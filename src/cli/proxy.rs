@@ -89,6 +89,17 @@ pub(crate) struct ProxyArgs {
         hide_env_values = true
     )]
     app_probers: Option<String>,
+    /// The app's own scrape settings, merged into the status listener's `/stats/prometheus`
+    /// (Istio's metrics merging; JSON `{"scrape": "true", "port": "9090", "path":
+    /// "/metrics"}`, what the injector moves here from the Pod's `prometheus.io/*`
+    /// annotations): the proxy scrapes the app on 127.0.0.1 and serves both.
+    #[arg(
+        long,
+        value_name = "JSON",
+        env = "ISTIO_PROMETHEUS_ANNOTATIONS",
+        hide_env_values = true
+    )]
+    app_metrics: Option<String>,
     /// Threads serving connections. One (as linkerd2-proxy defaults to) keeps a request's
     /// hand-offs between its connections on one thread; on the 2-core benchmark machine it
     /// beat two threads in req/s and p99 (docs/PERFORMANCE.md). Raise it for a proxy that
@@ -177,7 +188,25 @@ impl ProxyArgs {
                 }
                 tracing::info!(%addr, probes = probers.len(),
                     "status listener: /stats/prometheus and the app's probes");
-                let metrics = rampart_proxy::app_probes::MetricsSource::default();
+                let app_metrics = match self
+                    .app_metrics
+                    .as_deref()
+                    .map(rampart_proxy::app_probes::AppMetrics::parse)
+                {
+                    Some(Ok(m)) => m,
+                    Some(Err(e)) => {
+                        // The proxy's own metrics are still served; the page says why the
+                        // app's are not.
+                        tracing::error!(reason = %e, "--app-metrics refused: the app's metrics are not merged");
+                        None
+                    }
+                    None => None,
+                };
+                if let Some(m) = &app_metrics {
+                    tracing::info!(port = m.port, path = %m.path,
+                        "merging the app's metrics into /stats/prometheus");
+                }
+                let metrics = rampart_proxy::app_probes::MetricsSource::with_app(app_metrics);
                 opts.status_metrics = Some(metrics.clone());
                 Some(rt.spawn(rampart_proxy::app_probes::serve(
                     listener,
