@@ -65,10 +65,9 @@ pub const PATH_ANNOTATION: &str = "prometheus.io/path";
 /// Istio's opt-out of metrics merging: with `"false"` the Pod's `prometheus.io/*`
 /// annotations are left alone.
 pub const MERGE_METRICS_ANNOTATION: &str = "prometheus.istio.io/merge-metrics";
-/// The note a Pod with its own scrape annotations gets: the same for every such Pod, so the
-/// injection webhook does not repeat it as a warning (as [`LISTEN_NOTE`]).
-pub const SCRAPE_NOTE: &str = "the Pod's own prometheus.io annotations are kept";
-/// The note a Pod whose metrics are merged gets (likewise not an admission warning).
+/// The note a Pod whose own metrics are merged gets: the same for every such Pod and
+/// nothing to act on, so the injection webhook does not repeat it as a warning (as
+/// [`LISTEN_NOTE`]).
 pub const MERGE_NOTE: &str = "metrics merged";
 
 /// The proxy's outbound listener (the apps' HTTP_PROXY) and admin listener, on loopback.
@@ -687,10 +686,12 @@ fn scrape_plan(original: &Map<String, Value>, at: &str, out: &mut Injected) -> S
     let port = own.get("port").and_then(Value::as_str).map(str::trim);
     match port.and_then(|p| p.parse::<u16>().ok()) {
         Some(p) if p != 0 && p != APP_PROBE_PORT && p != 15000 && p != 15001 => {
-            let path = own
-                .get("path")
-                .and_then(Value::as_str)
-                .unwrap_or("/metrics");
+            // Prometheus reads `metrics` as `/metrics` (Go's URL building adds the slash).
+            let path = match own.get("path").and_then(Value::as_str).map(str::trim) {
+                None | Some("") => "/metrics".to_owned(),
+                Some(p) if p.starts_with('/') => p.to_owned(),
+                Some(p) => format!("/{p}"),
+            };
             out.notes.push(format!(
                 "{at}: {MERGE_NOTE}: the app's metrics (127.0.0.1:{p}{path}) are served with the \
                  proxy's at :{APP_PROBE_PORT}{}, where the annotations now point",
@@ -704,10 +705,12 @@ fn scrape_plan(original: &Map<String, Value>, at: &str, out: &mut Injected) -> S
             Scrape::Merge(env.to_string())
         }
         _ => {
+            // A warning too (the webhook's): the app's metrics are lost under STRICT.
             out.notes.push(format!(
-                "{at}: {SCRAPE_NOTE} (no usable prometheus.io/port to merge): Prometheus scrapes \
-                 the app in plaintext, which the proxy refuses once the port is STRICT; the \
-                 proxy's metrics are at :{APP_PROBE_PORT}{}",
+                "{at}: the Pod's prometheus.io annotations are kept (no usable \
+                 prometheus.io/port to merge): Prometheus scrapes the app in plaintext, which the \
+                 proxy refuses once the port is STRICT; add prometheus.io/port to have the proxy \
+                 serve them at :{APP_PROBE_PORT}{}",
                 rampart_proxy::app_probes::METRICS_PATH
             ));
             Scrape::Leave

@@ -204,22 +204,18 @@ const MAX_WARNING_CHARS: usize = 240;
 
 /// The injection notes that ask for action (a probe left as it was, a port below 1024, no
 /// port declared, ...) as admission warnings: not the note every port of every Pod gets
-/// ([`crate::inject::LISTEN_NOTE`], and [`crate::inject::SCRAPE_NOTE`] or
-/// [`crate::inject::MERGE_NOTE`] every Pod with its own scrape annotations gets:
-/// kube-controller-manager logs each warning of each Pod its controllers create); printable ASCII only (a warning travels as an HTTP `Warning`
+/// ([`crate::inject::LISTEN_NOTE`], and [`crate::inject::MERGE_NOTE`] every Pod with its
+/// own scrape settings gets: kube-controller-manager logs each warning of each Pod its
+/// controllers create); printable ASCII only (a warning travels as an HTTP `Warning`
 /// header and ends up on terminals: no control, bidi or zero-width characters), without the
 /// Pod's location prefix the CLI needs (the client knows which Pod it created), the same
 /// note once.
 fn warnings(notes: &[String]) -> Vec<String> {
     let mut out: Vec<String> = Vec::new();
     for note in notes.iter().filter(|n| {
-        ![
-            crate::inject::LISTEN_NOTE,
-            crate::inject::SCRAPE_NOTE,
-            crate::inject::MERGE_NOTE,
-        ]
-        .iter()
-        .any(|m| n.contains(m))
+        ![crate::inject::LISTEN_NOTE, crate::inject::MERGE_NOTE]
+            .iter()
+            .any(|m| n.contains(m))
     }) {
         // "Pod NAME: ..." (a Pod's name has no colon).
         let text = note
@@ -455,6 +451,21 @@ mod tests {
         let answer = review(&review_of(pod(), "CREATE"), &opts(), &stats).unwrap();
         assert_eq!(answer["response"]["allowed"], true);
         assert!(answer["response"].get("warnings").is_none(), "{answer}");
+        // Scrape settings that are merged need no action (no warning); settings without a
+        // port cannot be merged and lose the app's metrics under STRICT (a warning).
+        let mut merged = pod();
+        merged["metadata"]["annotations"] =
+            json!({"prometheus.io/scrape": "true", "prometheus.io/port": "9090"});
+        let answer = review(&review_of(merged, "CREATE"), &opts(), &stats).unwrap();
+        assert!(answer["response"].get("warnings").is_none(), "{answer}");
+        let mut portless = pod();
+        portless["metadata"]["annotations"] = json!({"prometheus.io/scrape": "true"});
+        let answer = review(&review_of(portless, "CREATE"), &opts(), &stats).unwrap();
+        let warned = answer["response"]["warnings"].to_string();
+        assert!(
+            warned.contains("no usable prometheus.io/port to merge"),
+            "{answer}"
+        );
         // Skipped Pods and other kinds carry no warnings.
         let mut opted_out = pod();
         opted_out["metadata"]["annotations"] = json!({"sidecar.istio.io/inject": "false"});

@@ -1058,7 +1058,7 @@ fn scrape_annotations_point_at_the_status_port() {
     // The app's own settings are merged (Istio's metrics merging): the proxy gets them in
     // ISTIO_PROMETHEUS_ANNOTATIONS and Prometheus is pointed at the proxy, which serves both.
     let manifest = pod(
-        "{prometheus.io/scrape: \"true\", prometheus-io/port: \"9090\", prometheus.io/path: /m}",
+        "{prometheus.io/scrape: \"true\", prometheus-io/port: \"9090\", prometheus.io/path: m}",
         8080,
     );
     let (out, notes) = inject_stdin(&manifest, &[]);

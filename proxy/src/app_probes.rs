@@ -385,8 +385,12 @@ pub const APP_METRICS_ENV: &str = "ISTIO_PROMETHEUS_ANNOTATIONS";
 
 /// The most of the app's metrics read per scrape.
 const MAX_APP_METRICS: usize = 32 << 20;
-/// The longest wait for the app's metrics (less when Prometheus' own timeout is shorter).
-const APP_METRICS_TIMEOUT: Duration = Duration::from_secs(10);
+/// The longest wait for the app's metrics: one scrape of the app serves every scraper for
+/// [`RENDER_REUSE`], so no scraper's own timeout decides it (Prometheus' default scrape
+/// timeout is 10 s).
+const APP_METRICS_TIMEOUT: Duration = Duration::from_secs(5);
+/// The longest a scraper waits for a rendering under way (then the last page is served).
+const MAX_SCRAPE_WAIT: Duration = Duration::from_secs(10);
 
 /// The app's own metrics endpoint on 127.0.0.1, merged into the status listener's
 /// `/stats/prometheus` (Istio's metrics merging): under STRICT, Prometheus cannot scrape the
@@ -448,6 +452,33 @@ impl AppMetrics {
                 conn.abort();
                 return Err(format!("status {}", resp.status().as_u16()));
             }
+            // Only Prometheus' text format (0.0.4) goes on a page served as that: OpenMetrics'
+            // own syntax (exemplars, `info`, `stateset` types) would make Prometheus reject
+            // the whole page, the proxy's metrics with it.
+            let ctype = resp
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("text/plain")
+                .to_ascii_lowercase();
+            let media = ctype
+                .split(';')
+                .next()
+                .unwrap_or_default()
+                .trim()
+                .to_owned();
+            let version = ctype
+                .split(';')
+                .skip(1)
+                .filter_map(|p| p.trim().strip_prefix("version="))
+                .next()
+                .map(str::to_owned);
+            if media != "text/plain" || version.as_deref().is_some_and(|v| v != "0.0.4") {
+                conn.abort();
+                return Err(format!(
+                    "the app answered {ctype:?}, not Prometheus' text format (version 0.0.4)"
+                ));
+            }
             let body = http_body_util::Limited::new(resp.into_body(), MAX_APP_METRICS)
                 .collect()
                 .await
@@ -484,8 +515,11 @@ pub struct MetricsSource(Arc<Sources>);
 #[derive(Default)]
 struct Sources {
     render: std::sync::Mutex<Option<MetricsText>>,
-    app: Option<AppMetrics>,
+    /// The app's endpoint to merge, or why the settings given were refused.
+    app: Option<Result<AppMetrics, String>>,
     last: tokio::sync::Mutex<Option<(std::time::Instant, Bytes)>>,
+    /// The last page made, for a scraper that cannot wait for the next.
+    page: std::sync::Mutex<Option<Bytes>>,
 }
 
 /// How long one rendering of the metrics serves later scrapes (Prometheus scrapes every
@@ -493,8 +527,9 @@ struct Sources {
 const RENDER_REUSE: Duration = Duration::from_secs(1);
 
 impl MetricsSource {
-    /// A source that also merges the app's own metrics from `app`.
-    pub fn with_app(app: Option<AppMetrics>) -> MetricsSource {
+    /// A source that also merges the app's own metrics from `app` (`Err`: the settings
+    /// were refused, and the page says why).
+    pub fn with_app(app: Option<Result<AppMetrics, String>>) -> MetricsSource {
         MetricsSource(Arc::new(Sources {
             app,
             ..Sources::default()
@@ -509,7 +544,15 @@ impl MetricsSource {
     /// The metrics, the app's first (when merged), then the proxy's; `timeout` bounds the
     /// wait for the app. `None` before the proxy has started.
     async fn text(&self, timeout: Duration) -> Option<Bytes> {
-        let mut last = self.0.last.lock().await;
+        let Ok(mut last) = tokio::time::timeout(timeout, self.0.last.lock()).await else {
+            // Another scraper's rendering is under way (the app is slow): the last page.
+            return self
+                .0
+                .page
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clone();
+        };
         if let Some((at, text)) = last.as_ref()
             && at.elapsed() < RENDER_REUSE
         {
@@ -522,8 +565,13 @@ impl MetricsSource {
             .unwrap_or_else(|p| p.into_inner())
             .clone()?;
         let mut out = String::new();
-        if let Some(app) = &self.0.app {
-            match app.scrape(timeout).await {
+        match &self.0.app {
+            None => {}
+            Some(Err(e)) => out.push_str(&format!(
+                "# rampart: the app's metrics were not merged: its settings were refused: {}\n",
+                e.replace('\n', " ")
+            )),
+            Some(Ok(app)) => match app.scrape(APP_METRICS_TIMEOUT).await {
                 Ok(t) => out.push_str(&t),
                 Err(e) => {
                     tracing::debug!(port = app.port, path = %app.path, error = %e, "app metrics not merged");
@@ -535,11 +583,12 @@ impl MetricsSource {
                         e.replace('\n', " ")
                     ));
                 }
-            }
+            },
         }
         out.push_str(&render());
         let text = Bytes::from(out);
         *last = Some((std::time::Instant::now(), text.clone()));
+        *self.0.page.lock().unwrap_or_else(|p| p.into_inner()) = Some(text.clone());
         Some(text)
     }
 }
@@ -569,15 +618,17 @@ async fn status_answer<B>(
     if req.method() != Method::GET && req.method() != Method::HEAD {
         return reply(StatusCode::METHOD_NOT_ALLOWED, "metrics are GET");
     }
-    // Prometheus says how long it waits; answer within that, app or not.
+    // Prometheus says how long it waits; a scraper waits at most that (and 10 s) for a
+    // rendering under way, then gets the last page. It does not shorten the app's scrape,
+    // which serves every scraper.
     let timeout = req
         .headers()
         .get("x-prometheus-scrape-timeout-seconds")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse::<f64>().ok())
         .filter(|t| t.is_finite() && *t > 0.0)
-        .map_or(APP_METRICS_TIMEOUT, |t| {
-            Duration::from_secs_f64((t * 0.8).min(APP_METRICS_TIMEOUT.as_secs_f64()))
+        .map_or(MAX_SCRAPE_WAIT, |t| {
+            Duration::from_secs_f64((t * 0.9).min(MAX_SCRAPE_WAIT.as_secs_f64()))
         });
     let Some(text) = metrics.text(timeout).await else {
         return reply(
@@ -677,12 +728,22 @@ mod tests {
             while let Ok((tcp, _)) = l.accept().await {
                 let svc =
                     hyper::service::service_fn(|req: Request<hyper::body::Incoming>| async move {
-                        let body = if req.uri().path() == "/metrics" {
-                            "app_up 1"
-                        } else {
-                            ""
+                        let open = req.uri().path() == "/open";
+                        let body = match req.uri().path() {
+                            "/metrics" => "app_up 1",
+                            "/open" => "# TYPE x info\nx_info{a=\"b\"} 1\n# EOF\n",
+                            _ => "",
                         };
-                        Ok::<_, Infallible>(Response::new(Full::new(Bytes::from(body))))
+                        let mut r = Response::new(Full::new(Bytes::from(body)));
+                        if open {
+                            r.headers_mut().insert(
+                                header::CONTENT_TYPE,
+                                HeaderValue::from_static(
+                                    "application/openmetrics-text; version=1.0.0",
+                                ),
+                            );
+                        }
+                        Ok::<_, Infallible>(r)
                     });
                 tokio::spawn(
                     hyper::server::conn::http1::Builder::new()
@@ -691,21 +752,48 @@ mod tests {
             }
         });
         let proxy: MetricsText = Arc::new(|| "istio_requests_total 3\n".to_owned());
-        let src = MetricsSource::with_app(Some(AppMetrics {
+        let src = MetricsSource::with_app(Some(Ok(AppMetrics {
             port,
             path: "/metrics".into(),
-        }));
+        })));
         src.set(proxy.clone());
+        // A scraper with a tiny timeout does not shorten the app's scrape for the others.
+        let page = src.text(Duration::from_micros(1)).await;
+        assert!(
+            page.as_ref().is_none_or(|p| p.starts_with(b"app_up 1\n")),
+            "{page:?}"
+        );
         let page = src.text(Duration::from_secs(2)).await.unwrap();
         assert_eq!(&page[..], b"app_up 1\nistio_requests_total 3\n");
+        // OpenMetrics is not merged into a text/plain 0.0.4 page: a comment says why.
+        let src = MetricsSource::with_app(Some(Ok(AppMetrics {
+            port,
+            path: "/open".into(),
+        })));
+        src.set(proxy.clone());
+        let page =
+            String::from_utf8(src.text(Duration::from_secs(2)).await.unwrap().to_vec()).unwrap();
+        assert!(
+            page.starts_with("# rampart: the app's metrics (127.0.0.1:")
+                && page.contains("not Prometheus' text format")
+                && !page.contains("x_info")
+                && page.ends_with("\nistio_requests_total 3\n"),
+            "{page}"
+        );
+        // Refused settings are said on the page too.
+        let src = MetricsSource::with_app(Some(Err("no \"port\"".into())));
+        src.set(proxy.clone());
+        let page =
+            String::from_utf8(src.text(Duration::from_secs(2)).await.unwrap().to_vec()).unwrap();
+        assert!(page.starts_with("# rampart: the app's metrics were not merged: its settings were refused: no \"port\"\n"), "{page}");
         // Its twin: the app is not there.
         let gone = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let closed = gone.local_addr().unwrap().port();
         drop(gone);
-        let src = MetricsSource::with_app(Some(AppMetrics {
+        let src = MetricsSource::with_app(Some(Ok(AppMetrics {
             port: closed,
             path: "/metrics".into(),
-        }));
+        })));
         src.set(proxy);
         let page =
             String::from_utf8(src.text(Duration::from_secs(2)).await.unwrap().to_vec()).unwrap();

@@ -188,23 +188,19 @@ impl ProxyArgs {
                 }
                 tracing::info!(%addr, probes = probers.len(),
                     "status listener: /stats/prometheus and the app's probes");
-                let app_metrics = match self
+                let app_metrics = self
                     .app_metrics
                     .as_deref()
                     .map(rampart_proxy::app_probes::AppMetrics::parse)
-                {
-                    Some(Ok(m)) => m,
-                    Some(Err(e)) => {
-                        // The proxy's own metrics are still served; the page says why the
-                        // app's are not.
-                        tracing::error!(reason = %e, "--app-metrics refused: the app's metrics are not merged");
-                        None
-                    }
-                    None => None,
-                };
-                if let Some(m) = &app_metrics {
-                    tracing::info!(port = m.port, path = %m.path,
-                        "merging the app's metrics into /stats/prometheus");
+                    .and_then(Result::transpose);
+                match &app_metrics {
+                    // The proxy's own metrics are still served; the page says why the app's
+                    // are not.
+                    Some(Err(e)) => tracing::error!(reason = %e,
+                        "--app-metrics refused: the app's metrics are not merged"),
+                    Some(Ok(m)) => tracing::info!(port = m.port, path = %m.path,
+                        "merging the app's metrics into /stats/prometheus"),
+                    None => {}
                 }
                 let metrics = rampart_proxy::app_probes::MetricsSource::with_app(app_metrics);
                 opts.status_metrics = Some(metrics.clone());
