@@ -317,13 +317,7 @@ impl Probe<'_> {
 
     /// One GET: its status and `Location`. At most [`MAX_BODY_READ`] of the body is read.
     async fn once(&self, port: u16, target: &str) -> Result<(StatusCode, Option<String>), String> {
-        let tcp = TcpStream::connect(("127.0.0.1", port))
-            .await
-            .map_err(|e| e.to_string())?;
-        let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-            .await
-            .map_err(|e| e.to_string())?;
-        let conn = tokio::spawn(conn);
+        let (mut sender, conn) = app_connection(port).await?;
         let mut req = Request::builder()
             .method(Method::GET)
             .uri(target)
@@ -373,6 +367,26 @@ impl Probe<'_> {
         conn.abort();
         Ok((status, location))
     }
+}
+
+/// A fresh HTTP/1.1 connection to the app on 127.0.0.1:`port`: its sender, and its driver
+/// task (aborted by the caller when done).
+async fn app_connection(
+    port: u16,
+) -> Result<
+    (
+        hyper::client::conn::http1::SendRequest<Empty<Bytes>>,
+        tokio::task::JoinHandle<hyper::Result<()>>,
+    ),
+    String,
+> {
+    let tcp = TcpStream::connect(("127.0.0.1", port))
+        .await
+        .map_err(|e| e.to_string())?;
+    let (sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
+        .await
+        .map_err(|e| e.to_string())?;
+    Ok((sender, tokio::spawn(conn)))
 }
 
 /// The proxy's metrics in Prometheus' text format, as the status listener serves them.
@@ -432,13 +446,7 @@ impl AppMetrics {
     /// One scrape of the app: its text (OpenMetrics' `# EOF` removed), or why not.
     async fn scrape(&self, timeout: Duration) -> Result<String, String> {
         let fetch = async {
-            let tcp = TcpStream::connect(("127.0.0.1", self.port))
-                .await
-                .map_err(|e| e.to_string())?;
-            let (mut sender, conn) = hyper::client::conn::http1::handshake(TokioIo::new(tcp))
-                .await
-                .map_err(|e| e.to_string())?;
-            let conn = tokio::spawn(conn);
+            let (mut sender, conn) = app_connection(self.port).await?;
             let req = Request::builder()
                 .method(Method::GET)
                 .uri(self.path.as_str())
