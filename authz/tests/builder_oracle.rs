@@ -193,7 +193,7 @@ fn remote_ip(ctx: &RequestContext) -> Option<IpAddr> {
         .http
         .iter()
         .flat_map(|h| h.headers.iter())
-        .filter(|(k, _)| k.to_ascii_lowercase() == "x-forwarded-for")
+        .filter(|(k, _)| k.eq_ignore_ascii_case("x-forwarded-for"))
         .map(|(_, v)| v.as_str())
         .collect();
     let joined = joined.join(",");
