@@ -405,6 +405,11 @@ pub struct LocalSettings {
     /// (`rampart.allowNonLoopbackOutbound`, default false): whoever reaches such a port acts
     /// as the workload, so a registry asking for one is refused unless this says it is meant.
     pub allow_non_loopback_outbound: bool,
+    /// Whether a proxy's admin listener answers `/config_dump`, `/certs` and `/mtls` to
+    /// clients that are not on loopback (`rampart.allowRemoteAdmin`, default false): they
+    /// show the policy in force, the identity and the plaintext clients seen. Metrics and
+    /// `/ready` answer anyone who reaches the listener either way.
+    pub allow_remote_admin: bool,
     /// Key-exchange compliance policy (`rampart.compliancePolicy`, as Istio's
     /// `COMPLIANCE_POLICY`): `pqc` makes this mesh's proxies offer and accept
     /// `X25519MLKEM768` only. Read when a proxy starts.
@@ -1051,6 +1056,8 @@ struct RawLocal {
     #[serde(default)]
     allow_non_loopback_outbound: bool,
     #[serde(default)]
+    allow_remote_admin: bool,
+    #[serde(default)]
     compliance_policy: Option<String>,
     #[serde(default)]
     crl_unknown_status: Option<String>,
@@ -1090,6 +1097,7 @@ fn parse_local(file: &str, value: &serde_json::Value, c: &mut Collector) -> Loca
     };
     out.state_dir = raw.state_dir;
     out.allow_non_loopback_outbound = raw.allow_non_loopback_outbound;
+    out.allow_remote_admin = raw.allow_remote_admin;
     out.jwks_ca_file = raw.jwks_ca_file;
     if let Some(v) = raw.crl_unknown_status {
         match v.parse() {

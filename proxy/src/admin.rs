@@ -87,7 +87,33 @@ fn cert_json(c: &rampart_certs::CertificateDer<'_>) -> serde_json::Value {
     }
 }
 
-fn handle(sh: &View, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+/// The admin paths that show more than counters: the policy and registry in force
+/// (`/config_dump`), the identity (`/certs`), the plaintext clients seen (`/mtls`).
+const LOCAL_ONLY: [&str; 3] = ["/config_dump", "/certs", "/mtls"];
+
+/// Whether `peer` may read [`LOCAL_ONLY`] paths: loopback clients always (as Envoy's admin
+/// listens on 127.0.0.1 only in Istio), others when `rampart.allowRemoteAdmin` says so.
+fn local_only_refused(path: &str, peer: std::net::SocketAddr, allow_remote: bool) -> bool {
+    LOCAL_ONLY.contains(&path) && !allow_remote && !peer.ip().to_canonical().is_loopback()
+}
+
+fn handle(sh: &View, req: &Request<Incoming>, peer: std::net::SocketAddr) -> Response<Full<Bytes>> {
+    if local_only_refused(
+        req.uri().path(),
+        peer,
+        sh.cfg.load().folder.local.allow_remote_admin,
+    ) {
+        return reply(
+            403,
+            "text/plain",
+            format!(
+                "rampart: {} answers loopback clients only; set rampart.allowRemoteAdmin: true \
+                 in mesh.yaml to serve it to {}\n",
+                req.uri().path(),
+                peer.ip()
+            ),
+        );
+    }
     match req.uri().path() {
         "/stats/prometheus" => reply(200, PROMETHEUS_TEXT, sh.prometheus()),
         "/ready" => {
@@ -219,12 +245,20 @@ fn redacted_workload(w: &rampart_mesh::WorkloadEntry) -> serde_json::Value {
     v
 }
 
-/// Accept admin connections within the admin budget; on accept errors (EMFILE, ...) back
-/// off, doubling from 5 ms to 1 s, instead of spinning.
 /// How long an admin connection may sit idle.
 const ADMIN_IDLE_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// Accept admin connections within the admin budget; on accept errors (EMFILE, ...) back
+/// off, doubling from 5 ms to 1 s, instead of spinning.
 pub(crate) async fn serve(sh: Arc<View>, l: TcpListener) {
+    if let Ok(addr) = l.local_addr()
+        && !addr.ip().is_loopback()
+    {
+        tracing::warn!(%addr, allow_remote_admin = sh.cfg.load().folder.local.allow_remote_admin,
+            "admin listener not on loopback: /stats/prometheus and /ready answer anyone who \
+             reaches it; /config_dump, /certs and /mtls only loopback clients unless \
+             rampart.allowRemoteAdmin (for metrics alone, prefer --status-listen)");
+    }
     let mut backoff = Duration::from_millis(5);
     loop {
         let (tcp, peer) = match l.accept().await {
@@ -249,7 +283,7 @@ pub(crate) async fn serve(sh: Arc<View>, l: TcpListener) {
             let act = Activity::new(true);
             let svc_sh = sh.clone();
             let svc = hyper::service::service_fn(move |req: Request<Incoming>| {
-                let r = handle(&svc_sh, &req);
+                let r = handle(&svc_sh, &req, peer);
                 async move { Ok::<_, Infallible>(r) }
             });
             let builder = sh.edge.server();
@@ -268,5 +302,27 @@ pub(crate) async fn serve(sh: Arc<View>, l: TcpListener) {
                 _ = act.expired(&limits) => {}
             }
         });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Only the detail paths are loopback-only, and only without the opt-in; IPv4 clients
+    /// of a dual-stack listener count by their IPv4 address.
+    #[test]
+    fn detail_paths_answer_loopback_only_unless_allowed() {
+        let remote: std::net::SocketAddr = "192.0.2.9:40000".parse().unwrap();
+        let mapped: std::net::SocketAddr = "[::ffff:127.0.0.1]:40000".parse().unwrap();
+        for path in LOCAL_ONLY {
+            assert!(local_only_refused(path, remote, false), "{path}");
+            assert!(!local_only_refused(path, remote, true), "{path}");
+            assert!(!local_only_refused(path, mapped, false), "{path}");
+            assert!(!local_only_refused(path, "[::1]:1".parse().unwrap(), false));
+        }
+        for path in ["/stats/prometheus", "/ready"] {
+            assert!(!local_only_refused(path, remote, false), "{path}");
+        }
     }
 }

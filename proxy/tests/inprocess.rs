@@ -265,6 +265,8 @@ struct Mesh {
     edge: EdgeLimits,
     /// Their inbound connection budget.
     max_inbound: usize,
+    /// Their admin listener's address.
+    admin: SocketAddr,
 }
 
 fn registry(app: SocketAddr, server_inbound: [SocketAddr; 2], server_sa: &str) -> String {
@@ -318,6 +320,7 @@ impl Mesh {
             edge: EdgeLimits::default(),
             max_inbound: ProxyOptions::new(".".into(), String::new(), ".".into())
                 .max_inbound_connections,
+            admin: "127.0.0.7:0".parse().unwrap(),
         }
     }
 
@@ -344,7 +347,7 @@ impl Mesh {
         opts.drain_timeout = Duration::from_secs(5);
         opts.edge = self.edge;
         opts.max_inbound_connections = self.max_inbound;
-        opts.admin = Some("127.0.0.7:0".parse().unwrap());
+        opts.admin = Some(self.admin);
         Proxy::start(opts, snapshot, updates).await.unwrap()
     }
 }
@@ -1280,4 +1283,60 @@ async fn a_policy_change_reaches_established_connections() {
     );
     assert!(log_text().contains("established connection denied by the new policy"));
     drop(server);
+}
+
+/// This host's first non-loopback IPv4 address (the test needs one to be a remote client).
+fn host_address() -> std::net::IpAddr {
+    let out = std::process::Command::new("hostname")
+        .arg("-I")
+        .output()
+        .expect("hostname -I");
+    String::from_utf8_lossy(&out.stdout)
+        .split_whitespace()
+        .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
+        .find(|a| a.is_ipv4() && !a.is_loopback())
+        .expect("a non-loopback IPv4 address on this host (hostname -I), to connect from")
+}
+
+/// An admin listener on all addresses answers metrics and readiness to anyone, but the
+/// policy, identity and plaintext clients it knows (`/config_dump`, `/certs`, `/mtls`) to
+/// loopback clients only, unless mesh.yaml says `rampart.allowRemoteAdmin: true`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn admin_details_answer_loopback_clients_only_unless_allowed() {
+    let _ = logs();
+    let remote_ip = host_address();
+    for allow in [false, true] {
+        let mut mesh = Mesh::new().await;
+        if allow {
+            std::fs::write(
+                mesh.dir.path().join("mesh.yaml"),
+                format!("trustDomain: {TD}\nrampart: {{allowRemoteAdmin: true}}\n"),
+            )
+            .unwrap();
+        }
+        mesh.admin = "0.0.0.0:0".parse().unwrap();
+        let any = |ip: &str| format!("{ip}:0").parse::<SocketAddr>().unwrap();
+        let snap = mesh.snapshot([any("127.0.0.2"), any("127.0.0.3")], "server");
+        let server = mesh.proxy("server", snap, None).await;
+        let port = server.admin_addr().unwrap().port();
+        let remote = SocketAddr::new(remote_ip, port);
+        let local = SocketAddr::from(([127, 0, 0, 1], port));
+        for path in ["/stats/prometheus", "/ready"] {
+            let r = get(remote, path, "admin").await.unwrap();
+            assert_ne!(r.0, 403, "{path}: {r:?}");
+        }
+        for path in ["/config_dump", "/certs", "/mtls"] {
+            let (status, body) = get(remote, path, "admin").await.unwrap();
+            if allow {
+                assert_eq!(status, 200, "{path}: {body}");
+            } else {
+                assert_eq!(status, 403, "{path}: {body}");
+                assert!(body.contains("rampart.allowRemoteAdmin"), "{body}");
+                assert!(!body.contains("spiffe://"), "{body}");
+            }
+            // Loopback clients are always served.
+            assert_eq!(get(local, path, "admin").await.unwrap().0, 200, "{path}");
+        }
+        drop(server);
+    }
 }
