@@ -98,11 +98,11 @@ fn local_only_refused(path: &str, peer: std::net::SocketAddr, allow_remote: bool
 }
 
 fn handle(sh: &View, req: &Request<Incoming>, peer: std::net::SocketAddr) -> Response<Full<Bytes>> {
-    if local_only_refused(
-        req.uri().path(),
-        peer,
-        sh.cfg.load().folder.local.allow_remote_admin,
-    ) {
+    let allow_remote = sh.cfg.load().folder.local.allow_remote_admin;
+    // `/ready`'s details (listener addresses and their bind errors, why the identity is
+    // unusable) are for loopback clients too; others get its first line.
+    let brief = !allow_remote && !peer.ip().to_canonical().is_loopback();
+    if local_only_refused(req.uri().path(), peer, allow_remote) {
         return reply(
             403,
             "text/plain",
@@ -134,9 +134,14 @@ fn handle(sh: &View, req: &Request<Incoming>, peer: std::net::SocketAddr) -> Res
                         ));
                     }
                 }
+                if brief {
+                    body.truncate("LIVE\n".len());
+                }
                 reply(200, "text/plain", body)
             } else {
-                let why = if !up {
+                let why = if brief {
+                    "details for loopback clients".to_string()
+                } else if !up {
                     "listeners not up".to_string()
                 } else if !jwks {
                     "first fetch of the remote JWKS still running".to_string()

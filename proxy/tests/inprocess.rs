@@ -1294,8 +1294,12 @@ fn host_address() -> std::net::IpAddr {
     String::from_utf8_lossy(&out.stdout)
         .split_whitespace()
         .filter_map(|a| a.parse::<std::net::IpAddr>().ok())
-        .find(|a| a.is_ipv4() && !a.is_loopback())
-        .expect("a non-loopback IPv4 address on this host (hostname -I), to connect from")
+        .filter(|a| !a.is_loopback())
+        .min_by_key(|a| a.is_ipv6())
+        .expect(
+            "a non-loopback address on this host (hostname -I) to connect from: this test needs \
+             a network interface besides lo",
+        )
 }
 
 /// An admin listener on all addresses answers metrics and readiness to anyone, but the
@@ -1317,13 +1321,38 @@ async fn admin_details_answer_loopback_clients_only_unless_allowed() {
         mesh.admin = "0.0.0.0:0".parse().unwrap();
         let any = |ip: &str| format!("{ip}:0").parse::<SocketAddr>().unwrap();
         let snap = mesh.snapshot([any("127.0.0.2"), any("127.0.0.3")], "server");
-        let server = mesh.proxy("server", snap, None).await;
+        let (tx, updates) = Updates::channel(4);
+        let server = mesh.proxy("server", snap, Some(updates)).await;
         let port = server.admin_addr().unwrap().port();
         let remote = SocketAddr::new(remote_ip, port);
         let local = SocketAddr::from(([127, 0, 0, 1], port));
         for path in ["/stats/prometheus", "/ready"] {
             let r = get(remote, path, "admin").await.unwrap();
             assert_ne!(r.0, 403, "{path}: {r:?}");
+        }
+        // A live edit moves port 81 onto an address in use: `/ready` names it (degraded) to
+        // loopback clients, and to others only when allowed.
+        let taken = std::net::TcpListener::bind("127.0.0.3:0").unwrap();
+        let first = listener(&server, "inbound port 80");
+        tx.send(Ok(
+            mesh.snapshot([first, taken.local_addr().unwrap()], "server")
+        ))
+        .await
+        .unwrap();
+        let mut degraded = String::new();
+        for _ in 0..100 {
+            degraded = get(local, "/ready", "admin").await.unwrap().1;
+            if degraded.contains("degraded") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        assert!(degraded.contains("degraded: inbound port 81"), "{degraded}");
+        let (_, ready) = get(remote, "/ready", "admin").await.unwrap();
+        if allow {
+            assert_eq!(ready, degraded);
+        } else {
+            assert_eq!(ready, "LIVE\n");
         }
         for path in ["/config_dump", "/certs", "/mtls"] {
             let (status, body) = get(remote, path, "admin").await.unwrap();
