@@ -477,6 +477,8 @@ fn inject_pod(
         .and_then(Value::as_array_mut)
         .ok_or_else(|| format!("{at}: {spec_at}.containers is not a list"))?;
     let mut any_port = false;
+    // The apps' TCP ports, which Prometheus scrapes when the annotations name none.
+    let mut tcp_ports: Vec<u16> = Vec::new();
     let probe_rewrite = if annotations
         .get(REWRITE_PROBES_ANNOTATION)
         .is_some_and(is_false)
@@ -502,6 +504,16 @@ fn inject_pod(
                 continue;
             };
             any_port = true;
+            let tcp = p
+                .get("protocol")
+                .and_then(Value::as_str)
+                .is_none_or(|proto| proto == "TCP");
+            if let Ok(port) = u16::try_from(port)
+                && tcp
+                && !tcp_ports.contains(&port)
+            {
+                tcp_ports.push(port);
+            }
             out.notes.push(format!(
                 "{at}: container {cname} port {port}{LISTEN_NOTE}{port}; \
                  the proxy takes $(POD_IP):{port}"
@@ -541,7 +553,7 @@ fn inject_pod(
     let (host, _) = split_host_port(&opts.ca_address).unwrap_or((&opts.ca_address, ""));
     let status_port = !probe_port_taken;
     let scrape = if status_port {
-        scrape_plan(&annotations, at, out)
+        scrape_plan(&annotations, &tcp_ports, at, out)
     } else {
         Scrape::Leave
     };
@@ -659,8 +671,13 @@ fn scrape_label(k: &str) -> Option<&'static str> {
 /// Istio's injector's choice: the Pod opts out (`prometheus.istio.io/merge-metrics:
 /// "false"`, or `prometheus.io/scrape: "false"`) and is left alone; a Pod with its own
 /// `prometheus.io/*` settings has them merged; any other gets the proxy's. Values are read
-/// as Go's `strconv.ParseBool`, as Istio's.
-fn scrape_plan(original: &Map<String, Value>, at: &str, out: &mut Injected) -> Scrape {
+/// as Go's `strconv.ParseBool`, as Istio's. `tcp_ports` are the apps' declared TCP ports.
+fn scrape_plan(
+    original: &Map<String, Value>,
+    tcp_ports: &[u16],
+    at: &str,
+    out: &mut Injected,
+) -> Scrape {
     let is_false = |v: &Value| {
         v.as_str()
             .and_then(rampart_authz::parse_go_bool)
@@ -681,11 +698,29 @@ fn scrape_plan(original: &Map<String, Value>, at: &str, out: &mut Injected) -> S
     if own.is_empty() {
         return Scrape::Ours;
     }
-    // The proxy checks the port when it starts; a Pod whose settings name none cannot be
-    // merged (Prometheus would have scraped every declared port).
-    let port = own.get("port").and_then(Value::as_str).map(str::trim);
-    match port.and_then(|p| p.parse::<u16>().ok()) {
-        Some(p) if p != 0 && p != APP_PROBE_PORT && p != 15000 && p != 15001 => {
+    let usable = |p: u16| p != 0 && p != APP_PROBE_PORT && p != 15000 && p != 15001;
+    let named = own
+        .get("port")
+        .and_then(Value::as_str)
+        .map(str::trim)
+        .filter(|p| !p.is_empty());
+    // Without `prometheus.io/port`, Prometheus scrapes each declared port, or the Pod's
+    // address on port 80 when it declares none (istio-agent's default too). The proxy
+    // scrapes one endpoint, so that is merged when it is unambiguous.
+    let (port, why) = match (named, tcp_ports) {
+        (Some(p), _) => (p.parse::<u16>().ok().filter(|p| usable(*p)), ""),
+        (None, []) => (
+            Some(80),
+            " (no prometheus.io/port and no declared port: port 80)",
+        ),
+        (None, [one]) => (
+            Some(*one).filter(|p| usable(*p)),
+            " (no prometheus.io/port: the one declared port)",
+        ),
+        (None, _) => (None, ""),
+    };
+    match port {
+        Some(p) => {
             // Prometheus reads `metrics` as `/metrics` (Go's URL building adds the slash).
             let path = match own.get("path").and_then(Value::as_str).map(str::trim) {
                 None | Some("") => "/metrics".to_owned(),
@@ -693,8 +728,8 @@ fn scrape_plan(original: &Map<String, Value>, at: &str, out: &mut Injected) -> S
                 Some(p) => format!("/{p}"),
             };
             out.notes.push(format!(
-                "{at}: {MERGE_NOTE}: the app's metrics (127.0.0.1:{p}{path}) are served with the \
-                 proxy's at :{APP_PROBE_PORT}{}, where the annotations now point",
+                "{at}: {MERGE_NOTE}: the app's metrics (127.0.0.1:{p}{path}){why} are served \
+                 with the proxy's at :{APP_PROBE_PORT}{}, where the annotations now point",
                 rampart_proxy::app_probes::METRICS_PATH
             ));
             let env = serde_json::json!({
@@ -704,13 +739,23 @@ fn scrape_plan(original: &Map<String, Value>, at: &str, out: &mut Injected) -> S
             });
             Scrape::Merge(env.to_string())
         }
-        _ => {
+        None => {
+            let which = match (named, tcp_ports) {
+                (Some(p), _) => format!("prometheus.io/port {p:?} is not a port the app may use"),
+                (None, [one]) => format!(
+                    "no prometheus.io/port, and the one declared port, {one}, is the sidecar's"
+                ),
+                (None, _) => format!(
+                    "no prometheus.io/port, and the Pod declares {} ports: name the one to \
+                     scrape in prometheus.io/port",
+                    tcp_ports.len()
+                ),
+            };
             // A warning too (the webhook's): the app's metrics are lost under STRICT.
             out.notes.push(format!(
-                "{at}: the Pod's prometheus.io annotations are kept (no usable \
-                 prometheus.io/port to merge): Prometheus scrapes the app in plaintext, which the \
-                 proxy refuses once the port is STRICT; add prometheus.io/port to have the proxy \
-                 serve them at :{APP_PROBE_PORT}{}",
+                "{at}: the Pod's prometheus.io annotations are kept ({which}): Prometheus \
+                 scrapes the app in plaintext, which the proxy refuses once the port is STRICT; \
+                 the proxy serves them at :{APP_PROBE_PORT}{} once they name a port to merge",
                 rampart_proxy::app_probes::METRICS_PATH
             ));
             Scrape::Leave

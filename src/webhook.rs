@@ -451,8 +451,9 @@ mod tests {
         let answer = review(&review_of(pod(), "CREATE"), &opts(), &stats).unwrap();
         assert_eq!(answer["response"]["allowed"], true);
         assert!(answer["response"].get("warnings").is_none(), "{answer}");
-        // Scrape settings that are merged need no action (no warning); settings without a
-        // port cannot be merged and lose the app's metrics under STRICT (a warning).
+        // Scrape settings that are merged need no action (no warning), also without a port
+        // when the Pod declares one; settings that name no port among several declared
+        // ports cannot be merged and lose the app's metrics under STRICT (a warning).
         let mut merged = pod();
         merged["metadata"]["annotations"] =
             json!({"prometheus.io/scrape": "true", "prometheus.io/port": "9090"});
@@ -460,10 +461,16 @@ mod tests {
         assert!(answer["response"].get("warnings").is_none(), "{answer}");
         let mut portless = pod();
         portless["metadata"]["annotations"] = json!({"prometheus.io/scrape": "true"});
+        let answer = review(&review_of(portless.clone(), "CREATE"), &opts(), &stats).unwrap();
+        assert!(answer["response"].get("warnings").is_none(), "{answer}");
+        portless["spec"]["containers"][0]["ports"] =
+            json!([{"containerPort": 8080}, {"containerPort": 9090}]);
         let answer = review(&review_of(portless, "CREATE"), &opts(), &stats).unwrap();
         let warned = answer["response"]["warnings"].to_string();
         assert!(
-            warned.contains("no usable prometheus.io/port to merge"),
+            warned.contains(
+                "annotations are kept (no prometheus.io/port, and the Pod declares 2 ports"
+            ),
             "{answer}"
         );
         // Skipped Pods and other kinds carry no warnings.

@@ -1011,9 +1011,11 @@ spec:
 
 /// Prometheus' annotation-based discovery is pointed at the proxy's metrics on the status
 /// port, as Istio's injector does; a Pod that opts out (`prometheus.istio.io/merge-metrics:
-/// "false"`, `prometheus.io/scrape: "false"`) or has its own `prometheus.io/*` annotations
-/// keeps them (Rampart does not merge the app's metrics into its own), with a note; an app
-/// that declares port 15020 leaves the proxy without a status port.
+/// "false"`, `prometheus.io/scrape: "false"`) keeps its annotations; one with its own
+/// `prometheus.io/*` settings has them merged (the proxy scrapes the app and serves both),
+/// also without `prometheus.io/port` when the port Prometheus would have scraped is clear
+/// (the one declared port, or 80 with none); an app that declares port 15020 leaves the
+/// proxy without a status port.
 #[test]
 fn scrape_annotations_point_at_the_status_port() {
     let pod = |annotations: &str, port: u16| {
@@ -1085,12 +1087,54 @@ fn scrape_annotations_point_at_the_status_port() {
         notes.contains("metrics merged: the app's metrics (127.0.0.1:9090/m)"),
         "{notes}"
     );
-    // Without a port there is nothing to merge: the Pod's settings stay, with a note.
-    let (set, notes) = scrape("{prometheus.io/scrape: \"true\"}", 8080);
-    assert_eq!(set, [some("true"), None, None]);
+    // Without prometheus.io/port: the port Prometheus would have scraped, the one declared
+    // (or 80 when none is, as Prometheus and istio-agent default).
+    let merged_env = |manifest: &str| {
+        let (out, notes) = inject_stdin(manifest, &[]);
+        let doc = &docs(&out)[0];
+        let proxy = container(pod_spec(doc), "initContainers", "rampart-proxy");
+        let env = env_value(proxy, "ISTIO_PROMETHEUS_ANNOTATIONS")
+            .and_then(Value::as_str)
+            .map(|e| serde_json::from_str::<Value>(e).unwrap());
+        let port = pod_meta(doc)["annotations"]["prometheus.io/port"].clone();
+        (env, port, notes)
+    };
+    let (env, port, notes) = merged_env(&pod("{prometheus.io/scrape: \"true\"}", 8080));
+    assert_eq!(
+        env,
+        Some(serde_json::json!({"scrape": "true", "port": "8080", "path": "/metrics"}))
+    );
+    assert_eq!(port, "15020");
+    assert!(notes.contains("the one declared port"), "{notes}");
+    let portless = "apiVersion: v1\nkind: Pod\nmetadata:\n  name: web\n  annotations: \
+                    {prometheus.io/scrape: \"true\", prometheus.io/path: /m}\nspec:\n  \
+                    containers:\n  - name: app\n    image: example/web:1\n";
+    let (env, _, notes) = merged_env(portless);
+    assert_eq!(
+        env,
+        Some(serde_json::json!({"scrape": "true", "port": "80", "path": "/m"}))
+    );
+    assert!(notes.contains("no declared port: port 80"), "{notes}");
+    // Twins: with two declared ports it is not clear which: the Pod's settings stay, with
+    // a note; a named port that is the sidecar's is not merged either.
+    let two = pod("{prometheus.io/scrape: \"true\"}", 8080).replace(
+        "    - containerPort: 8080\n",
+        "    - containerPort: 8080\n    - containerPort: 9090\n",
+    );
+    let (env, port, notes) = merged_env(&two);
+    assert_eq!((env, port), (None, Value::Null));
     assert!(
-        notes.contains("annotations are kept (no usable prometheus.io/port to merge)")
+        notes.contains("annotations are kept (no prometheus.io/port, and the Pod declares 2 ports")
             && notes.contains("STRICT"),
+        "{notes}"
+    );
+    let (env, port, notes) = merged_env(&pod(
+        "{prometheus.io/scrape: \"true\", prometheus.io/port: \"15000\"}",
+        8080,
+    ));
+    assert_eq!((env, port.as_str()), (None, Some("15000")));
+    assert!(
+        notes.contains("prometheus.io/port \"15000\" is not a port the app may use"),
         "{notes}"
     );
     // Names count as Prometheus reads them, values as Go's ParseBool.

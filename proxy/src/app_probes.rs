@@ -419,7 +419,8 @@ pub struct AppMetrics {
 
 impl AppMetrics {
     /// Read [`APP_METRICS_ENV`]: `None` when it says not to scrape; refused when the port is
-    /// missing or not a port the app may use, or the path is not an origin-form target.
+    /// not a port the app may use (none named: 80, as istio-agent), or the path is not an
+    /// origin-form target.
     pub fn parse(json: &str) -> Result<Option<AppMetrics>, String> {
         let v: serde_json::Map<String, Value> =
             serde_json::from_str(json).map_err(|e| format!("not a JSON object: {e}"))?;
@@ -427,8 +428,10 @@ impl AppMetrics {
         if text("scrape").and_then(rampart_authz::parse_go_bool) == Some(false) {
             return Ok(None);
         }
+        // No port: 80, as istio-agent (and Prometheus, for an address without one).
         let port = text("port")
-            .ok_or("no \"port\"")?
+            .filter(|p| !p.is_empty())
+            .unwrap_or("80")
             .parse::<u16>()
             .ok()
             .filter(|p| *p != 0 && !RESERVED_PORTS.contains(p))
@@ -721,9 +724,16 @@ mod tests {
             AppMetrics::parse(r#"{"scrape": "F", "port": "9090"}"#),
             Ok(None)
         );
+        assert_eq!(
+            AppMetrics::parse(r#"{"scrape": "true", "port": ""}"#),
+            Ok(Some(AppMetrics {
+                port: 80,
+                path: "/metrics".into()
+            }))
+        );
         for bad in [
-            r#"{"scrape": "true"}"#,
             r#"{"port": "15000"}"#,
+            r#"{"port": "0"}"#,
             r#"{"port": "http"}"#,
             r#"{"port": "80", "path": "metrics"}"#,
             "[]",
