@@ -7,8 +7,9 @@
 //! - **Fail closed at start**: no snapshot until every watch has listed its objects once (a
 //!   proxy would otherwise start with no policy).
 //! - **Debounced**: a burst of object events makes one snapshot, [`DEFAULT_DEBOUNCE`] after
-//!   the last event; none when the registry and policy it would carry are unchanged (a Pod
-//!   status heartbeat).
+//!   the last event; none when the registry and policy it would carry are unchanged.
+//! - **Slim**: objects are held without `managedFields` and `kubectl apply`'s copy, Pods
+//!   with only what [`convert`] reads; a Pod status heartbeat changes nothing stored.
 //! - **Invalid objects** are left out alone (every other object still applies). Each is
 //!   logged once per `resourceVersion` (namespace/name, field, reason), counted in
 //!   `rampart_config_rejections_total{kind}` (one per refused object version) and
@@ -162,6 +163,69 @@ fn key(v: &Value) -> (String, String) {
     )
 }
 
+/// Keeps of a Pod what [`convert`] reads (name, namespace, uid, resourceVersion, labels,
+/// annotations, deletion; service account, host network, container port names and
+/// numbers; phase, Pod IP). A cluster's Pods are held in memory, and their status changes
+/// (conditions, container states) are most of the watch's events: slimmed, those leave
+/// the object as it was, and [`Store::apply`] sees no change.
+fn slim_pod(pod: &mut Pod) {
+    use k8s_openapi::api::core::v1::{Container, ContainerPort, PodSpec, PodStatus};
+    let m = &mut pod.metadata;
+    m.owner_references = None;
+    m.finalizers = None;
+    m.generate_name = None;
+    m.creation_timestamp = None;
+    m.generation = None;
+    pod.spec = pod.spec.take().map(|s| PodSpec {
+        service_account_name: s.service_account_name,
+        host_network: s.host_network,
+        containers: s
+            .containers
+            .into_iter()
+            .map(|c| Container {
+                name: c.name,
+                ports: c.ports.map(|ps| {
+                    ps.into_iter()
+                        .map(|p| ContainerPort {
+                            name: p.name,
+                            container_port: p.container_port,
+                            ..Default::default()
+                        })
+                        .collect()
+                }),
+                ..Default::default()
+            })
+            .collect(),
+        ..Default::default()
+    });
+    pod.status = pod.status.take().map(|s| PodStatus {
+        phase: s.phase,
+        pod_ip: s.pod_ip,
+        ..Default::default()
+    });
+}
+
+/// Whether `new` is `old` but for `metadata.resourceVersion`.
+fn same_but_version(old: &Value, new: &Value) -> bool {
+    let (Some(o), Some(n)) = (old.as_object(), new.as_object()) else {
+        return false;
+    };
+    o.len() == n.len()
+        && o.iter().all(|(k, v)| match (k.as_str(), n.get(k)) {
+            ("metadata", Some(nv)) => {
+                let (Some(om), Some(nm)) = (v.as_object(), nv.as_object()) else {
+                    return false;
+                };
+                om.len() == nm.len()
+                    && om
+                        .iter()
+                        .all(|(k, v)| k == "resourceVersion" || nm.get(k) == Some(v))
+            }
+            (_, Some(nv)) => nv == v,
+            (_, None) => false,
+        })
+}
+
 /// One watched collection: its objects, and those of a re-list being gathered.
 #[derive(Default)]
 struct Store {
@@ -175,7 +239,17 @@ impl Store {
     fn apply(&mut self, c: Change) -> bool {
         match c {
             Change::Apply(v) => {
-                self.objects.insert(key(&v), v);
+                let k = key(&v);
+                // A change of nothing kept (a slimmed Pod's status) keeps the object as it
+                // was, its resourceVersion too: refusals are reported once per version.
+                if self
+                    .objects
+                    .get(&k)
+                    .is_some_and(|old| same_but_version(old, &v))
+                {
+                    return false;
+                }
+                self.objects.insert(k, v);
                 true
             }
             Change::Delete(v) => {
@@ -202,12 +276,24 @@ impl Store {
     }
 }
 
-fn watch<K>(api: Api<K>, coll: Coll, types: (String, String)) -> ChangeStream
+/// The annotation `kubectl apply` keeps a whole copy of the object in.
+const LAST_APPLIED: &str = "kubectl.kubernetes.io/last-applied-configuration";
+
+/// A watch of `api` as [`Change`]s of JSON objects, each passed through `slim` first, and
+/// without what no conversion reads (`managedFields`, `kubectl apply`'s copy of the object):
+/// the source holds every watched object in memory.
+fn watch<K>(api: Api<K>, coll: Coll, types: (String, String), slim: fn(&mut K)) -> ChangeStream
 where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
     K: Send + 'static,
 {
-    let to_value = move |k: K| {
+    let to_value = move |mut k: K| {
+        slim(&mut k);
+        let meta = k.meta_mut();
+        meta.managed_fields = None;
+        if let Some(a) = meta.annotations.as_mut() {
+            a.remove(LAST_APPLIED);
+        }
         let mut v = serde_json::to_value(&k).unwrap_or(Value::Null);
         if let Value::Object(m) = &mut v {
             m.insert("apiVersion".into(), Value::String(types.0.clone()));
@@ -274,6 +360,7 @@ impl KubeConfigSource {
                     api,
                     Coll::Policy(i),
                     (ar.api_version.clone(), kind.to_owned()),
+                    |_| {},
                 ));
                 i += 1;
             }
@@ -283,16 +370,19 @@ impl KubeConfigSource {
             Api::<Pod>::all(self.client.clone()),
             Coll::Pods,
             core("Pod"),
+            slim_pod,
         ));
         out.push(watch(
             Api::<Service>::all(self.client.clone()),
             Coll::Services,
             core("Service"),
+            |_| {},
         ));
         out.push(watch(
             Api::<Namespace>::all(self.client.clone()),
             Coll::Namespaces,
             core("Namespace"),
+            |_| {},
         ));
         out
     }
@@ -509,5 +599,138 @@ pub(crate) async fn post_event(client: kube::Client, r: Refused) {
     let api: Api<CoreEvent> = Api::namespaced(client, &ns);
     if let Err(e) = api.create(&PostParams::default(), &ev).await {
         tracing::warn!(object = %r.object(), error = %e, "could not post the Event of a refused object (events create RBAC?)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rampart_certs::TrustDomain;
+    use serde_json::json;
+
+    /// A Pod as the API server sends it: managed fields, `kubectl apply`'s copy, owner,
+    /// container details and a full status.
+    fn full_pod(rv: &str, ready: bool, labels: Value) -> Pod {
+        serde_json::from_value(json!({
+            "apiVersion": "v1",
+            "kind": "Pod",
+            "metadata": {
+                "name": "web-1", "namespace": "shop", "uid": "u-1", "resourceVersion": rv,
+                "generateName": "web-", "creationTimestamp": "2026-12-07T10:00:00Z",
+                "labels": labels,
+                "annotations": {
+                    "proxy.rampart.io/admin": "127.0.0.1:15900",
+                    LAST_APPLIED: "{\"a whole copy\": true}"
+                },
+                "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet",
+                    "name": "web-abc", "uid": "rs-1"}],
+                "managedFields": [{"manager": "kubectl", "operation": "Update",
+                    "fieldsType": "FieldsV1", "fieldsV1": {"f:spec": {}}}]
+            },
+            "spec": {
+                "serviceAccountName": "web",
+                "nodeName": "node-a",
+                "containers": [{
+                    "name": "app", "image": "example/web:1",
+                    "env": [{"name": "A", "value": "b"}],
+                    "ports": [{"name": "http", "containerPort": 8080, "protocol": "TCP"}]
+                }]
+            },
+            "status": {
+                "phase": "Running", "podIP": "10.0.0.7", "hostIP": "192.0.2.1",
+                "conditions": [{"type": "Ready", "status": if ready { "True" } else { "False" }}],
+                "containerStatuses": [{"name": "app", "ready": ready, "restartCount": 0,
+                    "image": "example/web:1", "imageID": "sha256:00"}]
+            }
+        }))
+        .unwrap()
+    }
+
+    fn as_stored(mut pod: Pod) -> Value {
+        slim_pod(&mut pod);
+        pod.metadata.managed_fields = None;
+        if let Some(a) = pod.metadata.annotations.as_mut() {
+            a.remove(LAST_APPLIED);
+        }
+        let mut v = serde_json::to_value(pod).unwrap();
+        v["apiVersion"] = "v1".into();
+        v["kind"] = "Pod".into();
+        v
+    }
+
+    fn service() -> Value {
+        json!({
+            "apiVersion": "v1", "kind": "Service",
+            "metadata": {"name": "web", "namespace": "shop", "uid": "s-1", "resourceVersion": "1"},
+            "spec": {"selector": {"app": "web"}, "ports": [{"name": "http", "port": 80,
+                "targetPort": "http"}]}
+        })
+    }
+
+    /// The mesh model from a slimmed Pod is the one from the whole Pod, and what is dropped
+    /// is gone (a named target port still resolves).
+    #[test]
+    fn a_slimmed_pod_converts_as_the_whole_one() {
+        let settings = KubeSettings::new(TrustDomain::new("cluster.local").unwrap());
+        let full = full_pod("5", true, json!({"app": "web"}));
+        let mut whole = serde_json::to_value(&full).unwrap();
+        whole["apiVersion"] = "v1".into();
+        whole["kind"] = "Pod".into();
+        let slim = as_stored(full);
+        let snapshot = |pod: Value| {
+            let objects = KubeObjects {
+                pods: vec![pod],
+                services: vec![service()],
+                ..Default::default()
+            };
+            let conv = convert(&settings, &objects);
+            assert!(conv.refused.is_empty(), "{:?}", conv.refused);
+            conv.snapshot.registry
+        };
+        let registry = snapshot(slim.clone());
+        assert_eq!(registry, snapshot(whole));
+        assert_eq!(registry.workloads.len(), 1);
+        assert_eq!(registry.workloads[0].ports[0].port, 8080);
+        assert_eq!(
+            registry.workloads[0].proxy.admin,
+            Some("127.0.0.1:15900".parse().unwrap())
+        );
+        let text = slim.to_string();
+        for gone in [
+            "managedFields",
+            "last-applied",
+            "containerStatuses",
+            "example/web",
+            "env",
+        ] {
+            assert!(!text.contains(gone), "{gone} kept: {text}");
+        }
+    }
+
+    /// A status-only change of a Pod (readiness) is no change of the stored objects, and the
+    /// stored resourceVersion stays; a label change is one.
+    #[test]
+    fn status_heartbeats_change_nothing_stored() {
+        let mut store = Store::default();
+        assert!(store.apply(Change::Apply(as_stored(full_pod(
+            "5",
+            false,
+            json!({"app": "web"})
+        )))));
+        assert!(!store.apply(Change::Apply(as_stored(full_pod(
+            "6",
+            true,
+            json!({"app": "web"})
+        )))));
+        let k = ("shop".to_owned(), "web-1".to_owned());
+        assert_eq!(store.objects[&k]["metadata"]["resourceVersion"], "5");
+        assert!(store.apply(Change::Apply(as_stored(full_pod(
+            "7",
+            true,
+            json!({"app": "api"})
+        )))));
+        assert_eq!(store.objects[&k]["metadata"]["resourceVersion"], "7");
+        assert!(store.apply(Change::Delete(as_stored(full_pod("8", true, json!({}))))));
+        assert!(store.objects.is_empty());
     }
 }
