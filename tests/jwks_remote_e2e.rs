@@ -167,6 +167,15 @@ fn write_mesh(mesh: &Path, ca_file: &str, refresh: &str) {
 }
 
 fn write_policy(mesh: &Path, jwks_uri: &str) {
+    write_rules(
+        mesh,
+        &format!("  - issuer: {ISSUER}\n    jwksUri: {jwks_uri}\n"),
+    );
+}
+
+/// The RequestAuthentication with `rules` (YAML list items under `jwtRules`), and the DENY
+/// of `/jwt/*` without a request principal.
+fn write_rules(mesh: &Path, rules: &str) {
     std::fs::write(
         mesh.join("policy/jwt.yaml"),
         format!(
@@ -176,9 +185,7 @@ metadata: {{name: idp, namespace: api}}
 spec:
   selector: {{matchLabels: {{app: backend}}}}
   jwtRules:
-  - issuer: {ISSUER}
-    jwksUri: {jwks_uri}
----
+{rules}---
 apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {{name: require-jwt, namespace: api}}
@@ -202,13 +209,17 @@ fn keygen(dir: &Path, name: &str) -> (PathBuf, Vec<u8>) {
 }
 
 fn token(key: &Path) -> String {
+    token_of(key, ISSUER)
+}
+
+fn token_of(key: &Path, issuer: &str) -> String {
     let out = rampart(&[
         "token",
         "issue",
         "--key",
         key.to_str().unwrap(),
         "--issuer",
-        ISSUER,
+        issuer,
         "--ns",
         "web",
         "--sa",
@@ -512,6 +523,66 @@ fn remote_jwks_over_https() {
         || with(&t3).0 == "200",
         plog,
     );
+
+    // --- 7. OpenID discovery: an issuer with neither jwks nor jwksUri ---
+    // The IdP's configuration at <issuer>/.well-known/openid-configuration names the key set
+    // (k3's); a second issuer's configuration claims another issuer (a mix-up): refused.
+    let base = format!("https://127.0.0.1:{idp_port}");
+    let (good_iss, mixup_iss) = (format!("{base}/tenant"), format!("{base}/mixup"));
+    for (dir, doc) in [
+        (
+            "tenant",
+            format!(r#"{{"issuer": "{good_iss}", "jwks_uri": "{base}/jwks.json"}}"#),
+        ),
+        (
+            "mixup",
+            format!(r#"{{"issuer": "https://elsewhere.example", "jwks_uri": "{base}/jwks.json"}}"#),
+        ),
+    ] {
+        let d = idp.dir.join("www").join(dir).join(".well-known");
+        std::fs::create_dir_all(&d).unwrap();
+        std::fs::write(d.join("openid-configuration"), doc).unwrap();
+    }
+    write_rules(
+        &mesh,
+        &format!("  - issuer: {good_iss}\n  - issuer: {mixup_iss}\n"),
+    );
+    let discovered = token_of(&k3, &good_iss);
+    wait_for(
+        "a token of the discovered issuer to pass",
+        Duration::from_secs(15),
+        || with(&discovered).0 == "200",
+        plog,
+    );
+    let uris = dump()["jwks"]["uris"].clone();
+    let good_entry = uris
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["uri"] == format!("{good_iss}/.well-known/openid-configuration").as_str())
+        .unwrap_or_else(|| panic!("{uris}"))
+        .clone();
+    assert_eq!(good_entry["openid_discovery"], true, "{good_entry}");
+    assert_eq!(good_entry["jwks_uri"], format!("{base}/jwks.json").as_str());
+    assert_eq!(good_entry["state"], "ok", "{good_entry}");
+    assert!(
+        server
+            .log()
+            .contains("\"GET /tenant/.well-known/openid-configuration"),
+        "{}",
+        server.log()
+    );
+    // Twins: the mix-up issuer's token (same key), and a token of another key.
+    let (code, body) = with(&token_of(&k3, &mixup_iss));
+    assert_eq!(code, "401", "{body}");
+    assert_eq!(body.trim(), "Jwks remote fetch is failed");
+    assert!(
+        plog().contains("is the configuration of issuer \"https://elsewhere.example\""),
+        "{}",
+        plog()
+    );
+    let (code, _) = with(&token_of(&other, &good_iss));
+    assert_eq!(code, "401");
     drop(server);
     drop(proxy);
 }

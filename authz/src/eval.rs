@@ -100,9 +100,13 @@ impl Engine {
     /// `timeout` wins), in policy order: what a JWKS fetcher has to keep fresh.
     pub fn jwks_uris(&self) -> Vec<crate::JwksFetch> {
         let mut out: Vec<crate::JwksFetch> = Vec::new();
-        for (uri, timeout) in self.reqauthn.jwks_uris() {
+        for (uri, timeout, discovery) in self.reqauthn.jwks_uris() {
             if !out.iter().any(|f| f.uri == uri) {
-                out.push(crate::JwksFetch { uri, timeout });
+                out.push(crate::JwksFetch {
+                    uri,
+                    timeout,
+                    discovery,
+                });
             }
         }
         out

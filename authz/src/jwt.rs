@@ -57,7 +57,15 @@ pub struct FileJwksFetcher {
 
 impl JwksFetcher for FileJwksFetcher {
     fn fetch(&self, uri: &str, _timeout: Duration) -> Result<String, String> {
-        let path: std::path::PathBuf = if let Some(p) = self.overrides.get(uri) {
+        // An issuer's OpenID discovery key set may be mapped by the issuer too.
+        let issuer = uri.strip_suffix(OPENID_CONFIGURATION);
+        let mapped = self.overrides.get(uri).or_else(|| {
+            let i = issuer?;
+            self.overrides
+                .get(i)
+                .or_else(|| self.overrides.get(&format!("{i}/")))
+        });
+        let path: std::path::PathBuf = if let Some(p) = mapped {
             p.clone()
         } else if let Some(p) = uri.strip_prefix("file://") {
             p.into()
@@ -97,10 +105,39 @@ pub struct JwksCache {
 /// One JWKS document to fetch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwksFetch {
-    /// The `jwksUri`.
+    /// The `jwksUri`; for an issuer found by OpenID discovery, its configuration document
+    /// ([`openid_discovery_uri`]), which names the key set.
     pub uri: String,
     /// The rule's `timeout` (default 5s).
     pub timeout: Duration,
+    /// `uri` is an OpenID configuration document: fetch it, then the `jwks_uri` it names.
+    pub discovery: bool,
+}
+
+/// The path of an issuer's OpenID Provider configuration document (OpenID Connect
+/// Discovery 1.0, section 4).
+pub const OPENID_CONFIGURATION: &str = "/.well-known/openid-configuration";
+
+/// Where OpenID discovery reads `issuer`'s configuration (`<issuer>` without a trailing
+/// `/`, then [`OPENID_CONFIGURATION`]), as Istio does for a jwtRule with neither `jwks`
+/// nor `jwksUri`: `None` for an issuer that is not an `http(s)` URL with a host and no
+/// query or fragment (such an issuer has no discovery, and its tokens are refused).
+pub fn openid_discovery_uri(issuer: &str) -> Option<String> {
+    let rest = issuer
+        .strip_prefix("https://")
+        .or_else(|| issuer.strip_prefix("http://"))?;
+    let host = rest.split('/').next().unwrap_or_default();
+    if host.is_empty()
+        || host.contains('@')
+        || issuer.contains(['?', '#'])
+        || issuer.bytes().any(|b| b <= b' ' || b == 0x7f)
+    {
+        return None;
+    }
+    Some(format!(
+        "{}{OPENID_CONFIGURATION}",
+        issuer.trim_end_matches('/')
+    ))
 }
 
 impl JwksCache {
@@ -117,7 +154,7 @@ impl JwksCache {
     /// The URIs of `engine`'s rules that are due for a fetch at `now`.
     pub fn due(&self, engine: &crate::Engine, now: SystemTime) -> Vec<JwksFetch> {
         let mut out: Vec<JwksFetch> = Vec::new();
-        for (uri, timeout) in engine.reqauthn.jwks_uris() {
+        for (uri, timeout, discovery) in engine.reqauthn.jwks_uris() {
             let e = self.entries.get(&uri);
             let due = match e {
                 None => true,
@@ -133,7 +170,11 @@ impl JwksCache {
                 }
             };
             if due && !out.iter().any(|f| f.uri == uri) {
-                out.push(JwksFetch { uri, timeout });
+                out.push(JwksFetch {
+                    uri,
+                    timeout,
+                    discovery,
+                });
             }
         }
         out
@@ -252,6 +293,8 @@ enum Location {
 enum Keys {
     Inline(Result<Arc<Jwks>, String>),
     Uri(String),
+    /// OpenID discovery: the issuer's configuration document, which names the key set.
+    Discovery(String),
 }
 
 #[derive(Debug, Clone)]
@@ -312,16 +355,22 @@ fn compile_rule(policy: &PolicyRef, r: &JwtRule, warnings: &mut Vec<String>) -> 
                 .inspect_err(|e| warnings.push(format!("{policy}: inline jwks: {e}"))),
         ),
         (_, Some(uri)) if !uri.is_empty() => Keys::Uri(uri.clone()),
-        _ => {
-            // OpenID discovery of `issuer` is not performed by a pure engine: fail closed.
-            warnings.push(format!(
-                "{policy}: issuer {:?} has neither jwks nor jwksUri; its tokens are refused",
-                r.issuer.as_deref().unwrap_or("")
-            ));
-            Keys::Inline(Err(
-                "no jwks or jwksUri configured (OpenID discovery is not supported)".into(),
-            ))
-        }
+        _ => match r.issuer.as_deref().and_then(openid_discovery_uri) {
+            // Istio finds the key set through the issuer's OpenID configuration.
+            Some(doc) => Keys::Discovery(doc),
+            None => {
+                warnings.push(format!(
+                    "{policy}: issuer {:?} has neither jwks nor jwksUri and is not an http(s) \
+                     URL for OpenID discovery; its tokens are refused",
+                    r.issuer.as_deref().unwrap_or("")
+                ));
+                Keys::Inline(Err(
+                    "no jwks or jwksUri configured, and the issuer is not an http(s) URL for \
+                     OpenID discovery"
+                        .into(),
+                ))
+            }
+        },
     };
     let mut space_delimited = vec!["scope".to_string(), "permission".to_string()];
     space_delimited.extend(r.space_delimited_claims.iter().cloned());
@@ -380,12 +429,14 @@ impl ReqAuthnSet {
         set
     }
 
-    pub(crate) fn jwks_uris(&self) -> Vec<(String, Duration)> {
+    /// Each remote key set: (URI, timeout, whether the URI is an OpenID configuration).
+    pub(crate) fn jwks_uris(&self) -> Vec<(String, Duration, bool)> {
         self.policies
             .iter()
             .flat_map(|p| p.rules.iter())
             .filter_map(|r| match &r.keys {
-                Keys::Uri(u) => Some((u.clone(), r.timeout)),
+                Keys::Uri(u) => Some((u.clone(), r.timeout, false)),
+                Keys::Discovery(u) => Some((u.clone(), r.timeout, true)),
                 Keys::Inline(_) => None,
             })
             .collect()
@@ -698,7 +749,7 @@ fn verify_with_rule(
         Keys::Inline(Err(e)) => {
             return Err(reject(401, format!("Jwks doesn't have valid keys: {e}"), p));
         }
-        Keys::Uri(u) => match keys.jwks(u) {
+        Keys::Uri(u) | Keys::Discovery(u) => match keys.jwks(u) {
             Ok(j) => j,
             Err(e) => return Err(reject(401, format!("Jwks remote fetch is failed: {e}"), p)),
         },

@@ -504,6 +504,90 @@ fn jwks_uri_cache_fails_closed_then_keeps_last_good() {
     let _ = MeshConfig::default();
 }
 
+/// A jwtRule with neither `jwks` nor `jwksUri` gets its keys by OpenID discovery of its
+/// issuer, as in Istio: the engine names the issuer's configuration document to fetch (a
+/// `discovery` fetch) and verifies with what is cached under it; an issuer that is not an
+/// http(s) URL has no discovery and its tokens are refused (fail closed). Offline, the key
+/// set may be mapped by the issuer.
+#[test]
+fn issuers_without_keys_are_found_by_openid_discovery() {
+    use rampart_authz::openid_discovery_uri as doc;
+    assert_eq!(
+        doc("https://accounts.example.com").as_deref(),
+        Some("https://accounts.example.com/.well-known/openid-configuration")
+    );
+    assert_eq!(
+        doc("https://idp.example/tenant/v2.0/").as_deref(),
+        Some("https://idp.example/tenant/v2.0/.well-known/openid-configuration")
+    );
+    for not_a_url in [
+        "testing@secure.istio.io",
+        "idp.example",
+        "https://",
+        "https:///path",
+        "https://idp.example/?x=1",
+        "https://idp.example/#f",
+        "https://user@idp.example",
+        "https://idp.example/a b",
+        "ftp://idp.example",
+    ] {
+        assert_eq!(doc(not_a_url), None, "{not_a_url}");
+    }
+
+    let s = signer(KeyAlgorithm::EcdsaP256);
+    let iss = "https://idp.example/tenant";
+    let yaml = format!(
+        "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: r, namespace: foo}}\nspec:\n  jwtRules:\n  - {{issuer: '{iss}'}}\n  - {{issuer: 'testing@secure.istio.io'}}\n"
+    );
+    let e = engine(&yaml);
+    let fetches = e.jwks_uris();
+    let config = "https://idp.example/tenant/.well-known/openid-configuration";
+    assert_eq!(fetches.len(), 1, "{fetches:?}");
+    assert_eq!(fetches[0].uri, config);
+    assert!(fetches[0].discovery);
+    assert!(
+        e.warnings()
+            .iter()
+            .any(|w| w.contains("testing@secure.istio.io") && w.contains("OpenID discovery")),
+        "{:?}",
+        e.warnings()
+    );
+    let t = at(1_900_000_000);
+    let good = bearer(&s.sign(&json!({"iss": iss, "sub": "u"})).unwrap());
+    // Nothing fetched yet: refused.
+    let o = e.authenticate_request(&httpbin(), &good, t, &JwksCache::default());
+    assert_eq!(status(&o), 401, "{o:?}");
+    // The key set found through discovery (the proxy's fetcher does the two steps), mapped
+    // offline by the issuer itself.
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("keys.json"), jwks_text(&s)).unwrap();
+    let files = FileJwksFetcher {
+        base_dir: Some(dir.path().to_path_buf()),
+        overrides: [(iss.to_string(), "keys.json".into())].into(),
+    };
+    let mut cache = JwksCache::default();
+    cache.refresh(&e, &files, t);
+    assert_eq!(cache.last_error(config), None);
+    let o = e.authenticate_request(&httpbin(), &good, t, &cache);
+    assert!(matches!(o, AuthnOutcome::Authenticated { .. }), "{o:?}");
+    // Negative twins: a token of another key, and of the issuer without discovery.
+    let forged = bearer(
+        &signer(KeyAlgorithm::EcdsaP256)
+            .sign(&json!({"iss": iss, "sub": "u"}))
+            .unwrap(),
+    );
+    assert_eq!(
+        status(&e.authenticate_request(&httpbin(), &forged, t, &cache)),
+        401
+    );
+    let no_discovery = bearer(
+        &s.sign(&json!({"iss": "testing@secure.istio.io", "sub": "u"}))
+            .unwrap(),
+    );
+    let o = e.authenticate_request(&httpbin(), &no_discovery, t, &cache);
+    assert_eq!(status(&o), 401, "{o:?}");
+}
+
 /// Envoy's jwt_authn, as Istio configures it, in the cases Rampart used to answer otherwise:
 /// the prefix found anywhere in the header, audiences compared without scheme and trailing
 /// slash, any rule for the issuer may accept the token (requires_any), a huge `exp`, an

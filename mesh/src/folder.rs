@@ -533,6 +533,14 @@ impl ReferencedFiles {
                 jwks.insert(uri.clone(), text);
             }
         }
+        // Key sets of issuers found by OpenID discovery, mapped to local files.
+        for (uri, path) in &overrides {
+            if !jwks.contains_key(uri) {
+                let text =
+                    std::fs::read_to_string(path).map_err(|e| format!("{}: {e}", path.display()));
+                jwks.insert(uri.clone(), text);
+            }
+        }
         let jwks_ca = folder.local.jwks_ca_file.as_ref().map(|p| {
             let p = folder.dir.join(p);
             std::fs::read_to_string(&p).map_err(|e| format!("{}: {e}", p.display()))
@@ -1332,21 +1340,34 @@ impl MeshFolder {
     /// `rampart.jwks` in `mesh.yaml` maps a URI to a file relative to the folder; without an
     /// entry, `jwks/<host>.json` is used when it exists (`https://issuer.example/keys` →
     /// `jwks/issuer.example.json`). Istio's validation only accepts http(s) URIs in policy.
+    /// A rule with neither `jwks` nor `jwksUri` gets its key set by OpenID discovery of its
+    /// issuer: the same, keyed by the issuer (or its configuration document's URI), and
+    /// `jwks/<issuer host>.json`.
     pub fn jwks_files(&self) -> BTreeMap<String, PathBuf> {
         let mut out = BTreeMap::new();
+        let mapped = |k: &str| {
+            self.local
+                .raw
+                .get("jwks")
+                .and_then(|m| m.get(k))
+                .and_then(|v| v.as_str())
+        };
         for r in &self.resources {
             let Resource::RequestAuthentication(ra) = r else {
                 continue;
             };
             for rule in ra.spec.jwt_rules.iter().flatten() {
-                let Some(uri) = &rule.jwks_uri else { continue };
-                if let Some(p) = self
-                    .local
-                    .raw
-                    .get("jwks")
-                    .and_then(|m| m.get(uri))
-                    .and_then(|v| v.as_str())
-                {
+                let inline = rule.jwks.as_deref().is_some_and(|j| !j.is_empty());
+                let (uri, by_issuer) = match (&rule.jwks_uri, &rule.issuer) {
+                    (Some(u), _) if !u.is_empty() => (u.clone(), None),
+                    (_, Some(i)) if !inline => match rampart_authz::openid_discovery_uri(i) {
+                        Some(doc) => (doc, Some(i.as_str())),
+                        None => continue,
+                    },
+                    _ => continue,
+                };
+                let uri = &uri;
+                if let Some(p) = mapped(uri).or_else(|| by_issuer.and_then(mapped)) {
                     out.insert(uri.clone(), self.dir.join(p));
                     continue;
                 }
@@ -1651,6 +1672,42 @@ services:
                 "{text}: {problems:?}"
             );
         }
+    }
+
+    /// A jwtRule found by OpenID discovery is read from a local file offline: mapped by
+    /// its issuer in `rampart.jwks`, or `jwks/<issuer host>.json`; keyed by the issuer's
+    /// configuration URI, which the engine asks for. An issuer with no mapping and no such
+    /// file is left to be fetched.
+    #[test]
+    fn discovered_issuers_map_to_local_key_sets() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(WORKLOADS_FILE), REG).unwrap();
+        std::fs::create_dir_all(d.path().join("policy")).unwrap();
+        std::fs::create_dir_all(d.path().join("jwks")).unwrap();
+        std::fs::write(
+            d.path().join("policy/ra.yaml"),
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: r, namespace: api}\nspec:\n  jwtRules:\n  - {issuer: 'https://a.example/t'}\n  - {issuer: 'https://b.example'}\n  - {issuer: 'https://c.example'}\n",
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join(MESH_FILE),
+            "rampart:\n  jwks: {'https://a.example/t': a.json}\n",
+        )
+        .unwrap();
+        std::fs::write(d.path().join("a.json"), "A").unwrap();
+        std::fs::write(d.path().join("jwks/b.example.json"), "B").unwrap();
+        let f = MeshFolder::load(d.path()).unwrap();
+        let doc = |i: &str| format!("{i}/.well-known/openid-configuration");
+        assert_eq!(
+            f.files.jwks.get(&doc("https://a.example/t")),
+            Some(&Ok("A".to_owned()))
+        );
+        assert_eq!(
+            f.files.jwks.get(&doc("https://b.example")),
+            Some(&Ok("B".to_owned()))
+        );
+        assert_eq!(f.files.jwks.get(&doc("https://c.example")), None);
+        assert_eq!(f.files.jwks.len(), 2);
     }
 
     #[test]

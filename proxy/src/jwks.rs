@@ -12,6 +12,10 @@
 //! * A token whose `kid` is not in the key set triggers one early refetch of that URI (at
 //!   most once per [`KID_MISS_INTERVAL`]), and the request is checked again: an IdP key
 //!   rotation is picked up without waiting for the next refresh.
+//! * A rule with neither `jwks` nor `jwksUri` is found by OpenID discovery, as Istio does:
+//!   its issuer's configuration document, then the `jwks_uri` it names (whose `issuer` must
+//!   be the rule's, and which may not move an https fetch to http); cached under the
+//!   document's URI.
 //! * Fetching: the rule's `timeout` (Istio's default 5s) bounds connect, TLS, request and
 //!   body; bodies over [`MAX_BODY`] are refused; only `200` is accepted (redirects are not
 //!   followed); `https` is verified against the system roots plus `rampart.jwksCaFile`;
@@ -59,6 +63,8 @@ pub(crate) struct JwksState {
     /// Last early (unknown `kid`) refetch per URI; held while one runs.
     kid_miss: tokio::sync::Mutex<HashMap<String, Instant>>,
     warned_http: Mutex<BTreeSet<String>>,
+    /// OpenID configuration URI → the `jwks_uri` it named at its last good fetch.
+    discovered: Mutex<HashMap<String, String>>,
     /// Serializes writers of `cache` (the refresh task and early refetches).
     write: tokio::sync::Mutex<()>,
     first_round: AtomicBool,
@@ -71,6 +77,7 @@ impl Default for JwksState {
             schedule: Mutex::new(HashMap::new()),
             kid_miss: tokio::sync::Mutex::new(HashMap::new()),
             warned_http: Mutex::new(BTreeSet::new()),
+            discovered: Mutex::new(HashMap::new()),
             write: tokio::sync::Mutex::new(()),
             first_round: AtomicBool::new(false),
         }
@@ -112,7 +119,22 @@ impl JwksState {
         }
         let results = futures::future::join_all(list.iter().map(|f| {
             let fetcher = fetcher.clone();
-            async move { fetcher.fetch(&f.uri, f.timeout).await }
+            async move {
+                if !f.discovery {
+                    return fetcher.fetch(&f.uri, f.timeout).await;
+                }
+                let (jwks_uri, body) = fetcher.fetch_discovered(&f.uri, f.timeout).await?;
+                let before = lock(&self.discovered).insert(f.uri.clone(), jwks_uri.clone());
+                if before.as_deref() != Some(jwks_uri.as_str()) {
+                    tracing::info!(configuration = %f.uri, jwks_uri = %jwks_uri, "OpenID discovery found the issuer's key set");
+                    if jwks_uri.starts_with("http://")
+                        && lock(&self.warned_http).insert(jwks_uri.clone())
+                    {
+                        tracing::warn!(uri = %jwks_uri, "jwks_uri uses plain http: its keys could be altered in transit; use https");
+                    }
+                }
+                Ok(body)
+            }
         }))
         .await;
         let _w = self.write.lock().await;
@@ -195,6 +217,7 @@ impl JwksState {
         c.retain(|u| keep.contains(u));
         self.cache.store(Arc::new(c));
         let now = Instant::now();
+        lock(&self.discovered).retain(|u, _| keep.contains(u));
         let mut sched = lock(&self.schedule);
         sched.retain(|u, _| keep.contains(u));
         let latest = now + cfg.jwks_remote.refresh;
@@ -354,6 +377,12 @@ pub(crate) fn dump(state: &JwksState, cfg: &Config) -> serde_json::Value {
                 "keys": st.as_ref().map_or(0, |s| s.keys),
                 "kids": st.as_ref().map(|s| s.kids.clone()).unwrap_or_default(),
             });
+            if f.discovery {
+                v["openid_discovery"] = true.into();
+                if !local {
+                    v["jwks_uri"] = lock(&state.discovered).get(&f.uri).cloned().into();
+                }
+            }
             if !local {
                 v["next_attempt_in_s"] = sched
                     .get(&f.uri)

@@ -119,6 +119,27 @@ impl HttpFetcher {
         }
     }
 
+    /// The key set of an issuer found by OpenID discovery: the configuration document at
+    /// `doc`, then the `jwks_uri` it names, each within `timeout`. Returns that `jwks_uri`
+    /// and its body.
+    pub(crate) async fn fetch_discovered(
+        &self,
+        doc: &str,
+        timeout: Duration,
+    ) -> Result<(String, String), String> {
+        let body = self
+            .fetch(doc, timeout)
+            .await
+            .map_err(|e| format!("OpenID configuration: {e}"))?;
+        let jwks_uri =
+            discovered_jwks_uri(doc, &body).map_err(|e| format!("OpenID configuration: {e}"))?;
+        let keys = self
+            .fetch(&jwks_uri, timeout)
+            .await
+            .map_err(|e| format!("jwks_uri {jwks_uri} (from the OpenID configuration): {e}"))?;
+        Ok((jwks_uri, keys))
+    }
+
     async fn fetch_inner(&self, uri: &str) -> Result<String, String> {
         let u: Uri = uri.parse().map_err(|e| format!("not a valid URI: {e}"))?;
         let https = match u.scheme_str() {
@@ -205,6 +226,40 @@ impl HttpFetcher {
         conn.abort();
         result
     }
+}
+
+/// The `jwks_uri` of the OpenID configuration `body` served at `doc`. Its `issuer` must
+/// be the issuer discovery was for (OpenID Connect Discovery 1.0, section 4.3; a trailing
+/// `/` aside), and a document fetched over `https` may not send the key fetch to plain
+/// `http`.
+pub(crate) fn discovered_jwks_uri(doc: &str, body: &str) -> Result<String, String> {
+    let v: serde_json::Value =
+        serde_json::from_str(body).map_err(|e| format!("not a JSON document: {e}"))?;
+    let issuer = doc
+        .strip_suffix(rampart_authz::OPENID_CONFIGURATION)
+        .unwrap_or(doc);
+    match v.get("issuer").and_then(serde_json::Value::as_str) {
+        Some(i) if i.trim_end_matches('/') == issuer => {}
+        Some(i) => {
+            return Err(format!(
+                "it is the configuration of issuer {i:?}, not {issuer:?}"
+            ));
+        }
+        None => return Err("no \"issuer\"".into()),
+    }
+    let uri = v
+        .get("jwks_uri")
+        .and_then(serde_json::Value::as_str)
+        .ok_or("no \"jwks_uri\"")?;
+    if !(uri.starts_with("https://") || uri.starts_with("http://")) {
+        return Err(format!("jwks_uri {uri:?} is not an http(s) URL"));
+    }
+    if doc.starts_with("https://") && !uri.starts_with("https://") {
+        return Err(format!(
+            "jwks_uri {uri:?} is plain http, while the configuration came over https"
+        ));
+    }
+    Ok(uri.to_owned())
 }
 
 // === settings (per configuration) ===

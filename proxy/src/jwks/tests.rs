@@ -267,3 +267,111 @@ fn mesh_yaml_settings_are_checked() {
     let again = RemoteSettings::load(&f).unwrap();
     assert!(std::sync::Arc::ptr_eq(&s.fetcher, &again.fetcher));
 }
+
+/// Serve `make(own address)` to every connection (a document that names its own URL).
+async fn server_naming_itself(make: impl FnOnce(String) -> Option<Vec<u8>>) -> String {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let base = format!("http://{}", l.local_addr().unwrap());
+    let response = make(base.clone());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            let response = response.clone();
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                if let Some(r) = response {
+                    let _ = s.write_all(&r).await;
+                    let _ = s.shutdown().await;
+                }
+            });
+        }
+    });
+    base
+}
+
+/// OpenID discovery: the issuer's configuration names the key set, which is fetched; a
+/// configuration of another issuer, without `jwks_uri`, or sending an https document's key
+/// fetch to plain http is refused, each naming why.
+#[tokio::test]
+async fn openid_discovery_finds_the_key_set_and_refuses_bad_configurations() {
+    use crate::jwks_http::discovered_jwks_uri;
+    let keys = server(http("200 OK", "", JWKS)).await;
+    let issuer = {
+        let keys = keys.clone();
+        server_naming_itself(move |base| {
+            http(
+                "200 OK",
+                "content-type: application/json\r\n",
+                &format!(r#"{{"issuer": "{base}/", "jwks_uri": "{keys}"}}"#),
+            )
+        })
+        .await
+    };
+    let doc = rampart_authz::openid_discovery_uri(&issuer).unwrap();
+    let (found, body) = fetcher().fetch_discovered(&doc, T).await.unwrap();
+    assert_eq!((found.as_str(), body.as_str()), (keys.as_str(), JWKS));
+
+    // Another issuer's configuration (a mix-up), and one without keys.
+    let other = server_naming_itself(move |_| {
+        http(
+            "200 OK",
+            "",
+            r#"{"issuer": "https://elsewhere.example", "jwks_uri": "https://elsewhere.example/k"}"#,
+        )
+    })
+    .await;
+    let err = fetcher()
+        .fetch_discovered(&rampart_authz::openid_discovery_uri(&other).unwrap(), T)
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("OpenID configuration") && err.contains("elsewhere.example"),
+        "{err}"
+    );
+    let d = "https://idp.example/.well-known/openid-configuration";
+    for (body, why) in [
+        (r#"{"issuer": "https://idp.example"}"#, "no \"jwks_uri\""),
+        (r#"{"jwks_uri": "https://idp.example/k"}"#, "no \"issuer\""),
+        (
+            r#"{"issuer": "https://idp.example", "jwks_uri": "http://idp.example/k"}"#,
+            "plain http",
+        ),
+        (
+            r#"{"issuer": "https://idp.example", "jwks_uri": "file:///etc/passwd"}"#,
+            "not an http(s) URL",
+        ),
+        ("<html>", "not a JSON document"),
+    ] {
+        let err = discovered_jwks_uri(d, body).unwrap_err();
+        assert!(err.contains(why), "{body}: {err}");
+    }
+    assert_eq!(
+        discovered_jwks_uri(
+            d,
+            r#"{"issuer": "https://idp.example/", "jwks_uri": "https://keys.idp.example/k"}"#
+        )
+        .as_deref(),
+        Ok("https://keys.idp.example/k")
+    );
+    // A failing key fetch names the jwks_uri it came from.
+    let dead = server(None).await;
+    let issuer = server_naming_itself(move |base| {
+        http(
+            "200 OK",
+            "",
+            &format!(r#"{{"issuer": "{base}", "jwks_uri": "{dead}"}}"#),
+        )
+    })
+    .await;
+    let err = fetcher()
+        .fetch_discovered(
+            &rampart_authz::openid_discovery_uri(&issuer).unwrap(),
+            Duration::from_millis(300),
+        )
+        .await
+        .unwrap_err();
+    assert!(
+        err.contains("jwks_uri http://") && err.contains("no complete response"),
+        "{err}"
+    );
+}
