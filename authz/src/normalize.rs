@@ -66,6 +66,18 @@ pub fn normalize_path(raw: &str, mode: PathNormalization) -> Result<NormalizedPa
         Some(i) => (&raw[..i], Some(raw[i + 1..].to_string())),
         None => (raw, None),
     };
+    // An absolute-form target without a path (`GET http://host?x`) is the root, as the
+    // request is forwarded in origin form.
+    let path = if path.is_empty() { "/" } else { path };
+    // A path that is not absolute (`admin`, `pkg.Service/Method`, `\admin`, `*`) would be
+    // matched as it is, unlike any `paths` entry, while an app may still route it (gRPC-Go
+    // before 1.79.3 and some HTTP/1.1 frameworks add the slash): refused, as Envoy's HTTP
+    // connection manager refuses every non-relative path before its filters run.
+    if !path.starts_with('/') {
+        return Err(PathRejected {
+            reason: "path does not start with '/'",
+        });
+    }
     if contains_nul_escape(path) || path.contains('\0') {
         return Err(PathRejected {
             reason: "path contains an encoded NUL (%00)",
@@ -310,7 +322,6 @@ mod tests {
         assert_eq!(n("/a/b/.", Base), "/a/b/");
         assert_eq!(n("/../../x", Base), "/x");
         assert_eq!(n("/..", Base), "/");
-        assert_eq!(n("\\admin", Base), "/admin");
         assert_eq!(n("/a\\..\\admin", Base), "/admin");
         // Unreserved escapes are decoded once, others kept.
         assert_eq!(n("/%61dmin", Base), "/admin");
@@ -322,6 +333,29 @@ mod tests {
         assert_eq!(n("/a b", Base), "/a%20b");
         // Parameters are not special.
         assert_eq!(n("/admin;x=1", Base), "/admin;x=1");
+    }
+
+    /// gRPC-Go CVE-2026-33186: a path without its leading slash would dodge every `paths`
+    /// rule while the app routes it; refused in every mode. An empty path is the root.
+    #[test]
+    fn paths_that_are_not_absolute_are_refused() {
+        for mode in [None, Base, MergeSlashes, DecodeAndMergeSlashes] {
+            for p in [
+                "admin",
+                "pkg.Admin/Delete",
+                "\\admin",
+                "*",
+                "%2Fadmin",
+                ".",
+                "admin?x=/y",
+            ] {
+                assert!(normalize_path(p, mode).is_err(), "{p:?} {mode:?}");
+            }
+            let r = normalize_path("?x=1", mode).unwrap();
+            assert_eq!((r.path.as_str(), r.to_forward().as_str()), ("/", "/?x=1"));
+            assert_eq!(n("", mode), "/");
+            assert_eq!(n("#f", mode), "/");
+        }
     }
 
     #[test]

@@ -40,7 +40,12 @@ const CASES: &[(&str, [bool; 4])] = &[
     ("/public%5c..%5cadmin", [false, false, false, true]),
     // A raw backslash is a slash for every mode but NONE.
     ("/public\\..\\admin", [false, true, true, true]),
-    ("\\admin", [false, true, true, true]),
+    // Not relative (no leading `/`): refused before any policy in every mode (400, as
+    // Envoy's 404), since an app may still route it as `/admin` (gRPC-Go CVE-2026-33186).
+    ("\\admin", [true, true, true, true]),
+    ("admin", [true, true, true, true]),
+    ("pkg.Admin/Delete", [true, true, true, true]),
+    ("public/../admin", [true, true, true, true]),
     // Query strings never take part.
     ("/admin?x=/public", [true, true, true, true]),
     ("/public?x=/admin", [false, false, false, false]),
@@ -76,7 +81,9 @@ fn deny_paths_under_every_mode() {
                 "DENY paths, mode {mode:?}, path {path:?} (normalized {:?})",
                 d.normalized_path
             );
-            if blocked[i] {
+            if blocked[i] && !path.starts_with('/') {
+                assert_eq!((d.reason_code, d.status), (ReasonCode::BadPath, 400));
+            } else if blocked[i] {
                 assert_eq!(d.reason_code, ReasonCode::DenyMatched);
             }
         }

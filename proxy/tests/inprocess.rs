@@ -1159,6 +1159,70 @@ async fn an_h2_header_value_with_outer_whitespace_is_refused() {
     drop((server, client));
 }
 
+/// A request path without its leading slash is refused (400) before policy and never
+/// reaches the app: policy would match it unlike any `paths` entry, while an app may still
+/// route it (gRPC-Go CVE-2026-33186; Envoy answers such paths 404). The `http` crate already
+/// refuses `:path: admin`; what it lets through, `*` (HTTP/2 and `OPTIONS *` on HTTP/1.1),
+/// is refused here. A target with an empty path (`?x=1`, `http://host?x=1`) is the root, as
+/// policy sees it and the app receives it. Twin: the slash-led paths are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_path_without_its_leading_slash_is_refused() {
+    use http_body_util::BodyExt;
+    let _ = logs();
+    let mut mesh = Mesh::new().await;
+    let (server, client, inbound, _tx) = pair(&mut mesh).await;
+    // h2c (prior knowledge) to the PERMISSIVE port, as a plaintext client may.
+    let send = |path: &'static str| async move {
+        let tcp = TcpStream::connect(inbound[1]).await.unwrap();
+        let (mut tx, conn) = hyper::client::conn::http2::handshake(
+            hyper_util::rt::TokioExecutor::new(),
+            hyper_util::rt::TokioIo::new(tcp),
+        )
+        .await
+        .unwrap();
+        tokio::spawn(conn);
+        let mut parts = http::uri::Parts::default();
+        parts.scheme = Some(http::uri::Scheme::HTTP);
+        parts.authority = Some(http::uri::Authority::from_static("server.ns1"));
+        parts.path_and_query = Some(http::uri::PathAndQuery::from_static(path));
+        let req = hyper::Request::get(hyper::Uri::from_parts(parts).unwrap())
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap();
+        let resp = tx.send_request(req).await.unwrap();
+        let status = resp.status().as_u16();
+        let body = resp.into_body().collect().await.unwrap().to_bytes();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    };
+    let (status, body) = send("*").await;
+    assert_eq!(status, 400, "{body}");
+    assert!(!body.starts_with("app "), "reached the app: {body}");
+    assert_eq!(send("?x=1").await, (200, "app /?x=1".to_owned()));
+    for path in ["/public", "/pkg.Admin/Delete"] {
+        assert_eq!(send(path).await, (200, format!("app {path}")));
+    }
+    // The mesh's DENY of /admin is what a slash-less `admin` would have dodged.
+    assert_eq!(send("/admin").await.0, 403);
+    // HTTP/1.1, raw.
+    let raw = |head: &'static str| async move {
+        let mut s = TcpStream::connect(inbound[1]).await.unwrap();
+        s.write_all(head.as_bytes()).await.unwrap();
+        let mut out = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(5), s.read_to_end(&mut out)).await;
+        String::from_utf8_lossy(&out).into_owned()
+    };
+    let r = raw("OPTIONS * HTTP/1.1\r\nhost: server.ns1\r\nconnection: close\r\n\r\n").await;
+    assert!(r.starts_with("HTTP/1.1 400"), "{r}");
+    assert!(!r.contains("app "), "{r}");
+    let r =
+        raw("GET http://server.ns1?x=1 HTTP/1.1\r\nhost: server.ns1\r\nconnection: close\r\n\r\n")
+            .await;
+    assert!(
+        r.starts_with("HTTP/1.1 200") && r.ends_with("app /?x=1"),
+        "{r}"
+    );
+    drop((server, client));
+}
+
 /// Whether `msg` comes back on `s` (an echo app behind the proxy).
 async fn roundtrip(s: &mut TcpStream, msg: &[u8]) -> bool {
     if s.write_all(msg).await.is_err() {
