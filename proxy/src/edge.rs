@@ -277,7 +277,21 @@ pub(crate) struct Activity {
     /// The first bytes, until they match or rule out the HTTP/2 preface (`deciding`).
     prefix: std::sync::Mutex<Vec<u8>>,
     deciding: std::sync::atomic::AtomicBool,
+    /// Requests the client cancelled before their answer, within [`PREMATURE_RESET_AGE`]
+    /// of their start (HTTP/2 `RST_STREAM`, "rapid reset").
+    premature_resets: AtomicU64,
+    /// Set (and woken) when the premature resets pass Envoy's threshold.
+    reset_flood: tokio::sync::Notify,
 }
+
+/// A request cancelled by its client sooner than this after it started counts as a premature
+/// reset (Envoy's `overload.premature_reset_min_stream_lifetime_seconds`).
+pub(crate) const PREMATURE_RESET_AGE: Duration = Duration::from_secs(1);
+/// Envoy's `overload.premature_reset_total_stream_count`: a connection is closed once its
+/// premature resets are half of its requests, or of this many while it has served fewer.
+pub(crate) const PREMATURE_RESET_COUNT: u64 = 500;
+/// Why a connection closed for [`PREMATURE_RESET_COUNT`].
+pub(crate) const RESET_FLOOD: &str = "too many premature stream resets (HTTP/2 rapid reset)";
 
 /// The start of the HTTP/2 client preface that tells it from an HTTP/1.1 request line (a
 /// request with method `PRI` is still HTTP/1.1 and keeps its header timer).
@@ -297,7 +311,24 @@ impl Activity {
             http: header_phase,
             prefix: std::sync::Mutex::new(Vec::new()),
             deciding: std::sync::atomic::AtomicBool::new(header_phase),
+            premature_resets: AtomicU64::new(0),
+            reset_flood: tokio::sync::Notify::new(),
         })
+    }
+
+    /// A request was cancelled by its client `age` after it started, before its answer: an
+    /// HTTP/2 stream reset (or the connection closing under it). Envoy's rule for
+    /// CVE-2023-44487: once premature resets reach half of the connection's requests (of
+    /// [`PREMATURE_RESET_COUNT`] while it has served fewer), the connection is closed.
+    fn cancelled(&self, age: Duration) {
+        if age >= PREMATURE_RESET_AGE {
+            return;
+        }
+        let premature = self.premature_resets.fetch_add(1, Ordering::Relaxed) + 1;
+        let requests = self.requests.load(Ordering::Relaxed);
+        if premature.saturating_mul(2) >= requests.max(PREMATURE_RESET_COUNT) {
+            self.reset_flood.notify_one();
+        }
     }
 
     fn now_ms(&self) -> u64 {
@@ -381,7 +412,14 @@ impl Activity {
             if now >= deadline {
                 return why;
             }
-            tokio::time::sleep(Duration::from_millis((deadline - now).min(cap))).await;
+            tokio::select! {
+                () = tokio::time::sleep(Duration::from_millis((deadline - now).min(cap))) => {}
+                () = self.reset_flood.notified() => {
+                    // Stays tripped for any later wait on this connection.
+                    self.reset_flood.notify_one();
+                    return RESET_FLOOD;
+                }
+            }
         }
     }
 
@@ -524,6 +562,28 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
     }
 }
 
+/// A request not answered yet: dropped so, its client cancelled it (hyper drops the
+/// request's future when an HTTP/2 client resets the stream).
+struct Unanswered {
+    /// `None` once answered.
+    act: Option<Arc<Activity>>,
+    start: Instant,
+}
+
+impl Unanswered {
+    fn answered(mut self) {
+        self.act = None;
+    }
+}
+
+impl Drop for Unanswered {
+    fn drop(&mut self) {
+        if let Some(act) = &self.act {
+            act.cancelled(self.start.elapsed());
+        }
+    }
+}
+
 /// A service whose requests are counted on the connection's [`Activity`].
 pub(crate) struct TrackedService<S> {
     inner: S,
@@ -549,8 +609,13 @@ where
     fn call(&self, req: Request<Incoming>) -> Self::Future {
         let guard = self.act.begin();
         let fut = self.inner.call(req);
+        let unanswered = Unanswered {
+            act: Some(self.act.clone()),
+            start: Instant::now(),
+        };
         Box::pin(async move {
             let resp = fut.await?;
+            unanswered.answered();
             Ok(resp.map(|inner| TrackedBody {
                 inner,
                 _guard: guard,

@@ -68,7 +68,11 @@ where
             return;
         }
         why = act.expired(edge) => {
-            tracing::debug!(reason = why, "HTTP connection closed");
+            if why == crate::edge::RESET_FLOOD {
+                tracing::warn!(reason = why, "HTTP/2 connection closed");
+            } else {
+                tracing::debug!(reason = why, "HTTP connection closed");
+            }
             return;
         }
         _ = stop.changed() => {
