@@ -528,12 +528,33 @@ fn inject_pod(
         rewrite_probes(c, at, &cname, probe_rewrite.as_ref(), &mut probers, out);
         add_app_env(c, at, &cname, out)?;
     }
-    // The app's own native sidecars (init containers that keep running) are probed too.
+    // The app's own native sidecars (init containers that keep running) are probed too,
+    // and their ports are scraped by Prometheus as the containers' are.
     if let Some(init) = spec.get_mut("initContainers").and_then(Value::as_array_mut) {
         for c in init
             .iter_mut()
             .filter(|c| c.get("restartPolicy").and_then(Value::as_str) == Some("Always"))
         {
+            for p in c
+                .get("ports")
+                .and_then(Value::as_array)
+                .into_iter()
+                .flatten()
+            {
+                let tcp = p
+                    .get("protocol")
+                    .and_then(Value::as_str)
+                    .is_none_or(|proto| proto == "TCP");
+                if let Some(port) = p
+                    .get("containerPort")
+                    .and_then(Value::as_u64)
+                    .and_then(|n| u16::try_from(n).ok())
+                    && tcp
+                    && !tcp_ports.contains(&port)
+                {
+                    tcp_ports.push(port);
+                }
+            }
             let cname = c
                 .get("name")
                 .and_then(Value::as_str)
@@ -671,7 +692,8 @@ fn scrape_label(k: &str) -> Option<&'static str> {
 /// Istio's injector's choice: the Pod opts out (`prometheus.istio.io/merge-metrics:
 /// "false"`, or `prometheus.io/scrape: "false"`) and is left alone; a Pod with its own
 /// `prometheus.io/*` settings has them merged; any other gets the proxy's. Values are read
-/// as Go's `strconv.ParseBool`, as Istio's. `tcp_ports` are the apps' declared TCP ports.
+/// as Go's `strconv.ParseBool`, as Istio's. `tcp_ports` are the declared TCP ports of the
+/// Pod's containers and native sidecars (Prometheus scrapes each when no port is named).
 fn scrape_plan(
     original: &Map<String, Value>,
     tcp_ports: &[u16],
@@ -711,7 +733,7 @@ fn scrape_plan(
         (Some(p), _) => (p.parse::<u16>().ok().filter(|p| usable(*p)), ""),
         (None, []) => (
             Some(80),
-            " (no prometheus.io/port and no declared port: port 80)",
+            " (no prometheus.io/port and no declared TCP port: port 80)",
         ),
         (None, [one]) => (
             Some(*one).filter(|p| usable(*p)),

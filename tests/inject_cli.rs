@@ -1114,7 +1114,16 @@ fn scrape_annotations_point_at_the_status_port() {
         env,
         Some(serde_json::json!({"scrape": "true", "port": "80", "path": "/m"}))
     );
-    assert!(notes.contains("no declared port: port 80"), "{notes}");
+    assert!(notes.contains("no declared TCP port: port 80"), "{notes}");
+    // An exporter in a native sidecar is scraped by Prometheus too: two ports, not merged.
+    let with_exporter = format!(
+        "{}  initContainers:\n  - name: exporter\n    image: example/exporter:1\n    \
+         restartPolicy: Always\n    ports:\n    - containerPort: 9102\n",
+        pod("{prometheus.io/scrape: \"true\"}", 8080)
+    );
+    let (env, port, notes) = merged_env(&with_exporter);
+    assert_eq!((env, port), (None, Value::Null));
+    assert!(notes.contains("the Pod declares 2 ports"), "{notes}");
     // Twins: with two declared ports it is not clear which: the Pod's settings stay, with
     // a note; a named port that is the sidecar's is not merged either.
     let two = pod("{prometheus.io/scrape: \"true\"}", 8080).replace(

@@ -57,14 +57,17 @@ pub struct FileJwksFetcher {
 
 impl JwksFetcher for FileJwksFetcher {
     fn fetch(&self, uri: &str, _timeout: Duration) -> Result<String, String> {
-        // An issuer's OpenID discovery key set may be mapped by the issuer too.
-        let issuer = uri.strip_suffix(OPENID_CONFIGURATION);
+        // An issuer's OpenID discovery key set may be mapped by the issuer (not by its
+        // configuration's URL, which a `jwksUri` could name too).
+        let doc = uri.strip_prefix(OPENID_KEY_PREFIX);
+        let issuer = doc.and_then(|d| d.strip_suffix(OPENID_CONFIGURATION));
         let mapped = self.overrides.get(uri).or_else(|| {
             let i = issuer?;
             self.overrides
                 .get(i)
                 .or_else(|| self.overrides.get(&format!("{i}/")))
         });
+        let uri = doc.unwrap_or(uri);
         let path: std::path::PathBuf = if let Some(p) = mapped {
             p.clone()
         } else if let Some(p) = uri.strip_prefix("file://") {
@@ -105,14 +108,19 @@ pub struct JwksCache {
 /// One JWKS document to fetch.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct JwksFetch {
-    /// The `jwksUri`; for an issuer found by OpenID discovery, its configuration document
-    /// ([`openid_discovery_uri`]), which names the key set.
+    /// The `jwksUri`; for an issuer found by OpenID discovery, [`OPENID_KEY_PREFIX`] and
+    /// its configuration document's URL ([`openid_discovery_uri`]), which names the key
+    /// set: a key of its own, so that a `jwksUri` naming that document is another entry.
     pub uri: String,
     /// The rule's `timeout` (default 5s).
     pub timeout: Duration,
     /// `uri` is an OpenID configuration document: fetch it, then the `jwks_uri` it names.
     pub discovery: bool,
 }
+
+/// What the key of a key set found by OpenID discovery starts with, before the
+/// configuration document's URL (`openid:https://idp.example/.well-known/...`).
+pub const OPENID_KEY_PREFIX: &str = "openid:";
 
 /// The path of an issuer's OpenID Provider configuration document (OpenID Connect
 /// Discovery 1.0, section 4).
@@ -357,7 +365,7 @@ fn compile_rule(policy: &PolicyRef, r: &JwtRule, warnings: &mut Vec<String>) -> 
         (_, Some(uri)) if !uri.is_empty() => Keys::Uri(uri.clone()),
         _ => match r.issuer.as_deref().and_then(openid_discovery_uri) {
             // Istio finds the key set through the issuer's OpenID configuration.
-            Some(doc) => Keys::Discovery(doc),
+            Some(doc) => Keys::Discovery(format!("{OPENID_KEY_PREFIX}{doc}")),
             None => {
                 warnings.push(format!(
                     "{policy}: issuer {:?} has neither jwks nor jwksUri and is not an http(s) \

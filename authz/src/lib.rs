@@ -41,7 +41,7 @@ pub use self::{
     },
     jwt::{
         AuthnOutcome, CLOCK_SKEW, FileJwksFetcher, JwksCache, JwksFetch, JwksFetcher, JwksSource,
-        JwksStatus, NoRemoteJwks, OPENID_CONFIGURATION, openid_discovery_uri,
+        JwksStatus, NoRemoteJwks, OPENID_CONFIGURATION, OPENID_KEY_PREFIX, openid_discovery_uri,
     },
     normalize::{NormalizedPath, PathNormalization, PathRejected, normalize_path},
     resolve::{EffectiveMtls, MtlsLevel},

@@ -541,7 +541,7 @@ fn issuers_without_keys_are_found_by_openid_discovery() {
     );
     let e = engine(&yaml);
     let fetches = e.jwks_uris();
-    let config = "https://idp.example/tenant/.well-known/openid-configuration";
+    let config = "openid:https://idp.example/tenant/.well-known/openid-configuration";
     assert_eq!(fetches.len(), 1, "{fetches:?}");
     assert_eq!(fetches[0].uri, config);
     assert!(fetches[0].discovery);
@@ -586,6 +586,43 @@ fn issuers_without_keys_are_found_by_openid_discovery() {
     );
     let o = e.authenticate_request(&httpbin(), &no_discovery, t, &cache);
     assert_eq!(status(&o), 401, "{o:?}");
+
+    // A jwksUri naming the configuration document itself is another key set than the
+    // discovered one, whichever policy comes first: the document is no JWKS, so only that
+    // rule fails.
+    let doc_url = config.strip_prefix("openid:").unwrap();
+    let other_iss = "https://other.example";
+    for (first, second) in [("a", "b"), ("b", "a")] {
+        let yaml = format!(
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: {first}, namespace: foo}}\nspec:\n  jwtRules:\n  - {{issuer: '{other_iss}', jwksUri: '{doc_url}'}}\n---\napiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: {second}, namespace: foo}}\nspec:\n  jwtRules:\n  - {{issuer: '{iss}'}}\n"
+        );
+        let e = engine(&yaml);
+        let mut keys: Vec<String> = e.jwks_uris().into_iter().map(|f| f.uri).collect();
+        keys.sort();
+        assert_eq!(keys, [doc_url.to_string(), config.to_string()]);
+        std::fs::write(
+            dir.path().join("doc.json"),
+            format!(r#"{{"issuer": "{iss}", "jwks_uri": "https://idp.example/k"}}"#),
+        )
+        .unwrap();
+        let files = FileJwksFetcher {
+            base_dir: Some(dir.path().to_path_buf()),
+            overrides: [
+                (iss.to_string(), "keys.json".into()),
+                (doc_url.to_string(), "doc.json".into()),
+            ]
+            .into(),
+        };
+        let mut cache = JwksCache::default();
+        cache.refresh(&e, &files, t);
+        let o = e.authenticate_request(&httpbin(), &good, t, &cache);
+        assert!(matches!(o, AuthnOutcome::Authenticated { .. }), "{o:?}");
+        let by_doc = bearer(&s.sign(&json!({"iss": other_iss, "sub": "u"})).unwrap());
+        assert_eq!(
+            status(&e.authenticate_request(&httpbin(), &by_doc, t, &cache)),
+            401
+        );
+    }
 }
 
 /// Envoy's jwt_authn, as Istio configures it, in the cases Rampart used to answer otherwise:

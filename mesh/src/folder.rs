@@ -1341,8 +1341,11 @@ impl MeshFolder {
     /// entry, `jwks/<host>.json` is used when it exists (`https://issuer.example/keys` →
     /// `jwks/issuer.example.json`). Istio's validation only accepts http(s) URIs in policy.
     /// A rule with neither `jwks` nor `jwksUri` gets its key set by OpenID discovery of its
-    /// issuer: the same, keyed by the issuer (or its configuration document's URI), and
-    /// `jwks/<issuer host>.json`.
+    /// issuer: mapped by the issuer in `rampart.jwks` (not by its configuration's URL, which
+    /// a `jwksUri` could name too),
+    /// or `jwks/<issuer host>.json` for an issuer that is a bare host (one with a path, such
+    /// as a Keycloak realm's, shares its host with other issuers: it needs an explicit
+    /// mapping); keyed as the engine asks ([`rampart_authz::OPENID_KEY_PREFIX`]).
     pub fn jwks_files(&self) -> BTreeMap<String, PathBuf> {
         let mut out = BTreeMap::new();
         let mapped = |k: &str| {
@@ -1352,35 +1355,47 @@ impl MeshFolder {
                 .and_then(|m| m.get(k))
                 .and_then(|v| v.as_str())
         };
+        let host_of = |uri: &str| -> String {
+            uri.split_once("://")
+                .map(|(_, rest)| rest)
+                .unwrap_or(uri)
+                .split(['/', ':', '?'])
+                .next()
+                .unwrap_or_default()
+                .to_owned()
+        };
         for r in &self.resources {
             let Resource::RequestAuthentication(ra) = r else {
                 continue;
             };
             for rule in ra.spec.jwt_rules.iter().flatten() {
                 let inline = rule.jwks.as_deref().is_some_and(|j| !j.is_empty());
-                let (uri, by_issuer) = match (&rule.jwks_uri, &rule.issuer) {
-                    (Some(u), _) if !u.is_empty() => (u.clone(), None),
-                    (_, Some(i)) if !inline => match rampart_authz::openid_discovery_uri(i) {
-                        Some(doc) => (doc, Some(i.as_str())),
-                        None => continue,
-                    },
+                let (key, names, host) = match (&rule.jwks_uri, &rule.issuer) {
+                    (Some(u), _) if !u.is_empty() => (u.clone(), vec![u.clone()], Some(host_of(u))),
+                    (_, Some(i)) if !inline => {
+                        let Some(doc) = rampart_authz::openid_discovery_uri(i) else {
+                            continue;
+                        };
+                        let bare = i
+                            .split_once("://")
+                            .is_some_and(|(_, rest)| !rest.trim_end_matches('/').contains('/'));
+                        (
+                            format!("{}{doc}", rampart_authz::OPENID_KEY_PREFIX),
+                            vec![i.clone(), format!("{}/", i.trim_end_matches('/'))],
+                            bare.then(|| host_of(i)),
+                        )
+                    }
                     _ => continue,
                 };
-                let uri = &uri;
-                if let Some(p) = mapped(uri).or_else(|| by_issuer.and_then(mapped)) {
-                    out.insert(uri.clone(), self.dir.join(p));
+                if let Some(p) = names.iter().find_map(|n| mapped(n)) {
+                    out.insert(key, self.dir.join(p));
                     continue;
                 }
-                let host = uri
-                    .split_once("://")
-                    .map(|(_, rest)| rest)
-                    .unwrap_or(uri)
-                    .split(['/', ':', '?'])
-                    .next()
-                    .unwrap_or_default();
-                let candidate = self.dir.join("jwks").join(format!("{host}.json"));
-                if !host.is_empty() && candidate.is_file() {
-                    out.insert(uri.clone(), candidate);
+                if let Some(host) = host.filter(|h| !h.is_empty()) {
+                    let candidate = self.dir.join("jwks").join(format!("{host}.json"));
+                    if candidate.is_file() {
+                        out.insert(key, candidate);
+                    }
                 }
             }
         }
@@ -1675,9 +1690,10 @@ services:
     }
 
     /// A jwtRule found by OpenID discovery is read from a local file offline: mapped by
-    /// its issuer in `rampart.jwks`, or `jwks/<issuer host>.json`; keyed by the issuer's
-    /// configuration URI, which the engine asks for. An issuer with no mapping and no such
-    /// file is left to be fetched.
+    /// its issuer in `rampart.jwks`, or `jwks/<issuer host>.json` for a bare-host issuer;
+    /// keyed as the engine asks (`openid:` and the configuration's URL). An issuer with no
+    /// mapping and no such file is left to be fetched, and so is one with a path whose
+    /// host has a file (another issuer's keys).
     #[test]
     fn discovered_issuers_map_to_local_key_sets() {
         let d = tempfile::tempdir().unwrap();
@@ -1686,7 +1702,7 @@ services:
         std::fs::create_dir_all(d.path().join("jwks")).unwrap();
         std::fs::write(
             d.path().join("policy/ra.yaml"),
-            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: r, namespace: api}\nspec:\n  jwtRules:\n  - {issuer: 'https://a.example/t'}\n  - {issuer: 'https://b.example'}\n  - {issuer: 'https://c.example'}\n",
+            "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: r, namespace: api}\nspec:\n  jwtRules:\n  - {issuer: 'https://a.example/t'}\n  - {issuer: 'https://b.example'}\n  - {issuer: 'https://c.example'}\n  - {issuer: 'https://b.example/realm'}\n",
         )
         .unwrap();
         std::fs::write(
@@ -1697,7 +1713,7 @@ services:
         std::fs::write(d.path().join("a.json"), "A").unwrap();
         std::fs::write(d.path().join("jwks/b.example.json"), "B").unwrap();
         let f = MeshFolder::load(d.path()).unwrap();
-        let doc = |i: &str| format!("{i}/.well-known/openid-configuration");
+        let doc = |i: &str| format!("openid:{i}/.well-known/openid-configuration");
         assert_eq!(
             f.files.jwks.get(&doc("https://a.example/t")),
             Some(&Ok("A".to_owned()))
@@ -1707,6 +1723,8 @@ services:
             Some(&Ok("B".to_owned()))
         );
         assert_eq!(f.files.jwks.get(&doc("https://c.example")), None);
+        // An issuer with a path shares its host with others: no host file for it.
+        assert_eq!(f.files.jwks.get(&doc("https://b.example/realm")), None);
         assert_eq!(f.files.jwks.len(), 2);
     }
 

@@ -27,7 +27,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant, SystemTime};
 
 use arc_swap::ArcSwap;
-use rampart_authz::{Decision, JwksCache, JwksSource};
+use rampart_authz::{Decision, JwksCache, JwksSource, OPENID_KEY_PREFIX};
 use rampart_certs::jwt::Jwks;
 
 use crate::config::{Config, Handle};
@@ -44,7 +44,13 @@ const POLL: Duration = Duration::from_millis(250);
 
 /// Whether `cfg` reads `uri` from a local file rather than fetching it.
 pub(crate) fn is_local(cfg: &Config, uri: &str) -> bool {
-    cfg.jwks_local.contains(uri) || !(uri.starts_with("https://") || uri.starts_with("http://"))
+    let url = uri.strip_prefix(OPENID_KEY_PREFIX).unwrap_or(uri);
+    cfg.jwks_local.contains(uri) || !(url.starts_with("https://") || url.starts_with("http://"))
+}
+
+/// The URL behind a key-set key: the `jwksUri`, or a discovered issuer's configuration.
+fn url_of(key: &str) -> &str {
+    key.strip_prefix(OPENID_KEY_PREFIX).unwrap_or(key)
 }
 
 // === shared state ===
@@ -113,8 +119,14 @@ impl JwksState {
         }
         let fetcher = cfg.jwks_remote.fetcher.clone();
         for f in &list {
-            if f.uri.starts_with("http://") && lock(&self.warned_http).insert(f.uri.clone()) {
-                tracing::warn!(uri = %f.uri, "jwksUri uses plain http: its keys could be altered in transit; use https");
+            if url_of(&f.uri).starts_with("http://")
+                && lock(&self.warned_http).insert(f.uri.clone())
+            {
+                if f.discovery {
+                    tracing::warn!(uri = %url_of(&f.uri), "issuer uses plain http (OpenID discovery): its keys could be altered in transit; use https");
+                } else {
+                    tracing::warn!(uri = %f.uri, "jwksUri uses plain http: its keys could be altered in transit; use https");
+                }
             }
         }
         let results = futures::future::join_all(list.iter().map(|f| {
@@ -123,10 +135,12 @@ impl JwksState {
                 if !f.discovery {
                     return fetcher.fetch(&f.uri, f.timeout).await;
                 }
-                let (jwks_uri, body) = fetcher.fetch_discovered(&f.uri, f.timeout).await?;
+                let (jwks_uri, body) = fetcher
+                    .fetch_discovered(url_of(&f.uri), f.timeout)
+                    .await?;
                 let before = lock(&self.discovered).insert(f.uri.clone(), jwks_uri.clone());
                 if before.as_deref() != Some(jwks_uri.as_str()) {
-                    tracing::info!(configuration = %f.uri, jwks_uri = %jwks_uri, "OpenID discovery found the issuer's key set");
+                    tracing::info!(configuration = %url_of(&f.uri), jwks_uri = %jwks_uri, "OpenID discovery found the issuer's key set");
                     if jwks_uri.starts_with("http://")
                         && lock(&self.warned_http).insert(jwks_uri.clone())
                     {
@@ -362,7 +376,7 @@ pub(crate) fn dump(state: &JwksState, cfg: &Config) -> serde_json::Value {
                 remote.status(&f.uri)
             };
             let mut v = serde_json::json!({
-                "uri": f.uri,
+                "uri": url_of(&f.uri),
                 "source": if local { "file" } else { "remote" },
                 "timeout": humantime::format_duration(f.timeout).to_string(),
                 "state": match &st {

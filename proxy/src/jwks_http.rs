@@ -120,21 +120,31 @@ impl HttpFetcher {
     }
 
     /// The key set of an issuer found by OpenID discovery: the configuration document at
-    /// `doc`, then the `jwks_uri` it names, each within `timeout`. Returns that `jwks_uri`
-    /// and its body.
+    /// `doc`, then the `jwks_uri` it names, both within `timeout` (one deadline, so a
+    /// request waiting on an unknown-`kid` refetch waits no longer than for a `jwksUri`).
+    /// Returns that `jwks_uri` and its body.
     pub(crate) async fn fetch_discovered(
         &self,
         doc: &str,
         timeout: Duration,
     ) -> Result<(String, String), String> {
+        let timeout = if timeout.is_zero() {
+            DEFAULT_TIMEOUT
+        } else {
+            timeout
+        };
+        let start = std::time::Instant::now();
         let body = self
             .fetch(doc, timeout)
             .await
             .map_err(|e| format!("OpenID configuration: {e}"))?;
         let jwks_uri =
             discovered_jwks_uri(doc, &body).map_err(|e| format!("OpenID configuration: {e}"))?;
+        let left = timeout
+            .saturating_sub(start.elapsed())
+            .max(Duration::from_millis(1));
         let keys = self
-            .fetch(&jwks_uri, timeout)
+            .fetch(&jwks_uri, left)
             .await
             .map_err(|e| format!("jwks_uri {jwks_uri} (from the OpenID configuration): {e}"))?;
         Ok((jwks_uri, keys))
