@@ -453,18 +453,34 @@ impl Activity {
         self.requests.fetch_add(1, Ordering::Relaxed);
         self.active.fetch_add(1, Ordering::Relaxed);
         self.pending_since.store(0, Ordering::Relaxed);
-        self.touch();
-        ActiveGuard(self.clone())
+        let now = self.now_ms();
+        self.last_ms.store(now, Ordering::Relaxed);
+        ActiveGuard {
+            act: self.clone(),
+            start_ms: now,
+            answered: false,
+        }
     }
 }
 
-/// A request in flight on its connection (until its response body is dropped).
-pub(crate) struct ActiveGuard(Arc<Activity>);
+/// A request in flight on its connection (until its response body is dropped). Dropped
+/// before it was `answered`, its client cancelled it: hyper drops a request's future when
+/// an HTTP/2 client resets the stream.
+pub(crate) struct ActiveGuard {
+    act: Arc<Activity>,
+    start_ms: u64,
+    answered: bool,
+}
 
 impl Drop for ActiveGuard {
     fn drop(&mut self) {
-        self.0.touch();
-        self.0.active.fetch_sub(1, Ordering::Relaxed);
+        let now = self.act.now_ms();
+        self.act.last_ms.store(now, Ordering::Relaxed);
+        self.act.active.fetch_sub(1, Ordering::Relaxed);
+        if !self.answered {
+            self.act
+                .cancelled(Duration::from_millis(now.saturating_sub(self.start_ms)));
+        }
     }
 }
 
@@ -562,28 +578,6 @@ impl<B: Body + Unpin> Body for TrackedBody<B> {
     }
 }
 
-/// A request not answered yet: dropped so, its client cancelled it (hyper drops the
-/// request's future when an HTTP/2 client resets the stream).
-struct Unanswered {
-    /// `None` once answered.
-    act: Option<Arc<Activity>>,
-    start: Instant,
-}
-
-impl Unanswered {
-    fn answered(mut self) {
-        self.act = None;
-    }
-}
-
-impl Drop for Unanswered {
-    fn drop(&mut self) {
-        if let Some(act) = &self.act {
-            act.cancelled(self.start.elapsed());
-        }
-    }
-}
-
 /// A service whose requests are counted on the connection's [`Activity`].
 pub(crate) struct TrackedService<S> {
     inner: S,
@@ -607,15 +601,11 @@ where
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
 
     fn call(&self, req: Request<Incoming>) -> Self::Future {
-        let guard = self.act.begin();
+        let mut guard = self.act.begin();
         let fut = self.inner.call(req);
-        let unanswered = Unanswered {
-            act: Some(self.act.clone()),
-            start: Instant::now(),
-        };
         Box::pin(async move {
             let resp = fut.await?;
-            unanswered.answered();
+            guard.answered = true;
             Ok(resp.map(|inner| TrackedBody {
                 inner,
                 _guard: guard,
@@ -627,6 +617,41 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Envoy's premature-reset rule: requests cancelled before their answer close the
+    /// connection once they are half of its requests, or 250 while it has served under 500;
+    /// answered requests are not counted.
+    #[tokio::test]
+    async fn premature_resets_trip_at_envoys_threshold() {
+        let l = EdgeLimits::default();
+        let tripped = |act: &Arc<Activity>| {
+            futures::FutureExt::now_or_never(act.expired(&l)).is_some_and(|w| w == RESET_FLOOD)
+        };
+        let act = Activity::new(true);
+        for _ in 0..249 {
+            drop(act.begin());
+        }
+        assert!(!tripped(&act));
+        drop(act.begin());
+        assert!(tripped(&act));
+        assert!(tripped(&act), "stays tripped");
+        // Twin: among answered requests, the same resets are under half.
+        let act = Activity::new(true);
+        for _ in 0..600 {
+            let mut g = act.begin();
+            g.answered = true;
+        }
+        for _ in 0..300 {
+            drop(act.begin());
+        }
+        assert!(!tripped(&act));
+        for _ in 0..299 {
+            drop(act.begin());
+        }
+        assert!(!tripped(&act), "599 of 1199");
+        drop(act.begin());
+        assert!(tripped(&act), "600 of 1200");
+    }
 
     /// Query values never reach a log line: a token sent as `?access_token=` (the default
     /// jwtRule location) or any other parameter is replaced, its name kept.
