@@ -1084,14 +1084,7 @@ async fn a_parked_connection_of_a_revoked_peer_is_closed() {
 async fn http2_connections_are_served_as_before() {
     use http_body_util::{BodyExt, Empty};
     let (_mesh, server, port, _count) = counted_server_with(parking()).await;
-    let tcp = TcpStream::connect(port).await.unwrap();
-    let (mut tx, conn) = hyper::client::conn::http2::handshake(
-        hyper_util::rt::TokioExecutor::new(),
-        hyper_util::rt::TokioIo::new(tcp),
-    )
-    .await
-    .unwrap();
-    let driver = tokio::spawn(conn);
+    let (mut tx, driver) = h2c(port).await;
     for (i, pause) in [0u64, 800, 100].into_iter().enumerate() {
         tokio::time::sleep(Duration::from_millis(pause)).await;
         let req = http::Request::builder()
@@ -1108,6 +1101,23 @@ async fn http2_connections_are_served_as_before() {
     }
     assert!(!driver.is_finished(), "the HTTP/2 connection ended");
     drop(server);
+}
+
+/// An HTTP/2 client connection with prior knowledge (h2c) to `addr`, and its driver task.
+async fn h2c(
+    addr: SocketAddr,
+) -> (
+    hyper::client::conn::http2::SendRequest<http_body_util::Empty<bytes::Bytes>>,
+    tokio::task::JoinHandle<hyper::Result<()>>,
+) {
+    let tcp = TcpStream::connect(addr).await.unwrap();
+    let (tx, conn) = hyper::client::conn::http2::handshake(
+        hyper_util::rt::TokioExecutor::new(),
+        hyper_util::rt::TokioIo::new(tcp),
+    )
+    .await
+    .unwrap();
+    (tx, tokio::spawn(conn))
 }
 
 /// The server's mTLS connections on `port` since it started (from `/mtls`).
@@ -1134,14 +1144,7 @@ async fn an_h2_header_value_with_outer_whitespace_is_refused() {
     let (server, client, inbound, _tx) = pair(&mut mesh).await;
     // h2c (prior knowledge) to the PERMISSIVE port, as a plaintext client may.
     let send = |value: &'static str| async move {
-        let tcp = TcpStream::connect(inbound[1]).await.unwrap();
-        let (mut tx, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
+        let (mut tx, _conn) = h2c(inbound[1]).await;
         let req = hyper::Request::get("http://server.ns1/ws")
             .header("x-debug", hyper::header::HeaderValue::from_static(value))
             .body(http_body_util::Empty::<bytes::Bytes>::new())
@@ -1173,14 +1176,7 @@ async fn a_path_without_its_leading_slash_is_refused() {
     let (server, client, inbound, _tx) = pair(&mut mesh).await;
     // h2c (prior knowledge) to the PERMISSIVE port, as a plaintext client may.
     let send = |path: &'static str| async move {
-        let tcp = TcpStream::connect(inbound[1]).await.unwrap();
-        let (mut tx, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .unwrap();
-        tokio::spawn(conn);
+        let (mut tx, _conn) = h2c(inbound[1]).await;
         let mut parts = http::uri::Parts::default();
         parts.scheme = Some(http::uri::Scheme::HTTP);
         parts.authority = Some(http::uri::Authority::from_static("server.ns1"));
@@ -1233,16 +1229,7 @@ async fn an_h2_connection_resetting_its_streams_early_is_closed() {
     let _ = logs();
     let mut mesh = Mesh::new().await;
     let (server, client, inbound, _tx) = pair(&mut mesh).await;
-    let connect = || async move {
-        let tcp = TcpStream::connect(inbound[1]).await.unwrap();
-        let (tx, conn) = hyper::client::conn::http2::handshake(
-            hyper_util::rt::TokioExecutor::new(),
-            hyper_util::rt::TokioIo::new(tcp),
-        )
-        .await
-        .unwrap();
-        (tx, tokio::spawn(conn))
-    };
+    let connect = || h2c(inbound[1]);
     let req = |path: &str| {
         hyper::Request::get(format!("http://server.ns1{path}"))
             .body(Empty::<bytes::Bytes>::new())
