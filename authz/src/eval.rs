@@ -77,6 +77,20 @@ impl Engine {
             if c.has_target_refs {
                 continue;
             }
+            if c.action == Action::Custom {
+                let prov = c.provider.as_deref().unwrap_or("");
+                match mesh.provider(prov).map(|p| &p.authz) {
+                    None => warnings.push(format!(
+                        "AuthorizationPolicy {}/{}: CUSTOM provider {prov:?} is not defined in the mesh config extensionProviders; requests its rules match are denied",
+                        c.policy.namespace, c.policy.name
+                    )),
+                    Some(Err(e)) => warnings.push(format!(
+                        "AuthorizationPolicy {}/{}: CUSTOM provider {prov:?} cannot be used ({e}); requests its rules match are denied",
+                        c.policy.namespace, c.policy.name
+                    )),
+                    Some(Ok(_)) => {}
+                }
+            }
             authz_index.insert(authz.len(), &c.policy.namespace, &c.selector);
             authz.push(c);
         }
@@ -341,12 +355,18 @@ impl Engine {
             for p in &customs {
                 if let Some(m) = first_match(p) {
                     let prov = p.provider.as_deref().unwrap_or("");
-                    let known = self.mesh.extension_providers.iter().any(|x| x == prov);
-                    if !known || providers.len() > 1 {
-                        let why = if !known {
-                            format!(
-                                "CUSTOM provider {prov:?} is not defined in the mesh config extensionProviders; matching requests are denied (fail closed)"
-                            )
+                    let usable = match self.mesh.provider(prov).map(|p| &p.authz) {
+                        None => Err(format!(
+                            "CUSTOM provider {prov:?} is not defined in the mesh config extensionProviders; matching requests are denied (fail closed)"
+                        )),
+                        Some(Err(e)) => Err(format!(
+                            "CUSTOM provider {prov:?} cannot be used: {e}; matching requests are denied (fail closed)"
+                        )),
+                        Some(Ok(_)) => Ok(()),
+                    };
+                    if usable.is_err() || providers.len() > 1 {
+                        let why = if let Err(why) = usable {
+                            why
                         } else {
                             format!(
                                 "several CUSTOM providers ({}) select this workload; matching requests are denied (fail closed)",

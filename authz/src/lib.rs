@@ -33,7 +33,10 @@ pub use validate::{
 
 pub use self::{
     eval::{Engine, ExtAuthz, NoExtAuthz},
-    eval_mesh::{DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, MeshConfig, MeshConfigError},
+    eval_mesh::{
+        DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, ExtAuthzHttp, ExtAuthzKind, ExtAuthzProvider,
+        MeshConfig, MeshConfigError, MeshExtensionProvider, header_pattern_matches,
+    },
     eval_request::{HttpRequest, JwtClaims, Peer, Protocol, RequestContext, Workload},
     explain::{
         Decision, DryRun, HeaderMutation, PolicyRef, ReasonCode, RuleMatch, ShadowAllow, Verdict,

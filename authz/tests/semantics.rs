@@ -768,12 +768,17 @@ fn custom_requires_a_known_provider_and_fails_closed() {
     let d = decide(&e, &httpbin(), &http("GET", "/ext"));
     assert_eq!(d.reason_code, ReasonCode::CustomProviderInvalid);
     assert!(d.reason.contains("\"ext\""));
+    assert!(
+        e.warnings().iter().any(|w| w.contains("not defined")),
+        "{:?}",
+        e.warnings()
+    );
     assert!(allowed(&e, &http("GET", "/other")));
     // Known provider: the hook decides.
-    let mesh = MeshConfig {
-        extension_providers: vec!["ext".into()],
-        ..MeshConfig::default()
-    };
+    let mesh = MeshConfig::from_yaml(
+        "extensionProviders:\n- {name: ext, envoyExtAuthzGrpc: {service: authz.local, port: 9000}}\n",
+    )
+    .unwrap();
     let e = engine_with(&yaml, mesh.clone());
     let r = http("GET", "/ext");
     assert!(e.authorize_with(&httpbin(), &r.0, &Ext(true)).is_allowed());
@@ -797,10 +802,10 @@ fn custom_requires_a_known_provider_and_fails_closed() {
         ReasonCode::DenyMatched
     );
     // Two providers on one workload: fail closed.
-    let mesh2 = MeshConfig {
-        extension_providers: vec!["ext".into(), "ext2".into()],
-        ..MeshConfig::default()
-    };
+    let mesh2 = MeshConfig::from_yaml(
+        "extensionProviders:\n- {name: ext, envoyExtAuthzGrpc: {service: a.local, port: 9000}}\n- {name: ext2, envoyExtAuthzGrpc: {service: b.local, port: 9000}}\n",
+    )
+    .unwrap();
     let yaml2 = format!(
         "{yaml}---\n{}",
         policy("c2", "CUSTOM", "[{to: [{operation: {paths: [/other]}}]}]").replace(
@@ -813,6 +818,30 @@ fn custom_requires_a_known_provider_and_fails_closed() {
         e.authorize_with(&httpbin(), &r.0, &Ext(true)).reason_code,
         ReasonCode::CustomProviderInvalid
     );
+    // A provider Istio's validation refuses (here a port out of range), or one that is no
+    // authorization service: as if it were missing, naming why.
+    for provider in [
+        "{name: ext, envoyExtAuthzHttp: {service: authz.local, port: 999999}}",
+        "{name: ext, prometheus: {}}",
+    ] {
+        let bad = MeshConfig::from_yaml(&format!("extensionProviders:\n- {provider}\n")).unwrap();
+        let e = engine_with(&yaml, bad);
+        let d = e.authorize_with(&httpbin(), &r.0, &Ext(true));
+        assert_eq!(
+            d.reason_code,
+            ReasonCode::CustomProviderInvalid,
+            "{provider}"
+        );
+        assert!(d.reason.contains("cannot be used"), "{}", d.reason);
+        assert!(
+            e.warnings()
+                .iter()
+                .any(|w| w.contains("foo/c") && w.contains("cannot be used")),
+            "{:?}",
+            e.warnings()
+        );
+        assert!(allowed(&e, &http("GET", "/other")));
+    }
 }
 
 #[test]

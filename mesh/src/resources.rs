@@ -84,7 +84,7 @@ pub fn mesh_document(folder: &MeshFolder) -> Value {
         "trustDomainAliases": m.trust_domain_aliases,
         "rootNamespace": m.root_namespace,
         "pathNormalization": {"normalization": m.path_normalization},
-        "extensionProviders": m.extension_providers.iter().map(|n| json!({"name": n})).collect::<Vec<_>>(),
+        "extensionProviders": m.extension_providers.iter().map(|p| p.raw.clone()).collect::<Vec<_>>(),
     });
     if !folder.local.raw.is_null() {
         doc["rampart"] = folder.local.raw.clone();

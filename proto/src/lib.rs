@@ -70,6 +70,14 @@ pub mod envoy {
                 include!("gen/envoy.service.discovery.v3.rs");
             }
         }
+        /// `envoy.service.auth`.
+        pub mod auth {
+            /// `envoy.service.auth.v3`: `Authorization` (external authorization, Istio's
+            /// CUSTOM action).
+            pub mod v3 {
+                include!("gen/envoy.service.auth.v3.rs");
+            }
+        }
         /// `envoy.service.secret`.
         pub mod secret {
             /// `envoy.service.secret.v3`: `SecretDiscoveryService`.

@@ -16,6 +16,7 @@ const PROTOS: &[&str] = &[
     "spiffe/workload/workload.proto",
     "rampart/ca/v1/revocation.proto",
     "rampart/config/v1/config.proto",
+    "envoy/service/auth/v3/external_auth.proto",
 ];
 
 /// Generated types that carry private keys get no derived `Debug`; `src/lib.rs` implements a

@@ -13,7 +13,9 @@ use http_body_util::Either;
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use rampart_authz::{HeaderMutation, HttpRequest, MtlsMode, NoExtAuthz, Peer, RequestContext};
+use rampart_authz::{
+    ExtAuthz, HeaderMutation, HttpRequest, MtlsMode, Peer, ReasonCode, RequestContext, Workload,
+};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::Instrument as _;
@@ -44,6 +46,8 @@ pub(crate) struct Inbound {
     pub(crate) request_timeout: Duration,
     pub(crate) app_h1: Client<HttpConnector, Incoming>,
     pub(crate) app_h2: Client<HttpConnector, Incoming>,
+    /// Clients of the extension providers CUSTOM policies name.
+    pub(crate) ext_authz: crate::ext_authz::Clients,
     /// Bumped after every configuration change is in force: established TCP connections
     /// re-check their PeerAuthentication mode and policy then.
     pub(crate) cfg_changed: tokio::sync::watch::Sender<u64>,
@@ -388,6 +392,34 @@ where
     }
 }
 
+/// The CUSTOM hook of one request: first it records which provider the engine wants asked
+/// (and denies); once the provider allowed, it answers "allowed" for that provider only.
+#[derive(Default)]
+struct Custom {
+    asked: std::sync::Mutex<Option<String>>,
+    allowed: Option<String>,
+}
+
+impl Custom {
+    fn answered(provider: String) -> Custom {
+        Custom {
+            asked: std::sync::Mutex::default(),
+            allowed: Some(provider),
+        }
+    }
+
+    fn asked(&self) -> Option<String> {
+        self.asked.lock().unwrap_or_else(|p| p.into_inner()).take()
+    }
+}
+
+impl ExtAuthz for Custom {
+    fn check(&self, provider: &str, _: &Workload, _: &RequestContext) -> bool {
+        *self.asked.lock().unwrap_or_else(|p| p.into_inner()) = Some(provider.to_string());
+        self.allowed.as_deref() == Some(provider)
+    }
+}
+
 static XFCC: header::HeaderName = header::HeaderName::from_static("x-forwarded-client-cert");
 
 async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
@@ -478,6 +510,8 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
             return r;
         }
     };
+    // Headers an extension provider's allowing answer adds to the app's response.
+    let mut ext_response: Vec<(header::HeaderName, HeaderValue)> = Vec::new();
     if !cfg.fast_path {
         // Every header the app will receive, none skipped (see `edge::header_text`).
         let headers: Vec<(String, String)> = req
@@ -493,9 +527,12 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
         };
         let ctx = cx.request_context(Some(http));
         let keys = Lookup::new(&ib.jwks, &cfg);
+        // CUSTOM policies: the engine names the provider to ask and denies meanwhile; the
+        // provider is asked below and, if it allows, the engine decides again with that answer.
+        let custom = Custom::default();
         let mut d = cfg
             .engine
-            .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &NoExtAuthz);
+            .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &custom);
         // A token signed with a key the cached JWKS lacks: refetch early (rate-limited), retry.
         if let Some(miss) = keys.kid_miss(&d)
             && ib.jwks.refetch_on_kid_miss(&cfg, miss).await
@@ -503,7 +540,63 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
             let keys = Lookup::new(&ib.jwks, &cfg);
             d = cfg
                 .engine
-                .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &NoExtAuthz);
+                .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &custom);
+        }
+        if d.reason_code == ReasonCode::CustomDenied
+            && let Some(name) = custom.asked()
+            && let Some(Ok(provider)) = cfg.folder.mesh.provider(&name).map(|p| &p.authz)
+        {
+            let facts = crate::ext_authz::Facts {
+                path: &normalized,
+                peer: cx.peer,
+                peer_principal: cx.principal.as_deref(),
+                local: cx.local,
+                local_principal: cfg.my_id().to_string(),
+                protocol: match req.version() {
+                    Version::HTTP_2 => "HTTP/2",
+                    Version::HTTP_10 => "HTTP/1.0",
+                    _ => "HTTP/1.1",
+                },
+            };
+            match ib.ext_authz.check(&name, provider, &req, &facts).await {
+                crate::ext_authz::Answer::Deny(denied) => {
+                    tracing::warn!(
+                        peer = %cx.peer,
+                        principal = cx.principal.as_deref().unwrap_or("-"),
+                        method = %req.method(),
+                        path = %crate::edge::loggable_path(&raw_path),
+                        status = denied.status,
+                        policy = %d.policy.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_else(|| "-".into()),
+                        rule = ?d.rule,
+                        reason = %denied.reason,
+                        "request denied by extension provider {name:?}"
+                    );
+                    let mut r =
+                        Response::new(Either::Right(http_body_util::Full::new(denied.body)));
+                    *r.status_mut() = http::StatusCode::from_u16(denied.status)
+                        .unwrap_or(http::StatusCode::FORBIDDEN);
+                    for (k, v) in denied.headers {
+                        r.headers_mut().append(k, v);
+                    }
+                    cx.series
+                        .request(denied.status, None, "UAEX", start.elapsed());
+                    return r;
+                }
+                crate::ext_authz::Answer::Allow(changes) => {
+                    if let Some(why) = &changes.failed_open {
+                        tracing::warn!(peer = %cx.peer, "{why}; allowed (failOpen)");
+                    }
+                    let answered = Custom::answered(name);
+                    let keys = Lookup::new(&ib.jwks, &cfg);
+                    d = cfg
+                        .engine
+                        .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &answered);
+                    if d.is_allowed() {
+                        changes.apply(req.headers_mut());
+                        ext_response = changes.response;
+                    }
+                }
+            }
         }
         if !d.is_allowed() {
             let policy = d
@@ -621,7 +714,10 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
                 "UPE",
             )
         }
-        Ok(Ok(r)) => {
+        Ok(Ok(mut r)) => {
+            for (k, v) in ext_response {
+                r.headers_mut().append(k, v);
+            }
             // recorded when the response ends (trailers: gRPC status)
             let pending = Pending::new(cx.series.clone(), start, grpc, &r, "-");
             return r.map(|b| Either::Left(Metered::new(b, pending)));
@@ -666,6 +762,8 @@ fn tcp_allowed(ib: &Inbound, cx: &ConnCtx, established: bool) -> bool {
         return true;
     }
     let ctx = cx.request_context(None);
+    // CUSTOM on TCP: no provider is asked (Istio asks gRPC providers with Envoy's network
+    // ext_authz filter; Rampart does not), so a matching CUSTOM rule closes the connection.
     let d = cfg.engine.authorize(&cfg.workload, &ctx);
     if d.is_allowed() {
         return true;

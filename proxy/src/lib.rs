@@ -20,6 +20,7 @@ mod control;
 mod drain;
 mod edge;
 mod error;
+mod ext_authz;
 mod http;
 mod identity;
 mod inbound;

@@ -95,3 +95,66 @@ pub mod data_source {
         EnvironmentVariable(::prost::alloc::string::String),
     }
 }
+/// One header: a name and its value.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HeaderValue {
+    /// The header name.
+    #[prost(string, tag = "1")]
+    pub key: ::prost::alloc::string::String,
+    /// The header value, as text.
+    #[prost(string, tag = "2")]
+    pub value: ::prost::alloc::string::String,
+    /// The header value as bytes, for values that are not text.
+    #[prost(bytes = "vec", tag = "3")]
+    pub raw_value: ::prost::alloc::vec::Vec<u8>,
+}
+/// A header and how it joins the headers already present.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct HeaderValueOption {
+    /// What to add or set.
+    #[prost(message, optional, tag = "1")]
+    pub header: ::core::option::Option<HeaderValue>,
+    /// Add beside existing values (0), add only when absent (1), replace (2), or replace only
+    /// when present (3).
+    #[prost(int32, tag = "3")]
+    pub append_action: i32,
+    /// Keep the header even when its value is empty.
+    #[prost(bool, tag = "4")]
+    pub keep_empty_value: bool,
+}
+/// An IP address and port.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct SocketAddress {
+    /// TCP (0) or UDP (1).
+    #[prost(int32, tag = "1")]
+    pub protocol: i32,
+    /// The IP address, as text.
+    #[prost(string, tag = "2")]
+    pub address: ::prost::alloc::string::String,
+    #[prost(oneof = "socket_address::PortSpecifier", tags = "3")]
+    pub port_specifier: ::core::option::Option<socket_address::PortSpecifier>,
+}
+/// Nested message and enum types in `SocketAddress`.
+pub mod socket_address {
+    #[derive(Clone, Copy, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum PortSpecifier {
+        /// The port number.
+        #[prost(uint32, tag = "3")]
+        PortValue(u32),
+    }
+}
+/// A network address.
+#[derive(Clone, PartialEq, Eq, Hash, ::prost::Message)]
+pub struct Address {
+    #[prost(oneof = "address::Address", tags = "1")]
+    pub address: ::core::option::Option<address::Address>,
+}
+/// Nested message and enum types in `Address`.
+pub mod address {
+    #[derive(Clone, PartialEq, Eq, Hash, ::prost::Oneof)]
+    pub enum Address {
+        /// An IP socket address.
+        #[prost(message, tag = "1")]
+        SocketAddress(super::SocketAddress),
+    }
+}

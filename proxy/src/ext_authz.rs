@@ -1,0 +1,579 @@
+//! External authorization: Istio's CUSTOM action. A request that matches a CUSTOM policy's
+//! rule is first shown to the mesh config's extension provider, over HTTP
+//! (`envoyExtAuthzHttp`) or gRPC (`envoyExtAuthzGrpc`, Envoy's
+//! `envoy.service.auth.v3.Authorization/Check`), as Envoy's ext_authz filter shows it; the
+//! answer allows it (DENY and ALLOW policies still apply), or denies it with the provider's
+//! status, headers and body. A provider that cannot be asked (refused connection, timeout, a
+//! malformed answer) denies with `statusOnError`, unless the provider is `failOpen`.
+//!
+//! The provider is dialed directly (`service` resolved by DNS, or an IP), in plaintext: the
+//! common deployments are a provider beside the app on loopback (OPA's Envoy plugin) or a
+//! cluster service reached over the node's network. docs/AUTHZ.md says what that means for a
+//! provider behind a STRICT proxy.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Mutex;
+use std::time::{Duration, SystemTime};
+
+use bytes::Bytes;
+use http::header::{self, HeaderName};
+use http::{HeaderMap, HeaderValue, Method, Request, Uri};
+use http_body_util::{BodyExt as _, Full, Limited};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use rampart_authz::{ExtAuthzHttp, ExtAuthzKind, ExtAuthzProvider, header_pattern_matches};
+use rampart_proto::envoy::config::core::v3 as core;
+use rampart_proto::envoy::service::auth::v3 as pb;
+
+/// The most of a provider's answer body that is read (HTTP) and passed to a denied client.
+const MAX_ANSWER_BODY: usize = 64 * 1024;
+
+/// Headers a provider's answer never passes to the client or the app: they describe the
+/// answer's own message, not the request.
+const ANSWER_ONLY: [&str; 9] = [
+    "connection",
+    "keep-alive",
+    "transfer-encoding",
+    "upgrade",
+    "te",
+    "trailer",
+    "proxy-connection",
+    "content-length",
+    "host",
+];
+
+/// Which request headers always go to an HTTP provider (as Envoy's HTTP service sends them).
+const ALWAYS_SENT: [&str; 3] = ["host", "authorization", "content-length"];
+
+/// The response header in which an HTTP provider names request headers to remove.
+const HEADERS_TO_REMOVE: &str = "x-envoy-auth-headers-to-remove";
+
+/// What the provider said.
+#[derive(Debug)]
+pub(crate) enum Answer {
+    /// Go on (to DENY and ALLOW), with these changes.
+    Allow(Changes),
+    /// Answer the client with this.
+    Deny(Denied),
+}
+
+/// Changes an allowing answer makes.
+#[derive(Debug, Default)]
+pub(crate) struct Changes {
+    /// Set on the request before it goes to the app.
+    pub(crate) set: Vec<(HeaderName, HeaderValue)>,
+    /// Added to the request (beside values already there).
+    pub(crate) append: Vec<(HeaderName, HeaderValue)>,
+    /// Removed from the request.
+    pub(crate) remove: Vec<HeaderName>,
+    /// Added to the app's response.
+    pub(crate) response: Vec<(HeaderName, HeaderValue)>,
+    /// Allowed because the provider could not be asked and is `failOpen`.
+    pub(crate) failed_open: Option<String>,
+}
+
+/// A denial, as the provider shaped it.
+#[derive(Debug)]
+pub(crate) struct Denied {
+    pub(crate) status: u16,
+    pub(crate) headers: Vec<(HeaderName, HeaderValue)>,
+    pub(crate) body: Bytes,
+    /// For the log: why (the provider's answer, or why it could not be asked).
+    pub(crate) reason: String,
+}
+
+/// What the check tells the provider about the request besides its head.
+pub(crate) struct Facts<'a> {
+    /// The path and query the app will receive (normalized as the mesh config says): the
+    /// provider judges the request the app gets, not the bytes the client sent.
+    pub(crate) path: &'a str,
+    pub(crate) peer: SocketAddr,
+    pub(crate) peer_principal: Option<&'a str>,
+    pub(crate) local: Option<SocketAddr>,
+    pub(crate) local_principal: String,
+    pub(crate) protocol: &'static str,
+}
+
+/// The clients that reach providers: one HTTP/1.1 pool, and one gRPC channel per address.
+pub(crate) struct Clients {
+    http: Client<HttpConnector, Full<Bytes>>,
+    grpc: Mutex<HashMap<(String, u16), tonic::transport::Channel>>,
+}
+
+impl Default for Clients {
+    fn default() -> Self {
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        conn.set_connect_timeout(Some(Duration::from_secs(5)));
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(Duration::from_secs(60));
+        Clients {
+            http: b.build(conn),
+            grpc: Mutex::new(HashMap::new()),
+        }
+    }
+}
+
+/// `host:port` as a URI authority (an IPv6 address in brackets).
+fn authority(host: &str, port: u16) -> String {
+    match host.parse::<IpAddr>() {
+        Ok(IpAddr::V6(a)) => format!("[{a}]:{port}"),
+        _ => format!("{host}:{port}"),
+    }
+}
+
+impl Clients {
+    /// Ask `p` about `req` (its head; the body is not read). Never fails: a provider that
+    /// cannot be asked gives `failOpen`'s answer.
+    pub(crate) async fn check<B>(
+        &self,
+        name: &str,
+        p: &ExtAuthzProvider,
+        req: &Request<B>,
+        facts: &Facts<'_>,
+    ) -> Answer {
+        let asked = match &p.kind {
+            ExtAuthzKind::Http(h) => {
+                tokio::time::timeout(p.timeout, self.check_http(p, h, req, facts.path)).await
+            }
+            ExtAuthzKind::Grpc => {
+                tokio::time::timeout(p.timeout, self.check_grpc(p, req, facts)).await
+            }
+        };
+        let failure = match asked {
+            Ok(Ok(answer)) => return answer,
+            Ok(Err(e)) => e,
+            Err(_) => format!("no answer within {:?}", p.timeout),
+        };
+        let why = format!(
+            "extension provider {name:?} ({}) could not be asked: {failure}",
+            authority(&p.host, p.port)
+        );
+        if p.fail_open {
+            Answer::Allow(Changes {
+                failed_open: Some(why),
+                ..Changes::default()
+            })
+        } else {
+            Answer::Deny(Denied {
+                status: p.status_on_error,
+                headers: Vec::new(),
+                body: Bytes::new(),
+                reason: why,
+            })
+        }
+    }
+
+    async fn check_http<B>(
+        &self,
+        p: &ExtAuthzProvider,
+        h: &ExtAuthzHttp,
+        req: &Request<B>,
+        target: &str,
+    ) -> Result<Answer, String> {
+        let uri: Uri = format!(
+            "http://{}{}{target}",
+            authority(&p.host, p.port),
+            h.path_prefix
+        )
+        .parse()
+        .map_err(|e| format!("check URI: {e}"))?;
+        let mut check = Request::new(Full::new(Bytes::new()));
+        *check.method_mut() = req.method().clone();
+        *check.uri_mut() = uri;
+        let heads = check.headers_mut();
+        for (k, v) in req.headers() {
+            if k == header::CONTENT_LENGTH {
+                continue;
+            }
+            if ALWAYS_SENT.contains(&k.as_str())
+                || header_pattern_matches(&h.request_headers, k.as_str())
+            {
+                heads.append(k.clone(), v.clone());
+            }
+        }
+        heads.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        for (k, v) in &h.additional_headers {
+            if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::try_from(v)) {
+                heads.insert(k, v);
+            }
+        }
+        let resp = self.http.request(check).await.map_err(|e| e.to_string())?;
+        let (parts, body) = resp.into_parts();
+        let body = Limited::new(body, MAX_ANSWER_BODY)
+            .collect()
+            .await
+            .map(|c| c.to_bytes())
+            .map_err(|e| format!("reading the answer: {e}"))?;
+        if parts.status == http::StatusCode::OK {
+            let pick = |patterns: &[String]| -> Vec<(HeaderName, HeaderValue)> {
+                parts
+                    .headers
+                    .iter()
+                    .filter(|(k, _)| {
+                        !ANSWER_ONLY.contains(&k.as_str())
+                            && header_pattern_matches(patterns, k.as_str())
+                    })
+                    .map(|(k, v)| (k.clone(), v.clone()))
+                    .collect()
+            };
+            let remove = parts
+                .headers
+                .get_all(HEADERS_TO_REMOVE)
+                .iter()
+                .filter_map(|v| v.to_str().ok())
+                .flat_map(|v| v.split(','))
+                .filter_map(|n| HeaderName::try_from(n.trim()).ok())
+                .filter(|n| n != header::HOST)
+                .collect();
+            Ok(Answer::Allow(Changes {
+                set: pick(&h.upstream_on_allow),
+                append: Vec::new(),
+                remove,
+                response: pick(&h.downstream_on_allow),
+                failed_open: None,
+            }))
+        } else {
+            let headers = parts
+                .headers
+                .iter()
+                .filter(|(k, _)| {
+                    !ANSWER_ONLY.contains(&k.as_str())
+                        && k.as_str() != HEADERS_TO_REMOVE
+                        && (h.downstream_on_deny.is_empty()
+                            || header_pattern_matches(&h.downstream_on_deny, k.as_str()))
+                })
+                .map(|(k, v)| (k.clone(), v.clone()))
+                .collect();
+            Ok(Answer::Deny(Denied {
+                status: parts.status.as_u16(),
+                headers,
+                body,
+                reason: format!("the provider answered {}", parts.status.as_u16()),
+            }))
+        }
+    }
+
+    fn channel(&self, p: &ExtAuthzProvider) -> Result<tonic::transport::Channel, String> {
+        let mut map = self.grpc.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(&(p.host.clone(), p.port)) {
+            return Ok(c.clone());
+        }
+        let c = tonic::transport::Endpoint::from_shared(format!(
+            "http://{}",
+            authority(&p.host, p.port)
+        ))
+        .map_err(|e| e.to_string())?
+        .connect_timeout(Duration::from_secs(5))
+        .tcp_nodelay(true)
+        .connect_lazy();
+        map.insert((p.host.clone(), p.port), c.clone());
+        Ok(c)
+    }
+
+    async fn check_grpc<B>(
+        &self,
+        p: &ExtAuthzProvider,
+        req: &Request<B>,
+        facts: &Facts<'_>,
+    ) -> Result<Answer, String> {
+        let mut client = pb::authorization_client::AuthorizationClient::new(self.channel(p)?);
+        let resp = client
+            .check(check_request(req, facts))
+            .await
+            .map_err(|s| format!("gRPC {:?}: {}", s.code(), s.message()))?
+            .into_inner();
+        Ok(grpc_answer(resp))
+    }
+}
+
+fn socket(a: SocketAddr) -> core::Address {
+    core::Address {
+        address: Some(core::address::Address::SocketAddress(core::SocketAddress {
+            protocol: 0,
+            address: a.ip().to_canonical().to_string(),
+            port_specifier: Some(core::socket_address::PortSpecifier::PortValue(u32::from(
+                a.port(),
+            ))),
+        })),
+    }
+}
+
+/// The `CheckRequest` Envoy would send for this request head.
+pub(crate) fn check_request<B>(req: &Request<B>, facts: &Facts<'_>) -> pb::CheckRequest {
+    let mut headers: HashMap<String, String> = HashMap::new();
+    for (k, v) in req.headers() {
+        let v = String::from_utf8_lossy(v.as_bytes());
+        headers
+            .entry(k.as_str().to_string())
+            .and_modify(|e| {
+                e.push(',');
+                e.push_str(&v);
+            })
+            .or_insert_with(|| v.into_owned());
+    }
+    let host = req
+        .headers()
+        .get(header::HOST)
+        .and_then(|h| h.to_str().ok())
+        .unwrap_or_default()
+        .to_string();
+    // As Envoy's HTTP/2 requests carry them: pseudo-headers in the map too.
+    headers.insert(":method".into(), req.method().as_str().to_string());
+    headers.insert(":path".into(), facts.path.to_string());
+    headers.insert(":authority".into(), host.clone());
+    let size = req
+        .headers()
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok()?.parse::<i64>().ok())
+        .unwrap_or(
+            if req.method() == Method::GET || req.method() == Method::HEAD {
+                0
+            } else {
+                -1
+            },
+        );
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    pb::CheckRequest {
+        attributes: Some(pb::AttributeContext {
+            source: Some(pb::attribute_context::Peer {
+                address: Some(socket(facts.peer)),
+                principal: facts.peer_principal.unwrap_or_default().to_string(),
+                ..Default::default()
+            }),
+            destination: Some(pb::attribute_context::Peer {
+                address: facts.local.map(socket),
+                principal: facts.local_principal.clone(),
+                ..Default::default()
+            }),
+            request: Some(pb::attribute_context::Request {
+                time: Some(prost_types::Timestamp {
+                    seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+                    nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+                }),
+                http: Some(pb::attribute_context::HttpRequest {
+                    id: req
+                        .headers()
+                        .get("x-request-id")
+                        .and_then(|v| v.to_str().ok())
+                        .unwrap_or_default()
+                        .to_string(),
+                    method: req.method().as_str().to_string(),
+                    path: facts.path.to_string(),
+                    host,
+                    scheme: "http".into(),
+                    size,
+                    protocol: facts.protocol.into(),
+                    headers,
+                    ..Default::default()
+                }),
+            }),
+            context_extensions: HashMap::new(),
+        }),
+    }
+}
+
+fn header_pair(o: &core::HeaderValueOption) -> Option<(HeaderName, HeaderValue)> {
+    let h = o.header.as_ref()?;
+    let v = if h.raw_value.is_empty() {
+        HeaderValue::try_from(h.value.as_str()).ok()?
+    } else {
+        HeaderValue::from_bytes(&h.raw_value).ok()?
+    };
+    let k = HeaderName::try_from(h.key.as_str()).ok()?;
+    (!ANSWER_ONLY.contains(&k.as_str())).then_some((k, v))
+}
+
+/// What a `CheckResponse` means.
+pub(crate) fn grpc_answer(resp: pb::CheckResponse) -> Answer {
+    let code = resp.status.as_ref().map_or(0, |s| s.code);
+    if code == 0 {
+        let mut c = Changes::default();
+        if let Some(pb::check_response::HttpResponse::OkResponse(ok)) = resp.http_response {
+            for o in &ok.headers {
+                if let Some(pair) = header_pair(o) {
+                    // 0 (Envoy's APPEND_IF_EXISTS_OR_ADD) is also what a sender that sets
+                    // only the deprecated `append: false` leaves here; Envoy then sets the
+                    // header, and so does this.
+                    match o.append_action {
+                        1 => c.append.push(pair), // add only if absent: see `apply`
+                        _ => c.set.push(pair),
+                    }
+                }
+            }
+            c.remove = ok
+                .headers_to_remove
+                .iter()
+                .filter_map(|n| HeaderName::try_from(n.as_str()).ok())
+                .filter(|n| n != header::HOST)
+                .collect();
+            c.response = ok
+                .response_headers_to_add
+                .iter()
+                .filter_map(header_pair)
+                .collect();
+        }
+        return Answer::Allow(c);
+    }
+    let (status, headers, body) = match resp.http_response {
+        Some(pb::check_response::HttpResponse::DeniedResponse(d)) => (
+            d.status
+                .map(|s| s.code)
+                .and_then(|c| u16::try_from(c).ok())
+                .filter(|c| (200..=599).contains(c))
+                .unwrap_or(403),
+            d.headers.iter().filter_map(header_pair).collect(),
+            Bytes::from(d.body),
+        ),
+        _ => (403, Vec::new(), Bytes::new()),
+    };
+    Answer::Deny(Denied {
+        status,
+        headers,
+        body,
+        reason: format!(
+            "the provider answered gRPC code {code}{}",
+            resp.status
+                .as_ref()
+                .filter(|s| !s.message.is_empty())
+                .map(|s| format!(" ({})", s.message))
+                .unwrap_or_default()
+        ),
+    })
+}
+
+impl Changes {
+    /// Apply an allowing answer's changes to the request headers.
+    pub(crate) fn apply(&self, headers: &mut HeaderMap) {
+        for n in &self.remove {
+            headers.remove(n);
+        }
+        for (k, v) in &self.set {
+            headers.insert(k.clone(), v.clone());
+        }
+        for (k, v) in &self.append {
+            if !headers.contains_key(k) {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hvo(k: &str, v: &str, action: i32) -> core::HeaderValueOption {
+        core::HeaderValueOption {
+            header: Some(core::HeaderValue {
+                key: k.into(),
+                value: v.into(),
+                raw_value: Vec::new(),
+            }),
+            append_action: action,
+            keep_empty_value: false,
+        }
+    }
+
+    #[test]
+    fn a_grpc_ok_sets_and_removes_headers_and_a_denial_keeps_its_status() {
+        let ok = pb::CheckResponse {
+            status: Some(rampart_proto::google::rpc::Status::default()),
+            http_response: Some(pb::check_response::HttpResponse::OkResponse(
+                pb::OkHttpResponse {
+                    headers: vec![hvo("x-user", "alice", 0), hvo("x-tier", "gold", 1)],
+                    headers_to_remove: vec!["authorization".into(), "host".into()],
+                    response_headers_to_add: vec![hvo("x-checked", "1", 0)],
+                },
+            )),
+        };
+        let Answer::Allow(c) = grpc_answer(ok) else {
+            panic!("allowed")
+        };
+        let mut h = HeaderMap::new();
+        h.insert("x-user", HeaderValue::from_static("mallory"));
+        h.insert("x-tier", HeaderValue::from_static("silver"));
+        h.insert("authorization", HeaderValue::from_static("Bearer t"));
+        h.insert("host", HeaderValue::from_static("app"));
+        c.apply(&mut h);
+        assert_eq!(h["x-user"], "alice");
+        assert_eq!(
+            h["x-tier"], "silver",
+            "add-if-absent keeps the request's value"
+        );
+        assert!(h.get("authorization").is_none());
+        assert_eq!(h["host"], "app", "Host is never removed");
+        assert_eq!(c.response.len(), 1);
+
+        let denied = pb::CheckResponse {
+            status: Some(rampart_proto::google::rpc::Status {
+                code: 7,
+                message: "no".into(),
+                details: Vec::new(),
+            }),
+            http_response: Some(pb::check_response::HttpResponse::DeniedResponse(
+                pb::DeniedHttpResponse {
+                    status: Some(pb::HttpStatus { code: 418 }),
+                    headers: vec![hvo("x-why", "teapot", 0), hvo("content-length", "99", 0)],
+                    body: "short and stout".into(),
+                },
+            )),
+        };
+        let Answer::Deny(d) = grpc_answer(denied) else {
+            panic!("denied")
+        };
+        assert_eq!(d.status, 418);
+        assert_eq!(d.headers.len(), 1, "content-length is the answer's own");
+        assert_eq!(&d.body[..], b"short and stout");
+        // No code at all in a denial: 403. A non-OK status with no HTTP part: 403.
+        let bare = pb::CheckResponse {
+            status: Some(rampart_proto::google::rpc::Status {
+                code: 16,
+                ..Default::default()
+            }),
+            http_response: None,
+        };
+        let Answer::Deny(d) = grpc_answer(bare) else {
+            panic!("denied")
+        };
+        assert_eq!(d.status, 403);
+    }
+
+    #[test]
+    fn the_check_request_carries_the_peer_identity_and_the_request_head() {
+        let req = Request::builder()
+            .method("POST")
+            .uri("/orders?id=1")
+            .header("host", "shop.api")
+            .header("x-a", "1")
+            .header("x-a", "2")
+            .header("content-length", "12")
+            .body(())
+            .unwrap();
+        let facts = Facts {
+            path: "/orders?id=1",
+            peer: "10.0.0.7:5000".parse().unwrap(),
+            peer_principal: Some("spiffe://cluster.local/ns/web/sa/frontend"),
+            local: Some("10.0.0.9:8080".parse().unwrap()),
+            local_principal: "spiffe://cluster.local/ns/api/sa/shop".into(),
+            protocol: "HTTP/1.1",
+        };
+        let c = check_request(&req, &facts);
+        let a = c.attributes.unwrap();
+        assert_eq!(
+            a.source.as_ref().unwrap().principal,
+            "spiffe://cluster.local/ns/web/sa/frontend"
+        );
+        let http = a.request.unwrap().http.unwrap();
+        assert_eq!(http.method, "POST");
+        assert_eq!(http.path, "/orders?id=1");
+        assert_eq!(http.host, "shop.api");
+        assert_eq!(http.size, 12);
+        assert_eq!(http.headers["x-a"], "1,2");
+        assert_eq!(http.headers[":path"], "/orders?id=1");
+    }
+}

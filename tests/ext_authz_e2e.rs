@@ -1,0 +1,428 @@
+//! Istio's CUSTOM action: an AuthorizationPolicy hands matching requests to a mesh config
+//! extension provider, and the provider's answer decides. The provider is
+//! `tests/python/ext_authz_server.py`: Envoy's gRPC authorization API from PyPI's
+//! `xds-protos`, served by `grpcio`, and the HTTP flavour on Python's `http.server`. Requests
+//! go through a frontend proxy's outbound listener (mTLS between the proxies, so the check
+//! carries the caller's SPIFFE ID) to a backend proxy in front of `rampart echo`.
+//!
+//! For each provider kind: allowed requests reach the app with the provider's header changes
+//! (added, removed) and the client sees the headers the provider adds to the response;
+//! denied ones get the provider's status, listed headers and body and never reach the app.
+//! Requests no CUSTOM rule matches are not sent to the provider; a DENY policy still applies
+//! to what the provider allowed. Failures: an unreachable provider answers `statusOnError`
+//! (or lets the request through when `failOpen`), a provider the mesh config does not define,
+//! or one Rampart cannot use, denies. The policy file is rewritten between phases and the
+//! running proxies pick it up.
+
+mod support;
+use support::{Proc, free_port, python};
+
+#[path = "../proxy/tests/support/sds_standin.rs"]
+mod sds_standin;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use serde_json::Value;
+
+const TD: &str = "cluster.local";
+
+fn custom_policy(provider: &str) -> String {
+    format!(
+        r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: ext, namespace: api}}
+spec:
+  selector: {{matchLabels: {{app: backend}}}}
+  action: CUSTOM
+  provider: {{name: {provider}}}
+  rules:
+  - to: [{{operation: {{paths: ["/guarded/*"]}}}}]
+"#
+    )
+}
+
+const DENY: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: no-denied, namespace: api}
+spec:
+  selector: {matchLabels: {app: backend}}
+  action: DENY
+  rules:
+  - to: [{operation: {paths: ["/guarded/denied"]}}]
+"#;
+
+struct Mesh {
+    _dir: tempfile::TempDir,
+    mesh: PathBuf,
+    checks: PathBuf,
+    out_f: u16,
+    _rt: tokio::runtime::Runtime,
+    _standins: Vec<sds_standin::StandIn>,
+    procs: Vec<Proc>,
+}
+
+/// An answer as curl saw it.
+struct Answer {
+    status: u16,
+    headers: BTreeMap<String, String>,
+    body: String,
+}
+
+impl Mesh {
+    fn start() -> Mesh {
+        let dir = tempfile::tempdir().unwrap();
+        let wp = dir.path().to_path_buf();
+        let mesh = wp.join("mesh");
+        std::fs::create_dir_all(mesh.join("policy")).unwrap();
+        let (in_b, admin_b) = (free_port(), free_port());
+        let (app_f, in_f, out_f, admin_f) = (free_port(), free_port(), free_port(), free_port());
+        let (http_p, grpc_p, closed) = (free_port(), free_port(), free_port());
+        let checks = wp.join("checks.jsonl");
+        std::fs::write(&checks, "").unwrap();
+        let mut procs = Vec::new();
+
+        // The provider.
+        let log = wp.join("ext_authz.log");
+        let mut ext = Command::new(python())
+            .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/ext_authz_server.py"))
+            .args([http_p.to_string(), grpc_p.to_string()])
+            .arg(&checks)
+            .stdout(Stdio::piped())
+            .stderr(std::fs::File::create(&log).unwrap())
+            .spawn()
+            .unwrap();
+        let mut first = String::new();
+        BufReader::new(ext.stdout.take().unwrap())
+            .read_line(&mut first)
+            .unwrap();
+        let ext = Proc { child: ext, log };
+        assert_eq!(first.trim(), "ready", "{}", ext.log());
+        procs.push(ext);
+
+        // The app.
+        let mut echo = Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .args(["echo", "--listen", "127.0.0.1:0", "--name", "backend"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(echo.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        let app_b = line
+            .trim()
+            .strip_prefix("rampart echo listening on ")
+            .unwrap_or_else(|| panic!("echo said {line:?}"))
+            .to_string();
+        procs.push(Proc {
+            child: echo,
+            log: wp.join("none"),
+        });
+
+        std::fs::write(
+            mesh.join("mesh.yaml"),
+            format!(
+                r#"trustDomain: {TD}
+extensionProviders:
+- name: authz-http
+  envoyExtAuthzHttp:
+    service: authz/127.0.0.1
+    port: {http_p}
+    pathPrefix: /check
+    includeRequestHeadersInCheck: [x-user]
+    includeAdditionalHeadersInCheck: {{x-asked-by: rampart}}
+    headersToUpstreamOnAllow: ["x-authz-*"]
+    headersToDownstreamOnAllow: [x-checked]
+    headersToDownstreamOnDeny: [x-deny-reason]
+- name: authz-grpc
+  envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {grpc_p}, timeout: 5s}}
+- name: down-closed
+  envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {closed}, statusOnError: "503"}}
+- name: down-open
+  envoyExtAuthzHttp: {{service: 127.0.0.1, port: {closed}, failOpen: true}}
+- name: with-body
+  envoyExtAuthzGrpc:
+    service: 127.0.0.1
+    port: {grpc_p}
+    includeRequestBodyInCheck: {{maxRequestBytes: 1024}}
+"#
+            ),
+        )
+        .unwrap();
+        std::fs::write(
+            mesh.join("workloads.yaml"),
+            format!(
+                r#"workloads:
+- name: backend
+  namespace: api
+  labels: {{app: backend}}
+  ports:
+  - {{port: 8080, protocol: http, app: "{app_b}", inbound: "127.0.0.1:{in_b}"}}
+  proxy: {{admin: "127.0.0.1:{admin_b}"}}
+- name: frontend
+  namespace: web
+  ports:
+  - {{port: 80, protocol: http, app: "127.0.0.1:{app_f}", inbound: "127.0.0.1:{in_f}"}}
+  proxy: {{outbound: "127.0.0.1:{out_f}", admin: "127.0.0.1:{admin_f}"}}
+"#
+            ),
+        )
+        .unwrap();
+        std::fs::write(mesh.join("policy/ext.yaml"), custom_policy("authz-http")).unwrap();
+        std::fs::write(mesh.join("policy/deny.yaml"), DENY).unwrap();
+
+        let rt = tokio::runtime::Runtime::new().unwrap();
+        let ca = sds_standin::TestCa::new("ext_authz Root");
+        let sds_b = wp.join("sds-b.sock");
+        let sds_f = wp.join("sds-f.sock");
+        let standins = rt.block_on(async {
+            vec![
+                sds_standin::start(
+                    &sds_b,
+                    Some(ca.secrets(&format!("spiffe://{TD}/ns/api/sa/backend"), 1)),
+                ),
+                sds_standin::start(
+                    &sds_f,
+                    Some(ca.secrets(&format!("spiffe://{TD}/ns/web/sa/frontend"), 1)),
+                ),
+            ]
+        });
+        for (workload, sds, log, admin) in [
+            ("api/backend", &sds_b, "backend.log", admin_b),
+            ("web/frontend", &sds_f, "frontend.log", admin_f),
+        ] {
+            let log = wp.join(log);
+            let child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+                .args(["proxy", "--mesh"])
+                .arg(&mesh)
+                .args(["--workload", workload, "--sds-socket"])
+                .arg(sds)
+                .args(["--drain-timeout", "1s"])
+                .env("RUST_LOG", "info")
+                .stdout(Stdio::null())
+                .stderr(std::fs::File::create(&log).unwrap())
+                .spawn()
+                .unwrap();
+            let p = Proc { child, log };
+            support::wait_for(
+                "proxy ready",
+                Duration::from_secs(30),
+                || ready(admin),
+                || p.log(),
+            );
+            procs.push(p);
+        }
+        Mesh {
+            _dir: dir,
+            mesh,
+            checks,
+            out_f,
+            _rt: rt,
+            _standins: standins,
+            procs,
+        }
+    }
+
+    fn logs(&self) -> String {
+        self.procs
+            .iter()
+            .map(Proc::log)
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    }
+
+    /// `GET http://backend.api:8080<path>` through the frontend's outbound listener.
+    fn get(&self, path: &str, headers: &[&str]) -> Answer {
+        let mut cmd = Command::new("curl");
+        cmd.args(["-sS", "-i", "--path-as-is", "--max-time", "10", "-x"])
+            .arg(format!("http://127.0.0.1:{}", self.out_f))
+            .arg(format!("http://backend.api:8080{path}"));
+        for h in headers {
+            cmd.args(["-H", h]);
+        }
+        let out = cmd.output().expect("curl must be installed");
+        assert!(
+            out.status.success(),
+            "curl {path}: {}\n{}",
+            String::from_utf8_lossy(&out.stderr),
+            self.logs()
+        );
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+        let mut lines = head.lines();
+        let status = lines
+            .next()
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|c| c.parse().ok())
+            .unwrap_or(0);
+        let headers = lines
+            .filter_map(|l| l.split_once(':'))
+            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+            .collect();
+        Answer {
+            status,
+            headers,
+            body: body.to_string(),
+        }
+    }
+
+    /// The checks the provider has received so far.
+    fn checks(&self) -> Vec<Value> {
+        std::fs::read_to_string(&self.checks)
+            .unwrap()
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap())
+            .collect()
+    }
+
+    /// Point the CUSTOM policy at `provider` and wait until `probe` says it is in force.
+    fn use_provider(&self, provider: &str, probe: impl Fn(&Mesh) -> bool) {
+        std::fs::write(self.mesh.join("policy/ext.yaml"), custom_policy(provider)).unwrap();
+        support::wait_for(
+            &format!("the CUSTOM policy to use {provider}"),
+            Duration::from_secs(30),
+            || probe(self),
+            || self.logs(),
+        );
+    }
+}
+
+fn ready(admin: u16) -> bool {
+    let Ok(mut s) = TcpStream::connect(("127.0.0.1", admin)) else {
+        return false;
+    };
+    let _ = s.write_all(b"GET /ready HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200")
+}
+
+fn echoed(a: &Answer) -> Value {
+    assert_eq!(a.status, 200, "{}", a.body);
+    serde_json::from_str(&a.body).unwrap_or_else(|e| panic!("{e}: {}", a.body))
+}
+
+#[test]
+fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
+    let m = Mesh::start();
+    let alice = ["x-user: alice", "x-secret: s3cret", "x-authz-user: forged"];
+
+    // --- HTTP provider ---
+    let a = m.get("/guarded/a?q=1", &alice);
+    let app = echoed(&a);
+    assert_eq!(app["headers"]["x-authz-user"], "alice", "{app}");
+    assert!(app["headers"].get("x-secret").is_none(), "{app}");
+    assert_eq!(a.headers.get("x-checked").map(String::as_str), Some("yes"));
+    assert!(!a.headers.contains_key("x-not-listed"));
+    let checks = m.checks();
+    assert_eq!(checks.len(), 1, "{checks:?}");
+    let c = &checks[0];
+    assert_eq!(c["kind"], "http");
+    assert_eq!(c["method"], "GET");
+    assert_eq!(c["path"], "/check/guarded/a?q=1");
+    assert_eq!(c["headers"]["host"], "backend.api:8080");
+    assert_eq!(c["headers"]["x-user"], "alice");
+    assert_eq!(c["headers"]["x-asked-by"], "rampart");
+    assert_eq!(c["headers"]["content-length"], "0");
+    // Only the listed headers (and Host, Method, Path, Content-Length, Authorization) go to
+    // the provider.
+    assert!(c["headers"].get("x-secret").is_none(), "{c}");
+
+    // Negative twin: the provider's denial, as it shaped it; the app is not reached.
+    let a = m.get("/guarded/a", &["x-user: bob"]);
+    assert_eq!(a.status, 418, "{}", a.body);
+    assert_eq!(a.body, "who are you?");
+    assert_eq!(
+        a.headers.get("x-deny-reason").map(String::as_str),
+        Some("not alice")
+    );
+    assert!(!a.headers.contains_key("x-not-listed"));
+    assert_eq!(m.checks().len(), 2);
+    // The provider judges the path the app would get (`..` resolved, as policy sees it), not
+    // the one the client wrote: `/open/../guarded/x` is a guarded path.
+    let a = m.get("/open/../guarded/x", &["x-user: bob"]);
+    assert_eq!(a.status, 418, "{}", a.body);
+    assert_eq!(m.checks().last().unwrap()["path"], "/check/guarded/x");
+
+    // No CUSTOM rule matches: the provider is not asked.
+    echoed(&m.get("/open", &["x-user: bob"]));
+    assert_eq!(m.checks().len(), 3);
+    // The provider allows; DENY still applies.
+    let a = m.get("/guarded/denied", &alice);
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert_eq!(a.body, "RBAC: access denied");
+    assert_eq!(m.checks().len(), 4);
+
+    // --- gRPC provider ---
+    m.use_provider("authz-grpc", |m| {
+        m.get("/guarded/probe", &["x-user: bob"]).status == 418
+            && m.checks().last().is_some_and(|c| c["kind"] == "grpc")
+    });
+    let a = m.get("/guarded/b", &alice);
+    let app = echoed(&a);
+    assert_eq!(app["headers"]["x-authz-user"], "alice", "{app}");
+    assert!(app["headers"].get("x-secret").is_none(), "{app}");
+    assert_eq!(a.headers.get("x-checked").map(String::as_str), Some("yes"));
+    let c = m.checks().pop().unwrap();
+    assert_eq!(c["kind"], "grpc");
+    assert_eq!(c["path"], "/guarded/b");
+    assert_eq!(c["host"], "backend.api:8080");
+    assert_eq!(c["method"], "GET");
+    // The caller's identity, from the mTLS handshake, and the callee's.
+    assert_eq!(
+        c["source_principal"],
+        format!("spiffe://{TD}/ns/web/sa/frontend")
+    );
+    assert_eq!(
+        c["destination_principal"],
+        format!("spiffe://{TD}/ns/api/sa/backend")
+    );
+    assert_eq!(c["source_address"], "127.0.0.1");
+    assert_eq!(
+        c["headers"]["x-secret"], "s3cret",
+        "gRPC checks see every header"
+    );
+    let a = m.get("/guarded/b", &["x-user: bob"]);
+    assert_eq!(a.status, 418);
+    assert_eq!(a.body, "who are you?");
+    assert_eq!(
+        a.headers.get("x-deny-reason").map(String::as_str),
+        Some("not alice")
+    );
+
+    // --- failures ---
+    // Unreachable, not failOpen: statusOnError.
+    m.use_provider("down-closed", |m| m.get("/guarded/c", &alice).status == 503);
+    echoed(&m.get("/open", &alice));
+    // Unreachable, failOpen: the request goes on.
+    m.use_provider("down-open", |m| {
+        m.get("/guarded/c", &["x-user: bob"]).status == 200
+    });
+    // A provider Rampart cannot use (it wants the body), and one nobody defined: denied.
+    m.use_provider("with-body", |m| {
+        let a = m.get("/guarded/c", &alice);
+        a.status == 403 && a.body == "RBAC: access denied"
+    });
+    let before = m.checks().len();
+    m.use_provider("nobody", |m| {
+        let a = m.get("/guarded/c", &alice);
+        a.status == 403 && a.body == "RBAC: access denied"
+    });
+    echoed(&m.get("/open", &alice));
+    assert_eq!(
+        m.checks().len(),
+        before,
+        "unusable providers are never asked"
+    );
+    let logs = m.logs();
+    assert!(
+        logs.contains("includeRequestBodyInCheck"),
+        "the denial names why the provider cannot be used:\n{logs}"
+    );
+}

@@ -1,0 +1,118 @@
+"""An external authorization service for tests/ext_authz_e2e.rs: Envoy's gRPC API
+(envoy.service.auth.v3.Authorization, from PyPI's xds-protos, served by grpcio) and the HTTP
+flavour Istio's envoyExtAuthzHttp speaks (Python's http.server), with the same rule:
+
+- `x-user: alice` is allowed; the answer adds `x-authz-user: alice` for the app, removes
+  `x-secret` from the request and adds `x-checked: yes` to the client's response;
+- anything else is denied with 418, `x-deny-reason: not alice` and the body `who are you?`.
+
+Every check it receives is appended, as one JSON line, to the file named by its third
+argument, so the test can see what the proxy sent.
+
+Usage: ext_authz_server.py HTTP_PORT GRPC_PORT LOG
+Prints "ready" once both listen.
+"""
+
+import json
+import sys
+import threading
+from concurrent import futures
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import grpc
+from envoy.config.core.v3 import base_pb2
+from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
+from envoy.type.v3 import http_status_pb2
+from google.rpc import code_pb2, status_pb2
+
+HTTP_PORT, GRPC_PORT, LOG = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
+lock = threading.Lock()
+
+
+def record(entry):
+    with lock, open(LOG, "a") as f:
+        f.write(json.dumps(entry) + "\n")
+
+
+class Http(BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"
+
+    def handle_any(self):
+        headers = {k.lower(): v for k, v in self.headers.items()}
+        record({"kind": "http", "method": self.command, "path": self.path, "headers": headers})
+        if headers.get("x-user") == "alice":
+            self.send_response(200)
+            self.send_header("x-authz-user", "alice")
+            self.send_header("x-envoy-auth-headers-to-remove", "x-secret")
+            self.send_header("x-checked", "yes")
+            self.send_header("x-not-listed", "dropped")
+            self.send_header("content-length", "0")
+            self.end_headers()
+        else:
+            body = b"who are you?"
+            self.send_response(418)
+            self.send_header("x-deny-reason", "not alice")
+            self.send_header("x-not-listed", "dropped")
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+    do_GET = do_POST = do_PUT = do_DELETE = handle_any
+
+    def log_message(self, *args):
+        pass
+
+
+def header(key, value):
+    return base_pb2.HeaderValueOption(header=base_pb2.HeaderValue(key=key, value=value))
+
+
+class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
+    def Check(self, request, context):
+        a = request.attributes
+        http = a.request.http
+        record(
+            {
+                "kind": "grpc",
+                "method": http.method,
+                "path": http.path,
+                "host": http.host,
+                "protocol": http.protocol,
+                "headers": dict(http.headers),
+                "source_principal": a.source.principal,
+                "source_address": a.source.address.socket_address.address,
+                "destination_principal": a.destination.principal,
+            }
+        )
+        if http.headers.get("x-user") == "alice":
+            return external_auth_pb2.CheckResponse(
+                status=status_pb2.Status(code=code_pb2.OK),
+                ok_response=external_auth_pb2.OkHttpResponse(
+                    headers=[header("x-authz-user", "alice")],
+                    headers_to_remove=["x-secret"],
+                    response_headers_to_add=[header("x-checked", "yes")],
+                ),
+            )
+        return external_auth_pb2.CheckResponse(
+            status=status_pb2.Status(code=code_pb2.PERMISSION_DENIED, message="not alice"),
+            denied_response=external_auth_pb2.DeniedHttpResponse(
+                status=http_status_pb2.HttpStatus(code=418),
+                headers=[header("x-deny-reason", "not alice")],
+                body="who are you?",
+            ),
+        )
+
+
+def main():
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    external_auth_pb2_grpc.add_AuthorizationServicer_to_server(Authorization(), server)
+    server.add_insecure_port(f"127.0.0.1:{GRPC_PORT}")
+    server.start()
+    httpd = ThreadingHTTPServer(("127.0.0.1", HTTP_PORT), Http)
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    print("ready", flush=True)
+    server.wait_for_termination()
+
+
+if __name__ == "__main__":
+    main()
