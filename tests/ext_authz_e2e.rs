@@ -58,6 +58,10 @@ spec:
 
 struct Mesh {
     _dir: tempfile::TempDir,
+    wp: PathBuf,
+    app_b: String,
+    http_p: u16,
+    grpc_p: u16,
     mesh: PathBuf,
     checks: PathBuf,
     out_f: u16,
@@ -220,6 +224,10 @@ extensionProviders:
         }
         Mesh {
             _dir: dir,
+            wp,
+            app_b,
+            http_p,
+            grpc_p,
             mesh,
             checks,
             out_f,
@@ -239,37 +247,12 @@ extensionProviders:
 
     /// `GET http://backend.api:8080<path>` through the frontend's outbound listener.
     fn get(&self, path: &str, headers: &[&str]) -> Answer {
-        let mut cmd = Command::new("curl");
-        cmd.args(["-sS", "-i", "--path-as-is", "--max-time", "10", "-x"])
-            .arg(format!("http://127.0.0.1:{}", self.out_f))
-            .arg(format!("http://backend.api:8080{path}"));
-        for h in headers {
-            cmd.args(["-H", h]);
-        }
-        let out = cmd.output().expect("curl must be installed");
-        assert!(
-            out.status.success(),
-            "curl {path}: {}\n{}",
-            String::from_utf8_lossy(&out.stderr),
-            self.logs()
-        );
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
-        let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-        let mut lines = head.lines();
-        let status = lines
-            .next()
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|c| c.parse().ok())
-            .unwrap_or(0);
-        let headers = lines
-            .filter_map(|l| l.split_once(':'))
-            .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-            .collect();
-        Answer {
-            status,
+        let proxy = format!("http://127.0.0.1:{}", self.out_f);
+        curl(
+            &["-x", &proxy, &format!("http://backend.api:8080{path}")],
             headers,
-            body: body.to_string(),
-        }
+            || self.logs(),
+        )
     }
 
     /// The checks the provider has received so far.
@@ -290,6 +273,40 @@ extensionProviders:
             || probe(self),
             || self.logs(),
         );
+    }
+}
+
+/// curl `args` plus `-H` for each of `headers`: the answer, parsed.
+fn curl(args: &[&str], headers: &[&str], logs: impl Fn() -> String) -> Answer {
+    let mut cmd = Command::new("curl");
+    cmd.args(["-sS", "-i", "--path-as-is", "--max-time", "10"])
+        .args(args);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd.output().expect("curl must be installed");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: body.to_string(),
     }
 }
 
@@ -425,4 +442,214 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
         logs.contains("includeRequestBodyInCheck"),
         "the denial names why the provider cannot be used:\n{logs}"
     );
+}
+
+/// A real Envoy configured as istiod configures a sidecar's inbound for the CUSTOM policy
+/// above (the shadow RBAC filter that marks matching requests, then ext_authz enabled by
+/// that mark; see `authz-builder/http/custom-*-provider-out*.yaml` in the shared Istio
+/// conformance data), one listener per provider kind, in front of the same app.
+fn envoy_beside(m: &Mesh, http_l: u16, grpc_l: u16) -> support::envoy::Envoy {
+    use serde_json::json;
+    let addr = support::envoy::addr;
+    let shadow = json!({
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "shadow_rules": {"action": "DENY", "policies": {
+                "istio-ext-authz-ns[api]-policy[ext]-rule[0]": {
+                    "permissions": [{"and_rules": {"rules": [{"or_rules": {"rules": [
+                        {"url_path": {"path": {"prefix": "/guarded/"}}}
+                    ]}}]}}],
+                    "principals": [{"and_ids": {"ids": [{"any": true}]}}]
+                }
+            }},
+            "shadow_rules_stat_prefix": "istio_ext_authz_"
+        }
+    });
+    let enabled = json!({
+        "filter": "envoy.filters.http.rbac",
+        "path": [{"key": "istio_ext_authz_shadow_effective_policy_id"}],
+        "value": {"string_match": {"prefix": "istio-ext-authz"}}
+    });
+    let pattern = |p: &str| match (p.strip_suffix('*'), p.strip_prefix('*')) {
+        (Some(prefix), _) => json!({"prefix": prefix, "ignore_case": true}),
+        (_, Some(suffix)) => json!({"suffix": suffix, "ignore_case": true}),
+        _ => json!({"exact": p, "ignore_case": true}),
+    };
+    let http_ext = json!({
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "status_on_error": {"code": "Forbidden"},
+            "filter_enabled_metadata": enabled,
+            "allowed_headers": {"patterns": [pattern("x-user")]},
+            "http_service": {
+                "server_uri": {"uri": format!("http://127.0.0.1:{}", m.http_p), "cluster": "ext-http", "timeout": "10s"},
+                "path_prefix": "/check",
+                "authorization_request": {"headers_to_add": [{"key": "x-asked-by", "value": "rampart"}]},
+                "authorization_response": {
+                    "allowed_upstream_headers": {"patterns": [pattern("x-authz-*")]},
+                    "allowed_client_headers": {"patterns": [pattern("x-deny-reason")]},
+                    "allowed_client_headers_on_success": {"patterns": [pattern("x-checked")]}
+                }
+            }
+        }
+    });
+    let grpc_ext = json!({
+        "name": "envoy.filters.http.ext_authz",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.ext_authz.v3.ExtAuthz",
+            "transport_api_version": "V3",
+            "status_on_error": {"code": "Forbidden"},
+            "filter_enabled_metadata": enabled,
+            "grpc_service": {"envoy_grpc": {"cluster_name": "ext-grpc", "authority": "127.0.0.1"}, "timeout": "5s"}
+        }
+    });
+    let listener = |name: &str, port: u16, ext: &serde_json::Value| {
+        json!({
+            "name": name,
+            "address": addr(port),
+            "filter_chains": [{"filters": [{
+                "name": "envoy.filters.network.http_connection_manager",
+                "typed_config": {
+                    "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
+                    "stat_prefix": name,
+                    // Istio's settings for pathNormalization BASE.
+                    "normalize_path": true,
+                    "merge_slashes": false,
+                    "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
+                    "http_filters": [
+                        shadow,
+                        ext,
+                        {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
+                    ],
+                    "route_config": {"virtual_hosts": [{
+                        "name": "all", "domains": ["*"],
+                        "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]
+                    }]}
+                }
+            }]}]
+        })
+    };
+    let (app_host, app_port) = m.app_b.rsplit_once(':').unwrap();
+    assert_eq!(app_host, "127.0.0.1");
+    let cluster = |name: &str, port: u16, h2: bool| {
+        let mut c = json!({
+            "name": name,
+            "type": "STATIC",
+            "connect_timeout": "1s",
+            "load_assignment": {"cluster_name": name, "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr(port)}}]}]}
+        });
+        if h2 {
+            c["typed_extension_protocol_options"] = json!({
+                "envoy.extensions.upstreams.http.v3.HttpProtocolOptions": {
+                    "@type": "type.googleapis.com/envoy.extensions.upstreams.http.v3.HttpProtocolOptions",
+                    "explicit_http_config": {"http2_protocol_options": {}}
+                }
+            });
+        }
+        c
+    };
+    let bootstrap = json!({
+        "node": {"id": "sidecar~127.0.0.1~backend.api~api.svc.cluster.local", "cluster": "backend.api"},
+        "admin": {"address": addr(0)},
+        "static_resources": {
+            "listeners": [listener("ext_http", http_l, &http_ext), listener("ext_grpc", grpc_l, &grpc_ext)],
+            "clusters": [
+                cluster("app", app_port.parse().unwrap(), false),
+                cluster("ext-http", m.http_p, false),
+                cluster("ext-grpc", m.grpc_p, true)
+            ]
+        }
+    });
+    let e = support::envoy::Envoy::start(&m.wp, "envoy", &bootstrap);
+    e.wait_ready();
+    e
+}
+
+#[test]
+fn rampart_answers_custom_checks_as_a_real_envoy_does() {
+    let m = Mesh::start();
+    let (http_l, grpc_l) = (free_port(), free_port());
+    let envoy = envoy_beside(&m, http_l, grpc_l);
+    let cases: [(&str, &[&str]); 5] = [
+        (
+            "/guarded/a?q=1",
+            &[
+                "x-user: alice",
+                "x-secret: s3cret",
+                "x-authz-user: forged",
+                "authorization: Bearer t",
+            ],
+        ),
+        ("/guarded/a", &["x-user: bob", "x-secret: s3cret"]),
+        ("/open/../guarded/x", &["x-user: bob"]),
+        ("/guarded//a", &["x-user: alice"]),
+        ("/open", &["x-user: bob"]),
+    ];
+    for (provider, port) in [("authz-http", http_l), ("authz-grpc", grpc_l)] {
+        if provider == "authz-grpc" {
+            m.use_provider(provider, |m| {
+                m.get("/guarded/probe", &["x-user: bob"]).status == 418
+                    && m.checks().last().is_some_and(|c| c["kind"] == "grpc")
+            });
+        }
+        for (path, headers) in cases {
+            let what = format!("{provider} {path} {headers:?}");
+            let before = m.checks().len();
+            let ours = m.get(path, headers);
+            let mid = m.checks().len();
+            let mut with_host = headers.to_vec();
+            with_host.push("host: backend.api:8080");
+            let theirs = curl(
+                &[&format!("http://127.0.0.1:{port}{path}")],
+                &with_host,
+                || envoy.proc.log(),
+            );
+            let after = m.checks().len();
+            // The client's view.
+            assert_eq!(ours.status, theirs.status, "{what}: {}", theirs.body);
+            for h in ["x-checked", "x-deny-reason", "x-not-listed"] {
+                assert_eq!(ours.headers.get(h), theirs.headers.get(h), "{what}: {h}");
+            }
+            if ours.status == 200 {
+                // The app's view.
+                let (a, b) = (echoed(&ours), echoed(&theirs));
+                for h in ["x-authz-user", "x-secret", "x-user", "authorization"] {
+                    assert_eq!(
+                        a["headers"].get(h),
+                        b["headers"].get(h),
+                        "{what}: app's {h}"
+                    );
+                }
+                assert_eq!(a["path"], b["path"], "{what}");
+            } else {
+                assert_eq!(ours.body, theirs.body, "{what}");
+            }
+            // The provider's view: asked by both or by neither, about the same request.
+            assert_eq!(mid - before, after - mid, "{what}: checks");
+            if after > mid {
+                let checks = m.checks();
+                let (a, b) = (&checks[mid - 1], &checks[after - 1]);
+                assert_eq!(a["method"], b["method"], "{what}");
+                assert_eq!(a["path"], b["path"], "{what}");
+                for h in [
+                    "x-user",
+                    "x-secret",
+                    "x-asked-by",
+                    "authorization",
+                    "content-length",
+                    "host",
+                    ":authority",
+                ] {
+                    assert_eq!(
+                        a["headers"].get(h),
+                        b["headers"].get(h),
+                        "{what}: provider's {h}\nours {a}\nEnvoy's {b}"
+                    );
+                }
+            }
+        }
+    }
 }

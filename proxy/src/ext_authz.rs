@@ -305,6 +305,10 @@ fn socket(a: SocketAddr) -> core::Address {
 pub(crate) fn check_request<B>(req: &Request<B>, facts: &Facts<'_>) -> pb::CheckRequest {
     let mut headers: HashMap<String, String> = HashMap::new();
     for (k, v) in req.headers() {
+        // Host travels as `:authority`, as in Envoy's map (it keeps HTTP/1.1's Host there).
+        if k == header::HOST {
+            continue;
+        }
         let v = String::from_utf8_lossy(v.as_bytes());
         headers
             .entry(k.as_str().to_string())
@@ -324,6 +328,7 @@ pub(crate) fn check_request<B>(req: &Request<B>, facts: &Facts<'_>) -> pb::Check
     headers.insert(":method".into(), req.method().as_str().to_string());
     headers.insert(":path".into(), facts.path.to_string());
     headers.insert(":authority".into(), host.clone());
+    headers.insert(":scheme".into(), "http".into());
     let size = req
         .headers()
         .get(header::CONTENT_LENGTH)
@@ -575,5 +580,7 @@ mod tests {
         assert_eq!(http.size, 12);
         assert_eq!(http.headers["x-a"], "1,2");
         assert_eq!(http.headers[":path"], "/orders?id=1");
+        assert_eq!(http.headers[":authority"], "shop.api");
+        assert!(!http.headers.contains_key("host"));
     }
 }
