@@ -46,6 +46,20 @@ spec:
     )
 }
 
+/// Only the provider's `x-authz-user: admin` opens `/guarded/admin`: DENY/ALLOW must read the
+/// header as the provider set it, never the client's copy.
+const ALLOW: &str = r#"apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: admin-by-provider, namespace: api}
+spec:
+  selector: {matchLabels: {app: backend}}
+  action: ALLOW
+  rules:
+  - to: [{operation: {notPaths: ["/guarded/admin"]}}]
+  - to: [{operation: {paths: ["/guarded/admin"]}}]
+    when: [{key: "request.headers[x-authz-user]", values: [admin]}]
+"#;
+
 const DENY: &str = r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: no-denied, namespace: api}
@@ -144,6 +158,8 @@ extensionProviders:
     headersToUpstreamOnAllow: ["x-authz-*"]
     headersToDownstreamOnAllow: [x-checked]
     headersToDownstreamOnDeny: [x-deny-reason]
+- name: authz-http-open
+  envoyExtAuthzHttp: {{service: 127.0.0.1, port: {http_p}, failOpen: true, includeRequestHeadersInCheck: [x-user]}}
 - name: authz-grpc
   envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {grpc_p}, timeout: 5s}}
 - name: down-closed
@@ -180,6 +196,7 @@ extensionProviders:
         .unwrap();
         std::fs::write(mesh.join("policy/ext.yaml"), custom_policy("authz-http")).unwrap();
         std::fs::write(mesh.join("policy/deny.yaml"), DENY).unwrap();
+        std::fs::write(mesh.join("policy/allow.yaml"), ALLOW).unwrap();
 
         let rt = tokio::runtime::Runtime::new().unwrap();
         let ca = sds_standin::TestCa::new("ext_authz Root");
@@ -367,14 +384,52 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
     assert_eq!(a.status, 418, "{}", a.body);
     assert_eq!(m.checks().last().unwrap()["path"], "/check/guarded/x");
 
+    // DENY and ALLOW read the headers as the provider set them: a client's own
+    // `x-authz-user: admin` is replaced by the provider's `alice` before ALLOW looks...
+    let a = m.get("/guarded/admin", &["x-user: alice", "x-authz-user: admin"]);
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert_eq!(a.body, "RBAC: access denied");
+    // ...and the provider's `admin` opens it.
+    let app = echoed(&m.get("/guarded/admin", &["x-user: root"]));
+    assert_eq!(app["headers"]["x-authz-user"], "admin");
+    // A provider failing (5xx) is not a verdict: statusOnError (403 here), nothing of its page.
+    let a = m.get("/guarded/a", &["x-user: crash"]);
+    assert_eq!(a.status, 403, "{}", a.body);
+    assert!(!a.body.contains("10.0.0.5"), "{}", a.body);
+    // A gRPC caller gets the denial as a gRPC status.
+    let a = m.get(
+        "/guarded/a",
+        &["x-user: bob", "content-type: application/grpc"],
+    );
+    assert_eq!(
+        a.headers.get("grpc-status").map(String::as_str),
+        Some("7"),
+        "{:?}",
+        a.headers
+    );
+    assert_eq!(
+        a.headers.get("x-deny-reason").map(String::as_str),
+        Some("not alice")
+    );
+    let asked = m.checks().len();
+
     // No CUSTOM rule matches: the provider is not asked.
     echoed(&m.get("/open", &["x-user: bob"]));
-    assert_eq!(m.checks().len(), 3);
+    assert_eq!(m.checks().len(), asked);
     // The provider allows; DENY still applies.
     let a = m.get("/guarded/denied", &alice);
     assert_eq!(a.status, 403, "{}", a.body);
     assert_eq!(a.body, "RBAC: access denied");
-    assert_eq!(m.checks().len(), 4);
+    assert_eq!(m.checks().len(), asked + 1);
+
+    // failOpen: a provider failing (5xx) lets the request through; a denial with a page too
+    // long to pass on is still a denial (the page cut at 64 KiB).
+    m.use_provider("authz-http-open", |m| {
+        m.get("/guarded/a", &["x-user: crash"]).status == 200
+    });
+    let a = m.get("/guarded/a", &["x-user: big"]);
+    assert_eq!(a.status, 403);
+    assert_eq!(a.body.len(), 64 * 1024);
 
     // --- gRPC provider ---
     m.use_provider("authz-grpc", |m| {
@@ -573,7 +628,7 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
     let m = Mesh::start();
     let (http_l, grpc_l) = (free_port(), free_port());
     let envoy = envoy_beside(&m, http_l, grpc_l);
-    let cases: [(&str, &[&str]); 5] = [
+    let cases: [(&str, &[&str]); 6] = [
         (
             "/guarded/a?q=1",
             &[
@@ -586,6 +641,8 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
         ("/guarded/a", &["x-user: bob", "x-secret: s3cret"]),
         ("/open/../guarded/x", &["x-user: bob"]),
         ("/guarded//a", &["x-user: alice"]),
+        // Repeated headers reach the provider as one value, as Envoy joins them.
+        ("/guarded/a", &["x-user: alice", "x-user: bob"]),
         ("/open", &["x-user: bob"]),
     ];
     for (provider, port) in [("authz-http", http_l), ("authz-grpc", grpc_l)] {

@@ -317,7 +317,14 @@ impl MeshConfig {
             m.path_normalization = n;
         }
         for p in raw.extension_providers {
-            m.extension_providers.push(MeshExtensionProvider::parse(p)?);
+            let p = MeshExtensionProvider::parse(p)?;
+            if m.provider(&p.name).is_some() {
+                return Err(MeshConfigError(format!(
+                    "extensionProviders: the name {:?} is used twice",
+                    p.name
+                )));
+            }
+            m.extension_providers.push(p);
         }
         Ok(m)
     }
@@ -363,6 +370,14 @@ mod tests {
         let d = MeshConfig::from_yaml("pathNormalization: {normalization: DEFAULT}").unwrap();
         assert_eq!(d.path_normalization, PathNormalization::Base);
         assert!(MeshConfig::from_yaml("pathNormalization: {normalization: WEIRD}").is_err());
+        // Istio refuses a mesh config naming two providers alike.
+        let twice = "extensionProviders:\n- {name: a, envoyExtAuthzGrpc: {service: x, port: 1}}\n- {name: a, prometheus: {}}\n";
+        assert!(
+            MeshConfig::from_yaml(twice)
+                .unwrap_err()
+                .to_string()
+                .contains("twice")
+        );
     }
 
     #[test]

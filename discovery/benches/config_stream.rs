@@ -134,6 +134,7 @@ fn snapshot(
         pods: workloads.0.clone(),
         services: workloads.1.clone(),
         namespaces: Vec::new(),
+        mesh: None,
     };
     let settings = KubeSettings::new("cluster.local".parse().expect("trust domain"));
     let conversion = convert(&settings, &objects);

@@ -25,14 +25,17 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use futures::{Stream, StreamExt};
-use k8s_openapi::api::core::v1::{Event as CoreEvent, Namespace, ObjectReference, Pod, Service};
+use k8s_openapi::api::core::v1::{
+    ConfigMap, Event as CoreEvent, Namespace, ObjectReference, Pod, Service,
+};
 use kube::api::{Api, ApiResource, DynamicObject, GroupVersionKind, PostParams};
 use kube::runtime::WatchStreamExt as _;
 use kube::runtime::watcher::{self, Event};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
-use rampart_mesh::kube::{KubeObjects, KubeSettings, Refused, convert};
+use rampart_authz::MeshConfig;
+use rampart_mesh::kube::{KubeObjects, KubeSettings, MESH_CONFIGMAP, Refused, convert};
 use rampart_mesh::watch::{Update, Updates};
 use serde_json::Value;
 use tokio::sync::mpsc;
@@ -151,6 +154,8 @@ enum Coll {
     Pods,
     Services,
     Namespaces,
+    /// Istio's mesh config ConfigMap (one object at most).
+    Mesh,
 }
 
 type ChangeStream = Pin<Box<dyn Stream<Item = (Coll, Change)> + Send>>;
@@ -287,6 +292,21 @@ where
     K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
     K: Send + 'static,
 {
+    watch_with(api, watcher::Config::default(), coll, types, slim)
+}
+
+/// [`watch`] with its own list/watch parameters (a field selector).
+fn watch_with<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    coll: Coll,
+    types: (String, String),
+    slim: fn(&mut K),
+) -> ChangeStream
+where
+    K: kube::Resource + Clone + serde::de::DeserializeOwned + serde::Serialize + std::fmt::Debug,
+    K: Send + 'static,
+{
     let to_value = move |mut k: K| {
         slim(&mut k);
         let meta = k.meta_mut();
@@ -302,7 +322,7 @@ where
         v
     };
     Box::pin(
-        watcher::watcher(api, watcher::Config::default())
+        watcher::watcher(api, config)
             .default_backoff()
             .map(move |e| {
                 let c = match e {
@@ -384,6 +404,19 @@ impl KubeConfigSource {
             core("Namespace"),
             |_| {},
         ));
+        // Only the MeshConfig key of Istio's mesh ConfigMap (not meshNetworks and the like).
+        out.push(watch_with(
+            Api::<ConfigMap>::namespaced(self.client.clone(), &self.settings.root_namespace),
+            watcher::Config::default().fields(&format!("metadata.name={}", MESH_CONFIGMAP.0)),
+            Coll::Mesh,
+            core("ConfigMap"),
+            |cm| {
+                if let Some(d) = cm.data.as_mut() {
+                    d.retain(|k, _| k == MESH_CONFIGMAP.1);
+                }
+                cm.binary_data = None;
+            },
+        ));
         out
     }
 
@@ -396,7 +429,13 @@ impl KubeConfigSource {
         let mut dirty = false;
         let mut deadline = tokio::time::Instant::now();
         let mut waiting_logged = false;
-        let mut last: Option<(rampart_mesh::Registry, Vec<rampart_authz::Resource>)> = None;
+        let mut last: Option<(
+            rampart_mesh::Registry,
+            Vec<rampart_authz::Resource>,
+            MeshConfig,
+        )> = None;
+        // The last mesh ConfigMap that parsed: a broken edit keeps it serving.
+        let mut mesh_good: Option<(String, MeshConfig)> = None;
         loop {
             let all_synced = stores.len() == count && stores.values().all(|s| s.synced);
             tokio::select! {
@@ -413,12 +452,19 @@ impl KubeConfigSource {
                 }
                 () = tokio::time::sleep_until(deadline), if dirty && all_synced => {
                     dirty = false;
-                    let objects = objects(&stores);
-                    let conv = convert(&self.settings, &objects);
+                    let mut objects = objects(&stores);
+                    let (mesh, refused_mesh) = mesh_config(&stores, &mut mesh_good);
+                    objects.mesh = mesh;
+                    let mut conv = convert(&self.settings, &objects);
+                    conv.refused.extend(refused_mesh);
                     reporter.report(&conv.refused);
                     // Pod status heartbeats and the like change nothing the mesh reads:
                     // no new snapshot for them.
-                    let model = (conv.snapshot.registry.clone(), conv.snapshot.resources.clone());
+                    let model = (
+                        conv.snapshot.registry.clone(),
+                        conv.snapshot.resources.clone(),
+                        conv.snapshot.mesh.clone(),
+                    );
                     if last.as_ref() == Some(&model) {
                         tracing::debug!("objects changed, the mesh model did not: no snapshot");
                         continue;
@@ -450,6 +496,56 @@ impl KubeConfigSource {
     }
 }
 
+/// The mesh config from Istio's ConfigMap: parsed, or the last one that parsed (with the
+/// refusal of the broken one), or Istio's defaults when there is none. `good` holds the
+/// last good text and config.
+fn mesh_config(
+    stores: &BTreeMap<Coll, Store>,
+    good: &mut Option<(String, MeshConfig)>,
+) -> (Option<MeshConfig>, Vec<Refused>) {
+    let Some(cm) = stores
+        .get(&Coll::Mesh)
+        .and_then(|s| s.objects.values().next())
+    else {
+        *good = None;
+        return (None, Vec::new());
+    };
+    let text = cm["data"][MESH_CONFIGMAP.1].as_str().unwrap_or_default();
+    if let Some((t, m)) = good.as_ref()
+        && t == text
+    {
+        return (Some(m.clone()), Vec::new());
+    }
+    match MeshConfig::from_yaml(text) {
+        Ok(m) => {
+            *good = Some((text.to_string(), m.clone()));
+            (Some(m), Vec::new())
+        }
+        Err(e) => {
+            let meta = &cm["metadata"];
+            let s = |k: &str| meta[k].as_str().unwrap_or_default().to_string();
+            let refused = Refused {
+                api_version: "v1".into(),
+                kind: "ConfigMap".into(),
+                namespace: s("namespace"),
+                name: s("name"),
+                uid: s("uid"),
+                resource_version: s("resourceVersion"),
+                field: format!("data.{}", MESH_CONFIGMAP.1),
+                reason: format!(
+                    "{e}; {}",
+                    if good.is_some() {
+                        "the last mesh config that parsed keeps serving"
+                    } else {
+                        "Istio's defaults serve until it parses"
+                    }
+                ),
+            };
+            (good.as_ref().map(|(_, m)| m.clone()), vec![refused])
+        }
+    }
+}
+
 fn objects(stores: &BTreeMap<Coll, Store>) -> KubeObjects {
     let mut o = KubeObjects::default();
     for (coll, s) in stores {
@@ -459,6 +555,8 @@ fn objects(stores: &BTreeMap<Coll, Store>) -> KubeObjects {
             Coll::Pods => o.pods.extend(vals),
             Coll::Services => o.services.extend(vals),
             Coll::Namespaces => o.namespaces.extend(vals),
+            // Parsed separately (`mesh_config`), with the last good one kept.
+            Coll::Mesh => {}
         }
     }
     o

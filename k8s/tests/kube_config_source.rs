@@ -754,3 +754,95 @@ async fn object_changes_the_model_ignores_send_no_snapshot() {
     let w = snap.registry.get("api", "backend-1").unwrap();
     assert_eq!(w.labels.get("version").map(String::as_str), Some("v2"));
 }
+
+/// Istio's mesh config ConfigMap (`istio-system/istio`, key `mesh`) gives the snapshot its
+/// path normalization and extension providers (CUSTOM policies); an edit that does not parse
+/// is refused with an Event and the last good one keeps serving; its removal brings Istio's
+/// defaults back. The trust domain stays the CA's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_mesh_configmap_sets_providers_and_a_broken_edit_keeps_the_last_good() {
+    let _ = logs();
+    let fake = FakeApi::new();
+    namespace(&fake, "api");
+    namespace(&fake, "istio-system");
+    let cms = "/api/v1/namespaces/istio-system/configmaps";
+    let mesh_cm = |mesh: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "istio", "namespace": "istio-system"},
+            "data": {"mesh": mesh, "meshNetworks": "networks: {}"}})
+    };
+    fake.put(
+        cms,
+        mesh_cm(
+            "trustDomain: other.example\npathNormalization: {normalization: MERGE_SLASHES}\nextensionProviders:\n- name: opa\n  envoyExtAuthzGrpc: {service: opa.opa.svc.cluster.local, port: 9191}\n",
+        ),
+    );
+    // Another ConfigMap of the root namespace is not the mesh config.
+    fake.put(
+        cms,
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "istio-ca-root-cert", "namespace": "istio-system"},
+            "data": {"mesh": "extensionProviders: [{name: wrong}]"}}),
+    );
+    let (mut source, _) = start_source(&fake);
+    let snap = snapshot_where(&mut source, |s| !s.mesh.extension_providers.is_empty()).await;
+    let names: Vec<&str> = snap
+        .mesh
+        .extension_providers
+        .iter()
+        .map(|p| p.name.as_str())
+        .collect();
+    assert_eq!(names, ["opa"]);
+    assert!(snap.mesh.extension_providers[0].authz.is_ok());
+    assert_eq!(
+        snap.mesh.path_normalization,
+        rampart_authz::PathNormalization::MergeSlashes
+    );
+    assert_eq!(
+        snap.mesh.trust_domain, TD,
+        "the CA's trust domain, not the ConfigMap's"
+    );
+
+    // A broken edit: refused with an Event, the last good config stays (a later edit of
+    // anything else must not drop the providers).
+    fake.put(cms, mesh_cm("extensionProviders: {not: a list}\n"));
+    let refused = wait_for("an Event for the broken mesh config", || {
+        fake.objects("/api/v1/namespaces/istio-system/events")
+            .into_iter()
+            .find(|e| e["involvedObject"]["name"] == "istio")
+    })
+    .await;
+    let msg = refused["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("data.mesh") || msg.contains("mesh"),
+        "{refused}"
+    );
+    assert!(
+        msg.contains("last mesh config that parsed keeps serving"),
+        "{refused}"
+    );
+    policy(
+        &fake,
+        AP_V1,
+        "AuthorizationPolicy",
+        "after",
+        json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/x"]}}]}]}),
+    );
+    let snap = snapshot_where(&mut source, |s| {
+        policy_names(s).contains(&"api/after".to_string())
+    })
+    .await;
+    assert_eq!(
+        snap.mesh.extension_providers.len(),
+        1,
+        "the last good mesh config serves"
+    );
+
+    // Removed: Istio's defaults.
+    fake.delete(cms, "istio");
+    let snap = snapshot_where(&mut source, |s| s.mesh.extension_providers.is_empty()).await;
+    assert_eq!(
+        snap.mesh.path_normalization,
+        rampart_authz::PathNormalization::Base
+    );
+}

@@ -85,7 +85,15 @@ pub struct KubeObjects {
     pub services: Vec<Value>,
     /// core/v1 Namespaces.
     pub namespaces: Vec<Value>,
+    /// The policy settings of Istio's mesh config (ConfigMap [`MESH_CONFIGMAP`], key `mesh`,
+    /// in the root namespace): path normalization and extension providers. Its trust domain
+    /// and root namespace are not read: [`KubeSettings`] (the CA's flags) decide those. `None`:
+    /// Istio's defaults.
+    pub mesh: Option<MeshConfig>,
 }
+
+/// Istio's mesh config ConfigMap in the root namespace, and its key holding the MeshConfig.
+pub const MESH_CONFIGMAP: (&str, &str) = ("istio", "mesh");
 
 /// One object left out of the snapshot: which, and why.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -579,7 +587,10 @@ pub fn convert(settings: &KubeSettings, objects: &KubeObjects) -> Conversion {
             &b.resource_version,
         ))
     });
+    let from_configmap = objects.mesh.clone().unwrap_or_default();
     let mesh = MeshConfig {
+        path_normalization: from_configmap.path_normalization,
+        extension_providers: from_configmap.extension_providers,
         root_namespace: settings.root_namespace.clone(),
         trust_domain: settings.trust_domain.to_string(),
         trust_domain_aliases: settings
@@ -587,7 +598,6 @@ pub fn convert(settings: &KubeSettings, objects: &KubeObjects) -> Conversion {
             .iter()
             .map(ToString::to_string)
             .collect(),
-        ..MeshConfig::default()
     };
     Conversion {
         snapshot: MeshFolder {
@@ -920,7 +930,39 @@ mod tests {
                 json!({"apiVersion": "v1", "kind": "Namespace", "metadata": {"name": "api"}}),
             ],
             policies: vec![],
+            mesh: None,
         }
+    }
+
+    #[test]
+    fn the_mesh_configmap_gives_normalization_and_providers_not_identity() {
+        let mut o = objects();
+        o.mesh = Some(
+            MeshConfig::from_yaml(
+                "trustDomain: elsewhere.example\nrootNamespace: other\npathNormalization: {normalization: MERGE_SLASHES}\nextensionProviders:\n- {name: opa, envoyExtAuthzGrpc: {service: opa.opa.svc.cluster.local, port: 9191}}\n",
+            )
+            .unwrap(),
+        );
+        let c = convert(&settings(), &o);
+        let m = &c.snapshot.mesh;
+        assert_eq!(
+            m.path_normalization,
+            rampart_authz::PathNormalization::MergeSlashes
+        );
+        assert_eq!(m.extension_providers.len(), 1);
+        assert!(m.extension_providers[0].authz.is_ok());
+        // Identity stays the CA's.
+        assert_eq!(m.trust_domain, settings().trust_domain.to_string());
+        assert_eq!(m.root_namespace, settings().root_namespace);
+        // And it reaches proxies in the snapshot's mesh.yaml unchanged.
+        let doc = crate::resources::mesh_document(&c.snapshot);
+        assert_eq!(
+            doc["extensionProviders"][0]["envoyExtAuthzGrpc"]["port"],
+            9191
+        );
+        // Without the ConfigMap: Istio's defaults.
+        let c = convert(&settings(), &objects());
+        assert!(c.snapshot.mesh.extension_providers.is_empty());
     }
 
     #[test]

@@ -19,7 +19,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, Uri};
-use http_body_util::{BodyExt as _, Full, Limited};
+use http_body_util::{BodyExt as _, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
@@ -44,6 +44,11 @@ const ANSWER_ONLY: [&str; 9] = [
     "host",
 ];
 
+/// Headers of a denying HTTP answer that reach the client even when
+/// `headersToDownstreamOnDeny` does not list them (Envoy adds them to any list): a login
+/// redirect and an authentication challenge.
+const ALWAYS_ON_DENY: [&str; 2] = ["location", "www-authenticate"];
+
 /// Which request headers always go to an HTTP provider (as Envoy's HTTP service sends them).
 const ALWAYS_SENT: [&str; 3] = ["host", "authorization", "content-length"];
 
@@ -64,8 +69,10 @@ pub(crate) enum Answer {
 pub(crate) struct Changes {
     /// Set on the request before it goes to the app.
     pub(crate) set: Vec<(HeaderName, HeaderValue)>,
-    /// Added to the request (beside values already there).
+    /// Added to the request when it has no such header.
     pub(crate) append: Vec<(HeaderName, HeaderValue)>,
+    /// Set on the request only when it has such a header.
+    pub(crate) replace: Vec<(HeaderName, HeaderValue)>,
     /// Removed from the request.
     pub(crate) remove: Vec<HeaderName>,
     /// Added to the app's response.
@@ -184,14 +191,17 @@ impl Clients {
         *check.method_mut() = req.method().clone();
         *check.uri_mut() = uri;
         let heads = check.headers_mut();
-        for (k, v) in req.headers() {
-            if k == header::CONTENT_LENGTH {
+        // Repeated headers go as one, joined as Envoy joins them (`,`; cookies with `; `):
+        // a provider reading the first copy and an app reading the last must not disagree.
+        for k in req.headers().keys() {
+            if k == header::CONTENT_LENGTH
+                || !(ALWAYS_SENT.contains(&k.as_str())
+                    || header_pattern_matches(&h.request_headers, k.as_str()))
+            {
                 continue;
             }
-            if ALWAYS_SENT.contains(&k.as_str())
-                || header_pattern_matches(&h.request_headers, k.as_str())
-            {
-                heads.append(k.clone(), v.clone());
+            if let Ok(v) = HeaderValue::from_bytes(joined(req.headers(), k).as_bytes()) {
+                heads.insert(k.clone(), v);
             }
         }
         heads.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
@@ -202,12 +212,13 @@ impl Clients {
         }
         let resp = self.http.request(check).await.map_err(|e| e.to_string())?;
         let (parts, body) = resp.into_parts();
-        let body = Limited::new(body, MAX_ANSWER_BODY)
-            .collect()
-            .await
-            .map(|c| c.to_bytes())
-            .map_err(|e| format!("reading the answer: {e}"))?;
-        if parts.status == http::StatusCode::OK {
+        let status = parts.status.as_u16();
+        // As Envoy's HTTP client: a 5xx is the provider failing, not a verdict (its page may
+        // carry internals, and failOpen decides), and so is a status no client can be given.
+        if !(200..500).contains(&status) {
+            return Err(format!("the provider answered {status}"));
+        }
+        if status == 200 {
             let pick = |patterns: &[String]| -> Vec<(HeaderName, HeaderValue)> {
                 parts
                     .headers
@@ -228,32 +239,35 @@ impl Clients {
                 .filter_map(|n| HeaderName::try_from(n.trim()).ok())
                 .filter(|n| n != header::HOST)
                 .collect();
-            Ok(Answer::Allow(Changes {
+            // The body of an allowing answer is not read: nothing of it is used.
+            return Ok(Answer::Allow(Changes {
                 set: pick(&h.upstream_on_allow),
-                append: Vec::new(),
                 remove,
                 response: pick(&h.downstream_on_allow),
-                failed_open: None,
-            }))
-        } else {
-            let headers = parts
-                .headers
-                .iter()
-                .filter(|(k, _)| {
-                    !ANSWER_ONLY.contains(&k.as_str())
-                        && k.as_str() != HEADERS_TO_REMOVE
-                        && (h.downstream_on_deny.is_empty()
-                            || header_pattern_matches(&h.downstream_on_deny, k.as_str()))
-                })
-                .map(|(k, v)| (k.clone(), v.clone()))
-                .collect();
-            Ok(Answer::Deny(Denied {
-                status: parts.status.as_u16(),
-                headers,
-                body,
-                reason: format!("the provider answered {}", parts.status.as_u16()),
-            }))
+                ..Changes::default()
+            }));
         }
+        // A denial: the verdict is the status; its body is passed on as far as it could be
+        // read, up to MAX_ANSWER_BODY (a long or broken page does not undo the denial).
+        let body = read_some(body, MAX_ANSWER_BODY).await;
+        let headers = parts
+            .headers
+            .iter()
+            .filter(|(k, _)| {
+                !ANSWER_ONLY.contains(&k.as_str())
+                    && k.as_str() != HEADERS_TO_REMOVE
+                    && (h.downstream_on_deny.is_empty()
+                        || ALWAYS_ON_DENY.contains(&k.as_str())
+                        || header_pattern_matches(&h.downstream_on_deny, k.as_str()))
+            })
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        Ok(Answer::Deny(Denied {
+            status,
+            headers,
+            body,
+            reason: format!("the provider answered {status}"),
+        }))
     }
 
     fn channel(&self, p: &ExtAuthzProvider) -> Result<tonic::transport::Channel, String> {
@@ -289,6 +303,34 @@ impl Clients {
     }
 }
 
+/// Every value of `name` in `headers`, joined as one (`; ` for cookies, `,` otherwise).
+fn joined(headers: &HeaderMap, name: &HeaderName) -> String {
+    let sep = if name == header::COOKIE { "; " } else { "," };
+    headers
+        .get_all(name)
+        .iter()
+        .map(|v| String::from_utf8_lossy(v.as_bytes()))
+        .collect::<Vec<_>>()
+        .join(sep)
+}
+
+/// Up to `max` bytes of `body`: what arrived before it ended, failed or reached `max`.
+async fn read_some(mut body: hyper::body::Incoming, max: usize) -> Bytes {
+    let mut out = bytes::BytesMut::new();
+    while out.len() < max {
+        match body.frame().await {
+            Some(Ok(f)) => {
+                if let Ok(data) = f.into_data() {
+                    let room = max - out.len();
+                    out.extend_from_slice(&data[..data.len().min(room)]);
+                }
+            }
+            _ => break,
+        }
+    }
+    out.freeze()
+}
+
 fn socket(a: SocketAddr) -> core::Address {
     core::Address {
         address: Some(core::address::Address::SocketAddress(core::SocketAddress {
@@ -304,19 +346,11 @@ fn socket(a: SocketAddr) -> core::Address {
 /// The `CheckRequest` Envoy would send for this request head.
 pub(crate) fn check_request<B>(req: &Request<B>, facts: &Facts<'_>) -> pb::CheckRequest {
     let mut headers: HashMap<String, String> = HashMap::new();
-    for (k, v) in req.headers() {
+    for k in req.headers().keys() {
         // Host travels as `:authority`, as in Envoy's map (it keeps HTTP/1.1's Host there).
-        if k == header::HOST {
-            continue;
+        if k != header::HOST {
+            headers.insert(k.as_str().to_string(), joined(req.headers(), k));
         }
-        let v = String::from_utf8_lossy(v.as_bytes());
-        headers
-            .entry(k.as_str().to_string())
-            .and_modify(|e| {
-                e.push(',');
-                e.push_str(&v);
-            })
-            .or_insert_with(|| v.into_owned());
     }
     let host = req
         .headers()
@@ -405,7 +439,8 @@ pub(crate) fn grpc_answer(resp: pb::CheckResponse) -> Answer {
                     // only the deprecated `append: false` leaves here; Envoy then sets the
                     // header, and so does this.
                     match o.append_action {
-                        1 => c.append.push(pair), // add only if absent: see `apply`
+                        1 => c.append.push(pair),  // add only if absent: see `apply`
+                        3 => c.replace.push(pair), // overwrite only if present
                         _ => c.set.push(pair),
                     }
                 }
@@ -465,6 +500,11 @@ impl Changes {
                 headers.insert(k.clone(), v.clone());
             }
         }
+        for (k, v) in &self.replace {
+            if headers.contains_key(k) {
+                headers.insert(k.clone(), v.clone());
+            }
+        }
     }
 }
 
@@ -490,7 +530,12 @@ mod tests {
             status: Some(rampart_proto::google::rpc::Status::default()),
             http_response: Some(pb::check_response::HttpResponse::OkResponse(
                 pb::OkHttpResponse {
-                    headers: vec![hvo("x-user", "alice", 0), hvo("x-tier", "gold", 1)],
+                    headers: vec![
+                        hvo("x-user", "alice", 0),
+                        hvo("x-tier", "gold", 1),
+                        hvo("x-only-if-there", "v", 3),
+                        hvo("x-role", "user", 3),
+                    ],
                     headers_to_remove: vec!["authorization".into(), "host".into()],
                     response_headers_to_add: vec![hvo("x-checked", "1", 0)],
                 },
@@ -504,7 +549,10 @@ mod tests {
         h.insert("x-tier", HeaderValue::from_static("silver"));
         h.insert("authorization", HeaderValue::from_static("Bearer t"));
         h.insert("host", HeaderValue::from_static("app"));
+        h.insert("x-role", HeaderValue::from_static("admin"));
         c.apply(&mut h);
+        assert_eq!(h["x-role"], "user", "overwrite-if-present replaces");
+        assert!(h.get("x-only-if-there").is_none(), "and adds nothing");
         assert_eq!(h["x-user"], "alice");
         assert_eq!(
             h["x-tier"], "silver",
@@ -556,6 +604,8 @@ mod tests {
             .header("host", "shop.api")
             .header("x-a", "1")
             .header("x-a", "2")
+            .header("cookie", "a=1")
+            .header("cookie", "b=2")
             .header("content-length", "12")
             .body(())
             .unwrap();
@@ -579,6 +629,7 @@ mod tests {
         assert_eq!(http.host, "shop.api");
         assert_eq!(http.size, 12);
         assert_eq!(http.headers["x-a"], "1,2");
+        assert_eq!(http.headers["cookie"], "a=1; b=2");
         assert_eq!(http.headers[":path"], "/orders?id=1");
         assert_eq!(http.headers[":authority"], "shop.api");
         assert!(!http.headers.contains_key("host"));

@@ -514,18 +514,17 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
     let mut ext_response: Vec<(header::HeaderName, HeaderValue)> = Vec::new();
     if !cfg.fast_path {
         // Every header the app will receive, none skipped (see `edge::header_text`).
-        let headers: Vec<(String, String)> = req
-            .headers()
-            .iter()
-            .map(|(k, v)| (k.as_str().to_string(), crate::edge::header_text(v)))
-            .collect();
-        let http = HttpRequest {
+        let judged = |req: &Request<Incoming>| HttpRequest {
             method: req.method().as_str().to_string(),
             path: raw_path.clone(),
-            host: authority_of(&req),
-            headers,
+            host: authority_of(req),
+            headers: req
+                .headers()
+                .iter()
+                .map(|(k, v)| (k.as_str().to_string(), crate::edge::header_text(v)))
+                .collect(),
         };
-        let ctx = cx.request_context(Some(http));
+        let mut ctx = cx.request_context(Some(judged(&req)));
         let keys = Lookup::new(&ib.jwks, &cfg);
         // CUSTOM policies: the engine names the provider to ask and denies meanwhile; the
         // provider is asked below and, if it allows, the engine decides again with that answer.
@@ -558,6 +557,11 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
                     _ => "HTTP/1.1",
                 },
             };
+            let policy = d
+                .policy
+                .as_ref()
+                .map(|p| format!("{}/{}", p.namespace, p.name))
+                .unwrap_or_else(|| "-".into());
             match ib.ext_authz.check(&name, provider, &req, &facts).await {
                 crate::ext_authz::Answer::Deny(denied) => {
                     tracing::warn!(
@@ -566,34 +570,63 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
                         method = %req.method(),
                         path = %crate::edge::loggable_path(&raw_path),
                         status = denied.status,
-                        policy = %d.policy.as_ref().map(|p| format!("{}/{}", p.namespace, p.name)).unwrap_or_else(|| "-".into()),
+                        policy = %policy,
                         rule = ?d.rule,
                         reason = %denied.reason,
                         "request denied by extension provider {name:?}"
                     );
-                    let mut r =
-                        Response::new(Either::Right(http_body_util::Full::new(denied.body)));
-                    *r.status_mut() = http::StatusCode::from_u16(denied.status)
-                        .unwrap_or(http::StatusCode::FORBIDDEN);
+                    // A gRPC caller gets a gRPC status (as Envoy's local replies), the
+                    // provider's headers beside it.
+                    let (mut r, g) = if grpc {
+                        denial(denied.status, true, &String::from_utf8_lossy(&denied.body))
+                    } else {
+                        let mut r =
+                            Response::new(Either::Right(http_body_util::Full::new(denied.body)));
+                        *r.status_mut() = http::StatusCode::from_u16(denied.status)
+                            .unwrap_or(http::StatusCode::FORBIDDEN);
+                        (r, None)
+                    };
                     for (k, v) in denied.headers {
-                        r.headers_mut().append(k, v);
+                        if !(grpc && k == header::CONTENT_TYPE) {
+                            r.headers_mut().append(k, v);
+                        }
                     }
-                    cx.series
-                        .request(denied.status, None, "UAEX", start.elapsed());
+                    cx.series.request(denied.status, g, "UAEX", start.elapsed());
                     return r;
                 }
                 crate::ext_authz::Answer::Allow(changes) => {
                     if let Some(why) = &changes.failed_open {
-                        tracing::warn!(peer = %cx.peer, "{why}; allowed (failOpen)");
+                        tracing::warn!(
+                            peer = %cx.peer,
+                            method = %req.method(),
+                            path = %crate::edge::loggable_path(&raw_path),
+                            policy = %policy,
+                            "{why}; allowed (failOpen)"
+                        );
                     }
+                    // The provider's changes first, then authentication and DENY/ALLOW judge
+                    // the request as changed (Istio's order: ext_authz, then jwt_authn and
+                    // RBAC): a header the provider sets is the one policy reads and the app
+                    // gets, never the client's copy of it.
+                    changes.apply(req.headers_mut());
+                    ext_response = changes.response;
+                    ctx = cx.request_context(Some(judged(&req)));
                     let answered = Custom::answered(name);
                     let keys = Lookup::new(&ib.jwks, &cfg);
                     d = cfg
                         .engine
                         .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &answered);
-                    if d.is_allowed() {
-                        changes.apply(req.headers_mut());
-                        ext_response = changes.response;
+                    if let Some(miss) = keys.kid_miss(&d)
+                        && ib.jwks.refetch_on_kid_miss(&cfg, miss).await
+                    {
+                        let keys = Lookup::new(&ib.jwks, &cfg);
+                        d = cfg.engine.check(
+                            &cfg.workload,
+                            &ctx,
+                            SystemTime::now(),
+                            &keys,
+                            &answered,
+                        );
                     }
                 }
             }

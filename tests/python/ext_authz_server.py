@@ -4,6 +4,9 @@ flavour Istio's envoyExtAuthzHttp speaks (Python's http.server), with the same r
 
 - `x-user: alice` is allowed; the answer adds `x-authz-user: alice` for the app, removes
   `x-secret` from the request and adds `x-checked: yes` to the client's response;
+- `x-user: root` likewise, with `x-authz-user: admin`;
+- `x-user: big` (HTTP only) is denied with 403 and a 100 KiB body;
+- `x-user: crash` (HTTP only) gets 503 with an internal-looking body, as a provider failing;
 - anything else is denied with 418, `x-deny-reason: not alice` and the body `who are you?`.
 
 Every check it receives is appended, as one JSON line, to the file named by its third
@@ -40,9 +43,16 @@ class Http(BaseHTTPRequestHandler):
     def handle_any(self):
         headers = {k.lower(): v for k, v in self.headers.items()}
         record({"kind": "http", "method": self.command, "path": self.path, "headers": headers})
-        if headers.get("x-user") == "alice":
+        user = headers.get("x-user")
+        if user in ("big", "crash"):
+            body = b"x" * 100 * 1024 if user == "big" else b"db 10.0.0.5 down"
+            self.send_response(403 if user == "big" else 503)
+            self.send_header("content-length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+        elif user in ("alice", "root"):
             self.send_response(200)
-            self.send_header("x-authz-user", "alice")
+            self.send_header("x-authz-user", "admin" if user == "root" else "alice")
             self.send_header("x-envoy-auth-headers-to-remove", "x-secret")
             self.send_header("x-checked", "yes")
             self.send_header("x-not-listed", "dropped")
@@ -84,11 +94,12 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
                 "destination_principal": a.destination.principal,
             }
         )
-        if http.headers.get("x-user") == "alice":
+        user = http.headers.get("x-user")
+        if user in ("alice", "root"):
             return external_auth_pb2.CheckResponse(
                 status=status_pb2.Status(code=code_pb2.OK),
                 ok_response=external_auth_pb2.OkHttpResponse(
-                    headers=[header("x-authz-user", "alice")],
+                    headers=[header("x-authz-user", "admin" if user == "root" else "alice")],
                     headers_to_remove=["x-secret"],
                     response_headers_to_add=[header("x-checked", "yes")],
                 ),
