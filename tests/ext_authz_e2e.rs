@@ -42,6 +42,7 @@ spec:
   provider: {{name: {provider}}}
   rules:
   - to: [{{operation: {{paths: ["/guarded/*"]}}}}]
+  - to: [{{operation: {{ports: ["9000"]}}}}]
 "#
     )
 }
@@ -58,6 +59,7 @@ spec:
   - to: [{operation: {notPaths: ["/guarded/admin"]}}]
   - to: [{operation: {paths: ["/guarded/admin"]}}]
     when: [{key: "request.headers[x-authz-user]", values: [admin]}]
+  - to: [{operation: {ports: ["9000"]}}]
 "#;
 
 const DENY: &str = r#"apiVersion: security.istio.io/v1
@@ -67,11 +69,14 @@ spec:
   selector: {matchLabels: {app: backend}}
   action: DENY
   rules:
-  - to: [{operation: {paths: ["/guarded/denied"]}}]
+  # The port keeps this rule off the TCP port: on TCP a DENY rule loses its HTTP-only
+  # fields (paths) and would deny every connection.
+  - to: [{operation: {ports: ["8080"], paths: ["/guarded/denied"]}}]
 "#;
 
 struct Mesh {
     _dir: tempfile::TempDir,
+    in_t: u16,
     wp: PathBuf,
     app_b: String,
     http_p: u16,
@@ -97,7 +102,7 @@ impl Mesh {
         let wp = dir.path().to_path_buf();
         let mesh = wp.join("mesh");
         std::fs::create_dir_all(mesh.join("policy")).unwrap();
-        let (in_b, admin_b) = (free_port(), free_port());
+        let (in_b, in_t, admin_b) = (free_port(), free_port(), free_port());
         let (app_f, in_f, out_f, admin_f) = (free_port(), free_port(), free_port(), free_port());
         let (http_p, grpc_p, closed) = (free_port(), free_port(), free_port());
         let checks = wp.join("checks.jsonl");
@@ -184,6 +189,7 @@ extensionProviders:
   labels: {{app: backend}}
   ports:
   - {{port: 8080, protocol: http, app: "{app_b}", inbound: "127.0.0.1:{in_b}"}}
+  - {{port: 9000, protocol: tcp, app: "{app_b}", inbound: "127.0.0.1:{in_t}"}}
   proxy: {{admin: "127.0.0.1:{admin_b}"}}
 - name: frontend
   namespace: web
@@ -241,6 +247,7 @@ extensionProviders:
         }
         Mesh {
             _dir: dir,
+            in_t,
             wp,
             app_b,
             http_p,
@@ -337,6 +344,36 @@ fn ready(admin: u16) -> bool {
     out.starts_with("HTTP/1.1 200")
 }
 
+/// Whether `ping` comes back over `s` (the echo app behind a TCP port), or the proxy closes.
+fn tcp_echoes(mut s: TcpStream) -> bool {
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    if s.write_all(b"ping\n").is_err() {
+        return false;
+    }
+    let mut got = [0u8; 5];
+    s.read_exact(&mut got).is_ok() && &got == b"ping\n"
+}
+
+/// A TCP connection to backend.api:9000 through the frontend's outbound listener (CONNECT,
+/// then mTLS between the proxies).
+fn tcp_via_outbound(out: u16) -> TcpStream {
+    let mut s = TcpStream::connect(("127.0.0.1", out)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    s.write_all(b"CONNECT backend.api:9000 HTTP/1.1\r\nHost: backend.api:9000\r\n\r\n")
+        .unwrap();
+    let mut head = Vec::new();
+    let mut b = [0u8; 1];
+    while !head.ends_with(b"\r\n\r\n") && s.read(&mut b).unwrap_or(0) == 1 {
+        head.push(b[0]);
+    }
+    let head = String::from_utf8_lossy(&head);
+    assert!(
+        head.starts_with("HTTP/1.1 200"),
+        "CONNECT answered {head:?}"
+    );
+    s
+}
+
 fn echoed(a: &Answer) -> Value {
     assert_eq!(a.status, 200, "{}", a.body);
     serde_json::from_str(&a.body).unwrap_or_else(|e| panic!("{e}: {}", a.body))
@@ -413,6 +450,12 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
     );
     let asked = m.checks().len();
 
+    // An HTTP provider cannot judge a TCP connection (Istio asks only gRPC providers about
+    // TCP): a CUSTOM rule matching the TCP port closes it, and the provider is not asked.
+    let plain = TcpStream::connect(("127.0.0.1", m.in_t)).unwrap();
+    assert!(!tcp_echoes(plain), "TCP passed a CUSTOM rule with an HTTP provider");
+    assert_eq!(m.checks().len(), asked);
+
     // No CUSTOM rule matches: the provider is not asked.
     echoed(&m.get("/open", &["x-user: bob"]));
     assert_eq!(m.checks().len(), asked);
@@ -467,6 +510,23 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
         a.headers.get("x-deny-reason").map(String::as_str),
         Some("not alice")
     );
+
+    // TCP (Envoy's network ext_authz): the gRPC provider is asked about the connection, with
+    // the caller's SPIFFE ID. It allows the frontend's mTLS connection...
+    assert!(tcp_echoes(tcp_via_outbound(m.out_f)), "{}", m.logs());
+    let c = m.checks().pop().unwrap();
+    assert_eq!(c["kind"], "tcp", "{c}");
+    assert_eq!(
+        c["source_principal"],
+        format!("spiffe://{TD}/ns/web/sa/frontend")
+    );
+    // ...and refuses a plaintext one (no identity): the proxy closes it.
+    let plain = TcpStream::connect(("127.0.0.1", m.in_t)).unwrap();
+    assert!(
+        !tcp_echoes(plain),
+        "a connection the provider refused carried data"
+    );
+    assert_eq!(m.checks().pop().unwrap()["source_principal"], "");
 
     // --- failures ---
     // Unreachable, not failOpen: statusOnError.

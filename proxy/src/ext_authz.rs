@@ -141,11 +141,42 @@ impl Clients {
         req: &Request<B>,
         facts: &Facts<'_>,
     ) -> Answer {
-        let asked = match &p.kind {
-            ExtAuthzKind::Http(h) => {
+        self.ask(name, p, Some(req), facts).await
+    }
+
+    /// Ask `p` about a TCP connection (Envoy's network ext_authz: the peers, no request).
+    /// Only gRPC providers can answer; an HTTP provider denies, naming why.
+    pub(crate) async fn check_connection(
+        &self,
+        name: &str,
+        p: &ExtAuthzProvider,
+        facts: &Facts<'_>,
+    ) -> Answer {
+        self.ask(name, p, None::<&Request<()>>, facts).await
+    }
+
+    async fn ask<B>(
+        &self,
+        name: &str,
+        p: &ExtAuthzProvider,
+        req: Option<&Request<B>>,
+        facts: &Facts<'_>,
+    ) -> Answer {
+        let asked = match (&p.kind, req) {
+            (ExtAuthzKind::Http(h), Some(req)) => {
                 tokio::time::timeout(p.timeout, self.check_http(p, h, req, facts.path)).await
             }
-            ExtAuthzKind::Grpc => {
+            (ExtAuthzKind::Http(_), None) => {
+                return Answer::Deny(Denied {
+                    status: 403,
+                    headers: Vec::new(),
+                    body: Bytes::new(),
+                    reason: format!(
+                        "extension provider {name:?} is an HTTP provider: it cannot judge a TCP connection (Istio asks only gRPC providers about TCP)"
+                    ),
+                });
+            }
+            (ExtAuthzKind::Grpc, req) => {
                 tokio::time::timeout(p.timeout, self.check_grpc(p, req, facts)).await
             }
         };
@@ -290,7 +321,7 @@ impl Clients {
     async fn check_grpc<B>(
         &self,
         p: &ExtAuthzProvider,
-        req: &Request<B>,
+        req: Option<&Request<B>>,
         facts: &Facts<'_>,
     ) -> Result<Answer, String> {
         let mut client = pb::authorization_client::AuthorizationClient::new(self.channel(p)?);
@@ -343,8 +374,37 @@ fn socket(a: SocketAddr) -> core::Address {
     }
 }
 
-/// The `CheckRequest` Envoy would send for this request head.
-pub(crate) fn check_request<B>(req: &Request<B>, facts: &Facts<'_>) -> pb::CheckRequest {
+/// The `CheckRequest` Envoy would send for this request head (HTTP), or for a connection
+/// (`None`: TCP, the peers only).
+pub(crate) fn check_request<B>(req: Option<&Request<B>>, facts: &Facts<'_>) -> pb::CheckRequest {
+    let now = SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .unwrap_or_default();
+    pb::CheckRequest {
+        attributes: Some(pb::AttributeContext {
+            source: Some(pb::attribute_context::Peer {
+                address: Some(socket(facts.peer)),
+                principal: facts.peer_principal.unwrap_or_default().to_string(),
+                ..Default::default()
+            }),
+            destination: Some(pb::attribute_context::Peer {
+                address: facts.local.map(socket),
+                principal: facts.local_principal.clone(),
+                ..Default::default()
+            }),
+            request: Some(pb::attribute_context::Request {
+                time: Some(prost_types::Timestamp {
+                    seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
+                    nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
+                }),
+                http: req.map(|r| http_attributes(r, facts)),
+            }),
+            context_extensions: HashMap::new(),
+        }),
+    }
+}
+
+fn http_attributes<B>(req: &Request<B>, facts: &Facts<'_>) -> pb::attribute_context::HttpRequest {
     let mut headers: HashMap<String, String> = HashMap::new();
     for k in req.headers().keys() {
         // Host travels as `:authority`, as in Envoy's map (it keeps HTTP/1.1's Host there).
@@ -374,45 +434,21 @@ pub(crate) fn check_request<B>(req: &Request<B>, facts: &Facts<'_>) -> pb::Check
                 -1
             },
         );
-    let now = SystemTime::now()
-        .duration_since(SystemTime::UNIX_EPOCH)
-        .unwrap_or_default();
-    pb::CheckRequest {
-        attributes: Some(pb::AttributeContext {
-            source: Some(pb::attribute_context::Peer {
-                address: Some(socket(facts.peer)),
-                principal: facts.peer_principal.unwrap_or_default().to_string(),
-                ..Default::default()
-            }),
-            destination: Some(pb::attribute_context::Peer {
-                address: facts.local.map(socket),
-                principal: facts.local_principal.clone(),
-                ..Default::default()
-            }),
-            request: Some(pb::attribute_context::Request {
-                time: Some(prost_types::Timestamp {
-                    seconds: i64::try_from(now.as_secs()).unwrap_or(i64::MAX),
-                    nanos: i32::try_from(now.subsec_nanos()).unwrap_or(0),
-                }),
-                http: Some(pb::attribute_context::HttpRequest {
-                    id: req
-                        .headers()
-                        .get("x-request-id")
-                        .and_then(|v| v.to_str().ok())
-                        .unwrap_or_default()
-                        .to_string(),
-                    method: req.method().as_str().to_string(),
-                    path: facts.path.to_string(),
-                    host,
-                    scheme: "http".into(),
-                    size,
-                    protocol: facts.protocol.into(),
-                    headers,
-                    ..Default::default()
-                }),
-            }),
-            context_extensions: HashMap::new(),
-        }),
+    pb::attribute_context::HttpRequest {
+        id: req
+            .headers()
+            .get("x-request-id")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string(),
+        method: req.method().as_str().to_string(),
+        path: facts.path.to_string(),
+        host,
+        scheme: "http".into(),
+        size,
+        protocol: facts.protocol.into(),
+        headers,
+        ..Default::default()
     }
 }
 
@@ -617,7 +653,7 @@ mod tests {
             local_principal: "spiffe://cluster.local/ns/api/sa/shop".into(),
             protocol: "HTTP/1.1",
         };
-        let c = check_request(&req, &facts);
+        let c = check_request(Some(&req), &facts);
         let a = c.attributes.unwrap();
         assert_eq!(
             a.source.as_ref().unwrap().principal,

@@ -780,9 +780,17 @@ fn strict_now(cfg: &crate::config::Config, port: u16) -> bool {
 
 /// Whether the configuration in force lets this TCP connection go on (at accept, and again
 /// after every change: a port turned STRICT ends its plaintext connections, a policy that
-/// now denies the peer ends its connections). Logs the reason when not.
-fn tcp_allowed(ib: &Inbound, cx: &ConnCtx, established: bool) -> bool {
-    let cfg = ib.cfg.load();
+/// now denies the peer ends its connections). Logs the reason when not. A CUSTOM rule that
+/// matches asks its gRPC provider about the connection (Envoy's network ext_authz);
+/// `provider_ok` remembers the provider that allowed it, so a later change that keeps that
+/// provider does not ask again.
+async fn tcp_allowed(
+    ib: &Inbound,
+    cx: &ConnCtx,
+    established: bool,
+    provider_ok: &mut Option<String>,
+) -> bool {
+    let cfg = ib.cfg.load_full();
     // Also at accept: the port may have turned STRICT while the sniff waited (up to 5 s for
     // a server-first protocol), after `accept` read its mode and before this task listened
     // for changes.
@@ -795,9 +803,35 @@ fn tcp_allowed(ib: &Inbound, cx: &ConnCtx, established: bool) -> bool {
         return true;
     }
     let ctx = cx.request_context(None);
-    // CUSTOM on TCP: no provider is asked (Istio asks gRPC providers with Envoy's network
-    // ext_authz filter; Rampart does not), so a matching CUSTOM rule closes the connection.
-    let d = cfg.engine.authorize(&cfg.workload, &ctx);
+    let custom = provider_ok
+        .clone()
+        .map_or_else(Custom::default, Custom::answered);
+    let mut d = cfg.engine.authorize_with(&cfg.workload, &ctx, &custom);
+    let mut why = None;
+    if d.reason_code == ReasonCode::CustomDenied
+        && let Some(name) = custom.asked()
+        && let Some(Ok(provider)) = cfg.folder.mesh.provider(&name).map(|p| &p.authz)
+    {
+        let facts = crate::ext_authz::Facts {
+            path: "",
+            peer: cx.peer,
+            peer_principal: cx.principal.as_deref(),
+            local: cx.local,
+            local_principal: cfg.my_id().to_string(),
+            protocol: "",
+        };
+        match ib.ext_authz.check_connection(&name, provider, &facts).await {
+            crate::ext_authz::Answer::Allow(changes) => {
+                if let Some(why) = &changes.failed_open {
+                    tracing::warn!(peer = %cx.peer, port = cx.port, "{why}; connection allowed (failOpen)");
+                }
+                let answered = Custom::answered(name.clone());
+                d = cfg.engine.authorize_with(&cfg.workload, &ctx, &answered);
+                *provider_ok = Some(name);
+            }
+            crate::ext_authz::Answer::Deny(denied) => why = Some(denied.reason),
+        }
+    }
     if d.is_allowed() {
         return true;
     }
@@ -812,7 +846,7 @@ fn tcp_allowed(ib: &Inbound, cx: &ConnCtx, established: bool) -> bool {
         port = cx.port,
         policy = %policy,
         rule = ?d.rule,
-        reason = %d.reason,
+        reason = %why.as_deref().unwrap_or(&d.reason),
         "{} (closed): {}",
         if established { "established connection denied by the new policy" } else { "connection denied" },
         d.summary()
@@ -825,7 +859,8 @@ where
     IO: AsyncRead + AsyncWrite + Unpin + Send + 'static,
 {
     let mut changes = ib.cfg_changed.subscribe();
-    if !tcp_allowed(ib, &cx, false) {
+    let mut provider_ok = None;
+    if !tcp_allowed(ib, &cx, false, &mut provider_ok).await {
         return;
     }
     ib.metrics.tcp_opened(&cx.labels);
@@ -848,7 +883,7 @@ where
                         break (0, 0);
                     }
                     Ok(()) = changes.changed() => {
-                        if !tcp_allowed(ib, &cx, true) {
+                        if !tcp_allowed(ib, &cx, true, &mut provider_ok).await {
                             break (0, 0);
                         }
                     }

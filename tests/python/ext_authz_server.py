@@ -7,7 +7,8 @@ flavour Istio's envoyExtAuthzHttp speaks (Python's http.server), with the same r
 - `x-user: root` likewise, with `x-authz-user: admin`;
 - `x-user: big` (HTTP only) is denied with 403 and a 100 KiB body;
 - `x-user: crash` (HTTP only) gets 503 with an internal-looking body, as a provider failing;
-- anything else is denied with 418, `x-deny-reason: not alice` and the body `who are you?`.
+- anything else is denied with 418, `x-deny-reason: not alice` and the body `who are you?`;
+- a TCP connection (gRPC, no HTTP attributes) is allowed when the caller has a SPIFFE ID.
 
 Every check it receives is appended, as one JSON line, to the file named by its third
 argument, so the test can see what the proxy sent.
@@ -80,6 +81,19 @@ def header(key, value):
 class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
     def Check(self, request, context):
         a = request.attributes
+        if not a.request.HasField("http"):
+            # A TCP connection: only the peers are known. Callers with a mesh identity pass.
+            record(
+                {
+                    "kind": "tcp",
+                    "source_principal": a.source.principal,
+                    "destination_principal": a.destination.principal,
+                }
+            )
+            allowed = a.source.principal.startswith("spiffe://")
+            return external_auth_pb2.CheckResponse(
+                status=status_pb2.Status(code=code_pb2.OK if allowed else code_pb2.PERMISSION_DENIED)
+            )
         http = a.request.http
         record(
             {
