@@ -56,9 +56,11 @@ spec:
   selector: {matchLabels: {app: backend}}
   action: ALLOW
   rules:
-  - to: [{operation: {notPaths: ["/guarded/admin"]}}]
+  - to: [{operation: {notPaths: ["/guarded/admin", "/guarded/jwt"]}}]
   - to: [{operation: {paths: ["/guarded/admin"]}}]
     when: [{key: "request.headers[x-authz-user]", values: [admin]}]
+  - from: [{source: {requestPrincipals: ["*"]}}]
+    to: [{operation: {paths: ["/guarded/jwt"]}}]
   - to: [{operation: {ports: ["9000"]}}]
 "#;
 
@@ -76,6 +78,8 @@ spec:
 
 struct Mesh {
     _dir: tempfile::TempDir,
+    /// A token the RequestAuthentication accepts.
+    token: String,
     in_t: u16,
     wp: PathBuf,
     app_b: String,
@@ -203,6 +207,39 @@ extensionProviders:
         std::fs::write(mesh.join("policy/ext.yaml"), custom_policy("authz-http")).unwrap();
         std::fs::write(mesh.join("policy/deny.yaml"), DENY).unwrap();
         std::fs::write(mesh.join("policy/allow.yaml"), ALLOW).unwrap();
+        // A RequestAuthentication: `/guarded/jwt` needs a verified token.
+        let key = wp.join("idp.pem");
+        let tool = |args: &[&str]| {
+            let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+                .args(args)
+                .output()
+                .unwrap();
+            assert!(out.status.success(), "{args:?}: {out:?}");
+            String::from_utf8(out.stdout).unwrap().trim().to_string()
+        };
+        let key_s = key.to_str().unwrap();
+        tool(&["token", "keygen", "--out", key_s]);
+        let jwks: Value = serde_json::from_str(&tool(&["token", "jwks", "--key", key_s])).unwrap();
+        let jwks = jwks.to_string();
+        let token = tool(&[
+            "token",
+            "issue",
+            "--key",
+            key_s,
+            "--issuer",
+            "https://idp.test",
+            "--ns",
+            "web",
+            "--sa",
+            "frontend",
+        ]);
+        std::fs::write(
+            mesh.join("policy/jwt.yaml"),
+            format!(
+                "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {{name: idp, namespace: api}}\nspec:\n  selector: {{matchLabels: {{app: backend}}}}\n  jwtRules:\n  - issuer: https://idp.test\n    jwks: '{jwks}'\n"
+            ),
+        )
+        .unwrap();
 
         let rt = tokio::runtime::Runtime::new().unwrap();
         let ca = sds_standin::TestCa::new("ext_authz Root");
@@ -247,6 +284,7 @@ extensionProviders:
         }
         Mesh {
             _dir: dir,
+            token,
             in_t,
             wp,
             app_b,
@@ -440,7 +478,7 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
     );
     assert_eq!(
         a.headers.get("grpc-status").map(String::as_str),
-        Some("7"),
+        Some("2"), // 418 is UNKNOWN in Envoy's HTTP-to-gRPC mapping
         "{:?}",
         a.headers
     );
@@ -453,7 +491,10 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
     // An HTTP provider cannot judge a TCP connection (Istio asks only gRPC providers about
     // TCP): a CUSTOM rule matching the TCP port closes it, and the provider is not asked.
     let plain = TcpStream::connect(("127.0.0.1", m.in_t)).unwrap();
-    assert!(!tcp_echoes(plain), "TCP passed a CUSTOM rule with an HTTP provider");
+    assert!(
+        !tcp_echoes(plain),
+        "TCP passed a CUSTOM rule with an HTTP provider"
+    );
     assert_eq!(m.checks().len(), asked);
 
     // No CUSTOM rule matches: the provider is not asked.
@@ -483,6 +524,15 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
     let app = echoed(&a);
     assert_eq!(app["headers"]["x-authz-user"], "alice", "{app}");
     assert!(app["headers"].get("x-secret").is_none(), "{app}");
+    // The provider cannot replace what the proxy vouches for: x-forwarded-client-cert is
+    // the handshake's.
+    let xfcc = app["headers"]["x-forwarded-client-cert"]
+        .as_str()
+        .unwrap_or_default();
+    assert!(
+        xfcc.contains(&format!("URI=spiffe://{TD}/ns/web/sa/frontend")) && !xfcc.contains("evil"),
+        "{xfcc}"
+    );
     assert_eq!(a.headers.get("x-checked").map(String::as_str), Some("yes"));
     let c = m.checks().pop().unwrap();
     assert_eq!(c["kind"], "grpc");
@@ -510,6 +560,20 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
         a.headers.get("x-deny-reason").map(String::as_str),
         Some("not alice")
     );
+
+    // The provider runs before authentication (Istio's order: ext_authz, then jwt_authn): a
+    // client's bad token that the provider replaces with a good one is never judged...
+    let swap = format!("x-swap-token: {}", m.token);
+    let app = echoed(&m.get("/guarded/jwt", &["authorization: Bearer not-a-jwt", &swap]));
+    // (ALLOW needed its request principal; the verified token is then removed, Istio's
+    // default `forwardOriginalToken: false`.)
+    assert!(app["headers"].get("authorization").is_none(), "{app}");
+    // ...while the token the provider puts there is: a bad one gets 401.
+    let a = m.get("/guarded/jwt", &["x-swap-token: not-a-jwt"]);
+    assert_eq!(a.status, 401, "{}", a.body);
+    // No token at all: ALLOW needs a request principal.
+    let a = m.get("/guarded/jwt", &["x-user: alice"]);
+    assert_eq!(a.status, 403, "{}", a.body);
 
     // TCP (Envoy's network ext_authz): the gRPC provider is asked about the connection, with
     // the caller's SPIFFE ID. It allows the frontend's mTLS connection...
@@ -688,6 +752,9 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
     let m = Mesh::start();
     let (http_l, grpc_l) = (free_port(), free_port());
     let envoy = envoy_beside(&m, http_l, grpc_l);
+    // The backend's RequestAuthentication verifies `authorization` (Envoy here has no
+    // jwt_authn): a valid token passes both.
+    let bearer = format!("authorization: Bearer {}", m.token);
     let cases: [(&str, &[&str]); 6] = [
         (
             "/guarded/a?q=1",
@@ -695,7 +762,7 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
                 "x-user: alice",
                 "x-secret: s3cret",
                 "x-authz-user: forged",
-                "authorization: Bearer t",
+                &bearer,
             ],
         ),
         ("/guarded/a", &["x-user: bob", "x-secret: s3cret"]),
@@ -733,7 +800,10 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
             if ours.status == 200 {
                 // The app's view.
                 let (a, b) = (echoed(&ours), echoed(&theirs));
-                for h in ["x-authz-user", "x-secret", "x-user", "authorization"] {
+                // (Not `authorization`: the backend's RequestAuthentication removes a verified
+                // token, Istio's default `forwardOriginalToken: false`; this Envoy has no
+                // jwt_authn.)
+                for h in ["x-authz-user", "x-secret", "x-user"] {
                     assert_eq!(
                         a["headers"].get(h),
                         b["headers"].get(h),

@@ -251,6 +251,14 @@ impl Engine {
             .collect()
     }
 
+    /// Whether an enforced CUSTOM AuthorizationPolicy applies to `workload` (a proxy asks an
+    /// extension provider only then).
+    pub fn has_custom(&self, workload: &Workload) -> bool {
+        self.applicable(workload)
+            .iter()
+            .any(|p| p.action == Action::Custom && !p.dry_run)
+    }
+
     fn applicable(&self, w: &Workload) -> Vec<&CompiledPolicy> {
         let mut ids = Vec::new();
         self.authz_index

@@ -159,6 +159,14 @@ fn parse_ext_authz(raw: &serde_json::Value) -> Result<ExtAuthzProvider, String> 
     if host.is_empty() {
         return Err(format!("{field}.service is required"));
     }
+    // A bare name would be completed by the resolver's search path, in whatever namespace
+    // the proxy runs: a Service of that name there would receive the checks (and answer
+    // them). Istio takes only names in its registry, which are fully qualified.
+    if !host.contains('.') && host != "localhost" && !host.contains(':') {
+        return Err(format!(
+            "{field}.service {service:?}: the host must be fully qualified (ext-authz.foo.svc.cluster.local), an IP address or localhost"
+        ));
+    }
     let port = match spec.get("port") {
         Some(Value::Number(n)) => n
             .as_u64()
@@ -353,7 +361,7 @@ mod tests {
     #[test]
     fn parses_subset_and_ignores_others() {
         let m = MeshConfig::from_yaml(
-            "trustDomain: td1\ntrustDomainAliases: [old]\nrootNamespace: mesh\npathNormalization:\n  normalization: MERGE_SLASHES\nextensionProviders:\n- name: ext\n  envoyExtAuthzHttp: {service: x, port: 9000}\ncaAddress: 127.0.0.1:15012\n",
+            "trustDomain: td1\ntrustDomainAliases: [old]\nrootNamespace: mesh\npathNormalization:\n  normalization: MERGE_SLASHES\nextensionProviders:\n- name: ext\n  envoyExtAuthzHttp: {service: x.local, port: 9000}\ncaAddress: 127.0.0.1:15012\n",
         )
         .unwrap();
         assert_eq!(m.trust_domain, "td1");
@@ -363,7 +371,7 @@ mod tests {
         assert_eq!(m.extension_providers.len(), 1);
         assert_eq!(m.extension_providers[0].name, "ext");
         let p = m.extension_providers[0].authz.as_ref().unwrap();
-        assert_eq!((p.host.as_str(), p.port), ("x", 9000));
+        assert_eq!((p.host.as_str(), p.port), ("x.local", 9000));
         assert_eq!(p.timeout, std::time::Duration::from_secs(600));
         assert_eq!(p.status_on_error, 403);
         assert_eq!(MeshConfig::from_yaml("").unwrap(), MeshConfig::default());
@@ -371,7 +379,7 @@ mod tests {
         assert_eq!(d.path_normalization, PathNormalization::Base);
         assert!(MeshConfig::from_yaml("pathNormalization: {normalization: WEIRD}").is_err());
         // Istio refuses a mesh config naming two providers alike.
-        let twice = "extensionProviders:\n- {name: a, envoyExtAuthzGrpc: {service: x, port: 1}}\n- {name: a, prometheus: {}}\n";
+        let twice = "extensionProviders:\n- {name: a, envoyExtAuthzGrpc: {service: x.local, port: 1}}\n- {name: a, prometheus: {}}\n";
         assert!(
             MeshConfig::from_yaml(twice)
                 .unwrap_err()
@@ -401,15 +409,21 @@ mod tests {
 - name: telemetry
   prometheus: {}
 - name: bad-port
-  envoyExtAuthzHttp: {service: x, port: 999999}
+  envoyExtAuthzHttp: {service: x.local, port: 999999}
 - name: bad-prefix
-  envoyExtAuthzHttp: {service: x, port: 1, pathPrefix: check}
+  envoyExtAuthzHttp: {service: x.local, port: 1, pathPrefix: check}
 - name: bad-status
-  envoyExtAuthzGrpc: {service: x, port: 1, statusOnError: "999"}
+  envoyExtAuthzGrpc: {service: x.local, port: 1, statusOnError: "999"}
+- name: short
+  envoyExtAuthzGrpc: {service: foo/ext-authz, port: 1}
+- name: local
+  envoyExtAuthzGrpc: {service: localhost, port: 1}
+- name: v6
+  envoyExtAuthzGrpc: {service: "::1", port: 1}
 - name: no-service
   envoyExtAuthzGrpc: {port: 1}
 - name: body
-  envoyExtAuthzGrpc: {service: x, port: 1, includeRequestBodyInCheck: {maxRequestBytes: 10}}
+  envoyExtAuthzGrpc: {service: x.local, port: 1, includeRequestBodyInCheck: {maxRequestBytes: 10}}
 "#,
         )
         .unwrap();
@@ -439,10 +453,13 @@ mod tests {
             ("bad-status", "statusOnError"),
             ("no-service", "service is required"),
             ("body", "request body"),
+            ("short", "fully qualified"),
         ] {
             let e = m.provider(name).unwrap().authz.as_ref().unwrap_err();
             assert!(e.contains(why) && e.contains(name), "{name}: {e}");
         }
+        assert!(m.provider("local").unwrap().authz.is_ok());
+        assert!(m.provider("v6").unwrap().authz.is_ok());
         // Kept as written, for snapshots.
         assert_eq!(
             m.provider("grpc").unwrap().raw["envoyExtAuthzGrpc"]["port"],

@@ -453,7 +453,19 @@ impl KubeConfigSource {
                 () = tokio::time::sleep_until(deadline), if dirty && all_synced => {
                     dirty = false;
                     let mut objects = objects(&stores);
-                    let (mesh, refused_mesh) = mesh_config(&stores, &mut mesh_good);
+                    let (mesh, refused_mesh) = match mesh_config(&self.settings, &stores, &mut mesh_good) {
+                        Ok(m) => m,
+                        Err(refused) => {
+                            // Broken, and no good one seen since this process started (a
+                            // restart, a new replica): no snapshot rather than Istio's
+                            // defaults in its place (fail closed, as before the first list).
+                            reporter.report(&refused);
+                            tracing::warn!(
+                                "no snapshot: Istio's mesh config ConfigMap does not parse and no earlier version did (fail closed until it is fixed)"
+                            );
+                            continue;
+                        }
+                    };
                     objects.mesh = mesh;
                     let mut conv = convert(&self.settings, &objects);
                     conv.refused.extend(refused_mesh);
@@ -497,53 +509,100 @@ impl KubeConfigSource {
 }
 
 /// The mesh config from Istio's ConfigMap: parsed, or the last one that parsed (with the
-/// refusal of the broken one), or Istio's defaults when there is none. `good` holds the
-/// last good text and config.
+/// refusal of the broken one), or Istio's defaults when there is none; `Err` (with the
+/// refusal) when it is broken and none parsed before. `good` holds the last good text and
+/// config. Identity settings in it that differ from the CA's are reported (they are not
+/// used).
+#[allow(clippy::type_complexity)]
 fn mesh_config(
+    settings: &KubeSettings,
     stores: &BTreeMap<Coll, Store>,
     good: &mut Option<(String, MeshConfig)>,
-) -> (Option<MeshConfig>, Vec<Refused>) {
+) -> Result<(Option<MeshConfig>, Vec<Refused>), Vec<Refused>> {
     let Some(cm) = stores
         .get(&Coll::Mesh)
         .and_then(|s| s.objects.values().next())
     else {
         *good = None;
-        return (None, Vec::new());
+        return Ok((None, Vec::new()));
+    };
+    let meta = &cm["metadata"];
+    let refusal = |field: &str, reason: String| {
+        let s = |k: &str| meta[k].as_str().unwrap_or_default().to_string();
+        Refused {
+            api_version: "v1".into(),
+            kind: "ConfigMap".into(),
+            namespace: s("namespace"),
+            name: s("name"),
+            uid: s("uid"),
+            resource_version: s("resourceVersion"),
+            field: format!("data.{}{field}", MESH_CONFIGMAP.1),
+            reason,
+        }
     };
     let text = cm["data"][MESH_CONFIGMAP.1].as_str().unwrap_or_default();
-    if let Some((t, m)) = good.as_ref()
-        && t == text
-    {
-        return (Some(m.clone()), Vec::new());
+    let m = match good.as_ref() {
+        Some((t, m)) if t == text => m.clone(),
+        _ => match MeshConfig::from_yaml(text) {
+            Ok(m) => {
+                *good = Some((text.to_string(), m.clone()));
+                m
+            }
+            Err(e) => {
+                let Some((_, m)) = good.as_ref() else {
+                    return Err(vec![refusal(
+                        "",
+                        format!(
+                            "{e}; no snapshot is made until it parses (no earlier version did)"
+                        ),
+                    )]);
+                };
+                return Ok((
+                    Some(m.clone()),
+                    vec![refusal(
+                        "",
+                        format!("{e}; the last mesh config that parsed keeps serving"),
+                    )],
+                ));
+            }
+        },
+    };
+    // Identity is the CA's: say so where Istio, reading this ConfigMap, would differ.
+    let mut refused = Vec::new();
+    let td = settings.trust_domain.to_string();
+    if m.trust_domain != td {
+        refused.push(refusal(
+            ".trustDomain",
+            format!(
+                "not used: {:?} differs from the CA's trust domain {td:?} (--trust-domain), which identities and policies use",
+                m.trust_domain
+            ),
+        ));
     }
-    match MeshConfig::from_yaml(text) {
-        Ok(m) => {
-            *good = Some((text.to_string(), m.clone()));
-            (Some(m), Vec::new())
-        }
-        Err(e) => {
-            let meta = &cm["metadata"];
-            let s = |k: &str| meta[k].as_str().unwrap_or_default().to_string();
-            let refused = Refused {
-                api_version: "v1".into(),
-                kind: "ConfigMap".into(),
-                namespace: s("namespace"),
-                name: s("name"),
-                uid: s("uid"),
-                resource_version: s("resourceVersion"),
-                field: format!("data.{}", MESH_CONFIGMAP.1),
-                reason: format!(
-                    "{e}; {}",
-                    if good.is_some() {
-                        "the last mesh config that parsed keeps serving"
-                    } else {
-                        "Istio's defaults serve until it parses"
-                    }
-                ),
-            };
-            (good.as_ref().map(|(_, m)| m.clone()), vec![refused])
-        }
+    if m.root_namespace != settings.root_namespace {
+        refused.push(refusal(
+            ".rootNamespace",
+            format!(
+                "not used: {:?} differs from the CA's root namespace {:?} (--root-namespace); policies in {:?} are not mesh-wide here",
+                m.root_namespace, settings.root_namespace, m.root_namespace
+            ),
+        ));
     }
+    let aliases: Vec<String> = settings
+        .trust_domain_aliases
+        .iter()
+        .map(ToString::to_string)
+        .collect();
+    if m.trust_domain_aliases.iter().any(|a| !aliases.contains(a)) {
+        refused.push(refusal(
+            ".trustDomainAliases",
+            format!(
+                "not used: {:?} names aliases the CA does not have (its aliases: {aliases:?})",
+                m.trust_domain_aliases
+            ),
+        ));
+    }
+    Ok((Some(m), refused))
 }
 
 fn objects(stores: &BTreeMap<Coll, Store>) -> KubeObjects {

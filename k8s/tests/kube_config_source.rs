@@ -802,6 +802,21 @@ async fn the_mesh_configmap_sets_providers_and_a_broken_edit_keeps_the_last_good
         snap.mesh.trust_domain, TD,
         "the CA's trust domain, not the ConfigMap's"
     );
+    // ...and an Event says the ConfigMap's is not used.
+    let td_event = wait_for("an Event for the ignored trustDomain", || {
+        fake.objects("/api/v1/namespaces/istio-system/events")
+            .into_iter()
+            .find(|e| {
+                e["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("trustDomain"))
+            })
+    })
+    .await;
+    assert!(
+        td_event["message"].as_str().unwrap().contains("not used"),
+        "{td_event}"
+    );
 
     // A broken edit: refused with an Event, the last good config stays (a later edit of
     // anything else must not drop the providers).
@@ -809,7 +824,12 @@ async fn the_mesh_configmap_sets_providers_and_a_broken_edit_keeps_the_last_good
     let refused = wait_for("an Event for the broken mesh config", || {
         fake.objects("/api/v1/namespaces/istio-system/events")
             .into_iter()
-            .find(|e| e["involvedObject"]["name"] == "istio")
+            .find(|e| {
+                e["involvedObject"]["name"] == "istio"
+                    && e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains("keeps serving"))
+            })
     })
     .await;
     let msg = refused["message"].as_str().unwrap_or_default();
@@ -844,5 +864,53 @@ async fn the_mesh_configmap_sets_providers_and_a_broken_edit_keeps_the_last_good
     assert_eq!(
         snap.mesh.path_normalization,
         rampart_authz::PathNormalization::Base
+    );
+}
+
+/// A mesh ConfigMap that is broken when the source starts (a CA restart, a new replica after
+/// a bad edit) gives no snapshot, rather than Istio's defaults in its place; fixing it does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_configmap_broken_at_start_gives_no_snapshot_until_fixed() {
+    let _ = logs();
+    let fake = FakeApi::new();
+    namespace(&fake, "api");
+    let cms = "/api/v1/namespaces/istio-system/configmaps";
+    let mesh_cm = |mesh: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "istio", "namespace": "istio-system"},
+            "data": {"mesh": mesh}})
+    };
+    fake.put(
+        cms,
+        mesh_cm("pathNormalization: {normalization: NOT_A_MODE}\n"),
+    );
+    let (mut source, metrics) = start_source(&fake);
+    let early = tokio::time::timeout(Duration::from_millis(1500), source.next()).await;
+    assert!(
+        early.is_err(),
+        "a snapshot from a broken mesh config: {early:?}"
+    );
+    assert_eq!(metrics.snapshots(), 0);
+    let event = wait_for("an Event for the broken mesh config", || {
+        fake.objects("/api/v1/namespaces/istio-system/events")
+            .into_iter()
+            .find(|e| e["involvedObject"]["name"] == "istio")
+    })
+    .await;
+    assert!(
+        event["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("no snapshot")),
+        "{event}"
+    );
+    // Its twin: fixed, the first snapshot comes with it.
+    fake.put(
+        cms,
+        mesh_cm("pathNormalization: {normalization: MERGE_SLASHES}\n"),
+    );
+    let snap = snapshot_where(&mut source, |_| true).await;
+    assert_eq!(
+        snap.mesh.path_normalization,
+        rampart_authz::PathNormalization::MergeSlashes
     );
 }

@@ -34,6 +34,8 @@ pub(crate) struct Config {
     pub(crate) jwt_output_headers: Vec<header::HeaderName>,
     /// No AuthorizationPolicy nor RequestAuthentication can apply: requests skip the engine.
     pub(crate) fast_path: bool,
+    /// A CUSTOM AuthorizationPolicy applies: requests are shown to it before authentication.
+    pub(crate) has_custom: bool,
     pub(crate) loaded_at: SystemTime,
 }
 
@@ -66,6 +68,7 @@ impl Config {
                     || r.metadata().namespace() == folder.mesh.root_namespace)
         });
         let fast_path = !has_reqauthn && engine.policies_for(&workload).is_empty();
+        let has_custom = engine.has_custom(&workload);
         let jwt_output_headers = engine
             .jwt_output_headers(&workload)
             .iter()
@@ -84,6 +87,7 @@ impl Config {
             workload,
             jwt_output_headers,
             fast_path,
+            has_custom,
             loaded_at: SystemTime::now(),
         })
     }

@@ -268,7 +268,7 @@ impl Clients {
                 .filter_map(|v| v.to_str().ok())
                 .flat_map(|v| v.split(','))
                 .filter_map(|n| HeaderName::try_from(n.trim()).ok())
-                .filter(|n| n != header::HOST)
+                .filter(|n| !ANSWER_ONLY.contains(&n.as_str()))
                 .collect();
             // The body of an allowing answer is not read: nothing of it is used.
             return Ok(Answer::Allow(Changes {
@@ -485,7 +485,7 @@ pub(crate) fn grpc_answer(resp: pb::CheckResponse) -> Answer {
                 .headers_to_remove
                 .iter()
                 .filter_map(|n| HeaderName::try_from(n.as_str()).ok())
-                .filter(|n| n != header::HOST)
+                .filter(|n| !ANSWER_ONLY.contains(&n.as_str()))
                 .collect();
             c.response = ok
                 .response_headers_to_add
@@ -542,6 +542,35 @@ impl Changes {
             }
         }
     }
+}
+
+/// See `crate::fuzzing::ext_authz_answer`.
+#[cfg(feature = "fuzzing")]
+pub(crate) fn fuzz_answer(data: &[u8]) -> Option<bool> {
+    use prost::Message as _;
+    let resp = pb::CheckResponse::decode(data).ok()?;
+    Some(match grpc_answer(resp) {
+        Answer::Allow(c) => {
+            let mut h = HeaderMap::new();
+            h.insert(header::HOST, HeaderValue::from_static("app"));
+            h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
+            c.apply(&mut h);
+            assert_eq!(h.get(header::HOST).map(|v| v.as_bytes()), Some(&b"app"[..]));
+            for (k, _) in c.set.iter().chain(&c.append).chain(&c.response) {
+                assert!(!ANSWER_ONLY.contains(&k.as_str()), "{k} passed");
+            }
+            true
+        }
+        Answer::Deny(d) => {
+            assert!((200..=599).contains(&d.status), "status {}", d.status);
+            assert!(
+                d.headers
+                    .iter()
+                    .all(|(k, _)| !ANSWER_ONLY.contains(&k.as_str()))
+            );
+            false
+        }
+    })
 }
 
 #[cfg(test)]

@@ -511,10 +511,14 @@ pub(crate) fn owned_text_response(status: u16, body: String) -> Response<Body> {
 /// (with the gRPC status it carries).
 pub(crate) fn denial(status: u16, grpc: bool, body: &str) -> (Response<Body>, Option<u16>) {
     if grpc {
+        // Envoy's HTTP-to-gRPC status mapping for local replies.
         let code: u16 = match status {
-            401 => 16, // UNAUTHENTICATED
-            400 => 13, // INTERNAL
-            _ => 7,    // PERMISSION_DENIED
+            400 => 13,             // INTERNAL
+            401 => 16,             // UNAUTHENTICATED
+            403 => 7,              // PERMISSION_DENIED
+            404 => 12,             // UNIMPLEMENTED
+            429 | 502..=504 => 14, // UNAVAILABLE
+            _ => 2,                // UNKNOWN
         };
         let mut r = Response::new(Either::Right(Full::new(Bytes::new())));
         let h = r.headers_mut();
@@ -523,12 +527,29 @@ pub(crate) fn denial(status: u16, grpc: bool, body: &str) -> (Response<Body>, Op
             HeaderValue::from_static("application/grpc"),
         );
         h.insert("grpc-status", HeaderValue::from(code));
-        if let Ok(v) = HeaderValue::from_str(body) {
+        if let Ok(v) = HeaderValue::from_str(&grpc_message(body)) {
             h.insert("grpc-message", v);
         }
         return (r, Some(code));
     }
     (owned_text_response(status, body.to_string()), None)
+}
+
+/// `text` as a `grpc-message` value: percent-encoded as gRPC asks (bytes outside printable
+/// ASCII, and `%`), cut at 1 KiB.
+fn grpc_message(text: &str) -> String {
+    let mut out = String::new();
+    for b in text.bytes() {
+        if out.len() >= 1024 {
+            break;
+        }
+        if (0x20..=0x7e).contains(&b) && b != b'%' {
+            out.push(char::from(b));
+        } else {
+            out.push_str(&format!("%{b:02X}"));
+        }
+    }
+    out
 }
 
 /// Whether the request is gRPC (by content type).

@@ -392,31 +392,41 @@ where
     }
 }
 
-/// The CUSTOM hook of one request: first it records which provider the engine wants asked
-/// (and denies); once the provider allowed, it answers "allowed" for that provider only.
+/// The CUSTOM hook of one evaluation. `Default`: records which provider the engine wants
+/// asked (and the policy whose rule matched), answering "denied" meanwhile. `answered(p)`:
+/// provider `p` allowed (a TCP connection re-judged after a change). `settled()`: CUSTOM was
+/// decided before this evaluation, every provider counts as having allowed.
 #[derive(Default)]
 struct Custom {
     asked: std::sync::Mutex<Option<String>>,
     allowed: Option<String>,
+    settled: bool,
 }
 
 impl Custom {
     fn answered(provider: String) -> Custom {
         Custom {
-            asked: std::sync::Mutex::default(),
             allowed: Some(provider),
+            ..Custom::default()
+        }
+    }
+
+    fn settled() -> Custom {
+        Custom {
+            settled: true,
+            ..Custom::default()
         }
     }
 
     fn asked(&self) -> Option<String> {
-        self.asked.lock().unwrap_or_else(|p| p.into_inner()).take()
+        self.asked.lock().unwrap_or_else(|p| p.into_inner()).clone()
     }
 }
 
 impl ExtAuthz for Custom {
     fn check(&self, provider: &str, _: &Workload, _: &RequestContext) -> bool {
         *self.asked.lock().unwrap_or_else(|p| p.into_inner()) = Some(provider.to_string());
-        self.allowed.as_deref() == Some(provider)
+        self.settled || self.allowed.as_deref() == Some(provider)
     }
 }
 
@@ -525,23 +535,20 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
                 .collect(),
         };
         let mut ctx = cx.request_context(Some(judged(&req)));
-        let keys = Lookup::new(&ib.jwks, &cfg);
-        // CUSTOM policies: the engine names the provider to ask and denies meanwhile; the
-        // provider is asked below and, if it allows, the engine decides again with that answer.
+        // 1. CUSTOM, on the request as the client sent it and before authentication (Istio's
+        // filter order: ext_authz, then jwt_authn, then RBAC; CUSTOM rules cannot name
+        // request.auth). The engine names the provider its matching rule wants asked.
         let custom = Custom::default();
-        let mut d = cfg
-            .engine
-            .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &custom);
-        // A token signed with a key the cached JWKS lacks: refetch early (rate-limited), retry.
-        if let Some(miss) = keys.kid_miss(&d)
-            && ib.jwks.refetch_on_kid_miss(&cfg, miss).await
-        {
-            let keys = Lookup::new(&ib.jwks, &cfg);
-            d = cfg
-                .engine
-                .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &custom);
-        }
-        if d.reason_code == ReasonCode::CustomDenied
+        let first = cfg
+            .has_custom
+            .then(|| cfg.engine.authorize_with(&cfg.workload, &ctx, &custom));
+        let policy = first
+            .as_ref()
+            .and_then(|d| d.policy.as_ref())
+            .map(|p| format!("{}/{}", p.namespace, p.name))
+            .unwrap_or_else(|| "-".into());
+        let early = first.filter(|d| d.reason_code == ReasonCode::CustomProviderInvalid);
+        if early.is_none()
             && let Some(name) = custom.asked()
             && let Some(Ok(provider)) = cfg.folder.mesh.provider(&name).map(|p| &p.authz)
         {
@@ -557,11 +564,6 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
                     _ => "HTTP/1.1",
                 },
             };
-            let policy = d
-                .policy
-                .as_ref()
-                .map(|p| format!("{}/{}", p.namespace, p.name))
-                .unwrap_or_else(|| "-".into());
             match ib.ext_authz.check(&name, provider, &req, &facts).await {
                 crate::ext_authz::Answer::Deny(denied) => {
                     tracing::warn!(
@@ -571,12 +573,11 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
                         path = %crate::edge::loggable_path(&raw_path),
                         status = denied.status,
                         policy = %policy,
-                        rule = ?d.rule,
                         reason = %denied.reason,
                         "request denied by extension provider {name:?}"
                     );
                     // A gRPC caller gets a gRPC status (as Envoy's local replies), the
-                    // provider's headers beside it.
+                    // provider's headers beside it (not its own gRPC status).
                     let (mut r, g) = if grpc {
                         denial(denied.status, true, &String::from_utf8_lossy(&denied.body))
                     } else {
@@ -587,7 +588,11 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
                         (r, None)
                     };
                     for (k, v) in denied.headers {
-                        if !(grpc && k == header::CONTENT_TYPE) {
+                        let theirs = grpc
+                            && (k == header::CONTENT_TYPE
+                                || k.as_str() == "grpc-status"
+                                || k.as_str() == "grpc-message");
+                        if !theirs {
                             r.headers_mut().append(k, v);
                         }
                     }
@@ -604,33 +609,46 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
                             "{why}; allowed (failOpen)"
                         );
                     }
-                    // The provider's changes first, then authentication and DENY/ALLOW judge
-                    // the request as changed (Istio's order: ext_authz, then jwt_authn and
-                    // RBAC): a header the provider sets is the one policy reads and the app
-                    // gets, never the client's copy of it.
+                    // The provider's changes, then authentication and DENY/ALLOW judge the
+                    // request as changed: a header the provider sets is the one policy reads
+                    // and the app gets, never the client's copy of it. What the proxy itself
+                    // vouches for is put back: JWT output headers come only from a verified
+                    // token (below), x-forwarded-client-cert only from the handshake.
                     changes.apply(req.headers_mut());
+                    for h in &cfg.jwt_output_headers {
+                        req.headers_mut().remove(h);
+                    }
+                    req.headers_mut().remove(&XFCC);
+                    if let Some(x) = &cx.xfcc {
+                        req.headers_mut().insert(XFCC.clone(), x.clone());
+                    }
                     ext_response = changes.response;
                     ctx = cx.request_context(Some(judged(&req)));
-                    let answered = Custom::answered(name);
-                    let keys = Lookup::new(&ib.jwks, &cfg);
-                    d = cfg
-                        .engine
-                        .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &answered);
-                    if let Some(miss) = keys.kid_miss(&d)
-                        && ib.jwks.refetch_on_kid_miss(&cfg, miss).await
-                    {
-                        let keys = Lookup::new(&ib.jwks, &cfg);
-                        d = cfg.engine.check(
-                            &cfg.workload,
-                            &ctx,
-                            SystemTime::now(),
-                            &keys,
-                            &answered,
-                        );
-                    }
                 }
             }
         }
+        // 2. Authentication, DENY and ALLOW (CUSTOM was settled above).
+        let d = match early {
+            Some(d) => d,
+            None => {
+                let keys = Lookup::new(&ib.jwks, &cfg);
+                let settled = Custom::settled();
+                let mut d =
+                    cfg.engine
+                        .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &settled);
+                // A token signed with a key the cached JWKS lacks: refetch early
+                // (rate-limited), retry.
+                if let Some(miss) = keys.kid_miss(&d)
+                    && ib.jwks.refetch_on_kid_miss(&cfg, miss).await
+                {
+                    let keys = Lookup::new(&ib.jwks, &cfg);
+                    d = cfg
+                        .engine
+                        .check(&cfg.workload, &ctx, SystemTime::now(), &keys, &settled);
+                }
+                d
+            }
+        };
         if !d.is_allowed() {
             let policy = d
                 .policy

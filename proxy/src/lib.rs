@@ -55,4 +55,12 @@ pub mod fuzzing {
     pub fn inbound_first_bytes(data: &[u8], cuts: &[usize]) -> (bool, bool) {
         crate::sniff::inbound_first_bytes(data, cuts)
     }
+
+    /// An external authorization provider's gRPC answer (`CheckResponse` bytes) decoded
+    /// and applied as the inbound applies it: `None` when the bytes do not decode, else
+    /// whether it allowed. Panics if an answer removed `Host` or produced a status no client
+    /// can be given.
+    pub fn ext_authz_answer(data: &[u8]) -> Option<bool> {
+        crate::ext_authz::fuzz_answer(data)
+    }
 }

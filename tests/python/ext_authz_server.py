@@ -8,6 +8,7 @@ flavour Istio's envoyExtAuthzHttp speaks (Python's http.server), with the same r
 - `x-user: big` (HTTP only) is denied with 403 and a 100 KiB body;
 - `x-user: crash` (HTTP only) gets 503 with an internal-looking body, as a provider failing;
 - anything else is denied with 418, `x-deny-reason: not alice` and the body `who are you?`;
+- `x-swap-token: T` (gRPC only) is allowed with `authorization: Bearer T` set for the app;
 - a TCP connection (gRPC, no HTTP attributes) is allowed when the caller has a SPIFFE ID.
 
 Every check it receives is appended, as one JSON line, to the file named by its third
@@ -108,12 +109,25 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
                 "destination_principal": a.destination.principal,
             }
         )
+        swap = http.headers.get("x-swap-token")
+        if swap:
+            # Replaces the client's credentials (what oauth2-proxy-like providers do).
+            return external_auth_pb2.CheckResponse(
+                status=status_pb2.Status(code=code_pb2.OK),
+                ok_response=external_auth_pb2.OkHttpResponse(
+                    headers=[header("authorization", "Bearer " + swap)],
+                ),
+            )
         user = http.headers.get("x-user")
         if user in ("alice", "root"):
             return external_auth_pb2.CheckResponse(
                 status=status_pb2.Status(code=code_pb2.OK),
                 ok_response=external_auth_pb2.OkHttpResponse(
-                    headers=[header("x-authz-user", "admin" if user == "root" else "alice")],
+                    headers=[
+                        header("x-authz-user", "admin" if user == "root" else "alice"),
+                        # What a provider must not be able to vouch for: the proxy's own.
+                        header("x-forwarded-client-cert", "URI=spiffe://evil/ns/x/sa/y"),
+                    ],
                     headers_to_remove=["x-secret"],
                     response_headers_to_add=[header("x-checked", "yes")],
                 ),
