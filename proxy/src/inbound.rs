@@ -547,7 +547,9 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
             .and_then(|d| d.policy.as_ref())
             .map(|p| format!("{}/{}", p.namespace, p.name))
             .unwrap_or_else(|| "-".into());
-        let early = first.filter(|d| d.reason_code == ReasonCode::CustomProviderInvalid);
+        let early = first
+            .filter(|d| d.reason_code == ReasonCode::CustomProviderInvalid)
+            .map(Box::new);
         if early.is_none()
             && let Some(name) = custom.asked()
             && let Some(Ok(provider)) = cfg.folder.mesh.provider(&name).map(|p| &p.authz)
@@ -564,7 +566,9 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
                     _ => "HTTP/1.1",
                 },
             };
-            match ib.ext_authz.check(&name, provider, &req, &facts).await {
+            // Boxed: the check's state (an HTTP or gRPC call) would otherwise widen every
+            // request's future, CUSTOM or not.
+            match Box::pin(ib.ext_authz.check(&name, provider, &req, &facts)).await {
                 crate::ext_authz::Answer::Deny(denied) => {
                     tracing::warn!(
                         peer = %cx.peer,
@@ -629,7 +633,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
         }
         // 2. Authentication, DENY and ALLOW (CUSTOM was settled above).
         let d = match early {
-            Some(d) => d,
+            Some(d) => *d,
             None => {
                 let keys = Lookup::new(&ib.jwks, &cfg);
                 let settled = Custom::settled();
@@ -838,7 +842,7 @@ async fn tcp_allowed(
             local_principal: cfg.my_id().to_string(),
             protocol: "",
         };
-        match ib.ext_authz.check_connection(&name, provider, &facts).await {
+        match Box::pin(ib.ext_authz.check_connection(&name, provider, &facts)).await {
             crate::ext_authz::Answer::Allow(changes) => {
                 if let Some(why) = &changes.failed_open {
                     tracing::warn!(peer = %cx.peer, port = cx.port, "{why}; connection allowed (failOpen)");
