@@ -2,8 +2,10 @@
 //! rule is first shown to the mesh config's extension provider, over HTTP
 //! (`envoyExtAuthzHttp`) or gRPC (`envoyExtAuthzGrpc`, Envoy's
 //! `envoy.service.auth.v3.Authorization/Check`), as Envoy's ext_authz filter shows it; the
-//! answer allows it (DENY and ALLOW policies still apply), or denies it with the provider's
-//! status, headers and body. A provider that cannot be asked (refused connection, timeout, a
+//! answer allows it (RequestAuthentication, DENY and ALLOW still apply, to the request as the
+//! provider changed it), or denies it with the provider's status, headers and body. A TCP
+//! connection a CUSTOM rule matches is shown to gRPC providers once, at accept (Envoy's
+//! network ext_authz). A provider that cannot be asked (refused connection, timeout, a 5xx, a
 //! malformed answer) denies with `statusOnError`, unless the provider is `failOpen`.
 //!
 //! The provider is dialed directly (`service` resolved by DNS, or an IP), in plaintext: the
