@@ -13,6 +13,11 @@
 //! (or lets the request through when `failOpen`), a provider the mesh config does not define,
 //! or one Rampart cannot use, denies. The policy file is rewritten between phases and the
 //! running proxies pick it up.
+//!
+//! The same provider is also a mesh workload (`authz.authz`, behind its own proxy, STRICT):
+//! a provider named by its service host is called through the mesh with mTLS as the backend
+//! (the provider's proxy vouches for the caller in `x-forwarded-client-cert`), as Istio's
+//! auto mTLS calls it; its STRICT port dialed in plaintext refuses.
 
 mod support;
 use support::{Proc, free_port, python};
@@ -64,6 +69,22 @@ spec:
   - to: [{operation: {ports: ["9000"]}}]
 "#;
 
+/// The provider's own workload: mutual TLS only, and only the backend may ask it.
+const AUTHZ_STRICT: &str = r#"apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: strict, namespace: authz}
+spec:
+  mtls: {mode: STRICT}
+---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: only-backend, namespace: authz}
+spec:
+  action: ALLOW
+  rules:
+  - from: [{source: {principals: ["cluster.local/ns/api/sa/backend"]}}]
+"#;
+
 const DENY: &str = r#"apiVersion: security.istio.io/v1
 kind: AuthorizationPolicy
 metadata: {name: no-denied, namespace: api}
@@ -109,6 +130,7 @@ impl Mesh {
         let (in_b, in_t, admin_b) = (free_port(), free_port(), free_port());
         let (app_f, in_f, out_f, admin_f) = (free_port(), free_port(), free_port(), free_port());
         let (http_p, grpc_p, closed) = (free_port(), free_port(), free_port());
+        let (in_ah, in_ag, admin_a) = (free_port(), free_port(), free_port());
         let checks = wp.join("checks.jsonl");
         std::fs::write(&checks, "").unwrap();
         let mut procs = Vec::new();
@@ -180,6 +202,17 @@ extensionProviders:
     service: 127.0.0.1
     port: {grpc_p}
     includeRequestBodyInCheck: {{maxRequestBytes: 1024}}
+- name: mesh-http
+  envoyExtAuthzHttp:
+    service: authz.authz.svc.cluster.local
+    port: 8000
+    includeRequestHeadersInCheck: [x-user]
+    headersToUpstreamOnAllow: ["x-authz-*"]
+    headersToDownstreamOnDeny: [x-deny-reason]
+- name: mesh-grpc
+  envoyExtAuthzGrpc: {{service: authz/authz.authz.svc.cluster.local, port: 9191}}
+- name: strict-in-plaintext
+  envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {in_ag}}}
 "#
             ),
         )
@@ -200,6 +233,12 @@ extensionProviders:
   ports:
   - {{port: 80, protocol: http, app: "127.0.0.1:{app_f}", inbound: "127.0.0.1:{in_f}"}}
   proxy: {{outbound: "127.0.0.1:{out_f}", admin: "127.0.0.1:{admin_f}"}}
+- name: authz
+  namespace: authz
+  ports:
+  - {{port: 8000, protocol: http, app: "127.0.0.1:{http_p}", inbound: "127.0.0.1:{in_ah}"}}
+  - {{port: 9191, protocol: grpc, app: "127.0.0.1:{grpc_p}", inbound: "127.0.0.1:{in_ag}"}}
+  proxy: {{admin: "127.0.0.1:{admin_a}"}}
 "#
             ),
         )
@@ -207,6 +246,7 @@ extensionProviders:
         std::fs::write(mesh.join("policy/ext.yaml"), custom_policy("authz-http")).unwrap();
         std::fs::write(mesh.join("policy/deny.yaml"), DENY).unwrap();
         std::fs::write(mesh.join("policy/allow.yaml"), ALLOW).unwrap();
+        std::fs::write(mesh.join("policy/authz-strict.yaml"), AUTHZ_STRICT).unwrap();
         // A RequestAuthentication: `/guarded/jwt` needs a verified token.
         let key = wp.join("idp.pem");
         let tool = |args: &[&str]| {
@@ -245,6 +285,7 @@ extensionProviders:
         let ca = sds_standin::TestCa::new("ext_authz Root");
         let sds_b = wp.join("sds-b.sock");
         let sds_f = wp.join("sds-f.sock");
+        let sds_a = wp.join("sds-a.sock");
         let standins = rt.block_on(async {
             vec![
                 sds_standin::start(
@@ -255,11 +296,16 @@ extensionProviders:
                     &sds_f,
                     Some(ca.secrets(&format!("spiffe://{TD}/ns/web/sa/frontend"), 1)),
                 ),
+                sds_standin::start(
+                    &sds_a,
+                    Some(ca.secrets(&format!("spiffe://{TD}/ns/authz/sa/authz"), 1)),
+                ),
             ]
         });
         for (workload, sds, log, admin) in [
             ("api/backend", &sds_b, "backend.log", admin_b),
             ("web/frontend", &sds_f, "frontend.log", admin_f),
+            ("authz/authz", &sds_a, "authz.log", admin_a),
         ] {
             let log = wp.join(log);
             let child = Command::new(env!("CARGO_BIN_EXE_rampart"))
@@ -561,6 +607,15 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
         Some("not alice")
     );
 
+    // The deprecated `append` field of a header, when present, decides: true joins the
+    // value to the request's, false replaces it.
+    let app = echoed(&m.get(
+        "/guarded/b",
+        &["x-user: appender", "x-list: one", "x-keep: client"],
+    ));
+    assert_eq!(app["headers"]["x-list"], "one,two", "{app}");
+    assert_eq!(app["headers"]["x-keep"], "provider", "{app}");
+
     // The provider runs before authentication (Istio's order: ext_authz, then jwt_authn): a
     // client's bad token that the provider replaces with a good one is never judged...
     let swap = format!("x-swap-token: {}", m.token);
@@ -591,6 +646,55 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
         "a connection the provider refused carried data"
     );
     assert_eq!(m.checks().pop().unwrap()["source_principal"], "");
+
+    // --- the provider in the mesh ---
+    // Named by its service host, it is called through the mesh: mTLS as the backend, which
+    // the provider's proxy (STRICT, ALLOW only the backend) vouches for.
+    let backend_id = format!("URI=spiffe://{TD}/ns/api/sa/backend");
+    m.use_provider("mesh-http", |m| {
+        m.get("/guarded/probe", &["x-user: bob"]).status == 418
+            && m.checks().last().is_some_and(|c| {
+                c["kind"] == "http" && c["headers"]["x-forwarded-client-cert"].is_string()
+            })
+    });
+    let app = echoed(&m.get("/guarded/m", &alice));
+    assert_eq!(app["headers"]["x-authz-user"], "alice", "{app}");
+    let c = m.checks().pop().unwrap();
+    assert_eq!(c["path"], "/guarded/m");
+    let xfcc = c["headers"]["x-forwarded-client-cert"].as_str().unwrap();
+    assert!(xfcc.contains(&backend_id), "{xfcc}");
+    let a = m.get("/guarded/m", &["x-user: bob"]);
+    assert_eq!(a.status, 418, "{}", a.body);
+    assert_eq!(a.body, "who are you?");
+    m.use_provider("mesh-grpc", |m| {
+        m.get("/guarded/probe", &["x-user: bob"]).status == 418
+            && m.checks().last().is_some_and(|c| c["kind"] == "grpc")
+    });
+    let app = echoed(&m.get("/guarded/m", &alice));
+    assert_eq!(app["headers"]["x-authz-user"], "alice", "{app}");
+    let c = m.checks().pop().unwrap();
+    assert!(c["xfcc"].as_str().unwrap().contains(&backend_id), "{c}");
+    assert_eq!(
+        c["source_principal"],
+        format!("spiffe://{TD}/ns/web/sa/frontend")
+    );
+    // TCP checks go the same way.
+    assert!(tcp_echoes(tcp_via_outbound(m.out_f)), "{}", m.logs());
+    assert_eq!(m.checks().pop().unwrap()["kind"], "tcp");
+    // Negative twin: the provider's STRICT port dialed in plaintext (an address the registry
+    // does not name) refuses, and the request gets statusOnError; the provider never sees it.
+    m.use_provider("strict-in-plaintext", |m| {
+        m.get("/guarded/m", &alice).status == 403
+    });
+    let before = m.checks().len();
+    assert_eq!(m.get("/guarded/m", &alice).status, 403);
+    assert_eq!(m.checks().len(), before, "{}", m.logs());
+    assert!(
+        m.logs()
+            .contains("extension provider \"strict-in-plaintext\""),
+        "{}",
+        m.logs()
+    );
 
     // --- failures ---
     // Unreachable, not failOpen: statusOnError.
@@ -755,7 +859,7 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
     // The backend's RequestAuthentication verifies `authorization` (Envoy here has no
     // jwt_authn): a valid token passes both.
     let bearer = format!("authorization: Bearer {}", m.token);
-    let cases: [(&str, &[&str]); 6] = [
+    let cases: [(&str, &[&str]); 7] = [
         (
             "/guarded/a?q=1",
             &[
@@ -771,6 +875,11 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
         // Repeated headers reach the provider as one value, as Envoy joins them.
         ("/guarded/a", &["x-user: alice", "x-user: bob"]),
         ("/open", &["x-user: bob"]),
+        // The deprecated `append` of a gRPC answer (the HTTP provider denies `appender`).
+        (
+            "/guarded/a",
+            &["x-user: appender", "x-list: one", "x-keep: client"],
+        ),
     ];
     for (provider, port) in [("authz-http", http_l), ("authz-grpc", grpc_l)] {
         if provider == "authz-grpc" {
@@ -803,7 +912,7 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
                 // (Not `authorization`: the backend's RequestAuthentication removes a verified
                 // token, Istio's default `forwardOriginalToken: false`; this Envoy has no
                 // jwt_authn.)
-                for h in ["x-authz-user", "x-secret", "x-user"] {
+                for h in ["x-authz-user", "x-secret", "x-user", "x-list", "x-keep"] {
                     assert_eq!(
                         a["headers"].get(h),
                         b["headers"].get(h),

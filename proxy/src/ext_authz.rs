@@ -8,14 +8,19 @@
 //! network ext_authz). A provider that cannot be asked (refused connection, timeout, a 5xx, a
 //! malformed answer) denies with `statusOnError`, unless the provider is `failOpen`.
 //!
-//! The provider is dialed directly (`service` resolved by DNS, or an IP), in plaintext: the
-//! common deployments are a provider beside the app on loopback (OPA's Envoy plugin) or a
-//! cluster service reached over the node's network. docs/AUTHZ.md says what that means for a
-//! provider behind a STRICT proxy.
+//! How the provider is reached follows Istio's auto mTLS: a provider whose `service:port` is a
+//! service port of the mesh registry (it has a proxy, Rampart's or an Istio sidecar) is
+//! called through the mesh, to one of its endpoints' inbound listeners, with mutual TLS as
+//! this proxy's identity and the endpoint's SPIFFE ID checked (plaintext only when that port's
+//! PeerAuthentication is DISABLE, as for any mesh call). Anything else (loopback, an IP, a
+//! host the registry does not know) is dialed directly, in plaintext, as Envoy dials a
+//! provider outside the mesh: the check carries the request's credentials, so such a
+//! provider belongs beside the app or on a network the operator trusts (docs/AUTHZ.md).
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
@@ -26,8 +31,13 @@ use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use rampart_authz::{ExtAuthzHttp, ExtAuthzKind, ExtAuthzProvider, header_pattern_matches};
+use rampart_certs::SpiffeId;
 use rampart_proto::envoy::config::core::v3 as core;
 use rampart_proto::envoy::service::auth::v3 as pb;
+
+use crate::config::Config;
+use crate::conn::{PeerConnector, Target};
+use crate::identity::{Alpn, IdentityHolder};
 
 /// The most of a provider's answer body that is read (HTTP) and passed to a denied client.
 const MAX_ANSWER_BODY: usize = 64 * 1024;
@@ -75,6 +85,9 @@ pub(crate) struct Changes {
     pub(crate) append: Vec<(HeaderName, HeaderValue)>,
     /// Set on the request only when it has such a header.
     pub(crate) replace: Vec<(HeaderName, HeaderValue)>,
+    /// Joined (`,`) to the request's value of such a header, or added when it has none (the
+    /// deprecated `append: true`).
+    pub(crate) join: Vec<(HeaderName, HeaderValue)>,
     /// Removed from the request.
     pub(crate) remove: Vec<HeaderName>,
     /// Added to the app's response.
@@ -105,24 +118,40 @@ pub(crate) struct Facts<'a> {
     pub(crate) protocol: &'static str,
 }
 
-/// The clients that reach providers: one HTTP/1.1 pool, and one gRPC channel per address.
-pub(crate) struct Clients {
-    http: Client<HttpConnector, Full<Bytes>>,
-    grpc: Mutex<HashMap<(String, u16), tonic::transport::Channel>>,
+/// Most mesh destinations (provider endpoints) kept with a client; past it the table starts
+/// again (endpoints come and go with the registry).
+const MAX_MESH_CLIENTS: usize = 64;
+
+/// One provider endpoint in the mesh, as dialed: address, SNI, expected identity, whether
+/// mTLS, and the protocol.
+#[derive(Clone, PartialEq, Eq, Hash)]
+struct MeshKey {
+    addr: SocketAddr,
+    sni: String,
+    expected: SpiffeId,
+    mtls: bool,
+    grpc: bool,
 }
 
-impl Default for Clients {
-    fn default() -> Self {
-        let mut conn = HttpConnector::new();
-        conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(Duration::from_secs(5)));
-        let mut b = Client::builder(TokioExecutor::new());
-        b.pool_idle_timeout(Duration::from_secs(60));
-        Clients {
-            http: b.build(conn),
-            grpc: Mutex::new(HashMap::new()),
-        }
-    }
+/// Where one check goes.
+enum Via {
+    /// Straight to `service:port`, plaintext (a provider outside the mesh).
+    Direct,
+    /// Through the mesh to a provider endpoint's proxy.
+    Mesh(MeshKey, Arc<Target>),
+}
+
+/// The clients that reach providers: for providers outside the mesh one HTTP/1.1 pool and
+/// one gRPC channel per address; for providers in the mesh a client per endpoint, over the
+/// proxy's own mTLS connector.
+pub(crate) struct Clients {
+    identity: Arc<IdentityHolder>,
+    http: Client<HttpConnector, Full<Bytes>>,
+    grpc: Mutex<HashMap<(String, u16), tonic::transport::Channel>>,
+    mesh_http: Mutex<HashMap<MeshKey, Client<PeerConnector, Full<Bytes>>>>,
+    mesh_grpc: Mutex<HashMap<MeshKey, tonic::transport::Channel>>,
+    /// Turns through a provider service's endpoints.
+    next: AtomicUsize,
 }
 
 /// `host:port` as a URI authority (an IPv6 address in brackets).
@@ -134,41 +163,104 @@ fn authority(host: &str, port: u16) -> String {
 }
 
 impl Clients {
+    /// Clients that call providers in the mesh as `identity`.
+    pub(crate) fn new(identity: Arc<IdentityHolder>) -> Clients {
+        let mut conn = HttpConnector::new();
+        conn.set_nodelay(true);
+        conn.set_connect_timeout(Some(Duration::from_secs(5)));
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(Duration::from_secs(60));
+        Clients {
+            identity,
+            http: b.build(conn),
+            grpc: Mutex::new(HashMap::new()),
+            mesh_http: Mutex::new(HashMap::new()),
+            mesh_grpc: Mutex::new(HashMap::new()),
+            next: AtomicUsize::new(0),
+        }
+    }
+
     /// Ask `p` about `req` (its head; the body is not read). Never fails: a provider that
     /// cannot be asked gives `failOpen`'s answer.
     pub(crate) async fn check<B>(
         &self,
+        cfg: &Config,
         name: &str,
         p: &ExtAuthzProvider,
         req: &Request<B>,
         facts: &Facts<'_>,
     ) -> Answer {
-        self.ask(name, p, Some(req), facts).await
+        self.ask(cfg, name, p, Some(req), facts).await
     }
 
     /// Ask `p` about a TCP connection (Envoy's network ext_authz: the peers, no request).
     /// Only gRPC providers can answer; an HTTP provider denies, naming why.
     pub(crate) async fn check_connection(
         &self,
+        cfg: &Config,
         name: &str,
         p: &ExtAuthzProvider,
         facts: &Facts<'_>,
     ) -> Answer {
-        self.ask(name, p, None::<&Request<()>>, facts).await
+        self.ask(cfg, name, p, None::<&Request<()>>, facts).await
+    }
+
+    /// Where a check to `p` goes under `cfg`: through the mesh when `service:port` is a
+    /// service port of the registry (its endpoints taken in turn), else directly.
+    fn via(&self, cfg: &Config, p: &ExtAuthzProvider) -> Result<Via, String> {
+        let grpc = matches!(p.kind, ExtAuthzKind::Grpc);
+        let Some(all) = cfg
+            .folder
+            .registry
+            .resolve_all(&authority(&p.host, p.port), &cfg.me.namespace)
+        else {
+            return Ok(Via::Direct);
+        };
+        let r = &all[self.next.fetch_add(1, Ordering::Relaxed) % all.len()];
+        let expected = r.workload.spiffe_id(&cfg.folder.trust_domain);
+        let mtls = crate::outbound::originate_mtls(cfg, r.workload, r.port);
+        let alpn = if grpc { Alpn::H2 } else { Alpn::Http1 };
+        let target = Target::new(
+            r.port.inbound,
+            &r.service_host(),
+            r.service_port,
+            expected.clone(),
+            alpn,
+        )?;
+        let key = MeshKey {
+            addr: r.port.inbound,
+            sni: format!("{}:{}", r.service_host(), r.service_port),
+            expected,
+            mtls,
+            grpc,
+        };
+        Ok(Via::Mesh(key, Arc::new(target)))
     }
 
     async fn ask<B>(
         &self,
+        cfg: &Config,
         name: &str,
         p: &ExtAuthzProvider,
         req: Option<&Request<B>>,
         facts: &Facts<'_>,
     ) -> Answer {
-        let asked = match (&p.kind, req) {
-            (ExtAuthzKind::Http(h), Some(req)) => {
-                tokio::time::timeout(p.timeout, self.check_http(p, h, req, facts.path)).await
+        let via = self.via(cfg, p);
+        let shown = match &via {
+            Ok(Via::Mesh(k, _)) => format!(
+                "{} through the mesh, {} {}",
+                authority(&p.host, p.port),
+                if k.mtls { "mTLS to" } else { "plaintext to" },
+                k.expected
+            ),
+            _ => authority(&p.host, p.port),
+        };
+        let asked = match (via, &p.kind, req) {
+            (Err(e), _, _) => Ok(Err(e)),
+            (Ok(via), ExtAuthzKind::Http(h), Some(req)) => {
+                tokio::time::timeout(p.timeout, self.check_http(via, p, h, req, facts.path)).await
             }
-            (ExtAuthzKind::Http(_), None) => {
+            (Ok(_), ExtAuthzKind::Http(_), None) => {
                 return Answer::Deny(Denied {
                     status: 403,
                     headers: Vec::new(),
@@ -178,8 +270,8 @@ impl Clients {
                     ),
                 });
             }
-            (ExtAuthzKind::Grpc, req) => {
-                tokio::time::timeout(p.timeout, self.check_grpc(p, req, facts)).await
+            (Ok(via), ExtAuthzKind::Grpc, req) => {
+                tokio::time::timeout(p.timeout, self.check_grpc(via, p, req, facts)).await
             }
         };
         let failure = match asked {
@@ -187,10 +279,7 @@ impl Clients {
             Ok(Err(e)) => e,
             Err(_) => format!("no answer within {:?}", p.timeout),
         };
-        let why = format!(
-            "extension provider {name:?} ({}) could not be asked: {failure}",
-            authority(&p.host, p.port)
-        );
+        let why = format!("extension provider {name:?} ({shown}) could not be asked: {failure}");
         if p.fail_open {
             Answer::Allow(Changes {
                 failed_open: Some(why),
@@ -208,6 +297,7 @@ impl Clients {
 
     async fn check_http<B>(
         &self,
+        via: Via,
         p: &ExtAuthzProvider,
         h: &ExtAuthzHttp,
         req: &Request<B>,
@@ -243,7 +333,11 @@ impl Clients {
                 heads.insert(k, v);
             }
         }
-        let resp = self.http.request(check).await.map_err(|e| e.to_string())?;
+        let resp = match via {
+            Via::Direct => self.http.request(check).await,
+            Via::Mesh(key, target) => self.mesh_http(key, target).request(check).await,
+        }
+        .map_err(|e| crate::outbound::error_chain(&e))?;
         let (parts, body) = resp.into_parts();
         let status = parts.status.as_u16();
         // As Envoy's HTTP client: a 5xx is the provider failing, not a verdict (its page may
@@ -303,36 +397,80 @@ impl Clients {
         }))
     }
 
-    fn channel(&self, p: &ExtAuthzProvider) -> Result<tonic::transport::Channel, String> {
-        let mut map = self.grpc.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(c) = map.get(&(p.host.clone(), p.port)) {
-            return Ok(c.clone());
+    /// The HTTP client of one provider endpoint in the mesh.
+    fn mesh_http(&self, key: MeshKey, target: Arc<Target>) -> Client<PeerConnector, Full<Bytes>> {
+        let mut map = self.mesh_http.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(c) = map.get(&key) {
+            return c.clone();
         }
-        let c = tonic::transport::Endpoint::from_shared(format!(
-            "http://{}",
-            authority(&p.host, p.port)
-        ))
-        .map_err(|e| e.to_string())?
-        .connect_timeout(Duration::from_secs(5))
-        .tcp_nodelay(true)
-        .connect_lazy();
-        map.insert((p.host.clone(), p.port), c.clone());
-        Ok(c)
+        if map.len() >= MAX_MESH_CLIENTS {
+            map.clear();
+        }
+        let connector = PeerConnector {
+            identity: self.identity.clone(),
+            target,
+            mtls: key.mtls,
+        };
+        let mut b = Client::builder(TokioExecutor::new());
+        b.pool_idle_timeout(Duration::from_secs(60));
+        let c = b.build(connector);
+        map.insert(key, c.clone());
+        c
+    }
+
+    fn channel(&self, via: Via, p: &ExtAuthzProvider) -> Result<tonic::transport::Channel, String> {
+        let endpoint = || {
+            tonic::transport::Endpoint::from_shared(format!(
+                "http://{}",
+                authority(&p.host, p.port)
+            ))
+            .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
+            .map_err(|e| e.to_string())
+        };
+        match via {
+            Via::Direct => {
+                let mut map = self.grpc.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(c) = map.get(&(p.host.clone(), p.port)) {
+                    return Ok(c.clone());
+                }
+                let c = endpoint()?.connect_lazy();
+                map.insert((p.host.clone(), p.port), c.clone());
+                Ok(c)
+            }
+            Via::Mesh(key, target) => {
+                let mut map = self.mesh_grpc.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(c) = map.get(&key) {
+                    return Ok(c.clone());
+                }
+                if map.len() >= MAX_MESH_CLIENTS {
+                    map.clear();
+                }
+                let c = endpoint()?.connect_with_connector_lazy(PeerConnector {
+                    identity: self.identity.clone(),
+                    target,
+                    mtls: key.mtls,
+                });
+                map.insert(key, c.clone());
+                Ok(c)
+            }
+        }
     }
 
     async fn check_grpc<B>(
         &self,
+        via: Via,
         p: &ExtAuthzProvider,
         req: Option<&Request<B>>,
         facts: &Facts<'_>,
     ) -> Result<Answer, String> {
-        let mut client = pb::authorization_client::AuthorizationClient::new(self.channel(p)?);
-        let resp = client
-            .check(check_request(req, facts))
-            .await
-            .map_err(|s| format!("gRPC {:?}: {}", s.code(), s.message()))?
-            .into_inner();
-        Ok(grpc_answer(resp))
+        let mut client = pb::authorization_client::AuthorizationClient::new(self.channel(via, p)?);
+        let resp = client.check(check_request(req, facts)).await.map_err(|s| {
+            let cause = std::error::Error::source(&s)
+                .map(|e| format!(" ({})", crate::outbound::error_chain(e)))
+                .unwrap_or_default();
+            format!("gRPC {:?}: {}{cause}", s.code(), s.message())
+        })?;
+        Ok(grpc_answer(resp.into_inner()))
     }
 }
 
@@ -473,13 +611,16 @@ pub(crate) fn grpc_answer(resp: pb::CheckResponse) -> Answer {
         if let Some(pb::check_response::HttpResponse::OkResponse(ok)) = resp.http_response {
             for o in &ok.headers {
                 if let Some(pair) = header_pair(o) {
-                    // 0 (Envoy's APPEND_IF_EXISTS_OR_ADD) is also what a sender that sets
-                    // only the deprecated `append: false` leaves here; Envoy then sets the
-                    // header, and so does this.
-                    match o.append_action {
-                        1 => c.append.push(pair),  // add only if absent: see `apply`
-                        3 => c.replace.push(pair), // overwrite only if present
-                        _ => c.set.push(pair),
+                    // The deprecated `append`, when present, decides (as in Envoy): true
+                    // joins the value to an existing one, false replaces it. Without it, 0
+                    // (APPEND_IF_EXISTS_OR_ADD, also what a sender that knows neither field
+                    // leaves) sets the header, as Envoy does for this message.
+                    match (o.append, o.append_action) {
+                        (Some(true), _) => c.join.push(pair),
+                        (Some(false), _) => c.set.push(pair),
+                        (None, 1) => c.append.push(pair), // add only if absent: see `apply`
+                        (None, 3) => c.replace.push(pair), // overwrite only if present
+                        (None, _) => c.set.push(pair),
                     }
                 }
             }
@@ -543,6 +684,18 @@ impl Changes {
                 headers.insert(k.clone(), v.clone());
             }
         }
+        for (k, v) in &self.join {
+            let joined = match headers.get(k) {
+                Some(old) => {
+                    let mut b = old.as_bytes().to_vec();
+                    b.push(b',');
+                    b.extend_from_slice(v.as_bytes());
+                    HeaderValue::from_bytes(&b).unwrap_or_else(|_| v.clone())
+                }
+                None => v.clone(),
+            };
+            headers.insert(k.clone(), joined);
+        }
     }
 }
 
@@ -586,9 +739,44 @@ mod tests {
                 value: v.into(),
                 raw_value: Vec::new(),
             }),
+            append: None,
             append_action: action,
             keep_empty_value: false,
         }
+    }
+
+    #[test]
+    fn the_deprecated_append_field_decides_when_present() {
+        let with = |k: &str, v: &str, append: bool| core::HeaderValueOption {
+            append: Some(append),
+            // Ignored beside `append`, as in Envoy.
+            append_action: 1,
+            ..hvo(k, v, 0)
+        };
+        let ok = pb::CheckResponse {
+            status: Some(rampart_proto::google::rpc::Status::default()),
+            http_response: Some(pb::check_response::HttpResponse::OkResponse(
+                pb::OkHttpResponse {
+                    headers: vec![
+                        with("x-list", "two", true),
+                        with("x-new", "one", true),
+                        with("x-keep", "provider", false),
+                    ],
+                    ..Default::default()
+                },
+            )),
+        };
+        let Answer::Allow(c) = grpc_answer(ok) else {
+            panic!("allowed")
+        };
+        let mut h = HeaderMap::new();
+        h.insert("x-list", HeaderValue::from_static("one"));
+        h.insert("x-keep", HeaderValue::from_static("client"));
+        c.apply(&mut h);
+        assert_eq!(h["x-list"], "one,two");
+        assert_eq!(h["x-new"], "one");
+        assert_eq!(h["x-keep"], "provider");
+        assert_eq!(h.get_all("x-list").iter().count(), 1);
     }
 
     #[test]

@@ -568,7 +568,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
             };
             // Boxed: the check's state (an HTTP or gRPC call) would otherwise widen every
             // request's future, CUSTOM or not.
-            match Box::pin(ib.ext_authz.check(&name, provider, &req, &facts)).await {
+            match Box::pin(ib.ext_authz.check(&cfg, &name, provider, &req, &facts)).await {
                 crate::ext_authz::Answer::Deny(denied) => {
                     tracing::warn!(
                         peer = %cx.peer,
@@ -842,7 +842,7 @@ async fn tcp_allowed(
             local_principal: cfg.my_id().to_string(),
             protocol: "",
         };
-        match Box::pin(ib.ext_authz.check_connection(&name, provider, &facts)).await {
+        match Box::pin(ib.ext_authz.check_connection(&cfg, &name, provider, &facts)).await {
             crate::ext_authz::Answer::Allow(changes) => {
                 if let Some(why) = &changes.failed_open {
                     tracing::warn!(peer = %cx.peer, port = cx.port, "{why}; connection allowed (failOpen)");

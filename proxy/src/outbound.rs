@@ -305,7 +305,8 @@ pub(crate) async fn upstream_conn(ob: &Arc<Outbound>, listen: SocketAddr, tcp: T
     upstream_tcp(ob, &cfg, &authority, tcp).await;
 }
 
-fn error_chain(e: &dyn std::error::Error) -> String {
+/// An error and its causes, as one line (a failed mTLS handshake names its reason).
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut msg = e.to_string();
     let mut src = e.source();
     while let Some(s) = src {

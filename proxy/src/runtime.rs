@@ -175,7 +175,7 @@ impl Proxy {
             request_timeout: opts.request_timeout,
             app_h1: client().build(app_conn.clone()),
             app_h2: client().http2_only(true).build(app_conn),
-            ext_authz: crate::ext_authz::Clients::default(),
+            ext_authz: crate::ext_authz::Clients::new(identity.clone()),
             cfg_changed: tokio::sync::watch::Sender::new(0),
         });
         let outbound = Arc::new(Outbound::new(

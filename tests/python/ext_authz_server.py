@@ -9,10 +9,13 @@ flavour Istio's envoyExtAuthzHttp speaks (Python's http.server), with the same r
 - `x-user: crash` (HTTP only) gets 503 with an internal-looking body, as a provider failing;
 - anything else is denied with 418, `x-deny-reason: not alice` and the body `who are you?`;
 - `x-swap-token: T` (gRPC only) is allowed with `authorization: Bearer T` set for the app;
+- `x-user: appender` (gRPC only) is allowed with headers in the deprecated `append` form:
+  `x-list: two` appended, `x-keep: provider` replacing;
 - a TCP connection (gRPC, no HTTP attributes) is allowed when the caller has a SPIFFE ID.
 
 Every check it receives is appended, as one JSON line, to the file named by its third
-argument, so the test can see what the proxy sent.
+argument, so the test can see what the proxy sent (for gRPC, with the `x-forwarded-client-cert`
+metadata a proxy in front of this service added).
 
 Usage: ext_authz_server.py HTTP_PORT GRPC_PORT LOG
 Prints "ready" once both listen.
@@ -28,6 +31,7 @@ import grpc
 from envoy.config.core.v3 import base_pb2
 from envoy.service.auth.v3 import external_auth_pb2, external_auth_pb2_grpc
 from envoy.type.v3 import http_status_pb2
+from google.protobuf import wrappers_pb2
 from google.rpc import code_pb2, status_pb2
 
 HTTP_PORT, GRPC_PORT, LOG = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -107,6 +111,7 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
                 "source_principal": a.source.principal,
                 "source_address": a.source.address.socket_address.address,
                 "destination_principal": a.destination.principal,
+                "xfcc": dict(context.invocation_metadata()).get("x-forwarded-client-cert", ""),
             }
         )
         swap = http.headers.get("x-swap-token")
@@ -119,6 +124,19 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
                 ),
             )
         user = http.headers.get("x-user")
+        if user == "appender":
+            def deprecated(key, value, append):
+                return base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=key, value=value),
+                    append=wrappers_pb2.BoolValue(value=append),
+                )
+
+            return external_auth_pb2.CheckResponse(
+                status=status_pb2.Status(code=code_pb2.OK),
+                ok_response=external_auth_pb2.OkHttpResponse(
+                    headers=[deprecated("x-list", "two", True), deprecated("x-keep", "provider", False)],
+                ),
+            )
         if user in ("alice", "root"):
             return external_auth_pb2.CheckResponse(
                 status=status_pb2.Status(code=code_pb2.OK),

@@ -114,6 +114,10 @@ pub struct HeaderValueOption {
     /// What to add or set.
     #[prost(message, optional, tag = "1")]
     pub header: ::core::option::Option<HeaderValue>,
+    /// Deprecated in favour of `append_action`, still sent by older authorization services: when
+    /// present, true appends to an existing value and false replaces it.
+    #[prost(message, optional, tag = "2")]
+    pub append: ::core::option::Option<bool>,
     /// Add beside existing values (0), add only when absent (1), replace (2), or replace only
     /// when present (3).
     #[prost(int32, tag = "3")]
