@@ -582,6 +582,13 @@ fn kubernetes_flags_are_checked() {
     assert!(err.contains("NAMESPACE/SERVICE_ACCOUNT"), "{err}");
     let err = run(&["--kubernetes", "--jwt-issuer", "x", "--jwks", "/x"]);
     assert!(err.contains("TokenReview"), "{err}");
+    // The ConfigMap name goes into a field selector: nothing that could add a term.
+    let err = run(&[
+        "--kubernetes",
+        "--mesh-configmap",
+        "istio,metadata.namespace=x",
+    ]);
+    assert!(err.contains("--mesh-configmap"), "{err}");
     let dir = tempfile::tempdir().unwrap();
     let err = run(&[
         "--kubernetes",

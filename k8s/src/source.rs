@@ -407,7 +407,8 @@ impl KubeConfigSource {
         // Only the MeshConfig key of Istio's mesh ConfigMap (not meshNetworks and the like).
         out.push(watch_with(
             Api::<ConfigMap>::namespaced(self.client.clone(), &self.settings.root_namespace),
-            watcher::Config::default().fields(&format!("metadata.name={}", MESH_CONFIGMAP.0)),
+            watcher::Config::default()
+                .fields(&format!("metadata.name={}", self.settings.mesh_configmap)),
             Coll::Mesh,
             core("ConfigMap"),
             |cm| {

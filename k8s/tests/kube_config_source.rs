@@ -108,9 +108,17 @@ fn policy(fake: &FakeApi, collection: &str, kind: &str, name: &str, spec: Value)
 }
 
 fn start_source(fake: &FakeApi) -> (Updates, Arc<SourceMetrics>) {
+    start_source_with(fake, |_| {})
+}
+
+fn start_source_with(
+    fake: &FakeApi,
+    change: impl FnOnce(&mut KubeSettings),
+) -> (Updates, Arc<SourceMetrics>) {
     let mut settings = KubeSettings::new(TrustDomain::new(TD).unwrap());
     settings.proxy_outbound = None;
     settings.proxy_admin = None;
+    change(&mut settings);
     let src =
         KubeConfigSource::new(fake.client(), settings).with_debounce(Duration::from_millis(50));
     let metrics = src.metrics();
@@ -913,4 +921,36 @@ async fn a_mesh_configmap_broken_at_start_gives_no_snapshot_until_fixed() {
         snap.mesh.path_normalization,
         rampart_authz::PathNormalization::MergeSlashes
     );
+}
+
+/// A revisioned istiod reads `istio-<revision>`: with `mesh_configmap` naming it, that
+/// ConfigMap is the mesh config and the default revision's `istio` is not.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_revisioned_mesh_configmap_is_read_when_named() {
+    let _ = logs();
+    let fake = FakeApi::new();
+    namespace(&fake, "api");
+    let cms = "/api/v1/namespaces/istio-system/configmaps";
+    let mesh_cm = |name: &str, provider: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": name, "namespace": "istio-system"},
+            "data": {"mesh": format!("extensionProviders:\n- name: {provider}\n  envoyExtAuthzGrpc: {{service: opa.opa.svc.cluster.local, port: 9191}}\n")}})
+    };
+    fake.put(cms, mesh_cm("istio", "from-default"));
+    fake.put(cms, mesh_cm("istio-canary", "from-canary"));
+    let (mut source, _) = start_source_with(&fake, |s| s.mesh_configmap = "istio-canary".into());
+    let names = |s: &MeshFolder| -> Vec<String> {
+        s.mesh
+            .extension_providers
+            .iter()
+            .map(|p| p.name.clone())
+            .collect()
+    };
+    let snap = snapshot_where(&mut source, |s| !s.mesh.extension_providers.is_empty()).await;
+    assert_eq!(names(&snap), ["from-canary"]);
+    // An edit of the default revision's ConfigMap changes nothing; one of the named does.
+    fake.put(cms, mesh_cm("istio", "edited-default"));
+    fake.put(cms, mesh_cm("istio-canary", "edited-canary"));
+    let snap = snapshot_where(&mut source, |s| names(s) != ["from-canary"]).await;
+    assert_eq!(names(&snap), ["edited-canary"]);
 }

@@ -57,11 +57,14 @@ pub struct KubeSettings {
     pub proxy_outbound: Option<SocketAddr>,
     /// Every Pod's admin listener unless its [`ANNOTATION_ADMIN`] says otherwise.
     pub proxy_admin: Option<SocketAddr>,
+    /// The name of Istio's mesh config ConfigMap in the root namespace: `istio`, or a
+    /// revisioned istiod's `istio-<revision>`.
+    pub mesh_configmap: String,
 }
 
 impl KubeSettings {
     /// Istio's defaults for trust domain `td`: root namespace `istio-system`, outbound
-    /// `127.0.0.1:15001`, admin `127.0.0.1:15000`.
+    /// `127.0.0.1:15001`, admin `127.0.0.1:15000`, mesh config ConfigMap `istio`.
     pub fn new(td: TrustDomain) -> KubeSettings {
         KubeSettings {
             trust_domain: td,
@@ -70,6 +73,7 @@ impl KubeSettings {
             local: LocalSettings::default(),
             proxy_outbound: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15001)),
             proxy_admin: Some(SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 15000)),
+            mesh_configmap: MESH_CONFIGMAP.0.into(),
         }
     }
 }
@@ -92,7 +96,9 @@ pub struct KubeObjects {
     pub mesh: Option<MeshConfig>,
 }
 
-/// Istio's mesh config ConfigMap in the root namespace, and its key holding the MeshConfig.
+/// Istio's mesh config ConfigMap in the root namespace (the default name: a revisioned
+/// istiod reads `istio-<revision>`, [`KubeSettings::mesh_configmap`]), and its key holding
+/// the MeshConfig.
 pub const MESH_CONFIGMAP: (&str, &str) = ("istio", "mesh");
 
 /// One object left out of the snapshot: which, and why.

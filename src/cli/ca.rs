@@ -263,6 +263,15 @@ struct KubeArgs {
         requires = "kubernetes"
     )]
     root_namespace: String,
+    /// Istio's mesh config ConfigMap in --root-namespace (its `mesh` key: path normalization,
+    /// extension providers): `istio`, or `istio-<revision>` to follow a revisioned istiod.
+    #[arg(
+        long,
+        value_name = "NAME",
+        default_value = rampart_mesh::kube::MESH_CONFIGMAP.0,
+        requires = "kubernetes"
+    )]
+    mesh_configmap: String,
 }
 
 /// Kubernetes mode's settings, checked.
@@ -274,6 +283,7 @@ struct KubeMode {
     audience: String,
     publish_interval: Duration,
     root_namespace: String,
+    mesh_configmap: String,
 }
 
 #[derive(Debug, clap::Args)]
@@ -361,6 +371,19 @@ impl RunArgs {
         if k.root_namespace.is_empty() {
             return Err(super::bad_input("--root-namespace must not be empty"));
         }
+        // A field selector value: a ConfigMap name (DNS subdomain), nothing that could add a
+        // selector term.
+        let cm = &k.mesh_configmap;
+        if cm.is_empty()
+            || cm.len() > 253
+            || !cm
+                .bytes()
+                .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-' || b == b'.')
+        {
+            return Err(super::bad_input(format!(
+                "--mesh-configmap {cm:?}: not a ConfigMap name (lower-case letters, digits, '-', '.')"
+            )));
+        }
         Ok(Some(KubeMode {
             kubeconfig: k.kubeconfig.clone(),
             namespace,
@@ -372,6 +395,7 @@ impl RunArgs {
                 .unwrap_or_else(|| self.audience.clone()),
             publish_interval: k.root_publish_interval.max(Duration::from_millis(100)),
             root_namespace: k.root_namespace.clone(),
+            mesh_configmap: k.mesh_configmap.clone(),
         }))
     }
 
@@ -695,6 +719,7 @@ async fn start_in_kubernetes(
     ));
     let mut settings = rampart_mesh::kube::KubeSettings::new(cfg.trust_domain.clone());
     settings.root_namespace = k.root_namespace.clone();
+    settings.mesh_configmap = k.mesh_configmap.clone();
     // Whether this replica holds the Lease, as of its last tick: the holder also writes a
     // renewed self-signed root back to istio-ca-secret and keeps the injection webhook's
     // caBundle.
