@@ -129,7 +129,8 @@ impl Mesh {
         std::fs::create_dir_all(mesh.join("policy")).unwrap();
         let (in_b, in_t, admin_b) = (free_port(), free_port(), free_port());
         let (app_f, in_f, out_f, admin_f) = (free_port(), free_port(), free_port(), free_port());
-        let (http_p, grpc_p, closed) = (free_port(), free_port(), free_port());
+        let (http_p, grpc_p, closed, closed2) =
+            (free_port(), free_port(), free_port(), free_port());
         let (in_ah, in_ag, admin_a) = (free_port(), free_port(), free_port());
         let checks = wp.join("checks.jsonl");
         std::fs::write(&checks, "").unwrap();
@@ -213,6 +214,10 @@ extensionProviders:
   envoyExtAuthzGrpc: {{service: authz/authz.authz.svc.cluster.local, port: 9191}}
 - name: strict-in-plaintext
   envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {in_ag}}}
+- name: mesh-no-port
+  envoyExtAuthzGrpc: {{service: authz.authz.svc.cluster.local, port: 7777}}
+- name: beside-the-app
+  envoyExtAuthzGrpc: {{service: localhost, port: {grpc_p}}}
 "#
             ),
         )
@@ -239,6 +244,12 @@ extensionProviders:
   - {{port: 8000, protocol: http, app: "127.0.0.1:{http_p}", inbound: "127.0.0.1:{in_ah}"}}
   - {{port: 9191, protocol: grpc, app: "127.0.0.1:{grpc_p}", inbound: "127.0.0.1:{in_ag}"}}
   proxy: {{admin: "127.0.0.1:{admin_a}"}}
+# A workload named `localhost` in the backend's namespace: a provider at `localhost` is the
+# one beside the app, never this.
+- name: localhost
+  namespace: api
+  ports:
+  - {{port: {grpc_p}, protocol: grpc, app: "127.0.0.1:{closed}", inbound: "127.0.0.1:{closed2}"}}
 "#
             ),
         )
@@ -696,6 +707,23 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
         m.logs()
     );
 
+    // A registry host with no endpoint serving the port: an error (statusOnError), never a
+    // call outside the mesh.
+    let before = m.checks().len();
+    m.use_provider("mesh-no-port", |m| {
+        m.get("/guarded/m", &alice).status == 403
+            && m.logs().contains("no endpoint of it serves port 7777")
+    });
+    assert_eq!(m.checks().len(), before);
+    // `localhost` is the provider beside the app, even with a workload of that name in the
+    // caller's namespace.
+    m.use_provider("beside-the-app", |m| {
+        m.get("/guarded/m", &alice).status == 200
+    });
+    let c = m.checks().pop().unwrap();
+    assert_eq!(c["kind"], "grpc");
+    assert_eq!(c["xfcc"], "", "called directly, not through a proxy: {c}");
+
     // --- failures ---
     // Unreachable, not failOpen: statusOnError.
     m.use_provider("down-closed", |m| m.get("/guarded/c", &alice).status == 503);
@@ -878,7 +906,15 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
         // The deprecated `append` of a gRPC answer (the HTTP provider denies `appender`).
         (
             "/guarded/a",
-            &["x-user: appender", "x-list: one", "x-keep: client"],
+            &[
+                "x-user: appender",
+                "x-list: one",
+                "x-list: 1b",
+                "x-keep: client",
+                "cookie: a=1",
+                "cookie: b=2",
+                "x-empty: kept",
+            ],
         ),
     ];
     for (provider, port) in [("authz-http", http_l), ("authz-grpc", grpc_l)] {
@@ -912,7 +948,16 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
                 // (Not `authorization`: the backend's RequestAuthentication removes a verified
                 // token, Istio's default `forwardOriginalToken: false`; this Envoy has no
                 // jwt_authn.)
-                for h in ["x-authz-user", "x-secret", "x-user", "x-list", "x-keep"] {
+                for h in [
+                    "x-authz-user",
+                    "x-secret",
+                    "x-user",
+                    "x-list",
+                    "x-keep",
+                    "x-absent",
+                    "cookie",
+                    "x-empty",
+                ] {
                     assert_eq!(
                         a["headers"].get(h),
                         b["headers"].get(h),

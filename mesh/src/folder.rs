@@ -322,19 +322,20 @@ impl Registry {
             .next()
     }
 
+    /// Whether the host of `authority` is a service or workload of the registry, whatever
+    /// its ports and endpoints: a caller that finds no destination for such a host knows it is
+    /// a mesh host with nothing serving, not one outside the mesh.
+    pub fn names_host(&self, authority: &str, from_namespace: &str) -> bool {
+        name_ns_port(authority, from_namespace).is_some_and(|(name, ns, _)| {
+            self.service(&ns, &name).is_some() || self.get(&ns, &name).is_some()
+        })
+    }
+
     /// Every destination of an authority, in preference order (a service's endpoints that
     /// serve its target port; a workload alone); `None` when there is none.
     pub fn resolve_all(&self, authority: &str, from_namespace: &str) -> Option<Vec<Resolved<'_>>> {
-        let (host, port) = split_host_port(authority)?;
-        let host = host.trim_end_matches('.').to_ascii_lowercase();
-        let parts: Vec<&str> = host.split('.').collect();
-        let (name, ns) = match parts.as_slice() {
-            [name] => (*name, from_namespace),
-            [name, ns] | [name, ns, "svc"] => (*name, *ns),
-            [name, ns, "svc", rest @ ..] if rest.join(".") == CLUSTER_DOMAIN => (*name, *ns),
-            _ => return None,
-        };
-        let port = port.unwrap_or(80);
+        let (name, ns, port) = name_ns_port(authority, from_namespace)?;
+        let (name, ns) = (name.as_str(), ns.as_str());
         if let Some(svc) = self.service(ns, name) {
             let sp = *svc.port(port)?;
             let found: Vec<Resolved<'_>> = svc
@@ -366,6 +367,21 @@ impl Registry {
             service_port: port,
         }])
     }
+}
+
+/// The `(name, namespace, port)` an authority names in the registry's terms (`name`,
+/// `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`; port 80 when absent).
+fn name_ns_port(authority: &str, from_namespace: &str) -> Option<(String, String, u16)> {
+    let (host, port) = split_host_port(authority)?;
+    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let parts: Vec<&str> = host.split('.').collect();
+    let (name, ns) = match parts.as_slice() {
+        [name] => (*name, from_namespace),
+        [name, ns] | [name, ns, "svc"] => (*name, *ns),
+        [name, ns, "svc", rest @ ..] if rest.join(".") == CLUSTER_DOMAIN => (*name, *ns),
+        _ => return None,
+    };
+    Some((name.to_string(), ns.to_string(), port.unwrap_or(80)))
 }
 
 /// Split `host[:port]` (IPv6 literals in brackets); `None` when the port is not a number.

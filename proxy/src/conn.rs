@@ -201,6 +201,9 @@ pub(crate) struct PeerConnector {
     pub(crate) identity: Arc<IdentityHolder>,
     pub(crate) target: Arc<Target>,
     pub(crate) mtls: bool,
+    /// Longest wait for the connection and its handshake (`None`: the caller's own deadline
+    /// bounds it).
+    pub(crate) connect_timeout: Option<std::time::Duration>,
 }
 
 impl tower::Service<http::Uri> for PeerConnector {
@@ -215,7 +218,16 @@ impl tower::Service<http::Uri> for PeerConnector {
     fn call(&mut self, _: http::Uri) -> Self::Future {
         let me = self.clone();
         Box::pin(async move {
-            let s = PeerStream::connect(&me.identity, &me.target, me.mtls).await?;
+            let connecting = PeerStream::connect(&me.identity, &me.target, me.mtls);
+            let s = match me.connect_timeout {
+                Some(t) => tokio::time::timeout(t, connecting).await.map_err(|_| {
+                    format!(
+                        "connect and handshake with {} took over {t:?}",
+                        me.target.addr
+                    )
+                })??,
+                None => connecting.await?,
+            };
             let h2 = match &s {
                 PeerStream::Mtls(t) => {
                     crate::identity::is_h2(t.get_ref().get_ref().1.alpn_protocol())

@@ -19,7 +19,6 @@
 
 use std::collections::HashMap;
 use std::net::{IpAddr, SocketAddr};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -85,8 +84,8 @@ pub(crate) struct Changes {
     pub(crate) append: Vec<(HeaderName, HeaderValue)>,
     /// Set on the request only when it has such a header.
     pub(crate) replace: Vec<(HeaderName, HeaderValue)>,
-    /// Joined (`,`) to the request's value of such a header, or added when it has none (the
-    /// deprecated `append: true`).
+    /// Joined to the first value of such a header of the request, if it has one (the
+    /// deprecated `append: true`; see `join_first`).
     pub(crate) join: Vec<(HeaderName, HeaderValue)>,
     /// Removed from the request.
     pub(crate) remove: Vec<HeaderName>,
@@ -120,7 +119,10 @@ pub(crate) struct Facts<'a> {
 
 /// Most mesh destinations (provider endpoints) kept with a client; past it the table starts
 /// again (endpoints come and go with the registry).
-const MAX_MESH_CLIENTS: usize = 64;
+const MAX_MESH_CLIENTS: usize = 256;
+
+/// Longest wait for a provider connection (TCP, and the mTLS handshake in the mesh).
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 /// One provider endpoint in the mesh, as dialed: address, SNI, expected identity, whether
 /// mTLS, and the protocol.
@@ -150,8 +152,16 @@ pub(crate) struct Clients {
     grpc: Mutex<HashMap<(String, u16), tonic::transport::Channel>>,
     mesh_http: Mutex<HashMap<MeshKey, Client<PeerConnector, Full<Bytes>>>>,
     mesh_grpc: Mutex<HashMap<MeshKey, tonic::transport::Channel>>,
-    /// Turns through a provider service's endpoints.
-    next: AtomicUsize,
+    /// Turns through each provider's endpoints (by `service:port`).
+    next: Mutex<HashMap<String, usize>>,
+}
+
+/// Whether `host` may name a mesh service: not an IP address, not `localhost`, and with a
+/// dot (a single label would be looked up in the caller's own namespace).
+fn mesh_candidate(host: &str) -> bool {
+    let h = host.trim_end_matches('.');
+    let bare = h.trim_start_matches('[').trim_end_matches(']');
+    bare.parse::<IpAddr>().is_err() && !h.eq_ignore_ascii_case("localhost") && h.contains('.')
 }
 
 /// `host:port` as a URI authority (an IPv6 address in brackets).
@@ -167,7 +177,7 @@ impl Clients {
     pub(crate) fn new(identity: Arc<IdentityHolder>) -> Clients {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
-        conn.set_connect_timeout(Some(Duration::from_secs(5)));
+        conn.set_connect_timeout(Some(CONNECT_TIMEOUT));
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_idle_timeout(Duration::from_secs(60));
         Clients {
@@ -176,7 +186,7 @@ impl Clients {
             grpc: Mutex::new(HashMap::new()),
             mesh_http: Mutex::new(HashMap::new()),
             mesh_grpc: Mutex::new(HashMap::new()),
-            next: AtomicUsize::new(0),
+            next: Mutex::new(HashMap::new()),
         }
     }
 
@@ -206,17 +216,37 @@ impl Clients {
     }
 
     /// Where a check to `p` goes under `cfg`: through the mesh when `service:port` is a
-    /// service port of the registry (its endpoints taken in turn), else directly.
+    /// service port of the registry (its endpoints taken in turn), else directly. Loopback,
+    /// IP addresses and single labels are never looked up in the registry: a Service named
+    /// `localhost` in the caller's namespace must not receive the checks of a provider beside
+    /// the app. A registry host with nothing serving the port is an error, never a plaintext
+    /// call to whatever the name resolves to.
     fn via(&self, cfg: &Config, p: &ExtAuthzProvider) -> Result<Via, String> {
         let grpc = matches!(p.kind, ExtAuthzKind::Grpc);
-        let Some(all) = cfg
-            .folder
-            .registry
-            .resolve_all(&authority(&p.host, p.port), &cfg.me.namespace)
-        else {
+        if !mesh_candidate(&p.host) {
+            return Ok(Via::Direct);
+        }
+        let registry = &cfg.folder.registry;
+        let hp = authority(&p.host, p.port);
+        let Some(all) = registry.resolve_all(&hp, &cfg.me.namespace) else {
+            if registry.names_host(&hp, &cfg.me.namespace) {
+                return Err(format!(
+                    "{hp} is a host of the mesh registry, but no endpoint of it serves port {} (not called outside the mesh)",
+                    p.port
+                ));
+            }
             return Ok(Via::Direct);
         };
-        let r = &all[self.next.fetch_add(1, Ordering::Relaxed) % all.len()];
+        let turn = {
+            let mut next = self.next.lock().unwrap_or_else(|e| e.into_inner());
+            if next.len() >= MAX_MESH_CLIENTS && !next.contains_key(&hp) {
+                next.clear();
+            }
+            let n = next.entry(hp).or_insert(0);
+            *n = n.wrapping_add(1);
+            *n
+        };
+        let r = &all[turn % all.len()];
         let expected = r.workload.spiffe_id(&cfg.folder.trust_domain);
         let mtls = crate::outbound::originate_mtls(cfg, r.workload, r.port);
         let alpn = if grpc { Alpn::H2 } else { Alpn::Http1 };
@@ -410,6 +440,7 @@ impl Clients {
             identity: self.identity.clone(),
             target,
             mtls: key.mtls,
+            connect_timeout: Some(CONNECT_TIMEOUT),
         };
         let mut b = Client::builder(TokioExecutor::new());
         b.pool_idle_timeout(Duration::from_secs(60));
@@ -424,7 +455,7 @@ impl Clients {
                 "http://{}",
                 authority(&p.host, p.port)
             ))
-            .map(|e| e.connect_timeout(Duration::from_secs(5)).tcp_nodelay(true))
+            .map(|e| e.connect_timeout(CONNECT_TIMEOUT).tcp_nodelay(true))
             .map_err(|e| e.to_string())
         };
         match via {
@@ -449,6 +480,7 @@ impl Clients {
                     identity: self.identity.clone(),
                     target,
                     mtls: key.mtls,
+                    connect_timeout: Some(CONNECT_TIMEOUT),
                 });
                 map.insert(key, c.clone());
                 Ok(c)
@@ -685,17 +717,34 @@ impl Changes {
             }
         }
         for (k, v) in &self.join {
-            let joined = match headers.get(k) {
-                Some(old) => {
-                    let mut b = old.as_bytes().to_vec();
-                    b.push(b',');
-                    b.extend_from_slice(v.as_bytes());
-                    HeaderValue::from_bytes(&b).unwrap_or_else(|_| v.clone())
-                }
-                None => v.clone(),
-            };
-            headers.insert(k.clone(), joined);
+            join_first(headers, k, v);
         }
+    }
+}
+
+/// Envoy's append to a request header (the deprecated `append: true`): `v` joined to the
+/// first value of `k` (`; ` for cookies, `,` otherwise), the other values kept; nothing for an
+/// empty `v`, and nothing when the request has no `k` (Envoy appends only to a header that is
+/// there).
+fn join_first(headers: &mut HeaderMap, k: &HeaderName, v: &HeaderValue) {
+    if v.is_empty() {
+        return;
+    }
+    let mut all: Vec<HeaderValue> = headers.get_all(k).iter().cloned().collect();
+    let Some(first) = all.first_mut() else {
+        return;
+    };
+    let sep: &[u8] = if k == header::COOKIE { b"; " } else { b"," };
+    let mut b = first.as_bytes().to_vec();
+    b.extend_from_slice(sep);
+    b.extend_from_slice(v.as_bytes());
+    // Both parts are valid header values, so their join is one.
+    if let Ok(joined) = HeaderValue::from_bytes(&b) {
+        *first = joined;
+    }
+    headers.remove(k);
+    for value in all {
+        headers.append(k.clone(), value);
     }
 }
 
@@ -711,7 +760,14 @@ pub(crate) fn fuzz_answer(data: &[u8]) -> Option<bool> {
             h.insert(header::AUTHORIZATION, HeaderValue::from_static("Bearer t"));
             c.apply(&mut h);
             assert_eq!(h.get(header::HOST).map(|v| v.as_bytes()), Some(&b"app"[..]));
-            for (k, _) in c.set.iter().chain(&c.append).chain(&c.response) {
+            for (k, _) in c
+                .set
+                .iter()
+                .chain(&c.append)
+                .chain(&c.replace)
+                .chain(&c.join)
+                .chain(&c.response)
+            {
                 assert!(!ANSWER_ONLY.contains(&k.as_str()), "{k} passed");
             }
             true
@@ -746,6 +802,24 @@ mod tests {
     }
 
     #[test]
+    fn only_dotted_names_are_looked_up_in_the_registry() {
+        for h in ["authz.authz.svc.cluster.local", "opa.opa", "opa.opa."] {
+            assert!(mesh_candidate(h), "{h}");
+        }
+        for h in [
+            "localhost",
+            "LOCALHOST.",
+            "127.0.0.1",
+            "::1",
+            "[::1]",
+            "opa",
+            "10.0.0.1",
+        ] {
+            assert!(!mesh_candidate(h), "{h}");
+        }
+    }
+
+    #[test]
     fn the_deprecated_append_field_decides_when_present() {
         let with = |k: &str, v: &str, append: bool| core::HeaderValueOption {
             append: Some(append),
@@ -774,9 +848,37 @@ mod tests {
         h.insert("x-keep", HeaderValue::from_static("client"));
         c.apply(&mut h);
         assert_eq!(h["x-list"], "one,two");
-        assert_eq!(h["x-new"], "one");
+        assert!(
+            h.get("x-new").is_none(),
+            "appends only to a header that is there"
+        );
         assert_eq!(h["x-keep"], "provider");
         assert_eq!(h.get_all("x-list").iter().count(), 1);
+        // Only the first of repeated values is joined; a cookie with `; `; empty: nothing.
+        let mut h = HeaderMap::new();
+        h.append("x-list", HeaderValue::from_static("one"));
+        h.append("x-list", HeaderValue::from_static("1b"));
+        h.insert("cookie", HeaderValue::from_static("a=1"));
+        h.insert("x-e", HeaderValue::from_static("v"));
+        let c = Changes {
+            join: vec![
+                (
+                    HeaderName::from_static("x-list"),
+                    HeaderValue::from_static("two"),
+                ),
+                (
+                    HeaderName::from_static("cookie"),
+                    HeaderValue::from_static("c=3"),
+                ),
+                (HeaderName::from_static("x-e"), HeaderValue::from_static("")),
+            ],
+            ..Changes::default()
+        };
+        c.apply(&mut h);
+        let list: Vec<_> = h.get_all("x-list").iter().collect();
+        assert_eq!(list, ["one,two", "1b"]);
+        assert_eq!(h["cookie"], "a=1; c=3");
+        assert_eq!(h["x-e"], "v");
     }
 
     #[test]

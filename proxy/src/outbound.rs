@@ -235,6 +235,7 @@ impl Outbound {
                         identity: self.identity.clone(),
                         target: target.clone(),
                         mtls,
+                        connect_timeout: None,
                     };
                     let mut b = Client::builder(TokioExecutor::new());
                     b.pool_idle_timeout(Duration::from_secs(60));

@@ -10,7 +10,8 @@ flavour Istio's envoyExtAuthzHttp speaks (Python's http.server), with the same r
 - anything else is denied with 418, `x-deny-reason: not alice` and the body `who are you?`;
 - `x-swap-token: T` (gRPC only) is allowed with `authorization: Bearer T` set for the app;
 - `x-user: appender` (gRPC only) is allowed with headers in the deprecated `append` form:
-  `x-list: two` appended, `x-keep: provider` replacing;
+  `x-list: two`, `x-absent: one`, `cookie: c=3` and an empty `x-empty` appended,
+  `x-keep: provider` replacing;
 - a TCP connection (gRPC, no HTTP attributes) is allowed when the caller has a SPIFFE ID.
 
 Every check it receives is appended, as one JSON line, to the file named by its third
@@ -134,7 +135,13 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
             return external_auth_pb2.CheckResponse(
                 status=status_pb2.Status(code=code_pb2.OK),
                 ok_response=external_auth_pb2.OkHttpResponse(
-                    headers=[deprecated("x-list", "two", True), deprecated("x-keep", "provider", False)],
+                    headers=[
+                        deprecated("x-list", "two", True),
+                        deprecated("x-keep", "provider", False),
+                        deprecated("x-absent", "one", True),
+                        deprecated("cookie", "c=3", True),
+                        deprecated("x-empty", "", True),
+                    ],
                 ),
             )
         if user in ("alice", "root"):
