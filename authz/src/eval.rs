@@ -24,6 +24,15 @@ pub trait ExtAuthz {
     fn check(&self, provider: &str, workload: &Workload, ctx: &RequestContext) -> bool;
 }
 
+/// The provider already allowed this request (CUSTOM runs once, before authentication).
+struct Answered;
+
+impl ExtAuthz for Answered {
+    fn check(&self, _: &str, _: &Workload, _: &RequestContext) -> bool {
+        true
+    }
+}
+
 /// No extension provider is reachable: every CUSTOM check denies (fail closed).
 #[derive(Debug, Clone, Copy, Default)]
 pub struct NoExtAuthz;
@@ -169,10 +178,13 @@ impl Engine {
             .output_headers(&self.mesh.root_namespace, workload)
     }
 
-    /// Authentication then authorization for one request, as the proxy runs them: a rejected
-    /// token answers 401/403 before any AuthorizationPolicy; otherwise the verified claims (if
-    /// any) feed `requestPrincipals`/`request.auth.*`, and on allow the decision carries the
-    /// JWT header mutations. `ctx.jwt` is overwritten.
+    /// One request through every stage, in the order of an Istio sidecar's filters: CUSTOM
+    /// first, on the request as sent (ext_authz runs before jwt_authn, so a provider's
+    /// denial answers before any token is looked at, and the provider is asked once); then
+    /// authentication, where a rejected token answers 401/403 before any other
+    /// AuthorizationPolicy; then DENY and ALLOW, with the verified claims (if any) feeding
+    /// `requestPrincipals`/`request.auth.*`. On allow the decision carries the JWT header
+    /// mutations. `ctx.jwt` is overwritten.
     pub fn check(
         &self,
         workload: &Workload,
@@ -181,6 +193,19 @@ impl Engine {
         keys: &dyn JwksSource,
         ext: &dyn ExtAuthz,
     ) -> Decision {
+        let mut ext = ext;
+        if self.has_custom(workload) {
+            let mut sent = ctx.clone();
+            sent.jwt = None;
+            let d = self.authorize_with(workload, &sent, ext);
+            if matches!(
+                d.reason_code,
+                ReasonCode::CustomDenied | ReasonCode::CustomProviderInvalid
+            ) {
+                return d;
+            }
+            ext = &Answered;
+        }
         let Some(http) = &ctx.http else {
             let mut c = ctx.clone();
             c.jwt = None;

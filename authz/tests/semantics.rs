@@ -801,6 +801,47 @@ fn custom_requires_a_known_provider_and_fails_closed() {
         e.authorize_with(&httpbin(), &r.0, &Ext(true)).reason_code,
         ReasonCode::DenyMatched
     );
+    // check() runs CUSTOM first, as Istio's sidecar does (ext_authz before jwt_authn): with
+    // a RequestAuthentication and a token that would be rejected, the provider's denial is
+    // the answer...
+    let ra = "apiVersion: security.istio.io/v1\nkind: RequestAuthentication\nmetadata: {name: jwt, namespace: foo}\nspec:\n  selector: {matchLabels: {app: httpbin}}\n  jwtRules:\n  - issuer: https://idp.test\n    jwks: '{\"keys\": []}'\n";
+    let e = engine_with(&format!("{yaml}---\n{ra}"), mesh.clone());
+    let mut bad_token = http("GET", "/ext").0;
+    if let Some(h) = bad_token.http.take() {
+        bad_token.http = Some(h.with_header("authorization", "Bearer not-a-jwt"));
+    }
+    let now = std::time::SystemTime::now();
+    let d = e.check(
+        &httpbin(),
+        &bad_token,
+        now,
+        &rampart_authz::NoRemoteJwks,
+        &Ext(false),
+    );
+    assert_eq!((d.status, d.reason_code), (403, ReasonCode::CustomDenied));
+    // ...and after its allow, the token is judged (401).
+    let d = e.check(
+        &httpbin(),
+        &bad_token,
+        now,
+        &rampart_authz::NoRemoteJwks,
+        &Ext(true),
+    );
+    assert_eq!((d.status, d.reason_code), (401, ReasonCode::JwtInvalid));
+    // A path no CUSTOM rule matches: authentication alone.
+    let mut other = bad_token.clone();
+    if let Some(h) = other.http.as_mut() {
+        h.path = "/other".into();
+    }
+    let d = e.check(
+        &httpbin(),
+        &other,
+        now,
+        &rampart_authz::NoRemoteJwks,
+        &Ext(false),
+    );
+    assert_eq!(d.status, 401);
+
     // Two providers on one workload: fail closed.
     let mesh2 = MeshConfig::from_yaml(
         "extensionProviders:\n- {name: ext, envoyExtAuthzGrpc: {service: a.local, port: 9000}}\n- {name: ext2, envoyExtAuthzGrpc: {service: b.local, port: 9000}}\n",
