@@ -202,7 +202,41 @@ extensionProviders:
   envoyExtAuthzGrpc:
     service: 127.0.0.1
     port: {grpc_p}
-    includeRequestBodyInCheck: {{maxRequestBytes: 1024}}
+    includeRequestBodyInCheck: {{allowPartialMessage: true}}
+- name: parity-http
+  envoyExtAuthzHttp:
+    service: 127.0.0.1
+    port: {http_p}
+    pathPrefix: /check
+    includeRequestHeadersInCheck: [x-user]
+    includeAdditionalHeadersInCheck: {{x-asked-by: rampart}}
+    headersToUpstreamOnAllow: ["x-authz-*"]
+    headersToDownstreamOnAllow: [x-checked]
+    headersToDownstreamOnDeny: [x-deny-reason]
+    includeRequestBodyInCheck: {{maxRequestBytes: 16, allowPartialMessage: true}}
+- name: parity-grpc
+  envoyExtAuthzGrpc:
+    service: 127.0.0.1
+    port: {grpc_p}
+    timeout: 5s
+    includeRequestBodyInCheck: {{maxRequestBytes: 16, allowPartialMessage: true}}
+- name: body-grpc
+  envoyExtAuthzGrpc:
+    service: 127.0.0.1
+    port: {grpc_p}
+    includeRequestBodyInCheck: {{maxRequestBytes: 16, allowPartialMessage: true}}
+- name: body-grpc-bytes
+  envoyExtAuthzGrpc:
+    service: 127.0.0.1
+    port: {grpc_p}
+    includeRequestBodyInCheck: {{maxRequestBytes: 16, packAsBytes: true}}
+- name: body-http
+  envoyExtAuthzHttp:
+    service: 127.0.0.1
+    port: {http_p}
+    includeRequestHeadersInCheck: [x-user]
+    headersToUpstreamOnAllow: ["x-authz-*"]
+    includeRequestBodyInCheck: {{maxRequestBytes: 16}}
 - name: mesh-http
   envoyExtAuthzHttp:
     service: authz.authz.svc.cluster.local
@@ -369,6 +403,23 @@ extensionProviders:
         let proxy = format!("http://127.0.0.1:{}", self.out_f);
         curl(
             &["-x", &proxy, &format!("http://backend.api:8080{path}")],
+            headers,
+            || self.logs(),
+        )
+    }
+
+    /// `POST http://backend.api:8080<path>` with `body`, through the frontend's outbound
+    /// listener.
+    fn post(&self, path: &str, headers: &[&str], body: &str) -> Answer {
+        let proxy = format!("http://127.0.0.1:{}", self.out_f);
+        curl(
+            &[
+                "-x",
+                &proxy,
+                "--data-binary",
+                body,
+                &format!("http://backend.api:8080{path}"),
+            ],
             headers,
             || self.logs(),
         )
@@ -724,6 +775,69 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
     assert_eq!(c["kind"], "grpc");
     assert_eq!(c["xfcc"], "", "called directly, not through a proxy: {c}");
 
+    // --- the body (includeRequestBodyInCheck) ---
+    // gRPC, 16 bytes, partial bodies allowed: a longer body is shown cut and marked, and the
+    // app still gets all of it.
+    let alice_only = ["x-user: alice"];
+    m.use_provider("body-grpc", |m| {
+        m.post("/guarded/p", &alice_only, "0123456789abcdefXYZ")
+            .status
+            == 200
+            && m.checks().last().is_some_and(|c| c["body"] != "")
+    });
+    let app = echoed(&m.post("/guarded/p", &alice_only, "0123456789abcdefXYZ"));
+    assert_eq!(app["body_bytes"], 19, "{app}");
+    let c = m.checks().pop().unwrap();
+    assert_eq!(c["body"], "0123456789abcdef");
+    assert_eq!(c["headers"]["x-envoy-auth-partial-body"], "true");
+    assert_eq!(c["size"], 19);
+    let app = echoed(&m.post("/guarded/p", &alice_only, "short body"));
+    assert_eq!(app["body_bytes"], 10, "{app}");
+    let c = m.checks().pop().unwrap();
+    assert_eq!(c["body"], "short body");
+    assert_eq!(c["headers"]["x-envoy-auth-partial-body"], "false");
+    // A request without a body: nothing held, no mark.
+    echoed(&m.get("/guarded/p", &alice_only));
+    let c = m.checks().pop().unwrap();
+    assert!(
+        c["headers"].get("x-envoy-auth-partial-body").is_none(),
+        "{c}"
+    );
+    // The provider still decides: a denial, the body never reaching the app.
+    assert_eq!(m.post("/guarded/p", &["x-user: bob"], "abc").status, 418);
+    // As bytes (packAsBytes), no partial bodies: too long is 413 before the provider is
+    // asked.
+    m.use_provider("body-grpc-bytes", |m| {
+        m.post("/guarded/p", &alice_only, "0123456789abcdefXYZ")
+            .status
+            == 413
+    });
+    let before = m.checks().len();
+    let a = m.post("/guarded/p", &alice_only, "0123456789abcdefXYZ");
+    assert_eq!((a.status, a.body.as_str()), (413, "Payload Too Large"));
+    assert_eq!(m.checks().len(), before, "a refused body is not shown");
+    let app = echoed(&m.post("/guarded/p", &alice_only, "\u{e9}t\u{e9}"));
+    assert_eq!(app["body_bytes"], 5);
+    let c = m.checks().pop().unwrap();
+    assert_eq!(c["raw_body_hex"], "c3a974c3a9");
+    assert_eq!(c["body"], "");
+    // HTTP: the body is the check's body.
+    m.use_provider("body-http", |m| {
+        m.post("/guarded/p", &alice_only, "abc").status == 200
+            && m.checks().last().is_some_and(|c| c["kind"] == "http")
+    });
+    let app = echoed(&m.post("/guarded/p", &alice_only, "hello body"));
+    assert_eq!(app["body_bytes"], 10);
+    assert_eq!(app["headers"]["x-authz-user"], "alice");
+    let c = m.checks().pop().unwrap();
+    assert_eq!(c["body"], "hello body");
+    assert_eq!(c["headers"]["content-length"], "10");
+    assert_eq!(
+        m.post("/guarded/p", &alice_only, "0123456789abcdefXYZ")
+            .status,
+        413
+    );
+
     // --- failures ---
     // Unreachable, not failOpen: statusOnError.
     m.use_provider("down-closed", |m| m.get("/guarded/c", &alice).status == 503);
@@ -732,7 +846,8 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
     m.use_provider("down-open", |m| {
         m.get("/guarded/c", &["x-user: bob"]).status == 200
     });
-    // A provider Rampart cannot use (it wants the body), and one nobody defined: denied.
+    // A provider Rampart cannot use (a body limit of 0, which Envoy refuses), and one nobody
+    // defined: denied.
     m.use_provider("with-body", |m| {
         let a = m.get("/guarded/c", &alice);
         a.status == 403 && a.body == "RBAC: access denied"
@@ -750,13 +865,13 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
     );
     let logs = m.logs();
     assert!(
-        logs.contains("includeRequestBodyInCheck"),
+        logs.contains("includeRequestBodyInCheck.maxRequestBytes"),
         "the denial names why the provider cannot be used:\n{logs}"
     );
 }
 
 /// A real Envoy configured as istiod configures a sidecar's inbound for the CUSTOM policy
-/// above (the shadow RBAC filter that marks matching requests, then ext_authz enabled by
+/// above with the `parity-*` providers (the shadow RBAC filter that marks matching requests, then ext_authz enabled by
 /// that mark; see `authz-builder/http/custom-*-provider-out*.yaml` in the shared Istio
 /// conformance data), one listener per provider kind, in front of the same app.
 fn envoy_beside(m: &Mesh, http_l: u16, grpc_l: u16) -> support::envoy::Envoy {
@@ -782,6 +897,8 @@ fn envoy_beside(m: &Mesh, http_l: u16, grpc_l: u16) -> support::envoy::Envoy {
         "path": [{"key": "istio_ext_authz_shadow_effective_policy_id"}],
         "value": {"string_match": {"prefix": "istio-ext-authz"}}
     });
+    // As istiod writes `includeRequestBodyInCheck` (the `parity-*` providers).
+    let body = json!({"max_request_bytes": 16, "allow_partial_message": true});
     let pattern = |p: &str| match (p.strip_suffix('*'), p.strip_prefix('*')) {
         (Some(prefix), _) => json!({"prefix": prefix, "ignore_case": true}),
         (_, Some(suffix)) => json!({"suffix": suffix, "ignore_case": true}),
@@ -794,6 +911,7 @@ fn envoy_beside(m: &Mesh, http_l: u16, grpc_l: u16) -> support::envoy::Envoy {
             "transport_api_version": "V3",
             "status_on_error": {"code": "Forbidden"},
             "filter_enabled_metadata": enabled,
+            "with_request_body": body,
             "allowed_headers": {"patterns": [pattern("x-user")]},
             "http_service": {
                 "server_uri": {"uri": format!("http://127.0.0.1:{}", m.http_p), "cluster": "ext-http", "timeout": "10s"},
@@ -814,6 +932,7 @@ fn envoy_beside(m: &Mesh, http_l: u16, grpc_l: u16) -> support::envoy::Envoy {
             "transport_api_version": "V3",
             "status_on_error": {"code": "Forbidden"},
             "filter_enabled_metadata": enabled,
+            "with_request_body": body,
             "grpc_service": {"envoy_grpc": {"cluster_name": "ext-grpc", "authority": "127.0.0.1"}, "timeout": "5s"}
         }
     });
@@ -887,7 +1006,7 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
     // The backend's RequestAuthentication verifies `authorization` (Envoy here has no
     // jwt_authn): a valid token passes both.
     let bearer = format!("authorization: Bearer {}", m.token);
-    let cases: [(&str, &[&str]); 7] = [
+    let cases: [(&str, &[&str], Option<&str>); 10] = [
         (
             "/guarded/a?q=1",
             &[
@@ -896,13 +1015,14 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
                 "x-authz-user: forged",
                 &bearer,
             ],
+            None,
         ),
-        ("/guarded/a", &["x-user: bob", "x-secret: s3cret"]),
-        ("/open/../guarded/x", &["x-user: bob"]),
-        ("/guarded//a", &["x-user: alice"]),
+        ("/guarded/a", &["x-user: bob", "x-secret: s3cret"], None),
+        ("/open/../guarded/x", &["x-user: bob"], None),
+        ("/guarded//a", &["x-user: alice"], None),
         // Repeated headers reach the provider as one value, as Envoy joins them.
-        ("/guarded/a", &["x-user: alice", "x-user: bob"]),
-        ("/open", &["x-user: bob"]),
+        ("/guarded/a", &["x-user: alice", "x-user: bob"], None),
+        ("/open", &["x-user: bob"], None),
         // The deprecated `append` of a gRPC answer (the HTTP provider denies `appender`).
         (
             "/guarded/a",
@@ -915,27 +1035,43 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
                 "cookie: b=2",
                 "x-empty: kept",
             ],
+            None,
         ),
+        // Bodies: cut and marked past 16 bytes, whole below; denied ones too.
+        (
+            "/guarded/a",
+            &["x-user: alice"],
+            Some("0123456789abcdefXYZ"),
+        ),
+        ("/guarded/a", &["x-user: alice"], Some("short")),
+        ("/guarded/a", &["x-user: bob"], Some("0123456789abcdef")),
     ];
-    for (provider, port) in [("authz-http", http_l), ("authz-grpc", grpc_l)] {
-        if provider == "authz-grpc" {
-            m.use_provider(provider, |m| {
-                m.get("/guarded/probe", &["x-user: bob"]).status == 418
-                    && m.checks().last().is_some_and(|c| c["kind"] == "grpc")
-            });
-        }
-        for (path, headers) in cases {
-            let what = format!("{provider} {path} {headers:?}");
+    for (provider, port, kind) in [
+        ("parity-http", http_l, "http"),
+        ("parity-grpc", grpc_l, "grpc"),
+    ] {
+        m.use_provider(provider, |m| {
+            m.post("/guarded/probe", &["x-user: bob"], "probe").status == 418
+                && m.checks()
+                    .last()
+                    .is_some_and(|c| c["kind"] == kind && c["body"] == "probe")
+        });
+        for (path, headers, body) in cases {
+            let what = format!("{provider} {path} {headers:?} {body:?}");
             let before = m.checks().len();
-            let ours = m.get(path, headers);
+            let ours = match body {
+                Some(b) => m.post(path, headers, b),
+                None => m.get(path, headers),
+            };
             let mid = m.checks().len();
             let mut with_host = headers.to_vec();
             with_host.push("host: backend.api:8080");
-            let theirs = curl(
-                &[&format!("http://127.0.0.1:{port}{path}")],
-                &with_host,
-                || envoy.proc.log(),
-            );
+            let url = format!("http://127.0.0.1:{port}{path}");
+            let mut args = vec![url.as_str()];
+            if let Some(b) = body {
+                args.extend(["--data-binary", b]);
+            }
+            let theirs = curl(&args, &with_host, || envoy.proc.log());
             let after = m.checks().len();
             // The client's view.
             assert_eq!(ours.status, theirs.status, "{what}: {}", theirs.body);
@@ -965,6 +1101,7 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
                     );
                 }
                 assert_eq!(a["path"], b["path"], "{what}");
+                assert_eq!(a["body_bytes"], b["body_bytes"], "{what}");
             } else {
                 assert_eq!(ours.body, theirs.body, "{what}");
             }
@@ -975,6 +1112,8 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
                 let (a, b) = (&checks[mid - 1], &checks[after - 1]);
                 assert_eq!(a["method"], b["method"], "{what}");
                 assert_eq!(a["path"], b["path"], "{what}");
+                assert_eq!(a["body"], b["body"], "{what}: provider's body");
+                assert_eq!(a.get("size"), b.get("size"), "{what}: provider's size");
                 for h in [
                     "x-user",
                     "x-secret",
@@ -983,6 +1122,8 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
                     "content-length",
                     "host",
                     ":authority",
+                    "x-envoy-auth-partial-body",
+                    "content-type",
                 ] {
                     assert_eq!(
                         a["headers"].get(h),

@@ -54,6 +54,21 @@ pub struct ExtAuthzProvider {
     pub status_on_error: u16,
     /// HTTP or gRPC, with their own settings.
     pub kind: ExtAuthzKind,
+    /// Send the request body too (`includeRequestBodyInCheck`), or only the head.
+    pub body: Option<ExtAuthzBody>,
+}
+
+/// How much of the request body goes to the service (`includeRequestBodyInCheck`, Envoy's
+/// `with_request_body`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ExtAuthzBody {
+    /// The most bytes held back and sent (`maxRequestBytes`, at least 1).
+    pub max_bytes: u32,
+    /// A longer body is sent cut, marked `x-envoy-auth-partial-body: true`
+    /// (`allowPartialMessage`); without it a longer body is refused with 413.
+    pub allow_partial: bool,
+    /// gRPC: the body goes as bytes (`raw_body`) instead of text (`body`) (`packAsBytes`).
+    pub pack_as_bytes: bool,
 }
 
 /// The protocol of an external authorization service.
@@ -190,17 +205,33 @@ fn parse_ext_authz(raw: &serde_json::Value) -> Result<ExtAuthzProvider, String> 
             .filter(|c| (200..=599).contains(c))
             .ok_or_else(|| format!("{field}.statusOnError {s:?} is not an HTTP status code"))?,
     };
-    // The request body would have to be held back until the provider answers; Rampart does
-    // not do that yet, and a provider that decides on a body it never sees could allow what
-    // it would refuse. Such a provider is unusable: matching requests are denied.
-    if !matches!(
-        spec.get("includeRequestBodyInCheck"),
-        None | Some(Value::Null)
-    ) {
-        return Err(format!(
-            "{field}.includeRequestBodyInCheck: sending the request body to the provider is not supported"
-        ));
-    }
+    let body = match spec.get("includeRequestBodyInCheck") {
+        None | Some(Value::Null) => None,
+        Some(Value::Object(b)) => {
+            let f = format!("{field}.includeRequestBodyInCheck");
+            // Envoy refuses `max_request_bytes: 0` (the listener would not load): a provider
+            // that cannot be configured is unusable, never one that sends no body.
+            let max_bytes = match b.get("maxRequestBytes") {
+                Some(Value::Number(n)) => n.as_u64().and_then(|v| u32::try_from(v).ok()),
+                None | Some(Value::Null) => Some(0),
+                Some(_) => None,
+            }
+            .filter(|m| *m > 0)
+            .ok_or_else(|| format!("{f}.maxRequestBytes must be a number from 1 to 4294967295"))?;
+            Some(ExtAuthzBody {
+                max_bytes,
+                allow_partial: boolean(
+                    b.get("allowPartialMessage"),
+                    "includeRequestBodyInCheck.allowPartialMessage",
+                )?,
+                pack_as_bytes: boolean(
+                    b.get("packAsBytes"),
+                    "includeRequestBodyInCheck.packAsBytes",
+                )?,
+            })
+        }
+        Some(_) => return Err(format!("{field}.includeRequestBodyInCheck: not a mapping")),
+    };
     let kind = if grpc {
         ExtAuthzKind::Grpc
     } else {
@@ -248,6 +279,7 @@ fn parse_ext_authz(raw: &serde_json::Value) -> Result<ExtAuthzProvider, String> 
         fail_open: boolean(spec.get("failOpen"), "failOpen")?,
         status_on_error,
         kind,
+        body,
     })
 }
 
@@ -423,7 +455,9 @@ mod tests {
 - name: no-service
   envoyExtAuthzGrpc: {port: 1}
 - name: body
-  envoyExtAuthzGrpc: {service: x.local, port: 1, includeRequestBodyInCheck: {maxRequestBytes: 10}}
+  envoyExtAuthzGrpc: {service: x.local, port: 1, includeRequestBodyInCheck: {maxRequestBytes: 10, packAsBytes: true}}
+- name: body-zero
+  envoyExtAuthzGrpc: {service: x.local, port: 1, includeRequestBodyInCheck: {allowPartialMessage: true}}
 "#,
         )
         .unwrap();
@@ -452,13 +486,21 @@ mod tests {
             ("bad-prefix", "pathPrefix"),
             ("bad-status", "statusOnError"),
             ("no-service", "service is required"),
-            ("body", "request body"),
+            ("body-zero", "maxRequestBytes"),
             ("short", "fully qualified"),
         ] {
             let e = m.provider(name).unwrap().authz.as_ref().unwrap_err();
             assert!(e.contains(why) && e.contains(name), "{name}: {e}");
         }
         assert!(m.provider("local").unwrap().authz.is_ok());
+        assert_eq!(
+            m.provider("body").unwrap().authz.as_ref().unwrap().body,
+            Some(ExtAuthzBody {
+                max_bytes: 10,
+                allow_partial: false,
+                pack_as_bytes: true
+            })
+        );
         assert!(m.provider("v6").unwrap().authz.is_ok());
         // Kept as written, for snapshots.
         assert_eq!(

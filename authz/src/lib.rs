@@ -34,8 +34,9 @@ pub use validate::{
 pub use self::{
     eval::{Engine, ExtAuthz, NoExtAuthz},
     eval_mesh::{
-        DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, ExtAuthzHttp, ExtAuthzKind, ExtAuthzProvider,
-        MeshConfig, MeshConfigError, MeshExtensionProvider, header_pattern_matches,
+        DEFAULT_ROOT_NAMESPACE, DEFAULT_TRUST_DOMAIN, ExtAuthzBody, ExtAuthzHttp, ExtAuthzKind,
+        ExtAuthzProvider, MeshConfig, MeshConfigError, MeshExtensionProvider,
+        header_pattern_matches,
     },
     eval_request::{HttpRequest, JwtClaims, Peer, Protocol, RequestContext, Workload},
     explain::{

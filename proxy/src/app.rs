@@ -16,12 +16,15 @@
 //! timeout.
 
 use std::net::SocketAddr;
+use std::pin::Pin;
 use std::sync::Mutex;
+use std::task::{Context, Poll, ready};
 use std::time::{Duration, Instant};
 
+use bytes::Bytes;
 use http::uri::{Parts, Uri};
-use http::{HeaderValue, Request, Response, header};
-use hyper::body::Incoming;
+use http::{HeaderMap, HeaderValue, Request, Response, header};
+use hyper::body::{Body, Frame, Incoming, SizeHint};
 use hyper::client::conn::http1;
 use hyper_util::rt::TokioIo;
 use tokio::net::TcpStream;
@@ -32,6 +35,81 @@ use crate::edge::EdgeLimits;
 /// `pool_idle_timeout`): an app closing idle connections after a minute or more (nginx:
 /// 75 s) does not race a request on a connection it is closing.
 pub(crate) const APP_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// A request body on its way to the app: as the client sends it, or with its first bytes
+/// already read (for an extension provider that judges the body) and given back first.
+pub(crate) enum AppBody {
+    /// Read from the client as the app reads it.
+    Streamed(Incoming),
+    /// Partly or wholly read already.
+    Replayed(Box<Replayed>),
+}
+
+/// A body whose first bytes (and, when it ended, its trailers) were read before the app
+/// asked for them.
+#[derive(Default)]
+pub(crate) struct Replayed {
+    pub(crate) head: Bytes,
+    pub(crate) trailers: Option<HeaderMap>,
+    /// The rest, still with the client (`None`: the body ended within `head`).
+    pub(crate) rest: Option<Incoming>,
+}
+
+impl Body for AppBody {
+    type Data = Bytes;
+    type Error = hyper::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, hyper::Error>>> {
+        match self.get_mut() {
+            AppBody::Streamed(b) => Pin::new(b).poll_frame(cx),
+            AppBody::Replayed(r) => {
+                if !r.head.is_empty() {
+                    return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut r.head)))));
+                }
+                if let Some(rest) = r.rest.as_mut() {
+                    match ready!(Pin::new(rest).poll_frame(cx)) {
+                        Some(f) => return Poll::Ready(Some(f)),
+                        None => r.rest = None,
+                    }
+                }
+                Poll::Ready(r.trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            AppBody::Streamed(b) => b.is_end_stream(),
+            AppBody::Replayed(r) => {
+                r.head.is_empty()
+                    && r.trailers.is_none()
+                    && r.rest.as_ref().is_none_or(Body::is_end_stream)
+            }
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        match self {
+            AppBody::Streamed(b) => b.size_hint(),
+            AppBody::Replayed(r) => {
+                let head = r.head.len() as u64;
+                let rest = r
+                    .rest
+                    .as_ref()
+                    .map_or_else(|| SizeHint::with_exact(0), Body::size_hint);
+                let mut h = SizeHint::new();
+                h.set_lower(head + rest.lower());
+                if let Some(u) = rest.upper() {
+                    h.set_upper(head + u);
+                }
+                h
+            }
+        }
+    }
+}
 
 /// Why a request did not reach the app or got no response head.
 #[derive(Debug)]
@@ -51,7 +129,7 @@ impl std::fmt::Display for AppError {
 
 /// A sender kept between requests, and when it was last given a request.
 struct Idle {
-    tx: http1::SendRequest<Incoming>,
+    tx: http1::SendRequest<AppBody>,
     since: Instant,
 }
 
@@ -80,7 +158,7 @@ impl AppConn {
         self.idle.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    fn put(&self, tx: http1::SendRequest<Incoming>) {
+    fn put(&self, tx: http1::SendRequest<AppBody>) {
         *self.idle.lock().unwrap_or_else(|e| e.into_inner()) = Some(Idle {
             tx,
             since: Instant::now(),
@@ -96,7 +174,7 @@ impl AppConn {
     /// Send `req` (absolute-form target naming the app) to the app; its response head.
     pub(crate) async fn send(
         &self,
-        mut req: Request<Incoming>,
+        mut req: Request<AppBody>,
     ) -> Result<Response<Incoming>, AppError> {
         prepare(&mut req);
         let mut idle = self.take();
@@ -131,7 +209,7 @@ impl AppConn {
 
     /// A new connection to the app, its dispatcher running on its own task until the
     /// sender is dropped and nothing is left in flight, or the app closes it.
-    async fn open(&self) -> Result<http1::SendRequest<Incoming>, AppError> {
+    async fn open(&self) -> Result<http1::SendRequest<AppBody>, AppError> {
         let tcp = TcpStream::connect(self.app)
             .await
             .map_err(AppError::Connect)?;
@@ -153,7 +231,7 @@ impl AppConn {
 
 /// The request as the pooled client wrote it to an HTTP/1.1 app: `Host` from the target
 /// when missing, then an origin-form target.
-fn prepare(req: &mut Request<Incoming>) {
+fn prepare<B>(req: &mut Request<B>) {
     if !req.headers().contains_key(header::HOST)
         && let Some(host) = req.uri().host()
     {

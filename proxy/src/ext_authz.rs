@@ -26,14 +26,18 @@ use bytes::Bytes;
 use http::header::{self, HeaderName};
 use http::{HeaderMap, HeaderValue, Method, Request, Uri};
 use http_body_util::{BodyExt as _, Full};
+use hyper::body::{Body as _, Incoming};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use rampart_authz::{ExtAuthzHttp, ExtAuthzKind, ExtAuthzProvider, header_pattern_matches};
+use rampart_authz::{
+    ExtAuthzBody, ExtAuthzHttp, ExtAuthzKind, ExtAuthzProvider, header_pattern_matches,
+};
 use rampart_certs::SpiffeId;
 use rampart_proto::envoy::config::core::v3 as core;
 use rampart_proto::envoy::service::auth::v3 as pb;
 
+use crate::app::{AppBody, Replayed};
 use crate::config::Config;
 use crate::conn::{PeerConnector, Target};
 use crate::identity::{Alpn, IdentityHolder};
@@ -115,6 +119,78 @@ pub(crate) struct Facts<'a> {
     pub(crate) local: Option<SocketAddr>,
     pub(crate) local_principal: String,
     pub(crate) protocol: &'static str,
+    /// The start of the body, for a provider that judges it (`includeRequestBodyInCheck`).
+    pub(crate) body: Option<&'a HeldBody>,
+    /// gRPC: the body as bytes (`raw_body`), not text.
+    pub(crate) pack_as_bytes: bool,
+}
+
+/// What of the request body a provider is shown.
+pub(crate) struct HeldBody {
+    /// At most `maxRequestBytes`.
+    pub(crate) bytes: Bytes,
+    /// Whether the body goes on past `bytes` (`x-envoy-auth-partial-body`).
+    pub(crate) partial: bool,
+}
+
+/// The check request header that says whether the body shown is all of it (Envoy's).
+const PARTIAL_BODY: &str = "x-envoy-auth-partial-body";
+
+/// Why a body could not be held back for the provider: the client's answer instead.
+pub(crate) enum NotHeld {
+    /// Longer than the provider takes, and it takes no partial bodies (413).
+    TooLarge,
+    /// The client broke off (or sent a malformed body).
+    Broken(hyper::Error),
+}
+
+/// Hold back the start of `body` for a provider that judges it, as Envoy's
+/// `with_request_body` does: up to `maxRequestBytes` when partial bodies are allowed (the
+/// provider then sees that much, marked partial if more follows), else all of it, refused
+/// as too large past the limit (at once when `content_length` says so). Returns what the
+/// provider is shown and the body to forward, every byte in order.
+pub(crate) async fn hold_body(
+    mut body: Incoming,
+    content_length: Option<u64>,
+    b: &ExtAuthzBody,
+) -> Result<(HeldBody, AppBody), NotHeld> {
+    let max = b.max_bytes as usize;
+    if !b.allow_partial && content_length.is_some_and(|n| n > max as u64) {
+        return Err(NotHeld::TooLarge);
+    }
+    let mut buf = bytes::BytesMut::new();
+    let mut trailers = None;
+    let mut ended = body.is_end_stream();
+    let full = |buf: &bytes::BytesMut| b.allow_partial && buf.len() >= max;
+    while !ended && !full(&buf) {
+        match body.frame().await {
+            None => ended = true,
+            Some(Err(e)) => return Err(NotHeld::Broken(e)),
+            Some(Ok(f)) => match f.into_data() {
+                Ok(d) => buf.extend_from_slice(&d),
+                Err(f) => {
+                    trailers = f.into_trailers().ok();
+                    ended = true;
+                }
+            },
+        }
+        if !b.allow_partial && buf.len() > max {
+            return Err(NotHeld::TooLarge);
+        }
+    }
+    // A body whose length was given ends with its last byte, before its end is read.
+    ended = ended || body.is_end_stream();
+    let head = buf.freeze();
+    let held = HeldBody {
+        bytes: head.slice(..head.len().min(max)),
+        partial: !ended || head.len() > max,
+    };
+    let replay = Replayed {
+        head,
+        trailers,
+        rest: (!ended).then_some(body),
+    };
+    Ok((held, AppBody::Replayed(Box::new(replay))))
 }
 
 /// Most mesh destinations (provider endpoints) kept with a client; past it the table starts
@@ -288,7 +364,7 @@ impl Clients {
         let asked = match (via, &p.kind, req) {
             (Err(e), _, _) => Ok(Err(e)),
             (Ok(via), ExtAuthzKind::Http(h), Some(req)) => {
-                tokio::time::timeout(p.timeout, self.check_http(via, p, h, req, facts.path)).await
+                tokio::time::timeout(p.timeout, self.check_http(via, p, h, req, facts)).await
             }
             (Ok(_), ExtAuthzKind::Http(_), None) => {
                 return Answer::Deny(Denied {
@@ -331,8 +407,9 @@ impl Clients {
         p: &ExtAuthzProvider,
         h: &ExtAuthzHttp,
         req: &Request<B>,
-        target: &str,
+        facts: &Facts<'_>,
     ) -> Result<Answer, String> {
+        let target = facts.path;
         let uri: Uri = format!(
             "http://{}{}{target}",
             authority(&p.host, p.port),
@@ -340,7 +417,9 @@ impl Clients {
         )
         .parse()
         .map_err(|e| format!("check URI: {e}"))?;
-        let mut check = Request::new(Full::new(Bytes::new()));
+        let body = facts.body.map(|h| h.bytes.clone()).unwrap_or_default();
+        let length = HeaderValue::from(body.len());
+        let mut check = Request::new(Full::new(body));
         *check.method_mut() = req.method().clone();
         *check.uri_mut() = uri;
         let heads = check.headers_mut();
@@ -357,7 +436,13 @@ impl Clients {
                 heads.insert(k.clone(), v);
             }
         }
-        heads.insert(header::CONTENT_LENGTH, HeaderValue::from_static("0"));
+        heads.insert(header::CONTENT_LENGTH, length);
+        if let Some(held) = facts.body {
+            heads.insert(
+                PARTIAL_BODY,
+                HeaderValue::from_static(if held.partial { "true" } else { "false" }),
+            );
+        }
         for (k, v) in &h.additional_headers {
             if let (Ok(k), Ok(v)) = (HeaderName::try_from(k.as_str()), HeaderValue::try_from(v)) {
                 heads.insert(k, v);
@@ -606,6 +691,17 @@ fn http_attributes<B>(req: &Request<B>, facts: &Facts<'_>) -> pb::attribute_cont
                 -1
             },
         );
+    let (mut body, mut raw_body) = (String::new(), Vec::new());
+    if let Some(held) = facts.body {
+        headers.insert(PARTIAL_BODY.into(), held.partial.to_string());
+        if facts.pack_as_bytes {
+            raw_body = held.bytes.to_vec();
+        } else {
+            // A string field: bytes that are not UTF-8 are replaced (packAsBytes sends them
+            // as they are).
+            body = String::from_utf8_lossy(&held.bytes).into_owned();
+        }
+    }
     pb::attribute_context::HttpRequest {
         id: req
             .headers()
@@ -620,6 +716,8 @@ fn http_attributes<B>(req: &Request<B>, facts: &Facts<'_>) -> pb::attribute_cont
         size,
         protocol: facts.protocol.into(),
         headers,
+        body,
+        raw_body,
         ..Default::default()
     }
 }
@@ -973,6 +1071,8 @@ mod tests {
             local: Some("10.0.0.9:8080".parse().unwrap()),
             local_principal: "spiffe://cluster.local/ns/api/sa/shop".into(),
             protocol: "HTTP/1.1",
+            body: None,
+            pack_as_bytes: false,
         };
         let c = check_request(Some(&req), &facts);
         let a = c.attributes.unwrap();
@@ -990,5 +1090,28 @@ mod tests {
         assert_eq!(http.headers[":path"], "/orders?id=1");
         assert_eq!(http.headers[":authority"], "shop.api");
         assert!(!http.headers.contains_key("host"));
+        assert!(http.body.is_empty() && http.raw_body.is_empty());
+        assert!(
+            !http.headers.contains_key(PARTIAL_BODY),
+            "no body held, no mark"
+        );
+
+        // A held body: as text (bytes that are not UTF-8 replaced), or as bytes.
+        let held = HeldBody {
+            bytes: Bytes::from_static(b"{\"a\":1}\xff"),
+            partial: true,
+        };
+        let mut facts = Facts {
+            body: Some(&held),
+            ..facts
+        };
+        let http = http_attributes(&req, &facts);
+        assert_eq!(http.body, "{\"a\":1}\u{fffd}");
+        assert!(http.raw_body.is_empty());
+        assert_eq!(http.headers[PARTIAL_BODY], "true");
+        facts.pack_as_bytes = true;
+        let http = http_attributes(&req, &facts);
+        assert_eq!(http.raw_body, b"{\"a\":1}\xff");
+        assert!(http.body.is_empty());
     }
 }

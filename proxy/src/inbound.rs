@@ -20,7 +20,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::TcpStream;
 use tracing::Instrument as _;
 
-use crate::app::AppConn;
+use crate::app::{AppBody, AppConn};
 use crate::config::Handle;
 use crate::drain::Drain;
 use crate::edge::{Activity, EdgeLimits, Tracked};
@@ -44,8 +44,8 @@ pub(crate) struct Inbound {
     pub(crate) drain: Drain,
     /// Longest wait for the app's response headers.
     pub(crate) request_timeout: Duration,
-    pub(crate) app_h1: Client<HttpConnector, Incoming>,
-    pub(crate) app_h2: Client<HttpConnector, Incoming>,
+    pub(crate) app_h1: Client<HttpConnector, AppBody>,
+    pub(crate) app_h2: Client<HttpConnector, AppBody>,
     /// Clients of the extension providers CUSTOM policies name.
     pub(crate) ext_authz: crate::ext_authz::Clients,
     /// Bumped after every configuration change is in force: established TCP connections
@@ -432,8 +432,9 @@ impl ExtAuthz for Custom {
 
 static XFCC: header::HeaderName = header::HeaderName::from_static("x-forwarded-client-cert");
 
-async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) -> Response<Body> {
+async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Response<Body> {
     let start = Instant::now();
+    let mut req = req.map(AppBody::Streamed);
     let mtls = cx.principal.is_some();
     cx.stats.count(
         if mtls {
@@ -524,7 +525,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
     let mut ext_response: Vec<(header::HeaderName, HeaderValue)> = Vec::new();
     if !cfg.fast_path {
         // Every header the app will receive, none skipped (see `edge::header_text`).
-        let judged = |req: &Request<Incoming>| HttpRequest {
+        let judged = |req: &Request<AppBody>| HttpRequest {
             method: req.method().as_str().to_string(),
             path: raw_path.clone(),
             host: authority_of(req),
@@ -554,6 +555,61 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
             && let Some(name) = custom.asked()
             && let Some(Ok(provider)) = cfg.folder.mesh.provider(&name).map(|p| &p.authz)
         {
+            // A provider that judges the body: its start is held back (up to the
+            // provider's limit) and shown, then forwarded with the rest. Not for a WebSocket
+            // handshake, whose bytes after the head are the connection's, nor for a request
+            // without a body (Envoy's conditions).
+            let mut held = None;
+            if let Some(b) = provider.body
+                && ask != UpgradeAsk::WebSocket
+                && !hyper::body::Body::is_end_stream(req.body())
+                && let AppBody::Streamed(inc) =
+                    std::mem::replace(req.body_mut(), AppBody::Replayed(Box::default()))
+            {
+                let length = req
+                    .headers()
+                    .get(header::CONTENT_LENGTH)
+                    .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
+                let holding = crate::ext_authz::hold_body(inc, length, &b);
+                let (status, text, why) = match tokio::time::timeout(ib.request_timeout, holding)
+                    .await
+                {
+                    Ok(Ok((h, replay))) => {
+                        *req.body_mut() = replay;
+                        held = Some(h);
+                        (0, "", String::new())
+                    }
+                    Ok(Err(crate::ext_authz::NotHeld::TooLarge)) => (
+                        413,
+                        "Payload Too Large",
+                        format!(
+                            "the body is longer than extension provider {name:?} takes ({} bytes, no partial bodies)",
+                            b.max_bytes
+                        ),
+                    ),
+                    Ok(Err(crate::ext_authz::NotHeld::Broken(e))) => {
+                        (400, "Bad Request", format!("reading the body failed: {e}"))
+                    }
+                    Err(_) => (
+                        408,
+                        "request timeout",
+                        "the body did not arrive in time".to_string(),
+                    ),
+                };
+                if status != 0 {
+                    tracing::info!(
+                        peer = %cx.peer,
+                        method = %req.method(),
+                        path = %crate::edge::loggable_path(&raw_path),
+                        status,
+                        policy = %policy,
+                        "request refused: {why}"
+                    );
+                    let (r, g) = denial(status, grpc, text);
+                    cx.series.request(status, g, "-", start.elapsed());
+                    return r;
+                }
+            }
             let facts = crate::ext_authz::Facts {
                 path: &normalized,
                 peer: cx.peer,
@@ -565,6 +621,8 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, mut req: Request<Incoming>) ->
                     Version::HTTP_10 => "HTTP/1.0",
                     _ => "HTTP/1.1",
                 },
+                body: held.as_ref(),
+                pack_as_bytes: provider.body.is_some_and(|b| b.pack_as_bytes),
             };
             // Boxed: the check's state (an HTTP or gRPC call) would otherwise widen every
             // request's future, CUSTOM or not.
@@ -841,6 +899,8 @@ async fn tcp_allowed(
             local: cx.local,
             local_principal: cfg.my_id().to_string(),
             protocol: "",
+            body: None,
+            pack_as_bytes: false,
         };
         match Box::pin(ib.ext_authz.check_connection(&cfg, &name, provider, &facts)).await {
             crate::ext_authz::Answer::Allow(changes) => {

@@ -15,7 +15,7 @@ flavour Istio's envoyExtAuthzHttp speaks (Python's http.server), with the same r
 - a TCP connection (gRPC, no HTTP attributes) is allowed when the caller has a SPIFFE ID.
 
 Every check it receives is appended, as one JSON line, to the file named by its third
-argument, so the test can see what the proxy sent (for gRPC, with the `x-forwarded-client-cert`
+argument, so the test can see what the proxy sent (with the body, when the proxy sent one) (for gRPC, with the `x-forwarded-client-cert`
 metadata a proxy in front of this service added).
 
 Usage: ext_authz_server.py HTTP_PORT GRPC_PORT LOG
@@ -49,7 +49,17 @@ class Http(BaseHTTPRequestHandler):
 
     def handle_any(self):
         headers = {k.lower(): v for k, v in self.headers.items()}
-        record({"kind": "http", "method": self.command, "path": self.path, "headers": headers})
+        length = int(headers.get("content-length") or 0)
+        body = self.rfile.read(length) if length else b""
+        record(
+            {
+                "kind": "http",
+                "method": self.command,
+                "path": self.path,
+                "headers": headers,
+                "body": body.decode("latin-1"),
+            }
+        )
         user = headers.get("x-user")
         if user in ("big", "crash"):
             body = b"x" * 100 * 1024 if user == "big" else b"db 10.0.0.5 down"
@@ -113,6 +123,9 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
                 "source_address": a.source.address.socket_address.address,
                 "destination_principal": a.destination.principal,
                 "xfcc": dict(context.invocation_metadata()).get("x-forwarded-client-cert", ""),
+                "body": http.body,
+                "raw_body_hex": http.raw_body.hex(),
+                "size": http.size,
             }
         )
         swap = http.headers.get("x-swap-token")
