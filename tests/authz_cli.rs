@@ -39,6 +39,7 @@ spec:
   jwtRules:
   - issuer: https://idp.example
     jwksUri: https://idp.example/.well-known/jwks.json
+    outputClaimToHeaders: [{header: x-jwt-sub, claim: sub}]
 ";
 
 fn rampart(args: &[&str]) -> Output {
@@ -295,6 +296,15 @@ fn jwt_outcomes_with_local_jwks() {
     );
     assert_eq!(v["status"], 403);
     assert_eq!(v["authn"]["outcome"], "no_token");
+    // A client's own copy of a JWT output header is removed, as the proxy removes it, and
+    // the output says so.
+    let forged = req(None, "GET", "/x", "").replace("headers: {}", "headers: {x-jwt-sub: admin}");
+    let v = f.check_json(&f.request("f.yaml", &format!("{forged}{now}")), &[]);
+    let notes = v["notes"].to_string();
+    assert!(
+        notes.contains("x-jwt-sub") && notes.contains("verified token"),
+        "{v}"
+    );
 }
 
 #[test]

@@ -803,6 +803,23 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
         c["headers"].get("x-envoy-auth-partial-body").is_none(),
         "{c}"
     );
+    // A body sent with WebSocket upgrade headers is shown too (a real handshake has none).
+    echoed(&m.post(
+        "/guarded/p",
+        &["x-user: alice", "connection: upgrade", "upgrade: websocket"],
+        "sent with upgrade headers",
+    ));
+    assert_eq!(m.checks().pop().unwrap()["body"], "sent with upgrad");
+    // The client's own partial-body mark never reaches the provider.
+    echoed(&m.get(
+        "/guarded/p",
+        &["x-user: alice", "x-envoy-auth-partial-body: false"],
+    ));
+    let c = m.checks().pop().unwrap();
+    assert!(
+        c["headers"].get("x-envoy-auth-partial-body").is_none(),
+        "{c}"
+    );
     // The provider still decides: a denial, the body never reaching the app.
     assert_eq!(m.post("/guarded/p", &["x-user: bob"], "abc").status, 418);
     // As bytes (packAsBytes), no partial bodies: too long is 413 before the provider is

@@ -22,6 +22,12 @@ use std::time::SystemTime;
 pub trait ExtAuthz {
     /// Ask provider `provider` about this request; `true` allows it.
     fn check(&self, provider: &str, workload: &Workload, ctx: &RequestContext) -> bool;
+
+    /// Whether CUSTOM was already decided for this request (allowed, or no rule matched), so
+    /// [`Engine::check`] need not judge it first again.
+    fn settled(&self) -> bool {
+        false
+    }
 }
 
 /// The provider already allowed this request (CUSTOM runs once, before authentication).
@@ -29,6 +35,10 @@ struct Answered;
 
 impl ExtAuthz for Answered {
     fn check(&self, _: &str, _: &Workload, _: &RequestContext) -> bool {
+        true
+    }
+
+    fn settled(&self) -> bool {
         true
     }
 }
@@ -194,7 +204,7 @@ impl Engine {
         ext: &dyn ExtAuthz,
     ) -> Decision {
         let mut ext = ext;
-        if self.has_custom(workload) {
+        if !ext.settled() && self.has_custom(workload) {
             let mut sent = ctx.clone();
             sent.jwt = None;
             let d = self.authorize_with(workload, &sent, ext);

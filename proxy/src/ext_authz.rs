@@ -121,6 +121,9 @@ pub(crate) struct Facts<'a> {
     pub(crate) protocol: &'static str,
     /// The start of the body, for a provider that judges it (`includeRequestBodyInCheck`).
     pub(crate) body: Option<&'a HeldBody>,
+    /// Whether the provider judges bodies: then the client's own `x-envoy-auth-partial-body`
+    /// never reaches it, only the proxy's (or none, for a request without a body).
+    pub(crate) judges_body: bool,
     /// gRPC: the body as bytes (`raw_body`), not text.
     pub(crate) pack_as_bytes: bool,
 }
@@ -158,7 +161,11 @@ pub(crate) async fn hold_body(
     if !b.allow_partial && content_length.is_some_and(|n| n > max as u64) {
         return Err(NotHeld::TooLarge);
     }
-    let mut buf = bytes::BytesMut::new();
+    // Sized from the declared length (bounded by the limit), so holding does not copy as it
+    // grows.
+    let mut buf = bytes::BytesMut::with_capacity(content_length.map_or(0, |n| {
+        usize::try_from(n).unwrap_or(max).min(max.saturating_add(1))
+    }));
     let mut trailers = None;
     let mut ended = body.is_end_stream();
     let full = |buf: &bytes::BytesMut| b.allow_partial && buf.len() >= max;
@@ -427,6 +434,7 @@ impl Clients {
         // a provider reading the first copy and an app reading the last must not disagree.
         for k in req.headers().keys() {
             if k == header::CONTENT_LENGTH
+                || (facts.judges_body && k.as_str() == PARTIAL_BODY)
                 || !(ALWAYS_SENT.contains(&k.as_str())
                     || header_pattern_matches(&h.request_headers, k.as_str()))
             {
@@ -692,15 +700,29 @@ fn http_attributes<B>(req: &Request<B>, facts: &Facts<'_>) -> pb::attribute_cont
             },
         );
     let (mut body, mut raw_body) = (String::new(), Vec::new());
+    if facts.judges_body {
+        headers.remove(PARTIAL_BODY);
+    }
     if let Some(held) = facts.body {
-        headers.insert(PARTIAL_BODY.into(), held.partial.to_string());
+        let mut partial = held.partial;
         if facts.pack_as_bytes {
             raw_body = held.bytes.to_vec();
         } else {
             // A string field: bytes that are not UTF-8 are replaced (packAsBytes sends them
-            // as they are).
+            // as they are). A replacement is 3 bytes: the text is cut back to the size of the
+            // bytes it came from (at a character), and then marked partial, so a body of
+            // invalid bytes cannot triple the check past what the provider accepts.
             body = String::from_utf8_lossy(&held.bytes).into_owned();
+            if body.len() > held.bytes.len() {
+                let mut cut = held.bytes.len();
+                while !body.is_char_boundary(cut) {
+                    cut -= 1;
+                }
+                body.truncate(cut);
+                partial = true;
+            }
         }
+        headers.insert(PARTIAL_BODY.into(), partial.to_string());
     }
     pb::attribute_context::HttpRequest {
         id: req
@@ -1072,6 +1094,7 @@ mod tests {
             local_principal: "spiffe://cluster.local/ns/api/sa/shop".into(),
             protocol: "HTTP/1.1",
             body: None,
+            judges_body: false,
             pack_as_bytes: false,
         };
         let c = check_request(Some(&req), &facts);
@@ -1106,12 +1129,44 @@ mod tests {
             ..facts
         };
         let http = http_attributes(&req, &facts);
-        assert_eq!(http.body, "{\"a\":1}\u{fffd}");
+        // (`\xff` becomes U+FFFD, 3 bytes, cut back to the 8 bytes held.)
+        assert_eq!(http.body, "{\"a\":1}");
         assert!(http.raw_body.is_empty());
         assert_eq!(http.headers[PARTIAL_BODY], "true");
         facts.pack_as_bytes = true;
         let http = http_attributes(&req, &facts);
         assert_eq!(http.raw_body, b"{\"a\":1}\xff");
         assert!(http.body.is_empty());
+
+        // Invalid bytes as text never grow the check past the bytes held; the cut is marked.
+        let held = HeldBody {
+            bytes: Bytes::from(vec![0xff; 1000]),
+            partial: false,
+        };
+        let facts = Facts {
+            body: Some(&held),
+            pack_as_bytes: false,
+            ..facts
+        };
+        let http = http_attributes(&req, &facts);
+        assert!(http.body.len() <= 1000 && !http.body.is_empty());
+        assert_eq!(http.headers[PARTIAL_BODY], "true");
+
+        // The client's own mark never reaches a provider that judges bodies.
+        let forged = Request::builder()
+            .uri("/")
+            .header(PARTIAL_BODY, "false")
+            .body(())
+            .unwrap();
+        let facts = Facts {
+            body: None,
+            judges_body: true,
+            ..facts
+        };
+        assert!(
+            !http_attributes(&forged, &facts)
+                .headers
+                .contains_key(PARTIAL_BODY)
+        );
     }
 }

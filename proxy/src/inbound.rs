@@ -428,6 +428,10 @@ impl ExtAuthz for Custom {
         *self.asked.lock().unwrap_or_else(|p| p.into_inner()) = Some(provider.to_string());
         self.settled || self.allowed.as_deref() == Some(provider)
     }
+
+    fn settled(&self) -> bool {
+        self.settled
+    }
 }
 
 static XFCC: header::HeaderName = header::HeaderName::from_static("x-forwarded-client-cert");
@@ -556,12 +560,13 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
             && let Some(Ok(provider)) = cfg.folder.mesh.provider(&name).map(|p| &p.authz)
         {
             // A provider that judges the body: its start is held back (up to the
-            // provider's limit) and shown, then forwarded with the rest. Not for a WebSocket
-            // handshake, whose bytes after the head are the connection's, nor for a request
-            // without a body (Envoy's conditions).
+            // provider's limit) and shown, then forwarded with the rest. A request without
+            // a body (a WebSocket handshake has none: what follows its 101 is never in the
+            // request body) holds nothing. Envoy also skips requests that ask for an
+            // upgrade; here a body sent with upgrade headers is shown like any other, or it
+            // would reach the app unjudged.
             let mut held = None;
             if let Some(b) = provider.body
-                && ask != UpgradeAsk::WebSocket
                 && !hyper::body::Body::is_end_stream(req.body())
                 && let AppBody::Streamed(inc) =
                     std::mem::replace(req.body_mut(), AppBody::Replayed(Box::default()))
@@ -622,6 +627,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                     _ => "HTTP/1.1",
                 },
                 body: held.as_ref(),
+                judges_body: provider.body.is_some(),
                 pack_as_bytes: provider.body.is_some_and(|b| b.pack_as_bytes),
             };
             // Boxed: the check's state (an HTTP or gRPC call) would otherwise widen every
@@ -900,6 +906,7 @@ async fn tcp_allowed(
             local_principal: cfg.my_id().to_string(),
             protocol: "",
             body: None,
+            judges_body: false,
             pack_as_bytes: false,
         };
         match Box::pin(ib.ext_authz.check_connection(&cfg, &name, provider, &facts)).await {

@@ -288,6 +288,21 @@ impl CheckArgs {
                     );
                 }
             }
+            // As the proxy at its edge: a client's copies of the JWT output headers never
+            // reach policy (only a verified token sets them).
+            let mut ctx = ctx;
+            if let Some(h) = ctx.http.as_mut() {
+                let outputs = engine.jwt_output_headers(&workload);
+                h.headers.retain(|(k, _)| {
+                    let keep = !outputs.iter().any(|o| o.eq_ignore_ascii_case(k));
+                    if !keep {
+                        notes.push(format!(
+                            "header {k:?} removed: only a verified token sets it (a RequestAuthentication output header)"
+                        ));
+                    }
+                    keep
+                });
+            }
             let authn = ctx
                 .http
                 .as_ref()
