@@ -190,10 +190,15 @@ extensionProviders:
     headersToUpstreamOnAllow: ["x-authz-*"]
     headersToDownstreamOnAllow: [x-checked]
     headersToDownstreamOnDeny: [x-deny-reason]
+    includeRequestBodyInCheck: {{maxRequestBytes: 16, allowPartialMessage: true}}
 - name: authz-http-open
   envoyExtAuthzHttp: {{service: 127.0.0.1, port: {http_p}, failOpen: true, includeRequestHeadersInCheck: [x-user]}}
 - name: authz-grpc
-  envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {grpc_p}, timeout: 5s}}
+  envoyExtAuthzGrpc:
+    service: 127.0.0.1
+    port: {grpc_p}
+    timeout: 5s
+    includeRequestBodyInCheck: {{maxRequestBytes: 16, allowPartialMessage: true}}
 - name: down-closed
   envoyExtAuthzGrpc: {{service: 127.0.0.1, port: {closed}, statusOnError: "503"}}
 - name: down-open
@@ -203,23 +208,6 @@ extensionProviders:
     service: 127.0.0.1
     port: {grpc_p}
     includeRequestBodyInCheck: {{allowPartialMessage: true}}
-- name: parity-http
-  envoyExtAuthzHttp:
-    service: 127.0.0.1
-    port: {http_p}
-    pathPrefix: /check
-    includeRequestHeadersInCheck: [x-user]
-    includeAdditionalHeadersInCheck: {{x-asked-by: rampart}}
-    headersToUpstreamOnAllow: ["x-authz-*"]
-    headersToDownstreamOnAllow: [x-checked]
-    headersToDownstreamOnDeny: [x-deny-reason]
-    includeRequestBodyInCheck: {{maxRequestBytes: 16, allowPartialMessage: true}}
-- name: parity-grpc
-  envoyExtAuthzGrpc:
-    service: 127.0.0.1
-    port: {grpc_p}
-    timeout: 5s
-    includeRequestBodyInCheck: {{maxRequestBytes: 16, allowPartialMessage: true}}
 - name: body-grpc
   envoyExtAuthzGrpc:
     service: 127.0.0.1
@@ -888,7 +876,7 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
 }
 
 /// A real Envoy configured as istiod configures a sidecar's inbound for the CUSTOM policy
-/// above with the `parity-*` providers (the shadow RBAC filter that marks matching requests, then ext_authz enabled by
+/// above with the `authz-*` providers (the shadow RBAC filter that marks matching requests, then ext_authz enabled by
 /// that mark; see `authz-builder/http/custom-*-provider-out*.yaml` in the shared Istio
 /// conformance data), one listener per provider kind, in front of the same app.
 fn envoy_beside(m: &Mesh, http_l: u16, grpc_l: u16) -> support::envoy::Envoy {
@@ -914,7 +902,7 @@ fn envoy_beside(m: &Mesh, http_l: u16, grpc_l: u16) -> support::envoy::Envoy {
         "path": [{"key": "istio_ext_authz_shadow_effective_policy_id"}],
         "value": {"string_match": {"prefix": "istio-ext-authz"}}
     });
-    // As istiod writes `includeRequestBodyInCheck` (the `parity-*` providers).
+    // As istiod writes `includeRequestBodyInCheck` (the `authz-*` providers).
     let body = json!({"max_request_bytes": 16, "allow_partial_message": true});
     let pattern = |p: &str| match (p.strip_suffix('*'), p.strip_prefix('*')) {
         (Some(prefix), _) => json!({"prefix": prefix, "ignore_case": true}),
@@ -1064,8 +1052,8 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
         ("/guarded/a", &["x-user: bob"], Some("0123456789abcdef")),
     ];
     for (provider, port, kind) in [
-        ("parity-http", http_l, "http"),
-        ("parity-grpc", grpc_l, "grpc"),
+        ("authz-http", http_l, "http"),
+        ("authz-grpc", grpc_l, "grpc"),
     ] {
         m.use_provider(provider, |m| {
             m.post("/guarded/probe", &["x-user: bob"], "probe").status == 418
