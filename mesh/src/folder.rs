@@ -370,15 +370,20 @@ impl Registry {
 }
 
 /// The `(name, namespace, port)` an authority names in the registry's terms (`name`,
-/// `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`; port 80 when absent).
+/// `name.ns`, `name.ns.svc`, `name.ns.svc.cluster.local`; port 80 when absent). A name with a
+/// trailing dot is absolute, as in DNS: only the full `name.ns.svc.cluster.local.` form is a
+/// registry host (the short forms are what a resolver's search path completes, and it does not
+/// complete an absolute name: `example.com.` is never service `example` of namespace `com`).
 fn name_ns_port(authority: &str, from_namespace: &str) -> Option<(String, String, u16)> {
     let (host, port) = split_host_port(authority)?;
-    let host = host.trim_end_matches('.').to_ascii_lowercase();
+    let absolute = host.ends_with('.');
+    let host = host.strip_suffix('.').unwrap_or(host).to_ascii_lowercase();
     let parts: Vec<&str> = host.split('.').collect();
     let (name, ns) = match parts.as_slice() {
+        [name, ns, "svc", rest @ ..] if rest.join(".") == CLUSTER_DOMAIN => (*name, *ns),
+        _ if absolute => return None,
         [name] => (*name, from_namespace),
         [name, ns] | [name, ns, "svc"] => (*name, *ns),
-        [name, ns, "svc", rest @ ..] if rest.join(".") == CLUSTER_DOMAIN => (*name, *ns),
         _ => return None,
     };
     Some((name.to_string(), ns.to_string(), port.unwrap_or(80)))
@@ -1568,6 +1573,15 @@ workloads:
                 .is_none()
         );
         assert!(r.resolve("backend.api:99x", "web").is_none());
+        // A trailing dot makes a name absolute, as in DNS: only the full form resolves.
+        for host in [
+            "backend.api.:8080",
+            "backend.api.svc.:8080",
+            "backend.:8080",
+            "backend..:8080",
+        ] {
+            assert!(r.resolve(host, "api").is_none(), "{host}");
+        }
         let td = TrustDomain::new("cluster.local").unwrap();
         assert_eq!(
             fe.spiffe_id(&td).to_string(),
