@@ -688,6 +688,13 @@ impl Revocations {
         }) {
             Ok((crl, set)) => {
                 state.crl_number = number;
+                // Persisted with every CRL: a CA killed and restarted within the same second
+                // would otherwise number its next CRL as the last one (numbers are at least
+                // the Unix time, and the file kept only the number of the last revocation),
+                // and RFC 5280 gives one number to one CRL.
+                if let Err(e) = state.save(&self.state_path) {
+                    tracing::warn!(error = %e, "could not persist the CRL number");
+                }
                 Some((crl, set))
             }
             Err(e) => {
