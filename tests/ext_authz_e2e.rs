@@ -902,6 +902,22 @@ fn envoy_beside(m: &Mesh, http_l: u16, grpc_l: u16) -> support::envoy::Envoy {
         "path": [{"key": "istio_ext_authz_shadow_effective_policy_id"}],
         "value": {"string_match": {"prefix": "istio-ext-authz"}}
     });
+    // The mesh's DENY policy `no-denied`, as istiod writes it: after ext_authz, so a request
+    // the provider allowed can still be denied here.
+    let deny = json!({
+        "name": "envoy.filters.http.rbac",
+        "typed_config": {
+            "@type": "type.googleapis.com/envoy.extensions.filters.http.rbac.v3.RBAC",
+            "rules": {"action": "DENY", "policies": {
+                "ns[api]-policy[no-denied]-rule[0]": {
+                    "permissions": [{"and_rules": {"rules": [{"or_rules": {"rules": [
+                        {"url_path": {"path": {"exact": "/guarded/denied"}}}
+                    ]}}]}}],
+                    "principals": [{"and_ids": {"ids": [{"any": true}]}}]
+                }
+            }}
+        }
+    });
     // As istiod writes `includeRequestBodyInCheck` (the `authz-*` providers).
     let body = json!({"max_request_bytes": 16, "allow_partial_message": true});
     let pattern = |p: &str| match (p.strip_suffix('*'), p.strip_prefix('*')) {
@@ -957,6 +973,7 @@ fn envoy_beside(m: &Mesh, http_l: u16, grpc_l: u16) -> support::envoy::Envoy {
                     "http_filters": [
                         shadow,
                         ext,
+                        deny,
                         {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
                     ],
                     "route_config": {"virtual_hosts": [{
@@ -1011,7 +1028,7 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
     // The backend's RequestAuthentication verifies `authorization` (Envoy here has no
     // jwt_authn): a valid token passes both.
     let bearer = format!("authorization: Bearer {}", m.token);
-    let cases: [(&str, &[&str], Option<&str>); 10] = [
+    let cases: [(&str, &[&str], Option<&str>); 11] = [
         (
             "/guarded/a?q=1",
             &[
@@ -1028,6 +1045,8 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
         // Repeated headers reach the provider as one value, as Envoy joins them.
         ("/guarded/a", &["x-user: alice", "x-user: bob"], None),
         ("/open", &["x-user: bob"], None),
+        // Allowed by the provider (with a header for the client), then denied by DENY.
+        ("/guarded/denied", &["x-user: alice"], None),
         // The deprecated `append` of a gRPC answer (the HTTP provider denies `appender`).
         (
             "/guarded/a",

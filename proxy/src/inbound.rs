@@ -525,7 +525,9 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
             return r;
         }
     };
-    // Headers an extension provider's allowing answer adds to the app's response.
+    // Headers an extension provider's allowing answer adds to the client's response: to
+    // every response from here on, the app's or a later denial (Envoy's ext_authz adds them
+    // as the response passes it, local replies of later filters included).
     let mut ext_response: Vec<(header::HeaderName, HeaderValue)> = Vec::new();
     if !cfg.fast_path {
         // Every header the app will receive, none skipped (see `edge::header_text`).
@@ -746,7 +748,8 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                 400 => "Bad Request".to_string(),
                 _ => "RBAC: access denied".to_string(),
             };
-            let (r, g) = denial(d.status, grpc, &body);
+            let (mut r, g) = denial(d.status, grpc, &body);
+            add_headers(&mut r, &ext_response);
             let flags = if d.status == 401 || d.status == 400 {
                 "-"
             } else {
@@ -792,7 +795,8 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
     match target {
         Some(u) => *req.uri_mut() = u,
         None => {
-            let (r, g) = denial(400, grpc, "Bad Request");
+            let (mut r, g) = denial(400, grpc, "Bad Request");
+            add_headers(&mut r, &ext_response);
             cx.series.request(400, g, "-", start.elapsed());
             return r;
         }
@@ -813,13 +817,14 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
             client.request(req).await.map_err(|e| e.to_string())
         }
     };
-    let (resp, flags) = match tokio::time::timeout(ib.request_timeout, sent).await {
+    let (mut resp, flags) = match tokio::time::timeout(ib.request_timeout, sent).await {
         Ok(Ok(mut r)) if r.status() == http::StatusCode::SWITCHING_PROTOCOLS => {
             if ask == UpgradeAsk::WebSocket && crate::http::accepts_websocket(&r) {
                 // The app took the WebSocket handshake: the connection is handed to the
                 // relay once this 101 is written (`websocket`).
                 *cx.upgraded.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(hyper::upgrade::on(&mut r));
+                add_headers(&mut r, &ext_response);
                 let pending = Pending::new(cx.series.clone(), start, grpc, &r, "-");
                 return r.map(|b| Either::Left(Metered::new(b, pending)));
             }
@@ -834,9 +839,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
             )
         }
         Ok(Ok(mut r)) => {
-            for (k, v) in ext_response {
-                r.headers_mut().append(k, v);
-            }
+            add_headers(&mut r, &ext_response);
             // recorded when the response ends (trailers: gRPC status)
             let pending = Pending::new(cx.series.clone(), start, grpc, &r, "-");
             return r.map(|b| Either::Left(Metered::new(b, pending)));
@@ -853,8 +856,16 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
         }
         Err(_) => (text_response(504, "upstream request timeout"), "UT"),
     };
+    add_headers(&mut resp, &ext_response);
     Pending::new(cx.series.clone(), start, grpc, &resp, flags).finish(None, None);
     resp
+}
+
+/// Appends the headers an extension provider's allowing answer gave for the client.
+fn add_headers<B>(r: &mut Response<B>, add: &[(header::HeaderName, HeaderValue)]) {
+    for (k, v) in add {
+        r.headers_mut().append(k.clone(), v.clone());
+    }
 }
 
 /// Whether `port` is STRICT in `cfg` (a port gone from the registry counts as STRICT: its
