@@ -109,6 +109,10 @@ struct Mesh {
     mesh: PathBuf,
     checks: PathBuf,
     out_f: u16,
+    /// The backend proxy's admin port (metrics).
+    admin_b: u16,
+    /// The backend's inbound HTTP port (PERMISSIVE: plaintext is served too).
+    in_b: u16,
     _rt: tokio::runtime::Runtime,
     _standins: Vec<sds_standin::StandIn>,
     procs: Vec<Proc>,
@@ -372,6 +376,8 @@ extensionProviders:
             mesh,
             checks,
             out_f,
+            admin_b,
+            in_b,
             _rt: rt,
             _standins: standins,
             procs,
@@ -394,6 +400,16 @@ extensionProviders:
             headers,
             || self.logs(),
         )
+    }
+
+    /// The backend proxy's Prometheus text.
+    fn metrics(&self) -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", self.admin_b)).unwrap();
+        s.write_all(b"GET /stats/prometheus HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n")
+            .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
     }
 
     /// `POST http://backend.api:8080<path>` with `body`, through the frontend's outbound
@@ -842,6 +858,60 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
             .status,
         413
     );
+
+    // A client that leaves mid-body is counted as Envoy counts it (code 0, DC), not as a 400
+    // it never saw; the provider is not asked.
+    m.use_provider("body-grpc", |m| {
+        m.post("/guarded/p", &alice_only, "abc").status == 200
+            && m.checks()
+                .last()
+                .is_some_and(|c| c["kind"] == "grpc" && c["body"] == "abc")
+    });
+    let before = m.checks().len();
+    let dc = |m: &Mesh| {
+        m.metrics()
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains("response_code=\"0\"")
+                    && l.contains("response_flags=\"DC\"")
+            })
+            .map(|l| l.rsplit(' ').next().unwrap().parse::<u64>().unwrap())
+            .sum::<u64>()
+    };
+    let dc_before = dc(&m);
+    // Straight to the backend's inbound port in plaintext (PERMISSIVE), then through the
+    // frontend's outbound (which passes the break-off on over mTLS).
+    for (n, port, target) in [
+        (1, m.in_b, "/guarded/p"),
+        (2, m.out_f, "http://backend.api:8080/guarded/p"),
+    ] {
+        let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+        s.write_all(
+            format!(
+                "POST {target} HTTP/1.1\r\nhost: backend.api:8080\r\nx-user: alice\r\n\
+                 content-length: 100\r\n\r\nhello"
+            )
+            .as_bytes(),
+        )
+        .unwrap();
+        std::thread::sleep(Duration::from_millis(300));
+        drop(s);
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while dc(&m) < dc_before + n && std::time::Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        assert_eq!(dc(&m), dc_before + n, "{}\n{}", m.metrics(), m.logs());
+    }
+    assert!(
+        !m.metrics().contains("response_code=\"400\""),
+        "a client that left is not a 400:\n{}",
+        m.metrics()
+    );
+    assert_eq!(m.checks().len(), before, "a broken-off body is not shown");
+    // Its twin: a body that arrives whole is still shown and allowed.
+    assert_eq!(m.post("/guarded/p", &alice_only, "whole").status, 200);
+    assert_eq!(m.checks().pop().unwrap()["body"], "whole");
 
     // --- failures ---
     // Unreachable, not failOpen: statusOnError.

@@ -595,6 +595,28 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                         ),
                     ),
                     Ok(Err(crate::ext_authz::NotHeld::Broken(e))) => {
+                        // The client left mid-body (an HTTP/1.1 connection closed, an HTTP/2
+                        // stream reset): nobody reads an answer, and it is counted as Envoy
+                        // counts it, code 0 with DC/DR, not as a 400 the client never saw.
+                        let gone = if req.version() == Version::HTTP_2 {
+                            Some("DR")
+                        } else if e.is_incomplete_message() || client_left(&e) {
+                            Some("DC")
+                        } else {
+                            None
+                        };
+                        if let Some(flags) = gone {
+                            tracing::info!(
+                                peer = %cx.peer,
+                                method = %req.method(),
+                                path = %crate::edge::loggable_path(&raw_path),
+                                flags,
+                                "request ended: the client broke off while its body was held for extension provider {name:?}: {e}"
+                            );
+                            let (r, _) = denial(400, grpc, "Bad Request");
+                            cx.series.request(0, None, flags, start.elapsed());
+                            return r;
+                        }
                         (400, "Bad Request", format!("reading the body failed: {e}"))
                     }
                     Err(_) => (
@@ -859,6 +881,25 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
     add_headers(&mut resp, &ext_response);
     Pending::new(cx.series.clone(), start, grpc, &resp, flags).finish(None, None);
     resp
+}
+
+/// Whether reading a request body failed because the client's connection ended (closed
+/// before the body was complete, or reset), not because the body was malformed.
+fn client_left(e: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(io) = c.downcast_ref::<std::io::Error>() {
+            return matches!(
+                io.kind(),
+                std::io::ErrorKind::UnexpectedEof
+                    | std::io::ErrorKind::ConnectionReset
+                    | std::io::ErrorKind::ConnectionAborted
+                    | std::io::ErrorKind::BrokenPipe
+            );
+        }
+        cause = c.source();
+    }
+    false
 }
 
 /// Appends the headers an extension provider's allowing answer gave for the client.
