@@ -436,7 +436,7 @@ impl KubeConfigSource {
             MeshConfig,
         )> = None;
         // The last mesh ConfigMap that parsed: a broken edit keeps it serving.
-        let mut mesh_good: Option<(String, MeshConfig)> = None;
+        let mut mesh_good: GoodMesh = None;
         loop {
             let all_synced = stores.len() == count && stores.values().all(|s| s.synced);
             tokio::select! {
@@ -509,22 +509,26 @@ impl KubeConfigSource {
     }
 }
 
-/// The mesh config from Istio's ConfigMap: parsed, or the last one that parsed (with the
-/// refusal of the broken one), or Istio's defaults when there is none; `Err` (with the
-/// refusal) when it is broken and none parsed before. `good` holds the last good text and
-/// config. Identity settings in it that differ from the CA's are reported (they are not
-/// used).
+/// The last mesh config that served since this process started: the ConfigMap's text and
+/// what it parsed to, or `(None, None)` when there was no ConfigMap (Istio's defaults).
+type GoodMesh = Option<(Option<String>, Option<MeshConfig>)>;
+
+/// The mesh config from Istio's ConfigMap: parsed, or the last one that served (with the
+/// refusal of the broken one: an earlier version, or Istio's defaults when the ConfigMap did
+/// not exist before), or Istio's defaults when there is none; `Err` (with the refusal) when
+/// it is broken and nothing served before (a restart, a new replica). Identity settings in
+/// it that differ from the CA's are reported (they are not used).
 #[allow(clippy::type_complexity)]
 fn mesh_config(
     settings: &KubeSettings,
     stores: &BTreeMap<Coll, Store>,
-    good: &mut Option<(String, MeshConfig)>,
+    good: &mut GoodMesh,
 ) -> Result<(Option<MeshConfig>, Vec<Refused>), Vec<Refused>> {
     let Some(cm) = stores
         .get(&Coll::Mesh)
         .and_then(|s| s.objects.values().next())
     else {
-        *good = None;
+        *good = Some((None, None));
         return Ok((None, Vec::new()));
     };
     let meta = &cm["metadata"];
@@ -543,27 +547,32 @@ fn mesh_config(
     };
     let text = cm["data"][MESH_CONFIGMAP.1].as_str().unwrap_or_default();
     let m = match good.as_ref() {
-        Some((t, m)) if t == text => m.clone(),
+        Some((Some(t), Some(m))) if t == text => m.clone(),
         _ => match MeshConfig::from_yaml(text) {
             Ok(m) => {
-                *good = Some((text.to_string(), m.clone()));
+                *good = Some((Some(text.to_string()), Some(m.clone())));
                 m
             }
             Err(e) => {
-                let Some((_, m)) = good.as_ref() else {
-                    return Err(vec![refusal(
-                        "",
-                        format!(
-                            "{e}; no snapshot is made until it parses (no earlier version did)"
-                        ),
-                    )]);
+                let (what, last) = match good.as_ref() {
+                    Some((_, Some(m))) => ("the last mesh config that parsed", Some(m.clone())),
+                    // No ConfigMap before this broken one: the defaults that served go on.
+                    Some((_, None)) => (
+                        "Istio's default mesh config, served before it existed,",
+                        None,
+                    ),
+                    None => {
+                        return Err(vec![refusal(
+                            "",
+                            format!(
+                                "{e}; no snapshot is made until it parses (no earlier version did)"
+                            ),
+                        )]);
+                    }
                 };
                 return Ok((
-                    Some(m.clone()),
-                    vec![refusal(
-                        "",
-                        format!("{e}; the last mesh config that parsed keeps serving"),
-                    )],
+                    last,
+                    vec![refusal("", format!("{e}; {what} keeps serving"))],
                 ));
             }
         },
@@ -626,8 +635,9 @@ fn objects(stores: &BTreeMap<Coll, Store>) -> KubeObjects {
 struct Reporter {
     client: kube::Client,
     metrics: Arc<SourceMetrics>,
-    /// (kind, namespace, name, resourceVersion) already reported
-    seen: Mutex<BTreeSet<(String, String, String, String)>>,
+    /// (kind, namespace, name, resourceVersion, field) already reported: one object version
+    /// can be refused for several fields, each reported once.
+    seen: Mutex<BTreeSet<(String, String, String, String, String)>>,
     kinds: Mutex<BTreeSet<String>>,
 }
 
@@ -650,6 +660,7 @@ impl Reporter {
                     r.namespace.clone(),
                     r.name.clone(),
                     r.resource_version.clone(),
+                    r.field.clone(),
                 )
             })
             .collect();
@@ -663,6 +674,7 @@ impl Reporter {
                     r.namespace.clone(),
                     r.name.clone(),
                     r.resource_version.clone(),
+                    r.field.clone(),
                 );
                 if seen.contains(&k) {
                     continue;

@@ -923,6 +923,87 @@ async fn a_mesh_configmap_broken_at_start_gives_no_snapshot_until_fixed() {
     );
 }
 
+/// A mesh ConfigMap created broken while Istio's defaults serve (there was none before)
+/// leaves the defaults serving and snapshots going on, as an edit that breaks an existing
+/// one leaves its last good version. Then one version refused for two fields gets an Event
+/// for each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mesh_configmap_created_broken_keeps_the_defaults_and_snapshots_going() {
+    let _ = logs();
+    let fake = FakeApi::new();
+    namespace(&fake, "api");
+    namespace(&fake, "istio-system");
+    let cms = "/api/v1/namespaces/istio-system/configmaps";
+    let mesh_cm = |mesh: &str| {
+        json!({"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": {"name": "istio", "namespace": "istio-system"},
+            "data": {"mesh": mesh}})
+    };
+    let (mut source, _) = start_source(&fake);
+    let snap = snapshot_where(&mut source, |_| true).await;
+    assert_eq!(
+        snap.mesh.path_normalization,
+        rampart_authz::PathNormalization::Base
+    );
+    fake.put(
+        cms,
+        mesh_cm("pathNormalization: {normalization: NOT_A_MODE}\n"),
+    );
+    let event = wait_for("an Event for the broken mesh config", || {
+        fake.objects("/api/v1/namespaces/istio-system/events")
+            .into_iter()
+            .find(|e| e["involvedObject"]["name"] == "istio")
+    })
+    .await;
+    assert!(
+        event["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("default mesh config") && m.contains("keeps serving")),
+        "{event}"
+    );
+    // Snapshots go on: a new policy is served, with the defaults.
+    policy(
+        &fake,
+        AP_V1,
+        "AuthorizationPolicy",
+        "later",
+        json!({"action": "DENY", "rules": [{"to": [{"operation": {"paths": ["/x"]}}]}]}),
+    );
+    let snap = snapshot_where(&mut source, |s| {
+        policy_names(s).contains(&"api/later".to_string())
+    })
+    .await;
+    assert_eq!(
+        snap.mesh.path_normalization,
+        rampart_authz::PathNormalization::Base
+    );
+    // Its twin: a fixed version serves, and two fields it sets that the CA does not use are
+    // each named in an Event of their own.
+    fake.put(
+        cms,
+        mesh_cm(
+            "trustDomain: other.example\nrootNamespace: elsewhere\npathNormalization: {normalization: MERGE_SLASHES}\n",
+        ),
+    );
+    let snap = snapshot_where(&mut source, |s| {
+        s.mesh.path_normalization == rampart_authz::PathNormalization::MergeSlashes
+    })
+    .await;
+    assert_eq!(snap.mesh.trust_domain, TD);
+    for field in ["trustDomain", "rootNamespace"] {
+        wait_for(&format!("an Event naming {field}"), || {
+            fake.objects("/api/v1/namespaces/istio-system/events")
+                .into_iter()
+                .find(|e| {
+                    e["message"]
+                        .as_str()
+                        .is_some_and(|m| m.contains(&format!("data.mesh.{field}")))
+                })
+        })
+        .await;
+    }
+}
+
 /// A revisioned istiod reads `istio-<revision>`: with `mesh_configmap` naming it, that
 /// ConfigMap is the mesh config and the default revision's `istio` is not.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
