@@ -632,12 +632,15 @@ fn objects(stores: &BTreeMap<Coll, Store>) -> KubeObjects {
 }
 
 /// Logs, counts and posts an Event for each refused object version, once.
+/// (kind, namespace, name, resourceVersion, field) of a refusal.
+type RefusalKey = (String, String, String, String, String);
+
 struct Reporter {
     client: kube::Client,
     metrics: Arc<SourceMetrics>,
     /// (kind, namespace, name, resourceVersion, field) already reported: one object version
     /// can be refused for several fields, each reported once.
-    seen: Mutex<BTreeSet<(String, String, String, String, String)>>,
+    seen: Mutex<BTreeSet<RefusalKey>>,
     kinds: Mutex<BTreeSet<String>>,
 }
 
