@@ -306,3 +306,120 @@ fn sigint_during_start_up_stops_app_agents_and_ca_in_order_and_exits_0() {
         "CA port still held"
     );
 }
+
+/// Starts `rampart up` on a one-workload folder whose app is `rampart echo` and waits until
+/// the CA, the agent (with its certificate) and the app run; returns the child, the state
+/// dir's guard and the app's port.
+fn up_running() -> (
+    std::process::Child,
+    tempfile::TempDir,
+    tempfile::TempDir,
+    u16,
+) {
+    let free = support::free_port;
+    let (ca, app, inbound, admin) = (free(), free(), free(), free());
+    let d = folder(
+        &format!("rampart: {{ca: {{listen: 127.0.0.1:{ca}}}}}\n"),
+        &format!(
+            "workloads:
+- name: a
+  namespace: ns1
+  ports: [{{port: 80, protocol: http, app: 127.0.0.1:{app}, inbound: 127.0.0.1:{inbound}}}]
+  command: [rampart, echo, --listen, '127.0.0.1:{app}', --name, lifeline]
+  proxy: {{admin: 127.0.0.1:{admin}}}
+"
+        ),
+        None,
+    );
+    let state = tempfile::tempdir().unwrap();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .arg("up")
+        .arg(d.path())
+        .arg("--state-dir")
+        .arg(state.path())
+        .args(["--ready-timeout", "120s", "--drain-timeout", "5s"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let agent_log = state.path().join("logs/agent-ns1-a.log");
+    loop {
+        let agent = std::fs::read_to_string(&agent_log).unwrap_or_default();
+        if agent.contains("installed workload certificate")
+            && std::net::TcpStream::connect(("127.0.0.1", app)).is_ok()
+        {
+            break;
+        }
+        assert!(child.try_wait().unwrap().is_none(), "up exited early");
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("agent/app not started within 60s: agent log: {agent}");
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let echo = format!("127.0.0.1:{app} --name lifeline");
+    assert!(
+        !processes_mentioning(&echo).is_empty(),
+        "the app is not `rampart echo`"
+    );
+    (child, d, state, app)
+}
+
+/// Waits until no process mentions the state dir or runs the app, and the app's port is
+/// free.
+fn all_gone(state: &Path, app: u16, why: &str) {
+    let needle = state.display().to_string();
+    let echo = format!("127.0.0.1:{app} --name lifeline");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let left: Vec<String> = processes_mentioning(&needle)
+            .into_iter()
+            .chain(processes_mentioning(&echo))
+            .collect();
+        if left.is_empty() && TcpListener::bind(("127.0.0.1", app)).is_ok() {
+            return;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{why}: left running 20s later: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// `kill -9` of `up` gives it no chance to stop anything: the `rampart` processes it
+/// started see their lifeline (stdin) close and stop themselves, so a second `up` finds no
+/// CA holding the state dir and no ports taken.
+#[test]
+fn the_processes_up_started_stop_when_up_is_killed_with_sigkill() {
+    let (mut child, _d, state, app) = up_running();
+    let needle = state.path().display().to_string();
+    assert!(!processes_mentioning(&needle).is_empty());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    all_gone(state.path(), app, "after kill -9 of up");
+}
+
+/// A closed terminal (SIGHUP) stops the mesh as Ctrl-C does: `up` stops its children in
+/// order and exits 0.
+#[test]
+fn sighup_stops_up_and_everything_it_started() {
+    let (mut child, _d, state, app) = up_running();
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "up did not stop within 60s of SIGHUP"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    all_gone(state.path(), app, "after SIGHUP");
+}

@@ -6,8 +6,10 @@
 //! `command`, with `HTTP_PROXY` pointing at its proxy's outbound listener), and one proxy per
 //! workload (`rampart proxy`). Waits for each stage to be ready, prints who listens where,
 //! then supervises: a child that dies is reported (exit status, last log lines) and the rest
-//! is stopped (exit 1); Ctrl-C or SIGTERM stops apps and proxies first (drain deadline), then
-//! the agents, then the CA, and exits 0.
+//! is stopped (exit 1); Ctrl-C, SIGTERM or SIGHUP stops apps and proxies first (drain
+//! deadline), then the agents, then the CA, and exits 0. The `rampart` children hold a
+//! lifeline: their stdin is a pipe only `up` writes to, so when `up` ends without stopping
+//! them (`kill -9`), the kernel closes it and they stop themselves.
 //!
 //! Edits to the folder are checked as they happen (once a second). An invalid edit is refused
 //! with file, field and reason, and nothing running is touched (the proxies refuse it too). A
@@ -132,6 +134,9 @@ struct Child {
     /// Set once the child printed its `ready_marker` line.
     said_ready: Arc<std::sync::atomic::AtomicBool>,
     exited: Option<ExitStatus>,
+    /// Our end of a `rampart` child's stdin: closed by the kernel when `up` ends, however
+    /// it ends, which stops the child (`process::shutdown_signal`).
+    _lifeline: Option<tokio::process::ChildStdin>,
 }
 
 enum Event {
@@ -305,8 +310,10 @@ impl Up {
             .with_context(|| format!("opening {}", log.display()))?;
         let log_file = Arc::new(Mutex::new(log_file));
         let mut cmd = tokio::process::Command::new(program);
+        // Our own processes get a lifeline (see `Child::_lifeline`); other apps get no stdin.
+        let ours = program == self.exe.as_path();
         cmd.args(args)
-            .stdin(Stdio::null())
+            .stdin(if ours { Stdio::piped() } else { Stdio::null() })
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -322,10 +329,14 @@ impl Up {
         for (k, v) in env {
             cmd.env(k, v);
         }
+        if ours {
+            cmd.env(super::process::LIFELINE_ENV, "stdin");
+        }
         let mut child = cmd.spawn().with_context(|| {
             format!("{name}: starting {} {}", program.display(), args.join(" "))
         })?;
         let pid = child.id().and_then(|p| i32::try_from(p).ok()).unwrap_or(0);
+        let lifeline = child.stdin.take();
         let tail = Arc::new(Mutex::new(VecDeque::with_capacity(TAIL_LINES)));
         let echo = self.args.logs.then(|| name.clone());
         let said_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
@@ -358,6 +369,7 @@ impl Up {
             tail,
             said_ready,
             exited: None,
+            _lifeline: lifeline,
         });
         Ok(idx)
     }
@@ -414,12 +426,15 @@ impl Up {
             use tokio::signal::unix::{SignalKind, signal};
             let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
             let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+            // A closed terminal (or a dropped SSH session) stops the mesh as Ctrl-C does.
+            let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
             let tx = self.tx.clone();
             tokio::spawn(async move {
                 loop {
                     let s = tokio::select! {
                         _ = int.recv() => "SIGINT",
                         _ = term.recv() => "SIGTERM",
+                        _ = hup.recv() => "SIGHUP",
                     };
                     if tx.send(Event::Signal(s)).is_err() {
                         return;
