@@ -353,3 +353,45 @@ fn bad_input_exits_2_and_bad_documents_are_reported() {
         "{v}"
     );
 }
+
+/// The quickstart's mesh folder, as `rampart up` runs it, is a `--config` as it is: its
+/// `workloads.yaml` is not read as policy (no spurious "document ignored"), and its
+/// `mesh.yaml` (MERGE_SLASHES) applies, so `//admin` meets the DENY rule the running proxy
+/// applies. Its twin: `--config` its `policy/` alone (no mesh.yaml) does not merge slashes.
+#[test]
+fn the_quickstart_mesh_folder_is_a_config_folder() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart");
+    let dir = tempfile::tempdir().unwrap();
+    let req = dir.path().join("r.yaml");
+    std::fs::write(
+        &req,
+        "destination: {namespace: api, labels: {app: backend}, ip: 127.0.0.1, port: 8080}\n\
+         source: {principal: spiffe://cluster.local/ns/web/sa/frontend, ip: 127.0.0.1}\n\
+         protocol: http\n\
+         request: {method: GET, path: '//admin', host: backend.api:8080, headers: {}}\n",
+    )
+    .unwrap();
+    let run = |config: &Path| {
+        let out = rampart(&[
+            "authz",
+            "check",
+            "--config",
+            config.to_str().unwrap(),
+            "--request",
+            req.to_str().unwrap(),
+            "--output",
+            "json",
+        ]);
+        assert!(out.status.success(), "{out:?}");
+        let v: Value = serde_json::from_slice(&out.stdout).unwrap();
+        (v, String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+    let (v, err) = run(&root);
+    assert!(!err.contains("workloads.yaml"), "{err}");
+    assert!(!err.contains("document ignored"), "{err}");
+    assert_eq!(v["decision"], "DENY", "{v}");
+    assert_eq!(v["normalized_path"], "/admin", "{v}");
+    assert_eq!(v["policy"]["name"], "backend-deny-admin", "{v}");
+    let (v, _) = run(&root.join("policy"));
+    assert_eq!(v["normalized_path"], "//admin", "{v}");
+}

@@ -131,7 +131,9 @@ fn parse_ip(field: &str, v: &Option<String>) -> anyhow::Result<Option<IpAddr>> {
     }
 }
 
-/// Every `.yaml`/`.yml` file under `dir` except `dir/mesh.yaml` (not a policy).
+/// Every `.yaml`/`.yml` file under `dir` except `dir/mesh.yaml` and `dir/workloads.yaml`
+/// (a mesh folder's config and registry, not policies: `--config` may be the folder `rampart
+/// up` runs).
 fn policy_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -147,7 +149,11 @@ fn policy_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
             if p.is_dir() {
                 stack.push(p);
             } else if (name.ends_with(".yaml") || name.ends_with(".yml"))
-                && !(d == dir && (name == "mesh.yaml" || name == "mesh.yml"))
+                && !(d == dir
+                    && matches!(
+                        name,
+                        "mesh.yaml" | "mesh.yml" | rampart_mesh::WORKLOADS_FILE
+                    ))
             {
                 out.push(p);
             }
