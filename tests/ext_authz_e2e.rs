@@ -903,6 +903,50 @@ fn custom_policies_ask_http_and_grpc_providers_and_fail_closed() {
         }
         assert_eq!(dc(&m), dc_before + n, "{}\n{}", m.metrics(), m.logs());
     }
+    // An HTTP/2 client that resets its stream mid-body (h2c to the PERMISSIVE port): DR.
+    let dr = |m: &Mesh| {
+        m.metrics()
+            .lines()
+            .filter(|l| {
+                l.starts_with("istio_requests_total{")
+                    && l.contains("response_code=\"0\"")
+                    && l.contains("response_flags=\"DR\"")
+            })
+            .count()
+    };
+    assert_eq!(dr(&m), 0);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    rt.block_on(async {
+        let tcp = tokio::net::TcpStream::connect(("127.0.0.1", m.in_b))
+            .await
+            .unwrap();
+        let (mut client, conn) = h2::client::handshake(tcp).await.unwrap();
+        let driver = tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        let req = http::Request::post("http://backend.api:8080/guarded/p")
+            .header("x-user", "alice")
+            .header("content-length", "100")
+            .body(())
+            .unwrap();
+        let (_resp, mut stream) = client.send_request(req, false).unwrap();
+        stream
+            .send_data(bytes::Bytes::from_static(b"hello"), false)
+            .unwrap();
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        stream.send_reset(h2::Reason::CANCEL);
+        // The connection stays open: only the stream ends.
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        while dr(&m) == 0 && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        drop(client);
+        driver.abort();
+    });
+    assert_eq!(dr(&m), 1, "{}\n{}", m.metrics(), m.logs());
     assert!(
         !m.metrics().contains("response_code=\"400\""),
         "a client that left is not a 400:\n{}",

@@ -598,7 +598,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                         // The client left mid-body (an HTTP/1.1 connection closed, an HTTP/2
                         // stream reset): nobody reads an answer, and it is counted as Envoy
                         // counts it, code 0 with DC/DR, not as a 400 the client never saw.
-                        let gone = if req.version() == Version::HTTP_2 {
+                        let gone = if client_reset_stream(&e) {
                             Some("DR")
                         } else if e.is_incomplete_message() || client_left(&e) {
                             Some("DC")
@@ -771,7 +771,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                 _ => "RBAC: access denied".to_string(),
             };
             let (mut r, g) = denial(d.status, grpc, &body);
-            add_headers(&mut r, &ext_response);
+            add_headers(&mut r, &ext_response, grpc);
             let flags = if d.status == 401 || d.status == 400 {
                 "-"
             } else {
@@ -818,7 +818,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
         Some(u) => *req.uri_mut() = u,
         None => {
             let (mut r, g) = denial(400, grpc, "Bad Request");
-            add_headers(&mut r, &ext_response);
+            add_headers(&mut r, &ext_response, grpc);
             cx.series.request(400, g, "-", start.elapsed());
             return r;
         }
@@ -846,7 +846,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                 // relay once this 101 is written (`websocket`).
                 *cx.upgraded.lock().unwrap_or_else(|p| p.into_inner()) =
                     Some(hyper::upgrade::on(&mut r));
-                add_headers(&mut r, &ext_response);
+                add_headers(&mut r, &ext_response, false);
                 let pending = Pending::new(cx.series.clone(), start, grpc, &r, "-");
                 return r.map(|b| Either::Left(Metered::new(b, pending)));
             }
@@ -861,7 +861,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
             )
         }
         Ok(Ok(mut r)) => {
-            add_headers(&mut r, &ext_response);
+            add_headers(&mut r, &ext_response, false);
             // recorded when the response ends (trailers: gRPC status)
             let pending = Pending::new(cx.series.clone(), start, grpc, &r, "-");
             return r.map(|b| Either::Left(Metered::new(b, pending)));
@@ -878,13 +878,15 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
         }
         Err(_) => (text_response(504, "upstream request timeout"), "UT"),
     };
-    add_headers(&mut resp, &ext_response);
+    // Recorded as the proxy answered, before the provider's headers join it.
     Pending::new(cx.series.clone(), start, grpc, &resp, flags).finish(None, None);
+    add_headers(&mut resp, &ext_response, grpc);
     resp
 }
 
 /// Whether reading a request body failed because the client's connection ended (closed
-/// before the body was complete, or reset), not because the body was malformed.
+/// before the body was complete, or reset by the peer), not because the body was malformed.
+/// (`ConnectionAborted` is the proxy's own close of a revoked peer: not the client leaving.)
 fn client_left(e: &hyper::Error) -> bool {
     let mut cause = std::error::Error::source(e);
     while let Some(c) = cause {
@@ -893,18 +895,46 @@ fn client_left(e: &hyper::Error) -> bool {
                 io.kind(),
                 std::io::ErrorKind::UnexpectedEof
                     | std::io::ErrorKind::ConnectionReset
-                    | std::io::ErrorKind::ConnectionAborted
                     | std::io::ErrorKind::BrokenPipe
             );
+        }
+        if let Some(h) = c.downcast_ref::<h2::Error>() {
+            return h.is_io() || (h.is_go_away() && h.is_remote());
         }
         cause = c.source();
     }
     false
 }
 
-/// Appends the headers an extension provider's allowing answer gave for the client.
-fn add_headers<B>(r: &mut Response<B>, add: &[(header::HeaderName, HeaderValue)]) {
+/// Whether an HTTP/2 request body ended because the client reset its stream (Envoy's `DR`).
+fn client_reset_stream(e: &hyper::Error) -> bool {
+    let mut cause = std::error::Error::source(e);
+    while let Some(c) = cause {
+        if let Some(h) = c.downcast_ref::<h2::Error>() {
+            return h.is_reset() && h.is_remote();
+        }
+        cause = c.source();
+    }
+    false
+}
+
+/// Appends the headers an extension provider's allowing answer gave for the client. On the
+/// proxy's own answer to a gRPC request (`local_grpc`) its `content-type`, `grpc-status` and
+/// `grpc-message` are left out, as on a provider's denial: the client reads the proxy's
+/// status, not a second one the provider added (grpc-go keeps the last).
+fn add_headers<B>(
+    r: &mut Response<B>,
+    add: &[(header::HeaderName, HeaderValue)],
+    local_grpc: bool,
+) {
     for (k, v) in add {
+        if local_grpc
+            && (k == header::CONTENT_TYPE
+                || k.as_str() == "grpc-status"
+                || k.as_str() == "grpc-message")
+        {
+            continue;
+        }
         r.headers_mut().append(k.clone(), v.clone());
     }
 }
@@ -1037,4 +1067,55 @@ where
         }
     };
     ib.metrics.tcp_closed(&cx.labels, sent, received);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn provider_headers() -> Vec<(header::HeaderName, HeaderValue)> {
+        [
+            ("x-checked", "yes"),
+            ("grpc-status", "0"),
+            ("grpc-message", "fine"),
+            ("content-type", "text/plain"),
+        ]
+        .into_iter()
+        .map(|(k, v)| {
+            (
+                header::HeaderName::from_static(k),
+                HeaderValue::from_static(v),
+            )
+        })
+        .collect()
+    }
+
+    /// On the proxy's own answer to a gRPC request the provider's gRPC status, message and
+    /// content type are left out (one `grpc-status`, the proxy's); its other headers join.
+    #[test]
+    fn a_provider_cannot_add_a_grpc_status_to_a_local_grpc_reply() {
+        let (mut r, _) = denial(403, true, "RBAC: access denied");
+        add_headers(&mut r, &provider_headers(), true);
+        let statuses: Vec<_> = r.headers().get_all("grpc-status").iter().collect();
+        assert_eq!(statuses, ["7"]);
+        assert_eq!(r.headers().get_all(header::CONTENT_TYPE).iter().count(), 1);
+        assert_eq!(
+            r.headers()[header::CONTENT_TYPE],
+            "application/grpc",
+            "{:?}",
+            r.headers()
+        );
+        assert!(r.headers().get("grpc-message").is_none_or(|m| m != "fine"));
+        assert_eq!(r.headers()["x-checked"], "yes");
+    }
+
+    /// Its twin: an HTTP reply (or the app's answer) gets every header the provider gave.
+    #[test]
+    fn other_replies_get_every_provider_header() {
+        let (mut r, _) = denial(403, false, "RBAC: access denied");
+        add_headers(&mut r, &provider_headers(), false);
+        assert_eq!(r.headers()["grpc-status"], "0");
+        assert_eq!(r.headers()["x-checked"], "yes");
+        assert_eq!(r.headers().get_all(header::CONTENT_TYPE).iter().count(), 2);
+    }
 }
