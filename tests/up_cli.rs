@@ -310,12 +310,20 @@ fn sigint_during_start_up_stops_app_agents_and_ca_in_order_and_exits_0() {
 /// Starts `rampart up` on a one-workload folder whose app is `rampart echo` and waits until
 /// the CA, the agent (with its certificate) and the app run; returns the child, the state
 /// dir's guard and the app's port.
-fn up_running() -> (
+type Running = (
     std::process::Child,
     tempfile::TempDir,
     tempfile::TempDir,
     u16,
-) {
+);
+
+fn up_running() -> Running {
+    up_running_under(None)
+}
+
+/// As `up_running`, with `up` started through `wrapper` (a program that execs its
+/// arguments, such as `nohup`).
+fn up_running_under(wrapper: Option<&str>) -> Running {
     let free = support::free_port;
     let (ca, app, inbound, admin) = (free(), free(), free(), free());
     let d = folder(
@@ -332,7 +340,15 @@ fn up_running() -> (
         None,
     );
     let state = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+    let mut cmd = match wrapper {
+        Some(w) => {
+            let mut c = Command::new(w);
+            c.arg(env!("CARGO_BIN_EXE_rampart"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_rampart")),
+    };
+    let mut child = cmd
         .arg("up")
         .arg(d.path())
         .arg("--state-dir")
@@ -422,4 +438,57 @@ fn sighup_stops_up_and_everything_it_started() {
     };
     assert_eq!(status.code(), Some(0));
     all_gone(state.path(), app, "after SIGHUP");
+}
+
+/// Its twin for `nohup rampart up &`: SIGHUP was ignored when `up` started, so a hang-up
+/// leaves the mesh running (until SIGINT stops it).
+#[test]
+fn sighup_is_ignored_under_nohup() {
+    let (mut child, _d, state, app) = up_running_under(Some("nohup"));
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "up stopped on SIGHUP under nohup"
+    );
+    assert!(std::net::TcpStream::connect(("127.0.0.1", app)).is_ok());
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        assert!(
+            Instant::now() < deadline,
+            "up did not stop within 60s of SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    all_gone(state.path(), app, "after SIGINT");
+}
+
+/// The lifeline is a pipe or nothing: a `rampart` process that inherited the variable with
+/// stdin at /dev/null keeps running.
+#[test]
+fn the_lifeline_variable_alone_stops_nothing() {
+    let port = support::free_port();
+    let mut echo = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["echo", "--listen", &format!("127.0.0.1:{port}")])
+        .env("RAMPART_UP_LIFELINE", "stdin")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(echo.try_wait().unwrap().is_none(), "echo stopped at once");
+        assert!(Instant::now() < deadline, "echo never listened");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(
+        echo.try_wait().unwrap().is_none(),
+        "echo stopped: stdin at /dev/null taken for a lifeline"
+    );
+    echo.kill().unwrap();
+    echo.wait().unwrap();
 }

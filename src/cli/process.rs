@@ -12,7 +12,13 @@ pub(crate) const LIFELINE_ENV: &str = "RAMPART_UP_LIFELINE";
 pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let lifeline = async {
-        if std::env::var_os(LIFELINE_ENV).is_some_and(|v| v == "stdin") {
+        // Only a pipe is a lifeline: with the variable inherited by mistake and stdin at
+        // /dev/null or a terminal, the process must not stop at once.
+        let piped = || {
+            use std::os::unix::fs::FileTypeExt as _;
+            std::fs::metadata("/proc/self/fd/0").is_ok_and(|m| m.file_type().is_fifo())
+        };
+        if std::env::var_os(LIFELINE_ENV).is_some_and(|v| v == "stdin") && piped() {
             lifeline_closed().await;
             tracing::warn!("rampart up, which started this process, is gone; stopping");
         } else {

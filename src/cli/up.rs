@@ -22,6 +22,33 @@
 //! start live is stopped again and left out (saving again retries it); the rest keeps
 //! running. `mesh.yaml` CA settings and the trust domain apply on the next `up`.
 
+/// `eprintln!` that never panics: once the terminal hangs up (SIGHUP) it answers writes with
+/// EIO, and `up` must still stop its children in order.
+macro_rules! say {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($t)*);
+    }};
+}
+
+/// `println!` that never panics (see `say!`).
+macro_rules! out {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stdout(), $($t)*);
+    }};
+}
+
+/// `print!` that never panics (see `say!`).
+macro_rules! out_nonl {
+    ($($t:tt)*) => {{
+        use std::io::Write as _;
+        let mut o = std::io::stdout();
+        let _ = write!(o, $($t)*);
+        let _ = o.flush();
+    }};
+}
+
 use std::collections::VecDeque;
 use std::fmt::Write as _;
 use std::io::Write as _;
@@ -98,7 +125,7 @@ impl UpArgs {
             )));
         }
         for w in &policy.warnings {
-            eprintln!("rampart up: warning: {w}");
+            say!("rampart up: warning: {w}");
         }
         check_addresses(&mesh).map_err(super::bad_input)?;
         if mesh.registry.workloads.is_empty() {
@@ -134,9 +161,6 @@ struct Child {
     /// Set once the child printed its `ready_marker` line.
     said_ready: Arc<std::sync::atomic::AtomicBool>,
     exited: Option<ExitStatus>,
-    /// Our end of a `rampart` child's stdin: closed by the kernel when `up` ends, however
-    /// it ends, which stops the child (`process::shutdown_signal`).
-    _lifeline: Option<tokio::process::ChildStdin>,
 }
 
 enum Event {
@@ -310,7 +334,10 @@ impl Up {
             .with_context(|| format!("opening {}", log.display()))?;
         let log_file = Arc::new(Mutex::new(log_file));
         let mut cmd = tokio::process::Command::new(program);
-        // Our own processes get a lifeline (see `Child::_lifeline`); other apps get no stdin.
+        // Our own processes get a lifeline: their stdin is a pipe whose other end only this
+        // process holds (in the task that waits for the child), closed by the kernel when `up`
+        // ends however it ends, which stops them (`process::shutdown_signal`). Other apps get
+        // no stdin, and not the variable.
         let ours = program == self.exe.as_path();
         cmd.args(args)
             .stdin(if ours { Stdio::piped() } else { Stdio::null() })
@@ -331,6 +358,8 @@ impl Up {
         }
         if ours {
             cmd.env(super::process::LIFELINE_ENV, "stdin");
+        } else {
+            cmd.env_remove(super::process::LIFELINE_ENV);
         }
         let mut child = cmd.spawn().with_context(|| {
             format!("{name}: starting {} {}", program.display(), args.join(" "))
@@ -357,6 +386,7 @@ impl Up {
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
+            drop(lifeline);
             let _ = tx.send(Event::Exit(idx, status));
         });
         self.children.push(Child {
@@ -369,7 +399,6 @@ impl Up {
             tail,
             said_ready,
             exited: None,
-            _lifeline: lifeline,
         });
         Ok(idx)
     }
@@ -426,15 +455,25 @@ impl Up {
             use tokio::signal::unix::{SignalKind, signal};
             let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
             let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-            // A closed terminal (or a dropped SSH session) stops the mesh as Ctrl-C does.
-            let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+            // A closed terminal (or a dropped SSH session) stops the mesh as Ctrl-C does,
+            // unless SIGHUP was ignored when `up` started (`nohup rampart up &`).
+            let mut hup = if sighup_ignored() {
+                None
+            } else {
+                Some(signal(SignalKind::hangup()).context("SIGHUP handler")?)
+            };
             let tx = self.tx.clone();
             tokio::spawn(async move {
                 loop {
                     let s = tokio::select! {
                         _ = int.recv() => "SIGINT",
                         _ = term.recv() => "SIGTERM",
-                        _ = hup.recv() => "SIGHUP",
+                        Some(_) = async {
+                            match hup.as_mut() {
+                                Some(h) => h.recv().await,
+                                None => std::future::pending().await,
+                            }
+                        } => "SIGHUP",
                     };
                     if tx.send(Event::Signal(s)).is_err() {
                         return;
@@ -445,22 +484,22 @@ impl Up {
         let result = self.start().await;
         let (code, reason) = match result {
             Ok(()) => {
-                print!("{}", mesh_table(&self.mesh, &self.layout));
+                out_nonl!("{}", mesh_table(&self.mesh, &self.layout));
                 if let Some((path, issuer)) = &self.demo_token {
-                    println!(
+                    out!(
                         "\ndemo end-user token (issuer {issuer}, valid {}): {}",
                         humantime::format_duration(TOKEN_TTL),
                         path.display()
                     );
                 }
                 let _ = std::io::stdout().flush();
-                eprintln!("rampart up: ready; Ctrl-C stops everything");
+                say!("rampart up: ready; Ctrl-C stops everything");
                 self.supervise().await
             }
             Err(e) => self.failure(e),
         };
         if let Some(r) = reason {
-            eprintln!("{r}");
+            say!("{r}");
         }
         self.shutdown().await;
         Ok(ExitCode::from(code))
@@ -699,7 +738,7 @@ impl Up {
                     if last_mint.elapsed() >= TOKEN_REFRESH {
                         last_mint = Instant::now();
                         if let Err(e) = self.mint_tokens() {
-                            eprintln!("rampart up: warning: refreshing agent tokens: {e:#}");
+                            say!("rampart up: warning: refreshing agent tokens: {e:#}");
                         }
                     }
                 }
@@ -711,7 +750,7 @@ impl Up {
     /// (file, field, reason).
     fn check_edit(&self) -> Result<MeshFolder, String> {
         let (mesh, resources) = check_edit(&self.dir, &self.layout)?;
-        eprintln!(
+        say!(
             "rampart up: {} changed: valid ({resources} policy resource(s)); the proxies apply it live",
             self.dir.display(),
         );
@@ -728,7 +767,7 @@ impl Up {
         let Ok(new) = edit else {
             for a in &actions {
                 if let Action::Refuse(why) = a {
-                    eprintln!(
+                    say!(
                         "rampart up: invalid edit in {} refused: {why}\nrampart up: nothing was started or stopped; the running mesh keeps its last good config",
                         self.dir.display()
                     );
@@ -743,12 +782,12 @@ impl Up {
                 // Refusals only come with an invalid edit, handled above.
                 Action::Refuse(_) => {}
                 // The CA and the agents keep what they started with.
-                Action::KeepSettings(notes) => eprintln!(
+                Action::KeepSettings(notes) => say!(
                     "rampart up: note: mesh.yaml {} changed: the CA and node agents keep the settings they started with until the next `rampart up`",
                     notes.join(", ")
                 ),
                 Action::Stop(key) => {
-                    eprintln!(
+                    say!(
                         "rampart up: workload {key} removed from workloads.yaml: stopping its app, proxy and node agent"
                     );
                     self.stop_workload(&key, &[Role::App, Role::Proxy, Role::Agent])
@@ -757,7 +796,7 @@ impl Up {
                         let _ = std::fs::remove_file(self.layout.token_path(&w));
                         let _ = std::fs::remove_file(self.layout.sds_path(&w));
                     }
-                    eprintln!("rampart up: workload {key} stopped");
+                    say!("rampart up: workload {key} stopped");
                 }
                 Action::Restart {
                     workload,
@@ -767,10 +806,10 @@ impl Up {
                     let Some(w) = find(&new.registry.workloads, &workload) else {
                         continue;
                     };
-                    eprintln!("rampart up: workload {workload}: {why}");
+                    say!("rampart up: workload {workload}: {why}");
                     self.stop_workload(&workload, &roles).await?;
                     if self.start_live(&w, &roles).await? {
-                        eprintln!("rampart up: workload {workload} restarted");
+                        say!("rampart up: workload {workload} restarted");
                         self.print_table_line(&w);
                     } else {
                         failed.push(workload);
@@ -786,7 +825,7 @@ impl Up {
                     let Some(w) = find(&new.registry.workloads, &key) else {
                         continue;
                     };
-                    eprintln!(
+                    say!(
                         "rampart up: workload {key} added to workloads.yaml: starting its node agent, app and proxy"
                     );
                     if self
@@ -794,7 +833,7 @@ impl Up {
                         .await?
                     {
                         self.print_table_line(&w);
-                        eprintln!(
+                        say!(
                             "rampart up: workload {key} is running as {}",
                             w.spiffe_id(&old.trust_domain)
                         );
@@ -821,7 +860,7 @@ impl Up {
     }
 
     fn print_table_line(&self, w: &Workload) {
-        print!(
+        out_nonl!(
             "{}",
             workload_table(&self.mesh.trust_domain, std::slice::from_ref(w))
         );
@@ -869,7 +908,7 @@ impl Up {
             }
             Err(other) => return Err(other),
         };
-        eprintln!(
+        say!(
             "rampart up: workload {key} could not start: {why}\nrampart up: stopping what was started for {key}; the rest of the mesh keeps running; save workloads.yaml again to retry"
         );
         self.stop_workload(&key, &[Role::App, Role::Proxy, Role::Agent])
@@ -936,7 +975,7 @@ impl Up {
             if kill {
                 for &i in idx {
                     if self.children[i].exited.is_none() {
-                        eprintln!(
+                        say!(
                             "rampart up: {} did not stop within {}; killing it",
                             self.children[i].name,
                             humantime::format_duration(self.args.drain_timeout)
@@ -966,7 +1005,7 @@ impl Up {
             if idx.is_empty() {
                 continue;
             }
-            eprintln!("rampart up: stopping the {what}");
+            say!("rampart up: stopping the {what}");
             for &i in &idx {
                 self.signal_group(i, rustix::process::Signal::TERM);
             }
@@ -982,7 +1021,7 @@ impl Up {
                             Some(st.unwrap_or_else(|_| ExitStatus::from_raw(1 << 8)));
                     }
                     Ok(Some(Event::Signal(s))) => {
-                        eprintln!("rampart up: {s} again: killing what is left");
+                        say!("rampart up: {s} again: killing what is left");
                         hurry = true;
                     }
                     Ok(None) | Err(_) => break,
@@ -991,7 +1030,7 @@ impl Up {
             for &i in &idx {
                 if self.children[i].exited.is_none() {
                     if !hurry {
-                        eprintln!(
+                        say!(
                             "rampart up: {} did not stop within {}; killing it",
                             self.children[i].name,
                             humantime::format_duration(self.args.drain_timeout)
@@ -1017,7 +1056,7 @@ impl Up {
                 self.signal_group(i, rustix::process::Signal::KILL);
             }
         }
-        eprintln!("rampart up: stopped");
+        say!("rampart up: stopped");
     }
 }
 
@@ -1039,7 +1078,7 @@ async fn pump<R: tokio::io::AsyncRead + Unpin>(
             let _ = writeln!(f, "{line}");
         }
         if let Some(name) = &echo {
-            eprintln!("{name} | {line}");
+            say!("{name} | {line}");
         }
         if let Ok(mut t) = tail.lock() {
             if t.len() == TAIL_LINES {
@@ -1075,4 +1114,16 @@ async fn proxy_ready(w: &Workload) -> Result<(), String> {
         tcp_ready(a).await?;
     }
     Ok(())
+}
+
+/// Whether SIGHUP was ignored when this process started (`nohup`), read from the `SigIgn`
+/// mask of `/proc/self/status` (bit 0 is signal 1, SIGHUP).
+fn sighup_ignored() -> bool {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|st| {
+            let mask = st.lines().find_map(|l| l.strip_prefix("SigIgn:"))?;
+            u64::from_str_radix(mask.trim(), 16).ok()
+        })
+        .is_some_and(|m| m & 1 == 1)
 }
