@@ -21,7 +21,7 @@
 #   e.g. benches/profile/compare-mtls-whole.sh --candidate-url http://127.0.0.1:26001/ \
 #          --candidate-cmd "$PWD/benches/mtls-pair/run.sh" --candidate-match "rampart proxy" \
 #          --envoy "$ENVOY" --duration 10 --conns '32'
-set -u
+set -u -o pipefail
 # compare-mtls.sh finds the candidate's processes with `pgrep -f` on --candidate-match; this
 # process's own command line would match too (its RSS and CPU counted as the candidate's), so
 # the arguments move to a file and the wrapper starts again without them.
@@ -56,20 +56,25 @@ rss_mib() { local s=0 w r; for w in $(side_workers); do r=$(awk '/^VmRSS/{print 
 t0=0 pair=""
 "$script" "$@" 2>&1 | while IFS= read -r line; do
   echo "$line"
-  set -- $line
-  case "${2:-}" in
+  read -ra f <<<"$line"
+  case "${f[1]:-}" in
     direct) t0=$(ticks) ;;
     baseline)
       t1=$(ticks)
-      pair=$(awk -v d=$((t1 - t0)) -v t="$tick" -v r="$3" -v s="$dur" -v h="$7" \
-        'BEGIN{w = d * 1e6 / t / (r * s); printf "%.1f %.1f", w, w + h}')
-      set -- $pair
-      echo "       side nginx worker: $1 us/req (RSS $(rss_mib) MiB); haproxy + nginx pair: $2 us/req"
-      pair=$2
+      pair=$(awk -v d=$((t1 - t0)) -v t="$tick" -v r="${f[2]:-0}" -v s="$dur" -v h="${f[6]:--}" \
+        'BEGIN{if (r + 0 <= 0 || h == "-") exit; w = d * 1e6 / t / (r * s); printf "%.1f %.1f", w, w + h}')
+      if [ -n "$pair" ]; then
+        read -ra p <<<"$pair"
+        echo "       side nginx worker: ${p[0]} us/req (RSS $(rss_mib) MiB); haproxy + nginx pair: ${p[1]} us/req"
+        pair=${p[1]}
+      else
+        echo "       (no whole-pair figure: the baseline row has no req/s or CPU)"
+      fi
       ;;
     candidate)
-      [ -n "$pair" ] && [ "${7:-}" != - ] &&
-        awk -v c="$7" -v p="$pair" 'BEGIN{printf "       candidate/(haproxy + nginx pair) CPU per request = %.2f\n", c / p}'
+      if [ -n "$pair" ] && [ "${f[6]:--}" != - ]; then
+        awk -v c="${f[6]}" -v p="$pair" 'BEGIN{printf "       candidate/(haproxy + nginx pair) CPU per request = %.2f\n", c / p}'
+      fi
       ;;
   esac
 done
