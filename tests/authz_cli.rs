@@ -72,19 +72,7 @@ impl Fixture {
         p
     }
     fn check_json(&self, req: &Path, extra: &[&str]) -> Value {
-        let config = self.config();
-        let mut args = vec![
-            "authz",
-            "check",
-            "--config",
-            config.to_str().unwrap(),
-            "--request",
-            req.to_str().unwrap(),
-            "--output",
-            "json",
-        ];
-        args.extend_from_slice(extra);
-        let out = rampart(&args);
+        let out = check_json_output(&self.config(), req, extra);
         assert!(
             out.status.success(),
             "exit {:?}: {}",
@@ -93,6 +81,22 @@ impl Fixture {
         );
         serde_json::from_slice(&out.stdout).expect("JSON output")
     }
+}
+
+/// `rampart authz check --config CONFIG --request REQ --output json EXTRA...`
+fn check_json_output(config: &Path, req: &Path, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "authz",
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--request",
+        req.to_str().unwrap(),
+        "--output",
+        "json",
+    ];
+    args.extend_from_slice(extra);
+    rampart(&args)
 }
 
 fn req(principal: Option<&str>, method: &str, path: &str, extra: &str) -> String {
@@ -372,16 +376,7 @@ fn the_quickstart_mesh_folder_is_a_config_folder() {
     )
     .unwrap();
     let run = |config: &Path| {
-        let out = rampart(&[
-            "authz",
-            "check",
-            "--config",
-            config.to_str().unwrap(),
-            "--request",
-            req.to_str().unwrap(),
-            "--output",
-            "json",
-        ]);
+        let out = check_json_output(config, &req, &[]);
         assert!(out.status.success(), "{out:?}");
         let v: Value = serde_json::from_slice(&out.stdout).unwrap();
         (v, String::from_utf8_lossy(&out.stderr).into_owned())

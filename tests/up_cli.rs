@@ -229,17 +229,7 @@ fn sigint_during_start_up_stops_app_agents_and_ca_in_order_and_exits_0() {
         None,
     );
     let state = tempfile::tempdir().unwrap();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .arg("up")
-        .arg(d.path())
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["--ready-timeout", "120s", "--drain-timeout", "5s"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = start_up(d.path(), state.path(), None, true);
     // Wait until the app runs (its log exists) and the agent has a certificate.
     let deadline = Instant::now() + Duration::from_secs(60);
     let agent_log = state.path().join("logs/agent-ns1-a.log");
@@ -310,6 +300,30 @@ fn sigint_during_start_up_stops_app_agents_and_ca_in_order_and_exits_0() {
 /// Starts `rampart up` on a one-workload folder whose app is `rampart echo` and waits until
 /// the CA, the agent (with its certificate) and the app run; returns the child, the state
 /// dir's guard and the app's port.
+/// `rampart up DIR --state-dir STATE` in the background (through `wrapper`, a program that
+/// execs its arguments, when given), its output piped or discarded.
+fn start_up(dir: &Path, state: &Path, wrapper: Option<&str>, piped: bool) -> std::process::Child {
+    let mut cmd = match wrapper {
+        Some(w) => {
+            let mut c = Command::new(w);
+            c.arg(env!("CARGO_BIN_EXE_rampart"));
+            c
+        }
+        None => Command::new(env!("CARGO_BIN_EXE_rampart")),
+    };
+    let out = || if piped { Stdio::piped() } else { Stdio::null() };
+    cmd.arg("up")
+        .arg(dir)
+        .arg("--state-dir")
+        .arg(state)
+        .args(["--ready-timeout", "120s", "--drain-timeout", "5s"])
+        .stdin(Stdio::null())
+        .stdout(out())
+        .stderr(out())
+        .spawn()
+        .unwrap()
+}
+
 type Running = (
     std::process::Child,
     tempfile::TempDir,
@@ -340,25 +354,7 @@ fn up_running_under(wrapper: Option<&str>) -> Running {
         None,
     );
     let state = tempfile::tempdir().unwrap();
-    let mut cmd = match wrapper {
-        Some(w) => {
-            let mut c = Command::new(w);
-            c.arg(env!("CARGO_BIN_EXE_rampart"));
-            c
-        }
-        None => Command::new(env!("CARGO_BIN_EXE_rampart")),
-    };
-    let mut child = cmd
-        .arg("up")
-        .arg(d.path())
-        .arg("--state-dir")
-        .arg(state.path())
-        .args(["--ready-timeout", "120s", "--drain-timeout", "5s"])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+    let mut child = start_up(d.path(), state.path(), wrapper, false);
     let deadline = Instant::now() + Duration::from_secs(60);
     let agent_log = state.path().join("logs/agent-ns1-a.log");
     loop {
