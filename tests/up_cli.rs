@@ -300,16 +300,21 @@ fn sigint_during_start_up_stops_app_agents_and_ca_in_order_and_exits_0() {
 /// Starts `rampart up` on a one-workload folder whose app is `rampart echo` and waits until
 /// the CA, the agent (with its certificate) and the app run; returns the child, the state
 /// dir's guard and the app's port.
-/// `rampart up DIR --state-dir STATE` in the background (through `wrapper`, a program that
-/// execs its arguments, when given), its output piped or discarded.
-fn start_up(dir: &Path, state: &Path, wrapper: Option<&str>, piped: bool) -> std::process::Child {
+/// `rampart up DIR --state-dir STATE` in the background (through `wrapper`, a command that
+/// execs the arguments after its own, when given), its output piped or discarded.
+fn start_up(
+    dir: &Path,
+    state: &Path,
+    wrapper: Option<&[&str]>,
+    piped: bool,
+) -> std::process::Child {
     let mut cmd = match wrapper {
-        Some(w) => {
+        Some([w, args @ ..]) => {
             let mut c = Command::new(w);
-            c.arg(env!("CARGO_BIN_EXE_rampart"));
+            c.args(args).arg(env!("CARGO_BIN_EXE_rampart"));
             c
         }
-        None => Command::new(env!("CARGO_BIN_EXE_rampart")),
+        _ => Command::new(env!("CARGO_BIN_EXE_rampart")),
     };
     let out = || if piped { Stdio::piped() } else { Stdio::null() };
     cmd.arg("up")
@@ -335,9 +340,8 @@ fn up_running() -> Running {
     up_running_under(None)
 }
 
-/// As `up_running`, with `up` started through `wrapper` (a program that execs its
-/// arguments, such as `nohup`).
-fn up_running_under(wrapper: Option<&str>) -> Running {
+/// As `up_running`, with `up` started through `wrapper` (such as `nohup`).
+fn up_running_under(wrapper: Option<&[&str]>) -> Running {
     let free = support::free_port;
     let (ca, app, inbound, admin) = (free(), free(), free(), free());
     let d = folder(
@@ -418,7 +422,9 @@ fn the_processes_up_started_stop_when_up_is_killed_with_sigkill() {
 /// order and exits 0.
 #[test]
 fn sighup_stops_up_and_everything_it_started() {
-    let (mut child, _d, state, app) = up_running();
+    // SIGHUP at its default disposition, whatever this test runs under (`nohup .ci/run`
+    // would hand `up` an ignored SIGHUP, which `up` then honours: the test below).
+    let (mut child, _d, state, app) = up_running_under(Some(&["env", "--default-signal=HUP"]));
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
     let deadline = Instant::now() + Duration::from_secs(60);
@@ -440,7 +446,7 @@ fn sighup_stops_up_and_everything_it_started() {
 /// leaves the mesh running (until SIGINT stops it).
 #[test]
 fn sighup_is_ignored_under_nohup() {
-    let (mut child, _d, state, app) = up_running_under(Some("nohup"));
+    let (mut child, _d, state, app) = up_running_under(Some(&["nohup"]));
     let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
     std::thread::sleep(Duration::from_millis(1500));
