@@ -1142,7 +1142,7 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
     // The backend's RequestAuthentication verifies `authorization` (Envoy here has no
     // jwt_authn): a valid token passes both.
     let bearer = format!("authorization: Bearer {}", m.token);
-    let cases: [(&str, &[&str], Option<&str>); 11] = [
+    let cases: [(&str, &[&str], Option<&str>); 12] = [
         (
             "/guarded/a?q=1",
             &[
@@ -1161,6 +1161,8 @@ fn rampart_answers_custom_checks_as_a_real_envoy_does() {
         ("/open", &["x-user: bob"], None),
         // Allowed by the provider (with a header for the client), then denied by DENY.
         ("/guarded/denied", &["x-user: alice"], None),
+        // Headers the answer both sets and removes: Envoy removes after setting.
+        ("/guarded/a", &["x-user: setremove", "x-keep: client"], None),
         // The deprecated `append` of a gRPC answer (the HTTP provider denies `appender`).
         (
             "/guarded/a",

@@ -818,11 +818,9 @@ pub(crate) fn grpc_answer(resp: pb::CheckResponse) -> Answer {
 }
 
 impl Changes {
-    /// Apply an allowing answer's changes to the request headers.
+    /// Apply an allowing answer's changes to the request headers. Removals come last, as in
+    /// Envoy: a header an answer both sets and removes does not reach the app.
     pub(crate) fn apply(&self, headers: &mut HeaderMap) {
-        for n in &self.remove {
-            headers.remove(n);
-        }
         for (k, v) in &self.set {
             headers.insert(k.clone(), v.clone());
         }
@@ -838,6 +836,9 @@ impl Changes {
         }
         for (k, v) in &self.join {
             join_first(headers, k, v);
+        }
+        for n in &self.remove {
+            headers.remove(n);
         }
     }
 }

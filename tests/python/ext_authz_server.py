@@ -9,6 +9,9 @@ flavour Istio's envoyExtAuthzHttp speaks (Python's http.server), with the same r
 - `x-user: crash` (HTTP only) gets 503 with an internal-looking body, as a provider failing;
 - anything else is denied with 418, `x-deny-reason: not alice` and the body `who are you?`;
 - `x-swap-token: T` (gRPC only) is allowed with `authorization: Bearer T` set for the app;
+- `x-user: setremove` is allowed with headers both set and removed: HTTP sets `x-authz-user: sr`
+  and lists it in `x-envoy-auth-headers-to-remove`; gRPC sets `x-authz-user`, overwrites
+  `x-keep` if present, adds `x-absent` if absent, and removes all three (Envoy removes last);
 - `x-user: appender` (gRPC only) is allowed with headers in the deprecated `append` form:
   `x-list: two`, `x-absent: one`, `cookie: c=3` and an empty `x-empty` appended,
   `x-keep: provider` replacing;
@@ -67,6 +70,12 @@ class Http(BaseHTTPRequestHandler):
             self.send_header("content-length", str(len(body)))
             self.end_headers()
             self.wfile.write(body)
+        elif user == "setremove":
+            self.send_response(200)
+            self.send_header("x-authz-user", "sr")
+            self.send_header("x-envoy-auth-headers-to-remove", "x-authz-user")
+            self.send_header("content-length", "0")
+            self.end_headers()
         elif user in ("alice", "root"):
             self.send_response(200)
             self.send_header("x-authz-user", "admin" if user == "root" else "alice")
@@ -155,6 +164,23 @@ class Authorization(external_auth_pb2_grpc.AuthorizationServicer):
                         deprecated("cookie", "c=3", True),
                         deprecated("x-empty", "", True),
                     ],
+                ),
+            )
+        if user == "setremove":
+            def action(key, value, a):
+                return base_pb2.HeaderValueOption(
+                    header=base_pb2.HeaderValue(key=key, value=value), append_action=a
+                )
+
+            return external_auth_pb2.CheckResponse(
+                status=status_pb2.Status(code=code_pb2.OK),
+                ok_response=external_auth_pb2.OkHttpResponse(
+                    headers=[
+                        header("x-authz-user", "sr"),
+                        action("x-keep", "provider", base_pb2.HeaderValueOption.OVERWRITE_IF_EXISTS),
+                        action("x-absent", "one", base_pb2.HeaderValueOption.ADD_IF_ABSENT),
+                    ],
+                    headers_to_remove=["x-authz-user", "x-keep", "x-absent"],
                 ),
             )
         if user in ("alice", "root"):
