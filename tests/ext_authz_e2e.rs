@@ -20,12 +20,11 @@
 //! auto mTLS calls it; its STRICT port dialed in plaintext refuses.
 
 mod support;
-use support::{Proc, free_port, python};
+use support::{Answer, Proc, curl, free_port, python};
 
 #[path = "../proxy/tests/support/sds_standin.rs"]
 mod sds_standin;
 
-use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
@@ -116,13 +115,6 @@ struct Mesh {
     _rt: tokio::runtime::Runtime,
     _standins: Vec<sds_standin::StandIn>,
     procs: Vec<Proc>,
-}
-
-/// An answer as curl saw it.
-struct Answer {
-    status: u16,
-    headers: BTreeMap<String, String>,
-    body: String,
 }
 
 impl Mesh {
@@ -447,40 +439,6 @@ extensionProviders:
             || probe(self),
             || self.logs(),
         );
-    }
-}
-
-/// curl `args` plus `-H` for each of `headers`: the answer, parsed.
-fn curl(args: &[&str], headers: &[&str], logs: impl Fn() -> String) -> Answer {
-    let mut cmd = Command::new("curl");
-    cmd.args(["-sS", "-i", "--path-as-is", "--max-time", "10"])
-        .args(args);
-    for h in headers {
-        cmd.args(["-H", h]);
-    }
-    let out = cmd.output().expect("curl must be installed");
-    assert!(
-        out.status.success(),
-        "curl {args:?}: {}\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        logs()
-    );
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let mut lines = head.lines();
-    let status = lines
-        .next()
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    Answer {
-        status,
-        headers,
-        body: body.to_string(),
     }
 }
 

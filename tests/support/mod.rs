@@ -320,3 +320,44 @@ pub(crate) fn stdout_lines(child: &mut Child) -> std::sync::mpsc::Receiver<Strin
     });
     rx
 }
+
+/// An answer as curl saw it.
+pub(crate) struct Answer {
+    pub(crate) status: u16,
+    pub(crate) headers: std::collections::BTreeMap<String, String>,
+    pub(crate) body: String,
+}
+
+/// curl `args` plus `-H` for each of `headers`: the answer, parsed.
+pub(crate) fn curl(args: &[&str], headers: &[&str], logs: impl Fn() -> String) -> Answer {
+    let mut cmd = std::process::Command::new("curl");
+    cmd.args(["-sS", "-i", "--path-as-is", "--max-time", "10"])
+        .args(args);
+    for h in headers {
+        cmd.args(["-H", h]);
+    }
+    let out = cmd.output().expect("curl must be installed");
+    assert!(
+        out.status.success(),
+        "curl {args:?}: {}\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        logs()
+    );
+    let text = String::from_utf8_lossy(&out.stdout).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    Answer {
+        status,
+        headers,
+        body: body.to_string(),
+    }
+}
