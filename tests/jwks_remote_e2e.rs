@@ -485,11 +485,15 @@ fn remote_jwks_over_https() {
         plog()
     );
     assert_eq!(fetches(&server), before + 1, "{}", server.log());
-    // k1 was removed at the IdP; `other` was never there: 401, and no new fetch (rate limit).
+    // k1 was removed at the IdP; `other` was never there: 401 with Envoy's phrase for a kid
+    // the key set lacks, and no new fetch (rate limit).
     for t in [&t1, &forged, &forged] {
         let (code, body) = with(t);
         assert_eq!(code, "401", "{body}");
-        assert_eq!(body.trim(), "Jwt verification fails");
+        assert_eq!(
+            body.trim(),
+            "Jwks doesn't have key to match kid or alg from Jwt"
+        );
     }
     assert_eq!(fetches(&server), before + 1, "{}", server.log());
 

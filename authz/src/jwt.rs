@@ -611,18 +611,6 @@ fn reject(status: u16, reason: impl Into<String>, policy: Option<&PolicyRef>) ->
     })
 }
 
-fn num_claim(c: &Map<String, Value>, k: &str) -> Result<Option<i64>, ()> {
-    match c.get(k) {
-        None => Ok(None),
-        Some(Value::Number(n)) => n
-            .as_i64()
-            .or_else(|| n.as_f64().map(|f| f as i64))
-            .map(Some)
-            .ok_or(()),
-        Some(_) => Err(()),
-    }
-}
-
 fn claim_to_header_value(claims: &Map<String, Value>, claim: &str) -> Option<String> {
     let mut parts = claim.split('.');
     let mut v = claims.get(parts.next()?)?;
@@ -633,7 +621,11 @@ fn claim_to_header_value(claims: &Map<String, Value>, claim: &str) -> Option<Str
         Value::String(s) => Some(s.clone()),
         Value::Number(n) => Some(n.to_string()),
         Value::Bool(b) => Some(b.to_string()),
-        _ => None,
+        // A list or an object: its JSON, base64 (standard, padded), as Envoy 1.40 writes it.
+        Value::Array(_) | Value::Object(_) => {
+            Some(base64::engine::general_purpose::STANDARD.encode(v.to_string()))
+        }
+        Value::Null => None,
     }
 }
 
@@ -647,124 +639,215 @@ fn audience_key(a: &str) -> &str {
     a.strip_suffix('/').unwrap_or(a)
 }
 
-/// Verify one token found at `loc` against the rules that read `loc`.
-fn verify_one(
-    token: &str,
-    loc: &Location,
-    rules: &[&CompiledJwtRule],
+/// A token parsed as Envoy's jwt_verify_lib parses it, before any rule looks at it.
+struct Parsed {
+    claims: Map<String, Value>,
+    iss: String,
+    nbf: u64,
+    exp: u64,
+    audiences: Vec<String>,
+}
+
+/// The algorithms jwt_verify_lib knows; another `alg` is refused before any key is looked at.
+const ENVOY_ALGS: [&str; 13] = [
+    "ES256", "ES384", "ES512", "HS256", "HS384", "HS512", "RS256", "RS384", "RS512", "PS256",
+    "PS384", "PS512", "EdDSA",
+];
+
+/// Parse `token` in jwt_verify_lib's order, failing with its phrase (the body Envoy answers
+/// with): segments, header, `alg`, `kid`, payload, registered claims' types, signature.
+fn envoy_parse(token: &str) -> Result<Parsed, &'static str> {
+    let parts: Vec<&str> = token.split('.').filter(|p| !p.is_empty()).collect();
+    let [header, payload, signature] = parts[..] else {
+        return Err(
+            "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections",
+        );
+    };
+    let header = b64(header).ok_or("Jwt header is an invalid Base64url encoded")?;
+    let header: Map<String, Value> =
+        serde_json::from_slice(&header).map_err(|_| "Jwt header is an invalid JSON")?;
+    let alg = header
+        .get("alg")
+        .and_then(Value::as_str)
+        .ok_or("Jwt header [alg] field is required and must be a string")?;
+    if !ENVOY_ALGS.contains(&alg) {
+        return Err("Jwt header [alg] is not supported");
+    }
+    if header.get("kid").is_some_and(|k| !k.is_string()) {
+        return Err("Jwt header [kid] field is not a string");
+    }
+    let payload = b64(payload).ok_or("Jwt payload is an invalid Base64url encoded")?;
+    let claims: Map<String, Value> =
+        serde_json::from_slice(&payload).map_err(|_| "Jwt payload is an invalid JSON")?;
+    let string = |k: &str, e: &'static str| match claims.get(k) {
+        None => Ok(String::new()),
+        Some(Value::String(s)) => Ok(s.clone()),
+        Some(_) => Err(e),
+    };
+    let iss = string("iss", "Jwt payload [iss] field is not a string")?;
+    string("sub", "Jwt payload [sub] field is not a string")?;
+    // A NumericDate: a number, not negative, below 2^64 (fractions cut, as a cast does).
+    let date = |k: &str, wrong: &'static str, range: &'static str| match claims.get(k) {
+        None => Ok(0),
+        Some(Value::Number(n)) => match n.as_f64() {
+            Some(f) if (0.0..18_446_744_073_709_551_615.0).contains(&f) => {
+                Ok(n.as_u64().unwrap_or(f as u64))
+            }
+            _ => Err(range),
+        },
+        Some(_) => Err(wrong),
+    };
+    date(
+        "iat",
+        "Jwt payload [iat] field is not an integer",
+        "Jwt payload [iat] field is not a positive 64 bit integer",
+    )?;
+    let nbf = date(
+        "nbf",
+        "Jwt payload [nbf] field is not an integer",
+        "Jwt payload [nbf] field is not a positive 64 bit integer",
+    )?;
+    let exp = date(
+        "exp",
+        "Jwt payload [exp] field is not an integer",
+        "Jwt payload [exp] field is not a positive 64 bit integer",
+    )?;
+    string("jti", "Jwt payload [jti] field is not a string")?;
+    const AUD: &str = "Jwt payload [aud] field is not a string or string list";
+    let audiences = match claims.get("aud") {
+        None => Vec::new(),
+        Some(Value::String(a)) => vec![a.clone()],
+        Some(Value::Array(list)) => list
+            .iter()
+            .map(|a| a.as_str().map(str::to_string).ok_or(AUD))
+            .collect::<Result<_, _>>()?,
+        Some(_) => return Err(AUD),
+    };
+    b64(signature).ok_or("Jwt signature is an invalid Base64url encoded")?;
+    Ok(Parsed {
+        claims,
+        iss,
+        nbf,
+        exp,
+        audiences,
+    })
+}
+
+/// A token one rule verified.
+struct Good<'a> {
+    claims: Map<String, Value>,
+    token: String,
+    loc: &'a Location,
+}
+
+/// One rule's verdict on the tokens in its own locations: what Envoy's authenticator for
+/// that rule's provider (`origins-N`) answers.
+enum Verdict<'a> {
+    /// No token in any of the rule's locations (JwtMissed).
+    Missing,
+    /// Every token there verified; in extraction order.
+    Verified(Vec<Good<'a>>),
+    /// A token there is another issuer's (JwtUnknownIssuer).
+    OtherIssuer(Box<AuthnOutcome>),
+    /// A token there failed: malformed, expired, audience, keys, signature.
+    Refused(Box<AuthnOutcome>),
+}
+
+/// Judge the tokens in `rule`'s locations as Envoy's provider authenticator does: all of
+/// them must verify, the last extracted first (Envoy pops them from the back); the first
+/// failure is the verdict.
+fn judge<'a>(
+    rule: &'a CompiledJwtRule,
+    req: &HttpRequest,
     now: SystemTime,
     keys: &dyn JwksSource,
-) -> Result<(Map<String, Value>, usize), Box<AuthnOutcome>> {
-    let parts: Vec<&str> = token.split('.').collect();
-    if parts.len() != 3 {
-        return Err(reject(
-            401,
-            "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections",
-            None,
-        ));
-    }
-    let header: Option<Map<String, Value>> =
-        b64(parts[0]).and_then(|b| serde_json::from_slice(&b).ok());
-    let claims: Option<Map<String, Value>> =
-        b64(parts[1]).and_then(|b| serde_json::from_slice(&b).ok());
-    let (Some(header), Some(claims)) = (header, claims) else {
-        return Err(reject(
-            401,
-            "Jwt header or payload is an invalid JSON",
-            None,
-        ));
-    };
-    if header.get("alg").and_then(Value::as_str).is_none() {
-        return Err(reject(401, "Jwt header [alg] field is required", None));
-    }
-    let iss = claims.get("iss").and_then(Value::as_str).unwrap_or("");
-    // Every rule reading `loc` that may own this issuer, its own issuer's rules before
-    // issuer-less ones: Istio asks that any one provider accept the token (Envoy's
-    // requires_any), so one rule's audiences or keys failing is not the end.
-    let mut candidates: Vec<usize> = (0..rules.len())
-        .filter(|&i| {
-            rules[i].locations.contains(loc) && rules[i].issuer.as_deref().is_none_or(|x| x == iss)
-        })
-        .collect();
-    candidates.sort_by_key(|&i| rules[i].issuer.is_none());
-    if candidates.is_empty() {
-        return Err(reject(401, "Jwt issuer is not configured", None));
-    }
-    let mut refused: Option<Box<AuthnOutcome>> = None;
-    for ri in candidates {
-        match verify_with_rule(token, claims.clone(), rules[ri], now, keys) {
-            Ok(claims) => return Ok((claims, ri)),
-            // The first refusal that is not about audiences is the answer (401); 403 only
-            // when every rule refused the audience.
-            Err(e) => {
-                let audience_only =
-                    |o: &AuthnOutcome| matches!(o, AuthnOutcome::Rejected { status: 403, .. });
-                if refused
-                    .as_deref()
-                    .is_none_or(|r| audience_only(r) && !audience_only(&e))
-                {
-                    refused = Some(e);
-                }
+) -> Verdict<'a> {
+    let mut found: Vec<(String, &Location)> = Vec::new();
+    for loc in &rule.locations {
+        for token in extract(loc, req) {
+            if !found.iter().any(|(t, l)| *t == token && *l == loc) {
+                found.push((token, loc));
             }
         }
     }
-    Err(refused.unwrap_or_else(|| reject(401, "Jwt verification fails", None)))
+    if found.is_empty() {
+        return Verdict::Missing;
+    }
+    let mut good = Vec::with_capacity(found.len());
+    for (token, loc) in found.into_iter().rev() {
+        match verify_with_rule(&token, rule, now, keys) {
+            Ok(claims) => good.push(Good { claims, token, loc }),
+            Err(Refusal::OtherIssuer) => {
+                return Verdict::OtherIssuer(reject(401, "Jwt issuer is not configured", None));
+            }
+            Err(Refusal::Failed(r)) => return Verdict::Refused(r),
+        }
+    }
+    good.reverse();
+    Verdict::Verified(good)
 }
 
-/// Verify a token (already split and parsed) against one rule: time, audiences, signature.
+enum Refusal {
+    OtherIssuer,
+    Failed(Box<AuthnOutcome>),
+}
+
+/// Verify one token against one rule, in Envoy's order: parse, issuer, `nbf` then `exp`,
+/// audiences, keys, signature. The claims come back with space-delimited claims split.
 fn verify_with_rule(
     token: &str,
-    mut claims: Map<String, Value>,
     rule: &CompiledJwtRule,
     now: SystemTime,
     keys: &dyn JwksSource,
-) -> Result<Map<String, Value>, Box<AuthnOutcome>> {
+) -> Result<Map<String, Value>, Refusal> {
     let p = Some(&rule.policy);
-    // Time, then audiences, then signature: Envoy's order.
-    let t = unix(now);
-    let skew = CLOCK_SKEW.as_secs() as i64;
-    match num_claim(&claims, "exp") {
-        Err(()) => return Err(reject(401, "Jwt exp claim is invalid", p)),
-        Ok(Some(exp)) if t > exp.saturating_add(skew) => {
-            return Err(reject(401, "Jwt is expired", p));
-        }
-        _ => {}
+    let fail = |status: u16, reason: String| Refusal::Failed(reject(status, reason, p));
+    let parsed = envoy_parse(token).map_err(|e| Refusal::Failed(reject(401, e, None)))?;
+    if rule.issuer.as_deref().is_some_and(|i| i != parsed.iss) {
+        return Err(Refusal::OtherIssuer);
     }
-    match num_claim(&claims, "nbf") {
-        Err(()) => return Err(reject(401, "Jwt nbf claim is invalid", p)),
-        Ok(Some(nbf)) if t.saturating_add(skew) < nbf => {
-            return Err(reject(401, "Jwt not yet valid", p));
-        }
-        _ => {}
+    let t = u64::try_from(unix(now)).unwrap_or(0);
+    let skew = CLOCK_SKEW.as_secs();
+    if t.saturating_add(skew) < parsed.nbf {
+        return Err(fail(401, "Jwt not yet valid".into()));
+    }
+    if parsed.exp != 0 && t > parsed.exp.saturating_add(skew) {
+        return Err(fail(401, "Jwt is expired".into()));
     }
     if !rule.audiences.is_empty() {
-        let allowed = |a: &str| {
+        let allowed = |a: &String| {
             rule.audiences
                 .iter()
                 .any(|x| audience_key(x) == audience_key(a))
         };
-        let ok = match claims.get("aud") {
-            Some(Value::String(a)) => allowed(a),
-            Some(Value::Array(list)) => list.iter().filter_map(Value::as_str).any(allowed),
-            _ => false,
-        };
-        if !ok {
-            return Err(reject(403, "Audiences in Jwt are not allowed", p));
+        if !parsed.audiences.iter().any(allowed) {
+            return Err(fail(403, "Audiences in Jwt are not allowed".into()));
         }
     }
     let jwks = match &rule.keys {
         Keys::Inline(Ok(j)) => j.clone(),
         Keys::Inline(Err(e)) => {
-            return Err(reject(401, format!("Jwks doesn't have valid keys: {e}"), p));
+            return Err(fail(
+                401,
+                format!("Jwks doesn't have any valid public key: {e}"),
+            ));
         }
         Keys::Uri(u) | Keys::Discovery(u) => match keys.jwks(u) {
             Ok(j) => j,
-            Err(e) => return Err(reject(401, format!("Jwks remote fetch is failed: {e}"), p)),
+            Err(e) => return Err(fail(401, format!("Jwks remote fetch is failed: {e}"))),
         },
     };
     if let Err(e) = rampart_certs::jwt::verify(token, &jwks, now, CLOCK_SKEW) {
-        return Err(reject(401, format!("Jwt verification fails: {e}"), p));
+        use rampart_certs::jwt::JwtError as E;
+        let phrase = match e {
+            E::UnknownKid { .. } | E::NoMatchingKey { .. } | E::SymmetricAlgorithm { .. } => {
+                "Jwks doesn't have key to match kid or alg from Jwt"
+            }
+            _ => "Jwt verification fails",
+        };
+        return Err(fail(401, format!("{phrase}: {e}")));
     }
+    let mut claims = parsed.claims;
     for name in &rule.space_delimited {
         if let Some(Value::String(s)) = claims.get(name) {
             let list: Vec<Value> = s
@@ -778,7 +861,17 @@ fn verify_with_rule(
     Ok(claims)
 }
 
-/// Authenticate `req` against the jwtRules that apply to `w`.
+/// Authenticate `req` against the jwtRules that apply to `w`, as the `jwt_authn` filter
+/// istiod writes decides. Rules sorted by issuer are providers P0..Pn-1 and the requirement
+/// is `requires_any[P0, .., Pn-1, requires_all[any(P0, allow_missing), ..]]`:
+///
+/// - a rule whose locations hold tokens that all verify authenticates the request (the
+///   first such rule, in order; tokens in other rules' locations are not looked at);
+/// - otherwise a request where no rule finds a token passes without a principal;
+/// - otherwise it is refused with the error of the first rule (in order) that found a bad or
+///   another issuer's token, unless that error is "another issuer", in which case the last
+///   real error of any rule wins, if there is one (Envoy's `requires_any` keeps the last
+///   error that is not JwtMissed or JwtUnknownIssuer).
 pub(crate) fn authenticate(
     set: &ReqAuthnSet,
     root_ns: &str,
@@ -800,51 +893,42 @@ pub(crate) fn authenticate(
     {
         return AuthnOutcome::NoToken;
     }
-    let mut locs: Vec<&Location> = Vec::new();
-    for r in &rules {
-        for l in &r.locations {
-            if !locs.contains(&l) {
-                locs.push(l);
-            }
+    let mut failures: Vec<(bool, Box<AuthnOutcome>)> = Vec::new();
+    for rule in &rules {
+        match judge(rule, req, now, keys) {
+            Verdict::Missing => {}
+            Verdict::Verified(good) => return authenticated(rule, good),
+            Verdict::OtherIssuer(r) => failures.push((false, r)),
+            Verdict::Refused(r) => failures.push((true, r)),
         }
     }
-    let mut first: Option<(Map<String, Value>, usize, String, &Location)> = None;
-    // Where every verified token came from, with whether its rule forwards it.
-    let mut verified: Vec<(&Location, bool)> = Vec::new();
-    // One verification per token and location: the same token in two places (a header and
-    // `?access_token=`) is judged, and removed, at each.
-    let mut seen: Vec<(String, &Location)> = Vec::new();
-    for loc in locs {
-        for token in extract(loc, req) {
-            if seen.iter().any(|(t, l)| *t == token && *l == loc) {
-                continue;
-            }
-            seen.push((token.clone(), loc));
-            match verify_one(&token, loc, &rules, now, keys) {
-                Err(rejected) => return *rejected,
-                Ok((claims, ri)) => {
-                    verified.push((loc, rules[ri].forward_original_token));
-                    if first.is_none() {
-                        first = Some((claims, ri, token, loc));
-                    }
-                }
-            }
-        }
-    }
-    let Some((claims, ri, token, _)) = first else {
+    // The `requires_all` branch: every rule missing its token is a pass.
+    let Some((first_real, first)) = failures.first() else {
         return AuthnOutcome::NoToken;
     };
-    let rule = rules[ri];
+    if *first_real {
+        return (**first).clone();
+    }
+    let last_real = failures.iter().rev().find(|(real, _)| *real);
+    (*last_real.map_or(first, |(_, r)| r)).as_ref().clone()
+}
+
+/// The outcome of `rule` verifying `good` (non-empty): claims and principal from the first
+/// token (Envoy verifies the last first, so the first one's payload is written last), the
+/// output headers, and the removal of every token the rule does not forward.
+fn authenticated(rule: &CompiledJwtRule, good: Vec<Good<'_>>) -> AuthnOutcome {
     let mut headers = Vec::new();
+    let first = &good[0];
     if let Some(h) = &rule.output_payload_to_header {
-        let payload = token.split('.').nth(1).unwrap_or("").to_string();
+        let payload = first.token.split('.').nth(1).unwrap_or("").to_string();
         headers.push(HeaderMutation::Set {
             name: h.clone(),
             value: payload,
         });
     }
     // Claims as the token carries them (before space-delimited splitting).
-    let original: Map<String, Value> = token
+    let original: Map<String, Value> = first
+        .token
         .split('.')
         .nth(1)
         .and_then(b64)
@@ -858,22 +942,28 @@ pub(crate) fn authenticate(
             });
         }
     }
-    // Every verified token its rule does not forward is taken out, wherever it was: headers
-    // (as Envoy), and query parameters, which Envoy leaves in place (its param location's
-    // removal is a TODO) though Istio documents the token as not forwarded: there it would
-    // reach the app's URL and its logs. Cookies are left: one Cookie header carries the
+    // Every verified token the rule does not forward is taken out: from its header and
+    // from the query (as Envoy 1.40 does). Cookies are left: one Cookie header carries the
     // app's other cookies too.
-    for (loc, forward) in verified {
-        let m = match (forward, loc) {
-            (false, Location::Header { name, .. }) => HeaderMutation::Remove { name: name.clone() },
-            (false, Location::Param(p)) => HeaderMutation::RemoveQueryParam { name: p.clone() },
-            _ => continue,
-        };
-        if !headers.contains(&m) {
-            headers.push(m);
+    if !rule.forward_original_token {
+        for g in &good {
+            let m = match g.loc {
+                Location::Header { name, .. } => HeaderMutation::Remove { name: name.clone() },
+                Location::Param(p) => HeaderMutation::RemoveQueryParam { name: p.clone() },
+                Location::Cookie(_) => continue,
+            };
+            if !headers.contains(&m) {
+                headers.push(m);
+            }
         }
     }
-    let claims = JwtClaims { claims };
+    let claims = JwtClaims {
+        claims: good
+            .into_iter()
+            .next()
+            .map(|g| g.claims)
+            .unwrap_or_default(),
+    };
     AuthnOutcome::Authenticated {
         principal: claims.principal(),
         claims,

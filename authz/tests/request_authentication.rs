@@ -837,3 +837,183 @@ fn policy_sees_the_headers_authentication_writes() {
     let d = check("guest", Some("admin"));
     assert_eq!(d.status, 403, "{}", d.summary());
 }
+
+/// Which refusal answers when several rules see tokens, as the `jwt_authn` configuration
+/// istiod writes decides (checked against a real Envoy in tests/jwt_envoy_e2e.rs): the rules
+/// sorted by issuer, the first rule whose tokens all verify wins and other rules' tokens are
+/// not looked at; otherwise the first failing rule's error, unless it only says "another
+/// issuer", and then the last real error.
+#[test]
+fn several_rules_answer_as_envoys_requirements() {
+    let t0 = 1_900_000_000u64;
+    let (a, b) = (
+        signer(KeyAlgorithm::EcdsaP256),
+        signer(KeyAlgorithm::EcdsaP256),
+    );
+    let one = "https://one.example";
+    // Listed out of order on purpose: sorted, `one` (key a, audience foo) comes before `one`
+    // (key b), then `three` (x-three), then `two` (x-two).
+    let yaml = format!(
+        "{}{}{}{}",
+        ra(
+            "p1",
+            "issuer: https://two.example\n    fromHeaders: [{name: x-two}]",
+            &jwks_text(&a)
+        ),
+        ra(
+            "p2",
+            &format!("issuer: {one}\n    audiences: [foo]"),
+            &jwks_text(&a)
+        ),
+        ra(
+            "p3",
+            "issuer: https://three.example\n    fromHeaders: [{name: x-three}]",
+            &jwks_text(&a)
+        ),
+        ra("p4", &format!("issuer: {one}"), &jwks_text(&b)),
+    );
+    let e = engine(&yaml);
+    let tok = |s: &JwtSigner, claims: serde_json::Value| s.sign(&claims).unwrap();
+    let good = tok(
+        &a,
+        json!({"iss": one, "sub": "u", "aud": "foo", "exp": t0 + 100}),
+    );
+    let bar_a = tok(
+        &a,
+        json!({"iss": one, "sub": "u", "aud": "bar", "exp": t0 + 100}),
+    );
+    let bar_b = tok(
+        &b,
+        json!({"iss": one, "sub": "u", "aud": "bar", "exp": t0 + 100}),
+    );
+    let expired = tok(
+        &a,
+        json!({"iss": one, "sub": "u", "aud": "foo", "exp": t0 - 100}),
+    );
+    let two = tok(
+        &a,
+        json!({"iss": "https://two.example", "sub": "t", "exp": t0 + 100}),
+    );
+
+    // The first `one` rule refuses the audience, the second has no key for it: 403 (the
+    // first rule's error), where "401 unless every rule refused the audience" would say 401.
+    let o = authn(&e, &bearer(&bar_a), at(t0));
+    assert_eq!(
+        (status(&o), reason(&o).as_str()),
+        (403, "Audiences in Jwt are not allowed")
+    );
+    // The second `one` rule accepts what the first refused.
+    assert_eq!(status(&authn(&e, &bearer(&bar_b), at(t0))), 200);
+    // A good token for one rule; an expired token of the same issuer where only `two` looks
+    // (`two` calls it another issuer's): the good rule decides, as Envoy's does.
+    let req = bearer(&good).with_header("x-two", &expired);
+    assert_eq!(status(&authn(&e, &req, at(t0))), 200);
+    // The twin: with no good token anywhere, the bad one is refused.
+    let req = get("/").with_header("x-two", &expired);
+    let o = authn(&e, &req, at(t0));
+    assert_eq!(
+        (status(&o), reason(&o).as_str()),
+        (401, "Jwt issuer is not configured")
+    );
+    // `two`'s token in Authorization: another issuer for both `one` rules.
+    let o = authn(&e, &bearer(&two), at(t0));
+    assert_eq!(
+        (status(&o), reason(&o).as_str()),
+        (401, "Jwt issuer is not configured")
+    );
+    // First failure "another issuer" (`one` rules see `two`'s token in Authorization), a
+    // real error later (`three` sees an expired token): the real error answers.
+    let req = bearer(&two).with_header("x-three", &expired);
+    let o = authn(&e, &req, at(t0));
+    assert_eq!(
+        (status(&o), reason(&o).as_str()),
+        (401, "Jwt issuer is not configured")
+    );
+    let three_expired = tok(
+        &a,
+        json!({"iss": "https://three.example", "sub": "u", "exp": t0 - 100}),
+    );
+    let req = bearer(&two).with_header("x-three", &three_expired);
+    let o = authn(&e, &req, at(t0));
+    assert_eq!((status(&o), reason(&o).as_str()), (401, "Jwt is expired"));
+    // A first real error answers even when a later rule only saw another issuer's token.
+    let req = bearer(&expired).with_header("x-three", &two);
+    let o = authn(&e, &req, at(t0));
+    assert_eq!((status(&o), reason(&o).as_str()), (401, "Jwt is expired"));
+}
+
+/// jwt_verify_lib's phrases for malformed tokens, in its order of checks.
+#[test]
+fn malformed_tokens_get_envoys_phrases() {
+    let t0 = 1_900_000_000u64;
+    let s = signer(KeyAlgorithm::EcdsaP256);
+    let e = engine(&ra("p", "issuer: https://idp.example", &jwks_text(&s)));
+    let b = |v: &str| base64::Engine::encode(&base64::engine::general_purpose::URL_SAFE_NO_PAD, v);
+    let h = b(r#"{"alg":"ES256"}"#);
+    let sig = b("sig");
+    for (token, want) in [
+        (
+            format!("{h}.{}.", b("{}")),
+            "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections",
+        ),
+        (
+            format!("{h}..{sig}"),
+            "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections",
+        ),
+        (
+            format!("{}.{}.{sig}", b("[1]"), b("{}")),
+            "Jwt header is an invalid JSON",
+        ),
+        (
+            format!("{}.{}.{sig}", b(r#"{"alg":1}"#), b("{}")),
+            "Jwt header [alg] field is required and must be a string",
+        ),
+        (
+            format!("{}.{}.{sig}", b(r#"{"alg":"none"}"#), b("{}")),
+            "Jwt header [alg] is not supported",
+        ),
+        (
+            format!("{}.{}.{sig}", b(r#"{"alg":"ES256","kid":3}"#), b("{}")),
+            "Jwt header [kid] field is not a string",
+        ),
+        (
+            format!("{h}.{}.{sig}", b("nope")),
+            "Jwt payload is an invalid JSON",
+        ),
+        (
+            format!("{h}.{}.{sig}", b(r#"{"iss":5}"#)),
+            "Jwt payload [iss] field is not a string",
+        ),
+        (
+            format!("{h}.{}.{sig}", b(r#"{"exp":"soon"}"#)),
+            "Jwt payload [exp] field is not an integer",
+        ),
+        (
+            format!("{h}.{}.{sig}", b(r#"{"nbf":-1}"#)),
+            "Jwt payload [nbf] field is not a positive 64 bit integer",
+        ),
+        (
+            format!("{h}.{}.{sig}", b(r#"{"aud":[1]}"#)),
+            "Jwt payload [aud] field is not a string or string list",
+        ),
+        (
+            format!("{h}.{}.ab=c", b("{}")),
+            "Jwt signature is an invalid Base64url encoded",
+        ),
+    ] {
+        let o = authn(&e, &bearer(&token), at(t0));
+        assert_eq!((status(&o), reason(&o)), (401, want.to_string()), "{token}");
+    }
+    // A well-formed token signed by another key named by its kid: the key set lacks it.
+    let other = signer(KeyAlgorithm::EcdsaP384);
+    let t = other
+        .sign(&json!({"iss": "https://idp.example", "exp": t0 + 100}))
+        .unwrap();
+    let o = authn(&e, &bearer(&t), at(t0));
+    assert_eq!(status(&o), 401);
+    assert!(
+        reason(&o).starts_with("Jwks doesn't have key to match kid or alg from Jwt"),
+        "{}",
+        reason(&o)
+    );
+}

@@ -758,11 +758,16 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                 reason = %d.reason,
                 "request denied: {}", d.summary()
             );
+            let jwt = matches!(
+                d.reason_code,
+                ReasonCode::JwtInvalid | ReasonCode::JwtAudienceMismatch
+            );
             let body = match d.status {
                 // Envoy's fixed phrase ("Jwks remote fetch is failed", "Jwt verification
-                // fails", ...): the detail after it (a JWKS URI, a socket or TLS error) is
-                // for the log above, not for an unauthenticated client.
-                401 => d
+                // fails", "Audiences in Jwt are not allowed", ...): the detail after it (a
+                // JWKS URI, a socket or TLS error) is for the log above, not for an
+                // unauthenticated client.
+                _ if jwt || d.status == 401 => d
                     .reason
                     .split_once(": ")
                     .map_or(d.reason.as_str(), |(phrase, _)| phrase)
@@ -771,6 +776,9 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                 _ => "RBAC: access denied".to_string(),
             };
             let (mut r, g) = denial(d.status, grpc, &body);
+            if jwt && let Some(v) = bearer_challenge(&req, mtls, &normalized) {
+                r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+            }
             add_headers(&mut r, &ext_response, grpc);
             let flags = if d.status == 401 || d.status == 400 {
                 "-"
@@ -1069,6 +1077,24 @@ where
     ib.metrics.tcp_closed(&cx.labels, sent, received);
 }
 
+/// Envoy's `jwt_authn` challenge on a refused token: `Bearer realm="<scheme>://<host><path>",
+/// error="invalid_token"`, the path (normalized, with its query) cut at 256 bytes. The scheme
+/// is the request's own (HTTP/2), else `https` on an mTLS connection and `http` without.
+fn bearer_challenge<B>(req: &Request<B>, mtls: bool, path: &str) -> Option<HeaderValue> {
+    let scheme = req
+        .uri()
+        .scheme_str()
+        .unwrap_or(if mtls { "https" } else { "http" });
+    let mut cut = path.len().min(256);
+    while !path.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    let realm = format!("{scheme}://{}{}", authority_of(req), &path[..cut]);
+    HeaderValue::from_str(&format!(
+        "Bearer realm=\"{realm}\", error=\"invalid_token\""
+    ))
+    .ok()
+}
 #[cfg(test)]
 mod tests {
     use super::*;
