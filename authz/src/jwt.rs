@@ -498,7 +498,8 @@ pub enum AuthnOutcome {
     /// No token in any configured location (or no RequestAuthentication applies, or a CORS
     /// preflight): the request passes with no request principal.
     NoToken,
-    /// Every token present verified.
+    /// Every token in the accepting rule's locations verified (other rules' locations are
+    /// not looked at once one rule accepts, as with Envoy).
     Authenticated {
         /// `<iss>/<sub>`, if both claims are strings.
         principal: Option<String>,
@@ -657,11 +658,15 @@ const ENVOY_ALGS: [&str; 13] = [
 /// Parse `token` in jwt_verify_lib's order, failing with its phrase (the body Envoy answers
 /// with): segments, header, `alg`, `kid`, payload, registered claims' types, signature.
 fn envoy_parse(token: &str) -> Result<Parsed, &'static str> {
+    const BAD_FORMAT: &str =
+        "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections";
+    // Nothing larger is decoded (the verifier refuses it anyway).
+    if token.len() > rampart_certs::jwt::MAX_TOKEN_LEN {
+        return Err(BAD_FORMAT);
+    }
     let parts: Vec<&str> = token.split('.').filter(|p| !p.is_empty()).collect();
     let [header, payload, signature] = parts[..] else {
-        return Err(
-            "Jwt is not in the form of Header.Payload.Signature with two dots and 3 sections",
-        );
+        return Err(BAD_FORMAT);
     };
     let header = b64(header).ok_or("Jwt header is an invalid Base64url encoded")?;
     let header: Map<String, Value> =
@@ -906,12 +911,29 @@ pub(crate) fn authenticate(
     let Some((first_real, first)) = failures.first() else {
         return AuthnOutcome::NoToken;
     };
-    if *first_real {
-        return (**first).clone();
-    }
     let last_real = failures.iter().rev().find(|(real, _)| *real);
-    (*last_real.map_or(first, |(_, r)| r)).as_ref().clone()
+    let mut answer = if *first_real {
+        (**first).clone()
+    } else {
+        (*last_real.map_or(first, |(_, r)| r)).as_ref().clone()
+    };
+    // A rule that lacked the token's key (a rotation the cached JWKS has not seen) is named
+    // in the detail even when another rule's error answers, so that the proxy refetches.
+    if let AuthnOutcome::Rejected { reason, .. } = &mut answer
+        && !reason.contains(KID_MISS)
+        && let Some(miss) = failures.iter().find_map(|(_, r)| match &**r {
+            AuthnOutcome::Rejected { reason, .. } if reason.contains(KID_MISS) => Some(reason),
+            _ => None,
+        })
+    {
+        let sep = if reason.contains(": ") { "; " } else { ": " };
+        reason.push_str(&format!("{sep}another rule: {miss}"));
+    }
+    answer
 }
+
+/// What the key-set error says of a `kid` it does not hold (the proxy's cue to refetch).
+const KID_MISS: &str = "no key with kid";
 
 /// The outcome of `rule` verifying `good` (non-empty): claims and principal from the first
 /// token (Envoy verifies the last first, so the first one's payload is written last), the

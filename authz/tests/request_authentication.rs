@@ -904,6 +904,28 @@ fn several_rules_answer_as_envoys_requirements() {
     );
     // The second `one` rule accepts what the first refused.
     assert_eq!(status(&authn(&e, &bearer(&bar_b), at(t0))), 200);
+    // A key neither rule holds (a rotation): the first rule's 403 answers, and the detail
+    // names the missing kid, the proxy's cue to refetch the key set.
+    let rotated = JwtSigner::new(
+        &PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+        "k2",
+    )
+    .unwrap();
+    let o = authn(
+        &e,
+        &bearer(&tok(
+            &rotated,
+            json!({"iss": one, "sub": "u", "aud": "bar", "exp": t0 + 100}),
+        )),
+        at(t0),
+    );
+    assert_eq!(status(&o), 403);
+    assert!(
+        reason(&o).starts_with("Audiences in Jwt are not allowed: another rule: ")
+            && reason(&o).contains("no key with kid"),
+        "{}",
+        reason(&o)
+    );
     // A good token for one rule; an expired token of the same issuer where only `two` looks
     // (`two` calls it another issuer's): the good rule decides, as Envoy's does.
     let req = bearer(&good).with_header("x-two", &expired);

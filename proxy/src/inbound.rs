@@ -778,6 +778,8 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
             let (mut r, g) = denial(d.status, grpc, &body);
             if jwt && let Some(v) = bearer_challenge(&req, mtls, &normalized) {
                 r.headers_mut().insert(header::WWW_AUTHENTICATE, v);
+                // The challenge is the token's: a provider's allowing answer adds no second.
+                ext_response.retain(|(k, _)| k != header::WWW_AUTHENTICATE);
             }
             add_headers(&mut r, &ext_response, grpc);
             let flags = if d.status == 401 || d.status == 400 {
@@ -1090,14 +1092,62 @@ fn bearer_challenge<B>(req: &Request<B>, mtls: bool, path: &str) -> Option<Heade
         cut -= 1;
     }
     let realm = format!("{scheme}://{}{}", authority_of(req), &path[..cut]);
+    // Quoted-string safe: `"`, `\` and any byte that is not visible ASCII percent-encoded,
+    // so a client's path cannot add parameters to the challenge, and a non-ASCII path still
+    // gets one.
+    let mut quoted = String::with_capacity(realm.len());
+    for b in realm.bytes() {
+        if b.is_ascii_graphic() && b != b'"' && b != b'\\' {
+            quoted.push(char::from(b));
+        } else {
+            quoted.push_str(&format!("%{b:02X}"));
+        }
+    }
     HeaderValue::from_str(&format!(
-        "Bearer realm=\"{realm}\", error=\"invalid_token\""
+        "Bearer realm=\"{quoted}\", error=\"invalid_token\""
     ))
     .ok()
 }
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_bearer_challenge_quotes_what_the_client_wrote() {
+        let req = |host: &str| {
+            Request::builder()
+                .uri("/x")
+                .header(header::HOST, host)
+                .body(())
+                .unwrap()
+        };
+        let challenge = |r: &Request<()>, mtls, path: &str| {
+            bearer_challenge(r, mtls, path)
+                .map(|v| v.to_str().unwrap().to_string())
+                .unwrap_or_default()
+        };
+        assert_eq!(
+            challenge(&req("a.b:8080"), false, "/p?q=1"),
+            r#"Bearer realm="http://a.b:8080/p?q=1", error="invalid_token""#
+        );
+        assert_eq!(
+            challenge(&req("a.b"), true, "/p"),
+            r#"Bearer realm="https://a.b/p", error="invalid_token""#
+        );
+        // A quote or backslash in the path cannot close the realm and add parameters; a
+        // non-ASCII byte still gets a challenge.
+        assert_eq!(
+            challenge(&req("a.b"), false, r#"/x",error="insufficient_scope\é"#),
+            r#"Bearer realm="http://a.b/x%22,error=%22insufficient_scope%5C%C3%A9", error="invalid_token""#
+        );
+        // The path is cut at 256 bytes, as Envoy cuts it.
+        let long = format!("/{}", "a".repeat(300));
+        let c = challenge(&req("h"), false, &long);
+        assert!(
+            c.contains(&format!("http://h/{}\"", "a".repeat(255))),
+            "{c}"
+        );
+    }
 
     fn provider_headers() -> Vec<(header::HeaderName, HeaderValue)> {
         [

@@ -335,12 +335,11 @@ impl<'a> Lookup<'a> {
     /// What to refetch if `d` refused a token for an unknown `kid`.
     pub(crate) fn kid_miss(self, d: &Decision) -> Option<KidMiss> {
         let uris = self.used.into_inner().unwrap_or_else(|e| e.into_inner());
-        (d.status == 401 && d.reason.contains("no key with kid") && !uris.is_empty()).then_some(
-            KidMiss {
+        (matches!(d.status, 401 | 403) && d.reason.contains("no key with kid") && !uris.is_empty())
+            .then_some(KidMiss {
                 uris,
                 seen: self.remote,
-            },
-        )
+            })
     }
 }
 
