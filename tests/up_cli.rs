@@ -342,8 +342,16 @@ fn up_running() -> Running {
 
 /// As `up_running`, with `up` started through `wrapper` (such as `nohup`).
 fn up_running_under(wrapper: Option<&[&str]>) -> Running {
+    up_running_app(wrapper, |app| {
+        format!("[rampart, echo, --listen, '127.0.0.1:{app}', --name, lifeline]")
+    })
+}
+
+/// As `up_running_under`, with the app's command (YAML flow list) made from its port.
+fn up_running_app(wrapper: Option<&[&str]>, command: impl Fn(u16) -> String) -> Running {
     let free = support::free_port;
     let (ca, app, inbound, admin) = (free(), free(), free(), free());
+    let command = command(app);
     let d = folder(
         &format!("rampart: {{ca: {{listen: 127.0.0.1:{ca}}}}}\n"),
         &format!(
@@ -351,7 +359,7 @@ fn up_running_under(wrapper: Option<&[&str]>) -> Running {
 - name: a
   namespace: ns1
   ports: [{{port: 80, protocol: http, app: 127.0.0.1:{app}, inbound: 127.0.0.1:{inbound}}}]
-  command: [rampart, echo, --listen, '127.0.0.1:{app}', --name, lifeline]
+  command: {command}
   proxy: {{admin: 127.0.0.1:{admin}}}
 "
         ),
@@ -375,19 +383,19 @@ fn up_running_under(wrapper: Option<&[&str]>) -> Running {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
-    let echo = format!("127.0.0.1:{app} --name lifeline");
-    assert!(
-        !processes_mentioning(&echo).is_empty(),
-        "the app is not `rampart echo`"
-    );
     (child, d, state, app)
 }
 
 /// Waits until no process mentions the state dir or runs the app, and the app's port is
 /// free.
 fn all_gone(state: &Path, app: u16, why: &str) {
+    all_gone_but(state, app, &format!("127.0.0.1:{app} --name lifeline"), why);
+}
+
+/// As `all_gone`, with the app's processes found by `app_needle` in their command lines.
+fn all_gone_but(state: &Path, app: u16, app_needle: &str, why: &str) {
     let needle = state.display().to_string();
-    let echo = format!("127.0.0.1:{app} --name lifeline");
+    let echo = app_needle.to_string();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
         let left: Vec<String> = processes_mentioning(&needle)
@@ -416,6 +424,96 @@ fn the_processes_up_started_stop_when_up_is_killed_with_sigkill() {
     child.kill().unwrap();
     child.wait().unwrap();
     all_gone(state.path(), app, "after kill -9 of up");
+}
+
+/// An app that is another program than `rampart` (here Python's http.server) runs under
+/// `rampart app-guard`, which holds the lifeline for it: `kill -9` of `up` stops it too, so
+/// its port is free for the next `up`.
+#[test]
+fn an_app_of_another_program_stops_when_up_is_killed_with_sigkill() {
+    let python = support::python();
+    let (mut child, _d, state, app) = up_running_app(None, |app| {
+        format!(
+            "['{}', -m, http.server, '{app}', --bind, 127.0.0.1]",
+            python.display()
+        )
+    });
+    let needle = format!("http.server {app}");
+    assert_eq!(
+        processes_mentioning(&needle).len(),
+        2,
+        "the guard and the app"
+    );
+    child.kill().unwrap();
+    child.wait().unwrap();
+    all_gone_but(state.path(), app, &needle, "after kill -9 of up");
+}
+
+/// An app whose program does not exist: `up` names it, with the guard's reason from the log,
+/// and stops the rest.
+#[test]
+fn an_app_program_that_does_not_exist_is_named() {
+    let free = support::free_port;
+    let (ca, app, inbound, admin) = (free(), free(), free(), free());
+    let d = folder(
+        &format!("rampart: {{ca: {{listen: 127.0.0.1:{ca}}}}}\n"),
+        &format!(
+            "workloads:
+- name: a
+  namespace: ns1
+  ports: [{{port: 80, protocol: http, app: 127.0.0.1:{app}, inbound: 127.0.0.1:{inbound}}}]
+  command: [/nonexistent/rampart-test-app, --flag]
+  proxy: {{admin: 127.0.0.1:{admin}}}
+"
+        ),
+        None,
+    );
+    let state = tempfile::tempdir().unwrap();
+    let out = rampart_up(d.path(), state.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(
+        err.contains("app ns1/a exited unexpectedly (exit code 127)"),
+        "{err}"
+    );
+    assert!(
+        err.contains("cannot start /nonexistent/rampart-test-app: No such file or directory"),
+        "{err}"
+    );
+    let left = processes_mentioning(&state.path().display().to_string());
+    assert!(left.is_empty(), "left running: {left:?}");
+}
+
+/// Its twin: a normal stop (SIGINT) stops the guarded app with the rest, and `up` exits 0.
+#[test]
+fn an_app_of_another_program_stops_with_up() {
+    let python = support::python();
+    let (mut child, _d, state, app) = up_running_app(None, |app| {
+        format!(
+            "['{}', -m, http.server, '{app}', --bind, 127.0.0.1]",
+            python.display()
+        )
+    });
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let status = loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            break st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "up did not stop within 60s of SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    };
+    assert_eq!(status.code(), Some(0));
+    all_gone_but(
+        state.path(),
+        app,
+        &format!("http.server {app}"),
+        "after SIGINT",
+    );
 }
 
 /// A closed terminal (SIGHUP) stops the mesh as Ctrl-C does: `up` stops its children in

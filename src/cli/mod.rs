@@ -2,6 +2,7 @@
 
 mod admin_http;
 mod agent;
+mod app_guard;
 mod authz;
 mod bench;
 mod ca;
@@ -70,6 +71,9 @@ pub(crate) enum Command {
     /// Load generators for what wrk cannot drive (mTLS handshakes).
     #[command(subcommand)]
     Bench(bench::BenchCommand),
+    /// How `rampart up` runs an app that is not `rampart` (stops it when `up` is gone).
+    #[command(hide = true)]
+    AppGuard(app_guard::AppGuardArgs),
 }
 
 impl Command {
@@ -89,6 +93,7 @@ impl Command {
             Command::Inject(cmd) => cmd.run(),
             Command::Probe(cmd) => cmd.run(),
             Command::Bench(cmd) => cmd.run(),
+            Command::AppGuard(cmd) => cmd.run(),
         }
     }
 }

@@ -12,18 +12,8 @@ pub(crate) const LIFELINE_ENV: &str = "RAMPART_UP_LIFELINE";
 pub(crate) async fn shutdown_signal() {
     use tokio::signal::unix::{SignalKind, signal};
     let lifeline = async {
-        // Only a pipe is a lifeline: with the variable inherited by mistake and stdin at
-        // /dev/null or a terminal, the process must not stop at once.
-        let piped = || {
-            use std::os::unix::fs::FileTypeExt as _;
-            std::fs::metadata("/proc/self/fd/0").is_ok_and(|m| m.file_type().is_fifo())
-        };
-        if std::env::var_os(LIFELINE_ENV).is_some_and(|v| v == "stdin") && piped() {
-            lifeline_closed().await;
-            tracing::warn!("rampart up, which started this process, is gone; stopping");
-        } else {
-            std::future::pending::<()>().await;
-        }
+        lifeline().await;
+        tracing::warn!("rampart up, which started this process, is gone; stopping");
     };
     let Ok(mut term) = signal(SignalKind::terminate()) else {
         tokio::select! {
@@ -36,6 +26,22 @@ pub(crate) async fn shutdown_signal() {
         _ = term.recv() => tracing::info!("SIGTERM received"),
         _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
         () = lifeline => {}
+    }
+}
+
+/// Resolves when `rampart up`, which started this process, is gone: the lifeline pipe on
+/// stdin has ended. Never resolves for a process without one. Only a pipe is a lifeline: with
+/// the variable inherited by mistake and stdin at /dev/null or a terminal, the process must
+/// not stop at once.
+pub(crate) async fn lifeline() {
+    let piped = || {
+        use std::os::unix::fs::FileTypeExt as _;
+        std::fs::metadata("/proc/self/fd/0").is_ok_and(|m| m.file_type().is_fifo())
+    };
+    if std::env::var_os(LIFELINE_ENV).is_some_and(|v| v == "stdin") && piped() {
+        lifeline_closed().await;
+    } else {
+        std::future::pending::<()>().await;
     }
 }
 

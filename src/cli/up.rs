@@ -333,14 +333,26 @@ impl Up {
             .open(&log)
             .with_context(|| format!("opening {}", log.display()))?;
         let log_file = Arc::new(Mutex::new(log_file));
+        // Every child gets a lifeline: its stdin is a pipe whose other end only this process
+        // holds (in the task that waits for the child), closed by the kernel when `up` ends
+        // however it ends. Our own processes then stop (`process::shutdown_signal`); an app
+        // that is another program runs under `rampart app-guard`, which holds the lifeline
+        // for it and stops the app's process group (the app itself gets no stdin, and not
+        // the variable).
+        let guarded: Vec<String>;
+        let (program, args) = if program == self.exe.as_path() {
+            (program, args)
+        } else {
+            guarded = ["app-guard".to_string(), "--".to_string()]
+                .into_iter()
+                .chain(std::iter::once(program.display().to_string()))
+                .chain(args.iter().cloned())
+                .collect();
+            (self.exe.as_path(), guarded.as_slice())
+        };
         let mut cmd = tokio::process::Command::new(program);
-        // Our own processes get a lifeline: their stdin is a pipe whose other end only this
-        // process holds (in the task that waits for the child), closed by the kernel when `up`
-        // ends however it ends, which stops them (`process::shutdown_signal`). Other apps get
-        // no stdin, and not the variable.
-        let ours = program == self.exe.as_path();
         cmd.args(args)
-            .stdin(if ours { Stdio::piped() } else { Stdio::null() })
+            .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .process_group(0)
@@ -356,11 +368,7 @@ impl Up {
         for (k, v) in env {
             cmd.env(k, v);
         }
-        if ours {
-            cmd.env(super::process::LIFELINE_ENV, "stdin");
-        } else {
-            cmd.env_remove(super::process::LIFELINE_ENV);
-        }
+        cmd.env(super::process::LIFELINE_ENV, "stdin");
         let mut child = cmd.spawn().with_context(|| {
             format!("{name}: starting {} {}", program.display(), args.join(" "))
         })?;
