@@ -1295,7 +1295,18 @@ impl MeshFolder {
         let mesh_path = dir.join(MESH_FILE);
         let mesh_text = match std::fs::read_to_string(&mesh_path) {
             Ok(t) => t,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => String::new(),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                // Without mesh.yaml the defaults apply, and a `mesh.yml` beside it would be
+                // read as a policy file: its trust domain and settings silently lost.
+                if dir.join("mesh.yml").is_file() {
+                    c.push(
+                        "mesh.yml",
+                        "",
+                        "the mesh config is read from mesh.yaml only; rename this file",
+                    );
+                }
+                String::new()
+            }
             Err(e) => {
                 c.push(MESH_FILE, "", format!("cannot read: {e}"));
                 String::new()
@@ -1756,6 +1767,25 @@ services:
         // An issuer with a path shares its host with others: no host file for it.
         assert_eq!(f.files.jwks.get(&doc("https://b.example/realm")), None);
         assert_eq!(f.files.jwks.len(), 2);
+    }
+
+    #[test]
+    fn a_mesh_yml_without_mesh_yaml_is_refused_naming_the_rename() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join(WORKLOADS_FILE), REG).unwrap();
+        std::fs::write(d.path().join("mesh.yml"), "trustDomain: example.org\n").unwrap();
+        let p = MeshFolder::load(d.path()).unwrap_err();
+        assert!(
+            p.iter()
+                .any(|p| p.file == "mesh.yml" && p.reason.contains("read from mesh.yaml only")),
+            "{p:?}"
+        );
+        // Its twin: with mesh.yaml there, the folder loads (mesh.yml is then a policy file,
+        // here an empty one).
+        std::fs::write(d.path().join(MESH_FILE), "trustDomain: example.org\n").unwrap();
+        std::fs::write(d.path().join("mesh.yml"), "").unwrap();
+        let f = MeshFolder::load(d.path()).unwrap();
+        assert_eq!(f.trust_domain.as_str(), "example.org");
     }
 
     #[test]

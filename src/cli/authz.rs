@@ -133,7 +133,7 @@ fn parse_ip(field: &str, v: &Option<String>) -> anyhow::Result<Option<IpAddr>> {
 
 /// Every `.yaml`/`.yml` file under `dir` except `dir/mesh.yaml` and `dir/workloads.yaml`
 /// (a mesh folder's config and registry, not policies: `--config` may be the folder `rampart
-/// up` runs).
+/// up` runs). The same files the proxy reads as policies: a top-level `mesh.yml` is one.
 fn policy_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
     let mut out = Vec::new();
     let mut stack = vec![dir.to_path_buf()];
@@ -150,10 +150,7 @@ fn policy_files(dir: &Path) -> anyhow::Result<Vec<PathBuf>> {
                 stack.push(p);
             } else if (name.ends_with(".yaml") || name.ends_with(".yml"))
                 && !(d == dir
-                    && matches!(
-                        name,
-                        "mesh.yaml" | "mesh.yml" | rampart_mesh::WORKLOADS_FILE
-                    ))
+                    && (name == rampart_mesh::MESH_FILE || name == rampart_mesh::WORKLOADS_FILE))
             {
                 out.push(p);
             }
