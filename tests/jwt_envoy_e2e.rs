@@ -14,15 +14,13 @@
 //! token beside a good one; a CORS preflight.
 
 mod support;
-use support::{Answer, Proc, curl, free_port, python};
+use support::{Answer, curl, free_port};
 
 #[path = "../proxy/tests/support/sds_standin.rs"]
 mod sds_standin;
 
 use std::collections::BTreeMap;
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -228,54 +226,7 @@ fn mint() -> (BTreeMap<String, String>, BTreeMap<String, String>) {
             "nobody": {"key": "rs", "claims": {"iss": "https://nobody.test", "sub": "x"}, "exp_in": 3600},
         }
     });
-    let mut child = Command::new(python())
-        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/jwt_mint.py"))
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(spec.to_string().as_bytes())
-        .unwrap();
-    let out = child.wait_with_output().unwrap();
-    assert!(out.status.success(), "jwt_mint.py: {out:?}");
-    let v: Value = serde_json::from_slice(&out.stdout).unwrap();
-    let strings = |v: &Value| -> BTreeMap<String, String> {
-        v.as_object()
-            .unwrap()
-            .iter()
-            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
-            .collect()
-    };
-    (strings(&v["jwks"]), strings(&v["tokens"]))
-}
-
-/// The app `rampart echo`: (process, its address).
-fn echo_app(dir: &Path) -> (Proc, String) {
-    let mut echo = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["echo", "--listen", "127.0.0.1:0", "--name", "backend"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = support::stdout_lines(&mut echo)
-        .recv_timeout(Duration::from_secs(10))
-        .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("rampart echo listening on ")
-        .unwrap_or_else(|| panic!("echo said {line:?}"))
-        .to_string();
-    (
-        Proc {
-            child: echo,
-            log: dir.join("none"),
-        },
-        addr,
-    )
+    support::mint_jwts(&spec)
 }
 
 fn ready(admin: u16) -> bool {
@@ -287,7 +238,7 @@ fn rampart_authenticates_jwts_as_a_real_envoy_does() {
     let dir = tempfile::tempdir().unwrap();
     let wp = dir.path();
     let (jwks, tokens) = mint();
-    let (app, app_addr) = echo_app(wp);
+    let (app, app_addr) = support::echo_app(wp);
 
     // Rampart: the backend proxy of a mesh folder, plaintext inbound (PERMISSIVE).
     let mesh = wp.join("mesh");

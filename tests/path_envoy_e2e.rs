@@ -15,7 +15,7 @@ mod sds_standin;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -188,24 +188,7 @@ fn outcome(status: u16, body: &str) -> String {
 fn rampart_normalizes_paths_as_a_real_envoy_does() {
     let dir = tempfile::tempdir().unwrap();
     let wp = dir.path();
-    let mut echo = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["echo", "--listen", "127.0.0.1:0", "--name", "backend"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let line = support::stdout_lines(&mut echo)
-        .recv_timeout(Duration::from_secs(10))
-        .unwrap();
-    let app = line
-        .trim()
-        .strip_prefix("rampart echo listening on ")
-        .unwrap_or_else(|| panic!("echo said {line:?}"))
-        .to_string();
-    let _app = Proc {
-        child: echo,
-        log: wp.join("none"),
-    };
+    let (_app, app) = support::echo_app(wp);
     let app_port: u16 = app.rsplit_once(':').unwrap().1.parse().unwrap();
 
     // One Rampart proxy per mode.

@@ -361,3 +361,64 @@ pub(crate) fn curl(args: &[&str], headers: &[&str], logs: impl Fn() -> String) -
         body: body.to_string(),
     }
 }
+
+/// Keys and JWTs from PyJWT (`tests/python/jwt_mint.py`, whose docstring describes `spec`):
+/// (JWKS text by key name, token by name).
+pub(crate) fn mint_jwts(
+    spec: &serde_json::Value,
+) -> (
+    std::collections::BTreeMap<String, String>,
+    std::collections::BTreeMap<String, String>,
+) {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(python())
+        .arg(Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/python/jwt_mint.py"))
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(spec.to_string().as_bytes())
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "jwt_mint.py: {out:?}");
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let strings = |v: &serde_json::Value| {
+        v.as_object()
+            .unwrap()
+            .iter()
+            .map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string()))
+            .collect()
+    };
+    (strings(&v["jwks"]), strings(&v["tokens"]))
+}
+
+/// The app `rampart echo` on a port of its choosing: (process, its address).
+pub(crate) fn echo_app(dir: &Path) -> (Proc, String) {
+    use std::process::{Command, Stdio};
+    let mut echo = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["echo", "--listen", "127.0.0.1:0", "--name", "backend"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let line = stdout_lines(&mut echo)
+        .recv_timeout(Duration::from_secs(10))
+        .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("rampart echo listening on ")
+        .unwrap_or_else(|| panic!("echo said {line:?}"))
+        .to_string();
+    (
+        Proc {
+            child: echo,
+            log: dir.join("none"),
+        },
+        addr,
+    )
+}
