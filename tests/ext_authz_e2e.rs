@@ -151,25 +151,8 @@ impl Mesh {
         procs.push(ext);
 
         // The app.
-        let mut echo = Command::new(env!("CARGO_BIN_EXE_rampart"))
-            .args(["echo", "--listen", "127.0.0.1:0", "--name", "backend"])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        BufReader::new(echo.stdout.take().unwrap())
-            .read_line(&mut line)
-            .unwrap();
-        let app_b = line
-            .trim()
-            .strip_prefix("rampart echo listening on ")
-            .unwrap_or_else(|| panic!("echo said {line:?}"))
-            .to_string();
-        procs.push(Proc {
-            child: echo,
-            log: wp.join("none"),
-        });
+        let (echo, app_b) = support::echo_app(&wp);
+        procs.push(echo);
 
         std::fs::write(
             mesh.join("mesh.yaml"),

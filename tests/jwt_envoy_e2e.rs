@@ -16,16 +16,19 @@
 mod support;
 use support::{Answer, curl, free_port};
 
+#[path = "support/parity.rs"]
+mod parity;
 #[path = "../proxy/tests/support/sds_standin.rs"]
 mod sds_standin;
 
 use std::collections::BTreeMap;
-use std::process::Command;
-use std::time::Duration;
 
 use serde_json::{Value, json};
 
 const TD: &str = "cluster.local";
+
+/// Istio's default `pathNormalization` (BASE) as the connection manager's settings.
+const BASE: (bool, bool, &str) = (true, false, "KEEP_UNCHANGED");
 
 /// One `jwtRules` entry, as YAML for Rampart and as the fields istiod copies into Envoy.
 struct Rule {
@@ -229,10 +232,6 @@ fn mint() -> (BTreeMap<String, String>, BTreeMap<String, String>) {
     support::mint_jwts(&spec)
 }
 
-fn ready(admin: u16) -> bool {
-    support::envoy::curl(&[&format!("http://127.0.0.1:{admin}/ready")]).0 == "200"
-}
-
 #[test]
 fn rampart_authenticates_jwts_as_a_real_envoy_does() {
     let dir = tempfile::tempdir().unwrap();
@@ -241,78 +240,27 @@ fn rampart_authenticates_jwts_as_a_real_envoy_does() {
     let (app, app_addr) = support::echo_app(wp);
 
     // Rampart: the backend proxy of a mesh folder, plaintext inbound (PERMISSIVE).
-    let mesh = wp.join("mesh");
-    std::fs::create_dir_all(mesh.join("policy")).unwrap();
-    let (inbound, admin) = (free_port(), free_port());
-    std::fs::write(mesh.join("mesh.yaml"), format!("trustDomain: {TD}\n")).unwrap();
-    std::fs::write(
-        mesh.join("workloads.yaml"),
-        format!(
-            "workloads:\n- name: backend\n  namespace: api\n  labels: {{app: backend}}\n  ports:\n  - {{port: 8080, protocol: http, app: \"{app_addr}\", inbound: \"127.0.0.1:{inbound}\"}}\n  proxy: {{admin: \"127.0.0.1:{admin}\"}}\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(mesh.join("policy/jwt.yaml"), policy_yaml(&jwks)).unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
     let ca = sds_standin::TestCa::new("jwt Root");
-    let sds = wp.join("sds.sock");
-    let _standin = rt.block_on(async {
-        sds_standin::start(
-            &sds,
-            Some(ca.secrets(&format!("spiffe://{TD}/ns/api/sa/backend"), 1)),
-        )
-    });
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
-    cmd.args(["proxy", "--mesh"])
-        .arg(&mesh)
-        .args(["--workload", "api/backend", "--sds-socket"])
-        .arg(&sds);
-    let proxy = support::envoy::spawn(cmd, wp.join("proxy.log"));
-    support::wait_for(
-        "proxy ready",
-        Duration::from_secs(30),
-        || ready(admin),
-        || proxy.log(),
+    let ours = parity::one_proxy(
+        wp,
+        &format!("trustDomain: {TD}\n"),
+        ("api", "backend", "{app: backend}"),
+        &app_addr,
+        &[("jwt.yaml", policy_yaml(&jwks))],
+        &ca,
     );
+    let (proxy, inbound) = (&ours.proc, ours.inbound);
 
     // Envoy: jwt_authn as istiod writes it, then the router to the same app.
     let envoy_port = free_port();
-    let addr = support::envoy::addr;
-    let (_, app_port) = app_addr.rsplit_once(':').unwrap();
-    let bootstrap = json!({
-        "node": {"id": "sidecar~127.0.0.1~backend.api~api.svc.cluster.local", "cluster": "backend.api"},
-        "admin": {"address": addr(0)},
-        "static_resources": {
-            "listeners": [{
-                "name": "inbound",
-                "address": addr(envoy_port),
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": "inbound",
-                        "normalize_path": true,
-                        "merge_slashes": false,
-                        "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
-                        "http_filters": [
-                            jwt_authn(&jwks),
-                            {"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}
-                        ],
-                        "route_config": {"virtual_hosts": [{
-                            "name": "all", "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]
-                        }]}
-                    }
-                }]}]
-            }],
-            "clusters": [{
-                "name": "app",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr(app_port.parse().unwrap())}}]}]}
-            }]
-        }
-    });
+    let bootstrap = parity::bootstrap(
+        vec![parity::listener(
+            "inbound",
+            envoy_port,
+            parity::hcm("inbound", BASE, vec![jwt_authn(&jwks)]),
+        )],
+        parity::port_of(&app_addr),
+    );
     let envoy = support::envoy::Envoy::start(wp, "envoy", &bootstrap);
     envoy.wait_ready();
     let logs = || format!("{}\n---\n{}", proxy.log(), envoy.proc.log());

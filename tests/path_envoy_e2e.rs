@@ -8,17 +8,14 @@
 //! here is a policy bypass against a user who tested their policy with Istio.
 
 mod support;
-use support::{Proc, free_port};
+use support::free_port;
 
+#[path = "support/parity.rs"]
+mod parity;
 #[path = "../proxy/tests/support/sds_standin.rs"]
 mod sds_standin;
 
-use std::io::{Read, Write};
-use std::net::TcpStream;
-use std::process::Command;
-use std::time::Duration;
-
-use serde_json::{Value, json};
+use serde_json::Value;
 
 const TD: &str = "cluster.local";
 
@@ -150,24 +147,9 @@ const KNOWN: &[(&str, &str, &str, &str)] = &[
 
 /// `GET <target>` as raw bytes; (status, body).
 fn raw_get(port: u16, target: &str) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let req =
         format!("GET {target} HTTP/1.1\r\nHost: backend.api:8080\r\nConnection: close\r\n\r\n");
-    s.write_all(req.as_bytes()).unwrap();
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (status, body)
+    support::raw_request(port, req.as_bytes())
 }
 
 /// What the app saw: (path, query), or the refusal's status class.
@@ -189,94 +171,40 @@ fn rampart_normalizes_paths_as_a_real_envoy_does() {
     let dir = tempfile::tempdir().unwrap();
     let wp = dir.path();
     let (_app, app) = support::echo_app(wp);
-    let app_port: u16 = app.rsplit_once(':').unwrap().1.parse().unwrap();
 
-    // One Rampart proxy per mode.
-    let rt = tokio::runtime::Runtime::new().unwrap();
+    // One Rampart proxy per mode, each with its own mesh folder.
     let ca = sds_standin::TestCa::new("paths Root");
-    let mut ours = Vec::new();
-    let mut procs = Vec::new();
-    let mut standins = Vec::new();
-    for (mode, ..) in MODES {
-        let mesh = wp.join(mode);
-        std::fs::create_dir_all(mesh.join("policy")).unwrap();
-        let (inbound, admin) = (free_port(), free_port());
-        std::fs::write(
-            mesh.join("mesh.yaml"),
-            format!("trustDomain: {TD}\npathNormalization: {{normalization: {mode}}}\n"),
-        )
-        .unwrap();
-        std::fs::write(
-            mesh.join("workloads.yaml"),
-            format!(
-                "workloads:\n- name: backend\n  namespace: api\n  ports:\n  - {{port: 8080, protocol: http, app: \"{app}\", inbound: \"127.0.0.1:{inbound}\"}}\n  proxy: {{admin: \"127.0.0.1:{admin}\"}}\n"
-            ),
-        )
-        .unwrap();
-        let sds = wp.join(format!("{mode}.sock"));
-        standins.push(rt.block_on(async {
-            sds_standin::start(
-                &sds,
-                Some(ca.secrets(&format!("spiffe://{TD}/ns/api/sa/backend"), 1)),
+    let proxies: Vec<parity::OneProxy> = MODES
+        .iter()
+        .map(|(mode, ..)| {
+            let d = wp.join(mode);
+            std::fs::create_dir_all(&d).unwrap();
+            parity::one_proxy(
+                &d,
+                &format!("trustDomain: {TD}\npathNormalization: {{normalization: {mode}}}\n"),
+                ("api", "backend", "{app: backend}"),
+                &app,
+                &[],
+                &ca,
             )
-        }));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
-        cmd.args(["proxy", "--mesh"])
-            .arg(&mesh)
-            .args(["--workload", "api/backend", "--sds-socket"])
-            .arg(&sds);
-        let p = support::envoy::spawn(cmd, wp.join(format!("{mode}.log")));
-        support::wait_for(
-            &format!("proxy {mode} ready"),
-            Duration::from_secs(30),
-            || support::envoy::curl(&[&format!("http://127.0.0.1:{admin}/ready")]).0 == "200",
-            || p.log(),
-        );
-        procs.push(p);
-        ours.push(inbound);
-    }
+        })
+        .collect();
+    let ours: Vec<u16> = proxies.iter().map(|p| p.inbound).collect();
 
     // One Envoy, one listener per mode.
-    let addr = support::envoy::addr;
     let theirs: Vec<u16> = MODES.iter().map(|_| free_port()).collect();
     let listeners: Vec<Value> = MODES
         .iter()
         .zip(&theirs)
         .map(|((mode, normalize, merge, escaped), port)| {
-            json!({
-                "name": mode,
-                "address": addr(*port),
-                "filter_chains": [{"filters": [{
-                    "name": "envoy.filters.network.http_connection_manager",
-                    "typed_config": {
-                        "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-                        "stat_prefix": mode,
-                        "normalize_path": normalize,
-                        "merge_slashes": merge,
-                        "path_with_escaped_slashes_action": escaped,
-                        "http_filters": [{"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}],
-                        "route_config": {"virtual_hosts": [{
-                            "name": "all", "domains": ["*"],
-                            "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]
-                        }]}
-                    }
-                }]}]
-            })
+            parity::listener(
+                mode,
+                *port,
+                parity::hcm(mode, (*normalize, *merge, escaped), vec![]),
+            )
         })
         .collect();
-    let bootstrap = json!({
-        "node": {"id": "sidecar~127.0.0.1~backend.api~api.svc.cluster.local", "cluster": "backend.api"},
-        "admin": {"address": addr(0)},
-        "static_resources": {
-            "listeners": listeners,
-            "clusters": [{
-                "name": "app",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr(app_port)}}]}]}
-            }]
-        }
-    });
+    let bootstrap = parity::bootstrap(listeners, parity::port_of(&app));
     let envoy = support::envoy::Envoy::start(wp, "envoy", &bootstrap);
     envoy.wait_ready();
 
@@ -307,14 +235,13 @@ fn rampart_normalizes_paths_as_a_real_envoy_does() {
         }
     }
     let logs = || {
-        procs
+        proxies
             .iter()
-            .map(Proc::log)
+            .map(|p| p.proc.log())
             .chain([envoy.proc.log()])
             .collect::<Vec<_>>()
             .join("\n---\n")
     };
-    drop(standins);
     assert!(
         differ.is_empty(),
         "{} of {compared} requests differ from Envoy:\n{}\n---\n{}",

@@ -92,28 +92,6 @@ fn curl(args: &[&str]) -> (String, String) {
     (code.to_string(), body.to_string())
 }
 
-/// Send `raw` bytes as one HTTP/1.1 request on a fresh connection; the status code and the
-/// response body (the app's echo of the head it saw).
-fn raw_request(port: u16, raw: &[u8]) -> (u16, String) {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
-    s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
-    // The proxy may answer (431, 400) and close before a large request is all written.
-    let _ = s.write_all(raw);
-    let mut out = Vec::new();
-    let _ = s.read_to_end(&mut out);
-    let text = String::from_utf8_lossy(&out).to_string();
-    let code = text
-        .split_whitespace()
-        .nth(1)
-        .and_then(|c| c.parse().ok())
-        .unwrap_or(0);
-    let body = text
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
-    (code, body)
-}
-
 struct Mesh {
     _dir: tempfile::TempDir,
     wp: PathBuf,
@@ -389,7 +367,7 @@ fn policy_sees_what_the_app_sees() {
             b"GET /hello HTTP/1.1\r\nhost: backend.api:8080\r\nconnection: close\r\n".to_vec();
         r.extend_from_slice(extra);
         r.extend_from_slice(b"\r\n");
-        raw_request(p, &r)
+        support::raw_request(p, &r)
     };
 
     // 1. A value that is not visible ASCII is still a header for policy.
@@ -461,7 +439,7 @@ fn policy_sees_what_the_app_sees() {
     );
 
     // 4. Absolute-form target vs Host: policy and app see one authority.
-    let (code, body) = raw_request(
+    let (code, body) = support::raw_request(
         p,
         b"GET http://good.example/x HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n",
     );
@@ -474,12 +452,12 @@ fn policy_sees_what_the_app_sees() {
         !body.contains("evil.example"),
         "app must see the authority policy saw: {body}"
     );
-    let (code, _) = raw_request(
+    let (code, _) = support::raw_request(
         p,
         b"GET http://evil.example/x HTTP/1.1\r\nhost: good.example\r\nconnection: close\r\n\r\n",
     );
     assert_eq!(code, 403, "absolute-form evil.example is denied");
-    let (code, _) = raw_request(
+    let (code, _) = support::raw_request(
         p,
         b"GET /x HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n",
     );
@@ -487,13 +465,13 @@ fn policy_sees_what_the_app_sees() {
         code, 403,
         "negative twin: origin-form Host evil.example is denied"
     );
-    let (code, _) = raw_request(
+    let (code, _) = support::raw_request(
         p,
         b"GET /x HTTP/1.1\r\nhost: good.example\r\nhost: evil.example\r\nconnection: close\r\n\r\n",
     );
     assert_eq!(code, 400, "two Host headers are refused");
     // A Host with a non-ASCII byte is still a Host for policy.
-    let (code, _) = raw_request(
+    let (code, _) = support::raw_request(
         p,
         b"GET /x HTTP/1.1\r\nhost: evil.example\x80\r\nconnection: close\r\n\r\n",
     );
@@ -501,7 +479,7 @@ fn policy_sees_what_the_app_sees() {
         code, 403,
         "obs-text in Host must not hide it from hosts: [evil.*]"
     );
-    let (code, _) = raw_request(
+    let (code, _) = support::raw_request(
         p,
         b"GET /x HTTP/1.1\r\nhost: good.example\x80\r\nconnection: close\r\n\r\n",
     );
@@ -509,13 +487,13 @@ fn policy_sees_what_the_app_sees() {
 
     // The outbound listener routes by the absolute-form authority and forwards it as Host
     // (as Envoy rewrites it), not the app's stray Host header.
-    let (code, body) = raw_request(
+    let (code, body) = support::raw_request(
         m.out_f,
         b"GET http://backend.api:8080/x HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n",
     );
     assert_eq!(code, 200, "{body}\n{}", m.logs());
     assert!(body.contains("host: backend.api:8080"), "{body}");
-    let (code, _) = raw_request(
+    let (code, _) = support::raw_request(
         m.out_f,
         b"GET /x HTTP/1.1\r\nhost: evil.example\r\nconnection: close\r\n\r\n",
     );
@@ -535,7 +513,7 @@ fn policy_sees_what_the_app_sees() {
         200,
         "elsewhere the header is harmless"
     );
-    let (code, _) = raw_request(
+    let (code, _) = support::raw_request(
         p,
         format!(
             "GET /frontend-only HTTP/1.1\r\nhost: backend.api:8080\r\nconnection: close\r\n{forged}\r\n"
@@ -543,7 +521,7 @@ fn policy_sees_what_the_app_sees() {
         .as_bytes(),
     );
     assert_eq!(code, 403, "a forged XFCC reached policy\n{}", m.logs());
-    let (code, body) = raw_request(
+    let (code, body) = support::raw_request(
         m.out_f,
         b"GET http://backend.api:8080/frontend-only HTTP/1.1\r\nhost: backend.api:8080\r\nconnection: close\r\n\r\n",
     );
@@ -564,7 +542,7 @@ fn policy_sees_what_the_app_sees() {
         code, "200",
         "lowercase get over HTTP/2 must not pass a GET DENY"
     );
-    let (code, _) = raw_request(
+    let (code, _) = support::raw_request(
         p,
         b"get /no-get HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
     );
@@ -756,7 +734,7 @@ fn admin_is_limited_and_redacts_commands() {
     let (code, _) = curl(&[&format!("http://127.0.0.1:{}/ready", m.admin_b)]);
     assert_eq!(code, "000", "admin budget exhausted: refused");
     // The data plane is not affected by the admin budget.
-    let (code, _) = raw_request(
+    let (code, _) = support::raw_request(
         m.in_b,
         b"GET /hello HTTP/1.1\r\nhost: a\r\nconnection: close\r\n\r\n",
     );

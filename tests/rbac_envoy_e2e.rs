@@ -16,10 +16,11 @@
 mod support;
 use support::{Answer, curl, free_port};
 
+#[path = "support/parity.rs"]
+mod parity;
 #[path = "../proxy/tests/support/sds_standin.rs"]
 mod sds_standin;
 
-use std::process::Command;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -256,7 +257,6 @@ fn rampart_authorizes_as_a_real_envoy_does() {
     let dir = tempfile::tempdir().unwrap();
     let wp = dir.path();
     let (_app, app) = support::echo_app(wp);
-    let app_port: u16 = app.rsplit_once(':').unwrap().1.parse().unwrap();
     let (jwks, tokens) = support::mint_jwts(&json!({
         "keys": {"k": "ES256"},
         "tokens": {
@@ -303,67 +303,22 @@ fn rampart_authorizes_as_a_real_envoy_does() {
     }
 
     // Rampart: the workload's proxy, PERMISSIVE (the default).
-    let mesh = wp.join("mesh");
-    std::fs::create_dir_all(mesh.join("policy")).unwrap();
-    let (inbound, admin) = (free_port(), free_port());
-    std::fs::write(mesh.join("mesh.yaml"), format!("trustDomain: {TD}\n")).unwrap();
-    std::fs::write(
-        mesh.join("workloads.yaml"),
-        format!(
-            "workloads:\n- name: httpbin\n  namespace: foo\n  labels: {{app: httpbin, version: v1}}\n  ports:\n  - {{port: 8000, protocol: http, app: \"{app}\", inbound: \"127.0.0.1:{inbound}\"}}\n  proxy: {{admin: \"127.0.0.1:{admin}\"}}\n"
-        ),
-    )
-    .unwrap();
-    std::fs::write(
-        mesh.join("policy/policies.yaml"),
-        POLICIES.replace("JWKS", jwks),
-    )
-    .unwrap();
-    let rt = tokio::runtime::Runtime::new().unwrap();
-    let sds = wp.join("sds.sock");
-    let _standin = rt.block_on(async {
-        sds_standin::start(
-            &sds,
-            Some(ca.secrets(&format!("spiffe://{TD}/ns/foo/sa/httpbin"), 1)),
-        )
-    });
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
-    cmd.args(["proxy", "--mesh"])
-        .arg(&mesh)
-        .args(["--workload", "foo/httpbin", "--sds-socket"])
-        .arg(&sds);
-    let proxy = support::envoy::spawn(cmd, wp.join("proxy.log"));
-    support::wait_for(
-        "proxy ready",
-        Duration::from_secs(30),
-        || support::envoy::curl(&[&format!("http://127.0.0.1:{admin}/ready")]).0 == "200",
-        || proxy.log(),
+    let ours = parity::one_proxy(
+        wp,
+        &format!("trustDomain: {TD}\n"),
+        ("foo", "httpbin", "{app: httpbin, version: v1}"),
+        &app,
+        &[("policies.yaml", POLICIES.replace("JWKS", jwks))],
+        &ca,
     );
+    let (proxy, inbound) = (&ours.proc, ours.inbound);
 
     // Envoy: PERMISSIVE as istiod builds it (TLS inspector, a TLS chain requiring a client
     // certificate and a plaintext chain), both with the same HTTP filters.
     let envoy_port = free_port();
-    let addr = support::envoy::addr;
     let mut filters = vec![jwt_authn(jwks)];
     filters.extend(istio_rbac());
-    filters.push(json!({"name": "envoy.filters.http.router", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.http.router.v3.Router"}}));
-    let hcm = json!({
-        "name": "envoy.filters.network.http_connection_manager",
-        "typed_config": {
-            "@type": "type.googleapis.com/envoy.extensions.filters.network.http_connection_manager.v3.HttpConnectionManager",
-            "stat_prefix": "inbound",
-            "normalize_path": true,
-            "merge_slashes": false,
-            "path_with_escaped_slashes_action": "KEEP_UNCHANGED",
-            "forward_client_cert_details": "APPEND_FORWARD",
-            "set_current_client_cert_details": {"subject": true, "dns": true, "uri": true},
-            "http_filters": filters,
-            "route_config": {"virtual_hosts": [{
-                "name": "all", "domains": ["*"],
-                "routes": [{"match": {"prefix": "/"}, "route": {"cluster": "app"}}]
-            }]}
-        }
-    });
+    let hcm = parity::hcm("inbound", (true, false, "KEEP_UNCHANGED"), filters);
     let tls = json!({
         "name": "envoy.transport_sockets.tls",
         "typed_config": {
@@ -379,27 +334,16 @@ fn rampart_authorizes_as_a_real_envoy_does() {
             }
         }
     });
-    let bootstrap = json!({
-        "node": {"id": "sidecar~127.0.0.1~httpbin.foo~foo.svc.cluster.local", "cluster": "httpbin.foo"},
-        "admin": {"address": addr(0)},
-        "static_resources": {
-            "listeners": [{
-                "name": "inbound",
-                "address": addr(envoy_port),
-                "listener_filters": [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}],
-                "filter_chains": [
-                    {"filter_chain_match": {"transport_protocol": "tls"}, "transport_socket": tls, "filters": [hcm.clone()]},
-                    {"filter_chain_match": {"transport_protocol": "raw_buffer"}, "filters": [hcm]}
-                ]
-            }],
-            "clusters": [{
-                "name": "app",
-                "type": "STATIC",
-                "connect_timeout": "1s",
-                "load_assignment": {"cluster_name": "app", "endpoints": [{"lb_endpoints": [{"endpoint": {"address": addr(app_port)}}]}]}
-            }]
-        }
+    let permissive = json!({
+        "name": "inbound",
+        "address": support::envoy::addr(envoy_port),
+        "listener_filters": [{"name": "envoy.filters.listener.tls_inspector", "typed_config": {"@type": "type.googleapis.com/envoy.extensions.filters.listener.tls_inspector.v3.TlsInspector"}}],
+        "filter_chains": [
+            {"filter_chain_match": {"transport_protocol": "tls"}, "transport_socket": tls, "filters": [hcm.clone()]},
+            {"filter_chain_match": {"transport_protocol": "raw_buffer"}, "filters": [hcm]}
+        ]
     });
+    let bootstrap = parity::bootstrap(vec![permissive], parity::port_of(&app));
     let envoy = support::envoy::Envoy::start(wp, "envoy", &bootstrap);
     envoy.wait_ready();
     let logs = || format!("{}\n---\n{}", proxy.log(), envoy.proc.log());

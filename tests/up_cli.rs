@@ -386,6 +386,27 @@ fn up_running_app(wrapper: Option<&[&str]>, command: impl Fn(u16) -> String) -> 
     (child, d, state, app)
 }
 
+/// Sends `sig` to `up` and waits (up to 60 s) for it to exit; its exit status.
+fn signal_and_wait(
+    child: &mut std::process::Child,
+    sig: rustix::process::Signal,
+    what: &str,
+) -> std::process::ExitStatus {
+    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
+    rustix::process::kill_process(pid, sig).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return st;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "up did not stop within 60s of {what}"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// Waits until no process mentions the state dir or runs the app, and the app's port is
 /// free.
 fn all_gone(state: &Path, app: u16, why: &str) {
@@ -494,19 +515,7 @@ fn an_app_of_another_program_stops_with_up() {
             python.display()
         )
     });
-    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "up did not stop within 60s of SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = signal_and_wait(&mut child, rustix::process::Signal::INT, "SIGINT");
     assert_eq!(status.code(), Some(0));
     all_gone_but(
         state.path(),
@@ -523,19 +532,7 @@ fn sighup_stops_up_and_everything_it_started() {
     // SIGHUP at its default disposition, whatever this test runs under (`nohup .ci/run`
     // would hand `up` an ignored SIGHUP, which `up` then honours: the test below).
     let (mut child, _d, state, app) = up_running_under(Some(&["env", "--default-signal=HUP"]));
-    let pid = rustix::process::Pid::from_raw(child.id() as i32).unwrap();
-    rustix::process::kill_process(pid, rustix::process::Signal::HUP).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    let status = loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            break st;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "up did not stop within 60s of SIGHUP"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    };
+    let status = signal_and_wait(&mut child, rustix::process::Signal::HUP, "SIGHUP");
     assert_eq!(status.code(), Some(0));
     all_gone(state.path(), app, "after SIGHUP");
 }
@@ -553,15 +550,7 @@ fn sighup_is_ignored_under_nohup() {
         "up stopped on SIGHUP under nohup"
     );
     assert!(std::net::TcpStream::connect(("127.0.0.1", app)).is_ok());
-    rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while child.try_wait().unwrap().is_none() {
-        assert!(
-            Instant::now() < deadline,
-            "up did not stop within 60s of SIGINT"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    signal_and_wait(&mut child, rustix::process::Signal::INT, "SIGINT");
     all_gone(state.path(), app, "after SIGINT");
 }
 

@@ -422,3 +422,26 @@ pub(crate) fn echo_app(dir: &Path) -> (Proc, String) {
         addr,
     )
 }
+
+/// Send `raw` bytes as one HTTP/1.1 request on a fresh connection; the status code and the
+/// response body.
+pub(crate) fn raw_request(port: u16, raw: &[u8]) -> (u16, String) {
+    use std::io::{Read as _, Write as _};
+    let mut s = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    // A proxy may answer (431, 400) and close before a large request is all written.
+    let _ = s.write_all(raw);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).to_string();
+    let code = text
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = text
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (code, body)
+}
