@@ -358,6 +358,30 @@ fn bad_input_exits_2_and_bad_documents_are_reported() {
     );
 }
 
+/// A folder whose mesh config is spelled `mesh.yml` is refused by name, as the proxy refuses
+/// it (its settings would otherwise be lost, and the file read as a policy).
+#[test]
+fn a_mesh_yml_is_refused_by_name() {
+    let f = Fixture::new(None);
+    std::fs::write(f.config().join("mesh.yml"), "trustDomain: example.org\n").unwrap();
+    let r = f.request("ok.yaml", &req(None, "GET", "/api/x", ""));
+    let config = f.config();
+    let out = rampart(&[
+        "authz",
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--request",
+        r.to_str().unwrap(),
+    ]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("mesh.yml: the mesh config is read from mesh.yaml only"),
+        "{err}"
+    );
+}
+
 /// The quickstart's mesh folder, as `rampart up` runs it, is a `--config` as it is: its
 /// `workloads.yaml` is not read as policy (no spurious "document ignored"), and its
 /// `mesh.yaml` (MERGE_SLASHES) applies, so `//admin` meets the DENY rule the running proxy

@@ -210,12 +210,16 @@ fn rampart_normalizes_paths_as_a_real_envoy_does() {
 
     let mut differ = Vec::new();
     let mut compared = 0;
+    let mut forwarded = [0; MODES.len()];
     for (i, (mode, ..)) in MODES.iter().enumerate() {
         for target in TARGETS {
             let (s1, b1) = raw_get(ours[i], target);
             let (s2, b2) = raw_get(theirs[i], target);
             let (a, b) = (outcome(s1, &b1), outcome(s2, &b2));
             compared += 1;
+            if s1 == 200 {
+                forwarded[i] += 1;
+            }
             if let Some((_, _, want, _)) = KNOWN
                 .iter()
                 .find(|(m, t, ..)| (*m == "*" || m == mode) && t == target)
@@ -242,6 +246,15 @@ fn rampart_normalizes_paths_as_a_real_envoy_does() {
             .collect::<Vec<_>>()
             .join("\n---\n")
     };
+    // Most targets reach the app in every mode: agreement is about paths, not only refusals.
+    for (i, (mode, ..)) in MODES.iter().enumerate() {
+        assert!(
+            forwarded[i] >= 40,
+            "{mode}: only {} of {} forwarded",
+            forwarded[i],
+            TARGETS.len()
+        );
+    }
     assert!(
         differ.is_empty(),
         "{} of {compared} requests differ from Envoy:\n{}\n---\n{}",

@@ -205,10 +205,11 @@ fn istio_rbac() -> Vec<Value> {
             "ns[foo]-policy[allow]-rule[3]": {
                 "permissions": [any_perm()],
                 "principals": [{"andIds": {"ids": [
-                    {"orIds": {"ids": [{"andIds": {"ids": [
+                    // One request principal: Istio emits its pair alone, without an OR.
+                    {"andIds": {"ids": [
                         jwt_claim(&["iss"], json!({"stringMatch": {"exact": "https://idp.test"}})),
                         jwt_claim(&["sub"], json!({"stringMatch": {"exact": "alice"}}))
-                    ]}}]}},
+                    ]}},
                     claim_any(&["groups"], &["dev"]),
                     claim_any(&["aud"], &["a2"])
                 ]}}]
@@ -477,6 +478,7 @@ fn rampart_authorizes_as_a_real_envoy_does() {
     ];
     let mut differ = Vec::new();
     let (mut compared, mut stricter) = (0, 0);
+    let mut results = std::collections::BTreeMap::new();
     for c in &clients {
         for (method, path, headers) in &requests {
             let ask = |port: u16| -> Answer {
@@ -504,6 +506,10 @@ fn rampart_authorizes_as_a_real_envoy_does() {
             };
             let (ours, theirs) = (ask(inbound), ask(envoy_port));
             compared += 1;
+            results.insert(
+                (c.name, *method, *path, headers.join("|")),
+                (ours.status, theirs.status),
+            );
             // The one deliberate difference (AUTHZ.md, "Headers"): a header sent twice never
             // helps a request, so an ALLOW on it needs every copy to match; Envoy 1.40 lets any
             // copy satisfy an ALLOW.
@@ -520,6 +526,81 @@ fn rampart_authorizes_as_a_real_envoy_does() {
             }
         }
     }
+    // Agreement alone would not catch a mistake made on both sides: what each rule must do,
+    // from the policies themselves.
+    let expected: &[(&str, &str, &str, &[&str], u16)] = &[
+        ("foo/sleep", "GET", "/public/a", &[], 200),
+        ("foo/sleep", "POST", "/public/a", &[], 403),
+        ("foo/sleep", "GET", "/tmpl/1/x", &[], 200),
+        ("foo/sleep", "GET", "/tmpl/1/2/x", &[], 403),
+        ("foo/sleep", "GET", "/deep/a/b/c", &[], 200),
+        ("foo/sleep", "GET", "/other", &[], 403),
+        ("foo/sleep", "GET", "/public/a", &["x-block: yx"], 403),
+        ("bar/client", "GET", "/exact", &[], 200),
+        ("bar/client", "GET", "/anon", &[], 403),
+        ("admin/ops", "GET", "/other", &[], 200),
+        (
+            "admin/ops",
+            "POST",
+            "/private/x",
+            &["host: exact.com", "x-token: t-1"],
+            403,
+        ),
+        ("foo/blocked", "GET", "/public/a", &[], 403),
+        ("plaintext", "GET", "/public/a", &[], 403),
+        ("plaintext", "GET", "/anon", &[], 200),
+        (
+            "plaintext",
+            "GET",
+            "/h",
+            &["host: EXACT.com", "x-token: exact"],
+            200,
+        ),
+        (
+            "plaintext",
+            "GET",
+            "/h",
+            &["host: exact.com:8000", "x-token: t-1"],
+            403,
+        ),
+        (
+            "plaintext",
+            "GET",
+            "/nohost/x",
+            &["host: exact.com", "x-token: t-1"],
+            403,
+        ),
+    ];
+    let bearer_of = |t: &str| format!("authorization: Bearer {}", tokens[t]);
+    let jwt: Vec<(&str, String, u16)> = vec![
+        ("plaintext", bearer_of("alice"), 200),
+        ("plaintext", bearer_of("alice-str"), 200),
+        ("plaintext", bearer_of("alice-a1"), 403),
+        ("plaintext", bearer_of("bob"), 403),
+        ("plaintext", bearer_of("expired"), 401),
+        ("foo/blocked", bearer_of("alice"), 403),
+    ];
+    let mut wrong = Vec::new();
+    let owned: Vec<(&str, &str, &str, String, u16)> = expected
+        .iter()
+        .map(|(c, m, p, h, want)| (*c, *m, *p, h.join("|"), *want))
+        .chain(
+            jwt.into_iter()
+                .map(|(c, h, want)| (c, "GET", "/jwt", h, want)),
+        )
+        .collect();
+    for (c, m, p, h, want) in &owned {
+        let got = results
+            .get(&(*c, *m, *p, h.clone()))
+            .unwrap_or_else(|| panic!("{c} {m} {p} {h} was not asked"));
+        if got.0 != *want || got.1 != *want {
+            wrong.push(format!(
+                "{c} {m} {p} {h}: want {want}, ours {} / Envoy {}",
+                got.0, got.1
+            ));
+        }
+    }
+    assert!(wrong.is_empty(), "expected verdicts:\n{}", wrong.join("\n"));
     // The stricter reading is exercised (plaintext, foo/sleep and bar/client have no other
     // rule that allows /h).
     assert_eq!(

@@ -22,7 +22,7 @@ pub enum PathNormalization {
     #[default]
     #[serde(alias = "DEFAULT")]
     Base,
-    /// `BASE`, then merge consecutive slashes.
+    /// `BASE`, then merge consecutive slashes as Envoy does (a path of slashes only stays `//`).
     MergeSlashes,
     /// Decode `%2F`/`%5C` (any case) first, then `BASE`, then merge slashes.
     DecodeAndMergeSlashes,

@@ -38,6 +38,12 @@ impl AppGuardArgs {
 async fn guard(command: Vec<OsString>) -> anyhow::Result<ExitCode> {
     use tokio::signal::unix::{SignalKind, signal};
     let (program, args) = command.split_first().context("no program given")?;
+    // `up` stops apps by signalling their process group, which holds this guard too: the
+    // guard outlives those signals and waits for the app to exit. Installed before the app
+    // starts, so that an early Ctrl-C cannot end the guard and leave the app unwatched.
+    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
+    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
+    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
     // The app's own stdout and stderr are the guard's (`up`'s log pipes); its stdin is
     // nothing, as `up` gives other apps; the lifeline stays with the guard.
     let mut child = match tokio::process::Command::new(program)
@@ -61,14 +67,11 @@ async fn guard(command: Vec<OsString>) -> anyhow::Result<ExitCode> {
             return Ok(ExitCode::from(code));
         }
     };
-    // `up` stops apps by signalling their process group, which holds this guard too: the
-    // guard outlives those signals and waits for the app to exit.
-    let mut term = signal(SignalKind::terminate()).context("SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("SIGINT handler")?;
-    let mut hup = signal(SignalKind::hangup()).context("SIGHUP handler")?;
+    let pid = child
+        .id()
+        .and_then(|p| rustix::process::Pid::from_raw(i32::try_from(p).ok()?));
     let lifeline = super::process::lifeline();
     tokio::pin!(lifeline);
-    let mut up_gone = false;
     loop {
         tokio::select! {
             status = child.wait() => {
@@ -78,18 +81,28 @@ async fn guard(command: Vec<OsString>) -> anyhow::Result<ExitCode> {
             _ = term.recv() => {}
             _ = int.recv() => {}
             _ = hup.recv() => {}
-            () = &mut lifeline, if !up_gone => {
-                up_gone = true;
-                say("rampart up, which started this app, is gone; stopping it");
-                signal_group(rustix::process::Signal::TERM);
-                if let Ok(status) = tokio::time::timeout(GRACE, child.wait()).await {
-                    return Ok(exit_code(status.context("waiting for the app")?));
-                }
-                say(&format!("the app did not stop within {GRACE:?} of SIGTERM; killing it"));
-                signal_group(rustix::process::Signal::KILL);
-            }
+            () = &mut lifeline => break,
         }
     }
+    // `up` is gone. SIGTERM to the app itself (in case it left the group) and to the group
+    // (whatever it started); then, after the grace period or as soon as it exits, SIGKILL to
+    // the group: helpers that ignore SIGTERM or outlive the app go too, and so does the
+    // guard, whose status nobody reads any more.
+    say("rampart up, which started this app, is gone; stopping it");
+    if let Some(pid) = pid {
+        let _ = rustix::process::kill_process(pid, rustix::process::Signal::TERM);
+    }
+    signal_group(rustix::process::Signal::TERM);
+    if tokio::time::timeout(GRACE, child.wait()).await.is_err() {
+        say(&format!(
+            "the app did not stop within {GRACE:?} of SIGTERM; killing it"
+        ));
+        if let Some(pid) = pid {
+            let _ = rustix::process::kill_process(pid, rustix::process::Signal::KILL);
+        }
+    }
+    signal_group(rustix::process::Signal::KILL);
+    Ok(ExitCode::FAILURE)
 }
 
 /// A line on stderr, if anyone still reads it: once `up` is gone its log pipe is closed, and
@@ -100,18 +113,21 @@ fn say(line: &str) {
 }
 
 /// Signal this process's group: the app and whatever it started (the guard ignores TERM; KILL
-/// ends it too, after the app).
+/// ends it too).
 fn signal_group(sig: rustix::process::Signal) {
     let _ = rustix::process::kill_process_group(rustix::process::getpgrp(), sig);
 }
 
 /// The app's exit status as the guard's: its code, or 128 + the signal that ended it, as a
-/// shell reports it.
+/// shell reports it. A signal is also said in the app's log, since `up` sees only the code.
 fn exit_code(status: std::process::ExitStatus) -> ExitCode {
     use std::os::unix::process::ExitStatusExt as _;
     match (status.code(), status.signal()) {
         (Some(c), _) => ExitCode::from(u8::try_from(c).unwrap_or(1)),
-        (None, Some(s)) => ExitCode::from(u8::try_from(128 + s).unwrap_or(255)),
+        (None, Some(s)) => {
+            say(&format!("the app was killed by signal {s}"));
+            ExitCode::from(u8::try_from(128 + s).unwrap_or(255))
+        }
         (None, None) => ExitCode::FAILURE,
     }
 }

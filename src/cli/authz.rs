@@ -174,6 +174,12 @@ impl CheckArgs {
                 .with_context(|| format!("reading {}", mesh_path.display()))?;
             MeshConfig::from_yaml(&text)
                 .map_err(|e| super::bad_input(format!("{}: {e}", mesh_path.display())))?
+        } else if self.config.join("mesh.yml").is_file() {
+            // As the proxy refuses such a folder: the settings in it would be lost.
+            return Err(super::bad_input(format!(
+                "{}: the mesh config is read from mesh.yaml only; rename this file",
+                self.config.join("mesh.yml").display()
+            )));
         } else {
             MeshConfig::default()
         };

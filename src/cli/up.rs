@@ -378,23 +378,36 @@ impl Up {
         let echo = self.args.logs.then(|| name.clone());
         let said_ready = Arc::new(std::sync::atomic::AtomicBool::new(false));
         let marker = ready_marker.map(|m| (m, said_ready.clone()));
+        let mut pumps = Vec::with_capacity(2);
         if let Some(out) = child.stdout.take() {
-            tokio::spawn(pump(
+            pumps.push(tokio::spawn(pump(
                 out,
                 log_file.clone(),
                 tail.clone(),
                 echo.clone(),
                 marker.clone(),
-            ));
+            )));
         }
         if let Some(err) = child.stderr.take() {
-            tokio::spawn(pump(err, log_file, tail.clone(), echo, marker));
+            pumps.push(tokio::spawn(pump(
+                err,
+                log_file,
+                tail.clone(),
+                echo,
+                marker,
+            )));
         }
         let idx = self.children.len();
         let tx = self.tx.clone();
         tokio::spawn(async move {
             let status = child.wait().await;
             drop(lifeline);
+            // Its last words in the log (and the tail a death report shows) before the exit
+            // is reported; not longer than a moment, since a process it left behind may hold
+            // the pipes open.
+            let _ =
+                tokio::time::timeout(Duration::from_millis(500), futures::future::join_all(pumps))
+                    .await;
             let _ = tx.send(Event::Exit(idx, status));
         });
         self.children.push(Child {

@@ -41,7 +41,8 @@ fuzz_target!(|data: &[u8]| {
                 !p.split('/').any(|s| s == "." || s == ".."),
                 "{mode:?}: dot segment in {p:?} from {raw:?}"
             );
-            if mode != PathNormalization::Base {
+            // Merged: no `//`, but for a path of slashes only, which Envoy turns into `//`.
+            if mode != PathNormalization::Base && p != "//" {
                 assert!(!p.contains("//"), "{mode:?}: {p:?} from {raw:?}");
             }
         }
