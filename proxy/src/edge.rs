@@ -46,6 +46,11 @@ pub struct EdgeLimits {
     /// keep-alive connection; see `http::serve_inbound`). Checked on a coarse tick, so a
     /// connection parks between this and 1.5 times this after its last byte. Default 5 s.
     pub park_idle_after: Duration,
+    /// The most request-body bytes held back at once, over all requests, for extension
+    /// providers that judge bodies (`includeRequestBodyInCheck`). Past it a request that
+    /// needs more is answered 503 at once (as Envoy's overload manager answers), so clients
+    /// cannot grow the proxy's memory by holding many bodies open. Default 64 MiB.
+    pub max_held_body_bytes: usize,
 }
 
 impl Default for EdgeLimits {
@@ -56,6 +61,7 @@ impl Default for EdgeLimits {
             idle_timeout: Duration::from_secs(3600),
             max_header_bytes: 60 * 1024,
             park_idle_after: PARK_IDLE_AFTER,
+            max_held_body_bytes: 64 * 1024 * 1024,
         }
     }
 }

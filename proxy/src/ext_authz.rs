@@ -145,6 +145,37 @@ pub(crate) enum NotHeld {
     TooLarge,
     /// The client broke off (or sent a malformed body).
     Broken(hyper::Error),
+    /// Holding it would take the proxy past its budget for held bodies (503).
+    Overloaded,
+}
+
+/// A request's share of the held-body budget, grown as its body arrives.
+#[derive(Default)]
+struct Share(Option<tokio::sync::OwnedSemaphorePermit>);
+
+impl Share {
+    /// Take `n` more bytes of `budget`, at once or not at all.
+    fn grow(&mut self, budget: &Arc<tokio::sync::Semaphore>, n: usize) -> Result<(), NotHeld> {
+        if n == 0 {
+            return Ok(());
+        }
+        let n = u32::try_from(n).map_err(|_| NotHeld::Overloaded)?;
+        let more = budget
+            .clone()
+            .try_acquire_many_owned(n)
+            .map_err(|_| NotHeld::Overloaded)?;
+        match &mut self.0 {
+            Some(p) => p.merge(more),
+            None => self.0 = Some(more),
+        }
+        Ok(())
+    }
+
+    fn bytes(&self) -> usize {
+        self.0
+            .as_ref()
+            .map_or(0, tokio::sync::OwnedSemaphorePermit::num_permits)
+    }
 }
 
 /// Hold back the start of `body` for a provider that judges it, as Envoy's
@@ -156,16 +187,21 @@ pub(crate) async fn hold_body(
     mut body: Incoming,
     content_length: Option<u64>,
     b: &ExtAuthzBody,
+    budget: &Arc<tokio::sync::Semaphore>,
 ) -> Result<(HeldBody, AppBody), NotHeld> {
     let max = b.max_bytes as usize;
     if !b.allow_partial && content_length.is_some_and(|n| n > max as u64) {
         return Err(NotHeld::TooLarge);
     }
     // Sized from the declared length (bounded by the limit), so holding does not copy as it
-    // grows.
-    let mut buf = bytes::BytesMut::with_capacity(content_length.map_or(0, |n| {
+    // grows; that room is taken from the budget before it is allocated, and what arrives
+    // beyond it as it arrives.
+    let room = content_length.map_or(0, |n| {
         usize::try_from(n).unwrap_or(max).min(max.saturating_add(1))
-    }));
+    });
+    let mut share = Share::default();
+    share.grow(budget, room)?;
+    let mut buf = bytes::BytesMut::with_capacity(room);
     let mut trailers = None;
     let mut ended = body.is_end_stream();
     let full = |buf: &bytes::BytesMut| b.allow_partial && buf.len() >= max;
@@ -174,7 +210,11 @@ pub(crate) async fn hold_body(
             None => ended = true,
             Some(Err(e)) => return Err(NotHeld::Broken(e)),
             Some(Ok(f)) => match f.into_data() {
-                Ok(d) => buf.extend_from_slice(&d),
+                Ok(d) => {
+                    let need = (buf.len() + d.len()).saturating_sub(share.bytes());
+                    share.grow(budget, need)?;
+                    buf.extend_from_slice(&d);
+                }
                 Err(f) => {
                     trailers = f.into_trailers().ok();
                     ended = true;
@@ -196,6 +236,7 @@ pub(crate) async fn hold_body(
         head,
         trailers,
         rest: (!ended).then_some(body),
+        budget: share.0,
     };
     Ok((held, AppBody::Replayed(Box::new(replay))))
 }

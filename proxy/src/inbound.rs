@@ -48,6 +48,9 @@ pub(crate) struct Inbound {
     pub(crate) app_h2: Client<HttpConnector, AppBody>,
     /// Clients of the extension providers CUSTOM policies name.
     pub(crate) ext_authz: crate::ext_authz::Clients,
+    /// Bytes of request bodies that may still be held for providers (`EdgeLimits::
+    /// max_held_body_bytes`), one permit a byte.
+    pub(crate) held_budget: Arc<tokio::sync::Semaphore>,
     /// Bumped after every configuration change is in force: established TCP connections
     /// re-check their PeerAuthentication mode and policy then.
     pub(crate) cfg_changed: tokio::sync::watch::Sender<u64>,
@@ -577,7 +580,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                     .headers()
                     .get(header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
-                let holding = crate::ext_authz::hold_body(inc, length, &b);
+                let holding = crate::ext_authz::hold_body(inc, length, &b, &ib.held_budget);
                 let (status, text, why) = match tokio::time::timeout(ib.request_timeout, holding)
                     .await
                 {
@@ -592,6 +595,14 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                         format!(
                             "the body is longer than extension provider {name:?} takes ({} bytes, no partial bodies)",
                             b.max_bytes
+                        ),
+                    ),
+                    Ok(Err(crate::ext_authz::NotHeld::Overloaded)) => (
+                        503,
+                        "overloaded",
+                        format!(
+                            "request bodies held for extension providers reached the proxy's limit ({} bytes, --max-held-body-kb)",
+                            ib.edge.max_held_body_bytes
                         ),
                     ),
                     Ok(Err(crate::ext_authz::NotHeld::Broken(e))) => {
@@ -635,7 +646,9 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                         "request refused: {why}"
                     );
                     let (r, g) = denial(status, grpc, text);
-                    cx.series.request(status, g, "-", start.elapsed());
+                    // Envoy's flag for a request its overload manager refused.
+                    let flags = if status == 503 { "OL" } else { "-" };
+                    cx.series.request(status, g, flags, start.elapsed());
                     return r;
                 }
             }

@@ -176,6 +176,11 @@ impl Proxy {
             app_h1: client().build(app_conn.clone()),
             app_h2: client().http2_only(true).build(app_conn),
             ext_authz: crate::ext_authz::Clients::new(identity.clone()),
+            held_budget: Arc::new(tokio::sync::Semaphore::new(
+                opts.edge
+                    .max_held_body_bytes
+                    .min(tokio::sync::Semaphore::MAX_PERMITS),
+            )),
             cfg_changed: tokio::sync::watch::Sender::new(0),
         });
         let outbound = Arc::new(Outbound::new(

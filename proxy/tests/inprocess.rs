@@ -1497,3 +1497,82 @@ async fn admin_details_answer_loopback_clients_only_unless_allowed() {
         drop(server);
     }
 }
+
+// === the budget for request bodies held for extension providers ===
+
+/// Bodies held for a provider that judges them share one budget: a request that would take
+/// the proxy past it is answered 503 at once; the budget comes back when a held request
+/// ends, and its twin, after that, is held and judged (the provider cannot be reached: 403).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn held_bodies_share_one_budget_and_past_it_the_answer_is_503() {
+    let _ = logs();
+    let mut mesh = Mesh::new().await;
+    // The provider's port is closed: a request that gets as far as asking it is denied.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let closed_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    std::fs::write(
+        mesh.dir.path().join("mesh.yaml"),
+        format!(
+            "trustDomain: {TD}\nextensionProviders:\n- name: bodies\n  envoyExtAuthzHttp: {{service: 127.0.0.1, port: {closed_port}, includeRequestBodyInCheck: {{maxRequestBytes: 1000}}}}\n"
+        ),
+    )
+    .unwrap();
+    std::fs::write(
+        mesh.dir.path().join("custom.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: bodies, namespace: ns1}\nspec:\n  selector: {matchLabels: {app: server}}\n  action: CUSTOM\n  provider: {name: bodies}\n  rules:\n  - to: [{operation: {paths: [/upload]}}]\n",
+    )
+    .unwrap();
+    mesh.edge = EdgeLimits {
+        max_held_body_bytes: 1500,
+        ..EdgeLimits::default()
+    };
+    let any = |ip: &str| format!("{ip}:0").parse::<SocketAddr>().unwrap();
+    let snap = mesh.snapshot([any("127.0.0.2"), any("127.0.0.3")], "server");
+    let server = mesh.proxy("server", snap, None).await;
+    let port = listener(&server, "inbound port 81");
+    let upload = "POST /upload HTTP/1.1\r\nhost: server\r\ncontent-length: 1000\r\n\r\n";
+
+    // A holds 1000 of the 1500 bytes: its body has not all arrived.
+    let mut a = TcpStream::connect(port).await.unwrap();
+    a.write_all(upload.as_bytes()).await.unwrap();
+    a.write_all(&[b'a'; 10]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // B needs 1000 more: refused at once.
+    let mut b = TcpStream::connect(port).await.unwrap();
+    b.write_all(upload.as_bytes()).await.unwrap();
+    let r = response_on(&mut b).await;
+    assert_eq!(r.map(|r| r.0), Some(503), "{}", log_text());
+    // A small body fits beside A.
+    let mut c = TcpStream::connect(port).await.unwrap();
+    c.write_all(b"POST /upload HTTP/1.1\r\nhost: server\r\ncontent-length: 5\r\n\r\nsmall")
+        .await
+        .unwrap();
+    assert_eq!(response_on(&mut c).await.map(|r| r.0), Some(403));
+    // A leaves: its share comes back, and B's twin is held and judged.
+    drop(a);
+    let ok = eventually_async(|| async {
+        let mut d = TcpStream::connect(port).await.unwrap();
+        let mut req = upload.as_bytes().to_vec();
+        req.extend_from_slice(&[b'd'; 1000]);
+        d.write_all(&req).await.unwrap();
+        response_on(&mut d).await.map(|r| r.0) == Some(403)
+    })
+    .await;
+    assert!(ok, "the budget did not come back: {}", log_text());
+}
+
+/// Wait (at most 5 s) until the async check `f` holds.
+async fn eventually_async<F, Fut>(mut f: F) -> bool
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    for _ in 0..50 {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    false
+}

@@ -65,6 +65,11 @@ pub(crate) struct ProxyArgs {
     /// Largest request header block accepted, in KiB (Envoy's max_request_headers_kb).
     #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u32).range(8..=8192))]
     max_request_headers_kb: u32,
+    /// Most request-body bytes held at once, over all requests, for extension providers
+    /// that judge bodies (includeRequestBodyInCheck), in KiB; past it such a request is
+    /// answered 503 (overloaded).
+    #[arg(long, default_value_t = 65536, value_parser = clap::value_parser!(u32).range(64..=4194304))]
+    max_held_body_kb: u32,
     /// Time allowed for a forwarded request's response headers (504 after).
     #[arg(long, default_value = "15s", value_parser = humantime::parse_duration)]
     request_timeout: Duration,
@@ -155,6 +160,7 @@ impl ProxyArgs {
             stream_idle_timeout: self.stream_idle_timeout,
             idle_timeout: self.idle_timeout,
             max_header_bytes: self.max_request_headers_kb as usize * 1024,
+            max_held_body_bytes: self.max_held_body_kb as usize * 1024,
             ..rampart_proxy::EdgeLimits::default()
         };
         super::process::raise_nofile_limit();
