@@ -53,8 +53,6 @@ pub(crate) struct Replayed {
     pub(crate) trailers: Option<HeaderMap>,
     /// The rest, still with the client (`None`: the body ended within `head`).
     pub(crate) rest: Option<Incoming>,
-    /// The share of the held-body budget `head` takes; given back once `head` is sent.
-    pub(crate) budget: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 impl Body for AppBody {
@@ -69,7 +67,6 @@ impl Body for AppBody {
             AppBody::Streamed(b) => Pin::new(b).poll_frame(cx),
             AppBody::Replayed(r) => {
                 if !r.head.is_empty() {
-                    r.budget = None;
                     return Poll::Ready(Some(Ok(Frame::data(std::mem::take(&mut r.head)))));
                 }
                 if let Some(rest) = r.rest.as_mut() {

@@ -178,11 +178,30 @@ impl Share {
     }
 }
 
+/// The held bytes and their share of the budget, together: the share is given back when
+/// the last view of the bytes (the replayed head, the provider's copy) is dropped, that is
+/// when the memory is.
+struct HeldBytes {
+    buf: Vec<u8>,
+    _share: Share,
+}
+
+impl AsRef<[u8]> for HeldBytes {
+    fn as_ref(&self) -> &[u8] {
+        &self.buf
+    }
+}
+
+/// Room taken before any byte arrives: holding more costs the client the bytes themselves.
+const FIRST_ROOM: usize = 16 * 1024;
+
 /// Hold back the start of `body` for a provider that judges it, as Envoy's
 /// `with_request_body` does: up to `maxRequestBytes` when partial bodies are allowed (the
 /// provider then sees that much, marked partial if more follows), else all of it, refused
 /// as too large past the limit (at once when `content_length` says so). Returns what the
-/// provider is shown and the body to forward, every byte in order.
+/// provider is shown and the body to forward, every byte in order. Every byte of memory the
+/// held bytes take (their allocation, not only what arrived) is taken from `budget` before
+/// it is allocated; past the budget, `NotHeld::Overloaded`.
 pub(crate) async fn hold_body(
     mut body: Incoming,
     content_length: Option<u64>,
@@ -193,26 +212,37 @@ pub(crate) async fn hold_body(
     if !b.allow_partial && content_length.is_some_and(|n| n > max as u64) {
         return Err(NotHeld::TooLarge);
     }
-    // Sized from the declared length (bounded by the limit), so holding does not copy as it
-    // grows; that room is taken from the budget before it is allocated, and what arrives
-    // beyond it as it arrives.
-    let room = content_length.map_or(0, |n| {
+    // The most that will be held (the declared length, bounded by the limit) bounds each
+    // allocation; the first is small and the next ones double, so that a client announcing
+    // a large body holds budget only as it sends the bytes.
+    let most = content_length.map_or(max.saturating_add(1), |n| {
         usize::try_from(n).unwrap_or(max).min(max.saturating_add(1))
     });
     let mut share = Share::default();
-    share.grow(budget, room)?;
-    let mut buf = bytes::BytesMut::with_capacity(room);
+    let mut buf: Vec<u8> = Vec::new();
+    let room = |buf: &mut Vec<u8>, share: &mut Share, need: usize| {
+        if need <= buf.capacity() {
+            return Ok(());
+        }
+        let cap = need
+            .max(buf.capacity().saturating_mul(2).min(most))
+            .max(FIRST_ROOM.min(most));
+        share.grow(budget, cap.saturating_sub(share.bytes()))?;
+        buf.reserve_exact(cap - buf.len());
+        Ok(())
+    };
+    room(&mut buf, &mut share, 1)?;
     let mut trailers = None;
     let mut ended = body.is_end_stream();
-    let full = |buf: &bytes::BytesMut| b.allow_partial && buf.len() >= max;
+    let full = |buf: &Vec<u8>| b.allow_partial && buf.len() >= max;
     while !ended && !full(&buf) {
         match body.frame().await {
             None => ended = true,
             Some(Err(e)) => return Err(NotHeld::Broken(e)),
             Some(Ok(f)) => match f.into_data() {
                 Ok(d) => {
-                    let need = (buf.len() + d.len()).saturating_sub(share.bytes());
-                    share.grow(budget, need)?;
+                    let need = buf.len() + d.len();
+                    room(&mut buf, &mut share, need)?;
                     buf.extend_from_slice(&d);
                 }
                 Err(f) => {
@@ -227,7 +257,7 @@ pub(crate) async fn hold_body(
     }
     // A body whose length was given ends with its last byte, before its end is read.
     ended = ended || body.is_end_stream();
-    let head = buf.freeze();
+    let head = Bytes::from_owner(HeldBytes { buf, _share: share });
     let held = HeldBody {
         bytes: head.slice(..head.len().min(max)),
         partial: !ended || head.len() > max,
@@ -236,7 +266,6 @@ pub(crate) async fn hold_body(
         head,
         trailers,
         rest: (!ended).then_some(body),
-        budget: share.0,
     };
     Ok((held, AppBody::Replayed(Box::new(replay))))
 }

@@ -581,13 +581,16 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                     .get(header::CONTENT_LENGTH)
                     .and_then(|v| v.to_str().ok()?.parse::<u64>().ok());
                 let holding = crate::ext_authz::hold_body(inc, length, &b, &ib.held_budget);
-                let (status, text, why) = match tokio::time::timeout(ib.request_timeout, holding)
-                    .await
+                let (status, text, why, flags) = match tokio::time::timeout(
+                    ib.request_timeout,
+                    holding,
+                )
+                .await
                 {
                     Ok(Ok((h, replay))) => {
                         *req.body_mut() = replay;
                         held = Some(h);
-                        (0, "", String::new())
+                        (0, "", String::new(), "-")
                     }
                     Ok(Err(crate::ext_authz::NotHeld::TooLarge)) => (
                         413,
@@ -596,7 +599,9 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                             "the body is longer than extension provider {name:?} takes ({} bytes, no partial bodies)",
                             b.max_bytes
                         ),
+                        "-",
                     ),
+                    // Envoy's flag for a request its overload manager refused.
                     Ok(Err(crate::ext_authz::NotHeld::Overloaded)) => (
                         503,
                         "overloaded",
@@ -604,6 +609,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                             "request bodies held for extension providers reached the proxy's limit ({} bytes, --max-held-body-kb)",
                             ib.edge.max_held_body_bytes
                         ),
+                        "OL",
                     ),
                     Ok(Err(crate::ext_authz::NotHeld::Broken(e))) => {
                         // The client left mid-body (an HTTP/1.1 connection closed, an HTTP/2
@@ -628,12 +634,18 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                             cx.series.request(0, None, flags, start.elapsed());
                             return r;
                         }
-                        (400, "Bad Request", format!("reading the body failed: {e}"))
+                        (
+                            400,
+                            "Bad Request",
+                            format!("reading the body failed: {e}"),
+                            "-",
+                        )
                     }
                     Err(_) => (
                         408,
                         "request timeout",
                         "the body did not arrive in time".to_string(),
+                        "-",
                     ),
                 };
                 if status != 0 {
@@ -646,8 +658,6 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                         "request refused: {why}"
                     );
                     let (r, g) = denial(status, grpc, text);
-                    // Envoy's flag for a request its overload manager refused.
-                    let flags = if status == 503 { "OL" } else { "-" };
                     cx.series.request(status, g, flags, start.elapsed());
                     return r;
                 }

@@ -1502,19 +1502,16 @@ async fn admin_details_answer_loopback_clients_only_unless_allowed() {
 
 /// Bodies held for a provider that judges them share one budget: a request that would take
 /// the proxy past it is answered 503 at once; the budget comes back when a held request
-/// ends, and its twin, after that, is held and judged (the provider cannot be reached: 403).
+/// ends, and its twin, after that, is held, judged (the provider allows) and forwarded.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn held_bodies_share_one_budget_and_past_it_the_answer_is_503() {
     let _ = logs();
     let mut mesh = Mesh::new().await;
-    // The provider's port is closed: a request that gets as far as asking it is denied.
-    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    let closed_port = closed.local_addr().unwrap().port();
-    drop(closed);
     std::fs::write(
         mesh.dir.path().join("mesh.yaml"),
         format!(
-            "trustDomain: {TD}\nextensionProviders:\n- name: bodies\n  envoyExtAuthzHttp: {{service: 127.0.0.1, port: {closed_port}, includeRequestBodyInCheck: {{maxRequestBytes: 1000}}}}\n"
+            "trustDomain: {TD}\nextensionProviders:\n- name: bodies\n  envoyExtAuthzHttp: {{service: 127.0.0.1, port: {}, includeRequestBodyInCheck: {{maxRequestBytes: 1000}}}}\n",
+            allowing_provider().await.port()
         ),
     )
     .unwrap();
@@ -1533,33 +1530,96 @@ async fn held_bodies_share_one_budget_and_past_it_the_answer_is_503() {
     let port = listener(&server, "inbound port 81");
     let upload = "POST /upload HTTP/1.1\r\nhost: server\r\ncontent-length: 1000\r\n\r\n";
 
-    // A holds 1000 of the 1500 bytes: its body has not all arrived.
+    // A and B each announce 1000 bytes and send 10: whichever is held first takes 1000 of the
+    // 1500 bytes (the room its length announces, under the first 16 KiB), and the other,
+    // needing 1000 more, is refused at once; the first waits for the rest of its body.
     let mut a = TcpStream::connect(port).await.unwrap();
-    a.write_all(upload.as_bytes()).await.unwrap();
-    a.write_all(&[b'a'; 10]).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    // B needs 1000 more: refused at once.
     let mut b = TcpStream::connect(port).await.unwrap();
-    b.write_all(upload.as_bytes()).await.unwrap();
-    let r = response_on(&mut b).await;
-    assert_eq!(r.map(|r| r.0), Some(503), "{}", log_text());
-    // A small body fits beside A.
+    for s in [&mut a, &mut b] {
+        s.write_all(upload.as_bytes()).await.unwrap();
+        s.write_all(&[b'x'; 10]).await.unwrap();
+    }
+    let (ra, rb) = (quick_status(&mut a).await, quick_status(&mut b).await);
+    let a = match (ra, rb) {
+        (None, Some(503)) => a,
+        (Some(503), None) => b,
+        other => panic!("want one held and one 503, got {other:?}: {}", log_text()),
+    };
+    // The held one's memory is taken as its bytes arrive: a 5-byte body still fits.
     let mut c = TcpStream::connect(port).await.unwrap();
     c.write_all(b"POST /upload HTTP/1.1\r\nhost: server\r\ncontent-length: 5\r\n\r\nsmall")
         .await
         .unwrap();
-    assert_eq!(response_on(&mut c).await.map(|r| r.0), Some(403));
-    // A leaves: its share comes back, and B's twin is held and judged.
+    assert_eq!(response_on(&mut c).await.map(|r| r.0), Some(200));
+    // The held one leaves: its share comes back, and the refused one's twin is held and
+    // judged.
     drop(a);
     let ok = eventually_async(|| async {
         let mut d = TcpStream::connect(port).await.unwrap();
         let mut req = upload.as_bytes().to_vec();
         req.extend_from_slice(&[b'd'; 1000]);
         d.write_all(&req).await.unwrap();
-        response_on(&mut d).await.map(|r| r.0) == Some(403)
+        response_on(&mut d).await.map(|r| r.0) == Some(200)
     })
     .await;
     assert!(ok, "the budget did not come back: {}", log_text());
+    // Allowed and forwarded, one after another: each body's share comes back once it is
+    // sent on, so five 1000-byte bodies pass a 1500-byte budget.
+    for i in 0..5 {
+        let mut e = TcpStream::connect(port).await.unwrap();
+        let mut req =
+            b"POST /upload HTTP/1.1\r\nhost: server\r\ncontent-length: 1000\r\nconnection: close\r\n\r\n"
+                .to_vec();
+        req.extend_from_slice(&[b'e'; 1000]);
+        e.write_all(&req).await.unwrap();
+        let r = response_on(&mut e).await;
+        assert_eq!(
+            r,
+            Some((200, "app /upload".to_string())),
+            "body {i}: {}",
+            log_text()
+        );
+    }
+}
+
+/// An HTTP extension provider on 127.0.0.1:0 that allows every check (200).
+async fn allowing_provider() -> SocketAddr {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = l.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = l.accept().await {
+            tokio::spawn(async move {
+                while let Some(head) = read_head(&mut s).await {
+                    let len: usize = head
+                        .lines()
+                        .find_map(|l| {
+                            let (k, v) = l.split_once(':')?;
+                            k.eq_ignore_ascii_case("content-length")
+                                .then(|| v.trim().parse().ok())?
+                        })
+                        .unwrap_or(0);
+                    let mut body = vec![0u8; len];
+                    if s.read_exact(&mut body).await.is_err()
+                        || s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                            .await
+                            .is_err()
+                    {
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    addr
+}
+
+/// The status of a response on `s` within 2 s, if one comes.
+async fn quick_status(s: &mut TcpStream) -> Option<u16> {
+    tokio::time::timeout(Duration::from_secs(2), response_on(s))
+        .await
+        .ok()
+        .flatten()
+        .map(|r| r.0)
 }
 
 /// Wait (at most 5 s) until the async check `f` holds.

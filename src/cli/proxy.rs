@@ -160,7 +160,8 @@ impl ProxyArgs {
             stream_idle_timeout: self.stream_idle_timeout,
             idle_timeout: self.idle_timeout,
             max_header_bytes: self.max_request_headers_kb as usize * 1024,
-            max_held_body_bytes: self.max_held_body_kb as usize * 1024,
+            max_held_body_bytes: usize::try_from(u64::from(self.max_held_body_kb) * 1024)
+                .unwrap_or(usize::MAX),
             ..rampart_proxy::EdgeLimits::default()
         };
         super::process::raise_nofile_limit();
