@@ -71,6 +71,19 @@ impl Fixture {
         std::fs::write(&p, yaml).unwrap();
         p
     }
+    /// `rampart authz check --config <this config> --request REQ` (text output).
+    fn check(&self, req: &Path) -> Output {
+        let config = self.config();
+        rampart(&[
+            "authz",
+            "check",
+            "--config",
+            config.to_str().unwrap(),
+            "--request",
+            req.to_str().unwrap(),
+        ])
+    }
+
     fn check_json(&self, req: &Path, extra: &[&str]) -> Value {
         let out = check_json_output(&self.config(), req, extra);
         assert!(
@@ -318,15 +331,7 @@ fn bad_input_exits_2_and_bad_documents_are_reported() {
         "bad.yaml",
         "destination: {namespace: ns1, port: 80}\nsoruce: {}\n",
     );
-    let config = f.config();
-    let out = rampart(&[
-        "authz",
-        "check",
-        "--config",
-        config.to_str().unwrap(),
-        "--request",
-        r.to_str().unwrap(),
-    ]);
+    let out = f.check(&r);
     assert_eq!(
         out.status.code(),
         Some(2),
@@ -365,15 +370,7 @@ fn a_mesh_yml_is_refused_by_name() {
     let f = Fixture::new(None);
     std::fs::write(f.config().join("mesh.yml"), "trustDomain: example.org\n").unwrap();
     let r = f.request("ok.yaml", &req(None, "GET", "/api/x", ""));
-    let config = f.config();
-    let out = rampart(&[
-        "authz",
-        "check",
-        "--config",
-        config.to_str().unwrap(),
-        "--request",
-        r.to_str().unwrap(),
-    ]);
+    let out = f.check(&r);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(

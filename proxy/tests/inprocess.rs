@@ -179,20 +179,24 @@ async fn response_on(s: &mut TcpStream) -> Option<(u16, String)> {
         .await
         .ok()??;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
+    let len = content_length(&head);
     let mut body = vec![0u8; len];
     tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut body))
         .await
         .ok()?
         .ok()?;
     Some((status, String::from_utf8_lossy(&body).into_owned()))
+}
+
+/// The `content-length` of a head (0 without one).
+fn content_length(head: &str) -> usize {
+    head.lines()
+        .find_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            k.eq_ignore_ascii_case("content-length")
+                .then(|| v.trim().parse().ok())?
+        })
+        .unwrap_or(0)
 }
 
 /// Read one request or response head (the tests send no bodies).
@@ -237,14 +241,7 @@ async fn call(client: SocketAddr, path: &str) -> Option<(u16, String)> {
         .await
         .ok()??;
     let status = head.split_whitespace().nth(1)?.parse().ok()?;
-    let len: usize = head
-        .lines()
-        .find_map(|l| {
-            let (k, v) = l.split_once(':')?;
-            k.eq_ignore_ascii_case("content-length")
-                .then(|| v.trim().parse().ok())?
-        })
-        .unwrap_or(0);
+    let len = content_length(&head);
     let mut body = vec![0u8; len];
     tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut body))
         .await
@@ -1590,15 +1587,7 @@ async fn allowing_provider() -> SocketAddr {
         while let Ok((mut s, _)) = l.accept().await {
             tokio::spawn(async move {
                 while let Some(head) = read_head(&mut s).await {
-                    let len: usize = head
-                        .lines()
-                        .find_map(|l| {
-                            let (k, v) = l.split_once(':')?;
-                            k.eq_ignore_ascii_case("content-length")
-                                .then(|| v.trim().parse().ok())?
-                        })
-                        .unwrap_or(0);
-                    let mut body = vec![0u8; len];
+                    let mut body = vec![0u8; content_length(&head)];
                     if s.read_exact(&mut body).await.is_err()
                         || s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
                             .await
