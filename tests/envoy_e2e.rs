@@ -251,24 +251,34 @@ fn envoy_gets_and_rotates_certificates_from_rampart_agent_sotw_and_delta() {
             "{api_type}: {success} updates\n{}",
             e.get("/stats")
         );
-        // The TLS listener serves the SDS certificate to a client that trusts our root.
-        let out = Command::new("openssl")
-            .args([
-                "s_client",
-                "-connect",
-                &format!("127.0.0.1:{port}"),
-                "-CAfile",
-            ])
-            .arg(dir.join("bundle.pem"))
-            .arg("-cert")
-            .arg(dir.join("frontend-certs/cert-chain.pem"))
-            .arg("-key")
-            .arg(dir.join("frontend-certs/key.pem"))
-            .args(["-verify_return_error", "-brief"])
-            .stdin(Stdio::null())
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
+        // The TLS listener serves the SDS certificate to a client that trusts our root. The
+        // client's own credentials are two files its agent rewrites at every rotation (as
+        // Istio's OUTPUT_CERTS): openssl reading them can straddle a rewrite and find a key
+        // that does not match the chain. A reader retries then (NODE_AGENT.md).
+        let mut err = String::new();
+        for _ in 0..5 {
+            let out = Command::new("openssl")
+                .args([
+                    "s_client",
+                    "-connect",
+                    &format!("127.0.0.1:{port}"),
+                    "-CAfile",
+                ])
+                .arg(dir.join("bundle.pem"))
+                .arg("-cert")
+                .arg(dir.join("frontend-certs/cert-chain.pem"))
+                .arg("-key")
+                .arg(dir.join("frontend-certs/key.pem"))
+                .args(["-verify_return_error", "-brief"])
+                .stdin(Stdio::null())
+                .output()
+                .unwrap();
+            err = String::from_utf8_lossy(&out.stderr).into_owned();
+            if !err.contains("key values mismatch") {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
         assert!(
             err.contains("Verification: OK"),
             "{api_type}: handshake with Envoy's SDS certificate: {err}"

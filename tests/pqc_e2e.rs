@@ -27,7 +27,6 @@ use support::{Proc, free_port};
 mod sds_standin;
 
 use std::io::{Read, Write};
-use std::net::TcpListener;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::Duration;
@@ -74,7 +73,7 @@ fn start_proxy(mesh: &Path, workload: &str, sds: &Path, log: PathBuf) -> Proc {
 
 /// A tiny HTTP/1.1 app answering 200 "hello" to anything (one request per connection).
 fn app(port: u16) {
-    let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
+    let l = support::bind_or_explain(port);
     std::thread::spawn(move || {
         for s in l.incoming() {
             let Ok(mut s) = s else { continue };

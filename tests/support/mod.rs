@@ -445,3 +445,20 @@ pub(crate) fn raw_request(port: u16, raw: &[u8]) -> (u16, String) {
         .unwrap_or_default();
     (code, body)
 }
+
+/// A listener on 127.0.0.1:`port` (a port [`free_port`] gave); if another process took it in
+/// the meantime, the failure names who holds it (`ss`), so that a port clash is diagnosed,
+/// not guessed at.
+pub(crate) fn bind_or_explain(port: u16) -> TcpListener {
+    match TcpListener::bind(("127.0.0.1", port)) {
+        Ok(l) => l,
+        Err(e) => {
+            let who = std::process::Command::new("ss")
+                .args(["-Htanp", &format!("( sport = :{port} or dport = :{port} )")])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_else(|e| format!("(ss: {e})"));
+            panic!("bind 127.0.0.1:{port}: {e}; sockets on that port:\n{who}");
+        }
+    }
+}
