@@ -19,8 +19,8 @@ pub(crate) const AFTER_HELP: &str = "\
 Exit status:
   0  every port of every selected workload is safe to switch to STRICT (or already is)
   3  some port still receives plaintext: its sources are listed
-  1  a proxy could not be asked (unreachable, bad answer) or the folder could not be read
-  2  bad command-line input
+  1  a proxy could not be asked (unreachable, bad answer)
+  2  bad input: the command line, or a mesh folder that cannot be read or is refused
 
 The proxies count since they started and over a recent window (--window chooses which one the
 verdict is based on; since-start is the cautious default). A port that has seen no traffic at
