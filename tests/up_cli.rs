@@ -104,14 +104,14 @@ fn bad_registry_and_clashing_addresses_are_refused() {
 
 #[test]
 fn a_child_that_dies_is_named_with_its_status_and_log_and_the_rest_is_stopped() {
-    // The CA's port is taken, so the CA cannot start: `up` must say so and stop.
-    let squatter = TcpListener::bind("127.0.0.1:0").unwrap();
-    let port = squatter.local_addr().unwrap().port();
+    // The CA's cacerts directory (the state dir's default) holds no certificate, so the CA
+    // exits at start: `up` must say so and stop.
+    let port = support::free_port();
     let d = folder(
         &format!(
             "rampart:\n  ca: {{listen: 127.0.0.1:{port}}}\n  demoToken: {{key: demo.pem, kid: k1, issuer: https://demo.example, audience: demo, namespace: people, serviceAccount: alice}}\n"
         ),
-        ONE_WORKLOAD,
+        &free_workload(),
         None,
     );
     let keygen = Command::new(env!("CARGO_BIN_EXE_rampart"))
@@ -121,6 +121,12 @@ fn a_child_that_dies_is_named_with_its_status_and_log_and_the_rest_is_stopped() 
         .unwrap();
     assert!(keygen.status.success(), "{keygen:?}");
     let state = tempfile::tempdir().unwrap();
+    std::fs::create_dir(state.path().join("cacerts")).unwrap();
+    std::fs::write(
+        state.path().join("cacerts/ca-cert.pem"),
+        "not a certificate\n",
+    )
+    .unwrap();
     let out = rampart_up(d.path(), state.path());
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
@@ -169,7 +175,74 @@ fn a_child_that_dies_is_named_with_its_status_and_log_and_the_rest_is_stopped() 
     // No child is left behind.
     let left = processes_mentioning(&state.path().display().to_string());
     assert!(left.is_empty(), "left running: {left:?}");
-    drop(squatter);
+}
+
+/// ONE_WORKLOAD on free ports (its app is not started by `up`).
+fn free_workload() -> String {
+    let free = support::free_port;
+    format!(
+        "workloads:
+- name: a
+  namespace: ns1
+  ports: [{{port: 80, protocol: http, app: 127.0.0.1:{}, inbound: 127.0.0.1:{}}}]
+  proxy: {{outbound: 127.0.0.1:{}, admin: 127.0.0.1:{}}}
+",
+        free(),
+        free(),
+        free(),
+        free()
+    )
+}
+
+#[test]
+fn a_taken_port_is_named_before_anything_is_made() {
+    // Another process (here: this test) holds the CA's port and a proxy's admin port, as a
+    // second `rampart up` on the same folder would meet them.
+    let ca = TcpListener::bind("127.0.0.1:0").unwrap();
+    let ca_port = ca.local_addr().unwrap().port();
+    let admin = TcpListener::bind("127.0.0.1:0").unwrap();
+    let admin_port = admin.local_addr().unwrap().port();
+    // The app's port is held too, but `up` starts no app here: that is how it should be.
+    let app = TcpListener::bind("127.0.0.1:0").unwrap();
+    let app_port = app.local_addr().unwrap().port();
+    let free = support::free_port;
+    let d = folder(
+        &format!("rampart: {{ca: {{listen: 127.0.0.1:{ca_port}}}}}\n"),
+        &format!(
+            "workloads:
+- name: a
+  namespace: ns1
+  ports: [{{port: 80, protocol: http, app: 127.0.0.1:{app_port}, inbound: 127.0.0.1:{}}}]
+  proxy: {{admin: 127.0.0.1:{admin_port}}}
+",
+            free()
+        ),
+        None,
+    );
+    let state = tempfile::tempdir().unwrap();
+    let out = rampart_up(d.path(), state.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("127.0.0.1:{ca_port} (the CA) is in use")),
+        "{err}"
+    );
+    assert!(
+        err.contains(&format!(
+            "127.0.0.1:{admin_port} (ns1/a proxy.admin) is in use"
+        )),
+        "{err}"
+    );
+    assert!(!err.contains(&format!(":{app_port}")), "{err}");
+    assert!(err.contains("another `rampart up` running"), "{err}");
+    assert!(err.contains(&format!("sport = :{ca_port}")), "{err}");
+    // Nothing was made: no root, no signing key, no logs.
+    let made: Vec<_> = std::fs::read_dir(state.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert!(made.is_empty(), "state dir got {made:?}: {err}");
+    drop((ca, admin, app));
 }
 
 #[test]

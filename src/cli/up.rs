@@ -63,7 +63,7 @@ use anyhow::Context as _;
 use rampart::up::{
     Action, CA_AUDIENCE, CA_READY_MARKER, DEFAULT_ISSUER, MAX_SOCKET_PATH, Role, StateLayout,
     TOKEN_REFRESH, TOKEN_TTL, agent_args, app_command, ca_args, check_addresses, check_edit,
-    check_policy, describe_status, folder_fingerprint, mesh_table, plan, proxy_args,
+    check_free, check_policy, describe_status, folder_fingerprint, mesh_table, plan, proxy_args,
     read_demo_token, workload_table,
 };
 use rampart_certs::jwt::{JwtSigner, ServiceAccount};
@@ -134,6 +134,7 @@ impl UpArgs {
                 self.dir.display()
             )));
         }
+        check_free(&mesh).map_err(super::bad_input)?;
         let rt = tokio::runtime::Builder::new_multi_thread()
             .worker_threads(2)
             .enable_all()

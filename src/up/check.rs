@@ -67,35 +67,83 @@ fn policy_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), S
     Ok(())
 }
 
+/// Every address `up` would listen on, or start an app on, with what it is for: the CA's,
+/// then each workload's app ports (`started`: only those whose app `up` starts), inbound
+/// ports, outbound port, admin port and upstream listeners.
+fn listen_addresses(mesh: &MeshFolder) -> Vec<(SocketAddr, String, bool)> {
+    let mut all = vec![(mesh.local.ca_address(), "the CA".to_string(), true)];
+    for w in &mesh.registry.workloads {
+        let k = w.key();
+        for p in &w.ports {
+            let started = w.command.is_some();
+            all.push((p.app, format!("{k} port {} app", p.port), started));
+            all.push((p.inbound, format!("{k} port {} inbound", p.port), true));
+        }
+        if let Some(a) = w.proxy.outbound {
+            all.push((a, format!("{k} proxy.outbound"), true));
+        }
+        if let Some(a) = w.proxy.admin {
+            all.push((a, format!("{k} proxy.admin"), true));
+        }
+        for u in &w.upstreams {
+            all.push((
+                u.listen,
+                format!("{k} upstream {}:{}", u.service, u.port),
+                true,
+            ));
+        }
+    }
+    all
+}
+
 /// Every listen address in the folder must be distinct (and not the CA's).
 pub fn check_addresses(mesh: &MeshFolder) -> Result<(), String> {
-    let mut seen: Vec<(SocketAddr, String)> = vec![(mesh.local.ca_address(), "the CA".into())];
-    let mut add = |a: SocketAddr, what: String| -> Result<(), String> {
+    let mut seen: Vec<(SocketAddr, String)> = Vec::new();
+    for (a, what, _) in listen_addresses(mesh) {
         if let Some((_, other)) = seen.iter().find(|(s, _)| *s == a) {
             return Err(format!(
                 "workloads.yaml: {what} and {other} both listen on {a}"
             ));
         }
         seen.push((a, what));
-        Ok(())
-    };
-    for w in &mesh.registry.workloads {
-        let k = w.key();
-        for p in &w.ports {
-            add(p.app, format!("{k} port {} app", p.port))?;
-            add(p.inbound, format!("{k} port {} inbound", p.port))?;
-        }
-        if let Some(a) = w.proxy.outbound {
-            add(a, format!("{k} proxy.outbound"))?;
-        }
-        if let Some(a) = w.proxy.admin {
-            add(a, format!("{k} proxy.admin"))?;
-        }
-        for u in &w.upstreams {
-            add(u.listen, format!("{k} upstream {}:{}", u.service, u.port))?;
-        }
     }
     Ok(())
+}
+
+/// Before anything starts (no root, key or token is made): every address `up` itself will
+/// listen on, or start an app on, can be bound now. A port another process holds (often a
+/// `rampart up` still running on the same folder) is named with what it is for, instead of
+/// a child dying on it after the CA made a root in a fresh state directory. Apps `up` does
+/// not start are left out: their ports are meant to be held by someone else.
+///
+/// Binding is only a check, the listener is dropped at once; a port taken in between is
+/// still reported, as the death of the child that could not bind it.
+pub fn check_free(mesh: &MeshFolder) -> Result<(), String> {
+    let mut lines = Vec::new();
+    let mut in_use = None;
+    for (a, what, started) in listen_addresses(mesh) {
+        if !started {
+            continue;
+        }
+        match std::net::TcpListener::bind(a) {
+            Ok(l) => drop(l),
+            Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
+                lines.push(format!("{a} ({what}) is in use by another process"));
+                in_use.get_or_insert(a.port());
+            }
+            Err(e) => lines.push(format!("{a} ({what}) cannot be listened on: {e}")),
+        }
+    }
+    if let Some(port) = in_use {
+        lines.push(format!(
+            "Is another `rampart up` running on this folder? `ss -ltnp 'sport = :{port}'` names what holds the port."
+        ));
+    }
+    if lines.is_empty() {
+        Ok(())
+    } else {
+        Err(lines.join("\n"))
+    }
 }
 
 /// Check the folder after an edit: the new mesh and its number of policy resources if it is
@@ -230,6 +278,47 @@ mod tests {
         );
         let e = check_addresses(&crate::read_mesh(ca.path()).unwrap()).unwrap_err();
         assert!(e.contains("the CA"), "{e}");
+    }
+
+    #[test]
+    fn free_addresses_pass_and_a_held_one_is_named() {
+        let port = |l: &std::net::TcpListener| l.local_addr().unwrap().port();
+        let (ca, inbound) = (
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+            std::net::TcpListener::bind("127.0.0.1:0").unwrap(),
+        );
+        let (ca_port, inbound_port) = (port(&ca), port(&inbound));
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(
+            d.path().join("mesh.yaml"),
+            format!("rampart: {{ca: {{listen: 127.0.0.1:{ca_port}}}}}\n"),
+        )
+        .unwrap();
+        std::fs::write(
+            d.path().join("workloads.yaml"),
+            format!(
+                "workloads:\n- name: a\n  namespace: ns1\n  command: [x]\n  ports: [{{port: 80, app: 127.0.0.1:{}, inbound: 127.0.0.1:{inbound_port}}}]\n",
+                port(&std::net::TcpListener::bind("127.0.0.1:0").unwrap())
+            ),
+        )
+        .unwrap();
+        let m = crate::read_mesh(d.path()).unwrap();
+        // Held: the CA's and the inbound port are both named, the hint names the first.
+        let e = check_free(&m).unwrap_err();
+        assert!(
+            e.contains(&format!("127.0.0.1:{ca_port} (the CA) is in use")),
+            "{e}"
+        );
+        assert!(
+            e.contains(&format!(
+                "127.0.0.1:{inbound_port} (ns1/a port 80 inbound) is in use"
+            )),
+            "{e}"
+        );
+        assert!(e.contains(&format!("sport = :{ca_port}")), "{e}");
+        // Released: the same folder passes.
+        drop((ca, inbound));
+        check_free(&m).unwrap();
     }
 
     #[test]
