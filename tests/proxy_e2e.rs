@@ -621,6 +621,19 @@ fn proxy_pair_with_real_clients() {
         let (code, body) = curl(&["--path-as-is", &format!("http://{in_http}{path}")]);
         assert!(code == "403" || code == "400", "{path}: {code} {body}");
     }
+    // The denial's log line shows the path the rule matched beside the one sent; its twin,
+    // a path sent already normal, shows no second path.
+    let log = backend.log();
+    let dotdot = log
+        .lines()
+        .find(|l| l.contains("request denied") && l.contains("path=/admin/../admin"))
+        .unwrap_or_else(|| panic!("no denial of /admin/../admin logged\n{log}"));
+    assert!(dotdot.contains("normalized_path=/admin "), "{dotdot}");
+    let plain = log
+        .lines()
+        .find(|l| l.contains("request denied") && l.contains("path=/admin "))
+        .unwrap_or_else(|| panic!("no denial of /admin logged\n{log}"));
+    assert!(plain.contains("normalized_path=- "), "{plain}");
 
     // --- JWT: invalid 401, missing 403 (DENY notRequestPrincipals, as Istio), valid 200 ---
     let url = format!("http://{in_http}/jwt/data");

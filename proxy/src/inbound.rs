@@ -770,11 +770,17 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                 .as_ref()
                 .map(|p| format!("{}/{}", p.namespace, p.name))
                 .unwrap_or_else(|| "-".into());
+            // Rules match the normalized path: when it differs from what the client sent,
+            // the log shows both, so `/a/../admin` denied by a rule on `/admin` reads right.
+            let judged_path = (normalized != raw_path)
+                .then(|| crate::edge::loggable_path(&normalized))
+                .unwrap_or_else(|| "-".into());
             tracing::warn!(
                 peer = %cx.peer,
                 principal = cx.principal.as_deref().unwrap_or("-"),
                 method = %req.method(),
                 path = %crate::edge::loggable_path(&raw_path),
+                normalized_path = %judged_path,
                 status = d.status,
                 policy = %policy,
                 rule = ?d.rule,
