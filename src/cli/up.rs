@@ -62,9 +62,9 @@ use std::time::{Duration, Instant, SystemTime};
 use anyhow::Context as _;
 use rampart::up::{
     Action, CA_AUDIENCE, CA_READY_MARKER, DEFAULT_ISSUER, MAX_SOCKET_PATH, Role, StateLayout,
-    TOKEN_REFRESH, TOKEN_TTL, agent_args, app_command, ca_args, check_addresses, check_edit,
-    check_free, check_policy, describe_status, folder_fingerprint, mesh_table, plan, proxy_args,
-    read_demo_token, workload_table,
+    TOKEN_REFRESH, TOKEN_TTL, agent_args, app_command, ca_args, changed_files, check_addresses,
+    check_edit, check_free, check_policy, describe_status, folder_fingerprint, mesh_table, plan,
+    proxy_args, read_demo_token, workload_table,
 };
 use rampart_certs::jwt::{JwtSigner, ServiceAccount};
 use rampart_certs::{KeyAlgorithm, PrivateKey};
@@ -750,9 +750,10 @@ impl Up {
                             }
                             now = again;
                         }
+                        let changed = changed_files(&self.dir, &fingerprint, &now);
                         fingerprint = now;
                         // An edit saved meanwhile is seen on the next tick.
-                        let edit = self.check_edit();
+                        let edit = self.check_edit(&changed);
                         if let Err(stop) = self.apply_edit(edit).await {
                             return self.failure(stop);
                         }
@@ -768,14 +769,36 @@ impl Up {
         }
     }
 
-    /// Check the folder after an edit: the new mesh if it is valid, else why it is refused
-    /// (file, field, reason).
-    fn check_edit(&self) -> Result<MeshFolder, String> {
+    /// Check the folder after an edit of the files `changed`: the new mesh if it is valid,
+    /// else why it is refused (file, field, reason).
+    fn check_edit(&self, changed: &[String]) -> Result<MeshFolder, String> {
         let (mesh, resources) = check_edit(&self.dir, &self.layout)?;
-        say!(
-            "rampart up: {} changed: valid ({resources} policy resource(s)); the proxies apply it live",
-            self.dir.display(),
-        );
+        // What the edit touched, three names at most.
+        let mut what = changed
+            .iter()
+            .take(3)
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(", ");
+        if changed.len() > 3 {
+            what.push_str(&format!(" and {} more", changed.len() - 3));
+        }
+        if what.is_empty() {
+            what = self.dir.display().to_string();
+        }
+        // The registry alone: what it changes is said action by action below. Policy or
+        // mesh.yaml: the proxies read it themselves.
+        let registry_only = !changed.is_empty()
+            && changed
+                .iter()
+                .all(|c| c.trim_end_matches(" (removed)") == rampart_mesh::WORKLOADS_FILE);
+        if registry_only {
+            say!("rampart up: {what} changed: valid");
+        } else {
+            say!(
+                "rampart up: {what} changed: valid ({resources} policy resource(s)); the proxies apply it live"
+            );
+        }
         Ok(mesh)
     }
 

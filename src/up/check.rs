@@ -247,6 +247,29 @@ pub fn folder_fingerprint(dir: &Path, skip: &Path) -> Vec<(PathBuf, u64, Option<
     v
 }
 
+/// The files (relative to `dir`) that differ between two fingerprints of it: added, removed
+/// (named with "(removed)") or changed, in path order.
+pub fn changed_files(
+    dir: &Path,
+    old: &[(PathBuf, u64, Option<SystemTime>)],
+    new: &[(PathBuf, u64, Option<SystemTime>)],
+) -> Vec<String> {
+    let name = |p: &Path| p.strip_prefix(dir).unwrap_or(p).display().to_string();
+    let mut out: Vec<(PathBuf, String)> = Vec::new();
+    for n in new {
+        if !old.contains(n) {
+            out.push((n.0.clone(), name(&n.0)));
+        }
+    }
+    for o in old {
+        if !new.iter().any(|n| n.0 == o.0) {
+            out.push((o.0.clone(), format!("{} (removed)", name(&o.0))));
+        }
+    }
+    out.sort();
+    out.into_iter().map(|(_, n)| n).collect()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -278,6 +301,28 @@ mod tests {
         );
         let e = check_addresses(&crate::read_mesh(ca.path()).unwrap()).unwrap_err();
         assert!(e.contains("the CA"), "{e}");
+    }
+
+    #[test]
+    fn changed_files_name_what_an_edit_touched() {
+        let d = Path::new("/m");
+        let t = |s: u64| Some(SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(s));
+        let old = vec![
+            (d.join("mesh.yaml"), 10, t(1)),
+            (d.join("policy/a.yaml"), 20, t(1)),
+            (d.join("workloads.yaml"), 30, t(1)),
+        ];
+        // Unchanged: nothing named.
+        assert!(changed_files(d, &old, &old).is_empty());
+        let new = vec![
+            (d.join("mesh.yaml"), 10, t(1)),
+            (d.join("policy/b.yaml"), 5, t(2)),
+            (d.join("workloads.yaml"), 30, t(2)),
+        ];
+        assert_eq!(
+            changed_files(d, &old, &new),
+            ["policy/a.yaml (removed)", "policy/b.yaml", "workloads.yaml"]
+        );
     }
 
     #[test]

@@ -12,7 +12,7 @@ mod plan;
 mod render;
 
 pub use self::check::{
-    DemoToken, PolicyCheck, check_addresses, check_edit, check_free, check_policy,
+    DemoToken, PolicyCheck, changed_files, check_addresses, check_edit, check_free, check_policy,
     folder_fingerprint, read_demo_token,
 };
 pub use self::layout::{
