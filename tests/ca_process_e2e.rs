@@ -523,6 +523,31 @@ async fn a_second_ca_process_on_a_state_in_use_is_refused_until_the_first_is_gon
     issue_one(&mut c, &csr, &tok)
         .await
         .expect("the new CA issues");
+    drop(c);
+
+    // A clean stop (SIGTERM) takes the admin socket along; the lock file stays (a flock file
+    // is never unlinked: a CA waiting on the old inode would hold a lock nobody else sees).
+    let admin = dir.join("state/admin.sock");
+    assert!(admin.exists(), "the running CA's admin socket");
+    let mut ca = ca;
+    let pid = rustix::process::Pid::from_raw(ca.pid).unwrap();
+    rustix::process::kill_process(pid, rustix::process::Signal::TERM).unwrap();
+    let status = ca.proc.child.wait().unwrap();
+    assert!(status.success(), "{status:?}\n{}", ca.proc.log());
+    assert!(!admin.exists(), "admin.sock left after a clean stop");
+    assert!(dir.join("state/ca.lock").exists());
+    // ... and `rampart ca revoke` says the CA is not running.
+    let revoke = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["ca", "revoke", "--serial", &serial, "--state"])
+        .arg(dir.join("state"))
+        .output()
+        .unwrap();
+    assert!(!revoke.status.success());
+    assert!(
+        String::from_utf8_lossy(&revoke.stderr).contains("admin socket"),
+        "{}",
+        String::from_utf8_lossy(&revoke.stderr)
+    );
 }
 
 /// Peers that complete TLS handshakes and then go silent cannot hold the CA's connection

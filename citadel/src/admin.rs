@@ -157,7 +157,14 @@ pub(crate) fn serve_admin<S: AdminBackend>(
         .map_err(|e| CitadelError::io(path, e))?;
     let owner = rustix::process::geteuid().as_raw();
     let path = path.to_path_buf();
+    let bound = std::fs::symlink_metadata(&path).map_err(|e| CitadelError::io(&path, e))?;
+    let guard = RemoveOnDrop {
+        path: path.clone(),
+        ino: std::os::unix::fs::MetadataExt::ino(&bound),
+    };
     Ok(tokio::spawn(async move {
+        // Dropped with the task (the CA's shutdown aborts it): the socket file goes too.
+        let _guard = guard;
         loop {
             let (stream, _) = match listener.accept().await {
                 Ok(c) => c,
@@ -176,6 +183,26 @@ pub(crate) fn serve_admin<S: AdminBackend>(
             });
         }
     }))
+}
+
+/// Removes the admin socket file when the task serving it ends, if it is still the socket
+/// this task bound (same inode): a clean stop leaves no stale socket behind. (After `kill -9`
+/// it stays; the next CA on the directory replaces it.)
+struct RemoveOnDrop {
+    path: std::path::PathBuf,
+    ino: u64,
+}
+
+impl Drop for RemoveOnDrop {
+    fn drop(&mut self) {
+        use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
+        if let Ok(m) = std::fs::symlink_metadata(&self.path)
+            && m.file_type().is_socket()
+            && m.ino() == self.ino
+        {
+            let _ = std::fs::remove_file(&self.path);
+        }
+    }
 }
 
 async fn serve_one<S: AdminBackend>(
