@@ -142,10 +142,16 @@ impl Budget {
 pub(crate) struct Budgets {
     sems: [Arc<Semaphore>; 3],
     refused: [AtomicU64; 3],
+    /// Bytes of request bodies held back for extension providers, all requests together
+    /// (one permit per byte), and its size.
+    held: Arc<Semaphore>,
+    held_limit: usize,
 }
 
 impl Budgets {
-    pub(crate) fn new(inbound: usize, outbound: usize, admin: usize) -> Budgets {
+    /// Connection slots per listener kind, and `held` bytes for held request bodies.
+    pub(crate) fn new(inbound: usize, outbound: usize, admin: usize, held: usize) -> Budgets {
+        let held = held.min(Semaphore::MAX_PERMITS);
         Budgets {
             sems: [
                 Arc::new(Semaphore::new(inbound)),
@@ -153,7 +159,14 @@ impl Budgets {
                 Arc::new(Semaphore::new(admin)),
             ],
             refused: Default::default(),
+            held: Arc::new(Semaphore::new(held)),
+            held_limit: held,
         }
+    }
+
+    /// The budget for request bodies held back for extension providers.
+    pub(crate) fn held(&self) -> &Arc<Semaphore> {
+        &self.held
     }
 
     /// A slot of budget `b`, or `None` (counted as refused) when it is exhausted.
@@ -180,6 +193,19 @@ impl Budgets {
                 self.refused[b as usize].load(Ordering::Relaxed)
             );
         }
+        // The held-body budget: in use and its size (`--max-held-body-kb`). Requests refused
+        // past it are the `response_flags="OL"` series of the request counters.
+        let in_use = self
+            .held_limit
+            .saturating_sub(self.held.available_permits());
+        let _ = writeln!(out, "# TYPE rampart_proxy_held_body_bytes gauge");
+        let _ = writeln!(out, "rampart_proxy_held_body_bytes {in_use}");
+        let _ = writeln!(out, "# TYPE rampart_proxy_held_body_limit_bytes gauge");
+        let _ = writeln!(
+            out,
+            "rampart_proxy_held_body_limit_bytes {}",
+            self.held_limit
+        );
     }
 }
 
@@ -775,7 +801,7 @@ mod tests {
 
     #[test]
     fn budgets_are_separate_and_count_refusals() {
-        let b = Budgets::new(1, 1, 1);
+        let b = Budgets::new(1, 1, 1, 1000);
         let _i = b.acquire(Budget::Inbound).unwrap();
         assert!(b.acquire(Budget::Inbound).is_none());
         assert!(b.acquire(Budget::Outbound).is_some());
@@ -783,5 +809,28 @@ mod tests {
         b.render(&mut out);
         assert!(out.contains("rampart_proxy_connections_refused_total{listener=\"inbound\"} 1"));
         assert!(out.contains("rampart_proxy_connections_refused_total{listener=\"outbound\"} 0"));
+    }
+
+    #[test]
+    fn the_held_body_budget_is_shown_in_use_and_whole() {
+        let b = Budgets::new(1, 1, 1, 1000);
+        let mut out = String::new();
+        b.render(&mut out);
+        assert!(out.contains("\nrampart_proxy_held_body_bytes 0\n"), "{out}");
+        assert!(
+            out.contains("\nrampart_proxy_held_body_limit_bytes 1000\n"),
+            "{out}"
+        );
+        let held = b.held().clone().try_acquire_many_owned(300).unwrap();
+        let mut out = String::new();
+        b.render(&mut out);
+        assert!(
+            out.contains("\nrampart_proxy_held_body_bytes 300\n"),
+            "{out}"
+        );
+        drop(held);
+        let mut out = String::new();
+        b.render(&mut out);
+        assert!(out.contains("\nrampart_proxy_held_body_bytes 0\n"), "{out}");
     }
 }

@@ -155,6 +155,7 @@ impl Proxy {
             opts.max_inbound_connections,
             opts.max_outbound_connections,
             opts.max_admin_connections,
+            opts.edge.max_held_body_bytes,
         ));
         let mut app_conn = HttpConnector::new();
         app_conn.set_nodelay(true);
@@ -176,11 +177,7 @@ impl Proxy {
             app_h1: client().build(app_conn.clone()),
             app_h2: client().http2_only(true).build(app_conn),
             ext_authz: crate::ext_authz::Clients::new(identity.clone()),
-            held_budget: Arc::new(tokio::sync::Semaphore::new(
-                opts.edge
-                    .max_held_body_bytes
-                    .min(tokio::sync::Semaphore::MAX_PERMITS),
-            )),
+            held_budget: budgets.held().clone(),
             cfg_changed: tokio::sync::watch::Sender::new(0),
         });
         let outbound = Arc::new(Outbound::new(

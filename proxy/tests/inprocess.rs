@@ -1542,6 +1542,13 @@ async fn held_bodies_share_one_budget_and_past_it_the_answer_is_503() {
         (Some(503), None) => b,
         other => panic!("want one held and one 503, got {other:?}: {}", log_text()),
     };
+    // The gauges show the held one's share of the budget, and the budget.
+    let admin = server.admin_addr().unwrap();
+    assert_eq!(
+        metric(admin, "rampart_proxy_held_body_limit_bytes").await,
+        1500
+    );
+    assert_eq!(metric(admin, "rampart_proxy_held_body_bytes").await, 1000);
     // The held one's memory is taken as its bytes arrive: a 5-byte body still fits.
     let mut c = TcpStream::connect(port).await.unwrap();
     c.write_all(b"POST /upload HTTP/1.1\r\nhost: server\r\ncontent-length: 5\r\n\r\nsmall")
@@ -1576,7 +1583,11 @@ async fn held_bodies_share_one_budget_and_past_it_the_answer_is_503() {
             "body {i}: {}",
             log_text()
         );
-    }
+    } // Nothing is held any more.
+    let released =
+        eventually_async(|| async { metric(admin, "rampart_proxy_held_body_bytes").await == 0 })
+            .await;
+    assert!(released, "held bytes not given back: {}", log_text());
 }
 
 /// An HTTP extension provider on 127.0.0.1:0 that allows every check (200).
