@@ -698,6 +698,7 @@ fn istio_address_rbac() -> Vec<Value> {
 /// entry (what an Istio sidecar's inbound Envoy, `use_remote_address: false` and no trusted
 /// hops, takes as the client), with their `not` forms, from four source addresses on the
 /// loopback and with `X-Forwarded-For` values well formed and not: as a real Envoy judges.
+/// (Sending no header and sending an empty one are both asked.)
 #[test]
 fn addresses_are_judged_as_a_real_envoy_judges_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -750,6 +751,9 @@ fn addresses_are_judged_as_a_real_envoy_judges_them() {
         vec!["10.9.1.1, unknown"],
         vec!["192.168.1.1, 127.0.0.3"],
         vec!["::ffff:192.168.1.1"],
+        vec!["127.0.0.2"],
+        vec!["127.0.1.5"],
+        // An empty header (sent as `x-forwarded-for;`: curl drops `name: ` with no value).
         vec![""],
     ];
     let mut differ = Vec::new();
@@ -760,7 +764,10 @@ fn addresses_are_judged_as_a_real_envoy_judges_them() {
             for xff in &xffs {
                 let headers: Vec<String> = xff
                     .iter()
-                    .map(|v| format!("x-forwarded-for: {v}"))
+                    .map(|v| match v {
+                        &"" => "x-forwarded-for;".to_string(),
+                        v => format!("x-forwarded-for: {v}"),
+                    })
                     .collect();
                 let hs: Vec<&str> = headers.iter().map(String::as_str).collect();
                 let ask = |port: u16| -> u16 {
@@ -803,6 +810,15 @@ fn addresses_are_judged_as_a_real_envoy_judges_them() {
         ("127.0.0.1", "/notrip", "", 200),
         ("127.0.0.1", "/notrip", "192.168.1.1", 403),
         ("127.0.0.2", "/other", "", 403),
+        // ipBlocks judge the peer, whatever the header claims.
+        ("127.0.0.2", "/ip", "192.168.1.1", 200),
+        ("127.0.0.1", "/ip", "127.0.0.2", 403),
+        ("127.0.0.3", "/ip", "127.0.1.5", 403),
+        ("127.0.0.1", "/notip", "127.0.0.2", 403),
+        ("127.0.0.2", "/notip", "127.0.1.5", 200),
+        // An empty header claims nothing: the peer counts.
+        ("127.0.0.1", "/rip", "", 403),
+        ("127.0.0.1", "/notrip", "", 200),
     ];
     let mut wrong = Vec::new();
     for (src, path, xff, want) in expected {

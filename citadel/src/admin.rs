@@ -158,15 +158,19 @@ pub(crate) fn serve_admin<S: AdminBackend>(
     let owner = rustix::process::geteuid().as_raw();
     let path = path.to_path_buf();
     let bound = std::fs::symlink_metadata(&path).map_err(|e| CitadelError::io(&path, e))?;
-    let guard = RemoveOnDrop {
+    let socket = BoundSocket {
+        listener,
         path: path.clone(),
-        ino: std::os::unix::fs::MetadataExt::ino(&bound),
+        id: (
+            std::os::unix::fs::MetadataExt::dev(&bound),
+            std::os::unix::fs::MetadataExt::ino(&bound),
+        ),
     };
     Ok(tokio::spawn(async move {
         // Dropped with the task (the CA's shutdown aborts it): the socket file goes too.
-        let _guard = guard;
+        let socket = socket;
         loop {
-            let (stream, _) = match listener.accept().await {
+            let (stream, _) = match socket.listener.accept().await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(error = %e, "admin socket accept failed");
@@ -185,20 +189,23 @@ pub(crate) fn serve_admin<S: AdminBackend>(
     }))
 }
 
-/// Removes the admin socket file when the task serving it ends, if it is still the socket
-/// this task bound (same inode): a clean stop leaves no stale socket behind. (After `kill -9`
-/// it stays; the next CA on the directory replaces it.)
-struct RemoveOnDrop {
+/// The admin socket's listener with its file: when the task serving it ends, the file is
+/// removed if it is still the socket bound here (same device and inode), while the listener
+/// is still open, so its inode cannot have been reused by another CA's socket meanwhile. A
+/// clean stop leaves no stale socket behind; after `kill -9` it stays, and the next CA on the
+/// directory replaces it.
+struct BoundSocket {
+    listener: tokio::net::UnixListener,
     path: std::path::PathBuf,
-    ino: u64,
+    id: (u64, u64),
 }
 
-impl Drop for RemoveOnDrop {
+impl Drop for BoundSocket {
     fn drop(&mut self) {
         use std::os::unix::fs::{FileTypeExt as _, MetadataExt as _};
         if let Ok(m) = std::fs::symlink_metadata(&self.path)
             && m.file_type().is_socket()
-            && m.ino() == self.ino
+            && (m.dev(), m.ino()) == self.id
         {
             let _ = std::fs::remove_file(&self.path);
         }

@@ -193,8 +193,9 @@ impl Budgets {
                 self.refused[b as usize].load(Ordering::Relaxed)
             );
         }
-        // The held-body budget: in use and its size (`--max-held-body-kb`). Requests refused
-        // past it are the `response_flags="OL"` series of the request counters.
+        // The held-body budget: in use (the held buffers' room, not only the bytes received)
+        // and its size (`--max-held-body-kb`). Requests refused past it are the
+        // `response_flags="OL"` series of the request counters.
         let in_use = self
             .held_limit
             .saturating_sub(self.held.available_permits());

@@ -686,6 +686,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                         principal = cx.principal.as_deref().unwrap_or("-"),
                         method = %req.method(),
                         path = %crate::edge::loggable_path(&raw_path),
+                        normalized_path = %judged_path(&raw_path, &normalized),
                         status = denied.status,
                         policy = %policy,
                         reason = %denied.reason,
@@ -770,17 +771,12 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                 .as_ref()
                 .map(|p| format!("{}/{}", p.namespace, p.name))
                 .unwrap_or_else(|| "-".into());
-            // Rules match the normalized path: when it differs from what the client sent,
-            // the log shows both, so `/a/../admin` denied by a rule on `/admin` reads right.
-            let judged_path = (normalized != raw_path)
-                .then(|| crate::edge::loggable_path(&normalized))
-                .unwrap_or_else(|| "-".into());
             tracing::warn!(
                 peer = %cx.peer,
                 principal = cx.principal.as_deref().unwrap_or("-"),
                 method = %req.method(),
                 path = %crate::edge::loggable_path(&raw_path),
-                normalized_path = %judged_path,
+                normalized_path = %judged_path(&raw_path, &normalized),
                 status = d.status,
                 policy = %policy,
                 rule = ?d.rule,
@@ -1106,6 +1102,16 @@ where
         }
     };
     ib.metrics.tcp_closed(&cx.labels, sent, received);
+}
+
+/// A denial's `normalized_path` log field: the path the rules matched, `-` when it is the
+/// one the client sent (query values hidden as in `path`).
+fn judged_path(raw: &str, normalized: &str) -> String {
+    if raw == normalized {
+        "-".to_string()
+    } else {
+        crate::edge::loggable_path(normalized)
+    }
 }
 
 /// Envoy's `jwt_authn` challenge on a refused token: `Bearer realm="<scheme>://<host><path>",

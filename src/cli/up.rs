@@ -718,6 +718,9 @@ impl Up {
     /// Wait for a signal or a death; meanwhile apply folder edits and refresh tokens.
     async fn supervise(&mut self) -> (u8, Option<String>) {
         let mut fingerprint = folder_fingerprint(&self.dir, &self.layout.state);
+        // The folder as of the last configuration taken (the start, or the last valid edit):
+        // an edit is announced by what differs from it, refused edits in between included.
+        let mut applied = fingerprint.clone();
         let mut last_mint = Instant::now();
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -750,10 +753,13 @@ impl Up {
                             }
                             now = again;
                         }
-                        let changed = changed_files(&self.dir, &fingerprint, &now);
+                        let changed = changed_files(&self.dir, &applied, &now);
                         fingerprint = now;
                         // An edit saved meanwhile is seen on the next tick.
                         let edit = self.check_edit(&changed);
+                        if edit.is_ok() {
+                            applied = fingerprint.clone();
+                        }
                         if let Err(stop) = self.apply_edit(edit).await {
                             return self.failure(stop);
                         }
@@ -773,11 +779,12 @@ impl Up {
     /// else why it is refused (file, field, reason).
     fn check_edit(&self, changed: &[String]) -> Result<MeshFolder, String> {
         let (mesh, resources) = check_edit(&self.dir, &self.layout)?;
-        // What the edit touched, three names at most.
+        // What the edit touched, three names at most; a name is anything in the folder (an
+        // app may write there), so it reaches the terminal escaped.
         let mut what = changed
             .iter()
             .take(3)
-            .cloned()
+            .map(|c| c.escape_debug().to_string())
             .collect::<Vec<_>>()
             .join(", ");
         if changed.len() > 3 {
@@ -786,19 +793,9 @@ impl Up {
         if what.is_empty() {
             what = self.dir.display().to_string();
         }
-        // The registry alone: what it changes is said action by action below. Policy or
-        // mesh.yaml: the proxies read it themselves.
-        let registry_only = !changed.is_empty()
-            && changed
-                .iter()
-                .all(|c| c.trim_end_matches(" (removed)") == rampart_mesh::WORKLOADS_FILE);
-        if registry_only {
-            say!("rampart up: {what} changed: valid");
-        } else {
-            say!(
-                "rampart up: {what} changed: valid ({resources} policy resource(s)); the proxies apply it live"
-            );
-        }
+        say!(
+            "rampart up: {what} changed: valid ({resources} policy resource(s)); the proxies apply it live"
+        );
         Ok(mesh)
     }
 

@@ -67,42 +67,78 @@ fn policy_files(root: &Path, dir: &Path, out: &mut Vec<PathBuf>) -> Result<(), S
     Ok(())
 }
 
+/// Who binds a listen address of the folder.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Binder {
+    /// `up`'s own processes: the CA and the proxies.
+    Up,
+    /// An app `up` starts (with the workload's `command`).
+    AppUpStarts,
+    /// An app someone else runs.
+    Elsewhere,
+}
+
 /// Every address `up` would listen on, or start an app on, with what it is for: the CA's,
 /// then each workload's app ports (`started`: only those whose app `up` starts), inbound
 /// ports, outbound port, admin port and upstream listeners.
-fn listen_addresses(mesh: &MeshFolder) -> Vec<(SocketAddr, String, bool)> {
-    let mut all = vec![(mesh.local.ca_address(), "the CA".to_string(), true)];
+fn listen_addresses(mesh: &MeshFolder) -> Vec<(SocketAddr, String, Binder)> {
+    let mut all = vec![(mesh.local.ca_address(), "the CA".to_string(), Binder::Up)];
     for w in &mesh.registry.workloads {
         let k = w.key();
         for p in &w.ports {
-            let started = w.command.is_some();
-            all.push((p.app, format!("{k} port {} app", p.port), started));
-            all.push((p.inbound, format!("{k} port {} inbound", p.port), true));
+            let app = if w.command.is_some() {
+                Binder::AppUpStarts
+            } else {
+                Binder::Elsewhere
+            };
+            all.push((p.app, format!("{k} port {} app", p.port), app));
+            all.push((
+                p.inbound,
+                format!("{k} port {} inbound", p.port),
+                Binder::Up,
+            ));
         }
         if let Some(a) = w.proxy.outbound {
-            all.push((a, format!("{k} proxy.outbound"), true));
+            all.push((a, format!("{k} proxy.outbound"), Binder::Up));
         }
         if let Some(a) = w.proxy.admin {
-            all.push((a, format!("{k} proxy.admin"), true));
+            all.push((a, format!("{k} proxy.admin"), Binder::Up));
         }
         for u in &w.upstreams {
             all.push((
                 u.listen,
                 format!("{k} upstream {}:{}", u.service, u.port),
-                true,
+                Binder::Up,
             ));
         }
     }
     all
 }
 
-/// Every listen address in the folder must be distinct (and not the CA's).
+/// Whether two listen addresses take the same port: equal, or one is an unspecified address
+/// (`0.0.0.0` takes the port on every IPv4 address; `[::]`, dual-stack as the proxy binds
+/// it, on every address).
+fn overlap(a: SocketAddr, b: SocketAddr) -> bool {
+    let covers = |w: std::net::IpAddr, other: std::net::IpAddr| match w {
+        std::net::IpAddr::V4(w) => w.is_unspecified() && other.is_ipv4(),
+        std::net::IpAddr::V6(w) => w.is_unspecified(),
+    };
+    a.port() == b.port() && (a.ip() == b.ip() || covers(a.ip(), b.ip()) || covers(b.ip(), a.ip()))
+}
+
+/// Every listen address in the folder must be distinct (and not the CA's), and no two may
+/// take the same port (`0.0.0.0:X` beside `127.0.0.1:X`).
 pub fn check_addresses(mesh: &MeshFolder) -> Result<(), String> {
     let mut seen: Vec<(SocketAddr, String)> = Vec::new();
     for (a, what, _) in listen_addresses(mesh) {
         if let Some((_, other)) = seen.iter().find(|(s, _)| *s == a) {
             return Err(format!(
                 "workloads.yaml: {what} and {other} both listen on {a}"
+            ));
+        }
+        if let Some((b, other)) = seen.iter().find(|(s, _)| overlap(*s, a)) {
+            return Err(format!(
+                "workloads.yaml: {what} ({a}) and {other} ({b}) take the same port: an unspecified address listens on every address"
             ));
         }
         seen.push((a, what));
@@ -114,26 +150,32 @@ pub fn check_addresses(mesh: &MeshFolder) -> Result<(), String> {
 /// listen on, or start an app on, can be bound now. A port another process holds (often a
 /// `rampart up` still running on the same folder) is named with what it is for, instead of
 /// a child dying on it after the CA made a root in a fresh state directory. Apps `up` does
-/// not start are left out: their ports are meant to be held by someone else.
+/// not start are left out: their ports are meant to be held by someone else. For the apps
+/// it starts only "in use" counts: an app may bind what `up` cannot (a container's address,
+/// a privileged port through its own means).
 ///
-/// Binding is only a check, the listener is dropped at once; a port taken in between is
+/// The probes stay bound until all are made, then are let go; a port taken in between is
 /// still reported, as the death of the child that could not bind it.
 pub fn check_free(mesh: &MeshFolder) -> Result<(), String> {
     let mut lines = Vec::new();
     let mut in_use = None;
-    for (a, what, started) in listen_addresses(mesh) {
-        if !started {
+    let mut held = Vec::new();
+    for (a, what, binder) in listen_addresses(mesh) {
+        if binder == Binder::Elsewhere {
             continue;
         }
+        let app = binder == Binder::AppUpStarts;
         match std::net::TcpListener::bind(a) {
-            Ok(l) => drop(l),
+            Ok(l) => held.push(l),
             Err(e) if e.kind() == std::io::ErrorKind::AddrInUse => {
                 lines.push(format!("{a} ({what}) is in use by another process"));
                 in_use.get_or_insert(a.port());
             }
+            Err(_) if app => {}
             Err(e) => lines.push(format!("{a} ({what}) cannot be listened on: {e}")),
         }
     }
+    drop(held);
     if let Some(port) = in_use {
         lines.push(format!(
             "Is another `rampart up` running on this folder? `ss -ltnp 'sport = :{port}'` names what holds the port."
@@ -301,6 +343,70 @@ mod tests {
         );
         let e = check_addresses(&crate::read_mesh(ca.path()).unwrap()).unwrap_err();
         assert!(e.contains("the CA"), "{e}");
+    }
+
+    #[test]
+    fn an_unspecified_address_clashes_with_its_port_anywhere() {
+        let d = folder(
+            "workloads:\n- name: a\n  namespace: ns1\n  ports: [{port: 80, app: 127.0.0.1:9000, inbound: 0.0.0.0:9001}]\n  proxy: {admin: 127.0.0.1:9001}\n",
+            None,
+        );
+        let e = check_addresses(&crate::read_mesh(d.path()).unwrap()).unwrap_err();
+        assert!(
+            e.contains("0.0.0.0:9001") && e.contains("127.0.0.1:9001"),
+            "{e}"
+        );
+        assert!(e.contains("take the same port"), "{e}");
+        // [::] takes IPv4 addresses too; two specific addresses on one port do not clash.
+        let d = folder(
+            "workloads:\n- name: a\n  namespace: ns1\n  ports: [{port: 80, app: 127.0.0.1:9000, inbound: \"[::]:9001\"}]\n  proxy: {admin: 127.0.0.2:9001}\n",
+            None,
+        );
+        assert!(check_addresses(&crate::read_mesh(d.path()).unwrap()).is_err());
+        let d = folder(
+            "workloads:\n- name: a\n  namespace: ns1\n  ports: [{port: 80, app: 127.0.0.1:9000, inbound: 127.0.0.3:9001}]\n  proxy: {admin: 127.0.0.2:9001}\n",
+            None,
+        );
+        check_addresses(&crate::read_mesh(d.path()).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn an_app_address_up_cannot_bind_is_left_to_the_app() {
+        // 192.0.2.1 (TEST-NET-1) is no address of this machine: an app `up` starts may still
+        // listen there (a container's address), `up`'s own proxy may not.
+        let free = || {
+            std::net::TcpListener::bind("127.0.0.1:0")
+                .unwrap()
+                .local_addr()
+                .unwrap()
+                .port()
+        };
+        let write = |admin: &str| {
+            let d = tempfile::tempdir().unwrap();
+            std::fs::write(
+                d.path().join("mesh.yaml"),
+                format!("rampart: {{ca: {{listen: 127.0.0.1:{}}}}}\n", free()),
+            )
+            .unwrap();
+            std::fs::write(
+                d.path().join("workloads.yaml"),
+                format!(
+                    "workloads:\n- name: a\n  namespace: ns1\n  command: [x]\n  ports: [{{port: 80, app: 192.0.2.1:80, inbound: 127.0.0.1:{}}}]\n  proxy: {{admin: \"{admin}\"}}\n",
+                    free()
+                ),
+            )
+            .unwrap();
+            d
+        };
+        let ok = write(&format!("127.0.0.1:{}", free()));
+        check_free(&crate::read_mesh(ok.path()).unwrap()).unwrap();
+        let bad = write("192.0.2.1:15000");
+        let e = check_free(&crate::read_mesh(bad.path()).unwrap()).unwrap_err();
+        assert!(
+            e.contains("192.0.2.1:15000 (ns1/a proxy.admin) cannot be listened on"),
+            "{e}"
+        );
+        assert!(!e.contains("192.0.2.1:80"), "{e}");
     }
 
     #[test]
