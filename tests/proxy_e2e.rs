@@ -950,6 +950,26 @@ print(call(b"hello grpc", timeout=5).decode())
         .unwrap();
     assert_eq!(port["mode"], "STRICT");
     assert!(port["since_start"]["mtls_requests"].as_u64().unwrap() >= 3);
+    // A plaintext attempt now counts as refused, not as plaintext served (mtls-report's
+    // "STRICT (n plaintext refused)").
+    let counts = || {
+        let v: serde_json::Value = serde_json::from_str(&get(&format!("{admin}/mtls"))).unwrap();
+        let p = v["ports"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["port"] == 8080)
+            .unwrap()["since_start"]
+            .clone();
+        (
+            p["plaintext_connections"].as_u64().unwrap(),
+            p["plaintext_refused"].as_u64().unwrap(),
+        )
+    };
+    let (served, refused) = counts();
+    assert!(refused >= 1, "the refusals while waiting for STRICT");
+    assert_eq!(curl(&[&format!("http://{in_http}/hello")]).0, "000");
+    assert_eq!(counts(), (served, refused + 1));
 
     // --- an invalid registry edit is refused; the last good registry keeps routing ---
     let reg = std::fs::read_to_string(mesh.join("workloads.yaml")).unwrap();

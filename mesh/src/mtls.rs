@@ -50,6 +50,10 @@ pub struct MtlsCounters {
     pub mtls_requests: u64,
     /// Plaintext requests.
     pub plaintext_requests: u64,
+    /// Plaintext connections and requests refused because the port is STRICT (not in the
+    /// two plaintext counts above; absent from proxies older than 2026-12-07).
+    #[serde(default)]
+    pub plaintext_refused: u64,
 }
 
 impl MtlsCounters {

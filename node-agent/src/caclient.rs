@@ -150,9 +150,12 @@ impl IstioCaClient {
     }
 
     fn status_error(&self, status: tonic::Status) -> Error {
+        // A status made on this side from a transport failure (connect refused, TLS, a
+        // broken connection) carries its cause; one the CA sent does not.
+        let local = std::error::Error::source(&status).is_some();
         match status.code() {
             tonic::Code::Unavailable | tonic::Code::Unknown
-                if status.message().contains("transport") =>
+                if local || status.message().contains("transport") =>
             {
                 Error::CaUnreachable {
                     addr: self.cfg.addr.clone(),

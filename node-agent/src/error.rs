@@ -44,8 +44,8 @@ pub enum Error {
         /// Why.
         reason: String,
     },
-    /// The CA answered with an error status.
-    #[error("CA refused the CSR: {code}: {message}")]
+    /// The CA answered with an error status (to a CSR or a CRL poll).
+    #[error("the CA refused the request: {code}: {message}")]
     CaRefused {
         /// The gRPC status code name.
         code: String,

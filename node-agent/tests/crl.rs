@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{bed, crl_by, new_hierarchy_with_root, wait_for};
+use common::{Bed, bed, crl_by, new_hierarchy_with_root, wait_for};
 use rampart_certs::parse_crls_pem;
 use rampart_node_agent::{Agent, ServedSecret, fetch_secrets};
 use tokio_util::sync::CancellationToken;
@@ -184,4 +184,35 @@ async fn ca_without_crl_service_serves_no_crl() {
     assert!(!b.dir.path().join("out/ca-crl.pem").exists());
     assert!(b.ca.crl_calls().0 >= 1, "the agent asked");
     running.shutdown().await;
+}
+
+/// A CRL poll over the kept connection to a CA that has since stopped is "unreachable", not a
+/// refusal by the CA (the agent's log said "CA refused the CSR" for it); its twin, an
+/// UNAVAILABLE status the CA itself sends, stays the CA's refusal.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_ca_is_unreachable_and_a_refusal_is_the_cas() {
+    use rampart_node_agent::{CrlSource as _, Error, IstioCaClient};
+    let Bed {
+        dir: _dir,
+        mut ca,
+        cfg,
+        ..
+    } = bed(Duration::from_secs(3600)).await;
+    ca.set_crls(Some(Vec::new()));
+    let token = cfg.workloads[0].token_path.clone();
+    let client = IstioCaClient::new(cfg.ca.clone());
+    client.get_crls("", &token).await.expect("the CA serves");
+    // The CA itself answers UNAVAILABLE: its refusal, named as such.
+    ca.set_crl_down(true);
+    let e = client.get_crls("", &token).await.unwrap_err();
+    assert!(matches!(e, Error::CaRefused { .. }), "{e:?}");
+    assert!(e.to_string().contains("the CA refused the request"), "{e}");
+    // The CA is gone: the kept connection fails, which is no answer of the CA's.
+    ca.set_crl_down(false);
+    ca.stop().await;
+    let e = client.get_crls("", &token).await.unwrap_err();
+    assert!(matches!(e, Error::CaUnreachable { .. }), "{e:?}");
+    // And after a fresh dial too.
+    let e = client.get_crls("", &token).await.unwrap_err();
+    assert!(matches!(e, Error::CaUnreachable { .. }), "{e:?}");
 }

@@ -143,7 +143,7 @@ async fn accept(
     let terminate_tls = match (mode, is_tls) {
         (MtlsMode::Disable, _) => false,
         (MtlsMode::Strict, false) => {
-            stats.count(Kind::PlaintextConnection, Some(peer.ip()));
+            stats.count(Kind::PlaintextRefused, Some(peer.ip()));
             tracing::info!(%peer, port, "plaintext connection refused: PeerAuthentication STRICT");
             return None;
         }
@@ -443,9 +443,14 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
     let start = Instant::now();
     let mut req = req.map(AppBody::Streamed);
     let mtls = cx.principal.is_some();
+    // A plaintext connection accepted before its port turned STRICT serves no more requests
+    // (below); such a request counts as refused, not as plaintext served.
+    let strict_refused = !mtls && strict_now(&ib.cfg.load(), cx.port);
     cx.stats.count(
         if mtls {
             Kind::MtlsRequest
+        } else if strict_refused {
+            Kind::PlaintextRefused
         } else {
             Kind::PlaintextRequest
         },
@@ -491,7 +496,7 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
     let cfg = ib.cfg.load();
     // A plaintext connection accepted before its port turned STRICT serves no more requests
     // (Envoy drains the old filter chain; STRICT refuses plaintext at once here).
-    if !mtls && strict_now(&cfg, cx.port) {
+    if strict_refused {
         tracing::info!(peer = %cx.peer, port = cx.port, "plaintext request refused: the port is STRICT now; closing");
         let (mut r, g) = denial(403, grpc, "plaintext refused: PeerAuthentication STRICT");
         r.headers_mut()

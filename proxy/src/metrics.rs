@@ -396,7 +396,7 @@ fn now_unix() -> u64 {
 #[derive(Default, Clone, Copy)]
 struct Slot {
     epoch: u64,
-    counts: [u64; 4],
+    counts: [u64; KINDS],
 }
 
 /// Which counter of a port to bump.
@@ -406,7 +406,14 @@ pub(crate) enum Kind {
     PlaintextConnection = 1,
     MtlsRequest = 2,
     PlaintextRequest = 3,
+    /// A plaintext connection (at accept) or request (on a connection the port turned
+    /// STRICT under) refused by STRICT: counted apart from the plaintext served, and its
+    /// source remembered as a connection or request.
+    PlaintextRefused = 4,
 }
+
+/// How many kinds of counter a port has.
+const KINDS: usize = 5;
 
 #[derive(Default, Clone, Copy, serde::Serialize)]
 struct Source {
@@ -435,7 +442,7 @@ impl PortTable {
 /// Plaintext vs mTLS connections and requests of one inbound port.
 pub(crate) struct PortStats {
     pub(crate) port: u16,
-    totals: [AtomicU64; 4],
+    totals: [AtomicU64; KINDS],
     window: Mutex<[Slot; SLOTS]>,
     sources: Mutex<HashMap<IpAddr, Source>>,
 }
@@ -464,12 +471,16 @@ impl PortStats {
             if slot.epoch != epoch {
                 *slot = Slot {
                     epoch,
-                    counts: [0; 4],
+                    counts: [0; KINDS],
                 };
             }
             slot.counts[i] += 1;
         }
-        if let (Some(ip), Kind::PlaintextConnection | Kind::PlaintextRequest) = (src, kind) {
+        if let (
+            Some(ip),
+            Kind::PlaintextConnection | Kind::PlaintextRequest | Kind::PlaintextRefused,
+        ) = (src, kind)
+        {
             let mut s = self.sources.lock().unwrap_or_else(|e| e.into_inner());
             if s.len() >= MAX_PLAINTEXT_SOURCES && !s.contains_key(&ip) {
                 // Peers choose their addresses: keep the most recently seen ones only.
@@ -482,7 +493,7 @@ impl PortStats {
                 }
             }
             let e = s.entry(ip).or_default();
-            if matches!(kind, Kind::PlaintextConnection) {
+            if matches!(kind, Kind::PlaintextConnection | Kind::PlaintextRefused) {
                 e.connections += 1;
             } else {
                 e.requests += 1;
@@ -500,7 +511,7 @@ impl PortStats {
             .map(|a| a.load(Ordering::Relaxed))
             .collect();
         let epoch_now = now_unix() / SLOT_SECS;
-        let mut r = [0u64; 4];
+        let mut r = [0u64; KINDS];
         {
             let w = self.window.lock().unwrap_or_else(|e| e.into_inner());
             for slot in w.iter() {
@@ -527,6 +538,7 @@ impl PortStats {
             plaintext_connections: c[1],
             mtls_requests: c[2],
             plaintext_requests: c[3],
+            plaintext_refused: c[4],
         };
         PortMtls {
             port: self.port,

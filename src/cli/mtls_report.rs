@@ -90,7 +90,7 @@ pub(crate) fn port_verdict(p: &PortMtls, window: Window, now_unix: u64) -> PortV
     };
     if p.mode.eq_ignore_ascii_case("STRICT") {
         return PortVerdict::AlreadyStrict {
-            refused_plaintext_connections: counters.plaintext_connections,
+            refused_plaintext_connections: counters.plaintext_refused,
         };
     }
     if counters.plaintext() {
@@ -425,7 +425,7 @@ mod tests {
        "recent": {"window_seconds": 300, "mtls_connections": 1, "plaintext_connections": 0, "mtls_requests": 4, "plaintext_requests": 0},
        "plaintext_sources": []},
       {"port": 9090, "protocol": "tcp", "mode": "STRICT",
-       "since_start": {"mtls_connections": 3, "plaintext_connections": 1, "mtls_requests": 0, "plaintext_requests": 0},
+       "since_start": {"mtls_connections": 3, "plaintext_connections": 1, "mtls_requests": 0, "plaintext_requests": 0, "plaintext_refused": 2},
        "recent": {"window_seconds": 300, "mtls_connections": 0, "plaintext_connections": 0, "mtls_requests": 0, "plaintext_requests": 0}}]}"#;
 
     #[test]
@@ -509,12 +509,13 @@ mod tests {
         assert_eq!(r.ports[0].result, PortVerdict::Safe);
         assert_eq!(
             r.ports[1].result,
+            // The refused ones, not the plaintext served before the port turned STRICT.
             PortVerdict::AlreadyStrict {
-                refused_plaintext_connections: 1
+                refused_plaintext_connections: 2
             }
         );
         let text = render_text(&[r], Window::SinceStart);
-        assert!(text.contains("STRICT (1 plaintext refused)"), "{text}");
+        assert!(text.contains("STRICT (2 plaintext refused)"), "{text}");
         assert!(
             text.contains("api/backend: safe to switch to STRICT"),
             "{text}"
