@@ -475,6 +475,68 @@ fn bundle_out_onto_the_cas_own_root_is_refused_at_startup() {
     assert_eq!(std::fs::read(&own).unwrap(), root, "root untouched");
 }
 
+/// A port another process holds stops `rampart ca` before it makes a root or an audit log,
+/// with a hint at who holds it; its twin, a free port, starts (and, given no --jwt-issuer,
+/// warns that only certificate holders can be served).
+#[test]
+fn a_taken_port_stops_the_ca_before_it_makes_anything() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let taken = squatter.local_addr().unwrap().to_string();
+    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["ca", "--listen", &taken])
+        .arg("--cacerts")
+        .arg(dir.join("cacerts"))
+        .arg("--state")
+        .arg(dir.join("state"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains(&format!("--listen {taken}")), "{err}");
+    assert!(err.contains("ss -ltnp"), "{err}");
+    assert!(!dir.join("state").exists(), "state made: {err}");
+    drop(squatter);
+    let ca = start_ca_without_issuer(dir);
+    assert!(dir.join("state/root-cert.pem").exists());
+    wait_for_log(&ca, "no --jwt-issuer");
+}
+
+/// `rampart ca` with no --jwt-issuer/--jwks, started and listening.
+fn start_ca_without_issuer(dir: &Path) -> Proc {
+    let log = dir.join("ca-no-issuer.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["ca", "--listen", "127.0.0.1:0"])
+        .arg("--cacerts")
+        .arg(dir.join("cacerts"))
+        .arg("--state")
+        .arg(dir.join("state"))
+        .stdout(Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let rx = support::stdout_lines(&mut child);
+    let proc = Proc { child, log };
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
+            .unwrap_or_else(|_| panic!("rampart ca did not start:\n{}", proc.log()));
+        if line.starts_with("rampart ca: listening on ") {
+            return proc;
+        }
+    }
+}
+
+fn wait_for_log(p: &Proc, needle: &str) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !p.log().contains(needle) {
+        assert!(Instant::now() < deadline, "no {needle:?} in\n{}", p.log());
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
 /// One CA per state directory, across processes too: a second `rampart ca` on it exits
 /// naming the first one's pid, before it touches anything (the first keeps its admin socket
 /// and keeps issuing); once the first is killed with SIGKILL (no clean-up of its own ran), the

@@ -152,6 +152,15 @@ impl CaState {
                 config.state_dir.display()
             )));
         }
+        // What can refuse the start without touching the material first (a JWKS that does
+        // not parse, an audit log another CA holds): no self-signed root is made for a CA
+        // that then does not run.
+        let tokens = TokenAuthenticator::from_config(
+            &config.jwt_issuers,
+            &config.audience,
+            &config.trust_domain,
+        )?;
+        let audit = AuditLog::open(&config.audit_log_path())?;
         let now = SystemTime::now();
         let authority = load_initial(
             &config.cacerts_dir,
@@ -160,12 +169,6 @@ impl CaState {
             config.self_signed_root_ttl,
             now,
         )?;
-        let tokens = TokenAuthenticator::from_config(
-            &config.jwt_issuers,
-            &config.audience,
-            &config.trust_domain,
-        )?;
-        let audit = AuditLog::open(&config.audit_log_path())?;
         let revocations =
             crate::revocation::Revocations::open(&config.state_dir, config.crl_validity)?;
         revocations.publish(&authority, now);
@@ -1673,7 +1676,13 @@ async fn accept_loop(
                         .and_then(|i| i.downcast_ref::<rustls::Error>())
                         .and_then(rampart_certs::tls::kx_refusal)
                         .unwrap_or_else(|| e.to_string());
-                    tracing::info!(%remote, %error, "TLS handshake refused");
+                    if e.kind() == std::io::ErrorKind::UnexpectedEof {
+                        // Closed before the handshake ended: a port probe (`up`'s readiness
+                        // check, a load balancer's) more often than anything to look into.
+                        tracing::debug!(%remote, %error, "connection closed during the TLS handshake");
+                    } else {
+                        tracing::info!(%remote, %error, "TLS handshake refused");
+                    }
                     return;
                 }
                 Err(_) => {

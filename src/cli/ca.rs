@@ -461,6 +461,25 @@ impl RunArgs {
         }
         let webhook = self.webhook_options()?;
         let cfg = self.config()?;
+        // Ports first: a CA that cannot listen makes no root or audit log on its way out.
+        for (flag, addr) in
+            std::iter::once(("--listen", cfg.listen)).chain(cfg.metrics.map(|m| ("--metrics", m)))
+        {
+            if let Err(e) = std::net::TcpListener::bind(addr) {
+                let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                    format!(
+                        " (another `rampart ca` or `rampart up`? `ss -ltnp 'sport = :{}'` names what holds it)",
+                        addr.port()
+                    )
+                } else {
+                    String::new()
+                };
+                return Err(super::bad_input(format!("{flag} {addr}: {e}{hint}")));
+            }
+        }
+        // Without an issuer (and outside Kubernetes) only a caller with a certificate this CA
+        // issued can be served: say so, since nothing else will until a first caller fails.
+        let no_issuer = kube.is_none() && cfg.jwt_issuers.is_empty();
         let rt = tokio::runtime::Builder::new_multi_thread()
             .enable_all()
             .build()
@@ -506,6 +525,13 @@ impl RunArgs {
             );
             for r in authority.roots() {
                 println!("rampart ca: serving root sha256:{} ({})", r.fingerprint, r.subject);
+            }
+            if no_issuer {
+                tracing::warn!(
+                    "no --jwt-issuer: only callers presenting a certificate this CA issued can \
+                     get one; a first certificate needs a token of an issuer given with \
+                     --jwt-issuer and --jwks"
+                );
             }
             if let Some(m) = ca.metrics_addr {
                 println!("rampart ca: metrics on http://{m}/metrics");
