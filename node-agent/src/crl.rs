@@ -86,28 +86,43 @@ fn issuers(snaps: &[Snapshot]) -> Issuers {
     Issuers { all, chains }
 }
 
+/// Why one CRL was left out of the served set.
+#[derive(Debug)]
+pub(crate) struct Refusal {
+    pub(crate) text: String,
+    /// No CA certificate held names its issuer: while a workload waits for its certificate
+    /// (its revoked one dropped, say), its intermediate is not known yet.
+    pub(crate) unknown_issuer: bool,
+}
+
 /// Validate each CRL on its own against `issuers`; the valid ones form the served set.
-/// Returns the set and one reason per refused CRL.
+/// Returns the set and one refusal per CRL left out.
 pub(crate) fn validate(
     crls: &[Crl],
     issuers: &[CertificateDer<'static>],
     now: std::time::SystemTime,
-) -> (CrlSet, Vec<String>) {
+) -> (CrlSet, Vec<Refusal>) {
     let mut set = CrlSet::empty();
     let mut refused = Vec::new();
     for crl in crls {
         match CrlSet::new(vec![crl.clone()], issuers, now, CrlExpiry::Keep) {
             Ok(one) => {
                 if issuers.iter().any(|i| set.covers(i) && one.covers(i)) {
-                    refused.push(format!(
-                        "CRL of {:?}: more than one CRL for this issuer; keeping the first",
-                        crl.issuer()
-                    ));
+                    refused.push(Refusal {
+                        text: format!(
+                            "CRL of {:?}: more than one CRL for this issuer; keeping the first",
+                            crl.issuer()
+                        ),
+                        unknown_issuer: false,
+                    });
                     continue;
                 }
                 set = set.merged_with(&one);
             }
-            Err(e) => refused.push(format!("CRL of {:?}: {e}", crl.issuer())),
+            Err(e) => refused.push(Refusal {
+                unknown_issuer: matches!(e, rampart_certs::CrlError::UnknownIssuer { .. }),
+                text: format!("CRL of {:?}: {e}", crl.issuer()),
+            }),
         }
     }
     (set, refused)
@@ -293,9 +308,24 @@ impl CrlPoller {
                 continue;
             }
             let now = self.clock.now();
-            let (set, refused) = validate(crls, &iss.all, now);
+            let (set, mut refused) = validate(crls, &iss.all, now);
+            // A workload without a certificate (waiting for its first, or for the one that
+            // replaces a revoked one) may be the one whose intermediate issued a CRL: that
+            // CRL waits, and is validated again when the certificate arrives.
+            if snaps.iter().any(|s| s.svid.is_none()) {
+                refused.retain(|r| {
+                    if r.unknown_issuer {
+                        tracing::debug!(
+                            version,
+                            "CRL waits for a certificate naming its issuer: {}",
+                            r.text
+                        );
+                    }
+                    !r.unknown_issuer
+                });
+            }
             for r in &refused {
-                tracing::warn!(version, "CRL not served: {r}");
+                tracing::warn!(version, "CRL not served: {}", r.text);
             }
             self.metrics.crls_refused.inc_by(refused.len() as u64);
             self.metrics.crls_served.set(set.len() as i64);
@@ -468,7 +498,8 @@ mod tests {
         assert!(set.crls().any(|c| *c == good) && set.crls().any(|c| *c == root_crl));
         assert_eq!(refused.len(), 1, "{refused:?}");
         assert!(
-            refused[0].contains("none of the CA certificates") || refused[0].contains("signature"),
+            refused[0].text.contains("none of the CA certificates")
+                || refused[0].text.contains("signature"),
             "{refused:?}"
         );
         let chains = vec![issuers.clone()];
