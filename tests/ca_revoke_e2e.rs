@@ -233,6 +233,13 @@ fn revoke_an_identity_publish_at_once_enforce_and_survive_kill_9() {
     let table = rampart_ok(&["ca", "audit", "--state", &state, "--spiffe-id", WEB]);
     assert!(table.contains(&web1) && table.contains(&web2), "{table}");
     assert!(!table.contains(&db), "{table}");
+    // The columns line up: CALLER starts where the header says, on every row.
+    let mut lines = table.lines();
+    let at = lines.next().unwrap().find("CALLER").unwrap();
+    for row in lines {
+        assert_eq!(row.as_bytes()[at - 2..at], *b"  ", "{table}");
+        assert_ne!(row.as_bytes()[at], b' ', "{table}");
+    }
     let json = rampart_ok(&["ca", "audit", "--state", &state, "--json", "--since", "1h"]);
     let rows: Vec<serde_json::Value> = json
         .lines()

@@ -984,14 +984,23 @@ impl AuditArgs {
                 writeln!(out, "{}", serde_json::to_string(e)?)?;
             }
         } else {
+            // The identity column as wide as its longest value, so CALLER lines up.
+            let selected: Vec<_> = selected.collect();
+            let w = selected
+                .iter()
+                .map(|e| e.spiffe_id.len())
+                .max()
+                .unwrap_or(0)
+                .max("IDENTITY".len());
             writeln!(
                 out,
-                "ISSUED                SERIAL                            NOT AFTER             IDENTITY  CALLER"
+                "{:<21} {:<33} {:<21} {:<w$}  CALLER",
+                "ISSUED", "SERIAL", "NOT AFTER", "IDENTITY"
             )?;
             for e in selected {
                 writeln!(
                     out,
-                    "{:<21} {:<33} {:<21} {}  {}",
+                    "{:<21} {:<33} {:<21} {:<w$}  {}",
                     e.time, e.serial, e.not_after, e.spiffe_id, e.caller
                 )?;
             }
