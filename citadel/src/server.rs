@@ -540,6 +540,20 @@ impl CaState {
             return self.renew_self_signed_if_due(&current, now);
         }
         if is_plugin_now && current.input_fingerprint() == fp {
+            // Back to what is in force after a refused change (the good key put back, say):
+            // nothing to load, but say so, or the last word in the log is the refusal.
+            let refused_before = self
+                .last_failed_input
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .take()
+                .is_some();
+            if refused_before {
+                tracing::info!(
+                    dir = %dir.display(),
+                    "the directory holds the material in force again; the refused change is gone"
+                );
+            }
             return ReloadOutcome::Unchanged;
         }
         if *self

@@ -692,6 +692,18 @@ async fn plugin_reload_rotation_overlap_and_root_removal() {
     verify(&still, &bundle_a).unwrap();
     // The same bad content is not re-reported on every poll.
     assert_eq!(state.reload_now(), ReloadOutcome::Unchanged);
+    // Put back as it was (nothing to load), then the same bad change again: refused and
+    // reported again, not taken for the change already seen.
+    write_plugin(&cacerts, &a, &[&a]);
+    assert_eq!(state.reload_now(), ReloadOutcome::Unchanged);
+    write_plugin(&cacerts, &b, &[&a, &b]);
+    std::fs::write(
+        cacerts.join("ca-key.pem"),
+        a.int_key.to_pkcs8_pem().as_bytes(),
+    )
+    .unwrap();
+    assert!(matches!(state.reload_now(), ReloadOutcome::Refused(_)));
+    assert_eq!(state.metrics().reload_failure_count(), 2);
 
     // Overlap step 1: A still signs, the bundle holds A and B.
     write_plugin(&cacerts, &a, &[&a, &b]);
