@@ -177,10 +177,17 @@ fn quickstart_end_to_end() {
             "spiffe://cluster.local/ns/api/sa/backend",
             &format!("8080/http -> 127.0.0.1:{}", p(15180)),
             &format!("5432/tcp -> 127.0.0.1:{}", p(15232)),
+            &format!("CA metrics      http://127.0.0.1:{}/metrics", p(15014)),
         ] {
             assert!(table.contains(needle), "table lacks {needle:?}:\n{table}");
         }
     }
+    // mesh.yaml's rampart.ca.metrics: the CA's readiness and Istio's citadel metrics.
+    let ca_metrics = format!("http://127.0.0.1:{}", p(15014));
+    assert_eq!(curl(&[&format!("{ca_metrics}/ready")]).0, 200);
+    let (code, metrics) = curl(&[&format!("{ca_metrics}/metrics")]);
+    assert_eq!(code, 200);
+    assert!(metrics.contains("citadel_server_csr_count"), "{metrics}");
     let outbound = format!("http://127.0.0.1:{}", p(15001));
     let mode = |d: &str| {
         std::fs::metadata(state.join(d))
@@ -381,7 +388,15 @@ fn quickstart_end_to_end() {
     std::thread::sleep(Duration::from_millis(200));
     let left = processes_mentioning(&needle);
     assert!(left.is_empty(), "left running: {left:?}");
-    for port in [p(15001), p(15180), p(18080), p(18180), p(18232), p(15012)] {
+    for port in [
+        p(15001),
+        p(15180),
+        p(18080),
+        p(18180),
+        p(18232),
+        p(15012),
+        p(15014),
+    ] {
         assert!(
             TcpStream::connect(("127.0.0.1", port)).is_err(),
             "port {port} still accepts after shutdown"

@@ -420,6 +420,9 @@ fn split_host_port(s: &str) -> Option<(&str, Option<u16>)> {
 pub struct LocalSettings {
     /// CA listen address (`rampart.ca.listen`), default `127.0.0.1:15012` when unset.
     pub ca_listen: Option<SocketAddr>,
+    /// Where the CA `rampart up` runs serves its metrics, `/ready` and `/healthz`
+    /// (`rampart.ca.metrics`; none when unset).
+    pub ca_metrics: Option<SocketAddr>,
     /// Workload certificate TTL (`rampart.ca.certTTL`).
     pub cert_ttl: Option<Duration>,
     /// Maximum workload certificate TTL (`rampart.ca.maxCertTTL`).
@@ -1108,6 +1111,8 @@ struct RawLocal {
 struct RawCa {
     #[serde(default)]
     listen: Option<String>,
+    #[serde(default)]
+    metrics: Option<String>,
     #[serde(default, rename = "certTTL")]
     cert_ttl: Option<String>,
     #[serde(default, rename = "maxCertTTL")]
@@ -1168,6 +1173,10 @@ fn parse_local(file: &str, value: &serde_json::Value, c: &mut Collector) -> Loca
             .listen
             .as_deref()
             .and_then(|s| c.addr(file, "rampart.ca.listen", s));
+        out.ca_metrics = ca
+            .metrics
+            .as_deref()
+            .and_then(|s| c.addr(file, "rampart.ca.metrics", s));
         for (field, v, slot) in [
             ("rampart.ca.certTTL", ca.cert_ttl, &mut out.cert_ttl),
             (

@@ -4,8 +4,8 @@
 //!
 //! ```json
 //! {"workload": "api/backend", "ports": [{"port": 8080, "protocol": "http", "mode": "PERMISSIVE",
-//!   "since_start": {"mtls_connections": 10, "plaintext_connections": 2, "mtls_requests": 50, "plaintext_requests": 3},
-//!   "recent": {"window_seconds": 300, "mtls_connections": 1, "plaintext_connections": 0, "mtls_requests": 4, "plaintext_requests": 0},
+//!   "since_start": {"mtls_connections": 10, "plaintext_connections": 2, "mtls_requests": 50, "plaintext_requests": 3, "plaintext_refused": 0},
+//!   "recent": {"window_seconds": 300, "mtls_connections": 1, "plaintext_connections": 0, "mtls_requests": 4, "plaintext_requests": 0, "plaintext_refused": 0},
 //!   "plaintext_sources": [{"ip": "127.0.0.1", "connections": 2, "requests": 3, "last_seen_unix": 1790000000}]}]}
 //! ```
 
@@ -99,8 +99,8 @@ mod tests {
     #[test]
     fn the_documented_answer_round_trips() {
         let text = r#"{"workload": "api/backend", "ports": [{"port": 8080, "protocol": "http", "mode": "PERMISSIVE",
-          "since_start": {"mtls_connections": 10, "plaintext_connections": 2, "mtls_requests": 50, "plaintext_requests": 3},
-          "recent": {"window_seconds": 300, "mtls_connections": 1, "plaintext_connections": 0, "mtls_requests": 4, "plaintext_requests": 0},
+          "since_start": {"mtls_connections": 10, "plaintext_connections": 2, "mtls_requests": 50, "plaintext_requests": 3, "plaintext_refused": 0},
+          "recent": {"window_seconds": 300, "mtls_connections": 1, "plaintext_connections": 0, "mtls_requests": 4, "plaintext_requests": 0, "plaintext_refused": 0},
           "plaintext_sources": [{"ip": "127.0.0.1", "connections": 2, "requests": 3, "last_seen_unix": 1790000000}]}]}"#;
         let r: MtlsReport = serde_json::from_str(text).unwrap();
         assert_eq!(r.ports[0].since_start.plaintext_requests, 3);
@@ -111,6 +111,11 @@ mod tests {
             again,
             serde_json::from_str::<serde_json::Value>(text).unwrap()
         );
+        // An older proxy's answer, without `plaintext_refused`, reads as none refused.
+        let old = text.replace(", \"plaintext_refused\": 0", "");
+        assert!(!old.contains("plaintext_refused"));
+        let r: MtlsReport = serde_json::from_str(&old).unwrap();
+        assert_eq!(r.ports[0].since_start.plaintext_refused, 0);
         // A port without its counters is not an answer.
         assert!(
             serde_json::from_str::<MtlsReport>(

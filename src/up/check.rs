@@ -83,6 +83,13 @@ enum Binder {
 /// ports, outbound port, admin port and upstream listeners.
 fn listen_addresses(mesh: &MeshFolder) -> Vec<(SocketAddr, String, Binder)> {
     let mut all = vec![(mesh.local.ca_address(), "the CA".to_string(), Binder::Up)];
+    if let Some(m) = mesh.local.ca_metrics {
+        all.push((
+            m,
+            "the CA's metrics (rampart.ca.metrics)".to_string(),
+            Binder::Up,
+        ));
+    }
     for w in &mesh.registry.workloads {
         let k = w.key();
         for p in &w.ports {

@@ -128,6 +128,9 @@ pub fn ca_args(
     if let Some(t) = mesh.local.cert_ttl {
         a.extend(["--default-ttl".into(), ttl(t)]);
     }
+    if let Some(m) = mesh.local.ca_metrics {
+        a.extend(["--metrics".into(), m.to_string()]);
+    }
     if let Some(t) = mesh.local.max_cert_ttl {
         a.extend(["--max-ttl".into(), ttl(t)]);
     }

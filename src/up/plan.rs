@@ -64,6 +64,9 @@ pub fn plan(old: &MeshFolder, new: Result<&MeshFolder, &str>) -> Vec<Action> {
     if new_ca != old_ca {
         notes.push(format!("rampart.ca.listen ({old_ca} -> {new_ca})"));
     }
+    if new.local.ca_metrics != old.local.ca_metrics {
+        notes.push("rampart.ca.metrics".to_string());
+    }
     if new.local.cert_ttl != old.local.cert_ttl || new.local.max_cert_ttl != old.local.max_cert_ttl
     {
         notes.push("rampart.ca.certTTL/maxCertTTL".to_string());

@@ -12,13 +12,21 @@ use super::layout::StateLayout;
 /// workload.
 pub fn mesh_table(mesh: &MeshFolder, layout: &StateLayout) -> String {
     let mut out = format!(
-        "CA              {} (trust domain {}, trust bundle {})\nstate, logs     {}, {}\n\n",
+        "CA              {} (trust domain {}, trust bundle {})\n",
         mesh.local.ca_address(),
         mesh.trust_domain,
         layout.bundle().display(),
+    );
+    if let Some(m) = mesh.local.ca_metrics {
+        out.push_str(&format!(
+            "CA metrics      http://{m}/metrics (and /ready, /healthz)\n"
+        ));
+    }
+    out.push_str(&format!(
+        "state, logs     {}, {}\n\n",
         layout.state.display(),
         layout.logs().display()
-    );
+    ));
     out.push_str(&workload_table(
         &mesh.trust_domain,
         &mesh.registry.workloads,
