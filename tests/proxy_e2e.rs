@@ -970,6 +970,21 @@ print(call(b"hello grpc", timeout=5).decode())
     assert!(refused >= 1, "the refusals while waiting for STRICT");
     assert_eq!(curl(&[&format!("http://{in_http}/hello")]).0, "000");
     assert_eq!(counts(), (served, refused + 1));
+    // ... and is charged to its source as refused.
+    let v: serde_json::Value = serde_json::from_str(&get(&format!("{admin}/mtls"))).unwrap();
+    let src = v["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["port"] == 8080)
+        .unwrap()["plaintext_sources"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["ip"] == "127.0.0.1")
+        .unwrap()
+        .clone();
+    assert!(src["refused"].as_u64().unwrap() > refused, "{src}");
 
     // --- an invalid registry edit is refused; the last good registry keeps routing ---
     let reg = std::fs::read_to_string(mesh.join("workloads.yaml")).unwrap();

@@ -6,7 +6,7 @@
 //! {"workload": "api/backend", "ports": [{"port": 8080, "protocol": "http", "mode": "PERMISSIVE",
 //!   "since_start": {"mtls_connections": 10, "plaintext_connections": 2, "mtls_requests": 50, "plaintext_requests": 3, "plaintext_refused": 0},
 //!   "recent": {"window_seconds": 300, "mtls_connections": 1, "plaintext_connections": 0, "mtls_requests": 4, "plaintext_requests": 0, "plaintext_refused": 0},
-//!   "plaintext_sources": [{"ip": "127.0.0.1", "connections": 2, "requests": 3, "last_seen_unix": 1790000000}]}]}
+//!   "plaintext_sources": [{"ip": "127.0.0.1", "connections": 2, "requests": 3, "refused": 0, "last_seen_unix": 1790000000}]}]}
 //! ```
 
 use serde::{Deserialize, Serialize};
@@ -57,9 +57,10 @@ pub struct MtlsCounters {
 }
 
 impl MtlsCounters {
-    /// Whether any plaintext connection or request was counted.
+    /// Whether any plaintext connection or request was counted, refused ones included: on a
+    /// port switched back from STRICT, the clients it refused still speak plaintext.
     pub fn plaintext(&self) -> bool {
-        self.plaintext_connections > 0 || self.plaintext_requests > 0
+        self.plaintext_connections > 0 || self.plaintext_requests > 0 || self.plaintext_refused > 0
     }
 
     /// Whether anything at all was counted.
@@ -87,6 +88,10 @@ pub struct PlaintextSource {
     pub connections: u64,
     /// Plaintext requests from it.
     pub requests: u64,
+    /// Its plaintext connections and requests refused by STRICT (not in the two above;
+    /// absent from proxies older than 2026-12-07).
+    #[serde(default)]
+    pub refused: u64,
     /// When it was last seen (Unix seconds).
     pub last_seen_unix: u64,
 }
@@ -101,7 +106,7 @@ mod tests {
         let text = r#"{"workload": "api/backend", "ports": [{"port": 8080, "protocol": "http", "mode": "PERMISSIVE",
           "since_start": {"mtls_connections": 10, "plaintext_connections": 2, "mtls_requests": 50, "plaintext_requests": 3, "plaintext_refused": 0},
           "recent": {"window_seconds": 300, "mtls_connections": 1, "plaintext_connections": 0, "mtls_requests": 4, "plaintext_requests": 0, "plaintext_refused": 0},
-          "plaintext_sources": [{"ip": "127.0.0.1", "connections": 2, "requests": 3, "last_seen_unix": 1790000000}]}]}"#;
+          "plaintext_sources": [{"ip": "127.0.0.1", "connections": 2, "requests": 3, "refused": 0, "last_seen_unix": 1790000000}]}]}"#;
         let r: MtlsReport = serde_json::from_str(text).unwrap();
         assert_eq!(r.ports[0].since_start.plaintext_requests, 3);
         assert_eq!(r.ports[0].recent.counters.mtls_requests, 4);
@@ -112,8 +117,10 @@ mod tests {
             serde_json::from_str::<serde_json::Value>(text).unwrap()
         );
         // An older proxy's answer, without `plaintext_refused`, reads as none refused.
-        let old = text.replace(", \"plaintext_refused\": 0", "");
-        assert!(!old.contains("plaintext_refused"));
+        let old = text
+            .replace(", \"plaintext_refused\": 0", "")
+            .replace(", \"refused\": 0", "");
+        assert!(!old.contains("refused"));
         let r: MtlsReport = serde_json::from_str(&old).unwrap();
         assert_eq!(r.ports[0].since_start.plaintext_refused, 0);
         // A port without its counters is not an answer.

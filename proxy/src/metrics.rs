@@ -419,6 +419,7 @@ const KINDS: usize = 5;
 struct Source {
     connections: u64,
     requests: u64,
+    refused: u64,
     last_seen_unix: u64,
 }
 
@@ -493,7 +494,9 @@ impl PortStats {
                 }
             }
             let e = s.entry(ip).or_default();
-            if matches!(kind, Kind::PlaintextConnection | Kind::PlaintextRefused) {
+            if matches!(kind, Kind::PlaintextRefused) {
+                e.refused += 1;
+            } else if matches!(kind, Kind::PlaintextConnection) {
                 e.connections += 1;
             } else {
                 e.requests += 1;
@@ -529,6 +532,7 @@ impl PortStats {
                 ip: ip.to_string(),
                 connections: s.connections,
                 requests: s.requests,
+                refused: s.refused,
                 last_seen_unix: s.last_seen_unix,
             })
             .collect();

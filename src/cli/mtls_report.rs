@@ -70,8 +70,12 @@ pub(crate) enum PortVerdict {
     Safe,
     /// Nothing seen at all in the judged window.
     NoTraffic,
-    /// The port is STRICT already (plaintext attempts, if any, are being refused).
-    AlreadyStrict { refused_plaintext_connections: u64 },
+    /// The port is STRICT already (plaintext attempts, if any, are being refused, from
+    /// `sources`).
+    AlreadyStrict {
+        refused_plaintext_connections: u64,
+        sources: Vec<Source>,
+    },
     /// Plaintext arrived: these clients would break under STRICT.
     Plaintext { sources: Vec<Source> },
 }
@@ -88,16 +92,25 @@ pub(crate) fn port_verdict(p: &PortMtls, window: Window, now_unix: u64) -> PortV
         Window::SinceStart => p.since_start,
         Window::Recent => p.recent.counters,
     };
+    let oldest = match window {
+        Window::SinceStart => 0,
+        Window::Recent => now_unix.saturating_sub(p.recent.window_seconds),
+    };
     if p.mode.eq_ignore_ascii_case("STRICT") {
+        // Who is being refused: the clients to fix (or the reason to roll back).
+        let mut sources: Vec<Source> = p
+            .plaintext_sources
+            .iter()
+            .filter(|s| s.refused > 0 && s.last_seen_unix >= oldest)
+            .cloned()
+            .collect();
+        sources.sort_by(|a, b| b.refused.cmp(&a.refused).then(a.ip.cmp(&b.ip)));
         return PortVerdict::AlreadyStrict {
             refused_plaintext_connections: counters.plaintext_refused,
+            sources,
         };
     }
     if counters.plaintext() {
-        let oldest = match window {
-            Window::SinceStart => 0,
-            Window::Recent => now_unix.saturating_sub(p.recent.window_seconds),
-        };
         let mut sources: Vec<Source> = p
             .plaintext_sources
             .iter()
@@ -199,7 +212,28 @@ pub(crate) fn judge(
         .all(|p| matches!(p.result, PortVerdict::AlreadyStrict { .. }))
         && !ports.is_empty()
     {
-        ("safe", "already STRICT on every port".to_string())
+        let refused: Vec<String> = ports
+            .iter()
+            .filter_map(|p| match &p.result {
+                PortVerdict::AlreadyStrict { sources, .. } if !sources.is_empty() => Some(format!(
+                    "port {} from {}",
+                    p.seen.port,
+                    describe_sources(sources, now_unix)
+                )),
+                _ => None,
+            })
+            .collect();
+        if refused.is_empty() {
+            ("safe", "already STRICT on every port".to_string())
+        } else {
+            (
+                "safe",
+                format!(
+                    "already STRICT on every port; plaintext refused on {}",
+                    refused.join("; ")
+                ),
+            )
+        }
     } else if ports
         .iter()
         .any(|p| matches!(p.result, PortVerdict::NoTraffic))
@@ -236,8 +270,13 @@ fn describe_sources(sources: &[Source], now_unix: u64) -> String {
     sources
         .iter()
         .map(|s| {
+            let refused = if s.refused > 0 {
+                format!(", {} refused by STRICT", s.refused)
+            } else {
+                String::new()
+            };
             format!(
-                "{} ({} connections, {} requests, last seen {}s ago)",
+                "{} ({} connections, {} requests{refused}, last seen {}s ago)",
                 s.ip,
                 s.connections,
                 s.requests,
@@ -309,9 +348,11 @@ pub(crate) fn render_text(reports: &[WorkloadReport], window: Window) -> String 
                     PortVerdict::NoTraffic => "no traffic".into(),
                     PortVerdict::AlreadyStrict {
                         refused_plaintext_connections: 0,
+                        ..
                     } => "STRICT".into(),
                     PortVerdict::AlreadyStrict {
                         refused_plaintext_connections: n,
+                        ..
                     } => format!("STRICT ({n} plaintext refused)"),
                     PortVerdict::Plaintext { .. } => "PLAINTEXT".into(),
                 },
@@ -373,6 +414,7 @@ impl MtlsReportArgs {
             });
             futures::future::join_all(asks).await
         });
+        let text;
         match self.output {
             Output::Json => {
                 let code = exit_code(&reports);
@@ -381,10 +423,14 @@ impl MtlsReportArgs {
                     "safe_to_switch_to_strict": code == 0,
                     "workloads": reports,
                 });
-                println!("{}", serde_json::to_string_pretty(&v)?);
+                text = serde_json::to_string_pretty(&v)? + "\n";
             }
-            Output::Text => print!("{}", render_text(&reports, self.window)),
+            Output::Text => text = render_text(&reports, self.window),
         }
+        // A reader that stops early (`| head`) is no error of the report's: the exit code
+        // still says what it found.
+        use std::io::Write as _;
+        let _ = std::io::stdout().lock().write_all(text.as_bytes());
         Ok(ExitCode::from(exit_code(&reports)))
     }
 }
@@ -426,7 +472,8 @@ mod tests {
        "plaintext_sources": []},
       {"port": 9090, "protocol": "tcp", "mode": "STRICT",
        "since_start": {"mtls_connections": 3, "plaintext_connections": 1, "mtls_requests": 0, "plaintext_requests": 0, "plaintext_refused": 2},
-       "recent": {"window_seconds": 300, "mtls_connections": 0, "plaintext_connections": 0, "mtls_requests": 0, "plaintext_requests": 0}}]}"#;
+       "recent": {"window_seconds": 300, "mtls_connections": 0, "plaintext_connections": 0, "mtls_requests": 0, "plaintext_requests": 0},
+       "plaintext_sources": [{"ip": "10.0.0.7", "connections": 1, "requests": 0, "refused": 2, "last_seen_unix": 1789999990}]}]}"#;
 
     #[test]
     fn plaintext_since_start_blocks_strict_and_names_the_source() {
@@ -480,6 +527,7 @@ mod tests {
             ip: "127.0.0.2".into(),
             connections: 1,
             requests: 1,
+            refused: 0,
             last_seen_unix: NOW - 5,
         });
         // 127.0.0.1 was last seen 100s ago: inside a 300s window; shrink it to 60s.
@@ -509,9 +557,11 @@ mod tests {
         assert_eq!(r.ports[0].result, PortVerdict::Safe);
         assert_eq!(
             r.ports[1].result,
-            // The refused ones, not the plaintext served before the port turned STRICT.
+            // The refused ones, not the plaintext served before the port turned STRICT, and
+            // who sent them.
             PortVerdict::AlreadyStrict {
-                refused_plaintext_connections: 2
+                refused_plaintext_connections: 2,
+                sources: fixture(ALL_MTLS).ports[1].plaintext_sources.clone(),
             }
         );
         let text = render_text(&[r], Window::SinceStart);
@@ -519,6 +569,37 @@ mod tests {
         assert!(
             text.contains("api/backend: safe to switch to STRICT"),
             "{text}"
+        );
+    }
+
+    /// Rolled back to PERMISSIVE after STRICT refused clients: those clients still speak
+    /// plaintext, so the switch is not safe, and they are named. Under STRICT, the summary
+    /// names them too.
+    #[test]
+    fn clients_refused_by_strict_are_named_and_block_after_a_rollback() {
+        let mut f = fixture(ALL_MTLS);
+        f.ports.remove(0);
+        f.ports[0].mode = "PERMISSIVE".into();
+        let r = judge("api/backend", None, &[9090], Ok(f), Window::SinceStart, NOW);
+        assert_eq!(r.verdict, "plaintext", "{}", r.summary);
+        assert_eq!(exit_code(std::slice::from_ref(&r)), 3);
+        assert!(
+            r.summary
+                .contains("10.0.0.7 (1 connections, 0 requests, 2 refused by STRICT"),
+            "{}",
+            r.summary
+        );
+        // Still STRICT: safe (it is), with the refused client named.
+        let mut f = fixture(ALL_MTLS);
+        f.ports.remove(0);
+        let r = judge("api/backend", None, &[9090], Ok(f), Window::SinceStart, NOW);
+        assert_eq!(r.verdict, "safe");
+        assert!(
+            r.summary.starts_with(
+                "already STRICT on every port; plaintext refused on port 9090 from 10.0.0.7"
+            ),
+            "{}",
+            r.summary
         );
     }
 
