@@ -414,8 +414,7 @@ impl MtlsReportArgs {
             });
             futures::future::join_all(asks).await
         });
-        let text;
-        match self.output {
+        let text = match self.output {
             Output::Json => {
                 let code = exit_code(&reports);
                 let v = serde_json::json!({
@@ -423,10 +422,10 @@ impl MtlsReportArgs {
                     "safe_to_switch_to_strict": code == 0,
                     "workloads": reports,
                 });
-                text = serde_json::to_string_pretty(&v)? + "\n";
+                serde_json::to_string_pretty(&v)? + "\n"
             }
-            Output::Text => text = render_text(&reports, self.window),
-        }
+            Output::Text => render_text(&reports, self.window),
+        };
         // A reader that stops early (`| head`) is no error of the report's: the exit code
         // still says what it found.
         use std::io::Write as _;
