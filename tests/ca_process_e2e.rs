@@ -498,6 +498,22 @@ fn a_taken_port_stops_the_ca_before_it_makes_anything() {
     assert!(err.contains("ss -ltnp"), "{err}");
     assert!(!dir.join("state").exists(), "state made: {err}");
     drop(squatter);
+    // Two of its own flags on one free port: refused as early, naming both.
+    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+        .args(["ca", "--listen", &taken, "--metrics", &taken])
+        .arg("--cacerts")
+        .arg(dir.join("cacerts"))
+        .arg("--state")
+        .arg(dir.join("state"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("--metrics {taken}: the same address as --listen")),
+        "{err}"
+    );
+    assert!(!dir.join("state").exists(), "state made: {err}");
     let ca = start_ca_without_issuer(dir);
     assert!(dir.join("state/root-cert.pem").exists());
     wait_for_log(&ca, "no --jwt-issuer");

@@ -35,6 +35,10 @@ use crate::state::{SecretStore, ServedCrls, Snapshot};
 /// How often the agent asks the CA for its CRLs by default.
 pub const DEFAULT_CRL_POLL_INTERVAL: Duration = Duration::from_secs(3);
 
+/// How long a workload without a certificate keeps CRLs of unknown issuers from being warned
+/// about (its intermediate may be one of them); past it they are warned about and counted.
+const QUIET_AT_MOST: Duration = Duration::from_secs(60);
+
 /// How long to wait before asking again a CA that does not serve CRLs.
 const UNSUPPORTED_RETRY: Duration = Duration::from_secs(300);
 
@@ -214,7 +218,9 @@ impl CrlPoller {
         // the same bad set is not downloaded and logged again on every poll).
         let mut ask = String::new();
         // What was validated last: (etag, issuer DERs); validation reruns when either changes.
-        let mut validated: Option<(String, Vec<Vec<u8>>)> = None;
+        let mut validated: Option<(String, Vec<Vec<u8>>, bool)> = None;
+        // Since when some workload has had no certificate (see `QUIET_AT_MOST`).
+        let mut missing_since: Option<tokio::time::Instant> = None;
         let mut receivers: Vec<_> = self.stores.iter().map(SecretStore::subscribe).collect();
         let mut next_poll = tokio::time::Instant::now();
         let mut unsupported_logged = false;
@@ -297,12 +303,25 @@ impl CrlPoller {
                 // Nothing to check the CRLs against yet (no certificate issued).
                 continue;
             }
+            // While a workload lacks a certificate (for at most QUIET_AT_MOST), a CRL of an
+            // issuer no held certificate names is not warned about: it may be that
+            // workload's intermediate. Whether that holds is part of what was validated, so
+            // the end of it (the certificate came, or the time is up) validates again.
+            let missing = snaps.iter().any(|s| s.svid.is_none());
+            let since = match (missing, missing_since) {
+                (false, _) => None,
+                (true, None) => Some(tokio::time::Instant::now()),
+                (true, Some(t)) => Some(t),
+            };
+            missing_since = since;
+            let quiet = since.is_some_and(|t| t.elapsed() < QUIET_AT_MOST);
             let key = (
                 etag.clone(),
                 iss.all
                     .iter()
                     .map(|c| c.as_ref().to_vec())
                     .collect::<Vec<_>>(),
+                quiet,
             );
             if validated.as_ref() == Some(&key) {
                 continue;
@@ -312,7 +331,7 @@ impl CrlPoller {
             // A workload without a certificate (waiting for its first, or for the one that
             // replaces a revoked one) may be the one whose intermediate issued a CRL: that
             // CRL waits, and is validated again when the certificate arrives.
-            if snaps.iter().any(|s| s.svid.is_none()) {
+            if quiet {
                 refused.retain(|r| {
                     if r.unknown_issuer {
                         tracing::debug!(

@@ -461,22 +461,42 @@ impl RunArgs {
         }
         let webhook = self.webhook_options()?;
         let cfg = self.config()?;
-        // Ports first: a CA that cannot listen makes no root or audit log on its way out.
-        for (flag, addr) in
-            std::iter::once(("--listen", cfg.listen)).chain(cfg.metrics.map(|m| ("--metrics", m)))
+        // Ports first: a CA that cannot listen makes no root or audit log on its way out. The
+        // probes stay bound until all are made, so two flags naming one port clash here too.
+        let mut probes = Vec::new();
+        let mut held = Vec::new();
+        for (flag, addr) in std::iter::once(("--listen", cfg.listen))
+            .chain(cfg.metrics.map(|m| ("--metrics", m)))
+            .chain(webhook.as_ref().map(|w| ("--inject-webhook", w.0)))
         {
-            if let Err(e) = std::net::TcpListener::bind(addr) {
-                let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
-                    format!(
-                        " (another `rampart ca` or `rampart up`? `ss -ltnp 'sport = :{}'` names what holds it)",
-                        addr.port()
-                    )
-                } else {
-                    String::new()
-                };
-                return Err(super::bad_input(format!("{flag} {addr}: {e}{hint}")));
+            if let Some((other, _)) = probes
+                .iter()
+                .find(|(_, a): &&(&str, SocketAddr)| *a == addr && addr.port() != 0)
+            {
+                return Err(super::bad_input(format!(
+                    "{flag} {addr}: the same address as {other}"
+                )));
+            }
+            match std::net::TcpListener::bind(addr) {
+                Ok(l) => {
+                    probes.push((flag, addr));
+                    held.push(l);
+                    continue;
+                }
+                Err(e) => {
+                    let hint = if e.kind() == std::io::ErrorKind::AddrInUse {
+                        format!(
+                            " (another `rampart ca` or `rampart up`? `ss -ltnp 'sport = :{}'` names what holds it)",
+                            addr.port()
+                        )
+                    } else {
+                        String::new()
+                    };
+                    return Err(super::bad_input(format!("{flag} {addr}: {e}{hint}")));
+                }
             }
         }
+        drop(held);
         // Without an issuer (and outside Kubernetes) only a caller with a certificate this CA
         // issued can be served: say so, since nothing else will until a first caller fails.
         let no_issuer = kube.is_none() && cfg.jwt_issuers.is_empty();
