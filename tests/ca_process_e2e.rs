@@ -78,27 +78,14 @@ fn start_ca(dir: &Path, listen: &str, extra: &[&str]) -> Ca {
             .unwrap()
             .as_nanos()
     ));
-    let mut child = ca_command(dir, listen)
-        .arg("--bundle-out")
+    let mut cmd = ca_command(dir, listen);
+    cmd.arg("--bundle-out")
         .arg(dir.join("bundle.pem"))
-        .args(extra)
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start rampart ca");
-    let rx = support::stdout_lines(&mut child);
-    let pid = child.id() as i32;
-    let proc = Proc { child, log };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("rampart ca did not start:\n{}", proc.log()));
-        if let Some(rest) = line.strip_prefix("rampart ca: listening on ") {
-            let addr = rest.split_whitespace().next().unwrap().parse().unwrap();
-            return Ca { proc, addr, pid };
-        }
-    }
+        .args(extra);
+    let (proc, addr) = support::ca_listening(cmd, log);
+    let addr = addr.parse().unwrap();
+    let pid = proc.child.id() as i32;
+    Ca { proc, addr, pid }
 }
 
 fn root_fingerprint(dir: &Path) -> String {
@@ -484,36 +471,32 @@ fn a_taken_port_stops_the_ca_before_it_makes_anything() {
     let dir = tmp.path();
     let squatter = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let taken = squatter.local_addr().unwrap().to_string();
-    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["ca", "--listen", &taken])
-        .arg("--cacerts")
-        .arg(dir.join("cacerts"))
-        .arg("--state")
-        .arg(dir.join("state"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    // `rampart ca` with `flags` on this state: its exit code and stderr.
+    let refused = |flags: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
+            .arg("ca")
+            .args(flags)
+            .arg("--cacerts")
+            .arg(dir.join("cacerts"))
+            .arg("--state")
+            .arg(dir.join("state"))
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr).into_owned();
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(!dir.join("state").exists(), "state made: {err}");
+        err
+    };
+    let err = refused(&["--listen", &taken]);
     assert!(err.contains(&format!("--listen {taken}")), "{err}");
     assert!(err.contains("ss -ltnp"), "{err}");
-    assert!(!dir.join("state").exists(), "state made: {err}");
     drop(squatter);
     // Two of its own flags on one free port: refused as early, naming both.
-    let out = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["ca", "--listen", &taken, "--metrics", &taken])
-        .arg("--cacerts")
-        .arg(dir.join("cacerts"))
-        .arg("--state")
-        .arg(dir.join("state"))
-        .output()
-        .unwrap();
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    let err = refused(&["--listen", &taken, "--metrics", &taken]);
     assert!(
         err.contains(&format!("--metrics {taken}: the same address as --listen")),
         "{err}"
     );
-    assert!(!dir.join("state").exists(), "state made: {err}");
     let ca = start_ca_without_issuer(dir);
     assert!(dir.join("state/root-cert.pem").exists());
     wait_for_log(&ca, "no --jwt-issuer");
@@ -521,28 +504,13 @@ fn a_taken_port_stops_the_ca_before_it_makes_anything() {
 
 /// `rampart ca` with no --jwt-issuer/--jwks, started and listening.
 fn start_ca_without_issuer(dir: &Path) -> Proc {
-    let log = dir.join("ca-no-issuer.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["ca", "--listen", "127.0.0.1:0"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
+    cmd.args(["ca", "--listen", "127.0.0.1:0"])
         .arg("--cacerts")
         .arg(dir.join("cacerts"))
         .arg("--state")
-        .arg(dir.join("state"))
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .unwrap();
-    let rx = support::stdout_lines(&mut child);
-    let proc = Proc { child, log };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("rampart ca did not start:\n{}", proc.log()));
-        if line.starts_with("rampart ca: listening on ") {
-            return proc;
-        }
-    }
+        .arg(dir.join("state"));
+    support::ca_listening(cmd, dir.join("ca-no-issuer.log")).0
 }
 
 fn wait_for_log(p: &Proc, needle: &str) {

@@ -11,8 +11,7 @@ mod support;
 use support::{Proc, python};
 
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Command;
 
 const ISS: &str = "https://kubernetes.default.svc.cluster.local";
 const WEB: &str = "spiffe://cluster.local/ns/default/sa/web";
@@ -70,30 +69,16 @@ struct Ca {
 
 fn start_ca(dir: &Path) -> Ca {
     let log = dir.join(format!("ca-{}.log", std::process::id()));
-    let mut child = Command::new(env!("CARGO_BIN_EXE_rampart"))
-        .args(["ca", "--listen", "127.0.0.1:0"])
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_rampart"));
+    cmd.args(["ca", "--listen", "127.0.0.1:0"])
         .arg("--cacerts")
         .arg(dir.join("cacerts"))
         .arg("--state")
         .arg(dir.join("state"))
         .args(["--jwt-issuer", ISS, "--jwks"])
-        .arg(dir.join("jwks.json"))
-        .stdout(Stdio::piped())
-        .stderr(std::fs::File::create(&log).unwrap())
-        .spawn()
-        .expect("start rampart ca");
-    let rx = support::stdout_lines(&mut child);
-    let proc = Proc { child, log };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    loop {
-        let line = rx
-            .recv_timeout(deadline.saturating_duration_since(Instant::now()))
-            .unwrap_or_else(|_| panic!("rampart ca did not start:\n{}", proc.log()));
-        if let Some(rest) = line.strip_prefix("rampart ca: listening on ") {
-            let addr = rest.split_whitespace().next().unwrap().to_owned();
-            return Ca { _proc: proc, addr };
-        }
-    }
+        .arg(dir.join("jwks.json"));
+    let (proc, addr) = support::ca_listening(cmd, log);
+    Ca { _proc: proc, addr }
 }
 
 struct Env {

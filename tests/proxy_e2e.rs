@@ -952,15 +952,18 @@ print(call(b"hello grpc", timeout=5).decode())
     assert!(port["since_start"]["mtls_requests"].as_u64().unwrap() >= 3);
     // A plaintext attempt now counts as refused, not as plaintext served (mtls-report's
     // "STRICT (n plaintext refused)").
-    let counts = || {
+    let port_8080 = || {
         let v: serde_json::Value = serde_json::from_str(&get(&format!("{admin}/mtls"))).unwrap();
-        let p = v["ports"]
+        v["ports"]
             .as_array()
             .unwrap()
             .iter()
             .find(|p| p["port"] == 8080)
-            .unwrap()["since_start"]
-            .clone();
+            .unwrap()
+            .clone()
+    };
+    let counts = || {
+        let p = port_8080()["since_start"].clone();
         (
             p["plaintext_connections"].as_u64().unwrap(),
             p["plaintext_refused"].as_u64().unwrap(),
@@ -971,13 +974,7 @@ print(call(b"hello grpc", timeout=5).decode())
     assert_eq!(curl(&[&format!("http://{in_http}/hello")]).0, "000");
     assert_eq!(counts(), (served, refused + 1));
     // ... and is charged to its source as refused.
-    let v: serde_json::Value = serde_json::from_str(&get(&format!("{admin}/mtls"))).unwrap();
-    let src = v["ports"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|p| p["port"] == 8080)
-        .unwrap()["plaintext_sources"]
+    let src = port_8080()["plaintext_sources"]
         .as_array()
         .unwrap()
         .iter()

@@ -680,12 +680,15 @@ async fn plugin_reload_rotation_overlap_and_root_removal() {
     assert_eq!(state.reload_now(), ReloadOutcome::Unchanged);
 
     // Bad change: B's intermediate with A's key. Refused, counted, A keeps signing.
-    write_plugin(&cacerts, &b, &[&a, &b]);
-    std::fs::write(
-        cacerts.join("ca-key.pem"),
-        a.int_key.to_pkcs8_pem().as_bytes(),
-    )
-    .unwrap();
+    let bad_change = || {
+        write_plugin(&cacerts, &b, &[&a, &b]);
+        std::fs::write(
+            cacerts.join("ca-key.pem"),
+            a.int_key.to_pkcs8_pem().as_bytes(),
+        )
+        .unwrap();
+    };
+    bad_change();
     assert!(matches!(state.reload_now(), ReloadOutcome::Refused(_)));
     assert_eq!(state.metrics().reload_failure_count(), 1);
     let still = call(&mut c, &csr, 3600, Some(&t), None).await.unwrap();
@@ -696,12 +699,7 @@ async fn plugin_reload_rotation_overlap_and_root_removal() {
     // reported again, not taken for the change already seen.
     write_plugin(&cacerts, &a, &[&a]);
     assert_eq!(state.reload_now(), ReloadOutcome::Unchanged);
-    write_plugin(&cacerts, &b, &[&a, &b]);
-    std::fs::write(
-        cacerts.join("ca-key.pem"),
-        a.int_key.to_pkcs8_pem().as_bytes(),
-    )
-    .unwrap();
+    bad_change();
     assert!(matches!(state.reload_now(), ReloadOutcome::Refused(_)));
     assert_eq!(state.metrics().reload_failure_count(), 2);
 

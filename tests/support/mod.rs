@@ -462,3 +462,26 @@ pub(crate) fn bind_or_explain(port: u16) -> TcpListener {
         }
     }
 }
+
+/// Spawns `cmd` (a `rampart ca`), its stderr to `log`, and waits (30 s at most) for its
+/// "listening on" line: the process and the address it listens on.
+#[allow(dead_code)]
+pub(crate) fn ca_listening(mut cmd: std::process::Command, log: PathBuf) -> (Proc, String) {
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .expect("start rampart ca");
+    let rx = stdout_lines(&mut child);
+    let proc = Proc { child, log };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let line = rx
+            .recv_timeout(deadline.saturating_duration_since(std::time::Instant::now()))
+            .unwrap_or_else(|_| panic!("rampart ca did not start:\n{}", proc.log()));
+        if let Some(rest) = line.strip_prefix("rampart ca: listening on ") {
+            let addr = rest.split_whitespace().next().unwrap().to_owned();
+            return (proc, addr);
+        }
+    }
+}
