@@ -17,7 +17,15 @@
 # that, the whole pair's figure, and the worker's RSS; after each candidate row, the
 # candidate's CPU per request against the whole pair's.
 #
-# Usage: benches/profile/compare-mtls-whole.sh [compare-mtls.sh arguments]
+# With SYSCALLS=1 (needs perf) it also splits each pair's CPU per request into user and kernel
+# time (utime and stime from /proc, every process of the pair: haproxy and both nginx
+# processes; the Envoy processes; the candidate's) and counts the pair's system calls per
+# request: `perf stat -e raw_syscalls:sys_enter,...` attached to those processes for the
+# middle of the row's wrk run (from 1 s after it starts to 1 s before it ends), divided by
+# the row's req/s times that time. The Envoy processes are found by their `-c` file in the
+# script's directory, the candidate's with --candidate-match. These lines follow each row ("split:" and "syscalls:").
+#
+# Usage: [SYSCALLS=1] benches/profile/compare-mtls-whole.sh [compare-mtls.sh arguments]
 #   e.g. benches/profile/compare-mtls-whole.sh --candidate-url http://127.0.0.1:26001/ \
 #          --candidate-cmd "$PWD/benches/mtls-pair/run.sh" --candidate-match "rampart proxy" \
 #          --envoy "$ENVOY" --duration 10 --conns '32'
@@ -36,11 +44,21 @@ set -- "${saved[@]}"
 here=$(cd "$(dirname "$0")/../.." && pwd)
 script=${COMPARE_MTLS:-$here/../shared/bench/compare-mtls.sh}
 [ -x "$script" ] || { echo "no $script (set COMPARE_MTLS)" >&2; exit 2; }
-dur=10
+dur=10 match=""
 args=("$@")
 for ((i = 0; i < ${#args[@]}; i++)); do
-  [ "${args[$i]}" = --duration ] && dur=${args[$((i + 1))]}
+  case "${args[$i]}" in
+    --duration) dur=${args[$((i + 1))]} ;;
+    --candidate-match) match=${args[$((i + 1))]} ;;
+  esac
 done
+syscalls=${SYSCALLS:-}
+if [ -n "$syscalls" ]; then
+  command -v perf >/dev/null || { echo "SYSCALLS=1 needs perf" >&2; exit 2; }
+  [ "$dur" -ge 4 ] || { echo "SYSCALLS=1 needs --duration 4 or more" >&2; exit 2; }
+fi
+sysdir=$(mktemp -d /tmp/compare-mtls-sys.XXXXXX)
+trap 'rm -rf "$sysdir"' EXIT
 tick=$(getconf CLK_TCK)
 
 side_workers() {
@@ -53,13 +71,55 @@ side_workers() {
 ticks() { local s=0 w t; for w in $(side_workers); do t=$(awk '{print $14+$15}' "/proc/$w/stat" 2>/dev/null) && s=$((s + t)); done; echo $s; }
 rss_mib() { local s=0 w r; for w in $(side_workers); do r=$(awk '/^VmRSS/{print $2}' "/proc/$w/status" 2>/dev/null) && s=$((s + r)); done; echo $((s / 1024)); }
 
+# The processes of the pair the next row measures: baseline, envoy or candidate.
+pair_pids() {
+  case "$1" in
+    baseline)
+      pgrep -f "haproxy -db -f /tmp/compare-mtls"
+      for m in $(pgrep -f "nginx -c /tmp/compare-mtls.*/side"); do echo "$m"; done
+      side_workers ;;
+    envoy) pgrep -f -- "-c /tmp/compare-mtls[^ ]*/envoy-" ;;
+    candidate) [ -n "$match" ] && pgrep -f -- "$match" | grep -vx "$$" ;;
+  esac | sort -u | tr '\n' ' '
+}
+# "USER_TICKS SYSTEM_TICKS" summed over PIDS
+split_ticks() { local u=0 k=0 p a; for p in "$@"; do a=($(awk '{print $14, $15}' "/proc/$p/stat" 2>/dev/null)) && u=$((u + a[0])) && k=$((k + a[1])); done; echo "$u $k"; }
+events=raw_syscalls:sys_enter
+for c in read recvfrom readv write writev sendto sendmsg epoll_wait futex; do events=$events,syscalls:sys_enter_$c; done
+events=$events,context-switches,cpu-migrations,page-faults
+# A row's wrk run starts: remember its pair's CPU split and count its system calls.
+row_start() { # NAME
+  [ -n "$syscalls" ] || return 0
+  local pids; pids=$(pair_pids "$1")
+  [ -n "${pids// /}" ] || return 1
+  echo "$pids" >"$sysdir/$1.pids"
+  split_ticks $pids >"$sysdir/$1.t0"
+  (sleep 1; perf stat -x, -e "$events" -p "$(echo $pids | tr ' ' ,)" -o "$sysdir/$1.stat" -- sleep $((dur - 2)) >/dev/null 2>&1) &
+}
+row_end() { # NAME REQ_PER_S
+  [ -n "$syscalls" ] && [ -f "$sysdir/$1.pids" ] || return 0
+  local t0 t1; read -ra t0 <"$sysdir/$1.t0"; read -ra t1 < <(split_ticks $(cat "$sysdir/$1.pids"))
+  awk -v u=$((t1[0] - t0[0])) -v k=$((t1[1] - t0[1])) -v t="$tick" -v r="${2:-0}" -v s="$dur" -v n="$1" \
+    'BEGIN{if (r + 0 <= 0) exit; q = r * s; printf "       %s split: user %.1f + kernel %.1f us/req (all its processes)\n", n, u * 1e6 / t / q, k * 1e6 / t / q}'
+  for _ in $(seq 30); do [ -s "$sysdir/$1.stat" ] && grep -q sys_enter "$sysdir/$1.stat" && break; sleep 0.2; done
+  awk -F, -v r="${2:-0}" -v s=$((dur - 2)) -v n="$1" '$1 ~ /^[0-9]+$/ && r > 0 {
+      e = $3; sub(/^(raw_)?syscalls:sys_enter_?/, "", e); if (e == "") e = "all"
+      sub(/:u$/, "", e); if (e == "context-switches") e = "| cs"; if (e == "cpu-migrations") e = "migrations"; if (e == "page-faults") e = "faults"
+      line = line sprintf(" %s %.2f", e, $1 / (r * s)) }
+    END { if (line != "") printf "       %s syscalls per request:%s\n", n, line }' "$sysdir/$1.stat"
+}
+
 t0=0 pair=""
 "$script" "$@" 2>&1 | while IFS= read -r line; do
   echo "$line"
   read -ra f <<<"$line"
   case "${f[1]:-}" in
-    direct) t0=$(ticks) ;;
+    direct) t0=$(ticks); row_start baseline ;;
+    envoy) row_end envoy "${f[2]:-0}"; row_start candidate ;;
     baseline)
+      row_end baseline "${f[2]:-0}"
+      # no Envoy row when the script found no Envoy: the candidate's row comes next
+      row_start envoy || row_start candidate
       t1=$(ticks)
       pair=$(awk -v d=$((t1 - t0)) -v t="$tick" -v r="${f[2]:-0}" -v s="$dur" -v h="${f[6]:--}" \
         'BEGIN{if (r + 0 <= 0 || h == "-") exit; w = d * 1e6 / t / (r * s); printf "%.1f %.1f", w, w + h}')
@@ -72,6 +132,7 @@ t0=0 pair=""
       fi
       ;;
     candidate)
+      row_end candidate "${f[2]:-0}"
       if [ -n "$pair" ] && [ "${f[6]:--}" != - ]; then
         awk -v c="${f[6]}" -v p="$pair" 'BEGIN{printf "       candidate/(haproxy + nginx pair) CPU per request = %.2f\n", c / p}'
       fi
