@@ -11,6 +11,10 @@
 #
 # Run it on an otherwise idle machine: CPU time per operation grows when other processes
 # share the cores' caches.
+#
+# SYSCALLS=1 (needs perf) also prints the CA's user and kernel time per certificate apart, and
+# its system calls, context switches and `fdatasync`s (audit group commits) per certificate:
+# `perf stat` attached to the CA for the length of the measured run.
 set -euo pipefail
 secs=${1:-5}; conns=${2:-2}; inflight=${3:-64}
 root=$(cd "$(dirname "$0")/../.." && pwd)
@@ -37,8 +41,26 @@ for _ in $(seq 100); do grep -q "listening on" "$work/ca.out" 2>/dev/null && bre
 "${load_pin[@]}" "$bin" ca bench --addr "127.0.0.1:$port" --ca-root "$work/root.pem" --token "$work/token.jwt" \
     --spiffe-id spiffe://cluster.local/ns/bench/sa/load --duration 1s \
     --connections "$conns" --concurrency "$inflight" --threads 1 >/dev/null
-"${load_pin[@]}" "$bin" ca bench --addr "127.0.0.1:$port" --ca-root "$work/root.pem" --token "$work/token.jwt" \
-    --spiffe-id spiffe://cluster.local/ns/bench/sa/load --duration "${secs}s" \
-    --connections "$conns" --concurrency "$inflight" --threads 1 --pid "$ca_pid"
+measure=("${load_pin[@]}" "$bin" ca bench --addr "127.0.0.1:$port" --ca-root "$work/root.pem"
+    --token "$work/token.jwt" --spiffe-id spiffe://cluster.local/ns/bench/sa/load --duration "${secs}s"
+    --connections "$conns" --concurrency "$inflight" --threads 1 --pid "$ca_pid")
+if [ -n "${SYSCALLS:-}" ]; then
+  command -v perf >/dev/null || { echo "SYSCALLS=1 needs perf" >&2; exit 2; }
+  read -r u0 k0 < <(awk '{print $14, $15}' "/proc/$ca_pid/stat")
+  ev=raw_syscalls:sys_enter
+  for c in read recvfrom write writev sendto epoll_wait futex fdatasync getrandom statx newfstat; do ev=$ev,syscalls:sys_enter_$c; done
+  perf stat -x, -e "$ev,context-switches,cpu-migrations,page-faults" -p "$ca_pid" -o "$work/perf.stat" -- \
+      "${measure[@]}" | tee "$work/bench.out"
+  read -r u1 k1 < <(awk '{print $14, $15}' "/proc/$ca_pid/stat")
+  n=$(awk '/^issued/ {print $2}' "$work/bench.out")
+  awk -v u=$((u1 - u0)) -v k=$((k1 - k0)) -v t="$(getconf CLK_TCK)" -v n="${n:-0}" \
+    'BEGIN{if (n > 0) printf "CA split: user %.1f + kernel %.1f us per certificate\n", u * 1e6 / t / n, k * 1e6 / t / n}'
+  awk -F, -v n="${n:-0}" '$1 ~ /^[0-9]+$/ && n > 0 {
+      e = $3; sub(/^(raw_)?syscalls:sys_enter_?/, "", e); sub(/:u$/, "", e); if (e == "") e = "all"
+      line = line sprintf(" %s %.2f", e, $1 / n) }
+    END { if (line != "") printf "CA per certificate:%s\n", line }' "$work/perf.stat"
+else
+  "${measure[@]}"
+fi
 awk "{print \"CA utime \" \$14 \" stime \" \$15 \" (ticks, whole life)\"}" /proc/$ca_pid/stat
 "$floor" floor 20000
