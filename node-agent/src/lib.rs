@@ -19,6 +19,7 @@ mod metrics;
 mod rotation;
 mod sds;
 mod state;
+mod throttle;
 mod uds;
 mod uds_authority;
 mod verify;

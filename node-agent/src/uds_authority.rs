@@ -20,11 +20,18 @@
 //!
 //! Every other frame, and the server to client direction, pass unchanged.
 //!
+//! What a client can make the shim hold is bounded: one partial frame of at most the 16 KiB
+//! the server advertises, and for a header block being decided or rewritten 64 KiB of block,
+//! its frames as received (64 KiB + 16 KiB), at most 32 CONTINUATION frames (2 of them
+//! empty), for at most 10 s until END_HEADERS. Past any of these the connection is closed
+//! (logged at WARN at most once per 10 s, otherwise at DEBUG).
+//!
 //! The shim relies on one setting of the HTTP/2 server behind it: the HPACK table size it
 //! advertises (`SETTINGS_HEADER_TABLE_SIZE`, 4096, the default), which bounds both the
 //! client's table (decoded here) and the shim's (decoded by the server).
 //! `tests::server_settings_are_what_the_shim_assumes` fails if tonic's server changes it.
 
+use std::future::Future as _;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -39,12 +46,27 @@ const FLAG_END_STREAM: u8 = 0x1;
 const FLAG_END_HEADERS: u8 = 0x4;
 const FLAG_PADDED: u8 = 0x8;
 const FLAG_PRIORITY: u8 = 0x20;
-/// SETTINGS_MAX_FRAME_SIZE default (the server does not raise it).
+/// SETTINGS_MAX_FRAME_SIZE default (the server does not raise it:
+/// `tests::server_settings_are_what_the_shim_assumes`).
 const MAX_FRAME: usize = 16_384;
-/// Largest frame accepted from the client (a larger one is a protocol error anyway).
-const MAX_IN_FRAME: usize = 1 << 20;
+/// Largest frame payload accepted from the client: what the server advertises. A larger one
+/// is a FRAME_SIZE_ERROR (RFC 9113 §4.2) the server would refuse anyway, so at most one
+/// partial frame of `FRAME_HEADER_LEN + MAX_FRAME` bytes is ever buffered.
+const MAX_IN_FRAME: usize = MAX_FRAME;
 /// Largest header block accepted (h2's default max header list size is 16 KiB; allow slack).
 const MAX_BLOCK: usize = 64 * 1024;
+/// CONTINUATION frames accepted in one header block: a 64 KiB block needs 4 of 16 KiB; real
+/// clients send one or none. Without a count an empty CONTINUATION (which adds nothing to
+/// the block) could be repeated forever (the "CONTINUATION flood", CVE-2024-27316 and kin).
+const MAX_CONTINUATIONS: usize = 32;
+/// Empty CONTINUATION frames accepted in one header block (legal, but pointless).
+const MAX_EMPTY_CONTINUATIONS: usize = 2;
+/// Bytes of the first header block's frames kept as received (to forward unchanged): the
+/// block itself plus frame headers, padding and priority.
+const MAX_PENDING_FRAMES: usize = MAX_BLOCK + MAX_FRAME;
+/// How long a header block may stay unfinished (HEADERS without END_HEADERS and its
+/// CONTINUATIONs still to come); the proxy's request-head timeout is the same.
+const HEADER_BLOCK_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(10);
 /// Largest decoded header list accepted (RFC 7541 §4.1 sizes: name + value + 32 each). HPACK
 /// lets a small block expand a lot (one byte per repeat of a dynamic-table entry), so the
 /// decoded size is bounded on its own.
@@ -60,6 +82,9 @@ struct Pending {
     block: Vec<u8>,
     /// The frames as received, forwarded unchanged if the block needs no rewrite.
     frames: Vec<u8>,
+    /// CONTINUATION frames so far, and how many of them were empty.
+    continuations: usize,
+    empty_continuations: usize,
 }
 
 /// What the shim does with the client's bytes on this connection.
@@ -85,6 +110,24 @@ pub(crate) struct AuthorityRewrite<S> {
     pending: Option<Pending>,
     decoder: loona_hpack::Decoder<'static>,
     encoder: loona_hpack::Encoder<'static>,
+    /// Armed while a header block is unfinished ([`HEADER_BLOCK_TIMEOUT`]).
+    block_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+/// Why the shim closed connections, logged at WARN at most once per 10 s (a local client can
+/// provoke them at will).
+static REFUSALS: crate::throttle::LogThrottle =
+    crate::throttle::LogThrottle::new(std::time::Duration::from_secs(10));
+
+fn log_refusal(e: &io::Error) {
+    match REFUSALS.allow() {
+        Some(dropped) => tracing::warn!(
+            dropped,
+            "closing a Unix-socket HTTP/2 connection: {e} (at most one such line per 10 s; \
+             `dropped` counts those left out)"
+        ),
+        None => tracing::debug!("closing a Unix-socket HTTP/2 connection: {e}"),
+    }
 }
 
 fn bad(msg: &str) -> io::Error {
@@ -117,7 +160,19 @@ impl<S> AuthorityRewrite<S> {
                 d
             },
             encoder: loona_hpack::Encoder::new(),
+            block_deadline: None,
         }
+    }
+
+    /// Bytes of the client's held in the shim (tests: bounded whatever the client sends).
+    #[cfg(test)]
+    fn buffered(&self) -> usize {
+        self.raw.len()
+            + (self.out.len() - self.out_pos)
+            + self
+                .pending
+                .as_ref()
+                .map_or(0, |p| p.block.len() + p.frames.len())
     }
 
     /// Move every complete unit (preface, frame) from `raw` to `out`, rewriting headers.
@@ -181,6 +236,8 @@ impl<S> AuthorityRewrite<S> {
                         } else {
                             Vec::new()
                         },
+                        continuations: 0,
+                        empty_continuations: 0,
                     });
                     if flags & FLAG_END_HEADERS != 0 {
                         self.finish_block()?;
@@ -192,12 +249,25 @@ impl<S> AuthorityRewrite<S> {
                         .as_mut()
                         .filter(|p| p.stream_id == sid)
                         .ok_or_else(|| bad("CONTINUATION without HEADERS"))?;
+                    pend.continuations += 1;
+                    if pend.continuations > MAX_CONTINUATIONS {
+                        return Err(bad("too many CONTINUATION frames in one header block"));
+                    }
+                    if payload.is_empty() {
+                        pend.empty_continuations += 1;
+                        if pend.empty_continuations > MAX_EMPTY_CONTINUATIONS {
+                            return Err(bad("too many empty CONTINUATION frames"));
+                        }
+                    }
                     pend.block.extend_from_slice(payload);
                     if pend.block.len() > MAX_BLOCK {
                         return Err(bad("header block too large"));
                     }
                     if self.mode == Mode::Undecided {
                         pend.frames.extend_from_slice(&frame);
+                        if pend.frames.len() > MAX_PENDING_FRAMES {
+                            return Err(bad("header block frames too large"));
+                        }
                     }
                     if flags & FLAG_END_HEADERS != 0 {
                         self.finish_block()?;
@@ -333,14 +403,42 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<S> {
             let mut tmp = [0u8; 8192];
             let mut rb = ReadBuf::new(&mut tmp);
             match Pin::new(&mut me.inner).poll_read(cx, &mut rb) {
-                Poll::Pending => return Poll::Pending,
+                Poll::Pending => {
+                    if let Some(deadline) = me.block_deadline.as_mut()
+                        && deadline.as_mut().poll(cx).is_ready()
+                    {
+                        let e = io::Error::new(
+                            io::ErrorKind::TimedOut,
+                            format!(
+                                "HTTP/2 from client: header block unfinished after {:?}",
+                                HEADER_BLOCK_TIMEOUT
+                            ),
+                        );
+                        log_refusal(&e);
+                        return Poll::Ready(Err(e));
+                    }
+                    return Poll::Pending;
+                }
                 Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
                 Poll::Ready(Ok(())) => {
                     if rb.filled().is_empty() {
                         me.eof = true;
                     } else {
                         me.raw.extend_from_slice(rb.filled());
-                        me.process()?;
+                        if let Err(e) = me.process() {
+                            log_refusal(&e);
+                            return Poll::Ready(Err(e));
+                        }
+                        // A header block left open is given HEADER_BLOCK_TIMEOUT in all,
+                        // however its frames trickle in.
+                        match (&me.pending, &me.block_deadline) {
+                            (Some(_), None) => {
+                                me.block_deadline =
+                                    Some(Box::pin(tokio::time::sleep(HEADER_BLOCK_TIMEOUT)));
+                            }
+                            (None, Some(_)) => me.block_deadline = None,
+                            _ => {}
+                        }
                     }
                 }
             }
@@ -588,6 +686,14 @@ mod tests {
             table, MAX_TABLE,
             "SETTINGS_HEADER_TABLE_SIZE changed ({settings:?}): revisit MAX_TABLE and the encoder"
         );
+        let frame_size = settings
+            .iter()
+            .find(|(id, _)| *id == 0x5)
+            .map_or(16_384, |(_, v)| *v as usize);
+        assert_eq!(
+            frame_size, MAX_IN_FRAME,
+            "SETTINGS_MAX_FRAME_SIZE changed ({settings:?}): revisit MAX_IN_FRAME"
+        );
         drop(conn);
         stop.cancel();
         let _ = server.await;
@@ -603,7 +709,7 @@ mod tests {
     }
 
     /// A 20-byte HEADERS block naming a 3000-byte dynamic-table entry 2000 times decodes to
-    /// about 6 MB of headers (a 1 MiB frame would make it about 3 GB): refused, as the h2
+    /// about 6 MB of headers (a 64 KiB block would make it about 200 MB): refused, as the h2
     /// server behind would refuse the header list anyway.
     #[test]
     fn header_list_expanding_past_the_limit_is_refused() {
@@ -641,17 +747,185 @@ mod tests {
         assert!(rewrite_chunks(&[&input]).is_ok());
     }
 
+    /// A frame longer than the 16 KiB the server advertises is refused as soon as its header
+    /// arrives (before its payload is buffered); before, up to 1 MiB of a partial frame was
+    /// held per connection. Twin: a 16 KiB HEADERS frame is fine.
     #[test]
-    fn single_headers_frame_longer_than_a_block_is_refused() {
+    fn frame_longer_than_the_advertised_frame_size_is_refused() {
         let mut input = PREFACE.to_vec();
         input.extend(frame(
             TYPE_HEADERS,
             FLAG_END_HEADERS,
             1,
-            &vec![0x82; MAX_BLOCK + 1],
+            &vec![0x82; MAX_FRAME + 1],
         ));
+        let err = rewrite_chunks(&[&input[..PREFACE_LEN + FRAME_HEADER_LEN]]).unwrap_err();
+        assert!(err.to_string().contains("frame too large"), "{err}");
+        let mut block = vec![0x40, 5];
+        block.extend_from_slice(b"x-big");
+        let value_len = MAX_FRAME - block.len() - 3;
+        block.extend(loona_hpack::encoder::encode_integer(value_len, 7));
+        block.extend(std::iter::repeat_n(b'a', value_len));
+        assert_eq!(block.len(), MAX_FRAME);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, FLAG_END_HEADERS, 1, &block));
+        assert!(rewrite_chunks(&[&input]).is_ok());
+    }
+
+    /// HEADERS without END_HEADERS, then empty CONTINUATIONs forever: each added 9 bytes to
+    /// the frames kept for forwarding and nothing to the (size-checked) block, so one client
+    /// grew the agent's memory without bound. Now the connection is refused after a few, and
+    /// what the shim holds stays small however many arrive.
+    #[test]
+    fn continuation_flood_is_refused_and_buffering_stays_bounded() {
+        let mut fix = AuthorityRewrite::new(());
+        fix.raw.extend_from_slice(PREFACE);
+        fix.raw
+            .extend(frame(TYPE_HEADERS, 0, 1, &indexed_literal(b"x-a", b"b")));
+        fix.process().unwrap();
+        let mut refused = None;
+        for i in 0..100_000 {
+            fix.raw.extend(frame(TYPE_CONTINUATION, 0, 1, &[]));
+            if let Err(e) = fix.process() {
+                refused = Some((i, e));
+                break;
+            }
+            assert!(fix.buffered() < 1024, "{} bytes held", fix.buffered());
+        }
+        let (i, err) = refused.expect("the flood is refused");
+        assert_eq!(i, MAX_EMPTY_CONTINUATIONS, "{err}");
+        assert!(err.to_string().contains("empty CONTINUATION"), "{err}");
+        // One-byte CONTINUATIONs are counted too.
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, 0, 1, &[]));
+        for _ in 0..=MAX_CONTINUATIONS {
+            input.extend(frame(TYPE_CONTINUATION, 0, 1, &[0x82]));
+        }
         let err = rewrite_chunks(&[&input]).unwrap_err();
-        assert!(err.to_string().contains("header block too large"), "{err}");
+        assert!(err.to_string().contains("too many CONTINUATION"), "{err}");
+    }
+
+    /// Twin: a block split over HEADERS, an empty CONTINUATION and a few more (as large
+    /// blocks and odd clients do) is accepted and rewritten.
+    #[test]
+    fn a_block_over_a_few_continuations_is_accepted() {
+        let mut enc = loona_hpack::Encoder::new();
+        let h = enc.encode([
+            (&b":method"[..], &b"POST"[..]),
+            (b":authority", b"tmp%2Fx%2Fsocket"),
+            (b":path", b"/SpiffeWorkloadAPI/FetchX509SVID"),
+        ]);
+        let mut input = PREFACE.to_vec();
+        let parts: Vec<&[u8]> = h.chunks(h.len().div_ceil(4)).collect();
+        input.extend(frame(TYPE_HEADERS, 0, 1, parts[0]));
+        input.extend(frame(TYPE_CONTINUATION, 0, 1, &[]));
+        for (i, p) in parts[1..].iter().enumerate() {
+            let flags = if i + 2 == parts.len() {
+                FLAG_END_HEADERS
+            } else {
+                0
+            };
+            input.extend(frame(TYPE_CONTINUATION, flags, 1, p));
+        }
+        let out = rewrite_chunks(&[&input]).unwrap();
+        let blocks = headers_of(&out);
+        assert_eq!(blocks.len(), 1);
+        assert!(blocks[0].contains(&(b":authority".to_vec(), b"localhost".to_vec())));
+    }
+
+    /// A header block left unfinished closes the connection after HEADER_BLOCK_TIMEOUT
+    /// (paused time: no real wait). Twin: a finished block is delivered and the connection
+    /// stays open however long the client then stays silent.
+    #[tokio::test(start_paused = true)]
+    async fn an_unfinished_header_block_times_out() {
+        use tokio::io::AsyncWriteExt;
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(TYPE_HEADERS, 0, 1, &indexed_literal(b"x-a", b"b")));
+        a.write_all(&input).await.unwrap();
+        let mut fix = AuthorityRewrite::new(b);
+        let mut buf = vec![0u8; 1024];
+        assert_eq!(fix.read(&mut buf).await.unwrap(), PREFACE_LEN);
+        let err = tokio::time::timeout(HEADER_BLOCK_TIMEOUT * 2, fix.read(&mut buf))
+            .await
+            .expect("refused before the outer timeout")
+            .unwrap_err();
+        assert_eq!(err.kind(), io::ErrorKind::TimedOut, "{err}");
+
+        let (mut a, b) = tokio::io::duplex(1 << 16);
+        let mut input = PREFACE.to_vec();
+        input.extend(frame(
+            TYPE_HEADERS,
+            FLAG_END_HEADERS,
+            1,
+            &indexed_literal(b"x-a", b"b"),
+        ));
+        a.write_all(&input).await.unwrap();
+        let mut fix = AuthorityRewrite::new(b);
+        let mut got = 0;
+        while got < input.len() {
+            got += fix.read(&mut buf).await.unwrap();
+        }
+        assert!(
+            tokio::time::timeout(HEADER_BLOCK_TIMEOUT * 10, fix.read(&mut buf))
+                .await
+                .is_err(),
+            "a finished block arms no timer"
+        );
+    }
+
+    /// The same flood against the real SDS server over its Unix socket: the agent closes
+    /// the connection (so the client's writes fail or it reads end of stream) long before
+    /// the client has sent 64 MiB of CONTINUATIONs.
+    #[tokio::test]
+    async fn a_flooding_client_is_disconnected_by_the_server() {
+        use std::sync::Arc;
+        use tokio::io::AsyncWriteExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sds.sock");
+        let stop = tokio_util::sync::CancellationToken::new();
+        let server = tokio::spawn({
+            let (path, stop) = (path.clone(), stop.clone());
+            async move {
+                let store = crate::SecretStore::new();
+                let metrics = Arc::new(crate::Metrics::new());
+                crate::serve_sds(&path, store, metrics, stop).await
+            }
+        });
+        let conn = loop {
+            match tokio::net::UnixStream::connect(&path).await {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(std::time::Duration::from_millis(20)).await,
+            }
+        };
+        let (mut rd, mut wr) = conn.into_split();
+        let reader = tokio::spawn(async move {
+            let mut sink = Vec::new();
+            let _ = rd.read_to_end(&mut sink).await;
+        });
+        let mut head = PREFACE.to_vec();
+        head.extend(frame(0x4, 0, 0, &[]));
+        head.extend(frame(TYPE_HEADERS, 0, 1, &indexed_literal(b"x-a", b"b")));
+        wr.write_all(&head).await.unwrap();
+        let chunk: Vec<u8> = std::iter::repeat_n(frame(TYPE_CONTINUATION, 0, 1, &[]), 7282)
+            .flatten()
+            .collect();
+        let mut sent = 0usize;
+        let mut closed = false;
+        while sent < 64 << 20 {
+            if wr.write_all(&chunk).await.is_err() {
+                closed = true;
+                break;
+            }
+            sent += chunk.len();
+        }
+        assert!(closed, "still accepted after {sent} bytes of CONTINUATIONs");
+        tokio::time::timeout(std::time::Duration::from_secs(10), reader)
+            .await
+            .expect("the server closed the connection")
+            .unwrap();
+        stop.cancel();
+        let _ = server.await;
     }
 
     #[tokio::test]
