@@ -87,6 +87,11 @@ async fn bind_unix_inspect(
     let result = (|| {
         let listener = std::os::unix::net::UnixListener::bind(&tmp)
             .map_err(|e| sock_err(path, format!("bind: {e}")))?;
+        // The agent's own user and group, whatever the directory would hand down (a setgid
+        // directory gives new files its group: with 0660 that group could connect).
+        let (uid, gid) = effective_ids(&dir).map_err(|e| sock_err(path, e))?;
+        std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))
+            .map_err(|e| sock_err(path, format!("chown {uid}:{gid}: {e}")))?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
             .map_err(|e| sock_err(path, format!("chmod {mode:o}: {e}")))?;
         inspect(&tmp);
@@ -113,15 +118,16 @@ async fn bind_unix_inspect(
 ///   not: while the agent is down, anyone could create a socket at the name in a sticky
 ///   directory such as `/tmp`); unless `trust_own_dir` (a volume only the Pod's sidecars
 ///   mount, as the injector's emptyDir, which the kubelet makes 0777 and root's);
-/// - no directory above it is writable by others unless sticky (as `/tmp` is); a group that
-///   can write a project folder is trusted (umask 002 with per-user groups).
+/// - no directory above it is writable by others, or by a group other than the agent's own
+///   effective group, unless sticky (as `/tmp` is): a member of that group (say `staff` on
+///   Debian's `/var/local`, 2775 root:staff) could rename the socket's directory away. A
+///   directory writable by the agent's own group is trusted (umask 002 with per-user
+///   groups: the group is the user).
 ///
 /// Directories the agent creates for the socket are made 0755 whatever the umask adds.
 fn check_ancestors(path: &Path, mine: &Path, trust_own_dir: bool) -> Result<(), Error> {
     use std::os::unix::fs::MetadataExt;
-    let me = std::fs::symlink_metadata(mine)
-        .map_err(|e| sock_err(path, format!("{}: {e}", mine.display())))?
-        .uid();
+    let (me, my_gid) = effective_ids(mine).map_err(|e| sock_err(path, e))?;
     let parent = std::path::absolute(path)
         .map_err(|e| sock_err(path, e.to_string()))?
         .parent()
@@ -157,24 +163,67 @@ fn check_ancestors(path: &Path, mine: &Path, trust_own_dir: bool) -> Result<(), 
         if !owner_ok(&md) {
             return Err(not_theirs(dir, &md));
         }
+        let sticky = md.mode() & 0o1000 != 0;
+        let others = md.mode() & 0o002 != 0;
+        let foreign_group = md.mode() & 0o020 != 0 && md.gid() != my_gid;
         let open = if own {
             md.mode() & 0o022 != 0
+        } else if sticky {
+            false
         } else {
-            md.mode() & 0o002 != 0 && md.mode() & 0o1000 == 0
+            others || foreign_group
         };
         if open {
+            let who = if own {
+                "group or others".to_owned()
+            } else if others {
+                "others".to_owned()
+            } else {
+                format!("group {} (not the agent's group {my_gid})", md.gid())
+            };
             return Err(sock_err(
                 path,
                 format!(
-                    "{} is writable by {} (mode {:o}): another user could replace the socket; use a directory only the agent's user can write",
+                    "{} is writable by {who} (mode {:o}): another user could replace the socket; use a directory only the agent's user can write",
                     dir.display(),
-                    if own { "group or others" } else { "others" },
                     md.mode() & 0o7777
                 ),
             ));
         }
     }
     Ok(())
+}
+
+/// The agent's effective uid and gid: from `/proc/self/status` on Linux; elsewhere the owner
+/// of `made` (a file the agent just created, so its uid is the agent's) and, since a new
+/// file's group may come from a setgid directory, the gid only when `made`'s directory is not
+/// setgid.
+fn effective_ids(made: &Path) -> Result<(u32, u32), String> {
+    use std::os::unix::fs::MetadataExt;
+    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
+        let field = |name: &str| {
+            status
+                .lines()
+                .find_map(|l| l.strip_prefix(name))
+                .and_then(|v| v.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u32>().ok())
+        };
+        if let (Some(uid), Some(gid)) = (field("Uid:"), field("Gid:")) {
+            return Ok((uid, gid));
+        }
+    }
+    let md = std::fs::symlink_metadata(made).map_err(|e| format!("{}: {e}", made.display()))?;
+    let parent_setgid = made
+        .parent()
+        .and_then(|p| std::fs::metadata(p).ok())
+        .is_some_and(|p| p.mode() & 0o2000 != 0);
+    if parent_setgid {
+        return Err(format!(
+            "cannot tell the agent's group: {} is setgid and /proc/self/status is unreadable",
+            made.parent().unwrap_or(made).display()
+        ));
+    }
+    Ok((md.uid(), md.gid()))
 }
 
 /// What resolving a path goes through: every directory whose entries it reads (in order,
@@ -335,8 +384,8 @@ mod tests {
         std::fs::create_dir(&below).unwrap();
         std::fs::set_permissions(&below, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert!(bind_unix(&below.join("sock"), 0o600).await.is_err());
-        // A group-writable directory above is trusted (umask 002 with per-user groups); the
-        // socket's own directory still may not be group-writable.
+        // A directory above writable by the agent's own group is trusted (umask 002 with
+        // per-user groups); the socket's own directory still may not be group-writable.
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o775)).unwrap();
         let l = bind_unix(&below.join("sock"), 0o600).await.unwrap();
         drop(l);
@@ -464,6 +513,76 @@ mod tests {
         // The same link owned by us is fine (only its owner can change it).
         std::os::unix::fs::lchown(&link, Some(0), Some(0)).unwrap();
         let _l2 = bind_unix(&link.join("c/socket"), 0o600).await.unwrap();
+    }
+
+    fn is_root() -> bool {
+        effective_ids(Path::new("/")).is_ok_and(|(uid, _)| uid == 0)
+    }
+
+    /// A directory above the socket's that another group may write (Debian's `/var/local`,
+    /// 2775 root:staff) is refused: a member of that group could rename the socket's
+    /// directory away and bind their own socket. Twins: the same directory with the agent's
+    /// own group, or with the sticky bit, is fine. Needs root to give a directory another
+    /// group (CI runs as root).
+    #[tokio::test]
+    async fn a_directory_above_writable_by_another_group_is_refused() {
+        use std::os::unix::fs::MetadataExt as _;
+        if !is_root() {
+            eprintln!("not root: cannot chgrp to a group we are not in; case not run");
+            return;
+        }
+        let (_, my_gid) = effective_ids(Path::new("/")).unwrap();
+        let other = if my_gid == 50 { 51 } else { 50 };
+        let d = tempfile::tempdir().unwrap();
+        let shared = d.path().join("local");
+        std::fs::create_dir(&shared).unwrap();
+        std::os::unix::fs::chown(&shared, Some(0), Some(other)).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o2775)).unwrap();
+        let sock = shared.join("agent/sds.sock");
+        std::fs::create_dir(shared.join("agent")).unwrap();
+        let err = bind_unix(&sock, 0o600).await.unwrap_err();
+        assert!(
+            err.to_string()
+                .contains(&format!("writable by group {other}")),
+            "{err}"
+        );
+        assert!(!sock.exists());
+        // Sticky: members of the group cannot rename what is not theirs.
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o3775)).unwrap();
+        drop(bind_unix(&sock, 0o600).await.unwrap());
+        std::fs::remove_file(&sock).unwrap();
+        // The agent's own group.
+        std::os::unix::fs::chown(&shared, Some(0), Some(my_gid)).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o2775)).unwrap();
+        drop(bind_unix(&sock, 0o600).await.unwrap());
+        assert_eq!(std::fs::metadata(&shared).unwrap().gid(), my_gid);
+    }
+
+    /// In a setgid directory of another group a new file takes that group; the socket is
+    /// given the agent's own user and group before it is moved into place, so with 0660 the
+    /// directory's group cannot connect. Twin: a plain file made there does get the
+    /// directory's group (what the socket would have had). Needs root (chgrp).
+    #[tokio::test]
+    async fn the_socket_gets_the_agents_group_not_the_directorys() {
+        use std::os::unix::fs::MetadataExt as _;
+        if !is_root() {
+            eprintln!("not root: cannot chgrp to a group we are not in; case not run");
+            return;
+        }
+        let (my_uid, my_gid) = effective_ids(Path::new("/")).unwrap();
+        let other = if my_gid == 50 { 51 } else { 50 };
+        let d = tempfile::tempdir().unwrap();
+        let dir = d.path().join("sg");
+        std::fs::create_dir(&dir).unwrap();
+        std::os::unix::fs::chown(&dir, Some(my_uid), Some(other)).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o2755)).unwrap();
+        std::fs::write(dir.join("plain"), b"").unwrap();
+        assert_eq!(std::fs::metadata(dir.join("plain")).unwrap().gid(), other);
+        let sock = dir.join("sds.sock");
+        let _l = bind_unix(&sock, 0o660).await.unwrap();
+        let md = std::fs::symlink_metadata(&sock).unwrap();
+        assert_eq!((md.uid(), md.gid()), (my_uid, my_gid));
+        assert_eq!(md.mode() & 0o777, 0o660);
     }
 
     #[tokio::test]
