@@ -1,6 +1,8 @@
 //! `rampart mtls-report --mesh DIR` against stand-in proxy admin endpoints serving `/mtls`
 //! as the mesh-folder contract describes: exit 0 when STRICT is safe, 3 with the plaintext
-//! sources listed when it is not, 1 when a proxy cannot be asked.
+//! sources listed when it is not, 4 when STRICT refuses clients, 5 when a port saw nothing,
+//! 1 when a proxy cannot be asked. (The real proxies' `/mtls` is checked against this
+//! command in tests/quickstart_e2e.rs.)
 
 use std::io::{BufRead as _, BufReader, Write as _};
 use std::net::TcpListener;
@@ -174,7 +176,101 @@ fn bad_input_exits_2() {
         .args(["mtls-report", "--help"])
         .output()
         .unwrap();
+    let help = String::from_utf8_lossy(&help.stdout);
     assert!(
-        String::from_utf8_lossy(&help.stdout).contains("3  some port still receives plaintext")
+        help.contains("3  a port that is not STRICT receives plaintext"),
+        "{help}"
     );
+    assert!(
+        help.contains("4  a STRICT port refuses plaintext"),
+        "{help}"
+    );
+    // A workloads.yaml that does not load is still bad input: the proxies cannot be found.
+    std::fs::write(d.path().join("workloads.yaml"), "workloads: [{name: x}]\n").unwrap();
+    let out = report(d.path(), &[]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("workloads.yaml"),
+        "{out:?}"
+    );
+}
+
+/// A policy edit the proxies refused (a typo in a mode) is the moment an operator wants the
+/// report most: it warns that the folder does not load, and reports what the proxies serve.
+/// The negative twin: the same folder without the typo gives no warning.
+#[test]
+fn a_refused_policy_edit_does_not_stop_the_report() {
+    let d = tempfile::tempdir().unwrap();
+    mesh(
+        d.path(),
+        admin_stub(BACKEND_PLAINTEXT),
+        admin_stub(FRONTEND_MTLS),
+    );
+    let out = report(d.path(), &[]);
+    assert_eq!(out.status.code(), Some(3));
+    assert!(
+        !String::from_utf8_lossy(&out.stderr).contains("does not load"),
+        "{out:?}"
+    );
+    std::fs::create_dir(d.path().join("policy")).unwrap();
+    std::fs::write(
+        d.path().join("policy/pa.yaml"),
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: api}
+spec: {mtls: {mode: PERMISIVE}}
+",
+    )
+    .unwrap();
+    let out = report(d.path(), &[]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(3), "{stderr}");
+    assert!(stderr.contains("does not load (1 problem(s)"), "{stderr}");
+    assert!(stderr.contains("policy/pa.yaml"), "{stderr}");
+    assert!(
+        String::from_utf8_lossy(&out.stdout).contains("api/backend: NOT safe to switch"),
+        "{out:?}"
+    );
+}
+
+const BACKEND_STRICT_REFUSING: &str = r#"{"workload": "api/backend", "ports": [{"port": 8080, "protocol": "http", "mode": "STRICT",
+  "since_start": {"mtls_connections": 10, "plaintext_connections": 0, "mtls_requests": 50, "plaintext_requests": 0, "plaintext_refused": 2},
+  "recent": {"window_seconds": 300, "mtls_connections": 1, "plaintext_connections": 0, "mtls_requests": 4, "plaintext_requests": 0, "plaintext_refused": 2},
+  "plaintext_sources": [{"ip": "127.0.0.9", "connections": 0, "requests": 0, "refused": 2, "last_seen_unix": 1790000000}]}]}"#;
+
+/// After the switch, clients refused by STRICT are cut off: exit 4 and named. Its twin, the
+/// other workload alone (mutual TLS only), exits 0; a port with no traffic at all exits 5.
+#[test]
+fn plaintext_refused_by_strict_exits_4_and_silence_exits_5() {
+    let d = tempfile::tempdir().unwrap();
+    mesh(
+        d.path(),
+        admin_stub(BACKEND_STRICT_REFUSING),
+        admin_stub(FRONTEND_MTLS),
+    );
+    let out = report(d.path(), &[]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(4), "{text}");
+    assert!(
+        text.contains("api/backend: already STRICT on every port; plaintext REFUSED on port 8080 from 127.0.0.9 (0 connections, 0 requests, 2 refused by STRICT"),
+        "{text}"
+    );
+    assert!(text.contains("STRICT (2 plaintext refused)"), "{text}");
+    let out = report(d.path(), &["--workload", "web/frontend"]);
+    assert_eq!(out.status.code(), Some(0));
+
+    const QUIET: &str = r#"{"workload": "web/frontend", "ports": [{"port": 8080, "protocol": "http", "mode": "PERMISSIVE",
+  "since_start": {"mtls_connections": 0, "plaintext_connections": 0, "mtls_requests": 0, "plaintext_requests": 0},
+  "recent": {"window_seconds": 300, "mtls_connections": 0, "plaintext_connections": 0, "mtls_requests": 0, "plaintext_requests": 0},
+  "plaintext_sources": []}]}"#;
+    let d = tempfile::tempdir().unwrap();
+    mesh(
+        d.path(),
+        admin_stub(BACKEND_STRICT_REFUSING),
+        admin_stub(QUIET),
+    );
+    let out = report(d.path(), &["--workload", "web/frontend"]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(5), "{text}");
+    assert!(text.contains("silence is no proof"), "{text}");
 }

@@ -334,6 +334,19 @@ fn quickstart_end_to_end() {
     );
     let (code, _) = curl(&["-x", &outbound, "http://backend.api:8080/api/hello"]);
     assert_eq!(code, 200);
+    // The report still runs while the folder holds a refused edit: it says so, and shows
+    // what the proxies serve.
+    let report = rampart()
+        .args(["mtls-report", "--mesh"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&report.stderr);
+    assert_eq!(report.status.code(), Some(3), "{err}");
+    assert!(
+        err.contains("does not load") && err.contains("broken.yaml"),
+        "{err}"
+    );
     std::fs::remove_file(dir.join("policy/broken.yaml")).unwrap();
 
     // The runbook's switch: mesh-wide STRICT, applied live. The mesh keeps working, plaintext
@@ -366,6 +379,21 @@ fn quickstart_end_to_end() {
     assert_eq!(
         code, 0,
         "plaintext must get no HTTP answer under STRICT: {body}"
+    );
+    // The refused client is named, and the exit status (4) is the signal to fix it or roll
+    // back.
+    let report = rampart()
+        .args(["mtls-report", "--mesh"])
+        .arg(&dir)
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&report.stdout);
+    assert_eq!(report.status.code(), Some(4), "{text}");
+    assert!(
+        text.contains(
+            "api/backend: already STRICT on every port; plaintext REFUSED on port 8080 from 127.0.0.1"
+        ),
+        "{text}"
     );
 
     // SIGINT: everything stops, exit 0, nothing left behind.

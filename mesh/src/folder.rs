@@ -1387,6 +1387,38 @@ impl MeshFolder {
         }
     }
 
+    /// Only the folder's workload registry (`workloads.yaml`, with the network default of
+    /// `mesh.yaml` as far as that file reads), with the same checks as [`MeshFolder::load`]
+    /// for `workloads.yaml` and none of the policy's or `mesh.yaml`'s. For tools that only
+    /// need to find the proxies (`rampart mtls-report`) and must keep working while an edit
+    /// elsewhere in the folder is refused: the proxies then still serve their last good
+    /// configuration, and that is what such a tool asks.
+    pub fn load_registry(dir: &Path) -> Result<Registry, Vec<Problem>> {
+        let mut c = Collector {
+            problems: Vec::new(),
+        };
+        if !dir.is_dir() {
+            c.push(&dir.display().to_string(), "", "is not a directory");
+            return Err(c.problems);
+        }
+        let mesh_text = std::fs::read_to_string(dir.join(MESH_FILE)).unwrap_or_default();
+        let mut mesh_problems = Collector {
+            problems: Vec::new(),
+        };
+        let (_, local, _, _) = parse_mesh(MESH_FILE, &mesh_text, &mut mesh_problems);
+        let registry = match std::fs::read_to_string(dir.join(WORKLOADS_FILE)) {
+            Ok(t) => parse_registry_into(WORKLOADS_FILE, &t, local.workload_network, &mut c),
+            Err(e) => {
+                c.push(WORKLOADS_FILE, "", format!("cannot read: {e}"));
+                None
+            }
+        };
+        match registry {
+            Some(r) if c.problems.is_empty() => Ok(r),
+            _ => Err(c.problems),
+        }
+    }
+
     /// Local files standing in for the `jwksUri`s of RequestAuthentications (offline use):
     /// `rampart.jwks` in `mesh.yaml` maps a URI to a file relative to the folder; without an
     /// entry, `jwks/<host>.json` is used when it exists (`https://issuer.example/keys` →

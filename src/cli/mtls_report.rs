@@ -16,15 +16,19 @@ use rampart_mesh::mtls::{MtlsReport as ProxyMtls, PlaintextSource as Source, Por
 use serde::Serialize;
 
 pub(crate) const AFTER_HELP: &str = "\
-Exit status:
-  0  every port of every selected workload is safe to switch to STRICT (or already is)
-  3  some port still receives plaintext: its sources are listed
-  1  a proxy could not be asked (unreachable, bad answer)
-  2  bad input: the command line, or a mesh folder that cannot be read or is refused
+Exit status (the first that applies):
+  1  a proxy could not be asked (unreachable, bad answer): never counted as a pass
+  3  a port that is not STRICT receives plaintext: its sources are listed
+  4  a STRICT port refuses plaintext clients: they are cut off now (fix them or roll back)
+  5  no plaintext seen, but a port that is not STRICT has seen no traffic at all
+  0  every port carries mutual TLS only, or is STRICT and refuses nobody
+  2  bad input: the command line, or a workloads.yaml that cannot be read or is refused
 
 The proxies count since they started and over a recent window (--window chooses which one the
-verdict is based on; since-start is the cautious default). A port that has seen no traffic at
-all is reported as such: no plaintext seen is not proof that no client sends plaintext.";
+verdict is based on; since-start is the cautious default). No plaintext seen on a port with no
+traffic is no proof that no client sends plaintext: hence 5. Only workloads.yaml is needed to
+find the proxies: a refused edit elsewhere in the folder is warned about, and the report shows
+what the proxies serve (their last good configuration).";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum Output {
@@ -84,6 +88,12 @@ impl PortVerdict {
     fn blocks_strict(&self) -> bool {
         matches!(self, PortVerdict::Plaintext { .. })
     }
+
+    /// A STRICT port that refused plaintext in the judged window: clients are cut off.
+    fn refuses(&self) -> bool {
+        matches!(self, PortVerdict::AlreadyStrict { refused_plaintext_connections, sources }
+            if *refused_plaintext_connections > 0 || !sources.is_empty())
+    }
 }
 
 /// The verdict for one port from its counters.
@@ -136,7 +146,9 @@ pub(crate) fn port_verdict(p: &PortMtls, window: Window, now_unix: u64) -> PortV
 pub(crate) struct WorkloadReport {
     pub(crate) workload: String,
     pub(crate) admin: Option<SocketAddr>,
-    /// `safe`, `plaintext` or `error`.
+    /// `safe`, `plaintext` (a non-STRICT port serves plaintext), `refused` (a STRICT port
+    /// refuses plaintext clients), `no_traffic` (no plaintext, but a port that is not STRICT
+    /// has seen nothing) or `error`.
     pub(crate) verdict: &'static str,
     pub(crate) summary: String,
     #[serde(skip_serializing_if = "Vec::is_empty")]
@@ -207,15 +219,11 @@ pub(crate) fn judge(
                 parts.join("; ")
             ),
         )
-    } else if ports
-        .iter()
-        .all(|p| matches!(p.result, PortVerdict::AlreadyStrict { .. }))
-        && !ports.is_empty()
-    {
+    } else if ports.iter().any(|p| p.result.refuses()) {
         let refused: Vec<String> = ports
             .iter()
             .filter_map(|p| match &p.result {
-                PortVerdict::AlreadyStrict { sources, .. } if !sources.is_empty() => Some(format!(
+                PortVerdict::AlreadyStrict { sources, .. } if p.result.refuses() => Some(format!(
                     "port {} from {}",
                     p.seen.port,
                     describe_sources(sources, now_unix)
@@ -223,17 +231,27 @@ pub(crate) fn judge(
                 _ => None,
             })
             .collect();
-        if refused.is_empty() {
-            ("safe", "already STRICT on every port".to_string())
+        let scope = if ports
+            .iter()
+            .all(|p| matches!(p.result, PortVerdict::AlreadyStrict { .. }))
+        {
+            "already STRICT on every port"
         } else {
-            (
-                "safe",
-                format!(
-                    "already STRICT on every port; plaintext refused on {}",
-                    refused.join("; ")
-                ),
-            )
-        }
+            "STRICT on some ports"
+        };
+        (
+            "refused",
+            format!(
+                "{scope}; plaintext REFUSED on {} (those clients are cut off: fix them or roll back)",
+                refused.join("; ")
+            ),
+        )
+    } else if ports
+        .iter()
+        .all(|p| matches!(p.result, PortVerdict::AlreadyStrict { .. }))
+        && !ports.is_empty()
+    {
+        ("safe", "already STRICT on every port".to_string())
     } else if ports
         .iter()
         .any(|p| matches!(p.result, PortVerdict::NoTraffic))
@@ -244,9 +262,9 @@ pub(crate) fn judge(
             .map(|p| p.seen.port.to_string())
             .collect();
         (
-            "safe",
+            "no_traffic",
             format!(
-                "safe to switch to STRICT (no plaintext seen; no traffic at all yet on port {})",
+                "no plaintext seen, but no traffic at all yet on port {}: silence is no proof",
                 quiet.join(", ")
             ),
         )
@@ -276,10 +294,10 @@ fn describe_sources(sources: &[Source], now_unix: u64) -> String {
                 String::new()
             };
             format!(
-                "{} ({} connections, {} requests{refused}, last seen {}s ago)",
+                "{} ({}, {}{refused}, last seen {}s ago)",
                 s.ip,
-                s.connections,
-                s.requests,
+                count(s.connections, "connection"),
+                count(s.requests, "request"),
                 now_unix.saturating_sub(s.last_seen_unix)
             )
         })
@@ -287,12 +305,28 @@ fn describe_sources(sources: &[Source], now_unix: u64) -> String {
         .join(", ")
 }
 
-/// The exit status for a set of reports: errors win, then plaintext.
+/// "1 connection", "2 connections".
+fn count(n: u64, what: &str) -> String {
+    if n == 1 {
+        format!("1 {what}")
+    } else {
+        format!("{n} {what}s")
+    }
+}
+
+/// The exit status for a set of reports: errors (1) win, then plaintext on a port that is
+/// not STRICT (3), then plaintext refused by a STRICT port (4), then ports with no traffic
+/// to judge (5); 0 when every port carries mutual TLS only or is STRICT and refuses nobody.
 pub(crate) fn exit_code(reports: &[WorkloadReport]) -> u8 {
-    if reports.iter().any(|r| r.verdict == "error") {
+    let any = |v: &str| reports.iter().any(|r| r.verdict == v);
+    if any("error") {
         1
-    } else if reports.iter().any(|r| r.verdict == "plaintext") {
+    } else if any("plaintext") {
         3
+    } else if any("refused") {
+        4
+    } else if any("no_traffic") {
+        5
     } else {
         0
     }
@@ -376,17 +410,39 @@ pub(crate) fn render_text(reports: &[WorkloadReport], window: Window) -> String 
 
 impl MtlsReportArgs {
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
-        let mesh = rampart::read_mesh(&self.mesh).map_err(super::bad_input)?;
+        // Only the registry is needed to find the proxies. A refused edit elsewhere in the
+        // folder (a policy typo) must not stop the report: the proxies keep serving their
+        // last good configuration, and the report reads what they serve. Say so, though.
+        let registry = rampart_mesh::MeshFolder::load_registry(&self.mesh).map_err(|problems| {
+            super::bad_input(
+                problems
+                    .iter()
+                    .map(ToString::to_string)
+                    .collect::<Vec<_>>()
+                    .join("\n  "),
+            )
+        })?;
+        if let Err(problems) = rampart_mesh::MeshFolder::load(&self.mesh) {
+            eprintln!(
+                "rampart mtls-report: warning: {} does not load ({} problem(s), first: {}); running proxies keep their last good configuration, and this report shows what they serve",
+                self.mesh.display(),
+                problems.len(),
+                problems
+                    .first()
+                    .map(ToString::to_string)
+                    .unwrap_or_default()
+            );
+        }
         let mut selected = Vec::new();
         for want in &self.workload {
-            if !mesh.registry.workloads.iter().any(|w| &w.key() == want) {
+            if !registry.workloads.iter().any(|w| &w.key() == want) {
                 return Err(super::bad_input(format!(
                     "--workload {want}: not in {}/workloads.yaml",
                     self.mesh.display()
                 )));
             }
         }
-        for w in &mesh.registry.workloads {
+        for w in &registry.workloads {
             if self.workload.is_empty() || self.workload.contains(&w.key()) {
                 selected.push(w.clone());
             }
@@ -543,6 +599,24 @@ mod tests {
 
     #[test]
     fn mtls_only_and_already_strict_ports_are_safe() {
+        // Port 9090 is STRICT and refused nobody: safe, exit 0.
+        let mut quiet = fixture(ALL_MTLS);
+        quiet.ports[1].since_start.plaintext_refused = 0;
+        quiet.ports[1].plaintext_sources.clear();
+        let r = judge(
+            "api/backend",
+            None,
+            &[8080, 9090],
+            Ok(quiet),
+            Window::SinceStart,
+            NOW,
+        );
+        assert_eq!(r.verdict, "safe", "{}", r.summary);
+        assert_eq!(r.summary, "safe to switch to STRICT");
+        assert_eq!(exit_code(std::slice::from_ref(&r)), 0);
+
+        // The same with the STRICT port refusing a client: the port beside it is still safe
+        // to switch, but clients are being cut off now, and the exit status says so (4).
         let r = judge(
             "api/backend",
             None,
@@ -551,8 +625,14 @@ mod tests {
             Window::SinceStart,
             NOW,
         );
-        assert_eq!(r.verdict, "safe", "{}", r.summary);
-        assert_eq!(r.summary, "safe to switch to STRICT");
+        assert_eq!(r.verdict, "refused", "{}", r.summary);
+        assert_eq!(exit_code(std::slice::from_ref(&r)), 4);
+        assert!(
+            r.summary
+                .starts_with("STRICT on some ports; plaintext REFUSED on port 9090 from 10.0.0.7"),
+            "{}",
+            r.summary
+        );
         assert_eq!(r.ports[0].result, PortVerdict::Safe);
         assert_eq!(
             r.ports[1].result,
@@ -566,7 +646,7 @@ mod tests {
         let text = render_text(&[r], Window::SinceStart);
         assert!(text.contains("STRICT (2 plaintext refused)"), "{text}");
         assert!(
-            text.contains("api/backend: safe to switch to STRICT"),
+            text.contains("api/backend: STRICT on some ports; plaintext REFUSED"),
             "{text}"
         );
     }
@@ -584,37 +664,58 @@ mod tests {
         assert_eq!(exit_code(std::slice::from_ref(&r)), 3);
         assert!(
             r.summary
-                .contains("10.0.0.7 (1 connections, 0 requests, 2 refused by STRICT"),
+                .contains("10.0.0.7 (1 connection, 0 requests, 2 refused by STRICT"),
             "{}",
             r.summary
         );
-        // Still STRICT: safe (it is), with the refused client named.
+        // Still STRICT: the refused client is named, and the exit status (4) is the signal
+        // to fix it or roll back.
         let mut f = fixture(ALL_MTLS);
         f.ports.remove(0);
         let r = judge("api/backend", None, &[9090], Ok(f), Window::SinceStart, NOW);
-        assert_eq!(r.verdict, "safe");
+        assert_eq!(r.verdict, "refused");
+        assert_eq!(exit_code(std::slice::from_ref(&r)), 4);
         assert!(
             r.summary.starts_with(
-                "already STRICT on every port; plaintext refused on port 9090 from 10.0.0.7"
+                "already STRICT on every port; plaintext REFUSED on port 9090 from 10.0.0.7"
             ),
             "{}",
             r.summary
         );
+        // Judged on the recent window after the refusals stopped: STRICT and quiet, exit 0.
+        let mut f = fixture(ALL_MTLS);
+        f.ports.remove(0);
+        f.ports[0].recent.counters.plaintext_refused = 0;
+        let before_window = NOW - f.ports[0].recent.window_seconds - 1;
+        for s in &mut f.ports[0].plaintext_sources {
+            s.last_seen_unix = before_window;
+        }
+        let r = judge("api/backend", None, &[9090], Ok(f), Window::Recent, NOW);
+        assert_eq!(r.verdict, "safe", "{}", r.summary);
+        assert_eq!(r.summary, "already STRICT on every port");
     }
 
+    /// Silence is no proof: a port that is not STRICT and saw nothing is not a pass (5),
+    /// while the same port with mutual TLS seen is (0).
     #[test]
-    fn no_traffic_is_safe_but_said() {
+    fn no_traffic_is_not_a_pass() {
         let mut f = fixture(ALL_MTLS);
         f.ports.truncate(1);
         f.ports[0].since_start = Counters::default();
         let r = judge("api/backend", None, &[8080], Ok(f), Window::SinceStart, NOW);
         assert_eq!(r.ports[0].result, PortVerdict::NoTraffic);
-        assert_eq!(r.verdict, "safe");
+        assert_eq!(r.verdict, "no_traffic");
+        assert_eq!(exit_code(std::slice::from_ref(&r)), 5);
         assert!(
             r.summary.contains("no traffic at all yet on port 8080"),
             "{}",
             r.summary
         );
+        let mut f = fixture(ALL_MTLS);
+        f.ports.truncate(1);
+        let r = judge("api/backend", None, &[8080], Ok(f), Window::SinceStart, NOW);
+        assert_eq!(r.verdict, "safe");
+        assert_eq!(exit_code(&[r]), 0);
     }
 
     #[test]
