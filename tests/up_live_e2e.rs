@@ -364,6 +364,49 @@ fn registry_edits_start_stop_and_restart_workloads_live() {
     let (code, body) = curl(&[&format!("http://127.0.0.1:{}/y", a.inbound)]);
     assert_eq!(code, 200, "{body}");
 
+    // --- a policy edit that loads but warns is as loud as at start; a warning is printed
+    // once, not again on every later edit; an edit without warnings prints none ---
+    const TCP_WARNING: &str = "will deny all traffic to TCP ports under its scope";
+    std::fs::create_dir_all(dir.join("policy")).unwrap();
+    write_atomic(
+        &dir.join("policy/deny-delete.yaml"),
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: deny-delete, namespace: nsx}
+spec:
+  action: DENY
+  rules: [{to: [{operation: {methods: [DELETE]}}]}]
+",
+    );
+    up.wait_for("the warning edit", Duration::from_secs(30), |_, e| {
+        e.contains("policy/deny-delete.yaml changed: valid")
+    });
+    up.wait_for("its warning", Duration::from_secs(5), |_, e| {
+        e.contains(TCP_WARNING)
+    });
+    let err = up.err();
+    let line = err.lines().find(|l| l.contains(TCP_WARNING)).unwrap();
+    assert!(
+        line.starts_with("rampart up: warning: ") && line.contains("deny-delete.yaml"),
+        "{line}"
+    );
+    write_atomic(
+        &dir.join("policy/peer.yaml"),
+        "apiVersion: security.istio.io/v1
+kind: PeerAuthentication
+metadata: {name: default, namespace: nsx}
+spec: {mtls: {mode: PERMISSIVE}}
+",
+    );
+    up.wait_for("the quiet edit", Duration::from_secs(30), |_, e| {
+        e.contains("policy/peer.yaml changed: valid")
+    });
+    std::thread::sleep(Duration::from_millis(300));
+    let err = up.err();
+    assert_eq!(err.matches(TCP_WARNING).count(), 1, "{err}");
+    let after = &err[err.find("policy/peer.yaml changed").unwrap()..];
+    assert!(!after.contains("warning"), "{after}");
+
     // --- Ctrl-C stops everything, including the children started live ---
     let pid = rustix::process::Pid::from_raw(up.child.id() as i32).unwrap();
     rustix::process::kill_process(pid, rustix::process::Signal::INT).unwrap();

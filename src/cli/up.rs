@@ -61,10 +61,10 @@ use std::time::{Duration, Instant, SystemTime};
 
 use anyhow::Context as _;
 use rampart::up::{
-    Action, CA_AUDIENCE, CA_READY_MARKER, DEFAULT_ISSUER, MAX_SOCKET_PATH, Role, StateLayout,
-    TOKEN_REFRESH, TOKEN_TTL, agent_args, app_command, ca_args, changed_files, check_addresses,
-    check_edit, check_free, check_policy, describe_status, folder_fingerprint, mesh_table, plan,
-    proxy_args, read_demo_token, workload_table,
+    Action, CA_AUDIENCE, CA_READY_MARKER, DEFAULT_ISSUER, EditCheck, MAX_SOCKET_PATH, Role,
+    StateLayout, TOKEN_REFRESH, TOKEN_TTL, agent_args, app_command, ca_args, changed_files,
+    check_addresses, check_edit, check_free, check_policy, describe_status, folder_fingerprint,
+    mesh_table, plan, proxy_args, read_demo_token, workload_table,
 };
 use rampart_certs::jwt::{JwtSigner, ServiceAccount};
 use rampart_certs::{KeyAlgorithm, PrivateKey};
@@ -140,7 +140,7 @@ impl UpArgs {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        let code = rt.block_on(Up::new(self, mesh)?.run())?;
+        let code = rt.block_on(Up::new(self, mesh, policy.warnings)?.run())?;
         // Children are stopped by now; don't let a stuck log pump hold the exit.
         rt.shutdown_timeout(Duration::from_secs(1));
         Ok(code)
@@ -176,6 +176,17 @@ enum Stop {
     Failed(String),
 }
 
+/// The variables `rampart agent`, `rampart proxy` and `rampart ca` read settings from
+/// (clap's `env =`): cleared for the children `up` starts, which get theirs from `up`.
+const OWN_ENV: [&str; 6] = [
+    "CA_ADDR",
+    "SECRET_GRACE_PERIOD_RATIO",
+    "OUTPUT_CERTS",
+    "ISTIO_PROMETHEUS_ANNOTATIONS",
+    "ISTIO_KUBE_APP_PROBERS",
+    "COMPLIANCE_POLICY",
+];
+
 struct Up {
     args: UpArgs,
     mesh: MeshFolder,
@@ -187,10 +198,13 @@ struct Up {
     rx: mpsc::UnboundedReceiver<Event>,
     signer: JwtSigner,
     demo_token: Option<(PathBuf, String)>,
+    /// The warnings of the configuration running now, printed once each: an edit prints
+    /// only the ones it adds.
+    warned: std::collections::BTreeSet<String>,
 }
 
 impl Up {
-    fn new(args: UpArgs, mesh: MeshFolder) -> anyhow::Result<Up> {
+    fn new(args: UpArgs, mesh: MeshFolder, warned: Vec<String>) -> anyhow::Result<Up> {
         let exe = std::env::current_exe().context("finding the rampart executable")?;
         let dir =
             std::fs::canonicalize(&args.dir).with_context(|| format!("{}", args.dir.display()))?;
@@ -256,6 +270,7 @@ impl Up {
             rx,
             signer,
             demo_token: None,
+            warned: warned.into_iter().collect(),
         })
     }
 
@@ -360,6 +375,15 @@ impl Up {
             .kill_on_drop(true);
         // Plain log lines in the log files.
         cmd.env("NO_COLOR", "1");
+        // Our own children take their settings from `up`'s flags and the folder, never from
+        // variables left in the operator's shell: `OUTPUT_CERTS` there would send every
+        // agent's key into one directory (the last writer wins, one identity's expiry
+        // deletes another's files), `CA_ADDR` would point them all elsewhere.
+        if role != Role::App {
+            for k in OWN_ENV {
+                cmd.env_remove(k);
+            }
+        }
         // `rampart up --compliance-policy pqc` reaches the CA, agents and proxies it starts.
         if role != Role::App
             && rampart_certs::tls::compliance_policy() == rampart_certs::tls::CompliancePolicy::Pqc
@@ -509,8 +533,8 @@ impl Up {
                 out_nonl!("{}", mesh_table(&self.mesh, &self.layout));
                 if let Some((path, issuer)) = &self.demo_token {
                     out!(
-                        "\ndemo end-user token (issuer {issuer}, valid {}): {}",
-                        humantime::format_duration(TOKEN_TTL),
+                        "\ndemo end-user token (issuer {issuer}, valid {} h): {}",
+                        TOKEN_TTL.as_secs() / 3600,
                         path.display()
                     );
                 }
@@ -558,7 +582,9 @@ impl Up {
         for l in tail {
             let _ = write!(out, "\n  {l}");
         }
-        out.push_str("\nrampart up: stopping the rest");
+        out.push_str(
+            "\nrampart up: stopping the rest (`up` restarts nothing; run it again: the state directory keeps the root and identities)",
+        );
         out
     }
 
@@ -777,8 +803,12 @@ impl Up {
 
     /// Check the folder after an edit of the files `changed`: the new mesh if it is valid,
     /// else why it is refused (file, field, reason).
-    fn check_edit(&self, changed: &[String]) -> Result<MeshFolder, String> {
-        let (mesh, resources) = check_edit(&self.dir, &self.layout)?;
+    fn check_edit(&mut self, changed: &[String]) -> Result<MeshFolder, String> {
+        let EditCheck {
+            mesh,
+            resources,
+            warnings,
+        } = check_edit(&self.dir, &self.layout)?;
         // What the edit touched, three names at most; a name is anything in the folder (an
         // app may write there), so it reaches the terminal escaped.
         let mut what = changed
@@ -796,6 +826,16 @@ impl Up {
         say!(
             "rampart up: {what} changed: valid ({resources} policy resource(s)); the proxies apply it live"
         );
+        // A policy that loads can still do what nobody meant (a DENY whose HTTP fields are
+        // dropped on a TCP port denies every connection): the warnings this edit adds are as
+        // loud as at start. Those already printed for the running configuration are not
+        // repeated.
+        for w in &warnings {
+            if !self.warned.contains(w) {
+                say!("rampart up: warning: {w}");
+            }
+        }
+        self.warned = warnings.into_iter().collect();
         Ok(mesh)
     }
 
@@ -1168,4 +1208,35 @@ fn sighup_ignored() -> bool {
             u64::from_str_radix(mask.trim(), 16).ok()
         })
         .is_some_and(|m| m & 1 == 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::CommandFactory as _;
+
+    /// Every variable the commands `up` starts read a setting from is cleared for them:
+    /// a new `env =` on a flag of `agent`, `proxy` or `ca` must join `OWN_ENV`.
+    #[test]
+    fn own_env_covers_every_variable_our_children_read() {
+        let cli = super::super::Cli::command();
+        let mut read = std::collections::BTreeSet::new();
+        for name in ["agent", "proxy", "ca"] {
+            let sub = cli
+                .get_subcommands()
+                .find(|c| c.get_name() == name)
+                .unwrap_or_else(|| panic!("no `{name}` subcommand"));
+            for arg in sub.get_arguments() {
+                if let Some(env) = arg.get_env() {
+                    read.insert(env.to_string_lossy().into_owned());
+                }
+            }
+        }
+        assert!(read.contains("OUTPUT_CERTS"), "{read:?}");
+        for env in &read {
+            assert!(
+                super::OWN_ENV.contains(&env.as_str()),
+                "{env} is read by a child of `up` but not cleared for it"
+            );
+        }
+    }
 }

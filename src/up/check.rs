@@ -195,9 +195,18 @@ pub fn check_free(mesh: &MeshFolder) -> Result<(), String> {
     }
 }
 
-/// Check the folder after an edit: the new mesh and its number of policy resources if it is
-/// valid, else why it is refused (file, field, reason).
-pub fn check_edit(dir: &Path, layout: &StateLayout) -> Result<(MeshFolder, usize), String> {
+/// A valid edit: the new mesh, its number of policy resources, and what it warns about
+/// (policies that load but may not do what was meant).
+#[derive(Debug)]
+pub struct EditCheck {
+    pub mesh: MeshFolder,
+    pub resources: usize,
+    pub warnings: Vec<String>,
+}
+
+/// Check the folder after an edit: the new mesh, its number of policy resources and its
+/// warnings if it is valid, else why it is refused (file, field, reason).
+pub fn check_edit(dir: &Path, layout: &StateLayout) -> Result<EditCheck, String> {
     let mesh = crate::read_mesh(dir)?;
     let policy = check_policy(dir);
     if !policy.problems.is_empty() {
@@ -224,7 +233,11 @@ pub fn check_edit(dir: &Path, layout: &StateLayout) -> Result<(MeshFolder, usize
             ));
         }
     }
-    Ok((mesh, policy.resources))
+    Ok(EditCheck {
+        mesh,
+        resources: policy.resources,
+        warnings: policy.warnings,
+    })
 }
 
 /// mesh.yaml `rampart.demoToken`: an end-user token `up` mints for demos.
@@ -534,7 +547,9 @@ mod tests {
         let e = check_edit(long.path(), &layout).unwrap_err();
         assert!(e.contains("longer than a Unix socket allows"), "{e}");
         let ok = folder("workloads:\n- {name: a, namespace: ns1}\n", None);
-        let (mesh, resources) = check_edit(ok.path(), &layout).unwrap();
+        let EditCheck {
+            mesh, resources, ..
+        } = check_edit(ok.path(), &layout).unwrap();
         assert_eq!(mesh.registry.workloads.len(), 1);
         assert_eq!(resources, 0);
     }

@@ -12,8 +12,8 @@ mod plan;
 mod render;
 
 pub use self::check::{
-    DemoToken, PolicyCheck, changed_files, check_addresses, check_edit, check_free, check_policy,
-    folder_fingerprint, read_demo_token,
+    DemoToken, EditCheck, PolicyCheck, changed_files, check_addresses, check_edit, check_free,
+    check_policy, folder_fingerprint, read_demo_token,
 };
 pub use self::layout::{
     AppCommand, CA_AUDIENCE, CA_READY_MARKER, DEFAULT_ISSUER, MAX_SOCKET_PATH, StateLayout,
