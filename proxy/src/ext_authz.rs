@@ -107,6 +107,9 @@ pub(crate) struct Denied {
     pub(crate) body: Bytes,
     /// For the log: why (the provider's answer, or why it could not be asked).
     pub(crate) reason: String,
+    /// The provider did not judge: it could not be asked (and is not `failOpen`), or it
+    /// cannot judge this kind of traffic. The log says so rather than "denied by".
+    pub(crate) unasked: bool,
 }
 
 /// What the check tells the provider about the request besides its head.
@@ -451,6 +454,7 @@ impl Clients {
                     reason: format!(
                         "extension provider {name:?} is an HTTP provider: it cannot judge a TCP connection (Istio asks only gRPC providers about TCP)"
                     ),
+                    unasked: true,
                 });
             }
             (Ok(via), ExtAuthzKind::Grpc, req) => {
@@ -474,6 +478,7 @@ impl Clients {
                 headers: Vec::new(),
                 body: Bytes::new(),
                 reason: why,
+                unasked: true,
             })
         }
     }
@@ -587,6 +592,7 @@ impl Clients {
             headers,
             body,
             reason: format!("the provider answered {status}"),
+            unasked: false,
         }))
     }
 
@@ -884,6 +890,7 @@ pub(crate) fn grpc_answer(resp: pb::CheckResponse) -> Answer {
                 .map(|s| format!(" ({})", s.message))
                 .unwrap_or_default()
         ),
+        unasked: false,
     })
 }
 

@@ -695,7 +695,12 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                         status = denied.status,
                         policy = %policy,
                         reason = %denied.reason,
-                        "request denied by extension provider {name:?}"
+                        "{}",
+                        if denied.unasked {
+                            format!("request denied: extension provider {name:?} did not judge it (fail closed)")
+                        } else {
+                            format!("request denied by extension provider {name:?}")
+                        }
                     );
                     // A gRPC caller gets a gRPC status (as Envoy's local replies), the
                     // provider's headers beside it (not its own gRPC status).
@@ -784,9 +789,9 @@ async fn request(ib: &Arc<Inbound>, cx: &ConnCtx, req: Request<Incoming>) -> Res
                 normalized_path = %judged_path(&raw_path, &normalized),
                 status = d.status,
                 policy = %policy,
-                rule = ?d.rule,
+                rule = %rule_shown(d.rule),
                 reason = %d.reason,
-                "request denied: {}", d.summary()
+                "request denied"
             );
             let jwt = matches!(
                 d.reason_code,
@@ -1055,14 +1060,20 @@ async fn tcp_allowed(
         peer = %cx.peer,
         principal = cx.principal.as_deref().unwrap_or("-"),
         port = cx.port,
+        status = d.status,
         policy = %policy,
-        rule = ?d.rule,
+        rule = %rule_shown(d.rule),
         reason = %why.as_deref().unwrap_or(&d.reason),
-        "{} (closed): {}",
+        "{} (closed)",
         if established { "established connection denied by the new policy" } else { "connection denied" },
-        d.summary()
     );
     false
+}
+
+/// A policy rule's index for the deny log, `-` when no rule decided (no ALLOW matched, or
+/// no identity or token).
+fn rule_shown(rule: Option<usize>) -> String {
+    rule.map_or_else(|| "-".to_string(), |r| r.to_string())
 }
 
 async fn tcp<IO>(ib: &Arc<Inbound>, cx: ConnCtx, app: SocketAddr, io: IO)
