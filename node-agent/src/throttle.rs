@@ -54,6 +54,57 @@ impl LogThrottle {
     }
 }
 
+/// The delay before the next `accept` after an error (out of descriptors, say): 5 ms doubling
+/// to 1 s, reset by a success, so a listener whose accept keeps failing sleeps instead of
+/// spinning (and logging) in a loop.
+#[derive(Debug)]
+pub(crate) struct AcceptBackoff {
+    next: Duration,
+}
+
+impl Default for AcceptBackoff {
+    fn default() -> Self {
+        AcceptBackoff { next: Self::FIRST }
+    }
+}
+
+// === impl AcceptBackoff ===
+
+impl AcceptBackoff {
+    const FIRST: Duration = Duration::from_millis(5);
+    const MAX: Duration = Duration::from_secs(1);
+
+    /// An accept succeeded.
+    pub(crate) fn reset(&mut self) {
+        self.next = Self::FIRST;
+    }
+
+    /// An accept failed: how long to wait before the next one.
+    pub(crate) fn failed(&mut self) -> Duration {
+        let now = self.next;
+        self.next = (self.next * 2).min(Self::MAX);
+        now
+    }
+}
+
+/// Accept errors, logged at WARN at most once per 10 s per kind of listener.
+pub(crate) fn log_accept_error(
+    throttle: &LogThrottle,
+    what: &str,
+    e: &std::io::Error,
+    retry_in: Duration,
+) {
+    match throttle.allow() {
+        Some(dropped) => tracing::warn!(
+            error = %e,
+            ?retry_in,
+            dropped,
+            "{what} accept failed (at most one such line per 10 s; `dropped` counts those left out)"
+        ),
+        None => tracing::debug!(error = %e, ?retry_in, "{what} accept failed"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -69,5 +120,21 @@ mod tests {
         let t = LogThrottle::new(Duration::ZERO);
         assert_eq!(t.allow(), Some(0));
         assert_eq!(t.allow(), Some(0));
+    }
+
+    #[test]
+    fn accept_backoff_doubles_to_a_second_and_resets() {
+        let mut b = AcceptBackoff::default();
+        let waits: Vec<Duration> = (0..10).map(|_| b.failed()).collect();
+        assert_eq!(waits[0], Duration::from_millis(5));
+        assert_eq!(waits[1], Duration::from_millis(10));
+        assert_eq!(waits[9], Duration::from_secs(1));
+        assert!(waits.windows(2).all(|w| w[0] <= w[1]));
+        // 1,000 failures in a row wait ~1,000 s in all, not a busy loop.
+        let total: Duration = (0..1000).map(|_| b.failed()).sum();
+        assert!(total >= Duration::from_secs(990), "{total:?}");
+        // Twin: a success starts over at 5 ms.
+        b.reset();
+        assert_eq!(b.failed(), Duration::from_millis(5));
     }
 }
