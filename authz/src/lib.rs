@@ -18,7 +18,9 @@ mod normalize;
 mod resolve;
 
 pub use error::{Error, Problem};
-pub use load::{LoadResult, SECURITY_GROUP, Skipped, load_path, load_paths, load_str};
+pub use load::{
+    LoadResult, SECURITY_GROUP, Skipped, load_path, load_paths, load_str, resource_warnings,
+};
 pub use model::{
     Action, ApiVersion, AuthorizationPolicy, AuthorizationPolicySpec, ClaimToHeader, Condition,
     DEFAULT_JWKS_TIMEOUT, DEFAULT_NAMESPACE, DRY_RUN_ANNOTATION, ExtensionProvider,

@@ -467,9 +467,9 @@ fn load_document(file: &str, doc: &Chunk<'_>, result: &mut LoadResult) {
         }
     };
     let report = crate::validate::validate(&resource);
-    for w in report.warnings {
-        result.warnings.push(problem(&w.field_path, w.reason));
-    }
+    result
+        .warnings
+        .extend(warning_problems(&resource, report.warnings));
     if report.errors.is_empty() {
         result.push_resource(resource);
     } else {
@@ -477,6 +477,38 @@ fn load_document(file: &str, doc: &Chunk<'_>, result: &mut LoadResult) {
             result.problems.push(problem(&e.field_path, e.reason));
         }
     }
+}
+
+/// The warnings loading `resource` yields (what [`LoadResult::warnings`] holds for it):
+/// accepted values Istio also warns about, or that can never match. Each names the file,
+/// document, field and the policy. For a resource already loaded (a mesh snapshot keeps the
+/// resources, not the warnings).
+pub fn resource_warnings(resource: &Resource) -> Vec<Problem> {
+    warning_problems(resource, crate::validate::validate(resource).warnings)
+}
+
+fn warning_problems(resource: &Resource, findings: Vec<crate::Finding>) -> Vec<Problem> {
+    let origin = resource.origin();
+    let named = format!(
+        "{} {}/{}",
+        resource.kind(),
+        resource.namespace(),
+        resource.name()
+    );
+    findings
+        .into_iter()
+        .map(|w| Problem {
+            file: origin.file.clone(),
+            doc_index: origin.doc_index,
+            field_path: w.field_path,
+            // A source already named after the object (Kubernetes mode) is not named twice.
+            reason: if origin.file == named {
+                w.reason
+            } else {
+                format!("{named}: {}", w.reason)
+            },
+        })
+        .collect()
 }
 
 /// Parser limits for one document: far above any real policy (Istio caps rules at 512 and

@@ -818,6 +818,7 @@ fn validate_authorization_policy(ap: &AuthorizationPolicy, report: &mut Validati
             validate_condition(&format!("{rp}.when[{j}]"), cond, report);
         }
         warn_forwarded_for_claims(&rp, action, rule, report);
+        warn_never_matching(&rp, rule, report);
         if action == Action::Deny
             && ((from_exists && !to_exists && !tcp_in_from) || (to_exists && !tcp_in_to))
         {
@@ -875,6 +876,140 @@ fn warn_forwarded_for_claims(
             warn(report, format!("{rp}.when[{j}]"));
         }
     }
+}
+
+/// The standard methods the proxy refuses (400) when spelled in another case (`get`), as
+/// Envoy 1.40 does: a policy value so spelled never meets a request.
+const STANDARD_METHODS: [&str; 9] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "CONNECT", "OPTIONS", "TRACE", "PATCH",
+];
+
+/// Rampart's own warnings (Istio accepts these values silently, docs/AUTHZ.md §3): values
+/// written so that they can never match what the proxy compares them with, so the rule
+/// allows nothing (ALLOW) or denies nothing (DENY). Accepted, as Istio accepts them.
+fn warn_never_matching(rp: &str, rule: &crate::model::Rule, report: &mut ValidationReport) {
+    for (j, f) in rule.from.iter().flatten().enumerate() {
+        let Some(src) = &f.source else { continue };
+        let sp = format!("{rp}.from[{j}].source");
+        for (field, values) in [
+            ("principals", &src.principals),
+            ("notPrincipals", &src.not_principals),
+        ] {
+            for (k, v) in values.iter().enumerate() {
+                if let Some(why) = spiffe_scheme_principal(v) {
+                    report.warn(format!("{sp}.{field}[{k}]"), why);
+                }
+            }
+        }
+        for (field, values) in [
+            ("requestPrincipals", &src.request_principals),
+            ("notRequestPrincipals", &src.not_request_principals),
+        ] {
+            for (k, v) in values.iter().enumerate() {
+                if let Some(why) = request_principal_without_slash(v) {
+                    report.warn(format!("{sp}.{field}[{k}]"), why);
+                }
+            }
+        }
+    }
+    for (j, t) in rule.to.iter().flatten().enumerate() {
+        let Some(op) = &t.operation else { continue };
+        let op_path = format!("{rp}.to[{j}].operation");
+        for (field, values) in [("methods", &op.methods), ("notMethods", &op.not_methods)] {
+            for (k, v) in values.iter().enumerate() {
+                if let Some(why) = method_case(v) {
+                    report.warn(format!("{op_path}.{field}[{k}]"), why);
+                }
+            }
+        }
+        for (field, values) in [("paths", &op.paths), ("notPaths", &op.not_paths)] {
+            for (k, v) in values.iter().enumerate() {
+                if let Some(why) = inner_star_path(v) {
+                    report.warn(format!("{op_path}.{field}[{k}]"), why);
+                }
+            }
+        }
+    }
+    for (j, c) in rule.when.iter().enumerate() {
+        let check: fn(&str) -> Option<String> = match c.key() {
+            "source.principal" => spiffe_scheme_principal,
+            "request.auth.principal" => request_principal_without_slash,
+            _ => continue,
+        };
+        for (field, values) in [("values", &c.values), ("notValues", &c.not_values)] {
+            for (k, v) in values.iter().enumerate() {
+                if let Some(why) = check(v) {
+                    report.warn(format!("{rp}.when[{j}].{field}[{k}]"), why);
+                }
+            }
+        }
+    }
+}
+
+/// `spiffe://td/ns/a/sa/b` as a principal: Istio adds `spiffe://` itself, so the value is
+/// compared with `spiffe://spiffe://...` and never matches.
+fn spiffe_scheme_principal(v: &str) -> Option<String> {
+    let rest = v.strip_prefix("spiffe://")?;
+    Some(format!(
+        "{v:?} never matches: principals are written without \"spiffe://\" (Istio adds it, so \
+         this value is compared as \"spiffe://{v}\"); write {rest:?}"
+    ))
+}
+
+/// A request principal is `<iss>/<sub>`: a value without `/` (and without `*`) names an
+/// issuer with an empty `sub`, which no real token has.
+fn request_principal_without_slash(v: &str) -> Option<String> {
+    if v.contains('/') || v.contains('*') {
+        return None;
+    }
+    Some(format!(
+        "{v:?} matches no token with a subject: request principals are \"<iss>/<sub>\" (e.g. \
+         \"{v}/<sub>\", or \"{v}/*\" for any subject of that issuer); without '/' the value \
+         is an issuer with an empty sub"
+    ))
+}
+
+/// Methods compare case-sensitively, as Envoy; the proxy refuses lowercase standard
+/// methods with 400 before any policy, so `get` in a policy meets no request.
+fn method_case(v: &str) -> Option<String> {
+    if !v.bytes().any(|b| b.is_ascii_lowercase()) {
+        return None;
+    }
+    let upper = v.to_ascii_uppercase();
+    if STANDARD_METHODS.contains(&upper.trim_matches('*')) {
+        Some(format!(
+            "{v:?} never matches: methods compare case-sensitively and the proxy answers 400 \
+             to a standard method not in upper case, before any policy; write {upper:?}"
+        ))
+    } else {
+        Some(format!(
+            "{v:?} matches only a request whose method is spelled exactly so (methods compare \
+             case-sensitively); did you mean {upper:?}?"
+        ))
+    }
+}
+
+/// A `*` inside a path (`/api/*/items`) is a literal character: only a leading or trailing
+/// `*` is a wildcard (Istio accepts the value and matches it exactly).
+fn inner_star_path(v: &str) -> Option<String> {
+    if is_path_template(v) {
+        return None;
+    }
+    let inner = v.strip_prefix('*').unwrap_or(v);
+    let inner = inner.strip_suffix('*').unwrap_or(inner);
+    if !inner.contains('*') {
+        return None;
+    }
+    let template = v.replace('*', "{*}");
+    let hint = if check_path_templates("paths", std::slice::from_ref(&template)).is_ok() {
+        format!("write {template:?} for any one segment")
+    } else {
+        "for any one segment write a {*} template (\"/api/{*}/items\")".to_string()
+    };
+    Some(format!(
+        "{v:?}: a '*' inside a path is a literal character, not a wildcard ('*' matches only \
+         as a prefix or suffix); {hint}"
+    ))
 }
 
 /// Istio's Go field name for a YAML field (`notIpBlocks` -> `NotIpBlocks`).

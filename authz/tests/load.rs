@@ -573,3 +573,89 @@ spec: {}
         Some(Action::Deny)
     );
 }
+
+/// Values Istio accepts but that can never match what the proxy compares them with (or not
+/// as written) load with a warning naming the file, document, policy, field and why; each
+/// has a twin written the working way that gets none.
+#[test]
+fn values_that_never_match_are_warned_about() {
+    let ap = |rule: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: foo}}\n\
+             spec:\n  selector: {{matchLabels: {{app: a}}}}\n  rules: [{rule}]\n"
+        )
+    };
+    let warned = |rule: &str| -> Vec<String> {
+        let r = load_str("t.yaml", &ap(rule));
+        assert!(r.problems.is_empty(), "{:?}", r.problems);
+        assert_eq!(r.resources.len(), 1, "accepted, as Istio accepts it");
+        r.warnings.iter().map(|w| w.to_string()).collect()
+    };
+    let cases = [
+        (
+            "{from: [{source: {principals: ['spiffe://cluster.local/ns/a/sa/b']}}]}",
+            "{from: [{source: {principals: [cluster.local/ns/a/sa/b]}}]}",
+            "spec.rules[0].from[0].source.principals[0]",
+            "write \"cluster.local/ns/a/sa/b\"",
+        ),
+        (
+            "{from: [{source: {notPrincipals: [x, 'spiffe://td/ns/a/sa/b']}}]}",
+            "{from: [{source: {notPrincipals: [x, td/ns/a/sa/b]}}]}",
+            "spec.rules[0].from[0].source.notPrincipals[1]",
+            "never matches",
+        ),
+        (
+            "{when: [{key: source.principal, values: ['spiffe://td/ns/a/sa/b']}]}",
+            "{when: [{key: source.principal, values: [td/ns/a/sa/b]}]}",
+            "spec.rules[0].when[0].values[0]",
+            "without \"spiffe://\"",
+        ),
+        (
+            "{from: [{source: {requestPrincipals: [alice]}}]}",
+            "{from: [{source: {requestPrincipals: ['https://idp.example/alice']}}]}",
+            "spec.rules[0].from[0].source.requestPrincipals[0]",
+            "\"<iss>/<sub>\"",
+        ),
+        (
+            "{from: [{source: {notRequestPrincipals: [idp]}}]}",
+            "{from: [{source: {notRequestPrincipals: ['*', 'idp*']}}]}",
+            "spec.rules[0].from[0].source.notRequestPrincipals[0]",
+            "\"idp/*\"",
+        ),
+        (
+            "{to: [{operation: {methods: [GET, get]}}]}",
+            "{to: [{operation: {methods: [GET]}}]}",
+            "spec.rules[0].to[0].operation.methods[1]",
+            "answers 400",
+        ),
+        (
+            "{to: [{operation: {notMethods: [Post]}}]}",
+            "{to: [{operation: {notMethods: [POST, PURGE]}}]}",
+            "spec.rules[0].to[0].operation.notMethods[0]",
+            "write \"POST\"",
+        ),
+        (
+            "{to: [{operation: {paths: ['/api/*/items']}}]}",
+            "{to: [{operation: {paths: ['/api/{*}/items', '/api/*', '*/items', '*']}}]}",
+            "spec.rules[0].to[0].operation.paths[0]",
+            "write \"/api/{*}/items\"",
+        ),
+        (
+            "{to: [{operation: {notPaths: ['/a*b']}}]}",
+            "{to: [{operation: {notPaths: ['/a/{**}']}}]}",
+            "spec.rules[0].to[0].operation.notPaths[0]",
+            "literal character",
+        ),
+    ];
+    for (bad, good, field, why) in cases {
+        let w = warned(bad);
+        assert_eq!(w.len(), 1, "{bad}: {w:?}");
+        assert!(
+            w[0].starts_with(&format!(
+                "t.yaml: document 1: {field}: AuthorizationPolicy foo/p: "
+            )) && w[0].contains(why),
+            "{bad}: {w:?}"
+        );
+        assert_eq!(warned(good), Vec::<String>::new(), "{good}");
+    }
+}
