@@ -92,7 +92,8 @@ impl Engine {
         let mut authz_index = SelectorIndex::default();
         for p in &aps {
             let c = compile_policy(p, &tds);
-            warnings.extend(c.warnings.iter().cloned());
+            let at = c.policy.located(&p.origin);
+            warnings.extend(c.warnings.iter().map(|w| format!("{at}: {w}")));
             if c.has_target_refs {
                 continue;
             }
@@ -100,12 +101,10 @@ impl Engine {
                 let prov = c.provider.as_deref().unwrap_or("");
                 match mesh.provider(prov).map(|p| &p.authz) {
                     None => warnings.push(format!(
-                        "AuthorizationPolicy {}/{}: CUSTOM provider {prov:?} is not defined in the mesh config extensionProviders; requests its rules match are denied",
-                        c.policy.namespace, c.policy.name
+                        "{at}: CUSTOM provider {prov:?} is not defined in the mesh config extensionProviders; requests its rules match are denied"
                     )),
                     Some(Err(e)) => warnings.push(format!(
-                        "AuthorizationPolicy {}/{}: CUSTOM provider {prov:?} cannot be used ({e}); requests its rules match are denied",
-                        c.policy.namespace, c.policy.name
+                        "{at}: CUSTOM provider {prov:?} cannot be used ({e}); requests its rules match are denied"
                     )),
                     Some(Ok(_)) => {}
                 }
@@ -145,9 +144,36 @@ impl Engine {
         out
     }
 
-    /// Translation warnings (values dropped the way Istio drops them).
+    /// Translation warnings (values dropped the way Istio drops them, CUSTOM providers that
+    /// cannot be used), each naming the file and document, the policy and why.
     pub fn warnings(&self) -> &[String] {
         &self.warnings
+    }
+
+    /// What makes policy deny for this workload alone, beyond [`Engine::warnings`]: several
+    /// CUSTOM providers selecting it (Istio allows one per workload; matching requests are
+    /// denied). Empty when nothing does.
+    pub fn workload_warnings(&self, workload: &Workload) -> Vec<String> {
+        let customs: Vec<&CompiledPolicy> = self
+            .applicable(workload)
+            .into_iter()
+            .filter(|p| p.action == Action::Custom && !p.dry_run)
+            .collect();
+        let mut providers: Vec<&str> = customs
+            .iter()
+            .map(|p| p.provider.as_deref().unwrap_or(""))
+            .collect();
+        providers.sort_unstable();
+        providers.dedup();
+        if providers.len() < 2 {
+            return Vec::new();
+        }
+        let names: Vec<String> = customs.iter().map(|p| p.policy.to_string()).collect();
+        vec![format!(
+            "several CUSTOM providers ({}) select this workload, through {}; requests their rules match are denied (one provider per workload, as Istio)",
+            providers.join(", "),
+            names.join(", ")
+        )]
     }
 
     /// The effective PeerAuthentication mode for `port` of `workload` (workload > namespace >

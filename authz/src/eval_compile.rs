@@ -128,7 +128,9 @@ pub(crate) fn compile_policy(p: &AuthorizationPolicy, trust_domains: &[String]) 
                 }
                 http.push(rule);
             }
-            None => warnings.push(format!("{policy} rule {i} dropped")),
+            None => warnings.push(format!(
+                "rule {i} dropped: it holds a value that cannot be translated (as Istio drops it)"
+            )),
         }
     }
     CompiledPolicy {

@@ -22,6 +22,19 @@ impl std::fmt::Display for PolicyRef {
     }
 }
 
+impl PolicyRef {
+    /// `file: document N: Kind ns/name`, or only `Kind ns/name` when the source is already
+    /// named after the object (Kubernetes mode): where a warning about this policy points.
+    pub(crate) fn located(&self, origin: &crate::model::Origin) -> String {
+        let named = format!("{} {self}", self.kind);
+        if origin.file == named {
+            named
+        } else {
+            format!("{origin}: {named}")
+        }
+    }
+}
+
 use crate::model::Action;
 
 fn ser_action<S: serde::Serializer>(a: &Action, s: S) -> Result<S::Ok, S::Error> {

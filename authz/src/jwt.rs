@@ -73,9 +73,7 @@ impl JwksFetcher for FileJwksFetcher {
         } else if let Some(p) = uri.strip_prefix("file://") {
             p.into()
         } else if uri.starts_with("http://") || uri.starts_with("https://") {
-            return Err(format!(
-                "{uri}: remote JWKS are not fetched here (map it to a local file)"
-            ));
+            return Err("remote JWKS are not fetched here (map it to a local file)".to_string());
         } else {
             uri.into()
         };
@@ -334,7 +332,12 @@ pub(crate) struct ReqAuthnSet {
     index: SelectorIndex,
 }
 
-fn compile_rule(policy: &PolicyRef, r: &JwtRule, warnings: &mut Vec<String>) -> CompiledJwtRule {
+fn compile_rule(
+    policy: &PolicyRef,
+    at: &str,
+    r: &JwtRule,
+    warnings: &mut Vec<String>,
+) -> CompiledJwtRule {
     let mut locations = Vec::new();
     if r.uses_default_locations() {
         locations.push(Location::Header {
@@ -360,7 +363,7 @@ fn compile_rule(policy: &PolicyRef, r: &JwtRule, warnings: &mut Vec<String>) -> 
         (Some(inline), _) if !inline.is_empty() => Keys::Inline(
             check_jwks(inline)
                 .map(Arc::new)
-                .inspect_err(|e| warnings.push(format!("{policy}: inline jwks: {e}"))),
+                .inspect_err(|e| warnings.push(format!("{at}: inline jwks: {e}"))),
         ),
         (_, Some(uri)) if !uri.is_empty() => Keys::Uri(uri.clone()),
         _ => match r.issuer.as_deref().and_then(openid_discovery_uri) {
@@ -368,7 +371,7 @@ fn compile_rule(policy: &PolicyRef, r: &JwtRule, warnings: &mut Vec<String>) -> 
             Some(doc) => Keys::Discovery(format!("{OPENID_KEY_PREFIX}{doc}")),
             None => {
                 warnings.push(format!(
-                    "{policy}: issuer {:?} has neither jwks nor jwksUri and is not an http(s) \
+                    "{at}: issuer {:?} has neither jwks nor jwksUri and is not an http(s) \
                      URL for OpenID discovery; its tokens are refused",
                     r.issuer.as_deref().unwrap_or("")
                 ));
@@ -413,11 +416,12 @@ impl ReqAuthnSet {
                 namespace: p.namespace().to_string(),
                 name: p.name().to_string(),
             };
+            let at = policy.located(&p.origin);
             let rules = p
                 .spec
                 .rules()
                 .iter()
-                .map(|r| compile_rule(&policy, r, warnings))
+                .map(|r| compile_rule(&policy, &at, r, warnings))
                 .collect();
             let selector = p
                 .spec
