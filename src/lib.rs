@@ -8,6 +8,7 @@
 //! printing. Nothing in the workspace depends on this package (tests/deps.rs).
 
 pub mod inject;
+pub mod mesh_warnings;
 pub mod up;
 pub mod webhook;
 

@@ -209,3 +209,72 @@ fn a_mesh_folder_is_checked_whole_not_mistaken_for_policy() {
     assert!(stdout.contains("policy/bad.yaml"), "{stdout}");
     assert!(!stdout.contains("valid mesh folder"), "{stdout}");
 }
+
+/// A mesh folder's warnings: what only the folder as a whole shows (a CUSTOM policy whose
+/// provider mesh.yaml lacks, or cannot use) and the policy-load warnings `validate <policy
+/// dir>` prints. They go to stderr and do not fail the check (the proxies serve the folder,
+/// denying what those rules match): exit 0.
+#[test]
+fn a_mesh_folder_warns_about_providers_and_policy() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    write(
+        dir.path(),
+        "workloads.yaml",
+        "workloads:\n- name: backend\n  namespace: api\n  labels: {app: backend}\n  ports:\n  - {port: 8080, protocol: http, app: 127.0.0.1:18080, inbound: 127.0.0.1:15081}\n  proxy: {outbound: 127.0.0.1:15001, admin: 127.0.0.1:15000}\n",
+    );
+    write(
+        dir.path(),
+        "policy/ext.yaml",
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: ext, namespace: api}\nspec:\n  selector: {matchLabels: {app: backend}}\n  action: CUSTOM\n  provider: {name: opa}\n  rules: [{to: [{operation: {paths: ['/admin*']}}]}]\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: all, namespace: api}\nspec: {selector: {}}\n",
+    );
+    let run = |extra: Option<&Path>| {
+        let mut args = vec![dir.path()];
+        args.extend(extra);
+        let out = rampart(&args);
+        (out.status.code(), text(&out.stdout), text(&out.stderr))
+    };
+    // No mesh.yaml: no provider named opa.
+    let (code, stdout, stderr) = run(None);
+    assert_eq!(code, Some(0), "{stdout}{stderr}");
+    assert!(stdout.contains("valid mesh folder"), "{stdout}");
+    assert!(
+        stderr.contains(
+            "warning: {}: policy/ext.yaml: document 1: AuthorizationPolicy api/ext: CUSTOM provider \"opa\" is not defined"
+                .replace("{}", &dir.path().display().to_string())
+                .as_str()
+        ),
+        "{stderr}"
+    );
+    assert!(
+        stderr.contains("policy/ext.yaml: document 2: spec.selector: AuthorizationPolicy api/all:")
+            && stderr.contains("without labels"),
+        "{stderr}"
+    );
+    // Defined but unusable: named with why.
+    write(
+        dir.path(),
+        "mesh.yaml",
+        "extensionProviders:\n- name: opa\n  envoyExtAuthzHttp: {service: ext-authz, port: 9191}\n",
+    );
+    let (code, _, stderr) = run(None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(
+        stderr.contains("CUSTOM provider \"opa\" cannot be used")
+            && stderr.contains("fully qualified"),
+        "{stderr}"
+    );
+    // --no-warnings: none printed.
+    let (code, _, stderr) = run(Some(Path::new("--no-warnings")));
+    assert_eq!(code, Some(0));
+    assert!(!stderr.contains("warning:"), "{stderr}");
+    // Twin: a usable provider: the selector warning alone.
+    write(
+        dir.path(),
+        "mesh.yaml",
+        "extensionProviders:\n- name: opa\n  envoyExtAuthzGrpc: {service: 127.0.0.1, port: 9191}\n",
+    );
+    let (code, _, stderr) = run(None);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert_eq!(stderr.matches("warning:").count(), 1, "{stderr}");
+    assert!(!stderr.contains("CUSTOM"), "{stderr}");
+}

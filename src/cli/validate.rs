@@ -25,7 +25,7 @@ impl ValidateArgs {
             self.paths.into_iter().partition(|p| is_mesh_folder(p));
         let mut failed = false;
         for dir in &mesh_folders {
-            failed |= !check_mesh_folder(dir);
+            failed |= !check_mesh_folder(dir, !self.no_warnings);
         }
         if policy_paths.is_empty() {
             return Ok(if failed {
@@ -67,9 +67,18 @@ fn is_mesh_folder(path: &Path) -> bool {
 
 /// Check a whole mesh folder (mesh.yaml, workloads.yaml, policy) as `rampart up` and the
 /// proxies load it; print one line per problem, or a summary. True when valid.
-fn check_mesh_folder(dir: &Path) -> bool {
+///
+/// Warnings (on stderr) include what only the folder as a whole shows: a CUSTOM provider
+/// missing from mesh.yaml or unusable. They do not fail the check: the proxies serve such a
+/// folder, denying the requests the affected rules match (fail closed), as Istio does.
+fn check_mesh_folder(dir: &Path, warnings: bool) -> bool {
     match MeshFolder::load(dir) {
         Ok(m) => {
+            if warnings {
+                for w in rampart::mesh_warnings::mesh_warnings(&m) {
+                    eprintln!("warning: {}: {w}", dir.display());
+                }
+            }
             println!(
                 "valid mesh folder {}: {} workload(s), {} policy resource(s), trust domain {}",
                 dir.display(),
