@@ -347,19 +347,163 @@ fn bad_input_exits_2_and_bad_documents_are_reported() {
         r.to_str().unwrap(),
     ]);
     assert_eq!(out.status.code(), Some(2));
-    // An invalid document is left out and reported; the rest still decides.
-    std::fs::write(f.config().join("broken.yaml"), "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: ns1}\nspec: {action: DENY}\n").unwrap();
-    let v = f.check_json(
-        &f.request("ok.yaml", &req(None, "GET", "/api/admin", "")),
-        &[],
+    // A request naming its source in the form policies write (no `spiffe://`) names no
+    // peer identity: refused, with the form to write. Its twin (the URI) is judged.
+    let r = f.request(
+        "p.yaml",
+        &req(Some("cluster.local/ns/ns1/sa/sleep"), "GET", "/api/x", ""),
     );
-    assert_eq!(v["policy"]["name"], "no-admin");
+    let out = f.check(&r);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(
-        v["config_problems"][0]
-            .as_str()
-            .unwrap()
-            .contains("broken.yaml"),
-        "{v}"
+        err.contains("source.principal")
+            && err.contains("write \"spiffe://cluster.local/ns/ns1/sa/sleep\""),
+        "{err}"
+    );
+    let r = f.request(
+        "p.yaml",
+        &req(
+            Some("spiffe://cluster.local/ns/ns1/sa/sleep"),
+            "GET",
+            "/api/x",
+            "",
+        ),
+    );
+    assert_eq!(f.check(&r).status.code(), Some(0));
+}
+
+/// A folder with a document the proxy refuses (here `path:` for `paths:`) is refused whole,
+/// as the proxy refuses it and keeps serving its last good configuration: no verdict is
+/// given for a state that never serves, exit 2. Its twin, the typo fixed, is judged.
+#[test]
+fn a_configuration_the_proxy_refuses_is_not_judged() {
+    let f = Fixture::new(None);
+    let broken = "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: x, namespace: ns1}\nspec:\n  action: DENY\n  rules: [{to: [{operation: {path: [/api/items]}}]}]\n";
+    std::fs::write(f.config().join("broken.yaml"), broken).unwrap();
+    let r = f.request("ok.yaml", &req(None, "GET", "/api/items", ""));
+    for out in [f.check(&r), check_json_output(&f.config(), &r, &[])] {
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{err}");
+        assert!(
+            out.stdout.is_empty(),
+            "no verdict: {}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        assert!(
+            err.contains(
+                "broken.yaml: document 1: spec.rules[0].to[0].operation.path: unknown field"
+            ),
+            "{err}"
+        );
+        assert!(
+            err.contains("the proxy would refuse this configuration"),
+            "{err}"
+        );
+    }
+    std::fs::write(
+        f.config().join("broken.yaml"),
+        broken.replace("path:", "paths:"),
+    )
+    .unwrap();
+    let v = f.check_json(&r, &[]);
+    assert_eq!(v["decision"], "DENY");
+    assert_eq!(v["policy"]["name"], "x");
+}
+
+/// Policy-load warnings reach `authz check` too (here a principal written with
+/// `spiffe://`, which never matches); the jwksUri warning names its URI once.
+#[test]
+fn load_warnings_are_printed_and_the_jwks_uri_once() {
+    let f = Fixture::new(None);
+    std::fs::write(
+        f.config().join("scheme.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: scheme, namespace: ns1}\nspec:\n  selector: {matchLabels: {app: c}}\n  rules: [{from: [{source: {principals: ['spiffe://cluster.local/ns/ns1/sa/sleep']}}]}]\n",
+    )
+    .unwrap();
+    let out = f.check(&f.request("ok.yaml", &req(None, "GET", "/api/items", "")));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(
+        err.contains("scheme.yaml: document 1: spec.rules[0].from[0].source.principals[0]: AuthorizationPolicy ns1/scheme:")
+            && err.contains("write \"cluster.local/ns/ns1/sa/sleep\""),
+        "{err}"
+    );
+    let uri = "https://idp.example/.well-known/jwks.json";
+    assert_eq!(err.matches(uri).count(), 1, "{err}");
+    // Twin: without that policy, no principal warning.
+    std::fs::remove_file(f.config().join("scheme.yaml")).unwrap();
+    let out = f.check(&f.request("ok.yaml", &req(None, "GET", "/api/items", "")));
+    assert!(!String::from_utf8_lossy(&out.stderr).contains("principals["));
+}
+
+/// The text output echoes who asks on which port, names AUDIT and dry-run policies (which
+/// `considered` leaves out) and says what dry-run policies would do in words, not JSON.
+#[test]
+fn text_output_names_the_source_and_the_policies_that_do_not_decide() {
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("config");
+    std::fs::create_dir(&config).unwrap();
+    std::fs::write(
+        config.join("p.yaml"),
+        "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: audit-all, namespace: ns1}\nspec: {action: AUDIT, rules: [{}]}\n---\napiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {name: try-deny, namespace: ns1, annotations: {istio.io/dry-run: 'true'}}\nspec: {action: DENY, rules: [{to: [{operation: {methods: [GET]}}]}]}\n",
+    )
+    .unwrap();
+    let r = dir.path().join("r.yaml");
+    std::fs::write(
+        &r,
+        req(
+            Some("spiffe://cluster.local/ns/ns1/sa/sleep"),
+            "GET",
+            "/x",
+            "",
+        ),
+    )
+    .unwrap();
+    let out = rampart(&[
+        "authz",
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--request",
+        r.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}");
+    assert!(text.starts_with("ALLOW 200"), "{text}");
+    assert!(
+        text.contains("source: spiffe://cluster.local/ns/ns1/sa/sleep at 10.0.1.1; destination port 18080 (http)"),
+        "{text}"
+    );
+    assert!(text.contains("considered: none"), "{text}");
+    assert!(
+        text.contains("not enforced (AUDIT, dry-run): ns1/audit-all, ns1/try-deny"),
+        "{text}"
+    );
+    assert!(
+        text.contains("audit: ns1/audit-all rule 0 matched"),
+        "{text}"
+    );
+    assert!(
+        text.contains("dry-run: DENY ns1/try-deny rule 0 would deny"),
+        "{text}"
+    );
+    assert!(!text.contains('{'), "no raw JSON: {text}");
+    // Twin: a POST meets no dry-run rule, and a plaintext source is said so.
+    std::fs::write(&r, req(None, "POST", "/x", "")).unwrap();
+    let out = rampart(&[
+        "authz",
+        "check",
+        "--config",
+        config.to_str().unwrap(),
+        "--request",
+        r.to_str().unwrap(),
+    ]);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(!text.contains("dry-run:"), "{text}");
+    assert!(
+        text.contains("source: plaintext peer at 10.0.1.1"),
+        "{text}"
     );
 }
 

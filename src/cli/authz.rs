@@ -189,10 +189,22 @@ impl CheckArgs {
             .map_err(|e| super::bad_input(format!("--request {}: {e}", self.request.display())))?;
 
         let loaded = load_paths(&policy_files(&self.config)?);
-        for p in &loaded.problems {
-            eprintln!("config problem (document ignored): {p}");
+        for w in &loaded.warnings {
+            eprintln!("warning: {w}");
         }
-        let problems: Vec<String> = loaded.problems.iter().map(|p| p.to_string()).collect();
+        if !loaded.problems.is_empty() {
+            // The proxy refuses a folder with any invalid document whole, keeping its last
+            // good configuration: judging what is left would describe a state that never
+            // serves.
+            for p in &loaded.problems {
+                eprintln!("config problem: {p}");
+            }
+            return Err(super::bad_input(format!(
+                "--config {}: {} problem(s): the proxy would refuse this configuration (and keep serving its last good one); no decision made",
+                self.config.display(),
+                loaded.problems.len()
+            )));
+        }
         let engine = Engine::new(loaded.resources, mesh);
         for w in engine.warnings() {
             eprintln!("warning: {w}");
@@ -220,6 +232,9 @@ impl CheckArgs {
         let port = rf.destination.port;
         let mtls = engine.peer_authentication(&workload, port);
         let mut principal = rf.source.principal.clone().filter(|p| !p.is_empty());
+        if let Some(p) = &principal {
+            check_source_principal(p)?;
+        }
         let mut notes = Vec::new();
         if principal.is_some() && mtls.mode == MtlsMode::Disable {
             notes.push(
@@ -324,11 +339,25 @@ impl CheckArgs {
             v
         };
         out["mtls"] = mtls_json;
+        out["source"] = json!({"principal": principal, "ip": rf.source.ip});
+        out["destination_port"] = json!(port);
+        out["protocol"] = json!(if http { "http" } else { "tcp" });
+        // Policies that apply but decide nothing: AUDIT and dry-run ones.
+        let considered: Vec<String> = out["considered"]
+            .as_array()
+            .map(|l| l.iter().map(policy_name).collect())
+            .unwrap_or_default();
+        let reported: Vec<String> = engine
+            .policies_for(&workload)
+            .iter()
+            .map(|p| p.to_string())
+            .filter(|p| !considered.contains(p))
+            .collect();
+        if out.get("considered").is_some() && !reported.is_empty() {
+            out["not_enforced"] = json!(reported);
+        }
         if !notes.is_empty() {
             out["notes"] = json!(notes);
-        }
-        if !problems.is_empty() {
-            out["config_problems"] = json!(problems);
         }
         let denied = out["decision"] == "DENY";
         match self.output {
@@ -341,6 +370,41 @@ impl CheckArgs {
             ExitCode::SUCCESS
         })
     }
+}
+
+/// A request file's `source.principal` is the peer's SPIFFE ID as its certificate carries
+/// it (`spiffe://td/ns/x/sa/y`). The form policies write (`td/ns/x/sa/y`, no scheme) is no
+/// peer identity: it would match no `principals` value and silently judge another request.
+fn check_source_principal(p: &str) -> anyhow::Result<()> {
+    if let Err(e) = rampart_certs::SpiffeId::parse(p) {
+        let hint = if !p.contains("://")
+            && rampart_certs::SpiffeId::parse(&format!("spiffe://{p}")).is_ok()
+        {
+            format!(
+                "the peer's identity is its SPIFFE ID URI: write \"spiffe://{p}\" (policies write principals without the scheme; request files with it)"
+            )
+        } else {
+            format!("not a SPIFFE ID ({e})")
+        };
+        return Err(super::bad_input(format!(
+            "request: source.principal {p:?}: {hint}"
+        )));
+    }
+    Ok(())
+}
+
+/// `namespace/name` of a serialized [`rampart_authz::PolicyRef`].
+fn policy_name(p: &Value) -> String {
+    format!(
+        "{}/{}",
+        p["namespace"].as_str().unwrap_or(""),
+        p["name"].as_str().unwrap_or("")
+    )
+}
+
+/// A serialized [`rampart_authz::RuleMatch`] as `ns/name rule N`.
+fn rule_match(m: &Value) -> String {
+    format!("{} rule {}", policy_name(&m["policy"]), m["rule"])
 }
 
 fn print_text(v: &Value) {
@@ -387,45 +451,57 @@ fn print_text(v: &Value) {
             _ => {}
         }
     }
+    let from = match (
+        v["source"]["principal"].as_str(),
+        v["source"]["ip"].as_str(),
+    ) {
+        (Some(p), Some(ip)) => format!("{p} at {ip}"),
+        (Some(p), None) => p.to_string(),
+        (None, Some(ip)) => format!("plaintext peer at {ip}"),
+        (None, None) => "plaintext peer".to_string(),
+    };
+    println!(
+        "  source: {from}; destination port {} ({})",
+        v["destination_port"],
+        v["protocol"].as_str().unwrap_or("?")
+    );
     if let Some(p) = v["normalized_path"].as_str() {
         println!("  path: {p} (normalized)");
     }
     if let Some(list) = v["considered"].as_array() {
-        let names: Vec<String> = list
-            .iter()
-            .map(|p| {
-                format!(
-                    "{}/{}",
-                    p["namespace"].as_str().unwrap_or(""),
-                    p["name"].as_str().unwrap_or("")
-                )
-            })
-            .collect();
-        if !names.is_empty() {
+        let names: Vec<String> = list.iter().map(policy_name).collect();
+        if names.is_empty() {
+            println!("  considered: none (no enforced ALLOW, DENY or CUSTOM policy applies)");
+        } else {
             println!("  considered: {}", names.join(", "));
         }
     }
+    if let Some(list) = v["not_enforced"].as_array() {
+        let names: Vec<&str> = list.iter().filter_map(Value::as_str).collect();
+        println!("  not enforced (AUDIT, dry-run): {}", names.join(", "));
+    }
     if let Some(a) = v.get("audit") {
-        println!(
-            "  audit: {}/{} rule {}",
-            a["policy"]["namespace"].as_str().unwrap_or(""),
-            a["policy"]["name"].as_str().unwrap_or(""),
-            a["rule"]
-        );
+        println!("  audit: {} matched", rule_match(a));
     }
     if let Some(d) = v.get("dry_run") {
-        println!("  dry-run: {d}");
+        if let Some(m) = d.get("deny") {
+            println!("  dry-run: DENY {} would deny", rule_match(m));
+        }
+        if let Some(a) = d.get("allow") {
+            match a.get("matched") {
+                Some(m) => println!("  dry-run: ALLOW {} would allow", rule_match(m)),
+                None => println!("  dry-run: ALLOW policies would deny (no rule matches)"),
+            }
+        }
     }
     if let Some(h) = v["headers"].as_array() {
         for m in h {
             println!("  header: {m}");
         }
     }
-    for key in ["notes", "config_problems"] {
-        if let Some(list) = v[key].as_array() {
-            for n in list {
-                println!("  {}: {}", key.replace('_', " "), n.as_str().unwrap_or(""));
-            }
+    if let Some(list) = v["notes"].as_array() {
+        for n in list {
+            println!("  note: {}", n.as_str().unwrap_or(""));
         }
     }
 }
