@@ -16,8 +16,11 @@
 //!   ignored (Envoy will answer the newer response);
 //! - a request with the last nonce and no `error_detail` is an ACK: nothing is sent until a
 //!   subscribed resource changes;
-//! - a NACK (`error_detail` set) is logged with its detail and counted; nothing is re-sent
-//!   until the content changes, so a client that rejects a secret does not loop;
+//! - a NACK (`error_detail` set on a request carrying the last nonce sent on the stream) is
+//!   counted and logged with its detail (cut to 256 characters, Debug-escaped, at WARN at
+//!   most once per 10 s per stream); nothing is re-sent until the content changes, so a
+//!   client that rejects a secret does not loop. An `error_detail` with an empty nonce
+//!   answers nothing of ours: not a NACK, the request is served as an initial one;
 //! - a request with an empty nonce (first on a stream, or after reconnect) or a changed set
 //!   of names is answered with the full state of the subscribed resources;
 //! - unknown names end the stream with `NOT_FOUND` naming the resource: Istio's agent also
@@ -49,6 +52,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
 use crate::state::{Bundle, SecretStore, ServedCrls, Snapshot, encode_validation_context};
+use crate::throttle::{StreamThrottle, truncated};
 
 static NONCE: AtomicU64 = AtomicU64::new(1);
 
@@ -175,6 +179,57 @@ struct SotwStream {
     last_nonce: Option<String>,
     /// Versions in the last response, by name.
     sent: BTreeMap<String, String>,
+    nack_log: StreamThrottle,
+}
+
+/// How much of a client's NACK message (and node id, version, names) is logged.
+const NACK_LOG_CHARS: usize = 256;
+/// At most one NACK warning per stream in this time; the others are logged at DEBUG.
+const NACK_LOG_EVERY: Duration = Duration::from_secs(10);
+
+/// Whether `nonce` (a request's `response_nonce`) answers the last response of a stream:
+/// only then is an `error_detail` a NACK of ours. A request with an empty nonce answers
+/// nothing, and one with a stale nonce answers an older response.
+fn answers_last(last_nonce: Option<&str>, nonce: &str) -> bool {
+    !nonce.is_empty() && last_nonce == Some(nonce)
+}
+
+/// Log a NACK: everything the client wrote is cut to [`NACK_LOG_CHARS`] and Debug-escaped
+/// (a newline in it cannot forge a log line), at WARN at most once per [`NACK_LOG_EVERY`]
+/// per stream.
+fn log_nack(
+    throttle: &mut StreamThrottle,
+    what: &str,
+    node: &str,
+    version: &str,
+    nonce: &str,
+    names: &[String],
+    err: &rampart_proto::google::rpc::Status,
+) {
+    let node = truncated(node, NACK_LOG_CHARS);
+    let version = truncated(version, NACK_LOG_CHARS);
+    let names = format!("{names:?}");
+    let names = truncated(&names, NACK_LOG_CHARS);
+    let message = truncated(&err.message, NACK_LOG_CHARS);
+    match throttle.allow_at(std::time::Instant::now()) {
+        Some(dropped) => tracing::warn!(
+            node = ?node,
+            version = ?version,
+            nonce = ?nonce,
+            resources = %names,
+            code = err.code,
+            message = ?message,
+            dropped,
+            "{what}: client rejected (NACK) our secrets"
+        ),
+        None => tracing::debug!(
+            node = ?node,
+            version = ?version,
+            code = err.code,
+            message = ?message,
+            "{what}: client rejected (NACK) our secrets"
+        ),
+    }
 }
 
 enum Step {
@@ -185,6 +240,20 @@ enum Step {
 // === impl SotwStream ===
 
 impl SotwStream {
+    fn new(subscribed: BTreeSet<String>) -> Self {
+        SotwStream {
+            subscribed,
+            last_nonce: None,
+            sent: BTreeMap::new(),
+            nack_log: StreamThrottle::new(NACK_LOG_EVERY),
+        }
+    }
+
+    /// `req` rejects the last response sent on this stream.
+    fn is_nack(&self, req: &DiscoveryRequest) -> bool {
+        req.error_detail.is_some() && answers_last(self.last_nonce.as_deref(), &req.response_nonce)
+    }
+
     fn on_request(&mut self, req: &DiscoveryRequest, snap: &Snapshot) -> Result<Step, Status> {
         check_type(&req.type_url)?;
         let node = req.node.as_ref().map(|n| n.id.as_str()).unwrap_or("");
@@ -192,23 +261,31 @@ impl SotwStream {
             && self.last_nonce.as_deref() != Some(req.response_nonce.as_str())
         {
             tracing::debug!(
-                node,
-                nonce = %req.response_nonce,
+                node = ?truncated(node, NACK_LOG_CHARS),
+                nonce = ?truncated(&req.response_nonce, NACK_LOG_CHARS),
                 "SDS: ignoring request with stale nonce"
             );
             return Ok(Step::Continue);
         }
         if let Some(err) = &req.error_detail {
-            tracing::warn!(
-                node,
-                version = %req.version_info,
-                nonce = %req.response_nonce,
-                resources = ?req.resource_names,
-                code = err.code,
-                "SDS: client rejected (NACK) our secrets: {}",
-                err.message
+            if self.is_nack(req) {
+                log_nack(
+                    &mut self.nack_log,
+                    "SDS",
+                    node,
+                    &req.version_info,
+                    &req.response_nonce,
+                    &req.resource_names,
+                    err,
+                );
+                return Ok(Step::Continue);
+            }
+            // An empty nonce answers no response of ours: not a NACK (Envoy never sends
+            // one); the request is taken as the initial request it is.
+            tracing::debug!(
+                node = ?truncated(node, NACK_LOG_CHARS),
+                "SDS: error_detail on a request answering no response; ignored"
             );
-            return Ok(Step::Continue);
         }
         check_names(&req.resource_names)?;
         let names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
@@ -274,24 +351,45 @@ struct DeltaStream {
     /// What the client holds, by name.
     has: BTreeMap<String, String>,
     last_nonce: Option<String>,
+    nack_log: StreamThrottle,
 }
 
 // === impl DeltaStream ===
 
 impl DeltaStream {
+    fn new() -> Self {
+        DeltaStream {
+            subscribed: BTreeSet::new(),
+            has: BTreeMap::new(),
+            last_nonce: None,
+            nack_log: StreamThrottle::new(NACK_LOG_EVERY),
+        }
+    }
+
+    /// `req` rejects the last response sent on this stream.
+    fn is_nack(&self, req: &DeltaDiscoveryRequest) -> bool {
+        req.error_detail.is_some() && answers_last(self.last_nonce.as_deref(), &req.response_nonce)
+    }
+
     fn on_request(&mut self, req: &DeltaDiscoveryRequest) -> Result<(), Status> {
         check_type(&req.type_url)?;
         let node = req.node.as_ref().map(|n| n.id.as_str()).unwrap_or("");
         if !req.response_nonce.is_empty() {
             if self.last_nonce.as_deref() != Some(req.response_nonce.as_str()) {
-                tracing::debug!(node, nonce = %req.response_nonce, "SDS delta: stale nonce");
+                tracing::debug!(
+                    node = ?truncated(node, NACK_LOG_CHARS),
+                    nonce = ?truncated(&req.response_nonce, NACK_LOG_CHARS),
+                    "SDS delta: stale nonce"
+                );
             } else if let Some(err) = &req.error_detail {
-                tracing::warn!(
+                log_nack(
+                    &mut self.nack_log,
+                    "SDS delta",
                     node,
-                    nonce = %req.response_nonce,
-                    code = err.code,
-                    "SDS delta: client rejected (NACK) our secrets: {}",
-                    err.message
+                    "",
+                    &req.response_nonce,
+                    &req.resource_names_subscribe,
+                    err,
                 );
             }
         }
@@ -361,16 +459,12 @@ async fn run_sotw(
     shutdown: CancellationToken,
 ) {
     let _gauge = StreamGauge::new(metrics.clone());
-    let mut st = SotwStream {
-        subscribed: BTreeSet::new(),
-        last_nonce: None,
-        sent: BTreeMap::new(),
-    };
+    let mut st = SotwStream::new(BTreeSet::new());
     loop {
         let step = tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
-                    if req.error_detail.is_some() {
+                    if st.is_nack(&req) {
                         metrics.sds_nacks.inc();
                     }
                     // `borrow`, not `borrow_and_update`: a change that raced with this request
@@ -414,16 +508,12 @@ async fn run_delta(
     shutdown: CancellationToken,
 ) {
     let _gauge = StreamGauge::new(metrics.clone());
-    let mut st = DeltaStream {
-        subscribed: BTreeSet::new(),
-        has: BTreeMap::new(),
-        last_nonce: None,
-    };
+    let mut st = DeltaStream::new();
     loop {
         let snap = tokio::select! {
             msg = inbound.message() => match msg {
                 Ok(Some(req)) => {
-                    if req.error_detail.is_some() {
+                    if st.is_nack(&req) {
                         metrics.sds_nacks.inc();
                     }
                     if let Err(status) = st.on_request(&req) {
@@ -502,11 +592,7 @@ impl SecretDiscoveryService for SdsService {
                 "FetchSecrets needs resource_names (\"default\" and/or \"ROOTCA\")",
             ));
         }
-        let mut st = SotwStream {
-            subscribed: req.resource_names.iter().cloned().collect(),
-            last_nonce: None,
-            sent: BTreeMap::new(),
-        };
+        let mut st = SotwStream::new(req.resource_names.iter().cloned().collect());
         let mut rx = self.store.subscribe();
         let wait = async {
             loop {
@@ -598,11 +684,7 @@ mod tests {
         )
         .unwrap();
         let snap1 = snapshot(&ca);
-        let mut st = SotwStream {
-            subscribed: BTreeSet::new(),
-            last_nonce: None,
-            sent: BTreeMap::new(),
-        };
+        let mut st = SotwStream::new(BTreeSet::new());
         let names = ["default", "ROOTCA"];
         // Initial request: both resources.
         let r1 = sent(st.on_request(&req(&names, "", ""), &snap1).unwrap());
@@ -617,11 +699,7 @@ mod tests {
         quiet(st.maybe_push(&snap1, false).unwrap());
         // NACK: logged, nothing re-sent.
         let mut nack = req(&names, "", &r1.nonce);
-        nack.error_detail = Some(rampart_proto::google::rpc::Status {
-            code: 3,
-            message: "bad".into(),
-            details: vec![],
-        });
+        nack.error_detail = error_detail("bad");
         quiet(st.on_request(&nack, &snap1).unwrap());
         // Stale nonce, even with a different name set: ignored.
         quiet(st.on_request(&req(&["ROOTCA"], "", "old"), &snap1).unwrap());
@@ -651,6 +729,109 @@ mod tests {
         );
     }
 
+    /// What the WARN-level log says while `f` runs.
+    fn warnings(f: impl FnOnce()) -> String {
+        #[derive(Clone, Default)]
+        struct Buf(Arc<std::sync::Mutex<Vec<u8>>>);
+        impl std::io::Write for Buf {
+            fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+                self.0.lock().unwrap().extend_from_slice(b);
+                Ok(b.len())
+            }
+            fn flush(&mut self) -> std::io::Result<()> {
+                Ok(())
+            }
+        }
+        impl<'a> tracing_subscriber::fmt::MakeWriter<'a> for Buf {
+            type Writer = Buf;
+            fn make_writer(&'a self) -> Buf {
+                self.clone()
+            }
+        }
+        let buf = Buf::default();
+        let sub = tracing_subscriber::fmt()
+            .with_writer(buf.clone())
+            .with_max_level(tracing::Level::WARN)
+            .with_ansi(false)
+            .finish();
+        tracing::subscriber::with_default(sub, f);
+        String::from_utf8(buf.0.lock().unwrap().clone()).unwrap()
+    }
+
+    fn error_detail(message: &str) -> Option<rampart_proto::google::rpc::Status> {
+        Some(rampart_proto::google::rpc::Status {
+            code: 3,
+            message: message.into(),
+            details: vec![],
+        })
+    }
+
+    /// Before, a request with an empty nonce skipped the stale-nonce check, so any
+    /// `error_detail` was logged at WARN as a NACK, unescaped and whole: newlines forged log
+    /// lines and 20 requests wrote 60 MiB. Now only a request answering the last response
+    /// is a NACK (counted, logged); its text is cut and escaped, and one stream gets one
+    /// WARN per 10 s. Twin: the same detail with an empty nonce is no NACK, logs no WARN,
+    /// and the request is served as the initial request it is.
+    #[test]
+    fn only_a_nack_of_our_last_response_is_logged_cut_escaped_and_rate_limited() {
+        let ca = CertificateAuthority::self_signed_root(
+            &RootParams::default(),
+            PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        let snap = snapshot(&ca);
+        let forged = format!(
+            "bad\n2026-01-01T00:00:00Z ERROR forged line{}",
+            "x".repeat(100_000)
+        );
+
+        let mut st = SotwStream::new(BTreeSet::new());
+        let mut first = req(&["default"], "", "");
+        first.error_detail = error_detail(&forged);
+        assert!(!st.is_nack(&first));
+        let mut step = None;
+        let log = warnings(|| step = Some(st.on_request(&first, &snap).unwrap()));
+        assert!(log.is_empty(), "{log}");
+        let r1 = sent(step.unwrap());
+
+        let mut nack = req(&["default"], &r1.version_info, &r1.nonce);
+        nack.error_detail = error_detail(&forged);
+        assert!(st.is_nack(&nack));
+        let log = warnings(|| {
+            for _ in 0..20 {
+                quiet(st.on_request(&nack, &snap).unwrap());
+            }
+        });
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(log.contains("NACK") && log.contains("bad\\n2026"), "{log}");
+        assert!(log.len() < 2048, "{} bytes logged", log.len());
+        // A stale nonce with a detail is not a NACK either.
+        let mut stale = req(&["default"], "", "0");
+        stale.error_detail = error_detail("old");
+        assert!(!st.is_nack(&stale));
+
+        // Delta: the same rule (it had it already) and the same cut and escaping.
+        let mut delta = DeltaStream::new();
+        let mut d = DeltaDiscoveryRequest {
+            type_url: SECRET_TYPE_URL.into(),
+            resource_names_subscribe: vec!["default".into()],
+            error_detail: error_detail(&forged),
+            ..Default::default()
+        };
+        assert!(!delta.is_nack(&d));
+        assert!(warnings(|| delta.on_request(&d).unwrap()).is_empty());
+        let r = delta.maybe_push(&snap).unwrap();
+        d.response_nonce = r.nonce;
+        assert!(delta.is_nack(&d));
+        let log = warnings(|| {
+            delta.on_request(&d).unwrap();
+            delta.on_request(&d).unwrap();
+        });
+        assert_eq!(log.lines().count(), 1, "{log}");
+        assert!(log.len() < 2048, "{} bytes logged", log.len());
+    }
+
     /// (trusted_ca, crl, only_verify_leaf_cert_crl) of an encoded `ROOTCA`.
     fn rootca_fields(any: &prost_types::Any) -> (Vec<u8>, Option<Vec<u8>>, bool) {
         let bytes = |d: &Option<DataSource>| match d {
@@ -678,15 +859,10 @@ mod tests {
         )
         .unwrap();
         let mut snap = snapshot(&ca);
-        let mut st = SotwStream {
-            subscribed: BTreeSet::new(),
-            last_nonce: None,
-            sent: BTreeMap::new(),
-        };
+        let mut st = SotwStream::new(BTreeSet::new());
         let mut delta = DeltaStream {
             subscribed: ["ROOTCA".to_string()].into(),
-            has: BTreeMap::new(),
-            last_nonce: None,
+            ..DeltaStream::new()
         };
         let d1 = delta.maybe_push(&snap).expect("initial delta response");
         let r1 = sent(st.on_request(&req(&["ROOTCA"], "", ""), &snap).unwrap());
@@ -744,11 +920,7 @@ mod tests {
             SystemTime::now(),
         )
         .unwrap();
-        let mut st = SotwStream {
-            subscribed: BTreeSet::new(),
-            last_nonce: None,
-            sent: BTreeMap::new(),
-        };
+        let mut st = SotwStream::new(BTreeSet::new());
         // Nothing issued yet: the request waits.
         quiet(
             st.on_request(&req(&["default"], "", ""), &Snapshot::default())

@@ -54,6 +54,44 @@ impl LogThrottle {
     }
 }
 
+/// At most one line per `every` for one stream (not shared between tasks).
+#[derive(Debug)]
+pub(crate) struct StreamThrottle {
+    every: Duration,
+    next: Option<Instant>,
+    suppressed: u64,
+}
+
+// === impl StreamThrottle ===
+
+impl StreamThrottle {
+    pub(crate) fn new(every: Duration) -> Self {
+        StreamThrottle {
+            every,
+            next: None,
+            suppressed: 0,
+        }
+    }
+
+    /// As [`LogThrottle::allow`], at `now`.
+    pub(crate) fn allow_at(&mut self, now: Instant) -> Option<u64> {
+        if self.next.is_some_and(|n| now < n) {
+            self.suppressed += 1;
+            return None;
+        }
+        self.next = Some(now + self.every);
+        Some(std::mem::take(&mut self.suppressed))
+    }
+}
+
+/// `s` cut to at most `max` characters (on a character boundary), with `...` when cut.
+pub(crate) fn truncated(s: &str, max: usize) -> std::borrow::Cow<'_, str> {
+    match s.char_indices().nth(max) {
+        None => std::borrow::Cow::Borrowed(s),
+        Some((at, _)) => std::borrow::Cow::Owned(format!("{}...", &s[..at])),
+    }
+}
+
 /// The delay before the next `accept` after an error (out of descriptors, say): 5 ms doubling
 /// to 1 s, reset by a success, so a listener whose accept keeps failing sleeps instead of
 /// spinning (and logging) in a loop.
@@ -120,6 +158,12 @@ mod tests {
         let t = LogThrottle::new(Duration::ZERO);
         assert_eq!(t.allow(), Some(0));
         assert_eq!(t.allow(), Some(0));
+        let mut s = StreamThrottle::new(Duration::from_secs(10));
+        let t0 = Instant::now();
+        assert_eq!(s.allow_at(t0), Some(0));
+        assert_eq!(s.allow_at(t0 + Duration::from_secs(1)), None);
+        assert_eq!(s.allow_at(t0 + Duration::from_secs(9)), None);
+        assert_eq!(s.allow_at(t0 + Duration::from_secs(10)), Some(2));
     }
 
     #[test]
@@ -136,5 +180,12 @@ mod tests {
         // Twin: a success starts over at 5 ms.
         b.reset();
         assert_eq!(b.failed(), Duration::from_millis(5));
+    }
+
+    #[test]
+    fn truncation_keeps_short_text_and_cuts_on_characters() {
+        assert_eq!(truncated("abc", 3), "abc");
+        assert_eq!(truncated("abcd", 3), "abc...");
+        assert_eq!(truncated("ééé", 2), "éé...");
     }
 }
