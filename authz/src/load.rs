@@ -769,10 +769,23 @@ fn plain_expected(expected: &str) -> String {
 fn yaml_error_reason(e: &serde_saphyr::Error, first_line: usize) -> String {
     let inner = e.without_snippet().to_string();
     let inner = inner.strip_prefix("error: ").unwrap_or(&inner);
-    // Drop the parser's own "line L column C: " prefix; we print file-relative positions.
+    // Drop the parser's own "line L column C: " prefix and " at line L, column C" suffix
+    // (both relative to the document): we print one position, relative to the file.
     let msg = match inner.split_once(": ") {
         Some((head, rest)) if head.starts_with("line ") => rest,
         _ => inner,
+    };
+    let msg = match msg.rsplit_once(" at line ") {
+        Some((head, pos))
+            if pos.split_once(", column ").is_some_and(|(l, c)| {
+                [l, c]
+                    .iter()
+                    .all(|n| !n.is_empty() && n.bytes().all(|b| b.is_ascii_digit()))
+            }) =>
+        {
+            head
+        }
+        _ => msg,
     };
     match e.location() {
         Some(loc) if loc.line() > 0 => format!(

@@ -1134,6 +1134,16 @@ fn validate_condition(path: &str, cond: &Condition, report: &mut ValidationRepor
         report.error(format!("{path}.key"), ENVOY_METADATA_UNSUPPORTED);
         return;
     }
+    // The key alone first (no values to check): a bad key is one problem, at `.key`, not
+    // one per value list.
+    if let Err(e) = validate_attribute(key, &[]) {
+        let hint = match similar_when_key(key) {
+            Some(k) => format!(" (did you mean {k}?)"),
+            None => String::new(),
+        };
+        report.error(format!("{path}.key"), format!("{e}{hint}"));
+        return;
+    }
     if cond.values.is_empty() && cond.not_values.is_empty() {
         report.error(
             path,
@@ -1141,18 +1151,80 @@ fn validate_condition(path: &str, cond: &Condition, report: &mut ValidationRepor
         );
         return;
     }
-    if let Err(e) = validate_attribute(key, &cond.values) {
-        report.error(
-            format!("{path}.values"),
-            format!("invalid `value` for `key` {key}: {e}"),
-        );
+    for (field, what, values) in [
+        ("values", "value", &cond.values),
+        ("notValues", "notValue", &cond.not_values),
+    ] {
+        if values.is_empty() {
+            continue;
+        }
+        if let Err(e) = validate_attribute(key, values) {
+            report.error(
+                format!("{path}.{field}"),
+                format!("invalid `{what}` for `key` {key}: {e}"),
+            );
+        }
     }
-    if let Err(e) = validate_attribute(key, &cond.not_values) {
-        report.error(
-            format!("{path}.notValues"),
-            format!("invalid `notValue` for `key` {key}: {e}"),
-        );
+}
+
+/// The `when` keys Istio knows, map keys (`a[b]`) by their `a`.
+const WHEN_KEYS: [&str; 14] = [
+    "request.headers[]",
+    "request.auth.claims[]",
+    "source.ip",
+    "remote.ip",
+    "destination.ip",
+    "destination.port",
+    "source.namespace",
+    "source.principal",
+    "source.serviceAccount",
+    "source.trustDomain",
+    "request.auth.principal",
+    "request.auth.audiences",
+    "request.auth.presenter",
+    "connection.sni",
+];
+
+/// A known `when` key close to `key` (a typo, another case, a missing `s`), written with
+/// `key`'s own `[...]` part: `request.header[x-user]` -> `request.headers[x-user]`.
+fn similar_when_key(key: &str) -> Option<String> {
+    let (head, index) = match key.find('[') {
+        Some(i) => (&key[..i], &key[i..]),
+        None => (key, ""),
+    };
+    let head_lc = head.to_ascii_lowercase();
+    WHEN_KEYS
+        .iter()
+        .filter_map(|known| {
+            let (k, is_map) = match known.strip_suffix("[]") {
+                Some(k) => (k, true),
+                None => (*known, false),
+            };
+            // A map key needs its `[...]`; a plain key has none.
+            if is_map == index.is_empty() {
+                return None;
+            }
+            let d = edit_distance(&head_lc, &k.to_ascii_lowercase());
+            (d <= 2 && head != k).then(|| (d, format!("{k}{index}")))
+        })
+        .min_by_key(|(d, _)| *d)
+        .map(|(_, k)| k)
+}
+
+/// Levenshtein distance over bytes (keys are ASCII).
+fn edit_distance(a: &str, b: &str) -> usize {
+    let (a, b) = (a.as_bytes(), b.as_bytes());
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.iter().enumerate() {
+        let mut prev = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let cur = row[j + 1];
+            row[j + 1] = (prev + usize::from(ca != cb)).min(row[j] + 1).min(cur + 1);
+            prev = cur;
+        }
     }
+    row[b.len()]
 }
 
 /// Checks a `when` key and its values as Istio's `ValidateAttribute` does.

@@ -143,12 +143,106 @@ fn a_yaml_syntax_error_is_refused_alone_with_its_line() {
     let p = only_problem(&result);
     assert_eq!(p.doc_index, 2);
     assert!(p.reason.contains("YAML syntax error"), "{}", p.reason);
-    // The error is reported at the file's line, not the document's.
+    // The error is reported at the file's line, not the document's, and only once.
     assert!(
         p.reason.contains("line 8") || p.reason.contains("line 9"),
         "{}",
         p.reason
     );
+    assert_eq!(p.reason.matches("line").count(), 1, "{}", p.reason);
+}
+
+/// An error the parser words with its own (document-relative) position at the end: one
+/// position is printed, the file's.
+#[test]
+fn a_yaml_syntax_error_in_a_later_document_has_one_line_number() {
+    let text = format!(
+        "{GOOD_AP}---
+apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {{name: b, namespace: foo}}
+spec:
+  rules:
+  - to: [{{operation: {{paths: [/a]}}}}
+  - {{}}
+"
+    );
+    let first = GOOD_AP.lines().count();
+    let result = load_str("multi.yaml", &text);
+    let p = only_problem(&result);
+    assert_eq!(p.doc_index, 2);
+    assert_eq!(p.reason.matches("line").count(), 1, "{}", p.reason);
+    // The broken rule list is in the document's lines 6-7, the file's past GOOD_AP and `---`.
+    let line: usize = p
+        .reason
+        .split("line ")
+        .nth(1)
+        .and_then(|r| r.split(' ').next())
+        .and_then(|n| n.parse().ok())
+        .expect("a line number");
+    assert!(
+        line > first + 1,
+        "{} (first document: {first} lines)",
+        p.reason
+    );
+    // Twin: the same document alone reports its own line, smaller by the lines before it.
+    let alone = load_str("one.yaml", text.split_once("---\n").unwrap().1);
+    let q = only_problem(&alone);
+    assert!(
+        q.reason.contains(&format!("line {} ", line - first - 1)),
+        "{} vs {}",
+        q.reason,
+        p.reason
+    );
+}
+
+/// A `when` key Istio does not know is one problem at `.key` (not one per value list, and
+/// not on `notValues` the rule does not have), with the known key it resembles.
+#[test]
+fn an_unknown_when_key_is_one_problem_at_its_key() {
+    let ap = |when: &str| {
+        format!(
+            "apiVersion: security.istio.io/v1\nkind: AuthorizationPolicy\nmetadata: {{name: p, namespace: foo}}\nspec:\n  rules: [{{when: [{when}]}}]\n"
+        )
+    };
+    for (when, hint) in [
+        (
+            "{key: 'request.header[x-user]', values: [a]}",
+            Some("request.headers[x-user]"),
+        ),
+        (
+            "{key: source.principals, notValues: [a]}",
+            Some("source.principal"),
+        ),
+        (
+            "{key: 'Request.Auth.Claims[groups]', values: [a]}",
+            Some("request.auth.claims[groups]"),
+        ),
+        ("{key: key1, values: [a], notValues: [b]}", None),
+    ] {
+        let r = load_str("t.yaml", &ap(when));
+        assert_eq!(r.problems.len(), 1, "{when}: {:?}", r.problems);
+        let p = &r.problems[0];
+        assert_eq!(p.field_path, "spec.rules[0].when[0].key", "{when}");
+        assert!(p.reason.contains("unknown attribute"), "{}", p.reason);
+        match hint {
+            Some(h) => assert!(
+                p.reason.contains(&format!("did you mean {h}?")),
+                "{}",
+                p.reason
+            ),
+            None => assert!(!p.reason.contains("did you mean"), "{}", p.reason),
+        }
+    }
+    // Twin: a known key with a bad value is reported at that value list, once.
+    let r = load_str("t.yaml", &ap("{key: source.ip, values: [a.b.c.d]}"));
+    assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
+    assert_eq!(r.problems[0].field_path, "spec.rules[0].when[0].values");
+    let r = load_str(
+        "t.yaml",
+        &ap("{key: 'request.headers[x-user]', values: [a]}"),
+    );
+    assert!(r.problems.is_empty(), "{:?}", r.problems);
 }
 
 #[test]
