@@ -555,3 +555,65 @@ fn the_quickstart_mesh_folder_is_a_config_folder() {
     let (v, _) = run(&root.join("policy"));
     assert_eq!(v["normalized_path"], "//admin", "{v}");
 }
+
+/// "Why was I denied": each ALLOW rule's first failing condition, in the text output and in
+/// JSON `explanation`; a header's value is never shown. Twin: an allowed request has none.
+#[test]
+fn a_denial_is_explained_rule_by_rule() {
+    let f = Fixture::new(None);
+    let r = f.request(
+        "d.yaml",
+        &req(
+            Some("spiffe://cluster.local/ns/ns1/sa/other"),
+            "DELETE",
+            "/api/items",
+            "",
+        )
+        .replace("headers: {}", "headers: {x-api-key: sekrit}"),
+    );
+    let v = f.check_json(&r, &[]);
+    assert_eq!(v["reason_code"], "no_allow_matched", "{v}");
+    assert_eq!(
+        v["explanation"],
+        serde_json::json!([
+            "ns1/allow-sleep rule 0: from.source.principals: peer spiffe://cluster.local/ns/ns1/sa/other not in [cluster.local/ns/ns1/sa/sleep]",
+            "ns1/allow-sleep rule 1: from.source.requestPrincipals: no JWT sent",
+        ]),
+        "{v}"
+    );
+    let out = f.check(&r);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("  why: ns1/allow-sleep rule 1: from.source.requestPrincipals: no JWT sent"),
+        "{text}"
+    );
+    assert!(!text.contains("sekrit"), "{text}");
+    // The right identity, the wrong method: the method is named.
+    let r = f.request(
+        "d.yaml",
+        &req(
+            Some("spiffe://cluster.local/ns/ns1/sa/sleep"),
+            "DELETE",
+            "/api/items",
+            "",
+        ),
+    );
+    let v = f.check_json(&r, &[]);
+    assert_eq!(
+        v["explanation"][0], "ns1/allow-sleep rule 0: to.operation.methods: DELETE not in [GET]",
+        "{v}"
+    );
+    // Twin: allowed, nothing to explain.
+    let r = f.request(
+        "d.yaml",
+        &req(
+            Some("spiffe://cluster.local/ns/ns1/sa/sleep"),
+            "GET",
+            "/api/items",
+            "",
+        ),
+    );
+    let v = f.check_json(&r, &[]);
+    assert_eq!(v["decision"], "ALLOW");
+    assert!(v.get("explanation").is_none(), "{v}");
+}

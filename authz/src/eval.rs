@@ -242,13 +242,32 @@ impl Engine {
             }
             ext = &Answered;
         }
-        let Some(http) = &ctx.http else {
-            let mut c = ctx.clone();
-            c.jwt = None;
-            return self.authorize_with(workload, &c, ext);
+        let (c, headers) = match self.authenticated(workload, ctx, now, keys) {
+            Ok(ok) => ok,
+            Err(d) => return *d,
         };
+        let mut d = self.authorize_with(workload, &c, ext);
+        if d.is_allowed() {
+            d.headers = headers;
+        }
+        d
+    }
+
+    /// The request as DENY and ALLOW judge it: the verified claims set (or none), and the
+    /// JWT header mutations applied, as the app will receive it (Envoy's jwt_authn runs
+    /// before RBAC on one header map); or the decision refusing its token.
+    fn authenticated(
+        &self,
+        workload: &Workload,
+        ctx: &RequestContext,
+        now: SystemTime,
+        keys: &dyn JwksSource,
+    ) -> Result<(RequestContext, Vec<HeaderMutation>), Box<Decision>> {
         let mut c = ctx.clone();
         c.jwt = None;
+        let Some(http) = &ctx.http else {
+            return Ok((c, Vec::new()));
+        };
         let mut headers = Vec::new();
         match self.authenticate_request(workload, http, now, keys) {
             AuthnOutcome::NoToken => {}
@@ -270,11 +289,10 @@ impl Engine {
                 };
                 let mut d = Decision::new(Verdict::Deny, status, code, reason);
                 d.policy = policy.map(Arc::new);
-                return d;
+                return Err(Box::new(d));
             }
         }
-        // Policy judges the request as the app will receive it (Envoy's jwt_authn runs before
-        // RBAC on one header map): claim and payload headers set, a token not forwarded gone.
+        // Claim and payload headers set, a token not forwarded gone.
         if let Some(h) = c.http.as_mut() {
             apply_mutations(&mut h.headers, &headers);
             for m in &headers {
@@ -283,11 +301,92 @@ impl Engine {
                 }
             }
         }
-        let mut d = self.authorize_with(workload, &c, ext);
-        if d.is_allowed() {
-            d.headers = headers;
+        Ok((c, headers))
+    }
+
+    /// Why `decision` (what [`Engine::check`] answered for these arguments) came out so, rule
+    /// by rule, one line each: for a denial because no ALLOW rule matched, each ALLOW rule's
+    /// first condition that failed (`ns/name rule 0: to.operation.methods: DELETE not in
+    /// [GET]`); for a DENY that matched a TCP connection after its HTTP-only fields were
+    /// dropped, that. Request header values and token contents are never shown (names are).
+    ///
+    /// For `rampart authz check`: it re-evaluates every rule, so the proxy never calls it
+    /// per request (its decision's one-line reason is enough for its log).
+    pub fn explain(
+        &self,
+        workload: &Workload,
+        ctx: &RequestContext,
+        now: SystemTime,
+        keys: &dyn JwksSource,
+        decision: &Decision,
+    ) -> Vec<String> {
+        let Ok((c, _)) = self.authenticated(workload, ctx, now, keys) else {
+            return Vec::new(); // the token's refusal is the reason
+        };
+        let mut attrs = Attrs {
+            ctx: &c,
+            path: None,
+        };
+        if let Some(h) = &c.http {
+            match normalize_path(&h.path, self.mesh.path_normalization) {
+                Ok(n) => attrs.path = Some(n.path),
+                Err(_) => return Vec::new(),
+            }
         }
-        d
+        let http = c.http.is_some();
+        let mut out = Vec::new();
+        match decision.reason_code {
+            ReasonCode::NoAllowMatched => {
+                for p in self
+                    .applicable(workload)
+                    .into_iter()
+                    .filter(|p| p.action == Action::Allow && !p.dry_run)
+                {
+                    if p.http.is_empty() {
+                        out.push(format!("{}: no rules (allows nothing)", p.policy));
+                    }
+                    for r in &p.http {
+                        let rule = if http {
+                            Some(r)
+                        } else {
+                            p.tcp.iter().find(|t| t.index == r.index)
+                        };
+                        let why = match rule {
+                            None => format!(
+                                "dropped on this TCP port: it uses HTTP-only fields ({})",
+                                http_only_fields(r).join(", ")
+                            ),
+                            Some(rule) => match why_not(rule, &attrs, Reading::Every) {
+                                Some(why) => why,
+                                None => continue,
+                            },
+                        };
+                        out.push(format!("{} rule {}: {why}", p.policy, r.index));
+                    }
+                }
+            }
+            ReasonCode::DenyMatched if !http => {
+                let (Some(pr), Some(i)) = (&decision.policy, decision.rule) else {
+                    return out;
+                };
+                let found = self
+                    .applicable(workload)
+                    .into_iter()
+                    .find(|p| p.policy == *pr)
+                    .and_then(|p| p.http.iter().find(|r| r.index == i));
+                if let Some(r) = found {
+                    let dropped = http_only_fields(r);
+                    if !dropped.is_empty() {
+                        out.push(format!(
+                            "{pr} rule {i}: its HTTP-only fields ({}) were dropped on this TCP port, so it matched on the rest (as Istio); add `ports` to keep a DENY rule off TCP ports",
+                            dropped.join(", ")
+                        ));
+                    }
+                }
+            }
+            _ => {}
+        }
+        out
     }
 
     fn finish(
@@ -673,6 +772,156 @@ fn str_val(v: &Val, s: &str) -> bool {
 fn cidr_val(v: &Val, ip: std::net::IpAddr) -> bool {
     // `::ffff:10.1.2.3` is the IPv4 client 10.1.2.3 (a dual-stack listener's view of it).
     matches!(v, Val::Cidr(n) if n.contains(&ip.to_canonical()))
+}
+
+// === explanations (rampart authz check only) ===
+
+/// The HTTP-only fields a rule uses, as written (`to.operation.methods`, `when
+/// request.headers[x]`), once each.
+fn http_only_fields(r: &CRule) -> Vec<String> {
+    let mut out: Vec<String> = Vec::new();
+    let mut add = |place: &str, c: &Cond| {
+        if c.key.http_only() {
+            let f = format!("{place}{}", c.label.field.trim_end_matches(" values"));
+            if !out.contains(&f) {
+                out.push(f);
+            }
+        }
+    };
+    for c in r.from.iter().flatten() {
+        add("from.source.", c);
+    }
+    for c in r.to.iter().flatten() {
+        add("to.operation.", c);
+    }
+    for c in &r.when {
+        add("when ", c);
+    }
+    out
+}
+
+/// Why rule `r` does not match (its first failing part: `from`, then `to`, then `when`), or
+/// `None` when it matches.
+fn why_not(r: &CRule, a: &Attrs<'_>, reading: Reading) -> Option<String> {
+    let first_failing = |cs: &Vec<Cond>| {
+        cs.iter()
+            .find(|c| !cond_matches(c, a, reading))
+            .map(|c| describe_failure(c, a, reading))
+    };
+    for (list, place) in [(&r.from, "from"), (&r.to, "to")] {
+        if list.is_empty() {
+            continue;
+        }
+        let inner = if place == "from" {
+            "source"
+        } else {
+            "operation"
+        };
+        let fails: Vec<Option<String>> = list.iter().map(first_failing).collect();
+        if fails.iter().any(Option::is_none) {
+            continue;
+        }
+        let fails: Vec<String> = fails.into_iter().flatten().collect();
+        return Some(if let [one] = fails.as_slice() {
+            format!("{place}.{inner}.{one}")
+        } else {
+            let each: Vec<String> = fails
+                .iter()
+                .enumerate()
+                .map(|(j, f)| format!("{place}[{j}].{inner}.{f}"))
+                .collect();
+            format!("no `{place}` entry matched: {}", each.join("; "))
+        });
+    }
+    r.when.iter().enumerate().find_map(|(j, c)| {
+        (!cond_matches(c, a, reading))
+            .then(|| format!("when[{j}] {}", describe_failure(c, a, reading)))
+    })
+}
+
+/// `field: what the request had, and why that fails`; a header's or a claim's value, and the
+/// values a policy lists for them, are not shown (they may be secrets).
+fn describe_failure(c: &Cond, a: &Attrs<'_>, reading: Reading) -> String {
+    let l = &c.label;
+    let secret = matches!(c.key, Key::Header(_) | Key::Claim(_));
+    let field = |f: &str| f.trim_end_matches(" values").to_string();
+    let list = |vs: &[String]| {
+        if secret {
+            format!("{} listed value(s)", vs.len())
+        } else {
+            format!("[{}]", vs.join(", "))
+        }
+    };
+    let seen = attribute_seen(&c.key, a);
+    let pos_fails = !c.pos.is_empty() && !c.pos.iter().any(|v| val_matches(&c.key, v, a, reading));
+    if pos_fails {
+        match seen {
+            Err(absent) => format!("{}: {absent}", field(&l.field)),
+            Ok(v) => format!("{}: {v} not in {}", field(&l.field), list(&l.values)),
+        }
+    } else {
+        let v = seen.unwrap_or_else(|absent| absent);
+        format!("{}: {v} is in {}", l.not_field, list(&l.not_values))
+    }
+}
+
+/// What the request has for `key`, for an explanation (`Err`: it has none). Header values
+/// and claims are never shown.
+fn attribute_seen(key: &Key, a: &Attrs<'_>) -> Result<String, String> {
+    let ctx = a.ctx;
+    let http = ctx.http.as_ref();
+    let ip = |v: Option<std::net::IpAddr>, what: &str| {
+        v.map(|ip| format!("{what} {ip}"))
+            .ok_or_else(|| format!("no {what}"))
+    };
+    match key {
+        Key::PeerPrincipal => ctx
+            .source
+            .principal
+            .as_ref()
+            .map(|p| format!("peer {p}"))
+            .ok_or_else(|| "no peer identity (plaintext)".to_string()),
+        Key::SourceIp => ip(ctx.source.ip, "peer address"),
+        Key::RemoteIp => ip(ctx.remote_ip(), "remote address"),
+        Key::DestIp => ip(ctx.destination_ip, "destination address"),
+        Key::DestPort => Ok(format!("port {}", ctx.destination_port)),
+        Key::Sni => ctx
+            .sni
+            .as_ref()
+            .map(|s| format!("SNI {s}"))
+            .ok_or_else(|| "no SNI".to_string()),
+        Key::Host => http
+            .map(|h| format!("host {}", h.host))
+            .ok_or_else(|| "no host (TCP)".to_string()),
+        Key::Method => http
+            .map(|h| h.method.clone())
+            .ok_or_else(|| "no method (TCP)".to_string()),
+        Key::Path => a
+            .path
+            .as_ref()
+            .map(|p| format!("path {p}"))
+            .ok_or_else(|| "no path (TCP)".to_string()),
+        Key::Header(name) => match http.and_then(|h| header_value(h, name, a)) {
+            Some(_) => Ok(format!("the {name} header's value")),
+            None => Err(format!("no {name} header")),
+        },
+        Key::RequestPrincipal => match &ctx.jwt {
+            None => Err("no JWT sent".to_string()),
+            Some(j) => Ok(format!(
+                "request principal {}/{}",
+                j.str_claim("iss").unwrap_or(""),
+                j.str_claim("sub").unwrap_or("")
+            )),
+        },
+        Key::Claim(path) => match &ctx.jwt {
+            None => Err("no JWT sent".to_string()),
+            Some(j) => match j.path(path) {
+                Some(_) => Ok(format!("the token's {} claim", path.join("."))),
+                None => Err(format!("the token has no {} claim", path.join("."))),
+            },
+        },
+        Key::Metadata => Err("Envoy metadata (never available here)".to_string()),
+    }
 }
 
 /// `mutations` applied to a request's header list as the proxy applies them to the request

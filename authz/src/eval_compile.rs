@@ -39,7 +39,7 @@ pub(crate) enum Key {
 
 impl Key {
     /// HTTP-only attributes (field reference §3.4).
-    fn http_only(&self) -> bool {
+    pub(crate) fn http_only(&self) -> bool {
         matches!(
             self,
             Key::Host
@@ -70,6 +70,18 @@ pub(crate) struct Cond {
     pub(crate) key: Key,
     pub(crate) pos: Vec<Val>,
     pub(crate) neg: Vec<Val>,
+    /// The field and values as written, for explanations only (never read per request).
+    pub(crate) label: Arc<Label>,
+}
+
+/// A condition as the policy wrote it: `principals`/`notPrincipals` and their values, or a
+/// `when` key and its `values`/`notValues`.
+#[derive(Debug)]
+pub(crate) struct Label {
+    pub(crate) field: String,
+    pub(crate) not_field: String,
+    pub(crate) values: Vec<String>,
+    pub(crate) not_values: Vec<String>,
 }
 
 /// One compiled rule. `from`/`to` empty means the field was absent (any).
@@ -203,8 +215,8 @@ struct BadValue(String);
 /// Turns one policy value into matchers.
 type ValFn<'a> = &'a dyn Fn(&str) -> Result<Vec<Val>, BadValue>;
 
-/// One field: attribute, values, not-values, translation.
-type FieldSpec<'a> = (Key, &'a [String], &'a [String], ValFn<'a>);
+/// One field: attribute, field name, values, not-values, translation.
+type FieldSpec<'a> = (Key, &'static str, &'a [String], &'a [String], ValFn<'a>);
 
 fn compile_rule(
     index: usize,
@@ -239,6 +251,7 @@ fn compile_rule(
 /// Build one condition from value lists with `f`, applying the bad-value rule.
 fn cond(
     key: Key,
+    field: &str,
     values: &[String],
     not_values: &[String],
     ctx: &RuleCtx<'_>,
@@ -269,7 +282,22 @@ fn cond(
         // Every value was dropped (DENY/AUDIT): the attribute is ignored, as Istio does.
         return Some(None);
     }
-    Some(Some(Cond { key, pos, neg }))
+    let label = Arc::new(Label {
+        field: field.to_string(),
+        not_field: match field.split_once(' ') {
+            // A `when` key: `request.headers[x] notValues`.
+            Some((k, _)) => format!("{k} notValues"),
+            None => format!("not{}{}", field[..1].to_ascii_uppercase(), &field[1..]),
+        },
+        values: values.to_vec(),
+        not_values: not_values.to_vec(),
+    });
+    Some(Some(Cond {
+        key,
+        pos,
+        neg,
+        label,
+    }))
 }
 
 fn principal_vals(v: &str, tds: &[String]) -> Result<Vec<Val>, BadValue> {
@@ -336,43 +364,58 @@ fn compile_source(s: &Source, ctx: &RuleCtx<'_>, w: &mut Vec<String>) -> Option<
     let ns = ctx.policy_ns;
     let mut out = Vec::new();
     let specs: [FieldSpec<'_>; 7] = [
-        (Key::PeerPrincipal, &s.principals, &s.not_principals, &|v| {
-            principal_vals(v, tds)
-        }),
+        (
+            Key::PeerPrincipal,
+            "principals",
+            &s.principals,
+            &s.not_principals,
+            &|v| principal_vals(v, tds),
+        ),
         (
             Key::RequestPrincipal,
+            "requestPrincipals",
             &s.request_principals,
             &s.not_request_principals,
             &|v| Ok(vec![Val::ReqPrincipal(RequestPrincipalMatch::new(v))]),
         ),
         (
             Key::PeerPrincipal,
+            "namespaces",
             &s.namespaces,
             &s.not_namespaces,
             &namespace_val,
         ),
         (
             Key::PeerPrincipal,
+            "serviceAccounts",
             &s.service_accounts,
             &s.not_service_accounts,
             &|v| service_account_val(v, ns),
         ),
         (
             Key::PeerPrincipal,
+            "trustDomains",
             &s.trust_domains,
             &s.not_trust_domains,
             &|v| trust_domain_vals(v, tds),
         ),
-        (Key::SourceIp, &s.ip_blocks, &s.not_ip_blocks, &cidr_val),
+        (
+            Key::SourceIp,
+            "ipBlocks",
+            &s.ip_blocks,
+            &s.not_ip_blocks,
+            &cidr_val,
+        ),
         (
             Key::RemoteIp,
+            "remoteIpBlocks",
             &s.remote_ip_blocks,
             &s.not_remote_ip_blocks,
             &cidr_val,
         ),
     ];
-    for (key, pos, neg, f) in specs {
-        if let Some(c) = cond(key, pos, neg, ctx, w, f)? {
+    for (key, field, pos, neg, f) in specs {
+        if let Some(c) = cond(key, field, pos, neg, ctx, w, f)? {
             out.push(c);
         }
     }
@@ -382,19 +425,19 @@ fn compile_source(s: &Source, ctx: &RuleCtx<'_>, w: &mut Vec<String>) -> Option<
 fn compile_operation(o: &Operation, ctx: &RuleCtx<'_>, w: &mut Vec<String>) -> Option<Vec<Cond>> {
     let mut out = Vec::new();
     let specs: [FieldSpec<'_>; 4] = [
-        (Key::Host, &o.hosts, &o.not_hosts, &|v| {
+        (Key::Host, "hosts", &o.hosts, &o.not_hosts, &|v| {
             Ok(vec![Val::StrI(StrMatch::header(v))])
         }),
-        (Key::Method, &o.methods, &o.not_methods, &|v| {
+        (Key::Method, "methods", &o.methods, &o.not_methods, &|v| {
             Ok(vec![Val::Str(StrMatch::header(v))])
         }),
-        (Key::Path, &o.paths, &o.not_paths, &|v| {
+        (Key::Path, "paths", &o.paths, &o.not_paths, &|v| {
             Ok(vec![Val::Path(PathMatch::new(v))])
         }),
-        (Key::DestPort, &o.ports, &o.not_ports, &port_val),
+        (Key::DestPort, "ports", &o.ports, &o.not_ports, &port_val),
     ];
-    for (key, pos, neg, f) in specs {
-        if let Some(c) = cond(key, pos, neg, ctx, w, f)? {
+    for (key, field, pos, neg, f) in specs {
+        if let Some(c) = cond(key, field, pos, neg, ctx, w, f)? {
             out.push(c);
         }
     }
@@ -427,35 +470,87 @@ fn compile_condition(
     let k = c.key();
     let tds = ctx.trust_domains;
     let ns = ctx.policy_ns;
+    let field = format!("{k} values");
+    let field = field.as_str();
     let str_vals =
         |v: &str| -> Result<Vec<Val>, BadValue> { Ok(vec![Val::Str(StrMatch::istio(v))]) };
     let built: Option<Option<Cond>> = match k {
-        "source.ip" => cond(Key::SourceIp, &c.values, &c.not_values, ctx, w, &cidr_val),
-        "remote.ip" => cond(Key::RemoteIp, &c.values, &c.not_values, ctx, w, &cidr_val),
-        "destination.ip" => cond(Key::DestIp, &c.values, &c.not_values, ctx, w, &cidr_val),
-        "destination.port" => cond(Key::DestPort, &c.values, &c.not_values, ctx, w, &port_val),
-        "connection.sni" => cond(Key::Sni, &c.values, &c.not_values, ctx, w, &str_vals),
+        "source.ip" => cond(
+            Key::SourceIp,
+            field,
+            &c.values,
+            &c.not_values,
+            ctx,
+            w,
+            &cidr_val,
+        ),
+        "remote.ip" => cond(
+            Key::RemoteIp,
+            field,
+            &c.values,
+            &c.not_values,
+            ctx,
+            w,
+            &cidr_val,
+        ),
+        "destination.ip" => cond(
+            Key::DestIp,
+            field,
+            &c.values,
+            &c.not_values,
+            ctx,
+            w,
+            &cidr_val,
+        ),
+        "destination.port" => cond(
+            Key::DestPort,
+            field,
+            &c.values,
+            &c.not_values,
+            ctx,
+            w,
+            &port_val,
+        ),
+        "connection.sni" => cond(Key::Sni, field, &c.values, &c.not_values, ctx, w, &str_vals),
         "source.namespace" => cond(
             Key::PeerPrincipal,
+            field,
             &c.values,
             &c.not_values,
             ctx,
             w,
             &namespace_val,
         ),
-        "source.principal" => cond(Key::PeerPrincipal, &c.values, &c.not_values, ctx, w, &|v| {
-            principal_vals(v, tds)
-        }),
-        "source.serviceAccount" => {
-            cond(Key::PeerPrincipal, &c.values, &c.not_values, ctx, w, &|v| {
-                service_account_val(v, ns)
-            })
-        }
-        "source.trustDomain" => cond(Key::PeerPrincipal, &c.values, &c.not_values, ctx, w, &|v| {
-            trust_domain_vals(v, tds)
-        }),
+        "source.principal" => cond(
+            Key::PeerPrincipal,
+            field,
+            &c.values,
+            &c.not_values,
+            ctx,
+            w,
+            &|v| principal_vals(v, tds),
+        ),
+        "source.serviceAccount" => cond(
+            Key::PeerPrincipal,
+            field,
+            &c.values,
+            &c.not_values,
+            ctx,
+            w,
+            &|v| service_account_val(v, ns),
+        ),
+        "source.trustDomain" => cond(
+            Key::PeerPrincipal,
+            field,
+            &c.values,
+            &c.not_values,
+            ctx,
+            w,
+            &|v| trust_domain_vals(v, tds),
+        ),
         "request.auth.principal" => cond(
             Key::RequestPrincipal,
+            field,
             &c.values,
             &c.not_values,
             ctx,
@@ -464,6 +559,7 @@ fn compile_condition(
         ),
         "request.auth.audiences" => cond(
             Key::Claim(vec!["aud".into()]),
+            field,
             &c.values,
             &c.not_values,
             ctx,
@@ -472,6 +568,7 @@ fn compile_condition(
         ),
         "request.auth.presenter" => cond(
             Key::Claim(vec!["azp".into()]),
+            field,
             &c.values,
             &c.not_values,
             ctx,
@@ -481,6 +578,7 @@ fn compile_condition(
         _ => match split_brackets(k) {
             Some(("request.headers", parts)) if parts.len() == 1 => cond(
                 Key::Header(parts[0].to_ascii_lowercase()),
+                field,
                 &c.values,
                 &c.not_values,
                 ctx,
@@ -489,15 +587,22 @@ fn compile_condition(
             ),
             Some(("request.auth.claims", parts)) => cond(
                 Key::Claim(parts),
+                field,
                 &c.values,
                 &c.not_values,
                 ctx,
                 w,
                 &str_vals,
             ),
-            Some((h, _)) if h.starts_with("experimental.envoy.filters.") => {
-                cond(Key::Metadata, &c.values, &c.not_values, ctx, w, &str_vals)
-            }
+            Some((h, _)) if h.starts_with("experimental.envoy.filters.") => cond(
+                Key::Metadata,
+                field,
+                &c.values,
+                &c.not_values,
+                ctx,
+                w,
+                &str_vals,
+            ),
             _ => {
                 w.push(format!("unknown attribute {k:?}"));
                 // Istio refuses to build such a rule at all.

@@ -980,3 +980,98 @@ fn same_policy_without_envoy_metadata_loads_and_denies() {
     assert!(!allowed(&e, &http("GET", "/").header("x-token", "bad")));
     assert!(allowed(&e, &http("GET", "/").header("x-token", "good")));
 }
+
+// ---- explanations (rampart authz check) ------------------------------------------------------
+
+fn explain(e: &rampart_authz::Engine, r: &Req) -> (rampart_authz::Decision, Vec<String>) {
+    let keys = rampart_authz::JwksCache::default();
+    let now = std::time::SystemTime::now();
+    let d = e.check(&httpbin(), &r.0, now, &keys, &rampart_authz::NoExtAuthz);
+    let why = e.explain(&httpbin(), &r.0, now, &keys, &d);
+    (d, why)
+}
+
+/// A denial because no ALLOW rule matched says, for each rule, the first condition that
+/// failed and what the request had there; never a header's value or the values a policy
+/// lists for a header.
+#[test]
+fn a_denial_names_each_allow_rules_first_failing_condition() {
+    let e = allow(
+        "[{from: [{source: {principals: [cluster.local/ns/web/sa/frontend]}}], to: [{operation: {methods: [GET]}}]}, \
+          {from: [{source: {requestPrincipals: ['https://idp/*']}}]}, \
+          {to: [{operation: {methods: [GET, HEAD]}}]}, \
+          {when: [{key: 'request.headers[x-token]', values: [s3cret]}]}, \
+          {from: [{source: {principals: [a/ns/b/sa/c]}}, {source: {ipBlocks: [192.168.0.0/16]}}]}]",
+    );
+    let r = http("DELETE", "/items")
+        .peer("spiffe://cluster.local/ns/x/sa/y")
+        .header("x-token", "wrong-secret");
+    let (d, why) = explain(&e, &r);
+    assert_eq!(d.reason_code, ReasonCode::NoAllowMatched);
+    assert_eq!(
+        why,
+        [
+            "foo/p rule 0: from.source.principals: peer spiffe://cluster.local/ns/x/sa/y not in [cluster.local/ns/web/sa/frontend]",
+            "foo/p rule 1: from.source.requestPrincipals: no JWT sent",
+            "foo/p rule 2: to.operation.methods: DELETE not in [GET, HEAD]",
+            "foo/p rule 3: when[0] request.headers[x-token]: the x-token header's value not in 1 listed value(s)",
+            "foo/p rule 4: no `from` entry matched: from[0].source.principals: peer spiffe://cluster.local/ns/x/sa/y not in [a/ns/b/sa/c]; from[1].source.ipBlocks: peer address 10.0.1.1 not in [192.168.0.0/16]",
+        ]
+    );
+    assert!(!why.concat().contains("secret"), "{why:?}");
+    // A plaintext peer, a missing header and a matched notX.
+    let e = allow(
+        "[{from: [{source: {principals: ['*']}}]}, {when: [{key: 'request.headers[x-user]', values: ['*']}]}, {to: [{operation: {notPaths: ['/items*']}}]}]",
+    );
+    let (_, why) = explain(&e, &http("GET", "/items/1"));
+    assert_eq!(
+        why,
+        [
+            "foo/p rule 0: from.source.principals: no peer identity (plaintext)",
+            "foo/p rule 1: when[0] request.headers[x-user]: no x-user header",
+            "foo/p rule 2: to.operation.notPaths: path /items/1 is in [/items*]",
+        ]
+    );
+    // Twin: a request a rule allows gets no explanation (the decision names the rule).
+    let (d, why) = explain(&e, &http("GET", "/other"));
+    assert_eq!(d.reason_code, ReasonCode::AllowMatched);
+    assert!(why.is_empty(), "{why:?}");
+    // spec: {} allows nothing, and says so.
+    let e = engine(&policy("p", "ALLOW", "[]").replace("  rules: []\n", ""));
+    let (_, why) = explain(&e, &http("GET", "/"));
+    assert_eq!(why, ["foo/p: no rules (allows nothing)"]);
+}
+
+/// On a TCP port: ALLOW rules with HTTP-only fields are dropped, and a DENY that lost its
+/// HTTP-only fields matches every connection; the explanation says which fields.
+#[test]
+fn tcp_explanations_name_the_dropped_http_fields() {
+    let e =
+        allow("[{to: [{operation: {methods: [GET]}}]}, {from: [{source: {namespaces: [web]}}]}]");
+    let (d, why) = explain(&e, &tcp(5432).peer("spiffe://cluster.local/ns/x/sa/y"));
+    assert_eq!(d.reason_code, ReasonCode::NoAllowMatched);
+    assert_eq!(
+        why,
+        [
+            "foo/p rule 0: dropped on this TCP port: it uses HTTP-only fields (to.operation.methods)",
+            "foo/p rule 1: from.source.namespaces: peer spiffe://cluster.local/ns/x/sa/y not in [web]",
+        ]
+    );
+    let e = deny("[{to: [{operation: {methods: [POST]}}]}]");
+    let (d, why) = explain(&e, &tcp(5432));
+    assert_eq!(d.reason_code, ReasonCode::DenyMatched);
+    assert_eq!(why.len(), 1, "{why:?}");
+    assert!(
+        why[0].starts_with("foo/p rule 0: its HTTP-only fields (to.operation.methods) were dropped on this TCP port"),
+        "{why:?}"
+    );
+    // Twins: the same DENY over HTTP does not match a GET; a DENY on ports alone matched
+    // on TCP with nothing dropped.
+    let (d, why) = explain(&e, &http("GET", "/"));
+    assert_eq!(d.reason_code, ReasonCode::NoAllowPolicy);
+    assert!(why.is_empty(), "{why:?}");
+    let e = deny("[{to: [{operation: {ports: ['5432']}}]}]");
+    let (d, why) = explain(&e, &tcp(5432));
+    assert_eq!(d.reason_code, ReasonCode::DenyMatched);
+    assert!(why.is_empty(), "{why:?}");
+}

@@ -333,6 +333,10 @@ impl CheckArgs {
                 .map(|h| engine.authenticate_request(&workload, h, now, &cache));
             let d = engine.check(&workload, &ctx, now, &cache, &CliExt(self.custom_allow));
             let mut v = serde_json::to_value(&d)?;
+            let why = engine.explain(&workload, &ctx, now, &cache, &d);
+            if !why.is_empty() {
+                v["explanation"] = json!(why);
+            }
             if let Some(a) = authn {
                 v["authn"] = serde_json::to_value(&a)?;
             }
@@ -426,6 +430,11 @@ fn print_text(v: &Value) {
         v["status"],
         v["reason"].as_str().unwrap_or("")
     );
+    if let Some(list) = v["explanation"].as_array() {
+        for w in list {
+            println!("  why: {}", w.as_str().unwrap_or(""));
+        }
+    }
     let m = &v["mtls"];
     let by = match &m["policy"] {
         Value::Object(p) => format!(
