@@ -95,6 +95,11 @@ impl Agent {
         let mut stores = Vec::new();
         let mut servers = Vec::new();
         for w in &config.workloads {
+            // A file-output directory that cannot be trusted is refused at start, as a
+            // socket is (and judged again before every write).
+            if let Some(dir) = &w.output_dir {
+                crate::uds::prepare_output_dir(dir)?;
+            }
             let store = SecretStore::new();
             let bind = |p| bind_unix_in(p, config.socket_mode, config.trust_socket_dir);
             if let Some(p) = &w.sds_socket {

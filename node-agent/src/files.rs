@@ -22,11 +22,12 @@ fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), Error> {
 
 /// Write the SVID and bundle, each file atomically (temp file + rename). The key is written
 /// before the chain so a reader that sees a new chain also finds its key.
+///
+/// The directory is made 0755 if missing and judged first as a socket's directory is
+/// ([`crate::uds::prepare_output_dir`]): nobody but the agent's user (or root) may own,
+/// write or rename it, or a directory above it.
 pub(crate) fn write_outputs(dir: &Path, svid: &Svid, bundle: Option<&Bundle>) -> Result<(), Error> {
-    std::fs::create_dir_all(dir).map_err(|source| Error::WriteFile {
-        path: dir.to_owned(),
-        source,
-    })?;
+    crate::uds::prepare_output_dir(dir)?;
     write(dir, KEY_FILE, svid.key_pem.as_bytes(), 0o600)?;
     write(dir, CERT_CHAIN_FILE, svid.chain_pem.as_bytes(), 0o644)?;
     if let Some(b) = bundle {
@@ -40,10 +41,7 @@ pub(crate) fn write_outputs(dir: &Path, svid: &Svid, bundle: Option<&Bundle>) ->
 pub(crate) fn write_crls(dir: &Path, crls: Option<&ServedCrls>) -> Result<(), Error> {
     match crls.filter(|c| !c.set().is_empty()) {
         Some(c) => {
-            std::fs::create_dir_all(dir).map_err(|source| Error::WriteFile {
-                path: dir.to_owned(),
-                source,
-            })?;
+            crate::uds::prepare_output_dir(dir)?;
             write(dir, CA_CRL_FILE, c.pem().as_bytes(), 0o644)
         }
         None => match std::fs::remove_file(dir.join(CA_CRL_FILE)) {

@@ -18,7 +18,10 @@ fn sock_err(path: &Path, reason: impl Into<String>) -> Error {
 
 /// Bind a Unix socket at `path` with permission bits `mode`.
 ///
-/// - parent directories are created (0755 by the umask);
+/// - the directories on the way are judged first ([`check_ancestors`]: the nearest existing
+///   one before anything is created), then missing ones are created one at a time (0755 by
+///   the umask), each checked to be a directory of ours, then the whole chain is judged
+///   again; only then is a stale socket removed;
 /// - an existing socket file that nobody accepts on is removed (a stale socket from a
 ///   crashed agent); one that accepts is left alone and the bind fails ("in use");
 /// - anything else at the path (a regular file, a directory) is never deleted;
@@ -52,14 +55,17 @@ async fn bind_unix_inspect(
     trust_own_dir: bool,
     inspect: impl FnOnce(&Path),
 ) -> Result<UnixListener, Error> {
-    if let Some(parent) = path.parent().filter(|p| !p.as_os_str().is_empty()) {
-        use std::os::unix::fs::DirBuilderExt;
-        std::fs::DirBuilder::new()
-            .recursive(true)
-            .mode(0o755)
-            .create(parent)
-            .map_err(|e| sock_err(path, format!("cannot create {}: {e}", parent.display())))?;
-    }
+    // Nothing is created or deleted before the directories it would happen in are judged:
+    // with a path through a directory another user controls, a symlink of theirs could
+    // otherwise point our mkdir or unlink anywhere (as root: anywhere at all).
+    let ids = effective_ids().map_err(|e| sock_err(path, e))?;
+    let parent = std::path::absolute(path)
+        .map_err(|e| sock_err(path, e.to_string()))?
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default();
+    create_parent(path, &parent, ids, trust_own_dir)?;
+    check_ancestors(path, &parent, ids, true, trust_own_dir)?;
     match std::fs::symlink_metadata(path) {
         Ok(md) if md.file_type().is_socket() => {
             if tokio::net::UnixStream::connect(path).await.is_ok() {
@@ -79,17 +85,13 @@ async fn bind_unix_inspect(
         Err(e) => return Err(sock_err(path, e.to_string())),
     }
     let dir = private_dir(path)?;
-    if let Err(e) = check_ancestors(path, &dir, trust_own_dir) {
-        let _ = std::fs::remove_dir(&dir);
-        return Err(e);
-    }
     let tmp = dir.join("s");
     let result = (|| {
         let listener = std::os::unix::net::UnixListener::bind(&tmp)
             .map_err(|e| sock_err(path, format!("bind: {e}")))?;
         // The agent's own user and group, whatever the directory would hand down (a setgid
         // directory gives new files its group: with 0660 that group could connect).
-        let (uid, gid) = effective_ids(&dir).map_err(|e| sock_err(path, e))?;
+        let (uid, gid) = ids;
         std::os::unix::fs::chown(&tmp, Some(uid), Some(gid))
             .map_err(|e| sock_err(path, format!("chown {uid}:{gid}: {e}")))?;
         std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(mode))
@@ -125,16 +127,23 @@ async fn bind_unix_inspect(
 ///   groups: the group is the user).
 ///
 /// Directories the agent creates for the socket are made 0755 whatever the umask adds.
-fn check_ancestors(path: &Path, mine: &Path, trust_own_dir: bool) -> Result<(), Error> {
+///
+/// `dir` is the socket's directory (`own_last`), or, before it exists, the nearest existing
+/// directory above it (judged as a directory above).
+fn check_ancestors(
+    path: &Path,
+    dir: &Path,
+    (me, my_gid): (u32, u32),
+    own_last: bool,
+    trust_own_dir: bool,
+) -> Result<(), Error> {
     use std::os::unix::fs::MetadataExt;
-    let (me, my_gid) = effective_ids(mine).map_err(|e| sock_err(path, e))?;
-    let parent = std::path::absolute(path)
-        .map_err(|e| sock_err(path, e.to_string()))?
-        .parent()
-        .map(Path::to_path_buf)
-        .unwrap_or_default();
-    let walk = walk(&parent).map_err(|e| sock_err(path, e))?;
-    let last = walk.dirs.len().saturating_sub(1);
+    let walk = walk(dir).map_err(|e| sock_err(path, e))?;
+    let last = if own_last {
+        walk.dirs.len().saturating_sub(1)
+    } else {
+        usize::MAX
+    };
     let owner_ok = |md: &std::fs::Metadata| md.uid() == me || md.uid() == 0;
     let not_theirs = |p: &Path, md: &std::fs::Metadata| {
         sock_err(
@@ -194,36 +203,102 @@ fn check_ancestors(path: &Path, mine: &Path, trust_own_dir: bool) -> Result<(), 
     Ok(())
 }
 
-/// The agent's effective uid and gid: from `/proc/self/status` on Linux; elsewhere the owner
-/// of `made` (a file the agent just created, so its uid is the agent's) and, since a new
-/// file's group may come from a setgid directory, the gid only when `made`'s directory is not
-/// setgid.
-fn effective_ids(made: &Path) -> Result<(u32, u32), String> {
-    use std::os::unix::fs::MetadataExt;
-    if let Ok(status) = std::fs::read_to_string("/proc/self/status") {
-        let field = |name: &str| {
-            status
-                .lines()
-                .find_map(|l| l.strip_prefix(name))
-                .and_then(|v| v.split_whitespace().nth(1))
-                .and_then(|v| v.parse::<u32>().ok())
-        };
-        if let (Some(uid), Some(gid)) = (field("Uid:"), field("Gid:")) {
-            return Ok((uid, gid));
+/// The agent's effective uid and gid (`/proc/self/status`: the agent runs on Linux).
+fn effective_ids() -> Result<(u32, u32), String> {
+    let status = std::fs::read_to_string("/proc/self/status")
+        .map_err(|e| format!("cannot tell the agent's user and group: /proc/self/status: {e}"))?;
+    let field = |name: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(name))
+            .and_then(|v| v.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<u32>().ok())
+    };
+    match (field("Uid:"), field("Gid:")) {
+        (Some(uid), Some(gid)) => Ok((uid, gid)),
+        _ => Err("cannot tell the agent's user and group: no Uid/Gid in /proc/self/status".into()),
+    }
+}
+
+/// Create the socket's directory `parent` (absolute) and the missing ones above it, one at a
+/// time (0755), after judging the nearest existing directory as [`check_ancestors`] does;
+/// each directory made is checked to be a directory of ours, not a symlink or anything
+/// someone put there meanwhile.
+fn create_parent(
+    path: &Path,
+    parent: &Path,
+    ids: (u32, u32),
+    trust_own_dir: bool,
+) -> Result<(), Error> {
+    use std::os::unix::fs::{DirBuilderExt, MetadataExt};
+    let mut existing = parent.to_path_buf();
+    let mut missing = Vec::new();
+    loop {
+        match std::fs::symlink_metadata(&existing) {
+            Ok(_) => break,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                match existing.file_name() {
+                    Some(n) => missing.push(n.to_os_string()),
+                    None => return Err(sock_err(path, format!("{}: {e}", existing.display()))),
+                }
+                existing.pop();
+            }
+            Err(e) => return Err(sock_err(path, format!("{}: {e}", existing.display()))),
         }
     }
-    let md = std::fs::symlink_metadata(made).map_err(|e| format!("{}: {e}", made.display()))?;
-    let parent_setgid = made
-        .parent()
-        .and_then(|p| std::fs::metadata(p).ok())
-        .is_some_and(|p| p.mode() & 0o2000 != 0);
-    if parent_setgid {
-        return Err(format!(
-            "cannot tell the agent's group: {} is setgid and /proc/self/status is unreadable",
-            made.parent().unwrap_or(made).display()
-        ));
+    if missing.is_empty() {
+        return Ok(());
     }
-    Ok((md.uid(), md.gid()))
+    check_ancestors(path, &existing, ids, false, trust_own_dir)?;
+    let mut cur = existing;
+    for name in missing.into_iter().rev() {
+        cur.push(name);
+        match std::fs::DirBuilder::new().mode(0o755).create(&cur) {
+            Ok(()) => {}
+            Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
+            Err(e) => {
+                return Err(sock_err(
+                    path,
+                    format!("cannot create {}: {e}", cur.display()),
+                ));
+            }
+        }
+        let md = std::fs::symlink_metadata(&cur)
+            .map_err(|e| sock_err(path, format!("{}: {e}", cur.display())))?;
+        if !md.is_dir() || (md.uid() != ids.0 && md.uid() != 0) {
+            return Err(sock_err(
+                path,
+                format!(
+                    "{} appeared as something else than a directory of the agent's user while it was being created; refusing",
+                    cur.display()
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// Make the file-output directory `dir` (0755, missing parents too) as a socket's directory
+/// is made, and judge it the same way ([`check_ancestors`]): whoever could write to it, or
+/// rename it or a directory above it away, could replace `cert-chain.pem` and
+/// `root-cert.pem` (and so what the reading app trusts) or read a `key.pem` placed in a
+/// directory of theirs. Nothing is created before the existing directories passed.
+pub(crate) fn prepare_output_dir(dir: &Path) -> Result<(), Error> {
+    let fail = |reason: String| Error::WriteFile {
+        path: dir.to_owned(),
+        source: std::io::Error::new(
+            std::io::ErrorKind::PermissionDenied,
+            reason.replace("replace the socket", "replace the files"),
+        ),
+    };
+    let unwrap = |e: Error| match e {
+        Error::Socket { reason, .. } => fail(reason),
+        other => other,
+    };
+    let ids = effective_ids().map_err(fail)?;
+    let abs = std::path::absolute(dir).map_err(|e| fail(e.to_string()))?;
+    create_parent(dir, &abs, ids, false).map_err(unwrap)?;
+    check_ancestors(dir, &abs, ids, true, false).map_err(unwrap)
 }
 
 /// What resolving a path goes through: every directory whose entries it reads (in order,
@@ -516,7 +591,7 @@ mod tests {
     }
 
     fn is_root() -> bool {
-        effective_ids(Path::new("/")).is_ok_and(|(uid, _)| uid == 0)
+        effective_ids().is_ok_and(|(uid, _)| uid == 0)
     }
 
     /// A directory above the socket's that another group may write (Debian's `/var/local`,
@@ -531,7 +606,7 @@ mod tests {
             eprintln!("not root: cannot chgrp to a group we are not in; case not run");
             return;
         }
-        let (_, my_gid) = effective_ids(Path::new("/")).unwrap();
+        let (_, my_gid) = effective_ids().unwrap();
         let other = if my_gid == 50 { 51 } else { 50 };
         let d = tempfile::tempdir().unwrap();
         let shared = d.path().join("local");
@@ -569,7 +644,7 @@ mod tests {
             eprintln!("not root: cannot chgrp to a group we are not in; case not run");
             return;
         }
-        let (my_uid, my_gid) = effective_ids(Path::new("/")).unwrap();
+        let (my_uid, my_gid) = effective_ids().unwrap();
         let other = if my_gid == 50 { 51 } else { 50 };
         let d = tempfile::tempdir().unwrap();
         let dir = d.path().join("sg");
@@ -583,6 +658,73 @@ mod tests {
         let md = std::fs::symlink_metadata(&sock).unwrap();
         assert_eq!((md.uid(), md.gid()), (my_uid, my_gid));
         assert_eq!(md.mode() & 0o777, 0o660);
+    }
+
+    /// A path through a directory another user can write, where a symlink of theirs points
+    /// at a directory of ours (the relative default socket path from a cwd they control):
+    /// before, the agent created the missing directories and removed a "stale" socket
+    /// through the link before refusing the path. Now it refuses first: nothing is created
+    /// there and the socket at the link's target is left alone. Twin: the same link in a
+    /// directory only we can write is followed, and the directories are made.
+    #[tokio::test]
+    async fn nothing_is_created_or_deleted_through_a_path_that_is_refused() {
+        let d = tempfile::tempdir().unwrap();
+        let victim = d.path().join("victim");
+        std::fs::create_dir(&victim).unwrap();
+        drop(bind_unix(&victim.join("sds.sock"), 0o600).await.unwrap()); // stale socket
+        let open = d.path().join("cwd");
+        std::fs::create_dir(&open).unwrap();
+        std::os::unix::fs::symlink(&victim, open.join("run")).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+
+        let err = bind_unix(&open.join("run/sds.sock"), 0o600)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("writable by others"), "{err}");
+        let err = bind_unix(&open.join("run/new/sub/sds.sock"), 0o600)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("writable by others"), "{err}");
+        assert_eq!(entries(&victim), vec!["sds.sock".to_string()]);
+        // A missing directory right below the open one is not made either.
+        let err = bind_unix(&open.join("made/sds.sock"), 0o600)
+            .await
+            .unwrap_err();
+        assert!(err.to_string().contains("writable by others"), "{err}");
+        assert_eq!(entries(&open), vec!["run".to_string()]);
+
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let _l = bind_unix(&open.join("run/new/sub/sds.sock"), 0o600)
+            .await
+            .unwrap();
+        assert!(victim.join("new/sub/sds.sock").exists());
+        let _l2 = bind_unix(&open.join("run/sds.sock"), 0o600).await.unwrap();
+    }
+
+    /// The file-output directory is judged as a socket's directory: refused below a
+    /// directory others can write (nothing created there), and when it is itself writable
+    /// by group or others. Twin: a fresh one is made 0755 whatever the umask, an existing
+    /// private one is fine.
+    #[test]
+    fn the_output_directory_is_judged_like_a_socket_directory() {
+        use std::os::unix::fs::MetadataExt as _;
+        let d = tempfile::tempdir().unwrap();
+        let open = d.path().join("open");
+        std::fs::create_dir(&open).unwrap();
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let err = prepare_output_dir(&open.join("certs")).unwrap_err();
+        assert!(err.to_string().contains("writable by others"), "{err}");
+        assert!(entries(&open).is_empty());
+        let err = prepare_output_dir(&open).unwrap_err();
+        assert!(
+            err.to_string().contains("writable by group or others"),
+            "{err}"
+        );
+
+        let out = d.path().join("a/certs");
+        prepare_output_dir(&out).unwrap();
+        assert_eq!(std::fs::metadata(&out).unwrap().mode() & 0o7777, 0o755);
+        prepare_output_dir(&out).unwrap();
     }
 
     #[tokio::test]
