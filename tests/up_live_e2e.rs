@@ -406,6 +406,25 @@ spec: {mtls: {mode: PERMISSIVE}}
     assert_eq!(err.matches(TCP_WARNING).count(), 1, "{err}");
     let after = &err[err.find("policy/peer.yaml changed").unwrap()..];
     assert!(!after.contains("warning"), "{after}");
+    // A CUSTOM policy naming a provider mesh.yaml does not define: the proxies would deny
+    // what it matches (fail closed); `up` names the file and the provider.
+    write_atomic(
+        &dir.join("policy/custom.yaml"),
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: ext, namespace: ns1}
+spec:
+  action: CUSTOM
+  provider: {name: opa}
+  rules: [{to: [{operation: {paths: [/admin*]}}]}]
+",
+    );
+    up.wait_for("the CUSTOM edit's warning", Duration::from_secs(30), |_, e| {
+        e.lines().any(|l| {
+            l.starts_with("rampart up: warning: custom.yaml")
+                || (l.starts_with("rampart up: warning: ") && l.contains("policy/custom.yaml"))
+        }) && e.contains("\"opa\"")
+    });
 
     // --- Ctrl-C stops everything, including the children started live ---
     let pid = rustix::process::Pid::from_raw(up.child.id() as i32).unwrap();

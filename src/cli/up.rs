@@ -124,7 +124,11 @@ impl UpArgs {
                 policy.problems.join("\n  ")
             )));
         }
-        for w in &policy.warnings {
+        // What loads but may not do what was meant (a DENY that closes every TCP port, a
+        // CUSTOM provider mesh.yaml does not define): said before anything starts, and on
+        // each edit that adds one.
+        let warnings = rampart::mesh_warnings::mesh_warnings(&mesh);
+        for w in &warnings {
             say!("rampart up: warning: {w}");
         }
         check_addresses(&mesh).map_err(super::bad_input)?;
@@ -140,7 +144,7 @@ impl UpArgs {
             .enable_all()
             .build()
             .context("starting the async runtime")?;
-        let code = rt.block_on(Up::new(self, mesh, policy.warnings)?.run())?;
+        let code = rt.block_on(Up::new(self, mesh, warnings)?.run())?;
         // Children are stopped by now; don't let a stuck log pump hold the exit.
         rt.shutdown_timeout(Duration::from_secs(1));
         Ok(code)

@@ -196,7 +196,8 @@ pub fn check_free(mesh: &MeshFolder) -> Result<(), String> {
 }
 
 /// A valid edit: the new mesh, its number of policy resources, and what it warns about
-/// (policies that load but may not do what was meant).
+/// (policies that load but may not do what was meant, CUSTOM providers that cannot be used:
+/// [`crate::mesh_warnings::mesh_warnings`]).
 #[derive(Debug)]
 pub struct EditCheck {
     pub mesh: MeshFolder,
@@ -233,10 +234,11 @@ pub fn check_edit(dir: &Path, layout: &StateLayout) -> Result<EditCheck, String>
             ));
         }
     }
+    let warnings = crate::mesh_warnings::mesh_warnings(&mesh);
     Ok(EditCheck {
         mesh,
         resources: policy.resources,
-        warnings: policy.warnings,
+        warnings,
     })
 }
 
