@@ -6,8 +6,6 @@ use std::sync::Arc;
 
 use rampart_certs::SpiffeId;
 use tokio::task::JoinSet;
-use tokio_stream::StreamExt as _;
-use tokio_stream::wrappers::UnixListenerStream;
 use tokio_util::sync::CancellationToken;
 
 use crate::Error;
@@ -107,7 +105,7 @@ impl Agent {
                 let svc = SdsService::new(store.clone(), metrics.clone())
                     .with_shutdown(shutdown.clone())
                     .into_server();
-                let router = tonic::transport::Server::builder().add_service(svc);
+                let router = grpc_server().add_service(svc);
                 servers.push((p.clone(), l, router, "SDS"));
             }
             if let Some(p) = &w.workload_api_socket {
@@ -115,7 +113,7 @@ impl Agent {
                 let svc = WorkloadApiService::new(store.clone(), metrics.clone())
                     .with_shutdown(shutdown.clone())
                     .into_server();
-                let router = tonic::transport::Server::builder().add_service(svc);
+                let router = grpc_server().add_service(svc);
                 servers.push((p.clone(), l, router, "SPIFFE Workload API"));
             }
             stores.push((w.spiffe_id.clone(), store.clone()));
@@ -190,8 +188,82 @@ pub async fn serve_sds(
     let svc = SdsService::new(store, metrics)
         .with_shutdown(shutdown.clone())
         .into_server();
-    let router = tonic::transport::Server::builder().add_service(svc);
+    let router = grpc_server().add_service(svc);
     serve(path.to_owned(), listener, router, shutdown).await
+}
+
+/// Concurrent streams one client connection may open on a Unix-socket gRPC server (Envoy
+/// opens a few SDS streams per connection; py-spiffe one or two). Past it an HTTP/2 client
+/// waits for a stream to end (RFC 9113 §5.1.2), it is not refused.
+pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 16;
+/// Connections served at once per Unix socket; past it new ones wait in the kernel's
+/// backlog until one closes.
+pub(crate) const MAX_CONNECTIONS_PER_SOCKET: usize = 128;
+/// HTTP/2 PING every this often on an idle connection; a peer that does not answer within
+/// [`KEEPALIVE_TIMEOUT`] is dropped (a client that vanished without closing).
+const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
+const KEEPALIVE_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(20);
+
+static ACCEPT_ERRORS: crate::throttle::LogThrottle =
+    crate::throttle::LogThrottle::new(std::time::Duration::from_secs(10));
+
+/// The gRPC server of every Unix socket, with the limits above.
+fn grpc_server() -> tonic::transport::Server {
+    tonic::transport::Server::builder()
+        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
+        .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
+}
+
+/// Accepted connections of `listener`: at most [`MAX_CONNECTIONS_PER_SOCKET`] open at once
+/// (each holds a permit until it closes), accept errors (out of descriptors) backed off 5 ms
+/// to 1 s and logged at most once per 10 s instead of retried at once.
+fn incoming(
+    listener: tokio::net::UnixListener,
+    shutdown: CancellationToken,
+) -> impl futures::Stream<
+    Item = std::io::Result<crate::uds_authority::AuthorityRewrite<tokio::net::UnixStream>>,
+> {
+    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS_PER_SOCKET));
+    let state = (
+        listener,
+        slots,
+        crate::throttle::AcceptBackoff::default(),
+        shutdown,
+    );
+    futures::stream::unfold(
+        state,
+        |(listener, slots, mut backoff, shutdown)| async move {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => return None,
+                p = slots.clone().acquire_owned() => p.ok()?,
+            };
+            loop {
+                let r = tokio::select! {
+                    _ = shutdown.cancelled() => return None,
+                    r = listener.accept() => r,
+                };
+                match r {
+                    Ok((conn, _)) => {
+                        backoff.reset();
+                        // gRPC C-core clients send an authority h2 rejects on Unix sockets: see
+                        // uds_authority.
+                        let conn =
+                            crate::uds_authority::AuthorityRewrite::new(conn).holding(permit);
+                        return Some((Ok(conn), (listener, slots, backoff, shutdown)));
+                    }
+                    Err(e) => {
+                        let wait = backoff.failed();
+                        crate::throttle::log_accept_error(&ACCEPT_ERRORS, "Unix socket", &e, wait);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return None,
+                            _ = tokio::time::sleep(wait) => {}
+                        }
+                    }
+                }
+            }
+        },
+    )
 }
 
 async fn serve(
@@ -201,9 +273,7 @@ async fn serve(
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let _guard = SocketGuard(path.clone());
-    // gRPC C-core clients send an authority h2 rejects on Unix sockets: see uds_authority.
-    let incoming = UnixListenerStream::new(listener)
-        .map(|r| r.map(crate::uds_authority::AuthorityRewrite::new));
+    let incoming = Box::pin(incoming(listener, shutdown.clone()));
     let server = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     tokio::pin!(server);
     // Graceful: streams are told to end at shutdown; give them a moment, then force.
@@ -258,5 +328,77 @@ impl RunningAgent {
             }
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use rampart_proto::envoy::service::discovery::v3::DiscoveryRequest;
+    use rampart_proto::envoy::service::secret::v3::secret_discovery_service_client::SecretDiscoveryServiceClient;
+
+    use super::*;
+
+    /// One client connection may have at most MAX_STREAMS_PER_CONNECTION streams open: the
+    /// server advertises it, so an HTTP/2 client waits with the next one (RFC 9113 §5.1.2)
+    /// until a stream ends; before, a client opened 20,000 on one connection. Twin: once
+    /// one of the open streams ends, the waiting one is served.
+    #[tokio::test]
+    async fn a_connection_gets_at_most_the_stream_cap() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sds.sock");
+        let stop = CancellationToken::new();
+        let server = tokio::spawn({
+            let (path, stop) = (path.clone(), stop.clone());
+            async move { serve_sds(&path, SecretStore::new(), Arc::new(Metrics::new()), stop).await }
+        });
+        let channel = loop {
+            match crate::connect_unix(&path).await {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        let open = |channel: tonic::transport::Channel| async move {
+            let req = DiscoveryRequest {
+                resource_names: vec!["ROOTCA".into()],
+                ..Default::default()
+            };
+            // The request stream stays open (as Envoy's does) until the sender is dropped;
+            // the store is empty, so the server never answers on it meanwhile.
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            tx.send(req).await.unwrap();
+            let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
+            SecretDiscoveryServiceClient::new(channel)
+                .stream_secrets(requests)
+                .await
+                .map(|r| (tx, r))
+        };
+        let mut streams = Vec::new();
+        for i in 0..MAX_STREAMS_PER_CONNECTION {
+            let s = tokio::time::timeout(Duration::from_secs(5), open(channel.clone()))
+                .await
+                .unwrap_or_else(|_| panic!("stream {i} not opened"))
+                .unwrap();
+            streams.push(s);
+        }
+        let mut extra = tokio::spawn(open(channel.clone()));
+        assert!(
+            tokio::time::timeout(Duration::from_millis(500), &mut extra)
+                .await
+                .is_err(),
+            "stream {} opened beside {MAX_STREAMS_PER_CONNECTION} others",
+            MAX_STREAMS_PER_CONNECTION + 1
+        );
+        // The client ends one stream (as Envoy's closes): the waiting one goes ahead.
+        drop(streams.pop());
+        let s = tokio::time::timeout(Duration::from_secs(5), extra)
+            .await
+            .expect("the waiting stream is served once another ended")
+            .unwrap();
+        assert!(s.is_ok(), "{:?}", s.err());
+        stop.cancel();
+        drop(streams);
+        let _ = server.await;
     }
 }

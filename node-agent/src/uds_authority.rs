@@ -112,6 +112,8 @@ pub(crate) struct AuthorityRewrite<S> {
     encoder: loona_hpack::Encoder<'static>,
     /// Armed while a header block is unfinished ([`HEADER_BLOCK_TIMEOUT`]).
     block_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// The server's connection slot, given back when the connection is dropped.
+    _slot: Option<tokio::sync::OwnedSemaphorePermit>,
 }
 
 /// Why the shim closed connections, logged at WARN at most once per 10 s (a local client can
@@ -161,7 +163,14 @@ impl<S> AuthorityRewrite<S> {
             },
             encoder: loona_hpack::Encoder::new(),
             block_deadline: None,
+            _slot: None,
         }
+    }
+
+    /// Hold `slot` for as long as the connection lives.
+    pub(crate) fn holding(mut self, slot: tokio::sync::OwnedSemaphorePermit) -> Self {
+        self._slot = Some(slot);
+        self
     }
 
     /// Bytes of the client's held in the shim (tests: bounded whatever the client sends).
