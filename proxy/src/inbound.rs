@@ -311,10 +311,11 @@ where
         let span = crate::http::request_span(&conn_span, &req);
         async move { Ok::<_, Infallible>(request(&ib, &cx, req).await) }.instrument(span)
     });
+    let plaintext = ws_cx.principal.is_none();
     // A parked (idle) HTTP/1.1 connection gives up its app connection too; its next request
     // opens a new one.
     Box::pin(async move {
-        let upgraded = crate::http::serve_inbound(
+        let serving = crate::http::serve_inbound(
             &ib.edge,
             &ib.drain,
             io,
@@ -323,12 +324,62 @@ where
                 park_cx.app_conn.release();
             },
             || ws_cx.has_upgrade(),
-        )
-        .await;
+        );
+        let upgraded = if plaintext {
+            drained_when_strict(ib, &ws_cx, serving).await
+        } else {
+            serving.await
+        };
         if let Some(client) = upgraded {
             websocket(ib, &ws_cx, client).await;
         }
     })
+}
+
+/// Serve a plaintext HTTP connection under a drain signal of its own that also fires when
+/// its port turns STRICT: the connection then finishes the request in flight and closes
+/// (HTTP/2: GOAWAY; an idle or parked HTTP/1.1 connection at once), as Envoy drains a
+/// replaced filter chain. Without it an HTTP/2 connection, which cannot be told `Connection:
+/// close`, stayed open with each new stream refused. The listener's and the proxy's drain
+/// still apply through it.
+async fn drained_when_strict<F: std::future::Future>(
+    ib: &Inbound,
+    cx: &ConnCtx,
+    serving: F,
+) -> F::Output {
+    let (tx, rx) = tokio::sync::watch::channel(false);
+    // Read outside the scope below: the listener's (or the proxy's) signal.
+    let mut outer = ib.drain.conn_signal();
+    let mut changes = ib.cfg_changed.subscribe();
+    let fire = async {
+        loop {
+            if *outer.borrow_and_update() {
+                break;
+            }
+            // Checked before every wait: the port may have turned STRICT between the
+            // accept's check and the subscription above.
+            if strict_now(&ib.cfg.load(), cx.port) {
+                tracing::warn!(peer = %cx.peer, port = cx.port,
+                    "established plaintext HTTP connection closing: the port is STRICT now");
+                break;
+            }
+            tokio::select! {
+                r = outer.changed() => if r.is_err() { break },
+                r = changes.changed() => if r.is_err() { std::future::pending::<()>().await },
+            }
+        }
+        let _ = tx.send(true);
+    };
+    let serving = crate::drain::CONN_DRAIN.scope(rx, serving);
+    tokio::pin!(serving);
+    tokio::pin!(fire);
+    let mut fired = false;
+    loop {
+        tokio::select! {
+            out = &mut serving => return out,
+            () = &mut fire, if !fired => fired = true,
+        }
+    }
 }
 
 impl ConnCtx {

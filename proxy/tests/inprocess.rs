@@ -1297,10 +1297,10 @@ async fn roundtrip(s: &mut TcpStream, msg: &[u8]) -> bool {
 }
 
 /// A configuration change reaches connections already open (as Envoy drains a replaced
-/// filter chain): a plaintext HTTP keep-alive connection on a port turned STRICT is refused
-/// its next request and closed; a plaintext TCP stream on it is closed; a TCP stream whose
-/// peer a new DENY covers is closed. Twins: before the change both serve, and a change that
-/// leaves them allowed (an unrelated policy) keeps them open.
+/// filter chain): on a port turned STRICT an idle plaintext HTTP/1.1 keep-alive connection
+/// is closed, an HTTP/2 (h2c) one gets GOAWAY and closes, and a plaintext TCP stream is
+/// closed; a TCP stream whose peer a new DENY covers is closed. Twins: before the change
+/// all serve, and a change that leaves them allowed (an unrelated policy) keeps them open.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_policy_change_reaches_established_connections() {
     let _ = logs();
@@ -1365,6 +1365,16 @@ async fn a_policy_change_reaches_established_connections() {
         Some((200, "app /one".into()))
     );
     assert!(roundtrip(&mut t, b"ping\n").await);
+    let h2_get = |path: &str| {
+        hyper::Request::get(format!("http://server.ns1{path}"))
+            .body(http_body_util::Empty::<bytes::Bytes>::new())
+            .unwrap()
+    };
+    let (mut h2, h2_conn) = h2c(http_in).await;
+    assert_eq!(
+        h2.send_request(h2_get("/h2-one")).await.unwrap().status(),
+        200
+    );
     // An unrelated change: both stay open and serve.
     std::fs::write(
         dir.join("authz.yaml"),
@@ -1377,15 +1387,33 @@ async fn a_policy_change_reaches_established_connections() {
         Some((200, "app /two".into()))
     );
     assert!(roundtrip(&mut t, b"pong\n").await);
-    // STRICT: the plaintext HTTP connection's next request is refused and the connection
-    // closed; the plaintext TCP stream is closed.
+    assert_eq!(
+        h2.send_request(h2_get("/h2-two")).await.unwrap().status(),
+        200
+    );
+    assert!(!h2_conn.is_finished());
+    // STRICT: the idle plaintext HTTP/1.1 connection is closed without another request; the
+    // h2c connection is told GOAWAY and ends; the plaintext TCP stream is closed.
     policy("STRICT");
     push(&tx).await;
-    let r = request_on(&mut h, "/three").await;
-    assert_eq!(r.as_ref().map(|r| r.0), Some(403), "{r:?}");
     let mut rest = Vec::new();
     let closed = tokio::time::timeout(Duration::from_secs(3), h.read_to_end(&mut rest)).await;
-    assert!(matches!(closed, Ok(Ok(_))), "the HTTP connection is closed");
+    assert!(
+        matches!(closed, Ok(Ok(_))),
+        "the HTTP connection is closed: {}",
+        log_text()
+    );
+    assert!(rest.is_empty(), "{:?}", String::from_utf8_lossy(&rest));
+    let ended = tokio::time::timeout(Duration::from_secs(3), h2_conn).await;
+    assert!(
+        matches!(ended, Ok(Ok(Ok(())))),
+        "the h2c connection ends cleanly (GOAWAY): {ended:?}"
+    );
+    assert!(h2.send_request(h2_get("/h2-three")).await.is_err());
+    assert!(
+        log_text()
+            .contains("established plaintext HTTP connection closing: the port is STRICT now")
+    );
     assert!(
         !roundtrip(&mut t, b"again\n").await,
         "the TCP stream is closed"
