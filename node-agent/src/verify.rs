@@ -66,6 +66,19 @@ pub(crate) fn check_response(
     }
     let roots: Vec<CertificateDer<'static>> = all.split_off(split);
     let chain = all;
+    // Each certificate must be issued by the next: the verifier below takes the
+    // intermediates as a pool and would accept a chain with an unrelated CA certificate in
+    // it, which would then be served and trusted as a CRL signer, and taken as the leaf's
+    // issuer for the agent's own revocation check.
+    for (i, pair) in chain.windows(2).enumerate() {
+        issued_by(&pair[0], &pair[1]).map_err(|why| {
+            Error::BadCaResponse(format!(
+                "cert_chain is not one path: certificate {} is not issued by certificate {}: {why}",
+                i,
+                i + 1
+            ))
+        })?;
+    }
 
     let policy = TrustDomainPolicy {
         local: expected.trust_domain().clone(),
@@ -96,6 +109,34 @@ pub(crate) fn check_response(
         svid,
         bundle: Bundle::new(expected.trust_domain().clone(), bundle),
     })
+}
+
+/// `cert` names `issuer` as its issuer and carries a signature by `issuer`'s key.
+fn issued_by(cert: &CertificateDer<'_>, issuer: &CertificateDer<'_>) -> Result<(), String> {
+    use x509_parser::prelude::{FromDer, X509Certificate};
+    let (_, c) = X509Certificate::from_der(cert).map_err(|e| e.to_string())?;
+    let (_, i) = X509Certificate::from_der(issuer).map_err(|e| e.to_string())?;
+    if c.issuer().as_raw() != i.subject().as_raw() {
+        return Err(format!(
+            "its issuer is {}, the next is {}",
+            c.issuer(),
+            i.subject()
+        ));
+    }
+    let oid = c.signature_algorithm.algorithm.to_id_string();
+    let alg: &dyn ring::signature::VerificationAlgorithm = match oid.as_str() {
+        "1.2.840.10045.4.3.2" => &ring::signature::ECDSA_P256_SHA256_ASN1,
+        "1.2.840.10045.4.3.3" => &ring::signature::ECDSA_P384_SHA384_ASN1,
+        "1.2.840.113549.1.1.11" => &ring::signature::RSA_PKCS1_2048_8192_SHA256,
+        "1.2.840.113549.1.1.12" => &ring::signature::RSA_PKCS1_2048_8192_SHA384,
+        "1.2.840.113549.1.1.13" => &ring::signature::RSA_PKCS1_2048_8192_SHA512,
+        "1.3.101.112" => &ring::signature::ED25519,
+        other => return Err(format!("unsupported signature algorithm {other}")),
+    };
+    let key = i.public_key().subject_public_key.data.as_ref();
+    ring::signature::UnparsedPublicKey::new(alg, key)
+        .verify(c.tbs_certificate.as_ref(), c.signature_value.data.as_ref())
+        .map_err(|_| "signature does not verify with its key".to_owned())
 }
 
 /// The refusal for a chain that does not verify to the configured anchors: when it does
@@ -241,6 +282,63 @@ mod tests {
             err.contains("does not verify to the configured CA root"),
             "{err}"
         );
+    }
+
+    /// A response with a CA certificate that is not on the leaf's path ([leaf, unrelated CA,
+    /// real intermediate, root]) verified before (the verifier takes intermediates as a
+    /// pool), and the unrelated certificate was then trusted as a CRL signer and taken as
+    /// the leaf's issuer. Now every certificate must be issued by the next: refused, also
+    /// for a look-alike with the same name and another key. Twin: the same chain without
+    /// the extra certificate is accepted (and `real_ca_chaining_...` above).
+    #[test]
+    fn a_certificate_off_the_leafs_path_is_refused() {
+        let pki = TestPki::new("cluster.local");
+        let other = TestPki::new("other.example");
+        let lookalike = TestPki::new("cluster.local");
+        let id = id(&pki);
+        for extra in [other.intermediate.cert(), lookalike.intermediate.cert()] {
+            let (chain, key) = response(
+                &pki.intermediate,
+                &id,
+                &[extra.clone(), pki.intermediate.cert().clone()],
+                &[pki.root.cert().clone()],
+            );
+            let err = check(&chain, key, &id, &pki.bundle())
+                .err()
+                .expect("refused")
+                .to_string();
+            assert!(
+                err.contains("certificate 0 is not issued by certificate 1"),
+                "{err}"
+            );
+        }
+        // The extra certificate after the real intermediate: the intermediate is not issued
+        // by it either.
+        let (chain, key) = response(
+            &pki.intermediate,
+            &id,
+            &[
+                pki.intermediate.cert().clone(),
+                other.intermediate.cert().clone(),
+            ],
+            &[pki.root.cert().clone()],
+        );
+        let err = check(&chain, key, &id, &pki.bundle())
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("certificate 1 is not issued by certificate 2"),
+            "{err}"
+        );
+        let (chain, key) = response(
+            &pki.intermediate,
+            &id,
+            &[pki.intermediate.cert().clone()],
+            &[pki.root.cert().clone()],
+        );
+        let got = check(&chain, key, &id, &pki.bundle()).unwrap();
+        assert_eq!(got.svid.chain().len(), 2);
     }
 
     /// Rotation, overlap phase: the CA still signs under the trusted root and announces the
