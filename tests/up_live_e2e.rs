@@ -419,12 +419,16 @@ spec:
   rules: [{to: [{operation: {paths: [/admin*]}}]}]
 ",
     );
-    up.wait_for("the CUSTOM edit's warning", Duration::from_secs(30), |_, e| {
-        e.lines().any(|l| {
-            l.starts_with("rampart up: warning: custom.yaml")
-                || (l.starts_with("rampart up: warning: ") && l.contains("policy/custom.yaml"))
-        }) && e.contains("\"opa\"")
-    });
+    up.wait_for(
+        "the CUSTOM edit's warning",
+        Duration::from_secs(30),
+        |_, e| {
+            e.lines().any(|l| {
+                l.starts_with("rampart up: warning: custom.yaml")
+                    || (l.starts_with("rampart up: warning: ") && l.contains("policy/custom.yaml"))
+            }) && e.contains("\"opa\"")
+        },
+    );
 
     // --- Ctrl-C stops everything, including the children started live ---
     let pid = rustix::process::Pid::from_raw(up.child.id() as i32).unwrap();
