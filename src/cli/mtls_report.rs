@@ -18,11 +18,14 @@ use serde::Serialize;
 pub(crate) const AFTER_HELP: &str = "\
 Exit status (the first that applies):
   1  a proxy could not be asked (unreachable, bad answer): never counted as a pass
-  3  a port that is not STRICT receives plaintext: its sources are listed
   4  a STRICT port refuses plaintext clients: they are cut off now (fix them or roll back)
+  3  a port that is not STRICT receives plaintext: its sources are listed
   5  no plaintext seen, but a port that is not STRICT has seen no traffic at all
   0  every port carries mutual TLS only, or is STRICT and refuses nobody
   2  bad input: the command line, or a workloads.yaml that cannot be read or is refused
+
+JSON: `safe_to_switch_to_strict` is true exactly when the exit status is 0; each workload
+has its `verdict` (safe, plaintext, refused, no_traffic, error) and each port its own.
 
 The proxies count since they started and over a recent window (--window chooses which one the
 verdict is based on; since-start is the cautious default). No plaintext seen on a port with no
@@ -198,52 +201,49 @@ pub(crate) fn judge(
             }
         }
     }
+    // Who STRICT refuses now, named whatever else the workload's ports say: in the middle of
+    // a rollout one port is STRICT while another still serves plaintext.
+    let refused: Vec<String> = ports
+        .iter()
+        .filter_map(|p| match &p.result {
+            PortVerdict::AlreadyStrict { sources, .. } if p.result.refuses() => Some(format!(
+                "port {} from {}",
+                p.seen.port,
+                describe_sources(sources, now_unix)
+            )),
+            _ => None,
+        })
+        .collect();
+    let refused_note = format!(
+        "plaintext REFUSED on {} (those clients are cut off: fix them or roll back)",
+        refused.join("; ")
+    );
     let (verdict, summary) = if !errors.is_empty() {
         ("error", format!("error: {}", errors.join("; ")))
-    } else if ports.iter().any(|p| p.result.blocks_strict()) {
-        let parts: Vec<String> = ports
-            .iter()
-            .filter_map(|p| match &p.result {
-                PortVerdict::Plaintext { sources } => Some(format!(
-                    "port {} from {}",
-                    p.seen.port,
-                    describe_sources(sources, now_unix)
-                )),
-                _ => None,
-            })
-            .collect();
-        (
-            "plaintext",
-            format!(
-                "NOT safe to switch to STRICT: plaintext on {}",
-                parts.join("; ")
-            ),
-        )
-    } else if ports.iter().any(|p| p.result.refuses()) {
-        let refused: Vec<String> = ports
-            .iter()
-            .filter_map(|p| match &p.result {
-                PortVerdict::AlreadyStrict { sources, .. } if p.result.refuses() => Some(format!(
-                    "port {} from {}",
-                    p.seen.port,
-                    describe_sources(sources, now_unix)
-                )),
-                _ => None,
-            })
-            .collect();
+    } else if !refused.is_empty() {
         let scope = if ports
             .iter()
             .all(|p| matches!(p.result, PortVerdict::AlreadyStrict { .. }))
         {
-            "already STRICT on every port"
+            "already STRICT on every port".to_string()
         } else {
-            "STRICT on some ports"
+            let plaintext = plaintext_ports(&ports, now_unix);
+            if plaintext.is_empty() {
+                "STRICT on some ports".to_string()
+            } else {
+                format!(
+                    "STRICT on some ports, NOT safe on others: plaintext on {}",
+                    plaintext.join("; ")
+                )
+            }
         };
+        ("refused", format!("{scope}; {refused_note}"))
+    } else if ports.iter().any(|p| p.result.blocks_strict()) {
         (
-            "refused",
+            "plaintext",
             format!(
-                "{scope}; plaintext REFUSED on {} (those clients are cut off: fix them or roll back)",
-                refused.join("; ")
+                "NOT safe to switch to STRICT: plaintext on {}",
+                plaintext_ports(&ports, now_unix).join("; ")
             ),
         )
     } else if ports
@@ -281,6 +281,21 @@ pub(crate) fn judge(
     }
 }
 
+/// "port P from SOURCES" for each port serving plaintext that blocks STRICT.
+fn plaintext_ports(ports: &[PortReport], now_unix: u64) -> Vec<String> {
+    ports
+        .iter()
+        .filter_map(|p| match &p.result {
+            PortVerdict::Plaintext { sources } => Some(format!(
+                "port {} from {}",
+                p.seen.port,
+                describe_sources(sources, now_unix)
+            )),
+            _ => None,
+        })
+        .collect()
+}
+
 fn describe_sources(sources: &[Source], now_unix: u64) -> String {
     if sources.is_empty() {
         return "unrecorded source(s)".to_string();
@@ -314,17 +329,22 @@ fn count(n: u64, what: &str) -> String {
     }
 }
 
-/// The exit status for a set of reports: errors (1) win, then plaintext on a port that is
-/// not STRICT (3), then plaintext refused by a STRICT port (4), then ports with no traffic
-/// to judge (5); 0 when every port carries mutual TLS only or is STRICT and refuses nobody.
+/// The exit status for a set of reports, most urgent first: errors (1), then plaintext
+/// refused by a STRICT port (4: clients are cut off now, the roll-back signal, which a port
+/// still serving plaintext elsewhere must not hide in the middle of a rollout), then
+/// plaintext on a port that is not STRICT (3), then ports with no traffic to judge (5); 0
+/// when every port carries mutual TLS only or is STRICT and refuses nobody.
 pub(crate) fn exit_code(reports: &[WorkloadReport]) -> u8 {
     let any = |v: &str| reports.iter().any(|r| r.verdict == v);
+    let plaintext = reports
+        .iter()
+        .any(|r| r.ports.iter().any(|p| p.result.blocks_strict()));
     if any("error") {
         1
-    } else if any("plaintext") {
-        3
     } else if any("refused") {
         4
+    } else if plaintext {
+        3
     } else if any("no_traffic") {
         5
     } else {
@@ -380,10 +400,16 @@ pub(crate) fn render_text(reports: &[WorkloadReport], window: Window) -> String 
                 match &p.result {
                     PortVerdict::Safe => "mTLS only".into(),
                     PortVerdict::NoTraffic => "no traffic".into(),
-                    PortVerdict::AlreadyStrict {
+                    r @ PortVerdict::AlreadyStrict {
                         refused_plaintext_connections: 0,
                         ..
-                    } => "STRICT".into(),
+                    } => {
+                        if r.refuses() {
+                            "STRICT (plaintext refused)".into()
+                        } else {
+                            "STRICT".into()
+                        }
+                    }
                     PortVerdict::AlreadyStrict {
                         refused_plaintext_connections: n,
                         ..
@@ -695,6 +721,45 @@ mod tests {
         assert_eq!(r.summary, "already STRICT on every port");
     }
 
+    /// In the middle of a rollout: port 8080 still serves plaintext, port 9090 is STRICT and
+    /// refuses a client. Both are named, and the refusal (4, the roll-back signal) is not
+    /// hidden by the plaintext (3). The twin without the refusal is plain 3.
+    #[test]
+    fn a_refusal_is_not_hidden_by_plaintext_on_another_port() {
+        let mut f = fixture(ALL_MTLS);
+        f.ports[0] = fixture(CONTRACT).ports[0].clone();
+        let r = judge(
+            "api/backend",
+            None,
+            &[8080, 9090],
+            Ok(f.clone()),
+            Window::SinceStart,
+            NOW,
+        );
+        assert_eq!(r.verdict, "refused", "{}", r.summary);
+        assert!(
+            r.summary
+                .contains("NOT safe on others: plaintext on port 8080 from 127.0.0.1")
+                && r.summary
+                    .contains("plaintext REFUSED on port 9090 from 10.0.0.7"),
+            "{}",
+            r.summary
+        );
+        assert_eq!(exit_code(std::slice::from_ref(&r)), 4);
+        f.ports[1].since_start.plaintext_refused = 0;
+        f.ports[1].plaintext_sources.clear();
+        let r = judge(
+            "api/backend",
+            None,
+            &[8080, 9090],
+            Ok(f),
+            Window::SinceStart,
+            NOW,
+        );
+        assert_eq!(r.verdict, "plaintext", "{}", r.summary);
+        assert_eq!(exit_code(std::slice::from_ref(&r)), 3);
+    }
+
     /// Silence is no proof: a port that is not STRICT and saw nothing is not a pass (5),
     /// while the same port with mutual TLS seen is (0).
     #[test]
@@ -740,14 +805,17 @@ mod tests {
         );
         assert_eq!(down.verdict, "error");
         assert!(down.summary.contains("Connection refused"));
+        let mut mtls_only = fixture(ALL_MTLS);
+        mtls_only.ports.truncate(1);
         let ok = judge(
             "api/backend",
             None,
             &[8080],
-            Ok(fixture(ALL_MTLS)),
+            Ok(mtls_only),
             Window::SinceStart,
             NOW,
         );
+        assert_eq!(ok.verdict, "safe", "{}", ok.summary);
         let plain = judge(
             "api/backend",
             None,
