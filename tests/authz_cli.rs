@@ -616,4 +616,42 @@ fn a_denial_is_explained_rule_by_rule() {
     let v = f.check_json(&r, &[]);
     assert_eq!(v["decision"], "ALLOW");
     assert!(v.get("explanation").is_none(), "{v}");
+
+    // A rule on a header's value: the explanation names the header, never the value sent
+    // nor the values the policy lists (either may be a secret).
+    std::fs::write(
+        f.config().join("header.yaml"),
+        "apiVersion: security.istio.io/v1
+kind: AuthorizationPolicy
+metadata: {name: allow-key, namespace: ns1}
+spec:
+  rules: [{when: [{key: 'request.headers[x-api-key]', values: [listed-secret-value]}]}]
+",
+    )
+    .unwrap();
+    let r = f.request(
+        "d.yaml",
+        &req(
+            Some("spiffe://cluster.local/ns/ns1/sa/other"),
+            "DELETE",
+            "/api/items",
+            "",
+        )
+        .replace("headers: {}", "headers: {x-api-key: sekrit}"),
+    );
+    let v = f.check_json(&r, &[]);
+    let why = v["explanation"].to_string();
+    assert!(
+        why.contains("ns1/allow-key rule 0") && why.contains("x-api-key"),
+        "{v}"
+    );
+    let out = f.check(&r);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(text.contains("x-api-key"), "{text}");
+    for secret in ["sekrit", "listed-secret-value"] {
+        assert!(
+            !text.contains(secret) && !why.contains(secret),
+            "{secret}: {text}"
+        );
+    }
 }

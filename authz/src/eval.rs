@@ -308,7 +308,8 @@ impl Engine {
     /// by rule, one line each: for a denial because no ALLOW rule matched, each ALLOW rule's
     /// first condition that failed (`ns/name rule 0: to.operation.methods: DELETE not in
     /// [GET]`); for a DENY that matched a TCP connection after its HTTP-only fields were
-    /// dropped, that. Request header values and token contents are never shown (names are).
+    /// dropped, that. Request header values and claim values are never shown (names are); a
+    /// verified token's request principal (`iss/sub`) is.
     ///
     /// For `rampart authz check`: it re-evaluates every rule, so the proxy never calls it
     /// per request (its decision's one-line reason is enough for its log).

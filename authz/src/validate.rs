@@ -995,10 +995,19 @@ fn inner_star_path(v: &str) -> Option<String> {
     if is_path_template(v) {
         return None;
     }
-    let inner = v.strip_prefix('*').unwrap_or(v);
-    let inner = inner.strip_suffix('*').unwrap_or(inner);
+    // As Istio (and `StrMatch::istio`): a leading '*' makes a suffix match of the rest, else
+    // a trailing one a prefix match; never both, so in "*/admin/*" the last '*' is literal.
+    let inner = match v.strip_prefix('*') {
+        Some(rest) => rest,
+        None => v.strip_suffix('*').unwrap_or(v),
+    };
     if !inner.contains('*') {
         return None;
+    }
+    if v.starts_with('*') && v.ends_with('*') && v.len() > 1 {
+        return Some(format!(
+            "{v:?}: '*' matches as a prefix or as a suffix, not both: this matches only paths ending in the literal {inner:?}; no single value means \"contains\": list the paths, or use a template such as \"/{{*}}/admin/{{**}}\""
+        ));
     }
     let template = v.replace('*', "{*}");
     let hint = if check_path_templates("paths", std::slice::from_ref(&template)).is_ok() {
@@ -1192,6 +1201,11 @@ fn similar_when_key(key: &str) -> Option<String> {
         Some(i) => (&key[..i], &key[i..]),
         None => (key, ""),
     };
+    // Known keys are short: a long unknown one (policy is untrusted input in Kubernetes
+    // mode) gets no hint rather than a quadratic comparison.
+    if head.len() > 64 {
+        return None;
+    }
     let head_lc = head.to_ascii_lowercase();
     WHEN_KEYS
         .iter()
@@ -1201,7 +1215,7 @@ fn similar_when_key(key: &str) -> Option<String> {
                 None => (*known, false),
             };
             // A map key needs its `[...]`; a plain key has none.
-            if is_map == index.is_empty() {
+            if is_map == index.is_empty() || head.len().abs_diff(k.len()) > 2 {
                 return None;
             }
             let d = edit_distance(&head_lc, &k.to_ascii_lowercase());

@@ -234,6 +234,13 @@ fn an_unknown_when_key_is_one_problem_at_its_key() {
             None => assert!(!p.reason.contains("did you mean"), "{}", p.reason),
         }
     }
+    // A huge unknown key (policy is untrusted input in Kubernetes mode) is refused the same
+    // way, with no hint: no key Istio knows is anywhere near its length.
+    let huge = format!("{{key: 'x{}', values: [a]}}", "y".repeat(200_000));
+    let r = load_str("t.yaml", &ap(&huge));
+    assert_eq!(r.problems.len(), 1);
+    assert!(r.problems[0].reason.contains("unknown attribute"));
+    assert!(!r.problems[0].reason.contains("did you mean"));
     // Twin: a known key with a bad value is reported at that value list, once.
     let r = load_str("t.yaml", &ap("{key: source.ip, values: [a.b.c.d]}"));
     assert_eq!(r.problems.len(), 1, "{:?}", r.problems);
@@ -739,6 +746,13 @@ fn values_that_never_match_are_warned_about() {
             "{to: [{operation: {notPaths: ['/a/{**}']}}]}",
             "spec.rules[0].to[0].operation.notPaths[0]",
             "literal character",
+        ),
+        // Both ends: Istio strips only the leading '*' (a suffix match of "/admin/*").
+        (
+            "{to: [{operation: {paths: ['*/admin/*']}}]}",
+            "{to: [{operation: {paths: ['*/admin', '/admin/*', '/{*}/admin/{**}']}}]}",
+            "spec.rules[0].to[0].operation.paths[0]",
+            "ending in the literal \"/admin/*\"",
         ),
     ];
     for (bad, good, field, why) in cases {
