@@ -191,7 +191,10 @@ fn text_output_and_exit_code_flag() {
     assert!(out.status.success());
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.starts_with("DENY 403 ns1/no-admin rule 0:"), "{text}");
-    assert!(text.contains("mTLS: PERMISSIVE"), "{text}");
+    assert!(
+        text.contains("mTLS: PERMISSIVE (no PeerAuthentication applies: Istio's default)"),
+        "{text}"
+    );
     let a = args(&["--exit-code"]);
     let out = rampart(&a.iter().map(String::as_str).collect::<Vec<_>>());
     assert_eq!(out.status.code(), Some(1));
@@ -206,6 +209,13 @@ fn strict_peer_authentication_refuses_plaintext() {
     assert_eq!(v["reason_code"], "mtls_required");
     assert_eq!(v["policy"]["name"], "strict-db");
     assert_eq!(v["mtls"]["mode"], "STRICT");
+    // The text names the policy that set the mode, and at which level.
+    let out = f.check(&f.request("db.yaml", plain));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("mTLS: STRICT (") && text.contains("PeerAuthentication ns1/strict-db)"),
+        "{text}"
+    );
     // With a client certificate the connection reaches authorization, where the namespace-wide
     // DENY on paths (HTTP-only) loses its paths on a TCP port and so denies all TCP, as Istio.
     let mtls = "destination: {namespace: ns1, labels: {app: db}, port: 5432}\nsource: {principal: spiffe://cluster.local/ns/ns1/sa/app}\nprotocol: tcp\n";

@@ -436,19 +436,16 @@ fn print_text(v: &Value) {
         }
     }
     let m = &v["mtls"];
-    let by = match &m["policy"] {
+    let from = match &m["policy"] {
         Value::Object(p) => format!(
-            "{}/{}",
+            "{} PeerAuthentication {}/{}",
+            m["level"].as_str().unwrap_or("?"),
             p.get("namespace").and_then(Value::as_str).unwrap_or(""),
             p.get("name").and_then(Value::as_str).unwrap_or("")
         ),
-        _ => "default".to_string(),
+        _ => "no PeerAuthentication applies: Istio's default".to_string(),
     };
-    println!(
-        "  mTLS: {} ({}, {by})",
-        m["mode"].as_str().unwrap_or("?"),
-        m["level"].as_str().unwrap_or("?")
-    );
+    println!("  mTLS: {} ({from})", m["mode"].as_str().unwrap_or("?"));
     if let Some(a) = v.get("authn") {
         match a["outcome"].as_str() {
             Some("authenticated") => println!(
