@@ -104,7 +104,8 @@ impl Agent {
                 let l = bind(p).await?;
                 let svc = SdsService::new(store.clone(), metrics.clone())
                     .with_shutdown(shutdown.clone())
-                    .into_server();
+                    .into_server()
+                    .max_decoding_message_size(MAX_SDS_REQUEST);
                 let router = grpc_server().add_service(svc);
                 servers.push((p.clone(), l, router, "SDS"));
             }
@@ -112,7 +113,8 @@ impl Agent {
                 let l = bind(p).await?;
                 let svc = WorkloadApiService::new(store.clone(), metrics.clone())
                     .with_shutdown(shutdown.clone())
-                    .into_server();
+                    .into_server()
+                    .max_decoding_message_size(MAX_WORKLOAD_API_REQUEST);
                 let router = grpc_server().add_service(svc);
                 servers.push((p.clone(), l, router, "SPIFFE Workload API"));
             }
@@ -187,7 +189,8 @@ pub async fn serve_sds(
     let listener = bind_unix(path, 0o600).await?;
     let svc = SdsService::new(store, metrics)
         .with_shutdown(shutdown.clone())
-        .into_server();
+        .into_server()
+        .max_decoding_message_size(MAX_SDS_REQUEST);
     let router = grpc_server().add_service(svc);
     serve(path.to_owned(), listener, router, shutdown).await
 }
@@ -198,7 +201,25 @@ pub async fn serve_sds(
 pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 16;
 /// Connections served at once per Unix socket; past it new ones wait in the kernel's
 /// backlog until one closes.
-pub(crate) const MAX_CONNECTIONS_PER_SOCKET: usize = 128;
+pub(crate) const MAX_CONNECTIONS_PER_SOCKET: usize = 32;
+/// Largest gRPC request message the SDS server decodes (tonic's default is 4 MiB, and tonic
+/// buffers a whole message before decoding it). Envoy's DiscoveryRequests are a few KiB; the
+/// first on a stream carries the node metadata, which in Istio includes the pod's labels and
+/// annotations (Kubernetes bounds annotations at 256 KiB in all). A larger message ends its
+/// stream with OUT_OF_RANGE at its 5-byte gRPC header, before anything is buffered.
+/// What clients can make the server hold is then at most this × [`MAX_STREAMS_PER_CONNECTION`]
+/// × [`MAX_CONNECTIONS_PER_SOCKET`] (128 MiB) instead of 4 MiB × 16 × 128 (8 GiB).
+pub(crate) const MAX_SDS_REQUEST: usize = 256 * 1024;
+/// Largest gRPC request message the Workload API server decodes: X509SVIDRequest and
+/// X509BundlesRequest are empty, JWTSVIDRequest carries audiences and an optional SPIFFE ID,
+/// ValidateJWTSVIDRequest a token (at most a few KiB).
+pub(crate) const MAX_WORKLOAD_API_REQUEST: usize = 64 * 1024;
+/// HTTP/2 flow-control windows advertised to clients (request data; responses follow the
+/// client's windows). Data the server has not yet read is held by h2 up to these.
+const STREAM_WINDOW: u32 = 64 * 1024;
+const CONNECTION_WINDOW: u32 = 256 * 1024;
+/// SETTINGS_MAX_FRAME_SIZE: the HTTP/2 default, which the Unix-socket shim assumes.
+const MAX_FRAME_SIZE: u32 = 16 * 1024;
 /// HTTP/2 PING every this often on an idle connection; a peer that does not answer within
 /// [`KEEPALIVE_TIMEOUT`] is dropped (a client that vanished without closing).
 const KEEPALIVE_INTERVAL: std::time::Duration = std::time::Duration::from_secs(60);
@@ -211,6 +232,9 @@ static ACCEPT_ERRORS: crate::throttle::LogThrottle =
 fn grpc_server() -> tonic::transport::Server {
     tonic::transport::Server::builder()
         .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
         .http2_keepalive_interval(Some(KEEPALIVE_INTERVAL))
         .http2_keepalive_timeout(Some(KEEPALIVE_TIMEOUT))
 }
@@ -400,5 +424,84 @@ mod tests {
         stop.cancel();
         drop(streams);
         let _ = server.await;
+    }
+
+    async fn sds_server(
+        path: &std::path::Path,
+        stop: &CancellationToken,
+    ) -> tonic::transport::Channel {
+        tokio::spawn({
+            let (path, stop) = (path.to_owned(), stop.clone());
+            async move { serve_sds(&path, SecretStore::new(), Arc::new(Metrics::new()), stop).await }
+        });
+        loop {
+            match crate::connect_unix(path).await {
+                Ok(c) => break c,
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        }
+    }
+
+    /// A request message larger than MAX_SDS_REQUEST ends its call with OUT_OF_RANGE (tonic
+    /// refuses it at its length prefix, before buffering it); before, tonic buffered up to
+    /// 4 MiB per stream (+65 MiB per connection measured), and a 1 MiB request was served.
+    /// The server keeps serving: the next call on the same connection is answered. Twin: a
+    /// request just under the limit reaches the service (which refuses it for what it says).
+    #[tokio::test]
+    async fn a_request_over_the_message_limit_is_refused_and_others_are_served() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sds.sock");
+        let stop = CancellationToken::new();
+        let channel = sds_server(&path, &stop).await;
+        let mut client = SecretDiscoveryServiceClient::new(channel);
+        // No resource_names: the service answers INVALID_ARGUMENT once it sees the request.
+        let sized = |n: usize| DiscoveryRequest {
+            version_info: "v".repeat(n),
+            ..Default::default()
+        };
+        for n in [MAX_SDS_REQUEST + 1, 1024 * 1024] {
+            let e = client.fetch_secrets(sized(n)).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::OutOfRange, "{n} bytes: {e:?}");
+        }
+        for n in [100, MAX_SDS_REQUEST - 16] {
+            let e = client.fetch_secrets(sized(n)).await.unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{n} bytes: {e:?}");
+        }
+        stop.cancel();
+    }
+
+    /// The Workload API server's limit is smaller (its requests are empty or tiny): 64 KiB
+    /// + 1 is OUT_OF_RANGE, just under it reaches the service (INVALID_ARGUMENT: no security
+    /// header).
+    #[tokio::test]
+    async fn a_workload_api_request_over_its_limit_is_refused() {
+        use rampart_proto::spiffe::workload::JwtsvidRequest;
+        use rampart_proto::spiffe::workload::spiffe_workload_api_client::SpiffeWorkloadApiClient;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("wl.sock");
+        let stop = CancellationToken::new();
+        let listener = bind_unix(&path, 0o600).await.unwrap();
+        let svc = WorkloadApiService::new(SecretStore::new(), Arc::new(Metrics::new()))
+            .into_server()
+            .max_decoding_message_size(MAX_WORKLOAD_API_REQUEST);
+        let router = grpc_server().add_service(svc);
+        tokio::spawn(serve(path.clone(), listener, router, stop.clone()));
+        let channel = crate::connect_unix(&path).await.unwrap();
+        let mut client = SpiffeWorkloadApiClient::new(channel);
+        let sized = |n: usize| JwtsvidRequest {
+            audience: vec!["a".repeat(n)],
+            ..Default::default()
+        };
+        let e = client
+            .fetch_jwtsvid(sized(MAX_WORKLOAD_API_REQUEST + 1))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::OutOfRange, "{e:?}");
+        let e = client
+            .fetch_jwtsvid(sized(MAX_WORKLOAD_API_REQUEST - 16))
+            .await
+            .unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        stop.cancel();
     }
 }
