@@ -11,6 +11,7 @@ use tokio_util::sync::CancellationToken;
 use crate::Error;
 use crate::caclient::{CertificateSigner, CrlSource, IstioCaClient};
 use crate::config::AgentConfig;
+use crate::conn::{CountStreams, Registry};
 use crate::crl::CrlPoller;
 use crate::manager::{Clock, Manager};
 use crate::metrics::Metrics;
@@ -106,7 +107,7 @@ impl Agent {
                     .with_shutdown(shutdown.clone())
                     .into_server()
                     .max_decoding_message_size(MAX_SDS_REQUEST);
-                let router = grpc_server().add_service(svc);
+                let router = grpc_server().add_service(CountStreams(svc));
                 servers.push((p.clone(), l, router, "SDS"));
             }
             if let Some(p) = &w.workload_api_socket {
@@ -115,7 +116,7 @@ impl Agent {
                     .with_shutdown(shutdown.clone())
                     .into_server()
                     .max_decoding_message_size(MAX_WORKLOAD_API_REQUEST);
-                let router = grpc_server().add_service(svc);
+                let router = grpc_server().add_service(CountStreams(svc));
                 servers.push((p.clone(), l, router, "SPIFFE Workload API"));
             }
             stores.push((w.spiffe_id.clone(), store.clone()));
@@ -191,7 +192,7 @@ pub async fn serve_sds(
         .with_shutdown(shutdown.clone())
         .into_server()
         .max_decoding_message_size(MAX_SDS_REQUEST);
-    let router = grpc_server().add_service(svc);
+    let router = grpc_server().add_service(CountStreams(svc));
     serve(path.to_owned(), listener, router, shutdown).await
 }
 
@@ -199,8 +200,8 @@ pub async fn serve_sds(
 /// opens a few SDS streams per connection; py-spiffe one or two). Past it an HTTP/2 client
 /// waits for a stream to end (RFC 9113 §5.1.2), it is not refused.
 pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 16;
-/// Connections served at once per Unix socket; past it new ones wait in the kernel's
-/// backlog until one closes.
+/// Connections served at once per Unix socket; past it a new one closes the oldest without
+/// an open stream (else the oldest), see `crate::conn`.
 pub(crate) const MAX_CONNECTIONS_PER_SOCKET: usize = 32;
 /// Largest gRPC request message the SDS server decodes (tonic's default is 4 MiB, and tonic
 /// buffers a whole message before decoding it). Envoy's DiscoveryRequests are a few KiB; the
@@ -240,8 +241,10 @@ fn grpc_server() -> tonic::transport::Server {
 }
 
 /// Accepted connections of `listener`: at most [`MAX_CONNECTIONS_PER_SOCKET`] open at once
-/// (each holds a permit until it closes), accept errors (out of descriptors) backed off 5 ms
-/// to 1 s and logged at most once per 10 s instead of retried at once.
+/// (each holds a permit until it closes; at the cap a new one closes the oldest idle, else
+/// the oldest, connection), each with the deadlines of `crate::conn`; accept errors (out of
+/// descriptors) backed off 5 ms to 1 s and logged at most once per 10 s instead of retried
+/// at once.
 fn incoming(
     listener: tokio::net::UnixListener,
     shutdown: CancellationToken,
@@ -252,30 +255,20 @@ fn incoming(
     let state = (
         listener,
         slots,
+        Arc::new(Registry::default()),
         crate::throttle::AcceptBackoff::default(),
         shutdown,
     );
     futures::stream::unfold(
         state,
-        |(listener, slots, mut backoff, shutdown)| async move {
-            let permit = tokio::select! {
-                _ = shutdown.cancelled() => return None,
-                p = slots.clone().acquire_owned() => p.ok()?,
-            };
+        |(listener, slots, conns, mut backoff, shutdown)| async move {
             loop {
                 let r = tokio::select! {
                     _ = shutdown.cancelled() => return None,
                     r = listener.accept() => r,
                 };
-                match r {
-                    Ok((conn, _)) => {
-                        backoff.reset();
-                        // gRPC C-core clients send an authority h2 rejects on Unix sockets: see
-                        // uds_authority.
-                        let conn =
-                            crate::uds_authority::AuthorityRewrite::new(conn).holding(permit);
-                        return Some((Ok(conn), (listener, slots, backoff, shutdown)));
-                    }
+                let conn = match r {
+                    Ok((conn, _)) => conn,
                     Err(e) => {
                         let wait = backoff.failed();
                         crate::throttle::log_accept_error(&ACCEPT_ERRORS, "Unix socket", &e, wait);
@@ -283,8 +276,28 @@ fn incoming(
                             _ = shutdown.cancelled() => return None,
                             _ = tokio::time::sleep(wait) => {}
                         }
+                        continue;
                     }
-                }
+                };
+                backoff.reset();
+                let permit = match slots.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        // At the cap: make room (the closed connection gives its slot back
+                        // as soon as the server drops it).
+                        conns.evict_one(MAX_CONNECTIONS_PER_SOCKET);
+                        tokio::select! {
+                            _ = shutdown.cancelled() => return None,
+                            p = slots.clone().acquire_owned() => p.ok()?,
+                        }
+                    }
+                };
+                // gRPC C-core clients send an authority h2 rejects on Unix sockets: see
+                // uds_authority.
+                let conn = crate::uds_authority::AuthorityRewrite::new(conn)
+                    .holding(permit)
+                    .tracked(conns.register());
+                return Some((Ok(conn), (listener, slots, conns, backoff, shutdown)));
             }
         },
     )
@@ -484,7 +497,7 @@ mod tests {
         let svc = WorkloadApiService::new(SecretStore::new(), Arc::new(Metrics::new()))
             .into_server()
             .max_decoding_message_size(MAX_WORKLOAD_API_REQUEST);
-        let router = grpc_server().add_service(svc);
+        let router = grpc_server().add_service(CountStreams(svc));
         tokio::spawn(serve(path.clone(), listener, router, stop.clone()));
         let channel = crate::connect_unix(&path).await.unwrap();
         let mut client = SpiffeWorkloadApiClient::new(channel);
@@ -502,6 +515,172 @@ mod tests {
             .await
             .unwrap_err();
         assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        stop.cancel();
+    }
+
+    const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+
+    /// A client that sends the HTTP/2 preface and an empty SETTINGS frame, nothing else.
+    async fn raw_handshake(path: &std::path::Path) -> tokio::net::UnixStream {
+        use tokio::io::AsyncWriteExt;
+        let mut c = tokio::net::UnixStream::connect(path).await.unwrap();
+        c.write_all(PREFACE).await.unwrap();
+        c.write_all(&[0, 0, 0, 0x4, 0, 0, 0, 0, 0]).await.unwrap();
+        c
+    }
+
+    /// Read frames from the server (answering its PINGs, as a live client does) until it
+    /// closes the connection or `limit` passes; the time it closed.
+    async fn closed_within(
+        mut c: tokio::net::UnixStream,
+        limit: Duration,
+    ) -> Option<tokio::time::Instant> {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let run = async {
+            loop {
+                let mut head = [0u8; 9];
+                if c.read_exact(&mut head).await.is_err() {
+                    return tokio::time::Instant::now();
+                }
+                let len = u32::from_be_bytes([0, head[0], head[1], head[2]]) as usize;
+                let mut body = vec![0u8; len];
+                if c.read_exact(&mut body).await.is_err() {
+                    return tokio::time::Instant::now();
+                }
+                if head[3] == 0x6 && head[4] & 1 == 0 {
+                    let mut pong = vec![0, 0, 8, 0x6, 1, 0, 0, 0, 0];
+                    pong.extend_from_slice(&body);
+                    let _ = c.write_all(&pong).await;
+                }
+            }
+        };
+        tokio::time::timeout(limit, run).await.ok()
+    }
+
+    /// A connection that sends nothing is closed HANDSHAKE_TIMEOUT after accept; before, it
+    /// held its slot forever (hyper's keepalive starts after the handshake). Twin: one that
+    /// sent the preface and SETTINGS is still open well past it.
+    #[tokio::test(start_paused = true)]
+    async fn a_connection_without_a_handshake_is_closed_after_the_deadline() {
+        use crate::conn::HANDSHAKE_TIMEOUT;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sds.sock");
+        let stop = CancellationToken::new();
+        let _client = sds_server(&path, &stop).await;
+        let start = tokio::time::Instant::now();
+        let silent = tokio::net::UnixStream::connect(&path).await.unwrap();
+        let at = closed_within(silent, Duration::from_secs(60))
+            .await
+            .expect("a silent connection is closed");
+        let took = at - start;
+        assert!(
+            took >= HANDSHAKE_TIMEOUT && took < HANDSHAKE_TIMEOUT + Duration::from_secs(2),
+            "{took:?}"
+        );
+        let greeted = raw_handshake(&path).await;
+        assert!(
+            closed_within(greeted, Duration::from_secs(60))
+                .await
+                .is_none(),
+            "a connection that sent its preface and SETTINGS was closed"
+        );
+        stop.cancel();
+    }
+
+    /// A connection without an open stream is closed after IDLE_TIMEOUT (it answers the
+    /// server's PINGs, so keepalive alone never closed it). Twin: a connection with an open
+    /// SDS stream (as Envoy keeps) is not idle and stays open.
+    #[tokio::test(start_paused = true)]
+    async fn an_idle_connection_is_closed_and_one_with_a_stream_is_not() {
+        use crate::conn::IDLE_TIMEOUT;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sds.sock");
+        let stop = CancellationToken::new();
+        let channel = sds_server(&path, &stop).await;
+        let (_tx, mut stream) = open_stream(channel).await;
+        let start = tokio::time::Instant::now();
+        let idle = raw_handshake(&path).await;
+        let at = closed_within(idle, IDLE_TIMEOUT * 2)
+            .await
+            .expect("an idle connection is closed");
+        let took = at - start;
+        assert!(
+            took >= IDLE_TIMEOUT && took < IDLE_TIMEOUT + Duration::from_secs(5),
+            "{took:?}"
+        );
+        tokio::time::sleep(IDLE_TIMEOUT).await;
+        // Still open: no message (the store is empty), no error.
+        assert!(
+            tokio::time::timeout(Duration::from_secs(1), stream.message())
+                .await
+                .is_err(),
+            "the connection with an open stream was closed"
+        );
+        stop.cancel();
+    }
+
+    async fn open_stream(
+        channel: tonic::transport::Channel,
+    ) -> (
+        tokio::sync::mpsc::Sender<DiscoveryRequest>,
+        tonic::Streaming<rampart_proto::envoy::service::discovery::v3::DiscoveryResponse>,
+    ) {
+        let req = DiscoveryRequest {
+            resource_names: vec!["ROOTCA".into()],
+            ..Default::default()
+        };
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        tx.send(req).await.unwrap();
+        let requests = tokio_stream::wrappers::ReceiverStream::new(rx);
+        let r = SecretDiscoveryServiceClient::new(channel)
+            .stream_secrets(requests)
+            .await
+            .unwrap();
+        (tx, r.into_inner())
+    }
+
+    /// MAX_CONNECTIONS_PER_SOCKET connections that send nothing do not keep a real SDS
+    /// client out: it closes the oldest idle one and is served at once (before, it waited
+    /// in the backlog for as long as they stayed). Twin: the connection with an open stream,
+    /// though the oldest, is not the one closed.
+    #[tokio::test]
+    async fn silent_connections_at_the_cap_do_not_keep_a_client_out() {
+        use tokio::io::AsyncReadExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("sds.sock");
+        let stop = CancellationToken::new();
+        let channel = sds_server(&path, &stop).await;
+        let (_tx, mut stream) = open_stream(channel).await;
+        let mut silent = Vec::new();
+        for _ in 1..MAX_CONNECTIONS_PER_SOCKET {
+            silent.push(tokio::net::UnixStream::connect(&path).await.unwrap());
+        }
+        // Let the server accept them all (and fill the cap).
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let served = async {
+            let channel = crate::connect_unix(&path).await.unwrap();
+            let e = SecretDiscoveryServiceClient::new(channel)
+                .fetch_secrets(DiscoveryRequest::default())
+                .await
+                .unwrap_err();
+            assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+        };
+        tokio::time::timeout(Duration::from_secs(3), served)
+            .await
+            .expect("a real client is served while silent connections fill the cap");
+        // The oldest silent connection was closed for it...
+        // (after the server's SETTINGS, which it sends at once).
+        let mut buf = Vec::new();
+        let _ = tokio::time::timeout(Duration::from_secs(1), silent[0].read_to_end(&mut buf))
+            .await
+            .expect("the oldest idle connection was closed");
+        // ...not the older one with an open stream.
+        assert!(
+            tokio::time::timeout(Duration::from_millis(300), stream.message())
+                .await
+                .is_err(),
+            "the connection with an open stream was closed"
+        );
         stop.cancel();
     }
 }

@@ -11,6 +11,7 @@ mod agent;
 mod caclient;
 mod client;
 mod config;
+mod conn;
 mod crl;
 mod error;
 mod files;

@@ -36,12 +36,17 @@ use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
+use std::sync::Arc;
+
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+
+use crate::conn::{ConnState, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, Tracked};
 
 const PREFACE_LEN: usize = 24;
 const FRAME_HEADER_LEN: usize = 9;
 const TYPE_HEADERS: u8 = 0x1;
 const TYPE_CONTINUATION: u8 = 0x9;
+const TYPE_SETTINGS: u8 = 0x4;
 const FLAG_END_STREAM: u8 = 0x1;
 const FLAG_END_HEADERS: u8 = 0x4;
 const FLAG_PADDED: u8 = 0x8;
@@ -114,6 +119,14 @@ pub(crate) struct AuthorityRewrite<S> {
     block_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     /// The server's connection slot, given back when the connection is dropped.
     _slot: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// The connection as the server tracks it, and its deadlines (`crate::conn`): armed by
+    /// [`AuthorityRewrite::tracked`].
+    conn: Option<Arc<ConnState>>,
+    /// Until the preface and the client's first frame (its SETTINGS) have arrived.
+    handshake_deadline: Option<Pin<Box<tokio::time::Sleep>>>,
+    /// When to look again whether the connection has been idle too long.
+    idle_check: Option<Pin<Box<tokio::time::Sleep>>>,
+    evicted: Option<Pin<Box<tokio_util::sync::WaitForCancellationFutureOwned>>>,
 }
 
 /// Why the shim closed connections, logged at WARN at most once per 10 s (a local client can
@@ -164,7 +177,66 @@ impl<S> AuthorityRewrite<S> {
             encoder: loona_hpack::Encoder::new(),
             block_deadline: None,
             _slot: None,
+            conn: None,
+            handshake_deadline: None,
+            idle_check: None,
+            evicted: None,
         }
+    }
+
+    /// Track the connection as `conn` and arm its deadlines: the handshake within
+    /// [`HANDSHAKE_TIMEOUT`] from now, [`IDLE_TIMEOUT`] without an open stream, closed when
+    /// `conn.evict` is cancelled. Needs the tokio runtime (timers).
+    pub(crate) fn tracked(mut self, conn: Arc<ConnState>) -> Self {
+        self.handshake_deadline = Some(Box::pin(tokio::time::sleep(HANDSHAKE_TIMEOUT)));
+        self.idle_check = Some(Box::pin(tokio::time::sleep(IDLE_TIMEOUT)));
+        self.evicted = Some(Box::pin(conn.evict.clone().cancelled_owned()));
+        self.conn = Some(conn);
+        self
+    }
+
+    /// Whether the connection must be closed now (evicted, handshake or idle deadline
+    /// passed); registers for a wake-up when that may change.
+    fn poll_limits(&mut self, cx: &mut Context<'_>) -> Option<io::Error> {
+        if let Some(e) = self.evicted.as_mut()
+            && e.as_mut().poll(cx).is_ready()
+        {
+            return Some(io::Error::new(
+                io::ErrorKind::ConnectionAborted,
+                "closed to make room for a new connection (the socket is at its cap)",
+            ));
+        }
+        if let Some(d) = self.handshake_deadline.as_mut()
+            && d.as_mut().poll(cx).is_ready()
+        {
+            let e = io::Error::new(
+                io::ErrorKind::TimedOut,
+                format!(
+                    "HTTP/2 from client: no connection preface and SETTINGS within {:?} of \
+                     accept",
+                    HANDSHAKE_TIMEOUT
+                ),
+            );
+            log_refusal(&e);
+            return Some(e);
+        }
+        let conn = self.conn.as_ref()?;
+        let check = self.idle_check.as_mut()?;
+        while check.as_mut().poll(cx).is_ready() {
+            let now = tokio::time::Instant::now();
+            let next = match conn.idle_since() {
+                None => now + IDLE_TIMEOUT,
+                Some(since) if since + IDLE_TIMEOUT <= now => {
+                    return Some(io::Error::new(
+                        io::ErrorKind::TimedOut,
+                        format!("closing a connection without an open stream for {IDLE_TIMEOUT:?}"),
+                    ));
+                }
+                Some(since) => since + IDLE_TIMEOUT,
+            };
+            check.as_mut().reset(next);
+        }
+        None
     }
 
     /// Hold `slot` for as long as the connection lives.
@@ -213,6 +285,11 @@ impl<S> AuthorityRewrite<S> {
             let sid = u32::from_be_bytes([self.raw[5], self.raw[6], self.raw[7], self.raw[8]])
                 & 0x7fff_ffff;
             let frame: Vec<u8> = self.raw.drain(..FRAME_HEADER_LEN + len).collect();
+            if kind == TYPE_SETTINGS {
+                // The client's first frame (RFC 9113 §3.4); any other first frame is a
+                // connection error the server reports.
+                self.handshake_deadline = None;
+            }
             let payload = &frame[FRAME_HEADER_LEN..];
             match kind {
                 TYPE_HEADERS => {
@@ -409,6 +486,9 @@ impl<S: AsyncRead + Unpin> AsyncRead for AuthorityRewrite<S> {
                 }
                 return Poll::Ready(Ok(()));
             }
+            if let Some(e) = me.poll_limits(cx) {
+                return Poll::Ready(Err(e));
+            }
             let mut tmp = [0u8; 8192];
             let mut rb = ReadBuf::new(&mut tmp);
             match Pin::new(&mut me.inner).poll_read(cx, &mut rb) {
@@ -461,7 +541,11 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityRewrite<S> {
         cx: &mut Context<'_>,
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write(cx, buf)
+        let me = self.get_mut();
+        if let Some(e) = me.poll_limits(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut me.inner).poll_write(cx, buf)
     }
     fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
         Pin::new(&mut self.get_mut().inner).poll_flush(cx)
@@ -474,20 +558,21 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for AuthorityRewrite<S> {
         cx: &mut Context<'_>,
         bufs: &[io::IoSlice<'_>],
     ) -> Poll<io::Result<usize>> {
-        Pin::new(&mut self.get_mut().inner).poll_write_vectored(cx, bufs)
+        let me = self.get_mut();
+        if let Some(e) = me.poll_limits(cx) {
+            return Poll::Ready(Err(e));
+        }
+        Pin::new(&mut me.inner).poll_write_vectored(cx, bufs)
     }
     fn is_write_vectored(&self) -> bool {
         self.inner.is_write_vectored()
     }
 }
 
-impl<S> tonic::transport::server::Connected for AuthorityRewrite<S>
-where
-    S: tonic::transport::server::Connected,
-{
-    type ConnectInfo = S::ConnectInfo;
+impl<S> tonic::transport::server::Connected for AuthorityRewrite<S> {
+    type ConnectInfo = Tracked;
     fn connect_info(&self) -> Self::ConnectInfo {
-        self.inner.connect_info()
+        Tracked(self.conn.clone())
     }
 }
 
