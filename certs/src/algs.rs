@@ -8,16 +8,20 @@ use crate::error::Error;
 
 /// The kinds of subject public key we accept.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum SpkiKind {
+pub enum SpkiKind {
+    /// ECDSA on P-256.
     EcP256,
+    /// ECDSA on P-384.
     EcP384,
+    /// Ed25519.
     Ed25519,
+    /// RSA (PKCS #1 rsaEncryption).
     Rsa,
 }
 
 impl SpkiKind {
     /// Classifies a parsed SubjectPublicKeyInfo.
-    pub(crate) fn of(spki: &SubjectPublicKeyInfo<'_>) -> Result<Self, Error> {
+    pub fn of(spki: &SubjectPublicKeyInfo<'_>) -> Result<Self, Error> {
         let alg = &spki.algorithm.algorithm;
         if *alg == oids::OID_KEY_TYPE_EC_PUBLIC_KEY {
             let curve = spki
@@ -68,7 +72,7 @@ impl SpkiKind {
     }
 
     /// The ring verification algorithm for a signature of `sig_alg` made by this key kind.
-    pub(crate) fn ring_verifier(
+    pub fn ring_verifier(
         self,
         sig_alg: &AlgorithmIdentifier<'_>,
     ) -> Result<&'static dyn sig::VerificationAlgorithm, Error> {

@@ -75,6 +75,7 @@ mod verify;
 pub mod test_util;
 
 pub use self::{
+    algs::SpkiKind,
     authority::{
         CLOCK_SKEW_BACKDATE, CertificateAuthority, DEFAULT_WORKLOAD_CERT_TTL, IntermediateParams,
         MAX_BACKDATE_FRACTION, MAX_WORKLOAD_CERT_TTL, RootParams, clock_skew_backdate,

@@ -123,20 +123,44 @@ fn issued_by(cert: &CertificateDer<'_>, issuer: &CertificateDer<'_>) -> Result<(
             i.subject()
         ));
     }
-    let oid = c.signature_algorithm.algorithm.to_id_string();
-    let alg: &dyn ring::signature::VerificationAlgorithm = match oid.as_str() {
-        "1.2.840.10045.4.3.2" => &ring::signature::ECDSA_P256_SHA256_ASN1,
-        "1.2.840.10045.4.3.3" => &ring::signature::ECDSA_P384_SHA384_ASN1,
-        "1.2.840.113549.1.1.11" => &ring::signature::RSA_PKCS1_2048_8192_SHA256,
-        "1.2.840.113549.1.1.12" => &ring::signature::RSA_PKCS1_2048_8192_SHA384,
-        "1.2.840.113549.1.1.13" => &ring::signature::RSA_PKCS1_2048_8192_SHA512,
-        "1.3.101.112" => &ring::signature::ED25519,
-        other => return Err(format!("unsupported signature algorithm {other}")),
-    };
+    let alg = verifier(&c.signature_algorithm, i.public_key())?;
     let key = i.public_key().subject_public_key.data.as_ref();
     ring::signature::UnparsedPublicKey::new(alg, key)
         .verify(c.tbs_certificate.as_ref(), c.signature_value.data.as_ref())
         .map_err(|_| "signature does not verify with its key".to_owned())
+}
+
+/// The ring algorithm for a signature `sig_alg` made with the key `issuer`: the curve is
+/// the issuer key's, the hash the signature's (a P-384 CA signs with ecdsa-with-SHA256 by
+/// OpenSSL's default; a P-256 one may use SHA-384). RSASSA-PSS as webpki accepts it: MGF1
+/// with the same hash, SHA-256/384/512.
+fn verifier(
+    sig_alg: &x509_parser::x509::AlgorithmIdentifier<'_>,
+    issuer: &x509_parser::x509::SubjectPublicKeyInfo<'_>,
+) -> Result<&'static dyn ring::signature::VerificationAlgorithm, String> {
+    use rampart_certs::SpkiKind;
+    use x509_parser::signature_algorithm::SignatureAlgorithm;
+    let kind = SpkiKind::of(issuer).map_err(|e| e.to_string())?;
+    if let Ok(SignatureAlgorithm::RSASSA_PSS(params)) = SignatureAlgorithm::try_from(sig_alg) {
+        if kind != SpkiKind::Rsa {
+            return Err("an RSASSA-PSS signature by a key that is not RSA".into());
+        }
+        let hash = params.hash_algorithm_oid().to_id_string();
+        let mgf_hash = params
+            .mask_gen_algorithm()
+            .ok()
+            .map(|m| m.hash.to_id_string());
+        if mgf_hash.as_deref() != Some(hash.as_str()) {
+            return Err("an RSASSA-PSS signature whose MGF1 hash is not its hash".into());
+        }
+        return match hash.as_str() {
+            "2.16.840.1.101.3.4.2.1" => Ok(&ring::signature::RSA_PSS_2048_8192_SHA256),
+            "2.16.840.1.101.3.4.2.2" => Ok(&ring::signature::RSA_PSS_2048_8192_SHA384),
+            "2.16.840.1.101.3.4.2.3" => Ok(&ring::signature::RSA_PSS_2048_8192_SHA512),
+            other => Err(format!("unsupported RSASSA-PSS hash {other}")),
+        };
+    }
+    kind.ring_verifier(sig_alg).map_err(|e| e.to_string())
 }
 
 /// The refusal for a chain that does not verify to the configured anchors: when it does
@@ -422,5 +446,155 @@ mod tests {
         let (chain, key) = response(&issuer, &id, &[cross], &[new_root.cert().clone()]);
         let got = check(&chain, key, &id, &old.bundle()).unwrap();
         assert!(got.bundle.bundle.roots().contains(new_root.cert()));
+    }
+
+    fn openssl(dir: &std::path::Path, args: &[&str]) {
+        let out = std::process::Command::new("openssl")
+            .current_dir(dir)
+            .args(args)
+            .output()
+            .expect("openssl");
+        assert!(
+            out.status.success(),
+            "openssl {args:?}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+
+    /// An OpenSSL-made CA `name` (`name-key.pem`, `name-cert.pem`) with a key made by
+    /// `genkey` (genpkey arguments), self-signed or signed by `issuer` with `sign` (x509
+    /// arguments: digest, -sigopt).
+    fn openssl_ca(
+        d: &std::path::Path,
+        name: &str,
+        genkey: &[&str],
+        issuer: Option<&str>,
+        sign: &[&str],
+    ) {
+        std::fs::write(
+            d.join("ext.cnf"),
+            "[ca]\nbasicConstraints=critical,CA:TRUE\nkeyUsage=critical,keyCertSign,cRLSign\n\
+             subjectKeyIdentifier=hash\nauthorityKeyIdentifier=keyid\n",
+        )
+        .unwrap();
+        let key = format!("{name}-key.pem");
+        let cert = format!("{name}-cert.pem");
+        let csr = format!("{name}.csr");
+        let subj = format!("/O=cluster.local/CN={name}");
+        let mut args = vec!["genpkey", "-out", key.as_str()];
+        args.extend_from_slice(genkey);
+        openssl(d, &args);
+        openssl(
+            d,
+            &["req", "-new", "-key", &key, "-subj", &subj, "-out", &csr],
+        );
+        let issuer_cert = issuer.map(|i| format!("{i}-cert.pem"));
+        let issuer_key = issuer.map_or(key.clone(), |i| format!("{i}-key.pem"));
+        let mut args = vec![
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-days",
+            "10",
+            "-extfile",
+            "ext.cnf",
+            "-extensions",
+            "ca",
+            "-out",
+            &cert,
+        ];
+        match &issuer_cert {
+            Some(c) => {
+                args.extend_from_slice(&["-CA", c, "-CAkey", &issuer_key, "-CAcreateserial"])
+            }
+            None => args.extend_from_slice(&["-key", &issuer_key]),
+        }
+        args.extend_from_slice(sign);
+        openssl(d, &args);
+    }
+
+    const P256: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-256"];
+    const P384: &[&str] = &["-algorithm", "EC", "-pkeyopt", "ec_paramgen_curve:P-384"];
+    const RSA: &[&str] = &["-algorithm", "RSA", "-pkeyopt", "rsa_keygen_bits:2048"];
+
+    /// The agent's response for a leaf issued by the OpenSSL CA `issuer` whose chain up to
+    /// the root is `up` (names, root last).
+    fn openssl_response(
+        d: &std::path::Path,
+        issuer: &str,
+        up: &[&str],
+    ) -> (Vec<String>, PrivateKey, SpiffeId, TrustBundle) {
+        let read = |n: &str| std::fs::read_to_string(d.join(format!("{n}-cert.pem"))).unwrap();
+        let cert = |n: &str| parse_certs_pem(&read(n)).unwrap().remove(0);
+        let key = std::fs::read_to_string(d.join(format!("{issuer}-key.pem"))).unwrap();
+        let ca = CertificateAuthority::new(
+            cert(issuer),
+            PrivateKey::from_pkcs8_pem(&key).unwrap(),
+            up.iter().map(|n| cert(n)).collect(),
+        )
+        .unwrap();
+        let id = SpiffeId::istio(&"cluster.local".parse().unwrap(), "ns", "sa").unwrap();
+        let root = cert(up.last().unwrap());
+        let mut inter = vec![ca.cert().clone()];
+        inter.extend(up[..up.len() - 1].iter().map(|n| cert(n)));
+        let (chain, key) = response(&ca, &id, &inter, std::slice::from_ref(&root));
+        (chain, key, id, TrustBundle::from_der(vec![root]).unwrap())
+    }
+
+    /// Chains that verified before the issuer check of each link (32ea416) and were then
+    /// refused because it took the curve from the signature's hash, not the issuer's key:
+    /// OpenSSL-made root (P-384) -> P-384 intermediate -> P-256 intermediate signed with
+    /// ecdsa-with-SHA256 (OpenSSL's default digest) -> leaf; a P-256 CA signing with
+    /// SHA-384; an RSA root signing with RSASSA-PSS. All accepted. Twin: the same 3-tier
+    /// chain with a look-alike P-384 intermediate (same name, another key) in the middle is
+    /// refused (the unrelated and look-alike cases of `a_certificate_off_the_leafs_path_...`
+    /// stay refused too).
+    #[test]
+    fn openssl_chains_mixing_curves_and_hashes_are_accepted() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        openssl_ca(d, "root384", P384, None, &["-sha384"]);
+        openssl_ca(d, "int384", P384, Some("root384"), &["-sha384"]);
+        openssl_ca(d, "int256", P256, Some("int384"), &["-sha256"]);
+        let (chain, key, id, anchors) = openssl_response(d, "int256", &["int384", "root384"]);
+        let got = check(&chain, key, &id, &anchors).unwrap();
+        assert_eq!(got.svid.chain().len(), 3);
+
+        openssl_ca(d, "root256", P256, None, &["-sha256"]);
+        openssl_ca(d, "int256b", P256, Some("root256"), &["-sha384"]);
+        let (chain, key, id, anchors) = openssl_response(d, "int256b", &["root256"]);
+        check(&chain, key, &id, &anchors).unwrap();
+
+        openssl_ca(d, "rootrsa", RSA, None, &["-sha256"]);
+        openssl_ca(
+            d,
+            "intpss",
+            P256,
+            Some("rootrsa"),
+            &[
+                "-sha256",
+                "-sigopt",
+                "rsa_padding_mode:pss",
+                "-sigopt",
+                "rsa_pss_saltlen:digest",
+            ],
+        );
+        let (chain, key, id, anchors) = openssl_response(d, "intpss", &["rootrsa"]);
+        check(&chain, key, &id, &anchors).unwrap();
+
+        // Twin: a look-alike of int384 (same subject, its own key, also under root384).
+        let (mut chain, key, id, anchors) = openssl_response(d, "int256", &["int384", "root384"]);
+        std::fs::rename(d.join("int384-key.pem"), d.join("real-int384-key.pem")).unwrap();
+        openssl_ca(d, "int384", P384, Some("root384"), &["-sha384"]);
+        chain[2] = std::fs::read_to_string(d.join("int384-cert.pem")).unwrap();
+        let err = check(&chain, key, &id, &anchors)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(
+            err.contains("certificate 1 is not issued by certificate 2"),
+            "{err}"
+        );
     }
 }
