@@ -94,23 +94,33 @@ impl IstioCaClient {
             }
         })?;
         let dial = addr.clone();
+        // What to check when the CA's certificate is not trusted: the commonest
+        // misconfiguration, which otherwise reads as a bare "UnknownIssuer".
+        let trust_hint = Arc::new(format!(
+            "--ca-root {} must hold the root that issued the CA's serving certificate, and --ca-server-name {} must be a name in it",
+            self.cfg.root_path.display(),
+            self.cfg.server_name
+        ));
         let connector = tower::service_fn(move |_uri: http::Uri| {
             let tls = tls.clone();
             let server_name = server_name.clone();
             let dial = dial.clone();
+            let trust_hint = trust_hint.clone();
             async move {
                 let tcp = tokio::net::TcpStream::connect(&dial).await?;
                 tcp.set_nodelay(true)?;
                 let stream = tls.connect(server_name, tcp).await.map_err(|e| {
+                    let tls_error = e.get_ref().and_then(|i| i.downcast_ref::<rustls::Error>());
                     // A key-exchange refusal (e.g. compliance policy pqc against a
                     // classical-only CA) says so instead of a bare TLS alert.
-                    let why = e
-                        .get_ref()
-                        .and_then(|i| i.downcast_ref::<rustls::Error>())
-                        .and_then(rampart_certs::tls::kx_refusal);
-                    match why {
-                        Some(why) => std::io::Error::other(why),
-                        None => e,
+                    if let Some(why) = tls_error.and_then(rampart_certs::tls::kx_refusal) {
+                        return std::io::Error::other(why);
+                    }
+                    match tls_error {
+                        Some(rustls::Error::InvalidCertificate(c)) => std::io::Error::other(
+                            format!("the CA's certificate is not trusted ({c:?}): {trust_hint}"),
+                        ),
+                        _ => e,
                     }
                 })?;
                 Ok::<_, std::io::Error>(TokioIo::new(stream))
@@ -288,8 +298,12 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
+        // Many errors print their source in their own text too: say each cause once.
+        let text = c.to_string();
+        if !s.contains(&text) {
+            s.push_str(": ");
+            s.push_str(&text);
+        }
         cur = c.source();
     }
     s

@@ -216,3 +216,54 @@ async fn a_stopped_ca_is_unreachable_and_a_refusal_is_the_cas() {
     let e = client.get_crls("", &token).await.unwrap_err();
     assert!(matches!(e, Error::CaUnreachable { .. }), "{e:?}");
 }
+
+/// A `--ca-root` that does not hold the CA's root is the commonest misconfiguration: the
+/// error says the CA's certificate is not trusted and which flags to check, once (it read
+/// "unreachable: ... UnknownIssuer: ... UnknownIssuer"). Twin: the right root is served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_ca_root_that_does_not_hold_the_cas_root_is_named() {
+    use rampart_node_agent::{CrlSource as _, IstioCaClient};
+    let Bed {
+        dir, mut ca, cfg, ..
+    } = bed(Duration::from_secs(3600)).await;
+    ca.set_crls(Some(Vec::new()));
+    let token = cfg.workloads[0].token_path.clone();
+    IstioCaClient::new(cfg.ca.clone())
+        .get_crls("", &token)
+        .await
+        .expect("the right root: served");
+    let other = dir.path().join("other-root.pem");
+    let st = std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:P-256",
+        ])
+        .args([
+            "-nodes",
+            "-keyout",
+            "/dev/null",
+            "-subj",
+            "/CN=another root",
+            "-days",
+            "1",
+        ])
+        .arg("-out")
+        .arg(&other)
+        .output()
+        .expect("openssl");
+    assert!(st.status.success(), "{st:?}");
+    let mut wrong = cfg.ca.clone();
+    wrong.root_path = other.clone();
+    let e = IstioCaClient::new(wrong)
+        .get_crls("", &token)
+        .await
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("the CA's certificate is not trusted"), "{e}");
+    assert!(e.contains(&format!("--ca-root {}", other.display())), "{e}");
+    assert_eq!(e.matches("UnknownIssuer").count(), 1, "{e}");
+}
