@@ -287,10 +287,25 @@ pub fn resolve_identity(
             (ns.to_owned(), sa.to_owned())
         }
         (Some(ns), Some(sa), _) => (ns.to_owned(), sa.to_owned()),
-        (ns, sa, Some(Ok((tns, tsa)))) => (
-            ns.map(str::to_owned).unwrap_or(tns),
-            sa.map(str::to_owned).unwrap_or(tsa),
-        ),
+        (ns, sa, Some(Ok((tns, tsa)))) => {
+            // One flag given: it must agree with the token too, or the agent would start
+            // and then loop on the CA's "SAN mismatch" refusals.
+            let (field, flag, token) = match (ns, sa) {
+                (Some(ns), _) => ("namespace", ns, tns.as_str()),
+                (_, Some(sa)) => ("service-account", sa, tsa.as_str()),
+                _ => ("", "", ""),
+            };
+            if flag != token {
+                return Err(Error::InvalidConfig {
+                    field,
+                    reason: format!(
+                        "--{field} {flag} but the token {} is for {tns}/{tsa}",
+                        token_path.display()
+                    ),
+                });
+            }
+            (tns.clone(), tsa.clone())
+        }
         (_, _, Some(Err(reason))) => {
             return Err(Error::BadToken {
                 path: token_path.to_owned(),
@@ -374,6 +389,22 @@ mod tests {
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/cart");
         let err = resolve_identity(&td, Some("shop"), Some("other"), &p).unwrap_err();
         assert!(err.to_string().contains("shop/cart"), "{err}");
+        // One flag, agreeing with the token: fine; disagreeing: refused, naming the flag.
+        let id = resolve_identity(&td, Some("shop"), None, &p).unwrap();
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/cart");
+        let id = resolve_identity(&td, None, Some("cart"), &p).unwrap();
+        assert_eq!(id.to_string(), "spiffe://cluster.local/ns/shop/sa/cart");
+        let err = resolve_identity(&td, Some("other"), None, &p).unwrap_err();
+        assert!(
+            err.to_string().contains("--namespace other but the token"),
+            "{err}"
+        );
+        let err = resolve_identity(&td, None, Some("other"), &p).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("--service-account other but the token"),
+            "{err}"
+        );
         // no token file yet, both flags: fine
         let id = resolve_identity(&td, Some("a"), Some("b"), &dir.path().join("missing")).unwrap();
         assert_eq!(id.to_string(), "spiffe://cluster.local/ns/a/sa/b");
