@@ -480,3 +480,33 @@ fn sixty_second_certificates_renew_near_half_life_for_five_minutes() {
         "{n} issuances of 60 s certificates in 5 min ({seen:?})"
     );
 }
+
+/// `rampart secrets` is a client: a path where nothing listens says the system's reason
+/// (it read "cannot listen on ...: transport error"); a missing path says so. No agent is
+/// needed for either.
+#[test]
+fn secrets_names_why_a_socket_cannot_be_asked() {
+    let d = tempfile::tempdir().unwrap();
+    let file = d.path().join("not-a-socket");
+    std::fs::write(&file, "x").unwrap();
+    let out = rampart()
+        .args(["secrets", "--timeout", "2s", "--sds-socket"])
+        .arg(&file)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success());
+    assert!(
+        err.contains(&format!("asking {}", file.display())) && err.contains("refused"),
+        "{err}"
+    );
+    assert!(!err.contains("cannot listen"), "{err}");
+    let out = rampart()
+        .args(["secrets", "--sds-socket"])
+        .arg(d.path().join("missing"))
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(err.contains("no such socket"), "{err}");
+}

@@ -18,7 +18,7 @@ use crate::Error;
 /// A gRPC channel over a Unix socket.
 pub async fn connect_unix(path: &Path) -> Result<Channel, Error> {
     let p: PathBuf = path.to_owned();
-    let unreachable = |reason: String| Error::Socket {
+    let unreachable = |reason: String| Error::SocketClient {
         path: path.to_owned(),
         reason,
     };
@@ -30,7 +30,20 @@ pub async fn connect_unix(path: &Path) -> Result<Channel, Error> {
             }
         }))
         .await
-        .map_err(|e| unreachable(e.to_string()))
+        .map_err(|e| {
+            // tonic says only "transport error"; the cause (permission denied, connection
+            // refused) is what the user needs.
+            let mut why = e.to_string();
+            let mut cur = std::error::Error::source(&e);
+            while let Some(c) = cur {
+                let text = c.to_string();
+                if !why.contains(&text) {
+                    why = format!("{why}: {text}");
+                }
+                cur = c.source();
+            }
+            unreachable(why)
+        })
 }
 
 /// What kind of secret a resource is.
@@ -130,7 +143,7 @@ pub async fn fetch_secrets(socket: &Path, timeout: Duration) -> Result<Vec<Serve
         let mut stream = client
             .stream_secrets(tokio_stream::wrappers::ReceiverStream::new(rx))
             .await
-            .map_err(|s| Error::Socket {
+            .map_err(|s| Error::SocketClient {
                 path: socket.to_owned(),
                 reason: format!("{:?}: {}", s.code(), s.message()),
             })?
@@ -138,11 +151,11 @@ pub async fn fetch_secrets(socket: &Path, timeout: Duration) -> Result<Vec<Serve
         let resp = stream
             .message()
             .await
-            .map_err(|s| Error::Socket {
+            .map_err(|s| Error::SocketClient {
                 path: socket.to_owned(),
                 reason: format!("{:?}: {}", s.code(), s.message()),
             })?
-            .ok_or_else(|| Error::Socket {
+            .ok_or_else(|| Error::SocketClient {
                 path: socket.to_owned(),
                 reason: "stream ended without a response".into(),
             })?;
@@ -155,9 +168,11 @@ pub async fn fetch_secrets(socket: &Path, timeout: Duration) -> Result<Vec<Serve
     tokio::time::timeout(timeout, fut)
         .await
         .unwrap_or_else(|_| {
-            Err(Error::Socket {
+            Err(Error::SocketClient {
                 path: socket.to_owned(),
-                reason: format!("no response within {timeout:?} (no certificate issued yet?)"),
+                reason: format!(
+                    "no response within {timeout:?} (an agent serves nothing before its first certificate or after one expired: see its log)"
+                ),
             })
         })
 }

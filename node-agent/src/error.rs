@@ -36,6 +36,14 @@ pub enum Error {
         /// Why.
         reason: String,
     },
+    /// Asking an agent's socket as a client (`rampart secrets`) failed.
+    #[error("asking {path}: {reason}")]
+    SocketClient {
+        /// The socket path.
+        path: PathBuf,
+        /// Why.
+        reason: String,
+    },
     /// The CA could not be reached (connect, TLS handshake, transport).
     #[error("CA at {addr} unreachable: {reason}")]
     CaUnreachable {

@@ -23,9 +23,15 @@ pub(crate) struct SecretsArgs {
 
 impl SecretsArgs {
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
-        if !self.sds_socket.exists() {
+        // `exists()` says false for a socket in a directory we may not search: name why.
+        if let Err(e) = std::fs::metadata(&self.sds_socket) {
+            let why = if e.kind() == std::io::ErrorKind::NotFound {
+                "no such socket".to_string()
+            } else {
+                e.to_string()
+            };
             return Err(super::bad_input(format!(
-                "--sds-socket {}: no such socket",
+                "--sds-socket {}: {why}",
                 self.sds_socket.display()
             )));
         }
