@@ -27,6 +27,7 @@ pub struct Agent {
     crl_source: Arc<dyn CrlSource>,
     metrics: Arc<Metrics>,
     clock: Clock,
+    trust_output_dir: bool,
 }
 
 impl std::fmt::Debug for Agent {
@@ -59,7 +60,16 @@ impl Agent {
             crl_source: client,
             metrics: Arc::new(Metrics::new()),
             clock: Clock::System,
+            trust_output_dir: false,
         })
+    }
+
+    /// `--trust-output-dir`: every workload's output directory is a volume only the Pod's
+    /// containers that read the files mount (Istio's `OUTPUT_CERTS` on an emptyDir, 0777):
+    /// its own mode and owner are not judged; the directories above it still are.
+    pub fn trust_output_dir(mut self, trusted: bool) -> Self {
+        self.trust_output_dir = trusted;
+        self
     }
 
     /// Use another signer (tests).
@@ -89,6 +99,7 @@ impl Agent {
             crl_source,
             metrics,
             clock,
+            trust_output_dir,
         } = self;
         let mut tasks = JoinSet::new();
         let mut stores = Vec::new();
@@ -97,7 +108,7 @@ impl Agent {
             // A file-output directory that cannot be trusted is refused at start, as a
             // socket is (and judged again before every write).
             if let Some(dir) = &w.output_dir {
-                crate::uds::prepare_output_dir(dir)?;
+                crate::uds::prepare_output_dir(dir, trust_output_dir)?;
             }
             let store = SecretStore::new();
             let bind = |p| bind_unix_in(p, config.socket_mode, config.trust_socket_dir);
@@ -129,6 +140,7 @@ impl Agent {
                 clock,
                 store,
                 output_dir: w.output_dir.clone(),
+                trust_output_dir,
                 metrics: metrics.clone(),
             };
             let sd = shutdown.clone();

@@ -25,9 +25,14 @@ fn write(dir: &Path, name: &str, bytes: &[u8], mode: u32) -> Result<(), Error> {
 ///
 /// The directory is made 0755 if missing and judged first as a socket's directory is
 /// ([`crate::uds::prepare_output_dir`]): nobody but the agent's user (or root) may own,
-/// write or rename it, or a directory above it.
-pub(crate) fn write_outputs(dir: &Path, svid: &Svid, bundle: Option<&Bundle>) -> Result<(), Error> {
-    crate::uds::prepare_output_dir(dir)?;
+/// write or rename it (unless `trusted`: `--trust-output-dir`), or a directory above it.
+pub(crate) fn write_outputs(
+    dir: &Path,
+    trusted: bool,
+    svid: &Svid,
+    bundle: Option<&Bundle>,
+) -> Result<(), Error> {
+    crate::uds::prepare_output_dir(dir, trusted)?;
     write(dir, KEY_FILE, svid.key_pem.as_bytes(), 0o600)?;
     write(dir, CERT_CHAIN_FILE, svid.chain_pem.as_bytes(), 0o644)?;
     if let Some(b) = bundle {
@@ -38,10 +43,14 @@ pub(crate) fn write_outputs(dir: &Path, svid: &Svid, bundle: Option<&Bundle>) ->
 
 /// Write `ca-crl.pem` (atomically, 0644) beside `root-cert.pem`, or remove it when no CRL is
 /// served (so a reader never enforces a list the CA no longer serves).
-pub(crate) fn write_crls(dir: &Path, crls: Option<&ServedCrls>) -> Result<(), Error> {
+pub(crate) fn write_crls(
+    dir: &Path,
+    trusted: bool,
+    crls: Option<&ServedCrls>,
+) -> Result<(), Error> {
     match crls.filter(|c| !c.set().is_empty()) {
         Some(c) => {
-            crate::uds::prepare_output_dir(dir)?;
+            crate::uds::prepare_output_dir(dir, trusted)?;
             write(dir, CA_CRL_FILE, c.pem().as_bytes(), 0o644)
         }
         None => match std::fs::remove_file(dir.join(CA_CRL_FILE)) {

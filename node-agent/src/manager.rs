@@ -98,6 +98,8 @@ pub(crate) struct Manager {
     pub(crate) clock: Clock,
     pub(crate) store: SecretStore,
     pub(crate) output_dir: Option<PathBuf>,
+    /// `--trust-output-dir`: the output directory's own mode and owner are not judged.
+    pub(crate) trust_output_dir: bool,
     pub(crate) metrics: Arc<Metrics>,
 }
 
@@ -219,7 +221,7 @@ impl Manager {
         if same {
             return;
         }
-        match files::write_crls(dir, cur.as_deref()) {
+        match files::write_crls(dir, self.trust_output_dir, cur.as_deref()) {
             Ok(()) => *written = cur,
             Err(e) => tracing::error!(spiffe_id = %self.id, "file output: {e}"),
         }
@@ -251,7 +253,8 @@ impl Manager {
         if let Some(dir) = &self.output_dir {
             let snap = self.store.current();
             if let Some(svid) = &snap.svid
-                && let Err(e) = files::write_outputs(dir, svid, snap.bundle.as_deref())
+                && let Err(e) =
+                    files::write_outputs(dir, self.trust_output_dir, svid, snap.bundle.as_deref())
             {
                 tracing::error!(spiffe_id = %self.id, "file output: {e}");
             }
@@ -459,6 +462,7 @@ mod tests {
             clock,
             store: store.clone(),
             output_dir: None,
+            trust_output_dir: false,
             metrics: Arc::new(Metrics::new()),
         };
         (m, signer, store)

@@ -9,6 +9,11 @@ use tokio::net::UnixListener;
 
 use crate::Error;
 
+/// The flag that trusts a socket's own directory (named in the refusal).
+const SOCKET_DIR_FLAG: &str = "--trust-socket-dir";
+/// The flag that trusts the file-output directory itself.
+const OUTPUT_DIR_FLAG: &str = "--trust-output-dir";
+
 fn sock_err(path: &Path, reason: impl Into<String>) -> Error {
     Error::Socket {
         path: path.to_owned(),
@@ -65,7 +70,14 @@ async fn bind_unix_inspect(
         .map(Path::to_path_buf)
         .unwrap_or_default();
     create_parent(path, &parent, ids, trust_own_dir)?;
-    check_ancestors(path, &parent, ids, true, trust_own_dir)?;
+    check_ancestors(
+        path,
+        &parent,
+        ids,
+        true,
+        trust_own_dir,
+        Some(SOCKET_DIR_FLAG),
+    )?;
     match std::fs::symlink_metadata(path) {
         Ok(md) if md.file_type().is_socket() => {
             if tokio::net::UnixStream::connect(path).await.is_ok() {
@@ -120,11 +132,10 @@ async fn bind_unix_inspect(
 ///   not: while the agent is down, anyone could create a socket at the name in a sticky
 ///   directory such as `/tmp`); unless `trust_own_dir` (a volume only the Pod's sidecars
 ///   mount, as the injector's emptyDir, which the kubelet makes 0777 and root's);
-/// - no directory above it is writable by others, or by a group other than the agent's own
-///   effective group, unless sticky (as `/tmp` is): a member of that group (say `staff` on
-///   Debian's `/var/local`, 2775 root:staff) could rename the socket's directory away. A
-///   directory writable by the agent's own group is trusted (umask 002 with per-user
-///   groups: the group is the user).
+/// - no directory above it is writable by others or by its group, unless sticky (as `/tmp`
+///   is): a member of that group (say `staff` on Debian's `/var/local`, 2775 root:staff)
+///   could rename the socket's directory away. That holds for the agent's own group too:
+///   it may be shared (`users`, gid 100), so it is not taken to hold only the agent's user.
 ///
 /// Directories the agent creates for the socket are made 0755 whatever the umask adds.
 ///
@@ -136,6 +147,7 @@ fn check_ancestors(
     (me, my_gid): (u32, u32),
     own_last: bool,
     trust_own_dir: bool,
+    own_dir_flag: Option<&str>,
 ) -> Result<(), Error> {
     use std::os::unix::fs::MetadataExt;
     let walk = walk(dir).map_err(|e| sock_err(path, e))?;
@@ -174,26 +186,43 @@ fn check_ancestors(
         }
         let sticky = md.mode() & 0o1000 != 0;
         let others = md.mode() & 0o002 != 0;
-        let foreign_group = md.mode() & 0o020 != 0 && md.gid() != my_gid;
-        let open = if own {
-            md.mode() & 0o022 != 0
-        } else if sticky {
-            false
-        } else {
-            others || foreign_group
-        };
+        let group = md.mode() & 0o020 != 0;
+        let open = (others || group) && (own || !sticky);
         if open {
+            let fix = match (others, group) {
+                (true, true) => "go-w",
+                (true, false) => "o-w",
+                _ => "g-w",
+            };
             let who = if own {
                 "group or others".to_owned()
             } else if others {
                 "others".to_owned()
+            } else if md.gid() == my_gid {
+                format!(
+                    "group {} (the agent's own group, whose other members could)",
+                    md.gid()
+                )
             } else {
-                format!("group {} (not the agent's group {my_gid})", md.gid())
+                format!("group {}", md.gid())
+            };
+            let how = if own {
+                let flag = own_dir_flag.map_or(String::new(), |f| {
+                    format!(
+                        ", or pass `{f}` if it is a volume only the Pod's sidecar containers mount"
+                    )
+                });
+                format!("`chmod {fix} {}`{flag}", dir.display())
+            } else {
+                format!(
+                    "`chmod {fix} {}` (or `chmod +t` it, so nobody renames what is not theirs)",
+                    dir.display()
+                )
             };
             return Err(sock_err(
                 path,
                 format!(
-                    "{} is writable by {who} (mode {:o}): another user could replace the socket; use a directory only the agent's user can write",
+                    "{} is writable by {who} (mode {:o}): another user could replace the socket; run {how}",
                     dir.display(),
                     md.mode() & 0o7777
                 ),
@@ -249,7 +278,7 @@ fn create_parent(
     if missing.is_empty() {
         return Ok(());
     }
-    check_ancestors(path, &existing, ids, false, trust_own_dir)?;
+    check_ancestors(path, &existing, ids, false, trust_own_dir, None)?;
     let mut cur = existing;
     for name in missing.into_iter().rev() {
         cur.push(name);
@@ -282,8 +311,11 @@ fn create_parent(
 /// is made, and judge it the same way ([`check_ancestors`]): whoever could write to it, or
 /// rename it or a directory above it away, could replace `cert-chain.pem` and
 /// `root-cert.pem` (and so what the reading app trusts) or read a `key.pem` placed in a
-/// directory of theirs. Nothing is created before the existing directories passed.
-pub(crate) fn prepare_output_dir(dir: &Path) -> Result<(), Error> {
+/// directory of theirs. Nothing is created before the existing directories passed. With
+/// `trusted` (`--trust-output-dir`, a volume only the Pod's containers that read the files
+/// mount, as Istio's `OUTPUT_CERTS` on an emptyDir, 0777) the directory's own mode and owner
+/// are not judged; the directories above it still are.
+pub(crate) fn prepare_output_dir(dir: &Path, trusted: bool) -> Result<(), Error> {
     let fail = |reason: String| Error::WriteFile {
         path: dir.to_owned(),
         source: std::io::Error::new(
@@ -297,8 +329,8 @@ pub(crate) fn prepare_output_dir(dir: &Path) -> Result<(), Error> {
     };
     let ids = effective_ids().map_err(fail)?;
     let abs = std::path::absolute(dir).map_err(|e| fail(e.to_string()))?;
-    create_parent(dir, &abs, ids, false).map_err(unwrap)?;
-    check_ancestors(dir, &abs, ids, true, false).map_err(unwrap)
+    create_parent(dir, &abs, ids, trusted).map_err(unwrap)?;
+    check_ancestors(dir, &abs, ids, true, trusted, Some(OUTPUT_DIR_FLAG)).map_err(unwrap)
 }
 
 /// What resolving a path goes through: every directory whose entries it reads (in order,
@@ -459,15 +491,35 @@ mod tests {
         std::fs::create_dir(&below).unwrap();
         std::fs::set_permissions(&below, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert!(bind_unix(&below.join("sock"), 0o600).await.is_err());
-        // A directory above writable by the agent's own group is trusted (umask 002 with
-        // per-user groups); the socket's own directory still may not be group-writable.
+        // A directory above writable by the agent's own group is no better: the group may be
+        // shared (`users`), and any member could rename the socket's directory away. The
+        // refusal says what to do.
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o775)).unwrap();
-        let l = bind_unix(&below.join("sock"), 0o600).await.unwrap();
-        drop(l);
-        std::fs::remove_file(below.join("sock")).unwrap();
+        let err = bind_unix(&below.join("sock"), 0o600)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("the agent's own group")
+                && err.contains(&format!("run `chmod g-w {}`", open.display())),
+            "{err}"
+        );
+        // The socket's own directory group-writable: the fix and the flag are named.
+        std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
         std::fs::set_permissions(&below, std::fs::Permissions::from_mode(0o775)).unwrap();
-        assert!(bind_unix(&below.join("sock"), 0o600).await.is_err());
+        let err = bind_unix(&below.join("sock"), 0o600)
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(&format!("run `chmod g-w {}`", below.display()))
+                && err.contains("--trust-socket-dir"),
+            "{err}"
+        );
+        // Twin: neither group-writable, it binds.
         std::fs::set_permissions(&below, std::fs::Permissions::from_mode(0o755)).unwrap();
+        drop(bind_unix(&below.join("sock"), 0o600).await.unwrap());
+        std::fs::remove_file(below.join("sock")).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
         // Twins: sticky, and private.
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o1777)).unwrap();
@@ -596,9 +648,10 @@ mod tests {
 
     /// A directory above the socket's that another group may write (Debian's `/var/local`,
     /// 2775 root:staff) is refused: a member of that group could rename the socket's
-    /// directory away and bind their own socket. Twins: the same directory with the agent's
-    /// own group, or with the sticky bit, is fine. Needs root to give a directory another
-    /// group (CI runs as root).
+    /// directory away and bind their own socket. So is one of the agent's own group: that
+    /// group may be shared (`users`, gid 100), and before, it was trusted. Twin: with the
+    /// sticky bit it is fine. Needs root to give a directory another group (CI runs as
+    /// root).
     #[tokio::test]
     async fn a_directory_above_writable_by_another_group_is_refused() {
         use std::os::unix::fs::MetadataExt as _;
@@ -626,11 +679,16 @@ mod tests {
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o3775)).unwrap();
         drop(bind_unix(&sock, 0o600).await.unwrap());
         std::fs::remove_file(&sock).unwrap();
-        // The agent's own group.
+        // The agent's own group: refused as well.
         std::os::unix::fs::chown(&shared, Some(0), Some(my_gid)).unwrap();
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o2775)).unwrap();
-        drop(bind_unix(&sock, 0o600).await.unwrap());
         assert_eq!(std::fs::metadata(&shared).unwrap().gid(), my_gid);
+        let err = bind_unix(&sock, 0o600).await.unwrap_err().to_string();
+        assert!(
+            err.contains(&format!("writable by group {my_gid}")),
+            "{err}"
+        );
+        assert!(!sock.exists());
     }
 
     /// In a setgid directory of another group a new file takes that group; the socket is
@@ -712,19 +770,37 @@ mod tests {
         let open = d.path().join("open");
         std::fs::create_dir(&open).unwrap();
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o777)).unwrap();
-        let err = prepare_output_dir(&open.join("certs")).unwrap_err();
+        let err = prepare_output_dir(&open.join("certs"), false).unwrap_err();
         assert!(err.to_string().contains("writable by others"), "{err}");
         assert!(entries(&open).is_empty());
-        let err = prepare_output_dir(&open).unwrap_err();
+        let err = prepare_output_dir(&open, false).unwrap_err();
         assert!(
-            err.to_string().contains("writable by group or others"),
+            err.to_string().contains("writable by group or others")
+                && err.to_string().contains("--trust-output-dir"),
             "{err}"
         );
 
         let out = d.path().join("a/certs");
-        prepare_output_dir(&out).unwrap();
+        prepare_output_dir(&out, false).unwrap();
         assert_eq!(std::fs::metadata(&out).unwrap().mode() & 0o7777, 0o755);
-        prepare_output_dir(&out).unwrap();
+        prepare_output_dir(&out, false).unwrap();
+    }
+
+    /// Istio's OUTPUT_CERTS on an emptyDir (0777): refused before this flag existed, now
+    /// accepted with `--trust-output-dir` (`trusted`), which judges only the directories
+    /// above it. Twin: below a directory others can write, still refused with the flag.
+    #[test]
+    fn a_trusted_output_directory_skips_only_its_own_check() {
+        let d = tempfile::tempdir().unwrap();
+        let vol = d.path().join("vol");
+        std::fs::create_dir(&vol).unwrap();
+        std::fs::set_permissions(&vol, std::fs::Permissions::from_mode(0o777)).unwrap();
+        assert!(prepare_output_dir(&vol, false).is_err());
+        prepare_output_dir(&vol, true).unwrap();
+        let below = vol.join("certs");
+        let err = prepare_output_dir(&below, true).unwrap_err();
+        assert!(err.to_string().contains("writable by others"), "{err}");
+        assert!(!below.exists());
     }
 
     #[tokio::test]

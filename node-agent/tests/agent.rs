@@ -880,3 +880,46 @@ async fn root_rotation_to_a_root_not_in_ca_root_is_refused_until_configured() {
     .await
     .unwrap();
 }
+
+/// Istio's OUTPUT_CERTS on an emptyDir (0777, as the kubelet makes it): refused at start
+/// (naming `--trust-output-dir`) unless the agent is told the directory is the Pod's own
+/// volume; with it the files are written there. Before the flag the only way was to not
+/// use such a directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_open_output_volume_is_written_only_when_trusted() {
+    tokio::time::timeout(T, async {
+        let Bed {
+            dir: _dir,
+            ca: _ca,
+            cfg,
+            sock: _,
+        } = bed(Duration::from_secs(60)).await;
+        let out = cfg.workloads[0].output_dir.clone().unwrap();
+        std::fs::create_dir(&out).unwrap();
+        std::fs::set_permissions(&out, std::fs::Permissions::from_mode(0o777)).unwrap();
+        let sd = CancellationToken::new();
+        let err = Agent::new(cfg.clone())
+            .unwrap()
+            .start(sd.clone())
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("writable by group or others") && err.contains("--trust-output-dir"),
+            "{err}"
+        );
+        let running = Agent::new(cfg)
+            .unwrap()
+            .trust_output_dir(true)
+            .start(sd.clone())
+            .await
+            .unwrap();
+        let chain = out.join(rampart_node_agent::CERT_CHAIN_FILE);
+        while !chain.exists() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        running.shutdown().await;
+    })
+    .await
+    .unwrap();
+}

@@ -74,6 +74,12 @@ pub(crate) struct AgentArgs {
     /// other users of the machine can reach.
     #[arg(long)]
     trust_socket_dir: bool,
+    /// The output directory (--output-dir) is a volume only this Pod's containers that read
+    /// the files mount (Istio's OUTPUT_CERTS on an emptyDir, which the kubelet makes 0777):
+    /// its own mode and owner are not checked, the directories above it still are. Never
+    /// for a directory other users of the machine can reach.
+    #[arg(long)]
+    trust_output_dir: bool,
     /// Longest retry delay while the CA is unreachable.
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     max_backoff: Duration,
@@ -209,6 +215,7 @@ impl AgentArgs {
 
     pub(crate) fn run(self) -> anyhow::Result<ExitCode> {
         self.compliance.apply();
+        let trust_output_dir = self.trust_output_dir;
         let config = self.config()?;
         let rt = tokio::runtime::Runtime::new().context("starting the async runtime")?;
         rt.block_on(async move {
@@ -230,7 +237,10 @@ impl AgentArgs {
                 config.ca.addr, config.ca.server_name
             );
             let shutdown = CancellationToken::new();
-            let mut running = Agent::new(config)?.start(shutdown.clone()).await?;
+            let mut running = Agent::new(config)?
+                .trust_output_dir(trust_output_dir)
+                .start(shutdown.clone())
+                .await?;
             let sd = shutdown.clone();
             tokio::spawn(async move {
                 super::process::shutdown_signal().await;
