@@ -52,7 +52,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use crate::metrics::Metrics;
 use crate::state::{Bundle, SecretStore, ServedCrls, Snapshot, encode_validation_context};
-use crate::throttle::{StreamThrottle, truncated};
+use crate::throttle::{LogThrottle, StreamThrottle, truncated};
 
 static NONCE: AtomicU64 = AtomicU64::new(1);
 
@@ -180,12 +180,16 @@ struct SotwStream {
     /// Versions in the last response, by name.
     sent: BTreeMap<String, String>,
     nack_log: StreamThrottle,
+    /// In front of `nack_log`: [`NACK_WARNINGS`] (tests: their own).
+    nack_global: &'static LogThrottle,
 }
 
 /// How much of a client's NACK message (and node id, version, names) is logged.
 const NACK_LOG_CHARS: usize = 256;
 /// At most one NACK warning per stream in this time; the others are logged at DEBUG.
 const NACK_LOG_EVERY: Duration = Duration::from_secs(10);
+/// NACK lines at WARN over all streams of the process.
+static NACK_WARNINGS: LogThrottle = LogThrottle::new(NACK_LOG_EVERY);
 
 /// Whether `nonce` (a request's `response_nonce`) answers the last response of a stream:
 /// only then is an `error_detail` a NACK of ours. A request with an empty nonce answers
@@ -196,9 +200,12 @@ fn answers_last(last_nonce: Option<&str>, nonce: &str) -> bool {
 
 /// Log a NACK: everything the client wrote is cut to [`NACK_LOG_CHARS`] and Debug-escaped
 /// (a newline in it cannot forge a log line), at WARN at most once per [`NACK_LOG_EVERY`]
-/// per stream.
+/// per stream and at most once per [`NACK_LOG_EVERY`] over all streams ([`NACK_WARNINGS`]:
+/// opening new streams does not buy new lines); the rest at DEBUG.
+#[allow(clippy::too_many_arguments)]
 fn log_nack(
     throttle: &mut StreamThrottle,
+    global: &LogThrottle,
     what: &str,
     node: &str,
     version: &str,
@@ -211,8 +218,11 @@ fn log_nack(
     let names = format!("{names:?}");
     let names = truncated(&names, NACK_LOG_CHARS);
     let message = truncated(&err.message, NACK_LOG_CHARS);
-    match throttle.allow_at(std::time::Instant::now()) {
-        Some(dropped) => tracing::warn!(
+    let allowed = throttle
+        .allow_at(std::time::Instant::now())
+        .and_then(|dropped| global.allow().map(|elsewhere| (dropped, elsewhere)));
+    match allowed {
+        Some((dropped, elsewhere)) => tracing::warn!(
             node = ?node,
             version = ?version,
             nonce = ?nonce,
@@ -220,7 +230,9 @@ fn log_nack(
             code = err.code,
             message = ?message,
             dropped,
-            "{what}: client rejected (NACK) our secrets"
+            dropped_all_streams = elsewhere,
+            "{what}: client rejected (NACK) our secrets (at most one such line per 10 s per \
+             stream and per agent; `dropped` counts those left out)"
         ),
         None => tracing::debug!(
             node = ?node,
@@ -246,6 +258,7 @@ impl SotwStream {
             last_nonce: None,
             sent: BTreeMap::new(),
             nack_log: StreamThrottle::new(NACK_LOG_EVERY),
+            nack_global: &NACK_WARNINGS,
         }
     }
 
@@ -271,6 +284,7 @@ impl SotwStream {
             if self.is_nack(req) {
                 log_nack(
                     &mut self.nack_log,
+                    self.nack_global,
                     "SDS",
                     node,
                     &req.version_info,
@@ -352,6 +366,8 @@ struct DeltaStream {
     has: BTreeMap<String, String>,
     last_nonce: Option<String>,
     nack_log: StreamThrottle,
+    /// In front of `nack_log`: [`NACK_WARNINGS`] (tests: their own).
+    nack_global: &'static LogThrottle,
 }
 
 // === impl DeltaStream ===
@@ -363,6 +379,7 @@ impl DeltaStream {
             has: BTreeMap::new(),
             last_nonce: None,
             nack_log: StreamThrottle::new(NACK_LOG_EVERY),
+            nack_global: &NACK_WARNINGS,
         }
     }
 
@@ -384,6 +401,7 @@ impl DeltaStream {
             } else if let Some(err) = &req.error_detail {
                 log_nack(
                     &mut self.nack_log,
+                    self.nack_global,
                     "SDS delta",
                     node,
                     "",
@@ -787,6 +805,7 @@ mod tests {
         );
 
         let mut st = SotwStream::new(BTreeSet::new());
+        st.nack_global = fresh_global();
         let mut first = req(&["default"], "", "");
         first.error_detail = error_detail(&forged);
         assert!(!st.is_nack(&first));
@@ -813,6 +832,7 @@ mod tests {
 
         // Delta: the same rule (it had it already) and the same cut and escaping.
         let mut delta = DeltaStream::new();
+        delta.nack_global = fresh_global();
         let mut d = DeltaDiscoveryRequest {
             type_url: SECRET_TYPE_URL.into(),
             resource_names_subscribe: vec!["default".into()],
@@ -830,6 +850,43 @@ mod tests {
         });
         assert_eq!(log.lines().count(), 1, "{log}");
         assert!(log.len() < 2048, "{} bytes logged", log.len());
+    }
+
+    /// A process-wide throttle of its own (the real one is shared by every test).
+    fn fresh_global() -> &'static LogThrottle {
+        Box::leak(Box::new(LogThrottle::new(NACK_LOG_EVERY)))
+    }
+
+    /// Each stream had a throttle of its own only, so a client opening 100 streams and
+    /// NACKing once on each got 100 WARN lines. Now one process-wide throttle stands in
+    /// front: one line. Twin: streams under different process-wide throttles (as the
+    /// agent's before) log one line each, so it is that throttle which holds them back.
+    #[test]
+    fn new_streams_do_not_buy_new_nack_warnings() {
+        let ca = CertificateAuthority::self_signed_root(
+            &RootParams::default(),
+            PrivateKey::generate(KeyAlgorithm::EcdsaP256).unwrap(),
+            SystemTime::now(),
+        )
+        .unwrap();
+        let snap = snapshot(&ca);
+        let nack_on_new_streams = |global: &dyn Fn() -> &'static LogThrottle| {
+            warnings(|| {
+                for _ in 0..100 {
+                    let mut st = SotwStream::new(BTreeSet::new());
+                    st.nack_global = global();
+                    let r = sent(st.on_request(&req(&["default"], "", ""), &snap).unwrap());
+                    let mut nack = req(&["default"], &r.version_info, &r.nonce);
+                    nack.error_detail = error_detail("rejected");
+                    quiet(st.on_request(&nack, &snap).unwrap());
+                }
+            })
+        };
+        let shared = fresh_global();
+        let log = nack_on_new_streams(&|| shared);
+        assert_eq!(log.lines().count(), 1, "{log}");
+        let log = nack_on_new_streams(&fresh_global);
+        assert_eq!(log.lines().count(), 100);
     }
 
     /// (trusted_ca, crl, only_verify_leaf_cert_crl) of an encoded `ROOTCA`.
