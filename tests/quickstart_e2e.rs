@@ -145,6 +145,10 @@ fn quickstart_end_to_end() {
     // private, or its agents would refuse the socket directory.
     std::fs::create_dir_all(state.join("sds")).unwrap();
     std::fs::set_permissions(state.join("sds"), std::fs::Permissions::from_mode(0o775)).unwrap();
+    // And the folders above it made under that umask: 0775, of the user's own private group
+    // (root's here), which the agents accept above their socket directories.
+    std::fs::set_permissions(tmp.path(), std::fs::Permissions::from_mode(0o775)).unwrap();
+    std::fs::set_permissions(&state, std::fs::Permissions::from_mode(0o775)).unwrap();
 
     let mut child = Command::new("sh")
         .args(["-c", "umask 002 && exec \"$0\" \"$@\""])

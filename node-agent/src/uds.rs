@@ -134,8 +134,11 @@ async fn bind_unix_inspect(
 ///   mount, as the injector's emptyDir, which the kubelet makes 0777 and root's);
 /// - no directory above it is writable by others or by its group, unless sticky (as `/tmp`
 ///   is): a member of that group (say `staff` on Debian's `/var/local`, 2775 root:staff)
-///   could rename the socket's directory away. That holds for the agent's own group too:
-///   it may be shared (`users`, gid 100), so it is not taken to hold only the agent's user.
+///   could rename the socket's directory away. That holds for the agent's own group too
+///   when it may be shared (`users`, gid 100). It does not when the group is the agent's
+///   user-private group ([`private_group`]: no other account has it as its primary group,
+///   and it lists no other member), which is what umask 002 on Debian, Ubuntu and Fedora
+///   gives every directory a user makes: their project folder is 0775 `alice:alice`.
 ///
 /// Directories the agent creates for the socket are made 0755 whatever the umask adds.
 ///
@@ -157,6 +160,9 @@ fn check_ancestors(
         usize::MAX
     };
     let owner_ok = |md: &std::fs::Metadata| md.uid() == me || md.uid() == 0;
+    // Read /etc/passwd and /etc/group once, and only if a directory needs it.
+    let mine_alone = std::cell::OnceCell::new();
+    let private = |gid: u32| gid == my_gid && *mine_alone.get_or_init(|| private_group(me, gid));
     let not_theirs = |p: &Path, md: &std::fs::Metadata| {
         sock_err(
             path,
@@ -186,7 +192,7 @@ fn check_ancestors(
         }
         let sticky = md.mode() & 0o1000 != 0;
         let others = md.mode() & 0o002 != 0;
-        let group = md.mode() & 0o020 != 0;
+        let group = md.mode() & 0o020 != 0 && !private(md.gid());
         let open = (others || group) && (own || !sticky);
         if open {
             let fix = match (others, group) {
@@ -200,7 +206,7 @@ fn check_ancestors(
                 "others".to_owned()
             } else if md.gid() == my_gid {
                 format!(
-                    "group {} (the agent's own group, whose other members could)",
+                    "group {} (the agent's own group, but not a private one: another account has it as its primary group or is listed in it)",
                     md.gid()
                 )
             } else {
@@ -230,6 +236,55 @@ fn check_ancestors(
         }
     }
     Ok(())
+}
+
+/// Whether `gid` is `uid`'s user-private group, from `/etc/passwd` and `/etc/group`: no
+/// other account has it as its primary group, and the group lists no member but this user.
+/// Unreadable files, or a user or group the files do not name (a directory service): not
+/// private, so a group-writable directory is refused (fail closed) and the message says
+/// `chmod g-w`. A POSIX ACL granting a named user write shows in the group bits as its
+/// mask, which is judged like the group's write bit; its users are not seen here.
+fn private_group(uid: u32, gid: u32) -> bool {
+    match (
+        std::fs::read_to_string("/etc/passwd"),
+        std::fs::read_to_string("/etc/group"),
+    ) {
+        (Ok(passwd), Ok(group)) => private_group_in(&passwd, &group, uid, gid),
+        _ => false,
+    }
+}
+
+fn private_group_in(passwd: &str, group: &str, uid: u32, gid: u32) -> bool {
+    let accounts = passwd.lines().filter_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        Some((
+            f.first()?.to_owned(),
+            f.get(2)?.parse::<u32>().ok()?,
+            f.get(3)?.parse::<u32>().ok()?,
+        ))
+    });
+    let mut name = None;
+    for (n, u, g) in accounts {
+        if u == uid && g == gid {
+            name = Some(n);
+        } else if g == gid {
+            return false;
+        }
+    }
+    let Some(name) = name else {
+        return false;
+    };
+    let entry = group.lines().find_map(|l| {
+        let f: Vec<&str> = l.split(':').collect();
+        (f.get(2)?.parse::<u32>().ok()? == gid).then(|| f.get(3).copied().unwrap_or(""))
+    });
+    match entry {
+        Some(members) => members
+            .split(',')
+            .map(str::trim)
+            .all(|m| m.is_empty() || m == name),
+        None => false,
+    }
 }
 
 /// The agent's effective uid and gid (`/proc/self/status`: the agent runs on Linux).
@@ -491,28 +546,35 @@ mod tests {
         std::fs::create_dir(&below).unwrap();
         std::fs::set_permissions(&below, std::fs::Permissions::from_mode(0o755)).unwrap();
         assert!(bind_unix(&below.join("sock"), 0o600).await.is_err());
-        // A directory above writable by the agent's own group is no better: the group may be
-        // shared (`users`), and any member could rename the socket's directory away. The
-        // refusal says what to do.
+        // A directory above writable by the agent's own group: fine when that group is the
+        // agent's private one (umask 002's 0775 `alice:alice`), refused when it may be
+        // shared (`users`): any member could rename the socket's directory away. The
+        // refusal says what to do. (The files' group here decides which case runs.)
+        let (uid, gid) = effective_ids().unwrap();
+        let private = private_group(uid, gid);
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o775)).unwrap();
-        let err = bind_unix(&below.join("sock"), 0o600)
-            .await
-            .unwrap_err()
-            .to_string();
-        assert!(
-            err.contains("the agent's own group")
-                && err.contains(&format!("run `chmod g-w {}`", open.display())),
-            "{err}"
-        );
-        // The socket's own directory group-writable: the fix and the flag are named.
+        let r = bind_unix(&below.join("sock"), 0o600).await;
+        if private {
+            drop(r.unwrap());
+            std::fs::remove_file(below.join("sock")).unwrap();
+        } else {
+            let err = r.unwrap_err().to_string();
+            assert!(
+                err.contains("the agent's own group")
+                    && err.contains(&format!("run `chmod g-w {}`", open.display())),
+                "{err}"
+            );
+        }
+        // The socket's own directory group-writable (by a shared group, or others): the fix
+        // and the flag are named.
         std::fs::set_permissions(&open, std::fs::Permissions::from_mode(0o755)).unwrap();
-        std::fs::set_permissions(&below, std::fs::Permissions::from_mode(0o775)).unwrap();
+        std::fs::set_permissions(&below, std::fs::Permissions::from_mode(0o757)).unwrap();
         let err = bind_unix(&below.join("sock"), 0o600)
             .await
             .unwrap_err()
             .to_string();
         assert!(
-            err.contains(&format!("run `chmod g-w {}`", below.display()))
+            err.contains(&format!("run `chmod o-w {}`", below.display()))
                 && err.contains("--trust-socket-dir"),
             "{err}"
         );
@@ -679,16 +741,43 @@ mod tests {
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o3775)).unwrap();
         drop(bind_unix(&sock, 0o600).await.unwrap());
         std::fs::remove_file(&sock).unwrap();
-        // The agent's own group: refused as well.
+        // The agent's own group: accepted when it is the agent's private group (root's
+        // group on this machine, or umask 002's 0775 `alice:alice`), refused otherwise.
         std::os::unix::fs::chown(&shared, Some(0), Some(my_gid)).unwrap();
         std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o2775)).unwrap();
         assert_eq!(std::fs::metadata(&shared).unwrap().gid(), my_gid);
-        let err = bind_unix(&sock, 0o600).await.unwrap_err().to_string();
-        assert!(
-            err.contains(&format!("writable by group {my_gid}")),
-            "{err}"
-        );
-        assert!(!sock.exists());
+        let (my_uid, _) = effective_ids().unwrap();
+        if private_group(my_uid, my_gid) {
+            drop(bind_unix(&sock, 0o600).await.unwrap());
+            std::fs::remove_file(&sock).unwrap();
+        } else {
+            let err = bind_unix(&sock, 0o600).await.unwrap_err().to_string();
+            assert!(
+                err.contains(&format!("writable by group {my_gid}")),
+                "{err}"
+            );
+            assert!(!sock.exists());
+        }
+    }
+
+    /// A user-private group is one no other account uses as its primary group and that lists
+    /// no other member; `users` (shared primary group) and a group with members are not.
+    #[test]
+    fn a_private_group_is_the_users_alone() {
+        let passwd = "root:x:0:0:root:/root:/bin/bash\nalice:x:1000:1000::/home/alice:/bin/sh\nbob:x:1001:100::/home/bob:/bin/sh\ncarol:x:1002:100::/home/carol:/bin/sh\ndave:x:1003:1003::/home/dave:/bin/sh\n";
+        let group = "root:x:0:\nusers:x:100:\nalice:x:1000:\ndave:x:1003:eve\nstaff:x:50:alice\n";
+        assert!(private_group_in(passwd, group, 1000, 1000));
+        assert!(private_group_in(passwd, group, 0, 0));
+        // Shared primary group.
+        assert!(!private_group_in(passwd, group, 1001, 100));
+        // A group listing another member.
+        assert!(!private_group_in(passwd, group, 1003, 1003));
+        // Not the user's primary group, or a user the files do not name.
+        assert!(!private_group_in(passwd, group, 1000, 50));
+        assert!(!private_group_in(passwd, group, 4242, 4242));
+        // Listing the user itself is fine.
+        let listed = group.replace("alice:x:1000:", "alice:x:1000:alice");
+        assert!(private_group_in(passwd, &listed, 1000, 1000));
     }
 
     /// In a setgid directory of another group a new file takes that group; the socket is
