@@ -118,8 +118,8 @@ impl Agent {
                     .with_shutdown(shutdown.clone())
                     .into_server()
                     .max_decoding_message_size(MAX_SDS_REQUEST);
-                let router = grpc_server().add_service(CountStreams(svc));
-                servers.push((p.clone(), l, router, "SDS"));
+                let router = grpc_server(MAX_STREAMS_PER_CONNECTION).add_service(CountStreams(svc));
+                servers.push((p.clone(), l, router, "SDS", MAX_CONNECTIONS_PER_SOCKET));
             }
             if let Some(p) = &w.workload_api_socket {
                 let l = bind(p).await?;
@@ -127,8 +127,15 @@ impl Agent {
                     .with_shutdown(shutdown.clone())
                     .into_server()
                     .max_decoding_message_size(MAX_WORKLOAD_API_REQUEST);
-                let router = grpc_server().add_service(CountStreams(svc));
-                servers.push((p.clone(), l, router, "SPIFFE Workload API"));
+                let router =
+                    grpc_server(WORKLOAD_API_STREAMS_PER_CONNECTION).add_service(CountStreams(svc));
+                servers.push((
+                    p.clone(),
+                    l,
+                    router,
+                    "SPIFFE Workload API",
+                    WORKLOAD_API_CONNECTIONS,
+                ));
             }
             stores.push((w.spiffe_id.clone(), store.clone()));
             let manager = Manager {
@@ -171,10 +178,10 @@ impl Agent {
                 Ok(())
             });
         }
-        for (path, listener, router, what) in servers {
+        for (path, listener, router, what, cap) in servers {
             tracing::info!(socket = %path.display(), "{what} listening");
             let sd = shutdown.clone();
-            tasks.spawn(serve(path, listener, router, sd));
+            tasks.spawn(serve(path, listener, router, cap, sd));
         }
         if let Some(addr) = config.metrics_addr {
             let m = metrics.clone();
@@ -204,17 +211,33 @@ pub async fn serve_sds(
         .with_shutdown(shutdown.clone())
         .into_server()
         .max_decoding_message_size(MAX_SDS_REQUEST);
-    let router = grpc_server().add_service(CountStreams(svc));
-    serve(path.to_owned(), listener, router, shutdown).await
+    let router = grpc_server(MAX_STREAMS_PER_CONNECTION).add_service(CountStreams(svc));
+    serve(
+        path.to_owned(),
+        listener,
+        router,
+        MAX_CONNECTIONS_PER_SOCKET,
+        shutdown,
+    )
+    .await
 }
 
-/// Concurrent streams one client connection may open on a Unix-socket gRPC server (Envoy
-/// opens a few SDS streams per connection; py-spiffe one or two). Past it an HTTP/2 client
-/// waits for a stream to end (RFC 9113 §5.1.2), it is not refused.
+/// Concurrent streams one client connection may open on the SDS socket (Envoy opens a few
+/// SDS streams per connection). Past it an HTTP/2 client waits for a stream to end (RFC 9113
+/// §5.1.2), it is not refused.
 pub(crate) const MAX_STREAMS_PER_CONNECTION: u32 = 16;
-/// Connections served at once per Unix socket; past it a new one closes the oldest without
-/// an open stream (else the oldest), see `crate::conn`.
+/// Connections served at once on the SDS socket (Envoy or the proxy holds one or two); past
+/// it a new one closes the oldest without an open stream (else the oldest), see
+/// `crate::conn`.
 pub(crate) const MAX_CONNECTIONS_PER_SOCKET: usize = 32;
+/// The Workload API socket serves applications: one process may hold many `X509Source`s on
+/// one connection (grpc multiplexes them; a walk-through's 20 hung at 16), and a pre-forking
+/// server holds a connection per worker. Its requests are tiny
+/// ([`MAX_WORKLOAD_API_REQUEST`]), so more streams and connections hold little: at most
+/// 16 KiB × 64 × 64 (64 MiB).
+pub(crate) const WORKLOAD_API_STREAMS_PER_CONNECTION: u32 = 64;
+/// See [`WORKLOAD_API_STREAMS_PER_CONNECTION`].
+pub(crate) const WORKLOAD_API_CONNECTIONS: usize = 64;
 /// Largest gRPC request message the SDS server decodes (tonic's default is 4 MiB, and tonic
 /// buffers a whole message before decoding it). Envoy's DiscoveryRequests are a few KiB; the
 /// first on a stream carries the node metadata, which in Istio includes the pod's labels and
@@ -225,8 +248,8 @@ pub(crate) const MAX_CONNECTIONS_PER_SOCKET: usize = 32;
 pub(crate) const MAX_SDS_REQUEST: usize = 256 * 1024;
 /// Largest gRPC request message the Workload API server decodes: X509SVIDRequest and
 /// X509BundlesRequest are empty, JWTSVIDRequest carries audiences and an optional SPIFFE ID,
-/// ValidateJWTSVIDRequest a token (at most a few KiB).
-pub(crate) const MAX_WORKLOAD_API_REQUEST: usize = 64 * 1024;
+/// ValidateJWTSVIDRequest a token (a few KiB; JWT-SVIDs are not served anyway).
+pub(crate) const MAX_WORKLOAD_API_REQUEST: usize = 16 * 1024;
 /// HTTP/2 flow-control windows advertised to clients (request data; responses follow the
 /// client's windows). Data the server has not yet read is held by h2 up to these.
 const STREAM_WINDOW: u32 = 64 * 1024;
@@ -242,9 +265,9 @@ static ACCEPT_ERRORS: crate::throttle::LogThrottle =
     crate::throttle::LogThrottle::new(std::time::Duration::from_secs(10));
 
 /// The gRPC server of every Unix socket, with the limits above.
-fn grpc_server() -> tonic::transport::Server {
+fn grpc_server(streams: u32) -> tonic::transport::Server {
     tonic::transport::Server::builder()
-        .max_concurrent_streams(Some(MAX_STREAMS_PER_CONNECTION))
+        .max_concurrent_streams(Some(streams))
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
         .max_frame_size(MAX_FRAME_SIZE)
@@ -259,11 +282,12 @@ fn grpc_server() -> tonic::transport::Server {
 /// at once.
 fn incoming(
     listener: tokio::net::UnixListener,
+    cap: usize,
     shutdown: CancellationToken,
 ) -> impl futures::Stream<
     Item = std::io::Result<crate::uds_authority::AuthorityRewrite<tokio::net::UnixStream>>,
 > {
-    let slots = Arc::new(tokio::sync::Semaphore::new(MAX_CONNECTIONS_PER_SOCKET));
+    let slots = Arc::new(tokio::sync::Semaphore::new(cap));
     let state = (
         listener,
         slots,
@@ -273,7 +297,7 @@ fn incoming(
     );
     futures::stream::unfold(
         state,
-        |(listener, slots, conns, mut backoff, shutdown)| async move {
+        move |(listener, slots, conns, mut backoff, shutdown)| async move {
             loop {
                 let r = tokio::select! {
                     _ = shutdown.cancelled() => return None,
@@ -297,7 +321,7 @@ fn incoming(
                     Err(_) => {
                         // At the cap: make room (the closed connection gives its slot back
                         // as soon as the server drops it).
-                        conns.evict_one(MAX_CONNECTIONS_PER_SOCKET);
+                        conns.evict_one(cap);
                         tokio::select! {
                             _ = shutdown.cancelled() => return None,
                             p = slots.clone().acquire_owned() => p.ok()?,
@@ -319,10 +343,11 @@ async fn serve(
     path: PathBuf,
     listener: tokio::net::UnixListener,
     router: tonic::transport::server::Router,
+    cap: usize,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
     let _guard = SocketGuard(path.clone());
-    let incoming = Box::pin(incoming(listener, shutdown.clone()));
+    let incoming = Box::pin(incoming(listener, cap, shutdown.clone()));
     let server = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     tokio::pin!(server);
     // Graceful: streams are told to end at shutdown; give them a moment, then force.
@@ -495,7 +520,7 @@ mod tests {
         stop.cancel();
     }
 
-    /// The Workload API server's limit is smaller (its requests are empty or tiny): 64 KiB
+    /// The Workload API server's limit is smaller (its requests are empty or tiny): 16 KiB
     /// + 1 is OUT_OF_RANGE, just under it reaches the service (INVALID_ARGUMENT: no security
     /// header).
     #[tokio::test]
@@ -509,8 +534,15 @@ mod tests {
         let svc = WorkloadApiService::new(SecretStore::new(), Arc::new(Metrics::new()))
             .into_server()
             .max_decoding_message_size(MAX_WORKLOAD_API_REQUEST);
-        let router = grpc_server().add_service(CountStreams(svc));
-        tokio::spawn(serve(path.clone(), listener, router, stop.clone()));
+        let router =
+            grpc_server(WORKLOAD_API_STREAMS_PER_CONNECTION).add_service(CountStreams(svc));
+        tokio::spawn(serve(
+            path.clone(),
+            listener,
+            router,
+            WORKLOAD_API_CONNECTIONS,
+            stop.clone(),
+        ));
         let channel = crate::connect_unix(&path).await.unwrap();
         let mut client = SpiffeWorkloadApiClient::new(channel);
         let sized = |n: usize| JwtsvidRequest {
