@@ -256,7 +256,11 @@ impl Manager {
                 && let Err(e) =
                     files::write_outputs(dir, self.trust_output_dir, svid, snap.bundle.as_deref())
             {
-                tracing::error!(spiffe_id = %self.id, "file output: {e}");
+                // The files there are the previous certificate's: a reader would go on using
+                // it past its not-after (the expiry watch follows the served one). Remove
+                // them; unlinking names in a directory we no longer trust follows no link.
+                files::remove_svid(dir);
+                tracing::error!(spiffe_id = %self.id, "file output: {e}; the previous certificate's files were removed");
             }
         }
         delay
@@ -638,6 +642,43 @@ mod tests {
         tokio::time::sleep(Duration::from_secs(5)).await;
         assert_eq!(serial(&store).as_deref(), Some(s2.as_str()));
         assert_eq!(signer.calls.lock().unwrap().len(), 2);
+        sd.cancel();
+        task.await.unwrap();
+    }
+
+    /// The output directory stops being trusted between two certificates (someone opened
+    /// it up): the renewed certificate is served but not written, and the previous one's
+    /// files are removed, not left on disk to be read past their not-after (the expiry watch
+    /// follows the served certificate). Twin: while trusted, renewal replaces them.
+    #[tokio::test(start_paused = true)]
+    async fn a_renewal_into_a_refused_directory_removes_the_old_files() {
+        use std::os::unix::fs::PermissionsExt as _;
+        let (mut m, _signer, store) = setup(Duration::from_secs(60));
+        let out = tempfile::tempdir().unwrap();
+        let dir = out.path().join("out");
+        m.output_dir = Some(dir.clone());
+        let sd = CancellationToken::new();
+        let task = tokio::spawn(m.run(sd.clone()));
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let s1 = serial(&store).expect("first certificate");
+        let chain = || std::fs::read_to_string(dir.join(files::CERT_CHAIN_FILE));
+        let first = chain().expect("written");
+        // Renewed (well before the 60 s not-after) into a trusted directory: replaced.
+        tokio::time::sleep(Duration::from_secs(45)).await;
+        let s2 = serial(&store).expect("renewed");
+        assert_ne!(s1, s2);
+        let second = chain().expect("rewritten");
+        assert_ne!(first, second);
+        // Opened up: the next renewal is served, and the old files go.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o777)).unwrap();
+        tokio::time::sleep(Duration::from_secs(45)).await;
+        let s3 = serial(&store).expect("renewed again");
+        assert_ne!(s2, s3);
+        assert!(
+            chain().is_err(),
+            "the previous certificate's chain was left behind"
+        );
+        assert!(!dir.join(files::KEY_FILE).exists());
         sd.cancel();
         task.await.unwrap();
     }
