@@ -42,7 +42,7 @@ pub use self::{
     rotation::{Backoff, refresh_delay},
     sds::SdsService,
     state::{Bundle, SecretStore, ServedCrls, Snapshot, Svid},
-    uds::{SocketGuard, bind_unix},
+    uds::{MAX_SOCKET_PATH, SocketGuard, bind_path_len, bind_unix},
     workload_api::WorkloadApiService,
 };
 

@@ -54,12 +54,36 @@ pub(crate) async fn bind_unix_in(
 
 /// `bind_unix`, calling `inspect` with the temporary socket path after it is bound and
 /// chmod-ed, before it is renamed into place (tests look at it there).
+/// The longest path a Unix socket can be bound at (`sun_path` is 108 bytes with its NUL).
+pub const MAX_SOCKET_PATH: usize = 107;
+
+/// The length of the temporary path the agent binds a socket at before renaming it to
+/// `path` (`DIR/.bXXXXXXXX/s` beside it): both this and `path` must fit
+/// [`MAX_SOCKET_PATH`]. The same for every run (no pid in it), so a path that works once
+/// works again.
+pub fn bind_path_len(path: &Path) -> usize {
+    let name = path.file_name().map_or(0, |n| n.len());
+    path.as_os_str().len() - name + PRIVATE_DIR_NAME_LEN + 2
+}
+
+/// `.b` and eight hex digits.
+const PRIVATE_DIR_NAME_LEN: usize = 10;
+
 async fn bind_unix_inspect(
     path: &Path,
     mode: u32,
     trust_own_dir: bool,
     inspect: impl FnOnce(&Path),
 ) -> Result<UnixListener, Error> {
+    let longest = bind_path_len(path).max(path.as_os_str().len());
+    if longest > MAX_SOCKET_PATH {
+        return Err(sock_err(
+            path,
+            format!(
+                "too long for a Unix socket: the agent binds it at a temporary path beside it first ({longest} bytes; at most {MAX_SOCKET_PATH}); use a shorter directory"
+            ),
+        ));
+    }
     // Nothing is created or deleted before the directories it would happen in are judged:
     // with a path through a directory another user controls, a symlink of theirs could
     // otherwise point our mkdir or unlink anywhere (as root: anywhere at all).
@@ -475,8 +499,9 @@ fn private_dir(path: &Path) -> Result<PathBuf, Error> {
             .unwrap_or(0);
         // Short (a Unix socket path is limited to ~108 bytes) and unpredictable enough that a
         // leftover directory of a crashed run with the same pid does not block us.
-        let tag = (u64::from(nanos) ^ (n << 24)) & 0xff_ffff;
-        let name = format!(".b{}-{tag:06x}", std::process::id());
+        let tag = (u64::from(nanos) ^ (n << 20) ^ u64::from(std::process::id())) & 0xffff_ffff;
+        let name = format!(".b{tag:08x}");
+        debug_assert_eq!(name.len(), PRIVATE_DIR_NAME_LEN);
         let dir = path.with_file_name(name);
         match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
             Ok(()) => {
@@ -970,16 +995,35 @@ mod tests {
         }
     }
 
-    /// Negative twin: a bind that fails (the path is too long for a Unix socket) leaves no
-    /// temporary directory or socket behind and nothing at the target.
+    /// Negative twin: a path too long for a Unix socket is refused before anything is
+    /// created. So is one that fits but whose temporary bind path beside it does not (it
+    /// failed with "path must be shorter than SUN_LEN", and only on runs with a long pid);
+    /// twin: a few bytes shorter, it binds.
     #[tokio::test]
-    async fn failed_bind_leaves_nothing_behind() {
+    async fn a_path_too_long_to_bind_is_refused_before_anything_is_made() {
         let dir = tempfile::tempdir().unwrap();
         let parent = dir.path().join("d".repeat(110));
         let p = parent.join("socket");
         let err = bind_unix(&p, 0o600).await.unwrap_err();
-        assert!(err.to_string().contains("bind"), "{err}");
-        assert!(entries(&parent).is_empty(), "{:?}", entries(&parent));
+        assert!(
+            err.to_string().contains("too long for a Unix socket"),
+            "{err}"
+        );
+        assert!(!parent.exists());
+        // "/socket" fits where the temporary "/.bXXXXXXXX/s" does not.
+        let base = dir.path().as_os_str().len() + 1;
+        let fits_not = dir.path().join("e".repeat(MAX_SOCKET_PATH - base - 9));
+        let p = fits_not.join("socket");
+        assert!(p.as_os_str().len() <= MAX_SOCKET_PATH);
+        assert!(bind_path_len(&p) > MAX_SOCKET_PATH);
+        let err = bind_unix(&p, 0o600).await.unwrap_err();
+        assert!(err.to_string().contains("temporary path"), "{err}");
+        assert!(!fits_not.exists());
+        let fits = dir.path().join("f".repeat(MAX_SOCKET_PATH - base - 13));
+        let p = fits.join("socket");
+        assert!(bind_path_len(&p) <= MAX_SOCKET_PATH);
+        drop(bind_unix(&p, 0o600).await.unwrap());
+        assert_eq!(entries(&fits), vec!["socket".to_string()]);
     }
 
     #[tokio::test]

@@ -226,9 +226,14 @@ pub fn check_edit(dir: &Path, layout: &StateLayout) -> Result<EditCheck, String>
     }
     for w in &mesh.registry.workloads {
         let sock = layout.sds_path(w);
-        if sock.as_os_str().len() > MAX_SOCKET_PATH {
+        if sock
+            .as_os_str()
+            .len()
+            .max(rampart_node_agent::bind_path_len(&sock))
+            > MAX_SOCKET_PATH
+        {
             return Err(format!(
-                "workloads.yaml: workload {}: its SDS socket path {} is longer than a Unix socket allows ({MAX_SOCKET_PATH} bytes); use shorter names or a shorter --state-dir",
+                "workloads.yaml: workload {}: its SDS socket path {} is too long for a Unix socket (at most {MAX_SOCKET_PATH} bytes, also for the temporary path beside it the agent binds first); use shorter names or a shorter --state-dir",
                 w.key(),
                 sock.display()
             ));
@@ -547,7 +552,7 @@ mod tests {
         );
         let long = folder(&long, None);
         let e = check_edit(long.path(), &layout).unwrap_err();
-        assert!(e.contains("longer than a Unix socket allows"), "{e}");
+        assert!(e.contains("too long for a Unix socket"), "{e}");
         let ok = folder("workloads:\n- {name: a, namespace: ns1}\n", None);
         let EditCheck {
             mesh, resources, ..

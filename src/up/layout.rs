@@ -17,7 +17,7 @@ pub const TOKEN_REFRESH: Duration = Duration::from_secs(3600);
 /// What `rampart ca` prints once its listener is bound.
 pub const CA_READY_MARKER: &str = "rampart ca: listening on";
 /// Longest Unix socket path (sockaddr_un.sun_path less the NUL).
-pub const MAX_SOCKET_PATH: usize = 107;
+pub const MAX_SOCKET_PATH: usize = rampart_node_agent::MAX_SOCKET_PATH;
 
 /// The state directory of `up` and what lives in it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -85,14 +85,19 @@ impl StateLayout {
             .join(format!("{}.{}.sock", w.namespace, w.name))
     }
 
-    /// The longest SDS socket path of `workloads`, if it is longer than a Unix socket
-    /// allows.
+    /// The longest SDS socket path of `workloads`, if it (or the temporary path the agent
+    /// binds it at first) is longer than a Unix socket allows.
     pub fn too_long_socket(&self, workloads: &[WorkloadEntry]) -> Option<PathBuf> {
+        let len = |p: &PathBuf| {
+            p.as_os_str()
+                .len()
+                .max(rampart_node_agent::bind_path_len(p))
+        };
         workloads
             .iter()
             .map(|w| self.sds_path(w))
-            .max_by_key(|p| p.as_os_str().len())
-            .filter(|p| p.as_os_str().len() > MAX_SOCKET_PATH)
+            .max_by_key(len)
+            .filter(|p| len(p) > MAX_SOCKET_PATH)
     }
 }
 
