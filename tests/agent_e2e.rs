@@ -510,3 +510,53 @@ fn secrets_names_why_a_socket_cannot_be_asked() {
     assert_eq!(out.status.code(), Some(2));
     assert!(err.contains("no such socket"), "{err}");
 }
+
+/// Under a umask of 077 (systemd's `UMask=0077`) the directories the agent makes for its
+/// socket and its output are still 0755, as NODE_AGENT.md says (they came out 0700, which
+/// a 0660 socket's group cannot pass). No CA is needed: the socket is bound and the output
+/// directory made before the first certificate is asked for.
+#[test]
+fn directories_the_agent_makes_are_0755_under_umask_077() {
+    use std::os::unix::fs::PermissionsExt as _;
+    let d = tempfile::tempdir().unwrap();
+    setup(d.path());
+    let ca = format!("127.0.0.1:{}", free_port());
+    let root = rampart()
+        .args(["certs", "root", "--out"])
+        .arg(d.path().join("root"))
+        .output()
+        .unwrap();
+    assert!(root.status.success(), "{root:?}");
+    let child = Command::new("sh")
+        .args(["-c", "umask 077 && exec \"$0\" \"$@\""])
+        .arg(env!("CARGO_BIN_EXE_rampart"))
+        .args(["agent", "--ca-addr", &ca, "--ca-root"])
+        .arg(d.path().join("root/root-cert.pem"))
+        .arg("--token")
+        .arg(d.path().join("token"))
+        .arg("--sds-socket")
+        .arg(d.path().join("run/a/sds.sock"))
+        .arg("--output-dir")
+        .arg(d.path().join("out/a"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let _agent = Proc(child);
+    let sock = d.path().join("run/a/sds.sock");
+    for _ in 0..100 {
+        if sock.exists() {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert!(sock.exists(), "the agent did not bind its socket");
+    for dir in ["run", "run/a", "out", "out/a"] {
+        let mode = std::fs::metadata(d.path().join(dir))
+            .unwrap()
+            .permissions()
+            .mode()
+            & 0o7777;
+        assert_eq!(mode, 0o755, "{dir}: {mode:o}");
+    }
+}

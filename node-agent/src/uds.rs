@@ -362,7 +362,10 @@ fn create_parent(
     for name in missing.into_iter().rev() {
         cur.push(name);
         match std::fs::DirBuilder::new().mode(0o755).create(&cur) {
-            Ok(()) => {}
+            // Exactly 0755 whatever the umask took away (under systemd's UMask=0077 it would
+            // be 0700, and a 0660 socket's group could not reach the socket in it).
+            Ok(()) => std::fs::set_permissions(&cur, std::fs::Permissions::from_mode(0o755))
+                .map_err(|e| sock_err(path, format!("chmod 755 {}: {e}", cur.display())))?,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {}
             Err(e) => {
                 return Err(sock_err(
