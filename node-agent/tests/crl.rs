@@ -223,9 +223,7 @@ async fn a_stopped_ca_is_unreachable_and_a_refusal_is_the_cas() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ca_root_that_does_not_hold_the_cas_root_is_named() {
     use rampart_node_agent::{CrlSource as _, IstioCaClient};
-    let Bed {
-        dir, ca, cfg, ..
-    } = bed(Duration::from_secs(3600)).await;
+    let Bed { dir, ca, cfg, .. } = bed(Duration::from_secs(3600)).await;
     ca.set_crls(Some(Vec::new()));
     let token = cfg.workloads[0].token_path.clone();
     IstioCaClient::new(cfg.ca.clone())
